@@ -1,0 +1,45 @@
+"""Engine settings: what `LLM(...)` keyword arguments and `pegboard serve` flags configure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+
+
+class EngineConfig(pydantic.BaseModel):
+    """Engine-wide settings. Plugin selections name a plugin per slot; `plugin_options` holds each
+    selected plugin's options (validated by that plugin's own `Options` model)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    model: str | None = None  # a local HF directory; None: the bundled default model
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+
+    # Slots (None: the slot's default plugin).
+    scheduler: str | None = None
+    kv_cache: str | None = None
+    attention: str | None = None
+    sampler: str | None = None
+    transfer: str | None = None
+    metrics: list[str] = pydantic.Field(default_factory=list)
+    plugin_options: dict[str, dict[str, Any]] = pydantic.Field(default_factory=dict)
+    patches: list[str] = pydantic.Field(default_factory=list)
+    strict_patches: bool = False
+
+    # Scheduling budget.
+    max_num_batched_tokens: int = pydantic.Field(2048, ge=1)
+    max_running_requests: int = pydantic.Field(256, ge=1)
+    max_model_len: int | None = pydantic.Field(None, ge=1)
+    schedule_conservativeness: float = pydantic.Field(0.0, ge=0.0)
+
+    # KV cache sizing.
+    page_size: int = pydantic.Field(16, ge=1)
+    kv_cache_tokens: int | None = pydantic.Field(None, ge=1)
+    gpu_memory_utilization: float = pydantic.Field(0.85, gt=0.0, le=1.0)
+    cpu_kv_cache_bytes: int = pydantic.Field(512 << 20, ge=1)
+
+    def selection(self, slot: str) -> str | list[str] | None:
+        return getattr(self, slot)

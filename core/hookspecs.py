@@ -1,0 +1,149 @@
+"""The hook specifications: the one file a plugin author reads first.
+
+Six verbs make up an engine step; each is a pluggy hook. A *single-choice* hook (`firstresult`)
+has exactly one implementation registered at a time — selecting a plugin with a flag such as
+`--scheduler sjf` registers that plugin's object, and swapping unregisters it. Other plugins may
+still wrap a single-choice hook with `@hookimpl(wrapper=True)` (to time it, log it, or adjust its
+result). `export_metrics` is a broadcast: every registered exporter receives every snapshot.
+
+Hooks are called at step granularity (a pluggy call costs about 1.5 µs). Work that happens per
+layer or per token goes through objects that a hook returned (the attention backend), never
+through a hook call.
+
+Lifecycle (options, setup with the predecessor's state, teardown) is not a hook: it lives on the
+plugin object (`pegboard.sdk.Plugin`), because selection registers exactly that object and only
+the selected object needs to be set up.
+
+Implementations may declare any subset of a hook's arguments, by name (pluggy prunes the call),
+so hooks can grow new arguments without breaking existing plugins.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from pegboard.sdk.slots import AttentionBackend, KVCache
+    from pegboard.sdk.types import (
+        KVPool,
+        MetricsSnapshot,
+        ModelInfo,
+        Request,
+        SampleOutput,
+        SchedulePlan,
+        StepBudget,
+    )
+
+PROJECT = "pegboard"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def schedule(
+    waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
+) -> SchedulePlan | None:
+    """Pick the requests, and how many tokens of each, that run in this engine step.
+
+    Called once per step, in the engine process, before `allocate_kv`.
+
+    :param waiting: requests not holding KV, in arrival order (preempted requests are put back
+        at the front). Do not mutate the list; the core moves requests between queues.
+    :param running: requests holding KV pages, in the order they were admitted.
+    :param budget: the token and request limits of this step.
+    :param kv: the active KV cache, for queries only: `match_prefix`, `pages_needed`,
+        `num_free_pages`. Allocation happens afterwards, in `allocate_kv`.
+
+    :returns: a `SchedulePlan`. Every scheduled request must fit: the sum of `num_tokens` is at
+        most `budget.max_batched_tokens`; at most `budget.max_running_requests` requests hold KV
+        after the step; the pages needed by the scheduled requests fit in `num_free_pages` plus
+        the pages of the requests listed in `plan.preempted`. A waiting request's `num_tokens`
+        counts from the end of its cached prefix (`kv.match_prefix`). A running request may
+        be given fewer tokens than it has uncomputed (chunked prefill) but at least one.
+        An empty plan means "nothing can run now". Return `None` only to defer to another
+        implementation (single-choice: there is none).
+    """
+
+
+@hookspec(firstresult=True)
+def allocate_kv(scheduled: list[Request], num_tokens: list[int]) -> list[Request] | None:
+    """Give each scheduled request the KV pages for its next `num_tokens` tokens.
+
+    Called once per step, in the engine process, right after `schedule` and after the core has
+    freed the preempted requests' pages (through the active cache's `free`).
+
+    For a request with `num_computed_tokens == 0` the cache first claims the prefix that
+    `match_prefix` reported: it sets `num_computed_tokens` and `num_cached_tokens` to the hit
+    length and puts the shared pages at the front of `page_table`. Then it appends pages to
+    `request.page_table` until it covers `num_computed_tokens + n` tokens.
+
+    :returns: the requests that could not be given their pages (they keep what they had; the
+        core preempts them and runs the step without them); an empty list when all fit.
+        Frees, prefix insertion and eviction go through the same plugin's companion methods
+        (`free`, `commit`) — see `pegboard.sdk.KVCache`.
+    """
+
+
+@hookspec(firstresult=True)
+def attention_kernel(model: ModelInfo, pool: KVPool) -> AttentionBackend | None:
+    """Return the attention backend object the model's layers call directly.
+
+    Called when the model runner is built, and again when the attention plugin is swapped or
+    the KV pool is replaced (then captured CUDA graphs are rebuilt). Not called per step.
+
+    :param model: head counts, head size, dtype and device of the loaded model.
+    :param pool: the KV storage the backend reads and writes (`[pages, page_size, kv_heads,
+        head_dim]` per layer, key and value).
+    :returns: an object implementing `pegboard.sdk.AttentionBackend` (`prepare` once per step,
+        `forward` once per layer).
+    """
+
+
+@hookspec(firstresult=True)
+def transfer_kv(request: Request, pool: KVPool, target: str) -> bool | None:
+    """Move a request's KV pages from this (prefill) engine to a decode engine.
+
+    Called once per request in prefill/decode-disaggregated mode, in the prefill engine's
+    process, after the request's prefill step finished and before its pages are freed.
+
+    :param request: the request; `page_table` names its pages in `pool`, the first
+        `num_computed_tokens` tokens are valid.
+    :param pool: this engine's KV storage.
+    :param target: the decode engine's transfer address (backend specific, e.g.
+        `"127.0.0.1:17777"`).
+    :returns: True once the bytes are at the target (the pages may then be freed); raises
+        with a message naming the peer when the transfer fails.
+    """
+
+
+@hookspec(firstresult=True)
+def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput | None:
+    """Turn logits into next tokens, one per request.
+
+    Called once per step, in the engine process, after the forward pass, with the logits of
+    the requests that produce a token this step (a non-final prefill chunk does not).
+
+    :param logits: float32 `[len(requests), vocab_size]` on the model's device, raw model
+        output (no temperature or penalty applied yet). The sampler may modify it in place.
+    :param requests: in the same order; their `params` (`SamplingParams`) and `token_ids`
+        (for penalties) are what the sampler needs. Per-request sampler state (a seeded RNG)
+        goes into `request.plugin_state`, so that a swapped-in sampler can pick it up.
+    :returns: a `SampleOutput` with one token id per request and, for requests whose
+        `params.logprobs` is not None, the chosen token's logprob and the top alternatives
+        taken from the raw logits' log-softmax.
+    """
+
+
+@hookspec
+def export_metrics(snapshot: MetricsSnapshot) -> None:
+    """Receive a metrics snapshot (broadcast: every registered exporter gets every snapshot).
+
+    Called in the engine process after every step (`snapshot.kind == "step"`) and when a
+    request finishes (`"request"`, with `snapshot.request` set). Runs on the step loop's
+    thread: an exporter must return quickly (buffer, or hand off to its own thread).
+    Exceptions are caught, logged and counted; they never fail a request.
+    """

@@ -1,0 +1,73 @@
+"""pegboard.sdk — what third-party plugin authors import.
+
+    from pegboard.sdk import hookimpl, Scheduler, SchedulePlan, ScheduledRequest
+
+A plugin is a subclass of one slot base class (`Scheduler`, `KVCache`, `Attention`,
+`Sampler`, `KVTransfer`, `MetricsExporter`), published under the entry-point group
+`pegboard.plugins`. Method names equal to the slot's hook are hook implementations even
+without `@hookimpl`; use `@hookimpl(wrapper=True)` to wrap another slot's hook.
+"""
+
+from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.patch import Patch, PatchError, requires
+from pegboard.sdk.slots import (
+    SLOTS,
+    Attention,
+    AttentionBackend,
+    KVCache,
+    KVTransfer,
+    MetricsExporter,
+    NoOptions,
+    Plugin,
+    PluginContext,
+    Sampler,
+    Scheduler,
+    SlotSpec,
+)
+from pegboard.sdk.types import (
+    FinishReason,
+    ForwardBatch,
+    KVPool,
+    MetricsSnapshot,
+    ModelInfo,
+    Request,
+    RequestStatus,
+    SampleOutput,
+    SamplingParams,
+    ScheduledRequest,
+    SchedulePlan,
+    StepBudget,
+    TokenLogprobs,
+)
+
+__all__ = [
+    "SLOTS",
+    "Attention",
+    "AttentionBackend",
+    "FinishReason",
+    "ForwardBatch",
+    "KVCache",
+    "KVPool",
+    "KVTransfer",
+    "MetricsExporter",
+    "MetricsSnapshot",
+    "ModelInfo",
+    "NoOptions",
+    "Patch",
+    "PatchError",
+    "Plugin",
+    "PluginContext",
+    "Request",
+    "RequestStatus",
+    "SampleOutput",
+    "SamplingParams",
+    "ScheduledRequest",
+    "SchedulePlan",
+    "Sampler",
+    "Scheduler",
+    "SlotSpec",
+    "StepBudget",
+    "TokenLogprobs",
+    "hookimpl",
+    "requires",
+]

@@ -1,0 +1,258 @@
+"""One short base class per slot. Their docstrings are the contract a plugin author codes against;
+`pegboard.sdk.testing` checks exactly these sentences.
+
+A plugin is a class. The engine instantiates it with its validated options (`Options`, a pydantic
+model), calls `setup`, and registers the instance with the plugin manager: its `@hookimpl`
+methods then answer the slot's hook. Swapping unregisters it and calls `close`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import pydantic
+import torch
+
+from pegboard.core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from pegboard.sdk.types import (
+        ForwardBatch,
+        KVPool,
+        MetricsSnapshot,
+        ModelInfo,
+        Request,
+        SampleOutput,
+        SchedulePlan,
+        StepBudget,
+    )
+
+
+class NoOptions(pydantic.BaseModel):
+    """The options model of a plugin that takes none."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+@dataclass
+class PluginContext:
+    """What the engine tells a plugin at `setup`.
+
+    `model` is None for plugins set up before a model is loaded (e.g. listing). `engine` holds
+    engine-wide settings a plugin may size itself by (`page_size`, `kv_cache_tokens`,
+    `gpu_memory_utilization`, `kv_memory_bytes` — the bytes the core set aside for KV).
+    """
+
+    model: ModelInfo | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+class Plugin:
+    """Base of every plugin.
+
+    Class attributes:
+    - `slot`: which slot the plugin fills (set by the slot base class).
+    - `name`: the name users select it by; defaults to the entry point's name.
+    - `Options`: a pydantic model of the plugin's options. Field names become CLI flags
+      `--<name>-<field>` and the admin API validates swaps with the same model. Unknown
+      fields are rejected.
+    - `handoff`: what a runtime swap does with in-flight requests. `"state"`: the successor's
+      `setup` receives this instance as `previous` and takes over its state, nothing waits.
+      `"drain"`: the engine stops admitting requests, lets the running ones finish, then swaps.
+    """
+
+    slot: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
+    handoff: ClassVar[Literal["state", "drain"]] = "state"
+
+    def __init__(self, options: pydantic.BaseModel | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
+        """Prepare to serve. `previous` is the plugin this one replaces in a runtime swap
+        (handoff `"state"`), or None. Raising here aborts the swap and keeps `previous` active."""
+
+    def close(self) -> None:
+        """Release resources; called after the plugin was unregistered."""
+
+
+class Scheduler(Plugin):
+    """Slot `scheduler` — answers the `schedule` hook (see its docstring for the plan's rules).
+
+    A scheduler owns no requests: the engine owns the waiting and running queues and passes
+    them in every step, so swapping schedulers never loses a request. Per-request policy data
+    may live in `request.plugin_state[self.name]`.
+    """
+
+    slot = "scheduler"
+
+    @hookimpl
+    def schedule(
+        self, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
+    ) -> SchedulePlan:
+        raise NotImplementedError
+
+
+class KVCache(Plugin):
+    """Slot `kv_cache` — owns the KV pool and which pages hold which request's tokens.
+
+    Invariants the conformance kit checks after every operation: a page is either free or
+    referenced (by a request's `page_table` or a cache structure), never both, never lost;
+    `free` of a request returns all its pages not kept for reuse; `num_free_pages` counts pages
+    an allocation could obtain now (free plus evictable).
+
+    - `setup` creates `self.pool` (a `KVPool`) sized from `ctx.engine` (`kv_cache_tokens`, or
+      `kv_memory_bytes`) and `self.page_size`; with a `previous` cache of the same page size
+      it may adopt its pool and allocations (handoff "state").
+    - `match_prefix(request)` — query only: how many leading tokens of `request.token_ids`
+      are already cached (0 for a cache without prefix reuse). Never the whole sequence: at
+      least one token is left to compute so there are logits to sample from.
+    - `pages_needed(request, n)` — pages to add so the request can hold `n` more tokens
+      (counting from `num_computed_tokens`, or from the prefix hit for a waiting request).
+    - `allocate_kv` (the hook) — grows page tables; see the hookspec.
+    - `commit(requests)` — after a forward pass: the requests' `num_computed_tokens` grew;
+      a prefix cache may insert their now-full pages.
+    - `free(request)` — the request finished, was aborted or preempted: release its pages
+      (a prefix cache may keep them as reusable) and clear `page_table`. Idempotent.
+    """
+
+    slot = "kv_cache"
+    pool: KVPool
+    page_size: int = 16
+
+    def match_prefix(self, request: Request) -> int:
+        return 0
+
+    def pages_needed(self, request: Request, num_new_tokens: int) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_free_pages(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @hookimpl
+    def allocate_kv(self, scheduled: list[Request], num_tokens: list[int]) -> list[Request]:
+        raise NotImplementedError
+
+    def commit(self, requests: list[Request]) -> None:
+        """Default: nothing to insert."""
+
+    def free(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def usage(self) -> float:
+        """Fraction of pages not free, in [0, 1]."""
+        return 1.0 - self.num_free_pages / max(self.num_pages, 1)
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics, e.g. `prefix_hit_tokens`, `prefix_query_tokens`."""
+        return {}
+
+
+class AttentionBackend:
+    """The object `attention_kernel` returns; model layers call it directly.
+
+    - `prepare(batch)` — once per step, before the forward pass: build whatever per-step
+      metadata the kernels need from the `ForwardBatch` (plan, index tensors).
+    - `forward(layer, q, k, v)` — once per layer: `q` is `[num_tokens, num_heads, head_dim]`,
+      `k`, `v` are `[num_tokens, num_kv_heads, head_dim]` for the step's new tokens. Write
+      `k`, `v` into the pool at `batch.slot_mapping`, then return causal attention of each new
+      token over its request's cached prefix and the new tokens up to itself,
+      `[num_tokens, num_heads, head_dim]`, scaled by `scale` (1/sqrt(head_dim) by default).
+    """
+
+    def __init__(self, model: ModelInfo, pool: KVPool, scale: float | None = None) -> None:
+        self.model = model
+        self.pool = pool
+        self.scale = scale if scale is not None else model.head_dim**-0.5
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        raise NotImplementedError
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Attention(Plugin):
+    """Slot `attention` — answers `attention_kernel` with an `AttentionBackend`.
+
+    The backend must give the same results as the reference `torch` backend within the
+    tolerance of its dtype (the conformance kit compares them)."""
+
+    slot = "attention"
+
+    @hookimpl
+    def attention_kernel(self, model: ModelInfo, pool: KVPool) -> AttentionBackend:
+        raise NotImplementedError
+
+
+class Sampler(Plugin):
+    """Slot `sampler` — answers `sample` (see its docstring).
+
+    Must honour every `SamplingParams` field that concerns token choice: greedy when
+    temperature is 0, the filters (top-k, top-p, min-p) never emit an excluded token, penalties,
+    per-request seeds reproducible regardless of batch composition, and logprobs from the raw
+    logits. Stopping (EOS, stop ids/strings, max_tokens) is the core's."""
+
+    slot = "sampler"
+
+    @hookimpl
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
+        raise NotImplementedError
+
+
+class KVTransfer(Plugin):
+    """Slot `transfer` — answers `transfer_kv` in prefill/decode-disaggregated mode."""
+
+    slot = "transfer"
+
+    @hookimpl
+    def transfer_kv(self, request: Request, pool: KVPool, target: str) -> bool:
+        raise NotImplementedError
+
+
+class MetricsExporter(Plugin):
+    """Slot `metrics` (many may be active) — receives every `export_metrics` snapshot.
+
+    Must return quickly; must not keep references to `snapshot.request` beyond the call."""
+
+    slot = "metrics"
+
+    @hookimpl
+    def export_metrics(self, snapshot: MetricsSnapshot) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """A slot: its hook, the base class its plugins derive from, whether several may be
+    active at once, and the plugin selected when the user names none."""
+
+    name: str
+    hook: str
+    base: type[Plugin]
+    multi: bool = False
+    default: str | None = None
+    flag: str = ""
+
+
+SLOTS: dict[str, SlotSpec] = {
+    s.name: s
+    for s in [
+        SlotSpec("scheduler", "schedule", Scheduler, default="fcfs", flag="--scheduler"),
+        SlotSpec("kv_cache", "allocate_kv", KVCache, default="paged", flag="--kv-cache"),
+        SlotSpec("attention", "attention_kernel", Attention, default="torch", flag="--attention"),
+        SlotSpec("sampler", "sample", Sampler, default="standard", flag="--sampler"),
+        SlotSpec("transfer", "transfer_kv", KVTransfer, default=None, flag="--transfer"),
+        SlotSpec("metrics", "export_metrics", MetricsExporter, multi=True, flag="--metrics"),
+    ]
+}

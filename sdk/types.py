@@ -1,0 +1,322 @@
+"""The data types plugins see.
+
+These are plain dataclasses shared by the core and every plugin. A plugin may read every field;
+the fields a plugin may write are named in the docstring of the slot it implements
+(`pegboard.sdk.slots`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one request's tokens are chosen and when it stops (OpenAI semantics where they exist).
+
+    `temperature == 0` means greedy. `top_k <= 0` and `top_p == 1` and `min_p == 0` disable those
+    filters. `logprobs` is the number of top alternatives to return per generated token (`None`:
+    no logprobs at all; `0`: only the chosen token's logprob). `seed` makes sampling reproducible
+    per request regardless of what else is in the batch.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        problems = []
+        if self.max_tokens < 1:
+            problems.append("max_tokens must be >= 1")
+        if self.temperature < 0:
+            problems.append("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            problems.append("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            problems.append("repetition_penalty must be > 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            problems.append("logprobs must be in [0, 20]")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # never run, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV pages; scheduled in some or every step
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    ABORT = "abort"  # cancelled by the client or the operator
+    ERROR = "error"  # a plugin raised while serving this request
+
+
+_request_counter = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request as it moves through the engine.
+
+    Token bookkeeping: `token_ids` is prompt + generated tokens. `num_computed_tokens` counts the
+    leading tokens of `token_ids` whose KV is in the cache (after a prefix-cache hit it jumps
+    forward; after preemption it returns to 0). `page_table` lists the KV pages holding those
+    tokens, in order: token `i` lives in page `page_table[i // page_size]`, slot
+    `i % page_size`. Only the active KV cache plugin writes `page_table` and
+    `num_cached_tokens`; only the core writes the rest.
+    """
+
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+    priority: int = 0  # lower value = more important (as in vLLM)
+    arrival_time: float = field(default_factory=time.monotonic)
+    eos_token_ids: frozenset[int] = frozenset()
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache at admission
+    page_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    #: Sequence number in arrival order; ties in every policy break on it.
+    seq: int = field(default_factory=lambda: next(_request_counter))
+    #: Scratch space for plugins, keyed by plugin name (e.g. a seeded RNG of the sampler).
+    plugin_state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            self.request_id = f"req-{self.seq}"
+        self.token_ids: list[int] = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens that must still pass through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True while more than one token is uncomputed (first prefill or recompute after preemption)."""
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
+
+
+@dataclass
+class TokenLogprobs:
+    """The chosen token's logprob and the top alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class ScheduledRequest:
+    """A request and how many of its uncomputed tokens run in this step."""
+
+    request: Request
+    num_tokens: int
+
+
+@dataclass
+class StepBudget:
+    """Limits a scheduling decision must respect in one step."""
+
+    max_batched_tokens: int  # tokens of all scheduled requests together (chunked-prefill budget)
+    max_running_requests: int  # requests holding KV at once
+    max_model_len: int  # context length of the model
+
+
+@dataclass
+class SchedulePlan:
+    """What `schedule` returns: who runs this step, and who gives up its KV first.
+
+    `preempted` requests lose their KV (freed by the core before allocation) and go back to the
+    front of the waiting queue; they are recomputed later and finish with the same output.
+    `scheduled` is in execution order; every request in it must fit the budget and the KV cache
+    once the preempted requests' pages are freed.
+    """
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled or self.preempted)
+
+
+@dataclass
+class ModelInfo:
+    """Shape facts about the loaded model that kernels and caches size themselves by."""
+
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class KVPool:
+    """The KV cache storage: per layer, a key and a value tensor of shape
+    `[num_pages, page_size, num_kv_heads, head_dim]` (FlashInfer's NHD paged layout).
+
+    Created by the core, sized by the active cache plugin, read and written by the attention
+    backend. Cache plugins that move KV (e.g. a host tier) copy pages between pools.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    page_size: int
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @classmethod
+    def allocate(
+        cls, info: ModelInfo, num_pages: int, page_size: int, device: torch.device | None = None
+    ) -> KVPool:
+        shape = (num_pages, page_size, info.num_kv_heads, info.head_dim)
+        dev = device or info.device
+        k = [torch.zeros(shape, dtype=info.dtype, device=dev) for _ in range(info.num_layers)]
+        v = [torch.zeros(shape, dtype=info.dtype, device=dev) for _ in range(info.num_layers)]
+        return cls(k=k, v=v, page_size=page_size)
+
+    @staticmethod
+    def bytes_per_token(info: ModelInfo) -> int:
+        elem = torch.tensor([], dtype=info.dtype).element_size()
+        return 2 * info.num_layers * info.num_kv_heads * info.head_dim * elem
+
+
+@dataclass
+class ForwardBatch:
+    """The flattened inputs of one model forward, built by the core after `allocate_kv`.
+
+    Tokens of all scheduled requests are concatenated (`input_ids`, `positions`,
+    `slot_mapping`: the flat KV slot `page * page_size + offset` each new token's K/V is written
+    to). Per request: `query_lens` new tokens, `seq_lens` total tokens after this step (cached
+    prefix + new), `page_tables` the pages covering `seq_lens`. Attention backends build their
+    per-step metadata from this once, in `prepare`. CPU copies (`*_cpu` lists) are there so
+    backends need not synchronise with the device to read them.
+    """
+
+    requests: list[Request]
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    page_tables_cpu: list[list[int]]
+    #: Index into the flat token dimension of each request's last token (where logits are taken).
+    logits_indices: torch.Tensor  # [num_requests] int64
+    #: Whether each request samples a token this step (False for a non-final prefill chunk).
+    samples: list[bool] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_cpu)
+
+
+@dataclass
+class SampleOutput:
+    """What `sample` returns: one token per sampling request (in batch order), and logprobs
+    where the request asked for them (`None` entries otherwise)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+@dataclass
+class MetricsSnapshot:
+    """What every `export_metrics` consumer receives.
+
+    `kind` is "step" (after each engine step) or "request" (when a request finishes; then
+    `request` is set). Gauges describe the engine after the step.
+    """
+
+    kind: str
+    timestamp: float
+    num_running: int = 0
+    num_waiting: int = 0
+    batch_size: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_preempted: int = 0
+    kv_usage: float = 0.0
+    step_time_s: float = 0.0
+    hook_time_s: float = 0.0
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+    request: Request | None = None
+    extra: dict[str, float] = field(default_factory=dict)
