@@ -1,0 +1,118 @@
+"""The engine on a background thread, with an asyncio streaming interface for the server.
+
+The step loop runs on its own thread and never touches the event loop except through
+`call_soon_threadsafe`; the event loop never waits on a step. Tokenization happens in the
+caller (the server does it in a worker thread); detokenization is incremental inside the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pegboard.core.config import EngineConfig
+from pegboard.core.engine import Engine
+from pegboard.core.outputs import RequestOutput
+from pegboard.core.plugin_manager import PluginManager
+from pegboard.sdk.types import FinishReason, Request
+
+log = logging.getLogger("pegboard.async_engine")
+
+
+class AsyncEngine:
+    """Run `Engine.step()` in a loop on a daemon thread; stream each request's deltas.
+
+    `generate` yields `RequestOutput` deltas until one has `finished`. Cancelling the consuming
+    task (a client disconnect) aborts the request and frees its KV at the next step.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pegboard-step-loop", daemon=True)
+        self.error: BaseException | None = None
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, plugins: PluginManager | None = None) -> AsyncEngine:
+        return cls(Engine(config, plugins))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Submit `request` and yield its deltas; raises `RequestRejected` before streaming."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request.request_id] = (loop, queue)
+        try:
+            self.engine.add_request(request)
+        except Exception:
+            self._streams.pop(request.request_id, None)
+            raise
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def swap(self, slot: str, name: str, **options: Any):
+        future = self.engine.swap(slot, name, **options)
+        self._wake.set()
+        return future
+
+    def abort_all(self) -> None:
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as e:  # the engine itself is broken: fail every stream
+                log.exception("engine step failed")
+                self.error = e
+                self._fail_all(e)
+                return
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    loop, queue = stream
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, (loop, queue) in list(self._streams.items()):
+            out = RequestOutput(
+                request_id, finished=True, finish_reason=FinishReason.ERROR, error=str(error)
+            )
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.engine.close()

@@ -1,0 +1,414 @@
+"""The engine: request queues and the step loop, as a sequence of hook calls (DESIGN.md §5).
+
+    schedule -> allocate_kv -> model forward (attention backend from attention_kernel)
+    -> sample -> detokenize / stop -> export_metrics
+
+Everything a step does that is not a hook call is a small private method below `step`.
+The engine is single-threaded: `add_request`, `abort` and `swap` may be called from other
+threads, but they only queue work that `step` applies at its next boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from pegboard.core.config import EngineConfig
+from pegboard.core.detokenizer import Detokenizer
+from pegboard.core.model_runner import ModelRunner
+from pegboard.core.outputs import RequestOutput, stop_reason
+from pegboard.core.patches import apply_patches
+from pegboard.core.plugin_manager import PluginManager
+from pegboard.core.swap import PendingSwap, SwapError, SwapResult
+from pegboard.core.tokenizer import load_tokenizer
+from pegboard.sdk.slots import SLOTS, KVCache, Plugin, PluginContext
+from pegboard.sdk.types import (
+    FinishReason,
+    KVPool,
+    MetricsSnapshot,
+    Request,
+    RequestStatus,
+    SchedulePlan,
+    StepBudget,
+)
+
+log = logging.getLogger("pegboard.engine")
+
+
+class RequestRejected(ValueError):
+    """A request the engine cannot serve (too long, empty, bad token ids); nothing was queued."""
+
+
+class Engine:
+    """Owns the model runner, the plugin selection and the request queues; `step()` runs one
+    engine step and returns the per-request deltas it produced."""
+
+    def __init__(self, config: EngineConfig, plugins: PluginManager | None = None) -> None:
+        from pegboard.core.default_model import default_model_dir
+
+        self.config = config
+        self.plugins = plugins or PluginManager()
+        self.patches = apply_patches(config.patches, strict=config.strict_patches)
+        self.model_dir = Path(config.model) if config.model else default_model_dir()
+        self.runner = ModelRunner(self.model_dir, config.dtype, config.device, config.max_model_len)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.info = self.runner.info
+        self.ctx = PluginContext(self.info, self.runner.device, self._engine_facts())
+        for slot in SLOTS:
+            self._select(slot)
+        self._bind_attention()
+        self.budget = StepBudget(
+            max_batched_tokens=config.max_num_batched_tokens,
+            max_running_requests=config.max_running_requests,
+            max_model_len=self.info.max_model_len,
+        )
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, Detokenizer] = {}
+        self._inbox: deque[Request] = deque()
+        self._aborts: deque[str] = deque()
+        self._swaps: list[PendingSwap] = []
+        self._outbox: list[RequestOutput] = []
+        self._lock = threading.Lock()
+        self.num_steps = 0
+
+    @property
+    def hook(self):
+        return self.plugins.hook
+
+    @property
+    def kv(self) -> KVCache:
+        return self.plugins.active("kv_cache")
+
+    # ---------------------------------------------------------------- the step loop
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step: admit queued work, schedule, allocate, forward, sample, stop."""
+        start = time.perf_counter()
+        self._apply_inbox()
+        self._apply_swaps()
+        plan = self._call_plugin(
+            "scheduler",
+            self.running + list(self.waiting),
+            lambda: self.hook.schedule(
+                waiting=self._admissible(), running=self.running, budget=self.budget, kv=self.kv
+            ),
+        )
+        if plan:
+            self._preempt(plan.preempted)
+            scheduled = [s.request for s in plan.scheduled]
+            num_tokens = [s.num_tokens for s in plan.scheduled]
+            self._call_plugin("model", scheduled, lambda: self._run(scheduled, num_tokens))
+        outputs, self._outbox = self._outbox, []
+        self.num_steps += 1
+        self._export(self._step_snapshot(plan, time.perf_counter() - start))
+        return outputs
+
+    def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
+        failed = self.hook.allocate_kv(scheduled=scheduled, num_tokens=num_tokens)
+        scheduled, num_tokens = self._admit(scheduled, num_tokens, failed or [])
+        if not scheduled:
+            return
+        batch = self.runner.prepare(scheduled, num_tokens, self.kv.page_size)
+        logits = self.runner.forward(batch)
+        sampling = [r for r, s in zip(scheduled, batch.samples) if s]
+        for r, n in zip(scheduled, num_tokens):
+            r.num_computed_tokens += n
+        if sampling:
+            sampled = self.hook.sample(logits=logits, requests=sampling)
+            for r, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs):
+                self._append(r, token, lp)
+        self.kv.commit(scheduled)
+        for r in [r for r in scheduled if r.finished]:
+            self._release(r)
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (thread-safe). Raises `RequestRejected` if it can never be served."""
+        self.validate(request)
+        request.eos_token_ids = request.eos_token_ids or self.tokenizer.eos_token_ids
+        with self._lock:
+            if request.request_id in self.requests or any(
+                r.request_id == request.request_id for r in self._inbox
+            ):
+                raise RequestRejected(f"request id {request.request_id!r} is already in use")
+            self._inbox.append(request)
+
+    def validate(self, request: Request) -> None:
+        n, max_len = request.num_prompt_tokens, self.info.max_model_len
+        if n == 0:
+            raise RequestRejected("the prompt is empty")
+        if n >= max_len:
+            raise RequestRejected(
+                f"the prompt is {n} tokens, but the model's context length is {max_len} "
+                "(at least one token must be generated)"
+            )
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise RequestRejected(
+                f"prompt token ids out of the vocabulary [0, {self.info.vocab_size}): {bad[:5]}"
+            )
+        capacity = self.kv.num_pages * self.kv.page_size
+        if n + 1 > capacity:
+            raise RequestRejected(
+                f"the prompt is {n} tokens, but the KV cache holds only {capacity} tokens"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe); its KV is freed at the next step boundary."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(
+            self.waiting
+            or self.running
+            or self._inbox
+            or self._aborts
+            or self._outbox
+            or self._swaps
+        )
+
+    def _apply_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = list(self._inbox), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        for r in new:
+            self.requests[r.request_id] = r
+            self._detokenizers[r.request_id] = Detokenizer(
+                self.tokenizer, r.params, r.prompt_token_ids
+            )
+            self.waiting.append(r)
+        for request_id in aborts:
+            r = self.requests.get(request_id)
+            if r is not None and not r.finished:
+                self._finish(r, FinishReason.ABORT)
+                self._release(r)
+
+    def _admissible(self) -> list[Request]:
+        # A pending swap of a plugin that must drain stops admissions until running is empty.
+        if any(self.plugins.active(p.slot).handoff == "drain" for p in self._swaps):
+            return []
+        return list(self.waiting)
+
+    def _preempt(self, preempted: list[Request]) -> None:
+        capacity = self.kv.num_pages * self.kv.page_size
+        for r in reversed(preempted):
+            self.kv.free(r)
+            self.running.remove(r)
+            if r.num_tokens + 1 > capacity:  # could never fit again: stop instead of looping
+                self._finish(r, FinishReason.LENGTH)
+                self._release(r)
+                continue
+            r.num_computed_tokens = 0
+            r.status = RequestStatus.WAITING
+            r.num_preemptions += 1
+            self.waiting.appendleft(r)
+
+    def _admit(
+        self, scheduled: list[Request], num_tokens: list[int], failed: list[Request]
+    ) -> tuple[list[Request], list[int]]:
+        """Move newly scheduled requests to running; requests the cache could not serve go back
+        to waiting (running ones are preempted)."""
+        failed_ids = {id(r) for r in failed}
+        if failed:
+            self._preempt([r for r in failed if r.status is RequestStatus.RUNNING])
+        kept, kept_n = [], []
+        now = time.monotonic()
+        for r, n in zip(scheduled, num_tokens):
+            if id(r) in failed_ids:
+                continue
+            if r.status is RequestStatus.WAITING:
+                self.waiting.remove(r)
+                self.running.append(r)
+                r.status = RequestStatus.RUNNING
+                r.first_scheduled_time = r.first_scheduled_time or now
+            kept.append(r)
+            kept_n.append(n)
+        return kept, kept_n
+
+    def _append(self, r: Request, token: int, logprobs) -> None:
+        r.append_token(token, logprobs)
+        r.first_token_time = r.first_token_time or time.monotonic()
+        detok = self._detokenizers[r.request_id]
+        text = detok.add([token])
+        reason = (
+            FinishReason.STOP
+            if detok.stop_reason
+            else stop_reason(r, token, self.budget.max_model_len)
+        )
+        if reason and not detok.stop_reason:
+            text += detok.flush()
+        self._outbox.append(
+            RequestOutput(r.request_id, [token], text, [logprobs] if logprobs else [], request=r)
+        )
+        if reason:
+            self._finish(r, reason)
+
+    def _finish(self, r: Request, reason: FinishReason, error: str | None = None) -> None:
+        r.status = RequestStatus.FINISHED
+        r.finish_reason = reason
+        r.error = error
+        r.finished_time = time.monotonic()
+        last = self._outbox[-1] if self._outbox and self._outbox[-1].request is r else None
+        if last is None:
+            last = RequestOutput(r.request_id, request=r)
+            self._outbox.append(last)
+        last.finished, last.finish_reason, last.error = True, reason, error
+
+    def _release(self, r: Request) -> None:
+        """Forget a finished request: free its KV, drop it from the queues, report it."""
+        self.kv.free(r)
+        if r in self.running:
+            self.running.remove(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        self.requests.pop(r.request_id, None)
+        self._detokenizers.pop(r.request_id, None)
+        self._export(MetricsSnapshot(kind="request", timestamp=time.time(), request=r))
+
+    def _call_plugin(self, what: str, affected: list[Request], fn):
+        """Run `fn`; if a plugin raises, fail the affected requests (not the engine)."""
+        try:
+            return fn()
+        except Exception as e:
+            log.exception("%s failed; failing %d request(s)", what, len(affected))
+            message = f"{what} failed: {type(e).__name__}: {e}"
+            for r in affected:
+                if not r.finished:
+                    self._finish(r, FinishReason.ERROR, message)
+                    self._release(r)
+            return None
+
+    # ---------------------------------------------------------------- plugins
+
+    def _engine_facts(self) -> dict:
+        c = self.config
+        return {
+            "page_size": c.page_size,
+            "kv_cache_tokens": c.kv_cache_tokens,
+            "gpu_memory_utilization": c.gpu_memory_utilization,
+            "kv_memory_bytes": self._kv_memory_bytes(),
+            "max_model_len": self.info.max_model_len,
+            "max_running_requests": c.max_running_requests,
+            "seed": c.seed,
+        }
+
+    def _kv_memory_bytes(self) -> int:
+        if self.runner.device.type != "cuda":
+            return self.config.cpu_kv_cache_bytes
+        free, total = torch.cuda.mem_get_info(self.runner.device)
+        reserve = total * (1.0 - self.config.gpu_memory_utilization)
+        return max(int(free - reserve), 0)
+
+    def _select(self, slot: str) -> None:
+        spec = SLOTS[slot]
+        chosen = self.config.selection(slot) or spec.default
+        names = chosen if isinstance(chosen, list) else [chosen] if chosen else []
+        for name in names:
+            plugin = self.plugins.create(slot, name, self.config.plugin_options.get(name))
+            plugin.setup(self.ctx)
+            self.plugins.register(plugin)
+
+    def _bind_attention(self) -> None:
+        pool: KVPool = self.kv.pool
+        backend = self.hook.attention_kernel(model=self.info, pool=pool)
+        if backend is None:
+            raise SwapError("the attention plugin returned no backend")
+        self.runner.set_attention(backend)
+
+    def swap(self, slot: str, name: str, **options) -> Future:
+        """Replace the plugin in `slot` by `name` at the next step boundary.
+
+        The name and options are checked now (raising `PluginError`); the returned future
+        resolves to a `SwapResult` once applied, or to a `SwapError` if the new plugin's setup
+        failed — then the previous plugin keeps serving."""
+        spec = SLOTS.get(slot)
+        if spec is None:
+            raise SwapError(f"unknown slot {slot!r}; slots: {', '.join(SLOTS)}")
+        if spec.multi:
+            raise SwapError(f"slot {slot!r} holds several plugins at once; it cannot be swapped")
+        if self.plugins.active(slot) is None:
+            raise SwapError(f"slot {slot!r} has no active plugin to swap")
+        pending = PendingSwap(slot, self.plugins.create(slot, name, options))
+        with self._lock:
+            self._swaps.append(pending)
+        return pending.future
+
+    def _apply_swaps(self) -> None:
+        with self._lock:
+            swaps = list(self._swaps)
+        for p in swaps:
+            old = self.plugins.active(p.slot)
+            drain = old.handoff == "drain"
+            if drain and self.running:
+                continue  # admissions are paused until the running requests finish
+            with self._lock:
+                self._swaps.remove(p)
+            try:
+                self._replace(p.slot, old, p.plugin, drain)
+            except Exception as e:
+                log.warning("swap of %s to %s failed: %s", p.slot, p.plugin.name, e)
+                p.future.set_exception(
+                    SwapError(
+                        f"swapping {p.slot} to {p.plugin.name!r} failed, "
+                        f"{old.name!r} stays active: {type(e).__name__}: {e}"
+                    )
+                )
+            else:
+                p.future.set_result(SwapResult(p.slot, old.name, p.plugin.name, drain))
+
+    def _replace(self, slot: str, old: Plugin, new: Plugin, drained: bool) -> None:
+        new.setup(self.ctx, previous=None if drained else old)
+        self.plugins.unregister(old)
+        self.plugins.register(new)
+        if slot in ("attention", "kv_cache"):
+            try:
+                self._bind_attention()
+            except Exception:
+                self.plugins.unregister(new)
+                self.plugins.register(old)
+                raise
+        old.close()
+
+    # ---------------------------------------------------------------- metrics
+
+    def _step_snapshot(self, plan: SchedulePlan | None, elapsed: float) -> MetricsSnapshot:
+        scheduled = plan.scheduled if plan else []
+        stats = self.kv.stats()
+        return MetricsSnapshot(
+            kind="step",
+            timestamp=time.time(),
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            batch_size=len(scheduled),
+            num_prefill_tokens=sum(s.num_tokens for s in scheduled if s.num_tokens > 1),
+            num_decode_tokens=sum(1 for s in scheduled if s.num_tokens == 1),
+            num_preempted=len(plan.preempted) if plan else 0,
+            kv_usage=self.kv.usage(),
+            step_time_s=elapsed,
+            prefix_hit_tokens=int(stats.get("prefix_hit_tokens", 0)),
+            prefix_query_tokens=int(stats.get("prefix_query_tokens", 0)),
+        )
+
+    def _export(self, snapshot: MetricsSnapshot) -> None:
+        # Each exporter separately: one broken exporter must not starve the others.
+        for impl in self.hook.export_metrics.get_hookimpls():
+            try:
+                impl.function(snapshot=snapshot)
+            except Exception:
+                log.exception("metrics exporter %s failed", impl.plugin_name)
+
+    def close(self) -> None:
+        for slot in SLOTS:
+            for plugin in list(self.plugins.active_all(slot)):
+                self.plugins.unregister(plugin)
+                plugin.close()
+        self.patches.unapply()
