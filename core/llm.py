@@ -29,6 +29,7 @@ class CompletionOutput:
     finish_reason: FinishReason | None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
+    num_preemptions: int = 0
     error: str | None = None
 
 
@@ -83,6 +84,7 @@ class LLM:
                 finish_reason=r.finish_reason,
                 logprobs=list(r.output_logprobs),
                 num_cached_tokens=r.num_cached_tokens,
+                num_preemptions=r.num_preemptions,
                 error=r.error,
             )
             for r, p in zip(requests, prompts)

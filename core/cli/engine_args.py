@@ -1,0 +1,44 @@
+"""Engine flags shared by `pegboard generate`, `serve` and `bench`: model, dtype, budgets, KV
+sizing, plugin selections and each plugin's options (generated from their option models)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from pegboard.core.config import EngineConfig
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    from pegboard.core.options import add_plugin_arguments
+    from pegboard.core.plugin_manager import PluginManager
+
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="local HF model directory (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-running-requests", type=int, default=256)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--page-size", type=int, default=16)
+    g.add_argument("--kv-cache-tokens", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--patch", action="append", default=[], dest="patches", metavar="NAME")
+    g.add_argument("--strict-patches", action="store_true")
+    add_plugin_arguments(p, PluginManager())
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `EngineConfig` fields (and plugin options) the parsed flags set."""
+    from pegboard.core.options import collect_plugin_options
+    from pegboard.core.patches import patches_from_env
+    from pegboard.core.plugin_manager import PluginManager
+
+    fields = set(EngineConfig.model_fields) - {"plugin_options", "patches"}
+    settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    settings["patches"] = list(args.patches) + patches_from_env()
+    settings["plugin_options"] = collect_plugin_options(args, PluginManager())
+    if os.environ.get("PEGBOARD_MODEL") and not settings.get("model"):
+        settings["model"] = os.environ["PEGBOARD_MODEL"]
+    return settings
