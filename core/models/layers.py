@@ -1,0 +1,44 @@
+"""Small building blocks of the decoder, numerically matched to transformers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, cast back, then scaled (HF `LlamaRMSNorm`)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class MergedLinear(nn.Linear):
+    """One GEMM for several projections of the same input (q/k/v, gate/up).
+
+    `shards` names the checkpoint projections stacked along the output dimension, in order,
+    with their output sizes; the loader copies each checkpoint tensor into its row range.
+    """
+
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shards.values()), bias=bias)
+        self.shards: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in shards.items():
+            self.shards[name] = (start, size)
+            start += size
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for a fused `[..., 2 * intermediate]` projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,130 @@
+"""The decoder shared by Llama, Qwen2, Qwen3 and Mistral, running on a paged KV cache.
+
+The model takes flattened tokens of a whole batch (`input_ids [T]`, `positions [T]`) and hands
+each layer's q/k/v to the attention backend, which owns the KV pages and the batch layout.
+Projections are fused (q/k/v in one GEMM, gate/up in one) so later GPU kernels can replace them
+one for one. Parameter names follow the HF checkpoint names where they are not fused.
+"""
+
+from __future__ import annotations
+
+import torch
+from pegboard.core.models.config import ModelConfig
+from pegboard.core.models.layers import MergedLinear, RMSNorm, silu_and_mul
+from pegboard.core.models.rope import RotaryEmbedding
+from pegboard.sdk.slots import AttentionBackend
+from torch import nn
+
+
+class DecoderAttention(nn.Module):
+    """Self-attention of one layer: fused qkv projection, optional per-head q/k RMSNorm
+    (Qwen3), rope, the paged attention backend, output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, cfg.qkv_bias
+        )
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.split = [q_size, kv_size, kv_size]
+        # A plain attribute, not a submodule: every layer shares the model's one rope table.
+        self.__dict__["rotary"] = rotary
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = attn.forward(self.layer, q, k, v)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class DecoderMLP(nn.Module):
+    """SwiGLU feed-forward with the gate and up projections fused."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            cfg.hidden_size, {"gate_proj": size, "up_proj": size}, cfg.mlp_bias
+        )
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DecoderAttention(cfg, layer, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DecoderMLP(cfg)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """Embedding, the layers and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim, max_len)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.rotary_emb) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over flattened batches and a paged KV cache.
+
+    `forward(input_ids [T], positions [T], attn)` returns the final hidden states `[T, hidden]`;
+    `compute_logits(hidden [N, hidden])` returns float32 logits `[N, vocab]`.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderBody(cfg, max_len)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them (again after
+        `to_empty`, which gives every module its own new parameter)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(positions, x, attn)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

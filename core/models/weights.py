@@ -1,0 +1,141 @@
+"""Reading safetensors checkpoints (single file or sharded) into a `CausalLM`'s parameters.
+
+Tensors are read straight onto the target device and cast into the (possibly fused) parameter
+they belong to, one at a time, so peak memory stays near the model's own size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pegboard.core.models.errors import ModelLoadError
+from pegboard.core.models.layers import MergedLinear
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+INDEX_FILE = "model.safetensors.index.json"
+#: Checkpoint entries that carry no weights (rope tables some exporters saved).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class TensorTarget:
+    """Where one checkpoint tensor goes: rows `[start, start + rows)` of `param`, or all of it."""
+
+    param: nn.Parameter
+    start: int = 0
+    rows: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.rows is None:
+            return tuple(self.param.shape)
+        return (self.rows, *self.param.shape[1:])
+
+    def view(self) -> torch.Tensor:
+        data = self.param.data
+        return data if self.rows is None else data[self.start : self.start + self.rows]
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its shard index when there is one."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is not a valid shard index: {e!r}") from e
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{f} is listed in {INDEX_FILE} but missing")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in model_dir.glob("*.bin")) or ["no weight files"]
+        raise ModelLoadError(
+            f"{model_dir} has no *.safetensors weights (found: {', '.join(found)}); "
+            "only safetensors checkpoints are supported"
+        )
+    return files
+
+
+def checkpoint_targets(model: nn.Module, tied_lm_head: bool) -> dict[str, TensorTarget]:
+    """Map each checkpoint tensor name to the parameter (and rows) it fills."""
+    targets: dict[str, TensorTarget] = {}
+    for prefix, module in model.named_modules():
+        parent = prefix.rpartition(".")[0]
+        for pname, param in module.named_parameters(recurse=False):
+            if isinstance(module, MergedLinear):
+                for shard, (start, rows) in module.shards.items():
+                    name = f"{parent}.{shard}.{pname}" if parent else f"{shard}.{pname}"
+                    targets[name] = TensorTarget(param, start, rows)
+            else:
+                targets[f"{prefix}.{pname}" if prefix else pname] = TensorTarget(param)
+    if tied_lm_head:
+        targets.pop("lm_head.weight", None)
+    return targets
+
+
+def load_checkpoint(
+    model: nn.Module, model_dir: Path, device: torch.device, tied_lm_head: bool, progress: bool
+) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`.
+
+    Raises `ModelLoadError` naming the file and tensor for a corrupt file, an unexpected or
+    missing tensor, or a shape that disagrees with the config."""
+    files = checkpoint_files(model_dir)
+    targets = checkpoint_targets(model, tied_lm_head)
+    handles = [_open(f, device) for f in files]
+    total = sum(len(list(h.keys())) for h in handles)
+    loaded: set[str] = set()
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        for path, handle in zip(files, handles):
+            for name in handle.keys():
+                bar.update(1)
+                if tied_lm_head and name == "lm_head.weight":
+                    continue  # the embedding serves as the head
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                target = targets.get(name)
+                if target is None:
+                    raise ModelLoadError(
+                        f"{path}: unexpected tensor {name!r}; this checkpoint has weights the "
+                        f"{type(model).__name__} implementation does not use"
+                    )
+                _copy(path, name, handle, target)
+                loaded.add(name)
+    missing = [n for n in targets if n not in loaded]
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise ModelLoadError(f"{model_dir}: missing tensor(s) {shown}")
+
+
+def _open(path: Path, device: torch.device):
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except Exception as e:  # safetensors raises its own error type or OSError on bad files
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def _copy(path: Path, name: str, handle, target: TensorTarget) -> None:
+    try:
+        shape = tuple(handle.get_slice(name).get_shape())
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {e}") from e
+    if shape != target.shape:
+        raise ModelLoadError(
+            f"{path}: tensor {name!r} has shape {list(shape)} but the config implies "
+            f"{list(target.shape)}"
+        )
+    try:
+        tensor = handle.get_tensor(name)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {e}") from e
+    target.view().copy_(tensor)

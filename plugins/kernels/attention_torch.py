@@ -1,0 +1,105 @@
+"""The reference attention backend: paged attention in plain PyTorch, on any device.
+
+Every step, `prepare` turns the batch's page tables into a padded gather index of KV slots
+`[num_requests, max_seq_len]` and a boolean mask `[num_requests, 1, max_query_len, max_seq_len]`
+(causal, offset by each request's cached prefix). Each layer then writes its new k/v into the
+pool, gathers every request's keys and values, and runs one batched
+`scaled_dot_product_attention` on the padded tensors: prefill with a cached prefix, chunked
+prefill and decode all take the same path.
+"""
+
+from __future__ import annotations
+
+import torch
+from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.slots import Attention, AttentionBackend
+from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo
+from torch.nn import functional as F
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Reference paged attention (`pegboard.sdk.AttentionBackend`), device-agnostic."""
+
+    def __init__(self, model: ModelInfo, pool: KVPool, scale: float | None = None) -> None:
+        super().__init__(model, pool, scale)
+        self.batch: ForwardBatch | None = None
+        self.kv_index: torch.Tensor | None = None  # [B, max_kv] flat KV slots (padded with 0)
+        self.mask: torch.Tensor | None = None  # [B, 1, max_q, max_kv] True = may attend
+        self.token_rows: torch.Tensor | None = None  # [T] row of each token in [B * max_q]
+        self.max_q = 0
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Build the step's gather index, mask and token placement (one small loop over
+        requests, then a single copy of each index to the device)."""
+        device = batch.input_ids.device
+        page_size = self.pool.page_size
+        query_lens = batch.query_lens_cpu
+        seq_lens = batch.seq_lens_cpu
+        max_q, max_kv = max(query_lens), max(seq_lens)
+        offsets = torch.arange(page_size)
+        kv_index = torch.zeros(len(seq_lens), max_kv, dtype=torch.int64)
+        token_rows = []
+        for b, (q_len, seq_len, pages) in enumerate(
+            zip(query_lens, seq_lens, batch.page_tables_cpu)
+        ):
+            slots = (
+                torch.tensor(pages, dtype=torch.int64)[:, None] * page_size + offsets
+            ).flatten()
+            kv_index[b, :seq_len] = slots[:seq_len]
+            token_rows.append(torch.arange(b * max_q, b * max_q + q_len))
+        self.kv_index = kv_index.to(device, non_blocking=True)
+        self.token_rows = torch.cat(token_rows).to(device, non_blocking=True)
+        self.mask = _causal_mask(query_lens, seq_lens, max_q, max_kv).to(device, non_blocking=True)
+        self.max_q = max_q
+        self.batch = batch
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Write `k`/`v` at the batch's slots, then attend over each request's whole sequence."""
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_cache = self.pool.k[layer].view(-1, num_kv_heads, head_dim)
+        v_cache = self.pool.v[layer].view(-1, num_kv_heads, head_dim)
+        slots = self.batch.slot_mapping
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+        num_requests = self.kv_index.shape[0]
+        num_heads = q.shape[1]
+        # [B, H, L, D] layouts for SDPA; padded query rows are computed and dropped.
+        keys = k_cache[self.kv_index].transpose(1, 2).to(q.dtype)
+        values = v_cache[self.kv_index].transpose(1, 2).to(q.dtype)
+        queries = q.new_zeros(num_requests * self.max_q, num_heads, head_dim)
+        queries[self.token_rows] = q
+        queries = queries.view(num_requests, self.max_q, num_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=self.mask,
+            scale=self.scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(num_requests * self.max_q, num_heads, head_dim)
+        return out[self.token_rows]
+
+
+def _causal_mask(
+    query_lens: list[int], seq_lens: list[int], max_q: int, max_kv: int
+) -> torch.Tensor:
+    """`[B, 1, max_q, max_kv]`: query row `i` of a request with `c` cached tokens sees keys
+    `0 .. c + i`. Padding rows see key 0 only, so SDPA never meets a fully masked row."""
+    q_lens = torch.tensor(query_lens)[:, None]
+    cached = torch.tensor(seq_lens)[:, None] - q_lens
+    rows = torch.arange(max_q)[None, :]
+    last_key = torch.where(rows < q_lens, cached + rows, 0)  # [B, max_q]
+    return (torch.arange(max_kv)[None, None, :] <= last_key[:, :, None]).unsqueeze(1)
+
+
+class TorchAttention(Attention):
+    """Plugin `torch` (slot `attention`): the reference backend every other attention
+    backend is compared against. Runs wherever PyTorch runs; not tuned for speed."""
+
+    @hookimpl
+    def attention_kernel(self, model: ModelInfo, pool: KVPool) -> AttentionBackend:
+        return TorchAttentionBackend(model, pool)

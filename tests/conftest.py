@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny HF checkpoints of every supported architecture, built once per session.
+
+Builders live in `tests/fixtures` (`from fixtures import build_tiny_model, PageAllocator`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import ARCHS, build_tiny_model
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """arch -> directory of a tiny random checkpoint (llama: llama3 rope scaling; qwen2: qkv
+    bias, tied embeddings; qwen3: q/k norm, head_dim 32; mistral: sliding window 256)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["qwen2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["qwen3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["mistral"]
