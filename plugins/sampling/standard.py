@@ -1,0 +1,123 @@
+"""The default sampler: greedy, temperature, top-k, top-p, min-p, penalties, seeds, logprobs."""
+
+from __future__ import annotations
+
+import pydantic
+import torch
+from pegboard.plugins.sampling.filters import apply_min_p, apply_top_k_top_p
+from pegboard.plugins.sampling.penalties import apply_penalties, needs_penalties
+from pegboard.sdk.slots import Sampler
+from pegboard.sdk.types import Request, SampleOutput, TokenLogprobs
+
+#: The `plugin_state` key of a request's random generator. Fixed (not the plugin's name) so that
+#: a sampler swapped in mid-request continues the same random stream.
+GENERATOR_KEY = "sampler"
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (engine seed, seq) over the seed space
+
+
+class StandardSamplerOptions(pydantic.BaseModel):
+    """Options of the `standard` sampler."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    seed: int = pydantic.Field(0, description="seeds requests that set no seed of their own")
+
+
+class StandardSampler(Sampler):
+    """Vectorised sampling over the batch, one random stream per request.
+
+    Order of operations per row: raw logprobs (for `params.logprobs`) → penalties → greedy
+    argmax, or temperature → top-k / top-p → min-p → draw. A draw is the exponential race
+    `argmax(probs / q)` with `q ~ Exp(1)` taken from the request's own `torch.Generator`
+    (`request.plugin_state["sampler"]`), which picks token `i` with probability `probs[i]`
+    and makes a seeded request's tokens independent of what else is in the batch.
+    """
+
+    Options = StandardSamplerOptions
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
+        params = [r.params for r in requests]
+        want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
+        if needs_penalties(requests):
+            logits = apply_penalties(logits, requests)
+
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._draw(logits, requests)
+
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            num_top = [params[i].logprobs or 0 for i in want_logprobs]
+            rows = _logprobs(raw_logprobs, tokens[want_logprobs], num_top)
+            for i, row in zip(want_logprobs, rows):
+                logprobs[i] = row
+        return SampleOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Sample one token per row; greedy rows take the argmax and consume no randomness."""
+        params = [r.params for r in requests]
+        device, vocab = logits.device, logits.shape[-1]
+        # One host-to-device copy for all per-row parameters.
+        table = torch.tensor(
+            [
+                [p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p]
+                for p in params
+            ],
+            dtype=torch.float64,
+        ).to(device, non_blocking=True)
+        temperature, top_k, top_p, min_p = table.unbind(dim=1)
+        greedy = temperature == 0.0
+        scaled = logits / torch.where(greedy, 1.0, temperature).to(logits.dtype).unsqueeze(1)
+
+        use_top_k = any(0 < p.top_k < vocab for p in params)
+        use_top_p = any(p.top_p < 1.0 for p in params)
+        if use_top_k or use_top_p:
+            scaled = apply_top_k_top_p(
+                scaled,
+                top_k.long() if use_top_k else None,
+                top_p.to(logits.dtype) if use_top_p else None,
+            )
+        if any(p.min_p > 0.0 for p in params):
+            scaled = apply_min_p(scaled, min_p.to(logits.dtype))
+
+        probs = scaled.softmax(dim=-1)
+        race = torch.ones_like(probs)
+        for i, r in enumerate(requests):
+            if not r.params.greedy:
+                race[i].exponential_(generator=self._generator(r, device))
+        # Exp(1) can round to 0; 0/0 would be NaN, which argmax would pick.
+        race.clamp_(min=torch.finfo(race.dtype).tiny)
+        drawn = (probs / race).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+    def _generator(self, request: Request, device: torch.device) -> torch.Generator:
+        """The request's random stream, created on first use from its seed (or, unseeded, from
+        the sampler's `seed` option and the request's arrival number, so runs reproduce)."""
+        gen = request.plugin_state.get(GENERATOR_KEY)
+        if gen is None:
+            seed = request.params.seed
+            if seed is None:
+                seed = (self.options.seed * _MIX + request.seq) % 2**64
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+            request.plugin_state[GENERATOR_KEY] = gen
+        return gen
+
+
+def _logprobs(
+    raw_logprobs: torch.Tensor, tokens: torch.Tensor, num_top: list[int]
+) -> list[TokenLogprobs]:
+    """The chosen tokens' logprobs and each row's `num_top` best alternatives, best first."""
+    chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = raw_logprobs.topk(max(num_top), dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprobs(
+            token_id=token,
+            logprob=chosen[row],
+            top=list(zip(top_ids[row][:n], top_values[row][:n])),
+        )
+        for row, (token, n) in enumerate(zip(tokens.tolist(), num_top))
+    ]
