@@ -116,6 +116,13 @@ def test_prompt_is_context_only_and_never_emitted():
     assert detok.stop_reason is None
 
 
+def test_prompt_ending_inside_a_character_does_not_shift_the_output_text():
+    rocket = tokenizer().encode("🚀")
+    ids = rocket[1:] + tokenizer().encode(" fun")
+    _, pieces = stream(ids, SamplingParams(), prompt=tokenizer().encode("so") + rocket[:1])
+    assert "".join(pieces) == tokenizer().decode(ids)
+
+
 def _stop_case(text: str, stop: list[str], chunk: int = 1):
     ids = tokenizer().encode(text)
     return stream(ids, SamplingParams(stop=stop), chunk=chunk)

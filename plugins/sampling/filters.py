@@ -34,7 +34,6 @@ def apply_top_k_top_p(
         # A token goes when the more likely ones already reach top_p; rows at 1.0 skip this
         # because the cumulative sum's rounding can exceed 1 and would clip the tail.
         beyond = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-        beyond[:, 0] = False
         remove |= beyond
     remove_by_token = torch.empty_like(remove).scatter_(1, order, remove)
     return logits.masked_fill(remove_by_token, float("-inf"))
