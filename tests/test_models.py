@@ -19,7 +19,8 @@ NUM_PAGES = 512
 
 
 def make_runner(model_dir: Path, page_size: int, **kwargs) -> tuple[ModelRunner, PageAllocator]:
-    runner = ModelRunner(model_dir, dtype=kwargs.pop("dtype", "float32"), progress=False, **kwargs)
+    kwargs = {"dtype": "float32", "device": "cpu", **kwargs}
+    runner = ModelRunner(model_dir, progress=False, **kwargs)
     pool = KVPool.allocate(runner.info, NUM_PAGES, page_size)
     runner.set_attention(TorchAttentionBackend(runner.info, pool))
     return runner, PageAllocator(NUM_PAGES, page_size)
@@ -152,7 +153,7 @@ def test_sliding_window_caps_max_model_len_with_warning(tiny_mistral_dir, caplog
 
 
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_loads(tiny_qwen3_dir):
-    auto, _ = make_runner(tiny_qwen3_dir, 16, dtype="auto", device="cpu")
+    auto, _ = make_runner(tiny_qwen3_dir, 16, dtype="auto")
     assert auto.info.dtype == torch.float32
     assert auto.model.model.embed_tokens.weight.dtype == torch.float32
     bf16, _ = make_runner(tiny_qwen3_dir, 16, dtype="bfloat16")
@@ -193,3 +194,20 @@ def test_linear_rope_scaling_matches_transformers(tmp_path):
     runner, alloc = make_runner(model_dir, 16)
     logits = run_step(runner, alloc, [(Request(prompt_token_ids=seq), 40)])
     torch.testing.assert_close(logits[0], hf_logits(model_dir, [seq])[0][-1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_logits_match_cpu_float32(tiny_model_dirs, arch):
+    model_dir = tiny_model_dirs[arch]
+    prompts = random_sequences([7, 30, 2], seed=6)
+    cpu, cpu_alloc = make_runner(model_dir, 16)
+    reference = run_step(cpu, cpu_alloc, [(Request(prompt_token_ids=p), len(p)) for p in prompts])
+    for dtype, atol in (("float32", 1e-3), ("bfloat16", 0.1)):
+        runner, alloc = make_runner(model_dir, 16, device="cuda", dtype=dtype)
+        assert runner.model.lm_head.weight.device.type == "cuda"
+        requests = [Request(prompt_token_ids=p) for p in prompts]
+        logits = run_step(runner, alloc, [(r, r.num_tokens) for r in requests])
+        assert logits.device.type == "cuda"
+        scale = reference.abs().max()
+        assert (logits.cpu() - reference).abs().max() < atol * scale, dtype
