@@ -167,3 +167,9 @@ def test_unknown_dtype(model_dir):
 def test_cuda_requested_without_a_gpu(model_dir):
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         load(model_dir, device="cuda")
+
+
+def test_odd_head_dim_cannot_carry_rope(model_dir):
+    edit_config(model_dir, head_dim=15)
+    with pytest.raises(ModelLoadError, match="head_dim 15 is odd"):
+        load(model_dir)

@@ -82,7 +82,9 @@ class ModelConfig:
         hidden = field.positive_int("hidden_size")
         heads = field.positive_int("num_attention_heads")
         kv_heads = field.positive_int("num_key_value_heads", default=heads)
-        head_dim = field.positive_int("head_dim", default=hidden // heads if heads else 0)
+        head_dim = field.positive_int("head_dim", default=hidden // heads)
+        if head_dim % 2:
+            raise ModelLoadError(f"{source}: head_dim {head_dim} is odd; rope needs an even size")
         if heads % kv_heads:
             raise ModelLoadError(
                 f"{source}: num_attention_heads ({heads}) is not a multiple of "
