@@ -243,6 +243,16 @@ def test_presence_and_frequency_count_generated_tokens_only():
     torch.testing.assert_close(apply_penalties(logits, [r]), torch.tensor([[0.0, 0.0, -2.0, 0.0]]))
 
 
+def test_penalties_follow_tokens_appended_between_steps():
+    logits = torch.zeros(1, 4)
+    r = Request([3], SamplingParams(frequency_penalty=1.0, repetition_penalty=2.0))
+    r.append_token(1)
+    torch.testing.assert_close(apply_penalties(logits, [r]), torch.tensor([[0.0, -1.0, 0.0, 0.0]]))
+    r.append_token(1)
+    r.append_token(2)
+    torch.testing.assert_close(apply_penalties(logits, [r]), torch.tensor([[0.0, -2.0, -1.0, 0.0]]))
+
+
 def test_greedy_choice_follows_penalised_logits(device):
     logits = torch.tensor([[3.0, 2.5, 0.0]], device=device)
     r = Request([7], SamplingParams(temperature=0.0, frequency_penalty=1.0))
