@@ -124,6 +124,13 @@ def test_min_p_applies_to_temperature_scaled_probabilities(device):
     assert_matches_distribution(tokens, torch.tensor([16 / 25, 9 / 25, 0, 0]))
 
 
+def test_top_k_then_top_p_keeps_the_nucleus_of_the_k_most_likely(device):
+    # Within the top 3 (0.4, 0.3, 0.2 renormalised to 4/9, 3/9, 2/9) the 0.6 nucleus is {0, 1}.
+    tokens = draw_many(PROBS.log(), 4000, device, top_k=3, top_p=0.6)
+    assert set(tokens.tolist()) == {0, 1}
+    assert_matches_distribution(tokens, torch.tensor([4 / 7, 3 / 7, 0, 0]))
+
+
 def test_filters_combine_per_row(device):
     n = 3000
     logits = PROBS.log().to(device).repeat(3 * n, 1)

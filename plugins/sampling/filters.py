@@ -10,7 +10,10 @@ import torch
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    candidates: int | None = None,
 ) -> torch.Tensor:
     """Mask all but each row's `top_k` largest logits, then all but the smallest set of most
     likely tokens whose probability mass reaches `top_p`.
@@ -18,25 +21,28 @@ def apply_top_k_top_p(
     :param logits: `[n, vocab]` float logits (not modified).
     :param top_k: `[n]` int64, values `>= vocab` disable the filter for that row; or None.
     :param top_p: `[n]` float, `1.0` disables the filter for that row; or None.
+    :param candidates: when every row has a top-k of at most this many, only that many
+        largest logits per row are sorted (`topk`) instead of the whole vocabulary.
     :returns: a new `[n, vocab]` tensor with excluded entries at -inf.
     """
-    # Stable sort: among tied logits the lower token id ranks first, as torch.argmax picks it.
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device)
-    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if candidates is not None and candidates < vocab:
+        values, order = logits.topk(candidates, dim=-1)
+    else:
+        # Stable sort: among tied logits the lower token id ranks first, as argmax picks it.
+        values, order = logits.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(values.shape[-1], device=logits.device)
+    remove = torch.zeros_like(values, dtype=torch.bool)
     if top_k is not None:
         remove |= rank.unsqueeze(0) >= top_k.unsqueeze(1)
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     if top_p is not None:
-        probs = sorted_logits.softmax(dim=-1)
+        probs = values.masked_fill(remove, float("-inf")).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # A token goes when the more likely ones already reach top_p; rows at 1.0 skip this
         # because the cumulative sum's rounding can exceed 1 and would clip the tail.
-        beyond = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-        remove |= beyond
-    remove_by_token = torch.empty_like(remove).scatter_(1, order, remove)
-    return logits.masked_fill(remove_by_token, float("-inf"))
+        remove |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    kept = values.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, kept)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -74,10 +74,13 @@ class StandardSampler(Sampler):
         use_top_k = any(0 < p.top_k < vocab for p in params)
         use_top_p = any(p.top_p < 1.0 for p in params)
         if use_top_k or use_top_p:
+            # Greedy rows ignore filters, so only sampled rows decide how much must be sorted.
+            sampled_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params if not p.greedy]
             scaled = apply_top_k_top_p(
                 scaled,
                 top_k.long() if use_top_k else None,
                 top_p.to(logits.dtype) if use_top_p else None,
+                candidates=max(sampled_k, default=vocab),
             )
         if any(p.min_p > 0.0 for p in params):
             scaled = apply_min_p(scaled, min_p.to(logits.dtype))
