@@ -1,0 +1,118 @@
+"""The `prometheus` metrics exporter: engine gauges, request counters and latency histograms on
+its own `CollectorRegistry`, which `pegboard serve` exposes at `GET /metrics`.
+
+Names follow vLLM's (`vllm:` → `pegboard:`) so existing dashboards translate by prefix.
+Latencies come from the request's `time.monotonic()` stamps: arrival, first scheduled, first
+token, finished.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pegboard.sdk.slots import MetricsExporter
+from pegboard.sdk.types import MetricsSnapshot, Request
+
+PREFIX = "pegboard:"
+#: Seconds; dense below one second, where first-token and per-token latencies live.
+LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+    0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class PrometheusExporter(MetricsExporter):
+    """Exports every snapshot to Prometheus metrics; `render()` gives the text exposition
+    that `pegboard serve` answers `GET /metrics` with."""
+
+    name = "prometheus"
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, registry=r)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(PREFIX + name, doc, buckets=buckets, registry=r)
+
+        self.requests = counter("requests_total", "Finished requests.", ("finish_reason",))
+        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter(
+            "generation_tokens_total", "Generated tokens of finished requests."
+        )
+        self.preemptions = counter("num_preemptions_total", "Requests preempted (KV recomputed).")
+        self.steps = counter("engine_steps_total", "Engine steps run.")
+        self.running = gauge("num_requests_running", "Requests holding KV.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.batch_size = gauge("batch_size", "Requests scheduled in the last step.")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV pages in use (0 to 1).")
+        self.prefix_hit_rate = gauge(
+            "prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache / tokens looked up.",
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Arrival to first generated token.", LATENCY_BUCKETS
+        )
+        self.tpot = histogram(
+            "time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request.",
+            LATENCY_BUCKETS,
+        )
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled.", LATENCY_BUCKETS
+        )
+        self.step_time = histogram("step_duration_seconds", "Engine step wall time.", STEP_BUCKETS)
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt length of finished requests.", TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Output length of finished requests.", TOKEN_BUCKETS
+        )
+
+    def export_metrics(self, snapshot: MetricsSnapshot) -> None:
+        if snapshot.kind == "step":
+            self._observe_step(snapshot)
+        elif snapshot.kind == "request" and snapshot.request is not None:
+            self._observe_request(snapshot.request)
+
+    def _observe_step(self, s: MetricsSnapshot) -> None:
+        self.steps.inc()
+        self.running.set(s.num_running)
+        self.waiting.set(s.num_waiting)
+        self.batch_size.set(s.batch_size)
+        self.kv_usage.set(s.kv_usage)
+        self.step_time.observe(s.step_time_s)
+        if s.num_preempted:
+            self.preemptions.inc(s.num_preempted)
+        if s.prefix_query_tokens > 0:
+            self.prefix_hit_rate.set(s.prefix_hit_tokens / s.prefix_query_tokens)
+
+    def _observe_request(self, r: Request) -> None:
+        reason = r.finish_reason.value if r.finish_reason is not None else "unknown"
+        self.requests.labels(finish_reason=reason).inc()
+        self.prompt_tokens.inc(r.num_prompt_tokens)
+        self.generation_tokens.inc(r.num_output_tokens)
+        self.request_prompt_tokens.observe(r.num_prompt_tokens)
+        self.request_generation_tokens.observe(r.num_output_tokens)
+        if r.first_scheduled_time is not None:
+            self.queue_time.observe(r.first_scheduled_time - r.arrival_time)
+        if r.first_token_time is not None:
+            self.ttft.observe(r.first_token_time - r.arrival_time)
+            if r.finished_time is not None and r.num_output_tokens > 1:
+                decode = r.finished_time - r.first_token_time
+                self.tpot.observe(decode / (r.num_output_tokens - 1))
+        if r.finished_time is not None:
+            self.e2e.observe(r.finished_time - r.arrival_time)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format."""
+        return generate_latest(self.registry)
