@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import threading
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from pegboard.plugins.metrics.jsonl import JsonlExporter, JsonlOptions
 from pegboard.plugins.metrics.prometheus import PrometheusExporter
 from pegboard.sdk.slots import PluginContext
 from pegboard.sdk.types import FinishReason, MetricsSnapshot, Request
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def finished_request(n_out: int = 4, reason: FinishReason = FinishReason.LENGTH) -> Request:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-
 from pegboard.sdk.slots import MetricsExporter, PluginContext
 from pegboard.sdk.types import MetricsSnapshot, Request
 

@@ -8,10 +8,9 @@ token, finished.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
 from pegboard.sdk.slots import MetricsExporter
 from pegboard.sdk.types import MetricsSnapshot, Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "pegboard:"
 #: Seconds; dense below one second, where first-token and per-token latencies live.
