@@ -1,0 +1,185 @@
+"""The paged KV cache: a pool of fixed-size pages and a free list, no prefix reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.slots import KVCache, Plugin, PluginContext
+from pegboard.sdk.types import KVPool, Request
+
+DEFAULT_PAGE_SIZE = 16
+
+
+@dataclass
+class KVState:
+    """A KV cache's allocations, as a successor adopts them in a runtime swap (handoff "state").
+
+    The page tables stay on the requests; this is the rest. `refs[p]` is the number of request
+    page tables that name page `p`. `free_pages` are the pages nobody holds, the next one to be
+    allocated last. `reusable_pages` are pages a prefix cache keeps for reuse that no request
+    holds; a successor without prefix reuse treats them as free. Every page of `pool` is in
+    exactly one of `free_pages`, `reusable_pages`, or has `refs[p] > 0`.
+    """
+
+    pool: KVPool
+    free_pages: list[int]
+    refs: list[int]
+    reusable_pages: list[int] = field(default_factory=list)
+
+
+class PagedCache(KVCache):
+    """A page pool with a free list: `allocate_kv` appends free pages to page tables, `free`
+    returns them; `match_prefix` is always 0 (no prefix reuse).
+
+    Sizing at `setup`: `page_size` from `ctx.engine["page_size"]` (default 16); the number of
+    pages from `ctx.engine["kv_cache_tokens"]` (rounded up to whole pages), else
+    `ctx.engine["kv_memory_bytes"] // (KVPool.bytes_per_token(model) * page_size)`.
+
+    Runtime swap (handoff "state"): a predecessor with the same page size that has
+    `export_state() -> KVState` is taken over — its pool, free list and page references — so
+    the requests keep their page tables and KV; the new cache's sizing settings are then
+    ignored. A predecessor that holds no pages is simply replaced. Anything else is refused
+    (setup raises and the predecessor keeps serving).
+
+    Page references are counted, so pages shared by several requests (handed over by a
+    prefix cache) are freed only when the last of them lets go.
+    """
+
+    name = "paged"
+    handoff = "state"
+
+    def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
+        self.page_size = int(ctx.engine.get("page_size") or DEFAULT_PAGE_SIZE)
+        state = self._state_of(previous)
+        if state is not None:
+            self.import_state(state)
+            return
+        if ctx.model is None:
+            raise ValueError("the paged KV cache needs the model's shape to size its pool")
+        num_pages = self._num_pages(ctx)
+        self.pool = KVPool.allocate(ctx.model, num_pages, self.page_size)
+        self._refs = [0] * num_pages
+        # A stack: page 0 is handed out first.
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    def _state_of(self, previous: Plugin | None) -> KVState | None:
+        if previous is None:
+            return None
+        export = getattr(previous, "export_state", None)
+        if callable(export) and previous.page_size == self.page_size:
+            return export()
+        if isinstance(previous, KVCache) and previous.num_free_pages == previous.num_pages:
+            return None
+        raise ValueError(
+            f"cannot take over the KV of {previous.name or type(previous).__name__!r}: it "
+            f"holds pages and offers no export_state() with page size {self.page_size}; "
+            "swap when it is idle"
+        )
+
+    def _num_pages(self, ctx: PluginContext) -> int:
+        tokens = ctx.engine.get("kv_cache_tokens")
+        if tokens:
+            return -(-int(tokens) // self.page_size)
+        memory = ctx.engine.get("kv_memory_bytes")
+        if memory is None:
+            raise ValueError("size the KV cache with kv_cache_tokens or kv_memory_bytes")
+        page_bytes = KVPool.bytes_per_token(ctx.model) * self.page_size
+        num_pages = int(memory) // page_bytes
+        if num_pages < 1:
+            raise ValueError(
+                f"{memory} bytes of KV memory hold no page of {self.page_size} tokens "
+                f"({page_bytes} bytes); raise the memory or lower page_size"
+            )
+        return num_pages
+
+    # ------------------------------------------------------------------ handoff
+
+    def export_state(self) -> KVState:
+        """This cache's allocations, for a successor to adopt (see `KVState`)."""
+        return KVState(self.pool, list(self._free), list(self._refs))
+
+    def import_state(self, state: KVState) -> None:
+        """Adopt a predecessor's pool and allocations; reusable pages become free."""
+        self.pool = state.pool
+        self.page_size = state.pool.page_size
+        self._refs = list(state.refs)
+        self._free = list(state.reusable_pages) + list(state.free_pages)
+
+    # ------------------------------------------------------------------ queries
+
+    def pages_needed(self, request: Request, num_new_tokens: int) -> int:
+        tokens = request.num_computed_tokens + num_new_tokens
+        return max(-(-tokens // self.page_size) - len(request.page_table), 0)
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "kv_pages_total": self.num_pages,
+            "kv_pages_used": self.num_pages - len(self._free),
+            "kv_pages_free": len(self._free),
+        }
+
+    # ------------------------------------------------------------------ allocation
+
+    @hookimpl
+    def allocate_kv(self, scheduled: list[Request], num_tokens: list[int]) -> list[Request]:
+        failed = []
+        for r, n in zip(scheduled, num_tokens):
+            if r.num_computed_tokens == 0 and not r.page_table:
+                r.num_cached_tokens = 0  # a new admission; without prefix reuse the hit is empty
+            need = self.pages_needed(r, n)
+            if need > len(self._free):
+                failed.append(r)
+                continue
+            pages = self._free[len(self._free) - need :][::-1]
+            del self._free[len(self._free) - need :]
+            for p in pages:
+                self._refs[p] += 1
+            r.page_table.extend(pages)
+        return failed
+
+    def free(self, request: Request) -> None:
+        unheld = [p for p in request.page_table if self._refs[p] <= 0]
+        if unheld:
+            raise ValueError(
+                f"request {request.request_id!r} names pages this cache did not give it: {unheld}"
+            )
+        for p in reversed(request.page_table):
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)
+        request.page_table = []
+
+    # ------------------------------------------------------------------ checking
+
+    def check_invariants(self, requests: Iterable[Request], shared_ok: bool = False) -> None:
+        """Raise AssertionError unless every page is free xor held, and held pages are counted
+        right. `requests` must be every request holding pages. A page named by two page tables
+        is an error unless `shared_ok` (pages a prefix cache handed over may be shared)."""
+        counts = [0] * self.num_pages
+        for r in requests:
+            if len(r.page_table) * self.page_size < r.num_computed_tokens:
+                raise AssertionError(
+                    f"{r.request_id}: {len(r.page_table)} pages cannot hold "
+                    f"{r.num_computed_tokens} computed tokens"
+                )
+            for p in r.page_table:
+                if not 0 <= p < self.num_pages:
+                    raise AssertionError(f"{r.request_id}: page {p} is outside the pool")
+                counts[p] += 1
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise AssertionError("a page is on the free list twice")
+        for p, (held, refs) in enumerate(zip(counts, self._refs)):
+            if held != refs:
+                raise AssertionError(f"page {p}: {held} page tables name it, refcount {refs}")
+            if (p in free) == (held > 0):
+                state = "free and held" if held else "neither free nor held (lost)"
+                raise AssertionError(f"page {p} is {state}")
+            if held > 1 and not shared_ok:
+                raise AssertionError(f"page {p} is held by {held} requests")

@@ -1,0 +1,60 @@
+"""Shortest job first, with aging so long jobs cannot starve."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, ClassVar
+
+import pydantic
+from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.scheduling import PolicyOptions, PolicyScheduler
+from pegboard.sdk.slots import KVCache
+from pegboard.sdk.types import Request, SchedulePlan, StepBudget
+
+
+class SJFOptions(PolicyOptions):
+    """Options of `SJFScheduler`."""
+
+    max_wait_steps: int = pydantic.Field(
+        64,
+        ge=0,
+        description=(
+            "Steps a request may be passed over (queued but not scheduled) before it is aged: "
+            "aged requests go ahead of all others, in arrival order (0: plain FCFS)."
+        ),
+    )
+
+
+class SJFScheduler(PolicyScheduler):
+    """Shortest job first: requests are ordered by job size, `prompt tokens + max_tokens`,
+    smallest first, ties in arrival order.
+
+    Aging: every `schedule` call in which a request is waiting or running but not scheduled
+    counts as one step *passed over* (kept in `request.plugin_state["sjf"]`, so it survives
+    swaps). A request passed over `max_wait_steps` times is aged: it goes ahead of every
+    request that is not, aged requests among themselves in arrival order. Admission blocks at
+    the head of the queue, so once a request is aged no later-arriving request overtakes it:
+    it is admitted as soon as a request slot and its pages are free, FCFS among the aged.
+    """
+
+    name = "sjf"
+    Options: ClassVar[type[pydantic.BaseModel]] = SJFOptions
+
+    def sort_key(self, request: Request) -> Any:
+        if self.steps_passed_over(request) >= self.options.max_wait_steps:
+            return (0, request.seq)
+        return (1, request.num_prompt_tokens + request.params.max_tokens, request.seq)
+
+    def steps_passed_over(self, request: Request) -> int:
+        return request.plugin_state.get(self.name, 0)
+
+    @hookimpl
+    def schedule(
+        self, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
+    ) -> SchedulePlan:
+        plan = super().schedule(waiting, running, budget, kv)
+        chosen = {id(s.request) for s in plan.scheduled}
+        for r in itertools.chain(waiting, running):
+            if id(r) not in chosen:
+                r.plugin_state[self.name] = self.steps_passed_over(r) + 1
+        return plan

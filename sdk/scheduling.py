@@ -1,0 +1,230 @@
+"""`PolicyScheduler`: the scheduling algorithm every built-in policy shares.
+
+A policy is a subclass that overrides a few small methods (its *contract*, below); the
+algorithm — token budget, chunked prefill, KV fit, preemption, admission — is written once here.
+
+One step (vLLM v1 / SGLang style):
+
+1. **Running requests**, in `sort_key` order, each get `min(uncomputed tokens, tokens left)`
+   tokens (a decode gets 1, a request in the middle of its prefill gets its next chunk). If the
+   KV cache cannot hold the pages this needs, running requests not yet scheduled this step are
+   preempted — the one with the largest `victim_key` first, possibly the request itself — until
+   it fits. A preempted request's pages count as free for the rest of the step.
+2. **Waiting requests**, in `sort_key` order, unless step 1 preempted anything. A waiting
+   request starts at its cached prefix (`kv.match_prefix`) and gets
+   `min(tokens after the prefix, tokens left)` tokens: a long prompt is prefilled in chunks over
+   several steps. It is admitted if a request slot is left (`max_running_requests`), the KV
+   cache holds its pages, and the conservativeness rule below holds. If it is not admitted, the
+   policy may name running requests to preempt for it (`admission_victims`); otherwise it blocks
+   every request after it when `head_of_line_blocking` is set, or is skipped.
+
+**Conservativeness** (`Options.conservativeness`, c >= 0, as SGLang's
+`--schedule-conservativeness`): a waiting request is admitted only if, after its admission,
+the free KV pages are at least c x the pages that the requests holding KV (including itself)
+still need to reach their final length `min(prompt tokens + max_tokens, max_model_len) - 1`.
+c = 0 disables the rule; c = 1 admits only what can run to completion without preemption
+(when requests use their whole `max_tokens`); values in between trade decode smoothness for
+batch size. The rule is waived when no request would otherwise hold KV, so a request larger
+than the rule allows still runs alone.
+
+No request is ever given tokens past `budget.max_model_len`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pydantic
+from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.slots import KVCache, Plugin, PluginContext, Scheduler
+from pegboard.sdk.types import Request, ScheduledRequest, SchedulePlan, StepBudget
+
+
+class PolicyOptions(pydantic.BaseModel):
+    """Options of every `PolicyScheduler`; a policy's own `Options` subclasses this model."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    conservativeness: float = pydantic.Field(
+        0.0,
+        ge=0.0,
+        description=(
+            "Admit a request only if afterwards free KV pages >= this x the pages running "
+            "requests still need to finish (0: off; 1: no admission that could force a "
+            "preemption). Defaults to the engine's schedule_conservativeness."
+        ),
+    )
+
+
+@dataclass
+class _Step:
+    """The plan being built in one `schedule` call and the resources it has left."""
+
+    budget: StepBudget
+    tokens_left: int
+    free_pages: int  # free now + pages of requests preempted this step - pages promised
+    holders: int  # requests that will hold KV after the step
+    plan: SchedulePlan = field(default_factory=SchedulePlan)
+    promised: dict[int, int] = field(default_factory=dict)  # id(request) -> pages this step
+    reserve: dict[int, int] = field(default_factory=dict)  # id(request) -> pages still to come
+    preempted: set[int] = field(default_factory=set)
+
+    def add(self, request: Request, num_tokens: int, pages: int) -> None:
+        self.plan.scheduled.append(ScheduledRequest(request, num_tokens))
+        self.tokens_left -= num_tokens
+        self.free_pages -= pages
+        self.promised[id(request)] = pages
+
+    def preempt(self, request: Request) -> None:
+        """Preempt a running request, taking back what this step already gave it."""
+        for i, s in enumerate(self.plan.scheduled):
+            if s.request is request:
+                del self.plan.scheduled[i]
+                self.tokens_left += s.num_tokens
+                break
+        self.free_pages += self.promised.pop(id(request), 0) + len(request.page_table)
+        self.reserve.pop(id(request), None)
+        self.holders -= 1
+        self.preempted.add(id(request))
+        self.plan.preempted.append(request)
+
+    def is_out(self, request: Request) -> bool:
+        return id(request) in self.preempted
+
+
+class PolicyScheduler(Scheduler):
+    """A scheduling policy on the shared algorithm described in this module's docstring.
+
+    Subclass it and override what your policy changes (the contract):
+
+    - `sort_key(request)` — the order in which requests are considered, smallest first, for
+      the running and the waiting queue alike. Default: arrival order, `(request.seq,)`.
+    - `victim_key(request)` — which running request to preempt when KV runs out: the largest
+      key goes first. Default: least important, then most recently arrived,
+      `(request.priority, request.seq)`.
+    - `admission_victims(request, running)` — running requests that may be preempted so that a
+      waiting `request` that does not fit can be admitted, in the order to preempt them; they
+      are preempted only if enough of them free the room it needs. Default: none.
+    - `head_of_line_blocking` (class attribute) — True: a waiting request that cannot be
+      admitted blocks the ones after it (no reordering around it); False: they are tried.
+    - `Options` — a subclass of `PolicyOptions` with the policy's own knobs.
+
+    A policy that keeps per-request data stores it in `request.plugin_state[self.name]` so it
+    survives a scheduler swap. A policy may also override `schedule` to update such data
+    around `super().schedule(...)`.
+    """
+
+    Options: ClassVar[type[pydantic.BaseModel]] = PolicyOptions
+    head_of_line_blocking: ClassVar[bool] = True
+
+    def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
+        engine_value = ctx.engine.get("schedule_conservativeness")
+        if engine_value and "conservativeness" not in self.options.model_fields_set:
+            self.options = self.options.model_copy(update={"conservativeness": engine_value})
+
+    # ------------------------------------------------------------------ the policy contract
+
+    def sort_key(self, request: Request) -> Any:
+        return (request.seq,)
+
+    def victim_key(self, request: Request) -> Any:
+        return (request.priority, request.seq)
+
+    def admission_victims(self, request: Request, running: Sequence[Request]) -> list[Request]:
+        return []
+
+    # ------------------------------------------------------------------ the algorithm
+
+    @hookimpl
+    def schedule(
+        self, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
+    ) -> SchedulePlan:
+        step = _Step(budget, budget.max_batched_tokens, kv.num_free_pages, len(running))
+        self._schedule_running(sorted(running, key=self.sort_key), step, kv)
+        if not step.plan.preempted:
+            self._admit_waiting(sorted(waiting, key=self.sort_key), running, step, kv)
+        return step.plan
+
+    def _schedule_running(self, order: list[Request], step: _Step, kv: KVCache) -> None:
+        for i, r in enumerate(order):
+            if step.tokens_left == 0:
+                break
+            if step.is_out(r):
+                continue
+            n = _chunk(r, r.num_computed_tokens, step)
+            if n == 0:
+                continue
+            pages = kv.pages_needed(r, n)
+            while pages > step.free_pages and not step.is_out(r):
+                candidates = [q for q in order[i:] if not step.is_out(q)]
+                step.preempt(max(candidates, key=self.victim_key))
+            if not step.is_out(r):
+                step.add(r, n, pages)
+
+    def _admit_waiting(
+        self, order: list[Request], running: list[Request], step: _Step, kv: KVCache
+    ) -> None:
+        c = self.options.conservativeness
+        if c > 0:
+            for q in running:
+                step.reserve[id(q)] = _pages_to_finish(q, q.num_computed_tokens, step, kv)
+        for r in order:
+            if step.tokens_left == 0:
+                break
+            hit = kv.match_prefix(r)
+            n = _chunk(r, hit, step)
+            if n == 0:
+                continue
+            pages = kv.pages_needed(r, n)
+            future = _pages_to_finish(r, hit, step, kv) - pages if c > 0 else 0
+            victims = self._room_for(r, pages, future, running, step)
+            if victims is None:
+                if self.head_of_line_blocking:
+                    break
+                continue
+            for v in victims:
+                step.preempt(v)
+            step.add(r, n, pages)
+            step.holders += 1
+            if c > 0:
+                step.reserve[id(r)] = future
+
+    def _room_for(
+        self, r: Request, pages: int, future: int, running: list[Request], step: _Step
+    ) -> list[Request] | None:
+        """The running requests to preempt so `r` can be admitted ([] if it fits as is), or
+        None if it cannot be admitted this step."""
+        free, holders, reserve = step.free_pages, step.holders, sum(step.reserve.values())
+        if self._admits(pages, future, free, holders, reserve, step.budget):
+            return []
+        live = [q for q in running if not step.is_out(q)]
+        victims = []
+        for v in self.admission_victims(r, live):
+            victims.append(v)
+            free += step.promised.get(id(v), 0) + len(v.page_table)
+            holders -= 1
+            reserve -= step.reserve.get(id(v), 0)
+            if self._admits(pages, future, free, holders, reserve, step.budget):
+                return victims
+        return None
+
+    def _admits(
+        self, pages: int, future: int, free: int, holders: int, reserve: int, budget: StepBudget
+    ) -> bool:
+        if holders >= budget.max_running_requests or pages > free:
+            return False
+        # Waived when nothing else holds KV: a request must be able to run alone.
+        return holders == 0 or free - pages >= self.options.conservativeness * (reserve + future)
+
+
+def _chunk(r: Request, start: int, step: _Step) -> int:
+    """Tokens `r` may compute this step from token `start` on."""
+    return max(min(r.num_tokens - start, step.tokens_left, step.budget.max_model_len - start), 0)
+
+
+def _pages_to_finish(r: Request, start: int, step: _Step, kv: KVCache) -> int:
+    """Pages `r` needs from token `start` until its final length, minus those promised now."""
+    final = min(r.num_prompt_tokens + r.params.max_tokens, step.budget.max_model_len) - 1
+    return kv.pages_needed(r, max(final - start, 0)) - step.promised.get(id(r), 0)
