@@ -298,6 +298,7 @@ class Engine:
             "kv_memory_bytes": self._kv_memory_bytes(),
             "max_model_len": self.info.max_model_len,
             "max_running_requests": c.max_running_requests,
+            "schedule_conservativeness": c.schedule_conservativeness,
             "seed": c.seed,
         }
 
