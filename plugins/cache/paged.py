@@ -158,12 +158,14 @@ class PagedCache(KVCache):
     # ------------------------------------------------------------------ checking
 
     def check_invariants(self, requests: Iterable[Request], shared_ok: bool = False) -> None:
-        """Raise AssertionError unless every page is free xor held, and held pages are counted
-        right. `requests` must be every request holding pages. A page named by two page tables
+        """Raise AssertionError unless every page is free xor held, reference counts match the
+        page tables, and a request holding pages has enough for its computed tokens.
+
+        `requests` must include every request holding pages. A page named by two page tables
         is an error unless `shared_ok` (pages a prefix cache handed over may be shared)."""
         counts = [0] * self.num_pages
         for r in requests:
-            if len(r.page_table) * self.page_size < r.num_computed_tokens:
+            if r.page_table and len(r.page_table) * self.page_size < r.num_computed_tokens:
                 raise AssertionError(
                     f"{r.request_id}: {len(r.page_table)} pages cannot hold "
                     f"{r.num_computed_tokens} computed tokens"
@@ -176,10 +178,10 @@ class PagedCache(KVCache):
         if len(free) != len(self._free):
             raise AssertionError("a page is on the free list twice")
         for p, (held, refs) in enumerate(zip(counts, self._refs)):
-            if held != refs:
-                raise AssertionError(f"page {p}: {held} page tables name it, refcount {refs}")
             if (p in free) == (held > 0):
                 state = "free and held" if held else "neither free nor held (lost)"
                 raise AssertionError(f"page {p} is {state}")
+            if held != refs:
+                raise AssertionError(f"page {p}: {held} page tables name it, refcount {refs}")
             if held > 1 and not shared_ok:
                 raise AssertionError(f"page {p} is held by {held} requests")
