@@ -69,6 +69,7 @@ class _Step:
     plan: SchedulePlan = field(default_factory=SchedulePlan)
     promised: dict[int, int] = field(default_factory=dict)  # id(request) -> pages this step
     reserve: dict[int, int] = field(default_factory=dict)  # id(request) -> pages still to come
+    reserved: int = 0  # sum of `reserve`, kept so admission checks stay O(1)
     preempted: set[int] = field(default_factory=set)
 
     def add(self, request: Request, num_tokens: int, pages: int) -> None:
@@ -85,10 +86,14 @@ class _Step:
                 self.tokens_left += s.num_tokens
                 break
         self.free_pages += self.promised.pop(id(request), 0) + len(request.page_table)
-        self.reserve.pop(id(request), None)
+        self.reserved -= self.reserve.pop(id(request), 0)
         self.holders -= 1
         self.preempted.add(id(request))
         self.plan.preempted.append(request)
+
+    def reserve_for(self, request: Request, pages: int) -> None:
+        self.reserve[id(request)] = pages
+        self.reserved += pages
 
     def is_out(self, request: Request) -> bool:
         return id(request) in self.preempted
@@ -169,7 +174,7 @@ class PolicyScheduler(Scheduler):
         c = self.options.conservativeness
         if c > 0:
             for q in running:
-                step.reserve[id(q)] = _pages_to_finish(q, q.num_computed_tokens, step, kv)
+                step.reserve_for(q, _pages_to_finish(q, q.num_computed_tokens, step, kv))
         for r in order:
             if step.tokens_left == 0:
                 break
@@ -189,14 +194,14 @@ class PolicyScheduler(Scheduler):
             step.add(r, n, pages)
             step.holders += 1
             if c > 0:
-                step.reserve[id(r)] = future
+                step.reserve_for(r, future)
 
     def _room_for(
         self, r: Request, pages: int, future: int, running: list[Request], step: _Step
     ) -> list[Request] | None:
         """The running requests to preempt so `r` can be admitted ([] if it fits as is), or
         None if it cannot be admitted this step."""
-        free, holders, reserve = step.free_pages, step.holders, sum(step.reserve.values())
+        free, holders, reserve = step.free_pages, step.holders, step.reserved
         if self._admits(pages, future, free, holders, reserve, step.budget):
             return []
         live = [q for q in running if not step.is_out(q)]
