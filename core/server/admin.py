@@ -1,0 +1,92 @@
+"""The admin API (mounted only when an admin token is configured, and guarded by it):
+
+- `GET /admin/plugins` — the active plugin of each slot, every discovered plugin with its
+  state, and the applied patches.
+- `POST /admin/plugins/{slot}` with `{"name": ..., "options": {...}}` — swap the slot's plugin
+  at the next step boundary (`Engine.swap`); answers once the swap took effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pydantic
+from fastapi import APIRouter, Depends, Request
+from pegboard.core.server.errors import APIError
+from pegboard.core.server.protocol import ErrorResponse
+from pegboard.core.server.security import require_admin
+from pegboard.core.swap import SwapError
+from pegboard.sdk.slots import SLOTS
+
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 422, 503)},
+)
+
+
+class SwapBody(pydantic.BaseModel):
+    """Which plugin takes over a slot, with its options (validated by the plugin's model)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    name: str = pydantic.Field(min_length=1)
+    options: dict[str, Any] = pydantic.Field(default_factory=dict)
+
+
+class SwapResponse(pydantic.BaseModel):
+    """A swap that took effect."""
+
+    slot: str
+    previous: str | None
+    active: str
+    drained: bool
+
+
+@router.get("/plugins")
+async def list_plugins(http: Request) -> dict[str, Any]:
+    """Active plugin per slot, every discovered plugin with its state, applied patches."""
+    engine = http.app.state.server.require_engine().engine
+    return plugin_report(engine)
+
+
+@router.post("/plugins/{slot}", response_model=SwapResponse)
+async def swap_plugin(slot: str, body: SwapBody, http: Request) -> SwapResponse:
+    """Swap `slot` to `body.name` at the next step boundary; in-flight requests are kept."""
+    from pegboard.core.options import OptionsError
+    from pegboard.core.plugin_manager import PluginError
+
+    engine = http.app.state.server.require_engine()
+    if slot not in SLOTS:
+        raise APIError(404, f"unknown slot {slot!r}; slots: {', '.join(SLOTS)}", "slot")
+    try:
+        future = engine.swap(slot, body.name, **body.options)
+    except OptionsError as e:
+        raise APIError(422, str(e), "options") from e
+    except PluginError as e:
+        raise APIError(404, str(e), "name") from e
+    except (SwapError, pydantic.ValidationError, ValueError, TypeError) as e:
+        raise APIError(400, str(e)) from e
+    try:
+        result = await asyncio.wrap_future(future)
+    except SwapError as e:
+        raise APIError(409, str(e), "name") from e
+    return SwapResponse(
+        slot=result.slot, previous=result.previous, active=result.active, drained=result.drained
+    )
+
+
+def plugin_report(engine) -> dict[str, Any]:
+    """What `GET /admin/plugins` answers."""
+    pm = engine.plugins
+    active = {}
+    for slot, spec in SLOTS.items():
+        plugins = [p.name for p in pm.active_all(slot)]
+        active[slot] = plugins if spec.multi else (plugins[0] if plugins else None)
+    return {
+        "active": active,
+        "plugins": [info.to_dict() for info in pm.list_plugins()],
+        "patches": engine.patches.report(),
+    }

@@ -1,0 +1,66 @@
+"""Running the app under uvicorn, with a graceful drain on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import FrameType
+
+import uvicorn
+from pegboard.core.server.app import create_app
+from pegboard.core.server.lifecycle import ServerState
+
+log = logging.getLogger("pegboard.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that the first SIGTERM or SIGINT drains the engine before
+    uvicorn shuts down (and the process exits 0); a second one exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recording the signal: uvicorn would re-raise it after shutdown (exit status -15).
+        if self._loop is None or self._drain is not None or self.state.draining:
+            self.should_exit = self.force_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.state.drain()
+        finally:
+            self.should_exit = True
+
+
+def run_server(state: ServerState, host: str, port: int, log_level: str = "info") -> int:
+    """Serve until drained; returns the exit status (1 if the model failed to load)."""
+    config = uvicorn.Config(
+        create_app(state),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=log_level == "debug",
+        timeout_graceful_shutdown=max(int(state.settings.abort_grace), 1),
+    )
+    server = DrainingServer(config, state)
+
+    def loaded(error: BaseException | None) -> None:
+        if error is not None:
+            server.should_exit = True  # polled by uvicorn's main loop
+
+    state.on_loaded = loaded
+    server.run()
+    return 1 if state.load_error is not None else 0

@@ -1,0 +1,65 @@
+"""SIGTERM under load: the server stops accepting work, lets requests finish within
+`--drain-timeout`, aborts the rest (their clients still get a finish reason) and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+from test_server_process import ServerProcess, stream_completion
+
+
+def test_sigterm_under_load_drains_and_exits_zero(tiny_llama_dir, tmp_path):
+    server = ServerProcess(
+        tiny_llama_dir, tmp_path, "--served-model-name", "tiny", "--drain-timeout", "0.5"
+    ).wait_ready()
+    seen_during_drain = {}
+
+    async def main():
+        client = server.async_client(timeout=60)
+        long = [
+            asyncio.create_task(
+                stream_completion(
+                    client,
+                    f"Once upon a time {i}",
+                    max_tokens=480,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
+            )
+            for i in range(24)
+        ]
+        await asyncio.sleep(0.5)  # the long requests are running
+        short = [
+            asyncio.create_task(
+                stream_completion(
+                    client, "Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+                )
+            )
+            for _ in range(4)
+        ]
+        await asyncio.sleep(0.1)  # ... and the short ones have arrived
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+            seen_during_drain["health"] = (await http.get("/health")).status_code
+            r = await http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+            seen_during_drain["new request"] = r.status_code
+        started = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*long, *short), timeout=30)
+        await client.close()
+        return results, time.monotonic() - started
+
+    try:
+        results, waited = asyncio.run(main())
+        assert server.proc.wait(30) == 0, server.log()
+    finally:
+        server.stop()
+    assert seen_during_drain == {"health": 503, "new request": 503}
+    reasons = [reason for _, reason in results]
+    assert reasons[24:] == ["length"] * 4  # in flight at SIGTERM, done within the timeout
+    assert "abort" in reasons[:24]  # long ones outlived the drain timeout and were aborted
+    assert set(reasons) <= {"length", "abort"}
+    assert waited < 10
