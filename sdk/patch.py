@@ -1,19 +1,113 @@
-"""Version-gated patches of core classes (DESIGN.md §4). Being written for issue 2."""
+"""Version-gated patches of core classes (DESIGN.md §4).
+
+For changes a slot cannot express, a plugin package may replace methods of a core class:
+
+    from pegboard.sdk import Patch, requires
+    from pegboard.core.engine import Engine
+
+    class QuietExport(Patch, target=Engine):
+        requires = {"pegboard": ">=0.1,<0.5"}          # gates of the whole patch
+
+        @requires(torch=">=2.5")                        # gates of one method
+        def _export(self, snapshot):
+            if snapshot.kind == "request":
+                QuietExport.original("_export")(self, snapshot)
+
+Every function defined in the class body (other than dunders) replaces the target's attribute
+of the same name; `Patch.original(name)` is the target's attribute as it was before this patch.
+Gates map distribution names to `packaging` specifiers; they are checked with
+importlib-metadata before anything is applied, and a missing distribution fails its gate.
+Patches are published under the entry-point group `pegboard.patches` and applied only when
+named (`--patch NAME`, `PEGBOARD_PATCHES`); see `pegboard.core.patches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from importlib_metadata import PackageNotFoundError, version
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+_MISSING = object()
 
 
 class PatchError(Exception):
-    """A patch could not be applied (conflict, missing target) — the message names the patch."""
+    """A patch cannot be applied (conflict, missing target, failed gate under strict mode)."""
 
 
-class Patch:
-    """Base of a version-gated patch: `class Fair(Patch, target=Scheduler): ...`."""
+def requires(**gates: str) -> Callable:
+    """Gate one patch method on distribution versions: `@requires(torch=">=2.5")`.
 
+    Keyword names are distribution names with `-` written as `_`."""
 
-def requires(**gates: str):
-    """Declare version gates on a patch method: `@requires(torch=">=2.5")`."""
-
-    def mark(fn):
-        fn.__pegboard_requires__ = gates
+    def mark(fn: Callable) -> Callable:
+        fn.__pegboard_requires__ = {k.replace("_", "-"): v for k, v in gates.items()}
         return fn
 
     return mark
+
+
+def gate_failures(gates: dict[str, str]) -> list[str]:
+    """Why `gates` are not met, one reason per failed gate (empty when all hold)."""
+    reasons = []
+    for dist, spec in gates.items():
+        try:
+            specifier = SpecifierSet(spec, prereleases=True)
+        except InvalidSpecifier:
+            reasons.append(f"{dist}: invalid specifier {spec!r}")
+            continue
+        try:
+            installed = version(dist)
+        except PackageNotFoundError:
+            reasons.append(f"{dist} is not installed (needs {spec})")
+            continue
+        try:
+            ok = Version(installed) in specifier
+        except InvalidVersion:
+            ok = False
+        if not ok:
+            reasons.append(f"{dist} {installed} does not satisfy {spec}")
+    return reasons
+
+
+class Patch:
+    """Base of a version-gated patch; subclass with `class P(Patch, target=SomeClass)`.
+
+    Class attributes: `target` (the patched class), `requires` (distribution -> specifier for
+    the whole patch). Class methods: `methods()` (name -> replacement), `original(name)`.
+    """
+
+    target: ClassVar[type | None] = None
+    requires: ClassVar[dict[str, str]] = {}
+    _originals: ClassVar[dict[str, Any]]
+
+    def __init_subclass__(cls, target: type | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if target is None:
+            raise TypeError(f"patch {cls.__qualname__} names no target: class P(Patch, target=C)")
+        cls.target = target
+        cls._originals = {}
+
+    @classmethod
+    def methods(cls) -> dict[str, Any]:
+        return {
+            name: value
+            for name, value in vars(cls).items()
+            if not (name.startswith("__") and name.endswith("__"))
+            and name not in ("requires", "target", "_originals")
+            and (callable(value) or isinstance(value, staticmethod | classmethod | property))
+        }
+
+    @classmethod
+    def original(cls, name: str) -> Any:
+        """The target's `name` as it was before this patch was applied (unbound for methods:
+        call it with `self`)."""
+        try:
+            value = cls._originals[name]
+        except KeyError:
+            raise PatchError(f"{cls.__qualname__} has not replaced {name!r}") from None
+        if value is _MISSING:
+            raise PatchError(f"{cls.target.__qualname__} had no {name!r} before {cls.__qualname__}")
+        return value
