@@ -81,9 +81,10 @@ def reference(tiny_llama_dir):
 def test_swap_mid_batch_keeps_every_request_and_output(tiny_llama_dir, reference, swaps):
     with make_llm(tiny_llama_dir, max_num_batched_tokens=32) as llm:
         outs, futures = generate_with_swaps(llm, swaps)
-        for f in futures:
-            result = f.result(timeout=0)
-            assert llm.engine.plugins.active(result.slot).name == result.active
+        results = [f.result(timeout=0) for f in futures]
+        assert [(r.slot, r.active) for r in results] == list(swaps.values())
+        assert llm.engine.plugins.active(results[-1].slot) is not None
+        assert llm.engine.plugins.active(results[-1].slot).name == results[-1].active
     assert list(outs.values()) == reference
 
 
@@ -128,9 +129,9 @@ def test_swap_from_draining_plugin_waits_for_running_requests(tiny_llama_dir, re
         waiting_at_swap = list(engine.waiting) + later
         assert running_at_swap
         while not future.done():
-            engine.step()
             # Draining: nothing waiting is admitted while the old scheduler finishes its work.
             assert all(r.num_computed_tokens == 0 for r in waiting_at_swap)
+            engine.step()
         assert future.result().drained
         assert all(r.finished for r in running_at_swap)
         while engine.has_work():
