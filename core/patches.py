@@ -5,7 +5,7 @@ patches (from `--patch NAME` / `PEGBOARD_PATCHES`). For each, every gate — the
 `requires` and each method's `@requires` — is checked before anything changes. A patch whose
 class gate fails is skipped whole; a method whose gate fails is skipped alone; under
 `strict=True` either is an error. Two patches replacing the same method is an error naming
-both. `PatchReport.unapply()` restores the targets exactly.
+both. `PatchReport.unapply()` restores the targets exactly (their `__dict__` as before).
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from importlib_metadata import entry_points
-from pegboard.sdk.patch import _MISSING, Patch, PatchError, gate_failures
+from pegboard.sdk.patch import Patch, PatchError, gate_failures
 
 GROUP = "pegboard.patches"
 ENV = "PEGBOARD_PATCHES"
 
 #: (target class, attribute) -> name of the applied patch that owns it.
 _owners: dict[tuple[type, str], str] = {}
+#: Marks an attribute the target only inherited: unapplying deletes the patch's instead.
+_INHERITED = object()
 
 
 @dataclass
@@ -31,31 +33,51 @@ class PatchInfo:
     name: str
     distribution: str | None
     version: str | None
+    entry_point: str
     cls: type[Patch] | None = None
     error: str | None = None
 
     @property
     def state(self) -> str:
+        """applied | available | gated out: reason | failed: error."""
         if self.error:
             return f"failed: {self.error}"
-        if any(owner == self.name for owner in _owners.values()):
+        if self.name in _owners.values():
             return "applied"
-        reasons = gate_failures(self.cls.requires) if self.cls else []
+        reasons = gate_failures(self.cls.requires)
         return f"gated out: {'; '.join(reasons)}" if reasons else "available"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record for `pegboard plugins --json`."""
+        return {
+            "name": self.name,
+            "target": _qualname(self.cls.target) if self.cls else None,
+            "methods": sorted(self.cls.methods()) if self.cls else [],
+            "requires": dict(self.cls.requires) if self.cls else {},
+            "distribution": self.distribution,
+            "version": self.version,
+            "entry_point": self.entry_point,
+            "state": self.state,
+        }
 
 
 @dataclass
 class PatchReport:
-    """What `apply_patches` did: applied patch names, skipped items with reasons."""
+    """What `apply_patches` did: `applied` patch names, `skipped` patch (or `patch.method`)
+    names with the reason each was gated out. `unapply()` reverts this report's patches."""
 
     applied: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     _undo: list[tuple[type, str, Any]] = field(default_factory=list)
 
+    def report(self) -> dict[str, Any]:
+        """A JSON-ready summary (the admin API's `patches`)."""
+        return {"applied": list(self.applied), "skipped": dict(self.skipped)}
+
     def unapply(self) -> None:
         """Restore every attribute this report's patches replaced, newest first."""
         for target, attr, old in reversed(self._undo):
-            if old is _MISSING:
+            if old is _INHERITED:
                 delattr(target, attr)
             else:
                 setattr(target, attr, old)
@@ -70,20 +92,21 @@ def discover_patches() -> dict[str, PatchInfo]:
     for ep in entry_points(group=GROUP):
         dist = ep.dist
         info = PatchInfo(
-            ep.name, dist.metadata["Name"] if dist else None, dist.version if dist else None
+            ep.name, dist.name if dist else None, dist.version if dist else None, ep.value
         )
         try:
             obj = ep.load()
             if not (isinstance(obj, type) and issubclass(obj, Patch)):
                 raise TypeError(f"{ep.value} is not a pegboard.sdk.Patch subclass")
             info.cls = obj
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a broken patch package must not break listing
             info.error = f"{type(e).__name__}: {e}"
         found[ep.name] = info
     return found
 
 
 def patches_from_env() -> list[str]:
+    """The patch names in `PEGBOARD_PATCHES` (comma-separated)."""
     return [n.strip() for n in os.environ.get(ENV, "").split(",") if n.strip()]
 
 
@@ -94,13 +117,14 @@ def apply_patches(
 ) -> PatchReport:
     """Apply the named patches (names from `pegboard.patches`, or Patch classes directly).
 
-    On any error nothing of this call stays applied."""
+    Raises `PatchError` for an unknown or broken name, a conflict, a target lacking a patched
+    attribute, or (with `strict`) a failed gate; then nothing of this call stays applied."""
     report = PatchReport()
     if not names:
         return report
     available = available if available is not None else discover_patches()
     try:
-        for item in names:
+        for item in dict.fromkeys(names):  # naming a patch twice applies it once
             name, cls = _resolve(item, available)
             _apply_one(name, cls, strict, report)
     except Exception:
@@ -111,13 +135,16 @@ def apply_patches(
 
 def _resolve(item: str | type[Patch], available: dict[str, PatchInfo]) -> tuple[str, type[Patch]]:
     if isinstance(item, type):
-        return item.__qualname__, item
+        return item.__name__, item
     info = available.get(item)
     if info is None:
         listing = ", ".join(sorted(available)) or "none installed"
         raise PatchError(f"unknown patch {item!r}; available: {listing}")
     if info.error:
-        raise PatchError(f"patch {item!r} from {info.distribution} failed to load: {info.error}")
+        raise PatchError(
+            f"patch {item!r} ({info.entry_point} from {info.distribution} {info.version}) "
+            f"failed to load: {info.error}"
+        )
     return item, info.cls
 
 
@@ -129,27 +156,40 @@ def _apply_one(name: str, cls: type[Patch], strict: bool, report: PatchReport) -
     methods = {}
     for attr, value in cls.methods().items():
         fn = value.__func__ if isinstance(value, staticmethod | classmethod) else value
-        method_reasons = gate_failures(getattr(fn, "__pegboard_requires__", {}))
+        gates = getattr(value, "__pegboard_requires__", None) or getattr(
+            fn, "__pegboard_requires__", {}
+        )  # @requires may sit above or below @staticmethod / @classmethod
+        method_reasons = gate_failures(gates)
         if method_reasons:
             _skip(report, f"{name}.{attr}", "; ".join(method_reasons), strict)
         else:
             methods[attr] = value
+    target = cls.target
     for attr in methods:
-        owner = _owners.get((cls.target, attr))
+        if not hasattr(target, attr):
+            raise PatchError(
+                f"patch {name!r} replaces {_qualname(target)}.{attr}, which does not exist "
+                "(renamed in this version?)"
+            )
+        owner = _owners.get((target, attr))
         if owner is not None:
             raise PatchError(
-                f"patches {owner!r} and {name!r} both replace {cls.target.__qualname__}.{attr}"
+                f"patches {owner!r} and {name!r} both replace {_qualname(target)}.{attr}"
             )
     for attr, value in methods.items():
-        old = cls.target.__dict__.get(attr, _MISSING)
-        cls._originals[attr] = getattr(cls.target, attr, _MISSING) if old is _MISSING else old
-        setattr(cls.target, attr, value)
-        _owners[(cls.target, attr)] = name
-        report._undo.append((cls.target, attr, old))
+        old = target.__dict__.get(attr, _INHERITED)
+        cls._originals[attr] = old if old is not _INHERITED else getattr(target, attr)
+        setattr(target, attr, value)
+        _owners[(target, attr)] = name
+        report._undo.append((target, attr, old))
     report.applied.append(name)
 
 
 def _skip(report: PatchReport, what: str, reason: str, strict: bool) -> None:
     if strict:
-        raise PatchError(f"patch {what} is gated out (--strict-patches): {reason}")
+        raise PatchError(f"patch {what} is gated out (strict patches): {reason}")
     report.skipped[what] = reason
+
+
+def _qualname(target: type) -> str:
+    return f"{target.__module__}.{target.__qualname__}"

@@ -13,8 +13,10 @@ For changes a slot cannot express, a plugin package may replace methods of a cor
             if snapshot.kind == "request":
                 QuietExport.original("_export")(self, snapshot)
 
-Every function defined in the class body (other than dunders) replaces the target's attribute
-of the same name; `Patch.original(name)` is the target's attribute as it was before this patch.
+Every function (or static/class method, or property) defined in the class body replaces the
+target's attribute of the same name, which must exist: a patch that names a method the target
+no longer has fails loudly instead of adding dead code. `Patch.original(name)` is the target's
+attribute as it was before this patch (for a method: the plain function, call it with `self`).
 Gates map distribution names to `packaging` specifiers; they are checked with
 importlib-metadata before anything is applied, and a missing distribution fails its gate.
 Patches are published under the entry-point group `pegboard.patches` and applied only when
@@ -23,6 +25,7 @@ named (`--patch NAME`, `PEGBOARD_PATCHES`); see `pegboard.core.patches`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -30,7 +33,9 @@ from importlib_metadata import PackageNotFoundError, version
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-_MISSING = object()
+_DESCRIPTORS = (staticmethod, classmethod, property)
+#: Class-body names that configure the patch rather than replace something on the target.
+_NOT_REPLACED = {"requires", "target", "_originals", "__init_subclass__", "__class_getitem__"}
 
 
 class PatchError(Exception):
@@ -92,12 +97,13 @@ class Patch:
 
     @classmethod
     def methods(cls) -> dict[str, Any]:
+        """The attributes this patch replaces on its target: every function, static/class
+        method or property defined in the class body (dunders such as `__init__` included)."""
         return {
             name: value
             for name, value in vars(cls).items()
-            if not (name.startswith("__") and name.endswith("__"))
-            and name not in ("requires", "target", "_originals")
-            and (callable(value) or isinstance(value, staticmethod | classmethod | property))
+            if name not in _NOT_REPLACED
+            and (inspect.isfunction(value) or isinstance(value, _DESCRIPTORS))
         }
 
     @classmethod
@@ -107,7 +113,7 @@ class Patch:
         try:
             value = cls._originals[name]
         except KeyError:
-            raise PatchError(f"{cls.__qualname__} has not replaced {name!r}") from None
-        if value is _MISSING:
-            raise PatchError(f"{cls.target.__qualname__} had no {name!r} before {cls.__qualname__}")
+            raise PatchError(
+                f"{cls.__qualname__} has not replaced {name!r} (is it applied?)"
+            ) from None
         return value
