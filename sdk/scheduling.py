@@ -220,8 +220,9 @@ class PolicyScheduler(Scheduler):
     ) -> bool:
         if holders >= budget.max_running_requests or pages > free:
             return False
-        # Waived when nothing else holds KV: a request must be able to run alone.
-        return holders == 0 or free - pages >= self.options.conservativeness * (reserve + future)
+        if holders == 0:
+            return True  # conservativeness is waived: a request must be able to run alone
+        return free - pages >= self.options.conservativeness * (reserve + future)
 
 
 def _chunk(r: Request, start: int, step: _Step) -> int:

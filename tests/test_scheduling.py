@@ -9,6 +9,8 @@ import pluggy
 import pydantic
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pegboard.core import hookspecs
 from pegboard.plugins.cache.paged import PagedCache
 from pegboard.plugins.scheduling.fcfs import FCFSScheduler
@@ -253,16 +255,17 @@ def test_priority_preempts_the_least_important_most_recent_for_a_more_important_
 
 
 def test_priority_preempts_lower_levels_before_higher_ones_when_kv_is_short():
-    # 8 pages of 4 tokens: mid holds 2, low holds 3; urgent needs 4, so only low must go.
-    sim = SimEngine(PriorityScheduler(), paged_cache(num_pages=8), max_running=8)
+    # 9 pages of 4 tokens: mid and low hold 2 and 3 and each take 1 more for this step's
+    # decode, leaving 2. Urgent needs 5: preempting low gives back its 3 + 1, leaving 1 page,
+    # which tiny then takes without preempting mid.
+    sim = SimEngine(PriorityScheduler(), paged_cache(num_pages=9), max_running=8)
     mid, low = req("mid", 8, 4, priority=3), req("low", 12, 4, priority=4)
     sim.add(mid, low)
     sim.step()
-    urgent = req("urgent", 15, 2, priority=0)
-    sim.add(urgent)
+    sim.add(req("urgent", 20, 2, priority=0), req("tiny", 2, 2, priority=0))
     sim.step()
     assert sim.preempted[1] == ["low"]
-    assert sim.admitted[1] == ["urgent"]
+    assert sim.admitted[1] == ["urgent", "tiny"]
 
 
 def test_priority_never_preempts_for_an_equally_important_request():
@@ -316,6 +319,14 @@ def test_no_request_is_given_tokens_past_the_model_length():
         waiting=[req("A", 30, 1)], running=[], budget=StepBudget(64, 4, 20), kv=paged_cache()
     )
     assert plan.scheduled[0].num_tokens == 20
+
+
+def test_a_request_is_not_admitted_into_fewer_free_pages_than_it_needs():
+    plan = FCFSScheduler().schedule(
+        waiting=[req("A", 20, 1)], running=[], budget=StepBudget(64, 4, 4096),
+        kv=paged_cache(num_pages=4),
+    )  # fmt: skip
+    assert not plan
 
 
 # ---------------------------------------------------------------------- KV pressure
@@ -407,3 +418,39 @@ def test_every_policy_rejects_unknown_and_negative_options(policy):
     with pytest.raises(pydantic.ValidationError, match="conservativeness"):
         policy.Options(conservativeness=-1)
     assert policy.Options.model_fields["conservativeness"].description
+
+
+# ---------------------------------------------------------------------- any workload
+
+
+workloads = st.lists(
+    st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 3), st.integers(0, 8)),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    policy=st.sampled_from([FCFSScheduler, SJFScheduler, PriorityScheduler]),
+    requests=workloads,
+    max_batched_tokens=st.integers(4, 48),
+    max_running=st.integers(1, 5),
+    spare_pages=st.integers(0, 6),
+    conservativeness=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_every_request_finishes_under_any_policy_and_budget(
+    policy, requests, max_batched_tokens, max_running, spare_pages, conservativeness
+):
+    # The core admits only requests that fit the cache alone, as here.
+    largest = max(p + m for p, m, _, _ in requests)
+    cache = paged_cache(num_pages=-(-largest // 4) + spare_pages)
+    sched = policy(policy.Options(conservativeness=conservativeness))
+    sim = SimEngine(sched, cache, max_batched_tokens=max_batched_tokens, max_running=max_running)
+    reqs, arrivals = [], {}
+    for i, (prompt, max_tokens, priority, step) in enumerate(requests):
+        reqs.append(req(f"r{i}", prompt, max_tokens, priority))
+        arrivals.setdefault(step, []).append(reqs[-1])
+    sim.run(arrivals, max_steps=2000)
+    assert all(r.num_output_tokens == r.params.max_tokens for r in reqs)
+    assert cache.num_free_pages == cache.num_pages
