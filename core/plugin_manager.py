@@ -12,6 +12,8 @@ accepted too):
   available (name one in `PEGBOARD_DISABLE_PLUGINS` to turn it off).
 - `PEGBOARD_DISABLE_PLUGINS` — denylist. A bare name is not even imported; `slot:name` must
   import the entry point to learn its slot.
+Names are entry-point names (by convention the plugin's name); a plugin whose class gives itself
+another name also matches by that name once imported.
 """
 
 from __future__ import annotations
@@ -169,10 +171,10 @@ class PluginManager:
             error=None,
         )
         builtin = info.distribution == CORE_DISTRIBUTION
-        if self._allow.active and not builtin and not self._allow.names_match(ep.name):
+        if self._allow.active and not builtin and not self._allow.mentions(ep.name):
             info.disabled = f"not in {self._allow.source}"
             return info
-        if self._deny.bare_match(ep.name):
+        if self._deny.names_bare(ep.name):
             info.disabled = f"in {self._deny.source}"
             return info
         try:
@@ -185,9 +187,10 @@ class PluginManager:
             info.error = f"{type(e).__name__}: {e}"
             return info
         info.name, info.slot = info.cls.name, info.cls.slot
-        if self._deny.slot_match(info.slot, info.name):
+        names = (info.name, ep.name)
+        if self._deny.matches(info.slot, *names):
             info.disabled = f"in {self._deny.source}"
-        elif self._allow.active and not builtin and not self._allow.matches(info.slot, info.name):
+        elif self._allow.active and not builtin and not self._allow.matches(info.slot, *names):
             info.disabled = f"not in {self._allow.source}"
         return info
 
@@ -371,28 +374,26 @@ class PluginManager:
 
 
 class _Filter:
-    """An allow- or denylist of `name` / `slot:name` entries."""
+    """An allow- or denylist of `name` / `slot:name` entries. Before import only the entry
+    point's name is known; after import the plugin's slot and own name match too."""
 
     def __init__(self, names: Iterable[str] | None, env: str) -> None:
         self.source = "the given list" if names is not None else env
         if names is None:
-            raw = os.environ.get(env)
+            raw = os.environ.get(env) or None  # set but empty means unset
             names = raw.split(",") if raw is not None else None
         self.active = names is not None
-        self.entries = [n.strip() for n in names or [] if n.strip()]
+        self.entries = {n.strip() for n in names or [] if n.strip()}
 
-    def bare_match(self, name: str) -> bool:
+    def names_bare(self, name: str) -> bool:
         return name in self.entries
 
-    def names_match(self, name: str) -> bool:
-        """Whether `name` could match (bare, or as the name part of `slot:name`)."""
+    def mentions(self, name: str) -> bool:
+        """Whether `name` appears, bare or as the name part of `slot:name`."""
         return any(e == name or e.endswith(f":{name}") for e in self.entries)
 
-    def slot_match(self, slot: str, name: str) -> bool:
-        return f"{slot}:{name}" in self.entries or name in self.entries
-
-    def matches(self, slot: str, name: str) -> bool:
-        return self.slot_match(slot, name)
+    def matches(self, slot: str, *names: str) -> bool:
+        return any(n in self.entries or f"{slot}:{n}" in self.entries for n in names)
 
 
 def _check_plugin_class(obj: object) -> type[Plugin]:
