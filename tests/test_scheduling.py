@@ -72,9 +72,11 @@ class SimEngine:
 
     def step(self) -> SchedulePlan:
         plan = self.scheduler.schedule(
-            waiting=list(self.waiting), running=list(self.running), budget=self.budget,
+            waiting=list(self.waiting),
+            running=list(self.running),
+            budget=self.budget,
             kv=self.cache,
-        )  # fmt: skip
+        )
         self._check(plan)
         for r in reversed(plan.preempted):
             self.cache.free(r)
@@ -210,8 +212,11 @@ def test_sjf_aging_admits_a_long_job_after_max_wait_steps_under_short_jobs(max_w
     long = req("long", 8, 4)
     arrivals = short_stream(30)
     arrivals[0].insert(0, long)
-    sim = SimEngine(SJFScheduler(SJFScheduler.Options(max_wait_steps=max_wait_steps)),
-                    paged_cache(), max_running=1)  # fmt: skip
+    sim = SimEngine(
+        SJFScheduler(SJFScheduler.Options(max_wait_steps=max_wait_steps)),
+        paged_cache(),
+        max_running=1,
+    )
     sim.run(arrivals)
     # One slot, short jobs finish in their first step: the slot is free every step, so the
     # long job is passed over exactly max_wait_steps times.
@@ -222,8 +227,9 @@ def test_sjf_without_aging_starves_the_long_job_under_short_jobs():
     long = req("long", 8, 4)
     arrivals = short_stream(30)
     arrivals[0].insert(0, long)
-    sim = SimEngine(SJFScheduler(SJFScheduler.Options(max_wait_steps=10_000)), paged_cache(),
-                    max_running=1)  # fmt: skip
+    sim = SimEngine(
+        SJFScheduler(SJFScheduler.Options(max_wait_steps=10_000)), paged_cache(), max_running=1
+    )
     sim.run(arrivals)
     assert sim.admission_step_of("long") == 30
 
@@ -323,9 +329,11 @@ def test_no_request_is_given_tokens_past_the_model_length():
 
 def test_a_request_is_not_admitted_into_fewer_free_pages_than_it_needs():
     plan = FCFSScheduler().schedule(
-        waiting=[req("A", 20, 1)], running=[], budget=StepBudget(64, 4, 4096),
+        waiting=[req("A", 20, 1)],
+        running=[],
+        budget=StepBudget(64, 4, 4096),
         kv=paged_cache(num_pages=4),
-    )  # fmt: skip
+    )
     assert not plan
 
 
@@ -384,8 +392,9 @@ def test_conservativeness_reserves_pages_for_running_requests(conservativeness, 
 def test_full_conservativeness_avoids_every_preemption_that_none_causes():
     runs = {}
     for c in (0.0, 1.0):
-        sim = SimEngine(FCFSScheduler(FCFSScheduler.Options(conservativeness=c)),
-                        paged_cache(num_pages=8))  # fmt: skip
+        sim = SimEngine(
+            FCFSScheduler(FCFSScheduler.Options(conservativeness=c)), paged_cache(num_pages=8)
+        )
         sim.run({0: [req(f"r{i}", 4, 12) for i in range(4)]})
         runs[c] = sum(len(p) for p in sim.preempted)
     assert runs[0.0] > 0 and runs[1.0] == 0
