@@ -59,8 +59,8 @@ def arch_case(request, tiny_model_dirs):
     return model_dir, prompts, hf_reference(model_dir, prompts, MAX_NEW)
 
 
-def run_pegboard(model_dir, prompts, logprobs=None, **settings):
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=logprobs)
+def run_pegboard(model_dir, prompts, logprobs=None, max_new=MAX_NEW, **settings):
+    params = SamplingParams(max_tokens=max_new, temperature=0.0, logprobs=logprobs)
     with LLM(str(model_dir), dtype="float32", device="cpu", **settings) as llm:
         return llm.generate(prompts, params)
 
@@ -106,3 +106,28 @@ def test_top_logprobs_match_transformers(arch_case):
             assert [t for t, _ in step.top] == ref_top.indices.tolist()
             for (_, lp), ref_lp in zip(step.top, ref_top.values.tolist()):
                 assert lp == pytest.approx(ref_lp, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_greedy_equals_transformers():
+    """The real model: a handful of prompts, batched with chunked prefill, as transformers."""
+    from pegboard.core.default_model import default_model_dir
+    from pegboard.core.tokenizer import load_tokenizer
+
+    model_dir = default_model_dir()
+    tok = load_tokenizer(model_dir)
+    texts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "The three primary colors are",
+    ]
+    prompts = [tok.encode(t) for t in texts]
+    prompts.append(tok.apply_chat_template([{"role": "user", "content": "Name a fruit."}]))
+    reference = hf_reference(model_dir, prompts, 16)
+    outs = run_pegboard(model_dir, prompts, logprobs=1, max_new=16, max_num_batched_tokens=24)
+    assert_same_tokens(outs, reference)
+    assert "Paris" in outs[0].text
+    for out, (_, ref_logprobs) in zip(outs, reference):
+        for step, ref in zip(out.logprobs, ref_logprobs):
+            assert step.logprob == pytest.approx(ref[step.token_id].item(), abs=1e-4)
