@@ -19,28 +19,19 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_llama_dir, tmp_path):
 
     async def main():
         client = server.async_client(timeout=60)
-        long = [
-            asyncio.create_task(
-                stream_completion(
-                    client,
-                    f"Once upon a time {i}",
-                    max_tokens=480,
-                    temperature=0,
-                    extra_body={"ignore_eos": True},
-                )
-            )
-            for i in range(24)
-        ]
-        await asyncio.sleep(0.5)  # the long requests are running
-        short = [
-            asyncio.create_task(
-                stream_completion(
-                    client, "Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
-                )
-            )
-            for _ in range(4)
-        ]
-        await asyncio.sleep(0.1)  # ... and the short ones have arrived
+
+        def launch(prompt: str, max_tokens: int) -> tuple[asyncio.Task, asyncio.Event]:
+            started = asyncio.Event()
+            task = asyncio.create_task(
+                stream_completion(client, prompt, started, max_tokens=max_tokens,
+                                  temperature=0, extra_body={"ignore_eos": True})
+            )  # fmt: skip
+            return task, started
+
+        long = [launch(f"Once upon a time {i}", 480) for i in range(24)]
+        await asyncio.gather(*(started.wait() for _, started in long))
+        short = [launch("Hello", 16) for _ in range(4)]
+        await asyncio.gather(*(started.wait() for _, started in short))
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.1)
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
@@ -48,7 +39,8 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_llama_dir, tmp_path):
             r = await http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
             seen_during_drain["new request"] = r.status_code
         started = time.monotonic()
-        results = await asyncio.wait_for(asyncio.gather(*long, *short), timeout=30)
+        tasks = [task for task, _ in long + short]
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
         await client.close()
         return results, time.monotonic() - started
 

@@ -7,6 +7,7 @@ import asyncio
 
 import httpx
 import pytest
+import yaml
 from test_server_process import ADMIN_TOKEN, ServerProcess, offline_texts, stream_completion
 
 PROMPTS = [
@@ -24,12 +25,16 @@ MAX_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
-    proc = ServerProcess(
-        tiny_llama_dir,
-        tmp_path_factory.mktemp("serve"),
-        "--served-model-name", "tiny",
-        "--admin-token", ADMIN_TOKEN,
+    # Settings from a YAML file, one of them overridden by a flag.
+    root = tmp_path_factory.mktemp("serve")
+    config = root / "serve.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"served-model-name": "tiny", "admin_token": ADMIN_TOKEN, "scheduler": "sjf",
+             "max-running-requests": 48}
+        )
     )  # fmt: skip
+    proc = ServerProcess(tiny_llama_dir, root, "--config", str(config), "--scheduler", "fcfs")
     try:
         yield proc.wait_ready()
     finally:
@@ -92,3 +97,9 @@ def test_scheduler_swaps_under_load_lose_no_request(server, reference):
     assert all(status == 200 for status, _, _ in swaps)
     assert swaps[0][2] > 0  # the first swap happened while requests were running
     assert [text for text, _ in results] == [reference[p] for p in prompts]
+
+
+def test_settings_come_from_the_config_file_and_flags_win(server):
+    report = server.admin("GET", "/admin/plugins").json()
+    assert report["active"]["scheduler"] == "fcfs"  # --scheduler beat the file's sjf
+    assert [m.id for m in server.client().models.list().data] == ["tiny"]

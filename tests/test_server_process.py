@@ -3,6 +3,7 @@ process-level behaviour: listening before the model is loaded, exit status on a 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -97,11 +98,15 @@ def offline_texts(model_dir: Path, prompts: list[str], max_tokens: int) -> dict[
     return {p: o.text for p, o in zip(prompts, outs)}
 
 
-async def stream_completion(client: openai.AsyncOpenAI, prompt: str, **kw) -> tuple[str, str]:
-    """A streamed completion's text and finish reason."""
+async def stream_completion(
+    client: openai.AsyncOpenAI, prompt: str, started: asyncio.Event | None = None, **kw
+) -> tuple[str, str]:
+    """A streamed completion's text and finish reason; sets `started` at the first chunk."""
     stream = await client.completions.create(model="tiny", prompt=prompt, stream=True, **kw)
     text, reason = "", None
     async for chunk in stream:
+        if started is not None:
+            started.set()
         if chunk.choices:
             text += chunk.choices[0].text
             reason = chunk.choices[0].finish_reason or reason

@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     add_engine_arguments(p)
     defaults = _suppress_defaults(p)
-    p.set_defaults(func=lambda args: run(args, p, defaults))
+    p.set_defaults(func=run, resolve=lambda args: resolve(args, p, defaults))
 
 
 def _suppress_defaults(p: argparse.ArgumentParser) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def _suppress_defaults(p: argparse.ArgumentParser) -> dict[str, Any]:
     `--config`); returns the defaults they had."""
     defaults = {}
     for action in p._actions:
-        if action.dest != "help":
+        if action.dest != "help" and action.default is not argparse.SUPPRESS:
             defaults[action.dest] = action.default
             action.default = argparse.SUPPRESS
     return defaults
@@ -118,7 +118,7 @@ def _convert(action: argparse.Action, value: Any, path: str, parser: argparse.Ar
     return values if many else values[0]
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> int:
+def run(args: argparse.Namespace) -> int:
     import pydantic
     from pegboard.core.async_engine import AsyncEngine
     from pegboard.core.config import EngineConfig
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dic
     from pegboard.core.server.lifecycle import ServerSettings, ServerState
     from pegboard.core.server.runner import run_server
 
-    args = resolve(args, parser, defaults)
+    args = args.resolve(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import pydantic
 from fastapi import APIRouter, Depends, Request
+from pegboard.core.plugin_manager import OptionsError, PluginError, UnknownPluginError
 from pegboard.core.server.errors import APIError
 from pegboard.core.server.protocol import ErrorResponse
 from pegboard.core.server.security import require_admin
@@ -55,9 +56,6 @@ async def list_plugins(http: Request) -> dict[str, Any]:
 @router.post("/plugins/{slot}", response_model=SwapResponse)
 async def swap_plugin(slot: str, body: SwapBody, http: Request) -> SwapResponse:
     """Swap `slot` to `body.name` at the next step boundary; in-flight requests are kept."""
-    from pegboard.core.options import OptionsError
-    from pegboard.core.plugin_manager import PluginError
-
     engine = http.app.state.server.require_engine()
     if slot not in SLOTS:
         raise APIError(404, f"unknown slot {slot!r}; slots: {', '.join(SLOTS)}", "slot")
@@ -65,10 +63,10 @@ async def swap_plugin(slot: str, body: SwapBody, http: Request) -> SwapResponse:
         future = engine.swap(slot, body.name, **body.options)
     except OptionsError as e:
         raise APIError(422, str(e), "options") from e
-    except PluginError as e:
+    except UnknownPluginError as e:
         raise APIError(404, str(e), "name") from e
-    except (SwapError, pydantic.ValidationError, ValueError, TypeError) as e:
-        raise APIError(400, str(e)) from e
+    except (PluginError, SwapError) as e:  # failed to load, disabled, or a multi-plugin slot
+        raise APIError(400, str(e), "name") from e
     try:
         result = await asyncio.wrap_future(future)
     except SwapError as e:
@@ -88,5 +86,5 @@ def plugin_report(engine) -> dict[str, Any]:
     return {
         "active": active,
         "plugins": [info.to_dict() for info in pm.list_plugins()],
-        "patches": engine.patches.report(),
+        "patches": {"applied": engine.patches.applied, "skipped": engine.patches.skipped},
     }
