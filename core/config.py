@@ -15,6 +15,7 @@ class EngineConfig(pydantic.BaseModel):
 
     model: str | None = None  # a local HF directory; None: the bundled default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
 

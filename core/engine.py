@@ -55,8 +55,14 @@ class Engine:
         self.plugins = plugins or PluginManager()
         self.patches = apply_patches(config.patches, strict=config.strict_patches)
         self.model_dir = Path(config.model) if config.model else default_model_dir()
-        self.runner = ModelRunner(self.model_dir, config.dtype, config.device, config.max_model_len)
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.runner = ModelRunner(
+            self.model_dir,
+            config.dtype,
+            config.device,
+            config.max_model_len,
+            load_format=config.load_format,
+        )
+        self.tokenizer = load_tokenizer(self.model_dir, allow_missing=config.load_format == "dummy")
         self.info = self.runner.info
         self.ctx = PluginContext(self.info, self.runner.device, self._engine_facts())
         for slot in SLOTS:

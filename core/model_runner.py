@@ -26,8 +26,9 @@ class ModelRunner:
         device: str = "auto",
         max_model_len: int | None = None,
         progress: bool = True,
+        load_format: str = "auto",
     ) -> None:
-        loaded = load_model(model_dir, dtype, device, max_model_len, progress)
+        loaded = load_model(model_dir, dtype, device, max_model_len, progress, load_format)
         self.model = loaded.model
         self.config = loaded.config
         self.info: ModelInfo = loaded.info

@@ -50,11 +50,40 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """Load the tokenizer of a local model directory (offline; no hub access)."""
+class TokenIdTokenizer(Tokenizer):
+    """Stands in for a missing tokenizer when a model runs on dummy weights (benchmarks of a
+    real config without its files): text is the token ids, written as `<id>`."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        super().__init__(None, eos_token_ids)
+        self._vocab_size = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise TokenizerError("this model has no tokenizer (dummy weights); send token ids")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        raise TokenizerError("this model has no tokenizer (dummy weights); send token ids")
+
+
+def load_tokenizer(model_dir: str | Path, allow_missing: bool = False) -> Tokenizer:
+    """Load the tokenizer of a local model directory (offline; no hub access).
+
+    With `allow_missing`, a directory without tokenizer files gets a `TokenIdTokenizer`."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
+    if allow_missing and not any(model_dir.glob("tokenizer*")):
+        config = json.loads((model_dir / "config.json").read_text())
+        eos = config.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        return TokenIdTokenizer(int(config["vocab_size"]), frozenset(eos_ids))
     try:
         hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:

@@ -95,12 +95,17 @@ def load_model(
     device: str = "auto",
     max_model_len: int | None = None,
     progress: bool = True,
+    load_format: str = "auto",
 ) -> LoadedModel:
     """Build the decoder for `model_dir/config.json` and fill it from its safetensors files.
 
     Parameters are allocated once, on the target device and dtype, and each checkpoint tensor is
     read onto that device and copied in. Raises `ModelLoadError` with the file or field at fault.
+    `load_format="dummy"` fills the weights with random values instead (benchmarks of real
+    configs without their weights, as vLLM's `--load-format dummy`); only config.json is read.
     """
+    if load_format not in ("auto", "dummy"):
+        raise ModelLoadError(f"load_format {load_format!r} is not supported; choose auto or dummy")
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     target_device = resolve_device(device)
@@ -112,7 +117,10 @@ def load_model(
     model = model.to(target_dtype).to_empty(device=target_device)
     model.tie_weights()
     model.model.rotary_emb.reset_tables()
-    load_checkpoint(model, model_dir, target_device, cfg.tie_word_embeddings, progress)
+    if load_format == "dummy":
+        _fill_random(model)
+    else:
+        load_checkpoint(model, model_dir, target_device, cfg.tie_word_embeddings, progress)
     model.eval().requires_grad_(False)
     info = ModelInfo(
         architecture=cfg.architecture,
@@ -127,3 +135,14 @@ def load_model(
         device=target_device,
     )
     return LoadedModel(model=model, config=cfg, info=info)
+
+
+@torch.no_grad()
+def _fill_random(model: CausalLM, seed: int = 0) -> None:
+    """Random weights of a realistic scale: norms at 1, everything else N(0, 0.02)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)

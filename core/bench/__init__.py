@@ -1,0 +1,1 @@
+"""Benchmarks: `pegboard bench ...` (results go to docs/benchmarks.md with command, device, date)."""

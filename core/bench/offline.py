@@ -1,0 +1,67 @@
+"""`pegboard bench offline`: the nano-vllm throughput workload through the offline engine.
+
+N sequences of random token ids, input and output lengths uniform in a range, EOS ignored;
+throughput = output tokens / wall time (as nano-vllm's bench.py, whose seed-0 workload has
+142,827 input and 133,966 output tokens at the defaults).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from pegboard.sdk.types import SamplingParams
+
+
+@dataclass
+class OfflineWorkload:
+    num_seqs: int = 256
+    min_input: int = 100
+    max_input: int = 1024
+    min_output: int = 100
+    max_output: int = 1024
+    max_token_id: int = 10000
+    temperature: float = 0.6
+    seed: int = 0
+
+    def build(self) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Prompts and params, drawn in nano-vllm's order so the same seed gives its workload."""
+        rng = random.Random(self.seed)
+        prompts = [
+            [
+                rng.randint(0, self.max_token_id)
+                for _ in range(rng.randint(self.min_input, self.max_input))
+            ]
+            for _ in range(self.num_seqs)
+        ]
+        params = [
+            SamplingParams(
+                temperature=self.temperature,
+                ignore_eos=True,
+                max_tokens=rng.randint(self.min_output, self.max_output),
+            )
+            for _ in range(self.num_seqs)
+        ]
+        return prompts, params
+
+
+def run_offline(llm, workload: OfflineWorkload, progress: bool = True) -> dict:
+    """Warm up, then time one `generate` of the whole workload; return the figures."""
+    prompts, params = workload.build()
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, progress=progress)
+    elapsed = time.perf_counter() - start
+    input_tokens = sum(len(p) for p in prompts)
+    output_tokens = sum(len(o.token_ids) for o in outs)
+    return {
+        "workload": asdict(workload),
+        "requests": len(outs),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "elapsed_s": round(elapsed, 3),
+        "output_tok_s": round(output_tokens / elapsed, 1),
+        "total_tok_s": round((input_tokens + output_tokens) / elapsed, 1),
+        "preemptions": sum(o.num_preemptions for o in outs),
+    }
