@@ -8,7 +8,7 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from pegboard.core.server import admin, chat, completions
 from pegboard.core.server.errors import APIError, install_error_handlers
@@ -61,7 +61,7 @@ def create_app(state: ServerState) -> FastAPI:
         tags=["openai"],
         dependencies=[Depends(require_api_key)],
     )
-    async def models(http: Request) -> ModelList:
+    async def models() -> ModelList:
         """The served model (under each of its served names)."""
         engine = state.require_engine()
         return ModelList(
