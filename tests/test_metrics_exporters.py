@@ -99,3 +99,25 @@ def test_jsonl_flushes_every_line_with_interval_zero(tmp_path):
     exporter.export_metrics(MetricsSnapshot("step", 1.0, num_running=7))
     assert json.loads(path.read_text())["num_running"] == 7
     exporter.close()
+
+
+def test_both_exporters_pass_the_conformance_kit(tmp_path):
+    from pegboard.sdk.testing import check_metrics_exporter
+
+    check_metrics_exporter(PrometheusExporter)
+    check_metrics_exporter(JsonlExporter, {"path": str(tmp_path / "m.jsonl")})
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics():
+    import re
+    from pathlib import Path
+
+    dashboard = Path(__file__).parent.parent / "deploy/grafana/pegboard-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"pegboard:[a-z_]+", e)}
+    exported = {
+        s.name
+        for family in text_string_to_metric_families(PrometheusExporter().render().decode())
+        for s in family.samples
+    } | {f"pegboard:{n}" for n in ("requests_total",)}  # labelled: no sample until observed
+    assert used and used <= exported, used - exported
