@@ -114,7 +114,7 @@ def test_the_grafana_dashboard_queries_only_exported_metrics():
 
     dashboard = Path(__file__).parent.parent / "deploy/grafana/pegboard-dashboard.json"
     exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
-    used = {m for e in exprs for m in re.findall(r"pegboard:[a-z_]+", e)}
+    used = {m for e in exprs for m in re.findall(r"pegboard:[a-z0-9_]+", e)}
     exported = {
         s.name
         for family in text_string_to_metric_families(PrometheusExporter().render().decode())
