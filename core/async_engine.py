@@ -104,15 +104,20 @@ class AsyncEngine:
                     loop, queue = stream
                     loop.call_soon_threadsafe(queue.put_nowait, out)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(
+        self, error: BaseException | None, reason: FinishReason = FinishReason.ERROR
+    ) -> None:
+        """End every open stream with a final delta (the step loop is gone)."""
         for request_id, (loop, queue) in list(self._streams.items()):
             out = RequestOutput(
-                request_id, finished=True, finish_reason=FinishReason.ERROR, error=str(error)
+                request_id, finished=True, finish_reason=reason, error=error and str(error)
             )
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the step loop; streams still open end with finish reason `abort`."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._fail_all(None, FinishReason.ABORT)
         self.engine.close()

@@ -26,7 +26,6 @@ import pluggy
 
 if TYPE_CHECKING:
     import torch
-
     from pegboard.sdk.slots import AttentionBackend, KVCache
     from pegboard.sdk.types import (
         KVPool,

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pydantic
 import torch
-
 from pegboard.core.hookspecs import hookimpl
 
 if TYPE_CHECKING:

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
 
@@ -39,7 +38,9 @@ def hf_reference(model_dir, prompts: list[list[int]], max_new: int):
                 max_new_tokens=max_new,
                 do_sample=False,
                 eos_token_id=gen_cfg.eos_token_id,
-                pad_token_id=gen_cfg.eos_token_id if gen_cfg.pad_token_id is None else gen_cfg.pad_token_id,
+                pad_token_id=gen_cfg.eos_token_id
+                if gen_cfg.pad_token_id is None
+                else gen_cfg.pad_token_id,
                 output_logits=True,
                 return_dict_in_generate=True,
             )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import OptionsError, PluginError, PluginManager
 from pegboard.core.swap import SwapError
