@@ -49,7 +49,7 @@ class RadixState:
     cached: bytearray
     tree: RadixTree
     holds: dict[str, _Hold]
-    handoff_shared: set[int]
+    adopted: set[int]
 
 
 class RadixCache(KVCache):
@@ -116,7 +116,7 @@ class RadixCache(KVCache):
         self._cached = state.cached
         self.tree = state.tree
         self._holds = state.holds
-        self._handoff_shared = state.handoff_shared
+        self._adopted = state.adopted
 
     def import_state(self, state: KVState) -> None:
         """Adopt a predecessor's pool and page references; its reusable pages become free and
@@ -128,8 +128,10 @@ class RadixCache(KVCache):
         self._cached = bytearray(self.pool.num_pages)  # 1: the page is a tree node's
         self.tree = RadixTree(self.page_size)
         self._holds: dict[str, _Hold] = {}
-        # Pages several requests hold without a tree entry yet; they enter it at commit.
-        self._handoff_shared = {p for p, n in enumerate(self._refs) if n > 1}
+        # Pages requests held at the handoff: their holders have no tree lock on them until
+        # they commit, so such a page may be shared outside the tree or be an unlocked tree
+        # page meanwhile. A page leaves the set when its last holder lets go.
+        self._adopted = {p for p, n in enumerate(self._refs) if n > 0}
 
     def export_state(self) -> KVState:
         """The pool and page references for a successor without a tree; tree pages no
@@ -146,7 +148,7 @@ class RadixCache(KVCache):
             self._cached,
             self.tree,
             self._holds,
-            self._handoff_shared,
+            self._adopted,
         )
 
     # ------------------------------------------------------------------ queries
@@ -272,7 +274,7 @@ class RadixCache(KVCache):
         return len(pages)
 
     def _uncache(self, pages: Iterable[int]) -> None:
-        """Pages left the tree: those no request names are free again (a page adopted shared
+        """Pages left the tree: those no request names are free again (a page adopted
         at a handoff may still be named)."""
         for p in pages:
             self._cached[p] = 0
@@ -312,7 +314,6 @@ class RadixCache(KVCache):
         for i, page in enumerate(tree_pages, start):
             self._cached[page] = 1
             own = request.page_table[i]
-            self._handoff_shared.discard(own)
             if page != own:
                 request.page_table[i] = page
                 self._refs[page] += 1
@@ -331,10 +332,10 @@ class RadixCache(KVCache):
             self._refs[p] -= 1
             if self._refs[p] < 0:
                 raise ValueError(f"page {p} was released more often than it was held")
-            if self._refs[p] <= 1:
-                self._handoff_shared.discard(p)
-            if self._refs[p] == 0 and not self._cached[p]:
-                self._free.append(p)
+            if self._refs[p] == 0:
+                self._adopted.discard(p)
+                if not self._cached[p]:
+                    self._free.append(p)
 
     def _enforce_max_tokens(self) -> None:
         cap = self.options.max_tokens
@@ -386,11 +387,12 @@ class RadixCache(KVCache):
                     "free and referenced" if referenced else "neither free nor referenced (lost)"
                 )
                 raise AssertionError(f"page {p} is {state}")
+        for p in range(self.num_pages):
             if counts[p] != self._refs[p]:
                 raise AssertionError(
                     f"page {p}: {counts[p]} page tables name it, refcount {self._refs[p]}"
                 )
-            if counts[p] > 1 and p not in in_tree and p not in self._handoff_shared:
+            if counts[p] > 1 and p not in in_tree and p not in self._adopted:
                 raise AssertionError(f"page {p} is held by {counts[p]} requests outside the tree")
         self._check_holds(requests)
         self._check_tree_counters()
@@ -411,7 +413,7 @@ class RadixCache(KVCache):
         for r in requests:
             hold = self._holds.get(r.request_id)
             tail = r.page_table[hold.num_pages if hold else 0 :]
-            if any(self._cached[p] and p not in self._handoff_shared for p in tail):
+            if any(self._cached[p] and p not in self._adopted for p in tail):
                 raise AssertionError(f"{r.request_id} names a tree page outside its locked path")
         for n in self.tree.nodes():
             if n.lock_ref != expected_locks.get(id(n), 0):

@@ -1,0 +1,170 @@
+"""The shared-prefix benchmark: prefix-cache hit rate, prefill tokens saved and throughput.
+
+N groups x M requests; the requests of a group share a P-token prefix (a system prompt, a
+few-shot preamble) and each has its own random suffix. Requests arrive all at once, groups
+interleaved (A1 B1 C1 ... A2 B2 ...) or one group after the other. Greedy, EOS ignored, so
+every configuration generates the same tokens.
+
+    python -m pegboard.core.bench.prefix --config qwen3-0.6b --random-weights --kv-cache radix
+    python -m pegboard.core.bench.prefix --model DIR --kv-cache paged --groups 4 --per-group 8
+
+or from Python: `run_prefix_bench(lambda: LLM(model_dir, kv_cache="radix"), PrefixWorkload())`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from pegboard.sdk.types import SamplingParams
+
+
+@dataclass
+class PrefixWorkload:
+    """N groups x M requests sharing a P-token prefix per group, random suffixes."""
+
+    num_groups: int = 8
+    per_group: int = 16
+    prefix_len: int = 512
+    min_suffix: int = 16
+    max_suffix: int = 128
+    output_len: int = 64
+    interleave: bool = True
+    max_token_id: int = 10000
+    seed: int = 0
+
+    def build(self) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Prompts in arrival order, and their (greedy, EOS-ignoring) sampling params."""
+        rng = random.Random(self.seed)
+        prefixes = [
+            [rng.randint(1, self.max_token_id) for _ in range(self.prefix_len)]
+            for _ in range(self.num_groups)
+        ]
+        groups = [
+            [
+                prefixes[g]
+                + [
+                    rng.randint(1, self.max_token_id)
+                    for _ in range(rng.randint(self.min_suffix, self.max_suffix))
+                ]
+                for _ in range(self.per_group)
+            ]
+            for g in range(self.num_groups)
+        ]
+        if self.interleave:
+            prompts = [groups[g][i] for i in range(self.per_group) for g in range(self.num_groups)]
+        else:
+            prompts = [p for group in groups for p in group]
+        params = SamplingParams(max_tokens=self.output_len, temperature=0.0, ignore_eos=True)
+        return prompts, [params] * len(prompts)
+
+
+def run_prefix_bench(
+    llm_factory: Callable[[], object],
+    workload: PrefixWorkload | None = None,
+    *,
+    warmup: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Build an `LLM` with `llm_factory`, run the workload once (timed) and return the
+    figures: hit rate (`prefix_hit_tokens / prefix_query_tokens` over the run), prefill
+    tokens saved (`prefix_hit_tokens`) and computed, output and total tok/s. The LLM is
+    closed afterwards. Caches without prefix reuse report 0 hits."""
+    workload = workload or PrefixWorkload()
+    prompts, params = workload.build()
+    llm = llm_factory()
+    try:
+        if warmup:  # tokens no prompt starts with, so the warm-up leaves nothing to hit
+            llm.generate([[0] * 8], SamplingParams(max_tokens=2, ignore_eos=True))
+        kv = llm.engine.kv
+        before = kv.stats()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, progress=progress)
+        elapsed = time.perf_counter() - start
+        after = llm.engine.kv.stats()
+        plugins = {slot: llm.engine.plugins.active(slot).name for slot in ("scheduler", "kv_cache")}
+    finally:
+        llm.close()
+    delta = {k: after[k] - before.get(k, 0) for k in after if k.startswith(("prefix_", "host_"))}
+    hits = int(delta.get("prefix_hit_tokens", 0))
+    queries = int(delta.get("prefix_query_tokens", 0))
+    input_tokens = sum(len(p) for p in prompts)
+    output_tokens = sum(len(o.token_ids) for o in outs)
+    return {
+        "workload": asdict(workload),
+        "plugins": plugins,
+        "requests": len(outs),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "prefix_hit_tokens": hits,
+        "prefix_query_tokens": queries,
+        "hit_rate": round(hits / queries, 4) if queries else 0.0,
+        "prefill_tokens_saved": hits,
+        "prefill_tokens_computed": (queries - hits) if queries else input_tokens,
+        "host_hit_tokens": int(delta.get("host_hit_tokens", 0)),
+        "evicted_pages": int(after.get("evicted_pages", 0) - before.get("evicted_pages", 0)),
+        "preemptions": sum(o.num_preemptions for o in outs),
+        "elapsed_s": round(elapsed, 3),
+        "output_tok_s": round(output_tokens / elapsed, 1),
+        "total_tok_s": round((input_tokens + output_tokens) / elapsed, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pegboard.core.bench.models import config_model_dir
+    from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
+    from pegboard.core.llm import LLM
+
+    p = argparse.ArgumentParser(prog="python -m pegboard.core.bench.prefix", description=__doc__)
+    w = p.add_argument_group("workload")
+    w.add_argument("--groups", type=int, default=PrefixWorkload.num_groups)
+    w.add_argument("--per-group", type=int, default=PrefixWorkload.per_group)
+    w.add_argument("--prefix-len", type=int, default=PrefixWorkload.prefix_len)
+    w.add_argument("--min-suffix", type=int, default=PrefixWorkload.min_suffix)
+    w.add_argument("--max-suffix", type=int, default=PrefixWorkload.max_suffix)
+    w.add_argument("--output-len", type=int, default=PrefixWorkload.output_len)
+    w.add_argument("--grouped", action="store_true", help="groups one after another")
+    w.add_argument("--max-token-id", type=int, default=PrefixWorkload.max_token_id)
+    w.add_argument("--workload-seed", type=int, default=0)
+    p.add_argument("--random-weights", action="store_true", help="random weights from --config")
+    p.add_argument("--config", default=None, help="bundled real config (with --random-weights)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
+    add_engine_arguments(p)
+    args = p.parse_args(argv)
+    settings = engine_settings(args)
+    if args.random_weights:
+        if not args.config:
+            p.error("--random-weights needs --config NAME")
+        settings["model"] = str(config_model_dir(args.config))
+        settings["load_format"] = "dummy"
+    workload = PrefixWorkload(
+        num_groups=args.groups,
+        per_group=args.per_group,
+        prefix_len=args.prefix_len,
+        min_suffix=args.min_suffix,
+        max_suffix=args.max_suffix,
+        output_len=args.output_len,
+        interleave=not args.grouped,
+        max_token_id=args.max_token_id,
+        seed=args.workload_seed,
+    )
+    result = run_prefix_bench(lambda: LLM(**settings), workload, progress=True)
+    result["model"] = args.config if args.random_weights else settings.get("model")
+    result["command"] = "python -m pegboard.core.bench.prefix " + " ".join(sys.argv[1:])
+    result["date"] = datetime.date.today().isoformat()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
