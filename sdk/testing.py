@@ -438,7 +438,7 @@ def _kv_step(
     )
     n = rng.randint(1, r.num_tokens - hit)
     need = cache.pages_needed(r, n)
-    before = list(r.page_table)
+    before, free_before = list(r.page_table), cache.num_free_pages
     failed = manager.hook.allocate_kv(scheduled=[r], num_tokens=[n])
     _require(isinstance(failed, list), "allocate_kv returns a list of the requests that failed")
     if failed:
@@ -467,13 +467,13 @@ def _kv_step(
         "allocate_kv appends pages until page_table covers num_computed_tokens + n tokens",
         f"{case}: {covered} tokens, {len(r.page_table)} pages of {ps}",
     )
-    added = len(r.page_table) - (hit // ps if waiting else len(before))
-    if not waiting or hit % ps == 0:
-        _require(
-            added == need,
-            "pages_needed(request, n) is the number of pages allocate_kv adds",
-            f"{case}: pages_needed said {need}, allocate_kv added {added}",
-        )
+    taken = free_before - cache.num_free_pages
+    _require(
+        taken == need,
+        "pages_needed(request, n) is what allocate_kv takes from num_free_pages (new pages, "
+        "plus evictable prefix pages it locks)",
+        f"{case}: pages_needed said {need}, num_free_pages fell by {taken}",
+    )
     r.num_computed_tokens = covered
     cache.commit([r])
     return True
@@ -491,11 +491,14 @@ def _check_pages(cache: KVCache, live: list[Request], case: str) -> None:
             holders.setdefault(p, []).append((r, i))
     ps = cache.page_size
     for p, held in holders.items():
-        owners = [(r, i) for r, i in held if (i + 1) * ps > r.num_cached_tokens]
+        if len(held) == 1:
+            continue
+        filling = [r for r, i in held if (i + 1) * ps > r.num_computed_tokens]
+        contents = {tuple(r.token_ids[i * ps : (i + 1) * ps]) for r, i in held}
         _require(
-            len(owners) <= 1 and len({i for _, i in held}) == 1,
-            "a page is referenced by one request, or shared only as a cached prefix page at "
-            "the same position",
+            len(filling) <= 1 and len({i for _, i in held}) == 1 and len(contents) == 1,
+            "a page is referenced by one request, or shared as a full page holding the same "
+            "tokens at the same position (at most one holder still filling it)",
             f"{case}: page {p} in {[(r.request_id, i) for r, i in held]}",
         )
     _require(

@@ -32,7 +32,10 @@ def builtin(path: str):
             {"max_wait_steps": 2},
         ),
         (testing.check_scheduler, "pegboard.plugins.scheduling.priority:PriorityScheduler", None),
+        (testing.check_scheduler, "pegboard.plugins.scheduling.lpm:LPMScheduler", None),
         (testing.check_kv_cache, "pegboard.plugins.cache.paged:PagedCache", None),
+        (testing.check_kv_cache, "pegboard.plugins.cache.radix:RadixCache", None),
+        (testing.check_kv_cache, "pegboard.plugins.cache.hicache:HiCache", None),
         (testing.check_sampler, "pegboard.plugins.sampling.standard:StandardSampler", None),
         (testing.check_attention, "pegboard.plugins.kernels.attention_torch:TorchAttention", None),
         (
@@ -200,9 +203,25 @@ class Leaky(FreeList):
         request.page_table = []
 
 
+class Sharer(FreeList):
+    """Takes pages off the free list as it should, but hands every request the first page it
+    ever gave out instead of the one it took."""
+
+    name = "sharer"
+
+    def allocate_kv(self, scheduled, num_tokens):
+        for r, n in zip(scheduled, num_tokens):
+            for _ in range(self.missing_pages(r, n)):
+                page = self.free_pages.pop()
+                self.first = getattr(self, "first", page)
+                r.page_table.append(self.first)
+        return []
+
+
 @pytest.mark.parametrize(
     "cls, rule",
     [
+        (Sharer, "referenced by one request"),
         (DoubleFree, "clears page_table"),
         (OffByOne, "pages_needed"),
         (Leaky, "never lost"),
