@@ -338,3 +338,14 @@ def test_a_shared_page_survives_radix_paged_radix_until_its_last_holder_frees_it
     third.free(b)
     third.check_invariants([a, b])
     assert third.num_free_pages == 8
+
+
+def test_free_caches_full_pages_that_were_never_committed():
+    old = paged_of(8)
+    a = req(PREFIX + [1])
+    old.allocate_kv([a], [13])
+    a.num_computed_tokens = 13
+    new = cache_of(100, previous=old)  # adopted mid-request: nothing of a is in the tree yet
+    new.free(a)
+    assert new.match_prefix(req(PREFIX + [2])) == 12
+    new.check_invariants([a])
