@@ -5,8 +5,8 @@ few-shot preamble) and each has its own random suffix. Requests arrive all at on
 interleaved (A1 B1 C1 ... A2 B2 ...) or one group after the other. Greedy, EOS ignored, so
 every configuration generates the same tokens.
 
-    python -m pegboard.core.bench.prefix --config qwen3-0.6b --random-weights --kv-cache radix
-    python -m pegboard.core.bench.prefix --model DIR --kv-cache paged --groups 4 --per-group 8
+    pegboard bench prefix --random-weights --config qwen3-0.6b --kv-cache radix --scheduler lpm
+    pegboard bench prefix --model DIR --kv-cache paged --groups 4 --per-group 8
 
 or from Python: `run_prefix_bench(lambda: LLM(model_dir, kv_cache="radix"), PrefixWorkload())`.
 """
@@ -14,12 +14,9 @@ or from Python: `run_prefix_bench(lambda: LLM(model_dir, kv_cache="radix"), Pref
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import random
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pegboard.sdk.types import SamplingParams
@@ -116,12 +113,7 @@ def run_prefix_bench(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from pegboard.core.bench.models import config_model_dir
-    from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
-    from pegboard.core.llm import LLM
-
-    p = argparse.ArgumentParser(prog="python -m pegboard.core.bench.prefix", description=__doc__)
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--groups", type=int, default=PrefixWorkload.num_groups)
     w.add_argument("--per-group", type=int, default=PrefixWorkload.per_group)
@@ -132,18 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--grouped", action="store_true", help="groups one after another")
     w.add_argument("--max-token-id", type=int, default=PrefixWorkload.max_token_id)
     w.add_argument("--workload-seed", type=int, default=0)
-    p.add_argument("--random-weights", action="store_true", help="random weights from --config")
-    p.add_argument("--config", default=None, help="bundled real config (with --random-weights)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
-    add_engine_arguments(p)
-    args = p.parse_args(argv)
-    settings = engine_settings(args)
-    if args.random_weights:
-        if not args.config:
-            p.error("--random-weights needs --config NAME")
-        settings["model"] = str(config_model_dir(args.config))
-        settings["load_format"] = "dummy"
-    workload = PrefixWorkload(
+
+
+def workload_from_args(args: argparse.Namespace) -> PrefixWorkload:
+    return PrefixWorkload(
         num_groups=args.groups,
         per_group=args.per_group,
         prefix_len=args.prefix_len,
@@ -154,17 +138,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_token_id=args.max_token_id,
         seed=args.workload_seed,
     )
-    result = run_prefix_bench(lambda: LLM(**settings), workload, progress=True)
-    result["model"] = args.config if args.random_weights else settings.get("model")
-    result["command"] = "python -m pegboard.core.bench.prefix " + " ".join(sys.argv[1:])
-    result["date"] = datetime.date.today().isoformat()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
