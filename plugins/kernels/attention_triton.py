@@ -1,0 +1,224 @@
+"""The `triton` attention backend: paged attention in Triton kernels.
+
+Per step, `prepare` fills fixed-capacity device tensors in place (one host-to-device copy
+each, no device sync): the padded page-table matrix `[requests, pages]`, and per request the
+sequence lengths, query start offsets (cu_seqlens) and cached-prefix lengths; for a batch
+with prefill tokens also the extend kernel's query-block map. Per layer, `forward` stores the
+new keys and values with the store-KV kernel, then runs the split-K paged decode kernel when
+every request has one new token, and the extend kernel (cached prefix plus causal new tokens)
+otherwise. The kernels live in `pegboard.plugins.kernels.triton_attention`; docs/kernels.md
+describes them.
+
+This module imports Triton only when a backend is built, so `pegboard plugins` lists the
+plugin on machines without Triton; selecting it there fails with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import ClassVar
+
+import numpy as np
+import pydantic
+import torch
+from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.slots import Attention, AttentionBackend, Plugin, PluginContext
+from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo
+
+
+class TritonAttentionOptions(pydantic.BaseModel):
+    """Options of `TritonAttention`."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    decode_splits: int = pydantic.Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "Splits of each request's KV length in the decode kernel (flash-decoding), merged "
+            "by a reduce kernel. 0: chosen per step from the batch size, context length and "
+            "number of SMs."
+        ),
+    )
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention (`pegboard.sdk.AttentionBackend`) with Triton kernels.
+
+    Metadata tensors are allocated once and refilled in place each step, so their addresses
+    stay fixed while the batch fits their capacity (they grow, by doubling, when a step needs
+    more requests or pages). `forward` never synchronises with the device: the step's sizes
+    come from the host lists of the `ForwardBatch`.
+    """
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        pool: KVPool,
+        scale: float | None = None,
+        decode_splits: int = 0,
+        max_requests: int = 64,
+    ) -> None:
+        super().__init__(model, pool, scale)
+        from pegboard.plugins.kernels import triton_attention
+
+        if model.num_heads % model.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({model.num_heads}) must be a multiple of num_kv_heads "
+                f"({model.num_kv_heads})"
+            )
+        self.kernels = triton_attention
+        self.decode_splits = decode_splits
+        self.device = pool.k[0].device if pool.k else model.device
+        self.group = model.num_heads // model.num_kv_heads
+        self.tokens_per_block = triton_attention.tokens_per_block(self.group)
+        self.decode_block_n = triton_attention.decode_block_n(model.head_dim)
+        self.batch: ForwardBatch | None = None
+        self.is_decode = False
+        self.num_splits = 1
+        self.num_blocks = 0
+        self.max_requests = 0
+        self.max_pages = 0
+        self.max_blocks = 0
+        self.max_splits = 0
+        self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
+
+    def _reserve(self, requests: int, pages: int, blocks: int, splits: int) -> None:
+        """Grow the metadata tensors (and the decode workspace) to hold at least this much."""
+        dev = self.device
+        if requests > self.max_requests or pages > self.max_pages:
+            self.max_requests = max(self.max_requests, _pow2(requests))
+            self.max_pages = max(self.max_pages, _pow2(pages))
+            cap = self.max_requests
+            self.page_table = torch.zeros(cap, self.max_pages, dtype=torch.int32, device=dev)
+            self.request_meta = torch.zeros(3 * cap + 1, dtype=torch.int32, device=dev)
+            self.seq_lens = self.request_meta[:cap]
+            self.query_starts = self.request_meta[cap : 2 * cap + 1]
+            self.prefix_lens = self.request_meta[2 * cap + 1 :]
+            self.max_splits = 0  # the workspace is sized by requests too
+        if blocks > self.max_blocks:
+            self.max_blocks = _pow2(blocks)
+            self.block_map = torch.zeros(self.max_blocks, 2, dtype=torch.int32, device=dev)
+        if splits > self.max_splits:
+            self.max_splits = splits
+            self.workspace = self.kernels.decode_workspace(
+                self.max_requests, self.model.num_heads, splits, self.model.head_dim, dev
+            )
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Fill the step's metadata on the host, copy it into the fixed device tensors and
+        pick the kernel (decode when every request has one new token) and its split count."""
+        num_requests = batch.num_requests
+        query_lens = np.asarray(batch.query_lens_cpu, dtype=np.int32)
+        seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
+        max_pages = max(len(t) for t in batch.page_tables_cpu)
+        self.is_decode = batch.is_decode_only
+        if self.is_decode:
+            self.num_splits = self.decode_splits or self.kernels.choose_num_splits(
+                num_requests,
+                self.model.num_kv_heads,
+                int(seq_lens.max()),
+                self.device,
+                self.decode_block_n,
+            )
+            self._reserve(num_requests, max_pages, 0, self.num_splits if self.num_splits > 1 else 0)
+        else:
+            block_map = self.kernels.build_block_map(query_lens, self.tokens_per_block)
+            self.num_blocks = len(block_map)
+            self._reserve(num_requests, max_pages, self.num_blocks, 0)
+            _upload(self.block_map[: self.num_blocks], block_map)
+
+        cap = self.max_requests
+        meta = np.zeros(3 * cap + 1, dtype=np.int32)
+        meta[:num_requests] = seq_lens
+        np.cumsum(query_lens, out=meta[cap + 1 : cap + 1 + num_requests])
+        meta[2 * cap + 1 : 2 * cap + 1 + num_requests] = seq_lens - query_lens
+        _upload(self.request_meta, meta)
+        table = np.zeros((num_requests, max_pages), dtype=np.int32)
+        for row, pages in zip(table, batch.page_tables_cpu):
+            row[: len(pages)] = pages
+        _upload(self.page_table[:num_requests, :max_pages], table)
+        self.batch = batch
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Store `k`/`v` at the batch's slots, then run the decode or the extend kernel."""
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        self.kernels.store_kv(k, v, k_cache, v_cache, self.batch.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if self.is_decode:
+            return self.kernels.decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                self.page_table,
+                self.seq_lens,
+                self.scale,
+                out,
+                num_splits=self.num_splits,
+                workspace=self.workspace if self.num_splits > 1 else None,
+                block_n=self.decode_block_n,
+            )
+        return self.kernels.extend_attention(
+            q,
+            k_cache,
+            v_cache,
+            self.page_table,
+            self.prefix_lens,
+            self.query_starts,
+            self.block_map,
+            self.num_blocks,
+            self.scale,
+            out,
+        )
+
+
+class TritonAttention(Attention):
+    """Plugin `triton` (slot `attention`): paged attention with Triton kernels (a split-K
+    decode kernel and a prefill/extend kernel over the page table).
+
+    Needs Triton and a CUDA device; with `TRITON_INTERPRET=1` it also runs on CPU tensors in
+    Triton's interpreter (slow; meant for tests). Selecting it where neither holds fails at
+    setup with the reason."""
+
+    Options: ClassVar[type[pydantic.BaseModel]] = TritonAttentionOptions
+
+    def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
+        """Fail early, with the reason, where the kernels cannot run."""
+        _require_runtime(ctx.device)
+
+    @hookimpl
+    def attention_kernel(self, model: ModelInfo, pool: KVPool) -> AttentionBackend:
+        _require_runtime(model.device)
+        return TritonAttentionBackend(model, pool, decode_splits=self.options.decode_splits)
+
+
+def _require_runtime(device: torch.device) -> None:
+    """Raise a RuntimeError saying why the Triton kernels cannot run on `device`, if so."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError(
+            "the triton attention backend needs the `triton` package, which is not installed "
+            "(pip install 'pegboard[gpu]' or pip install triton); choose --attention torch"
+        )
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"the triton attention backend needs a CUDA device, and the model is on "
+            f"{device.type}; set TRITON_INTERPRET=1 to run its kernels in Triton's CPU "
+            "interpreter (slow, for tests), or choose --attention torch"
+        )
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _upload(dst: torch.Tensor, array: np.ndarray) -> None:
+    """Copy a host array into `dst` in place; from pinned memory and asynchronously on CUDA."""
+    src = torch.from_numpy(array)
+    if dst.is_cuda:
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)

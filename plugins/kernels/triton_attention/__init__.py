@@ -1,0 +1,37 @@
+"""Triton kernels of the `triton` attention backend (`pegboard.plugins.kernels.attention_triton`).
+
+- `store_kv` — writes the step's new keys and values into their pool slots.
+- `decode_attention` — one query token per request: a split-K paged decode kernel plus a
+  reduce kernel that merges the splits.
+- `extend_attention` — prefill, chunked prefill and mixed batches: causal attention of the new
+  tokens over each request's cached prefix and themselves.
+
+Importing this package imports Triton. Set `TRITON_INTERPRET=1` before that import to run the
+kernels on CPU tensors in Triton's interpreter (slow; for tests).
+"""
+
+from pegboard.plugins.kernels.triton_attention.decode import (
+    choose_num_splits,
+    decode_attention,
+    decode_block_n,
+    decode_workspace,
+)
+from pegboard.plugins.kernels.triton_attention.extend import (
+    build_block_map,
+    extend_attention,
+    extend_block_m,
+    tokens_per_block,
+)
+from pegboard.plugins.kernels.triton_attention.store_kv import store_kv
+
+__all__ = [
+    "build_block_map",
+    "choose_num_splits",
+    "decode_attention",
+    "decode_block_n",
+    "decode_workspace",
+    "extend_attention",
+    "extend_block_m",
+    "store_kv",
+    "tokens_per_block",
+]
