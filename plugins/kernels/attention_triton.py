@@ -16,6 +16,7 @@ plugin on machines without Triton; selecting it there fails with the reason.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from typing import ClassVar
 
@@ -136,10 +137,9 @@ class TritonAttentionBackend(AttentionBackend):
         np.cumsum(query_lens, out=meta[cap + 1 : cap + 1 + num_requests])
         meta[2 * cap + 1 : 2 * cap + 1 + num_requests] = seq_lens - query_lens
         _upload(self.request_meta, meta)
-        table = np.zeros((num_requests, max_pages), dtype=np.int32)
-        for row, pages in zip(table, batch.page_tables_cpu):
-            row[: len(pages)] = pages
-        _upload(self.page_table[:num_requests, :max_pages], table)
+        _upload(
+            self.page_table[:num_requests, :max_pages], _pad_rows(batch.page_tables_cpu, max_pages)
+        )
         self.batch = batch
 
     def forward(
@@ -214,6 +214,17 @@ def _require_runtime(device: torch.device) -> None:
 def _pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
+    """int32 `[len(rows), width]`: each row's values, then zeros."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    table = np.zeros((len(rows), width), dtype=np.int32)
+    flat = np.fromiter(
+        itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum())
+    )
+    table[np.arange(width) < lengths[:, None]] = flat
+    return table
 
 
 def _upload(dst: torch.Tensor, array: np.ndarray) -> None:
