@@ -1,0 +1,44 @@
+"""Profile batch-1 decode on the GPU: ms per token, then cProfile of one generate call.
+
+python3 scripts/profile_decode.py --config llama-3.1-8b --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+from pegboard.core.bench.models import config_model_dir
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import SamplingParams
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="llama-3.1-8b")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    args = p.parse_args()
+    llm = LLM(str(config_model_dir(args.config)), load_format="dummy", max_model_len=4096)
+    params = SamplingParams(max_tokens=args.tokens, temperature=args.temperature, ignore_eos=True)
+    prompt = list(range(100, 228))
+    llm.generate([prompt], params)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate([prompt], params)
+    torch.cuda.synchronize()
+    per_token = (time.perf_counter() - start) / args.tokens
+    print(f"{per_token * 1e3:.2f} ms/token ({1 / per_token:.1f} tok/s)")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    llm.generate([prompt], params)
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
