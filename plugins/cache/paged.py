@@ -29,6 +29,24 @@ class KVState:
     reusable_pages: list[int] = field(default_factory=list)
 
 
+def page_table_counts(requests: Iterable[Request], page_size: int, num_pages: int) -> list[int]:
+    """How many page tables name each page; raises AssertionError for a page outside the pool
+    or a page table too short for its request's computed tokens (shared by the invariant
+    checkers of the caches built on this one)."""
+    counts = [0] * num_pages
+    for r in requests:
+        if r.page_table and len(r.page_table) * page_size < r.num_computed_tokens:
+            raise AssertionError(
+                f"{r.request_id}: {len(r.page_table)} pages cannot hold "
+                f"{r.num_computed_tokens} computed tokens"
+            )
+        for p in r.page_table:
+            if not 0 <= p < num_pages:
+                raise AssertionError(f"{r.request_id}: page {p} is outside the pool")
+            counts[p] += 1
+    return counts
+
+
 class PagedCache(KVCache):
     """A page pool with a free list: `allocate_kv` appends free pages to page tables, `free`
     returns them; `match_prefix` is always 0 (no prefix reuse).
@@ -163,17 +181,7 @@ class PagedCache(KVCache):
 
         `requests` must include every request holding pages. A page named by two page tables
         is an error unless `shared_ok` (pages a prefix cache handed over may be shared)."""
-        counts = [0] * self.num_pages
-        for r in requests:
-            if r.page_table and len(r.page_table) * self.page_size < r.num_computed_tokens:
-                raise AssertionError(
-                    f"{r.request_id}: {len(r.page_table)} pages cannot hold "
-                    f"{r.num_computed_tokens} computed tokens"
-                )
-            for p in r.page_table:
-                if not 0 <= p < self.num_pages:
-                    raise AssertionError(f"{r.request_id}: page {p} is outside the pool")
-                counts[p] += 1
+        counts = page_table_counts(requests, self.page_size, self.num_pages)
         free = set(self._free)
         if len(free) != len(self._free):
             raise AssertionError("a page is on the free list twice")

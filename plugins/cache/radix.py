@@ -9,7 +9,12 @@ from typing import ClassVar
 
 import pydantic
 from pegboard.core.hookspecs import hookimpl
-from pegboard.plugins.cache.paged import DEFAULT_PAGE_SIZE, KVState, PagedCache
+from pegboard.plugins.cache.paged import (
+    DEFAULT_PAGE_SIZE,
+    KVState,
+    PagedCache,
+    page_table_counts,
+)
 from pegboard.plugins.cache.radix_tree import Match, RadixTree, TreeNode
 from pegboard.sdk.slots import KVCache, Plugin, PluginContext
 from pegboard.sdk.types import KVPool, Request
@@ -357,17 +362,7 @@ class RadixCache(KVCache):
         pages lead its page table; lock counts equal the holds below each node; the evictable
         and device page counters match the tree; page tables cover the computed tokens."""
         requests = list(requests)
-        counts = [0] * self.num_pages
-        for r in requests:
-            if r.page_table and len(r.page_table) * self.page_size < r.num_computed_tokens:
-                raise AssertionError(
-                    f"{r.request_id}: {len(r.page_table)} pages cannot hold "
-                    f"{r.num_computed_tokens} computed tokens"
-                )
-            for p in r.page_table:
-                if not 0 <= p < self.num_pages:
-                    raise AssertionError(f"{r.request_id}: page {p} is outside the pool")
-                counts[p] += 1
+        counts = page_table_counts(requests, self.page_size, self.num_pages)
         tree_pages: list[int] = []
         for n in self.tree.nodes():
             if n.pages is not None:
