@@ -54,6 +54,7 @@ class Engine:
         self.config = config
         self.plugins = plugins or PluginManager()
         self.patches = apply_patches(config.patches, strict=config.strict_patches)
+        self._check_selections()  # a typo in a plugin name fails before the model loads
         self.model_dir = Path(config.model) if config.model else default_model_dir()
         self.runner = ModelRunner(
             self.model_dir,
@@ -315,11 +316,17 @@ class Engine:
         reserve = total * (1.0 - self.config.gpu_memory_utilization)
         return max(int(free - reserve), 0)
 
+    def _selected(self, slot: str) -> list[str]:
+        chosen = self.config.selection(slot) or SLOTS[slot].default
+        return chosen if isinstance(chosen, list) else [chosen] if chosen else []
+
+    def _check_selections(self) -> None:
+        for slot in SLOTS:
+            for name in self._selected(slot):
+                self.plugins.validate_options(slot, name, self.config.plugin_options.get(name))
+
     def _select(self, slot: str) -> None:
-        spec = SLOTS[slot]
-        chosen = self.config.selection(slot) or spec.default
-        names = chosen if isinstance(chosen, list) else [chosen] if chosen else []
-        for name in names:
+        for name in self._selected(slot):
             plugin = self.plugins.create(slot, name, self.config.plugin_options.get(name))
             plugin.setup(self.ctx)
             self.plugins.register(plugin)

@@ -27,13 +27,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story for a user: printed without a traceback."""
+    import pydantic
+    from pegboard.core.engine import RequestRejected
+    from pegboard.core.models import ModelLoadError
+    from pegboard.core.plugin_manager import PluginError
+    from pegboard.core.swap import SwapError
+    from pegboard.core.tokenizer import TokenizerError
+    from pegboard.sdk.patch import PatchError
+
+    return (
+        PluginError,
+        PatchError,
+        ModelLoadError,
+        TokenizerError,
+        RequestRejected,
+        SwapError,
+        pydantic.ValidationError,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        print(f"pegboard {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
