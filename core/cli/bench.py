@@ -1,21 +1,29 @@
-"""`pegboard bench offline|prefix ...` — benchmarks with JSON results for docs/benchmarks.md.
+"""`pegboard bench offline|prefix|serve ...` — benchmarks with JSON results for docs/benchmarks.md.
 
-Both take the engine flags, and `--random-weights --config NAME` to build a model from a
-bundled real config with random weights on the device."""
+offline and prefix take the engine flags, and `--random-weights --config NAME` to build a model
+from a bundled real config with random weights on the device; offline can run the same
+workload through a peer engine afterwards (`--peer transformers`). serve loads a running
+`pegboard serve` (or any OpenAI-compatible server on this machine) over HTTP. offline and
+serve draw a chart of the result with `--chart FILE.png`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
+import gc
 import json
+import math
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from pegboard.core.bench.peer import PEERS
     from pegboard.core.bench.prefix import add_workload_arguments
 
     p = sub.add_parser("bench", help="run a benchmark")
@@ -27,12 +35,61 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--min-output", type=int, default=100)
     off.add_argument("--max-output", type=int, default=1024)
     off.add_argument("--workload-seed", type=int, default=0)
+    off.add_argument("--max-token-id", type=int, default=10000, help="random prompt ids up to")
+    off.add_argument(
+        "--peer",
+        choices=PEERS,
+        default=None,
+        help="then run the same workload through this engine on the same device "
+        "(continuous batching; `generate` for one sequence)",
+    )
+    off.add_argument(
+        "--peer-timeout", type=float, default=600.0, metavar="S", help="bound on the peer's run"
+    )
+    off.add_argument("--chart", default=None, metavar="FILE.png", help="bars of output tok/s")
     _add_common(off)
     off.set_defaults(func=run_offline_cmd)
     prefix = kinds.add_parser("prefix", help="shared-prefix workload: hit rate and throughput")
     add_workload_arguments(prefix)
     _add_common(prefix)
     prefix.set_defaults(func=run_prefix_cmd)
+    _add_serve_parser(kinds)
+
+
+def _add_serve_parser(kinds: argparse._SubParsersAction) -> None:
+    s = kinds.add_parser(
+        "serve",
+        help="latency and throughput of a running server (streamed /v1/completions)",
+        description="Load a server on this machine with streamed /v1/completions requests "
+        "(ignore_eos, per-request max_tokens) and report TTFT, TPOT, ITL and e2e percentiles, "
+        "requests/s and tok/s.",
+    )
+    s.add_argument("--url", default="http://127.0.0.1:8000", help="loopback server address")
+    s.add_argument("--model", default=None, help="model name to send (default: the server's)")
+    s.add_argument("--num-prompts", type=int, default=64)
+    load = s.add_argument_group("load (default: every request at once)")
+    load.add_argument("--concurrency", type=int, default=None, help="at most C in flight")
+    load.add_argument(
+        "--request-rate", type=float, default=math.inf, help="Poisson arrivals, R per second"
+    )
+    s.add_argument("--min-input", type=int, default=100)
+    s.add_argument("--max-input", type=int, default=1024)
+    s.add_argument("--min-output", type=int, default=100)
+    s.add_argument("--max-output", type=int, default=1024)
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--random-ids", action="store_true", help="random token-id prompts (default)")
+    src.add_argument(
+        "--prompts", default=None, metavar="FILE", help='lines of text or {"prompt": ...}'
+    )
+    s.add_argument("--max-token-id", type=int, default=10000, help="random prompt ids up to")
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0, help="prompts, lengths and arrivals")
+    s.add_argument("--time-limit", type=float, default=600.0, metavar="S", help="whole run")
+    s.add_argument("--request-timeout", type=float, default=300.0, metavar="S")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
+    s.add_argument("--chart", default=None, metavar="FILE.png", help="latency percentiles")
+    s.set_defaults(func=run_serve_cmd)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -64,15 +121,42 @@ def _device_name(llm) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def _run(args: argparse.Namespace, bench) -> int:
-    """Build the LLM from the flags, run `bench(llm)`, print and save the result."""
-    from pegboard.core.llm import LLM
-
+def _run(
+    args: argparse.Namespace,
+    bench: Callable[[Any], dict],
+    peer: Callable[[Any, Any], dict] | None = None,
+    chart: Callable[[dict, str], Any] | None = None,
+) -> int:
+    """Build the LLM from the flags, run `bench(llm)`; then, with the LLM released,
+    `peer(model_dir, model_info)` if given; print and save the result."""
     try:
         settings = _settings(args)
     except ValueError as e:
         print(f"pegboard bench: {e}", file=sys.stderr)
         return 2
+    result, model_dir, info = _run_pegboard(args, settings, bench)
+    if peer is not None:
+        gc.collect()  # the engine's model and KV pool, before the peer allocates its own
+        if info.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        result["peer"] = peer(model_dir, info)
+        peer_tok_s = result["peer"]["output_tok_s"]
+        result["pegboard_vs_peer"] = (
+            round(result["output_tok_s"] / peer_tok_s, 2) if peer_tok_s else None
+        )
+    _emit(result, args.json)
+    if chart is not None and args.chart:
+        chart(result, args.chart)
+    return 0
+
+
+def _run_pegboard(args: argparse.Namespace, settings: dict[str, Any], bench) -> tuple:
+    """The bench result with the run's facts, the model directory and its `ModelInfo`; the
+    LLM is closed and unreferenced when this returns."""
+    from pegboard.core.llm import LLM
+
     with LLM(**settings) as llm:
         facts = {
             "device": _device_name(llm),
@@ -82,15 +166,19 @@ def _run(args: argparse.Namespace, bench) -> int:
                 for slot in ("scheduler", "kv_cache", "attention", "sampler")
             },
         }
-        result = bench(llm) | facts
+        result = {"engine": "pegboard"} | bench(llm) | facts
+        return result, llm.engine.model_dir, llm.engine.info
+
+
+def _emit(result: dict, json_path: str | None, unprinted: tuple[str, ...] = ()) -> None:
+    """Stamp the command and date on `result`, print it (less the `unprinted` keys) and write
+    all of it to `json_path`."""
     result["command"] = "pegboard " + " ".join(sys.argv[1:])
     result["date"] = datetime.date.today().isoformat()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    return 0
+    print(json.dumps({k: v for k, v in result.items() if k not in unprinted}, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
 
 
 def run_offline_cmd(args: argparse.Namespace) -> int:
@@ -102,9 +190,26 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
         max_input=args.max_input,
         min_output=args.min_output,
         max_output=args.max_output,
+        max_token_id=args.max_token_id,
         seed=args.workload_seed,
     )
-    return _run(args, lambda llm: run_offline(llm, workload))
+    peer = None
+    if args.peer:
+        from pegboard.core.bench.peer import run_peer
+
+        def peer(model_dir, info) -> dict:
+            return run_peer(
+                args.peer,
+                model_dir,
+                workload,
+                dtype=info.dtype,
+                device=info.device,
+                timeout=args.peer_timeout,
+            )
+
+    from pegboard.core.bench.chart import offline_chart
+
+    return _run(args, lambda llm: run_offline(llm, workload), peer, offline_chart)
 
 
 def run_prefix_cmd(args: argparse.Namespace) -> int:
@@ -112,3 +217,44 @@ def run_prefix_cmd(args: argparse.Namespace) -> int:
 
     workload = workload_from_args(args)
     return _run(args, lambda llm: run_prefix_bench(lambda: llm, workload, progress=True))
+
+
+def run_serve_cmd(args: argparse.Namespace) -> int:
+    import httpx
+    from pegboard.core.bench.chart import serve_chart
+    from pegboard.core.bench.serve import ServeWorkload, run_serve_bench
+
+    workload = ServeWorkload(
+        num_prompts=args.num_prompts,
+        min_input=args.min_input,
+        max_input=args.max_input,
+        min_output=args.min_output,
+        max_output=args.max_output,
+        max_token_id=args.max_token_id,
+        prompts_file=args.prompts,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    try:
+        result = asyncio.run(
+            run_serve_bench(
+                args.url,
+                workload,
+                model=args.model,
+                concurrency=args.concurrency,
+                request_rate=args.request_rate,
+                time_limit=args.time_limit,
+                request_timeout=args.request_timeout,
+                progress=not args.no_progress,
+            )
+        )
+    except (ValueError, OSError) as e:
+        print(f"pegboard bench serve: {e}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as e:
+        print(f"pegboard bench serve: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 2
+    _emit(result, args.json, unprinted=("per_request",))
+    if args.chart:
+        serve_chart(result, args.chart)
+    return 0 if result["failed"] == 0 else 1
