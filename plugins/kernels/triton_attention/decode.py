@@ -180,10 +180,11 @@ def _decode_reduce_kernel(
 def choose_num_splits(
     num_requests: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int
 ) -> int:
-    """Splits per request so that about four programs per SM run, but never so many that a
-    split gets fewer than two tiles of keys, and at most 16."""
+    """Splits per request so that about two programs per SM run, but never so many that a
+    split gets fewer than two tiles of keys, and at most 16. (On the H100, 64 requests x 8 KV
+    heads ran fastest unsplit, one request of 8192 tokens with 16 splits: docs/benchmarks.md.)"""
     programs = num_requests * num_kv_heads
-    wanted = triton.cdiv(4 * num_sms(device), max(programs, 1))
+    wanted = triton.cdiv(2 * num_sms(device), max(programs, 1))
     useful = triton.cdiv(max_seq_len, 2 * block_n)
     return max(1, min(wanted, useful, 16))
 

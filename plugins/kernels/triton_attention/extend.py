@@ -207,9 +207,9 @@ def extend_attention(
     scale: float,
     out: torch.Tensor,
     block_m: int | None = None,
-    block_n: int = 64,
-    num_warps: int | None = None,
-    num_stages: int = 2,
+    block_n: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Causal attention of every new token over its request's cached prefix and the new
     tokens up to itself; returns `out`.
@@ -219,7 +219,8 @@ def extend_attention(
     new tokens' keys and values; `page_table`: int32 `[>= B, >= max pages]`; `prefix_lens`: int32
     `[>= B]`, each request's cached tokens before this step; `query_starts`: int32 `[>= B + 1]`, the cumulative
     new-token counts (cu_seqlens); `block_map`: int32 `[>= num_blocks, 2]` from
-    `build_block_map` with `tokens_per_block(group, block_m)`.
+    `build_block_map` with `tokens_per_block(group, block_m)`. The default tiles (64 query
+    rows, 32 keys, 4 warps, 3 stages) were the fastest of a sweep on the H100 at head size 128.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -258,7 +259,7 @@ def extend_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps or (8 if block_d >= 128 else 4),
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     return out
