@@ -800,8 +800,9 @@ def _reference_attention(
         values = values.repeat_interleave(group, dim=1)
         query = q[start : start + new].float()
         scores = torch.einsum("qhd,khd->hqk", query, keys) * scale
-        query_pos = torch.arange(cached, seq).unsqueeze(1)
-        scores.masked_fill_(torch.arange(seq).unsqueeze(0) > query_pos, float("-inf"))
+        query_pos = torch.arange(cached, seq, device=scores.device).unsqueeze(1)
+        future = torch.arange(seq, device=scores.device).unsqueeze(0) > query_pos
+        scores.masked_fill_(future, float("-inf"))
         outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), values))
         start += new
     return torch.cat(outs)

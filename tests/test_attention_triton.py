@@ -223,15 +223,10 @@ def test_metadata_tensors_are_filled_in_place_across_steps():
     assert backend.seq_lens[:70].tolist() == [2] * 70
 
 
-@pytest.mark.skipif(
-    DEVICE.type == "cuda",
-    reason="check_attention's dense reference builds its causal mask on the CPU, which "
-    "masked_fill_ refuses for CUDA scores; the kit runs on CPU (here: the interpreter)",
-)
 def test_plugin_passes_the_conformance_kit():
     from pegboard.sdk.testing import check_attention
 
-    check_attention(TritonAttention)
+    check_attention(TritonAttention, device=DEVICE.type)
 
 
 def test_plugin_returns_a_backend_over_the_given_pool():
