@@ -280,10 +280,10 @@ async def run_serve_bench(
     connections = httpx.Limits(max_connections=concurrency or len(requests))
     timeout = httpx.Timeout(request_timeout, connect=10.0)
     records: list[RequestRecord | None] = [None] * len(requests)
-    bar = _progress_bar(len(requests), progress)
 
     async with httpx.AsyncClient(timeout=timeout, limits=connections) as client:
         model = model or await discover_model(client, base)
+        bar = _progress_bar(len(requests), progress)
         start = time.perf_counter()
 
         async def one(i: int) -> None:
@@ -309,7 +309,7 @@ async def run_serve_bench(
                 max_tokens=max_tokens,
                 error=f"not finished within the time limit ({time_limit} s)",
             )
-    return summarize(records, elapsed) | {
+    return {
         "kind": "serve",
         "url": base,
         "model": model,
@@ -317,7 +317,7 @@ async def run_serve_bench(
         "concurrency": concurrency,
         "request_rate": None if math.isinf(request_rate) else request_rate,
         "time_limit_s": time_limit,
-    }
+    } | summarize(records, elapsed)
 
 
 def summarize(records: list[RequestRecord], elapsed: float) -> dict:

@@ -175,10 +175,10 @@ def _emit(result: dict, json_path: str | None, unprinted: tuple[str, ...] = ()) 
     all of it to `json_path`."""
     result["command"] = "pegboard " + " ".join(sys.argv[1:])
     result["date"] = datetime.date.today().isoformat()
-    print(json.dumps({k: v for k, v in result.items() if k not in unprinted}, indent=2))
     if json_path:
         with open(json_path, "w") as f:
             f.write(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in unprinted}, indent=2))
 
 
 def run_offline_cmd(args: argparse.Namespace) -> int:
