@@ -42,5 +42,9 @@ class EngineConfig(pydantic.BaseModel):
     gpu_memory_utilization: float = pydantic.Field(0.85, gt=0.0, le=1.0)
     cpu_kv_cache_bytes: int = pydantic.Field(512 << 20, ge=1)
 
+    # CUDA graphs for decode steps (on a CUDA device with a backend that supports them).
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = pydantic.Field(256, ge=0)  # largest captured batch size
+
     def selection(self, slot: str) -> str | list[str] | None:
         return getattr(self, slot)

@@ -336,7 +336,12 @@ class Engine:
         backend = self.hook.attention_kernel(model=self.info, pool=pool)
         if backend is None:
             raise SwapError("the attention plugin returned no backend")
-        self.runner.set_attention(backend)
+        c = self.config
+        self.runner.set_attention(  # (re)captures decode CUDA graphs for this backend and pool
+            backend,
+            cuda_graph_max_bs=0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
+            max_requests=c.max_running_requests,
+        )
 
     def swap(self, slot: str, name: str, **options) -> Future:
         """Replace the plugin in `slot` by `name` at the next step boundary.

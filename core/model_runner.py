@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+from pegboard.core.cuda_graph import CUDAGraphRunner, capture_sizes, graph_unsupported_reason
 from pegboard.core.models import load_model
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, ModelInfo, Request
+
+log = logging.getLogger("pegboard.model_runner")
 
 
 class ModelRunner:
@@ -17,6 +21,10 @@ class ModelRunner:
     `prepare` lays the scheduled tokens out flat (ids, positions, KV slots) and `forward` runs
     the model and returns logits for the requests that sample this step. The runner never
     touches request bookkeeping: the engine advances `num_computed_tokens`.
+
+    Decode-only batches replay CUDA graphs (`pegboard.core.cuda_graph`) when `set_attention`
+    captured them: `cuda_graphs` is then the graph runner, otherwise None and
+    `cuda_graph_off_reason` says why.
     """
 
     def __init__(
@@ -34,10 +42,44 @@ class ModelRunner:
         self.info: ModelInfo = loaded.info
         self.device: torch.device = loaded.info.device
         self.attention: AttentionBackend | None = None
+        self.cuda_graphs: CUDAGraphRunner | None = None
+        self.cuda_graph_off_reason: str | None = "no attention backend is bound yet"
 
-    def set_attention(self, backend: AttentionBackend) -> None:
-        """Use `backend` from the next forward on (at start and after an attention swap)."""
+    def set_attention(
+        self,
+        backend: AttentionBackend,
+        cuda_graph_max_bs: int = 0,
+        max_requests: int = 0,
+    ) -> None:
+        """Use `backend` from the next forward on (at start and after an attention or KV cache
+        swap), dropping graphs captured for the previous backend.
+
+        With `cuda_graph_max_bs` > 0, capture decode graphs for batches of up to that many
+        requests (at most `max_requests`, the most any batch will hold) where the device and
+        backend allow. A failed capture leaves graphs off and logs why: the eager path serves
+        the same batches."""
         self.attention = backend
+        self.cuda_graphs = None
+        reason = graph_unsupported_reason(self.device, backend)
+        if cuda_graph_max_bs < 1:
+            reason = "CUDA graphs are disabled (--disable-cuda-graph or --cuda-graph-max-bs 0)"
+        self.cuda_graph_off_reason = reason
+        if reason is not None:
+            return
+        sizes = capture_sizes(min(cuda_graph_max_bs, max(max_requests, 1)))
+        try:
+            self.cuda_graphs = CUDAGraphRunner(
+                self.model,
+                backend,
+                sizes,
+                max_requests,
+                self.info.max_model_len,
+                backend.pool.page_size,
+                self.device,
+            )
+        except Exception as e:
+            log.warning("CUDA graph capture failed, decode runs eagerly: %s", e, exc_info=True)
+            self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
 
     def prepare(
         self, requests: list[Request], num_tokens: list[int], page_size: int
@@ -90,11 +132,14 @@ class ModelRunner:
         if self.attention is None:
             raise RuntimeError("ModelRunner.set_attention must be called before forward")
         self.attention.prepare(batch)
-        hidden = self.model(batch.input_ids, batch.positions, self.attention)
         if all(batch.samples):
             rows = batch.logits_indices
         else:
             rows = batch.logits_indices[[i for i, s in enumerate(batch.samples) if s]]
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+            logits = self.cuda_graphs.replay(batch)  # one row per request, in batch order
+            return logits if all(batch.samples) else logits[rows]
+        hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[rows])
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

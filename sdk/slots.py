@@ -165,12 +165,34 @@ class AttentionBackend:
       `k`, `v` into the pool at `batch.slot_mapping`, then return causal attention of each new
       token over its request's cached prefix and the new tokens up to itself,
       `[num_tokens, num_heads, head_dim]`, scaled by `scale` (1/sqrt(head_dim) by default).
+
+    CUDA graphs (optional; the core replays decode steps as graphs only for a backend whose
+    class sets `supports_cuda_graph = True`). Such a backend promises:
+
+    - `prepare_for_capture(max_requests)` — called once, before any capture: size every tensor
+      `forward` reads for batches of up to `max_requests` requests. From then on `prepare`
+      refills those tensors in place and never replaces them, for any batch of at most
+      `max_requests` requests, decode or not (captured graphs keep their addresses).
+    - A decode-only batch's `forward` (every request has one new token) never synchronises
+      with the host and stays correct when replayed from a capture made after `prepare` of
+      another batch of as many rows: it reads per-request lengths and pages from its device
+      tensors, and whatever it fixes at launch (grid, split count) must suit any such batch.
+    - `forward` may get more token rows than `prepare`'s batch had requests (the batch padded
+      to a captured size): rows past the last request have slot -1, store no K/V, and their
+      outputs are ignored; they must not change any real row's output.
     """
+
+    #: Whether decode steps may be captured and replayed as CUDA graphs (see above).
+    supports_cuda_graph: ClassVar[bool] = False
 
     def __init__(self, model: ModelInfo, pool: KVPool, scale: float | None = None) -> None:
         self.model = model
         self.pool = pool
         self.scale = scale if scale is not None else model.head_dim**-0.5
+
+    def prepare_for_capture(self, max_requests: int) -> None:
+        """Size the metadata for CUDA graph capture (see the class docstring). Default: nothing
+        to size, for backends without CUDA graph support."""
 
     def prepare(self, batch: ForwardBatch) -> None:
         raise NotImplementedError

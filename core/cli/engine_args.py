@@ -24,6 +24,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=16)
     g.add_argument("--kv-cache-tokens", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly, without CUDA graphs")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest decode batch replayed as a CUDA graph (default 256; larger batches run eagerly)")
     g.add_argument("--patch", action="append", default=[], dest="patches", metavar="NAME")
     g.add_argument("--strict-patches", action="store_true")
     add_plugin_arguments(p, PluginManager())

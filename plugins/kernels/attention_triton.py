@@ -52,7 +52,15 @@ class TritonAttentionBackend(AttentionBackend):
     stay fixed while the batch fits their capacity (they grow, by doubling, when a step needs
     more requests or pages). `forward` never synchronises with the device: the step's sizes
     come from the host lists of the `ForwardBatch`.
+
+    CUDA graphs: `prepare_for_capture` sizes the metadata and the split workspace for every
+    batch the engine will run, after which they are never replaced (a batch that would need
+    more raises instead). A replayed decode graph keeps the split count of its capture, which
+    is correct for any context length (splits past a request's end do no work). Padded rows
+    have sequence length 0 and slot -1: they store nothing and read no keys.
     """
+
+    supports_cuda_graph = True
 
     def __init__(
         self,
@@ -84,11 +92,29 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_pages = 0
         self.max_blocks = 0
         self.max_splits = 0
+        self.fixed = False  # set by prepare_for_capture: captured graphs hold the addresses
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
+
+    def prepare_for_capture(self, max_requests: int) -> None:
+        """Size the metadata and the decode split workspace for batches of up to
+        `max_requests` requests and any context length, then keep them fixed."""
+        splits = self.decode_splits or self.kernels.choose_num_splits(
+            1, self.model.num_kv_heads, self.model.max_model_len, self.device, self.decode_block_n
+        )
+        self._reserve(max_requests, self.max_pages, 0, splits if splits > 1 else 0)
+        self.fixed = True
 
     def _reserve(self, requests: int, pages: int, blocks: int, splits: int) -> None:
         """Grow the metadata tensors (and the decode workspace) to hold at least this much."""
         dev = self.device
+        if self.fixed and (
+            requests > self.max_requests or pages > self.max_pages or splits > self.max_splits
+        ):
+            raise RuntimeError(
+                f"a batch of {requests} requests, {pages} pages and {splits} decode splits "
+                f"exceeds the capacity fixed for CUDA graphs ({self.max_requests} requests, "
+                f"{self.max_pages} pages, {self.max_splits} splits)"
+            )
         if requests > self.max_requests or pages > self.max_pages:
             self.max_requests = max(self.max_requests, _pow2(requests))
             self.max_pages = max(self.max_pages, _pow2(pages))
