@@ -102,6 +102,18 @@ def test_bench_serve_cancels_what_runs_past_the_time_limit(server, tmp_path):
     assert "time limit" in result["errors"][0]
 
 
+def test_bench_serve_waits_for_a_server_still_loading(tiny_llama_dir, tmp_path):
+    proc = ServerProcess(tiny_llama_dir, tmp_path)  # not yet ready: /health answers 503
+    try:
+        rc, result = bench_serve(
+            proc, tmp_path, "--wait", "120", "--num-prompts", "2", *SMALL,
+            "--min-output", "2", "--max-output", "2",
+        )  # fmt: skip
+        assert rc == 0 and result["completed"] == 2
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
 def test_bench_serve_refuses_a_server_off_this_machine(capsys):
     assert main(["bench", "serve", "--url", "http://10.1.2.3:8000"]) == 2
     assert "on this machine" in capsys.readouterr().err

@@ -188,6 +188,21 @@ def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
     return out
 
 
+async def wait_ready(client: httpx.AsyncClient, base: str, timeout: float) -> None:
+    """Poll `/health` until it answers 200 (a server still loading its model answers 503);
+    TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if (await client.get(base + "/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{base}/health did not answer 200 within {timeout} s")
+        await asyncio.sleep(0.5)
+
+
 async def discover_model(client: httpx.AsyncClient, base: str) -> str:
     """The first model the server lists on `/v1/models`."""
     r = await client.get(base + "/v1/models")
@@ -267,10 +282,12 @@ async def run_serve_bench(
     request_rate: float = math.inf,
     time_limit: float = 600.0,
     request_timeout: float = 300.0,
+    ready_timeout: float = 0.0,
     progress: bool = False,
 ) -> dict:
     """Send the workload to the server at `url` (loopback only) and return the figures; the
-    per-request records are under `per_request`."""
+    per-request records are under `per_request`. With `ready_timeout`, first wait that long
+    for the server to be ready."""
     base = check_loopback(url)
     requests = workload.build()
     offsets = arrival_offsets(len(requests), request_rate, workload.seed)
@@ -282,6 +299,8 @@ async def run_serve_bench(
     records: list[RequestRecord | None] = [None] * len(requests)
 
     async with httpx.AsyncClient(timeout=timeout, limits=connections) as client:
+        if ready_timeout > 0:
+            await wait_ready(client, base, ready_timeout)
         model = model or await discover_model(client, base)
         bar = _progress_bar(len(requests), progress)
         start = time.perf_counter()

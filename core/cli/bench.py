@@ -86,6 +86,9 @@ def _add_serve_parser(kinds: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="prompts, lengths and arrivals")
     s.add_argument("--time-limit", type=float, default=600.0, metavar="S", help="whole run")
     s.add_argument("--request-timeout", type=float, default=300.0, metavar="S")
+    s.add_argument(
+        "--wait", type=float, default=0.0, metavar="S", help="first wait up to S s for /health"
+    )
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
     s.add_argument("--chart", default=None, metavar="FILE.png", help="latency percentiles")
@@ -245,6 +248,7 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
                 request_rate=args.request_rate,
                 time_limit=args.time_limit,
                 request_timeout=args.request_timeout,
+                ready_timeout=args.wait,
                 progress=not args.no_progress,
             )
         )
