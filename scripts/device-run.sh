@@ -2,7 +2,7 @@
 # One run on the lent GPU machine (`device` tool): install what its image lacks from the
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  bash scripts/device-run.sh [tests] [offline-small] [offline] [llama-bs1]
-#                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...]
+#                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,5 +26,28 @@ for job in "${@:-tests}"; do
         timeout 200 $PB bench prefix --random-weights --config qwen3-0.6b --kv-cache "$cache" \
         --scheduler "$sched" ${tokens:+--kv-cache-tokens $tokens} --json "$OUT/$job.json" \
         2>"$OUT/$job.err" | tail -4 ;;
+    offline-peer) # pegboard, then transformers (continuous batching) on the same workload
+        timeout 210 $PB bench offline --random-weights --config qwen3-0.6b --num-seqs 64 \
+        --max-input 512 --max-output 512 --peer transformers --peer-timeout 90 \
+        --json "$OUT/offline-peer.json" --chart "$OUT/offline-peer.png" 2>"$OUT/offline-peer.err" \
+        | tail -22 ;;
+    serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
+        python3 - >"$OUT/serve-qwen3-server.log" 2>&1 <<'PY' &
+from pegboard.core.async_engine import AsyncEngine
+from pegboard.core.bench.models import config_model_dir
+from pegboard.core.config import EngineConfig
+from pegboard.core.server.lifecycle import ServerSettings, ServerState
+from pegboard.core.server.runner import run_server
+
+config = EngineConfig(model=str(config_model_dir("qwen3-0.6b")), load_format="dummy", metrics=["prometheus"])
+state = ServerState(ServerSettings(["qwen3-0.6b"]), engine_factory=lambda: AsyncEngine.from_config(config))
+raise SystemExit(run_server(state, "127.0.0.1", 8000, "warning"))
+PY
+        server=$!
+        timeout 120 $PB bench serve --url http://127.0.0.1:8000 --wait 60 --num-prompts 64 \
+        --concurrency 16 --max-input 1024 --min-output 64 --max-output 256 --time-limit 50 \
+        --no-progress --json "$OUT/serve-qwen3.json" --chart "$OUT/serve-qwen3.png" \
+        2>"$OUT/serve-qwen3.err" | tail -40
+        kill -TERM $server; wait $server ;;
   esac
 done
