@@ -1,6 +1,7 @@
 """Profile batch-1 decode on the GPU: ms per token, then cProfile of one generate call.
 
-python3 scripts/profile_decode.py --config llama-3.1-8b --tokens 64
+python3 scripts/profile_decode.py --config llama-3.1-8b --tokens 64 [--attention triton]
+    [--disable-cuda-graph] [--no-profile]
 """
 
 from __future__ import annotations
@@ -21,8 +22,22 @@ def main() -> None:
     p.add_argument("--config", default="llama-3.1-8b")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--attention", default=None, help="attention backend (default: the engine's)")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="decode eagerly")
+    p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass")
     args = p.parse_args()
-    llm = LLM(str(config_model_dir(args.config)), load_format="dummy", max_model_len=4096)
+    llm = LLM(
+        str(config_model_dir(args.config)),
+        load_format="dummy",
+        max_model_len=4096,
+        attention=args.attention,
+        disable_cuda_graph=args.disable_cuda_graph,
+    )
+    runner = llm.engine.runner
+    if runner.cuda_graphs is not None:
+        print(f"CUDA graphs on, batch sizes {runner.cuda_graphs.sizes}")
+    else:
+        print(f"CUDA graphs off: {runner.cuda_graph_off_reason}")
     params = SamplingParams(max_tokens=args.tokens, temperature=args.temperature, ignore_eos=True)
     prompt = list(range(100, 228))
     llm.generate([prompt], params)
@@ -32,6 +47,8 @@ def main() -> None:
     torch.cuda.synchronize()
     per_token = (time.perf_counter() - start) / args.tokens
     print(f"{per_token * 1e3:.2f} ms/token ({1 / per_token:.1f} tok/s)")
+    if args.no_profile:
+        return
     profiler = cProfile.Profile()
     profiler.enable()
     llm.generate([prompt], params)
