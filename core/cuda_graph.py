@@ -2,9 +2,9 @@
 
 A decode step of a small batch is bound by the host launching kernels one by one (docs/
 benchmarks.md: ~37 ms/token for Llama-3.1-8B at batch 1, of which ~6 ms is GPU work). A CUDA
-graph records the whole forward (embedding, every layer, final norm and LM head) once and
-replays it with one launch. A graph fixes the addresses and shapes of everything it touches,
-so:
+graph records the model's forward (embedding, every layer, final norm) once and replays it
+with one launch; the LM head then runs eagerly on the real rows only. A graph fixes the
+addresses and shapes of everything it touches, so:
 
 - the batch is padded up to the next captured size (`capture_sizes`, `padded_size`);
 - the token ids, positions and KV slots are copied into static tensors the graph reads;
@@ -81,8 +81,8 @@ class CUDAGraphRunner:
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.hidden: torch.Tensor | None = None  # the graphs' output, [max size, hidden]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
         attention.prepare_for_capture(max(max_requests, n))
         self._capture_all(max_model_len, page_size)
@@ -93,7 +93,8 @@ class CUDAGraphRunner:
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """Run `batch` (already `prepare`d by the attention backend) through the graph of its
-        padded size; float32 logits `[num_requests, vocab]`, valid until the next replay."""
+        padded size; the final hidden states `[num_requests, hidden]`, valid until the next
+        replay."""
         n = batch.num_requests
         size = padded_size(n, self.sizes)
         self.input_ids[:n].copy_(batch.input_ids)
@@ -103,7 +104,7 @@ class CUDAGraphRunner:
             self.slot_mapping[n:size].fill_(-1)  # padded rows store no KV
         self.graphs[size].replay()
         self.num_replays += 1
-        return self.logits[size][:n]
+        return self.hidden[:n]
 
     @torch.inference_mode()
     def _capture_all(self, max_model_len: int, page_size: int) -> None:
@@ -123,14 +124,15 @@ class CUDAGraphRunner:
                 samples=[True] * size,
             )
             self.attention.prepare(batch)
-            self._run(size)  # warm up: compiles kernels and picks GEMM algorithms uncaptured
+            out = self._run(size)  # warm up: compiles kernels, picks GEMM algorithms uncaptured
+            if self.hidden is None:
+                self.hidden = torch.empty_like(out)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[size] = self._run(size)
+                self.hidden[:size].copy_(self._run(size))
             self.graphs[size] = graph
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def _run(self, size: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self.attention)
-        return self.model.compute_logits(hidden)
+        return self.model(self.input_ids[:size], self.positions[:size], self.attention)

@@ -137,9 +137,9 @@ class ModelRunner:
         else:
             rows = batch.logits_indices[[i for i, s in enumerate(batch.samples) if s]]
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
-            logits = self.cuda_graphs.replay(batch)  # one row per request, in batch order
-            return logits if all(batch.samples) else logits[rows]
-        hidden = self.model(batch.input_ids, batch.positions, self.attention)
+            hidden = self.cuda_graphs.replay(batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[rows])
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
