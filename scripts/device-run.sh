@@ -48,6 +48,6 @@ PY
         --concurrency 16 --max-input 1024 --min-output 64 --max-output 256 --time-limit 50 \
         --no-progress --json "$OUT/serve-qwen3.json" --chart "$OUT/serve-qwen3.png" \
         2>"$OUT/serve-qwen3.err" | tail -40
-        kill -TERM $server; wait $server ;;
+        kill -TERM $server 2>/dev/null; wait $server ;;
   esac
 done
