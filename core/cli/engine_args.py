@@ -15,17 +15,36 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from pegboard.core.plugin_manager import PluginManager
 
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None, help="local HF model directory (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local HF model directory (default: bundled SmolLM2-135M-Instruct)",
+    )
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto")
+    g.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights (benchmarks of a config without its checkpoint)",
+    )
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-running-requests", type=int, default=256)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--page-size", type=int, default=16)
     g.add_argument("--kv-cache-tokens", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    g.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly, without CUDA graphs")
-    g.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest decode batch replayed as a CUDA graph (default 256; larger batches run eagerly)")
+    g.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run decode steps eagerly, without CUDA graphs",
+    )
+    g.add_argument(
+        "--cuda-graph-max-bs",
+        type=int,
+        default=None,
+        help="largest decode batch replayed as a CUDA graph (default 256; larger batches run eagerly)",
+    )
     g.add_argument("--patch", action="append", default=[], dest="patches", metavar="NAME")
     g.add_argument("--strict-patches", action="store_true")
     add_plugin_arguments(p, PluginManager())
