@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run on the lent GPU machine (`device` tool): install what its image lacks from the
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
-# Usage there:  bash scripts/device-run.sh [tests] [offline-small] [offline] [llama-bs1]
+# Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] bash scripts/device-run.sh
+#                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -15,12 +16,12 @@ for job in "${@:-tests}"; do
   case $job in
     tests) timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --ignore-glob="tests/test_server*" tests 2>&1 | tail -15 | tee "$OUT/gpu-tests.log" ;;
     offline-small) timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --num-seqs 64 \
-        --json "$OUT/offline-qwen3-64.json" 2>"$OUT/offline-qwen3-64.err" | tail -12 ;;
+        ${BENCH_ARGS:-} --json "$OUT/offline-qwen3-64${TAG:-}.json" 2>"$OUT/offline-qwen3-64${TAG:-}.err" | tail -12 ;;
     offline) timeout 300 $PB bench offline --random-weights --config qwen3-0.6b \
-        --json "$OUT/offline-qwen3-256.json" 2>"$OUT/offline-qwen3-256.err" | tail -12 ;;
+        ${BENCH_ARGS:-} --json "$OUT/offline-qwen3-256${TAG:-}.json" 2>"$OUT/offline-qwen3-256${TAG:-}.err" | tail -12 ;;
     llama-bs1) timeout 150 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
         --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
-        --json "$OUT/llama8b-bs1.json" 2>"$OUT/llama8b-bs1.err" | tail -12 ;;
+        ${BENCH_ARGS:-} --json "$OUT/llama8b-bs1${TAG:-}.json" 2>"$OUT/llama8b-bs1${TAG:-}.err" | tail -12 ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"
         timeout 200 $PB bench prefix --random-weights --config qwen3-0.6b --kv-cache "$cache" \
