@@ -46,5 +46,10 @@ class EngineConfig(pydantic.BaseModel):
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = pydantic.Field(256, ge=0)  # largest captured batch size
 
+    # Overlap scheduling: prepare step N+1 on the CPU while the GPU runs step N.
+    disable_overlap: bool = False
+    # Fused Triton kernels (RMSNorm + residual, SiLU-and-mul, rotary) on CUDA devices.
+    disable_fused_kernels: bool = False
+
     def selection(self, slot: str) -> str | list[str] | None:
         return getattr(self, slot)

@@ -62,6 +62,7 @@ class Engine:
             config.device,
             config.max_model_len,
             load_format=config.load_format,
+            fused_kernels=not config.disable_fused_kernels,
         )
         self.tokenizer = load_tokenizer(self.model_dir, allow_missing=config.load_format == "dummy")
         self.info = self.runner.info

@@ -35,8 +35,11 @@ class ModelRunner:
         max_model_len: int | None = None,
         progress: bool = True,
         load_format: str = "auto",
+        fused_kernels: bool = True,
     ) -> None:
-        loaded = load_model(model_dir, dtype, device, max_model_len, progress, load_format)
+        loaded = load_model(
+            model_dir, dtype, device, max_model_len, progress, load_format, fused_kernels
+        )
         self.model = loaded.model
         self.config = loaded.config
         self.info: ModelInfo = loaded.info

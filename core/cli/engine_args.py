@@ -45,6 +45,18 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="largest decode batch replayed as a CUDA graph (default 256; larger batches run eagerly)",
     )
+    g.add_argument(
+        "--disable-overlap",
+        action="store_true",
+        help="run each step's CPU work (schedule, allocate, prepare) only after the GPU finished "
+        "the previous step (ablation of overlap scheduling)",
+    )
+    g.add_argument(
+        "--disable-fused-kernels",
+        action="store_true",
+        help="use plain PyTorch ops instead of the fused Triton kernels (RMSNorm + residual, "
+        "SiLU-and-mul, rotary) on CUDA",
+    )
     g.add_argument("--patch", action="append", default=[], dest="patches", metavar="NAME")
     g.add_argument("--strict-patches", action="store_true")
     add_plugin_arguments(p, PluginManager())

@@ -96,6 +96,7 @@ def load_model(
     max_model_len: int | None = None,
     progress: bool = True,
     load_format: str = "auto",
+    fused_kernels: bool = True,
 ) -> LoadedModel:
     """Build the decoder for `model_dir/config.json` and fill it from its safetensors files.
 
@@ -103,6 +104,8 @@ def load_model(
     read onto that device and copied in. Raises `ModelLoadError` with the file or field at fault.
     `load_format="dummy"` fills the weights with random values instead (benchmarks of real
     configs without their weights, as vLLM's `--load-format dummy`); only config.json is read.
+    `fused_kernels=False` keeps the plain PyTorch ops even where fused Triton kernels could run
+    (`--disable-fused-kernels`).
     """
     if load_format not in ("auto", "dummy"):
         raise ModelLoadError(f"load_format {load_format!r} is not supported; choose auto or dummy")
