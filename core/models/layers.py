@@ -1,6 +1,12 @@
-"""Small building blocks of the decoder, numerically matched to transformers."""
+"""Small building blocks of the decoder, numerically matched to transformers.
+
+Each block computes with PyTorch ops unless `set_fused_kernels(True)` switched it to its fused
+Triton kernel (`pegboard.core.kernels`, CUDA only), which matches those ops' numerics.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -8,14 +14,38 @@ from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation computed in float32, cast back, then scaled (HF `LlamaRMSNorm`)."""
+    """RMS normalisation computed in float32, cast back, then scaled (HF `LlamaRMSNorm`).
+
+    `norm(x)` returns the normalised `x`; `norm(x, residual)` first adds the residual stream
+    and returns `(normalised sum, sum)`, the sum in `x`'s dtype (SGLang/vLLM's fused add + norm,
+    so a decoder layer carries the residual separately).
+    """
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
+        self.kernel: Callable | None = None  # the fused Triton kernel, when switched on
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def set_fused_kernels(self, enabled: bool) -> None:
+        if enabled:
+            from pegboard.core.kernels.norm import rms_norm
+
+            self.kernel = rms_norm
+        else:
+            self.kernel = None
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self._normalise(x)
+        x = x + residual
+        return self._normalise(x), x
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

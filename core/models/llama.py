@@ -4,9 +4,15 @@ The model takes flattened tokens of a whole batch (`input_ids [T]`, `positions [
 each layer's q/k/v to the attention backend, which owns the KV pages and the batch layout.
 Projections are fused (q/k/v in one GEMM, gate/up in one) so later GPU kernels can replace them
 one for one. Parameter names follow the HF checkpoint names where they are not fused.
+
+Layers carry the residual stream beside the hidden states (SGLang style): each norm adds the
+previous block's output to the residual and normalises the sum, so on CUDA one fused kernel
+does both (`CausalLM.set_fused_kernels`); the PyTorch path computes exactly what HF does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from pegboard.core.models.config import ModelConfig
@@ -37,6 +43,10 @@ class DecoderAttention(nn.Module):
         self.split = [q_size, kv_size, kv_size]
         # A plain attribute, not a submodule: every layer shares the model's one rope table.
         self.__dict__["rotary"] = rotary
+        self.fused_rope = False  # q/k norm + rope in one in-place kernel
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        self.fused_rope = enabled
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
@@ -45,10 +55,13 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.fused_rope:
+            self.rotary.rotate_in_place(positions, q, k, self.q_norm, self.k_norm)
+        else:
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = attn.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -63,13 +76,25 @@ class DecoderMLP(nn.Module):
             cfg.hidden_size, {"gate_proj": size, "up_proj": size}, cfg.mlp_bias
         )
         self.down_proj = nn.Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act_fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        if enabled:
+            from pegboard.core.kernels.activation import silu_and_mul as fused_silu_and_mul
+
+            self.act_fn = fused_silu_and_mul
+        else:
+            self.act_fn = silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """Pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with the
+    residual stream carried separately: `forward(positions, hidden, residual, attn)` takes the
+    previous block's output and the residual before it (None in the first layer, whose input
+    is the embedding) and returns this layer's MLP output and the residual before it."""
 
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -79,10 +104,20 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderBody(nn.Module):
@@ -103,6 +138,7 @@ class CausalLM(nn.Module):
 
     `forward(input_ids [T], positions [T], attn)` returns the final hidden states `[T, hidden]`;
     `compute_logits(hidden [N, hidden])` returns float32 logits `[N, vocab]`.
+    `fused_kernels` says whether the fused Triton kernels run (`set_fused_kernels`).
     """
 
     def __init__(self, cfg: ModelConfig, max_len: int) -> None:
@@ -110,7 +146,17 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = DecoderBody(cfg, max_len)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.fused_kernels = False
         self.tie_weights()
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        """Run the norms (with the residual add), rope (with Qwen3's q/k norm) and SiLU-and-mul
+        as the fused Triton kernels of `pegboard.core.kernels`, or as PyTorch ops. Enabling
+        imports Triton; the kernels need CUDA tensors (or `TRITON_INTERPRET=1` on CPU)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP)):
+                module.set_fused_kernels(enabled)
+        self.fused_kernels = enabled
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config ties them (again after
@@ -121,10 +167,12 @@ class CausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        hidden = self.model.embed_tokens(input_ids)
+        residual = None
         for layer in self.model.layers:
-            x = layer(positions, x, attn)
-        return self.model.norm(x)
+            hidden, residual = layer(positions, hidden, residual, attn)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

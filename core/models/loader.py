@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pegboard.core import kernels
 from pegboard.core.models.config import ModelConfig
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.llama import CausalLM
@@ -104,8 +105,10 @@ def load_model(
     read onto that device and copied in. Raises `ModelLoadError` with the file or field at fault.
     `load_format="dummy"` fills the weights with random values instead (benchmarks of real
     configs without their weights, as vLLM's `--load-format dummy`); only config.json is read.
-    `fused_kernels=False` keeps the plain PyTorch ops even where fused Triton kernels could run
-    (`--disable-fused-kernels`).
+    `fused_kernels=True` runs the decoder's norms, rope and SiLU-and-mul as fused Triton kernels
+    (`pegboard.core.kernels`) where they can run: on a CUDA device with Triton installed;
+    elsewhere, or with `fused_kernels=False` (`--disable-fused-kernels`), the PyTorch ops run.
+    `model.fused_kernels` says which.
     """
     if load_format not in ("auto", "dummy"):
         raise ModelLoadError(f"load_format {load_format!r} is not supported; choose auto or dummy")
@@ -125,6 +128,12 @@ def load_model(
     else:
         load_checkpoint(model, model_dir, target_device, cfg.tie_word_embeddings, progress)
     model.eval().requires_grad_(False)
+    if fused_kernels:
+        reason = kernels.unavailable_reason(target_device)
+        if reason is None:
+            model.set_fused_kernels(True)
+        else:
+            log.info("fused kernels off: %s", reason)
     info = ModelInfo(
         architecture=cfg.architecture,
         num_layers=cfg.num_layers,

@@ -2,12 +2,15 @@
 
 The cos/sin tables are float32 (positions times inverse frequencies, then cos/sin), one row per
 position up to the model's length, and cast to the activation dtype per step; this keeps the
-numerics bit-compatible with HF's `LlamaRotaryEmbedding` in float32.
+numerics bit-compatible with HF's `LlamaRotaryEmbedding` in float32. With fused kernels on,
+`rotate_in_place` applies the same rotation with one Triton kernel (`pegboard.core.kernels`),
+from the float32 tables directly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from pegboard.core.models.config import RopeConfig
@@ -57,7 +60,16 @@ class RotaryEmbedding(nn.Module):
         self.max_len = max_len
         self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
+        self.kernel: Callable | None = None  # the fused Triton kernel, when switched on
         self.reset_tables()
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        if enabled:
+            from pegboard.core.kernels.rotary import rotary_embedding
+
+            self.kernel = rotary_embedding
+        else:
+            self.kernel = None
 
     def reset_tables(self) -> None:
         """(Re)compute the tables on the buffers' device (after `to_empty` materialised them)."""
@@ -78,3 +90,23 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def rotate_in_place(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> None:
+        """The fused path (after `set_fused_kernels(True)`): rotate `q [T, Hq, D]` and
+        `k [T, Hkv, D]`, which may be views of one qkv tensor, in place, RMS-normalising each
+        head first with `q_norm` / `k_norm` (Qwen3's per-head `RMSNorm`s) when given."""
+        if self.kernel is None:
+            raise RuntimeError("rotate_in_place needs set_fused_kernels(True) first")
+        if q_norm is None:
+            self.kernel(positions, q, k, self.cos, self.sin)
+        else:
+            self.kernel(
+                positions, q, k, self.cos, self.sin, q_norm.weight, k_norm.weight, q_norm.eps
+            )

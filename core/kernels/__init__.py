@@ -1,0 +1,39 @@
+"""Fused Triton kernels of the decoder's small element-wise ops (issue 5).
+
+Each replaces a few PyTorch ops that would each read and write the activations once, and
+matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.models.layers` /
+`rope`): it computes in float32 and rounds to the activation dtype where the PyTorch op does.
+
+- `norm.rms_norm(x, weight, eps, residual=None)` — RMSNorm of each row (HF `LlamaRMSNorm`:
+  normalise in float32, cast, then scale). With `residual` it first adds it (SGLang/vLLM's
+  fused add + norm) and returns `(normed, new_residual)`, `new_residual = x + residual`
+  rounded to the activation dtype exactly as the unfused `x + residual` rounds it.
+- `activation.silu_and_mul(gate_up)` — `silu(gate) * up` over the fused `[T, 2 * I]`
+  gate/up projection, in one pass, to a new `[T, I]` tensor.
+- `rotary.rotary_embedding(positions, q, k, cos, sin, ...)` — rope (NeoX/HF rotate-half
+  layout, float32 cos/sin tables, int64 positions) applied to q and k in place, so it works on
+  the q/k views of the fused qkv projection's output; with q/k norm weights (Qwen3) each head
+  is RMS-normalised first, in the same pass.
+
+The kernels never synchronise with the host and allocate only their outputs, so a decode step
+that uses them can be captured in a CUDA graph. Importing a submodule imports Triton;
+`unavailable_reason` says, without importing it, whether they can run on a device. Without a
+GPU they run in Triton's CPU interpreter when `TRITON_INTERPRET=1` is set before that import
+(tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused kernels cannot run on `device` (None if they can): they need a CUDA device
+    and Triton."""
+    if device.type != "cuda":
+        return f"the model is on {device.type}; fused kernels need a CUDA device"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
