@@ -22,6 +22,7 @@ from pegboard.core.config import EngineConfig
 from pegboard.core.detokenizer import Detokenizer
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.outputs import RequestOutput, stop_reason
+from pegboard.core.overlap import PendingStep
 from pegboard.core.patches import apply_patches
 from pegboard.core.plugin_manager import PluginManager
 from pegboard.core.swap import PendingSwap, SwapError, SwapResult
@@ -83,6 +84,7 @@ class Engine:
         self._aborts: deque[str] = deque()
         self._swaps: list[PendingSwap] = []
         self._outbox: list[RequestOutput] = []
+        self._pending: PendingStep | None = None  # the step whose tokens are still on the device
         self._lock = threading.Lock()
         self.num_steps = 0
 
@@ -97,7 +99,10 @@ class Engine:
     # ---------------------------------------------------------------- the step loop
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step: admit queued work, schedule, allocate, forward, sample, stop."""
+        """Run one engine step: admit queued work, schedule, allocate, forward, sample, stop.
+
+        With overlap scheduling (`pegboard.core.overlap`) this step's tokens are read in the
+        next step, so the host prepares step N+1 while the device computes step N."""
         start = time.perf_counter()
         self._apply_inbox()
         self._apply_swaps()
@@ -110,9 +115,11 @@ class Engine:
         )
         if plan:
             self._preempt(plan.preempted)
-            scheduled = [s.request for s in plan.scheduled]
-            num_tokens = [s.num_tokens for s in plan.scheduled]
+            scheduled = [s.request for s in plan.scheduled if not s.request.finished]
+            num_tokens = [s.num_tokens for s in plan.scheduled if not s.request.finished]
             self._call_plugin("model", scheduled, lambda: self._run(scheduled, num_tokens))
+        if self.config.disable_overlap or not plan:
+            self._resolve()
         outputs, self._outbox = self._outbox, []
         self.num_steps += 1
         self._export(self._step_snapshot(plan, time.perf_counter() - start))
@@ -122,19 +129,35 @@ class Engine:
         failed = self.hook.allocate_kv(scheduled=scheduled, num_tokens=num_tokens)
         scheduled, num_tokens = self._admit(scheduled, num_tokens, failed or [])
         if not scheduled:
+            self._resolve()
             return
-        batch = self.runner.prepare(scheduled, num_tokens, self.kv.page_size)
-        logits = self.runner.forward(batch)
-        sampling = [r for r, s in zip(scheduled, batch.samples) if s]
+        batch = self.runner.prepare(scheduled, num_tokens, self.kv.page_size, self._pending)
+        logits = self.runner.forward(batch)  # launched; the device computes while we go on
         for r, n in zip(scheduled, num_tokens):
             r.num_computed_tokens += n
+        self._resolve()  # the previous step's tokens: append, detokenize, stop, release
+        sampling = [r for r, s in zip(scheduled, batch.samples) if s]
+        if any(r.finished for r in sampling):  # finished by the previous step's token
+            logits = logits[[i for i, r in enumerate(sampling) if not r.finished]]
+            sampling = [r for r in sampling if not r.finished]
         if sampling:
             sampled = self.hook.sample(logits=logits, requests=sampling)
-            for r, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs):
-                self._append(r, token, lp)
-        self.kv.commit(scheduled)
-        for r in [r for r in scheduled if r.finished]:
-            self._release(r)
+            self._pending = PendingStep(sampling, sampled)
+        self.kv.commit([r for r in scheduled if not r.finished])
+
+    def _resolve(self) -> None:
+        """Read the in-flight step's sampled tokens and apply them: append each to its
+        request (replacing `PENDING_TOKEN`), detokenize, check stops, release finished ones."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        for r, token, lp in zip(pending.requests, pending.take(), pending.logprobs):
+            r.token_ids.pop()  # PENDING_TOKEN
+            if r.finished:  # aborted or failed meanwhile
+                continue
+            self._append(r, token, lp)
+            if r.finished:
+                self._release(r)
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -182,12 +205,15 @@ class Engine:
             or self._aborts
             or self._outbox
             or self._swaps
+            or self._pending is not None
         )
 
     def _apply_inbox(self) -> None:
         with self._lock:
             new, self._inbox = list(self._inbox), deque()
             aborts, self._aborts = list(self._aborts), deque()
+        if aborts:
+            self._resolve()  # an aborted request releases its KV: its tokens must be real
         for r in new:
             self.requests[r.request_id] = r
             self._detokenizers[r.request_id] = Detokenizer(
@@ -207,8 +233,12 @@ class Engine:
         return list(self.waiting)
 
     def _preempt(self, preempted: list[Request]) -> None:
+        if preempted:
+            self._resolve()  # a preempted request is recomputed from its token ids
         capacity = self.kv.num_pages * self.kv.page_size
         for r in reversed(preempted):
+            if r.finished:  # finished by the step just resolved
+                continue
             self.kv.free(r)
             self.running.remove(r)
             if r.num_tokens + 1 > capacity:  # could never fit again: stop instead of looping
@@ -231,7 +261,7 @@ class Engine:
         kept, kept_n = [], []
         now = time.monotonic()
         for r, n in zip(scheduled, num_tokens):
-            if id(r) in failed_ids:
+            if id(r) in failed_ids or r.finished:  # finished: by a step resolved meanwhile
                 continue
             if r.status is RequestStatus.WAITING:
                 self.waiting.remove(r)
@@ -365,6 +395,8 @@ class Engine:
     def _apply_swaps(self) -> None:
         with self._lock:
             swaps = list(self._swaps)
+        if swaps:
+            self._resolve()  # the new plugin takes over complete requests
         for p in swaps:
             old = self.plugins.active(p.slot)
             drain = old.handoff == "drain"

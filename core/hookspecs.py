@@ -133,7 +133,14 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput | None
         goes into `request.plugin_state`, so that a swapped-in sampler can pick it up.
     :returns: a `SampleOutput` with one token id per request and, for requests whose
         `params.logprobs` is not None, the chosen token's logprob and the top alternatives
-        taken from the raw logits' log-softmax.
+        taken from the raw logits' log-softmax. Give the token ids as an integer tensor on the
+        logits' device rather than a list where you can: a list (`.tolist()`) makes the host
+        wait for the GPU, which defeats overlap scheduling (the engine prepares the next step
+        while this one's tokens are still being computed, and reads them one step later).
+
+    With overlap scheduling, a request's previous token may still be on its way to the host
+    when `sample` is called for the step after: the engine resolves it first, so
+    `requests[i].token_ids` is always complete here (penalties see every token).
     """
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from pegboard.core.cuda_graph import CUDAGraphRunner, capture_sizes, graph_unsupported_reason
 from pegboard.core.models import load_model
+from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, ModelInfo, Request
 
@@ -85,13 +86,20 @@ class ModelRunner:
             self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
 
     def prepare(
-        self, requests: list[Request], num_tokens: list[int], page_size: int
+        self,
+        requests: list[Request],
+        num_tokens: list[int],
+        page_size: int,
+        pending: PendingStep | None = None,
     ) -> ForwardBatch:
         """Flatten the next `num_tokens[i]` uncomputed tokens of each request into a batch.
 
-        Each request's `page_table` must already cover `num_computed_tokens + n` tokens."""
+        Each request's `page_table` must already cover `num_computed_tokens + n` tokens. A
+        request whose last token is still `PENDING_TOKEN` (overlap scheduling) takes it from
+        `pending`: on the device, without waiting for the previous step."""
         ids, positions, slots = [], [], []
         query_lens, seq_lens, page_tables, last_rows, samples = [], [], [], [], []
+        fill_at, fill_from = [], []  # flat input rows whose token is pending, and its row there
         end = 0
         for r, n in zip(requests, num_tokens):
             start, stop = r.num_computed_tokens, r.num_computed_tokens + n
@@ -117,9 +125,16 @@ class ModelRunner:
             end += n
             last_rows.append(end - 1)
             samples.append(stop == r.num_tokens)
+            if stop == r.num_tokens and r.token_ids[-1] == PENDING_TOKEN:
+                if pending is None or id(r) not in pending.rows:
+                    raise ValueError(f"request {r.request_id}: its last token is not sampled yet")
+                fill_at.append(end - 1)
+                fill_from.append(pending.rows[id(r)])
+        flat_ids = np.concatenate(ids)
+        input_ids = self._fill_pending(flat_ids, fill_at, fill_from, pending)
         return ForwardBatch(
             requests=list(requests),
-            input_ids=self._to_device(np.concatenate(ids)),
+            input_ids=input_ids,
             positions=self._to_device(np.concatenate(positions)),
             slot_mapping=self._to_device(np.concatenate(slots)),
             query_lens_cpu=query_lens,
@@ -144,6 +159,25 @@ class ModelRunner:
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[rows])
+
+    def _fill_pending(
+        self,
+        flat_ids: np.ndarray,
+        fill_at: list[int],
+        fill_from: list[int],
+        pending: PendingStep | None,
+    ) -> torch.Tensor:
+        """The input ids on the device, with pending tokens taken from the previous step."""
+        if not fill_at:
+            return self._to_device(flat_ids)
+        if pending.host_ids is not None:  # the host has them: no device work needed
+            flat_ids[fill_at] = [pending.host_ids[i] for i in fill_from]
+            return self._to_device(flat_ids)
+        input_ids = self._to_device(flat_ids)
+        index = self._to_device(np.asarray([fill_at, fill_from], dtype=np.int64))
+        tokens = pending.tokens.to(input_ids.device)
+        input_ids.index_copy_(0, index[0], tokens.index_select(0, index[1]))
+        return input_ids
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)

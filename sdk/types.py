@@ -288,13 +288,39 @@ class ForwardBatch:
         return all(q == 1 for q in self.query_lens_cpu)
 
 
-@dataclass
 class SampleOutput:
     """What `sample` returns: one token per sampling request (in batch order), and logprobs
-    where the request asked for them (`None` entries otherwise)."""
+    where the request asked for them (`None` entries otherwise).
 
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
+    `token_ids` may be given as a list of ints or as an integer tensor `[len(requests)]` on the
+    logits' device. A tensor is preferred: the engine copies it to the host without blocking,
+    so the CPU prepares the next step while the GPU still computes this one (overlap
+    scheduling). Reading `token_ids` always gives a list (copying a tensor, which waits for
+    the device); the engine reads `tokens` (the tensor, or None) instead.
+    """
+
+    def __init__(
+        self, token_ids: list[int] | torch.Tensor, logprobs: list[TokenLogprobs | None]
+    ) -> None:
+        self.tokens: torch.Tensor | None = None
+        self._ids: list[int] | None = None
+        if isinstance(token_ids, torch.Tensor):
+            self.tokens = token_ids
+        else:
+            self._ids = list(token_ids)
+        self.logprobs = logprobs
+
+    @property
+    def token_ids(self) -> list[int]:
+        if self._ids is None:
+            self._ids = self.tokens.tolist()
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids) if self._ids is not None else int(self.tokens.shape[0])
+
+    def __repr__(self) -> str:
+        return f"SampleOutput(token_ids={self.token_ids!r}, logprobs={self.logprobs!r})"
 
 
 @dataclass

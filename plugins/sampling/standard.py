@@ -53,7 +53,8 @@ class StandardSampler(Sampler):
             rows = _logprobs(raw_logprobs, tokens[want_logprobs], num_top)
             for i, row in zip(want_logprobs, rows):
                 logprobs[i] = row
-        return SampleOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+        # A device tensor: the engine copies it to the host without blocking (overlap).
+        return SampleOutput(token_ids=tokens, logprobs=logprobs)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Sample one token per row; greedy rows take the argmax and consume no randomness."""
