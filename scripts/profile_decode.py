@@ -1,7 +1,7 @@
 """Profile batch-1 decode on the GPU: ms per token, then cProfile of one generate call.
 
 python3 scripts/profile_decode.py --config llama-3.1-8b --tokens 64 [--attention triton]
-    [--disable-cuda-graph] [--no-profile]
+    [--disable-cuda-graph] [--disable-fused-kernels] [--no-profile]
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--attention", default=None, help="attention backend (default: the engine's)")
     p.add_argument("--disable-cuda-graph", action="store_true", help="decode eagerly")
+    p.add_argument(
+        "--disable-fused-kernels", action="store_true", help="plain PyTorch norms, rope, SiLU"
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass")
     args = p.parse_args()
     llm = LLM(
@@ -32,8 +35,10 @@ def main() -> None:
         max_model_len=4096,
         attention=args.attention,
         disable_cuda_graph=args.disable_cuda_graph,
+        disable_fused_kernels=args.disable_fused_kernels,
     )
     runner = llm.engine.runner
+    print(f"fused kernels {'on' if runner.model.fused_kernels else 'off'}")
     if runner.cuda_graphs is not None:
         print(f"CUDA graphs on, batch sizes {runner.cuda_graphs.sizes}")
     else:

@@ -214,8 +214,8 @@ def test_gpu_bf16_rotary_matches_float32(qk_norm, rows):
     expected_q, expected_k = rotary(pos, q32, k32)
     rotary.set_fused_kernels(True)
     rotary.rotate_in_place(pos, q, k, q_norm, k_norm)
-    assert relative_error(q, expected_q) < 1e-2
-    assert relative_error(k, expected_k) < 1e-2
+    assert relative_error(q, expected_q) < 2e-2
+    assert relative_error(k, expected_k) < 2e-2
 
 
 @pytest.mark.gpu
