@@ -1,5 +1,7 @@
-"""Attention micro-benchmark on a CUDA GPU: the `triton` backend against the reference `torch`
-backend, per layer call (`forward` after one `prepare`), on paged decode and prefill batches.
+"""Attention micro-benchmark on a CUDA GPU: the `triton` and `flashinfer` backends against the
+reference `torch` backend, per layer call (`forward` after one `prepare`), on paged decode and
+prefill batches. The flashinfer backend is set up as the engine does for CUDA graphs
+(`prepare_for_capture`), and is skipped with the reason when it cannot run.
 
 Reports ms per call (eager, and replayed from a CUDA graph, which leaves out Python launch
 costs), KV bytes read per second for decode, TFLOP/s for prefill, and the largest difference
@@ -7,7 +9,7 @@ from the torch backend. `--sweep` also times the decode and extend kernels over 
 split counts, warps and pipeline stages. Run on the lent machine after
 `bash scripts/device-run.sh` installed pegboard:
 
-    python3 scripts/bench_attention.py [--sweep] [--json FILE]
+    python3 scripts/bench_attention.py [--sweep] [--json FILE] [--backends triton,flashinfer,torch]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 
 import torch
 from pegboard.plugins.kernels import triton_attention
+from pegboard.plugins.kernels.attention_flashinfer import FlashInferAttentionBackend
 from pegboard.plugins.kernels.attention_torch import TorchAttentionBackend
 from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
 from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo, Request
@@ -108,12 +111,29 @@ def flops(cached: list[int], new: list[int]) -> int:
     return 4 * keys * HEADS * HEAD_DIM
 
 
-def bench_case(name: str, cached: list[int], new: list[int]) -> dict:
+def make_backend(label: str, info: ModelInfo, pool: KVPool, requests: int):
+    """The backend `label` names: triton, torch, flashinfer (tensor-core decode chosen by the
+    group size), flashinfer-tc / flashinfer-cc (tensor-core / CUDA-core decode forced)."""
+    if label == "triton":
+        return TritonAttentionBackend(info, pool)
+    if label == "torch":
+        return TorchAttentionBackend(info, pool)
+    cores = {"flashinfer": "auto", "flashinfer-tc": "on", "flashinfer-cc": "off"}[label]
+    backend = FlashInferAttentionBackend(info, pool, decode_tensor_cores=cores, jit=False)
+    backend.prepare_for_capture(requests)
+    return backend
+
+
+def bench_case(name: str, cached: list[int], new: list[int], labels: list[str]) -> dict:
     info, pool, batch, (q, k, v) = make_step(cached, new)
     row: dict = {"case": name, "requests": len(new), "new_tokens": sum(new)}
     outs = {}
-    for label, cls in (("triton", TritonAttentionBackend), ("torch", TorchAttentionBackend)):
-        backend = cls(info, pool)
+    for label in labels:
+        try:
+            backend = make_backend(label, info, pool, len(new))
+        except (ImportError, RuntimeError) as err:
+            print(f"    {label} skipped: {err}")
+            continue
         backend.prepare(batch)
         outs[label] = backend.forward(0, q, k, v).float()
         row[f"{label}_ms"] = time_ms(lambda b=backend: b.forward(0, q, k, v))
@@ -125,13 +145,14 @@ def bench_case(name: str, cached: list[int], new: list[int]) -> dict:
         row[f"{label}_prepare_ms"] = (time.perf_counter() - start) * 1000 / 20
         if label == "triton" and batch.is_decode_only:
             row["triton_splits"] = backend.num_splits
-    row["max_abs_diff"] = (outs["triton"] - outs["torch"]).abs().max().item()
-    for label in ("triton", "torch"):
         best = min(t for t in (row[f"{label}_ms"], row[f"{label}_graph_ms"]) if t is not None)
         if batch.is_decode_only:
             row[f"{label}_kv_gb_s"] = kv_bytes(batch.seq_lens_cpu) / best / 1e6
         else:
             row[f"{label}_tflop_s"] = flops(cached, new) / best / 1e9
+    for label in outs:
+        if label != "torch" and "torch" in outs:
+            row[f"{label}_max_abs_diff"] = (outs[label] - outs["torch"]).abs().max().item()
     print(json.dumps(row))
     return row
 
@@ -206,6 +227,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep kernel configurations")
     parser.add_argument("--json", metavar="FILE", help="write all results here")
+    parser.add_argument(
+        "--backends",
+        default="triton,flashinfer,torch",
+        help="comma-separated: triton, torch, flashinfer, flashinfer-tc, flashinfer-cc",
+    )
     args = parser.parse_args()
     import triton
 
@@ -218,7 +244,9 @@ def main() -> None:
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM},
         "page_size": PAGE_SIZE,
         "dtype": str(DTYPE),
-        "cases": [bench_case(name, *shape) for name, shape in CASES.items()],
+        "cases": [
+            bench_case(name, *shape, args.backends.split(",")) for name, shape in CASES.items()
+        ],
     }
     if args.sweep:
         result["decode_sweep"] = sweep_decode("decode 64 x 1024", *CASES["decode 64 x 1024"])
