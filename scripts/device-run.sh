@@ -32,6 +32,16 @@ for job in "${@:-tests}"; do
         --max-input 512 --max-output 512 --peer transformers --peer-timeout 90 \
         --json "$OUT/offline-peer.json" --chart "$OUT/offline-peer.png" 2>"$OUT/offline-peer.err" \
         | tail -22 ;;
+    flashinfer) # the flashinfer backend with the kernels prebuilt in .kernels (FlashInfer may not
+        # compile here): its GPU tests, then the attention micro-benchmark beside triton and torch
+        export PEGBOARD_FLASHINFER_KERNELS=$PWD/.kernels FLASHINFER_DISABLE_JIT=1 \
+          FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer-ws
+        timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_flashinfer.py \
+          2>&1 | tail -15 | tee "$OUT/flashinfer-tests.log"
+        timeout 150 python3 scripts/bench_attention.py --json "$OUT/bench-attention.json" \
+          --backends triton,flashinfer,flashinfer-tc,flashinfer-cc,torch 2>&1 | tee "$OUT/bench-attention.log"
+        echo "FlashInfer modules compiled at run time: $(find /tmp/flashinfer-ws -name '*.so' | wc -l)" \
+          | tee -a "$OUT/flashinfer-tests.log" ;;
     serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
         python3 - >"$OUT/serve-qwen3-server.log" 2>&1 <<'PY' &
 from pegboard.core.async_engine import AsyncEngine
