@@ -315,7 +315,10 @@ def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path):
 
     model = build_tiny_model(tmp_path / "qwen3-hd128", "qwen3", head_dim=128)
     shared = list(range(40, 80))
-    prompts = [[5, 9, 13, 2, 7], [11] * 23, shared + [3, 8], shared + [90, 91, 92]]
+    rounds = [  # the second round hits the first one's cached pages (extend over a prefix)
+        [[5, 9, 13, 2, 7], [11] * 23, shared + [3, 8]],
+        [shared + [90, 91, 92], shared[:33] + [7]],
+    ]
     params = SamplingParams(max_tokens=12, temperature=0.0)
     outs = {}
     for attention in ("triton", "flashinfer"):
@@ -323,8 +326,11 @@ def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path):
             str(model), attention=attention, dtype="bfloat16", device="cuda", page_size=16,
             max_num_batched_tokens=32, kv_cache_tokens=4096, kv_cache="radix",
         ) as llm:  # fmt: skip
-            outs[attention] = [o.token_ids for o in llm.generate(prompts, params)]
+            outs[attention] = [
+                [o.token_ids for o in llm.generate(prompts, params)] for prompts in rounds
+            ]
             if attention == "flashinfer":
+                assert llm.engine.kv.stats()["prefix_hit_tokens"] >= 32
                 runner = llm.engine.runner
                 assert runner.cuda_graphs is not None and runner.cuda_graphs.num_replays > 0
     assert outs["flashinfer"] == outs["triton"]
