@@ -41,6 +41,10 @@ from pegboard.sdk.types import (
 log = logging.getLogger("pegboard.engine")
 
 
+#: The attention backend a CUDA engine uses when none is selected.
+GPU_DEFAULT_ATTENTION = "triton"
+
+
 class RequestRejected(ValueError):
     """A request the engine cannot serve (too long, empty, bad token ids); nothing was queued."""
 
@@ -341,15 +345,45 @@ class Engine:
         }
 
     def _kv_memory_bytes(self) -> int:
+        """Device memory for the KV pool: what is free after the weights, less one step's
+        activation peak (measured by a profile run) and the `1 - gpu_memory_utilization`
+        share of the device kept for CUDA graphs, kernels' workspaces and other processes."""
+        c = self.config
         if self.runner.device.type != "cuda":
-            return self.config.cpu_kv_cache_bytes
+            return c.cpu_kv_cache_bytes
+        if c.kv_cache_tokens is not None:
+            return 0  # sized by tokens: no profile run needed
+        activations = self.runner.profile_activation_bytes(
+            c.max_num_batched_tokens, c.max_running_requests
+        )
         free, total = torch.cuda.mem_get_info(self.runner.device)
-        reserve = total * (1.0 - self.config.gpu_memory_utilization)
-        return max(int(free - reserve), 0)
+        reserve = total * (1.0 - c.gpu_memory_utilization)
+        kv = max(int(free - reserve - activations), 0)
+        log.info(
+            "KV cache memory: %.2f GiB (free %.2f GiB, activation peak %.2f GiB, reserve %.2f GiB)",
+            kv / 2**30,
+            free / 2**30,
+            activations / 2**30,
+            reserve / 2**30,
+        )
+        return kv
 
     def _selected(self, slot: str) -> list[str]:
-        chosen = self.config.selection(slot) or SLOTS[slot].default
+        chosen = self.config.selection(slot) or self._default(slot)
         return chosen if isinstance(chosen, list) else [chosen] if chosen else []
+
+    def _default(self, slot: str) -> str | None:
+        """The slot's default plugin; for attention on a CUDA device, the fast `triton`
+        backend rather than the reference `torch` one (as vLLM and SGLang pick theirs)."""
+        if slot == "attention" and self._on_cuda():
+            return GPU_DEFAULT_ATTENTION
+        return SLOTS[slot].default
+
+    def _on_cuda(self) -> bool:
+        if hasattr(self, "runner"):
+            return self.runner.device.type == "cuda"
+        device = self.config.device
+        return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
     def _check_selections(self) -> None:
         for slot in SLOTS:

@@ -160,6 +160,38 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[rows])
 
+    @torch.inference_mode()
+    def profile_activation_bytes(self, max_tokens: int, max_requests: int) -> int:
+        """Peak device memory one step can take beyond the weights (CUDA only, else 0).
+
+        Runs the model once on `max_tokens` tokens (the largest step the budget allows) with
+        attention replaced by a stand-in that keeps no KV, then computes float32 logits for as
+        many rows as can sample in one step and the temporaries a sampler makes of them
+        (softmax, a random race, the quotient). The KV pool is sized after subtracting this,
+        so no step can run out of memory once the pool is allocated (as vLLM's profile run).
+        """
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        vocab = self.info.vocab_size
+        ids = torch.randint(0, vocab, (max_tokens,), device=self.device)
+        positions = torch.arange(max_tokens, device=self.device) % self.info.max_model_len
+        hidden = self.model(ids, positions, _NoKVAttention())
+        rows = min(max_requests, max_tokens)
+        logits = self.model.compute_logits(hidden[-rows:])
+        del hidden
+        probs = logits.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_()
+        (probs / race).argmax(dim=-1)
+        del logits, probs, race
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        torch.cuda.empty_cache()
+        return int(peak)
+
     def _fill_pending(
         self,
         flat_ids: np.ndarray,
@@ -184,3 +216,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+
+class _NoKVAttention:
+    """Stands in for the attention backend in `profile_activation_bytes`: an output of the
+    query's shape, no KV stored (the pool does not exist yet)."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return torch.empty_like(q)

@@ -4,6 +4,7 @@
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] bash scripts/device-run.sh
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
+#                 [offline-peer256] [ablation] [profile]
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,6 +33,31 @@ for job in "${@:-tests}"; do
         --max-input 512 --max-output 512 --peer transformers --peer-timeout 90 \
         --json "$OUT/offline-peer.json" --chart "$OUT/offline-peer.png" 2>"$OUT/offline-peer.err" \
         | tail -22 ;;
+    offline-peer256) # the nano-vllm workload (256 seqs) through pegboard, then transformers
+        timeout 420 $PB bench offline --random-weights --config qwen3-0.6b ${BENCH_ARGS:-} \
+        --peer transformers --peer-timeout 300 --json "$OUT/offline-peer256.json" \
+        --chart "$OUT/offline-peer256.png" 2>"$OUT/offline-peer256.err" | tail -30 ;;
+    ablation) # nano-vllm workload with one feature off at a time (ABLATE: extra variants)
+        for v in "base:" "no-overlap:--disable-overlap" "no-graphs:--disable-cuda-graph" \
+                 "no-fused:--disable-fused-kernels" ${ABLATE:-}; do
+          name=${v%%:*}; flags=${v#*:}; flags=${flags//,/ }
+          timeout 200 $PB bench offline --random-weights --config qwen3-0.6b ${BENCH_ARGS:-} $flags \
+            --json "$OUT/ablation-$name.json" 2>"$OUT/ablation-$name.err" >/dev/null \
+            || { echo "$name failed"; tail -5 "$OUT/ablation-$name.err"; }
+        done
+        python3 - "$OUT" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/ablation-*.json")):
+    r = json.load(open(f))
+    print(f"{f.split('ablation-')[1][:-5]:<14} {r['elapsed_s']:>8.2f} s {r['output_tok_s']:>10.1f} out tok/s "
+          f"steps {r['steps']} plugin layer {r['plugin_layer']['plugin_layer_share_pct']} % {r['plugins']['attention']}")
+PY
+        ;;
+    profile) # host time per phase, overlap on and off
+        for v in "overlap:" "no-overlap:disable_overlap=true"; do
+          timeout 200 python3 scripts/profile_offline.py --config qwen3-0.6b ${v#*:} \
+            --json "$OUT/profile-${v%%:*}.json" 2>"$OUT/profile-${v%%:*}.err" | tail -22
+        done ;;
     flashinfer) # the flashinfer backend with the kernels prebuilt in .kernels (FlashInfer may not
         # compile here): its GPU tests, then the attention micro-benchmark beside triton and torch
         export PEGBOARD_FLASHINFER_KERNELS=$PWD/.kernels FLASHINFER_DISABLE_JIT=1 \

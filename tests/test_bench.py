@@ -165,6 +165,15 @@ def test_offline_peer_transformers_runs_the_same_workload(tiny_llama_dir, tmp_pa
         result["output_tok_s"] / peer["output_tok_s"], rel=0.01
     )
     assert chart.read_bytes().startswith(PNG_SIGNATURE)
+    layer = result["plugin_layer"]
+    assert set(layer["hook_dispatch_us"]) == {"schedule", "allocate_kv", "sample"}
+    assert all(0 < us < 1000 for us in layer["hook_dispatch_us"].values())
+    assert result["steps"] > 0 and layer["mean_step_ms"] == pytest.approx(
+        1e3 * result["elapsed_s"] / result["steps"], rel=0.05, abs=0.01
+    )
+    assert layer["plugin_layer_share_pct"] == pytest.approx(
+        100 * layer["hook_dispatch_per_step_us"] / 1e3 / layer["mean_step_ms"], rel=0.05
+    )
 
 
 def test_peer_runs_one_sequence_through_generate(tiny_llama_dir):

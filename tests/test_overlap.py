@@ -117,3 +117,19 @@ def test_abort_while_a_token_is_pending_frees_everything(tiny_llama_dir):
         cached = [t for node in engine.kv.tree.nodes() for t in node.key]
         assert cached and PENDING_TOKEN not in cached
         assert engine.kv.num_free_pages == engine.kv.num_pages
+
+
+@pytest.mark.gpu
+def test_overlap_on_the_gpu_with_cuda_graphs(tiny_llama_dir):
+    """bf16 on CUDA, decode replayed from graphs: the same tokens with overlap on and off
+    (requests finish together, so both runs see the same batches)."""
+    prompts = prompts_for(200, 24)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    outs = {}
+    for off in (False, True):
+        with LLM(str(tiny_llama_dir), dtype="bfloat16", disable_overlap=off) as llm:
+            assert llm.engine.runner.cuda_graphs is not None
+            replays = llm.engine.runner.cuda_graphs.num_replays
+            outs[off] = [o.token_ids for o in llm.generate(prompts, params, progress=False)]
+            assert llm.engine.runner.cuda_graphs.num_replays - replays >= 19
+    assert outs[False] == outs[True]

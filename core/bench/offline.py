@@ -48,11 +48,15 @@ class OfflineWorkload:
 
 def run_offline(llm, workload: OfflineWorkload, progress: bool = True) -> dict:
     """Warm up, then time one `generate` of the whole workload; return the figures."""
+    from pegboard.core.bench.dispatch import plugin_layer_share
+
     prompts, params = workload.build()
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))
+    steps_before = llm.engine.num_steps
     start = time.perf_counter()
     outs = llm.generate(prompts, params, progress=progress)
     elapsed = time.perf_counter() - start
+    steps = llm.engine.num_steps - steps_before
     input_tokens = sum(len(p) for p in prompts)
     output_tokens = sum(len(o.token_ids) for o in outs)
     return {
@@ -64,4 +68,8 @@ def run_offline(llm, workload: OfflineWorkload, progress: bool = True) -> dict:
         "output_tok_s": round(output_tokens / elapsed, 1),
         "total_tok_s": round((input_tokens + output_tokens) / elapsed, 1),
         "preemptions": sum(o.num_preemptions for o in outs),
+        "steps": steps,
+        "overlap": not llm.engine.config.disable_overlap,
+        "cuda_graphs": llm.engine.runner.cuda_graphs is not None,
+        "plugin_layer": plugin_layer_share(elapsed / max(steps, 1)),
     }

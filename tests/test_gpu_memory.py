@@ -1,0 +1,60 @@
+"""GPU memory sizing: the KV pool takes what remains after the weights, one step's activation
+peak (a profile run) and the reserved share, so the largest step cannot run out of memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def test_activation_profile_grows_with_the_step_size(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), dtype="bfloat16", kv_cache_tokens=4096) as llm:
+        runner = llm.engine.runner
+        small = runner.profile_activation_bytes(256, 16)
+        large = runner.profile_activation_bytes(8192, 256)
+    assert 0 < small < large
+    # At least the float32 logits of 256 rows and their softmax must be counted.
+    assert large >= 2 * 256 * llm.engine.info.vocab_size * 4
+
+
+def test_largest_step_fits_beside_the_pool(tiny_llama_dir):
+    util, tokens = 0.3, 8192
+    total = torch.cuda.mem_get_info()[1]
+    with LLM(
+        str(tiny_llama_dir),
+        dtype="bfloat16",
+        gpu_memory_utilization=util,
+        max_num_batched_tokens=tokens,
+        max_running_requests=64,
+        disable_cuda_graph=True,
+    ) as llm:
+        pool_bytes = (
+            llm.engine.kv.num_pages
+            * llm.engine.kv.page_size
+            * 2
+            * (
+                llm.engine.info.num_layers
+                * llm.engine.info.num_kv_heads
+                * llm.engine.info.head_dim
+                * 2
+            )
+        )
+        assert pool_bytes > 0
+        torch.cuda.reset_peak_memory_stats()
+        prompts = [[7 + (i % 50)] * 120 for i in range(64)]  # 7,680 prompt tokens in one step
+        outs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), progress=False)
+        assert all(len(o.token_ids) == 4 for o in outs)
+        peak = torch.cuda.max_memory_allocated()
+    # Everything this process allocated stays within the utilisation share of the device.
+    assert peak <= util * total, (peak / 2**30, util * total / 2**30)
+
+
+def test_cuda_engine_defaults_to_the_triton_backend(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), dtype="bfloat16", kv_cache_tokens=1024) as llm:
+        assert llm.engine.plugins.active("attention").name == "triton"
+    with LLM(str(tiny_llama_dir), dtype="bfloat16", kv_cache_tokens=1024, attention="torch") as llm:
+        assert llm.engine.plugins.active("attention").name == "torch"
