@@ -165,6 +165,9 @@ class AttentionBackend:
       `k`, `v` into the pool at `batch.slot_mapping`, then return causal attention of each new
       token over its request's cached prefix and the new tokens up to itself,
       `[num_tokens, num_heads, head_dim]`, scaled by `scale` (1/sqrt(head_dim) by default).
+      `q`, `k` and `v` may be strided views (slices of the fused qkv projection's output):
+      each head's `head_dim` values are contiguous, but rows are not; a kernel that needs
+      contiguous inputs must copy them (`.contiguous()`).
 
     CUDA graphs (optional; the core replays decode steps as graphs only for a backend whose
     class sets `supports_cuda_graph = True`). Such a backend promises:
