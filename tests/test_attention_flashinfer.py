@@ -247,6 +247,18 @@ def test_gpu_bf16_prefill_mixed_with_decodes_matches_torch():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("new", [[1] * 5, [300, 1, 40, 1, 1]], ids=["decode", "mixed"])
+def test_gpu_strided_qkv_views_match_torch(new):
+    """q, k and v as the model passes them: column slices of one fused qkv output."""
+    case = gpu_case([100, 0, 900, 15, 2000], new)
+    qkv = torch.cat([t.flatten(1) for t in (case.q, case.k, case.v)], dim=1)
+    q, k, v = qkv.split([32 * 128, 8 * 128, 8 * 128], dim=1)
+    case.q, case.k, case.v = (t.view(-1, t.shape[1] // 128, 128) for t in (q, k, v))
+    assert not case.q.is_contiguous()
+    assert_matches_torch(case)
+
+
+@pytest.mark.gpu
 def test_gpu_decode_graph_captured_for_8_replays_a_batch_of_5():
     """As the core's graph runner does: capture a decode step of 8 rows reading a static slot
     buffer, then prepare a different batch of 5, pad it to 8 (slot -1) and replay."""
@@ -305,10 +317,38 @@ def test_gpu_forward_never_synchronizes_with_the_device():
             torch.cuda.set_sync_debug_mode("default")
 
 
+def assert_greedy_agrees_up_to_near_ties(reference, other, gap: float = 0.1) -> int:
+    """Each completion of `other` equals `reference`'s token for token, except that where they
+    first part the reference's logprobs must show a near-tie (its choice and `other`'s within
+    `gap` nats, which bf16 rounding in another kernel may flip); later tokens then follow other
+    contexts and are not compared. Returns how many tokens were compared equal."""
+    equal = 0
+    for ref, out in zip(reference, other):
+        for step, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)):
+            if a == b:
+                equal += 1
+                continue
+            choice = ref.logprobs[step]
+            alternatives = dict(choice.top)
+            detail = (
+                f"prompt {ref.prompt_token_ids}: step {step} chose {a} (logprob "
+                f"{choice.logprob:.4f}) vs {b}; reference top {choice.top[:4]}; "
+                f"reference {ref.token_ids}, other {out.token_ids}"
+            )
+            assert b in alternatives and choice.logprob - alternatives[b] < gap, detail
+            print("near-tie:", detail)
+            break
+        else:
+            assert len(ref.token_ids) == len(out.token_ids)
+    return equal
+
+
 @pytest.mark.gpu
-def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "unfused"])
+def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path, fused):
     """End to end in bf16 with CUDA graphs: prefill, chunked prefill, prefix-cache hits
-    (extend over cached pages) and decode steps."""
+    (extend over cached pages) and decode steps; equal to the triton backend's tokens up to
+    near-ties."""
     from fixtures import build_tiny_model
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams
@@ -319,18 +359,19 @@ def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path):
         [[5, 9, 13, 2, 7], [11] * 23, shared + [3, 8]],
         [shared + [90, 91, 92], shared[:33] + [7]],
     ]
-    params = SamplingParams(max_tokens=12, temperature=0.0)
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=5)
     outs = {}
     for attention in ("triton", "flashinfer"):
         with LLM(
             str(model), attention=attention, dtype="bfloat16", device="cuda", page_size=16,
             max_num_batched_tokens=32, kv_cache_tokens=4096, kv_cache="radix",
+            disable_fused_kernels=not fused,
         ) as llm:  # fmt: skip
-            outs[attention] = [
-                [o.token_ids for o in llm.generate(prompts, params)] for prompts in rounds
-            ]
+            outs[attention] = [o for prompts in rounds for o in llm.generate(prompts, params)]
             if attention == "flashinfer":
                 assert llm.engine.kv.stats()["prefix_hit_tokens"] >= 32
                 runner = llm.engine.runner
                 assert runner.cuda_graphs is not None and runner.cuda_graphs.num_replays > 0
-    assert outs["flashinfer"] == outs["triton"]
+    equal = assert_greedy_agrees_up_to_near_ties(outs["triton"], outs["flashinfer"])
+    print(f"{equal} of {sum(len(o.token_ids) for o in outs['triton'])} tokens equal")
+    assert equal >= 20  # near-ties are rare: most tokens are compared
