@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import numpy as np
 import pydantic
 import torch
 from pegboard.plugins.sampling.filters import apply_min_p, apply_top_k_top_p
@@ -57,7 +60,59 @@ class StandardSampler(Sampler):
         return SampleOutput(token_ids=tokens, logprobs=logprobs)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Sample one token per row; greedy rows take the argmax and consume no randomness."""
+        """Sample one token per row; greedy rows take the argmax and consume no randomness.
+
+        On CUDA, rows without top-k / top-p / min-p are drawn by the one-pass Gumbel-max
+        kernel (`gumbel.py`); the others by `_draw_filtered`. Which path a row takes depends
+        only on its own parameters, so a seeded request's draws never depend on its batch."""
+        vocab = logits.shape[-1]
+        plain = [i for i, r in enumerate(requests) if _unfiltered(r.params, vocab)]
+        if not plain or not _gumbel_available(logits.device):
+            return self._draw_filtered(logits, requests)
+        if len(plain) == len(requests):
+            return self._gumbel(logits, requests)
+        rest = [i for i in range(len(requests)) if i not in set(plain)]
+        tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
+        tokens[plain] = self._gumbel(logits[plain], [requests[i] for i in plain])
+        tokens[rest] = self._draw_filtered(logits[rest], [requests[i] for i in rest])
+        return tokens
+
+    def _gumbel(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        from pegboard.plugins.sampling.gumbel import gumbel_sample
+
+        temperature = torch.tensor(
+            [r.params.temperature for r in requests], dtype=torch.float32, pin_memory=True
+        )
+        seeds = torch.from_numpy(self._draw_seeds(requests)).pin_memory()
+        return gumbel_sample(
+            logits,
+            temperature.to(logits.device, non_blocking=True),
+            seeds.to(logits.device, non_blocking=True),
+        )
+
+    def _draw_seeds(self, requests: list[Request]) -> np.ndarray:
+        """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
+        and its arrival number) mixed with how many tokens it has drawn (splitmix64)."""
+        base = np.array(
+            [
+                r.params.seed % 2**64
+                if r.params.seed is not None
+                else (self.options.seed * _MIX + r.seq) % 2**64
+                for r in requests
+            ],
+            dtype=np.uint64,
+        )
+        drawn = np.array([r.num_output_tokens + 1 for r in requests], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            x = base + drawn * np.uint64(_MIX)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+        return (x & np.uint64(2**63 - 1)).astype(np.int64)
+
+    def _draw_filtered(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The general path: temperature, top-k / top-p, min-p, then an exponential race drawn
+        from each request's own `torch.Generator`."""
         params = [r.params for r in requests]
         device, vocab = logits.device, logits.shape[-1]
         # One host-to-device copy for all per-row parameters.
@@ -108,6 +163,25 @@ class StandardSampler(Sampler):
             gen.manual_seed(seed)
             request.plugin_state[GENERATOR_KEY] = gen
         return gen
+
+
+def _unfiltered(params, vocab: int) -> bool:
+    """Whether a row samples from the plain temperature softmax (no top-k, top-p or min-p)."""
+    return not (0 < params.top_k < vocab) and params.top_p >= 1.0 and params.min_p <= 0.0
+
+
+def _gumbel_available(device: torch.device) -> bool:
+    """The Gumbel kernel serves CUDA devices with Triton installed (CPU rows keep the
+    generator path; tests run the kernel itself under Triton's interpreter)."""
+    global _GUMBEL_OK
+    if device.type != "cuda":
+        return False
+    if _GUMBEL_OK is None:
+        _GUMBEL_OK = importlib.util.find_spec("triton") is not None
+    return _GUMBEL_OK
+
+
+_GUMBEL_OK: bool | None = None
 
 
 def _logprobs(

@@ -1,0 +1,104 @@
+"""Sampling by the Gumbel-max trick in one pass over the logits (a Triton kernel).
+
+`argmax(logits / T + G)` with `G` i.i.d. standard Gumbel picks token `i` with probability
+`softmax(logits / T)[i]`: the same distribution as drawing from the softmax, without
+computing it. The kernel reads each row's logits once and writes one token; the softmax, the
+random tensor and their quotient (each a `[rows, vocab]` float32 pass) never exist.
+
+Randomness is counter-based (Philox, `tl.rand`): row `i`'s noise is a function of its own
+`seed[i]` and the token index only, so a request's draw does not depend on what else is in
+the batch, and giving each draw a fresh seed (the request's seed mixed with how many tokens
+it has drawn) makes runs reproduce. Rows with `temperature == 0` add no noise: their token is
+the argmax (the first one, as `torch.argmax`).
+
+The grid is (row, vocabulary chunk); each program writes its chunk's best value and index,
+and a small reduction over chunks picks each row's token. Importing this module imports
+Triton; on a CPU it runs under `TRITON_INTERPRET=1` (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Vocabulary entries per program: 8 chunks for a 128k vocabulary.
+CHUNK = 16384
+BLOCK = 2048
+
+
+@triton.jit
+def _gumbel_argmax_chunk(
+    logits_ptr,
+    stride,
+    inv_temp_ptr,
+    seed_ptr,
+    best_val_ptr,
+    best_idx_ptr,
+    vocab,
+    num_chunks,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    inv_temp = tl.load(inv_temp_ptr + row)
+    seed = tl.load(seed_ptr + row)
+    noisy = inv_temp > 0.0
+    scale = tl.where(noisy, inv_temp, 1.0)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    start = chunk * CHUNK
+    for offset in range(0, CHUNK, BLOCK):
+        cols = start + offset + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        x = tl.load(logits_ptr + row * stride + cols, mask=mask, other=float("-inf"))
+        u = tl.rand(seed, cols)
+        e = tl.maximum(-tl.log(u), 1e-30)  # Exp(1); u == 0 gives +inf: weight 0, never NaN
+        gumbel = tl.where(noisy, -tl.log(e), 0.0)
+        v = tl.where(mask, x.to(tl.float32) * scale + gumbel, float("-inf"))
+        better = v > best
+        best = tl.where(better, v, best)
+        best_idx = tl.where(better, cols, best_idx)
+    top = tl.max(best, axis=0)
+    # The first index holding the maximum (ties as torch.argmax); a row of -inf gives `start`.
+    first = tl.min(tl.where(best == top, best_idx, 2147483647), axis=0)
+    first = tl.where(top == float("-inf"), start, first)
+    tl.store(best_val_ptr + row * num_chunks + chunk, top)
+    tl.store(best_idx_ptr + row * num_chunks + chunk, first)
+
+
+def gumbel_sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    chunk: int = CHUNK,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """One token per row of `logits [rows, vocab]` drawn from `softmax(logits / temperature)`
+    (argmax where `temperature` is 0). `temperature` is float32 `[rows]`, `seeds` int64
+    `[rows]`, both on the logits' device. Returns int64 `[rows]`. `chunk` (vocabulary entries
+    per program, a multiple of `block`) and `block` are tuning knobs (small in tests)."""
+    rows, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    num_chunks = triton.cdiv(vocab, chunk)
+    best_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
+    inv_temp = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-6), 0.0)
+    _gumbel_argmax_chunk[(rows, num_chunks)](
+        logits,
+        logits.stride(0),
+        inv_temp.to(torch.float32),
+        seeds,
+        best_val,
+        best_idx,
+        vocab,
+        num_chunks,
+        CHUNK=chunk,
+        BLOCK=block,
+        num_warps=8,
+    )
+    # torch.argmax returns the first maximum, so the earliest chunk wins ties.
+    winner = best_val.argmax(dim=1, keepdim=True)
+    return best_idx.gather(1, winner).squeeze(1).to(torch.int64)
