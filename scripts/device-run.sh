@@ -10,12 +10,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
+if [ -d .kernels ]; then  # FlashInfer kernels prebuilt by `pegboard kernels build` (no JIT here)
+  export PEGBOARD_FLASHINFER_KERNELS=$PWD/.kernels FLASHINFER_DISABLE_JIT=1 \
+    FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer-ws
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 PB="python3 -m pegboard.core.cli.main"
 for job in "${@:-tests}"; do
   case $job in
-    tests) timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py tests 2>&1 | tail -15 | tee "$OUT/gpu-tests.log" ;;
+    tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py tests 2>&1 | tail -15 | tee "$OUT/gpu-tests.log" ;;
     offline-small) timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --num-seqs 64 \
         ${BENCH_ARGS:-} --json "$OUT/offline-qwen3-64${TAG:-}.json" 2>"$OUT/offline-qwen3-64${TAG:-}.err" | tail -12 ;;
     offline) timeout 300 $PB bench offline --random-weights --config qwen3-0.6b \
@@ -37,7 +41,12 @@ for job in "${@:-tests}"; do
         timeout 420 $PB bench offline --random-weights --config qwen3-0.6b ${BENCH_ARGS:-} \
         --peer transformers --peer-timeout 300 --json "$OUT/offline-peer256.json" \
         --chart "$OUT/offline-peer256.png" 2>"$OUT/offline-peer256.err" | tail -30 ;;
-    ablation) # nano-vllm workload with one feature off at a time (ABLATE: extra variants)
+    gpu-tests-lead) # the GPU tests of overlap, memory sizing, sampling and graphs only
+        timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py \
+          tests/test_overlap.py::test_overlap_on_the_gpu_with_cuda_graphs tests/test_gpu_memory.py \
+          tests/test_sampling.py tests/test_cuda_graph.py 2>&1 | tail -15 | tee "$OUT/gpu-tests-lead.log" ;;
+    ablation) # nano-vllm workload with one feature off at a time (ABLATE: extra variants,
+        # NAME:flag,flag)
         for v in "base:" "no-overlap:--disable-overlap" "no-graphs:--disable-cuda-graph" \
                  "no-fused:--disable-fused-kernels" ${ABLATE:-}; do
           name=${v%%:*}; flags=${v#*:}; flags=${flags//,/ }
