@@ -31,7 +31,8 @@ class EngineConfig(pydantic.BaseModel):
     strict_patches: bool = False
 
     # Scheduling budget.
-    max_num_batched_tokens: int = pydantic.Field(2048, ge=1)
+    # Tokens per step (the chunked-prefill budget); 8192 as SGLang's chunked prefill on H100.
+    max_num_batched_tokens: int = pydantic.Field(8192, ge=1)
     max_running_requests: int = pydantic.Field(256, ge=1)
     max_model_len: int | None = pydantic.Field(None, ge=1)
     schedule_conservativeness: float = pydantic.Field(0.0, ge=0.0)

@@ -45,6 +45,10 @@ log = logging.getLogger("pegboard.engine")
 GPU_DEFAULT_ATTENTION = "triton"
 
 
+class KVMemoryError(RuntimeError):
+    """The device has no memory left for the KV cache after the weights and activations."""
+
+
 class RequestRejected(ValueError):
     """A request the engine cannot serve (too long, empty, bad token ids); nothing was queued."""
 
@@ -358,7 +362,15 @@ class Engine:
         )
         free, total = torch.cuda.mem_get_info(self.runner.device)
         reserve = total * (1.0 - c.gpu_memory_utilization)
-        kv = max(int(free - reserve - activations), 0)
+        kv = int(free - reserve - activations)
+        if kv <= 0:
+            raise KVMemoryError(
+                f"no device memory is left for the KV cache: {free / 2**30:.2f} GiB free after "
+                f"the weights, {activations / 2**30:.2f} GiB for one step's activations "
+                f"(--max-num-batched-tokens {c.max_num_batched_tokens}), {reserve / 2**30:.2f} "
+                f"GiB kept back (--gpu-memory-utilization {c.gpu_memory_utilization}); raise "
+                "the utilisation, lower the step budget, or free the device"
+            )
         log.info(
             "KV cache memory: %.2f GiB (free %.2f GiB, activation peak %.2f GiB, reserve %.2f GiB)",
             kv / 2**30,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -97,10 +98,11 @@ class ModelRunner:
         Each request's `page_table` must already cover `num_computed_tokens + n` tokens. A
         request whose last token is still `PENDING_TOKEN` (overlap scheduling) takes it from
         `pending`: on the device, without waiting for the previous step."""
-        ids, positions, slots = [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_lens, seq_lens, page_tables, last_rows, samples = [], [], [], [], []
         fill_at, fill_from = [], []  # flat input rows whose token is pending, and its row there
-        end = 0
         for r, n in zip(requests, num_tokens):
             start, stop = r.num_computed_tokens, r.num_computed_tokens + n
             if n < 1 or stop > r.num_tokens:
@@ -108,39 +110,60 @@ class ModelRunner:
                     f"request {r.request_id}: cannot run {n} tokens from {start} "
                     f"(it has {r.num_tokens})"
                 )
+            table = r.page_table
             num_pages = -(-stop // page_size)
-            if len(r.page_table) < num_pages:
+            if len(table) < num_pages:
                 raise ValueError(
-                    f"request {r.request_id}: page_table has {len(r.page_table)} pages, "
+                    f"request {r.request_id}: page_table has {len(table)} pages, "
                     f"{num_pages} are needed for {stop} tokens"
                 )
-            table = np.asarray(r.page_table[:num_pages], dtype=np.int64)
-            pos = np.arange(start, stop, dtype=np.int64)
-            ids.append(np.asarray(r.token_ids[start:stop], dtype=np.int64))
-            positions.append(pos)
-            slots.append(table[pos // page_size] * page_size + pos % page_size)
+            if n == 1:  # decode: plain Python beats numpy for one token
+                ids.append(r.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // page_size] * page_size + start % page_size)
+            else:
+                pos = np.arange(start, stop, dtype=np.int64)
+                pages = np.asarray(table[:num_pages], dtype=np.int64)
+                ids.extend(r.token_ids[start:stop])
+                positions.extend(range(start, stop))
+                slots.extend((pages[pos // page_size] * page_size + pos % page_size).tolist())
             query_lens.append(n)
             seq_lens.append(stop)
-            page_tables.append(r.page_table[:num_pages])
-            end += n
-            last_rows.append(end - 1)
-            samples.append(stop == r.num_tokens)
-            if stop == r.num_tokens and r.token_ids[-1] == PENDING_TOKEN:
+            page_tables.append(table if len(table) == num_pages else table[:num_pages])
+            last_rows.append(len(ids) - 1)
+            sampling = stop == r.num_tokens
+            samples.append(sampling)
+            if sampling and r.token_ids[-1] == PENDING_TOKEN:
                 if pending is None or id(r) not in pending.rows:
                     raise ValueError(f"request {r.request_id}: its last token is not sampled yet")
-                fill_at.append(end - 1)
+                fill_at.append(len(ids) - 1)
                 fill_from.append(pending.rows[id(r)])
-        flat_ids = np.concatenate(ids)
-        input_ids = self._fill_pending(flat_ids, fill_at, fill_from, pending)
+        if fill_at and pending.host_ids is not None:  # the host has them: no device work
+            for at, row in zip(fill_at, fill_from):
+                ids[at] = pending.host_ids[row]
+            fill_at = []
+        # One host-to-device copy for ids, positions, slots, logits rows and the fill index.
+        t, k = len(ids), len(fill_at)
+        flat = self._to_device(
+            np.fromiter(
+                itertools.chain(ids, positions, slots, last_rows, fill_at, fill_from),
+                dtype=np.int64,
+                count=3 * t + len(last_rows) + 2 * k,
+            )
+        )
+        input_ids = flat[:t]
+        if k:  # tokens still on the device, sampled by the previous step
+            index = flat[3 * t + len(last_rows) :]
+            input_ids.index_copy_(0, index[:k], pending.tokens.index_select(0, index[k:]))
         return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
-            positions=self._to_device(np.concatenate(positions)),
-            slot_mapping=self._to_device(np.concatenate(slots)),
+            positions=flat[t : 2 * t],
+            slot_mapping=flat[2 * t : 3 * t],
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             page_tables_cpu=page_tables,
-            logits_indices=self._to_device(np.asarray(last_rows, dtype=np.int64)),
+            logits_indices=flat[3 * t : 3 * t + len(last_rows)],
             samples=samples,
         )
 
@@ -191,25 +214,6 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         torch.cuda.empty_cache()
         return int(peak)
-
-    def _fill_pending(
-        self,
-        flat_ids: np.ndarray,
-        fill_at: list[int],
-        fill_from: list[int],
-        pending: PendingStep | None,
-    ) -> torch.Tensor:
-        """The input ids on the device, with pending tokens taken from the previous step."""
-        if not fill_at:
-            return self._to_device(flat_ids)
-        if pending.host_ids is not None:  # the host has them: no device work needed
-            flat_ids[fill_at] = [pending.host_ids[i] for i in fill_from]
-            return self._to_device(flat_ids)
-        input_ids = self._to_device(flat_ids)
-        index = self._to_device(np.asarray([fill_at, fill_from], dtype=np.int64))
-        tokens = pending.tokens.to(input_ids.device)
-        input_ids.index_copy_(0, index[0], tokens.index_select(0, index[1]))
-        return input_ids
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)

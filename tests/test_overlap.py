@@ -127,7 +127,9 @@ def test_overlap_on_the_gpu_with_cuda_graphs(tiny_llama_dir):
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     outs = {}
     for off in (False, True):
-        with LLM(str(tiny_llama_dir), dtype="bfloat16", disable_overlap=off) as llm:
+        with LLM(
+            str(tiny_llama_dir), dtype="bfloat16", disable_overlap=off, kv_cache_tokens=8192
+        ) as llm:
             assert llm.engine.runner.cuda_graphs is not None
             replays = llm.engine.runner.cuda_graphs.num_replays
             outs[off] = [o.token_ids for o in llm.generate(prompts, params, progress=False)]

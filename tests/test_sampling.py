@@ -78,7 +78,9 @@ def test_greedy_rows_in_a_mixed_batch_take_the_argmax_and_no_random_stream(devic
     out = StandardSampler().sample(logits.clone(), requests)
     assert out.token_ids[::2] == logits[::2].argmax(dim=-1).tolist()
     assert all("sampler" not in r.plugin_state for r in requests[::2])
-    assert all("sampler" in r.plugin_state for r in requests[1::2])
+    # On CUDA, unfiltered rows are drawn by the counter-based Gumbel kernel: no generator.
+    uses_generator = device.type == "cpu"
+    assert all(("sampler" in r.plugin_state) == uses_generator for r in requests[1::2])
 
 
 # --- temperature and filters ----------------------------------------------------------------------

@@ -28,7 +28,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "dummy"],
         help="dummy: random weights (benchmarks of a config without its checkpoint)",
     )
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192,
+        help="tokens per step: the chunked-prefill budget (default 8192)",
+    )
     g.add_argument("--max-running-requests", type=int, default=256)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--page-size", type=int, default=16)

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story for a user: printed without a traceback."""
     import pydantic
-    from pegboard.core.engine import RequestRejected
+    from pegboard.core.engine import KVMemoryError, RequestRejected
     from pegboard.core.models import ModelLoadError
     from pegboard.core.plugin_manager import PluginError
     from pegboard.core.swap import SwapError
@@ -43,6 +43,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ModelLoadError,
         TokenizerError,
         RequestRejected,
+        KVMemoryError,
         SwapError,
         pydantic.ValidationError,
     )
