@@ -1,13 +1,14 @@
 """Profile batch-1 decode on the GPU: ms per token, then cProfile of one generate call.
 
 python3 scripts/profile_decode.py --config llama-3.1-8b --tokens 64 [--attention triton]
-    [--disable-cuda-graph] [--disable-fused-kernels] [--no-profile]
+    [--disable-cuda-graph] [--disable-fused-kernels] [--disable-gemv] [--no-profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 
@@ -27,8 +28,15 @@ def main() -> None:
     p.add_argument(
         "--disable-fused-kernels", action="store_true", help="plain PyTorch norms, rope, SiLU"
     )
+    p.add_argument(
+        "--disable-gemv",
+        action="store_true",
+        help="linear layers on cuBLAS with the other fused kernels on (PEGBOARD_DISABLE_GEMV=1)",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass")
     args = p.parse_args()
+    if args.disable_gemv:
+        os.environ["PEGBOARD_DISABLE_GEMV"] = "1"
     llm = LLM(
         str(config_model_dir(args.config)),
         load_format="dummy",
@@ -38,7 +46,8 @@ def main() -> None:
         disable_fused_kernels=args.disable_fused_kernels,
     )
     runner = llm.engine.runner
-    print(f"fused kernels {'on' if runner.model.fused_kernels else 'off'}")
+    print(f"fused kernels {'on' if runner.model.fused_kernels else 'off'}", end=", ")
+    print(f"GEMV {'on' if runner.model.gemv_kernels else 'off'}")
     if runner.cuda_graphs is not None:
         print(f"CUDA graphs on, batch sizes {runner.cuda_graphs.sizes}")
     else:

@@ -14,6 +14,11 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   layout, float32 cos/sin tables, int64 positions) applied to q and k in place, so it works on
   the q/k views of the fused qkv projection's output; with q/k norm weights (Qwen3) each head
   is RMS-normalised first, in the same pass.
+- `gemv.linear(x, weight, bias)` — `F.linear` for up to `gemv.MAX_ROWS` rows (decode), as a
+  matrix-vector kernel that streams the weight faster than cuBLAS where that was measured
+  (`gemv.DECODE_CONFIGS`), else `F.linear` itself. It sums in float32 in another order than
+  cuBLAS, so it matches `F.linear` to rounding, not bit for bit. `PEGBOARD_DISABLE_GEMV=1`
+  (`gemv_disabled`) keeps `F.linear` while the other kernels stay on.
 
 The kernels never synchronise with the host and allocate only their outputs, so a decode step
 that uses them can be captured in a CUDA graph. Importing a submodule imports Triton;
@@ -25,6 +30,7 @@ GPU they run in Triton's CPU interpreter when `TRITON_INTERPRET=1` is set before
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -37,3 +43,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     return None
+
+
+def gemv_disabled() -> bool:
+    """Whether `PEGBOARD_DISABLE_GEMV` (set and not "0") keeps the linear layers on `F.linear`
+    when the other fused kernels are switched on (read when they are switched on)."""
+    return os.environ.get("PEGBOARD_DISABLE_GEMV", "0") not in ("", "0")

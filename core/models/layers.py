@@ -1,7 +1,8 @@
 """Small building blocks of the decoder, numerically matched to transformers.
 
 Each block computes with PyTorch ops unless `set_fused_kernels(True)` switched it to its fused
-Triton kernel (`pegboard.core.kernels`, CUDA only), which matches those ops' numerics.
+Triton kernel (`pegboard.core.kernels`, CUDA only), which matches those ops' numerics (the
+linear layers' GEMV kernels up to the order of the float32 sums).
 """
 
 from __future__ import annotations
@@ -52,7 +53,31 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """`nn.Linear` whose products of a few rows (decode) can run as the GEMV kernels of
+    `pegboard.core.kernels.gemv`: with `set_fused_kernels(True)`, `gemv.linear` picks the
+    kernel measured faster than cuBLAS for the weight's shape and the number of rows, or
+    `F.linear`. `PEGBOARD_DISABLE_GEMV=1` keeps `F.linear` with the other fused kernels on."""
+
+    kernel: Callable | None = None  # `gemv.linear`, when switched on
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        from pegboard.core.kernels import gemv_disabled
+
+        if enabled and not gemv_disabled():
+            from pegboard.core.kernels.gemv import linear
+
+            self.kernel = linear
+        else:
+            self.kernel = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """One GEMM for several projections of the same input (q/k/v, gate/up).
 
     `shards` names the checkpoint projections stacked along the output dimension, in order,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 from pegboard.core.models.config import ModelConfig
-from pegboard.core.models.layers import MergedLinear, RMSNorm, silu_and_mul
+from pegboard.core.models.layers import Linear, MergedLinear, RMSNorm, silu_and_mul
 from pegboard.core.models.rope import RotaryEmbedding
 from pegboard.sdk.slots import AttentionBackend
 from torch import nn
@@ -37,7 +37,7 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             cfg.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, cfg.qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.split = [q_size, kv_size, kv_size]
@@ -75,7 +75,7 @@ class DecoderMLP(nn.Module):
         self.gate_up_proj = MergedLinear(
             cfg.hidden_size, {"gate_proj": size, "up_proj": size}, cfg.mlp_bias
         )
-        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act_fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
 
     def set_fused_kernels(self, enabled: bool) -> None:
@@ -138,25 +138,31 @@ class CausalLM(nn.Module):
 
     `forward(input_ids [T], positions [T], attn)` returns the final hidden states `[T, hidden]`;
     `compute_logits(hidden [N, hidden])` returns float32 logits `[N, vocab]`.
-    `fused_kernels` says whether the fused Triton kernels run (`set_fused_kernels`).
+    `fused_kernels` says whether the fused Triton kernels run (`set_fused_kernels`),
+    `gemv_kernels` whether the linear layers' GEMV kernels are among them.
     """
 
     def __init__(self, cfg: ModelConfig, max_len: int) -> None:
         super().__init__()
         self.config = cfg
         self.model = DecoderBody(cfg, max_len)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.fused_kernels = False
+        self.gemv_kernels = False
         self.tie_weights()
 
     def set_fused_kernels(self, enabled: bool) -> None:
         """Run the norms (with the residual add), rope (with Qwen3's q/k norm) and SiLU-and-mul
-        as the fused Triton kernels of `pegboard.core.kernels`, or as PyTorch ops. Enabling
-        imports Triton; the kernels need CUDA tensors (or `TRITON_INTERPRET=1` on CPU)."""
+        as the fused Triton kernels of `pegboard.core.kernels`, or as PyTorch ops; with them, the
+        linear layers and the LM head run few-row products as GEMV kernels where those were
+        measured faster than cuBLAS (unless `PEGBOARD_DISABLE_GEMV=1`; `gemv_kernels` says).
+        Enabling imports Triton; the kernels need CUDA tensors (or `TRITON_INTERPRET=1` on CPU)."""
+        kinds = (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP, Linear)
         for module in self.modules():
-            if isinstance(module, (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP)):
+            if isinstance(module, kinds):
                 module.set_fused_kernels(enabled)
         self.fused_kernels = enabled
+        self.gemv_kernels = self.lm_head.kernel is not None
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config ties them (again after

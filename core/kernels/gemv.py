@@ -1,0 +1,311 @@
+"""Matrix-vector products of decode: `y = x @ W.T (+ bias)` for a few rows of x.
+
+At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the
+weights once (Llama-3.1-8B: 15 GB per token); cuBLAS streams them at ~2.55 TB/s on an H100,
+where a device copy reaches ~3.0 TB/s. These kernels aim at the copy rate.
+
+Program `(n, s)` owns `BLOCK_N` output rows (weight rows) and walks the `s`-th of `SPLIT_K`
+slices of K in `BLOCK_K`-wide steps; each thread loads 8 consecutive bf16 weights (16 bytes)
+at a time, and the weight loads are marked to be evicted first, so they do not push x out of
+the cache. Two ways to multiply, chosen per shape:
+
+- `_gemv_kernel` (CUDA cores): float32 products accumulate element-wise in a
+  `[BLOCK_M, BLOCK_N, BLOCK_K]` register tile that is summed over K once at the end, so the
+  loop does no cross-thread reduction; best at one or two rows.
+- `_dot_kernel` (tensor cores): `W_tile @ x_tile.T`, the weight rows as the dot's M side and
+  the x rows, padded to 16, as its N side; for more rows, where the element-wise products
+  would cost more than the loads.
+
+With `SPLIT_K > 1` (for shapes with few output rows, so that enough programs stream at once)
+each program writes float32 partial sums, and `_split_k_sum_kernel` adds them (and the bias)
+into the output. Bias is added in float32 before the one rounding to the output dtype.
+
+Which kernel and blocks to use depends on the shape and the number of rows; `linear` takes
+them from `DECODE_CONFIGS` (measured on the H100 against cuBLAS, see there) and falls back to
+`F.linear` where a shape has no entry or cuBLAS was faster. Nothing here synchronises with the
+host or allocates beyond the output (and the split-K partials), so calls can be captured in a
+CUDA graph once each launch configuration has been compiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.nn import functional as F
+
+MAX_ROWS = 8  # rows of x (tokens) up to which `linear` considers these kernels
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch configuration: the output rows and K width per program step, the number of
+    K slices, tensor cores or not, and Triton's warps and pipelining depth."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    dot: bool = False
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@triton.jit
+def _store_rows(
+    acc,
+    offs_m,
+    offs_n,
+    pid_k,
+    M,
+    N,
+    Bias,
+    Out,
+    Partial,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """Store `acc [BLOCK_M, BLOCK_N]` (float32): partial sums of K slice `pid_k`, or the
+    output rows with the bias added and rounded."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT:
+        partial = Partial + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(partial, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = tl.load(Bias + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        out = Out + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    X,
+    W,
+    Bias,
+    Out,
+    Partial,
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past N read row N - 1 (their results are not stored): the weight loads need no mask.
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    k_start = pid_k * k_per_split
+    w_ptrs = W + rows[None, :, None] * K + (k_start + offs_k)[None, None, :]
+    x_ptrs = X + offs_m[:, None, None] * stride_xm + (k_start + offs_k)[None, None, :]
+    m_mask = offs_m[:, None, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+        else:
+            k_mask = (k_start + k + offs_k)[None, None, :] < K
+            w = tl.load(w_ptrs, mask=k_mask, other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    acc_mn = tl.sum(acc, axis=2)
+    _store_rows(acc_mn, offs_m, offs_n, pid_k, M, N, Bias, Out, Partial, stride_om, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _dot_kernel(
+    X,
+    W,
+    Bias,
+    Out,
+    Partial,
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    k_start = pid_k * k_per_split
+    w_ptrs = W + rows[:, None] * K + (k_start + offs_k)[None, :]  # [BLOCK_N, BLOCK_K]
+    xt_ptrs = X + offs_m[None, :] * stride_xm + (k_start + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
+    m_mask = offs_m[None, :] < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            xt = tl.load(xt_ptrs, mask=m_mask, other=0.0)
+        else:
+            k_in = (k_start + k + offs_k) < K
+            w = tl.load(w_ptrs, mask=k_in[None, :], other=0.0, eviction_policy="evict_first")
+            xt = tl.load(xt_ptrs, mask=m_mask & k_in[:, None], other=0.0)
+        acc = tl.dot(w, xt.to(w.dtype), acc, input_precision=PRECISION)
+        w_ptrs += BLOCK_K
+        xt_ptrs += BLOCK_K
+    _store_rows(
+        tl.trans(acc),
+        offs_m,
+        offs_n,
+        pid_k,
+        M,
+        N,
+        Bias,
+        Out,
+        Partial,
+        stride_om,
+        HAS_BIAS,
+        SPLIT,
+    )
+
+
+@triton.jit
+def _split_k_sum_kernel(
+    Partial,
+    Bias,
+    Out,
+    M,
+    N,
+    stride_om,
+    SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(Partial + (s * M + row) * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_om + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GemvConfig,
+) -> torch.Tensor:
+    """`x @ weight.T + bias` with `config`: x `[..., K]` (a unit stride along K), weight
+    `[N, K]` contiguous, bias `[N]` or None; a new `[..., N]` tensor in x's dtype. Accumulates
+    in float32 (tensor cores take float32 inputs at full precision)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if not weight.is_contiguous():
+        raise ValueError("gemv needs a contiguous [N, K] weight")
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    block_k = min(config.block_k, triton.next_power_of_2(k))
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    args = (x2, weight, bias if bias is not None else out, out, partial, m, n, k, k_per_split)
+    common = {
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": block_k,
+        "EVEN_K": k % k_per_split == 0,
+        "HAS_BIAS": bias is not None,
+        "SPLIT": splits > 1,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
+    grid = (triton.cdiv(n, config.block_n), splits)
+    if config.dot:
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        block_m = max(16, triton.next_power_of_2(m))
+        _dot_kernel[grid](
+            *args, x2.stride(0), out.stride(0), BLOCK_M=block_m, PRECISION=precision, **common
+        )
+    else:
+        block_m = triton.next_power_of_2(m)
+        _gemv_kernel[grid](*args, x2.stride(0), out.stride(0), BLOCK_M=block_m, **common)
+    if splits > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _split_k_sum_kernel[(m, triton.cdiv(n, block))](
+            partial,
+            bias if bias is not None else out,
+            out,
+            m,
+            n,
+            out.stride(0),
+            SPLITS=splits,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=4,
+        )
+    return out.view(*x.shape[:-1], n)
+
+
+# Launch configurations for decode, by (weight dtype, N, K) and rows of x rounded up to a power
+# of two; None: cuBLAS was faster there. Not yet measured (placeholders for the first sweep).
+_ONE_ROW = GemvConfig(block_n=4, block_k=2048)
+_TWO_ROWS = GemvConfig(block_n=4, block_k=1024)
+_MORE_ROWS = GemvConfig(block_n=16, block_k=256, dot=True, num_stages=3)
+_GUESS = {1: _ONE_ROW, 2: _TWO_ROWS, 4: _MORE_ROWS, 8: _MORE_ROWS}
+DECODE_CONFIGS: dict[tuple[torch.dtype, int, int], dict[int, GemvConfig | None]] = {
+    (torch.bfloat16, n, k): _GUESS
+    for n, k in [
+        (6144, 4096),  # Llama-3.1-8B qkv
+        (4096, 4096),  # o
+        (28672, 4096),  # gate_up
+        (4096, 14336),  # down
+        (128256, 4096),  # LM head
+        (4096, 1024),  # Qwen3-0.6B qkv
+        (1024, 2048),  # o
+        (6144, 1024),  # gate_up
+        (1024, 3072),  # down
+        (151936, 1024),  # LM head (tied embedding)
+    ]
+}
+
+
+def decode_config(rows: int, weight: torch.Tensor) -> GemvConfig | None:
+    """The measured configuration for `rows` rows of x times `weight`, or None (use cuBLAS)."""
+    if not 1 <= rows <= MAX_ROWS:
+        return None
+    n, k = weight.shape
+    return DECODE_CONFIGS.get((weight.dtype, n, k), {}).get(triton.next_power_of_2(rows))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through `gemv` where `DECODE_CONFIGS` has a configuration
+    faster than cuBLAS for this weight and this many rows of x."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    config = decode_config(rows, weight)
+    if config is None or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    return gemv(x, weight, bias, config)
