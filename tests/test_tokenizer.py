@@ -69,3 +69,25 @@ def test_missing_chat_template_is_a_clear_error(tmp_path, tiny_llama_dir):
 def test_directory_without_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="cannot load a tokenizer"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_decode_equals_transformers_decode(tokenizer, skip):
+    """`decode` goes to the Rust tokenizer directly; it must say what transformers says, for
+    any ids (partial UTF-8 sequences, special tokens, added tokens)."""
+    import random
+
+    assert tokenizer._backend_decode is not None  # the fast path is the one under test
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(0, 12))]
+        assert tokenizer.decode(ids, skip) == tokenizer.hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_tokenizers_that_clean_up_spaces_keep_transformers_decode(tmp_path, tiny_llama_dir):
+    for f in tiny_llama_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["clean_up_tokenization_spaces"] = True
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path)._backend_decode is None
