@@ -13,7 +13,8 @@ graph), cycling through copies of the weight that together exceed the L2 cache t
 every call streams its weight from device memory as a decode step does; TB/s counts the
 weight bytes. Then `step`: all linear layers of one batch-1 and one batch-8 decode step
 (distinct weights per layer, as in the model), cuBLAS alone vs with the GEMV kernels where
-they win. `--e2e` times Llama-3.1-8B batch-1 decode with and without them
+they win, with and without programmatic dependent launch (`PEGBOARD_DISABLE_PDL=1`).
+`--e2e` times Llama-3.1-8B batch-1 decode with and without the GEMV and PDL
 (`scripts/profile_decode.py`, `--disable-gemv`). Run on the lent machine after
 `bash scripts/device-run.sh setup`:
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -40,6 +42,7 @@ import triton
 from pegboard.core.bench.models import config_model_dir
 from pegboard.core.kernels import gemv as gemv_module
 from pegboard.core.kernels.gemv import GemvConfig, gemv
+from pegboard.core.kernels.pdl import pdl_enabled
 from pegboard.core.models.config import ModelConfig
 from torch.nn import functional as F
 
@@ -48,7 +51,7 @@ ROWS = (1, 2, 4, 8)
 DTYPE, DEVICE = torch.bfloat16, torch.device("cuda")
 ROTATE_BYTES = 2 * 50 * 2**20 * 2  # twice the H100's 50 MiB L2, and some
 E2E = [sys.executable, "scripts/profile_decode.py", "--config", "llama-3.1-8b"]
-E2E += ["--tokens", "128", "--no-profile"]
+E2E += ["--tokens", "128", "--no-profile", "--cuda-graph-max-bs", "8"]
 
 
 @dataclass
@@ -257,11 +260,19 @@ def decode_step(config: str, rows: int, timings: list[Timing]) -> dict[str, floa
         return lambda: gemv(x, w, None, config)
 
     out = {}
-    for name, use_gemv in (("cublas", False), ("gemv", True)):
+    for name, use_gemv, pdl in (
+        ("cublas", False, True),
+        ("gemv", True, True),
+        ("gemv_no_pdl", True, False),
+    ):
+        os.environ["PEGBOARD_DISABLE_PDL"] = "0" if pdl else "1"
+        pdl_enabled.cache_clear()
         per_call = graph_us([call(w, use_gemv) for w in weights], replays=10)
         ms = per_call * len(weights) / 1e3
         out[f"{name}_ms"] = ms
         out[f"{name}_tb_s"] = total_bytes / ms / 1e9
+    os.environ.pop("PEGBOARD_DISABLE_PDL")
+    pdl_enabled.cache_clear()
     del weights
     torch.cuda.empty_cache()
     return out
@@ -275,12 +286,23 @@ def copy_tb_s() -> float:
     return 2 * a.numel() * 2 / us / 1e6
 
 
+E2E_VARIANTS = {  # name: (extra flags, extra environment); the two that matter most first
+    "gemv": ([], {}),
+    "no-gemv-no-pdl": (["--disable-gemv"], {"PEGBOARD_DISABLE_PDL": "1"}),
+    "gemv-no-pdl": ([], {"PEGBOARD_DISABLE_PDL": "1"}),
+    "no-gemv": (["--disable-gemv"], {}),
+}
+
+
 def run_e2e(log_dir: Path | None) -> dict[str, float | None]:
-    """Llama-3.1-8B batch-1 ms/token with and without the GEMV, each in its own process."""
+    """Llama-3.1-8B batch-1 ms/token with and without the GEMV and PDL, each in its own
+    process."""
     results: dict[str, float | None] = {}
-    for name, extra in (("gemv", []), ("no-gemv", ["--disable-gemv"])):
+    for name, (flags, env) in E2E_VARIANTS.items():
         try:
-            proc = subprocess.run(E2E + extra, capture_output=True, text=True, timeout=150)
+            proc = subprocess.run(
+                E2E + flags, capture_output=True, text=True, timeout=120, env=os.environ | env
+            )
             log = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             log = f"timed out after {e.timeout} s"
@@ -288,7 +310,7 @@ def run_e2e(log_dir: Path | None) -> dict[str, float | None]:
             (log_dir / f"e2e-{name}.log").write_text(log)
         found = re.search(r"([\d.]+) ms/token", log)
         results[name] = float(found.group(1)) if found else None
-        print(f"e2e {name}: {log.strip()[-200:]}")
+        print(f"e2e {name}: {log.strip()[-200:]}", flush=True)
     return results
 
 
@@ -385,10 +407,12 @@ def print_table(
     for name, s in steps.items():
         print(
             f"step {name}: cuBLAS {s['cublas_ms']:.3f} ms ({s['cublas_tb_s']:.2f} TB/s), "
-            f"with GEMV {s['gemv_ms']:.3f} ms ({s['gemv_tb_s']:.2f} TB/s)"
+            f"with GEMV {s['gemv_ms']:.3f} ms ({s['gemv_tb_s']:.2f} TB/s), "
+            f"GEMV without PDL {s['gemv_no_pdl_ms']:.3f} ms"
         )
-    if e2e:
-        print(f"e2e Llama-3.1-8B bs1 ms/token: GEMV {e2e['gemv']}, --disable-gemv {e2e['no-gemv']}")
+    for name, ms in e2e.items():
+        tok_s = f"{1e3 / ms:.1f} tok/s" if ms else "-"
+        print(f"e2e Llama-3.1-8B batch 1, {name}: {ms} ms/token ({tok_s})")
 
 
 if __name__ == "__main__":

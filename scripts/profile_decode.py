@@ -1,7 +1,8 @@
 """Profile batch-1 decode on the GPU: ms per token, then cProfile of one generate call.
 
 python3 scripts/profile_decode.py --config llama-3.1-8b --tokens 64 [--attention triton]
-    [--disable-cuda-graph] [--disable-fused-kernels] [--disable-gemv] [--no-profile]
+    [--disable-cuda-graph] [--disable-fused-kernels] [--disable-gemv] [--cuda-graph-max-bs N]
+    [--no-profile]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
         action="store_true",
         help="linear layers on cuBLAS with the other fused kernels on (PEGBOARD_DISABLE_GEMV=1)",
     )
+    p.add_argument("--cuda-graph-max-bs", type=int, help="largest captured batch size")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass")
     args = p.parse_args()
     if args.disable_gemv:
@@ -44,6 +46,7 @@ def main() -> None:
         attention=args.attention,
         disable_cuda_graph=args.disable_cuda_graph,
         disable_fused_kernels=args.disable_fused_kernels,
+        **({"cuda_graph_max_bs": args.cuda_graph_max_bs} if args.cuda_graph_max_bs else {}),
     )
     runner = llm.engine.runner
     print(f"fused kernels {'on' if runner.model.fused_kernels else 'off'}", end=", ")

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
 from pegboard.core.kernels import gemv as gemv_module  # noqa: E402
-from pegboard.core.kernels.gemv import GemvConfig, gemv, linear  # noqa: E402
+from pegboard.core.kernels.gemv import MAX_ROWS, GemvConfig, gemv, linear  # noqa: E402
 from pegboard.core.model_runner import ModelRunner  # noqa: E402
 from pegboard.core.models.layers import Linear  # noqa: E402
 from test_fused_kernels import prefill_logits  # noqa: E402
@@ -209,3 +209,30 @@ def test_gpu_gemv_is_captured_in_a_cuda_graph_without_synchronising(config):
     graph.replay()
     torch.testing.assert_close(out, gemv(x, w, None, config), atol=0, rtol=0)
     assert not torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_graph_decode_with_gemv_equals_eager_decode(tiny_llama_dir, dtype, monkeypatch):
+    from test_cuda_graph import _generate, _prompts
+
+    used: list[tuple[int, int]] = []
+
+    def every_shape(rows, weight):  # the element-wise kernel for 1-2 rows, tensor cores above
+        used.append((rows, weight.shape[0]))
+        return ELEMENTWISE if rows <= 2 else DOT if rows <= MAX_ROWS else None
+
+    monkeypatch.setattr(gemv_module, "decode_config", every_shape)
+    prompts = _prompts(3)  # decode at 3 and, as requests finish, fewer rows
+    graphed, graphs, runner = _generate(tiny_llama_dir, prompts, attention="triton", dtype=dtype)
+    assert runner.cuda_graphs is not None and graphs[0].num_replays >= 15
+    assert runner.model.gemv_kernels and {rows for rows, _ in used} >= {1, 2, 3, 4}
+    eager, _, _ = _generate(
+        tiny_llama_dir, prompts, attention="triton", dtype=dtype, disable_cuda_graph=True
+    )
+    assert graphed == eager
+    if dtype == "float32":
+        plain, _, _ = _generate(
+            tiny_llama_dir, prompts, attention="triton", dtype=dtype, disable_fused_kernels=True
+        )
+        assert graphed == plain

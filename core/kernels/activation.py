@@ -10,15 +10,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(GateUp, Out, stride_x, stride_o, size, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    GateUp, Out, stride_x, stride_o, size, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
+    wait_for_inputs(PDL)
     gate = tl.load(GateUp + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(GateUp + row * stride_x + size + offs, mask=mask, other=0.0).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty).to(tl.float32)
@@ -37,6 +41,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         block = min(BLOCK, triton.next_power_of_2(size))
         grid = (x.shape[0], triton.cdiv(size, block))
         _silu_and_mul_kernel[grid](
-            x, out, x.stride(0), out.stride(0), size, BLOCK=block, num_warps=4
+            x,
+            out,
+            x.stride(0),
+            out.stride(0),
+            size,
+            BLOCK=block,
+            num_warps=4,
+            **launch_options(x.device),
         )
     return out.view(*gate_up.shape[:-1], size)

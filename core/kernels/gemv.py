@@ -7,7 +7,9 @@ where a device copy reaches ~3.0 TB/s. These kernels aim at the copy rate.
 Program `(n, s)` owns `BLOCK_N` output rows (weight rows) and walks the `s`-th of `SPLIT_K`
 slices of K in `BLOCK_K`-wide steps; each thread loads 8 consecutive bf16 weights (16 bytes)
 at a time, and the weight loads are marked to be evicted first, so they do not push x out of
-the cache. Two ways to multiply, chosen per shape:
+the cache. On Hopper the kernels launch with programmatic dependent launch (`pdl`): a program
+issues its first weight tile before it waits for the kernel that writes x, so the launch and
+the first loads overlap the end of the kernel before. Two ways to multiply, chosen per shape:
 
 - `_gemv_kernel` (CUDA cores): float32 products accumulate element-wise in a
   `[BLOCK_M, BLOCK_N, BLOCK_K]` register tile that is summed over K once at the end, so the
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 from torch.nn import functional as F
 
 MAX_ROWS = 8  # rows of x (tokens) up to which `linear` considers these kernels
@@ -82,6 +85,27 @@ def _store_rows(
 
 
 @triton.jit
+def _weight_tile(ptrs, k_offs, K, EVEN_K: tl.constexpr):
+    """A weight tile, evicted from the cache first (read once per call); `k_offs`, broadcast to
+    the tile, masks K unless `EVEN_K`."""
+    if EVEN_K:
+        w = tl.load(ptrs, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=k_offs < K, other=0.0, eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def _x_tile(ptrs, k_offs, K, m_mask, EVEN_K: tl.constexpr):
+    """A tile of x, zero in rows past M (`m_mask`) and, unless `EVEN_K`, past K."""
+    if EVEN_K:
+        x = tl.load(ptrs, mask=m_mask, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=m_mask & (k_offs < K), other=0.0)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
     X,
     W,
@@ -100,30 +124,27 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     # Rows past N read row N - 1 (their results are not stored): the weight loads need no mask.
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    k_start = pid_k * k_per_split
-    w_ptrs = W + rows[None, :, None] * K + (k_start + offs_k)[None, None, :]
-    x_ptrs = X + offs_m[:, None, None] * stride_xm + (k_start + offs_k)[None, None, :]
+    k_offs = (pid_k * k_per_split + tl.arange(0, BLOCK_K))[None, None, :]
+    w_ptrs = W + rows[None, :, None] * K + k_offs
+    x_ptrs = X + offs_m[:, None, None] * stride_xm + k_offs
     m_mask = offs_m[:, None, None] < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-        else:
-            k_mask = (k_start + k + offs_k)[None, None, :] < K
-            w = tl.load(w_ptrs, mask=k_mask, other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
+    # The first weight tile is loading while the kernel before finishes.
+    w = _weight_tile(w_ptrs, k_offs, K, EVEN_K)
+    wait_for_inputs(PDL)
+    x = _x_tile(x_ptrs, k_offs, K, m_mask, EVEN_K)
+    acc = x.to(tl.float32) * w.to(tl.float32)  # [BLOCK_M, BLOCK_N, BLOCK_K], summed at the end
+    for k in range(BLOCK_K, k_per_split, BLOCK_K):
+        w = _weight_tile(w_ptrs + k, k_offs + k, K, EVEN_K)
+        x = _x_tile(x_ptrs + k, k_offs + k, K, m_mask, EVEN_K)
         acc += x.to(tl.float32) * w.to(tl.float32)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
     acc_mn = tl.sum(acc, axis=2)
     _store_rows(acc_mn, offs_m, offs_n, pid_k, M, N, Bias, Out, Partial, stride_om, HAS_BIAS, SPLIT)
 
@@ -147,30 +168,26 @@ def _dot_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    k_start = pid_k * k_per_split
-    w_ptrs = W + rows[:, None] * K + (k_start + offs_k)[None, :]  # [BLOCK_N, BLOCK_K]
-    xt_ptrs = X + offs_m[None, :] * stride_xm + (k_start + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
+    k_offs = pid_k * k_per_split + tl.arange(0, BLOCK_K)
+    w_ptrs = W + rows[:, None] * K + k_offs[None, :]  # [BLOCK_N, BLOCK_K]
+    xt_ptrs = X + offs_m[None, :] * stride_xm + k_offs[:, None]  # [BLOCK_K, BLOCK_M]
     m_mask = offs_m[None, :] < M
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-            xt = tl.load(xt_ptrs, mask=m_mask, other=0.0)
-        else:
-            k_in = (k_start + k + offs_k) < K
-            w = tl.load(w_ptrs, mask=k_in[None, :], other=0.0, eviction_policy="evict_first")
-            xt = tl.load(xt_ptrs, mask=m_mask & k_in[:, None], other=0.0)
+    w = _weight_tile(w_ptrs, k_offs[None, :], K, EVEN_K)
+    wait_for_inputs(PDL)
+    xt = _x_tile(xt_ptrs, k_offs[:, None], K, m_mask, EVEN_K)
+    acc = tl.dot(w, xt.to(w.dtype), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+    for k in range(BLOCK_K, k_per_split, BLOCK_K):
+        w = _weight_tile(w_ptrs + k, k_offs[None, :] + k, K, EVEN_K)
+        xt = _x_tile(xt_ptrs + k, k_offs[:, None] + k, K, m_mask, EVEN_K)
         acc = tl.dot(w, xt.to(w.dtype), acc, input_precision=PRECISION)
-        w_ptrs += BLOCK_K
-        xt_ptrs += BLOCK_K
     _store_rows(
         tl.trans(acc),
         offs_m,
@@ -198,10 +215,12 @@ def _split_k_sum_kernel(
     SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
+    wait_for_inputs(PDL)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLITS):
         acc += tl.load(Partial + (s * M + row) * N + offs, mask=mask, other=0.0)
@@ -234,7 +253,9 @@ def gemv(
     splits = triton.cdiv(k, k_per_split)
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     args = (x2, weight, bias if bias is not None else out, out, partial, m, n, k, k_per_split)
+    pdl = launch_options(x.device)
     common = {
+        **pdl,
         "BLOCK_N": config.block_n,
         "BLOCK_K": block_k,
         "EVEN_K": k % k_per_split == 0,
@@ -266,30 +287,73 @@ def gemv(
             HAS_BIAS=bias is not None,
             BLOCK=block,
             num_warps=4,
+            **pdl,
         )
     return out.view(*x.shape[:-1], n)
 
 
 # Launch configurations for decode, by (weight dtype, N, K) and rows of x rounded up to a power
-# of two; None: cuBLAS was faster there. Not yet measured (placeholders for the first sweep).
-_ONE_ROW = GemvConfig(block_n=4, block_k=2048)
-_TWO_ROWS = GemvConfig(block_n=4, block_k=1024)
-_MORE_ROWS = GemvConfig(block_n=16, block_k=256, dot=True, num_stages=3)
-_GUESS = {1: _ONE_ROW, 2: _TWO_ROWS, 4: _MORE_ROWS, 8: _MORE_ROWS}
+# of two; None: cuBLAS was faster there (or within 2 %). Chosen by `scripts/bench_gemv.py
+# --sweep` on an H100 80GB HBM3 (torch 2.11, triton 3.6, 2026-11-21): per shape, cuBLAS -> the
+# chosen GEMV in µs at 1, 2, 4, 8 rows, CUDA-graph replays with the weights cold in the cache.
+_DOT_64 = GemvConfig(64, 128, dot=True, num_stages=4)
+_DOT_32 = GemvConfig(32, 256, dot=True, num_stages=4)
 DECODE_CONFIGS: dict[tuple[torch.dtype, int, int], dict[int, GemvConfig | None]] = {
-    (torch.bfloat16, n, k): _GUESS
-    for n, k in [
-        (6144, 4096),  # Llama-3.1-8B qkv
-        (4096, 4096),  # o
-        (28672, 4096),  # gate_up
-        (4096, 14336),  # down
-        (128256, 4096),  # LM head
-        (4096, 1024),  # Qwen3-0.6B qkv
-        (1024, 2048),  # o
-        (6144, 1024),  # gate_up
-        (1024, 3072),  # down
-        (151936, 1024),  # LM head (tied embedding)
-    ]
+    # Llama-3.1-8B qkv: 21.5 -> 18.9, 22.0 -> 20.3, 21.5 -> 20.5, 21.5 -> 20.6
+    (torch.bfloat16, 6144, 4096): {1: GemvConfig(4, 1024), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
+    # o: 16.8 -> 13.4, 16.7 -> 14.5, 16.5 -> 14.7, 16.5 -> 14.7
+    (torch.bfloat16, 4096, 4096): {
+        1: GemvConfig(2, 2048),
+        2: GemvConfig(4, 1024),
+        4: _DOT_32,
+        8: _DOT_32,
+    },
+    # gate_up: 83.9 -> 78.1, 83.9 -> 80.2, 84.9 -> 82.5, 88.4 -> 82.0
+    (torch.bfloat16, 28672, 4096): {
+        1: GemvConfig(4, 1024),
+        2: GemvConfig(4, 1024),
+        4: _DOT_64,
+        8: _DOT_64,
+    },
+    # down: 45.0 -> 42.3, 45.6 -> 43.2, 45.1 -> 44.0, 45.4 -> 44.2
+    (torch.bfloat16, 4096, 14336): {
+        1: GemvConfig(2, 2048),
+        2: GemvConfig(2, 2048),
+        4: _DOT_32,
+        8: _DOT_32,
+    },
+    # LM head: 371.5 -> 334.5, 375.2 -> 338.7, 391.5 -> 346.2, 376.2 -> 349.0
+    (torch.bfloat16, 128256, 4096): {
+        1: GemvConfig(2, 2048),
+        2: GemvConfig(4, 1024),
+        4: _DOT_64,
+        8: GemvConfig(16, 512, dot=True, num_stages=3),
+    },
+    # Qwen3-0.6B qkv: 5.7 -> 4.7, 5.7 -> 5.4, 5.7 -> 5.5, 5.7 -> 5.5
+    (torch.bfloat16, 4096, 1024): {
+        1: GemvConfig(4, 1024),
+        2: GemvConfig(2, 2048),
+        4: _DOT_64,
+        8: _DOT_64,
+    },
+    # o: 5.8 -> 3.4, 5.9 -> 3.7, 5.8 -> 3.9, 5.8 -> 6.0
+    (torch.bfloat16, 1024, 2048): {
+        1: GemvConfig(2, 2048),
+        2: GemvConfig(2, 2048),
+        4: GemvConfig(2, 1024),
+        8: None,
+    },
+    # gate_up: 7.2 -> 6.1, 7.1 -> 6.5, 7.1 -> 6.6, 7.2 -> 6.6
+    (torch.bfloat16, 6144, 1024): {1: GemvConfig(4, 2048), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
+    # down: 7.6 -> 4.5, 7.7 -> 4.7, 7.8 -> 4.9, 7.8 -> 6.8
+    (torch.bfloat16, 1024, 3072): {
+        1: GemvConfig(4, 1024),
+        2: GemvConfig(2, 2048),
+        4: GemvConfig(2, 1024),
+        8: GemvConfig(32, 256, split_k=4, dot=True, num_stages=4),
+    },
+    # LM head (the tied embedding): 113.5 -> 102.1, 113.5 -> 104.1, 114.4 -> 105.2, 116.1 -> 106.7
+    (torch.bfloat16, 151936, 1024): {1: GemvConfig(4, 2048), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 
 
 @triton.jit
@@ -27,10 +28,12 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < size
+    wait_for_inputs(PDL)
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(Residual + row * stride_r + offs, mask=mask, other=0.0)
@@ -78,6 +81,7 @@ def rms_norm(
             HAS_RESIDUAL=r2 is not None,
             BLOCK=block,
             num_warps=min(max(block // 512, 1), 16),
+            **launch_options(x.device),
         )
     if new_residual is None:
         return out.view(x.shape)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 
 
 @triton.jit
@@ -74,8 +75,10 @@ def _rotary_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     QK_NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    wait_for_inputs(PDL)
     position = tl.load(Positions + token)
     offs_d = tl.arange(0, BLOCK_D)
     # The tables repeat their first half (`cat(freqs, freqs)`): read it once.
@@ -157,4 +160,5 @@ def rotary_embedding(
         BLOCK_D=triton.next_power_of_2(half),
         QK_NORM=qk_norm,
         num_warps=4 if heads * head_dim >= 2048 else 1,
+        **launch_options(q.device),
     )
