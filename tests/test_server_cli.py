@@ -42,7 +42,7 @@ def test_defaults_without_a_config_file():
     args = parse()
     assert (args.host, args.port, args.drain_timeout) == ("127.0.0.1", 8000, 30.0)
     assert args.admin_token is None and args.api_key is None
-    assert engine_settings(args)["max_num_batched_tokens"] == 2048
+    assert engine_settings(args)["max_num_batched_tokens"] == 8192
 
 
 def test_config_file_sets_engine_server_and_plugin_settings(tmp_path):
