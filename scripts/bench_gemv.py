@@ -11,9 +11,9 @@ gate/up, down, LM head) and 1, 2, 4, 8 rows of x:
 Times are medians over replays of one CUDA graph of many calls (launch gaps as in a decode
 graph), cycling through copies of the weight that together exceed the L2 cache twice, so
 every call streams its weight from device memory as a decode step does; TB/s counts the
-weight bytes. Then `step`: all linear layers of one batch-1 and one batch-8 decode step
-(distinct weights per layer, as in the model), cuBLAS alone vs with the GEMV kernels where
-they win, with and without programmatic dependent launch (`PEGBOARD_DISABLE_PDL=1`).
+weight bytes. Then `step`: all linear layers of one decode step at 1, 2, 4, 8 rows (distinct
+weights per layer, as in the model), cuBLAS alone vs with the GEMV kernels where
+`DECODE_CONFIGS` has them, with and without programmatic dependent launch.
 `--e2e` times Llama-3.1-8B batch-1 decode with and without the GEMV and PDL
 (`scripts/profile_decode.py`, `--disable-gemv`). Run on the lent machine after
 `bash scripts/device-run.sh setup`:
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,6 @@ import triton
 from pegboard.core.bench.models import config_model_dir
 from pegboard.core.kernels import gemv as gemv_module
 from pegboard.core.kernels.gemv import GemvConfig, gemv
-from pegboard.core.kernels.pdl import pdl_enabled
 from pegboard.core.models.config import ModelConfig
 from torch.nn import functional as F
 
@@ -239,11 +238,18 @@ def chosen(t: Timing) -> GemvConfig | None:
     return GemvConfig(**t.gemv_config)
 
 
-def decode_step(config: str, rows: int, timings: list[Timing]) -> dict[str, float]:
+STEP_VARIANTS: dict[str, Callable[[GemvConfig], GemvConfig]] = {
+    "gemv": lambda c: c,  # as DECODE_CONFIGS says
+    "gemv_dot_no_pdl": lambda c: replace(c, pdl=False) if c.dot else c,
+    "gemv_no_pdl": lambda c: replace(c, pdl=False),
+}
+
+
+def decode_step(config: str, rows: int) -> dict[str, float]:
     """GPU ms of every linear layer of one decode step (distinct weights per layer, one graph):
-    cuBLAS alone, and with the GEMV where it was faster."""
+    cuBLAS alone, and with the GEMV where `DECODE_CONFIGS` has it, also without PDL for the
+    tensor-core kernel or for all."""
     cfg = ModelConfig.from_dir(config_model_dir(config))
-    pick = {(t.n, t.k): chosen(t) for t in timings if t.config == config and t.rows == rows}
     layer_shapes = shapes(config)  # four per layer, then the LM head
     weights = [
         torch.empty(s.n, s.k, device=DEVICE, dtype=DTYPE).normal_()
@@ -252,27 +258,20 @@ def decode_step(config: str, rows: int, timings: list[Timing]) -> dict[str, floa
     inputs = {s.k: torch.randn(rows, s.k, device=DEVICE, dtype=DTYPE) for s in layer_shapes}
     total_bytes = sum(w.numel() * 2 for w in weights)
 
-    def call(w: torch.Tensor, use_gemv: bool) -> Callable[[], object]:
+    def call(w: torch.Tensor, variant: str | None) -> Callable[[], object]:
         x = inputs[w.shape[1]]
-        config = pick.get(tuple(w.shape)) if use_gemv else None
+        config = gemv_module.decode_config(rows, w) if variant else None
         if config is None:
             return lambda: F.linear(x, w)
+        config = STEP_VARIANTS[variant](config)
         return lambda: gemv(x, w, None, config)
 
     out = {}
-    for name, use_gemv, pdl in (
-        ("cublas", False, True),
-        ("gemv", True, True),
-        ("gemv_no_pdl", True, False),
-    ):
-        os.environ["PEGBOARD_DISABLE_PDL"] = "0" if pdl else "1"
-        pdl_enabled.cache_clear()
-        per_call = graph_us([call(w, use_gemv) for w in weights], replays=10)
+    for variant in (None, *STEP_VARIANTS):
+        per_call = graph_us([call(w, variant) for w in weights], replays=10)
         ms = per_call * len(weights) / 1e3
-        out[f"{name}_ms"] = ms
-        out[f"{name}_tb_s"] = total_bytes / ms / 1e9
-    os.environ.pop("PEGBOARD_DISABLE_PDL")
-    pdl_enabled.cache_clear()
+        out[f"{variant or 'cublas'}_ms"] = ms
+        out[f"{variant or 'cublas'}_tb_s"] = total_bytes / ms / 1e9
     del weights
     torch.cuda.empty_cache()
     return out
@@ -282,7 +281,7 @@ def copy_tb_s() -> float:
     """Device-to-device copy rate (bytes read plus written) of a 1 GiB tensor."""
     a = torch.empty(2**29, device=DEVICE, dtype=DTYPE).normal_()
     b = torch.empty_like(a)
-    us = graph_us([lambda: b.copy_(a)] * 5)
+    us = graph_us([lambda: b.copy_(a)] * 20)
     return 2 * a.numel() * 2 / us / 1e6
 
 
@@ -342,8 +341,6 @@ def main() -> None:
     args = p.parse_args()
     deadline = time.monotonic() + args.budget_s
     torch.manual_seed(0)
-    copy = copy_tb_s()
-    print(f"{torch.cuda.get_device_name()}: device copy {copy:.2f} TB/s")
     timings: list[Timing] = []
     with torch.inference_mode():
         for config in CONFIGS:
@@ -359,11 +356,15 @@ def main() -> None:
                     )
                 del bench
                 torch.cuda.empty_cache()
+        copy = copy_tb_s()  # after the shapes: the GPU is at its clocks by now
         steps = {}
         if not args.no_step:
             for config in CONFIGS:
-                for rows in (1, 8):
-                    steps[f"{config} rows {rows}"] = decode_step(config, rows, timings)
+                for rows in ROWS:
+                    steps[f"{config} rows {rows}"] = decode_step(config, rows)
+                    print(
+                        f"step {config} rows {rows}: {steps[f'{config} rows {rows}']}", flush=True
+                    )
     e2e = run_e2e(args.log_dir) if args.e2e else {}
     if args.json:
         payload = {
@@ -407,8 +408,8 @@ def print_table(
     for name, s in steps.items():
         print(
             f"step {name}: cuBLAS {s['cublas_ms']:.3f} ms ({s['cublas_tb_s']:.2f} TB/s), "
-            f"with GEMV {s['gemv_ms']:.3f} ms ({s['gemv_tb_s']:.2f} TB/s), "
-            f"GEMV without PDL {s['gemv_no_pdl_ms']:.3f} ms"
+            f"GEMV {s['gemv_ms']:.3f} ({s['gemv_tb_s']:.2f} TB/s); without PDL: tensor-core "
+            f"kernel {s['gemv_dot_no_pdl_ms']:.3f}, all {s['gemv_no_pdl_ms']:.3f}"
         )
     for name, ms in e2e.items():
         tok_s = f"{1e3 / ms:.1f} tok/s" if ms else "-"

@@ -45,7 +45,8 @@ MAX_ROWS = 8  # rows of x (tokens) up to which `linear` considers these kernels
 @dataclass(frozen=True)
 class GemvConfig:
     """One launch configuration: the output rows and K width per program step, the number of
-    K slices, tensor cores or not, and Triton's warps and pipelining depth."""
+    K slices, tensor cores or not, Triton's warps and pipelining depth, and whether to launch
+    with programmatic dependent launch where the device has it (`pdl`)."""
 
     block_n: int
     block_k: int
@@ -53,6 +54,7 @@ class GemvConfig:
     dot: bool = False
     num_warps: int = 4
     num_stages: int = 1
+    pdl: bool = True
 
 
 @triton.jit
@@ -253,7 +255,7 @@ def gemv(
     splits = triton.cdiv(k, k_per_split)
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     args = (x2, weight, bias if bias is not None else out, out, partial, m, n, k, k_per_split)
-    pdl = launch_options(x.device)
+    pdl = launch_options(x.device) if config.pdl else {"PDL": False}
     common = {
         **pdl,
         "BLOCK_N": config.block_n,
