@@ -295,66 +295,78 @@ def gemv(
 
 
 # Launch configurations for decode, by (weight dtype, N, K) and rows of x rounded up to a power
-# of two; None: cuBLAS was faster there (or within 2 %). Chosen by `scripts/bench_gemv.py
-# --sweep` on an H100 80GB HBM3 (torch 2.11, triton 3.6, 2026-11-21): per shape, cuBLAS -> the
-# chosen GEMV in µs at 1, 2, 4, 8 rows, CUDA-graph replays with the weights cold in the cache.
+# of two; None: cuBLAS was faster there. Chosen by `scripts/bench_gemv.py
+# --sweep` on an H100 80GB HBM3 (torch 2.11, triton 3.6, 2026-11-21). The comments give, per
+# shape, cuBLAS -> this configuration in µs at 1, 2, 4, 8 rows (`bench_gemv.py`, CUDA-graph
+# replays of one shape, weights cold in the cache, PDL on). In a whole Llama-3.1-8B step
+# (`bench_gemv.py` step, all layers' linears in one graph) the tensor-core kernel ran slower
+# with PDL than without (8 rows: 5.90 vs 5.55 ms, cuBLAS 5.70): its 96-128 programs, launched
+# early, land unevenly on the multiprocessors. Qwen3-0.6B's small shapes gain from PDL instead
+# (8 rows: 0.83 vs 0.89 ms, cuBLAS 0.85). So Llama's tensor-core entries launch without it.
 _DOT_64 = GemvConfig(64, 128, dot=True, num_stages=4)
-_DOT_32 = GemvConfig(32, 256, dot=True, num_stages=4)
+_DOT_64_NO_PDL = GemvConfig(64, 128, dot=True, num_stages=4, pdl=False)
+_DOT_32_NO_PDL = GemvConfig(32, 256, dot=True, num_stages=4, pdl=False)
 DECODE_CONFIGS: dict[tuple[torch.dtype, int, int], dict[int, GemvConfig | None]] = {
-    # Llama-3.1-8B qkv: 21.5 -> 18.9, 22.0 -> 20.3, 21.5 -> 20.5, 21.5 -> 20.6
-    (torch.bfloat16, 6144, 4096): {1: GemvConfig(4, 1024), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
-    # o: 16.8 -> 13.4, 16.7 -> 14.5, 16.5 -> 14.7, 16.5 -> 14.7
+    # Llama-3.1-8B qkv: 21.3 -> 17.5, 21.0 -> 20.2, 21.2 -> 20.2, 21.0 -> 20.3
+    (torch.bfloat16, 6144, 4096): {
+        1: GemvConfig(4, 1024),
+        2: _DOT_64_NO_PDL,
+        4: _DOT_64_NO_PDL,
+        8: _DOT_64_NO_PDL,
+    },
+    # o: 16.5 -> 12.1, 16.7 -> 12.7, 16.6 -> 14.7, 16.8 -> 14.8
     (torch.bfloat16, 4096, 4096): {
         1: GemvConfig(2, 2048),
         2: GemvConfig(4, 1024),
-        4: _DOT_32,
-        8: _DOT_32,
+        4: _DOT_32_NO_PDL,
+        8: _DOT_32_NO_PDL,
     },
-    # gate_up: 83.9 -> 78.1, 83.9 -> 80.2, 84.9 -> 82.5, 88.4 -> 82.0
+    # gate_up: 84.9 -> 78.9, 84.6 -> 82.1, 85.1 -> 83.2, 86.1 -> 82.7
     (torch.bfloat16, 28672, 4096): {
         1: GemvConfig(4, 1024),
         2: GemvConfig(4, 1024),
-        4: _DOT_64,
-        8: _DOT_64,
+        4: _DOT_64_NO_PDL,
+        8: _DOT_64_NO_PDL,
     },
-    # down: 45.0 -> 42.3, 45.6 -> 43.2, 45.1 -> 44.0, 45.4 -> 44.2
+    # down: 45.5 -> 40.2, 44.9 -> 42.0, 46.0 -> 45.4, 46.1 -> 45.5 (the last two are within 2 %,
+    # but the whole step at 4 and 8 rows is 3 % faster with them)
     (torch.bfloat16, 4096, 14336): {
         1: GemvConfig(2, 2048),
         2: GemvConfig(2, 2048),
-        4: _DOT_32,
-        8: _DOT_32,
+        4: _DOT_32_NO_PDL,
+        8: _DOT_32_NO_PDL,
     },
-    # LM head: 371.5 -> 334.5, 375.2 -> 338.7, 391.5 -> 346.2, 376.2 -> 349.0
+    # LM head: 376.4 -> 335.0, 376.8 -> 344.4, 377.8 -> 348.5, 378.9 -> 357.5
     (torch.bfloat16, 128256, 4096): {
         1: GemvConfig(2, 2048),
         2: GemvConfig(4, 1024),
-        4: _DOT_64,
-        8: GemvConfig(16, 512, dot=True, num_stages=3),
+        4: _DOT_64_NO_PDL,
+        8: GemvConfig(16, 512, dot=True, num_stages=3, pdl=False),
     },
-    # Qwen3-0.6B qkv: 5.7 -> 4.7, 5.7 -> 5.4, 5.7 -> 5.5, 5.7 -> 5.5
+    # Qwen3-0.6B qkv: 5.7 -> 4.3, 5.7 -> 4.6, 5.7 -> 5.0, 5.7 -> 5.1
     (torch.bfloat16, 4096, 1024): {
         1: GemvConfig(4, 1024),
         2: GemvConfig(2, 2048),
         4: _DOT_64,
         8: _DOT_64,
     },
-    # o: 5.8 -> 3.4, 5.9 -> 3.7, 5.8 -> 3.9, 5.8 -> 6.0
+    # o: 5.8 -> 2.4, 5.8 -> 2.5, 5.8 -> 3.3; 8 rows: cuBLAS 5.8, best GEMV 6.0 (sweep)
     (torch.bfloat16, 1024, 2048): {
         1: GemvConfig(2, 2048),
         2: GemvConfig(2, 2048),
         4: GemvConfig(2, 1024),
         8: None,
     },
-    # gate_up: 7.2 -> 6.1, 7.1 -> 6.5, 7.1 -> 6.6, 7.2 -> 6.6
+    # gate_up: 7.1 -> 5.1, 7.1 -> 6.2, 7.1 -> 6.2, 7.1 -> 6.2
     (torch.bfloat16, 6144, 1024): {1: GemvConfig(4, 2048), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
-    # down: 7.6 -> 4.5, 7.7 -> 4.7, 7.8 -> 4.9, 7.8 -> 6.8
+    # down: 7.8 -> 3.7, 7.6 -> 3.6, 7.9 -> 4.1, 7.9 -> 6.5
     (torch.bfloat16, 1024, 3072): {
         1: GemvConfig(4, 1024),
         2: GemvConfig(2, 2048),
         4: GemvConfig(2, 1024),
         8: GemvConfig(32, 256, split_k=4, dot=True, num_stages=4),
     },
-    # LM head (the tied embedding): 113.5 -> 102.1, 113.5 -> 104.1, 114.4 -> 105.2, 116.1 -> 106.7
+    # LM head (the tied embedding): 115.3 -> 102.9, 116.2 -> 107.7, 116.8 -> 109.3, 118.1 -> 110.6
     (torch.bfloat16, 151936, 1024): {1: GemvConfig(4, 2048), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
 }
 
