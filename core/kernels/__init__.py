@@ -20,6 +20,10 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   cuBLAS, so it matches `F.linear` to rounding, not bit for bit. `PEGBOARD_DISABLE_GEMV=1`
   (`gemv_disabled`) keeps `F.linear` while the other kernels stay on.
 
+On Hopper GPUs every kernel here launches with programmatic dependent launch (`pdl`: it starts
+while the kernel before finishes and waits only where it reads that kernel's outputs);
+`PEGBOARD_DISABLE_PDL=1` launches them plainly.
+
 The kernels never synchronise with the host and allocate only their outputs, so a decode step
 that uses them can be captured in a CUDA graph. Importing a submodule imports Triton;
 `unavailable_reason` says, without importing it, whether they can run on a device. Without a

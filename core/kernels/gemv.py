@@ -295,13 +295,13 @@ def gemv(
 
 
 # Launch configurations for decode, by (weight dtype, N, K) and rows of x rounded up to a power
-# of two; None: cuBLAS was faster there. Chosen by `scripts/bench_gemv.py
-# --sweep` on an H100 80GB HBM3 (torch 2.11, triton 3.6, 2026-11-21). The comments give, per
-# shape, cuBLAS -> this configuration in µs at 1, 2, 4, 8 rows (`bench_gemv.py`, CUDA-graph
-# replays of one shape, weights cold in the cache, PDL on). In a whole Llama-3.1-8B step
-# (`bench_gemv.py` step, all layers' linears in one graph) the tensor-core kernel ran slower
-# with PDL than without (8 rows: 5.90 vs 5.55 ms, cuBLAS 5.70): its 96-128 programs, launched
-# early, land unevenly on the multiprocessors. Qwen3-0.6B's small shapes gain from PDL instead
+# of two; None: cuBLAS was faster there. Chosen by `scripts/bench_gemv.py --sweep` on an H100
+# 80GB HBM3 (torch 2.11, triton 3.6, 2026-11-21). The comments give, per shape, cuBLAS -> this
+# configuration in µs at 1, 2, 4, 8 rows (`bench_gemv.py`: CUDA-graph replays of one shape,
+# weights cold in the cache, PDL on). In a whole Llama-3.1-8B step (`bench_gemv.py` step: all
+# layers' linears in one graph) the tensor-core kernel ran slower with PDL than without
+# (8 rows: 5.90 vs 5.55 ms, cuBLAS 5.70; not explained yet, perhaps its 96-128 programs,
+# launched early, land unevenly on the SMs), while Qwen3-0.6B's small shapes gain from PDL
 # (8 rows: 0.83 vs 0.89 ms, cuBLAS 0.85). So Llama's tensor-core entries launch without it.
 _DOT_64 = GemvConfig(64, 128, dot=True, num_stages=4)
 _DOT_64_NO_PDL = GemvConfig(64, 128, dot=True, num_stages=4, pdl=False)
