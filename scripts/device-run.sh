@@ -9,7 +9,8 @@ set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # The device tool returns at most 8 files: pack everything into one archive at the end.
-trap '(cd "$OUT" && tar czf /tmp/all.tgz --exclude=all.tgz . && rm -rf ./* && mv /tmp/all.tgz .)' EXIT
+trap '(cd "$OUT" && tar czf /tmp/all-$$.tgz --exclude="all-*.tgz" . \
+  && find . -mindepth 1 -maxdepth 1 ! -name "all-*.tgz" -exec rm -rf {} + && mv /tmp/all-$$.tgz .)' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 if [ -d .kernels ]; then  # FlashInfer kernels prebuilt by `pegboard kernels build` (no JIT here)
