@@ -201,3 +201,32 @@ def test_peer_stops_at_its_timeout(tiny_llama_dir):
     )
     assert result["timed_out"] and result["finished"] == 0
     assert 0 < result["output_tokens"] < 400
+
+
+def test_bench_serve_starts_and_stops_a_random_weight_server(tiny_llama_dir, tmp_path):
+    """`--random-weights --config PATH`: a `pegboard serve` of its own with dummy weights of
+    that config on --url's port; benchmarked, then stopped (the port is free again)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "serve.json"
+    rc = main(
+        ["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--random-weights",
+         "--config", str(tiny_llama_dir / "config.json"), "--server-args",
+         "--dtype float32 --device cpu --kv-cache-tokens 4096", "--num-prompts", "3", *SMALL,
+         "--min-output", "3", "--max-output", "3", "--no-progress", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 3 and result["output_tokens"] == 9
+    assert result["server"]["load_format"] == "dummy"
+    assert "--load-format" in result["server"]["args"] and "dummy" in result["server"]["args"]
+    with socket.socket() as s:  # the server is gone: nothing listens on its port
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bench_serve_random_weights_needs_a_config(capsys):
+    assert main(["bench", "serve", "--random-weights"]) == 2
+    assert "--config" in capsys.readouterr().err

@@ -25,3 +25,16 @@ def config_model_dir(name: str) -> Path:
     out = Path(tempfile.mkdtemp(prefix=f"pegboard-{name}-"))
     (out / "config.json").write_text(json.dumps(raw))
     return out
+
+
+def random_weights_model_dir(config: str) -> Path:
+    """`config_model_dir` for a bundled config name, or a directory holding only a copy of
+    `config` when it is a path to a `config.json` (or to a directory that has one)."""
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        out = Path(tempfile.mkdtemp(prefix="pegboard-config-"))
+        (out / "config.json").write_text(path.read_text())
+        return out
+    return config_model_dir(config)

@@ -3,8 +3,9 @@
 offline and prefix take the engine flags, and `--random-weights --config NAME` to build a model
 from a bundled real config with random weights on the device; offline can run the same
 workload through a peer engine afterwards (`--peer transformers`). serve loads a running
-`pegboard serve` (or any OpenAI-compatible server on this machine) over HTTP. offline and
-serve draw a chart of the result with `--chart FILE.png`."""
+`pegboard serve` (or any OpenAI-compatible server on this machine) over HTTP, or, with
+`--random-weights --config NAME`, starts one with random weights of that config and stops it
+afterwards. offline and serve draw a chart of the result with `--chart FILE.png`."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import gc
 import json
 import math
 import platform
+import shlex
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
@@ -92,7 +96,48 @@ def _add_serve_parser(kinds: argparse._SubParsersAction) -> None:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
     s.add_argument("--chart", default=None, metavar="FILE.png", help="latency percentiles")
+    own = s.add_argument_group(
+        "a server of its own (instead of one already running at --url)",
+        "With --random-weights --config NAME, start `pegboard serve` with random weights of "
+        "that config on --url's port, wait until it is ready, benchmark it, then stop it.",
+    )
+    own.add_argument("--random-weights", action="store_true", help="start a dummy-weight server")
+    own.add_argument("--config", default=None, help="bundled config name, or a config.json path")
+    own.add_argument(
+        "--server-args", default="", metavar="'FLAGS'", help="more `pegboard serve` flags"
+    )
     s.set_defaults(func=run_serve_cmd)
+
+
+def _start_server(args: argparse.Namespace) -> subprocess.Popen:
+    """`pegboard serve` with random weights of `--config` on `--url`'s host and port."""
+    from urllib.parse import urlsplit
+
+    from pegboard.core.bench.models import random_weights_model_dir
+
+    if not args.config:
+        raise ValueError("--random-weights needs --config NAME")
+    url = urlsplit(args.url)
+    model_dir = random_weights_model_dir(args.config)
+    name = args.model or ("random-weights" if Path(args.config).exists() else args.config)
+    cmd = [
+        sys.executable, "-m", "pegboard.core.cli.main", "serve",
+        "--model", str(model_dir), "--load-format", "dummy", "--served-model-name", name,
+        "--host", url.hostname or "127.0.0.1", "--port", str(url.port or 80),
+        *shlex.split(args.server_args),
+    ]  # fmt: skip
+    print(f"pegboard bench serve: starting {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.Popen(cmd)
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), then kill if it has not exited within 60 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -238,6 +283,13 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
+    server = None
+    if args.random_weights:
+        try:
+            server = _start_server(args)
+        except (ValueError, OSError) as e:
+            print(f"pegboard bench serve: {e}", file=sys.stderr)
+            return 2
     try:
         result = asyncio.run(
             run_serve_bench(
@@ -248,7 +300,7 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
                 request_rate=args.request_rate,
                 time_limit=args.time_limit,
                 request_timeout=args.request_timeout,
-                ready_timeout=args.wait,
+                ready_timeout=max(args.wait, 900.0) if server else args.wait,
                 progress=not args.no_progress,
             )
         )
@@ -258,6 +310,11 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
     except httpx.HTTPError as e:
         print(f"pegboard bench serve: cannot reach {args.url}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if server is not None:
+            _stop_server(server)
+    if server is not None:
+        result["server"] = {"config": args.config, "load_format": "dummy", "args": server.args}
     _emit(result, args.json, unprinted=("per_request",))
     if args.chart:
         serve_chart(result, args.chart)
