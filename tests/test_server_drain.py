@@ -55,3 +55,30 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_llama_dir, tmp_path):
     assert "abort" in reasons[:24]  # long ones outlived the drain timeout and were aborted
     assert set(reasons) <= {"length", "abort"}
     assert waited < 10
+
+
+def test_shutdown_during_loading_waits_for_the_load_then_stops_the_engine():
+    """SIGTERM while the model loads: exiting with the loading thread inside torch code aborts
+    the process (exit 134), so shutdown lets the load finish and stops the new engine."""
+    import threading
+    import time as _time
+
+    from pegboard.core.server.lifecycle import ServerSettings, ServerState
+
+    stopped = threading.Event()
+
+    class SlowEngine:
+        error = None
+
+        def shutdown(self):
+            stopped.set()
+
+    def factory():
+        _time.sleep(0.5)
+        return SlowEngine()
+
+    state = ServerState(ServerSettings(["tiny"]), engine_factory=factory)
+    state.start_loading()
+    assert not state.loaded.is_set()
+    state.shutdown()
+    assert state.loaded.is_set() and stopped.is_set()

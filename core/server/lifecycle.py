@@ -19,6 +19,8 @@ from pegboard.core.async_engine import AsyncEngine
 from pegboard.core.server.errors import APIError
 
 log = logging.getLogger("pegboard.server")
+#: How long shutdown waits for a model load in progress (then exits regardless).
+LOAD_JOIN_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -80,7 +82,8 @@ class ServerState:
                 self.on_loaded(self.load_error)
 
         if self.engine is None:
-            threading.Thread(target=load, name="pegboard-engine-load", daemon=True).start()
+            self._loader = threading.Thread(target=load, name="pegboard-engine-load", daemon=True)
+            self._loader.start()
 
     def require_engine(self) -> AsyncEngine:
         """The engine, or a 503 while it loads, after it failed, or while the server drains."""
@@ -129,5 +132,11 @@ class ServerState:
             log.error("%d request(s) still in flight after aborting", self.in_flight)
 
     def shutdown(self) -> None:
+        # A process that exits while the loading thread is inside torch / safetensors code is
+        # aborted by the C++ runtime (exit 134): let the load finish, then stop the engine.
+        loader = getattr(self, "_loader", None)
+        if loader is not None and loader.is_alive():
+            log.info("waiting for the model load to finish before exiting")
+            loader.join(LOAD_JOIN_TIMEOUT_S)
         if self.engine is not None:
             self.engine.shutdown()
