@@ -22,7 +22,7 @@ from pegboard.core.config import EngineConfig
 from pegboard.core.detokenizer import Detokenizer
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.outputs import RequestOutput, stop_reason
-from pegboard.core.overlap import PendingStep
+from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.patches import apply_patches
 from pegboard.core.plugin_manager import PluginManager
 from pegboard.core.swap import PendingSwap, SwapError, SwapResult
@@ -165,9 +165,9 @@ class Engine:
         if pending is None:
             return
         for r, token, lp in zip(pending.requests, pending.take(), pending.logprobs):
-            r.token_ids.pop()  # PENDING_TOKEN
-            if r.finished:  # aborted or failed meanwhile
+            if r.finished:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
+            r.token_ids.pop()  # PENDING_TOKEN
             self._append(r, token, lp)
             if r.finished:
                 self._release(r)
@@ -316,6 +316,9 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         """Forget a finished request: free its KV, drop it from the queues, report it."""
+        if r.token_ids and r.token_ids[-1] == PENDING_TOKEN:  # failed mid-step: a cache must
+            r.token_ids.pop()  # never keep a placeholder as if it were a token
+            r.num_computed_tokens = min(r.num_computed_tokens, len(r.token_ids))
         self.kv.free(r)
         if r in self.running:
             self.running.remove(r)

@@ -135,3 +135,35 @@ def test_overlap_on_the_gpu_with_cuda_graphs(tiny_llama_dir):
             outs[off] = [o.token_ids for o in llm.generate(prompts, params, progress=False)]
             assert llm.engine.runner.cuda_graphs.num_replays - replays >= 19
     assert outs[False] == outs[True]
+
+
+def test_a_forward_that_fails_while_a_token_is_pending_caches_no_placeholder(tiny_llama_dir):
+    """The failing step's requests end with an error; their pending tokens (from the step
+    before) are dropped, never inserted into the prefix cache as tokens."""
+    with LLM(str(tiny_llama_dir), dtype="float32", kv_cache="radix", page_size=1) as llm:
+        engine = llm.engine
+        reqs = [
+            Request([5, 6, 7, 8, 9, 10 + i], SamplingParams(temperature=0.0, max_tokens=50))
+            for i in range(3)
+        ]
+        for r in reqs:
+            engine.add_request(r)
+        engine.step()
+        engine.step()
+        assert engine._pending is not None
+        forward = engine.runner.forward
+
+        def broken(batch):
+            engine.runner.forward = forward
+            raise RuntimeError("kernel exploded")
+
+        engine.runner.forward = broken
+        outs = engine.step()
+        while engine.has_work():
+            outs += engine.step()
+        assert all(r.finish_reason.value == "error" for r in reqs)
+        assert all("kernel exploded" in r.error for r in reqs)
+        assert all(PENDING_TOKEN not in r.token_ids for r in reqs)
+        cached = [t for node in engine.kv.tree.nodes() for t in node.key]
+        assert cached and PENDING_TOKEN not in cached
+        assert engine.kv.num_free_pages == engine.kv.num_pages
