@@ -27,6 +27,7 @@ from pegboard.core.patches import apply_patches
 from pegboard.core.plugin_manager import PluginManager
 from pegboard.core.swap import PendingSwap, SwapError, SwapResult
 from pegboard.core.tokenizer import load_tokenizer
+from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import SLOTS, KVCache, Plugin, PluginContext
 from pegboard.sdk.types import (
     FinishReason,
@@ -151,7 +152,8 @@ class Engine:
         self._resolve()  # the previous step's tokens: append, detokenize, stop, release
         sampling = [r for r, s in zip(scheduled, batch.samples) if s]
         if any(r.finished for r in sampling):  # finished by the previous step's token
-            logits = logits[[i for i, r in enumerate(sampling) if not r.finished]]
+            keep = [i for i, r in enumerate(sampling) if not r.finished]
+            logits = logits[to_device(keep, logits.device, torch.int64)]
             sampling = [r for r in sampling if not r.finished]
         if sampling:
             sampled = self.hook.sample(logits=logits, requests=sampling)

@@ -11,6 +11,7 @@ import torch
 from pegboard.core.cuda_graph import CUDAGraphRunner, capture_sizes, graph_unsupported_reason
 from pegboard.core.models import load_model
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
+from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, ModelInfo, Request
 
@@ -176,7 +177,9 @@ class ModelRunner:
         if all(batch.samples):
             rows = batch.logits_indices
         else:
-            rows = batch.logits_indices[[i for i, s in enumerate(batch.samples) if s]]
+            rows = batch.logits_indices[
+                to_device([i for i, s in enumerate(batch.samples) if s], self.device, torch.int64)
+            ]
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             hidden = self.cuda_graphs.replay(batch)
         else:

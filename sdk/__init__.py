@@ -9,6 +9,7 @@ without `@hookimpl`; use `@hookimpl(wrapper=True)` to wrap another slot's hook.
 """
 
 from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.device import to_device
 from pegboard.sdk.patch import Patch, PatchError, requires
 from pegboard.sdk.slots import (
     SLOTS,
@@ -70,4 +71,5 @@ __all__ = [
     "TokenLogprobs",
     "hookimpl",
     "requires",
+    "to_device",
 ]

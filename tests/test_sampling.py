@@ -308,3 +308,33 @@ def test_greedy_logprobs_fast_path_reports_the_top_token(device):
     assert lp.logprob == pytest.approx(raw[2].item())
     assert [t for t, _ in lp.top] == [2, 1]
     assert math.isclose(lp.top[1][1], raw[1].item(), abs_tol=1e-6)
+
+
+def test_to_device_gives_the_values_with_the_requested_dtype():
+    from pegboard.sdk import to_device
+
+    cpu = torch.device("cpu")
+    assert to_device([], cpu, torch.int64).dtype == torch.int64  # empty index lists stay ints
+    assert to_device([1, 2], cpu, torch.int64).tolist() == [1, 2]
+    assert to_device([[0.5, 2.0]], cpu, torch.float64).dtype == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_device_does_not_wait_for_the_gpu():
+    """A pageable host-to-device copy waits for the stream; `to_device` must not."""
+    import time
+
+    from pegboard.sdk import to_device
+
+    x = torch.randn(8192, 8192, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(20):
+        x = x @ x / 100  # ~0.2 s of queued GPU work
+    start = time.perf_counter()
+    t = to_device(list(range(1000)), torch.device("cuda"), torch.int64)
+    queued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    assert t.tolist() == list(range(1000))
+    assert queued < total / 4, (queued, total)

@@ -10,6 +10,7 @@ Semantics (as vLLM applies them, in this order):
 from __future__ import annotations
 
 import torch
+from pegboard.sdk.device import to_device
 from pegboard.sdk.types import Request
 from torch.nn.utils.rnn import pad_sequence
 
@@ -62,7 +63,7 @@ def token_counts(rows: list[torch.Tensor], vocab_size: int, device: torch.device
     Rows are padded with the id `vocab_size`, counted in a scratch column that is dropped.
     """
     padded = pad_sequence(rows, batch_first=True, padding_value=vocab_size)
-    padded = padded.to(device, non_blocking=True).clamp_(0, vocab_size)
+    padded = to_device(padded, device).clamp_(0, vocab_size)
     counts = torch.zeros(len(rows), vocab_size + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab_size]
@@ -72,9 +73,11 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     """Return `logits` with each request's penalties applied (a new tensor)."""
     device, vocab = logits.device, logits.shape[-1]
     params = [r.params for r in requests]
-    table = torch.tensor(
-        [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params]
-    ).to(device, non_blocking=True)
+    table = to_device(
+        [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
+        device,
+        torch.float32,
+    )
     rep, freq, pres = (column.unsqueeze(1) for column in table.unbind(dim=1))
 
     # Only penalised rows carry their tokens; the others count nothing.

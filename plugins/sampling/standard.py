@@ -9,6 +9,7 @@ import pydantic
 import torch
 from pegboard.plugins.sampling.filters import apply_min_p, apply_top_k_top_p
 from pegboard.plugins.sampling.penalties import apply_penalties, needs_penalties
+from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import Sampler
 from pegboard.sdk.types import Request, SampleOutput, TokenLogprobs
 
@@ -71,24 +72,24 @@ class StandardSampler(Sampler):
             return self._draw_filtered(logits, requests)
         if len(plain) == len(requests):
             return self._gumbel(logits, requests)
-        rest = [i for i in range(len(requests)) if i not in set(plain)]
-        tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
-        tokens[plain] = self._gumbel(logits[plain], [requests[i] for i in plain])
-        tokens[rest] = self._draw_filtered(logits[rest], [requests[i] for i in rest])
+        plain_set = set(plain)
+        rest = [i for i in range(len(requests)) if i not in plain_set]
+        device = logits.device
+        plain_rows = to_device(plain, device, torch.int64)
+        rest_rows = to_device(rest, device, torch.int64)
+        tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
+        tokens[plain_rows] = self._gumbel(logits[plain_rows], [requests[i] for i in plain])
+        tokens[rest_rows] = self._draw_filtered(logits[rest_rows], [requests[i] for i in rest])
         return tokens
 
     def _gumbel(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         from pegboard.plugins.sampling.gumbel import gumbel_sample
 
-        temperature = torch.tensor(
-            [r.params.temperature for r in requests], dtype=torch.float32, pin_memory=True
+        temperature = to_device(
+            [r.params.temperature for r in requests], logits.device, torch.float32
         )
-        seeds = torch.from_numpy(self._draw_seeds(requests)).pin_memory()
-        return gumbel_sample(
-            logits,
-            temperature.to(logits.device, non_blocking=True),
-            seeds.to(logits.device, non_blocking=True),
-        )
+        seeds = to_device(torch.from_numpy(self._draw_seeds(requests)), logits.device)
+        return gumbel_sample(logits, temperature, seeds)
 
     def _draw_seeds(self, requests: list[Request]) -> np.ndarray:
         """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
@@ -116,13 +117,14 @@ class StandardSampler(Sampler):
         params = [r.params for r in requests]
         device, vocab = logits.device, logits.shape[-1]
         # One host-to-device copy for all per-row parameters.
-        table = torch.tensor(
+        table = to_device(
             [
                 [p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p]
                 for p in params
             ],
-            dtype=torch.float64,
-        ).to(device, non_blocking=True)
+            device,
+            torch.float64,
+        )
         temperature, top_k, top_p, min_p = table.unbind(dim=1)
         greedy = temperature == 0.0
         scaled = logits / torch.where(greedy, 1.0, temperature).to(logits.dtype).unsqueeze(1)
