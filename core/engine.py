@@ -21,6 +21,8 @@ import torch
 from pegboard.core.config import EngineConfig
 from pegboard.core.detokenizer import Detokenizer
 from pegboard.core.model_runner import ModelRunner
+from pegboard.core.models.errors import ModelLoadError
+from pegboard.core.models.loader import resolve_device
 from pegboard.core.outputs import RequestOutput, stop_reason
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.patches import apply_patches
@@ -402,10 +404,10 @@ class Engine:
         return SLOTS[slot].default
 
     def _on_cuda(self) -> bool:
-        if hasattr(self, "runner"):
-            return self.runner.device.type == "cuda"
-        device = self.config.device
-        return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        try:
+            return resolve_device(self.config.device).type == "cuda"
+        except ModelLoadError:  # reported by the model runner, after the plugin checks
+            return False
 
     def _check_selections(self) -> None:
         for slot in SLOTS:

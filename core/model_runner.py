@@ -145,12 +145,13 @@ class ModelRunner:
             fill_at = []
         # One host-to-device copy for ids, positions, slots, logits rows and the fill index.
         t, k = len(ids), len(fill_at)
-        flat = self._to_device(
+        flat = to_device(
             np.fromiter(
                 itertools.chain(ids, positions, slots, last_rows, fill_at, fill_from),
                 dtype=np.int64,
                 count=3 * t + len(last_rows) + 2 * k,
-            )
+            ),
+            self.device,
         )
         input_ids = flat[:t]
         if k:  # tokens still on the device, sampled by the previous step
@@ -217,12 +218,6 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         torch.cuda.empty_cache()
         return int(peak)
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
 
 
 class _NoKVAttention:

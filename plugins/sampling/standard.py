@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -175,15 +176,12 @@ def _unfiltered(params, vocab: int) -> bool:
 def _gumbel_available(device: torch.device) -> bool:
     """The Gumbel kernel serves CUDA devices with Triton installed (CPU rows keep the
     generator path; tests run the kernel itself under Triton's interpreter)."""
-    global _GUMBEL_OK
-    if device.type != "cuda":
-        return False
-    if _GUMBEL_OK is None:
-        _GUMBEL_OK = importlib.util.find_spec("triton") is not None
-    return _GUMBEL_OK
+    return device.type == "cuda" and _triton_installed()
 
 
-_GUMBEL_OK: bool | None = None
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _logprobs(
