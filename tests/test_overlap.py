@@ -95,18 +95,29 @@ def test_without_overlap_tokens_arrive_in_their_own_step(tiny_llama_dir):
         assert engine._pending is None
 
 
+def decoding_with_a_token_pending(engine, n: int) -> list[Request]:
+    """`n` greedy requests sharing a prefix, stepped until a decode token is in flight."""
+    reqs = [
+        Request([5, 6, 7, 8, 9, 10 + i], SamplingParams(temperature=0.0, max_tokens=50))
+        for i in range(n)
+    ]
+    for r in reqs:
+        engine.add_request(r)
+    engine.step()
+    engine.step()
+    assert engine._pending is not None
+    return reqs
+
+
+def assert_no_cached_placeholder(engine) -> None:
+    cached = [t for node in engine.kv.tree.nodes() for t in node.key]
+    assert cached and PENDING_TOKEN not in cached
+
+
 def test_abort_while_a_token_is_pending_frees_everything(tiny_llama_dir):
     with LLM(str(tiny_llama_dir), dtype="float32", kv_cache="radix", page_size=1) as llm:
         engine = llm.engine
-        reqs = [
-            Request([5, 6, 7, 8, 9, 10 + i], SamplingParams(temperature=0.0, max_tokens=50))
-            for i in range(4)
-        ]
-        for r in reqs:
-            engine.add_request(r)
-        engine.step()
-        engine.step()
-        assert engine._pending is not None
+        reqs = decoding_with_a_token_pending(engine, 4)
         engine.abort(reqs[0].request_id)
         outs = engine.step()
         assert any(o.request_id == reqs[0].request_id and o.finished for o in outs)
@@ -114,8 +125,7 @@ def test_abort_while_a_token_is_pending_frees_everything(tiny_llama_dir):
         while engine.has_work():
             engine.step()
         assert all(PENDING_TOKEN not in r.token_ids for r in reqs)
-        cached = [t for node in engine.kv.tree.nodes() for t in node.key]
-        assert cached and PENDING_TOKEN not in cached
+        assert_no_cached_placeholder(engine)
         assert engine.kv.num_free_pages == engine.kv.num_pages
 
 
@@ -142,15 +152,7 @@ def test_a_forward_that_fails_while_a_token_is_pending_caches_no_placeholder(tin
     before) are dropped, never inserted into the prefix cache as tokens."""
     with LLM(str(tiny_llama_dir), dtype="float32", kv_cache="radix", page_size=1) as llm:
         engine = llm.engine
-        reqs = [
-            Request([5, 6, 7, 8, 9, 10 + i], SamplingParams(temperature=0.0, max_tokens=50))
-            for i in range(3)
-        ]
-        for r in reqs:
-            engine.add_request(r)
-        engine.step()
-        engine.step()
-        assert engine._pending is not None
+        reqs = decoding_with_a_token_pending(engine, 3)
         forward = engine.runner.forward
 
         def broken(batch):
@@ -164,6 +166,5 @@ def test_a_forward_that_fails_while_a_token_is_pending_caches_no_placeholder(tin
         assert all(r.finish_reason.value == "error" for r in reqs)
         assert all("kernel exploded" in r.error for r in reqs)
         assert all(PENDING_TOKEN not in r.token_ids for r in reqs)
-        cached = [t for node in engine.kv.tree.nodes() for t in node.key]
-        assert cached and PENDING_TOKEN not in cached
+        assert_no_cached_placeholder(engine)
         assert engine.kv.num_free_pages == engine.kv.num_pages
