@@ -17,14 +17,13 @@ import argparse
 import copy
 import json
 import platform
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import e2e_decode  # scripts/e2e_decode.py (this script's folder is on sys.path)
 import torch
 import triton
 from pegboard.core.bench.models import config_model_dir
@@ -221,19 +220,8 @@ def decode_step_estimate(rows: list[Row], config: str, cfg: ModelConfig) -> tupl
 
 def run_e2e(log_dir: Path | None) -> dict[str, float | None]:
     """Llama-3.1-8B batch-1 ms/token, fused and unfused, each in its own process."""
-    results: dict[str, float | None] = {}
-    for name, extra in (("fused", []), ("unfused", ["--disable-fused-kernels"])):
-        try:
-            proc = subprocess.run(E2E + extra, capture_output=True, text=True, timeout=200)
-            log = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            log = f"timed out after {e.timeout} s"
-        if log_dir is not None:
-            (log_dir / f"e2e-{name}.log").write_text(log)
-        found = re.search(r"([\d.]+) ms/token", log)
-        results[name] = float(found.group(1)) if found else None
-        print(f"e2e {name}: {log.strip()[-300:]}")
-    return results
+    variants = {"fused": ([], {}), "unfused": (["--disable-fused-kernels"], {})}
+    return e2e_decode.run_e2e(E2E, variants, log_dir, timeout=200, tail=300)
 
 
 def main() -> None:

@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import e2e_decode  # scripts/e2e_decode.py (this script's folder is on sys.path)
 import torch
 import triton
 from pegboard.core.bench.models import config_model_dir
@@ -296,21 +294,7 @@ E2E_VARIANTS = {  # name: (extra flags, extra environment); the two that matter 
 def run_e2e(log_dir: Path | None) -> dict[str, float | None]:
     """Llama-3.1-8B batch-1 ms/token with and without the GEMV and PDL, each in its own
     process."""
-    results: dict[str, float | None] = {}
-    for name, (flags, env) in E2E_VARIANTS.items():
-        try:
-            proc = subprocess.run(
-                E2E + flags, capture_output=True, text=True, timeout=120, env=os.environ | env
-            )
-            log = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            log = f"timed out after {e.timeout} s"
-        if log_dir is not None:
-            (log_dir / f"e2e-{name}.log").write_text(log)
-        found = re.search(r"([\d.]+) ms/token", log)
-        results[name] = float(found.group(1)) if found else None
-        print(f"e2e {name}: {log.strip()[-200:]}", flush=True)
-    return results
+    return e2e_decode.run_e2e(E2E, E2E_VARIANTS, log_dir, timeout=120, tail=200)
 
 
 def format_table(timings: list[Timing]) -> str:
