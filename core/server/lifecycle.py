@@ -50,6 +50,7 @@ class ServerState:
         self.engine = engine
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
+        self._loader: threading.Thread | None = None  # the loading thread, while it exists
         if engine is not None:
             self.loaded.set()
         self.draining = False
@@ -134,9 +135,8 @@ class ServerState:
     def shutdown(self) -> None:
         # A process that exits while the loading thread is inside torch / safetensors code is
         # aborted by the C++ runtime (exit 134): let the load finish, then stop the engine.
-        loader = getattr(self, "_loader", None)
-        if loader is not None and loader.is_alive():
+        if self._loader is not None and self._loader.is_alive():
             log.info("waiting for the model load to finish before exiting")
-            loader.join(LOAD_JOIN_TIMEOUT_S)
+            self._loader.join(LOAD_JOIN_TIMEOUT_S)
         if self.engine is not None:
             self.engine.shutdown()
