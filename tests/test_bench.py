@@ -230,3 +230,19 @@ def test_bench_serve_starts_and_stops_a_random_weight_server(tiny_llama_dir, tmp
 def test_bench_serve_random_weights_needs_a_config(capsys):
     assert main(["bench", "serve", "--random-weights"]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+def test_bench_serve_reports_a_server_that_exits_before_it_is_ready(tiny_llama_dir, capsys):
+    """Bad `--server-args`: the started server exits with a usage error; bench serve says so
+    at once instead of waiting for /health."""
+    import time
+
+    start = time.monotonic()
+    rc = main(
+        ["bench", "serve", "--url", "http://127.0.0.1:8767", "--random-weights",
+         "--config", str(tiny_llama_dir / "config.json"), "--server-args=--no-such-flag",
+         "--num-prompts", "1", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 2
+    assert "the server exited with code 2 before it was ready" in capsys.readouterr().err
+    assert time.monotonic() - start < 120  # not the 900 s readiness wait

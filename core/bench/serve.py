@@ -27,6 +27,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -188,9 +189,12 @@ def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
     return out
 
 
-async def wait_ready(client: httpx.AsyncClient, base: str, timeout: float) -> None:
+async def wait_ready(
+    client: httpx.AsyncClient, base: str, timeout: float, gone: Callable[[], str | None] | None = None
+) -> None:
     """Poll `/health` until it answers 200 (a server still loading its model answers 503);
-    TimeoutError after `timeout` seconds."""
+    TimeoutError after `timeout` seconds. `gone()`, if given, says why the server can no
+    longer come up (it exited): then ChildProcessError at once instead of waiting."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -198,6 +202,8 @@ async def wait_ready(client: httpx.AsyncClient, base: str, timeout: float) -> No
                 return
         except httpx.TransportError:
             pass
+        if gone is not None and (reason := gone()):
+            raise ChildProcessError(reason)
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{base}/health did not answer 200 within {timeout} s")
         await asyncio.sleep(0.5)
@@ -284,10 +290,11 @@ async def run_serve_bench(
     request_timeout: float = 300.0,
     ready_timeout: float = 0.0,
     progress: bool = False,
+    server_gone: Callable[[], str | None] | None = None,
 ) -> dict:
     """Send the workload to the server at `url` (loopback only) and return the figures; the
     per-request records are under `per_request`. With `ready_timeout`, first wait that long
-    for the server to be ready."""
+    for the server to be ready (`server_gone`: see `wait_ready`)."""
     base = check_loopback(url)
     requests = workload.build()
     offsets = arrival_offsets(len(requests), request_rate, workload.seed)
@@ -300,7 +307,7 @@ async def run_serve_bench(
 
     async with httpx.AsyncClient(timeout=timeout, limits=connections) as client:
         if ready_timeout > 0:
-            await wait_ready(client, base, ready_timeout)
+            await wait_ready(client, base, ready_timeout, server_gone)
         model = model or await discover_model(client, base)
         bar = _progress_bar(len(requests), progress)
         start = time.perf_counter()

@@ -130,6 +130,12 @@ def _start_server(args: argparse.Namespace) -> subprocess.Popen:
     return subprocess.Popen(cmd)
 
 
+def _exited(server: subprocess.Popen) -> str | None:
+    if server.poll() is None:
+        return None
+    return f"the server exited with code {server.returncode} before it was ready (see above)"
+
+
 def _stop_server(server: subprocess.Popen) -> None:
     """SIGTERM (the server drains and exits), then kill if it has not exited within 60 s."""
     server.terminate()
@@ -302,6 +308,7 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
                 request_timeout=args.request_timeout,
                 ready_timeout=max(args.wait, 900.0) if server else args.wait,
                 progress=not args.no_progress,
+                server_gone=None if server is None else lambda: _exited(server),
             )
         )
     except (ValueError, OSError) as e:
