@@ -393,6 +393,8 @@ class Engine:
         return kv
 
     def _selected(self, slot: str) -> list[str]:
+        if SLOTS[slot].process != "engine":  # e.g. `router`: the router process selects it
+            return []
         chosen = self.config.selection(slot) or self._default(slot)
         return chosen if isinstance(chosen, list) else [chosen] if chosen else []
 

@@ -26,6 +26,7 @@ import pluggy
 
 if TYPE_CHECKING:
     import torch
+    from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.slots import AttentionBackend, KVCache
     from pegboard.sdk.types import (
         KVPool,
@@ -152,4 +153,27 @@ def export_metrics(snapshot: MetricsSnapshot) -> None:
     request finishes (`"request"`, with `snapshot.request` set). Runs on the step loop's
     thread: an exporter must return quickly (buffer, or hand off to its own thread).
     Exceptions are caught, logged and counted; they never fail a request.
+    """
+
+
+@hookspec(firstresult=True)
+def route(request: RouteRequest, workers: list[WorkerLoad]) -> str | None:
+    """Pick the worker (engine replica) an incoming HTTP request goes to.
+
+    Why a hook: with several replicas behind one address (`pegboard serve --dp-size N`, or
+    `pegboard router --worker URL ...` in front of any OpenAI-compatible servers), where a
+    request runs decides its prefix-cache hits and its queueing delay; that choice is a policy
+    users swap (round robin, least load, cache aware) like a scheduling policy.
+
+    Called once per request, in the router process (never in an engine), on its event loop:
+    it must not block. Called again for the same request, without the worker it failed on,
+    when that worker could not take it (connection refused, died before the first byte).
+
+    :param request: the endpoint, the routing key (`text`: prompt, chat contents, or token ids
+        one character each) and the parsed body.
+    :param workers: the healthy workers the request may go to (never empty), each with the
+        router's count of its open requests and the load the worker last reported.
+    :returns: the `url` of one of `workers`. Any other value is reported as an error naming
+        the plugin. Return `None` only to defer to another implementation (single-choice:
+        there is none).
     """

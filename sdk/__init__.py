@@ -11,6 +11,7 @@ without `@hookimpl`; use `@hookimpl(wrapper=True)` to wrap another slot's hook.
 from pegboard.core.hookspecs import hookimpl
 from pegboard.sdk.device import to_device
 from pegboard.sdk.patch import Patch, PatchError, requires
+from pegboard.sdk.routing import RouteRequest, WorkerLoad, prompt_key
 from pegboard.sdk.slots import (
     SLOTS,
     Attention,
@@ -21,6 +22,7 @@ from pegboard.sdk.slots import (
     NoOptions,
     Plugin,
     PluginContext,
+    Router,
     Sampler,
     Scheduler,
     SlotSpec,
@@ -59,6 +61,10 @@ __all__ = [
     "Plugin",
     "PluginContext",
     "Request",
+    "RouteRequest",
+    "Router",
+    "WorkerLoad",
+    "prompt_key",
     "RequestStatus",
     "SampleOutput",
     "SamplingParams",

@@ -16,6 +16,7 @@ import torch
 from pegboard.core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.types import (
         ForwardBatch,
         KVPool,
@@ -256,10 +257,37 @@ class MetricsExporter(Plugin):
         raise NotImplementedError
 
 
+class Router(Plugin):
+    """Slot `router` — answers `route` in the router process (`pegboard router`, `pegboard
+    serve --dp-size N`), never inside an engine.
+
+    - `route(request, workers)` returns the `url` of one of `workers` (the healthy workers
+      this request has not failed on; never empty). Anything else is an error the router
+      reports naming the plugin. It must not block: it runs on the router's event loop.
+    - `remove_worker(url)` — the worker left the pool (it died or failed its health checks):
+      drop what the policy keeps about it. It may come back later, empty.
+    - `stats()` — counters the router exports on its `/metrics` (e.g. `cache_hit_chars` and
+      `cache_query_chars` of a cache-aware policy, for its hit estimate).
+    """
+
+    slot = "router"
+
+    @hookimpl
+    def route(self, request: RouteRequest, workers: list[WorkerLoad]) -> str:
+        raise NotImplementedError
+
+    def remove_worker(self, url: str) -> None:
+        """Default: the policy keeps nothing per worker."""
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+
 @dataclass(frozen=True)
 class SlotSpec:
     """A slot: its hook, the base class its plugins derive from, whether several may be
-    active at once, and the plugin selected when the user names none."""
+    active at once, the plugin selected when the user names none, and the process its hook
+    runs in (`"engine"`: selected by every engine; `"router"`: only by the router)."""
 
     name: str
     hook: str
@@ -267,6 +295,7 @@ class SlotSpec:
     multi: bool = False
     default: str | None = None
     flag: str = ""
+    process: Literal["engine", "router"] = "engine"
 
 
 SLOTS: dict[str, SlotSpec] = {
@@ -278,5 +307,13 @@ SLOTS: dict[str, SlotSpec] = {
         SlotSpec("sampler", "sample", Sampler, default="standard", flag="--sampler"),
         SlotSpec("transfer", "transfer_kv", KVTransfer, default=None, flag="--transfer"),
         SlotSpec("metrics", "export_metrics", MetricsExporter, multi=True, flag="--metrics"),
+        SlotSpec(
+            "router",
+            "route",
+            Router,
+            default="round_robin",
+            flag="--router-policy",
+            process="router",
+        ),
     ]
 }

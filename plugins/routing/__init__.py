@@ -1,0 +1,1 @@
+"""Routing policies: plugins of the `router` slot, evaluated in the router process."""
