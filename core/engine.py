@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 from pegboard.core.config import EngineConfig
+from pegboard.core.contract import PluginFault, PluginGuard
 from pegboard.core.detokenizer import Detokenizer
+from pegboard.core.distributed import start_tensor_parallel
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.loader import resolve_device
+from pegboard.core.models.quantization import select_linear
 from pegboard.core.outputs import RequestOutput, stop_reason
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.patches import apply_patches
@@ -70,16 +73,21 @@ class Engine:
 
         self.config = config
         self.plugins = plugins or PluginManager()
+        self.guard = PluginGuard(self.plugins)  # checks plugins' results, counts their errors
         self.patches = apply_patches(config.patches, strict=config.strict_patches)
         self._check_selections()  # a typo in a plugin name fails before the model loads
         self.model_dir = Path(config.model) if config.model else default_model_dir()
+        self.tp = start_tensor_parallel(config)  # None for one rank, else spawns the others
+        linear = select_linear(self.plugins, config, self.model_dir)  # builds the projections
         self.runner = ModelRunner(
             self.model_dir,
             config.dtype,
-            config.device,
+            self.tp.device if self.tp else config.device,
             config.max_model_len,
             load_format=config.load_format,
             fused_kernels=not config.disable_fused_kernels,
+            tp=self.tp,
+            linear=linear,
         )
         self.tokenizer = load_tokenizer(self.model_dir, allow_missing=config.load_format == "dummy")
         self.info = self.runner.info
@@ -122,18 +130,12 @@ class Engine:
         start = time.perf_counter()
         self._apply_inbox()
         self._apply_swaps()
-        plan = self._call_plugin(
-            "scheduler",
-            self.running + list(self.waiting),
-            lambda: self.hook.schedule(
-                waiting=self._admissible(), running=self.running, budget=self.budget, kv=self.kv
-            ),
-        )
+        plan = self._schedule()
         if plan:
             self._preempt(plan.preempted)
             scheduled = [s.request for s in plan.scheduled if not s.request.finished]
             num_tokens = [s.num_tokens for s in plan.scheduled if not s.request.finished]
-            self._call_plugin("model", scheduled, lambda: self._run(scheduled, num_tokens))
+            self._call_plugin(scheduled, lambda: self._run(scheduled, num_tokens))
         if self.config.disable_overlap or not plan:
             self._resolve()
         outputs, self._outbox = self._outbox, []
@@ -142,7 +144,9 @@ class Engine:
         return outputs
 
     def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
-        failed = self.hook.allocate_kv(scheduled=scheduled, num_tokens=num_tokens)
+        failed = self.guard.call(
+            "kv_cache", self.hook.allocate_kv, scheduled=scheduled, num_tokens=num_tokens
+        )
         scheduled, num_tokens = self._admit(scheduled, num_tokens, failed or [])
         if not scheduled:
             self._resolve()
@@ -158,8 +162,13 @@ class Engine:
             logits = logits[to_device(keep, logits.device, torch.int64)]
             sampling = [r for r in sampling if not r.finished]
         if sampling:
-            sampled = self.hook.sample(logits=logits, requests=sampling)
-            self._pending = PendingStep(sampling, sampled)
+            try:
+                sampled = self.guard.sample(
+                    self.hook.sample, logits, sampling, self.info.vocab_size
+                )
+                self._pending = PendingStep(sampling, sampled, self.info.vocab_size)
+            except PluginFault as fault:  # fails the requests of this `sample` call only
+                self._fail(sampling, fault)
         self.kv.commit([r for r in scheduled if not r.finished])
 
     def _resolve(self) -> None:
@@ -168,7 +177,13 @@ class Engine:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        for r, token, lp in zip(pending.requests, pending.take(), pending.logprobs):
+        ids = pending.take()
+        if pending.on_device:  # ids from a device tensor: range-checked now, on the host
+            try:
+                self.guard.sampled_ids(ids, self.info.vocab_size)
+            except PluginFault as fault:
+                return self._fail(pending.requests, fault)
+        for r, token, lp in zip(pending.requests, ids, pending.logprobs):
             if r.finished:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
             r.token_ids.pop()  # PENDING_TOKEN
@@ -332,18 +347,44 @@ class Engine:
         self._detokenizers.pop(r.request_id, None)
         self._export(MetricsSnapshot(kind="request", timestamp=time.time(), request=r))
 
-    def _call_plugin(self, what: str, affected: list[Request], fn):
-        """Run `fn`; if a plugin raises, fail the affected requests (not the engine)."""
+    def _schedule(self) -> SchedulePlan | None:
+        """The scheduler's plan, checked (`pegboard.core.contract`). A failing scheduler fails
+        no request at first; after `SCHEDULER_FAILURE_LIMIT` failing steps in a row it fails
+        the queued ones (see the `schedule` hookspec)."""
+        try:
+            return self.guard.schedule(
+                self.hook.schedule, self._admissible(), self.running, self.budget, self.kv
+            )
+        except PluginFault as fault:
+            if not self.guard.scheduler_stuck:
+                log.error("%s; no request is scheduled in this step", fault)
+                return None
+            steps, self.guard.scheduler_failures = self.guard.scheduler_failures, 0
+            self._fail(self.running + list(self.waiting), f"{fault} ({steps} steps in a row)")
+            return None
+
+    def _call_plugin(self, affected: list[Request], fn):
+        """Run `fn`; if it raises, fail the affected requests (not the engine), naming the
+        plugin at fault, or the model forward (with its attention backend) otherwise."""
         try:
             return fn()
+        except PluginFault as fault:
+            self._fail(affected, fault)
         except Exception as e:
-            log.exception("%s failed; failing %d request(s)", what, len(affected))
-            message = f"{what} failed: {type(e).__name__}: {e}"
-            for r in affected:
-                if not r.finished:
-                    self._finish(r, FinishReason.ERROR, message)
-                    self._release(r)
-            return None
+            backend = self.plugins.describe(self.plugins.active("attention"))
+            log.exception("model forward (%s) raised", backend)
+            fault = f"model forward ({backend}) failed: {type(e).__name__}: {e}"
+            self._fail(affected, fault)
+        return None
+
+    def _fail(self, affected: list[Request], fault: PluginFault | str) -> None:
+        """Finish the unfinished `affected` requests with the error `fault`."""
+        message = str(fault)
+        log.error("%s; failing %d request(s)", message, len(affected))
+        for r in affected:
+            if not r.finished:
+                self._finish(r, FinishReason.ERROR, message)
+                self._release(r)
 
     # ---------------------------------------------------------------- plugins
 
@@ -427,6 +468,8 @@ class Engine:
         backend = self.hook.attention_kernel(model=self.info, pool=pool)
         if backend is None:
             raise SwapError("the attention plugin returned no backend")
+        if self.tp is not None:  # every rank builds its backend over its own pool of local heads
+            self.tp.bind(self.plugins.active("attention"), pool, self.ctx.engine)
         c = self.config
         self.runner.set_attention(  # (re)captures decode CUDA graphs for this backend and pool
             backend,
@@ -475,7 +518,9 @@ class Engine:
                     )
                 )
             else:
-                p.future.set_result(SwapResult(p.slot, old.name, p.plugin.name, drain))
+                result = SwapResult(p.slot, old.name, p.plugin.name, drain, self.num_steps)
+                log.info("%s", result)
+                p.future.set_result(result)
 
     def _replace(self, slot: str, old: Plugin, new: Plugin, drained: bool) -> None:
         new.setup(self.ctx, previous=None if drained else old)
@@ -508,15 +553,11 @@ class Engine:
             step_time_s=elapsed,
             prefix_hit_tokens=int(stats.get("prefix_hit_tokens", 0)),
             prefix_query_tokens=int(stats.get("prefix_query_tokens", 0)),
+            plugin_errors=self.guard.errors,
         )
 
     def _export(self, snapshot: MetricsSnapshot) -> None:
-        # Each exporter separately: one broken exporter must not starve the others.
-        for impl in self.hook.export_metrics.get_hookimpls():
-            try:
-                impl.function(snapshot=snapshot)
-            except Exception:
-                log.exception("metrics exporter %s failed", impl.plugin_name)
+        self.guard.export(self.hook.export_metrics.get_hookimpls(), snapshot)
 
     def close(self) -> None:
         for slot in SLOTS:
@@ -524,3 +565,5 @@ class Engine:
                 self.plugins.unregister(plugin)
                 plugin.close()
         self.patches.unapply()
+        if self.tp is not None:
+            self.tp.close()

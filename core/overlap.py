@@ -36,7 +36,9 @@ class PendingStep:
     starts an asynchronous copy to pinned host memory; `take()` waits for that copy only.
     """
 
-    def __init__(self, requests: list[Request], sampled: SampleOutput) -> None:
+    def __init__(
+        self, requests: list[Request], sampled: SampleOutput, vocab_size: int | None = None
+    ) -> None:
         if len(sampled) != len(requests):
             raise ValueError(
                 f"the sampler returned {len(sampled)} tokens for {len(requests)} requests"
@@ -55,6 +57,11 @@ class PendingStep:
                 self._host.copy_(self.tokens, non_blocking=True)
                 self._ready = torch.cuda.Event()
                 self._ready.record()
+                if vocab_size:  # the host range-checks the raw ids (`on_device`); the next
+                    # step's inputs must never index past the embedding meanwhile
+                    self.tokens = self.tokens.clamp(0, vocab_size - 1)
+        #: Whether the ids come from a device tensor and are unchecked until `take()`.
+        self.on_device = self._ready is not None
         for r in requests:
             r.token_ids.append(PENDING_TOKEN)
 

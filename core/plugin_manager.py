@@ -363,6 +363,27 @@ class PluginManager:
         """Every registered plugin of `slot`, in registration order (e.g. metrics exporters)."""
         return list(self._registered[_check_slot(slot)])
 
+    def info_of(self, plugin: Plugin) -> PluginInfo | None:
+        """The catalog record of a plugin instance (None for one never discovered or added)."""
+        for info in self._infos:
+            if info.cls is type(plugin) or (
+                info.cls is not None
+                and isinstance(plugin, info.cls)
+                and (info.slot, info.name) == (plugin.slot, plugin.name)
+            ):
+                return info
+        return None
+
+    def describe(self, plugin: Plugin) -> str:
+        """How errors name a plugin: `scheduler 'lifo' (pegboard-lifo 0.1)`."""
+        slot, name = getattr(plugin, "slot", "?"), getattr(plugin, "name", "?")
+        info = self.info_of(plugin) if isinstance(plugin, Plugin) else None
+        if info is None:
+            where = f"{type(plugin).__module__}:{type(plugin).__qualname__}"
+        else:
+            where = _dist_label(info) if info.distribution else info.entry_point
+        return f"{slot} {name!r} ({where})"
+
     def _mark(self, plugin: Plugin) -> None:
         for info in self._infos:
             if info.cls is not None and isinstance(plugin, info.cls):

@@ -27,6 +27,11 @@ class SwapResult:
     previous: str | None
     active: str
     drained: bool = False
+    step: int | None = None  # the engine step at whose boundary it took effect
+
+    def __str__(self) -> str:
+        how = " after draining the running requests" if self.drained else ""
+        return f"swapped {self.slot}: {self.previous!r} -> {self.active!r} at step {self.step}{how}"
 
 
 @dataclass

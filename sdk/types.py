@@ -346,3 +346,5 @@ class MetricsSnapshot:
     prefix_query_tokens: int = 0
     request: Request | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    #: Errors (exceptions and contract violations) per (slot, plugin name) since start.
+    plugin_errors: dict[tuple[str, str], int] = field(default_factory=dict)

@@ -1,0 +1,301 @@
+"""The plugin contract, checked: the engine guards its invariants against what plugins return.
+
+A plugin is a guest. Every `SchedulePlan` a scheduler returns is checked against the rules of
+the `schedule` hookspec, and every `SampleOutput` a sampler returns against those of `sample`,
+before the engine uses them. A violation, like an exception raised by a plugin, becomes a
+`PluginFault` whose message names the slot, the plugin, its distribution and the rule broken
+(`scheduler 'lifo' (pegboard-lifo 0.1) broke the rule 'token budget': ...`), and is counted
+per (slot, plugin) in `PluginGuard.errors` (`pegboard:plugin_errors_total`, `/admin/plugins`).
+
+What a fault fails (the engine applies it; see the hookspecs):
+- sampler: the requests of that `sample` call; the rest of the step goes on.
+- kv_cache (`allocate_kv`): the requests scheduled in that step.
+- scheduler: nothing at first — the step schedules no work and the engine retries. A scheduler
+  that fails `SCHEDULER_FAILURE_LIMIT` steps in a row fails every queued request with its
+  error (so a persistently broken scheduler neither spins nor hangs requests silently), then
+  is tried again for requests that arrive later.
+- metrics exporter: nothing; the error is logged (the first one with its traceback) and
+  counted.
+
+The checks are O(scheduled requests) with no device synchronisation: ids a sampler returns
+as a CUDA tensor are range-checked when they reach the host (`check_token_ids`, one step
+later with overlap scheduling); `bench offline` reports their cost (`contract_check_us`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pegboard.sdk.types import RequestStatus, SampleOutput, SchedulePlan
+
+if TYPE_CHECKING:
+    from pegboard.core.plugin_manager import PluginManager
+    from pegboard.sdk.slots import KVCache, Plugin
+    from pegboard.sdk.types import Request, StepBudget
+
+log = logging.getLogger("pegboard.contract")
+
+#: Consecutive failing `schedule` calls after which the queued requests are failed.
+SCHEDULER_FAILURE_LIMIT = 3
+
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+_WAITING, _RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
+
+
+class ContractViolation(Exception):
+    """A plugin's result broke a rule of its hook; `rule` is the rule's short name."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"broke the rule '{rule}': {detail}")
+        self.rule = rule
+        self.detail = detail
+
+
+class PluginFault(Exception):
+    """A plugin raised or broke its contract. The message names the plugin and its
+    distribution (`scheduler 'lifo' (pegboard-lifo 0.1) raised ValueError: ...`)."""
+
+    def __init__(self, slot: str, plugin: str, message: str, rule: str | None = None) -> None:
+        super().__init__(message)
+        self.slot = slot
+        self.plugin = plugin
+        self.rule = rule
+
+
+# ------------------------------------------------------------------------------ the rules
+
+
+def check_plan(
+    plan: Any, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
+) -> SchedulePlan | None:
+    """`plan` if it obeys the `schedule` hookspec, else raise `ContractViolation`."""
+    if plan is None:
+        return None
+    if not isinstance(plan, SchedulePlan):
+        raise ContractViolation("plan type", f"returned {type(plan).__name__}, not a SchedulePlan")
+    try:
+        return _check_plan(plan, waiting, running, budget, kv)
+    except (AttributeError, TypeError) as e:
+        raise ContractViolation("plan shape", f"malformed plan: {type(e).__name__}: {e}") from e
+
+
+def _check_plan(plan, waiting, running, budget, kv) -> SchedulePlan:
+    queued: set[int] | None = None  # ids of the waiting requests, built only when needed
+    preempted = {id(r) for r in plan.preempted}
+    if len(preempted) != len(plan.preempted):
+        raise ContractViolation("preempted twice", "a request is listed twice in `preempted`")
+    freed = 0
+    for r in plan.preempted:
+        if r.status is not _RUNNING:
+            raise ContractViolation(
+                "unknown request", f"preempted {r.request_id!r}, which holds no KV (not running)"
+            )
+        freed += len(r.page_table)
+    seen: set[int] = set()
+    total = new = running_tokens = 0
+    admitted = []
+    for s in plan.scheduled:
+        r, n = s.request, s.num_tokens
+        if type(n) is not int or n < 1:
+            raise ContractViolation(
+                "zero tokens", f"{r.request_id!r} is scheduled with {n!r} tokens (at least 1)"
+            )
+        key = id(r)
+        if key in seen:
+            raise ContractViolation("scheduled twice", f"{r.request_id!r} is scheduled twice")
+        seen.add(key)
+        if key in preempted:
+            raise ContractViolation(
+                "scheduled and preempted", f"{r.request_id!r} is both scheduled and preempted"
+            )
+        if r.status is _RUNNING:
+            running_tokens += n
+        else:
+            if queued is None:
+                queued = {id(q) for q in waiting}
+            if r.status is not _WAITING or key not in queued:
+                raise ContractViolation(
+                    "unknown request",
+                    f"{r.request_id!r} is not in the waiting or running queue it was given",
+                )
+            new += 1
+            admitted.append(s)
+        if n > r.num_tokens - r.num_computed_tokens:
+            raise ContractViolation(
+                "too many tokens",
+                f"{r.request_id!r} is given {n} tokens but has only "
+                f"{r.num_tokens - r.num_computed_tokens} uncomputed",
+            )
+        total += n
+    if total > budget.max_batched_tokens:
+        raise ContractViolation(
+            "token budget",
+            f"the plan schedules {total} tokens, the budget is {budget.max_batched_tokens}",
+        )
+    holders = len(running) - len(preempted) + new
+    if new and holders > budget.max_running_requests:
+        raise ContractViolation(
+            "request cap",
+            f"{holders} requests would hold KV after the step, the cap is "
+            f"{budget.max_running_requests}",
+        )
+    _check_pages(plan, kv, freed, running_tokens, len(seen) - new, admitted)
+    return plan
+
+
+def _check_pages(plan, kv, freed: int, running_tokens: int, num_running: int, admitted) -> None:
+    """The scheduled requests' new pages fit in the free pages plus the preempted ones'.
+    A running request needs at most ceil(n / page_size) new pages for n tokens, so the exact
+    count (`kv.pages_needed`, a call per request) is only taken when that bound does not fit."""
+    room = kv.num_free_pages + freed
+    needed = sum(kv.pages_needed(s.request, s.num_tokens) for s in admitted)
+    if running_tokens // kv.page_size + num_running + needed <= room:
+        return
+    needed += sum(
+        kv.pages_needed(s.request, s.num_tokens)
+        for s in plan.scheduled
+        if s.request.status is _RUNNING
+    )
+    if needed > room:
+        raise ContractViolation(
+            "pages fit",
+            f"the scheduled requests need {needed} new KV pages, only {room} are free "
+            "(counting the preempted requests' pages)",
+        )
+
+
+def check_sample(out: Any, num_requests: int, vocab_size: int) -> SampleOutput:
+    """`out` if it obeys the `sample` hookspec, else raise `ContractViolation`. Token ids in a
+    CUDA tensor are range-checked later, on the host (`check_token_ids`)."""
+    if not isinstance(out, SampleOutput):
+        raise ContractViolation("output type", f"returned {type(out).__name__}, not a SampleOutput")
+    tokens = out.tokens
+    if tokens is not None:
+        if not isinstance(tokens, torch.Tensor):
+            raise ContractViolation("output type", f"token_ids is a {type(tokens).__name__}")
+        if tokens.dtype not in _INT_DTYPES:
+            raise ContractViolation(
+                "integer dtype", f"token ids have dtype {tokens.dtype}, not an integer dtype"
+            )
+        if tokens.dim() != 1 or tokens.shape[0] != num_requests:
+            raise ContractViolation(
+                "shape",
+                f"token ids have shape {list(tokens.shape)}, expected [{num_requests}] "
+                "(one per request)",
+            )
+        if tokens.device.type == "cpu" and num_requests:
+            low, high = torch.aminmax(tokens)
+            _check_range(int(low), int(high), vocab_size)
+    else:
+        ids = out.token_ids
+        if len(ids) != num_requests:
+            raise ContractViolation(
+                "one token per request",
+                f"returned {len(ids)} token ids for {num_requests} requests",
+            )
+        if ids:
+            if not set(map(type, ids)) <= {int}:
+                kinds = sorted({type(i).__name__ for i in ids})
+                raise ContractViolation(
+                    "integer dtype", f"token ids are {', '.join(kinds)}, not int"
+                )
+            _check_range(min(ids), max(ids), vocab_size)
+    if len(out.logprobs) != num_requests:
+        raise ContractViolation(
+            "one token per request",
+            f"returned {len(out.logprobs)} logprobs entries for {num_requests} requests",
+        )
+    return out
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Host-side range check of ids that came from a device tensor."""
+    if ids:
+        _check_range(min(ids), max(ids), vocab_size)
+
+
+def _check_range(low: int, high: int, vocab_size: int) -> None:
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ContractViolation(
+            "ids in vocabulary", f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+        )
+
+
+# ------------------------------------------------------------------------------ the guard
+
+
+class PluginGuard:
+    """Calls the per-step hooks for the engine, checks what they return, turns exceptions and
+    violations into `PluginFault`s naming the plugin, and counts them per (slot, plugin)."""
+
+    def __init__(self, plugins: PluginManager) -> None:
+        self.plugins = plugins
+        #: (slot, plugin name) -> errors since start (exceptions and contract violations).
+        self.errors: dict[tuple[str, str], int] = {}
+        self.scheduler_failures = 0  # consecutive failing `schedule` calls
+
+    def fault(self, slot: str, error: BaseException, plugin: Plugin | None = None) -> PluginFault:
+        """Count `error` against the slot's active plugin (or `plugin`) and describe it."""
+        plugin = plugin if plugin is not None else self.plugins.active(slot)
+        name = plugin.name if plugin is not None else "?"
+        key = (slot, name)
+        self.errors[key] = self.errors.get(key, 0) + 1
+        who = self.plugins.describe(plugin) if plugin is not None else f"{slot} (none active)"
+        if isinstance(error, ContractViolation):
+            return PluginFault(slot, name, f"{who} {error}", error.rule)
+        return PluginFault(slot, name, f"{who} raised {type(error).__name__}: {error}")
+
+    def call(self, slot: str, fn: Callable, **kwargs) -> Any:
+        """`fn(**kwargs)`, with an exception turned into a `PluginFault` of `slot`."""
+        try:
+            return fn(**kwargs)
+        except Exception as e:
+            raise self.fault(slot, e) from e
+
+    def schedule(self, hook: Callable, waiting, running, budget, kv) -> SchedulePlan | None:
+        try:
+            plan = check_plan(hook(waiting=waiting, running=running, budget=budget, kv=kv),
+                              waiting, running, budget, kv)  # fmt: skip
+        except Exception as e:
+            self.scheduler_failures += 1
+            raise self.fault("scheduler", e) from e
+        self.scheduler_failures = 0
+        return plan
+
+    @property
+    def scheduler_stuck(self) -> bool:
+        """Whether the scheduler failed `SCHEDULER_FAILURE_LIMIT` steps in a row."""
+        return self.scheduler_failures >= SCHEDULER_FAILURE_LIMIT
+
+    def sample(self, hook: Callable, logits: torch.Tensor, requests: list[Request], vocab: int):
+        """The sampler's output, checked. Runs under `torch.inference_mode`, so the sampler may
+        modify `logits` (an inference tensor) in place."""
+        try:
+            with torch.inference_mode():
+                out = hook(logits=logits, requests=requests)
+            return check_sample(out, len(requests), vocab)
+        except Exception as e:
+            raise self.fault("sampler", e) from e
+
+    def sampled_ids(self, ids: list[int], vocab: int) -> None:
+        """Range-check ids that reached the host from the device (see `check_token_ids`)."""
+        try:
+            check_token_ids(ids, vocab)
+        except ContractViolation as e:
+            raise self.fault("sampler", e) from e
+
+    def export(self, impls, snapshot) -> None:
+        """Call each exporter on its own: one broken exporter must not starve the others."""
+        for impl in impls:
+            try:
+                impl.function(snapshot=snapshot)
+            except Exception as e:
+                fault = self.fault("metrics", e, impl.plugin)
+                if self.errors[("metrics", fault.plugin)] == 1:
+                    log.exception("%s (counted; later errors are counted only)", fault)
+                else:
+                    log.debug("%s", fault)
