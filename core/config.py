@@ -15,6 +15,8 @@ class EngineConfig(pydantic.BaseModel):
 
     model: str | None = None  # a local HF directory; None: the bundled default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantization: str | None = None  # gptq | awq | compressed-tensors | gguf; None: config.json
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -25,6 +27,7 @@ class EngineConfig(pydantic.BaseModel):
     attention: str | None = None
     sampler: str | None = None
     transfer: str | None = None
+    linear: str | None = None  # None: w4a16 for a quantized checkpoint, else bf16
     metrics: list[str] = pydantic.Field(default_factory=list)
     plugin_options: dict[str, dict[str, Any]] = pydantic.Field(default_factory=dict)
     patches: list[str] = pydantic.Field(default_factory=list)
@@ -51,6 +54,13 @@ class EngineConfig(pydantic.BaseModel):
     disable_overlap: bool = False
     # Fused Triton kernels (RMSNorm + residual, SiLU-and-mul, rotary) on CUDA devices.
     disable_fused_kernels: bool = False
+
+    # Tensor parallelism (`pegboard.core.distributed`): ranks, nodes, rendezvous, timeout.
+    tp_size: int = pydantic.Field(1, ge=1)
+    nnodes: int = pydantic.Field(1, ge=1)
+    node_rank: int = pydantic.Field(0, ge=0)
+    dist_init_addr: str | None = None  # HOST:PORT of rank 0's rendezvous; None: a free local port
+    dist_timeout: float = pydantic.Field(600.0, gt=0)  # seconds a collective may wait for a rank
 
     def selection(self, slot: str) -> str | list[str] | None:
         return getattr(self, slot)

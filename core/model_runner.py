@@ -39,10 +39,21 @@ class ModelRunner:
         progress: bool = True,
         load_format: str = "auto",
         fused_kernels: bool = True,
+        tp=None,
+        linear=None,
     ) -> None:
         loaded = load_model(
-            model_dir, dtype, device, max_model_len, progress, load_format, fused_kernels
+            model_dir,
+            dtype,
+            device,
+            max_model_len,
+            progress,
+            load_format,
+            fused_kernels,
+            tp,
+            linear=linear,  # the `linear` plugin (`select_linear`); None: by the checkpoint
         )
+        self.tp = tp  # a `pegboard.core.distributed.TensorParallel`: rank 0 shares each batch
         self.model = loaded.model
         self.config = loaded.config
         self.info: ModelInfo = loaded.info
@@ -174,6 +185,8 @@ class ModelRunner:
         """Run the model; float32 logits `[number of sampling requests, vocab]` in batch order."""
         if self.attention is None:
             raise RuntimeError("ModelRunner.set_attention must be called before forward")
+        if self.tp is not None:
+            self.tp.share_batch(batch)  # the followers run the same step on their shards
         self.attention.prepare(batch)
         if all(batch.samples):
             rows = batch.logits_indices
@@ -199,6 +212,8 @@ class ModelRunner:
         """
         if self.device.type != "cuda":
             return 0
+        if self.tp is not None:
+            self.tp.share_profile(max_tokens, max_requests)  # its all-reduces need every rank
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)

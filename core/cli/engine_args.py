@@ -29,6 +29,20 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="dummy: random weights (benchmarks of a config without its checkpoint)",
     )
     g.add_argument(
+        "--quantization",
+        default=None,
+        choices=["gptq", "awq", "compressed-tensors", "gguf"],
+        help="weight quantization (default: config.json's quantization_config); gguf serves the "
+        "model's GGUF file (the bundled SmolLM2's 4-bit Q4_1) natively, docs/quantization.md",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8_e4m3"],
+        help="KV cache storage: auto (the model's dtype) or fp8_e4m3 (half the bytes, per-layer "
+        "scales; attention backends triton and torch)",
+    )
+    g.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=8192,
@@ -62,9 +76,38 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="use plain PyTorch ops instead of the fused Triton kernels (RMSNorm + residual, "
         "SiLU-and-mul, rotary) on CUDA",
     )
+    add_distributed_arguments(p)
     g.add_argument("--patch", action="append", default=[], dest="patches", metavar="NAME")
     g.add_argument("--strict-patches", action="store_true")
     add_plugin_arguments(p, PluginManager())
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor parallelism and multi-node (docs/architecture.md)")
+    g.add_argument(
+        "--tp-size",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        dest="tp_size",
+        help="tensor-parallel ranks, one process (and GPU) each (default 1)",
+    )
+    g.add_argument("--nnodes", type=int, default=1, help="nodes the ranks span (default 1)")
+    g.add_argument(
+        "--node-rank", type=int, default=0, help="this node's index, 0 serves HTTP (default 0)"
+    )
+    g.add_argument(
+        "--dist-init-addr",
+        metavar="HOST:PORT",
+        help="rank 0's rendezvous address, the same on every node (default: a free local port)",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds a collective waits for a lost rank before the group fails (default 600)",
+    )
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:

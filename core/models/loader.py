@@ -98,6 +98,7 @@ def load_model(
     progress: bool = True,
     load_format: str = "auto",
     fused_kernels: bool = True,
+    tp=None,
 ) -> LoadedModel:
     """Build the decoder for `model_dir/config.json` and fill it from its safetensors files.
 
@@ -108,17 +109,20 @@ def load_model(
     `fused_kernels=True` runs the decoder's norms, rope and SiLU-and-mul as fused Triton kernels
     (`pegboard.core.kernels`) where they can run: on a CUDA device with Triton installed;
     elsewhere, or with `fused_kernels=False` (`--disable-fused-kernels`), the PyTorch ops run.
-    `model.fused_kernels` says which.
+    `model.fused_kernels` says which. With `tp` (a `pegboard.core.distributed.TensorParallel`)
+    the model is this rank's shard: its heads, columns and vocab rows, read as slices.
     """
     if load_format not in ("auto", "dummy"):
         raise ModelLoadError(f"load_format {load_format!r} is not supported; choose auto or dummy")
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
+    shard = tp.shard(cfg) if tp is not None else None
+    built = shard.local_config() if shard is not None else cfg  # this rank's layer sizes
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, cfg, target_device)
     length = resolve_max_model_len(cfg, max_model_len)
     with torch.device("meta"):
-        model = CausalLM(cfg, length)
+        model = CausalLM(built, length)
     # Allocate uninitialised storage (no random init: every value comes from the checkpoint).
     model = model.to(target_dtype).to_empty(device=target_device)
     model.tie_weights()
@@ -126,7 +130,9 @@ def load_model(
     if load_format == "dummy":
         _fill_random(model)
     else:
-        load_checkpoint(model, model_dir, target_device, cfg.tie_word_embeddings, progress)
+        load_checkpoint(model, model_dir, target_device, cfg.tie_word_embeddings, progress, shard)
+    if shard is not None:
+        shard.install(model)  # the all-reduces and all-gathers that join the shards
     model.eval().requires_grad_(False)
     if fused_kernels:
         reason = kernels.unavailable_reason(target_device)
@@ -137,8 +143,8 @@ def load_model(
     info = ModelInfo(
         architecture=cfg.architecture,
         num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
+        num_heads=built.num_heads,
+        num_kv_heads=built.num_kv_heads,
         head_dim=cfg.head_dim,
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,

@@ -82,9 +82,15 @@ def checkpoint_targets(model: nn.Module, tied_lm_head: bool) -> dict[str, Tensor
 
 
 def load_checkpoint(
-    model: nn.Module, model_dir: Path, device: torch.device, tied_lm_head: bool, progress: bool
+    model: nn.Module,
+    model_dir: Path,
+    device: torch.device,
+    tied_lm_head: bool,
+    progress: bool,
+    shard=None,
 ) -> None:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`.
+    """Fill every parameter of `model` from the checkpoint in `model_dir` (with `shard`, a
+    `pegboard.core.distributed.sharding.ModelShard`: this rank's slice of each tensor).
 
     Raises `ModelLoadError` naming the file and tensor for a corrupt file, an unexpected or
     missing tensor, or a shape that disagrees with the config."""
@@ -107,7 +113,7 @@ def load_checkpoint(
                         f"{path}: unexpected tensor {name!r}; this checkpoint has weights the "
                         f"{type(model).__name__} implementation does not use"
                     )
-                _copy(path, name, handle, target)
+                _copy(path, name, handle, target, shard)
                 loaded.add(name)
     missing = [n for n in targets if n not in loaded]
     if missing:
@@ -124,18 +130,20 @@ def _open(path: Path, device: torch.device):
         raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from e
 
 
-def _copy(path: Path, name: str, handle, target: TensorTarget) -> None:
+def _copy(path: Path, name: str, handle, target: TensorTarget, shard=None) -> None:
     try:
         shape = tuple(handle.get_slice(name).get_shape())
     except Exception as e:
         raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {e}") from e
+    if shard is not None:
+        shape = shard.local_shape(name, shape)
     if shape != target.shape:
         raise ModelLoadError(
             f"{path}: tensor {name!r} has shape {list(shape)} but the config implies "
             f"{list(target.shape)}"
         )
     try:
-        tensor = handle.get_tensor(name)
+        tensor = handle.get_tensor(name) if shard is None else shard.read(handle, name)
     except Exception as e:
         raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {e}") from e
     target.view().copy_(tensor)

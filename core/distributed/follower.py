@@ -1,0 +1,135 @@
+"""A follower rank (1 ... tp-1): loads its shard of the model, then replays rank 0's messages.
+
+A follower runs no plugin hook but `attention_kernel` (each rank has its own attention backend
+over its own KV pool of local heads) and no scheduler: rank 0 decides the batch and the page
+tables, and the follower's model runner computes the same step with its shard, taking part in
+every all-reduce. Started by rank 0 (`python -m pegboard.core.distributed.follower`), by
+`pegboard serve --node-rank N` on another node, or by torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+from pegboard.core.distributed.group import Groups
+from pegboard.core.distributed.launch import Children, fatal, watch_parent
+from pegboard.core.distributed.tensor_parallel import TensorParallel
+from pegboard.core.distributed.topology import Topology
+
+log = logging.getLogger("pegboard.distributed")
+
+
+def run_follower(top: Topology, device: str, timeout_s: float) -> int:
+    """Serve as rank `top.rank` until rank 0 says stop; returns the exit status."""
+    children = Children(top, device, timeout_s) if top.spawns else None
+    groups = Groups(top, torch.device(top.device(device)), timeout_s)
+    tp = TensorParallel(top, groups, children)
+    _, settings = tp.receive()  # rank 0's engine config
+    Follower(tp, settings).run()
+    tp.close()
+    return 0
+
+
+class Follower:
+    """The model runner of a follower rank and the replay of rank 0's messages."""
+
+    def __init__(self, tp: TensorParallel, settings: dict) -> None:
+        from pegboard.core.config import EngineConfig
+        from pegboard.core.default_model import default_model_dir
+        from pegboard.core.model_runner import ModelRunner
+        from pegboard.core.plugin_manager import PluginManager
+
+        self.tp = tp
+        self.config = c = EngineConfig(**settings)
+        self.runner = ModelRunner(
+            c.model or default_model_dir(),
+            c.dtype,
+            tp.device,
+            c.max_model_len,
+            progress=False,
+            load_format=c.load_format,
+            fused_kernels=not c.disable_fused_kernels,
+            tp=tp,
+        )
+        self.plugins = PluginManager()
+        self.attention = None
+        self.pool = None
+
+    def run(self) -> None:
+        while True:
+            kind, payload = self.tp.receive()
+            if kind == "stop":
+                break
+            if kind == "forward":
+                self.runner.forward(self.tp.receive_batch(payload))
+            elif kind == "bind":
+                self._bind(*payload)
+            elif kind == "profile":
+                self.runner.profile_activation_bytes(*payload)
+        if self.attention is not None:
+            self.attention.close()
+
+    def _bind(self, name: str, options: dict, layout, kept: bool, engine: dict) -> None:
+        from pegboard.sdk.slots import PluginContext
+        from pegboard.sdk.types import KVPool
+
+        num_layers, shape, dtype, page_size = layout
+        if not kept or self.pool is None:
+            self.pool = None  # the old pool's memory is free before the new one is allocated
+            dt = getattr(torch, dtype.removeprefix("torch."))
+            dev = self.runner.device
+            k = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
+            v = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
+            self.pool = KVPool(k=k, v=v, page_size=page_size)
+        plugin = self.plugins.create("attention", name, options)
+        plugin.setup(PluginContext(self.runner.info, self.runner.device, engine))
+        backend = plugin.attention_kernel(model=self.runner.info, pool=self.pool)
+        c = self.config
+        self.runner.set_attention(
+            backend,
+            cuda_graph_max_bs=0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
+            max_requests=c.max_running_requests,
+        )
+        if self.attention is not None:
+            self.attention.close()
+        self.attention = plugin
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pegboard-tp-rank", description=__doc__)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--dist-init-addr", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dist-timeout", type=float, default=600.0)
+    p.add_argument("--parent-pid", type=int, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level="INFO", format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s"
+    )
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid)
+    per_node = args.world_size // args.nnodes
+    top = Topology(
+        args.rank,
+        args.world_size,
+        args.rank % per_node,
+        args.nnodes,
+        args.node_rank,
+        args.dist_init_addr,
+    )
+    try:
+        return run_follower(top, args.device, args.dist_timeout)
+    except Exception as e:
+        log.exception("rank %d failed", args.rank)
+        fatal(f"tensor-parallel rank {args.rank} failed: {type(e).__name__}: {e}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

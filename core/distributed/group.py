@@ -1,0 +1,118 @@
+"""The tensor-parallel process groups, on `torch.distributed`.
+
+Two groups over the same ranks:
+- the device group (the default group: NCCL on CUDA, gloo on the CPU) carries the model's
+  all-reduces and all-gathers, with a timeout (`--dist-timeout`) so a lost rank fails a step
+  instead of hanging it;
+- the plan group (gloo, host memory) carries rank 0's messages to the followers (the step's
+  batch layout, rebinds, stop). Followers wait on it while the server is idle, so it has no
+  practical timeout; a dead peer closes its sockets, which ends the wait with an error.
+
+On CUDA, batch-1 decode all-reduces are small and latency-bound: `symm_mem` (torch's
+symmetric-memory one-shot all-reduce, where it runs) replaces NCCL for tensors up to
+`SYMM_MEM_MAX_BYTES` unless `PEGBOARD_TP_ALLREDUCE=nccl`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from pegboard.core.distributed.topology import Topology
+
+log = logging.getLogger("pegboard.distributed")
+
+#: The plan group's timeout: an idle server's followers wait this long for the next step.
+PLAN_TIMEOUT = datetime.timedelta(days=365)
+#: Largest all-reduce (bytes) the symmetric-memory path takes; larger ones go to NCCL.
+SYMM_MEM_MAX_BYTES = 1 << 20
+
+
+class Groups:
+    """The initialised groups of this process and the collectives the model layers call."""
+
+    def __init__(self, top: Topology, device: torch.device, timeout_s: float) -> None:
+        self.top = top
+        self.device = device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{top.init_addr}",
+            rank=top.rank,
+            world_size=top.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
+        self.device_group = dist.group.WORLD
+        self.plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
+        self._symm = _SymmetricAllReduce.create(device, self.device_group)
+
+    @property
+    def size(self) -> int:
+        return self.top.world_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over the ranks (in place where it can)."""
+        if self._symm is not None and self._symm.fits(x):
+            return self._symm(x)
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranks' `x` concatenated along the last dimension, in rank order."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.device_group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast_objects(self, objects: list) -> list:
+        """Rank 0's `objects` on every rank (a list of the same length everywhere)."""
+        dist.broadcast_object_list(objects, src=0, group=self.plan_group)
+        return objects
+
+    def broadcast_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's device tensor `x` on every rank, queued on the stream (no host sync)."""
+        dist.broadcast(x, src=0, group=self.device_group)
+        return x
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _SymmetricAllReduce:
+    """torch's symmetric-memory one-shot all-reduce over a preallocated buffer: each rank
+    reads its peers' buffers directly over NVLink, one kernel, no NCCL protocol."""
+
+    def __init__(self, buffer: torch.Tensor, group_name: str) -> None:
+        self.buffer = buffer
+        self.group_name = group_name
+
+    @classmethod
+    def create(cls, device: torch.device, group) -> _SymmetricAllReduce | None:
+        choice = os.environ.get("PEGBOARD_TP_ALLREDUCE", "auto")
+        if device.type != "cuda" or choice == "nccl":
+            return None
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+            symm_mem.rendezvous(buffer, group.group_name)
+            return cls(buffer, group.group_name)
+        except Exception as e:  # not built in, no NVLink peers, ...
+            if choice == "symm_mem":
+                raise
+            log.info("symmetric-memory all-reduce unavailable, using NCCL: %s", e)
+            return None
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.numel() * x.element_size() <= SYMM_MEM_MAX_BYTES
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        staged = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        staged.copy_(x)
+        return torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group_name)

@@ -1,0 +1,163 @@
+"""`TensorParallel`: what the engine and the model runner of every rank hold.
+
+Rank 0 (the leader) runs the scheduler and every plugin hook; the model runner tells the
+followers what to compute through this object: the step's batch layout over the plan group
+(host lists: query and sequence lengths, page tables) and its token ids, positions, KV slots
+and logits rows as one device broadcast (so ids still on the device under overlap scheduling
+never make rank 0 wait), rebinds of the attention backend and KV pool after a swap, the
+profile run, and stop. Followers (`pegboard.core.distributed.follower`) replay each message
+on their own runner, so every rank runs the same collectives in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from pegboard.core.distributed.group import Groups
+from pegboard.core.distributed.launch import Children, fatal
+from pegboard.core.distributed.sharding import ModelShard
+from pegboard.core.distributed.topology import Topology, check_divisible, topology
+from pegboard.sdk.types import ForwardBatch, KVPool
+
+log = logging.getLogger("pegboard.distributed")
+
+
+class TensorParallel:
+    """This rank's membership of the tensor-parallel group (see the module docstring)."""
+
+    def __init__(self, top: Topology, groups: Groups, children: Children | None) -> None:
+        self.top = top
+        self.groups = groups
+        self.children = children
+        self.device = str(groups.device)
+        self._last_pool: int | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.top.rank
+
+    @property
+    def size(self) -> int:
+        return self.top.world_size
+
+    @property
+    def is_leader(self) -> bool:
+        return self.top.is_leader
+
+    def shard(self, cfg) -> ModelShard:
+        """This rank's part of a model with `ModelConfig` `cfg` (the loader builds it)."""
+        return ModelShard(cfg, self.rank, self.size, self.groups)
+
+    # ------------------------------------------------------------ rank 0 -> followers
+
+    def share_batch(self, batch: ForwardBatch) -> None:
+        """Leader: send the followers this step's batch (a follower: nothing to do)."""
+        if not self.is_leader:
+            return
+        meta = (batch.query_lens_cpu, batch.seq_lens_cpu, batch.page_tables_cpu, batch.samples)
+        self._send("forward", meta)
+        flat = torch.cat([batch.input_ids, batch.positions, batch.slot_mapping])
+        self._guard(self.groups.broadcast_tensor, torch.cat([flat, batch.logits_indices]))
+
+    def share_profile(self, max_tokens: int, max_requests: int) -> None:
+        """Leader: make the followers run the same profile forward (it all-reduces)."""
+        if self.is_leader:
+            self._send("profile", (max_tokens, max_requests))
+
+    def bind(self, attention: Any, pool: KVPool, engine: dict) -> None:
+        """Leader: the followers build their attention backend from the same plugin and
+        options over a pool of the same pages (kept when rank 0 kept its pool)."""
+        if not self.is_leader:
+            return
+        layout = (len(pool.k), tuple(pool.k[0].shape), str(pool.k[0].dtype), pool.page_size)
+        kept = self._last_pool == id(pool)
+        self._last_pool = id(pool)
+        options = attention.options.model_dump()
+        self._send("bind", (attention.name, options, layout, kept, engine))
+
+    def close(self) -> None:
+        """Leader: stop the followers and leave the group."""
+        if self.is_leader:
+            self._send("stop", None)
+        if self.children is not None:
+            self.children.close()
+        self.groups.destroy()
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._guard(self.groups.broadcast_objects, [(kind, payload)])
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            children = list(self.children.procs.values()) if self.children else []
+            fatal(
+                f"tensor-parallel rank {self.rank}: a collective failed ({e}); a rank is gone",
+                children,
+            )
+
+    # ------------------------------------------------------------ followers
+
+    def receive(self) -> tuple[str, Any]:
+        """Follower: the leader's next message (blocks while the server is idle)."""
+        return self._guard(self.groups.broadcast_objects, [None])[0]
+
+    def receive_batch(self, meta) -> ForwardBatch:
+        """Follower: the batch of a "forward" message, its tensors from the device broadcast."""
+        query_lens, seq_lens, page_tables, samples = meta
+        t, n = sum(query_lens), len(query_lens)
+        flat = torch.empty(3 * t + n, dtype=torch.int64, device=self.groups.device)
+        self._guard(self.groups.broadcast_tensor, flat)
+        return ForwardBatch(
+            requests=[None] * n,
+            input_ids=flat[:t],
+            positions=flat[t : 2 * t],
+            slot_mapping=flat[2 * t : 3 * t],
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            page_tables_cpu=page_tables,
+            logits_indices=flat[3 * t :],
+            samples=samples,
+        )
+
+
+def start_tensor_parallel(config) -> TensorParallel | None:
+    """Rank 0 of a group: check the settings, spawn this node's other ranks, join the group and
+    hand the followers the engine config. None for a single-rank engine. Raises
+    `DistributedConfigError` (before starting anything) for settings that cannot work."""
+    top = check_tensor_parallel(config)
+    if top is None:
+        return None
+    if not top.is_leader:
+        raise ValueError(f"this process is rank {top.rank}; only rank 0 runs an engine")
+    children = Children(top, config.device, config.dist_timeout)
+    try:
+        groups = Groups(top, torch.device(top.device(config.device)), config.dist_timeout)
+    except Exception as e:
+        fatal(
+            f"joining the tensor-parallel group at {top.init_addr} failed: {e}",
+            list(children.procs.values()),
+        )
+    tp = TensorParallel(top, groups, children)
+    tp._send("config", config.model_dump())
+    log.info("tensor parallel: rank 0 of %d (%s)", top.world_size, groups.device)
+    return tp
+
+
+def check_tensor_parallel(config) -> Topology | None:
+    """This process's topology, checked against the devices and the model's shape; None for
+    a single-rank engine. Raises `DistributedConfigError`."""
+    from pegboard.core.default_model import default_model_dir
+    from pegboard.core.models.config import ModelConfig
+
+    if config.tp_size == 1 and config.nnodes == 1:
+        return None
+    top = topology(
+        config.tp_size, config.nnodes, config.node_rank, config.dist_init_addr, config.device
+    )
+    if top.is_leader:
+        cfg = ModelConfig.from_dir(config.model or default_model_dir())
+        check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, top.world_size)
+    return top
