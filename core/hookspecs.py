@@ -26,6 +26,7 @@ import pluggy
 
 if TYPE_CHECKING:
     import torch
+    from pegboard.sdk.linear import LinearMethod, QuantizationConfig
     from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.slots import AttentionBackend, KVCache
     from pegboard.sdk.types import (
@@ -66,6 +67,15 @@ def schedule(
         be given fewer tokens than it has uncomputed (chunked prefill) but at least one.
         An empty plan means "nothing can run now". Return `None` only to defer to another
         implementation (single-choice: there is none).
+
+    The engine checks every plan before using it (`pegboard.core.contract`): token budget,
+    request cap, no request scheduled twice or both scheduled and preempted, at least one and
+    at most its uncomputed tokens per entry, the pages fit, every request taken from the queues
+    given. A plan that breaks a rule, like an exception, is an error naming the plugin, its
+    distribution and the rule, counted in `pegboard:plugin_errors_total{slot,plugin}`. Such a
+    step schedules nothing and fails no request (a waiting request was never this scheduler's
+    to lose); after 3 failing steps in a row the engine fails every queued request with the
+    error, so a broken scheduler can neither spin the engine nor leave requests hanging.
     """
 
 
@@ -107,6 +117,9 @@ def attention_kernel(model: ModelInfo, pool: KVPool) -> AttentionBackend | None:
 def transfer_kv(request: Request, pool: KVPool, target: str) -> bool | None:
     """Move a request's KV pages from this (prefill) engine to a decode engine.
 
+    Planned, not wired: no engine calls this hook until prefill/decode disaggregation exists
+    (`pegboard plugins` lists the slot as planned; `--transfer` is refused).
+
     Called once per request in prefill/decode-disaggregated mode, in the prefill engine's
     process, after the request's prefill step finished and before its pages are freed.
 
@@ -128,7 +141,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput | None
     the requests that produce a token this step (a non-final prefill chunk does not).
 
     :param logits: float32 `[len(requests), vocab_size]` on the model's device, raw model
-        output (no temperature or penalty applied yet). The sampler may modify it in place.
+        output (no temperature or penalty applied yet). The sampler may modify it in place
+        (e.g. ban a token with `logits[:, t] = -inf`): the hook runs under
+        `torch.inference_mode`, and the engine does not read the logits afterwards.
     :param requests: in the same order; their `params` (`SamplingParams`) and `token_ids`
         (for penalties) are what the sampler needs. Per-request sampler state (a seeded RNG)
         goes into `request.plugin_state`, so that a swapped-in sampler can pick it up.
@@ -142,6 +157,11 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput | None
     With overlap scheduling, a request's previous token may still be on its way to the host
     when `sample` is called for the step after: the engine resolves it first, so
     `requests[i].token_ids` is always complete here (penalties see every token).
+
+    The engine checks the output (`pegboard.core.contract`): a `SampleOutput`, one token per
+    request, an integer dtype, a 1-D `[len(requests)]` tensor, ids in `[0, vocab_size)` (for a
+    device tensor: when the ids reach the host, one step later). A violation or an exception
+    fails the requests of this call only, with an error naming the plugin and the rule.
     """
 
 
@@ -152,7 +172,9 @@ def export_metrics(snapshot: MetricsSnapshot) -> None:
     Called in the engine process after every step (`snapshot.kind == "step"`) and when a
     request finishes (`"request"`, with `snapshot.request` set). Runs on the step loop's
     thread: an exporter must return quickly (buffer, or hand off to its own thread).
-    Exceptions are caught, logged and counted; they never fail a request.
+    Exceptions are caught and counted per exporter (`pegboard:plugin_errors_total{slot=
+    "metrics",plugin=...}`, `GET /admin/plugins`); the first is logged with its traceback. They
+    never fail a request, and the other exporters still receive the snapshot.
     """
 
 
@@ -176,4 +198,30 @@ def route(request: RouteRequest, workers: list[WorkerLoad]) -> str | None:
     :returns: the `url` of one of `workers`. Any other value is reported as an error naming
         the plugin. Return `None` only to defer to another implementation (single-choice:
         there is none).
+    """
+
+
+@hookspec(firstresult=True)
+def linear_kernel(model: ModelInfo, quantization: QuantizationConfig | None) -> LinearMethod | None:
+    """Return the `LinearMethod` that builds the model's projections (weights + matmul).
+
+    Why a hook: how a projection's weights are stored and multiplied (dense bf16, 4-bit packed
+    for W4A16 kernels, FP8, ...) decides a decode step's cost, which is reading the weights;
+    such kernels and their checkpoint formats (GPTQ, AWQ, compressed-tensors, GGUF) are what
+    users add without forking the engine. It cannot go through `attention_kernel`: it shapes
+    the model's own parameters, so it must be decided before the weights are read.
+
+    Called once, in the engine process, while the model is built — before its weights are read
+    and before any other slot is set up — never per step: the model calls each returned layer
+    directly (`pegboard.sdk.linear`). The slot cannot be swapped at runtime (the weights were
+    read through it); restart with another `--linear`.
+
+    :param model: the model being built (head counts, sizes, dtype and device).
+    :param quantization: the checkpoint's weight quantization (`config.json`'s
+        `quantization_config`, or `--quantization`), None for an unquantized checkpoint.
+    :returns: a `pegboard.sdk.linear.LinearMethod`; `create(spec)` is called once per
+        projection (`LinearSpec`: name, sizes, stacked shards, bias, dtype, device, tensor-
+        parallel partition) and must return a `LinearLayer`. Raise
+        `pegboard.sdk.linear.QuantizationError` naming the layer or tensor for a checkpoint the
+        plugin cannot serve; the engine reports it, naming the plugin, before serving starts.
     """

@@ -16,6 +16,7 @@ import torch
 from pegboard.core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from pegboard.sdk.linear import LinearMethod, QuantizationConfig
     from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.types import (
         ForwardBatch,
@@ -245,6 +246,35 @@ class KVTransfer(Plugin):
         raise NotImplementedError
 
 
+class LinearKernel(Plugin):
+    """Slot `linear` — answers `linear_kernel` with a `pegboard.sdk.linear.LinearMethod` that
+    builds every projection of the model (weight storage, checkpoint loading, matmul).
+
+    - `formats`: the `quantization_config.quant_method` values (`gptq`, `awq`,
+      `compressed-tensors`, `gguf`) whose checkpoints it reads; empty for dense weights. The
+      loader picks a plugin listing the checkpoint's method when the user names none.
+    - Each layer's `forward(x)` equals `x @ W.T + b` of the de-quantized weights, within
+      the tolerance of the activation dtype (the conformance kit compares them).
+    - Not swappable at runtime: `setup` with a `previous` plugin raises.
+    """
+
+    slot = "linear"
+    formats: ClassVar[tuple[str, ...]] = ()
+
+    def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
+        if previous is not None:
+            raise RuntimeError(
+                "the linear slot cannot be swapped at runtime (the weights were read through "
+                "it); restart the engine with --linear"
+            )
+
+    @hookimpl
+    def linear_kernel(
+        self, model: ModelInfo, quantization: QuantizationConfig | None
+    ) -> LinearMethod:
+        raise NotImplementedError
+
+
 class MetricsExporter(Plugin):
     """Slot `metrics` (many may be active) — receives every `export_metrics` snapshot.
 
@@ -287,7 +317,8 @@ class Router(Plugin):
 class SlotSpec:
     """A slot: its hook, the base class its plugins derive from, whether several may be
     active at once, the plugin selected when the user names none, and the process its hook
-    runs in (`"engine"`: selected by every engine; `"router"`: only by the router)."""
+    runs in (`"engine"`: selected by every engine; `"router"`: only by the router; `"model"`:
+    selected by the model loader, before the engine's other slots)."""
 
     name: str
     hook: str
@@ -295,7 +326,7 @@ class SlotSpec:
     multi: bool = False
     default: str | None = None
     flag: str = ""
-    process: Literal["engine", "router"] = "engine"
+    process: Literal["engine", "router", "model"] = "engine"
 
 
 SLOTS: dict[str, SlotSpec] = {
@@ -314,6 +345,14 @@ SLOTS: dict[str, SlotSpec] = {
             default="round_robin",
             flag="--router-policy",
             process="router",
+        ),
+        SlotSpec(
+            "linear",
+            "linear_kernel",
+            LinearKernel,
+            default="bf16",
+            flag="--linear",
+            process="model",
         ),
     ]
 }

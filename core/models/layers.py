@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from pegboard.sdk.linear import LinearLayer, LinearSpec
 from torch import nn
 from torch.nn import functional as F
 
@@ -53,13 +54,24 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-class Linear(nn.Linear):
+class Linear(nn.Linear, LinearLayer):
     """`nn.Linear` whose products of a few rows (decode) can run as the GEMV kernels of
     `pegboard.core.kernels.gemv`: with `set_fused_kernels(True)`, `gemv.linear` picks the
     kernel measured faster than cuBLAS for the weight's shape and the number of rows, or
-    `F.linear`. `PEGBOARD_DISABLE_GEMV=1` keeps `F.linear` with the other fused kernels on."""
+    `F.linear`. `PEGBOARD_DISABLE_GEMV=1` keeps `F.linear` with the other fused kernels on.
 
+    The dense layer of the `bf16` linear plugin (and of any plugin's unquantized layers): its
+    parameters are named as in the checkpoint, so the loader fills them directly."""
+
+    loads_by_parameter = True
     kernel: Callable | None = None  # `gemv.linear`, when switched on
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.spec = LinearSpec("linear", in_features, out_features, bias=bias)
+
+    def describe(self) -> str:
+        return "dense" + (" (GEMV kernels)" if self.kernel is not None else "")
 
     def set_fused_kernels(self, enabled: bool) -> None:
         from pegboard.core.kernels import gemv_disabled

@@ -18,15 +18,31 @@ import torch
 from pegboard.core.models.config import ModelConfig
 from pegboard.core.models.layers import Linear, MergedLinear, RMSNorm, silu_and_mul
 from pegboard.core.models.rope import RotaryEmbedding
+from pegboard.sdk.linear import LinearLayer
 from pegboard.sdk.slots import AttentionBackend
 from torch import nn
+
+#: Builds one projection: `(name, in_features, out_features, shards, bias) -> LinearLayer`
+#: (the active linear plugin's `LinearMethod.create`, see `pegboard.sdk.linear`).
+LinearFactory = Callable[[str, int, int, "dict[str, int] | None", bool], LinearLayer]
+
+
+def dense_linear(
+    name: str, in_features: int, out_features: int, shards: dict[str, int] | None, bias: bool
+) -> LinearLayer:
+    """The unquantized layers, for a model built without a linear plugin (tests, tools)."""
+    if shards is not None:
+        return MergedLinear(in_features, shards, bias)
+    return Linear(in_features, out_features, bias=bias)
 
 
 class DecoderAttention(nn.Module):
     """Self-attention of one layer: fused qkv projection, optional per-head q/k RMSNorm
     (Qwen3), rope, the paged attention backend, output projection."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, linear: LinearFactory
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads = cfg.num_heads
@@ -34,10 +50,15 @@ class DecoderAttention(nn.Module):
         self.head_dim = cfg.head_dim
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = MergedLinear(
-            cfg.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, cfg.qkv_bias
+        prefix = f"model.layers.{layer}.self_attn"
+        self.qkv_proj = linear(
+            f"{prefix}.qkv_proj",
+            cfg.hidden_size,
+            q_size + 2 * kv_size,
+            {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+            cfg.qkv_bias,
         )
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = linear(f"{prefix}.o_proj", q_size, cfg.hidden_size, None, cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.split = [q_size, kv_size, kv_size]
@@ -69,13 +90,18 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     """SwiGLU feed-forward with the gate and up projections fused."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, linear: LinearFactory) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(
-            cfg.hidden_size, {"gate_proj": size, "up_proj": size}, cfg.mlp_bias
+        prefix = f"model.layers.{layer}.mlp"
+        self.gate_up_proj = linear(
+            f"{prefix}.gate_up_proj",
+            cfg.hidden_size,
+            2 * size,
+            {"gate_proj": size, "up_proj": size},
+            cfg.mlp_bias,
         )
-        self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down_proj = linear(f"{prefix}.down_proj", size, cfg.hidden_size, None, cfg.mlp_bias)
         self.act_fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
 
     def set_fused_kernels(self, enabled: bool) -> None:
@@ -96,12 +122,14 @@ class DecoderLayer(nn.Module):
     previous block's output and the residual before it (None in the first layer, whose input
     is the embedding) and returns this layer's MLP output and the residual before it."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, linear: LinearFactory
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg, layer, rotary)
+        self.self_attn = DecoderAttention(cfg, layer, rotary, linear)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DecoderMLP(cfg)
+        self.mlp = DecoderMLP(cfg, layer, linear)
 
     def forward(
         self,
@@ -123,12 +151,12 @@ class DecoderLayer(nn.Module):
 class DecoderBody(nn.Module):
     """Embedding, the layers and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_len: int, linear: LinearFactory) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim, max_len)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.rotary_emb) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, self.rotary_emb, linear) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -140,13 +168,16 @@ class CausalLM(nn.Module):
     `compute_logits(hidden [N, hidden])` returns float32 logits `[N, vocab]`.
     `fused_kernels` says whether the fused Triton kernels run (`set_fused_kernels`),
     `gemv_kernels` whether the linear layers' GEMV kernels are among them.
+    `linear` builds each projection (the linear plugin's layers; dense without one).
     """
 
-    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_len: int, linear: LinearFactory = dense_linear
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderBody(cfg, max_len)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = DecoderBody(cfg, max_len, linear)
+        self.lm_head = linear("lm_head", cfg.hidden_size, cfg.vocab_size, None, False)
         self.fused_kernels = False
         self.gemv_kernels = False
         self.tie_weights()
@@ -157,12 +188,12 @@ class CausalLM(nn.Module):
         linear layers and the LM head run few-row products as GEMV kernels where those were
         measured faster than cuBLAS (unless `PEGBOARD_DISABLE_GEMV=1`; `gemv_kernels` says).
         Enabling imports Triton; the kernels need CUDA tensors (or `TRITON_INTERPRET=1` on CPU)."""
-        kinds = (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP, Linear)
+        kinds = (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP, LinearLayer)
         for module in self.modules():
             if isinstance(module, kinds):
                 module.set_fused_kernels(enabled)
         self.fused_kernels = enabled
-        self.gemv_kernels = self.lm_head.kernel is not None
+        self.gemv_kernels = getattr(self.lm_head, "kernel", None) is not None
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config ties them (again after

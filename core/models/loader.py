@@ -11,7 +11,15 @@ from pegboard.core import kernels
 from pegboard.core.models.config import ModelConfig
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.llama import CausalLM
+from pegboard.core.models.quantization import (
+    LinearChoice,
+    builtin_linear,
+    describe_layers,
+    detect_quantization,
+    linear_factory,
+)
 from pegboard.core.models.weights import load_checkpoint
+from pegboard.sdk.linear import LinearLayer
 from pegboard.sdk.types import ModelInfo
 
 log = logging.getLogger("pegboard.models")
@@ -99,6 +107,8 @@ def load_model(
     load_format: str = "auto",
     fused_kernels: bool = True,
     tp=None,
+    linear: LinearChoice | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Build the decoder for `model_dir/config.json` and fill it from its safetensors files.
 
@@ -111,6 +121,9 @@ def load_model(
     elsewhere, or with `fused_kernels=False` (`--disable-fused-kernels`), the PyTorch ops run.
     `model.fused_kernels` says which. With `tp` (a `pegboard.core.distributed.TensorParallel`)
     the model is this rank's shard: its heads, columns and vocab rows, read as slices.
+    `linear` is the selected linear plugin (the engine's `linear` slot) that builds every
+    projection; without one, the built-in `bf16` or, for a quantized checkpoint, `w4a16`.
+    `quantization` is `--quantization` (checked against config.json; `gguf`: the GGUF file).
     """
     if load_format not in ("auto", "dummy"):
         raise ModelLoadError(f"load_format {load_format!r} is not supported; choose auto or dummy")
@@ -121,25 +134,6 @@ def load_model(
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, cfg, target_device)
     length = resolve_max_model_len(cfg, max_model_len)
-    with torch.device("meta"):
-        model = CausalLM(built, length)
-    # Allocate uninitialised storage (no random init: every value comes from the checkpoint).
-    model = model.to(target_dtype).to_empty(device=target_device)
-    model.tie_weights()
-    model.model.rotary_emb.reset_tables()
-    if load_format == "dummy":
-        _fill_random(model)
-    else:
-        load_checkpoint(model, model_dir, target_device, cfg.tie_word_embeddings, progress, shard)
-    if shard is not None:
-        shard.install(model)  # the all-reduces and all-gathers that join the shards
-    model.eval().requires_grad_(False)
-    if fused_kernels:
-        reason = kernels.unavailable_reason(target_device)
-        if reason is None:
-            model.set_fused_kernels(True)
-        else:
-            log.info("fused kernels off: %s", reason)
     info = ModelInfo(
         architecture=cfg.architecture,
         num_layers=cfg.num_layers,
@@ -152,6 +146,38 @@ def load_model(
         dtype=target_dtype,
         device=target_device,
     )
+    linear = linear or builtin_linear(detect_quantization(model_dir, quantization, load_format))
+    factory = linear_factory(linear, info)
+    with torch.device("meta"):
+        model = CausalLM(built, length, factory)
+    # Allocate uninitialised storage (no random init: every value comes from the checkpoint).
+    model = model.to(target_dtype).to_empty(device=target_device)
+    model.tie_weights()
+    model.model.rotary_emb.reset_tables()
+    if load_format == "dummy":
+        _fill_random(model)
+    else:
+        gguf = linear.quantization.gguf_file if linear.quantization else None
+        load_checkpoint(
+            model,
+            model_dir,
+            target_device,
+            cfg.tie_word_embeddings,
+            progress,
+            shard,
+            gguf=Path(gguf) if gguf else None,
+            cfg=cfg,
+        )
+    if shard is not None:
+        shard.install(model)  # the all-reduces and all-gathers that join the shards
+    model.eval().requires_grad_(False)
+    if fused_kernels:
+        reason = kernels.unavailable_reason(target_device)
+        if reason is None:
+            model.set_fused_kernels(True)
+        else:
+            log.info("fused kernels off: %s", reason)
+    log.info("linear layers (%s): %s", linear.name, describe_layers(model))
     return LoadedModel(model=model, config=cfg, info=info)
 
 
@@ -164,3 +190,6 @@ def _fill_random(model: CausalLM, seed: int = 0) -> None:
             param.fill_(1.0)
         else:
             param.normal_(0.0, 0.02, generator=generator)
+    for module in model.modules():
+        if isinstance(module, LinearLayer) and not module.loads_by_parameter:
+            module.fill_random(generator)

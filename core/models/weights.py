@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.layers import MergedLinear
+from pegboard.sdk.linear import LinearLayer, QuantizationError
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
@@ -64,11 +65,30 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def checkpoint_targets(model: nn.Module, tied_lm_head: bool) -> dict[str, TensorTarget]:
-    """Map each checkpoint tensor name to the parameter (and rows) it fills."""
-    targets: dict[str, TensorTarget] = {}
+@dataclass
+class LayerTarget:
+    """A checkpoint tensor a linear layer takes itself (`LinearLayer.load_tensor`): quantized
+    weights, whose names, packing and completeness the layer knows."""
+
+    layer: LinearLayer
+    shard: str
+    suffix: str
+
+
+def checkpoint_targets(
+    model: nn.Module, tied_lm_head: bool
+) -> dict[str, TensorTarget | LayerTarget]:
+    """Map each checkpoint tensor name to the parameter (and rows) it fills, or to the linear
+    layer that reads it."""
+    targets: dict[str, TensorTarget | LayerTarget] = {}
     for prefix, module in model.named_modules():
         parent = prefix.rpartition(".")[0]
+        if isinstance(module, LinearLayer) and not module.loads_by_parameter:
+            for shard in module.spec.shard_sizes:
+                for suffix in module.tensor_suffixes:
+                    name = f"{parent}.{shard}.{suffix}" if parent else f"{shard}.{suffix}"
+                    targets[name] = LayerTarget(module, shard, suffix)
+            continue
         for pname, param in module.named_parameters(recurse=False):
             if isinstance(module, MergedLinear):
                 for shard, (start, rows) in module.shards.items():
@@ -88,15 +108,24 @@ def load_checkpoint(
     tied_lm_head: bool,
     progress: bool,
     shard=None,
+    gguf: Path | None = None,
+    cfg=None,
 ) -> None:
     """Fill every parameter of `model` from the checkpoint in `model_dir` (with `shard`, a
     `pegboard.core.distributed.sharding.ModelShard`: this rank's slice of each tensor).
 
     Raises `ModelLoadError` naming the file and tensor for a corrupt file, an unexpected or
-    missing tensor, or a shape that disagrees with the config."""
-    files = checkpoint_files(model_dir)
+    missing tensor, or a shape that disagrees with the config; a quantized layer's missing or
+    misshapen tensors are reported by the layer, named. With `gguf` (and the model's `cfg`),
+    the weights come from that GGUF file instead of safetensors."""
     targets = checkpoint_targets(model, tied_lm_head)
-    handles = [_open(f, device) for f in files]
+    if gguf is not None:
+        from pegboard.core.models.gguf_source import GGUFSource
+
+        files, handles = [gguf], [GGUFSource(gguf, cfg, device)]
+    else:
+        files = checkpoint_files(model_dir)
+        handles = [_open(f, device) for f in files]
     total = sum(len(list(h.keys())) for h in handles)
     loaded: set[str] = set()
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
@@ -113,14 +142,39 @@ def load_checkpoint(
                         f"{path}: unexpected tensor {name!r}; this checkpoint has weights the "
                         f"{type(model).__name__} implementation does not use"
                     )
-                _copy(path, name, handle, target, shard)
+                if isinstance(target, LayerTarget):
+                    _give(path, name, handle, target)
+                else:
+                    _copy(path, name, handle, target, shard)
                 loaded.add(name)
-    missing = [n for n in targets if n not in loaded]
+    _finish_layers(model_dir, targets)
+    missing = [n for n, t in targets.items() if n not in loaded and isinstance(t, TensorTarget)]
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise ModelLoadError(f"{model_dir}: missing tensor(s) {shown}")
+
+
+def _give(path: Path, name: str, handle, target: LayerTarget) -> None:
+    try:
+        tensor = handle.get_tensor(name)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read tensor {name!r}: {e}") from e
+    target.layer.load_tensor(target.shard, target.suffix, tensor)
+
+
+def _finish_layers(model_dir: Path, targets: dict[str, TensorTarget | LayerTarget]) -> None:
+    """Let every self-loading linear layer check and convert what it received."""
+    layers = {id(t.layer): t.layer for t in targets.values() if isinstance(t, LayerTarget)}
+    for layer in layers.values():
+        try:
+            layer.finish_loading()
+        except QuantizationError as e:
+            raise ModelLoadError(
+                f"{model_dir}: {e} (layer {layer.spec.name}, linear plugin "
+                f"{type(layer).__module__})"
+            ) from e
 
 
 def _open(path: Path, device: torch.device):

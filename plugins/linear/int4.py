@@ -1,0 +1,112 @@
+"""4-bit weights in one canonical form, whatever checkpoint format they came from.
+
+Every format's reader (`formats.py`) turns a projection's tensors into an `Int4Weights`:
+`q [N, K]` integer values in 0..15, and per group of `group_size` input columns a scale and an
+offset, `w = q * scale + offset` (GPTQ/AWQ/compressed-tensors: `offset = -zero * scale`; GGUF
+Q4_1: the block minimum; Q4_0: `-8 * d`). `g_idx` (GPTQ/compressed-tensors activation order)
+maps each input column to its group when groups are not contiguous.
+
+The serving layout (`pack`) is the one the Triton kernels stream: `qweight [K / 8, N]` int32,
+eight consecutive input columns per word (column `k` in bits `4 * (k % 8)`), N contiguous, so a
+program loads whole rows of output columns; `scales`/`offsets` `[K / group, N]` in the
+activation dtype; with activation order, the input columns are permuted at load so groups are
+contiguous again, and `perm` permutes x the same way at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pegboard.sdk.linear import QuantizationError
+
+SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+@dataclass
+class Int4Weights:
+    """One matrix `[N, K]`: `q` uint8 values 0..15, `scales`/`offsets` float32 `[N, G]`, and
+    optionally `g_idx` int64 `[K]` (the group of each input column; None: `k // group_size`)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    group_size: int
+    g_idx: torch.Tensor | None = None
+
+    def groups(self) -> torch.Tensor:
+        """The group of each input column."""
+        if self.g_idx is not None:
+            return self.g_idx
+        return torch.arange(self.q.shape[1], device=self.q.device) // self.group_size
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix `q * scale + offset` (the oracle every path is compared with)."""
+        g = self.groups()
+        return self.q.float() * self.scales.float()[:, g] + self.offsets.float()[:, g]
+
+
+def unpack_int32(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Split each int32 into its eight 4-bit values, lowest bits first, along `dim`
+    (`[K / 8, N]` with dim 0 gives `[K, N]`)."""
+    p = packed.to(torch.int32)
+    nib = (p.unsqueeze(-1) >> SHIFTS.to(p.device)) & 0xF  # [..., 8]
+    if dim == 0:
+        return nib.permute(0, 2, 1).reshape(p.shape[0] * 8, p.shape[1]).to(torch.uint8)
+    return nib.reshape(p.shape[0], p.shape[1] * 8).to(torch.uint8)
+
+
+def pack_int32(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of `unpack_int32`: eight 4-bit values per int32 along `dim`."""
+    v = values.to(torch.int32) & 0xF
+    if dim == 0:
+        v = v.reshape(v.shape[0] // 8, 8, v.shape[1]).permute(0, 2, 1)
+    else:
+        v = v.reshape(v.shape[0], v.shape[1] // 8, 8)
+    words = (v << SHIFTS.to(v.device)).sum(-1, dtype=torch.int64)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@dataclass
+class PackedInt4:
+    """The serving layout (see the module docstring); `perm` None without activation order."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    group_size: int
+    perm: torch.Tensor | None
+
+
+def contiguous_groups(w: Int4Weights, name: str) -> tuple[Int4Weights, torch.Tensor | None]:
+    """Reorder input columns so each group is contiguous (activation order); returns the
+    reordered weights and the column permutation (None when they already were)."""
+    if w.g_idx is None:
+        return w, None
+    k = w.q.shape[1]
+    perm = torch.argsort(w.g_idx, stable=True)
+    expected = torch.arange(k, device=w.g_idx.device) // w.group_size
+    if not torch.equal(w.g_idx[perm], expected):
+        raise QuantizationError(f"{name}: g_idx does not give every group {w.group_size} columns")
+    if torch.equal(perm, torch.arange(k, device=perm.device)):
+        return Int4Weights(w.q, w.scales, w.offsets, w.group_size), None
+    return Int4Weights(w.q[:, perm], w.scales, w.offsets, w.group_size), perm
+
+
+def pack(w: Int4Weights, dtype: torch.dtype) -> PackedInt4:
+    """The serving layout of weights whose groups are contiguous."""
+    return PackedInt4(
+        qweight=pack_int32(w.q.t(), dim=0).contiguous(),
+        scales=w.scales.t().to(dtype).contiguous(),
+        offsets=w.offsets.t().to(dtype).contiguous(),
+        group_size=w.group_size,
+        perm=None,
+    )
+
+
+def dequantize_packed(p: PackedInt4, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix `[N, K]` (columns in the permuted order) of a packed layer, in `dtype`."""
+    q = unpack_int32(p.qweight, dim=0)  # [K, N]
+    scales = p.scales.repeat_interleave(p.group_size, dim=0)
+    offsets = p.offsets.repeat_interleave(p.group_size, dim=0)
+    return (q.to(dtype) * scales.to(dtype) + offsets.to(dtype)).t()

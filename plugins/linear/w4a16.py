@@ -1,0 +1,232 @@
+"""The `w4a16` linear plugin: 4-bit weights, 16-bit activations.
+
+It reads GPTQ (sym/asym, `desc_act`), AWQ (GEMM), compressed-tensors `pack-quantized` and GGUF
+Q4_0/Q4_1 checkpoints (`formats.py`), converts every projection to one serving layout
+(`int4.py`) and multiplies with the Triton W4A16 kernels on CUDA
+(`pegboard.core.kernels.w4a16`) or, on CPU and as the oracle, by de-quantizing then `F.linear`.
+
+Per layer fallback: a projection the checkpoint stored unquantized (the LM head, compressed-
+tensors' `ignore` list, another GGUF type), stacked shards that do not share one group layout,
+or a shape the kernels cannot take, is kept dense; the loader lists such layers once.
+"""
+
+from __future__ import annotations
+
+import torch
+from pegboard.plugins.linear.bf16 import DenseMethod
+from pegboard.plugins.linear.formats import FORMATS, Format
+from pegboard.plugins.linear.int4 import (
+    Int4Weights,
+    PackedInt4,
+    contiguous_groups,
+    dequantize_packed,
+    pack,
+)
+from pegboard.sdk.linear import (
+    LinearLayer,
+    LinearMethod,
+    LinearSpec,
+    QuantizationConfig,
+    QuantizationError,
+)
+from pegboard.sdk.slots import LinearKernel
+from pegboard.sdk.types import ModelInfo
+from torch.nn import functional as F
+
+SUPPORTED_GROUPS = (-1, 32, 64, 128)
+
+
+class Int4Linear(LinearLayer):
+    """One projection with 4-bit weights (see the module docstring). After `finish_loading`
+    it holds either the packed weights (`qweight`, `scales`, `offsets`, `perm`) or, as a
+    fallback, a dense `weight` (`fallback` says why)."""
+
+    def __init__(self, spec: LinearSpec, quant: QuantizationConfig, fmt: Format) -> None:
+        super().__init__()
+        self.spec = spec
+        self.quant = quant
+        self.format = fmt
+        self.tensor_suffixes = fmt.suffixes
+        self.group_size = 0
+        self.fallback: str | None = None
+        self.kernel = None
+        self._received: dict[str, dict[str, torch.Tensor]] = {s: {} for s in spec.shard_sizes}
+        self.qweight: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+        self.perm: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    def load_tensor(self, shard: str, suffix: str, tensor: torch.Tensor) -> None:
+        self._received[shard][suffix] = tensor
+
+    def finish_loading(self) -> None:
+        parent = self.spec.name.rpartition(".")[0]
+        parts = []
+        for shard, rows in self.spec.shard_sizes.items():
+            name = f"{parent}.{shard}" if parent else shard
+            got = self._received[shard]
+            parts.append(self.format.read(name, got, rows, self.spec.in_features, self.quant))
+        self._set_bias(parent)
+        self._received = {}
+        self._store(parts)
+
+    def fill_random(self, generator: torch.Generator) -> None:
+        n, k = self.spec.out_features, self.spec.in_features
+        group = k if self.quant.group_size == -1 else self.quant.group_size
+        dev = self.spec.device
+        q = torch.randint(0, 16, (n, k), generator=generator, device=dev, dtype=torch.uint8)
+        scales = torch.full((n, k // group), 0.02 / 4.6, device=dev)  # std of q - 7.5 is 4.6
+        if self.spec.bias:
+            self.bias = torch.zeros(n, dtype=self.spec.dtype, device=dev)
+        self._store([Int4Weights(q, scales, -7.5 * scales, group)])
+
+    def _set_bias(self, parent: str) -> None:
+        if not self.spec.bias:
+            return
+        biases = []
+        for shard, rows in self.spec.shard_sizes.items():
+            b = self._received[shard].get("bias")
+            if b is None:
+                raise QuantizationError(f"missing tensor {parent}.{shard}.bias")
+            if tuple(b.shape) != (rows,):
+                raise QuantizationError(f"tensor {parent}.{shard}.bias has shape {list(b.shape)}")
+            biases.append(b)
+        self.bias = torch.cat(biases).to(self.spec.dtype)
+
+    def _store(self, parts: list[Int4Weights | torch.Tensor]) -> None:
+        dtype = self.spec.dtype
+        reason = self._dense_reason(parts)
+        if reason is None:
+            reordered = [contiguous_groups(p, self.spec.name) for p in parts]
+            perms = [perm for _, perm in reordered]
+            if any(p is None for p in perms) != all(p is None for p in perms) or not all(
+                p is None or torch.equal(p, perms[0]) for p in perms
+            ):
+                reason = "its stacked shards have different activation orders"
+        if reason is not None:
+            self.fallback = reason
+            weights = [p if isinstance(p, torch.Tensor) else p.dequantize() for p in parts]
+            self.weight = torch.cat(weights).to(dtype)
+            return
+        ws = [w for w, _ in reordered]
+        merged = Int4Weights(
+            torch.cat([w.q for w in ws]),
+            torch.cat([w.scales for w in ws]),
+            torch.cat([w.offsets for w in ws]),
+            ws[0].group_size,
+        )
+        packed = pack(merged, dtype)
+        self.qweight, self.scales, self.offsets = packed.qweight, packed.scales, packed.offsets
+        self.group_size = packed.group_size
+        self.perm = perms[0]
+
+    def _dense_reason(self, parts: list[Int4Weights | torch.Tensor]) -> str | None:
+        if any(isinstance(p, torch.Tensor) for p in parts):
+            return "the checkpoint stores it unquantized"
+        if len({p.group_size for p in parts}) > 1:
+            return "its stacked shards have different group sizes"
+        return None
+
+    # ------------------------------------------------------------------ running
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        self.kernel = None
+        if not enabled or self.qweight is None:
+            return
+        from pegboard.core.kernels import w4a16
+
+        reason = w4a16.unsupported_reason(
+            self.spec.out_features, self.spec.in_features, self.group_size
+        )
+        if reason is not None:
+            self.fallback = f"the W4A16 kernels cannot take it ({reason})"
+            self.weight = self._dequantized(self.spec.dtype)
+            self.qweight = self.scales = self.offsets = None
+            return
+        self.kernel = w4a16.w4a16_linear
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
+        w = dequantize_packed(packed, dtype)
+        if self.perm is not None:  # back to the checkpoint's column order
+            w = w[:, torch.argsort(self.perm)]
+        return w.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.kernel is not None:
+            return self.kernel(
+                x, self.qweight, self.scales, self.offsets, self.group_size, self.bias
+            )
+        packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
+        return F.linear(x, dequantize_packed(packed, x.dtype), self.bias)
+
+    def describe(self) -> str:
+        if self.weight is not None:
+            return f"dense fallback: {self.fallback}"
+        g = "per-channel" if self.group_size == self.spec.in_features else f"g{self.group_size}"
+        how = "Triton W4A16 kernels" if self.kernel is not None else "de-quantize + matmul"
+        return f"w4a16 {g}, {how}"
+
+
+class Int4Method(LinearMethod):
+    """Builds `Int4Linear` layers for a quantized checkpoint, dense ones for what it keeps
+    unquantized."""
+
+    def __init__(self, quant: QuantizationConfig) -> None:
+        self.quant = quant
+        self.format = FORMATS[quant.method]
+        self.dense = DenseMethod()
+
+    def create(self, spec: LinearSpec) -> LinearLayer:
+        if spec.tp_size != 1 or spec.parallel != "none":
+            raise QuantizationError(f"{spec.name}: tensor-parallel W4A16 layers (not built yet)")
+        if spec.name == "lm_head" or _ignored(spec, self.quant.ignore):
+            return self.dense.create(spec)
+        return Int4Linear(spec, self.quant, self.format)
+
+
+def _ignored(spec: LinearSpec, ignore: tuple[str, ...]) -> bool:
+    parent = spec.name.rpartition(".")[0]
+    names = [f"{parent}.{s}" if parent else s for s in spec.shard_sizes]
+    return any(n in ignore or n.rpartition(".")[2] in ignore for n in names)
+
+
+def check_quantization(quant: QuantizationConfig) -> None:
+    """Raise `QuantizationError` for what no layer of this plugin could serve."""
+    if quant.method not in FORMATS:
+        raise QuantizationError(
+            f"quantization method {quant.method!r} is not supported by w4a16; "
+            f"choose {', '.join(FORMATS)}"
+        )
+    if quant.bits != 4:
+        raise QuantizationError(f"{quant.bits}-bit weights are not supported (only 4-bit)")
+    if quant.group_size not in SUPPORTED_GROUPS:
+        raise QuantizationError(
+            f"group size {quant.group_size} is not supported; choose 32, 64, 128 or -1 "
+            "(per channel)"
+        )
+
+
+class W4A16Linear(LinearKernel):
+    """4-bit weights (GPTQ, AWQ, compressed-tensors, GGUF Q4_0/Q4_1), 16-bit activations."""
+
+    formats = tuple(FORMATS)
+
+    def linear_kernel(
+        self, model: ModelInfo, quantization: QuantizationConfig | None
+    ) -> LinearMethod:
+        if quantization is None:
+            raise QuantizationError(
+                "the w4a16 plugin needs a quantized checkpoint (config.json "
+                "quantization_config, or --quantization gguf for a GGUF file)"
+            )
+        check_quantization(quantization)
+        return Int4Method(quantization)
