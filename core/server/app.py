@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from pegboard.core.server import admin, chat, completions
 from pegboard.core.server.errors import APIError, install_error_handlers
 from pegboard.core.server.lifecycle import ServerState
+from pegboard.core.server.limits import BodySizeLimit
 from pegboard.core.server.protocol import ModelCard, ModelList
 from pegboard.core.server.security import require_api_key
 
@@ -37,6 +38,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     app.state.created = int(time.time())
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=lambda: state.settings.max_request_bytes)
     app.include_router(completions.router)
     app.include_router(chat.router)
     if state.settings.admin_token:

@@ -17,6 +17,7 @@ from pegboard.core.server.generation import (
     fan_out,
     sampling_params,
 )
+from pegboard.core.server.limits import GuardedRoute, check_context
 from pegboard.core.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -34,7 +35,9 @@ from pegboard.core.server.security import require_api_key
 from pegboard.core.server.streaming import collect, stream_events
 from pegboard.sdk.types import TokenLogprobs
 
-router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    tags=["openai"], dependencies=[Depends(require_api_key)], route_class=GuardedRoute
+)
 
 
 @router.post(
@@ -52,7 +55,9 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request):
         )
     except Exception as e:  # no template, or the template rejects the conversation
         raise APIError(400, f"cannot apply the chat template: {e}", "messages") from e
-    max_tokens = body.max_new_tokens or max(engine.engine.info.max_model_len - len(prompt), 1)
+    max_len = engine.engine.info.max_model_len
+    check_context(len(prompt), body.max_new_tokens, max_len, "max_completion_tokens")
+    max_tokens = body.max_new_tokens or max(max_len - len(prompt), 1)
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, top_n)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

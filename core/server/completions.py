@@ -16,6 +16,7 @@ from pegboard.core.server.generation import (
     fan_out,
     sampling_params,
 )
+from pegboard.core.server.limits import GuardedRoute, check_context
 from pegboard.core.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -30,7 +31,9 @@ from pegboard.sdk.types import TokenLogprobs
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 500, 503)}
 
-router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    tags=["openai"], dependencies=[Depends(require_api_key)], route_class=GuardedRoute
+)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
@@ -45,6 +48,9 @@ async def create_completion(body: CompletionRequest, http: Request):
         lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     )
     max_len = engine.engine.info.max_model_len
+    if "max_tokens" in body.model_fields_set:
+        for ids in prompt_ids:
+            check_context(len(ids), body.max_tokens, max_len, "max_tokens")
     params = [
         sampling_params(body, body.max_tokens or max(max_len - len(ids), 1), body.logprobs)
         for ids in prompt_ids

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pegboard.core.async_engine import AsyncEngine
 from pegboard.core.server.errors import APIError
+from pegboard.core.server.limits import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger("pegboard.server")
 #: How long shutdown waits for a model load in progress (then exits regardless).
@@ -33,6 +34,8 @@ class ServerSettings:
     drain_timeout: float = 30.0
     #: Seconds to wait for aborted responses to reach their clients after the drain timeout.
     abort_grace: float = 5.0
+    #: Request bodies above this many bytes are a 413 (`--max-request-bytes`).
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 class ServerState:

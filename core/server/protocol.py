@@ -1,7 +1,8 @@
 """The OpenAI wire format: request and response models of `/v1/completions`,
 `/v1/chat/completions` and `/v1/models`, plus pegboard's sampling extensions.
 
-Ranges follow OpenAI's documented limits; a value outside them is a 422. Unknown request fields
+Ranges follow OpenAI's documented limits; a value outside them is a 422, as is a value of the
+wrong JSON type (`"stream": "yes"`, `"n": "2"`: types are strict). Unknown request fields
 are ignored (clients send fields of newer API versions), but fields whose meaning pegboard does
 not implement are rejected when set (`logit_bias`, `suffix`, tools), never silently dropped.
 """
@@ -19,7 +20,7 @@ Stop = str | Annotated[list[str], Field(max_length=16)] | None
 
 
 class _Request(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore")
+    model_config = pydantic.ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -80,10 +81,15 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]
     )
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=20, description="false: none")
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @pydantic.field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_none(cls, value: Any) -> Any:
+        return None if value is False else value
 
     @pydantic.model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
@@ -153,7 +159,7 @@ class ChatCompletionRequest(SamplingFields):
     def _supported(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools are not supported")
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
