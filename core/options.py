@@ -33,8 +33,11 @@ def option_flag(plugin: str, field: str) -> str:
     return f"--{plugin}-{field}".replace("_", "-").lower()
 
 
-def add_plugin_arguments(parser: argparse.ArgumentParser, manager: PluginManager) -> None:
-    """Add, per slot, its selection flag and the options of every plugin loaded for it.
+def add_plugin_arguments(
+    parser: argparse.ArgumentParser, manager: PluginManager, slots: list[str] | None = None
+) -> None:
+    """Add, per slot (every slot, or those in `slots`), its selection flag and the options of
+    every plugin loaded for it.
 
     A flag that is already taken (by the parser or an earlier plugin) is skipped and the
     collision is recorded in `warnings`, so one plugin's odd option cannot break the CLI."""
@@ -42,6 +45,8 @@ def add_plugin_arguments(parser: argparse.ArgumentParser, manager: PluginManager
     taken = {flag for action in parser._actions for flag in action.option_strings}
     usable = [i for i in manager.catalog() if i.cls is not None and not i.disabled]
     for slot, spec in SLOTS.items():
+        if slots is not None and slot not in slots:
+            continue
         group = parser.add_argument_group(f"{slot} plugins")
         plugins = [i for i in usable if i.slot == slot]
         listing = ", ".join(i.name for i in plugins) or "none installed"

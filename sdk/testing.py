@@ -841,3 +841,6 @@ def check_metrics_exporter(
             ref() is None,
             "an exporter must not keep references to snapshot.request beyond the call",
         )
+
+
+from pegboard.sdk.testing_router import check_router  # noqa: E402, F401  (router slot's kit)

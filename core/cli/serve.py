@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
+from pegboard.core.router.replicas import add_dp_arguments, serve_data_parallel
 from pegboard.core.server.limits import DEFAULT_MAX_REQUEST_BYTES
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -64,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--log-level", default="info", choices=LOG_LEVELS, help="server log level (default info)"
     )
     add_engine_arguments(p)
+    add_dp_arguments(p)  # --dp-size: replicas behind the router (core/router/replicas.py)
     defaults = _suppress_defaults(p)
     p.set_defaults(func=run, resolve=lambda args: resolve(args, p, defaults))
 
@@ -137,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     from pegboard.core.server.lifecycle import ServerSettings, ServerState
     from pegboard.core.server.runner import run_server
 
+    if (status := serve_data_parallel(args)) is not None:
+        return status
     args = args.resolve(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -18,7 +18,7 @@ import importlib_metadata
 from pegboard.sdk.slots import SLOTS
 
 #: Slots with a template; the rest have no minimal implementation worth generating yet.
-TEMPLATED_SLOTS = ("scheduler", "kv_cache", "attention", "sampler", "metrics")
+TEMPLATED_SLOTS = ("scheduler", "kv_cache", "attention", "sampler", "metrics", "router")
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _CLASS_SUFFIX = {
     "scheduler": "Scheduler",
@@ -26,6 +26,7 @@ _CLASS_SUFFIX = {
     "attention": "Attention",
     "sampler": "Sampler",
     "metrics": "Exporter",
+    "router": "Router",
 }
 
 
