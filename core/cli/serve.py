@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from pegboard.core.async_engine import AsyncEngine
     from pegboard.core.config import EngineConfig
     from pegboard.core.default_model import MODEL_NAME
+    from pegboard.core.distributed.cli import serve_follower
     from pegboard.core.server.lifecycle import ServerSettings, ServerState
     from pegboard.core.server.runner import run_server
 
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     except (pydantic.ValidationError, ValueError) as e:
         print(f"pegboard serve: {e}", file=sys.stderr)
         return 2
+    if (status := serve_follower(config)) is not None:  # bad TP settings, or not rank 0
+        return status
     names = args.served_model_name or [config.model or MODEL_NAME]
     server = ServerSettings(
         served_model_names=list(names),

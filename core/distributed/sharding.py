@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from pegboard.core.distributed.topology import check_divisible
+from pegboard.core.models.errors import ModelLoadError
 from torch import nn
 from torch.nn import functional as F
 
@@ -73,7 +74,7 @@ class ModelShard:
             vocab_size=self.vocab,
         )
 
-    def _split(self, name: str, ndim: int) -> tuple[int, int, int] | None:
+    def _split(self, name: str) -> tuple[int, int, int] | None:
         """(dim, start, length) of the slice of tensor `name` this rank holds, None if whole."""
         parts = name.split(".")
         module, kind = parts[-2] if len(parts) > 1 else "", parts[-1]
@@ -87,7 +88,7 @@ class ModelShard:
 
     def local_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape this rank's parameter has for checkpoint tensor `name` of `shape`."""
-        split = self._split(name, len(shape))
+        split = self._split(name)
         if split is None:
             return tuple(shape)
         dim, _, length = split
@@ -101,7 +102,7 @@ class ModelShard:
         if len(parts) > 1 and parts[-2] in _ROW and parts[-1] == "bias" and self.rank != 0:
             return torch.zeros(handle.get_slice(name).get_shape())  # summed once, on rank 0
         piece = handle.get_slice(name)
-        split = self._split(name, len(piece.get_shape()))
+        split = self._split(name)
         if split is None:
             return handle.get_tensor(name)
         dim, start, length = split
@@ -114,6 +115,12 @@ class ModelShard:
     def install(self, model: nn.Module) -> None:
         """Make the loaded shard compute the whole model's result: all-reduce after the
         row-parallel projections, the vocab-parallel embedding, the gathered LM head."""
+        for name, module in model.named_modules():
+            if getattr(module, "loads_by_parameter", True) is False:
+                raise ModelLoadError(
+                    f"{name}: {type(module).__name__} layers (quantized weights) cannot be "
+                    "split over tensor-parallel ranks yet; serve this checkpoint with --tp-size 1"
+                )
         body = model.model
         body.embed_tokens = VocabParallelEmbedding(
             body.embed_tokens.weight, self.vocab_start, self.vocab_end, self.comm.all_reduce

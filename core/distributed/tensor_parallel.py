@@ -151,6 +151,7 @@ def check_tensor_parallel(config) -> Topology | None:
     a single-rank engine. Raises `DistributedConfigError`."""
     from pegboard.core.default_model import default_model_dir
     from pegboard.core.models.config import ModelConfig
+    from pegboard.core.models.errors import ModelLoadError
 
     if config.tp_size == 1 and config.nnodes == 1:
         return None
@@ -158,6 +159,9 @@ def check_tensor_parallel(config) -> Topology | None:
         config.tp_size, config.nnodes, config.node_rank, config.dist_init_addr, config.device
     )
     if top.is_leader:
-        cfg = ModelConfig.from_dir(config.model or default_model_dir())
+        try:
+            cfg = ModelConfig.from_dir(config.model or default_model_dir())
+        except ModelLoadError:
+            return top  # the model loader reports it, as without tensor parallelism
         check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, top.world_size)
     return top

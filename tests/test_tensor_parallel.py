@@ -1,0 +1,260 @@
+"""Tensor parallelism on CPU (gloo, 2 ranks): greedy outputs equal the single-process engine
+and transformers through chunked prefill, preemption, radix hits and swaps; a lost rank ends
+the server; two "nodes" on loopback; bad settings exit 2 before anything starts."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from fixtures import build_tiny_model
+from pegboard.core.distributed.sharding import ModelShard
+from pegboard.core.distributed.topology import DistributedConfigError, topology
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import Request, SamplingParams
+from safetensors import safe_open
+from test_engine_parity import hf_reference
+from test_server_process import ServerProcess, free_port, offline_texts
+
+MAX_NEW = 10
+#: Chunked prefill (16 tokens a step), a radix cache, and a pool of 16 pages of 4 tokens: less
+#: than the prompts need at once, so requests are preempted and recomputed.
+SETTINGS = dict(
+    dtype="float32",
+    device="cpu",
+    max_num_batched_tokens=16,
+    kv_cache="radix",
+    page_size=4,
+    kv_cache_tokens=64,
+)
+
+
+@pytest.fixture(scope="module")
+def tp_models(tiny_model_dirs, tmp_path_factory):
+    """Llama, Qwen2 (biases, tied embeddings) and Qwen3 with 4 heads / 2 KV heads, and a Qwen3
+    with one KV head (replicated on both ranks)."""
+    root = tmp_path_factory.mktemp("tp-models")
+    return {
+        "llama": tiny_model_dirs["llama"],
+        "qwen2": tiny_model_dirs["qwen2"],
+        "qwen3": tiny_model_dirs["qwen3"],
+        "qwen3-kv1": build_tiny_model(root / "qwen3-kv1", "qwen3", num_key_value_heads=1),
+    }
+
+
+def waves(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Two waves of prompts: the second repeats the first's prefixes (radix hits)."""
+    rng = random.Random(seed)
+    first = [[rng.randrange(8, 400) for _ in range(rng.randint(6, 30))] for _ in range(6)]
+    second = [p[: len(p) * 2 // 3] + [rng.randrange(8, 400) for _ in range(4)] for p in first]
+    return first, second
+
+
+def run_with_swaps(llm: LLM, prompts: list[list[int]], swaps: dict[int, tuple]) -> list[Request]:
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    requests = [Request(p, params) for p in prompts]
+    for r in requests:
+        llm.engine.add_request(r)
+    futures, step = [], 0
+    while llm.engine.has_work():
+        if step in swaps:
+            futures.append(llm.swap(*swaps[step]))
+        llm.engine.step()
+        step += 1
+    for f in futures:
+        f.result(timeout=0)  # applied, not failed
+    assert all(r.error is None for r in requests), [r.error for r in requests]
+    return requests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen3-kv1"])
+def test_tp2_greedy_equals_one_process_and_transformers(tp_models, name):
+    model_dir = tp_models[name]
+    first, second = waves()
+    reference = [t for t, _ in hf_reference(model_dir, first + second, MAX_NEW)]
+    # swaps: the attention backend (every rank rebuilds it), radix -> paged (the pool is kept),
+    # then back to radix mid-run.
+    swaps = {3: ("attention", "torch"), 6: ("kv_cache", "paged"), 12: ("kv_cache", "radix")}
+    with LLM(str(model_dir), tp_size=2, **SETTINGS) as llm:
+        assert llm.engine.tp.size == 2 and llm.engine.info.num_heads == 2  # 4 heads, 2 here
+        tp = run_with_swaps(llm, first, swaps) + run_with_swaps(llm, second, {})
+        hits = llm.engine.kv.stats()["prefix_hit_tokens"]
+    with LLM(str(model_dir), **SETTINGS) as llm:
+        single = run_with_swaps(llm, first, swaps) + run_with_swaps(llm, second, {})
+    assert sum(r.num_preemptions for r in tp) > 0, "the KV pool was not small enough"
+    assert hits > 0, "the second wave hit no cached prefix"
+    assert [r.output_token_ids for r in tp] == [r.output_token_ids for r in single]
+    assert [r.output_token_ids for r in tp] == reference
+
+
+def test_each_rank_reads_its_slices_and_together_they_make_the_checkpoint(tp_models):
+    """Column slices (q by heads, k/v by KV heads), row slices (o, down), vocab rows padded."""
+    model_dir = tp_models["qwen3-kv1"]
+    from pegboard.core.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(model_dir)
+    shards = [ModelShard(cfg, rank, 2, communicate=None) for rank in range(2)]
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        for name in ["q_proj.weight", "o_proj.weight", "k_proj.weight"]:
+            full = f.get_tensor(f"model.layers.0.self_attn.{name}")
+            parts = [s.read(f, f"model.layers.0.self_attn.{name}") for s in shards]
+            if name.startswith("k_proj"):  # one KV head: replicated on both ranks
+                assert torch.equal(parts[0], full) and torch.equal(parts[1], full)
+            else:
+                assert torch.equal(torch.cat(parts, dim=1 if name.startswith("o") else 0), full)
+        full = f.get_tensor("lm_head.weight")
+        parts = [s.read(f, "lm_head.weight") for s in shards]
+        assert parts[0].shape == parts[1].shape == (-(-cfg.vocab_size // 2), cfg.hidden_size)
+        assert torch.equal(torch.cat(parts)[: cfg.vocab_size], full)
+        assert not torch.cat(parts)[cfg.vocab_size :].any()  # the padding rows are zero
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_torchrun_environment_gives_the_rank(monkeypatch):
+    env = dict(
+        RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500"
+    )
+    top = topology(2, device="cpu", env=env)
+    assert (top.rank, top.local_rank, top.init_addr, top.is_leader) == (
+        1,
+        1,
+        "10.0.0.1:29500",
+        False,
+    )
+    assert top.spawns == []  # torchrun started every rank
+    with pytest.raises(DistributedConfigError, match="WORLD_SIZE"):
+        topology(4, device="cpu", env=env)
+
+
+def test_second_node_runs_the_second_half_of_the_ranks():
+    top = topology(4, nnodes=2, node_rank=1, dist_init_addr="127.0.0.1:5000", device="cpu", env={})
+    assert (top.rank, top.spawns, top.per_node) == (2, [3], 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tp_size=3, nnodes=2, dist_init_addr="h:1"), "cannot be split evenly"),
+        (dict(tp_size=2, nnodes=2), "needs --dist-init-addr"),
+        (dict(tp_size=2, nnodes=2, node_rank=2, dist_init_addr="h:1"), "outside"),
+        (dict(tp_size=2, dist_init_addr="nohostport"), "HOST:PORT"),
+    ],
+)
+def test_impossible_layouts_are_refused(kwargs, message):
+    with pytest.raises(DistributedConfigError, match=message):
+        topology(device="cpu", env={}, **kwargs)
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DistributedConfigError, match="needs 2 GPU.*only 1 are visible"):
+        topology(2, device="cuda", env={})
+
+
+def serve_exit(model_dir, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pegboard.core.cli.main", "serve", "--model", str(model_dir)]
+    cmd += ["--device", "cpu", "--port", str(free_port()), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_tp_size_not_dividing_the_heads_exits_2(tp_models):
+    done = serve_exit(tp_models["llama"], "--tp-size", "3")
+    assert done.returncode == 2, done.stderr
+    assert "--tp-size 3 does not divide the model's 4 attention heads" in done.stderr
+
+
+@pytest.mark.slow
+def test_more_ranks_than_gpus_exits_2_from_the_cli(tp_models):
+    done = serve_exit(tp_models["llama"], "--tp-size", "2", "--device", "cuda")
+    assert done.returncode == 2, done.stderr
+    assert "CUDA is not available" in done.stderr
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, whichever of its threads started them."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+@pytest.mark.slow
+def test_tp2_server_answers_like_one_process_and_a_killed_rank_ends_it(tp_models, tmp_path):
+    model_dir = tp_models["qwen2"]
+    server = ServerProcess(model_dir, tmp_path, "--tp-size", "2", "--dist-timeout", "60")
+    try:
+        server.wait_ready()
+        prompt = "the quick brown fox"
+        expected = offline_texts(model_dir, [prompt], 12)[prompt]
+        reply = server.client().completions.create(
+            model="tiny", prompt=prompt, max_tokens=12, temperature=0
+        )
+        assert reply.choices[0].text == expected
+        (rank1,) = children_of(server.proc.pid)
+        started = threading.Event()
+        outcome = []
+
+        def stream() -> None:
+            try:
+                chunks = server.client().completions.create(
+                    model="tiny",
+                    prompt=prompt,
+                    max_tokens=400,
+                    temperature=0,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                for _ in chunks:
+                    started.set()
+                outcome.append("finished")
+            except Exception as e:  # the server went away mid-stream
+                outcome.append(type(e).__name__)
+            started.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(120)
+        os.kill(rank1, signal.SIGKILL)
+        assert server.proc.wait(120) == 3
+        t.join(60)
+        assert outcome and outcome != ["finished"]
+        assert "tensor-parallel rank 1" in server.log() and "exited with status -9" in server.log()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_serve_one_model(tp_models, tmp_path):
+    model_dir = tp_models["llama"]
+    addr = f"127.0.0.1:{free_port()}"
+    flags = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    node1 = ServerProcess(model_dir, tmp_path, *flags, "--node-rank", "1")
+    node0 = ServerProcess(model_dir, tmp_path, *flags, "--node-rank", "0")
+    try:
+        node0.wait_ready()
+        prompt = "hello world"
+        expected = offline_texts(model_dir, [prompt], 12)[prompt]
+        reply = node0.client().completions.create(
+            model="tiny", prompt=prompt, max_tokens=12, temperature=0
+        )
+        assert reply.choices[0].text == expected
+        assert node0.stop() == 0
+        assert node1.proc.wait(60) == 0  # rank 0's stop message ends the other node
+    finally:
+        node0.stop()
+        node1.stop()
