@@ -63,4 +63,5 @@ class EngineConfig(pydantic.BaseModel):
     dist_timeout: float = pydantic.Field(600.0, gt=0)  # seconds a collective may wait for a rank
 
     def selection(self, slot: str) -> str | list[str] | None:
-        return getattr(self, slot)
+        # None for a slot engines do not select (`router`: SlotSpec.process), which has no field
+        return getattr(self, slot, None)
