@@ -27,6 +27,10 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
+	# Mooncake (the `mooncake` transfer plugin, PD tests) needs Debian's libibverbs1, RDMA or not.
+	dpkg -s libibverbs1 >/dev/null 2>&1 || apt-get install -y -q libibverbs1 \
+		|| (apt-get update -q && apt-get install -y -q libibverbs1) \
+		|| echo "warning: libibverbs1 is not installed; the mooncake tests will be skipped"
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps ./examples/pegboard-hello-scheduler
 	touch $@

@@ -20,7 +20,7 @@ so hooks can grow new arguments without breaking existing plugins.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pegboard.sdk.linear import LinearMethod, QuantizationConfig
     from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.slots import AttentionBackend, KVCache
+    from pegboard.sdk.transfer import ByteRun
     from pegboard.sdk.types import (
         KVPool,
         MetricsSnapshot,
@@ -114,22 +115,22 @@ def attention_kernel(model: ModelInfo, pool: KVPool) -> AttentionBackend | None:
 
 
 @hookspec(firstresult=True)
-def transfer_kv(request: Request, pool: KVPool, target: str) -> bool | None:
-    """Move a request's KV pages from this (prefill) engine to a decode engine.
+def transfer_kv(request: Request, peer: str, runs: list[ByteRun]) -> Any | None:
+    """Start moving a request's KV pages from this (prefill) engine into a decode engine.
 
-    Planned, not wired: no engine calls this hook until prefill/decode disaggregation exists
-    (`pegboard plugins` lists the slot as planned; `--transfer` is refused).
+    Called once per request in prefill/decode-disaggregated mode (`--disaggregation-mode
+    prefill`), in the prefill engine's process, on the step loop's thread, once the request's
+    prefill finished and the decode engine registered its pages for it (the core's bootstrap).
+    The pages stay allocated on both sides until the transfer ended.
 
-    Called once per request in prefill/decode-disaggregated mode, in the prefill engine's
-    process, after the request's prefill step finished and before its pages are freed.
-
-    :param request: the request; `page_table` names its pages in `pool`, the first
-        `num_computed_tokens` tokens are valid.
-    :param pool: this engine's KV storage.
-    :param target: the decode engine's transfer address (backend specific, e.g.
-        `"127.0.0.1:17777"`).
-    :returns: True once the bytes are at the target (the pages may then be freed); raises
-        with a message naming the peer when the transfer fails.
+    :param request: the request (its `page_table` names the source pages).
+    :param peer: the decode engine, as named in the active plugin's `connect(peer, ...)`.
+    :param runs: the copies to make, already merged: per layer, key then value, one
+        `pegboard.sdk.transfer.ByteRun` (local address, peer address, bytes) per run of pages
+        contiguous on both sides.
+    :returns: a handle; the core polls the same plugin's `check(handle)` once per step until it
+        returns True (done) or raises `KVTransferError` (the request fails, naming the peer).
+        It must not block: the step loop keeps running other requests meanwhile.
     """
 
 

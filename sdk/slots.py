@@ -18,6 +18,7 @@ from pegboard.core.hookspecs import hookimpl
 if TYPE_CHECKING:
     from pegboard.sdk.linear import LinearMethod, QuantizationConfig
     from pegboard.sdk.routing import RouteRequest, WorkerLoad
+    from pegboard.sdk.transfer import ByteRun
     from pegboard.sdk.types import (
         ForwardBatch,
         KVPool,
@@ -237,12 +238,45 @@ class Sampler(Plugin):
 
 
 class KVTransfer(Plugin):
-    """Slot `transfer` — answers `transfer_kv` in prefill/decode-disaggregated mode."""
+    """Slot `transfer` — the data side of prefill/decode disaggregation: moves a request's KV
+    pages from a prefill engine's pool into a decode engine's pool (host memory on CPU, device
+    memory on GPUs) through a transfer library. Bootstrap, heartbeats, timeouts and page
+    bookkeeping are the core's (`pegboard.sdk.transfer` explains the split and the states).
+
+    - `register_pool(pool)` — once, after `setup`: make the pool's memory reachable by peers
+      and return this engine's descriptor, a string a peer passes to `connect` (an address,
+      agent metadata). The pool stays allocated and unmoved while the plugin is active.
+    - `connect(peer, descriptor)` — on the prefill side, when a decode engine named `peer`
+      introduced itself: prepare to write into its pool. Raise `KVTransferError` naming the
+      peer if it cannot be reached or its memory not used.
+    - `transfer_kv(request, peer, runs)` — the hook: start copying every `ByteRun` (local
+      `src` address to the peer's `dst` address) without blocking the step loop, and return a
+      handle. The runs are already merged (per layer, key and value, runs of contiguous pages).
+    - `check(handle)` — True once every byte of the handle is in the peer's memory, False while
+      in flight; raises `KVTransferError` naming the peer when the copy failed. Polled once per
+      engine step; after it returned True or raised, the handle is not used again.
+    - `disconnect(peer)` — the peer left (it closed or missed its heartbeats): drop its state.
+
+    Not swappable while requests are in flight (handoff "drain").
+    """
 
     slot = "transfer"
+    handoff = "drain"
+
+    def register_pool(self, pool: KVPool) -> str:
+        raise NotImplementedError
+
+    def connect(self, peer: str, descriptor: str) -> None:
+        raise NotImplementedError
+
+    def disconnect(self, peer: str) -> None:
+        """Default: nothing is kept per peer."""
 
     @hookimpl
-    def transfer_kv(self, request: Request, pool: KVPool, target: str) -> bool:
+    def transfer_kv(self, request: Request, peer: str, runs: list[ByteRun]) -> Any:
+        raise NotImplementedError
+
+    def check(self, handle: Any) -> bool:
         raise NotImplementedError
 
 

@@ -844,3 +844,4 @@ def check_metrics_exporter(
 
 
 from pegboard.sdk.testing_router import check_router  # noqa: E402, F401  (router slot's kit)
+from pegboard.sdk.testing_transfer import check_transfer  # noqa: E402, F401  (transfer slot)

@@ -74,7 +74,7 @@ def test_generated_pyproject_declares_the_entry_point(tmp_path):
     "name, slot, message",
     [
         ("Fair_Share", "scheduler", "invalid plugin name 'Fair_Share'"),
-        ("fair", "transfer", "no template for slot 'transfer'; templates exist for: scheduler"),
+        ("fair", "linear", "no template for slot 'linear'; templates exist for: scheduler"),
         ("fair", "schedular", "unknown slot 'schedular'"),
     ],
 )

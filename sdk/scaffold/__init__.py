@@ -18,7 +18,15 @@ import importlib_metadata
 from pegboard.sdk.slots import SLOTS
 
 #: Slots with a template; the rest have no minimal implementation worth generating yet.
-TEMPLATED_SLOTS = ("scheduler", "kv_cache", "attention", "sampler", "metrics", "router")
+TEMPLATED_SLOTS = (
+    "scheduler",
+    "kv_cache",
+    "attention",
+    "sampler",
+    "metrics",
+    "router",
+    "transfer",
+)
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _CLASS_SUFFIX = {
     "scheduler": "Scheduler",
@@ -27,6 +35,7 @@ _CLASS_SUFFIX = {
     "sampler": "Sampler",
     "metrics": "Exporter",
     "router": "Router",
+    "transfer": "Transfer",
 }
 
 
