@@ -42,7 +42,8 @@ class Groups:
             torch.cuda.set_device(device)
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{top.init_addr}",
+            # torchrun's agent already hosts the store on MASTER_PORT: join it through env://
+            init_method="env://" if top.torchrun else f"tcp://{top.init_addr}",
             rank=top.rank,
             world_size=top.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
