@@ -10,12 +10,15 @@ both. `PatchReport.unapply()` restores the targets exactly (their `__dict__` as 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from importlib_metadata import entry_points
 from pegboard.sdk.patch import Patch, PatchError, gate_failures
+
+log = logging.getLogger("pegboard.patches")
 
 GROUP = "pegboard.patches"
 ENV = "PEGBOARD_PATCHES"
@@ -133,6 +136,51 @@ def apply_patches(
     return report
 
 
+def check_patches(
+    names: list[str] | list[type[Patch]],
+    strict: bool = False,
+    available: dict[str, PatchInfo] | None = None,
+) -> dict[str, str]:
+    """The start-up check of `serve` and `generate`, run before the model loads: every named
+    patch exists and loads, and (with `strict`) passes its gates. Applies nothing.
+
+    Returns what would be gated out (patch or `patch.method` -> reason); raises `PatchError`
+    (one line: the CLI exits 2) for an unknown or broken patch or, with `strict`, a failed
+    gate. `apply_patches` logs each gated-out patch when the engine starts."""
+    if not names:
+        return {}
+    available = available if available is not None else discover_patches()
+    gated: dict[str, str] = {}
+    for item in dict.fromkeys(names):
+        name, cls = _resolve(item, available)
+        for what, gates in _gates(name, cls):
+            reasons = gate_failures(gates)
+            if reasons:
+                if strict:
+                    raise PatchError(_gated_message(what, "; ".join(reasons)))
+                gated[what] = "; ".join(reasons)
+                if what == name:
+                    break  # the whole patch is out: its methods do not matter
+    return gated
+
+
+def _gates(name: str, cls: type[Patch]):
+    """(name, gates) of the whole patch, then (`name.method`, gates) of each method."""
+    yield name, cls.requires
+    for attr, value in cls.methods().items():
+        yield f"{name}.{attr}", _method_gates(value)
+
+
+def _method_gates(value) -> dict[str, str]:
+    fn = value.__func__ if isinstance(value, staticmethod | classmethod) else value
+    # @requires may sit above or below @staticmethod / @classmethod
+    return getattr(value, "__pegboard_requires__", None) or getattr(fn, "__pegboard_requires__", {})
+
+
+def _gated_message(what: str, reason: str) -> str:
+    return f"patch {what} is gated out (--strict-patches): {reason}"
+
+
 def _resolve(item: str | type[Patch], available: dict[str, PatchInfo]) -> tuple[str, type[Patch]]:
     if isinstance(item, type):
         return item.__name__, item
@@ -155,11 +203,7 @@ def _apply_one(name: str, cls: type[Patch], strict: bool, report: PatchReport) -
         return
     methods = {}
     for attr, value in cls.methods().items():
-        fn = value.__func__ if isinstance(value, staticmethod | classmethod) else value
-        gates = getattr(value, "__pegboard_requires__", None) or getattr(
-            fn, "__pegboard_requires__", {}
-        )  # @requires may sit above or below @staticmethod / @classmethod
-        method_reasons = gate_failures(gates)
+        method_reasons = gate_failures(_method_gates(value))
         if method_reasons:
             _skip(report, f"{name}.{attr}", "; ".join(method_reasons), strict)
         else:
@@ -187,7 +231,8 @@ def _apply_one(name: str, cls: type[Patch], strict: bool, report: PatchReport) -
 
 def _skip(report: PatchReport, what: str, reason: str, strict: bool) -> None:
     if strict:
-        raise PatchError(f"patch {what} is gated out (strict patches): {reason}")
+        raise PatchError(_gated_message(what, reason))
+    log.warning("patch %s is gated out, not applied: %s", what, reason)
     report.skipped[what] = reason
 
 

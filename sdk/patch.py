@@ -5,13 +5,16 @@ For changes a slot cannot express, a plugin package may replace methods of a cor
     from pegboard.sdk import Patch, requires
     from pegboard.core.engine import Engine
 
-    class QuietExport(Patch, target=Engine):
-        requires = {"pegboard": ">=0.1,<0.5"}          # gates of the whole patch
+    class QuietExport(Patch, target=Engine, requires={"pegboard": ">=0.1,<0.5"}):
 
         @requires(torch=">=2.5")                        # gates of one method
         def _export(self, snapshot):
             if snapshot.kind == "request":
                 QuietExport.original("_export")(self, snapshot)
+
+The whole patch's gates are a class keyword (`requires={...}`), so that the `@requires`
+decorator stays usable in the class body (a class attribute `requires = {...}` also works for a
+patch without gated methods, but it hides the decorator from the rest of the class body).
 
 Every function (or static/class method, or property) defined in the class body replaces the
 target's attribute of the same name, which must exist: a patch that names a method the target
@@ -80,20 +83,35 @@ def gate_failures(gates: dict[str, str]) -> list[str]:
 class Patch:
     """Base of a version-gated patch; subclass with `class P(Patch, target=SomeClass)`.
 
-    Class attributes: `target` (the patched class), `requires` (distribution -> specifier for
-    the whole patch). Class methods: `methods()` (name -> replacement), `original(name)`.
+    Class keywords (stored as class attributes): `target` (the patched class), `requires`
+    (distribution -> specifier for the whole patch). Class methods: `methods()` (name ->
+    replacement), `original(name)`.
     """
 
     target: ClassVar[type | None] = None
     requires: ClassVar[dict[str, str]] = {}
     _originals: ClassVar[dict[str, Any]]
 
-    def __init_subclass__(cls, target: type | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls, target: type | None = None, requires: dict[str, str] | None = None, **kwargs: Any
+    ) -> None:
         super().__init_subclass__(**kwargs)
         if target is None:
             raise TypeError(f"patch {cls.__qualname__} names no target: class P(Patch, target=C)")
         cls.target = target
         cls._originals = {}
+        if requires is not None:
+            if "requires" in vars(cls):
+                raise TypeError(
+                    f"patch {cls.__qualname__} gives `requires` both as a class keyword and "
+                    "as a class attribute"
+                )
+            cls.requires = dict(requires)
+        if not isinstance(cls.requires, dict):
+            raise TypeError(
+                f"patch {cls.__qualname__}: `requires` is {type(cls.requires).__name__}, "
+                "not a dict of distribution -> specifier"
+            )
 
     @classmethod
     def methods(cls) -> dict[str, Any]:

@@ -25,18 +25,19 @@ def finished_request(n_out: int = 4, reason: FinishReason = FinishReason.LENGTH)
 
 def samples(exporter: PrometheusExporter) -> dict[tuple[str, tuple], float]:
     text = exporter.render().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            assert s.labels.pop("model_name") == exporter.model_name, s  # on every series
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
 
 
 def test_request_snapshot_counts_tokens_and_observes_latencies():
     exporter = PrometheusExporter()
     exporter.export_metrics(MetricsSnapshot("request", 0.0, request=finished_request(4)))
     s = samples(exporter)
-    assert s[("pegboard:requests_total", (("finish_reason", "length"),))] == 1
+    assert s[("pegboard:request_success_total", (("finished_reason", "length"),))] == 1
     assert s[("pegboard:prompt_tokens_total", ())] == 3
     assert s[("pegboard:generation_tokens_total", ())] == 4
     assert s[("pegboard:time_to_first_token_seconds_sum", ())] == 1.0
@@ -54,7 +55,7 @@ def test_step_snapshot_sets_gauges_and_hit_rate_only_when_looked_up():
     s = samples(exporter)
     assert s[("pegboard:num_requests_running", ())] == 3
     assert s[("pegboard:num_requests_waiting", ())] == 2
-    assert s[("pegboard:kv_cache_usage_ratio", ())] == 0.5
+    assert s[("pegboard:kv_cache_usage_perc", ())] == 0.5
     assert s[("pegboard:engine_steps_total", ())] == 1
     assert s[("pegboard:prefix_cache_hit_rate", ())] == 0
     exporter.export_metrics(
@@ -119,5 +120,5 @@ def test_the_grafana_dashboard_queries_only_exported_metrics():
         s.name
         for family in text_string_to_metric_families(PrometheusExporter().render().decode())
         for s in family.samples
-    } | {f"pegboard:{n}" for n in ("requests_total",)}  # labelled: no sample until observed
+    } | {f"pegboard:{n}" for n in ("request_success_total", "plugin_errors_total")}  # labelled
     assert used and used <= exported, used - exported

@@ -74,6 +74,7 @@ def metric_samples(server: ServerProcess) -> dict[str, float]:
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            assert s.labels.pop("model_name") == MODEL, s  # every series names the model
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
@@ -85,7 +86,7 @@ def wait_idle(server: ServerProcess, timeout: float = 30.0) -> dict[str, float]:
     while True:
         s = metric_samples(server)
         idle = s["pegboard:num_requests_running"] == 0 and s["pegboard:num_requests_waiting"] == 0
-        if idle and s["pegboard:kv_cache_usage_ratio"] == 0:
+        if idle and s["pegboard:kv_cache_usage_perc"] == 0:
             return s
         if time.monotonic() > deadline:
             raise TimeoutError(f"engine not idle: {s}")
@@ -283,7 +284,7 @@ def test_metrics_parse_and_counters_move_as_requests_complete(server, client):
         for p in PROMPTS[:3]
     ]
     after = wait_idle(server)
-    key = "pegboard:requests_total{finish_reason=length}"
+    key = "pegboard:request_success_total{finished_reason=length}"
     assert after[key] - before.get(key, 0) == 3
     generated = sum(o.usage.completion_tokens for o in outs)
     assert generated == 15
@@ -311,7 +312,9 @@ def test_jsonl_exporter_receives_the_snapshots_prometheus_receives(server, clien
     steps = sum(1 for line in lines if line["kind"] == "step")
     finished = sum(1 for line in lines if line["kind"] == "request")
     assert steps == samples["pegboard:engine_steps_total"]
-    requests_total = sum(v for k, v in samples.items() if k.startswith("pegboard:requests_total{"))
+    requests_total = sum(
+        v for k, v in samples.items() if k.startswith("pegboard:request_success_total{")
+    )
     assert finished == requests_total > 0
 
 
@@ -334,9 +337,9 @@ def test_a_client_that_disconnects_mid_stream_has_its_kv_freed(server):
         assert all(line.startswith("data: ") or line == "" for line in received)
         busy = metric_samples(server)
         assert busy["pegboard:num_requests_running"] == 1
-        assert busy["pegboard:kv_cache_usage_ratio"] > 0
+        assert busy["pegboard:kv_cache_usage_perc"] > 0
     after = wait_idle(server, timeout=10)
-    key = "pegboard:requests_total{finish_reason=abort}"
+    key = "pegboard:request_success_total{finished_reason=abort}"
     assert after[key] - before.get(key, 0) == 1
     assert (
         after["pegboard:generation_tokens_total"] - before["pegboard:generation_tokens_total"] < 400
@@ -349,7 +352,7 @@ def test_a_non_streaming_client_that_disconnects_has_its_request_aborted(server)
     with pytest.raises(httpx.ReadTimeout):
         post(server, "/v1/completions", body, timeout=0.3)
     after = wait_idle(server, timeout=10)
-    key = "pegboard:requests_total{finish_reason=abort}"
+    key = "pegboard:request_success_total{finished_reason=abort}"
     assert after[key] - before.get(key, 0) == 1
 
 

@@ -1,7 +1,8 @@
 """The admin API (mounted only when an admin token is configured, and guarded by it):
 
 - `GET /admin/plugins` — the active plugin of each slot, every discovered plugin with its
-  state, and the applied patches.
+  state and error count (exceptions and contract violations, `pegboard.core.contract`), and the
+  applied patches.
 - `POST /admin/plugins/{slot}` with `{"name": ..., "options": {...}}` — swap the slot's plugin
   at the next step boundary (`Engine.swap`); answers once the swap took effect.
 """
@@ -83,8 +84,17 @@ def plugin_report(engine) -> dict[str, Any]:
     for slot, spec in SLOTS.items():
         plugins = [p.name for p in pm.active_all(slot)]
         active[slot] = plugins if spec.multi else (plugins[0] if plugins else None)
+    errors = engine.guard.errors
+    plugins = []
+    for info in pm.list_plugins():
+        record = info.to_dict()
+        record["errors"] = errors.get((info.slot, info.name), 0)
+        plugins.append(record)
     return {
         "active": active,
-        "plugins": [info.to_dict() for info in pm.list_plugins()],
+        "plugins": plugins,
+        "plugin_errors": [
+            {"slot": slot, "plugin": name, "errors": n} for (slot, name), n in errors.items()
+        ],
         "patches": {"applied": engine.patches.applied, "skipped": engine.patches.skipped},
     }

@@ -72,8 +72,9 @@ def snapshot_record(snapshot: MetricsSnapshot) -> dict[str, Any]:
     record = {
         f.name: getattr(snapshot, f.name)
         for f in dataclasses.fields(snapshot)
-        if f.name != "request"
+        if f.name not in ("request", "plugin_errors")
     }
+    record["plugin_errors"] = {f"{s}:{p}": n for (s, p), n in snapshot.plugin_errors.items()}
     if snapshot.request is not None:
         record["request"] = request_record(snapshot.request)
     return record

@@ -1,14 +1,20 @@
 """The `prometheus` metrics exporter: engine gauges, request counters and latency histograms on
 its own `CollectorRegistry`, which `pegboard serve` exposes at `GET /metrics`.
 
-Names follow vLLM's (`vllm:` → `pegboard:`) so existing dashboards translate by prefix.
-Latencies come from the request's `time.monotonic()` stamps: arrival, first scheduled, first
-token, finished.
+Names follow vLLM's (`vllm:` → `pegboard:`) where vLLM has one — `request_success_total
+{finished_reason}`, `kv_cache_usage_perc` (a fraction, as vLLM's despite the name),
+`prefix_cache_queries_total` / `prefix_cache_hits_total` — so existing dashboards translate by
+prefix; `gen_throughput` is SGLang's generation-throughput gauge. Every series carries a
+`model_name` label (the `model_name` option, else the engine's model). Latencies come from the
+request's `time.monotonic()` stamps: arrival, first scheduled, first token, finished.
 """
 
 from __future__ import annotations
 
-from pegboard.sdk.slots import MetricsExporter
+import collections
+
+import pydantic
+from pegboard.sdk.slots import MetricsExporter, Plugin, PluginContext
 from pegboard.sdk.types import MetricsSnapshot, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -20,6 +26,18 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: Seconds of step history `gen_throughput` averages over.
+THROUGHPUT_WINDOW_S = 5.0
+
+
+class PrometheusOptions(pydantic.BaseModel):
+    """Options of the `prometheus` exporter."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    model_name: str = pydantic.Field(
+        "", description="the model_name label of every series (default: the engine's model)"
+    )
 
 
 class PrometheusExporter(MetricsExporter):
@@ -27,22 +45,43 @@ class PrometheusExporter(MetricsExporter):
     that `pegboard serve` answers `GET /metrics` with."""
 
     name = "prometheus"
+    Options = PrometheusOptions
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
+        self.model_name = self.options.model_name or "pegboard"
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._plugin_errors: dict[tuple[str, str], int] = {}
+        self._decode = collections.deque()  # (timestamp, decode tokens, step time) per step
+        self._build()
 
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(PREFIX + name, doc, labels, registry=r)
+    def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
+        name = self.options.model_name or ctx.engine.get("model_name")
+        if name and name != self.model_name:
+            self.model_name = name
+            self.registry = CollectorRegistry(auto_describe=True)
+            self._build()
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, registry=r)
+    def _build(self) -> None:
+        r, model = self.registry, self.model_name
 
-        def histogram(name: str, doc: str, buckets) -> Histogram:
-            return Histogram(PREFIX + name, doc, buckets=buckets, registry=r)
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()):
+            c = Counter(PREFIX + name, doc, ("model_name", *labels), registry=r)
+            return c if labels else c.labels(model_name=model)
 
-        self.requests = counter("requests_total", "Finished requests.", ("finish_reason",))
+        def gauge(name: str, doc: str):
+            return Gauge(PREFIX + name, doc, ("model_name",), registry=r).labels(model_name=model)
+
+        def histogram(name: str, doc: str, buckets):
+            h = Histogram(PREFIX + name, doc, ("model_name",), buckets=buckets, registry=r)
+            return h.labels(model_name=model)
+
+        self.requests = counter("request_success_total", "Finished requests.", ("finished_reason",))
+        self.plugin_errors = counter(
+            "plugin_errors_total",
+            "Plugin exceptions and contract violations (the engine names the plugin in its log).",
+            ("slot", "plugin"),
+        )
         self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of finished requests.")
         self.generation_tokens = counter(
             "generation_tokens_total", "Generated tokens of finished requests."
@@ -52,11 +91,21 @@ class PrometheusExporter(MetricsExporter):
         self.running = gauge("num_requests_running", "Requests holding KV.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.batch_size = gauge("batch_size", "Requests scheduled in the last step.")
-        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV pages in use (0 to 1).")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV pages in use (0 to 1).")
+        self.gen_throughput = gauge(
+            "gen_throughput", f"Decode tokens per second over the last {THROUGHPUT_WINDOW_S:g} s."
+        )
+        self.prefix_queries = counter(
+            "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits_total", "Prompt tokens served from the prefix cache."
+        )
         self.prefix_hit_rate = gauge(
             "prefix_cache_hit_rate",
             "Prompt tokens served from the prefix cache / tokens looked up.",
         )
+        self._prefix_seen = (0, 0)  # the cache's cumulative (hits, queries) at the last step
         self.ttft = histogram(
             "time_to_first_token_seconds", "Arrival to first generated token.", LATENCY_BUCKETS
         )
@@ -87,17 +136,41 @@ class PrometheusExporter(MetricsExporter):
         self.steps.inc()
         self.running.set(s.num_running)
         self.waiting.set(s.num_waiting)
-        self.batch_size.set(s.batch_size)
+        idle = s.num_running == 0 and s.num_waiting == 0
+        self.batch_size.set(0 if idle else s.batch_size)  # the engine stops stepping when idle
         self.kv_usage.set(s.kv_usage)
         self.step_time.observe(s.step_time_s)
+        self.gen_throughput.set(0.0 if idle else self._throughput(s))
         if s.num_preempted:
             self.preemptions.inc(s.num_preempted)
         if s.prefix_query_tokens > 0:
             self.prefix_hit_rate.set(s.prefix_hit_tokens / s.prefix_query_tokens)
+        hits, queries = self._prefix_seen
+        if s.prefix_query_tokens > queries:
+            self.prefix_queries.inc(s.prefix_query_tokens - queries)
+            self.prefix_hits.inc(max(s.prefix_hit_tokens - hits, 0))
+        if s.prefix_query_tokens >= queries:  # a swapped-in cache starts from zero again
+            self._prefix_seen = (s.prefix_hit_tokens, s.prefix_query_tokens)
+        else:
+            self._prefix_seen = (0, 0)
+        for key, count in s.plugin_errors.items():
+            seen = self._plugin_errors.get(key, 0)
+            if count > seen:
+                self.plugin_errors.labels(self.model_name, *key).inc(count - seen)
+                self._plugin_errors[key] = count
+
+    def _throughput(self, s: MetricsSnapshot) -> float:
+        """Decode tokens per second over the steps of the last `THROUGHPUT_WINDOW_S`."""
+        window = self._decode
+        window.append((s.timestamp, s.num_decode_tokens, s.step_time_s))
+        while window and window[0][0] < s.timestamp - THROUGHPUT_WINDOW_S:
+            window.popleft()
+        span = max(s.timestamp - window[0][0] + window[0][2], s.step_time_s, 1e-9)
+        return sum(n for _, n, _ in window) / span
 
     def _observe_request(self, r: Request) -> None:
         reason = r.finish_reason.value if r.finish_reason is not None else "unknown"
-        self.requests.labels(finish_reason=reason).inc()
+        self.requests.labels(model_name=self.model_name, finished_reason=reason).inc()
         self.prompt_tokens.inc(r.num_prompt_tokens)
         self.generation_tokens.inc(r.num_output_tokens)
         self.request_prompt_tokens.observe(r.num_prompt_tokens)
