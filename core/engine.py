@@ -399,6 +399,7 @@ class Engine:
             "max_running_requests": c.max_running_requests,
             "schedule_conservativeness": c.schedule_conservativeness,
             "seed": c.seed,
+            "model_name": c.model or self.model_dir.name,  # as `serve` names it by default
         }
 
     def _kv_memory_bytes(self) -> int:
