@@ -17,6 +17,7 @@ from pegboard.core.config import EngineConfig
 from pegboard.core.engine import Engine
 from pegboard.core.outputs import RequestOutput
 from pegboard.core.plugin_manager import PluginManager
+from pegboard.core.watchdog import StepObservers, StepWatchdog
 from pegboard.sdk.types import FinishReason, Request
 
 log = logging.getLogger("pegboard.async_engine")
@@ -29,8 +30,12 @@ class AsyncEngine:
     task (a client disconnect) aborts the request and frees its KV at the next step.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, watchdog_timeout: float | None = None) -> None:
         self.engine = engine
+        #: Around each step and between steps, on the loop thread (core/watchdog.py).
+        self.observers = StepObservers()
+        if watchdog_timeout is not None:
+            self.observers.append(StepWatchdog(watchdog_timeout))
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -39,8 +44,13 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig, plugins: PluginManager | None = None) -> AsyncEngine:
-        return cls(Engine(config, plugins))
+    def from_config(
+        cls,
+        config: EngineConfig,
+        plugins: PluginManager | None = None,
+        watchdog_timeout: float | None = None,
+    ) -> AsyncEngine:
+        return cls(Engine(config, plugins), watchdog_timeout)
 
     @property
     def tokenizer(self):
@@ -87,12 +97,14 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.observers.between_steps(self.engine)
             if not self.engine.has_work():
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                with self.observers.step(self.engine):
+                    outputs = self.engine.step()
             except BaseException as e:  # the engine itself is broken: fail every stream
                 log.exception("engine step failed")
                 self.error = e

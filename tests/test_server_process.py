@@ -29,13 +29,15 @@ def free_port() -> int:
 class ServerProcess:
     """A real `pegboard serve` subprocess on 127.0.0.1 and a free port, logging to a file."""
 
-    def __init__(self, model_dir: Path | str, log_dir: Path, *flags: str) -> None:
+    def __init__(
+        self, model_dir: Path | str, log_dir: Path, *flags: str, env: dict | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"serve-{self.port}.log"
         cmd = [sys.executable, "-m", "pegboard.core.cli.main", "serve", "--model", str(model_dir)]
         cmd += ["--port", str(self.port), "--dtype", "float32", "--device", "cpu", *flags]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("PEGBOARD_API_KEY", None)
         env.pop("PEGBOARD_ADMIN_TOKEN", None)
         self._log = self.log_path.open("w")

@@ -32,7 +32,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="run a benchmark")
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    off = kinds.add_parser("offline", help="nano-vllm-style offline throughput")
+    from pegboard.core.bench.models import bundled_configs
+
+    off = kinds.add_parser(
+        "offline",
+        help="nano-vllm-style offline throughput",
+        description="Offline throughput on the nano-vllm workload: --num-seqs requests with "
+        "random token-id prompts and output lengths drawn uniformly from the --min/--max "
+        "ranges, EOS ignored; reports output tok/s, and the plugin layer's share of step time. "
+        "Bundled configs for --random-weights --config NAME: "
+        f"{', '.join(bundled_configs())}.",
+    )
     off.add_argument("--num-seqs", type=int, default=256)
     off.add_argument("--min-input", type=int, default=100)
     off.add_argument("--max-input", type=int, default=1024)
@@ -147,8 +157,15 @@ def _stop_server(server: subprocess.Popen) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from pegboard.core.bench.models import bundled_configs
+
     p.add_argument("--random-weights", action="store_true", help="random weights from --config")
-    p.add_argument("--config", default=None, help="bundled real config (with --random-weights)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="bundled real config (with --random-weights): one of "
+        f"{', '.join(bundled_configs())}",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
     add_engine_arguments(p)
 
@@ -198,7 +215,7 @@ def _run(
         result["peer"] = peer(model_dir, info)
         peer_tok_s = result["peer"]["output_tok_s"]
         result["pegboard_vs_peer"] = (
-            round(result["output_tok_s"] / peer_tok_s, 2) if peer_tok_s else None
+            float(f"{result['output_tok_s'] / peer_tok_s:.4g}") if peer_tok_s else None
         )
     _emit(result, args.json)
     if chart is not None and args.chart:

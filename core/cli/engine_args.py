@@ -1,10 +1,15 @@
 """Engine flags shared by `pegboard generate`, `serve` and `bench`: model, dtype, budgets, KV
-sizing, plugin selections and each plugin's options (generated from their option models)."""
+sizing, plugin selections and each plugin's options (generated from their option models).
+
+vLLM's and SGLang's names for the same settings are accepted as aliases (`--max-num-seqs`,
+`--enable-prefix-caching`, `--context-length`, ...); their flags pegboard has no counterpart
+for fail with a hint (`FLAG_HINTS`: one entry per flag, deleted when pegboard gains it)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from pegboard.core.config import EngineConfig
@@ -20,13 +25,34 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local HF model directory (default: bundled SmolLM2-135M-Instruct)",
     )
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    g.add_argument(
+        "--device", default="auto", help="cpu, cuda or cuda:N (default auto: CUDA if present)"
+    )
     g.add_argument(
         "--load-format",
         default="auto",
         choices=["auto", "dummy"],
-        help="dummy: random weights (benchmarks of a config without its checkpoint)",
+        help="auto: the checkpoint's weights; dummy: random weights (benchmarks of a config "
+        "without its checkpoint) (default auto)",
+    )
+    g.add_argument(
+        "--seed",
+        "--random-seed",
+        type=int,
+        default=None,
+        help="the engine's random seed, which plugins (the sampler) seed from (default 0)",
+    )
+    g.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        default=None,
+        help="a Jinja chat template file replacing the tokenizer's (default: the tokenizer's)",
     )
     g.add_argument(
         "--quantization",
@@ -40,21 +66,58 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "fp8_e4m3"],
         help="KV cache storage: auto (the model's dtype) or fp8_e4m3 (half the bytes, per-layer "
-        "scales; attention backends triton and torch)",
+        "scales; attention backends triton and torch) (default auto)",
     )
     g.add_argument(
         "--max-num-batched-tokens",
+        "--chunked-prefill-size",
         type=int,
         default=8192,
         help="tokens per step: the chunked-prefill budget (default 8192)",
     )
-    g.add_argument("--max-running-requests", type=int, default=256)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--kv-cache-tokens", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument(
+        "--max-running-requests",
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="requests in one batch at most (default 256)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        "--context-length",
+        type=int,
+        default=None,
+        help="context length served, prompt plus output (default: the model's)",
+    )
+    g.add_argument(
+        "--page-size", type=int, default=16, help="tokens per KV cache page (default 16)"
+    )
+    g.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="KV cache size in tokens (default: sized from free memory on CUDA, "
+        "512 MiB worth on CPU); must hold one --max-model-len request",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        "--mem-fraction-static",
+        type=float,
+        default=0.85,
+        help="share of the GPU's memory pegboard may use for weights, activations and KV "
+        "(default 0.85)",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        dest="kv_cache",
+        action="store_const",
+        const="radix",
+        default=None,
+        help="vLLM's name for --kv-cache radix",
+    )
     g.add_argument(
         "--disable-cuda-graph",
+        "--enforce-eager",
         action="store_true",
         help="run decode steps eagerly, without CUDA graphs",
     )
@@ -77,9 +140,43 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "SiLU-and-mul, rotary) on CUDA",
     )
     add_distributed_arguments(p)
-    g.add_argument("--patch", action="append", default=[], dest="patches", metavar="NAME")
-    g.add_argument("--strict-patches", action="store_true")
+    g.add_argument(
+        "--patch",
+        action="append",
+        default=[],
+        dest="patches",
+        metavar="NAME",
+        help="apply this version-gated patch (repeatable; also PEGBOARD_PATCHES=a,b) (default: none)",
+    )
+    g.add_argument(
+        "--strict-patches",
+        action="store_true",
+        help="a patch gated out by its version requirements is an error, not a logged skip",
+    )
+    for flag, hint in FLAG_HINTS.items():
+        g.add_argument(flag, nargs="?", action=FlagHint, hint=hint, help=argparse.SUPPRESS)
     add_plugin_arguments(p, PluginManager())
+
+
+#: Flags of vLLM / SGLang that pegboard has no counterpart for, and what to use instead. Each
+#: entry fails with its hint; delete an entry when pegboard gains the flag.
+FLAG_HINTS = {
+    "--pipeline-parallel-size": "pegboard has no pipeline parallelism; use --tp-size",
+    "--trust-remote-code": "pegboard runs its own model code (docs/architecture.md); drop the flag",
+    "--tokenizer": "pegboard reads the tokenizer from --model's directory; put it there",
+    "--speculative-config": "speculative decoding is not built yet; drop the flag",
+}
+
+
+class FlagHint(argparse.Action):
+    """A flag pegboard does not have: exit 2 with a hint naming what to use instead."""
+
+    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is not a pegboard flag: {self.hint}")
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,3 +220,20 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     if os.environ.get("PEGBOARD_MODEL") and not settings.get("model"):
         settings["model"] = os.environ["PEGBOARD_MODEL"]
     return settings
+
+
+def read_chat_template(args: argparse.Namespace) -> str | None:
+    """The text of `--chat-template FILE`, or None; ValueError if it cannot be read."""
+    path = getattr(args, "chat_template", None)
+    if not path:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--chat-template {path}: {e.strerror or e}") from e
+
+
+def use_chat_template(tokenizer: Any, template: str | None) -> None:
+    """Replace `tokenizer`'s chat template by `template` (when given)."""
+    if template is not None:
+        tokenizer.hf.chat_template = template

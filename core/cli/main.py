@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story for a user: printed without a traceback."""
     import pydantic
+    from pegboard.core.cli.preflight import PortInUse
     from pegboard.core.engine import KVMemoryError, RequestRejected
     from pegboard.core.models import ModelLoadError
     from pegboard.core.plugin_manager import PluginError
@@ -45,6 +46,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RequestRejected,
         KVMemoryError,
         SwapError,
+        PortInUse,
         pydantic.ValidationError,
     )
 

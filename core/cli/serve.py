@@ -18,6 +18,7 @@ from typing import Any
 from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
 from pegboard.core.router.replicas import add_dp_arguments, serve_data_parallel
 from pegboard.core.server.limits import DEFAULT_MAX_REQUEST_BYTES
+from pegboard.core.watchdog import WATCHDOG_EXIT_STATUS
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
@@ -32,7 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    g.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (keys: flag names)")
+    g.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file of settings (keys: flag names; default: none)",
+    )
     g.add_argument(
         "--served-model-name",
         nargs="+",
@@ -40,11 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="model name(s) clients send (default: the --model argument, or the bundled model's name)",
     )
     g.add_argument(
-        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (env PEGBOARD_API_KEY)"
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on /v1 (env PEGBOARD_API_KEY; default: none, "
+        "/v1 is open)",
     )
     g.add_argument(
         "--admin-token",
-        help="enable /admin, guarded by 'Authorization: Bearer TOKEN' (env PEGBOARD_ADMIN_TOKEN)",
+        help="enable /admin, /start_profile and /stop_profile, guarded by 'Authorization: Bearer "
+        "TOKEN' (env PEGBOARD_ADMIN_TOKEN; default: none, the admin API is off)",
     )
     g.add_argument(
         "--drain-timeout",
@@ -63,6 +71,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--log-level", default="info", choices=LOG_LEVELS, help="server log level (default info)"
+    )
+    g.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="an engine step that has not finished after S seconds logs the stuck state and "
+        f"exits with status {WATCHDOG_EXIT_STATUS} so a supervisor restarts the server "
+        "(default: no watchdog)",
+    )
+    g.add_argument(
+        "--skip-warmup",
+        action="store_true",
+        help="answer /health 200 as soon as the model is loaded, without first running a dummy "
+        "request (which triggers kernel JIT/autotuning before the first user arrives)",
     )
     add_engine_arguments(p)
     add_dp_arguments(p)  # --dp-size: replicas behind the router (core/router/replicas.py)
@@ -134,6 +157,8 @@ def _convert(action: argparse.Action, value: Any, path: str, parser: argparse.Ar
 def run(args: argparse.Namespace) -> int:
     import pydantic
     from pegboard.core.async_engine import AsyncEngine
+    from pegboard.core.cli.engine_args import read_chat_template, use_chat_template
+    from pegboard.core.cli.preflight import bind_listening_socket, check_before_loading
     from pegboard.core.config import EngineConfig
     from pegboard.core.default_model import MODEL_NAME
     from pegboard.core.distributed.cli import serve_follower
@@ -150,9 +175,11 @@ def run(args: argparse.Namespace) -> int:
         settings = engine_settings(args)
         settings["metrics"] = with_prometheus(settings.get("metrics"))
         config = EngineConfig(**settings)
+        template = read_chat_template(args)
     except (pydantic.ValidationError, ValueError) as e:
         print(f"pegboard serve: {e}", file=sys.stderr)
         return 2
+    check_before_loading(config)
     if (status := serve_follower(config)) is not None:  # bad TP settings, or not rank 0
         return status
     names = args.served_model_name or [config.model or MODEL_NAME]
@@ -162,9 +189,17 @@ def run(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or os.environ.get("PEGBOARD_ADMIN_TOKEN") or None,
         drain_timeout=args.drain_timeout,
         max_request_bytes=args.max_request_bytes,
+        warmup=not args.skip_warmup,
     )
-    state = ServerState(server, engine_factory=lambda: AsyncEngine.from_config(config))
-    return run_server(state, args.host, args.port, args.log_level)
+
+    def engine_factory() -> AsyncEngine:
+        engine = AsyncEngine.from_config(config, watchdog_timeout=args.watchdog_timeout)
+        use_chat_template(engine.tokenizer, template)
+        return engine
+
+    sock = bind_listening_socket(args.host, args.port)  # a busy port fails before loading
+    state = ServerState(server, engine_factory=engine_factory)
+    return run_server(state, args.host, args.port, args.log_level, sock)
 
 
 def with_prometheus(metrics: str | list[str] | None) -> list[str]:

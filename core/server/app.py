@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
-from pegboard.core.server import admin, chat, completions, load
+from pegboard.core.server import admin, chat, completions, load, profiler
 from pegboard.core.server.errors import APIError, install_error_handlers
 from pegboard.core.server.lifecycle import ServerState
 from pegboard.core.server.limits import BodySizeLimit
@@ -44,6 +44,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(load.router)  # GET /load, for routers (core/router)
     if state.settings.admin_token:
         app.include_router(admin.router)
+        app.include_router(profiler.router)  # /start_profile, /stop_profile
 
     @app.get("/health", tags=["server"])
     async def health() -> JSONResponse:

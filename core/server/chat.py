@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pegboard.core.disaggregation import attach_bootstrap
 from pegboard.core.server.completions import ERROR_RESPONSES
 from pegboard.core.server.errors import APIError
 from pegboard.core.server.generation import (
@@ -62,6 +63,7 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request):
     params = sampling_params(body, max_tokens, top_n)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests = fan_out(engine, response_id, [prompt], [params], body.n, body.priority)
+    attach_bootstrap(requests, body)  # PD: the room `pegboard router --pd` paired us with
     token_text = TokenText(engine.tokenizer)
 
     def usage(choices: list[ChoiceState]) -> Usage:
@@ -90,6 +92,7 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request):
                         delta=ChatDelta(content=out.text),
                         logprobs=lps,
                         finish_reason=choice.finish_reason,
+                        timing=choice.timing,
                     )
                 ]
             )
@@ -121,6 +124,7 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request):
                 message=AssistantMessage(content=c.text),
                 logprobs=chat_logprobs(c.logprobs, token_text, top_n) if body.logprobs else None,
                 finish_reason=c.finish_reason,
+                timing=c.timing,
             )
             for c in choices
         ],

@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pegboard.core.disaggregation import attach_bootstrap
 from pegboard.core.server.errors import APIError
 from pegboard.core.server.generation import (
     ChoiceState,
@@ -57,6 +58,7 @@ async def create_completion(body: CompletionRequest, http: Request):
     ]
     response_id = f"cmpl-{uuid.uuid4().hex}"
     requests = fan_out(engine, response_id, prompt_ids, params, body.n, body.priority)
+    attach_bootstrap(requests, body)  # PD: the room `pegboard router --pd` paired us with
     echoes = [""] * len(requests)
     if body.echo:
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
@@ -87,7 +89,11 @@ async def create_completion(body: CompletionRequest, http: Request):
             return response(
                 [
                     CompletionChoice(
-                        index=index, text=out.text, logprobs=lps, finish_reason=choice.finish_reason
+                        index=index,
+                        text=out.text,
+                        logprobs=lps,
+                        finish_reason=choice.finish_reason,
+                        timing=choice.timing,
                     )
                 ]
             )
@@ -120,6 +126,7 @@ async def create_completion(body: CompletionRequest, http: Request):
                 if body.logprobs is not None
                 else None,
                 finish_reason=c.finish_reason,
+                timing=c.timing,
             )
             for c in choices
         ],

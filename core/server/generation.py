@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from pegboard.core.async_engine import AsyncEngine
 from pegboard.core.engine import RequestRejected
 from pegboard.core.outputs import RequestOutput
 from pegboard.core.server.errors import APIError
-from pegboard.core.server.protocol import SamplingFields
+from pegboard.core.server.protocol import RequestTiming, SamplingFields
 from pegboard.sdk.types import FinishReason, Request, SamplingParams, TokenLogprobs
 
 #: Engine requests one HTTP request may fan out into (prompts × n).
@@ -125,6 +126,7 @@ class ChoiceState:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    timing: RequestTiming | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
@@ -134,6 +136,22 @@ class ChoiceState:
             reason = out.finish_reason
             self.finish_reason = reason.value if reason is not None else FinishReason.STOP.value
             self.error = out.error
+            self.timing = request_timing(out.request)
+
+
+def request_timing(r: Request | None) -> RequestTiming | None:
+    """The time breakdown of a finished request (None if it never ran)."""
+    if r is None or r.first_scheduled_time is None:
+        return None
+    now = time.monotonic()
+    end = r.finished_time or now
+    first = r.first_token_time or end
+    return RequestTiming(
+        queue_s=round(r.first_scheduled_time - r.arrival_time, 6),
+        prefill_s=round(first - r.first_scheduled_time, 6),
+        decode_s=round(end - first, 6),
+        detokenize_s=round(max(now - end, 0.0), 6),
+    )
 
 
 def failed_choice(choices: list[ChoiceState]) -> ChoiceState | None:

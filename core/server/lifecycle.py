@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pegboard.core.async_engine import AsyncEngine
 from pegboard.core.server.errors import APIError
 from pegboard.core.server.limits import DEFAULT_MAX_REQUEST_BYTES
+from pegboard.core.server.warmup import warm_up
 
 log = logging.getLogger("pegboard.server")
 #: How long shutdown waits for a model load in progress (then exits regardless).
@@ -36,6 +37,8 @@ class ServerSettings:
     abort_grace: float = 5.0
     #: Request bodies above this many bytes are a 413 (`--max-request-bytes`).
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: Run a dummy request before /health answers 200 (`--skip-warmup` turns it off).
+    warmup: bool = False
 
 
 class ServerState:
@@ -76,7 +79,14 @@ class ServerState:
 
         def load() -> None:
             try:
-                self.engine = self.engine_factory()
+                engine = self.engine_factory()
+                try:
+                    if self.settings.warmup:
+                        warm_up(engine)  # before /health answers 200
+                except BaseException:
+                    engine.shutdown()
+                    raise
+                self.engine = engine
                 log.info("engine ready; serving %s", ", ".join(self.settings.served_model_names))
             except BaseException as e:  # reported through /health and the exit status
                 log.exception("loading the engine failed")

@@ -52,6 +52,10 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
+    # PD disaggregation: the prefill engine and room `pegboard router --pd` pairs us with.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = Field(None, ge=1, le=65535)
+    bootstrap_room: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @pydantic.field_validator("logit_bias")
     @classmethod
@@ -179,6 +183,18 @@ class Usage(pydantic.BaseModel):
     total_tokens: int
 
 
+class RequestTiming(pydantic.BaseModel):
+    """Where a choice's time went (pegboard's extension, as SGLang's per-request breakdown):
+    seconds queued before its first step, in prefill until its first token, in decode until
+    its last, and from the engine finishing it until its last text delta reached the server
+    (detokenization and delivery)."""
+
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    detokenize_s: float
+
+
 class CompletionLogprobs(pydantic.BaseModel):
     """The legacy completions logprobs shape."""
 
@@ -195,6 +211,7 @@ class CompletionChoice(pydantic.BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    timing: RequestTiming | None = None
 
 
 class CompletionResponse(pydantic.BaseModel):
@@ -242,6 +259,7 @@ class ChatChoice(pydantic.BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    timing: RequestTiming | None = None
 
 
 class ChatCompletionResponse(pydantic.BaseModel):
@@ -269,6 +287,7 @@ class ChatChunkChoice(pydantic.BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    timing: RequestTiming | None = None
 
 
 class ChatCompletionChunk(pydantic.BaseModel):

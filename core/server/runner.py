@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from types import FrameType
 
 import uvicorn
@@ -45,8 +46,15 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run_server(state: ServerState, host: str, port: int, log_level: str = "info") -> int:
-    """Serve until drained; returns the exit status (1 if the model failed to load)."""
+def run_server(
+    state: ServerState,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> int:
+    """Serve until drained (on `sock` when given, already bound); returns the exit status
+    (1 if the model failed to load)."""
     config = uvicorn.Config(
         create_app(state),
         host=host,
@@ -62,5 +70,5 @@ def run_server(state: ServerState, host: str, port: int, log_level: str = "info"
             server.should_exit = True  # polled by uvicorn's main loop
 
     state.on_loaded = loaded
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 1 if state.load_error is not None else 0
