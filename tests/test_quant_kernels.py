@@ -1,0 +1,175 @@
+"""W4A16 Triton kernels (`pegboard.core.kernels.w4a16`) against the de-quantized reference
+`x @ dequantize(W).T`, and the w4a16 layers running them.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
+Triton is imported) on small shapes in float32. The `gpu` tests run bf16 at group sizes
+32/64/128 and per-channel on Llama-3.1-8B's shapes, at 1 to 64 rows, split-K included, a CUDA
+graph capture, and a whole quantized model's logits against its de-quantized run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
+
+from pegboard.core.kernels.w4a16 import (  # noqa: E402
+    W4A16Config,
+    pick_config,
+    unsupported_reason,
+    w4a16_linear,
+)
+from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def packed_layer(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, k // group, generator=gen) * 0.01 + 0.001
+    offsets = -torch.randint(0, 16, (n, k // group), generator=gen).float() * scales
+    p = pack(Int4Weights(q, scales, offsets, group), dtype)
+    for name in ("qweight", "scales", "offsets"):
+        setattr(p, name, getattr(p, name).to(DEVICE))
+    return p
+
+
+def reference(x: torch.Tensor, p, bias=None) -> torch.Tensor:
+    """float64 `x @ W.T + bias` of the weights rounded to x's dtype, as the kernels use them."""
+    w = dequantize_packed(p, torch.float32).to(x.dtype).double()
+    y = x.double() @ w.t()
+    return y + bias.double() if bias is not None else y
+
+
+@pytest.mark.parametrize(
+    ("rows", "config"),
+    [
+        (1, W4A16Config(1, 16, 32)),  # GEMV, one row
+        (3, W4A16Config(4, 16, 64, split_k=2)),  # GEMV, split K
+        (16, W4A16Config(16, 16, 32)),  # tensor cores
+        (20, W4A16Config(16, 32, 32, split_k=2)),  # tensor cores, split K, ragged M
+    ],
+)
+def test_kernels_match_the_dequantized_reference_in_the_interpreter(rows, config):
+    p = packed_layer(40, 128, 32, torch.float32)  # N = 40: a ragged last block of outputs
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    bias = torch.randn(40).to(DEVICE)
+    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, 32, bias, config)
+    torch.testing.assert_close(got.double(), reference(x, p, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_take_strided_rows_and_keep_leading_dimensions():
+    p = packed_layer(16, 64, 32, torch.float32)
+    x = torch.randn(2, 3, 96).to(DEVICE)[..., :64]  # rows not contiguous
+    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, 32, None, W4A16Config(4, 16, 32))
+    assert got.shape == (2, 3, 16)
+    torch.testing.assert_close(got.double(), reference(x.reshape(6, 64), p).view(2, 3, 16),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_shapes_the_kernels_cannot_take_are_named():
+    assert unsupported_reason(4096, 4096, 128) is None
+    assert "K=576" not in (unsupported_reason(576, 576, 32) or "")  # SmolLM2 with g32: fine
+    assert "K=100" in unsupported_reason(64, 100, 4)
+
+
+def test_default_configs_split_k_only_where_it_divides():
+    for m in (1, 4, 16, 32, 64):
+        for n, k in ((6144, 4096), (4096, 14336), (576, 576), (1536, 576)):
+            cfg = pick_config(m, n, k)
+            assert k % (cfg.block_k * cfg.split_k) == 0
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("shape", LLAMA_8B, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16, 32, 64])
+def test_bf16_kernels_match_the_dequantized_reference_on_llama_shapes(group, shape, rows):
+    n, k = shape
+    g = k if group == -1 else group
+    p = packed_layer(n, k, g, torch.bfloat16)
+    x = torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
+    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, g)
+    expected = reference(x, p)
+    rel = (got.double() - expected).norm() / expected.norm()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+
+
+@gpu
+@needs_cuda
+def test_bf16_kernels_replay_in_a_cuda_graph():
+    p = packed_layer(4096, 4096, 128, torch.bfloat16)
+    x = torch.randn(4, 4096, device=DEVICE).to(torch.bfloat16)
+    out = w4a16_linear(x, p.qweight, p.scales, p.offsets, 128)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_linear(x, p.qweight, p.scales, p.offsets, 128)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out.double(), reference(x, p), atol=0.05, rtol=0.02)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "gguf"])
+def test_quantized_model_on_the_gpu_matches_its_dequantized_run(method, tmp_path):
+    from fixtures import build_tiny_model
+    from fixtures.quantized import quantize_checkpoint
+    from pegboard.core.model_runner import ModelRunner
+    from pegboard.core.models.quantization import builtin_linear, detect_quantization
+    from pegboard.plugins.kernels.attention_torch import TorchAttentionBackend
+    from pegboard.sdk.types import KVPool, Request
+
+    src = build_tiny_model(tmp_path / "m", "llama", hidden_size=128, intermediate_size=256)
+    q_dir, deq_dir = quantize_checkpoint(src, tmp_path / method, method, sym=False)
+    prompt = list(range(10, 40))
+
+    def logits(model_dir, **kwargs):
+        runner = ModelRunner(model_dir, "bfloat16", "cuda", progress=False, **kwargs)
+        pool = KVPool.allocate(runner.info, 4, 16)
+        runner.set_attention(TorchAttentionBackend(runner.info, pool))
+        r = Request(prompt_token_ids=prompt)
+        r.page_table = [0, 1]
+        batch = runner.prepare([r], [len(prompt)], 16)
+        batch.logits_indices = torch.arange(len(prompt), device=DEVICE)
+        return runner, runner.forward(batch)
+
+    quant = detect_quantization(q_dir, "gguf" if method == "gguf" else None)
+    runner, got = logits(q_dir, linear=builtin_linear(quant))
+    assert runner.model.model.layers[0].mlp.gate_up_proj.kernel is not None  # the Triton path
+    _, expected = logits(deq_dir)
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < 2e-2, f"relative error {rel:.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test above covers the device")
+def test_w4a16_layers_run_the_kernels_in_a_model_in_the_interpreter(tmp_path):
+    from fixtures import build_tiny_model
+    from fixtures.quantized import quantize_checkpoint
+    from test_quant_formats import PROMPT, _linear_choice, forward_logits
+
+    src = build_tiny_model(tmp_path / "m", "llama", hidden_size=128, intermediate_size=256)
+    q_dir, deq_dir = quantize_checkpoint(src, tmp_path / "gptq", "gptq", sym=False)
+    runner = forward_logits(q_dir, linear=_linear_choice("gptq", q_dir))[1]
+    runner.model.set_fused_kernels(True)  # the Triton kernels, interpreted on CPU
+    layer = runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.kernel is not None and "Triton W4A16" in layer.describe()
+    x = torch.randn(len(PROMPT), 128)
+    runner.model.set_fused_kernels(False)
+    expected = layer(x)
+    runner.model.set_fused_kernels(True)
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
