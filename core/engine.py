@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from pegboard.core.config import EngineConfig
+from pegboard.core.context_fit import fit_context_to_kv
 from pegboard.core.contract import PluginFault, PluginGuard
 from pegboard.core.detokenizer import Detokenizer
 from pegboard.core.distributed import start_tensor_parallel
@@ -95,6 +96,7 @@ class Engine:
         for slot in SLOTS:
             self._select(slot)
         self._bind_attention()
+        fit_context_to_kv(self.info, self.kv, config.max_model_len)  # core/context_fit.py
         self.budget = StepBudget(
             max_batched_tokens=config.max_num_batched_tokens,
             max_running_requests=config.max_running_requests,

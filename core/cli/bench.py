@@ -61,6 +61,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--peer-timeout", type=float, default=600.0, metavar="S", help="bound on the peer's run"
     )
     off.add_argument("--chart", default=None, metavar="FILE.png", help="bars of output tok/s")
+    off.add_argument(
+        "--profile-host",
+        action="store_true",
+        help="also time the host's phases per step (schedule, prepare, forward launch, "
+        "resolve, wait for the device, ...): `host_profile` in the result",
+    )
     _add_common(off)
     off.set_defaults(func=run_offline_cmd)
     prefix = kinds.add_parser("prefix", help="shared-prefix workload: hit rate and throughput")
@@ -280,7 +286,12 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
 
     from pegboard.core.bench.chart import offline_chart
 
-    return _run(args, lambda llm: run_offline(llm, workload), peer, offline_chart)
+    return _run(
+        args,
+        lambda llm: run_offline(llm, workload, profile_host=args.profile_host),
+        peer,
+        offline_chart,
+    )
 
 
 def run_prefix_cmd(args: argparse.Namespace) -> int:

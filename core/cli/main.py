@@ -31,6 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story for a user: printed without a traceback."""
     import pydantic
     from pegboard.core.cli.preflight import PortInUse
+    from pegboard.core.context_fit import KVCapacityError
     from pegboard.core.engine import KVMemoryError, RequestRejected
     from pegboard.core.models import ModelLoadError
     from pegboard.core.plugin_manager import PluginError
@@ -47,6 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         KVMemoryError,
         SwapError,
         PortInUse,
+        KVCapacityError,
         pydantic.ValidationError,
     )
 
