@@ -1,8 +1,9 @@
 """The engine on a background thread, with an asyncio streaming interface for the server.
 
-The step loop runs on its own thread and never touches the event loop except through
-`call_soon_threadsafe`; the event loop never waits on a step. Tokenization happens in the
-caller (the server does it in a worker thread); detokenization is incremental inside the step.
+The step loop runs on its own thread; the engine's detokenizer thread turns its token ids into
+text deltas and hands them to the streams through `call_soon_threadsafe`; the event loop
+never waits on a step. Tokenization happens in the caller (the server does it in a worker
+thread).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pegboard-step-loop", daemon=True)
         self.error: BaseException | None = None
+        engine.detokenizer.sink = self._deliver  # text deltas go straight to the streams
         self._thread.start()
 
     @classmethod
@@ -104,17 +106,20 @@ class AsyncEngine:
                 continue
             try:
                 with self.observers.step(self.engine):
-                    outputs = self.engine.step()
+                    self.engine.step()  # its deltas reach `_deliver` via the detokenizer
             except BaseException as e:  # the engine itself is broken: fail every stream
                 log.exception("engine step failed")
                 self.error = e
                 self._fail_all(e)
                 return
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    loop, queue = stream
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand text deltas to their streams (called on the detokenizer thread)."""
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                loop, queue = stream
+                loop.call_soon_threadsafe(queue.put_nowait, out)
 
     def _fail_all(
         self, error: BaseException | None, reason: FinishReason = FinishReason.ERROR

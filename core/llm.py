@@ -98,9 +98,13 @@ class LLM:
         return self.generate(prompts, params)
 
     def run(self) -> Iterator[RequestOutput]:
-        """Step the engine until it has no work, yielding every delta (the streaming view)."""
-        while self.engine.has_work():
-            yield from self.engine.step()
+        """Step the engine until it has no work, yielding every text delta (the streaming
+        view; they come from the engine's detokenizer thread, a step or two behind)."""
+        engine, detokenizer = self.engine, self.engine.detokenizer
+        while engine.has_work() or detokenizer.busy():
+            if engine.has_work():
+                engine.step()
+            yield from detokenizer.take(wait=not engine.has_work())
 
     def swap(self, slot: str, name: str, **options: Any):
         """Swap a plugin at the next step boundary; see `Engine.swap`."""

@@ -3,10 +3,10 @@
 python3 scripts/profile_offline.py --config qwen3-0.6b [--num-seqs 256] [engine flags as
     key=value: attention=triton disable_overlap=true ...]
 
-Wraps the engine's phases with wall-clock timers (schedule, allocate_kv, prepare, forward
-launch, resolve, of which waiting for the device's tokens, sample, commit, metrics) and runs
-the nano-vllm workload once after a warm-up. With overlap on, "wait for tokens" is the time the
-host had nothing to do (the device was the bottleneck); the other phases are host work.
+Wraps the engine's phases with wall-clock timers (`pegboard.core.bench.host_profile`, as
+`pegboard bench offline --profile-host`) and runs the nano-vllm workload once after a
+warm-up. With overlap on, "wait for tokens" is the time the host had nothing to do (the device
+was the bottleneck); the other phases are host work.
 """
 
 from __future__ import annotations
@@ -14,26 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 
 import torch
+from pegboard.core.bench.host_profile import HostProfile
 from pegboard.core.bench.models import config_model_dir
 from pegboard.core.bench.offline import OfflineWorkload
 from pegboard.core.llm import LLM
-from pegboard.core.overlap import PendingStep
-
-TIMES: dict[str, float] = defaultdict(float)
-
-
-def timed(name, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            TIMES[name] += time.perf_counter() - start
-
-    return wrapper
 
 
 def parse_value(v: str):
@@ -56,40 +42,22 @@ def main() -> None:
     settings = dict(s.split("=", 1) for s in args.settings)
     settings = {k: parse_value(v) for k, v in settings.items()}
     llm = LLM(str(config_model_dir(args.config)), load_format="dummy", **settings)
-    engine = llm.engine
     workload = OfflineWorkload(num_seqs=args.num_seqs, max_output=args.max_output)
     prompts, params = workload.build()
     llm.generate([prompts[0][:16]], params[0])  # warm-up
 
-    relay = engine.plugins.hook
-    for hook in ("schedule", "allocate_kv", "sample"):
-        setattr(relay, hook, timed(hook, getattr(relay, hook)))
-    engine.runner.prepare = timed("prepare", engine.runner.prepare)
-    engine.runner.forward = timed("forward (launch)", engine.runner.forward)
-    engine._resolve = timed("resolve (all)", engine._resolve)
-    engine._export = timed("export_metrics", engine._export)
-    engine._apply_inbox = timed("inbox", engine._apply_inbox)
-    PendingStep.take = timed("resolve: wait for tokens", PendingStep.take)
-    kv = engine.kv
-    kv.commit = timed("kv commit", kv.commit)
-    engine.step = timed("step (total)", engine.step)
-
-    steps0 = engine.num_steps
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, progress=False)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    steps = engine.num_steps - steps0
+    with HostProfile(llm.engine) as profile:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, progress=False)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.token_ids) for o in outs)
-    rows = {k: round(v / steps * 1e3, 3) for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1])}
     result = {
         "settings": settings,
-        "steps": steps,
         "elapsed_s": round(elapsed, 2),
         "output_tok_s": round(out_tokens / elapsed, 1),
-        "ms_per_step": rows,
-    }
+    } | profile.report()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

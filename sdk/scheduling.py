@@ -32,6 +32,7 @@ No request is ever given tokens past `budget.max_model_len`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -75,8 +76,9 @@ class _Step:
     def add(self, request: Request, num_tokens: int, pages: int) -> None:
         self.plan.scheduled.append(ScheduledRequest(request, num_tokens))
         self.tokens_left -= num_tokens
-        self.free_pages -= pages
-        self.promised[id(request)] = pages
+        if pages:
+            self.free_pages -= pages
+            self.promised[id(request)] = pages
 
     def preempt(self, request: Request) -> None:
         """Preempt a running request, taking back what this step already gave it."""
@@ -147,26 +149,46 @@ class PolicyScheduler(Scheduler):
         self, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
     ) -> SchedulePlan:
         step = _Step(budget, budget.max_batched_tokens, kv.num_free_pages, len(running))
-        self._schedule_running(sorted(running, key=self.sort_key), step, kv)
+        key = self._order_key()
+        self._schedule_running(sorted(running, key=key), step, kv)
         if not step.plan.preempted:
-            self._admit_waiting(sorted(waiting, key=self.sort_key), running, step, kv)
+            self._admit_waiting(sorted(waiting, key=key), running, step, kv)
         return step.plan
 
+    def _order_key(self):
+        """`sort_key`, or the same order computed in C when the policy keeps the default."""
+        return _BY_SEQ if type(self).sort_key is PolicyScheduler.sort_key else self.sort_key
+
     def _schedule_running(self, order: list[Request], step: _Step, kv: KVCache) -> None:
+        # The hot loop at a few hundred running requests, a decode token each: `_chunk` and
+        # `_Step.add` inlined, `step`'s counters kept in locals except around a preemption.
+        out, max_len, pages_needed = step.preempted, step.budget.max_model_len, kv.pages_needed
+        scheduled, promised = step.plan.scheduled, step.promised
+        left, free = step.tokens_left, step.free_pages
         for i, r in enumerate(order):
-            if step.tokens_left == 0:
+            if left == 0:
                 break
-            if step.is_out(r):
+            if out and id(r) in out:
                 continue
-            n = _chunk(r, r.num_computed_tokens, step)
-            if n == 0:
+            start = r.num_computed_tokens
+            n = min(len(r.token_ids) - start, left, max_len - start)
+            if n <= 0:
                 continue
-            pages = kv.pages_needed(r, n)
-            while pages > step.free_pages and not step.is_out(r):
-                candidates = [q for q in order[i:] if not step.is_out(q)]
-                step.preempt(max(candidates, key=self.victim_key))
-            if not step.is_out(r):
-                step.add(r, n, pages)
+            pages = pages_needed(r, n)
+            if pages > free:  # preempt (possibly `r` itself) until it fits
+                step.tokens_left, step.free_pages = left, free
+                while pages > step.free_pages and id(r) not in out:
+                    candidates = [q for q in order[i:] if id(q) not in out]
+                    step.preempt(max(candidates, key=self.victim_key))
+                left, free = step.tokens_left, step.free_pages
+                if id(r) in out:
+                    continue
+            scheduled.append(ScheduledRequest(r, n))
+            left -= n
+            if pages:
+                free -= pages
+                promised[id(r)] = pages
+        step.tokens_left, step.free_pages = left, free
 
     def _admit_waiting(
         self, order: list[Request], running: list[Request], step: _Step, kv: KVCache
@@ -223,6 +245,9 @@ class PolicyScheduler(Scheduler):
         if holders == 0:
             return True  # conservativeness is waived: a request must be able to run alone
         return free - pages >= self.options.conservativeness * (reserve + future)
+
+
+_BY_SEQ = operator.attrgetter("seq")  # the default `sort_key`'s order
 
 
 def _chunk(r: Request, start: int, step: _Step) -> int:

@@ -7,6 +7,7 @@ throughput = output tokens / wall time (as nano-vllm's bench.py, whose seed-0 wo
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -46,16 +47,21 @@ class OfflineWorkload:
         return prompts, params
 
 
-def run_offline(llm, workload: OfflineWorkload, progress: bool = True) -> dict:
-    """Warm up, then time one `generate` of the whole workload; return the figures."""
+def run_offline(
+    llm, workload: OfflineWorkload, progress: bool = True, profile_host: bool = False
+) -> dict:
+    """Warm up, then time one `generate` of the whole workload; return the figures (with
+    `profile_host`, also the host's ms per step by phase: `pegboard.core.bench.host_profile`)."""
     from pegboard.core.bench.dispatch import plugin_layer_share
+    from pegboard.core.bench.host_profile import HostProfile
 
     prompts, params = workload.build()
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))
     steps_before = llm.engine.num_steps
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, progress=progress)
-    elapsed = time.perf_counter() - start
+    with HostProfile(llm.engine) if profile_host else contextlib.nullcontext() as profile:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, progress=progress)
+        elapsed = time.perf_counter() - start
     steps = llm.engine.num_steps - steps_before
     input_tokens = sum(len(p) for p in prompts)
     output_tokens = sum(len(o.token_ids) for o in outs)
@@ -72,4 +78,4 @@ def run_offline(llm, workload: OfflineWorkload, progress: bool = True) -> dict:
         "overlap": not llm.engine.config.disable_overlap,
         "cuda_graphs": llm.engine.runner.cuda_graphs is not None,
         "plugin_layer": plugin_layer_share(elapsed / max(steps, 1)),
-    }
+    } | ({"host_profile": profile.report()} if profile else {})

@@ -1,0 +1,87 @@
+"""Where the host's time goes in an engine step: wall-clock ms per step for each phase.
+
+`pegboard bench offline --profile-host` (and `scripts/profile_offline.py`) wrap the engine's
+phases with timers for the timed run only (`HostProfile`, a context manager that puts every
+wrapped attribute back on exit):
+
+- `schedule`, `allocate_kv`, `sample`: the hook calls (the plugin and the engine's checks);
+- `prepare`: laying the batch out (`ModelRunner.prepare`);
+- `forward (launch)`: the model call; on a GPU the kernels are only launched;
+- `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
+  waiting for the device (overlap: the device was the bottleneck for that long);
+- `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
+
+`host_ms` is a step's total less the wait: the host work per step. With overlap on, a step
+whose host work is below the device's time per step shows the wait growing, not the total.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from pegboard.core.overlap import PendingStep
+
+WAIT = "resolve: wait for tokens"
+TOTAL = "step (total)"
+
+
+class HostProfile:
+    """Time an engine's phases while the context is open; `report()` gives ms per step."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._restore: list[Callable[[], None]] = []
+        self._steps0 = 0
+
+    def __enter__(self) -> HostProfile:
+        e = self.engine
+        relay = e.plugins.hook
+        for hook in ("schedule", "allocate_kv", "sample"):
+            self._wrap(relay, hook, hook)
+        self._wrap(e.runner, "prepare", "prepare")
+        self._wrap(e.runner, "forward", "forward (launch)")
+        self._wrap(e, "_resolve", "resolve (all)")
+        self._wrap(e, "_export", "export_metrics")
+        self._wrap(e, "_apply_inbox", "inbox")
+        self._wrap(e.kv, "commit", "kv commit")
+        self._wrap(e, "step", TOTAL)
+        self._wrap(PendingStep, "take", WAIT)
+        self._steps0 = e.num_steps
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+    def _wrap(self, owner, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+
+        own = attr in vars(owner)  # else a method: the class's shows through again
+        setattr(owner, attr, timed)
+        self._restore.append(
+            (lambda: setattr(owner, attr, fn)) if own else (lambda: delattr(owner, attr))
+        )
+
+    def report(self) -> dict:
+        """ms per step of each phase, largest first, and the host work per step."""
+        steps = max(self.engine.num_steps - self._steps0, 1)
+        per_step = {k: v / steps * 1e3 for k, v in self.seconds.items()}
+        rows = dict(sorted(per_step.items(), key=lambda kv: -kv[1]))
+        total, wait = per_step.get(TOTAL, 0.0), per_step.get(WAIT, 0.0)
+        return {
+            "steps": steps,
+            "host_ms_per_step": round(total - wait, 3),
+            "device_wait_ms_per_step": round(wait, 3),
+            "ms_per_step": {k: round(v, 3) for k, v in rows.items()},
+        }
