@@ -21,7 +21,7 @@ import torch
 from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
 from pegboard.core.contract import PluginFault, PluginGuard
-from pegboard.core.detokenizer import Detokenizer
+from pegboard.core.detokenizer_thread import DetokenizerThread
 from pegboard.core.distributed import start_tensor_parallel
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.models.errors import ModelLoadError
@@ -105,14 +105,16 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._detokenizers: dict[str, Detokenizer] = {}
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
+        self._stops: deque[tuple[Request, int | None, str | None]] = deque()  # from detokenizer
         self._swaps: list[PendingSwap] = []
         self._outbox: list[RequestOutput] = []
         self._pending: PendingStep | None = None  # the step whose tokens are still on the device
         self._lock = threading.Lock()
         self.num_steps = 0
+        #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
+        self.detokenizer = DetokenizerThread(self.tokenizer, on_stop=self._stop_request)
 
     @property
     def hook(self):
@@ -128,7 +130,9 @@ class Engine:
         """Run one engine step: admit queued work, schedule, allocate, forward, sample, stop.
 
         With overlap scheduling (`pegboard.core.overlap`) this step's tokens are read in the
-        next step, so the host prepares step N+1 while the device computes step N."""
+        next step, so the host prepares step N+1 while the device computes step N. Returns the
+        token-level deltas (no text), which also go to `self.detokenizer`: text, stop strings
+        and streaming happen there (`pegboard.core.detokenizer_thread`)."""
         start = time.perf_counter()
         self._apply_inbox()
         self._apply_swaps()
@@ -137,10 +141,12 @@ class Engine:
             self._preempt(plan.preempted)
             scheduled = [s.request for s in plan.scheduled if not s.request.finished]
             num_tokens = [s.num_tokens for s in plan.scheduled if not s.request.finished]
-            self._call_plugin(scheduled, lambda: self._run(scheduled, num_tokens))
+            with self.runner.host_threads(num_tokens):  # CPU: no threads for tiny work
+                self._call_plugin(scheduled, lambda: self._run(scheduled, num_tokens))
         if self.config.disable_overlap or not plan:
             self._resolve()
         outputs, self._outbox = self._outbox, []
+        self.detokenizer.submit(outputs)
         self.num_steps += 1
         self._export(self._step_snapshot(plan, time.perf_counter() - start))
         return outputs
@@ -157,7 +163,7 @@ class Engine:
         logits = self.runner.forward(batch)  # launched; the device computes while we go on
         for r, n in zip(scheduled, num_tokens):
             r.num_computed_tokens += n
-        self._resolve()  # the previous step's tokens: append, detokenize, stop, release
+        self._resolve()  # the previous step's tokens: append, stop, release
         sampling = [r for r, s in zip(scheduled, batch.samples) if s]
         if any(r.finished for r in sampling):  # finished by the previous step's token
             keep = [i for i, r in enumerate(sampling) if not r.finished]
@@ -175,7 +181,7 @@ class Engine:
 
     def _resolve(self) -> None:
         """Read the in-flight step's sampled tokens and apply them: append each to its
-        request (replacing `PENDING_TOKEN`), detokenize, check stops, release finished ones."""
+        request (replacing `PENDING_TOKEN`), check token-level stops, release finished ones."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -237,6 +243,7 @@ class Engine:
             or self.running
             or self._inbox
             or self._aborts
+            or self._stops
             or self._outbox
             or self._swaps
             or self._pending is not None
@@ -246,14 +253,14 @@ class Engine:
         with self._lock:
             new, self._inbox = list(self._inbox), deque()
             aborts, self._aborts = list(self._aborts), deque()
-        if aborts:
+            stops, self._stops = list(self._stops), deque()
+        if aborts or stops:
             self._resolve()  # an aborted request releases its KV: its tokens must be real
         for r in new:
             self.requests[r.request_id] = r
-            self._detokenizers[r.request_id] = Detokenizer(
-                self.tokenizer, r.params, r.prompt_token_ids
-            )
             self.waiting.append(r)
+        for r, num_output_tokens, error in stops:
+            self._apply_stop(r, num_output_tokens, error)
         for request_id in aborts:
             r = self.requests.get(request_id)
             if r is not None and not r.finished:
@@ -309,20 +316,33 @@ class Engine:
     def _append(self, r: Request, token: int, logprobs) -> None:
         r.append_token(token, logprobs)
         r.first_token_time = r.first_token_time or time.monotonic()
-        detok = self._detokenizers[r.request_id]
-        text = detok.add([token])
-        reason = (
-            FinishReason.STOP
-            if detok.stop_reason
-            else stop_reason(r, token, self.budget.max_model_len)
-        )
-        if reason and not detok.stop_reason:
-            text += detok.flush()
         self._outbox.append(
-            RequestOutput(r.request_id, [token], text, [logprobs] if logprobs else [], request=r)
+            RequestOutput(r.request_id, [token], "", [logprobs] if logprobs else [], request=r)
         )
+        reason = stop_reason(r, token, self.budget.max_model_len)  # stop strings: detokenizer
         if reason:
             self._finish(r, reason)
+
+    def _stop_request(self, r: Request, num_output_tokens: int | None, error=None) -> None:
+        """The detokenizer thread found a stop string ending at output token
+        `num_output_tokens` (or failed: `error`); applied at the next step boundary."""
+        with self._lock:
+            self._stops.append((r, num_output_tokens, error))
+
+    def _apply_stop(self, r: Request, num_output_tokens: int | None, error: str | None) -> None:
+        """Cut the output back to where the stop string ended (the request ran on for a step
+        or two meanwhile) and finish the request with `stop` (`error`: with `error`)."""
+        extra = r.num_output_tokens - (num_output_tokens or r.num_output_tokens)
+        if extra > 0:
+            del r.token_ids[-extra:], r.output_token_ids[-extra:]
+            del r.output_logprobs[num_output_tokens:]
+            r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens)
+        reason = FinishReason.STOP if error is None else FinishReason.ERROR
+        if r.finished:  # already ended by a later token (EOS, length) and released
+            r.finish_reason, r.error = reason, error
+            return
+        self._finish(r, reason, error)
+        self._release(r)
 
     def _finish(self, r: Request, reason: FinishReason, error: str | None = None) -> None:
         r.status = RequestStatus.FINISHED
@@ -346,7 +366,6 @@ class Engine:
         elif r in self.waiting:
             self.waiting.remove(r)
         self.requests.pop(r.request_id, None)
-        self._detokenizers.pop(r.request_id, None)
         self._export(MetricsSnapshot(kind="request", timestamp=time.time(), request=r))
 
     def _schedule(self) -> SchedulePlan | None:
@@ -568,5 +587,6 @@ class Engine:
                 self.plugins.unregister(plugin)
                 plugin.close()
         self.patches.unapply()
+        self.detokenizer.close()
         if self.tp is not None:
             self.tp.close()
