@@ -110,7 +110,7 @@ def test_cpu_steps_use_intra_op_threads_only_for_enough_work(tiny_llama_dir, tok
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with LLM(str(tiny_llama_dir), dtype="float32") as llm:
+        with LLM(str(tiny_llama_dir), dtype="float32", device="cpu") as llm:
             with llm.engine.runner.host_threads(tokens):
                 inside = torch.get_num_threads()
             assert torch.get_num_threads() == 2
@@ -123,7 +123,7 @@ def test_engine_forward_runs_with_the_limited_threads(tiny_llama_dir):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with LLM(str(tiny_llama_dir), dtype="float32") as llm:
+        with LLM(str(tiny_llama_dir), dtype="float32", device="cpu") as llm:
             seen = []
             forward = llm.engine.runner.forward
 
