@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 
@@ -63,5 +63,12 @@ class EngineConfig(pydantic.BaseModel):
     dist_timeout: float = pydantic.Field(600.0, gt=0)  # seconds a collective may wait for a rank
 
     def selection(self, slot: str) -> str | list[str] | None:
+    # Prefill/decode disaggregation (`pegboard.core.disaggregation`; SGLang's flag names).
+    disaggregation_mode: Literal["null", "prefill", "decode"] = "null"
+    disaggregation_bootstrap_port: int = pydantic.Field(8998, ge=0, le=65535)
+    disaggregation_bootstrap_timeout: float = pydantic.Field(30.0, gt=0)
+    disaggregation_waiting_timeout: float = pydantic.Field(300.0, gt=0)
+    disaggregation_heartbeat_interval: float = pydantic.Field(2.0, gt=0)
+
         # None for a slot engines do not select (`router`: SlotSpec.process), which has no field
         return getattr(self, slot, None)

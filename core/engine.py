@@ -22,6 +22,7 @@ from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
 from pegboard.core.contract import PluginFault, PluginGuard
 from pegboard.core.detokenizer_thread import DetokenizerThread
+from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.models.errors import ModelLoadError
@@ -118,6 +119,7 @@ class Engine:
 
     @property
     def hook(self):
+        self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
         return self.plugins.hook
 
     @property
@@ -138,6 +140,8 @@ class Engine:
         self._apply_swaps()
         plan = self._schedule()
         if plan:
+        if self.pd is not None:
+            self.pd.step()  # PD: pair requests, move KV, hand received requests to `running`
             self._preempt(plan.preempted)
             scheduled = [s.request for s in plan.scheduled if not s.request.finished]
             num_tokens = [s.num_tokens for s in plan.scheduled if not s.request.finished]
@@ -258,7 +262,8 @@ class Engine:
             self._resolve()  # an aborted request releases its KV: its tokens must be real
         for r in new:
             self.requests[r.request_id] = r
-            self.waiting.append(r)
+            if self.pd is None or not self.pd.take(r):  # a decode engine waits for the KV
+                self.waiting.append(r)
         for r, num_output_tokens, error in stops:
             self._apply_stop(r, num_output_tokens, error)
         for request_id in aborts:
@@ -270,6 +275,7 @@ class Engine:
     def _admissible(self) -> list[Request]:
         # A pending swap of a plugin that must drain stops admissions until running is empty.
         if any(self.plugins.active(p.slot).handoff == "drain" for p in self._swaps):
+            or (self.pd is not None and self.pd.has_work())
             return []
         return list(self.waiting)
 
@@ -360,7 +366,8 @@ class Engine:
         if r.token_ids and r.token_ids[-1] == PENDING_TOKEN:  # failed mid-step: a cache must
             r.token_ids.pop()  # never keep a placeholder as if it were a token
             r.num_computed_tokens = min(r.num_computed_tokens, len(r.token_ids))
-        self.kv.free(r)
+        if self.pd is None or not self.pd.defer_free(r):  # PD: pages a transfer still uses
+            self.kv.free(r)
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:
@@ -590,3 +597,5 @@ class Engine:
         self.detokenizer.close()
         if self.tp is not None:
             self.tp.close()
+        if self.pd is not None:
+            self.pd.close()

@@ -228,6 +228,7 @@ class KVSender(_Session):
     first_logprobs: Any = None
     handle: Any = None
     num_bytes: int = 0
+    num_runs: int = 0
 
     def on_bootstrap(
         self, peer: str, layout: PoolLayout, dst_pages: list[int], start_page: int
@@ -251,8 +252,9 @@ class KVSender(_Session):
         """Paired and computed: the transfer can start."""
         return self.state is KVPoll.WAITING_FOR_INPUT and self.src_pages is not None
 
-    def transferring(self, handle: Any, num_bytes: int, timeout: float) -> None:
-        self.handle, self.num_bytes = handle, num_bytes
+    def transferring(self, handle: Any, num_bytes: int, num_runs: int, timeout: float) -> None:
+        """The plugin started the copies (`handle`); they must end within `timeout` s."""
+        self.handle, self.num_bytes, self.num_runs = handle, num_bytes, num_runs
         self._advance(KVPoll.TRANSFERRING, timeout)
 
     def succeed(self) -> None:

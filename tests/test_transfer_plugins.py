@@ -69,7 +69,7 @@ def test_sender_transfers_only_once_paired_and_computed():
     assert not s.ready
     s.on_bootstrap("decode", PoolLayout.of(KVPool.allocate(tiny_model_info(), 4, 4)), [1], 0)
     assert s.poll() is KVPoll.WAITING_FOR_INPUT and s.ready
-    s.transferring(handle=object(), num_bytes=10, timeout=30)
+    s.transferring(handle=object(), num_bytes=10, num_runs=1, timeout=30)
     assert s.poll() is KVPoll.TRANSFERRING
     s.succeed()
     assert s.poll() is KVPoll.SUCCESS

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
+from pegboard.core.disaggregation import add_disaggregation_arguments
 from pegboard.core.router.replicas import add_dp_arguments, serve_data_parallel
 from pegboard.core.server.limits import DEFAULT_MAX_REQUEST_BYTES
 from pegboard.core.watchdog import WATCHDOG_EXIT_STATUS
@@ -89,6 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_engine_arguments(p)
     add_dp_arguments(p)  # --dp-size: replicas behind the router (core/router/replicas.py)
+    add_disaggregation_arguments(p)  # --disaggregation-mode prefill|decode (PD)
     defaults = _suppress_defaults(p)
     p.set_defaults(func=run, resolve=lambda args: resolve(args, p, defaults))
 
