@@ -137,11 +137,11 @@ class Engine:
         and streaming happen there (`pegboard.core.detokenizer_thread`)."""
         start = time.perf_counter()
         self._apply_inbox()
+        if self.pd is not None:
+            self.pd.step()  # PD: pair requests, move KV, hand received requests to `running`
         self._apply_swaps()
         plan = self._schedule()
         if plan:
-        if self.pd is not None:
-            self.pd.step()  # PD: pair requests, move KV, hand received requests to `running`
             self._preempt(plan.preempted)
             scheduled = [s.request for s in plan.scheduled if not s.request.finished]
             num_tokens = [s.num_tokens for s in plan.scheduled if not s.request.finished]
