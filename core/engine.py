@@ -116,10 +116,10 @@ class Engine:
         self.num_steps = 0
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = DetokenizerThread(self.tokenizer, on_stop=self._stop_request)
+        self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
 
     @property
     def hook(self):
-        self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
         return self.plugins.hook
 
     @property
@@ -251,6 +251,7 @@ class Engine:
             or self._outbox
             or self._swaps
             or self._pending is not None
+            or (self.pd is not None and self.pd.has_work())
         )
 
     def _apply_inbox(self) -> None:
@@ -275,7 +276,6 @@ class Engine:
     def _admissible(self) -> list[Request]:
         # A pending swap of a plugin that must drain stops admissions until running is empty.
         if any(self.plugins.active(p.slot).handoff == "drain" for p in self._swaps):
-            or (self.pd is not None and self.pd.has_work())
             return []
         return list(self.waiting)
 
@@ -595,7 +595,7 @@ class Engine:
                 plugin.close()
         self.patches.unapply()
         self.detokenizer.close()
-        if self.tp is not None:
-            self.tp.close()
         if self.pd is not None:
             self.pd.close()
+        if self.tp is not None:
+            self.tp.close()
