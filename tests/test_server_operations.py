@@ -145,3 +145,37 @@ def test_watchdog_exits_a_server_whose_step_is_stuck(tiny_llama_dir, tmp_path, h
     assert "has not finished after" in log_text and "--watchdog-timeout 2" in log_text
     assert "hang_plugin.py" in log_text and "in schedule" in log_text  # the stuck stack
     assert "active plugins: {'scheduler': ['hang']" in log_text
+
+
+def test_a_swap_over_http_cannot_name_files_for_the_engine_to_load(server):
+    r = server.admin(
+        "POST", "/admin/plugins/attention",
+        json={"name": "flashinfer", "options": {"kernel_dir": "/tmp/attacker-kernels"}},
+    )  # fmt: skip
+    assert r.status_code == 403, r.text
+    error = r.json()["error"]
+    assert "--flashinfer-kernel-dir" in error["message"] and error["param"] == "options.kernel_dir"
+    assert server.admin("GET", "/admin/plugins").json()["active"]["attention"] == "torch"
+
+
+def test_memory_sizing_options_of_a_swap_are_bounded(server):
+    r = server.admin(
+        "POST", "/admin/plugins/kv_cache", json={"name": "hicache", "options": {"host_ratio": 1e6}}
+    )
+    assert r.status_code == 422, r.text
+    assert "host_ratio" in r.json()["error"]["message"]
+
+
+def test_options_naming_paths_are_start_time_only_by_their_name():
+    import pydantic
+    from pegboard.core.server.swap_options import start_time_only
+
+    class Options(pydantic.BaseModel):
+        cache_path: str = ""
+        library_file: str = ""
+        ratio: float = 1.0
+
+    fields = Options.model_fields
+    assert start_time_only("cache_path", fields["cache_path"])
+    assert start_time_only("library_file", fields["library_file"])
+    assert not start_time_only("ratio", fields["ratio"])

@@ -18,6 +18,7 @@ from pegboard.core.plugin_manager import OptionsError, PluginError, UnknownPlugi
 from pegboard.core.server.errors import APIError
 from pegboard.core.server.protocol import ErrorResponse
 from pegboard.core.server.security import require_admin
+from pegboard.core.server.swap_options import check_swap_options
 from pegboard.core.swap import SwapError
 from pegboard.sdk.slots import SLOTS
 
@@ -60,6 +61,7 @@ async def swap_plugin(slot: str, body: SwapBody, http: Request) -> SwapResponse:
     engine = http.app.state.server.require_engine()
     if slot not in SLOTS:
         raise APIError(404, f"unknown slot {slot!r}; slots: {', '.join(SLOTS)}", "slot")
+    check_swap_options(engine.engine.plugins, slot, body.name, body.options)  # paths: 403
     try:
         future = engine.swap(slot, body.name, **body.options)
     except OptionsError as e:

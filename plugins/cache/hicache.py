@@ -21,7 +21,10 @@ class HiCacheOptions(RadixOptions):
     """Options of `HiCache`."""
 
     host_ratio: float = pydantic.Field(
-        2.0, gt=0.0, description="Host pool size as a multiple of the device pool's pages."
+        2.0,
+        gt=0.0,
+        le=16.0,  # a bound: a swap over HTTP must not be able to ask for all host memory
+        description="Host pool size as a multiple of the device pool's pages.",
     )
     write_policy: Literal["write_through", "write_back"] = pydantic.Field(
         "write_through",

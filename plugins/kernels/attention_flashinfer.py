@@ -53,6 +53,7 @@ class FlashInferAttentionOptions(pydantic.BaseModel):
 
     kernel_dir: str | None = pydantic.Field(
         None,
+        json_schema_extra={"start_time_only": True},  # loads .so files: not over HTTP
         description=(
             "Directory of kernels prebuilt by `pegboard kernels build --out DIR`; FlashInfer "
             f"loads them instead of compiling. Default: ${flashinfer_kernels.KERNEL_DIR_ENV}."
