@@ -198,7 +198,9 @@ def children_of(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_tp2_server_answers_like_one_process_and_a_killed_rank_ends_it(tp_models, tmp_path):
     model_dir = tp_models["qwen2"]
-    server = ServerProcess(model_dir, tmp_path, "--tp-size", "2", "--dist-timeout", "60")
+    server = ServerProcess(
+        model_dir, tmp_path, "--tp-size", "2", "--dist-timeout", "60", "--served-model-name", "tiny"
+    )
     try:
         server.wait_ready()
         prompt = "the quick brown fox"
@@ -244,7 +246,16 @@ def test_tp2_server_answers_like_one_process_and_a_killed_rank_ends_it(tp_models
 def test_two_nodes_on_loopback_serve_one_model(tp_models, tmp_path):
     model_dir = tp_models["llama"]
     addr = f"127.0.0.1:{free_port()}"
-    flags = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    flags = [
+        "--tp-size",
+        "2",
+        "--nnodes",
+        "2",
+        "--dist-init-addr",
+        addr,
+        "--served-model-name",
+        "tiny",
+    ]
     node1 = ServerProcess(model_dir, tmp_path, *flags, "--node-rank", "1")
     node0 = ServerProcess(model_dir, tmp_path, *flags, "--node-rank", "0")
     try:
