@@ -15,12 +15,13 @@ slot docstrings in `pegboard.sdk.slots` and the hookspecs in `pegboard.core.hook
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import random
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -59,6 +60,26 @@ class ConformanceError(AssertionError):
 def _require(ok: bool, rule: str, detail: str = "") -> None:
     if not ok:
         raise ConformanceError(f"{rule}" + (f"\n  case: {detail}" if detail else ""))
+
+
+def _no_raw_errors(check: Callable) -> Callable:
+    """A plugin that raises while the kit drives it fails a rule (naming the check and the
+    exception) instead of crashing the kit with a bare IndexError or ValueError."""
+
+    @functools.wraps(check)
+    def run(cls, *args, **kwargs):
+        try:
+            return check(cls, *args, **kwargs)
+        except ConformanceError:
+            raise
+        except Exception as e:
+            name = getattr(cls, "__qualname__", repr(cls))
+            raise ConformanceError(
+                f"the plugin handles every valid input of {check.__name__} without raising"
+                f"\n  case: {name} raised {type(e).__name__}: {e}"
+            ) from e
+
+    return run
 
 
 def tiny_model_info(dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelInfo:
@@ -177,6 +198,7 @@ class _KitCache(KVCache):
         request.page_table = []
 
 
+@_no_raw_errors
 def check_scheduler(
     cls: type[Plugin],
     options: dict[str, Any] | None = None,
@@ -367,6 +389,7 @@ def _apply_plan(
 # ---------------------------------------------------------------- KV cache
 
 
+@_no_raw_errors
 def check_kv_cache(
     cls: type[Plugin],
     options: dict[str, Any] | None = None,
@@ -513,6 +536,7 @@ def _check_pages(cache: KVCache, live: list[Request], case: str) -> None:
 # ---------------------------------------------------------------- sampler
 
 
+@_no_raw_errors
 def check_sampler(
     cls: type[Plugin],
     options: dict[str, Any] | None = None,
@@ -520,10 +544,18 @@ def check_sampler(
     vocab_size: int = 48,
     seed: int = 0,
     draws: int = 64,
+    transform: Callable[[torch.Tensor, list[Request]], torch.Tensor] | None = None,
 ) -> None:
-    """Check a sampler: greedy is the argmax, filters never emit excluded tokens, penalties
-    change greedy choices as specified, seeded requests reproduce regardless of batch
-    composition, logprobs come from the raw logits."""
+    """Check a sampler: the output obeys the `sample` hookspec (a `SampleOutput`, one integer
+    token id per request inside the vocabulary, a 1-D tensor), greedy is the argmax, filters
+    never emit excluded tokens, penalties change greedy choices as specified, seeded requests
+    reproduce regardless of batch composition, logprobs come from the raw logits.
+
+    A sampler that changes the logits on purpose (bans a token, applies a grammar) passes
+    `transform(logits, requests) -> logits`: what it does to the raw logits before choosing;
+    the greedy, filter and penalty checks then expect choices from the transformed logits."""
+    from pegboard.core.contract import ContractViolation, check_sample
+
     gen = torch.Generator().manual_seed(seed)
 
     def logits(rows: int) -> torch.Tensor:
@@ -531,20 +563,26 @@ def check_sampler(
 
     def sample(raw: torch.Tensor, requests: list[Request]) -> SampleOutput:
         with _selected(cls, "sampler", options, plugin_context()) as (manager, _):
-            out = manager.hook.sample(logits=raw.clone(), requests=requests)
-        _require(
-            isinstance(out, SampleOutput) and len(out.token_ids) == len(requests),
-            "sample returns a SampleOutput with one token id per request",
-            repr(out),
-        )
-        _require(
-            len(out.logprobs) == len(requests), "SampleOutput.logprobs has one entry per request"
-        )
-        return out
+            with torch.inference_mode():  # as the engine calls it: logits writable in place
+                out = manager.hook.sample(logits=raw.clone(), requests=requests)
+        try:
+            return check_sample(out, len(requests), vocab_size)
+        except ContractViolation as e:
+            raise ConformanceError(
+                f"sample returns what the hookspec says: rule '{e.rule}'\n  case: {e.detail}"
+            ) from None
+
+    def expected(raw: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        return transform(raw.clone(), requests) if transform is not None else raw
 
     raw = logits(draws)
-    out = sample(raw, [Request([1], SamplingParams(temperature=0.0)) for _ in range(draws)])
-    _require(out.token_ids == raw.argmax(-1).tolist(), "greedy when temperature is 0: the argmax")
+    greedy = [Request([1], SamplingParams(temperature=0.0)) for _ in range(draws)]
+    out = sample(raw, greedy)
+    _require(
+        out.token_ids == expected(raw, greedy).argmax(-1).tolist(),
+        "greedy when temperature is 0: the argmax"
+        + (" (of the transformed logits)" * bool(transform)),
+    )
 
     def allowed_topk(row: torch.Tensor, k: int) -> set[int]:
         return set(row.topk(k).indices.tolist())
@@ -565,20 +603,21 @@ def check_sampler(
     ]:
         raw = logits(draws)
         params = SamplingParams(temperature=1.0, seed=seed, **{field: value})
-        out = sample(raw, [Request([1], params) for _ in range(draws)])
-        for row, token in zip(raw, out.token_ids):
+        requests = [Request([1], params) for _ in range(draws)]
+        out = sample(raw, requests)
+        for row, token in zip(expected(raw, requests), out.token_ids):
             _require(
                 token in allowed(row, value),
                 f"the filters (top-k, top-p, min-p) never emit an excluded token: {field}",
                 f"{field}={value} emitted {token}, allowed {sorted(allowed(row, value))}",
             )
 
-    _check_penalties(sample, logits)
+    _check_penalties(sample, logits, expected)
     _check_seeds(sample, logits, vocab_size)
-    _check_logprobs(sample, logits)
+    _check_logprobs(sample, logits, expected if transform is not None else None)
 
 
-def _check_penalties(sample, logits) -> None:
+def _check_penalties(sample, logits, transformed) -> None:
     """Greedy with penalties picks the argmax of the penalised logits (vLLM's semantics)."""
     raw = logits(3)
     cases = [
@@ -592,7 +631,7 @@ def _check_penalties(sample, logits) -> None:
             r = Request([order[2]], SamplingParams(temperature=0.0, **{field: value}))
             for t in (order[0], order[0], order[1]):
                 r.append_token(t)
-            expected = raw[row].clone()
+            expected = transformed(raw[row : row + 1], [r])[0].clone()
             counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=raw.shape[1])
             if field == "repetition_penalty":
                 seen = torch.zeros_like(expected, dtype=torch.bool)
@@ -639,7 +678,9 @@ def _check_seeds(sample, logits, vocab_size: int) -> None:
     )
 
 
-def _check_logprobs(sample, logits) -> None:
+def _check_logprobs(sample, logits, transformed=None) -> None:
+    """Logprobs from the raw logits' log-softmax; for a sampler with a stated transform, from
+    the raw or the transformed logits (vLLM's `logprobs_mode` raw or processed)."""
     raw = logits(4)
     wants = [None, 0, 3, 5]
     requests = [
@@ -647,6 +688,12 @@ def _check_logprobs(sample, logits) -> None:
     ]
     out = sample(raw, requests)
     reference = raw.log_softmax(-1)
+    if transformed is not None:
+        processed = transformed(raw, requests).log_softmax(-1)
+        first = next(i for i, lp in enumerate(out.logprobs) if lp is not None)
+        lp = out.logprobs[first]
+        if abs(lp.logprob - float(processed[first, lp.token_id])) < 1e-3:
+            reference = processed
     for row, (k, token, lp) in enumerate(zip(wants, out.token_ids, out.logprobs)):
         if k is None:
             _require(lp is None, "no logprobs for a request whose params.logprobs is None")
@@ -674,6 +721,7 @@ def _check_logprobs(sample, logits) -> None:
 # ---------------------------------------------------------------- attention
 
 
+@_no_raw_errors
 def check_attention(
     cls: type[Plugin],
     options: dict[str, Any] | None = None,
@@ -682,11 +730,17 @@ def check_attention(
     device: str = "cpu",
     seed: int = 0,
     atol: float | None = None,
+    kv_atol: float = 0.25,
 ) -> None:
     """Check an attention backend against the kit's dense reference on a mixed batch (a fresh
     prefill, a prefill chunk over a cached prefix, decodes), layer by layer; also that it
     writes the new K/V into the pool at `slot_mapping`. The scale is 1/sqrt(head_dim), the
-    default the hook's callers expect."""
+    default the hook's callers expect.
+
+    A backend that stores K/V at a lower precision declares it (`AttentionBackend.kv_dtype`,
+    e.g. `torch.float8_e4m3fn`): the stored K/V must then equal the new K/V rounded to that
+    dtype within its relative precision, and the output must match the reference computed
+    from the rounded K/V within `kv_atol` (inputs are standard normal)."""
     atol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
     model = tiny_model_info(dtype, device)
     page_size, num_pages = 4, 32
@@ -702,6 +756,10 @@ def check_attention(
             "attention_kernel returns an object implementing pegboard.sdk.AttentionBackend",
             repr(backend),
         )
+        kv_dtype = getattr(backend, "kv_dtype", None)
+        lossy = kv_dtype is not None and kv_dtype != dtype
+        if lossy:
+            atol = max(atol, kv_atol)
         shapes = [(0, 7), (6, 5), (9, 1), (13, 1), (4, 1)]  # (cached tokens, new tokens)
         free = list(range(num_pages))
         rng.shuffle(free)
@@ -722,10 +780,13 @@ def check_attention(
             )
             flat_k = pool.k[layer].view(-1, kvh, d)
             flat_v = pool.v[layer].view(-1, kvh, d)
+            if lossy:  # what the pool can hold of k, v at the declared precision
+                k, v = (_rounded(t, kv_dtype) for t in (k, v))
             _require(
-                torch.equal(flat_k[batch.slot_mapping], k)
-                and torch.equal(flat_v[batch.slot_mapping], v),
-                "forward writes k, v into the pool at batch.slot_mapping",
+                _stored(flat_k[batch.slot_mapping], k, kv_dtype if lossy else None)
+                and _stored(flat_v[batch.slot_mapping], v, kv_dtype if lossy else None),
+                "forward writes k, v into the pool at batch.slot_mapping"
+                + (f" (at its declared kv_dtype {kv_dtype})" if lossy else ""),
                 f"layer {layer}",
             )
             expected = _reference_attention(batch, q, k, v, cached_k, cached_v, d**-0.5)
@@ -737,6 +798,18 @@ def check_attention(
                 "tolerance",
                 f"layer {layer}, dtype {dtype}: max abs error {err:.2e} > {atol:.0e}",
             )
+
+
+def _rounded(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    return t.to(kv_dtype).to(t.dtype)
+
+
+def _stored(stored: torch.Tensor, new: torch.Tensor, kv_dtype: torch.dtype | None) -> bool:
+    """Whether the pool holds `new` (exactly, or within `kv_dtype`'s relative precision)."""
+    if kv_dtype is None:
+        return torch.equal(stored, new)
+    eps = torch.finfo(kv_dtype).eps
+    return torch.allclose(stored.float(), new.float(), rtol=eps, atol=eps)
 
 
 def _forward_batch(
@@ -811,30 +884,34 @@ def _reference_attention(
 # ---------------------------------------------------------------- metrics
 
 
+@_no_raw_errors
 def check_metrics_exporter(
     cls: type[Plugin], options: dict[str, Any] | None = None, *, max_seconds: float = 0.05
 ) -> None:
     """Check a metrics exporter: it receives step and request snapshots through the broadcast
-    hook, returns quickly, and keeps no reference to `snapshot.request` beyond the call."""
+    hook, every single call returns within `max_seconds` (one stall of the step loop is a
+    failure, however fast the others are), and it keeps no reference to `snapshot.request`
+    beyond the call."""
     with _selected(cls, "metrics", options, plugin_context()) as (manager, _):
         request = Request([1, 2, 3], SamplingParams(max_tokens=2))
         request.append_token(4)
         request.status = RequestStatus.FINISHED
         ref = weakref.ref(request)
-        start = time.perf_counter()
-        for i in range(20):
-            manager.hook.export_metrics(
-                snapshot=MetricsSnapshot(kind="step", timestamp=time.time(), num_running=i)
+        snapshots = [
+            MetricsSnapshot(kind="step", timestamp=time.time(), num_running=i) for i in range(20)
+        ]
+        snapshots.append(MetricsSnapshot(kind="request", timestamp=time.time(), request=request))
+        for i, snapshot in enumerate(snapshots):
+            start = time.perf_counter()
+            manager.hook.export_metrics(snapshot=snapshot)
+            seconds = time.perf_counter() - start
+            _require(
+                seconds <= max_seconds,
+                "an exporter must return quickly (buffer, or hand off to its own thread)",
+                f"call {i + 1} ({snapshot.kind} snapshot) took {seconds * 1e3:.1f} ms, "
+                f"the limit per call is {max_seconds * 1e3:.0f} ms",
             )
-        manager.hook.export_metrics(
-            snapshot=MetricsSnapshot(kind="request", timestamp=time.time(), request=request)
-        )
-        per_call = (time.perf_counter() - start) / 21
-        _require(
-            per_call <= max_seconds,
-            "an exporter must return quickly (buffer, or hand off to its own thread)",
-            f"{per_call * 1e3:.1f} ms per snapshot",
-        )
+        del snapshots, snapshot
         del request
         gc.collect()
         _require(
@@ -843,5 +920,6 @@ def check_metrics_exporter(
         )
 
 
+from pegboard.sdk.testing_linear import check_linear  # noqa: E402, F401  (linear slot)
 from pegboard.sdk.testing_router import check_router  # noqa: E402, F401  (router slot's kit)
 from pegboard.sdk.testing_transfer import check_transfer  # noqa: E402, F401  (transfer slot)

@@ -74,13 +74,23 @@ def test_generated_pyproject_declares_the_entry_point(tmp_path):
     "name, slot, message",
     [
         ("Fair_Share", "scheduler", "invalid plugin name 'Fair_Share'"),
-        ("fair", "linear", "no template for slot 'linear'; templates exist for: scheduler"),
         ("fair", "schedular", "unknown slot 'schedular'"),
     ],
 )
 def test_bad_requests_are_refused_with_a_reason(tmp_path, name, slot, message):
     with pytest.raises(ScaffoldError, match=message):
         create_plugin_package(name, slot, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_slot_without_a_template_is_refused_naming_those_with_one(tmp_path, monkeypatch):
+    from pegboard.sdk import scaffold
+
+    monkeypatch.setattr(scaffold, "TEMPLATED_SLOTS", ("scheduler",))
+    with pytest.raises(
+        ScaffoldError, match="no template for slot 'linear'; templates exist for: scheduler"
+    ):
+        create_plugin_package("fair", "linear", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -26,6 +26,7 @@ TEMPLATED_SLOTS = (
     "metrics",
     "router",
     "transfer",
+    "linear",
 )
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _CLASS_SUFFIX = {
@@ -36,6 +37,7 @@ _CLASS_SUFFIX = {
     "metrics": "Exporter",
     "router": "Router",
     "transfer": "Transfer",
+    "linear": "Linear",
 }
 
 
