@@ -27,6 +27,7 @@ class EngineConfig(pydantic.BaseModel):
     attention: str | None = None
     sampler: str | None = None
     transfer: str | None = None
+    speculator: str | None = None  # None: no speculative decoding
     linear: str | None = None  # None: w4a16 for a quantized checkpoint, else bf16
     metrics: list[str] = pydantic.Field(default_factory=list)
     plugin_options: dict[str, dict[str, Any]] = pydantic.Field(default_factory=dict)
@@ -62,7 +63,6 @@ class EngineConfig(pydantic.BaseModel):
     dist_init_addr: str | None = None  # HOST:PORT of rank 0's rendezvous; None: a free local port
     dist_timeout: float = pydantic.Field(600.0, gt=0)  # seconds a collective may wait for a rank
 
-    def selection(self, slot: str) -> str | list[str] | None:
     # Prefill/decode disaggregation (`pegboard.core.disaggregation`; SGLang's flag names).
     disaggregation_mode: Literal["null", "prefill", "decode"] = "null"
     disaggregation_bootstrap_port: int = pydantic.Field(8998, ge=0, le=65535)
@@ -70,5 +70,6 @@ class EngineConfig(pydantic.BaseModel):
     disaggregation_waiting_timeout: float = pydantic.Field(300.0, gt=0)
     disaggregation_heartbeat_interval: float = pydantic.Field(2.0, gt=0)
 
+    def selection(self, slot: str) -> str | list[str] | None:
         # None for a slot engines do not select (`router`: SlotSpec.process), which has no field
         return getattr(self, slot, None)
