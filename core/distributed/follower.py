@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import torch
@@ -24,6 +25,9 @@ log = logging.getLogger("pegboard.distributed")
 
 def run_follower(top: Topology, device: str, timeout_s: float) -> int:
     """Serve as rank `top.rank` until rank 0 says stop; returns the exit status."""
+    if top.torchrun:  # torchrun signals every rank at once: rank 0 drains, then says stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     children = Children(top, device, timeout_s) if top.spawns else None
     groups = Groups(top, torch.device(top.device(device)), timeout_s)
     tp = TensorParallel(top, groups, children)
