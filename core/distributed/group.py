@@ -101,14 +101,26 @@ class _SymmetricAllReduce:
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9
+                symm_mem.enable_symm_mem_for_group(group.group_name)
             buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
             symm_mem.rendezvous(buffer, group.group_name)
-            return cls(buffer, group.group_name)
+            reducer = cls(buffer, group.group_name)
+            reducer.check(device, group)
+            return reducer
         except Exception as e:  # not built in, no NVLink peers, ...
             if choice == "symm_mem":
                 raise
             log.info("symmetric-memory all-reduce unavailable, using NCCL: %s", e)
             return None
+
+    def check(self, device: torch.device, group) -> None:
+        """One all-reduce against NCCL's, so a kernel that cannot run here fails at start."""
+        x = (torch.arange(1024, device=device) % 64).to(torch.bfloat16) * (dist.get_rank() + 1)
+        expected = x.clone()
+        dist.all_reduce(expected, group=group)
+        if not torch.equal(self(x), expected):
+            raise RuntimeError("the symmetric-memory all-reduce disagrees with NCCL's")
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.numel() * x.element_size() <= SYMM_MEM_MAX_BYTES
