@@ -169,7 +169,7 @@ def test_invariants_hold_under_random_steps_and_frees(policy, ops):
 def test_the_host_tier_raises_the_hit_rate_when_the_device_pool_is_too_small(tiny_llama_dir):
     workload = PrefixWorkload(
         num_groups=6, per_group=4, prefix_len=48, min_suffix=2, max_suffix=8, output_len=4,
-        max_token_id=300,
+        max_token_id=300, order="interleaved",
     )  # fmt: skip
     prompts, params = workload.build()
     results = {}

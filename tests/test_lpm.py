@@ -90,7 +90,7 @@ def test_requests_sharing_an_uncached_prefix_wait_for_the_first_to_compute_it():
 def test_lpm_hits_more_than_fcfs_on_interleaved_prefix_groups(tiny_llama_dir):
     workload = PrefixWorkload(
         num_groups=4, per_group=4, prefix_len=48, min_suffix=2, max_suffix=8, output_len=4,
-        max_token_id=300,
+        max_token_id=300, order="interleaved",
     )  # fmt: skip
     prompts, params = workload.build()
     results = {}

@@ -296,7 +296,10 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
 
 def run_prefix_cmd(args: argparse.Namespace) -> int:
     from pegboard.core.bench.prefix import run_prefix_bench, workload_from_args
+    from pegboard.core.bench.routing import run_router_prefix_cmd
 
+    if args.router_policies:  # over HTTP through `serve --dp-size`, once per policy
+        return run_router_prefix_cmd(args)
     workload = workload_from_args(args)
     return _run(args, lambda llm: run_prefix_bench(lambda: llm, workload, progress=True))
 

@@ -1,0 +1,89 @@
+"""What the router adds to time-to-first-token on loopback: the same streamed requests sent
+to a worker directly and through `pegboard router` in front of it, alternated one at a time
+(so drift in the worker's speed hits both alike), compared by their TTFT percentiles and by
+the median of the paired differences.
+
+    pegboard serve --model DIR --port 8001 &
+    python -m pegboard.core.bench.router_overhead --worker http://127.0.0.1:8001 -n 300
+
+The router is started here (`pegboard router --worker URL`, round robin over one worker) and
+stopped afterwards. Requests: a short text prompt, `max_tokens` 1, greedy, streamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+
+import httpx
+from pegboard.core.bench.serve import (
+    check_loopback,
+    discover_model,
+    latency_summary,
+    send_request,
+    wait_ready,
+)
+
+
+async def measure(worker: str, router: str, n: int, warmup: int = 10) -> dict:
+    """TTFT of `n` requests each way, alternating direct and routed."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+        await wait_ready(client, worker, 300.0)
+        await wait_ready(client, router, 60.0)
+        model = await discover_model(client, worker)
+        ttft: dict[str, list[float]] = {"direct": [], "router": []}
+        for i in range(warmup + n):
+            for name, base in (("direct", worker), ("router", router)):
+                prompt = f"request {i}: say something"
+                record = await send_request(client, base, model, prompt, 1, 0.0)
+                if record.error:
+                    raise RuntimeError(f"{name} request failed: {record.error}")
+                if i >= warmup:
+                    ttft[name].append(record.ttft)
+    paired = [(r - d) * 1000 for d, r in zip(ttft["direct"], ttft["router"])]
+    direct, routed = latency_summary(ttft["direct"]), latency_summary(ttft["router"])
+    return {
+        "kind": "router-overhead",
+        "requests_each": n,
+        "ttft_ms_direct": direct,
+        "ttft_ms_router": routed,
+        "p50_added_ms": round(routed["p50"] - direct["p50"], 3),
+        "median_paired_added_ms": round(statistics.median(paired), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pegboard.core.router.replicas import free_port, stop_replicas
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", required=True, help="a running server on this machine")
+    p.add_argument("-n", type=int, default=200, help="requests each way (default 200)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
+    args = p.parse_args(argv)
+    try:
+        worker = check_loopback(args.worker)
+    except ValueError as e:
+        p.error(str(e))
+    port = free_port()
+    router = subprocess.Popen(
+        [sys.executable, "-m", "pegboard.core.cli.main", "router", "--worker", worker,
+         "--port", str(port), "--log-level", "warning"]
+    )  # fmt: skip
+    try:
+        result = asyncio.run(measure(worker, f"http://127.0.0.1:{port}", args.n))
+    finally:
+        stop_replicas([router], timeout=30)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
