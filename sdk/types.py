@@ -116,6 +116,11 @@ class Request:
     seq: int = field(default_factory=lambda: next(_request_counter))
     #: Scratch space for plugins, keyed by plugin name (e.g. a seeded RNG of the sampler).
     plugin_state: dict[str, Any] = field(default_factory=dict)
+    #: Speculative decoding (`pegboard.core.speculative`): verify steps run for this request,
+    #: draft tokens proposed and accepted over them.
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -235,20 +240,62 @@ class KVPool:
     def num_pages(self) -> int:
         return self.k[0].shape[0] if self.k else 0
 
+    #: Per-layer scales of a quantized (FP8) pool: a stored value times its layer's scale is
+    #: the key or value (attention backends fold them into their math). Empty: all 1.0.
+    k_scales: list[float] = field(default_factory=list)
+    v_scales: list[float] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.k[0].dtype if self.k else None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype in FP8_DTYPES
+
+    def k_scale(self, layer: int) -> float:
+        return self.k_scales[layer] if self.k_scales else 1.0
+
+    def v_scale(self, layer: int) -> float:
+        return self.v_scales[layer] if self.v_scales else 1.0
+
     @classmethod
     def allocate(
-        cls, info: ModelInfo, num_pages: int, page_size: int, device: torch.device | None = None
+        cls,
+        info: ModelInfo,
+        num_pages: int,
+        page_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> KVPool:
+        """Zeroed storage; `dtype` (default: the model's) may be an FP8 type (`kv_dtype`)."""
         shape = (num_pages, page_size, info.num_kv_heads, info.head_dim)
         dev = device or info.device
-        k = [torch.zeros(shape, dtype=info.dtype, device=dev) for _ in range(info.num_layers)]
-        v = [torch.zeros(shape, dtype=info.dtype, device=dev) for _ in range(info.num_layers)]
+        dt = dtype or info.dtype
+        k = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(info.num_layers)]
+        v = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(info.num_layers)]
         return cls(k=k, v=v, page_size=page_size)
 
     @staticmethod
-    def bytes_per_token(info: ModelInfo) -> int:
-        elem = torch.tensor([], dtype=info.dtype).element_size()
+    def bytes_per_token(info: ModelInfo, dtype: torch.dtype | None = None) -> int:
+        elem = torch.tensor([], dtype=dtype or info.dtype).element_size()
         return 2 * info.num_layers * info.num_kv_heads * info.head_dim * elem
+
+
+#: FP8 KV storage types; `--kv-cache-dtype fp8_e4m3` (SGLang/vLLM's name) selects e4m3.
+FP8_DTYPES = (torch.float8_e4m3fn,)
+KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}
+
+
+def kv_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's storage type for `--kv-cache-dtype NAME` (`auto`/None: the model's)."""
+    if name in (None, "", "auto"):
+        return model_dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv cache dtype {name!r} is not supported; choose auto or {', '.join(KV_CACHE_DTYPES)}"
+        )
+    return KV_CACHE_DTYPES[name]
 
 
 @dataclass
@@ -274,6 +321,13 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [num_requests] int64
     #: Whether each request samples a token this step (False for a non-final prefill chunk).
     samples: list[bool] = field(default_factory=list)
+    #: With speculative decoding: the flat rows whose logits `forward` returns (each drafting
+    #: request's last token and its draft tokens, every other sampling request's last token),
+    #: replacing the one row per sampling request of `logits_indices`. None otherwise.
+    logits_rows: torch.Tensor | None = None
+    #: `page_tables_cpu` as one zero-padded int32 numpy array `[num_requests, max pages]`,
+    #: kept incrementally by the core (`pegboard.core.page_tables`); None: not provided.
+    page_tables_array: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -286,6 +340,27 @@ class ForwardBatch:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens_cpu)
+
+
+@dataclass
+class Drafts:
+    """The draft tokens a speculator proposes for one request (`propose` hook).
+
+    - `tokens`: the guesses. For a chain (`parents is None`) token `i` follows token `i - 1`
+      and token 0 follows the request's last token.
+    - `parents`: for a tree, `parents[i]` is the index in `tokens` of token `i`'s parent, or -1
+      for a child of the request's last token; a parent comes before its children.
+    - `probs`: `[len(tokens), vocab]` float, row `i` the draft distribution token `i` was
+      sampled from (rejection sampling accepts it with probability `min(1, p/q)`). None: the
+      tokens were chosen deterministically (argmax, lookup): each row is a point mass.
+    """
+
+    tokens: list[int]
+    parents: list[int] | None = None
+    probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 class SampleOutput:

@@ -226,3 +226,15 @@ def describe_layers(model: nn.Module) -> str:
         else:
             parts.append(f"{count} x {how}")
     return "; ".join(parts)
+
+
+def check_kv_dtype(backend: object, pool, attention: str) -> None:
+    """Refuse, before serving, an attention backend that cannot read the pool's storage type:
+    an FP8 pool (`--kv-cache-dtype fp8_e4m3`) needs a backend whose class sets
+    `supports_fp8_kv = True` (the `triton` and `torch` backends)."""
+    if pool.is_fp8 and not getattr(type(backend), "supports_fp8_kv", False):
+        raise ValueError(
+            f"attention plugin {attention!r} does not read an FP8 KV cache "
+            f"(--kv-cache-dtype fp8_e4m3); choose --attention triton (or torch), or drop "
+            "--kv-cache-dtype"
+        )

@@ -241,4 +241,6 @@ def _copy_pages(src: KVPool, src_pages: list[int], dst: KVPool, dst_pages: list[
     src_index = torch.tensor(src_pages, dtype=torch.long, device=src.k[0].device)
     dst_index = torch.tensor(dst_pages, dtype=torch.long, device=dst.k[0].device)
     for s, d in zip(src.k + src.v, dst.k + dst.v):
+        if s.element_size() == 1:  # FP8 pages move as bytes (CPU has no FP8 index ops)
+            s, d = s.view(torch.uint8), d.view(torch.uint8)
         d.index_copy_(0, dst_index, s.index_select(0, src_index).to(d.device, non_blocking=True))

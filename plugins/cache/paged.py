@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from pegboard.core.hookspecs import hookimpl
 from pegboard.sdk.slots import KVCache, Plugin, PluginContext
-from pegboard.sdk.types import KVPool, Request
+from pegboard.sdk.types import KVPool, Request, kv_dtype
 
 DEFAULT_PAGE_SIZE = 16
 
@@ -53,7 +54,9 @@ class PagedCache(KVCache):
 
     Sizing at `setup`: `page_size` from `ctx.engine["page_size"]` (default 16); the number of
     pages from `ctx.engine["kv_cache_tokens"]` (rounded up to whole pages), else
-    `ctx.engine["kv_memory_bytes"] // (KVPool.bytes_per_token(model) * page_size)`.
+    `ctx.engine["kv_memory_bytes"] // (KVPool.bytes_per_token(model, dtype) * page_size)`; the
+    storage dtype is `ctx.engine["kv_cache_dtype"]` (`auto`: the model's; `fp8_e4m3`: one
+    byte per value, per-layer scales 1.0), so an FP8 pool holds twice the tokens of bf16.
 
     Runtime swap (handoff "state"): a predecessor with the same page size that has
     `export_state() -> KVState` is taken over — its pool, free list and page references — so
@@ -77,7 +80,7 @@ class PagedCache(KVCache):
         if ctx.model is None:
             raise ValueError("the paged KV cache needs the model's shape to size its pool")
         num_pages = self._num_pages(ctx)
-        self.pool = KVPool.allocate(ctx.model, num_pages, self.page_size)
+        self.pool = KVPool.allocate(ctx.model, num_pages, self.page_size, dtype=_kv_dtype(ctx))
         self._refs = [0] * num_pages
         # A stack: page 0 is handed out first.
         self._free = list(range(num_pages - 1, -1, -1))
@@ -103,7 +106,7 @@ class PagedCache(KVCache):
         memory = ctx.engine.get("kv_memory_bytes")
         if memory is None:
             raise ValueError("size the KV cache with kv_cache_tokens or kv_memory_bytes")
-        page_bytes = KVPool.bytes_per_token(ctx.model) * self.page_size
+        page_bytes = KVPool.bytes_per_token(ctx.model, _kv_dtype(ctx)) * self.page_size
         num_pages = int(memory) // page_bytes
         if num_pages < 1:
             raise ValueError(
@@ -193,3 +196,7 @@ class PagedCache(KVCache):
                 raise AssertionError(f"page {p}: {held} page tables name it, refcount {refs}")
             if held > 1 and not shared_ok:
                 raise AssertionError(f"page {p} is held by {held} requests")
+
+
+def _kv_dtype(ctx: PluginContext) -> torch.dtype:
+    return kv_dtype(ctx.engine.get("kv_cache_dtype"), ctx.model.dtype)

@@ -18,7 +18,11 @@ from torch.nn import functional as F
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Reference paged attention (`pegboard.sdk.AttentionBackend`), device-agnostic."""
+    """Reference paged attention (`pegboard.sdk.AttentionBackend`), device-agnostic; reads
+    an FP8 pool too (`supports_fp8_kv`)."""
+
+    #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with its per-layer scales.
+    supports_fp8_kv = True
 
     def __init__(self, model: ModelInfo, pool: KVPool, scale: float | None = None) -> None:
         super().__init__(model, pool, scale)
@@ -61,14 +65,18 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache = self.pool.k[layer].view(-1, num_kv_heads, head_dim)
         v_cache = self.pool.v[layer].view(-1, num_kv_heads, head_dim)
         slots = self.batch.slot_mapping
-        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+        if self.pool.is_fp8:
+            keys, values = self._fp8_store_and_gather(layer, k, v, k_cache, v_cache, q.dtype)
+        else:
+            k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+            v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+            keys, values = k_cache[self.kv_index], v_cache[self.kv_index]
 
         num_requests = self.kv_index.shape[0]
         num_heads = q.shape[1]
         # [B, H, L, D] layouts for SDPA; padded query rows are computed and dropped.
-        keys = k_cache[self.kv_index].transpose(1, 2).to(q.dtype)
-        values = v_cache[self.kv_index].transpose(1, 2).to(q.dtype)
+        keys = keys.transpose(1, 2).to(q.dtype)
+        values = values.transpose(1, 2).to(q.dtype)
         queries = q.new_zeros(num_requests * self.max_q, num_heads, head_dim)
         queries[self.token_rows] = q
         queries = queries.view(num_requests, self.max_q, num_heads, head_dim).transpose(1, 2)
@@ -82,6 +90,21 @@ class TorchAttentionBackend(AttentionBackend):
         )
         out = out.transpose(1, 2).reshape(num_requests * self.max_q, num_heads, head_dim)
         return out[self.token_rows]
+
+    def _fp8_store_and_gather(self, layer, k, v, k_cache, v_cache, dtype):
+        """FP8 pool: store `value / scale` saturated to the type's range, read back times the
+        scale. Indexing goes through byte views (CPU has no FP8 index ops)."""
+        finfo = torch.finfo(k_cache.dtype)
+        out = []
+        for new, cache, scale in (
+            (k, k_cache, self.pool.k_scale(layer)),
+            (v, v_cache, self.pool.v_scale(layer)),
+        ):
+            stored = (new.float() / scale).clamp(finfo.min, finfo.max).to(cache.dtype)
+            raw = cache.view(torch.uint8)
+            raw.index_copy_(0, self.batch.slot_mapping, stored.view(torch.uint8))
+            out.append(raw[self.kv_index].view(cache.dtype).to(dtype) * scale)
+        return out[0], out[1]
 
 
 def _causal_mask(

@@ -61,6 +61,8 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     supports_cuda_graph = True
+    #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with per-layer scales.
+    supports_fp8_kv = True
 
     def __init__(
         self,
@@ -163,9 +165,10 @@ class TritonAttentionBackend(AttentionBackend):
         np.cumsum(query_lens, out=meta[cap + 1 : cap + 1 + num_requests])
         meta[2 * cap + 1 : 2 * cap + 1 + num_requests] = seq_lens - query_lens
         _upload(self.request_meta, meta)
-        _upload(
-            self.page_table[:num_requests, :max_pages], _pad_rows(batch.page_tables_cpu, max_pages)
-        )
+        table = batch.page_tables_array  # the core's incremental copy, else built here
+        if table is None or table.shape[1] != max_pages:
+            table = _pad_rows(batch.page_tables_cpu, max_pages)
+        _upload(self.page_table[:num_requests, :max_pages], table)
         self.batch = batch
 
     def forward(
@@ -173,33 +176,39 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Store `k`/`v` at the batch's slots, then run the decode or the extend kernel."""
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        self.kernels.store_kv(k, v, k_cache, v_cache, self.batch.slot_mapping)
+        k_scale, v_scale = self.pool.k_scale(layer), self.pool.v_scale(layer)
+        self.kernels.store_kv(k, v, k_cache, v_cache, self.batch.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # An FP8 pool's kernels read the stored values (converted to q's dtype in registers);
+        # the key scale folds into the softmax scale, the value scale into the output.
+        scale = self.scale * k_scale
         if self.is_decode:
-            return self.kernels.decode_attention(
+            out = self.kernels.decode_attention(
                 q,
                 k_cache,
                 v_cache,
                 self.page_table,
                 self.seq_lens,
-                self.scale,
+                scale,
                 out,
                 num_splits=self.num_splits,
                 workspace=self.workspace if self.num_splits > 1 else None,
                 block_n=self.decode_block_n,
             )
-        return self.kernels.extend_attention(
-            q,
-            k_cache,
-            v_cache,
-            self.page_table,
-            self.prefix_lens,
-            self.query_starts,
-            self.block_map,
-            self.num_blocks,
-            self.scale,
-            out,
-        )
+        else:
+            out = self.kernels.extend_attention(
+                q,
+                k_cache,
+                v_cache,
+                self.page_table,
+                self.prefix_lens,
+                self.query_starts,
+                self.block_map,
+                self.num_blocks,
+                scale,
+                out,
+            )
+        return out.mul_(v_scale) if v_scale != 1.0 else out
 
 
 class TritonAttention(Attention):
