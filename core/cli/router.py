@@ -8,6 +8,8 @@ import argparse
 import logging
 from urllib.parse import urlsplit
 
+from pegboard.core.cli.router_pd import add_pd_arguments, run_pd
+
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
@@ -25,7 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--worker",
         action="append",
-        required=True,
         metavar="URL",
         help="a worker's base URL, e.g. http://127.0.0.1:8001 (repeat for each worker)",
     )
@@ -47,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     add_plugin_arguments(p, PluginManager(), slots=["router"])
+    add_pd_arguments(p)  # --pd --prefill URL [PORT] --decode URL (core/cli/router_pd.py)
     p.set_defaults(func=lambda args: run(args, p))
 
 
@@ -63,6 +65,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pegboard.core.router.app import RouterSettings
     from pegboard.core.router.serve import run_router
 
+    if args.pd:
+        return run_pd(args, parser)
+    if not args.worker:
+        parser.error("the following arguments are required: --worker (or --pd)")
     workers = [worker_url(parser, u) for u in args.worker]
     if len(set(workers)) != len(workers):
         parser.error("--worker: the same URL is given twice")
