@@ -301,3 +301,14 @@ def test_tp2_bf16_greedy_agrees_with_one_gpu_except_near_ties(tp_models, name):
             assert ta == tb, f"{a.token_ids} vs {b.token_ids} at {i}"
             compared += 1
     assert compared > len(one) * 8  # most steps had a clear winner
+
+
+def test_a_kv_cache_that_moves_pages_itself_is_refused_under_tp(tp_models):
+    from pegboard.core.config import EngineConfig
+    from pegboard.core.distributed import check_tensor_parallel
+
+    config = EngineConfig(
+        model=str(tp_models["llama"]), device="cpu", tp_size=2, kv_cache="hicache"
+    )
+    with pytest.raises(DistributedConfigError, match="--kv-cache hicache is not supported"):
+        check_tensor_parallel(config)

@@ -18,7 +18,12 @@ import torch
 from pegboard.core.distributed.group import Groups
 from pegboard.core.distributed.launch import Children, fatal
 from pegboard.core.distributed.sharding import ModelShard
-from pegboard.core.distributed.topology import Topology, check_divisible, topology
+from pegboard.core.distributed.topology import (
+    DistributedConfigError,
+    Topology,
+    check_divisible,
+    topology,
+)
 from pegboard.sdk.types import ForwardBatch, KVPool
 
 log = logging.getLogger("pegboard.distributed")
@@ -123,6 +128,10 @@ class TensorParallel:
         )
 
 
+#: Plugins that copy KV pages themselves, on rank 0's pool only (issue 11: not under TP yet).
+UNSUPPORTED = {"kv_cache": ("hicache",)}
+
+
 def start_tensor_parallel(config) -> TensorParallel | None:
     """Rank 0 of a group: check the settings, spawn this node's other ranks, join the group and
     hand the followers the engine config. None for a single-rank engine. Raises
@@ -158,6 +167,12 @@ def check_tensor_parallel(config) -> Topology | None:
     top = topology(
         config.tp_size, config.nnodes, config.node_rank, config.dist_init_addr, config.device
     )
+    for slot, name in (("kv_cache", config.kv_cache), ("transfer", config.transfer)):
+        if name in UNSUPPORTED.get(slot, ()) or (slot == "transfer" and name):
+            raise DistributedConfigError(
+                f"--{slot.replace('_', '-')} {name} is not supported with --tp-size > 1 yet: "
+                "it moves KV pages of rank 0's pool only"
+            )
     if top.is_leader:
         try:
             cfg = ModelConfig.from_dir(config.model or default_model_dir())
