@@ -25,6 +25,7 @@ later with overlap scheduling); `bench offline` reports their cost (`contract_ch
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -83,67 +84,95 @@ def check_plan(
 
 
 def _check_plan(plan, waiting, running, budget, kv) -> SchedulePlan:
-    queued: set[int] | None = None  # ids of the waiting requests, built only when needed
-    preempted = {id(r) for r in plan.preempted}
-    if len(preempted) != len(plan.preempted):
-        raise ContractViolation("preempted twice", "a request is listed twice in `preempted`")
-    freed = 0
-    for r in plan.preempted:
-        if r.status is not _RUNNING:
-            raise ContractViolation(
-                "unknown request", f"preempted {r.request_id!r}, which holds no KV (not running)"
-            )
-        freed += len(r.page_table)
-    seen: set[int] = set()
-    total = new = running_tokens = 0
+    # Whole-list builtins rather than a Python loop per request: this runs every step.
+    scheduled = plan.scheduled
+    requests = list(map(_request, scheduled))
+    tokens = list(map(_num_tokens, scheduled))
+    total = sum(tokens)
+    if tokens and (type(total) is not int or min(tokens) < 1):
+        s = next(s for s in scheduled if type(s.num_tokens) is not int or s.num_tokens < 1)
+        raise ContractViolation(
+            "zero tokens",
+            f"{s.request.request_id!r} is scheduled with {s.num_tokens!r} tokens (at least 1)",
+        )
+    unique = set(requests)  # requests hash by identity
+    if len(unique) != len(requests):
+        seen: set[Request] = set()
+        r = next(r for r in requests if r in seen or seen.add(r))
+        raise ContractViolation("scheduled twice", f"{r.request_id!r} is scheduled twice")
+    freed, num_preempted = _check_preempted(plan.preempted, unique)
+    statuses = list(map(_status, requests))
+    new = len(requests) - statuses.count(_RUNNING)
     admitted = []
-    for s in plan.scheduled:
-        r, n = s.request, s.num_tokens
-        if type(n) is not int or n < 1:
-            raise ContractViolation(
-                "zero tokens", f"{r.request_id!r} is scheduled with {n!r} tokens (at least 1)"
-            )
-        key = id(r)
-        if key in seen:
-            raise ContractViolation("scheduled twice", f"{r.request_id!r} is scheduled twice")
-        seen.add(key)
-        if key in preempted:
-            raise ContractViolation(
-                "scheduled and preempted", f"{r.request_id!r} is both scheduled and preempted"
-            )
-        if r.status is _RUNNING:
-            running_tokens += n
-        else:
-            if queued is None:
-                queued = {id(q) for q in waiting}
-            if r.status is not _WAITING or key not in queued:
+    if new:  # an admission step: each non-running request must come from `waiting`
+        queued = set(waiting)
+        for s, status in zip(scheduled, statuses):
+            if status is _RUNNING:
+                continue
+            if status is not _WAITING or s.request not in queued:
                 raise ContractViolation(
                     "unknown request",
-                    f"{r.request_id!r} is not in the waiting or running queue it was given",
+                    f"{s.request.request_id!r} is not in the waiting or running queue it was given",
                 )
-            new += 1
             admitted.append(s)
-        if n > r.num_tokens - r.num_computed_tokens:
-            raise ContractViolation(
-                "too many tokens",
-                f"{r.request_id!r} is given {n} tokens but has only "
-                f"{r.num_tokens - r.num_computed_tokens} uncomputed",
-            )
-        total += n
+    uncomputed = list(
+        map(operator.sub, map(len, map(_token_ids, requests)), map(_computed, requests))
+    )
+    if any(map(operator.gt, tokens, uncomputed)):
+        s, left = next((s, u) for s, u in zip(scheduled, uncomputed) if s.num_tokens > u)
+        raise ContractViolation(
+            "too many tokens",
+            f"{s.request.request_id!r} is given {s.num_tokens} tokens but has only {left} "
+            "uncomputed",
+        )
     if total > budget.max_batched_tokens:
         raise ContractViolation(
             "token budget",
             f"the plan schedules {total} tokens, the budget is {budget.max_batched_tokens}",
         )
-    holders = len(running) - len(preempted) + new
+    holders = len(running) - num_preempted + new
     if new and holders > budget.max_running_requests:
         raise ContractViolation(
             "request cap",
             f"{holders} requests would hold KV after the step, the cap is "
             f"{budget.max_running_requests}",
         )
-    _check_pages(plan, kv, freed, running_tokens, len(seen) - new, admitted)
+    running_tokens = total - sum(s.num_tokens for s in admitted)
+    _check_pages(plan, kv, freed, running_tokens, len(requests) - new, admitted)
     return plan
+
+
+_request = operator.attrgetter("request")
+_num_tokens = operator.attrgetter("num_tokens")
+_status = operator.attrgetter("status")
+
+
+_token_ids = operator.attrgetter("token_ids")
+_computed = operator.attrgetter("num_computed_tokens")
+
+
+def _check_preempted(preempted: list[Request], scheduled: set[Request]) -> tuple[int, int]:
+    """The preempted requests' pages and count; each must be running, listed once and not
+    scheduled too."""
+    if not preempted:
+        return 0, 0
+    out = set(preempted)
+    if len(out) != len(preempted):
+        raise ContractViolation("preempted twice", "a request is listed twice in `preempted`")
+    both = out & scheduled
+    if both:
+        r = next(r for r in preempted if r in both)
+        raise ContractViolation(
+            "scheduled and preempted", f"{r.request_id!r} is both scheduled and preempted"
+        )
+    freed = 0
+    for r in preempted:
+        if r.status is not _RUNNING:
+            raise ContractViolation(
+                "unknown request", f"preempted {r.request_id!r}, which holds no KV (not running)"
+            )
+        freed += len(r.page_table)
+    return freed, len(preempted)
 
 
 def _check_pages(plan, kv, freed: int, running_tokens: int, num_running: int, admitted) -> None:
@@ -169,7 +198,8 @@ def _check_pages(plan, kv, freed: int, running_tokens: int, num_running: int, ad
 
 def check_sample(out: Any, num_requests: int, vocab_size: int) -> SampleOutput:
     """`out` if it obeys the `sample` hookspec, else raise `ContractViolation`. Token ids in a
-    CUDA tensor are range-checked later, on the host (`check_token_ids`)."""
+    device tensor are range-checked later, on the host (`check_token_ids`): checking them here
+    would make the host wait for the device."""
     if not isinstance(out, SampleOutput):
         raise ContractViolation("output type", f"returned {type(out).__name__}, not a SampleOutput")
     tokens = out.tokens
@@ -189,7 +219,7 @@ def check_sample(out: Any, num_requests: int, vocab_size: int) -> SampleOutput:
                 "one token per request",
                 f"returned {tokens.shape[0]} token ids for {num_requests} requests",
             )
-        if tokens.device.type == "cpu" and num_requests:
+        if tokens.device.type == "cpu" and num_requests:  # on the host: check now
             low, high = torch.aminmax(tokens)
             _check_range(int(low), int(high), vocab_size)
     else:

@@ -107,7 +107,21 @@ class LLM:
             yield from detokenizer.take(wait=not engine.has_work())
 
     def swap(self, slot: str, name: str, **options: Any):
-        """Swap a plugin at the next step boundary; see `Engine.swap`."""
+        """Swap a plugin at the next step boundary; see `Engine.swap`. Returns a future that
+        resolves to a `SwapResult` (slot, previous, active, the step it took effect at).
+
+        `generate` blocks its thread while it steps the engine, so swap while requests run
+        from another thread (thread-safe: the swap is queued and `generate`'s own loop applies
+        it at its next step), or drive the engine yourself with `run()` and swap between the
+        deltas it yields::
+
+            done = threading.Thread(target=llm.generate, args=(prompts, params))
+            done.start()
+            llm.swap("scheduler", "sjf").result()  # applied by generate's loop
+            done.join()
+
+        The swap takes effect once, logged as `swapped scheduler: 'fcfs' -> 'sjf' at step N`.
+        """
         return self.engine.swap(slot, name, **options)
 
     def close(self) -> None:

@@ -73,9 +73,20 @@ __all__ = [
     "Sampler",
     "Scheduler",
     "SlotSpec",
+    "StandardSampler",
     "StepBudget",
     "TokenLogprobs",
     "hookimpl",
     "requires",
     "to_device",
 ]
+
+
+def __getattr__(name: str):
+    # `StandardSampler` (the default sampler, a base to extend: ban tokens, add a rule) lives
+    # with the built-in plugins, which import the SDK: imported on first use to avoid a cycle.
+    if name == "StandardSampler":
+        from pegboard.plugins.sampling.standard import StandardSampler
+
+        return StandardSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -190,6 +190,9 @@ class AttentionBackend:
 
     #: Whether decode steps may be captured and replayed as CUDA graphs (see above).
     supports_cuda_graph: ClassVar[bool] = False
+    #: The precision K/V are stored at when lower than the model's (e.g. an fp8 KV cache):
+    #: the conformance kit then compares within that dtype's rounding. None: stored exactly.
+    kv_dtype: ClassVar[torch.dtype | None] = None
 
     def __init__(self, model: ModelInfo, pool: KVPool, scale: float | None = None) -> None:
         self.model = model

@@ -66,13 +66,22 @@ def dispatch_overhead_us(repeat: int = 20000) -> dict[str, float]:
 
 def plugin_layer_share(mean_step_s: float) -> dict:
     """Dispatch cost per step and its share of a mean step of `mean_step_s` seconds."""
+    from pegboard.core.bench.contract_cost import contract_costs
+
     per_call = dispatch_overhead_us()
     per_step_us = sum(per_call.values())
+    checks = contract_costs()  # checking plans and sample outputs (core/contract.py)
     return {
         "hook_dispatch_us": per_call,
         "hook_dispatch_per_step_us": round(per_step_us, 2),
+        "contract_check_us": checks,
         "mean_step_ms": round(mean_step_s * 1e3, 3),
         "plugin_layer_share_pct": round(100 * per_step_us * 1e-6 / mean_step_s, 4)
+        if mean_step_s > 0
+        else None,
+        "contract_check_share_pct_batch_256": round(
+            100 * checks["batch_256"] * 1e-6 / mean_step_s, 4
+        )
         if mean_step_s > 0
         else None,
     }
