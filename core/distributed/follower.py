@@ -80,7 +80,7 @@ class Follower:
         from pegboard.sdk.slots import PluginContext
         from pegboard.sdk.types import KVPool
 
-        num_layers, shape, dtype, page_size = layout
+        num_layers, shape, dtype, page_size, k_scales, v_scales = layout
         if not kept or self.pool is None:
             self.pool = None  # the old pool's memory is free before the new one is allocated
             dt = getattr(torch, dtype.removeprefix("torch."))
@@ -88,6 +88,7 @@ class Follower:
             k = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
             v = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
             self.pool = KVPool(k=k, v=v, page_size=page_size)
+        self.pool.k_scales, self.pool.v_scales = k_scales, v_scales
         plugin = self.plugins.create("attention", name, options)
         plugin.setup(PluginContext(self.runner.info, self.runner.device, engine))
         backend = plugin.attention_kernel(model=self.runner.info, pool=self.pool)

@@ -77,6 +77,7 @@ class TensorParallel:
         if not self.is_leader:
             return
         layout = (len(pool.k), tuple(pool.k[0].shape), str(pool.k[0].dtype), pool.page_size)
+        layout += (list(pool.k_scales), list(pool.v_scales))  # an FP8 pool's per-layer scales
         kept = self._last_pool == id(pool)
         self._last_pool = id(pool)
         options = attention.options.model_dump()
