@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if (status := serve_follower(config)) is not None:  # bad TP settings, or not rank 0
         return status
     names = args.served_model_name or [config.model or MODEL_NAME]
+    config.plugin_options.setdefault("prometheus", {}).setdefault("model_name", names[0])
     server = ServerSettings(
         served_model_names=list(names),
         api_key=args.api_key or os.environ.get("PEGBOARD_API_KEY") or None,
