@@ -368,6 +368,7 @@ class Engine:
             r.num_computed_tokens = min(r.num_computed_tokens, len(r.token_ids))
         if self.pd is None or not self.pd.defer_free(r):  # PD: pages a transfer still uses
             self.kv.free(r)
+        self.runner.page_tables.forget(r)
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:

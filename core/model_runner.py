@@ -12,6 +12,7 @@ import torch
 from pegboard.core.cuda_graph import CUDAGraphRunner, capture_sizes, graph_unsupported_reason
 from pegboard.core.models import load_model
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
+from pegboard.core.page_tables import PageTableMirror
 from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, ModelInfo, Request
@@ -69,6 +70,9 @@ class ModelRunner:
         self.cuda_graphs: CUDAGraphRunner | None = None
         self.cuda_graph_off_reason: str | None = "no attention backend is bound yet"
         self._flops_per_token: int | None = None  # `host_threads`, counted on first use
+        #: The scheduled requests' page tables as one array, updated incrementally; the
+        #: engine `forget`s a request when it releases it.
+        self.page_tables = PageTableMirror()
 
     def host_threads(self, num_tokens: list[int]) -> contextlib.AbstractContextManager:
         """On a CPU, run a step of `num_tokens` (per request) with no more intra-op threads than
@@ -135,6 +139,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         query_lens, seq_lens, page_tables, last_rows, samples = [], [], [], [], []
+        num_pages_each: list[int] = []
         fill_at, fill_from = [], []  # flat input rows whose token is pending, and its row there
         for r, n in zip(requests, num_tokens):
             start, stop = r.num_computed_tokens, r.num_computed_tokens + n
@@ -163,6 +168,7 @@ class ModelRunner:
             query_lens.append(n)
             seq_lens.append(stop)
             page_tables.append(table if len(table) == num_pages else table[:num_pages])
+            num_pages_each.append(num_pages)
             last_rows.append(len(ids) - 1)
             sampling = stop == r.num_tokens
             samples.append(sampling)
@@ -199,6 +205,7 @@ class ModelRunner:
             page_tables_cpu=page_tables,
             logits_indices=flat[3 * t : 3 * t + len(last_rows)],
             samples=samples,
+            page_tables_array=self.page_tables.gather(requests, num_pages_each),
         )
 
     @torch.inference_mode()
