@@ -312,3 +312,14 @@ def test_a_kv_cache_that_moves_pages_itself_is_refused_under_tp(tp_models):
     )
     with pytest.raises(DistributedConfigError, match="--kv-cache hicache is not supported"):
         check_tensor_parallel(config)
+
+
+def test_a_quantized_checkpoint_is_refused_under_tp(tp_models, tmp_path):
+    from fixtures.quantized import quantize_checkpoint
+    from pegboard.core.config import EngineConfig
+    from pegboard.core.distributed import check_tensor_parallel
+
+    gptq, _ = quantize_checkpoint(tp_models["llama"], tmp_path / "gptq", "gptq")
+    config = EngineConfig(model=str(gptq), device="cpu", tp_size=2)
+    with pytest.raises(DistributedConfigError, match="quantized checkpoint.*--tp-size 1"):
+        check_tensor_parallel(config)

@@ -13,6 +13,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from pegboard.core.distributed.group import Groups
@@ -44,12 +45,17 @@ class Follower:
         from pegboard.core.config import EngineConfig
         from pegboard.core.default_model import default_model_dir
         from pegboard.core.model_runner import ModelRunner
+        from pegboard.core.models.quantization import select_linear
         from pegboard.core.plugin_manager import PluginManager
 
         self.tp = tp
         self.config = c = EngineConfig(**settings)
+        self.plugins = PluginManager()
+        model_dir = Path(c.model) if c.model else default_model_dir()
+        # The same linear plugin as rank 0: each rank builds its own layers with it.
+        linear = select_linear(self.plugins, c, model_dir)
         self.runner = ModelRunner(
-            c.model or default_model_dir(),
+            model_dir,
             c.dtype,
             tp.device,
             c.max_model_len,
@@ -57,8 +63,8 @@ class Follower:
             load_format=c.load_format,
             fused_kernels=not c.disable_fused_kernels,
             tp=tp,
+            linear=linear,
         )
-        self.plugins = PluginManager()
         self.attention = None
         self.pool = None
 

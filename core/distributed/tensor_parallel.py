@@ -12,6 +12,7 @@ on their own runner, so every rank runs the same collectives in the same order.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -162,6 +163,7 @@ def check_tensor_parallel(config) -> Topology | None:
     from pegboard.core.default_model import default_model_dir
     from pegboard.core.models.config import ModelConfig
     from pegboard.core.models.errors import ModelLoadError
+    from pegboard.core.models.quantization import detect_quantization
 
     if config.tp_size == 1 and config.nnodes == 1:
         return None
@@ -176,8 +178,15 @@ def check_tensor_parallel(config) -> Topology | None:
             )
     if top.is_leader:
         try:
-            cfg = ModelConfig.from_dir(config.model or default_model_dir())
+            model_dir = Path(config.model) if config.model else default_model_dir()
+            cfg = ModelConfig.from_dir(model_dir)
+            quantized = detect_quantization(model_dir, config.quantization, config.load_format)
         except ModelLoadError:
             return top  # the model loader reports it, as without tensor parallelism
         check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, top.world_size)
+        if quantized is not None:
+            raise DistributedConfigError(
+                f"{model_dir} is a quantized checkpoint; its layers cannot be split over "
+                "tensor-parallel ranks yet: serve it with --tp-size 1"
+            )
     return top
