@@ -75,7 +75,25 @@ class PluginInfo:
             return "disabled"
         if self.error:
             return f"failed: {self.error}"
-        return "active" if self.active else "available"
+        if self.active:
+            return "active"
+        reason = self.unavailable
+        return f"unavailable: {reason}" if reason else "available"
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the plugin cannot run on this machine (`Plugin.unavailable`), or None."""
+        if self.cls is None:
+            return None
+        try:
+            return self.cls.unavailable()
+        except Exception as e:  # a plugin's check must not break listing
+            return f"its availability check raised {type(e).__name__}: {e}"
+
+    @property
+    def is_default(self) -> bool:
+        """Whether the engine selects this plugin on this machine when none is named."""
+        return self.slot is not None and self.name == slot_default(self.slot)
 
     @property
     def label(self) -> str:
@@ -109,6 +127,8 @@ class PluginInfo:
             "entry_point": self.entry_point,
             "state": self.state,
             "error": self.error,
+            "default": self.is_default,
+            "unavailable": self.unavailable,
             "handoff": self.cls.handoff if self.cls else None,
             "options": self.options_schema(),
         }
@@ -415,6 +435,22 @@ class _Filter:
 
     def matches(self, slot: str, *names: str) -> bool:
         return any(n in self.entries or f"{slot}:{n}" in self.entries for n in names)
+
+
+def slot_default(slot: str) -> str | None:
+    """The plugin a slot uses on this machine when none is named: the slot's default, except
+    attention on a CUDA machine (the engine's GPU default, see `Engine._default`)."""
+    spec = SLOTS.get(slot)
+    if spec is None:
+        return None
+    if slot == "attention":
+        import torch
+
+        if torch.cuda.is_available():
+            from pegboard.core.engine import GPU_DEFAULT_ATTENTION
+
+            return GPU_DEFAULT_ATTENTION
+    return spec.default
 
 
 def _check_plugin_class(obj: object) -> type[Plugin]:

@@ -73,6 +73,12 @@ class Plugin:
     def __init__(self, options: pydantic.BaseModel | None = None) -> None:
         self.options = options if options is not None else self.Options()
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this plugin cannot run on this machine (a missing package, no CUDA device), or
+        None. `pegboard plugins` shows the reason; it must be cheap (no kernel builds)."""
+        return None
+
     def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
         """Prepare to serve. `previous` is the plugin this one replaces in a runtime swap
         (handoff `"state"`), or None. Raising here aborts the swap and keeps `previous` active."""

@@ -109,7 +109,7 @@ def test_table_shows_each_plugin_its_option_flags_and_the_patches(installed, cap
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["SLOT", "NAME", "DISTRIBUTION", "STATE"]
+    assert lines[0].split() == ["SLOT", "NAME", "DISTRIBUTION", "CHOICE", "STATE"]
     fair = next(i for i, line in enumerate(lines) if line.split()[:2] == ["scheduler", "fair"])
     assert "acme-extras 3.1.4" in lines[fair] and lines[fair].endswith("available")
     assert lines[fair + 1].split()[:3] == ["--fair-share", "float", "(default"]

@@ -221,6 +221,15 @@ class TritonAttention(Attention):
 
     Options: ClassVar[type[pydantic.BaseModel]] = TritonAttentionOptions
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why the kernels cannot run here (no CUDA device, a missing package), or None."""
+        try:
+            _require_runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as e:
+            return str(e)
+        return None
+
     def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
         """Fail early, with the reason, where the kernels cannot run."""
         _require_runtime(ctx.device)
