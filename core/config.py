@@ -53,6 +53,8 @@ class EngineConfig(pydantic.BaseModel):
 
     # Overlap scheduling: prepare step N+1 on the CPU while the GPU runs step N.
     disable_overlap: bool = False
+    # Detokenize on the step loop's thread instead of the detokenizer thread (an ablation).
+    detokenize_inline: bool = False
     # Fused Triton kernels (RMSNorm + residual, SiLU-and-mul, rotary) on CUDA devices.
     disable_fused_kernels: bool = False
 

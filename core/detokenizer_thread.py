@@ -21,7 +21,6 @@ tokens more for such a request.
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
@@ -42,7 +41,9 @@ class DetokenizerThread:
     """Turn token-level `RequestOutput`s into text deltas on a daemon thread.
 
     `submit(outputs)` (the step loop) never waits. Text deltas go to `sink(outputs)` when one
-    is set (called on this thread), else they queue for `take()`.
+    is set (called on this thread), else they queue for `take()`. With `threaded=False`
+    (`--detokenize-inline`), `submit` does the same work on the caller's thread: a stop
+    string then ends the request at the next step boundary, still trimmed the same way.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class DetokenizerThread:
         tokenizer,
         on_stop: Callable[..., None],
         sink: Callable[[list[RequestOutput]], None] | None = None,
+        threaded: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.on_stop = on_stop
@@ -61,8 +63,12 @@ class DetokenizerThread:
         self._states: dict[str, tuple[Detokenizer, list[int]]] = {}  # detokenizer, [tokens]
         self._stopped: set[str] = set()  # ended here at a stop string; engine deltas dropped
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="pegboard-detokenizer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(
+                target=self._loop, name="pegboard-detokenizer", daemon=True
+            )
+            self._thread.start()
 
     def submit(self, outputs: list[RequestOutput]) -> None:
         """Queue one step's token-level deltas (the caller no longer touches them)."""
@@ -70,7 +76,10 @@ class DetokenizerThread:
             return
         with self._cond:
             self._unprocessed += 1
-        self._inbox.put(outputs)
+        if self._thread is None:  # inline (`--detokenize-inline`): on the caller's thread
+            self._deliver(self._process_batch(outputs))
+        else:
+            self._inbox.put(outputs)
 
     def busy(self) -> bool:
         """Whether deltas are still being processed or wait in `take()`'s queue."""
@@ -87,8 +96,9 @@ class DetokenizerThread:
         return ready
 
     def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=5.0)
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join(timeout=5.0)
 
     # ------------------------------------------------------------------ the thread
 
@@ -97,17 +107,30 @@ class DetokenizerThread:
             outputs = self._inbox.get()
             if outputs is None:
                 return
-            done = []
-            for out in outputs:
-                out = copy.copy(out)  # the step loop returned the original to its caller
-                try:
-                    keep = self._process(out)
-                except Exception as e:  # a tokenizer bug: fail this request only, go on
-                    log.exception("detokenizing request %s failed", out.request_id)
-                    keep = self._failed(out, e)
-                if keep:
-                    done.append(out)
-            self._deliver(done)
+            self._deliver(self._process_batch(outputs))
+
+    def _process_batch(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        done = []
+        for out in outputs:
+            # a copy: the step loop returned the original to its caller
+            out = RequestOutput(
+                out.request_id,
+                out.new_token_ids,
+                "",
+                out.new_logprobs,
+                out.finished,
+                out.finish_reason,
+                out.error,
+                out.request,
+            )
+            try:
+                keep = self._process(out)
+            except Exception as e:  # a tokenizer bug: fail this request only, go on
+                log.exception("detokenizing request %s failed", out.request_id)
+                keep = self._failed(out, e)
+            if keep:
+                done.append(out)
+        return done
 
     def _deliver(self, done: list[RequestOutput]) -> None:
         if self.sink is not None and done:

@@ -115,7 +115,9 @@ class Engine:
         self._lock = threading.Lock()
         self.num_steps = 0
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
-        self.detokenizer = DetokenizerThread(self.tokenizer, on_stop=self._stop_request)
+        self.detokenizer = DetokenizerThread(
+            self.tokenizer, self._stop_request, threaded=not config.detokenize_inline
+        )
         self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
 
     @property

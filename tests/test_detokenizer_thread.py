@@ -30,12 +30,15 @@ def inline(tokenizer, prompt: list[int], ids: list[int], params: SamplingParams)
     return ids, "".join(pieces), pieces
 
 
-def test_stop_string_found_late_reports_the_inline_ids_text_and_deltas(tiny_llama_dir):
+@pytest.mark.parametrize("detokenize_inline", [False, True], ids=["thread", "inline"])
+def test_stop_string_found_late_reports_the_inline_ids_text_and_deltas(
+    tiny_llama_dir, detokenize_inline
+):
     """The engine runs a request on past its stop string; the outputs are trimmed back to the
     token that completed it, every page is freed, and the stream's deltas are the inline ones."""
     prompts = prompts_for(200, 6)
     greedy = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
-    with LLM(str(tiny_llama_dir), dtype="float32") as llm:
+    with LLM(str(tiny_llama_dir), dtype="float32", detokenize_inline=detokenize_inline) as llm:
         free = llm.generate(prompts, SamplingParams(**greedy))
         cases = [(p, o) for p, o in zip(prompts, free) if len(o.text) > 12]
         assert cases

@@ -134,6 +134,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "the previous step (ablation of overlap scheduling)",
     )
     g.add_argument(
+        "--detokenize-inline",
+        action="store_true",
+        help="detokenize and match stop strings on the step loop's thread, not on the "
+        "detokenizer thread (ablation)",
+    )
+    g.add_argument(
         "--disable-fused-kernels",
         action="store_true",
         help="use plain PyTorch ops instead of the fused Triton kernels (RMSNorm + residual, "
