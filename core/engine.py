@@ -32,6 +32,7 @@ from pegboard.core.outputs import RequestOutput, stop_reason
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.patches import apply_patches
 from pegboard.core.plugin_manager import PluginManager
+from pegboard.core.speculative import Speculation, check_speculator
 from pegboard.core.swap import PendingSwap, SwapError, SwapResult
 from pegboard.core.tokenizer import load_tokenizer
 from pegboard.sdk.device import to_device
@@ -79,6 +80,7 @@ class Engine:
         self.patches = apply_patches(config.patches, strict=config.strict_patches)
         self._check_selections()  # a typo in a plugin name fails before the model loads
         self.model_dir = Path(config.model) if config.model else default_model_dir()
+        check_speculator(self.plugins, config, self.model_dir)  # a mismatched draft: before loading
         self.tp = start_tensor_parallel(config)  # None for one rank, else spawns the others
         linear = select_linear(self.plugins, config, self.model_dir)  # builds the projections
         self.runner = ModelRunner(
@@ -114,6 +116,7 @@ class Engine:
         self._pending: PendingStep | None = None  # the step whose tokens are still on the device
         self._lock = threading.Lock()
         self.num_steps = 0
+        self.speculation = Speculation(self)  # drafts, verify, rollback (core/speculative)
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = DetokenizerThread(
             self.tokenizer, self._stop_request, threaded=not config.detokenize_inline
@@ -158,14 +161,17 @@ class Engine:
         return outputs
 
     def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
+        num_tokens = self.speculation.propose(scheduled, num_tokens, self.budget)  # + drafts
         failed = self.guard.call(
             "kv_cache", self.hook.allocate_kv, scheduled=scheduled, num_tokens=num_tokens
         )
+        self.speculation.withdraw(failed or [])
         scheduled, num_tokens = self._admit(scheduled, num_tokens, failed or [])
         if not scheduled:
             self._resolve()
             return
         batch = self.runner.prepare(scheduled, num_tokens, self.kv.page_size, self._pending)
+        self.speculation.mark_rows(batch)  # drafting requests: logits at every draft
         logits = self.runner.forward(batch)  # launched; the device computes while we go on
         for r, n in zip(scheduled, num_tokens):
             r.num_computed_tokens += n
@@ -175,7 +181,9 @@ class Engine:
             keep = [i for i, r in enumerate(sampling) if not r.finished]
             logits = logits[to_device(keep, logits.device, torch.int64)]
             sampling = [r for r in sampling if not r.finished]
-        if sampling:
+        if sampling and self.speculation.drafting:
+            self._verify(logits, sampling)
+        elif sampling:
             try:
                 sampled = self.guard.sample(
                     self.hook.sample, logits, sampling, self.info.vocab_size
@@ -184,6 +192,21 @@ class Engine:
             except PluginFault as fault:  # fails the requests of this `sample` call only
                 self._fail(sampling, fault)
         self.kv.commit([r for r in scheduled if not r.finished])
+
+    def _verify(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Speculative decoding: append each request's accepted drafts and the target's next
+        token (`pegboard.core.speculative`; it has rolled the rejected drafts back)."""
+        try:
+            verified = self.speculation.verify(logits, requests)
+        except PluginFault as fault:  # the sampler, for requests without drafts
+            return self._fail(requests, fault)
+        for r, tokens, logprobs in verified:
+            for token, lp in zip(tokens, logprobs):
+                self._append(r, token, lp)
+                if r.finished:  # the tokens after a stop were computed: forget their KV
+                    r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens)
+                    self._release(r)
+                    break
 
     def _resolve(self) -> None:
         """Read the in-flight step's sampled tokens and apply them: append each to its

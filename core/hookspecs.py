@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pegboard.sdk.slots import AttentionBackend, KVCache
     from pegboard.sdk.transfer import ByteRun
     from pegboard.sdk.types import (
+        Drafts,
         KVPool,
         MetricsSnapshot,
         ModelInfo,
@@ -163,6 +164,33 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput | None
     request, an integer dtype, a 1-D `[len(requests)]` tensor, ids in `[0, vocab_size)` (for a
     device tensor: when the ids reach the host, one step later). A violation or an exception
     fails the requests of this call only, with an error naming the plugin and the rule.
+    """
+
+
+@hookspec(firstresult=True)
+def propose(requests: list[Request], max_tokens: list[int]) -> list[Drafts] | None:
+    """Guess the next few tokens of each decoding request (speculative decoding).
+
+    Why a hook: a decode step reads all the weights to produce one token per request; if a
+    cheap guesser (n-gram lookup in the request's own context, a small draft model, an EAGLE
+    head) proposes k tokens, the target checks all of them in one forward and keeps the ones
+    it agrees with, so a step yields up to k + 1 tokens. How to guess is the part users swap;
+    checking and rolling back are the core's (`pegboard.core.speculative`), so a speculator
+    can make decoding slower but never different.
+
+    Called once per step, in the engine process, after `schedule` and before `allocate_kv`,
+    with the scheduled requests that decode this step (prefill chunks are not included; nor
+    are requests with penalties, whose sampler state depends on every earlier token).
+
+    :param requests: their `token_ids` are complete (no placeholder).
+    :param max_tokens: per request, the most draft tokens the core will verify this step
+        (bounded by the step's token budget, the free KV pages, `max_tokens` and the context
+        length); 0 means "propose nothing".
+    :returns: one `pegboard.sdk.types.Drafts` per request, in order: a chain, or a tree with
+        parent indices. The core checks the result (`pegboard.core.speculative.check_drafts`):
+        one entry per request, at most `max_tokens[i]` tokens, ids in the vocabulary. A
+        violation or an exception is an error naming the plugin, counted like other plugin
+        errors; that step runs without drafts and no request fails.
     """
 
 

@@ -222,6 +222,8 @@ class ModelRunner:
             rows = batch.logits_indices[
                 to_device([i for i, s in enumerate(batch.samples) if s], self.device, torch.int64)
             ]
+        if batch.logits_rows is not None:  # speculative decoding: every draft is verified
+            rows = batch.logits_rows
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             hidden = self.cuda_graphs.replay(batch)
         else:

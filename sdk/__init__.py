@@ -26,8 +26,10 @@ from pegboard.sdk.slots import (
     Sampler,
     Scheduler,
     SlotSpec,
+    Speculator,
 )
 from pegboard.sdk.types import (
+    Drafts,
     FinishReason,
     ForwardBatch,
     KVPool,
@@ -47,6 +49,7 @@ __all__ = [
     "SLOTS",
     "Attention",
     "AttentionBackend",
+    "Drafts",
     "FinishReason",
     "ForwardBatch",
     "KVCache",
@@ -73,6 +76,7 @@ __all__ = [
     "Sampler",
     "Scheduler",
     "SlotSpec",
+    "Speculator",
     "StandardSampler",
     "StepBudget",
     "TokenLogprobs",

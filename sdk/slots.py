@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.transfer import ByteRun
     from pegboard.sdk.types import (
+        Drafts,
         ForwardBatch,
         KVPool,
         MetricsSnapshot,
@@ -318,6 +319,35 @@ class LinearKernel(Plugin):
         raise NotImplementedError
 
 
+class Speculator(Plugin):
+    """Slot `speculator` — answers `propose` (see its docstring) with draft tokens.
+
+    - `propose(requests, max_tokens)` returns one `Drafts` per request, in order, with at most
+      `max_tokens[i]` tokens for request `i` (fewer or none is always allowed), each an id of
+      the target's vocabulary; chains only (the core does not verify trees yet).
+    - Per-request state (a draft model's KV) goes into `request.plugin_state[self.name]`, so
+      it is dropped with the request. Between two calls a request's `token_ids` may have grown
+      by several tokens (accepted drafts) or been cut back (a stop string): compare with what
+      was seen last time instead of assuming one new token.
+    - `check_target(config, options)` — class method, called before any model loads, with the
+      target's `config.json` as a dict: raise `ValueError` when this speculator cannot serve
+      that target (a draft whose vocabulary or hidden size differs). Default: no check.
+
+    A speculator only guesses: the core verifies and rolls back, so a bad guess costs speed,
+    never correctness. Handoff "state": drafts live one step, a swap loses nothing.
+    """
+
+    slot = "speculator"
+
+    @classmethod
+    def check_target(cls, config: dict, options: pydantic.BaseModel) -> None:
+        """Default: any target will do."""
+
+    @hookimpl
+    def propose(self, requests: list[Request], max_tokens: list[int]) -> list[Drafts]:
+        raise NotImplementedError
+
+
 class MetricsExporter(Plugin):
     """Slot `metrics` (many may be active) — receives every `export_metrics` snapshot.
 
@@ -380,6 +410,7 @@ SLOTS: dict[str, SlotSpec] = {
         SlotSpec("attention", "attention_kernel", Attention, default="torch", flag="--attention"),
         SlotSpec("sampler", "sample", Sampler, default="standard", flag="--sampler"),
         SlotSpec("transfer", "transfer_kv", KVTransfer, default=None, flag="--transfer"),
+        SlotSpec("speculator", "propose", Speculator, default=None, flag="--speculator"),
         SlotSpec("metrics", "export_metrics", MetricsExporter, multi=True, flag="--metrics"),
         SlotSpec(
             "router",

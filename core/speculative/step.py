@@ -1,0 +1,242 @@
+"""The engine's side of speculative decoding: draft limits, the verify forward's rows,
+verification and the rollback of rejected tokens.
+
+One step with a speculator (`Engine._run`):
+
+    propose  -> drafts appended to each decoding request's `token_ids`; it runs 1 + k tokens
+    allocate_kv, prepare, forward -> logits at the last token and at every draft (`logits_rows`)
+    verify   -> drafts removed again; the accepted ones and the target's next token are
+                appended as ordinary output tokens; `num_computed_tokens` counts the accepted
+                drafts' KV, the rejected ones' slots are overwritten by later tokens
+
+Rollback therefore needs nothing from the KV cache: a rejected draft's KV sits past
+`num_computed_tokens`, which a prefix cache never inserts (it inserts full pages of computed
+tokens, at `commit` after the verify), and its pages stay in the request's page table to be
+reused by the next tokens (freed with the request), so nothing leaks. Drafts are limited so
+their pages fit the free pages left after the step's own needs: speculation never causes a
+preemption.
+
+Overlap scheduling is turned off under speculation: the next step's positions and inputs
+depend on how many drafts were accepted, which the host only knows after reading the verify
+result (SGLang's first speculative implementation made the same choice).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pegboard.core.overlap import PENDING_TOKEN
+from pegboard.core.speculative import verify as V
+from pegboard.sdk.device import to_device
+from pegboard.sdk.types import Drafts, ForwardBatch, Request, StepBudget, TokenLogprobs
+
+log = logging.getLogger("pegboard.speculative")
+
+
+class DraftViolation(Exception):
+    """A speculator's `propose` result broke the hook's rules."""
+
+
+def check_drafts(out, requests: list[Request], max_tokens: list[int], vocab: int) -> list[Drafts]:
+    """The `propose` result, checked against its hookspec (one `Drafts` per request, within
+    `max_tokens`, ids in the vocabulary, chains only)."""
+    if not isinstance(out, (list, tuple)) or len(out) != len(requests):
+        got = f"{len(out)} entries" if isinstance(out, (list, tuple)) else type(out).__name__
+        raise DraftViolation(f"expected a list of {len(requests)} Drafts, got {got}")
+    for r, d, limit in zip(requests, out, max_tokens):
+        if not isinstance(d, Drafts):
+            raise DraftViolation(f"{r.request_id}: expected Drafts, got {type(d).__name__}")
+        if len(d.tokens) > limit:
+            raise DraftViolation(f"{r.request_id}: {len(d.tokens)} drafts, at most {limit} allowed")
+        if d.parents is not None:
+            raise DraftViolation(f"{r.request_id}: tree drafts are not verified by the core yet")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens):
+            raise DraftViolation(f"{r.request_id}: draft ids outside [0, {vocab}): {d.tokens}")
+        if d.probs is not None and tuple(d.probs.shape) != (len(d.tokens), vocab):
+            raise DraftViolation(
+                f"{r.request_id}: probs of shape {tuple(d.probs.shape)}, expected "
+                f"({len(d.tokens)}, {vocab})"
+            )
+    return list(out)
+
+
+def eligible(r: Request) -> bool:
+    """Whether a scheduled request may draft: it decodes (one uncomputed token, sampled
+    already) and has no penalties (its sampler's view of earlier tokens must stay exact)."""
+    p = r.params
+    return (
+        r.num_uncomputed_tokens == 1
+        and r.token_ids[-1] != PENDING_TOKEN
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and p.repetition_penalty == 1.0
+    )
+
+
+class Speculation:
+    """Per-step draft bookkeeping for the engine (one instance per engine)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self._drafts: dict[int, tuple[Request, Drafts, int]] = {}  # id -> (request, drafts, len)
+        #: Cumulative counters for metrics (`pegboard:spec_*`, `bench offline`).
+        self.num_verify = 0
+        self.num_drafts = 0
+        self.num_accepted = 0
+
+    @property
+    def speculator(self):
+        return self.engine.plugins.active("speculator")
+
+    @property
+    def drafting(self) -> bool:
+        """Whether this step's batch carries drafts (so `verify` replaces plain sampling)."""
+        return bool(self._drafts)
+
+    # ------------------------------------------------------------------ before the forward
+
+    def propose(
+        self, scheduled: list[Request], num_tokens: list[int], budget: StepBudget
+    ) -> list[int]:
+        """Ask the speculator for drafts, append them to the requests' `token_ids` and return
+        the step's new token counts (1 + drafts for a drafting request). Without a speculator,
+        or when it fails (an error naming it, counted; no request fails), `num_tokens`."""
+        self._drafts.clear()
+        if self.speculator is None:
+            return num_tokens
+        e = self.engine
+        limits = self._limits(scheduled, num_tokens, budget)
+        asked = [(i, r) for i, r in enumerate(scheduled) if limits[i] > 0]
+        if not asked:
+            return num_tokens
+        requests = [r for _, r in asked]
+        max_tokens = [limits[i] for i, _ in asked]
+        try:
+            out = e.hook.propose(requests=requests, max_tokens=max_tokens)
+            drafts = check_drafts(out, requests, max_tokens, e.info.vocab_size)
+        except Exception as err:
+            fault = e.guard.fault("speculator", err)
+            log.error("%s; this step runs without drafts", fault)
+            return num_tokens
+        num_tokens = list(num_tokens)
+        for (i, r), d in zip(asked, drafts):
+            if d.tokens:
+                self._drafts[id(r)] = (r, d, r.num_tokens)
+                r.token_ids.extend(d.tokens)
+                num_tokens[i] += len(d.tokens)
+        return num_tokens
+
+    def _limits(
+        self, scheduled: list[Request], num_tokens: list[int], budget: StepBudget
+    ) -> list[int]:
+        """The most drafts each request may get: within the token budget, the context length,
+        its `max_tokens`, and the KV pages left after the step's own needs."""
+        kv = self.engine.kv
+        tokens_left = budget.max_batched_tokens - sum(num_tokens)
+        pages_left = kv.num_free_pages - sum(
+            kv.pages_needed(r, n) for r, n in zip(scheduled, num_tokens)
+        )
+        limits = []
+        for r, n in zip(scheduled, num_tokens):
+            k = 0
+            if n == 1 and tokens_left > 0 and eligible(r):
+                k = min(
+                    tokens_left,
+                    budget.max_model_len - r.num_tokens,
+                    r.params.max_tokens - r.num_output_tokens - 1,
+                )
+                base = kv.pages_needed(r, 1)
+                while k > 0 and kv.pages_needed(r, 1 + k) - base > pages_left:
+                    k -= 1
+                k = max(k, 0)
+                if k:
+                    pages_left -= kv.pages_needed(r, 1 + k) - base
+                    tokens_left -= k
+            limits.append(k)
+        return limits
+
+    def withdraw(self, requests: list[Request]) -> None:
+        """Take the drafts back out of requests that will not run this step."""
+        for r in requests:
+            entry = self._drafts.pop(id(r), None)
+            if entry is not None:
+                del r.token_ids[entry[2] :]
+
+    def mark_rows(self, batch: ForwardBatch) -> None:
+        """Ask `forward` for logits at each drafting request's last token and drafts (and at
+        the last token of every other sampling request), in batch order."""
+        if not self._drafts:
+            return
+        rows, end = [], 0
+        for r, q, sample in zip(batch.requests, batch.query_lens_cpu, batch.samples):
+            end += q
+            if sample:
+                k = len(self._drafts[id(r)][1]) if id(r) in self._drafts else 0
+                rows.extend(range(end - 1 - k, end))
+        batch.logits_rows = to_device(rows, batch.input_ids.device, torch.int64)
+
+    # ------------------------------------------------------------------ after the forward
+
+    def verify(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> list[tuple[Request, list[int], list[TokenLogprobs | None]]]:
+        """Verify this step's drafts; per sampling request its output tokens (and logprobs).
+
+        Rolls every drafting request back first (drafts out of `token_ids`, KV counted up to
+        its last token), then advances `num_computed_tokens` over the accepted drafts. Requests
+        without drafts get their token from the `sample` hook (a `PluginFault` if it fails)."""
+        rows, start = [], 0
+        for r in requests:
+            entry = self._drafts.pop(id(r), None)
+            k = len(entry[1]) if entry else 0
+            if entry:
+                del r.token_ids[entry[2] :]
+                r.num_computed_tokens = entry[2]
+            rows.append((r, entry[1] if entry else None, start, k))
+            start += k + 1
+        plain = [(r, s) for r, d, s, _ in rows if d is None]
+        sampled = {}
+        if plain:
+            index = to_device([s for _, s in plain], logits.device, torch.int64)
+            e, vocab = self.engine, self.engine.info.vocab_size
+            out = e.guard.sample(e.hook.sample, logits[index], [r for r, _ in plain], vocab)
+            e.guard.sampled_ids(out.token_ids, vocab)
+            sampled = {id(r): (t, lp) for (r, _), t, lp in zip(plain, out.token_ids, out.logprobs)}
+        greedy_rows = logits.argmax(dim=-1).tolist()
+        results = []
+        for r, drafts, s, k in rows:
+            if drafts is None:
+                token, lp = sampled[id(r)]
+                results.append((r, [token], [lp]))
+                continue
+            if r.params.greedy:
+                tokens = V.accept_greedy(greedy_rows[s : s + k + 1], drafts.tokens)
+            else:
+                gen = V.generator_for(r, logits.device, self.engine.config.seed)
+                tokens = V.accept_sampled(V.target_probs(logits[s : s + k + 1], r), drafts, gen)
+            accepted = len(tokens) - 1
+            r.num_computed_tokens += accepted
+            r.num_spec_steps += 1
+            r.num_draft_tokens += k
+            r.num_accepted_tokens += accepted
+            self.num_verify += 1
+            self.num_drafts += k
+            self.num_accepted += accepted
+            lps: list[TokenLogprobs | None] = [None] * len(tokens)
+            if r.params.logprobs is not None:
+                lps = V.logprobs_of(logits[s : s + k + 1], tokens, r.params.logprobs)
+            results.append((r, tokens, lps))
+        return results
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative verify steps, draft and accepted tokens, and the mean acceptance length
+        (tokens per verify step, the target's own token included)."""
+        n = self.num_verify
+        return {
+            "spec_verify_steps": n,
+            "spec_draft_tokens": self.num_drafts,
+            "spec_accepted_tokens": self.num_accepted,
+            "spec_accept_length": (self.num_accepted + n) / n if n else 0.0,
+            "spec_accept_rate": self.num_accepted / self.num_drafts if self.num_drafts else 0.0,
+        }

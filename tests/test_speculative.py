@@ -1,0 +1,197 @@
+"""Speculative decoding is lossless (DESIGN.md §7): in float32 on CPU, greedy outputs with any
+speculator equal the non-speculative outputs and transformers' `generate`, whatever the batching,
+chunking, preemption, prefix-cache hits or swaps; rejected drafts never reach a prefix cache
+and leak no page; a perfect draft is always accepted."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from pegboard.core.config import EngineConfig
+from pegboard.core.engine import Engine
+from pegboard.core.llm import LLM
+from pegboard.core.plugin_manager import PluginManager
+from pegboard.plugins.speculative.ngram import lookup
+from pegboard.sdk.slots import Speculator
+from pegboard.sdk.types import Drafts, Request, SamplingParams
+from test_engine_parity import hf_reference
+
+MAX_NEW = 20
+
+
+def repetitive_prompts(vocab: int, n: int = 6, seed: int = 0) -> list[list[int]]:
+    """Prompts that repeat a random phrase (n-gram lookup finds drafts in them)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        phrase = [rng.randrange(8, vocab) for _ in range(rng.randint(3, 10))]
+        out.append(phrase * rng.randint(2, 4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def case(tiny_llama_dir):
+    prompts = repetitive_prompts(512)
+    reference = [tokens for tokens, _ in hf_reference(tiny_llama_dir, prompts, MAX_NEW)]
+    return tiny_llama_dir, prompts, reference
+
+
+class OracleSpeculator(Speculator):
+    """Test speculator: proposes the reference continuation, wrong at every `wrong_every`-th
+    draft position (so verification must cut chains in the middle and roll back)."""
+
+    name = "oracle"
+    reference: dict[tuple[int, ...], list[int]] = {}
+    wrong_every = 0
+    calls = 0
+
+    def propose(self, requests, max_tokens):
+        type(self).calls += 1
+        out = []
+        for r, k in zip(requests, max_tokens):
+            ref = self.reference.get(tuple(r.prompt_token_ids), [])
+            done = r.num_output_tokens
+            tokens = list(ref[done : done + k])
+            for i in range(len(tokens)):
+                if self.wrong_every and (done + i) % self.wrong_every == self.wrong_every - 1:
+                    tokens[i] = (tokens[i] + 1) % 512
+            out.append(Drafts(tokens))
+        return out
+
+
+def oracle_plugins(reference: dict, wrong_every: int) -> PluginManager:
+    OracleSpeculator.reference = reference
+    OracleSpeculator.wrong_every = wrong_every
+    OracleSpeculator.calls = 0
+    pm = PluginManager()
+    pm.add(OracleSpeculator)
+    return pm
+
+
+def generate(model_dir, prompts, plugins=None, params=None, **settings):
+    params = params or SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=plugins, **settings) as llm:
+        outs = llm.generate(prompts, params)
+        return outs, llm.engine.speculation.stats()
+
+
+def assert_same(outs, reference):
+    for i, (out, ref) in enumerate(zip(outs, reference)):
+        assert out.error is None, out.error
+        assert out.token_ids == ref, f"prompt {i}: {out.token_ids} != {ref}"
+
+
+# ---------------------------------------------------------------- n-gram lookup
+
+
+def test_ngram_lookup_copies_what_followed_the_latest_earlier_match():
+    assert lookup([1, 2, 3, 4, 1, 2], 3, 1, 3) == [3, 4, 1]
+    assert lookup([9, 1, 2, 7, 1, 2, 8, 1, 2], 2, 1, 3) == [8, 1]  # latest match wins
+    assert lookup([5, 6, 7], 2, 1, 3) == []
+
+
+def test_ngram_lookup_prefers_the_longest_suffix():
+    # suffix [3, 4] occurs at 2; the 1-gram [4] occurs later at 6 but is shorter
+    assert lookup([0, 0, 3, 4, 9, 5, 4, 1, 3, 4], 1, 1, 2) == [9]
+
+
+# ---------------------------------------------------------------- greedy parity
+
+
+SETTINGS = [
+    pytest.param({}, id="default"),
+    pytest.param({"max_num_batched_tokens": 16}, id="chunked-prefill"),
+    pytest.param({"kv_cache_tokens": 96, "page_size": 4}, id="preemption"),
+    pytest.param({"kv_cache": "radix", "page_size": 4}, id="radix"),
+    pytest.param({"kv_cache": "hicache", "page_size": 4}, id="hicache"),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_ngram_greedy_equals_transformers(case, settings):
+    model_dir, prompts, reference = case
+    outs, stats = generate(model_dir, prompts, speculator="ngram", **settings)
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > 0
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_rejected_drafts_are_rolled_back(case, settings):
+    """Every third draft is wrong: chains are cut mid-way and the KV past the cut is dropped;
+    the output is still the reference, and the correct drafts were accepted."""
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=3)
+    outs, stats = generate(model_dir, prompts, pm, speculator="oracle", **settings)
+    assert_same(outs, reference)
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_perfect_drafts_are_all_accepted(case):
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=0)
+    outs, stats = generate(model_dir, prompts, pm, speculator="oracle")
+    assert_same(outs, reference)
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    assert stats["spec_accept_length"] > 2.0  # several tokens per verify step
+
+
+def test_radix_cache_never_holds_rejected_tokens(case):
+    """Wrong drafts everywhere; then prompts that extend the first ones hit the cached
+    prefix. Had a rejected draft been inserted, the hit would carry its KV and tokens."""
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): [7] * MAX_NEW for p in prompts}, wrong_every=0)
+    settings = {"kv_cache": "radix", "page_size": 2, "speculator": "oracle"}
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, **settings) as llm:
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+        outs = llm.generate(prompts, params)
+        assert_same(outs, reference)
+        tree_tokens = _tree_sequences(llm.engine.kv)
+        for seq in tree_tokens:  # every cached sequence is a prefix of a real prompt + output
+            assert any((list(p) + ref)[: len(seq)] == seq for p, ref in zip(prompts, reference)), (
+                f"the radix tree holds a sequence that was never generated: {seq}"
+            )
+        longer = [list(p) + ref[:5] for p, ref in zip(prompts, reference)]
+        again = llm.generate(longer, params)
+        assert any(o.num_cached_tokens > 0 for o in again)
+    plain, _ = generate(model_dir, longer)
+    assert [o.token_ids for o in again] == [o.token_ids for o in plain]
+
+
+def _tree_sequences(cache) -> list[list[int]]:
+    """Token sequences from the radix tree's root to each node."""
+    out = []
+
+    def walk(node, prefix):
+        for child in node.children.values():
+            seq = prefix + list(child.key)
+            out.append(seq)
+            walk(child, seq)
+
+    walk(cache.tree.root, [])
+    return out
+
+
+def test_no_page_leaks_step_by_step(case):
+    """After every step the paged cache's pages are free xor held; at the end all are free."""
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=2)
+    config = EngineConfig(
+        model=str(model_dir), dtype="float32", device="cpu", speculator="oracle", page_size=2
+    )
+    engine = Engine(config, pm)
+    try:
+        requests = [
+            Request(p, SamplingParams(max_tokens=MAX_NEW, temperature=0.0)) for p in prompts
+        ]
+        for r in requests:
+            engine.add_request(r)
+        while engine.has_work():
+            engine.step()
+            engine.kv.check_invariants(engine.running)
+        assert engine.kv.num_free_pages == engine.kv.num_pages
+        assert [r.output_token_ids for r in requests] == reference
+        assert sum(r.num_accepted_tokens for r in requests) > 0
+        assert all(r.num_draft_tokens >= r.num_accepted_tokens for r in requests)
+    finally:
+        engine.close()
