@@ -96,6 +96,21 @@ def test_tp2_greedy_equals_one_process_and_transformers(tp_models, name):
     assert [r.output_token_ids for r in tp] == reference
 
 
+@pytest.mark.slow
+def test_tp2_with_an_fp8_kv_cache_equals_one_process(tp_models):
+    """Each rank's pool stores its heads in FP8 (rank 0's per-layer scales are passed on; no
+    plugin sets scales other than 1.0 yet, so this does not test them)."""
+    model_dir = tp_models["llama"]
+    first, _ = waves()
+    settings = dict(dtype="float32", device="cpu", kv_cache_dtype="fp8_e4m3")
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    with LLM(str(model_dir), tp_size=2, **settings) as llm:
+        assert llm.engine.kv.pool.is_fp8
+        tp = [o.token_ids for o in llm.generate(first, params)]
+    with LLM(str(model_dir), **settings) as llm:
+        assert tp == [o.token_ids for o in llm.generate(first, params)]
+
+
 def test_each_rank_reads_its_slices_and_together_they_make_the_checkpoint(tp_models):
     """Column slices (q by heads, k/v by KV heads), row slices (o, down), vocab rows padded."""
     model_dir = tp_models["qwen3-kv1"]
