@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,13 +21,14 @@ from pegboard.core.router.metrics import RouterMetrics
 from pegboard.core.router.pool import WorkerPool
 from pegboard.core.router.proxy import (
     FORWARDED_HEADERS,
+    ROUTED_PATHS,
     NoWorkerError,
     RouteError,
     forward,
+    parse_request,
     relay,
 )
 from pegboard.core.server.errors import APIError
-from pegboard.sdk.routing import RouteRequest, prompt_key
 from pegboard.sdk.slots import SLOTS, PluginContext, Router
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -36,8 +36,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: The request field each endpoint is routed by.
-ROUTED_PATHS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}
 
 
 @dataclass
@@ -79,21 +77,16 @@ def create_router_app(settings: RouterSettings, plugins: PluginManager | None = 
     )
 
     async def routed(request: Request) -> Response:
-        path = request.url.path
         raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return APIError(400, f"the request body is not valid JSON: {e}").response()
-        if not isinstance(body, dict):
-            return APIError(400, "the request body must be a JSON object").response()
-        route_request = RouteRequest(path, prompt_key(body.get(ROUTED_PATHS[path])), body)
-        headers = {k: v for k in FORWARDED_HEADERS if (v := request.headers.get(k)) is not None}
+            route_request, headers = parse_request(request.url.path, raw, request.headers)
+        except APIError as e:
+            return e.response()
+        stream = route_request.body.get("stream") is True
         try:
             upstream = await forward(
-                client, pool, policy, pm.hook, metrics, route_request, raw, headers,
-                stream=body.get("stream") is True,
-            )  # fmt: skip
+                client, pool, policy, pm.hook, metrics, route_request, raw, headers, stream
+            )
         except NoWorkerError as e:
             return APIError(503, str(e)).response()
         except RouteError as e:

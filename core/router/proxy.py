@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 import httpx
 from pegboard.core.router.metrics import RouterMetrics
 from pegboard.core.router.pool import Worker, WorkerPool
-from pegboard.sdk.routing import RouteRequest
+from pegboard.core.server.errors import APIError
+from pegboard.sdk.routing import RouteRequest, prompt_key
 from pegboard.sdk.slots import Router
 
 log = logging.getLogger("pegboard.router")
@@ -45,6 +46,23 @@ class Upstream:
     body: bytes = b""
     response: httpx.Response | None = None
     chunks: AsyncIterator[bytes] | None = None
+
+
+#: The request field each routed endpoint is keyed by.
+ROUTED_PATHS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}
+
+
+def parse_request(path: str, raw: bytes, headers) -> tuple[RouteRequest, dict[str, str]]:
+    """The `RouteRequest` of a routed endpoint's body and the headers to forward; `APIError`
+    400 for a body that is not a JSON object."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    forwarded = {k: v for k in FORWARDED_HEADERS if (v := headers.get(k)) is not None}
+    return RouteRequest(path, prompt_key(body.get(ROUTED_PATHS[path])), body), forwarded
 
 
 def choose(policy: Router, hook, request: RouteRequest, workers: list[Worker]) -> Worker:

@@ -7,11 +7,22 @@ import asyncio
 import logging
 import subprocess
 from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 from pegboard.core.router.app import RouterSettings, create_router_app
 
 log = logging.getLogger("pegboard.router")
+
+
+class _RouterServer(uvicorn.Server):
+    """uvicorn's server, except that SIGTERM / SIGINT ends it with status 0 (uvicorn re-raises
+    a captured signal after shutdown, which would make the exit status -15); a second one
+    exits at once."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.force_exit = self.should_exit
+        self.should_exit = True
 
 
 def run_router(
@@ -28,7 +39,7 @@ def run_router(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=log_level == "debug"
     )
-    server = uvicorn.Server(config)
+    server = _RouterServer(config)
     status = [0]
 
     async def main() -> None:
