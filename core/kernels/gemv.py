@@ -277,21 +277,30 @@ def gemv(
         block_m = triton.next_power_of_2(m)
         _gemv_kernel[grid](*args, x2.stride(0), out.stride(0), BLOCK_M=block_m, **common)
     if splits > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _split_k_sum_kernel[(m, triton.cdiv(n, block))](
-            partial,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            out.stride(0),
-            SPLITS=splits,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=4,
-            **pdl,
-        )
+        split_k_sum(partial, bias, out, pdl)
     return out.view(*x.shape[:-1], n)
+
+
+def split_k_sum(
+    partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, pdl: dict[str, bool]
+) -> None:
+    """`out [M, N] = partial.sum(0) + bias` for float32 partial sums `[splits, M, N]` (the
+    split-K kernels' second pass; also used by `w4a16`)."""
+    splits, m, n = partial.shape
+    block = min(1024, triton.next_power_of_2(n))
+    _split_k_sum_kernel[(m, triton.cdiv(n, block))](
+        partial,
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        out.stride(0),
+        SPLITS=splits,
+        HAS_BIAS=bias is not None,
+        BLOCK=block,
+        num_warps=4,
+        **pdl,
+    )
 
 
 # Launch configurations for decode, by (weight dtype, N, K) and rows of x rounded up to a power

@@ -11,11 +11,11 @@ of `SPLIT_K` slices of K in `BLOCK_K` steps. Each step loads a `[BLOCK_K / 8, BL
 words (16 bytes per thread along N, marked evict-first so the weights do not push x out of the
 cache), its scales and offsets, unpacks it into a `[BLOCK_K, BLOCK_N]` tile, and multiplies:
 
-- `_w4a16_dot_kernel` (tensor cores, `tl.dot`) for more rows (GEMM, and decode batches >= 8);
-- `_w4a16_gemv_kernel` (CUDA cores: float32 products summed over K in registers) for 1-4 rows,
-  where padding x to the 16 rows a tensor-core tile needs would waste the multiply.
+- `DOT` (tensor cores, `tl.dot`) for more rows (GEMM, and decode batches above 4);
+- otherwise (CUDA cores: float32 products summed over K in registers) for 1-4 rows, where
+  padding x to the 16 rows a tensor-core tile needs would waste the multiply (GEMV).
 
-With `SPLIT_K > 1` each program writes float32 partial sums and `_split_sum_kernel` adds them
+With `SPLIT_K > 1` each program writes float32 partial sums and `gemv.split_k_sum` adds them
 and the bias. With programmatic dependent launch (Hopper, `pdl`), a program issues its first
 weight tile before it waits for the kernel that writes x. Loop bounds are `tl.constexpr`
 (K is fixed per layer), so the kernels also run in Triton's CPU interpreter (tests).
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.gemv import split_k_sum
 from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 
 GEMV_MAX_ROWS = 4
@@ -88,10 +89,11 @@ def _store(
 
 
 @triton.jit
-def _w4a16_dot_kernel(
+def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
     K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -112,54 +114,12 @@ def _w4a16_dot_kernel(
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None], other=0.0
         )
-        acc += tl.dot(x, w.to(x.dtype))
+        if DOT:  # tensor cores
+            acc += tl.dot(x, w.to(x.dtype))
+        else:  # CUDA cores; the weight rounded to x's dtype first, as the dot path does
+            prod = x.to(tl.float32)[:, :, None] * w.to(x.dtype).to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=1)
     _store(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_s, HAS_BIAS, SPLIT_K > 1)
-
-
-@triton.jit
-def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
-    K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    K_SPLIT: tl.constexpr = K // SPLIT_K
-    k0 = pid_s * K_SPLIT + tl.arange(0, BLOCK_K)
-    w = _weight_tile(qw_ptr, s_ptr, m_ptr, k0, offs_n, n_mask, N, GROUP)
-    wait_for_inputs(PDL)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(K_SPLIT // BLOCK_K):
-        k = k0 + i * BLOCK_K
-        if i > 0:
-            w = _weight_tile(qw_ptr, s_ptr, m_ptr, k, offs_n, n_mask, N, GROUP)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None], other=0.0
-        )
-        # Round the weight to x's dtype first, as the tensor-core path and F.linear do.
-        prod = x.to(tl.float32)[:, :, None] * w.to(x.dtype).to(tl.float32)[None, :, :]
-        acc += tl.sum(prod, axis=1)
-    _store(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_s, HAS_BIAS,
-           SPLIT_K > 1)  # fmt: skip
-
-
-@triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLITS: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    wait_for_inputs(PDL)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(part_ptr + s * M * N + row * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def unsupported_reason(n: int, k: int, group: int) -> str | None:
@@ -216,9 +176,8 @@ def w4a16_linear(
     split = cfg.split_k
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     pdl = launch_options(x.device) if cfg.pdl else {"PDL": False}
-    kernel = _w4a16_gemv_kernel if gemv else _w4a16_dot_kernel
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    kernel[grid](
+    _w4a16_kernel[grid](
         x2,
         qweight,
         scales,
@@ -236,23 +195,11 @@ def w4a16_linear(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        DOT=not gemv,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl,
     )
     if split > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _split_sum_kernel[(m, triton.cdiv(n, block))](
-            partial,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            out.stride(0),
-            SPLITS=split,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=4,
-            **pdl,
-        )
+        split_k_sum(partial, bias, out, pdl)
     return out.view(*x.shape[:-1], n)
