@@ -125,7 +125,11 @@ def test_broken_plugin_is_listed_as_failed_and_everything_else_is_available(brok
     assert broken[0]["distribution"] == "pegboard-broken-plugin"
     others = [p for p in plugins if p["name"] != "broken"]
     assert {p["name"] for p in others} >= {"fcfs", "sjf", "paged", "torch", "standard"}
-    assert all(p["state"] == "available" for p in others)
+    # Loaded fine; a GPU-only backend on a machine without CUDA says why it cannot run here.
+    assert all(
+        p["state"] == "available" or p["state"] == f"unavailable: {p['unavailable']}"
+        for p in others
+    ), [p["state"] for p in others]
 
 
 def test_selecting_the_broken_plugin_names_its_package(broken_site, monkeypatch):

@@ -363,3 +363,22 @@ def test_device_ids_are_clamped_for_the_next_step_and_checked_on_the_host():
                        vocab_size=100)  # fmt: skip
     assert step.tokens.tolist() == [5, 99] and step.on_device
     assert step.take() == [5, 999]
+
+
+@pytest.mark.gpu
+def test_out_of_vocab_ids_on_cuda_fail_their_requests_and_the_device_stays_usable(tiny_llama_dir):
+    """With overlap the bad ids feed the next step before the host sees them: they must be
+    clamped there (no device-side assert), then fail their requests naming the sampler."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    llm = LLM(str(tiny_llama_dir), plugins=manager(), dtype="float32", device="cuda",
+              sampler="out-of-vocab")  # fmt: skip
+    try:
+        outs = llm.generate(prompts(3, 5), GREEDY)
+        for o in outs:
+            assert "sampler 'out-of-vocab'" in o.error and "'ids in vocabulary'" in o.error
+        llm.swap("sampler", "standard")
+        ok = llm.generate(prompts(2, 5), GREEDY)  # the CUDA context is still healthy
+        assert all(o.error is None and len(o.token_ids) == 4 for o in ok)
+    finally:
+        llm.close()
