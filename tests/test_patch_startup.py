@@ -90,3 +90,17 @@ def test_generate_logs_a_gated_out_patch_and_runs(site, tiny_llama_dir):
                     "--dtype", "float32", "--max-tokens", "2", "--patch", "future")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"{GATED}, not applied: pegboard 0.1.0 does not satisfy >=9" in proc.stderr
+
+
+def test_serve_logs_a_gated_out_patch_at_start_and_serves(site, tiny_llama_dir, tmp_path):
+    from test_server_process import ServerProcess
+
+    pythonpath = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    server = ServerProcess(tiny_llama_dir, tmp_path, "--patch", "future",
+                           env={"PYTHONPATH": pythonpath})  # fmt: skip
+    try:
+        server.wait_ready()
+        assert f"{GATED}, not applied: pegboard 0.1.0 does not satisfy >=9" in server.log()
+        assert server.health() == 200
+    finally:
+        assert server.stop() == 0, server.log()
