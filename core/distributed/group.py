@@ -38,6 +38,9 @@ class Groups:
         self.top = top
         self.device = device
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if top.init_addr.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+            # One host: gloo over loopback, whatever this machine's hostname resolves to.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(
