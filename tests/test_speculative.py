@@ -8,10 +8,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from fixtures import build_tiny_model
 from pegboard.core.config import EngineConfig
 from pegboard.core.engine import Engine
 from pegboard.core.llm import LLM
-from pegboard.core.plugin_manager import PluginManager
+from pegboard.core.plugin_manager import PluginError, PluginManager
+from pegboard.core.speculative import SpeculatorError
 from pegboard.plugins.speculative.ngram import lookup
 from pegboard.sdk.slots import Speculator
 from pegboard.sdk.types import Drafts, Request, SamplingParams
@@ -195,3 +197,98 @@ def test_no_page_leaks_step_by_step(case):
         assert all(r.num_draft_tokens >= r.num_accepted_tokens for r in requests)
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------- draft model
+
+
+def test_target_as_its_own_draft_is_always_accepted(case):
+    model_dir, prompts, reference = case
+    options = {"draft": {"model_path": str(model_dir), "num_draft_tokens": 3}}
+    outs, stats = generate(model_dir, prompts, speculator="draft", plugin_options=options)
+    assert_same(outs, reference)
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:3])
+def test_other_draft_model_greedy_equals_transformers(case, tmp_path_factory, settings):
+    model_dir, prompts, reference = case
+    draft = build_tiny_model(tmp_path_factory.mktemp("draft"), "llama", seed=1, num_hidden_layers=1)
+    options = {"draft": {"model_path": str(draft), "num_draft_tokens": 4}}
+    outs, stats = generate(
+        model_dir, prompts, speculator="draft", plugin_options=options, **settings
+    )
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > stats["spec_accepted_tokens"]
+
+
+def test_swapping_the_speculator_mid_run_changes_no_token(case):
+    model_dir, prompts, reference = case
+    options = {"draft": {"model_path": str(model_dir)}}
+    with LLM(
+        str(model_dir), dtype="float32", device="cpu", speculator="ngram", plugin_options=options
+    ) as llm:
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+        requests = [Request(p, params) for p in prompts]
+        for r in requests:
+            llm.engine.add_request(r)
+        swapped = None
+        while llm.engine.has_work():
+            llm.engine.step()
+            if swapped is None and any(r.num_output_tokens > 3 for r in requests):
+                swapped = llm.swap("speculator", "draft", model_path=str(model_dir))
+        assert swapped.result().active == "draft"
+        assert [r.output_token_ids for r in requests] == reference
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_speculator_fails_before_the_model_loads(case, monkeypatch):
+    model_dir, _, _ = case
+    monkeypatch.setattr("pegboard.core.engine.ModelRunner", _no_load)
+    with pytest.raises(PluginError, match="unknown speculator 'eagle9'"):
+        LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle9")
+
+
+def test_draft_with_another_vocabulary_fails_before_the_model_loads(case, tmp_path, monkeypatch):
+    model_dir, _, _ = case
+    draft = build_tiny_model(tmp_path / "draft", "llama", vocab_size=600)
+    monkeypatch.setattr("pegboard.core.engine.ModelRunner", _no_load)
+    options = {"draft": {"model_path": str(draft)}}
+    with pytest.raises(SpeculatorError, match=r"vocabulary \(600 tokens.*target's \(512\)"):
+        LLM(
+            str(model_dir),
+            dtype="float32",
+            device="cpu",
+            speculator="draft",
+            plugin_options=options,
+        )
+
+
+def test_draft_without_a_model_path_fails_before_the_model_loads(case, monkeypatch):
+    model_dir, _, _ = case
+    monkeypatch.setattr("pegboard.core.engine.ModelRunner", _no_load)
+    with pytest.raises(SpeculatorError, match="needs a draft model"):
+        LLM(str(model_dir), dtype="float32", device="cpu", speculator="draft")
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the target model was loaded before the speculator was checked")
+
+
+def test_a_failing_speculator_fails_no_request(case):
+    model_dir, prompts, reference = case
+
+    class Broken(Speculator):
+        name = "broken"
+
+        def propose(self, requests, max_tokens):
+            return [Drafts([999999])] * len(requests)  # out of the vocabulary
+
+    pm = PluginManager()
+    pm.add(Broken)
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, speculator="broken") as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
+        assert llm.engine.guard.errors[("speculator", "broken")] > 0
+    assert_same(outs, reference)
