@@ -102,6 +102,7 @@ def test_bench_serve_cancels_what_runs_past_the_time_limit(server, tmp_path):
     assert "time limit" in result["errors"][0]
 
 
+@pytest.mark.slow
 def test_bench_serve_waits_for_a_server_still_loading(tiny_llama_dir, tmp_path):
     proc = ServerProcess(tiny_llama_dir, tmp_path)  # not yet ready: /health answers 503
     try:
@@ -144,6 +145,7 @@ def test_random_serve_prompts_match_the_offline_workload():
     assert serve.build() == [(p, sp.max_tokens) for p, sp in zip(prompts, params)]
 
 
+@pytest.mark.slow
 def test_offline_peer_transformers_runs_the_same_workload(tiny_llama_dir, tmp_path):
     out, chart = tmp_path / "offline.json", tmp_path / "offline.png"
     rc = main(
@@ -187,6 +189,7 @@ def test_peer_runs_one_sequence_through_generate(tiny_llama_dir):
     assert result["output_tok_s"] > 0 and not result["timed_out"]
 
 
+@pytest.mark.slow
 def test_peer_stops_at_its_timeout(tiny_llama_dir):
     workload = OfflineWorkload(
         num_seqs=1, min_input=8, max_input=8, min_output=400, max_output=400, max_token_id=500
@@ -203,6 +206,7 @@ def test_peer_stops_at_its_timeout(tiny_llama_dir):
     assert 0 < result["output_tokens"] < 400
 
 
+@pytest.mark.slow
 def test_bench_serve_starts_and_stops_a_random_weight_server(tiny_llama_dir, tmp_path):
     """`--random-weights --config PATH`: a `pegboard serve` of its own with dummy weights of
     that config on --url's port; benchmarked, then stopped (the port is free again)."""

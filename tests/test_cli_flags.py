@@ -112,6 +112,7 @@ STARTUP_ERRORS = [
     (["--scheduler", "nosuch"], "nosuch"),
     (["--scheduler", "sjf", "--sjf-max-wait-steps", "-1"], "invalid options for scheduler"),
     (["--model", "/nonexistent/model-dir"], "/nonexistent/model-dir does not exist"),
+    (["--patch", "no-such-patch"], "no-such-patch"),
 ]
 
 

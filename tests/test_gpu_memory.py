@@ -62,10 +62,14 @@ def test_largest_step_fits_beside_the_pool(tiny_llama_dir):
 
 
 def test_no_memory_left_for_kv_is_a_clear_error(tiny_llama_dir):
-    from pegboard.core.engine import KVMemoryError
+    from pegboard.core.engine import ACTIVATION_ALLOWANCE, KVMemoryError
 
+    # A utilisation whose share of this card is smaller than the activation allowance alone,
+    # whatever the card's size (0.01 of an 80 GB card left nothing; of a 141 GB H200, 1.4 GB).
+    _, total = torch.cuda.mem_get_info()
+    util = ACTIVATION_ALLOWANCE / 2 / total
     with pytest.raises(KVMemoryError, match="no device memory is left for the KV cache"):
-        LLM(str(tiny_llama_dir), dtype="bfloat16", gpu_memory_utilization=0.01)
+        LLM(str(tiny_llama_dir), dtype="bfloat16", gpu_memory_utilization=util)
 
 
 def test_cuda_engine_defaults_to_the_triton_backend(tiny_llama_dir):

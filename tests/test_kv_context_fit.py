@@ -34,6 +34,7 @@ def test_an_asked_for_context_the_cache_cannot_hold_refuses_to_start(tiny_llama_
             max_model_len=256)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_models_endpoint_reports_the_served_context(tiny_llama_dir, tmp_path):
     server = ServerProcess(
         tiny_llama_dir, tmp_path, "--served-model-name", "tiny", "--skip-warmup",

@@ -46,6 +46,7 @@ def reference(tiny_llama_dir) -> dict[str, str]:
     return offline_texts(tiny_llama_dir, PROMPTS, MAX_TOKENS)
 
 
+@pytest.mark.slow
 def test_64_concurrent_streaming_clients_all_get_the_right_output(server, reference):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(64)]
 
@@ -66,6 +67,7 @@ def test_64_concurrent_streaming_clients_all_get_the_right_output(server, refere
     assert all(reason in ("stop", "length") for _, reason in results)
 
 
+@pytest.mark.slow
 def test_scheduler_swaps_under_load_lose_no_request(server, reference):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
 

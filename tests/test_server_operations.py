@@ -114,6 +114,7 @@ def hang_plugin(tmp_path) -> str:
     return str(site)
 
 
+@pytest.mark.slow
 def test_watchdog_exits_a_server_whose_step_is_stuck(tiny_llama_dir, tmp_path, hang_plugin):
     log = tmp_path / "metrics.jsonl"
     pythonpath = os.pathsep.join(filter(None, [hang_plugin, os.environ.get("PYTHONPATH")]))

@@ -115,6 +115,7 @@ async def stream_completion(
     return text, reason
 
 
+@pytest.mark.slow
 def test_listens_before_the_model_is_loaded_and_then_serves(tiny_llama_dir, tmp_path):
     server = ServerProcess(tiny_llama_dir, tmp_path)
     try:

@@ -29,7 +29,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)",
+        help="weights and activations (default auto: the checkpoint's dtype on CUDA, float32 on CPU)",
     )
     g.add_argument(
         "--device", default="auto", help="cpu, cuda or cuda:N (default auto: CUDA if present)"

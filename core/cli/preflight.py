@@ -1,5 +1,6 @@
 """Checks `serve` and `generate` run before anything slow: a typo in a plugin name, a bad
-plugin option or a missing model directory is one line and exit status 2 before the model
+plugin option, an unknown patch (or, with `--strict-patches`, a gated-out one) or a missing
+model directory is one line and exit status 2 before the model
 loads (and, in `serve`, before the port is bound); a busy port is found before the model loads
 too. Each check raises the error the CLI prints without a traceback."""
 
