@@ -12,6 +12,7 @@ on their own runner, so every rank runs the same collectives in the same order.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ class TensorParallel:
         self.groups = groups
         self.children = children
         self.device = str(groups.device)
-        self._last_pool: int | None = None
+        self._last_pool: weakref.ref[KVPool] | None = None
 
     @property
     def rank(self) -> int:
@@ -62,10 +63,14 @@ class TensorParallel:
         """Leader: send the followers this step's batch (a follower: nothing to do)."""
         if not self.is_leader:
             return
+        rows = batch.logits_rows  # speculative decoding: the rows whose logits are verified
+        num_rows = -1 if rows is None else len(rows)
         meta = (batch.query_lens_cpu, batch.seq_lens_cpu, batch.page_tables_cpu, batch.samples)
-        self._send("forward", meta)
-        flat = torch.cat([batch.input_ids, batch.positions, batch.slot_mapping])
-        self._guard(self.groups.broadcast_tensor, torch.cat([flat, batch.logits_indices]))
+        self._send("forward", (*meta, num_rows))
+        parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.logits_indices]
+        self._guard(
+            self.groups.broadcast_tensor, torch.cat(parts + ([] if rows is None else [rows]))
+        )
 
     def share_profile(self, max_tokens: int, max_requests: int) -> None:
         """Leader: make the followers run the same profile forward (it all-reduces)."""
@@ -79,8 +84,8 @@ class TensorParallel:
             return
         layout = (len(pool.k), tuple(pool.k[0].shape), str(pool.k[0].dtype), pool.page_size)
         layout += (list(pool.k_scales), list(pool.v_scales))  # an FP8 pool's per-layer scales
-        kept = self._last_pool == id(pool)
-        self._last_pool = id(pool)
+        kept = self._last_pool is not None and self._last_pool() is pool
+        self._last_pool = weakref.ref(pool)  # not keeping a swapped-out pool's memory alive
         options = attention.options.model_dump()
         self._send("bind", (attention.name, options, layout, kept, engine))
 
@@ -113,9 +118,10 @@ class TensorParallel:
 
     def receive_batch(self, meta) -> ForwardBatch:
         """Follower: the batch of a "forward" message, its tensors from the device broadcast."""
-        query_lens, seq_lens, page_tables, samples = meta
+        query_lens, seq_lens, page_tables, samples, num_rows = meta
         t, n = sum(query_lens), len(query_lens)
-        flat = torch.empty(3 * t + n, dtype=torch.int64, device=self.groups.device)
+        size = 3 * t + n + max(num_rows, 0)
+        flat = torch.empty(size, dtype=torch.int64, device=self.groups.device)
         self._guard(self.groups.broadcast_tensor, flat)
         return ForwardBatch(
             requests=[None] * n,
@@ -125,8 +131,9 @@ class TensorParallel:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             page_tables_cpu=page_tables,
-            logits_indices=flat[3 * t :],
+            logits_indices=flat[3 * t : 3 * t + n],
             samples=samples,
+            logits_rows=None if num_rows < 0 else flat[3 * t + n :],
         )
 
 
