@@ -292,3 +292,104 @@ def test_a_failing_speculator_fails_no_request(case):
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
         assert llm.engine.guard.errors[("speculator", "broken")] > 0
     assert_same(outs, reference)
+
+
+# ---------------------------------------------------------------- SGLang's flags
+
+
+def _parse(*flags):
+    import argparse
+
+    from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    return engine_settings(parser.parse_args(list(flags)))
+
+
+def test_sglang_flags_select_the_draft_speculator():
+    s = _parse(
+        "--speculative-algorithm",
+        "standalone",
+        "--speculative-draft-model-path",
+        "/d",
+        "--speculative-num-draft-tokens",
+        "5",
+    )
+    assert s["speculator"] == "draft"
+    assert s["plugin_options"]["draft"] == {"model_path": "/d", "num_draft_tokens": 4}
+
+
+def test_sglang_flags_select_ngram_with_num_steps():
+    s = _parse("--speculative-algorithm", "NGRAM", "--speculative-num-steps", "3")
+    assert s["speculator"] == "ngram"
+    assert s["plugin_options"]["ngram"] == {"num_draft_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--speculative-algorithm", "EAGLE3"),
+        ("--speculative-algorithm", "MEDUSA"),
+        ("--speculative-algorithm", "NGRAM", "--speculative-eagle-topk", "4"),
+    ],
+)
+def test_unsupported_speculative_flags_exit_2(flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(*flags)
+    assert exc.value.code == 2
+    assert "speculative" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_acceptance_is_counted_per_request_and_in_prometheus(case):
+    from pegboard.plugins.metrics.prometheus import PrometheusExporter
+
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=3)
+    with LLM(
+        str(model_dir),
+        dtype="float32",
+        device="cpu",
+        plugins=pm,
+        speculator="oracle",
+        metrics=["prometheus"],
+    ) as llm:
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+        requests = [Request(p, params) for p in prompts]
+        for r in requests:
+            llm.engine.add_request(r)
+        while llm.engine.has_work():
+            llm.engine.step()
+        exporter = next(p for p in pm.active_all("metrics") if isinstance(p, PrometheusExporter))
+        text = exporter.render().decode()
+    accepted = sum(r.num_accepted_tokens for r in requests)
+    drafted = sum(r.num_draft_tokens for r in requests)
+    assert 0 < accepted < drafted
+    assert f'pegboard:spec_accepted_tokens_total{{model_name="{model_dir}"}} {accepted}.0' in text
+    assert f'pegboard:spec_draft_tokens_total{{model_name="{model_dir}"}} {drafted}.0' in text
+
+
+def test_bench_offline_reports_acceptance(case, tmp_path):
+    """The target as its own STANDALONE draft: at temperature 0.6 the draft's distribution is
+    the target's, so rejection sampling accepts every draft."""
+    import json
+
+    from pegboard.core.cli.main import main
+
+    model_dir, _, _ = case
+    out = tmp_path / "offline.json"
+    rc = main(
+        ["bench", "offline", "--model", str(model_dir), "--dtype", "float32", "--device", "cpu",
+         "--num-seqs", "2", "--min-input", "8", "--max-input", "16", "--max-token-id", "500",
+         "--min-output", "8", "--max-output", "12", "--json", str(out),
+         "--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path",
+         str(model_dir), "--speculative-num-steps", "3"]
+    )  # fmt: skip
+    assert rc == 0
+    spec = json.loads(out.read_text())["speculation"]
+    assert spec["speculator"] == "draft" and spec["verify_steps"] > 0
+    assert spec["accept_rate"] == pytest.approx(1.0, abs=0.02)
+    assert spec["accept_length"] > 2.5

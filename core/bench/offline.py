@@ -58,6 +58,7 @@ def run_offline(
     prompts, params = workload.build()
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))
     steps_before = llm.engine.num_steps
+    spec_before = llm.engine.speculation.stats()  # acceptance figures of this run only
     with HostProfile(llm.engine) if profile_host else contextlib.nullcontext() as profile:
         start = time.perf_counter()
         outs = llm.generate(prompts, params, progress=progress)
@@ -78,4 +79,5 @@ def run_offline(
         "overlap": not llm.engine.config.disable_overlap,
         "cuda_graphs": llm.engine.runner.cuda_graphs is not None,
         "plugin_layer": plugin_layer_share(elapsed / max(steps, 1)),
+        "speculation": llm.engine.speculation.report(spec_before),
     } | ({"host_profile": profile.report()} if profile else {})

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pegboard.core.config import EngineConfig
+from pegboard.core.speculative.flags import add_speculative_arguments, speculative_settings
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -146,6 +147,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "SiLU-and-mul, rotary) on CUDA",
     )
     add_distributed_arguments(p)
+    add_speculative_arguments(p)  # SGLang's --speculative-* flags (core/speculative/flags.py)
     g.add_argument(
         "--patch",
         action="append",
@@ -170,7 +172,7 @@ FLAG_HINTS = {
     "--pipeline-parallel-size": "pegboard has no pipeline parallelism; use --tp-size",
     "--trust-remote-code": "pegboard runs its own model code (docs/architecture.md); drop the flag",
     "--tokenizer": "pegboard reads the tokenizer from --model's directory; put it there",
-    "--speculative-config": "speculative decoding is not built yet; drop the flag",
+    "--speculative-config": "use --speculative-algorithm NGRAM|STANDALONE (or --speculator)",
 }
 
 
@@ -223,6 +225,7 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     settings["patches"] = list(args.patches) + patches_from_env()
     settings["plugin_options"] = collect_plugin_options(args, PluginManager())
+    speculative_settings(args, settings)  # --speculative-algorithm NGRAM -> speculator ngram
     if os.environ.get("PEGBOARD_MODEL") and not settings.get("model"):
         settings["model"] = os.environ["PEGBOARD_MODEL"]
     return settings

@@ -229,6 +229,22 @@ class Speculation:
             results.append((r, tokens, lps))
         return results
 
+    def report(self, since: dict[str, float]) -> dict[str, float]:
+        """The figures since an earlier `stats()` (`bench offline`): verify steps, draft and
+        accepted tokens, acceptance rate and length (tokens per verify step)."""
+        now = self.stats()
+        n = now["spec_verify_steps"] - since["spec_verify_steps"]
+        drafts = now["spec_draft_tokens"] - since["spec_draft_tokens"]
+        accepted = now["spec_accepted_tokens"] - since["spec_accepted_tokens"]
+        return {
+            "speculator": self.speculator.name if self.speculator else None,
+            "verify_steps": n,
+            "draft_tokens": drafts,
+            "accepted_tokens": accepted,
+            "accept_rate": round(accepted / drafts, 4) if drafts else 0.0,
+            "accept_length": round((accepted + n) / n, 3) if n else 0.0,
+        }
+
     def stats(self) -> dict[str, float]:
         """Cumulative verify steps, draft and accepted tokens, and the mean acceptance length
         (tokens per verify step, the target's own token included)."""

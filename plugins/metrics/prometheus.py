@@ -26,6 +26,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SPEC_LENGTH_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 #: Seconds of step history `gen_throughput` averages over.
 THROUGHPUT_WINDOW_S = 5.0
 
@@ -125,6 +126,17 @@ class PrometheusExporter(MetricsExporter):
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Output length of finished requests.", TOKEN_BUCKETS
         )
+        # Speculative decoding (SGLang's spec_accept_length), per finished request.
+        self.spec_verify_steps = counter("spec_verify_steps_total", "Speculative verify steps.")
+        self.spec_draft_tokens = counter("spec_draft_tokens_total", "Draft tokens proposed.")
+        self.spec_accepted_tokens = counter(
+            "spec_accepted_tokens_total", "Draft tokens the target accepted."
+        )
+        self.spec_accept_length = histogram(
+            "spec_accept_length",
+            "Tokens per verify step (accepted drafts + 1) of finished requests.",
+            SPEC_LENGTH_BUCKETS,
+        )
 
     def export_metrics(self, snapshot: MetricsSnapshot) -> None:
         if snapshot.kind == "step":
@@ -184,6 +196,11 @@ class PrometheusExporter(MetricsExporter):
                 self.tpot.observe(decode / (r.num_output_tokens - 1))
         if r.finished_time is not None:
             self.e2e.observe(r.finished_time - r.arrival_time)
+        if r.num_spec_steps:
+            self.spec_verify_steps.inc(r.num_spec_steps)
+            self.spec_draft_tokens.inc(r.num_draft_tokens)
+            self.spec_accepted_tokens.inc(r.num_accepted_tokens)
+            self.spec_accept_length.observe(1 + r.num_accepted_tokens / r.num_spec_steps)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""
