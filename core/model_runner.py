@@ -86,7 +86,6 @@ class ModelRunner:
         want = max(1, min(have, self._flops_per_token * sum(num_tokens) // CPU_FLOPS_PER_THREAD))
         return contextlib.nullcontext() if want == have else _intra_op_threads(want, have)
 
-
     def set_attention(
         self,
         backend: AttentionBackend,
@@ -135,6 +134,9 @@ class ModelRunner:
         Each request's `page_table` must already cover `num_computed_tokens + n` tokens. A
         request whose last token is still `PENDING_TOKEN` (overlap scheduling) takes it from
         `pending`: on the device, without waiting for the previous step."""
+        batch = self._prepare_decode(requests, num_tokens, page_size, pending)
+        if batch is not None:
+            return batch
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -206,6 +208,74 @@ class ModelRunner:
             logits_indices=flat[3 * t : 3 * t + len(last_rows)],
             samples=samples,
             page_tables_array=self.page_tables.gather(requests, num_pages_each),
+        )
+
+    def _prepare_decode(
+        self,
+        requests: list[Request],
+        num_tokens: list[int],
+        page_size: int,
+        pending: PendingStep | None,
+    ) -> ForwardBatch | None:
+        """`prepare` for the common step where every request decodes its last token: list
+        comprehensions and numpy instead of the per-request loop, the KV slots read from the
+        page-table array. None when the step is anything else (the general path, which also
+        raises the errors, handles it)."""
+        n = len(requests)
+        if not n or len(num_tokens) != n or sum(num_tokens) != n:  # every n >= 1, so all 1
+            return None
+        starts = [r.num_computed_tokens for r in requests]
+        if any(s + 1 != len(r.token_ids) for s, r in zip(starts, requests)):
+            return None
+        num_pages = [s // page_size + 1 for s in starts]
+        if any(len(r.page_table) < k for r, k in zip(requests, num_pages)):
+            return None
+        last = [r.token_ids[-1] for r in requests]
+        fill_at = [i for i, t in enumerate(last) if t == PENDING_TOKEN]
+        if fill_at and (
+            pending is None or any(id(requests[i]) not in pending.rows for i in fill_at)
+        ):
+            return None  # the general path names the request
+        fill_from = [pending.rows[id(requests[i])] for i in fill_at] if fill_at else []
+        if fill_at and pending.host_ids is not None:  # the host has them: no device work
+            for at, row in zip(fill_at, fill_from):
+                last[at] = pending.host_ids[row]
+            fill_at, fill_from = [], []
+        table = self.page_tables.gather(requests, num_pages)
+        pos = np.asarray(starts, dtype=np.int64)
+        slots = table[np.arange(n), pos // page_size].astype(np.int64) * page_size
+        slots += pos % page_size
+        k = len(fill_at)
+        flat = to_device(
+            np.concatenate(
+                [
+                    np.asarray(last, dtype=np.int64),
+                    pos,
+                    slots,
+                    np.arange(n, dtype=np.int64),
+                    np.asarray(fill_at + fill_from, dtype=np.int64),
+                ]
+            ),
+            self.device,
+        )
+        input_ids = flat[:n]
+        if k:  # tokens still on the device, sampled by the previous step
+            index = flat[4 * n :]
+            input_ids.index_copy_(0, index[:k], pending.tokens.index_select(0, index[k:]))
+        return ForwardBatch(
+            requests=list(requests),
+            input_ids=input_ids,
+            positions=flat[n : 2 * n],
+            slot_mapping=flat[2 * n : 3 * n],
+            query_lens_cpu=[1] * n,
+            seq_lens_cpu=[s + 1 for s in starts],
+            page_tables_cpu=[
+                r.page_table if len(r.page_table) == m else r.page_table[:m]
+                for r, m in zip(requests, num_pages)
+            ],
+            logits_indices=flat[3 * n : 4 * n],
+            samples=[True] * n,
+            page_tables_array=table,
         )
 
     @torch.inference_mode()

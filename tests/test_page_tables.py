@@ -81,3 +81,40 @@ def test_the_runner_hands_the_array_to_the_attention_backend(tiny_llama_dir):
     assert len(seen) > 5
     for array, tables in seen:
         np.testing.assert_array_equal(array, padded(tables, [len(t) for t in tables]))
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
+def test_decode_fast_path_builds_the_general_paths_batch(tiny_llama_dir, overlap):
+    """`ModelRunner.prepare`'s decode-only path (no per-request loop) gives the same batch as
+    the general loop, step after step, with pending tokens filled on the device or the host."""
+    import torch
+    from pegboard.core.llm import LLM
+    from pegboard.sdk.types import SamplingParams
+
+    with LLM(
+        str(tiny_llama_dir), dtype="float32", device="cpu", page_size=4, disable_overlap=not overlap
+    ) as llm:
+        runner = llm.engine.runner
+        prepare, fast = runner.prepare, runner._prepare_decode
+        compared = []
+
+        def both(requests, num_tokens, page_size, pending=None):
+            got = prepare(requests, num_tokens, page_size, pending)
+            if fast(requests, num_tokens, page_size, pending) is not None:
+                runner._prepare_decode = lambda *a: None
+                try:
+                    want = prepare(requests, num_tokens, page_size, pending)
+                finally:
+                    runner._prepare_decode = fast
+                for name in ("input_ids", "positions", "slot_mapping", "logits_indices"):
+                    assert torch.equal(getattr(got, name), getattr(want, name)), name
+                for name in ("query_lens_cpu", "seq_lens_cpu", "page_tables_cpu", "samples"):
+                    assert getattr(got, name) == getattr(want, name), name
+                np.testing.assert_array_equal(got.page_tables_array, want.page_tables_array)
+                compared.append(len(requests))
+            return got
+
+        runner.prepare = both
+        prompts = [[5 + i] * (3 + 2 * i) for i in range(5)]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True))
+    assert len(compared) > 5 and max(compared) == 5

@@ -338,3 +338,47 @@ def test_to_device_does_not_wait_for_the_gpu():
     total = time.perf_counter() - start
     assert t.tolist() == list(range(1000))
     assert queued < total / 4, (queued, total)
+
+
+def test_batch_facts_are_reused_only_for_the_same_requests():
+    """The sampler keeps one batch's parameters while the same requests recur (decode steps);
+    a batch with any other request, even one with equal parameters, gets its own."""
+    sampler = StandardSampler()
+    a, b = requests_for(2, temperature=0.7, top_k=5)
+    c = Request([1], SamplingParams(temperature=0.0, logprobs=1), request_id="c")
+    first = sampler._batch_facts([a, b], 32)
+    assert sampler._batch_facts([a, b], 32) is first
+    assert sampler._batch_facts([b, a], 32) is not first
+    facts = sampler._batch_facts([a, c], 32)
+    assert facts.want_logprobs == [1] and not facts.greedy and facts.plain == [1]
+    assert sampler._batch_facts([c], 32).greedy
+
+
+def test_a_recurring_batch_samples_as_fresh_samplers_do(device):
+    """Consecutive steps of one batch through one sampler (cached facts) draw the tokens that
+    a new sampler per step draws (facts computed afresh), filtered and plain rows alike."""
+    torch.manual_seed(0)
+    steps = [torch.randn(4, 50, device=device) for _ in range(6)]
+
+    def batch():
+        rs = [
+            Request([1], SamplingParams(temperature=0.8, seed=7), request_id="s"),
+            Request([1], SamplingParams(temperature=1.2, top_p=0.9, seed=11), request_id="u"),
+            Request([1], SamplingParams(temperature=0.0), request_id="g"),
+            Request([1], SamplingParams(temperature=0.5, min_p=0.1, seed=3), request_id="m"),
+        ]
+        return rs
+
+    def run(fresh: bool) -> list[list[int]]:
+        rs, sampler, out = batch(), StandardSampler(), []
+        for logits in steps:
+            if fresh:
+                sampler = StandardSampler()
+            ids = sampler.sample(logits.clone(), rs).token_ids
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            for r, t in zip(rs, ids):
+                r.append_token(t)
+            out.append(ids)
+        return out
+
+    assert run(fresh=False) == run(fresh=True)

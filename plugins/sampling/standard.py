@@ -40,17 +40,22 @@ class StandardSampler(Sampler):
 
     Options = StandardSamplerOptions
 
+    def __init__(self, options: pydantic.BaseModel | None = None) -> None:
+        super().__init__(options)
+        self._facts: _BatchFacts | None = None  # the last batch's, reused while it recurs
+
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
-        params = [r.params for r in requests]
-        want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        facts = self._batch_facts(requests, logits.shape[-1])
+        params = facts.params
+        want_logprobs = facts.want_logprobs
         raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
-        if needs_penalties(requests):
+        if facts.penalties:
             logits = apply_penalties(logits, requests)
 
-        if all(p.greedy for p in params):
+        if facts.greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._draw(logits, requests)
+            tokens = self._draw(logits, requests, facts)
 
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
@@ -61,18 +66,32 @@ class StandardSampler(Sampler):
         # A device tensor: the engine copies it to the host without blocking (overlap).
         return SampleOutput(token_ids=tokens, logprobs=logprobs)
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _batch_facts(self, requests: list[Request], vocab: int) -> _BatchFacts:
+        """What the batch's parameters say; recomputed only when the batch changed (the same
+        request objects in the same order, as in consecutive decode steps, reuse it)."""
+        last = self._facts
+        if last is not None and last.vocab == vocab and last.requests == requests:
+            return last
+        self._facts = _BatchFacts(list(requests), vocab, self.options.seed)
+        return self._facts
+
+    def _draw(
+        self, logits: torch.Tensor, requests: list[Request], facts: _BatchFacts | None = None
+    ) -> torch.Tensor:
         """Sample one token per row; greedy rows take the argmax and consume no randomness.
 
         On CUDA, rows without top-k / top-p / min-p are drawn by the one-pass Gumbel-max
         kernel (`gumbel.py`); the others by `_draw_filtered`. Which path a row takes depends
         only on its own parameters, so a seeded request's draws never depend on its batch."""
         vocab = logits.shape[-1]
-        plain = [i for i, r in enumerate(requests) if _unfiltered(r.params, vocab)]
+        if facts is not None:
+            plain = facts.plain
+        else:
+            plain = [i for i, r in enumerate(requests) if _unfiltered(r.params, vocab)]
         if not plain or not _gumbel_available(logits.device):
             return self._draw_filtered(logits, requests)
         if len(plain) == len(requests):
-            return self._gumbel(logits, requests)
+            return self._gumbel(logits, requests, facts)
         plain_set = set(plain)
         rest = [i for i in range(len(requests)) if i not in plain_set]
         device = logits.device
@@ -83,27 +102,27 @@ class StandardSampler(Sampler):
         tokens[rest_rows] = self._draw_filtered(logits[rest_rows], [requests[i] for i in rest])
         return tokens
 
-    def _gumbel(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _gumbel(
+        self, logits: torch.Tensor, requests: list[Request], facts: _BatchFacts | None = None
+    ) -> torch.Tensor:
+        """Every row of `requests` by the Gumbel kernel (`facts`: of exactly these rows)."""
         from pegboard.plugins.sampling.gumbel import gumbel_sample
 
-        temperature = to_device(
-            [r.params.temperature for r in requests], logits.device, torch.float32
-        )
-        seeds = to_device(torch.from_numpy(self._draw_seeds(requests)), logits.device)
+        if facts is not None:
+            temperature, base = facts.temperature(logits.device), facts.base_seeds
+        else:
+            temperature = to_device(
+                [r.params.temperature for r in requests], logits.device, torch.float32
+            )
+            base = _base_seeds(requests, self.options.seed)
+        seeds = to_device(torch.from_numpy(self._draw_seeds(requests, base)), logits.device)
         return gumbel_sample(logits, temperature, seeds)
 
-    def _draw_seeds(self, requests: list[Request]) -> np.ndarray:
+    def _draw_seeds(self, requests: list[Request], base: np.ndarray | None = None) -> np.ndarray:
         """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
         and its arrival number) mixed with how many tokens it has drawn (splitmix64)."""
-        base = np.array(
-            [
-                r.params.seed % 2**64
-                if r.params.seed is not None
-                else (self.options.seed * _MIX + r.seq) % 2**64
-                for r in requests
-            ],
-            dtype=np.uint64,
-        )
+        if base is None:
+            base = _base_seeds(requests, self.options.seed)
         drawn = np.array([r.num_output_tokens + 1 for r in requests], dtype=np.uint64)
         with np.errstate(over="ignore"):
             x = base + drawn * np.uint64(_MIX)
@@ -166,6 +185,41 @@ class StandardSampler(Sampler):
             gen.manual_seed(seed)
             request.plugin_state[GENERATOR_KEY] = gen
         return gen
+
+
+class _BatchFacts:
+    """A batch's per-row sampling parameters, computed once per distinct batch. It holds the
+    request objects, so their ids cannot be reused by new requests while it is cached."""
+
+    def __init__(self, requests: list[Request], vocab: int, sampler_seed: int) -> None:
+        self.requests, self.vocab = requests, vocab
+        self.params = [r.params for r in requests]
+        self.want_logprobs = [i for i, p in enumerate(self.params) if p.logprobs is not None]
+        self.penalties = needs_penalties(requests)
+        self.greedy = all(p.greedy for p in self.params)
+        self.plain = [i for i, p in enumerate(self.params) if _unfiltered(p, vocab)]
+        self.base_seeds = _base_seeds(requests, sampler_seed)
+        self._temperature: torch.Tensor | None = None
+
+    def temperature(self, device: torch.device) -> torch.Tensor:
+        """The rows' temperatures on `device` (float32), copied there once."""
+        if self._temperature is None or self._temperature.device != device:
+            temps = [p.temperature for p in self.params]
+            self._temperature = to_device(temps, device, torch.float32)
+        return self._temperature
+
+
+def _base_seeds(requests: list[Request], sampler_seed: int) -> np.ndarray:
+    """Each request's seed, or (unseeded) one from the sampler's seed and its arrival number."""
+    return np.array(
+        [
+            r.params.seed % 2**64
+            if r.params.seed is not None
+            else (sampler_seed * _MIX + r.seq) % 2**64
+            for r in requests
+        ],
+        dtype=np.uint64,
+    )
 
 
 def _unfiltered(params, vocab: int) -> bool:
