@@ -137,8 +137,12 @@ def pick_config(m: int, n: int, k: int) -> W4A16Config:
     H200 sweep of `scripts/bench_w4a16.py --sweep` is what should replace them)."""
     block_k = 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32
     if m <= GEMV_MAX_ROWS:
-        block_n = 64
-        cfg = W4A16Config(triton.next_power_of_2(m), block_n, block_k, num_stages=2)
+        # The CUDA-core path holds a [rows, BLOCK_K, BLOCK_N] product tile in registers: keep
+        # it near 64 float32 per thread (128 threads).
+        block_m = triton.next_power_of_2(m)
+        block_k = min(block_k, 64)
+        block_n = 128 // block_m
+        cfg = W4A16Config(block_m, block_n, block_k, num_stages=2)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         block_n = 64 if m <= 64 else 128
