@@ -393,3 +393,28 @@ def test_bench_offline_reports_acceptance(case, tmp_path):
     assert spec["speculator"] == "draft" and spec["verify_steps"] > 0
     assert spec["accept_rate"] == pytest.approx(1.0, abs=0.02)
     assert spec["accept_length"] > 2.5
+
+
+# ---------------------------------------------------------------- conformance
+
+
+def test_builtin_speculators_conform(tiny_llama_dir):
+    from pegboard.plugins.speculative.draft import DraftModelSpeculator
+    from pegboard.plugins.speculative.ngram import NgramSpeculator
+    from pegboard.sdk.testing import check_speculator
+
+    check_speculator(NgramSpeculator)
+    check_speculator(DraftModelSpeculator, {"model_path": str(tiny_llama_dir)}, vocab_size=512)
+
+
+def test_conformance_kit_catches_a_speculator_over_its_limit():
+    from pegboard.sdk.testing import ConformanceError, check_speculator
+
+    class Greedy(Speculator):
+        name = "greedy"
+
+        def propose(self, requests, max_tokens):
+            return [Drafts([1] * (k + 1)) for k in max_tokens]
+
+    with pytest.raises(ConformanceError, match=r"at most max_tokens\[i\] tokens"):
+        check_speculator(Greedy)

@@ -27,6 +27,7 @@ TEMPLATED_SLOTS = (
     "router",
     "transfer",
     "linear",
+    "speculator",
 )
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _CLASS_SUFFIX = {
@@ -38,6 +39,7 @@ _CLASS_SUFFIX = {
     "router": "Router",
     "transfer": "Transfer",
     "linear": "Linear",
+    "speculator": "Speculator",
 }
 
 
