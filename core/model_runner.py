@@ -193,10 +193,7 @@ class ModelRunner:
             ),
             self.device,
         )
-        input_ids = flat[:t]
-        if k:  # tokens still on the device, sampled by the previous step
-            index = flat[3 * t + len(last_rows) :]
-            input_ids.index_copy_(0, index[:k], pending.tokens.index_select(0, index[k:]))
+        input_ids = _fill_pending(flat[:t], flat[3 * t + len(last_rows) :], pending)
         return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
@@ -245,7 +242,6 @@ class ModelRunner:
         pos = np.asarray(starts, dtype=np.int64)
         slots = table[np.arange(n), pos // page_size].astype(np.int64) * page_size
         slots += pos % page_size
-        k = len(fill_at)
         flat = to_device(
             np.concatenate(
                 [
@@ -258,10 +254,7 @@ class ModelRunner:
             ),
             self.device,
         )
-        input_ids = flat[:n]
-        if k:  # tokens still on the device, sampled by the previous step
-            index = flat[4 * n :]
-            input_ids.index_copy_(0, index[:k], pending.tokens.index_select(0, index[k:]))
+        input_ids = _fill_pending(flat[:n], flat[4 * n :], pending)
         return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
@@ -333,6 +326,17 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         torch.cuda.empty_cache()
         return int(peak)
+
+
+def _fill_pending(
+    input_ids: torch.Tensor, index: torch.Tensor, pending: PendingStep | None
+) -> torch.Tensor:
+    """Write the previous step's sampled tokens, still on the device, into `input_ids`:
+    `index` holds the input rows, then their rows in `pending.tokens` (empty: nothing to do)."""
+    k = index.shape[0] // 2
+    if k:
+        input_ids.index_copy_(0, index[:k], pending.tokens.index_select(0, index[k:]))
+    return input_ids
 
 
 @contextlib.contextmanager
