@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 from pegboard.core.bench.serve import (
@@ -29,14 +31,30 @@ from pegboard.core.bench.serve import (
 )
 
 
-async def measure(worker: str, router: str, n: int, warmup: int = 10) -> dict:
-    """TTFT of `n` requests each way, alternating direct and routed."""
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` (Linux `/proc`), None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    worker: str, router: str, n: int, warmup: int = 10, router_pid: int | None = None
+) -> dict:
+    """TTFT of `n` requests each way, alternating direct and routed; with `router_pid`, also
+    the router's CPU time per request (what it adds when the machine is not busy: on a loaded
+    machine the wall-clock difference also counts waits for a core)."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0)) as client:
         await wait_ready(client, worker, 300.0)
         await wait_ready(client, router, 60.0)
         model = await discover_model(client, worker)
         ttft: dict[str, list[float]] = {"direct": [], "router": []}
+        cpu_start = None
         for i in range(warmup + n):
+            if i == warmup and router_pid is not None:
+                cpu_start = cpu_seconds(router_pid)
             for name, base in (("direct", worker), ("router", router)):
                 prompt = f"request {i}: say something"
                 record = await send_request(client, base, model, prompt, 1, 0.0)
@@ -44,6 +62,8 @@ async def measure(worker: str, router: str, n: int, warmup: int = 10) -> dict:
                     raise RuntimeError(f"{name} request failed: {record.error}")
                 if i >= warmup:
                     ttft[name].append(record.ttft)
+    cpu_end = cpu_seconds(router_pid) if router_pid is not None else None
+    cpu_ms = None if cpu_start is None or cpu_end is None else (cpu_end - cpu_start) * 1000 / n
     paired = [(r - d) * 1000 for d, r in zip(ttft["direct"], ttft["router"])]
     direct, routed = latency_summary(ttft["direct"]), latency_summary(ttft["router"])
     return {
@@ -53,6 +73,9 @@ async def measure(worker: str, router: str, n: int, warmup: int = 10) -> dict:
         "ttft_ms_router": routed,
         "p50_added_ms": round(routed["p50"] - direct["p50"], 3),
         "median_paired_added_ms": round(statistics.median(paired), 3),
+        "router_cpu_ms_per_request": None if cpu_ms is None else round(cpu_ms, 3),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
     }
 
 
@@ -74,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
          "--port", str(port), "--log-level", "warning"]
     )  # fmt: skip
     try:
-        result = asyncio.run(measure(worker, f"http://127.0.0.1:{port}", args.n))
+        result = asyncio.run(
+            measure(worker, f"http://127.0.0.1:{port}", args.n, router_pid=router.pid)
+        )
     finally:
         stop_replicas([router], timeout=30)
     text = json.dumps(result, indent=2)
