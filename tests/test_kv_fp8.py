@@ -173,3 +173,22 @@ def test_triton_backend_reads_fp8_like_the_torch_backend(decode):
         outs.append(backend.forward(0, q, k, v).float())
     rel = (outs[1] - outs[0]).norm() / outs[0].norm()
     assert rel < 2e-2, f"relative error {rel:.2e}"
+
+
+def test_checkpoint_kv_scales_become_the_fp8_pool_scales(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "scaled"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    state = load_file(model_dir / "model.safetensors")
+    state["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+    state["model.layers.0.self_attn.v_scale"] = torch.tensor(0.25)
+    state["model.layers.1.self_attn.kv_scale"] = torch.tensor([2.0])
+    save_file(state, str(model_dir / "model.safetensors"))
+    fp8 = LLM(str(model_dir), device="cpu", kv_cache_dtype="fp8_e4m3")
+    assert fp8.engine.kv.pool.k_scales == [0.5, 2.0]
+    assert fp8.engine.kv.pool.v_scales == [0.25, 2.0]
+    plain = LLM(str(model_dir), device="cpu")  # the same checkpoint, model-dtype KV
+    assert plain.engine.kv.pool.k_scales == []

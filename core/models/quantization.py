@@ -228,10 +228,17 @@ def describe_layers(model: nn.Module) -> str:
     return "; ".join(parts)
 
 
-def check_kv_dtype(backend: object, pool, attention: str) -> None:
+def check_kv_dtype(backend: object, pool, attention: str, model: nn.Module | None = None) -> None:
     """Refuse, before serving, an attention backend that cannot read the pool's storage type:
     an FP8 pool (`--kv-cache-dtype fp8_e4m3`) needs a backend whose class sets
-    `supports_fp8_kv = True` (the `triton` and `torch` backends)."""
+    `supports_fp8_kv = True` (the `triton` and `torch` backends). An FP8 pool takes the
+    checkpoint's per-layer KV scales (`model.kv_scales`), 1.0 for layers without one."""
+    scales = getattr(model, "kv_scales", None)
+    if pool.is_fp8 and scales:
+        layers = len(pool.k)
+        pool.k_scales = [scales.get(i, {}).get("k", 1.0) for i in range(layers)]
+        pool.v_scales = [scales.get(i, {}).get("v", 1.0) for i in range(layers)]
+        log.info("FP8 KV cache: per-layer scales from the checkpoint for %d layers", len(scales))
     if pool.is_fp8 and not getattr(type(backend), "supports_fp8_kv", False):
         raise ValueError(
             f"attention plugin {attention!r} does not read an FP8 KV cache "

@@ -7,6 +7,7 @@ they belong to, one at a time, so peak memory stays near the model's own size.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 INDEX_FILE = "model.safetensors.index.json"
 #: Checkpoint entries that carry no weights (rope tables some exporters saved).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+#: Per-layer KV cache scales of FP8-KV checkpoints (llm-compressor / vLLM names).
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale)")
 
 
 @dataclass
@@ -83,6 +86,9 @@ def checkpoint_targets(
     targets: dict[str, TensorTarget | LayerTarget] = {}
     for prefix, module in model.named_modules():
         parent = prefix.rpartition(".")[0]
+        if hasattr(module, "checkpoint_targets"):  # stacked MoE experts name their own tensors
+            targets.update(module.checkpoint_targets(prefix))
+            continue
         if isinstance(module, LinearLayer) and not module.loads_by_parameter:
             for shard in module.spec.shard_sizes:
                 for suffix in module.tensor_suffixes:
@@ -136,6 +142,8 @@ def load_checkpoint(
                     continue  # the embedding serves as the head
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
+                if _read_kv_scale(model, name, handle):
+                    continue
                 target = targets.get(name)
                 if target is None:
                     raise ModelLoadError(
@@ -154,6 +162,18 @@ def load_checkpoint(
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise ModelLoadError(f"{model_dir}: missing tensor(s) {shown}")
+
+
+def _read_kv_scale(model: nn.Module, name: str, handle) -> bool:
+    """Keep a checkpoint's per-layer KV scale in `model.kv_scales[layer]` (for an FP8 pool)."""
+    m = _KV_SCALE.fullmatch(name)
+    if m is None or not hasattr(model, "kv_scales"):
+        return False
+    value = float(handle.get_tensor(name).float().reshape(-1)[0])
+    kinds = ("k", "v") if m.group(2) == "kv_scale" else (m.group(2)[0],)
+    for kind in kinds:
+        model.kv_scales.setdefault(int(m.group(1)), {})[kind] = value
+    return True
 
 
 def _give(path: Path, name: str, handle, target: LayerTarget) -> None:
