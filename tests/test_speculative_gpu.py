@@ -1,0 +1,54 @@
+"""Speculative decoding on CUDA with the Triton attention backend: the verify forward is an
+ordinary multi-token extend over the paged KV, so greedy outputs (float32) equal the
+non-speculative ones, with decode CUDA graphs on for the steps that do not draft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import SamplingParams
+from test_speculative import MAX_NEW, oracle_plugins, repetitive_prompts
+
+pytestmark = pytest.mark.gpu
+
+
+def run(model_dir, prompts, plugins=None, **settings):
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    with LLM(
+        str(model_dir), dtype="float32", device="cuda", attention="triton", plugins=plugins,
+        **settings,
+    ) as llm:  # fmt: skip
+        outs = [o.token_ids for o in llm.generate(prompts, params)]
+        return outs, llm.engine.speculation.stats()
+
+
+@pytest.fixture(scope="module")
+def gpu_case(tiny_llama_dir):
+    assert torch.cuda.is_available()
+    prompts = repetitive_prompts(512, n=16)
+    plain, _ = run(tiny_llama_dir, prompts)
+    return tiny_llama_dir, prompts, plain
+
+
+@pytest.mark.parametrize("settings", [{}, {"kv_cache": "radix", "page_size": 4}])
+def test_triton_verify_with_rejections_equals_plain_decoding(gpu_case, settings):
+    model_dir, prompts, plain = gpu_case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, plain)}, wrong_every=3)
+    outs, stats = run(model_dir, prompts, pm, speculator="oracle", **settings)
+    assert outs == plain
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_triton_target_as_its_own_draft_is_always_accepted(gpu_case):
+    model_dir, prompts, plain = gpu_case
+    options = {"draft": {"model_path": str(model_dir), "num_draft_tokens": 4}}
+    outs, stats = run(model_dir, prompts, speculator="draft", plugin_options=options)
+    assert outs == plain
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+
+
+def test_triton_ngram_equals_plain_decoding(gpu_case):
+    model_dir, prompts, plain = gpu_case
+    outs, _ = run(model_dir, prompts, speculator="ngram")
+    assert outs == plain
