@@ -27,7 +27,7 @@ from pegboard.core.distributed import start_tensor_parallel
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.loader import resolve_device
-from pegboard.core.models.quantization import select_linear
+from pegboard.core.models.quantization import check_kv_dtype, select_linear
 from pegboard.core.outputs import RequestOutput, stop_reason
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.patches import apply_patches
@@ -453,6 +453,7 @@ class Engine:
             "max_running_requests": c.max_running_requests,
             "schedule_conservativeness": c.schedule_conservativeness,
             "seed": c.seed,
+            "kv_cache_dtype": c.kv_cache_dtype,
             "model_name": c.model or self.model_dir.name,  # as `serve` names it by default
         }
 
@@ -523,6 +524,7 @@ class Engine:
         backend = self.hook.attention_kernel(model=self.info, pool=pool)
         if backend is None:
             raise SwapError("the attention plugin returned no backend")
+        check_kv_dtype(backend, pool, self.plugins.active("attention").name, self.runner.model)
         if self.tp is not None:  # every rank builds its backend over its own pool of local heads
             self.tp.bind(self.plugins.active("attention"), pool, self.ctx.engine)
         c = self.config

@@ -10,6 +10,7 @@ without `@hookimpl`; use `@hookimpl(wrapper=True)` to wrap another slot's hook.
 
 from pegboard.core.hookspecs import hookimpl
 from pegboard.sdk.device import to_device
+from pegboard.sdk.linear import LinearLayer, LinearMethod, LinearSpec, QuantizationConfig
 from pegboard.sdk.patch import Patch, PatchError, requires
 from pegboard.sdk.routing import RouteRequest, WorkerLoad, prompt_key
 from pegboard.sdk.slots import (
@@ -46,6 +47,10 @@ from pegboard.sdk.types import (
 )
 
 __all__ = [
+    "LinearLayer",
+    "LinearMethod",
+    "LinearSpec",
+    "QuantizationConfig",
     "SLOTS",
     "Attention",
     "AttentionBackend",
