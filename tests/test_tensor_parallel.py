@@ -344,3 +344,34 @@ def test_a_quantized_checkpoint_is_refused_under_tp(tp_models, tmp_path):
     config = EngineConfig(model=str(gptq), device="cpu", tp_size=2)
     with pytest.raises(DistributedConfigError, match="quantized checkpoint.*--tp-size 1"):
         check_tensor_parallel(config)
+
+
+@pytest.mark.slow
+def test_torchrun_starts_the_ranks_and_rank_0_serves(tp_models, tmp_path):
+    model_dir = tp_models["llama"]
+    port, master = free_port(), free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "--master-port", str(master), "-m", "pegboard.core.cli.main", "serve"]
+    cmd += ["--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--tp-size", "2"]
+    cmd += ["--port", str(port), "--served-model-name", "tiny"]
+    log = (tmp_path / "torchrun.log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess.__new__(ServerProcess)  # the helper's client and readiness checks
+    server.url, server.proc, server.log_path = (
+        f"http://127.0.0.1:{port}",
+        proc,
+        tmp_path / "torchrun.log",
+    )
+    try:
+        server.wait_ready()
+        prompt = "hello world"
+        reply = server.client().completions.create(
+            model="tiny", prompt=prompt, max_tokens=12, temperature=0
+        )
+        assert reply.choices[0].text == offline_texts(model_dir, [prompt], 12)[prompt]
+        assert "tensor parallel: rank 0 of 2" in server.log()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
