@@ -218,15 +218,16 @@ def test_cache_aware_keeps_a_shared_prefix_on_one_worker_until_the_load_guard_tr
 
 
 def test_a_killed_worker_loses_no_request_that_had_not_started_streaming(
-    workers, router_for, tiny_llama_dir, tmp_path, expected
+    workers, tiny_llama_dir, tmp_path, expected
 ):
     victim = ServerProcess(tiny_llama_dir, tmp_path, *NAMED).wait_ready()
+    # Checks every 60 s: only the requests themselves can find out that the victim died.
+    router = RouterProcess(
+        [workers[0].url, victim.url], tmp_path, "--router-policy", "round_robin",
+        "--health-interval", "60",
+    )  # fmt: skip
     try:
-        # Checks every 60 s: only the requests themselves can find out that the victim died.
-        router = RouterProcess(
-            [workers[0].url, victim.url], tmp_path, "--router-policy", "round_robin",
-            "--health-interval", "60",
-        ).wait_healthy(2)  # fmt: skip
+        router.wait_healthy(2)
         victim.proc.send_signal(signal.SIGSTOP)  # it accepts connections but answers nothing
 
         async def run():
@@ -247,10 +248,10 @@ def test_a_killed_worker_loses_no_request_that_had_not_started_streaming(
         assert state[1]["healthy"] is False and state[1]["failures"] == len(expected) // 2
         metrics = httpx.get(router.url + "/metrics").text
         assert f'pegboard_router:requests_retried_total{{worker="{victim.url}"}} 2.0' in metrics
-        assert router.stop() == 0, router.log()
     finally:
         victim.proc.kill()
         victim.stop()
+        assert router.stop() == 0, router.log()
 
 
 def test_without_a_healthy_worker_the_router_answers_503(tmp_path):
