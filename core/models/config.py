@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from pegboard.core.models.errors import ModelLoadError
+from pegboard.core.models.moe_config import MoEConfig, parse_moe
 
-#: HF architecture class -> our family name. All four share one decoder implementation.
+#: HF architecture class -> our family name. All share one decoder implementation (the MoE
+#: families swap sparse layers' MLP for `pegboard.core.models.moe.MoEBlock`).
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "mistral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 _MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -56,6 +61,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     sliding_window: int | None
     torch_dtype: str | None
+    moe: MoEConfig | None = None  # the experts of an MoE family; None for a dense model
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -108,13 +114,18 @@ class ModelConfig:
             rms_norm_eps=field.positive_float("rms_norm_eps", default=1e-6),
             rope=_rope(raw, source),
             # Qwen2 hard-codes q/k/v biases and no o_proj bias; the others follow attention_bias.
-            qkv_bias=True if family == "qwen2" else attention_bias,
-            o_bias=False if family == "qwen2" else attention_bias,
+            qkv_bias=True
+            if family == "qwen2"
+            else bool(raw.get("qkv_bias", True))
+            if family == "qwen2_moe"
+            else attention_bias,
+            o_bias=False if family in ("qwen2", "qwen2_moe") else attention_bias,
             mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=_sliding_window(raw, family, source),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            moe=parse_moe(raw, family, source),
         )
 
 
@@ -195,7 +206,7 @@ def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
 def _sliding_window(raw: dict[str, Any], family: str, source: str) -> int | None:
     window = raw.get("sliding_window")
     uses_window = (
-        (family == "mistral" and window is not None)
+        (family in ("mistral", "mixtral") and window is not None)
         or bool(raw.get("use_sliding_window"))
         or "sliding_attention" in (raw.get("layer_types") or [])
     )

@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DecoderAttention(cfg, layer, rotary, linear)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DecoderMLP(cfg, layer, linear)
+        self.mlp = _mlp(cfg, layer, linear)
 
     def forward(
         self,
@@ -146,6 +146,15 @@ class DecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, attn)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def _mlp(cfg: ModelConfig, layer: int, linear: LinearFactory) -> nn.Module:
+    """The layer's feed-forward: SwiGLU, or an MoE family's sparse block (`moe.MoEBlock`)."""
+    if cfg.moe is None or not cfg.moe.is_sparse(layer):
+        return DecoderMLP(cfg, layer, linear)
+    from pegboard.core.models.moe import MoEBlock  # imports this module
+
+    return MoEBlock(cfg, layer, sum(cfg.moe.is_sparse(i) for i in range(layer)), linear)
 
 
 class DecoderBody(nn.Module):
