@@ -46,7 +46,7 @@ def post(server: ServerProcess, path: str, json: dict | None = None, **kw) -> ht
     if json is not None:  # escaped as `\\uXXXX`, so that lone surrogates can be sent
         kw["content"] = dumps(json)
         kw["headers"] = {"content-type": "application/json"}
-    return httpx.post(server.url + path, timeout=120, **kw)
+    return httpx.post(server.url + path, timeout=600, **kw)
 
 
 def test_a_50_mb_body_is_413_unread(server):

@@ -52,7 +52,9 @@ class ServerProcess:
         except httpx.TransportError:
             return None
 
-    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+    def wait_ready(self, timeout: float = 900.0) -> ServerProcess:
+        """Wait for /health 200 (the timeout only bounds a hang: a busy 2-core machine may take
+        minutes to load and warm up even the tiny model)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -74,7 +76,7 @@ class ServerProcess:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.request(method, self.url + path, headers=headers, timeout=60, **kw)
 
-    def stop(self, timeout: float = 60.0) -> int:
+    def stop(self, timeout: float = 300.0) -> int:
         """SIGTERM, then the exit status (killing it if it does not exit in time)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -120,7 +122,7 @@ def test_listens_before_the_model_is_loaded_and_then_serves(tiny_llama_dir, tmp_
     server = ServerProcess(tiny_llama_dir, tmp_path)
     try:
         statuses = []
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 900  # bounds a hang only
         while time.monotonic() < deadline and 200 not in statuses:
             if server.proc.poll() is not None:
                 pytest.fail(server.log())
@@ -147,5 +149,5 @@ def test_a_model_that_cannot_load_exits_with_status_1(tmp_path):
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     server = ServerProcess(empty, tmp_path)
-    assert server.proc.wait(120) == 1
+    assert server.proc.wait(600) == 1
     assert "not-a-model" in server.log()
