@@ -329,7 +329,6 @@ def test_sglang_flags_select_ngram_with_num_steps():
 @pytest.mark.parametrize(
     "flags",
     [
-        ("--speculative-algorithm", "EAGLE3"),
         ("--speculative-algorithm", "MEDUSA"),
         ("--speculative-algorithm", "NGRAM", "--speculative-eagle-topk", "4"),
     ],

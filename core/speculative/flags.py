@@ -1,12 +1,12 @@
 """SGLang's speculative decoding flags, mapped onto the `speculator` slot and its options.
 
-    --speculative-algorithm NGRAM       -> --speculator ngram
-    --speculative-algorithm STANDALONE  -> --speculator draft (--speculative-draft-model-path)
-    --speculative-num-steps N           -> N draft tokens per step (a chain of N)
-    --speculative-num-draft-tokens N    -> N - 1 draft tokens per step (N tokens verified)
-    --speculative-eagle-topk K          -> K = 1 only (chains; the core does not verify trees yet)
-
-EAGLE and EAGLE3 are accepted names with a clear error: their heads are not built yet.
+--speculative-algorithm NGRAM       -> --speculator ngram
+--speculative-algorithm STANDALONE  -> --speculator draft (--speculative-draft-model-path)
+--speculative-algorithm EAGLE|EAGLE3 -> --speculator eagle (the head's directory in
+                                       --speculative-draft-model-path; its config says which)
+--speculative-num-steps N           -> N draft tokens per step (a chain of N)
+--speculative-num-draft-tokens N    -> N - 1 draft tokens per step (N tokens verified)
+--speculative-eagle-topk K          -> K = 1 only (chains; the core does not verify trees yet)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-ALGORITHMS = {"NGRAM": "ngram", "STANDALONE": "draft", "EAGLE": None, "EAGLE3": None}
+ALGORITHMS = {"NGRAM": "ngram", "STANDALONE": "draft", "EAGLE": "eagle", "EAGLE3": "eagle"}
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,11 +23,10 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
         "--speculative-algorithm",
         type=str.upper,
         choices=list(ALGORITHMS),
-        action=_Algorithm,
-        help="NGRAM (prompt lookup) or STANDALONE (a draft model); EAGLE/EAGLE3: not built yet",
+        help="NGRAM (prompt lookup), STANDALONE (a draft model), EAGLE / EAGLE3 (a head)",
     )
     g.add_argument(
-        "--speculative-draft-model-path", metavar="DIR", help="the draft model (STANDALONE)"
+        "--speculative-draft-model-path", metavar="DIR", help="the draft model or EAGLE head"
     )
     g.add_argument("--speculative-num-steps", type=int, metavar="N", help="draft tokens per step")
     g.add_argument(
@@ -41,18 +40,6 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-class _Algorithm(argparse.Action):
-    """EAGLE / EAGLE3: exit 2 naming what to use instead, before anything loads."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if ALGORITHMS[values] is None:
-            parser.error(
-                f"{option_string} {values}: EAGLE heads are not built in pegboard yet; use "
-                "NGRAM, or STANDALONE with --speculative-draft-model-path"
-            )
-        setattr(namespace, self.dest, values)
-
-
 def _topk(text: str) -> int:
     if int(text) != 1:
         raise argparse.ArgumentTypeError("only 1 (chains): the core does not verify trees yet")
@@ -61,7 +48,7 @@ def _topk(text: str) -> int:
 
 def speculative_settings(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     """Fold the SGLang flags into `settings` (`speculator`, `plugin_options`); ValueError for
-    flags that do not fit together (EAGLE and trees already failed at parse time)."""
+    flags that do not fit together (trees already failed at parse time)."""
     algorithm = getattr(args, "speculative_algorithm", None)
     if not algorithm:
         return
@@ -76,8 +63,6 @@ def speculative_settings(args: argparse.Namespace, settings: dict[str, Any]) -> 
             raise ValueError("speculation needs at least one draft token per step")
         options["num_draft_tokens"] = steps
     if args.speculative_draft_model_path:
-        if name != "draft":
-            raise ValueError(
-                "--speculative-draft-model-path needs --speculative-algorithm STANDALONE"
-            )
+        if name == "ngram":
+            raise ValueError("--speculative-draft-model-path does not go with NGRAM")
         options["model_path"] = args.speculative_draft_model_path

@@ -28,6 +28,7 @@ import logging
 import torch
 from pegboard.core.overlap import PENDING_TOKEN
 from pegboard.core.speculative import verify as V
+from pegboard.core.speculative.hidden import TargetHidden
 from pegboard.sdk.device import to_device
 from pegboard.sdk.types import Drafts, ForwardBatch, Request, StepBudget, TokenLogprobs
 
@@ -80,6 +81,10 @@ class Speculation:
     def __init__(self, engine) -> None:
         self.engine = engine
         self._drafts: dict[int, tuple[Request, Drafts, int]] = {}  # id -> (request, drafts, len)
+        self._bound = None  # the speculator `bind_target` was called for
+        self._hidden: TargetHidden | None = None  # hooks capturing target hidden states
+        self._last_batch: ForwardBatch | None = None
+        self._kept: dict[int, int] = {}  # id(request) -> rows the last verify kept
         #: Cumulative counters for metrics (`pegboard:spec_*`, `bench offline`).
         self.num_verify = 0
         self.num_drafts = 0
@@ -105,6 +110,10 @@ class Speculation:
         self._drafts.clear()
         if self.speculator is None:
             return num_tokens
+        self._bind(self.speculator)
+        if self._hidden is not None and self._last_batch is not None:
+            self._hidden.hand_out(self._last_batch, self._kept)  # the last forward's features
+        self._last_batch, self._kept = None, {}
         e = self.engine
         limits = self._limits(scheduled, num_tokens, budget)
         asked = [(i, r) for i, r in enumerate(scheduled) if limits[i] > 0]
@@ -126,6 +135,22 @@ class Speculation:
                 r.token_ids.extend(d.tokens)
                 num_tokens[i] += len(d.tokens)
         return num_tokens
+
+    def _bind(self, speculator) -> None:
+        """Give a speculator that reads the target (EAGLE) the model and capture the hidden
+        states it asks for; once per speculator (again after a swap)."""
+        if speculator is self._bound:
+            return
+        if self._hidden is not None:
+            self._hidden.remove()
+            self._hidden = None
+        bind = getattr(speculator, "bind_target", None)
+        if bind is not None:
+            bind(self.engine.runner.model)
+        layers = getattr(speculator, "target_layers", None)
+        if getattr(speculator, "reads_target_hidden", False) and layers:
+            self._hidden = TargetHidden(self.engine.runner.model, layers)
+        self._bound = speculator
 
     def _limits(
         self, scheduled: list[Request], num_tokens: list[int], budget: StepBudget
@@ -166,6 +191,8 @@ class Speculation:
     def mark_rows(self, batch: ForwardBatch) -> None:
         """Ask `forward` for logits at each drafting request's last token and drafts (and at
         the last token of every other sampling request), in batch order."""
+        if self._hidden is not None:
+            self._last_batch = batch  # its rows' hidden states go to the requests next step
         if not self._drafts:
             return
         rows, end = [], 0
@@ -216,6 +243,7 @@ class Speculation:
                 gen = V.generator_for(r, logits.device, self.engine.config.seed)
                 tokens = V.accept_sampled(V.target_probs(logits[s : s + k + 1], r), drafts, gen)
             accepted = len(tokens) - 1
+            self._kept[id(r)] = 1 + accepted  # rows whose target hidden states stand
             r.num_computed_tokens += accepted
             r.num_spec_steps += 1
             r.num_draft_tokens += k

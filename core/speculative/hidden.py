@@ -1,0 +1,75 @@
+"""Target hidden states for speculators that read them (EAGLE): captured with forward hooks
+on the target's layers (no change to the model code), handed to each request after its step.
+
+A speculator that wants them sets `target_layers` (a list of layer indices: the residual
+stream entering each of those layers, `num_layers` meaning after the last layer, as SGLang's
+EAGLE-3 `layers_to_capture`), or `"final"` (the normed output, EAGLE-1/2). After every target
+forward, each request's rows that the target kept (all computed tokens; for a drafting request
+its last token and the accepted drafts) are appended to `request.plugin_state[FEATURES_KEY]`
+as `(first position, tensor [rows, features])`; the speculator consumes and clears them.
+"""
+
+from __future__ import annotations
+
+import torch
+from pegboard.sdk.types import ForwardBatch
+
+FEATURES_KEY = "target_hidden"
+
+
+class TargetHidden:
+    """Forward hooks on a target model capturing the hidden states a speculator asked for."""
+
+    def __init__(self, model, layers: list[int] | str) -> None:
+        self.layers = layers
+        self.captured: dict[int | str, torch.Tensor] = {}
+        self.handles = []
+        body = model.model
+        if layers == "final":
+            self.handles.append(body.norm.register_forward_hook(self._final))
+            return
+        for i in sorted(set(layers)):
+            module = body.layers[i] if i < len(body.layers) else body.norm
+            offset = (
+                1 if i < len(body.layers) else 0
+            )  # a layer's args: (positions, hidden, residual, attn)
+            self.handles.append(module.register_forward_pre_hook(self._pre(i, offset)))
+
+    def _pre(self, i: int, offset: int):
+        def hook(module, args):
+            hidden, residual = args[offset], args[offset + 1]
+            self.captured[i] = hidden if residual is None else hidden + residual
+
+        return hook
+
+    def _final(self, module, args, output):
+        self.captured["final"] = output[0] if isinstance(output, tuple) else output
+
+    def features(self) -> torch.Tensor | None:
+        """`[tokens of the last forward, features]`: the captured states, concatenated."""
+        if self.layers == "final":
+            return self.captured.get("final")
+        if any(i not in self.captured for i in self.layers):
+            return None
+        return torch.cat([self.captured[i] for i in self.layers], dim=-1)
+
+    def hand_out(self, batch: ForwardBatch, kept: dict[int, int]) -> None:
+        """Append each request's kept rows (see the module docstring) to its plugin state."""
+        features = self.features()
+        if features is None:
+            return
+        end = 0
+        for r, q, seq_len in zip(batch.requests, batch.query_lens_cpu, batch.seq_lens_cpu):
+            start, end = end, end + q
+            if r.finished:
+                continue
+            rows = kept.get(id(r), q)
+            r.plugin_state.setdefault(FEATURES_KEY, []).append(
+                (seq_len - q, features[start : start + rows].detach().clone())
+            )
+        self.captured.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

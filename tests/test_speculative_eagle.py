@@ -1,0 +1,185 @@
+"""EAGLE heads (random weights, SGLang's checkpoint formats): speculation with them is
+lossless in float32 on CPU (transformers as the oracle) across chunked prefill, preemption and
+radix hits; the head reads the target's hidden states (three auxiliary layers for EAGLE-3)
+and maps its reduced vocabulary with `d2t`; a head for another target fails before loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import test_speculative
+import torch
+from pegboard.core.llm import LLM
+from pegboard.core.speculative import SpeculatorError
+from pegboard.sdk.types import SamplingParams
+from safetensors.torch import save_file
+from test_speculative import SETTINGS, assert_same, generate
+
+case = test_speculative.case  # the module's fixture: tiny target, prompts, transformers' outputs
+
+H, INTER, HEADS, KV_HEADS, VOCAB, DRAFT_VOCAB = 64, 128, 4, 2, 512, 256
+
+
+def build_eagle3_head(path, hidden=H, aux=(0, 0, 1), seed=0):
+    """An EAGLE-3 head as SGLang loads it: `fc` over three target layers, `midlayer` with
+    2 * hidden wide q/k/v inputs, `norm`, a reduced `lm_head` and `d2t` (draft id i -> 2i)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).contiguous()
+
+    hd = H // HEADS
+    tensors = {
+        "fc.weight": w(H, 3 * hidden),
+        "midlayer.hidden_norm.weight": torch.ones(H),
+        "midlayer.input_layernorm.weight": torch.ones(H),
+        "midlayer.post_attention_layernorm.weight": torch.ones(H),
+        "midlayer.self_attn.q_proj.weight": w(HEADS * hd, 2 * H),
+        "midlayer.self_attn.k_proj.weight": w(KV_HEADS * hd, 2 * H),
+        "midlayer.self_attn.v_proj.weight": w(KV_HEADS * hd, 2 * H),
+        "midlayer.self_attn.o_proj.weight": w(H, HEADS * hd),
+        "midlayer.mlp.gate_proj.weight": w(INTER, H),
+        "midlayer.mlp.up_proj.weight": w(INTER, H),
+        "midlayer.mlp.down_proj.weight": w(H, INTER),
+        "norm.weight": torch.ones(H),
+        "lm_head.weight": w(DRAFT_VOCAB, H),
+        "d2t": torch.arange(DRAFT_VOCAB),  # draft id i -> target id i + i
+        "t2d": torch.arange(VOCAB) % 2 == 0,
+    }
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "hidden_size": H,
+        "target_hidden_size": hidden,
+        "intermediate_size": INTER,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": 1,
+        "vocab_size": VOCAB,
+        "draft_vocab_size": DRAFT_VOCAB,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux)},
+    }
+    return _save(path, config, tensors)
+
+
+def build_eagle1_head(path, seed=0):
+    """An EAGLE-1/2 head: `fc` over [embedding, hidden], `layers.0` without its input norm."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).contiguous()
+
+    hd = H // HEADS
+    p = "layers.0."
+    tensors = {
+        "fc.weight": w(H, 2 * H),
+        p + "post_attention_layernorm.weight": torch.ones(H),
+        p + "self_attn.q_proj.weight": w(HEADS * hd, H),
+        p + "self_attn.k_proj.weight": w(KV_HEADS * hd, H),
+        p + "self_attn.v_proj.weight": w(KV_HEADS * hd, H),
+        p + "self_attn.o_proj.weight": w(H, HEADS * hd),
+        p + "mlp.gate_proj.weight": w(INTER, H),
+        p + "mlp.up_proj.weight": w(INTER, H),
+        p + "mlp.down_proj.weight": w(H, INTER),
+    }
+    config = {
+        "architectures": ["LlamaForCausalLMEagle"],
+        "hidden_size": H,
+        "intermediate_size": INTER,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": 1,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    }
+    return _save(path, config, tensors)
+
+
+def _save(path, config, tensors):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eagle_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle")
+    return build_eagle3_head(root / "eagle3"), build_eagle1_head(root / "eagle1")
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:4])
+def test_eagle3_head_is_lossless(case, eagle_case, settings):
+    model_dir, prompts, reference = case
+    head = eagle_case[0]
+    outs, stats = generate(
+        model_dir, prompts, speculator="eagle", plugin_options={"eagle": {"model_path": str(head)}},
+        **settings,
+    )  # fmt: skip
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > 0
+
+
+def test_eagle1_head_is_lossless(case, eagle_case):
+    model_dir, prompts, reference = case
+    options = {"eagle": {"model_path": str(eagle_case[1])}}
+    outs, stats = generate(model_dir, prompts, speculator="eagle", plugin_options=options)
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > 0
+
+
+def test_eagle3_reads_three_target_layers_and_maps_draft_ids(case, eagle_case):
+    model_dir, prompts, _ = case
+    seen = []
+    options = {"eagle": {"model_path": str(eagle_case[0])}}
+    with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+             plugin_options=options) as llm:  # fmt: skip
+        spec = llm.engine.plugins.active("speculator")
+        original = spec.propose
+
+        def propose(requests, max_tokens):
+            out = original(requests, max_tokens)
+            seen.extend(t for d in out for t in d.tokens)
+            return out
+
+        spec.propose = propose
+        llm.engine.plugins.unregister(spec)
+        llm.engine.plugins.register(spec)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0.0))
+        assert spec.target_layers == [1, 1, 2]  # aux ids (0, 0, 1) + 1; 2 = after the last
+        assert spec.head.fc.in_features == 3 * H
+    assert seen and all(t % 2 == 0 for t in seen)  # d2t maps draft id i to target id 2i
+
+
+def test_eagle_flags_select_the_head(eagle_case):
+    from test_speculative import _parse
+
+    s = _parse("--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "/h",
+               "--speculative-num-steps", "3")  # fmt: skip
+    assert s["speculator"] == "eagle"
+    assert s["plugin_options"]["eagle"] == {"model_path": "/h", "num_draft_tokens": 3}
+
+
+def test_head_for_another_hidden_size_fails_before_the_model_loads(case, tmp_path, monkeypatch):
+    model_dir, _, _ = case
+    head = build_eagle3_head(tmp_path / "wide", hidden=128)
+    monkeypatch.setattr("pegboard.core.engine.ModelRunner", _no_load)
+    with pytest.raises(SpeculatorError, match="hidden states of size 128, the target's are 64"):
+        LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+            plugin_options={"eagle": {"model_path": str(head)}})  # fmt: skip
+
+
+def test_a_draft_model_is_not_an_eagle_head(case, monkeypatch):
+    model_dir, _, _ = case
+    monkeypatch.setattr("pegboard.core.engine.ModelRunner", _no_load)
+    with pytest.raises(SpeculatorError, match="not an EAGLE head"):
+        LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+            plugin_options={"eagle": {"model_path": str(model_dir)}})  # fmt: skip
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the target model was loaded before the speculator was checked")
