@@ -229,6 +229,7 @@ class KVSender(_Session):
     handle: Any = None
     num_bytes: int = 0
     num_runs: int = 0
+    transfer_started: float = 0.0
 
     def on_bootstrap(
         self, peer: str, layout: PoolLayout, dst_pages: list[int], start_page: int
@@ -255,6 +256,7 @@ class KVSender(_Session):
     def transferring(self, handle: Any, num_bytes: int, num_runs: int, timeout: float) -> None:
         """The plugin started the copies (`handle`); they must end within `timeout` s."""
         self.handle, self.num_bytes, self.num_runs = handle, num_bytes, num_runs
+        self.transfer_started = time.monotonic()
         self._advance(KVPoll.TRANSFERRING, timeout)
 
     def succeed(self) -> None:

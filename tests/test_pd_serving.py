@@ -111,8 +111,8 @@ def start_pair(model_dir, tmp_path, backend: str, *prefill_flags: str):
         model_dir, tmp_path, *ENGINE, "--disaggregation-mode", "decode", "--transfer", backend,
         env=UCX,
     )  # fmt: skip
-    prefill.wait_ready()
-    decode.wait_ready()
+    prefill.wait_ready(timeout=600)  # two servers start at once on 2 busy cores
+    decode.wait_ready(timeout=600)
     router = RouterProcess(
         tmp_path, "--prefill", prefill.url, str(bport), "--decode", decode.url
     ).wait_ready()
@@ -140,7 +140,7 @@ def test_pd_through_the_router_equals_colocated_and_streams(tiny_llama_dir, tmp_
         stream = complete(client, PROMPTS[1], stream=True)
         assert "".join(c.choices[0].text for c in stream) == expected[1]
         assert metric(decode, "kv_cache_usage_perc") == 0.0
-        assert "room" in prefill.log() and "bytes in" in prefill.log()  # transfers happened
+        assert "GB/s" in prefill.log()  # the KV went through the transfer plugin
     finally:
         router.stop()
         prefill.stop()

@@ -201,15 +201,19 @@ class PrefillSide:
         s.transferring(handle, sum(r.nbytes for r in runs), len(runs), timeout)
 
     def _log_done(self, s: KVSender) -> None:
-        seconds = max(time.monotonic() - s.started, 1e-9)
+        """One line per transfer (`scripts/bench_pd.py` reads the bandwidth from it)."""
+        now = time.monotonic()
+        seconds = max(now - s.transfer_started, 1e-9)
         self.transferred_bytes += s.num_bytes
         log.info(
-            "room %d: %d bytes in %d runs to %s, %.1f ms since arrival",
+            "room %d: KV %d bytes in %d runs to %s in %.3f ms (%.2f GB/s), %.1f ms after arrival",
             s.room,
             s.num_bytes,
             s.num_runs,
             s.peer,
             seconds * 1e3,
+            s.num_bytes / seconds / 1e9,
+            (now - s.started) * 1e3,
         )
 
     def _end(self, room: int, s: KVSender) -> None:

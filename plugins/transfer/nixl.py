@@ -24,6 +24,8 @@ from pegboard.sdk.slots import KVTransfer, Plugin, PluginContext
 from pegboard.sdk.transfer import ByteRun, KVTransferError
 from pegboard.sdk.types import KVPool, Request
 
+#: UCX transports for device memory on one host (NVLink/PCIe peer copies, then staging).
+GPU_TLS = "cuda_ipc,cuda_copy,tcp"
 #: Import names of the NIXL wheels: the `nixl` meta package, then the CUDA-specific ones.
 NIXL_MODULES = ("nixl._api", "nixl_cu13._api", "nixl_cu12._api")
 
@@ -32,8 +34,10 @@ class NixlOptions(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     backend: str = pydantic.Field("UCX", description="NIXL backend plugin")
-    ucx_tls: str = pydantic.Field(
-        "tcp", description="UCX_TLS when it is not set already (tcp works everywhere)"
+    ucx_tls: str | None = pydantic.Field(
+        None,
+        description="UCX_TLS when it is not set already; default: tcp on CPU, "
+        "cuda_ipc,cuda_copy,tcp on GPUs",
     )
 
 
@@ -64,7 +68,8 @@ class NixlTransfer(KVTransfer):
     Options = NixlOptions
 
     def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
-        os.environ.setdefault("UCX_TLS", self.options.ucx_tls)
+        gpu = ctx.device.type == "cuda"
+        os.environ.setdefault("UCX_TLS", self.options.ucx_tls or (GPU_TLS if gpu else "tcp"))
         os.environ.setdefault("UCX_MODULES", "^ib")
         api = _nixl_api()
         self.agent_name = f"pegboard-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,241 @@
+"""PD disaggregation on two GPUs vs colocated on one and DP=2 on two (random weights).
+
+Setups, each started, measured and stopped in turn:
+- `colocated`: one `pegboard serve` on GPU 0.
+- `pd`: prefill server on GPU 0, decode server on GPU 1 (`--transfer BACKEND`), and
+  `pegboard router --pd` in front.
+- `dp2`: `pegboard serve --dp-size 2` (one replica per GPU behind the built-in router).
+
+Per setup: (1) greedy outputs of `--check-prompts` prompts (must equal colocated's); (2) the
+mixed load: `--streams` decode streams (short prompt, `--stream-tokens` tokens each) start at
+once; after `--long-delay` s, `--long-prompts` prompts of `--long-len` tokens arrive one per
+`--long-gap` s. Reported: the decode streams' ITL p50/p99 (gaps between streamed chunks while
+long prompts arrive) and TTFT, the long prompts' TTFT, and for `pd` the KV transfer bandwidth
+per request (from the prefill server's log lines). Prints JSON.
+
+    python scripts/bench_pd.py --config qwen3-0.6b --backend mooncake
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+PY = [sys.executable, "-m", "pegboard.core.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], gpus: str | None, logdir: str) -> None:
+        env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+        env.setdefault("UCX_MODULES", "^ib")
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+        self.log_path = os.path.join(logdir, f"{name}.log")
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
+def wait_healthy(url: str, procs: list[Proc], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.proc.poll() is not None:
+                raise RuntimeError(f"{p.log_path} exited {p.proc.returncode}:\n{p.log()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def serve_cmd(model_dir: str, port: int, extra: list[str]) -> list[str]:
+    return [*PY, "serve", "--model", model_dir, "--load-format", "dummy", "--served-model-name",
+            "m", "--port", str(port), *extra]  # fmt: skip
+
+
+def start(setup: str, model_dir: str, backend: str, logdir: str, server_args: list[str]):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if setup == "colocated":
+        procs = [Proc("colocated", serve_cmd(model_dir, port, server_args), "0", logdir)]
+    elif setup == "dp2":
+        procs = [
+            Proc("dp2", serve_cmd(model_dir, port, ["--dp-size", "2", *server_args]), "0,1", logdir)
+        ]
+    else:
+        pp, dp, bport = free_port(), free_port(), free_port()
+        pd = ["--transfer", backend]
+        prefill = Proc("prefill", serve_cmd(model_dir, pp, [*pd, "--disaggregation-mode", "prefill",
+                       "--disaggregation-bootstrap-port", str(bport), *server_args]), "0", logdir)  # fmt: skip
+        decode = Proc("decode", serve_cmd(model_dir, dp, [*pd, "--disaggregation-mode", "decode",
+                      *server_args]), "1", logdir)  # fmt: skip
+        wait_healthy(f"http://127.0.0.1:{pp}", [prefill])
+        wait_healthy(f"http://127.0.0.1:{dp}", [decode])
+        router = Proc("router", [*PY, "router", "--pd", "--port", str(port), "--prefill",
+                      f"http://127.0.0.1:{pp}", str(bport), "--decode",
+                      f"http://127.0.0.1:{dp}"], None, logdir)  # fmt: skip
+        procs = [prefill, decode, router]
+    wait_healthy(url, procs)
+    return url, procs
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int):
+    """(ttft, gaps between chunks, text) of one streamed greedy completion."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    start = time.perf_counter()
+    times, text = [], []
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            times.append(time.perf_counter())
+            text.append(chunk["choices"][0]["text"])
+    ttft = times[0] - start if times else float("nan")
+    return ttft, [b - a for a, b in zip(times, times[1:])], "".join(text)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+async def workload(url: str, args) -> dict:
+    rng = random.Random(0)
+    vocab = args.max_token_id
+    limits = httpx.Limits(max_connections=None)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        checks = [[rng.randrange(100, vocab) for _ in range(rng.randint(16, 600))]
+                  for _ in range(args.check_prompts)]  # fmt: skip
+        outputs = [(await stream_one(client, url, p, 32))[2] for p in checks]
+        streams = [[rng.randrange(100, vocab) for _ in range(128)] for _ in range(args.streams)]
+        longs = [[rng.randrange(100, vocab) for _ in range(args.long_len)]
+                 for _ in range(args.long_prompts)]  # fmt: skip
+
+        async def long_arrivals():
+            await asyncio.sleep(args.long_delay)
+            tasks = []
+            for p in longs:
+                tasks.append(asyncio.create_task(stream_one(client, url, p, 16)))
+                await asyncio.sleep(args.long_gap)
+            return await asyncio.gather(*tasks)
+
+        decode = [stream_one(client, url, p, args.stream_tokens) for p in streams]
+        started = time.perf_counter()
+        *decoded, long_results = await asyncio.gather(*decode, long_arrivals())
+        elapsed = time.perf_counter() - started
+    gaps = [g for _, gs, _ in decoded for g in gs]
+    return {
+        "outputs": outputs,
+        "decode_itl_p50_ms": pct(gaps, 50) * 1e3,
+        "decode_itl_p99_ms": pct(gaps, 99) * 1e3,
+        "decode_itl_max_ms": max(gaps) * 1e3 if gaps else float("nan"),
+        "decode_ttft_p50_ms": statistics.median(t for t, _, _ in decoded) * 1e3,
+        "long_ttft_p50_ms": statistics.median(t for t, _, _ in long_results) * 1e3,
+        "long_ttft_max_ms": max(t for t, _, _ in long_results) * 1e3,
+        "output_tok_s": sum(len(gs) + 1 for _, gs, _ in decoded) / elapsed,
+    }
+
+
+TRANSFER_LINE = re.compile(
+    r"KV (\d+) bytes in (\d+) runs to \S+ in ([0-9.]+) ms \(([0-9.]+) GB/s\)"
+)
+
+
+def transfer_stats(log: str) -> dict:
+    rows = [(int(b), int(n), float(ms), float(g)) for b, n, ms, g in TRANSFER_LINE.findall(log)]
+    if not rows:
+        return {"transfers": 0}
+    return {
+        "transfers": len(rows),
+        "bytes_per_request_p50": statistics.median(r[0] for r in rows),
+        "runs_per_request_p50": statistics.median(r[1] for r in rows),
+        "ms_per_request_p50": statistics.median(r[2] for r in rows),
+        "gb_s_per_request_p50": statistics.median(r[3] for r in rows),
+        "gb_s_per_request_max": max(r[3] for r in rows),
+        "largest_request_bytes": max(r[0] for r in rows),
+        "largest_request_gb_s": max(rows)[3],
+    }
+
+
+def main() -> None:
+    from pegboard.core.bench.models import random_weights_model_dir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="qwen3-0.6b")
+    p.add_argument("--backend", default="mooncake", choices=["mooncake", "nixl"])
+    p.add_argument("--setups", default="colocated,pd,dp2")
+    p.add_argument("--check-prompts", type=int, default=8)
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--stream-tokens", type=int, default=512)
+    p.add_argument("--long-prompts", type=int, default=8)
+    p.add_argument("--long-len", type=int, default=8000)
+    p.add_argument("--long-delay", type=float, default=2.0)
+    p.add_argument("--long-gap", type=float, default=0.5)
+    p.add_argument("--max-token-id", type=int, default=30000)
+    p.add_argument("--server-args", default="", help="more `pegboard serve` flags")
+    args = p.parse_args()
+    model_dir = str(random_weights_model_dir(args.config))
+    logdir = os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-pd-")
+    results = {"config": args.config, "backend": args.backend}
+    for setup in args.setups.split(","):
+        url, procs = start(setup, model_dir, args.backend, logdir, args.server_args.split())
+        try:
+            results[setup] = asyncio.run(workload(url, args))
+            if setup == "pd":
+                results[setup]["kv_transfer"] = transfer_stats(procs[0].log())
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+        print(f"{setup}: done", file=sys.stderr, flush=True)
+    base = results.get("colocated", {}).get("outputs")
+    for setup in args.setups.split(","):
+        outs = results[setup].pop("outputs")
+        if base is not None:
+            results[setup]["outputs_equal_colocated"] = sum(a == b for a, b in zip(outs, base))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
