@@ -26,6 +26,7 @@ import pluggy
 
 if TYPE_CHECKING:
     import torch
+    from pegboard.sdk.expert_placement import ExpertPlacement, ExpertTopology
     from pegboard.sdk.linear import LinearMethod, QuantizationConfig
     from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.slots import AttentionBackend, KVCache
@@ -253,4 +254,29 @@ def linear_kernel(model: ModelInfo, quantization: QuantizationConfig | None) -> 
         parallel partition) and must return a `LinearLayer`. Raise
         `pegboard.sdk.linear.QuantizationError` naming the layer or tensor for a checkpoint the
         plugin cannot serve; the engine reports it, naming the plugin, before serving starts.
+    """
+
+
+@hookspec(firstresult=True)
+def place_experts(load: torch.Tensor, topology: ExpertTopology) -> ExpertPlacement | None:
+    """Return where each mixture-of-experts expert lives: an `ExpertPlacement`.
+
+    Why a hook: with expert parallelism a rank is as slow as its busiest experts, and which
+    experts are busy depends on the traffic. Placing hot experts apart and replicating them into
+    redundant slots (DeepSeek's EPLB) evens the ranks out; how to do it — a static layout, EPLB,
+    a placement tuned for one workload or one network — is policy users want to change without
+    forking the engine. It is not a per-layer call: the MoE layers route by the returned object.
+
+    Called at step boundaries in the engine process: once when the engine starts (load all
+    zeros) and then every `--eplb-rebalance-num-iterations` steps with the expert load recorded
+    since (`--expert-distribution-recorder-mode`). The engine checks the answer, moves the
+    expert weights between steps, and no in-flight request's output changes.
+
+    :param load: `[num_layers, num_logical]` float64 tokens routed to each logical expert of
+        each sparse layer (CPU).
+    :param topology: layers, logical and physical expert counts, EP ranks, nodes and groups
+        (`pegboard.sdk.expert_placement.ExpertTopology`).
+    :returns: an `ExpertPlacement` of shape `[num_layers, num_physical]` in which every
+        logical expert has at least one slot; anything else is reported naming the plugin and
+        the current placement is kept.
     """

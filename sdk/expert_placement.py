@@ -9,6 +9,7 @@ boundaries (every `--eplb-rebalance-num-iterations` steps) with the recorded per
 load and returns an `ExpertPlacement`. The MoE layers then use that object directly: nothing
 per token or per layer goes through pluggy. The core checks the returned placement
 (`ExpertPlacement.problems`) before moving any weight, and names the plugin when it is invalid.
+Plugins derive from `pegboard.sdk.slots.ExpertPlacer`.
 """
 
 from __future__ import annotations
@@ -157,17 +158,3 @@ def _device(placement: ExpertPlacement) -> torch.device:
     if isinstance(given, torch.Tensor) and given.device.type != "meta":
         return given.device
     return torch.device("cpu")
-
-
-class ExpertPlacementPolicy:
-    """Base class of expert_placement plugins: implement `place_experts`.
-
-    `place_experts(load, topology)` gets the recorded logical expert load `[L, E]` (float64
-    token counts, CPU; zeros before any traffic) and returns an `ExpertPlacement` of shape
-    `[topology.num_layers, topology.num_physical]` in which every logical expert has at least
-    one slot. It runs at step boundaries, never per token; it may take milliseconds."""
-
-    name = "base"
-
-    def place_experts(self, load: torch.Tensor, topology: ExpertTopology) -> ExpertPlacement:
-        raise NotImplementedError

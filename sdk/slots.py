@@ -16,6 +16,7 @@ import torch
 from pegboard.core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from pegboard.sdk.expert_placement import ExpertPlacement, ExpertTopology
     from pegboard.sdk.linear import LinearMethod, QuantizationConfig
     from pegboard.sdk.routing import RouteRequest, WorkerLoad
     from pegboard.sdk.transfer import ByteRun
@@ -386,6 +387,27 @@ class Router(Plugin):
         return {}
 
 
+class ExpertPlacer(Plugin):
+    """Slot `expert_placement` — answers `place_experts` with an
+    `pegboard.sdk.expert_placement.ExpertPlacement` for a mixture-of-experts model.
+
+    - `place_experts(load, topology)` gets the recorded logical expert load `[L, E]` (float64
+      token counts on the CPU; zeros before any traffic) and returns a placement of shape
+      `[topology.num_layers, topology.num_physical]` in which every logical expert has at
+      least one slot. The core checks it (`ExpertPlacement.problems`) and keeps the current
+      placement, naming the plugin, when it is invalid.
+    - Called at step boundaries only: once at start and every
+      `--eplb-rebalance-num-iterations` steps; never per token or per layer.
+    - Placement changes where expert weights live, never a result: replicas are copies.
+    """
+
+    slot = "expert_placement"
+
+    @hookimpl
+    def place_experts(self, load: torch.Tensor, topology: ExpertTopology) -> ExpertPlacement:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class SlotSpec:
     """A slot: its hook, the base class its plugins derive from, whether several may be
@@ -427,6 +449,13 @@ SLOTS: dict[str, SlotSpec] = {
             default="bf16",
             flag="--linear",
             process="model",
+        ),
+        SlotSpec(
+            "expert_placement",
+            "place_experts",
+            ExpertPlacer,
+            default="static",
+            flag="--expert-placement",
         ),
     ]
 }

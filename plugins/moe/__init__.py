@@ -1,0 +1,1 @@
+"""Built-in expert placement plugins (slot `expert_placement`): `static` and `eplb`."""
