@@ -1,9 +1,9 @@
 """The engine on a background thread, with an asyncio streaming interface for the server.
 
-The step loop runs on its own thread; the engine's detokenizer thread turns its token ids into
-text deltas and hands them to the streams through `call_soon_threadsafe`; the event loop
-never waits on a step. Tokenization happens in the caller (the server does it in a worker
-thread).
+The step loop runs on its own thread; the engine's detokenizer (after each step, or on a thread
+of its own: `--detokenizer`) turns its token ids into text deltas and hands them to the
+streams through `call_soon_threadsafe`; the event loop never waits on a step. Tokenization
+happens in the caller (the server does it in a worker thread).
 """
 
 from __future__ import annotations

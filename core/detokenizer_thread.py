@@ -42,8 +42,9 @@ class DetokenizerThread:
 
     `submit(outputs)` (the step loop) never waits. Text deltas go to `sink(outputs)` when one
     is set (called on this thread), else they queue for `take()`. With `threaded=False`
-    (`--detokenize-inline`), `submit` does the same work on the caller's thread: a stop
-    string then ends the request at the next step boundary, still trimmed the same way.
+    (`--detokenizer inline`, the default), `submit` does the same work on the caller's thread
+    right after the step: a stop string then ends the request at the next step boundary,
+    trimmed the same way.
     """
 
     def __init__(
@@ -76,7 +77,7 @@ class DetokenizerThread:
             return
         with self._cond:
             self._unprocessed += 1
-        if self._thread is None:  # inline (`--detokenize-inline`): on the caller's thread
+        if self._thread is None:  # `--detokenizer inline`: on the caller's thread
             self._deliver(self._process_batch(outputs))
         else:
             self._inbox.put(outputs)
@@ -99,6 +100,11 @@ class DetokenizerThread:
         if self._thread is not None:
             self._inbox.put(None)
             self._thread.join(timeout=5.0)
+        # Drop the references back to the engine (and its device memory) now, not at the
+        # next garbage collection: the engine holds this object and `on_stop` holds the engine.
+        self.on_stop = self.sink = None
+        self._states.clear()
+        self._ready.clear()
 
     # ------------------------------------------------------------------ the thread
 

@@ -119,7 +119,7 @@ class Engine:
         self.speculation = Speculation(self)  # drafts, verify, rollback (core/speculative)
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = DetokenizerThread(
-            self.tokenizer, self._stop_request, threaded=not config.detokenize_inline
+            self.tokenizer, self._stop_request, threaded=config.detokenizer == "thread"
         )
         self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
 

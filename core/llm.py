@@ -99,7 +99,7 @@ class LLM:
 
     def run(self) -> Iterator[RequestOutput]:
         """Step the engine until it has no work, yielding every text delta (the streaming
-        view; they come from the engine's detokenizer thread, a step or two behind)."""
+        view; they come from the engine's detokenizer, possibly a step or two behind)."""
         engine, detokenizer = self.engine, self.engine.detokenizer
         while engine.has_work() or detokenizer.busy():
             if engine.has_work():

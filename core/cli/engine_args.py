@@ -135,10 +135,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "the previous step (ablation of overlap scheduling)",
     )
     g.add_argument(
-        "--detokenize-inline",
-        action="store_true",
-        help="detokenize and match stop strings on the step loop's thread, not on the "
-        "detokenizer thread (ablation)",
+        "--detokenizer",
+        choices=("inline", "thread"),
+        default=None,
+        help="where text, stop strings and streaming are done: after each step on the step "
+        "loop's thread (inline, the default) or on a thread of their own",
     )
     g.add_argument(
         "--disable-fused-kernels",
