@@ -8,7 +8,7 @@ import importlib
 import sys
 
 #: Subcommand modules, in `--help` order.
-COMMANDS = ["serve", "router", "generate", "plugins", "plugin", "bench", "kernels"]
+COMMANDS = ["serve", "router", "generate", "plugins", "plugin", "bench", "kernels", "spec"]
 
 
 def build_parser() -> argparse.ArgumentParser:

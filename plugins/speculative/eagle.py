@@ -191,7 +191,7 @@ class HeadCache:
 class EagleHead(nn.Module):
     """One decoder layer over `[embedding, feature]` (see the module docstring)."""
 
-    def __init__(self, cfg: dict, eagle3: bool, target, path: str) -> None:
+    def __init__(self, cfg: dict, eagle3: bool, target, path: str | None = None) -> None:
         super().__init__()
         h = cfg["hidden_size"]
         self.eagle3 = eagle3
@@ -223,26 +223,23 @@ class EagleHead(nn.Module):
         # The target's parts, kept out of this module's parameters (`to` must not touch them).
         self.__dict__["embed"] = target.model.embed_tokens
         self.__dict__["target_logits"] = target.compute_logits
-        self._load(Path(path))
+        if path is not None:  # None: fresh weights, for training (`pegboard spec train-eagle3`)
+            self._load(Path(path))
 
-    def _load(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        weights = {}
-        for file in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(str(file)))
-        if not weights:
-            raise ValueError(f"no safetensors weights in the EAGLE head directory {path}")
+    def sglang_tensors(self) -> dict[str, torch.Tensor | None]:
+        """SGLang's checkpoint names of this head's parameters (None: absent in this variant)."""
+        layer = "midlayer." if self.eagle3 else "layers.0."
         names = {
             "fc.weight": self.fc.weight,
             "fc.bias": self.fc.bias,
             "norm.weight": self.norm.weight if self.norm is not None else None,
             "lm_head.weight": self.lm_head.weight if self.lm_head is not None else None,
         }
-        layer = "midlayer." if self.eagle3 else "layers.0."
+        norm = getattr(self.input_layernorm, "weight", None)
+        hidden_norm = self.hidden_norm.weight if self.hidden_norm is not None else None
         for ours, theirs in [
-            (self.input_layernorm.weight, "input_layernorm.weight"),
-            (self.hidden_norm.weight if self.hidden_norm else None, "hidden_norm.weight"),
+            (norm, "input_layernorm.weight"),
+            (hidden_norm, "hidden_norm.weight"),
             (self.q_proj.weight, "self_attn.q_proj.weight"),
             (self.k_proj.weight, "self_attn.k_proj.weight"),
             (self.v_proj.weight, "self_attn.v_proj.weight"),
@@ -253,16 +250,23 @@ class EagleHead(nn.Module):
             (self.down_proj.weight, "mlp.down_proj.weight"),
         ]:
             names[layer + theirs] = ours
-        for name, param in names.items():
+        return names
+
+    def _load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = {}
+        for file in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(str(file)))
+        if not weights:
+            raise ValueError(f"no safetensors weights in the EAGLE head directory {path}")
+        optional = {"fc.bias", "layers.0.input_layernorm.weight"}  # EAGLE-1 drops that norm
+        for name, param in self.sglang_tensors().items():
             if param is None:
                 continue
             key = name if name in weights else f"model.{name}"
             if key not in weights:
-                if name == "input_layernorm.weight" or name.endswith(
-                    "layers.0.input_layernorm.weight"
-                ):
-                    continue  # EAGLE-1 heads drop the first layer's input norm
-                if name == "fc.bias":
+                if name in optional:
                     continue
                 raise ValueError(f"the EAGLE head in {path} has no tensor {name!r}")
             tensor = weights[key]
