@@ -52,3 +52,13 @@ def test_triton_ngram_equals_plain_decoding(gpu_case):
     model_dir, prompts, plain = gpu_case
     outs, _ = run(model_dir, prompts, speculator="ngram")
     assert outs == plain
+
+
+def test_triton_verify_with_an_eagle3_head_equals_plain_decoding(gpu_case, tmp_path):
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, plain = gpu_case
+    options = {"eagle": {"model_path": str(build_eagle3_head(tmp_path / "head"))}}
+    outs, stats = run(model_dir, prompts, speculator="eagle", plugin_options=options)
+    assert outs == plain
+    assert stats["spec_draft_tokens"] > 0

@@ -133,18 +133,18 @@ class EagleSpeculator(Speculator):
         state.rollback()
         tokens = r.token_ids
         pending = r.plugin_state.pop(FEATURES_KEY, [])
-        rows, positions, ids = [], [], []
-        for start, feats in pending:  # pairs (feature at t, token t + 1) not seen yet
-            for j in range(feats.shape[0]):
-                t = start + j
-                if t >= state.next_position and t + 1 < len(tokens):
-                    rows.append(feats[j])
-                    positions.append(t)
-                    ids.append(tokens[t + 1])
-        if not rows:
+        feats, positions = [], []
+        for start, block in pending:  # pairs (feature at t, token t + 1) not seen yet
+            lo = max(state.next_position - start, 0)
+            hi = min(block.shape[0], len(tokens) - 1 - start)
+            if hi > lo:
+                feats.append(block[lo:hi])
+                positions.extend(range(start + lo, start + hi))
+        if not positions:
             return []
+        ids = [tokens[t + 1] for t in positions]
         hidden = self.head.step(
-            torch.stack(rows), ids, positions, state, first=True
+            torch.cat(feats), ids, positions, state, first=True
         )  # [n, hidden]; the last row predicts the token after the context
         state.commit(positions[-1] + 1)
         drafts = []
