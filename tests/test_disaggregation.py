@@ -4,41 +4,18 @@ colocated engine's, pages are freed on both sides, failures are clear errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import socket
 import time
 
 import pytest
+from fixtures.transfer import TRANSFER_BACKENDS
 from pegboard.core.config import EngineConfig
 from pegboard.core.engine import Engine
 from pegboard.sdk.transfer import Bootstrap
 from pegboard.sdk.types import FinishReason, Request, SamplingParams
 
-
-def _mooncake_usable() -> bool:
-    try:
-        from mooncake.engine import TransferEngine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BACKENDS = [
-    pytest.param(
-        "mooncake",
-        marks=pytest.mark.skipif(
-            not _mooncake_usable(),
-            reason="mooncake-transfer-engine-non-cuda (and Debian's libibverbs1) not installed",
-        ),
-    ),
-    pytest.param(
-        "nixl",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("nixl_cu12") is None, reason="nixl-cu12 is not installed"
-        ),
-    ),
-]
+BACKENDS = TRANSFER_BACKENDS
 GREEDY = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 

@@ -5,7 +5,6 @@ bootstrap as a colocated engine: that is the reference the PD outputs must equal
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -17,34 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from fixtures.transfer import TRANSFER_BACKENDS
 from test_server_process import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _mooncake_usable() -> bool:
-    try:
-        from mooncake.engine import TransferEngine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BACKENDS = [
-    pytest.param(
-        "mooncake",
-        marks=pytest.mark.skipif(
-            not _mooncake_usable(),
-            reason="mooncake-transfer-engine-non-cuda (and Debian's libibverbs1) not installed",
-        ),
-    ),
-    pytest.param(
-        "nixl",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("nixl_cu12") is None, reason="nixl-cu12 is not installed"
-        ),
-    ),
-]
+BACKENDS = TRANSFER_BACKENDS
 ENGINE = (
     "--served-model-name", "m", "--page-size", "4", "--kv-cache-tokens", "2048",
     "--disaggregation-heartbeat-interval", "0.5",

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from fixtures.transfer import MOONCAKE_MISSING, mooncake_usable
 from pegboard.sdk.testing import tiny_model_info
 from pegboard.sdk.testing_transfer import check_transfer
 from pegboard.sdk.transfer import (
@@ -27,14 +28,6 @@ def _needs(module: str, package: str):
     return pytest.mark.skipif(
         importlib.util.find_spec(module) is None, reason=f"{package} is not installed"
     )
-
-
-def _mooncake_usable() -> bool:
-    try:
-        from mooncake.engine import TransferEngine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def test_page_runs_merge_pages_contiguous_on_both_sides():
@@ -93,10 +86,7 @@ def test_receiver_waiting_timeout_names_the_prefill_engine():
     assert r.poll() is KVPoll.FAILED
 
 
-@pytest.mark.skipif(
-    not _mooncake_usable(),
-    reason="mooncake-transfer-engine-non-cuda (and Debian's libibverbs1) not installed",
-)
+@pytest.mark.skipif(not mooncake_usable(), reason=MOONCAKE_MISSING)
 def test_mooncake_conforms():
     from pegboard.plugins.transfer.mooncake import MooncakeTransfer
 
