@@ -29,6 +29,7 @@ class EngineConfig(pydantic.BaseModel):
     transfer: str | None = None
     speculator: str | None = None  # None: no speculative decoding
     linear: str | None = None  # None: w4a16 for a quantized checkpoint, else bf16
+    expert_placement: str | None = None  # MoE models; None: static (--enable-eplb: eplb)
     metrics: list[str] = pydantic.Field(default_factory=list)
     plugin_options: dict[str, dict[str, Any]] = pydantic.Field(default_factory=dict)
     patches: list[str] = pydantic.Field(default_factory=list)
@@ -66,6 +67,13 @@ class EngineConfig(pydantic.BaseModel):
     node_rank: int = pydantic.Field(0, ge=0)
     dist_init_addr: str | None = None  # HOST:PORT of rank 0's rendezvous; None: a free local port
     dist_timeout: float = pydantic.Field(600.0, gt=0)  # seconds a collective may wait for a rank
+
+    # Mixture of experts (`pegboard.core.moe`, docs/moe.md; SGLang's flag names).
+    ep_size: int = pydantic.Field(1, ge=1)
+    ep_num_redundant_experts: int = pydantic.Field(0, ge=0)
+    eplb_rebalance_num_iterations: int = pydantic.Field(1000, ge=1)
+    expert_distribution_recorder_mode: Literal["stat", "per_pass"] | None = None
+    init_expert_location: str = "trivial"  # or a JSON file with physical_to_logical
 
     # Prefill/decode disaggregation (`pegboard.core.disaggregation`; SGLang's flag names).
     disaggregation_mode: Literal["null", "prefill", "decode"] = "null"

@@ -28,6 +28,7 @@ from pegboard.core.model_runner import ModelRunner
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.loader import resolve_device
 from pegboard.core.models.quantization import check_kv_dtype, select_linear
+from pegboard.core.moe.runtime import ExpertRuntime
 from pegboard.core.outputs import RequestOutput, stop_reason
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.patches import apply_patches
@@ -98,6 +99,7 @@ class Engine:
         self.ctx = PluginContext(self.info, self.runner.device, self._engine_facts())
         for slot in SLOTS:
             self._select(slot)
+        self.moe = ExpertRuntime.create(self, self.runner.model)  # MoE placement (core/moe)
         self._bind_attention()
         fit_context_to_kv(self.info, self.kv, config.max_model_len)  # core/context_fit.py
         self.budget = StepBudget(
@@ -157,6 +159,8 @@ class Engine:
         outputs, self._outbox = self._outbox, []
         self.detokenizer.submit(outputs)
         self.num_steps += 1
+        if self.moe is not None:
+            self.moe.step_boundary()  # record expert load; rebalance every N steps
         self._export(self._step_snapshot(plan, time.perf_counter() - start))
         return outputs
 

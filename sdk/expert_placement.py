@@ -47,6 +47,7 @@ class ExpertPlacement:
 
     physical_to_logical: torch.Tensor
     num_logical: int
+    width: int = 0  # replicas per expert `logical_to_physical` has room for (0: as needed)
     logical_to_physical: torch.Tensor = field(init=False, repr=False)
     replica_count: torch.Tensor = field(init=False, repr=False)
 
@@ -60,7 +61,7 @@ class ExpertPlacement:
         safe = torch.where(valid, p2l, torch.zeros_like(p2l))
         counts = torch.zeros(layers, self.num_logical, dtype=torch.int64, device=p2l.device)
         counts.scatter_add_(1, safe, valid.to(torch.int64))
-        width = max(int(counts.max()) if counts.numel() else 1, 1)
+        width = max(int(counts.max()) if counts.numel() else 1, 1, self.width)
         l2p = torch.full((layers, self.num_logical, width), -1, dtype=torch.int64, device="cpu")
         host = p2l.cpu().tolist()
         for layer, row in enumerate(host):
@@ -87,12 +88,11 @@ class ExpertPlacement:
 
     def layer(self, index: int) -> ExpertPlacement:
         """The one-layer placement of sparse layer `index`."""
-        return ExpertPlacement(
-            self.physical_to_logical[index : index + 1].clone(), self.num_logical
-        )
+        rows = self.physical_to_logical[index : index + 1].clone()
+        return ExpertPlacement(rows, self.num_logical, self.width)
 
     def to(self, device: torch.device | str) -> ExpertPlacement:
-        return ExpertPlacement(self.physical_to_logical.to(device), self.num_logical)
+        return ExpertPlacement(self.physical_to_logical.to(device), self.num_logical, self.width)
 
     def slots_of(self, expert: int, layer: int = 0) -> list[int]:
         """The physical slots holding `expert` in `layer`."""

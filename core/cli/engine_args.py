@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pegboard.core.config import EngineConfig
+from pegboard.core.moe.flags import add_moe_arguments, moe_settings
 from pegboard.core.speculative.flags import add_speculative_arguments, speculative_settings
 
 
@@ -149,6 +150,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_distributed_arguments(p)
     add_speculative_arguments(p)  # SGLang's --speculative-* flags (core/speculative/flags.py)
+    add_moe_arguments(p)  # --ep-size, --enable-eplb, ... (core/moe/flags.py)
     g.add_argument(
         "--patch",
         action="append",
@@ -227,6 +229,7 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings["patches"] = list(args.patches) + patches_from_env()
     settings["plugin_options"] = collect_plugin_options(args, PluginManager())
     speculative_settings(args, settings)  # --speculative-algorithm NGRAM -> speculator ngram
+    moe_settings(args, settings)  # --enable-eplb -> expert_placement eplb
     if os.environ.get("PEGBOARD_MODEL") and not settings.get("model"):
         settings["model"] = os.environ["PEGBOARD_MODEL"]
     return settings

@@ -12,6 +12,7 @@ from pathlib import Path
 from pegboard.core.config import EngineConfig
 from pegboard.core.disaggregation import check_disaggregation
 from pegboard.core.models.errors import ModelLoadError
+from pegboard.core.moe.flags import check_moe
 from pegboard.core.patches import check_patches
 from pegboard.core.plugin_manager import PluginManager
 from pegboard.sdk.slots import SLOTS
@@ -25,6 +26,7 @@ def check_before_loading(config: EngineConfig, plugins: PluginManager | None = N
     """Every selected plugin exists and accepts its options; `--model` exists."""
     check_patches(config.patches, config.strict_patches)  # unknown, broken, strictly gated
     check_disaggregation(config)  # --disaggregation-mode and --transfer go together
+    check_moe(config)  # EP / EPLB need an MoE model whose experts the EP size divides
     manager = plugins or PluginManager()
     for slot in SLOTS:
         chosen = config.selection(slot)

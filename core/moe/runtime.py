@@ -1,0 +1,107 @@
+"""Expert placement at step boundaries: the engine's one call into MoE serving.
+
+`ExpertRuntime.start` asks the `expert_placement` slot for the first placement (or reads
+`--init-expert-location`), `step_boundary` records the pass and, every
+`--eplb-rebalance-num-iterations` steps, asks again with the recorded load and moves the
+expert weights (`apply.apply_placement`). A step boundary is between two forwards, and replicas
+are copies, so no in-flight request's output changes. The placement is checked first; an
+invalid one is logged naming the plugin and the current placement stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from pegboard.core.models.moe import moe_blocks
+from pegboard.core.moe.apply import apply_placement
+from pegboard.core.moe.flags import check_moe
+from pegboard.core.moe.recorder import ExpertLoadRecorder
+from pegboard.sdk.expert_placement import ExpertPlacement, ExpertTopology
+
+log = logging.getLogger("pegboard.moe")
+
+
+class ExpertRuntime:
+    def __init__(self, engine, model: torch.nn.Module) -> None:
+        cfg = engine.config
+        self.engine = engine
+        self.model = model
+        self.blocks = moe_blocks(model)
+        moe = model.config.moe
+        self.topology = ExpertTopology(
+            num_layers=len(self.blocks),
+            num_logical=moe.num_experts,
+            num_physical=moe.num_experts + cfg.ep_num_redundant_experts,
+            ep_size=cfg.ep_size,
+        )
+        self.every = cfg.eplb_rebalance_num_iterations
+        mode = cfg.expert_distribution_recorder_mode or "stat"
+        device = self.blocks[0].experts.w13.device
+        self.recorder = ExpertLoadRecorder(
+            len(self.blocks), moe.num_experts, device, mode, window=self.every
+        )
+        # Recording costs one index_add per layer: only for a load-driven placement or on request.
+        self.recording = cfg.expert_distribution_recorder_mode is not None or (
+            cfg.expert_placement not in (None, "static")
+        )
+        for block in self.blocks:
+            block.recorder = self.recorder if self.recording else None
+        self.steps = 0
+        self.rebalances = 0
+        self.balancedness = 1.0
+
+    @classmethod
+    def create(cls, engine, model: torch.nn.Module) -> ExpertRuntime | None:
+        """The runtime of an MoE model (placement, recorder), or None for a dense model."""
+        check_moe(engine.config, model.config)  # the CLI checked before loading; LLM(...) here
+        if getattr(model.config, "moe", None) is None or not moe_blocks(model):
+            return None
+        runtime = cls(engine, model)
+        runtime.start(engine.config.init_expert_location)
+        return runtime
+
+    def start(self, location: str) -> None:
+        if location == "trivial":
+            self.rebalance()
+            return
+        raw = json.loads(Path(location).read_text())
+        placement = ExpertPlacement(
+            torch.tensor(raw["physical_to_logical"]), self.topology.num_logical
+        )
+        self._apply(placement, f"--init-expert-location {location}")
+
+    def step_boundary(self) -> None:
+        """Between two steps: close the recorded pass; rebalance every N steps."""
+        if not self.recording:
+            return
+        self.recorder.end_pass()
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        load = self.recorder.load()
+        placement = self.engine.hook.place_experts(load=load, topology=self.topology)
+        plugin = self.engine.plugins.active("expert_placement").name
+        self._apply(placement, f"expert_placement plugin {plugin!r}")
+        self.balancedness = self.current().balancedness(load, self.topology.ep_size)
+
+    def current(self) -> ExpertPlacement:
+        rows = torch.cat([b.placement.physical_to_logical.cpu() for b in self.blocks])
+        return ExpertPlacement(rows, self.topology.num_logical)
+
+    def _apply(self, placement: object, source: str) -> None:
+        if not isinstance(placement, ExpertPlacement):
+            log.error("%s returned %r, not an ExpertPlacement; placement kept", source, placement)
+            return
+        problems = placement.problems(self.topology)
+        if problems:
+            log.error(
+                "%s returned an invalid placement (%s); placement kept", source, "; ".join(problems)
+            )
+            return
+        apply_placement(self.model, placement)
+        self.rebalances += 1
