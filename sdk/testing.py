@@ -921,6 +921,7 @@ def check_metrics_exporter(
 
 
 from pegboard.sdk.testing_linear import check_linear  # noqa: E402, F401  (linear slot)
+from pegboard.sdk.testing_placement import check_expert_placement  # noqa: E402, F401, I001
 from pegboard.sdk.testing_router import check_router  # noqa: E402, F401  (router slot's kit)
 from pegboard.sdk.testing_speculator import check_speculator  # noqa: E402, F401  (speculator)
 from pegboard.sdk.testing_transfer import check_transfer  # noqa: E402, F401  (transfer slot)

@@ -10,6 +10,8 @@ from pegboard.plugins.moe.eplb import EPLBPlacement
 from pegboard.plugins.moe.eplb_algorithm import balanced_packing, rebalance, replicate
 from pegboard.plugins.moe.static import StaticPlacement
 from pegboard.sdk.expert_placement import ExpertPlacement, ExpertTopology
+from pegboard.sdk.testing import ConformanceError
+from pegboard.sdk.testing_placement import check_expert_placement
 
 
 def zipf_load(layers: int, experts: int, s: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -85,3 +87,24 @@ def test_invalid_placements_are_described():
     ]
     assert "shape" in ExpertPlacement(torch.tensor([[0, 1, 2]]), 4).problems(topo)[0]
     assert "outside" in ExpertPlacement(torch.tensor([[0, 1, 2, 7]]), 4).problems(topo)[0]
+
+
+@pytest.mark.parametrize("cls", [StaticPlacement, EPLBPlacement])
+def test_builtin_placements_conform(cls):
+    check_expert_placement(cls)
+
+
+class _DropsAnExpert(EPLBPlacement):
+    """Fills every slot of the last expert with expert 0: an invalid placement."""
+
+    name = "drops"
+
+    def place_experts(self, load, topology):
+        rows = super().place_experts(load, topology).physical_to_logical.clone()
+        rows[rows == topology.num_logical - 1] = 0
+        return ExpertPlacement(rows, topology.num_logical)
+
+
+def test_the_kit_catches_a_placement_missing_an_expert():
+    with pytest.raises(ConformanceError, match="every logical expert has at least one slot"):
+        check_expert_placement(_DropsAnExpert)

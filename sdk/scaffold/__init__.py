@@ -28,6 +28,7 @@ TEMPLATED_SLOTS = (
     "transfer",
     "linear",
     "speculator",
+    "expert_placement",
 )
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _CLASS_SUFFIX = {
@@ -40,6 +41,7 @@ _CLASS_SUFFIX = {
     "transfer": "Transfer",
     "linear": "Linear",
     "speculator": "Speculator",
+    "expert_placement": "Placement",
 }
 
 
