@@ -146,7 +146,7 @@ async def workload(url: str, args) -> dict:
     vocab = args.max_token_id
     limits = httpx.Limits(max_connections=None)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        checks = [[rng.randrange(100, vocab) for _ in range(rng.randint(16, 600))]
+        checks = [[rng.randrange(100, vocab) for _ in range(rng.randint(16, args.check_len))]
                   for _ in range(args.check_prompts)]  # fmt: skip
         outputs = [(await stream_one(client, url, p, 32))[2] for p in checks]
         streams = [[rng.randrange(100, vocab) for _ in range(128)] for _ in range(args.streams)]
@@ -184,7 +184,10 @@ TRANSFER_LINE = re.compile(
 
 
 def transfer_stats(log: str) -> dict:
-    rows = [(int(b), int(n), float(ms), float(g)) for b, n, ms, g in TRANSFER_LINE.findall(log)]
+    rows = [
+        (int(b), int(n), float(ms), int(b) / max(float(ms), 1e-6) / 1e6)
+        for b, n, ms, _ in TRANSFER_LINE.findall(log)
+    ]  # GB/s from bytes and ms: the log rounds small transfers to 0.00 GB/s
     if not rows:
         return {"transfers": 0}
     return {
@@ -207,6 +210,7 @@ def main() -> None:
     p.add_argument("--backend", default="mooncake", choices=["mooncake", "nixl"])
     p.add_argument("--setups", default="colocated,pd,dp2")
     p.add_argument("--check-prompts", type=int, default=8)
+    p.add_argument("--check-len", type=int, default=600, help="longest check prompt")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--stream-tokens", type=int, default=512)
     p.add_argument("--long-prompts", type=int, default=8)
@@ -218,6 +222,7 @@ def main() -> None:
     args = p.parse_args()
     model_dir = str(random_weights_model_dir(args.config))
     logdir = os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-pd-")
+    os.makedirs(logdir, exist_ok=True)
     results = {"config": args.config, "backend": args.backend}
     for setup in args.setups.split(","):
         url, procs = start(setup, model_dir, args.backend, logdir, args.server_args.split())
