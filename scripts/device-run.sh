@@ -6,7 +6,7 @@
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile]
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # The device tool returns at most 8 files: pack everything into one archive at the end.
 trap '(cd "$OUT" && tar czf /tmp/all-$$.tgz --exclude="all-*.tgz" . \
@@ -46,6 +46,34 @@ for job in "${@:-tests}"; do
         timeout 420 $PB bench offline --random-weights --config qwen3-0.6b ${BENCH_ARGS:-} \
         --peer transformers --peer-timeout 300 --json "$OUT/offline-peer256.json" \
         --chart "$OUT/offline-peer256.png" 2>"$OUT/offline-peer256.err" | tail -30 ;;
+    profile-host) # host ms per phase on the nano-vllm workload (issue 17), inline vs thread detokenizer
+        for d in inline thread; do
+          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+            --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
+        done ;;
+    llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs (symmetric-memory all-reduce, then NCCL)
+        for ar in auto nccl; do
+          PEGBOARD_TP_ALLREDUCE=$([ $ar = nccl ] && echo nccl) timeout 200 $PB bench offline --random-weights \
+            --config llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 \
+            --max-output 256 --max-model-len 4096 --tp-size 2 ${BENCH_ARGS:-} \
+            --json "$OUT/llama8b-bs1-tp2-$ar.json" 2>"$OUT/llama8b-bs1-tp2-$ar.err" | tail -4
+        done ;;
+    w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15)
+        timeout 240 python3 scripts/bench_w4a16.py --step --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
+    offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)
+        timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype fp8_e4m3 \
+          ${BENCH_ARGS:-} --json "$OUT/offline-fp8.json" 2>"$OUT/offline-fp8.err" | tail -6 ;;
+    dp) # nano-vllm workload served by one replica, then by two behind the router (issue 11)
+        for name in dp1 dp2; do
+          extra=(); [ $name = dp2 ] && extra=(--server-args "--dp-size 2 --router-policy least_load")
+          timeout 240 $PB bench serve --random-weights --config qwen3-0.6b --num-prompts 256 \
+            --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 --no-progress \
+            "${extra[@]}" --json "$OUT/serve-$name.json" 2>"$OUT/serve-$name.err" | tail -8
+        done ;;
+    router-prefix) # cache-aware vs round-robin routing over two replicas, shared-prefix workload
+        timeout 300 $PB bench prefix --random-weights --config qwen3-0.6b \
+          --router-policies cache_aware,round_robin --router-dp-size 2 --json "$OUT/router-prefix.json" \
+          2>"$OUT/router-prefix.err" | tail -12 ;;
     gpu-tests-lead) # the GPU tests of overlap, memory sizing, sampling and graphs only
         timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py \
           tests/test_overlap.py::test_overlap_on_the_gpu_with_cuda_graphs tests/test_gpu_memory.py \
