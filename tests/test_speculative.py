@@ -417,3 +417,41 @@ def test_conformance_kit_catches_a_speculator_over_its_limit():
 
     with pytest.raises(ConformanceError, match=r"at most max_tokens\[i\] tokens"):
         check_speculator(Greedy)
+
+
+def test_a_stop_token_inside_an_accepted_chain_ends_the_request_there(case):
+    """Perfect drafts run past the stop token; the request ends at it, as without drafts,
+    and its pages (with the computed KV past the stop) are all freed."""
+    model_dir, prompts, reference = case
+    stops = [ref[7] for ref in reference]
+    params = [
+        SamplingParams(max_tokens=MAX_NEW, temperature=0.0, stop_token_ids=[s]) for s in stops
+    ]
+    plain, _ = generate(model_dir, prompts, params=params)
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=0)
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, speculator="oracle") as llm:
+        outs = llm.generate(prompts, params)
+        assert llm.engine.kv.num_free_pages == llm.engine.kv.num_pages
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert all(o.token_ids[-1] in (s,) for o, s in zip(outs, stops))
+
+
+def test_seeded_sampling_with_a_draft_model_reproduces(case, tmp_path_factory):
+    model_dir, prompts, _ = case
+    draft = build_tiny_model(
+        tmp_path_factory.mktemp("seeded"), "llama", seed=3, num_hidden_layers=1
+    )
+    options = {"draft": {"model_path": str(draft)}}
+    params = [
+        SamplingParams(max_tokens=MAX_NEW, temperature=0.9, seed=i) for i in range(len(prompts))
+    ]
+    first, stats = generate(
+        model_dir, prompts, params=params, speculator="draft", plugin_options=options
+    )
+    again, _ = generate(
+        model_dir, prompts, params=params, speculator="draft", plugin_options=options
+    )
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]
+    assert stats["spec_draft_tokens"] > 0 and all(
+        len(o.token_ids) == MAX_NEW or o.finish_reason for o in first
+    )
