@@ -74,6 +74,7 @@ class EngineConfig(pydantic.BaseModel):
     eplb_rebalance_num_iterations: int = pydantic.Field(1000, ge=1)
     expert_distribution_recorder_mode: Literal["stat", "per_pass"] | None = None
     init_expert_location: str = "trivial"  # or a JSON file with physical_to_logical
+    moe_router_skew: float = pydantic.Field(0.0, ge=0.0)  # benchmarks: Zipf bias on router logits
 
     # Prefill/decode disaggregation (`pegboard.core.disaggregation`; SGLang's flag names).
     disaggregation_mode: Literal["null", "prefill", "decode"] = "null"

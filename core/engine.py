@@ -615,6 +615,7 @@ class Engine:
             prefix_hit_tokens=int(stats.get("prefix_hit_tokens", 0)),
             prefix_query_tokens=int(stats.get("prefix_query_tokens", 0)),
             plugin_errors=self.guard.errors,
+            extra=self.moe.metrics() if self.moe is not None else {},  # MoE: balancedness
         )
 
     def _export(self, snapshot: MetricsSnapshot) -> None:

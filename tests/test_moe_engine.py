@@ -110,3 +110,20 @@ def test_cli_rejects_moe_flags_on_a_dense_model_with_exit_2(tiny_llama_dir, flag
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Loading weights" not in done.stderr
+
+
+def test_router_skew_concentrates_the_recorded_load_and_metrics_report_it(qwen3_moe):
+    prompts = make_prompts(512)[:6]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    peaks = []
+    for skew in (0.0, 3.0):
+        settings = dict(expert_distribution_recorder_mode="stat", moe_router_skew=skew)
+        with LLM(str(qwen3_moe), dtype="float32", device="cpu", **settings) as llm:
+            llm.generate(prompts, params)
+            load = llm.engine.moe.recorder.load()
+            metrics = llm.engine.moe.metrics()
+            report = llm.engine.moe.report()
+        peaks.append(float((load.max(dim=1).values / load.mean(dim=1)).mean()))
+        assert set(metrics) == {"eplb_balancedness", "eplb_rebalances"}
+        assert report["placement"] == "static" and report["router_skew"] == skew
+    assert peaks[1] > peaks[0] * 1.5, peaks

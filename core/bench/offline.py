@@ -66,6 +66,7 @@ def run_offline(
     steps = llm.engine.num_steps - steps_before
     input_tokens = sum(len(p) for p in prompts)
     output_tokens = sum(len(o.token_ids) for o in outs)
+    moe = getattr(llm.engine, "moe", None)  # MoE models (pegboard.core.moe.runtime)
     return {
         "workload": asdict(workload),
         "requests": len(outs),
@@ -80,4 +81,5 @@ def run_offline(
         "cuda_graphs": llm.engine.runner.cuda_graphs is not None,
         "plugin_layer": plugin_layer_share(elapsed / max(steps, 1)),
         "speculation": llm.engine.speculation.report(spec_before),
+        "moe": moe.report() if moe is not None else None,  # placement, balancedness
     } | ({"host_profile": profile.report()} if profile else {})

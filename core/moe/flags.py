@@ -57,6 +57,13 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
         "when the placement is not static, else off)",
     )
     g.add_argument(
+        "--moe-router-skew",
+        type=float,
+        metavar="S",
+        help="benchmarks: add -S*log(rank) to each layer's router logits (a Zipf-like skew over "
+        "a per-layer random order of the experts) (default 0: off)",
+    )
+    g.add_argument(
         "--init-expert-location",
         metavar="trivial|FILE",
         help="the first placement: trivial (the placement plugin's) or a JSON file "
@@ -81,6 +88,7 @@ def check_moe(config, model_config=None) -> None:
         or config.expert_placement not in (None, "static")
         or config.expert_distribution_recorder_mode is not None
         or config.init_expert_location != "trivial"
+        or config.moe_router_skew > 0
     )
     if not wants_moe:
         return

@@ -60,8 +60,20 @@ class ExpertRuntime:
         if getattr(model.config, "moe", None) is None or not moe_blocks(model):
             return None
         runtime = cls(engine, model)
+        if engine.config.moe_router_skew > 0:
+            runtime.skew_router(engine.config.moe_router_skew)
         runtime.start(engine.config.init_expert_location)
         return runtime
+
+    def skew_router(self, strength: float, seed: int = 0) -> None:
+        """Benchmarks: bias each layer's router logits by `-strength * log(1 + rank)` over a
+        random order of its experts, so expert load follows a Zipf-like law."""
+        gen = torch.Generator().manual_seed(seed)
+        experts = self.topology.num_logical
+        for block in self.blocks:
+            rank = torch.randperm(experts, generator=gen).double()
+            bias = -strength * torch.log1p(rank)
+            block.router_bias = bias.to(block.experts.w13.device, torch.float32)
 
     def start(self, location: str) -> None:
         if location == "trivial":
@@ -84,10 +96,29 @@ class ExpertRuntime:
 
     def rebalance(self) -> None:
         load = self.recorder.load()
+        if load.sum() > 0:  # how evenly the live placement spread the window's tokens
+            self.balancedness = self.current().balancedness(load, self.topology.ep_size)
         placement = self.engine.hook.place_experts(load=load, topology=self.topology)
         plugin = self.engine.plugins.active("expert_placement").name
         self._apply(placement, f"expert_placement plugin {plugin!r}")
-        self.balancedness = self.current().balancedness(load, self.topology.ep_size)
+
+    def report(self) -> dict:
+        """The bench JSON's `moe` entry."""
+        return {
+            "placement": self.engine.plugins.active("expert_placement").name,
+            "experts": self.topology.num_logical,
+            "physical_slots": self.topology.num_physical,
+            "ep_size": self.topology.ep_size,
+            "router_skew": self.engine.config.moe_router_skew,
+            "balancedness": round(self.balancedness, 4),
+            "rebalances": self.rebalances,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges for the step snapshot (`MetricsSnapshot.extra`): the live placement's
+        balancedness (mean/max per-rank expert tokens over the last window, 1.0 until a window
+        was recorded) and the number of placements applied."""
+        return {"eplb_balancedness": self.balancedness, "eplb_rebalances": float(self.rebalances)}
 
     def current(self) -> ExpertPlacement:
         rows = torch.cat([b.placement.physical_to_logical.cpu() for b in self.blocks])

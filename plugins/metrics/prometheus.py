@@ -93,6 +93,10 @@ class PrometheusExporter(MetricsExporter):
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.batch_size = gauge("batch_size", "Requests scheduled in the last step.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV pages in use (0 to 1).")
+        self.eplb_balancedness = gauge(
+            "eplb_balancedness",
+            "MoE models: mean/max per-rank expert tokens of the live expert placement (1 = even).",
+        )
         self.gen_throughput = gauge(
             "gen_throughput", f"Decode tokens per second over the last {THROUGHPUT_WINDOW_S:g} s."
         )
@@ -151,6 +155,8 @@ class PrometheusExporter(MetricsExporter):
         idle = s.num_running == 0 and s.num_waiting == 0
         self.batch_size.set(0 if idle else s.batch_size)  # the engine stops stepping when idle
         self.kv_usage.set(s.kv_usage)
+        if "eplb_balancedness" in s.extra:
+            self.eplb_balancedness.set(s.extra["eplb_balancedness"])
         self.step_time.observe(s.step_time_s)
         self.gen_throughput.set(0.0 if idle else self._throughput(s))
         if s.num_preempted:
