@@ -83,6 +83,9 @@ class MoEExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`x [T, H]`, `slots [T, k]` physical experts, `weights [T, k]` -> `[T, H]`."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Raised before any host sync, so the capture fails cleanly and decode runs eagerly.
+            raise RuntimeError("the PyTorch MoE path reads expert counts on the host; no graphs")
         tokens, k = slots.shape
         flat = slots.reshape(-1)
         order = torch.argsort(flat, stable=True)

@@ -90,11 +90,18 @@ def check_moe(config, model_config=None) -> None:
         or config.init_expert_location != "trivial"
         or config.moe_router_skew > 0
     )
-    if not wants_moe:
+    if not wants_moe and config.tp_size == 1:
         return
     if model_config is None:
-        model_config = _model_config(config)
+        model_config = _model_config(config) if wants_moe or config.model else None
     if model_config is None:
+        return
+    if model_config.moe is not None and config.tp_size > 1:
+        raise MoEFlagError(
+            f"{model_config.architecture} is a mixture-of-experts model; MoE with --tp-size > 1 "
+            "is not implemented yet (docs/moe.md)"
+        )
+    if not wants_moe:
         return
     what = (
         "--enable-eplb"
