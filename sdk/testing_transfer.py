@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from pegboard.sdk.slots import KVTransfer
-from pegboard.sdk.testing import ConformanceError, _require, _selected, plugin_context
 from pegboard.sdk.transfer import KVTransferError, PoolLayout, byte_runs
 from pegboard.sdk.types import KVPool, Request
 
@@ -40,6 +39,8 @@ def check_transfer(
     """Raise `ConformanceError` unless `cls` moves KV pages between two pools byte for byte.
 
     `timeout` only bounds a hung plugin (the check polls `check` until it returns True)."""
+    from pegboard.sdk.testing import _require, _selected, plugin_context
+
     ctx = plugin_context()
     info = ctx.model
     dtype = torch.float32
@@ -70,6 +71,8 @@ def check_transfer(
 
 
 def _wait(plugin: KVTransfer, handle: Any, timeout: float) -> None:
+    from pegboard.sdk.testing import ConformanceError, _require
+
     deadline = time.monotonic() + timeout
     while True:
         done = plugin.check(handle)
@@ -87,6 +90,8 @@ def _wait(plugin: KVTransfer, handle: Any, timeout: float) -> None:
 
 
 def _compare(src: KVPool, dst: KVPool, src_pages: list[int], dst_pages: list[int]) -> None:
+    from pegboard.sdk.testing import _require
+
     untouched = [p for p in range(dst.num_pages) if p not in dst_pages]
     for layer in range(len(src.k)):
         for kind, s, d in (
@@ -109,6 +114,8 @@ def _compare(src: KVPool, dst: KVPool, src_pages: list[int], dst_pages: list[int
 
 
 def _check_unknown_peer(plugin: KVTransfer, request: Request, runs) -> None:
+    from pegboard.sdk.testing import ConformanceError, _require
+
     try:
         handle = plugin.transfer_kv(request, "nobody", runs)
         while not plugin.check(handle):
@@ -124,6 +131,8 @@ def _check_unknown_peer(plugin: KVTransfer, request: Request, runs) -> None:
 
 
 def _check_bad_descriptor(plugin: KVTransfer) -> None:
+    from pegboard.sdk.testing import ConformanceError, _require
+
     try:
         plugin.connect("garbage-peer", "not a descriptor")
     except KVTransferError as e:
