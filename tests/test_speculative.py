@@ -455,3 +455,14 @@ def test_seeded_sampling_with_a_draft_model_reproduces(case, tmp_path_factory):
     assert stats["spec_draft_tokens"] > 0 and all(
         len(o.token_ids) == MAX_NEW or o.finish_reason for o in first
     )
+
+
+def test_requests_whose_drafts_keep_missing_back_off(case):
+    """Always-wrong drafts: after 3 misses in a row a request stops drafting for 2, 4, 8, ...
+    steps, so far fewer verify steps run than tokens are generated; outputs unchanged."""
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=1)
+    outs, stats = generate(model_dir, prompts, pm, speculator="oracle")
+    assert_same(outs, reference)
+    assert stats["spec_accepted_tokens"] == 0
+    assert 0 < stats["spec_verify_steps"] < len(prompts) * (MAX_NEW - 1) / 2

@@ -34,6 +34,13 @@ from pegboard.sdk.types import Drafts, ForwardBatch, Request, StepBudget, TokenL
 
 log = logging.getLogger("pegboard.speculative")
 
+#: A request whose drafts were all rejected this many verify steps in a row stops drafting for
+#: a while (2, 4, ... up to 64 steps, doubling while it keeps missing): rejected drafts cost
+#: verify work, and a workload the speculator cannot guess must not pay for it every step.
+BACKOFF_AFTER_MISSES = 3
+BACKOFF_MAX_STEPS = 64
+BACKOFF_KEY = "speculation"
+
 
 class DraftViolation(Exception):
     """A speculator's `propose` result broke the hook's rules."""
@@ -165,7 +172,7 @@ class Speculation:
         limits = []
         for r, n in zip(scheduled, num_tokens):
             k = 0
-            if n == 1 and tokens_left > 0 and eligible(r):
+            if n == 1 and tokens_left > 0 and eligible(r) and not _backing_off(r):
                 k = min(
                     tokens_left,
                     budget.max_model_len - r.num_tokens,
@@ -243,6 +250,7 @@ class Speculation:
                 gen = V.generator_for(r, logits.device, self.engine.config.seed)
                 tokens = V.accept_sampled(V.target_probs(logits[s : s + k + 1], r), drafts, gen)
             accepted = len(tokens) - 1
+            _record(r, accepted)
             self._kept[id(r)] = 1 + accepted  # rows whose target hidden states stand
             r.num_computed_tokens += accepted
             r.num_spec_steps += 1
@@ -284,3 +292,22 @@ class Speculation:
             "spec_accept_length": (self.num_accepted + n) / n if n else 0.0,
             "spec_accept_rate": self.num_accepted / self.num_drafts if self.num_drafts else 0.0,
         }
+
+
+def _backing_off(r: Request) -> bool:
+    """Whether the request skips drafting this step (see `BACKOFF_AFTER_MISSES`)."""
+    state = r.plugin_state.get(BACKOFF_KEY)
+    if not state or state[1] <= 0:
+        return False
+    state[1] -= 1
+    return True
+
+
+def _record(r: Request, accepted: int) -> None:
+    state = r.plugin_state.setdefault(BACKOFF_KEY, [0, 0])  # [misses in a row, steps to skip]
+    if accepted:
+        state[0] = 0
+        return
+    state[0] += 1
+    if state[0] >= BACKOFF_AFTER_MISSES:
+        state[1] = min(2 ** (state[0] - BACKOFF_AFTER_MISSES + 1), BACKOFF_MAX_STEPS)
