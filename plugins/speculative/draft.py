@@ -145,6 +145,7 @@ class DraftModelSpeculator(Speculator):
         if s is not None:
             self._free.extend(reversed(s.page_table))
             s.page_table = []
+            self.runner.page_tables.forget(s)  # the runner's row of its page table
 
     @property
     def num_free_pages(self) -> int:
