@@ -98,3 +98,25 @@ def test_redundant_replicas_and_a_shuffled_placement_change_nothing(moe_dir):
 
 def _request(tokens: list[int]) -> Request:
     return Request(prompt_token_ids=tokens)
+
+
+def test_gathered_decode_path_equals_the_sorted_path():
+    """Few (token, expert) pairs take the gathered, sync-free path; it equals the sorted one."""
+    from pegboard.core.models import moe
+
+    experts = moe.MoEExperts(6, 16, 8, {"gate": "g", "up": "u", "down": "d"}, "e")
+    gen = torch.Generator().manual_seed(0)
+    experts.w13.data = torch.randn(6, 16, 16, generator=gen)
+    experts.w2.data = torch.randn(6, 16, 8, generator=gen)
+    x = torch.randn(5, 16, generator=gen)
+    slots = torch.randint(0, 6, (5, 2), generator=gen)
+    weights = torch.rand(5, 2, generator=gen)
+    assert slots.numel() <= moe.GATHER_MAX_PAIRS
+    gathered = experts(x, slots, weights)
+    original = moe.GATHER_MAX_PAIRS
+    try:
+        moe.GATHER_MAX_PAIRS = 0
+        sorted_path = experts(x, slots, weights)
+    finally:
+        moe.GATHER_MAX_PAIRS = original
+    torch.testing.assert_close(gathered, sorted_path, atol=1e-5, rtol=1e-5)

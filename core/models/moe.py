@@ -8,7 +8,8 @@ slot (`MoEExperts.w13 [P, 2I, H]`, `w2 [P, H, I]`), and the block's `ExpertPlace
 its replicas. Redundant replicas are exact copies, so a placement never changes results.
 
 `MoEExperts.forward` is the plain PyTorch path (the CPU path and the reference): tokens sorted
-by physical expert, one GEMM pair per expert that has tokens, a weighted combine.
+by physical expert, one GEMM pair per expert that has tokens, a weighted combine; for a few
+(token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from pegboard.core.models.layers import Linear, silu_and_mul
 from pegboard.core.models.weights import TensorTarget
 from pegboard.sdk.expert_placement import ExpertPlacement
 from torch import nn
+
+#: Up to this many (token, expert) pairs a step gathers the experts' weights per pair (no host
+#: sync; CUDA graphs capture it); above it, tokens are sorted by expert and each expert's rows
+#: run as one GEMM pair.
+GATHER_MAX_PAIRS = 64
 
 
 class _Replicas:
@@ -62,6 +68,19 @@ class MoEExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_slots, hidden, size), requires_grad=False)
         self.placement: ExpertPlacement | None = None  # set by the block
 
+    def _gathered(
+        self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Few (token, expert) pairs (decode): gather each pair's expert weights and run
+        batched mat-vecs: no host sync, so CUDA graphs can capture it."""
+        tokens, k = slots.shape
+        flat = slots.reshape(-1)
+        rows = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [n, H, 1]
+        act = silu_and_mul(torch.bmm(self.w13[flat], rows).squeeze(-1))
+        out = torch.bmm(self.w2[flat], act.unsqueeze(-1)).squeeze(-1)
+        scaled = (out * weights.reshape(-1, 1)).to(x.dtype)
+        return scaled.view(tokens, k, -1).sum(dim=1)
+
     def checkpoint_targets(self, module_path: str) -> dict[str, TensorTarget]:
         """Checkpoint name -> target for every expert (`weights.checkpoint_targets` asks)."""
         assert self.placement is not None
@@ -83,6 +102,8 @@ class MoEExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`x [T, H]`, `slots [T, k]` physical experts, `weights [T, k]` -> `[T, H]`."""
+        if slots.numel() <= GATHER_MAX_PAIRS:
+            return self._gathered(x, slots, weights)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             # Raised before any host sync, so the capture fails cleanly and decode runs eagerly.
             raise RuntimeError("the PyTorch MoE path reads expert counts on the host; no graphs")
