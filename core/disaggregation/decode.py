@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import torch
 from pegboard.core.disaggregation.channel import Channel, Heartbeats, open_channel
 from pegboard.sdk.transfer import TERMINAL, KVPoll, KVReceiver, PoolLayout
 from pegboard.sdk.types import Request, RequestStatus, TokenLogprobs
@@ -189,6 +190,7 @@ class DecodeSide:
         if failed:
             return
         start_page = r.num_computed_tokens // self.layout.page_size
+        self._settle_device()
         ch.send(
             {
                 "op": "register",
@@ -198,6 +200,15 @@ class DecodeSide:
             }
         )
         rec.init()
+
+    def _settle_device(self) -> None:
+        """On a GPU, wait for the forward in flight before a peer may write into pages: with
+        overlap scheduling it can still write a just-finished request's last token into a page
+        that was freed and is now handed out (stream order protects the engine's own writes,
+        not a transfer library's)."""
+        device = self.engine.kv.pool.k[0].device
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
     def _hand_over(self, rec: KVReceiver) -> None:
         e, r = self.engine, rec.request
