@@ -80,3 +80,28 @@ def test_target_probs_apply_temperature_and_filters():
     p = target_probs(logits, r)[0]
     assert p[2:].sum() == 0
     assert torch.allclose(p[:2], torch.tensor([2.0, 1.0]).div(0.5).softmax(0))
+
+
+def test_engine_sampling_with_a_draft_model_matches_plain_sampling(tiny_llama_dir, tmp_path):
+    """End to end: 400 seeded requests of one prompt at temperature 0.5, with and without a
+    draft model; the third output token (verified after two drafts) has the same distribution
+    (two-sample chi-square over the 6 most common tokens and the rest)."""
+    from fixtures import build_tiny_model
+    from pegboard.core.llm import LLM
+
+    draft = build_tiny_model(tmp_path / "draft", "llama", seed=5, num_hidden_layers=1)
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18]
+    n = 400
+
+    def third_tokens(**settings):
+        params = [SamplingParams(max_tokens=3, temperature=0.5, seed=1000 * i) for i in range(n)]
+        with LLM(str(tiny_llama_dir), dtype="float32", device="cpu", **settings) as llm:
+            return collections.Counter(o.token_ids[2] for o in llm.generate([prompt] * n, params))
+
+    plain = third_tokens()
+    spec = third_tokens(speculator="draft", plugin_options={"draft": {"model_path": str(draft)}})
+    top = [t for t, _ in (plain + spec).most_common(6)]
+    bins = [(plain[t], spec[t]) for t in top]
+    bins.append((n - sum(a for a, _ in bins), n - sum(b for _, b in bins)))
+    stat = sum((a - b) ** 2 / (a + b) for a, b in bins if a + b)  # equal sample sizes
+    assert stat < 22.46  # chi-square, 6 degrees of freedom, p = 0.001
