@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+import torch
 from fixtures.transfer import TRANSFER_BACKENDS
 from pegboard.core.config import EngineConfig
 from pegboard.core.engine import Engine
@@ -193,3 +194,40 @@ def test_a_prefill_engine_that_goes_away_fails_waiting_requests_and_frees_pages(
 def test_transfer_without_a_disaggregation_mode_is_refused(tiny_llama_dir):
     with pytest.raises(ValueError, match="--transfer mooncake needs --disaggregation-mode"):
         make_engine(tiny_llama_dir, transfer="mooncake")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pd_across_two_gpus_equals_colocated(tiny_llama_dir, backend):
+    """Prefill on cuda:0, decode on cuda:1: device memory moves through the plugin."""
+    batch = prompts()
+    colo = make_engine(tiny_llama_dir, device="cuda:0")
+    try:
+        reqs = [
+            (colo, Request(p, SamplingParams(**GREEDY), request_id=f"c{i}"))
+            for i, p in enumerate(batch)
+        ]
+        tokens, _ = run([colo], reqs)
+        expected = [tokens[f"c{i}"] for i in range(len(batch))]
+    finally:
+        colo.close()
+    port = free_port()
+    prefill = make_engine(
+        tiny_llama_dir, device="cuda:0", transfer=backend, disaggregation_mode="prefill",
+        disaggregation_bootstrap_port=port,
+    )  # fmt: skip
+    decode = make_engine(
+        tiny_llama_dir, device="cuda:1", transfer=backend, disaggregation_mode="decode"
+    )
+    try:
+        pairs = paired(batch, port)
+        work = [(prefill, rp) for rp, _ in pairs] + [(decode, rd) for _, rd in pairs]
+        tokens, _ = run([prefill, decode], work)
+        assert [tokens[rd.request_id] for _, rd in pairs] == expected
+        assert decode.kv.num_free_pages == decode.kv.num_pages
+    finally:
+        prefill.close()
+        decode.close()

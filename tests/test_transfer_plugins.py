@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
 import torch
-from fixtures.transfer import MOONCAKE_MISSING, mooncake_usable
+from fixtures.transfer import (
+    MOONCAKE_MISSING,
+    NIXL_MISSING,
+    TRANSFER_BACKENDS,
+    mooncake_usable,
+    nixl_usable,
+)
 from pegboard.sdk.testing import tiny_model_info
 from pegboard.sdk.testing_transfer import check_transfer
 from pegboard.sdk.transfer import (
@@ -22,12 +27,6 @@ from pegboard.sdk.transfer import (
     page_runs,
 )
 from pegboard.sdk.types import KVPool, Request
-
-
-def _needs(module: str, package: str):
-    return pytest.mark.skipif(
-        importlib.util.find_spec(module) is None, reason=f"{package} is not installed"
-    )
 
 
 def test_page_runs_merge_pages_contiguous_on_both_sides():
@@ -93,7 +92,7 @@ def test_mooncake_conforms():
     check_transfer(MooncakeTransfer)
 
 
-@_needs("nixl_cu12", "nixl-cu12")
+@pytest.mark.skipif(not nixl_usable(), reason=NIXL_MISSING)
 def test_nixl_conforms(monkeypatch):
     monkeypatch.setenv("UCX_TLS", "tcp")
     monkeypatch.setenv("UCX_MODULES", "^ib")
@@ -104,7 +103,7 @@ def test_nixl_conforms(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["mooncake", "nixl"])
+@pytest.mark.parametrize("backend", TRANSFER_BACKENDS)
 def test_backend_moves_device_memory(backend):
     from pegboard.core.plugin_manager import PluginManager
 
