@@ -10,6 +10,7 @@ threads, but they only queue work that `step` applies at its next boundary.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -470,6 +471,7 @@ class Engine:
             return c.cpu_kv_cache_bytes
         if c.kv_cache_tokens is not None:
             return 0  # sized by tokens: no profile run needed
+        gc.collect()  # an earlier engine of this process that is unreachable frees its pool now
         activations = ACTIVATION_ALLOWANCE + self.runner.profile_activation_bytes(
             c.max_num_batched_tokens, c.max_running_requests
         )

@@ -335,7 +335,9 @@ class ForwardBatch:
 
     @property
     def num_requests(self) -> int:
-        return len(self.requests)
+        # From the per-request lists the backends read, so a batch built without `Request`
+        # objects (a tensor-parallel follower's, a kernel test's) still counts its requests.
+        return len(self.query_lens_cpu)
 
     @property
     def is_decode_only(self) -> bool:
