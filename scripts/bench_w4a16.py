@@ -94,7 +94,7 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
         w4 = time_w4(layers, x, group, None, reps)
         p = layers[0]
         out = w4a16_linear(x, p.qweight, p.scales, p.offsets, group)
-        err = relative_error(out, x.float() @ ref_w.to(DTYPE).float())
+        err = relative_error(out, x.float() @ ref_w.to(DTYPE).float().T)  # ref_w is [n, k]
         row = {
             "layer": name, "n": n, "k": k, "m": m, "cublas_us": cublas, "bf16_gemv_us": gemv,
             "w4a16_us": w4, "speedup_vs_cublas": cublas / w4, "w4a16_tb_s": bytes_w4 / w4 / 1e6,
