@@ -108,7 +108,7 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
                 try:
                     t = time_w4(layers, x, group, cfg, reps)
                     o = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, None, cfg)
-                    if relative_error(o, x.float() @ ref_w.to(DTYPE).float()) > 2e-2:
+                    if relative_error(o, x.float() @ ref_w.to(DTYPE).float().T) > 2e-2:
                         continue
                 except Exception as e:  # a configuration Triton cannot compile here
                     print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
