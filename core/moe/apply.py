@@ -8,7 +8,9 @@ from pegboard.sdk.expert_placement import ExpertPlacement
 from torch import nn
 
 
-@torch.no_grad()
+# inference_mode, not no_grad: the maps may have been made under inference mode (CUDA graph
+# capture), and in-place writes to such tensors are refused outside it (seen on the H200).
+@torch.inference_mode()
 def apply_placement(model: nn.Module, placement: ExpertPlacement) -> None:
     """Give every sparse layer `placement`'s row: each new slot takes the weights of a slot
     that holds the same logical expert now (replicas are copies, so any one will do). One layer
