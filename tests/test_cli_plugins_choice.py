@@ -33,7 +33,9 @@ def test_each_slot_marks_its_default_and_the_flags_mark_the_active_choice(capsys
 
 
 @pytest.mark.skipif(ON_CUDA, reason="checks the listing of a machine without CUDA")
-def test_gpu_only_backends_are_unavailable_with_the_reason_without_cuda(capsys):
+def test_gpu_only_backends_are_unavailable_with_the_reason_without_cuda(capsys, monkeypatch):
+    # Kernel tests earlier in the session set TRITON_INTERPRET=1, which lets triton run on CPU.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     plugins = listed(capsys)
     for name in ("triton", "flashinfer"):
         record = plugins[("attention", name)]

@@ -77,12 +77,38 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+#: After a 413 the rest of the upload is read and dropped, chunk by chunk (at most this much,
+#: for at most `DRAIN_SECONDS`), before the response ends and the connection closes: closing a
+#: socket with unread bytes resets it, and the client then loses the 413 it has not read yet.
+DRAIN_BYTES = 256 << 20
+DRAIN_SECONDS = 5.0
+
+
 async def _too_large(cap: int, scope: Scope, receive: Receive, send: Send) -> None:
     message = f"the request body is larger than {cap} bytes (--max-request-bytes)"
     response = JSONResponse(
         error_body(413, message), status_code=413, headers={"Connection": "close"}
     )
-    await response(scope, receive, send)
+    await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    await _drain(receive)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop what is left of the request body, within the bounds above."""
+    loop = asyncio.get_running_loop()
+    deadline, drained = loop.time() + DRAIN_SECONDS, 0
+    while drained < DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 class GuardedRequest(Request):
