@@ -136,26 +136,37 @@ def test_killing_the_prefill_server_mid_transfer_fails_requests_and_frees_decode
     try:
         client = router.client()
         long_prompt = " ".join(str(i) for i in range(40))  # ~110 tokens
-        with ThreadPoolExecutor(3) as pool:
-            futures = [
-                pool.submit(complete, client, f"{k} {long_prompt}", max_tokens=64) for k in range(3)
-            ]
-            deadline = time.monotonic() + 120
-            # Wait until the decode server holds pages for requests whose KV has not arrived.
-            while not (
-                metric(decode, "kv_cache_usage_perc") > 0
-                and metric(decode, "num_requests_running") == 0
-            ):
-                assert time.monotonic() < deadline, decode.log()
-                assert not all(f.done() for f in futures), [f.exception() for f in futures]
-                time.sleep(0.01)
-            os.kill(prefill.proc.pid, signal.SIGKILL)
-            errors = []
-            for f in futures:
-                try:
-                    f.result()
-                except openai.APIError as e:
-                    errors.append(str(e))
+        errors = None
+        # A round whose transfers all finish before the decode server is seen holding pages
+        # for requests still waiting for KV (a quiet, fast machine) is followed by another.
+        for attempt in range(5):
+            with ThreadPoolExecutor(3) as pool:
+                futures = [
+                    pool.submit(complete, client, f"{attempt} {k} {long_prompt}", max_tokens=64)
+                    for k in range(3)
+                ]
+                deadline = time.monotonic() + 120
+                # Wait until the decode server holds pages for requests whose KV has not arrived.
+                while not (
+                    metric(decode, "kv_cache_usage_perc") > 0
+                    and metric(decode, "num_requests_running") == 0
+                ):
+                    assert time.monotonic() < deadline, decode.log()
+                    if all(f.done() for f in futures):
+                        assert [f.exception() for f in futures] == [None] * 3
+                        break
+                    time.sleep(0.01)
+                else:
+                    os.kill(prefill.proc.pid, signal.SIGKILL)
+                    errors = []
+                    for f in futures:
+                        try:
+                            f.result()
+                        except openai.APIError as e:
+                            errors.append(str(e))
+            if errors is not None:
+                break
+        assert errors is not None, "the decode server was never seen waiting for KV"
         assert errors, "no request failed although the prefill server was killed"
         # The router sees the prefill worker's connection drop, the decode server its control
         # channel: either way the error names the prefill side.
