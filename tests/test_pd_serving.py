@@ -125,6 +125,11 @@ def test_pd_through_the_router_equals_colocated_and_streams(tiny_llama_dir, tmp_
         decode.stop()
 
 
+@pytest.mark.skip(
+    reason="races the transfer it kills (CI 2026-11-30: all requests done before the kill, or "
+    "KV already there); the dead-prefill path is covered in-process by "
+    "tests/test_disaggregation.py until a fault-injection point can hold the transfer"
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_killing_the_prefill_server_mid_transfer_fails_requests_and_frees_decode_pages(
     tiny_llama_dir, tmp_path, backend
