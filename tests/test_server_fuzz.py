@@ -53,6 +53,7 @@ def test_no_generated_request_gets_a_server_error(api_schema):
                 max_examples=25,
                 deadline=None,
                 database=None,
+                derandomize=True,  # the same cases every run: CI failures reproduce
                 suppress_health_check=list(HealthCheck),
             )
             def check(case) -> None:
