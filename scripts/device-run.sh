@@ -51,12 +51,18 @@ for job in "${@:-tests}"; do
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
         done ;;
-    llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs (symmetric-memory all-reduce, then NCCL)
+    tp-tests) # the 2-GPU tensor-parallel tests with their tracebacks (nvidia-h200-x2)
+        timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+          tests/test_tensor_parallel.py 2>&1 | tail -60 | tee "$OUT/tp-tests.log" ;;
+    llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs (symmetric-memory all-reduce, then NCCL);
+        # a run still alive after 170 s prints every rank's stacks (SIGUSR1) into its .err
         for ar in auto nccl; do
-          PEGBOARD_TP_ALLREDUCE=$([ $ar = nccl ] && echo nccl) timeout 200 $PB bench offline --random-weights \
+          (sleep 170; pkill -USR1 -f 'pegboard') & dumper=$!
+          PEGBOARD_TP_ALLREDUCE=$([ $ar = nccl ] && echo nccl) timeout -k 10 200 $PB bench offline --random-weights \
             --config llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 \
             --max-output 256 --max-model-len 4096 --tp-size 2 ${BENCH_ARGS:-} \
             --json "$OUT/llama8b-bs1-tp2-$ar.json" 2>"$OUT/llama8b-bs1-tp2-$ar.err" | tail -4
+          kill $dumper 2>/dev/null
         done ;;
     w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15)
         timeout 240 python3 scripts/bench_w4a16.py --step --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;

@@ -10,6 +10,7 @@ every all-reduce. Started by rank 0 (`python -m pegboard.core.distributed.follow
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dist-timeout", type=float, default=600.0)
     p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it hangs
     logging.basicConfig(
         level="INFO", format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s"
     )

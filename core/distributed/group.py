@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,8 @@ log = logging.getLogger("pegboard.distributed")
 PLAN_TIMEOUT = datetime.timedelta(days=365)
 #: Largest all-reduce (bytes) the symmetric-memory path takes; larger ones go to NCCL.
 SYMM_MEM_MAX_BYTES = 1 << 20
+#: How long leaving the groups may take before a rank stops waiting for its peers.
+DESTROY_TIMEOUT_S = 20.0
 
 
 class Groups:
@@ -83,9 +86,24 @@ class Groups:
         dist.broadcast(x, src=0, group=self.device_group)
         return x
 
-    def destroy(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def destroy(self, timeout_s: float = DESTROY_TIMEOUT_S) -> None:
+        """Leave the groups. Every rank calls this at about the same time (after rank 0's stop
+        message); a teardown that still blocks past `timeout_s` (a peer already gone) is left
+        behind with a warning rather than keeping the process from exiting."""
+        if not dist.is_initialized():
+            return
+        self._symm = None  # the symmetric-memory buffer goes before its group
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+        teardown.start()
+        teardown.join(timeout_s)
+        if teardown.is_alive():
+            log.warning(
+                "rank %d: leaving the tensor-parallel group took over %.0f s; not waiting longer",
+                self.top.rank,
+                timeout_s,
+            )
 
 
 class _SymmetricAllReduce:

@@ -71,6 +71,10 @@ class Children:
                 list(self.procs.values()),
             )
 
+    def expect_exit(self) -> None:
+        """From now on a child that exits is ending, not lost (the group is being stopped)."""
+        self.closing = True
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Wait for the children to exit after a stop message; kill any that do not."""
         self.closing = True

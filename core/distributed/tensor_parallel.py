@@ -90,12 +90,16 @@ class TensorParallel:
         self._send("bind", (attention.name, options, layout, kept, engine))
 
     def close(self) -> None:
-        """Leader: stop the followers and leave the group."""
+        """Leader: stop the followers; every rank then leaves the group at the same time (NCCL's
+        teardown waits for its peers: a leader that first waited for its children to exit, while
+        they waited in the teardown for it, hung until it killed them, then hung alone)."""
+        if self.children is not None:
+            self.children.expect_exit()  # the followers exit once the group is torn down
         if self.is_leader:
             self._send("stop", None)
+        self.groups.destroy()
         if self.children is not None:
             self.children.close()
-        self.groups.destroy()
 
     def _send(self, kind: str, payload: Any) -> None:
         self._guard(self.groups.broadcast_objects, [(kind, payload)])
