@@ -54,11 +54,13 @@ for job in "${@:-tests}"; do
     tp-tests) # the 2-GPU tensor-parallel tests with their tracebacks (nvidia-h200-x2)
         timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
           tests/test_tensor_parallel.py 2>&1 | tail -60 | tee "$OUT/tp-tests.log" ;;
-    llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs (symmetric-memory all-reduce, then NCCL);
+    llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs: plan messages through shared memory
+        # (default), then through gloo (TP_VARIANTS="shm gloo nccl": nccl = NCCL all-reduce);
         # a run still alive after 170 s prints every rank's stacks (SIGUSR1) into its .err
-        for ar in auto nccl; do
+        for ar in ${TP_VARIANTS:-shm gloo}; do
           (sleep 170; pkill -USR1 -f 'pegboard') & dumper=$!
-          PEGBOARD_TP_ALLREDUCE=$([ $ar = nccl ] && echo nccl) timeout -k 10 200 $PB bench offline --random-weights \
+          PEGBOARD_TP_PLAN=$([ $ar = gloo ] && echo gloo) PEGBOARD_TP_ALLREDUCE=$([ $ar = nccl ] && echo nccl) \
+          timeout -k 10 200 $PB bench offline --random-weights --profile-host \
             --config llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 \
             --max-output 256 --max-model-len 4096 --tp-size 2 ${BENCH_ARGS:-} \
             --json "$OUT/llama8b-bs1-tp2-$ar.json" 2>"$OUT/llama8b-bs1-tp2-$ar.err" | tail -4

@@ -202,12 +202,13 @@ def test_more_ranks_than_gpus_exits_2_from_the_cli(tp_models):
 
 
 def children_of(pid: int) -> list[int]:
-    """Direct children of `pid`, whichever of its threads started them."""
+    """The tensor-parallel ranks `pid` started, whichever of its threads started them (not
+    its other children, such as multiprocessing's resource tracker)."""
     kids = []
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/children") as f:
             kids += [int(k) for k in f.read().split()]
-    return kids
+    return [k for k in kids if b"distributed.follower" in open(f"/proc/{k}/cmdline", "rb").read()]
 
 
 @pytest.mark.slow

@@ -19,19 +19,22 @@ from pathlib import Path
 import torch
 from pegboard.core.distributed.group import Groups
 from pegboard.core.distributed.launch import Children, fatal, watch_parent
+from pegboard.core.distributed.shm_broadcast import ShmBroadcast
 from pegboard.core.distributed.tensor_parallel import TensorParallel
 from pegboard.core.distributed.topology import Topology
 
 log = logging.getLogger("pegboard.distributed")
 
 
-def run_follower(top: Topology, device: str, timeout_s: float) -> int:
-    """Serve as rank `top.rank` until rank 0 says stop; returns the exit status."""
+def run_follower(top: Topology, device: str, timeout_s: float, plan_shm: str | None = None) -> int:
+    """Serve as rank `top.rank` until rank 0 says stop; returns the exit status. `plan_shm`:
+    rank 0's shared-memory plan channel (`ShmBroadcast.spec`), when it spawned this rank."""
     if top.torchrun:  # torchrun signals every rank at once: rank 0 drains, then says stop
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     children = Children(top, device, timeout_s) if top.spawns else None
-    groups = Groups(top, torch.device(top.device(device)), timeout_s)
+    channel = ShmBroadcast.attach(plan_shm, reader=top.rank - 1) if plan_shm else None
+    groups = Groups(top, torch.device(top.device(device)), timeout_s, channel)
     tp = TensorParallel(top, groups, children)
     _, settings = tp.receive()  # rank 0's engine config
     Follower(tp, settings).run()
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dist-timeout", type=float, default=600.0)
     p.add_argument("--parent-pid", type=int, default=None)
+    p.add_argument("--plan-shm", default=None, help="rank 0's shared-memory plan channel")
     args = p.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it hangs
     logging.basicConfig(
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dist_init_addr,
     )
     try:
-        return run_follower(top, args.device, args.dist_timeout)
+        return run_follower(top, args.device, args.dist_timeout, args.plan_shm)
     except Exception as e:
         log.exception("rank %d failed", args.rank)
         fatal(f"tensor-parallel rank {args.rank} failed: {type(e).__name__}: {e}")

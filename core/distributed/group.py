@@ -5,8 +5,11 @@ Two groups over the same ranks:
   all-reduces and all-gathers, with a timeout (`--dist-timeout`) so a lost rank fails a step
   instead of hanging it;
 - the plan group (gloo, host memory) carries rank 0's messages to the followers (the step's
-  batch layout, rebinds, stop). Followers wait on it while the server is idle, so it has no
-  practical timeout; a dead peer closes its sockets, which ends the wait with an error.
+  batch layout, rebinds, stop) — on one node through shared memory instead
+  (`pegboard.core.distributed.shm_broadcast`; `PEGBOARD_TP_PLAN=gloo` keeps gloo), with
+  gloo only for messages too large for a slot. Followers wait on it while the server is idle,
+  so it has no practical timeout; a dead peer closes its sockets (gloo) or is seen gone by
+  the follower's parent watch (shared memory), which ends the wait.
 
 On CUDA, batch-1 decode all-reduces are small and latency-bound: `symm_mem` (torch's
 symmetric-memory one-shot all-reduce, where it runs) replaces NCCL for tensors up to
@@ -22,6 +25,7 @@ import threading
 
 import torch
 import torch.distributed as dist
+from pegboard.core.distributed.shm_broadcast import ShmBroadcast
 from pegboard.core.distributed.topology import Topology
 
 log = logging.getLogger("pegboard.distributed")
@@ -37,9 +41,17 @@ DESTROY_TIMEOUT_S = 20.0
 class Groups:
     """The initialised groups of this process and the collectives the model layers call."""
 
-    def __init__(self, top: Topology, device: torch.device, timeout_s: float) -> None:
+    def __init__(
+        self,
+        top: Topology,
+        device: torch.device,
+        timeout_s: float,
+        plan_shm: ShmBroadcast | None = None,
+    ) -> None:
         self.top = top
         self.device = device
+        self.timeout_s = timeout_s
+        self.plan_shm = plan_shm  # one node: the plan messages go through shared memory
         backend = "nccl" if device.type == "cuda" else "gloo"
         if top.init_addr.rpartition(":")[0] in ("127.0.0.1", "localhost"):
             # One host: gloo over loopback, whatever this machine's hostname resolves to.
@@ -78,6 +90,15 @@ class Groups:
 
     def broadcast_objects(self, objects: list) -> list:
         """Rank 0's `objects` on every rank (a list of the same length everywhere)."""
+        if self.plan_shm is None:
+            dist.broadcast_object_list(objects, src=0, group=self.plan_group)
+        elif self.top.is_leader:
+            self.plan_shm.write(objects, self._plan_broadcast, self.timeout_s)
+        else:
+            objects[:] = self.plan_shm.read(lambda: self._plan_broadcast([None] * len(objects)))
+        return objects
+
+    def _plan_broadcast(self, objects: list) -> list:
         dist.broadcast_object_list(objects, src=0, group=self.plan_group)
         return objects
 
@@ -93,6 +114,9 @@ class Groups:
         if not dist.is_initialized():
             return
         self._symm = None  # the symmetric-memory buffer goes before its group
+        if self.plan_shm is not None:
+            self.plan_shm.close()
+            self.plan_shm = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)

@@ -38,7 +38,9 @@ def fatal(message: str, children: list[subprocess.Popen] = ()) -> None:
 class Children:
     """The ranks this process spawned, watched until `close`."""
 
-    def __init__(self, top: Topology, device: str, timeout_s: float) -> None:
+    def __init__(
+        self, top: Topology, device: str, timeout_s: float, plan_shm: str | None = None
+    ) -> None:
         self.procs: dict[int, subprocess.Popen] = {}
         self.closing = False
         for rank in top.spawns:
@@ -55,7 +57,7 @@ class Children:
                 f"--device={device}",
                 f"--dist-timeout={timeout_s}",
                 f"--parent-pid={os.getpid()}",
-            ]
+            ] + ([f"--plan-shm={plan_shm}"] if plan_shm else [])
             self.procs[rank] = subprocess.Popen(argv)
         for rank, proc in self.procs.items():
             threading.Thread(

@@ -12,6 +12,7 @@ on their own runner, so every rank runs the same collectives in the same order.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from pegboard.core.distributed.group import Groups
 from pegboard.core.distributed.launch import Children, fatal
 from pegboard.core.distributed.sharding import ModelShard
+from pegboard.core.distributed.shm_broadcast import ShmBroadcast
 from pegboard.core.distributed.topology import (
     DistributedConfigError,
     Topology,
@@ -154,9 +156,13 @@ def start_tensor_parallel(config) -> TensorParallel | None:
         return None
     if not top.is_leader:
         raise ValueError(f"this process is rank {top.rank}; only rank 0 runs an engine")
-    children = Children(top, config.device, config.dist_timeout)
+    plan_shm = plan_channel(top)
+    children = Children(
+        top, config.device, config.dist_timeout, plan_shm.spec if plan_shm else None
+    )
     try:
-        groups = Groups(top, torch.device(top.device(config.device)), config.dist_timeout)
+        device = torch.device(top.device(config.device))
+        groups = Groups(top, device, config.dist_timeout, plan_shm)
     except Exception as e:
         fatal(
             f"joining the tensor-parallel group at {top.init_addr} failed: {e}",
@@ -166,6 +172,16 @@ def start_tensor_parallel(config) -> TensorParallel | None:
     tp._send("config", config.model_dump())
     log.info("tensor parallel: rank 0 of %d (%s)", top.world_size, groups.device)
     return tp
+
+
+def plan_channel(top: Topology) -> ShmBroadcast | None:
+    """Rank 0's shared-memory channel to the followers it spawns, when they all run on its node
+    (not under torchrun, not multi-node, not with `PEGBOARD_TP_PLAN=gloo`)."""
+    if top.nnodes != 1 or top.torchrun or not top.spawns:
+        return None
+    if os.environ.get("PEGBOARD_TP_PLAN", "shm") == "gloo":
+        return None
+    return ShmBroadcast.create(readers=len(top.spawns))
 
 
 def check_tensor_parallel(config) -> Topology | None:
