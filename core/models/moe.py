@@ -9,10 +9,14 @@ its replicas. Redundant replicas are exact copies, so a placement never changes 
 
 `MoEExperts.forward` is the plain PyTorch path (the CPU path and the reference): tokens sorted
 by physical expert, one GEMM pair per expert that has tokens, a weighted combine; for a few
-(token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead.
+(token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead. With
+`MoEExperts.kernel` set (`pegboard.core.moe.kernel`, `--moe-kernel`) the fused Triton MoE
+(`pegboard.core.kernels.fused_moe.fused_experts`, same arguments) runs instead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +71,8 @@ class MoEExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * size, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_slots, hidden, size), requires_grad=False)
         self.placement: ExpertPlacement | None = None  # set by the block
+        # fused_experts(x, slots, weights, w13, w2) when the Triton kernel is selected
+        self.kernel: Callable | None = None
 
     def _gathered(
         self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
@@ -102,6 +108,8 @@ class MoEExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`x [T, H]`, `slots [T, k]` physical experts, `weights [T, k]` -> `[T, H]`."""
+        if self.kernel is not None:
+            return self.kernel(x, slots, weights, self.w13, self.w2)
         if slots.numel() <= GATHER_MAX_PAIRS:
             return self._gathered(x, slots, weights)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
