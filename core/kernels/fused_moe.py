@@ -90,7 +90,8 @@ def choose_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     return next(config for limit, config in CONFIGS if per_expert <= limit)
 
 
-@triton.jit
+# The pair count changes with every batch size: one compiled kernel for all of them.
+@triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_kernel(
     A,
     W,
