@@ -101,29 +101,40 @@ def test_pairs_of_experts_not_held_add_nothing(config):
     assert relative_error(out, dropped) < 1e-5
 
 
-def test_align_pairs_groups_every_pair_once_by_expert_in_whole_blocks():
-    ids = torch.tensor([[3, 0], [3, 1], [7, 3], [3, -1], [0, 3]], device=DEVICE)
-    sorted_pairs, block_experts, padded = align_pairs(ids, num_experts=4, block_m=4)
-    used = int(padded.item())
-    n = ids.numel()
-    assert used % 4 == 0 and used <= sorted_pairs.numel()
-    assert (sorted_pairs[used:] == n).all()
+def check_alignment(ids, experts, block_m):
+    """`align_pairs`' contract: every pair once, each used block one expert's pairs (-1: not
+    held), padding elsewhere; returns (block experts, sorted pairs) of the used blocks."""
+    sorted_pairs, block_experts, padded = align_pairs(ids, experts, block_m)
+    used, n, flat = int(padded.item()), ids.numel(), ids.reshape(-1)
+    assert used % block_m == 0 and used <= sorted_pairs.numel()
+    assert (sorted_pairs[used:] == n).all() and (block_experts[used // block_m :] == -1).all()
     real = sorted_pairs[sorted_pairs < n]
     assert sorted(real.tolist()) == list(range(n))  # each pair exactly once
-    flat = ids.reshape(-1)
-    for block in range(used // 4):
-        pairs = sorted_pairs[block * 4 : block * 4 + 4]
-        pairs = pairs[pairs < n]
+    for block in range(used // block_m):
+        pairs = sorted_pairs[block * block_m : (block + 1) * block_m]
+        pairs = pairs[pairs < n].long()
         expert = int(block_experts[block])
         assert len(pairs) > 0
-        if expert == -1:  # the not-held block gathers ids 7 and -1
-            assert all(int(flat[p]) not in range(4) for p in pairs)
+        if expert == -1:
+            assert ((flat[pairs] < 0) | (flat[pairs] >= experts)).all()
         else:
             assert (flat[pairs] == expert).all()
-    assert (block_experts[used // 4 :] == -1).all()
-    # Expert 3 has five pairs: two blocks, in pair order (a stable sort).
-    assert block_experts[: used // 4].tolist() == [0, 1, 3, 3, -1]
-    assert sorted_pairs[8:13].tolist() == [0, 2, 5, 6, 9]
+    return block_experts[: used // block_m].tolist(), sorted_pairs[:used]
+
+
+def test_align_pairs_groups_every_pair_once_by_expert_in_whole_blocks():
+    ids = torch.tensor([[3, 0], [3, 1], [7, 3], [3, -1], [0, 3]], device=DEVICE)
+    blocks, pairs = check_alignment(ids, experts=4, block_m=4)
+    # Expert 3 has five pairs: two blocks; the not-held block gathers ids 7 and -1.
+    assert blocks == [0, 1, 3, 3, -1]
+    assert sorted(pairs[8:13].tolist()) == [0, 2, 5, 6, 9]  # order within a run: arbitrary
+
+
+def test_align_pairs_over_many_programs():
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    ids = torch.randint(-1, 9, (300, 4), generator=gen, device=DEVICE)  # 1,200 pairs, some -1
+    blocks, _ = check_alignment(ids, experts=8, block_m=16)
+    assert sorted(set(blocks)) == list(range(-1, 8))
 
 
 def test_decode_pairs_skip_sorting_and_larger_batches_get_larger_blocks():

@@ -214,7 +214,8 @@ def _launch(
         GROUP_M=1 if direct else cfg.group_m,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        # float32 tiles take twice the shared memory of the bf16 ones the stages were set for
+        num_stages=cfg.num_stages if a.element_size() < 4 else min(cfg.num_stages, 2),
     )
 
 
