@@ -27,6 +27,7 @@ from pegboard.core.kernels.fused_moe import (  # noqa: E402
     fused_experts,
 )
 from pegboard.core.kernels.fused_moe_align import align_pairs  # noqa: E402
+from pegboard.core.kernels.fused_moe_topk import softmax_topk  # noqa: E402
 from pegboard.core.models.moe import MoEExperts  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,6 +136,30 @@ def test_align_pairs_over_many_programs():
     ids = torch.randint(-1, 9, (300, 4), generator=gen, device=DEVICE)  # 1,200 pairs, some -1
     blocks, _ = check_alignment(ids, experts=8, block_m=16)
     assert sorted(set(blocks)) == list(range(-1, 8))
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, top_k, renormalize, dtype",
+    [
+        (3, 8, 2, False, torch.float32),
+        (5, 60, 3, True, torch.bfloat16),
+        (2, 128, 8, True, torch.float32),
+    ],
+)
+def test_router_softmax_topk_equals_the_torch_ops(tokens, experts, top_k, renormalize, dtype):
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    logits = torch.randn(tokens, experts, generator=gen, device=DEVICE).to(dtype)
+    weights, ids = softmax_topk(logits, top_k, renormalize, dtype)
+    # MoEBlock.route's PyTorch ops
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    expected_weights, _ = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        expected_weights = expected_weights / expected_weights.sum(dim=-1, keepdim=True)
+    assert ids.dtype == torch.int64 and weights.dtype == dtype
+    # The k largest probabilities, descending; among equal ones (bf16 logits tie) any expert.
+    assert all(len(set(row)) == top_k for row in ids.tolist())
+    torch.testing.assert_close(probs.gather(1, ids), torch.topk(probs, top_k).values)
+    torch.testing.assert_close(weights, expected_weights.to(dtype))  # to rounding of dtype
 
 
 def test_decode_pairs_skip_sorting_and_larger_batches_get_larger_blocks():

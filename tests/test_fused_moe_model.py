@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 from fixtures.tiny_moe import build_tiny_moe  # noqa: E402
 from pegboard.core.kernels.fused_moe import fused_experts  # noqa: E402
+from pegboard.core.kernels.fused_moe_topk import softmax_topk  # noqa: E402
 from pegboard.core.llm import LLM  # noqa: E402
 from pegboard.core.models.moe import moe_blocks  # noqa: E402
 from pegboard.core.moe.flags import MoEFlagError  # noqa: E402
@@ -37,7 +38,8 @@ def moe_dir(tmp_path_factory):
 
 
 def kernels_of(model) -> set:
-    return {block.experts.kernel for block in moe_blocks(model)}
+    """The expert and router kernels of the model's sparse layers."""
+    return {(block.experts.kernel, block.router_kernel) for block in moe_blocks(model)}
 
 
 def test_tiny_qwen3_moe_through_the_fused_kernel_equals_transformers_on_cpu(moe_dir):
@@ -45,7 +47,7 @@ def test_tiny_qwen3_moe_through_the_fused_kernel_equals_transformers_on_cpu(moe_
     reference = hf_reference(moe_dir, prompts, 4)
     params = SamplingParams(max_tokens=4, temperature=0.0)
     with LLM(str(moe_dir), dtype="float32", device="cpu", moe_kernel="triton") as llm:
-        assert kernels_of(llm.engine.runner.model) == {fused_experts}
+        assert kernels_of(llm.engine.runner.model) == {(fused_experts, softmax_topk)}
         assert llm.engine.moe.report()["kernel"] == "triton"
         outs = llm.generate(prompts, params)
     assert_same_tokens(outs, reference)
@@ -55,10 +57,10 @@ def test_auto_and_torch_keep_the_pytorch_path_on_cpu(moe_dir):
     runner, _ = make_runner(moe_dir, page_size=4)
     assert select_moe_kernel(runner.model, "triton") == "triton"  # the interpreter is on
     assert select_moe_kernel(runner.model, "auto") == "torch"
-    assert kernels_of(runner.model) == {None}
+    assert kernels_of(runner.model) == {(None, None)}
     select_moe_kernel(runner.model, "triton")
     assert select_moe_kernel(runner.model, "torch") == "torch"
-    assert kernels_of(runner.model) == {None}
+    assert kernels_of(runner.model) == {(None, None)}
 
 
 def test_triton_where_it_cannot_run_is_a_clear_error(moe_dir, monkeypatch):
@@ -90,7 +92,7 @@ def test_fused_kernel_is_the_default_on_cuda_and_graphs_capture_large_batches(mo
     params = SamplingParams(max_tokens=8, temperature=0.0)
     with LLM(str(moe_dir), dtype="float32", device="cuda", cuda_graph_max_bs=48) as llm:
         runner = llm.engine.runner
-        assert kernels_of(runner.model) == {fused_experts}
+        assert kernels_of(runner.model) == {(fused_experts, softmax_topk)}
         assert runner.cuda_graphs is not None, runner.cuda_graph_off_reason
         assert 48 in runner.cuda_graphs.graphs
         outs = llm.generate(prompts, params)

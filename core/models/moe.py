@@ -11,7 +11,8 @@ its replicas. Redundant replicas are exact copies, so a placement never changes 
 by physical expert, one GEMM pair per expert that has tokens, a weighted combine; for a few
 (token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead. With
 `MoEExperts.kernel` set (`pegboard.core.moe.kernel`, `--moe-kernel`) the fused Triton MoE
-(`pegboard.core.kernels.fused_moe.fused_experts`, same arguments) runs instead.
+(`pegboard.core.kernels.fused_moe.fused_experts`, same arguments) runs instead, and the
+block's `router_kernel` does the softmax and top-k in one kernel (`fused_moe_topk`).
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ class MoEBlock(nn.Module):
         )
         self.recorder = None
         self.router_bias: torch.Tensor | None = None
+        # softmax_topk(logits, k, renormalize, dtype) when the Triton MoE kernel is selected
+        self.router_kernel: Callable | None = None
         self.set_placement(ExpertPlacement.identity(moe.num_experts))
 
     def set_placement(self, placement: ExpertPlacement) -> None:
@@ -214,6 +217,9 @@ class MoEBlock(nn.Module):
         logits = self.gate(x)
         if self.router_bias is not None:
             logits = logits + self.router_bias.to(logits.dtype)
+        if self.router_kernel is not None:
+            dtype = torch.float32 if self.float_weights else x.dtype
+            return self.router_kernel(logits, self.top_k, self.norm_topk_prob, dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:

@@ -2,7 +2,8 @@
 
 - `triton`: the fused Triton MoE (`pegboard.core.kernels.fused_moe.fused_experts`): grouped
   GEMMs over (token, expert) pairs sorted by expert, SiLU-and-mul fused into the gate/up GEMM,
-  no host sync (CUDA graphs capture every decode batch size);
+  no host sync (CUDA graphs capture every decode batch size); the router's softmax and top-k
+  run as one kernel too (`fused_moe_topk.softmax_topk`);
 - `torch`: the PyTorch path of `MoEExperts.forward` (the reference; the only one on CPU);
 - `auto` (default): `triton` where the model's other fused kernels run (a CUDA device with
   Triton, without `--disable-fused-kernels`), else `torch`.
@@ -37,13 +38,15 @@ def select_moe_kernel(model: nn.Module, choice: str = "auto") -> str | None:
     use_triton = choice == "triton" or (
         choice == "auto" and getattr(model, "fused_kernels", False) and reason is None
     )
-    kernel = None
+    kernel = router = None
     if use_triton:
         from pegboard.core.kernels.fused_moe import fused_experts
+        from pegboard.core.kernels.fused_moe_topk import softmax_topk
 
-        kernel = fused_experts
+        kernel, router = fused_experts, softmax_topk
     for block in blocks:
         block.experts.kernel = kernel
+        block.router_kernel = router
     return "triton" if use_triton else "torch"
 
 
