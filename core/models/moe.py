@@ -7,12 +7,14 @@ slot (`MoEExperts.w13 [P, 2I, H]`, `w2 [P, H, I]`), and the block's `ExpertPlace
 `expert_placement` slot's answer, `pegboard.sdk.expert_placement`) maps each logical expert to
 its replicas. Redundant replicas are exact copies, so a placement never changes results.
 
+With `MoEExperts.kernel` set (`pegboard.core.moe.kernel`, `--moe-kernel`) the fused Triton MoE
+(`pegboard.core.kernels.fused_moe.fused_experts`, the same arguments as `MoEExperts.forward`)
+computes the experts, and the block's `router_kernel` does the softmax and top-k in one kernel
+(`fused_moe_topk`).
+
 `MoEExperts.forward` is the plain PyTorch path (the CPU path and the reference): tokens sorted
 by physical expert, one GEMM pair per expert that has tokens, a weighted combine; for a few
-(token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead. With
-`MoEExperts.kernel` set (`pegboard.core.moe.kernel`, `--moe-kernel`) the fused Triton MoE
-(`pegboard.core.kernels.fused_moe.fused_experts`, same arguments) runs instead, and the
-block's `router_kernel` does the softmax and top-k in one kernel (`fused_moe_topk`).
+(token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead.
 """
 
 from __future__ import annotations
@@ -69,11 +71,11 @@ class MoEExperts(nn.Module):
         self.size = size
         self.prefix = prefix  # the checkpoint's name for these experts
         self.names = names
+        # fused_experts(x, slots, weights, w13, w2) when the Triton kernel is selected
+        self.kernel: Callable | None = None
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * size, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_slots, hidden, size), requires_grad=False)
         self.placement: ExpertPlacement | None = None  # set by the block
-        # fused_experts(x, slots, weights, w13, w2) when the Triton kernel is selected
-        self.kernel: Callable | None = None
 
     def _gathered(
         self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
@@ -186,6 +188,8 @@ class MoEBlock(nn.Module):
         self.top_k = moe.top_k
         self.norm_topk_prob = moe.norm_topk_prob
         self.float_weights = moe.float_weights
+        # softmax_topk(logits, k, renormalize, dtype) when the Triton MoE kernel is selected
+        self.router_kernel: Callable | None = None
         prefix = f"model.layers.{layer}.{moe.module}"
         self.gate = Router(cfg.hidden_size, moe.num_experts, f"{prefix}.gate.weight")
         self.experts = MoEExperts(
@@ -203,8 +207,6 @@ class MoEBlock(nn.Module):
         )
         self.recorder = None
         self.router_bias: torch.Tensor | None = None
-        # softmax_topk(logits, k, renormalize, dtype) when the Triton MoE kernel is selected
-        self.router_kernel: Callable | None = None
         self.set_placement(ExpertPlacement.identity(moe.num_experts))
 
     def set_placement(self, placement: ExpertPlacement) -> None:
