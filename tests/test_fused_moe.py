@@ -92,6 +92,20 @@ def test_fused_experts_equal_the_torch_path(tokens, top_k, experts, config):
 
 
 @pytest.mark.parametrize("config", [DIRECT, SORTED], ids=["direct", "sorted"])
+def test_half_activations_with_float32_routing_weights_and_int32_ids(config):
+    # Mixtral keeps its routing weights in float32; ids may come as int32 (expert parallelism).
+    x, ids, weights, w13, w2 = routed_case(7, 2, 6, hidden=48, size=32, dtype=torch.float16)
+    weights = weights.float()
+    out = fused_experts(x, ids.int(), weights, w13, w2, config=config)
+    assert out.dtype == torch.float16
+    reference = torch_path(x, ids, weights, w13, w2, torch.float64)
+    assert relative_error(out, reference) < 2e-3  # float16 rounding
+    assert relative_error(out, reference) <= 2 * relative_error(
+        torch_path(x, ids, weights, w13, w2), reference
+    )
+
+
+@pytest.mark.parametrize("config", [DIRECT, SORTED], ids=["direct", "sorted"])
 def test_pairs_of_experts_not_held_add_nothing(config):
     x, ids, weights, w13, w2 = routed_case(6, 3, 5, hidden=32, size=16)
     ids[0, 1], ids[2, 0], ids[5, 2] = -1, 5, -1  # expert parallelism: not on this rank

@@ -42,7 +42,19 @@ def kernels_of(model) -> set:
     return {(block.experts.kernel, block.router_kernel) for block in moe_blocks(model)}
 
 
-def test_tiny_qwen3_moe_through_the_fused_kernel_equals_transformers_on_cpu(moe_dir):
+@pytest.fixture(
+    scope="module",
+    params=["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)],
+)
+def any_moe_dir(request, moe_dir, tmp_path_factory):
+    """Qwen3-MoE (model dtype routing weights) and Mixtral (float32 ones, renormalised)."""
+    if request.param == "qwen3_moe":
+        return moe_dir
+    return build_tiny_moe(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_tiny_moe_through_the_fused_kernels_equals_transformers_on_cpu(any_moe_dir):
+    moe_dir = any_moe_dir
     prompts = make_prompts(512)[:2]
     reference = hf_reference(moe_dir, prompts, 4)
     params = SamplingParams(max_tokens=4, temperature=0.0)
