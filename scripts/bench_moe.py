@@ -93,10 +93,8 @@ def candidates(tokens: int) -> list[MoEConfig]:
         direct = MoEConfig(GemmConfig(16, 32, 128), GemmConfig(16, 64, 128), direct=True)
         plans += [direct, replace(direct, direct=False)]
         plans += [
-            MoEConfig(GemmConfig(16, n, k, 1, 4, s), GemmConfig(16, 2 * n, k, 1, 4, s), d)
-            for n in (16, 64)
-            for k in (64, 256)
-            for s in (3, 5)
+            MoEConfig(GemmConfig(16, n, k, 1, 4, 4), GemmConfig(16, 2 * n, k, 1, 4, 4), d)
+            for n, k in ((16, 128), (64, 64), (64, 256), (32, 256))
             for d in (True, False)
         ]
     per_expert = tokens * TOP_K / EXPERTS
