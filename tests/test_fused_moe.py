@@ -179,6 +179,7 @@ def test_router_softmax_topk_equals_the_torch_ops(tokens, experts, top_k, renorm
 def test_decode_pairs_skip_sorting_and_larger_batches_get_larger_blocks():
     assert choose_config(1, 8, 128).direct
     assert choose_config(DIRECT_MAX_PAIRS // 8, 8, 128).direct
+    assert choose_config(1, 2, 8).direct and not choose_config(2, 2, 8).direct  # few experts
     sizes = [choose_config(t, 8, 128) for t in (8, 64, 256, 2048, 16384)]
     assert not any(c.direct for c in sizes)
     blocks = [c.gate_up.block_m for c in sizes]

@@ -19,10 +19,10 @@ Two launches of one kernel (vLLM's / SGLang's `fused_moe` scheme), then a sum ov
 
 Pairs reach the kernel in one of two layouts:
 
-- direct (decode: at most `DIRECT_MAX_PAIRS` pairs): block `m` is pair `m` alone, its expert
-  read from `topk_ids`; no sorting at all, each pair streams its expert's weights (at batch 1
-  the k experts are distinct anyway), and the tensor cores' 16 rows are mostly padding, which
-  costs nothing in a pass bound by reading weights;
+- direct (decode: at most `DIRECT_MAX_PAIRS` pairs, and few per expert): block `m` is pair
+  `m` alone, its expert read from `topk_ids`; no sorting at all, each pair streams its
+  expert's weights (at batch 1 the k experts are distinct anyway), and the tensor cores' 16
+  rows are mostly padding, which costs nothing in a pass bound by reading weights;
 - sorted (`fused_moe_align.align_pairs`): pairs grouped by expert in blocks of `BLOCK_M`, so
   each expert's weights are read once per block of its tokens.
 
@@ -84,7 +84,9 @@ CONFIGS: list[tuple[float, MoEConfig]] = [
 
 def choose_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     """The launch plan for `num_tokens` tokens routed to `top_k` of `num_experts` experts."""
-    if num_tokens * top_k <= DIRECT_MAX_PAIRS:
+    # Direct while few pairs share an expert: with E / 4 pairs or fewer most experts are
+    # distinct; a single token's k experts always are.
+    if num_tokens * top_k <= min(DIRECT_MAX_PAIRS, max(top_k, num_experts // 4)):
         return MoEConfig(_DECODE_UP, _DECODE_DOWN, direct=True)
     per_expert = num_tokens * top_k / max(num_experts, 1)
     return next(config for limit, config in CONFIGS if per_expert <= limit)
