@@ -75,6 +75,7 @@ class EngineConfig(pydantic.BaseModel):
     expert_distribution_recorder_mode: Literal["stat", "per_pass"] | None = None
     init_expert_location: str = "trivial"  # or a JSON file with physical_to_logical
     moe_router_skew: float = pydantic.Field(0.0, ge=0.0)  # benchmarks: Zipf bias on router logits
+    moe_kernel: Literal["auto", "triton", "torch"] = "auto"  # routed experts: fused Triton or torch
 
     # Prefill/decode disaggregation (`pegboard.core.disaggregation`; SGLang's flag names).
     disaggregation_mode: Literal["null", "prefill", "decode"] = "null"

@@ -4,7 +4,7 @@
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] bash scripts/device-run.sh
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
-#                 [offline-peer256] [ablation] [profile]
+#                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -118,6 +118,35 @@ PY
           --backends triton,flashinfer,flashinfer-tc,flashinfer-cc,torch 2>&1 | tee "$OUT/bench-attention.log"
         echo "FlashInfer modules compiled at run time: $(find /tmp/flashinfer-ws -name '*.so' | wc -l)" \
           | tee -a "$OUT/flashinfer-tests.log" ;;
+    moe|moe-micro|moe-bs1|moe-workload) # fused MoE kernel vs the torch path (issue 12): Qwen3-30B-A3B
+        # random weights; moe: all three parts (~5 min), moe-<part>: one
+        MOE="--random-weights --config qwen3-30b-a3b --max-model-len 4096 ${BENCH_ARGS:-}"
+        if [ $job = moe ] || [ $job = moe-micro ]; then
+          timeout 120 python3 scripts/bench_moe.py --json "$OUT/moe-micro.json" 2>&1 | tee "$OUT/moe-micro.log"
+        fi
+        for k in triton torch; do  # batch-1 decode, 128 in / 256 out
+          [ $job = moe ] || [ $job = moe-bs1 ] || break
+          timeout 150 $PB bench offline $MOE --num-seqs 1 --min-input 128 --max-input 128 \
+            --min-output 256 --max-output 256 --cuda-graph-max-bs 8 --moe-kernel $k \
+            --json "$OUT/moe-bs1-$k.json" 2>"$OUT/moe-bs1-$k.err" | tail -4
+        done
+        for k in triton torch; do  # nano-vllm workload (256 seqs), outputs cut to <= 256 tokens:
+          # the torch path runs decode eagerly (host sync per layer) at ~0.2 s a step
+          [ $job = moe ] || [ $job = moe-workload ] || break
+          graphs=$([ $k = torch ] && echo "--cuda-graph-max-bs 8")
+          timeout 200 $PB bench offline $MOE --num-seqs 256 --max-input 512 --max-output 256 \
+            --moe-kernel $k $graphs --json "$OUT/moe-256-$k.json" 2>"$OUT/moe-256-$k.err" | tail -4
+        done
+        python3 - "$OUT" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/moe-[b2]*.json")):
+    r = json.load(open(f))
+    print(f"{f.split('/')[-1][:-5]:<16} {r['output_tok_s']:>10.1f} out tok/s {r['elapsed_s']:>7.2f} s "
+          f"kernel {(r.get('moe') or {}).get('kernel')}")
+PY
+        ;;
+    moe-sweep) # fused MoE launch configurations per M (for CONFIGS in core/kernels/fused_moe.py)
+        timeout 400 python3 scripts/bench_moe.py --sweep --json "$OUT/moe-sweep.json" 2>&1 | tee "$OUT/moe-sweep.log" ;;
     serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
         python3 - >"$OUT/serve-qwen3-server.log" 2>&1 <<'PY' &
 from pegboard.core.async_engine import AsyncEngine

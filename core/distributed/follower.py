@@ -73,6 +73,9 @@ class Follower:
         self.pool = None
 
     def run(self) -> None:
+        from pegboard.core.moe.kernel import select_moe_kernel
+
+        select_moe_kernel(self.runner.model, self.config.moe_kernel)  # as rank 0's ExpertRuntime
         while True:
             kind, payload = self.tp.receive()
             if kind == "stop":

@@ -19,6 +19,11 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   (`gemv.DECODE_CONFIGS`), else `F.linear` itself. It sums in float32 in another order than
   cuBLAS, so it matches `F.linear` to rounding, not bit for bit. `PEGBOARD_DISABLE_GEMV=1`
   (`gemv_disabled`) keeps `F.linear` while the other kernels stay on.
+- `fused_moe.fused_experts(hidden, topk_ids, topk_weights, w13, w2)` — a MoE layer's routed
+  experts as grouped GEMMs over expert-sorted (token, expert) pairs (SiLU-and-mul and the
+  routing weight fused in), selected by `--moe-kernel` (`pegboard.core.moe.kernel`); it sums in
+  float32 like the PyTorch path but rounds once after SiLU-and-mul, so it matches it to
+  rounding. It does not launch with PDL.
 
 On Hopper GPUs every kernel here launches with programmatic dependent launch (`pdl`: it starts
 while the kernel before finishes and waits only where it reads that kernel's outputs);

@@ -7,12 +7,19 @@ slot (`MoEExperts.w13 [P, 2I, H]`, `w2 [P, H, I]`), and the block's `ExpertPlace
 `expert_placement` slot's answer, `pegboard.sdk.expert_placement`) maps each logical expert to
 its replicas. Redundant replicas are exact copies, so a placement never changes results.
 
+With `MoEExperts.kernel` set (`pegboard.core.moe.kernel`, `--moe-kernel`) the fused Triton MoE
+(`pegboard.core.kernels.fused_moe.fused_experts`, the same arguments as `MoEExperts.forward`)
+computes the experts, and the block's `router_kernel` does the softmax and top-k in one kernel
+(`fused_moe_topk`).
+
 `MoEExperts.forward` is the plain PyTorch path (the CPU path and the reference): tokens sorted
 by physical expert, one GEMM pair per expert that has tokens, a weighted combine; for a few
 (token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +71,8 @@ class MoEExperts(nn.Module):
         self.size = size
         self.prefix = prefix  # the checkpoint's name for these experts
         self.names = names
+        # fused_experts(x, slots, weights, w13, w2) when the Triton kernel is selected
+        self.kernel: Callable | None = None
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * size, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_slots, hidden, size), requires_grad=False)
         self.placement: ExpertPlacement | None = None  # set by the block
@@ -102,6 +111,8 @@ class MoEExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`x [T, H]`, `slots [T, k]` physical experts, `weights [T, k]` -> `[T, H]`."""
+        if self.kernel is not None:
+            return self.kernel(x, slots, weights, self.w13, self.w2)
         if slots.numel() <= GATHER_MAX_PAIRS:
             return self._gathered(x, slots, weights)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -177,6 +188,8 @@ class MoEBlock(nn.Module):
         self.top_k = moe.top_k
         self.norm_topk_prob = moe.norm_topk_prob
         self.float_weights = moe.float_weights
+        # softmax_topk(logits, k, renormalize, dtype) when the Triton MoE kernel is selected
+        self.router_kernel: Callable | None = None
         prefix = f"model.layers.{layer}.{moe.module}"
         self.gate = Router(cfg.hidden_size, moe.num_experts, f"{prefix}.gate.weight")
         self.experts = MoEExperts(
@@ -206,6 +219,9 @@ class MoEBlock(nn.Module):
         logits = self.gate(x)
         if self.router_bias is not None:
             logits = logits + self.router_bias.to(logits.dtype)
+        if self.router_kernel is not None:
+            dtype = torch.float32 if self.float_weights else x.dtype
+            return self.router_kernel(logits, self.top_k, self.norm_topk_prob, dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:

@@ -6,6 +6,7 @@
 --eplb-rebalance-num-iterations N      ask the placement plugin again every N steps
 --expert-distribution-recorder-mode M  stat (sliding window) | per_pass
 --init-expert-location trivial|FILE    the first placement: the plugin's, or a JSON file's
+--moe-kernel auto|triton|torch         the routed experts' computation (core/moe/kernel.py)
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="benchmarks: add -S*log(rank) to each layer's router logits (a Zipf-like skew over "
         "a per-layer random order of the experts) (default 0: off)",
+    )
+    g.add_argument(
+        "--moe-kernel",
+        choices=["auto", "triton", "torch"],
+        help="the routed experts' computation: the fused Triton MoE kernel (grouped GEMMs) or "
+        "the PyTorch reference path (default auto: triton on CUDA where the fused kernels run, "
+        "else torch)",
     )
     g.add_argument(
         "--init-expert-location",

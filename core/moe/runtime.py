@@ -18,6 +18,7 @@ import torch
 from pegboard.core.models.moe import moe_blocks
 from pegboard.core.moe.apply import apply_placement
 from pegboard.core.moe.flags import check_moe
+from pegboard.core.moe.kernel import select_moe_kernel
 from pegboard.core.moe.recorder import ExpertLoadRecorder
 from pegboard.sdk.expert_placement import ExpertPlacement, ExpertTopology
 
@@ -52,6 +53,7 @@ class ExpertRuntime:
         self.steps = 0
         self.rebalances = 0
         self.balancedness = 1.0
+        self.kernel: str | None = None  # the routed experts' computation (triton or torch)
 
     @classmethod
     def create(cls, engine, model: torch.nn.Module) -> ExpertRuntime | None:
@@ -60,6 +62,7 @@ class ExpertRuntime:
         if getattr(model.config, "moe", None) is None or not moe_blocks(model):
             return None
         runtime = cls(engine, model)
+        runtime.kernel = select_moe_kernel(model, engine.config.moe_kernel)
         if engine.config.moe_router_skew > 0:
             runtime.skew_router(engine.config.moe_router_skew)
         runtime.start(engine.config.init_expert_location)
@@ -106,6 +109,7 @@ class ExpertRuntime:
         """The bench JSON's `moe` entry."""
         return {
             "placement": self.engine.plugins.active("expert_placement").name,
+            "kernel": self.kernel,
             "experts": self.topology.num_logical,
             "physical_slots": self.topology.num_physical,
             "ep_size": self.topology.ep_size,
