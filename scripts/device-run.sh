@@ -51,6 +51,9 @@ for job in "${@:-tests}"; do
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
         done ;;
+    pytest) # the GPU tests of the files in $TESTS, with short tracebacks
+        timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
+          | tail -40 | tee -a "$OUT/pytest.log" ;;
     tp-tests) # the 2-GPU tensor-parallel tests with their tracebacks (nvidia-h200-x2)
         timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
           tests/test_tensor_parallel.py 2>&1 | tail -60 | tee "$OUT/tp-tests.log" ;;
