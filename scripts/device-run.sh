@@ -4,7 +4,7 @@
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] bash scripts/device-run.sh
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
-#                 [offline-peer256] [ablation] [profile]
+#                 [offline-peer256] [ablation] [profile] [moe-ep (nvidia-h200-x2)]
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -74,6 +74,28 @@ for job in "${@:-tests}"; do
         timeout 300 $PB bench prefix --random-weights --config qwen3-0.6b \
           --router-policies cache_aware,round_robin --router-dp-size 2 --json "$OUT/router-prefix.json" \
           2>"$OUT/router-prefix.err" | tail -12 ;;
+    moe-ep) # issue 12 on nvidia-h200-x2: Qwen3-30B-A3B (random weights) with its experts spread
+        # over 2 GPUs (--ep-size 2), a skewed router, static placement vs EPLB (32 redundant slots)
+        for p in static eplb; do
+          place=(--expert-distribution-recorder-mode stat); [ $p = eplb ] && place=(--enable-eplb)
+          timeout 280 $PB bench offline --random-weights --config qwen3-30b-a3b --ep-size 2 \
+            --moe-router-skew ${MOE_SKEW:-3} --ep-num-redundant-experts 32 \
+            --eplb-rebalance-num-iterations 64 --num-seqs 128 --min-input 100 --max-input 512 \
+            --min-output 200 --max-output 400 --max-model-len 4096 "${place[@]}" ${BENCH_ARGS:-} \
+            --json "$OUT/moe-ep-$p.json" 2>"$OUT/moe-ep-$p.err" | tail -4 || tail -20 "$OUT/moe-ep-$p.err"
+        done
+        python3 - "$OUT" <<'PY'
+import json, os, sys
+for p in ("static", "eplb"):
+    f = f"{sys.argv[1]}/moe-ep-{p}.json"
+    if not os.path.exists(f):
+        print(p, "no result"); continue
+    r = json.load(open(f)); m = r["moe"]
+    print(f"{p:<7} balancedness {m['balancedness']:.3f} "
+          f"step {1000 * r['elapsed_s'] / max(r['steps'], 1):.1f} ms ({r['steps']} steps) "
+          f"{r['output_tok_s']} out tok/s rebalances {m['rebalances']}")
+PY
+        ;;
     gpu-tests-lead) # the GPU tests of overlap, memory sizing, sampling and graphs only
         timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py \
           tests/test_overlap.py::test_overlap_on_the_gpu_with_cuda_graphs tests/test_gpu_memory.py \

@@ -203,3 +203,41 @@ def test_bad_ep_flags_exit_2_before_the_model_loads(moe_dirs, tiny_llama_dir, ar
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Loading weights" not in done.stderr
+
+
+# ---------------------------------------------------------------------- GPU (2 devices)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ep2_on_two_gpus_agrees_with_one_gpu_through_eplb_moves(moe_dirs):
+    """NCCL all-reduces and point-to-point expert moves, CUDA graphs and overlap on: with EPLB
+    placing 8 + 4 slots every 2 steps, the EP=2 greedy tokens equal one GPU's up to the first
+    step where one GPU's top-2 logprobs are within 0.01 (sums in another order)."""
+    model_dir = moe_dirs["qwen3_moe"]
+    prompts = make_prompts(512)[:8]
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=2)
+    settings = dict(
+        dtype="float32",
+        device="cuda",
+        kv_cache_tokens=4096,
+        cuda_graph_max_bs=8,
+        expert_placement="eplb",
+        ep_num_redundant_experts=4,
+        eplb_rebalance_num_iterations=2,
+    )
+    with LLM(str(model_dir), **settings) as llm:
+        one = llm.generate(prompts, params)
+    with LLM(str(model_dir), ep_size=2, **settings) as llm:
+        assert llm.engine.runner.cuda_graphs is not None, llm.engine.runner.cuda_graph_off_reason
+        two = llm.generate(prompts, params)
+        assert transfers(llm) > 0, "no expert moved between the GPUs"
+    compared = 0
+    for a, b in zip(one, two):
+        for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
+            top = a.logprobs[i].top
+            if top[0][1] - top[1][1] < 0.01:
+                break  # a near-tie: later tokens may differ
+            assert ta == tb, f"{a.token_ids} vs {b.token_ids} at {i}"
+            compared += 1
+    assert compared > len(one) * 8  # most steps had a clear winner
