@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 from fixtures.tiny_moe import build_tiny_moe
@@ -20,6 +22,7 @@ from pegboard.core.moe.flags import MoEFlagError, check_moe
 from pegboard.sdk.expert_placement import ExpertPlacement
 from pegboard.sdk.types import Request, SamplingParams
 from test_engine_parity import hf_reference, make_prompts
+from test_server_process import ServerProcess, offline_texts
 from test_tensor_parallel import agreeing_steps
 
 MAX_NEW = 8
@@ -128,6 +131,36 @@ def test_ep2_skewed_router_is_balanced_by_eplb_and_routes_alike_on_both_ranks(mo
         one = [r.output_token_ids for r in run(llm, prompts)]
     assert results["static"][0] == results["eplb"][0] == one
     assert results["eplb"][1] > results["static"][1], results
+
+
+@pytest.mark.slow
+def test_ep2_server_answers_like_one_process_while_eplb_moves_experts(moe_dirs, tmp_path):
+    """`pegboard serve --ep-size 2 --enable-eplb` driven by the openai client: concurrent
+    completions equal the one-process engine's while EPLB places 6 + 2 slots every 2 steps;
+    /metrics exports the measured balancedness."""
+    model_dir = moe_dirs["qwen2_moe"]
+    flags = ["--ep-size", "2", "--enable-eplb", "--ep-num-redundant-experts", "2"]
+    flags += ["--eplb-rebalance-num-iterations", "2", "--served-model-name", "tiny"]
+    prompts = ["the quick brown fox", "a tiny mixture of experts", "hello"]
+    expected = offline_texts(model_dir, prompts, 12)
+    server = ServerProcess(model_dir, tmp_path, *flags)
+    try:
+        server.wait_ready()
+        client = server.client()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            replies = pool.map(
+                lambda p: client.completions.create(
+                    model="tiny", prompt=p, max_tokens=12, temperature=0
+                ),
+                prompts,
+            )
+            texts = {p: r.choices[0].text for p, r in zip(prompts, replies)}
+        assert texts == expected
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        (line,) = [m for m in metrics.splitlines() if m.startswith("pegboard:eplb_balancedness")]
+        assert 0 < float(line.split()[-1]) <= 1
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------- one process
