@@ -32,7 +32,7 @@ def apply_placement(model: nn.Module, placement: ExpertPlacement) -> None:
         new = ExpertPlacement(rows, placement.num_logical, width).to(device)
         source = old.logical_to_physical[0, :, 0].to(device)[new.physical_to_logical[0]]
         maps = (old.physical_to_logical[0].tolist(), rows[0].tolist())  # slot -> expert
-        for name in ("w13", "w2"):
+        for name in ("w13", "w2") if maps[0] != maps[1] else ():  # an unchanged layer stays
             param = getattr(block.experts, name)
             if block.ep is not None:  # this rank's slots, some received from other ranks
                 moved = block.ep.move(param.data, *maps)
