@@ -6,6 +6,7 @@ rank's tokens; bad EP settings exit 2 before the model loads."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -79,11 +80,15 @@ def test_ep2_greedy_equals_one_process_and_transformers(moe_dirs, arch):
     assert [r.output_token_ids for r in requests] == one == reference
 
 
-def test_ep2_placements_moving_experts_between_ranks_change_no_output(moe_dirs):
-    """Qwen2-MoE (6 experts, a shared expert split over the ranks) with 2 redundant slots: at
-    step 3 a placement is forced that sends most experts to the other rank, and EPLB places
-    again every 3 steps from the recorded load."""
+def test_ep2_placements_moving_experts_between_ranks_change_no_output(moe_dirs, tmp_path):
+    """Qwen2-MoE (6 experts, a shared expert split over the ranks) with 2 redundant slots: the
+    first placement comes from `--init-expert-location`, at step 3 a placement is forced that
+    sends most experts to the other rank, and EPLB places again every 3 steps from the
+    recorded load."""
     model_dir = moe_dirs["qwen2_moe"]
+    static = torch.arange(8) % 6  # as loaded: rank 0 holds experts 0-3, rank 1: 4, 5, 0, 1
+    location = tmp_path / "location.json"
+    location.write_text(json.dumps({"physical_to_logical": [((static + 3) % 6).tolist()] * 2}))
     prompts = make_prompts(512)[:6]
     reference = [t for t, _ in hf_reference(model_dir, prompts, MAX_NEW)]
     settings = dict(
@@ -91,10 +96,12 @@ def test_ep2_placements_moving_experts_between_ranks_change_no_output(moe_dirs):
         expert_placement="eplb",
         ep_num_redundant_experts=2,
         eplb_rebalance_num_iterations=3,
+        init_expert_location=str(location),
     )
     with LLM(str(model_dir), ep_size=2, **settings) as llm:
         runtime = llm.engine.moe
-        static = torch.arange(8) % 6  # rank 0: experts 0-3, rank 1: 4, 5, 0, 1
+        assert transfers(llm) > 0, "the initial location moved nothing between the ranks"
+        assert runtime.current().physical_to_logical[0].tolist() == [3, 4, 5, 0, 1, 2, 3, 4]
         flipped = ExpertPlacement(static.flip(0).repeat(runtime.topology.num_layers, 1), 6)
 
         def force(step: int) -> None:
@@ -110,6 +117,7 @@ def test_ep2_placements_moving_experts_between_ranks_change_no_output(moe_dirs):
         slots = runtime.recorder.slot_load()
         ranks = slots.view(slots.shape[0], 2, 4).sum(dim=2)
         assert bool((ranks > 0).all()), f"a rank computed no tokens: {ranks}"
+        assert torch.equal(slots.sum(dim=1), runtime.recorder.load().sum(dim=1))
         assert 0 < runtime.balancedness <= 1
     assert [r.output_token_ids for r in requests] == reference
 

@@ -39,6 +39,7 @@ class ExpertRuntime:
             num_logical=moe.num_experts,
             num_physical=moe.num_experts + cfg.ep_num_redundant_experts,
             ep_size=cfg.ep_size,
+            num_nodes=cfg.nnodes,
         )
         self.every = cfg.eplb_rebalance_num_iterations
         mode = cfg.expert_distribution_recorder_mode or "stat"
