@@ -81,8 +81,10 @@ for job in "${@:-tests}"; do
           timeout 280 $PB bench offline --random-weights --config qwen3-30b-a3b --ep-size 2 \
             --moe-router-skew ${MOE_SKEW:-3} --ep-num-redundant-experts 32 \
             --eplb-rebalance-num-iterations 64 --num-seqs 128 --min-input 100 --max-input 512 \
-            --min-output 200 --max-output 400 --max-model-len 4096 "${place[@]}" ${BENCH_ARGS:-} \
-            --json "$OUT/moe-ep-$p.json" 2>"$OUT/moe-ep-$p.err" | tail -4 || tail -20 "$OUT/moe-ep-$p.err"
+            --min-output 200 --max-output 400 --max-model-len 4096 --cuda-graph-max-bs 8 \
+            "${place[@]}" ${BENCH_ARGS:-} \
+            --json "$OUT/moe-ep-$p.json" 2>"$OUT/moe-ep-$p.err" | tail -4
+          [ -s "$OUT/moe-ep-$p.json" ] || tail -20 "$OUT/moe-ep-$p.err"
         done
         python3 - "$OUT" <<'PY'
 import json, os, sys
