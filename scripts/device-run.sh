@@ -4,7 +4,7 @@
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] bash scripts/device-run.sh
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
-#                 [offline-peer256] [ablation] [profile] [moe-ep (nvidia-h200-x2)]
+#                 [offline-peer256] [ablation] [profile]
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -71,10 +71,10 @@ class Follower:
             tp=tp,
             linear=linear,
         )
-        self.attention = None
-        self.pool = None
         if c.moe_router_skew > 0:  # the same biased router as rank 0's (a benchmark's skew)
             skew_router(moe_blocks(self.runner.model), c.moe_router_skew)
+        self.attention = None
+        self.pool = None
 
     def run(self) -> None:
         while True:

@@ -59,7 +59,9 @@ class ExpertTarget(TensorTarget):
 
 
 class MoEExperts(nn.Module):
-    """The routed experts of one layer, stacked by physical slot (gate and up fused)."""
+    """The routed experts of one layer, stacked by physical slot (gate and up fused). A slot
+    id of -1 given to `forward` is a pair another rank computes (expert parallelism): it adds
+    nothing."""
 
     def __init__(
         self, num_slots: int, hidden: int, size: int, names: dict[str, str], prefix: str
@@ -109,8 +111,7 @@ class MoEExperts(nn.Module):
         return targets
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """`x [T, H]`, `slots [T, k]` local physical slots (-1: held by another rank, adds
-        nothing), `weights [T, k]` -> `[T, H]`."""
+        """`x [T, H]`, `slots [T, k]` physical experts, `weights [T, k]` -> `[T, H]`."""
         if slots.numel() <= GATHER_MAX_PAIRS:
             return self._gathered(x, slots, weights)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
