@@ -275,3 +275,11 @@ def test_ep2_on_two_gpus_agrees_with_one_gpu_through_eplb_moves(moe_dirs):
         two = llm.generate(prompts, params)
         assert transfers(llm) > 0, "no expert moved between the GPUs"
     assert agreeing_steps(one, two, margin=0.01) > len(one) * 8  # most had a clear winner
+
+
+def test_llm_refuses_an_ep_size_not_dividing_the_experts_before_starting_ranks(moe_dirs):
+    from pegboard.core.distributed import check_tensor_parallel
+
+    config = EngineConfig(model=str(moe_dirs["qwen3_moe"]), device="cpu", ep_size=3)
+    with pytest.raises(MoEFlagError, match="--ep-size 3 does not divide the 8 experts"):
+        check_tensor_parallel(config)  # `LLM(...)`'s first step, before any rank is spawned

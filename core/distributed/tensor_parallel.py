@@ -176,11 +176,13 @@ def start_tensor_parallel(config) -> TensorParallel | None:
 
 def check_tensor_parallel(config) -> Topology | None:
     """This process's topology, checked against the devices and the model's shape; None for
-    a single-rank engine. Raises `DistributedConfigError`."""
+    a single-rank engine. Raises `DistributedConfigError` (or `MoEFlagError` for MoE settings,
+    as the CLI's preflight does before)."""
     from pegboard.core.default_model import default_model_dir
     from pegboard.core.models.config import ModelConfig
     from pegboard.core.models.errors import ModelLoadError
     from pegboard.core.models.quantization import detect_quantization
+    from pegboard.core.moe.flags import check_moe
 
     if config.tp_size == 1 and config.nnodes == 1:
         return None
@@ -200,6 +202,7 @@ def check_tensor_parallel(config) -> Topology | None:
             quantized = detect_quantization(model_dir, config.quantization, config.load_format)
         except ModelLoadError:
             return top  # the model loader reports it, as without tensor parallelism
+        check_moe(config, cfg)  # before any rank starts: MoE needs --ep-size, experts divide
         check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, top.world_size)
         if quantized is not None:
             raise DistributedConfigError(

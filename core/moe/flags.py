@@ -122,7 +122,8 @@ def check_moe(config, model_config=None) -> None:
             f"--ep-size {config.ep_size} does not divide the {model_config.moe.num_experts} "
             f"experts + {config.ep_num_redundant_experts} redundant ({physical} slots per layer)"
         )
-    shared = model_config.moe.shared_expert_size
+    # (a rank's loaded config holds its share of the shared expert: the width times the ranks)
+    shared = model_config.moe.shared_expert_size * model_config.moe.ep_size
     if shared % config.ep_size:
         raise MoEFlagError(
             f"--ep-size {config.ep_size} does not divide the shared expert's width {shared}"
