@@ -30,7 +30,8 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         dest="ep_size",
         metavar="N",
-        help="expert-parallel ranks the experts are split over (default 1)",
+        help="ranks the experts are spread over, the tensor-parallel ranks (alone it sets "
+        "--tp-size; attention is split over them) (default 1)",
     )
     g.add_argument(
         "--enable-eplb",
