@@ -98,6 +98,9 @@ for p in ("static", "eplb"):
           f"{r['output_tok_s']} out tok/s rebalances {m['rebalances']}")
 PY
         ;;
+    moe-ep-comm) # issue 12: one EP MoE layer's collectives over 2 GPUs per batch size: pegboard's
+        # all-reduce vs all-gather + reduce-scatter vs two all-to-alls (token-split attention)
+        timeout 120 python3 scripts/bench_ep_comm.py --json "$OUT/moe-ep-comm.json" 2>&1 | tail -10 ;;
     gpu-tests-lead) # the GPU tests of overlap, memory sizing, sampling and graphs only
         timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py \
           tests/test_overlap.py::test_overlap_on_the_gpu_with_cuda_graphs tests/test_gpu_memory.py \
