@@ -84,6 +84,19 @@ class EngineConfig(pydantic.BaseModel):
     disaggregation_waiting_timeout: float = pydantic.Field(300.0, gt=0)
     disaggregation_heartbeat_interval: float = pydantic.Field(2.0, gt=0)
 
+    @pydantic.model_validator(mode="after")
+    def _expert_parallel_ranks(self) -> EngineConfig:
+        """The experts are spread over the tensor-parallel ranks: `--ep-size N` alone starts N
+        ranks (attention split over them as under `--tp-size N`); with `--tp-size` it must match."""
+        if self.ep_size > 1 and self.tp_size == 1:
+            self.tp_size = self.ep_size
+        elif self.ep_size > 1 and self.ep_size != self.tp_size:
+            raise ValueError(
+                f"--ep-size {self.ep_size} must equal --tp-size {self.tp_size}: the experts are "
+                "spread over the tensor-parallel ranks (or give --ep-size alone)"
+            )
+        return self
+
     def selection(self, slot: str) -> str | list[str] | None:
         # None for a slot engines do not select (`router`: SlotSpec.process), which has no field
         return getattr(self, slot, None)

@@ -85,6 +85,33 @@ for job in "${@:-tests}"; do
         timeout 300 $PB bench prefix --random-weights --config qwen3-0.6b \
           --router-policies cache_aware,round_robin --router-dp-size 2 --json "$OUT/router-prefix.json" \
           2>"$OUT/router-prefix.err" | tail -12 ;;
+    moe-ep) # issue 12 on nvidia-h200-x2: Qwen3-30B-A3B (random weights) with its experts spread
+        # over 2 GPUs (--ep-size 2), a skewed router, static placement vs EPLB (32 redundant slots)
+        for p in static eplb; do
+          place=(--expert-distribution-recorder-mode stat); [ $p = eplb ] && place=(--enable-eplb)
+          timeout 280 $PB bench offline --random-weights --config qwen3-30b-a3b --ep-size 2 \
+            --moe-router-skew ${MOE_SKEW:-3} --ep-num-redundant-experts 32 \
+            --eplb-rebalance-num-iterations 64 --num-seqs 128 --min-input 100 --max-input 512 \
+            --min-output 200 --max-output 400 --max-model-len 4096 --cuda-graph-max-bs 8 \
+            "${place[@]}" ${BENCH_ARGS:-} \
+            --json "$OUT/moe-ep-$p.json" 2>"$OUT/moe-ep-$p.err" | tail -4
+          [ -s "$OUT/moe-ep-$p.json" ] || tail -20 "$OUT/moe-ep-$p.err"
+        done
+        python3 - "$OUT" <<'PY'
+import json, os, sys
+for p in ("static", "eplb"):
+    f = f"{sys.argv[1]}/moe-ep-{p}.json"
+    if not os.path.exists(f):
+        print(p, "no result"); continue
+    r = json.load(open(f)); m = r["moe"]
+    print(f"{p:<7} balancedness {m['balancedness']:.3f} "
+          f"step {1000 * r['elapsed_s'] / max(r['steps'], 1):.1f} ms ({r['steps']} steps) "
+          f"{r['output_tok_s']} out tok/s rebalances {m['rebalances']}")
+PY
+        ;;
+    moe-ep-comm) # issue 12: one EP MoE layer's collectives over 2 GPUs per batch size: pegboard's
+        # all-reduce vs all-gather + reduce-scatter vs two all-to-alls (token-split attention)
+        timeout 120 python3 scripts/bench_ep_comm.py --json "$OUT/moe-ep-comm.json" 2>&1 | tail -10 ;;
     gpu-tests-lead) # the GPU tests of overlap, memory sizing, sampling and graphs only
         timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py \
           tests/test_overlap.py::test_overlap_on_the_gpu_with_cuda_graphs tests/test_gpu_memory.py \

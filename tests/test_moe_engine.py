@@ -83,7 +83,7 @@ def test_check_moe_errors(qwen3_moe, tiny_llama_dir):
         check_moe(EngineConfig(model=str(qwen3_moe), ep_size=3))
     with pytest.raises(MoEFlagError, match="does not divide the 8 experts \\+ 1 redundant"):
         check_moe(EngineConfig(model=str(qwen3_moe), ep_size=2, ep_num_redundant_experts=1))
-    with pytest.raises(MoEFlagError, match="MoE with --tp-size > 1 is not implemented"):
+    with pytest.raises(MoEFlagError, match="with --tp-size 2 add --ep-size 2"):
         check_moe(EngineConfig(model=str(qwen3_moe), tp_size=2))
     check_moe(EngineConfig(model=str(tiny_llama_dir), tp_size=2))  # dense TP: not our business
     check_moe(EngineConfig(model=str(qwen3_moe), expert_placement="eplb"))  # fine

@@ -1,8 +1,8 @@
 """A follower rank (1 ... tp-1): loads its shard of the model, then replays rank 0's messages.
 
 A follower runs no plugin hook but `attention_kernel` (each rank has its own attention backend
-over its own KV pool of local heads) and no scheduler: rank 0 decides the batch and the page
-tables, and the follower's model runner computes the same step with its shard, taking part in
+over its own KV pool of local heads) and no scheduler: rank 0 decides the batch, the page
+tables and (expert parallelism) the expert placement, and the follower's model runner computes the same step with its shard, taking part in
 every all-reduce. Started by rank 0 (`python -m pegboard.core.distributed.follower`), by
 `pegboard serve --node-rank N` on another node, or by torchrun.
 """
@@ -22,6 +22,10 @@ from pegboard.core.distributed.launch import Children, fatal, watch_parent
 from pegboard.core.distributed.shm_broadcast import ShmBroadcast
 from pegboard.core.distributed.tensor_parallel import TensorParallel
 from pegboard.core.distributed.topology import Topology
+from pegboard.core.models.moe import moe_blocks
+from pegboard.core.moe.apply import apply_placement
+from pegboard.core.moe.router_skew import skew_router
+from pegboard.sdk.expert_placement import ExpertPlacement
 
 log = logging.getLogger("pegboard.distributed")
 
@@ -37,6 +41,8 @@ def run_follower(top: Topology, device: str, timeout_s: float, plan_shm: str | N
     groups = Groups(top, torch.device(top.device(device)), timeout_s, channel)
     tp = TensorParallel(top, groups, children)
     _, settings = tp.receive()  # rank 0's engine config
+    if settings["ep_size"] > 1:
+        tp.ep_redundant = settings["ep_num_redundant_experts"]
     Follower(tp, settings).run()
     tp.close()
     return 0
@@ -69,6 +75,8 @@ class Follower:
             tp=tp,
             linear=linear,
         )
+        if c.moe_router_skew > 0:  # the same biased router as rank 0's (a benchmark's skew)
+            skew_router(moe_blocks(self.runner.model), c.moe_router_skew)
         self.attention = None
         self.pool = None
 
@@ -86,8 +94,15 @@ class Follower:
                 self._bind(*payload)
             elif kind == "profile":
                 self.runner.profile_activation_bytes(*payload)
+            elif kind == "placement":
+                self._place_experts(payload)
         if self.attention is not None:
             self.attention.close()
+
+    def _place_experts(self, physical_to_logical: list[list[int]]) -> None:
+        num_logical = self.runner.model.config.moe.num_experts
+        placement = ExpertPlacement(torch.tensor(physical_to_logical), num_logical)
+        apply_placement(self.runner.model, placement)
 
     def _bind(self, name: str, options: dict, layout, kept: bool, engine: dict) -> None:
         from pegboard.sdk.slots import PluginContext

@@ -88,6 +88,24 @@ class Groups:
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=-1)
 
+    def exchange(
+        self,
+        sends: list[tuple[torch.Tensor, int, int]],
+        receives: list[tuple[torch.Tensor, int, int]],
+    ) -> None:
+        """Point-to-point: send each `(tensor, rank, tag)` of `sends`, receive each `(tensor,
+        rank, tag)` of `receives` into its (contiguous) tensor; a send and a receive pair by
+        their tag (gloo) and by their order (NCCL), so every rank lists one plan's messages in
+        the plan's order. A one-element all-reduce first: NCCL's point-to-point needs the
+        group's communicator up on every rank."""
+        dist.all_reduce(torch.zeros(1, device=self.device), group=self.device_group)
+        ops = [dist.P2POp(dist.isend, t, peer, self.device_group, tag) for t, peer, tag in sends]
+        ops += [
+            dist.P2POp(dist.irecv, t, peer, self.device_group, tag) for t, peer, tag in receives
+        ]
+        for request in dist.batch_isend_irecv(ops) if ops else []:
+            request.wait()
+
     def broadcast_objects(self, objects: list) -> list:
         """Rank 0's `objects` on every rank (a list of the same length everywhere)."""
         if self.plan_shm is None:

@@ -12,6 +12,11 @@ the pieces back together.
   all-reduce sums the rows; the LM head's logits are all-gathered and the padding cut off.
 
 Each rank reads only its slice of each checkpoint tensor (safetensors `get_slice`).
+
+With expert parallelism (`ep_redundant` not None: `--ep-size` equal to the group) a sparse
+layer's routed experts are not split but spread: each rank holds its share of the physical
+slots (`pegboard.core.moe.expert_parallel`), a Qwen2-MoE shared expert is split like a dense
+MLP, and one all-reduce per sparse layer sums the experts' and the shared expert's partials.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import Callable
 import torch
 from pegboard.core.distributed.topology import check_divisible
 from pegboard.core.models.errors import ModelLoadError
+from pegboard.core.models.moe import MoEBlock
+from pegboard.core.moe.expert_parallel import ExpertParallel
 from torch import nn
 from torch.nn import functional as F
 
@@ -40,7 +47,9 @@ class ModelShard:
     the last dimension); the loader calls `local_config`, `local_shape`, `read` and `install`.
     """
 
-    def __init__(self, cfg, rank: int, size: int, communicate) -> None:
+    def __init__(
+        self, cfg, rank: int, size: int, communicate, ep_redundant: int | None = None
+    ) -> None:
         check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, size)
         self.cfg = cfg
         self.rank = rank
@@ -62,6 +71,17 @@ class ModelShard:
             "kv_heads": (kv_first * hd, self.kv_heads * hd),
             "ffn": (rank * ffn, ffn),
         }
+        self.moe = None  # this rank's MoEConfig under expert parallelism
+        if ep_redundant is not None and cfg.moe is not None:
+            shared = cfg.moe.shared_expert_size // size
+            self.ranges["shared"] = (rank * shared, shared)
+            self.moe = dataclasses.replace(
+                cfg.moe,
+                num_physical=cfg.moe.num_experts + ep_redundant,
+                ep_rank=rank,
+                ep_size=size,
+                shared_expert_size=shared,
+            )
 
     def local_config(self, cfg=None):
         """The `ModelConfig` this rank builds its layers from: its heads, KV heads, intermediate
@@ -72,12 +92,17 @@ class ModelShard:
             num_kv_heads=self.kv_heads,
             intermediate_size=self.ranges["ffn"][1],
             vocab_size=self.vocab,
+            moe=self.moe or (cfg or self.cfg).moe,
         )
 
     def _split(self, name: str) -> tuple[int, int, int] | None:
         """(dim, start, length) of the slice of tensor `name` this rank holds, None if whole."""
         parts = name.split(".")
         module, kind = parts[-2] if len(parts) > 1 else "", parts[-1]
+        if self.moe is not None and "experts" in parts:
+            return None  # whole experts; each rank keeps those of its slots
+        if self.moe is not None and "shared_expert" in parts and module in _COLUMN | _ROW:
+            return (0 if module in _COLUMN else 1, *self.ranges["shared"])
         if module in _COLUMN:
             return (0, *self.ranges[_COLUMN[module]])
         if module in _ROW and kind == "weight":
@@ -127,7 +152,11 @@ class ModelShard:
         )
         for layer in body.layers:
             layer.self_attn.o_proj.register_forward_hook(_output(self.comm.all_reduce))
-            layer.mlp.down_proj.register_forward_hook(_output(self.comm.all_reduce))
+            if isinstance(layer.mlp, MoEBlock):  # its own all-reduce sums experts and shared
+                physical = self.moe.num_physical
+                layer.mlp.ep = ExpertParallel(self.rank, self.size, physical, self.comm)
+            else:
+                layer.mlp.down_proj.register_forward_hook(_output(self.comm.all_reduce))
         vocab = self.cfg.vocab_size
         gather = self.comm.all_gather
         model.lm_head.register_forward_hook(_output(lambda x: gather(x)[..., :vocab]))

@@ -5,7 +5,7 @@ followers what to compute through this object: the step's batch layout over the 
 (host lists: query and sequence lengths, page tables) and its token ids, positions, KV slots
 and logits rows as one device broadcast (so ids still on the device under overlap scheduling
 never make rank 0 wait), rebinds of the attention backend and KV pool after a swap, the
-profile run, and stop. Followers (`pegboard.core.distributed.follower`) replay each message
+profile run, expert placements (expert parallelism: every rank moves its experts), and stop. Followers (`pegboard.core.distributed.follower`) replay each message
 on their own runner, so every rank runs the same collectives in the same order.
 """
 
@@ -42,6 +42,9 @@ class TensorParallel:
         self.children = children
         self.device = str(groups.device)
         self._last_pool: weakref.ref[KVPool] | None = None
+        #: Expert parallelism (`--ep-size`, the group's size): redundant expert slots per
+        #: sparse layer; None: no expert parallelism.
+        self.ep_redundant: int | None = None
 
     @property
     def rank(self) -> int:
@@ -57,7 +60,7 @@ class TensorParallel:
 
     def shard(self, cfg) -> ModelShard:
         """This rank's part of a model with `ModelConfig` `cfg` (the loader builds it)."""
-        return ModelShard(cfg, self.rank, self.size, self.groups)
+        return ModelShard(cfg, self.rank, self.size, self.groups, self.ep_redundant)
 
     # ------------------------------------------------------------ rank 0 -> followers
 
@@ -78,6 +81,12 @@ class TensorParallel:
         """Leader: make the followers run the same profile forward (it all-reduces)."""
         if self.is_leader:
             self._send("profile", (max_tokens, max_requests))
+
+    def share_placement(self, physical_to_logical: torch.Tensor) -> None:
+        """Leader: the followers apply the same expert placement `[layers, slots]` (the
+        weights move between the ranks, every rank taking part)."""
+        if self.is_leader:
+            self._send("placement", physical_to_logical.cpu().tolist())
 
     def bind(self, attention: Any, pool: KVPool, engine: dict) -> None:
         """Leader: the followers build their attention backend from the same plugin and
@@ -169,6 +178,7 @@ def start_tensor_parallel(config) -> TensorParallel | None:
             list(children.procs.values()),
         )
     tp = TensorParallel(top, groups, children)
+    tp.ep_redundant = config.ep_num_redundant_experts if config.ep_size > 1 else None
     tp._send("config", config.model_dump())
     log.info("tensor parallel: rank 0 of %d (%s)", top.world_size, groups.device)
     return tp
@@ -186,11 +196,13 @@ def plan_channel(top: Topology) -> ShmBroadcast | None:
 
 def check_tensor_parallel(config) -> Topology | None:
     """This process's topology, checked against the devices and the model's shape; None for
-    a single-rank engine. Raises `DistributedConfigError`."""
+    a single-rank engine. Raises `DistributedConfigError` (or `MoEFlagError` for MoE settings,
+    as the CLI's preflight does before)."""
     from pegboard.core.default_model import default_model_dir
     from pegboard.core.models.config import ModelConfig
     from pegboard.core.models.errors import ModelLoadError
     from pegboard.core.models.quantization import detect_quantization
+    from pegboard.core.moe.flags import check_moe
 
     if config.tp_size == 1 and config.nnodes == 1:
         return None
@@ -210,6 +222,7 @@ def check_tensor_parallel(config) -> Topology | None:
             quantized = detect_quantization(model_dir, config.quantization, config.load_format)
         except ModelLoadError:
             return top  # the model loader reports it, as without tensor parallelism
+        check_moe(config, cfg)  # before any rank starts: MoE needs --ep-size, experts divide
         check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, top.world_size)
         if quantized is not None:
             raise DistributedConfigError(

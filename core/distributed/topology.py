@@ -141,8 +141,8 @@ def free_address(host: str = "127.0.0.1") -> str:
         return f"{host}:{s.getsockname()[1]}"
 
 
-def check_devices(top: Topology, device: str) -> None:
-    """A CUDA group needs one GPU per rank of this node."""
+def check_devices(top: Topology, device: str, flag: str = "--tp-size") -> None:
+    """A CUDA group needs one GPU per rank of this node (`flag`: the flag that set the size)."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return
     if not device.startswith("cuda") and device != "auto":
@@ -153,7 +153,7 @@ def check_devices(top: Topology, device: str) -> None:
     count = torch.cuda.device_count()
     if base + top.per_node > count:
         raise DistributedConfigError(
-            f"--tp-size {top.world_size} over {top.nnodes} node(s) needs {top.per_node} GPU(s) "
+            f"{flag} {top.world_size} over {top.nnodes} node(s) needs {top.per_node} GPU(s) "
             f"on this node from cuda:{base}, but only {count} are visible"
         )
 

@@ -15,6 +15,10 @@ computes the experts, and the block's `router_kernel` does the softmax and top-k
 `MoEExperts.forward` is the plain PyTorch path (the CPU path and the reference): tokens sorted
 by physical expert, one GEMM pair per expert that has tokens, a weighted combine; for a few
 (token, expert) pairs (decode), per-pair gathered weights and batched mat-vecs instead.
+
+With expert parallelism (`pegboard.core.moe.expert_parallel`) a rank's `MoEExperts` holds only
+its slots `[first_slot, first_slot + num_local)`; the block gives it local slot ids, -1 for the
+pairs another rank computes, and the ranks' partial outputs are summed (`MoEBlock.ep`).
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class ExpertTarget(TensorTarget):
 
 
 class MoEExperts(nn.Module):
-    """The routed experts of one layer, stacked by physical slot (gate and up fused)."""
+    """The routed experts of one layer, stacked by physical slot (gate and up fused). A slot
+    id of -1 given to `forward` is a pair another rank computes (expert parallelism): it adds
+    nothing."""
 
     def __init__(
         self, num_slots: int, hidden: int, size: int, names: dict[str, str], prefix: str
@@ -75,7 +81,8 @@ class MoEExperts(nn.Module):
         self.kernel: Callable | None = None
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * size, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_slots, hidden, size), requires_grad=False)
-        self.placement: ExpertPlacement | None = None  # set by the block
+        self.placement: ExpertPlacement | None = None  # set by the block (all ranks' slots)
+        self.first_slot = 0  # the physical slot of w13[0] (expert parallelism: rank * num_local)
 
     def _gathered(
         self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
@@ -83,7 +90,8 @@ class MoEExperts(nn.Module):
         """Few (token, expert) pairs (decode): gather each pair's expert weights and run
         batched mat-vecs: no host sync, so CUDA graphs can capture it."""
         tokens, k = slots.shape
-        flat = slots.reshape(-1)
+        weights = weights.masked_fill(slots < 0, 0)  # another rank's pairs add nothing
+        flat = slots.reshape(-1).clamp(min=0)
         rows = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [n, H, 1]
         act = silu_and_mul(torch.bmm(self.w13[flat], rows).squeeze(-1))
         out = torch.bmm(self.w2[flat], act.unsqueeze(-1)).squeeze(-1)
@@ -95,8 +103,10 @@ class MoEExperts(nn.Module):
         assert self.placement is not None
         prefix = self.prefix
         targets: dict[str, TensorTarget] = {}
+        first, local = self.first_slot, self.w13.shape[0]
         for expert in range(self.placement.num_logical):
-            slots = self.placement.slots_of(expert)
+            # Another rank's experts are read and dropped (no slot here).
+            slots = [s - first for s in self.placement.slots_of(expert) if 0 <= s - first < local]
             base = f"{prefix}.{expert}"
             targets[f"{base}.{self.names['gate']}.weight"] = ExpertTarget(
                 self.w13, slots, 0, self.size
@@ -120,11 +130,12 @@ class MoEExperts(nn.Module):
             raise RuntimeError("the PyTorch MoE path reads expert counts on the host; no graphs")
         tokens, k = slots.shape
         flat = slots.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
+        order = torch.argsort(flat, stable=True)  # another rank's pairs (-1) first
+        skipped, *counts = torch.bincount(flat + 1, minlength=self.w13.shape[0] + 1).tolist()
         sorted_x = x[order // k]
         out = torch.empty_like(sorted_x)
-        start = 0
+        out[:skipped] = 0
+        start = skipped
         for slot, n in enumerate(counts):
             if n:
                 seg = sorted_x[start : start + n]
@@ -177,7 +188,9 @@ class MoEBlock(nn.Module):
     `placement` (an `ExpertPlacement`, identity until the engine sets one) maps the router's
     logical experts to physical slots; `recorder` (or None) counts each layer's logical expert
     load on the device (`pegboard.core.moe.recorder`); `router_bias` (or None, `[E]`) is added
-    to the router logits (a benchmark's skewed router)."""
+    to the router logits (a benchmark's skewed router); `ep` (or None, an
+    `pegboard.core.moe.expert_parallel.ExpertParallel`) makes the block one rank's share of an
+    expert-parallel layer."""
 
     def __init__(self, cfg: ModelConfig, layer: int, moe_index: int, linear) -> None:
         super().__init__()
@@ -192,8 +205,9 @@ class MoEBlock(nn.Module):
         self.router_kernel: Callable | None = None
         prefix = f"model.layers.{layer}.{moe.module}"
         self.gate = Router(cfg.hidden_size, moe.num_experts, f"{prefix}.gate.weight")
+        physical = moe.num_physical or moe.num_experts
         self.experts = MoEExperts(
-            moe.num_experts,
+            physical // moe.ep_size,
             cfg.hidden_size,
             moe.expert_size,
             moe.checkpoint_names(),
@@ -205,9 +219,13 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate = (
             Linear(cfg.hidden_size, 1, bias=False) if moe.shared_expert_size else None
         )
+        self.experts.first_slot = moe.ep_rank * (physical // moe.ep_size)
         self.recorder = None
         self.router_bias: torch.Tensor | None = None
-        self.set_placement(ExpertPlacement.identity(moe.num_experts))
+        self.ep = None
+        # Static: slot i holds expert i % E (the replica dimension as `apply_placement` keeps it).
+        row = torch.arange(physical, device="cpu") % moe.num_experts
+        self.set_placement(ExpertPlacement(row, moe.num_experts, physical - moe.num_experts + 1))
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Route by `placement` (one layer's maps); the weights must already be in its slots."""
@@ -234,13 +252,15 @@ class MoEBlock(nn.Module):
         if self.placement.physical_to_logical.device != x.device:
             self.set_placement(self.placement.to(x.device))
         weights, experts = self.route(x)
-        if self.recorder is not None:
-            self.recorder.record(self.moe_index, experts)
         slots = self.placement.to_physical(experts)
+        if self.recorder is not None:
+            self.recorder.record(self.moe_index, experts, slots)
+        if self.ep is not None:
+            slots, weights = self.ep.localize(slots, weights)
         out = self.experts(x, slots, weights)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None:  # under EP: this rank's columns of it
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return out if self.ep is None else self.ep.combine(out)
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:

@@ -20,7 +20,10 @@ class MoEConfig:
     `float_weights`: the routing weights stay float32 when multiplied in (Mixtral) instead of
     being cast to the model dtype first (Qwen). Layer `i` is sparse unless it is in
     `dense_layers` or `(i + 1) % sparse_step != 0`; its dense MLP is `intermediate_size` wide.
-    `shared_expert_size` > 0: a SwiGLU shared expert scaled by `sigmoid(shared_expert_gate)`."""
+    `shared_expert_size` > 0: a SwiGLU shared expert scaled by `sigmoid(shared_expert_gate)`.
+    Expert parallelism (`pegboard.core.moe.expert_parallel`) sets the last three on a rank's
+    config: `num_physical` slots per layer (0: one per expert) split over `ep_size` ranks, of
+    which this one (`ep_rank`) holds its share."""
 
     num_experts: int
     top_k: int
@@ -31,6 +34,9 @@ class MoEConfig:
     sparse_step: int = 1
     dense_layers: tuple[int, ...] = ()
     shared_expert_size: int = 0
+    num_physical: int = 0
+    ep_rank: int = 0
+    ep_size: int = 1
 
     def is_sparse(self, layer: int) -> bool:
         return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0

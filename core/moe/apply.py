@@ -16,7 +16,9 @@ def apply_placement(model: nn.Module, placement: ExpertPlacement) -> None:
     that holds the same logical expert now (replicas are copies, so any one will do). One layer
     at a time, so the extra memory is one layer's experts. When the slot count and the maps'
     shapes stay the same, weights and maps are copied in place (captured CUDA graphs keep
-    reading the same storage); the maps' replica dimension is fixed at `1 + redundant`."""
+    reading the same storage); the maps' replica dimension is fixed at `1 + redundant`. Under
+    expert parallelism every rank calls it with the same placement (the weights move between
+    ranks: `expert_parallel.ExpertParallel.move`)."""
     blocks = moe_blocks(model)
     if placement.num_layers != len(blocks):
         raise ValueError(
@@ -29,9 +31,13 @@ def apply_placement(model: nn.Module, placement: ExpertPlacement) -> None:
         rows = placement.physical_to_logical[index : index + 1].clone()
         new = ExpertPlacement(rows, placement.num_logical, width).to(device)
         source = old.logical_to_physical[0, :, 0].to(device)[new.physical_to_logical[0]]
-        for name in ("w13", "w2"):
+        maps = (old.physical_to_logical[0].tolist(), rows[0].tolist())  # slot -> expert
+        for name in ("w13", "w2") if maps[0] != maps[1] else ():  # an unchanged layer stays
             param = getattr(block.experts, name)
-            moved = param.data.index_select(0, source)
+            if block.ep is not None:  # this rank's slots, some received from other ranks
+                moved = block.ep.move(param.data, *maps)
+            else:
+                moved = param.data.index_select(0, source)
             if moved.shape == param.data.shape:
                 param.data.copy_(moved)
             else:

@@ -1,6 +1,6 @@
 """Mixture-of-experts flags (SGLang's names) and the checks they get before the model loads.
 
---ep-size N                            experts sharded over N ranks (placement maps; see docs/moe.md)
+--ep-size N                            experts spread over N ranks (the tensor-parallel ranks)
 --enable-eplb                          -> --expert-placement eplb
 --ep-num-redundant-experts R           R extra physical slots per layer for hot replicas
 --eplb-rebalance-num-iterations N      ask the placement plugin again every N steps
@@ -31,7 +31,8 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         dest="ep_size",
         metavar="N",
-        help="expert-parallel ranks the experts are split over (default 1)",
+        help="ranks the experts are spread over, the tensor-parallel ranks (alone it sets "
+        "--tp-size; attention is split over them) (default 1)",
     )
     g.add_argument(
         "--enable-eplb",
@@ -88,8 +89,9 @@ def moe_settings(args: argparse.Namespace, settings: dict[str, Any]) -> None:
 
 def check_moe(config, model_config=None) -> None:
     """Raise `MoEFlagError` for MoE settings the model cannot run with: EP or EPLB on a dense
-    model, an EP size that does not divide the experts (+ redundant), a missing location file.
-    `model_config` (a `ModelConfig`) is read from `config.model` when not given."""
+    model, an EP size that does not divide the experts (+ redundant) or the shared expert, more
+    EP ranks than GPUs, an MoE model over tensor-parallel ranks without EP, a missing location
+    file. `model_config` (a `ModelConfig`) is read from `config.model` when not given."""
     wants_moe = (
         config.ep_size > 1
         or config.ep_num_redundant_experts > 0
@@ -104,10 +106,11 @@ def check_moe(config, model_config=None) -> None:
         model_config = _model_config(config) if wants_moe or config.model else None
     if model_config is None:
         return
-    if model_config.moe is not None and config.tp_size > 1:
+    if model_config.moe is not None and config.tp_size > 1 and config.ep_size == 1:
         raise MoEFlagError(
-            f"{model_config.architecture} is a mixture-of-experts model; MoE with --tp-size > 1 "
-            "is not implemented yet (docs/moe.md)"
+            f"{model_config.architecture} is a mixture-of-experts model: with --tp-size "
+            f"{config.tp_size} add --ep-size {config.tp_size} (experts spread over the ranks); "
+            "experts split by tensor parallelism are not implemented (docs/moe.md)"
         )
     if not wants_moe:
         return
@@ -128,11 +131,13 @@ def check_moe(config, model_config=None) -> None:
             f"--ep-size {config.ep_size} does not divide the {model_config.moe.num_experts} "
             f"experts + {config.ep_num_redundant_experts} redundant ({physical} slots per layer)"
         )
-    if config.ep_size > 1:
+    # (a rank's loaded config holds its share of the shared expert: the width times the ranks)
+    shared = model_config.moe.shared_expert_size * model_config.moe.ep_size
+    if shared % config.ep_size:
         raise MoEFlagError(
-            f"--ep-size {config.ep_size}: expert parallelism across processes is not "
-            "implemented yet (docs/moe.md); placement and EPLB run within one process"
+            f"--ep-size {config.ep_size} does not divide the shared expert's width {shared}"
         )
+    check_ep_devices(config.ep_size, config.device, config.nnodes)
     location = config.init_expert_location
     if location != "trivial":
         try:
@@ -143,6 +148,17 @@ def check_moe(config, model_config=None) -> None:
                 f"--init-expert-location {location}: not a JSON file with "
                 f"physical_to_logical [layers][slots] ({e!r})"
             ) from e
+
+
+def check_ep_devices(ep_size: int, device: str, nnodes: int = 1) -> None:
+    """One GPU per expert-parallel rank of this node (on the CPU, each rank is a process)."""
+    # not at import: the CLI's parser imports this module, and topology imports torch
+    from pegboard.core.distributed.topology import DistributedConfigError, Topology, check_devices
+
+    try:
+        check_devices(Topology(0, ep_size, 0, nnodes, 0, ""), device, flag="--ep-size")
+    except DistributedConfigError as e:
+        raise MoEFlagError(str(e)) from e
 
 
 def _model_config(config):

@@ -1,13 +1,17 @@
-"""The expert-load recorder: how many tokens each sparse layer routed to each logical expert.
+"""The expert-load recorder: how many tokens each sparse layer routed to each logical expert,
+and to each physical slot (which rank computed them).
 
-One `[layers, experts]` counter on the model's device; each MoE layer adds its routed experts
-with one `index_add_` (no host sync). At each step boundary the counter becomes one row of a
-ring of recent passes (SGLang's recorder modes):
+Two counters on the model's device, `[layers, experts]` and `[layers, slots]`; each MoE layer
+adds its routed experts and their slots with one `index_add_` each (no host sync). At each step
+boundary the counters become one row of a ring of recent passes (SGLang's recorder modes):
 
 - `stat`: the load is the sum over a sliding window of the last `window` passes;
 - `per_pass`: the same ring, and `passes()` returns each pass's histogram (for dumps).
 
-Only `load()` (at a rebalance, every N steps) copies to the host.
+Under expert parallelism every rank routes every token (the hidden states are replicated after
+the attention's all-reduce), so rank 0's counts are the whole group's: the slot counts give each
+rank's tokens without a collective. Only `load()` / `slot_load()` (at a rebalance, every N
+steps) copy to the host.
 """
 
 from __future__ import annotations
@@ -27,20 +31,30 @@ class ExpertLoadRecorder:
         device: torch.device,
         mode: Literal["stat", "per_pass"] = "stat",
         window: int = 1000,
+        num_slots: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"expert distribution recorder mode {mode!r}; choose {MODES}")
         self.mode = mode
         self.window = window
-        self.current = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
-        self.ring = torch.zeros(window, num_layers, num_experts, dtype=torch.int64, device=device)
+        self.num_experts = num_experts
+        slots = num_slots or num_experts
+        # One buffer, logical experts then physical slots, so a pass is one copy.
+        self.current = torch.zeros(
+            num_layers, num_experts + slots, dtype=torch.int64, device=device
+        )
+        self.ring = torch.zeros(window, *self.current.shape, dtype=torch.int64, device=device)
         self.position = 0
         self.passes_seen = 0
 
-    def record(self, layer: int, experts: torch.Tensor) -> None:
-        """Count one layer's routed logical experts `[T, k]` (called in the layer's forward)."""
+    def record(self, layer: int, experts: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """Count one layer's routed logical experts `[T, k]` and, when given, the physical slots
+        they went to (called in the layer's forward)."""
         flat = experts.reshape(-1)
-        self.current[layer].index_add_(0, flat, torch.ones_like(flat))
+        ones = torch.ones_like(flat)
+        self.current[layer].index_add_(0, flat, ones)
+        if slots is not None:
+            self.current[layer].index_add_(0, slots.reshape(-1) + self.num_experts, ones)
 
     def end_pass(self) -> None:
         """Close the current forward pass: its counts enter the ring (device-side copy)."""
@@ -49,12 +63,19 @@ class ExpertLoadRecorder:
         self.position = (self.position + 1) % self.window
         self.passes_seen += 1
 
-    def load(self) -> torch.Tensor:
-        """The window's load `[layers, experts]` as float64 on the CPU (one host copy)."""
+    def _window(self) -> torch.Tensor:
         return (self.ring.sum(dim=0) + self.current).double().cpu()
 
+    def load(self) -> torch.Tensor:
+        """The window's load `[layers, experts]` as float64 on the CPU (one host copy)."""
+        return self._window()[:, : self.num_experts]
+
+    def slot_load(self) -> torch.Tensor:
+        """The window's tokens per physical slot `[layers, slots]` (float64, CPU)."""
+        return self._window()[:, self.num_experts :]
+
     def passes(self) -> list[torch.Tensor]:
-        """The recorded passes, oldest first (`per_pass` mode)."""
+        """The recorded passes' logical expert loads, oldest first (`per_pass` mode)."""
         count = min(self.passes_seen, self.window)
         order = [(self.position - count + i) % self.window for i in range(count)]
-        return [self.ring[i].cpu() for i in order]
+        return [self.ring[i, :, : self.num_experts].cpu() for i in order]

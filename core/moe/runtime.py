@@ -5,7 +5,9 @@
 `--eplb-rebalance-num-iterations` steps, asks again with the recorded load and moves the
 expert weights (`apply.apply_placement`). A step boundary is between two forwards, and replicas
 are copies, so no in-flight request's output changes. The placement is checked first; an
-invalid one is logged naming the plugin and the current placement stays.
+invalid one is logged naming the plugin and the current placement stays. Under expert
+parallelism this runs on rank 0, which hands each placement to the other ranks
+(`TensorParallel.share_placement`) before all of them move their experts together.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pegboard.core.moe.apply import apply_placement
 from pegboard.core.moe.flags import check_moe
 from pegboard.core.moe.kernel import select_moe_kernel
 from pegboard.core.moe.recorder import ExpertLoadRecorder
+from pegboard.core.moe.router_skew import skew_router
 from pegboard.sdk.expert_placement import ExpertPlacement, ExpertTopology
 
 log = logging.getLogger("pegboard.moe")
@@ -37,12 +40,18 @@ class ExpertRuntime:
             num_logical=moe.num_experts,
             num_physical=moe.num_experts + cfg.ep_num_redundant_experts,
             ep_size=cfg.ep_size,
+            num_nodes=cfg.nnodes,
         )
         self.every = cfg.eplb_rebalance_num_iterations
         mode = cfg.expert_distribution_recorder_mode or "stat"
         device = self.blocks[0].experts.w13.device
         self.recorder = ExpertLoadRecorder(
-            len(self.blocks), moe.num_experts, device, mode, window=self.every
+            len(self.blocks),
+            moe.num_experts,
+            device,
+            mode,
+            window=self.every,
+            num_slots=self.topology.num_physical,
         )
         # Recording costs one index_add per layer: only for a load-driven placement or on request.
         self.recording = cfg.expert_distribution_recorder_mode is not None or (
@@ -68,15 +77,10 @@ class ExpertRuntime:
         runtime.start(engine.config.init_expert_location)
         return runtime
 
-    def skew_router(self, strength: float, seed: int = 0) -> None:
+    def skew_router(self, strength: float) -> None:
         """Benchmarks: bias each layer's router logits by `-strength * log(1 + rank)` over a
         random order of its experts, so expert load follows a Zipf-like law."""
-        gen = torch.Generator().manual_seed(seed)
-        experts = self.topology.num_logical
-        for block in self.blocks:
-            rank = torch.randperm(experts, generator=gen).double()
-            bias = -strength * torch.log1p(rank)
-            block.router_bias = bias.to(block.experts.w13.device, torch.float32)
+        skew_router(self.blocks, strength)
 
     def start(self, location: str) -> None:
         if location == "trivial":
@@ -100,7 +104,7 @@ class ExpertRuntime:
     def rebalance(self) -> None:
         load = self.recorder.load()
         if load.sum() > 0:  # how evenly the live placement spread the window's tokens
-            self.balancedness = self.current().balancedness(load, self.topology.ep_size)
+            self.balancedness = rank_balancedness(self.recorder.slot_load(), self.topology.ep_size)
         placement = self.engine.hook.place_experts(load=load, topology=self.topology)
         plugin = self.engine.plugins.active("expert_placement").name
         self._apply(placement, f"expert_placement plugin {plugin!r}")
@@ -138,5 +142,18 @@ class ExpertRuntime:
                 "%s returned an invalid placement (%s); placement kept", source, "; ".join(problems)
             )
             return
+        if (
+            getattr(self.engine, "tp", None) is not None
+        ):  # expert parallelism: every rank moves its experts
+            self.engine.tp.share_placement(placement.physical_to_logical)
         apply_placement(self.model, placement)
         self.rebalances += 1
+
+
+def rank_balancedness(slot_load: torch.Tensor, ep_size: int) -> float:
+    """mean/max tokens per rank, averaged over layers (1.0: even), from the tokens each
+    physical slot `[layers, slots]` computed (rank `r` holds the `r`-th `slots / ep_size`)."""
+    ranks = slot_load.double().view(slot_load.shape[0], ep_size, -1).sum(dim=2)
+    peak = ranks.max(dim=1).values
+    ratio = torch.where(peak > 0, ranks.mean(dim=1) / peak.clamp(min=1e-12), torch.ones_like(peak))
+    return float(ratio.mean())
