@@ -1,7 +1,8 @@
 """One MoE layer's routed experts: the fused Triton kernel against the PyTorch path, on a GPU.
 
 Qwen3-30B-A3B's experts (128 experts, top-8, hidden 2048, intermediate 768, bf16, random
-weights and uniform random routing) at M = 1, 8, 64, 256, 2048 tokens:
+weights and uniform random routing) at M = 1, 8, 64, 256, 2048 and 8192 tokens (8192: the
+engine's default token budget of a prefill step, `--max-num-batched-tokens`):
 
 - `torch`: `MoEExperts.forward` (gathered mat-vecs up to 64 pairs, else one GEMM pair per
   expert after a host sync), eager;
@@ -15,7 +16,7 @@ also times candidate launch configurations per M (CUDA graph) and prints the fas
 `CONFIGS` in `pegboard.core.kernels.fused_moe`. Run on the lent machine
 (`bash scripts/device-run.sh moe`):
 
-    python3 scripts/bench_moe.py [--tokens 1,8,64,256,2048] [--sweep] [--json FILE]
+    python3 scripts/bench_moe.py [--tokens 1,8,64,256,2048,8192] [--sweep] [--json FILE]
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def describe(plan: MoEConfig) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", default="1,8,64,256,2048")
+    ap.add_argument("--tokens", default="1,8,64,256,2048,8192")
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--sweep", action="store_true", help="time candidate launch configurations")
     ap.add_argument("--json", help="write the rows here")

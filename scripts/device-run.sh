@@ -151,6 +151,12 @@ PY
     moe|moe-micro|moe-bs1|moe-workload) # fused MoE kernel vs the torch path (issue 12): Qwen3-30B-A3B
         # random weights; moe: all three parts (~5 min), moe-<part>: one
         MOE="--random-weights --config qwen3-30b-a3b --max-model-len 4096 ${BENCH_ARGS:-}"
+        moe_failed() { # $1: run name, $2: its exit status; on failure show the error's lines
+          [ "$2" = 0 ] && return
+          echo "$1 FAILED (exit $2); from $1.err:"
+          grep -m 3 -i 'assert\|error' "$OUT/$1.err" | cut -c1-240
+          sed -n '/^Traceback/,$p' "$OUT/$1.err" | grep -v '^frame #' | head -40 | cut -c1-240
+        }
         if [ $job = moe ] || [ $job = moe-micro ]; then
           timeout 120 python3 scripts/bench_moe.py --json "$OUT/moe-micro.json" 2>&1 | tee "$OUT/moe-micro.log"
         fi
@@ -159,6 +165,7 @@ PY
           timeout 150 $PB bench offline $MOE --num-seqs 1 --min-input 128 --max-input 128 \
             --min-output 256 --max-output 256 --cuda-graph-max-bs 8 --moe-kernel $k \
             --json "$OUT/moe-bs1-$k.json" 2>"$OUT/moe-bs1-$k.err" | tail -4
+          moe_failed moe-bs1-$k "${PIPESTATUS[0]}"
         done
         for k in triton torch; do  # nano-vllm workload (256 seqs), outputs cut to <= 256 tokens:
           # the torch path runs decode eagerly (host sync per layer) at ~0.2 s a step
@@ -166,6 +173,7 @@ PY
           graphs=$([ $k = torch ] && echo "--cuda-graph-max-bs 8")
           timeout 200 $PB bench offline $MOE --num-seqs 256 --max-input 512 --max-output 256 \
             --moe-kernel $k $graphs --json "$OUT/moe-256-$k.json" 2>"$OUT/moe-256-$k.err" | tail -4
+          moe_failed moe-256-$k "${PIPESTATUS[0]}"
         done
         python3 - "$OUT" <<'PY'
 import glob, json, sys
@@ -176,7 +184,7 @@ for f in sorted(glob.glob(sys.argv[1] + "/moe-[b2]*.json")):
 PY
         ;;
     moe-sweep) # fused MoE launch configurations per M (for CONFIGS in core/kernels/fused_moe.py)
-        timeout 400 python3 scripts/bench_moe.py --sweep --json "$OUT/moe-sweep.json" 2>&1 | tee "$OUT/moe-sweep.log" ;;
+        timeout 400 python3 scripts/bench_moe.py --sweep --tokens 1,8,64,256,2048 --json "$OUT/moe-sweep.json" 2>&1 | tee "$OUT/moe-sweep.log" ;;
     serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
         python3 - >"$OUT/serve-qwen3-server.log" 2>&1 <<'PY' &
 from pegboard.core.async_engine import AsyncEngine

@@ -176,6 +176,37 @@ def test_router_softmax_topk_equals_the_torch_ops(tokens, experts, top_k, renorm
     torch.testing.assert_close(weights, expected_weights.to(dtype))  # to rounding of dtype
 
 
+def test_router_ranks_nan_first_as_torch_topk_so_experts_stay_in_range():
+    # A padded row of a decode CUDA graph has no keys: its attention is 0 / 0, its router
+    # logits NaN (or +-inf). Expert id E there indexed past the placement table on the GPU.
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    logits = torch.randn(4, 128, generator=gen, device=DEVICE)
+    logits[1], logits[2, 5], logits[3] = float("nan"), float("inf"), float("-inf")
+    weights, ids = softmax_topk(logits, 8, True, torch.float32)
+    assert ((ids >= 0) & (ids < 128)).all() and all(len(set(r)) == 8 for r in ids.tolist())
+    assert weights[1:].isnan().all()  # as torch's softmax and topk give
+    assert torch.equal(ids[0], torch.softmax(logits[0], -1).topk(8).indices)
+
+
+def test_align_pairs_at_the_engine_token_budget():
+    # 8,192 tokens a step (--max-num-batched-tokens) x top-8 of 128 experts: 65,536 pairs,
+    # the largest blocks; and the few-pairs case of the same config table.
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    for tokens in (8192, 7):
+        ids = torch.rand(tokens, 128, generator=gen, device=DEVICE).topk(8, dim=-1).indices
+        block_m = choose_config(tokens, 8, 128).gate_up.block_m
+        blocks, _ = check_alignment(ids, experts=128, block_m=block_m)
+        assert sorted(set(blocks)) == sorted(set(ids.reshape(-1).tolist()))
+
+
+@pytest.mark.slow
+def test_fused_experts_at_the_engine_token_budget():
+    # Qwen3-30B-A3B's routing (E=128, k=8) at 8,192 tokens, tiny H and I (interpreter: ~2 min).
+    case = routed_case(8192, 8, 128, hidden=24, size=16)
+    out = fused_experts(*case)
+    assert relative_error(out, torch_path(*case, dtype=torch.float64)) < 1e-5
+
+
 def test_decode_pairs_skip_sorting_and_larger_batches_get_larger_blocks():
     assert choose_config(1, 8, 128).direct
     assert choose_config(DIRECT_MAX_PAIRS // 8, 8, 128).direct
@@ -202,7 +233,7 @@ QWEN3_30B = dict(top_k=8, experts=128, hidden=2048, size=768)  # Qwen3-30B-A3B's
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("tokens", [1, 3, 8, 64, 256, 2048])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 64, 256, 2048, 8192])
 def test_qwen3_30b_experts_in_bf16_are_as_close_as_the_torch_path(tokens):
     case = routed_case(tokens, dtype=torch.bfloat16, **QWEN3_30B)
     out = fused_experts(*case)

@@ -6,6 +6,11 @@ exp, divided by the sum), then picks the k largest probabilities one at a time (
 expert index among equal ones), in descending order as `torch.topk` returns them, divides them
 by their sum when `renormalize`, and stores the weights in `dtype` and the experts as int64.
 At batch-1 decode a sparse layer's routing is a chain of tiny kernels; this makes it one.
+
+A NaN probability ranks above every number, as in `torch.topk`, so the experts are always in
+`[0, E)` and the weights NaN: a row of NaN logits is a padded row of a decode CUDA graph (its
+attention has no keys: 0 / 0), and an expert id of E there indexed past the placement's
+`logical_to_physical` table (a device-side assert that killed a 256-sequence run).
 """
 
 from __future__ import annotations
@@ -34,14 +39,15 @@ def _softmax_topk_kernel(
     p = tl.exp(x - tl.max(x, 0))
     p = tl.where(mask, p, 0.0)
     p = p / tl.sum(p, 0)
-    left = tl.where(mask, p, -1.0)  # probabilities are >= 0: -1 marks taken or padding
+    # Probabilities are in [0, 1]: -1 marks taken or padding, 2 a NaN (ranked first).
+    left = tl.where(mask, tl.where(p == p, p, 2.0), -1.0)
     ks = tl.arange(0, K_POW2)
     weights = tl.zeros((K_POW2,), tl.float32)
     experts = tl.zeros((K_POW2,), tl.int32)
     for j in tl.static_range(K):
         best = tl.max(left, 0)
         expert = tl.min(tl.where(left == best, cols, E_POW2), 0)
-        weights = tl.where(ks == j, best, weights)
+        weights = tl.where(ks == j, tl.where(best > 1.5, float("nan"), best), weights)
         experts = tl.where(ks == j, expert, experts)
         left = tl.where(cols == expert, -1.0, left)
     if RENORMALIZE:
