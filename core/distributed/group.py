@@ -135,9 +135,14 @@ class Groups:
         if self.plan_shm is not None:
             self.plan_shm.close()
             self.plan_shm = None
+        teardown_fn = dist.destroy_process_group
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            torch.cuda.synchronize(self.device)  # every collective of this rank has completed
+            # NCCL's destroy (finalize + destroy of each communicator) hung for 20 s on two H200s
+            # even with both ranks calling it together; the group abort (all communicators in
+            # one NCCL group call) frees the same resources without waiting on the peers.
+            teardown_fn = getattr(dist.distributed_c10d, "_abort_process_group", teardown_fn)
+        teardown = threading.Thread(target=teardown_fn, daemon=True)
         teardown.start()
         teardown.join(timeout_s)
         if teardown.is_alive():
