@@ -330,7 +330,8 @@ def test_sglang_flags_select_ngram_with_num_steps():
     "flags",
     [
         ("--speculative-algorithm", "MEDUSA"),
-        ("--speculative-algorithm", "NGRAM", "--speculative-eagle-topk", "4"),
+        ("--speculative-algorithm", "NGRAM", "--speculative-eagle-topk", "0"),
+        ("--speculative-algorithm", "NGRAM", "--speculative-disable-by-batch-size", "x"),
     ],
 )
 def test_unsupported_speculative_flags_exit_2(flags, capsys):
@@ -338,6 +339,27 @@ def test_unsupported_speculative_flags_exit_2(flags, capsys):
         _parse(*flags)
     assert exc.value.code == 2
     assert "speculative" in capsys.readouterr().err
+
+
+def test_sglang_tree_flags_set_topk_depth_and_tree_size():
+    s = _parse("--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "/h",
+               "--speculative-num-steps", "3", "--speculative-eagle-topk", "4",
+               "--speculative-num-draft-tokens", "8")  # fmt: skip
+    assert s["plugin_options"]["eagle"] == {
+        "model_path": "/h", "topk": 4, "num_steps": 3, "num_draft_tokens": 7,
+    }  # fmt: skip
+    s = _parse("--speculative-algorithm", "NGRAM", "--speculative-num-steps", "2",
+               "--speculative-eagle-topk", "3", "--speculative-disable-by-batch-size", "32",
+               "--speculative-min-accept-rate", "0.3")  # fmt: skip
+    assert s["plugin_options"]["ngram"] == {"topk": 3, "num_steps": 2, "num_draft_tokens": 6}
+    assert s["speculative_disable_by_batch_size"] == 32
+    assert s["speculative_min_accept_rate"] == 0.3
+
+
+def test_standalone_drafts_with_topk_are_refused():
+    with pytest.raises(ValueError, match="STANDALONE drafts chains"):
+        _parse("--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", "/d",
+               "--speculative-eagle-topk", "2")  # fmt: skip
 
 
 # ---------------------------------------------------------------- metrics

@@ -15,6 +15,13 @@ A head is one decoder layer that drafts from the target's own hidden states:
 The embedding is the target's (`embed_tokens` in the head's checkpoint, if present, wins).
 The head keeps its own KV per request (`request.plugin_state["eagle"]`): real entries for
 every target position it has seen, plus this step's draft positions, dropped next step.
+
+With `topk` > 1 the head drafts a tree (EAGLE-2): the `topk` best tokens after the context,
+then per depth the `topk` best-scoring nodes (score: the sum of the draft's log-probabilities
+along the path) are expanded into their `topk` best children each, for `num_steps` depths;
+the `num_draft_tokens` best-scoring nodes whose parents are kept form the tree, a node's
+children ordered by score (the first path is the head's greedy guess where it survives).
+Expanded nodes attend to the real entries, their ancestors and themselves.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ class EagleOptions(pydantic.BaseModel):
 
     model_path: str | None = pydantic.Field(None, description="the EAGLE head's directory")
     num_draft_tokens: int = pydantic.Field(4, ge=1, description="draft tokens per step at most")
+    topk: int = pydantic.Field(1, ge=1, description="children per expanded tree node (1: chain)")
+    num_steps: int | None = pydantic.Field(
+        None, ge=1, description="a tree's depth (default: num_draft_tokens)"
+    )
 
 
 def read_head_config(path: str | Path) -> dict:
@@ -123,10 +134,10 @@ class EagleSpeculator(Speculator):
         out = []
         for r, k in zip(requests, max_tokens):
             k = min(k, self.options.num_draft_tokens)
-            out.append(Drafts(self._draft(r, k) if k and self.head is not None else []))
+            out.append(self._draft(r, k) if k and self.head is not None else Drafts([]))
         return out
 
-    def _draft(self, r: Request, k: int) -> list[int]:
+    def _draft(self, r: Request, k: int) -> Drafts:
         state: HeadCache = r.plugin_state.get(STATE_KEY)
         if state is None:
             state = r.plugin_state[STATE_KEY] = HeadCache()
@@ -141,12 +152,16 @@ class EagleSpeculator(Speculator):
                 feats.append(block[lo:hi])
                 positions.extend(range(start + lo, start + hi))
         if not positions:
-            return []
+            return Drafts([])
         ids = [tokens[t + 1] for t in positions]
         hidden = self.head.step(
             torch.cat(feats), ids, positions, state, first=True
         )  # [n, hidden]; the last row predicts the token after the context
         state.commit(positions[-1] + 1)
+        if self.options.topk > 1:
+            depth = min(self.options.num_steps or self.options.num_draft_tokens, k)
+            return draft_tree(self.head, state, hidden[-1:], positions[-1], self.options.topk,
+                              depth, k)  # fmt: skip
         drafts = []
         last, pos = hidden[-1:], positions[-1]
         for _ in range(k):
@@ -154,7 +169,57 @@ class EagleSpeculator(Speculator):
             drafts.append(token)
             pos += 1
             last = self.head.step(last, [token], [pos], state, first=False)
-        return drafts
+        return Drafts(drafts)
+
+
+def draft_tree(head, state, last, pos: int, topk: int, depth: int, limit: int) -> Drafts:
+    """EAGLE-2's draft tree (see the module docstring) from the head output `last` `[1, H]`
+    at the context's last position `pos`."""
+    values, ids = head.draft_topk(last, topk)
+    tokens, parents, scores = ids[0].tolist(), [-1] * topk, values[0].tolist()
+    frontier, inputs = list(range(topk)), last.expand(topk, -1)
+    row_of: dict[int, int] = {}  # expanded node -> its row among the head's draft entries
+    for d in range(2, depth + 1):
+        before = len(state.positions) - state.real
+        mask = torch.zeros(len(frontier), before + len(frontier), dtype=torch.bool)
+        for j, f in enumerate(frontier):
+            row_of[f] = before + j
+            a = f
+            while a >= 0:
+                mask[j, row_of[a]] = True
+                a = parents[a]
+        out = head.step(inputs, [tokens[f] for f in frontier], [pos + d - 1] * len(frontier),
+                        state, first=False, tree_mask=mask.to(last.device))  # fmt: skip
+        values, ids = head.draft_topk(out, topk)
+        start = len(tokens)
+        for j, f in enumerate(frontier):
+            tokens.extend(ids[j].tolist())
+            parents.extend([f] * topk)
+            scores.extend((values[j] + scores[f]).tolist())
+        best = sorted(range(start, len(tokens)), key=lambda i: -scores[i])[:topk]
+        frontier = best
+        inputs = out[torch.tensor([(i - start) // topk for i in best], device=out.device)]
+    return _best_subtree(tokens, parents, scores, limit)
+
+
+def _best_subtree(tokens: list[int], parents: list[int], scores: list[float], limit: int):
+    """The `limit` best-scoring nodes whose parents are kept, parents first, each node's
+    children by score."""
+    depth = [0] * len(tokens)
+    for i, p in enumerate(parents):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+    kept: set[int] = set()
+    for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], depth[i])):
+        if len(kept) == limit:
+            break
+        if parents[i] < 0 or parents[i] in kept:
+            kept.add(i)
+    order = sorted(kept, key=lambda i: (depth[i], -scores[i]))
+    index = {old: new for new, old in enumerate(order)}
+    return Drafts(
+        [tokens[i] for i in order], parents=[index[parents[i]] if parents[i] >= 0 else -1
+                                             for i in order]
+    )  # fmt: skip
 
 
 class HeadCache:
@@ -284,8 +349,12 @@ class EagleHead(nn.Module):
                 del self.__dict__["embed"]
                 self.embed = nn.Embedding.from_pretrained(weights[key], freeze=True)
 
-    def step(self, features, ids, positions, cache: HeadCache, first: bool) -> torch.Tensor:
-        """Run the layer on new rows (appending their KV); returns the pre-norm output."""
+    def step(
+        self, features, ids, positions, cache: HeadCache, first: bool, tree_mask=None
+    ) -> torch.Tensor:
+        """Run the layer on new rows (appending their KV); returns the pre-norm output.
+        `tree_mask` `[new rows, draft entries + new rows]`: which of the cache's draft entries
+        (after the real ones) each new row sees; None: all before it (a chain)."""
         device = features.device
         emb = self.embed(torch.tensor(ids, device=device)).to(features.dtype)
         if self.eagle3:
@@ -296,13 +365,13 @@ class EagleHead(nn.Module):
             h = self.fc(torch.cat([emb, features], dim=-1))
             residual = h
             x = self.input_layernorm(h)
-        attn = self._attend(x, positions, cache)
+        attn = self._attend(x, positions, cache, tree_mask)
         h2 = attn + residual
         mlp_in = self.post_attention_layernorm(h2)
         out = self.down_proj(F.silu(self.gate_proj(mlp_in)) * self.up_proj(mlp_in)) + h2
         return out
 
-    def _attend(self, x, positions, cache: HeadCache) -> torch.Tensor:
+    def _attend(self, x, positions, cache: HeadCache, tree_mask=None) -> torch.Tensor:
         n = x.shape[0]
         pos = torch.tensor(positions, device=x.device)
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
@@ -314,11 +383,20 @@ class EagleHead(nn.Module):
         keys = cache.k[: before + n].transpose(0, 1)
         values = cache.v[: before + n].transpose(0, 1)
         mask = torch.ones(n, before + n, dtype=torch.bool, device=x.device).tril(before)
+        if tree_mask is not None:
+            mask[:, cache.real :] = tree_mask
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys, values, attn_mask=mask,
             scale=1 / math.sqrt(self.head_dim), enable_gqa=self.num_heads != self.num_kv_heads,
         )  # fmt: skip
         return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+    def draft_topk(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of `out`, the `k` best draft tokens' log-probabilities and target ids."""
+        if self.eagle3:
+            values, ids = self.lm_head(self.norm(out)).float().log_softmax(-1).topk(k, dim=-1)
+            return values, ids + self.d2t[ids]
+        return self.target_logits(out).float().log_softmax(-1).topk(k, dim=-1)
 
     def draft_token(self, out: torch.Tensor) -> int:
         if self.eagle3:

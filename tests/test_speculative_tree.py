@@ -1,0 +1,296 @@
+"""Tree speculation is lossless (DESIGN.md §7): draft trees verified in one forward with the
+torch backend's tree mask give, in float32 on CPU, the tokens of plain decoding (transformers'
+`generate`) across batching, chunked prefill, preemption, prefix caches and swaps; the
+accepted path's KV is moved into place; a perfect tree's first path is accepted whole."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import test_speculative
+import torch
+from pegboard.core.llm import LLM
+from pegboard.core.plugin_manager import PluginManager
+from pegboard.core.speculative import tree as T
+from pegboard.core.speculative.verify import accept_greedy
+from pegboard.sdk.slots import Speculator
+from pegboard.sdk.types import Drafts, SamplingParams
+from test_speculative import MAX_NEW, SETTINGS, assert_same, generate
+
+case = test_speculative.case  # the module's fixture: tiny target, prompts, transformers' outputs
+
+
+class TreeOracle(Speculator):
+    """Test speculator: a tree around the reference continuation. Per depth, a wrong sibling
+    (with a child of its own holding the next reference token, which only a broken tree mask
+    could make right) beside the reference token; the reference child comes first
+    (`right_first`) or last (its path then needs KV compaction). `cut_at`: depths whose
+    reference token is left out, so verification stops there."""
+
+    name = "tree_oracle"
+    reference: dict[tuple[int, ...], list[int]] = {}
+    right_first = True
+    cut_at: tuple[int, ...] = ()
+    first_path_drafts = 0
+
+    def propose(self, requests, max_tokens):
+        out = []
+        for r, k in zip(requests, max_tokens):
+            ref = self.reference.get(tuple(r.prompt_token_ids), [])
+            done = r.num_output_tokens
+            tokens, parents = [], []
+            parent = -1
+            for depth, t in enumerate(ref[done : done + k]):
+                group = [((t + 1) % 512, parent), (t, parent)]
+                if self.right_first:
+                    group.reverse()
+                nxt = (ref[done + depth + 1 :] or [t])[0]
+                if (done + depth) in self.cut_at:
+                    group = [g for g in group if g[0] != t]
+                start = len(tokens)
+                for token, p in group:
+                    tokens.append(token)
+                    parents.append(p)
+                    if token != t:  # the wrong sibling's own child
+                        tokens.append(nxt)
+                        parents.append(len(tokens) - 2)
+                right = [start + i for i in range(len(tokens) - start) if tokens[start + i] == t]
+                right = [i for i in right if parents[i] == parent]
+                if not right:
+                    break
+                parent = right[0]
+            tokens, parents = tokens[:k], parents[:k]
+            type(self).first_path_drafts += len(T.first_path(parents))
+            out.append(Drafts(tokens, parents=parents))
+        return out
+
+
+def tree_plugins(reference: dict, right_first: bool = True, cut_at=()) -> PluginManager:
+    TreeOracle.reference = reference
+    TreeOracle.right_first = right_first
+    TreeOracle.cut_at = tuple(cut_at)
+    TreeOracle.first_path_drafts = 0
+    pm = PluginManager()
+    pm.add(TreeOracle)
+    return pm
+
+
+# ---------------------------------------------------------------- tree shape and verification
+
+
+def test_tree_shape_helpers():
+    parents = [-1, -1, 0, 0, 2]
+    assert T.depths(parents) == [1, 1, 2, 2, 3]
+    assert T.children(parents) == [[0, 1], [2, 3], [], [4], [], []]
+    assert T.first_path(parents) == [0, 2, 4]
+    mask = T.ancestor_mask(parents)
+    assert mask[4].tolist() == [True, False, True, False, True]
+    assert mask[1].tolist() == [False, True, False, False, False]
+
+
+def test_greedy_verification_follows_the_target_through_the_tree():
+    # tokens: 0:5 1:6 (children of the last token), 2:7 3:8 (children of 0), 4:9 (child of 3)
+    drafts = Drafts([5, 6, 7, 8, 9], parents=[-1, -1, 0, 0, 3])
+    # argmax per node: root 5 -> node 1 (draft 0) 8 -> node 4 (draft 3) 9 -> node 5 (draft 4) 3
+    target = [5, 8, 0, 0, 9, 3]
+    v = accept_greedy(target, drafts)
+    assert v.path == [0, 3, 4] and v.tokens == [5, 8, 9, 3]
+    v = accept_greedy([6, 0, 1, 0, 0, 0], drafts)
+    assert v.path == [1] and v.tokens == [6, 1]
+
+
+# ---------------------------------------------------------------- end to end, greedy
+
+
+def _tree_generate(case, settings, **oracle):
+    model_dir, prompts, reference = case
+    pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, **oracle)
+    return generate(model_dir, prompts, pm, speculator="tree_oracle", attention="torch", **settings)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_tree_drafts_greedy_equal_transformers(case, settings):
+    """The reference child comes last: every accepted path is compacted; a wrong sibling's
+    child holds the next right token, which a mask that let it see its cousins would accept."""
+    outs, stats = _tree_generate(case, settings, right_first=False, cut_at=range(3, MAX_NEW, 5))
+    assert_same(outs, case[2])
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    assert stats["spec_accept_length"] > 1.5
+
+
+def test_a_perfect_trees_first_path_is_accepted_whole(case):
+    outs, stats = _tree_generate(case, {}, right_first=True)
+    assert_same(outs, case[2])
+    assert stats["spec_accepted_tokens"] == TreeOracle.first_path_drafts > 0
+    assert stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # the siblings
+
+
+def test_trees_on_a_backend_without_a_tree_mask_are_cut_to_their_first_path(case, caplog):
+    """The Triton backend has no tree mask: a tree is verified as its first path (logged)."""
+    from pegboard.plugins.kernels import attention_torch
+
+    model_dir, prompts, reference = case
+    pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, right_first=True)
+    orig = attention_torch.TorchAttentionBackend.supports_tree_mask
+    attention_torch.TorchAttentionBackend.supports_tree_mask = False
+    try:
+        outs, stats = generate(model_dir, prompts, pm, speculator="tree_oracle")
+    finally:
+        attention_torch.TorchAttentionBackend.supports_tree_mask = orig
+    assert_same(outs, reference)
+    assert "no tree mask" in caplog.text
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0  # chains of it
+
+
+def test_swapping_from_a_tree_speculator_mid_run_changes_no_token(case):
+    model_dir, prompts, reference = case
+    pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, right_first=False)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    with LLM(
+        str(model_dir), dtype="float32", device="cpu", plugins=pm, speculator="tree_oracle",
+        attention="torch",
+    ) as llm:  # fmt: skip
+        from pegboard.sdk.types import Request
+
+        requests = [Request(p, params) for p in prompts]
+        for r in requests:
+            llm.engine.add_request(r)
+        swapped = None
+        while llm.engine.has_work():
+            llm.engine.step()
+            if swapped is None and any(r.num_output_tokens > 3 for r in requests):
+                swapped = llm.swap("speculator", "ngram", topk=3, num_steps=3)
+        assert swapped.result().active == "ngram"
+        assert [r.output_token_ids for r in requests] == reference
+
+
+def test_tree_mask_in_the_torch_backend_equals_each_path_run_alone():
+    """Attention of a tree's tokens equals attention of each root-to-node path as a chain."""
+    from test_attention_torch import Scenario
+
+    cached, parents = 5, [-1, -1, 0, 1, 3]
+    sc = Scenario([cached], [1 + len(parents)], page_size=4, seed=3)
+    backend_cls = __import__(
+        "pegboard.plugins.kernels.attention_torch", fromlist=["x"]
+    ).TorchAttentionBackend
+    backend = backend_cls(sc.info, sc.pool)
+    sc.batch.tree_masks = [T.ancestor_mask(parents)]
+    backend.prepare(sc.batch)
+    k_new, v_new = sc.new_kv()
+    out = backend.forward(0, sc.q, k_new, v_new)
+    keys, values = sc.keys[0], sc.values[0]
+    scale = sc.q.shape[-1] ** -0.5
+    for i in range(len(parents)):
+        node, seen = i, []
+        while node >= 0:
+            seen.append(cached + 1 + node)
+            node = parents[node]
+        idx = list(range(cached + 1)) + sorted(seen)
+        k = keys[idx].repeat_interleave(2, dim=1)  # 4 heads over 2 KV heads
+        v = values[idx].repeat_interleave(2, dim=1)
+        q = sc.q[1 + i]
+        w = torch.einsum("hd,nhd->hn", q, k).mul(scale).softmax(-1)
+        expected = torch.einsum("hn,nhd->hd", w, v)
+        torch.testing.assert_close(out[1 + i], expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- built-in tree speculators
+
+
+def test_ngram_merges_the_latest_continuations_into_a_tree():
+    from pegboard.plugins.speculative.ngram import NgramIndex, merge_tree
+
+    context = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 6, 1, 2]
+    index = NgramIndex(1, 2, keep=3)
+    index.update(context)
+    paths = index.continuations(context, 3)
+    assert paths == [[6, 1, 2], [3, 5, 1], [3, 4, 1]]  # latest occurrence first
+    tree = merge_tree(paths, 6)
+    assert tree.tokens == [6, 1, 2, 3, 5, 1] and tree.parents == [-1, 0, 1, -1, 3, 4]
+    assert T.first_path(tree.parents) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_ngram_tree_greedy_equals_transformers(case, settings):
+    model_dir, prompts, reference = case
+    options = {"ngram": {"topk": 3, "num_steps": 3, "num_draft_tokens": 8}}
+    outs, stats = generate(
+        model_dir, prompts, speculator="ngram", attention="torch", plugin_options=options,
+        **settings,
+    )  # fmt: skip
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > 0  # the tiny random model never repeats: all rejected
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:4])
+def test_eagle3_tree_is_lossless(case, tmp_path_factory, settings):
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, reference = case
+    head = build_eagle3_head(tmp_path_factory.mktemp("tree-eagle3"))
+    options = {"eagle": {"model_path": str(head), "topk": 3, "num_steps": 3, "num_draft_tokens": 6}}
+    outs, stats = generate(
+        model_dir, prompts, speculator="eagle", attention="torch", plugin_options=options,
+        **settings,
+    )  # fmt: skip
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > 0
+
+
+def test_eagle1_tree_is_lossless(case, tmp_path):
+    from test_speculative_eagle import build_eagle1_head
+
+    model_dir, prompts, reference = case
+    options = {"eagle": {"model_path": str(build_eagle1_head(tmp_path / "h")), "topk": 2,
+                         "num_steps": 4, "num_draft_tokens": 7}}  # fmt: skip
+    outs, stats = generate(
+        model_dir, prompts, speculator="eagle", attention="torch", plugin_options=options
+    )
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > 0
+
+
+def test_eagle_tree_keeps_the_best_scoring_nodes_parents_first():
+    from pegboard.plugins.speculative.eagle import _best_subtree
+
+    #        0(-0.1)  1(-2.0)        children of 0: 2(-0.3) 3(-0.2); of 1: 4(-2.1); of 3: 5(-0.25)
+    tokens = [10, 11, 12, 13, 14, 15]
+    parents = [-1, -1, 0, 0, 1, 3]
+    scores = [-0.1, -2.0, -0.3, -0.2, -2.1, -0.25]
+    tree = _best_subtree(tokens, parents, scores, 4)
+    assert tree.tokens == [10, 13, 12, 15]  # by depth, then score
+    assert tree.parents == [-1, 0, 0, 1]
+    assert T.first_path(tree.parents) == [0, 1, 3]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_tree_rejection_sampling_matches_the_target_distribution():
+    """Siblings tried one after another against the residual: a point-mass guess and two
+    independent draws from `q` under the root, two point masses under the first draw. The
+    first output token follows the root's `p0`, the second (after an accepted draft) `p1`."""
+    from pegboard.core.speculative.verify import accept_sampled
+    from test_speculative_sampling import CRITICAL_DF4, chi_square
+
+    p0 = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.1])
+    p1 = torch.tensor([0.1, 0.2, 0.2, 0.2, 0.3])
+    q = torch.tensor([0.1, 0.1, 0.6, 0.1, 0.1])
+    target = torch.stack([p0, p1, p1, p1, p1, p1])  # row n: node n (0: the last token)
+    eye = torch.eye(5)
+    gen = torch.Generator().manual_seed(0)
+    first, second = collections.Counter(), collections.Counter()
+    accepted = 0
+    for _ in range(12000):
+        a, b = (int(torch.multinomial(q, 1, generator=gen)) for _ in range(2))
+        drafts = Drafts([1, a, b, 0, 4], parents=[-1, -1, -1, 1, 1],
+                        probs=torch.stack([eye[1], q, q, eye[0], eye[4]]))  # fmt: skip
+        v = accept_sampled(target, drafts, gen)
+        first[v.tokens[0]] += 1
+        if v.path:
+            second[v.tokens[1]] += 1
+        accepted += len(v.path)
+    assert chi_square(first, p0) < CRITICAL_DF4
+    assert chi_square(second, p1) < CRITICAL_DF4
+    assert accepted > 6000
