@@ -210,6 +210,27 @@ def test_target_as_its_own_draft_is_always_accepted(case):
     assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
 
 
+def test_a_random_weight_target_is_its_own_perfect_draft(case, tmp_path):
+    """`--load-format dummy`: the draft draws the same random weights from the same config
+    (the `spec-perfect` benchmark on Llama-3.1-8B's config relies on it)."""
+    import shutil
+
+    model_dir, prompts, _ = case
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(model_dir / "config.json", config_only / "config.json")
+    options = {"draft": {"model_path": str(config_only), "num_draft_tokens": 3}}
+    plain, _ = generate(config_only, prompts, load_format="dummy")
+    outs, stats = generate(
+        config_only, prompts, load_format="dummy", speculator="draft", plugin_options=options
+    )
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    assert _parse("--draft-load-format", "dummy")["plugin_options"]["draft"] == {
+        "load_format": "dummy"
+    }
+
+
 @pytest.mark.parametrize("settings", SETTINGS[:3])
 def test_other_draft_model_greedy_equals_transformers(case, tmp_path_factory, settings):
     model_dir, prompts, reference = case

@@ -7,12 +7,17 @@ request's tokens (the longest common prefix keeps its KV: accepted drafts stay, 
 are recomputed), feeds what the draft has not seen, then drafts k tokens one forward each.
 Greedy requests draft by argmax (a point mass); sampling requests draft by sampling the
 draft's temperature distribution and hand it over for rejection sampling.
+
+With the target's random weights (`--load-format dummy`) the draft's are random too, drawn the
+same way: the target's own config directory as the draft gives a perfect draft (benchmarks of
+the verify's overhead on real configs without their weights).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 import torch
@@ -34,6 +39,11 @@ class DraftOptions(pydantic.BaseModel):
     )
     attention: str = pydantic.Field(
         "auto", description="the draft's attention backend: torch, triton, auto (triton on CUDA)"
+    )
+    load_format: Literal["auto", "dummy"] | None = pydantic.Field(
+        None,
+        description="the draft's weights: auto (its checkpoint), dummy (random, drawn as the "
+        "target's: the same config makes the same weights); default: the target's",
     )
 
 
@@ -68,7 +78,10 @@ class DraftModelSpeculator(Speculator):
         if not o.model_path:
             raise ValueError("the draft speculator needs model_path (--draft-model-path)")
         dtype = str(ctx.model.dtype).removeprefix("torch.") if ctx.model else "auto"
-        self.runner = ModelRunner(o.model_path, dtype, str(ctx.device), None, progress=False)
+        load_format = o.load_format or ctx.engine.get("load_format") or "auto"
+        self.runner = ModelRunner(
+            o.model_path, dtype, str(ctx.device), None, progress=False, load_format=load_format
+        )
         self.page_size = int(ctx.engine.get("page_size") or 16)
         num_pages = -(-o.kv_cache_tokens // self.page_size)
         pool = KVPool.allocate(self.runner.info, num_pages, self.page_size)
