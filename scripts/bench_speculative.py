@@ -168,8 +168,6 @@ def main() -> None:
             before = llm.engine.speculation.stats()
             spec, result[name] = run(llm, prompts, params, args.batch_size)
             report = llm.engine.speculation.report(before)
-            switch = llm.engine.speculation.switch
-            report["switch_off_steps"] = switch.num_off_steps
             result[name]["speculation"] = report
         plain_step = result["plain"]["elapsed_s"] / max(result["plain"]["steps"], 1)
         spec_step = result[name]["elapsed_s"] / max(result[name]["steps"], 1)

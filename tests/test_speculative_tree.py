@@ -294,3 +294,57 @@ def test_tree_rejection_sampling_matches_the_target_distribution():
     assert chi_square(first, p0) < CRITICAL_DF4
     assert chi_square(second, p1) < CRITICAL_DF4
     assert accepted > 6000
+
+
+def test_engine_sampling_with_tree_drafts_matches_plain_sampling(tiny_llama_dir):
+    """End to end: 400 seeded requests at temperature 0.3 with tree drafts (the greedy
+    continuation and a wrong sibling per depth, point masses) and without; the third output
+    token has the same distribution (two-sample chi-square over the 6 most common tokens and
+    the rest)."""
+    from test_engine_parity import hf_reference
+
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18]
+    greedy = hf_reference(tiny_llama_dir, [prompt], 3)[0][0]
+    n = 400
+
+    def third_tokens(plugins=None, **settings):
+        params = [SamplingParams(max_tokens=3, temperature=0.3, seed=1000 * i) for i in range(n)]
+        with LLM(str(tiny_llama_dir), dtype="float32", device="cpu", plugins=plugins,
+                 attention="torch", speculative_min_accept_rate=0.0, **settings) as llm:  # fmt: skip
+            outs = llm.generate([prompt] * n, params)
+            return collections.Counter(o.token_ids[2] for o in outs), llm.engine.speculation.stats()
+
+    plain, _ = third_tokens()
+    spec, stats = third_tokens(tree_plugins({tuple(prompt): greedy}), speculator="tree_oracle")
+    assert stats["spec_accepted_tokens"] > n // 10
+    top = [t for t, _ in (plain + spec).most_common(6)]
+    bins = [(plain[t], spec[t]) for t in top]
+    bins.append((n - sum(a for a, _ in bins), n - sum(b for _, b in bins)))
+    stat = sum((a - b) ** 2 / (a + b) for a, b in bins if a + b)  # equal sample sizes
+    assert stat < 22.46  # chi-square, 6 degrees of freedom, p = 0.001
+
+
+def test_tree_speculators_conform():
+    from pegboard.plugins.speculative.ngram import NgramSpeculator
+    from pegboard.sdk.testing import ConformanceError, check_speculator
+
+    check_speculator(NgramSpeculator, {"topk": 3, "num_steps": 3, "num_draft_tokens": 7})
+
+    class Orphans(Speculator):
+        name = "orphans"
+
+        def propose(self, requests, max_tokens):
+            return [Drafts([1, 2], parents=[1, -1]) if k >= 2 else Drafts([]) for k in max_tokens]
+
+    with pytest.raises(ConformanceError, match="parent's index"):
+        check_speculator(Orphans)
+
+
+def test_the_core_refuses_a_tree_with_a_parent_after_its_child():
+    from pegboard.core.speculative.step import DraftViolation, check_drafts
+    from pegboard.sdk.types import Request
+
+    r = Request([1, 2, 3])
+    with pytest.raises(DraftViolation, match="parent index"):
+        check_drafts([Drafts([4, 5], parents=[1, -1])], [r], [2], 512)
+    assert check_drafts([Drafts([4, 5], parents=[-1, -1])], [r], [2], 512)[0].parents == [-1, -1]

@@ -333,7 +333,8 @@ class Speculation:
 
     def report(self, since: dict[str, float]) -> dict[str, float]:
         """The figures since an earlier `stats()` (`bench offline`): verify steps, draft and
-        accepted tokens, acceptance rate and length (tokens per verify step)."""
+        accepted tokens, acceptance rate and length (tokens per verify step), and the steps
+        the on/off switch ran without drafts."""
         now = self.stats()
         n = now["spec_verify_steps"] - since["spec_verify_steps"]
         drafts = now["spec_draft_tokens"] - since["spec_draft_tokens"]
@@ -345,6 +346,7 @@ class Speculation:
             "accepted_tokens": accepted,
             "accept_rate": round(accepted / drafts, 4) if drafts else 0.0,
             "accept_length": round((accepted + n) / n, 3) if n else 0.0,
+            "switch_off_steps": now["spec_switch_off_steps"] - since["spec_switch_off_steps"],
         }
 
     def stats(self) -> dict[str, float]:
@@ -357,6 +359,7 @@ class Speculation:
             "spec_accepted_tokens": self.num_accepted,
             "spec_accept_length": (self.num_accepted + n) / n if n else 0.0,
             "spec_accept_rate": self.num_accepted / self.num_drafts if self.num_drafts else 0.0,
+            "spec_switch_off_steps": self.switch.num_off_steps,  # steps the switch ran plain
         }
 
 
