@@ -112,14 +112,14 @@ PY
           | tee -a "$OUT/flashinfer-tests.log" ;;
     spec-ngram) # n-gram speculation on vs off at batch 1: extractive prompts on the bundled SmolLM2
         # (real weights; skipped if it cannot be materialised here), then repeated phrases on
-        # random Qwen3-0.6B weights; chain (triton) and a 3-branch tree (torch, both sides)
+        # random Qwen3-0.6B weights; chain and a 3-branch tree (Triton's tree mask)
         SB="python3 scripts/bench_speculative.py --speculative-algorithm NGRAM --speculative-num-steps 4"
         timeout 70 $SB --extractive --max-tokens 256 >"$OUT/spec-ngram-smollm2.json" \
           2>"$OUT/spec-ngram-smollm2.err"; tail -28 "$OUT/spec-ngram-smollm2.json"
         timeout 50 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
           >"$OUT/spec-ngram-qwen3.json" 2>"$OUT/spec-ngram-qwen3.err"; tail -28 "$OUT/spec-ngram-qwen3.json"
         timeout 50 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
-          --speculative-eagle-topk 3 --attention torch >"$OUT/spec-ngram-tree.json" \
+          --speculative-eagle-topk 3 >"$OUT/spec-ngram-tree.json" \
           2>"$OUT/spec-ngram-tree.err"; tail -28 "$OUT/spec-ngram-tree.json" ;;
     spec-perfect) # Llama-3.1-8B config, random weights, batch 1: drafts = the plain run's tokens
         # (free and perfect: the verify's own cost, ideally 5x tokens per step at k = 4), then

@@ -191,7 +191,7 @@ class Speculation:
         if not self._tree_fallback_logged:
             log.warning(
                 "the %s attention backend has no tree mask: tree drafts are cut to their first "
-                "path (use --attention torch to verify trees)",
+                "path (the torch and triton backends verify whole trees)",
                 type(self.engine.runner.attention).__name__,
             )
             self._tree_fallback_logged = True
