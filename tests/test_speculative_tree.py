@@ -256,17 +256,21 @@ def test_eagle1_tree_is_lossless(case, tmp_path):
     assert stats["spec_draft_tokens"] > 0
 
 
-def test_eagle_tree_keeps_the_best_scoring_nodes_parents_first():
-    from pegboard.plugins.speculative.eagle import _best_subtree
+def test_a_draft_tree_keeps_the_greedy_chain_and_the_best_nodes_parents_first():
+    from pegboard.plugins.speculative.tree_search import DraftTree
 
-    #        0(-0.1)  1(-2.0)        children of 0: 2(-0.3) 3(-0.2); of 1: 4(-2.1); of 3: 5(-0.25)
-    tokens = [10, 11, 12, 13, 14, 15]
-    parents = [-1, -1, 0, 0, 1, 3]
-    scores = [-0.1, -2.0, -0.3, -0.2, -2.1, -0.25]
-    tree = _best_subtree(tokens, parents, scores, 4)
-    assert tree.tokens == [10, 13, 12, 15]  # by depth, then score
-    assert tree.parents == [-1, 0, 0, 1]
-    assert T.first_path(tree.parents) == [0, 1, 3]
+    tree = DraftTree(topk=2)
+    a, b = tree.add_children(-1, [-0.1, -2.0], [10, 11])  # a: the greedy token
+    a1, a2 = tree.add_children(a, [-3.0, -3.5], [12, 13])  # unsure after a
+    b1, b2 = tree.add_children(b, [-0.01, -5.0], [14, 15])  # sure after b: scores -2.01, -7
+    assert tree.frontier([a1, a2, b1, b2]) == [a1, b1]  # a1 (greedy chain) despite its -3.1
+    (a1x,) = tree.add_children(a1, [-0.2], [16])
+    drafts = tree.drafts(4)  # greedy chain a, a1, a1x; then the best other node: b (-2.0)
+    assert drafts.tokens == [10, 11, 12, 16] and drafts.parents == [-1, -1, 0, 2]
+    assert T.first_path(drafts.parents) == [0, 2, 3]  # the greedy chain
+    drafts = tree.drafts(5)  # then b1 (-2.01), before a1 at its depth
+    assert drafts.tokens == [10, 11, 14, 12, 16] and drafts.parents == [-1, -1, 1, 0, 3]
+    assert T.first_path(drafts.parents) == [0, 3, 4]
 
 
 # ---------------------------------------------------------------- sampling

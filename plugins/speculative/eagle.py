@@ -16,12 +16,9 @@ The embedding is the target's (`embed_tokens` in the head's checkpoint, if prese
 The head keeps its own KV per request (`request.plugin_state["eagle"]`): real entries for
 every target position it has seen, plus this step's draft positions, dropped next step.
 
-With `topk` > 1 the head drafts a tree (EAGLE-2): the `topk` best tokens after the context,
-then per depth the `topk` best-scoring nodes (score: the sum of the draft's log-probabilities
-along the path) are expanded into their `topk` best children each, for `num_steps` depths;
-the `num_draft_tokens` best-scoring nodes whose parents are kept form the tree, a node's
-children ordered by score (the first path is the head's greedy guess where it survives).
-Expanded nodes attend to the real entries, their ancestors and themselves.
+With `topk` > 1 the head drafts a tree (EAGLE-2, `tree_search.DraftTree`): best-first by the
+head's confidence, `num_steps` deep, `num_draft_tokens` nodes, the greedy chain as its first
+path. Expanded nodes attend to the real entries, their ancestors and themselves.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ from pegboard.core.models.config import RopeConfig
 from pegboard.core.models.layers import RMSNorm
 from pegboard.core.models.rope import RotaryEmbedding
 from pegboard.core.speculative.hidden import FEATURES_KEY
+from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.slots import PluginContext, Speculator
 from pegboard.sdk.types import Drafts, Request
 from torch import nn
@@ -173,11 +171,13 @@ class EagleSpeculator(Speculator):
 
 
 def draft_tree(head, state, last, pos: int, topk: int, depth: int, limit: int) -> Drafts:
-    """EAGLE-2's draft tree (see the module docstring) from the head output `last` `[1, H]`
-    at the context's last position `pos`."""
+    """EAGLE-2's draft tree (`tree_search`) from the head output `last` `[1, H]` at the
+    context's last position `pos`; expanded nodes attend to the real entries and their
+    ancestors."""
+    tree = DraftTree(topk)
     values, ids = head.draft_topk(last, topk)
-    tokens, parents, scores = ids[0].tolist(), [-1] * topk, values[0].tolist()
-    frontier, inputs = list(range(topk)), last.expand(topk, -1)
+    frontier = tree.add_children(-1, values[0].tolist(), ids[0].tolist())
+    inputs = last.expand(topk, -1)
     row_of: dict[int, int] = {}  # expanded node -> its row among the head's draft entries
     for d in range(2, depth + 1):
         before = len(state.positions) - state.real
@@ -187,39 +187,18 @@ def draft_tree(head, state, last, pos: int, topk: int, depth: int, limit: int) -
             a = f
             while a >= 0:
                 mask[j, row_of[a]] = True
-                a = parents[a]
-        out = head.step(inputs, [tokens[f] for f in frontier], [pos + d - 1] * len(frontier),
+                a = tree.parents[a]
+        out = head.step(inputs, [tree.tokens[f] for f in frontier], [pos + d - 1] * len(frontier),
                         state, first=False, tree_mask=mask.to(last.device))  # fmt: skip
         values, ids = head.draft_topk(out, topk)
-        start = len(tokens)
+        new, parent_row = [], {}
         for j, f in enumerate(frontier):
-            tokens.extend(ids[j].tolist())
-            parents.extend([f] * topk)
-            scores.extend((values[j] + scores[f]).tolist())
-        best = sorted(range(start, len(tokens)), key=lambda i: -scores[i])[:topk]
-        frontier = best
-        inputs = out[torch.tensor([(i - start) // topk for i in best], device=out.device)]
-    return _best_subtree(tokens, parents, scores, limit)
-
-
-def _best_subtree(tokens: list[int], parents: list[int], scores: list[float], limit: int):
-    """The `limit` best-scoring nodes whose parents are kept, parents first, each node's
-    children by score."""
-    depth = [0] * len(tokens)
-    for i, p in enumerate(parents):
-        depth[i] = 1 if p < 0 else depth[p] + 1
-    kept: set[int] = set()
-    for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], depth[i])):
-        if len(kept) == limit:
-            break
-        if parents[i] < 0 or parents[i] in kept:
-            kept.add(i)
-    order = sorted(kept, key=lambda i: (depth[i], -scores[i]))
-    index = {old: new for new, old in enumerate(order)}
-    return Drafts(
-        [tokens[i] for i in order], parents=[index[parents[i]] if parents[i] >= 0 else -1
-                                             for i in order]
-    )  # fmt: skip
+            for i in tree.add_children(f, values[j].tolist(), ids[j].tolist()):
+                new.append(i)
+                parent_row[i] = j
+        frontier = tree.frontier(new)
+        inputs = out[torch.tensor([parent_row[i] for i in frontier], device=out.device)]
+    return tree.drafts(limit)
 
 
 class HeadCache:
