@@ -325,10 +325,12 @@ class ForwardBatch:
     #: request's last token and its draft tokens, every other sampling request's last token),
     #: replacing the one row per sampling request of `logits_indices`. None otherwise.
     logits_rows: torch.Tensor | None = None
-    #: With tree speculation: per request, None (causal) or a bool `[n, n]` CPU tensor over its
-    #: last `n` query tokens (a draft tree): `[i, j]` says token `i` may attend to token `j` (its
-    #: ancestors and itself); the keys before those `n` stay visible to them. Only backends
-    #: with `supports_tree_mask = True` get such a batch. None: every request is causal.
+    #: With tree speculation: per request, None (causal) or a bool `[n, m]` CPU tensor (m >= n):
+    #: row `i` says which of the request's last `m` keys its `i`-th of the last `n` query tokens
+    #: may attend to (a draft tree's ancestors and itself; the `n` query tokens are the last `n`
+    #: of those keys, the rest are cached; none sees a key after its own). Keys before those `m`
+    #: stay visible to them. Only
+    #: backends with `supports_tree_mask = True` get such a batch. None: every request causal.
     tree_masks: list[torch.Tensor | None] | None = None
     #: `page_tables_cpu` as one zero-padded int32 numpy array `[num_requests, max pages]`,
     #: kept incrementally by the core (`pegboard.core.page_tables`); None: not provided.

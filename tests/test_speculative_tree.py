@@ -367,7 +367,9 @@ def test_the_core_refuses_a_tree_with_a_parent_after_its_child():
         # block's shared phase holds tree keys too
         pytest.param(
             [5, 9, 2], [42, 4, 1], [[-1] + list(range(40)), [-1, -1, 0], None], id="two-blocks"
-        ),  # fmt: skip
+        ),
+        # [n, m] masks reaching into the cached keys (a draft model's incremental tree)
+        pytest.param([9, 12], [3, 5], [(3, 7), (4, 9)], id="over-cached-keys"),
     ],
 )
 def test_triton_extend_kernel_applies_the_tree_mask(cached, new, trees):
@@ -379,12 +381,19 @@ def test_triton_extend_kernel_applies_the_tree_mask(cached, new, trees):
 
     rng = random.Random(0)
     masks = []
+    gen = torch.Generator().manual_seed(1)
     for parents in trees:
         if parents is None:
             masks.append(None)
-            continue
-        parents = [p if p < 0 else rng.randrange(-1, i) for i, p in enumerate(parents)]
-        masks.append(T.ancestor_mask(parents))
+        elif isinstance(parents, tuple):  # a random causal [n, m] mask, each row seeing itself
+            n, m = parents
+            mask = torch.rand(n, m, generator=gen) < 0.5
+            mask &= torch.ones(n, m, dtype=torch.bool).tril(m - n)  # no key after the row's own
+            mask[torch.arange(n), m - n + torch.arange(n)] = True
+            masks.append(mask)
+        else:
+            parents = [p if p < 0 else rng.randrange(-1, i) for i, p in enumerate(parents)]
+            masks.append(T.ancestor_mask(parents))
     case = make_case(cached, new, page_size=4, seed=5)
     causal, _ = run(TorchAttentionBackend, case)
     case.batch.tree_masks = masks

@@ -129,12 +129,12 @@ def _apply_tree_masks(
     mask: torch.Tensor, trees: list[torch.Tensor | None], query_lens: list[int], seq_lens: list[int]
 ) -> None:
     """Speculative draft trees (`ForwardBatch.tree_masks`): a request's last `n` query rows see
-    the keys before those `n` tokens, then only their ancestors and themselves."""
+    the keys before its last `m`, then of those only what its `[n, m]` tree mask allows."""
     for b, tree in enumerate(trees):
         if tree is None:
             continue
-        n, q, s = tree.shape[0], query_lens[b], seq_lens[b]
-        mask[b, 0, q - n : q, s - n : s] = tree
+        (n, m), q, s = tree.shape, query_lens[b], seq_lens[b]
+        mask[b, 0, q - n : q, s - m : s] = tree
 
 
 class TorchAttention(Attention):

@@ -264,15 +264,15 @@ def _require_runtime(device: torch.device) -> None:
 def _tree_metadata(
     trees: list[torch.Tensor | None], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The extend kernel's tree inputs: int32 `[B, 2]` (tree tokens, offset of the mask) and
-    the masks as one flat int8 tensor; None when no request has a tree."""
+    """The extend kernel's tree inputs: int32 `[B, 3]` (the mask's rows `n` and columns `m`,
+    its offset) and the masks as one flat int8 tensor; None when no request has a tree."""
     if all(t is None for t in trees):
         return None
-    meta = np.zeros((len(trees), 2), dtype=np.int32)
+    meta = np.zeros((len(trees), 3), dtype=np.int32)
     bits, offset = [], 0
     for b, tree in enumerate(trees):
         if tree is not None:
-            meta[b] = (tree.shape[0], offset)
+            meta[b] = (tree.shape[0], tree.shape[1], offset)
             bits.append(tree.reshape(-1).to(torch.int8))
             offset += tree.numel()
     return (

@@ -14,10 +14,10 @@ tokens, with the causal mask (query at position `p` sees keys `0 .. p`). The ste
 and values must already be in the pool (`store_kv` runs first), so both phases read one
 paged source.
 
-Speculative draft trees (`TREE`): a request's last `n` new tokens may form a tree whose
-`[n, n]` ancestor mask (int8, row-major, at `tree_meta[req, 1]` in `tree_bits`; `n` at
-`tree_meta[req, 0]`, 0 for none) further restricts which of those tokens each of them sees,
-in both phases (a tree longer than a query block reaches into the shared phase).
+Speculative draft trees (`TREE`): a request's last `n` new tokens may carry an `[n, m]` mask
+over its last `m` keys (int8, row-major, at `tree_meta[req, 2]` in `tree_bits`; `n`, `m` at
+`tree_meta[req, 0:2]`, 0 for none) that further restricts which of those keys each of them
+sees, in both phases (a tree longer than a query block reaches into the shared phase).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def _attend_tile(
     offs_d,
     d_mask,
     tree_bits,
-    tree_start,
+    tree_q,
+    tree_k,
     tree_n,
+    tree_m,
     CAUSAL: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -63,7 +65,7 @@ def _attend_tile(
 ):
     """One online-softmax update of `acc`, `m_i`, `l_i` with keys `tile .. tile + BLOCK_N`
     below `limit` (and, when `CAUSAL`, at most each row's position; with `TREE`, where both
-    the row and the key are tree tokens, only the key's bit in the row's ancestor mask)."""
+    the row and the key are in the request's tree mask, only the key's bit in the row's)."""
     toks = tile + offs_n
     n_mask = toks < limit
     pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -92,15 +94,15 @@ def _attend_tile(
     if CAUSAL:
         visible = visible & (toks[None, :] <= q_pos[:, None])
     if TREE:
-        q_rel = q_pos - tree_start
-        k_rel = toks - tree_start
+        q_rel = q_pos - tree_q
+        k_rel = toks - tree_k
         in_tree = (
             (q_rel[:, None] >= 0)
             & (q_rel[:, None] < tree_n)
             & (k_rel[None, :] >= 0)
             & n_mask[None, :]
         )
-        bits = tl.load(tree_bits + q_rel[:, None] * tree_n + k_rel[None, :], mask=in_tree, other=1)
+        bits = tl.load(tree_bits + q_rel[:, None] * tree_m + k_rel[None, :], mask=in_tree, other=1)
         visible = visible & (bits != 0)
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -154,11 +156,14 @@ def _extend_kernel(
     prefix = tl.load(Prefix_lens + req)
     seq_len = prefix + q_len
     tree_n = 0
+    tree_m = 0
     tree_bits = Tree_bits
     if TREE:
-        tree_n = tl.load(Tree_meta + 2 * req)
-        tree_bits = Tree_bits + tl.load(Tree_meta + 2 * req + 1).to(tl.int64)
-    tree_start = seq_len - tree_n
+        tree_n = tl.load(Tree_meta + 3 * req)
+        tree_m = tl.load(Tree_meta + 3 * req + 1)
+        tree_bits = Tree_bits + tl.load(Tree_meta + 3 * req + 2).to(tl.int64)
+    tree_q = seq_len - tree_n  # the first query and key positions the mask covers
+    tree_k = seq_len - tree_m
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -185,14 +190,14 @@ def _extend_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, tile, shared_end, q_pos, pages_row, K_cache, V_cache, kv_head,
             qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, tree_bits, tree_start, tree_n, CAUSAL=False,
+            offs_n, offs_d, d_mask, tree_bits, tree_q, tree_k, tree_n, tree_m, CAUSAL=False,
             PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION, TREE=TREE,
         )  # fmt: skip
     for tile in range(shared_end, block_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, tile, block_end, q_pos, pages_row, K_cache, V_cache, kv_head,
             qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, tree_bits, tree_start, tree_n, CAUSAL=True,
+            offs_n, offs_d, d_mask, tree_bits, tree_q, tree_k, tree_n, tree_m, CAUSAL=True,
             PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION, TREE=TREE,
         )  # fmt: skip
 
@@ -255,8 +260,8 @@ def extend_attention(
     new-token counts (cu_seqlens); `block_map`: int32 `[>= num_blocks, 2]` from
     `build_block_map` with `tokens_per_block(group, block_m)`. The default tiles (64 query
     rows, 32 keys, 4 warps, 3 stages) were the fastest of a sweep on the H100 at head size 128.
-    Draft trees: `tree_meta` int32 `[>= B, 2]` (tree tokens at the end of each request's new
-    tokens, offset of its mask) and `tree_bits` int8 (the masks, see the module docstring).
+    Draft trees: `tree_meta` int32 `[>= B, 3]` (each request's mask rows and columns, its
+    offset) and `tree_bits` int8 (the masks, see the module docstring).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
