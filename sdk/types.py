@@ -329,8 +329,8 @@ class ForwardBatch:
     #: row `i` says which of the request's last `m` keys its `i`-th of the last `n` query tokens
     #: may attend to (a draft tree's ancestors and itself; the `n` query tokens are the last `n`
     #: of those keys, the rest are cached; none sees a key after its own). Keys before those `m`
-    #: stay visible to them. Only
-    #: backends with `supports_tree_mask = True` get such a batch. None: every request causal.
+    #: stay visible to them. Only backends with `supports_tree_mask = True` get such a batch.
+    #: None: every request is causal.
     tree_masks: list[torch.Tensor | None] | None = None
     #: `page_tables_cpu` as one zero-padded int32 numpy array `[num_requests, max pages]`,
     #: kept incrementally by the core (`pegboard.core.page_tables`); None: not provided.
