@@ -377,10 +377,12 @@ def test_sglang_tree_flags_set_topk_depth_and_tree_size():
     assert s["speculative_min_accept_rate"] == 0.3
 
 
-def test_standalone_drafts_with_topk_are_refused():
-    with pytest.raises(ValueError, match="STANDALONE drafts chains"):
-        _parse("--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", "/d",
-               "--speculative-eagle-topk", "2")  # fmt: skip
+def test_standalone_tree_flags():
+    s = _parse("--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", "/d",
+               "--speculative-eagle-topk", "2", "--speculative-num-steps", "3")  # fmt: skip
+    assert s["plugin_options"]["draft"] == {
+        "model_path": "/d", "topk": 2, "num_steps": 3, "num_draft_tokens": 6,
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------- metrics

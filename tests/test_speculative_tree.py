@@ -273,6 +273,50 @@ def test_a_draft_tree_keeps_the_greedy_chain_and_the_best_nodes_parents_first():
     assert T.first_path(drafts.parents) == [0, 3, 4]
 
 
+def test_target_as_its_own_tree_draft_accepts_the_whole_first_path(case):
+    """The target drafts trees for itself: the greedy chain is each tree's first path, so
+    every token of it is accepted (and none of the other branches)."""
+    model_dir, prompts, reference = case
+    options = {"draft": {"model_path": str(model_dir), "topk": 2, "num_steps": 3,
+                         "num_draft_tokens": 5}}  # fmt: skip
+    first_path = []
+    from pegboard.plugins.speculative.draft import DraftModelSpeculator
+
+    original = DraftModelSpeculator._propose_trees
+
+    def spy(self, *args):
+        out = original(self, *args)
+        first_path.extend(len(T.first_path(d.parents)) for d in out if d.tokens)
+        return out
+
+    DraftModelSpeculator._propose_trees = spy
+    try:
+        outs, stats = generate(
+            model_dir, prompts, speculator="draft", attention="torch", plugin_options=options
+        )
+    finally:
+        DraftModelSpeculator._propose_trees = original
+    assert_same(outs, reference)
+    assert stats["spec_accepted_tokens"] == sum(first_path) > 0
+    assert stats["spec_draft_tokens"] > stats["spec_accepted_tokens"]
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:3])
+def test_other_draft_model_trees_are_lossless(case, tmp_path_factory, settings):
+    from fixtures import build_tiny_model
+
+    model_dir, prompts, reference = case
+    draft = build_tiny_model(tmp_path_factory.mktemp("draft"), "llama", seed=1, num_hidden_layers=1)
+    options = {"draft": {"model_path": str(draft), "topk": 3, "num_steps": 3,
+                         "num_draft_tokens": 7}}  # fmt: skip
+    outs, stats = generate(
+        model_dir, prompts, speculator="draft", attention="torch", plugin_options=options,
+        **settings,
+    )  # fmt: skip
+    assert_same(outs, reference)
+    assert stats["spec_draft_tokens"] > 0
+
+
 # ---------------------------------------------------------------- sampling
 
 
@@ -333,11 +377,14 @@ def test_engine_sampling_with_tree_drafts_matches_plain_sampling(tiny_llama_dir)
     assert stat < 22.46  # chi-square, 6 degrees of freedom, p = 0.001
 
 
-def test_tree_speculators_conform():
+def test_tree_speculators_conform(tiny_llama_dir):
+    from pegboard.plugins.speculative.draft import DraftModelSpeculator
     from pegboard.plugins.speculative.ngram import NgramSpeculator
     from pegboard.sdk.testing import ConformanceError, check_speculator
 
     check_speculator(NgramSpeculator, {"topk": 3, "num_steps": 3, "num_draft_tokens": 7})
+    options = {"model_path": str(tiny_llama_dir), "topk": 2, "num_steps": 3, "attention": "torch"}
+    check_speculator(DraftModelSpeculator, options, vocab_size=512, rounds=15)
 
     class Orphans(Speculator):
         name = "orphans"

@@ -7,8 +7,9 @@
 --speculative-num-steps N           -> N draft tokens per step (a chain of N); with
                                        --speculative-eagle-topk > 1: the tree's depth
 --speculative-num-draft-tokens N    -> N - 1 draft tokens per step (N tokens verified)
---speculative-eagle-topk K          -> K > 1: draft trees (EAGLE: top-K per expanded node,
-                                       K nodes expanded per depth; NGRAM: K continuations)
+--speculative-eagle-topk K          -> K > 1: draft trees (EAGLE, STANDALONE: top-K per
+                                       expanded node, K nodes expanded per depth; NGRAM: K
+                                       continuations)
 --speculative-disable-by-batch-size N, --speculative-min-accept-rate R
                                     -> steps without drafts (core/speculative/switch.py)
 """
@@ -43,7 +44,7 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
         "--speculative-eagle-topk",
         type=_positive,
         metavar="K",
-        help="branches per draft-tree node (1: chains; NGRAM, EAGLE, EAGLE3)",
+        help="branches per draft-tree node (1: chains)",
     )
     g.add_argument(
         "--speculative-disable-by-batch-size",
@@ -78,8 +79,6 @@ def speculative_settings(args: argparse.Namespace, settings: dict[str, Any]) -> 
     topk = args.speculative_eagle_topk or 1
     steps = args.speculative_num_steps
     if topk > 1:
-        if name == "draft":
-            raise ValueError("STANDALONE drafts chains: --speculative-eagle-topk must be 1")
         options["topk"] = topk
         if steps is not None:
             options["num_steps"] = steps
