@@ -83,3 +83,14 @@ def test_torch_backend_on_cuda_verifies_trees(gpu_case):
     outs, stats = run(model_dir, prompts, pm, speculator="tree_oracle", attention="torch")
     assert outs == plain
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_triton_target_as_its_own_tree_draft_is_lossless(gpu_case):
+    """Draft-model trees on CUDA: the draft's [n, m] masks and the target's tree verify run
+    in the Triton extend kernel."""
+    model_dir, prompts, plain = gpu_case
+    options = {"draft": {"model_path": str(model_dir), "topk": 2, "num_steps": 3,
+                         "num_draft_tokens": 5}}  # fmt: skip
+    outs, stats = run(model_dir, prompts, speculator="draft", plugin_options=options)
+    assert outs == plain
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
