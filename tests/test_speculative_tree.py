@@ -460,3 +460,17 @@ def test_tree_drafts_through_the_triton_backend_equal_plain_decoding(case):
     outs, stats = generate(model_dir, prompts, pm, speculator="tree_oracle", attention="triton")
     assert_same(outs, reference)
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_tree_kv_compaction_in_an_fp8_pool(case):
+    """FP8 KV (its bytes are moved): tree speculation equals plain decoding with the same pool."""
+    model_dir, prompts, _ = case
+    plain, _ = generate(model_dir, prompts, kv_cache_dtype="fp8_e4m3")
+    reference = [o.token_ids for o in plain]
+    pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, right_first=False)
+    outs, stats = generate(
+        model_dir, prompts, pm, speculator="tree_oracle", attention="torch",
+        kv_cache_dtype="fp8_e4m3",
+    )  # fmt: skip
+    assert_same(outs, reference)
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
