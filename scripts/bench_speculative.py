@@ -25,6 +25,7 @@ those tokens plus one (every draft rejected: speculation's worst case).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import time
@@ -150,6 +151,8 @@ def main() -> None:
         result["prompts"] = len(prompts)
         run(llm, prompts[:1], params, 1)  # warm-up
         plain, result["plain"] = run(llm, prompts, params, args.batch_size)
+    del llm  # its weights and KV go before the next engine's are allocated
+    gc.collect()
     plugins = None
     if args.oracle:
         Oracle.completions = {tuple(q): o.token_ids for q, o in zip(prompts, plain)}
@@ -169,6 +172,8 @@ def main() -> None:
             spec, result[name] = run(llm, prompts, params, args.batch_size)
             report = llm.engine.speculation.report(before)
             result[name]["speculation"] = report
+        del llm
+        gc.collect()
         plain_step = result["plain"]["elapsed_s"] / max(result["plain"]["steps"], 1)
         spec_step = result[name]["elapsed_s"] / max(result[name]["steps"], 1)
         result[name]["speedup"] = round(result[name]["tok_s"] / result["plain"]["tok_s"], 3)
