@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--attention", default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest captured batch")
     p.add_argument("--oracle", choices=["perfect", "miss"], default=None)
     p.add_argument("--compare-switch", action="store_true",
                    help="also run speculation with the on/off switch disabled")  # fmt: skip
@@ -136,6 +137,8 @@ def main() -> None:
         base["attention"] = args.attention
     if args.kv_cache_tokens:
         base["kv_cache_tokens"] = args.kv_cache_tokens
+    if args.cuda_graph_max_bs is not None:
+        base["cuda_graph_max_bs"] = args.cuda_graph_max_bs
     settings = dict(base)
     speculative_settings(args, settings)
     for flag in ("speculative_disable_by_batch_size", "speculative_min_accept_rate"):
