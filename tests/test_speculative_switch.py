@@ -127,3 +127,12 @@ def test_disable_by_batch_size(case, limit, drafted):
     )
     assert_same(outs, reference)
     assert (stats["spec_draft_tokens"] > 0) == drafted
+
+
+def test_a_reset_turns_drafting_back_on_with_a_fresh_cooldown():
+    sw = SpeculationSwitch(None, min_accept_rate=0.2)
+    for _ in range(2 * S.MIN_SAMPLES):
+        sw.record(drafted=8, accepted=0)
+    assert not sw.on
+    sw.reset()  # a swap to another speculator
+    assert sw.on and sw.allows(1) and sw._cooldown == S.COOLDOWN

@@ -175,6 +175,7 @@ class Speculation:
         states it asks for; once per speculator (again after a swap)."""
         if speculator is self._bound:
             return
+        self.switch.reset()  # a new speculator gets a fresh chance
         if self._hidden is not None:
             self._hidden.remove()
             self._hidden = None

@@ -41,6 +41,12 @@ class SpeculationSwitch:
         self.num_off_steps = 0
         self.num_turned_off = 0
 
+    def reset(self) -> None:
+        """Forget the acceptance seen so far (another speculator was swapped in)."""
+        self._window.clear()
+        self._off_for = 0
+        self._cooldown = COOLDOWN
+
     @property
     def on(self) -> bool:
         """Whether the acceptance rule lets speculation run (the batch rule is per step)."""
