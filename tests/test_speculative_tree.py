@@ -474,3 +474,21 @@ def test_tree_kv_compaction_in_an_fp8_pool(case):
     )  # fmt: skip
     assert_same(outs, reference)
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_radix_hits_on_tree_verified_kv_give_plain_outputs(case):
+    """The radix cache keeps the pages of tree-verified tokens (their KV compacted into
+    place); prompts that extend the first outputs hit them and still decode as plain."""
+    model_dir, prompts, reference = case
+    pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, right_first=False)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    longer = [list(p) + ref[:9] for p, ref in zip(prompts, reference)]
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, speculator="tree_oracle",
+             attention="torch", kv_cache="radix", page_size=2) as llm:  # fmt: skip
+        assert_same(llm.generate(prompts, params), reference)
+        swapped = llm.swap("speculator", "ngram")  # the oracle knows only the first prompts
+        again = llm.generate(longer, params)  # its first step applies the swap
+        assert swapped.result().active == "ngram"
+    assert all(o.num_cached_tokens >= len(p) for o, p in zip(again, prompts))
+    plain, _ = generate(model_dir, longer)
+    assert [o.token_ids for o in again] == [o.token_ids for o in plain]
