@@ -458,6 +458,7 @@ class Engine:
             "max_running_requests": c.max_running_requests,
             "schedule_conservativeness": c.schedule_conservativeness,
             "seed": c.seed,
+            "load_format": c.load_format,  # a draft model of a random-weight target: random too
             "kv_cache_dtype": c.kv_cache_dtype,
             "model_name": c.model or self.model_dir.name,  # as `serve` names it by default
         }

@@ -181,15 +181,19 @@ def propose(requests: list[Request], max_tokens: list[int]) -> list[Drafts] | No
 
     Called once per step, in the engine process, after `schedule` and before `allocate_kv`,
     with the scheduled requests that decode this step (prefill chunks are not included; nor
-    are requests with penalties, whose sampler state depends on every earlier token).
+    are requests with penalties, whose sampler state depends on every earlier token). Not
+    called in steps the core runs without drafts (a large batch, low recent acceptance:
+    `pegboard.core.speculative.switch`): a speculator must not assume it sees every step.
 
     :param requests: their `token_ids` are complete (no placeholder).
     :param max_tokens: per request, the most draft tokens the core will verify this step
         (bounded by the step's token budget, the free KV pages, `max_tokens` and the context
         length); 0 means "propose nothing".
     :returns: one `pegboard.sdk.types.Drafts` per request, in order: a chain, or a tree with
-        parent indices. The core checks the result (`pegboard.core.speculative.check_drafts`):
-        one entry per request, at most `max_tokens[i]` tokens, ids in the vocabulary. A
+        parent indices (each parent before its children, the best guess as a node's first
+        child: a backend without a tree mask verifies only the first path). The core checks
+        the result (`pegboard.core.speculative.check_drafts`): one entry per request, at most
+        `max_tokens[i]` tokens, ids in the vocabulary, valid parent indices. A
         violation or an exception is an error naming the plugin, counted like other plugin
         errors; that step runs without drafts and no request fails.
     """

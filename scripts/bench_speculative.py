@@ -1,29 +1,41 @@
-"""Decode speed with and without speculative decoding on real chat prompts.
+"""Decode speed with and without speculative decoding.
 
-Runs the same prompts (chat-formatted, greedy, `--max-tokens` each) through one engine without
-speculation and one with it, `--batch-size` prompts at a time (1: batch-1 decode), and prints
-JSON: output tokens per second of each, the speed-up, the acceptance rate and length, and the
-share of completions identical to the plain run (bf16 near-ties may differ).
+Runs the same prompts (greedy, `--max-tokens` each) through one engine without speculation and
+one with it, `--batch-size` prompts at a time (1: batch-1 decode), and prints JSON: output
+tokens per second and engine steps of each, the speed-up, the acceptance rate and length, the
+cost of a speculative step relative to a plain one, and the share of completions identical to
+the plain run (bf16 near-ties may differ).
 
     python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
         --speculative-draft-model-path /tmp/eagle3-smollm2 [--model DIR] [--batch-size 1]
     python3 scripts/bench_speculative.py --speculative-algorithm NGRAM --extractive
-    python3 scripts/bench_speculative.py --speculative-algorithm STANDALONE \
-        --speculative-draft-model-path DIR --model DIR      # the target as its own draft
+    python3 scripts/bench_speculative.py --config llama-3.1-8b --oracle perfect \
+        --speculative-num-steps 4           # random weights; drafts = the plain run's tokens
+    python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
+        --compare-switch                    # every draft wrong: the switch on, then off
 
-`--extractive` asks the model to repeat and edit a given text (n-gram lookup's workload).
+Prompts are chat-formatted questions of the model's tokenizer, or with `--config NAME` (random
+weights of a bundled config, no tokenizer) random token ids, repeated phrases with
+`--extractive`. `--extractive` asks the model to repeat and edit a given text (n-gram lookup's
+workload). `--oracle perfect` drafts what the plain run generated (a perfect draft that costs
+nothing: the verify's own overhead, ideally (k + 1)x tokens per step); `--oracle miss` drafts
+those tokens plus one (every draft rejected: speculation's worst case).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import random
 import time
 
 from pegboard.core.default_model import default_model_dir
 from pegboard.core.llm import LLM
+from pegboard.core.plugin_manager import PluginManager
 from pegboard.core.speculative.flags import add_speculative_arguments, speculative_settings
-from pegboard.sdk.types import SamplingParams
+from pegboard.sdk.slots import Speculator
+from pegboard.sdk.types import Drafts, SamplingParams
 
 QUESTIONS = [
     "Explain how a refrigerator works.",
@@ -41,48 +53,136 @@ PASSAGE = (
 )
 
 
+class Oracle(Speculator):
+    """Drafts the plain run's completion of each prompt (`miss`: each token plus one)."""
+
+    name = "oracle"
+    completions: dict[tuple[int, ...], list[int]] = {}
+    num_draft_tokens = 4
+    offset = 0
+    vocab = 32000
+
+    def propose(self, requests, max_tokens):
+        out = []
+        for r, k in zip(requests, max_tokens):
+            ref = self.completions.get(tuple(r.prompt_token_ids), [])
+            done = r.num_output_tokens
+            ref = ref[done : done + min(k, self.num_draft_tokens)]
+            out.append(Drafts([(t + self.offset) % self.vocab for t in ref]))
+        return out
+
+
 def run(llm, prompts, params, batch_size):
     start = time.perf_counter()
+    steps = llm.engine.num_steps
     outs = []
     for i in range(0, len(prompts), batch_size):
         outs += llm.generate(prompts[i : i + batch_size], params)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
-    return outs, tokens / elapsed
+    return outs, {"tok_s": round(tokens / elapsed, 1), "steps": llm.engine.num_steps - steps,
+                  "elapsed_s": round(elapsed, 3)}  # fmt: skip
+
+
+def prompts_for(args, llm) -> list:
+    if args.config is None:
+        questions = QUESTIONS * args.repeat
+        if args.extractive:
+            questions = [f"Repeat this text exactly, then once more with every 'quick' replaced "
+                         f"by 'fast':\n\n{PASSAGE * 3}" for _ in questions]  # fmt: skip
+        return [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}])
+                for q in questions]  # fmt: skip
+    rng = random.Random(0)
+    vocab = min(llm.engine.info.vocab_size, 32000)
+    out = []
+    for _ in range(args.num_prompts):
+        if args.extractive:
+            phrase = [rng.randrange(vocab) for _ in range(16)]
+            out.append((phrase * (args.input_len // 16 + 1))[: args.input_len])
+        else:
+            out.append([rng.randrange(vocab) for _ in range(args.input_len)])
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
+    p.add_argument(
+        "--config", default=None, help="a bundled config (or its directory): random weights"
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="prompt list repetitions")
+    p.add_argument("--num-prompts", type=int, default=8, help="with --config")
+    p.add_argument("--input-len", type=int, default=128, help="with --config")
     p.add_argument("--extractive", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--attention", default=None)
+    p.add_argument("--kv-cache-tokens", type=int, default=None)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest captured batch")
+    p.add_argument("--oracle", choices=["perfect", "miss"], default=None)
+    p.add_argument("--compare-switch", action="store_true",
+                   help="also run speculation with the on/off switch disabled")  # fmt: skip
     add_speculative_arguments(p)
     args = p.parse_args()
-    model = args.model or str(default_model_dir())
-    settings = {}
+    base = {"device": args.device}
+    if args.config:
+        from pegboard.core.bench.models import random_weights_model_dir
+
+        model = str(random_weights_model_dir(args.config))
+        base["load_format"] = "dummy"
+    else:
+        model = args.model or str(default_model_dir())
+    if args.attention:
+        base["attention"] = args.attention
+    if args.kv_cache_tokens:
+        base["kv_cache_tokens"] = args.kv_cache_tokens
+    if args.cuda_graph_max_bs is not None:
+        base["cuda_graph_max_bs"] = args.cuda_graph_max_bs
+    settings = dict(base)
     speculative_settings(args, settings)
-    questions = QUESTIONS * args.repeat
-    if args.extractive:
-        questions = [f"Repeat this text exactly, then once more with every 'quick' replaced by "
-                     f"'fast':\n\n{PASSAGE * 3}" for _ in questions]  # fmt: skip
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=False)
-    result = {"model": model, "batch_size": args.batch_size, "prompts": len(questions)}
-    with LLM(model, device=args.device) as llm:
-        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}])
-                   for q in questions]  # fmt: skip
+    for flag in ("speculative_disable_by_batch_size", "speculative_min_accept_rate"):
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=0.0, ignore_eos=bool(args.config)
+    )
+    result = {"model": args.config or model, "batch_size": args.batch_size}
+    with LLM(model, **base) as llm:
+        prompts = prompts_for(args, llm)
+        vocab = llm.engine.info.vocab_size
+        result["prompts"] = len(prompts)
         run(llm, prompts[:1], params, 1)  # warm-up
-        plain, result["plain_tok_s"] = run(llm, prompts, params, args.batch_size)
-    with LLM(model, device=args.device, **settings) as llm:
-        run(llm, prompts[:1], params, 1)
-        before = llm.engine.speculation.stats()
-        spec, result["spec_tok_s"] = run(llm, prompts, params, args.batch_size)
-        result["speculation"] = llm.engine.speculation.report(before)
-    result["speedup"] = round(result["spec_tok_s"] / result["plain_tok_s"], 3)
-    same = [a.token_ids == b.token_ids for a, b in zip(plain, spec)]
-    result["identical_completions"] = f"{sum(same)}/{len(same)}"
+        plain, result["plain"] = run(llm, prompts, params, args.batch_size)
+    del llm  # its weights and KV go before the next engine's are allocated
+    gc.collect()
+    plugins = None
+    if args.oracle:
+        Oracle.completions = {tuple(q): o.token_ids for q, o in zip(prompts, plain)}
+        Oracle.num_draft_tokens = args.speculative_num_steps or 4
+        Oracle.offset = 1 if args.oracle == "miss" else 0
+        Oracle.vocab = vocab
+        plugins = PluginManager()
+        plugins.add(Oracle)
+        settings["speculator"] = "oracle"
+    variants = [("spec", settings)]
+    if args.compare_switch:
+        variants.append(("spec_no_switch", {**settings, "speculative_min_accept_rate": 0.0}))
+    for name, s in variants:
+        with LLM(model, plugins=plugins, **s) as llm:
+            run(llm, prompts[:1], params, 1)
+            before = llm.engine.speculation.stats()
+            spec, result[name] = run(llm, prompts, params, args.batch_size)
+            report = llm.engine.speculation.report(before)
+            result[name]["speculation"] = report
+        del llm
+        gc.collect()
+        plain_step = result["plain"]["elapsed_s"] / max(result["plain"]["steps"], 1)
+        spec_step = result[name]["elapsed_s"] / max(result[name]["steps"], 1)
+        result[name]["speedup"] = round(result[name]["tok_s"] / result["plain"]["tok_s"], 3)
+        result[name]["step_cost_vs_plain"] = round(spec_step / plain_step, 3)
+        same = [a.token_ids == b.token_ids for a, b in zip(plain, spec)]
+        result[name]["identical_completions"] = f"{sum(same)}/{len(same)}"
     print(json.dumps(result, indent=2))
 
 

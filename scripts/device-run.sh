@@ -5,6 +5,7 @@
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
+#                 [spec-ngram] [spec-perfect] [spec-batch64] [pytest] [tp-tests] [moe-ep]
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -185,6 +186,38 @@ PY
         ;;
     moe-sweep) # fused MoE launch configurations per M (for CONFIGS in core/kernels/fused_moe.py)
         timeout 400 python3 scripts/bench_moe.py --sweep --tokens 1,8,64,256,2048 --json "$OUT/moe-sweep.json" 2>&1 | tee "$OUT/moe-sweep.log" ;;
+    spec-ngram) # n-gram speculation on vs off at batch 1: extractive prompts on the bundled SmolLM2
+        # (real weights; skipped if it cannot be materialised here), then repeated phrases on
+        # random Qwen3-0.6B weights; chain and a 3-branch tree (Triton's tree mask)
+        SB="python3 scripts/bench_speculative.py --speculative-algorithm NGRAM --speculative-num-steps 4 --cuda-graph-max-bs 1"
+        timeout 60 $SB --extractive --max-tokens 128 >"$OUT/spec-ngram-smollm2.json" \
+          2>"$OUT/spec-ngram-smollm2.err"; tail -28 "$OUT/spec-ngram-smollm2.json"
+        timeout 45 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
+          >"$OUT/spec-ngram-qwen3.json" 2>"$OUT/spec-ngram-qwen3.err"; tail -28 "$OUT/spec-ngram-qwen3.json"
+        timeout 45 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
+          --speculative-eagle-topk 3 >"$OUT/spec-ngram-tree.json" \
+          2>"$OUT/spec-ngram-tree.err"; tail -28 "$OUT/spec-ngram-tree.json" ;;
+    spec-perfect) # Llama-3.1-8B config, random weights, batch 1: drafts = the plain run's tokens
+        # (free and perfect: the verify's own cost, ideally 5x tokens per step at k = 4), then
+        # the target as its own STANDALONE draft (same dummy weights: every draft accepted)
+        L8=$(python3 -c 'from pegboard.core.bench.models import config_model_dir as c; print(c("llama-3.1-8b"))')
+        timeout 100 python3 scripts/bench_speculative.py --config llama-3.1-8b --oracle perfect \
+          --speculative-num-steps 4 --num-prompts 2 --max-tokens 256 --kv-cache-tokens 65536 \
+          --cuda-graph-max-bs 1 \
+          >"$OUT/spec-perfect-oracle.json" 2>"$OUT/spec-perfect-oracle.err"; tail -30 "$OUT/spec-perfect-oracle.json"
+        timeout 100 python3 scripts/bench_speculative.py --config llama-3.1-8b --speculative-algorithm \
+          STANDALONE --speculative-draft-model-path "$L8" --speculative-num-steps 4 --num-prompts 1 \
+          --max-tokens 128 --kv-cache-tokens 32768 --cuda-graph-max-bs 1 >"$OUT/spec-perfect-self.json" \
+          2>"$OUT/spec-perfect-self.err"; tail -30 "$OUT/spec-perfect-self.json" ;;
+    spec-batch64) # Qwen3-0.6B random weights, 64 requests at once: speculation whose drafts are
+        # all rejected (then n-gram), with the on/off switch and without it, against plain decode
+        timeout 75 python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
+          --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch --cuda-graph-max-bs 64 \
+          >"$OUT/spec-batch64-miss.json" 2>"$OUT/spec-batch64-miss.err"; tail -40 "$OUT/spec-batch64-miss.json"
+        timeout 75 python3 scripts/bench_speculative.py --config qwen3-0.6b --speculative-algorithm NGRAM \
+          --batch-size 64 --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch \
+          --cuda-graph-max-bs 64 \
+          >"$OUT/spec-batch64-ngram.json" 2>"$OUT/spec-batch64-ngram.err"; tail -40 "$OUT/spec-batch64-ngram.json" ;;
     serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
         python3 - >"$OUT/serve-qwen3-server.log" 2>&1 <<'PY' &
 from pegboard.core.async_engine import AsyncEngine

@@ -325,7 +325,10 @@ class Speculator(Plugin):
 
     - `propose(requests, max_tokens)` returns one `Drafts` per request, in order, with at most
       `max_tokens[i]` tokens for request `i` (fewer or none is always allowed), each an id of
-      the target's vocabulary; chains only (the core does not verify trees yet).
+      the target's vocabulary; a chain, or a tree (`Drafts.parents`, each parent before its
+      children; siblings with `probs` must be drawn independently from their rows). The core
+      verifies a tree in one forward where the attention backend has a tree mask
+      (`supports_tree_mask`), else only its first path (each node's first child).
     - Per-request state (a draft model's KV) goes into `request.plugin_state[self.name]`, so
       it is dropped with the request. Between two calls a request's `token_ids` may have grown
       by several tokens (accepted drafts) or been cut back (a stop string): compare with what

@@ -107,8 +107,14 @@ def _check(out, requests: list[Request], limits: list[int], vocab: int, case: st
             raise _error("propose returns one Drafts per request", f"{where}: {d!r}")
         if len(d.tokens) > limit:
             raise _error("at most max_tokens[i] tokens for request i", f"{where}: {d.tokens}")
-        if d.parents is not None:
-            raise _error("chains only (the core does not verify trees yet)", where)
+        if d.parents is not None and (
+            len(d.parents) != len(d.tokens)
+            or any(not isinstance(p, int) or not -1 <= p < i for i, p in enumerate(d.parents))
+        ):
+            raise _error(
+                "a tree gives each token its parent's index p, -1 <= p < i (parents first)",
+                f"{where}: tokens {d.tokens}, parents {d.parents}",
+            )
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens):
             raise _error("each draft is an id of the target's vocabulary", f"{where}: {d.tokens}")
         if d.probs is not None and tuple(d.probs.shape) != (len(d.tokens), vocab):

@@ -325,6 +325,13 @@ class ForwardBatch:
     #: request's last token and its draft tokens, every other sampling request's last token),
     #: replacing the one row per sampling request of `logits_indices`. None otherwise.
     logits_rows: torch.Tensor | None = None
+    #: With tree speculation: per request, None (causal) or a bool `[n, m]` CPU tensor (m >= n):
+    #: row `i` says which of the request's last `m` keys its `i`-th of the last `n` query tokens
+    #: may attend to (a draft tree's ancestors and itself; the `n` query tokens are the last `n`
+    #: of those keys, the rest are cached; none sees a key after its own). Keys before those `m`
+    #: stay visible to them. Only backends with `supports_tree_mask = True` get such a batch.
+    #: None: every request is causal.
+    tree_masks: list[torch.Tensor | None] | None = None
     #: `page_tables_cpu` as one zero-padded int32 numpy array `[num_requests, max pages]`,
     #: kept incrementally by the core (`pegboard.core.page_tables`); None: not provided.
     page_tables_array: Any = None
@@ -351,10 +358,14 @@ class Drafts:
     - `tokens`: the guesses. For a chain (`parents is None`) token `i` follows token `i - 1`
       and token 0 follows the request's last token.
     - `parents`: for a tree, `parents[i]` is the index in `tokens` of token `i`'s parent, or -1
-      for a child of the request's last token; a parent comes before its children.
+      for a child of the request's last token; a parent comes before its children. A node's
+      first child is its best guess: the first path is what is verified where the attention
+      backend has no tree mask.
     - `probs`: `[len(tokens), vocab]` float, row `i` the draft distribution token `i` was
       sampled from (rejection sampling accepts it with probability `min(1, p/q)`). None: the
-      tokens were chosen deterministically (argmax, lookup): each row is a point mass.
+      tokens were chosen deterministically (argmax, top-k, lookup): each row is a point mass.
+      Sampled siblings must be independent draws (SpecInfer's multi-candidate rejection
+      sampling is exact only then); deterministic siblings may be any distinct guesses.
     """
 
     tokens: list[int]

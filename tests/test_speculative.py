@@ -210,6 +210,27 @@ def test_target_as_its_own_draft_is_always_accepted(case):
     assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
 
 
+def test_a_random_weight_target_is_its_own_perfect_draft(case, tmp_path):
+    """`--load-format dummy`: the draft draws the same random weights from the same config
+    (the `spec-perfect` benchmark on Llama-3.1-8B's config relies on it)."""
+    import shutil
+
+    model_dir, prompts, _ = case
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(model_dir / "config.json", config_only / "config.json")
+    options = {"draft": {"model_path": str(config_only), "num_draft_tokens": 3}}
+    plain, _ = generate(config_only, prompts, load_format="dummy")
+    outs, stats = generate(
+        config_only, prompts, load_format="dummy", speculator="draft", plugin_options=options
+    )
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    assert _parse("--draft-load-format", "dummy")["plugin_options"]["draft"] == {
+        "load_format": "dummy"
+    }
+
+
 @pytest.mark.parametrize("settings", SETTINGS[:3])
 def test_other_draft_model_greedy_equals_transformers(case, tmp_path_factory, settings):
     model_dir, prompts, reference = case
@@ -330,7 +351,8 @@ def test_sglang_flags_select_ngram_with_num_steps():
     "flags",
     [
         ("--speculative-algorithm", "MEDUSA"),
-        ("--speculative-algorithm", "NGRAM", "--speculative-eagle-topk", "4"),
+        ("--speculative-algorithm", "NGRAM", "--speculative-eagle-topk", "0"),
+        ("--speculative-algorithm", "NGRAM", "--speculative-disable-by-batch-size", "x"),
     ],
 )
 def test_unsupported_speculative_flags_exit_2(flags, capsys):
@@ -338,6 +360,29 @@ def test_unsupported_speculative_flags_exit_2(flags, capsys):
         _parse(*flags)
     assert exc.value.code == 2
     assert "speculative" in capsys.readouterr().err
+
+
+def test_sglang_tree_flags_set_topk_depth_and_tree_size():
+    s = _parse("--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "/h",
+               "--speculative-num-steps", "3", "--speculative-eagle-topk", "4",
+               "--speculative-num-draft-tokens", "8")  # fmt: skip
+    assert s["plugin_options"]["eagle"] == {
+        "model_path": "/h", "topk": 4, "num_steps": 3, "num_draft_tokens": 7,
+    }  # fmt: skip
+    s = _parse("--speculative-algorithm", "NGRAM", "--speculative-num-steps", "2",
+               "--speculative-eagle-topk", "3", "--speculative-disable-by-batch-size", "32",
+               "--speculative-min-accept-rate", "0.3")  # fmt: skip
+    assert s["plugin_options"]["ngram"] == {"topk": 3, "num_steps": 2, "num_draft_tokens": 6}
+    assert s["speculative_disable_by_batch_size"] == 32
+    assert s["speculative_min_accept_rate"] == 0.3
+
+
+def test_standalone_tree_flags():
+    s = _parse("--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", "/d",
+               "--speculative-eagle-topk", "2", "--speculative-num-steps", "3")  # fmt: skip
+    assert s["plugin_options"]["draft"] == {
+        "model_path": "/d", "topk": 2, "num_steps": 3, "num_draft_tokens": 6,
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------- metrics

@@ -1,6 +1,7 @@
 """Speculative decoding on CUDA with the Triton attention backend: the verify forward is an
 ordinary multi-token extend over the paged KV, so greedy outputs (float32) equal the
-non-speculative ones, with decode CUDA graphs on for the steps that do not draft."""
+non-speculative ones, with decode CUDA graphs on for the steps that do not draft. Draft trees are
+verified whole by the Triton extend kernel's tree mask and by the torch backend's."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ pytestmark = pytest.mark.gpu
 
 def run(model_dir, prompts, plugins=None, **settings):
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
-    with LLM(
-        str(model_dir), dtype="float32", device="cuda", attention="triton", plugins=plugins,
-        **settings,
-    ) as llm:  # fmt: skip
+    settings.setdefault("attention", "triton")
+    with LLM(str(model_dir), dtype="float32", device="cuda", plugins=plugins, **settings) as llm:
         outs = [o.token_ids for o in llm.generate(prompts, params)]
         return outs, llm.engine.speculation.stats()
 
@@ -62,3 +61,36 @@ def test_triton_verify_with_an_eagle3_head_equals_plain_decoding(gpu_case, tmp_p
     outs, stats = run(model_dir, prompts, speculator="eagle", plugin_options=options)
     assert outs == plain
     assert stats["spec_draft_tokens"] > 0
+
+
+def test_triton_verifies_whole_trees(gpu_case):
+    """The extend kernel's tree mask: the right child comes last (KV compacted)."""
+    from test_speculative_tree import tree_plugins
+
+    model_dir, prompts, plain = gpu_case
+    pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, plain)}, right_first=False)
+    outs, stats = run(model_dir, prompts, pm, speculator="tree_oracle")
+    assert outs == plain
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_torch_backend_on_cuda_verifies_trees(gpu_case):
+    """The torch backend's tree mask on CUDA: the right child comes last (KV compacted)."""
+    from test_speculative_tree import tree_plugins
+
+    model_dir, prompts, plain = gpu_case
+    pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, plain)}, right_first=False)
+    outs, stats = run(model_dir, prompts, pm, speculator="tree_oracle", attention="torch")
+    assert outs == plain
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_triton_target_as_its_own_tree_draft_is_lossless(gpu_case):
+    """Draft-model trees on CUDA: the draft's [n, m] masks and the target's tree verify run
+    in the Triton extend kernel."""
+    model_dir, prompts, plain = gpu_case
+    options = {"draft": {"model_path": str(model_dir), "topk": 2, "num_steps": 3,
+                         "num_draft_tokens": 5}}  # fmt: skip
+    outs, stats = run(model_dir, prompts, speculator="draft", plugin_options=options)
+    assert outs == plain
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]

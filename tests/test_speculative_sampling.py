@@ -37,7 +37,7 @@ def run(target: torch.Tensor, draft_probs: torch.Tensor | None, fixed: list[int]
             tokens = [int(torch.multinomial(q, 1, generator=gen)) for q in draft_probs]
         else:
             tokens = list(fixed)
-        out = accept_sampled(target, Drafts(tokens, probs=draft_probs), gen)
+        out = accept_sampled(target, Drafts(tokens, probs=draft_probs), gen).tokens
         first[out[0]] += 1
         if len(out) > 1:
             second[out[1]] += 1
@@ -70,7 +70,7 @@ def test_point_mass_drafts_match_the_target_distribution(target):
 def test_a_draft_equal_to_the_target_is_always_accepted(target):
     gen = torch.Generator().manual_seed(1)
     for _ in range(200):
-        out = accept_sampled(target, Drafts([1, 2], probs=target[:2]), gen)
+        out = accept_sampled(target, Drafts([1, 2], probs=target[:2]), gen).tokens
         assert out[:2] == [1, 2] and len(out) == 3
 
 

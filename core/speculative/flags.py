@@ -4,9 +4,14 @@
 --speculative-algorithm STANDALONE  -> --speculator draft (--speculative-draft-model-path)
 --speculative-algorithm EAGLE|EAGLE3 -> --speculator eagle (the head's directory in
                                        --speculative-draft-model-path; its config says which)
---speculative-num-steps N           -> N draft tokens per step (a chain of N)
+--speculative-num-steps N           -> N draft tokens per step (a chain of N); with
+                                       --speculative-eagle-topk > 1: the tree's depth
 --speculative-num-draft-tokens N    -> N - 1 draft tokens per step (N tokens verified)
---speculative-eagle-topk K          -> K = 1 only (chains; the core does not verify trees yet)
+--speculative-eagle-topk K          -> K > 1: draft trees (EAGLE, STANDALONE: top-K per
+                                       expanded node, K nodes expanded per depth; NGRAM: K
+                                       continuations)
+--speculative-disable-by-batch-size N, --speculative-min-accept-rate R
+                                    -> steps without drafts (core/speculative/switch.py)
 """
 
 from __future__ import annotations
@@ -36,27 +41,52 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens verified per step, the request's last one included (N - 1 drafts)",
     )
     g.add_argument(
-        "--speculative-eagle-topk", type=_topk, metavar="K", help="draft branches per step (1)"
+        "--speculative-eagle-topk",
+        type=_positive,
+        metavar="K",
+        help="branches per draft-tree node (1: chains)",
+    )
+    g.add_argument(
+        "--speculative-disable-by-batch-size",
+        type=_positive,
+        metavar="N",
+        help="steps with N or more requests run without drafts (default: no limit)",
+    )
+    g.add_argument(
+        "--speculative-min-accept-rate",
+        type=float,
+        metavar="R",
+        help="turn drafting off while fewer than this share of drafts is accepted, probing "
+        "again later (default 0.2; 0 keeps it on)",
     )
 
 
-def _topk(text: str) -> int:
-    if int(text) != 1:
-        raise argparse.ArgumentTypeError("only 1 (chains): the core does not verify trees yet")
-    return 1
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def speculative_settings(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     """Fold the SGLang flags into `settings` (`speculator`, `plugin_options`); ValueError for
-    flags that do not fit together (trees already failed at parse time)."""
+    flags that do not fit together."""
     algorithm = getattr(args, "speculative_algorithm", None)
     if not algorithm:
         return
     name = ALGORITHMS[algorithm]
     settings["speculator"] = name
     options = settings.setdefault("plugin_options", {}).setdefault(name, {})
+    topk = args.speculative_eagle_topk or 1
     steps = args.speculative_num_steps
-    if steps is None and args.speculative_num_draft_tokens is not None:
+    if topk > 1:
+        options["topk"] = topk
+        if steps is not None:
+            options["num_steps"] = steps
+        if args.speculative_num_draft_tokens is not None:
+            steps = args.speculative_num_draft_tokens - 1
+        elif steps is not None:
+            steps *= topk
+    elif steps is None and args.speculative_num_draft_tokens is not None:
         steps = args.speculative_num_draft_tokens - 1
     if steps is not None:
         if steps < 1:

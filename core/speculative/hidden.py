@@ -53,8 +53,10 @@ class TargetHidden:
             return None
         return torch.cat([self.captured[i] for i in self.layers], dim=-1)
 
-    def hand_out(self, batch: ForwardBatch, kept: dict[int, int]) -> None:
-        """Append each request's kept rows (see the module docstring) to its plugin state."""
+    def hand_out(self, batch: ForwardBatch, kept: dict[int, list[int]]) -> None:
+        """Append each request's kept rows (see the module docstring) to its plugin state:
+        `kept[id(request)]` lists a drafting request's rows (its last token, then the accepted
+        path of its drafts, in order); other requests keep all their rows."""
         features = self.features()
         if features is None:
             return
@@ -63,9 +65,15 @@ class TargetHidden:
             start, end = end, end + q
             if r.finished:
                 continue
-            rows = kept.get(id(r), q)
+            rows = kept.get(id(r))
+            if rows is None:
+                block = features[start:end]
+            elif rows == list(range(len(rows))):
+                block = features[start : start + len(rows)]
+            else:  # a tree's accepted path
+                block = features[torch.tensor(rows, device=features.device) + start]
             r.plugin_state.setdefault(FEATURES_KEY, []).append(
-                (seq_len - q, features[start : start + rows].detach().clone())
+                (seq_len - q, block.detach().clone())
             )
         self.captured.clear()
 

@@ -3,11 +3,14 @@ verification and the rollback of rejected tokens.
 
 One step with a speculator (`Engine._run`):
 
-    propose  -> drafts appended to each decoding request's `token_ids`; it runs 1 + k tokens
-    allocate_kv, prepare, forward -> logits at the last token and at every draft (`logits_rows`)
+    propose  -> (unless the switch says no: `switch.py`) drafts appended to each decoding
+                request's `token_ids`; it runs 1 + k tokens
+    allocate_kv, prepare, forward -> logits at the last token and at every draft (`logits_rows`;
+                a tree's positions by depth and its mask: `mark_rows`, `tree.py`)
     verify   -> drafts removed again; the accepted ones and the target's next token are
                 appended as ordinary output tokens; `num_computed_tokens` counts the accepted
-                drafts' KV, the rejected ones' slots are overwritten by later tokens
+                drafts' KV (a tree's accepted path is first copied into place), the rejected
+                ones' slots are overwritten by later tokens
 
 Rollback therefore needs nothing from the KV cache: a rejected draft's KV sits past
 `num_computed_tokens`, which a prefix cache never inserts (it inserts full pages of computed
@@ -27,8 +30,10 @@ import logging
 
 import torch
 from pegboard.core.overlap import PENDING_TOKEN
+from pegboard.core.speculative import tree as T
 from pegboard.core.speculative import verify as V
 from pegboard.core.speculative.hidden import TargetHidden
+from pegboard.core.speculative.switch import SpeculationSwitch
 from pegboard.sdk.device import to_device
 from pegboard.sdk.types import Drafts, ForwardBatch, Request, StepBudget, TokenLogprobs
 
@@ -48,7 +53,7 @@ class DraftViolation(Exception):
 
 def check_drafts(out, requests: list[Request], max_tokens: list[int], vocab: int) -> list[Drafts]:
     """The `propose` result, checked against its hookspec (one `Drafts` per request, within
-    `max_tokens`, ids in the vocabulary, chains only)."""
+    `max_tokens`, ids in the vocabulary, a tree's parents before their children)."""
     if not isinstance(out, (list, tuple)) or len(out) != len(requests):
         got = f"{len(out)} entries" if isinstance(out, (list, tuple)) else type(out).__name__
         raise DraftViolation(f"expected a list of {len(requests)} Drafts, got {got}")
@@ -57,8 +62,11 @@ def check_drafts(out, requests: list[Request], max_tokens: list[int], vocab: int
             raise DraftViolation(f"{r.request_id}: expected Drafts, got {type(d).__name__}")
         if len(d.tokens) > limit:
             raise DraftViolation(f"{r.request_id}: {len(d.tokens)} drafts, at most {limit} allowed")
-        if d.parents is not None:
-            raise DraftViolation(f"{r.request_id}: tree drafts are not verified by the core yet")
+        if d.parents is not None and not _valid_parents(d.parents, len(d.tokens)):
+            raise DraftViolation(
+                f"{r.request_id}: parents must give each token a parent index -1 <= p < i "
+                f"(one per token): {d.parents}"
+            )
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens):
             raise DraftViolation(f"{r.request_id}: draft ids outside [0, {vocab}): {d.tokens}")
         if d.probs is not None and tuple(d.probs.shape) != (len(d.tokens), vocab):
@@ -67,6 +75,14 @@ def check_drafts(out, requests: list[Request], max_tokens: list[int], vocab: int
                 f"({len(d.tokens)}, {vocab})"
             )
     return list(out)
+
+
+def _valid_parents(parents, k: int) -> bool:
+    return (
+        isinstance(parents, (list, tuple))
+        and len(parents) == k
+        and all(isinstance(p, int) and -1 <= p < i for i, p in enumerate(parents))
+    )
 
 
 def eligible(r: Request) -> bool:
@@ -91,7 +107,12 @@ class Speculation:
         self._bound = None  # the speculator `bind_target` was called for
         self._hidden: TargetHidden | None = None  # hooks capturing target hidden states
         self._last_batch: ForwardBatch | None = None
-        self._kept: dict[int, int] = {}  # id(request) -> rows the last verify kept
+        self._kept: dict[int, list[int]] = {}  # id(request) -> rows the last verify kept
+        c = engine.config
+        self.switch = SpeculationSwitch(
+            c.speculative_disable_by_batch_size, c.speculative_min_accept_rate
+        )
+        self._tree_fallback_logged = False
         #: Cumulative counters for metrics (`pegboard:spec_*`, `bench offline`).
         self.num_verify = 0
         self.num_drafts = 0
@@ -121,6 +142,8 @@ class Speculation:
         if self._hidden is not None and self._last_batch is not None:
             self._hidden.hand_out(self._last_batch, self._kept)  # the last forward's features
         self._last_batch, self._kept = None, {}
+        if not self.switch.allows(len(scheduled)):
+            return num_tokens
         e = self.engine
         limits = self._limits(scheduled, num_tokens, budget)
         asked = [(i, r) for i, r in enumerate(scheduled) if limits[i] > 0]
@@ -135,9 +158,13 @@ class Speculation:
             fault = e.guard.fault("speculator", err)
             log.error("%s; this step runs without drafts", fault)
             return num_tokens
+        if not getattr(e.runner.attention, "supports_tree_mask", False):
+            drafts = [self._as_chain(d) for d in drafts]
         num_tokens = list(num_tokens)
         for (i, r), d in zip(asked, drafts):
             if d.tokens:
+                if d.parents is not None and T.is_chain(d.parents):
+                    d = Drafts(d.tokens, probs=d.probs)
                 self._drafts[id(r)] = (r, d, r.num_tokens)
                 r.token_ids.extend(d.tokens)
                 num_tokens[i] += len(d.tokens)
@@ -148,6 +175,7 @@ class Speculation:
         states it asks for; once per speculator (again after a swap)."""
         if speculator is self._bound:
             return
+        self.switch.reset()  # a new speculator gets a fresh chance
         if self._hidden is not None:
             self._hidden.remove()
             self._hidden = None
@@ -158,6 +186,22 @@ class Speculation:
         if getattr(speculator, "reads_target_hidden", False) and layers:
             self._hidden = TargetHidden(self.engine.runner.model, layers)
         self._bound = speculator
+
+    def _as_chain(self, d: Drafts) -> Drafts:
+        """A tree cut to its first path, for an attention backend without a tree mask
+        (`supports_tree_mask`; logged once)."""
+        if T.is_chain(d.parents):
+            return d
+        if not self._tree_fallback_logged:
+            log.warning(
+                "the %s attention backend has no tree mask: tree drafts are cut to their first "
+                "path (the torch and triton backends verify whole trees)",
+                type(self.engine.runner.attention).__name__,
+            )
+            self._tree_fallback_logged = True
+        path = T.first_path(d.parents)
+        probs = d.probs[path] if d.probs is not None else None
+        return Drafts([d.tokens[i] for i in path], probs=probs)
 
     def _limits(
         self, scheduled: list[Request], num_tokens: list[int], budget: StepBudget
@@ -203,12 +247,27 @@ class Speculation:
         if not self._drafts:
             return
         rows, end = [], 0
+        tree_rows, tree_positions, masks = [], [], []
         for r, q, sample in zip(batch.requests, batch.query_lens_cpu, batch.samples):
             end += q
+            entry = self._drafts.get(id(r))
+            k = len(entry[1]) if entry else 0
             if sample:
-                k = len(self._drafts[id(r)][1]) if id(r) in self._drafts else 0
                 rows.extend(range(end - 1 - k, end))
-        batch.logits_rows = to_device(rows, batch.input_ids.device, torch.int64)
+            parents = entry[1].parents if entry else None
+            masks.append(None if parents is None else T.ancestor_mask(parents))
+            if parents is not None:  # rotary positions by depth, not by slot
+                last = entry[2] - 1
+                tree_rows.extend(range(end - k, end))
+                tree_positions.extend(last + d for d in T.depths(parents))
+        device = batch.input_ids.device
+        batch.logits_rows = to_device(rows, device, torch.int64)
+        if tree_rows:
+            batch.tree_masks = masks
+            batch.positions = batch.positions.clone()
+            batch.positions[to_device(tree_rows, device, torch.int64)] = to_device(
+                tree_positions, device, torch.int64
+            )
 
     # ------------------------------------------------------------------ after the forward
 
@@ -239,19 +298,25 @@ class Speculation:
             sampled = {id(r): (t, lp) for (r, _), t, lp in zip(plain, out.token_ids, out.logprobs)}
         greedy_rows = logits.argmax(dim=-1).tolist()
         results = []
+        moves: list[tuple[Request, int, list[int]]] = []
+        step_drafted = step_accepted = 0
         for r, drafts, s, k in rows:
             if drafts is None:
                 token, lp = sampled[id(r)]
                 results.append((r, [token], [lp]))
                 continue
             if r.params.greedy:
-                tokens = V.accept_greedy(greedy_rows[s : s + k + 1], drafts.tokens)
+                verdict = V.accept_greedy(greedy_rows[s : s + k + 1], drafts)
             else:
                 gen = V.generator_for(r, logits.device, self.engine.config.seed)
-                tokens = V.accept_sampled(V.target_probs(logits[s : s + k + 1], r), drafts, gen)
-            accepted = len(tokens) - 1
+                verdict = V.accept_sampled(V.target_probs(logits[s : s + k + 1], r), drafts, gen)
+            tokens, path = verdict.tokens, verdict.path
+            accepted = len(path)
             _record(r, accepted)
-            self._kept[id(r)] = 1 + accepted  # rows whose target hidden states stand
+            kept = [0] + [1 + i for i in path]  # rows whose target hidden states stand
+            self._kept[id(r)] = kept
+            if path != list(range(accepted)):
+                moves.append((r, r.num_computed_tokens - 1, path))
             r.num_computed_tokens += accepted
             r.num_spec_steps += 1
             r.num_draft_tokens += k
@@ -259,15 +324,21 @@ class Speculation:
             self.num_verify += 1
             self.num_drafts += k
             self.num_accepted += accepted
+            step_drafted += k
+            step_accepted += accepted
             lps: list[TokenLogprobs | None] = [None] * len(tokens)
             if r.params.logprobs is not None:
-                lps = V.logprobs_of(logits[s : s + k + 1], tokens, r.params.logprobs)
+                index = to_device([s + i for i in kept], logits.device, torch.int64)
+                lps = V.logprobs_of(logits[index], tokens, r.params.logprobs)
             results.append((r, tokens, lps))
+        T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
+        self.switch.record(step_drafted, step_accepted)
         return results
 
     def report(self, since: dict[str, float]) -> dict[str, float]:
         """The figures since an earlier `stats()` (`bench offline`): verify steps, draft and
-        accepted tokens, acceptance rate and length (tokens per verify step)."""
+        accepted tokens, acceptance rate and length (tokens per verify step), and the steps
+        the on/off switch ran without drafts."""
         now = self.stats()
         n = now["spec_verify_steps"] - since["spec_verify_steps"]
         drafts = now["spec_draft_tokens"] - since["spec_draft_tokens"]
@@ -279,6 +350,7 @@ class Speculation:
             "accepted_tokens": accepted,
             "accept_rate": round(accepted / drafts, 4) if drafts else 0.0,
             "accept_length": round((accepted + n) / n, 3) if n else 0.0,
+            "switch_off_steps": now["spec_switch_off_steps"] - since["spec_switch_off_steps"],
         }
 
     def stats(self) -> dict[str, float]:
@@ -291,6 +363,7 @@ class Speculation:
             "spec_accepted_tokens": self.num_accepted,
             "spec_accept_length": (self.num_accepted + n) / n if n else 0.0,
             "spec_accept_rate": self.num_accepted / self.num_drafts if self.num_drafts else 0.0,
+            "spec_switch_off_steps": self.switch.num_off_steps,  # steps the switch ran plain
         }
 
 

@@ -1,13 +1,14 @@
-"""Verification of draft chains against the target's logits: lossless by construction.
+"""Verification of draft chains and trees against the target's logits: lossless by construction.
 
-Greedy requests keep the longest prefix of drafts equal to the target's argmax, then the
+Greedy requests keep the longest path of drafts equal to the target's argmax, then the
 target's argmax after it. Sampling requests use speculative (rejection) sampling (Leviathan et
 al. 2023; Chen et al. 2023): draft token `d` drawn from `q` is accepted with probability
 `min(1, p(d) / q(d))`; at the first rejection a token is drawn from `normalize(max(p - q, 0))`
 and the chain ends; if every draft is accepted, a bonus token is drawn from the next `p`. Each
 output token is then distributed exactly as plain sampling from `p` would give it. A draft
 without `probs` is a point mass (`q(d) = 1`): accept with probability `p(d)`, and on rejection
-draw from `p` with `d` removed.
+draw from `p` with `d` removed. A tree tries a node's children one after another against what
+is left of `p` (`accept_sampled`).
 
 `p` is the target's distribution after the request's temperature, top-k, top-p and min-p
 (the filters of `pegboard.plugins.sampling`), so speculation samples from what the sampler
@@ -17,7 +18,10 @@ would sample from. Random numbers come from the request's own generator
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from pegboard.core.speculative import tree as T
 from pegboard.plugins.sampling.filters import apply_min_p, apply_top_k_top_p
 from pegboard.sdk.types import Drafts, Request, TokenLogprobs
 
@@ -40,39 +44,64 @@ def target_probs(logits: torch.Tensor, request: Request) -> torch.Tensor:
     return scaled.softmax(dim=-1)
 
 
-def accept_greedy(target: list[int], drafts: list[int]) -> list[int]:
-    """Output tokens of a greedy request: the drafts matching the target's argmax `target`
-    (one per verified position, `len(drafts) + 1`), then the target's token after them."""
-    out = []
-    for d, t in zip(drafts, target):
-        if d != t:
-            break
-        out.append(d)
-    out.append(target[len(out)])
-    return out
+@dataclass
+class Verdict:
+    """A verification's result: the output tokens (accepted drafts, then one token of the
+    target's) and `path`, the accepted drafts' indices in `Drafts.tokens`."""
+
+    tokens: list[int]
+    path: list[int]
 
 
-def accept_sampled(probs: torch.Tensor, drafts: Drafts, generator: torch.Generator) -> list[int]:
-    """Output tokens of a sampling request by rejection sampling. `probs` is `[k + 1, vocab]`,
-    the target's distribution at the request's last token and after each of the k drafts."""
-    out = []
-    for i, d in enumerate(drafts.tokens):
-        p = probs[i]
-        q = drafts.probs[i].to(p) if drafts.probs is not None else None
-        qd = float(q[d]) if q is not None else 1.0
-        u = torch.rand((), generator=generator, device=p.device).item()
-        if qd > 0 and u * qd < float(p[d]):
-            out.append(d)
-            continue
-        residual = (p - q).clamp_(min=0) if q is not None else p.clone()
-        if q is None:
-            residual[d] = 0.0
-        if float(residual.sum()) <= 0:  # p == q: rejection had probability 0; keep p
-            residual = p
-        out.append(_draw(residual, generator))
-        return out
-    out.append(_draw(probs[len(drafts.tokens)], generator))
-    return out
+def accept_greedy(target: list[int], drafts: Drafts) -> Verdict:
+    """Greedy verification: from the request's last token, follow the child whose token is the
+    target's argmax while there is one, then add the argmax. `target[n]` is the argmax at node
+    `n` (0: the last token, `1 + i`: draft i); a chain is the tree of one child per node."""
+    kids = T.children(drafts.parents or T.chain_parents(len(drafts.tokens)))
+    tokens, path, node = [], [], 0
+    while True:
+        t = target[node]
+        tokens.append(t)
+        nxt = next((i for i in kids[node] if drafts.tokens[i] == t), None)
+        if nxt is None:
+            return Verdict(tokens, path)
+        path.append(nxt)
+        node = nxt + 1
+
+
+def accept_sampled(probs: torch.Tensor, drafts: Drafts, generator: torch.Generator) -> Verdict:
+    """Sampling verification, exact for chains and trees (SpecInfer's multi-candidate
+    rejection sampling). `probs[n]` is the target's distribution at node `n` (as `target` of
+    `accept_greedy`). At a node, its children are tried in order against the residual `r`
+    (first `p`): child `d` drawn from `q` is accepted with probability `min(1, r(d) / q(d))`;
+    on rejection `r = normalize(max(r - q, 0))` (a point mass: `r` without `d`). If every child
+    is rejected a token is drawn from `r` and verification ends; a leaf's bonus token is drawn
+    from its `p`. Each step is one round of speculative sampling, whose output is distributed
+    as its `r`, so the output follows `p` exactly, provided siblings were drawn independently."""
+    kids = T.children(drafts.parents or T.chain_parents(len(drafts.tokens)))
+    tokens, path, node = [], [], 0
+    while True:
+        residual = probs[node]
+        nxt = None
+        for i in kids[node]:
+            d = drafts.tokens[i]
+            q = drafts.probs[i].to(residual) if drafts.probs is not None else None
+            qd = float(q[d]) if q is not None else 1.0
+            u = torch.rand((), generator=generator, device=residual.device).item()
+            if qd > 0 and u * qd < float(residual[d]):
+                nxt = i
+                break
+            rest = (residual - q).clamp_(min=0) if q is not None else residual.clone()
+            if q is None:
+                rest[d] = 0.0
+            if float(rest.sum()) > 0:  # else r == q: rejection had probability 0; keep r
+                residual = rest / rest.sum()
+        if nxt is None:
+            tokens.append(_draw(residual, generator))
+            return Verdict(tokens, path)
+        tokens.append(drafts.tokens[nxt])
+        path.append(nxt)
+        node = nxt + 1
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:

@@ -2,7 +2,8 @@
 
 Every step, `prepare` turns the batch's page tables into a padded gather index of KV slots
 `[num_requests, max_seq_len]` and a boolean mask `[num_requests, 1, max_query_len, max_seq_len]`
-(causal, offset by each request's cached prefix). Each layer then writes its new k/v into the
+(causal, offset by each request's cached prefix; a speculative draft tree's tokens see only
+their ancestors among the tree). Each layer then writes its new k/v into the
 pool, gathers every request's keys and values, and runs one batched
 `scaled_dot_product_attention` on the padded tensors: prefill with a cached prefix, chunked
 prefill and decode all take the same path.
@@ -23,6 +24,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with its per-layer scales.
     supports_fp8_kv = True
+    #: Applies `ForwardBatch.tree_masks` (speculative draft trees, verified in one forward).
+    supports_tree_mask = True
 
     def __init__(self, model: ModelInfo, pool: KVPool, scale: float | None = None) -> None:
         super().__init__(model, pool, scale)
@@ -53,7 +56,10 @@ class TorchAttentionBackend(AttentionBackend):
             token_rows.append(torch.arange(b * max_q, b * max_q + q_len))
         self.kv_index = kv_index.to(device, non_blocking=True)
         self.token_rows = torch.cat(token_rows).to(device, non_blocking=True)
-        self.mask = _causal_mask(query_lens, seq_lens, max_q, max_kv).to(device, non_blocking=True)
+        mask = _causal_mask(query_lens, seq_lens, max_q, max_kv)
+        if batch.tree_masks is not None:
+            _apply_tree_masks(mask, batch.tree_masks, query_lens, seq_lens)
+        self.mask = mask.to(device, non_blocking=True)
         self.max_q = max_q
         self.batch = batch
 
@@ -117,6 +123,18 @@ def _causal_mask(
     rows = torch.arange(max_q)[None, :]
     last_key = torch.where(rows < q_lens, cached + rows, 0)  # [B, max_q]
     return (torch.arange(max_kv)[None, None, :] <= last_key[:, :, None]).unsqueeze(1)
+
+
+def _apply_tree_masks(
+    mask: torch.Tensor, trees: list[torch.Tensor | None], query_lens: list[int], seq_lens: list[int]
+) -> None:
+    """Speculative draft trees (`ForwardBatch.tree_masks`): a request's last `n` query rows see
+    the keys before its last `m`, then of those only what its `[n, m]` tree mask allows."""
+    for b, tree in enumerate(trees):
+        if tree is None:
+            continue
+        (n, m), q, s = tree.shape, query_lens[b], seq_lens[b]
+        mask[b, 0, q - n : q, s - m : s] = tree
 
 
 class TorchAttention(Attention):

@@ -63,6 +63,8 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graph = True
     #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with per-layer scales.
     supports_fp8_kv = True
+    #: The extend kernel applies `ForwardBatch.tree_masks` (speculative draft trees).
+    supports_tree_mask = True
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.tokens_per_block = triton_attention.tokens_per_block(self.group)
         self.decode_block_n = triton_attention.decode_block_n(model.head_dim)
         self.batch: ForwardBatch | None = None
+        self.tree: tuple[torch.Tensor, torch.Tensor] | None = None  # (meta, bits) of the step
         self.is_decode = False
         self.num_splits = 1
         self.num_blocks = 0
@@ -158,6 +161,7 @@ class TritonAttentionBackend(AttentionBackend):
             self.num_blocks = len(block_map)
             self._reserve(num_requests, max_pages, self.num_blocks, 0)
             _upload(self.block_map[: self.num_blocks], block_map)
+        self.tree = _tree_metadata(batch.tree_masks, self.device) if batch.tree_masks else None
 
         cap = self.max_requests
         meta = np.zeros(3 * cap + 1, dtype=np.int32)
@@ -207,6 +211,8 @@ class TritonAttentionBackend(AttentionBackend):
                 self.num_blocks,
                 scale,
                 out,
+                tree_meta=self.tree[0] if self.tree else None,
+                tree_bits=self.tree[1] if self.tree else None,
             )
         return out.mul_(v_scale) if v_scale != 1.0 else out
 
@@ -253,6 +259,26 @@ def _require_runtime(device: torch.device) -> None:
             f"{device.type}; set TRITON_INTERPRET=1 to run its kernels in Triton's CPU "
             "interpreter (slow, for tests), or choose --attention torch"
         )
+
+
+def _tree_metadata(
+    trees: list[torch.Tensor | None], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The extend kernel's tree inputs: int32 `[B, 3]` (the mask's rows `n` and columns `m`,
+    its offset) and the masks as one flat int8 tensor; None when no request has a tree."""
+    if all(t is None for t in trees):
+        return None
+    meta = np.zeros((len(trees), 3), dtype=np.int32)
+    bits, offset = [], 0
+    for b, tree in enumerate(trees):
+        if tree is not None:
+            meta[b] = (tree.shape[0], tree.shape[1], offset)
+            bits.append(tree.reshape(-1).to(torch.int8))
+            offset += tree.numel()
+    return (
+        torch.from_numpy(meta).to(device, non_blocking=True),
+        torch.cat(bits).to(device, non_blocking=True),
+    )
 
 
 def _pow2(n: int) -> int:

@@ -6,16 +6,24 @@ and how much of the context its KV covers. Each `propose` first re-syncs the sha
 request's tokens (the longest common prefix keeps its KV: accepted drafts stay, rejected ones
 are recomputed), feeds what the draft has not seen, then drafts k tokens one forward each.
 Greedy requests draft by argmax (a point mass); sampling requests draft by sampling the
-draft's temperature distribution and hand it over for rejection sampling.
+draft's temperature distribution and hand it over for rejection sampling. With `topk` > 1 the
+draft grows a tree instead (EAGLE-2's way, `tree_search`; the greedy chain is its first path),
+one forward per depth with a tree mask; its nodes are point masses for every request.
+
+With the target's random weights (`--load-format dummy`) the draft's are random too, drawn the
+same way: the target's own config directory as the draft gives a perfect draft (benchmarks of
+the verify's overhead on real configs without their weights).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 import torch
+from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.slots import PluginContext, Speculator
 from pegboard.sdk.types import Drafts, KVPool, Request
 
@@ -29,11 +37,20 @@ class DraftOptions(pydantic.BaseModel):
         None, description="the draft model's HF directory (same tokenizer as the target)"
     )
     num_draft_tokens: int = pydantic.Field(4, ge=1, description="draft tokens per step at most")
+    topk: int = pydantic.Field(1, ge=1, description="children per expanded tree node (1: chain)")
+    num_steps: int | None = pydantic.Field(
+        None, ge=1, description="a tree's depth (default: num_draft_tokens)"
+    )
     kv_cache_tokens: int = pydantic.Field(
         65536, ge=16, description="tokens the draft's own KV pool holds (all requests)"
     )
     attention: str = pydantic.Field(
         "auto", description="the draft's attention backend: torch, triton, auto (triton on CUDA)"
+    )
+    load_format: Literal["auto", "dummy"] | None = pydantic.Field(
+        None,
+        description="the draft's weights: auto (its checkpoint), dummy (random, drawn as the "
+        "target's: the same config makes the same weights); default: the target's",
     )
 
 
@@ -68,7 +85,10 @@ class DraftModelSpeculator(Speculator):
         if not o.model_path:
             raise ValueError("the draft speculator needs model_path (--draft-model-path)")
         dtype = str(ctx.model.dtype).removeprefix("torch.") if ctx.model else "auto"
-        self.runner = ModelRunner(o.model_path, dtype, str(ctx.device), None, progress=False)
+        load_format = o.load_format or ctx.engine.get("load_format") or "auto"
+        self.runner = ModelRunner(
+            o.model_path, dtype, str(ctx.device), None, progress=False, load_format=load_format
+        )
         self.page_size = int(ctx.engine.get("page_size") or 16)
         num_pages = -(-o.kv_cache_tokens // self.page_size)
         pool = KVPool.allocate(self.runner.info, num_pages, self.page_size)
@@ -88,6 +108,8 @@ class DraftModelSpeculator(Speculator):
             max(min(k, self.options.num_draft_tokens, context - r.num_tokens), 0)
             for r, k in zip(requests, max_tokens)
         ]
+        if self.options.topk > 1:
+            return self._propose_trees(requests, limits, context)
         shadows = [self._sync(r, k) if k else None for r, k in zip(requests, limits)]
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
@@ -112,6 +134,67 @@ class DraftModelSpeculator(Speculator):
             Drafts(d, probs=torch.stack(p) if p and len(p) == len(d) else None)
             for d, p in zip(drafts, probs)
         ]
+
+    def _propose_trees(
+        self, requests: list[Request], limits: list[int], context: int
+    ) -> list[Drafts]:
+        """EAGLE-2 trees grown with the draft model (`tree_search`): one forward per depth for
+        every request's frontier, each node attending to the context and its ancestors. The
+        tree's KV is dropped afterwards (the next sync recomputes what was accepted)."""
+        o = self.options
+        topk = o.topk
+        depth = {}
+        for i, (r, k) in enumerate(zip(requests, limits)):
+            d = min(o.num_steps or o.num_draft_tokens, k)
+            while d > 1 and r.num_tokens + topk * (d - 1) > context:
+                d -= 1
+            depth[i] = d
+        shadows = {
+            i: s
+            for i, (r, k) in enumerate(zip(requests, limits))
+            if k and (s := self._sync(r, topk * (depth[i] - 1) + 1)) is not None
+        }
+        trees = {i: DraftTree(topk) for i in shadows}
+        start = {i: s.num_tokens for i, s in shadows.items()}  # the context's length
+        fed: dict[int, list[int]] = {i: [] for i in shadows}  # tree nodes in KV order
+        frontier: dict[int, list[int]] = {i: [-1] for i in shadows}  # -1: the last token
+        for d in range(1, max(depth.values(), default=0) + 1):
+            live = [i for i in shadows if d <= depth[i] and frontier[i]]
+            if not live:
+                break
+            if d > 1:
+                for i in live:
+                    shadows[i].token_ids.extend(trees[i].tokens[f] for f in frontier[i])
+            batch = self.runner.prepare(
+                [shadows[i] for i in live],
+                [shadows[i].num_uncomputed_tokens for i in live],
+                self.page_size,
+            )
+            if d > 1:
+                _tree_rows(batch, [(trees[i], fed[i], frontier[i], start[i]) for i in live])
+            logits = self.runner.forward(batch).float().log_softmax(-1)
+            values, ids = logits.topk(topk, dim=-1)
+            row = 0
+            for i in live:
+                s, tree = shadows[i], trees[i]
+                s.num_computed_tokens = s.num_tokens
+                new = []
+                for f in frontier[i]:
+                    new += tree.add_children(f, values[row].tolist(), ids[row].tolist())
+                    row += 1
+                if d > 1:
+                    fed[i] += frontier[i]
+                frontier[i] = tree.frontier(new)
+        out = []
+        for i in range(len(requests)):
+            if i not in shadows:
+                out.append(Drafts([]))
+                continue
+            s = shadows[i]
+            del s.token_ids[start[i] :]  # the tree's KV is not the context's
+            s.num_computed_tokens = start[i]
+            out.append(trees[i].drafts(limits[i]))
+        return out
 
     def _sync(self, r: Request, k: int) -> Request | None:
         """The request's shadow, its tokens set to the request's and its KV trimmed to the
@@ -164,6 +247,32 @@ def _choose(logits: torch.Tensor, r: Request, shadow: Request) -> tuple[int, tor
         shadow.plugin_state["generator"] = gen
     q = (logits.float() / r.params.temperature).softmax(dim=-1)
     return int(torch.multinomial(q, 1, generator=gen)), q
+
+
+def _tree_rows(batch, requests: list[tuple[DraftTree, list[int], list[int], int]]) -> None:
+    """A tree-drafting forward: per request (its tree, the nodes already in its KV, the
+    frontier being fed, the context's length), every frontier row's logits, its position by
+    depth, and a mask over the fed nodes: its ancestors and itself."""
+    positions, masks, rows, end = [], [], [], 0
+    for (tree, fed, frontier, start), q in zip(requests, batch.query_lens_cpu):
+        nodes = fed + frontier
+        col = {node: j for j, node in enumerate(nodes)}
+        mask = torch.zeros(len(frontier), len(nodes), dtype=torch.bool)
+        for j, f in enumerate(frontier):
+            a = f
+            while a >= 0:
+                mask[j, col[a]] = True
+                a = tree.parents[a]
+        masks.append(mask)
+        positions += [start - 1 + tree.depths[f] for f in frontier]
+        rows += range(end + q - len(frontier), end + q)
+        end += q
+    device = batch.input_ids.device
+    index = torch.tensor(rows, dtype=torch.int64, device=device)
+    batch.positions = batch.positions.clone()
+    batch.positions[index] = torch.tensor(positions, dtype=torch.int64, device=device)
+    batch.tree_masks = masks
+    batch.logits_rows = index
 
 
 def _backend(name: str, info, pool: KVPool):

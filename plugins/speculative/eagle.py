@@ -15,6 +15,10 @@ A head is one decoder layer that drafts from the target's own hidden states:
 The embedding is the target's (`embed_tokens` in the head's checkpoint, if present, wins).
 The head keeps its own KV per request (`request.plugin_state["eagle"]`): real entries for
 every target position it has seen, plus this step's draft positions, dropped next step.
+
+With `topk` > 1 the head drafts a tree (EAGLE-2, `tree_search.DraftTree`): best-first by the
+head's confidence, `num_steps` deep, `num_draft_tokens` nodes, the greedy chain as its first
+path. Expanded nodes attend to the real entries, their ancestors and themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pegboard.core.models.config import RopeConfig
 from pegboard.core.models.layers import RMSNorm
 from pegboard.core.models.rope import RotaryEmbedding
 from pegboard.core.speculative.hidden import FEATURES_KEY
+from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.slots import PluginContext, Speculator
 from pegboard.sdk.types import Drafts, Request
 from torch import nn
@@ -44,6 +49,10 @@ class EagleOptions(pydantic.BaseModel):
 
     model_path: str | None = pydantic.Field(None, description="the EAGLE head's directory")
     num_draft_tokens: int = pydantic.Field(4, ge=1, description="draft tokens per step at most")
+    topk: int = pydantic.Field(1, ge=1, description="children per expanded tree node (1: chain)")
+    num_steps: int | None = pydantic.Field(
+        None, ge=1, description="a tree's depth (default: num_draft_tokens)"
+    )
 
 
 def read_head_config(path: str | Path) -> dict:
@@ -123,10 +132,10 @@ class EagleSpeculator(Speculator):
         out = []
         for r, k in zip(requests, max_tokens):
             k = min(k, self.options.num_draft_tokens)
-            out.append(Drafts(self._draft(r, k) if k and self.head is not None else []))
+            out.append(self._draft(r, k) if k and self.head is not None else Drafts([]))
         return out
 
-    def _draft(self, r: Request, k: int) -> list[int]:
+    def _draft(self, r: Request, k: int) -> Drafts:
         state: HeadCache = r.plugin_state.get(STATE_KEY)
         if state is None:
             state = r.plugin_state[STATE_KEY] = HeadCache()
@@ -141,12 +150,16 @@ class EagleSpeculator(Speculator):
                 feats.append(block[lo:hi])
                 positions.extend(range(start + lo, start + hi))
         if not positions:
-            return []
+            return Drafts([])
         ids = [tokens[t + 1] for t in positions]
         hidden = self.head.step(
             torch.cat(feats), ids, positions, state, first=True
         )  # [n, hidden]; the last row predicts the token after the context
         state.commit(positions[-1] + 1)
+        if self.options.topk > 1:
+            depth = min(self.options.num_steps or self.options.num_draft_tokens, k)
+            return draft_tree(self.head, state, hidden[-1:], positions[-1], self.options.topk,
+                              depth, k)  # fmt: skip
         drafts = []
         last, pos = hidden[-1:], positions[-1]
         for _ in range(k):
@@ -154,7 +167,38 @@ class EagleSpeculator(Speculator):
             drafts.append(token)
             pos += 1
             last = self.head.step(last, [token], [pos], state, first=False)
-        return drafts
+        return Drafts(drafts)
+
+
+def draft_tree(head, state, last, pos: int, topk: int, depth: int, limit: int) -> Drafts:
+    """EAGLE-2's draft tree (`tree_search`) from the head output `last` `[1, H]` at the
+    context's last position `pos`; expanded nodes attend to the real entries and their
+    ancestors."""
+    tree = DraftTree(topk)
+    values, ids = head.draft_topk(last, topk)
+    frontier = tree.add_children(-1, values[0].tolist(), ids[0].tolist())
+    inputs = last.expand(topk, -1)
+    row_of: dict[int, int] = {}  # expanded node -> its row among the head's draft entries
+    for d in range(2, depth + 1):
+        before = len(state.positions) - state.real
+        mask = torch.zeros(len(frontier), before + len(frontier), dtype=torch.bool)
+        for j, f in enumerate(frontier):
+            row_of[f] = before + j
+            a = f
+            while a >= 0:
+                mask[j, row_of[a]] = True
+                a = tree.parents[a]
+        out = head.step(inputs, [tree.tokens[f] for f in frontier], [pos + d - 1] * len(frontier),
+                        state, first=False, tree_mask=mask.to(last.device))  # fmt: skip
+        values, ids = head.draft_topk(out, topk)
+        new, parent_row = [], {}
+        for j, f in enumerate(frontier):
+            for i in tree.add_children(f, values[j].tolist(), ids[j].tolist()):
+                new.append(i)
+                parent_row[i] = j
+        frontier = tree.frontier(new)
+        inputs = out[torch.tensor([parent_row[i] for i in frontier], device=out.device)]
+    return tree.drafts(limit)
 
 
 class HeadCache:
@@ -284,8 +328,12 @@ class EagleHead(nn.Module):
                 del self.__dict__["embed"]
                 self.embed = nn.Embedding.from_pretrained(weights[key], freeze=True)
 
-    def step(self, features, ids, positions, cache: HeadCache, first: bool) -> torch.Tensor:
-        """Run the layer on new rows (appending their KV); returns the pre-norm output."""
+    def step(
+        self, features, ids, positions, cache: HeadCache, first: bool, tree_mask=None
+    ) -> torch.Tensor:
+        """Run the layer on new rows (appending their KV); returns the pre-norm output.
+        `tree_mask` `[new rows, draft entries + new rows]`: which of the cache's draft entries
+        (after the real ones) each new row sees; None: all before it (a chain)."""
         device = features.device
         emb = self.embed(torch.tensor(ids, device=device)).to(features.dtype)
         if self.eagle3:
@@ -296,13 +344,13 @@ class EagleHead(nn.Module):
             h = self.fc(torch.cat([emb, features], dim=-1))
             residual = h
             x = self.input_layernorm(h)
-        attn = self._attend(x, positions, cache)
+        attn = self._attend(x, positions, cache, tree_mask)
         h2 = attn + residual
         mlp_in = self.post_attention_layernorm(h2)
         out = self.down_proj(F.silu(self.gate_proj(mlp_in)) * self.up_proj(mlp_in)) + h2
         return out
 
-    def _attend(self, x, positions, cache: HeadCache) -> torch.Tensor:
+    def _attend(self, x, positions, cache: HeadCache, tree_mask=None) -> torch.Tensor:
         n = x.shape[0]
         pos = torch.tensor(positions, device=x.device)
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
@@ -314,11 +362,20 @@ class EagleHead(nn.Module):
         keys = cache.k[: before + n].transpose(0, 1)
         values = cache.v[: before + n].transpose(0, 1)
         mask = torch.ones(n, before + n, dtype=torch.bool, device=x.device).tril(before)
+        if tree_mask is not None:
+            mask[:, cache.real :] = tree_mask
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys, values, attn_mask=mask,
             scale=1 / math.sqrt(self.head_dim), enable_gqa=self.num_heads != self.num_kv_heads,
         )  # fmt: skip
         return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+    def draft_topk(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of `out`, the `k` best draft tokens' log-probabilities and target ids."""
+        if self.eagle3:
+            values, ids = self.lm_head(self.norm(out)).float().log_softmax(-1).topk(k, dim=-1)
+            return values, ids + self.d2t[ids]
+        return self.target_logits(out).float().log_softmax(-1).topk(k, dim=-1)
 
     def draft_token(self, out: torch.Tensor) -> int:
         if self.eagle3:

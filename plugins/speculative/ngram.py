@@ -4,10 +4,13 @@ The draft is copied from the request's own context: find the most recent earlier
 of the context's last n tokens (n from `max_ngram` down to `min_ngram`) and propose the tokens
 that followed it. Extractive work (summaries, code edits, quoting) repeats its input, so the
 guesses are often right; when nothing matches, no draft is proposed and the step is plain decode.
+With `topk` > 1 the draft is a tree: the continuations of up to `topk` latest earlier
+occurrences, merged where they agree (the latest one is the tree's first path), verified in one
+forward.
 
 Each request keeps an index (in `request.plugin_state["ngram"]`) from every n-gram of its
 context to where it last ended, extended by the tokens added since the previous step, so a
-lookup costs O(max_ngram) per request and step whatever the context length.
+lookup costs O(max_ngram * topk) per request and step whatever the context length.
 """
 
 from __future__ import annotations
@@ -23,17 +26,24 @@ class NgramOptions(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     num_draft_tokens: int = pydantic.Field(4, ge=1, description="draft tokens per step at most")
+    topk: int = pydantic.Field(
+        1, ge=1, description="continuations merged into a draft tree (1: a chain)"
+    )
+    num_steps: int | None = pydantic.Field(
+        None, ge=1, description="a tree's depth (default: num_draft_tokens)"
+    )
     max_ngram: int = pydantic.Field(3, ge=1, description="longest suffix looked up")
     min_ngram: int = pydantic.Field(1, ge=1, description="shortest suffix looked up")
 
 
 class NgramIndex:
-    """n-gram -> the index of its last token, for the grams of `tokens[:indexed]` that end
-    before the context's last token (the suffix being looked up never matches itself)."""
+    """n-gram -> the indices of its last token (the latest `keep` occurrences, latest first),
+    for the grams of `tokens[:indexed]` that end before the context's last token (the suffix
+    being looked up never matches itself)."""
 
-    def __init__(self, min_n: int, max_n: int) -> None:
-        self.min_n, self.max_n = min_n, max_n
-        self.ends: dict[tuple[int, ...], int] = {}
+    def __init__(self, min_n: int, max_n: int, keep: int = 1) -> None:
+        self.min_n, self.max_n, self.keep = min_n, max_n, keep
+        self.ends: dict[tuple[int, ...], list[int]] = {}
         self.indexed = 0  # grams ending at positions < indexed are in `ends`
 
     def update(self, tokens: list[int]) -> None:
@@ -43,15 +53,46 @@ class NgramIndex:
         for end in range(self.indexed, len(tokens) - 1):
             for n in range(self.min_n, self.max_n + 1):
                 if end - n + 1 >= 0:
-                    self.ends[tuple(tokens[end - n + 1 : end + 1])] = end
+                    gram = tuple(tokens[end - n + 1 : end + 1])
+                    ends = self.ends.get(gram)
+                    if ends is None:
+                        self.ends[gram] = [end]
+                    elif ends[0] != end:
+                        ends.insert(0, end)
+                        del ends[self.keep :]
         self.indexed = max(self.indexed, len(tokens) - 1)
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
+        found = self.continuations(tokens, k)
+        return found[0] if found else []
+
+    def continuations(self, tokens: list[int], depth: int) -> list[list[int]]:
+        """What followed each kept occurrence of the longest suffix found, latest first."""
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
-            end = self.ends.get(tuple(tokens[len(tokens) - n :]))
-            if end is not None:
-                return tokens[end + 1 : end + 1 + k]
+            ends = self.ends.get(tuple(tokens[len(tokens) - n :]))
+            if ends:
+                return [tokens[e + 1 : e + 1 + depth] for e in ends]
         return []
+
+
+def merge_tree(paths: list[list[int]], limit: int) -> Drafts:
+    """The draft tree whose root-to-leaf paths are `paths` (shared prefixes merged), at most
+    `limit` tokens, in the order the paths come: the first path is the tree's first path."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    child: dict[tuple[int, int], int] = {}  # (parent, token) -> index
+    for path in paths:
+        parent = -1
+        for t in path:
+            at = child.get((parent, t))
+            if at is None:
+                if len(tokens) == limit:
+                    break
+                at = child[(parent, t)] = len(tokens)
+                tokens.append(t)
+                parents.append(parent)
+            parent = at
+    return Drafts(tokens, parents=parents)
 
 
 class NgramSpeculator(Speculator):
@@ -65,10 +106,16 @@ class NgramSpeculator(Speculator):
         out = []
         for r, k in zip(requests, max_tokens):
             index = r.plugin_state.get(STATE_KEY)
-            if index is None:
-                index = r.plugin_state[STATE_KEY] = NgramIndex(o.min_ngram, o.max_ngram)
+            if index is None or index.keep != o.topk:
+                index = NgramIndex(o.min_ngram, o.max_ngram, o.topk)
+                r.plugin_state[STATE_KEY] = index
             index.update(r.token_ids)
-            out.append(Drafts(index.lookup(r.token_ids, min(k, o.num_draft_tokens))))
+            k = min(k, o.num_draft_tokens)
+            if o.topk == 1:
+                out.append(Drafts(index.lookup(r.token_ids, k)))
+                continue
+            depth = min(o.num_steps or o.num_draft_tokens, k)
+            out.append(merge_tree(index.continuations(r.token_ids, depth), k))
         return out
 
 

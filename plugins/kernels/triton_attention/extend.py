@@ -13,6 +13,11 @@ new tokens before the block), with only a bounds check; then the keys of the blo
 tokens, with the causal mask (query at position `p` sees keys `0 .. p`). The step's new keys
 and values must already be in the pool (`store_kv` runs first), so both phases read one
 paged source.
+
+Speculative draft trees (`TREE`): a request's last `n` new tokens may carry an `[n, m]` mask
+over its last `m` keys (int8, row-major, at `tree_meta[req, 2]` in `tree_bits`; `n`, `m` at
+`tree_meta[req, 0:2]`, 0 for none) that further restricts which of those keys each of them
+sees, in both phases (a tree longer than a query block reaches into the shared phase).
 """
 
 from __future__ import annotations
@@ -48,12 +53,19 @@ def _attend_tile(
     offs_n,
     offs_d,
     d_mask,
+    tree_bits,
+    tree_q,
+    tree_k,
+    tree_n,
+    tree_m,
     CAUSAL: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    TREE: tl.constexpr,
 ):
     """One online-softmax update of `acc`, `m_i`, `l_i` with keys `tile .. tile + BLOCK_N`
-    below `limit` (and, when `CAUSAL`, at most each row's position)."""
+    below `limit` (and, when `CAUSAL`, at most each row's position; with `TREE`, where both
+    the row and the key are in the request's tree mask, only the key's bit in the row's)."""
     toks = tile + offs_n
     n_mask = toks < limit
     pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -81,6 +93,17 @@ def _attend_tile(
     visible = n_mask[None, :]
     if CAUSAL:
         visible = visible & (toks[None, :] <= q_pos[:, None])
+    if TREE:
+        q_rel = q_pos - tree_q
+        k_rel = toks - tree_k
+        in_tree = (
+            (q_rel[:, None] >= 0)
+            & (q_rel[:, None] < tree_n)
+            & (k_rel[None, :] >= 0)
+            & n_mask[None, :]
+        )
+        bits = tl.load(tree_bits + q_rel[:, None] * tree_m + k_rel[None, :], mask=in_tree, other=1)
+        visible = visible & (bits != 0)
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -100,6 +123,8 @@ def _extend_kernel(
     Prefix_lens,
     Query_starts,
     Block_map,
+    Tree_meta,
+    Tree_bits,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -120,6 +145,7 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    TREE: tl.constexpr,
 ):
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -129,6 +155,15 @@ def _extend_kernel(
     q_len = tl.load(Query_starts + req + 1) - q_start
     prefix = tl.load(Prefix_lens + req)
     seq_len = prefix + q_len
+    tree_n = 0
+    tree_m = 0
+    tree_bits = Tree_bits
+    if TREE:
+        tree_n = tl.load(Tree_meta + 3 * req)
+        tree_m = tl.load(Tree_meta + 3 * req + 1)
+        tree_bits = Tree_bits + tl.load(Tree_meta + 3 * req + 2).to(tl.int64)
+    tree_q = seq_len - tree_n  # the first query and key positions the mask covers
+    tree_k = seq_len - tree_m
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -155,13 +190,15 @@ def _extend_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, tile, shared_end, q_pos, pages_row, K_cache, V_cache, kv_head,
             qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, CAUSAL=False, PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION,
+            offs_n, offs_d, d_mask, tree_bits, tree_q, tree_k, tree_n, tree_m, CAUSAL=False,
+            PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION, TREE=TREE,
         )  # fmt: skip
     for tile in range(shared_end, block_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, tile, block_end, q_pos, pages_row, K_cache, V_cache, kv_head,
             qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-            offs_n, offs_d, d_mask, CAUSAL=True, PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION,
+            offs_n, offs_d, d_mask, tree_bits, tree_q, tree_k, tree_n, tree_m, CAUSAL=True,
+            PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION, TREE=TREE,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -210,6 +247,8 @@ def extend_attention(
     block_n: int = 32,
     num_warps: int = 4,
     num_stages: int = 3,
+    tree_meta: torch.Tensor | None = None,
+    tree_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of every new token over its request's cached prefix and the new
     tokens up to itself; returns `out`.
@@ -221,6 +260,8 @@ def extend_attention(
     new-token counts (cu_seqlens); `block_map`: int32 `[>= num_blocks, 2]` from
     `build_block_map` with `tokens_per_block(group, block_m)`. The default tiles (64 query
     rows, 32 keys, 4 warps, 3 stages) were the fastest of a sweep on the H100 at head size 128.
+    Draft trees: `tree_meta` int32 `[>= B, 3]` (each request's mask rows and columns, its
+    offset) and `tree_bits` int8 (the masks, see the module docstring).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -239,6 +280,8 @@ def extend_attention(
         prefix_lens,
         query_starts,
         block_map,
+        tree_meta if tree_meta is not None else block_map,
+        tree_bits if tree_bits is not None else block_map,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -259,6 +302,7 @@ def extend_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
+        TREE=tree_meta is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
