@@ -250,7 +250,7 @@ def main() -> None:
     model_dir = args.model or str(random_weights_model_dir(args.config))
     logdir = os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-pd-")
     os.makedirs(logdir, exist_ok=True)
-    results = {"config": args.config, "backend": args.backend}
+    results = {"config": args.model or args.config, "backend": args.backend}
     for setup in args.setups.split(","):
         url, procs = start(setup, model_dir, args.backend, logdir, args.server_args.split())
         try:

@@ -49,9 +49,10 @@ class UpstreamResponse:
         status: int,
         headers: dict[str, str],
         head_request: bool,
+        timeout: float,
     ) -> None:
         self._client, self._key, self._conn = client, key, conn
-        self.status, self.headers = status, headers
+        self.status, self.headers, self.timeout = status, headers, timeout
         self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = headers.get("content-length")
         if head_request or status in (204, 304):
@@ -77,7 +78,7 @@ class UpstreamResponse:
 
         `framed` (a chunked body only): the worker's chunk frames as they came, in whole frames,
         the last one (size 0) included — bytes a chunked response passes on unchanged."""
-        reader, timeout = self._conn.reader, self._client.timeout
+        reader, timeout = self._conn.reader, self.timeout
         complete = False
         try:
             if self._length is not None:
@@ -106,7 +107,11 @@ class UpstreamResponse:
                     buffer += more
             else:  # the body ends when the connection does
                 self._keep = False
-                while data := await reader.read(1 << 16):
+                while True:
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(1 << 16)
+                    if not data:
+                        break
                     yield data
             complete = True
         except (
@@ -135,7 +140,8 @@ class UpstreamResponse:
 
 class UpstreamClient:
     """Kept-alive connections to the workers (see the module docstring). `timeout` bounds each
-    wait for bytes from a worker, `connect_timeout` each connection attempt."""
+    wait for bytes from a worker (a request may set its own), `connect_timeout` each
+    connection attempt."""
 
     def __init__(self, timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
         self.timeout, self.connect_timeout = timeout, connect_timeout
@@ -217,7 +223,7 @@ class UpstreamClient:
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        return UpstreamResponse(self, key, conn, status, headers, method == "HEAD")
+        return UpstreamResponse(self, key, conn, status, headers, method == "HEAD", timeout)
 
     def _release(self, key: tuple[str, int], conn: Connection) -> None:
         idle = self._idle.setdefault(key, [])
