@@ -226,7 +226,8 @@ def route(request: RouteRequest, workers: list[WorkerLoad]) -> str | None:
     when that worker could not take it (connection refused, died before the first byte).
 
     :param request: the endpoint, the routing key (`text`: prompt, chat contents, or token ids
-        one character each) and the parsed body.
+        one character each) and the parsed body — both parsed when first read, so a policy
+        that reads neither adds no JSON parsing to the request path.
     :param workers: the healthy workers the request may go to (never empty), each with the
         router's count of its open requests and the load the worker last reported.
     :returns: the `url` of one of `workers`. Any other value is reported as an error naming

@@ -11,9 +11,13 @@ mixed load: `--streams` decode streams (short prompt, `--stream-tokens` tokens e
 once; after `--long-delay` s, `--long-prompts` prompts of `--long-len` tokens arrive one per
 `--long-gap` s. Reported: the decode streams' ITL p50/p99 (gaps between streamed chunks while
 long prompts arrive) and TTFT, the long prompts' TTFT, and for `pd` the KV transfer bandwidth
-per request (from the prefill server's log lines). Prints JSON.
+per request (from the prefill server's log lines) and the transfer counters of both servers'
+`/metrics` (`pegboard:kv_transfer_*`). Prints JSON (and writes it to `--json`).
 
-    python scripts/bench_pd.py --config qwen3-0.6b --backend mooncake
+    python scripts/bench_pd.py --config qwen3-0.6b --backend mooncake --json pd.json
+
+On the lent two-GPU machine: `bash scripts/device-run.sh pd-mooncake` (or `pd-nixl`); what to
+carry is in docs/benchmarks.md, "PD disaggregation".
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, name: str, cmd: list[str], gpus: str | None, logdir: str) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], gpus: str | None, logdir: str, url: str = ""
+    ) -> None:
+        self.url = url
         env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
         env.setdefault("UCX_MODULES", "^ib")
         if gpus is not None:
@@ -101,9 +108,10 @@ def start(setup: str, model_dir: str, backend: str, logdir: str, server_args: li
         pp, dp, bport = free_port(), free_port(), free_port()
         pd = ["--transfer", backend]
         prefill = Proc("prefill", serve_cmd(model_dir, pp, [*pd, "--disaggregation-mode", "prefill",
-                       "--disaggregation-bootstrap-port", str(bport), *server_args]), "0", logdir)  # fmt: skip
+                       "--disaggregation-bootstrap-port", str(bport), *server_args]), "0", logdir,
+                       f"http://127.0.0.1:{pp}")  # fmt: skip
         decode = Proc("decode", serve_cmd(model_dir, dp, [*pd, "--disaggregation-mode", "decode",
-                      *server_args]), "1", logdir)  # fmt: skip
+                      *server_args]), "1", logdir, f"http://127.0.0.1:{dp}")  # fmt: skip
         wait_healthy(f"http://127.0.0.1:{pp}", [prefill])
         wait_healthy(f"http://127.0.0.1:{dp}", [decode])
         router = Proc("router", [*PY, "router", "--pd", "--port", str(port), "--prefill",
@@ -202,11 +210,29 @@ def transfer_stats(log: str) -> dict:
     }
 
 
+def transfer_metrics(url: str) -> dict:
+    """The `pegboard:kv_transfer*` series of a server's /metrics, summed over labels but
+    `result` (transfers ok / failed)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for name, labels, value in METRIC_LINE.findall(text):
+        if name.endswith(("_bucket", "_created")):
+            continue
+        if "result=" in labels:
+            name += "_" + re.search(r'result="(\w+)"', labels).group(1)
+        out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+METRIC_LINE = re.compile(r"^pegboard:(kv_transfer\w*?)(\{[^}]*\})? ([0-9.e+-]+)$", re.M)
+
+
 def main() -> None:
     from pegboard.core.bench.models import random_weights_model_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="qwen3-0.6b")
+    p.add_argument("--model", default=None, help="a checkpoint folder instead of --config's")
     p.add_argument("--backend", default="mooncake", choices=["mooncake", "nixl"])
     p.add_argument("--setups", default="colocated,pd,dp2")
     p.add_argument("--check-prompts", type=int, default=8)
@@ -219,27 +245,44 @@ def main() -> None:
     p.add_argument("--long-gap", type=float, default=0.5)
     p.add_argument("--max-token-id", type=int, default=30000)
     p.add_argument("--server-args", default="", help="more `pegboard serve` flags")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
     args = p.parse_args()
-    model_dir = str(random_weights_model_dir(args.config))
+    model_dir = args.model or str(random_weights_model_dir(args.config))
     logdir = os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-pd-")
     os.makedirs(logdir, exist_ok=True)
-    results = {"config": args.config, "backend": args.backend}
+    results = {"config": args.model or args.config, "backend": args.backend}
     for setup in args.setups.split(","):
         url, procs = start(setup, model_dir, args.backend, logdir, args.server_args.split())
         try:
             results[setup] = asyncio.run(workload(url, args))
             if setup == "pd":
                 results[setup]["kv_transfer"] = transfer_stats(procs[0].log())
+                for name, proc in (("prefill", procs[0]), ("decode", procs[1])):
+                    results[setup][f"{name}_metrics"] = transfer_metrics(proc.url)
         finally:
             for proc in reversed(procs):
                 proc.stop()
         print(f"{setup}: done", file=sys.stderr, flush=True)
+        report(results, args.json)  # so far: a run cut short keeps the finished setups
+    print(json.dumps(report(results, args.json), indent=2))
+
+
+def report(results: dict, path: str | None) -> dict:
+    """`results` with each setup's outputs replaced by how many equal colocated's."""
     base = results.get("colocated", {}).get("outputs")
-    for setup in args.setups.split(","):
-        outs = results[setup].pop("outputs")
-        if base is not None:
-            results[setup]["outputs_equal_colocated"] = sum(a == b for a, b in zip(outs, base))
-    print(json.dumps(results, indent=2))
+    out = {}
+    for key, value in results.items():
+        if isinstance(value, dict) and "outputs" in value:
+            value = dict(value)
+            outs = value.pop("outputs")
+            if base is not None:
+                value["outputs_equal_colocated"] = sum(a == b for a, b in zip(outs, base))
+                value["outputs_checked"] = len(base)
+        out[key] = value
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 if __name__ == "__main__":

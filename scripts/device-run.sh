@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # One run on the lent GPU machine (`device` tool): install what its image lacks from the
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
-# Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] bash scripts/device-run.sh
+# Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [pytest] [tp-tests] [moe-ep]
+#                 [pd-mooncake] [pd-nixl]
+# WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
+# scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # The device tool returns at most 8 files: pack everything into one archive at the end.
 trap '(cd "$OUT" && tar czf /tmp/all-$$.tgz --exclude="all-*.tgz" . \
   && find . -mindepth 1 -maxdepth 1 ! -name "all-*.tgz" -exec rm -rf {} + && mv /tmp/all-$$.tgz .)' EXIT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 if [ -d .kernels ]; then  # FlashInfer kernels prebuilt by `pegboard kernels build` (no JIT here)
   export PEGBOARD_FLASHINFER_KERNELS=$PWD/.kernels FLASHINFER_DISABLE_JIT=1 \
@@ -82,6 +85,15 @@ for job in "${@:-tests}"; do
             --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 --no-progress \
             "${extra[@]}" --json "$OUT/serve-$name.json" 2>"$OUT/serve-$name.err" | tail -8
         done ;;
+    pd-mooncake|pd-nixl) # PD on two GPUs (prefill GPU 0, decode GPU 1) vs colocated on GPU 0 vs
+        # DP=2 (issue 13): the two-GPU equality test, then scripts/bench_pd.py; carry
+        # WHEELS=.whl/$job from scripts/pd_wheels.sh (docs/benchmarks.md, "PD disaggregation")
+        backend=${job#pd-}
+        timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_disaggregation.py \
+          -k "two_gpus and $backend" 2>&1 | tail -5 | tee "$OUT/$job-test.log"
+        mkdir -p "$OUT/$job-logs"
+        OUT="$OUT/$job-logs" timeout 400 python3 scripts/bench_pd.py --config qwen3-0.6b \
+          --backend "$backend" --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60 ;;
     router-prefix) # cache-aware vs round-robin routing over two replicas, shared-prefix workload
         timeout 300 $PB bench prefix --random-weights --config qwen3-0.6b \
           --router-policies cache_aware,round_robin --router-dp-size 2 --json "$OUT/router-prefix.json" \

@@ -6,11 +6,18 @@ Both are plain data built by the router process (`pegboard router`, or `pegboard
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from typing import Any
 
+#: The body field each routed endpoint is keyed by (`RouteRequest.text`).
+KEY_FIELDS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}
 
-@dataclass
+
+class RequestBodyError(ValueError):
+    """The request body is not a JSON object (the router answers 400 with this message)."""
+
+
 class RouteRequest:
     """One HTTP request to route.
 
@@ -21,17 +28,59 @@ class RouteRequest:
     - `body`: the parsed JSON body (read it, do not change it).
     - `retry_of`: workers this request already failed on (connection refused, died before its
       first byte); they are not in `workers` for this call.
+
+    The router hands over the raw body (`raw=`) and parses it only when a policy first reads
+    `text` or `body` (round robin and least load never do, so their requests pass through
+    unparsed); a body that is not a JSON object raises `RequestBodyError` there.
     """
 
-    path: str
-    text: str
-    body: dict[str, Any] = field(default_factory=dict)
-    retry_of: tuple[str, ...] = ()
+    __slots__ = ("path", "retry_of", "_text", "_body", "_raw")
+
+    def __init__(
+        self,
+        path: str,
+        text: str | None = None,
+        body: dict[str, Any] | None = None,
+        retry_of: tuple[str, ...] = (),
+        *,
+        raw: bytes | None = None,
+    ) -> None:
+        self.path = path
+        self.retry_of = retry_of
+        self._text = text
+        self._body = body
+        self._raw = raw
+
+    @property
+    def body(self) -> dict[str, Any]:
+        if self._body is None:
+            self._body = parse_body(self._raw) if self._raw is not None else {}
+        return self._body
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = prompt_key(self.body.get(KEY_FIELDS.get(self.path, "prompt")))
+        return self._text
 
     @property
     def max_tokens(self) -> int:
         value = self.body.get("max_tokens") or self.body.get("max_completion_tokens") or 0
         return value if isinstance(value, int) else 0
+
+    def __repr__(self) -> str:
+        return f"RouteRequest({self.path!r}, retry_of={self.retry_of!r})"
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; `RequestBodyError` otherwise."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestBodyError(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise RequestBodyError("the request body must be a JSON object")
+    return body
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from pegboard.sdk.types import KVPool, Request
 
@@ -44,6 +44,27 @@ TERMINAL = (KVPoll.SUCCESS, KVPoll.FAILED)
 
 class KVTransferError(RuntimeError):
     """A request's KV could not be moved; the message names the peer and the cause."""
+
+
+class KVTransferRecord(TypedDict):
+    """One request's KV transfer as the engine reports it to the metrics exporters
+    (`MetricsSnapshot(kind="transfer", transfer=...)`), once per side when it ends.
+
+    - `backend`: the transfer plugin's name (`mooncake`, `nixl`).
+    - `role`: `prefill` (the sender) or `decode` (the receiver).
+    - `ok`: the KV reached the decode engine; False for a timeout, a dead peer, a library
+      error or an abort.
+    - `bytes`: bytes moved (0 when it failed).
+    - `seconds`: prefill: from posting the copies to their completion; decode: from
+      registering the pages to the KV's arrival (includes waiting for the prefill itself).
+      0 when it failed.
+    """
+
+    backend: str
+    role: Literal["prefill", "decode"]
+    ok: bool
+    bytes: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -284,6 +305,8 @@ class KVReceiver(_Session):
     bootstrap: Bootstrap | None = None
     waiting_timeout: float = 300.0
     registered: bool = False
+    registered_at: float = 0.0
+    num_bytes: int = 0
     first_token: int | None = None
     first_logprobs: Any = None
 
@@ -295,10 +318,12 @@ class KVReceiver(_Session):
     def init(self) -> None:
         """The pages were registered with the prefill side: wait for the KV."""
         self.registered = True
+        self.registered_at = time.monotonic()
         self._advance(KVPoll.WAITING_FOR_INPUT, self.waiting_timeout)
 
-    def succeed(self, first_token: int, logprobs: Any = None) -> None:
-        self.first_token, self.first_logprobs = first_token, logprobs
+    def succeed(self, first_token: int, logprobs: Any = None, num_bytes: int = 0) -> None:
+        """The KV (`num_bytes`, as the prefill side counted them) and the first token arrived."""
+        self.first_token, self.first_logprobs, self.num_bytes = first_token, logprobs, num_bytes
         self._advance(KVPoll.SUCCESS)
 
     def _timeout_message(self) -> str:

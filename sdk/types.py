@@ -415,8 +415,10 @@ class SampleOutput:
 class MetricsSnapshot:
     """What every `export_metrics` consumer receives.
 
-    `kind` is "step" (after each engine step) or "request" (when a request finishes; then
-    `request` is set). Gauges describe the engine after the step.
+    `kind` is "step" (after each engine step), "request" (when a request finishes; then
+    `request` is set) or "transfer" (PD disaggregation: a request's KV transfer ended; then
+    `transfer` is set, a `pegboard.sdk.transfer.KVTransferRecord`). Gauges describe the engine
+    after the step.
     """
 
     kind: str
@@ -436,3 +438,4 @@ class MetricsSnapshot:
     extra: dict[str, float] = field(default_factory=dict)
     #: Errors (exceptions and contract violations) per (slot, plugin name) since start.
     plugin_errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    transfer: dict[str, Any] | None = None

@@ -275,6 +275,7 @@ def test_without_a_healthy_worker_the_router_answers_503(tmp_path):
     [
         (["router"], "--worker"),
         (["router", "--worker", "localhost:8000"], "expected a base URL"),
+        (["router", "--worker", "https://10.0.0.1:8000"], "plain http"),
         (["router", "--worker", "http://127.0.0.1:1", "--worker", "http://127.0.0.1:1"], "twice"),
         (["router", "--worker", "http://127.0.0.1:1", "--health-interval", "0"], "positive"),
         (["router", "--worker", "http://127.0.0.1:1", "--router-policy", "nope"], "round_robin"),

@@ -155,3 +155,16 @@ def test_an_engine_does_not_select_a_router(tiny_llama_dir):
         assert llm.engine.plugins.active("scheduler") is not None
     finally:
         llm.close()
+
+
+def test_the_body_is_parsed_only_when_a_policy_reads_it():
+    from pegboard.sdk.routing import RequestBodyError
+
+    not_json = RouteRequest("/v1/completions", raw=b"{not json")
+    assert policy(RoundRobinRouter).route(not_json, [WorkerLoad(A), WorkerLoad(B)]) in (A, B)
+    with pytest.raises(RequestBodyError, match="not valid JSON"):
+        _ = not_json.text
+    chat = RouteRequest(
+        "/v1/chat/completions", raw=b'{"messages": [{"role": "user", "content": "hi"}]}'
+    )
+    assert chat.text == "user:hi" and chat.body["messages"][0]["content"] == "hi"

@@ -109,3 +109,34 @@ def test_backend_moves_device_memory(backend):
 
     cls = PluginManager().find("transfer", backend).cls
     check_transfer(cls, device="cuda")
+
+
+def test_transfer_snapshots_count_bytes_results_and_durations_per_backend_and_role():
+    from pegboard.plugins.metrics.prometheus import PrometheusExporter
+    from pegboard.sdk.transfer import KVTransferRecord
+    from pegboard.sdk.types import MetricsSnapshot
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exporter = PrometheusExporter()
+
+    def ended(**kw) -> None:
+        fields = {"backend": "nixl", "role": "prefill", "ok": True, "bytes": 1000, "seconds": 0.002}
+        record = KVTransferRecord(**{**fields, **kw})
+        exporter.export_metrics(MetricsSnapshot("transfer", 1.0, transfer=record))
+
+    ended()
+    ended(bytes=500, seconds=0.3)
+    ended(ok=False, bytes=0, seconds=0.0)
+    ended(backend="mooncake", role="decode", bytes=64)
+    samples = {}
+    for family in text_string_to_metric_families(exporter.render().decode()):
+        for s in family.samples:
+            key = (s.name, s.labels.get("backend"), s.labels.get("role"), s.labels.get("result"))
+            samples[key] = s.value
+    nixl = ("nixl", "prefill")
+    assert samples[("pegboard:kv_transfers_total", *nixl, "ok")] == 2
+    assert samples[("pegboard:kv_transfers_total", *nixl, "failed")] == 1
+    assert samples[("pegboard:kv_transfer_bytes_total", *nixl, None)] == 1500
+    assert samples[("pegboard:kv_transfer_duration_seconds_count", *nixl, None)] == 2
+    assert samples[("pegboard:kv_transfer_duration_seconds_sum", *nixl, None)] == 0.302
+    assert samples[("pegboard:kv_transfer_bytes_total", "mooncake", "decode", None)] == 64

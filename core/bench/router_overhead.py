@@ -8,6 +8,15 @@ the median of the paired differences.
 
 The router is started here (`pegboard router --worker URL`, round robin over one worker) and
 stopped afterwards. Requests: a short text prompt, `max_tokens` 1, greedy, streamed.
+
+`--stub-worker` (instead of `--worker`) starts a stub worker that answers at once (one SSE
+event and `[DONE]`, no model): the difference is then the router's cost alone, not diluted by
+an engine competing for the same cores. `--router-python PY` starts the router with another
+interpreter (another checkout's venv), to compare two versions with the same command:
+
+    python -m pegboard.core.bench.router_overhead --stub-worker -n 1000
+    python -m pegboard.core.bench.router_overhead --stub-worker -n 1000 \
+        --router-python /path/to/other/.venv/bin/python
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pegboard.core.bench.serve import (
     send_request,
     wait_ready,
 )
+from pegboard.core.router.http import HTTPServer, Request, Response, json_response
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -79,29 +89,64 @@ async def measure(
     }
 
 
+async def stub_worker(request: Request) -> Response:
+    """A worker that answers at once: JSON for GETs, one SSE event and `[DONE]` for a POST."""
+    if request.method == "GET":
+        return json_response({"data": [{"id": "stub"}], "num_requests": 0, "num_tokens": 0})
+    event = {"choices": [{"index": 0, "text": "x", "finish_reason": "length"}]}
+
+    async def chunks():
+        yield f"data: {json.dumps(event)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return Response(200, media_type="text/event-stream", chunks=chunks())
+
+
+async def _serve_stub(port: int) -> None:
+    server = HTTPServer(stub_worker)
+    await server.start("127.0.0.1", port)
+    await asyncio.Event().wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     from pegboard.core.router.replicas import free_port, stop_replicas
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--worker", required=True, help="a running server on this machine")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--worker", help="a running server on this machine")
+    g.add_argument("--stub-worker", action="store_true", help="measure against a stub worker")
+    g.add_argument("--serve-stub", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("-n", type=int, default=200, help="requests each way (default 200)")
+    p.add_argument("--router-python", default=sys.executable, help="interpreter of the router")
     p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
     args = p.parse_args(argv)
-    try:
-        worker = check_loopback(args.worker)
-    except ValueError as e:
-        p.error(str(e))
+    if args.serve_stub:
+        asyncio.run(_serve_stub(args.serve_stub))
+        return 0
+    children = []
+    if args.stub_worker:
+        stub_port = free_port()
+        children.append(subprocess.Popen([sys.executable, "-m", __spec__.name, "--serve-stub",
+                                          str(stub_port)]))  # fmt: skip
+        worker = f"http://127.0.0.1:{stub_port}"
+    else:
+        try:
+            worker = check_loopback(args.worker)
+        except ValueError as e:
+            p.error(str(e))
     port = free_port()
     router = subprocess.Popen(
-        [sys.executable, "-m", "pegboard.core.cli.main", "router", "--worker", worker,
+        [args.router_python, "-m", "pegboard.core.cli.main", "router", "--worker", worker,
          "--port", str(port), "--log-level", "warning"]
     )  # fmt: skip
+    children.append(router)
     try:
         result = asyncio.run(
             measure(worker, f"http://127.0.0.1:{port}", args.n, router_pid=router.pid)
         )
     finally:
-        stop_replicas([router], timeout=30)
+        stop_replicas(children, timeout=30)
+    result["worker"] = "stub" if args.stub_worker else worker
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -54,7 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def worker_url(parser: argparse.ArgumentParser, url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+    if parts.scheme == "https":
+        parser.error(
+            f"--worker {url!r}: the router speaks plain http to its workers (terminate TLS in "
+            "front of the router)"
+        )
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
         parser.error(f"--worker {url!r}: expected a base URL such as http://127.0.0.1:8001")
     return url.rstrip("/")
 

@@ -32,11 +32,11 @@ def add_pd_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_pd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import uvicorn
     from pegboard.core.cli.router import worker_url
     from pegboard.core.options import collect_plugin_options
     from pegboard.core.plugin_manager import PluginManager
     from pegboard.core.router.pd import DEFAULT_BOOTSTRAP_PORT, PDSettings, create_pd_app
+    from pegboard.core.router.serve import serve_app
 
     if args.worker:
         parser.error("--pd routes to --prefill and --decode workers; --worker is not used")
@@ -62,7 +62,4 @@ def run_pd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         request_timeout=args.request_timeout,
         warmup=not args.no_warmup,
     )
-    app = create_pd_app(settings)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    return 0
+    return serve_app(create_pd_app(settings), args.host, args.port)

@@ -10,9 +10,11 @@ plane lives here, the bytes move through the `transfer` plugin (`pegboard.sdk.KV
 from __future__ import annotations
 
 import argparse
+import time
 from typing import TYPE_CHECKING, Any
 
-from pegboard.sdk.transfer import Bootstrap
+from pegboard.sdk.transfer import Bootstrap, KVTransferRecord
+from pegboard.sdk.types import MetricsSnapshot
 
 if TYPE_CHECKING:
     from pegboard.core.config import EngineConfig
@@ -109,3 +111,17 @@ def attach_bootstrap(requests: list[Any], body: Any) -> None:
     port = getattr(body, "bootstrap_port", None) or DEFAULT_BOOTSTRAP_PORT
     for k, r in enumerate(requests):
         r.plugin_state["bootstrap"] = Bootstrap(host, int(port), int(room) + k)
+
+
+def report_transfer(
+    engine: Engine, role: str, ok: bool, num_bytes: int = 0, seconds: float = 0.0
+) -> None:
+    """Tell the metrics exporters that one request's KV transfer ended on this side."""
+    record = KVTransferRecord(
+        backend=engine.plugins.active("transfer").name,
+        role=role,
+        ok=ok,
+        bytes=num_bytes if ok else 0,
+        seconds=seconds if ok else 0.0,
+    )
+    engine._export(MetricsSnapshot(kind="transfer", timestamp=time.time(), transfer=record))

@@ -23,6 +23,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pegboard.core.disaggregation import report_transfer
 from pegboard.core.disaggregation.channel import Channel, Heartbeats, open_channel
 from pegboard.sdk.transfer import TERMINAL, KVPoll, KVReceiver, PoolLayout
 from pegboard.sdk.types import Request, RequestStatus, TokenLogprobs
@@ -136,7 +137,9 @@ class DecodeSide:
             if rec is None:
                 return
             if kind == "done":
-                rec.succeed(message["token"], _logprobs(message.get("logprobs")))
+                rec.succeed(
+                    message["token"], _logprobs(message.get("logprobs")), message.get("bytes", 0)
+                )
             else:
                 rec.fail(message["error"])
         elif kind == "closed":
@@ -166,6 +169,14 @@ class DecodeSide:
             if state in TERMINAL:
                 del self.receivers[r.request_id]
                 self.engine.kv.free(r)
+                arrived = state is KVPoll.SUCCESS  # the KV came, for a request already gone
+                report_transfer(
+                    self.engine,
+                    "decode",
+                    arrived,
+                    rec.num_bytes,
+                    time.monotonic() - rec.registered_at,
+                )
             return
         if state is KVPoll.BOOTSTRAPPING:
             ch = self.channels.get(rec.peer)
@@ -173,9 +184,12 @@ class DecodeSide:
                 self._register(rec, ch)
         elif state is KVPoll.SUCCESS:
             del self.receivers[r.request_id]
+            seconds = time.monotonic() - rec.registered_at
+            report_transfer(self.engine, "decode", True, rec.num_bytes, seconds)
             self._hand_over(rec)
         elif state is KVPoll.FAILED:
             log.error("%s", rec.error)
+            report_transfer(self.engine, "decode", False)
             self.engine._fail([r], rec.error or "KV transfer failed")
             self.receivers.pop(r.request_id, None)
 

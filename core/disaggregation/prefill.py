@@ -3,7 +3,10 @@
 Every request runs prefill only (`max_tokens` forced to 1). A request that carries a bootstrap
 room gets a `KVSender`; when it finished (its first token sampled) its pages are not freed:
 they are held until the decode engine that registered the same room has received them through
-the transfer plugin, then freed. Requests without a room (warm-up) just run.
+the transfer plugin, then freed. Requests without a room (warm-up) just run. Each transfer's end
+(bytes, seconds, ok or failed) goes to the metrics exporters (`report_transfer`).
+
+Test-only: `PEGBOARD_PD_TEST_HOLD_TRANSFERS` holds transfers in flight (`fault.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import queue
 import time
 from typing import TYPE_CHECKING, Any
 
+from pegboard.core.disaggregation import report_transfer
 from pegboard.core.disaggregation.channel import BootstrapServer, Channel, Heartbeats
+from pegboard.core.disaggregation.fault import TransferHold
 from pegboard.sdk.transfer import (
     TERMINAL,
     KVPoll,
@@ -46,6 +51,7 @@ class PrefillSide:
         self.held: dict[int, Request] = {}  # room -> finished request whose pages are held
         self.early: dict[int, tuple[Channel, dict[str, Any], float]] = {}  # registered first
         self.transferred_bytes = 0
+        self.hold = TransferHold.from_env()  # test-only fault injection; None in production
         self.server = BootstrapServer(host, c.disaggregation_bootstrap_port, self.events)
         self.heartbeats = Heartbeats(
             lambda: list(self.server.channels), self.events, c.disaggregation_heartbeat_interval
@@ -81,7 +87,8 @@ class PrefillSide:
 
     def has_work(self) -> bool:
         return not self.events.empty() or any(
-            s.state is KVPoll.TRANSFERRING or s.ready for s in self.senders.values()
+            (s.state is KVPoll.TRANSFERRING and not self._held(s)) or s.ready
+            for s in self.senders.values()
         )
 
     def step(self) -> None:
@@ -170,14 +177,17 @@ class PrefillSide:
 
     # ------------------------------------------------------------ the transfer
 
+    def _held(self, s: KVSender) -> bool:
+        return self.hold is not None and self.hold.holds(s.room)
+
     def _advance(self, s: KVSender) -> None:
         if s.ready:
             self._start(s)
-        elif s.state is KVPoll.TRANSFERRING:
+        elif s.state is KVPoll.TRANSFERRING and not self._held(s):
             try:
                 if self.transfer.check(s.handle):
                     s.succeed()
-                    self._log_done(s)
+                    self._done(s)
             except Exception as e:
                 s.fail(f"room {s.room}: transfer to {s.peer} failed: {type(e).__name__}: {e}")
 
@@ -200,11 +210,12 @@ class PrefillSide:
         timeout = self.config.disaggregation_waiting_timeout
         s.transferring(handle, sum(r.nbytes for r in runs), len(runs), timeout)
 
-    def _log_done(self, s: KVSender) -> None:
-        """One line per transfer (`scripts/bench_pd.py` reads the bandwidth from it)."""
+    def _done(self, s: KVSender) -> None:
+        """Count the transfer and log one line (`scripts/bench_pd.py` reads the bandwidth)."""
         now = time.monotonic()
         seconds = max(now - s.transfer_started, 1e-9)
         self.transferred_bytes += s.num_bytes
+        report_transfer(self.engine, "prefill", True, s.num_bytes, seconds)
         log.info(
             "room %d: KV %d bytes in %d runs to %s in %.3f ms (%.2f GB/s), %.1f ms after arrival",
             s.room,
@@ -227,12 +238,14 @@ class PrefillSide:
                         "room": room,
                         "token": s.first_token,
                         "logprobs": s.first_logprobs,
+                        "bytes": s.num_bytes,
                     }
                 )
             else:
                 ch.send({"op": "failed", "room": room, "error": s.error})
         if s.state is KVPoll.FAILED:
             log.error("%s", s.error)
+            report_transfer(self.engine, "prefill", False)
         held = self.held.pop(room, None)
         if held is not None:  # finished here: its pages were kept for the transfer
             self.engine.kv.free(held)

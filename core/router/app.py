@@ -1,39 +1,37 @@
-"""The router's HTTP application (plain Starlette: the request path is a handful of awaits).
+"""The router's HTTP application (served by `http.py`; the request path is a handful of awaits).
 
 - `POST /v1/completions`, `POST /v1/chat/completions`: routed by the active `router` plugin and
   forwarded (`proxy.py`); streams pass through.
 - `GET /v1/models`: the first healthy worker's answer.
 - `GET /health`: 200 when the pool is ready (a healthy worker), else 503.
 - `GET /metrics`: Prometheus text (`metrics.py`); `GET /workers`: the pool and policy as JSON.
+
+`RouterApp` holds the route table and the start/stop work both routers share; the plain router
+(`create_router_app`) and the PD router (`pd.py`) differ in how they route and report health.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
 from pegboard.core.plugin_manager import PluginManager
+from pegboard.core.router.http import Request, Response, error_response, json_response
 from pegboard.core.router.metrics import RouterMetrics
 from pegboard.core.router.pool import WorkerPool
 from pegboard.core.router.proxy import (
-    FORWARDED_HEADERS,
     ROUTED_PATHS,
     NoWorkerError,
+    Proxy,
     RouteError,
-    forward,
-    parse_request,
-    relay,
+    forwarded_headers,
+    route_error_response,
 )
-from pegboard.core.server.errors import APIError
+from pegboard.core.router.upstream import UpstreamClient, UpstreamError
+from pegboard.sdk.routing import RequestBodyError, RouteRequest
 from pegboard.sdk.slots import SLOTS, PluginContext, Router
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -62,12 +60,79 @@ def select_policy(
     return pm, policy
 
 
-def create_router_app(settings: RouterSettings, plugins: PluginManager | None = None) -> Starlette:
-    pm, policy = select_policy(settings, plugins)
-    metrics = RouterMetrics(policy.name)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
-    timeout = httpx.Timeout(settings.request_timeout, connect=5.0)
-    client = httpx.AsyncClient(limits=limits, timeout=timeout)
+@dataclass
+class RouterApp:
+    """What both routers share: the route table, `/metrics`, `/v1/models`, and the background
+    work (health checks, warm-up) started before the port opens and stopped after it closed.
+    `routed` answers the routed POSTs, `health` and `workers` the GETs of the same names."""
+
+    client: UpstreamClient
+    proxies: list[Proxy]  # the first one's workers answer /v1/models, its policy's stats count
+    metrics: RouterMetrics
+    routed: Callable[[Request], Awaitable[Response]]
+    health: Callable[[], Response]
+    workers: Callable[[], Response]
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def handle(self, request: Request) -> Response:
+        path, method = request.path, request.method
+        if path in ROUTED_PATHS:
+            if method != "POST":
+                return error_response(405, f"{method} {path}: only POST")
+            return await self.routed(request)
+        if method != "GET":
+            return error_response(404 if path not in GET_PATHS else 405, f"{method} {path}")
+        if path == "/health":
+            return self.health()
+        if path == "/workers":
+            return self.workers()
+        if path == "/metrics":
+            text = self.metrics.render(
+                [p.pool for p in self.proxies], self.proxies[0].policy.stats()
+            )
+            return Response(200, text, PROMETHEUS_CONTENT_TYPE)
+        if path == "/v1/models":
+            return await self.models(request)
+        return error_response(404, f"no route {path}")
+
+    async def models(self, request: Request) -> Response:
+        proxy = self.proxies[0]
+        for worker in proxy.pool.healthy():
+            try:
+                r = await self.client.request(
+                    worker.url, "GET", "/v1/models", headers=forwarded_headers(request.headers)
+                )
+                return Response(r.status, await r.read(), r.media_type)
+            except UpstreamError as e:
+                proxy.pool.remove(worker, str(e))
+        return error_response(503, f"no healthy {proxy.role + ' ' if proxy.role else ''}worker")
+
+    async def startup(self) -> None:
+        self._tasks = [asyncio.create_task(run()) for run in self.background]
+
+    async def shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.aclose()
+        for proxy in self.proxies:
+            proxy.plugins.unregister(proxy.policy)
+            proxy.policy.close()
+
+
+GET_PATHS = ("/health", "/workers", "/metrics", "/v1/models")
+
+
+def make_proxy(
+    settings: RouterSettings,
+    client: UpstreamClient,
+    metrics: RouterMetrics | None = None,
+    role: str = "",
+) -> Proxy:
+    """A pool of `settings.workers` with its own instance of the policy."""
+    pm, policy = select_policy(settings, PluginManager())
     pool = WorkerPool(
         settings.workers,
         client,
@@ -75,45 +140,34 @@ def create_router_app(settings: RouterSettings, plugins: PluginManager | None = 
         on_removed=policy.remove_worker,
         min_ready=settings.min_ready,
     )
+    return Proxy(client, pool, pm, policy, metrics or RouterMetrics(policy.name), role)
+
+
+def create_router_app(settings: RouterSettings) -> RouterApp:
+    client = UpstreamClient(settings.request_timeout)
+    proxy = make_proxy(settings, client)
+    pool, policy = proxy.pool, proxy.policy
 
     async def routed(request: Request) -> Response:
-        raw = await request.body()
+        route_request = RouteRequest(request.path, raw=request.body)
         try:
-            route_request, headers = parse_request(request.url.path, raw, request.headers)
-        except APIError as e:
-            return e.response()
-        stream = route_request.body.get("stream") is True
-        try:
-            upstream = await forward(
-                client, pool, policy, pm.hook, metrics, route_request, raw, headers, stream
+            upstream = await proxy.forward(
+                route_request, request.body, forwarded_headers(request.headers)
             )
-        except NoWorkerError as e:
-            return APIError(503, str(e)).response()
-        except RouteError as e:
-            return APIError(500, str(e)).response()
-        if upstream.chunks is None:
-            return Response(upstream.body, upstream.status, media_type=upstream.media_type)
-        return StreamingResponse(relay(upstream, pool), media_type=upstream.media_type)
+        except (RequestBodyError, RouteError, NoWorkerError) as e:
+            return route_error_response(e)
+        return proxy.respond(upstream)
 
-    async def models(request: Request) -> Response:
-        for worker in pool.healthy():
-            headers = {k: v for k in FORWARDED_HEADERS if (v := request.headers.get(k))}
-            try:
-                r = await client.get(worker.url + "/v1/models", headers=headers)
-            except httpx.TransportError as e:
-                pool.remove(worker, f"{type(e).__name__}: {e}")
-                continue
-            return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
-        return APIError(503, "no healthy worker").response()
+    def health() -> Response:
+        body = {
+            "status": "ok" if pool.ready else "unavailable",
+            "healthy_workers": len(pool.healthy()),
+            "workers": len(pool.workers),
+        }
+        return json_response(body, 200 if pool.ready else 503)
 
-    async def health(request: Request) -> Response:
-        healthy = len(pool.healthy())
-        status = "ok" if pool.ready else "unavailable"
-        body = {"status": status, "healthy_workers": healthy, "workers": len(pool.workers)}
-        return JSONResponse(body, status_code=200 if pool.ready else 503)
-
-    async def workers(request: Request) -> Response:
-        return JSONResponse(
+    def workers() -> Response:
+        return json_response(
             {
                 "policy": policy.name,
                 "policy_stats": policy.stats(),
@@ -121,34 +175,4 @@ def create_router_app(settings: RouterSettings, plugins: PluginManager | None = 
             }
         )
 
-    async def prometheus(request: Request) -> Response:
-        text = metrics.render(pool, policy.stats())
-        return Response(text, media_type=PROMETHEUS_CONTENT_TYPE)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette):
-        checks = asyncio.create_task(pool.run())
-        try:
-            yield
-        finally:
-            checks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checks
-            await client.aclose()
-            pm.unregister(policy)
-            policy.close()
-
-    app = Starlette(
-        routes=[
-            *(Route(path, routed, methods=["POST"]) for path in ROUTED_PATHS),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/workers", workers, methods=["GET"]),
-            Route("/metrics", prometheus, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
-    app.state.pool = pool
-    app.state.policy = policy
-    app.state.started = time.time()
-    return app
+    return RouterApp(client, [proxy], proxy.metrics, routed, health, workers, [pool.run])

@@ -10,11 +10,12 @@ at once (the routing policy is told, through `on_removed`) and rejoins when `/he
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
+from pegboard.core.router.upstream import UpstreamClient, UpstreamError
 from pegboard.sdk.routing import WorkerLoad
 
 log = logging.getLogger("pegboard.router")
@@ -56,7 +57,7 @@ class WorkerPool:
     def __init__(
         self,
         urls: list[str],
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         interval: float = 2.0,
         on_removed: Callable[[str], None] = lambda url: None,
         min_ready: int = 1,
@@ -86,10 +87,9 @@ class WorkerPool:
     async def check(self, worker: Worker) -> None:
         timeout = max(self.interval, 1.0)
         try:
-            ok = (await self.client.get(worker.url + "/health", timeout=timeout)).status_code
-            ok = ok == 200
-        except httpx.HTTPError as e:
-            ok, reason = False, f"{type(e).__name__}: {e}"
+            ok = (await self.client.get(worker.url, "/health", timeout))[0] == 200
+        except UpstreamError as e:
+            ok, reason = False, str(e)
         else:
             reason = "/health did not answer 200"
         if not ok:
@@ -104,14 +104,13 @@ class WorkerPool:
 
     async def _read_load(self, worker: Worker, timeout: float) -> None:
         try:
-            r = await self.client.get(worker.url + "/load", timeout=timeout)
-        except httpx.HTTPError:
+            status, body = await self.client.get(worker.url, "/load", timeout)
+            data = json.loads(body) if status == 200 else None
+        except (UpstreamError, ValueError):
             return  # the next /health check decides whether it is gone
-        if r.status_code == 404:
+        if status == 404:
             worker.has_load_endpoint = False  # not a pegboard server: the router's counts only
-            return
-        if r.status_code == 200:
-            data = r.json()
+        elif isinstance(data, dict):
             worker.reported_requests = data.get("num_requests")
             worker.reported_tokens = data.get("num_tokens")
 

@@ -1,5 +1,5 @@
-"""Running the router under uvicorn: standalone (`pegboard router`) or in front of engine
-replicas this process started (`pegboard serve --dp-size N`, `replicas.py`)."""
+"""Running the router: standalone (`pegboard router`, `pegboard router --pd`) or in front of
+engine replicas this process started (`pegboard serve --dp-size N`, `replicas.py`)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,11 @@ import asyncio
 import logging
 import subprocess
 from collections.abc import Callable
-from types import FrameType
 
-import uvicorn
-from pegboard.core.router.app import RouterSettings, create_router_app
+from pegboard.core.router.app import RouterApp, RouterSettings, create_router_app
+from pegboard.core.router.http import run_http
 
 log = logging.getLogger("pegboard.router")
-
-
-class _RouterServer(uvicorn.Server):
-    """uvicorn's server, except that SIGTERM / SIGINT ends it with status 0 (uvicorn re-raises
-    a captured signal after shutdown, which would make the exit status -15); a second one
-    exits at once."""
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.force_exit = self.should_exit
-        self.should_exit = True
 
 
 def run_router(
@@ -35,32 +24,23 @@ def run_router(
     """Serve until SIGTERM / SIGINT (exit 0). With `children` (the replicas), also stop when
     one exits before all were ready, or when all have exited (exit 1)."""
     app = create_router_app(settings)  # a bad policy or option fails here, before binding
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=log_level == "debug"
-    )
-    server = _RouterServer(config)
-    status = [0]
-
-    async def main() -> None:
-        watch = None
-        if children:
-            watch = asyncio.create_task(
-                _watch(children, app.state.pool, server, status.__setitem__)
-            )
-        try:
-            await server.serve()
-        finally:
-            if watch is not None:
-                watch.cancel()
-
-    asyncio.run(main())
-    return status[0]
+    return serve_app(app, host, port, children)
 
 
-async def _watch(
-    children: list[subprocess.Popen], pool, server: uvicorn.Server, set_status: Callable
-) -> None:
+def serve_app(
+    app: RouterApp, host: str, port: int, children: list[subprocess.Popen] | None = None
+) -> int:
+    watch = None
+    if children:
+        pool = app.proxies[0].pool
+
+        async def watch(stop: Callable[[int], None]) -> None:
+            await _watch(children, pool, stop)
+
+    return run_http(app.handle, host, port, app.startup, app.shutdown, watch)
+
+
+async def _watch(children: list[subprocess.Popen], pool, stop: Callable[[int], None]) -> None:
     """Stop the router when a replica dies before the pool was ever ready (it will not come
     up: a bad flag, a model that does not load) or when every replica has exited."""
     reported: set[int] = set()
@@ -71,7 +51,6 @@ async def _watch(
                 reported.add(c.pid)
                 log.warning("replica pid %d exited with status %s", c.pid, c.returncode)
         if (exited and not pool.became_ready) or len(exited) == len(children):
-            set_status(0, 1)
-            server.should_exit = True
+            stop(1)
             return
         await asyncio.sleep(0.5)

@@ -6,7 +6,8 @@ Names follow vLLM's (`vllm:` → `pegboard:`) where vLLM has one — `request_su
 `prefix_cache_queries_total` / `prefix_cache_hits_total` — so existing dashboards translate by
 prefix; `gen_throughput` is SGLang's generation-throughput gauge. Every series carries a
 `model_name` label (the `model_name` option, else the engine's model). Latencies come from the
-request's `time.monotonic()` stamps: arrival, first scheduled, first token, finished.
+request's `time.monotonic()` stamps: arrival, first scheduled, first token, finished. PD
+disaggregation's KV transfers (`kind="transfer"` snapshots) count per `backend` and `role`.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ class PrometheusExporter(MetricsExporter):
         def gauge(name: str, doc: str):
             return Gauge(PREFIX + name, doc, ("model_name",), registry=r).labels(model_name=model)
 
-        def histogram(name: str, doc: str, buckets):
-            h = Histogram(PREFIX + name, doc, ("model_name",), buckets=buckets, registry=r)
-            return h.labels(model_name=model)
+        def histogram(name: str, doc: str, buckets, labels: tuple[str, ...] = ()):
+            h = Histogram(PREFIX + name, doc, ("model_name", *labels), buckets=buckets, registry=r)
+            return h if labels else h.labels(model_name=model)
 
         self.requests = counter("request_success_total", "Finished requests.", ("finished_reason",))
         self.plugin_errors = counter(
@@ -142,11 +143,39 @@ class PrometheusExporter(MetricsExporter):
             SPEC_LENGTH_BUCKETS,
         )
 
+        # PD disaggregation: one observation per request and side (`KVTransferRecord`).
+        self.kv_transfers = counter(
+            "kv_transfers_total",
+            "KV transfers ended, by result (ok, failed).",
+            ("backend", "role", "result"),
+        )
+        self.kv_transfer_bytes = counter(
+            "kv_transfer_bytes_total",
+            "KV bytes of finished transfers: sent (role prefill) or received (role decode).",
+            ("backend", "role"),
+        )
+        self.kv_transfer_seconds = histogram(
+            "kv_transfer_duration_seconds",
+            "Prefill: posting a request's KV copies to their completion; decode: registering "
+            "its pages to the KV's arrival.",
+            LATENCY_BUCKETS,
+            ("backend", "role"),
+        )
+
     def export_metrics(self, snapshot: MetricsSnapshot) -> None:
         if snapshot.kind == "step":
             self._observe_step(snapshot)
         elif snapshot.kind == "request" and snapshot.request is not None:
             self._observe_request(snapshot.request)
+        elif snapshot.kind == "transfer" and snapshot.transfer is not None:
+            self._observe_transfer(snapshot.transfer)
+
+    def _observe_transfer(self, t: dict) -> None:
+        labels = (self.model_name, t["backend"], t["role"])
+        self.kv_transfers.labels(*labels, "ok" if t["ok"] else "failed").inc()
+        if t["ok"]:
+            self.kv_transfer_bytes.labels(*labels).inc(t["bytes"])
+            self.kv_transfer_seconds.labels(*labels).observe(t["seconds"])
 
     def _observe_step(self, s: MetricsSnapshot) -> None:
         self.steps.inc()
