@@ -9,7 +9,9 @@ wrapped attribute back on exit):
 - `forward (launch)`: the model call; on a GPU the kernels are only launched;
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
-- `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
+- `admit` (moving scheduled requests to running), `detokenize` (the deltas handed to the
+  detokenizer: text and stop strings when it runs inline), `step snapshot` (the step's metrics),
+  `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
 
 `host_ms` is a step's total less the wait: the host work per step. With overlap on, a step
 whose host work is below the device's time per step shows the wait growing, not the total.
@@ -45,6 +47,9 @@ class HostProfile:
         self._wrap(e.runner, "forward", "forward (launch)")
         self._wrap(e, "_resolve", "resolve (all)")
         self._wrap(e, "_export", "export_metrics")
+        self._wrap(e, "_admit", "admit")
+        self._wrap(e, "_step_snapshot", "step snapshot")
+        self._wrap(e.detokenizer, "submit", "detokenize")
         self._wrap(e, "_apply_inbox", "inbox")
         self._wrap(e.kv, "commit", "kv commit")
         self._wrap(e, "step", TOTAL)
