@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
-from pegboard.core.contract import PluginFault, PluginGuard
+from pegboard.core.contract import CheckedPlan, PluginFault, PluginGuard
 from pegboard.core.detokenizer_thread import DetokenizerThread
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
@@ -148,11 +148,11 @@ class Engine:
         if self.pd is not None:
             self.pd.step()  # PD: pair requests, move KV, hand received requests to `running`
         self._apply_swaps()
-        plan = self._schedule()
+        checked = self._schedule()
+        plan = checked.plan if checked else None
         if plan:
             self._preempt(plan.preempted)
-            scheduled = [s.request for s in plan.scheduled if not s.request.finished]
-            num_tokens = [s.num_tokens for s in plan.scheduled if not s.request.finished]
+            scheduled, num_tokens = self._unfinished(checked)
             with self.runner.host_threads(num_tokens):  # CPU: no threads for tiny work
                 self._call_plugin(scheduled, lambda: self._run(scheduled, num_tokens))
         if self.config.disable_overlap or not plan:
@@ -164,6 +164,14 @@ class Engine:
             self.moe.step_boundary()  # record expert load; rebalance every N steps
         self._export(self._step_snapshot(plan, time.perf_counter() - start))
         return outputs
+
+    def _unfinished(self, checked: CheckedPlan) -> tuple[list[Request], list[int]]:
+        """The plan's requests and token counts, less those a preemption's resolve finished."""
+        requests, num_tokens = checked.requests, checked.num_tokens
+        if not checked.plan.preempted:  # nothing was resolved since the plan was checked
+            return requests, num_tokens
+        keep = [i for i, r in enumerate(requests) if not r.finished]
+        return [requests[i] for i in keep], [num_tokens[i] for i in keep]
 
     def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
         num_tokens = self.speculation.propose(scheduled, num_tokens, self.budget)  # + drafts
@@ -222,7 +230,7 @@ class Engine:
         ids = pending.take()
         if pending.on_device:  # ids from a device tensor: range-checked now, on the host
             try:
-                self.guard.sampled_ids(ids, self.info.vocab_size)
+                self.guard.sampled_ids(pending.host_array, self.info.vocab_size)
             except PluginFault as fault:
                 return self._fail(pending.requests, fault)
         for r, token, lp in zip(pending.requests, ids, pending.logprobs):
@@ -406,7 +414,7 @@ class Engine:
         self.requests.pop(r.request_id, None)
         self._export(MetricsSnapshot(kind="request", timestamp=time.time(), request=r))
 
-    def _schedule(self) -> SchedulePlan | None:
+    def _schedule(self) -> CheckedPlan | None:
         """The scheduler's plan, checked (`pegboard.core.contract`). A failing scheduler fails
         no request at first; after `SCHEDULER_FAILURE_LIMIT` failing steps in a row it fails
         the queued ones (see the `schedule` hookspec)."""

@@ -76,6 +76,12 @@ class PendingStep:
         return self._ids
 
     @property
+    def host_array(self):
+        """After `take()`, the ids as an int64 numpy array over the pinned host copy (for the
+        range check); None when the ids did not come from a device tensor."""
+        return self._host.numpy() if self._host is not None else None
+
+    @property
     def host_ids(self) -> list[int] | None:
         """The token ids if the host has them already (a sampler that returned a list, or a
         step already taken), else None: then they are only in `tokens`, on the device."""
