@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import operator
 import threading
 import time
 from collections import deque
@@ -56,6 +57,10 @@ log = logging.getLogger("pegboard.engine")
 #: metadata and workspaces (created after the pool) and allocator rounding. The first H100 run
 #: of tests/test_gpu_memory.py overshot a pool sized without it by 69 MB.
 ACTIVATION_ALLOWANCE = 256 << 20
+
+#: Hot loops compare a request's status directly (the `finished` property costs a call).
+_FINISHED = RequestStatus.FINISHED
+_status = operator.attrgetter("status")
 
 #: The attention backend a CUDA engine uses when none is selected.
 GPU_DEFAULT_ATTENTION = "triton"
@@ -170,7 +175,7 @@ class Engine:
         requests, num_tokens = checked.requests, checked.num_tokens
         if not checked.plan.preempted:  # nothing was resolved since the plan was checked
             return requests, num_tokens
-        keep = [i for i, r in enumerate(requests) if not r.finished]
+        keep = [i for i, r in enumerate(requests) if r.status is not _FINISHED]
         return [requests[i] for i in keep], [num_tokens[i] for i in keep]
 
     def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
@@ -189,11 +194,12 @@ class Engine:
         for r, n in zip(scheduled, num_tokens):
             r.num_computed_tokens += n
         self._resolve()  # the previous step's tokens: append, stop, release
-        sampling = [r for r, s in zip(scheduled, batch.samples) if s]
-        if any(r.finished for r in sampling):  # finished by the previous step's token
-            keep = [i for i, r in enumerate(sampling) if not r.finished]
+        samples = batch.samples
+        sampling = scheduled if all(samples) else [r for r, s in zip(scheduled, samples) if s]
+        if _FINISHED in map(_status, sampling):  # finished by the previous step's token
+            keep = [i for i, r in enumerate(sampling) if r.status is not _FINISHED]
             logits = logits[to_device(keep, logits.device, torch.int64)]
-            sampling = [r for r in sampling if not r.finished]
+            sampling = [sampling[i] for i in keep]
         if sampling and self.speculation.drafting:
             self._verify(logits, sampling)
         elif sampling:
@@ -204,7 +210,7 @@ class Engine:
                 self._pending = PendingStep(sampling, sampled, self.info.vocab_size)
             except PluginFault as fault:  # fails the requests of this `sample` call only
                 self._fail(sampling, fault)
-        self.kv.commit([r for r in scheduled if not r.finished])
+        self.kv.commit([r for r in scheduled if r.status is not _FINISHED])
 
     def _verify(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Speculative decoding: append each request's accepted drafts and the target's next
@@ -234,11 +240,11 @@ class Engine:
             except PluginFault as fault:
                 return self._fail(pending.requests, fault)
         for r, token, lp in zip(pending.requests, ids, pending.logprobs):
-            if r.finished:  # failed meanwhile (`_release` dropped its placeholder)
+            if r.status is _FINISHED:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
             r.token_ids.pop()  # PENDING_TOKEN
             self._append(r, token, lp)
-            if r.finished:
+            if r.status is _FINISHED:
                 self._release(r)
 
     # ---------------------------------------------------------------- requests in and out
@@ -346,7 +352,7 @@ class Engine:
         kept, kept_n = [], []
         now = time.monotonic()
         for r, n in zip(scheduled, num_tokens):
-            if id(r) in failed_ids or r.finished:  # finished: by a step resolved meanwhile
+            if r.status is _FINISHED or id(r) in failed_ids:  # finished: by a resolved step
                 continue
             if r.status is RequestStatus.WAITING:
                 self.waiting.remove(r)
@@ -359,10 +365,10 @@ class Engine:
 
     def _append(self, r: Request, token: int, logprobs) -> None:
         r.append_token(token, logprobs)
-        r.first_token_time = r.first_token_time or time.monotonic()
-        self._outbox.append(
-            RequestOutput(r.request_id, [token], "", [logprobs] if logprobs else [], request=r)
-        )
+        if r.first_token_time is None:
+            r.first_token_time = time.monotonic()
+        lps = [logprobs] if logprobs else []
+        self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
         reason = stop_reason(r, token, self.budget.max_model_len)  # stop strings: detokenizer
         if reason:
             self._finish(r, reason)
