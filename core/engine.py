@@ -11,6 +11,7 @@ threads, but they only queue work that `step` applies at its next boundary.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import operator
 import threading
@@ -61,6 +62,7 @@ ACTIVATION_ALLOWANCE = 256 << 20
 #: Hot loops compare a request's status directly (the `finished` property costs a call).
 _FINISHED = RequestStatus.FINISHED
 _status = operator.attrgetter("status")
+_ALL_RUNNING = {RequestStatus.RUNNING}
 
 #: The attention backend a CUDA engine uses when none is selected.
 GPU_DEFAULT_ATTENTION = "triton"
@@ -346,22 +348,39 @@ class Engine:
     ) -> tuple[list[Request], list[int]]:
         """Move newly scheduled requests to running; requests the cache could not serve go back
         to waiting (running ones are preempted)."""
+        if not failed and set(map(_status, scheduled)) == _ALL_RUNNING:  # a decode step
+            return scheduled, num_tokens
         failed_ids = {id(r) for r in failed}
         if failed:
             self._preempt([r for r in failed if r.status is RequestStatus.RUNNING])
-        kept, kept_n = [], []
+        kept, kept_n, admitted = [], [], []
         now = time.monotonic()
         for r, n in zip(scheduled, num_tokens):
             if r.status is _FINISHED or id(r) in failed_ids:  # finished: by a resolved step
                 continue
             if r.status is RequestStatus.WAITING:
-                self.waiting.remove(r)
+                admitted.append(r)
                 self.running.append(r)
                 r.status = RequestStatus.RUNNING
                 r.first_scheduled_time = r.first_scheduled_time or now
             kept.append(r)
             kept_n.append(n)
+        self._dequeue(admitted)
         return kept, kept_n
+
+    def _dequeue(self, admitted: list[Request]) -> None:
+        """Take the admitted requests out of the waiting queue in one pass (a `remove` each
+        would scan the queue once per request)."""
+        waiting = self.waiting
+        k = len(admitted)
+        if k <= len(waiting) and all(map(operator.is_, admitted, itertools.islice(waiting, k))):
+            for _ in range(k):  # the head of the queue, in order: the common case
+                waiting.popleft()
+        elif admitted:
+            gone = set(map(id, admitted))
+            rest = [r for r in waiting if id(r) not in gone]
+            waiting.clear()
+            waiting.extend(rest)
 
     def _append(self, r: Request, token: int, logprobs) -> None:
         r.append_token(token, logprobs)
