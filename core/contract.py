@@ -17,9 +17,12 @@ What a fault fails (the engine applies it; see the hookspecs):
 - metrics exporter: nothing; the error is logged (the first one with its traceback) and
   counted.
 
-The checks are O(scheduled requests) with no device synchronisation: ids a sampler returns
-as a CUDA tensor are range-checked when they reach the host (`check_token_ids`, one step
-later with overlap scheduling); `bench offline` reports their cost (`contract_check_us`).
+The checks need no device synchronisation: ids a sampler returns as a CUDA tensor are
+range-checked when they reach the host (`check_token_ids`, one numpy reduction over the pinned
+copy, one step later with overlap scheduling). A decode plan is checked without a per-request
+Python pass (`PlanChecker`: a few whole-list C calls, or one list comparison when the batch
+is the last step's); other plans get every rule in full. `bench offline` reports the cost per
+step (`plugin_layer.contract_check_us`, `pegboard.core.bench.contract_cost`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
 from pegboard.sdk.types import RequestStatus, SampleOutput, SchedulePlan
 
@@ -69,25 +73,93 @@ class PluginFault(Exception):
 # ------------------------------------------------------------------------------ the rules
 
 
+class CheckedPlan(NamedTuple):
+    """A plan that obeys the `schedule` hookspec, with its requests and token counts as lists
+    (the engine runs the step from these; building them is not counted as checking)."""
+
+    plan: SchedulePlan
+    requests: list[Request]
+    num_tokens: list[int]
+
+
 def check_plan(
     plan: Any, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
 ) -> SchedulePlan | None:
     """`plan` if it obeys the `schedule` hookspec, else raise `ContractViolation`."""
-    if plan is None:
-        return None
-    if not isinstance(plan, SchedulePlan):
-        raise ContractViolation("plan type", f"returned {type(plan).__name__}, not a SchedulePlan")
-    try:
-        return _check_plan(plan, waiting, running, budget, kv)
-    except (AttributeError, TypeError) as e:
-        raise ContractViolation("plan shape", f"malformed plan: {type(e).__name__}: {e}") from e
+    checked = PlanChecker().check(plan, waiting, running, budget, kv)
+    return checked.plan if checked is not None else None
 
 
-def _check_plan(plan, waiting, running, budget, kv) -> SchedulePlan:
-    # Whole-list builtins rather than a Python loop per request: this runs every step.
+class PlanChecker:
+    """`check_plan` for one engine: it remembers the last decode plan it passed, so that the
+    next step's, when it schedules the same requests against the same running queue (the
+    steady state of decoding), needs no per-request pass at all.
+
+    A decode plan (every request running, one token each, none preempted) is checked in a few
+    whole-list C calls: `count(1)` and `sum` for the token counts, one list comparison with the
+    last plan or else one `set` for 'scheduled twice' and 'unknown request', O(1) bounds for
+    the budget and the pages. Any other plan gets every rule in full (`_check_plan`)."""
+
+    def __init__(self) -> None:
+        self._requests: list[Request] | None = None  # the last decode plan's requests ...
+        self._running: list[Request] | None = None  # ... all in this running queue, once each
+
+    def check(
+        self, plan: Any, waiting: list[Request], running: list[Request], budget, kv
+    ) -> CheckedPlan | None:
+        if plan is None:
+            return None
+        if not isinstance(plan, SchedulePlan):
+            raise ContractViolation(
+                "plan type", f"returned {type(plan).__name__}, not a SchedulePlan"
+            )
+        try:
+            requests = [s.request for s in plan.scheduled]
+            tokens = [s.num_tokens for s in plan.scheduled]
+            self.rules(plan, requests, tokens, waiting, running, budget, kv)
+        except (AttributeError, TypeError) as e:
+            raise ContractViolation("plan shape", f"malformed plan: {type(e).__name__}: {e}") from e
+        return CheckedPlan(plan, requests, tokens)
+
+    def rules(self, plan, requests, tokens, waiting, running, budget, kv) -> None:
+        """Every rule of the `schedule` hookspec, on the plan's `requests` and `tokens`."""
+        n = len(requests)
+        if (
+            n
+            and not plan.preempted
+            and tokens.count(1) == n  # each == 1 (a 1.0 or True too: `sum`'s type tells)
+            and type(sum(tokens)) is int
+            and self._all_running(requests, running)
+        ):  # a decode step: no admission (request cap), nothing has too many tokens
+            if n > budget.max_batched_tokens:
+                raise ContractViolation(
+                    "token budget",
+                    f"the plan schedules {n} tokens, the budget is {budget.max_batched_tokens}",
+                )
+            if n // kv.page_size + n > kv.num_free_pages:  # else `_check_pages`' bound holds
+                _check_pages(plan, kv, 0, n, n, [])
+            return
+        self._requests = self._running = None
+        _check_plan(plan, requests, tokens, waiting, running, budget, kv)
+
+    def _all_running(self, requests: list[Request], running: list[Request]) -> bool:
+        """Whether `requests` are distinct members of `running` (else the full rules name the
+        fault). One list comparison (by identity first, in C) when they are the running queue
+        itself, in its order, or the last passing plan's requests against the same queue; a
+        `set` otherwise."""
+        if requests == running:  # the engine's queue holds each request once
+            return True
+        if requests == self._requests and running == self._running:
+            return True
+        unique = set(requests)  # requests hash by identity
+        if len(unique) != len(requests) or not unique.issubset(running):
+            return False
+        self._requests, self._running = list(requests), list(running)  # copies: ours
+        return True
+
+
+def _check_plan(plan, requests, tokens, waiting, running, budget, kv) -> None:
     scheduled = plan.scheduled
-    requests = list(map(_request, scheduled))
-    tokens = list(map(_num_tokens, scheduled))
     total = sum(tokens)
     if tokens and (type(total) is not int or min(tokens) < 1):
         s = next(s for s in scheduled if type(s.num_tokens) is not int or s.num_tokens < 1)
@@ -144,11 +216,8 @@ def _check_plan(plan, waiting, running, budget, kv) -> SchedulePlan:
         )
     running_tokens = total - sum(s.num_tokens for s in admitted)
     _check_pages(plan, kv, freed, running_tokens, len(requests) - new, admitted)
-    return plan
 
 
-_request = operator.attrgetter("request")
-_num_tokens = operator.attrgetter("num_tokens")
 _status = operator.attrgetter("status")
 
 
@@ -225,8 +294,7 @@ def check_sample(out: Any, num_requests: int, vocab_size: int) -> SampleOutput:
                 f"returned {tokens.shape[0]} token ids for {num_requests} requests",
             )
         if tokens.device.type == "cpu" and num_requests:  # on the host: check now
-            low, high = torch.aminmax(tokens)
-            _check_range(int(low), int(high), vocab_size)
+            check_token_ids(tokens.numpy().astype(np.int64, copy=False), vocab_size)
     else:
         ids = out.token_ids
         if len(ids) != num_requests:
@@ -249,9 +317,13 @@ def check_sample(out: Any, num_requests: int, vocab_size: int) -> SampleOutput:
     return out
 
 
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
-    """Host-side range check of ids that came from a device tensor."""
-    if ids:
+def check_token_ids(ids: list[int] | np.ndarray, vocab_size: int) -> None:
+    """Host-side range check of ids that came from a device tensor: a list, or an int64 array
+    (one reduction: viewed as unsigned, a negative id is larger than any vocabulary)."""
+    if isinstance(ids, np.ndarray):
+        if ids.size and int(ids.view(np.uint64).max()) >= vocab_size:
+            _check_range(int(ids.min()), int(ids.max()), vocab_size)
+    elif ids:
         _check_range(min(ids), max(ids), vocab_size)
 
 
@@ -275,6 +347,7 @@ class PluginGuard:
         #: (slot, plugin name) -> errors since start (exceptions and contract violations).
         self.errors: dict[tuple[str, str], int] = {}
         self.scheduler_failures = 0  # consecutive failing `schedule` calls
+        self.plans = PlanChecker()
 
     def fault(self, slot: str, error: BaseException, plugin: Plugin | None = None) -> PluginFault:
         """Count `error` against the slot's active plugin (or `plugin`) and describe it."""
@@ -294,15 +367,16 @@ class PluginGuard:
         except Exception as e:
             raise self.fault(slot, e) from e
 
-    def schedule(self, hook: Callable, waiting, running, budget, kv) -> SchedulePlan | None:
+    def schedule(self, hook: Callable, waiting, running, budget, kv) -> CheckedPlan | None:
+        """The scheduler's plan, checked, with its requests and token counts as lists."""
         try:
-            plan = check_plan(hook(waiting=waiting, running=running, budget=budget, kv=kv),
-                              waiting, running, budget, kv)  # fmt: skip
+            plan = hook(waiting=waiting, running=running, budget=budget, kv=kv)
+            checked = self.plans.check(plan, waiting, running, budget, kv)
         except Exception as e:
             self.scheduler_failures += 1
             raise self.fault("scheduler", e) from e
         self.scheduler_failures = 0
-        return plan
+        return checked
 
     @property
     def scheduler_stuck(self) -> bool:

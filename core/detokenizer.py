@@ -30,7 +30,7 @@ class Detokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.stops = [s for s in params.stop if s]
         self._max_held = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
+        self._pieces: list[str] = []  # the text emitted so far (`text`)
         self.stop_reason: str | None = None
         self._done = False
         self._held = ""  # decoded text that might be the start of a stop string
@@ -46,15 +46,24 @@ class Detokenizer:
         """Feed newly generated token ids; return the text that is safe to emit now."""
         if self._done or not token_ids:
             return ""
-        self._ids.extend(token_ids)
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        full_text = self._decode(self._ids[self._prefix :])
+        ids, prefix, read = self._ids, self._prefix, self._read
+        ids.extend(token_ids)
+        prefix_text = self._decode(ids[prefix:read])
+        full_text = self._decode(ids[prefix:])
         new_text = full_text[len(prefix_text) :]
         if full_text.endswith(_INCOMPLETE):
             # The finished characters before the incomplete tail may already hold a stop string.
             return self._scan(self._held + new_text.rstrip(_INCOMPLETE), final=False, commit=False)
-        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix, self._read = read, len(ids)
+        if not self.stops:  # nothing to look for, nothing held back: `_scan` would emit it all
+            self._pieces.append(new_text)
+            return new_text
         return self._scan(self._held + new_text, final=False, commit=True)
+
+    @property
+    def text(self) -> str:
+        """All the text emitted so far."""
+        return "".join(self._pieces)
 
     def flush(self) -> str:
         """At finish: return what is still held back ("" once a stop string was hit)."""
@@ -81,7 +90,7 @@ class Detokenizer:
         return self._emit(pending[: len(pending) - keep])
 
     def _emit(self, piece: str) -> str:
-        self.text += piece
+        self._pieces.append(piece)
         return piece
 
     def _first_stop(self, text: str) -> tuple[int, str] | None:

@@ -11,7 +11,9 @@ threads, but they only queue work that `step` applies at its next boundary.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
+import operator
 import threading
 import time
 from collections import deque
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
-from pegboard.core.contract import PluginFault, PluginGuard
+from pegboard.core.contract import CheckedPlan, PluginFault, PluginGuard
 from pegboard.core.detokenizer_thread import DetokenizerThread
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
@@ -56,6 +58,11 @@ log = logging.getLogger("pegboard.engine")
 #: metadata and workspaces (created after the pool) and allocator rounding. The first H100 run
 #: of tests/test_gpu_memory.py overshot a pool sized without it by 69 MB.
 ACTIVATION_ALLOWANCE = 256 << 20
+
+#: Hot loops compare a request's status directly (the `finished` property costs a call).
+_FINISHED = RequestStatus.FINISHED
+_status = operator.attrgetter("status")
+_ALL_RUNNING = {RequestStatus.RUNNING}
 
 #: The attention backend a CUDA engine uses when none is selected.
 GPU_DEFAULT_ATTENTION = "triton"
@@ -148,11 +155,11 @@ class Engine:
         if self.pd is not None:
             self.pd.step()  # PD: pair requests, move KV, hand received requests to `running`
         self._apply_swaps()
-        plan = self._schedule()
+        checked = self._schedule()
+        plan = checked.plan if checked else None
         if plan:
             self._preempt(plan.preempted)
-            scheduled = [s.request for s in plan.scheduled if not s.request.finished]
-            num_tokens = [s.num_tokens for s in plan.scheduled if not s.request.finished]
+            scheduled, num_tokens = self._unfinished(checked)
             with self.runner.host_threads(num_tokens):  # CPU: no threads for tiny work
                 self._call_plugin(scheduled, lambda: self._run(scheduled, num_tokens))
         if self.config.disable_overlap or not plan:
@@ -164,6 +171,14 @@ class Engine:
             self.moe.step_boundary()  # record expert load; rebalance every N steps
         self._export(self._step_snapshot(plan, time.perf_counter() - start))
         return outputs
+
+    def _unfinished(self, checked: CheckedPlan) -> tuple[list[Request], list[int]]:
+        """The plan's requests and token counts, less those a preemption's resolve finished."""
+        requests, num_tokens = checked.requests, checked.num_tokens
+        if not checked.plan.preempted:  # nothing was resolved since the plan was checked
+            return requests, num_tokens
+        keep = [i for i, r in enumerate(requests) if r.status is not _FINISHED]
+        return [requests[i] for i in keep], [num_tokens[i] for i in keep]
 
     def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
         num_tokens = self.speculation.propose(scheduled, num_tokens, self.budget)  # + drafts
@@ -181,11 +196,12 @@ class Engine:
         for r, n in zip(scheduled, num_tokens):
             r.num_computed_tokens += n
         self._resolve()  # the previous step's tokens: append, stop, release
-        sampling = [r for r, s in zip(scheduled, batch.samples) if s]
-        if any(r.finished for r in sampling):  # finished by the previous step's token
-            keep = [i for i, r in enumerate(sampling) if not r.finished]
+        samples = batch.samples
+        sampling = scheduled if all(samples) else [r for r, s in zip(scheduled, samples) if s]
+        if _FINISHED in map(_status, sampling):  # finished by the previous step's token
+            keep = [i for i, r in enumerate(sampling) if r.status is not _FINISHED]
             logits = logits[to_device(keep, logits.device, torch.int64)]
-            sampling = [r for r in sampling if not r.finished]
+            sampling = [sampling[i] for i in keep]
         if sampling and self.speculation.drafting:
             self._verify(logits, sampling)
         elif sampling:
@@ -196,7 +212,7 @@ class Engine:
                 self._pending = PendingStep(sampling, sampled, self.info.vocab_size)
             except PluginFault as fault:  # fails the requests of this `sample` call only
                 self._fail(sampling, fault)
-        self.kv.commit([r for r in scheduled if not r.finished])
+        self.kv.commit([r for r in scheduled if r.status is not _FINISHED])
 
     def _verify(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Speculative decoding: append each request's accepted drafts and the target's next
@@ -222,15 +238,15 @@ class Engine:
         ids = pending.take()
         if pending.on_device:  # ids from a device tensor: range-checked now, on the host
             try:
-                self.guard.sampled_ids(ids, self.info.vocab_size)
+                self.guard.sampled_ids(pending.host_array, self.info.vocab_size)
             except PluginFault as fault:
                 return self._fail(pending.requests, fault)
         for r, token, lp in zip(pending.requests, ids, pending.logprobs):
-            if r.finished:  # failed meanwhile (`_release` dropped its placeholder)
+            if r.status is _FINISHED:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
             r.token_ids.pop()  # PENDING_TOKEN
             self._append(r, token, lp)
-            if r.finished:
+            if r.status is _FINISHED:
                 self._release(r)
 
     # ---------------------------------------------------------------- requests in and out
@@ -332,29 +348,46 @@ class Engine:
     ) -> tuple[list[Request], list[int]]:
         """Move newly scheduled requests to running; requests the cache could not serve go back
         to waiting (running ones are preempted)."""
+        if not failed and set(map(_status, scheduled)) == _ALL_RUNNING:  # a decode step
+            return scheduled, num_tokens
         failed_ids = {id(r) for r in failed}
         if failed:
             self._preempt([r for r in failed if r.status is RequestStatus.RUNNING])
-        kept, kept_n = [], []
+        kept, kept_n, admitted = [], [], []
         now = time.monotonic()
         for r, n in zip(scheduled, num_tokens):
-            if id(r) in failed_ids or r.finished:  # finished: by a step resolved meanwhile
+            if r.status is _FINISHED or id(r) in failed_ids:  # finished: by a resolved step
                 continue
             if r.status is RequestStatus.WAITING:
-                self.waiting.remove(r)
+                admitted.append(r)
                 self.running.append(r)
                 r.status = RequestStatus.RUNNING
                 r.first_scheduled_time = r.first_scheduled_time or now
             kept.append(r)
             kept_n.append(n)
+        self._dequeue(admitted)
         return kept, kept_n
+
+    def _dequeue(self, admitted: list[Request]) -> None:
+        """Take the admitted requests out of the waiting queue in one pass (a `remove` each
+        would scan the queue once per request)."""
+        waiting = self.waiting
+        k = len(admitted)
+        if k <= len(waiting) and all(map(operator.is_, admitted, itertools.islice(waiting, k))):
+            for _ in range(k):  # the head of the queue, in order: the common case
+                waiting.popleft()
+        elif admitted:
+            gone = set(map(id, admitted))
+            rest = [r for r in waiting if id(r) not in gone]
+            waiting.clear()
+            waiting.extend(rest)
 
     def _append(self, r: Request, token: int, logprobs) -> None:
         r.append_token(token, logprobs)
-        r.first_token_time = r.first_token_time or time.monotonic()
-        self._outbox.append(
-            RequestOutput(r.request_id, [token], "", [logprobs] if logprobs else [], request=r)
-        )
+        if r.first_token_time is None:
+            r.first_token_time = time.monotonic()
+        lps = [logprobs] if logprobs else []
+        self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
         reason = stop_reason(r, token, self.budget.max_model_len)  # stop strings: detokenizer
         if reason:
             self._finish(r, reason)
@@ -406,7 +439,7 @@ class Engine:
         self.requests.pop(r.request_id, None)
         self._export(MetricsSnapshot(kind="request", timestamp=time.time(), request=r))
 
-    def _schedule(self) -> SchedulePlan | None:
+    def _schedule(self) -> CheckedPlan | None:
         """The scheduler's plan, checked (`pegboard.core.contract`). A failing scheduler fails
         no request at first; after `SCHEDULER_FAILURE_LIMIT` failing steps in a row it fails
         the queued ones (see the `schedule` hookspec)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, ModelInfo, Request
 
 log = logging.getLogger("pegboard.model_runner")
+
+_computed = operator.attrgetter("num_computed_tokens")
+_token_ids = operator.attrgetter("token_ids")
+_page_table = operator.attrgetter("page_table")
 
 #: On a CPU, a step gets one intra-op thread per this many floating-point operations of model
 #: work (`ModelRunner.host_threads`): below it, OpenMP's fork/join costs more than it saves,
@@ -214,62 +219,82 @@ class ModelRunner:
         page_size: int,
         pending: PendingStep | None,
     ) -> ForwardBatch | None:
-        """`prepare` for the common step where every request decodes its last token: list
-        comprehensions and numpy instead of the per-request loop, the KV slots read from the
+        """`prepare` for the common step where every request decodes its last token: whole-list
+        C calls and numpy instead of the per-request loop, the KV slots read from the
         page-table array. None when the step is anything else (the general path, which also
         raises the errors, handles it)."""
         n = len(requests)
         if not n or len(num_tokens) != n or sum(num_tokens) != n:  # every n >= 1, so all 1
             return None
-        starts = [r.num_computed_tokens for r in requests]
-        if any(s + 1 != len(r.token_ids) for s, r in zip(starts, requests)):
+        starts = np.fromiter(map(_computed, requests), np.int64, n)
+        lengths = np.fromiter(map(len, map(_token_ids, requests)), np.int64, n)
+        if (lengths != starts + 1).any():
             return None
-        num_pages = [s // page_size + 1 for s in starts]
-        if any(len(r.page_table) < k for r, k in zip(requests, num_pages)):
+        num_pages = starts // page_size + 1
+        table_lens = np.fromiter(map(len, map(_page_table, requests)), np.int64, n)
+        if (table_lens < num_pages).any():
             return None
-        last = [r.token_ids[-1] for r in requests]
-        fill_at = [i for i, t in enumerate(last) if t == PENDING_TOKEN]
-        if fill_at and (
-            pending is None or any(id(requests[i]) not in pending.rows for i in fill_at)
-        ):
-            return None  # the general path names the request
-        fill_from = [pending.rows[id(requests[i])] for i in fill_at] if fill_at else []
-        if fill_at and pending.host_ids is not None:  # the host has them: no device work
-            for at, row in zip(fill_at, fill_from):
-                last[at] = pending.host_ids[row]
-            fill_at, fill_from = [], []
+        if pending is not None and requests == pending.requests:
+            # The batch sampled last step, in its order: every last token is pending, row i.
+            last = pending.host_ids  # None: only on the device
+            fill = [] if last is not None else None
+        else:
+            last, fill = self._decode_inputs(requests, pending)
+            if last is None and fill is None:
+                return None  # the general path names the request
         table = self.page_tables.gather(requests, num_pages)
-        pos = np.asarray(starts, dtype=np.int64)
-        slots = table[np.arange(n), pos // page_size].astype(np.int64) * page_size
-        slots += pos % page_size
-        flat = to_device(
-            np.concatenate(
-                [
-                    np.asarray(last, dtype=np.int64),
-                    pos,
-                    slots,
-                    np.arange(n, dtype=np.int64),
-                    np.asarray(fill_at + fill_from, dtype=np.int64),
-                ]
-            ),
-            self.device,
-        )
-        input_ids = _fill_pending(flat[:n], flat[4 * n :], pending)
+        slots = table[np.arange(n), starts // page_size].astype(np.int64) * page_size
+        slots += starts % page_size
+        parts = [starts, slots, np.arange(n, dtype=np.int64)]
+        if last is not None:
+            parts.insert(0, np.asarray(last, dtype=np.int64))
+        if fill:
+            parts.append(np.asarray(fill, dtype=np.int64))
+        flat = to_device(np.concatenate(parts), self.device)
+        if last is None:  # input ids straight from the device, in row order
+            input_ids = pending.tokens
+        else:
+            input_ids, flat = _fill_pending(flat[:n], flat[4 * n :], pending), flat[n:]
+        if (table_lens == num_pages).all():
+            page_tables_cpu = list(map(_page_table, requests))
+        else:
+            page_tables_cpu = [
+                r.page_table if len(r.page_table) == m else r.page_table[:m]
+                for r, m in zip(requests, num_pages.tolist())
+            ]
         return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
-            positions=flat[n : 2 * n],
-            slot_mapping=flat[2 * n : 3 * n],
+            positions=flat[:n],
+            slot_mapping=flat[n : 2 * n],
             query_lens_cpu=[1] * n,
-            seq_lens_cpu=[s + 1 for s in starts],
-            page_tables_cpu=[
-                r.page_table if len(r.page_table) == m else r.page_table[:m]
-                for r, m in zip(requests, num_pages)
-            ],
-            logits_indices=flat[3 * n : 4 * n],
+            seq_lens_cpu=lengths.tolist(),
+            page_tables_cpu=page_tables_cpu,
+            logits_indices=flat[2 * n : 3 * n],
             samples=[True] * n,
             page_tables_array=table,
         )
+
+    @staticmethod
+    def _decode_inputs(
+        requests: list[Request], pending: PendingStep | None
+    ) -> tuple[list[int] | None, list[int] | None]:
+        """The last token of each request (a batch other than the pending step's): ids, with
+        pending ones taken from the host when it has them, and the pending ones' input rows
+        followed by their rows in `pending.tokens` (empty: none left on the device). (None,
+        None): a pending token with no pending step."""
+        last = [r.token_ids[-1] for r in requests]
+        fill_at = [i for i, t in enumerate(last) if t == PENDING_TOKEN]
+        if not fill_at:
+            return last, []
+        if pending is None or any(id(requests[i]) not in pending.rows for i in fill_at):
+            return None, None
+        fill_from = [pending.rows[id(requests[i])] for i in fill_at]
+        if pending.host_ids is not None:  # the host has them: no device work
+            for at, row in zip(fill_at, fill_from):
+                last[at] = pending.host_ids[row]
+            return last, []
+        return last, fill_at + fill_from
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -34,6 +34,9 @@ def stop_reason(request: Request, token_id: int, max_model_len: int) -> FinishRe
         return FinishReason.STOP
     if token_id in params.stop_token_ids:
         return FinishReason.STOP
-    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
+    if (
+        len(request.output_token_ids) >= params.max_tokens
+        or len(request.token_ids) >= max_model_len
+    ):
         return FinishReason.LENGTH
     return None

@@ -22,6 +22,8 @@ placeholder where it would store or compare token ids.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from pegboard.sdk.types import Request, SampleOutput, TokenLogprobs
 
@@ -44,7 +46,6 @@ class PendingStep:
                 f"the sampler returned {len(sampled)} tokens for {len(requests)} requests"
             )
         self.requests = requests
-        self.rows = {id(r): i for i, r in enumerate(requests)}
         self.logprobs: list[TokenLogprobs | None] = list(sampled.logprobs)
         self.tokens: torch.Tensor | None = sampled.tokens  # on the device, for the next inputs
         self._ids: list[int] | None = None if self.tokens is not None else sampled.token_ids
@@ -65,6 +66,12 @@ class PendingStep:
         for r in requests:
             r.token_ids.append(PENDING_TOKEN)
 
+    @functools.cached_property
+    def rows(self) -> dict[int, int]:
+        """id(request) -> its row in `tokens` (built on first use: a step whose batch is this
+        one's, in the same order, needs no lookup)."""
+        return {id(r): i for i, r in enumerate(self.requests)}
+
     def take(self) -> list[int]:
         """The sampled token ids on the host (waits for this step's copy, nothing later)."""
         if self._ids is None:
@@ -74,6 +81,12 @@ class PendingStep:
             else:
                 self._ids = self.tokens.tolist()
         return self._ids
+
+    @property
+    def host_array(self):
+        """After `take()`, the ids as an int64 numpy array over the pinned host copy (for the
+        range check); None when the ids did not come from a device tensor."""
+        return self._host.numpy() if self._host is not None else None
 
     @property
     def host_ids(self) -> list[int] | None:

@@ -22,13 +22,13 @@ class PageTableMirror:
         self._rows: dict[int, tuple[int, list[int]]] = {}  # id(request) -> row, pages mirrored
         self._free = list(range(self.table.shape[0] - 1, -1, -1))
 
-    def gather(self, requests: list[Request], num_pages: list[int]) -> np.ndarray:
+    def gather(self, requests: list[Request], num_pages) -> np.ndarray:
         """int32 `[len(requests), max(num_pages)]`: the first `num_pages[i]` pages of each
-        request's `page_table`, then zeros (a new array)."""
+        request's `page_table`, then zeros (a new array). `num_pages`: a list or an array."""
         rows = [self._row(r) for r in requests]
-        width = max(num_pages, default=0)
-        out = self.table[rows, :width]
         lengths = np.asarray(num_pages, dtype=np.int32)
+        width = int(lengths.max()) if len(lengths) else 0
+        out = self.table[rows, :width]
         if int(lengths.min(initial=width)) < width:
             out[np.arange(width, dtype=np.int32) >= lengths[:, None]] = 0
         return out

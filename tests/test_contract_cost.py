@@ -11,7 +11,7 @@ from pegboard.core.bench.dispatch import plugin_layer_share
 def test_plugin_layer_reports_the_contract_checks_per_batch_size_and_their_share():
     layer = plugin_layer_share(0.010)
     checks = layer["contract_check_us"]
-    assert set(checks) == {"batch_1", "batch_32", "batch_256"}
+    assert set(checks) == {f"batch_{n}{same}" for n in (1, 32, 256) for same in ("", "_same_batch")}
     assert all(0 < us < 10_000 for us in checks.values())
     assert layer["contract_check_share_pct_batch_256"] == pytest.approx(
         100 * checks["batch_256"] * 1e-6 / 0.010, rel=0.01

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pegboard.core.contract import ContractViolation, check_plan, check_sample, check_token_ids
+from pegboard.core.contract import (
+    ContractViolation,
+    PlanChecker,
+    check_plan,
+    check_sample,
+    check_token_ids,
+)
 from pegboard.sdk.types import (
     Request,
     RequestStatus,
@@ -101,3 +107,38 @@ def test_each_sample_rule_is_named():
     assert sample_rule(SampleOutput([-1, 2], [None] * 2)) == "ids in vocabulary"
     with pytest.raises(ContractViolation, match="token id 12 is outside the vocabulary"):
         check_token_ids([3, 12], 10)
+
+
+def test_a_decode_plan_is_checked_in_full_even_when_the_checker_remembers_the_last_one():
+    # `PlanChecker` skips the per-request pass for the batch it passed last step, against the
+    # same running queue: every rule must still hold when either changed.
+    rs = [running() for _ in range(3)]
+    checker = PlanChecker()
+
+    def decode_rule(plan, run, budget=BUDGET, free=100) -> str:
+        with pytest.raises(ContractViolation) as e:
+            checker.check(plan, [], run, budget, Cache(free))
+        return e.value.rule
+
+    ok = SchedulePlan([ScheduledRequest(r, 1) for r in reversed(rs)])  # not the queue's order
+    for _ in range(2):  # the second time from memory
+        assert checker.check(ok, [], rs, BUDGET, Cache(100)).requests == rs[::-1]
+    done, *rest = rs
+    done.status = RequestStatus.FINISHED  # it left the running queue; the plan still has it
+    assert decode_rule(ok, rest) == "unknown request"
+    twice = SchedulePlan([ScheduledRequest(r, 1) for r in rest + rest[:1]])
+    assert decode_rule(twice, rest) == "scheduled twice"
+    floats = SchedulePlan([ScheduledRequest(rest[0], 1), ScheduledRequest(rest[1], 1.0)])
+    assert decode_rule(floats, rest) == "zero tokens"
+    same = SchedulePlan([ScheduledRequest(r, 1) for r in rest])
+    assert checker.check(same, [], rest, BUDGET, Cache(100)).num_tokens == [1, 1]
+    assert decode_rule(same, rest, budget=StepBudget(1, 3, 128)) == "token budget"
+    full = [running(8, pages=2) for _ in range(2)]  # at a page boundary: a page each
+    assert decode_rule(SchedulePlan([ScheduledRequest(r, 1) for r in full]), full, free=1) == (
+        "pages fit"
+    )
+    stranger = running()  # running, but not in the queue the plan was made from
+    plan = SchedulePlan([ScheduledRequest(r, 1) for r in rest + [stranger]])
+    assert checker.check(plan, [], rest + [stranger], BUDGET, Cache(100)) is not None
+    stranger.status = RequestStatus.WAITING  # a waiting request given one token, not admitted
+    assert decode_rule(plan, rest) == "unknown request"

@@ -9,7 +9,9 @@ wrapped attribute back on exit):
 - `forward (launch)`: the model call; on a GPU the kernels are only launched;
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
-- `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
+- `admit` (moving scheduled requests to running), `detokenize` (the deltas handed to the
+  detokenizer: text and stop strings when it runs inline), `step snapshot` (the step's metrics),
+  `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
 
 `host_ms` is a step's total less the wait: the host work per step. With overlap on, a step
 whose host work is below the device's time per step shows the wait growing, not the total.
@@ -30,8 +32,11 @@ TOTAL = "step (total)"
 class HostProfile:
     """Time an engine's phases while the context is open; `report()` gives ms per step."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, clock: Callable[[], float] = time.perf_counter) -> None:
         self.engine = engine
+        #: Wall clock by default; `time.thread_time` counts only this thread's CPU time (for a
+        #: shared machine, where other processes' load would otherwise land on every phase).
+        self.clock = clock
         self.seconds: dict[str, float] = defaultdict(float)
         self._restore: list[Callable[[], None]] = []
         self._steps0 = 0
@@ -45,6 +50,9 @@ class HostProfile:
         self._wrap(e.runner, "forward", "forward (launch)")
         self._wrap(e, "_resolve", "resolve (all)")
         self._wrap(e, "_export", "export_metrics")
+        self._wrap(e, "_admit", "admit")
+        self._wrap(e, "_step_snapshot", "step snapshot")
+        self._wrap(e.detokenizer, "submit", "detokenize")
         self._wrap(e, "_apply_inbox", "inbox")
         self._wrap(e.kv, "commit", "kv commit")
         self._wrap(e, "step", TOTAL)
@@ -58,14 +66,14 @@ class HostProfile:
 
     def _wrap(self, owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
-        seconds = self.seconds
+        seconds, clock = self.seconds, self.clock
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                seconds[name] += time.perf_counter() - start
+                seconds[name] += clock() - start
 
         own = attr in vars(owner)  # else a method: the class's shows through again
         setattr(owner, attr, timed)

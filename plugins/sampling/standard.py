@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 
 import numpy as np
 import pydantic
@@ -18,6 +19,7 @@ from pegboard.sdk.types import Request, SampleOutput, TokenLogprobs
 #: a sampler swapped in mid-request continues the same random stream.
 GENERATOR_KEY = "sampler"
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (engine seed, seq) over the seed space
+_outputs = operator.attrgetter("output_token_ids")
 
 
 class StandardSamplerOptions(pydantic.BaseModel):
@@ -123,7 +125,7 @@ class StandardSampler(Sampler):
         and its arrival number) mixed with how many tokens it has drawn (splitmix64)."""
         if base is None:
             base = _base_seeds(requests, self.options.seed)
-        drawn = np.array([r.num_output_tokens + 1 for r in requests], dtype=np.uint64)
+        drawn = np.fromiter(map(len, map(_outputs, requests)), np.uint64, len(requests)) + 1
         with np.errstate(over="ignore"):
             x = base + drawn * np.uint64(_MIX)
             x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -197,8 +199,9 @@ class _BatchFacts:
         self.want_logprobs = [i for i, p in enumerate(self.params) if p.logprobs is not None]
         self.penalties = needs_penalties(requests)
         self.greedy = all(p.greedy for p in self.params)
-        self.plain = [i for i, p in enumerate(self.params) if _unfiltered(p, vocab)]
-        self.base_seeds = _base_seeds(requests, sampler_seed)
+        plain = [] if self.greedy else self.params  # greedy batches draw nothing
+        self.plain = [i for i, p in enumerate(plain) if _unfiltered(p, vocab)]
+        self.base_seeds = None if self.greedy else _base_seeds(requests, sampler_seed)
         self._temperature: torch.Tensor | None = None
 
     def temperature(self, device: torch.device) -> torch.Tensor:
