@@ -55,9 +55,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to the process's stderr (a hang)."""
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no SIGUSR1 (Windows) or no real stderr
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack (a hang)
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _stacks_on_sigusr1()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
