@@ -51,7 +51,7 @@ for job in "${@:-tests}"; do
         --peer transformers --peer-timeout 300 --json "$OUT/offline-peer256.json" \
         --chart "$OUT/offline-peer256.png" 2>"$OUT/offline-peer256.err" | tail -30 ;;
     profile-host) # host ms per phase on the nano-vllm workload (issue 17), inline vs thread detokenizer
-        for d in inline thread; do
+        for d in ${DETOKENIZERS:-inline thread}; do
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
         done ;;
