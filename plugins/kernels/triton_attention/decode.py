@@ -25,6 +25,26 @@ import triton.language as tl
 from pegboard.plugins.kernels.triton_attention.launch import dot_precision, num_sms, unit_last_dim
 
 LOG2E = math.log2(math.e)
+F16_MAX = 65504.0
+
+
+@triton.jit
+def to_dot_dtype(q, F16_DOT: tl.constexpr):
+    """The query in the dtype the dots run in: as loaded, or with `F16_DOT` (an FP8 KV cache)
+    float16, which e4m3 keys and values convert to in one instruction per pair (sm_89+; to
+    bf16 it takes three) and which holds every e4m3 and bf16 value in its range exactly
+    (saturated at float16's largest)."""
+    if F16_DOT:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -F16_MAX), F16_MAX).to(tl.float16)
+    return q
+
+
+def f16_dot(q_dtype: torch.dtype, k_cache: torch.Tensor, f16: bool | None) -> bool:
+    """Whether the kernels run their dots in float16 (see `to_dot_dtype`): `f16`, or by default
+    for a one-byte (FP8) cache under 16-bit queries."""
+    if f16 is not None:
+        return f16
+    return k_cache.element_size() == 1 and q_dtype in (torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -62,6 +82,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,6 +103,7 @@ def _decode_kernel(
         mask=h_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    q = to_dot_dtype(q, F16_DOT)
     pages_row = Page_table + req.to(tl.int64) * stride_pt
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -207,6 +229,7 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    f16: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged KV; returns `out`.
 
@@ -216,7 +239,8 @@ def decode_attention(
     `seq_lens`: int32 `[>= num_requests]`, keys each request attends to (its new one included).
     With `num_splits > 1`, `workspace` holds float32 partial outputs
     `[>= num_requests, num_heads, num_splits, head_dim]` and log-sum-exps
-    `[>= num_requests, num_heads, num_splits]` (allocated here when None).
+    `[>= num_requests, num_heads, num_splits]` (allocated here when None). `f16`: run the
+    dots in float16 (default: for an FP8 cache, see `to_dot_dtype`).
     """
     num_requests, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -263,6 +287,7 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
+        F16_DOT=f16_dot(q.dtype, k_cache, f16),
         num_warps=num_warps,
         num_stages=num_stages,
     )
