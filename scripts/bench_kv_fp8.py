@@ -15,7 +15,8 @@ e4m3's subnormal range):
 
 `--kernels` (CUDA): µs per decode-attention call (CUDA-graph replays, KV pages scattered) with
 a bf16 cache, an FP8 cache read through float16 dots (the default) and through bf16 dots (the
-first FP8 version), on the nano-vllm workload's shape and two Llama-3.1-8B ones.
+first FP8 version), and both caches through the CUDA-core variant (`fma`), on the nano-vllm
+workload's shape and two Llama-3.1-8B ones.
 
     python3 scripts/bench_kv_fp8.py [--device cuda] [--attention triton] [--json FILE]
     python3 scripts/bench_kv_fp8.py --kernels [--json FILE]
@@ -213,10 +214,12 @@ def kernels() -> dict:
         splits = triton_attention.choose_num_splits(requests, kv_heads, context, dev, block_n)
         work = triton_attention.decode_workspace(requests, heads, splits, 128, dev)
         row = {"case": name, "splits": splits}
-        for label, dtype, f16 in (
-            ("bf16", torch.bfloat16, None),
-            ("fp8_f16_dots", torch.float8_e4m3fn, True),
-            ("fp8_bf16_dots", torch.float8_e4m3fn, False),
+        for label, dtype, f16, fma in (
+            ("bf16", torch.bfloat16, None, False),
+            ("fp8_f16_dots", torch.float8_e4m3fn, True, False),
+            ("fp8_bf16_dots", torch.float8_e4m3fn, False, False),
+            ("fp8_fma", torch.float8_e4m3fn, None, True),
+            ("bf16_fma", torch.bfloat16, None, True),
         ):
             caches = []
             for _ in range(2):  # K, V
@@ -224,7 +227,7 @@ def kernels() -> dict:
                 caches.append(c)
             k_cache, v_cache = caches
             args = (q, k_cache, v_cache, table, seq_lens, 0.088, out, splits, work)
-            us = graph_us([lambda args=args, f16=f16: decode(*args, f16=f16)] * 20)
+            us = graph_us([lambda a=args, f=f16, m=fma: decode(*a, f16=f, fma=m)] * 20)
             kv_bytes = 2 * requests * context * kv_heads * 128 * k_cache.element_size()
             row[f"{label}_us"] = us
             row[f"{label}_tb_s"] = kv_bytes / us / 1e6
@@ -233,7 +236,8 @@ def kernels() -> dict:
             f"{name:36s} bf16 {row['bf16_us']:8.1f} µs ({row['bf16_tb_s']:.2f} TB/s)  "
             f"fp8/f16 {row['fp8_f16_dots_us']:8.1f} ({row['fp8_f16_dots_tb_s']:.2f})  "
             f"fp8/bf16 {row['fp8_bf16_dots_us']:8.1f} ({row['fp8_bf16_dots_tb_s']:.2f})  "
-            f"speedup {row['bf16_us'] / row['fp8_f16_dots_us']:.2f}x",
+            f"fp8/fma {row['fp8_fma_us']:8.1f} ({row['fp8_fma_tb_s']:.2f})  "
+            f"bf16/fma {row['bf16_fma_us']:8.1f}",
             flush=True,
         )
     return {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "cases": rows}

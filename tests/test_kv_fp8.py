@@ -144,9 +144,12 @@ def test_unknown_kv_cache_dtype_is_refused(tiny_llama_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("decode", [False, True])
-def test_triton_backend_reads_fp8_like_the_torch_backend(decode):
+@pytest.mark.parametrize("decode", [False, True, "fma"])
+def test_triton_backend_reads_fp8_like_the_torch_backend(decode, monkeypatch):
     from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
+    from pegboard.plugins.kernels.triton_attention import decode as decode_module
+
+    monkeypatch.setattr(decode_module, "FP8_DECODE", "fma" if decode == "fma" else "dot")
 
     m = ModelInfo("LlamaForCausalLM", 1, 32, 8, 128, 4096, 512, 4096, torch.bfloat16,
                   torch.device("cuda"))  # fmt: skip
@@ -190,15 +193,19 @@ def _store_like_torch(k, v, k_cache, v_cache, slots, k_scale, v_scale):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test above covers the device")
-@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
-def test_triton_kernels_read_fp8_like_the_torch_backend_in_the_interpreter(decode, monkeypatch):
-    # The decode and extend kernels reading e4m3 through float16 dots (the interpreter's bf16
-    # tl.dot is broken, so the bf16 path is left to the GPU test).
+@pytest.mark.parametrize("mode", ["prefill", "decode", "decode-fma"])
+def test_triton_kernels_read_fp8_like_the_torch_backend_in_the_interpreter(mode, monkeypatch):
+    # The decode and extend kernels reading e4m3 through float16 dots, and the decode kernel's
+    # CUDA-core variant (the interpreter's bf16 tl.dot is broken, so the bf16 path is left to
+    # the GPU test).
     pytest.importorskip("triton")
     from pegboard.plugins.kernels import triton_attention
     from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
+    from pegboard.plugins.kernels.triton_attention import decode as decode_module
 
     monkeypatch.setattr(triton_attention, "store_kv", _store_like_torch)
+    monkeypatch.setattr(decode_module, "FP8_DECODE", "fma" if mode == "decode-fma" else "dot")
+    decode = mode != "prefill"
     m = info(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     pages, seq_lens = [[0, 1], [2, 3]], [20, 29]
