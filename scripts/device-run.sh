@@ -77,15 +77,16 @@ for job in "${@:-tests}"; do
             $([ $q = none ] || echo --quantization $q) ${BENCH_ARGS:-} \
             --json "$OUT/offline-w4a16-$q.json" 2>"$OUT/offline-w4a16-$q.err" | tail -4
         done ;;
-    kv-fp8) # FP8 KV (issue 15): decode kernel bf16 vs fp8; the nano-vllm workload at equal batch
-        # (KV sized from memory: capacity does not bind), then at equal KV memory (6 GiB:
-        # 57,344 bf16 tokens or 114,688 fp8 ones for Qwen3-0.6B, so capacity binds bf16 harder)
-        timeout 120 python3 scripts/bench_kv_fp8.py --kernels --json "$OUT/kv-fp8-kernels.json" 2>&1 | tail -5
-        for v in "auto:" "fp8_e4m3:" "auto:57344" "fp8_e4m3:114688"; do
-          dt=${v%%:*}; tok=${v#*:}
-          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype $dt \
-            ${tok:+--kv-cache-tokens $tok} ${BENCH_ARGS:-} --json "$OUT/kv-$dt-${tok:-free}.json" \
-            2>"$OUT/kv-$dt-${tok:-free}.err" | tail -3
+    kv-fp8) # FP8 KV (issue 15): decode kernel bf16 vs fp8 (dot / fma variants); the nano-vllm
+        # workload at equal batch (KV sized from memory: capacity does not bind), then at equal
+        # KV memory (6.1 GiB: 57,344 bf16 tokens or 114,688 fp8 ones for Qwen3-0.6B)
+        timeout 150 python3 scripts/bench_kv_fp8.py --kernels --json "$OUT/kv-fp8-kernels.json" 2>&1 | tail -5
+        for v in "auto::" "fp8_e4m3::dot" "fp8_e4m3::fma" "auto:57344:" "fp8_e4m3:114688:dot" "fp8_e4m3:114688:fma"; do
+          IFS=: read -r dt tok how <<<"$v"; name=kv-$dt-${tok:-free}${how:+-$how}
+          echo "== $name"
+          PEGBOARD_FP8_DECODE=${how:-dot} timeout 150 $PB bench offline --random-weights --config qwen3-0.6b \
+            --kv-cache-dtype $dt ${tok:+--kv-cache-tokens $tok} ${BENCH_ARGS:-} --json "$OUT/$name.json" \
+            2>"$OUT/$name.err" | tail -3
         done ;;
     offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)
         timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype fp8_e4m3 \
