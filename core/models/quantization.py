@@ -170,13 +170,19 @@ def _parse(method: str, raw: dict[str, Any], model_dir: Path) -> QuantizationCon
         return _parse_compressed_tensors(raw, where)
     if method == "awq" and str(raw.get("version", "gemm")).lower() != "gemm":
         raise ModelLoadError(f"{where}: AWQ version {raw.get('version')!r}; only GEMM is supported")
+    checkpoint_format = str(raw.get("checkpoint_format", "gptq" if method == "gptq" else ""))
+    if method == "gptq" and checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ModelLoadError(
+            f"{where}: GPTQ checkpoint_format {checkpoint_format!r}; only gptq and gptq_v2 are "
+            "supported (repack it with GPTQModel to one of those)"
+        )
     return QuantizationConfig(
         method,
         bits=int(raw.get("bits", raw.get("w_bit", 4))),
         group_size=int(raw.get("group_size", raw.get("q_group_size", 128))),
         sym=bool(raw.get("sym", method == "gptq")),
         desc_act=bool(raw.get("desc_act", False)),
-        checkpoint_format=str(raw.get("checkpoint_format", "gptq" if method == "gptq" else "")),
+        checkpoint_format=checkpoint_format,
         ignore=tuple(raw.get("modules_to_not_convert") or ()),
     )
 
