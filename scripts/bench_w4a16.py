@@ -80,7 +80,7 @@ def time_w4(layers, x: torch.Tensor, group: int, config: W4A16Config | None, rep
 def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
     """The sweep's grid, most plausible first (the sweep stops at its time budget): the
     CUDA-core kernel up to 4 rows and the tensor-core one from 2, interleaved; output and K
-    blocks; the split of K that gives ~512 programs, then twice that; warps and pipelining."""
+    blocks; the split of K that gives ~2 programs per SM, then twice that; warps and pipelining."""
     gemv = [(triton.next_power_of_2(m), bn, bk) for bn in (128, 256, 64) for bk in (128, 256)]
     dot = [
         (max(16, triton.next_power_of_2(m)), bn, bk) for bn in (128, 64, 256) for bk in (128, 64)
@@ -89,7 +89,7 @@ def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
     for pair in zip(gemv, dot, strict=True):
         shapes += [s for s, ok in zip(pair, (m <= w4a16.GEMV_MAX_ROWS, 2 <= m <= 64)) if ok]
     out = []
-    for variant in range(4):  # (split, warps/stages) variants, default first
+    for variant in range(6):  # split x1, x2, x1/2; then the same with more warps/stages
         for bm, bn, bk in shapes:
             if k % bk:
                 continue
@@ -97,9 +97,9 @@ def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
             split = 1
             while programs * split < w4a16.TARGET_PROGRAMS and k % (bk * split * 2) == 0:
                 split *= 2
-            split *= 2 if variant % 2 and k % (bk * split * 2) == 0 else 1
-            warps, stages = ((4, 2), (8, 2)) if bm <= 4 else ((4, 3), (8, 4))
-            warps, stages = (warps, stages)[variant // 2]
+            split = {0: split, 1: split * 2, 2: max(1, split // 2)}[variant % 3]
+            warps, stages = ((4, 2), (8, 3)) if bm <= 4 else ((4, 3), (8, 4))
+            warps, stages = (warps, stages)[variant // 3]
             cfg = W4A16Config(bm, bn, bk, min(split, 32), warps, stages)
             if cfg not in out and k % (bk * cfg.split_k) == 0:
                 out.append(cfg)
