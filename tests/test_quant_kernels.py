@@ -70,6 +70,20 @@ def test_kernels_match_the_dequantized_reference_in_the_interpreter(rows, config
     torch.testing.assert_close(got.double(), reference(x, p, bias), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests cover the device")
+@pytest.mark.parametrize("group", [64, 128])
+def test_tensor_core_kernel_in_fp16_scales_after_the_dot_in_the_interpreter(group):
+    # 16-bit x with a step inside one group: nibbles as 1024 + q by bit pattern, the scale and
+    # offset applied to the dot's sums (bf16 uses 128 + q: same code, the interpreter's bf16
+    # tl.dot is broken). Not rounded to fp16 weights: compared with the exact product.
+    p = packed_layer(40, 256, group, torch.float16)
+    x = (torch.randn(5, 256, generator=torch.Generator().manual_seed(2)) * 4).half()
+    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, None, W4A16Config(16, 16, 64))
+    w = dequantize_packed(p, torch.float32).double()
+    expected = x.double() @ w.t()
+    assert ((got.double() - expected).norm() / expected.norm()).item() < 2e-3
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests cover bf16 on the device")
 def test_cuda_core_kernel_in_bf16_is_within_bf16_rounding_in_the_interpreter():
     # (The interpreter's bf16 tl.dot is broken in triton 3.x, so only the CUDA-core kernel.)

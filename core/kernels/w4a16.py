@@ -19,9 +19,13 @@ of every word in registers. A nibble becomes a float32 without an integer conver
   cross-thread reduction in the loop). The weight is never materialised: per weight one mask,
   one add and one multiply-add per row of x. Exact in float32 (the weights are not rounded to
   x's dtype), so its error against a bf16-rounded reference is bf16's own.
-- `_dot_kernel` (tensor cores, more rows: batched decode, prefill). The `[BLOCK_K, BLOCK_N]`
-  tile is de-quantized in float32, rounded once to x's dtype (what a de-quantized checkpoint
-  holds) and fed to `tl.dot` with x's rows padded to `BLOCK_M` (16 at least).
+- `_dot_kernel` (tensor cores, more rows: batched decode, prefill), x's rows padded to
+  `BLOCK_M` (16 at least). When a step lies inside one group and x is 16-bit, the nibbles
+  become 16-bit floats by bit pattern alone (bf16 `0x4300 | q` reads as `128 + q`, exact), the
+  dot sums `x * (128 + q)` exactly-multiplied in float32, and `(sum - 128 * sum(x)) * scale +
+  sum(x) * offset` is added per step (~2^-19 relative cancellation, far below bf16's 2^-9).
+  Otherwise the `[BLOCK_K, BLOCK_N]` tile is de-quantized in float32, rounded once to x's
+  dtype (what a de-quantized checkpoint holds) and fed to `tl.dot`.
 
 With `SPLIT_K > 1` each program writes float32 partial sums and `gemv.split_k_sum` adds them
 and the bias (two passes: deterministic, no zeroing, CUDA-graph safe). With programmatic
@@ -49,9 +53,11 @@ from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 
 GEMV_MAX_ROWS = 4  # `BLOCK_M` up to which the CUDA-core kernel runs
 TABLE = Path(__file__).with_name("w4a16_configs.json")
-TARGET_PROGRAMS = (
-    264  # two programs per SM of an H100/H200 (132 SMs), each streaming a long K slice
-)
+#: Programs a launch aims at: two per SM of an H100/H200 (132 SMs), each a long K slice.
+TARGET_PROGRAMS = 264
+#: 16-bit patterns that read as `MAGIC + q` for a nibble q in the low bits, and that MAGIC:
+#: bf16 0x4300 | q = 128 + q (7 mantissa bits), fp16 0x6400 | q = 1024 + q (10 bits).
+MAGIC_16BIT = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ def _dot_kernel(
     x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
     K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    MAGIC16: tl.constexpr, MAGIC_VALUE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -191,12 +198,19 @@ def _dot_kernel(
             words = _words(qw_ptr, kb, kw, offs_n, n_mask, N)
         scale = _group_params(s_ptr, kb, kw, offs_n, n_mask, N, GROUP, BLOCK_K)
         offset = _group_params(o_ptr, kb, kw, offs_n, n_mask, N, GROUP, BLOCK_K)
-        bits = ((words[:, None, :] >> shifts) & 0xF) | 0x4B000000  # [KW, 8, BLOCK_N]
-        q = bits.to(tl.float32, bitcast=True) - 8388608.0
-        w = q * scale[:, None, :] + offset[:, None, :]
         x = tl.load(x_ptrs + i * BLOCK_K, mask=m_mask, other=0.0)
-        w = tl.reshape(w, (BLOCK_K, BLOCK_N)).to(x.dtype)  # rounded once, as a bf16 checkpoint
-        acc = tl.dot(x, w, acc)
+        if MAGIC16 != 0:  # the step in one group, 16-bit x: scale after the dot
+            bits = ((words[:, None, :] >> shifts) & 0xF) | MAGIC16  # [KW, 8, BLOCK_N]
+            qm = tl.reshape(bits.to(tl.int16), (BLOCK_K, BLOCK_N)).to(x.dtype, bitcast=True)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)[:, None]
+            xq = tl.dot(x, qm) - MAGIC_VALUE * x_sum  # sum of x * q, exact products
+            acc += xq * scale + x_sum * offset
+        else:
+            bits = ((words[:, None, :] >> shifts) & 0xF) | 0x4B000000  # [KW, 8, BLOCK_N]
+            q = bits.to(tl.float32, bitcast=True) - 8388608.0
+            w = q * scale[:, None, :] + offset[:, None, :]
+            w = tl.reshape(w, (BLOCK_K, BLOCK_N)).to(x.dtype)  # rounded once, as a checkpoint
+            acc = tl.dot(x, w, acc)
     _store(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_s, HAS_BIAS, SPLIT_K > 1)
 
 
@@ -295,6 +309,10 @@ def w4a16_linear(
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     pdl = launch_options(x.device) if cfg.pdl else {"PDL": False}
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    extra = {}
+    if cfg.dot:  # bf16/fp16 nibbles made by bit pattern when a step lies in one group
+        magic = MAGIC_16BIT.get(x.dtype) if group_size % cfg.block_k == 0 else None
+        extra = {"MAGIC16": magic[0] if magic else 0, "MAGIC_VALUE": magic[1] if magic else 0.0}
     kernel = _dot_kernel if cfg.dot else _gemv_kernel
     kernel[grid](
         x2,
@@ -317,6 +335,7 @@ def w4a16_linear(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl,
+        **extra,
     )
     if split > 1:
         split_k_sum(partial, bias, out, pdl)
