@@ -16,8 +16,9 @@ of every word in registers. A nibble becomes a float32 without an integer conver
 - `_gemv_kernel` (CUDA cores, `BLOCK_M <= 4`: decode's few rows). Per word it sums the eight
   `x_k * q_k` of that word's columns, then adds `scale * sum + offset * sum(x_k)` into a
   `[BLOCK_M, BLOCK_K / 8, BLOCK_N]` register tile that is summed over K once at the end (no
-  cross-thread reduction in the loop). The weight is never materialised: per weight one mask,
-  one add and one multiply-add per row of x. Exact in float32 (the weights are not rounded to
+  cross-thread reduction in the loop). The weight is never materialised: a nibble is read in
+  place (`q * 16^j`, with x scaled by `16^-j` instead) by one and-or and one add, then one
+  multiply-add per row of x. Exact in float32 (the weights are not rounded to
   x's dtype), so its error against a bf16-rounded reference is bf16's own.
 - `_dot_kernel` (tensor cores, more rows: batched decode, prefill), x's rows padded to
   `BLOCK_M` (16 at least). When a step lies inside one group and x is 16-bit, the nibbles
@@ -79,9 +80,10 @@ class W4A16Config:
 
 
 @triton.jit
-def _nibbles(words, J: tl.constexpr):
-    """Nibble `J` of every word as float32 (exact; see the module docstring)."""
-    bits = ((words >> (4 * J)) & 0xF) | 0x4B000000
+def _nibble_in_place(words, J: tl.constexpr):
+    """`q * 16^J` for nibble `J` (0-3) of every word, as float32 without shifting it down: one
+    and-or (`2^23 + q * 16^J` as a float, exact below 2^24) and one subtraction."""
+    bits = (words & (0xF << (4 * J))) | 0x4B000000
     return bits.to(tl.float32, bitcast=True) - 8388608.0
 
 
@@ -160,10 +162,16 @@ def _gemv_kernel(
         offset = _group_params(o_ptr, kb, kw, offs_n, n_mask, N, GROUP, BLOCK_K)
         dot = tl.zeros((BLOCK_M, KW, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, KW), dtype=tl.float32)
+        high = words >> 16  # nibbles 4-7 in the low half: one shift per word, not per nibble
         for j in tl.static_range(8):
             xj = tl.load(x_ptrs + i * BLOCK_K + j, mask=m_mask, other=0.0).to(tl.float32)
-            dot += xj[:, :, None] * _nibbles(words, j)[None, :, :]
             x_sum += xj
+            # nibble j unshifted is q * 16^(j % 4): its x scaled by 16^-(j % 4) (exact)
+            if j >= 4:
+                q_scaled = _nibble_in_place(high, j % 4)
+            else:
+                q_scaled = _nibble_in_place(words, j % 4)
+            dot += (xj * (1.0 / (1 << (4 * (j % 4)))))[:, :, None] * q_scaled[None, :, :]
         acc += dot * scale[None, :, :] + x_sum[:, :, None] * offset[None, :, :]
     out = tl.sum(acc, axis=1)
     _store(y_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, pid_s, HAS_BIAS, SPLIT_K > 1)
@@ -232,7 +240,7 @@ def rows_bucket(m: int) -> int:
 def default_config(m: int, n: int, k: int, group: int | None = None) -> W4A16Config:
     """A launch configuration from first principles, where the measured table has none."""
     group = group or k
-    if m <= 2:  # CUDA cores: per weight one mask, one add, m multiply-adds
+    if m <= 2:  # CUDA cores: per weight one and-or, one add, m multiply-adds
         block_m, block_n, block_k, stages = triton.next_power_of_2(m), 128, 128, 2
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
