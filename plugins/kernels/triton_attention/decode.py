@@ -268,9 +268,12 @@ def decode_attention(
         return out
     if fma is None:
         fma = FP8_DECODE == "fma" and k_cache.element_size() == 1 and group <= 8
+    block_h = triton.next_power_of_2(group) if fma else max(16, triton.next_power_of_2(group))
     q = unit_last_dim(q)
     block_n = block_n or decode_block_n(head_dim)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if fma:  # the [BLOCK_H, BLOCK_N, BLOCK_D] products live in registers: ~64 per thread
+        block_n = max(16, min(block_n, 8192 // (block_h * block_d)))
     if num_splits > 1 and workspace is None:
         workspace = decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse = workspace if num_splits > 1 else (out, out)
@@ -304,7 +307,7 @@ def decode_attention(
         HEAD_DIM=head_dim,
         PAGE_SIZE=k_cache.shape[1],
         NUM_SPLITS=num_splits,
-        BLOCK_H=triton.next_power_of_2(group) if fma else max(16, triton.next_power_of_2(group)),
+        BLOCK_H=block_h,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
