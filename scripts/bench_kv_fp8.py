@@ -19,6 +19,7 @@ first FP8 version), and both caches through the CUDA-core variant (`fma`), on th
 workload's shape and two Llama-3.1-8B ones.
 
     python3 scripts/bench_kv_fp8.py [--device cuda] [--attention triton] [--json FILE]
+        [--write-scales FILE]   (the calibrated scales, for `--kv-cache-scales FILE`)
     python3 scripts/bench_kv_fp8.py --kernels [--json FILE]
 
 On CUDA the model runs in bf16 with the Triton attention backend; on CPU in float32 with the
@@ -144,6 +145,9 @@ def accuracy(args) -> dict:
     ]
     runner = ModelRunner(model_dir, dtype, args.device, progress=False)
     calibration = calibrated_scales(runner, Backend, tokenizer.encode(CALIBRATION))
+    if args.write_scales:  # for `pegboard serve --kv-cache-dtype fp8_e4m3 --kv-cache-scales`
+        scales = {"k_scales": calibration[0], "v_scales": calibration[1]}
+        args.write_scales.write_text(json.dumps(scales, indent=1) + "\n")
     length = max(map(len, prompts)) + args.max_tokens
     reference = [
         greedy(runner, Backend, make_pool(runner, "auto", length), p, args.max_tokens)
@@ -252,6 +256,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=len(QUESTIONS))
     p.add_argument("--kernels", action="store_true", help="time the decode kernels (CUDA)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--write-scales", type=Path, help="write the calibrated scales (JSON) here")
     args = p.parse_args()
     result = kernels() if args.kernels else accuracy(args)
     if args.json:

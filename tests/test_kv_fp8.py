@@ -137,6 +137,40 @@ def test_attention_backend_without_fp8_support_is_refused_before_serving(tiny_ll
             kv_cache_dtype="fp8_e4m3")  # fmt: skip
 
 
+def test_calibrated_scales_file_sets_the_pool_scales(tiny_llama_dir, tmp_path):
+    import json
+
+    path = tmp_path / "scales.json"
+    path.write_text(json.dumps({"k_scales": [0.05, 0.07], "v_scales": [0.01, 0.02]}))
+    llm = LLM(str(tiny_llama_dir), device="cpu", kv_cache_dtype="fp8_e4m3",
+              kv_cache_scales=str(path))  # fmt: skip
+    pool = llm.engine.kv.pool
+    assert pool.k_scales == [0.05, 0.07] and pool.v_scales == [0.01, 0.02]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate([PROMPTS[0]], params)[0].token_ids) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "fp8", "message"),
+    [
+        ({"k_scales": [1.0], "v_scales": [1.0, 1.0]}, True, "'k_scales' must list one scale"),
+        ({"k_scales": [1.0, -2.0], "v_scales": [1.0, 1.0]}, True, r"k_scales\[1\] is not a pos"),
+        ("not json", True, "cannot read it"),
+        ({"k_scales": [1.0, 1.0], "v_scales": [1.0, 1.0]}, False, "needs --kv-cache-dtype fp8"),
+    ],
+    ids=["layers", "negative", "unreadable", "not-fp8"],
+)
+def test_bad_kv_scales_file_is_refused_before_serving(tiny_llama_dir, tmp_path, content, fp8,
+                                                      message):  # fmt: skip
+    import json
+
+    path = tmp_path / "scales.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tiny_llama_dir), device="cpu", kv_cache_dtype="fp8_e4m3" if fp8 else "auto",
+            kv_cache_scales=str(path))  # fmt: skip
+
+
 def test_unknown_kv_cache_dtype_is_refused(tiny_llama_dir):
     with pytest.raises(Exception, match="kv cache dtype 'int2' is not supported"):
         LLM(str(tiny_llama_dir), device="cpu", kv_cache_dtype="int2")
