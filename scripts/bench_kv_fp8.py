@@ -125,6 +125,16 @@ def calibrated_scales(runner, backend_cls, tokens: list[int]) -> tuple[list[floa
     return k, v
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def accuracy(args) -> dict:
     from transformers import AutoTokenizer
 
@@ -154,7 +164,7 @@ def accuracy(args) -> dict:
         for p in prompts
     ]
     result = {
-        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({_cpu_name()})",
         "date": time.strftime("%Y-%m-%d"),
         "model": model_dir.name,
         "attention": attention,
