@@ -182,7 +182,7 @@ def _dot_kernel(
     x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
     K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    MAGIC16: tl.constexpr, MAGIC_VALUE: tl.constexpr,
+    MAGIC16: tl.constexpr, MAGIC_VALUE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -218,7 +218,7 @@ def _dot_kernel(
             q = bits.to(tl.float32, bitcast=True) - 8388608.0
             w = q * scale[:, None, :] + offset[:, None, :]
             w = tl.reshape(w, (BLOCK_K, BLOCK_N)).to(x.dtype)  # rounded once, as a checkpoint
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
     _store(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_s, HAS_BIAS, SPLIT_K > 1)
 
 
@@ -320,7 +320,11 @@ def w4a16_linear(
     extra = {}
     if cfg.dot:  # bf16/fp16 nibbles made by bit pattern when a step lies in one group
         magic = MAGIC_16BIT.get(x.dtype) if group_size % cfg.block_k == 0 else None
-        extra = {"MAGIC16": magic[0] if magic else 0, "MAGIC_VALUE": magic[1] if magic else 0.0}
+        extra = {
+            "MAGIC16": magic[0] if magic else 0,
+            "MAGIC_VALUE": magic[1] if magic else 0.0,
+            "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",  # fp32 x: exact
+        }
     kernel = _dot_kernel if cfg.dot else _gemv_kernel
     kernel[grid](
         x2,
