@@ -201,10 +201,11 @@ def test_quantized_model_on_the_gpu_matches_its_dequantized_run(method, tmp_path
     _, bf16 = logits(deq_dir)
     # The yardstick is bf16 itself: this random model's bf16 logits are ~3-4e-2 from float32
     # (chaotic wide weights), so two bf16 runs differing only in summation order are as far
-    # apart. The 4-bit run must be no further from the float32 oracle than the de-quantized
-    # bf16 run is, within 30 %. (Scales/offsets rounded to bf16 gave 1.8x: 6.2e-2.)
+    # apart. The 4-bit run must be about as far from the float32 oracle as the de-quantized
+    # bf16 run: an independent perturbation of bf16's own size would give sqrt(2) = 1.41x, so
+    # the bound is 1.5x. (Scales/offsets rounded to bf16 gave 1.8x: 6.2e-2 on the GPU.)
     err, baseline = _rel(got, oracle), _rel(bf16, oracle)
-    assert err < 1.3 * baseline + 2e-3, f"error {err:.2e} vs bf16's own {baseline:.2e}"
+    assert err < 1.5 * baseline + 2e-3, f"error {err:.2e} vs bf16's own {baseline:.2e}"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
