@@ -17,6 +17,7 @@ class EngineConfig(pydantic.BaseModel):
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization: str | None = None  # gptq | awq | compressed-tensors | gguf; None: config.json
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3
+    kv_cache_scales: str | None = None  # JSON of per-layer FP8 K/V scales (bench_kv_fp8.py)
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0

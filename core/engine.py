@@ -564,7 +564,8 @@ class Engine:
         backend = self.hook.attention_kernel(model=self.info, pool=pool)
         if backend is None:
             raise SwapError("the attention plugin returned no backend")
-        check_kv_dtype(backend, pool, self.plugins.active("attention").name, self.runner.model)
+        attention = self.plugins.active("attention").name
+        check_kv_dtype(backend, pool, attention, self.runner.model, self.config.kv_cache_scales)
         if self.tp is not None:  # every rank builds its backend over its own pool of local heads
             self.tp.bind(self.plugins.active("attention"), pool, self.ctx.engine)
         c = self.config

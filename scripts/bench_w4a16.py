@@ -7,20 +7,25 @@ copies that exceed the L2 cache (every call streams its weight from memory, as a
 does), the effective TB/s of the 4-bit bytes, the speedup over cuBLAS bf16, and the relative
 error against `x @ dequantize(W).T` in float32.
 
-- `--sweep`: also try a grid of launch configurations per shape and M and print the fastest
-  (what should replace `w4a16.pick_config`'s untuned defaults).
+- `--sweep`: also try a grid of launch configurations per shape and M (both kernels where
+  they apply), print the fastest, and with `--write-table FILE` write them as the measured
+  table `w4a16.pick_config` reads (copy it to `core/kernels/w4a16_configs.json`; entries of
+  other devices already in FILE or in that file are kept).
 - `--gemlite`: also time `gemlite`'s A16W4 kernels when the package imports (the library the
   issue names as the alternative); skipped with a note otherwise.
 - `--step`: all linear layers of one Llama-3.1-8B decode step (32 layers, distinct weights) in
   one graph, bf16 vs W4A16, at each M.
 
-    python3 scripts/bench_w4a16.py [--sweep] [--gemlite] [--step] [--group 128] [--json FILE]
+    python3 scripts/bench_w4a16.py [--sweep [--write-table FILE]] [--gemlite] [--step]
+        [--group 128] [--rows 1,4,16,32,64] [--layers qkv,o,gate_up,down] [--json FILE]
+
+Random weights are GPTQ-symmetric-like (float16 scales, offset -8 x scale: 2 + 2 bytes per
+group, what a float16-scaled checkpoint gives; asymmetric GPTQ keeps float32 offsets).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -28,7 +33,9 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 from bench_gemv import graph_us, relative_error  # scripts/bench_gemv.py (same folder)
+from pegboard.core.kernels import w4a16
 from pegboard.core.kernels.gemv import linear as gemv_linear
 from pegboard.core.kernels.w4a16 import W4A16Config, pick_config, w4a16_linear
 from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack
@@ -43,8 +50,12 @@ ROTATE_BYTES = 2 * 60 * 2**20 * 2  # twice an H200's 60 MiB L2, and some
 def quantized(n: int, k: int, group: int, seed: int):
     gen = torch.Generator(DEVICE).manual_seed(seed)
     q = torch.randint(0, 16, (n, k), generator=gen, device=DEVICE, dtype=torch.uint8)
-    scales = torch.rand(n, k // group, generator=gen, device=DEVICE) * 0.004 + 0.001
-    return pack(Int4Weights(q, scales, -7.5 * scales, group), DTYPE)
+    scales = (torch.rand(n, k // group, generator=gen, device=DEVICE) * 0.004 + 0.001).half()
+    return pack(Int4Weights(q, scales.float(), -8.0 * scales.float(), group), DTYPE)
+
+
+def packed_bytes(p) -> int:
+    return sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.offsets))
 
 
 def copies_for(bytes_each: int) -> tuple[int, int]:
@@ -66,28 +77,43 @@ def time_w4(layers, x: torch.Tensor, group: int, config: W4A16Config | None, rep
     return graph_us(calls * reps)
 
 
-def candidates(m: int, k: int) -> list[W4A16Config]:
-    """The sweep's grid: block rows fitting M, then output/K blocks, split K, pipelining."""
-    block_ms = (
-        [1 << max(0, (m - 1).bit_length())]
-        if m <= 4
-        else [b for b in (16, 32, 64) if b <= max(16, m)]
-    )
-    grid = itertools.product(block_ms, [64, 128, 256], [64, 128], [1, 2, 4, 8], [2, 3])
-    return [
-        W4A16Config(bm, bn, bk, split, 4, stages)
-        for bm, bn, bk, split, stages in grid
-        if k % (bk * split) == 0
+def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
+    """The sweep's grid, most plausible first (the sweep stops at its time budget): the
+    CUDA-core kernel up to 4 rows and the tensor-core one from 2, interleaved; output and K
+    blocks; the split of K that gives ~2 programs per SM, then twice that; warps and pipelining."""
+    gemv = [(triton.next_power_of_2(m), bn, bk) for bn in (128, 256, 64) for bk in (128, 256)]
+    dot = [
+        (max(16, triton.next_power_of_2(m)), bn, bk) for bn in (128, 64, 256) for bk in (128, 64)
     ]
+    shapes = []
+    for pair in zip(gemv, dot, strict=True):
+        shapes += [s for s, ok in zip(pair, (m <= w4a16.GEMV_MAX_ROWS, 2 <= m <= 64)) if ok]
+    out = []
+    for variant in range(6):  # split x1, x2, x1/2; then the same with more warps/stages
+        for bm, bn, bk in shapes:
+            if k % bk:
+                continue
+            programs = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+            split = 1
+            while programs * split < w4a16.TARGET_PROGRAMS and k % (bk * split * 2) == 0:
+                split *= 2
+            split = {0: split, 1: split * 2, 2: max(1, split // 2)}[variant % 3]
+            warps, stages = ((4, 2), (8, 3)) if bm <= 4 else ((4, 3), (8, 4))
+            warps, stages = (warps, stages)[variant // 3]
+            cfg = W4A16Config(bm, bn, bk, min(split, 32), warps, stages)
+            if cfg not in out and k % (bk * cfg.split_k) == 0:
+                out.append(cfg)
+    return out
 
 
 def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
-    bytes_w4 = n * k // 2 + 2 * 2 * n * (k // group)
+    layers = [quantized(n, k, group, 0)]
+    bytes_w4 = packed_bytes(layers[0])
     copies, reps = copies_for(bytes_w4)
-    layers = [quantized(n, k, group, seed) for seed in range(copies)]
+    layers += [quantized(n, k, group, seed) for seed in range(1, copies)]
     ref_w = dequantize_packed(layers[0], torch.float32)
     rows = []
-    for m in ROWS:
+    for m in args.rows:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
         cublas = time_dense(n, k, x, F.linear)
         gemv = time_dense(n, k, x, gemv_linear)
@@ -98,12 +124,15 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
         row = {
             "layer": name, "n": n, "k": k, "m": m, "cublas_us": cublas, "bf16_gemv_us": gemv,
             "w4a16_us": w4, "speedup_vs_cublas": cublas / w4, "w4a16_tb_s": bytes_w4 / w4 / 1e6,
-            "rel_error": err, "config": str(pick_config(m, n, k)),
+            "rel_error": err, "config": str(pick_config(m, n, k, group, DEVICE)),
         }  # fmt: skip
         if args.sweep:
             best = (float("inf"), None)
-            for cfg in candidates(m, k):
-                if time.monotonic() > args.deadline:
+            cases_left = max(1, args.cases_left)
+            deadline = time.monotonic() + (args.deadline - time.monotonic()) / cases_left
+            args.cases_left -= 1
+            for cfg in candidates(m, n, k, group):
+                if time.monotonic() > deadline:
                     break
                 try:
                     t = time_w4(layers, x, group, cfg, reps)
@@ -115,13 +144,20 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
                     continue
                 best = min(best, (t, cfg), key=lambda b: b[0])
             row["best_us"], row["best_config"] = best[0], str(best[1])
+            if best[1] is not None:
+                row["best"] = w4a16.config_dict(best[1])
         if args.gemlite:
             row["gemlite_us"] = time_gemlite(n, k, group, x)
         rows.append(row)
         print(
             f"{name:8s} M={m:3d}  cuBLAS {cublas:8.1f} µs  GEMV {gemv:8.1f}  W4A16 {w4:8.1f} "
-            f"({cublas / w4:4.2f}x, {row['w4a16_tb_s']:.2f} TB/s, err {err:.1e})"
-            + (f"  best {row['best_us']:.1f} {row['best_config']}" if args.sweep else "")
+            f"({min(cublas, gemv) / w4:4.2f}x bf16, {row['w4a16_tb_s']:.2f} TB/s, err {err:.1e})"
+            + (
+                f"  best {row['best_us']:.1f} ({min(cublas, gemv) / row['best_us']:.2f}x) "
+                f"{row['best_config']}"
+                if args.sweep
+                else ""
+            )
             + (f"  gemlite {row['gemlite_us']}" if args.gemlite else ""),
             flush=True,
         )
@@ -142,7 +178,22 @@ def time_gemlite(n: int, k: int, group: int, x: torch.Tensor) -> float | str:
         return f"failed ({type(e).__name__}: {e})"
 
 
-def bench_step(group: int) -> list[dict]:
+def write_table(path: Path, rows: list[dict], group: int) -> None:
+    """Merge the sweep's fastest configurations into the table `w4a16.pick_config` reads."""
+    table = {}
+    for source in (w4a16.TABLE, path):
+        if source.exists():
+            table.update(json.loads(source.read_text()))
+    device = table.setdefault(torch.cuda.get_device_name(), {})
+    for r in rows:
+        if "best" in r:
+            key = w4a16.table_key(r["n"], r["k"], group)
+            device.setdefault(key, {})[str(w4a16.rows_bucket(r["m"]))] = r["best"]
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path} ({sum(len(v) for v in device.values())} entries for this device)")
+
+
+def bench_step(group: int, rows: tuple[int, ...]) -> list[dict]:
     """All linears of a Llama-3.1-8B decode step (32 layers), bf16 vs W4A16, per M."""
     results = []
     dense = {
@@ -150,7 +201,7 @@ def bench_step(group: int) -> list[dict]:
         for name, (n, k) in SHAPES.items()
     }
     w4 = {name: [quantized(n, k, group, i) for i in range(32)] for name, (n, k) in SHAPES.items()}
-    for m in ROWS:
+    for m in rows:
         xs = {
             name: torch.randn(m, k, device=DEVICE, dtype=DTYPE) for name, (_, k) in SHAPES.items()
         }
@@ -177,12 +228,20 @@ def main() -> None:
     p.add_argument("--gemlite", action="store_true")
     p.add_argument("--step", action="store_true")
     p.add_argument("--json", type=Path)
+    p.add_argument("--write-table", type=Path, help="with --sweep: the measured table to write")
+    p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x (M) to time")
+    p.add_argument("--layers", default=",".join(SHAPES), help="layers to time")
     p.add_argument("--budget-s", type=float, default=400, help="stop sweeping after this")
     args = p.parse_args()
     args.deadline = time.monotonic() + args.budget_s
+    args.rows = tuple(int(r) for r in args.rows.split(","))
     print(torch.cuda.get_device_name(), flush=True)
-    rows = [r for name, (n, k) in SHAPES.items() for r in bench_shape(name, n, k, args.group, args)]
-    step = bench_step(args.group) if args.step else []
+    shapes = {name: SHAPES[name] for name in args.layers.split(",")}
+    args.cases_left = len(shapes) * len(args.rows)  # the sweep's budget is shared evenly
+    rows = [r for name, (n, k) in shapes.items() for r in bench_shape(name, n, k, args.group, args)]
+    if args.sweep and args.write_table:
+        write_table(args.write_table, rows, args.group)
+    step = bench_step(args.group, args.rows) if args.step else []
     if args.json:
         args.json.write_text(json.dumps({"layers": rows, "step": step}, indent=2))
 

@@ -74,7 +74,35 @@ for job in "${@:-tests}"; do
           kill $dumper 2>/dev/null
         done ;;
     w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15)
-        timeout 240 python3 scripts/bench_w4a16.py --step --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
+        timeout 300 python3 scripts/bench_w4a16.py --step --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
+    w4a16-sweep) # launch configurations per layer and M (decode rows), written as the measured
+        # table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15)
+        timeout 580 python3 scripts/bench_w4a16.py --sweep --budget-s 480 --rows ${ROWS:-1,2,4,8,16} \
+          --write-table "$OUT/w4a16_configs.json" --json "$OUT/w4a16-sweep.json" 2>&1 | grep -v "^  skip" | tail -40 ;;
+    llama-bs1-w4a16) # Llama-3.1-8B batch 1, random weights quantized to W4A16 g128 at load, then bf16
+        for q in gptq none; do
+          timeout 200 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
+            --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
+            $([ $q = none ] || echo --quantization $q) ${BENCH_ARGS:-} \
+            --json "$OUT/llama8b-bs1-$q.json" 2>"$OUT/llama8b-bs1-$q.err" | tail -4
+        done ;;
+    offline-w4a16) # the nano-vllm workload (Qwen3-0.6B) with W4A16 weights, then bf16
+        for q in gptq none; do
+          timeout 200 $PB bench offline --random-weights --config qwen3-0.6b \
+            $([ $q = none ] || echo --quantization $q) ${BENCH_ARGS:-} \
+            --json "$OUT/offline-w4a16-$q.json" 2>"$OUT/offline-w4a16-$q.err" | tail -4
+        done ;;
+    kv-fp8) # FP8 KV (issue 15): decode kernel bf16 vs fp8 (dot / fma variants); the nano-vllm
+        # workload at equal batch (KV sized from memory: capacity does not bind), then at equal
+        # KV memory (6.1 GiB: 57,344 bf16 tokens or 114,688 fp8 ones for Qwen3-0.6B)
+        timeout 150 python3 scripts/bench_kv_fp8.py --kernels --json "$OUT/kv-fp8-kernels.json" 2>&1 | tail -5
+        for v in "auto::" "fp8_e4m3::dot" "fp8_e4m3::fma" "auto:57344:" "fp8_e4m3:114688:dot" "fp8_e4m3:114688:fma"; do
+          IFS=: read -r dt tok how <<<"$v"; name=kv-$dt-${tok:-free}${how:+-$how}
+          echo "== $name"
+          PEGBOARD_FP8_DECODE=${how:-dot} timeout 150 $PB bench offline --random-weights --config qwen3-0.6b \
+            --kv-cache-dtype $dt ${tok:+--kv-cache-tokens $tok} ${BENCH_ARGS:-} --json "$OUT/$name.json" \
+            2>"$OUT/$name.err" | tail -3
+        done ;;
     offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)
         timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype fp8_e4m3 \
           ${BENCH_ARGS:-} --json "$OUT/offline-fp8.json" 2>"$OUT/offline-fp8.err" | tail -6 ;;

@@ -1,12 +1,18 @@
 """FP8 KV cache (`--kv-cache-dtype fp8_e4m3`): pools hold one byte per value (sizing counts
 it), the torch backend computes attention over the FP8-rounded keys and values with per-layer
 scales, the paged/radix/hicache caches serve with it, and an attention backend that cannot read
-it is refused before serving. The Triton backend's FP8 path is checked on the GPU."""
+it is refused before serving. The Triton backend's FP8 path runs in Triton's CPU interpreter
+(TRITON_INTERPRET=1, set here before Triton is imported) at toy sizes, and on the GPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import PluginManager
 from pegboard.plugins.kernels.attention_torch import TorchAttention, TorchAttentionBackend
@@ -131,6 +137,40 @@ def test_attention_backend_without_fp8_support_is_refused_before_serving(tiny_ll
             kv_cache_dtype="fp8_e4m3")  # fmt: skip
 
 
+def test_calibrated_scales_file_sets_the_pool_scales(tiny_llama_dir, tmp_path):
+    import json
+
+    path = tmp_path / "scales.json"
+    path.write_text(json.dumps({"k_scales": [0.05, 0.07], "v_scales": [0.01, 0.02]}))
+    llm = LLM(str(tiny_llama_dir), device="cpu", kv_cache_dtype="fp8_e4m3",
+              kv_cache_scales=str(path))  # fmt: skip
+    pool = llm.engine.kv.pool
+    assert pool.k_scales == [0.05, 0.07] and pool.v_scales == [0.01, 0.02]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate([PROMPTS[0]], params)[0].token_ids) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "fp8", "message"),
+    [
+        ({"k_scales": [1.0], "v_scales": [1.0, 1.0]}, True, "'k_scales' must list one scale"),
+        ({"k_scales": [1.0, -2.0], "v_scales": [1.0, 1.0]}, True, r"k_scales\[1\] is not a pos"),
+        ("not json", True, "cannot read it"),
+        ({"k_scales": [1.0, 1.0], "v_scales": [1.0, 1.0]}, False, "needs --kv-cache-dtype fp8"),
+    ],
+    ids=["layers", "negative", "unreadable", "not-fp8"],
+)
+def test_bad_kv_scales_file_is_refused_before_serving(tiny_llama_dir, tmp_path, content, fp8,
+                                                      message):  # fmt: skip
+    import json
+
+    path = tmp_path / "scales.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tiny_llama_dir), device="cpu", kv_cache_dtype="fp8_e4m3" if fp8 else "auto",
+            kv_cache_scales=str(path))  # fmt: skip
+
+
 def test_unknown_kv_cache_dtype_is_refused(tiny_llama_dir):
     with pytest.raises(Exception, match="kv cache dtype 'int2' is not supported"):
         LLM(str(tiny_llama_dir), device="cpu", kv_cache_dtype="int2")
@@ -138,9 +178,12 @@ def test_unknown_kv_cache_dtype_is_refused(tiny_llama_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("decode", [False, True])
-def test_triton_backend_reads_fp8_like_the_torch_backend(decode):
+@pytest.mark.parametrize("decode", [False, True, "fma"])
+def test_triton_backend_reads_fp8_like_the_torch_backend(decode, monkeypatch):
     from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
+    from pegboard.plugins.kernels.triton_attention import decode as decode_module
+
+    monkeypatch.setattr(decode_module, "FP8_DECODE", "fma" if decode == "fma" else "dot")
 
     m = ModelInfo("LlamaForCausalLM", 1, 32, 8, 128, 4096, 512, 4096, torch.bfloat16,
                   torch.device("cuda"))  # fmt: skip
@@ -173,6 +216,47 @@ def test_triton_backend_reads_fp8_like_the_torch_backend(decode):
         outs.append(backend.forward(0, q, k, v).float())
     rel = (outs[1] - outs[0]).norm() / outs[0].norm()
     assert rel < 2e-2, f"relative error {rel:.2e}"
+
+
+def _store_like_torch(k, v, k_cache, v_cache, slots, k_scale, v_scale):
+    """`store_kv` by PyTorch's float8 conversion (the interpreter's own conversion to e4m3 is
+    off for some values, a Triton interpreter limitation; the GPU test covers the kernel)."""
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        stored = (x.float() / scale).clamp(-448, 448).to(FP8).view(torch.uint8)
+        cache.view(torch.uint8).view(-1, *cache.shape[2:])[slots[slots >= 0]] = stored[slots >= 0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test above covers the device")
+@pytest.mark.parametrize("mode", ["prefill", "decode", "decode-fma"])
+def test_triton_kernels_read_fp8_like_the_torch_backend_in_the_interpreter(mode, monkeypatch):
+    # The decode and extend kernels reading e4m3 through float16 dots, and the decode kernel's
+    # CUDA-core variant (the interpreter's bf16 tl.dot is broken, so the bf16 path is left to
+    # the GPU test).
+    pytest.importorskip("triton")
+    from pegboard.plugins.kernels import triton_attention
+    from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
+    from pegboard.plugins.kernels.triton_attention import decode as decode_module
+
+    monkeypatch.setattr(triton_attention, "store_kv", _store_like_torch)
+    monkeypatch.setattr(decode_module, "FP8_DECODE", "fma" if mode == "decode-fma" else "dot")
+    decode = mode != "prefill"
+    m = info(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    pages, seq_lens = [[0, 1], [2, 3]], [20, 29]
+    q_lens = [1, 1] if decode else seq_lens
+    n = sum(q_lens)
+    q, k, v = (torch.randn(n, h, 16, generator=gen).bfloat16() for h in (4, 2, 2))
+    prefix = torch.randn(sum(seq_lens) - 2, 2, 16, generator=gen).bfloat16()
+    outs = []
+    for cls in (TorchAttentionBackend, TritonAttentionBackend):
+        pool = KVPool.allocate(m, 4, 16, dtype=FP8)
+        pool.k_scales, pool.v_scales = [2.0, 2.0], [0.5, 0.5]
+        if decode:  # the prefix's keys and values stored by a prefill first
+            pre = _batch([s - 1 for s in seq_lens], [s - 1 for s in seq_lens], pages, 16)
+            _attend(pool, m, torch.zeros(len(prefix), 4, 16).bfloat16(), prefix, prefix, pre, cls)
+        outs.append(_attend(pool, m, q, k, v, _batch(q_lens, seq_lens, pages, 16), cls).float())
+    rel = (outs[1] - outs[0]).norm() / outs[0].norm()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
 
 
 def test_checkpoint_kv_scales_become_the_fp8_pool_scales(tiny_llama_dir, tmp_path):

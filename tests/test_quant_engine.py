@@ -125,3 +125,54 @@ def test_dummy_weights_in_a_quantized_layout_for_benchmarks(tmp_path):
     out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0))
     assert len(out[0].token_ids) == 3
     assert torch.isfinite(layer(torch.randn(2, 256))).all()
+
+
+def _config_dir(tmp_path: Path, quantization_config: dict) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quantization_config}))
+    return tmp_path
+
+
+def _ct(weights: dict, **group) -> dict:
+    base = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"g": {"targets": ["Linear"], "weights": {**base, **weights}, **group}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
+         "checkpoint_format 'marlin'; only gptq and gptq_v2"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ version 'gemv'"),
+        (_ct({"strategy": "tensor"}), "weight strategy 'tensor'"),
+        (_ct({}, input_activations={"num_bits": 8}), "quantized activations"),
+        ({**_ct({}), "format": "float-quantized", "config_groups": {"g": {
+            "format": "float-quantized", "weights": {"num_bits": 8}}}},
+         "format 'float-quantized'; only pack-quantized"),
+    ],
+    ids=["gptq-marlin-format", "awq-gemv", "ct-tensor-strategy", "ct-w4a8", "ct-fp8"],
+)  # fmt: skip
+def test_unsupported_quantization_configs_are_named_before_any_weight_is_read(
+    tmp_path, config, message
+):
+    from pegboard.core.models.quantization import detect_quantization
+
+    with pytest.raises(ModelLoadError, match=message):
+        detect_quantization(_config_dir(tmp_path, config), None)
+
+
+def test_gguf_flag_without_a_gguf_file_is_refused(tmp_path):
+    from pegboard.core.models.quantization import detect_quantization
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"--quantization gguf: no \*.gguf file"):
+        detect_quantization(tmp_path, "gguf")
+
+
+def test_gptq_activation_order_without_g_idx_is_named(gptq_dirs, tmp_path):
+    model_dir = _edited_copy(gptq_dirs[0], tmp_path, config={"desc_act": True})
+    with pytest.raises(ModelLoadError, match=r"missing tensor model\.layers\.0\..*g_idx"):
+        LLM(str(model_dir), dtype="float32", device="cpu")

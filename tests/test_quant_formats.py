@@ -64,9 +64,11 @@ def quantized(request, source_dir, tmp_path_factory):
     return method, opts, q_dir, deq_dir
 
 
-def forward_logits(model_dir: Path, **kwargs) -> tuple[torch.Tensor, ModelRunner]:
-    """Logits at every prompt position (one prefill step), float32 on CPU."""
-    runner = ModelRunner(model_dir, "float32", "cpu", progress=False, **kwargs)
+def forward_logits(
+    model_dir: Path, dtype: str = "float32", **kwargs
+) -> tuple[torch.Tensor, ModelRunner]:
+    """Logits at every prompt position (one prefill step), on CPU (float32 by default)."""
+    runner = ModelRunner(model_dir, dtype, "cpu", progress=False, **kwargs)
     pool = KVPool.allocate(runner.info, 4, 16)
     runner.set_attention(TorchAttentionBackend(runner.info, pool))
     request = Request(prompt_token_ids=PROMPT)
@@ -193,6 +195,17 @@ def test_quantized_model_matches_its_dequantized_weights(quantized):
     layer = runner.model.model.layers[0].mlp.gate_up_proj
     assert layer.qweight is not None and layer.weight is None  # really served 4-bit
     assert layer.qweight.dtype == torch.int32
+
+
+def test_bf16_quantized_model_multiplies_the_checkpoint_values_rounded_once(quantized):
+    # In bf16 the 4-bit path must hold the weights a de-quantized checkpoint loaded in bf16
+    # holds: q * scale + offset in float32, rounded once. Scales/offsets rounded to bf16 first
+    # gave 6.8e-2 relative logit error here (1.8x bf16's own error vs float32).
+    method, opts, q_dir, deq_dir = quantized
+    got, runner = forward_logits(q_dir, "bfloat16", linear=_linear_choice(method, q_dir))
+    expected, _ = forward_logits(deq_dir, "bfloat16")
+    assert torch.equal(got, expected)
+    assert runner.model.model.layers[0].self_attn.qkv_proj.qweight is not None  # served 4-bit
 
 
 def test_quantized_model_matches_transformers_on_the_dequantized_weights(quantized):

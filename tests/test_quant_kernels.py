@@ -52,18 +52,46 @@ def reference(x: torch.Tensor, p, bias=None) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("rows", "config"),
     [
-        (1, W4A16Config(1, 16, 32)),  # GEMV, one row
-        (3, W4A16Config(4, 16, 64, split_k=2)),  # GEMV, split K
+        (1, W4A16Config(1, 16, 32)),  # CUDA cores, one row
+        (3, W4A16Config(4, 16, 64, split_k=2)),  # CUDA cores, split K
+        (2, W4A16Config(2, 32, 128)),  # CUDA cores, a step spanning several groups
         (16, W4A16Config(16, 16, 32)),  # tensor cores
         (20, W4A16Config(16, 32, 32, split_k=2)),  # tensor cores, split K, ragged M
+        (5, W4A16Config(16, 16, 128)),  # tensor cores, a step spanning several groups
     ],
+    ids=str,
 )
-def test_kernels_match_the_dequantized_reference_in_the_interpreter(rows, config):
-    p = packed_layer(40, 128, 32, torch.float32)  # N = 40: a ragged last block of outputs
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_kernels_match_the_dequantized_reference_in_the_interpreter(rows, config, group):
+    p = packed_layer(40, 128, group, torch.float32)  # N = 40: a ragged last block of outputs
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     bias = torch.randn(40).to(DEVICE)
-    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, 32, bias, config)
+    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, bias, config)
     torch.testing.assert_close(got.double(), reference(x, p, bias), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests cover the device")
+@pytest.mark.parametrize("group", [64, 128])
+def test_tensor_core_kernel_in_fp16_scales_after_the_dot_in_the_interpreter(group):
+    # 16-bit x with a step inside one group: nibbles as 1024 + q by bit pattern, the scale and
+    # offset applied to the dot's sums (bf16 uses 128 + q: same code, the interpreter's bf16
+    # tl.dot is broken). Not rounded to fp16 weights: compared with the exact product.
+    p = packed_layer(40, 256, group, torch.float16)
+    x = (torch.randn(5, 256, generator=torch.Generator().manual_seed(2)) * 4).half()
+    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, None, W4A16Config(16, 16, 64))
+    w = dequantize_packed(p, torch.float32).double()
+    expected = x.double() @ w.t()
+    assert ((got.double() - expected).norm() / expected.norm()).item() < 2e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests cover bf16 on the device")
+def test_cuda_core_kernel_in_bf16_is_within_bf16_rounding_in_the_interpreter():
+    # (The interpreter's bf16 tl.dot is broken in triton 3.x, so only the CUDA-core kernel.)
+    p = packed_layer(64, 256, 64, torch.bfloat16)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    got = w4a16_linear(x, p.qweight, p.scales, p.offsets, 64, None, W4A16Config(2, 32, 128))
+    expected = reference(x, p)
+    assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-2
 
 
 def test_kernels_take_strided_rows_and_keep_leading_dimensions():
@@ -82,10 +110,26 @@ def test_shapes_the_kernels_cannot_take_are_named():
 
 
 def test_default_configs_split_k_only_where_it_divides():
-    for m in (1, 4, 16, 32, 64):
+    for m in (1, 4, 16, 32, 64, 300):
         for n, k in ((6144, 4096), (4096, 14336), (576, 576), (1536, 576)):
-            cfg = pick_config(m, n, k)
-            assert k % (cfg.block_k * cfg.split_k) == 0
+            for group in (32, 64, 128, k):
+                cfg = pick_config(m, n, k, group)
+                assert k % (cfg.block_k * cfg.split_k) == 0
+                assert cfg.dot == (m > 2)  # tensor cores from 3 rows, 16 rows a tile at least
+                assert not cfg.dot or cfg.block_m >= 16
+
+
+def test_measured_table_entries_are_used_for_their_device_and_shape(monkeypatch):
+    from pegboard.core.kernels import w4a16
+
+    entry = {"block_m": 1, "block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 8}
+    table = {"Fake GPU": {w4a16.table_key(6144, 4096, 128): {"1": entry}}}
+    monkeypatch.setattr(w4a16, "_table", lambda: table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    cuda = torch.device("cuda")
+    assert pick_config(1, 6144, 4096, 128, cuda) == W4A16Config(1, 64, 256, 4, 8)
+    assert pick_config(1, 6144, 4096, 64, cuda) == pick_config(1, 6144, 4096, 64)  # no entry
+    assert pick_config(2, 6144, 4096, 128, cuda) == pick_config(2, 6144, 4096, 128)
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -140,22 +184,32 @@ def test_quantized_model_on_the_gpu_matches_its_dequantized_run(method, tmp_path
     q_dir, deq_dir = quantize_checkpoint(src, tmp_path / method, method, sym=False)
     prompt = list(range(10, 40))
 
-    def logits(model_dir, **kwargs):
-        runner = ModelRunner(model_dir, "bfloat16", "cuda", progress=False, **kwargs)
+    def logits(model_dir, dtype="bfloat16", **kwargs):
+        runner = ModelRunner(model_dir, dtype, "cuda", progress=False, **kwargs)
         pool = KVPool.allocate(runner.info, 4, 16)
         runner.set_attention(TorchAttentionBackend(runner.info, pool))
         r = Request(prompt_token_ids=prompt)
         r.page_table = [0, 1]
         batch = runner.prepare([r], [len(prompt)], 16)
         batch.logits_indices = torch.arange(len(prompt), device=DEVICE)
-        return runner, runner.forward(batch)
+        return runner, runner.forward(batch).double()
 
     quant = detect_quantization(q_dir, "gguf" if method == "gguf" else None)
     runner, got = logits(q_dir, linear=builtin_linear(quant))
     assert runner.model.model.layers[0].mlp.gate_up_proj.kernel is not None  # the Triton path
-    _, expected = logits(deq_dir)
-    rel = (got - expected).norm() / expected.norm()
-    assert rel < 2e-2, f"relative error {rel:.2e}"
+    _, oracle = logits(deq_dir, "float32")
+    _, bf16 = logits(deq_dir)
+    # The yardstick is bf16 itself: this random model's bf16 logits are ~3-4e-2 from float32
+    # (chaotic wide weights), so two bf16 runs differing only in summation order are as far
+    # apart. The 4-bit run must be about as far from the float32 oracle as the de-quantized
+    # bf16 run: an independent perturbation of bf16's own size would give sqrt(2) = 1.41x, so
+    # the bound is 1.5x. (Scales/offsets rounded to bf16 gave 1.8x: 6.2e-2 on the GPU.)
+    err, baseline = _rel(got, oracle), _rel(bf16, oracle)
+    assert err < 1.5 * baseline + 2e-3, f"error {err:.2e} vs bf16's own {baseline:.2e}"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test above covers the device")

@@ -71,6 +71,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "scales; attention backends triton and torch) (default auto)",
     )
     g.add_argument(
+        "--kv-cache-scales",
+        metavar="FILE",
+        default=None,
+        help='per-layer FP8 KV scales, JSON {"k_scales": [...], "v_scales": [...]} (e.g. '
+        "calibrated by scripts/bench_kv_fp8.py --write-scales); default: the checkpoint's, else 1.0",
+    )
+    g.add_argument(
         "--max-num-batched-tokens",
         "--chunked-prefill-size",
         type=int,

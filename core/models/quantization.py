@@ -170,13 +170,19 @@ def _parse(method: str, raw: dict[str, Any], model_dir: Path) -> QuantizationCon
         return _parse_compressed_tensors(raw, where)
     if method == "awq" and str(raw.get("version", "gemm")).lower() != "gemm":
         raise ModelLoadError(f"{where}: AWQ version {raw.get('version')!r}; only GEMM is supported")
+    checkpoint_format = str(raw.get("checkpoint_format", "gptq" if method == "gptq" else ""))
+    if method == "gptq" and checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ModelLoadError(
+            f"{where}: GPTQ checkpoint_format {checkpoint_format!r}; only gptq and gptq_v2 are "
+            "supported (repack it with GPTQModel to one of those)"
+        )
     return QuantizationConfig(
         method,
         bits=int(raw.get("bits", raw.get("w_bit", 4))),
         group_size=int(raw.get("group_size", raw.get("q_group_size", 128))),
         sym=bool(raw.get("sym", method == "gptq")),
         desc_act=bool(raw.get("desc_act", False)),
-        checkpoint_format=str(raw.get("checkpoint_format", "gptq" if method == "gptq" else "")),
+        checkpoint_format=checkpoint_format,
         ignore=tuple(raw.get("modules_to_not_convert") or ()),
     )
 
@@ -228,20 +234,51 @@ def describe_layers(model: nn.Module) -> str:
     return "; ".join(parts)
 
 
-def check_kv_dtype(backend: object, pool, attention: str, model: nn.Module | None = None) -> None:
+def check_kv_dtype(
+    backend: object, pool, attention: str, model: nn.Module | None = None, scales_file=None
+) -> None:
     """Refuse, before serving, an attention backend that cannot read the pool's storage type:
     an FP8 pool (`--kv-cache-dtype fp8_e4m3`) needs a backend whose class sets
-    `supports_fp8_kv = True` (the `triton` and `torch` backends). An FP8 pool takes the
-    checkpoint's per-layer KV scales (`model.kv_scales`), 1.0 for layers without one."""
-    scales = getattr(model, "kv_scales", None)
-    if pool.is_fp8 and scales:
-        layers = len(pool.k)
-        pool.k_scales = [scales.get(i, {}).get("k", 1.0) for i in range(layers)]
-        pool.v_scales = [scales.get(i, {}).get("v", 1.0) for i in range(layers)]
-        log.info("FP8 KV cache: per-layer scales from the checkpoint for %d layers", len(scales))
+    `supports_fp8_kv = True` (the `triton` and `torch` backends). An FP8 pool takes its
+    per-layer K/V scales from `scales_file` (`--kv-cache-scales`) when given, else the
+    checkpoint's (`model.kv_scales`), 1.0 for layers without one."""
     if pool.is_fp8 and not getattr(type(backend), "supports_fp8_kv", False):
         raise ValueError(
             f"attention plugin {attention!r} does not read an FP8 KV cache "
             f"(--kv-cache-dtype fp8_e4m3); choose --attention triton (or torch), or drop "
             "--kv-cache-dtype"
         )
+    if scales_file is not None:
+        if not pool.is_fp8:
+            raise ValueError("--kv-cache-scales needs --kv-cache-dtype fp8_e4m3")
+        pool.k_scales, pool.v_scales = read_kv_scales(Path(scales_file), len(pool.k))
+        log.info("FP8 KV cache: per-layer scales from %s", scales_file)
+        return
+    scales = getattr(model, "kv_scales", None)
+    if pool.is_fp8 and scales:
+        layers = len(pool.k)
+        pool.k_scales = [scales.get(i, {}).get("k", 1.0) for i in range(layers)]
+        pool.v_scales = [scales.get(i, {}).get("v", 1.0) for i in range(layers)]
+        log.info("FP8 KV cache: per-layer scales from the checkpoint for %d layers", len(scales))
+
+
+def read_kv_scales(path: Path, layers: int) -> tuple[list[float], list[float]]:
+    """`k_scales`, `v_scales` from a `--kv-cache-scales` file: one positive finite number per
+    layer each. Raises ValueError naming the file and what is wrong."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--kv-cache-scales {path}: cannot read it ({e})") from e
+    out = []
+    for key in ("k_scales", "v_scales"):
+        values = raw.get(key) if isinstance(raw, dict) else None
+        if not isinstance(values, list) or len(values) != layers:
+            raise ValueError(
+                f"--kv-cache-scales {path}: {key!r} must list one scale per layer ({layers})"
+            )
+        bad = [i for i, v in enumerate(values) if not isinstance(v, int | float) or not v > 0
+               or v == float("inf")]  # fmt: skip
+        if bad:
+            raise ValueError(f"--kv-cache-scales {path}: {key}[{bad[0]}] is not a positive number")
+        out.append([float(v) for v in values])
+    return out[0], out[1]

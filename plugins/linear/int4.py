@@ -93,20 +93,32 @@ def contiguous_groups(w: Int4Weights, name: str) -> tuple[Int4Weights, torch.Ten
     return Int4Weights(w.q[:, perm], w.scales, w.offsets, w.group_size), perm
 
 
+def exact_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The first of `dtype`, float16, float32 that represents every one of `values` (float32)
+    exactly: scales read from float16 checkpoints stay float16 in a bf16 model, GPTQ's
+    `-zero * scale` offsets (up to 15 x a float16 scale) need float32."""
+    for candidate in (dtype, torch.float16):
+        if candidate.itemsize < 4 and torch.equal(values.to(candidate).float(), values):
+            return candidate
+    return torch.float32
+
+
 def pack(w: Int4Weights, dtype: torch.dtype) -> PackedInt4:
-    """The serving layout of weights whose groups are contiguous."""
+    """The serving layout of weights whose groups are contiguous, for activations in `dtype`."""
+    scales, offsets = w.scales.t().float(), w.offsets.t().float()
     return PackedInt4(
         qweight=pack_int32(w.q.t(), dim=0).contiguous(),
-        scales=w.scales.t().to(dtype).contiguous(),
-        offsets=w.offsets.t().to(dtype).contiguous(),
+        scales=scales.to(exact_dtype(scales, dtype)).contiguous(),
+        offsets=offsets.to(exact_dtype(offsets, dtype)).contiguous(),
         group_size=w.group_size,
         perm=None,
     )
 
 
 def dequantize_packed(p: PackedInt4, dtype: torch.dtype) -> torch.Tensor:
-    """The matrix `[N, K]` (columns in the permuted order) of a packed layer, in `dtype`."""
+    """The matrix `[N, K]` (columns in the permuted order) of a packed layer: computed in
+    float32, rounded once to `dtype` (as the kernels do)."""
     q = unpack_int32(p.qweight, dim=0)  # [K, N]
-    scales = p.scales.repeat_interleave(p.group_size, dim=0)
-    offsets = p.offsets.repeat_interleave(p.group_size, dim=0)
-    return (q.to(dtype) * scales.to(dtype) + offsets.to(dtype)).t()
+    scales = p.scales.float().repeat_interleave(p.group_size, dim=0)
+    offsets = p.offsets.float().repeat_interleave(p.group_size, dim=0)
+    return (q.float() * scales + offsets).to(dtype).t()

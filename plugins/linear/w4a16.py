@@ -79,7 +79,9 @@ class Int4Linear(LinearLayer):
         group = k if self.quant.group_size == -1 else self.quant.group_size
         dev = self.spec.device
         q = torch.randint(0, 16, (n, k), generator=generator, device=dev, dtype=torch.uint8)
-        scales = torch.full((n, k // group), 0.02 / 4.6, device=dev)  # std of q - 7.5 is 4.6
+        # std of q - 7.5 is 4.6: weights of std ~0.018; 2^-8 and 7.5 x 2^-8 are exact in float16,
+        # so the layout is that of a float16-scaled checkpoint (2 + 2 bytes per group)
+        scales = torch.full((n, k // group), 2.0**-8, device=dev)
         if self.spec.bias:
             self.bias = torch.zeros(n, dtype=self.spec.dtype, device=dev)
         self._store([Int4Weights(q, scales, -7.5 * scales, group)])

@@ -18,6 +18,7 @@ log-sum-exp.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -25,6 +26,30 @@ import triton.language as tl
 from pegboard.plugins.kernels.triton_attention.launch import dot_precision, num_sms, unit_last_dim
 
 LOG2E = math.log2(math.e)
+F16_MAX = 65504.0
+#: How the decode kernel multiplies over an FP8 cache: "dot" (tensor cores, float16) or "fma"
+#: (CUDA cores). Not yet measured against each other on the GPU (`scripts/bench_kv_fp8.py
+#: --kernels` times both); `PEGBOARD_FP8_DECODE` overrides.
+FP8_DECODE = os.environ.get("PEGBOARD_FP8_DECODE", "dot")
+
+
+@triton.jit
+def to_dot_dtype(q, F16_DOT: tl.constexpr):
+    """The query in the dtype the dots run in: as loaded, or with `F16_DOT` (an FP8 KV cache)
+    float16, which e4m3 keys and values convert to in one instruction per pair (sm_89+; to
+    bf16 it takes three) and which holds every e4m3 and bf16 value in its range exactly
+    (saturated at float16's largest)."""
+    if F16_DOT:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -F16_MAX), F16_MAX).to(tl.float16)
+    return q
+
+
+def f16_dot(q_dtype: torch.dtype, k_cache: torch.Tensor, f16: bool | None) -> bool:
+    """Whether the kernels run their dots in float16 (see `to_dot_dtype`): `f16`, or by default
+    for a one-byte (FP8) cache under 16-bit queries."""
+    if f16 is not None:
+        return f16
+    return k_cache.element_size() == 1 and q_dtype in (torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -62,6 +87,8 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    F16_DOT: tl.constexpr,
+    FMA: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,6 +109,10 @@ def _decode_kernel(
         mask=h_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if FMA:
+        q = q.to(tl.float32)
+    else:
+        q = to_dot_dtype(q, F16_DOT)
     pages_row = Page_table + req.to(tl.int64) * stride_pt
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -110,13 +141,20 @@ def _decode_kernel(
             mask=kv_mask,
             other=0.0,
         )
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+        if FMA:  # CUDA cores: [BLOCK_H, BLOCK_N, BLOCK_D] products, reduced over D
+            qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
+        else:
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        if FMA:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        else:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     out_mask = h_mask[:, None] & d_mask[None, :]
@@ -207,6 +245,8 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    f16: bool | None = None,
+    fma: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged KV; returns `out`.
 
@@ -216,16 +256,24 @@ def decode_attention(
     `seq_lens`: int32 `[>= num_requests]`, keys each request attends to (its new one included).
     With `num_splits > 1`, `workspace` holds float32 partial outputs
     `[>= num_requests, num_heads, num_splits, head_dim]` and log-sum-exps
-    `[>= num_requests, num_heads, num_splits]` (allocated here when None).
+    `[>= num_requests, num_heads, num_splits]` (allocated here when None). `f16`: run the
+    dots in float16 (default: for an FP8 cache, see `to_dot_dtype`). `fma`: CUDA-core products
+    instead of tensor-core dots, the GQA group not padded to 16 rows (default: `FP8_DECODE`
+    for an FP8 cache with a group of at most 8, else off).
     """
     num_requests, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if num_requests == 0:
         return out
+    if fma is None:
+        fma = FP8_DECODE == "fma" and k_cache.element_size() == 1 and group <= 8
+    block_h = triton.next_power_of_2(group) if fma else max(16, triton.next_power_of_2(group))
     q = unit_last_dim(q)
     block_n = block_n or decode_block_n(head_dim)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if fma:  # the [BLOCK_H, BLOCK_N, BLOCK_D] products live in registers: ~64 per thread
+        block_n = max(16, min(block_n, 8192 // (block_h * block_d)))
     if num_splits > 1 and workspace is None:
         workspace = decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse = workspace if num_splits > 1 else (out, out)
@@ -259,10 +307,12 @@ def decode_attention(
         HEAD_DIM=head_dim,
         PAGE_SIZE=k_cache.shape[1],
         NUM_SPLITS=num_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_H=block_h,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
+        F16_DOT=f16_dot(q.dtype, k_cache, f16),
+        FMA=fma,
         num_warps=num_warps,
         num_stages=num_stages,
     )

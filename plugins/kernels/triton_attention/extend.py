@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from pegboard.plugins.kernels.triton_attention.decode import LOG2E
+from pegboard.plugins.kernels.triton_attention.decode import LOG2E, f16_dot, to_dot_dtype
 from pegboard.plugins.kernels.triton_attention.launch import dot_precision, unit_last_dim
 
 
@@ -146,6 +146,7 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     TREE: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -179,6 +180,7 @@ def _extend_kernel(
         mask=row_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    q = to_dot_dtype(q, F16_DOT)
     pages_row = Page_table + req.to(tl.int64) * stride_pt
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -303,6 +305,7 @@ def extend_attention(
         BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
         TREE=tree_meta is not None,
+        F16_DOT=f16_dot(q.dtype, k_cache, None),
         num_warps=num_warps,
         num_stages=num_stages,
     )
