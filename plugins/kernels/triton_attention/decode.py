@@ -31,6 +31,10 @@ F16_MAX = 65504.0
 #: (CUDA cores). Not yet measured against each other on the GPU (`scripts/bench_kv_fp8.py
 #: --kernels` times both); `PEGBOARD_FP8_DECODE` overrides.
 FP8_DECODE = os.environ.get("PEGBOARD_FP8_DECODE", "dot")
+#: Float16 dots over an FP8 cache (`to_dot_dtype`): opt-in (`PEGBOARD_FP8_F16_DOT=1`) until it
+#: passes on the GPU — the GPU test of the FP8 Triton path failed with it on (2026-11-30,
+#: H200, cause not yet read), and passes with the 16-bit-query dots used before.
+FP8_F16_DOT = os.environ.get("PEGBOARD_FP8_F16_DOT", "0") == "1"
 
 
 @triton.jit
@@ -46,10 +50,11 @@ def to_dot_dtype(q, F16_DOT: tl.constexpr):
 
 def f16_dot(q_dtype: torch.dtype, k_cache: torch.Tensor, f16: bool | None) -> bool:
     """Whether the kernels run their dots in float16 (see `to_dot_dtype`): `f16`, or by default
-    for a one-byte (FP8) cache under 16-bit queries."""
+    (with `FP8_F16_DOT`) for a one-byte (FP8) cache under 16-bit queries."""
     if f16 is not None:
         return f16
-    return k_cache.element_size() == 1 and q_dtype in (torch.bfloat16, torch.float16)
+    fp8 = k_cache.element_size() == 1 and q_dtype in (torch.bfloat16, torch.float16)
+    return FP8_F16_DOT and fp8
 
 
 @triton.jit
