@@ -6,7 +6,7 @@
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [pytest] [tp-tests] [moe-ep]
-#                 [pd-mooncake] [pd-nixl]
+#                 [pd-mooncake] [pd-nixl] [profile-host-ab]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -56,6 +56,16 @@ for job in "${@:-tests}"; do
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
         done ;;
+    profile-host-ab) # issue 17: this tree against an older one on the same machine, alternating
+        # (BASE_TAR: `git archive REV -o base.tar` in the repo root, carried untracked); both
+        # run this tree's HostProfile (its forward parts: attention.prepare, graph replay, LM head)
+        mkdir -p /tmp/base/pegboard && tar -xf "${BASE_TAR:-base.tar}" -C /tmp/base/pegboard \
+          && cp core/bench/host_profile.py /tmp/base/pegboard/core/bench/ || exit 1
+        for round in 1 2; do for tree in head base; do
+          PYTHONPATH=$([ $tree = base ] && echo /tmp/base:)$PYTHONPATH timeout 150 $PB bench offline \
+            --random-weights --config qwen3-0.6b --profile-host --detokenizer inline ${BENCH_ARGS:-} \
+            --json "$OUT/profile-host-$tree-$round.json" 2>"$OUT/profile-host-$tree-$round.err" | tail -4
+        done; done ;;
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks
         timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
           | tail -40 | tee -a "$OUT/pytest.log" ;;

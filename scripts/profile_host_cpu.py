@@ -1,6 +1,7 @@
 """The engine's host work per step on a CPU, phase by phase, with the model taken out.
 
 python3 scripts/profile_host_cpu.py [--config qwen3-0.6b|DIR] [--rounds 4] [--temperature 0]
+                                    [--forward stub|launch]
 
 Builds an engine over a random-weight config (`--config`: a bundled name or a directory with a
 `config.json`; the default is a 1-layer, 32-wide Qwen3 with a 2,048-token vocabulary), replaces
@@ -10,20 +11,34 @@ figures are the loop's own Python work (schedule, checks, prepare, sampling call
 detokenize, ...) and other processes' load on a shared machine does not land on them. Prints
 each phase's smallest CPU ms per step over the rounds. Compare trees with the same command;
 on a GPU use `pegboard bench offline --profile-host` (wall clock, real forward).
+
+`--forward stub` (default) replaces the whole `ModelRunner.forward`. `--forward launch` keeps
+it and takes out only the model's arithmetic, so `forward (launch)` holds the GPU run's host
+work: the Triton attention backend's `prepare` (Triton's interpreter mode, set here, lets it
+run on CPU tensors; no kernel runs), the logits rows, a decode step's CUDA-graph replay
+bookkeeping (`CUDAGraphRunner.replay` with every graph a no-op: the static-input copies and
+the padding) and `compute_logits` (zeros); its parts are also reported on their own
+(`forward: ...`). What it cannot show: the CUDA driver's share (pinned-memory copies, kernel
+and graph launches). Another tree's engine: `PYTHONPATH=DIR` where `DIR/pegboard` is that
+checkout (`git archive REV | tar -x -C DIR/pegboard`); the script itself runs from this one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
+from pegboard.core.bench import host_profile
 from pegboard.core.bench.host_profile import HostProfile
 from pegboard.core.bench.models import random_weights_model_dir
 from pegboard.core.bench.offline import OfflineWorkload
+from pegboard.core.cuda_graph import CUDAGraphRunner, capture_sizes
 from pegboard.core.llm import LLM
 
 TINY = {
@@ -40,20 +55,29 @@ def main() -> None:
     p.add_argument("--config", default=None, help="bundled config name or directory")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--forward", choices=("stub", "launch"), default="stub")
     args = p.parse_args()
     if args.config:
         model = random_weights_model_dir(args.config)
     else:
         model = Path(tempfile.mkdtemp(prefix="pegboard-tiny-"))
         (model / "config.json").write_text(json.dumps(TINY))
-    llm = LLM(str(model), load_format="dummy", device="cpu")
+    launch = args.forward == "launch"
+    if launch:
+        os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend's host side on CPU tensors
+    settings = {"attention": "triton"} if launch else {}
+    llm = LLM(str(model), load_format="dummy", device="cpu", **settings)
     vocab = llm.engine.info.vocab_size
+    runner = llm.engine.runner
 
     def forward(batch):  # the model's work is not host work: zero logits, right shape
         rows = batch.logits_rows.shape[0] if batch.logits_rows is not None else sum(batch.samples)
         return torch.zeros(rows, vocab)
 
-    llm.engine.runner.forward = forward
+    if launch:
+        stub_model_arithmetic(runner, llm.engine.config)
+    else:
+        runner.forward = forward
     workload = OfflineWorkload(
         num_seqs=256, min_input=16, max_input=64, min_output=100, max_output=400,
         max_token_id=min(2000, vocab - 1), temperature=args.temperature,
@@ -62,13 +86,110 @@ def main() -> None:
     llm.generate([prompts[0][:16]], params[0])  # warm-up
     reports = []
     for _ in range(args.rounds):
-        with HostProfile(llm.engine, clock=time.thread_time) as profile:
+        with thread_clock_profile(llm.engine) as profile:
+            if launch and not hasattr(profile, "_wrap_forward_parts"):  # an older tree's
+                profile._wrap(runner.attention, "prepare", "forward: attention.prepare")
+                profile._wrap(runner.cuda_graphs, "replay", "forward: graph replay")
+                profile._wrap(runner.model, "compute_logits", "forward: compute_logits")
             llm.generate(prompts, params)
         reports.append(profile.report())
     phases = reports[0]["ms_per_step"]
     best = {k: round(min(r["ms_per_step"].get(k, 0.0) for r in reports), 3) for k in phases}
-    print(json.dumps({"steps": reports[0]["steps"], "cpu_ms_per_step": best}, indent=1))
+    result = {"steps": reports[0]["steps"], "cpu_ms_per_step": best}
+    if launch:
+        result["decode_step_256_cpu_us"] = time_decode_step(llm, prompts, params)
+    print(json.dumps(result, indent=1))
     llm.close()
+
+
+def time_decode_step(llm, prompts, params, calls: int = 300) -> dict[str, float]:
+    """The first decode-only step of all 256 requests, timed call by call inside the live engine
+    (thread CPU µs per call, the median and the best of `calls` repeats of each part; every
+    part is idempotent for the same batch): `prepare`, the whole `forward`, and the forward's
+    parts (`attention.prepare`, graph `can_run` + `replay`, the logits rows and LM head)."""
+    runner = llm.engine.runner
+    prepare, forward, out = runner.prepare, runner.forward, {}
+
+    def timed(name, fn, *args):
+        runs = []
+        for _ in range(calls):
+            start = time.thread_time()
+            fn(*args)
+            runs.append(time.thread_time() - start)
+        runs.sort()
+        out[name] = {
+            "median": round(runs[len(runs) // 2] * 1e6, 1),
+            "best": round(runs[0] * 1e6, 1),
+        }
+
+    def probe(requests, num_tokens, page_size, pending=None):
+        batch = prepare(requests, num_tokens, page_size, pending)
+        if not out and len(requests) == 256 and batch.is_decode_only:
+            timed("prepare", prepare, requests, num_tokens, page_size, pending)
+            batch = prepare(requests, num_tokens, page_size, pending)
+            timed("forward", forward, batch)
+            timed("forward: attention.prepare", runner.attention.prepare, batch)
+            graphs = runner.cuda_graphs
+            timed(
+                "forward: graph can_run + replay",
+                lambda b: graphs.can_run(b) and graphs.replay(b),
+                batch,
+            )
+            hidden = graphs.replay(batch)
+            timed(
+                "forward: rows + compute_logits",
+                lambda: runner.model.compute_logits(hidden[batch.logits_indices]),
+            )
+        return batch
+
+    runner.prepare = probe
+    try:
+        llm.generate(prompts, params)
+    finally:
+        del runner.prepare
+    return out
+
+
+def thread_clock_profile(engine) -> HostProfile:
+    """`HostProfile` on the thread's CPU clock (a tree from before its `clock` argument: its
+    module's `time.perf_counter` made the thread clock)."""
+    try:
+        return HostProfile(engine, clock=time.thread_time)
+    except TypeError:
+        host_profile.time = types.SimpleNamespace(perf_counter=time.thread_time)
+        return HostProfile(engine)
+
+
+class _NoGraph:
+    def replay(self) -> None:  # the model's arithmetic: not host work
+        pass
+
+
+def stub_model_arithmetic(runner, config) -> None:
+    """Keep `runner.forward` but give it a model that computes nothing (zeros of the right
+    shapes) and the decode-graph runner a GPU run has: the real `CUDAGraphRunner` bookkeeping
+    over static CPU tensors, its graphs no-ops, the backend's metadata fixed as for capture."""
+    model, info = runner.model, runner.info
+    hidden_size = info.hidden_size
+
+    def model_forward(input_ids, positions, attention):
+        return torch.zeros(input_ids.shape[0], hidden_size)
+
+    model.forward = model_forward  # eager steps (prefill, mixed): the backend's prepare only
+    logits = torch.zeros(config.max_running_requests, info.vocab_size)  # no per-step memset
+    model.compute_logits = lambda hidden: logits[: hidden.shape[0]]
+    max_bs = min(config.cuda_graph_max_bs, max(config.max_running_requests, 1))
+    sizes = capture_sizes(max_bs)
+    graphs = CUDAGraphRunner.__new__(CUDAGraphRunner)  # no capture: nothing runs on a device
+    graphs.model, graphs.attention, graphs.sizes = model, runner.attention, sizes
+    graphs.max_batch_size, graphs.num_replays = sizes[-1], 0
+    graphs.input_ids = torch.zeros(sizes[-1], dtype=torch.int64)
+    graphs.positions = torch.zeros(sizes[-1], dtype=torch.int64)
+    graphs.slot_mapping = torch.full((sizes[-1],), -1, dtype=torch.int64)
+    graphs.hidden = torch.zeros(sizes[-1], hidden_size)
+    graphs.graphs = {size: _NoGraph() for size in sizes}
+    runner.attention.prepare_for_capture(max(config.max_running_requests, sizes[-1]))
+    runner.cuda_graphs = graphs
 
 
 if __name__ == "__main__":

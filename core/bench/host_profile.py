@@ -6,7 +6,11 @@ wrapped attribute back on exit):
 
 - `schedule`, `allocate_kv`, `sample`: the hook calls (the plugin and the engine's checks);
 - `prepare`: laying the batch out (`ModelRunner.prepare`);
-- `forward (launch)`: the model call; on a GPU the kernels are only launched;
+- `forward (launch)`: the model call; on a GPU the kernels are only launched. Its parts are
+  also reported on their own: `forward: attention.prepare` (the backend's metadata upload),
+  `forward: graph replay` (a decode step's CUDA-graph replay: static-input copies and the
+  launch) and `forward: compute_logits` (the LM head); the rest of it is the eager model of
+  a non-graph step, the logits rows and, with TP, sharing the batch;
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
 - `admit` (moving scheduled requests to running), `detokenize` (the deltas handed to the
@@ -48,6 +52,7 @@ class HostProfile:
             self._wrap(relay, hook, hook)
         self._wrap(e.runner, "prepare", "prepare")
         self._wrap(e.runner, "forward", "forward (launch)")
+        self._wrap_forward_parts(e.runner)
         self._wrap(e, "_resolve", "resolve (all)")
         self._wrap(e, "_export", "export_metrics")
         self._wrap(e, "_admit", "admit")
@@ -63,6 +68,16 @@ class HostProfile:
     def __exit__(self, *exc: object) -> None:
         while self._restore:
             self._restore.pop()()
+
+    def _wrap_forward_parts(self, runner) -> None:
+        """Time the parts of `ModelRunner.forward` that exist now (a swap mid-run builds a new
+        backend or graph runner: its parts then count only in the whole)."""
+        if runner.attention is not None:
+            self._wrap(runner.attention, "prepare", "forward: attention.prepare")
+        if runner.cuda_graphs is not None:
+            self._wrap(runner.cuda_graphs, "replay", "forward: graph replay")
+        if hasattr(runner.model, "compute_logits"):
+            self._wrap(runner.model, "compute_logits", "forward: compute_logits")
 
     def _wrap(self, owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)

@@ -1,0 +1,29 @@
+"""`HostProfile` (`--profile-host`): the phases it reports, the forward's parts, and that it
+puts every wrapped attribute back."""
+
+from __future__ import annotations
+
+import time
+
+from pegboard.core.bench.host_profile import TOTAL, HostProfile
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import SamplingParams
+
+
+def test_forward_parts_are_timed_inside_the_forward_and_unwrapped_after(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), dtype="float32") as llm:
+        runner = llm.engine.runner
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        with HostProfile(llm.engine, clock=time.thread_time) as profile:
+            llm.generate([[1, 5, 9, 3], [1, 7, 2]], params)
+        report = profile.report()
+        phases = report["ms_per_step"]
+        forward = phases["forward (launch)"]
+        for part in ("forward: attention.prepare", "forward: compute_logits"):
+            assert 0 < phases[part] <= forward, (part, phases)
+        assert phases["forward: attention.prepare"] + phases["forward: compute_logits"] <= forward
+        assert phases[TOTAL] >= forward and report["steps"] >= 6
+        # the instance attributes the profile set are gone: the classes' methods show again
+        assert "prepare" not in vars(runner.attention)
+        assert "compute_logits" not in vars(runner.model)
+        assert "forward" not in vars(runner)
