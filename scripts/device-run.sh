@@ -61,9 +61,9 @@ for job in "${@:-tests}"; do
         # run this tree's HostProfile (its forward parts: attention.prepare, graph replay, LM head)
         mkdir -p /tmp/base/pegboard && tar -xf "${BASE_TAR:-base.tar}" -C /tmp/base/pegboard \
           && cp core/bench/host_profile.py /tmp/base/pegboard/core/bench/ || exit 1
-        # then once each without overlap (the device idle at each launch: the launch's own cost)
-        for run in on-1 on-2 off-1; do for tree in head base; do
-          PYTHONPATH=$([ $tree = base ] && echo /tmp/base:)$PYTHONPATH timeout 100 $PB bench offline \
+        # overlap on, off (the device idle at each launch: the launch's own cost), on again
+        for run in on-1 off-1 on-2; do for tree in head base; do
+          PYTHONPATH=$([ $tree = base ] && echo /tmp/base:)$PYTHONPATH timeout 120 $PB bench offline \
             --random-weights --config qwen3-0.6b --profile-host --detokenizer inline \
             $([ ${run%-*} = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
             --json "$OUT/profile-host-$tree-$run.json" 2>"$OUT/profile-host-$tree-$run.err" | tail -4
