@@ -26,7 +26,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 PB="python3 -m pegboard.core.cli.main"
 for job in "${@:-tests}"; do
   case $job in
-    tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py tests > "$OUT/gpu-tests-full.log" 2>&1
+    tests) # per-test limit where pytest-timeout exists (the GPU image has it): a hang costs one test
+        per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT:-150}")
+        timeout ${TESTS_TIMEOUT:-450} python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short $per_test --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py tests > "$OUT/gpu-tests-full.log" 2>&1
         tail -25 "$OUT/gpu-tests-full.log" | tee "$OUT/gpu-tests.log"
         # not marked gpu (they run on the CPU interpreter too), but on CUDA they test the kernel
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py 2>&1 | tail -3 | tee -a "$OUT/gpu-tests.log" ;;
