@@ -40,12 +40,16 @@ def test_ep4_static_and_eplb_moves_between_four_ranks_equal_one_process(tmp_path
         rolled = (torch.arange(12) % 8).roll(3)
         forced = ExpertPlacement(rolled.repeat(runtime.topology.num_layers, 1), 8)
 
+        after_force = []
+
         def force(step: int) -> None:
             if step == 1:
                 runtime._apply(forced, "test")
+                after_force.append(transfers(llm))
 
         requests = run(llm, prompts, force)
-        assert transfers(llm) > 0, "no expert moved between the ranks"
+        assert after_force[0] > 0, "the forced placement moved nothing between the ranks"
+        assert transfers(llm) > after_force[0], "EPLB moved no expert between the ranks"
         assert runtime.rebalances >= 3, "EPLB never placed the experts again"
         slots = runtime.recorder.slot_load()
         ranks = slots.view(slots.shape[0], 4, 3).sum(dim=2)
