@@ -249,17 +249,24 @@ def test_swapping_the_speculator_mid_run_changes_no_token(case):
     with LLM(
         str(model_dir), dtype="float32", device="cpu", speculator="ngram", plugin_options=options
     ) as llm:
-        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
-        requests = [Request(p, params) for p in prompts]
-        for r in requests:
-            llm.engine.add_request(r)
-        swapped = None
-        while llm.engine.has_work():
-            llm.engine.step()
-            if swapped is None and any(r.num_output_tokens > 3 for r in requests):
-                swapped = llm.swap("speculator", "draft", model_path=str(model_dir))
+        outputs, swapped = generate_swapping(llm, prompts, "draft", model_path=str(model_dir))
         assert swapped.result().active == "draft"
-        assert [r.output_token_ids for r in requests] == reference
+        assert outputs == reference
+
+
+def generate_swapping(llm, prompts, speculator: str, **options):
+    """Greedy outputs of `prompts`, swapping to `speculator` once a request has more than 3
+    output tokens; returns (token ids per prompt, the swap's future)."""
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    requests = [Request(p, params) for p in prompts]
+    for r in requests:
+        llm.engine.add_request(r)
+    swapped = None
+    while llm.engine.has_work():
+        llm.engine.step()
+        if swapped is None and any(r.num_output_tokens > 3 for r in requests):
+            swapped = llm.swap("speculator", speculator, **options)
+    return [r.output_token_ids for r in requests], swapped
 
 
 # ---------------------------------------------------------------- bad input

@@ -20,7 +20,7 @@ from pegboard.core.speculative import tree as T
 from pegboard.core.speculative.verify import accept_greedy
 from pegboard.sdk.slots import Speculator
 from pegboard.sdk.types import Drafts, SamplingParams
-from test_speculative import MAX_NEW, SETTINGS, assert_same, generate
+from test_speculative import MAX_NEW, SETTINGS, assert_same, generate, generate_swapping
 
 case = test_speculative.case  # the module's fixture: tiny target, prompts, transformers' outputs
 
@@ -151,23 +151,13 @@ def test_trees_on_a_backend_without_a_tree_mask_are_cut_to_their_first_path(case
 def test_swapping_from_a_tree_speculator_mid_run_changes_no_token(case):
     model_dir, prompts, reference = case
     pm = tree_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, right_first=False)
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     with LLM(
         str(model_dir), dtype="float32", device="cpu", plugins=pm, speculator="tree_oracle",
         attention="torch",
     ) as llm:  # fmt: skip
-        from pegboard.sdk.types import Request
-
-        requests = [Request(p, params) for p in prompts]
-        for r in requests:
-            llm.engine.add_request(r)
-        swapped = None
-        while llm.engine.has_work():
-            llm.engine.step()
-            if swapped is None and any(r.num_output_tokens > 3 for r in requests):
-                swapped = llm.swap("speculator", "ngram", topk=3, num_steps=3)
+        outputs, swapped = generate_swapping(llm, prompts, "ngram", topk=3, num_steps=3)
         assert swapped.result().active == "ngram"
-        assert [r.output_token_ids for r in requests] == reference
+        assert outputs == reference
 
 
 def test_tree_mask_in_the_torch_backend_equals_each_path_run_alone():
