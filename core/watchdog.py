@@ -14,8 +14,10 @@ than leaving it up and answering nothing.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,6 +30,15 @@ log = logging.getLogger("pegboard.watchdog")
 
 #: Exit status of a server the watchdog stopped (documented in docs/serving.md).
 WATCHDOG_EXIT_STATUS = 3
+
+
+def stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to the process's stderr: where a process
+    that no watchdog covers (a tensor-parallel follower, a bench run) hangs."""
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no SIGUSR1 (Windows) or no real stderr
+        pass
 
 
 class StepObserver(Protocol):

@@ -4,9 +4,7 @@ exposes `add_parser(subparsers)` (which sets `func` on its parser)."""
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import importlib
-import signal
 import sys
 
 #: Subcommand modules, in `--help` order.
@@ -55,16 +53,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _stacks_on_sigusr1() -> None:
-    """`kill -USR1 PID` prints every thread's stack to the process's stderr (a hang)."""
-    try:
-        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-    except (AttributeError, ValueError, OSError):  # no SIGUSR1 (Windows) or no real stderr
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    _stacks_on_sigusr1()
+    from pegboard.core.watchdog import stacks_on_sigusr1
+
+    stacks_on_sigusr1()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -2,15 +2,14 @@
 
 A follower runs no plugin hook but `attention_kernel` (each rank has its own attention backend
 over its own KV pool of local heads) and no scheduler: rank 0 decides the batch, the page
-tables and (expert parallelism) the expert placement, and the follower's model runner computes the same step with its shard, taking part in
-every all-reduce. Started by rank 0 (`python -m pegboard.core.distributed.follower`), by
+tables and (expert parallelism) the expert placement, and the follower's model runner computes
+the same step with its shard, taking part in every all-reduce. Started by rank 0 (`python -m pegboard.core.distributed.follower`), by
 `pegboard serve --node-rank N` on another node, or by torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import signal
 import sys
@@ -25,6 +24,7 @@ from pegboard.core.distributed.topology import Topology
 from pegboard.core.models.moe import moe_blocks
 from pegboard.core.moe.apply import apply_placement
 from pegboard.core.moe.router_skew import skew_router
+from pegboard.core.watchdog import stacks_on_sigusr1
 from pegboard.sdk.expert_placement import ExpertPlacement
 
 log = logging.getLogger("pegboard.distributed")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=None)
     p.add_argument("--plan-shm", default=None, help="rank 0's shared-memory plan channel")
     args = p.parse_args(argv)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it hangs
+    stacks_on_sigusr1()
     logging.basicConfig(
         level="INFO", format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s"
     )

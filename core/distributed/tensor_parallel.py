@@ -5,8 +5,9 @@ followers what to compute through this object: the step's batch layout over the 
 (host lists: query and sequence lengths, page tables) and its token ids, positions, KV slots
 and logits rows as one device broadcast (so ids still on the device under overlap scheduling
 never make rank 0 wait), rebinds of the attention backend and KV pool after a swap, the
-profile run, expert placements (expert parallelism: every rank moves its experts), and stop. Followers (`pegboard.core.distributed.follower`) replay each message
-on their own runner, so every rank runs the same collectives in the same order.
+profile run, expert placements (expert parallelism: every rank moves its experts), and stop.
+Followers (`pegboard.core.distributed.follower`) replay each message on their own runner, so
+every rank runs the same collectives in the same order.
 """
 
 from __future__ import annotations
