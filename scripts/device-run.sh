@@ -6,7 +6,7 @@
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [pytest] [tp-tests] [moe-ep]
-#                 [pd-mooncake] [pd-nixl] [profile-host-ab]
+#                 [pd-mooncake] [pd-nixl] [profile-host-ab] [allreduce] [tp-profile]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -76,6 +76,18 @@ for job in "${@:-tests}"; do
     tp-tests) # the 2-GPU tensor-parallel tests with their tracebacks (nvidia-h200-x2)
         timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
           tests/test_tensor_parallel.py 2>&1 | tail -60 | tee "$OUT/tp-tests.log" ;;
+    allreduce) # µs per small all-reduce on two GPUs: NCCL vs symmetric memory (issue 11)
+        timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 scripts/bench_allreduce.py \
+          --json "$OUT/allreduce.json" 2>"$OUT/allreduce.err" | tail -20 ;;
+    tp-profile) # issue 11: a TP=2 and a TP=1 batch-1 Llama-3.1-8B decode under the torch profiler
+        # (8 steps after 40): $OUT/torch-tp{2,1}/kernels.txt (kernels by device time), trace.json
+        for tp in ${TP_SIZES:-2 1}; do
+          timeout -k 10 200 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
+            --min-input 128 --max-input 128 --min-output 128 --max-output 128 --max-model-len 4096 \
+            --tp-size $tp --torch-profile "$OUT/torch-tp$tp" ${BENCH_ARGS:-} \
+            --json "$OUT/llama8b-bs1-prof-tp$tp.json" 2>"$OUT/llama8b-bs1-prof-tp$tp.err" | grep output_tok_s
+          head -30 "$OUT/torch-tp$tp/kernels.txt" | cut -c1-150
+        done ;;
     llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs: plan messages through shared memory
         # (default), then through gloo (TP_VARIANTS="shm gloo nccl": nccl = NCCL all-reduce);
         # a run still alive after 170 s prints every rank's stacks (SIGUSR1) into its .err
@@ -136,7 +148,7 @@ for job in "${@:-tests}"; do
           -k "two_gpus and $backend" 2>&1 | tail -5 | tee "$OUT/$job-test.log"
         mkdir -p "$OUT/$job-logs"
         OUT="$OUT/$job-logs" timeout 400 python3 scripts/bench_pd.py --config qwen3-0.6b \
-          --backend "$backend" --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60 ;;
+          --backend "$backend" ${PD_ARGS:-} --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60 ;;
     router-prefix) # cache-aware vs round-robin routing over two replicas, shared-prefix workload
         timeout 300 $PB bench prefix --random-weights --config qwen3-0.6b \
           --router-policies cache_aware,round_robin --router-dp-size 2 --json "$OUT/router-prefix.json" \

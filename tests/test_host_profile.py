@@ -27,3 +27,16 @@ def test_forward_parts_are_timed_inside_the_forward_and_unwrapped_after(tiny_lla
         assert "prepare" not in vars(runner.attention)
         assert "compute_logits" not in vars(runner.model)
         assert "forward" not in vars(runner)
+
+
+def test_torch_profile_records_the_window_of_steps_and_unwraps_step(tiny_llama_dir, tmp_path):
+    from pegboard.core.bench.torch_profile import TorchProfile
+
+    with LLM(str(tiny_llama_dir), dtype="float32") as llm:
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        with TorchProfile(llm.engine, str(tmp_path), wait=2, active=3):
+            llm.generate([[1, 5, 9, 3], [1, 7, 2]], params)
+        assert "step" not in vars(llm.engine)
+    table = (tmp_path / "kernels.txt").read_text()
+    assert table.startswith("3 engine steps after 2") and "aten::" in table
+    assert (tmp_path / "trace.json").stat().st_size > 0

@@ -48,10 +48,16 @@ class OfflineWorkload:
 
 
 def run_offline(
-    llm, workload: OfflineWorkload, progress: bool = True, profile_host: bool = False
+    llm,
+    workload: OfflineWorkload,
+    progress: bool = True,
+    profile_host: bool = False,
+    torch_profile: str | None = None,
 ) -> dict:
     """Warm up, then time one `generate` of the whole workload; return the figures (with
-    `profile_host`, also the host's ms per step by phase: `pegboard.core.bench.host_profile`)."""
+    `profile_host`, also the host's ms per step by phase: `pegboard.core.bench.host_profile`;
+    with `torch_profile` a directory, a torch-profiler window of a few steps is written there:
+    `pegboard.core.bench.torch_profile`)."""
     from pegboard.core.bench.dispatch import plugin_layer_share
     from pegboard.core.bench.host_profile import HostProfile
 
@@ -59,7 +65,10 @@ def run_offline(
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))
     steps_before = llm.engine.num_steps
     spec_before = llm.engine.speculation.stats()  # acceptance figures of this run only
-    with HostProfile(llm.engine) if profile_host else contextlib.nullcontext() as profile:
+    from pegboard.core.bench.torch_profile import TorchProfile
+
+    kernels = TorchProfile(llm.engine, torch_profile) if torch_profile else contextlib.nullcontext()
+    with kernels, HostProfile(llm.engine) if profile_host else contextlib.nullcontext() as profile:
         start = time.perf_counter()
         outs = llm.generate(prompts, params, progress=progress)
         elapsed = time.perf_counter() - start

@@ -67,6 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also time the host's phases per step (schedule, prepare, forward launch, "
         "resolve, wait for the device, ...): `host_profile` in the result",
     )
+    off.add_argument(
+        "--torch-profile",
+        default=None,
+        metavar="DIR",
+        help="also record a few steps of the timed run with the torch profiler: "
+        "DIR/kernels.txt (kernels by device time) and DIR/trace.json (Chrome trace)",
+    )
     _add_common(off)
     off.set_defaults(func=run_offline_cmd)
     prefix = kinds.add_parser("prefix", help="shared-prefix workload: hit rate and throughput")
@@ -169,8 +176,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         default=None,
-        help="bundled real config (with --random-weights): one of "
-        f"{', '.join(bundled_configs())}",
+        help=f"bundled real config (with --random-weights): one of {', '.join(bundled_configs())}",
     )
     p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
     add_engine_arguments(p)
@@ -288,7 +294,9 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
 
     return _run(
         args,
-        lambda llm: run_offline(llm, workload, profile_host=args.profile_host),
+        lambda llm: run_offline(
+            llm, workload, profile_host=args.profile_host, torch_profile=args.torch_profile
+        ),
         peer,
         offline_chart,
     )
