@@ -77,16 +77,21 @@ class Timing:
     candidates: list[dict] = field(default_factory=list)  # --sweep: every candidate's result
 
 
-def shapes(config: str) -> list[Shape]:
+def shapes(config: str, tp: int = 1) -> list[Shape]:
+    """The linear layers of `config`, as one rank of `tp` holds them (column-parallel qkv,
+    gate_up and LM head split their outputs, row-parallel o and down their inputs; KV heads
+    replicated where there are fewer than `tp`)."""
     cfg = ModelConfig.from_dir(config_model_dir(config))
     h, d = cfg.hidden_size, cfg.head_dim
-    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    q, kv = cfg.num_heads * d // tp, max(cfg.num_kv_heads // tp, 1) * d
+    inter = cfg.intermediate_size // tp
+    name = config if tp == 1 else f"{config} tp{tp}"
     return [
-        Shape(config, "qkv", q + 2 * kv, h),
-        Shape(config, "o", h, q),
-        Shape(config, "gate_up", 2 * cfg.intermediate_size, h),
-        Shape(config, "down", h, cfg.intermediate_size),
-        Shape(config, "lm_head", cfg.vocab_size, h),
+        Shape(name, "qkv", q + 2 * kv, h),
+        Shape(name, "o", h, q),
+        Shape(name, "gate_up", 2 * inter, h),
+        Shape(name, "down", h, inter),
+        Shape(name, "lm_head", -(-cfg.vocab_size // tp), h),
     ]
 
 
@@ -322,13 +327,15 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--log-dir", type=Path, help="write the e2e runs' logs here")
     p.add_argument("--budget-s", type=float, default=240, help="stop sweeping after this")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="model configs (comma-separated)")
+    p.add_argument("--tp", type=int, default=1, help="the shapes one rank of this TP size holds")
     args = p.parse_args()
     deadline = time.monotonic() + args.budget_s
     torch.manual_seed(0)
     timings: list[Timing] = []
     with torch.inference_mode():
-        for config in CONFIGS:
-            for shape in shapes(config):
+        for config in args.configs.split(","):
+            for shape in shapes(config, args.tp):
                 bench = Bench(shape)
                 for rows in ROWS:
                     t = sweep_one(bench, rows, deadline) if args.sweep else table_one(bench, rows)

@@ -79,6 +79,10 @@ for job in "${@:-tests}"; do
     allreduce) # µs per small all-reduce on two GPUs: NCCL vs symmetric memory (issue 11)
         timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 scripts/bench_allreduce.py \
           --json "$OUT/allreduce.json" 2>"$OUT/allreduce.err" | tail -20 ;;
+    gemv-sweep-tp) # GEMV launch configurations for the shapes one rank of TP=${TP:-2} holds (Llama-3.1-8B):
+        # the printed DECODE_CONFIGS entries go into core/kernels/gemv.py (issue 11)
+        timeout 400 python3 scripts/bench_gemv.py --sweep --no-step --configs llama-3.1-8b --tp ${TP:-2} \
+          --budget-s ${BUDGET_S:-300} --json "$OUT/gemv-sweep-tp${TP:-2}.json" 2>&1 | grep -v "^  " | tail -45 ;;
     tp-profile) # issue 11: a TP=2 and a TP=1 batch-1 Llama-3.1-8B decode under the torch profiler
         # (8 steps after 40): $OUT/torch-tp{2,1}/kernels.txt (kernels by device time), trace.json
         for tp in ${TP_SIZES:-2 1}; do
@@ -145,7 +149,7 @@ for job in "${@:-tests}"; do
         # WHEELS=.whl/$job from scripts/pd_wheels.sh (docs/benchmarks.md, "PD disaggregation")
         backend=${job#pd-}
         timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_disaggregation.py \
-          -k "two_gpus and $backend" 2>&1 | tail -5 | tee "$OUT/$job-test.log"
+          -k "two_gpus and $backend" --tb=short 2>&1 | tail -40 | tee "$OUT/$job-test.log"
         mkdir -p "$OUT/$job-logs"
         OUT="$OUT/$job-logs" timeout 400 python3 scripts/bench_pd.py --config qwen3-0.6b \
           --backend "$backend" ${PD_ARGS:-} --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60 ;;
