@@ -352,6 +352,32 @@ DECODE_CONFIGS: dict[tuple[torch.dtype, int, int], dict[int, GemvConfig | None]]
         4: _DOT_64_NO_PDL,
         8: GemvConfig(16, 512, dot=True, num_stages=3, pdl=False),
     },
+    # Llama-3.1-8B, one rank of TP=2 (H200, 2026-11-30, `bench_gemv.py --sweep --tp 2`):
+    # qkv: 11.5 -> 7.0, 12.0 -> 9.0, 12.1 -> 9.9, 11.9 -> 9.9
+    (torch.bfloat16, 3072, 4096): {
+        1: GemvConfig(4, 1024),
+        2: GemvConfig(2, 2048),
+        4: GemvConfig(64, 128, split_k=4, dot=True, num_stages=4),
+        8: GemvConfig(64, 128, split_k=4, dot=True, num_stages=4),
+    },
+    # o: 7.2 -> 4.9, 7.2 -> 6.2, 7.1 -> 6.9, 7.1 -> 6.9
+    (torch.bfloat16, 4096, 2048): {
+        1: GemvConfig(8, 1024),
+        2: GemvConfig(4, 1024),
+        4: GemvConfig(32, 256, dot=True, num_stages=4),
+        8: GemvConfig(32, 256, dot=True, num_stages=4),
+    },
+    # gate_up: 31.4 -> 28.0; at 2-8 rows cuBLAS is as fast (30.7 vs 30.8-31.5)
+    (torch.bfloat16, 14336, 4096): {1: GemvConfig(4, 1024), 2: None, 4: None, 8: None},
+    # down: 19.8 -> 15.4, 20.2 -> 16.3, 20.2 -> 17.8, 20.5 -> 18.2
+    (torch.bfloat16, 4096, 7168): {
+        1: GemvConfig(8, 1024),
+        2: GemvConfig(4, 1024),
+        4: GemvConfig(64, 128, split_k=4, dot=True, num_stages=4),
+        8: GemvConfig(64, 128, split_k=4, dot=True, num_stages=4),
+    },
+    # LM head (vocab-parallel half): 130.6 -> 118.7, 128.2 -> 120.7, 129.5 -> 122.0, 130.6 -> 122.5
+    (torch.bfloat16, 64128, 4096): {1: GemvConfig(2, 2048), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
     # Qwen3-0.6B qkv: 5.7 -> 4.3, 5.7 -> 4.6, 5.7 -> 5.0, 5.7 -> 5.1
     (torch.bfloat16, 4096, 1024): {
         1: GemvConfig(4, 1024),
