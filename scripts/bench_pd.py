@@ -95,7 +95,14 @@ def serve_cmd(model_dir: str, port: int, extra: list[str]) -> list[str]:
             "m", "--port", str(port), *extra]  # fmt: skip
 
 
-def start(setup: str, model_dir: str, backend: str, logdir: str, server_args: list[str]):
+def start(
+    setup: str,
+    model_dir: str,
+    backend: str,
+    logdir: str,
+    server_args: list[str],
+    pd_args: list[str],
+):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     if setup == "colocated":
@@ -107,11 +114,14 @@ def start(setup: str, model_dir: str, backend: str, logdir: str, server_args: li
     else:
         pp, dp, bport = free_port(), free_port(), free_port()
         pd = ["--transfer", backend]
+        # Both servers see both GPUs (`--device` picks theirs): CUDA IPC between them (Mooncake's
+        # nvlink_intra, UCX's cuda_ipc) needs the peer's device visible.
         prefill = Proc("prefill", serve_cmd(model_dir, pp, [*pd, "--disaggregation-mode", "prefill",
-                       "--disaggregation-bootstrap-port", str(bport), *server_args]), "0", logdir,
-                       f"http://127.0.0.1:{pp}")  # fmt: skip
+                       "--disaggregation-bootstrap-port", str(bport), "--device", "cuda:0",
+                       *pd_args, *server_args]), None, logdir, f"http://127.0.0.1:{pp}")  # fmt: skip
         decode = Proc("decode", serve_cmd(model_dir, dp, [*pd, "--disaggregation-mode", "decode",
-                      *server_args]), "1", logdir, f"http://127.0.0.1:{dp}")  # fmt: skip
+                      "--device", "cuda:1", *pd_args, *server_args]), None, logdir,
+                      f"http://127.0.0.1:{dp}")  # fmt: skip
         wait_healthy(f"http://127.0.0.1:{pp}", [prefill])
         wait_healthy(f"http://127.0.0.1:{dp}", [decode])
         router = Proc("router", [*PY, "router", "--pd", "--port", str(port), "--prefill",
@@ -245,6 +255,12 @@ def main() -> None:
     p.add_argument("--long-gap", type=float, default=0.5)
     p.add_argument("--max-token-id", type=int, default=30000)
     p.add_argument("--server-args", default="", help="more `pegboard serve` flags")
+    p.add_argument(
+        "--pd-args",
+        default="",
+        help="more flags for the prefill and decode servers only, e.g. the transfer plugin's "
+        "options (`--mooncake-protocol nvlink_intra`)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the result here too")
     args = p.parse_args()
     model_dir = args.model or str(random_weights_model_dir(args.config))
@@ -252,7 +268,9 @@ def main() -> None:
     os.makedirs(logdir, exist_ok=True)
     results = {"config": args.model or args.config, "backend": args.backend}
     for setup in args.setups.split(","):
-        url, procs = start(setup, model_dir, args.backend, logdir, args.server_args.split())
+        url, procs = start(
+            setup, model_dir, args.backend, logdir, args.server_args.split(), args.pd_args.split()
+        )
         try:
             results[setup] = asyncio.run(workload(url, args))
             if setup == "pd":

@@ -151,8 +151,10 @@ for job in "${@:-tests}"; do
         timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_disaggregation.py \
           -k "two_gpus and $backend" --tb=short 2>&1 | tail -40 | tee "$OUT/$job-test.log"
         mkdir -p "$OUT/$job-logs"
+        # Mooncake over CUDA IPC between the two GPUs (MOONCAKE_PROTOCOL=tcp: through host memory)
+        pd_args=(); [ $backend = mooncake ] && pd_args=(--pd-args "--mooncake-protocol ${MOONCAKE_PROTOCOL:-nvlink_intra}")
         OUT="$OUT/$job-logs" timeout 400 python3 scripts/bench_pd.py --config qwen3-0.6b \
-          --backend "$backend" ${PD_ARGS:-} --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60 ;;
+          --backend "$backend" "${pd_args[@]}" ${PD_ARGS:-} --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60 ;;
     router-prefix) # cache-aware vs round-robin routing over two replicas, shared-prefix workload
         timeout 300 $PB bench prefix --random-weights --config qwen3-0.6b \
           --router-policies cache_aware,round_robin --router-dp-size 2 --json "$OUT/router-prefix.json" \
