@@ -144,6 +144,11 @@ class Engine:
     # ---------------------------------------------------------------- the step loop
 
     def step(self) -> list[RequestOutput]:
+        """One step (`_step`) with this engine's GPU as the thread's current CUDA device."""
+        with self.runner.on_device():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         """Run one engine step: admit queued work, schedule, allocate, forward, sample, stop.
 
         With overlap scheduling (`pegboard.core.overlap`) this step's tokens are read in the

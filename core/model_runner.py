@@ -71,6 +71,8 @@ class ModelRunner:
         self.config = loaded.config
         self.info: ModelInfo = loaded.info
         self.device: torch.device = loaded.info.device
+        if self.device.type == "cuda":  # kernels launch on the current device: make it ours
+            torch.cuda.set_device(self.device)
         self.attention: AttentionBackend | None = None
         self.cuda_graphs: CUDAGraphRunner | None = None
         self.cuda_graph_off_reason: str | None = "no attention backend is bound yet"
@@ -78,6 +80,14 @@ class ModelRunner:
         #: The scheduled requests' page tables as one array, updated incrementally; the
         #: engine `forget`s a request when it releases it.
         self.page_tables = PageTableMirror()
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """Make this runner's GPU the current CUDA device for the block (a no-op on a CPU).
+        The current device is per thread, and a server steps the engine on its own thread;
+        two engines of one process (PD tests) may sit on different GPUs."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device)
 
     def host_threads(self, num_tokens: list[int]) -> contextlib.AbstractContextManager:
         """On a CPU, run a step of `num_tokens` (per request) with no more intra-op threads than

@@ -122,14 +122,27 @@ def start(
         decode = Proc("decode", serve_cmd(model_dir, dp, [*pd, "--disaggregation-mode", "decode",
                       "--device", "cuda:1", *pd_args, *server_args]), None, logdir,
                       f"http://127.0.0.1:{dp}")  # fmt: skip
-        wait_healthy(f"http://127.0.0.1:{pp}", [prefill])
-        wait_healthy(f"http://127.0.0.1:{dp}", [decode])
-        router = Proc("router", [*PY, "router", "--pd", "--port", str(port), "--prefill",
-                      f"http://127.0.0.1:{pp}", str(bport), "--decode",
-                      f"http://127.0.0.1:{dp}"], None, logdir)  # fmt: skip
-        procs = [prefill, decode, router]
-    wait_healthy(url, procs)
+        procs = [prefill, decode]
+        try:
+            wait_healthy(f"http://127.0.0.1:{pp}", [prefill])
+            wait_healthy(f"http://127.0.0.1:{dp}", [decode])
+        except BaseException:
+            stop_all(procs)  # a server left running would hold its GPU for the next setup
+            raise
+        procs.append(Proc("router", [*PY, "router", "--pd", "--port", str(port), "--prefill",
+                          f"http://127.0.0.1:{pp}", str(bport), "--decode",
+                          f"http://127.0.0.1:{dp}"], None, logdir))  # fmt: skip
+    try:
+        wait_healthy(url, procs)
+    except BaseException:
+        stop_all(procs)
+        raise
     return url, procs
+
+
+def stop_all(procs: list[Proc]) -> None:
+    for p in reversed(procs):
+        p.stop()
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int):

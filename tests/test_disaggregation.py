@@ -4,6 +4,7 @@ colocated engine's, pages are freed on both sides, failures are clear errors."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -203,6 +204,7 @@ def test_transfer_without_a_disaggregation_mode_is_refused(tiny_llama_dir):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pd_across_two_gpus_equals_colocated(tiny_llama_dir, backend):
     """Prefill on cuda:0, decode on cuda:1: device memory moves through the plugin."""
+    os.environ.pop("UCX_TLS", None)  # the plugin's GPU transports (cuda_ipc), not tcp alone
     batch = prompts()
     colo = make_engine(tiny_llama_dir, device="cuda:0")
     try:
