@@ -71,7 +71,7 @@ class ModelRunner:
         self.config = loaded.config
         self.info: ModelInfo = loaded.info
         self.device: torch.device = loaded.info.device
-        if self.device.type == "cuda":  # kernels launch on the current device: make it ours
+        if self.device.index is not None:  # kernels launch on the current device: make it ours
             torch.cuda.set_device(self.device)
         self.attention: AttentionBackend | None = None
         self.cuda_graphs: CUDAGraphRunner | None = None
