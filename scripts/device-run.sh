@@ -148,13 +148,17 @@ for job in "${@:-tests}"; do
         # DP=2 (issue 13): the two-GPU equality test, then scripts/bench_pd.py; carry
         # WHEELS=.whl/$job from scripts/pd_wheels.sh (docs/benchmarks.md, "PD disaggregation")
         backend=${job#pd-}
-        timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_disaggregation.py \
+        [ -n "${PD_SKIP_TEST:-}" ] || timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_disaggregation.py \
           -k "two_gpus and $backend" --tb=short 2>&1 | tail -40 | tee "$OUT/$job-test.log"
         mkdir -p "$OUT/$job-logs"
         # Mooncake over CUDA IPC between the two GPUs (MOONCAKE_PROTOCOL=tcp: through host memory)
         pd_args=(); [ $backend = mooncake ] && pd_args=(--pd-args "--mooncake-protocol ${MOONCAKE_PROTOCOL:-nvlink_intra}")
         OUT="$OUT/$job-logs" timeout 400 python3 scripts/bench_pd.py --config qwen3-0.6b \
-          --backend "$backend" "${pd_args[@]}" ${PD_ARGS:-} --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60 ;;
+          --backend "$backend" "${pd_args[@]}" ${PD_ARGS:-} --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -60
+        if [ $backend = mooncake ] && ! grep -q '"pd"' "$OUT/$job.json" 2>/dev/null; then  # no nvlink_intra here: TCP
+          OUT="$OUT/$job-logs-tcp" timeout 300 python3 scripts/bench_pd.py --config qwen3-0.6b --backend mooncake \
+            --setups pd --pd-args "--mooncake-protocol tcp" --json "$OUT/$job-tcp.json" 2>"$OUT/$job-tcp.err" | tail -30
+        fi ;;
     router-prefix) # cache-aware vs round-robin routing over two replicas, shared-prefix workload
         timeout 300 $PB bench prefix --random-weights --config qwen3-0.6b \
           --router-policies cache_aware,round_robin --router-dp-size 2 --json "$OUT/router-prefix.json" \
