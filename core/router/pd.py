@@ -37,7 +37,8 @@ log = logging.getLogger("pegboard.router.pd")
 
 #: The bootstrap port a `--prefill URL` without one is assumed to listen on (SGLang's).
 DEFAULT_BOOTSTRAP_PORT = 8998
-WARMUP_BODY = json.dumps({"prompt": "warm up", "max_tokens": 1, "temperature": 0}).encode()
+#: Token ids, not text: a worker serving a model without a tokenizer (dummy weights) takes them.
+WARMUP_BODY = json.dumps({"prompt": [1, 2, 3, 4], "max_tokens": 1, "temperature": 0}).encode()
 ROUTE_ERRORS = (RequestBodyError, RouteError, NoWorkerError)
 
 

@@ -1,6 +1,7 @@
 """Every error leaves the server as OpenAI's envelope: `{"error": {"message", "type", "param",
 "code"}}`, with the HTTP status as `code`. Malformed JSON is a 400, a body that does not match
-the schema a 422, an exception no handler expected a 500 — the server keeps serving."""
+the schema a 422, text the model's tokenizer cannot take a 400, an exception no handler expected
+a 500 — the server keeps serving."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pegboard.core.tokenizer import TokenizerError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("pegboard.server")
@@ -78,6 +80,12 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(TokenizerError)
+    async def _tokenizer_error(request: Request, exc: TokenizerError) -> JSONResponse:
+        # the request asked for what this model's tokenizer cannot do (e.g. text for a model
+        # without one): the client's to fix, not a server fault
+        return APIError(400, str(exc), "prompt").response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
