@@ -11,6 +11,7 @@ value tensors are registered whole, so any page run is a valid region. Writes go
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -40,6 +41,12 @@ class MooncakeOptions(pydantic.BaseModel):
     )
 
 
+#: Mooncake's TransferEngine chooses its transport when it starts: with no RDMA device it
+#: installs TCP whatever protocol `initialize` names (seen on two H200s, 2026-11-30: "Using TCP
+#: transport (no HCA detected)" for nvlink_intra) unless these variables ask for NVLink.
+_TRANSPORT_ENV = {"nvlink_intra": "MC_INTRANODE_NVLINK", "nvlink": "MC_FORCE_MNNVL"}
+
+
 def _engine_class():
     try:
         from mooncake.engine import TransferEngine
@@ -60,6 +67,8 @@ class MooncakeTransfer(KVTransfer):
 
     def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
         o = self.options
+        if o.protocol in _TRANSPORT_ENV:  # its auto-discovery picks by environment, not argument
+            os.environ.setdefault(_TRANSPORT_ENV[o.protocol], "1")
         self.engine = _engine_class()()
         if self.engine.initialize(o.host, "P2PHANDSHAKE", o.protocol, o.device_name) != 0:
             raise KVTransferError(
