@@ -1,0 +1,136 @@
+"""`--detokenizer process` (`pegboard.core.detokenizer_process`): the detokenizer in a process
+of its own streams exactly the deltas of the inline one; its death fails the requests with an
+error naming it, never hangs; closing the engine ends it; the worker fails only the request
+whose tokenizer call raised."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+
+import pytest
+from pegboard.core.detokenizer_states import DROP, FAIL, DetokenizerStates
+from pegboard.core.detokenizer_worker import (
+    FINISHED,
+    FLUSH,
+    detokenize_step,
+    encode_step,
+    new_request,
+)
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import FinishReason, Request, SamplingParams
+
+SMALL = dict(dtype="float32", kv_cache_tokens=4096)
+GREEDY = dict(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+def prompts_for(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(8, vocab) for _ in range(rng.randint(3, 30))] for _ in range(n)]
+
+
+def stream(llm: LLM, prompts, params) -> tuple[list[list[tuple]], list[Request]]:
+    """Every request's deltas as (token ids, text, finished, finish reason, logprobs)."""
+    requests = [Request(list(p), sp) for p, sp in zip(prompts, params)]
+    for r in requests:
+        llm.engine.add_request(r)
+    deltas: dict[str, list] = {r.request_id: [] for r in requests}
+    for out in llm.run():
+        deltas[out.request_id].append(
+            (out.new_token_ids, out.text, out.finished, out.finish_reason, out.new_logprobs)
+        )
+    return [deltas[r.request_id] for r in requests], requests
+
+
+def workload(llm: LLM) -> tuple[list, list[SamplingParams]]:
+    """Greedy requests, some with stop strings cut from the middle of their free output (so
+    the engine learns of them late), some with logprobs, one sampled with a seed."""
+    prompts = prompts_for(200, 10)
+    free = llm.generate(prompts, SamplingParams(**GREEDY))
+    params = []
+    for i, o in enumerate(free):
+        stop = [o.text[5:8]] if i % 2 == 0 and len(o.text) > 10 else []
+        params.append(SamplingParams(stop=stop, logprobs=2 if i % 3 == 0 else None, **GREEDY))
+    params[-1] = SamplingParams(temperature=1.0, seed=7, max_tokens=20, ignore_eos=True)
+    return prompts, params
+
+
+def test_process_streams_the_deltas_of_the_inline_detokenizer(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), **SMALL) as llm:
+        prompts, params = workload(llm)
+        inline, _ = stream(llm, prompts, params)
+    with LLM(str(tiny_llama_dir), **SMALL, detokenizer="process") as llm:
+        process, requests = stream(llm, prompts, params)
+        engine = llm.engine
+        assert not engine.has_work() and not engine.detokenizer.busy()
+        assert engine.kv.num_free_pages == engine.kv.num_pages
+    stopped = [r for r in requests if r.params.stop and r.num_output_tokens < GREEDY["max_tokens"]]
+    assert stopped  # stop strings ended requests early, found by the process
+    assert any(not text and ids for d in process for ids, text, *_ in d[:-1])  # held-back bytes
+    assert any(ord(c) > 127 for d in process for _, text, *_ in d for c in text)  # multi-byte
+    for got, want in zip(process, inline):
+        assert [d[:4] for d in got] == [d[:4] for d in want]  # ids, text, finished, reason
+        for (*_, got_lps), (*_, want_lps) in zip(got, want):
+            assert [lp.token_id for lp in got_lps] == [lp.token_id for lp in want_lps]
+            assert [lp.logprob for lp in got_lps] == pytest.approx(
+                [lp.logprob for lp in want_lps], abs=1e-4
+            )
+
+
+def test_a_killed_process_fails_its_requests_naming_it_and_the_later_ones(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), **SMALL, detokenizer="process") as llm:
+        detokenizer = llm.engine.detokenizer
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))  # the process is up
+        prompts = prompts_for(200, 4)
+        requests = [Request(p, SamplingParams(max_tokens=200, ignore_eos=True)) for p in prompts]
+        for r in requests:
+            llm.engine.add_request(r)
+        outs = []
+        for out in llm.run():
+            outs.append(out)
+            if len(outs) == 1:  # it works: now kill it mid-run
+                os.kill(detokenizer.process.pid, signal.SIGKILL)
+        message = f"the detokenizer process (pid {detokenizer.process.pid}) exited with status -9"
+        finals = {o.request_id: o for o in outs if o.finished}
+        assert sorted(finals) == sorted(r.request_id for r in requests)  # each ended once
+        assert all(o.finish_reason is FinishReason.ERROR for o in finals.values())
+        assert all(message in o.error for o in finals.values())
+        assert all(r.finish_reason is FinishReason.ERROR for r in requests)
+        later = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3))
+        assert later[0].finish_reason is FinishReason.ERROR and message in later[0].error
+        assert llm.engine.kv.num_free_pages == llm.engine.kv.num_pages
+
+
+def test_the_process_outlives_sigterm_and_ends_with_the_engine(tiny_llama_dir):
+    """A draining server (SIGTERM to its process group) still gets its text; `close` ends it."""
+    with LLM(str(tiny_llama_dir), **SMALL, detokenizer="process") as llm:
+        process = llm.engine.detokenizer.process
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))  # the process is up
+        os.kill(process.pid, signal.SIGTERM)
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+        assert out.finish_reason is FinishReason.LENGTH
+        assert out.text == llm.tokenizer.decode(out.token_ids)
+    assert process.poll() is not None
+
+
+class RaisingTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        if 13 in ids:
+            raise RuntimeError("bad vocabulary entry")
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_the_worker_fails_only_the_request_whose_decode_raised():
+    states, opening = DetokenizerStates(RaisingTokenizer()), {}
+    bad, good = Request([1, 2], SamplingParams()), Request([3, 4], SamplingParams())
+    step = encode_step([new_request(0, bad), new_request(1, good)], [0, 1, 0, 1, 1, 0], [13, 5])
+    texts, events = pickle.loads(detokenize_step(states, opening, step))
+    assert texts == ["", "<5>"]
+    assert events[0][:2] == (0, FAIL) and "bad vocabulary entry" in events[0][2]
+    # its later deltas are dropped until the engine's last one; the other request goes on
+    step = encode_step([], [0, 1, 0, 1, 1, FINISHED | FLUSH, 0, 0, FINISHED], [6, 7])
+    texts, events = pickle.loads(detokenize_step(states, opening, step))
+    assert texts == ["", "<7>", ""]
+    assert events == [(0, DROP, None), (2, DROP, None)]
