@@ -179,6 +179,8 @@ class DetokenizerProcess(DetokenizerThread):
                 self._deliver(self._apply(outputs, texts, events))
 
     def _apply(self, outputs: list[RequestOutput], texts: list[str], events: list) -> list:
+        if not events and not self._ended:  # most steps: no stop string, nothing to drop
+            return list(map(with_text, outputs, texts))
         done, on_stop, ended = [], self.on_stop, self._ended
         events = {i: (kind, value) for i, kind, value in events}
         for i, (out, text) in enumerate(zip(outputs, texts)):
