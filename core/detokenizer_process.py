@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pegboard.core.detokenizer_states import FAIL, apply_event, with_text
 from pegboard.core.detokenizer_thread import DetokenizerThread
-from pegboard.core.detokenizer_worker import FINISHED, FLUSH, encode_step, new_request
+from pegboard.core.detokenizer_worker import FINISHED, FLUSH, READY, encode_step, new_request
 from pegboard.core.outputs import RequestOutput
 from pegboard.sdk.types import FinishReason
 
@@ -76,11 +76,12 @@ class DetokenizerProcess(DetokenizerThread):
             os.close(child_out)
         self._to_child = Connection(to_child, readable=False)
         self._from_child = Connection(from_child, writable=False)
+        self._wait_ready()
         self._slots: dict[str, int] = {}  # request id -> slot in the process
         self._free: list[int] = []
         self._num_slots = 0
         self._batches: deque[list[RequestOutput]] = deque()  # sent, not answered yet
-        self._answers: deque[tuple[list[str], list]] = deque()  # answered, not applied yet
+        self._answers: deque[bytes] = deque()  # answered, not applied yet
         self._ended: set[str] = set()  # streams ended here while the engine runs them on
         self._apply_lock = threading.Lock()  # answers are applied in order, by one thread
         self._closing = False
@@ -88,6 +89,22 @@ class DetokenizerProcess(DetokenizerThread):
             target=self._read, name="pegboard-detokenizer-reader", daemon=True
         )
         self._reader.start()
+
+    def _wait_ready(self) -> None:
+        """Wait until the process has loaded its tokenizer (as SGLang's server waits for its
+        detokenizer), so the first requests do not run ahead of their text."""
+        try:
+            ready = self._from_child.recv_bytes() == READY
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            status = self._exit_status()
+            self._to_child.close()
+            self._from_child.close()
+            raise DetokenizerLost(
+                f"the detokenizer process (pid {self.process.pid}) exited with status {status} "
+                "while starting; its error is in the log above"
+            )
 
     # ------------------------------------------------------------------ the step loop's side
 
@@ -156,8 +173,8 @@ class DetokenizerProcess(DetokenizerThread):
 
     def _read(self) -> None:
         while True:
-            try:
-                answer = pickle.loads(self._from_child.recv_bytes())
+            try:  # unpickled where it is applied: the least GIL time on this thread
+                answer = self._from_child.recv_bytes()
             except (EOFError, OSError):
                 break
             with self._cond:
@@ -174,8 +191,9 @@ class DetokenizerProcess(DetokenizerThread):
                 with self._cond:
                     if not self._answers:
                         return
-                    texts, events = self._answers.popleft()
+                    answer = self._answers.popleft()
                     outputs = self._batches.popleft()
+                texts, events = pickle.loads(answer)
                 self._deliver(self._apply(outputs, texts, events))
 
     def _apply(self, outputs: list[RequestOutput], texts: list[str], events: list) -> list:
@@ -196,12 +214,16 @@ class DetokenizerProcess(DetokenizerThread):
 
     # ------------------------------------------------------------------ its death
 
-    def _lost(self) -> None:
+    def _exit_status(self) -> int:
+        """Its exit status, once its pipe closed (killing it if it lives on regardless)."""
         try:
-            status = self.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:  # it closed its pipe but lives on: end it
+            return self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-            status = self.process.wait()
+            return self.process.wait()
+
+    def _lost(self) -> None:
+        status = self._exit_status()
         self._apply_answers()  # what it answered before it died is delivered as usual
         error = DetokenizerLost(
             f"the detokenizer process (pid {self.process.pid}) exited with status {status}"

@@ -6,7 +6,8 @@ by a slot number the engine's process gives each request). Per engine step it re
 of token ids and answers with one message of text deltas and events (stop strings, tokenizer
 errors); `pegboard.core.detokenizer_process` is the other end.
 
-Wire format (pickled tuples over two pipes, one message per step each way):
+Wire format (pickled tuples over two pipes, one message per step each way, after a first
+`READY` from the process once its tokenizer is loaded):
   in:  (new, heads, tokens): `new` lists (slot, skip_special_tokens, stop strings, the prompt's
        last tokens) of the requests seen for the first time; `heads` is flat (slot, number of
        tokens, flags) per delta (flags: 1 finished, 2 finished on a token: flush the held text;
@@ -33,6 +34,7 @@ from pegboard.sdk.types import SamplingParams
 
 FINISHED = 1
 FLUSH = 2
+READY = b"ready"  # its first message, once the tokenizer is loaded
 
 
 def encode_step(new: list, heads: list[int], tokens: list[int]) -> bytes:
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     outbox = Connection(args.out_fd, readable=False)
     tokenizer = load_tokenizer(args.model_dir, allow_missing=args.allow_missing)
     try:
+        outbox.send_bytes(READY)
         serve(inbox, outbox, tokenizer)
     except (BrokenPipeError, ConnectionResetError):  # the engine's process is gone
         pass

@@ -11,6 +11,7 @@ import random
 import signal
 
 import pytest
+from pegboard.core.detokenizer_process import DetokenizerLost, DetokenizerProcess
 from pegboard.core.detokenizer_states import DROP, FAIL, DetokenizerStates
 from pegboard.core.detokenizer_worker import (
     FINISHED,
@@ -31,17 +32,29 @@ def prompts_for(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(8, vocab) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
-def stream(llm: LLM, prompts, params) -> tuple[list[list[tuple]], list[Request]]:
-    """Every request's deltas as (token ids, text, finished, finish reason, logprobs)."""
+def stream(llm: LLM, prompts, params, at_step=None) -> tuple[list[list[tuple]], list[Request]]:
+    """Every request's deltas as (token ids, text, finished, finish reason, logprobs), stepping
+    as `LLM.run` does; `at_step[k](llm, requests)` runs before step k (aborts, swaps)."""
     requests = [Request(list(p), sp) for p, sp in zip(prompts, params)]
     for r in requests:
         llm.engine.add_request(r)
     deltas: dict[str, list] = {r.request_id: [] for r in requests}
-    for out in llm.run():
-        deltas[out.request_id].append(
-            (out.new_token_ids, out.text, out.finished, out.finish_reason, out.new_logprobs)
-        )
+    engine, detokenizer, step = llm.engine, llm.engine.detokenizer, 0
+    while engine.has_work() or detokenizer.busy():
+        if engine.has_work():
+            if at_step and step in at_step:
+                at_step[step](llm, requests)
+            engine.step()
+            step += 1
+        for out in detokenizer.take(wait=not engine.has_work()):
+            deltas[out.request_id].append(
+                (out.new_token_ids, out.text, out.finished, out.finish_reason, out.new_logprobs)
+            )
     return [deltas[r.request_id] for r in requests], requests
+
+
+def abort_first(llm: LLM, requests: list[Request]) -> None:
+    llm.engine.abort(requests[0].request_id)
 
 
 def workload(llm: LLM) -> tuple[list, list[SamplingParams]]:
@@ -57,17 +70,39 @@ def workload(llm: LLM) -> tuple[list, list[SamplingParams]]:
     return prompts, params
 
 
-def test_process_streams_the_deltas_of_the_inline_detokenizer(tiny_llama_dir):
-    with LLM(str(tiny_llama_dir), **SMALL) as llm:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"speculator": "ngram"}, id="ngram-speculation"),  # several tokens a step
+        pytest.param(
+            {
+                "max_num_batched_tokens": 32,
+                "swaps": {3: ("scheduler", "sjf"), 5: ("attention", "torch")},
+            },
+            id="swaps",
+        ),
+    ],
+)
+def test_process_streams_the_deltas_of_the_inline_detokenizer(tiny_llama_dir, settings):
+    settings = dict(settings)
+    swaps = settings.pop("swaps", {})
+    at_step = {2: abort_first} | {k: lambda llm, _, s=s: llm.swap(*s) for k, s in swaps.items()}
+    with LLM(str(tiny_llama_dir), **SMALL, **settings) as llm:
         prompts, params = workload(llm)
-        inline, _ = stream(llm, prompts, params)
-    with LLM(str(tiny_llama_dir), **SMALL, detokenizer="process") as llm:
-        process, requests = stream(llm, prompts, params)
+        inline, _ = stream(llm, prompts, params, at_step)
+    with LLM(str(tiny_llama_dir), **SMALL, **settings, detokenizer="process") as llm:
+        process, requests = stream(llm, prompts, params, at_step)
         engine = llm.engine
         assert not engine.has_work() and not engine.detokenizer.busy()
         assert engine.kv.num_free_pages == engine.kv.num_pages
+        for slot, name in swaps.values():
+            assert engine.plugins.active(slot).name == name
+        if "speculator" in settings:  # drafts were accepted: steps of several tokens
+            assert engine.speculation.stats()["spec_accepted_tokens"] > 0
     stopped = [r for r in requests if r.params.stop and r.num_output_tokens < GREEDY["max_tokens"]]
     assert stopped  # stop strings ended requests early, found by the process
+    assert requests[0].finish_reason is FinishReason.ABORT
     assert any(not text and ids for d in process for ids, text, *_ in d[:-1])  # held-back bytes
     assert any(ord(c) > 127 for d in process for _, text, *_ in d for c in text)  # multi-byte
     for got, want in zip(process, inline):
@@ -82,7 +117,6 @@ def test_process_streams_the_deltas_of_the_inline_detokenizer(tiny_llama_dir):
 def test_a_killed_process_fails_its_requests_naming_it_and_the_later_ones(tiny_llama_dir):
     with LLM(str(tiny_llama_dir), **SMALL, detokenizer="process") as llm:
         detokenizer = llm.engine.detokenizer
-        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))  # the process is up
         prompts = prompts_for(200, 4)
         requests = [Request(p, SamplingParams(max_tokens=200, ignore_eos=True)) for p in prompts]
         for r in requests:
@@ -107,12 +141,20 @@ def test_the_process_outlives_sigterm_and_ends_with_the_engine(tiny_llama_dir):
     """A draining server (SIGTERM to its process group) still gets its text; `close` ends it."""
     with LLM(str(tiny_llama_dir), **SMALL, detokenizer="process") as llm:
         process = llm.engine.detokenizer.process
-        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))  # the process is up
         os.kill(process.pid, signal.SIGTERM)
         out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
         assert out.finish_reason is FinishReason.LENGTH
         assert out.text == llm.tokenizer.decode(out.token_ids)
     assert process.poll() is not None
+
+
+def test_a_process_that_cannot_start_is_an_error_naming_it(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # no tokenizer files
+    with pytest.raises(
+        DetokenizerLost,
+        match=r"detokenizer process \(pid \d+\) exited with status 1 while starting",
+    ):
+        DetokenizerProcess(tmp_path, allow_missing=False, on_stop=lambda *a: None)
 
 
 class RaisingTokenizer:

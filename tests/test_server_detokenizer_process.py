@@ -1,7 +1,8 @@
 """A real `pegboard serve --detokenizer process` driven by the official client: streamed and
 whole completions (stop strings, n > 1) equal the offline engine's with the inline detokenizer;
 when the detokenizer process dies the open stream ends with an error naming it and the server
-exits with status 3 (SGLang stops its server when its detokenizer dies)."""
+exits with status 3 (SGLang stops its server when its detokenizer dies); SIGTERM drains through
+it and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import openai
 import pytest
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
+from test_server_drain import sigterm_under_load
 from test_server_process import API_KEY, ServerProcess
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):"]
@@ -40,6 +42,14 @@ def reference(tiny_llama_dir) -> dict[str, str]:
     with LLM(str(tiny_llama_dir), dtype="float32", device="cpu") as llm:
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
     return {p: o.text for p, o in zip(PROMPTS, outs)}
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # exited (a zombie until its new parent reaps it)
 
 
 def detokenizer_pid(server_pid: int) -> int:
@@ -93,3 +103,16 @@ def test_a_dead_detokenizer_fails_the_open_stream_naming_it_and_the_server_exits
             pass
     assert server.proc.wait(300) == 3, server.log()
     assert "stopping the server" in server.log()
+
+
+@pytest.mark.slow
+def test_sigterm_drains_with_the_process_and_leaves_no_process_behind(tiny_llama_dir, tmp_path):
+    server = ServerProcess(
+        tiny_llama_dir, tmp_path, "--served-model-name", "tiny", "--drain-timeout", "300",
+        "--skip-warmup", "--detokenizer", "process",
+    ).wait_ready()  # fmt: skip
+    pid = detokenizer_pid(server.proc.pid)
+    reasons, seen = sigterm_under_load(server, num=4, max_tokens=200)
+    assert seen == {"health": 503, "new request": 503}
+    assert reasons == ["length"] * 4  # the detokenizer kept serving through the drain
+    assert gone(pid)
