@@ -28,15 +28,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from pegboard.core.detokenizer_states import FAIL, apply_event, with_text
+from pegboard.core.detokenizer_states import FAIL, TOKEN_STOPS, apply_event, with_text
 from pegboard.core.detokenizer_thread import DetokenizerThread
 from pegboard.core.detokenizer_worker import FINISHED, FLUSH, READY, encode_step, new_request
 from pegboard.core.outputs import RequestOutput
-from pegboard.sdk.types import FinishReason
 
 log = logging.getLogger("pegboard.detokenizer")
-
-_FLUSHED = (FinishReason.STOP, FinishReason.LENGTH)
 
 
 class DetokenizerLost(RuntimeError):
@@ -131,7 +128,7 @@ class DetokenizerProcess(DetokenizerThread):
                 new.append(new_request(slot, out.request))
             flags = 0
             if out.finished:
-                flags = FINISHED | (FLUSH if out.finish_reason in _FLUSHED else 0)
+                flags = FINISHED | (FLUSH if out.finish_reason in TOKEN_STOPS else 0)
                 if slot is not None:
                     freed.append(slots.pop(out.request_id))
             heads += (-1 if slot is None else slot, len(ids), flags)

@@ -5,7 +5,9 @@ The step loop only appends token ids and checks token-level stops (EOS, stop tok
 max tokens, context length); each `Engine.step()` hands its token-level deltas to a
 `DetokenizerThread`, which decodes them incrementally (`Detokenizer`, one per request), looks
 for stop strings, and delivers text deltas to a sink (the server's streams) or to `take()`
-(the offline `LLM`).
+(the offline `LLM`). `--detokenizer process` puts the same work in a process of its own
+(`pegboard.core.detokenizer_process`, a subclass); the per-request bookkeeping of all three is
+`pegboard.core.detokenizer_states`.
 
 **A stop string found here.** The engine has already run the request on for a step or two. This
 thread then ends the request's stream itself: the delta of the token that completed the stop

@@ -61,7 +61,7 @@ for job in "${@:-tests}"; do
     profile-host-detok) # issue 17 item 2: the same profile, detokenizer inline vs in its own process,
         # alternating ROUNDS times (the "detokenize" rows, "take (between steps)" and host_ms_per_step)
         for i in $(seq ${ROUNDS:-2}); do for d in ${DETOKENIZERS:-inline process}; do
-          timeout 130 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d-$i.json" 2>"$OUT/profile-host-$d-$i.err" | tail -4
         done; done ;;
     profile-host-ab) # issue 17: this tree against an older one on the same machine, alternating
