@@ -148,6 +148,7 @@ def test_the_process_outlives_sigterm_and_ends_with_the_engine(tiny_llama_dir):
     assert process.poll() is not None
 
 
+@pytest.mark.slow  # a whole start of the process (torch's import) only to see it fail
 def test_a_process_that_cannot_start_is_an_error_naming_it(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # no tokenizer files
     with pytest.raises(
