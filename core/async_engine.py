@@ -1,8 +1,8 @@
 """The engine on a background thread, with an asyncio streaming interface for the server.
 
-The step loop runs on its own thread; the engine's detokenizer (after each step, or on a thread
-of its own: `--detokenizer`) turns its token ids into text deltas and hands them to the
-streams through `call_soon_threadsafe`; the event loop never waits on a step. Tokenization
+The step loop runs on its own thread; the engine's detokenizer (after each step, on a thread of
+its own, or in a process of its own: `--detokenizer`) turns its token ids into text deltas and
+hands them to the streams through `call_soon_threadsafe`; the event loop never waits on a step. Tokenization
 happens in the caller (the server does it in a worker thread).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pegboard.core.config import EngineConfig
@@ -22,6 +22,11 @@ from pegboard.core.watchdog import StepObservers, StepWatchdog
 from pegboard.sdk.types import FinishReason, Request
 
 log = logging.getLogger("pegboard.async_engine")
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in batch:
+        queue.put_nowait(out)
 
 
 class AsyncEngine:
@@ -42,7 +47,11 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pegboard-step-loop", daemon=True)
         self.error: BaseException | None = None
+        #: Called once (on another thread) when the engine is lost for good while the step loop
+        #: runs on: the detokenizer process died (the server then exits, as SGLang's does).
+        self.on_fatal: Callable[[BaseException], None] | None = None
         engine.detokenizer.sink = self._deliver  # text deltas go straight to the streams
+        engine.detokenizer.on_lost = self._detokenizer_lost  # `--detokenizer process`
         self._thread.start()
 
     @classmethod
@@ -114,12 +123,28 @@ class AsyncEngine:
                 return
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand text deltas to their streams (called on the detokenizer thread)."""
+        """Hand text deltas to their streams (called on the detokenizer's thread): one
+        `call_soon_threadsafe` per event loop and step, not one per delta (each one writes to
+        the loop's self-pipe)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        streams = self._streams
         for out in outputs:
-            stream = self._streams.get(out.request_id)
+            stream = streams.get(out.request_id)
             if stream is not None:
                 loop, queue = stream
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                batch = batches.get(loop)
+                if batch is None:
+                    batch = batches[loop] = []
+                batch.append((queue, out))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+    def _detokenizer_lost(self, error: BaseException) -> None:
+        """The detokenizer process died: its requests were failed with `error`, which new
+        ones get too; the server stops (`on_fatal`)."""
+        self.error = error
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _fail_all(
         self, error: BaseException | None, reason: FinishReason = FinishReason.ERROR

@@ -59,9 +59,10 @@ class EngineConfig(pydantic.BaseModel):
     # Overlap scheduling: prepare step N+1 on the CPU while the GPU runs step N.
     disable_overlap: bool = False
     # Where the detokenizer (text, stop strings, streaming) runs: "inline", after each step on
-    # the step loop's thread, or "thread", its own thread (with the GIL it took ~0.7 ms per
-    # step from the loop at 256 requests on the H200, so inline is the default).
-    detokenizer: Literal["inline", "thread"] = "inline"
+    # the step loop's thread, "thread", its own thread (with the GIL it took ~0.7 ms per
+    # step from the loop at 256 requests on the H200, so inline is the default), or "process",
+    # a process of its own fed token ids (core/detokenizer_process.py).
+    detokenizer: Literal["inline", "thread", "process"] = "inline"
     # Fused Triton kernels (RMSNorm + residual, SiLU-and-mul, rotary) on CUDA devices.
     disable_fused_kernels: bool = False
 

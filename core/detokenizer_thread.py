@@ -5,7 +5,9 @@ The step loop only appends token ids and checks token-level stops (EOS, stop tok
 max tokens, context length); each `Engine.step()` hands its token-level deltas to a
 `DetokenizerThread`, which decodes them incrementally (`Detokenizer`, one per request), looks
 for stop strings, and delivers text deltas to a sink (the server's streams) or to `take()`
-(the offline `LLM`).
+(the offline `LLM`). `--detokenizer process` puts the same work in a process of its own
+(`pegboard.core.detokenizer_process`, a subclass); the per-request bookkeeping of all three is
+`pegboard.core.detokenizer_states`.
 
 **A stop string found here.** The engine has already run the request on for a step or two. This
 thread then ends the request's stream itself: the delta of the token that completed the stop
@@ -27,14 +29,15 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from pegboard.core.detokenizer import Detokenizer
+from pegboard.core.detokenizer_states import (
+    TOKEN_STOPS,
+    DetokenizerStates,
+    apply_event,
+    with_text,
+)
 from pegboard.core.outputs import RequestOutput
-from pegboard.sdk.types import FinishReason
 
 log = logging.getLogger("pegboard.detokenizer")
-
-#: Finish reasons set by a token (EOS, stop token id, length): the held-back text is flushed.
-_TOKEN_STOPS = (FinishReason.STOP, FinishReason.LENGTH)
 
 
 class DetokenizerThread:
@@ -61,9 +64,8 @@ class DetokenizerThread:
         self._ready: deque[RequestOutput] = deque()
         self._cond = threading.Condition()
         self._unprocessed = 0  # submitted batches not processed yet
-        self._states: dict[str, tuple[Detokenizer, list[int]]] = {}  # detokenizer, [tokens]
-        self._stopped: set[str] = set()  # ended here at a stop string; engine deltas dropped
-        self.error: BaseException | None = None
+        self.states = DetokenizerStates(tokenizer)
+        self.error: BaseException | None = None  # what ended the detokenizer (a process's death)
         self._thread: threading.Thread | None = None
         if threaded:
             self._thread = threading.Thread(
@@ -90,11 +92,20 @@ class DetokenizerThread:
     def take(self, wait: bool = False, timeout: float = 1.0) -> list[RequestOutput]:
         """The text deltas ready now; with `wait`, first wait (up to `timeout` s) until some are
         ready or nothing is being processed."""
+        self._collect()
         with self._cond:
             if wait and not self._ready:
-                self._cond.wait_for(lambda: self._ready or not self._unprocessed, timeout)
+                self._cond.wait_for(self._takeable, timeout)
+        self._collect()
+        with self._cond:
             ready, self._ready = list(self._ready), deque()
         return ready
+
+    def _takeable(self) -> bool:
+        return bool(self._ready or not self._unprocessed)
+
+    def _collect(self) -> None:
+        """Make what is done ready for `take` (here it already is)."""
 
     def close(self) -> None:
         if self._thread is not None:
@@ -103,7 +114,7 @@ class DetokenizerThread:
         # Drop the references back to the engine (and its device memory) now, not at the
         # next garbage collection: the engine holds this object and `on_stop` holds the engine.
         self.on_stop = self.sink = None
-        self._states.clear()
+        self.states.clear()
         self._ready.clear()
 
     # ------------------------------------------------------------------ the thread
@@ -116,25 +127,19 @@ class DetokenizerThread:
             self._deliver(self._process_batch(outputs))
 
     def _process_batch(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        done = []
+        done, feed, on_stop = [], self.states.feed, self.on_stop
         for out in outputs:
-            # a copy: the step loop returned the original to its caller
-            out = RequestOutput(
+            r = out.request
+            text, event = feed(
                 out.request_id,
                 out.new_token_ids,
-                "",
-                out.new_logprobs,
                 out.finished,
-                out.finish_reason,
-                out.error,
-                out.request,
+                out.finish_reason in TOKEN_STOPS,
+                r and r.params,
+                r and r.prompt_token_ids,
             )
-            try:
-                keep = self._process(out)
-            except Exception as e:  # a tokenizer bug: fail this request only, go on
-                log.exception("detokenizing request %s failed", out.request_id)
-                keep = self._failed(out, e)
-            if keep:
+            out = with_text(out, text)
+            if apply_event(out, event, on_stop):
                 done.append(out)
         return done
 
@@ -149,44 +154,3 @@ class DetokenizerThread:
                 self._ready.extend(done)
             self._unprocessed -= 1
             self._cond.notify_all()
-
-    def _process(self, out: RequestOutput) -> bool:
-        """Add `out`'s text (and, at a stop string, its end); False: drop it."""
-        rid = out.request_id
-        if rid in self._stopped:  # ended here (stop string, error): the engine's late deltas
-            if out.finished:
-                self._stopped.discard(rid)
-            return False
-        state = self._states.get(rid)
-        if state is None:
-            if out.request is None:  # nothing to decode against
-                return True
-            r = out.request
-            detok = Detokenizer(self.tokenizer, r.params, r.prompt_token_ids)
-            state = self._states[rid] = (detok, [0])
-        detok, count = state
-        count[0] += len(out.new_token_ids)
-        out.text = detok.add(out.new_token_ids)
-        if detok.stop_reason is not None:
-            if not out.finished:  # the engine runs it on: drop what it sends next
-                self._stopped.add(rid)
-            out.finished, out.finish_reason, out.error = True, FinishReason.STOP, None
-            if out.request is not None:
-                self.on_stop(out.request, count[0])  # before the stream sees its end
-            del self._states[rid]
-        elif out.finished:
-            if out.finish_reason in _TOKEN_STOPS:
-                out.text += detok.flush()
-            del self._states[rid]
-        return True
-
-    def _failed(self, out: RequestOutput, error: BaseException) -> bool:
-        self.error = error
-        self._states.pop(out.request_id, None)
-        message = f"detokenization failed: {type(error).__name__}: {error}"
-        if not out.finished:
-            self._stopped.add(out.request_id)
-        out.finished, out.finish_reason, out.error = True, FinishReason.ERROR, message
-        if out.request is not None:
-            self.on_stop(out.request, None, message)
-        return True

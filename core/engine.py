@@ -24,7 +24,7 @@ import torch
 from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
 from pegboard.core.contract import CheckedPlan, PluginFault, PluginGuard
-from pegboard.core.detokenizer_thread import DetokenizerThread
+from pegboard.core.detokenizer_process import start_detokenizer
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
 from pegboard.core.model_runner import ModelRunner
@@ -128,8 +128,12 @@ class Engine:
         self.num_steps = 0
         self.speculation = Speculation(self)  # drafts, verify, rollback (core/speculative)
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
-        self.detokenizer = DetokenizerThread(
-            self.tokenizer, self._stop_request, threaded=config.detokenizer == "thread"
+        self.detokenizer = start_detokenizer(
+            config.detokenizer,
+            self.tokenizer,
+            self.model_dir,
+            config.load_format == "dummy",  # a missing tokenizer: token ids as text
+            self._stop_request,
         )
         self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
 

@@ -6,7 +6,8 @@
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [pytest] [tp-tests] [moe-ep]
-#                 [pd-mooncake] [pd-nixl] [profile-host-ab] [allreduce] [tp-profile]
+#                 [pd-mooncake] [pd-nixl] [profile-host-ab] [profile-host-detok] [allreduce]
+#                 [tp-profile] [gemv-sweep-tp]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -58,6 +59,12 @@ for job in "${@:-tests}"; do
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
         done ;;
+    profile-host-detok) # issue 17 item 2: the same profile, detokenizer inline vs in its own process,
+        # alternating ROUNDS times (the "detokenize" rows, "take (between steps)" and host_ms_per_step)
+        for i in $(seq ${ROUNDS:-2}); do for d in ${DETOKENIZERS:-inline process}; do
+          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+            --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d-$i.json" 2>"$OUT/profile-host-$d-$i.err" | tail -4
+        done; done ;;
     profile-host-ab) # issue 17: this tree against an older one on the same machine, alternating
         # (BASE_TAR: `git archive REV -o base.tar` in the repo root, carried untracked); both
         # run this tree's HostProfile (its forward parts: attention.prepare, graph replay, LM head)

@@ -34,7 +34,7 @@ def inline(tokenizer, prompt: list[int], ids: list[int], params: SamplingParams)
     return ids, "".join(pieces), pieces
 
 
-@pytest.mark.parametrize("detokenizer", ["thread", "inline"])
+@pytest.mark.parametrize("detokenizer", ["thread", "inline", "process"])
 def test_stop_string_found_late_reports_the_inline_ids_text_and_deltas(tiny_llama_dir, detokenizer):
     """The engine runs a request on past its stop string; the outputs are trimmed back to the
     token that completed it, every page is freed, and the stream's deltas are the inline ones."""
@@ -69,7 +69,7 @@ def test_stop_string_found_late_reports_the_inline_ids_text_and_deltas(tiny_llam
         assert [o.text for o in outs if o.new_token_ids] == pieces[: len(ids)]
 
 
-@pytest.mark.parametrize("detokenizer", ["thread", "inline"])
+@pytest.mark.parametrize("detokenizer", ["thread", "inline", "process"])
 def test_step_returns_token_deltas_and_the_detokenizer_the_text(tiny_llama_dir, detokenizer):
     with LLM(str(tiny_llama_dir), **SMALL, detokenizer=detokenizer) as llm:
         engine = llm.engine
@@ -87,7 +87,7 @@ def test_step_returns_token_deltas_and_the_detokenizer_the_text(tiny_llama_dir, 
     assert texts[-1].finished and texts[-1].finish_reason is FinishReason.LENGTH
 
 
-@pytest.mark.parametrize("detokenizer", ["thread", "inline"])
+@pytest.mark.parametrize("detokenizer", ["thread", "inline"])  # process: test_detokenizer_process
 def test_a_tokenizer_that_raises_fails_only_its_requests(tiny_llama_dir, detokenizer):
     with LLM(str(tiny_llama_dir), **SMALL, detokenizer=detokenizer) as llm:
         decode = llm.tokenizer.decode

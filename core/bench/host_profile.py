@@ -14,10 +14,12 @@ wrapped attribute back on exit):
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
 - `admit` (moving scheduled requests to running), `detokenize` (the deltas handed to the
-  detokenizer: text and stop strings when it runs inline), `step snapshot` (the step's metrics),
-  `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
+  detokenizer: text and stop strings when it runs inline; sending the token ids with
+  `--detokenizer process`), `detokenize: take (between steps)` (`LLM.run` collecting the text
+  deltas after each step: applying the detokenizer process's answers), `step snapshot` (the
+  step's metrics), `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
 
-`host_ms` is a step's total less the wait: the host work per step. With overlap on, a step
+`host_ms` is a step's total less the wait, plus the take between steps: the host work per step. With overlap on, a step
 whose host work is below the device's time per step shows the wait growing, not the total.
 """
 
@@ -31,6 +33,9 @@ from pegboard.core.overlap import PendingStep
 
 WAIT = "resolve: wait for tokens"
 TOTAL = "step (total)"
+#: `LLM.run` taking the text deltas between steps, on the loop's thread: outside `step` but host
+#: work of the loop (with `--detokenizer process`, applying the process's answers).
+TAKE = "detokenize: take (between steps)"
 
 
 class HostProfile:
@@ -58,6 +63,7 @@ class HostProfile:
         self._wrap(e, "_admit", "admit")
         self._wrap(e, "_step_snapshot", "step snapshot")
         self._wrap(e.detokenizer, "submit", "detokenize")
+        self._wrap(e.detokenizer, "take", TAKE)
         self._wrap(e, "_apply_inbox", "inbox")
         self._wrap(e.kv, "commit", "kv commit")
         self._wrap(e, "step", TOTAL)
@@ -104,7 +110,7 @@ class HostProfile:
         total, wait = per_step.get(TOTAL, 0.0), per_step.get(WAIT, 0.0)
         return {
             "steps": steps,
-            "host_ms_per_step": round(total - wait, 3),
+            "host_ms_per_step": round(total - wait + per_step.get(TAKE, 0.0), 3),
             "device_wait_ms_per_step": round(wait, 3),
             "ms_per_step": {k: round(v, 3) for k, v in rows.items()},
         }

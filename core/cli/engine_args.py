@@ -144,10 +144,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--detokenizer",
-        choices=("inline", "thread"),
+        choices=("inline", "thread", "process"),
         default=None,
         help="where text, stop strings and streaming are done: after each step on the step "
-        "loop's thread (inline, the default) or on a thread of their own",
+        "loop's thread (inline, the default), on a thread of their own, or in a process of "
+        "their own fed token ids (SGLang's detokenizer layout: out of the step loop's GIL)",
     )
     g.add_argument(
         "--disable-fused-kernels",

@@ -10,6 +10,11 @@ from types import FrameType
 import uvicorn
 from pegboard.core.server.app import create_app
 from pegboard.core.server.lifecycle import ServerState
+from pegboard.core.watchdog import WATCHDOG_EXIT_STATUS
+
+#: Exit status of a server whose engine was lost while serving (its detokenizer process died):
+#: the watchdog's, so a supervisor restarts both the same way.
+ENGINE_LOST_EXIT_STATUS = WATCHDOG_EXIT_STATUS
 
 log = logging.getLogger("pegboard.server")
 
@@ -54,7 +59,7 @@ def run_server(
     sock: socket.socket | None = None,
 ) -> int:
     """Serve until drained (on `sock` when given, already bound); returns the exit status
-    (1 if the model failed to load)."""
+    (1 if the model failed to load, 3 if the engine was lost while serving)."""
     config = uvicorn.Config(
         create_app(state),
         host=host,
@@ -64,11 +69,23 @@ def run_server(
         timeout_graceful_shutdown=max(int(state.settings.abort_grace), 1),
     )
     server = DrainingServer(config, state)
+    lost: list[BaseException] = []
+
+    def engine_lost(error: BaseException) -> None:
+        # The engine cannot serve any more (its detokenizer process died): its requests got
+        # the error; exit for a supervisor to restart the server, as SGLang does.
+        log.critical("%s; stopping the server (exit status %d)", error, ENGINE_LOST_EXIT_STATUS)
+        lost.append(error)
+        server.should_exit = True
 
     def loaded(error: BaseException | None) -> None:
         if error is not None:
             server.should_exit = True  # polled by uvicorn's main loop
+        else:
+            state.engine.on_fatal = engine_lost
 
     state.on_loaded = loaded
     server.run(sockets=[sock] if sock is not None else None)
+    if lost:
+        return ENGINE_LOST_EXIT_STATUS
     return 1 if state.load_error is not None else 0
