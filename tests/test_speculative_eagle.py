@@ -185,6 +185,25 @@ def _no_load(*args, **kwargs):
     raise AssertionError("the target model was loaded before the speculator was checked")
 
 
+def record_drafts(llm) -> tuple[dict, list[int]]:
+    """Wrap the active speculator's `propose`: returns (drafts by the request's context, the
+    number of requests given drafts per call), filled as the engine runs."""
+    seen, sizes = {}, []
+    spec = llm.engine.plugins.active("speculator")
+    original = spec.propose
+
+    def propose(requests, max_tokens):
+        out = original(requests, max_tokens)
+        sizes.append(sum(1 for d in out if d.tokens))
+        seen.update((tuple(r.token_ids), d.tokens) for r, d in zip(requests, out) if d.tokens)
+        return out
+
+    spec.propose = propose
+    llm.engine.plugins.unregister(spec)
+    llm.engine.plugins.register(spec)
+    return seen, sizes
+
+
 def test_batched_drafting_gives_each_request_its_own_drafts(case, eagle_case):
     """The head drafts for all requests in one forward per step: each request's drafts (by
     context) equal those it gets when it runs alone, so no request's features, KV or draft
@@ -193,31 +212,16 @@ def test_batched_drafting_gives_each_request_its_own_drafts(case, eagle_case):
     options = {"eagle": {"model_path": str(eagle_case[0])}}
 
     def drafts_by_context(batches):
-        seen = {}
         with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
                  plugin_options=options, speculative_min_accept_rate=0.0) as llm:  # fmt: skip
-            spec = llm.engine.plugins.active("speculator")
-            original = spec.propose
-
-            def propose(requests, max_tokens):
-                out = original(requests, max_tokens)
-                sizes.append(sum(1 for d in out if d.tokens))
-                for r, d in zip(requests, out):
-                    if d.tokens:
-                        seen[tuple(r.token_ids)] = d.tokens
-                return out
-
-            spec.propose = propose
-            llm.engine.plugins.unregister(spec)
-            llm.engine.plugins.register(spec)
+            seen, sizes = record_drafts(llm)
             for batch in batches:
                 llm.generate(batch, SamplingParams(max_tokens=12, temperature=0.0))
-        return seen
+        return seen, sizes
 
-    sizes: list[int] = []
-    together = drafts_by_context([prompts])
+    together, sizes = drafts_by_context([prompts])
     assert max(sizes) >= 3  # several requests drafted in one call
-    alone = drafts_by_context([[p] for p in prompts])
+    alone, _ = drafts_by_context([[p] for p in prompts])
     common = together.keys() & alone.keys()
     assert len(common) >= len(prompts)
     assert {c: together[c] for c in common} == {c: alone[c] for c in common}

@@ -73,12 +73,18 @@ def test_a_speculator_that_always_misses_is_turned_off_and_outputs_are_unchanged
     from pegboard.sdk.types import SamplingParams
 
     pm = oracle_plugins(references, 1)
-    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, **params) as llm:
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, metrics=["prometheus"],
+             **params) as llm:  # fmt: skip
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
         switch = llm.engine.speculation.switch
         stats = llm.engine.speculation.stats()
+        text = pm.active_all("metrics")[0].render().decode()
     assert_same(outs, reference)
     assert switch.num_turned_off >= 1 and switch.num_off_steps >= S.COOLDOWN - 1
+    labels = f'model_name="{model_dir}"'  # the switch's decisions, in /metrics
+    assert f"pegboard:spec_switch_turned_off_total{{{labels}}} {switch.num_turned_off}.0" in text
+    off = f'pegboard:spec_switch_off_steps_total{{{labels},reason="accept_rate"}}'
+    assert f"{off} {switch.num_off_steps}.0" in text
     assert stats["spec_accepted_tokens"] == 0
     assert stats["spec_verify_steps"] < without["spec_verify_steps"]
     assert OracleSpeculator.calls < calls_without

@@ -37,9 +37,6 @@ def check_speculator(plugins, config, model_dir: Path) -> None:
             cls.check_target(target, options)
         except ValueError as e:
             raise SpeculatorError(f"speculator {name!r}: {e}") from e
-    if getattr(cls, "reads_target_hidden", False) and not config.disable_cuda_graph:
-        log.info("speculator %r reads the target's hidden states: decode CUDA graphs are off", name)
-        config.disable_cuda_graph = True
     if not config.disable_overlap:
         log.info(
             "speculative decoding: overlap scheduling is off (accepted counts are read "

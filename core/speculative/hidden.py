@@ -7,6 +7,10 @@ EAGLE-3 `layers_to_capture`), or `"final"` (the normed output, EAGLE-1/2). After
 forward, each request's rows that the target kept (all computed tokens; for a drafting request
 its last token and the accepted drafts) are appended to `request.plugin_state[FEATURES_KEY]`
 as `(first position, tensor [rows, features])`; the speculator consumes and clears them.
+
+The model runner calls `features` after every forward (`ModelRunner.set_speculation`); CUDA
+graphs run it inside their captures and copy its result to a static buffer, since a replay
+runs no hooks.
 """
 
 from __future__ import annotations
@@ -53,11 +57,13 @@ class TargetHidden:
             return None
         return torch.cat([self.captured[i] for i in self.layers], dim=-1)
 
-    def hand_out(self, batch: ForwardBatch, kept: dict[int, list[int]]) -> None:
-        """Append each request's kept rows (see the module docstring) to its plugin state:
-        `kept[id(request)]` lists a drafting request's rows (its last token, then the accepted
-        path of its drafts, in order); other requests keep all their rows."""
-        features = self.features()
+    def hand_out(
+        self, batch: ForwardBatch, kept: dict[int, list[int]], features: torch.Tensor | None
+    ) -> None:
+        """Append each request's kept rows of `features` (`features()` of `batch`'s forward,
+        kept by the model runner, replayed CUDA graphs included; see the module docstring) to
+        its plugin state: `kept[id(request)]` lists a drafting request's rows (its last token,
+        then the accepted path of its drafts, in order); other requests keep all their rows."""
         if features is None:
             return
         end = 0

@@ -1,0 +1,183 @@
+"""CUDA graphs under speculative decoding (`pegboard.core.cuda_graph`): verify steps replay
+graphs of (batch size, k + 1) rows, requests with fewer drafts padded at their end; the
+target's hidden states an EAGLE head reads come back from replays too, so decode graphs stay
+on with `eagle`.
+
+On CPU the graph runner's bookkeeping (padding, the backend prepared for the padded layout,
+rows and features mapped back) runs with "graphs" that replay the model eagerly into the
+static buffers, through the Triton backend in its CPU interpreter; on a GPU (`gpu`) real
+graphs give the eager path's tokens."""
+
+from __future__ import annotations
+
+import os
+
+import pydantic
+import pytest
+import test_speculative
+import torch
+from pegboard.core import model_runner
+from pegboard.core.cuda_graph import CUDAGraphRunner
+from pegboard.core.llm import LLM
+from pegboard.core.speculative.step import verify_lens
+from pegboard.sdk.types import SamplingParams
+from test_speculative import MAX_NEW, OracleSpeculator, assert_same, oracle_plugins
+from test_speculative_eagle import record_drafts
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+case = test_speculative.case
+
+
+class GraphOracle(OracleSpeculator):
+    """The oracle (every third draft wrong) with a chain length the engine can capture."""
+
+    name = "graph_oracle"
+
+    class Options(pydantic.BaseModel):
+        num_draft_tokens: int = 4
+
+    def propose(self, requests, max_tokens):
+        return super().propose(
+            requests, [min(k, self.options.num_draft_tokens) for k in max_tokens]
+        )
+
+
+def graph_oracle_plugins(prompts, reference):
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=3)
+    pm.add(GraphOracle)
+    return pm
+
+
+class _EagerReplay:
+    """Stands in for a captured graph on CPU: the model over the runner's static rows."""
+
+    def __init__(self, runner: CUDAGraphRunner, rows: int) -> None:
+        self.runner, self.rows = runner, rows
+
+    def replay(self) -> None:
+        self.runner._run(self.rows, into_static=True)
+
+
+class EagerGraphRunner(CUDAGraphRunner):
+    def _capture(self, rows: int):
+        return _EagerReplay(self, rows)
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """Graph runners whose graphs replay eagerly, allowed on CPU."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setattr(model_runner, "CUDAGraphRunner", EagerGraphRunner)
+    monkeypatch.setattr(model_runner, "graph_unsupported_reason", lambda device, backend: None)
+
+
+def _run(model_dir, prompts, plugins=None, **settings):
+    """Outputs, speculation stats, the graph runner and the drafts by context."""
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    base = dict(dtype="float32", device="cpu", attention="triton", cuda_graph_max_bs=4)
+    with LLM(str(model_dir), plugins=plugins, **(base | settings)) as llm:
+        drafts, _ = record_drafts(llm)
+        outs = llm.generate(prompts, params)
+        return outs, llm.engine.speculation.stats(), llm.engine.runner.cuda_graphs, drafts
+
+
+def test_verify_graphs_are_captured_for_a_chains_length_plus_one():
+    from pegboard.plugins.speculative.ngram import NgramOptions, NgramSpeculator
+
+    assert verify_lens(NgramSpeculator(NgramOptions(num_draft_tokens=4))) == [5]
+    assert verify_lens(NgramSpeculator(NgramOptions(num_draft_tokens=4, topk=2))) == []  # trees
+    assert verify_lens(OracleSpeculator()) == []  # no known chain length
+    assert verify_lens(GraphOracle()) == [5]
+
+
+@pytest.mark.slow
+def test_padded_verify_replays_equal_transformers(case, eager_graphs):
+    """Chains cut mid-way, requests drafting fewer tokens near their end and plain decodes
+    in one batch: replayed through the padded verify layout, still transformers' tokens."""
+    model_dir, prompts, reference = case
+    prompts, reference = prompts[:3], reference[:3]
+    pm = graph_oracle_plugins(prompts, reference)
+    outs, stats, graphs, _ = _run(model_dir, prompts, pm, speculator="graph_oracle")
+    assert_same(outs, reference)
+    assert graphs.query_lens == (5,)
+    assert graphs.num_verify_replays >= 5
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+@pytest.mark.slow
+def test_eagle_features_from_replays_give_the_eager_drafts(case, eager_graphs, tmp_path):
+    """Decode and verify steps replayed with an EAGLE-3 head: it gets the same target hidden
+    states as eagerly, so it drafts the same tokens."""
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, reference = case
+    prompts, reference = prompts[:2], reference[:2]
+    options = {
+        "eagle": {"model_path": str(build_eagle3_head(tmp_path / "h")), "num_draft_tokens": 3}
+    }
+    outs, _, graphs, drafts = _run(model_dir, prompts, speculator="eagle", plugin_options=options)
+    assert_same(outs, reference)
+    assert graphs.features_fn is not None and graphs.num_replays > graphs.num_verify_replays > 0
+    _, _, none, eager = _run(
+        model_dir, prompts, speculator="eagle", plugin_options=options, disable_cuda_graph=True
+    )
+    assert none is None
+    assert drafts == eager
+
+
+# ------------------------------------------------------------------ GPU: real graphs
+
+
+def _gpu(model_dir, prompts, plugins=None, **settings):
+    base = dict(dtype="float32", device="cuda", attention="triton", page_size=4,
+                kv_cache_tokens=4096, cuda_graph_max_bs=8)  # fmt: skip
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    with LLM(str(model_dir), plugins=plugins, **(base | settings)) as llm:
+        outs = llm.generate(prompts, params)
+        return [o.token_ids for o in outs], llm.engine.speculation.stats(), llm.engine.runner
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_gpu_graph_verify_equals_eager_verify(case, n):
+    model_dir, prompts, reference = case
+    prompts, reference = prompts[:n], reference[:n]
+    graphed, stats, runner = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
+                                  speculator="graph_oracle")  # fmt: skip
+    assert runner.cuda_graphs is not None, runner.cuda_graph_off_reason
+    assert runner.cuda_graphs.num_verify_replays > 0
+    eager, eager_stats, runner = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
+                                      speculator="graph_oracle", disable_cuda_graph=True)  # fmt: skip
+    assert runner.cuda_graphs is None
+    assert graphed == eager == reference
+    assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
+
+
+@pytest.mark.gpu
+def test_gpu_graph_verify_with_ngram_and_a_target_as_its_own_draft(case):
+    model_dir, prompts, reference = case
+    ngram, _, runner = _gpu(model_dir, prompts, speculator="ngram")
+    assert runner.cuda_graphs.num_verify_replays > 0
+    assert ngram == reference
+    options = {"draft": {"model_path": str(model_dir), "num_draft_tokens": 4}}
+    perfect, stats, runner = _gpu(model_dir, prompts, speculator="draft", plugin_options=options)
+    assert perfect == reference
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    assert runner.cuda_graphs.num_verify_replays > 0
+
+
+@pytest.mark.gpu
+def test_gpu_eagle_keeps_decode_graphs_and_drafts_as_eagerly(case, tmp_path):
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, reference = case
+    options = {"eagle": {"model_path": str(build_eagle3_head(tmp_path / "h"))}}
+    graphed, stats, runner = _gpu(model_dir, prompts, speculator="eagle", plugin_options=options)
+    assert runner.cuda_graphs is not None, runner.cuda_graph_off_reason
+    assert runner.cuda_graphs.num_replays > runner.cuda_graphs.num_verify_replays > 0
+    eager, eager_stats, _ = _gpu(model_dir, prompts, speculator="eagle", plugin_options=options,
+                                 disable_cuda_graph=True)  # fmt: skip
+    assert graphed == eager == reference
+    assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
