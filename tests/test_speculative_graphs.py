@@ -131,12 +131,16 @@ def test_eagle_features_from_replays_give_the_eager_drafts(case, eager_graphs, t
 
 
 def _gpu(model_dir, prompts, plugins=None, **settings):
+    """Greedy tokens, speculation stats, the target's graph runner (None: off) and the
+    speculator."""
     base = dict(dtype="float32", device="cuda", attention="triton", page_size=4,
                 kv_cache_tokens=4096, cuda_graph_max_bs=8)  # fmt: skip
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     with LLM(str(model_dir), plugins=plugins, **(base | settings)) as llm:
         outs = llm.generate(prompts, params)
-        return [o.token_ids for o in outs], llm.engine.speculation.stats(), llm.engine.runner
+        e = llm.engine
+        graphs = e.runner.cuda_graphs
+        return [o.token_ids for o in outs], e.speculation.stats(), graphs, e.speculation.speculator
 
 
 @pytest.mark.gpu
@@ -144,13 +148,12 @@ def _gpu(model_dir, prompts, plugins=None, **settings):
 def test_gpu_graph_verify_equals_eager_verify(case, n):
     model_dir, prompts, reference = case
     prompts, reference = prompts[:n], reference[:n]
-    graphed, stats, runner = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
-                                  speculator="graph_oracle")  # fmt: skip
-    assert runner.cuda_graphs is not None, runner.cuda_graph_off_reason
-    assert runner.cuda_graphs.num_verify_replays > 0
-    eager, eager_stats, runner = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
-                                      speculator="graph_oracle", disable_cuda_graph=True)  # fmt: skip
-    assert runner.cuda_graphs is None
+    graphed, stats, graphs, _ = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
+                                     speculator="graph_oracle")  # fmt: skip
+    assert graphs is not None and graphs.num_verify_replays > 0
+    eager, eager_stats, none, _ = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
+                                       speculator="graph_oracle", disable_cuda_graph=True)  # fmt: skip
+    assert none is None
     assert graphed == eager == reference
     assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
 
@@ -158,26 +161,73 @@ def test_gpu_graph_verify_equals_eager_verify(case, n):
 @pytest.mark.gpu
 def test_gpu_graph_verify_with_ngram_and_a_target_as_its_own_draft(case):
     model_dir, prompts, reference = case
-    ngram, _, runner = _gpu(model_dir, prompts, speculator="ngram")
-    assert runner.cuda_graphs.num_verify_replays > 0
+    ngram, _, graphs, _ = _gpu(model_dir, prompts, speculator="ngram")
+    assert graphs.num_verify_replays > 0
     assert ngram == reference
     options = {"draft": {"model_path": str(model_dir), "num_draft_tokens": 4}}
-    perfect, stats, runner = _gpu(model_dir, prompts, speculator="draft", plugin_options=options)
+    perfect, stats, graphs, draft = _gpu(model_dir, prompts, speculator="draft",
+                                         plugin_options=options)  # fmt: skip
     assert perfect == reference
     assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
-    assert runner.cuda_graphs.num_verify_replays > 0
+    assert graphs.num_verify_replays > 0
+    assert draft.runner.cuda_graphs.num_replays > 0  # the draft model's own decode graphs
 
 
 @pytest.mark.gpu
-def test_gpu_eagle_keeps_decode_graphs_and_drafts_as_eagerly(case, tmp_path):
+def test_gpu_eagle_graphs_draft_and_verify_as_eagerly(case, tmp_path):
+    """Decode, verify and draft-chain graphs with an EAGLE-3 head: the same drafts (so the
+    same features reached the head) and tokens as without graphs."""
     from test_speculative_eagle import build_eagle3_head
 
     model_dir, prompts, reference = case
     options = {"eagle": {"model_path": str(build_eagle3_head(tmp_path / "h"))}}
-    graphed, stats, runner = _gpu(model_dir, prompts, speculator="eagle", plugin_options=options)
-    assert runner.cuda_graphs is not None, runner.cuda_graph_off_reason
-    assert runner.cuda_graphs.num_replays > runner.cuda_graphs.num_verify_replays > 0
-    eager, eager_stats, _ = _gpu(model_dir, prompts, speculator="eagle", plugin_options=options,
-                                 disable_cuda_graph=True)  # fmt: skip
+    graphed, stats, graphs, head = _gpu(model_dir, prompts, speculator="eagle",
+                                        plugin_options=options)  # fmt: skip
+    assert graphs is not None and graphs.num_replays > graphs.num_verify_replays > 0
+    assert head.graphs is not None and head.graphs.num_replays > 0
+    eager, eager_stats, _, _ = _gpu(model_dir, prompts, speculator="eagle", plugin_options=options,
+                                    disable_cuda_graph=True)  # fmt: skip
     assert graphed == eager == reference
     assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
+    assert stats["spec_draft_tokens"] == eager_stats["spec_draft_tokens"]
+
+
+@pytest.mark.slow
+def test_eagle_draft_chain_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
+    """The head's draft steps 1 .. k-1 as one graph per batch size (replayed eagerly here,
+    through Triton's interpreter): the same drafts as the eager chain, over several requests
+    and batch sizes padded up to a captured one."""
+    from pegboard.plugins.speculative import eagle
+    from pegboard.plugins.speculative.head_graphs import ChainGraphs
+    from test_speculative_eagle import build_eagle3_head
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    model_dir, prompts, reference = case
+    prompts, reference = prompts[:3], reference[:3]
+    monkeypatch.setattr(eagle, "graphs_supported", lambda kv: True)
+    monkeypatch.setattr(ChainGraphs, "_capture", lambda self, size: _EagerSteps(self, size))
+    options = {
+        "eagle": {"model_path": str(build_eagle3_head(tmp_path / "h")), "num_draft_tokens": 3}
+    }
+
+    def run(**settings):
+        with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+                 plugin_options=options, cuda_graph_max_bs=4, **settings) as llm:  # fmt: skip
+            drafts, _ = record_drafts(llm)
+            outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
+            return outs, drafts, llm.engine.plugins.active("speculator").graphs
+
+    outs, graphed, graphs = run()
+    assert_same(outs, reference)
+    assert graphs is not None and graphs.sizes == [1, 2, 4] and graphs.num_replays > 0
+    _, eager, none = run(disable_cuda_graph=True)
+    assert none is None
+    assert graphed == eager
+
+
+class _EagerSteps:
+    def __init__(self, graphs, size: int) -> None:
+        self.graphs, self.size = graphs, size
+
+    def replay(self) -> None:
+        self.graphs._steps(self.size)

@@ -17,7 +17,8 @@ The head keeps its own paged KV (`head_kv.HeadKV`, a slot per request in
 `request.plugin_state["eagle"]`): real entries for every target position it has seen, plus
 this step's draft entries, overwritten next step. Drafting is batched across requests: one
 head forward over every request's unseen (feature, token) pairs, then one per draft step (or
-tree depth) for all of them, through an ordinary attention backend over the head's pool.
+tree depth) for all of them, through an ordinary attention backend over the head's pool. On
+CUDA a chain's draft steps 2 .. k replay as one CUDA graph (`head_graphs.ChainGraphs`).
 
 With `topk` > 1 the head drafts a tree (EAGLE-2, `tree_search.DraftTree`): best-first by the
 head's confidence, `num_steps` deep, `num_draft_tokens` nodes, the greedy chain as its first
@@ -27,6 +28,7 @@ path. Expanded nodes attend to the real entries, their ancestors and themselves.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from pegboard.core.models.config import RopeConfig
 from pegboard.core.models.layers import RMSNorm
 from pegboard.core.models.rope import RotaryEmbedding
 from pegboard.core.speculative.hidden import FEATURES_KEY
+from pegboard.plugins.speculative.head_graphs import ChainGraphs
 from pegboard.plugins.speculative.head_kv import HeadKV, HeadSlot
 from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.device import to_device
@@ -43,6 +46,8 @@ from pegboard.sdk.slots import PluginContext, Speculator
 from pegboard.sdk.types import Drafts, ModelInfo, Request
 from torch import nn
 from torch.nn import functional as F
+
+log = logging.getLogger("pegboard.speculative.eagle")
 
 STATE_KEY = "eagle"
 EAGLE3 = "LlamaForCausalLMEagle3"
@@ -64,6 +69,11 @@ class EagleOptions(pydantic.BaseModel):
     attention: str = pydantic.Field(
         "auto", description="the head's attention backend: torch, triton, auto (triton on CUDA)"
     )
+
+
+def graphs_supported(kv: HeadKV) -> bool:
+    """Whether the head's draft steps can be captured: on CUDA, with a graph-safe backend."""
+    return kv.device.type == "cuda" and kv.attention.supports_cuda_graph
 
 
 def read_head_config(path: str | Path) -> dict:
@@ -128,6 +138,8 @@ class EagleSpeculator(Speculator):
         self.device = ctx.device
         self.dtype = ctx.model.dtype if ctx.model else torch.float32
         self.max_model_len = ctx.model.max_model_len if ctx.model else 4096
+        self.engine_facts = ctx.engine
+        self.graphs: ChainGraphs | None = None  # the chain's draft steps as CUDA graphs
         self.page_size = int(ctx.engine.get("page_size") or 16)
         self.head: EagleHead | None = None  # built by `bind_target`, with the target's parts
         self.kv: HeadKV | None = None  # the head's paged KV, built with the head
@@ -148,6 +160,21 @@ class EagleSpeculator(Speculator):
             self.dtype, self.device,
         )  # fmt: skip
         self.kv = HeadKV(info, self.options.kv_cache_tokens, self.page_size, self.options.attention)
+        self.graphs = self._chain_graphs()
+
+    def _chain_graphs(self) -> ChainGraphs | None:
+        """CUDA graphs of the chain's draft steps, where the engine captures graphs (its
+        `cuda_graph_max_bs`), the head's backend supports them and the head drafts chains."""
+        o, facts = self.options, self.engine_facts
+        max_bs = min(int(facts.get("cuda_graph_max_bs") or 0),
+                     int(facts.get("max_running_requests") or 0))  # fmt: skip
+        if o.topk > 1 or o.num_draft_tokens < 2 or max_bs < 1 or not graphs_supported(self.kv):
+            return None
+        try:
+            return ChainGraphs(self.head, self.kv, o.num_draft_tokens, max_bs, self.head.hidden)
+        except Exception as e:
+            log.warning("EAGLE draft-chain CUDA graph capture failed, drafting eagerly: %s", e)
+            return None
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[Drafts]:
@@ -160,6 +187,8 @@ class EagleSpeculator(Speculator):
         o = self.options
         limits = [min(k, o.num_draft_tokens) for k in max_tokens]
         kmax = max(limits, default=0)
+        if kmax and self.graphs is not None:
+            kmax = o.num_draft_tokens  # the captured chain (drafts are cut to each limit)
         tree = o.topk > 1
         depth = min(o.num_steps or o.num_draft_tokens, kmax)
         extra = o.topk * (depth - 1) if tree else kmax - 1  # draft entries after the real ones
@@ -223,6 +252,11 @@ class EagleSpeculator(Speculator):
         """`k` greedy drafts per job, one batched head step per draft (ids stay on the
         device until the end)."""
         tokens = self.head.draft_ids(last)
+        graphs = self.graphs
+        if graphs is not None and k == graphs.k and graphs.can_run(len(jobs)):
+            slots, positions = [j.slot for j in jobs], [j.positions[-1] for j in jobs]
+            rest = graphs.run(slots, positions, last, tokens)
+            return torch.cat([tokens[:, None], rest], dim=1).tolist()
         drafted = [tokens]
         for d in range(1, k):
             rows = [(j.slot, j.slot.real + d - 1, 1) for j in jobs]
@@ -307,6 +341,7 @@ class EagleHead(nn.Module):
     def __init__(self, cfg: dict, eagle3: bool, target, path: str | None = None) -> None:
         super().__init__()
         h = cfg["hidden_size"]
+        self.hidden = h
         self.eagle3 = eagle3
         self.num_heads = cfg["num_attention_heads"]
         self.num_kv_heads = cfg.get("num_key_value_heads", self.num_heads)
