@@ -162,8 +162,8 @@ class Engine:
             scheduled, num_tokens = self._unfinished(checked)
             with self.runner.host_threads(num_tokens):  # CPU: no threads for tiny work
                 self._call_plugin(scheduled, lambda: self._run(scheduled, num_tokens))
-        if self.config.disable_overlap or not plan:
-            self._resolve()
+        if self.config.disable_overlap or not plan or self.speculation.needs_tokens():
+            self._resolve()  # (a step that may draft needs its requests' last tokens)
         outputs, self._outbox = self._outbox, []
         self.detokenizer.submit(outputs)
         self.num_steps += 1

@@ -19,9 +19,11 @@ reused by the next tokens (freed with the request), so nothing leaks. Drafts are
 their pages fit the free pages left after the step's own needs: speculation never causes a
 preemption.
 
-Overlap scheduling is turned off under speculation: the next step's positions and inputs
+Overlap scheduling pauses for the steps that draft: the next step's positions and inputs
 depend on how many drafts were accepted, which the host only knows after reading the verify
-result (SGLang's first speculative implementation made the same choice).
+result (SGLang's first speculative implementation made the same choice), and a request drafts
+only after its last token is known. While the switch keeps speculation off, steps overlap as
+plain decoding does (`needs_tokens`).
 """
 
 from __future__ import annotations
@@ -172,6 +174,12 @@ class Speculation:
                 r.token_ids.extend(d.tokens)
                 num_tokens[i] += len(d.tokens)
         return num_tokens
+
+    def needs_tokens(self) -> bool:
+        """Whether the next step may draft, so this step's sampled tokens must be read now
+        (a request drafts only after its last token: overlap scheduling pauses). False while
+        the switch keeps speculation off: those steps overlap like plain decoding."""
+        return self.speculator is not None and self.switch.may_allow(len(self.engine.running))
 
     def _bind(self, speculator) -> None:
         """Give a speculator that reads the target (EAGLE) the model and capture the hidden

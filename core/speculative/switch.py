@@ -58,6 +58,13 @@ class SpeculationSwitch:
         """Whether the acceptance rule lets speculation run (the batch rule is per step)."""
         return self._off_for == 0
 
+    def may_allow(self, batch_size: int) -> bool:
+        """Whether the next step, of about `batch_size` requests, may draft (`allows` without
+        counting anything)."""
+        if self._off_for > 0:
+            return False
+        return not (self.disable_batch_size and batch_size >= self.disable_batch_size)
+
     def allows(self, batch_size: int) -> bool:
         """Called once per step with the scheduled requests' count: whether to draft."""
         if self._off_for > 0:
