@@ -231,3 +231,37 @@ class _EagerSteps:
 
     def replay(self) -> None:
         self.graphs._steps(self.size)
+
+
+def test_triton_block_map_stays_put_for_verify_graphs():
+    """After a capture with verify graphs the extend block map keeps its address: a longer
+    eager batch gets a spare one; a new capture may grow it again."""
+    from test_cuda_graph import _triton_backend
+
+    backend = _triton_backend(max_model_len=256)
+    backend.prepare_for_capture(4, max_query_len=5)
+    block_map = backend.block_map
+    backend.prepare(_extend_batch([5, 5, 3, 1]))
+    assert backend.step_block_map is block_map and backend.num_blocks == 4
+    backend.prepare(_extend_batch([200, 7]))  # a long prefill: more blocks than captured
+    assert backend.block_map is block_map and backend.step_block_map is not block_map
+    backend.prepare_for_capture(4, max_query_len=200)  # a new capture (graphs dropped)
+    backend.prepare(_extend_batch([200, 7]))
+    assert backend.step_block_map is backend.block_map
+
+
+def _extend_batch(query_lens: list[int], page_size: int = 4):
+    from pegboard.sdk.types import ForwardBatch, Request
+
+    n, t = len(query_lens), sum(query_lens)
+    return ForwardBatch(
+        requests=[Request([1]) for _ in range(n)],
+        input_ids=torch.zeros(t, dtype=torch.int64),
+        positions=torch.zeros(t, dtype=torch.int64),
+        slot_mapping=torch.full((t,), -1),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=[q + 3 for q in query_lens],
+        page_tables_cpu=[list(range(-(-(q + 3) // page_size))) for q in query_lens],
+        logits_indices=torch.arange(n),
+        samples=[True] * n,
+    )

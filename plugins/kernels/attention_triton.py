@@ -116,6 +116,7 @@ class TritonAttentionBackend(AttentionBackend):
             1, self.model.num_kv_heads, self.model.max_model_len, self.device, self.decode_block_n
         )
         blocks = max_requests * -(-max_query_len // self.tokens_per_block)
+        self.fixed = self.fixed_blocks = False  # a new capture (the old graphs are dropped)
         self._reserve(max_requests, self.max_pages, blocks, splits if splits > 1 else 0)
         self.fixed = True
         self.fixed_blocks = max_query_len > 1  # verify graphs read the block map
