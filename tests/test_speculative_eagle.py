@@ -21,17 +21,19 @@ case = test_speculative.case  # the module's fixture: tiny target, prompts, tran
 H, INTER, HEADS, KV_HEADS, VOCAB, DRAFT_VOCAB = 64, 128, 4, 2, 512, 256
 
 
-def build_eagle3_head(path, hidden=H, aux=(0, 0, 1), seed=0):
+def build_eagle3_head(path, hidden=H, aux=(0, 0, 1), seed=0, attention_heavy=False):
     """An EAGLE-3 head as SGLang loads it: `fc` over three target layers, `midlayer` with
-    2 * hidden wide q/k/v inputs, `norm`, a reduced `lm_head` and `d2t` (draft id i -> 2i)."""
+    2 * hidden wide q/k/v inputs, `norm`, a reduced `lm_head` and `d2t` (draft id i -> 2i).
+    `attention_heavy`: a small `fc` and large attention weights, so the drafts depend on
+    which of the head's keys each row attends to (not only on its own features)."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.2).contiguous()
+        return (torch.randn(*shape, generator=g) * (0.6 if attention_heavy else 0.2)).contiguous()
 
     hd = H // HEADS
     tensors = {
-        "fc.weight": w(H, 3 * hidden),
+        "fc.weight": w(H, 3 * hidden) * (0.005 if attention_heavy else 1.0),
         "midlayer.hidden_norm.weight": torch.ones(H),
         "midlayer.input_layernorm.weight": torch.ones(H),
         "midlayer.post_attention_layernorm.weight": torch.ones(H),

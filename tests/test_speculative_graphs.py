@@ -115,7 +115,10 @@ def test_eagle_features_from_replays_give_the_eager_drafts(case, eager_graphs, t
     model_dir, prompts, reference = case
     prompts, reference = prompts[:2], reference[:2]
     options = {
-        "eagle": {"model_path": str(build_eagle3_head(tmp_path / "h")), "num_draft_tokens": 3}
+        "eagle": {
+            "model_path": str(build_eagle3_head(tmp_path / "h", attention_heavy=True)),
+            "num_draft_tokens": 3,
+        }
     }
     outs, _, graphs, drafts = _run(model_dir, prompts, speculator="eagle", plugin_options=options)
     assert_same(outs, reference)
@@ -180,7 +183,9 @@ def test_gpu_eagle_graphs_draft_and_verify_as_eagerly(case, tmp_path):
     from test_speculative_eagle import build_eagle3_head
 
     model_dir, prompts, reference = case
-    options = {"eagle": {"model_path": str(build_eagle3_head(tmp_path / "h"))}}
+    options = {
+        "eagle": {"model_path": str(build_eagle3_head(tmp_path / "h", attention_heavy=True))}
+    }
     graphed, stats, graphs, head = _gpu(model_dir, prompts, speculator="eagle",
                                         plugin_options=options)  # fmt: skip
     assert graphs is not None and graphs.num_replays > graphs.num_verify_replays > 0
@@ -193,36 +198,59 @@ def test_gpu_eagle_graphs_draft_and_verify_as_eagerly(case, tmp_path):
 
 
 @pytest.mark.slow
-def test_eagle_draft_chain_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
-    """The head's draft steps 1 .. k-1 as one graph per batch size (replayed eagerly here,
-    through Triton's interpreter): the same drafts as the eager chain, over several requests
-    and batch sizes padded up to a captured one."""
+def test_eagle_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
+    """The head's catch-up forward and draft steps as one graph per batch size (replayed
+    eagerly here, through Triton's interpreter): after every `propose` the head's keys (draft
+    entries included, computed from each step's output) and the drafts equal the eager
+    path's, over several requests with different numbers of new pairs, padded to a captured
+    size."""
     from pegboard.plugins.speculative import eagle
-    from pegboard.plugins.speculative.head_graphs import ChainGraphs
+    from pegboard.plugins.speculative.head_graphs import DraftGraphs
     from test_speculative_eagle import build_eagle3_head
 
     pytest.importorskip("triton", reason="triton is not installed")
     model_dir, prompts, reference = case
     prompts, reference = prompts[:3], reference[:3]
     monkeypatch.setattr(eagle, "graphs_supported", lambda kv: True)
-    monkeypatch.setattr(ChainGraphs, "_capture", lambda self, size: _EagerSteps(self, size))
-    options = {
-        "eagle": {"model_path": str(build_eagle3_head(tmp_path / "h")), "num_draft_tokens": 3}
-    }
+    monkeypatch.setattr(DraftGraphs, "_capture", lambda self, size: _EagerSteps(self, size))
+    head = build_eagle3_head(tmp_path / "h", attention_heavy=True)
+    options = {"eagle": {"model_path": str(head), "num_draft_tokens": 3, "attention": "triton",
+                         "kv_cache_tokens": 1024}}  # fmt: skip
 
     def run(**settings):
         with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
-                 plugin_options=options, cuda_graph_max_bs=4, **settings) as llm:  # fmt: skip
+                 plugin_options=options, cuda_graph_max_bs=4, speculative_min_accept_rate=0.0,
+                 **settings) as llm:  # fmt: skip
             drafts, _ = record_drafts(llm)
+            keys = snapshot_after_propose(llm, lambda spec: spec.kv.pool.k[0].clone())
             outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
-            return outs, drafts, llm.engine.plugins.active("speculator").graphs
+            return outs, drafts, keys, llm.engine.plugins.active("speculator").graphs
 
-    outs, graphed, graphs = run()
+    outs, graphed, keys, graphs = run()
     assert_same(outs, reference)
-    assert graphs is not None and graphs.sizes == [1, 2, 4] and graphs.num_replays > 0
-    _, eager, none = run(disable_cuda_graph=True)
+    assert graphs is not None and graphs.sizes == [1, 2, 4] and graphs.num_replays >= 5
+    _, eager, eager_keys, none = run(disable_cuda_graph=True)
     assert none is None
     assert graphed == eager
+    assert len(keys) == len(eager_keys)
+    for k, e in zip(keys, eager_keys):
+        torch.testing.assert_close(k, e, atol=1e-4, rtol=1e-4)
+
+
+def snapshot_after_propose(llm, take) -> list:
+    """`take(speculator)` after every `propose` of the active speculator, filled as it runs."""
+    spec = llm.engine.plugins.active("speculator")
+    original, out = spec.propose, []
+
+    def propose(requests, max_tokens):
+        drafts = original(requests, max_tokens)
+        out.append(take(spec))
+        return drafts
+
+    spec.propose = propose
+    llm.engine.plugins.unregister(spec)
+    llm.engine.plugins.register(spec)
+    return out
 
 
 class _EagerSteps:

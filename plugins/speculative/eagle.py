@@ -18,7 +18,8 @@ The head keeps its own paged KV (`head_kv.HeadKV`, a slot per request in
 this step's draft entries, overwritten next step. Drafting is batched across requests: one
 head forward over every request's unseen (feature, token) pairs, then one per draft step (or
 tree depth) for all of them, through an ordinary attention backend over the head's pool. On
-CUDA a chain's draft steps 2 .. k replay as one CUDA graph (`head_graphs.ChainGraphs`).
+CUDA a chain's whole `propose` replays as one CUDA graph (`head_graphs.DraftGraphs`) once
+every request has at most `k + 1` new pairs.
 
 With `topk` > 1 the head drafts a tree (EAGLE-2, `tree_search.DraftTree`): best-first by the
 head's confidence, `num_steps` deep, `num_draft_tokens` nodes, the greedy chain as its first
@@ -38,7 +39,7 @@ from pegboard.core.models.config import RopeConfig
 from pegboard.core.models.layers import RMSNorm
 from pegboard.core.models.rope import RotaryEmbedding
 from pegboard.core.speculative.hidden import FEATURES_KEY
-from pegboard.plugins.speculative.head_graphs import ChainGraphs
+from pegboard.plugins.speculative.head_graphs import DraftGraphs
 from pegboard.plugins.speculative.head_kv import HeadKV, HeadSlot
 from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.device import to_device
@@ -139,7 +140,7 @@ class EagleSpeculator(Speculator):
         self.dtype = ctx.model.dtype if ctx.model else torch.float32
         self.max_model_len = ctx.model.max_model_len if ctx.model else 4096
         self.engine_facts = ctx.engine
-        self.graphs: ChainGraphs | None = None  # the chain's draft steps as CUDA graphs
+        self.graphs: DraftGraphs | None = None  # chain drafting as CUDA graphs
         self.page_size = int(ctx.engine.get("page_size") or 16)
         self.head: EagleHead | None = None  # built by `bind_target`, with the target's parts
         self.kv: HeadKV | None = None  # the head's paged KV, built with the head
@@ -162,8 +163,8 @@ class EagleSpeculator(Speculator):
         self.kv = HeadKV(info, self.options.kv_cache_tokens, self.page_size, self.options.attention)
         self.graphs = self._chain_graphs()
 
-    def _chain_graphs(self) -> ChainGraphs | None:
-        """CUDA graphs of the chain's draft steps, where the engine captures graphs (its
+    def _chain_graphs(self) -> DraftGraphs | None:
+        """CUDA graphs of chain drafting, where the engine captures graphs (its
         `cuda_graph_max_bs`), the head's backend supports them and the head drafts chains."""
         o, facts = self.options, self.engine_facts
         max_bs = min(int(facts.get("cuda_graph_max_bs") or 0),
@@ -171,7 +172,8 @@ class EagleSpeculator(Speculator):
         if o.topk > 1 or o.num_draft_tokens < 2 or max_bs < 1 or not graphs_supported(self.kv):
             return None
         try:
-            return ChainGraphs(self.head, self.kv, o.num_draft_tokens, max_bs, self.head.hidden)
+            features = self.head.fc.in_features - (0 if self.eagle3 else self.head.hidden)
+            return DraftGraphs(self.head, self.kv, o.num_draft_tokens, max_bs, features)
         except Exception as e:
             log.warning("EAGLE draft-chain CUDA graph capture failed, drafting eagerly: %s", e)
             return None
@@ -199,11 +201,18 @@ class EagleSpeculator(Speculator):
         ]
         if not jobs:
             return out
-        hidden = self._feed(jobs)  # [len(jobs), hidden]: predicts each first draft
-        if tree:
+        graphs = self.graphs
+        if not tree and graphs is not None and len(jobs) <= graphs.max_batch_size:
+            jobs = self._catch_up(jobs, graphs.q)  # leaves at most q new pairs per job
+        if not tree and graphs is not None and graphs.can_run(jobs):
+            drafts = graphs.run(jobs).tolist()  # catch-up and draft steps: one replay
+            for j in jobs:
+                j.commit()
+        elif tree:
+            hidden = self._feed(jobs)  # [len(jobs), hidden]: predicts each first draft
             drafts = self._trees(jobs, hidden, [limits[j.index] for j in jobs])
         else:
-            drafts = self._chains(jobs, hidden, kmax)
+            drafts = self._chains(jobs, self._feed(jobs), kmax)
         for job, d in zip(jobs, drafts):
             k = limits[job.index]
             out[job.index] = d if tree else Drafts(d[:k])
@@ -241,22 +250,30 @@ class EagleSpeculator(Speculator):
         for j in jobs:
             end += len(j.ids)
             ends.append(end - 1)
-            j.slot.real += len(j.ids)
-            j.slot.next_position = j.positions[-1] + 1
+            j.commit()
         return hidden[to_device(ends, self.device, torch.int64)]
 
     def _step(self, features, ids, batch, first: bool) -> torch.Tensor:
         return self.head.step(features, ids, batch.positions, self.kv.attention, first)
 
+    def _catch_up(self, jobs: list[_Job], q: int) -> list[_Job]:
+        """Feed all but the last `q` new pairs of the jobs that have more (after a prefill or
+        a pause) in one eager head forward; the jobs with what is left."""
+        long = [j for j in jobs if len(j.ids) > q]
+        if long:
+            self._feed([_Job(j.index, j.slot, j.feats[:-q], j.ids[:-q], j.positions[:-q])
+                        for j in long])  # fmt: skip
+        return [
+            _Job(j.index, j.slot, j.feats[-q:], j.ids[-q:], j.positions[-q:])
+            if len(j.ids) > q
+            else j
+            for j in jobs
+        ]
+
     def _chains(self, jobs: list[_Job], last: torch.Tensor, k: int) -> list[list[int]]:
         """`k` greedy drafts per job, one batched head step per draft (ids stay on the
         device until the end)."""
         tokens = self.head.draft_ids(last)
-        graphs = self.graphs
-        if graphs is not None and k == graphs.k and graphs.can_run(len(jobs)):
-            slots, positions = [j.slot for j in jobs], [j.positions[-1] for j in jobs]
-            rest = graphs.run(slots, positions, last, tokens)
-            return torch.cat([tokens[:, None], rest], dim=1).tolist()
         drafted = [tokens]
         for d in range(1, k):
             rows = [(j.slot, j.slot.real + d - 1, 1) for j in jobs]
@@ -333,6 +350,11 @@ class _Job:
     feats: torch.Tensor
     ids: list[int]
     positions: list[int]
+
+    def commit(self) -> None:
+        """The head has written the new pairs' entries: they are real from now on."""
+        self.slot.real += len(self.ids)
+        self.slot.next_position = self.positions[-1] + 1
 
 
 class EagleHead(nn.Module):
