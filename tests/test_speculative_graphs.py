@@ -109,25 +109,33 @@ def test_padded_verify_replays_equal_transformers(case, eager_graphs):
 @pytest.mark.slow
 def test_eagle_features_from_replays_give_the_eager_drafts(case, eager_graphs, tmp_path):
     """Decode and verify steps replayed with an EAGLE-3 head: it gets the same target hidden
-    states as eagerly, so it drafts the same tokens."""
+    states as eagerly, so after every `propose` its keys (computed from them) and its drafts
+    are the eager run's."""
     from test_speculative_eagle import build_eagle3_head
 
     model_dir, prompts, reference = case
     prompts, reference = prompts[:2], reference[:2]
-    options = {
-        "eagle": {
-            "model_path": str(build_eagle3_head(tmp_path / "h", attention_heavy=True)),
-            "num_draft_tokens": 3,
-        }
-    }
-    outs, _, graphs, drafts = _run(model_dir, prompts, speculator="eagle", plugin_options=options)
+    head = build_eagle3_head(tmp_path / "h", attention_heavy=True)
+    options = {"eagle": {"model_path": str(head), "num_draft_tokens": 3, "kv_cache_tokens": 1024}}
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+
+    def run(**settings):
+        with LLM(str(model_dir), dtype="float32", device="cpu", attention="triton",
+                 cuda_graph_max_bs=4, speculator="eagle", plugin_options=options,
+                 **settings) as llm:  # fmt: skip
+            drafts, _ = record_drafts(llm)
+            keys = snapshot_after_propose(llm, lambda spec: spec.kv.pool.k[0].clone())
+            outs = llm.generate(prompts, params)
+            return outs, drafts, keys, llm.engine.runner.cuda_graphs
+
+    outs, drafts, keys, graphs = run()
     assert_same(outs, reference)
     assert graphs.features_fn is not None and graphs.num_replays > graphs.num_verify_replays > 0
-    _, _, none, eager = _run(
-        model_dir, prompts, speculator="eagle", plugin_options=options, disable_cuda_graph=True
-    )
+    _, eager, eager_keys, none = run(disable_cuda_graph=True)
     assert none is None
-    assert drafts == eager
+    assert drafts == eager and len(keys) == len(eager_keys)
+    for k, e in zip(keys, eager_keys):
+        torch.testing.assert_close(k, e, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ GPU: real graphs
