@@ -206,6 +206,22 @@ def record_drafts(llm) -> tuple[dict, list[int]]:
     return seen, sizes
 
 
+def snapshot_after_propose(llm, take) -> list:
+    """`take(speculator)` after every `propose` of the active speculator, filled as it runs."""
+    spec = llm.engine.plugins.active("speculator")
+    original, out = spec.propose, []
+
+    def propose(requests, max_tokens):
+        drafts = original(requests, max_tokens)
+        out.append(take(spec))
+        return drafts
+
+    spec.propose = propose
+    llm.engine.plugins.unregister(spec)
+    llm.engine.plugins.register(spec)
+    return out
+
+
 def test_batched_drafting_gives_each_request_its_own_drafts(case, eagle_case):
     """The head drafts for all requests in one forward per step: each request's drafts (by
     context) equal those it gets when it runs alone, so no request's features, KV or draft
@@ -227,3 +243,30 @@ def test_batched_drafting_gives_each_request_its_own_drafts(case, eagle_case):
     common = together.keys() & alone.keys()
     assert len(common) >= len(prompts)
     assert {c: together[c] for c in common} == {c: alone[c] for c in common}
+
+
+def test_features_of_requests_that_pause_drafting_are_merged_losslessly(case, eagle_case,
+                                                                         monkeypatch):  # fmt: skip
+    """While the switch keeps drafting off, each request's target features pile up one block
+    a step (views into the step's gathered rows); every `COMPACT_AFTER` they are merged into
+    one. The head then sees exactly what it sees unmerged: same keys after every propose."""
+    from pegboard.core.speculative import hidden
+
+    model_dir, prompts, reference = case
+    options = {"eagle": {"model_path": str(eagle_case[0]), "kv_cache_tokens": 2048}}
+
+    def run():
+        with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+                 plugin_options=options) as llm:  # fmt: skip
+            keys = snapshot_after_propose(llm, lambda spec: spec.kv.pool.k[0].clone())
+            outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0))
+            assert llm.engine.speculation.switch.num_off_steps >= 16  # a pause happened
+            return [o.token_ids for o in outs], keys
+
+    merged, keys = run()
+    monkeypatch.setattr(hidden, "COMPACT_AFTER", 10**6)
+    apart, apart_keys = run()
+    assert merged == apart
+    assert len(keys) == len(apart_keys)
+    for a, b in zip(keys, apart_keys):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -22,7 +22,7 @@ from pegboard.core.llm import LLM
 from pegboard.core.speculative.step import verify_lens
 from pegboard.sdk.types import SamplingParams
 from test_speculative import MAX_NEW, OracleSpeculator, assert_same, oracle_plugins
-from test_speculative_eagle import record_drafts
+from test_speculative_eagle import record_drafts, snapshot_after_propose
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -243,22 +243,6 @@ def test_eagle_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
     assert len(keys) == len(eager_keys)
     for k, e in zip(keys, eager_keys):
         torch.testing.assert_close(k, e, atol=1e-4, rtol=1e-4)
-
-
-def snapshot_after_propose(llm, take) -> list:
-    """`take(speculator)` after every `propose` of the active speculator, filled as it runs."""
-    spec = llm.engine.plugins.active("speculator")
-    original, out = spec.propose, []
-
-    def propose(requests, max_tokens):
-        drafts = original(requests, max_tokens)
-        out.append(take(spec))
-        return drafts
-
-    spec.propose = propose
-    llm.engine.plugins.unregister(spec)
-    llm.engine.plugins.register(spec)
-    return out
 
 
 class _EagerSteps:
