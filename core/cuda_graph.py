@@ -16,14 +16,31 @@ addresses and shapes of everything it touches, so:
 Only decode-only batches (one new token per request) of at most the largest captured size
 replay; everything else runs eagerly. All sizes share one memory pool, captured largest first
 so smaller graphs reuse its blocks.
+
+Speculative verify steps (`query_lens`, e.g. `[k + 1]` for k drafts; backends with
+`supports_cuda_graph_verify`) get graphs too, one per (batch size, query length `q`): request
+`i`'s tokens sit at rows `i * q ...` of the static inputs, a request with fewer than `q` new
+tokens (fewer drafts, a plain decode, a short prefill) is padded at its end with rows of slot
+-1 (causal attention never lets a real token see them), and the backend is prepared for the
+padded layout (every request `q` new tokens). Any batch without a draft tree whose requests
+each run at most `q` tokens replays the smallest such `q`; the hidden states come back in the
+batch's own row order.
+
+`features` (speculators that read the target's hidden states, EAGLE): a function run right
+after the model inside every capture (and after every eager forward, by the model runner)
+whose result is copied into a static buffer and handed back with the hidden states, since a
+replay runs no forward hooks.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 
+import numpy as np
 import torch
+from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, Request
 
@@ -53,14 +70,24 @@ def graph_unsupported_reason(device: torch.device, backend: AttentionBackend) ->
     return None
 
 
+Features = Callable[[], "torch.Tensor | None"]
+
+
 class CUDAGraphRunner:
-    """Decode graphs of one model with one attention backend, for each of `sizes`.
+    """Decode graphs of one model with one attention backend, for each of `sizes` (and verify
+    graphs for each of `query_lens` where the backend supports them).
 
     Built (and captured) when the runner binds an attention backend; a new backend or KV pool
     means a new `CUDAGraphRunner`. `max_requests` bounds every batch the backend will be
     prepared for (graphs or not), so the backend can size its metadata once for all of them.
-    `num_replays` counts replayed steps.
+    `num_replays` counts replayed steps (`num_verify_replays` those of verify graphs).
     """
+
+    query_lens: tuple[int, ...] = ()  # verify graphs' query lengths (> 1), ascending
+    features_fn: Features | None = None
+    features: torch.Tensor | None = None  # the last replay's features, batch row order
+    feature_buffer: torch.Tensor | None = None  # `features_fn`'s output in the graphs' rows
+    num_verify_replays = 0
 
     def __init__(
         self,
@@ -71,30 +98,66 @@ class CUDAGraphRunner:
         max_model_len: int,
         page_size: int,
         device: torch.device,
+        query_lens: list[int] = (),
+        features: Features | None = None,
     ) -> None:
         self.model = model
         self.attention = attention
         self.sizes = sizes
         self.max_batch_size = sizes[-1]
+        self.max_model_len = max_model_len
         self.num_replays = 0
-        n = self.max_batch_size
+        if not getattr(attention, "supports_cuda_graph_verify", False):
+            query_lens = ()
+        self.query_lens = tuple(sorted({q for q in query_lens if q > 1}))
+        self.features_fn = features
+        n = self.max_batch_size * max(self.query_lens, default=1)  # rows of the largest graph
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.hidden: torch.Tensor | None = None  # the graphs' output, [max size, hidden]
+        self.hidden: torch.Tensor | None = None  # the graphs' output, [rows, hidden]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
-        attention.prepare_for_capture(max(max_requests, n))
+        self.verify_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if self.query_lens:
+            attention.prepare_for_capture(
+                max(max_requests, self.max_batch_size), max_query_len=self.query_lens[-1]
+            )
+        else:
+            attention.prepare_for_capture(max(max_requests, self.max_batch_size))
         self._capture_all(max_model_len, page_size)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        """Whether `batch` replays a graph: decode-only and no larger than the largest size."""
-        return batch.num_requests <= self.max_batch_size and batch.is_decode_only
+        """Whether `batch` replays a graph: no larger than the largest size, and decode-only
+        or (with verify graphs) no draft tree and no request running more than the longest
+        verify query length (nor past the context length once padded)."""
+        if batch.num_requests > self.max_batch_size:
+            return False
+        if batch.is_decode_only:
+            return True
+        return self._verify_len(batch) is not None
+
+    def _verify_len(self, batch: ForwardBatch) -> int | None:
+        """The verify graphs' query length for `batch`, or None if none fits."""
+        if not self.query_lens or batch.tree_masks is not None:
+            return None
+        longest = max(batch.query_lens_cpu)
+        i = bisect.bisect_left(self.query_lens, longest)
+        if i == len(self.query_lens):
+            return None
+        q = self.query_lens[i]
+        if any(
+            s - n + q > self.max_model_len for s, n in zip(batch.seq_lens_cpu, batch.query_lens_cpu)
+        ):
+            return None  # padded rows would run past the page table
+        return q
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run `batch` (already `prepare`d by the attention backend) through the graph of its
-        padded size; the final hidden states `[num_requests, hidden]`, valid until the next
-        replay."""
+        """Prepare the attention backend for `batch` and run it through the graph of its
+        padded size (and query length); the final hidden states `[batch tokens, hidden]`,
+        valid until the next replay (and `features`, the same rows, if captured)."""
+        if not batch.is_decode_only:
+            return self._replay_verify(batch)
+        self.attention.prepare(batch)
         n = batch.num_requests
         size = padded_size(n, self.sizes)
         self.input_ids[:n].copy_(batch.input_ids)
@@ -104,35 +167,113 @@ class CUDAGraphRunner:
             self.slot_mapping[n:size].fill_(-1)  # padded rows store no KV
         self.graphs[size].replay()
         self.num_replays += 1
+        if self.feature_buffer is not None:
+            self.features = self.feature_buffer[:n]
         return self.hidden[:n]
+
+    def _replay_verify(self, batch: ForwardBatch) -> torch.Tensor:
+        n, q = batch.num_requests, self._verify_len(batch)
+        size = padded_size(n, self.sizes)
+        rows = size * q
+        lens = batch.query_lens_cpu
+        uniform = all(k == q for k in lens)
+        self.slot_mapping[:rows].fill_(-1)  # padding stores no KV
+        if uniform:  # every request runs q tokens: the batch's rows are the first n * q
+            dest = None
+            self.input_ids[: n * q].copy_(batch.input_ids)
+            self.positions[: n * q].copy_(batch.positions)
+            self.slot_mapping[: n * q].copy_(batch.slot_mapping)
+        else:
+            index = np.concatenate([np.arange(k) + i * q for i, k in enumerate(lens)])
+            dest = to_device(index, self.input_ids.device, torch.int64)
+            self.input_ids.index_copy_(0, dest, batch.input_ids)
+            self.positions.index_copy_(0, dest, batch.positions)
+            self.slot_mapping.index_copy_(0, dest, batch.slot_mapping)
+        self.attention.prepare(self._padded(batch, size, q))
+        self.verify_graphs[(size, q)].replay()
+        self.num_replays += 1
+        self.num_verify_replays += 1
+        take = (lambda t: t[: n * q]) if dest is None else (lambda t: t[dest])
+        if self.feature_buffer is not None:
+            self.features = take(self.feature_buffer)
+        return take(self.hidden)
+
+    def _padded(self, batch: ForwardBatch, size: int, q: int) -> ForwardBatch:
+        """`batch` as the verify graph's layout: `size` requests of `q` new tokens each (a
+        request's cached prefix unchanged; padded requests: `q` tokens over page 0)."""
+        n = batch.num_requests
+        seq_lens = [s - k + q for s, k in zip(batch.seq_lens_cpu, batch.query_lens_cpu)]
+        tables = list(batch.page_tables_cpu)
+        array = batch.page_tables_array
+        if size > n:
+            seq_lens += [q] * (size - n)
+            tables += [[0]] * (size - n)
+            if array is not None:
+                array = np.concatenate([array, np.zeros((size - n, array.shape[1]), array.dtype)])
+        return ForwardBatch(
+            requests=batch.requests,
+            input_ids=self.input_ids[: size * q],
+            positions=self.positions[: size * q],
+            slot_mapping=self.slot_mapping[: size * q],
+            query_lens_cpu=[q] * size,
+            seq_lens_cpu=seq_lens,
+            page_tables_cpu=tables,
+            logits_indices=batch.logits_indices,
+            samples=[True] * size,
+            page_tables_array=array,
+        )
 
     @torch.inference_mode()
     def _capture_all(self, max_model_len: int, page_size: int) -> None:
         pages = -(-max_model_len // page_size)
-        for size in reversed(self.sizes):
+        self.pool = torch.cuda.graph_pool_handle() if self.input_ids.is_cuda else None
+        shapes = [(size, q) for size in self.sizes for q in (1, *self.query_lens)]
+        for size, q in sorted(shapes, key=lambda s: -s[0] * s[1]):  # the most rows first
             # The longest context makes the backend pick its decode plan (split count) for
             # the longest requests; shorter ones replay the same plan with idle splits.
+            rows = size * q
             batch = ForwardBatch(
                 requests=[Request([0], request_id=f"cuda-graph-{i}") for i in range(size)],
-                input_ids=self.input_ids[:size],
-                positions=self.positions[:size],
-                slot_mapping=self.slot_mapping[:size],
-                query_lens_cpu=[1] * size,
+                input_ids=self.input_ids[:rows],
+                positions=self.positions[:rows],
+                slot_mapping=self.slot_mapping[:rows],
+                query_lens_cpu=[q] * size,
                 seq_lens_cpu=[max_model_len] * size,
                 page_tables_cpu=[[0] * pages] * size,
                 logits_indices=torch.arange(size, device=self.input_ids.device),
                 samples=[True] * size,
             )
             self.attention.prepare(batch)
-            out = self._run(size)  # warm up: compiles kernels, picks GEMM algorithms uncaptured
-            if self.hidden is None:
-                self.hidden = torch.empty_like(out)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.hidden[:size].copy_(self._run(size))
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+            graph = self._capture(rows)
+            if q == 1:
+                self.graphs[size] = graph
+            else:
+                self.verify_graphs[(size, q)] = graph
+        if self.input_ids.is_cuda:
+            torch.cuda.synchronize()
+        log.info(
+            "captured CUDA graphs for batch sizes %s (verify query lengths %s%s)",
+            self.sizes,
+            list(self.query_lens) or "none",
+            ", with target features" if self.features_fn else "",
+        )
 
-    def _run(self, size: int) -> torch.Tensor:
-        return self.model(self.input_ids[:size], self.positions[:size], self.attention)
+    def _capture(self, rows: int):
+        """The graph of the model over the first `rows` static rows (the backend prepared)."""
+        self._run(rows)  # warm up: compiles kernels, picks GEMM algorithms uncaptured
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._run(rows, into_static=True)
+        return graph
+
+    def _run(self, rows: int, into_static: bool = False) -> None:
+        out = self.model(self.input_ids[:rows], self.positions[:rows], self.attention)
+        feats = self.features_fn() if self.features_fn is not None else None
+        if self.hidden is None:  # sized by the first (largest) shape
+            self.hidden = out.new_empty(self.input_ids.shape[0], out.shape[-1])
+            if feats is not None:
+                self.feature_buffer = feats.new_empty(self.input_ids.shape[0], feats.shape[-1])
+        if into_static:
+            self.hidden[:rows].copy_(out)
+            if feats is not None:
+                self.feature_buffer[:rows].copy_(feats)

@@ -108,7 +108,8 @@ class Engine:
         for slot in SLOTS:
             self._select(slot)
         self.moe = ExpertRuntime.create(self, self.runner.model)  # MoE placement (core/moe)
-        self._bind_attention()
+        self.speculation = Speculation(self)  # drafts, verify, rollback (core/speculative)
+        self._bind_attention()  # after Speculation: its verify lengths and hooks get graphs
         fit_context_to_kv(self.info, self.kv, config.max_model_len)  # core/context_fit.py
         self.budget = StepBudget(
             max_batched_tokens=config.max_num_batched_tokens,
@@ -126,7 +127,6 @@ class Engine:
         self._pending: PendingStep | None = None  # the step whose tokens are still on the device
         self._lock = threading.Lock()
         self.num_steps = 0
-        self.speculation = Speculation(self)  # drafts, verify, rollback (core/speculative)
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = start_detokenizer(
             config.detokenizer,
@@ -171,8 +171,8 @@ class Engine:
             scheduled, num_tokens = self._unfinished(checked)
             with self.runner.host_threads(num_tokens):  # CPU: no threads for tiny work
                 self._call_plugin(scheduled, lambda: self._run(scheduled, num_tokens))
-        if self.config.disable_overlap or not plan:
-            self._resolve()
+        if self.config.disable_overlap or not plan or self.speculation.needs_tokens():
+            self._resolve()  # (a step that may draft needs its requests' last tokens)
         outputs, self._outbox = self._outbox, []
         self.detokenizer.submit(outputs)
         self.num_steps += 1
@@ -498,6 +498,7 @@ class Engine:
             "kv_memory_bytes": self._kv_memory_bytes(),
             "max_model_len": self.info.max_model_len,
             "max_running_requests": c.max_running_requests,
+            "cuda_graph_max_bs": 0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
             "schedule_conservativeness": c.schedule_conservativeness,
             "seed": c.seed,
             "load_format": c.load_format,  # a draft model of a random-weight target: random too
@@ -661,7 +662,8 @@ class Engine:
             prefix_hit_tokens=int(stats.get("prefix_hit_tokens", 0)),
             prefix_query_tokens=int(stats.get("prefix_query_tokens", 0)),
             plugin_errors=self.guard.errors,
-            extra=self.moe.metrics() if self.moe is not None else {},  # MoE: balancedness
+            extra=(self.moe.metrics() if self.moe is not None else {})  # MoE: balancedness
+            | self.speculation.metrics(),  # the speculation switch's decisions
         )
 
     def _export(self, snapshot: MetricsSnapshot) -> None:

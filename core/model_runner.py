@@ -38,9 +38,9 @@ class ModelRunner:
     the model and returns logits for the requests that sample this step. The runner never
     touches request bookkeeping: the engine advances `num_computed_tokens`.
 
-    Decode-only batches replay CUDA graphs (`pegboard.core.cuda_graph`) when `set_attention`
-    captured them: `cuda_graphs` is then the graph runner, otherwise None and
-    `cuda_graph_off_reason` says why.
+    Decode-only batches (and, with speculation, verify batches: `set_speculation`) replay CUDA
+    graphs (`pegboard.core.cuda_graph`) when `set_attention` captured them: `cuda_graphs` is
+    then the graph runner, otherwise None and `cuda_graph_off_reason` says why.
     """
 
     def __init__(
@@ -76,6 +76,13 @@ class ModelRunner:
         self.attention: AttentionBackend | None = None
         self.cuda_graphs: CUDAGraphRunner | None = None
         self.cuda_graph_off_reason: str | None = "no attention backend is bound yet"
+        self._graph_settings = (0, 0)  # `set_attention`'s (cuda_graph_max_bs, max_requests)
+        #: Speculative decoding (`set_speculation`): verify query lengths to capture graphs
+        #: for, and a function of the target's hidden states run after every forward.
+        self._verify_lens: tuple[int, ...] = ()
+        self._features = None
+        #: `_features`' result for the last forward's tokens (batch row order), or None.
+        self.last_features: torch.Tensor | None = None
         self._flops_per_token: int | None = None  # `host_threads`, counted on first use
         #: The scheduled requests' page tables as one array, updated incrementally; the
         #: engine `forget`s a request when it releases it.
@@ -116,6 +123,7 @@ class ModelRunner:
         the same batches."""
         self.attention = backend
         self.cuda_graphs = None
+        self._graph_settings = (cuda_graph_max_bs, max_requests)
         reason = graph_unsupported_reason(self.device, backend)
         if cuda_graph_max_bs < 1:
             reason = "CUDA graphs are disabled (--disable-cuda-graph or --cuda-graph-max-bs 0)"
@@ -132,10 +140,25 @@ class ModelRunner:
                 self.info.max_model_len,
                 backend.pool.page_size,
                 self.device,
+                query_lens=self._verify_lens,
+                features=self._features,
             )
         except Exception as e:
             log.warning("CUDA graph capture failed, decode runs eagerly: %s", e, exc_info=True)
             self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
+
+    def set_speculation(self, verify_lens: list[int], features=None) -> None:
+        """Speculative decoding: capture verify graphs for steps of up to `verify_lens` tokens
+        per request, and run `features` (the target hidden states an EAGLE head reads, from
+        forward hooks) after every forward, eager or replayed, keeping its result in
+        `last_features`. Graphs already captured are captured again if this changes them."""
+        lens = tuple(sorted(set(verify_lens)))
+        if (lens, features) == (self._verify_lens, self._features):
+            return
+        self._verify_lens, self._features = lens, features
+        self.last_features = None
+        if self.attention is not None and self.cuda_graph_off_reason is None:
+            self.set_attention(self.attention, *self._graph_settings)
 
     def prepare(
         self,
@@ -313,7 +336,10 @@ class ModelRunner:
             raise RuntimeError("ModelRunner.set_attention must be called before forward")
         if self.tp is not None:
             self.tp.share_batch(batch)  # the followers run the same step on their shards
-        self.attention.prepare(batch)
+        graphs = self.cuda_graphs
+        replay = graphs is not None and graphs.can_run(batch)
+        if not replay:
+            self.attention.prepare(batch)  # a replay prepares the backend for its own layout
         if all(batch.samples):
             rows = batch.logits_indices
         else:
@@ -322,10 +348,12 @@ class ModelRunner:
             ]
         if batch.logits_rows is not None:  # speculative decoding: every draft is verified
             rows = batch.logits_rows
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
-            hidden = self.cuda_graphs.replay(batch)
+        if replay:
+            hidden = graphs.replay(batch)
+            self.last_features = graphs.features
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
+            self.last_features = self._features() if self._features is not None else None
         return self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()

@@ -3,8 +3,9 @@
 Runs the same prompts (greedy, `--max-tokens` each) through one engine without speculation and
 one with it, `--batch-size` prompts at a time (1: batch-1 decode), and prints JSON: output
 tokens per second and engine steps of each, the speed-up, the acceptance rate and length, the
-cost of a speculative step relative to a plain one, and the share of completions identical to
-the plain run (bf16 near-ties may differ).
+cost of a speculative step relative to a plain one, the CUDA graph replays (decode and verify)
+and the share of completions identical to the plain run (bf16 near-ties may differ).
+`--compare-eager` adds the same speculation without CUDA graphs (`spec_eager`).
 
     python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
         --speculative-draft-model-path /tmp/eagle3-smollm2 [--model DIR] [--batch-size 1]
@@ -62,6 +63,9 @@ class Oracle(Speculator):
     offset = 0
     vocab = 32000
 
+    def chain_length(self) -> int:
+        return self.num_draft_tokens  # verify steps of k + 1 tokens replay CUDA graphs
+
     def propose(self, requests, max_tokens):
         out = []
         for r, k in zip(requests, max_tokens):
@@ -82,6 +86,16 @@ def run(llm, prompts, params, batch_size):
     tokens = sum(len(o.token_ids) for o in outs)
     return outs, {"tok_s": round(tokens / elapsed, 1), "steps": llm.engine.num_steps - steps,
                   "elapsed_s": round(elapsed, 3)}  # fmt: skip
+
+
+def graph_report(runner) -> dict:
+    """Whether CUDA graphs served the run: replays of decode and verify graphs, or why off."""
+    graphs = runner.cuda_graphs
+    if graphs is None:
+        return {"off": runner.cuda_graph_off_reason}
+    return {"replays": graphs.num_replays, "verify_replays": graphs.num_verify_replays,
+            "verify_query_lens": list(graphs.query_lens),
+            "features": graphs.features_fn is not None}  # fmt: skip
 
 
 def prompts_for(args, llm) -> list:
@@ -123,6 +137,8 @@ def main() -> None:
     p.add_argument("--oracle", choices=["perfect", "miss"], default=None)
     p.add_argument("--compare-switch", action="store_true",
                    help="also run speculation with the on/off switch disabled")  # fmt: skip
+    p.add_argument("--compare-eager", action="store_true",
+                   help="also run speculation without CUDA graphs (spec_eager)")  # fmt: skip
     add_speculative_arguments(p)
     args = p.parse_args()
     base = {"device": args.device}
@@ -168,6 +184,8 @@ def main() -> None:
     variants = [("spec", settings)]
     if args.compare_switch:
         variants.append(("spec_no_switch", {**settings, "speculative_min_accept_rate": 0.0}))
+    if args.compare_eager:
+        variants.append(("spec_eager", {**settings, "disable_cuda_graph": True}))
     for name, s in variants:
         with LLM(model, plugins=plugins, **s) as llm:
             run(llm, prompts[:1], params, 1)
@@ -175,6 +193,7 @@ def main() -> None:
             spec, result[name] = run(llm, prompts, params, args.batch_size)
             report = llm.engine.speculation.report(before)
             result[name]["speculation"] = report
+            result[name]["cuda_graphs"] = graph_report(llm.engine.runner)
         del llm
         gc.collect()
         plain_step = result["plain"]["elapsed_s"] / max(result["plain"]["steps"], 1)

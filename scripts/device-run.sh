@@ -5,9 +5,9 @@
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
-#                 [spec-ngram] [spec-perfect] [spec-batch64] [pytest] [tp-tests] [moe-ep]
-#                 [pd-mooncake] [pd-nixl] [profile-host-ab] [profile-host-detok] [allreduce]
-#                 [tp-profile] [gemv-sweep-tp]
+#                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-tests] [pytest]
+#                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
+#                 [profile-host-detok] [allreduce] [tp-profile] [gemv-sweep-tp]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -285,9 +285,10 @@ PY
         # (free and perfect: the verify's own cost, ideally 5x tokens per step at k = 4), then
         # the target as its own STANDALONE draft (same dummy weights: every draft accepted)
         L8=$(python3 -c 'from pegboard.core.bench.models import config_model_dir as c; print(c("llama-3.1-8b"))')
-        timeout 100 python3 scripts/bench_speculative.py --config llama-3.1-8b --oracle perfect \
+        # (verify steps replay CUDA graphs of 5 rows; `spec_eager` is the same run without graphs)
+        timeout 150 python3 scripts/bench_speculative.py --config llama-3.1-8b --oracle perfect \
           --speculative-num-steps 4 --num-prompts 2 --max-tokens 256 --kv-cache-tokens 65536 \
-          --cuda-graph-max-bs 1 \
+          --cuda-graph-max-bs 1 --compare-eager \
           >"$OUT/spec-perfect-oracle.json" 2>"$OUT/spec-perfect-oracle.err"; tail -30 "$OUT/spec-perfect-oracle.json"
         timeout 100 python3 scripts/bench_speculative.py --config llama-3.1-8b --speculative-algorithm \
           STANDALONE --speculative-draft-model-path "$L8" --speculative-num-steps 4 --num-prompts 1 \
@@ -302,6 +303,21 @@ PY
           --batch-size 64 --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch \
           --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-ngram.json" 2>"$OUT/spec-batch64-ngram.err"; tail -40 "$OUT/spec-batch64-ngram.json" ;;
+    spec-eagle) # the bundled SmolLM2 with an EAGLE-3 head trained here by self-distillation (kept
+        # in out/eagle3-smollm2 while the machine stays warm: a second call resumes training),
+        # then batch-1 decode with the head vs without, graphs on and off (`spec_eager`)
+        HEAD=${EAGLE_HEAD:-out/eagle3-smollm2}
+        SMOL=$(python3 -c 'from pegboard.core.default_model import default_model_dir as d; print(d())')
+        timeout $(( ${EAGLE_TRAIN_MIN:-6} * 60 + 60 )) $PB spec train-eagle3 --model "$SMOL" --out "$HEAD" \
+          --max-minutes ${EAGLE_TRAIN_MIN:-6} >"$OUT/spec-eagle-train.log" 2>&1; tail -3 "$OUT/spec-eagle-train.log"
+        tail -1 "$HEAD/train_log.jsonl"
+        timeout 150 python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
+          --speculative-draft-model-path "$HEAD" --speculative-num-steps 4 --cuda-graph-max-bs 1 \
+          --max-tokens 256 --compare-eager >"$OUT/spec-eagle.json" 2>"$OUT/spec-eagle.err"; tail -45 "$OUT/spec-eagle.json" ;;
+    spec-tests) # the GPU tests of speculation and CUDA graphs (verify graphs == eager verify)
+        timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+          tests/test_speculative_graphs.py tests/test_speculative_gpu.py tests/test_cuda_graph.py \
+          2>&1 | tail -40 | tee "$OUT/spec-tests.log" ;;
     serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
         python3 - >"$OUT/serve-qwen3-server.log" 2>&1 <<'PY' &
 from pegboard.core.async_engine import AsyncEngine

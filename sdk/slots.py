@@ -194,10 +194,21 @@ class AttentionBackend:
     - `forward` may get more token rows than `prepare`'s batch had requests (the batch padded
       to a captured size): rows past the last request have slot -1, store no K/V, and their
       outputs are ignored; they must not change any real row's output.
+
+    Verify graphs (speculative decoding; only for a class that also sets
+    `supports_cuda_graph_verify = True`): `prepare_for_capture(max_requests, max_query_len)`
+    also sizes what a batch of up to `max_requests` requests with up to `max_query_len` new
+    tokens each needs. A batch whose requests all have the same number `q` of new tokens
+    (no tree masks) then never synchronises with the host in `forward`, and replays correctly
+    from a capture made after `prepare` of another batch with as many requests and the same
+    `q`. Some of its rows have slot -1 (padding): they store nothing, and the backend may let
+    them attend to whatever the page table shows past a request's real keys.
     """
 
     #: Whether decode steps may be captured and replayed as CUDA graphs (see above).
     supports_cuda_graph: ClassVar[bool] = False
+    #: Whether speculative verify steps may be captured too (see above).
+    supports_cuda_graph_verify: ClassVar[bool] = False
     #: The precision K/V are stored at when lower than the model's (e.g. an fp8 KV cache):
     #: the conformance kit then compares within that dtype's rounding. None: stored exactly.
     kv_dtype: ClassVar[torch.dtype | None] = None
@@ -207,9 +218,10 @@ class AttentionBackend:
         self.pool = pool
         self.scale = scale if scale is not None else model.head_dim**-0.5
 
-    def prepare_for_capture(self, max_requests: int) -> None:
-        """Size the metadata for CUDA graph capture (see the class docstring). Default: nothing
-        to size, for backends without CUDA graph support."""
+    def prepare_for_capture(self, max_requests: int, max_query_len: int = 1) -> None:
+        """Size the metadata for CUDA graph capture (see the class docstring; `max_query_len`
+        > 1 only with `supports_cuda_graph_verify`). Default: nothing to size, for backends
+        without CUDA graph support."""
 
     def prepare(self, batch: ForwardBatch) -> None:
         raise NotImplementedError
@@ -346,6 +358,16 @@ class Speculator(Plugin):
     @classmethod
     def check_target(cls, config: dict, options: pydantic.BaseModel) -> None:
         """Default: any target will do."""
+
+    def chain_length(self) -> int | None:
+        """The most tokens a chain from this speculator has, or None (unknown, or it drafts
+        trees). The core captures CUDA graphs for verify steps of `chain_length() + 1` tokens
+        per request (longer steps run eagerly). Default: the options' `num_draft_tokens`
+        unless their `topk` asks for trees."""
+        k = getattr(self.options, "num_draft_tokens", None)
+        if not isinstance(k, int) or k < 1 or getattr(self.options, "topk", 1) > 1:
+            return None
+        return k
 
     @hookimpl
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[Drafts]:

@@ -82,6 +82,7 @@ def check_speculator(
             except Exception as e:
                 raise _error("propose returns drafts (it must not raise)", f"{case}: {e!r}") from e
             _check(out, requests, limits, vocab_size, case)
+            _check_chain_length(plugin, out, case)
             if any(list(r.token_ids) != b for r, b in zip(requests, before)):
                 raise _error("propose only reads requests (token_ids unchanged)", case)
             for r, d in zip(requests, out):  # the target keeps some drafts and one token
@@ -96,6 +97,19 @@ def check_speculator(
     finally:
         manager.unregister(plugin)
         plugin.close()
+
+
+def _check_chain_length(plugin, out, case: str) -> None:
+    """`chain_length()` is None or the most tokens any chain of this speculator has (the core
+    captures verify graphs for that many; a longer chain would run eagerly)."""
+    k = plugin.chain_length()
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise _error("chain_length() is None or a positive int", f"{case}: {k!r}")
+    longest = max((len(d.tokens) for d in out if d.parents is None), default=0)
+    if k is not None and longest > k:
+        raise _error(
+            "no chain is longer than chain_length()", f"{case}: a chain of {longest} > {k}"
+        )
 
 
 def _check(out, requests: list[Request], limits: list[int], vocab: int, case: str) -> None:

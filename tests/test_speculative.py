@@ -471,6 +471,23 @@ def test_conformance_kit_catches_a_speculator_over_its_limit():
         check_speculator(Greedy)
 
 
+def test_conformance_kit_catches_chains_longer_than_chain_length():
+    """`chain_length()` sizes the verify CUDA graphs: a speculator must not exceed it."""
+    from pegboard.sdk.testing import ConformanceError, check_speculator
+
+    class Boastful(Speculator):
+        name = "boastful"
+
+        def chain_length(self):
+            return 1
+
+        def propose(self, requests, max_tokens):
+            return [Drafts([1] * k) for k in max_tokens]
+
+    with pytest.raises(ConformanceError, match=r"no chain is longer than chain_length"):
+        check_speculator(Boastful)
+
+
 def test_a_stop_token_inside_an_accepted_chain_ends_the_request_there(case):
     """Perfect drafts run past the stop token; the request ends at it, as without drafts,
     and its pages (with the computed KV past the stop) are all freed."""

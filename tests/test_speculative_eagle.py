@@ -21,17 +21,19 @@ case = test_speculative.case  # the module's fixture: tiny target, prompts, tran
 H, INTER, HEADS, KV_HEADS, VOCAB, DRAFT_VOCAB = 64, 128, 4, 2, 512, 256
 
 
-def build_eagle3_head(path, hidden=H, aux=(0, 0, 1), seed=0):
+def build_eagle3_head(path, hidden=H, aux=(0, 0, 1), seed=0, attention_heavy=False):
     """An EAGLE-3 head as SGLang loads it: `fc` over three target layers, `midlayer` with
-    2 * hidden wide q/k/v inputs, `norm`, a reduced `lm_head` and `d2t` (draft id i -> 2i)."""
+    2 * hidden wide q/k/v inputs, `norm`, a reduced `lm_head` and `d2t` (draft id i -> 2i).
+    `attention_heavy`: a small `fc` and large attention weights, so the drafts depend on
+    which of the head's keys each row attends to (not only on its own features)."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.2).contiguous()
+        return (torch.randn(*shape, generator=g) * (0.6 if attention_heavy else 0.2)).contiguous()
 
     hd = H // HEADS
     tensors = {
-        "fc.weight": w(H, 3 * hidden),
+        "fc.weight": w(H, 3 * hidden) * (0.005 if attention_heavy else 1.0),
         "midlayer.hidden_norm.weight": torch.ones(H),
         "midlayer.input_layernorm.weight": torch.ones(H),
         "midlayer.post_attention_layernorm.weight": torch.ones(H),
@@ -183,3 +185,88 @@ def test_a_draft_model_is_not_an_eagle_head(case, monkeypatch):
 
 def _no_load(*args, **kwargs):
     raise AssertionError("the target model was loaded before the speculator was checked")
+
+
+def record_drafts(llm) -> tuple[dict, list[int]]:
+    """Wrap the active speculator's `propose`: returns (drafts by the request's context, the
+    number of requests given drafts per call), filled as the engine runs."""
+    seen, sizes = {}, []
+    spec = llm.engine.plugins.active("speculator")
+    original = spec.propose
+
+    def propose(requests, max_tokens):
+        out = original(requests, max_tokens)
+        sizes.append(sum(1 for d in out if d.tokens))
+        seen.update((tuple(r.token_ids), d.tokens) for r, d in zip(requests, out) if d.tokens)
+        return out
+
+    spec.propose = propose
+    llm.engine.plugins.unregister(spec)
+    llm.engine.plugins.register(spec)
+    return seen, sizes
+
+
+def snapshot_after_propose(llm, take) -> list:
+    """`take(speculator)` after every `propose` of the active speculator, filled as it runs."""
+    spec = llm.engine.plugins.active("speculator")
+    original, out = spec.propose, []
+
+    def propose(requests, max_tokens):
+        drafts = original(requests, max_tokens)
+        out.append(take(spec))
+        return drafts
+
+    spec.propose = propose
+    llm.engine.plugins.unregister(spec)
+    llm.engine.plugins.register(spec)
+    return out
+
+
+def test_batched_drafting_gives_each_request_its_own_drafts(case, eagle_case):
+    """The head drafts for all requests in one forward per step: each request's drafts (by
+    context) equal those it gets when it runs alone, so no request's features, KV or draft
+    ids leak into another's."""
+    model_dir, prompts, _ = case
+    options = {"eagle": {"model_path": str(eagle_case[0])}}
+
+    def drafts_by_context(batches):
+        with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+                 plugin_options=options, speculative_min_accept_rate=0.0) as llm:  # fmt: skip
+            seen, sizes = record_drafts(llm)
+            for batch in batches:
+                llm.generate(batch, SamplingParams(max_tokens=12, temperature=0.0))
+        return seen, sizes
+
+    together, sizes = drafts_by_context([prompts])
+    assert max(sizes) >= 3  # several requests drafted in one call
+    alone, _ = drafts_by_context([[p] for p in prompts])
+    common = together.keys() & alone.keys()
+    assert len(common) >= len(prompts)
+    assert {c: together[c] for c in common} == {c: alone[c] for c in common}
+
+
+def test_features_of_requests_that_pause_drafting_are_merged_losslessly(case, eagle_case,
+                                                                         monkeypatch):  # fmt: skip
+    """While the switch keeps drafting off, each request's target features pile up one block
+    a step (views into the step's gathered rows); every `COMPACT_AFTER` they are merged into
+    one. The head then sees exactly what it sees unmerged: same keys after every propose."""
+    from pegboard.core.speculative import hidden
+
+    model_dir, prompts, reference = case
+    options = {"eagle": {"model_path": str(eagle_case[0]), "kv_cache_tokens": 2048}}
+
+    def run():
+        with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+                 plugin_options=options) as llm:  # fmt: skip
+            keys = snapshot_after_propose(llm, lambda spec: spec.kv.pool.k[0].clone())
+            outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0))
+            assert llm.engine.speculation.switch.num_off_steps >= 16  # a pause happened
+            return [o.token_ids for o in outs], keys
+
+    merged, keys = run()
+    monkeypatch.setattr(hidden, "COMPACT_AFTER", 10**6)
+    apart, apart_keys = run()
+    assert merged == apart
+    assert len(keys) == len(apart_keys)
+    for a, b in zip(keys, apart_keys):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

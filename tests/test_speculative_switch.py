@@ -73,12 +73,18 @@ def test_a_speculator_that_always_misses_is_turned_off_and_outputs_are_unchanged
     from pegboard.sdk.types import SamplingParams
 
     pm = oracle_plugins(references, 1)
-    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, **params) as llm:
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, metrics=["prometheus"],
+             **params) as llm:  # fmt: skip
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
         switch = llm.engine.speculation.switch
         stats = llm.engine.speculation.stats()
+        text = pm.active_all("metrics")[0].render().decode()
     assert_same(outs, reference)
     assert switch.num_turned_off >= 1 and switch.num_off_steps >= S.COOLDOWN - 1
+    labels = f'model_name="{model_dir}"'  # the switch's decisions, in /metrics
+    assert f"pegboard:spec_switch_turned_off_total{{{labels}}} {switch.num_turned_off}.0" in text
+    off = f'pegboard:spec_switch_off_steps_total{{{labels},reason="accept_rate"}}'
+    assert f"{off} {switch.num_off_steps}.0" in text
     assert stats["spec_accepted_tokens"] == 0
     assert stats["spec_verify_steps"] < without["spec_verify_steps"]
     assert OracleSpeculator.calls < calls_without
@@ -136,3 +142,29 @@ def test_a_reset_turns_drafting_back_on_with_a_fresh_cooldown():
     assert not sw.on
     sw.reset()  # a swap to another speculator
     assert sw.on and sw.allows(1) and sw._cooldown == S.COOLDOWN
+
+
+def test_steps_the_switch_keeps_plain_overlap_and_steps_that_may_draft_do_not(case):
+    """Overlap scheduling stays on under speculation where it can: while the switch keeps
+    drafting off, a step's tokens stay on the device into the next step; a step after which
+    drafting may resume reads them at once (a request drafts after its last token)."""
+    from pegboard.core.llm import LLM
+    from pegboard.sdk.types import Request, SamplingParams
+
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, 1)  # all wrong
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    seen = []  # after each step: (drafting may resume, a step is still pending)
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm,
+             speculator="oracle") as llm:  # fmt: skip
+        engine = llm.engine
+        requests = [Request(p, params) for p in prompts]
+        for r in requests:
+            engine.add_request(r)
+        while engine.has_work():
+            engine.step()
+            seen.append((engine.speculation.needs_tokens(), engine._pending is not None))
+        assert engine.speculation.switch.num_off_steps > 0
+    assert [r.output_token_ids for r in requests] == reference
+    assert any(pending for _, pending in seen)  # overlapped while switched off
+    assert not any(pending for may_draft, pending in seen if may_draft)

@@ -20,8 +20,8 @@ class SpeculatorError(ValueError):
 
 def check_speculator(plugins, config, model_dir: Path) -> None:
     """Before the target loads: let the selected speculator check the target's config (a
-    draft's vocabulary and hidden size), refuse settings speculation does not support, and
-    turn overlap scheduling off (the accepted count decides the next step's inputs)."""
+    draft's vocabulary and hidden size) and refuse settings speculation does not support.
+    Overlap scheduling stays on for the steps that do not draft (`Speculation.needs_tokens`)."""
     name = config.speculator
     if not name:
         return
@@ -37,15 +37,11 @@ def check_speculator(plugins, config, model_dir: Path) -> None:
             cls.check_target(target, options)
         except ValueError as e:
             raise SpeculatorError(f"speculator {name!r}: {e}") from e
-    if getattr(cls, "reads_target_hidden", False) and not config.disable_cuda_graph:
-        log.info("speculator %r reads the target's hidden states: decode CUDA graphs are off", name)
-        config.disable_cuda_graph = True
     if not config.disable_overlap:
         log.info(
-            "speculative decoding: overlap scheduling is off (accepted counts are read "
-            "by the host before the next step is prepared)"
+            "speculative decoding: steps that draft read their tokens before the next step is "
+            "prepared; overlap scheduling runs while the speculation switch is off"
         )
-        config.disable_overlap = True
 
 
 def _read_config(model_dir: Path) -> dict | None:

@@ -7,14 +7,23 @@ EAGLE-3 `layers_to_capture`), or `"final"` (the normed output, EAGLE-1/2). After
 forward, each request's rows that the target kept (all computed tokens; for a drafting request
 its last token and the accepted drafts) are appended to `request.plugin_state[FEATURES_KEY]`
 as `(first position, tensor [rows, features])`; the speculator consumes and clears them.
+
+The model runner calls `features` after every forward (`ModelRunner.set_speculation`); CUDA
+graphs run it inside their captures and copy its result to a static buffer, since a replay
+runs no hooks.
 """
 
 from __future__ import annotations
 
 import torch
+from pegboard.sdk.device import to_device
 from pegboard.sdk.types import ForwardBatch
 
 FEATURES_KEY = "target_hidden"
+#: A request's blocks are views into one step's gathered rows (one copy for the whole batch);
+#: a request that does not draft for this many steps gets its blocks copied into one, so it
+#: does not keep every step's whole batch alive.
+COMPACT_AFTER = 8
 
 
 class TargetHidden:
@@ -53,31 +62,43 @@ class TargetHidden:
             return None
         return torch.cat([self.captured[i] for i in self.layers], dim=-1)
 
-    def hand_out(self, batch: ForwardBatch, kept: dict[int, list[int]]) -> None:
-        """Append each request's kept rows (see the module docstring) to its plugin state:
-        `kept[id(request)]` lists a drafting request's rows (its last token, then the accepted
-        path of its drafts, in order); other requests keep all their rows."""
-        features = self.features()
+    def hand_out(
+        self, batch: ForwardBatch, kept: dict[int, list[int]], features: torch.Tensor | None
+    ) -> None:
+        """Append each request's kept rows of `features` (`features()` of `batch`'s forward,
+        kept by the model runner, replayed CUDA graphs included; see the module docstring) to
+        its plugin state: `kept[id(request)]` lists a drafting request's rows (its last token,
+        then the accepted path of its drafts, in order); other requests keep all their rows."""
         if features is None:
             return
-        end = 0
+        index, owners, end = [], [], 0  # every kept row, gathered in one copy
         for r, q, seq_len in zip(batch.requests, batch.query_lens_cpu, batch.seq_lens_cpu):
             start, end = end, end + q
             if r.finished:
                 continue
             rows = kept.get(id(r))
-            if rows is None:
-                block = features[start:end]
-            elif rows == list(range(len(rows))):
-                block = features[start : start + len(rows)]
-            else:  # a tree's accepted path
-                block = features[torch.tensor(rows, device=features.device) + start]
-            r.plugin_state.setdefault(FEATURES_KEY, []).append(
-                (seq_len - q, block.detach().clone())
-            )
+            index.extend(range(start, end) if rows is None else (start + i for i in rows))
+            owners.append((r, seq_len - q, q if rows is None else len(rows)))
+        if owners:
+            taken = features.detach()[to_device(index, features.device, torch.int64)]
+            for (r, first, _), block in zip(owners, taken.split([n for _, _, n in owners])):
+                blocks = r.plugin_state.setdefault(FEATURES_KEY, [])
+                blocks.append((first, block))
+                if len(blocks) >= COMPACT_AFTER:
+                    _compact(blocks)
         self.captured.clear()
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _compact(blocks: list[tuple[int, torch.Tensor]]) -> None:
+    """Merge a request's latest blocks that cover consecutive positions into one (a recompute
+    after preemption starts over at an earlier position: the blocks before it stay apart)."""
+    i = len(blocks) - 1
+    while i > 0 and blocks[i - 1][0] + blocks[i - 1][1].shape[0] == blocks[i][0]:
+        i -= 1
+    if i < len(blocks) - 1:
+        blocks[i:] = [(blocks[i][0], torch.cat([b for _, b in blocks[i:]]))]

@@ -19,9 +19,11 @@ reused by the next tokens (freed with the request), so nothing leaks. Drafts are
 their pages fit the free pages left after the step's own needs: speculation never causes a
 preemption.
 
-Overlap scheduling is turned off under speculation: the next step's positions and inputs
+Overlap scheduling pauses for the steps that draft: the next step's positions and inputs
 depend on how many drafts were accepted, which the host only knows after reading the verify
-result (SGLang's first speculative implementation made the same choice).
+result (SGLang's first speculative implementation made the same choice), and a request drafts
+only after its last token is known. While the switch keeps speculation off, steps overlap as
+plain decoding does (`needs_tokens`).
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ class Speculation:
         self.num_verify = 0
         self.num_drafts = 0
         self.num_accepted = 0
+        if self.speculator is not None:
+            self._bind(self.speculator)  # before the model runner captures CUDA graphs
 
     @property
     def speculator(self):
@@ -140,7 +144,8 @@ class Speculation:
             return num_tokens
         self._bind(self.speculator)
         if self._hidden is not None and self._last_batch is not None:
-            self._hidden.hand_out(self._last_batch, self._kept)  # the last forward's features
+            features = self.engine.runner.last_features  # the last forward's
+            self._hidden.hand_out(self._last_batch, self._kept, features)
         self._last_batch, self._kept = None, {}
         if not self.switch.allows(len(scheduled)):
             return num_tokens
@@ -170,6 +175,12 @@ class Speculation:
                 num_tokens[i] += len(d.tokens)
         return num_tokens
 
+    def needs_tokens(self) -> bool:
+        """Whether the next step may draft, so this step's sampled tokens must be read now
+        (a request drafts only after its last token: overlap scheduling pauses). False while
+        the switch keeps speculation off: those steps overlap like plain decoding."""
+        return self.speculator is not None and self.switch.may_allow(len(self.engine.running))
+
     def _bind(self, speculator) -> None:
         """Give a speculator that reads the target (EAGLE) the model and capture the hidden
         states it asks for; once per speculator (again after a swap)."""
@@ -185,6 +196,8 @@ class Speculation:
         layers = getattr(speculator, "target_layers", None)
         if getattr(speculator, "reads_target_hidden", False) and layers:
             self._hidden = TargetHidden(self.engine.runner.model, layers)
+        features = self._hidden.features if self._hidden is not None else None
+        self.engine.runner.set_speculation(verify_lens(speculator), features)
         self._bound = speculator
 
     def _as_chain(self, d: Drafts) -> Drafts:
@@ -353,6 +366,19 @@ class Speculation:
             "switch_off_steps": now["spec_switch_off_steps"] - since["spec_switch_off_steps"],
         }
 
+    def metrics(self) -> dict[str, float]:
+        """The on/off switch's cumulative decisions for the step snapshot's `extra` (exported
+        as `pegboard:spec_switch_off_steps_total{reason}` and
+        `pegboard:spec_switch_turned_off_total`); empty without a speculator."""
+        if self.speculator is None:
+            return {}
+        sw = self.switch
+        return {
+            "spec_switch_off_steps_accept_rate": sw.off_steps["accept_rate"],
+            "spec_switch_off_steps_batch_size": sw.off_steps["batch_size"],
+            "spec_switch_turned_off": sw.num_turned_off,
+        }
+
     def stats(self) -> dict[str, float]:
         """Cumulative verify steps, draft and accepted tokens, and the mean acceptance length
         (tokens per verify step, the target's own token included)."""
@@ -365,6 +391,14 @@ class Speculation:
             "spec_accept_rate": self.num_accepted / self.num_drafts if self.num_drafts else 0.0,
             "spec_switch_off_steps": self.switch.num_off_steps,  # steps the switch ran plain
         }
+
+
+def verify_lens(speculator) -> list[int]:
+    """The verify steps' query lengths worth CUDA graphs for `speculator`: its chain's length
+    plus the last token (`Speculator.chain_length`); none for trees or unknown lengths."""
+    chain_length = getattr(speculator, "chain_length", None)
+    k = chain_length() if chain_length is not None else None
+    return [k + 1] if k else []
 
 
 def _backing_off(r: Request) -> bool:

@@ -37,9 +37,15 @@ class SpeculationSwitch:
         self._window: deque[tuple[int, int]] = deque(maxlen=WINDOW)  # (drafted, accepted)
         self._off_for = 0  # steps left without drafts
         self._cooldown = COOLDOWN
-        #: Counters for metrics: steps run without drafts by this switch, times it turned off.
-        self.num_off_steps = 0
+        #: Counters for metrics (`pegboard:spec_switch_*`): steps run without drafts by each
+        #: rule, and the times the acceptance rule turned speculation off.
+        self.off_steps = {"accept_rate": 0, "batch_size": 0}
         self.num_turned_off = 0
+
+    @property
+    def num_off_steps(self) -> int:
+        """Steps this switch ran without drafts (both rules)."""
+        return sum(self.off_steps.values())
 
     def reset(self) -> None:
         """Forget the acceptance seen so far (another speculator was swapped in)."""
@@ -52,14 +58,21 @@ class SpeculationSwitch:
         """Whether the acceptance rule lets speculation run (the batch rule is per step)."""
         return self._off_for == 0
 
+    def may_allow(self, batch_size: int) -> bool:
+        """Whether the next step, of about `batch_size` requests, may draft (`allows` without
+        counting anything)."""
+        if self._off_for > 0:
+            return False
+        return not (self.disable_batch_size and batch_size >= self.disable_batch_size)
+
     def allows(self, batch_size: int) -> bool:
         """Called once per step with the scheduled requests' count: whether to draft."""
         if self._off_for > 0:
             self._off_for -= 1
-            self.num_off_steps += 1
+            self.off_steps["accept_rate"] += 1
             return False
         if self.disable_batch_size and batch_size >= self.disable_batch_size:
-            self.num_off_steps += 1
+            self.off_steps["batch_size"] += 1
             return False
         return True
 

@@ -57,10 +57,16 @@ class TritonAttentionBackend(AttentionBackend):
     batch the engine will run, after which they are never replaced (a batch that would need
     more raises instead). A replayed decode graph keeps the split count of its capture, which
     is correct for any context length (splits past a request's end do no work). Padded rows
-    have sequence length 0 and slot -1: they store nothing and read no keys.
+    have sequence length 0 and slot -1: they store nothing and read no keys. Verify graphs
+    (`supports_cuda_graph_verify`): a batch of `B` requests with `q` new tokens each launches
+    `B * ceil(q / tokens_per_block)` extend programs over a block map of the same layout, so
+    any such batch replays a capture made for another; the block map is sized for the longest
+    `max_query_len` at capture and never replaced (a longer eager batch uses a spare one).
     """
 
     supports_cuda_graph = True
+    #: Verify steps (every request `q` new tokens, no draft tree) replay as CUDA graphs too.
+    supports_cuda_graph_verify = True
     #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with per-layer scales.
     supports_fp8_kv = True
     #: The extend kernel applies `ForwardBatch.tree_masks` (speculative draft trees).
@@ -97,17 +103,23 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_pages = 0
         self.max_blocks = 0
         self.max_splits = 0
+        self.step_block_map: torch.Tensor | None = None  # this step's (`block_map` or a spare)
+        self.fixed_blocks = False
         self.fixed = False  # set by prepare_for_capture: captured graphs hold the addresses
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
 
-    def prepare_for_capture(self, max_requests: int) -> None:
+    def prepare_for_capture(self, max_requests: int, max_query_len: int = 1) -> None:
         """Size the metadata and the decode split workspace for batches of up to
-        `max_requests` requests and any context length, then keep them fixed."""
+        `max_requests` requests and any context length (and the extend block map for
+        `max_query_len` new tokens each: verify graphs), then keep them fixed."""
         splits = self.decode_splits or self.kernels.choose_num_splits(
             1, self.model.num_kv_heads, self.model.max_model_len, self.device, self.decode_block_n
         )
-        self._reserve(max_requests, self.max_pages, 0, splits if splits > 1 else 0)
+        blocks = max_requests * -(-max_query_len // self.tokens_per_block)
+        self.fixed = self.fixed_blocks = False  # a new capture (the old graphs are dropped)
+        self._reserve(max_requests, self.max_pages, blocks, splits if splits > 1 else 0)
         self.fixed = True
+        self.fixed_blocks = max_query_len > 1  # verify graphs read the block map
 
     def _reserve(self, requests: int, pages: int, blocks: int, splits: int) -> None:
         """Grow the metadata tensors (and the decode workspace) to hold at least this much."""
@@ -130,7 +142,7 @@ class TritonAttentionBackend(AttentionBackend):
             self.query_starts = self.request_meta[cap : 2 * cap + 1]
             self.prefix_lens = self.request_meta[2 * cap + 1 :]
             self.max_splits = 0  # the workspace is sized by requests too
-        if blocks > self.max_blocks:
+        if blocks > self.max_blocks and not self.fixed_blocks:
             self.max_blocks = _pow2(blocks)
             self.block_map = torch.zeros(self.max_blocks, 2, dtype=torch.int32, device=dev)
         if splits > self.max_splits:
@@ -160,7 +172,11 @@ class TritonAttentionBackend(AttentionBackend):
             block_map = self.kernels.build_block_map(query_lens, self.tokens_per_block)
             self.num_blocks = len(block_map)
             self._reserve(num_requests, max_pages, self.num_blocks, 0)
-            _upload(self.block_map[: self.num_blocks], block_map)
+            if self.num_blocks <= self.max_blocks:
+                self.step_block_map = self.block_map
+                _upload(self.block_map[: self.num_blocks], block_map)
+            else:  # the block map is fixed for verify graphs: a longer eager batch's own
+                self.step_block_map = torch.from_numpy(block_map).to(self.device)
         self.tree = _tree_metadata(batch.tree_masks, self.device) if batch.tree_masks else None
 
         cap = self.max_requests
@@ -207,7 +223,7 @@ class TritonAttentionBackend(AttentionBackend):
                 self.page_table,
                 self.prefix_lens,
                 self.query_starts,
-                self.block_map,
+                self.step_block_map,
                 self.num_blocks,
                 scale,
                 out,

@@ -137,6 +137,21 @@ class PrometheusExporter(MetricsExporter):
         self.spec_accepted_tokens = counter(
             "spec_accepted_tokens_total", "Draft tokens the target accepted."
         )
+        # The speculation on/off switch (`core/speculative/switch.py`), from step snapshots.
+        off = counter(
+            "spec_switch_off_steps_total",
+            "Steps the speculation switch ran without drafts, by rule (accept_rate, batch_size).",
+            ("reason",),
+        )
+        self._switch_counters = {
+            "spec_switch_off_steps_accept_rate": off.labels(model, "accept_rate"),
+            "spec_switch_off_steps_batch_size": off.labels(model, "batch_size"),
+            "spec_switch_turned_off": counter(
+                "spec_switch_turned_off_total",
+                "Times the acceptance rule turned speculation off for a cooldown.",
+            ),
+        }
+        self._switch_seen: dict[str, float] = {}  # their cumulative counts at the last step
         self.spec_accept_length = histogram(
             "spec_accept_length",
             "Tokens per verify step (accepted drafts + 1) of finished requests.",
@@ -200,11 +215,21 @@ class PrometheusExporter(MetricsExporter):
             self._prefix_seen = (s.prefix_hit_tokens, s.prefix_query_tokens)
         else:
             self._prefix_seen = (0, 0)
+        self._observe_switch(s.extra)
         for key, count in s.plugin_errors.items():
             seen = self._plugin_errors.get(key, 0)
             if count > seen:
                 self.plugin_errors.labels(self.model_name, *key).inc(count - seen)
                 self._plugin_errors[key] = count
+
+    def _observe_switch(self, extra: dict[str, float]) -> None:
+        """The speculation switch's cumulative counts (`Speculation.metrics`) as increments."""
+        for name, counter in self._switch_counters.items():
+            if name in extra:
+                step = extra[name] - self._switch_seen.get(name, 0)
+                if step > 0:
+                    counter.inc(step)
+                self._switch_seen[name] = extra[name]
 
     def _throughput(self, s: MetricsSnapshot) -> float:
         """Decode tokens per second over the steps of the last `THROUGHPUT_WINDOW_S`."""

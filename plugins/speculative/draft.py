@@ -4,7 +4,8 @@ The draft model runs through pegboard's own model runner on a private paged KV p
 request, a shadow `Request` (in `request.plugin_state["draft"]`) holds the draft's page table
 and how much of the context its KV covers. Each `propose` first re-syncs the shadow with the
 request's tokens (the longest common prefix keeps its KV: accepted drafts stay, rejected ones
-are recomputed), feeds what the draft has not seen, then drafts k tokens one forward each.
+are recomputed), feeds what the draft has not seen, then drafts k tokens one forward each,
+every request in the same forward (decode CUDA graphs where the target has them on).
 Greedy requests draft by argmax (a point mass); sampling requests draft by sampling the
 draft's temperature distribution and hand it over for rejection sampling. With `topk` > 1 the
 draft grows a tree instead (EAGLE-2's way, `tree_search`; the greedy chain is its first path),
@@ -23,6 +24,7 @@ from typing import Literal
 
 import pydantic
 import torch
+from pegboard.plugins.speculative.head_kv import attention_backend
 from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.slots import PluginContext, Speculator
 from pegboard.sdk.types import Drafts, KVPool, Request
@@ -92,7 +94,14 @@ class DraftModelSpeculator(Speculator):
         self.page_size = int(ctx.engine.get("page_size") or 16)
         num_pages = -(-o.kv_cache_tokens // self.page_size)
         pool = KVPool.allocate(self.runner.info, num_pages, self.page_size)
-        self.runner.set_attention(_backend(o.attention, self.runner.info, pool))
+        # A chain's catch-up forward runs 1 or 2 tokens (the last draft, the target's token).
+        self.runner.set_speculation([2] if o.topk == 1 else [])
+        max_requests = int(ctx.engine.get("max_running_requests") or 0)
+        self.runner.set_attention(  # decode (and catch-up) CUDA graphs where the target has them
+            attention_backend(o.attention, self.runner.info, pool),
+            cuda_graph_max_bs=min(int(ctx.engine.get("cuda_graph_max_bs") or 0), max_requests),
+            max_requests=max_requests,
+        )
         self._free = list(range(num_pages - 1, -1, -1))
         self._tracked: dict[int, Request] = {}  # requests holding draft pages
 
@@ -122,10 +131,11 @@ class DraftModelSpeculator(Speculator):
                 batch_reqs, [s.num_uncomputed_tokens for s in batch_reqs], self.page_size
             )
             logits = self.runner.forward(batch)
+            greedy = logits.argmax(dim=-1).tolist()  # one device sync for every request
             for row, i in enumerate(live):
                 s, r = shadows[i], requests[i]
                 s.num_computed_tokens = s.num_tokens
-                token, q = _choose(logits[row], r, s)
+                token, q = (greedy[row], None) if r.params.greedy else _choose(logits[row], r, s)
                 drafts[i].append(token)
                 if q is not None:
                     probs[i].append(q)
@@ -235,11 +245,9 @@ class DraftModelSpeculator(Speculator):
         return len(self._free)
 
 
-def _choose(logits: torch.Tensor, r: Request, shadow: Request) -> tuple[int, torch.Tensor | None]:
-    """The draft token: argmax for a greedy request; otherwise a sample from the draft's
-    temperature distribution (from a stream seeded like the request), returned with it."""
-    if r.params.greedy:
-        return int(logits.argmax()), None
+def _choose(logits: torch.Tensor, r: Request, shadow: Request) -> tuple[int, torch.Tensor]:
+    """A sampling request's draft token: a sample from the draft's temperature distribution
+    (from a stream seeded like the request), returned with it."""
     gen = shadow.plugin_state.get("generator")
     if gen is None:
         gen = torch.Generator(device=logits.device)
@@ -255,15 +263,7 @@ def _tree_rows(batch, requests: list[tuple[DraftTree, list[int], list[int], int]
     depth, and a mask over the fed nodes: its ancestors and itself."""
     positions, masks, rows, end = [], [], [], 0
     for (tree, fed, frontier, start), q in zip(requests, batch.query_lens_cpu):
-        nodes = fed + frontier
-        col = {node: j for j, node in enumerate(nodes)}
-        mask = torch.zeros(len(frontier), len(nodes), dtype=torch.bool)
-        for j, f in enumerate(frontier):
-            a = f
-            while a >= 0:
-                mask[j, col[a]] = True
-                a = tree.parents[a]
-        masks.append(mask)
+        masks.append(tree.ancestor_mask(fed, frontier))
         positions += [start - 1 + tree.depths[f] for f in frontier]
         rows += range(end + q - len(frontier), end + q)
         end += q
@@ -273,15 +273,3 @@ def _tree_rows(batch, requests: list[tuple[DraftTree, list[int], list[int], int]
     batch.positions[index] = torch.tensor(positions, dtype=torch.int64, device=device)
     batch.tree_masks = masks
     batch.logits_rows = index
-
-
-def _backend(name: str, info, pool: KVPool):
-    if name == "auto":
-        name = "triton" if info.device.type == "cuda" else "torch"
-    if name == "triton":
-        from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
-
-        return TritonAttentionBackend(info, pool)
-    from pegboard.plugins.kernels.attention_torch import TorchAttentionBackend
-
-    return TorchAttentionBackend(info, pool)

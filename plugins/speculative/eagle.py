@@ -13,8 +13,13 @@ A head is one decoder layer that drafts from the target's own hidden states:
   d2t[draft]`). After the first step a head feeds on its own output (the pre-norm sum).
 
 The embedding is the target's (`embed_tokens` in the head's checkpoint, if present, wins).
-The head keeps its own KV per request (`request.plugin_state["eagle"]`): real entries for
-every target position it has seen, plus this step's draft positions, dropped next step.
+The head keeps its own paged KV (`head_kv.HeadKV`, a slot per request in
+`request.plugin_state["eagle"]`): real entries for every target position it has seen, plus
+this step's draft entries, overwritten next step. Drafting is batched across requests: one
+head forward over every request's unseen (feature, token) pairs, then one per draft step (or
+tree depth) for all of them, through an ordinary attention backend over the head's pool. On
+CUDA a chain's whole `propose` replays as one CUDA graph (`head_graphs.DraftGraphs`) once
+every request has at most `k + 1` new pairs.
 
 With `topk` > 1 the head drafts a tree (EAGLE-2, `tree_search.DraftTree`): best-first by the
 head's confidence, `num_steps` deep, `num_draft_tokens` nodes, the greedy chain as its first
@@ -24,7 +29,8 @@ path. Expanded nodes attend to the real entries, their ancestors and themselves.
 from __future__ import annotations
 
 import json
-import math
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydantic
@@ -33,11 +39,16 @@ from pegboard.core.models.config import RopeConfig
 from pegboard.core.models.layers import RMSNorm
 from pegboard.core.models.rope import RotaryEmbedding
 from pegboard.core.speculative.hidden import FEATURES_KEY
+from pegboard.plugins.speculative.head_graphs import DraftGraphs
+from pegboard.plugins.speculative.head_kv import HeadKV, HeadSlot
 from pegboard.plugins.speculative.tree_search import DraftTree
+from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import PluginContext, Speculator
-from pegboard.sdk.types import Drafts, Request
+from pegboard.sdk.types import Drafts, ModelInfo, Request
 from torch import nn
 from torch.nn import functional as F
+
+log = logging.getLogger("pegboard.speculative.eagle")
 
 STATE_KEY = "eagle"
 EAGLE3 = "LlamaForCausalLMEagle3"
@@ -53,6 +64,17 @@ class EagleOptions(pydantic.BaseModel):
     num_steps: int | None = pydantic.Field(
         None, ge=1, description="a tree's depth (default: num_draft_tokens)"
     )
+    kv_cache_tokens: int = pydantic.Field(
+        65536, ge=16, description="tokens the head's own KV pool holds (all requests)"
+    )
+    attention: str = pydantic.Field(
+        "auto", description="the head's attention backend: torch, triton, auto (triton on CUDA)"
+    )
+
+
+def graphs_supported(kv: HeadKV) -> bool:
+    """Whether the head's draft steps can be captured: on CUDA, with a graph-safe backend."""
+    return kv.device.type == "cuda" and kv.attention.supports_cuda_graph
 
 
 def read_head_config(path: str | Path) -> dict:
@@ -116,8 +138,14 @@ class EagleSpeculator(Speculator):
         self.eagle3 = self.config["architectures"][0] == EAGLE3
         self.device = ctx.device
         self.dtype = ctx.model.dtype if ctx.model else torch.float32
+        self.max_model_len = ctx.model.max_model_len if ctx.model else 4096
+        self.engine_facts = ctx.engine
+        self.graphs: DraftGraphs | None = None  # chain drafting as CUDA graphs
+        self.page_size = int(ctx.engine.get("page_size") or 16)
         self.head: EagleHead | None = None  # built by `bind_target`, with the target's parts
+        self.kv: HeadKV | None = None  # the head's paged KV, built with the head
         self.target_layers: list[int] | str = "final"
+        self._tracked: dict[int, Request] = {}  # requests holding head pages
 
     def bind_target(self, model) -> None:
         """Called by the core once, before the first `propose`: the target model, whose
@@ -126,110 +154,207 @@ class EagleSpeculator(Speculator):
         self.target_layers = aux_layers(self.config, num_layers) if self.eagle3 else "final"
         self.head = EagleHead(self.config, self.eagle3, model, self.options.model_path)
         self.head.to(device=self.device, dtype=self.dtype).eval()
+        h = self.head
+        info = ModelInfo(
+            EAGLE3 if self.eagle3 else EAGLE, 1, h.num_heads, h.num_kv_heads, h.head_dim,
+            self.config["hidden_size"], self.config["vocab_size"], self.max_model_len,
+            self.dtype, self.device,
+        )  # fmt: skip
+        self.kv = HeadKV(info, self.options.kv_cache_tokens, self.page_size, self.options.attention)
+        self.graphs = self._chain_graphs()
+
+    def _chain_graphs(self) -> DraftGraphs | None:
+        """CUDA graphs of chain drafting, where the engine captures graphs (its
+        `cuda_graph_max_bs`), the head's backend supports them and the head drafts chains."""
+        o, facts = self.options, self.engine_facts
+        max_bs = min(int(facts.get("cuda_graph_max_bs") or 0),
+                     int(facts.get("max_running_requests") or 0))  # fmt: skip
+        if o.topk > 1 or o.num_draft_tokens < 2 or max_bs < 1 or not graphs_supported(self.kv):
+            return None
+        try:
+            features = self.head.fc.in_features - (0 if self.eagle3 else self.head.hidden)
+            return DraftGraphs(self.head, self.kv, o.num_draft_tokens, max_bs, features)
+        except Exception as e:
+            log.warning("EAGLE draft-chain CUDA graph capture failed, drafting eagerly: %s", e)
+            return None
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[Drafts]:
-        out = []
-        for r, k in zip(requests, max_tokens):
-            k = min(k, self.options.num_draft_tokens)
-            out.append(self._draft(r, k) if k and self.head is not None else Drafts([]))
+        """Drafts for every request at once: one head forward over all requests' unseen
+        (feature, token) pairs, then one per draft step (a chain) or tree depth (a tree)."""
+        self._release_finished()
+        out = [Drafts([]) for _ in requests]
+        if self.head is None:
+            return out
+        o = self.options
+        limits = [min(k, o.num_draft_tokens) for k in max_tokens]
+        kmax = max(limits, default=0)
+        if kmax and self.graphs is not None:
+            kmax = o.num_draft_tokens  # the captured chain (drafts are cut to each limit)
+        tree = o.topk > 1
+        depth = min(o.num_steps or o.num_draft_tokens, kmax)
+        extra = o.topk * (depth - 1) if tree else kmax - 1  # draft entries after the real ones
+        jobs = [
+            job
+            for i, (r, k) in enumerate(zip(requests, limits))
+            if k and (job := self._ingest(i, r, extra)) is not None
+        ]
+        if not jobs:
+            return out
+        graphs = self.graphs
+        if not tree and graphs is not None and len(jobs) <= graphs.max_batch_size:
+            jobs = self._catch_up(jobs, graphs.q)  # leaves at most q new pairs per job
+        if not tree and graphs is not None and graphs.can_run(jobs):
+            drafts = graphs.run(jobs).tolist()  # catch-up and draft steps: one replay
+            for j in jobs:
+                j.commit()
+        elif tree:
+            hidden = self._feed(jobs)  # [len(jobs), hidden]: predicts each first draft
+            drafts = self._trees(jobs, hidden, [limits[j.index] for j in jobs])
+        else:
+            drafts = self._chains(jobs, self._feed(jobs), kmax)
+        for job, d in zip(jobs, drafts):
+            k = limits[job.index]
+            out[job.index] = d if tree else Drafts(d[:k])
         return out
 
-    def _draft(self, r: Request, k: int) -> Drafts:
-        state: HeadCache = r.plugin_state.get(STATE_KEY)
-        if state is None:
-            state = r.plugin_state[STATE_KEY] = HeadCache()
-        state.rollback()
+    def _ingest(self, i: int, r: Request, extra: int) -> _Job | None:
+        """Request `r`'s (feature at t, token t + 1) pairs the head has not seen, with head KV
+        reserved for them and `extra` draft entries; None if there are none or no room."""
+        slot: HeadSlot | None = r.plugin_state.get(STATE_KEY)
+        if slot is None:
+            slot = r.plugin_state[STATE_KEY] = HeadSlot()
+            self._tracked[id(r)] = r
         tokens = r.token_ids
-        pending = r.plugin_state.pop(FEATURES_KEY, [])
+        pending = r.plugin_state.get(FEATURES_KEY, [])
         feats, positions = [], []
-        for start, block in pending:  # pairs (feature at t, token t + 1) not seen yet
-            lo = max(state.next_position - start, 0)
+        for start, block in pending:
+            lo = max(slot.next_position - start, 0)
             hi = min(block.shape[0], len(tokens) - 1 - start)
             if hi > lo:
                 feats.append(block[lo:hi])
                 positions.extend(range(start + lo, start + hi))
-        if not positions:
-            return Drafts([])
+        if not positions or not self.kv.reserve(slot, slot.real + len(positions) + extra):
+            return None
+        r.plugin_state.pop(FEATURES_KEY, None)
         ids = [tokens[t + 1] for t in positions]
-        hidden = self.head.step(
-            torch.cat(feats), ids, positions, state, first=True
-        )  # [n, hidden]; the last row predicts the token after the context
-        state.commit(positions[-1] + 1)
-        if self.options.topk > 1:
-            depth = min(self.options.num_steps or self.options.num_draft_tokens, k)
-            return draft_tree(self.head, state, hidden[-1:], positions[-1], self.options.topk,
-                              depth, k)  # fmt: skip
-        drafts = []
-        last, pos = hidden[-1:], positions[-1]
-        for _ in range(k):
-            token = self.head.draft_token(last)
-            drafts.append(token)
-            pos += 1
-            last = self.head.step(last, [token], [pos], state, first=False)
-        return Drafts(drafts)
+        return _Job(i, slot, torch.cat(feats), ids, positions)
+
+    def _feed(self, jobs: list[_Job]) -> torch.Tensor:
+        """One head forward over every job's new real entries; the last row of each."""
+        positions = [p for j in jobs for p in j.positions]
+        ids = to_device([t for j in jobs for t in j.ids], self.device, torch.int64)
+        batch = self.kv.batch([(j.slot, j.slot.real, len(j.ids)) for j in jobs], positions, ids)
+        hidden = self._step(torch.cat([j.feats for j in jobs]), ids, batch, first=True)
+        ends, end = [], 0
+        for j in jobs:
+            end += len(j.ids)
+            ends.append(end - 1)
+            j.commit()
+        return hidden[to_device(ends, self.device, torch.int64)]
+
+    def _step(self, features, ids, batch, first: bool) -> torch.Tensor:
+        return self.head.step(features, ids, batch.positions, self.kv.attention, first)
+
+    def _catch_up(self, jobs: list[_Job], q: int) -> list[_Job]:
+        """Feed all but the last `q` new pairs of the jobs that have more (after a prefill or
+        a pause) in one eager head forward; the jobs with what is left."""
+        long = [j for j in jobs if len(j.ids) > q]
+        if long:
+            self._feed([_Job(j.index, j.slot, j.feats[:-q], j.ids[:-q], j.positions[:-q])
+                        for j in long])  # fmt: skip
+        return [
+            _Job(j.index, j.slot, j.feats[-q:], j.ids[-q:], j.positions[-q:])
+            if len(j.ids) > q
+            else j
+            for j in jobs
+        ]
+
+    def _chains(self, jobs: list[_Job], last: torch.Tensor, k: int) -> list[list[int]]:
+        """`k` greedy drafts per job, one batched head step per draft (ids stay on the
+        device until the end)."""
+        tokens = self.head.draft_ids(last)
+        drafted = [tokens]
+        for d in range(1, k):
+            rows = [(j.slot, j.slot.real + d - 1, 1) for j in jobs]
+            batch = self.kv.batch(rows, [j.positions[-1] + d for j in jobs], tokens)
+            last = self._step(last, tokens, batch, first=False)
+            tokens = self.head.draft_ids(last)
+            drafted.append(tokens)
+        return torch.stack(drafted, dim=1).tolist()
+
+    def _trees(self, jobs: list[_Job], last: torch.Tensor, limits: list[int]) -> list[Drafts]:
+        """EAGLE-2 draft trees (`tree_search`) for every job: per depth one head step over
+        all jobs' frontiers; expanded nodes attend to the real entries, their ancestors and
+        themselves (a tree mask over the job's draft entries)."""
+        o = self.options
+        topk = o.topk
+        depths = [min(o.num_steps or o.num_draft_tokens, k) for k in limits]
+        trees = [DraftTree(topk) for _ in jobs]
+        values, ids = self.head.draft_topk(last, topk)
+        values, ids = values.tolist(), ids.tolist()
+        frontier = [t.add_children(-1, v, i) for t, v, i in zip(trees, values, ids)]
+        inputs = [last[b : b + 1].expand(topk, -1) for b in range(len(jobs))]
+        fed: list[list[int]] = [[] for _ in jobs]  # expanded nodes, in head KV order
+        for d in range(2, max(depths, default=0) + 1):
+            live = [b for b in range(len(jobs)) if d <= depths[b] and frontier[b]]
+            if not live:
+                break
+            rows, positions, masks, tokens = [], [], [], []
+            for b in live:
+                j, f = jobs[b], frontier[b]
+                rows.append((j.slot, j.slot.real + len(fed[b]), len(f)))
+                positions += [j.positions[-1] + d - 1] * len(f)
+                masks.append(trees[b].ancestor_mask(fed[b], f))
+                tokens += [trees[b].tokens[n] for n in f]
+            ids = to_device(tokens, self.device, torch.int64)
+            batch = self.kv.batch(rows, positions, ids, tree_masks=masks)
+            out = self._step(torch.cat([inputs[b] for b in live]), ids, batch, first=False)
+            values, ids = self.head.draft_topk(out, topk)
+            values, ids = values.tolist(), ids.tolist()
+            row = 0
+            for b in live:
+                new, parent_row = [], {}
+                for f in frontier[b]:
+                    for n in trees[b].add_children(f, values[row], ids[row]):
+                        new.append(n)
+                        parent_row[n] = row
+                    row += 1
+                fed[b] += frontier[b]
+                frontier[b] = trees[b].frontier(new)
+                index = [parent_row[n] for n in frontier[b]]
+                inputs[b] = out[to_device(index, self.device, torch.int64)]
+        return [t.drafts(k) for t, k in zip(trees, limits)]
+
+    def _release_finished(self) -> None:
+        for r in [r for r in self._tracked.values() if r.finished]:
+            self._release(r)
+
+    def _release(self, r: Request) -> None:
+        slot = r.plugin_state.pop(STATE_KEY, None)
+        self._tracked.pop(id(r), None)
+        if slot is not None:
+            self.kv.release(slot)
+
+    def close(self) -> None:
+        for r in list(self._tracked.values()):
+            self._release(r)
 
 
-def draft_tree(head, state, last, pos: int, topk: int, depth: int, limit: int) -> Drafts:
-    """EAGLE-2's draft tree (`tree_search`) from the head output `last` `[1, H]` at the
-    context's last position `pos`; expanded nodes attend to the real entries and their
-    ancestors."""
-    tree = DraftTree(topk)
-    values, ids = head.draft_topk(last, topk)
-    frontier = tree.add_children(-1, values[0].tolist(), ids[0].tolist())
-    inputs = last.expand(topk, -1)
-    row_of: dict[int, int] = {}  # expanded node -> its row among the head's draft entries
-    for d in range(2, depth + 1):
-        before = len(state.positions) - state.real
-        mask = torch.zeros(len(frontier), before + len(frontier), dtype=torch.bool)
-        for j, f in enumerate(frontier):
-            row_of[f] = before + j
-            a = f
-            while a >= 0:
-                mask[j, row_of[a]] = True
-                a = tree.parents[a]
-        out = head.step(inputs, [tree.tokens[f] for f in frontier], [pos + d - 1] * len(frontier),
-                        state, first=False, tree_mask=mask.to(last.device))  # fmt: skip
-        values, ids = head.draft_topk(out, topk)
-        new, parent_row = [], {}
-        for j, f in enumerate(frontier):
-            for i in tree.add_children(f, values[j].tolist(), ids[j].tolist()):
-                new.append(i)
-                parent_row[i] = j
-        frontier = tree.frontier(new)
-        inputs = out[torch.tensor([parent_row[i] for i in frontier], device=out.device)]
-    return tree.drafts(limit)
+@dataclass
+class _Job:
+    """One drafting request in a `propose` call: its batch index, head KV and new pairs."""
 
+    index: int
+    slot: HeadSlot
+    feats: torch.Tensor
+    ids: list[int]
+    positions: list[int]
 
-class HeadCache:
-    """The head's KV for one request: `real` entries from target positions, then drafts."""
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.positions: list[int] = []
-        self.real = 0
-        self.next_position = 0
-
-    def rollback(self) -> None:
-        del self.positions[self.real :]
-
-    def commit(self, next_position: int) -> None:
-        self.real = len(self.positions)
-        self.next_position = next_position
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, positions: list[int]) -> None:
-        n = len(self.positions)
-        need = n + k.shape[0]
-        if self.k is None or need > self.k.shape[0]:
-            cap = max(need, 2 * (self.k.shape[0] if self.k is not None else 16))
-            grown_k = k.new_empty((cap, *k.shape[1:]))
-            grown_v = v.new_empty((cap, *v.shape[1:]))
-            if self.k is not None:
-                grown_k[:n], grown_v[:n] = self.k[:n], self.v[:n]
-            self.k, self.v = grown_k, grown_v
-        self.k[n:need], self.v[n:need] = k, v
-        self.positions.extend(positions)
+    def commit(self) -> None:
+        """The head has written the new pairs' entries: they are real from now on."""
+        self.slot.real += len(self.ids)
+        self.slot.next_position = self.positions[-1] + 1
 
 
 class EagleHead(nn.Module):
@@ -238,6 +363,7 @@ class EagleHead(nn.Module):
     def __init__(self, cfg: dict, eagle3: bool, target, path: str | None = None) -> None:
         super().__init__()
         h = cfg["hidden_size"]
+        self.hidden = h
         self.eagle3 = eagle3
         self.num_heads = cfg["num_attention_heads"]
         self.num_kv_heads = cfg.get("num_key_value_heads", self.num_heads)
@@ -328,14 +454,10 @@ class EagleHead(nn.Module):
                 del self.__dict__["embed"]
                 self.embed = nn.Embedding.from_pretrained(weights[key], freeze=True)
 
-    def step(
-        self, features, ids, positions, cache: HeadCache, first: bool, tree_mask=None
-    ) -> torch.Tensor:
-        """Run the layer on new rows (appending their KV); returns the pre-norm output.
-        `tree_mask` `[new rows, draft entries + new rows]`: which of the cache's draft entries
-        (after the real ones) each new row sees; None: all before it (a chain)."""
-        device = features.device
-        emb = self.embed(torch.tensor(ids, device=device)).to(features.dtype)
+    def step(self, features, ids: torch.Tensor, positions: torch.Tensor, attention, first: bool):
+        """Run the layer on a head step's rows, `attention` prepared for them (`HeadKV.batch`:
+        their KV is written at its slots); returns the pre-norm output `[rows, hidden]`."""
+        emb = self.embed(ids).to(features.dtype)
         if self.eagle3:
             h = self.fc(features) if first else features
             residual = h
@@ -344,31 +466,15 @@ class EagleHead(nn.Module):
             h = self.fc(torch.cat([emb, features], dim=-1))
             residual = h
             x = self.input_layernorm(h)
-        attn = self._attend(x, positions, cache, tree_mask)
-        h2 = attn + residual
-        mlp_in = self.post_attention_layernorm(h2)
-        out = self.down_proj(F.silu(self.gate_proj(mlp_in)) * self.up_proj(mlp_in)) + h2
-        return out
-
-    def _attend(self, x, positions, cache: HeadCache, tree_mask=None) -> torch.Tensor:
         n = x.shape[0]
-        pos = torch.tensor(positions, device=x.device)
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(pos, q, k)
-        before = len(cache.positions)
-        cache.append(k, v, positions)
-        keys = cache.k[: before + n].transpose(0, 1)
-        values = cache.v[: before + n].transpose(0, 1)
-        mask = torch.ones(n, before + n, dtype=torch.bool, device=x.device).tril(before)
-        if tree_mask is not None:
-            mask[:, cache.real :] = tree_mask
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask,
-            scale=1 / math.sqrt(self.head_dim), enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # fmt: skip
-        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+        q, k = self.rotary(positions, q, k)
+        attn = attention.forward(0, q, k, v)
+        h2 = self.o_proj(attn.reshape(n, -1)) + residual
+        mlp_in = self.post_attention_layernorm(h2)
+        return self.down_proj(F.silu(self.gate_proj(mlp_in)) * self.up_proj(mlp_in)) + h2
 
     def draft_topk(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of `out`, the `k` best draft tokens' log-probabilities and target ids."""
@@ -377,11 +483,12 @@ class EagleHead(nn.Module):
             return values, ids + self.d2t[ids]
         return self.target_logits(out).float().log_softmax(-1).topk(k, dim=-1)
 
-    def draft_token(self, out: torch.Tensor) -> int:
+    def draft_ids(self, out: torch.Tensor) -> torch.Tensor:
+        """Per row of `out`, the head's best guess as a target id (on the device)."""
         if self.eagle3:
-            draft = int(self.lm_head(self.norm(out)).argmax(dim=-1))
-            return draft + int(self.d2t[draft])
-        return int(self.target_logits(out).argmax(dim=-1))
+            draft = self.lm_head(self.norm(out)).argmax(dim=-1)
+            return draft + self.d2t[draft]
+        return self.target_logits(out).argmax(dim=-1)
 
 
 def _rope(cfg: dict) -> RopeConfig:

@@ -12,6 +12,7 @@ have drafted as a chain: a tree never guesses worse than the chain.
 
 from __future__ import annotations
 
+import torch
 from pegboard.sdk.types import Drafts
 
 
@@ -46,6 +47,19 @@ class DraftTree:
         spine = [i for i in candidates if self.spine and i == self.spine[-1]]
         rest = sorted((i for i in candidates if i not in spine), key=lambda i: -self.scores[i])
         return sorted(spine + rest[: self.topk - len(spine)])
+
+    def ancestor_mask(self, fed: list[int], frontier: list[int]) -> torch.Tensor:
+        """`[len(frontier), len(fed) + len(frontier)]`: which of the draft model's tree entries
+        (the `fed` nodes, then the `frontier` being fed) each frontier node sees: its
+        ancestors and itself."""
+        col = {node: j for j, node in enumerate(fed + frontier)}
+        mask = torch.zeros(len(frontier), len(col), dtype=torch.bool)
+        for j, f in enumerate(frontier):
+            a = f
+            while a >= 0:
+                mask[j, col[a]] = True
+                a = self.parents[a]
+        return mask
 
     def drafts(self, limit: int) -> Drafts:
         """The tree of at most `limit` nodes: the greedy chain, then the best-scoring nodes
