@@ -62,6 +62,7 @@ ACTIVATION_ALLOWANCE = 256 << 20
 #: Hot loops compare a request's status directly (the `finished` property costs a call).
 _FINISHED = RequestStatus.FINISHED
 _status = operator.attrgetter("status")
+_num_tokens = operator.attrgetter("num_tokens")
 _ALL_RUNNING = {RequestStatus.RUNNING}
 
 #: The attention backend a CUDA engine uses when none is selected.
@@ -636,16 +637,17 @@ class Engine:
     # ---------------------------------------------------------------- metrics
 
     def _step_snapshot(self, plan: SchedulePlan | None, elapsed: float) -> MetricsSnapshot:
-        scheduled = plan.scheduled if plan else []
+        tokens = list(map(_num_tokens, plan.scheduled)) if plan else []  # each >= 1 (checked)
+        num_decode = tokens.count(1)
         stats = self.kv.stats()
         return MetricsSnapshot(
             kind="step",
             timestamp=time.time(),
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            batch_size=len(scheduled),
-            num_prefill_tokens=sum(s.num_tokens for s in scheduled if s.num_tokens > 1),
-            num_decode_tokens=sum(1 for s in scheduled if s.num_tokens == 1),
+            batch_size=len(tokens),
+            num_prefill_tokens=sum(tokens) - num_decode,
+            num_decode_tokens=num_decode,
             num_preempted=len(plan.preempted) if plan else 0,
             kv_usage=self.kv.usage(),
             step_time_s=elapsed,
