@@ -310,6 +310,7 @@ class Engine:
             self._resolve()  # an aborted request releases its KV: its tokens must be real
         for r in new:
             self.requests[r.request_id] = r
+            self.guard.sampling.add(r)  # its sampling parameters, for every `sample` call
             if self.pd is None or not self.pd.take(r):  # a decode engine waits for the KV
                 self.waiting.append(r)
         for r, num_output_tokens, error in stops:
@@ -433,6 +434,7 @@ class Engine:
         if self.pd is None or not self.pd.defer_free(r):  # PD: pages a transfer still uses
             self.kv.free(r)
         self.runner.page_tables.forget(r)
+        self.guard.sampling.remove(r)
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:
