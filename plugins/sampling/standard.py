@@ -116,13 +116,16 @@ class StandardSampler(Sampler):
     ) -> torch.Tensor:
         """Every row of `requests` by the Gumbel kernel (`facts` or `batch`: of exactly these
         rows; neither: read from the requests)."""
-        from pegboard.plugins.sampling.gumbel import gumbel_sample
+        from pegboard.plugins.sampling.gumbel import gumbel_sample, inverse_temperature
 
         if facts is None:
             facts = _BatchFacts(requests, logits.shape[-1], self.options.seed, batch)
-        temperature, base = facts.temperature(logits.device), facts.base_seeds
-        seeds = to_device(torch.from_numpy(self._draw_seeds(requests, base)), logits.device)
-        return gumbel_sample(logits, temperature, seeds)
+        inv = facts.inv_temperature  # kept while the batch recurs
+        if inv is None or inv.device != logits.device:
+            facts.inv_temperature = inverse_temperature(facts.temperature(logits.device))
+        seeds = self._draw_seeds(requests, facts.base_seeds)
+        seeds = to_device(torch.from_numpy(seeds), logits.device)
+        return gumbel_sample(logits, None, seeds, inv_temperature=facts.inv_temperature)
 
     def _draw_seeds(self, requests: list[Request], base: np.ndarray | None = None) -> np.ndarray:
         """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
@@ -218,6 +221,8 @@ class _BatchFacts:
         )
         self.base_seeds = None if self.greedy else _base_seeds(batch, sampler_seed)
         self._temperature: torch.Tensor | None = None
+        #: The Gumbel kernel's `1 / temperature` on the device (`gumbel.inverse_temperature`).
+        self.inv_temperature: torch.Tensor | None = None
 
     def temperature(self, device: torch.device) -> torch.Tensor:
         """The rows' temperatures on `device` (float32), copied there once."""
