@@ -63,7 +63,7 @@ ACTIVATION_ALLOWANCE = 256 << 20
 _FINISHED = RequestStatus.FINISHED
 _status = operator.attrgetter("status")
 _num_tokens = operator.attrgetter("num_tokens")
-_ALL_RUNNING = {RequestStatus.RUNNING}
+_RUNNING = RequestStatus.RUNNING
 
 #: The attention backend a CUDA engine uses when none is selected.
 GPU_DEFAULT_ATTENTION = "triton"
@@ -350,7 +350,8 @@ class Engine:
     ) -> tuple[list[Request], list[int]]:
         """Move newly scheduled requests to running; requests the cache could not serve go back
         to waiting (running ones are preempted)."""
-        if not failed and set(map(_status, scheduled)) == _ALL_RUNNING:  # a decode step
+        running = list(map(_status, scheduled)).count(_RUNNING)  # C; a set hashes each enum
+        if not failed and scheduled and running == len(scheduled):  # a decode step
             return scheduled, num_tokens
         failed_ids = {id(r) for r in failed}
         if failed:
