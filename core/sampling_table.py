@@ -10,6 +10,8 @@ device copy of the table (copied again only after new requests arrived).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from pegboard.sdk.device import to_device
@@ -27,6 +29,7 @@ class SamplingTable:
         self._slots: dict[int, int] = {}  # id(request) -> its slot
         self._free = list(range(capacity - 1, -1, -1))
         self._device: torch.Tensor | None = None  # `values` on the device, None: stale
+        self._removed = 0  # slots freed so far: a batch made before a free gathers no more
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -49,6 +52,7 @@ class SamplingTable:
         slot = self._slots.pop(id(request), None)
         if slot is not None:
             self._free.append(slot)
+            self._removed += 1
 
     def batch(self, requests: list[Request]) -> SamplingBatch:
         """The rows of `requests`, in order; read from the requests' params for any of them
@@ -57,14 +61,15 @@ class SamplingTable:
         if None in slots:
             return SamplingBatch.of(requests)
         index = np.array(slots, dtype=np.int64)
-        return SamplingBatch(
-            self.values[index],
-            self.seeds[index],
-            self.seqs[index],
-            gather=lambda device: self._on_device(device).index_select(
-                0, to_device(torch.from_numpy(index), device)
-            ),
-        )
+        gather = functools.partial(self._gather, index, self._removed)
+        return SamplingBatch(self.values[index], self.seeds[index], self.seqs[index], gather)
+
+    def _gather(self, index: np.ndarray, removed: int, device: torch.device) -> torch.Tensor | None:
+        """The rows at `index` from the device copy; None if a slot was freed since the batch
+        was made (a slot may hold another request now: the batch uses its host rows)."""
+        if removed != self._removed:
+            return None
+        return self._on_device(device).index_select(0, to_device(torch.from_numpy(index), device))
 
     def _on_device(self, device: torch.device) -> torch.Tensor:
         if self._device is None or self._device.device != device:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from pegboard.sdk.device import to_device
 from pegboard.sdk.types import Request
 
 #: The columns of `SamplingBatch.values`, in order (float64: exact for every integer field).
@@ -55,7 +56,7 @@ def row_of(request: Request) -> tuple[list[float], int]:
 
 
 class SamplingBatch:
-    """Row `i` holds `requests[i]`'s sampling parameters (the `sample` hook's `sampling`).
+    """Row `i` holds `requests[i]`'s sampling parameters (`requests.sampling` in `sample`).
 
     - `values`: float64 `[rows, len(COLUMNS)]` on the host; `column(name)` is one column.
     - `seeds`: uint64 `[rows]`, `params.seed % 2**64` of seeded rows (0 for the others);
@@ -68,10 +69,10 @@ class SamplingBatch:
         values: np.ndarray,
         seeds: np.ndarray,
         seqs: np.ndarray,
-        gather: Callable[[torch.device], torch.Tensor] | None = None,
+        gather: Callable[[torch.device], torch.Tensor | None] | None = None,
     ) -> None:
         self.values, self.seeds, self.seqs = values, seeds, seqs
-        self._gather = gather  # the core's: this batch's rows from its device table
+        self._gather = gather  # the core's: these rows from its device table (None: stale)
         self._device: torch.Tensor | None = None
 
     @classmethod
@@ -98,12 +99,10 @@ class SamplingBatch:
     def on_device(self, device: torch.device) -> torch.Tensor:
         """`values` on `device` (float64 `[rows, len(COLUMNS)]`), gathered there once."""
         if self._device is None or self._device.device != device:
-            if self._gather is not None and device.type == "cuda":
-                self._device = self._gather(device)
-            else:
-                from pegboard.sdk.device import to_device
-
-                self._device = to_device(torch.from_numpy(self.values), device)
+            gathered = self._gather(device) if self._gather is not None else None
+            if gathered is None:  # no core table, or it changed since: the host rows
+                gathered = to_device(torch.from_numpy(self.values), device)
+            self._device = gathered
         return self._device
 
 

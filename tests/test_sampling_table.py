@@ -8,11 +8,23 @@ import functools
 import random
 
 import numpy as np
+import pytest
 import torch
 from pegboard.core.sampling_table import SamplingTable
 from pegboard.plugins.sampling.standard import StandardSampler
 from pegboard.sdk import SampleRequests, SamplingBatch
 from pegboard.sdk.types import Request, SamplingParams
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
 
 
 def random_params(rng: random.Random) -> SamplingParams:
@@ -47,6 +59,22 @@ def test_a_batch_from_the_table_equals_one_read_from_the_requests():
         if batch:
             np.testing.assert_array_equal(got.on_device(torch.device("cpu")).numpy(), want.values)
     assert len(table) == len(live)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_device_rows_are_the_host_rows(device):
+    device = torch.device(device)
+    table = SamplingTable(capacity=2)
+    live = [Request([1], random_params(random.Random(i))) for i in range(6)]
+    for r in live:
+        table.add(r)
+    first = table.batch(live[::2])
+    table.remove(live[0])  # a slot freed and taken: the device copy is made again
+    table.add(late := Request([1], SamplingParams(temperature=0.25, top_k=7)))
+    for batch in (first, table.batch([late, *live[1:]])):
+        got = batch.on_device(device)
+        assert got.device.type == device.type and got.dtype == torch.float64
+        np.testing.assert_array_equal(got.cpu().numpy(), batch.values)
 
 
 def test_requests_without_a_slot_are_read_from_their_params():
