@@ -124,3 +124,28 @@ def test_the_sampler_reads_the_parameters_from_the_batch_it_is_given():
         for _ in range(8)
     }
     assert calls and drawn != {0}  # greedy would always give 0
+
+
+def test_the_engine_gives_the_sampler_its_requests_parameters_and_frees_their_slots(
+    tiny_llama_dir,
+):
+    from pegboard.core.llm import LLM
+
+    with LLM(str(tiny_llama_dir), dtype="float32", device="cpu") as llm:
+        sampler = llm.engine.plugins.active("sampler")
+        seen = []
+        batch_facts = sampler._batch_facts  # reads `requests.sampling` when the batch changed
+
+        def spy(requests, vocab):
+            seen.append((requests.sampling.values.copy(), SamplingBatch.of(requests).values))
+            return batch_facts(requests, vocab)
+
+        sampler._batch_facts = spy
+        params = [
+            SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+            SamplingParams(max_tokens=3, temperature=0.8, top_k=4, seed=5, ignore_eos=True),
+            SamplingParams(max_tokens=5, temperature=1.1, logprobs=2, ignore_eos=True),
+        ]
+        llm.generate([[5] * 4, [6] * 7, [7] * 3], params)
+        assert seen and all(np.array_equal(got, want) for got, want in seen)
+        assert len(llm.engine.guard.sampling) == 0  # every finished request gave its slot back
