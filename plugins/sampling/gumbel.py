@@ -93,7 +93,8 @@ def gumbel_sample(
         logits = logits.contiguous()
     num_chunks = triton.cdiv(vocab, chunk)
     best_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
-    best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
+    # int64: the kernel's int32 index widens on store, so the result needs no cast kernel.
+    best_idx = torch.empty(rows, num_chunks, dtype=torch.int64, device=logits.device)
     if inv_temperature is None:
         inv_temperature = inverse_temperature(temperature)
     _gumbel_argmax_chunk[(rows, num_chunks)](
@@ -111,4 +112,4 @@ def gumbel_sample(
     )
     # torch.argmax returns the first maximum, so the earliest chunk wins ties.
     winner = best_val.argmax(dim=1, keepdim=True)
-    return best_idx.gather(1, winner).squeeze(1).to(torch.int64)
+    return best_idx.gather(1, winner).squeeze(1)
