@@ -27,6 +27,7 @@ step (`plugin_layer.contract_check_us`, `pegboard.core.bench.contract_cost`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+from pegboard.core.sampling_table import SamplingTable
+from pegboard.sdk.sampling import SampleRequests
 from pegboard.sdk.types import RequestStatus, SampleOutput, SchedulePlan
 
 if TYPE_CHECKING:
@@ -348,6 +351,8 @@ class PluginGuard:
         self.errors: dict[tuple[str, str], int] = {}
         self.scheduler_failures = 0  # consecutive failing `schedule` calls
         self.plans = PlanChecker()
+        #: The live requests' sampling parameters; the engine adds and removes requests.
+        self.sampling = SamplingTable()
 
     def fault(self, slot: str, error: BaseException, plugin: Plugin | None = None) -> PluginFault:
         """Count `error` against the slot's active plugin (or `plugin`) and describe it."""
@@ -385,7 +390,10 @@ class PluginGuard:
 
     def sample(self, hook: Callable, logits: torch.Tensor, requests: list[Request], vocab: int):
         """The sampler's output, checked. Runs under `torch.inference_mode`, so the sampler may
-        modify `logits` (an inference tensor) in place."""
+        modify `logits` (an inference tensor) in place. The requests go in as a
+        `SampleRequests` whose `sampling` is gathered from `self.sampling` (the engine's
+        table of its requests' parameters)."""
+        requests = SampleRequests(requests, functools.partial(self.sampling.batch, requests))
         try:
             with torch.inference_mode():
                 out = hook(logits=logits, requests=requests)

@@ -62,7 +62,8 @@ ACTIVATION_ALLOWANCE = 256 << 20
 #: Hot loops compare a request's status directly (the `finished` property costs a call).
 _FINISHED = RequestStatus.FINISHED
 _status = operator.attrgetter("status")
-_ALL_RUNNING = {RequestStatus.RUNNING}
+_num_tokens = operator.attrgetter("num_tokens")
+_RUNNING = RequestStatus.RUNNING
 
 #: The attention backend a CUDA engine uses when none is selected.
 GPU_DEFAULT_ATTENTION = "triton"
@@ -318,6 +319,7 @@ class Engine:
             self._resolve()  # an aborted request releases its KV: its tokens must be real
         for r in new:
             self.requests[r.request_id] = r
+            self.guard.sampling.add(r)  # its sampling parameters, for every `sample` call
             if self.pd is None or not self.pd.take(r):  # a decode engine waits for the KV
                 self.waiting.append(r)
         for r, num_output_tokens, error in stops:
@@ -357,7 +359,8 @@ class Engine:
     ) -> tuple[list[Request], list[int]]:
         """Move newly scheduled requests to running; requests the cache could not serve go back
         to waiting (running ones are preempted)."""
-        if not failed and set(map(_status, scheduled)) == _ALL_RUNNING:  # a decode step
+        running = list(map(_status, scheduled)).count(_RUNNING)  # C; a set hashes each enum
+        if not failed and scheduled and running == len(scheduled):  # a decode step
             return scheduled, num_tokens
         failed_ids = {id(r) for r in failed}
         if failed:
@@ -441,6 +444,7 @@ class Engine:
         if self.pd is None or not self.pd.defer_free(r):  # PD: pages a transfer still uses
             self.kv.free(r)
         self.runner.page_tables.forget(r)
+        self.guard.sampling.remove(r)
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:
@@ -646,16 +650,17 @@ class Engine:
     # ---------------------------------------------------------------- metrics
 
     def _step_snapshot(self, plan: SchedulePlan | None, elapsed: float) -> MetricsSnapshot:
-        scheduled = plan.scheduled if plan else []
+        tokens = list(map(_num_tokens, plan.scheduled)) if plan else []  # each >= 1 (checked)
+        num_decode = tokens.count(1)
         stats = self.kv.stats()
         return MetricsSnapshot(
             kind="step",
             timestamp=time.time(),
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            batch_size=len(scheduled),
-            num_prefill_tokens=sum(s.num_tokens for s in scheduled if s.num_tokens > 1),
-            num_decode_tokens=sum(1 for s in scheduled if s.num_tokens == 1),
+            batch_size=len(tokens),
+            num_prefill_tokens=sum(tokens) - num_decode,
+            num_decode_tokens=num_decode,
             num_preempted=len(plan.preempted) if plan else 0,
             kv_usage=self.kv.usage(),
             step_time_s=elapsed,

@@ -150,6 +150,13 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput | None
     :param requests: in the same order; their `params` (`SamplingParams`) and `token_ids`
         (for penalties) are what the sampler needs. Per-request sampler state (a seeded RNG)
         goes into `request.plugin_state`, so that a swapped-in sampler can pick it up.
+        From the engine, `requests` is a `pegboard.sdk.SampleRequests` (a list) whose
+        `sampling` attribute holds the same rows' `SamplingParams` as arrays (a `SamplingBatch`:
+        temperature, top-k/p, min-p, penalties, logprobs count, seeds) gathered from tables
+        the core fills once per request on arrival. Why: reading `params` request by request
+        is a Python pass over the batch whenever it changes; a sampler that decides on the host
+        which rows take which path, or wants the parameters as a device tensor, reads them
+        there (`SamplingBatch.of(requests)` builds them from a plain list).
     :returns: a `SampleOutput` with one token id per request and, for requests whose
         `params.logprobs` is not None, the chosen token's logprob and the top alternatives
         taken from the raw logits' log-softmax. Give the token ids as an integer tensor on the

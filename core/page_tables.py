@@ -10,60 +10,83 @@ a page for an identical cached one); a step then gathers its rows with one numpy
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 import numpy as np
 from pegboard.sdk.types import Request
 
+_page_table = operator.attrgetter("page_table")
+
 
 class PageTableMirror:
-    """Rows of page ids, one per request seen by `gather` and not yet `forget`-ten."""
+    """Rows of page ids, one per request seen by `gather` and not yet `forget`-ten.
+
+    A step finds its rows and the rows whose request's list changed in whole-list C calls
+    (dict lookups by id, a list comparison per request against the copy mirrored); only the
+    changed rows (a page added every `page_size` decode steps) are rewritten in Python."""
 
     def __init__(self, rows: int = 64, width: int = 64) -> None:
         self.table = np.zeros((max(rows, 1), max(width, 1)), dtype=np.int32)
-        self._rows: dict[int, tuple[int, list[int]]] = {}  # id(request) -> row, pages mirrored
+        self._rows: dict[int, int] = {}  # id(request) -> its row
+        self._mirrored: list[list[int] | None] = [None] * self.table.shape[0]  # row -> pages
         self._free = list(range(self.table.shape[0] - 1, -1, -1))
+        #: The last batch (a copy), its rows and the pages mirrored for each, in its order.
+        self._batch: list[Request] = []
+        self._batch_rows = np.zeros(0, dtype=np.intp)
+        self._batch_mirrored: list[list[int] | None] = []
 
     def gather(self, requests: list[Request], num_pages) -> np.ndarray:
         """int32 `[len(requests), max(num_pages)]`: the first `num_pages[i]` pages of each
         request's `page_table`, then zeros (a new array). `num_pages`: a list or an array."""
-        rows = [self._row(r) for r in requests]
+        if requests == self._batch:  # as last time (decode): its rows, found already
+            rows, mirrored = self._batch_rows, self._batch_mirrored
+        else:
+            rows = list(map(self._rows.get, map(id, requests)))
+            if None in rows:  # requests seen for the first time
+                rows = [self._new_row(r) if i is None else i for r, i in zip(requests, rows)]
+            mirrored = list(map(self._mirrored.__getitem__, rows))
+            self._batch, self._batch_rows = list(requests), np.asarray(rows, dtype=np.intp)
+            self._batch_mirrored = mirrored
+        pages = list(map(_page_table, requests))
+        for i in itertools.compress(range(len(pages)), map(operator.ne, pages, mirrored)):
+            mirrored[i] = self._write(int(rows[i]), pages[i], mirrored[i])
         lengths = np.asarray(num_pages, dtype=np.int32)
         width = int(lengths.max()) if len(lengths) else 0
-        out = self.table[rows, :width]
+        out = self.table[self._batch_rows, :width]
         if int(lengths.min(initial=width)) < width:
             out[np.arange(width, dtype=np.int32) >= lengths[:, None]] = 0
         return out
 
     def forget(self, request: Request) -> None:
         """Free the request's row (it was released)."""
-        entry = self._rows.pop(id(request), None)
-        if entry is not None:
-            self._free.append(entry[0])
+        row = self._rows.pop(id(request), None)
+        if row is not None:
+            self._mirrored[row] = None
+            self._free.append(row)
+            self._batch = []  # its row may go to another request
 
-    def _row(self, r: Request) -> int:
-        pages = r.page_table
-        entry = self._rows.get(id(r))
-        if entry is not None and entry[1] == pages:
-            return entry[0]
-        if entry is None:
-            row, start = self._new_row(), 0
-        else:
-            row, old = entry
-            start = len(old) if len(old) <= len(pages) and pages[: len(old)] == old else 0
+    def _write(self, row: int, pages: list[int], old: list[int] | None) -> list[int]:
+        """Mirror `pages` into `row`, which holds `old` (only what follows `old`, when the list
+        only grew); return the copy now mirrored."""
+        start = len(old) if old and len(old) <= len(pages) and pages[: len(old)] == old else 0
         if len(pages) > self.table.shape[1]:
             self._grow(self.table.shape[0], max(len(pages), 2 * self.table.shape[1]))
         self.table[row, start : len(pages)] = pages[start:]
-        self._rows[id(r)] = (row, list(pages))
-        return row
+        copy = self._mirrored[row] = list(pages)
+        return copy
 
-    def _new_row(self) -> int:
+    def _new_row(self, request: Request) -> int:
         if not self._free:
             n = self.table.shape[0]
             self._grow(2 * n, self.table.shape[1])
             self._free = list(range(2 * n - 1, n - 1, -1))
-        return self._free.pop()
+        row = self._rows[id(request)] = self._free.pop()
+        return row
 
     def _grow(self, rows: int, width: int) -> None:
         table = np.zeros((rows, width), dtype=np.int32)
         old_rows, old_width = self.table.shape
         table[:old_rows, :old_width] = self.table
         self.table = table
+        self._mirrored.extend([None] * (rows - old_rows))

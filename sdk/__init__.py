@@ -13,6 +13,7 @@ from pegboard.sdk.device import to_device
 from pegboard.sdk.linear import LinearLayer, LinearMethod, LinearSpec, QuantizationConfig
 from pegboard.sdk.patch import Patch, PatchError, requires
 from pegboard.sdk.routing import RouteRequest, WorkerLoad, prompt_key
+from pegboard.sdk.sampling import SampleRequests, SamplingBatch
 from pegboard.sdk.slots import (
     SLOTS,
     Attention,
@@ -75,6 +76,8 @@ __all__ = [
     "prompt_key",
     "RequestStatus",
     "SampleOutput",
+    "SampleRequests",
+    "SamplingBatch",
     "SamplingParams",
     "ScheduledRequest",
     "SchedulePlan",

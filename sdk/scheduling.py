@@ -32,6 +32,7 @@ No request is ever given tokens past `budget.max_model_len`.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class _Step:
     reserve: dict[int, int] = field(default_factory=dict)  # id(request) -> pages still to come
     reserved: int = 0  # sum of `reserve`, kept so admission checks stay O(1)
     preempted: set[int] = field(default_factory=set)
+    admits_next: bool = True  # waiting requests may be admitted after the running ones
 
     def add(self, request: Request, num_tokens: int, pages: int) -> None:
         self.plan.scheduled.append(ScheduledRequest(request, num_tokens))
@@ -126,6 +128,11 @@ class PolicyScheduler(Scheduler):
     Options: ClassVar[type[pydantic.BaseModel]] = PolicyOptions
     head_of_line_blocking: ClassVar[bool] = True
 
+    def __init__(self, options: pydantic.BaseModel | None = None) -> None:
+        super().__init__(options)
+        #: The last decode step's order and its `ScheduledRequest(r, 1)` objects, reused.
+        self._decode_last: tuple[list[Request], list[ScheduledRequest]] = ([], [])
+
     def setup(self, ctx: PluginContext, previous: Plugin | None = None) -> None:
         engine_value = ctx.engine.get("schedule_conservativeness")
         if engine_value and "conservativeness" not in self.options.model_fields_set:
@@ -149,18 +156,32 @@ class PolicyScheduler(Scheduler):
         self, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
     ) -> SchedulePlan:
         step = _Step(budget, budget.max_batched_tokens, kv.num_free_pages, len(running))
-        key = self._order_key()
-        self._schedule_running(sorted(running, key=key), step, kv)
+        step.admits_next = bool(waiting) and (
+            len(running) < budget.max_running_requests or self._preempts_for_admission()
+        )
+        self._schedule_running(self._in_order(running), step, kv)
         if not step.plan.preempted:
-            self._admit_waiting(sorted(waiting, key=key), running, step, kv)
+            self._admit_waiting(self._in_order(waiting), running, step, kv)
         return step.plan
+
+    def _in_order(self, requests: list[Request]) -> list[Request]:
+        """`requests` sorted by `sort_key` (a policy may compute the same order faster)."""
+        return sorted(requests, key=self._order_key())
 
     def _order_key(self):
         """`sort_key`, or the same order computed in C when the policy keeps the default."""
         return _BY_SEQ if type(self).sort_key is PolicyScheduler.sort_key else self.sort_key
 
+    def _preempts_for_admission(self) -> bool:
+        """Whether `admission_victims` may name victims (it is not the default's `[]`): with
+        every request slot taken, only then can a waiting request be admitted."""
+        return type(self).admission_victims is not PolicyScheduler.admission_victims
+
     def _schedule_running(self, order: list[Request], step: _Step, kv: KVCache) -> None:
-        # The hot loop at a few hundred running requests, a decode token each: `_chunk` and
+        if self._schedule_decode(order, step, kv):
+            return
+        self._decode_last = ([], [])
+        # The loop at a few hundred running requests, a decode token each: `_chunk` and
         # `_Step.add` inlined, `step`'s counters kept in locals except around a preemption.
         out, max_len, pages_needed = step.preempted, step.budget.max_model_len, kv.pages_needed
         scheduled, promised = step.plan.scheduled, step.promised
@@ -190,9 +211,65 @@ class PolicyScheduler(Scheduler):
                 promised[id(r)] = pages
         step.tokens_left, step.free_pages = left, free
 
+    def _schedule_decode(self, order: list[Request], step: _Step, kv: KVCache) -> bool:
+        """Step 1 for the steady state of decoding, in whole-list C calls: when every running
+        request has exactly one uncomputed token and they all fit (tokens, context length, KV
+        pages), each gets its token, in order, and nothing is preempted — what the loop would
+        decide, without a Python pass per request. False (nothing done): not that case.
+
+        Pages: a running request's next token needs at most one new page (the bound the
+        engine's plan check relies on too), so `len(order)` free pages are enough. The exact
+        counts are taken (a `pages_needed` call each) only when waiting requests may be
+        admitted after this, since admission reads the free pages left and the pages promised.
+        """
+        n = len(order)
+        if not n or step.tokens_left < n:
+            return False
+        starts = list(map(_COMPUTED, order))
+        if max(starts) >= step.budget.max_model_len:
+            return False
+        if list(map(operator.sub, map(len, map(_TOKEN_IDS, order)), starts)).count(1) != n:
+            return False
+        if step.admits_next:
+            pages = list(map(kv.pages_needed, order, itertools.repeat(1)))
+            total = sum(pages)
+            if total > step.free_pages:
+                return False
+            step.free_pages -= total
+            step.promised.update(
+                zip(map(id, itertools.compress(order, pages)), filter(None, pages))
+            )
+        elif n > step.free_pages:
+            return False
+        step.plan.scheduled = self._decode_plan(order)
+        step.tokens_left -= n
+        return True
+
+    def _decode_plan(self, order: list[Request]) -> list[ScheduledRequest]:
+        """`ScheduledRequest(r, 1)` for each request, reusing the last decode step's objects
+        instead of constructing a few hundred dataclasses every step: the whole list when the
+        order is the same (one list comparison), else one dict lookup each (in C)."""
+        last_order, last_items = self._decode_last
+        if order == last_order:
+            items = list(last_items)
+        else:
+            known = dict(zip(map(id, last_order), last_items))
+            items = list(map(known.get, map(id, order)))
+            if not all(items) or list(map(_REQUEST, items)) != order:  # `all`: no __eq__ calls
+                items = [
+                    s if s is not None and s.request is r else ScheduledRequest(r, 1)
+                    for s, r in zip(items, order)
+                ]
+        if list(map(_NUM_TOKENS, items)).count(1) != len(items):  # a plugin changed one
+            items = [ScheduledRequest(r, 1) for r in order]
+        self._decode_last = (order, items)
+        return list(items)
+
     def _admit_waiting(
         self, order: list[Request], running: list[Request], step: _Step, kv: KVCache
     ) -> None:
+        if not order:
+            return
         c = self.options.conservativeness
         if c > 0:
             for q in running:
@@ -248,6 +325,10 @@ class PolicyScheduler(Scheduler):
 
 
 _BY_SEQ = operator.attrgetter("seq")  # the default `sort_key`'s order
+_COMPUTED = operator.attrgetter("num_computed_tokens")
+_TOKEN_IDS = operator.attrgetter("token_ids")
+_REQUEST = operator.attrgetter("request")
+_NUM_TOKENS = operator.attrgetter("num_tokens")
 
 
 def _chunk(r: Request, start: int, step: _Step) -> int:

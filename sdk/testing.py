@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from pegboard.core.plugin_manager import PluginManager
+from pegboard.sdk.sampling import SampleRequests, SamplingBatch
 from pegboard.sdk.slots import SLOTS, AttentionBackend, KVCache, Plugin, PluginContext
 from pegboard.sdk.types import (
     ForwardBatch,
@@ -582,6 +583,12 @@ def check_sampler(
         out.token_ids == expected(raw, greedy).argmax(-1).tolist(),
         "greedy when temperature is 0: the argmax"
         + (" (of the transformed logits)" * bool(transform)),
+    )
+    as_engine = SampleRequests(greedy, functools.partial(SamplingBatch.of, greedy))
+    _require(
+        sample(raw, as_engine).token_ids == out.token_ids,
+        "requests given as the engine gives them (a SampleRequests list with `sampling`) "
+        "are sampled as a plain list",
     )
 
     def allowed_topk(row: torch.Tensor, k: int) -> set[int]:

@@ -348,7 +348,7 @@ class ForwardBatch:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens_cpu)
+        return self.query_lens_cpu.count(1) == len(self.query_lens_cpu)  # one C pass
 
 
 @dataclass

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from pegboard.core.cuda_graph import capture_sizes, padded_size
@@ -86,6 +87,19 @@ def test_page_arrays_use_only_the_pages_covering_the_sequence():
     assert indptr.tolist() == [0, 2, 4]
     assert indices.tolist() == [7, 3, 2, 5]
     assert last.tolist() == [1, 4]
+
+
+def test_page_arrays_read_from_the_padded_table_equal_those_read_page_by_page():
+    tables = [[7, 3, 11, 12], [2], [5, 6, 8, 9, 10]]
+    seq_lens, rows = [5, 4, 17], 4
+    array = np.zeros((3, 5), dtype=np.int32)  # the core's: each row's pages, then zeros
+    for i, t in enumerate(tables):
+        array[i, : len(t)] = t
+    by_page = page_arrays(seq_lens, tables, page_size=4, rows=rows)
+    by_array = page_arrays(seq_lens, tables, page_size=4, rows=rows, table=array)
+    for a, b in zip(by_page, by_array):
+        np.testing.assert_array_equal(a, b)
+    assert by_array[1].tolist() == [7, 3, 2, 5, 6, 8, 9, 10, 0]
 
 
 def test_page_arrays_pad_extra_rows_with_one_token_of_page_0():

@@ -19,8 +19,9 @@ def padded(tables: list[list[int]], num_pages: list[int]) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("same_batch", [False, True], ids=["random-batches", "decode-batches"])
 @pytest.mark.parametrize("seed", range(5))
-def test_gathered_rows_equal_a_fresh_build_under_random_edits(seed):
+def test_gathered_rows_equal_a_fresh_build_under_random_edits(seed, same_batch):
     rng = random.Random(seed)
     mirror = PageTableMirror(rows=2, width=2)  # small: rows and columns must grow
     live = [Request([1]) for _ in range(6)]
@@ -41,7 +42,8 @@ def test_gathered_rows_equal_a_fresh_build_under_random_edits(seed):
             mirror.forget(r)
             live[live.index(r)] = new = Request([1])
             new.page_table = [rng.randrange(1000) for _ in range(rng.randint(0, 30))]
-        batch = rng.sample(live, rng.randint(1, len(live)))
+        # Decode steps gather the same requests in the same order (a new list each time).
+        batch = list(live) if same_batch else rng.sample(live, rng.randint(1, len(live)))
         num_pages = [rng.randint(0, len(q.page_table)) for q in batch]
         got = mirror.gather(batch, num_pages)
         assert got.dtype == np.int32

@@ -93,6 +93,38 @@ def test_a_request_that_does_not_fit_is_returned_and_keeps_its_pages():
     assert big.page_table == [0, 1] and small.page_table == [2]
 
 
+class CountingPagedCache(PagedCache):
+    """Pages counted by a `pages_needed` override: `allocate_kv` asks it request by request."""
+
+    def pages_needed(self, request: Request, num_new_tokens: int) -> int:
+        return super().pages_needed(request, num_new_tokens)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 30), st.integers(0, 30), st.integers(1, 12)), max_size=8),
+    st.integers(1, 12),
+)
+def test_batch_counted_pages_allocate_as_the_per_request_count(batch, num_pages):
+    """The whole-batch count (numpy) hands out the same pages, and fails the same requests, as
+    `pages_needed` asked request by request."""
+    tables = []
+    for cls in (PagedCache, CountingPagedCache):
+        cache = cls()
+        cache.setup(context(kv_cache_tokens=num_pages * PAGE))
+        requests, tokens = [], []
+        for prompt, computed, n in batch:
+            r = req(prompt + computed)
+            if computed:  # a running request: its computed tokens' pages, where they fit
+                cache.allocate_kv([r], [computed])
+                advance(r, computed)
+            requests.append(r)
+            tokens.append(min(n, r.num_uncomputed_tokens) or 1)
+        failed = cache.allocate_kv(requests, tokens)
+        tables.append(([r.page_table for r in requests], [requests.index(r) for r in failed]))
+    assert tables[0] == tables[1]
+
+
 def test_free_returns_every_page_and_is_idempotent():
     cache = cache_of(8)
     r = req(9)

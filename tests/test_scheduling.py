@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pegboard.core import hookspecs
 from pegboard.plugins.cache.paged import PagedCache
 from pegboard.plugins.scheduling.fcfs import FCFSScheduler
+from pegboard.plugins.scheduling.lpm import LPMScheduler
 from pegboard.plugins.scheduling.priority import PriorityScheduler
 from pegboard.plugins.scheduling.sjf import SJFScheduler
 from pegboard.sdk.scheduling import PolicyScheduler
@@ -451,15 +452,96 @@ workloads = st.lists(
 def test_every_request_finishes_under_any_policy_and_budget(
     policy, requests, max_batched_tokens, max_running, spare_pages, conservativeness
 ):
-    # The core admits only requests that fit the cache alone, as here.
-    largest = max(p + m for p, m, _, _ in requests)
-    cache = paged_cache(num_pages=-(-largest // 4) + spare_pages)
     sched = policy(policy.Options(conservativeness=conservativeness))
-    sim = SimEngine(sched, cache, max_batched_tokens=max_batched_tokens, max_running=max_running)
+    sim, reqs = run_workload(sched, requests, max_batched_tokens, max_running, spare_pages)
+    assert all(r.num_output_tokens == r.params.max_tokens for r in reqs)
+    assert sim.cache.num_free_pages == sim.cache.num_pages
+
+
+def run_workload(
+    sched: PolicyScheduler,
+    requests: list[tuple[int, int, int, int]],
+    max_batched_tokens: int,
+    max_running: int,
+    spare_pages: int,
+    max_model_len: int = 4096,
+) -> tuple[SimEngine, list[Request]]:
+    """Run `requests` (prompt length, max_tokens, priority, arrival step) to the end."""
+    # The core admits only requests that fit the cache alone, as here.
+    largest = max(min(p + m, max_model_len) for p, m, _, _ in requests)
+    cache = paged_cache(num_pages=-(-largest // 4) + spare_pages)
+    sim = SimEngine(sched, cache, max_batched_tokens, max_running, max_model_len)
     reqs, arrivals = [], {}
     for i, (prompt, max_tokens, priority, step) in enumerate(requests):
-        reqs.append(req(f"r{i}", prompt, max_tokens, priority))
+        reqs.append(req(f"r{i}", min(prompt, max_model_len - 1), max_tokens, priority))
         arrivals.setdefault(step, []).append(reqs[-1])
     sim.run(arrivals, max_steps=2000)
-    assert all(r.num_output_tokens == r.params.max_tokens for r in reqs)
-    assert cache.num_free_pages == cache.num_pages
+    return sim, reqs
+
+
+# ---------------------------------------------------------------------- the decode fast path
+
+
+def looping(policy: type[PolicyScheduler]) -> type[PolicyScheduler]:
+    """`policy` as written in its contract: `sorted(..., key=sort_key)` and the per-request
+    loop every step (no whole-list decode step, no order computed in C)."""
+    return type(
+        f"Looping{policy.__name__}",
+        (policy,),
+        {
+            "_schedule_decode": lambda *args: False,
+            "_in_order": lambda self, requests: sorted(requests, key=self.sort_key),
+        },
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    policy=st.sampled_from([FCFSScheduler, SJFScheduler, PriorityScheduler, LPMScheduler]),
+    requests=workloads,
+    max_batched_tokens=st.integers(2, 48),
+    max_running=st.integers(1, 6),
+    spare_pages=st.integers(0, 6),
+    conservativeness=st.sampled_from([0.0, 1.0]),
+    max_model_len=st.sampled_from([24, 4096]),
+)
+def test_the_fast_paths_schedule_as_the_policy_contract(
+    policy, requests, max_batched_tokens, max_running, spare_pages, conservativeness, max_model_len
+):
+    logs = []
+    for cls in (policy, looping(policy)):
+        options = {"max_wait_steps": 3} if "max_wait_steps" in cls.Options.model_fields else {}
+        sched = cls(cls.Options(conservativeness=conservativeness, **options))
+        sim, _ = run_workload(
+            sched, requests, max_batched_tokens, max_running, spare_pages, max_model_len
+        )
+        in_order = [list(step.items()) for step in sim.scheduled]  # plan order counts
+        logs.append((in_order, sim.admitted, sim.preempted))
+    assert logs[0] == logs[1]
+
+
+def test_a_decode_plan_changed_after_its_step_does_not_change_the_next_one():
+    sched, cache = FCFSScheduler(), paged_cache()
+    sim = SimEngine(sched, cache)
+    sim.add(req("A", 4, 8), req("B", 4, 8))
+    sim.step()  # prefill
+    first = sim.step()  # decode
+    assert [s.num_tokens for s in first.scheduled] == [1, 1]
+    first.scheduled[0].num_tokens = 3  # the plan's objects belong to whoever holds it now
+    second = sim.scheduler.schedule(
+        waiting=[], running=list(sim.running), budget=sim.budget, kv=cache
+    )
+    assert [s.num_tokens for s in second.scheduled] == [1, 1]
+    assert [s.request for s in second.scheduled] == sim.running
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_decode_steps_that_run_out_of_pages_preempt_the_most_recent_request(queued):
+    sim = SimEngine(FCFSScheduler(), paged_cache(num_pages=3, page_size=4))
+    sim.add(req("A", 4, 4), req("B", 4, 4))
+    sim.step()  # both prefilled into a page each; their next tokens each need a new page
+    if queued:
+        sim.add(req("C", 4, 1))  # admission reads the exact pages left after the decodes
+    plan = sim.step()
+    assert [r.request_id for r in plan.preempted] == ["B"]
+    assert [s.request.request_id for s in plan.scheduled] == ["A"]

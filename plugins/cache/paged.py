@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from pegboard.core.hookspecs import hookimpl
 from pegboard.sdk.slots import KVCache, Plugin, PluginContext
@@ -149,18 +151,29 @@ class PagedCache(KVCache):
 
     @hookimpl
     def allocate_kv(self, scheduled: list[Request], num_tokens: list[int]) -> list[Request]:
+        # The pages each request needs, for the whole batch in numpy (a decode step: a page
+        # every `page_size` steps per request); only the requests that need some are visited.
+        n = len(scheduled)
+        starts = np.fromiter(map(_computed, scheduled), np.int64, n)
+        held = np.fromiter(map(len, map(_page_table, scheduled)), np.int64, n)
+        if type(self).pages_needed is PagedCache.pages_needed:
+            tokens = starts + np.asarray(num_tokens, dtype=np.int64)
+            need = np.maximum(-(-tokens // self.page_size) - held, 0)
+        else:  # a subclass counts its own way
+            need = np.fromiter(map(self.pages_needed, scheduled, num_tokens), np.int64, n)
+        for i in np.flatnonzero((starts == 0) & (held == 0)).tolist():
+            scheduled[i].num_cached_tokens = 0  # a new admission; no prefix reuse: no hit
         failed = []
-        for r, n in zip(scheduled, num_tokens):
-            if r.num_computed_tokens == 0 and not r.page_table:
-                r.num_cached_tokens = 0  # a new admission; without prefix reuse the hit is empty
-            need = self.pages_needed(r, n)
-            if need > len(self._free):
+        free, refs = self._free, self._refs
+        for i in np.flatnonzero(need).tolist():
+            r, k = scheduled[i], int(need[i])
+            if k > len(free):
                 failed.append(r)
                 continue
-            pages = self._free[len(self._free) - need :][::-1]
-            del self._free[len(self._free) - need :]
+            pages = free[len(free) - k :][::-1]
+            del free[len(free) - k :]
             for p in pages:
-                self._refs[p] += 1
+                refs[p] += 1
             r.page_table.extend(pages)
         return failed
 
@@ -200,3 +213,7 @@ class PagedCache(KVCache):
 
 def _kv_dtype(ctx: PluginContext) -> torch.dtype:
     return kv_dtype(ctx.engine.get("kv_cache_dtype"), ctx.model.dtype)
+
+
+_computed = operator.attrgetter("num_computed_tokens")
+_page_table = operator.attrgetter("page_table")

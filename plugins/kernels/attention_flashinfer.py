@@ -187,7 +187,11 @@ class FlashInferAttentionBackend(AttentionBackend):
                     "for CUDA graphs"
                 )
         indptr, indices, last_page_len = page_arrays(
-            batch.seq_lens_cpu, batch.page_tables_cpu, self.page_size, rows
+            batch.seq_lens_cpu,
+            batch.page_tables_cpu,
+            self.page_size,
+            rows,
+            batch.page_tables_array,
         )
         common = dict(
             num_qo_heads=self.model.num_heads,
@@ -319,12 +323,17 @@ def _check_prebuilt(kernels: list[flashinfer_kernels.Kernel], jit: bool) -> None
 
 
 def page_arrays(
-    seq_lens: list[int], page_tables: list[list[int]], page_size: int, rows: int
+    seq_lens: list[int],
+    page_tables: list[list[int]],
+    page_size: int,
+    rows: int,
+    table: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FlashInfer's paged-KV description of a batch, int32: `kv_indptr` `[rows + 1]`,
     `kv_indices` (each request's first `ceil(seq_len / page_size)` pages, concatenated) and
     `kv_last_page_len` `[rows]`. Rows past the requests (padding up to `rows`) get one page,
-    page 0, holding one token."""
+    page 0, holding one token. `table`: the page tables as one padded array
+    (`ForwardBatch.page_tables_array`), read by one numpy mask instead of page by page."""
     n = len(seq_lens)
     lens = np.asarray(seq_lens, dtype=np.int64)
     num_pages = -(-lens // page_size)
@@ -334,6 +343,9 @@ def page_arrays(
     last_page_len = np.ones(rows, dtype=np.int32)
     last_page_len[:n] = lens - (num_pages - 1) * page_size
     indices = np.zeros(int(indptr[-1]), dtype=np.int32)
+    if table is not None and table.shape[0] == n and table.shape[1] >= num_pages.max(initial=0):
+        indices[: indptr[n]] = table[np.arange(table.shape[1]) < num_pages[:, None]]
+        return indptr, indices, last_page_len
     indices[: indptr[n]] = np.fromiter(
         itertools.chain.from_iterable(
             table[:count] for table, count in zip(page_tables, num_pages.tolist())

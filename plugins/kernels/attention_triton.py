@@ -157,7 +157,7 @@ class TritonAttentionBackend(AttentionBackend):
         num_requests = batch.num_requests
         query_lens = np.asarray(batch.query_lens_cpu, dtype=np.int32)
         seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
-        max_pages = max(len(t) for t in batch.page_tables_cpu)
+        max_pages = max(map(len, batch.page_tables_cpu))
         self.is_decode = batch.is_decode_only
         if self.is_decode:
             self.num_splits = self.decode_splits or self.kernels.choose_num_splits(

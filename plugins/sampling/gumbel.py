@@ -68,28 +68,39 @@ def _gumbel_argmax_chunk(
     tl.store(best_idx_ptr + row * num_chunks + chunk, first)
 
 
+def inverse_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """float32 `1 / temperature`, 0 where the temperature is 0 (greedy rows): what the kernel
+    scales the logits by. A caller sampling the same rows again keeps it (four kernels less)."""
+    inv_temp = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-6), 0.0)
+    return inv_temp.to(torch.float32)
+
+
 def gumbel_sample(
     logits: torch.Tensor,
-    temperature: torch.Tensor,
+    temperature: torch.Tensor | None,
     seeds: torch.Tensor,
     chunk: int = CHUNK,
     block: int = BLOCK,
+    inv_temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row of `logits [rows, vocab]` drawn from `softmax(logits / temperature)`
     (argmax where `temperature` is 0). `temperature` is float32 `[rows]`, `seeds` int64
-    `[rows]`, both on the logits' device. Returns int64 `[rows]`. `chunk` (vocabulary entries
-    per program, a multiple of `block`) and `block` are tuning knobs (small in tests)."""
+    `[rows]`, both on the logits' device; `inv_temperature` (`inverse_temperature`'s) replaces
+    `temperature` when given. Returns int64 `[rows]`. `chunk` (vocabulary entries per program,
+    a multiple of `block`) and `block` are tuning knobs (small in tests)."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     num_chunks = triton.cdiv(vocab, chunk)
     best_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
-    best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
-    inv_temp = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-6), 0.0)
+    # int64: the kernel's int32 index widens on store, so the result needs no cast kernel.
+    best_idx = torch.empty(rows, num_chunks, dtype=torch.int64, device=logits.device)
+    if inv_temperature is None:
+        inv_temperature = inverse_temperature(temperature)
     _gumbel_argmax_chunk[(rows, num_chunks)](
         logits,
         logits.stride(0),
-        inv_temp.to(torch.float32),
+        inv_temperature,
         seeds,
         best_val,
         best_idx,
@@ -101,4 +112,4 @@ def gumbel_sample(
     )
     # torch.argmax returns the first maximum, so the earliest chunk wins ties.
     winner = best_val.argmax(dim=1, keepdim=True)
-    return best_idx.gather(1, winner).squeeze(1).to(torch.int64)
+    return best_idx.gather(1, winner).squeeze(1)

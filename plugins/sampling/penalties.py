@@ -9,8 +9,10 @@ Semantics (as vLLM applies them, in this order):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pegboard.sdk.device import to_device
+from pegboard.sdk.sampling import COLUMN, SamplingBatch, sampling_of
 from pegboard.sdk.types import Request
 from torch.nn.utils.rnn import pad_sequence
 
@@ -18,14 +20,8 @@ from torch.nn.utils.rnn import pad_sequence
 HISTORY_KEY = "sampler.history"
 
 
-def needs_penalties(requests: list[Request]) -> bool:
-    """Whether any request in the batch asks for a penalty."""
-    return any(
-        r.params.presence_penalty != 0.0
-        or r.params.frequency_penalty != 0.0
-        or r.params.repetition_penalty != 1.0
-        for r in requests
-    )
+#: The `SamplingBatch` columns of the three penalties, in the order they are applied.
+PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 class TokenHistory:
@@ -69,27 +65,26 @@ def token_counts(rows: list[torch.Tensor], vocab_size: int, device: torch.device
     return counts[:, :vocab_size]
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Return `logits` with each request's penalties applied (a new tensor)."""
+def apply_penalties(
+    logits: torch.Tensor, requests: list[Request], batch: SamplingBatch | None = None
+) -> torch.Tensor:
+    """Return `logits` with each request's penalties applied (a new tensor). `batch`: the
+    rows' parameters (`SamplingBatch`), else read from the requests."""
     device, vocab = logits.device, logits.shape[-1]
-    params = [r.params for r in requests]
-    table = to_device(
-        [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
-        device,
-        torch.float32,
-    )
+    batch = batch if batch is not None else sampling_of(requests)
+    columns = [COLUMN[name] for name in PENALTIES]
+    table = batch.on_device(device)[:, columns].to(torch.float32)
     rep, freq, pres = (column.unsqueeze(1) for column in table.unbind(dim=1))
 
     # Only penalised rows carry their tokens; the others count nothing.
     none = torch.empty(0, dtype=torch.int64)
-    prompts, outputs = [], []
-    for r, p in zip(requests, params):
-        penalised = (
-            p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        )
-        history = TokenHistory.of(r) if penalised else None
-        prompts.append(history.prompt if history and p.repetition_penalty != 1.0 else none)
-        outputs.append(history.outputs(r.output_token_ids) if history else none)
+    prompts, outputs = [none] * len(requests), [none] * len(requests)
+    repetition = batch.column("repetition_penalty") != 1.0
+    penalised = repetition | (batch.values[:, columns[1:]] != 0.0).any(axis=1)
+    for i in np.flatnonzero(penalised).tolist():
+        history = TokenHistory.of(requests[i])
+        prompts[i] = history.prompt if repetition[i] else none
+        outputs[i] = history.outputs(requests[i].output_token_ids)
     output_counts = token_counts(outputs, vocab, device)
     prompt_counts = token_counts(prompts, vocab, device)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pydantic
 import torch
 from pegboard.plugins.sampling.filters import apply_min_p, apply_top_k_top_p
-from pegboard.plugins.sampling.penalties import apply_penalties, needs_penalties
+from pegboard.plugins.sampling.penalties import apply_penalties
 from pegboard.sdk.device import to_device
+from pegboard.sdk.sampling import COLUMN, SamplingBatch, sampling_of
 from pegboard.sdk.slots import Sampler
 from pegboard.sdk.types import Request, SampleOutput, TokenLogprobs
 
@@ -48,11 +49,10 @@ class StandardSampler(Sampler):
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
         facts = self._batch_facts(requests, logits.shape[-1])
-        params = facts.params
         want_logprobs = facts.want_logprobs
         raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
         if facts.penalties:
-            logits = apply_penalties(logits, requests)
+            logits = apply_penalties(logits, requests, facts.batch)
 
         if facts.greedy:
             tokens = logits.argmax(dim=-1)
@@ -61,20 +61,21 @@ class StandardSampler(Sampler):
 
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
-            num_top = [params[i].logprobs or 0 for i in want_logprobs]
-            rows = _logprobs(raw_logprobs, tokens[want_logprobs], num_top)
+            rows = _logprobs(raw_logprobs, tokens[want_logprobs], facts.num_top)
             for i, row in zip(want_logprobs, rows):
                 logprobs[i] = row
         # A device tensor: the engine copies it to the host without blocking (overlap).
         return SampleOutput(token_ids=tokens, logprobs=logprobs)
 
     def _batch_facts(self, requests: list[Request], vocab: int) -> _BatchFacts:
-        """What the batch's parameters say; recomputed only when the batch changed (the same
-        request objects in the same order, as in consecutive decode steps, reuse it)."""
+        """What the batch's parameters say (`requests.sampling` from the engine, else read
+        from the requests); recomputed only when the batch changed (the same request objects
+        in the same order, as in consecutive decode steps, reuse it)."""
         last = self._facts
         if last is not None and last.vocab == vocab and last.requests == requests:
             return last
-        self._facts = _BatchFacts(list(requests), vocab, self.options.seed)
+        batch = sampling_of(requests)
+        self._facts = _BatchFacts(list(requests), vocab, self.options.seed, batch)
         return self._facts
 
     def _draw(
@@ -85,13 +86,11 @@ class StandardSampler(Sampler):
         On CUDA, rows without top-k / top-p / min-p are drawn by the one-pass Gumbel-max
         kernel (`gumbel.py`); the others by `_draw_filtered`. Which path a row takes depends
         only on its own parameters, so a seeded request's draws never depend on its batch."""
-        vocab = logits.shape[-1]
-        if facts is not None:
-            plain = facts.plain
-        else:
-            plain = [i for i, r in enumerate(requests) if _unfiltered(r.params, vocab)]
+        if facts is None:
+            facts = _BatchFacts(requests, logits.shape[-1], self.options.seed)
+        plain, batch = facts.plain, facts.batch
         if not plain or not _gumbel_available(logits.device):
-            return self._draw_filtered(logits, requests)
+            return self._draw_filtered(logits, requests, batch)
         if len(plain) == len(requests):
             return self._gumbel(logits, requests, facts)
         plain_set = set(plain)
@@ -100,31 +99,39 @@ class StandardSampler(Sampler):
         plain_rows = to_device(plain, device, torch.int64)
         rest_rows = to_device(rest, device, torch.int64)
         tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
-        tokens[plain_rows] = self._gumbel(logits[plain_rows], [requests[i] for i in plain])
-        tokens[rest_rows] = self._draw_filtered(logits[rest_rows], [requests[i] for i in rest])
+        tokens[plain_rows] = self._gumbel(
+            logits[plain_rows], [requests[i] for i in plain], batch=batch.take(plain)
+        )
+        tokens[rest_rows] = self._draw_filtered(
+            logits[rest_rows], [requests[i] for i in rest], batch.take(rest)
+        )
         return tokens
 
     def _gumbel(
-        self, logits: torch.Tensor, requests: list[Request], facts: _BatchFacts | None = None
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        facts: _BatchFacts | None = None,
+        batch: SamplingBatch | None = None,
     ) -> torch.Tensor:
-        """Every row of `requests` by the Gumbel kernel (`facts`: of exactly these rows)."""
-        from pegboard.plugins.sampling.gumbel import gumbel_sample
+        """Every row of `requests` by the Gumbel kernel (`facts` or `batch`: of exactly these
+        rows; neither: read from the requests)."""
+        from pegboard.plugins.sampling.gumbel import gumbel_sample, inverse_temperature
 
-        if facts is not None:
-            temperature, base = facts.temperature(logits.device), facts.base_seeds
-        else:
-            temperature = to_device(
-                [r.params.temperature for r in requests], logits.device, torch.float32
-            )
-            base = _base_seeds(requests, self.options.seed)
-        seeds = to_device(torch.from_numpy(self._draw_seeds(requests, base)), logits.device)
-        return gumbel_sample(logits, temperature, seeds)
+        if facts is None:
+            facts = _BatchFacts(requests, logits.shape[-1], self.options.seed, batch)
+        inv = facts.inv_temperature  # kept while the batch recurs
+        if inv is None or inv.device != logits.device:
+            facts.inv_temperature = inverse_temperature(facts.temperature(logits.device))
+        seeds = self._draw_seeds(requests, facts.base_seeds)
+        seeds = to_device(torch.from_numpy(seeds), logits.device)
+        return gumbel_sample(logits, None, seeds, inv_temperature=facts.inv_temperature)
 
     def _draw_seeds(self, requests: list[Request], base: np.ndarray | None = None) -> np.ndarray:
         """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
         and its arrival number) mixed with how many tokens it has drawn (splitmix64)."""
         if base is None:
-            base = _base_seeds(requests, self.options.seed)
+            base = _base_seeds(SamplingBatch.of(requests), self.options.seed)
         drawn = np.fromiter(map(len, map(_outputs, requests)), np.uint64, len(requests)) + 1
         with np.errstate(over="ignore"):
             x = base + drawn * np.uint64(_MIX)
@@ -133,43 +140,42 @@ class StandardSampler(Sampler):
             x = x ^ (x >> np.uint64(31))
         return (x & np.uint64(2**63 - 1)).astype(np.int64)
 
-    def _draw_filtered(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _draw_filtered(
+        self, logits: torch.Tensor, requests: list[Request], batch: SamplingBatch | None = None
+    ) -> torch.Tensor:
         """The general path: temperature, top-k / top-p, min-p, then an exponential race drawn
         from each request's own `torch.Generator`."""
-        params = [r.params for r in requests]
+        batch = batch if batch is not None else sampling_of(requests)
         device, vocab = logits.device, logits.shape[-1]
-        # One host-to-device copy for all per-row parameters.
-        table = to_device(
-            [
-                [p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p]
-                for p in params
-            ],
-            device,
-            torch.float64,
-        )
-        temperature, top_k, top_p, min_p = table.unbind(dim=1)
+        k = batch.column("top_k")
+        filtered_k = (k > 0) & (k < vocab)  # rows whose top-k filters anything
+        # The rows' parameters on the device, float64 (one gather of the core's table).
+        table = batch.on_device(device)
+        temperature, top_k = table[:, COLUMN["temperature"]], table[:, COLUMN["top_k"]]
+        top_k = torch.where((top_k > 0) & (top_k < vocab), top_k, float(vocab))
+        top_p, min_p = table[:, COLUMN["top_p"]], table[:, COLUMN["min_p"]]
         greedy = temperature == 0.0
         scaled = logits / torch.where(greedy, 1.0, temperature).to(logits.dtype).unsqueeze(1)
 
-        use_top_k = any(0 < p.top_k < vocab for p in params)
-        use_top_p = any(p.top_p < 1.0 for p in params)
+        sampled = batch.column("temperature") != 0.0
+        use_top_k = bool(filtered_k.any())
+        use_top_p = bool((batch.column("top_p") < 1.0).any())
         if use_top_k or use_top_p:
             # Greedy rows ignore filters, so only sampled rows decide how much must be sorted.
-            sampled_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params if not p.greedy]
+            sampled_k = np.where(filtered_k, k, vocab)[sampled]
             scaled = apply_top_k_top_p(
                 scaled,
                 top_k.long() if use_top_k else None,
                 top_p.to(logits.dtype) if use_top_p else None,
-                candidates=max(sampled_k, default=vocab),
+                candidates=int(sampled_k.max()) if sampled_k.size else vocab,
             )
-        if any(p.min_p > 0.0 for p in params):
+        if (batch.column("min_p") > 0.0).any():
             scaled = apply_min_p(scaled, min_p.to(logits.dtype))
 
         probs = scaled.softmax(dim=-1)
         race = torch.ones_like(probs)
-        for i, r in enumerate(requests):
-            if not r.params.greedy:
-                race[i].exponential_(generator=self._generator(r, device))
+        for i in np.flatnonzero(sampled).tolist():
+            race[i].exponential_(generator=self._generator(requests[i], device))
         # Exp(1) can round to 0; 0/0 would be NaN, which argmax would pick.
         race.clamp_(min=torch.finfo(race.dtype).tiny)
         drawn = (probs / race).argmax(dim=-1)
@@ -190,44 +196,66 @@ class StandardSampler(Sampler):
 
 
 class _BatchFacts:
-    """A batch's per-row sampling parameters, computed once per distinct batch. It holds the
-    request objects, so their ids cannot be reused by new requests while it is cached."""
+    """A batch's per-row sampling parameters, computed once per distinct batch from its
+    `SamplingBatch` (numpy over the rows, no pass over the requests). It holds the request
+    objects, so their ids cannot be reused by new requests while it is cached."""
 
-    def __init__(self, requests: list[Request], vocab: int, sampler_seed: int) -> None:
+    def __init__(
+        self,
+        requests: list[Request],
+        vocab: int,
+        sampler_seed: int,
+        batch: SamplingBatch | None = None,
+    ) -> None:
         self.requests, self.vocab = requests, vocab
-        self.params = [r.params for r in requests]
-        self.want_logprobs = [i for i, p in enumerate(self.params) if p.logprobs is not None]
-        self.penalties = needs_penalties(requests)
-        self.greedy = all(p.greedy for p in self.params)
-        plain = [] if self.greedy else self.params  # greedy batches draw nothing
-        self.plain = [i for i, p in enumerate(plain) if _unfiltered(p, vocab)]
-        self.base_seeds = None if self.greedy else _base_seeds(requests, sampler_seed)
+        self.batch = batch = batch if batch is not None else sampling_of(requests)
+        logprobs = batch.column("logprobs")
+        self.want_logprobs: list[int] = np.flatnonzero(logprobs >= 0).tolist()
+        self.num_top: list[int] = logprobs[self.want_logprobs].astype(np.int64).tolist()
+        self.penalties = bool(_penalised(batch).any())
+        temperature = batch.column("temperature")
+        self.greedy = bool((temperature == 0.0).all())
+        # Greedy batches draw nothing; otherwise the rows without top-k, top-p or min-p.
+        self.plain: list[int] = (
+            [] if self.greedy else np.flatnonzero(_unfiltered(batch, vocab)).tolist()
+        )
+        self.base_seeds = None if self.greedy else _base_seeds(batch, sampler_seed)
         self._temperature: torch.Tensor | None = None
+        #: The Gumbel kernel's `1 / temperature` on the device (`gumbel.inverse_temperature`).
+        self.inv_temperature: torch.Tensor | None = None
 
     def temperature(self, device: torch.device) -> torch.Tensor:
         """The rows' temperatures on `device` (float32), copied there once."""
         if self._temperature is None or self._temperature.device != device:
-            temps = [p.temperature for p in self.params]
-            self._temperature = to_device(temps, device, torch.float32)
+            temps = self.batch.column("temperature").astype(np.float32)
+            self._temperature = to_device(torch.from_numpy(temps), device)
         return self._temperature
 
 
-def _base_seeds(requests: list[Request], sampler_seed: int) -> np.ndarray:
-    """Each request's seed, or (unseeded) one from the sampler's seed and its arrival number."""
-    return np.array(
-        [
-            r.params.seed % 2**64
-            if r.params.seed is not None
-            else (sampler_seed * _MIX + r.seq) % 2**64
-            for r in requests
-        ],
-        dtype=np.uint64,
+def _base_seeds(batch: SamplingBatch, sampler_seed: int) -> np.ndarray:
+    """Each row's seed, or (unseeded) one from the sampler's seed and its arrival number,
+    `(sampler_seed * _MIX + seq) % 2**64` (uint64 arithmetic wraps modulo 2**64)."""
+    mixed = np.uint64(sampler_seed * _MIX % 2**64)
+    with np.errstate(over="ignore"):
+        unseeded = mixed + batch.seqs.astype(np.uint64)
+    return np.where(batch.column("seeded") != 0.0, batch.seeds, unseeded)
+
+
+def _penalised(batch: SamplingBatch) -> np.ndarray:
+    """Bool per row: it asks for a repetition, frequency or presence penalty."""
+    return (
+        (batch.column("repetition_penalty") != 1.0)
+        | (batch.column("frequency_penalty") != 0.0)
+        | (batch.column("presence_penalty") != 0.0)
     )
 
 
-def _unfiltered(params, vocab: int) -> bool:
-    """Whether a row samples from the plain temperature softmax (no top-k, top-p or min-p)."""
-    return not (0 < params.top_k < vocab) and params.top_p >= 1.0 and params.min_p <= 0.0
+def _unfiltered(batch: SamplingBatch, vocab: int) -> np.ndarray:
+    """Bool per row: it samples from the plain temperature softmax (no top-k, top-p or min-p)."""
+    k = batch.column("top_k")
+    return (
+        ~((k > 0) & (k < vocab)) & (batch.column("top_p") >= 1.0) & (batch.column("min_p") <= 0.0)
+    )
 
 
 def _gumbel_available(device: torch.device) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -78,6 +79,14 @@ class LPMScheduler(PolicyScheduler):
             return (0, 0, request.seq)
         return (1, -self._hits.get(id(request), 0), request.seq)
 
+    def _in_order(self, requests: list[Request]) -> list[Request]:
+        """Running requests (keyed `(0, 0, seq)`) in arrival order by a C sort, unless a
+        subclass changed `sort_key`; anything else by `sort_key`."""
+        running = list(map(_STATUS, requests)).count(RequestStatus.RUNNING) == len(requests)
+        if running and type(self).sort_key is LPMScheduler.sort_key:
+            return sorted(requests, key=_SEQ)
+        return super()._in_order(requests)
+
     @hookimpl
     def schedule(
         self, waiting: list[Request], running: list[Request], budget: StepBudget, kv: KVCache
@@ -112,3 +121,7 @@ class LPMScheduler(PolicyScheduler):
                 ahead.add(key)
             kept.append(r)
         return kept
+
+
+_STATUS = operator.attrgetter("status")
+_SEQ = operator.attrgetter("seq")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -44,5 +46,19 @@ class PriorityScheduler(PolicyScheduler):
     def admission_victims(self, request: Request, running: Sequence[Request]) -> list[Request]:
         if not self.options.preempt_for_priority:
             return []
-        less_important = [q for q in running if q.priority > request.priority]
-        return sorted(less_important, key=self.victim_key, reverse=True)
+        less = map(operator.gt, map(_PRIORITY, running), itertools.repeat(request.priority))
+        less_important = list(itertools.compress(running, less))
+        key = (
+            _BY_PRIORITY if type(self).victim_key is PolicyScheduler.victim_key else self.victim_key
+        )
+        return sorted(less_important, key=key, reverse=True)
+
+    def _order_key(self):
+        """`sort_key`'s order in C (an attrgetter's tuple) unless a subclass changed it."""
+        if type(self).sort_key is PriorityScheduler.sort_key:
+            return _BY_PRIORITY
+        return self.sort_key
+
+
+_PRIORITY = operator.attrgetter("priority")
+_BY_PRIORITY = operator.attrgetter("priority", "seq")  # (request.priority, request.seq)
