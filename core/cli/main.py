@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from pegboard.core.watchdog import stacks_on_sigusr1
 
     stacks_on_sigusr1()
-    skip_final_collection()
+    if argv is None:  # a process of its own (not a caller's `main([...])`)
+        skip_final_collection()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan-shm", default=None, help="rank 0's shared-memory plan channel")
     args = p.parse_args(argv)
     stacks_on_sigusr1()
-    skip_final_collection()
+    if argv is None:  # a process of its own (not a caller's `main([...])`)
+        skip_final_collection()
     logging.basicConfig(
         level="INFO", format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s"
     )
