@@ -24,6 +24,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes < LAZY_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
-    # The tensor holds a reference to the map: it is unmapped when the tensor is freed.
-    pages = mmap.mmap(-1, nbytes)
+    # Private (copy-on-write in a forked child, as malloc'd memory); the tensor holds a
+    # reference to the map, which is unmapped when the tensor is freed.
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
