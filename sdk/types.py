@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pegboard.sdk.zeroed import zeros
 
 
 @dataclass
@@ -272,8 +273,8 @@ class KVPool:
         shape = (num_pages, page_size, info.num_kv_heads, info.head_dim)
         dev = device or info.device
         dt = dtype or info.dtype
-        k = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(info.num_layers)]
-        v = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(info.num_layers)]
+        k = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
+        v = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
         return cls(k=k, v=v, page_size=page_size)
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from pegboard.core.cli.main import main
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
 
@@ -38,30 +39,37 @@ def test_generate_prints_prompt_and_the_engines_greedy_completion(tiny_llama_dir
     assert done.stdout == prompt + expected + "\n"
 
 
-def test_unknown_plugin_is_a_clear_error_before_the_model_loads(tiny_llama_dir):
-    done = pegboard("generate", "hi", "--model", str(tiny_llama_dir), "--scheduler", "nope")
-    assert done.returncode == 2
-    assert "unknown scheduler 'nope'; available: fcfs (pegboard" in done.stderr
-    assert "Traceback" not in done.stderr
-    assert "Loading weights" not in done.stderr
+def in_process(capsys, *args: str) -> tuple[int, str]:
+    """`pegboard ARGS` run in this process (usage errors come before any model loads, as in a
+    process of its own; an error that escaped as a traceback would fail the test): the exit
+    status and stderr."""
+    try:
+        status = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    return status, capsys.readouterr().err
 
 
-def test_bad_plugin_option_names_the_field(tiny_llama_dir):
-    done = pegboard(
-        "generate",
-        "hi",
-        "--model",
-        str(tiny_llama_dir),
-        "--scheduler",
-        "sjf",
-        "--sjf-max-wait-steps",
-        "-3",
+def test_unknown_plugin_is_a_clear_error_before_the_model_loads(tiny_llama_dir, capsys):
+    status, stderr = in_process(
+        capsys, "generate", "hi", "--model", str(tiny_llama_dir), "--scheduler", "nope"
     )
-    assert done.returncode == 2
-    assert "max_wait_steps" in done.stderr and "Traceback" not in done.stderr
+    assert status == 2
+    assert "unknown scheduler 'nope'; available: fcfs (pegboard" in stderr
+    assert "Traceback" not in stderr
+    assert "Loading weights" not in stderr
 
 
-def test_missing_model_directory_is_a_clear_error(tmp_path):
-    done = pegboard("generate", "hi", "--model", str(tmp_path / "nowhere"))
-    assert done.returncode == 2
-    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+def test_bad_plugin_option_names_the_field(tiny_llama_dir, capsys):
+    status, stderr = in_process(
+        capsys, "generate", "hi", "--model", str(tiny_llama_dir),
+        "--scheduler", "sjf", "--sjf-max-wait-steps", "-3",
+    )  # fmt: skip
+    assert status == 2
+    assert "max_wait_steps" in stderr and "Traceback" not in stderr
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
+    status, stderr = in_process(capsys, "generate", "hi", "--model", str(tmp_path / "nowhere"))
+    assert status == 2
+    assert "does not exist" in stderr and "Traceback" not in stderr

@@ -4,9 +4,6 @@ placement plugin's answer is checked, and bad MoE flags fail before the model lo
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from fixtures.tiny_moe import build_tiny_moe
@@ -16,6 +13,7 @@ from pegboard.core.moe.flags import MoEFlagError, check_moe
 from pegboard.sdk.expert_placement import ExpertPlacement
 from pegboard.sdk.types import SamplingParams
 from test_engine_parity import assert_same_tokens, hf_reference, make_prompts
+from test_moe_ep import generate_exit
 
 
 @pytest.fixture(scope="module")
@@ -89,30 +87,14 @@ def test_check_moe_errors(qwen3_moe, tiny_llama_dir):
     check_moe(EngineConfig(model=str(qwen3_moe), expert_placement="eplb"))  # fine
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--enable-eplb"], "needs a mixture-of-experts model"),
-        (["--ep-size", "3"], "needs a mixture-of-experts model"),
-    ],
-)
-def test_cli_rejects_moe_flags_on_a_dense_model_with_exit_2(tiny_llama_dir, flags, message):
-    cmd = [
-        sys.executable,
-        "-m",
-        "pegboard.core.cli.main",
-        "generate",
-        "--model",
-        str(tiny_llama_dir),
-        "--device",
-        "cpu",
-        "hello",
-        *flags,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
-    assert "Loading weights" not in done.stderr
+def test_cli_rejects_ep_flags_on_a_dense_model_with_exit_2(tiny_llama_dir, capsys):
+    """(`--enable-eplb` on a dense model: test_moe_ep's eplb-on-dense case.)"""
+    status, stderr = generate_exit(
+        capsys, "--model", str(tiny_llama_dir), "--device", "cpu", "--ep-size", "3"
+    )
+    assert status == 2, stderr
+    assert "needs a mixture-of-experts model" in stderr
+    assert "Loading weights" not in stderr
 
 
 def test_router_skew_concentrates_the_recorded_load_and_metrics_report_it(qwen3_moe):

@@ -104,40 +104,74 @@ def start_pair(model_dir, tmp_path, backend: str, *prefill_flags: str, prefill_e
     return prefill, decode, router
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    """Module-scoped, so that pytest runs both tests of one backend before the next backend."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_llama_dir, tmp_path_factory):
+    """`get(backend)`: the backend's (prefill, decode, router, hold) as started once for both
+    tests, or started again if its prefill server is gone (the kill test ends it). The prefill
+    server runs with the test-only transfer hold, released (`hold/release` exists) until the
+    kill test removes that file. A pair of another backend is stopped first."""
+    started: dict[str, tuple] = {}
+
+    def stop(backend: str) -> None:
+        prefill, decode, router, _ = started.pop(backend)
+        router.stop()
+        prefill.stop()
+        decode.stop()
+
+    def get(backend: str):
+        for other in [b for b in started if b != backend]:
+            stop(other)
+        if backend in started and started[backend][0].proc.poll() is not None:
+            stop(backend)
+        if backend not in started:
+            tmp_path = tmp_path_factory.mktemp(f"pd-{backend}")
+            hold = tmp_path / "hold"
+            hold.mkdir()
+            (hold / "release").touch()
+            pair = start_pair(tiny_llama_dir, tmp_path, backend, prefill_env={HOLD_ENV: str(hold)})
+            started[backend] = (*pair, hold)
+        (started[backend][3] / "release").touch()
+        return started[backend]
+
+    yield get
+    for backend in list(started):
+        stop(backend)
+
+
 def complete(client: openai.OpenAI, prompt: str, **kw):
     return client.completions.create(
         model="m", prompt=prompt, **{"max_tokens": 8, "temperature": 0, **kw}
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_pd_through_the_router_equals_colocated_and_streams(tiny_llama_dir, tmp_path, backend):
-    prefill, decode, router = start_pair(tiny_llama_dir, tmp_path, backend)
-    try:
-        direct = decode.client(timeout=120)  # no bootstrap: the decode server runs it alone
-        expected = [complete(direct, p).choices[0].text for p in PROMPTS]
-        client = router.client()
-        for _ in range(2):  # the second round hits the prefill server's radix cache
-            with ThreadPoolExecutor(4) as pool:
-                got = list(pool.map(lambda p: complete(client, p).choices[0].text, PROMPTS))
-            assert got == expected
-        assert metric(prefill, "prefix_cache_hits_total") > 0
-        stream = complete(client, PROMPTS[1], stream=True)
-        assert "".join(c.choices[0].text for c in stream) == expected[1]
-        assert metric(decode, "kv_cache_usage_perc") == 0.0
-        assert "GB/s" in prefill.log()  # the KV went through the transfer plugin
-        n = 2 * len(PROMPTS) + 1  # every request's KV went across once, none failed
-        for server, role in ((prefill, "prefill"), (decode, "decode")):
-            ok = metric(server, "kv_transfers_total", backend=backend, role=role, result="ok")
-            assert ok == n
-            assert metric(server, "kv_transfers_total", result="failed") == 0
-            assert metric(server, "kv_transfer_duration_seconds_count", role=role) == n
-        sent = metric(prefill, "kv_transfer_bytes_total", backend=backend, role="prefill")
-        assert sent > 0 and sent == metric(decode, "kv_transfer_bytes_total", role="decode")
-    finally:
-        router.stop()
-        prefill.stop()
-        decode.stop()
+def test_pd_through_the_router_equals_colocated_and_streams(pairs, backend):
+    prefill, decode, router, _ = pairs(backend)
+    direct = decode.client(timeout=120)  # no bootstrap: the decode server runs it alone
+    expected = [complete(direct, p).choices[0].text for p in PROMPTS]
+    client = router.client()
+    for _ in range(2):  # the second round hits the prefill server's radix cache
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: complete(client, p).choices[0].text, PROMPTS))
+        assert got == expected
+    assert metric(prefill, "prefix_cache_hits_total") > 0
+    stream = complete(client, PROMPTS[1], stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected[1]
+    assert metric(decode, "kv_cache_usage_perc") == 0.0
+    assert "GB/s" in prefill.log()  # the KV went through the transfer plugin
+    n = 2 * len(PROMPTS) + 1  # every request's KV went across once, none failed
+    for server, role in ((prefill, "prefill"), (decode, "decode")):
+        ok = metric(server, "kv_transfers_total", backend=backend, role=role, result="ok")
+        assert ok == n
+        assert metric(server, "kv_transfers_total", result="failed") == 0
+        assert metric(server, "kv_transfer_duration_seconds_count", role=role) == n
+    sent = metric(prefill, "kv_transfer_bytes_total", backend=backend, role="prefill")
+    assert sent > 0 and sent == metric(decode, "kv_transfer_bytes_total", role="decode")
 
 
 def wait_for(condition, log, timeout: float = 120) -> None:
@@ -148,45 +182,36 @@ def wait_for(condition, log, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_killing_the_prefill_server_mid_transfer_fails_requests_and_frees_decode_pages(
-    tiny_llama_dir, tmp_path, backend
+    pairs, backend
 ):
-    # The prefill server posts each transfer, then holds it unfinished (test-only fault
-    # injection, core/disaggregation/fault.py): every request is provably mid-transfer.
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    prefill, decode, router = start_pair(
-        tiny_llama_dir, tmp_path, backend, prefill_env={HOLD_ENV: str(hold)}
-    )
-    try:
-        direct = decode.client(timeout=120)  # a request of the decode server's own
-        expected = complete(direct, PROMPTS[0], max_tokens=24).choices[0].text
-        client = router.client()
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(complete, client, p) for p in PROMPTS[1:]]
-            wait_for(lambda: len(list(hold.glob("held-*"))) == len(futures), prefill.log)
-            # The decode server holds pages for all three and decodes none of them.
-            wait_for(lambda: metric(decode, "kv_cache_usage_perc") > 0, decode.log)
-            assert metric(decode, "num_requests_running") == 0
-            bystander = complete(direct, PROMPTS[0], max_tokens=24, stream=True)
-            first = next(bystander)  # running on the decode server as the prefill dies
-            os.kill(prefill.proc.pid, signal.SIGKILL)
-            errors = [f.exception() for f in futures]
-        assert all(isinstance(e, openai.APIError) for e in errors), errors
-        # The decode server lost its control channel to the prefill server: the error says so.
-        assert all("lost the prefill engine" in str(e) for e in errors), errors
-        text = first.choices[0].text + "".join(c.choices[0].text for c in bystander)
-        assert text == expected  # the decode server's other request is unaffected
-        wait_for(lambda: metric(decode, "kv_cache_usage_perc") == 0.0, decode.log)
-        failed = metric(decode, "kv_transfers_total", role="decode", result="failed")
-        assert failed == len(futures)
-        assert decode.health() == 200  # the decode server lives on
-        assert complete(direct, PROMPTS[0], max_tokens=24).choices[0].text == expected
-    finally:
-        router.stop()
-        prefill.stop()
-        decode.stop()
+    prefill, decode, router, hold = pairs(backend)
+    # From now on the prefill server posts each transfer, then holds it unfinished (test-only
+    # fault injection, core/disaggregation/fault.py): every request is provably mid-transfer.
+    (hold / "release").unlink()
+    direct = decode.client(timeout=120)  # a request of the decode server's own
+    expected = complete(direct, PROMPTS[0], max_tokens=24).choices[0].text
+    client = router.client()
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(complete, client, p) for p in PROMPTS[1:]]
+        wait_for(lambda: len(list(hold.glob("held-*"))) == len(futures), prefill.log)
+        # The decode server holds pages for all three and decodes none of them.
+        wait_for(lambda: metric(decode, "kv_cache_usage_perc") > 0, decode.log)
+        assert metric(decode, "num_requests_running") == 0
+        bystander = complete(direct, PROMPTS[0], max_tokens=24, stream=True)
+        first = next(bystander)  # running on the decode server as the prefill dies
+        os.kill(prefill.proc.pid, signal.SIGKILL)
+        errors = [f.exception() for f in futures]
+    assert all(isinstance(e, openai.APIError) for e in errors), errors
+    # The decode server lost its control channel to the prefill server: the error says so.
+    assert all("lost the prefill engine" in str(e) for e in errors), errors
+    text = first.choices[0].text + "".join(c.choices[0].text for c in bystander)
+    assert text == expected  # the decode server's other request is unaffected
+    wait_for(lambda: metric(decode, "kv_cache_usage_perc") == 0.0, decode.log)
+    failed = metric(decode, "kv_transfers_total", role="decode", result="failed")
+    assert failed == len(futures)
+    assert decode.health() == 200  # the decode server lives on
+    assert complete(direct, PROMPTS[0], max_tokens=24).choices[0].text == expected
 
 
 def test_unknown_transfer_backend_is_a_clear_error(tiny_llama_dir, tmp_path):

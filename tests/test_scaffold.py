@@ -8,13 +8,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from pegboard.core.cli.main import main
 from pegboard.sdk.scaffold import TEMPLATED_SLOTS, ScaffoldError, create_plugin_package
 
 
-def run(args: list[str], pythonpath: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], pythonpath: Path | str, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     return subprocess.run(
@@ -49,16 +52,41 @@ def test_generated_package_installs_passes_its_tests_and_is_listed(tmp_path):
     assert plugins["fair-share"]["state"] == "available"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("slot", [s for s in TEMPLATED_SLOTS if s != "scheduler"])
-def test_every_slot_template_passes_its_own_tests(tmp_path, slot):
-    package = create_plugin_package(f"my-{slot.replace('_', '-')}", slot, tmp_path)
-    tests = run(
-        ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
-        package / "src",
-        cwd=tmp_path,
+OTHER_SLOTS = [s for s in TEMPLATED_SLOTS if s != "scheduler"]
+
+
+@pytest.fixture(scope="module")
+def template_results(tmp_path_factory) -> dict[str, list[tuple[str, str]]]:
+    """Every other slot's package as generated, its tests run by one pytest process (one
+    interpreter start instead of one per slot); slot -> [(test, outcome)] from its report."""
+    root = tmp_path_factory.mktemp("templates")
+    packages = {slot: create_plugin_package(f"my-{slot.replace('_', '-')}", slot, root)
+                for slot in OTHER_SLOTS}  # fmt: skip
+    report = root / "report.xml"
+    sources = os.pathsep.join(str(p / "src") for p in packages.values())
+    tests = [str(p / "tests") for p in packages.values()]
+    done = run(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests],
+        sources,
+        cwd=root,
     )
-    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert report.exists(), done.stdout + done.stderr
+    results: dict[str, list[tuple[str, str]]] = {slot: [] for slot in packages}
+    for case in ElementTree.parse(report).iter("testcase"):
+        verdicts = [c for c in case if c.tag in ("failure", "error", "skipped")]
+        outcome = " ".join(f"{c.tag}: {c.get('message')}" for c in verdicts) or "passed"
+        for slot, package in packages.items():
+            if case.get("classname", "").endswith("test_" + package.name.replace("-", "_")):
+                results[slot].append((case.get("name"), outcome))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slot", OTHER_SLOTS)
+def test_every_slot_template_passes_its_own_tests(template_results, slot):
+    results = template_results[slot]
+    assert results, f"no test of the {slot} template ran"
+    assert all(outcome == "passed" for _, outcome in results), results
 
 
 def test_generated_pyproject_declares_the_entry_point(tmp_path):

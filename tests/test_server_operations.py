@@ -118,9 +118,11 @@ def hang_plugin(tmp_path) -> str:
 def test_watchdog_exits_a_server_whose_step_is_stuck(tiny_llama_dir, tmp_path, hang_plugin):
     log = tmp_path / "metrics.jsonl"
     pythonpath = os.pathsep.join(filter(None, [hang_plugin, os.environ.get("PYTHONPATH")]))
+    # 10 s: the tiny model's steps take milliseconds even on a busy machine (the test waits
+    # this long for the watchdog).
     server = ServerProcess(
         tiny_llama_dir, tmp_path,
-        "--served-model-name", "tiny", "--scheduler", "hang", "--watchdog-timeout", "30",
+        "--served-model-name", "tiny", "--scheduler", "hang", "--watchdog-timeout", "10",
         "--skip-warmup", "--metrics", "jsonl", "--jsonl-path", str(log),
         "--jsonl-flush-interval-s", "0",
         env={"PYTHONPATH": pythonpath},
@@ -143,7 +145,7 @@ def test_watchdog_exits_a_server_whose_step_is_stuck(tiny_llama_dir, tmp_path, h
         server.stop()
     log_text = server.log()
     assert status == 3, log_text
-    assert "has not finished after" in log_text and "--watchdog-timeout 30" in log_text
+    assert "has not finished after" in log_text and "--watchdog-timeout 10" in log_text
     assert "hang_plugin.py" in log_text and "in schedule" in log_text  # the stuck stack
     assert "active plugins: {'scheduler': ['hang']" in log_text
 

@@ -54,9 +54,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pegboard.core.process_exit import skip_final_collection
     from pegboard.core.watchdog import stacks_on_sigusr1
 
     stacks_on_sigusr1()
+    if argv is None:  # a process of its own (not a caller's `main([...])`)
+        skip_final_collection()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -24,6 +24,7 @@ from pegboard.core.distributed.topology import Topology
 from pegboard.core.models.moe import moe_blocks
 from pegboard.core.moe.apply import apply_placement
 from pegboard.core.moe.router_skew import skew_router
+from pegboard.core.process_exit import skip_final_collection
 from pegboard.core.watchdog import stacks_on_sigusr1
 from pegboard.sdk.expert_placement import ExpertPlacement
 
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan-shm", default=None, help="rank 0's shared-memory plan channel")
     args = p.parse_args(argv)
     stacks_on_sigusr1()
+    if argv is None:  # a process of its own (not a caller's `main([...])`)
+        skip_final_collection()
     logging.basicConfig(
         level="INFO", format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s"
     )

@@ -162,7 +162,11 @@ class DecoderBody(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_len: int, linear: LinearFactory) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # `_weight`: no random init (the loader fills every value). Its `normal_` would also
+        # import torch._dynamo under the loader's meta-device context: seconds per process.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim, max_len)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, self.rotary_emb, linear) for i in range(cfg.num_layers)
