@@ -6,20 +6,11 @@ import math
 
 import pytest
 import torch
+from fixtures.devices import DEVICES
 from pegboard.plugins.sampling.penalties import apply_penalties
 from pegboard.plugins.sampling.standard import StandardSampler
 from pegboard.sdk.types import Request, SamplingParams
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        ],
-    ),
-]
 #: probabilities 0.4, 0.3, 0.2, 0.1 (distinct, so every filter's support is unambiguous)
 PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
 

@@ -10,21 +10,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from fixtures.devices import DEVICES
 from pegboard.core.sampling_table import SamplingTable
 from pegboard.plugins.sampling.standard import StandardSampler
 from pegboard.sdk import SampleRequests, SamplingBatch
 from pegboard.sdk.types import Request, SamplingParams
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        ],
-    ),
-]
 
 
 def random_params(rng: random.Random) -> SamplingParams:
