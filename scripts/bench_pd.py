@@ -105,37 +105,35 @@ def start(
 ):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    if setup == "colocated":
-        procs = [Proc("colocated", serve_cmd(model_dir, port, server_args), "0", logdir)]
-    elif setup == "dp2":
-        procs = [
-            Proc("dp2", serve_cmd(model_dir, port, ["--dp-size", "2", *server_args]), "0,1", logdir)
-        ]
-    else:
-        pp, dp, bport = free_port(), free_port(), free_port()
-        pd = ["--transfer", backend]
-        # Both servers see both GPUs (`--device` picks theirs): CUDA IPC between them (Mooncake's
-        # nvlink_intra, UCX's cuda_ipc) needs the peer's device visible.
-        prefill = Proc("prefill", serve_cmd(model_dir, pp, [*pd, "--disaggregation-mode", "prefill",
-                       "--disaggregation-bootstrap-port", str(bport), "--device", "cuda:0",
-                       *pd_args, *server_args]), None, logdir, f"http://127.0.0.1:{pp}")  # fmt: skip
-        decode = Proc("decode", serve_cmd(model_dir, dp, [*pd, "--disaggregation-mode", "decode",
-                      "--device", "cuda:1", *pd_args, *server_args]), None, logdir,
-                      f"http://127.0.0.1:{dp}")  # fmt: skip
-        procs = [prefill, decode]
-        try:
+    procs: list[Proc] = []
+    try:
+        if setup == "colocated":
+            procs.append(Proc("colocated", serve_cmd(model_dir, port, server_args), "0", logdir))
+        elif setup == "dp2":
+            dp2 = serve_cmd(model_dir, port, ["--dp-size", "2", *server_args])
+            procs.append(Proc("dp2", dp2, "0,1", logdir))
+        else:
+            pp, dp, bport = free_port(), free_port(), free_port()
+            pd = ["--transfer", backend]
+            # Both servers see both GPUs (`--device` picks theirs): CUDA IPC between them
+            # (Mooncake's nvlink_intra, UCX's cuda_ipc) needs the peer's device visible.
+            prefill = Proc("prefill", serve_cmd(model_dir, pp, [*pd, "--disaggregation-mode",
+                           "prefill", "--disaggregation-bootstrap-port", str(bport), "--device",
+                           "cuda:0", *pd_args, *server_args]), None, logdir,
+                           f"http://127.0.0.1:{pp}")  # fmt: skip
+            procs.append(prefill)
+            decode = Proc("decode", serve_cmd(model_dir, dp, [*pd, "--disaggregation-mode",
+                          "decode", "--device", "cuda:1", *pd_args, *server_args]), None, logdir,
+                          f"http://127.0.0.1:{dp}")  # fmt: skip
+            procs.append(decode)
             wait_healthy(f"http://127.0.0.1:{pp}", [prefill])
             wait_healthy(f"http://127.0.0.1:{dp}", [decode])
-        except BaseException:
-            stop_all(procs)  # a server left running would hold its GPU for the next setup
-            raise
-        procs.append(Proc("router", [*PY, "router", "--pd", "--port", str(port), "--prefill",
-                          f"http://127.0.0.1:{pp}", str(bport), "--decode",
-                          f"http://127.0.0.1:{dp}"], None, logdir))  # fmt: skip
-    try:
+            procs.append(Proc("router", [*PY, "router", "--pd", "--port", str(port), "--prefill",
+                              f"http://127.0.0.1:{pp}", str(bport), "--decode",
+                              f"http://127.0.0.1:{dp}"], None, logdir))  # fmt: skip
         wait_healthy(url, procs)
     except BaseException:
-        stop_all(procs)
+        stop_all(procs)  # a server left running would hold its GPU for the next setup
         raise
     return url, procs
 
@@ -291,8 +289,7 @@ def main() -> None:
                 for name, proc in (("prefill", procs[0]), ("decode", procs[1])):
                     results[setup][f"{name}_metrics"] = transfer_metrics(proc.url)
         finally:
-            for proc in reversed(procs):
-                proc.stop()
+            stop_all(procs)
         print(f"{setup}: done", file=sys.stderr, flush=True)
         report(results, args.json)  # so far: a run cut short keeps the finished setups
     print(json.dumps(report(results, args.json), indent=2))
