@@ -259,6 +259,14 @@ def _ignore(*args) -> None:
     pass
 
 
+def detokenizer_place(where: str, device) -> str:
+    """`--detokenizer auto`: its own process on a CUDA device, where the step loop's host work
+    is the bottleneck; inline on the CPU (no child process, the model is the bottleneck)."""
+    if where != "auto":
+        return where
+    return "process" if str(device).startswith("cuda") else "inline"
+
+
 def start_detokenizer(
     where: str, tokenizer, model_dir: Path, allow_missing: bool, on_stop: Callable[..., None]
 ) -> DetokenizerThread:

@@ -24,7 +24,7 @@ import torch
 from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
 from pegboard.core.contract import CheckedPlan, PluginFault, PluginGuard
-from pegboard.core.detokenizer_process import start_detokenizer
+from pegboard.core.detokenizer_process import detokenizer_place, start_detokenizer
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
 from pegboard.core.model_runner import ModelRunner
@@ -130,7 +130,7 @@ class Engine:
         self.num_steps = 0
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = start_detokenizer(
-            config.detokenizer,
+            detokenizer_place(config.detokenizer, self.runner.device),
             self.tokenizer,
             self.model_dir,
             config.load_format == "dummy",  # a missing tokenizer: token ids as text

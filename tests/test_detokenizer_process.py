@@ -177,3 +177,33 @@ def test_the_worker_fails_only_the_request_whose_decode_raised():
     texts, events = pickle.loads(detokenize_step(states, opening, step))
     assert texts == ["", "<7>", ""]
     assert events == [(0, DROP, None), (2, DROP, None)]
+
+
+def test_auto_places_the_detokenizer_in_a_process_only_on_cuda(tiny_llama_dir):
+    """`--detokenizer auto` (the default): a process of its own where the step loop's host
+    work is the bottleneck (a CUDA device), inline on the CPU; an explicit choice stands."""
+    from pegboard.core.detokenizer_process import detokenizer_place
+
+    assert detokenizer_place("auto", "cuda:1") == "process"
+    assert detokenizer_place("auto", "cpu") == "inline"
+    assert detokenizer_place("thread", "cuda") == "thread"
+    llm = LLM(tiny_llama_dir, **SMALL)  # the default config on the CPU
+    try:
+        assert not isinstance(llm.engine.detokenizer, DetokenizerProcess)
+    finally:
+        llm.close()
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_runs_the_process_and_streams_like_inline(tiny_llama_dir):
+    prompts = prompts_for(200, 4)
+    texts = {}
+    for where in ("auto", "inline"):
+        llm = LLM(tiny_llama_dir, device="cuda", detokenizer=where, **SMALL)
+        try:
+            if where == "auto":
+                assert isinstance(llm.engine.detokenizer, DetokenizerProcess)
+            texts[where] = [o.text for o in llm.generate(prompts, SamplingParams(**GREEDY))]
+        finally:
+            llm.close()
+    assert texts["auto"] == texts["inline"]

@@ -144,11 +144,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--detokenizer",
-        choices=("inline", "thread", "process"),
+        choices=("auto", "inline", "thread", "process"),
         default=None,
         help="where text, stop strings and streaming are done: after each step on the step "
-        "loop's thread (inline, the default), on a thread of their own, or in a process of "
-        "their own fed token ids (SGLang's detokenizer layout: out of the step loop's GIL)",
+        "loop's thread (inline), on a thread of their own, or in a process of their own fed "
+        "token ids (SGLang's detokenizer layout: out of the step loop's GIL); auto (the "
+        "default): process on a CUDA device, inline on the CPU",
     )
     g.add_argument(
         "--disable-fused-kernels",
