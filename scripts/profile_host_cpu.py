@@ -1,16 +1,21 @@
 """The engine's host work per step on a CPU, phase by phase, with the model taken out.
 
 python3 scripts/profile_host_cpu.py [--config qwen3-0.6b|DIR] [--rounds 4] [--temperature 0]
-                                    [--forward stub|launch]
+                                    [--forward stub|launch] [--workload small|nano-vllm]
+                                    [--max-running-requests N] [--num-seqs 256]
 
 Builds an engine over a random-weight config (`--config`: a bundled name or a directory with a
 `config.json`; the default is a 1-layer, 32-wide Qwen3 with a 2,048-token vocabulary), replaces
 the model forward by zero logits, and runs 256 requests (16-64 prompt tokens, 100-400 output
-tokens, EOS ignored) `--rounds` times under `HostProfile` with the thread's CPU clock, so the
+tokens, EOS ignored; `--workload nano-vllm`: nano-vllm's 256 requests of 100-1024 prompt and
+100-1024 output tokens) `--rounds` times under `HostProfile` with the thread's CPU clock, so the
 figures are the loop's own Python work (schedule, checks, prepare, sampling calls, resolve,
 detokenize, ...) and other processes' load on a shared machine does not land on them. Prints
-each phase's smallest CPU ms per step over the rounds. Compare trees with the same command;
-on a GPU use `pegboard bench offline --profile-host` (wall clock, real forward).
+each phase's smallest CPU ms per step over the rounds, and the steps of each kind (decode,
+mixed, prefill: `forward_by_kind`). More `--num-seqs` than `--max-running-requests` admits
+requests while others decode, as a server under load does: admissions are then mixed steps.
+Compare trees with the same command; on a GPU use `pegboard bench offline --profile-host`
+(wall clock, real forward).
 
 `--forward stub` (default) replaces the whole `ModelRunner.forward`. `--forward launch` keeps
 it and takes out only the model's arithmetic, so `forward (launch)` holds the GPU run's host
@@ -56,6 +61,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--forward", choices=("stub", "launch"), default="stub")
+    p.add_argument("--workload", choices=("small", "nano-vllm"), default="small")
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--num-seqs", type=int, default=256)
     args = p.parse_args()
     if args.config:
         model = random_weights_model_dir(args.config)
@@ -66,6 +74,8 @@ def main() -> None:
     if launch:
         os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend's host side on CPU tensors
     settings = {"attention": "triton"} if launch else {}
+    if args.max_running_requests:
+        settings["max_running_requests"] = args.max_running_requests
     llm = LLM(str(model), load_format="dummy", device="cpu", **settings)
     vocab = llm.engine.info.vocab_size
     runner = llm.engine.runner
@@ -78,9 +88,10 @@ def main() -> None:
         stub_model_arithmetic(runner, llm.engine.config)
     else:
         runner.forward = forward
+    sizes = {"min_input": 16, "max_input": 64, "min_output": 100, "max_output": 400}
     workload = OfflineWorkload(
-        num_seqs=256, min_input=16, max_input=64, min_output=100, max_output=400,
-        max_token_id=min(2000, vocab - 1), temperature=args.temperature,
+        num_seqs=args.num_seqs, max_token_id=min(2000, vocab - 1), temperature=args.temperature,
+        **(sizes if args.workload == "small" else {}),
     )  # fmt: skip
     prompts, params = workload.build()
     llm.generate([prompts[0][:16]], params[0])  # warm-up
@@ -96,6 +107,7 @@ def main() -> None:
     phases = reports[0]["ms_per_step"]
     best = {k: round(min(r["ms_per_step"].get(k, 0.0) for r in reports), 3) for k in phases}
     result = {"steps": reports[0]["steps"], "cpu_ms_per_step": best}
+    result["forward_by_kind"] = reports[-1].get("forward_by_kind")
     if launch:
         result["decode_step_256_cpu_us"] = time_decode_step(llm, prompts, params)
     print(json.dumps(result, indent=1))

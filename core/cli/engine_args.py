@@ -137,6 +137,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="largest decode batch replayed as a CUDA graph (default 256; larger batches run eagerly)",
     )
     g.add_argument(
+        "--cuda-graph-mixed-max-tokens",
+        type=int,
+        default=None,
+        help="largest mixed step (prefill tokens beside decodes) replayed as a CUDA graph, in "
+        "tokens (default 2048; 0: mixed steps run eagerly)",
+    )
+    g.add_argument(
         "--disable-overlap",
         action="store_true",
         help="run each step's CPU work (schedule, allocate, prepare) only after the GPU finished "
