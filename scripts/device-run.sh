@@ -7,7 +7,7 @@
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
-#                 [profile-host-detok] [allreduce] [tp-profile] [gemv-sweep-tp]
+#                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -76,6 +76,20 @@ for job in "${@:-tests}"; do
             --random-weights --config qwen3-0.6b --profile-host --detokenizer inline \
             $([ ${run%-*} = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
             --json "$OUT/profile-host-$tree-$run.json" 2>"$OUT/profile-host-$tree-$run.err" | tail -4
+        done; done ;;
+    profile-host-mixed) # issue 17 item 3: mixed prefill+decode steps replayed as CUDA graphs vs
+        # eager (--cuda-graph-mixed-max-tokens 0), alternating ROUNDS times, on a serving-like load:
+        # NUM_SEQS=1024 requests, at most 256 running, so requests are admitted while others decode
+        # (~22 % of the steps mixed). Per run: output tok/s, host ms per step, mixed-graph replays,
+        # and per step kind its count and forward (launch) ms per step
+        for i in $(seq ${ROUNDS:-2}); do for m in on off; do
+          timeout 240 $PB bench offline --random-weights --config qwen3-0.6b --num-seqs ${NUM_SEQS:-1024} \
+            --profile-host $([ $m = off ] && echo --cuda-graph-mixed-max-tokens 0) ${BENCH_ARGS:-} \
+            --json "$OUT/profile-host-mixed-$m-$i.json" 2>"$OUT/profile-host-mixed-$m-$i.err" >/dev/null
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/step; wait', \
+h['device_wait_ms_per_step'], '; mixed replays', d.get('mixed_graph_replays'), h.get('forward_by_kind'))" \
+            "$OUT/profile-host-mixed-$m-$i.json" "mixed-graphs-$m-$i" || tail -5 "$OUT/profile-host-mixed-$m-$i.err"
         done; done ;;
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks
         timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
