@@ -128,7 +128,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--disable-cuda-graph",
         "--enforce-eager",
         action="store_true",
-        help="run decode steps eagerly, without CUDA graphs",
+        help="run every step eagerly, without CUDA graphs (decode and mixed)",
     )
     g.add_argument(
         "--cuda-graph-max-bs",
