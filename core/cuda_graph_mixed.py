@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -118,12 +119,31 @@ class MixedGraphRunner:
         attention.prepare_for_mixed_capture(n)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
+        start, reserved = time.perf_counter(), _reserved(device)
         with torch.inference_mode():
             for size in reversed(sizes):  # largest first: smaller ones reuse its pool blocks
                 self.graphs[size] = self._capture(size) if capture else _EagerGraph(self, size)
         if capture:
             torch.cuda.synchronize(device)
-            log.info("captured mixed-step CUDA graphs for token counts %s", sizes)
+        #: What capturing cost: seconds, and device memory the graphs (and buffers) hold.
+        self.capture_s = time.perf_counter() - start
+        self.capture_bytes = _reserved(device) - reserved
+        if capture:
+            log.info(
+                "captured mixed-step CUDA graphs for token counts %s in %.2f s, %.0f MiB",
+                sizes,
+                self.capture_s,
+                self.capture_bytes / 2**20,
+            )
+
+    def report(self) -> dict:
+        """Replays so far, buckets, and what capturing them cost (seconds, MiB)."""
+        return {
+            "replays": self.num_replays,
+            "sizes": len(self.sizes),
+            "capture_s": round(self.capture_s, 3),
+            "capture_mib": round(self.capture_bytes / 2**20, 1),
+        }
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether `batch` replays a graph: not decode-only (the decode graphs' case), no draft
@@ -196,6 +216,10 @@ class MixedGraphRunner:
         self.hidden[:rows].copy_(out)
         if feats is not None:
             self.feature_buffer[:rows].copy_(feats)
+
+
+def _reserved(device: torch.device) -> int:
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
 
 
 class _EagerGraph:

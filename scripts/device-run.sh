@@ -81,8 +81,8 @@ for job in "${@:-tests}"; do
         # eager (--cuda-graph-mixed-max-tokens 0), with overlap on and off (off: a forward's host
         # time is its launch), ROUNDS times, on a serving-like load: NUM_SEQS=1024 requests, at
         # most 256 running, so requests are admitted while others decode (~22 % of the steps
-        # mixed). Per run: output tok/s, host ms per step, mixed-graph replays, and per step kind
-        # its count and forward (launch) ms per step: mixed-on should come near decode's
+        # mixed). Per run: output tok/s, host ms per step, mixed graphs (replays, capture s and
+        # MiB), per step kind its count and forward (launch) ms per step: mixed-on near decode's
         for i in $(seq ${ROUNDS:-1}); do for ov in on off; do for m in on off; do
           name=profile-host-mixed-$m-overlap-$ov-$i
           timeout 240 $PB bench offline --random-weights --config qwen3-0.6b --num-seqs ${NUM_SEQS:-1024} \
@@ -91,7 +91,7 @@ for job in "${@:-tests}"; do
             --json "$OUT/$name.json" 2>"$OUT/$name.err" >/dev/null
           python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
 print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/step; wait', \
-h['device_wait_ms_per_step'], '; mixed replays', d.get('mixed_graph_replays'), h.get('forward_by_kind'))" \
+h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('forward_by_kind'))" \
             "$OUT/$name.json" "$name" || tail -5 "$OUT/$name.err"
         done; done; done ;;
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks

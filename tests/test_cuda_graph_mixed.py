@@ -242,6 +242,7 @@ def test_mixed_steps_through_the_padded_layout_give_the_eager_tokens(tiny_llama_
         laid_out = _staggered_generate(llm, PROMPTS)
         assert not torch.equal(real_store, pool.k[0])  # KV was written (by real rows)
     assert graphs.num_replays >= 2  # mixed steps (chunked prefill beside decodes) replayed
+    assert graphs.report()["replays"] == graphs.num_replays and graphs.report()["sizes"] == 1
     assert any(padded_stores) and all(s == -1 for row in padded_stores for s in row)
     assert laid_out == eager
 
