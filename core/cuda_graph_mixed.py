@@ -49,10 +49,11 @@ DEFAULT_MAX_TOKENS = 2048
 
 
 def mixed_token_sizes(max_tokens: int) -> list[int]:
-    """The token counts mixed graphs are captured for: 8, 16, 32, then four steps per doubling
-    from 64 (64, 80, 96, 112, 128, 160, ...; at most 25 % padding), up to and always including
-    `max_tokens` (empty for 0)."""
-    sizes = [s for s in (8, 16, 32) if s < max_tokens]
+    """The token counts mixed graphs are captured for: powers of two from 2 to 32 (up to 8 a
+    batch and its bucket then round to the same GEMV configuration, `core/kernels/gemv.py`),
+    then four steps per doubling from 64 (64, 80, 96, 112, 128, 160, ...; at most 25 % padding),
+    up to and always including `max_tokens` (empty for 0)."""
+    sizes = [s for s in (2, 4, 8, 16, 32) if s < max_tokens]
     size = 64
     while size < max_tokens:
         sizes.append(size)

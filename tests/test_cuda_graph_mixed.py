@@ -38,13 +38,13 @@ CPU = torch.device("cpu")
 
 def test_mixed_sizes_step_by_a_quarter_doubling_from_64_up_to_the_max():
     assert mixed_token_sizes(256) == [
-        8, 16, 32, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+        2, 4, 8, 16, 32, 64, 80, 96, 112, 128, 160, 192, 224, 256,
     ]  # fmt: skip
     assert mixed_token_sizes(300)[-3:] == [224, 256, 300]
-    assert mixed_token_sizes(20) == [8, 16, 20]
+    assert mixed_token_sizes(20) == [2, 4, 8, 16, 20]
     assert mixed_token_sizes(0) == []
     sizes = mixed_token_sizes(2048)
-    assert len(sizes) == 24  # the default's captures
+    assert len(sizes) == 26  # the default's captures
     worst = max(padded_size(t, sizes) / t for t in range(64, 2049))  # past 64 tokens
     assert worst <= 1.25
 
@@ -242,7 +242,7 @@ def test_mixed_steps_through_the_padded_layout_give_the_eager_tokens(tiny_llama_
         laid_out = _staggered_generate(llm, PROMPTS)
         assert not torch.equal(real_store, pool.k[0])  # KV was written (by real rows)
     assert graphs.num_replays >= 2  # mixed steps (chunked prefill beside decodes) replayed
-    assert graphs.report()["replays"] == graphs.num_replays and graphs.report()["sizes"] == 1
+    assert graphs.report()["replays"] == graphs.num_replays and graphs.report()["sizes"] == 3
     assert any(padded_stores) and all(s == -1 for row in padded_stores for s in row)
     assert laid_out == eager
 
@@ -303,6 +303,6 @@ def test_gpu_steps_past_the_largest_mixed_graph_run_eagerly(tiny_llama_dir):
     graphed, graphs, _ = _gpu_run(
         tiny_llama_dir, prompts, dtype="float32", cuda_graph_mixed_max_tokens=16
     )
-    assert graphs.sizes == [8, 16] and graphs.num_replays > 0
+    assert graphs.sizes == [2, 4, 8, 16] and graphs.num_replays > 0
     eager, _, _ = _gpu_run(tiny_llama_dir, prompts, dtype="float32", disable_cuda_graph=True)
     assert graphed == eager
