@@ -68,6 +68,30 @@ def test_the_cli_flag_sets_the_mixed_graph_tokens():
     assert EngineConfig(**engine_settings(args)).cuda_graph_mixed_max_tokens == 0
 
 
+def test_mixed_graphs_stay_off_with_the_reason_for_an_unfit_backend_or_a_failed_capture(
+    tiny_llama_dir,
+):
+    from pegboard.sdk.slots import AttentionBackend
+
+    class Failing(AttentionBackend):
+        supports_cuda_graph_mixed = True
+
+        def prepare_for_mixed_capture(self, max_tokens):
+            raise RuntimeError("no room")
+
+    with LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_tokens=256) as llm:
+        runner = llm.engine.runner
+        assert runner.mixed_graphs is None and "CUDA device" in runner.mixed_graph_off_reason
+        plain = AttentionBackend(runner.info, runner.attention.pool)
+        runner._capture_mixed(plain, 8, 64)
+        assert "has no mixed-step CUDA graphs" in runner.mixed_graph_off_reason
+        runner._capture_mixed(plain, 8, 0)
+        assert "disabled" in runner.mixed_graph_off_reason
+        runner._capture_mixed(Failing(runner.info, runner.attention.pool), 8, 64)
+        assert runner.mixed_graphs is None
+        assert runner.mixed_graph_off_reason == "capture failed: RuntimeError: no room"
+
+
 # ------------------------------------------------------------------ a grid fixed by the rows
 
 
