@@ -55,6 +55,8 @@ class EngineConfig(pydantic.BaseModel):
     # CUDA graphs for decode steps (on a CUDA device with a backend that supports them).
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = pydantic.Field(256, ge=0)  # largest captured batch size
+    # Mixed steps (prefill beside decodes) of up to this many tokens replay graphs too (0: off).
+    cuda_graph_mixed_max_tokens: int = pydantic.Field(2048, ge=0)
 
     # Overlap scheduling: prepare step N+1 on the CPU while the GPU runs step N.
     disable_overlap: bool = False

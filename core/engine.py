@@ -24,6 +24,7 @@ import torch
 from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
 from pegboard.core.contract import CheckedPlan, PluginFault, PluginGuard
+from pegboard.core.cuda_graph_mixed import mixed_graph_max_tokens
 from pegboard.core.detokenizer_process import detokenizer_place, start_detokenizer
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
@@ -587,6 +588,7 @@ class Engine:
             backend,
             cuda_graph_max_bs=0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
             max_requests=c.max_running_requests,
+            mixed_max_tokens=mixed_graph_max_tokens(c),
         )
 
     def swap(self, slot: str, name: str, **options) -> Future:

@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from pegboard.core.cuda_graph import CUDAGraphRunner, capture_sizes, graph_unsupported_reason
+from pegboard.core.cuda_graph_mixed import (
+    MixedGraphRunner,
+    mixed_graph_unsupported_reason,
+    mixed_token_sizes,
+)
 from pegboard.core.models import load_model
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.page_tables import PageTableMirror
@@ -40,7 +45,9 @@ class ModelRunner:
 
     Decode-only batches (and, with speculation, verify batches: `set_speculation`) replay CUDA
     graphs (`pegboard.core.cuda_graph`) when `set_attention` captured them: `cuda_graphs` is
-    then the graph runner, otherwise None and `cuda_graph_off_reason` says why.
+    then the graph runner, otherwise None and `cuda_graph_off_reason` says why. Mixed steps
+    (prefill tokens next to decodes) replay graphs of their token count
+    (`pegboard.core.cuda_graph_mixed`) where `mixed_graphs` is set (`mixed_graph_off_reason`).
     """
 
     def __init__(
@@ -76,7 +83,9 @@ class ModelRunner:
         self.attention: AttentionBackend | None = None
         self.cuda_graphs: CUDAGraphRunner | None = None
         self.cuda_graph_off_reason: str | None = "no attention backend is bound yet"
-        self._graph_settings = (0, 0)  # `set_attention`'s (cuda_graph_max_bs, max_requests)
+        self.mixed_graphs: MixedGraphRunner | None = None
+        self.mixed_graph_off_reason: str | None = self.cuda_graph_off_reason
+        self._graph_settings = (0, 0, 0)  # `set_attention`'s graph arguments
         #: Speculative decoding (`set_speculation`): verify query lengths to capture graphs
         #: for, and a function of the target's hidden states run after every forward.
         self._verify_lens: tuple[int, ...] = ()
@@ -113,21 +122,23 @@ class ModelRunner:
         backend: AttentionBackend,
         cuda_graph_max_bs: int = 0,
         max_requests: int = 0,
+        mixed_max_tokens: int = 0,
     ) -> None:
         """Use `backend` from the next forward on (at start and after an attention or KV cache
         swap), dropping graphs captured for the previous backend.
 
         With `cuda_graph_max_bs` > 0, capture decode graphs for batches of up to that many
         requests (at most `max_requests`, the most any batch will hold) where the device and
-        backend allow. A failed capture leaves graphs off and logs why: the eager path serves
-        the same batches."""
+        backend allow, and with `mixed_max_tokens` > 0 (and decode graphs) mixed-step graphs of
+        up to that many tokens. A failed capture leaves graphs off and logs why: the eager path
+        serves the same batches."""
         self.attention = backend
-        self.cuda_graphs = None
-        self._graph_settings = (cuda_graph_max_bs, max_requests)
+        self.cuda_graphs = self.mixed_graphs = None
+        self._graph_settings = (cuda_graph_max_bs, max_requests, mixed_max_tokens)
         reason = graph_unsupported_reason(self.device, backend)
         if cuda_graph_max_bs < 1:
             reason = "CUDA graphs are disabled (--disable-cuda-graph or --cuda-graph-max-bs 0)"
-        self.cuda_graph_off_reason = reason
+        self.cuda_graph_off_reason = self.mixed_graph_off_reason = reason
         if reason is not None:
             return
         sizes = capture_sizes(min(cuda_graph_max_bs, max(max_requests, 1)))
@@ -146,6 +157,27 @@ class ModelRunner:
         except Exception as e:
             log.warning("CUDA graph capture failed, decode runs eagerly: %s", e, exc_info=True)
             self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
+            self.mixed_graph_off_reason = "decode graphs are off"
+            return
+        self._capture_mixed(backend, max(max_requests, sizes[-1]), mixed_max_tokens)
+
+    def _capture_mixed(self, backend: AttentionBackend, max_requests: int, max_tokens: int):
+        reason = mixed_graph_unsupported_reason(backend, max_tokens)
+        self.mixed_graph_off_reason = reason
+        if reason is not None:
+            return
+        try:
+            self.mixed_graphs = MixedGraphRunner(
+                self.model,
+                backend,
+                mixed_token_sizes(max_tokens),
+                max_requests,
+                self.device,
+                features=self._features,
+            )
+        except Exception as e:
+            log.warning("mixed-step CUDA graph capture failed: %s", e, exc_info=True)
+            self.mixed_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
 
     def set_speculation(self, verify_lens: list[int], features=None) -> None:
         """Speculative decoding: capture verify graphs for steps of up to `verify_lens` tokens
@@ -338,6 +370,9 @@ class ModelRunner:
             self.tp.share_batch(batch)  # the followers run the same step on their shards
         graphs = self.cuda_graphs
         replay = graphs is not None and graphs.can_run(batch)
+        if not replay and self.mixed_graphs is not None:  # prefill tokens beside decodes
+            graphs = self.mixed_graphs
+            replay = graphs.can_run(batch)
         if not replay:
             self.attention.prepare(batch)  # a replay prepares the backend for its own layout
         if all(batch.samples):

@@ -7,7 +7,7 @@
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
-#                 [profile-host-detok] [allreduce] [tp-profile] [gemv-sweep-tp]
+#                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -77,6 +77,23 @@ for job in "${@:-tests}"; do
             $([ ${run%-*} = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
             --json "$OUT/profile-host-$tree-$run.json" 2>"$OUT/profile-host-$tree-$run.err" | tail -4
         done; done ;;
+    profile-host-mixed) # issue 17 item 3: mixed prefill+decode steps replayed as CUDA graphs vs
+        # eager (--cuda-graph-mixed-max-tokens 0), with overlap on and off (off: a forward's host
+        # time is its launch), ROUNDS times, on a serving-like load: NUM_SEQS=1024 requests, at
+        # most 256 running, so requests are admitted while others decode (~22 % of the steps
+        # mixed). Per run: output tok/s, host ms per step, mixed graphs (replays, capture s and
+        # MiB), per step kind its count and forward (launch) ms per step: mixed-on near decode's
+        for i in $(seq ${ROUNDS:-1}); do for ov in on off; do for m in on off; do
+          name=profile-host-mixed-$m-overlap-$ov-$i
+          timeout 240 $PB bench offline --random-weights --config qwen3-0.6b --num-seqs ${NUM_SEQS:-1024} \
+            --profile-host $([ $m = off ] && echo --cuda-graph-mixed-max-tokens 0) \
+            $([ $ov = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
+            --json "$OUT/$name.json" 2>"$OUT/$name.err" >/dev/null
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/step; wait', \
+h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('forward_by_kind'))" \
+            "$OUT/$name.json" "$name" || tail -5 "$OUT/$name.err"
+        done; done; done ;;
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks
         timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
           | tail -40 | tee -a "$OUT/pytest.log" ;;

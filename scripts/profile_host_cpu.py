@@ -1,26 +1,39 @@
 """The engine's host work per step on a CPU, phase by phase, with the model taken out.
 
 python3 scripts/profile_host_cpu.py [--config qwen3-0.6b|DIR] [--rounds 4] [--temperature 0]
-                                    [--forward stub|launch]
+                                    [--forward stub|launch|eager] [--layers N]
+                                    [--workload small|nano-vllm]
+                                    [--max-running-requests N] [--num-seqs 256]
 
 Builds an engine over a random-weight config (`--config`: a bundled name or a directory with a
 `config.json`; the default is a 1-layer, 32-wide Qwen3 with a 2,048-token vocabulary), replaces
 the model forward by zero logits, and runs 256 requests (16-64 prompt tokens, 100-400 output
-tokens, EOS ignored) `--rounds` times under `HostProfile` with the thread's CPU clock, so the
+tokens, EOS ignored; `--workload nano-vllm`: nano-vllm's 256 requests of 100-1024 prompt and
+100-1024 output tokens) `--rounds` times under `HostProfile` with the thread's CPU clock, so the
 figures are the loop's own Python work (schedule, checks, prepare, sampling calls, resolve,
 detokenize, ...) and other processes' load on a shared machine does not land on them. Prints
-each phase's smallest CPU ms per step over the rounds. Compare trees with the same command;
-on a GPU use `pegboard bench offline --profile-host` (wall clock, real forward).
+each phase's smallest CPU ms per step over the rounds, and the steps of each kind (decode,
+mixed, prefill: `forward_by_kind`). More `--num-seqs` than `--max-running-requests` admits
+requests while others decode, as a server under load does: admissions are then mixed steps.
+Compare trees with the same command; on a GPU use `pegboard bench offline --profile-host`
+(wall clock, real forward).
 
 `--forward stub` (default) replaces the whole `ModelRunner.forward`. `--forward launch` keeps
 it and takes out only the model's arithmetic, so `forward (launch)` holds the GPU run's host
 work: the Triton attention backend's `prepare` (Triton's interpreter mode, set here, lets it
 run on CPU tensors; no kernel runs), the logits rows, a decode step's CUDA-graph replay
 bookkeeping (`CUDAGraphRunner.replay` with every graph a no-op: the static-input copies and
-the padding) and `compute_logits` (zeros); its parts are also reported on their own
+the padding), a mixed step's (`MixedGraphRunner.replay`: the same with the padded
+`prepare_mixed`) and `compute_logits` (zeros); its parts are also reported on their own
 (`forward: ...`). What it cannot show: the CUDA driver's share (pinned-memory copies, kernel
 and graph launches). Another tree's engine: `PYTHONPATH=DIR` where `DIR/pegboard` is that
 checkout (`git archive REV | tar -x -C DIR/pegboard`); the script itself runs from this one.
+
+`--forward eager` keeps the model but not attention (each layer's attention call returns
+zeros; the default config is 32 wide, so the arithmetic is negligible and the forward's time
+is the Python that launches each layer's other ops; `--layers 28` gives it Qwen3-0.6B's
+depth): `forward_by_kind` then shows an eager step's launch work per step kind, what a CUDA
+graph replaces (decode steps on a GPU, mixed steps with `pegboard.core.cuda_graph_mixed`).
 """
 
 from __future__ import annotations
@@ -39,6 +52,11 @@ from pegboard.core.bench.host_profile import HostProfile
 from pegboard.core.bench.models import random_weights_model_dir
 from pegboard.core.bench.offline import OfflineWorkload
 from pegboard.core.cuda_graph import CUDAGraphRunner, capture_sizes
+from pegboard.core.cuda_graph_mixed import (
+    MixedGraphRunner,
+    mixed_graph_max_tokens,
+    mixed_token_sizes,
+)
 from pegboard.core.llm import LLM
 
 TINY = {
@@ -55,17 +73,23 @@ def main() -> None:
     p.add_argument("--config", default=None, help="bundled config name or directory")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--forward", choices=("stub", "launch"), default="stub")
+    p.add_argument("--forward", choices=("stub", "launch", "eager"), default="stub")
+    p.add_argument("--layers", type=int, default=1, help="the default config's layers")
+    p.add_argument("--workload", choices=("small", "nano-vllm"), default="small")
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--num-seqs", type=int, default=256)
     args = p.parse_args()
     if args.config:
         model = random_weights_model_dir(args.config)
     else:
         model = Path(tempfile.mkdtemp(prefix="pegboard-tiny-"))
-        (model / "config.json").write_text(json.dumps(TINY))
+        (model / "config.json").write_text(json.dumps(TINY | {"num_hidden_layers": args.layers}))
     launch = args.forward == "launch"
     if launch:
         os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend's host side on CPU tensors
     settings = {"attention": "triton"} if launch else {}
+    if args.max_running_requests:
+        settings["max_running_requests"] = args.max_running_requests
     llm = LLM(str(model), load_format="dummy", device="cpu", **settings)
     vocab = llm.engine.info.vocab_size
     runner = llm.engine.runner
@@ -76,11 +100,14 @@ def main() -> None:
 
     if launch:
         stub_model_arithmetic(runner, llm.engine.config)
-    else:
+    elif args.forward == "stub":
         runner.forward = forward
+    else:  # eager: the attention kernels' work is not the model's launch
+        runner.attention.forward = lambda layer, q, k, v: torch.zeros_like(q)
+    sizes = {"min_input": 16, "max_input": 64, "min_output": 100, "max_output": 400}
     workload = OfflineWorkload(
-        num_seqs=256, min_input=16, max_input=64, min_output=100, max_output=400,
-        max_token_id=min(2000, vocab - 1), temperature=args.temperature,
+        num_seqs=args.num_seqs, max_token_id=min(2000, vocab - 1), temperature=args.temperature,
+        **(sizes if args.workload == "small" else {}),
     )  # fmt: skip
     prompts, params = workload.build()
     llm.generate([prompts[0][:16]], params[0])  # warm-up
@@ -96,6 +123,7 @@ def main() -> None:
     phases = reports[0]["ms_per_step"]
     best = {k: round(min(r["ms_per_step"].get(k, 0.0) for r in reports), 3) for k in phases}
     result = {"steps": reports[0]["steps"], "cpu_ms_per_step": best}
+    result["forward_by_kind"] = reports[-1].get("forward_by_kind")
     if launch:
         result["decode_step_256_cpu_us"] = time_decode_step(llm, prompts, params)
     print(json.dumps(result, indent=1))
@@ -190,6 +218,18 @@ def stub_model_arithmetic(runner, config) -> None:
     graphs.graphs = {size: _NoGraph() for size in sizes}
     runner.attention.prepare_for_capture(max(config.max_running_requests, sizes[-1]))
     runner.cuda_graphs = graphs
+    mixed_tokens = mixed_graph_max_tokens(config)
+    if mixed_tokens:  # mixed steps' replay bookkeeping: static rows, the padded prepare
+        runner.mixed_graphs = MixedGraphRunner(
+            model,
+            runner.attention,
+            mixed_token_sizes(mixed_tokens),
+            max(config.max_running_requests, sizes[-1]),
+            runner.device,
+            capture=False,
+        )
+        runner.mixed_graphs.graphs = {size: _NoGraph() for size in runner.mixed_graphs.sizes}
+        runner.mixed_graphs.hidden = torch.zeros(mixed_tokens, hidden_size)
 
 
 if __name__ == "__main__":

@@ -203,12 +203,23 @@ class AttentionBackend:
     from a capture made after `prepare` of another batch with as many requests and the same
     `q`. Some of its rows have slot -1 (padding): they store nothing, and the backend may let
     them attend to whatever the page table shows past a request's real keys.
+
+    Mixed graphs (prefill tokens beside decodes, captured per token count; only for a class
+    that also sets `supports_cuda_graph_mixed = True`): `prepare_for_mixed_capture(max_tokens)`
+    is called once, after `prepare_for_capture`. Then `prepare_mixed(batch)` gets a batch laid
+    out in `batch.num_tokens` rows (at most `max_tokens`): its requests' new tokens in the
+    first rows as usual, the rest padding (slot -1, belonging to no request). Its `forward`
+    never synchronises with the host, stores nothing for padding rows, gives the real rows
+    the outputs `prepare` of the unpadded batch would, and replays correctly from a capture
+    made after `prepare_mixed` of any other batch with as many rows.
     """
 
     #: Whether decode steps may be captured and replayed as CUDA graphs (see above).
     supports_cuda_graph: ClassVar[bool] = False
     #: Whether speculative verify steps may be captured too (see above).
     supports_cuda_graph_verify: ClassVar[bool] = False
+    #: Whether mixed steps may be captured per token count too (see above).
+    supports_cuda_graph_mixed: ClassVar[bool] = False
     #: The precision K/V are stored at when lower than the model's (e.g. an fp8 KV cache):
     #: the conformance kit then compares within that dtype's rounding. None: stored exactly.
     kv_dtype: ClassVar[torch.dtype | None] = None
@@ -222,6 +233,15 @@ class AttentionBackend:
         """Size the metadata for CUDA graph capture (see the class docstring; `max_query_len`
         > 1 only with `supports_cuda_graph_verify`). Default: nothing to size, for backends
         without CUDA graph support."""
+
+    def prepare_for_mixed_capture(self, max_tokens: int) -> None:
+        """Size what mixed graphs of up to `max_tokens` rows need (see the class docstring;
+        only with `supports_cuda_graph_mixed`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no mixed-step CUDA graphs")
+
+    def prepare_mixed(self, batch: ForwardBatch) -> None:
+        """`prepare` for a batch padded to a mixed graph's rows (see the class docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} has no mixed-step CUDA graphs")
 
     def prepare(self, batch: ForwardBatch) -> None:
         raise NotImplementedError

@@ -15,6 +15,7 @@ slot docstrings in `pegboard.sdk.slots` and the hookspecs in `pegboard.core.hook
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import math
@@ -747,7 +748,11 @@ def check_attention(
     A backend that stores K/V at a lower precision declares it (`AttentionBackend.kv_dtype`,
     e.g. `torch.float8_e4m3fn`): the stored K/V must then equal the new K/V rounded to that
     dtype within its relative precision, and the output must match the reference computed
-    from the rounded K/V within `kv_atol` (inputs are standard normal)."""
+    from the rounded K/V within `kv_atol` (inputs are standard normal).
+
+    A backend with mixed-step CUDA graphs (`supports_cuda_graph_mixed`) must also give the same
+    batch padded with rows of slot -1 (`prepare_mixed`) the same outputs on its real rows and
+    store nothing for the padding rows."""
     atol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
     model = tiny_model_info(dtype, device)
     page_size, num_pages = 4, 32
@@ -805,6 +810,60 @@ def check_attention(
                 "tolerance",
                 f"layer {layer}, dtype {dtype}: max abs error {err:.2e} > {atol:.0e}",
             )
+        if getattr(backend, "supports_cuda_graph_mixed", False):
+            _check_mixed_padding(backend, batch, pool, gen, atol)
+
+
+def _check_mixed_padding(
+    backend: AttentionBackend,
+    batch: ForwardBatch,
+    pool: KVPool,
+    gen: torch.Generator,
+    atol: float,
+    rows: int = 32,
+) -> None:
+    """Layer 0 of `batch` eagerly (`prepare`) and padded to `rows` rows (`prepare_mixed`),
+    from the same pool: the same real rows and the same pool afterwards."""
+    info, n = backend.model, batch.num_tokens
+    backend.prepare_for_capture(batch.num_requests)
+    backend.prepare_for_mixed_capture(rows)
+    shapes = ((info.num_heads, info.head_dim), (info.num_kv_heads, info.head_dim))
+    q, k, v = (
+        torch.randn(rows, *shapes[i > 0], generator=gen).to(info.dtype).to(info.device)
+        for i in range(3)
+    )
+    start = (pool.k[0].clone(), pool.v[0].clone())
+    backend.prepare(batch)
+    eager = backend.forward(0, q[:n], k[:n], v[:n]).clone()
+    stored = (pool.k[0].clone(), pool.v[0].clone())
+    pool.k[0].copy_(start[0])
+    pool.v[0].copy_(start[1])
+    device = batch.input_ids.device
+    padding = torch.full((rows - n,), -1, dtype=torch.int64, device=device)
+    padded = dataclasses.replace(
+        batch,
+        input_ids=torch.cat([batch.input_ids, padding.clamp(min=0)]),
+        positions=torch.cat([batch.positions, padding.clamp(min=0)]),
+        slot_mapping=torch.cat([batch.slot_mapping, padding]),
+    )
+    backend.prepare_mixed(padded)
+    out = backend.forward(0, q, k, v)
+    _require(
+        tuple(out.shape) == (rows, *shapes[0]),
+        "prepare_mixed: forward returns a row per padded batch row",
+        f"{tuple(out.shape)}",
+    )
+    err = (out[:n].float() - eager.float()).abs().max().item()
+    _require(
+        err <= atol,
+        "prepare_mixed: the padded batch's real rows get the outputs of the unpadded batch",
+        f"max abs error {err:.2e} > {atol:.0e}",
+    )
+    _require(
+        torch.equal(pool.k[0], stored[0]) and torch.equal(pool.v[0], stored[1]),
+        "prepare_mixed: padding rows (slot -1) store no K/V",
+        "the pool differs from the unpadded batch's",
+    )
 
 
 def _rounded(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:

@@ -40,3 +40,18 @@ def test_torch_profile_records_the_window_of_steps_and_unwraps_step(tiny_llama_d
     table = (tmp_path / "kernels.txt").read_text()
     assert table.startswith("3 engine steps after 2") and "aten::" in table
     assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+def test_forward_steps_are_counted_by_kind(tiny_llama_dir):
+    from pegboard.core.bench.host_profile import step_kind
+
+    assert [step_kind(q) for q in ([1, 1], [1, 5], [4, 5])] == ["decode", "mixed", "prefill"]
+    with LLM(str(tiny_llama_dir), dtype="float32", max_num_batched_tokens=3) as llm:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        with HostProfile(llm.engine, clock=time.thread_time) as profile:
+            # a 3-token prompt prefills, then decodes beside the 9-token one's chunks
+            llm.generate([[1, 5, 9], [1, 7, 2, 4, 6, 8, 3, 5, 7]], params)
+        kinds = profile.report()["forward_by_kind"]
+        assert set(kinds) == {"prefill", "mixed", "decode"}, kinds
+        assert sum(k["steps"] for k in kinds.values()) == profile.report()["steps"]
+        assert "forward" not in vars(llm.engine.runner)

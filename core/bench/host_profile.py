@@ -9,8 +9,12 @@ wrapped attribute back on exit):
 - `forward (launch)`: the model call; on a GPU the kernels are only launched. Its parts are
   also reported on their own: `forward: attention.prepare` (the backend's metadata upload),
   `forward: graph replay` (a decode step's CUDA-graph replay: static-input copies and the
-  launch) and `forward: compute_logits` (the LM head); the rest of it is the eager model of
+  launch), `forward: mixed graph replay` (a mixed step's, `pegboard.core.cuda_graph_mixed`)
+  and `forward: compute_logits` (the LM head); the rest of it is the eager model of
   a non-graph step, the logits rows and, with TP, sharing the batch;
+- `forward_by_kind`: the steps of each kind (`decode`: one new token per request; `mixed`:
+  prefill or verify tokens next to decodes; `prefill`: no request decodes) and their own
+  `forward (launch)` ms per step, which shows what mixed steps cost next to decode steps;
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
 - `admit` (moving scheduled requests to running), `detokenize` (the deltas handed to the
@@ -49,6 +53,7 @@ class HostProfile:
         self.seconds: dict[str, float] = defaultdict(float)
         self._restore: list[Callable[[], None]] = []
         self._steps0 = 0
+        self.kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # [steps, seconds]
 
     def __enter__(self) -> HostProfile:
         e = self.engine
@@ -57,6 +62,7 @@ class HostProfile:
             self._wrap(relay, hook, hook)
         self._wrap(e.runner, "prepare", "prepare")
         self._wrap(e.runner, "forward", "forward (launch)")
+        self._wrap_forward_kinds(e.runner)
         self._wrap_forward_parts(e.runner)
         self._wrap(e, "_resolve", "resolve (all)")
         self._wrap(e, "_export", "export_metrics")
@@ -82,8 +88,26 @@ class HostProfile:
             self._wrap(runner.attention, "prepare", "forward: attention.prepare")
         if runner.cuda_graphs is not None:
             self._wrap(runner.cuda_graphs, "replay", "forward: graph replay")
+        if getattr(runner, "mixed_graphs", None) is not None:
+            self._wrap(runner.mixed_graphs, "replay", "forward: mixed graph replay")
         if hasattr(runner.model, "compute_logits"):
             self._wrap(runner.model, "compute_logits", "forward: compute_logits")
+
+    def _wrap_forward_kinds(self, runner) -> None:
+        """Count and time `forward` per step kind (`step_kind`)."""
+        forward, kinds, clock = runner.forward, self.kinds, self.clock
+
+        def timed(batch, *args, **kwargs):
+            start = clock()
+            try:
+                return forward(batch, *args, **kwargs)
+            finally:
+                kind = kinds[step_kind(batch.query_lens_cpu)]
+                kind[0] += 1
+                kind[1] += clock() - start
+
+        runner.forward = timed
+        self._restore.append(lambda: setattr(runner, "forward", forward))
 
     def _wrap(self, owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
@@ -113,4 +137,14 @@ class HostProfile:
             "host_ms_per_step": round(total - wait + per_step.get(TAKE, 0.0), 3),
             "device_wait_ms_per_step": round(wait, 3),
             "ms_per_step": {k: round(v, 3) for k, v in rows.items()},
+            "forward_by_kind": {
+                k: {"steps": n, "forward_ms_per_step": round(t / n * 1e3, 3)}
+                for k, (n, t) in sorted(self.kinds.items())
+            },
         }
+
+
+def step_kind(query_lens: list[int]) -> str:
+    """`decode` (every request one new token), `mixed` (some one, some more) or `prefill`."""
+    ones = query_lens.count(1)
+    return "decode" if ones == len(query_lens) else "mixed" if ones else "prefill"

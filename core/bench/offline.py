@@ -88,6 +88,7 @@ def run_offline(
         "steps": steps,
         "overlap": not llm.engine.config.disable_overlap,
         "cuda_graphs": llm.engine.runner.cuda_graphs is not None,
+        "mixed_graphs": mixed.report() if (mixed := llm.engine.runner.mixed_graphs) else None,
         "plugin_layer": plugin_layer_share(elapsed / max(steps, 1)),
         "speculation": llm.engine.speculation.report(spec_before),
         "moe": moe.report() if moe is not None else None,  # placement, balancedness

@@ -128,13 +128,20 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--disable-cuda-graph",
         "--enforce-eager",
         action="store_true",
-        help="run decode steps eagerly, without CUDA graphs",
+        help="run every step eagerly, without CUDA graphs (decode and mixed)",
     )
     g.add_argument(
         "--cuda-graph-max-bs",
         type=int,
         default=None,
         help="largest decode batch replayed as a CUDA graph (default 256; larger batches run eagerly)",
+    )
+    g.add_argument(
+        "--cuda-graph-mixed-max-tokens",
+        type=int,
+        default=None,
+        help="largest mixed step (prefill tokens beside decodes) replayed as a CUDA graph, in "
+        "tokens (default 2048; 0: mixed steps run eagerly)",
     )
     g.add_argument(
         "--disable-overlap",

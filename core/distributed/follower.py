@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from pegboard.core.cuda_graph_mixed import mixed_graph_max_tokens
 from pegboard.core.distributed.group import Groups
 from pegboard.core.distributed.launch import Children, fatal, watch_parent
 from pegboard.core.distributed.shm_broadcast import ShmBroadcast
@@ -126,6 +127,7 @@ class Follower:
             backend,
             cuda_graph_max_bs=0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
             max_requests=c.max_running_requests,
+            mixed_max_tokens=mixed_graph_max_tokens(c),
         )
         if self.attention is not None:
             self.attention.close()

@@ -62,11 +62,17 @@ class TritonAttentionBackend(AttentionBackend):
     `B * ceil(q / tokens_per_block)` extend programs over a block map of the same layout, so
     any such batch replays a capture made for another; the block map is sized for the longest
     `max_query_len` at capture and never replaced (a longer eager batch uses a spare one).
+    Mixed graphs (`supports_cuda_graph_mixed`): `prepare_mixed` pads the block map of a batch
+    laid out in `R` rows with blocks of request -1 (no work) up to the most blocks any batch of
+    `R` tokens can have (`max_blocks`), in a block map of its own, so the extend kernel's grid
+    depends only on `R`.
     """
 
     supports_cuda_graph = True
     #: Verify steps (every request `q` new tokens, no draft tree) replay as CUDA graphs too.
     supports_cuda_graph_verify = True
+    #: Mixed steps (prefill and decode tokens) replay as CUDA graphs per token count.
+    supports_cuda_graph_mixed = True
     #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with per-layer scales.
     supports_fp8_kv = True
     #: The extend kernel applies `ForwardBatch.tree_masks` (speculative draft trees).
@@ -106,6 +112,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.step_block_map: torch.Tensor | None = None  # this step's (`block_map` or a spare)
         self.fixed_blocks = False
         self.fixed = False  # set by prepare_for_capture: captured graphs hold the addresses
+        self.mixed_block_map: torch.Tensor | None = None  # `prepare_for_mixed_capture`'s
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
 
     def prepare_for_capture(self, max_requests: int, max_query_len: int = 1) -> None:
@@ -120,6 +127,23 @@ class TritonAttentionBackend(AttentionBackend):
         self._reserve(max_requests, self.max_pages, blocks, splits if splits > 1 else 0)
         self.fixed = True
         self.fixed_blocks = max_query_len > 1  # verify graphs read the block map
+
+    def prepare_for_mixed_capture(self, max_tokens: int) -> None:
+        """Size a block map of its own for mixed batches padded to up to `max_tokens` rows
+        (after `prepare_for_capture`, whose request capacity bounds their blocks)."""
+        if not self.fixed:
+            raise RuntimeError("prepare_for_capture must come before prepare_for_mixed_capture")
+        blocks = self._mixed_blocks(max_tokens)
+        self.mixed_block_map = torch.zeros(blocks, 2, dtype=torch.int32, device=self.device)
+
+    def _mixed_blocks(self, rows: int) -> int:
+        return self.kernels.max_blocks(rows, self.max_requests, self.tokens_per_block)
+
+    def prepare_mixed(self, batch: ForwardBatch) -> None:
+        """`prepare` for a batch padded to a mixed CUDA graph's `batch.num_tokens` rows (rows
+        past its requests' new tokens have slot -1): the extend kernel's grid and block map
+        then depend only on that row count."""
+        self._prepare(batch, padded=True)
 
     def _reserve(self, requests: int, pages: int, blocks: int, splits: int) -> None:
         """Grow the metadata tensors (and the decode workspace) to hold at least this much."""
@@ -154,11 +178,14 @@ class TritonAttentionBackend(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         """Fill the step's metadata on the host, copy it into the fixed device tensors and
         pick the kernel (decode when every request has one new token) and its split count."""
+        self._prepare(batch)
+
+    def _prepare(self, batch: ForwardBatch, padded: bool = False) -> None:
         num_requests = batch.num_requests
         query_lens = np.asarray(batch.query_lens_cpu, dtype=np.int32)
         seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
         max_pages = max(map(len, batch.page_tables_cpu))
-        self.is_decode = batch.is_decode_only
+        self.is_decode = batch.is_decode_only and not padded
         if self.is_decode:
             self.num_splits = self.decode_splits or self.kernels.choose_num_splits(
                 num_requests,
@@ -170,9 +197,14 @@ class TritonAttentionBackend(AttentionBackend):
             self._reserve(num_requests, max_pages, 0, self.num_splits if self.num_splits > 1 else 0)
         else:
             block_map = self.kernels.build_block_map(query_lens, self.tokens_per_block)
+            self._reserve(num_requests, max_pages, 0 if padded else len(block_map), 0)
+            if padded:  # every batch of these rows launches the same grid
+                block_map = self._padded_block_map(block_map, batch.num_tokens)
             self.num_blocks = len(block_map)
-            self._reserve(num_requests, max_pages, self.num_blocks, 0)
-            if self.num_blocks <= self.max_blocks:
+            if padded:
+                self.step_block_map = self.mixed_block_map
+                _upload(self.mixed_block_map[: self.num_blocks], block_map)
+            elif self.num_blocks <= self.max_blocks:
                 self.step_block_map = self.block_map
                 _upload(self.block_map[: self.num_blocks], block_map)
             else:  # the block map is fixed for verify graphs: a longer eager batch's own
@@ -190,6 +222,19 @@ class TritonAttentionBackend(AttentionBackend):
             table = _pad_rows(batch.page_tables_cpu, max_pages)
         _upload(self.page_table[:num_requests, :max_pages], table)
         self.batch = batch
+
+    def _padded_block_map(self, block_map: np.ndarray, rows: int) -> np.ndarray:
+        blocks = self._mixed_blocks(rows)
+        if self.mixed_block_map is None or blocks > len(self.mixed_block_map):
+            raise RuntimeError(
+                f"a mixed batch of {rows} rows needs prepare_for_mixed_capture({rows}) first"
+            )
+        if len(block_map) > blocks:  # more requests than the capacity the bound assumes
+            raise RuntimeError(
+                f"a batch of {len(block_map)} query blocks exceeds the {blocks} of a mixed "
+                f"CUDA graph of {rows} rows"
+            )
+        return self.kernels.padded_block_map(block_map, blocks)
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -20,6 +20,8 @@ from pegboard.plugins.kernels.triton_attention.extend import (
     build_block_map,
     extend_attention,
     extend_block_m,
+    max_blocks,
+    padded_block_map,
     tokens_per_block,
 )
 from pegboard.plugins.kernels.triton_attention.store_kv import store_kv
@@ -32,6 +34,8 @@ __all__ = [
     "decode_workspace",
     "extend_attention",
     "extend_block_m",
+    "max_blocks",
+    "padded_block_map",
     "store_kv",
     "tokens_per_block",
 ]

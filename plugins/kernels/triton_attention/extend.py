@@ -2,7 +2,8 @@
 
 The batch's new tokens are cut into query blocks: each block holds up to `tokens_per_block`
 consecutive new tokens of one request, and `block_map` (built on the host once per step)
-lists every block as (request, first token's index within the request's new tokens). One
+lists every block as (request, first token's index within the request's new tokens); a block
+of request -1 is padding and does nothing (a CUDA graph fixes the grid: `padded_block_map`). One
 program runs per (block, KV head). Its `BLOCK_M` query rows are the block's tokens times the
 KV head's GQA group (row `r` is token `r // group`, query head `kv_head * group + r % group`),
 so each key/value tile loaded through the page table serves every head of the group.
@@ -152,9 +153,11 @@ def _extend_kernel(
     kv_head = tl.program_id(1)
     req = tl.load(Block_map + 2 * block)
     first = tl.load(Block_map + 2 * block + 1)
+    real = req >= 0  # request -1: a padding block (a mixed CUDA graph's grid), no work
+    req = tl.maximum(req, 0)
     q_start = tl.load(Query_starts + req)
-    q_len = tl.load(Query_starts + req + 1) - q_start
-    prefix = tl.load(Prefix_lens + req)
+    q_len = tl.where(real, tl.load(Query_starts + req + 1) - q_start, 0)
+    prefix = tl.where(real, tl.load(Prefix_lens + req), 0)
     seq_len = prefix + q_len
     tree_n = 0
     tree_m = 0
@@ -232,6 +235,22 @@ def build_block_map(query_lens: np.ndarray, tokens_per_block: int) -> np.ndarray
     first_block = np.repeat(np.cumsum(blocks) - blocks, blocks)
     block_map[:, 1] = (np.arange(total) - first_block) * tokens_per_block
     return block_map
+
+
+def max_blocks(num_tokens: int, max_requests: int, tokens_per_block: int) -> int:
+    """The most query blocks any batch of `num_tokens` new tokens over at most `max_requests`
+    requests can have: each request leaves at most one block partly filled."""
+    requests = min(num_tokens, max_requests)
+    return (num_tokens - requests) // tokens_per_block + requests
+
+
+def padded_block_map(block_map: np.ndarray, num_blocks: int) -> np.ndarray:
+    """`block_map` followed by padding blocks (request -1) up to `num_blocks` rows, so the
+    kernel's grid depends only on `num_blocks` (a mixed CUDA graph's, `max_blocks`)."""
+    padded = np.zeros((num_blocks, 2), dtype=np.int32)
+    padded[: len(block_map)] = block_map
+    padded[len(block_map) :, 0] = -1
+    return padded
 
 
 def extend_attention(
