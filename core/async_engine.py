@@ -72,7 +72,11 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Submit `request` and yield its deltas; raises `RequestRejected` before streaming."""
+        """Submit `request` and yield its deltas; raises `RequestRejected` before streaming.
+
+        Deltas that arrived while the caller was busy come as one (`RequestOutput.absorb`): a
+        server streaming to hundreds of clients sends one event per client per wake-up, not
+        one per engine step it fell behind."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request.request_id] = (loop, queue)
@@ -86,6 +90,8 @@ class AsyncEngine:
         try:
             while not finished:
                 out = await queue.get()
+                while not out.finished and not queue.empty():  # the reader fell behind:
+                    out.absorb(queue.get_nowait())  # one delta for all it missed
                 finished = out.finished
                 yield out
         finally:

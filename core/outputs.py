@@ -24,6 +24,17 @@ class RequestOutput:
     error: str | None = None
     request: Request | None = None
 
+    def absorb(self, later: RequestOutput) -> None:
+        """Append `later`, the same request's next delta, to this one: one delta carrying both
+        steps' tokens, text and logprobs, finished if `later` is (a stream whose reader fell
+        behind catches up in one event, as vLLM's output collector merges deltas)."""
+        self.new_token_ids.extend(later.new_token_ids)
+        self.text += later.text
+        self.new_logprobs.extend(later.new_logprobs)
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.error = later.error
+        self.request = later.request or self.request
+
 
 def stop_reason(request: Request, token_id: int, max_model_len: int) -> FinishReason | None:
     """Why generation ends after `token_id` was appended, from token ids and lengths alone.

@@ -8,6 +8,7 @@ Choice `k` of a response is prompt `k // n`, sample `k % n`; with a `seed`, samp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator
@@ -84,24 +85,16 @@ async def merged_outputs(
     """Run `requests` concurrently and yield `(choice index, delta)` as deltas arrive, until
     every request finished. Closing the iterator early (a client disconnect) aborts the
     unfinished requests, which frees their KV at the engine's next step."""
+    if len(requests) == 1:  # the common case: no task and queue between engine and caller
+        async with contextlib.aclosing(_one_choice(engine, requests[0])) as outs:
+            async for out in outs:  # closed early: the request is aborted at once
+                yield 0, out
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
     async def pump(index: int, request: Request) -> None:
-        try:
-            async for out in engine.generate(request):
-                queue.put_nowait((index, out))
-        except Exception as e:  # the engine refused or broke: this choice ends with an error
-            queue.put_nowait(
-                (
-                    index,
-                    RequestOutput(
-                        request.request_id,
-                        finished=True,
-                        finish_reason=FinishReason.ERROR,
-                        error=f"{type(e).__name__}: {e}",
-                    ),
-                )
-            )
+        async for out in _one_choice(engine, request):
+            queue.put_nowait((index, out))
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
     remaining = len(tasks)
@@ -114,6 +107,22 @@ async def merged_outputs(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _one_choice(engine: AsyncEngine, request: Request) -> AsyncIterator[RequestOutput]:
+    """`engine.generate(request)`, except that a refusal or a broken engine ends the choice
+    with an error delta instead of raising."""
+    try:
+        async with contextlib.aclosing(engine.generate(request)) as outs:
+            async for out in outs:
+                yield out
+    except Exception as e:
+        yield RequestOutput(
+            request.request_id,
+            finished=True,
+            finish_reason=FinishReason.ERROR,
+            error=f"{type(e).__name__}: {e}",
+        )
 
 
 @dataclass
