@@ -203,12 +203,20 @@ class AttentionBackend:
     from a capture made after `prepare` of another batch with as many requests and the same
     `q`. Some of its rows have slot -1 (padding): they store nothing, and the backend may let
     them attend to whatever the page table shows past a request's real keys.
+
+    Tree verify graphs (a class that also sets `supports_cuda_graph_tree_verify = True`):
+    `prepare_for_capture(max_requests, max_query_len, max_tree)` also fixes the tensors
+    holding `ForwardBatch.tree_masks` of up to `[max_tree, max_tree]` per request; `prepare`
+    writes any batch's masks (a list, possibly all None) into them, so a replay of a capture
+    made with other masks applies this batch's.
     """
 
     #: Whether decode steps may be captured and replayed as CUDA graphs (see above).
     supports_cuda_graph: ClassVar[bool] = False
     #: Whether speculative verify steps may be captured too (see above).
     supports_cuda_graph_verify: ClassVar[bool] = False
+    #: Whether verify steps with draft trees may be captured too (see above).
+    supports_cuda_graph_tree_verify: ClassVar[bool] = False
     #: The precision K/V are stored at when lower than the model's (e.g. an fp8 KV cache):
     #: the conformance kit then compares within that dtype's rounding. None: stored exactly.
     kv_dtype: ClassVar[torch.dtype | None] = None
@@ -218,10 +226,13 @@ class AttentionBackend:
         self.pool = pool
         self.scale = scale if scale is not None else model.head_dim**-0.5
 
-    def prepare_for_capture(self, max_requests: int, max_query_len: int = 1) -> None:
+    def prepare_for_capture(
+        self, max_requests: int, max_query_len: int = 1, max_tree: int = 0
+    ) -> None:
         """Size the metadata for CUDA graph capture (see the class docstring; `max_query_len`
-        > 1 only with `supports_cuda_graph_verify`). Default: nothing to size, for backends
-        without CUDA graph support."""
+        > 1 only with `supports_cuda_graph_verify`, `max_tree` > 0 only with
+        `supports_cuda_graph_tree_verify`). Default: nothing to size, for backends without
+        CUDA graph support."""
 
     def prepare(self, batch: ForwardBatch) -> None:
         raise NotImplementedError
@@ -366,6 +377,16 @@ class Speculator(Plugin):
         unless their `topk` asks for trees."""
         k = getattr(self.options, "num_draft_tokens", None)
         if not isinstance(k, int) or k < 1 or getattr(self.options, "topk", 1) > 1:
+            return None
+        return k
+
+    def tree_size(self) -> int | None:
+        """The most tokens a tree from this speculator has, or None (unknown, or it drafts
+        chains). The core captures CUDA graphs for tree verify steps of `tree_size() + 1`
+        tokens per request (larger trees run eagerly). Default: the options'
+        `num_draft_tokens` when their `topk` asks for trees."""
+        k = getattr(self.options, "num_draft_tokens", None)
+        if not isinstance(k, int) or k < 1 or getattr(self.options, "topk", 1) <= 1:
             return None
         return k
 

@@ -10,6 +10,7 @@ graphs give the eager path's tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pydantic
@@ -57,6 +58,12 @@ class _EagerReplay:
         self.runner, self.rows = runner, rows
 
     def replay(self) -> None:
+        # A captured graph reads the static slots whatever batch `prepare` saw (a decode
+        # replay prepares the backend with the real batch's, which has no padded rows).
+        backend = self.runner.attention
+        backend.batch = dataclasses.replace(
+            backend.batch, slot_mapping=self.runner.slot_mapping[: self.rows]
+        )
         self.runner._run(self.rows, into_static=True)
 
 
@@ -155,15 +162,24 @@ def _gpu(model_dir, prompts, plugins=None, **settings):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
 @pytest.mark.parametrize("n", [1, 3, 6])
-def test_gpu_graph_verify_equals_eager_verify(case, n):
+def test_gpu_graph_verify_equals_eager_verify(case, n, tree):
+    """Oracle chains, or oracle trees through the tree verify graphs
+    (`test_speculative_tree_graphs`)."""
     model_dir, prompts, reference = case
     prompts, reference = prompts[:n], reference[:n]
-    graphed, stats, graphs, _ = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
-                                     speculator="graph_oracle")  # fmt: skip
-    assert graphs is not None and graphs.num_verify_replays > 0
-    eager, eager_stats, none, _ = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
-                                       speculator="graph_oracle", disable_cuda_graph=True)  # fmt: skip
+    if tree:
+        from test_speculative_tree_graphs import graph_tree_plugins as plugins
+
+        name, replays = "graph_tree_oracle", "num_tree_replays"
+    else:
+        plugins, name, replays = graph_oracle_plugins, "graph_oracle", "num_verify_replays"
+    graphed, stats, graphs, _ = _gpu(model_dir, prompts, plugins(prompts, reference),
+                                     speculator=name)  # fmt: skip
+    assert graphs is not None and getattr(graphs, replays) > 0
+    eager, eager_stats, none, _ = _gpu(model_dir, prompts, plugins(prompts, reference),
+                                       speculator=name, disable_cuda_graph=True)  # fmt: skip
     assert none is None
     assert graphed == eager == reference
     assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
