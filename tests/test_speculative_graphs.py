@@ -228,18 +228,11 @@ def test_eagle_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
     entries included, computed from each step's output) and the drafts equal the eager
     path's, over several requests with different numbers of new pairs, padded to a captured
     size."""
-    from pegboard.plugins.speculative import eagle
     from pegboard.plugins.speculative.head_graphs import DraftGraphs
-    from test_speculative_eagle import build_eagle3_head
 
-    pytest.importorskip("triton", reason="triton is not installed")
     model_dir, prompts, reference = case
     prompts, reference = prompts[:3], reference[:3]
-    monkeypatch.setattr(eagle, "graphs_supported", lambda kv: True)
-    monkeypatch.setattr(DraftGraphs, "_capture", lambda self, size: _EagerSteps(self, size))
-    head = build_eagle3_head(tmp_path / "h", attention_heavy=True)
-    options = {"eagle": {"model_path": str(head), "num_draft_tokens": 3, "attention": "triton",
-                         "kv_cache_tokens": 1024}}  # fmt: skip
+    options = eager_head_graphs(monkeypatch, DraftGraphs, tmp_path, num_draft_tokens=3)
 
     def run(**settings):
         with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
@@ -259,6 +252,20 @@ def test_eagle_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
     assert len(keys) == len(eager_keys)
     for k, e in zip(keys, eager_keys):
         torch.testing.assert_close(k, e, atol=1e-4, rtol=1e-4)
+
+
+def eager_head_graphs(monkeypatch, graphs_class, tmp_path, **options) -> dict:
+    """An attention-heavy EAGLE-3 head's plugin options (Triton, `options`), its drafting
+    graphs (`graphs_class`) allowed on CPU and replayed eagerly."""
+    from pegboard.plugins.speculative import eagle
+    from test_speculative_eagle import build_eagle3_head
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setattr(eagle, "graphs_supported", lambda kv: True)
+    monkeypatch.setattr(graphs_class, "_capture", lambda self, size: _EagerSteps(self, size))
+    head = build_eagle3_head(tmp_path / "h", attention_heavy=True)
+    return {"eagle": {"model_path": str(head), "attention": "triton", "kv_cache_tokens": 1024,
+                      **options}}  # fmt: skip
 
 
 class _EagerSteps:

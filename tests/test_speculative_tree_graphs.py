@@ -196,3 +196,72 @@ def test_gpu_tree_graphs_with_ngram_and_draft_model_trees(case, speculator):
                                     plugin_options=plugin_options, disable_cuda_graph=True)  # fmt: skip
     assert graphed == eager == reference
     assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"] > 0
+
+
+# ------------------------------------------------------------------ EAGLE tree drafting graphs
+
+
+@pytest.mark.slow
+def test_eagle_tree_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
+    """The head's catch-up forward and tree search (frontier choice, ancestor masks in the
+    backends' fixed tree tensors) as one graph per batch size, replayed eagerly through
+    Triton's interpreter: every `propose` gives the eager path's trees (tokens and parents),
+    over requests with different numbers of new pairs and limits, padded to a captured size."""
+    from pegboard.core.llm import LLM
+    from pegboard.plugins.speculative.head_tree_graphs import TreeDraftGraphs
+    from pegboard.sdk.types import SamplingParams
+    from test_speculative import MAX_NEW
+    from test_speculative_graphs import eager_head_graphs
+
+    model_dir, prompts, reference = case
+    prompts, reference = prompts[:3], reference[:3]
+    options = eager_head_graphs(monkeypatch, TreeDraftGraphs, tmp_path, topk=2, num_steps=4,
+                                num_draft_tokens=6)  # fmt: skip
+
+    def run(**settings):
+        with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+                 plugin_options=options, cuda_graph_max_bs=4, speculative_min_accept_rate=0.0,
+                 **settings) as llm:  # fmt: skip
+            spec = llm.engine.plugins.active("speculator")
+            trees, original = [], spec.propose
+
+            def propose(requests, max_tokens):
+                out = original(requests, max_tokens)
+                trees.append([(tuple(r.token_ids), k, d.tokens, d.parents)
+                              for r, k, d in zip(requests, max_tokens, out)])  # fmt: skip
+                return out
+
+            spec.propose = propose
+            llm.engine.plugins.unregister(spec)
+            llm.engine.plugins.register(spec)
+            outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
+            return outs, trees, spec.tree_graphs
+
+    outs, graphed, graphs = run()
+    assert_same(outs, reference)
+    assert graphs is not None and graphs.sizes == [1, 2, 4] and graphs.num_replays >= 5
+    assert any(parents and not T.is_chain(parents) for call in graphed for *_, parents in call)
+    _, eager, none = run(disable_cuda_graph=True)
+    assert none is None
+    assert graphed == eager
+
+
+@pytest.mark.gpu
+def test_gpu_eagle_tree_graphs_draft_and_verify_as_eagerly(case, tmp_path):
+    """Tree drafting graphs of an EAGLE-3 head and tree verify graphs of the target: the
+    same tokens, drafts and acceptance as without graphs."""
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, reference = case
+    head = build_eagle3_head(tmp_path / "h", attention_heavy=True)
+    options = {"eagle": {"model_path": str(head), "topk": 2, "num_steps": 3,
+                         "num_draft_tokens": 6}}  # fmt: skip
+    graphed, stats, graphs, spec = _gpu(model_dir, prompts, speculator="eagle",
+                                        plugin_options=options)  # fmt: skip
+    assert spec.tree_graphs is not None and spec.tree_graphs.num_replays > 0
+    assert graphs.tree_query_lens == (7,) and graphs.num_tree_replays > 0
+    eager, eager_stats, _, _ = _gpu(model_dir, prompts, speculator="eagle",
+                                    plugin_options=options, disable_cuda_graph=True)  # fmt: skip
+    assert graphed == eager == reference
+    assert stats["spec_draft_tokens"] == eager_stats["spec_draft_tokens"]
+    assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
