@@ -341,7 +341,7 @@ PY
           --cuda-graph-max-bs 1 --max-tokens 256 --compare-eager >"$OUT/spec-eagle.json" \
           2>"$OUT/spec-eagle.err"; tail -45 "$OUT/spec-eagle.json" ;;
     spec-tests) # the GPU tests of speculation and CUDA graphs (verify graphs == eager verify)
-        timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+        timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
           tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py \
           tests/test_speculative_gpu.py tests/test_cuda_graph.py 2>&1 | tail -40 | tee "$OUT/spec-tests.log" ;;
     serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
