@@ -26,6 +26,16 @@ padded layout (every request `q` new tokens). Any batch without a draft tree who
 each run at most `q` tokens replays the smallest such `q`; the hidden states come back in the
 batch's own row order.
 
+Verify steps with draft trees (`ForwardBatch.tree_masks`; backends with
+`supports_cuda_graph_tree_verify`) replay graphs of their own, one per (batch size, `q` in
+`tree_query_lens`), captured with the backend's tree-mask tensors fixed: request `i`'s mask
+(over its `k` tree tokens, after its last token) is padded to `[q - 1, q - 1]` so that it
+covers the request's padded rows too (those see the rows before them; no real row sees a
+padded one), a request without a tree has none, and the backend writes the masks into the
+fixed tensors before the replay. A tree batch never replays a chain graph (their kernels
+differ); a chain batch replays a tree graph when no chain graph fits (a tree speculator's
+step where no request got a tree).
+
 `features` (speculators that read the target's hidden states, EAGLE): a function run right
 after the model inside every capture (and after every eager forward, by the model runner)
 whose result is copied into a static buffer and handed back with the hidden states, since a
@@ -84,10 +94,12 @@ class CUDAGraphRunner:
     """
 
     query_lens: tuple[int, ...] = ()  # verify graphs' query lengths (> 1), ascending
+    tree_query_lens: tuple[int, ...] = ()  # tree verify graphs' query lengths, ascending
     features_fn: Features | None = None
     features: torch.Tensor | None = None  # the last replay's features, batch row order
     feature_buffer: torch.Tensor | None = None  # `features_fn`'s output in the graphs' rows
     num_verify_replays = 0
+    num_tree_replays = 0  # of them, replays of tree verify graphs
 
     def __init__(
         self,
@@ -100,6 +112,7 @@ class CUDAGraphRunner:
         device: torch.device,
         query_lens: list[int] = (),
         features: Features | None = None,
+        tree_query_lens: list[int] = (),
     ) -> None:
         self.model = model
         self.attention = attention
@@ -110,15 +123,26 @@ class CUDAGraphRunner:
         if not getattr(attention, "supports_cuda_graph_verify", False):
             query_lens = ()
         self.query_lens = tuple(sorted({q for q in query_lens if q > 1}))
+        if not getattr(attention, "supports_cuda_graph_tree_verify", False):
+            tree_query_lens = ()
+        self.tree_query_lens = tuple(sorted({q for q in tree_query_lens if q > 1}))
         self.features_fn = features
-        n = self.max_batch_size * max(self.query_lens, default=1)  # rows of the largest graph
+        longest = max(self.query_lens + self.tree_query_lens, default=1)
+        n = self.max_batch_size * longest  # rows of the largest graph
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.hidden: torch.Tensor | None = None  # the graphs' output, [rows, hidden]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.verify_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        if self.query_lens:
+        self.tree_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if self.tree_query_lens:
+            attention.prepare_for_capture(
+                max(max_requests, self.max_batch_size),
+                max_query_len=longest,
+                max_tree=self.tree_query_lens[-1] - 1,
+            )
+        elif self.query_lens:
             attention.prepare_for_capture(
                 max(max_requests, self.max_batch_size), max_query_len=self.query_lens[-1]
             )
@@ -128,28 +152,26 @@ class CUDAGraphRunner:
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether `batch` replays a graph: no larger than the largest size, and decode-only
-        or (with verify graphs) no draft tree and no request running more than the longest
-        verify query length (nor past the context length once padded)."""
+        or (with verify graphs) no request running more than the longest verify query length
+        of its kind, chain or tree (nor past the context length once padded)."""
         if batch.num_requests > self.max_batch_size:
             return False
         if batch.is_decode_only:
             return True
-        return self._verify_len(batch) is not None
+        return self._verify_shape(batch) is not None
 
-    def _verify_len(self, batch: ForwardBatch) -> int | None:
-        """The verify graphs' query length for `batch`, or None if none fits."""
-        if not self.query_lens or batch.tree_masks is not None:
-            return None
-        longest = max(batch.query_lens_cpu)
-        i = bisect.bisect_left(self.query_lens, longest)
-        if i == len(self.query_lens):
-            return None
-        q = self.query_lens[i]
-        if any(
+    def _verify_shape(self, batch: ForwardBatch) -> tuple[int, bool] | None:
+        """The query length of the verify graph for `batch` and whether it is a tree graph,
+        or None if none fits: a chain graph for a batch without trees, else a tree graph."""
+        tree = batch.tree_masks is not None
+        q = None if tree else _fitting(self.query_lens, batch.query_lens_cpu)
+        if q is None:
+            q, tree = _fitting(self.tree_query_lens, batch.query_lens_cpu), True
+        if q is None or any(
             s - n + q > self.max_model_len for s, n in zip(batch.seq_lens_cpu, batch.query_lens_cpu)
         ):
             return None  # padded rows would run past the page table
-        return q
+        return q, tree
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """Prepare the attention backend for `batch` and run it through the graph of its
@@ -172,7 +194,7 @@ class CUDAGraphRunner:
         return self.hidden[:n]
 
     def _replay_verify(self, batch: ForwardBatch) -> torch.Tensor:
-        n, q = batch.num_requests, self._verify_len(batch)
+        n, (q, tree) = batch.num_requests, self._verify_shape(batch)
         size = padded_size(n, self.sizes)
         rows = size * q
         lens = batch.query_lens_cpu
@@ -189,10 +211,15 @@ class CUDAGraphRunner:
             self.input_ids.index_copy_(0, dest, batch.input_ids)
             self.positions.index_copy_(0, dest, batch.positions)
             self.slot_mapping.index_copy_(0, dest, batch.slot_mapping)
-        self.attention.prepare(self._padded(batch, size, q))
-        self.verify_graphs[(size, q)].replay()
+        padded = self._padded(batch, size, q)
+        if tree:
+            masks = batch.tree_masks or [None] * n
+            padded.tree_masks = padded_tree_masks(masks, lens, size, q)
+        self.attention.prepare(padded)
+        (self.tree_graphs if tree else self.verify_graphs)[(size, q)].replay()
         self.num_replays += 1
         self.num_verify_replays += 1
+        self.num_tree_replays += tree
         take = (lambda t: t[: n * q]) if dest is None else (lambda t: t[dest])
         if self.feature_buffer is not None:
             self.features = take(self.feature_buffer)
@@ -227,8 +254,9 @@ class CUDAGraphRunner:
     def _capture_all(self, max_model_len: int, page_size: int) -> None:
         pages = -(-max_model_len // page_size)
         self.pool = torch.cuda.graph_pool_handle() if self.input_ids.is_cuda else None
-        shapes = [(size, q) for size in self.sizes for q in (1, *self.query_lens)]
-        for size, q in sorted(shapes, key=lambda s: -s[0] * s[1]):  # the most rows first
+        shapes = [(size, q, False) for size in self.sizes for q in (1, *self.query_lens)]
+        shapes += [(size, q, True) for size in self.sizes for q in self.tree_query_lens]
+        for size, q, tree in sorted(shapes, key=lambda s: -s[0] * s[1]):  # the most rows first
             # The longest context makes the backend pick its decode plan (split count) for
             # the longest requests; shorter ones replay the same plan with idle splits.
             rows = size * q
@@ -243,18 +271,23 @@ class CUDAGraphRunner:
                 logits_indices=torch.arange(size, device=self.input_ids.device),
                 samples=[True] * size,
             )
+            if tree:  # the backend's fixed tree tensors, read by the tree kernel
+                batch.tree_masks = padded_tree_masks([None] * size, [q] * size, size, q)
             self.attention.prepare(batch)
             graph = self._capture(rows)
-            if q == 1:
+            if tree:
+                self.tree_graphs[(size, q)] = graph
+            elif q == 1:
                 self.graphs[size] = graph
             else:
                 self.verify_graphs[(size, q)] = graph
         if self.input_ids.is_cuda:
             torch.cuda.synchronize()
         log.info(
-            "captured CUDA graphs for batch sizes %s (verify query lengths %s%s)",
+            "captured CUDA graphs for batch sizes %s (verify query lengths %s, trees %s%s)",
             self.sizes,
             list(self.query_lens) or "none",
+            list(self.tree_query_lens) or "none",
             ", with target features" if self.features_fn else "",
         )
 
@@ -277,3 +310,32 @@ class CUDAGraphRunner:
             self.hidden[:rows].copy_(out)
             if feats is not None:
                 self.feature_buffer[:rows].copy_(feats)
+
+
+def _fitting(query_lens: tuple[int, ...], lens: list[int]) -> int | None:
+    """The smallest of `query_lens` (ascending) holding the longest of `lens`, or None."""
+    i = bisect.bisect_left(query_lens, max(lens))
+    return query_lens[i] if i < len(query_lens) else None
+
+
+def padded_tree_masks(
+    masks: list[torch.Tensor | None], lens: list[int], size: int, q: int
+) -> list[torch.Tensor | None]:
+    """Tree masks for the padded verify layout: `size` requests of `q` rows, request `i`'s
+    `lens[i]` real rows first. A request's `[k, k]` mask over its last `k` real rows becomes
+    `[q - 1, q - 1]` over its last `q - 1` rows (the kernel places a mask at the request's
+    end): the tree's own bits top left, its padded rows causal after it; requests past the
+    batch and those without a tree get none."""
+    out: list[torch.Tensor | None] = [None] * size
+    if q < 2:
+        return out
+    for i, (mask, n) in enumerate(zip(masks, lens)):
+        if mask is None:
+            continue
+        k = mask.shape[0]
+        start = n - 1 - k  # the tree's first row among the request's last q - 1 (0 unpadded)
+        full = torch.ones(q - 1, q - 1, dtype=torch.bool).tril_()
+        full[start : start + k, start : start + k] = mask.to("cpu", torch.bool)
+        full[start : start + k, :start] = True
+        out[i] = full
+    return out

@@ -89,6 +89,7 @@ class ModelRunner:
         #: Speculative decoding (`set_speculation`): verify query lengths to capture graphs
         #: for, and a function of the target's hidden states run after every forward.
         self._verify_lens: tuple[int, ...] = ()
+        self._tree_lens: tuple[int, ...] = ()  # ... and tree verify steps'
         self._features = None
         #: `_features`' result for the last forward's tokens (batch row order), or None.
         self.last_features: torch.Tensor | None = None
@@ -153,6 +154,7 @@ class ModelRunner:
                 self.device,
                 query_lens=self._verify_lens,
                 features=self._features,
+                tree_query_lens=self._tree_lens,
             )
         except Exception as e:
             log.warning("CUDA graph capture failed, decode runs eagerly: %s", e, exc_info=True)
@@ -179,15 +181,16 @@ class ModelRunner:
             log.warning("mixed-step CUDA graph capture failed: %s", e, exc_info=True)
             self.mixed_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
 
-    def set_speculation(self, verify_lens: list[int], features=None) -> None:
+    def set_speculation(self, verify_lens: list[int], features=None, tree_lens=()) -> None:
         """Speculative decoding: capture verify graphs for steps of up to `verify_lens` tokens
-        per request, and run `features` (the target hidden states an EAGLE head reads, from
-        forward hooks) after every forward, eager or replayed, keeping its result in
-        `last_features`. Graphs already captured are captured again if this changes them."""
-        lens = tuple(sorted(set(verify_lens)))
-        if (lens, features) == (self._verify_lens, self._features):
+        per request (`tree_lens`: with draft trees), and run `features` (the target hidden
+        states an EAGLE head reads, from forward hooks) after every forward, eager or
+        replayed, keeping its result in `last_features`. Graphs already captured are captured
+        again if this changes them."""
+        lens, trees = tuple(sorted(set(verify_lens))), tuple(sorted(set(tree_lens)))
+        if (lens, trees, features) == (self._verify_lens, self._tree_lens, self._features):
             return
-        self._verify_lens, self._features = lens, features
+        self._verify_lens, self._tree_lens, self._features = lens, trees, features
         self.last_features = None
         if self.attention is not None and self.cuda_graph_off_reason is None:
             self.set_attention(self.attention, *self._graph_settings)

@@ -88,14 +88,21 @@ def run(llm, prompts, params, batch_size):
                   "elapsed_s": round(elapsed, 3)}  # fmt: skip
 
 
-def graph_report(runner) -> dict:
-    """Whether CUDA graphs served the run: replays of decode and verify graphs, or why off."""
+def graph_report(runner, speculator=None) -> dict:
+    """Whether CUDA graphs served the run: replays of decode, verify and tree verify graphs
+    (and of an EAGLE head's drafting graphs), or why off."""
     graphs = runner.cuda_graphs
     if graphs is None:
         return {"off": runner.cuda_graph_off_reason}
-    return {"replays": graphs.num_replays, "verify_replays": graphs.num_verify_replays,
-            "verify_query_lens": list(graphs.query_lens),
-            "features": graphs.features_fn is not None}  # fmt: skip
+    report = {"replays": graphs.num_replays, "verify_replays": graphs.num_verify_replays,
+              "tree_verify_replays": graphs.num_tree_replays,
+              "verify_query_lens": list(graphs.query_lens),
+              "tree_query_lens": list(graphs.tree_query_lens),
+              "features": graphs.features_fn is not None}  # fmt: skip
+    drafting = getattr(speculator, "tree_graphs", None) or getattr(speculator, "graphs", None)
+    if drafting is not None:
+        report["drafting_replays"] = drafting.num_replays
+    return report
 
 
 def prompts_for(args, llm) -> list:
@@ -193,7 +200,9 @@ def main() -> None:
             spec, result[name] = run(llm, prompts, params, args.batch_size)
             report = llm.engine.speculation.report(before)
             result[name]["speculation"] = report
-            result[name]["cuda_graphs"] = graph_report(llm.engine.runner)
+            result[name]["cuda_graphs"] = graph_report(
+                llm.engine.runner, llm.engine.speculation.speculator
+            )
         del llm
         gc.collect()
         plain_step = result["plain"]["elapsed_s"] / max(result["plain"]["steps"], 1)

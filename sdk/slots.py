@@ -212,6 +212,12 @@ class AttentionBackend:
     never synchronises with the host, stores nothing for padding rows, gives the real rows
     the outputs `prepare` of the unpadded batch would, and replays correctly from a capture
     made after `prepare_mixed` of any other batch with as many rows.
+
+    Tree verify graphs (a class that also sets `supports_cuda_graph_tree_verify = True`):
+    `prepare_for_capture(max_requests, max_query_len, max_tree)` also fixes the tensors
+    holding `ForwardBatch.tree_masks` of up to `[max_tree, max_tree]` per request; `prepare`
+    writes any batch's masks (a list, possibly all None) into them, so a replay of a capture
+    made with other masks applies this batch's.
     """
 
     #: Whether decode steps may be captured and replayed as CUDA graphs (see above).
@@ -220,6 +226,8 @@ class AttentionBackend:
     supports_cuda_graph_verify: ClassVar[bool] = False
     #: Whether mixed steps may be captured per token count too (see above).
     supports_cuda_graph_mixed: ClassVar[bool] = False
+    #: Whether verify steps with draft trees may be captured too (see above).
+    supports_cuda_graph_tree_verify: ClassVar[bool] = False
     #: The precision K/V are stored at when lower than the model's (e.g. an fp8 KV cache):
     #: the conformance kit then compares within that dtype's rounding. None: stored exactly.
     kv_dtype: ClassVar[torch.dtype | None] = None
@@ -229,10 +237,13 @@ class AttentionBackend:
         self.pool = pool
         self.scale = scale if scale is not None else model.head_dim**-0.5
 
-    def prepare_for_capture(self, max_requests: int, max_query_len: int = 1) -> None:
+    def prepare_for_capture(
+        self, max_requests: int, max_query_len: int = 1, max_tree: int = 0
+    ) -> None:
         """Size the metadata for CUDA graph capture (see the class docstring; `max_query_len`
-        > 1 only with `supports_cuda_graph_verify`). Default: nothing to size, for backends
-        without CUDA graph support."""
+        > 1 only with `supports_cuda_graph_verify`, `max_tree` > 0 only with
+        `supports_cuda_graph_tree_verify`). Default: nothing to size, for backends without
+        CUDA graph support."""
 
     def prepare_for_mixed_capture(self, max_tokens: int) -> None:
         """Size what mixed graphs of up to `max_tokens` rows need (see the class docstring;
@@ -386,6 +397,16 @@ class Speculator(Plugin):
         unless their `topk` asks for trees."""
         k = getattr(self.options, "num_draft_tokens", None)
         if not isinstance(k, int) or k < 1 or getattr(self.options, "topk", 1) > 1:
+            return None
+        return k
+
+    def tree_size(self) -> int | None:
+        """The most tokens a tree from this speculator has, or None (unknown, or it drafts
+        chains). The core captures CUDA graphs for tree verify steps of `tree_size() + 1`
+        tokens per request (larger trees run eagerly). Default: the options'
+        `num_draft_tokens` when their `topk` asks for trees."""
+        k = getattr(self.options, "num_draft_tokens", None)
+        if not isinstance(k, int) or k < 1 or getattr(self.options, "topk", 1) <= 1:
             return None
         return k
 

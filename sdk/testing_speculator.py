@@ -83,6 +83,7 @@ def check_speculator(
                 raise _error("propose returns drafts (it must not raise)", f"{case}: {e!r}") from e
             _check(out, requests, limits, vocab_size, case)
             _check_chain_length(plugin, out, case)
+            _check_tree_size(plugin, out, case)
             if any(list(r.token_ids) != b for r, b in zip(requests, before)):
                 raise _error("propose only reads requests (token_ids unchanged)", case)
             for r, d in zip(requests, out):  # the target keeps some drafts and one token
@@ -110,6 +111,17 @@ def _check_chain_length(plugin, out, case: str) -> None:
         raise _error(
             "no chain is longer than chain_length()", f"{case}: a chain of {longest} > {k}"
         )
+
+
+def _check_tree_size(plugin, out, case: str) -> None:
+    """`tree_size()` is None or the most tokens any tree of this speculator has (the core
+    captures tree verify graphs for that many; a larger tree would run eagerly)."""
+    k = plugin.tree_size()
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise _error("tree_size() is None or a positive int", f"{case}: {k!r}")
+    largest = max((len(d.tokens) for d in out if d.parents is not None), default=0)
+    if k is not None and largest > k:
+        raise _error("no tree is larger than tree_size()", f"{case}: a tree of {largest} > {k}")
 
 
 def _check(out, requests: list[Request], limits: list[int], vocab: int, case: str) -> None:

@@ -10,6 +10,7 @@ graphs give the eager path's tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pydantic
@@ -57,6 +58,12 @@ class _EagerReplay:
         self.runner, self.rows = runner, rows
 
     def replay(self) -> None:
+        # A captured graph reads the static slots whatever batch `prepare` saw (a decode
+        # replay prepares the backend with the real batch's, which has no padded rows).
+        backend = self.runner.attention
+        backend.batch = dataclasses.replace(
+            backend.batch, slot_mapping=self.runner.slot_mapping[: self.rows]
+        )
         self.runner._run(self.rows, into_static=True)
 
 
@@ -155,15 +162,24 @@ def _gpu(model_dir, prompts, plugins=None, **settings):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
 @pytest.mark.parametrize("n", [1, 3, 6])
-def test_gpu_graph_verify_equals_eager_verify(case, n):
+def test_gpu_graph_verify_equals_eager_verify(case, n, tree):
+    """Oracle chains, or oracle trees through the tree verify graphs
+    (`test_speculative_tree_graphs`)."""
     model_dir, prompts, reference = case
     prompts, reference = prompts[:n], reference[:n]
-    graphed, stats, graphs, _ = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
-                                     speculator="graph_oracle")  # fmt: skip
-    assert graphs is not None and graphs.num_verify_replays > 0
-    eager, eager_stats, none, _ = _gpu(model_dir, prompts, graph_oracle_plugins(prompts, reference),
-                                       speculator="graph_oracle", disable_cuda_graph=True)  # fmt: skip
+    if tree:
+        from test_speculative_tree_graphs import graph_tree_plugins as plugins
+
+        name, replays = "graph_tree_oracle", "num_tree_replays"
+    else:
+        plugins, name, replays = graph_oracle_plugins, "graph_oracle", "num_verify_replays"
+    graphed, stats, graphs, _ = _gpu(model_dir, prompts, plugins(prompts, reference),
+                                     speculator=name)  # fmt: skip
+    assert graphs is not None and getattr(graphs, replays) > 0
+    eager, eager_stats, none, _ = _gpu(model_dir, prompts, plugins(prompts, reference),
+                                       speculator=name, disable_cuda_graph=True)  # fmt: skip
     assert none is None
     assert graphed == eager == reference
     assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
@@ -212,18 +228,11 @@ def test_eagle_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
     entries included, computed from each step's output) and the drafts equal the eager
     path's, over several requests with different numbers of new pairs, padded to a captured
     size."""
-    from pegboard.plugins.speculative import eagle
     from pegboard.plugins.speculative.head_graphs import DraftGraphs
-    from test_speculative_eagle import build_eagle3_head
 
-    pytest.importorskip("triton", reason="triton is not installed")
     model_dir, prompts, reference = case
     prompts, reference = prompts[:3], reference[:3]
-    monkeypatch.setattr(eagle, "graphs_supported", lambda kv: True)
-    monkeypatch.setattr(DraftGraphs, "_capture", lambda self, size: _EagerSteps(self, size))
-    head = build_eagle3_head(tmp_path / "h", attention_heavy=True)
-    options = {"eagle": {"model_path": str(head), "num_draft_tokens": 3, "attention": "triton",
-                         "kv_cache_tokens": 1024}}  # fmt: skip
+    options = eager_head_graphs(monkeypatch, DraftGraphs, tmp_path, num_draft_tokens=3)
 
     def run(**settings):
         with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
@@ -243,6 +252,20 @@ def test_eagle_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path):
     assert len(keys) == len(eager_keys)
     for k, e in zip(keys, eager_keys):
         torch.testing.assert_close(k, e, atol=1e-4, rtol=1e-4)
+
+
+def eager_head_graphs(monkeypatch, graphs_class, tmp_path, **options) -> dict:
+    """An attention-heavy EAGLE-3 head's plugin options (Triton, `options`), its drafting
+    graphs (`graphs_class`) allowed on CPU and replayed eagerly."""
+    from pegboard.plugins.speculative import eagle
+    from test_speculative_eagle import build_eagle3_head
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setattr(eagle, "graphs_supported", lambda kv: True)
+    monkeypatch.setattr(graphs_class, "_capture", lambda self, size: _EagerSteps(self, size))
+    head = build_eagle3_head(tmp_path / "h", attention_heavy=True)
+    return {"eagle": {"model_path": str(head), "attention": "triton", "kv_cache_tokens": 1024,
+                      **options}}  # fmt: skip
 
 
 class _EagerSteps:

@@ -197,7 +197,8 @@ class Speculation:
         if getattr(speculator, "reads_target_hidden", False) and layers:
             self._hidden = TargetHidden(self.engine.runner.model, layers)
         features = self._hidden.features if self._hidden is not None else None
-        self.engine.runner.set_speculation(verify_lens(speculator), features)
+        runner = self.engine.runner
+        runner.set_speculation(verify_lens(speculator), features, tree_verify_lens(speculator))
         self._bound = speculator
 
     def _as_chain(self, d: Drafts) -> Drafts:
@@ -398,6 +399,14 @@ def verify_lens(speculator) -> list[int]:
     plus the last token (`Speculator.chain_length`); none for trees or unknown lengths."""
     chain_length = getattr(speculator, "chain_length", None)
     k = chain_length() if chain_length is not None else None
+    return [k + 1] if k else []
+
+
+def tree_verify_lens(speculator) -> list[int]:
+    """The tree verify steps' query lengths worth CUDA graphs for `speculator`: its largest
+    tree plus the last token (`Speculator.tree_size`); none for chains or unknown sizes."""
+    tree_size = getattr(speculator, "tree_size", None)
+    k = tree_size() if tree_size is not None else None
     return [k + 1] if k else []
 
 

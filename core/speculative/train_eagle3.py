@@ -197,6 +197,7 @@ def train(args) -> int:
     for norm in (head.input_layernorm, head.hidden_norm, head.post_attention_layernorm, head.norm):
         torch.nn.init.ones_(norm.weight)  # the model's norms are allocated, not initialised
     head.embed.weight.requires_grad_(False)
+    init_from_target(head, target)
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr)
     step = 0
     ckpt = out / "checkpoint.pt"
@@ -238,6 +239,16 @@ def train(args) -> int:
             break
     hooks.remove()
     return 0
+
+
+def init_from_target(head, target) -> None:
+    """Start the head's output side as the target's: its final norm and LM head (where the
+    shapes match), so that from the first step the head only has to predict the target's
+    last hidden state instead of learning a vocabulary projection from scratch."""
+    for ours, theirs in ((head.lm_head, target.lm_head), (head.norm, target.model.norm)):
+        weight = getattr(theirs, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.shape == ours.weight.shape:
+            ours.weight.data.copy_(weight.detach().float())
 
 
 def save(head, opt, step: int, cfg: dict, out: Path) -> None:

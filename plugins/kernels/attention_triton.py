@@ -66,11 +66,18 @@ class TritonAttentionBackend(AttentionBackend):
     laid out in `R` rows with blocks of request -1 (no work) up to the most blocks any batch of
     `R` tokens can have (`max_blocks`), in a block map of its own, so the extend kernel's grid
     depends only on `R`.
+
+    Tree verify graphs (`supports_cuda_graph_tree_verify`): `prepare_for_capture(...,
+    max_tree=n)` also fixes the tree mask's tensors (per request `[n, n]` int8 bits and its
+    meta row); `prepare` writes any batch's masks into them when they fit (zero meta rows for
+    requests without a tree), so a tree graph reads the step's masks.
     """
 
     supports_cuda_graph = True
     #: Verify steps (every request `q` new tokens, no draft tree) replay as CUDA graphs too.
     supports_cuda_graph_verify = True
+    #: ... and verify steps with draft trees, their masks in fixed tensors (`max_tree`).
+    supports_cuda_graph_tree_verify = True
     #: Mixed steps (prefill and decode tokens) replay as CUDA graphs per token count.
     supports_cuda_graph_mixed = True
     #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with per-layer scales.
@@ -113,12 +120,16 @@ class TritonAttentionBackend(AttentionBackend):
         self.fixed_blocks = False
         self.fixed = False  # set by prepare_for_capture: captured graphs hold the addresses
         self.mixed_block_map: torch.Tensor | None = None  # `prepare_for_mixed_capture`'s
+        self.tree_static: tuple[torch.Tensor, torch.Tensor] | None = None  # tree graphs' masks
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
 
-    def prepare_for_capture(self, max_requests: int, max_query_len: int = 1) -> None:
+    def prepare_for_capture(
+        self, max_requests: int, max_query_len: int = 1, max_tree: int = 0
+    ) -> None:
         """Size the metadata and the decode split workspace for batches of up to
         `max_requests` requests and any context length (and the extend block map for
-        `max_query_len` new tokens each: verify graphs), then keep them fixed."""
+        `max_query_len` new tokens each: verify graphs; the tree mask's tensors for
+        `[max_tree, max_tree]` masks: tree verify graphs), then keep them fixed."""
         splits = self.decode_splits or self.kernels.choose_num_splits(
             1, self.model.num_kv_heads, self.model.max_model_len, self.device, self.decode_block_n
         )
@@ -127,6 +138,13 @@ class TritonAttentionBackend(AttentionBackend):
         self._reserve(max_requests, self.max_pages, blocks, splits if splits > 1 else 0)
         self.fixed = True
         self.fixed_blocks = max_query_len > 1  # verify graphs read the block map
+        self.tree_static = None
+        if max_tree > 0:
+            cap = self.max_requests
+            self.tree_static = (
+                torch.zeros(cap, 3, dtype=torch.int32, device=self.device),
+                torch.zeros(cap * max_tree * max_tree, dtype=torch.int8, device=self.device),
+            )
 
     def prepare_for_mixed_capture(self, max_tokens: int) -> None:
         """Size a block map of its own for mixed batches padded to up to `max_tokens` rows
@@ -209,7 +227,7 @@ class TritonAttentionBackend(AttentionBackend):
                 _upload(self.block_map[: self.num_blocks], block_map)
             else:  # the block map is fixed for verify graphs: a longer eager batch's own
                 self.step_block_map = torch.from_numpy(block_map).to(self.device)
-        self.tree = _tree_metadata(batch.tree_masks, self.device) if batch.tree_masks else None
+        self.tree = self._tree_inputs(batch.tree_masks)
 
         cap = self.max_requests
         meta = np.zeros(3 * cap + 1, dtype=np.int32)
@@ -235,6 +253,26 @@ class TritonAttentionBackend(AttentionBackend):
                 f"CUDA graph of {rows} rows"
             )
         return self.kernels.padded_block_map(block_map, blocks)
+
+    def _tree_inputs(
+        self, masks: list[torch.Tensor | None] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The extend kernel's tree inputs for `masks`: written into the fixed tensors of tree
+        verify graphs when they fit (even with no tree at all: a replay reads them), else
+        fresh tensors (None without any tree)."""
+        static = self.tree_static
+        if masks is None:
+            return None
+        if static is not None and len(masks) <= static[0].shape[0]:
+            meta, bits = _tree_arrays(masks)
+            if bits.numel() <= static[1].numel():
+                full = np.zeros(static[0].shape, dtype=np.int32)
+                full[: len(masks)] = meta
+                _upload(static[0], full)
+                if bits.numel():
+                    static[1][: bits.numel()].copy_(bits, non_blocking=True)
+                return static
+        return _tree_metadata(masks, self.device)
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -329,6 +367,16 @@ def _tree_metadata(
     its offset) and the masks as one flat int8 tensor; None when no request has a tree."""
     if all(t is None for t in trees):
         return None
+    meta, bits = _tree_arrays(trees)
+    return (
+        torch.from_numpy(meta).to(device, non_blocking=True),
+        bits.to(device, non_blocking=True),
+    )
+
+
+def _tree_arrays(trees: list[torch.Tensor | None]) -> tuple[np.ndarray, torch.Tensor]:
+    """`_tree_metadata`'s meta rows (host) and flat int8 bits (on the masks' device; empty
+    without a tree)."""
     meta = np.zeros((len(trees), 3), dtype=np.int32)
     bits, offset = [], 0
     for b, tree in enumerate(trees):
@@ -336,10 +384,7 @@ def _tree_metadata(
             meta[b] = (tree.shape[0], tree.shape[1], offset)
             bits.append(tree.reshape(-1).to(torch.int8))
             offset += tree.numel()
-    return (
-        torch.from_numpy(meta).to(device, non_blocking=True),
-        torch.cat(bits).to(device, non_blocking=True),
-    )
+    return meta, torch.cat(bits) if bits else torch.zeros(0, dtype=torch.int8)
 
 
 def _pow2(n: int) -> int:

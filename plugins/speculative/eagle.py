@@ -18,8 +18,9 @@ The head keeps its own paged KV (`head_kv.HeadKV`, a slot per request in
 this step's draft entries, overwritten next step. Drafting is batched across requests: one
 head forward over every request's unseen (feature, token) pairs, then one per draft step (or
 tree depth) for all of them, through an ordinary attention backend over the head's pool. On
-CUDA a chain's whole `propose` replays as one CUDA graph (`head_graphs.DraftGraphs`) once
-every request has at most `k + 1` new pairs.
+CUDA a chain's whole `propose` replays as one CUDA graph (`head_graphs.DraftGraphs`), a
+tree's too (`head_tree_graphs.TreeDraftGraphs`), once every request has at most `k + 1` (a
+tree: `depth + 1`) new pairs.
 
 With `topk` > 1 the head drafts a tree (EAGLE-2, `tree_search.DraftTree`): best-first by the
 head's confidence, `num_steps` deep, `num_draft_tokens` nodes, the greedy chain as its first
@@ -41,6 +42,7 @@ from pegboard.core.models.rope import RotaryEmbedding
 from pegboard.core.speculative.hidden import FEATURES_KEY
 from pegboard.plugins.speculative.head_graphs import DraftGraphs
 from pegboard.plugins.speculative.head_kv import HeadKV, HeadSlot
+from pegboard.plugins.speculative.head_tree_graphs import TreeDraftGraphs
 from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import PluginContext, Speculator
@@ -141,6 +143,7 @@ class EagleSpeculator(Speculator):
         self.max_model_len = ctx.model.max_model_len if ctx.model else 4096
         self.engine_facts = ctx.engine
         self.graphs: DraftGraphs | None = None  # chain drafting as CUDA graphs
+        self.tree_graphs: TreeDraftGraphs | None = None  # ... and tree drafting
         self.page_size = int(ctx.engine.get("page_size") or 16)
         self.head: EagleHead | None = None  # built by `bind_target`, with the target's parts
         self.kv: HeadKV | None = None  # the head's paged KV, built with the head
@@ -161,22 +164,28 @@ class EagleSpeculator(Speculator):
             self.dtype, self.device,
         )  # fmt: skip
         self.kv = HeadKV(info, self.options.kv_cache_tokens, self.page_size, self.options.attention)
-        self.graphs = self._chain_graphs()
+        self.graphs, self.tree_graphs = self._drafting_graphs()
 
-    def _chain_graphs(self) -> DraftGraphs | None:
-        """CUDA graphs of chain drafting, where the engine captures graphs (its
-        `cuda_graph_max_bs`), the head's backend supports them and the head drafts chains."""
+    def _drafting_graphs(self) -> tuple[DraftGraphs | None, TreeDraftGraphs | None]:
+        """CUDA graphs of chain or tree drafting, where the engine captures graphs (its
+        `cuda_graph_max_bs`) and the head's backend supports them; none (logged) if the
+        capture fails."""
         o, facts = self.options, self.engine_facts
         max_bs = min(int(facts.get("cuda_graph_max_bs") or 0),
                      int(facts.get("max_running_requests") or 0))  # fmt: skip
-        if o.topk > 1 or o.num_draft_tokens < 2 or max_bs < 1 or not graphs_supported(self.kv):
-            return None
+        depth = min(o.num_steps or o.num_draft_tokens, o.num_draft_tokens)
+        if max_bs < 1 or not graphs_supported(self.kv):
+            return None, None
+        features = self.head.fc.in_features - (0 if self.eagle3 else self.head.hidden)
+        kind = "tree" if o.topk > 1 else "chain"
         try:
-            features = self.head.fc.in_features - (0 if self.eagle3 else self.head.hidden)
-            return DraftGraphs(self.head, self.kv, o.num_draft_tokens, max_bs, features)
+            if o.topk > 1 and depth >= 2:
+                return None, TreeDraftGraphs(self.head, self.kv, o.topk, depth, max_bs, features)
+            if o.topk == 1 and o.num_draft_tokens >= 2:
+                return DraftGraphs(self.head, self.kv, o.num_draft_tokens, max_bs, features), None
         except Exception as e:
-            log.warning("EAGLE draft-chain CUDA graph capture failed, drafting eagerly: %s", e)
-            return None
+            log.warning("EAGLE draft-%s CUDA graph capture failed, drafting eagerly: %s", kind, e)
+        return None, None
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[Drafts]:
@@ -189,9 +198,10 @@ class EagleSpeculator(Speculator):
         o = self.options
         limits = [min(k, o.num_draft_tokens) for k in max_tokens]
         kmax = max(limits, default=0)
-        if kmax and self.graphs is not None:
-            kmax = o.num_draft_tokens  # the captured chain (drafts are cut to each limit)
         tree = o.topk > 1
+        graphs = self.tree_graphs if tree else self.graphs
+        if kmax and graphs is not None:
+            kmax = o.num_draft_tokens  # the captured chain or depth (drafts cut to each limit)
         depth = min(o.num_steps or o.num_draft_tokens, kmax)
         extra = o.topk * (depth - 1) if tree else kmax - 1  # draft entries after the real ones
         jobs = [
@@ -201,11 +211,13 @@ class EagleSpeculator(Speculator):
         ]
         if not jobs:
             return out
-        graphs = self.graphs
-        if not tree and graphs is not None and len(jobs) <= graphs.max_batch_size:
+        if graphs is not None and len(jobs) <= graphs.max_batch_size:
             jobs = self._catch_up(jobs, graphs.q)  # leaves at most q new pairs per job
-        if not tree and graphs is not None and graphs.can_run(jobs):
-            drafts = graphs.run(jobs).tolist()  # catch-up and draft steps: one replay
+        if graphs is not None and graphs.can_run(jobs):  # catch-up and drafting: one replay
+            if tree:
+                drafts = graphs.run(jobs, [limits[j.index] for j in jobs])
+            else:
+                drafts = graphs.run(jobs).tolist()
             for j in jobs:
                 j.commit()
         elif tree:

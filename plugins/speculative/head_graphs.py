@@ -32,6 +32,72 @@ from pegboard.sdk.types import ForwardBatch
 log = logging.getLogger("pegboard.speculative.eagle")
 
 
+class Feed:
+    """The catch-up forward of a drafting graph: static inputs of up to `max_batch_size`
+    requests of `q` rows each and its own attention backend over the head's pool."""
+
+    def __init__(self, kv: HeadKV, q: int, max_batch_size: int, feature_size: int) -> None:
+        self.kv, self.q = kv, q
+        info = kv.attention.model
+        dev = kv.device
+        self.backend = attention_backend("triton", info, kv.pool)
+        self.backend.prepare_for_capture(max_batch_size, max_query_len=q)
+        rows = max_batch_size * q
+        self.feats = torch.zeros(rows, feature_size, dtype=info.dtype, device=dev)
+        self.ids = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.slots = torch.full((rows,), -1, dtype=torch.int64, device=dev)
+        self.last_rows = torch.arange(max_batch_size, dtype=torch.int64, device=dev) * q
+
+    def host_inputs(self, jobs, size: int) -> tuple[list[np.ndarray], list[int]]:
+        """The jobs' ids, positions, slots, last rows and row index (where their rows go) as
+        host arrays for `load` (padded to `size` requests), and each job's number of pairs."""
+        q, ps, n = self.q, self.kv.page_size, len(jobs)
+        rows = size * q
+        lens = [len(j.ids) for j in jobs]
+        dest = np.concatenate([np.arange(m) + i * q for i, m in enumerate(lens)])
+        ids = np.zeros(rows, np.int64)
+        positions = np.zeros(rows, np.int64)
+        slots = np.full(rows, -1, np.int64)
+        ids[dest] = [t for j in jobs for t in j.ids]
+        positions[dest] = [p for j in jobs for p in j.positions]
+        slots[dest] = np.concatenate(
+            [_slots(j.slot, j.slot.real, m, ps) for j, m in zip(jobs, lens)]
+        )
+        last_rows = np.arange(size, dtype=np.int64) * q
+        last_rows[:n] += np.asarray(lens) - 1
+        return [ids, positions, slots, last_rows, dest], lens
+
+    def load(self, jobs, parts: list[torch.Tensor], lens: list[int], size: int) -> None:
+        """Copy `host_inputs`' arrays (on the device now) into the static inputs and prepare
+        the backend for the graph's layout: `size` requests of `q` new rows (a request's
+        head entries before them unchanged; padded requests over page 0)."""
+        rows, q, ps, n = size * self.q, self.q, self.kv.page_size, len(jobs)
+        self.ids[:rows].copy_(parts[0])
+        self.positions[:rows].copy_(parts[1])
+        self.slots[:rows].copy_(parts[2])
+        self.last_rows[:size].copy_(parts[3])
+        self.feats.index_copy_(0, parts[4], torch.cat([j.feats for j in jobs]))
+        seq_lens = [j.slot.real + q for j in jobs] + [q] * (size - n)
+        tables = [j.slot.page_table[: -(-s // ps)] for j, s in zip(jobs, seq_lens)]
+        self.backend.prepare(
+            _batch(self.slots[:rows], [q] * size, seq_lens, tables + [[0]] * (size - n))
+        )
+
+    def prepare_capture(self, size: int, max_model_len: int, pages: int) -> None:
+        rows = size * self.q
+        full, tables = [max_model_len] * size, [[0] * pages] * size
+        self.backend.prepare(_batch(self.slots[:rows], [self.q] * size, full, tables))
+
+    def run(self, head, size: int) -> torch.Tensor:
+        """(In the graph) the head over the static rows; each request's last real row's
+        output `[size, hidden]`."""
+        rows = size * self.q
+        out = head.step(self.feats[:rows], self.ids[:rows], self.positions[:rows],
+                        self.backend, first=True)  # fmt: skip
+        return out[self.last_rows[:size]]
+
+
 class DraftGraphs:
     """A head's chain `propose` (catch-up forward + `k - 1` draft steps) per batch size."""
 
@@ -42,17 +108,10 @@ class DraftGraphs:
         dev = kv.device
         info = kv.attention.model
         self.max_model_len = info.max_model_len
-        self.feed_backend = attention_backend("triton", info, kv.pool)
-        self.feed_backend.prepare_for_capture(n, max_query_len=self.q)
+        self.feed = Feed(kv, self.q, n, feature_size)
         self.backends = [attention_backend("triton", info, kv.pool) for _ in range(k - 1)]
         for b in self.backends:
             b.prepare_for_capture(n)
-        rows = n * self.q
-        self.feats = torch.zeros(rows, feature_size, dtype=info.dtype, device=dev)
-        self.feed_ids = torch.zeros(rows, dtype=torch.int64, device=dev)
-        self.feed_positions = torch.zeros(rows, dtype=torch.int64, device=dev)
-        self.feed_slots = torch.full((rows,), -1, dtype=torch.int64, device=dev)
-        self.last_rows = torch.arange(n, dtype=torch.int64, device=dev) * self.q
         self.positions = torch.zeros(k - 1, n, dtype=torch.int64, device=dev)
         self.slots = torch.full((k - 1, n), -1, dtype=torch.int64, device=dev)
         self.drafts = torch.zeros(n, k, dtype=torch.int64, device=dev)
@@ -72,42 +131,20 @@ class DraftGraphs:
         """The `k` greedy drafts of each job, `[len(jobs), k]` on the device. The jobs' head KV
         must have room for their new pairs and `k - 1` draft entries; the caller advances
         their slots (`real`, `next_position`) as after an eager catch-up."""
-        n, q, ps = len(jobs), self.q, self.kv.page_size
+        n, ps = len(jobs), self.kv.page_size
         size = padded_size(n, self.sizes)
-        rows = size * q
-        lens = [len(j.ids) for j in jobs]
-        dest = np.concatenate([np.arange(m) + i * q for i, m in enumerate(lens)])
-        ids = np.zeros(rows, np.int64)
-        positions = np.zeros(rows, np.int64)
-        slots = np.full(rows, -1, np.int64)
-        ids[dest] = [t for j in jobs for t in j.ids]
-        positions[dest] = [p for j in jobs for p in j.positions]
-        slots[dest] = np.concatenate(
-            [_slots(j.slot, j.slot.real, m, ps) for j, m in zip(jobs, lens)]
-        )
-        last_rows = np.arange(size, dtype=np.int64) * q
-        last_rows[:n] += np.asarray(lens) - 1
+        arrays, lens = self.feed.host_inputs(jobs, size)
         step_positions = np.zeros((self.k - 1, size), np.int64)
         step_slots = np.full((self.k - 1, size), -1, np.int64)
         for i, (j, m) in enumerate(zip(jobs, lens)):
             step_positions[:, i] = j.positions[-1] + np.arange(1, self.k)
             step_slots[:, i] = _slots(j.slot, j.slot.real + m, self.k - 1, ps)
-        flat = to_device(
-            np.concatenate(
-                [ids, positions, slots, last_rows, step_positions.ravel(), step_slots.ravel(), dest]
-            ),  # fmt: skip
-            self.kv.device,
-        )
-        parts = torch.split(flat, [rows, rows, rows, size, step_positions.size,
-                                   step_slots.size, len(dest)])  # fmt: skip
-        self.feed_ids[:rows].copy_(parts[0])
-        self.feed_positions[:rows].copy_(parts[1])
-        self.feed_slots[:rows].copy_(parts[2])
-        self.last_rows[:size].copy_(parts[3])
-        self.positions[:, :size].copy_(parts[4].view(self.k - 1, size))
-        self.slots[:, :size].copy_(parts[5].view(self.k - 1, size))
-        self.feats.index_copy_(0, parts[6], torch.cat([j.feats for j in jobs]))
-        self.feed_backend.prepare(self._feed_batch(jobs, lens, size))
+        arrays += [step_positions.ravel(), step_slots.ravel()]
+        parts = torch.split(to_device(np.concatenate(arrays), self.kv.device),
+                            [len(a) for a in arrays])  # fmt: skip
+        self.feed.load(jobs, parts, lens, size)
+        self.positions[:, :size].copy_(parts[5].view(self.k - 1, size))
+        self.slots[:, :size].copy_(parts[6].view(self.k - 1, size))
         for d, backend in enumerate(self.backends, start=1):
             seq_lens = [j.slot.real + m + d for j, m in zip(jobs, lens)]
             backend.prepare(_decode_batch(jobs, seq_lens, self.slots[d - 1, :size], ps))
@@ -115,50 +152,41 @@ class DraftGraphs:
         self.num_replays += 1
         return self.drafts[:n]
 
-    def _feed_batch(self, jobs, lens: list[int], size: int) -> ForwardBatch:
-        """The catch-up forward as the graph's layout: `size` requests of `k + 1` new rows
-        (a request's head entries before them unchanged; padded requests over page 0)."""
-        q, ps, n = self.q, self.kv.page_size, len(jobs)
-        seq_lens = [j.slot.real + q for j in jobs] + [q] * (size - n)
-        tables = [j.slot.page_table[: -(-s // ps)] for j, s in zip(jobs, seq_lens)]
-        return _batch(
-            self.feed_slots[: size * q], [q] * size, seq_lens, tables + [[0]] * (size - n)
-        )
-
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pages = -(-self.max_model_len // self.kv.page_size)
-        self.pool = torch.cuda.graph_pool_handle() if self.feats.is_cuda else None
+        self.pool = torch.cuda.graph_pool_handle() if self.drafts.is_cuda else None
         for size in reversed(self.sizes):
             full = [self.max_model_len] * size
             tables = [[0] * pages] * size
-            rows = size * self.q
-            self.feed_backend.prepare(_batch(self.feed_slots[:rows], [self.q] * size, full, tables))
+            self.feed.prepare_capture(size, self.max_model_len, pages)
             for d, backend in enumerate(self.backends):
                 backend.prepare(_batch(self.slots[d, :size], [1] * size, full, tables))
             self.graphs[size] = self._capture(size)
-        if self.feats.is_cuda:
+        if self.drafts.is_cuda:
             torch.cuda.synchronize()
         log.info("captured EAGLE drafting CUDA graphs (%d forwards) for %s", self.k, self.sizes)
 
     def _capture(self, size: int):
-        self._steps(size)  # warm up: compiles kernels uncaptured
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._steps(size)
-        return graph
+        return capture(self._steps, size, self.pool)
 
     def _steps(self, size: int) -> None:
-        rows = size * self.q
-        out = self.head.step(self.feats[:rows], self.feed_ids[:rows], self.feed_positions[:rows],
-                             self.feed_backend, first=True)  # fmt: skip
-        last = out[self.last_rows[:size]]
+        last = self.feed.run(self.head, size)
         tokens = self.head.draft_ids(last)
         self.drafts[:size, 0].copy_(tokens)
         for d, backend in enumerate(self.backends, start=1):
             last = self.head.step(last, tokens, self.positions[d - 1, :size], backend, first=False)
             tokens = self.head.draft_ids(last)
             self.drafts[:size, d].copy_(tokens)
+
+
+def capture(steps, size: int, pool):
+    """The CUDA graph of `steps(size)`, warmed up once uncaptured (kernels compile)."""
+    steps(size)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        steps(size)
+    return graph
 
 
 def _slots(slot, first: int, count: int, page_size: int) -> np.ndarray:
