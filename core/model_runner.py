@@ -142,6 +142,7 @@ class ModelRunner:
                 self.device,
                 query_lens=self._verify_lens,
                 features=self._features,
+                vocab_size=self.info.vocab_size,  # the LM head in the decode graphs
             )
         except Exception as e:
             log.warning("CUDA graph capture failed, decode runs eagerly: %s", e, exc_info=True)
@@ -340,17 +341,20 @@ class ModelRunner:
         replay = graphs is not None and graphs.can_run(batch)
         if not replay:
             self.attention.prepare(batch)  # a replay prepares the backend for its own layout
-        if all(batch.samples):
+        every_row = batch.logits_rows is None and all(batch.samples)
+        if every_row:
             rows = batch.logits_indices
         else:
-            rows = batch.logits_indices[
-                to_device([i for i, s in enumerate(batch.samples) if s], self.device, torch.int64)
-            ]
-        if batch.logits_rows is not None:  # speculative decoding: every draft is verified
-            rows = batch.logits_rows
+            rows = batch.logits_rows  # speculative decoding: every draft is verified
+            if rows is None:
+                samples = [i for i, s in enumerate(batch.samples) if s]
+                rows = batch.logits_indices[to_device(samples, self.device, torch.int64)]
         if replay:
             hidden = graphs.replay(batch)
             self.last_features = graphs.features
+            if graphs.logits is not None:  # a decode graph ran the LM head on its rows
+                # (a decode batch's row i is request i's token: `logits_indices` is arange)
+                return graphs.logits if every_row else graphs.logits[rows]
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
             self.last_features = self._features() if self._features is not None else None

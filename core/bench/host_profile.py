@@ -9,7 +9,8 @@ wrapped attribute back on exit):
 - `forward (launch)`: the model call; on a GPU the kernels are only launched. Its parts are
   also reported on their own: `forward: attention.prepare` (the backend's metadata upload),
   `forward: graph replay` (a decode step's CUDA-graph replay: static-input copies and the
-  launch) and `forward: compute_logits` (the LM head); the rest of it is the eager model of
+  launch, the LM head included) and `forward: compute_logits` (the LM head of a step that
+  runs it eagerly: prefill, mixed and verify steps); the rest of it is the eager model of
   a non-graph step, the logits rows and, with TP, sharing the batch;
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
