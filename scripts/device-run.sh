@@ -7,7 +7,7 @@
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
-#                 [profile-host-detok] [allreduce] [tp-profile] [gemv-sweep-tp]
+#                 [profile-host-detok] [allreduce] [tp-profile] [gemv-sweep-tp] [steady-decode]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -77,6 +77,12 @@ for job in "${@:-tests}"; do
             $([ ${run%-*} = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
             --json "$OUT/profile-host-$tree-$run.json" 2>"$OUT/profile-host-$tree-$run.err" | tail -4
         done; done ;;
+    steady-decode) # issue 17 item 4: host µs of a decode step's layout + Triton metadata,
+        # steady step on vs off (thread CPU, real CUDA uploads), 256 and 1 requests, requests leaving
+        for a in "--requests 256" "--requests 256 --finish-every 2" "--requests 1"; do
+          timeout 100 python3 scripts/bench_steady_decode.py --device cuda --rounds 5 $a \
+            | tee -a "$OUT/steady-decode.json" | python3 -c "import json,sys; print(json.load(sys.stdin)['us_per_step_median'])"
+        done ;;
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks
         timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
           | tail -40 | tee -a "$OUT/pytest.log" ;;
