@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from pegboard.core.llm import LLM
+from pegboard.sdk.testing import tiny_model_info
 from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo, Request, SamplingParams
 
 
@@ -151,21 +152,7 @@ def test_outputs_equal_with_the_steady_step_off(tiny_llama_dir, monkeypatch):
 
 
 def test_the_triton_backend_uploads_everything_again_after_a_batch_that_is_not_its_last():
-    shadow = _triton_shadow(
-        ModelInfo(
-            architecture="LlamaForCausalLM",
-            num_layers=1,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            hidden_size=64,
-            vocab_size=32,
-            max_model_len=64,
-            dtype=torch.float32,
-            device=torch.device("cpu"),
-        ),  # fmt: skip
-        page_size=4,
-    )
+    shadow = _triton_shadow(tiny_model_info(), page_size=4)
 
     def batch(seq_lens, previous=None):
         n = len(seq_lens)
