@@ -12,8 +12,13 @@ changed otherwise, e.g. a prefix cache swapping a page for an identical one). Th
 carries them (`ForwardBatch.previous`, `previous_rows`, `page_updates`) inside the one upload
 the model runner makes anyway, so a backend can update its device tensors in place (the
 `triton` backend does). Every other field of the batch is built as on any step: plugins read
-the same `ForwardBatch`. `PEGBOARD_STEADY_DECODE=0` turns it off (every decode step is then
-laid out, and its metadata uploaded, from scratch: for measuring it).
+the same `ForwardBatch`.
+
+Off unless `PEGBOARD_STEADY_DECODE=1`: on the 2-core CPU machine (`scripts/
+bench_steady_decode.py`, docs/benchmarks.md) working out the continuation costs the runner
+more host time (~65 µs a step at 256 requests) than the backend's in-place update saves
+there; on a GPU the backend also saves its two pinned uploads, which the CPU cannot show
+(`bash scripts/device-run.sh steady-decode` measures both ways on the device).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class SteadyDecode:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.enabled = os.environ.get("PEGBOARD_STEADY_DECODE", "1") != "0"
+        self.enabled = os.environ.get("PEGBOARD_STEADY_DECODE", "0") == "1"
         self.batch: ForwardBatch | None = None
         self.starts = np.zeros(0, dtype=np.int64)  # the batch's positions
         self.num_pages = np.zeros(0, dtype=np.int64)  # the pages each of its requests covers

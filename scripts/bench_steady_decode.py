@@ -37,6 +37,7 @@ def main() -> None:
     args = p.parse_args()
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["PEGBOARD_STEADY_DECODE"] = "1"  # "rebuilt" turns it off by patching `follow`
     from pegboard.core import steady_decode
 
     follow = steady_decode.SteadyDecode.follow

@@ -96,6 +96,12 @@ def _prompts(n: int, length: int = 6) -> list[list[int]]:
     return [[(11 * i + 5 * j) % 200 + 4 for j in range(length + i % 3)] for i in range(n)]
 
 
+@pytest.fixture(autouse=True)
+def steady_on(monkeypatch):
+    """The steady step is off by default (`pegboard.core.steady_decode`): on for these tests."""
+    monkeypatch.setenv("PEGBOARD_STEADY_DECODE", "1")
+
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
 
 
@@ -237,10 +243,10 @@ def test_a_step_that_is_not_one_token_further_does_not_continue():
     assert steady.follow(requests, np.array([4, 6]), pages, table, []) is None
 
 
-def test_the_environment_switch_turns_the_steady_step_off(monkeypatch):
+def test_the_steady_step_is_off_by_default(monkeypatch):
     from pegboard.core.steady_decode import SteadyDecode
 
-    monkeypatch.setenv("PEGBOARD_STEADY_DECODE", "0")
+    monkeypatch.delenv("PEGBOARD_STEADY_DECODE")
     steady = SteadyDecode(torch.device("cpu"))
     requests = [Request([1])]
     steady.record(
