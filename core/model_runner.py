@@ -122,8 +122,8 @@ class ModelRunner:
 
         With `cuda_graph_max_bs` > 0, capture decode graphs for batches of up to that many
         requests (at most `max_requests`, the most any batch will hold) where the device and
-        backend allow. A failed capture leaves graphs off and logs why: the eager path serves
-        the same batches."""
+        backend allow, the LM head inside them (without it if that capture fails). A failed
+        capture leaves graphs off and logs why: the eager path serves the same batches."""
         self.attention = backend
         self.cuda_graphs = None
         self._graph_settings = (cuda_graph_max_bs, max_requests)
@@ -134,22 +134,33 @@ class ModelRunner:
         if reason is not None:
             return
         sizes = capture_sizes(min(cuda_graph_max_bs, max(max_requests, 1)))
-        try:
-            self.cuda_graphs = CUDAGraphRunner(
-                self.model,
-                backend,
-                sizes,
-                max_requests,
-                self.info.max_model_len,
-                backend.pool.page_size,
-                self.device,
-                query_lens=self._verify_lens,
-                features=self._features,
-                vocab_size=self.info.vocab_size,  # the LM head in the decode graphs
-            )
-        except Exception as e:
-            log.warning("CUDA graph capture failed, decode runs eagerly: %s", e, exc_info=True)
-            self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
+        # The LM head in the decode graphs, else (a head that cannot be captured, e.g. a
+        # linear plugin's that synchronises) the graphs without it, as before it was in them.
+        for vocab_size in (self.info.vocab_size, 0):
+            try:
+                self.cuda_graphs = CUDAGraphRunner(
+                    self.model,
+                    backend,
+                    sizes,
+                    max_requests,
+                    self.info.max_model_len,
+                    backend.pool.page_size,
+                    self.device,
+                    query_lens=self._verify_lens,
+                    features=self._features,
+                    vocab_size=vocab_size,
+                )
+                self.cuda_graph_off_reason = None
+                return
+            except Exception as e:
+                log.warning(
+                    "CUDA graph capture %s failed: %s",
+                    "with the LM head" if vocab_size else "(without the LM head)",
+                    e,
+                    exc_info=True,
+                )
+                self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
+        log.warning("decode runs eagerly: %s", self.cuda_graph_off_reason)
 
     def set_speculation(self, verify_lens: list[int], features=None) -> None:
         """Speculative decoding: capture verify graphs for steps of up to `verify_lens` tokens

@@ -13,10 +13,11 @@ import json
 
 import pytest
 import torch
-from pegboard.core import cuda_graph
+from pegboard.core import cuda_graph, model_runner
 from pegboard.core.llm import LLM
+from pegboard.core.models.llama import CausalLM
 from pegboard.sdk.types import SamplingParams
-from test_speculative_graphs import eager_graphs  # noqa: F401  (a fixture)
+from test_speculative_graphs import EagerGraphRunner, eager_graphs  # noqa: F401  (a fixture)
 
 #: As many as the largest graph's rows: a padded row makes row 0 NaN in the CPU interpreter's
 #: eagerly replayed "graphs" (not on a GPU: tests/test_cuda_graph.py pads 3 to 4 there).
@@ -78,6 +79,35 @@ def test_graphs_beyond_the_logits_cap_leave_the_lm_head_to_the_runner(
     assert graphs.logits is None  # the last replay: the graph of 4 rows
     # the prefill, then each decode step's (with overlap, one more: computed and dropped)
     assert len(eager_rows) >= PARAMS.max_tokens and set(eager_rows) == {4}
+    _same(outs, reference)
+
+
+class WarmingGraphRunner(EagerGraphRunner):
+    """Runs each shape once at capture, as the real runner's warm-up does."""
+
+    def _capture(self, rows: int, with_logits: bool):
+        self._run(rows, with_logits=with_logits)
+        return super()._capture(rows, with_logits)
+
+
+def test_an_lm_head_that_cannot_be_captured_leaves_it_out_of_the_graphs(
+    tiny_llama_dir,
+    eager_graphs,  # noqa: F811
+    reference,
+    monkeypatch,
+):
+    compute_logits = CausalLM.compute_logits
+
+    def uncapturable(self, hidden, out=None):
+        if out is not None:
+            raise RuntimeError("this LM head cannot run in a graph")
+        return compute_logits(self, hidden)
+
+    monkeypatch.setattr(CausalLM, "compute_logits", uncapturable)
+    monkeypatch.setattr(model_runner, "CUDAGraphRunner", WarmingGraphRunner)
+    outs, graphs, eager_rows = _generate(tiny_llama_dir)
+    assert graphs is not None and graphs.logits_max_size == 0 and graphs.num_replays > 0
+    assert len(eager_rows) >= PARAMS.max_tokens  # the runner ran every LM head
     _same(outs, reference)
 
 
