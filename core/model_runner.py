@@ -88,7 +88,8 @@ class ModelRunner:
         #: The scheduled requests' page tables as one array, updated incrementally; the
         #: engine `forget`s a request when it releases it.
         self.page_tables = PageTableMirror()
-        #: The last decode batch, to build a steady decode step from it on the device.
+        #: The last decode batch, to describe a steady decode step relative to it (off unless
+        #: `PEGBOARD_STEADY_DECODE=1`: `pegboard.core.steady_decode`).
         self.steady = SteadyDecode(self.device)
 
     def on_device(self) -> contextlib.AbstractContextManager:
