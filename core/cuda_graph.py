@@ -2,9 +2,10 @@
 
 A decode step of a small batch is bound by the host launching kernels one by one (docs/
 benchmarks.md: ~37 ms/token for Llama-3.1-8B at batch 1, of which ~6 ms is GPU work). A CUDA
-graph records the model's forward (embedding, every layer, final norm) once and replays it
-with one launch; the LM head then runs eagerly on the real rows only. A graph fixes the
-addresses and shapes of everything it touches, so:
+graph records the model's forward (embedding, every layer, final norm) and, for decode
+graphs, the LM head (with tensor parallelism its all-gather of the vocabulary shards, an NCCL
+collective like the layers' all-reduces) once and replays it with one launch. A graph fixes
+the addresses and shapes of everything it touches, so:
 
 - the batch is padded up to the next captured size (`capture_sizes`, `padded_size`);
 - the token ids, positions and KV slots are copied into static tensors the graph reads;
@@ -16,6 +17,13 @@ addresses and shapes of everything it touches, so:
 Only decode-only batches (one new token per request) of at most the largest captured size
 replay; everything else runs eagerly. All sizes share one memory pool, captured largest first
 so smaller graphs reuse its blocks.
+
+Logits in the graph: a decode graph writes the float32 logits of all its rows (padding too)
+into one static buffer `[rows, vocab]` (the LM head's output cast in the copy, the same device
+work as the eager `.float()`), so a decode step needs no launch after the replay. The buffer
+costs `rows * vocab * 4` bytes (Qwen3-0.6B, 151,936 tokens, 256 rows: 156 MB, next to its
+~1.2 GB of weights); it is capped at `LOGITS_MAX_BYTES`, and graphs of more rows than fit
+leave the LM head to the model runner, as verify graphs do (their rows are many per request).
 
 Speculative verify steps (`query_lens`, e.g. `[k + 1]` for k drafts; backends with
 `supports_cuda_graph_verify`) get graphs too, one per (batch size, query length `q`): request
@@ -56,6 +64,10 @@ from pegboard.sdk.types import ForwardBatch, Request
 
 log = logging.getLogger("pegboard.cuda_graph")
 
+#: The most device memory the decode graphs' static logits buffer may take; graphs of more
+#: rows than it holds leave the LM head out (the model runner runs it eagerly, on real rows).
+LOGITS_MAX_BYTES = 512 << 20
+
 
 def capture_sizes(max_batch_size: int) -> list[int]:
     """The batch sizes graphs are captured for: 1, 2, 4, 8, then every multiple of 8, up to and
@@ -91,6 +103,11 @@ class CUDAGraphRunner:
     means a new `CUDAGraphRunner`. `max_requests` bounds every batch the backend will be
     prepared for (graphs or not), so the backend can size its metadata once for all of them.
     `num_replays` counts replayed steps (`num_verify_replays` those of verify graphs).
+
+    With `vocab_size`, decode graphs of up to `logits_max_size` rows also run the model's
+    `compute_logits` on every row (see the module docstring); `logits` is then the last
+    replay's float32 logits, batch row order, valid until the next replay (None: that replay
+    ran no LM head).
     """
 
     query_lens: tuple[int, ...] = ()  # verify graphs' query lengths (> 1), ascending
@@ -100,6 +117,9 @@ class CUDAGraphRunner:
     feature_buffer: torch.Tensor | None = None  # `features_fn`'s output in the graphs' rows
     num_verify_replays = 0
     num_tree_replays = 0  # of them, replays of tree verify graphs
+    logits_max_size = 0  # decode graphs of at most this many rows compute the logits
+    logits_buffer: torch.Tensor | None = None  # their float32 logits, `[rows, vocab]`
+    logits: torch.Tensor | None = None  # the last replay's logits rows, or None
 
     def __init__(
         self,
@@ -113,6 +133,7 @@ class CUDAGraphRunner:
         query_lens: list[int] = (),
         features: Features | None = None,
         tree_query_lens: list[int] = (),
+        vocab_size: int = 0,
     ) -> None:
         self.model = model
         self.attention = attention
@@ -133,6 +154,11 @@ class CUDAGraphRunner:
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.hidden: torch.Tensor | None = None  # the graphs' output, [rows, hidden]
+        if vocab_size:
+            self.logits_max_size = min(self.max_batch_size, LOGITS_MAX_BYTES // (4 * vocab_size))
+            self.logits_buffer = torch.empty(
+                self.logits_max_size, vocab_size, dtype=torch.float32, device=device
+            )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.verify_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.tree_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -191,6 +217,7 @@ class CUDAGraphRunner:
         self.num_replays += 1
         if self.feature_buffer is not None:
             self.features = self.feature_buffer[:n]
+        self.logits = self.logits_buffer[:n] if size <= self.logits_max_size else None
         return self.hidden[:n]
 
     def _replay_verify(self, batch: ForwardBatch) -> torch.Tensor:
@@ -217,6 +244,7 @@ class CUDAGraphRunner:
             padded.tree_masks = padded_tree_masks(masks, lens, size, q)
         self.attention.prepare(padded)
         (self.tree_graphs if tree else self.verify_graphs)[(size, q)].replay()
+        self.logits = None
         self.num_replays += 1
         self.num_verify_replays += 1
         self.num_tree_replays += tree
@@ -274,7 +302,7 @@ class CUDAGraphRunner:
             if tree:  # the backend's fixed tree tensors, read by the tree kernel
                 batch.tree_masks = padded_tree_masks([None] * size, [q] * size, size, q)
             self.attention.prepare(batch)
-            graph = self._capture(rows)
+            graph = self._capture(rows, with_logits=q == 1 and size <= self.logits_max_size)
             if tree:
                 self.tree_graphs[(size, q)] = graph
             elif q == 1:
@@ -284,23 +312,28 @@ class CUDAGraphRunner:
         if self.input_ids.is_cuda:
             torch.cuda.synchronize()
         log.info(
-            "captured CUDA graphs for batch sizes %s (verify query lengths %s, trees %s%s)",
+            "captured CUDA graphs for batch sizes %s (verify query lengths %s, trees %s%s; "
+            "LM head in decode graphs of up to %d rows)",
             self.sizes,
             list(self.query_lens) or "none",
             list(self.tree_query_lens) or "none",
             ", with target features" if self.features_fn else "",
+            self.logits_max_size,
         )
 
-    def _capture(self, rows: int):
-        """The graph of the model over the first `rows` static rows (the backend prepared)."""
-        self._run(rows)  # warm up: compiles kernels, picks GEMM algorithms uncaptured
+    def _capture(self, rows: int, with_logits: bool):
+        """The graph of the model (and the LM head, `with_logits`) over the first `rows`
+        static rows (the backend prepared)."""
+        self._run(rows, with_logits=with_logits)  # warm up: compiles kernels, picks GEMMs
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._run(rows, into_static=True)
+            self._run(rows, into_static=True, with_logits=with_logits)
         return graph
 
-    def _run(self, rows: int, into_static: bool = False) -> None:
+    def _run(self, rows: int, into_static: bool = False, with_logits: bool = False) -> None:
         out = self.model(self.input_ids[:rows], self.positions[:rows], self.attention)
+        if with_logits:  # straight into the static buffer: no temporary float32 copy
+            self.model.compute_logits(out, out=self.logits_buffer[:rows])
         feats = self.features_fn() if self.features_fn is not None else None
         if self.hidden is None:  # sized by the first (largest) shape
             self.hidden = out.new_empty(self.input_ids.shape[0], out.shape[-1])

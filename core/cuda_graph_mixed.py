@@ -94,6 +94,7 @@ class MixedGraphRunner:
 
     features: torch.Tensor | None = None  # the last replay's features, batch row order
     feature_buffer: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # no LM head in these graphs: the runner runs it
 
     def __init__(
         self,

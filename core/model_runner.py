@@ -19,6 +19,7 @@ from pegboard.core.cuda_graph_mixed import (
 from pegboard.core.models import load_model
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.page_tables import PageTableMirror
+from pegboard.core.steady_decode import SteadyDecode
 from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, ModelInfo, Request
@@ -97,6 +98,9 @@ class ModelRunner:
         #: The scheduled requests' page tables as one array, updated incrementally; the
         #: engine `forget`s a request when it releases it.
         self.page_tables = PageTableMirror()
+        #: The last decode batch, to describe a steady decode step relative to it (off unless
+        #: `PEGBOARD_STEADY_DECODE=1`: `pegboard.core.steady_decode`).
+        self.steady = SteadyDecode(self.device)
 
     def on_device(self) -> contextlib.AbstractContextManager:
         """Make this runner's GPU the current CUDA device for the block (a no-op on a CPU).
@@ -130,9 +134,10 @@ class ModelRunner:
 
         With `cuda_graph_max_bs` > 0, capture decode graphs for batches of up to that many
         requests (at most `max_requests`, the most any batch will hold) where the device and
-        backend allow, and with `mixed_max_tokens` > 0 (and decode graphs) mixed-step graphs of
-        up to that many tokens. A failed capture leaves graphs off and logs why: the eager path
-        serves the same batches."""
+        backend allow, the LM head inside them (without it if that capture fails), and with
+        `mixed_max_tokens` > 0 (and decode graphs) mixed-step graphs of up to that many
+        tokens. A failed capture leaves graphs off and logs why: the eager path serves the
+        same batches."""
         self.attention = backend
         self.cuda_graphs = self.mixed_graphs = None
         self._graph_settings = (cuda_graph_max_bs, max_requests, mixed_max_tokens)
@@ -143,22 +148,35 @@ class ModelRunner:
         if reason is not None:
             return
         sizes = capture_sizes(min(cuda_graph_max_bs, max(max_requests, 1)))
-        try:
-            self.cuda_graphs = CUDAGraphRunner(
-                self.model,
-                backend,
-                sizes,
-                max_requests,
-                self.info.max_model_len,
-                backend.pool.page_size,
-                self.device,
-                query_lens=self._verify_lens,
-                features=self._features,
-                tree_query_lens=self._tree_lens,
-            )
-        except Exception as e:
-            log.warning("CUDA graph capture failed, decode runs eagerly: %s", e, exc_info=True)
-            self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
+        # The LM head in the decode graphs, else (a head that cannot be captured, e.g. a
+        # linear plugin's that synchronises) the graphs without it, as before it was in them.
+        for vocab_size in (self.info.vocab_size, 0):
+            try:
+                self.cuda_graphs = CUDAGraphRunner(
+                    self.model,
+                    backend,
+                    sizes,
+                    max_requests,
+                    self.info.max_model_len,
+                    backend.pool.page_size,
+                    self.device,
+                    query_lens=self._verify_lens,
+                    features=self._features,
+                    tree_query_lens=self._tree_lens,
+                    vocab_size=vocab_size,
+                )
+                self.cuda_graph_off_reason = None
+                break
+            except Exception as e:
+                log.warning(
+                    "CUDA graph capture %s failed: %s",
+                    "with the LM head" if vocab_size else "(without the LM head)",
+                    e,
+                    exc_info=True,
+                )
+                self.cuda_graph_off_reason = f"capture failed: {type(e).__name__}: {e}"
+        if self.cuda_graphs is None:
+            log.warning("decode runs eagerly: %s", self.cuda_graph_off_reason)
             self.mixed_graph_off_reason = "decode graphs are off"
             return
         self._capture_mixed(backend, max(max_requests, sizes[-1]), mixed_max_tokens)
@@ -210,6 +228,7 @@ class ModelRunner:
         batch = self._prepare_decode(requests, num_tokens, page_size, pending)
         if batch is not None:
             return batch
+        self.steady.reset()
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -289,7 +308,9 @@ class ModelRunner:
     ) -> ForwardBatch | None:
         """`prepare` for the common step where every request decodes its last token: whole-list
         C calls and numpy instead of the per-request loop, the KV slots read from the
-        page-table array. None when the step is anything else (the general path, which also
+        page-table array; on the steady step (the last decode batch's requests, each one token
+        further: `pegboard.core.steady_decode`) also what changed since that batch, for the
+        attention backend. None when the step is anything else (the general path, which also
         raises the errors, handles it)."""
         n = len(requests)
         if not n or len(num_tokens) != n or sum(num_tokens) != n:  # every n >= 1, so all 1
@@ -311,18 +332,25 @@ class ModelRunner:
             if last is None and fill is None:
                 return None  # the general path names the request
         table = self.page_tables.gather(requests, num_pages)
+        steady = self.steady.follow(requests, starts, num_pages, table, self.page_tables.changed)
         slots = table[np.arange(n), starts // page_size].astype(np.int64) * page_size
         slots += starts % page_size
-        parts = [starts, slots, np.arange(n, dtype=np.int64)]
+        # One upload: the input ids (unless all on the device), positions, KV slots, what
+        # the steady step changes, the pending ids' rows (`fill`).
+        parts = {"positions": starts, "slots": slots}
         if last is not None:
-            parts.insert(0, np.asarray(last, dtype=np.int64))
+            parts["ids"] = np.asarray(last, dtype=np.int64)
+        if steady is not None and steady.rows is not None:
+            parts["rows"] = steady.rows
+        if steady is not None and steady.page_updates is not None:
+            parts["updates"] = steady.page_updates.reshape(-1)
         if fill:
-            parts.append(np.asarray(fill, dtype=np.int64))
-        flat = to_device(np.concatenate(parts), self.device)
+            parts["fill"] = np.asarray(fill, dtype=np.int64)
+        up = _upload(parts, self.device)
         if last is None:  # input ids straight from the device, in row order
             input_ids = pending.tokens
         else:
-            input_ids, flat = _fill_pending(flat[:n], flat[4 * n :], pending), flat[n:]
+            input_ids = _fill_pending(up["ids"], up.get("fill", up["ids"][:0]), pending)
         if (table_lens == num_pages).all():
             page_tables_cpu = list(map(_page_table, requests))
         else:
@@ -330,18 +358,23 @@ class ModelRunner:
                 r.page_table if len(r.page_table) == m else r.page_table[:m]
                 for r, m in zip(requests, num_pages.tolist())
             ]
-        return ForwardBatch(
+        batch = ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
-            positions=flat[:n],
-            slot_mapping=flat[n : 2 * n],
+            positions=up["positions"],
+            slot_mapping=up["slots"],
             query_lens_cpu=[1] * n,
             seq_lens_cpu=lengths.tolist(),
             page_tables_cpu=page_tables_cpu,
-            logits_indices=flat[2 * n : 3 * n],
+            logits_indices=self.steady.arange(n),
             samples=[True] * n,
             page_tables_array=table,
+            previous=None if steady is None else steady.previous,
+            previous_rows=up.get("rows"),
+            page_updates=up["updates"].view(-1, table.shape[1] + 1) if "updates" in up else None,
         )
+        self.steady.record(batch, starts, num_pages)
+        return batch
 
     @staticmethod
     def _decode_inputs(
@@ -378,17 +411,20 @@ class ModelRunner:
             replay = graphs.can_run(batch)
         if not replay:
             self.attention.prepare(batch)  # a replay prepares the backend for its own layout
-        if all(batch.samples):
+        every_row = batch.logits_rows is None and all(batch.samples)
+        if every_row:
             rows = batch.logits_indices
         else:
-            rows = batch.logits_indices[
-                to_device([i for i, s in enumerate(batch.samples) if s], self.device, torch.int64)
-            ]
-        if batch.logits_rows is not None:  # speculative decoding: every draft is verified
-            rows = batch.logits_rows
+            rows = batch.logits_rows  # speculative decoding: every draft is verified
+            if rows is None:
+                samples = [i for i, s in enumerate(batch.samples) if s]
+                rows = batch.logits_indices[to_device(samples, self.device, torch.int64)]
         if replay:
             hidden = graphs.replay(batch)
             self.last_features = graphs.features
+            if graphs.logits is not None:  # a decode graph ran the LM head on its rows
+                # (a decode batch's row i is request i's token: `logits_indices` is arange)
+                return graphs.logits if every_row else graphs.logits[rows]
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
             self.last_features = self._features() if self._features is not None else None
@@ -427,6 +463,16 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         torch.cuda.empty_cache()
         return int(peak)
+
+
+def _upload(parts: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """int64 arrays on the device in one copy: each name's part of it."""
+    flat = to_device(np.concatenate(list(parts.values())), device, torch.int64)
+    out, at = {}, 0
+    for name, values in parts.items():
+        out[name] = flat[at : at + len(values)]
+        at += len(values)
+    return out
 
 
 def _fill_pending(

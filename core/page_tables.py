@@ -35,6 +35,9 @@ class PageTableMirror:
         self._batch: list[Request] = []
         self._batch_rows = np.zeros(0, dtype=np.intp)
         self._batch_mirrored: list[list[int] | None] = []
+        #: The positions in the last `gather`'s batch of the requests whose list had changed
+        #: since they were last gathered (rewritten then).
+        self.changed: list[int] = []
 
     def gather(self, requests: list[Request], num_pages) -> np.ndarray:
         """int32 `[len(requests), max(num_pages)]`: the first `num_pages[i]` pages of each
@@ -49,7 +52,10 @@ class PageTableMirror:
             self._batch, self._batch_rows = list(requests), np.asarray(rows, dtype=np.intp)
             self._batch_mirrored = mirrored
         pages = list(map(_page_table, requests))
-        for i in itertools.compress(range(len(pages)), map(operator.ne, pages, mirrored)):
+        self.changed = list(
+            itertools.compress(range(len(pages)), map(operator.ne, pages, mirrored))
+        )
+        for i in self.changed:
             mirrored[i] = self._write(int(rows[i]), pages[i], mirrored[i])
         lengths = np.asarray(num_pages, dtype=np.int32)
         width = int(lengths.max()) if len(lengths) else 0

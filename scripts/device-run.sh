@@ -9,6 +9,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
+#                 [steady-decode]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -110,6 +111,12 @@ print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/
 h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('forward_by_kind'))" \
             "$OUT/$name.json" "$name" || tail -5 "$OUT/$name.err"
         done; done; done ;;
+    steady-decode) # issue 17 item 4: host µs of a decode step's layout + Triton metadata,
+        # steady step on vs off (thread CPU, real CUDA uploads), 256 and 1 requests, requests leaving
+        for a in "--requests 256" "--requests 256 --finish-every 2" "--requests 1"; do
+          timeout 100 python3 scripts/bench_steady_decode.py --device cuda --rounds 5 $a \
+            | tee -a "$OUT/steady-decode.json" | python3 -c "import json,sys; print(json.load(sys.stdin)['us_per_step_median'])"
+        done ;;
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks
         timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
           | tail -40 | tee -a "$OUT/pytest.log" ;;

@@ -23,8 +23,9 @@ it and takes out only the model's arithmetic, so `forward (launch)` holds the GP
 work: the Triton attention backend's `prepare` (Triton's interpreter mode, set here, lets it
 run on CPU tensors; no kernel runs), the logits rows, a decode step's CUDA-graph replay
 bookkeeping (`CUDAGraphRunner.replay` with every graph a no-op: the static-input copies and
-the padding), a mixed step's (`MixedGraphRunner.replay`: the same with the padded
-`prepare_mixed`) and `compute_logits` (zeros); its parts are also reported on their own
+the padding; its LM head is in the graph), a mixed step's (`MixedGraphRunner.replay`: the
+same with the padded `prepare_mixed`) and an eager step's `compute_logits` (zeros); its parts
+are also reported on their own
 (`forward: ...`). What it cannot show: the CUDA driver's share (pinned-memory copies, kernel
 and graph launches). Another tree's engine: `PYTHONPATH=DIR` where `DIR/pegboard` is that
 checkout (`git archive REV | tar -x -C DIR/pegboard`); the script itself runs from this one.
@@ -215,6 +216,8 @@ def stub_model_arithmetic(runner, config) -> None:
     graphs.positions = torch.zeros(sizes[-1], dtype=torch.int64)
     graphs.slot_mapping = torch.full((sizes[-1],), -1, dtype=torch.int64)
     graphs.hidden = torch.zeros(sizes[-1], hidden_size)
+    graphs.logits_max_size = sizes[-1]  # the LM head in the decode graphs (an older tree: unread)
+    graphs.logits_buffer = torch.zeros(sizes[-1], info.vocab_size)
     graphs.graphs = {size: _NoGraph() for size in sizes}
     runner.attention.prepare_for_capture(max(config.max_running_requests, sizes[-1]))
     runner.cuda_graphs = graphs

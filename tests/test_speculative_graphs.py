@@ -54,8 +54,8 @@ def graph_oracle_plugins(prompts, reference):
 class _EagerReplay:
     """Stands in for a captured graph on CPU: the model over the runner's static rows."""
 
-    def __init__(self, runner: CUDAGraphRunner, rows: int) -> None:
-        self.runner, self.rows = runner, rows
+    def __init__(self, runner: CUDAGraphRunner, rows: int, with_logits: bool) -> None:
+        self.runner, self.rows, self.with_logits = runner, rows, with_logits
 
     def replay(self) -> None:
         # A captured graph reads the static slots whatever batch `prepare` saw (a decode
@@ -64,12 +64,12 @@ class _EagerReplay:
         backend.batch = dataclasses.replace(
             backend.batch, slot_mapping=self.runner.slot_mapping[: self.rows]
         )
-        self.runner._run(self.rows, into_static=True)
+        self.runner._run(self.rows, into_static=True, with_logits=self.with_logits)
 
 
 class EagerGraphRunner(CUDAGraphRunner):
-    def _capture(self, rows: int):
-        return _EagerReplay(self, rows)
+    def _capture(self, rows: int, with_logits: bool):
+        return _EagerReplay(self, rows, with_logits)
 
 
 @pytest.fixture

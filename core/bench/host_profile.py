@@ -9,8 +9,9 @@ wrapped attribute back on exit):
 - `forward (launch)`: the model call; on a GPU the kernels are only launched. Its parts are
   also reported on their own: `forward: attention.prepare` (the backend's metadata upload),
   `forward: graph replay` (a decode step's CUDA-graph replay: static-input copies and the
-  launch), `forward: mixed graph replay` (a mixed step's, `pegboard.core.cuda_graph_mixed`)
-  and `forward: compute_logits` (the LM head); the rest of it is the eager model of
+  launch, the LM head included), `forward: mixed graph replay` (a mixed step's,
+  `pegboard.core.cuda_graph_mixed`) and `forward: compute_logits` (the LM head of a step that
+  runs it eagerly: prefill, mixed and verify steps); the rest of it is the eager model of
   a non-graph step, the logits rows and, with TP, sharing the batch;
 - `forward_by_kind`: the steps of each kind (`decode`: one new token per request; `mixed`:
   prefill or verify tokens next to decodes; `prefill`: no request decodes) and their own

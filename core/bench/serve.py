@@ -190,7 +190,10 @@ def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
 
 
 async def wait_ready(
-    client: httpx.AsyncClient, base: str, timeout: float, gone: Callable[[], str | None] | None = None
+    client: httpx.AsyncClient,
+    base: str,
+    timeout: float,
+    gone: Callable[[], str | None] | None = None,
 ) -> None:
     """Poll `/health` until it answers 200 (a server still loading its model answers 503);
     TimeoutError after `timeout` seconds. `gone()`, if given, says why the server can no

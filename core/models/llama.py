@@ -178,7 +178,8 @@ class CausalLM(nn.Module):
     """A decoder-only language model over flattened batches and a paged KV cache.
 
     `forward(input_ids [T], positions [T], attn)` returns the final hidden states `[T, hidden]`;
-    `compute_logits(hidden [N, hidden])` returns float32 logits `[N, vocab]`.
+    `compute_logits(hidden [N, hidden])` returns float32 logits `[N, vocab]` (written into
+    `out` when given: the decode CUDA graphs' static buffer, cast in the copy).
     `fused_kernels` says whether the fused Triton kernels run (`set_fused_kernels`),
     `gemv_kernels` whether the linear layers' GEMV kernels are among them.
     `linear` builds each projection (the linear plugin's layers; dense without one).
@@ -226,5 +227,6 @@ class CausalLM(nn.Module):
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        return logits.float() if out is None else out.copy_(logits)
