@@ -45,7 +45,7 @@ class DetokenizerThread:
 
     `submit(outputs)` (the step loop) never waits. Text deltas go to `sink(outputs)` when one
     is set (called on this thread), else they queue for `take()`. With `threaded=False`
-    (`--detokenizer inline`, the default), `submit` does the same work on the caller's thread
+    (`--detokenizer inline`, the default on the CPU), `submit` does the same work on the caller's thread
     right after the step: a stop string then ends the request at the next step boundary,
     trimmed the same way.
     """
