@@ -71,6 +71,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"(default {DEFAULT_MAX_REQUEST_BYTES}, 32 MiB)",
     )
     g.add_argument(
+        "--switch-interval",
+        type=positive_seconds,
+        default=None,
+        metavar="S",
+        help="the interpreter's thread switch interval in this process (sys.setswitchinterval; "
+        "default Python's 0.005): at most how long the step loop waits for the GIL while the "
+        "HTTP thread holds it",
+    )
+    g.add_argument(
         "--log-level", default="info", choices=LOG_LEVELS, help="server log level (default info)"
     )
     g.add_argument(
@@ -156,6 +165,13 @@ def _convert(action: argparse.Action, value: Any, path: str, parser: argparse.Ar
     return values if many else values[0]
 
 
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     import pydantic
     from pegboard.core.async_engine import AsyncEngine
@@ -192,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or os.environ.get("PEGBOARD_ADMIN_TOKEN") or None,
         drain_timeout=args.drain_timeout,
         max_request_bytes=args.max_request_bytes,
+        switch_interval=args.switch_interval,
         warmup=not args.skip_warmup,
     )
 
