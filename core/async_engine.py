@@ -24,9 +24,42 @@ from pegboard.sdk.types import FinishReason, Request
 log = logging.getLogger("pegboard.async_engine")
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, out in batch:
-        queue.put_nowait(out)
+class _Stream:
+    """One request's deltas on their way to its reader: a list and the future the reader
+    awaits when the list is empty (lighter than an `asyncio.Queue` per delta)."""
+
+    __slots__ = ("loop", "pending", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[RequestOutput] = []
+        self.waiter: asyncio.Future | None = None
+
+    def push(self, out: RequestOutput) -> None:  # on the loop's thread
+        self.pending.append(out)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # not cancelled with its reader
+                waiter.set_result(None)
+
+    async def next(self) -> RequestOutput:
+        """The next delta, or all that arrived since the last call as one."""
+        if not self.pending:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        outs, self.pending = self.pending, []
+        out = outs[0]
+        for later in outs[1:]:
+            if out.finished:
+                break
+            out.absorb(later)
+        return out
+
+
+def _push_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in batch:
+        stream.push(out)
 
 
 class AsyncEngine:
@@ -42,7 +75,7 @@ class AsyncEngine:
         self.observers = StepObservers()
         if watchdog_timeout is not None:
             self.observers.append(StepWatchdog(watchdog_timeout))
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pegboard-step-loop", daemon=True)
@@ -77,9 +110,7 @@ class AsyncEngine:
         Deltas that arrived while the caller was busy come as one (`RequestOutput.absorb`): a
         server streaming to hundreds of clients sends one event per client per wake-up, not
         one per engine step it fell behind."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request.request_id] = (loop, queue)
+        stream = self._streams[request.request_id] = _Stream(asyncio.get_running_loop())
         try:
             self.engine.add_request(request)
         except Exception:
@@ -89,9 +120,7 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                out = await queue.get()
-                while not out.finished and not queue.empty():  # the reader fell behind:
-                    out.absorb(queue.get_nowait())  # one delta for all it missed
+                out = await stream.next()  # the reader fell behind: one delta for all it missed
                 finished = out.finished
                 yield out
         finally:
@@ -137,13 +166,12 @@ class AsyncEngine:
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is not None:
-                loop, queue = stream
-                batch = batches.get(loop)
+                batch = batches.get(stream.loop)
                 if batch is None:
-                    batch = batches[loop] = []
-                batch.append((queue, out))
+                    batch = batches[stream.loop] = []
+                batch.append((stream, out))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            loop.call_soon_threadsafe(_push_all, batch)
 
     def _detokenizer_lost(self, error: BaseException) -> None:
         """The detokenizer process died: its requests were failed with `error`, which new
@@ -156,11 +184,11 @@ class AsyncEngine:
         self, error: BaseException | None, reason: FinishReason = FinishReason.ERROR
     ) -> None:
         """End every open stream with a final delta (the step loop is gone)."""
-        for request_id, (loop, queue) in list(self._streams.items()):
+        for request_id, stream in list(self._streams.items()):
             out = RequestOutput(
                 request_id, finished=True, finish_reason=reason, error=error and str(error)
             )
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+            stream.loop.call_soon_threadsafe(stream.push, out)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the step loop; streams still open end with finish reason `abort`."""
