@@ -26,29 +26,41 @@ log = logging.getLogger("pegboard.async_engine")
 
 class _Stream:
     """One request's deltas on their way to its reader: a list and the future the reader
-    awaits when the list is empty (lighter than an `asyncio.Queue` per delta)."""
+    awaits until they are worth reading (lighter than an `asyncio.Queue` per delta).
 
-    __slots__ = ("loop", "pending", "waiter")
+    With a stream interval of N > 1 the reader wakes for the first delta, then once N tokens
+    arrived since it last read, and for the last delta (SGLang's `--stream-interval`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("loop", "interval", "pending", "unread", "started", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: int = 1) -> None:
         self.loop = loop
+        self.interval = interval
         self.pending: list[RequestOutput] = []
+        self.unread = 0  # tokens in `pending`
+        self.started = False  # the first delta was read
         self.waiter: asyncio.Future | None = None
+
+    def ready(self) -> bool:
+        if not self.pending or self.interval <= 1:
+            return bool(self.pending)
+        return not self.started or self.unread >= self.interval or self.pending[-1].finished
 
     def push(self, out: RequestOutput) -> None:  # on the loop's thread
         self.pending.append(out)
+        self.unread += len(out.new_token_ids)
         waiter = self.waiter
-        if waiter is not None:
+        if waiter is not None and self.ready():
             self.waiter = None
             if not waiter.done():  # not cancelled with its reader
                 waiter.set_result(None)
 
     async def next(self) -> RequestOutput:
-        """The next delta, or all that arrived since the last call as one."""
-        if not self.pending:
+        """Every delta that arrived since the last call, as one."""
+        while not self.ready():
             self.waiter = self.loop.create_future()
             await self.waiter
-        outs, self.pending = self.pending, []
+        outs, self.pending, self.unread, self.started = self.pending, [], 0, True
         out = outs[0]
         for later in outs[1:]:
             if out.finished:
@@ -69,8 +81,12 @@ class AsyncEngine:
     task (a client disconnect) aborts the request and frees its KV at the next step.
     """
 
-    def __init__(self, engine: Engine, watchdog_timeout: float | None = None) -> None:
+    def __init__(
+        self, engine: Engine, watchdog_timeout: float | None = None, stream_interval: int = 1
+    ) -> None:
         self.engine = engine
+        #: A stream's reader wakes once this many tokens arrived (and for its first and last).
+        self.stream_interval = stream_interval
         #: Around each step and between steps, on the loop thread (core/watchdog.py).
         self.observers = StepObservers()
         if watchdog_timeout is not None:
@@ -93,8 +109,9 @@ class AsyncEngine:
         config: EngineConfig,
         plugins: PluginManager | None = None,
         watchdog_timeout: float | None = None,
+        stream_interval: int = 1,
     ) -> AsyncEngine:
-        return cls(Engine(config, plugins), watchdog_timeout)
+        return cls(Engine(config, plugins), watchdog_timeout, stream_interval)
 
     @property
     def tokenizer(self):
@@ -110,7 +127,8 @@ class AsyncEngine:
         Deltas that arrived while the caller was busy come as one (`RequestOutput.absorb`): a
         server streaming to hundreds of clients sends one event per client per wake-up, not
         one per engine step it fell behind."""
-        stream = self._streams[request.request_id] = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), self.stream_interval)
+        self._streams[request.request_id] = stream
         try:
             self.engine.add_request(request)
         except Exception:
