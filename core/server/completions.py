@@ -47,9 +47,12 @@ async def create_completion(body: CompletionRequest, http: Request):
     state.check_model(body.model)
     prompts = body.prompts()
     tokenizer = engine.tokenizer
-    prompt_ids = await asyncio.to_thread(
-        lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-    )
+    if any(isinstance(p, str) for p in prompts):  # tokenized off the event loop
+        prompt_ids = await asyncio.to_thread(
+            lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        )
+    else:  # token ids: nothing to tokenize
+        prompt_ids = prompts
     max_len = engine.engine.info.max_model_len
     if "max_tokens" in body.model_fields_set:
         for ids in prompt_ids:
