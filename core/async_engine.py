@@ -24,9 +24,54 @@ from pegboard.sdk.types import FinishReason, Request
 log = logging.getLogger("pegboard.async_engine")
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, out in batch:
-        queue.put_nowait(out)
+class _Stream:
+    """One request's deltas on their way to its reader: a list and the future the reader
+    awaits until they are worth reading (lighter than an `asyncio.Queue` per delta).
+
+    With a stream interval of N > 1 the reader wakes for the first delta, then once N tokens
+    arrived since it last read, and for the last delta (SGLang's `--stream-interval`)."""
+
+    __slots__ = ("loop", "interval", "pending", "unread", "started", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: int = 1) -> None:
+        self.loop = loop
+        self.interval = interval
+        self.pending: list[RequestOutput] = []
+        self.unread = 0  # tokens in `pending`
+        self.started = False  # the first delta was read
+        self.waiter: asyncio.Future | None = None
+
+    def ready(self) -> bool:
+        if not self.pending or self.interval <= 1:
+            return bool(self.pending)
+        return not self.started or self.unread >= self.interval or self.pending[-1].finished
+
+    def push(self, out: RequestOutput) -> None:  # on the loop's thread
+        self.pending.append(out)
+        self.unread += len(out.new_token_ids)
+        waiter = self.waiter
+        if waiter is not None and self.ready():
+            self.waiter = None
+            if not waiter.done():  # not cancelled with its reader
+                waiter.set_result(None)
+
+    async def next(self) -> RequestOutput:
+        """Every delta that arrived since the last call, as one."""
+        while not self.ready():
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        outs, self.pending, self.unread, self.started = self.pending, [], 0, True
+        out = outs[0]
+        for later in outs[1:]:
+            if out.finished:
+                break
+            out.absorb(later)
+        return out
+
+
+def _push_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in batch:
+        stream.push(out)
 
 
 class AsyncEngine:
@@ -36,13 +81,17 @@ class AsyncEngine:
     task (a client disconnect) aborts the request and frees its KV at the next step.
     """
 
-    def __init__(self, engine: Engine, watchdog_timeout: float | None = None) -> None:
+    def __init__(
+        self, engine: Engine, watchdog_timeout: float | None = None, stream_interval: int = 1
+    ) -> None:
         self.engine = engine
+        #: A stream's reader wakes once this many tokens arrived (and for its first and last).
+        self.stream_interval = stream_interval
         #: Around each step and between steps, on the loop thread (core/watchdog.py).
         self.observers = StepObservers()
         if watchdog_timeout is not None:
             self.observers.append(StepWatchdog(watchdog_timeout))
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pegboard-step-loop", daemon=True)
@@ -60,8 +109,9 @@ class AsyncEngine:
         config: EngineConfig,
         plugins: PluginManager | None = None,
         watchdog_timeout: float | None = None,
+        stream_interval: int = 1,
     ) -> AsyncEngine:
-        return cls(Engine(config, plugins), watchdog_timeout)
+        return cls(Engine(config, plugins), watchdog_timeout, stream_interval)
 
     @property
     def tokenizer(self):
@@ -77,9 +127,8 @@ class AsyncEngine:
         Deltas that arrived while the caller was busy come as one (`RequestOutput.absorb`): a
         server streaming to hundreds of clients sends one event per client per wake-up, not
         one per engine step it fell behind."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request.request_id] = (loop, queue)
+        stream = _Stream(asyncio.get_running_loop(), self.stream_interval)
+        self._streams[request.request_id] = stream
         try:
             self.engine.add_request(request)
         except Exception:
@@ -89,9 +138,7 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                out = await queue.get()
-                while not out.finished and not queue.empty():  # the reader fell behind:
-                    out.absorb(queue.get_nowait())  # one delta for all it missed
+                out = await stream.next()  # the reader fell behind: one delta for all it missed
                 finished = out.finished
                 yield out
         finally:
@@ -137,13 +184,12 @@ class AsyncEngine:
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is not None:
-                loop, queue = stream
-                batch = batches.get(loop)
+                batch = batches.get(stream.loop)
                 if batch is None:
-                    batch = batches[loop] = []
-                batch.append((queue, out))
+                    batch = batches[stream.loop] = []
+                batch.append((stream, out))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            loop.call_soon_threadsafe(_push_all, batch)
 
     def _detokenizer_lost(self, error: BaseException) -> None:
         """The detokenizer process died: its requests were failed with `error`, which new
@@ -156,11 +202,11 @@ class AsyncEngine:
         self, error: BaseException | None, reason: FinishReason = FinishReason.ERROR
     ) -> None:
         """End every open stream with a final delta (the step loop is gone)."""
-        for request_id, (loop, queue) in list(self._streams.items()):
+        for request_id, stream in list(self._streams.items()):
             out = RequestOutput(
                 request_id, finished=True, finish_reason=reason, error=error and str(error)
             )
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+            stream.loop.call_soon_threadsafe(stream.push, out)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the step loop; streams still open end with finish reason `abort`."""

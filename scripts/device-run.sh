@@ -191,6 +191,16 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
             --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 --no-progress \
             "${extra[@]}" --json "$OUT/serve-$name.json" 2>"$OUT/serve-$name.err" | tail -8
         done ;;
+    serve-knobs) # one server on the nano-vllm workload (as dp1) per setting of the streaming knobs:
+        # as is, then the interpreter switch interval (the step loop's GIL wait while the HTTP thread
+        # holds it) and the stream interval (events per N tokens); KNOBS: ';'-separated serve flags
+        IFS=';' read -ra knobs <<<"${KNOBS:-;--switch-interval 0.001;--switch-interval 0.0002;--stream-interval 4;--stream-interval 4 --switch-interval 0.001}"
+        for k in "${!knobs[@]}"; do
+          echo "== serve ${knobs[$k]:-(defaults)}"
+          timeout 240 $PB bench serve --random-weights --config qwen3-0.6b --num-prompts 256 \
+            --min-input 100 --max-input 1024 --min-output 100 --max-output 1024 --no-progress \
+            --server-args "${knobs[$k]}" --json "$OUT/serve-knobs-$k.json" 2>"$OUT/serve-knobs-$k.err" | tail -8
+        done ;;
     pd-mooncake|pd-nixl) # PD on two GPUs (prefill GPU 0, decode GPU 1) vs colocated on GPU 0 vs
         # DP=2 (issue 13): the two-GPU equality test, then scripts/bench_pd.py; carry
         # WHEELS=.whl/$job from scripts/pd_wheels.sh (docs/benchmarks.md, "PD disaggregation")

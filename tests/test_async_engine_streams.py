@@ -50,9 +50,9 @@ def test_a_reader_that_fell_behind_gets_one_delta_for_what_it_missed(engine, ref
         reader = asyncio.create_task(read_all(engine.generate(request), behind))
         while request.request_id not in engine._streams:  # the reader's task started
             await asyncio.sleep(0.01)
-        queue = engine._streams[request.request_id][1]
-        while not (queue.qsize() and queue._queue[-1].finished):  # the engine finishes while
-            await asyncio.sleep(0.01)  # the reader waits: every delta is queued
+        stream = engine._streams[request.request_id]
+        while not (stream.pending and stream.pending[-1].finished):  # the engine finishes
+            await asyncio.sleep(0.01)  # while the reader waits: every delta is queued
         behind.set()
         return await reader
 
@@ -78,5 +78,5 @@ def test_closing_a_single_choice_stream_aborts_its_request(engine):
         return index, first, request
 
     index, first, request = asyncio.run(run())
-    assert index == 0 and len(first.new_token_ids) == 1
+    assert index == 0 and len(first.new_token_ids) >= 1  # more if the engine ran ahead
     assert len(request.output_token_ids) < 10_000

@@ -71,6 +71,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"(default {DEFAULT_MAX_REQUEST_BYTES}, 32 MiB)",
     )
     g.add_argument(
+        "--stream-interval",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="a streamed choice sends its first token at once, then an event per N tokens (and "
+        "its last); fewer events cost the server less CPU per token (default 1)",
+    )
+    g.add_argument(
+        "--switch-interval",
+        type=positive_seconds,
+        default=None,
+        metavar="S",
+        help="the interpreter's thread switch interval in this process (sys.setswitchinterval; "
+        "default Python's 0.005): at most how long the step loop waits for the GIL while the "
+        "HTTP thread holds it",
+    )
+    g.add_argument(
         "--log-level", default="info", choices=LOG_LEVELS, help="server log level (default info)"
     )
     g.add_argument(
@@ -156,6 +173,20 @@ def _convert(action: argparse.Action, value: Any, path: str, parser: argparse.Ar
     return values if many else values[0]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     import pydantic
     from pegboard.core.async_engine import AsyncEngine
@@ -192,11 +223,14 @@ def run(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or os.environ.get("PEGBOARD_ADMIN_TOKEN") or None,
         drain_timeout=args.drain_timeout,
         max_request_bytes=args.max_request_bytes,
+        switch_interval=args.switch_interval,
         warmup=not args.skip_warmup,
     )
 
     def engine_factory() -> AsyncEngine:
-        engine = AsyncEngine.from_config(config, watchdog_timeout=args.watchdog_timeout)
+        engine = AsyncEngine.from_config(
+            config, watchdog_timeout=args.watchdog_timeout, stream_interval=args.stream_interval
+        )
         use_chat_template(engine.tokenizer, template)
         return engine
 

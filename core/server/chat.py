@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pegboard.core.disaggregation import attach_bootstrap
+from pegboard.core.server.chunks import TextChunks
 from pegboard.core.server.completions import ERROR_RESPONSES
 from pegboard.core.server.errors import APIError
 from pegboard.core.server.generation import (
@@ -75,15 +77,22 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request):
         )
 
     if body.stream:
+        created = int(time.time())
 
         def chunk(choices: list[ChatChunkChoice], u: Usage | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
-                id=response_id, model=state.model_name, choices=choices, usage=u
+                id=response_id, created=created, model=state.model_name, choices=choices, usage=u
             )
 
-        def delta(index, out, choice: ChoiceState) -> ChatCompletionChunk | None:
+        text_chunks = TextChunks(
+            lambda k: chunk([ChatChunkChoice(index=k, delta=ChatDelta(content=""))]), "content"
+        )
+
+        def delta(index, out, choice: ChoiceState) -> ChatCompletionChunk | str | None:
             if not (out.text or out.finished or out.new_logprobs):
                 return None
+            if not out.finished and not body.logprobs:  # most events: text only
+                return text_chunks.render(index, out.text)
             lps = chat_logprobs(out.new_logprobs, token_text, top_n) if body.logprobs else None
             return chunk(
                 [

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pegboard.core.disaggregation import attach_bootstrap
+from pegboard.core.server.chunks import TextChunks
 from pegboard.core.server.errors import APIError
 from pegboard.core.server.generation import (
     ChoiceState,
@@ -45,9 +47,12 @@ async def create_completion(body: CompletionRequest, http: Request):
     state.check_model(body.model)
     prompts = body.prompts()
     tokenizer = engine.tokenizer
-    prompt_ids = await asyncio.to_thread(
-        lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-    )
+    if any(isinstance(p, str) for p in prompts):  # tokenized off the event loop
+        prompt_ids = await asyncio.to_thread(
+            lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        )
+    else:  # token ids: nothing to tokenize
+        prompt_ids = prompts
     max_len = engine.engine.info.max_model_len
     if "max_tokens" in body.model_fields_set:
         for ids in prompt_ids:
@@ -74,14 +79,21 @@ async def create_completion(body: CompletionRequest, http: Request):
             total_tokens=num_prompt_tokens + generated,
         )
 
+    created = int(time.time())
+
     def response(choices: list[CompletionChoice], u: Usage | None = None) -> CompletionResponse:
-        return CompletionResponse(id=response_id, model=state.model_name, choices=choices, usage=u)
+        return CompletionResponse(
+            id=response_id, created=created, model=state.model_name, choices=choices, usage=u
+        )
 
     if body.stream:
+        text_chunks = TextChunks(lambda k: response([CompletionChoice(index=k, text="")]), "text")
 
-        def delta(index, out, choice: ChoiceState) -> CompletionResponse | None:
+        def delta(index, out, choice: ChoiceState) -> CompletionResponse | str | None:
             if not (out.text or out.finished or out.new_logprobs):
                 return None
+            if not out.finished and body.logprobs is None:  # most events: text only
+                return text_chunks.render(index, out.text)
             lps = None
             if body.logprobs is not None:
                 offset = len(echoes[index]) + len(choice.text) - len(out.text)

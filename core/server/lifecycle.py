@@ -37,6 +37,8 @@ class ServerSettings:
     abort_grace: float = 5.0
     #: Request bodies above this many bytes are a 413 (`--max-request-bytes`).
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: `sys.setswitchinterval` for the server process (`--switch-interval`); None: Python's.
+    switch_interval: float | None = None
     #: Run a dummy request before /health answers 200 (`--skip-warmup` turns it off).
     warmup: bool = False
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from types import FrameType
 
 import uvicorn
@@ -69,6 +70,8 @@ def run_server(
         timeout_graceful_shutdown=max(int(state.settings.abort_grace), 1),
     )
     server = DrainingServer(config, state)
+    if state.settings.switch_interval is not None:  # the step loop vs the HTTP thread's GIL
+        sys.setswitchinterval(state.settings.switch_interval)
     lost: list[BaseException] = []
 
     def engine_lost(error: BaseException) -> None:

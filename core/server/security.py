@@ -1,4 +1,7 @@
-"""Bearer-token guards: `--api-key` for the `/v1` endpoints, `--admin-token` for `/admin`."""
+"""Bearer-token guards: `--api-key` for the `/v1` endpoints, `--admin-token` for `/admin`.
+
+They are coroutines although they never wait: FastAPI runs a plain function dependency in its
+thread pool, a hop per request that the event loop pays for."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ def _bearer(http: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_api_key(http: Request) -> None:
+async def require_api_key(http: Request) -> None:
     """401 unless the request carries the API key (when one is configured)."""
     key = http.app.state.server.settings.api_key
     if key is None:
@@ -24,7 +27,7 @@ def require_api_key(http: Request) -> None:
         raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'")
 
 
-def require_admin(http: Request) -> None:
+async def require_admin(http: Request) -> None:
     """401 without a bearer token, 403 with a wrong one."""
     expected = http.app.state.server.settings.admin_token
     token = _bearer(http)

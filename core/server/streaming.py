@@ -36,12 +36,13 @@ async def stream_events(
     state: ServerState,
     engine: AsyncEngine,
     requests: list[Request],
-    delta: Callable[[int, RequestOutput, ChoiceState], pydantic.BaseModel | None],
+    delta: Callable[[int, RequestOutput, ChoiceState], pydantic.BaseModel | str | None],
     first: Iterable[pydantic.BaseModel] = (),
     usage: Callable[[list[ChoiceState]], pydantic.BaseModel] | None = None,
 ) -> AsyncIterator[str]:
     """The event stream of a response: `first` chunks, one chunk per delta (`delta` may skip
-    one by returning None), the usage chunk if asked for, then `[DONE]`. A choice that a
+    one by returning None, or return the event already rendered), the usage chunk if asked
+    for, then `[DONE]`. A choice that a
     plugin failed ends the stream with an error event."""
     with state.tracked():
         choices = [ChoiceState(i) for i in range(len(requests))]
@@ -56,7 +57,7 @@ async def stream_events(
                 return
             chunk = delta(index, out, choice)
             if chunk is not None:
-                yield sse(chunk)
+                yield chunk if isinstance(chunk, str) else sse(chunk)
         if usage is not None:
             yield sse(usage(choices))
         yield DONE
