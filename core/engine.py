@@ -252,11 +252,12 @@ class Engine:
                 self.guard.sampled_ids(pending.host_array, self.info.vocab_size)
             except PluginFault as fault:
                 return self._fail(pending.requests, fault)
-        append = self._append  # (one lookup: this loop runs once per request per step)
         for r, token, lp in zip(pending.requests, ids, pending.logprobs):
             if r.status is _FINISHED:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
-            if append(r, token, lp, placeholder=True):
+            r.token_ids.pop()  # PENDING_TOKEN
+            self._append(r, token, lp)
+            if r.status is _FINISHED:
                 self._release(r)
 
     # ---------------------------------------------------------------- requests in and out
@@ -394,17 +395,8 @@ class Engine:
             waiting.clear()
             waiting.extend(rest)
 
-    def _append(self, r: Request, token: int, logprobs, placeholder: bool = False) -> bool:
-        """Append a sampled token (`placeholder`: in place of the `PENDING_TOKEN` that is the
-        request's last token id), queue its delta, check the token-level stops; True if the
-        request finished. (`Request.append_token` inlined: once per request per step.)"""
-        if placeholder:
-            r.token_ids[-1] = token
-        else:
-            r.token_ids.append(token)
-        r.output_token_ids.append(token)
-        if logprobs is not None:
-            r.output_logprobs.append(logprobs)
+    def _append(self, r: Request, token: int, logprobs) -> None:
+        r.append_token(token, logprobs)
         if r.first_token_time is None:
             r.first_token_time = time.monotonic()
         lps = [logprobs] if logprobs else []
@@ -412,8 +404,6 @@ class Engine:
         reason = stop_reason(r, token, self.budget.max_model_len)  # stop strings: detokenizer
         if reason:
             self._finish(r, reason)
-            return True
-        return False
 
     def _stop_request(self, r: Request, num_output_tokens: int | None, error=None) -> None:
         """The detokenizer thread found a stop string ending at output token
