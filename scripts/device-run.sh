@@ -9,7 +9,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
-#                 [steady-decode]
+#                 [steady-decode] [find-syncs]
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
 set -u
@@ -76,6 +76,11 @@ for job in "${@:-tests}"; do
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
         done ;;
+    find-syncs) # issue 17: every synchronizing CUDA call of the nano-vllm run (sync debug mode),
+        # counted by the pegboard line that made it, per step kind (decode / mixed / prefill):
+        # with overlap the loop should wait once per step (resolve's token copy), no more
+        timeout 300 python3 scripts/find_syncs.py --detokenizer ${DETOKENIZER:-auto} \
+          --json "$OUT/find-syncs.json" 2>"$OUT/find-syncs.err" | tail -40 ;;
     profile-host-detok) # issue 17 item 2: the same profile, detokenizer inline vs in its own process,
         # alternating ROUNDS times (the "detokenize" rows, "take (between steps)" and host_ms_per_step)
         for i in $(seq ${ROUNDS:-2}); do for d in ${DETOKENIZERS:-inline process}; do

@@ -125,6 +125,7 @@ def main() -> None:
     best = {k: round(min(r["ms_per_step"].get(k, 0.0) for r in reports), 3) for k in phases}
     result = {"steps": reports[0]["steps"], "cpu_ms_per_step": best}
     result["forward_by_kind"] = reports[-1].get("forward_by_kind")
+    result["host_ms_by_kind"] = reports[-1].get("host_ms_by_kind")  # (an older tree: None)
     if launch:
         result["decode_step_256_cpu_us"] = time_decode_step(llm, prompts, params)
     print(json.dumps(result, indent=1))

@@ -51,7 +51,17 @@ def test_forward_steps_are_counted_by_kind(tiny_llama_dir):
         with HostProfile(llm.engine, clock=time.thread_time) as profile:
             # a 3-token prompt prefills, then decodes beside the 9-token one's chunks
             llm.generate([[1, 5, 9], [1, 7, 2, 4, 6, 8, 3, 5, 7]], params)
-        kinds = profile.report()["forward_by_kind"]
+        report = profile.report()
+        kinds = report["forward_by_kind"]
         assert set(kinds) == {"prefill", "mixed", "decode"}, kinds
-        assert sum(k["steps"] for k in kinds.values()) == profile.report()["steps"]
+        assert sum(k["steps"] for k in kinds.values()) == report["steps"]
         assert "forward" not in vars(llm.engine.runner)
+        # each step's host work by its kind: the same steps, adding up to the whole (the take
+        # between steps aside)
+        host = report["host_ms_by_kind"]
+        assert {k: v["steps"] for k, v in host.items()} == {k: v["steps"] for k, v in kinds.items()}
+        whole = sum(v["steps"] * v["host_ms_per_step"] for v in host.values()) / report["steps"]
+        phases = report["ms_per_step"]
+        expected = phases[TOTAL] - phases.get("resolve: wait for tokens", 0.0)
+        assert abs(whole - expected) <= 0.01 * expected + 0.01, (whole, expected)
+        assert "step" not in vars(llm.engine)

@@ -16,6 +16,9 @@ wrapped attribute back on exit):
 - `forward_by_kind`: the steps of each kind (`decode`: one new token per request; `mixed`:
   prefill or verify tokens next to decodes; `prefill`: no request decodes) and their own
   `forward (launch)` ms per step, which shows what mixed steps cost next to decode steps;
+  `host_ms_by_kind`: their host work per step (the step less its wait for tokens, without
+  the take between steps): `host_ms_per_step` averages over all steps, so a few eager
+  prefill steps blocked in their launch raise it for every step;
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
 - `admit` (moving scheduled requests to running), `detokenize` (the deltas handed to the
@@ -55,6 +58,9 @@ class HostProfile:
         self._restore: list[Callable[[], None]] = []
         self._steps0 = 0
         self.kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # [steps, seconds]
+        #: Per kind of a step's forward (`none`: no forward): [steps, host seconds].
+        self.host_kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        self._step_kind = "none"  # the kind of the running step's forward
 
     def __enter__(self) -> HostProfile:
         e = self.engine
@@ -74,6 +80,7 @@ class HostProfile:
         self._wrap(e, "_apply_inbox", "inbox")
         self._wrap(e.kv, "commit", "kv commit")
         self._wrap(e, "step", TOTAL)
+        self._wrap_step_kinds(e)
         self._wrap(PendingStep, "take", WAIT)
         self._steps0 = e.num_steps
         return self
@@ -103,12 +110,30 @@ class HostProfile:
             try:
                 return forward(batch, *args, **kwargs)
             finally:
-                kind = kinds[step_kind(batch.query_lens_cpu)]
+                self._step_kind = step_kind(batch.query_lens_cpu)
+                kind = kinds[self._step_kind]
                 kind[0] += 1
                 kind[1] += clock() - start
 
         runner.forward = timed
         self._restore.append(lambda: setattr(runner, "forward", forward))
+
+    def _wrap_step_kinds(self, engine) -> None:
+        """Count each step's host work (its time less its wait for tokens) by its forward's
+        kind (`host_ms_by_kind`)."""
+        step, seconds, clock, kinds = engine.step, self.seconds, self.clock, self.host_kinds
+
+        def timed(*args, **kwargs):
+            self._step_kind, waited, start = "none", seconds[WAIT], clock()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                kind = kinds[self._step_kind]
+                kind[0] += 1
+                kind[1] += clock() - start - (seconds[WAIT] - waited)
+
+        engine.step = timed
+        self._restore.append(lambda: setattr(engine, "step", step))
 
     def _wrap(self, owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
@@ -141,6 +166,10 @@ class HostProfile:
             "forward_by_kind": {
                 k: {"steps": n, "forward_ms_per_step": round(t / n * 1e3, 3)}
                 for k, (n, t) in sorted(self.kinds.items())
+            },
+            "host_ms_by_kind": {
+                k: {"steps": n, "host_ms_per_step": round(t / n * 1e3, 3)}
+                for k, (n, t) in sorted(self.host_kinds.items())
             },
         }
 
