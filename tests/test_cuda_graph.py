@@ -8,6 +8,7 @@ import argparse
 
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 from pegboard.core.cli.engine_args import add_engine_arguments, engine_settings
 from pegboard.core.config import EngineConfig
 from pegboard.core.cuda_graph import capture_sizes, padded_size
@@ -134,7 +135,11 @@ def _generate(model_dir, prompts, max_tokens=16, swaps=None, **settings):
     one) and the final model runner; `swaps` maps a step number to `(slot, name, options)`
     swapped before that step."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    base = dict(device="cuda", page_size=4, kv_cache_tokens=4096, cuda_graph_max_bs=32)
+    # Graphs just past what the prompts need (17 requests, their <= 255 prompt tokens in one
+    # mixed-graph step) and the detokenizer inline (a process of its own costs each engine
+    # seconds to start; tokens are compared here): GPU_ENGINE in tests/fixtures/devices.py.
+    base = GPU_ENGINE | dict(page_size=4, kv_cache_tokens=4096, cuda_graph_max_bs=24,
+                             cuda_graph_mixed_max_tokens=256)  # fmt: skip
     with LLM(str(model_dir), **(base | settings)) as llm:
         engine = llm.engine
         requests = [Request(list(p), params) for p in prompts]

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 from pegboard.core import cuda_graph, model_runner
 from pegboard.core.llm import LLM
 from pegboard.core.models.llama import CausalLM
@@ -114,7 +115,7 @@ def test_an_lm_head_that_cannot_be_captured_leaves_it_out_of_the_graphs(
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_lm_head_in_the_decode_graph_gives_eager_tokens_and_logprobs(tiny_llama_dir, dtype):
-    settings = dict(device="cuda", dtype=dtype, cuda_graph_max_bs=8)
+    settings = GPU_ENGINE | dict(dtype=dtype, cuda_graph_max_bs=8)  # detokenizer inline
     eager, none, _ = _generate(tiny_llama_dir, disable_cuda_graph=True, **settings)
     outs, graphs, eager_rows = _generate(tiny_llama_dir, **settings)
     assert none is None and graphs is not None

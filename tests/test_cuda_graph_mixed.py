@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -277,8 +278,8 @@ def test_mixed_steps_through_the_padded_layout_give_the_eager_tokens(tiny_llama_
 def _gpu_run(model_dir, prompts, max_tokens=(12, 5, 9, 7), **settings):
     """Greedy tokens of staggered admissions (chunked prefill beside decodes) on CUDA, and the
     runner's mixed-graph runner (None: off) with its reason."""
-    base = dict(
-        device="cuda", attention="triton", page_size=4, kv_cache_tokens=4096,
+    base = GPU_ENGINE | dict(  # the detokenizer inline: GPU_ENGINE in tests/fixtures/devices.py
+        attention="triton", page_size=4, kv_cache_tokens=4096,
         cuda_graph_max_bs=8, max_num_batched_tokens=32, max_running_requests=8,
     )  # fmt: skip
     with LLM(str(model_dir), **(base | settings)) as llm:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from fixtures.devices import GPU_ENGINE
 from pegboard.core.llm import LLM
 from pegboard.core.overlap import PENDING_TOKEN
 from pegboard.sdk.types import Request, SamplingParams
@@ -137,9 +138,12 @@ def test_overlap_on_the_gpu_with_cuda_graphs(tiny_llama_dir):
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     outs = {}
     for off in (False, True):
+        # graphs for the 24 requests (their <= 1440 prompt tokens in one mixed-graph step),
+        # the detokenizer inline (GPU_ENGINE in tests/fixtures/devices.py)
         with LLM(
-            str(tiny_llama_dir), dtype="bfloat16", disable_overlap=off, kv_cache_tokens=8192
-        ) as llm:
+            str(tiny_llama_dir), dtype="bfloat16", disable_overlap=off, kv_cache_tokens=8192,
+            cuda_graph_max_bs=24, cuda_graph_mixed_max_tokens=1536, **GPU_ENGINE,
+        ) as llm:  # fmt: skip
             assert llm.engine.runner.cuda_graphs is not None
             replays = llm.engine.runner.cuda_graphs.num_replays
             outs[off] = [o.token_ids for o in llm.generate(prompts, params, progress=False)]

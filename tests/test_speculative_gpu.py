@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
 from test_speculative import MAX_NEW, oracle_plugins, repetitive_prompts
@@ -16,8 +17,12 @@ pytestmark = pytest.mark.gpu
 
 def run(model_dir, prompts, plugins=None, **settings):
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
-    settings.setdefault("attention", "triton")
-    with LLM(str(model_dir), dtype="float32", device="cuda", plugins=plugins, **settings) as llm:
+    # Graphs for the 16 requests (their <= 640 prompt tokens in one mixed-graph step), a KV
+    # pool of their size rather than of the free device memory (no profile run) and the
+    # detokenizer inline (GPU_ENGINE in tests/fixtures/devices.py): per engine, not per test.
+    settings = dict(attention="triton", kv_cache_tokens=8192, cuda_graph_max_bs=16,
+                    cuda_graph_mixed_max_tokens=1024) | settings  # fmt: skip
+    with LLM(str(model_dir), dtype="float32", plugins=plugins, **GPU_ENGINE, **settings) as llm:
         outs = [o.token_ids for o in llm.generate(prompts, params)]
         return outs, llm.engine.speculation.stats()
 

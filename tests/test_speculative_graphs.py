@@ -17,6 +17,7 @@ import pydantic
 import pytest
 import test_speculative
 import torch
+from fixtures.devices import GPU_ENGINE
 from pegboard.core import model_runner
 from pegboard.core.cuda_graph import CUDAGraphRunner
 from pegboard.core.llm import LLM
@@ -151,8 +152,9 @@ def test_eagle_features_from_replays_give_the_eager_drafts(case, eager_graphs, t
 def _gpu(model_dir, prompts, plugins=None, **settings):
     """Greedy tokens, speculation stats, the target's graph runner (None: off) and the
     speculator."""
-    base = dict(dtype="float32", device="cuda", attention="triton", page_size=4,
-                kv_cache_tokens=4096, cuda_graph_max_bs=8)  # fmt: skip
+    # the detokenizer inline: GPU_ENGINE in tests/fixtures/devices.py
+    base = GPU_ENGINE | dict(dtype="float32", attention="triton", page_size=4,
+                             kv_cache_tokens=4096, cuda_graph_max_bs=8)  # fmt: skip
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     with LLM(str(model_dir), plugins=plugins, **(base | settings)) as llm:
         outs = llm.generate(prompts, params)
