@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 from pegboard.core.cuda_graph import capture_sizes, padded_size
 from pegboard.plugins.kernels import attention_flashinfer
 from pegboard.plugins.kernels.attention_flashinfer import (
@@ -379,9 +380,9 @@ def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path, fused):
     outs = {}
     for attention in ("triton", "flashinfer"):
         with LLM(
-            str(model), attention=attention, dtype="bfloat16", device="cuda", page_size=16,
+            str(model), attention=attention, dtype="bfloat16", page_size=16,
             max_num_batched_tokens=32, kv_cache_tokens=4096, kv_cache="radix",
-            disable_fused_kernels=not fused,
+            disable_fused_kernels=not fused, **GPU_ENGINE,
         ) as llm:  # fmt: skip
             outs[attention] = [o for prompts in rounds for o in llm.generate(prompts, params)]
             if attention == "flashinfer":

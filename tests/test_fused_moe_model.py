@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -119,7 +120,7 @@ def test_fused_kernel_is_the_default_on_cuda_and_graphs_capture_large_batches(mo
     prompts = make_prompts(512, seed=3)[:7] * 5
     reference = hf_reference(moe_dir, prompts[:7], 8)
     params = SamplingParams(max_tokens=8, temperature=0.0)
-    with LLM(str(moe_dir), dtype="float32", device="cuda", cuda_graph_max_bs=48) as llm:
+    with LLM(str(moe_dir), dtype="float32", cuda_graph_max_bs=48, **GPU_ENGINE) as llm:
         runner = llm.engine.runner
         assert kernels_of(runner.model) == {(fused_experts, softmax_topk)}
         assert runner.cuda_graphs is not None, runner.cuda_graph_off_reason

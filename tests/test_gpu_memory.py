@@ -7,6 +7,7 @@ import gc
 
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
 
@@ -14,7 +15,11 @@ pytestmark = pytest.mark.gpu
 
 
 def test_activation_profile_grows_with_the_step_size(tiny_llama_dir):
-    with LLM(str(tiny_llama_dir), dtype="bfloat16", kv_cache_tokens=4096) as llm:
+    # (graphs of up to 8 requests: the profile runs eagerly; GPU_ENGINE: the detokenizer inline)
+    with LLM(
+        str(tiny_llama_dir), dtype="bfloat16", kv_cache_tokens=4096, cuda_graph_max_bs=8,
+        cuda_graph_mixed_max_tokens=64, **GPU_ENGINE,
+    ) as llm:  # fmt: skip
         runner = llm.engine.runner
         small = runner.profile_activation_bytes(256, 16)
         large = runner.profile_activation_bytes(8192, 256)
@@ -36,6 +41,7 @@ def test_largest_step_fits_beside_the_pool(tiny_llama_dir):
         max_num_batched_tokens=tokens,
         max_running_requests=64,
         disable_cuda_graph=True,
+        **GPU_ENGINE,
     ) as llm:
         pool_bytes = (
             llm.engine.kv.num_pages

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 from fixtures.tiny_moe import build_tiny_moe
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
@@ -41,7 +42,7 @@ def case(tmp_path_factory):
 def test_greedy_equals_transformers_on_cuda(case, settings):
     model_dir, prompts, reference = case
     params = SamplingParams(max_tokens=10, temperature=0.0)
-    with LLM(str(model_dir), dtype="float32", device="cuda", **settings) as llm:
+    with LLM(str(model_dir), dtype="float32", **GPU_ENGINE, **settings) as llm:
         outs = llm.generate(prompts, params)
         assert llm.engine.runner.cuda_graphs is not None, llm.engine.runner.cuda_graph_off_reason
     assert_same_tokens(outs, reference)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib_metadata
 import pytest
 import torch
+from fixtures.devices import GPU_ENGINE
 from pegboard.core.contract import SCHEDULER_FAILURE_LIMIT
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import PluginManager
@@ -371,8 +372,8 @@ def test_out_of_vocab_ids_on_cuda_fail_their_requests_and_the_device_stays_usabl
     clamped there (no device-side assert), then fail their requests naming the sampler."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    llm = LLM(str(tiny_llama_dir), plugins=manager(), dtype="float32", device="cuda",
-              sampler="out-of-vocab")  # fmt: skip
+    llm = LLM(str(tiny_llama_dir), plugins=manager(), dtype="float32", sampler="out-of-vocab",
+              **GPU_ENGINE)  # fmt: skip
     try:
         outs = llm.generate(prompts(3, 5), GREEDY)
         for o in outs:
