@@ -135,7 +135,7 @@ def _generate(model_dir, prompts, max_tokens=16, swaps=None, **settings):
     one) and the final model runner; `swaps` maps a step number to `(slot, name, options)`
     swapped before that step."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    # Graphs just past what the prompts need (17 requests, their <= 255 prompt tokens in one
+    # Graphs just past what the prompts need (17 requests, their 163 prompt tokens in one
     # mixed-graph step) and the detokenizer inline (a process of its own costs each engine
     # seconds to start; tokens are compared here): GPU_ENGINE in tests/fixtures/devices.py.
     base = GPU_ENGINE | dict(page_size=4, kv_cache_tokens=4096, cuda_graph_max_bs=24,

@@ -115,7 +115,8 @@ def test_an_lm_head_that_cannot_be_captured_leaves_it_out_of_the_graphs(
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_lm_head_in_the_decode_graph_gives_eager_tokens_and_logprobs(tiny_llama_dir, dtype):
-    settings = GPU_ENGINE | dict(dtype=dtype, cuda_graph_max_bs=8)  # detokenizer inline
+    # the prompts' 15 tokens prefill in the mixed graph of 16; the detokenizer inline
+    settings = GPU_ENGINE | dict(dtype=dtype, cuda_graph_max_bs=8, cuda_graph_mixed_max_tokens=16)
     eager, none, _ = _generate(tiny_llama_dir, disable_cuda_graph=True, **settings)
     outs, graphs, eager_rows = _generate(tiny_llama_dir, **settings)
     assert none is None and graphs is not None

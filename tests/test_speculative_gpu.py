@@ -17,11 +17,11 @@ pytestmark = pytest.mark.gpu
 
 def run(model_dir, prompts, plugins=None, **settings):
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
-    # Graphs for the 16 requests (their <= 640 prompt tokens in one mixed-graph step), a KV
+    # Graphs for the 16 requests (their 283 prompt tokens in one mixed-graph step), a KV
     # pool of their size rather than of the free device memory (no profile run) and the
     # detokenizer inline (GPU_ENGINE in tests/fixtures/devices.py): per engine, not per test.
     settings = dict(attention="triton", kv_cache_tokens=8192, cuda_graph_max_bs=16,
-                    cuda_graph_mixed_max_tokens=1024) | settings  # fmt: skip
+                    cuda_graph_mixed_max_tokens=512) | settings  # fmt: skip
     with LLM(str(model_dir), dtype="float32", plugins=plugins, **GPU_ENGINE, **settings) as llm:
         outs = [o.token_ids for o in llm.generate(prompts, params)]
         return outs, llm.engine.speculation.stats()

@@ -152,9 +152,11 @@ def test_eagle_features_from_replays_give_the_eager_drafts(case, eager_graphs, t
 def _gpu(model_dir, prompts, plugins=None, **settings):
     """Greedy tokens, speculation stats, the target's graph runner (None: off) and the
     speculator."""
-    # the detokenizer inline: GPU_ENGINE in tests/fixtures/devices.py
+    # the detokenizer inline (GPU_ENGINE in tests/fixtures/devices.py); mixed graphs of up to
+    # 256 tokens: `case`'s 6 prompts (116 tokens) prefill in one of them
     base = GPU_ENGINE | dict(dtype="float32", attention="triton", page_size=4,
-                             kv_cache_tokens=4096, cuda_graph_max_bs=8)  # fmt: skip
+                             kv_cache_tokens=4096, cuda_graph_max_bs=8,
+                             cuda_graph_mixed_max_tokens=256)  # fmt: skip
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     with LLM(str(model_dir), plugins=plugins, **(base | settings)) as llm:
         outs = llm.generate(prompts, params)
