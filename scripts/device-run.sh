@@ -54,10 +54,10 @@ gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limi
   # pytest-timeout exists (the GPU image has it): a hang costs one test, not the shard
   local name=$1; shift
   local per_test; per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT:-150}")
-  SECONDS=0
+  local start=$SECONDS
   timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
     --durations=25 $per_test ${PYTEST_ARGS:-} "$@" > "$OUT/$name-full.log" 2>&1
-  echo "$name: exit $? after ${SECONDS} s" >> "$OUT/$name-full.log"
+  echo "$name: exit $? after $(( SECONDS - start )) s" >> "$OUT/$name-full.log"
   tail -25 "$OUT/$name-full.log" | tee "$OUT/$name.log"
 }
 jobs=("${@:-tests}")
