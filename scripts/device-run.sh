@@ -2,7 +2,7 @@
 # One run on the lent GPU machine (`device` tool): install what its image lacks from the
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
-#                 [tests | tests-1 tests-2 tests-3] [offline-small] [offline] [llama-bs1]
+#                 [tests | tests-1 tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-eagle-train]
@@ -10,11 +10,12 @@
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
 #                 [steady-decode] [find-syncs]
-# GPU tests, one call per shard (each ~7 min at most; `tests` = the three in sequence, which
-# does not fit one 10-min call): tests-1 every `-m gpu` test outside the two lists below
+# GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
+# does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
-# (GRAPH_TESTS), tests-3 speculation (SPEC_TESTS). Each writes gpu-tests-N-full.log with the
-# 25 slowest tests (--durations) and gpu-tests-N.log (its tail); TEST_TIMEOUT per test (150 s),
+# (GRAPH_TESTS), tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA
+# (SPEC_GPU_TESTS). Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
+# and gpu-tests-N.log (its tail); TEST_TIMEOUT per test (150 s),
 # TESTS_TIMEOUT per shard (420 s), PYTEST_ARGS extra pytest arguments (e.g. "-k mixed").
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
 # scripts/pd_wheels.sh (server wheels + one slimmed transfer wheel: both do not fit one call).
@@ -49,7 +50,8 @@ smollm2_dir() { # the bundled SmolLM2's HF directory (converted once into ~/.cac
     || echo "smollm2: not available (bash scripts/smollm2_parts.sh, then carry its parts)" >&2
 }
 GRAPH_TESTS="tests/test_cuda_graph.py tests/test_cuda_graph_logits.py tests/test_cuda_graph_mixed.py tests/test_overlap.py"
-SPEC_TESTS="tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py tests/test_speculative_gpu.py"
+SPEC_TESTS="tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py"
+SPEC_GPU_TESTS="tests/test_speculative_gpu.py"
 gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limit where
   # pytest-timeout exists (the GPU image has it): a hang costs one test, not the shard
   local name=$1; shift
@@ -61,16 +63,17 @@ gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limi
   tail -25 "$OUT/$name-full.log" | tee "$OUT/$name.log"
 }
 jobs=("${@:-tests}")
-[ "${jobs[*]}" = tests ] && jobs=(tests-1 tests-2 tests-3)  # all shards (more than one call)
+[ "${jobs[*]}" = tests ] && jobs=(tests-1 tests-2 tests-3 tests-4)  # all shards (more than one call)
 for job in "${jobs[@]}"; do
   case $job in
     tests-1) # every GPU test outside the graph and speculation shards (and the server/bench ones)
-        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS; do ignores+=(--ignore="$f"); done
+        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS; do ignores+=(--ignore="$f"); done
         gpu_tests gpu-tests-1 --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py "${ignores[@]}" tests
         # not marked gpu (they run on the CPU interpreter too), but on CUDA they test the kernel
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py 2>&1 | tail -3 | tee -a "$OUT/gpu-tests-1.log" ;;
     tests-2) gpu_tests gpu-tests-2 $GRAPH_TESTS ;;  # decode/mixed/LM-head graphs, overlap
-    tests-3) gpu_tests gpu-tests-3 $SPEC_TESTS ;;  # verify/tree/draft graphs, speculation
+    tests-3) gpu_tests gpu-tests-3 $SPEC_TESTS ;;  # verify/tree/draft graphs
+    tests-4) gpu_tests gpu-tests-4 $SPEC_GPU_TESTS ;;  # speculation on CUDA (oracle, draft, n-gram, EAGLE, trees)
     offline-small) timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --num-seqs 64 \
         ${BENCH_ARGS:-} --json "$OUT/offline-qwen3-64${TAG:-}.json" 2>"$OUT/offline-qwen3-64${TAG:-}.err" | tail -12 ;;
     offline) timeout 300 $PB bench offline --random-weights --config qwen3-0.6b \
