@@ -49,7 +49,10 @@ class DetokenizerProcess(DetokenizerThread):
         allow_missing: bool,
         on_stop: Callable[..., None],
         sink: Callable[[list[RequestOutput]], None] | None = None,
+        wait: bool = True,
     ) -> None:
+        """Start the process; with `wait=False` return at once (it loads its tokenizer while
+        the caller goes on, e.g. loads the model) and call `ready()` before the first use."""
         super().__init__(None, on_stop, sink, threaded=False)
         #: Called once, on the reader thread, with the error when the process died.
         self.on_lost: Callable[[DetokenizerLost], None] | None = None
@@ -73,7 +76,6 @@ class DetokenizerProcess(DetokenizerThread):
             os.close(child_out)
         self._to_child = Connection(to_child, readable=False)
         self._from_child = Connection(from_child, writable=False)
-        self._wait_ready()
         self._slots: dict[str, int] = {}  # request id -> slot in the process
         self._free: list[int] = []
         self._num_slots = 0
@@ -85,7 +87,16 @@ class DetokenizerProcess(DetokenizerThread):
         self._reader = threading.Thread(
             target=self._read, name="pegboard-detokenizer-reader", daemon=True
         )
-        self._reader.start()
+        if wait:
+            self.ready()
+
+    def ready(self) -> DetokenizerProcess:
+        """Wait until the process has loaded its tokenizer, then read its answers; returns
+        itself. Raises `DetokenizerLost` if it exited instead."""
+        if not self._reader.is_alive():
+            self._wait_ready()
+            self._reader.start()
+        return self
 
     def _wait_ready(self) -> None:
         """Wait until the process has loaded its tokenizer (as SGLang's server waits for its
@@ -268,9 +279,27 @@ def detokenizer_place(where: str, device) -> str:
 
 
 def start_detokenizer(
-    where: str, tokenizer, model_dir: Path, allow_missing: bool, on_stop: Callable[..., None]
+    where: str,
+    tokenizer,
+    model_dir: Path,
+    allow_missing: bool,
+    on_stop: Callable[..., None],
+    started: DetokenizerProcess | None = None,
 ) -> DetokenizerThread:
-    """The engine's detokenizer for `--detokenizer inline|thread|process`."""
+    """The engine's detokenizer for `--detokenizer inline|thread|process` (`started`: the
+    process `spawn_detokenizer` started earlier, now waited for)."""
+    if started is not None:
+        return started.ready()
     if where == "process":
         return DetokenizerProcess(model_dir, allow_missing, on_stop)
     return DetokenizerThread(tokenizer, on_stop, threaded=where == "thread")
+
+
+def spawn_detokenizer(
+    where: str, model_dir: Path, allow_missing: bool, on_stop: Callable[..., None]
+) -> DetokenizerProcess | None:
+    """For `where == "process"`: the process, started without waiting for it (its torch and
+    tokenizer imports, ~5 s on a small CPU, then overlap the model's load), else None."""
+    if where != "process":
+        return None
+    return DetokenizerProcess(model_dir, allow_missing, on_stop, wait=False)

@@ -25,7 +25,11 @@ from pegboard.core.config import EngineConfig
 from pegboard.core.context_fit import fit_context_to_kv
 from pegboard.core.contract import CheckedPlan, PluginFault, PluginGuard
 from pegboard.core.cuda_graph_mixed import mixed_graph_max_tokens
-from pegboard.core.detokenizer_process import detokenizer_place, start_detokenizer
+from pegboard.core.detokenizer_process import (
+    detokenizer_place,
+    spawn_detokenizer,
+    start_detokenizer,
+)
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
 from pegboard.core.model_runner import ModelRunner
@@ -93,6 +97,11 @@ class Engine:
         self.model_dir = Path(config.model) if config.model else default_model_dir()
         check_speculator(self.plugins, config, self.model_dir)  # a mismatched draft: before loading
         self.tp = start_tensor_parallel(config)  # None for one rank, else spawns the others
+        device = resolve_device(self.tp.device if self.tp else config.device)
+        detokenizer_at = detokenizer_place(config.detokenizer, device)
+        dummy = config.load_format == "dummy"  # a missing tokenizer: token ids as text
+        # A detokenizer process loads its tokenizer while the model loads.
+        started = spawn_detokenizer(detokenizer_at, self.model_dir, dummy, self._stop_request)
         linear = select_linear(self.plugins, config, self.model_dir)  # builds the projections
         self.runner = ModelRunner(
             self.model_dir,
@@ -131,11 +140,7 @@ class Engine:
         self.num_steps = 0
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = start_detokenizer(
-            detokenizer_place(config.detokenizer, self.runner.device),
-            self.tokenizer,
-            self.model_dir,
-            config.load_format == "dummy",  # a missing tokenizer: token ids as text
-            self._stop_request,
+            detokenizer_at, self.tokenizer, self.model_dir, dummy, self._stop_request, started
         )
         self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
 

@@ -11,6 +11,7 @@ import random
 import signal
 
 import pytest
+from fixtures.processes import detokenizer_children
 from pegboard.core.detokenizer_process import DetokenizerLost, DetokenizerProcess
 from pegboard.core.detokenizer_states import DROP, FAIL, DetokenizerStates
 from pegboard.core.detokenizer_worker import (
@@ -207,3 +208,26 @@ def test_auto_on_cuda_runs_the_process_and_streams_like_inline(tiny_llama_dir):
         finally:
             llm.close()
     assert texts["auto"] == texts["inline"]
+
+
+def test_the_process_starts_before_the_model_loads_and_ends_if_the_load_fails(tmp_path):
+    """The engine starts the process first (its imports overlap the model's load) and waits
+    for it only after; an engine whose model then fails to load leaves no process behind."""
+    import gc
+    import time
+
+    from pegboard.core.detokenizer_process import spawn_detokenizer
+    from pegboard.core.models.errors import ModelLoadError
+
+    assert spawn_detokenizer("inline", tmp_path, True, print) is None
+    before = set(detokenizer_children(os.getpid()))
+    (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+    with pytest.raises(ModelLoadError):
+        LLM(tmp_path, detokenizer="process", load_format="dummy")
+    started = set(detokenizer_children(os.getpid())) - before
+    assert started, "the process was started before the model load failed"
+    gc.collect()  # the half-built engine's end of the pipes closes: the process sees EOF
+    deadline = time.monotonic() + 120  # it first finishes importing torch
+    while started & set(detokenizer_children(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not started & set(detokenizer_children(os.getpid()))

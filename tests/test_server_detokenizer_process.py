@@ -12,6 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from fixtures.processes import detokenizer_children
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
 from test_server_drain import sigterm_under_load
@@ -54,18 +55,9 @@ def gone(pid: int) -> bool:
 
 def detokenizer_pid(server_pid: int) -> int:
     """The server's detokenizer process (a child running `detokenizer_worker`)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == server_pid and b"detokenizer_worker" in cmdline:
-            return int(entry.name)
-    raise AssertionError(f"no detokenizer process under pid {server_pid}")
+    pids = detokenizer_children(server_pid)
+    assert pids, f"no detokenizer process under pid {server_pid}"
+    return pids[0]
 
 
 def test_completions_stream_the_offline_text_with_stop_strings_and_n(server, reference):
