@@ -83,6 +83,16 @@ def padded_size(num_requests: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+def capture_graph(run: Callable[[int], object], size: int, pool) -> torch.cuda.CUDAGraph:
+    """The CUDA graph of `run(size)` in memory pool `pool`, warmed up once uncaptured first
+    (kernels compile, GEMMs are picked)."""
+    run(size)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run(size)
+    return graph
+
+
 def graph_unsupported_reason(device: torch.device, backend: AttentionBackend) -> str | None:
     """Why decode graphs cannot run with this device and backend, or None if they can."""
     if device.type != "cuda":

@@ -34,10 +34,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 
 import torch
-from pegboard.core.cuda_graph import padded_size
+from pegboard.core.cuda_graph import Features, capture_graph, padded_size
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, Request
 
@@ -77,9 +76,6 @@ def mixed_graph_unsupported_reason(backend: AttentionBackend, max_tokens: int) -
     if not getattr(backend, "supports_cuda_graph_mixed", False):
         return f"the attention backend {type(backend).__name__} has no mixed-step CUDA graphs"
     return None
-
-
-Features = Callable[[], "torch.Tensor | None"]
 
 
 class MixedGraphRunner:
@@ -202,11 +198,7 @@ class MixedGraphRunner:
             samples=[True],
         )
         self.attention.prepare_mixed(self.layout(one, size))
-        self._run(size)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._run(size)
-        return graph
+        return capture_graph(self._run, size, self.pool)
 
     def _run(self, rows: int) -> None:
         out = self.model(self.input_ids[:rows], self.positions[:rows], self.attention)

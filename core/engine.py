@@ -106,7 +106,7 @@ class Engine:
         self.runner = ModelRunner(
             self.model_dir,
             config.dtype,
-            self.tp.device if self.tp else config.device,
+            device,
             config.max_model_len,
             load_format=config.load_format,
             fused_kernels=not config.disable_fused_kernels,

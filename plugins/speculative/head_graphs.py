@@ -24,7 +24,7 @@ import logging
 
 import numpy as np
 import torch
-from pegboard.core.cuda_graph import capture_sizes, padded_size
+from pegboard.core.cuda_graph import capture_graph, capture_sizes, padded_size
 from pegboard.plugins.speculative.head_kv import HeadKV, attention_backend
 from pegboard.sdk.device import to_device
 from pegboard.sdk.types import ForwardBatch
@@ -168,7 +168,7 @@ class DraftGraphs:
         log.info("captured EAGLE drafting CUDA graphs (%d forwards) for %s", self.k, self.sizes)
 
     def _capture(self, size: int):
-        return capture(self._steps, size, self.pool)
+        return capture_graph(self._steps, size, self.pool)
 
     def _steps(self, size: int) -> None:
         last = self.feed.run(self.head, size)
@@ -178,15 +178,6 @@ class DraftGraphs:
             last = self.head.step(last, tokens, self.positions[d - 1, :size], backend, first=False)
             tokens = self.head.draft_ids(last)
             self.drafts[:size, d].copy_(tokens)
-
-
-def capture(steps, size: int, pool):
-    """The CUDA graph of `steps(size)`, warmed up once uncaptured (kernels compile)."""
-    steps(size)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        steps(size)
-    return graph
 
 
 def _slots(slot, first: int, count: int, page_size: int) -> np.ndarray:

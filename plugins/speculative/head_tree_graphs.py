@@ -27,8 +27,8 @@ import logging
 
 import numpy as np
 import torch
-from pegboard.core.cuda_graph import capture_sizes, padded_size
-from pegboard.plugins.speculative.head_graphs import Feed, _batch, _slots, capture
+from pegboard.core.cuda_graph import capture_graph, capture_sizes, padded_size
+from pegboard.plugins.speculative.head_graphs import Feed, _batch, _slots
 from pegboard.plugins.speculative.head_kv import HeadKV, attention_backend
 from pegboard.plugins.speculative.tree_search import DraftTree
 from pegboard.sdk.device import to_device
@@ -157,7 +157,7 @@ class TreeDraftGraphs:
         )  # fmt: skip
 
     def _capture(self, size: int):
-        return capture(self._steps, size, self.pool)
+        return capture_graph(self._steps, size, self.pool)
 
     def _steps(self, size: int) -> None:
         """The tree search on the device (see the module docstring)."""
