@@ -9,7 +9,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
-#                 [steady-decode] [find-syncs]
+#                 [steady-decode] [find-syncs] [sampling]
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -210,6 +210,8 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
             --kv-cache-dtype $dt ${tok:+--kv-cache-tokens $tok} ${BENCH_ARGS:-} --json "$OUT/$name.json" \
             2>"$OUT/$name.err" | tail -3
         done ;;
+    sampling) # the Gumbel sampling kernel per step (256 x 151,936 logits): Philox per token vs per 4
+        timeout 120 python3 scripts/bench_sampling.py --json "$OUT/sampling.json" 2>&1 | tail -8 ;;
     offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)
         timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype fp8_e4m3 \
           ${BENCH_ARGS:-} --json "$OUT/offline-fp8.json" 2>"$OUT/offline-fp8.err" | tail -6 ;;

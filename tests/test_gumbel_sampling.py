@@ -26,10 +26,10 @@ TILES = {"chunk": 32, "block": 16} if DEVICE.type == "cpu" else {}
 CHUNK = TILES.get("chunk", 16384)
 
 
-def sample(logits, temperature, seeds):
+def sample(logits, temperature, seeds, **tiles):
     t = torch.as_tensor(temperature, dtype=torch.float32, device=DEVICE)
     s = torch.as_tensor(seeds, dtype=torch.int64, device=DEVICE)
-    return gumbel_sample(logits.to(DEVICE), t, s, **TILES).cpu()
+    return gumbel_sample(logits.to(DEVICE), t, s, **(tiles or TILES)).cpu()
 
 
 def test_draws_follow_the_tempered_softmax():
@@ -65,6 +65,16 @@ def test_a_row_depends_only_on_its_seed():
     assert torch.equal(full, again)
     other = sample(logits, [1.0] * 6, [s + 100 for s in seeds])
     assert not torch.equal(full, other)  # six 100-way draws: equal by chance ~never
+
+
+def test_a_tokens_noise_does_not_depend_on_the_tiling():
+    # Four neighbouring tokens share one Philox call; which call a token's noise comes from
+    # must not move with the chunk and block sizes (they are tuning knobs, not semantics).
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(3))
+    seeds = list(range(40, 48))
+    small = sample(logits, [1.0] * 8, seeds, chunk=32, block=16)
+    large = sample(logits, [1.0] * 8, seeds, chunk=128, block=64)
+    assert torch.equal(small, large)
 
 
 def test_masked_tokens_are_never_drawn():
