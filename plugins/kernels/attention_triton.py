@@ -24,6 +24,7 @@ import numpy as np
 import pydantic
 import torch
 from pegboard.core.hookspecs import hookimpl
+from pegboard.sdk.device import upload
 from pegboard.sdk.slots import Attention, AttentionBackend, Plugin, PluginContext
 from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo
 
@@ -430,8 +431,6 @@ def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
 
 
 def _upload(dst: torch.Tensor, array: np.ndarray) -> None:
-    """Copy a host array into `dst` in place; from pinned memory and asynchronously on CUDA."""
-    src = torch.from_numpy(array)
-    if dst.is_cuda:
-        src = src.pin_memory()
-    dst.copy_(src, non_blocking=True)
+    """Copy a host array into `dst` in place; through pinned memory and asynchronously on CUDA
+    (`pegboard.sdk.device.upload`)."""
+    upload(torch.from_numpy(array), dst)
