@@ -394,12 +394,19 @@ class PluginGuard:
         `SampleRequests` whose `sampling` is gathered from `self.sampling` (the engine's
         table of its requests' parameters)."""
         requests = SampleRequests(requests, functools.partial(self.sampling.batch, requests))
+        if logits.dtype != torch.float32 and not self._model_dtype_sampler():
+            logits = logits.float()  # the hookspec's float32, for samplers that did not opt out
         try:
             with torch.inference_mode():
                 out = hook(logits=logits, requests=requests)
             return check_sample(out, len(requests), vocab)
         except Exception as e:
             raise self.fault("sampler", e) from e
+
+    def _model_dtype_sampler(self) -> bool:
+        """Whether the active sampler takes logits in the model's dtype
+        (`pegboard.sdk.slots.Sampler.logits_in_model_dtype`)."""
+        return bool(getattr(self.plugins.active("sampler"), "logits_in_model_dtype", False))
 
     def sampled_ids(self, ids: list[int], vocab: int) -> None:
         """Range-check ids that reached the host from the device (see `check_token_ids`)."""

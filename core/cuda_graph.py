@@ -18,12 +18,13 @@ Only decode-only batches (one new token per request) of at most the largest capt
 replay; everything else runs eagerly. All sizes share one memory pool, captured largest first
 so smaller graphs reuse its blocks.
 
-Logits in the graph: a decode graph writes the float32 logits of all its rows (padding too)
-into one static buffer `[rows, vocab]` (the LM head's output cast in the copy, the same device
-work as the eager `.float()`), so a decode step needs no launch after the replay. The buffer
-costs `rows * vocab * 4` bytes (Qwen3-0.6B, 151,936 tokens, 256 rows: 156 MB, next to its
-~1.2 GB of weights); it is capped at `LOGITS_MAX_BYTES`, and graphs of more rows than fit
-leave the LM head to the model runner, as verify graphs do (their rows are many per request).
+Logits in the graph: a decode graph writes the logits of all its rows (padding too) into one
+static buffer `[rows, vocab]` in `logits_dtype` (the runner's: the model's own dtype, so the
+copy casts nothing; see `ModelRunner.forward`), so a decode step needs no launch after the
+replay. The buffer costs `rows * vocab * element size` bytes (Qwen3-0.6B in bf16, 151,936
+tokens, 256 rows: 78 MB, next to its ~1.2 GB of weights); it is capped at `LOGITS_MAX_BYTES`,
+and graphs of more rows than fit leave the LM head to the model runner, as verify graphs do
+(their rows are many per request).
 
 Speculative verify steps (`query_lens`, e.g. `[k + 1]` for k drafts; backends with
 `supports_cuda_graph_verify`) get graphs too, one per (batch size, query length `q`): request
@@ -116,7 +117,7 @@ class CUDAGraphRunner:
 
     With `vocab_size`, decode graphs of up to `logits_max_size` rows also run the model's
     `compute_logits` on every row (see the module docstring); `logits` is then the last
-    replay's float32 logits, batch row order, valid until the next replay (None: that replay
+    replay's logits (`logits_dtype`), batch row order, valid until the next replay (None: that replay
     ran no LM head).
     """
 
@@ -128,7 +129,7 @@ class CUDAGraphRunner:
     num_verify_replays = 0
     num_tree_replays = 0  # of them, replays of tree verify graphs
     logits_max_size = 0  # decode graphs of at most this many rows compute the logits
-    logits_buffer: torch.Tensor | None = None  # their float32 logits, `[rows, vocab]`
+    logits_buffer: torch.Tensor | None = None  # their logits, `[rows, vocab]`
     logits: torch.Tensor | None = None  # the last replay's logits rows, or None
 
     def __init__(
@@ -144,6 +145,7 @@ class CUDAGraphRunner:
         features: Features | None = None,
         tree_query_lens: list[int] = (),
         vocab_size: int = 0,
+        logits_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model = model
         self.attention = attention
@@ -165,9 +167,10 @@ class CUDAGraphRunner:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.hidden: torch.Tensor | None = None  # the graphs' output, [rows, hidden]
         if vocab_size:
-            self.logits_max_size = min(self.max_batch_size, LOGITS_MAX_BYTES // (4 * vocab_size))
+            size = torch.empty((), dtype=logits_dtype).element_size()
+            self.logits_max_size = min(self.max_batch_size, LOGITS_MAX_BYTES // (size * vocab_size))
             self.logits_buffer = torch.empty(
-                self.logits_max_size, vocab_size, dtype=torch.float32, device=device
+                self.logits_max_size, vocab_size, dtype=logits_dtype, device=device
             )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.verify_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -342,7 +345,7 @@ class CUDAGraphRunner:
 
     def _run(self, rows: int, into_static: bool = False, with_logits: bool = False) -> None:
         out = self.model(self.input_ids[:rows], self.positions[:rows], self.attention)
-        if with_logits:  # straight into the static buffer: no temporary float32 copy
+        if with_logits:  # straight into the static buffer
             self.model.compute_logits(out, out=self.logits_buffer[:rows])
         feats = self.features_fn() if self.features_fn is not None else None
         if self.hidden is None:  # sized by the first (largest) shape

@@ -144,7 +144,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput | None
     the requests that produce a token this step (a non-final prefill chunk does not).
 
     :param logits: float32 `[len(requests), vocab_size]` on the model's device, raw model
-        output (no temperature or penalty applied yet). The sampler may modify it in place
+        output (no temperature or penalty applied yet); in the model's dtype instead for a
+        sampler whose class sets `logits_in_model_dtype = True` (see `Sampler`). The sampler may modify it in place
         (e.g. ban a token with `logits[:, t] = -inf`): the hook runs under
         `torch.inference_mode`, and the engine does not read the logits afterwards.
     :param requests: in the same order; their `params` (`SamplingParams`) and `token_ids`

@@ -76,6 +76,8 @@ class ModelRunner:
         )
         self.tp = tp  # a `pegboard.core.distributed.TensorParallel`: rank 0 shares each batch
         self.model = loaded.model
+        # Logits stay in the model's dtype (`forward`): no float32 copy per step.
+        self.model.logits_dtype = None
         self.config = loaded.config
         self.info: ModelInfo = loaded.info
         self.device: torch.device = loaded.info.device
@@ -164,6 +166,7 @@ class ModelRunner:
                     features=self._features,
                     tree_query_lens=self._tree_lens,
                     vocab_size=vocab_size,
+                    logits_dtype=self.info.dtype,
                 )
                 self.cuda_graph_off_reason = None
                 break
@@ -399,7 +402,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run the model; float32 logits `[number of sampling requests, vocab]` in batch order."""
+        """Run the model; logits `[number of sampling requests, vocab]` in batch order, in the
+        model's dtype (the engine hands a sampler float32 unless it takes the model's dtype:
+        `Sampler.logits_in_model_dtype`; converting is exact, so only the copy is saved)."""
         if self.attention is None:
             raise RuntimeError("ModelRunner.set_attention must be called before forward")
         if self.tp is not None:
@@ -453,7 +458,7 @@ class ModelRunner:
         positions = torch.arange(max_tokens, device=self.device) % self.info.max_model_len
         hidden = self.model(ids, positions, _NoKVAttention())
         rows = min(max_requests, max_tokens)
-        logits = self.model.compute_logits(hidden[-rows:])
+        logits = self.model.compute_logits(hidden[-rows:]).float()  # a float32 sampler's
         del hidden
         probs = logits.softmax(dim=-1)
         race = torch.empty_like(probs).exponential_()

@@ -286,9 +286,17 @@ class Sampler(Plugin):
     Must honour every `SamplingParams` field that concerns token choice: greedy when
     temperature is 0, the filters (top-k, top-p, min-p) never emit an excluded token, penalties,
     per-request seeds reproducible regardless of batch composition, and logprobs from the raw
-    logits. Stopping (EOS, stop ids/strings, max_tokens) is the core's."""
+    logits. Stopping (EOS, stop ids/strings, max_tokens) is the core's.
+
+    `logits_in_model_dtype = True`: the sampler takes the logits in the model's dtype (bfloat16
+    or float16 on a GPU) instead of float32, and gives the same tokens and logprobs as it would
+    from their float32 conversion (which is exact: convert rows where arithmetic needs it, e.g.
+    `logits.float().log_softmax(-1)`). The engine then skips a `[rows, vocab]` float32 copy of
+    every step's logits (114 µs a step for 256 rows of Qwen3-0.6B on the H200). The conformance
+    kit checks the promise (`check_sampler`)."""
 
     slot = "sampler"
+    logits_in_model_dtype: ClassVar[bool] = False
 
     @hookimpl
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:

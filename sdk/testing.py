@@ -623,6 +623,8 @@ def check_sampler(
     _check_penalties(sample, logits, expected)
     _check_seeds(sample, logits, vocab_size)
     _check_logprobs(sample, logits, expected if transform is not None else None)
+    if getattr(cls, "logits_in_model_dtype", False):
+        _check_model_dtype_logits(sample, logits)
 
 
 def _check_penalties(sample, logits, transformed) -> None:
@@ -684,6 +686,45 @@ def _check_seeds(sample, logits, vocab_size: int) -> None:
         "per-request seeds are reproducible regardless of batch composition",
         f"seed 1234 alone gave {alone}, in a batch of 5 (third) gave {mixed}",
     )
+
+
+def _check_model_dtype_logits(sample, logits) -> None:
+    """A sampler with `logits_in_model_dtype` gives, from bfloat16 / float16 logits, the tokens
+    and logprobs it gives from their (exact) float32 conversion: greedy, seeded draws with and
+    without filters, penalties, logprobs."""
+
+    def requests() -> list[Request]:
+        made = []
+        for i, extra in enumerate(
+            [
+                {"temperature": 0.0},
+                {"temperature": 0.8, "seed": 7},
+                {"temperature": 1.0, "seed": 8, "top_k": 5},
+                {"temperature": 0.7, "seed": 9, "top_p": 0.6, "logprobs": 3},
+                {"temperature": 0.0, "repetition_penalty": 1.5, "logprobs": 2},
+            ]
+        ):
+            r = Request([1, 2], SamplingParams(**extra))
+            for t in range(i + 1):
+                r.append_token(t)
+            made.append(r)
+        return made
+
+    for dtype in (torch.bfloat16, torch.float16):
+        raw = logits(5).to(dtype)
+        low, full = sample(raw, requests()), sample(raw.float(), requests())
+        _require(
+            low.token_ids == full.token_ids,
+            "logits_in_model_dtype: the same tokens from model-dtype logits as from float32",
+            f"{dtype}: {low.token_ids} vs float32 {full.token_ids}",
+        )
+        for a, b in zip(low.logprobs, full.logprobs):
+            _require(
+                (a is None) == (b is None)
+                and (a is None or (a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-5)),
+                "logits_in_model_dtype: the same logprobs from model-dtype logits as from float32",
+                f"{dtype}: {a} vs float32 {b}",
+            )
 
 
 def _check_logprobs(sample, logits, transformed=None) -> None:

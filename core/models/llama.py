@@ -178,12 +178,15 @@ class CausalLM(nn.Module):
     """A decoder-only language model over flattened batches and a paged KV cache.
 
     `forward(input_ids [T], positions [T], attn)` returns the final hidden states `[T, hidden]`;
-    `compute_logits(hidden [N, hidden])` returns float32 logits `[N, vocab]` (written into
-    `out` when given: the decode CUDA graphs' static buffer, cast in the copy).
+    `compute_logits(hidden [N, hidden])` returns logits `[N, vocab]` in `logits_dtype`
+    (float32; None: the model's dtype, as the LM head computes them, which the model runner
+    sets), written into `out` when given (the decode CUDA graphs' static buffer).
     `fused_kernels` says whether the fused Triton kernels run (`set_fused_kernels`),
     `gemv_kernels` whether the linear layers' GEMV kernels are among them.
     `linear` builds each projection (the linear plugin's layers; dense without one).
     """
+
+    logits_dtype: torch.dtype | None = torch.float32
 
     def __init__(
         self, cfg: ModelConfig, max_len: int, linear: LinearFactory = dense_linear
@@ -229,4 +232,6 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.lm_head(hidden)
-        return logits.float() if out is None else out.copy_(logits)
+        if out is not None:
+            return out.copy_(logits)
+        return logits if self.logits_dtype is None else logits.to(self.logits_dtype)

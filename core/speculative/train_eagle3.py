@@ -217,7 +217,7 @@ def train(args) -> int:
             ids = torch.tensor(ids[: args.max_len], device=device)
             with torch.no_grad():
                 final = target(ids, torch.arange(ids.shape[0], device=device), DenseCausal())
-                teacher = target.compute_logits(final).softmax(-1)
+                teacher = target.compute_logits(final).float().softmax(-1)
                 features = hooks.features().float()
             loss, match = ttt_loss(head, features, ids, teacher, args.ttt_steps)
             (loss / args.batch_size).backward()

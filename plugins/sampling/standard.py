@@ -42,6 +42,9 @@ class StandardSampler(Sampler):
     """
 
     Options = StandardSamplerOptions
+    # bf16 logits (the engine's copy to float32 skipped): argmax and the Gumbel kernel read
+    # them as they are, every other path converts the rows it computes on.
+    logits_in_model_dtype = True
 
     def __init__(self, options: pydantic.BaseModel | None = None) -> None:
         super().__init__(options)
@@ -50,9 +53,11 @@ class StandardSampler(Sampler):
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
         facts = self._batch_facts(requests, logits.shape[-1])
         want_logprobs = facts.want_logprobs
-        raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
+        raw_logprobs = None
+        if want_logprobs:
+            raw_logprobs = logits[want_logprobs].float().log_softmax(dim=-1)
         if facts.penalties:
-            logits = apply_penalties(logits, requests, facts.batch)
+            logits = apply_penalties(logits.float(), requests, facts.batch)
 
         if facts.greedy:
             tokens = logits.argmax(dim=-1)
@@ -146,6 +151,7 @@ class StandardSampler(Sampler):
         """The general path: temperature, top-k / top-p, min-p, then an exponential race drawn
         from each request's own `torch.Generator`."""
         batch = batch if batch is not None else sampling_of(requests)
+        logits = logits.float()  # no copy when it is float32 already
         device, vocab = logits.device, logits.shape[-1]
         k = batch.column("top_k")
         filtered_k = (k > 0) & (k < vocab)  # rows whose top-k filters anything
