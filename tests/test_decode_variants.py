@@ -101,6 +101,12 @@ def test_variants_read_an_fp8_cache(name):
     check(name, LENS, 2, dtype=torch.float16, kv_dtype=FP8, atol=2e-2)
 
 
+def test_f16_dot_variant_reads_an_fp8_cache_under_bf16_queries():
+    """The variant's float16 dots (bf16 queries converted; the interpreter's bf16 dots are
+    wrong, so the variant's own choice is what makes this pass)."""
+    check("s3-fast-f16", LENS, 2, dtype=torch.bfloat16, kv_dtype=FP8, atol=2e-2)
+
+
 def test_fp8_cuda_core_variant_serves_one_kv_head_per_program():
     check("hpall-bn16-w4", LENS, 2, dtype=torch.float16, kv_dtype=FP8, atol=2e-2, fma=True)
 

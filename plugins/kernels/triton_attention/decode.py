@@ -341,7 +341,7 @@ def decode_attention(
     `[>= num_requests, num_heads, num_splits]` (allocated here when None). `config`: the
     launch variant (a `DecodeConfig` or a name in `DECODE_VARIANTS`; default: `decode_config`
     of the batch size); `block_n`, `num_warps`, `num_stages` override its fields. `f16`: run
-    the dots in float16 (default: for an FP8 cache, see `to_dot_dtype`). `fma`: CUDA-core
+    the dots in float16 (default: the config's `f16_dot` for an FP8 cache, see `to_dot_dtype`). `fma`: CUDA-core
     products instead of tensor-core dots, the GQA group not padded to 16 rows, one KV head per
     program (default: `FP8_DECODE` for an FP8 cache with a group of at most 8, else off).
     Everything here is decided on the host from shapes and arguments: capture-safe.
@@ -354,8 +354,9 @@ def decode_attention(
     if isinstance(config, str):
         config = DECODE_VARIANTS[config]
     config = config or decode_config(num_requests)
+    fp8 = k_cache.element_size() == 1
     if fma is None:
-        fma = FP8_DECODE == "fma" and k_cache.element_size() == 1 and group <= 8
+        fma = FP8_DECODE == "fma" and fp8 and group <= 8
     q = unit_last_dim(q)
     block_d = max(16, triton.next_power_of_2(head_dim))
     hp = 1 if fma else heads_per_program(config, num_kv_heads, block_d)
@@ -411,7 +412,7 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
-        F16_DOT=f16_dot(q.dtype, k_cache, f16),
+        F16_DOT=f16_dot(q.dtype, k_cache, config.f16_dot if f16 is None and fp8 else f16),
         FMA=fma,
         num_warps=num_warps or config.num_warps,
         num_stages=num_stages or config.num_stages,

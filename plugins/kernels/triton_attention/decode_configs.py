@@ -37,7 +37,10 @@ class DecodeConfig:
     - `min_chunk`: with splits, each split covers at least this many keys (a multiple of
       `block_n`; 0: `ceil(seq_len / num_splits)`), so a short request uses few splits and a
       long one many: programs of even length over uneven requests;
-    - `split_cap`: at most this many splits (with `min_chunk`, how far it may split).
+    - `split_cap`: at most this many splits (with `min_chunk`, how far it may split);
+    - `f16_dot`: over an FP8 cache, run the dots in float16 (True: e4m3 converts to float16 in
+      one instruction per pair) or in the query's dtype (False); None: `FP8_F16_DOT`. No
+      effect on a 16-bit cache.
     """
 
     block_n: int = 64
@@ -48,6 +51,7 @@ class DecodeConfig:
     prefetch_pages: bool = False
     min_chunk: int = 0
     split_cap: int = MAX_SPLITS
+    f16_dot: bool | None = None
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -61,7 +65,7 @@ _CHUNK = {"min_chunk": 256, "split_cap": 4}
 #: Every variant the sweep times, most promising first after the baseline (the kernel as it
 #: was before variants existed). Names: `s` stages, `w` warps, `bn` keys per tile, `hp`
 #: KV heads per program (`hpall`: all), `fast` head-fastest grid, `pf` page prefetch,
-#: `chunk` splits of at least 256 keys (at most 4).
+#: `chunk` splits of at least 256 keys (at most 4), `f16` float16 dots over an FP8 cache.
 DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "baseline": DecodeConfig(),
     "s3": DecodeConfig(**_S3),
@@ -76,7 +80,10 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "s3-w8": DecodeConfig(num_warps=8, **_S3),
     "bn32-s4": DecodeConfig(block_n=32, num_stages=4),
     "bn32-s4-fast-chunk": DecodeConfig(block_n=32, num_stages=4, **_FAST, **_CHUNK),
+    "bn128-w8": DecodeConfig(block_n=128, num_warps=8),
     "bn128-w8-s3": DecodeConfig(block_n=128, num_warps=8, **_S3),
+    "f16": DecodeConfig(f16_dot=True),
+    "s3-fast-f16": DecodeConfig(**_S3, **_FAST, f16_dot=True),
     "hp2-s3": DecodeConfig(heads_per_program=2, **_S3),
     "hp2-w8-s3-chunk": DecodeConfig(heads_per_program=2, num_warps=8, **_S3, **_CHUNK),
     "hp4-bn32-w8": DecodeConfig(block_n=32, num_warps=8, heads_per_program=4),
