@@ -94,7 +94,8 @@ def test_every_variant_matches_the_reference_unsplit_and_split(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["baseline", "s3-fast-pf-chunk", "hp2-s3", "hpall-bn16-w8-chunk", "bn128-w8-s3"]
+    "name",
+    ["baseline", "s3-fast-pf-chunk", "hp2-s3-fast-pf", "hpall-bn16-w8-chunk", "bn128-w8-s3-pf"],
 )
 def test_variants_read_an_fp8_cache(name):
     """e4m3 keys and values converted in registers, float16 queries (float16 dots)."""
@@ -104,7 +105,7 @@ def test_variants_read_an_fp8_cache(name):
 def test_f16_dot_variant_reads_an_fp8_cache_under_bf16_queries():
     """The variant's float16 dots (bf16 queries converted; the interpreter's bf16 dots are
     wrong, so the variant's own choice is what makes this pass)."""
-    check("s3-fast-f16", LENS, 2, dtype=torch.bfloat16, kv_dtype=FP8, atol=2e-2)
+    check("s3-fast-pf-f16", LENS, 2, dtype=torch.bfloat16, kv_dtype=FP8, atol=2e-2)
 
 
 def test_fp8_cuda_core_variant_serves_one_kv_head_per_program():

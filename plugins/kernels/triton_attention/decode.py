@@ -38,14 +38,16 @@ from pegboard.plugins.kernels.triton_attention.decode_configs import (
 from pegboard.plugins.kernels.triton_attention.launch import dot_precision, num_sms, unit_last_dim
 
 LOG2E = math.log2(math.e)
-F16_MAX = 65504.0
+F16_MAX = tl.constexpr(65504.0)  # (a plain float global does not compile for the GPU)
 #: How the decode kernel multiplies over an FP8 cache: "dot" (tensor cores, float16) or "fma"
 #: (CUDA cores). Not yet measured against each other on the GPU (`scripts/bench_kv_fp8.py
 #: --kernels` times both); `PEGBOARD_FP8_DECODE` overrides.
 FP8_DECODE = os.environ.get("PEGBOARD_FP8_DECODE", "dot")
 #: Float16 dots over an FP8 cache (`to_dot_dtype`): opt-in (`PEGBOARD_FP8_F16_DOT=1`) until it
 #: passes on the GPU — the GPU test of the FP8 Triton path failed with it on (2026-11-30,
-#: H200, cause not yet read), and passes with the 16-bit-query dots used before.
+#: H200). Likely cause, found compiling for sm_90 on a CPU: `F16_MAX` was a plain float
+#: global, which `@triton.jit` refuses when compiling (the interpreter allows it); it is a
+#: `tl.constexpr` now. The decode variants `f16` / `s3-fast-f16` run these dots in the sweep.
 FP8_F16_DOT = os.environ.get("PEGBOARD_FP8_F16_DOT", "0") == "1"
 
 

@@ -60,44 +60,52 @@ class DecodeConfig:
 
 _S3 = {"num_stages": 3}
 _FAST = {"head_fastest": True}
+_PF = {"prefetch_pages": True}
 _CHUNK = {"min_chunk": 256, "split_cap": 4}
 
-#: Every variant the sweep times, most promising first after the baseline (the kernel as it
-#: was before variants existed). Names: `s` stages, `w` warps, `bn` keys per tile, `hp`
-#: KV heads per program (`hpall`: all), `fast` head-fastest grid, `pf` page prefetch,
-#: `chunk` splits of at least 256 keys (at most 4), `f16` float16 dots over an FP8 cache.
+#: Every variant the sweep times: the baseline (the kernel as it was before variants
+#: existed), the likeliest winners, then one knob at a time. Names: `s` stages, `w` warps,
+#: `bn` keys per tile, `hp` KV heads per program (`hpall`: all), `fast` head-fastest grid,
+#: `pf` page prefetch, `chunk` splits of at least 256 keys (at most 4), `f16` float16 dots over
+#: an FP8 cache. What compiling for sm_90 shows (Triton 3.9, no GPU needed): without `pf` the
+#: key/value tiles get one shared-memory buffer whatever `num_stages` (the page-id load takes a
+#: stage), so a program waits for each tile's loads after computing the last; with `pf` and 3
+#: (4) stages they get 2 (3) buffers: one (two) tiles load while one is computed.
 DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "baseline": DecodeConfig(),
+    "s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF),
+    "s4-pf": DecodeConfig(num_stages=4, **_PF),
+    "s3-pf": DecodeConfig(**_S3, **_PF),
+    "s4-fast-pf": DecodeConfig(num_stages=4, **_FAST, **_PF),
+    "bn32-s4-fast-pf": DecodeConfig(block_n=32, num_stages=4, **_FAST, **_PF),
+    "s3-w8-fast-pf": DecodeConfig(num_warps=8, **_S3, **_FAST, **_PF),
+    "s3-fast-pf-chunk": DecodeConfig(**_S3, **_FAST, **_CHUNK, **_PF),
+    "s3-fast-pf-f16": DecodeConfig(**_S3, **_FAST, **_PF, f16_dot=True),
+    "s3-w8-fast-pf-f16": DecodeConfig(num_warps=8, **_S3, **_FAST, **_PF, f16_dot=True),
+    "hp2-s3-fast-pf": DecodeConfig(heads_per_program=2, **_S3, **_FAST, **_PF),
+    "hpall-bn16-w8-s3-pf": DecodeConfig(
+        block_n=16, num_warps=8, num_stages=3, heads_per_program=0, **_PF
+    ),
     "s3": DecodeConfig(**_S3),
     "s4": DecodeConfig(num_stages=4),
     "fast": DecodeConfig(**_FAST),
-    "pf": DecodeConfig(prefetch_pages=True),
+    "pf": DecodeConfig(**_PF),
     "chunk": DecodeConfig(**_CHUNK),
+    "f16": DecodeConfig(f16_dot=True),
     "s3-fast": DecodeConfig(**_S3, **_FAST),
-    "s3-pf": DecodeConfig(**_S3, prefetch_pages=True),
-    "s3-fast-chunk": DecodeConfig(**_S3, **_FAST, **_CHUNK),
-    "s3-fast-pf-chunk": DecodeConfig(**_S3, **_FAST, **_CHUNK, prefetch_pages=True),
     "s3-w8": DecodeConfig(num_warps=8, **_S3),
     "bn32-s4": DecodeConfig(block_n=32, num_stages=4),
-    "bn32-s4-fast-chunk": DecodeConfig(block_n=32, num_stages=4, **_FAST, **_CHUNK),
     "bn128-w8": DecodeConfig(block_n=128, num_warps=8),
-    "bn128-w8-s3": DecodeConfig(block_n=128, num_warps=8, **_S3),
-    "f16": DecodeConfig(f16_dot=True),
-    "s3-fast-f16": DecodeConfig(**_S3, **_FAST, f16_dot=True),
+    "bn128-w8-s3-pf": DecodeConfig(block_n=128, num_warps=8, **_S3, **_PF),
     "hp2-s3": DecodeConfig(heads_per_program=2, **_S3),
-    "hp2-w8-s3-chunk": DecodeConfig(heads_per_program=2, num_warps=8, **_S3, **_CHUNK),
     "hp4-bn32-w8": DecodeConfig(block_n=32, num_warps=8, heads_per_program=4),
-    "hp4-bn32-w8-s3": DecodeConfig(block_n=32, num_warps=8, heads_per_program=4, **_S3),
     "hpall-bn16-w4": DecodeConfig(block_n=16, heads_per_program=0),
-    "hpall-bn32-w8-s1": DecodeConfig(block_n=32, num_warps=8, num_stages=1, heads_per_program=0),
-    "hpall-bn16-w8-chunk": DecodeConfig(
-        block_n=16, num_warps=8, heads_per_program=0, min_chunk=256, split_cap=4
-    ),
+    "hpall-bn16-w8-chunk": DecodeConfig(block_n=16, num_warps=8, heads_per_program=0, **_CHUNK),
 }
 
 #: The variant the engine runs for a decode batch: the first `(fewest requests, name)` pair
 #: whose bound the batch reaches. Set from `bash scripts/device-run.sh decode-sweep`.
-DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast"), (0, "s3"))
+DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast-pf"), (0, "s4-pf"))
 
 
 def decode_config(num_requests: int) -> DecodeConfig:
