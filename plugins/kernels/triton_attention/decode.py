@@ -65,10 +65,13 @@ def to_dot_dtype(q, F16_DOT: tl.constexpr):
 def f16_dot(q_dtype: torch.dtype, k_cache: torch.Tensor, f16: bool | None) -> bool:
     """Whether the kernels run their dots in float16 (see `to_dot_dtype`): `f16`, or by default
     (with `FP8_F16_DOT`) for a one-byte (FP8) cache under 16-bit queries."""
+    return _f16_dot(q_dtype, k_cache.element_size() == 1, f16)
+
+
+def _f16_dot(q_dtype: torch.dtype, fp8: bool, f16: bool | None) -> bool:
     if f16 is not None:
         return f16
-    fp8 = k_cache.element_size() == 1 and q_dtype in (torch.bfloat16, torch.float16)
-    return FP8_F16_DOT and fp8
+    return FP8_F16_DOT and fp8 and q_dtype in (torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -356,25 +359,16 @@ def decode_attention(
     if isinstance(config, str):
         config = DECODE_VARIANTS[config]
     config = config or decode_config(num_requests)
-    fp8 = k_cache.element_size() == 1
-    if fma is None:
-        fma = FP8_DECODE == "fma" and fp8 and group <= 8
     q = unit_last_dim(q)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    hp = 1 if fma else heads_per_program(config, num_kv_heads, block_d)
-    rows = triton.next_power_of_2(group * hp)
-    block_h = rows if fma else max(16, rows)
-    block_n = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 32))
-    if fma:  # the [BLOCK_H, BLOCK_N, BLOCK_D] products live in registers: ~64 per thread
-        block_n = max(16, min(block_n, 8192 // (block_h * block_d)))
+    meta = decode_meta(config, q.dtype, k_cache.dtype, group, num_kv_heads, head_dim,
+                       k_cache.shape[1], num_splits > 1, block_n, f16, fma)  # fmt: skip
     if num_splits > 1 and workspace is None:
         workspace = decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse = workspace if num_splits > 1 else (out, out)
-    head_blocks = num_kv_heads // hp
+    head_blocks = num_kv_heads // meta["HEADS"]
     grid = (num_requests, head_blocks, num_splits)
     if config.head_fastest:
         grid = (head_blocks, num_requests, num_splits)
-    min_chunk = max(-(-config.min_chunk // block_n) * block_n, block_n)  # (no 0: see reduce)
     _decode_kernel[grid](
         q,
         k_cache,
@@ -402,22 +396,9 @@ def decode_attention(
         mid_out.stride(2) if num_splits > 1 else 0,
         mid_lse.stride(0) if num_splits > 1 else 0,
         mid_lse.stride(1) if num_splits > 1 else 0,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        PAGE_SIZE=k_cache.shape[1],
-        SPLIT=num_splits > 1,
-        MIN_CHUNK=min_chunk,
-        HEADS=hp,
-        HEAD_FASTEST=config.head_fastest,
-        PREFETCH=config.prefetch_pages,
-        BLOCK_H=block_h,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype),
-        F16_DOT=f16_dot(q.dtype, k_cache, config.f16_dot if f16 is None and fp8 else f16),
-        FMA=fma,
         num_warps=num_warps or config.num_warps,
         num_stages=num_stages or config.num_stages,
+        **meta,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_requests, num_heads)](
@@ -434,13 +415,56 @@ def decode_attention(
             mid_lse.stride(0),
             mid_lse.stride(1),
             HEAD_DIM=head_dim,
-            MIN_CHUNK=min_chunk,
-            BLOCK_N=block_n,
+            MIN_CHUNK=meta["MIN_CHUNK"],
+            BLOCK_N=meta["BLOCK_N"],
             BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d,
+            BLOCK_D=meta["BLOCK_D"],
             num_warps=4 if head_dim >= 128 else 2,
         )
     return out
+
+
+def decode_meta(
+    config: DecodeConfig,
+    q_dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    group: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    split: bool,
+    block_n: int | None = None,
+    f16: bool | None = None,
+    fma: bool | None = None,
+) -> dict:
+    """`_decode_kernel`'s compile-time arguments for a launch of `config` (see
+    `decode_attention` for `block_n`, `f16`, `fma`); `decode_compile` compiles the same."""
+    fp8 = kv_dtype.itemsize == 1
+    if fma is None:
+        fma = FP8_DECODE == "fma" and fp8 and group <= 8
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    hp = 1 if fma else heads_per_program(config, num_kv_heads, block_d)
+    rows = triton.next_power_of_2(group * hp)
+    block_h = rows if fma else max(16, rows)
+    block_n = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 32))
+    if fma:  # the [BLOCK_H, BLOCK_N, BLOCK_D] products live in registers: ~64 per thread
+        block_n = max(16, min(block_n, 8192 // (block_h * block_d)))
+    return {
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "PAGE_SIZE": page_size,
+        "SPLIT": split,
+        "MIN_CHUNK": max(-(-config.min_chunk // block_n) * block_n, block_n),  # (>0: reduce)
+        "HEADS": hp,
+        "HEAD_FASTEST": config.head_fastest,
+        "PREFETCH": config.prefetch_pages,
+        "BLOCK_H": block_h,
+        "BLOCK_N": block_n,
+        "BLOCK_D": block_d,
+        "PRECISION": dot_precision(q_dtype),
+        "F16_DOT": _f16_dot(q_dtype, fp8, config.f16_dot if f16 is None and fp8 else f16),
+        "FMA": fma,
+    }
 
 
 def decode_workspace(

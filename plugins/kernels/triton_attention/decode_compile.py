@@ -15,11 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from pegboard.plugins.kernels.triton_attention.decode import _decode_kernel
-from pegboard.plugins.kernels.triton_attention.decode_configs import (
-    DecodeConfig,
-    heads_per_program,
-)
+from pegboard.plugins.kernels.triton_attention.decode import _decode_kernel, decode_meta
+from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
 
 _POINTERS = {"Q": "*bf16", "Out": "*bf16", "Mid_out": "*fp32", "Mid_lse": "*fp32",
              "Page_table": "*i32", "Seq_lens": "*i32"}  # fmt: skip
@@ -57,26 +54,9 @@ def compile_decode(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fp8 = kv_dtype.itemsize == 1
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    hp = heads_per_program(config, num_kv_heads, block_d)
-    block_n = config.block_n if head_dim <= 128 else min(config.block_n, 32)
-    constexprs = {
-        "GROUP": group,
-        "HEAD_DIM": head_dim,
-        "PAGE_SIZE": page_size,
-        "SPLIT": split,
-        "MIN_CHUNK": max(-(-config.min_chunk // block_n) * block_n, block_n),
-        "HEADS": hp,
-        "HEAD_FASTEST": config.head_fastest,
-        "PREFETCH": config.prefetch_pages,
-        "BLOCK_H": max(16, triton.next_power_of_2(group * hp)),
-        "BLOCK_N": block_n,
-        "BLOCK_D": block_d,
-        "PRECISION": "tf32",
-        "F16_DOT": bool(fp8 and config.f16_dot),
-        "FMA": False,
-    }
+    constexprs = decode_meta(
+        config, torch.bfloat16, kv_dtype, group, num_kv_heads, head_dim, page_size, split, fma=False
+    )
     signature, attrs = {}, {}
     for i, name in enumerate(_decode_kernel.arg_names):
         if name in constexprs:
