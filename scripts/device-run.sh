@@ -427,5 +427,11 @@ PY
         --no-progress --json "$OUT/serve-qwen3.json" --chart "$OUT/serve-qwen3.png" \
         2>"$OUT/serve-qwen3.err" | tail -40
         kill -TERM $server 2>/dev/null; wait $server ;;
+    decode-sweep) # the paged decode kernel's launch variants (DECODE_VARIANTS): µs, TB/s and error
+        # on the nano-vllm batch and Llama-3.1-8B batch 1 / 64, bf16 and fp8 KV; ends with the table
+        # and the DECODE_DEFAULTS line to commit; VARIANTS=a,b CASES=nano picks; BUDGET_S (150)
+        timeout 240 python3 scripts/bench_decode_attention.py --sweep --budget-s ${BUDGET_S:-150} \
+          ${VARIANTS:+--variants $VARIANTS} ${CASES:+--cases $CASES} --json "$OUT/decode-sweep.json" \
+          2>&1 | tee "$OUT/decode-sweep.log" | tail -45 ;;
   esac
 done

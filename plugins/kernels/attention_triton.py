@@ -323,7 +323,6 @@ class TritonAttentionBackend(AttentionBackend):
                 out,
                 num_splits=self.num_splits,
                 workspace=self.workspace if self.num_splits > 1 else None,
-                block_n=self.decode_block_n,
             )
         else:
             out = self.kernels.extend_attention(

@@ -1,19 +1,24 @@
 """Paged decode attention (one new token per request), flash-decoding style.
 
-`_decode_kernel` runs one program per (request, KV head, split). The program loads the query
-rows of every query head in the KV head's GQA group at once (`[BLOCK_H, head_dim]`), so one
-load of each key/value tile serves the whole group. It walks its share of the request's KV
-length in tiles of `BLOCK_N` tokens, finding each token's page through the request's row of
-the page-table matrix, and keeps an online softmax in float32 (base-2 exponentials, the scale
-folded into the logits).
+`_decode_kernel` runs one program per (request, block of KV heads, split). The program loads
+the query rows of every query head of its KV heads at once, so one load of each key/value tile
+serves the whole GQA group. It walks its share of the request's KV length in tiles of
+`BLOCK_N` tokens, finding each token's page through the request's row of the page-table
+matrix, and keeps an online softmax in float32 (base-2 exponentials, the scale folded into the
+logits). With several KV heads per program (`HEADS`), a tile's key rows hold all of them (one
+contiguous run of `HEADS * head_dim` per token) and each query row is non-zero only in its own
+head's columns, so one dot still gives every row its own head's logits.
 
 With one split the program writes the normalised output. With several, each split covers a
-contiguous range of `ceil(seq_len / num_splits)` tokens (rounded up to whole tiles), writes its
-partial output and log-sum-exp to a float32 workspace, and `_decode_reduce_kernel` (one program
-per request and query head) merges the splits. Splitting keeps the GPU busy when there are few
-requests and long contexts. Splits past a short request's end do no work and report an empty
-log-sum-exp.
-"""
+contiguous range of `ceil(seq_len / num_splits)` tokens (rounded up to whole tiles, and at
+least `MIN_CHUNK`), writes its partial output and log-sum-exp to a float32 workspace, and
+`_decode_reduce_kernel` (one program per request and query head) merges the splits that hold
+keys. Splitting keeps the GPU busy when there are few requests and long contexts. Splits past
+a short request's end do no work and write nothing.
+
+How a launch is shaped (tile, warps, stages, heads per program, grid order, page prefetch,
+split scheme) is a `DecodeConfig` (`decode_configs.py`): named variants, and a table of which
+one the engine runs per batch size."""
 
 from __future__ import annotations
 
@@ -23,17 +28,26 @@ import os
 import torch
 import triton
 import triton.language as tl
+from pegboard.plugins.kernels.triton_attention.decode_configs import (
+    DECODE_VARIANTS,
+    MAX_SPLITS,
+    DecodeConfig,
+    decode_config,
+    heads_per_program,
+)
 from pegboard.plugins.kernels.triton_attention.launch import dot_precision, num_sms, unit_last_dim
 
 LOG2E = math.log2(math.e)
-F16_MAX = 65504.0
+F16_MAX = tl.constexpr(65504.0)  # (a plain float global does not compile for the GPU)
 #: How the decode kernel multiplies over an FP8 cache: "dot" (tensor cores, float16) or "fma"
 #: (CUDA cores). Not yet measured against each other on the GPU (`scripts/bench_kv_fp8.py
 #: --kernels` times both); `PEGBOARD_FP8_DECODE` overrides.
 FP8_DECODE = os.environ.get("PEGBOARD_FP8_DECODE", "dot")
 #: Float16 dots over an FP8 cache (`to_dot_dtype`): opt-in (`PEGBOARD_FP8_F16_DOT=1`) until it
 #: passes on the GPU — the GPU test of the FP8 Triton path failed with it on (2026-11-30,
-#: H200, cause not yet read), and passes with the 16-bit-query dots used before.
+#: H200). Likely cause, found compiling for sm_90 on a CPU: `F16_MAX` was a plain float
+#: global, which `@triton.jit` refuses when compiling (the interpreter allows it); it is a
+#: `tl.constexpr` now. The decode variants `f16` / `s3-fast-f16` run these dots in the sweep.
 FP8_F16_DOT = os.environ.get("PEGBOARD_FP8_F16_DOT", "0") == "1"
 
 
@@ -51,10 +65,21 @@ def to_dot_dtype(q, F16_DOT: tl.constexpr):
 def f16_dot(q_dtype: torch.dtype, k_cache: torch.Tensor, f16: bool | None) -> bool:
     """Whether the kernels run their dots in float16 (see `to_dot_dtype`): `f16`, or by default
     (with `FP8_F16_DOT`) for a one-byte (FP8) cache under 16-bit queries."""
+    return _f16_dot(q_dtype, k_cache.element_size() == 1, f16)
+
+
+def _f16_dot(q_dtype: torch.dtype, fp8: bool, f16: bool | None) -> bool:
     if f16 is not None:
         return f16
-    fp8 = k_cache.element_size() == 1 and q_dtype in (torch.bfloat16, torch.float16)
-    return FP8_F16_DOT and fp8
+    return FP8_F16_DOT and fp8 and q_dtype in (torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _split_chunk(seq_len, num_splits, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per split of a request of `seq_len` keys: `ceil(seq_len / num_splits)` rounded up
+    to whole tiles, and at least `MIN_CHUNK` (which the launcher keeps >= `BLOCK_N`, so a
+    request without keys gets a non-zero chunk too)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_CHUNK)
 
 
 @triton.jit
@@ -68,6 +93,7 @@ def _decode_kernel(
     Page_table,
     Seq_lens,
     qk_scale,
+    num_splits,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -87,7 +113,11 @@ def _decode_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,
+    HEADS: tl.constexpr,
+    HEAD_FASTEST: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -95,57 +125,71 @@ def _decode_kernel(
     F16_DOT: tl.constexpr,
     FMA: tl.constexpr,
 ):
-    req = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEAD_FASTEST:
+        head_block = tl.program_id(0)
+        req = tl.program_id(1)
+    else:
+        req = tl.program_id(0)
+        head_block = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(Seq_lens + req)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    if SPLIT:
+        chunk = _split_chunk(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
+        start = split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+    else:
+        start = 0
+        end = seq_len
+    kv_head0 = head_block * HEADS
 
+    # Rows: the query heads of the program's KV heads (row r: KV head r // GROUP). Columns:
+    # HEADS * BLOCK_D, head c // BLOCK_D's dimension c % BLOCK_D; each row's query sits in its
+    # KV head's columns only, so one dot over a key row of all the heads gives every row's
+    # logits against its own head (with HEADS == 1: the plain [group, head_dim] query).
     offs_h = tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + offs_h
-    h_mask = offs_h < GROUP
+    offs_c = tl.arange(0, HEADS * BLOCK_D)
+    if HEADS == 1:
+        col_head = tl.zeros([BLOCK_D], dtype=tl.int32)
+        offs_d = offs_c
+    else:
+        col_head = offs_c // BLOCK_D
+        offs_d = offs_c % BLOCK_D
+    heads = kv_head0 * GROUP + offs_h
+    h_mask = offs_h < tl.where(start < end, GROUP * HEADS, 0)  # an empty split writes nothing
     d_mask = offs_d < HEAD_DIM
+    rc_mask = h_mask[:, None] & d_mask[None, :] & ((offs_h // GROUP)[:, None] == col_head[None, :])
     q = tl.load(
         Q + req * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None] & d_mask[None, :],
+        mask=rc_mask,
         other=0.0,
     )
     if FMA:
         q = q.to(tl.float32)
     else:
         q = to_dot_dtype(q, F16_DOT)
+    k_cols = (kv_head0 + col_head)[None, :] * stride_kh + offs_d[None, :]
+    v_cols = (kv_head0 + col_head)[None, :] * stride_vh + offs_d[None, :]
     pages_row = Page_table + req.to(tl.int64) * stride_pt
+    if PREFETCH:  # the first tile's page ids; each iteration loads the next tile's
+        first = start + offs_n
+        pages = tl.load(pages_row + first // PAGE_SIZE, mask=first < end, other=0).to(tl.int64)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEADS * BLOCK_D], dtype=tl.float32)
     for tile in range(start, end, BLOCK_N):
         toks = tile + offs_n
         n_mask = toks < end
-        pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        in_page = toks % PAGE_SIZE
+        if not PREFETCH:
+            pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        rows = pages * stride_kp + (toks % PAGE_SIZE) * stride_ks
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            K_cache
-            + pages[:, None] * stride_kp
-            + in_page[:, None] * stride_ks
-            + kv_head * stride_kh
-            + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            V_cache
-            + pages[:, None] * stride_vp
-            + in_page[:, None] * stride_vs
-            + kv_head * stride_vh
-            + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        k = tl.load(K_cache + rows[:, None] + k_cols, mask=kv_mask, other=0.0)
+        v_rows = pages * stride_vp + (toks % PAGE_SIZE) * stride_vs
+        v = tl.load(V_cache + v_rows[:, None] + v_cols, mask=kv_mask, other=0.0)
+        if PREFETCH:
+            nxt = toks + BLOCK_N
+            pages = tl.load(pages_row + nxt // PAGE_SIZE, mask=nxt < end, other=0).to(tl.int64)
         if FMA:  # CUDA cores: [BLOCK_H, BLOCK_N, BLOCK_D] products, reduced over D
             qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
         else:
@@ -162,22 +206,24 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    out_mask = h_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    # Each row's output: its KV head's columns of `acc` (the others hold other heads' values).
+    if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(
             Out + req * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
             out.to(Out.dtype.element_ty),
-            mask=out_mask,
+            mask=rc_mask,
         )
     else:
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         mid = req.to(tl.int64) * stride_mb + heads * stride_mh + split * stride_ms
-        tl.store(Mid_out + mid[:, None] + offs_d[None, :], out, mask=out_mask)
+        tl.store(Mid_out + mid[:, None] + offs_d[None, :], out, mask=rc_mask)
         tl.store(
-            Mid_lse + req.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=h_mask
+            Mid_lse + req.to(tl.int64) * stride_lb + heads * stride_lh + split,
+            lse,
+            mask=h_mask,
         )
 
 
@@ -186,6 +232,8 @@ def _decode_reduce_kernel(
     Out,
     Mid_out,
     Mid_lse,
+    Seq_lens,
+    num_splits,
     stride_ot,
     stride_oh,
     stride_mb,
@@ -194,25 +242,30 @@ def _decode_reduce_kernel(
     stride_lb,
     stride_lh,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Merge the splits that hold keys (the others wrote nothing); a request without keys (a
+    padded row) gets zeros."""
     req = tl.program_id(0)
     head = tl.program_id(1)
+    seq_len = tl.load(Seq_lens + req)
+    used = tl.cdiv(seq_len, _split_chunk(seq_len, num_splits, MIN_CHUNK, BLOCK_N))
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < used
     base = req.to(tl.int64) * stride_mb + head * stride_mh + offs_s * stride_ms
     lse_row = Mid_lse + req.to(tl.int64) * stride_lb + head * stride_lh
     lse = tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, 0))
+    weights = tl.where(s_mask, tl.exp2(lse - tl.max(tl.where(s_mask, lse, -1e30), 0)), 0.0)
     parts = tl.load(
         Mid_out + base[:, None] + offs_d[None, :],
         mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
-    out = tl.sum(weights[:, None] * parts, 0) / tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * parts, 0) / tl.maximum(tl.sum(weights, 0), 1e-30)
     tl.store(
         Out + req * stride_ot + head * stride_oh + offs_d,
         out.to(Out.dtype.element_ty),
@@ -221,19 +274,47 @@ def _decode_reduce_kernel(
 
 
 def choose_num_splits(
-    num_requests: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int
+    num_requests: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+    block_n: int | None = None,
+    config: DecodeConfig | None = None,
 ) -> int:
-    """Splits per request so that about two programs per SM run, but never so many that a
-    split gets fewer than two tiles of keys, and at most 16. (On the H100, 64 requests x 8 KV
-    heads ran fastest unsplit, one request of 8192 tokens with 16 splits: docs/benchmarks.md.)"""
-    programs = num_requests * num_kv_heads
+    """Splits per request for the variant the batch runs (`config`, else `decode_config`):
+    about two programs per SM, but never so many that a split gets fewer than two tiles of
+    keys, and at most the variant's `split_cap` (16); a variant with `min_chunk` splits up to
+    `ceil(max_seq_len / min_chunk)` whatever the batch. Never more than a batch of one request
+    gets (under its own variant), which sizes the CUDA graphs' workspace. (On the H100, 64
+    requests x 8 KV heads ran fastest unsplit, one request of 8192 tokens with 16 splits:
+    docs/benchmarks.md.) `block_n`: ignored, the variant's tile counts (kept for callers)."""
+    splits = _splits(num_requests, num_kv_heads, max_seq_len, device, config)
+    if num_requests > 1 and config is None:
+        splits = min(splits, _splits(1, num_kv_heads, max_seq_len, device, None))
+    return splits
+
+
+def _splits(
+    num_requests: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+    config: DecodeConfig | None,
+) -> int:
+    config = config or decode_config(num_requests)
+    hp = heads_per_program(config, num_kv_heads, 128)
+    programs = num_requests * (num_kv_heads // hp)
     wanted = triton.cdiv(2 * num_sms(device), max(programs, 1))
-    useful = triton.cdiv(max_seq_len, 2 * block_n)
-    return max(1, min(wanted, useful, 16))
+    useful = triton.cdiv(max_seq_len, 2 * config.block_n)
+    splits = min(wanted, useful)
+    if config.min_chunk:
+        splits = max(splits, triton.cdiv(max_seq_len, config.min_chunk))
+    return max(1, min(splits, config.split_cap, MAX_SPLITS))
 
 
 def decode_block_n(head_dim: int) -> int:
-    """Keys per tile of the decode kernel: 64 (32 for head sizes above 128)."""
+    """Keys per tile of the decode kernel's one-request variant: 64 (32 for head sizes above
+    128); kept for callers (each variant has its own tile)."""
     return 64 if head_dim <= 128 else 32
 
 
@@ -248,10 +329,11 @@ def decode_attention(
     num_splits: int = 1,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     f16: bool | None = None,
     fma: bool | None = None,
+    config: DecodeConfig | str | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged KV; returns `out`.
 
@@ -261,28 +343,33 @@ def decode_attention(
     `seq_lens`: int32 `[>= num_requests]`, keys each request attends to (its new one included).
     With `num_splits > 1`, `workspace` holds float32 partial outputs
     `[>= num_requests, num_heads, num_splits, head_dim]` and log-sum-exps
-    `[>= num_requests, num_heads, num_splits]` (allocated here when None). `f16`: run the
-    dots in float16 (default: for an FP8 cache, see `to_dot_dtype`). `fma`: CUDA-core products
-    instead of tensor-core dots, the GQA group not padded to 16 rows (default: `FP8_DECODE`
-    for an FP8 cache with a group of at most 8, else off).
+    `[>= num_requests, num_heads, num_splits]` (allocated here when None). `config`: the
+    launch variant (a `DecodeConfig` or a name in `DECODE_VARIANTS`; default: `decode_config`
+    of the batch size); `block_n`, `num_warps`, `num_stages` override its fields. `f16`: run
+    the dots in float16 (default: the config's `f16_dot` for an FP8 cache, see `to_dot_dtype`). `fma`: CUDA-core
+    products instead of tensor-core dots, the GQA group not padded to 16 rows, one KV head per
+    program (default: `FP8_DECODE` for an FP8 cache with a group of at most 8, else off).
+    Everything here is decided on the host from shapes and arguments: capture-safe.
     """
     num_requests, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if num_requests == 0:
         return out
-    if fma is None:
-        fma = FP8_DECODE == "fma" and k_cache.element_size() == 1 and group <= 8
-    block_h = triton.next_power_of_2(group) if fma else max(16, triton.next_power_of_2(group))
+    if isinstance(config, str):
+        config = DECODE_VARIANTS[config]
+    config = config or decode_config(num_requests)
     q = unit_last_dim(q)
-    block_n = block_n or decode_block_n(head_dim)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if fma:  # the [BLOCK_H, BLOCK_N, BLOCK_D] products live in registers: ~64 per thread
-        block_n = max(16, min(block_n, 8192 // (block_h * block_d)))
+    meta = decode_meta(config, q.dtype, k_cache.dtype, group, num_kv_heads, head_dim,
+                       k_cache.shape[1], num_splits > 1, block_n, f16, fma)  # fmt: skip
     if num_splits > 1 and workspace is None:
         workspace = decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse = workspace if num_splits > 1 else (out, out)
-    _decode_kernel[(num_requests, num_kv_heads, num_splits)](
+    head_blocks = num_kv_heads // meta["HEADS"]
+    grid = (num_requests, head_blocks, num_splits)
+    if config.head_fastest:
+        grid = (head_blocks, num_requests, num_splits)
+    _decode_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -292,6 +379,7 @@ def decode_attention(
         page_table,
         seq_lens,
         scale * LOG2E,
+        num_splits,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -308,24 +396,17 @@ def decode_attention(
         mid_out.stride(2) if num_splits > 1 else 0,
         mid_lse.stride(0) if num_splits > 1 else 0,
         mid_lse.stride(1) if num_splits > 1 else 0,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        PAGE_SIZE=k_cache.shape[1],
-        NUM_SPLITS=num_splits,
-        BLOCK_H=block_h,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype),
-        F16_DOT=f16_dot(q.dtype, k_cache, f16),
-        FMA=fma,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps or config.num_warps,
+        num_stages=num_stages or config.num_stages,
+        **meta,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_requests, num_heads)](
             out,
             mid_out,
             mid_lse,
+            seq_lens,
+            num_splits,
             out.stride(0),
             out.stride(1),
             mid_out.stride(0),
@@ -334,12 +415,56 @@ def decode_attention(
             mid_lse.stride(0),
             mid_lse.stride(1),
             HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
+            MIN_CHUNK=meta["MIN_CHUNK"],
+            BLOCK_N=meta["BLOCK_N"],
             BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d,
+            BLOCK_D=meta["BLOCK_D"],
             num_warps=4 if head_dim >= 128 else 2,
         )
     return out
+
+
+def decode_meta(
+    config: DecodeConfig,
+    q_dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    group: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    split: bool,
+    block_n: int | None = None,
+    f16: bool | None = None,
+    fma: bool | None = None,
+) -> dict:
+    """`_decode_kernel`'s compile-time arguments for a launch of `config` (see
+    `decode_attention` for `block_n`, `f16`, `fma`); `decode_compile` compiles the same."""
+    fp8 = kv_dtype.itemsize == 1
+    if fma is None:
+        fma = FP8_DECODE == "fma" and fp8 and group <= 8
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    hp = 1 if fma else heads_per_program(config, num_kv_heads, block_d)
+    rows = triton.next_power_of_2(group * hp)
+    block_h = rows if fma else max(16, rows)
+    block_n = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 32))
+    if fma:  # the [BLOCK_H, BLOCK_N, BLOCK_D] products live in registers: ~64 per thread
+        block_n = max(16, min(block_n, 8192 // (block_h * block_d)))
+    return {
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "PAGE_SIZE": page_size,
+        "SPLIT": split,
+        "MIN_CHUNK": max(-(-config.min_chunk // block_n) * block_n, block_n),  # (>0: reduce)
+        "HEADS": hp,
+        "HEAD_FASTEST": config.head_fastest,
+        "PREFETCH": config.prefetch_pages,
+        "BLOCK_H": block_h,
+        "BLOCK_N": block_n,
+        "BLOCK_D": block_d,
+        "PRECISION": dot_precision(q_dtype),
+        "F16_DOT": _f16_dot(q_dtype, fp8, config.f16_dot if f16 is None and fp8 else f16),
+        "FMA": fma,
+    }
 
 
 def decode_workspace(

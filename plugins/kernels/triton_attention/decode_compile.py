@@ -1,0 +1,113 @@
+"""Compile the decode kernel for a GPU without one: does a variant build for sm_90, how much
+shared memory does it take, and how many key/value tiles does it keep in flight?
+
+Triton compiles ahead for any target (`triton.compile` with a `GPUTarget`, `ptxas` ships with
+it), so this runs on a CPU. It catches what the interpreter does not (code the compiler
+refuses: a non-constexpr global, a tile over the shared-memory limit) and shows how Triton
+pipelined the loop: the depth of the shared-memory buffers of the key/value tiles (1: each
+tile is waited for after the last is computed; 2 or more: loads overlap compute).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import triton
+from pegboard.plugins.kernels.triton_attention.decode import _decode_kernel, decode_meta
+from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
+
+_POINTERS = {"Q": "*bf16", "Out": "*bf16", "Mid_out": "*fp32", "Mid_lse": "*fp32",
+             "Page_table": "*i32", "Seq_lens": "*i32"}  # fmt: skip
+_KV = {torch.bfloat16: "*bf16", torch.float8_e4m3fn: "*fp8e4nv"}
+
+
+def _jit(fn):
+    """The compilable kernel; under `TRITON_INTERPRET=1` there is none (`@triton.jit` gave
+    interpreted functions, callees included): run this in a process without it."""
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError("compile_decode needs a process without TRITON_INTERPRET=1")
+    return fn
+
+
+@dataclass
+class Compiled:
+    shared_bytes: int
+    kv_buffers: int  # shared-memory slots of the key tile: tiles in flight + 1 being computed
+
+
+def compile_decode(
+    config: DecodeConfig,
+    kv_dtype: torch.dtype = torch.bfloat16,
+    group: int = 2,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    page_size: int = 16,
+    split: bool = False,
+    capability: int = 90,
+) -> Compiled:
+    """Compile `_decode_kernel` as `decode_attention` launches it for `config` (bf16 queries,
+    strides divisible by 16 as the pool's are); raises what the compiler raises."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = decode_meta(
+        config, torch.bfloat16, kv_dtype, group, num_kv_heads, head_dim, page_size, split, fma=False
+    )
+    signature, attrs = {}, {}
+    for i, name in enumerate(_decode_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTERS or name in ("K_cache", "V_cache"):
+            signature[name] = _POINTERS.get(name) or _KV[kv_dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:  # strides (the page table's row length need not be a multiple of 16), splits
+            signature[name] = "i32"
+            if name.startswith("stride") and name != "stride_pt":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(
+        ASTSource(_jit(_decode_kernel), signature, constexprs, attrs),
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    ttgir = kernel.asm["ttgir"]
+    depths = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
+    return Compiled(kernel.metadata.shared, max(map(int, depths), default=0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pegboard.plugins.kernels.triton_attention.decode_compile [names] [--json]`:
+    each variant (default: all) compiled for sm_90 with bf16 and FP8 caches (GQA group 2,
+    unsplit, and group 4 split): shared memory and key/value buffers, or the error."""
+    import argparse
+    import json
+
+    from pegboard.plugins.kernels.triton_attention.decode_configs import DECODE_VARIANTS
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("names", nargs="*", default=list(DECODE_VARIANTS))
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = p.parse_args(argv)
+    rows = {}
+    for name in args.names:
+        for kv, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+            for group, split in ((2, False), (4, True)):
+                key = f"{name} {kv} group {group}{' split' if split else ''}"
+                try:
+                    c = compile_decode(DECODE_VARIANTS[name], dtype, group=group, split=split)
+                    rows[key] = {"shared_bytes": c.shared_bytes, "kv_buffers": c.kv_buffers}
+                except Exception as err:  # noqa: BLE001 - reported per variant
+                    rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                if not args.json:
+                    print(f"{key:40s} {rows[key]}", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Launch variants of the paged decode kernel, and which one the engine runs.
+
+A `DecodeConfig` fixes everything about a decode launch that does not change its result: the
+tile of keys per iteration, warps and pipeline stages, how many KV heads one program serves,
+the grid's order, whether the next tile's page ids are loaded a tile ahead, and how finely a
+request's keys are split. `DECODE_VARIANTS` names the ones `scripts/bench_decode_attention.py
+--sweep` compares (every one is checked against the torch reference by the tests), and
+`DECODE_DEFAULTS` says which the engine runs for a batch of a given size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: At most this many splits per request (the CUDA graphs' workspace is sized by it).
+MAX_SPLITS = 16
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One launch variant of `_decode_kernel` (see docs/kernels.md, "Decode variants").
+
+    - `block_n`: keys per tile (halved, at most 32, for head sizes above 128);
+    - `num_warps`, `num_stages`: Triton's; with `num_stages=2` Triton's pipeliner leaves the
+      key/value loads, whose addresses come from the page-table load of the same tile, in
+      place (two dependent memory latencies per tile); 3 and more pipeline them;
+    - `heads_per_program`: KV heads one program serves (0: all of them). Above 1 the program
+      loads each token's keys of its heads as one contiguous row (`heads * head_dim`) and
+      runs one dot over them with the query rows placed block-diagonally (each query row
+      non-zero only in its KV head's columns), so the tensor-core work per key equals the
+      one-head program's and the bytes per load grow;
+    - `head_fastest`: grid `(head blocks, requests, splits)` instead of `(requests, head
+      blocks, splits)`, so the programs reading the same pages (one request's KV heads) run
+      at the same time;
+    - `prefetch_pages`: load the next tile's page ids while this tile's keys arrive, which
+      takes the page-table load off the key/value loads' critical path;
+    - `min_chunk`: with splits, each split covers at least this many keys (a multiple of
+      `block_n`; 0: `ceil(seq_len / num_splits)`), so a short request uses few splits and a
+      long one many: programs of even length over uneven requests;
+    - `split_cap`: at most this many splits (with `min_chunk`, how far it may split);
+    - `f16_dot`: over an FP8 cache, run the dots in float16 (True: e4m3 converts to float16 in
+      one instruction per pair) or in the query's dtype (False); None: `FP8_F16_DOT`. No
+      effect on a 16-bit cache.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    heads_per_program: int = 1
+    head_fastest: bool = False
+    prefetch_pages: bool = False
+    min_chunk: int = 0
+    split_cap: int = MAX_SPLITS
+    f16_dot: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_chunk % self.block_n:
+            raise ValueError(f"min_chunk {self.min_chunk} is not a multiple of {self.block_n}")
+
+
+_S3 = {"num_stages": 3}
+_FAST = {"head_fastest": True}
+_PF = {"prefetch_pages": True}
+_CHUNK = {"min_chunk": 256, "split_cap": 4}
+
+#: Every variant the sweep times: the baseline (the kernel as it was before variants
+#: existed), the likeliest winners, then one knob at a time. Names: `s` stages, `w` warps,
+#: `bn` keys per tile, `hp` KV heads per program (`hpall`: all), `fast` head-fastest grid,
+#: `pf` page prefetch, `chunk` splits of at least 256 keys (at most 4), `f16` float16 dots over
+#: an FP8 cache. What compiling for sm_90 shows (Triton 3.9, no GPU needed): without `pf` the
+#: key/value tiles get one shared-memory buffer whatever `num_stages` (the page-id load takes a
+#: stage), so a program waits for each tile's loads after computing the last; with `pf` and 3
+#: (4) stages they get 2 (3) buffers: one (two) tiles load while one is computed.
+DECODE_VARIANTS: dict[str, DecodeConfig] = {
+    "baseline": DecodeConfig(),
+    "s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF),
+    "s4-pf": DecodeConfig(num_stages=4, **_PF),
+    "s3-pf": DecodeConfig(**_S3, **_PF),
+    "s4-fast-pf": DecodeConfig(num_stages=4, **_FAST, **_PF),
+    "bn32-s4-fast-pf": DecodeConfig(block_n=32, num_stages=4, **_FAST, **_PF),
+    "s3-w8-fast-pf": DecodeConfig(num_warps=8, **_S3, **_FAST, **_PF),
+    "s3-fast-pf-chunk": DecodeConfig(**_S3, **_FAST, **_CHUNK, **_PF),
+    "s3-fast-pf-f16": DecodeConfig(**_S3, **_FAST, **_PF, f16_dot=True),
+    "s3-w8-fast-pf-f16": DecodeConfig(num_warps=8, **_S3, **_FAST, **_PF, f16_dot=True),
+    "hp2-s3-fast-pf": DecodeConfig(heads_per_program=2, **_S3, **_FAST, **_PF),
+    "hpall-bn16-w8-s3-pf": DecodeConfig(
+        block_n=16, num_warps=8, num_stages=3, heads_per_program=0, **_PF
+    ),
+    "s3": DecodeConfig(**_S3),
+    "s4": DecodeConfig(num_stages=4),
+    "fast": DecodeConfig(**_FAST),
+    "pf": DecodeConfig(**_PF),
+    "chunk": DecodeConfig(**_CHUNK),
+    "f16": DecodeConfig(f16_dot=True),
+    "s3-fast": DecodeConfig(**_S3, **_FAST),
+    "s3-w8": DecodeConfig(num_warps=8, **_S3),
+    "bn32-s4": DecodeConfig(block_n=32, num_stages=4),
+    "bn128-w8": DecodeConfig(block_n=128, num_warps=8),
+    "bn128-w8-s3-pf": DecodeConfig(block_n=128, num_warps=8, **_S3, **_PF),
+    "hp2-s3": DecodeConfig(heads_per_program=2, **_S3),
+    "hp4-bn32-w8": DecodeConfig(block_n=32, num_warps=8, heads_per_program=4),
+    "hpall-bn16-w4": DecodeConfig(block_n=16, heads_per_program=0),
+    "hpall-bn16-w8-chunk": DecodeConfig(block_n=16, num_warps=8, heads_per_program=0, **_CHUNK),
+}
+
+#: The variant the engine runs for a decode batch: the first `(fewest requests, name)` pair
+#: whose bound the batch reaches. Set from `bash scripts/device-run.sh decode-sweep`.
+DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast-pf"), (0, "s4-pf"))
+
+
+def decode_config(num_requests: int) -> DecodeConfig:
+    """The variant `DECODE_DEFAULTS` picks for a decode batch of `num_requests` requests."""
+    for fewest, name in DECODE_DEFAULTS:
+        if num_requests >= fewest:
+            return DECODE_VARIANTS[name]
+    return DECODE_VARIANTS[DECODE_DEFAULTS[-1][1]]
+
+
+def heads_per_program(config: DecodeConfig, num_kv_heads: int, block_d: int) -> int:
+    """KV heads one program serves: the config's (0: all), lowered to a power of two that
+    divides `num_kv_heads` and whose keys fit a row of at most 1024 elements."""
+    hp = min(config.heads_per_program or num_kv_heads, num_kv_heads)
+    hp = 1 << (hp.bit_length() - 1)  # a power of two: the key row is a `tl.arange`
+    while hp > 1 and (num_kv_heads % hp or hp * block_d > 1024):
+        hp //= 2
+    return hp

@@ -1,0 +1,51 @@
+"""The decode kernel compiled for sm_90 on any machine (Triton compiles ahead with the `ptxas`
+it ships): the variants the engine runs must build for the GPU, which the interpreter does not
+check (a plain float global read by a kernel ran in the interpreter and failed on the H200).
+Runs in a subprocess: other test modules import the kernels under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia", reason="triton without its CUDA backend")
+
+from pegboard.plugins.kernels.triton_attention.decode_configs import DECODE_DEFAULTS  # noqa: E402
+
+# The engine's, the baseline, and one with float16 dots over FP8 (`to_dot_dtype`'s clamp).
+VARIANTS = list(
+    dict.fromkeys(["baseline", "s3-fast-pf", "s3-fast-pf-f16", *(n for _, n in DECODE_DEFAULTS)])
+)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pegboard.plugins.kernels.triton_attention.decode_compile",
+         *VARIANTS, "--json"],
+        capture_output=True, text=True, env=env, timeout=600, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_the_engines_decode_variants_and_f16_dots_compile_for_sm90(compiled):
+    assert len(compiled) == 4 * len(VARIANTS)  # bf16/fp8 x unsplit group 2/split group 4
+    errors = {k: r["error"] for k, r in compiled.items() if "error" in r}
+    assert not errors
+    assert all(r["shared_bytes"] <= 227 * 1024 for r in compiled.values())  # an H100/H200 SM
+
+
+@pytest.mark.slow
+def test_page_prefetch_gives_the_key_value_tiles_a_second_buffer(compiled):
+    """Why the `pf` variants exist: without them Triton keeps one key/value tile in shared
+    memory (a program waits for each tile after computing the last); with the next tile's page
+    ids loaded ahead and 3 stages it keeps two (one loads while the other is computed)."""
+    assert compiled["baseline bf16 group 2"]["kv_buffers"] == 1
+    assert compiled["s3-fast-pf bf16 group 2"]["kv_buffers"] == 2
+    assert compiled["s3-fast-pf fp8 group 4 split"]["kv_buffers"] == 2
