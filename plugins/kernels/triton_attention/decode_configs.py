@@ -10,6 +10,7 @@ request's keys are split. `DECODE_VARIANTS` names the ones `scripts/bench_decode
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 #: At most this many splits per request (the CUDA graphs' workspace is sized by it).
@@ -106,6 +107,25 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
 #: The variant the engine runs for a decode batch: the first `(fewest requests, name)` pair
 #: whose bound the batch reaches. Set from `bash scripts/device-run.sh decode-sweep`.
 DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast-pf"), (0, "s4-pf"))
+
+
+def _defaults_from_env(text: str) -> tuple[tuple[int, str], ...]:
+    """`PEGBOARD_DECODE_DEFAULTS` ("32:s3-fast-pf,0:s4-pf", or one name for every batch):
+    the same table without an edit, for A/B runs on the GPU."""
+    pairs = []
+    for item in text.split(","):
+        fewest, _, name = item.strip().rpartition(":")
+        if name not in DECODE_VARIANTS:
+            raise ValueError(
+                f"PEGBOARD_DECODE_DEFAULTS: unknown decode variant {name!r}; "
+                f"known: {', '.join(DECODE_VARIANTS)}"
+            )
+        pairs.append((int(fewest or 0), name))
+    return tuple(sorted(pairs, reverse=True))
+
+
+if os.environ.get("PEGBOARD_DECODE_DEFAULTS"):
+    DECODE_DEFAULTS = _defaults_from_env(os.environ["PEGBOARD_DECODE_DEFAULTS"])
 
 
 def decode_config(num_requests: int) -> DecodeConfig:
