@@ -58,6 +58,7 @@ def reference(x: torch.Tensor, p, bias=None) -> torch.Tensor:
         (16, W4A16Config(16, 16, 32)),  # tensor cores
         (20, W4A16Config(16, 32, 32, split_k=2)),  # tensor cores, split K, ragged M
         (5, W4A16Config(16, 16, 128)),  # tensor cores, a step spanning several groups
+        (1, W4A16Config(16, 32, 64, split_k=2)),  # tensor cores for one row, split K
     ],
     ids=str,
 )
@@ -115,8 +116,8 @@ def test_default_configs_split_k_only_where_it_divides():
             for group in (32, 64, 128, k):
                 cfg = pick_config(m, n, k, group)
                 assert k % (cfg.block_k * cfg.split_k) == 0
-                assert cfg.dot == (m > 2)  # tensor cores from 3 rows, 16 rows a tile at least
-                assert not cfg.dot or cfg.block_m >= 16
+                assert group % cfg.block_k == 0  # a step inside one group: scale after the dot
+                assert cfg.dot and cfg.block_m >= 16  # tensor cores at every row count
 
 
 def test_measured_table_entries_are_used_for_their_device_and_shape(monkeypatch):
