@@ -117,20 +117,24 @@ def _dot_kernel(
     wait_for_inputs(PDL)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(K_SPLIT // BLOCK_K):
+    STEPS: tl.constexpr = K_SPLIT // BLOCK_K
+    for i in range(STEPS):
         kb = k0 + i * BLOCK_K
-        if i > 0:
-            words = _words(qw_ptr, kb, kw, offs_n, n_mask, N)
+        current = words
+        # the next step's words are in flight while this one is unpacked and multiplied (the
+        # last step reloads its own: a cache hit, no branch)
+        words = _words(qw_ptr, k0 + tl.minimum(i + 1, STEPS - 1) * BLOCK_K, kw, offs_n, n_mask, N)
         x = tl.load(x_ptrs + i * BLOCK_K, mask=m_mask, other=0.0)
         if POST_SCALE:  # 16-bit x, the step inside one group: no float work per weight
-            qm = _unpack16(words, MAGIC16, x.dtype)
+            qm = _unpack16(current, MAGIC16, x.dtype)
             scale = _group_params(s_ptr, kb, kw, offs_n, n_mask, N, GROUP, BLOCK_K)
             offset = _group_params(o_ptr, kb, kw, offs_n, n_mask, N, GROUP, BLOCK_K)
-            x_sum = tl.sum(x.to(tl.float32), axis=1)[:, None]
+            # sum(x) per row on the tensor cores too (x times a block of ones: exact products)
+            x_sum = tl.max(tl.dot(x, tl.full((BLOCK_K, 16), 1.0, x.dtype)), axis=1)[:, None]
             xq = tl.dot(x, qm) - MAGIC_VALUE * x_sum  # sum of x * q, exact products
             acc += xq * scale + x_sum * offset
         else:  # de-quantize the tile in float32, round once to x's dtype
-            q = _unpack16(words, MAGIC16, tl.bfloat16).to(tl.float32) - MAGIC_VALUE
+            q = _unpack16(current, MAGIC16, tl.bfloat16).to(tl.float32) - MAGIC_VALUE
             g = ((kb + tl.arange(0, BLOCK_K)) // GROUP)[:, None] * N + offs_n[None, :]
             scale = tl.load(s_ptr + g, mask=n_mask[None, :], other=0.0).to(tl.float32)
             offset = tl.load(o_ptr + g, mask=n_mask[None, :], other=0.0).to(tl.float32)
