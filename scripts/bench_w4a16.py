@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,7 +83,8 @@ def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
     tensor-core kernel (x padded to 16+ rows) with output blocks of 64/128/256 columns and K
     steps inside one group (scales after the dot), K split for ~4 programs per SM, then twice
     and half that, then 8 warps and other pipelining depths; the CUDA-core kernel (up to 4
-    rows) interleaved after the first tensor-core candidates."""
+    rows) interleaved after the first tensor-core candidates; the first split-K ones also with
+    the in-kernel fix-up."""
     bm = max(16, min(64, triton.next_power_of_2(m)))
     steps = [bk for bk in (128, 64, 32) if group % bk == 0][:2]  # inside one group
     dot = [(bm, bn, bk) for bk in steps for bn in (128, 64, 256)]
@@ -97,7 +99,7 @@ def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
                 continue
             programs = triton.cdiv(n, bn) * triton.cdiv(m, bm_)
             split = 1
-            while programs * split < w4a16.TARGET_PROGRAMS and k % (bk * split * 2) == 0:
+            while programs * split * 2 <= w4a16.TARGET_PROGRAMS and k % (bk * split * 4) == 0:
                 split *= 2
             split = {0: split, 1: split * 2, 2: max(1, split // 2)}[variant % 3]
             warps, stages = launch[variant // 3]
@@ -106,7 +108,9 @@ def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
             cfg = W4A16Config(bm_, bn, bk, min(split, 32), warps, stages)
             if cfg not in out and k % (bk * cfg.split_k) == 0:
                 out.append(cfg)
-    return out
+    # the first few split-K candidates also with the in-kernel fix-up (no second launch)
+    twins = [c for c in out[:8] if c.split_k > 1]
+    return [t for c in out for t in ([c, replace(c, fixup=True)] if c in twins else [c])]
 
 
 def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:

@@ -6,7 +6,8 @@ thread of the K loop. Evidence for kernel design where no GPU is at hand; not a 
     python3 scripts/triton_sass.py [--config BLOCK_M,BLOCK_N,BLOCK_K,SPLIT_K,WARPS,STAGES]
         [--n 6144] [--k 4096] [--group 128] [--dtype bfloat16] [--arch 90] [--sass FILE]
 
-`--config` takes the fields of `w4a16.W4A16Config` (block_m <= 4: the CUDA-core kernel).
+`--config` takes the fields of `w4a16.W4A16Config` in order (block_m <= 4: the CUDA-core
+kernel; a 1 in the eighth place: the split-K fix-up).
 Arguments get Triton's usual specialisation (pointers and N, strides divisible by 16).
 """
 
@@ -32,9 +33,10 @@ def compile_kernel(cfg: w4a16.W4A16Config, n: int, k: int, group: int, dtype, ar
     fn = w4a16_kernels._dot_kernel if cfg.dot else w4a16_kernels._gemv_kernel
     x = TRITON_TYPES[dtype]
     runtime = {"x_ptr": x, "qw_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "b_ptr": x,
-               "y_ptr": "*fp32" if cfg.split_k > 1 else x, "M": "i32", "N": "i32",
+               "y_ptr": x, "p_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32",
                "stride_xm": "i32", "stride_ym": "i32"}  # fmt: skip
     const = {"K": k, "GROUP": group, "HAS_BIAS": False, "SPLIT_K": cfg.split_k,
+             "FIXUP": cfg.fixup and cfg.split_k > 1,
              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": True}  # fmt: skip
     if cfg.dot:
         post = dtype in w4a16.MAGIC_16BIT and group % cfg.block_k == 0
@@ -83,7 +85,8 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--sass", type=Path, help="write the whole SASS here")
     args = p.parse_args()
-    cfg = w4a16.W4A16Config(*(int(v) for v in args.config.split(",")))
+    fields = [int(v) for v in args.config.split(",")]
+    cfg = w4a16.W4A16Config(*fields[:6], *(bool(v) for v in fields[6:]))
     kernel = compile_kernel(cfg, args.n, args.k, args.group, getattr(torch, args.dtype), args.arch)
     sass = cuobjdump(kernel.asm["cubin"], "-sass")
     if args.sass:

@@ -59,6 +59,8 @@ def reference(x: torch.Tensor, p, bias=None) -> torch.Tensor:
         (20, W4A16Config(16, 32, 32, split_k=2)),  # tensor cores, split K, ragged M
         (5, W4A16Config(16, 16, 128)),  # tensor cores, a step spanning several groups
         (1, W4A16Config(16, 32, 64, split_k=2)),  # tensor cores for one row, split K
+        (20, W4A16Config(16, 16, 32, split_k=4, fixup=True)),  # split K summed in the kernel
+        (3, W4A16Config(4, 16, 32, split_k=2, fixup=True)),  # the same, CUDA cores
     ],
     ids=str,
 )
@@ -93,6 +95,20 @@ def test_cuda_core_kernel_in_bf16_is_within_bf16_rounding_in_the_interpreter():
     got = w4a16_linear(x, p.qweight, p.scales, p.offsets, 64, None, W4A16Config(2, 32, 128))
     expected = reference(x, p)
     assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_split_k_fixup_leaves_its_counters_at_zero_for_the_next_launch():
+    from pegboard.core.kernels import w4a16
+
+    p = packed_layer(40, 128, 32, torch.float32)
+    x = torch.randn(17, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    cfg = W4A16Config(16, 16, 32, split_k=4, fixup=True)
+    first = w4a16_linear(x, p.qweight, p.scales, p.offsets, 32, None, cfg)
+    counters = w4a16._fixup_counters(x.device, 6)
+    assert counters is not None and int(counters.abs().sum()) == 0  # 2 x 3 tiles, all reset
+    again = w4a16_linear(x, p.qweight, p.scales, p.offsets, 32, None, cfg)  # counts from 0 again
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(first.double(), reference(x, p), atol=1e-4, rtol=1e-4)
 
 
 def test_kernels_take_strided_rows_and_keep_leading_dimensions():

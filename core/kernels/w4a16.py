@@ -13,8 +13,10 @@ word into four bf16 pairs with one and-or each and applying scale and offset to 
 sums; `_gemv_kernel` on CUDA cores for up to 4 rows, the first design, kept as a candidate for
 the sweep. Program `(m, n, s)` owns `BLOCK_M` rows of x and `BLOCK_N` output columns and walks
 the `s`-th of `SPLIT_K` slices of K in `BLOCK_K` steps; with `SPLIT_K > 1` each program writes
-float32 partial sums and `gemv.split_k_sum` adds them and the bias (two passes: deterministic,
-no zeroing, CUDA-graph safe). With programmatic dependent launch (Hopper, `pdl`) a program
+float32 partial sums, and either the last program of each output tile adds them and the bias
+(`fixup`: a counter per tile, reset by that program, so no zeroing launch) or
+`gemv.split_k_sum` does in a second launch; both sum in slice order (deterministic) and are
+CUDA-graph safe. With programmatic dependent launch (Hopper, `pdl`) a program
 issues its first weight tile before it waits for the kernel that writes x.
 
 Launch configurations come from `w4a16_configs.json` (next to this file, or the file named by
@@ -41,7 +43,7 @@ GEMV_MAX_ROWS = 4  # `BLOCK_M` up to which the CUDA-core kernel runs
 TABLE = Path(__file__).with_name("w4a16_configs.json")
 #: Programs a launch aims at: four per SM of an H100/H200 (132 SMs), so that enough weight
 #: loads are in flight (a guess until the sweep has run).
-TARGET_PROGRAMS = 528
+TARGET_PROGRAMS = 528  # at most; a split also leaves every program two K steps at least
 #: 16-bit patterns that read as `MAGIC + q` for a nibble q in the low bits, and that MAGIC:
 #: bf16 0x4300 | q = 128 + q (7 mantissa bits), fp16 0x6400 | q = 1024 + q (10 bits).
 MAGIC_16BIT = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
@@ -59,6 +61,7 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 3
     pdl: bool = True
+    fixup: bool = False  # split K summed by each tile's last program, not a second launch
 
     @property
     def dot(self) -> bool:
@@ -92,7 +95,7 @@ def default_config(m: int, n: int, k: int, group: int | None = None) -> W4A16Con
         block_k //= 2
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split = 1
-    while programs * split < TARGET_PROGRAMS and k % (block_k * split * 2) == 0 and split < 16:
+    while programs * split * 2 <= TARGET_PROGRAMS and k % (block_k * split * 4) == 0:
         split *= 2
     return W4A16Config(block_m, block_n, block_k, split, 4, 3)
 
@@ -133,6 +136,26 @@ def config_dict(cfg: W4A16Config) -> dict:
     return asdict(cfg)
 
 
+#: Split-K fix-up counters (int32, one per output tile, zero between launches) per device and
+#: stream, so that kernels on two streams never share one; allocated once, outside any capture.
+FIXUP_TILES = 1 << 16
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _fixup_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The counters for a launch of `tiles` output tiles, or None (use the second pass): too
+    many tiles, or none allocated yet while a CUDA graph is being captured."""
+    if tiles > FIXUP_TILES:
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[key] = torch.zeros(FIXUP_TILES, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -160,6 +183,7 @@ def w4a16_linear(
     partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     pdl = launch_options(x.device) if cfg.pdl else {"PDL": False}
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    counters = _fixup_counters(x.device, grid[0] * grid[1]) if split > 1 and cfg.fixup else None
     extra = {}
     if cfg.dot:  # scale after the dot where a step lies in one group and x is 16-bit
         post = x.dtype in MAGIC_16BIT and group_size % cfg.block_k == 0
@@ -177,7 +201,9 @@ def w4a16_linear(
         scales,
         offsets,
         bias if bias is not None else out,
+        out,
         partial,
+        counters if counters is not None else out,
         m,
         n,
         x2.stride(0),
@@ -186,6 +212,7 @@ def w4a16_linear(
         GROUP=group_size,
         HAS_BIAS=bias is not None,
         SPLIT_K=split,
+        FIXUP=counters is not None,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -194,6 +221,6 @@ def w4a16_linear(
         **pdl,
         **extra,
     )
-    if split > 1:
+    if split > 1 and counters is None:
         split_k_sum(partial, bias, out, pdl)
     return out.view(*x.shape[:-1], n)

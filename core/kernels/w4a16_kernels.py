@@ -20,7 +20,8 @@ a word interleaved so that nibbles `p` and `p + 4` hold columns `2p` and `2p + 1
 
 Both walk the `s`-th of `SPLIT_K` slices of K in `BLOCK_K` steps, load each word once (16-byte
 loads along N, evicted first), issue their first weight tile before `wait_for_inputs` (PDL),
-and write float32 partial sums when `SPLIT_K > 1` (`gemv.split_k_sum` adds them). Loop bounds
+and write float32 partial sums when `SPLIT_K > 1`, which the tile's last program (`FIXUP`) or
+`gemv.split_k_sum` (a second launch) adds. Loop bounds
 are `tl.constexpr`, so both run in Triton's CPU interpreter (tests).
 """
 
@@ -52,8 +53,19 @@ def _group_params(ptr, kb, kw, offs_n, n_mask, N, GROUP: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
+def _store_out(y_ptr, b_ptr, acc, mask, offs_m, offs_n, N, stride_ym, HAS_BIAS: tl.constexpr):
+    """The output rows: bias added in float32, rounded once to y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store(
     y_ptr,
+    p_ptr,
+    c_ptr,
     b_ptr,
     acc,
     offs_m,
@@ -63,17 +75,31 @@ def _store(
     stride_ym,
     pid_s,
     HAS_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    FIXUP: tl.constexpr,
 ):
+    """Store a program's float32 sums: the output (one slice of K), or its partial sums
+    `p_ptr [SPLIT_K, M, N]`. With `FIXUP` the last program of an output tile to finish (a
+    counter per tile, `c_ptr`) adds the tile's partial sums in slice order (deterministic),
+    writes the output and resets the counter to 0 for the next launch; without it
+    `gemv.split_k_sum` does that in a second launch."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT:
-        ptrs = y_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ptrs, acc, mask=mask)
+    if SPLIT_K > 1:
+        tile_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(p_ptr + pid_s * M * N + tile_offs, acc, mask=mask)
+        if FIXUP:
+            tile = c_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            tl.debug_barrier()  # every thread's partial sums written before the release below
+            arrived = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT_K):  # L2 reads: written by other SMs
+                    part = tl.load(p_ptr + s * M * N + tile_offs, mask=mask, cache_modifier=".cg")
+                    total += part
+                _store_out(y_ptr, b_ptr, total, mask, offs_m, offs_n, N, stride_ym, HAS_BIAS)
+                tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_out(y_ptr, b_ptr, acc, mask, offs_m, offs_n, N, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -96,8 +122,9 @@ def _unpack16(words, MAGIC16: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _dot_kernel(
-    x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
+    x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, stride_xm, stride_ym,
     K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    FIXUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     POST_SCALE: tl.constexpr, MAGIC16: tl.constexpr, MAGIC_VALUE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -140,7 +167,22 @@ def _dot_kernel(
             offset = tl.load(o_ptr + g, mask=n_mask[None, :], other=0.0).to(tl.float32)
             w = (q * scale + offset).to(x.dtype)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    _store(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_s, HAS_BIAS, SPLIT_K > 1)
+    _store(
+        y_ptr,
+        p_ptr,
+        c_ptr,
+        b_ptr,
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        stride_ym,
+        pid_s,
+        HAS_BIAS,
+        SPLIT_K,
+        FIXUP,
+    )
 
 
 @triton.jit
@@ -153,8 +195,9 @@ def _nibble_in_place(words, J: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
+    x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, stride_xm, stride_ym,
     K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    FIXUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -194,4 +237,19 @@ def _gemv_kernel(
             dot += (xj * (1.0 / (1 << (4 * (j % 4)))))[:, :, None] * q_scaled[None, :, :]
         acc += dot * scale[None, :, :] + x_sum[:, :, None] * offset[None, :, :]
     out = tl.sum(acc, axis=1)
-    _store(y_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, pid_s, HAS_BIAS, SPLIT_K > 1)
+    _store(
+        y_ptr,
+        p_ptr,
+        c_ptr,
+        b_ptr,
+        out,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        stride_ym,
+        pid_s,
+        HAS_BIAS,
+        SPLIT_K,
+        FIXUP,
+    )
