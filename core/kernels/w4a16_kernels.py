@@ -167,22 +167,8 @@ def _dot_kernel(
             offset = tl.load(o_ptr + g, mask=n_mask[None, :], other=0.0).to(tl.float32)
             w = (q * scale + offset).to(x.dtype)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    _store(
-        y_ptr,
-        p_ptr,
-        c_ptr,
-        b_ptr,
-        acc,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        stride_ym,
-        pid_s,
-        HAS_BIAS,
-        SPLIT_K,
-        FIXUP,
-    )
+    _store(y_ptr, p_ptr, c_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_s,
+           HAS_BIAS, SPLIT_K, FIXUP)  # fmt: skip
 
 
 @triton.jit
@@ -237,19 +223,5 @@ def _gemv_kernel(
             dot += (xj * (1.0 / (1 << (4 * (j % 4)))))[:, :, None] * q_scaled[None, :, :]
         acc += dot * scale[None, :, :] + x_sum[:, :, None] * offset[None, :, :]
     out = tl.sum(acc, axis=1)
-    _store(
-        y_ptr,
-        p_ptr,
-        c_ptr,
-        b_ptr,
-        out,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        stride_ym,
-        pid_s,
-        HAS_BIAS,
-        SPLIT_K,
-        FIXUP,
-    )
+    _store(y_ptr, p_ptr, c_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, pid_s,
+           HAS_BIAS, SPLIT_K, FIXUP)  # fmt: skip
