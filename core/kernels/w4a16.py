@@ -136,24 +136,24 @@ def config_dict(cfg: W4A16Config) -> dict:
     return asdict(cfg)
 
 
-#: Split-K fix-up counters (int32, one per output tile, zero between launches) per device and
-#: stream, so that kernels on two streams never share one; allocated once, outside any capture.
+#: Split-K fix-up counters (int32, one per output tile, zero between launches), one buffer per
+#: device: launches on one stream run one after another (a graph replay too), so they never
+#: share a counter at the same time; pegboard runs a model's kernels on one stream.
 FIXUP_TILES = 1 << 16
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _fixup_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     """The counters for a launch of `tiles` output tiles, or None (use the second pass): too
-    many tiles, or none allocated yet while a CUDA graph is being captured."""
+    many tiles, or none allocated yet while a CUDA graph is being captured (they are allocated
+    at the first launch outside a capture, e.g. the warm-up before it)."""
     if tiles > FIXUP_TILES:
         return None
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    if key not in _counters:
+    if device not in _counters:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        _counters[key] = torch.zeros(FIXUP_TILES, dtype=torch.int32, device=device)
-    return _counters[key]
+        _counters[device] = torch.zeros(FIXUP_TILES, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 def w4a16_linear(
