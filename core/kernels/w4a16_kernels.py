@@ -3,11 +3,12 @@ layout are described there): `y = x @ W.T (+ bias)` for 4-bit W in the serving l
 `pegboard.plugins.linear.int4` — `qweight [K / 8, N]` int32, N contiguous, the eight columns of
 a word interleaved so that nibbles `p` and `p + 4` hold columns `2p` and `2p + 1`.
 
-- `_dot_kernel` (tensor cores, every row count: x padded to `BLOCK_M >= 16` rows). One and-or
-  per pair of weights turns a word into bf16 (or fp16) pairs `MAGIC + q` of neighbouring
-  columns (`_unpack16`: `(w >> 4p) & 0x000F000F | 0x43004300`, four per word, no float
-  arithmetic and no per-nibble shuffling, Marlin's trick), laid out so that each thread holds
-  eight consecutive K values of a column (16-byte stores into the shared-memory operand tile).
+- `_dot_kernel` (tensor cores, every row count: x padded to `BLOCK_M >= 16` rows), computed
+  transposed (`y.T = W @ x.T`: the weight tile is the MMA's long side). One and-or per pair of
+  weights turns a word into bf16 (or fp16) pairs `MAGIC + q` of neighbouring columns
+  (`_unpack16`: `(w >> 4p) & 0x000F000F | 0x43004300`, four per word, no float arithmetic and
+  no per-nibble shuffling, Marlin's trick), laid out so that each thread holds eight
+  consecutive K values of an output row (16-byte stores into the shared-memory operand tile).
   When a step lies inside one group (`POST_SCALE`), scale and offset are applied to the dot's
   float32 sums: `(sum(x * (MAGIC + q)) - MAGIC * sum(x)) * scale + sum(x) * offset`, so the
   weights cost no float work at all. Otherwise (a step spanning groups, float32 x) the tile is
@@ -112,12 +113,13 @@ def _pair(words, SHIFT: tl.constexpr, MAGIC16: tl.constexpr):
 
 @triton.jit
 def _unpack16(words, MAGIC16: tl.constexpr, DTYPE: tl.constexpr):
-    """`[KW, BLOCK_N]` words -> `[8 KW, BLOCK_N]` 16-bit floats `MAGIC + q` (row `8 kw + i` =
-    column `i` of word `kw`), each thread's eight rows of a word kept in its registers."""
+    """`[KW, BLOCK_N]` words -> `[BLOCK_N, 8 KW]` 16-bit floats `MAGIC + q` (column `8 kw + i`
+    = column `i` of word `kw`): each thread keeps the eight K values of a word, consecutive, in
+    its registers, so the operand tile is stored to shared memory 16 bytes at a time."""
     low = tl.join(_pair(words, 0, MAGIC16), _pair(words, 4, MAGIC16))  # [KW, N, 2 (h), 2 (p)]
     high = tl.join(_pair(words, 8, MAGIC16), _pair(words, 12, MAGIC16))  # p = 2, 3
-    q = tl.permute(tl.join(low, high), (0, 4, 3, 2, 1))  # [KW, p // 2, p % 2, h, N]
-    return tl.reshape(q, (words.shape[0] * 8, words.shape[1])).to(DTYPE, bitcast=True)
+    q = tl.permute(tl.join(low, high), (1, 0, 4, 3, 2))  # [N, KW, p // 2, p % 2, h]
+    return tl.reshape(q, (words.shape[1], words.shape[0] * 8)).to(DTYPE, bitcast=True)
 
 
 @triton.jit
@@ -129,6 +131,8 @@ def _dot_kernel(
     POST_SCALE: tl.constexpr, MAGIC16: tl.constexpr, MAGIC_VALUE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # Computed transposed, `y.T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x.T`: the weights
+    # are the MMA's long side (wgmma's 64-row M), x's few rows its short N side.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -137,13 +141,14 @@ def _dot_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    m_mask = (offs_m < M)[:, None]
     kw = tl.arange(0, KW)
+    offs_k = tl.arange(0, BLOCK_K)
     k0 = pid_s * K_SPLIT
     words = _words(qw_ptr, k0, kw, offs_n, n_mask, N)
     wait_for_inputs(PDL)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
+    m_mask = (offs_m < M)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     STEPS: tl.constexpr = K_SPLIT // BLOCK_K
     for i in range(STEPS):
         kb = k0 + i * BLOCK_K
@@ -151,23 +156,25 @@ def _dot_kernel(
         # the next step's words are in flight while this one is unpacked and multiplied (the
         # last step reloads its own: a cache hit, no branch)
         words = _words(qw_ptr, k0 + tl.minimum(i + 1, STEPS - 1) * BLOCK_K, kw, offs_n, n_mask, N)
-        x = tl.load(x_ptrs + i * BLOCK_K, mask=m_mask, other=0.0)
+        xt = tl.load(xt_ptrs + i * BLOCK_K, mask=m_mask, other=0.0)
         if POST_SCALE:  # 16-bit x, the step inside one group: no float work per weight
-            qm = _unpack16(current, MAGIC16, x.dtype)
-            scale = _group_params(s_ptr, kb, kw, offs_n, n_mask, N, GROUP, BLOCK_K)
-            offset = _group_params(o_ptr, kb, kw, offs_n, n_mask, N, GROUP, BLOCK_K)
-            # sum(x) per row on the tensor cores too (x times a block of ones: exact products)
-            x_sum = tl.max(tl.dot(x, tl.full((BLOCK_K, 16), 1.0, x.dtype)), axis=1)[:, None]
-            xq = tl.dot(x, qm) - MAGIC_VALUE * x_sum  # sum of x * q, exact products
+            qm = _unpack16(current, MAGIC16, xt.dtype)
+            row = (kb // GROUP) * N + offs_n
+            scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            offset = tl.load(o_ptr + row, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            # sum(x) per row on the tensor cores too (a block of ones times x.T: exact products)
+            ones = tl.full((16, BLOCK_K), 1.0, xt.dtype)
+            x_sum = tl.max(tl.dot(ones, xt), axis=0)[None, :]
+            xq = tl.dot(qm, xt) - MAGIC_VALUE * x_sum  # sum of q * x, exact products
             acc += xq * scale + x_sum * offset
         else:  # de-quantize the tile in float32, round once to x's dtype
             q = _unpack16(current, MAGIC16, tl.bfloat16).to(tl.float32) - MAGIC_VALUE
-            g = ((kb + tl.arange(0, BLOCK_K)) // GROUP)[:, None] * N + offs_n[None, :]
-            scale = tl.load(s_ptr + g, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            offset = tl.load(o_ptr + g, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            w = (q * scale + offset).to(x.dtype)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    _store(y_ptr, p_ptr, c_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_s,
+            g = offs_n[:, None] + ((kb + offs_k) // GROUP)[None, :] * N
+            scale = tl.load(s_ptr + g, mask=n_mask[:, None], other=0.0).to(tl.float32)
+            offset = tl.load(o_ptr + g, mask=n_mask[:, None], other=0.0).to(tl.float32)
+            w = (q * scale + offset).to(xt.dtype)
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    _store(y_ptr, p_ptr, c_ptr, b_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_ym, pid_s,
            HAS_BIAS, SPLIT_K, FIXUP)  # fmt: skip
 
 
