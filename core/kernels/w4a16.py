@@ -89,8 +89,7 @@ def default_config(m: int, n: int, k: int, group: int | None = None) -> W4A16Con
     until about `TARGET_PROGRAMS` programs stream at once."""
     group = group or k
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 64 if m <= 16 else 128
-    block_k = 128
+    block_n, block_k = 128, 128  # 16 x 128: 3.7 sm_90 instructions per weight (docs/kernels.md)
     while k % block_k or group % block_k:
         block_k //= 2
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
