@@ -84,7 +84,7 @@ def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
     steps inside one group (scales after the dot), K split for ~4 programs per SM, then twice
     and half that, then 8 warps and other pipelining depths; the CUDA-core kernel (up to 4
     rows) interleaved after the first tensor-core candidates; the first split-K ones also with
-    the in-kernel fix-up."""
+    the in-kernel fix-up; the first one also without inline assembly."""
     bm = max(16, min(64, triton.next_power_of_2(m)))
     steps = [bk for bk in (128, 64, 32) if group % bk == 0][:2]  # inside one group
     dot = [(bm, bn, bk) for bk in steps for bn in (128, 64, 256)]
@@ -110,7 +110,9 @@ def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
                 out.append(cfg)
     # the first few split-K candidates also with the in-kernel fix-up (no second launch)
     twins = [c for c in out[:8] if c.split_k > 1]
-    return [t for c in out for t in ([c, replace(c, fixup=True)] if c in twins else [c])]
+    out = [t for c in out for t in ([c, replace(c, fixup=True)] if c in twins else [c])]
+    # and the first one without the inline-asm unpacking (its plain Triton spelling)
+    return out[:2] + [replace(out[0], asm=False)] + out[2:]
 
 
 def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:

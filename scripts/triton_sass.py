@@ -7,7 +7,7 @@ thread of the K loop. Evidence for kernel design where no GPU is at hand; not a 
         [--n 6144] [--k 4096] [--group 128] [--dtype bfloat16] [--arch 90] [--sass FILE]
 
 `--config` takes the fields of `w4a16.W4A16Config` in order (block_m <= 4: the CUDA-core
-kernel; a 1 in the eighth place: the split-K fix-up).
+kernel; the seventh to ninth places: pdl, fix-up, inline-asm unpacking as 0/1).
 Arguments get Triton's usual specialisation (pointers and N, strides divisible by 16).
 """
 
@@ -42,7 +42,7 @@ def compile_kernel(cfg: w4a16.W4A16Config, n: int, k: int, group: int, dtype, ar
         post = dtype in w4a16.MAGIC_16BIT and group % cfg.block_k == 0
         magic, value = w4a16.MAGIC_16BIT[dtype if post else torch.bfloat16]
         const |= {"POST_SCALE": post, "MAGIC16": magic, "MAGIC_VALUE": value,
-                  "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}  # fmt: skip
+                  "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ASM": cfg.asm}  # fmt: skip
     names = fn.arg_names
     signature = {a: runtime.get(a, "constexpr") for a in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)

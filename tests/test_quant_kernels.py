@@ -10,6 +10,7 @@ graph capture, and a whole quantized model's logits against its de-quantized run
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -182,6 +183,21 @@ def test_bf16_kernels_replay_in_a_cuda_graph():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out.double(), reference(x, p), atol=0.05, rtol=0.02)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_inline_asm_unpacking_gives_the_bits_of_the_plain_spelling(group, dtype):
+    # The interpreter runs only the plain Triton spelling of the and-or (`asm=False`); the
+    # compiled `lop3` must give the same 16-bit patterns, hence the same sums, bit for bit.
+    p = packed_layer(4096, 4096, group, dtype)
+    x = torch.randn(5, 4096, device=DEVICE).to(dtype)
+    cfg = W4A16Config(16, 128, group, split_k=4)
+    asm = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, None, cfg)
+    plain = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, None, replace(cfg, asm=False))
+    assert torch.equal(asm, plain)
 
 
 @gpu

@@ -62,6 +62,7 @@ class W4A16Config:
     num_stages: int = 3
     pdl: bool = True
     fixup: bool = False  # split K summed by each tile's last program, not a second launch
+    asm: bool = True  # the tensor-core kernel's and-or as one inline `lop3` (CUDA, compiled)
 
     @property
     def dot(self) -> bool:
@@ -97,6 +98,10 @@ def default_config(m: int, n: int, k: int, group: int | None = None) -> W4A16Con
     while programs * split * 2 <= TARGET_PROGRAMS and k % (block_k * split * 4) == 0:
         split *= 2
     return W4A16Config(block_m, block_n, block_k, split, 4, 3)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache
@@ -192,6 +197,7 @@ def w4a16_linear(
             "MAGIC16": magic,
             "MAGIC_VALUE": value,
             "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",  # fp32 x: exact
+            "ASM": cfg.asm and x.device.type == "cuda" and not _interpreted(),
         }
     kernel = _dot_kernel if cfg.dot else _gemv_kernel
     kernel[grid](

@@ -104,20 +104,33 @@ def _store(
 
 
 @triton.jit
-def _pair(words, SHIFT: tl.constexpr, MAGIC16: tl.constexpr):
+def _pair(words, SHIFT: tl.constexpr, MAGIC16: tl.constexpr, ASM: tl.constexpr):
     """Nibbles `SHIFT / 4` and `SHIFT / 4 + 4` of every word (columns `2p`, `2p + 1`) as the
-    16-bit patterns `MAGIC16 | q`, joined along a new last axis: one shift and one and-or."""
-    t = ((words >> SHIFT) & 0x000F000F) | (MAGIC16 * 65537)
+    16-bit patterns `MAGIC16 | q`, joined along a new last axis: one shift and one and-or.
+    `ASM` spells the and-or as one `lop3` (Triton 3.6 otherwise narrows the or past the
+    16-bit truncation and emits two); the interpreter cannot run inline assembly."""
+    if ASM:
+        t = tl.inline_asm_elementwise(
+            f"{{ .reg .b32 s; shr.u32 s, $1, {SHIFT}; "
+            f"lop3.b32 $0, s, 983055, {MAGIC16 * 65537}, 0xEA; }}",  # (s & 0x000F000F) | magic
+            "=r,r",
+            [words],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        t = ((words >> SHIFT) & 0x000F000F) | (MAGIC16 * 65537)
     return tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))
 
 
 @triton.jit
-def _unpack16(words, MAGIC16: tl.constexpr, DTYPE: tl.constexpr):
+def _unpack16(words, MAGIC16: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
     """`[KW, BLOCK_N]` words -> `[BLOCK_N, 8 KW]` 16-bit floats `MAGIC + q` (column `8 kw + i`
     = column `i` of word `kw`): each thread keeps the eight K values of a word, consecutive, in
     its registers, so the operand tile is stored to shared memory 16 bytes at a time."""
-    low = tl.join(_pair(words, 0, MAGIC16), _pair(words, 4, MAGIC16))  # [KW, N, 2 (h), 2 (p)]
-    high = tl.join(_pair(words, 8, MAGIC16), _pair(words, 12, MAGIC16))  # p = 2, 3
+    low = tl.join(_pair(words, 0, MAGIC16, ASM), _pair(words, 4, MAGIC16, ASM))  # [KW, N, h, p]
+    high = tl.join(_pair(words, 8, MAGIC16, ASM), _pair(words, 12, MAGIC16, ASM))  # p = 2, 3
     q = tl.permute(tl.join(low, high), (1, 0, 4, 3, 2))  # [N, KW, p // 2, p % 2, h]
     return tl.reshape(q, (words.shape[1], words.shape[0] * 8)).to(DTYPE, bitcast=True)
 
@@ -129,7 +142,7 @@ def _dot_kernel(
     FIXUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     POST_SCALE: tl.constexpr, MAGIC16: tl.constexpr, MAGIC_VALUE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     # Computed transposed, `y.T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x.T`: the weights
     # are the MMA's long side (wgmma's 64-row M), x's few rows its short N side.
@@ -158,7 +171,7 @@ def _dot_kernel(
         words = _words(qw_ptr, k0 + tl.minimum(i + 1, STEPS - 1) * BLOCK_K, kw, offs_n, n_mask, N)
         xt = tl.load(xt_ptrs + i * BLOCK_K, mask=m_mask, other=0.0)
         if POST_SCALE:  # 16-bit x, the step inside one group: no float work per weight
-            qm = _unpack16(current, MAGIC16, xt.dtype)
+            qm = _unpack16(current, MAGIC16, xt.dtype, ASM)
             row = (kb // GROUP) * N + offs_n
             scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             offset = tl.load(o_ptr + row, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -168,7 +181,7 @@ def _dot_kernel(
             xq = tl.dot(qm, xt) - MAGIC_VALUE * x_sum  # sum of q * x, exact products
             acc += xq * scale + x_sum * offset
         else:  # de-quantize the tile in float32, round once to x's dtype
-            q = _unpack16(current, MAGIC16, tl.bfloat16).to(tl.float32) - MAGIC_VALUE
+            q = _unpack16(current, MAGIC16, tl.bfloat16, ASM).to(tl.float32) - MAGIC_VALUE
             g = offs_n[:, None] + ((kb + offs_k) // GROUP)[None, :] * N
             scale = tl.load(s_ptr + g, mask=n_mask[:, None], other=0.0).to(tl.float32)
             offset = tl.load(o_ptr + g, mask=n_mask[:, None], other=0.0).to(tl.float32)
