@@ -19,7 +19,7 @@ error against `x @ dequantize(W).T` in float32.
     python3 scripts/bench_w4a16.py [--sweep [--write-table FILE]] [--gemlite] [--step]
         [--group 128] [--rows 1,4,16,32,64] [--layers qkv,o,gate_up,down] [--json FILE]
 
-Random weights are GPTQ-symmetric-like (float16 scales, offset -8 x scale: 2 + 2 bytes per
+The sweep's grid: `candidates`. Random weights are GPTQ-symmetric-like (float16 scales, offset -8 x scale: 2 + 2 bytes per
 group, what a float16-scaled checkpoint gives; asymmetric GPTQ keeps float32 offsets).
 """
 
@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -79,31 +80,39 @@ def time_w4(layers, x: torch.Tensor, group: int, config: W4A16Config | None, rep
 
 def candidates(m: int, n: int, k: int, group: int) -> list[W4A16Config]:
     """The sweep's grid, most plausible first (the sweep stops at its time budget): the
-    CUDA-core kernel up to 4 rows and the tensor-core one from 2, interleaved; output and K
-    blocks; the split of K that gives ~2 programs per SM, then twice that; warps and pipelining."""
-    gemv = [(triton.next_power_of_2(m), bn, bk) for bn in (128, 256, 64) for bk in (128, 256)]
-    dot = [
-        (max(16, triton.next_power_of_2(m)), bn, bk) for bn in (128, 64, 256) for bk in (128, 64)
-    ]
-    shapes = []
-    for pair in zip(gemv, dot, strict=True):
-        shapes += [s for s, ok in zip(pair, (m <= w4a16.GEMV_MAX_ROWS, 2 <= m <= 64)) if ok]
+    tensor-core kernel (x padded to 16+ rows) with output blocks of 64/128/256 columns and K
+    steps inside one group (scales after the dot), K split for ~4 programs per SM, then twice
+    and half that, then 8 warps and other pipelining depths; the CUDA-core kernel (up to 4
+    rows) interleaved after the first tensor-core candidates; the first split-K ones also with
+    the in-kernel fix-up; the first one also without inline assembly."""
+    bm = max(16, min(64, triton.next_power_of_2(m)))
+    steps = [bk for bk in (128, 64, 32) if group % bk == 0][:2]  # inside one group
+    dot = [(bm, bn, bk) for bk in steps for bn in (128, 64, 256)]
+    gemv = [(triton.next_power_of_2(m), bn, bk) for bn in (128, 256) for bk in (128, 256)]
+    shapes = dot[:2] + (gemv[:1] if m <= w4a16.GEMV_MAX_ROWS else []) + dot[2:]
+    shapes += gemv[1:] if m <= w4a16.GEMV_MAX_ROWS else []
+    launch = [(4, 3), (8, 3), (4, 4), (4, 2), (8, 4)]  # (warps, stages)
     out = []
-    for variant in range(6):  # split x1, x2, x1/2; then the same with more warps/stages
-        for bm, bn, bk in shapes:
+    for variant in range(3 * len(launch)):  # split x1, x2, x1/2 per launch setting
+        for bm_, bn, bk in shapes:
             if k % bk:
                 continue
-            programs = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+            programs = triton.cdiv(n, bn) * triton.cdiv(m, bm_)
             split = 1
-            while programs * split < w4a16.TARGET_PROGRAMS and k % (bk * split * 2) == 0:
+            while programs * split * 2 <= w4a16.TARGET_PROGRAMS and k % (bk * split * 4) == 0:
                 split *= 2
             split = {0: split, 1: split * 2, 2: max(1, split // 2)}[variant % 3]
-            warps, stages = ((4, 2), (8, 3)) if bm <= 4 else ((4, 3), (8, 4))
-            warps, stages = (warps, stages)[variant // 3]
-            cfg = W4A16Config(bm, bn, bk, min(split, 32), warps, stages)
+            warps, stages = launch[variant // 3]
+            if bm_ <= w4a16.GEMV_MAX_ROWS:
+                stages = min(stages, 2)
+            cfg = W4A16Config(bm_, bn, bk, min(split, 32), warps, stages)
             if cfg not in out and k % (bk * cfg.split_k) == 0:
                 out.append(cfg)
-    return out
+    # the first few split-K candidates also with the in-kernel fix-up (no second launch)
+    twins = [c for c in out[:8] if c.split_k > 1]
+    out = [t for c in out for t in ([c, replace(c, fixup=True)] if c in twins else [c])]
+    # and the first one without the inline-asm unpacking (its plain Triton spelling)
+    return out[:2] + [replace(out[0], asm=False)] + out[2:]
 
 
 def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:

@@ -180,12 +180,19 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
             --json "$OUT/llama8b-bs1-tp2-$ar.json" 2>"$OUT/llama8b-bs1-tp2-$ar.err" | tail -4
           kill $dumper 2>/dev/null
         done ;;
-    w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15)
-        timeout 300 python3 scripts/bench_w4a16.py --step --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
-    w4a16-sweep) # launch configurations per layer and M (decode rows), written as the measured
-        # table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15)
-        timeout 580 python3 scripts/bench_w4a16.py --sweep --budget-s 480 --rows ${ROWS:-1,2,4,8,16} \
-          --write-table "$OUT/w4a16_configs.json" --json "$OUT/w4a16-sweep.json" 2>&1 | grep -v "^  skip" | tail -40 ;;
+    w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15); after
+        # w4a16-sweep in the same call it runs the configurations the sweep just picked
+        timeout 220 python3 scripts/bench_w4a16.py --step --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
+    w4a16-sweep) # launch configurations per layer and M (decode rows and M = 32/64), written as the
+        # measured table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15);
+        # `w4a16-sweep w4a16` together stay under 9 min
+        timeout 320 python3 scripts/bench_w4a16.py --sweep --budget-s 250 --rows ${ROWS:-1,2,4,8,16,32,64} \
+          --write-table "$OUT/w4a16_configs.json" --json "$OUT/w4a16-sweep.json" 2>&1 | grep -v "^  skip" | tail -40
+        [ -f "$OUT/w4a16_configs.json" ] && export PEGBOARD_W4A16_CONFIGS="$OUT/w4a16_configs.json" ;;
+    w4a16-tests) # the W4A16 kernels' GPU tests alone (also in tests-1): every group size x Llama
+        # shape x M = 1..64 against the de-quantized reference, the split-K fix-up in a graph,
+        # inline-asm unpacking bit-equal to the plain spelling, quantized models vs de-quantized
+        gpu_tests gpu-tests-w4a16 tests/test_quant_kernels.py ;;
     llama-bs1-w4a16) # Llama-3.1-8B batch 1, random weights quantized to W4A16 g128 at load, then bf16
         for q in gptq none; do
           timeout 200 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \

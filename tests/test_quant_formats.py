@@ -14,12 +14,15 @@ from pegboard.core.model_runner import ModelRunner
 from pegboard.plugins.kernels.attention_torch import TorchAttentionBackend
 from pegboard.plugins.linear.formats import FORMATS
 from pegboard.plugins.linear.int4 import (
+    SERVING_NIBBLE,
     Int4Weights,
     contiguous_groups,
     dequantize_packed,
     pack,
     pack_int32,
+    pack_serving,
     unpack_int32,
+    unpack_serving,
 )
 from pegboard.sdk.linear import QuantizationConfig
 from pegboard.sdk.types import KVPool, Request
@@ -95,6 +98,20 @@ def test_int32_packing_round_trips_along_either_dimension():
         assert packed.shape == ((8, 48) if dim == 0 else (64, 6))
         assert torch.equal(unpack_int32(packed, dim), values)
         assert torch.equal(packed, pack_along(values, dim))  # the fixture's own packer agrees
+
+
+def test_serving_layout_interleaves_each_words_columns_and_round_trips():
+    # The kernels' layout: columns 2p, 2p + 1 of a word in nibbles p, p + 4, so one and-or of
+    # `(word >> 4p) & 0x000F000F` gives both halves of a 16-bit pair (w4a16_kernels._pair).
+    values = torch.randint(0, 16, (64, 24), dtype=torch.uint8)
+    words = pack_serving(values)
+    assert words.shape == (8, 24) and words.dtype == torch.int32
+    assert torch.equal(unpack_serving(words), values)
+    for p in range(4):
+        pair = (words.long() >> (4 * p)) & 0x000F000F
+        assert torch.equal(pair & 0xF, values[2 * p :: 8].long())
+        assert torch.equal(pair >> 16, values[2 * p + 1 :: 8].long())
+    assert sorted(SERVING_NIBBLE) == list(range(8))
 
 
 def _weights(n=64, k=128, group=32, sym=False, desc_act=False):

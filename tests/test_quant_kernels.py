@@ -10,6 +10,7 @@ graph capture, and a whole quantized model's logits against its de-quantized run
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,6 +59,9 @@ def reference(x: torch.Tensor, p, bias=None) -> torch.Tensor:
         (16, W4A16Config(16, 16, 32)),  # tensor cores
         (20, W4A16Config(16, 32, 32, split_k=2)),  # tensor cores, split K, ragged M
         (5, W4A16Config(16, 16, 128)),  # tensor cores, a step spanning several groups
+        (1, W4A16Config(16, 32, 64, split_k=2)),  # tensor cores for one row, split K
+        (20, W4A16Config(16, 16, 32, split_k=4, fixup=True)),  # split K summed in the kernel
+        (3, W4A16Config(4, 16, 32, split_k=2, fixup=True)),  # the same, CUDA cores
     ],
     ids=str,
 )
@@ -94,6 +98,20 @@ def test_cuda_core_kernel_in_bf16_is_within_bf16_rounding_in_the_interpreter():
     assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-2
 
 
+def test_split_k_fixup_leaves_its_counters_at_zero_for_the_next_launch():
+    from pegboard.core.kernels import w4a16
+
+    p = packed_layer(40, 128, 32, torch.float32)
+    x = torch.randn(17, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    cfg = W4A16Config(16, 16, 32, split_k=4, fixup=True)
+    first = w4a16_linear(x, p.qweight, p.scales, p.offsets, 32, None, cfg)
+    counters = w4a16._fixup_counters(x.device, 6)
+    assert counters is not None and int(counters.abs().sum()) == 0  # 2 x 3 tiles, all reset
+    again = w4a16_linear(x, p.qweight, p.scales, p.offsets, 32, None, cfg)  # counts from 0 again
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(first.double(), reference(x, p), atol=1e-4, rtol=1e-4)
+
+
 def test_kernels_take_strided_rows_and_keep_leading_dimensions():
     p = packed_layer(16, 64, 32, torch.float32)
     x = torch.randn(2, 3, 96).to(DEVICE)[..., :64]  # rows not contiguous
@@ -115,8 +133,8 @@ def test_default_configs_split_k_only_where_it_divides():
             for group in (32, 64, 128, k):
                 cfg = pick_config(m, n, k, group)
                 assert k % (cfg.block_k * cfg.split_k) == 0
-                assert cfg.dot == (m > 2)  # tensor cores from 3 rows, 16 rows a tile at least
-                assert not cfg.dot or cfg.block_m >= 16
+                assert group % cfg.block_k == 0  # a step inside one group: scale after the dot
+                assert cfg.dot and cfg.block_m >= 16  # tensor cores at every row count
 
 
 def test_measured_table_entries_are_used_for_their_device_and_shape(monkeypatch):
@@ -165,6 +183,45 @@ def test_bf16_kernels_replay_in_a_cuda_graph():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out.double(), reference(x, p), atol=0.05, rtol=0.02)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_inline_asm_unpacking_gives_the_bits_of_the_plain_spelling(group, dtype):
+    # The interpreter runs only the plain Triton spelling of the and-or (`asm=False`); the
+    # compiled `lop3` must give the same 16-bit patterns, hence the same sums, bit for bit.
+    p = packed_layer(4096, 4096, group, dtype)
+    x = torch.randn(5, 4096, device=DEVICE).to(dtype)
+    cfg = W4A16Config(16, 128, group, split_k=4)
+    asm = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, None, cfg)
+    plain = w4a16_linear(x, p.qweight, p.scales, p.offsets, group, None, replace(cfg, asm=False))
+    assert torch.equal(asm, plain)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", LLAMA_8B, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_split_k_fixup_matches_the_reference_and_replays_in_a_cuda_graph(shape, rows):
+    # Each tile's last program sums the partials (a counter per tile it resets): memory
+    # ordering between SMs is what the interpreter cannot check. Replayed twice: the counters
+    # must be back at zero after each launch.
+    n, k = shape
+    p = packed_layer(n, k, 128, torch.bfloat16)
+    cfg = W4A16Config(max(16, rows), 128, 128, split_k=8, fixup=True)
+    x = torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
+    out = w4a16_linear(x, p.qweight, p.scales, p.offsets, 128, None, cfg)  # compile, counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_linear(x, p.qweight, p.scales, p.offsets, 128, None, cfg)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        expected = reference(x, p)
+        rel = (out.double() - expected).norm() / expected.norm()
+        assert rel < 1e-2, f"relative error {rel:.2e}"
 
 
 @gpu

@@ -24,6 +24,10 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   routing weight fused in), selected by `--moe-kernel` (`pegboard.core.moe.kernel`); it sums in
   float32 like the PyTorch path but rounds once after SiLU-and-mul, so it matches it to
   rounding. It does not launch with PDL.
+- `w4a16.w4a16_linear(x, qweight, scales, offsets, group_size, bias)` — `x @ W.T` for 4-bit
+  weights in the `w4a16` linear plugin's serving layout (kernels in `w4a16_kernels.py`: tensor
+  cores at every row count, scales applied to the dot's sums; launch configurations from the
+  measured `w4a16_configs.json`). Its split-K fix-up keeps one zeroed counter buffer per device.
 
 On Hopper GPUs every kernel here launches with programmatic dependent launch (`pdl`: it starts
 while the kernel before finishes and waits only where it reads that kernel's outputs);

@@ -7,8 +7,11 @@ Q4_1: the block minimum; Q4_0: `-8 * d`). `g_idx` (GPTQ/compressed-tensors activ
 maps each input column to its group when groups are not contiguous.
 
 The serving layout (`pack`) is the one the Triton kernels stream: `qweight [K / 8, N]` int32,
-eight consecutive input columns per word (column `k` in bits `4 * (k % 8)`), N contiguous, so a
-program loads whole rows of output columns; `scales`/`offsets` `[K / group, N]` in the
+eight consecutive input columns per word, N contiguous, so a program loads whole rows of output
+columns. Inside a word the columns are interleaved (`SERVING_NIBBLE`): columns `2p` and `2p + 1`
+sit in nibbles `p` and `p + 4`, so one and-or, `(word >> 4p) & 0x000F000F | 0x43004300`, makes
+the bf16 pair `(128 + q[2p], 128 + q[2p + 1])` of two neighbouring columns (Marlin / FasterTransformer's
+interleaving; `pegboard.core.kernels.w4a16_kernels`); `scales`/`offsets` `[K / group, N]` in the
 activation dtype; with activation order, the input columns are permuted at load so groups are
 contiguous again, and `perm` permutes x the same way at run time.
 """
@@ -21,6 +24,11 @@ import torch
 from pegboard.sdk.linear import QuantizationError
 
 SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+#: The nibble of a serving-layout word that holds its input column `i` (0..7): columns 2p, 2p + 1
+#: in nibbles p, p + 4. Checkpoint formats keep their own plain order (`pack_int32`).
+SERVING_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+#: The input column held by nibble `j`: the inverse of `SERVING_NIBBLE`.
+SERVING_COLUMN = tuple(SERVING_NIBBLE.index(j) for j in range(8))
 
 
 @dataclass
@@ -107,7 +115,7 @@ def pack(w: Int4Weights, dtype: torch.dtype) -> PackedInt4:
     """The serving layout of weights whose groups are contiguous, for activations in `dtype`."""
     scales, offsets = w.scales.t().float(), w.offsets.t().float()
     return PackedInt4(
-        qweight=pack_int32(w.q.t(), dim=0).contiguous(),
+        qweight=pack_serving(w.q.t()),
         scales=scales.to(exact_dtype(scales, dtype)).contiguous(),
         offsets=offsets.to(exact_dtype(offsets, dtype)).contiguous(),
         group_size=w.group_size,
@@ -115,10 +123,25 @@ def pack(w: Int4Weights, dtype: torch.dtype) -> PackedInt4:
     )
 
 
+def pack_serving(q: torch.Tensor) -> torch.Tensor:
+    """`q [K, N]` (values 0..15) as the serving layout's `[K / 8, N]` int32 words, each word's
+    columns interleaved (`SERVING_NIBBLE`)."""
+    k, n = q.shape
+    nibbles = q.reshape(k // 8, 8, n)[:, list(SERVING_COLUMN)]  # nibble j holds column COLUMN[j]
+    return pack_int32(nibbles.reshape(k, n), dim=0).contiguous()
+
+
+def unpack_serving(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_serving`: `[K / 8, N]` words to `[K, N]` uint8 values."""
+    nibbles = unpack_int32(qweight, dim=0)  # row 8 * w + j: nibble j of word w
+    k, n = nibbles.shape
+    return nibbles.reshape(k // 8, 8, n)[:, list(SERVING_NIBBLE)].reshape(k, n)
+
+
 def dequantize_packed(p: PackedInt4, dtype: torch.dtype) -> torch.Tensor:
     """The matrix `[N, K]` (columns in the permuted order) of a packed layer: computed in
     float32, rounded once to `dtype` (as the kernels do)."""
-    q = unpack_int32(p.qweight, dim=0)  # [K, N]
+    q = unpack_serving(p.qweight)  # [K, N]
     scales = p.scales.float().repeat_interleave(p.group_size, dim=0)
     offsets = p.offsets.float().repeat_interleave(p.group_size, dim=0)
     return (q.float() * scales + offsets).to(dtype).t()
