@@ -106,7 +106,7 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
 
 #: The variant the engine runs for a decode batch: the first `(fewest requests, name)` pair
 #: whose bound the batch reaches. Set from `bash scripts/device-run.sh decode-sweep`.
-DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast-pf"), (0, "s4-pf"))
+DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast-pf"), (0, "s3-pf"))
 
 
 def _defaults_from_env(text: str) -> tuple[tuple[int, str], ...]:
