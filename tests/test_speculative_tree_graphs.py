@@ -246,6 +246,41 @@ def test_eagle_tree_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path
     assert graphed == eager
 
 
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_eagle_drafting_graph_captures_move_nothing_between_host_and_device(
+    case, monkeypatch, tmp_path, tree
+):
+    """What the EAGLE drafting graphs capture (catch-up forward, draft steps, the tree search)
+    runs on CPU under `HostTransfers`: no `torch.tensor` of host values, no `x[i] = scalar`
+    (a host scalar copied to the device), no read back — each fails a CUDA capture (as
+    `x[i] = 1` once did, which CPU tests could not see)."""
+    from fixtures.graph_safety import HostTransfers
+    from pegboard.core.llm import LLM
+    from pegboard.plugins.speculative.head_graphs import DraftGraphs
+    from pegboard.plugins.speculative.head_tree_graphs import TreeDraftGraphs
+    from test_speculative_graphs import _EagerSteps, eager_head_graphs
+
+    graphs_class = TreeDraftGraphs if tree else DraftGraphs
+    tree_options = {"topk": 2, "num_steps": 3} if tree else {}
+    options = eager_head_graphs(monkeypatch, graphs_class, tmp_path, num_draft_tokens=3,
+                                **tree_options)  # fmt: skip
+    found = []
+
+    def capture(self, size):
+        with HostTransfers() as mode:
+            self._steps(size)
+        found.extend(mode.found)
+        return _EagerSteps(self, size)
+
+    monkeypatch.setattr(graphs_class, "_capture", capture)
+    with LLM(str(case[0]), dtype="float32", device="cpu", speculator="eagle",
+             plugin_options=options, cuda_graph_max_bs=2) as llm:  # fmt: skip
+        spec = llm.engine.plugins.active("speculator")
+        graphs = spec.tree_graphs if tree else spec.graphs
+    assert graphs is not None and graphs.sizes == [1, 2]
+    assert found == []
+
+
 @pytest.mark.gpu
 def test_gpu_eagle_tree_graphs_draft_and_verify_as_eagerly(case, tmp_path):
     """Tree drafting graphs of an EAGLE-3 head and tree verify graphs of the target: the
