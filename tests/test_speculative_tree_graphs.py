@@ -178,12 +178,42 @@ def test_padded_tree_verify_replays_equal_transformers(case, eager_graphs):  # n
 # (oracle trees: `test_speculative_graphs.test_gpu_graph_verify_equals_eager_verify`)
 
 
+@pytest.fixture(scope="module")
+def looping_case(tmp_path_factory):
+    """A tiny target whose greedy outputs fall into short cycles of varied tokens (narrower
+    random weights than `case`'s, which never repeat): n-gram trees, some branching, that the
+    target accepts (on CPU: 33 of 94 draft tokens over `case`'s prompts), with transformers'
+    outputs."""
+    from fixtures import build_tiny_model
+    from test_engine_parity import hf_reference
+    from test_speculative import MAX_NEW, repetitive_prompts
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("looping"), "llama",
+                                 initializer_range=0.1)  # fmt: skip
+    prompts = repetitive_prompts(512)
+    reference = [tokens for tokens, _ in hf_reference(model_dir, prompts, MAX_NEW)]
+    return model_dir, prompts, reference
+
+
+def test_ngram_trees_over_the_looping_target_are_accepted_and_lossless(looping_case):
+    """The GPU test's workload on CPU: n-gram trees (some branching) are accepted, outputs
+    are transformers'."""
+    from test_speculative import generate
+
+    model_dir, prompts, reference = looping_case
+    outs, stats = generate(model_dir, prompts, speculator="ngram", page_size=4,
+                           plugin_options={"ngram": {"topk": 3, "num_draft_tokens": 6}})  # fmt: skip
+    assert_same(outs, reference)
+    assert stats["spec_accepted_tokens"] > 10
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("speculator", ["ngram", "draft"])
-def test_gpu_tree_graphs_with_ngram_and_draft_model_trees(case, speculator):
-    """Real tree speculators: n-gram trees and the target as its own EAGLE-2-style tree
-    draft (whose whole first path is accepted)."""
-    model_dir, prompts, reference = case
+def test_gpu_tree_graphs_with_ngram_and_draft_model_trees(case, looping_case, speculator):
+    """Real tree speculators: n-gram trees (over a target whose outputs repeat, so that
+    drafts are accepted: `case`'s target accepts none) and the target as its own
+    EAGLE-2-style tree draft (whose whole first path is accepted)."""
+    model_dir, prompts, reference = looping_case if speculator == "ngram" else case
     options = {"ngram": {"topk": 3, "num_draft_tokens": 6},
                "draft": {"model_path": str(model_dir), "topk": 2, "num_steps": 3,
                          "num_draft_tokens": 5}}[speculator]  # fmt: skip
