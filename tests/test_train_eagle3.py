@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import test_speculative
 import torch
 from pegboard.core.cli.main import main
-from pegboard.core.speculative.train_eagle3 import _ttt_attention
-from pegboard.plugins.speculative.eagle import EagleHead
+from pegboard.core.speculative.train_eagle3 import _ttt_attention, default_aux, trainer_drafts
+from pegboard.plugins.speculative.eagle import EagleHead, aux_layers
+
+case = test_speculative.case  # the module's fixture: tiny target, prompts, transformers' outputs
 
 
 def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
@@ -39,6 +42,70 @@ def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
     )  # fmt: skip
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert stats["spec_draft_tokens"] > 0
+
+    # The trainer's own head (its checkpoint, built as the trainer builds it) and features
+    # (its layers) predict every draft serving proposed.
+    def trainer_head(target):
+        head = EagleHead(config, True, target)
+        state = torch.load(out / "checkpoint.pt", map_location="cpu")
+        head.load_state_dict(state["head"], strict=False)
+        return head, default_aux(len(target.model.layers))
+
+    served, trained = served_and_trainer_drafts(tiny_llama_dir, out, prompts, trainer_head)
+    assert served == trained and len(served) >= 6
+
+
+def served_and_trainer_drafts(model_dir, head_dir, prompts, trainer_head, **options):
+    """Every chain of drafts `eagle` proposed (float32, CPU) while generating `prompts`, and
+    what the trainer's forward (`trainer_drafts`) drafts for the same contexts and inputs:
+    `trainer_head(target)` gives the trainer's head and its target layers."""
+    from pegboard.core.llm import LLM
+    from pegboard.core.speculative.hidden import TargetHidden
+    from pegboard.sdk.types import SamplingParams
+
+    records = []
+    options = {"model_path": str(head_dir), "num_draft_tokens": 4, **options}
+    with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+             plugin_options={"eagle": options}, speculative_min_accept_rate=0.0) as llm:  # fmt: skip
+        spec = llm.engine.plugins.active("speculator")
+        original = spec.propose
+
+        def propose(requests, max_tokens):
+            out = original(requests, max_tokens)
+            records.extend((list(r.token_ids), d.tokens) for r, d in zip(requests, out) if d.tokens)
+            return out
+
+        spec.propose = propose
+        llm.engine.plugins.unregister(spec)
+        llm.engine.plugins.register(spec)
+        llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
+        target = llm.engine.runner.model
+        head, layers = trainer_head(target)
+        hooks = TargetHidden(target, layers)
+        try:
+            trained = [trainer_drafts(head, target, hooks, c, d) for c, d in records]
+        finally:
+            hooks.remove()
+    return [d for _, d in records], trained
+
+
+def test_served_drafts_are_the_trainers_for_an_sglang_head(case, tmp_path):
+    """An SGLang-format EAGLE-3 head (attention-heavy random weights, a reduced vocabulary
+    mapped with `d2t`, its own target layers): serving drafts what the trainer's forward
+    drafts, at every step of every chain."""
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, _ = case
+    path = build_eagle3_head(tmp_path / "h", aux=(0, 1, -1), attention_heavy=True)
+    config = json.loads((path / "config.json").read_text())
+
+    def trainer_head(target):
+        head = EagleHead(config, True, target, str(path))
+        return head, aux_layers(config, len(target.model.layers))
+
+    served, trained = served_and_trainer_drafts(model_dir, path, prompts[:3], trainer_head)
+    assert served == trained and len(served) >= 6
+    assert any(len(set(d)) > 1 for d in served)  # drafts that depend on the step
 
 
 def test_ttt_attention_sees_real_keys_up_to_its_row_and_its_own_drafts():

@@ -121,11 +121,25 @@ def default_aux(num_layers: int) -> list[int]:
 
 def ttt_loss(head, aux: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, steps: int):
     """The unrolled loss of one sequence (see the module docstring) and step 0's top-1 match."""
+    total, match = 0.0, 0.0
+    for s, logits in enumerate(ttt_logits(head, aux, ids, steps)):
+        target = teacher[s + 1 : s + 1 + logits.shape[0]]
+        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
+        total = total + (0.8**s) * loss
+        if s == 0:
+            match = (logits.argmax(-1) == target.argmax(-1)).float().mean().item()
+    return total, match
+
+
+def ttt_logits(head, aux: torch.Tensor, ids: torch.Tensor, steps: int):
+    """Per unrolled step `s`, the head's float32 draft-vocabulary logits `[rows, draft vocab]`:
+    row `t` fed on the feature at `t` and tokens `t + 1 .. t + s + 1`, predicting token
+    `t + s + 2` (what serving drafts at step `s` after a context ending at token `t + 1`)."""
     T = ids.shape[0]
     n = T - 1  # rows t = 0 .. T-2: feature at t, token t + 1
     emb_all = head.embed(ids).to(aux.dtype)
     hidden = head.fc(aux[:n])
-    keys, values, total, match = [], [], 0.0, 0.0
+    keys, values = [], []
     for s in range(steps):
         rows = T - s - 1  # token t + s + 1 must exist
         if rows < 2:
@@ -144,14 +158,27 @@ def ttt_loss(head, aux: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, 
         h2 = head.o_proj(attn) + h
         mlp_in = head.post_attention_layernorm(h2)
         out = head.down_proj(F.silu(head.gate_proj(mlp_in)) * head.up_proj(mlp_in)) + h2
-        logits = head.lm_head(head.norm(out)).float()
-        target = teacher[s + 1 : s + 1 + rows]
-        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
-        total = total + (0.8**s) * loss
-        if s == 0:
-            match = (logits.argmax(-1) == target.argmax(-1)).float().mean().item()
+        yield head.lm_head(head.norm(out)).float()
         hidden = out
-    return total, match
+
+
+@torch.no_grad()
+def trainer_drafts(head, target, hooks, context: list[int], drafts: list[int]) -> list[int]:
+    """What the trainer's own forward (`ttt_logits`) drafts after `context`, step `s` fed on
+    `drafts[:s]` (the served drafts, so that each step is compared on the same inputs):
+    target ids, one per draft. Serving must propose exactly these (`tests/test_train_eagle3`,
+    `scripts/eagle_consistency.py`). `hooks`: a `TargetHidden` on `target` for the head's
+    layers."""
+    device = head.fc.weight.device
+    ids = torch.tensor(context + drafts[:-1], device=device)
+    target(ids, torch.arange(ids.shape[0], device=device), DenseCausal())
+    features = hooks.features().to(head.fc.weight.dtype)
+    row = len(context) - 2  # the feature at the last context token but one, then its token
+    out = []
+    for logits in ttt_logits(head, features, ids, len(drafts)):
+        draft = int(logits[row].argmax())
+        out.append(draft + int(head.d2t[draft]))
+    return out
 
 
 def _ttt_attention(head, q, keys, values, rows):
