@@ -55,13 +55,15 @@ class DenseCausal:
         return out.transpose(0, 1)
 
 
-def generate_data(args, out: Path) -> list[list[int]]:
-    """Self-distillation text: the target's own answers (resumes a partial `data.jsonl`)."""
+def generate_data(args, out: Path) -> list[tuple[list[int], int]]:
+    """Self-distillation text: the target's own answers (resumes a partial `data.jsonl`), as
+    (token ids, prompt length) per sequence (0: a row written before prompt lengths were)."""
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams
 
     path = out / "data.jsonl"
-    rows = [json.loads(line)["ids"] for line in path.open()] if path.exists() else []
+    lines = [json.loads(line) for line in path.open()] if path.exists() else []
+    rows = [(d["ids"], d.get("prompt_len", 0)) for d in lines]
     if len(rows) >= args.num_samples:
         return rows[: args.num_samples]
     if args.prompts:
@@ -77,8 +79,8 @@ def generate_data(args, out: Path) -> list[list[int]]:
                 params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95)
                 for o in llm.generate(texts, params):
                     ids = list(o.prompt_token_ids) + list(o.token_ids)
-                    rows.append(ids)
-                    f.write(json.dumps({"ids": ids}) + "\n")
+                    rows.append((ids, len(o.prompt_token_ids)))
+                    f.write(json.dumps({"ids": ids, "prompt_len": rows[-1][1]}) + "\n")
                 print(f"data: {len(rows)}/{args.num_samples} sequences", flush=True)
     return rows
 
@@ -107,7 +109,8 @@ def head_config(target_cfg: dict, aux: list[int]) -> dict:
         "vocab_size": target_cfg["vocab_size"],
         "draft_vocab_size": target_cfg["vocab_size"],
         "rms_norm_eps": target_cfg.get("rms_norm_eps", 1e-6),
-        "rope_theta": target_cfg.get("rope_theta", 10000.0),
+        "rope_theta": target_cfg.get("rope_theta")
+        or (target_cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
         "rope_scaling": target_cfg.get("rope_scaling"),
         "max_position_embeddings": target_cfg.get("max_position_embeddings", 4096),
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux]},
@@ -119,15 +122,21 @@ def default_aux(num_layers: int) -> list[int]:
     return [min(max(i, 0), num_layers) for i in (2, num_layers // 2, num_layers - 3)]
 
 
-def ttt_loss(head, aux: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, steps: int):
-    """The unrolled loss of one sequence (see the module docstring) and step 0's top-1 match."""
+def ttt_loss(
+    head, aux: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, steps: int,
+    prompt_len: int = 0,
+):  # fmt: skip
+    """The unrolled loss of one sequence (see the module docstring) and step 0's top-1 match
+    over the rows predicting generated tokens (index >= `prompt_len`): serving drafts only
+    those (the prompt's rows, the same few templates over and over, are easy to memorise)."""
     total, match = 0.0, 0.0
     for s, logits in enumerate(ttt_logits(head, aux, ids, steps)):
         target = teacher[s + 1 : s + 1 + logits.shape[0]]
         loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
         total = total + (0.8**s) * loss
         if s == 0:
-            match = (logits.argmax(-1) == target.argmax(-1)).float().mean().item()
+            hits = (logits.argmax(-1) == target.argmax(-1)).float()[max(prompt_len - 2, 0) :]
+            match = hits.mean().item() if hits.numel() else 0.0
     return total, match
 
 
@@ -237,16 +246,27 @@ def train(args) -> int:
     hooks = TargetHidden(target, aux)
     rng = random.Random(args.seed + step)
     log = (out / "train_log.jsonl").open("a")
+    held = data[-(len(data) // 50) :] if len(data) >= 50 else []  # never trained on
+    data = data[: len(data) - len(held)]
+
+    def inputs(ids: list[int]):
+        ids = torch.tensor(ids[: args.max_len], device=device)
+        with torch.no_grad():
+            final = target(ids, torch.arange(ids.shape[0], device=device), DenseCausal())
+            return ids, target.compute_logits(final).softmax(-1), hooks.features().float()
+
+    def heldout_top1() -> float:
+        with torch.no_grad():
+            return sum(ttt_loss(head, f, i, t, 1, n)[1]
+                       for i, t, f, n in ((*inputs(ids), n) for ids, n in held[:16])
+                       ) / len(held[:16])  # fmt: skip
+
     while step < args.steps:
         opt.zero_grad()
         losses, matches = [], []
-        for ids in rng.sample(data, min(args.batch_size, len(data))):
-            ids = torch.tensor(ids[: args.max_len], device=device)
-            with torch.no_grad():
-                final = target(ids, torch.arange(ids.shape[0], device=device), DenseCausal())
-                teacher = target.compute_logits(final).softmax(-1)
-                features = hooks.features().float()
-            loss, match = ttt_loss(head, features, ids, teacher, args.ttt_steps)
+        for ids, prompt_len in rng.sample(data, min(args.batch_size, len(data))):
+            ids, teacher, features = inputs(ids)
+            loss, match = ttt_loss(head, features, ids, teacher, args.ttt_steps, prompt_len)
             (loss / args.batch_size).backward()
             losses.append(float(loss.detach()))
             matches.append(match)
@@ -261,6 +281,10 @@ def train(args) -> int:
         out_of_time = time.monotonic() - started > 60 * args.max_minutes
         if step % args.save_every == 0 or step == args.steps or out_of_time:
             save(head, opt, step, cfg, out)
+            if held:  # step 0's top-1 on generated tokens of sequences it never trained on
+                record = {"step": step, "heldout_top1": heldout_top1()}
+                log.write(json.dumps(record) + "\n")
+                print(json.dumps(record), flush=True)
         if out_of_time:
             print(f"stopped at step {step} (--max-minutes); run again to resume", flush=True)
             break
