@@ -37,11 +37,26 @@ PROMPTS = [
     "What are the pros and cons of {}?",
     "Write an email to a colleague about {}.",
     "Give step-by-step instructions for a task involving {}.",
+    "Answer briefly: what is the most important thing to know about {}?",
+    "Write a dialogue between two friends discussing {}.",
+    "Compare {} with something similar and explain the differences.",
+    "Write a haiku and then a limerick about {}.",
+    "Explain {} to a five-year-old, then to an expert.",
+    "What are common misconceptions about {}?",
+    "Write a product description or advertisement involving {}.",
+    "Create a quiz with three questions and answers about {}.",
 ]
 TOPICS = ["photosynthesis", "the stock market", "a lighthouse keeper", "sorting algorithms",
           "the Roman empire", "electric cars", "baking bread", "black holes", "chess openings",
           "climate change", "a robot learning to paint", "HTTP caching", "volcanoes",
-          "the French revolution", "machine learning", "gardening in winter"]  # fmt: skip
+          "the French revolution", "machine learning", "gardening in winter", "the human heart",
+          "public transport", "jazz music", "the moon landing", "recycling plastic", "coffee",
+          "quantum computing", "a lost cat", "the immune system", "ancient Egypt",
+          "renewable energy", "learning to swim", "databases and SQL", "glaciers",
+          "a job interview", "earthquakes", "social media", "the Olympic games", "bees",
+          "compound interest", "a mountain village", "vaccines", "writing a novel",
+          "the internet", "dinosaurs", "time management", "a space station", "rainforests",
+          "Shakespeare", "binary search trees", "the printing press", "city parks"]  # fmt: skip
 
 
 class DenseCausal:
@@ -246,8 +261,7 @@ def train(args) -> int:
     hooks = TargetHidden(target, aux)
     rng = random.Random(args.seed + step)
     log = (out / "train_log.jsonl").open("a")
-    held = data[-(len(data) // 50) :] if len(data) >= 50 else []  # never trained on
-    data = data[: len(data) - len(held)]
+    data, held = split_heldout(data)
 
     def inputs(ids: list[int]):
         ids = torch.tensor(ids[: args.max_len], device=device)
@@ -290,6 +304,18 @@ def train(args) -> int:
             break
     hooks.remove()
     return 0
+
+
+def split_heldout(data: list[tuple[list[int], int]]):
+    """(training rows, held-out rows): every sequence of about 1 in 20 distinct prompts (when
+    there are 10 or more) is held out, so `heldout_top1` measures text of prompts the head
+    never saw (the same prompt's samples share long stretches)."""
+    prompts = sorted({tuple(ids[:n]) for ids, n in data if n})
+    if len(prompts) < 10:
+        return data, []
+    held = set(prompts[::20])
+    keep = [(ids, n) for ids, n in data if tuple(ids[:n]) not in held]
+    return keep, [(ids, n) for ids, n in data if tuple(ids[:n]) in held]
 
 
 def init_from_target(head, target) -> None:
