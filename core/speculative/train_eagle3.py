@@ -299,6 +299,7 @@ def train(args) -> int:
                 record = {"step": step, "heldout_top1": heldout_top1()}
                 log.write(json.dumps(record) + "\n")
                 print(json.dumps(record), flush=True)
+            log.flush()  # with the checkpoint: a run killed later keeps its log
         if out_of_time:
             print(f"stopped at step {step} (--max-minutes); run again to resume", flush=True)
             break
