@@ -4,7 +4,10 @@ Runs the same prompts (greedy, `--max-tokens` each) through one engine without s
 one with it, `--batch-size` prompts at a time (1: batch-1 decode), and prints JSON: output
 tokens per second and engine steps of each, the speed-up, the acceptance rate and length, the
 cost of a speculative step relative to a plain one, the CUDA graph replays (decode and verify)
-and the share of completions identical to the plain run (bf16 near-ties may differ).
+and how far each completion agrees with the plain run: `identical_completions`, `first_diff`
+(per completion, the first differing token's index) and `identical_leading_share` (bf16
+near-ties flip late; `--dtype float32` tells them from a bug, which differs early in float32
+too).
 `--compare-eager` adds the same speculation without CUDA graphs (`spec_eager`).
 
     python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
@@ -105,6 +108,22 @@ def graph_report(runner, speculator=None) -> dict:
     return report
 
 
+def divergence(plain, spec) -> dict:
+    """How far each speculative completion agrees with the plain one: `first_diff` per
+    completion (the index of the first differing token, None if identical) and the mean share
+    of each completion's leading tokens that agree. A bf16 near-tie flips late (and not in
+    float32); a speculation bug shows early, in float32 too."""
+    first, shares = [], []
+    for a, b in zip(plain, spec):
+        x, y = a.token_ids, b.token_ids
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        same = x == y
+        first.append(None if same else n)
+        shares.append(1.0 if same else n / max(len(x), len(y), 1))
+    return {"identical_completions": f"{first.count(None)}/{len(first)}", "first_diff": first,
+            "identical_leading_share": round(sum(shares) / max(len(shares), 1), 3)}  # fmt: skip
+
+
 def prompts_for(args, llm) -> list:
     if args.config is None:
         questions = QUESTIONS * args.repeat
@@ -138,6 +157,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128, help="with --config")
     p.add_argument("--extractive", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, help="the model's dtype (e.g. float32: no bf16 ties)")
     p.add_argument("--attention", default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest captured batch")
@@ -149,6 +169,8 @@ def main() -> None:
     add_speculative_arguments(p)
     args = p.parse_args()
     base = {"device": args.device}
+    if args.dtype:
+        base["dtype"] = args.dtype
     if args.config:
         from pegboard.core.bench.models import random_weights_model_dir
 
@@ -209,8 +231,7 @@ def main() -> None:
         spec_step = result[name]["elapsed_s"] / max(result[name]["steps"], 1)
         result[name]["speedup"] = round(result[name]["tok_s"] / result["plain"]["tok_s"], 3)
         result[name]["step_cost_vs_plain"] = round(spec_step / plain_step, 3)
-        same = [a.token_ids == b.token_ids for a, b in zip(plain, spec)]
-        result[name]["identical_completions"] = f"{sum(same)}/{len(same)}"
+        result[name].update(divergence(plain, spec))
     print(json.dumps(result, indent=2))
 
 

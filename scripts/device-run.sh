@@ -5,7 +5,7 @@
 #                 [tests | tests-1 tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
-#                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-eagle-train]
+#                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-eagle-train] [eagle-check]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
@@ -412,6 +412,16 @@ PY
           --speculative-algorithm EAGLE3 --speculative-draft-model-path "$HEAD" --speculative-num-steps 4 \
           --cuda-graph-max-bs 1 --max-tokens 256 --compare-eager >"$OUT/spec-eagle.json" \
           2>"$OUT/spec-eagle.err"; tail -45 "$OUT/spec-eagle.json" ;;
+    eagle-check) # the trained head (out/eagle3-smollm2: after spec-eagle-train on the same warm
+        # machine) served vs the trainer's own forward on the same contexts, and vs the target's
+        # next tokens (scripts/eagle_consistency.py): bf16 with graphs, bf16 eager, fp32 eager
+        HEAD=${EAGLE_HEAD:-out/eagle3-smollm2}
+        SMOL=$(smollm2_dir); [ -n "$SMOL" ] && [ -f "$HEAD/config.json" ] || continue
+        for v in "--dtype bfloat16" "--dtype bfloat16 --disable-cuda-graph" \
+                 "--dtype float32 --disable-cuda-graph"; do
+          timeout 170 python3 scripts/eagle_consistency.py --model "$SMOL" --head "$HEAD" $v \
+            --max-tokens 128
+        done >"$OUT/eagle-check.json" 2>"$OUT/eagle-check.err"; cat "$OUT/eagle-check.json" ;;
     spec-tests) # the GPU tests of speculation and CUDA graphs (verify graphs == eager verify)
         timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
           tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py \

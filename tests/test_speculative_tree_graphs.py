@@ -178,12 +178,42 @@ def test_padded_tree_verify_replays_equal_transformers(case, eager_graphs):  # n
 # (oracle trees: `test_speculative_graphs.test_gpu_graph_verify_equals_eager_verify`)
 
 
+@pytest.fixture(scope="module")
+def looping_case(tmp_path_factory):
+    """A tiny target whose greedy outputs fall into short cycles of varied tokens (narrower
+    random weights than `case`'s, which never repeat): n-gram trees, some branching, that the
+    target accepts (on CPU: 33 of 94 draft tokens over `case`'s prompts), with transformers'
+    outputs."""
+    from fixtures import build_tiny_model
+    from test_engine_parity import hf_reference
+    from test_speculative import MAX_NEW, repetitive_prompts
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("looping"), "llama",
+                                 initializer_range=0.1)  # fmt: skip
+    prompts = repetitive_prompts(512)
+    reference = [tokens for tokens, _ in hf_reference(model_dir, prompts, MAX_NEW)]
+    return model_dir, prompts, reference
+
+
+def test_ngram_trees_over_the_looping_target_are_accepted_and_lossless(looping_case):
+    """The GPU test's workload on CPU: n-gram trees (some branching) are accepted, outputs
+    are transformers'."""
+    from test_speculative import generate
+
+    model_dir, prompts, reference = looping_case
+    outs, stats = generate(model_dir, prompts, speculator="ngram", page_size=4,
+                           plugin_options={"ngram": {"topk": 3, "num_draft_tokens": 6}})  # fmt: skip
+    assert_same(outs, reference)
+    assert stats["spec_accepted_tokens"] > 10
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("speculator", ["ngram", "draft"])
-def test_gpu_tree_graphs_with_ngram_and_draft_model_trees(case, speculator):
-    """Real tree speculators: n-gram trees and the target as its own EAGLE-2-style tree
-    draft (whose whole first path is accepted)."""
-    model_dir, prompts, reference = case
+def test_gpu_tree_graphs_with_ngram_and_draft_model_trees(case, looping_case, speculator):
+    """Real tree speculators: n-gram trees (over a target whose outputs repeat, so that
+    drafts are accepted: `case`'s target accepts none) and the target as its own
+    EAGLE-2-style tree draft (whose whole first path is accepted)."""
+    model_dir, prompts, reference = looping_case if speculator == "ngram" else case
     options = {"ngram": {"topk": 3, "num_draft_tokens": 6},
                "draft": {"model_path": str(model_dir), "topk": 2, "num_steps": 3,
                          "num_draft_tokens": 5}}[speculator]  # fmt: skip
@@ -244,6 +274,41 @@ def test_eagle_tree_drafting_graphs_draft_as_eagerly(case, monkeypatch, tmp_path
     _, eager, none = run(disable_cuda_graph=True)
     assert none is None
     assert graphed == eager
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_eagle_drafting_graph_captures_move_nothing_between_host_and_device(
+    case, monkeypatch, tmp_path, tree
+):
+    """What the EAGLE drafting graphs capture (catch-up forward, draft steps, the tree search)
+    runs on CPU under `HostTransfers`: no `torch.tensor` of host values, no `x[i] = scalar`
+    (a host scalar copied to the device), no read back — each fails a CUDA capture (as
+    `x[i] = 1` once did, which CPU tests could not see)."""
+    from fixtures.graph_safety import HostTransfers
+    from pegboard.core.llm import LLM
+    from pegboard.plugins.speculative.head_graphs import DraftGraphs
+    from pegboard.plugins.speculative.head_tree_graphs import TreeDraftGraphs
+    from test_speculative_graphs import _EagerSteps, eager_head_graphs
+
+    graphs_class = TreeDraftGraphs if tree else DraftGraphs
+    tree_options = {"topk": 2, "num_steps": 3} if tree else {}
+    options = eager_head_graphs(monkeypatch, graphs_class, tmp_path, num_draft_tokens=3,
+                                **tree_options)  # fmt: skip
+    found = []
+
+    def capture(self, size):
+        with HostTransfers() as mode:
+            self._steps(size)
+        found.extend(mode.found)
+        return _EagerSteps(self, size)
+
+    monkeypatch.setattr(graphs_class, "_capture", capture)
+    with LLM(str(case[0]), dtype="float32", device="cpu", speculator="eagle",
+             plugin_options=options, cuda_graph_max_bs=2) as llm:  # fmt: skip
+        spec = llm.engine.plugins.active("speculator")
+        graphs = spec.tree_graphs if tree else spec.graphs
+    assert graphs is not None and graphs.sizes == [1, 2]
+    assert found == []
 
 
 @pytest.mark.gpu

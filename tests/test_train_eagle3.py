@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import test_speculative
 import torch
 from pegboard.core.cli.main import main
-from pegboard.core.speculative.train_eagle3 import _ttt_attention
-from pegboard.plugins.speculative.eagle import EagleHead
+from pegboard.core.speculative.train_eagle3 import _ttt_attention, default_aux, trainer_drafts
+from pegboard.plugins.speculative.eagle import EagleHead, aux_layers
+
+case = test_speculative.case  # the module's fixture: tiny target, prompts, transformers' outputs
 
 
 def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
@@ -40,6 +44,75 @@ def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert stats["spec_draft_tokens"] > 0
 
+    # The trainer's own head (its checkpoint, built as the trainer builds it) and features
+    # (its layers) predict every draft serving proposed.
+    def trainer_head(target):
+        head = EagleHead(config, True, target)
+        state = torch.load(out / "checkpoint.pt", map_location="cpu")
+        head.load_state_dict(state["head"], strict=False)
+        return head, default_aux(len(target.model.layers))
+
+    served, trained = served_and_trainer_drafts(tiny_llama_dir, out, prompts, trainer_head)
+    assert served == trained and len(served) >= 6
+
+
+def served_and_trainer_drafts(model_dir, head_dir, prompts, trainer_head, spy=None, **settings):
+    """Every chain of drafts `eagle` proposed (float32, CPU unless `settings` say otherwise)
+    while generating `prompts`, and what the trainer's forward (`trainer_drafts`) drafts for
+    the same contexts and inputs: `trainer_head(target)` gives the trainer's head and its
+    target layers. `spy(speculator)` is called after generating."""
+    from pegboard.core.llm import LLM
+    from pegboard.core.speculative.hidden import TargetHidden
+    from pegboard.sdk.types import SamplingParams
+
+    records = []
+    options = {"model_path": str(head_dir), "num_draft_tokens": 4}
+    settings = {"dtype": "float32", "device": "cpu", **settings}
+    with LLM(str(model_dir), speculator="eagle", plugin_options={"eagle": options},
+             speculative_min_accept_rate=0.0, **settings) as llm:  # fmt: skip
+        spec = llm.engine.plugins.active("speculator")
+        original = spec.propose
+
+        def propose(requests, max_tokens):
+            out = original(requests, max_tokens)
+            records.extend((list(r.token_ids), d.tokens) for r, d in zip(requests, out) if d.tokens)
+            return out
+
+        spec.propose = propose
+        llm.engine.plugins.unregister(spec)
+        llm.engine.plugins.register(spec)
+        llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
+        if spy is not None:
+            spy(spec)
+        target = llm.engine.runner.model
+        head, layers = trainer_head(target)
+        head = head.to(target.lm_head.weight.device)
+        hooks = TargetHidden(target, layers)
+        try:
+            trained = [trainer_drafts(head, target, hooks, c, d) for c, d in records]
+        finally:
+            hooks.remove()
+    return [d for _, d in records], trained
+
+
+def test_served_drafts_are_the_trainers_for_an_sglang_head(case, tmp_path):
+    """An SGLang-format EAGLE-3 head (attention-heavy random weights, a reduced vocabulary
+    mapped with `d2t`, its own target layers): serving drafts what the trainer's forward
+    drafts, at every step of every chain."""
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, _ = case
+    path = build_eagle3_head(tmp_path / "h", aux=(0, 1, -1), attention_heavy=True)
+    config = json.loads((path / "config.json").read_text())
+
+    def trainer_head(target):
+        head = EagleHead(config, True, target, str(path))
+        return head, aux_layers(config, len(target.model.layers))
+
+    served, trained = served_and_trainer_drafts(model_dir, path, prompts[:3], trainer_head)
+    assert served == trained and len(served) >= 6
+    assert any(len(set(d)) > 1 for d in served)  # drafts that depend on the step
+
 
 def test_ttt_attention_sees_real_keys_up_to_its_row_and_its_own_drafts():
     """Step 1's row t: step 0's keys 0..t and step 1's key at row t, nothing else."""
@@ -58,3 +131,32 @@ def test_ttt_attention_sees_real_keys_up_to_its_row_and_its_own_drafts():
     assert torch.allclose(out.view(-1), torch.tensor([(1 + 1000) / 2, (1 + 10 + 2000) / 3,
                                                       (1 + 10 + 100 + 3000) / 4]))  # fmt: skip
     assert EagleHead  # the trainer builds the serving head class
+
+
+@pytest.mark.gpu
+def test_gpu_served_drafts_are_the_trainers(case, tmp_path):
+    """On CUDA (float32): the head's Triton attention and its drafting CUDA graphs draft what
+    the trainer's forward drafts (up to float near-ties of a random head)."""
+    from fixtures.devices import GPU_ENGINE
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, _ = case
+    path = build_eagle3_head(tmp_path / "h", aux=(0, 1, -1), attention_heavy=True)
+    config = json.loads((path / "config.json").read_text())
+    replays = []
+
+    def trainer_head(target):
+        layers = aux_layers(config, len(target.model.layers))
+        return EagleHead(config, True, target, str(path)), layers
+
+    def spy(speculator):
+        replays.append(getattr(speculator.graphs, "num_replays", 0))
+
+    served, trained = served_and_trainer_drafts(
+        model_dir, path, prompts, trainer_head, spy, **GPU_ENGINE, attention="triton",
+        cuda_graph_max_bs=8,
+    )  # fmt: skip
+    assert replays[0] > 0  # the drafting graphs ran
+    first = sum(a[0] == b[0] for a, b in zip(served, trained)) / len(served)
+    chains = sum(a == b for a, b in zip(served, trained)) / len(served)
+    assert len(served) >= 10 and first >= 0.95 and chains >= 0.9, (first, chains)

@@ -37,11 +37,26 @@ PROMPTS = [
     "What are the pros and cons of {}?",
     "Write an email to a colleague about {}.",
     "Give step-by-step instructions for a task involving {}.",
+    "Answer briefly: what is the most important thing to know about {}?",
+    "Write a dialogue between two friends discussing {}.",
+    "Compare {} with something similar and explain the differences.",
+    "Write a haiku and then a limerick about {}.",
+    "Explain {} to a five-year-old, then to an expert.",
+    "What are common misconceptions about {}?",
+    "Write a product description or advertisement involving {}.",
+    "Create a quiz with three questions and answers about {}.",
 ]
 TOPICS = ["photosynthesis", "the stock market", "a lighthouse keeper", "sorting algorithms",
           "the Roman empire", "electric cars", "baking bread", "black holes", "chess openings",
           "climate change", "a robot learning to paint", "HTTP caching", "volcanoes",
-          "the French revolution", "machine learning", "gardening in winter"]  # fmt: skip
+          "the French revolution", "machine learning", "gardening in winter", "the human heart",
+          "public transport", "jazz music", "the moon landing", "recycling plastic", "coffee",
+          "quantum computing", "a lost cat", "the immune system", "ancient Egypt",
+          "renewable energy", "learning to swim", "databases and SQL", "glaciers",
+          "a job interview", "earthquakes", "social media", "the Olympic games", "bees",
+          "compound interest", "a mountain village", "vaccines", "writing a novel",
+          "the internet", "dinosaurs", "time management", "a space station", "rainforests",
+          "Shakespeare", "binary search trees", "the printing press", "city parks"]  # fmt: skip
 
 
 class DenseCausal:
@@ -55,13 +70,15 @@ class DenseCausal:
         return out.transpose(0, 1)
 
 
-def generate_data(args, out: Path) -> list[list[int]]:
-    """Self-distillation text: the target's own answers (resumes a partial `data.jsonl`)."""
+def generate_data(args, out: Path) -> list[tuple[list[int], int]]:
+    """Self-distillation text: the target's own answers (resumes a partial `data.jsonl`), as
+    (token ids, prompt length) per sequence (0: a row written before prompt lengths were)."""
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams
 
     path = out / "data.jsonl"
-    rows = [json.loads(line)["ids"] for line in path.open()] if path.exists() else []
+    lines = [json.loads(line) for line in path.open()] if path.exists() else []
+    rows = [(d["ids"], d.get("prompt_len", 0)) for d in lines]
     if len(rows) >= args.num_samples:
         return rows[: args.num_samples]
     if args.prompts:
@@ -77,8 +94,8 @@ def generate_data(args, out: Path) -> list[list[int]]:
                 params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95)
                 for o in llm.generate(texts, params):
                     ids = list(o.prompt_token_ids) + list(o.token_ids)
-                    rows.append(ids)
-                    f.write(json.dumps({"ids": ids}) + "\n")
+                    rows.append((ids, len(o.prompt_token_ids)))
+                    f.write(json.dumps({"ids": ids, "prompt_len": rows[-1][1]}) + "\n")
                 print(f"data: {len(rows)}/{args.num_samples} sequences", flush=True)
     return rows
 
@@ -107,7 +124,8 @@ def head_config(target_cfg: dict, aux: list[int]) -> dict:
         "vocab_size": target_cfg["vocab_size"],
         "draft_vocab_size": target_cfg["vocab_size"],
         "rms_norm_eps": target_cfg.get("rms_norm_eps", 1e-6),
-        "rope_theta": target_cfg.get("rope_theta", 10000.0),
+        "rope_theta": target_cfg.get("rope_theta")
+        or (target_cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
         "rope_scaling": target_cfg.get("rope_scaling"),
         "max_position_embeddings": target_cfg.get("max_position_embeddings", 4096),
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux]},
@@ -119,13 +137,33 @@ def default_aux(num_layers: int) -> list[int]:
     return [min(max(i, 0), num_layers) for i in (2, num_layers // 2, num_layers - 3)]
 
 
-def ttt_loss(head, aux: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, steps: int):
-    """The unrolled loss of one sequence (see the module docstring) and step 0's top-1 match."""
+def ttt_loss(
+    head, aux: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, steps: int,
+    prompt_len: int = 0,
+):  # fmt: skip
+    """The unrolled loss of one sequence (see the module docstring) and step 0's top-1 match
+    over the rows predicting generated tokens (index >= `prompt_len`): serving drafts only
+    those (the prompt's rows, the same few templates over and over, are easy to memorise)."""
+    total, match = 0.0, 0.0
+    for s, logits in enumerate(ttt_logits(head, aux, ids, steps)):
+        target = teacher[s + 1 : s + 1 + logits.shape[0]]
+        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
+        total = total + (0.8**s) * loss
+        if s == 0:
+            hits = (logits.argmax(-1) == target.argmax(-1)).float()[max(prompt_len - 2, 0) :]
+            match = hits.mean().item() if hits.numel() else 0.0
+    return total, match
+
+
+def ttt_logits(head, aux: torch.Tensor, ids: torch.Tensor, steps: int):
+    """Per unrolled step `s`, the head's float32 draft-vocabulary logits `[rows, draft vocab]`:
+    row `t` fed on the feature at `t` and tokens `t + 1 .. t + s + 1`, predicting token
+    `t + s + 2` (what serving drafts at step `s` after a context ending at token `t + 1`)."""
     T = ids.shape[0]
     n = T - 1  # rows t = 0 .. T-2: feature at t, token t + 1
     emb_all = head.embed(ids).to(aux.dtype)
     hidden = head.fc(aux[:n])
-    keys, values, total, match = [], [], 0.0, 0.0
+    keys, values = [], []
     for s in range(steps):
         rows = T - s - 1  # token t + s + 1 must exist
         if rows < 2:
@@ -144,14 +182,27 @@ def ttt_loss(head, aux: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, 
         h2 = head.o_proj(attn) + h
         mlp_in = head.post_attention_layernorm(h2)
         out = head.down_proj(F.silu(head.gate_proj(mlp_in)) * head.up_proj(mlp_in)) + h2
-        logits = head.lm_head(head.norm(out)).float()
-        target = teacher[s + 1 : s + 1 + rows]
-        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
-        total = total + (0.8**s) * loss
-        if s == 0:
-            match = (logits.argmax(-1) == target.argmax(-1)).float().mean().item()
+        yield head.lm_head(head.norm(out)).float()
         hidden = out
-    return total, match
+
+
+@torch.no_grad()
+def trainer_drafts(head, target, hooks, context: list[int], drafts: list[int]) -> list[int]:
+    """What the trainer's own forward (`ttt_logits`) drafts after `context`, step `s` fed on
+    `drafts[:s]` (the served drafts, so that each step is compared on the same inputs):
+    target ids, one per draft. Serving must propose exactly these (`tests/test_train_eagle3`,
+    `scripts/eagle_consistency.py`). `hooks`: a `TargetHidden` on `target` for the head's
+    layers."""
+    device = head.fc.weight.device
+    ids = torch.tensor(context + drafts[:-1], device=device)
+    target(ids, torch.arange(ids.shape[0], device=device), DenseCausal())
+    features = hooks.features().to(head.fc.weight.dtype)
+    row = len(context) - 2  # the feature at the last context token but one, then its token
+    out = []
+    for logits in ttt_logits(head, features, ids, len(drafts)):
+        draft = int(logits[row].argmax())
+        out.append(draft + int(head.d2t[draft]))
+    return out
 
 
 def _ttt_attention(head, q, keys, values, rows):
@@ -210,16 +261,26 @@ def train(args) -> int:
     hooks = TargetHidden(target, aux)
     rng = random.Random(args.seed + step)
     log = (out / "train_log.jsonl").open("a")
+    data, held = split_heldout(data)
+
+    def inputs(ids: list[int]):
+        ids = torch.tensor(ids[: args.max_len], device=device)
+        with torch.no_grad():
+            final = target(ids, torch.arange(ids.shape[0], device=device), DenseCausal())
+            return ids, target.compute_logits(final).float().softmax(-1), hooks.features().float()
+
+    def heldout_top1() -> float:
+        with torch.no_grad():
+            return sum(ttt_loss(head, f, i, t, 1, n)[1]
+                       for i, t, f, n in ((*inputs(ids), n) for ids, n in held[:16])
+                       ) / len(held[:16])  # fmt: skip
+
     while step < args.steps:
         opt.zero_grad()
         losses, matches = [], []
-        for ids in rng.sample(data, min(args.batch_size, len(data))):
-            ids = torch.tensor(ids[: args.max_len], device=device)
-            with torch.no_grad():
-                final = target(ids, torch.arange(ids.shape[0], device=device), DenseCausal())
-                teacher = target.compute_logits(final).float().softmax(-1)
-                features = hooks.features().float()
-            loss, match = ttt_loss(head, features, ids, teacher, args.ttt_steps)
+        for ids, prompt_len in rng.sample(data, min(args.batch_size, len(data))):
+            ids, teacher, features = inputs(ids)
+            loss, match = ttt_loss(head, features, ids, teacher, args.ttt_steps, prompt_len)
             (loss / args.batch_size).backward()
             losses.append(float(loss.detach()))
             matches.append(match)
@@ -234,11 +295,28 @@ def train(args) -> int:
         out_of_time = time.monotonic() - started > 60 * args.max_minutes
         if step % args.save_every == 0 or step == args.steps or out_of_time:
             save(head, opt, step, cfg, out)
+            if held:  # step 0's top-1 on generated tokens of sequences it never trained on
+                record = {"step": step, "heldout_top1": heldout_top1()}
+                log.write(json.dumps(record) + "\n")
+                print(json.dumps(record), flush=True)
+            log.flush()  # with the checkpoint: a run killed later keeps its log
         if out_of_time:
             print(f"stopped at step {step} (--max-minutes); run again to resume", flush=True)
             break
     hooks.remove()
     return 0
+
+
+def split_heldout(data: list[tuple[list[int], int]]):
+    """(training rows, held-out rows): every sequence of about 1 in 20 distinct prompts (when
+    there are 10 or more) is held out, so `heldout_top1` measures text of prompts the head
+    never saw (the same prompt's samples share long stretches)."""
+    prompts = sorted({tuple(ids[:n]) for ids, n in data if n})
+    if len(prompts) < 10:
+        return data, []
+    held = set(prompts[::20])
+    keep = [(ids, n) for ids, n in data if tuple(ids[:n]) not in held]
+    return keep, [(ids, n) for ids, n in data if tuple(ids[:n]) in held]
 
 
 def init_from_target(head, target) -> None:

@@ -65,7 +65,10 @@ class TreeDraftGraphs:
         self.values = torch.zeros(n, K + steps * K * K, dtype=torch.float32, device=dev)
         self.ids = torch.zeros(n, K + steps * K * K, dtype=torch.int64, device=dev)
         self.chosen = torch.zeros(n, max(steps - 1, 0) * K, dtype=torch.int64, device=dev)
-        self.arange = torch.arange(K, device=dev)
+        # Device constants of the graph: a Python value written into a device tensor inside
+        # a capture (`x[index] = 1`: index_put_ with a CPU scalar) is a host-to-device copy,
+        # which a capture refuses.
+        self.eye = torch.eye(K, dtype=torch.int8, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
         self._capture_all()
@@ -170,8 +173,8 @@ class TreeDraftGraphs:
         tokens = ids
         inputs = last[:, None, :].expand(size, K, last.shape[-1])
         entries = K * (self.depth - 1)
-        ancestors = torch.zeros(size, K, max(entries, 1), dtype=torch.int8, device=last.device)
-        ancestors[:, self.arange, self.arange] = 1
+        ancestors = torch.zeros(size, K, max(entries, K), dtype=torch.int8, device=last.device)
+        ancestors[:, :, :K] = self.eye  # each frontier node sees itself
         spine = torch.zeros(size, dtype=torch.int64, device=last.device)  # its frontier position
         rows = torch.arange(size, device=last.device)
         for s, backend in enumerate(self.backends):
@@ -197,4 +200,4 @@ class TreeDraftGraphs:
             tokens = ids.view(size, K * K).gather(1, chosen)
             inputs = out.view(size, K, -1)[rows[:, None], parents]
             ancestors = ancestors[rows[:, None], parents]
-            ancestors[:, self.arange, m + self.arange] = 1
+            ancestors[:, :, m : m + K] = self.eye
