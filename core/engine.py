@@ -404,8 +404,14 @@ class Engine:
         r.append_token(token, logprobs)
         if r.first_token_time is None:
             r.first_token_time = time.monotonic()
-        lps = [logprobs] if logprobs else []
-        self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
+        last = self._outbox[-1] if self._outbox else None
+        if last is not None and last.request is r and not last.finished:  # a verify's tokens:
+            last.new_token_ids.append(token)  # one delta per request and step
+            if logprobs:
+                last.new_logprobs.append(logprobs)
+        else:
+            lps = [logprobs] if logprobs else []
+            self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
         reason = stop_reason(r, token, self.budget.max_model_len)  # stop strings: detokenizer
         if reason:
             self._finish(r, reason)

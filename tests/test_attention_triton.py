@@ -223,6 +223,24 @@ def test_metadata_tensors_are_filled_in_place_across_steps():
     assert backend.seq_lens[:70].tolist() == [2] * 70
 
 
+def test_an_unchanged_block_map_is_not_uploaded_again(monkeypatch):
+    """Verify steps of one layout (every request `q` rows: a verify graph's) have the same
+    block map: it is uploaded once, and again only when it changes (here: as many blocks)."""
+    from pegboard.plugins.kernels import attention_triton as A
+
+    first = make_case([9, 14], [5, 5], 4, seed=21)
+    backend = TritonAttentionBackend(first.info, first.pool)
+    real, targets = A._upload, []
+    monkeypatch.setattr(A, "_upload", lambda dst, a: (targets.append(dst.data_ptr()), real(dst, a)))
+    counts = []
+    for seq_lens, query_lens in [([9, 14], [5, 5]), ([11, 20], [5, 5]), ([40], [33])]:
+        backend.prepare(make_case(seq_lens, query_lens, 4, seed=22).batch)
+        counts.append(targets.count(backend.block_map.data_ptr()))
+    assert counts == [1, 1, 2]
+    expected = triton_attention.build_block_map([33], backend.tokens_per_block)
+    assert backend.block_map[: len(expected)].tolist() == expected.tolist()
+
+
 def test_plugin_passes_the_conformance_kit():
     from pegboard.sdk.testing import check_attention
 

@@ -120,6 +120,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.fixed_blocks = False
         self.fixed = False  # set by prepare_for_capture: captured graphs hold the addresses
         self.mixed_block_map: torch.Tensor | None = None  # `prepare_for_mixed_capture`'s
+        self._block_map_held: tuple[torch.Tensor, np.ndarray] | None = None  # last upload
         self.tree_static: tuple[torch.Tensor, torch.Tensor] | None = None  # tree graphs' masks
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
 
@@ -235,7 +236,7 @@ class TritonAttentionBackend(AttentionBackend):
                 _upload(self.mixed_block_map[: self.num_blocks], block_map)
             elif self.num_blocks <= self.max_blocks:
                 self.step_block_map = self.block_map
-                _upload(self.block_map[: self.num_blocks], block_map)
+                self._upload_block_map(block_map)
             else:  # the block map is fixed for verify graphs: a longer eager batch's own
                 self.step_block_map = torch.from_numpy(block_map).to(self.device)
         self.tree = self._tree_inputs(batch.tree_masks)
@@ -251,6 +252,15 @@ class TritonAttentionBackend(AttentionBackend):
             table = _pad_rows(batch.page_tables_cpu, max_pages)
         _upload(self.page_table[:num_requests, :max_pages], table)
         self.batch = batch
+
+    def _upload_block_map(self, block_map: np.ndarray) -> None:
+        """Into `block_map`, unless it holds these blocks already: a verify graph's step (every
+        request `q` rows) has the same map every time, so it is uploaded once, not per step."""
+        last = self._block_map_held
+        if last is not None and last[0] is self.block_map and np.array_equal(last[1], block_map):
+            return
+        _upload(self.block_map[: len(block_map)], block_map)
+        self._block_map_held = (self.block_map, block_map)
 
     def _padded_block_map(self, block_map: np.ndarray, rows: int) -> np.ndarray:
         blocks = self._mixed_blocks(rows)
