@@ -40,8 +40,10 @@ graph replaces (decode steps on a GPU, mixed steps with `pegboard.core.cuda_grap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 import types
@@ -148,7 +150,8 @@ def main() -> None:
                 profile._wrap(runner.attention, "prepare", "forward: attention.prepare")
                 profile._wrap(runner.cuda_graphs, "replay", "forward: graph replay")
                 profile._wrap(runner.model, "compute_logits", "forward: compute_logits")
-            llm.generate(prompts, params)
+            with count_uploads(llm.engine, profile) as uploads:
+                llm.generate(prompts, params)
         reports.append(profile.report())
     phases = reports[0]["ms_per_step"]
     best = {k: round(min(r["ms_per_step"].get(k, 0.0) for r in reports), 3) for k in phases}
@@ -156,12 +159,61 @@ def main() -> None:
     spec = llm.engine.speculation
     if spec.speculator is not None:
         result["speculation"] = spec.stats()
+    result["uploads_per_step_by_kind"] = uploads
     result["forward_by_kind"] = reports[-1].get("forward_by_kind")
     result["host_ms_by_kind"] = reports[-1].get("host_ms_by_kind")  # (an older tree: None)
     if launch:
         result["decode_step_256_cpu_us"] = time_decode_step(llm, prompts, params)
     print(json.dumps(result, indent=1))
     llm.close()
+
+
+@contextlib.contextmanager
+def count_uploads(engine, profile):
+    """Count the host-to-device copies each step makes, by its kind (`HostProfile`'s): calls of
+    `pegboard.sdk.device.to_device` (wherever a module imported it) and of the Triton backend's
+    `_upload`. Each is a pinned copy on a GPU (a `pin_memory` and a `cudaMemcpyAsync`): host
+    work a CPU run shows only in part. Yields {kind: uploads per step}, filled on exit."""
+    from pegboard.sdk import device
+
+    count, by_kind, patched, real = [0], {}, [], device.to_device
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "")
+        if not name.startswith("pegboard."):
+            continue
+        for attr in ("to_device", "_upload"):
+            fn = getattr(module, attr, None)
+            if fn is real or (attr == "_upload" and name.endswith("attention_triton")):
+                patched.append((module, attr, fn))
+                setattr(module, attr, counted(fn))
+    step = engine.step
+
+    def step_counted(*args, **kwargs):
+        count[0] = 0
+        try:
+            return step(*args, **kwargs)
+        finally:
+            kind = by_kind.setdefault(profile._step_kind, [0, 0])
+            kind[0] += 1
+            kind[1] += count[0]
+
+    engine.step = step_counted
+    result: dict[str, float] = {}
+    try:
+        yield result
+    finally:
+        engine.step = step
+        for module, attr, fn in patched:
+            setattr(module, attr, fn)
+        result.update({k: round(n / steps, 2) for k, (steps, n) in sorted(by_kind.items())})
 
 
 PERIOD, PERIOD_BASE = 16, 3

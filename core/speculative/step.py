@@ -144,9 +144,10 @@ class Speculation:
         the step's new token counts (1 + drafts for a drafting request). Without a speculator,
         or when it fails (an error naming it, counted; no request fails), `num_tokens`."""
         self._drafts.clear()
-        if self.speculator is None:
+        speculator = self.speculator
+        if speculator is None:
             return num_tokens
-        self._bind(self.speculator)
+        self._bind(speculator)
         if self._hidden is not None and self._last_batch is not None:
             features = self.engine.runner.last_features  # the last forward's
             self._hidden.hand_out(self._last_batch, self._kept, features)
@@ -304,8 +305,9 @@ class Speculation:
             batch.positions[up[len(rows) : len(rows) + t]] = up[len(rows) + t :]
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
-        """`arange(n)` on `device`, cut from one kept tensor (no upload per step)."""
-        if self._aranged is None or self._aranged.shape[0] < n or self._aranged.device != device:
+        """`arange(n)` on `device` (the model's: it never changes), cut from one kept tensor
+        (no upload per step)."""
+        if self._aranged is None or self._aranged.shape[0] < n:
             self._aranged = to_device(list(range(max(n, 64))), device, torch.int64)
         return self._aranged[:n]
 
