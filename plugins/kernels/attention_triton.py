@@ -30,6 +30,9 @@ from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo
 #: Page tables of at most this many entries are remembered after their upload, so the next
 #: step skips uploading the same one (comparing a larger one would cost more than it saves).
 PAGE_TABLE_HELD_MAX = 4096
+#: Block maps kept per query-length layout (batches of at most this many requests; cleared
+#: when full).
+BLOCK_MAPS_KEPT = 64
 
 
 class TritonAttentionOptions(pydantic.BaseModel):
@@ -126,6 +129,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.mixed_block_map: torch.Tensor | None = None  # `prepare_for_mixed_capture`'s
         self._block_map_held: tuple[torch.Tensor, np.ndarray] | None = None  # last upload
         self._page_table_held: tuple[torch.Tensor, np.ndarray] | None = None  # last (small) one
+        self._block_maps: dict[tuple[int, ...], np.ndarray] = {}  # `_block_map`'s
         self._tree_held: tuple[tuple, list] | None = None  # (tree_static, masks written there)
         self.tree_static: tuple[torch.Tensor, torch.Tensor] | None = None  # tree graphs' masks
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
@@ -232,7 +236,7 @@ class TritonAttentionBackend(AttentionBackend):
         query_lens = np.asarray(batch.query_lens_cpu, dtype=np.int32)
         seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
         if not self.is_decode:
-            block_map = self.kernels.build_block_map(query_lens, self.tokens_per_block)
+            block_map = self._block_map(batch.query_lens_cpu, query_lens)
             self._reserve(num_requests, max_pages, 0 if padded else len(block_map), 0)
             if padded:  # every batch of these rows launches the same grid
                 block_map = self._padded_block_map(block_map, batch.num_tokens)
@@ -259,6 +263,20 @@ class TritonAttentionBackend(AttentionBackend):
         self._upload_page_table(table)
         self.batch = batch
 
+    def _block_map(self, lens: list[int], query_lens: np.ndarray) -> np.ndarray:
+        """The block map of these query lengths, kept for small batches (a verify graph's
+        layout repeats every step; nobody changes a block map once built)."""
+        if len(lens) > BLOCK_MAPS_KEPT:
+            return self.kernels.build_block_map(query_lens, self.tokens_per_block)
+        key = tuple(lens)
+        block_map = self._block_maps.get(key)
+        if block_map is None:
+            block_map = self.kernels.build_block_map(query_lens, self.tokens_per_block)
+            if len(self._block_maps) >= BLOCK_MAPS_KEPT:
+                self._block_maps.clear()
+            self._block_maps[key] = block_map
+        return block_map
+
     def _upload_page_table(self, table: np.ndarray) -> None:
         """Into the first rows of `page_table`, unless a small table is there already (a verify
         step at batch 1 gains a page only every few steps)."""
@@ -279,10 +297,14 @@ class TritonAttentionBackend(AttentionBackend):
         """Into `block_map`, unless it holds these blocks already: a verify graph's step (every
         request `q` rows) has the same map every time, so it is uploaded once, not per step."""
         last = self._block_map_held
-        if last is not None and last[0] is self.block_map and np.array_equal(last[1], block_map):
+        if (
+            last is not None
+            and last[0] is self.block_map
+            and (last[1] is block_map or np.array_equal(last[1], block_map))
+        ):
             return
         _upload(self.block_map[: len(block_map)], block_map)
-        self._block_map_held = (self.block_map, block_map.copy())
+        self._block_map_held = (self.block_map, block_map)  # (kept maps are never changed)
 
     def _padded_block_map(self, block_map: np.ndarray, rows: int) -> np.ndarray:
         blocks = self._mixed_blocks(rows)
