@@ -94,6 +94,14 @@ def test_ngram_lookup_copies_what_followed_the_latest_earlier_match():
     assert lookup([5, 6, 7], 2, 1, 3) == []
 
 
+def test_ngram_lookup_continues_a_loop_past_the_contexts_end():
+    """A match near the end (a short phrase repeating) drafts the full length, periodically,
+    instead of the few tokens left before the end."""
+    assert lookup([7, 5, 6, 5, 6], 4, 1, 3) == [5, 6, 5, 6]  # was [5, 6]
+    assert lookup([3, 3, 3, 3], 4, 1, 3) == [3, 3, 3, 3]  # was [3]
+    assert lookup([1, 2, 3, 1, 2], 5, 1, 3) == [3, 1, 2, 3, 1]  # was [3, 1, 2]
+
+
 def test_ngram_lookup_prefers_the_longest_suffix():
     # suffix [3, 4] occurs at 2; the 1-gram [4] occurs later at 6 but is shorter
     assert lookup([0, 0, 3, 4, 9, 5, 4, 1, 3, 4], 1, 1, 2) == [9]
