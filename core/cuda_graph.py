@@ -68,6 +68,9 @@ log = logging.getLogger("pegboard.cuda_graph")
 #: The most device memory the decode graphs' static logits buffer may take; graphs of more
 #: rows than it holds leave the LM head out (the model runner runs it eagerly, on real rows).
 LOGITS_MAX_BYTES = 512 << 20
+#: Verify layouts whose static row index is kept (`_destination`), and padded tree masks
+#: (`padded_tree_masks`); both are cleared when full.
+DESTINATIONS_KEPT = 256
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -131,6 +134,7 @@ class CUDAGraphRunner:
     logits_max_size = 0  # decode graphs of at most this many rows compute the logits
     logits_buffer: torch.Tensor | None = None  # their logits, `[rows, vocab]`
     logits: torch.Tensor | None = None  # the last replay's logits rows, or None
+    _dests: dict[tuple[int, ...], torch.Tensor] | None = None  # `_destination`'s
 
     def __init__(
         self,
@@ -246,8 +250,7 @@ class CUDAGraphRunner:
             self.positions[: n * q].copy_(batch.positions)
             self.slot_mapping[: n * q].copy_(batch.slot_mapping)
         else:
-            index = np.concatenate([np.arange(k) + i * q for i, k in enumerate(lens)])
-            dest = to_device(index, self.input_ids.device, torch.int64)
+            dest = self._destination(lens, q)
             self.input_ids.index_copy_(0, dest, batch.input_ids)
             self.positions.index_copy_(0, dest, batch.positions)
             self.slot_mapping.index_copy_(0, dest, batch.slot_mapping)
@@ -265,6 +268,21 @@ class CUDAGraphRunner:
         if self.feature_buffer is not None:
             self.features = take(self.feature_buffer)
         return take(self.hidden)
+
+    def _destination(self, lens: list[int], q: int) -> torch.Tensor:
+        """The static rows of a verify batch's rows (request `i`'s at `i * q ...`), kept per
+        layout: a batch of one request has at most `q` of them, so no upload per step."""
+        if self._dests is None:
+            self._dests = {}
+        key = (q, *lens)
+        dest = self._dests.get(key)
+        if dest is None:
+            index = np.concatenate([np.arange(k) + i * q for i, k in enumerate(lens)])
+            dest = to_device(index, self.input_ids.device, torch.int64)
+            if len(self._dests) >= DESTINATIONS_KEPT:
+                self._dests.clear()
+            self._dests[key] = dest
+        return dest
 
     def _padded(self, batch: ForwardBatch, size: int, q: int) -> ForwardBatch:
         """`batch` as the verify graph's layout: `size` requests of `q` new tokens each (a
@@ -380,8 +398,21 @@ def padded_tree_masks(
             continue
         k = mask.shape[0]
         start = n - 1 - k  # the tree's first row among the request's last q - 1 (0 unpadded)
+        key = (id(mask), start, q)
+        kept = _PADDED_MASKS.get(key)
+        if kept is not None and kept[0] is mask:  # the same (cached) mask: the same result
+            out[i] = kept[1]
+            continue
         full = torch.ones(q - 1, q - 1, dtype=torch.bool).tril_()
         full[start : start + k, start : start + k] = mask.to("cpu", torch.bool)
         full[start : start + k, :start] = True
         out[i] = full
+        if len(_PADDED_MASKS) >= DESTINATIONS_KEPT:
+            _PADDED_MASKS.clear()
+        _PADDED_MASKS[key] = (mask, full)  # holds `mask`: its id is not reused meanwhile
     return out
+
+
+#: `padded_tree_masks`' results for masks seen before (`tree.ancestor_mask` keeps one per
+#: tree shape): (id(mask), start, q) -> (mask, padded mask). Nobody changes either tensor.
+_PADDED_MASKS: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -239,7 +239,7 @@ class Engine:
             return self._fail(requests, fault)
         for r, tokens, logprobs in verified:
             for token, lp in zip(tokens, logprobs):
-                self._append(r, token, lp)
+                self._append(r, token, lp, merge=True)  # one delta per request
                 if r.finished:  # the tokens after a stop were computed: forget their KV
                     r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens)
                     self._release(r)
@@ -400,12 +400,18 @@ class Engine:
             waiting.clear()
             waiting.extend(rest)
 
-    def _append(self, r: Request, token: int, logprobs) -> None:
+    def _append(self, r: Request, token: int, logprobs, merge: bool = False) -> None:
         r.append_token(token, logprobs)
         if r.first_token_time is None:
             r.first_token_time = time.monotonic()
-        lps = [logprobs] if logprobs else []
-        self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
+        last = self._outbox[-1] if merge and self._outbox else None
+        if last is not None and last.request is r and not last.finished:  # a verify's tokens:
+            last.new_token_ids.append(token)  # one delta for all of them
+            if logprobs:
+                last.new_logprobs.append(logprobs)
+        else:
+            lps = [logprobs] if logprobs else []
+            self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
         reason = stop_reason(r, token, self.budget.max_model_len)  # stop strings: detokenizer
         if reason:
             self._finish(r, reason)

@@ -256,6 +256,12 @@ class ModelRunner:
                 ids.append(r.token_ids[start])
                 positions.append(start)
                 slots.append(table[start // page_size] * page_size + start % page_size)
+            elif n <= 16:  # a verify's few drafts: still (numpy would copy the page table)
+                ids.extend(r.token_ids[start:stop])
+                positions.extend(range(start, stop))
+                slots.extend(
+                    table[i // page_size] * page_size + i % page_size for i in range(start, stop)
+                )
             else:
                 pos = np.arange(start, stop, dtype=np.int64)
                 pages = np.asarray(table[:num_pages], dtype=np.int64)

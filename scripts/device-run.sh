@@ -5,7 +5,8 @@
 #                 [tests | tests-1 tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
-#                 [spec-ngram] [spec-perfect] [spec-batch64] [spec-eagle] [spec-eagle-train] [eagle-check]
+#                 [spec-ngram] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
+#                 [spec-eagle] [spec-eagle-train] [eagle-check]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
@@ -369,6 +370,30 @@ PY
         timeout 45 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
           --speculative-eagle-topk 3 >"$OUT/spec-ngram-tree.json" \
           2>"$OUT/spec-ngram-tree.err"; tail -28 "$OUT/spec-ngram-tree.json" ;;
+    spec-profile) # session 7 (spechost): batch-1 host profile per phase (wall clock), plain vs
+        # n-gram chain vs 3-branch tree, random Qwen3-0.6B: host_ms_by_kind decode vs verify
+        # (the verify's wait for the target's tokens is booked as a wait), then the same n-gram
+        # run with the speed rule (--speculative-min-speedup 1.0: drafting turns itself off
+        # where it loses; `speculation.spec_tokens_per_s` vs `plain_tokens_per_s`)
+        SP="--speculative-algorithm NGRAM --speculative-num-steps 4"
+        for v in plain chain tree speed; do
+          case $v in plain) a="";; chain) a=$SP;; tree) a="$SP --speculative-eagle-topk 3";;
+            speed) a="$SP --speculative-min-speedup 1.0";; esac
+          timeout 100 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+            --num-seqs 4 --max-running-requests 1 --cuda-graph-max-bs 1 --min-input 64 \
+            --max-input 256 --min-output 256 --max-output 512 $a --json "$OUT/spec-profile-$v.json" \
+            2>"$OUT/spec-profile-$v.err" | tail -3
+        done
+        timeout 45 python3 scripts/bench_speculative.py --config qwen3-0.6b --extractive --num-prompts 4 \
+          --max-tokens 256 $SP --cuda-graph-max-bs 1 --speculative-min-speedup 1.0 \
+          >"$OUT/spec-ngram-qwen3-speed.json" 2>"$OUT/spec-ngram-qwen3-speed.err"; tail -28 "$OUT/spec-ngram-qwen3-speed.json" ;;
+    spec-syncs) # session 7 (spechost): every synchronizing CUDA call of batch-1 n-gram runs (chain,
+        # tree), by pegboard line and step kind: a verify step should wait once (read_tokens)
+        for t in 1 3; do
+          timeout 200 python3 scripts/find_syncs.py --num-seqs 4 --max-output 512 --max-running-requests 1 \
+            --cuda-graph-max-bs 1 --speculative-algorithm NGRAM --speculative-num-steps 4 \
+            --speculative-eagle-topk $t --json "$OUT/spec-syncs-topk$t.json" 2>"$OUT/spec-syncs-topk$t.err" | tail -25
+        done ;;
     spec-perfect) # Llama-3.1-8B config, random weights, batch 1: drafts = the plain run's tokens
         # (free and perfect: the verify's own cost, ideally 5x tokens per step at k = 4), then
         # the target as its own STANDALONE draft (same dummy weights: every draft accepted)

@@ -3,6 +3,8 @@ offline run, counted by the pegboard line that made it, per step kind.
 
 python3 scripts/find_syncs.py [--config qwen3-0.6b] [--num-seqs 256] [--max-output 1024]
                               [--detokenizer auto] [--top 25] [--json FILE]
+                              [--max-running-requests N] [--cuda-graph-max-bs N]
+                              [--speculative-algorithm NGRAM --speculative-num-steps 4 ...]
 
 Why: with overlap scheduling the host should wait for the device once per step, in `resolve`
 (the sampled tokens' copy). Any other synchronizing call (a pageable host-to-device copy,
@@ -15,7 +17,10 @@ Runs `pegboard bench offline`'s nano-vllm workload (random weights, overlap and 
 as configured by default) under `torch.cuda.set_sync_debug_mode("warn")`, turns each warning
 into a count keyed by the innermost frame in pegboard's code (file:line function) and the
 kind of the step it belongs to (`decode`, `mixed`, `prefill`, as `HostProfile`'s
-`forward_by_kind`, set at each `ModelRunner.prepare` and kept until the next), and prints the top sites with their pegboard call chain. A CUDA device is needed (torch has no
+`forward_by_kind`, set at each `ModelRunner.prepare` and kept until the next; `verify` for a
+step that carries speculative drafts), and prints the top sites with their pegboard call chain.
+With `--speculative-algorithm` (SGLang's flags) a verify step should wait once, in `verify`
+(the target's tokens), and a plain step as without speculation. A CUDA device is needed (torch has no
 sync debug mode on a CPU build). `bash scripts/device-run.sh find-syncs` runs it.
 """
 
@@ -34,6 +39,7 @@ from pegboard.core.bench.host_profile import step_kind
 from pegboard.core.bench.models import random_weights_model_dir
 from pegboard.core.bench.offline import OfflineWorkload
 from pegboard.core.llm import LLM
+from pegboard.core.speculative.flags import add_speculative_arguments, speculative_settings
 
 PKG = str(Path(pegboard.core.__file__).parents[1])  # the pegboard checkout
 
@@ -46,14 +52,18 @@ def main() -> None:
     p.add_argument("--detokenizer", default="auto")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", default=None, help="also write the counts here")
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=None)
+    add_speculative_arguments(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("find_syncs.py needs a CUDA device (no sync debug mode on a CPU build)")
-    llm = LLM(
-        str(random_weights_model_dir(args.config)),
-        load_format="dummy",
-        detokenizer=args.detokenizer,
-    )
+    settings = {"detokenizer": args.detokenizer}
+    for name in ("max_running_requests", "cuda_graph_max_bs"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    speculative_settings(args, settings)
+    llm = LLM(str(random_weights_model_dir(args.config)), load_format="dummy", **settings)
     workload = OfflineWorkload(
         num_seqs=args.num_seqs,
         max_output=args.max_output,
@@ -67,8 +77,10 @@ def main() -> None:
     runner = llm.engine.runner
     prepare = runner.prepare
 
+    speculation = llm.engine.speculation
+
     def tracked(requests, num_tokens, *rest, **kw):
-        kind[0] = step_kind(list(num_tokens))
+        kind[0] = "verify" if speculation.drafting else step_kind(list(num_tokens))
         steps[kind[0]] += 1
         return prepare(requests, num_tokens, *rest, **kw)
 

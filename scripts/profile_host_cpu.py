@@ -40,8 +40,10 @@ graph replaces (decode steps on a GPU, mixed steps with `pegboard.core.cuda_grap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 import types
@@ -59,6 +61,7 @@ from pegboard.core.cuda_graph_mixed import (
     mixed_token_sizes,
 )
 from pegboard.core.llm import LLM
+from pegboard.core.speculative.step import tree_verify_lens, verify_lens
 
 TINY = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 32,
@@ -79,6 +82,23 @@ def main() -> None:
     p.add_argument("--workload", choices=("small", "nano-vllm"), default="small")
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument(
+        "--speculative-algorithm",
+        type=str.upper,
+        choices=["NGRAM"],
+        help="speculate (with --target periodic the drafts are all accepted once the output "
+        "has repeated)",
+    )
+    p.add_argument("--speculative-num-steps", type=int, default=4)
+    p.add_argument("--speculative-eagle-topk", type=int, default=1)
+    p.add_argument("--disable-overlap", action="store_true")
+    p.add_argument(
+        "--target",
+        choices=("zeros", "periodic"),
+        default="zeros",
+        help="the stub's logits: zeros (every token 0) or periodic (the token at position p "
+        f"is {PERIOD_BASE} + p % {PERIOD}: n-gram drafts are accepted once the output repeats)",
+    )
     args = p.parse_args()
     if args.config:
         model = random_weights_model_dir(args.config)
@@ -91,6 +111,15 @@ def main() -> None:
     settings = {"attention": "triton"} if launch else {}
     if args.max_running_requests:
         settings["max_running_requests"] = args.max_running_requests
+    if args.disable_overlap:
+        settings["disable_overlap"] = True
+    if args.speculative_algorithm:
+        options = {"num_draft_tokens": args.speculative_num_steps}
+        if args.speculative_eagle_topk > 1:
+            k = args.speculative_eagle_topk
+            options |= {"topk": k, "num_steps": args.speculative_num_steps}
+            options["num_draft_tokens"] = args.speculative_num_steps * k
+        settings |= {"speculator": "ngram", "plugin_options": {"ngram": options}}
     llm = LLM(str(model), load_format="dummy", device="cpu", **settings)
     vocab = llm.engine.info.vocab_size
     runner = llm.engine.runner
@@ -100,11 +129,13 @@ def main() -> None:
         return torch.zeros(rows, vocab)
 
     if launch:
-        stub_model_arithmetic(runner, llm.engine.config)
+        stub_model_arithmetic(runner, llm.engine.config, llm.engine.speculation.speculator)
     elif args.forward == "stub":
         runner.forward = forward
     else:  # eager: the attention kernels' work is not the model's launch
         runner.attention.forward = lambda layer, q, k, v: torch.zeros_like(q)
+    if args.target == "periodic":
+        periodic_target(runner, vocab)
     sizes = {"min_input": 16, "max_input": 64, "min_output": 100, "max_output": 400}
     workload = OfflineWorkload(
         num_seqs=args.num_seqs, max_token_id=min(2000, vocab - 1), temperature=args.temperature,
@@ -119,17 +150,94 @@ def main() -> None:
                 profile._wrap(runner.attention, "prepare", "forward: attention.prepare")
                 profile._wrap(runner.cuda_graphs, "replay", "forward: graph replay")
                 profile._wrap(runner.model, "compute_logits", "forward: compute_logits")
-            llm.generate(prompts, params)
+            with count_uploads(llm.engine, profile) as uploads:
+                llm.generate(prompts, params)
         reports.append(profile.report())
     phases = reports[0]["ms_per_step"]
     best = {k: round(min(r["ms_per_step"].get(k, 0.0) for r in reports), 3) for k in phases}
     result = {"steps": reports[0]["steps"], "cpu_ms_per_step": best}
+    spec = llm.engine.speculation
+    if spec.speculator is not None:
+        result["speculation"] = spec.stats()
+    result["uploads_per_step_by_kind"] = uploads
     result["forward_by_kind"] = reports[-1].get("forward_by_kind")
     result["host_ms_by_kind"] = reports[-1].get("host_ms_by_kind")  # (an older tree: None)
     if launch:
         result["decode_step_256_cpu_us"] = time_decode_step(llm, prompts, params)
     print(json.dumps(result, indent=1))
     llm.close()
+
+
+@contextlib.contextmanager
+def count_uploads(engine, profile):
+    """Count the host-to-device copies each step makes, by its kind (`HostProfile`'s): calls of
+    `pegboard.sdk.device.to_device` (wherever a module imported it) and of the Triton backend's
+    `_upload`. Each is a pinned copy on a GPU (a `pin_memory` and a `cudaMemcpyAsync`): host
+    work a CPU run shows only in part. Yields {kind: uploads per step}, filled on exit."""
+    from pegboard.sdk import device
+
+    count, by_kind, patched, real = [0], {}, [], device.to_device
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "")
+        if not name.startswith("pegboard."):
+            continue
+        for attr in ("to_device", "_upload"):
+            fn = getattr(module, attr, None)
+            if fn is real or (attr == "_upload" and name.endswith("attention_triton")):
+                patched.append((module, attr, fn))
+                setattr(module, attr, counted(fn))
+    step = engine.step
+
+    def step_counted(*args, **kwargs):
+        count[0] = 0
+        try:
+            return step(*args, **kwargs)
+        finally:
+            kind = by_kind.setdefault(profile._step_kind, [0, 0])
+            kind[0] += 1
+            kind[1] += count[0]
+
+    engine.step = step_counted
+    result: dict[str, float] = {}
+    try:
+        yield result
+    finally:
+        engine.step = step
+        for module, attr, fn in patched:
+            setattr(module, attr, fn)
+        result.update({k: round(n / steps, 2) for k, (steps, n) in sorted(by_kind.items())})
+
+
+PERIOD, PERIOD_BASE = 16, 3
+
+
+def periodic_target(runner, vocab: int) -> None:
+    """Make the (stubbed) target's greedy token at position `p` be `PERIOD_BASE + p % PERIOD`
+    whatever the context: after one period every n-gram draft is right, so a speculative run
+    verifies full chains (the model's work stays out: one row gather of a one-hot table)."""
+    forward = runner.forward
+    table = torch.zeros(PERIOD, vocab)
+    table[torch.arange(PERIOD), PERIOD_BASE + torch.arange(PERIOD)] = 1.0
+
+    def periodic(batch):
+        forward(batch)  # the launch's own host work (its logits are replaced)
+        if batch.logits_rows is not None:
+            rows = batch.logits_rows
+        elif all(batch.samples):
+            rows = batch.logits_indices
+        else:
+            rows = batch.logits_indices[[i for i, s in enumerate(batch.samples) if s]]
+        return table[(batch.positions[rows] + 1) % PERIOD]
+
+    runner.forward = periodic
 
 
 def time_decode_step(llm, prompts, params, calls: int = 300) -> dict[str, float]:
@@ -195,10 +303,11 @@ class _NoGraph:
         pass
 
 
-def stub_model_arithmetic(runner, config) -> None:
+def stub_model_arithmetic(runner, config, speculator=None) -> None:
     """Keep `runner.forward` but give it a model that computes nothing (zeros of the right
     shapes) and the decode-graph runner a GPU run has: the real `CUDAGraphRunner` bookkeeping
-    over static CPU tensors, its graphs no-ops, the backend's metadata fixed as for capture."""
+    over static CPU tensors, its graphs no-ops, the backend's metadata fixed as for capture
+    (with a speculator, its verify graphs too: chain or tree, as `set_speculation` asks)."""
     model, info = runner.model, runner.info
     hidden_size = info.hidden_size
 
@@ -213,14 +322,28 @@ def stub_model_arithmetic(runner, config) -> None:
     graphs = CUDAGraphRunner.__new__(CUDAGraphRunner)  # no capture: nothing runs on a device
     graphs.model, graphs.attention, graphs.sizes = model, runner.attention, sizes
     graphs.max_batch_size, graphs.num_replays = sizes[-1], 0
-    graphs.input_ids = torch.zeros(sizes[-1], dtype=torch.int64)
-    graphs.positions = torch.zeros(sizes[-1], dtype=torch.int64)
-    graphs.slot_mapping = torch.full((sizes[-1],), -1, dtype=torch.int64)
-    graphs.hidden = torch.zeros(sizes[-1], hidden_size)
+    graphs.max_model_len = info.max_model_len
+    chain = tuple(verify_lens(speculator)) if speculator is not None else ()
+    tree = tuple(tree_verify_lens(speculator)) if speculator is not None else ()
+    graphs.query_lens, graphs.tree_query_lens = chain, tree
+    rows = sizes[-1] * max((1, *chain, *tree))
+    graphs.input_ids = torch.zeros(rows, dtype=torch.int64)
+    graphs.positions = torch.zeros(rows, dtype=torch.int64)
+    graphs.slot_mapping = torch.full((rows,), -1, dtype=torch.int64)
+    graphs.hidden = torch.zeros(rows, hidden_size)
     graphs.logits_max_size = sizes[-1]  # the LM head in the decode graphs (an older tree: unread)
     graphs.logits_buffer = torch.zeros(sizes[-1], info.vocab_size)
     graphs.graphs = {size: _NoGraph() for size in sizes}
-    runner.attention.prepare_for_capture(max(config.max_running_requests, sizes[-1]))
+    graphs.verify_graphs = {(size, q): _NoGraph() for size in sizes for q in chain}
+    graphs.tree_graphs = {(size, q): _NoGraph() for size in sizes for q in tree}
+    capacity = max(config.max_running_requests, sizes[-1])
+    if tree:
+        longest = max(chain + tree)
+        runner.attention.prepare_for_capture(capacity, max_query_len=longest, max_tree=tree[-1] - 1)
+    elif chain:
+        runner.attention.prepare_for_capture(capacity, max_query_len=chain[-1])
+    else:
+        runner.attention.prepare_for_capture(capacity)
     runner.cuda_graphs = graphs
     mixed_tokens = mixed_graph_max_tokens(config)
     if mixed_tokens:  # mixed steps' replay bookkeeping: static rows, the padded prepare

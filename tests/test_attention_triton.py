@@ -223,6 +223,31 @@ def test_metadata_tensors_are_filled_in_place_across_steps():
     assert backend.seq_lens[:70].tolist() == [2] * 70
 
 
+def test_an_unchanged_block_map_or_small_page_table_is_not_uploaded_again(monkeypatch):
+    """Verify steps of one layout (every request `q` rows: a verify graph's) have the same
+    block map: it is uploaded once, and again only when it changes (here: as many blocks). A
+    small page table that did not change (batch 1 gains a page only every few steps) is not
+    uploaded again either; the metadata (sequence lengths) is, every step."""
+    from pegboard.plugins.kernels import attention_triton as A
+
+    first = make_case([9, 14], [5, 5], 4, seed=21)
+    backend = TritonAttentionBackend(first.info, first.pool)
+    real, targets = A._upload, []
+    monkeypatch.setattr(A, "_upload", lambda dst, a: (targets.append(dst.data_ptr()), real(dst, a)))
+    counts = []
+    steps = [([9, 14], [5, 5]), ([11, 20], [5, 5]), ([11, 20], [5, 5]), ([40], [33])]
+    for seq_lens, query_lens in steps:
+        case = make_case(seq_lens, query_lens, 4, seed=22)  # steps 1 and 2: the same table
+        backend.prepare(case.batch)
+        tensors = (backend.block_map, backend.page_table, backend.request_meta)
+        counts.append([targets.count(t.data_ptr()) for t in tensors])
+    assert counts == [[1, 1, 1], [1, 2, 2], [1, 2, 3], [2, 3, 4]]
+    expected = triton_attention.build_block_map([33], backend.tokens_per_block)
+    assert backend.block_map[: len(expected)].tolist() == expected.tolist()
+    table = case.batch.page_tables_cpu[0]
+    assert backend.page_table[0, : len(table)].tolist() == table
+
+
 def test_plugin_passes_the_conformance_kit():
     from pegboard.sdk.testing import check_attention
 

@@ -65,3 +65,28 @@ def test_forward_steps_are_counted_by_kind(tiny_llama_dir):
         expected = phases[TOTAL] - phases.get("resolve: wait for tokens", 0.0)
         assert abs(whole - expected) <= 0.01 * expected + 0.01, (whole, expected)
         assert "step" not in vars(llm.engine)
+
+
+def test_speculation_phases_and_verify_steps(tiny_llama_dir):
+    """With a speculator: `propose`, `mark_rows` and `verify` are phases, a step carrying
+    drafts counts as a `verify` step, and the verify's read of the target's tokens is booked
+    as a wait (inside `verify`, not host work); everything is unwrapped after."""
+    from pegboard.core.bench.host_profile import SPEC_WAIT
+    from test_speculative import oracle_plugins
+
+    prompt = [5, 9, 3, 7, 11, 4]
+    plugins = oracle_plugins({tuple(prompt): list(range(20, 40))}, 0)  # drafts (mostly wrong)
+    with LLM(str(tiny_llama_dir), dtype="float32", plugins=plugins, speculator="oracle") as llm:
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        with HostProfile(llm.engine, clock=time.perf_counter) as profile:
+            llm.generate([prompt], params)
+        report = profile.report()
+        speculation = llm.engine.speculation
+        assert not {"propose", "mark_rows", "read_tokens"} & set(vars(speculation))
+        assert "_verify" not in vars(llm.engine)
+    phases = report["ms_per_step"]
+    for phase in ("speculation: propose", "speculation: mark_rows", "speculation: verify"):
+        assert phases[phase] > 0, (phase, phases)
+    assert 0 < phases[SPEC_WAIT] <= phases["speculation: verify"]
+    assert report["forward_by_kind"]["verify"]["steps"] == speculation.num_verify > 0
+    assert report["device_wait_ms_per_step"] >= phases[SPEC_WAIT]

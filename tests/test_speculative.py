@@ -5,6 +5,7 @@ and leak no page; a perfect draft is always accepted."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -91,6 +92,14 @@ def test_ngram_lookup_copies_what_followed_the_latest_earlier_match():
     assert lookup([1, 2, 3, 4, 1, 2], 3, 1, 3) == [3, 4, 1]
     assert lookup([9, 1, 2, 7, 1, 2, 8, 1, 2], 2, 1, 3) == [8, 1]  # latest match wins
     assert lookup([5, 6, 7], 2, 1, 3) == []
+
+
+def test_ngram_lookup_continues_a_loop_past_the_contexts_end():
+    """A match near the end (a short phrase repeating) drafts the full length, periodically,
+    instead of the few tokens left before the end."""
+    assert lookup([7, 5, 6, 5, 6], 4, 1, 3) == [5, 6, 5, 6]  # was [5, 6]
+    assert lookup([3, 3, 3, 3], 4, 1, 3) == [3, 3, 3, 3]  # was [3]
+    assert lookup([1, 2, 3, 1, 2], 5, 1, 3) == [3, 1, 2, 3, 1]  # was [3, 1, 2]
 
 
 def test_ngram_lookup_prefers_the_longest_suffix():
@@ -535,3 +544,36 @@ def test_requests_whose_drafts_keep_missing_back_off(case):
     assert_same(outs, reference)
     assert stats["spec_accepted_tokens"] == 0
     assert 0 < stats["spec_verify_steps"] < len(prompts) * (MAX_NEW - 1) / 2
+
+
+@contextlib.contextmanager
+def oracle_requests(case, wrong_every: int):
+    """An engine whose speculator is the oracle (`wrong_every`) with the case's prompts queued,
+    greedy: (engine, requests), for tests that drive `engine.step()` themselves."""
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm,
+             speculator="oracle") as llm:  # fmt: skip
+        requests = [Request(p, params) for p in prompts]
+        for r in requests:
+            llm.engine.add_request(r)
+        yield llm.engine, requests
+
+
+def test_a_verify_step_gives_one_delta_per_request_with_all_its_tokens(case):
+    """The accepted drafts and the target's token of a verify step leave the step loop as one
+    delta per request (not one per token: the detokenizer and streams get fewer, larger
+    deltas); their concatenation is the output."""
+    with oracle_requests(case, 0) as (engine, requests):  # every draft right
+        streamed = {r.request_id: [] for r in requests}
+        widest = 0
+        while engine.has_work():
+            outputs = engine.step()
+            ids = [o.request_id for o in outputs]
+            assert len(ids) == len(set(ids))  # one delta per request and step
+            for o in outputs:
+                streamed[o.request_id] += o.new_token_ids
+                widest = max(widest, len(o.new_token_ids))
+    assert widest > 1
+    assert [streamed[r.request_id] for r in requests] == case[2]

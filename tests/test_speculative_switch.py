@@ -4,6 +4,8 @@ finds it helps again; outputs never change."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import test_speculative
 from pegboard.core.speculative import switch as S
@@ -148,19 +150,11 @@ def test_steps_the_switch_keeps_plain_overlap_and_steps_that_may_draft_do_not(ca
     """Overlap scheduling stays on under speculation where it can: while the switch keeps
     drafting off, a step's tokens stay on the device into the next step; a step after which
     drafting may resume reads them at once (a request drafts after its last token)."""
-    from pegboard.core.llm import LLM
-    from pegboard.sdk.types import Request, SamplingParams
+    from test_speculative import oracle_requests
 
-    model_dir, prompts, reference = case
-    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, 1)  # all wrong
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    reference = case[2]
     seen = []  # after each step: (drafting may resume, a step is still pending)
-    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm,
-             speculator="oracle") as llm:  # fmt: skip
-        engine = llm.engine
-        requests = [Request(p, params) for p in prompts]
-        for r in requests:
-            engine.add_request(r)
+    with oracle_requests(case, 1) as (engine, requests):  # every draft wrong
         while engine.has_work():
             engine.step()
             seen.append((engine.speculation.needs_tokens(), engine._pending is not None))
@@ -168,3 +162,91 @@ def test_steps_the_switch_keeps_plain_overlap_and_steps_that_may_draft_do_not(ca
     assert [r.output_token_ids for r in requests] == reference
     assert any(pending for _, pending in seen)  # overlapped while switched off
     assert not any(pending for may_draft, pending in seen if may_draft)
+
+
+# ---------------------------------------------------------------- the speed rule
+
+
+def _run_steps(sw, steps: int, verify_seconds: float, verify_tokens: int) -> list[bool]:
+    """Drive `sw` as the engine does for one decoding request: plain steps take 1 s and yield
+    one token, verify steps `verify_seconds` and `verify_tokens`; whether each step drafted."""
+    now, request, drafted = 0.0, object(), []
+    for _ in range(steps):
+        on = sw.allows(1)
+        sw.observe([request], [1], on, now)
+        if on:
+            sw.record(drafted=4, accepted=verify_tokens - 1)
+            sw.tokens(verify_tokens)
+            sw.judge_speed()
+        now += verify_seconds if on else 1.0
+        drafted.append(on)
+    return drafted
+
+
+def test_speed_rule_turns_off_drafts_that_are_accepted_but_slower_than_plain_decoding():
+    """2 tokens per verify step at 2.6x a plain step's time (Qwen3's n-gram chain on the
+    H200): accepted drafts, but 0.77x plain speed; the rule turns drafting off."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    drafted = _run_steps(sw, 200, verify_seconds=2.6, verify_tokens=2)
+    assert drafted[1 : 1 + S.PROBE_STEPS + 1] == [False] * (S.PROBE_STEPS + 1)  # the probe
+    assert sw.num_turned_off >= 1 and sw.off_steps["speed"] >= S.COOLDOWN
+    assert sw.off_steps["accept_rate"] == 0  # a quarter of the drafts accepted: not that rule
+    assert sum(drafted) < 40  # of 200 steps: cooldowns of 16, 32, 64, ... between probes
+    speeds = sw.speeds
+    assert speeds["spec_tokens_per_s"] < speeds["plain_tokens_per_s"]
+    without = SpeculationSwitch(None, min_accept_rate=0.2)  # the rule off: always drafting
+    assert all(_run_steps(without, 200, verify_seconds=2.6, verify_tokens=2))
+
+
+def test_speed_rule_keeps_drafting_that_wins_and_probes_ever_less_often():
+    sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    steps = 2 + S.PROBE_STEPS + 3 * S.PROBE_EVERY
+    drafted = _run_steps(sw, steps, verify_seconds=1.9, verify_tokens=5)
+    assert sw.num_turned_off == 0
+    probes = sw.off_steps["speed"] // (S.PROBE_STEPS + 1)
+    assert probes == 2 and sw.probe_every == 2 * S.PROBE_EVERY  # at once, then after 64
+    assert drafted.count(False) == 2 * (S.PROBE_STEPS + 1)
+
+
+def test_speed_rule_is_off_by_default_and_outputs_are_unchanged_when_it_acts(case, monkeypatch):
+    """The engine, with each verify step made to cost 10x a plain step on a fake clock: the
+    speed rule turns drafting off (without it drafting stays on: the acceptance rule is off
+    here); greedy outputs equal transformers' either way."""
+    from pegboard.core.llm import LLM
+    from pegboard.core.speculative import step as step_module
+    from pegboard.sdk.types import SamplingParams
+    from test_engine_parity import hf_reference
+
+    model_dir, prompts, _ = case
+    prompts, long_new = prompts[:1], 4 * MAX_NEW
+    reference = [t for t, _ in hf_reference(model_dir, prompts, long_new)]
+    clock = [0.0]
+    monkeypatch.setattr(step_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    results = {}
+    for speedup in (None, 1.0):
+        pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, 3)
+        with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, speculator="oracle",
+                 speculative_min_accept_rate=0.0, speculative_min_speedup=speedup) as llm:  # fmt: skip
+            runner, forward = llm.engine.runner, llm.engine.runner.forward
+
+            def timed(batch, forward=forward):
+                clock[0] += 10.0 if batch.logits_rows is not None else 1.0
+                return forward(batch)
+
+            runner.forward = timed
+            outs = llm.generate(prompts, SamplingParams(max_tokens=long_new, temperature=0.0))
+            results[speedup] = (llm.engine.speculation.switch, llm.engine.speculation.stats())
+        assert_same(outs, reference)
+    plain_switch, plain_stats = results[None]
+    switch, stats = results[1.0]
+    assert plain_switch.num_off_steps == 0 and plain_switch.min_speedup is None
+    assert switch.num_turned_off >= 1 and switch.off_steps["speed"] >= S.COOLDOWN
+    assert stats["spec_verify_steps"] < plain_stats["spec_verify_steps"]
+
+
+def test_speed_rule_flag():
+    from test_speculative import _parse
+
+    s = _parse("--speculative-algorithm", "NGRAM", "--speculative-min-speedup", "1.05")
+    assert s["speculative_min_speedup"] == 1.05
+    assert "speculative_min_speedup" not in _parse("--speculative-algorithm", "NGRAM")

@@ -482,3 +482,35 @@ def test_radix_hits_on_tree_verified_kv_give_plain_outputs(case):
     assert all(o.num_cached_tokens >= len(p) for o, p in zip(again, prompts))
     plain, _ = generate(model_dir, longer)
     assert [o.token_ids for o in again] == [o.token_ids for o in plain]
+
+
+def test_repeated_tree_shapes_reuse_their_masks_and_the_backend_writes_them_once(monkeypatch):
+    """A speculator repeats a few tree shapes: the core keeps one ancestor mask and one padded
+    mask per shape, and the Triton backend does not rewrite its fixed tree tensors when a
+    step's masks are the ones already there (a copy fewer per tree verify step on a GPU)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from pegboard.core.cuda_graph import padded_tree_masks
+    from pegboard.plugins.kernels import attention_triton as A
+    from pegboard.sdk.types import KVPool, ModelInfo
+    from test_speculative_tree_graphs import _backend, _batch
+
+    tree = T.ancestor_mask([-1, -1, 0])
+    assert T.ancestor_mask([-1, -1, 0]) is tree
+    masks = padded_tree_masks([tree, None], [4, 1], size=2, q=5)
+    assert padded_tree_masks([tree, None], [4, 1], size=2, q=5) == masks  # the same objects
+    info = ModelInfo(
+        "LlamaForCausalLM", 1, 4, 2, 16, 64, 32, 64, torch.float32, torch.device("cpu")
+    )
+    backend = _backend(KVPool.allocate(info, num_pages=16, page_size=4), info, tree=4)
+    real, writes = A._upload, []
+    monkeypatch.setattr(A, "_upload", lambda dst, a: (writes.append(dst.data_ptr()), real(dst, a)))
+    meta, bits = backend.tree_static
+    other = padded_tree_masks([T.ancestor_mask([-1, 0, 0]), None], [4, 1], size=2, q=5)
+    counts = []
+    for step_masks in (masks, list(masks), other):  # the same masks again, then another tree
+        batch = _batch([5, 5], [9, 6], [[0, 1, 2], [3, 4]], [-1] * 10, step_masks)
+        backend.prepare(batch)
+        counts.append(writes.count(meta.data_ptr()))
+    assert counts == [1, 1, 2]
+    m = other[0]
+    assert bits[: m.numel()].tolist() == m.reshape(-1).to(torch.int8).tolist()

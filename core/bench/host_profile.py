@@ -13,8 +13,9 @@ wrapped attribute back on exit):
   `pegboard.core.cuda_graph_mixed`) and `forward: compute_logits` (the LM head of a step that
   runs it eagerly: prefill, mixed and verify steps); the rest of it is the eager model of
   a non-graph step, the logits rows and, with TP, sharing the batch;
-- `forward_by_kind`: the steps of each kind (`decode`: one new token per request; `mixed`:
-  prefill or verify tokens next to decodes; `prefill`: no request decodes) and their own
+- `forward_by_kind`: the steps of each kind (`decode`: one new token per request; `verify`:
+  speculative drafts verified; `mixed`: prefill tokens next to decodes; `prefill`: no request
+  decodes) and their own
   `forward (launch)` ms per step, which shows what mixed steps cost next to decode steps;
   `host_ms_by_kind`: their host work per step (the step less its wait for tokens, without
   the take between steps): `host_ms_per_step` averages over all steps, so a few eager
@@ -25,7 +26,12 @@ wrapped attribute back on exit):
   detokenizer: text and stop strings when it runs inline; sending the token ids with
   `--detokenizer process`), `detokenize: take (between steps)` (`LLM.run` collecting the text
   deltas after each step: applying the detokenizer process's answers), `step snapshot` (the
-  step's metrics), `kv commit`, `export_metrics`, `inbox`, and `step (total)`.
+  step's metrics), `kv commit`, `export_metrics`, `inbox`, and `step (total)`;
+- with a speculator: `speculation: propose` (the hook, the limits and checks, drafts appended),
+  `speculation: mark_rows` (the verify rows, a tree's positions), `speculation: verify`
+  (verification and the tokens appended), of which `speculation: verify: wait for target
+  tokens` is the host waiting for the verify forward (a wait like `resolve`'s: not host work;
+  `device_wait_ms_per_step` and `host_ms_by_kind` count it as a wait).
 
 `host_ms` is a step's total less the wait, plus the take between steps: the host work per step. With overlap on, a step
 whose host work is below the device's time per step shows the wait growing, not the total.
@@ -40,6 +46,8 @@ from collections.abc import Callable
 from pegboard.core.overlap import PendingStep
 
 WAIT = "resolve: wait for tokens"
+#: A verify step reading the target's tokens (inside `speculation: verify`): a wait, like WAIT.
+SPEC_WAIT = "speculation: verify: wait for target tokens"
 TOTAL = "step (total)"
 #: `LLM.run` taking the text deltas between steps, on the loop's thread: outside `step` but host
 #: work of the loop (with `--detokenizer process`, applying the process's answers).
@@ -80,6 +88,11 @@ class HostProfile:
         self._wrap(e, "_apply_inbox", "inbox")
         self._wrap(e.kv, "commit", "kv commit")
         self._wrap(e, "step", TOTAL)
+        if e.speculation.speculator is not None:
+            self._wrap(e.speculation, "propose", "speculation: propose")
+            self._wrap(e.speculation, "mark_rows", "speculation: mark_rows")
+            self._wrap(e, "_verify", "speculation: verify")
+            self._wrap(e.speculation, "read_tokens", SPEC_WAIT)
         self._wrap_step_kinds(e)
         self._wrap(PendingStep, "take", WAIT)
         self._steps0 = e.num_steps
@@ -110,7 +123,8 @@ class HostProfile:
             try:
                 return forward(batch, *args, **kwargs)
             finally:
-                self._step_kind = step_kind(batch.query_lens_cpu)
+                verify = batch.logits_rows is not None  # speculation: drafts verified
+                self._step_kind = "verify" if verify else step_kind(batch.query_lens_cpu)
                 kind = kinds[self._step_kind]
                 kind[0] += 1
                 kind[1] += clock() - start
@@ -124,13 +138,13 @@ class HostProfile:
         step, seconds, clock, kinds = engine.step, self.seconds, self.clock, self.host_kinds
 
         def timed(*args, **kwargs):
-            self._step_kind, waited, start = "none", seconds[WAIT], clock()
+            self._step_kind, waited, start = "none", _waits(seconds), clock()
             try:
                 return step(*args, **kwargs)
             finally:
                 kind = kinds[self._step_kind]
                 kind[0] += 1
-                kind[1] += clock() - start - (seconds[WAIT] - waited)
+                kind[1] += clock() - start - (_waits(seconds) - waited)
 
         engine.step = timed
         self._restore.append(lambda: setattr(engine, "step", step))
@@ -157,7 +171,10 @@ class HostProfile:
         steps = max(self.engine.num_steps - self._steps0, 1)
         per_step = {k: v / steps * 1e3 for k, v in self.seconds.items()}
         rows = dict(sorted(per_step.items(), key=lambda kv: -kv[1]))
-        total, wait = per_step.get(TOTAL, 0.0), per_step.get(WAIT, 0.0)
+        total, wait = (
+            per_step.get(TOTAL, 0.0),
+            per_step.get(WAIT, 0.0) + per_step.get(SPEC_WAIT, 0.0),
+        )
         return {
             "steps": steps,
             "host_ms_per_step": round(total - wait + per_step.get(TAKE, 0.0), 3),
@@ -172,6 +189,10 @@ class HostProfile:
                 for k, (n, t) in sorted(self.host_kinds.items())
             },
         }
+
+
+def _waits(seconds: dict[str, float]) -> float:
+    return seconds.get(WAIT, 0.0) + seconds.get(SPEC_WAIT, 0.0)
 
 
 def step_kind(query_lens: list[int]) -> str:

@@ -10,8 +10,8 @@
 --speculative-eagle-topk K          -> K > 1: draft trees (EAGLE, STANDALONE: top-K per
                                        expanded node, K nodes expanded per depth; NGRAM: K
                                        continuations)
---speculative-disable-by-batch-size N, --speculative-min-accept-rate R
-                                    -> steps without drafts (core/speculative/switch.py)
+--speculative-disable-by-batch-size N, --speculative-min-accept-rate R,
+--speculative-min-speedup S         -> steps without drafts (core/speculative/switch.py)
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
         help="turn drafting off while fewer than this share of drafts is accepted, probing "
         "again later (default 0.2; 0 keeps it on)",
     )
+    g.add_argument(
+        "--speculative-min-speedup",
+        type=float,
+        metavar="S",
+        help="time decode steps with and without drafts and turn drafting off while it yields "
+        "fewer than S times plain decoding's tokens per second, probing again later (e.g. 1.0; "
+        "default: off)",
+    )
 
 
 def _positive(text: str) -> int:
@@ -75,6 +83,8 @@ def speculative_settings(args: argparse.Namespace, settings: dict[str, Any]) -> 
         return
     name = ALGORITHMS[algorithm]
     settings["speculator"] = name
+    if getattr(args, "speculative_min_speedup", None) is not None:
+        settings["speculative_min_speedup"] = args.speculative_min_speedup
     options = settings.setdefault("plugin_options", {}).setdefault(name, {})
     topk = args.speculative_eagle_topk or 1
     steps = args.speculative_num_steps

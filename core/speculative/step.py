@@ -29,6 +29,7 @@ plain decoding does (`needs_tokens`).
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from pegboard.core.overlap import PENDING_TOKEN
@@ -112,9 +113,12 @@ class Speculation:
         self._kept: dict[int, list[int]] = {}  # id(request) -> rows the last verify kept
         c = engine.config
         self.switch = SpeculationSwitch(
-            c.speculative_disable_by_batch_size, c.speculative_min_accept_rate
+            c.speculative_disable_by_batch_size,
+            c.speculative_min_accept_rate,
+            c.speculative_min_speedup,
         )
         self._tree_fallback_logged = False
+        self._aranged: torch.Tensor | None = None  # `_arange`'s
         #: Cumulative counters for metrics (`pegboard:spec_*`, `bench offline`).
         self.num_verify = 0
         self.num_drafts = 0
@@ -140,14 +144,17 @@ class Speculation:
         the step's new token counts (1 + drafts for a drafting request). Without a speculator,
         or when it fails (an error naming it, counted; no request fails), `num_tokens`."""
         self._drafts.clear()
-        if self.speculator is None:
+        speculator = self.speculator
+        if speculator is None:
             return num_tokens
-        self._bind(self.speculator)
+        self._bind(speculator)
         if self._hidden is not None and self._last_batch is not None:
             features = self.engine.runner.last_features  # the last forward's
             self._hidden.hand_out(self._last_batch, self._kept, features)
         self._last_batch, self._kept = None, {}
-        if not self.switch.allows(len(scheduled)):
+        on = self.switch.allows(len(scheduled))
+        self.switch.observe(scheduled, num_tokens, on, time.perf_counter())  # the speed rule
+        if not on:
             return num_tokens
         e = self.engine
         limits = self._limits(scheduled, num_tokens, budget)
@@ -255,33 +262,54 @@ class Speculation:
 
     def mark_rows(self, batch: ForwardBatch) -> None:
         """Ask `forward` for logits at each drafting request's last token and drafts (and at
-        the last token of every other sampling request), in batch order."""
+        the last token of every other sampling request), in batch order. One upload at most:
+        the rows (none when every row of the batch is one: a cached `arange`) and a tree's
+        positions by depth."""
         if self._hidden is not None:
             self._last_batch = batch  # its rows' hidden states go to the requests next step
         if not self._drafts:
             return
-        rows, end = [], 0
+        rows, end, every_row = [], 0, True
         tree_rows, tree_positions, masks = [], [], []
+        drafts = self._drafts
         for r, q, sample in zip(batch.requests, batch.query_lens_cpu, batch.samples):
             end += q
-            entry = self._drafts.get(id(r))
-            k = len(entry[1]) if entry else 0
-            if sample:
-                rows.extend(range(end - 1 - k, end))
-            parents = entry[1].parents if entry else None
-            masks.append(None if parents is None else T.ancestor_mask(parents))
-            if parents is not None:  # rotary positions by depth, not by slot
-                last = entry[2] - 1
-                tree_rows.extend(range(end - k, end))
-                tree_positions.extend(last + d for d in T.depths(parents))
+            entry = drafts.get(id(r))
+            if entry is None:
+                masks.append(None)
+                if sample:
+                    rows.append(end - 1)
+                every_row = every_row and q == 1 and sample
+                continue
+            d = entry[1]
+            k = len(d.tokens)
+            rows.extend(range(end - 1 - k, end))  # a drafting request samples
+            every_row = every_row and q == k + 1
+            if d.parents is None:
+                masks.append(None)
+                continue
+            masks.append(T.ancestor_mask(d.parents))
+            last = entry[2] - 1  # rotary positions by depth, not by slot
+            tree_rows.extend(range(end - k, end))
+            tree_positions.extend(last + t for t in T.depths(d.parents))
         device = batch.input_ids.device
-        batch.logits_rows = to_device(rows, device, torch.int64)
+        if every_row and not tree_rows:
+            batch.logits_rows = self._arange(end, device)
+            return
+        up = to_device(rows + tree_rows + tree_positions, device, torch.int64)
+        batch.logits_rows = up[: len(rows)]
         if tree_rows:
+            t = len(tree_rows)
             batch.tree_masks = masks
             batch.positions = batch.positions.clone()
-            batch.positions[to_device(tree_rows, device, torch.int64)] = to_device(
-                tree_positions, device, torch.int64
-            )
+            batch.positions[up[len(rows) : len(rows) + t]] = up[len(rows) + t :]
+
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        """`arange(n)` on `device` (the model's: it never changes), cut from one kept tensor
+        (no upload per step)."""
+        if self._aranged is None or self._aranged.shape[0] < n:
+            self._aranged = to_device(list(range(max(n, 64))), device, torch.int64)
+        return self._aranged[:n]
 
     # ------------------------------------------------------------------ after the forward
 
@@ -310,7 +338,7 @@ class Speculation:
             out = e.guard.sample(e.hook.sample, logits[index], [r for r, _ in plain], vocab)
             e.guard.sampled_ids(out.token_ids, vocab)
             sampled = {id(r): (t, lp) for (r, _), t, lp in zip(plain, out.token_ids, out.logprobs)}
-        greedy_rows = logits.argmax(dim=-1).tolist()
+        greedy_rows = self.read_tokens(logits.argmax(dim=-1))
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
         step_drafted = step_accepted = 0
@@ -347,7 +375,15 @@ class Speculation:
             results.append((r, tokens, lps))
         T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
         self.switch.record(step_drafted, step_accepted)
+        self.switch.tokens(sum(len(tokens) for _, tokens, _ in results))
+        self.switch.judge_speed()
         return results
+
+    @staticmethod
+    def read_tokens(tokens: torch.Tensor) -> list[int]:
+        """The target's tokens on the host: where a verify step waits for the device (the one
+        synchronizing call of a greedy verify; `HostProfile` books it as a wait)."""
+        return tokens.tolist()
 
     def report(self, since: dict[str, float]) -> dict[str, float]:
         """The figures since an earlier `stats()` (`bench offline`): verify steps, draft and
@@ -365,6 +401,7 @@ class Speculation:
             "accept_rate": round(accepted / drafts, 4) if drafts else 0.0,
             "accept_length": round((accepted + n) / n, 3) if n else 0.0,
             "switch_off_steps": now["spec_switch_off_steps"] - since["spec_switch_off_steps"],
+            **(self.switch.speeds if self.switch.min_speedup is not None else {}),
         }
 
     def metrics(self) -> dict[str, float]:
@@ -377,6 +414,7 @@ class Speculation:
         return {
             "spec_switch_off_steps_accept_rate": sw.off_steps["accept_rate"],
             "spec_switch_off_steps_batch_size": sw.off_steps["batch_size"],
+            "spec_switch_off_steps_speed": sw.off_steps["speed"],
             "spec_switch_turned_off": sw.num_turned_off,
         }
 

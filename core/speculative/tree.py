@@ -12,7 +12,10 @@ the accepted path's tokens sit at slots `P + 1 + path[j]`; `compact_kv` copies t
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from pegboard.sdk.device import to_device
 from pegboard.sdk.types import KVPool, Request
 
 
@@ -50,7 +53,13 @@ def first_path(parents: list[int]) -> list[int]:
 
 
 def ancestor_mask(parents: list[int]) -> torch.Tensor:
-    """`[k, k]` bool: entry `[i, j]` is True when draft `j` is draft `i` or an ancestor of it."""
+    """`[k, k]` bool: entry `[i, j]` is True when draft `j` is draft `i` or an ancestor of it.
+    Kept per tree shape (a speculator repeats a few): callers must not change it."""
+    return _ancestor_mask(tuple(parents))
+
+
+@functools.lru_cache(maxsize=256)
+def _ancestor_mask(parents: tuple[int, ...]) -> torch.Tensor:
     k = len(parents)
     mask = torch.eye(k, dtype=torch.bool)
     for i, p in enumerate(parents):
@@ -76,9 +85,8 @@ def compact_kv(pool: KVPool, moves: list[tuple[Request, int, list[int]]]) -> Non
                 dst.append(r.page_table[b // ps] * ps + b % ps)
     if not src:
         return
-    device = pool.k[0].device
-    src_t = torch.tensor(src, dtype=torch.int64, device=device)
-    dst_t = torch.tensor(dst, dtype=torch.int64, device=device)
+    both = to_device(src + dst, pool.k[0].device, torch.int64)  # one pinned upload, no sync
+    src_t, dst_t = both[: len(src)], both[len(src) :]
     for cache in (*pool.k, *pool.v):
         flat = cache.view(-1, *cache.shape[2:])
         if pool.is_fp8:  # CPU has no FP8 index ops: move the bytes

@@ -57,6 +57,11 @@ def accept_greedy(target: list[int], drafts: Drafts) -> Verdict:
     """Greedy verification: from the request's last token, follow the child whose token is the
     target's argmax while there is one, then add the argmax. `target[n]` is the argmax at node
     `n` (0: the last token, `1 + i`: draft i); a chain is the tree of one child per node."""
+    if drafts.parents is None:  # a chain: its longest prefix the target agrees with
+        n, k, tokens = 0, len(drafts.tokens), drafts.tokens
+        while n < k and tokens[n] == target[n]:
+            n += 1
+        return Verdict(target[: n + 1], list(range(n)))
     kids = T.children(drafts.parents or T.chain_parents(len(drafts.tokens)))
     tokens, path, node = [], [], 0
     while True:

@@ -28,6 +28,13 @@ from pegboard.sdk.device import upload
 from pegboard.sdk.slots import Attention, AttentionBackend, Plugin, PluginContext
 from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo
 
+#: Page tables of at most this many entries are remembered after their upload, so the next
+#: step skips uploading the same one (comparing a larger one would cost more than it saves).
+PAGE_TABLE_HELD_MAX = 4096
+#: Block maps kept per query-length layout (batches of at most this many requests; cleared
+#: when full).
+BLOCK_MAPS_KEPT = 64
+
 
 class TritonAttentionOptions(pydantic.BaseModel):
     """Options of `TritonAttention`."""
@@ -121,6 +128,10 @@ class TritonAttentionBackend(AttentionBackend):
         self.fixed_blocks = False
         self.fixed = False  # set by prepare_for_capture: captured graphs hold the addresses
         self.mixed_block_map: torch.Tensor | None = None  # `prepare_for_mixed_capture`'s
+        self._block_map_held: tuple[torch.Tensor, np.ndarray] | None = None  # last upload
+        self._page_table_held: tuple[torch.Tensor, np.ndarray] | None = None  # last (small) one
+        self._block_maps: dict[tuple[int, ...], np.ndarray] = {}  # `_block_map`'s
+        self._tree_held: tuple[tuple, list] | None = None  # (tree_static, masks written there)
         self.tree_static: tuple[torch.Tensor, torch.Tensor] | None = None  # tree graphs' masks
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
 
@@ -226,7 +237,7 @@ class TritonAttentionBackend(AttentionBackend):
         query_lens = np.asarray(batch.query_lens_cpu, dtype=np.int32)
         seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
         if not self.is_decode:
-            block_map = self.kernels.build_block_map(query_lens, self.tokens_per_block)
+            block_map = self._block_map(batch.query_lens_cpu, query_lens)
             self._reserve(num_requests, max_pages, 0 if padded else len(block_map), 0)
             if padded:  # every batch of these rows launches the same grid
                 block_map = self._padded_block_map(block_map, batch.num_tokens)
@@ -236,7 +247,7 @@ class TritonAttentionBackend(AttentionBackend):
                 _upload(self.mixed_block_map[: self.num_blocks], block_map)
             elif self.num_blocks <= self.max_blocks:
                 self.step_block_map = self.block_map
-                _upload(self.block_map[: self.num_blocks], block_map)
+                self._upload_block_map(block_map)
             else:  # the block map is fixed for verify graphs: a longer eager batch's own
                 self.step_block_map = torch.from_numpy(block_map).to(self.device)
         self.tree = self._tree_inputs(batch.tree_masks)
@@ -250,8 +261,51 @@ class TritonAttentionBackend(AttentionBackend):
         table = batch.page_tables_array  # the core's incremental copy, else built here
         if table is None or table.shape[1] != max_pages:
             table = _pad_rows(batch.page_tables_cpu, max_pages)
-        _upload(self.page_table[:num_requests, :max_pages], table)
+        self._upload_page_table(table)
         self.batch = batch
+
+    def _block_map(self, lens: list[int], query_lens: np.ndarray) -> np.ndarray:
+        """The block map of these query lengths, kept for small batches (a verify graph's
+        layout repeats every step; nobody changes a block map once built)."""
+        if len(lens) > BLOCK_MAPS_KEPT:
+            return self.kernels.build_block_map(query_lens, self.tokens_per_block)
+        key = tuple(lens)
+        block_map = self._block_maps.get(key)
+        if block_map is None:
+            block_map = self.kernels.build_block_map(query_lens, self.tokens_per_block)
+            if len(self._block_maps) >= BLOCK_MAPS_KEPT:
+                self._block_maps.clear()
+            self._block_maps[key] = block_map
+        return block_map
+
+    def _upload_page_table(self, table: np.ndarray) -> None:
+        """Into the first rows of `page_table`, unless a small table is there already (a verify
+        step at batch 1 gains a page only every few steps)."""
+        last = self._page_table_held
+        if (
+            last is not None
+            and last[0] is self.page_table
+            and last[1].shape == table.shape
+            and np.array_equal(last[1], table)
+        ):
+            return
+        _upload(self.page_table[: table.shape[0], : table.shape[1]], table)
+        small = table.size <= PAGE_TABLE_HELD_MAX
+        self._page_table_held = (self.page_table, table.copy()) if small else None  # (the
+        # core's page-table mirror may reuse its array)
+
+    def _upload_block_map(self, block_map: np.ndarray) -> None:
+        """Into `block_map`, unless it holds these blocks already: a verify graph's step (every
+        request `q` rows) has the same map every time, so it is uploaded once, not per step."""
+        last = self._block_map_held
+        if (
+            last is not None
+            and last[0] is self.block_map
+            and (last[1] is block_map or np.array_equal(last[1], block_map))
+        ):
+            return
+        _upload(self.block_map[: len(block_map)], block_map)
+        self._block_map_held = (self.block_map, block_map)  # (kept maps are never changed)
 
     def _padded_block_map(self, block_map: np.ndarray, rows: int) -> np.ndarray:
         blocks = self._mixed_blocks(rows)
@@ -276,13 +330,18 @@ class TritonAttentionBackend(AttentionBackend):
         if masks is None:
             return None
         if static is not None and len(masks) <= static[0].shape[0]:
+            held = self._tree_held  # the masks last written there (the core caches masks)
+            if held is not None and held[0] is static and _same_masks(held[1], masks):
+                return static
             meta, bits = _tree_arrays(masks)
             if bits.numel() <= static[1].numel():
                 full = np.zeros(static[0].shape, dtype=np.int32)
                 full[: len(masks)] = meta
                 _upload(static[0], full)
                 if bits.numel():
-                    static[1][: bits.numel()].copy_(bits, non_blocking=True)
+                    src = bits.pin_memory() if static[1].is_cuda else bits
+                    static[1][: bits.numel()].copy_(src, non_blocking=True)
+                self._tree_held = (static, list(masks))
                 return static
         return _tree_metadata(masks, self.device)
 
@@ -295,6 +354,7 @@ class TritonAttentionBackend(AttentionBackend):
             self.seq_lens[:n] = self.seq_lens.index_select(0, batch.previous_rows) + 1
             self.seq_lens[n:before] = 0  # padded rows of a graph read no keys
             self.page_table[:n] = self.page_table.index_select(0, batch.previous_rows)
+        self._page_table_held = None  # changed on the device
         update = batch.page_updates
         if update is not None:
             self.page_table[update[:, 0], : update.shape[1] - 1] = update[:, 1:].to(torch.int32)
@@ -398,6 +458,12 @@ def _tree_metadata(
         torch.from_numpy(meta).to(device, non_blocking=True),
         bits.to(device, non_blocking=True),
     )
+
+
+def _same_masks(a: list, b: list) -> bool:
+    """The same mask objects (or None) in the same places: what `_tree_arrays` wrote is valid
+    (nobody changes a mask once it is in a batch)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _tree_arrays(trees: list[torch.Tensor | None]) -> tuple[np.ndarray, torch.Tensor]:

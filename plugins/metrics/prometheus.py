@@ -140,15 +140,17 @@ class PrometheusExporter(MetricsExporter):
         # The speculation on/off switch (`core/speculative/switch.py`), from step snapshots.
         off = counter(
             "spec_switch_off_steps_total",
-            "Steps the speculation switch ran without drafts, by rule (accept_rate, batch_size).",
+            "Steps the speculation switch ran without drafts, by rule (accept_rate, batch_size, "
+            "speed).",
             ("reason",),
         )
         self._switch_counters = {
             "spec_switch_off_steps_accept_rate": off.labels(model, "accept_rate"),
             "spec_switch_off_steps_batch_size": off.labels(model, "batch_size"),
+            "spec_switch_off_steps_speed": off.labels(model, "speed"),
             "spec_switch_turned_off": counter(
                 "spec_switch_turned_off_total",
-                "Times the acceptance rule turned speculation off for a cooldown.",
+                "Times the acceptance (or speed) rule turned speculation off for a cooldown.",
             ),
         }
         self._switch_seen: dict[str, float] = {}  # their cumulative counts at the last step

@@ -4,6 +4,8 @@ The draft is copied from the request's own context: find the most recent earlier
 of the context's last n tokens (n from `max_ngram` down to `min_ngram`) and propose the tokens
 that followed it. Extractive work (summaries, code edits, quoting) repeats its input, so the
 guesses are often right; when nothing matches, no draft is proposed and the step is plain decode.
+A match close to the end (text looping over a short phrase) is continued periodically, so the
+draft still has `num_draft_tokens` tokens (`follow`).
 With `topk` > 1 the draft is a tree: the continuations of up to `topk` latest earlier
 occurrences, merged where they agree (the latest one is the tree's first path), verified in one
 forward.
@@ -67,12 +69,27 @@ class NgramIndex:
         return found[0] if found else []
 
     def continuations(self, tokens: list[int], depth: int) -> list[list[int]]:
-        """What followed each kept occurrence of the longest suffix found, latest first."""
+        """What followed each kept occurrence of the longest suffix found, latest first
+        (`follow`: continued periodically where it reaches the context's end)."""
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
             ends = self.ends.get(tuple(tokens[len(tokens) - n :]))
             if ends:
-                return [tokens[e + 1 : e + 1 + depth] for e in ends]
+                return [follow(tokens, e, depth) for e in ends]
         return []
+
+
+def follow(tokens: list[int], end: int, depth: int) -> list[int]:
+    """Up to `depth` tokens after index `end` of `tokens`. Where they run into the context's
+    end, the context is taken to repeat with the period the match implies (the suffix recurs
+    every `len(tokens) - 1 - end` tokens): a loop of a few tokens (text that repeats a short
+    phrase) drafts `depth` tokens, not the few left before the end."""
+    out = tokens[end + 1 : end + 1 + depth]
+    period = len(tokens) - 1 - end  # >= 1 unless the index is stale (a context cut back)
+    if period < 1 or not out:
+        return out
+    while len(out) < depth:
+        out.append(out[len(out) - period])
+    return out
 
 
 def merge_tree(paths: list[list[int]], limit: int) -> Drafts:
