@@ -69,6 +69,7 @@ def main() -> None:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
         outs = [llm.generate([q], params)[0] for q in prompts]  # batch 1, as bench_speculative
         stats = llm.engine.speculation.stats()
+        graphs = llm.engine.runner.cuda_graphs is not None
         target = llm.engine.runner.model
         config = read_head_config(args.head)
         head = EagleHead(config, True, target, args.head).to(target.lm_head.weight.device).float()
@@ -89,7 +90,7 @@ def main() -> None:
     n = max(len(records), 1)
     print(json.dumps({
         "model": model, "head": args.head, "dtype": str(target.lm_head.weight.dtype),
-        "cuda_graphs": not args.disable_cuda_graph, "eagle_attention": args.eagle_attention,
+        "cuda_graphs": graphs, "eagle_attention": args.eagle_attention,
         "proposals": len(records),
         "served_first_is_trainers": round(same_first / n, 3),
         "served_chain_is_trainers": round(same_chain / n, 3),
