@@ -1,5 +1,5 @@
 """The LM head inside the decode CUDA graphs (`pegboard.core.cuda_graph`): a decode replay
-writes every row's float32 logits into one static buffer, so the model runner runs no LM head
+writes every row's logits (in the model's dtype) into one static buffer, so the model runner runs no LM head
 after it; graphs of more rows than `LOGITS_MAX_BYTES` holds leave it to the runner.
 
 On CPU the graph runner's bookkeeping runs with "graphs" that replay the model (and the LM
