@@ -107,6 +107,11 @@ class EngineConfig(pydantic.BaseModel):
             )
         return self
 
+    @property
+    def graph_max_bs(self) -> int:
+        """The largest decode batch captured as a CUDA graph: 0 when graphs are disabled."""
+        return 0 if self.disable_cuda_graph else self.cuda_graph_max_bs
+
     def selection(self, slot: str) -> str | list[str] | None:
         # None for a slot engines do not select (`router`: SlotSpec.process), which has no field
         return getattr(self, slot, None)

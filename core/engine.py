@@ -514,7 +514,7 @@ class Engine:
             "kv_memory_bytes": self._kv_memory_bytes(),
             "max_model_len": self.info.max_model_len,
             "max_running_requests": c.max_running_requests,
-            "cuda_graph_max_bs": 0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
+            "cuda_graph_max_bs": c.graph_max_bs,
             "schedule_conservativeness": c.schedule_conservativeness,
             "seed": c.seed,
             "load_format": c.load_format,  # a draft model of a random-weight target: random too
@@ -597,7 +597,7 @@ class Engine:
         c = self.config
         self.runner.set_attention(  # (re)captures decode CUDA graphs for this backend and pool
             backend,
-            cuda_graph_max_bs=0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
+            cuda_graph_max_bs=c.graph_max_bs,
             max_requests=c.max_running_requests,
             mixed_max_tokens=mixed_graph_max_tokens(c),
         )

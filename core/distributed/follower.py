@@ -125,7 +125,7 @@ class Follower:
         c = self.config
         self.runner.set_attention(
             backend,
-            cuda_graph_max_bs=0 if c.disable_cuda_graph else c.cuda_graph_max_bs,
+            cuda_graph_max_bs=c.graph_max_bs,
             max_requests=c.max_running_requests,
             mixed_max_tokens=mixed_graph_max_tokens(c),
         )
