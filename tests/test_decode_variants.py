@@ -108,6 +108,25 @@ def test_f16_dot_variant_reads_an_fp8_cache_under_bf16_queries():
     check("s3-fast-pf-f16", LENS, 2, dtype=torch.bfloat16, kv_dtype=FP8, atol=2e-2)
 
 
+@pytest.mark.parametrize("name", ["s3-fast-pf-cvt", "s3-w8-fast-pf-cvt"])
+def test_early_conversion_variants_read_an_fp8_cache_under_bf16_queries(name):
+    """The `asm_cvt` variants convert each tile to float16 after its load (the interpreter:
+    the plain cast, the PTX runs in the `gpu` tests); on the GPU they get the inline PTX, and
+    only over an FP8 cache with float16 dots."""
+    check(name, LENS, 1, dtype=torch.bfloat16, kv_dtype=FP8, atol=2e-2)
+    check(name, LENS, 2, dtype=torch.bfloat16, kv_dtype=FP8, atol=2e-2)
+    meta = decode_module.decode_meta
+    config = DECODE_VARIANTS[name]
+    assert meta(config, torch.bfloat16, FP8, 2, 8, 128, 16, False)["CVT"] == (
+        1 if decode_module._INTERPRET else 2
+    )
+    assert meta(config, torch.bfloat16, torch.bfloat16, 2, 8, 128, 16, False)["CVT"] == 0
+    assert (
+        meta(DECODE_VARIANTS["s3-fast-pf-f16"], torch.bfloat16, FP8, 2, 8, 128, 16, False)["CVT"]
+        == 0
+    )
+
+
 def test_fp8_cuda_core_variant_serves_one_kv_head_per_program():
     check("hpall-bn16-w4", LENS, 2, dtype=torch.float16, kv_dtype=FP8, atol=2e-2, fma=True)
 

@@ -49,6 +49,7 @@ FP8_DECODE = os.environ.get("PEGBOARD_FP8_DECODE", "dot")
 #: global, which `@triton.jit` refuses when compiling (the interpreter allows it); it is a
 #: `tl.constexpr` now. The decode variants `f16` / `s3-fast-f16` run these dots in the sweep.
 FP8_F16_DOT = os.environ.get("PEGBOARD_FP8_F16_DOT", "0") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -60,6 +61,27 @@ def to_dot_dtype(q, F16_DOT: tl.constexpr):
     if F16_DOT:
         q = tl.minimum(tl.maximum(q.to(tl.float32), -F16_MAX), F16_MAX).to(tl.float16)
     return q
+
+
+@triton.jit
+def e4m3_to_f16(x, ASM: tl.constexpr):
+    """An e4m3 tile as float16, converted where it stands. With `ASM`: inline PTX
+    (`cvt.rn.f16x2.e4m3x2`, four values per instance), marked impure so that Triton does not
+    move it past the layout conversion to the dots' operands (a plain cast, or a pure asm, is
+    moved there: the value tile's transpose then gathers single bytes, `ld.shared.b8` and
+    `prmt`, while a float16 tile takes `ldmatrix.trans`); see docs/kernels.md, "Decode
+    variants". The interpreter cannot run inline assembly: without `ASM`, the plain cast."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
+            "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r",
+            [x.to(tl.int8, bitcast=True)],
+            dtype=tl.float16,
+            is_pure=False,
+            pack=4,
+        )
+    return x.to(tl.float16)
 
 
 def f16_dot(q_dtype: torch.dtype, k_cache: torch.Tensor, f16: bool | None) -> bool:
@@ -124,6 +146,7 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
     F16_DOT: tl.constexpr,
     FMA: tl.constexpr,
+    CVT: tl.constexpr = 0,
 ):
     if HEAD_FASTEST:
         head_block = tl.program_id(0)
@@ -187,6 +210,9 @@ def _decode_kernel(
         k = tl.load(K_cache + rows[:, None] + k_cols, mask=kv_mask, other=0.0)
         v_rows = pages * stride_vp + (toks % PAGE_SIZE) * stride_vs
         v = tl.load(V_cache + v_rows[:, None] + v_cols, mask=kv_mask, other=0.0)
+        if CVT:  # e4m3 -> float16 here, before the dots' layouts (see `e4m3_to_f16`)
+            k = e4m3_to_f16(k, CVT == 2)
+            v = e4m3_to_f16(v, CVT == 2)
         if PREFETCH:
             nxt = toks + BLOCK_N
             pages = tl.load(pages_row + nxt // PAGE_SIZE, mask=nxt < end, other=0).to(tl.int64)
@@ -440,6 +466,7 @@ def decode_meta(
     """`_decode_kernel`'s compile-time arguments for a launch of `config` (see
     `decode_attention` for `block_n`, `f16`, `fma`); `decode_compile` compiles the same."""
     fp8 = kv_dtype.itemsize == 1
+    f16_dots = _f16_dot(q_dtype, fp8, config.f16_dot if f16 is None and fp8 else f16)
     if fma is None:
         fma = FP8_DECODE == "fma" and fp8 and group <= 8
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -462,8 +489,10 @@ def decode_meta(
         "BLOCK_N": block_n,
         "BLOCK_D": block_d,
         "PRECISION": dot_precision(q_dtype),
-        "F16_DOT": _f16_dot(q_dtype, fp8, config.f16_dot if f16 is None and fp8 else f16),
+        "F16_DOT": f16_dots,
         "FMA": fma,
+        # 2: inline PTX (1 under the interpreter, which cannot run it: the plain cast)
+        "CVT": (1 if _INTERPRET else 2) if config.asm_cvt and fp8 and f16_dots and not fma else 0,
     }
 
 

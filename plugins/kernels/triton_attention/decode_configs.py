@@ -41,7 +41,10 @@ class DecodeConfig:
     - `split_cap`: at most this many splits (with `min_chunk`, how far it may split);
     - `f16_dot`: over an FP8 cache, run the dots in float16 (True: e4m3 converts to float16 in
       one instruction per pair) or in the query's dtype (False); None: `FP8_F16_DOT`. No
-      effect on a 16-bit cache.
+      effect on a 16-bit cache;
+    - `asm_cvt`: with float16 dots over an FP8 cache, convert each key/value tile to float16
+      right after its load with inline PTX (`decode.e4m3_to_f16`), so the dots' operands are
+      16-bit tiles (`ldmatrix`) rather than bytes gathered one at a time.
     """
 
     block_n: int = 64
@@ -53,6 +56,7 @@ class DecodeConfig:
     min_chunk: int = 0
     split_cap: int = MAX_SPLITS
     f16_dot: bool | None = None
+    asm_cvt: bool = False
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -63,15 +67,17 @@ _S3 = {"num_stages": 3}
 _FAST = {"head_fastest": True}
 _PF = {"prefetch_pages": True}
 _CHUNK = {"min_chunk": 256, "split_cap": 4}
+_CVT = {"f16_dot": True, "asm_cvt": True}
 
 #: Every variant the sweep times: the baseline (the kernel as it was before variants
 #: existed), the likeliest winners, then one knob at a time. Names: `s` stages, `w` warps,
 #: `bn` keys per tile, `hp` KV heads per program (`hpall`: all), `fast` head-fastest grid,
 #: `pf` page prefetch, `chunk` splits of at least 256 keys (at most 4), `f16` float16 dots over
-#: an FP8 cache. What compiling for sm_90 shows (Triton 3.9, no GPU needed): without `pf` the
-#: key/value tiles get one shared-memory buffer whatever `num_stages` (the page-id load takes a
-#: stage), so a program waits for each tile's loads after computing the last; with `pf` and 3
-#: (4) stages they get 2 (3) buffers: one (two) tiles load while one is computed.
+#: an FP8 cache, `cvt` those with each tile converted to float16 after its load (`asm_cvt`).
+#: What compiling for sm_90 shows (Triton 3.9, no GPU needed): without `pf` the key/value
+#: tiles get one shared-memory buffer whatever `num_stages` (the page-id load takes a stage),
+#: so a program waits for each tile's loads after computing the last; with `pf` and 3 (4)
+#: stages they get 2 (3) buffers: one (two) tiles load while one is computed.
 DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "baseline": DecodeConfig(),
     "s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF),
@@ -83,6 +89,9 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "s3-fast-pf-chunk": DecodeConfig(**_S3, **_FAST, **_CHUNK, **_PF),
     "s3-fast-pf-f16": DecodeConfig(**_S3, **_FAST, **_PF, f16_dot=True),
     "s3-w8-fast-pf-f16": DecodeConfig(num_warps=8, **_S3, **_FAST, **_PF, f16_dot=True),
+    "s3-fast-pf-cvt": DecodeConfig(**_S3, **_FAST, **_PF, **_CVT),
+    "s4-fast-pf-cvt": DecodeConfig(num_stages=4, **_FAST, **_PF, **_CVT),
+    "s3-w8-fast-pf-cvt": DecodeConfig(num_warps=8, **_S3, **_FAST, **_PF, **_CVT),
     "hp2-s3-fast-pf": DecodeConfig(heads_per_program=2, **_S3, **_FAST, **_PF),
     "hpall-bn16-w8-s3-pf": DecodeConfig(
         block_n=16, num_warps=8, num_stages=3, heads_per_program=0, **_PF
