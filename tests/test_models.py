@@ -98,11 +98,13 @@ def test_chunked_prefill_across_steps_matches_transformers(arch_reference):
     torch.testing.assert_close(logits[0], reference[2][32], atol=ATOL, rtol=0)
 
 
-def test_forward_returns_float32_rows_for_sampling_requests_only(tiny_llama_dir):
+def test_forward_returns_model_dtype_rows_for_sampling_requests_only(tiny_llama_dir):
+    # the LM head's own dtype: the engine converts for a sampler that wants float32
+    # (tests/test_logits_dtype.py), the standard sampler takes them as they are
     runner, alloc = make_runner(tiny_llama_dir, page_size=16, dtype="bfloat16")
     a, b = (Request(prompt_token_ids=s) for s in random_sequences([9, 4], seed=2))
     logits = run_step(runner, alloc, [(a, 5), (b, 4)])
-    assert logits.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16
     assert logits.shape == (1, runner.info.vocab_size)
 
 
