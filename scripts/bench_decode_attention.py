@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_gemv import graph_us as gemv_graph_us  # scripts/bench_gemv.py (same folder)
 from pegboard.plugins.kernels.triton_attention import decode_configs
 from pegboard.plugins.kernels.triton_attention.decode import (
     choose_num_splits,
@@ -136,29 +136,7 @@ def graph_us(calls, replays: int) -> float:
         start = time.perf_counter()
         calls[0]()
         return (time.perf_counter() - start) * 1e6
-    calls = calls * -(-20 // len(calls))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) * 1e3 / len(calls)
+    return gemv_graph_us(calls * -(-20 // len(calls)), replays)
 
 
 def measure(setup: Setup, name: str, splits_for: str, replays: int) -> dict:
