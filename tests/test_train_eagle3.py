@@ -64,26 +64,17 @@ def served_and_trainer_drafts(model_dir, head_dir, prompts, trainer_head, spy=No
     from pegboard.core.llm import LLM
     from pegboard.core.speculative.hidden import TargetHidden
     from pegboard.sdk.types import SamplingParams
+    from test_speculative_eagle import record_drafts
 
-    records = []
     options = {"model_path": str(head_dir), "num_draft_tokens": 4}
     settings = {"dtype": "float32", "device": "cpu", **settings}
     with LLM(str(model_dir), speculator="eagle", plugin_options={"eagle": options},
              speculative_min_accept_rate=0.0, **settings) as llm:  # fmt: skip
-        spec = llm.engine.plugins.active("speculator")
-        original = spec.propose
-
-        def propose(requests, max_tokens):
-            out = original(requests, max_tokens)
-            records.extend((list(r.token_ids), d.tokens) for r, d in zip(requests, out) if d.tokens)
-            return out
-
-        spec.propose = propose
-        llm.engine.plugins.unregister(spec)
-        llm.engine.plugins.register(spec)
+        seen, _ = record_drafts(llm)
         llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
         if spy is not None:
-            spy(spec)
+            spy(llm.engine.plugins.active("speculator"))
+        records = [(list(context), drafts) for context, drafts in seen.items()]
         target = llm.engine.runner.model
         head, layers = trainer_head(target)
         head = head.to(target.lm_head.weight.device)
