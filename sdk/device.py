@@ -45,7 +45,6 @@ class PinnedRing:
         events: Callable[[], object] | None = None,
         stream: Callable[[], object] | None = None,
     ) -> None:
-        self.device = device
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         self.segment_bytes = nbytes // segments
         self.segments = segments
@@ -58,14 +57,12 @@ class PinnedRing:
         self._lock = threading.Lock()
         self.waits = 0  # times a segment's old copies were waited for (tests, diagnostics)
 
-    def upload(self, src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Copy the contiguous CPU tensor `src` into `dst` (a new device tensor when None)
-        through the ring, asynchronously; None when `src` is larger than a segment."""
+    def upload(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor | None:
+        """Copy the contiguous CPU tensor `src` into `dst` through the ring, asynchronously;
+        None when `src` is larger than a segment."""
         nbytes = src.numel() * src.element_size()
         if nbytes > self.segment_bytes:
             return None
-        if dst is None:
-            dst = torch.empty(src.shape, dtype=src.dtype, device=self.device)
         with self._lock:  # the copy is queued inside: an event recorded later covers it
             start = self._claim(nbytes)
             staged = self.buffer[start : start + nbytes].view(src.dtype).view(src.shape)
@@ -129,9 +126,4 @@ def to_device(
     tensor = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return tensor.to(device)
-    tensor = tensor.contiguous()
-    if not torch.cuda.is_current_stream_capturing():
-        staged = _ring(device).upload(tensor)
-        if staged is not None:
-            return staged
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return upload(tensor, torch.empty(tensor.shape, dtype=tensor.dtype, device=device))

@@ -41,7 +41,7 @@ def test_uploads_arrive_intact_over_several_laps():
     gen = torch.Generator().manual_seed(0)
     for i in range(200):
         src = torch.randint(0, 1 << 30, (int(torch.randint(1, 90, (1,), generator=gen)),))
-        out = ring.upload(src)
+        out = ring.upload(src, torch.empty_like(src))
         assert torch.equal(out, src), i
     assert ring.waits > 0  # it went round more than once
 
@@ -52,7 +52,8 @@ def test_a_segment_is_reused_only_after_its_last_laps_copies_were_waited_for():
     for i in range(120):
         before = ring.segment
         start_events = list(ring.left[(before + 1) % ring.segments])
-        ring.upload(torch.full((40,), i, dtype=torch.int64))  # 320 bytes: 3 per segment
+        src = torch.full((40,), i, dtype=torch.int64)  # 320 bytes: 3 per segment
+        ring.upload(src, torch.empty_like(src))
         if ring.segment != before:  # moved on: the events of the last lap there were waited
             assert all(e.synchronized for e in start_events)
             reused.append(bool(start_events))
@@ -65,7 +66,8 @@ def test_a_segment_is_reused_only_after_its_last_laps_copies_were_waited_for():
 def test_no_upload_straddles_a_segment():
     ring = make_ring(nbytes=1024, segments=4)  # 256-byte segments
     for n in (30, 17, 25, 31, 8, 29, 2, 32, 32, 32):
-        ring.upload(torch.zeros(n, dtype=torch.int64))
+        src = torch.zeros(n, dtype=torch.int64)
+        ring.upload(src, torch.empty_like(src))
         end = ring.offset
         start = end - n * 8
         assert start // 256 == (end - 1) // 256, (start, end)
@@ -73,8 +75,9 @@ def test_no_upload_straddles_a_segment():
 
 def test_an_upload_larger_than_a_segment_is_refused():
     ring = make_ring(nbytes=1024, segments=4)
-    assert ring.upload(torch.zeros(33, dtype=torch.int64)) is None  # 264 bytes > 256
-    assert ring.upload(torch.zeros(32, dtype=torch.int64)) is not None
+    big, small = torch.zeros(33, dtype=torch.int64), torch.zeros(32, dtype=torch.int64)
+    assert ring.upload(big, torch.empty_like(big)) is None  # 264 bytes > 256
+    assert ring.upload(small, torch.empty_like(small)) is not None
 
 
 def test_upload_into_a_kept_tensor_converts_and_fills_it():
