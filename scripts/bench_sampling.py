@@ -1,6 +1,8 @@
 """Device µs of the Gumbel-max sampling kernel (plugins/sampling/gumbel.py) on the nano-vllm
-workload's logits shape, one Philox call per token vs one per four tokens, beside a plain
-argmax and a bf16 -> float32 copy of the same logits (what the decode graph does today).
+workload's logits shape, on float32 and bf16 logits, beside a plain argmax and a bf16 ->
+float32 copy of the same logits (what the engine skips for a sampler that takes bf16). The
+kernel's one-Philox-call-per-token predecessor measured 228.1 µs here (docs/benchmarks.md,
+session 7).
 
     python3 scripts/bench_sampling.py [--rows 256] [--vocab 151936] [--json FILE]
 """
@@ -29,25 +31,19 @@ def main() -> None:
     seeds = torch.arange(args.rows, device=dev, dtype=torch.int64)
     out = torch.empty_like(logits)
     cases = {
-        "gumbel, Philox per token (before)": lambda: gumbel_sample(
-            logits, temperature, seeds, four=False
-        ),
-        "gumbel, Philox per 4 tokens": lambda: gumbel_sample(logits, temperature, seeds),
-        "gumbel on bf16 logits, per 4 tokens": lambda: gumbel_sample(half, temperature, seeds),
+        "gumbel": lambda: gumbel_sample(logits, temperature, seeds),
+        "gumbel on bf16 logits": lambda: gumbel_sample(half, temperature, seeds),
         "argmax (greedy)": lambda: logits.argmax(-1),
         "bf16 -> float32 copy of the logits": lambda: out.copy_(half),
     }
     results = {}
     for name, fn in cases.items():
         results[name] = round(1000 * triton.testing.do_bench(fn, warmup=25, rep=200), 1)
-    # the two kernels draw from the same distribution: compare token frequencies on a tiny vocab
+    # the kernel draws from the softmax: token frequencies on a tiny vocab
     small = torch.tensor([[2.0, 1.0, 0.0, -1.0]], device=dev).repeat(20000, 1)
     t = torch.ones(20000, device=dev)
     s = torch.arange(20000, device=dev, dtype=torch.int64)
-    freq = {
-        name: (torch.bincount(gumbel_sample(small, t, s, four=four), minlength=4) / 20000).tolist()
-        for name, four in (("per token", False), ("per 4 tokens", True))
-    }
+    freq = {"gumbel": (torch.bincount(gumbel_sample(small, t, s), minlength=4) / 20000).tolist()}
     freq["softmax"] = small[0].softmax(-1).tolist()
     for name, us in results.items():
         print(f"{name:40s} {us:8.1f} µs")

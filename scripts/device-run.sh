@@ -218,7 +218,7 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
             --kv-cache-dtype $dt ${tok:+--kv-cache-tokens $tok} ${BENCH_ARGS:-} --json "$OUT/$name.json" \
             2>"$OUT/$name.err" | tail -3
         done ;;
-    sampling) # the Gumbel sampling kernel per step (256 x 151,936 logits): Philox per token vs per 4
+    sampling) # the Gumbel sampling kernel per step (256 x 151,936 logits), float32 and bf16 logits
         timeout 120 python3 scripts/bench_sampling.py --json "$OUT/sampling.json" 2>&1 | tail -8 ;;
     offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)
         timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype fp8_e4m3 \

@@ -6,10 +6,10 @@ computing it. The kernel reads each row's logits once and writes one token; the 
 random tensor and their quotient (each a `[rows, vocab]` float32 pass) never exist.
 
 Randomness is counter-based (Philox, `tl.rand4x`: one call gives the noise of four
-neighbouring tokens, a quarter of the integer work of one call per token, which made the
-kernel compute-bound: 197 µs for 256 rows of 151,936 on the H200): row `i`'s noise is a
-function of its own `seed[i]` and the token index only, so a request's draw does not depend on what else is in
-the batch, and giving each draw a fresh seed (the request's seed mixed with how many tokens
+neighbouring tokens, a quarter of the integer work of one call per token; on the H200 that
+took 256 rows of 151,936 from 228 to 220 µs, so Philox is not what bounds the kernel, see
+docs/benchmarks.md session 7): row `i`'s noise is a function of its own `seed[i]` and the
+token index only, so a request's draw does not depend on what else is in the batch, and giving each draw a fresh seed (the request's seed mixed with how many tokens
 it has drawn) makes runs reproduce. Rows with `temperature == 0` add no noise: their token is
 the argmax (the first one, as `torch.argmax`).
 
@@ -54,7 +54,6 @@ def _gumbel_argmax_chunk(
     num_chunks,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
-    FOUR: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -64,32 +63,23 @@ def _gumbel_argmax_chunk(
     scale = tl.where(noisy, inv_temp * 1.4426950408889634, 1.0)
     start = chunk * CHUNK
     row_ptr = logits_ptr + row * stride
-    if FOUR:
-        # One Philox call gives four uniforms: counter n draws columns 4n .. 4n + 3, so the
-        # noise of a column depends on (seed, column) only, whatever CHUNK and BLOCK are.
-        QUARTER: tl.constexpr = BLOCK // 4
-        best = tl.full([QUARTER], float("-inf"), tl.float32)
-        best_idx = tl.zeros([QUARTER], tl.int32)
-        for offset in range(0, CHUNK, BLOCK):
-            counters = (start + offset) // 4 + tl.arange(0, QUARTER)
-            u0, u1, u2, u3 = tl.rand4x(seed, counters)
-            cols = counters * 4
-            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-            best, best_idx = _noisy(x, cols, u0, scale, noisy, vocab, best, best_idx)
-            x = tl.load(row_ptr + cols + 1, mask=cols + 1 < vocab, other=float("-inf"))
-            best, best_idx = _noisy(x, cols + 1, u1, scale, noisy, vocab, best, best_idx)
-            x = tl.load(row_ptr + cols + 2, mask=cols + 2 < vocab, other=float("-inf"))
-            best, best_idx = _noisy(x, cols + 2, u2, scale, noisy, vocab, best, best_idx)
-            x = tl.load(row_ptr + cols + 3, mask=cols + 3 < vocab, other=float("-inf"))
-            best, best_idx = _noisy(x, cols + 3, u3, scale, noisy, vocab, best, best_idx)
-    else:  # one Philox call per column (the kernel before 2026-11-30 session 7; benchmarks)
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_idx = tl.zeros([BLOCK], tl.int32)
-        for offset in range(0, CHUNK, BLOCK):
-            cols = start + offset + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
-            u = tl.rand(seed, cols)
-            best, best_idx = _noisy(x, cols, u, scale, noisy, vocab, best, best_idx)
+    # One Philox call gives four uniforms: counter n draws columns 4n .. 4n + 3, so the
+    # noise of a column depends on (seed, column) only, whatever CHUNK and BLOCK are.
+    QUARTER: tl.constexpr = BLOCK // 4
+    best = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_idx = tl.zeros([QUARTER], tl.int32)
+    for offset in range(0, CHUNK, BLOCK):
+        counters = (start + offset) // 4 + tl.arange(0, QUARTER)
+        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        cols = counters * 4
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf"))
+        best, best_idx = _noisy(x, cols, u0, scale, noisy, vocab, best, best_idx)
+        x = tl.load(row_ptr + cols + 1, mask=cols + 1 < vocab, other=float("-inf"))
+        best, best_idx = _noisy(x, cols + 1, u1, scale, noisy, vocab, best, best_idx)
+        x = tl.load(row_ptr + cols + 2, mask=cols + 2 < vocab, other=float("-inf"))
+        best, best_idx = _noisy(x, cols + 2, u2, scale, noisy, vocab, best, best_idx)
+        x = tl.load(row_ptr + cols + 3, mask=cols + 3 < vocab, other=float("-inf"))
+        best, best_idx = _noisy(x, cols + 3, u3, scale, noisy, vocab, best, best_idx)
     top = tl.max(best, axis=0)
     # The first index holding the maximum (ties as torch.argmax); a row of -inf gives `start`.
     first = tl.min(tl.where(best == top, best_idx, 2147483647), axis=0)
@@ -112,14 +102,12 @@ def gumbel_sample(
     chunk: int = CHUNK,
     block: int = BLOCK,
     inv_temperature: torch.Tensor | None = None,
-    four: bool = True,
 ) -> torch.Tensor:
     """One token per row of `logits [rows, vocab]` drawn from `softmax(logits / temperature)`
     (argmax where `temperature` is 0). `temperature` is float32 `[rows]`, `seeds` int64
     `[rows]`, both on the logits' device; `inv_temperature` (`inverse_temperature`'s) replaces
     `temperature` when given. Returns int64 `[rows]`. `chunk` (vocabulary entries per program,
-    a multiple of `block`) and `block` (a multiple of 4) are tuning knobs (small in tests);
-    `four=False` runs the one-Philox-call-per-column kernel it replaced (benchmarks only)."""
+    a multiple of `block`) and `block` (a multiple of 4) are tuning knobs (small in tests)."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -140,7 +128,6 @@ def gumbel_sample(
         num_chunks,
         CHUNK=chunk,
         BLOCK=block,
-        FOUR=four,
         num_warps=8,
     )
     # torch.argmax returns the first maximum, so the earliest chunk wins ties.
