@@ -10,7 +10,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
-#                 [steady-decode] [find-syncs] [sampling]
+#                 [steady-decode] [find-syncs] [profile-opening] [sampling]
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -101,6 +101,13 @@ for job in "${jobs[@]}"; do
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --detokenizer $d ${BENCH_ARGS:-} --json "$OUT/profile-host-$d.json" 2>"$OUT/profile-host-$d.err" | tail -4
         done ;;
+    profile-opening) # issue 17: the nano-vllm run's opening prefill/mixed steps (29-39 ms of host each
+        # in session 7) under the torch profiler: device time vs host time of steps 1..STEPS
+        timeout 200 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+          --torch-profile "$OUT/opening" --torch-profile-steps 0,${STEPS:-6} \
+          --json "$OUT/profile-opening.json" 2>"$OUT/profile-opening.err" | tail -4
+        python3 scripts/trace_steps.py "$OUT/opening/trace.json" | tee "$OUT/opening-steps.txt"
+        head -30 "$OUT/opening/kernels.txt" ;;
     find-syncs) # issue 17: every synchronizing CUDA call of the nano-vllm run (sync debug mode),
         # counted by the pegboard line that made it, per step kind (decode / mixed / prefill):
         # with overlap the loop should wait once per step (resolve's token copy), no more

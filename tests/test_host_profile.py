@@ -42,6 +42,18 @@ def test_torch_profile_records_the_window_of_steps_and_unwraps_step(tiny_llama_d
     assert (tmp_path / "trace.json").stat().st_size > 0
 
 
+def test_torch_profile_window_can_start_at_the_first_step(tiny_llama_dir, tmp_path):
+    from pegboard.core.bench.torch_profile import TorchProfile
+
+    with LLM(str(tiny_llama_dir), dtype="float32") as llm:
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        with TorchProfile(llm.engine, str(tmp_path), wait=0, active=1):
+            llm.generate([[1, 5, 9, 3, 4, 8, 2, 6]], params)
+    # the profiler numbers the steps it sees from 0: the one recorded is the first (the prefill)
+    trace = (tmp_path / "trace.json").read_text()
+    assert "ProfilerStep#0" in trace and "ProfilerStep#1" not in trace
+
+
 def test_forward_steps_are_counted_by_kind(tiny_llama_dir):
     from pegboard.core.bench.host_profile import step_kind
 

@@ -53,11 +53,12 @@ def run_offline(
     progress: bool = True,
     profile_host: bool = False,
     torch_profile: str | None = None,
+    torch_profile_steps: tuple[int, int] = (40, 8),
 ) -> dict:
     """Warm up, then time one `generate` of the whole workload; return the figures (with
     `profile_host`, also the host's ms per step by phase: `pegboard.core.bench.host_profile`;
     with `torch_profile` a directory, a torch-profiler window of a few steps is written there:
-    `pegboard.core.bench.torch_profile`)."""
+    `pegboard.core.bench.torch_profile`, `torch_profile_steps` = (steps skipped, steps recorded))."""
     from pegboard.core.bench.dispatch import plugin_layer_share
     from pegboard.core.bench.host_profile import HostProfile
 
@@ -67,7 +68,11 @@ def run_offline(
     spec_before = llm.engine.speculation.stats()  # acceptance figures of this run only
     from pegboard.core.bench.torch_profile import TorchProfile
 
-    kernels = TorchProfile(llm.engine, torch_profile) if torch_profile else contextlib.nullcontext()
+    kernels = (
+        TorchProfile(llm.engine, torch_profile, *torch_profile_steps)
+        if torch_profile
+        else contextlib.nullcontext()
+    )
     with kernels, HostProfile(llm.engine) if profile_host else contextlib.nullcontext() as profile:
         start = time.perf_counter()
         outs = llm.generate(prompts, params, progress=progress)

@@ -32,7 +32,13 @@ class TorchProfile:
             activities.append(tp.ProfilerActivity.CUDA)
         self._prof = tp.profile(
             activities=activities,
-            schedule=tp.schedule(wait=self.wait, warmup=2, active=self.active, repeat=1),
+            # the profiler warms up on the last skipped steps (up to 2), so SKIP=0 records step 1
+            schedule=tp.schedule(
+                wait=self.wait - min(2, self.wait),
+                warmup=min(2, self.wait),
+                active=self.active,
+                repeat=1,
+            ),
             on_trace_ready=self._write,
         )
         self._prof.__enter__()

@@ -74,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also record a few steps of the timed run with the torch profiler: "
         "DIR/kernels.txt (kernels by device time) and DIR/trace.json (Chrome trace)",
     )
+    off.add_argument(
+        "--torch-profile-steps",
+        default="40,8",
+        metavar="SKIP,COUNT",
+        help="which steps --torch-profile records: COUNT steps after the first SKIP "
+        "(default 40,8: steady decode; 0,20: the opening prefill steps)",
+    )
     _add_common(off)
     off.set_defaults(func=run_offline_cmd)
     prefix = kinds.add_parser("prefix", help="shared-prefix workload: hit rate and throughput")
@@ -295,11 +302,25 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
     return _run(
         args,
         lambda llm: run_offline(
-            llm, workload, profile_host=args.profile_host, torch_profile=args.torch_profile
+            llm,
+            workload,
+            profile_host=args.profile_host,
+            torch_profile=args.torch_profile,
+            torch_profile_steps=_skip_count(args.torch_profile_steps),
         ),
         peer,
         offline_chart,
     )
+
+
+def _skip_count(text: str) -> tuple[int, int]:
+    try:
+        skip, count = (int(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--torch-profile-steps: expected SKIP,COUNT, got {text!r}") from None
+    if skip < 0 or count < 1:
+        raise SystemExit(f"--torch-profile-steps: SKIP >= 0 and COUNT >= 1, got {text!r}")
+    return skip, count
 
 
 def run_prefix_cmd(args: argparse.Namespace) -> int:
