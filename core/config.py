@@ -57,7 +57,7 @@ class EngineConfig(pydantic.BaseModel):
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = pydantic.Field(256, ge=0)  # largest captured batch size
     # Mixed steps (prefill beside decodes) of up to this many tokens replay graphs too (0: off).
-    cuda_graph_mixed_max_tokens: int = pydantic.Field(2048, ge=0)
+    cuda_graph_mixed_max_tokens: int = pydantic.Field(8192, ge=0)
 
     # Overlap scheduling: prepare step N+1 on the CPU while the GPU runs step N.
     disable_overlap: bool = False

@@ -42,9 +42,11 @@ from pegboard.sdk.types import ForwardBatch, Request
 
 log = logging.getLogger("pegboard.cuda_graph_mixed")
 
-#: `--cuda-graph-mixed-max-tokens`' default: steps of up to this many tokens replay graphs. Past
-#: it a step's device time (~3 ms for Qwen3-0.6B at 2,048 tokens) outweighs its launch.
-DEFAULT_MAX_TOKENS = 2048
+#: `--cuda-graph-mixed-max-tokens`' default (capped at the step's token budget, 8,192 by
+#: default): every chunked-prefill step replays a graph. Launching one eagerly costs the host
+#: ~1 ms per layer whatever its size (~30 ms for Qwen3-0.6B), more than the device needs even
+#: for 8,192 tokens (~17.5 ms on the H200, docs/benchmarks.md, session 8).
+DEFAULT_MAX_TOKENS = 8192
 
 
 def mixed_token_sizes(max_tokens: int) -> list[int]:

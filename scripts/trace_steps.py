@@ -24,7 +24,12 @@ DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 def step_rows(trace: dict, top: int = 4) -> list[dict]:
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     steps = sorted(
-        (e for e in events if str(e.get("name", "")).startswith("ProfilerStep#")),
+        (  # the host's step spans (the trace also has each step's span on the GPU timeline)
+            e
+            for e in events
+            if str(e.get("name", "")).startswith("ProfilerStep#")
+            and e.get("cat") != "gpu_user_annotation"
+        ),
         key=lambda e: e["ts"],
     )
     starts = [s["ts"] for s in steps]

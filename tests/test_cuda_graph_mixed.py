@@ -51,7 +51,9 @@ def test_mixed_sizes_step_by_a_quarter_doubling_from_64_up_to_the_max():
 
 
 def test_mixed_graph_tokens_follow_the_config():
-    assert mixed_graph_max_tokens(EngineConfig()) == 2048
+    # by default every chunk of a prefill replays a graph: the whole step budget
+    assert mixed_graph_max_tokens(EngineConfig()) == 8192
+    assert mixed_graph_max_tokens(EngineConfig(max_num_batched_tokens=16384)) == 8192
     assert mixed_graph_max_tokens(EngineConfig(max_num_batched_tokens=512)) == 512
     assert mixed_graph_max_tokens(EngineConfig(disable_cuda_graph=True)) == 0
     assert mixed_graph_max_tokens(EngineConfig(cuda_graph_max_bs=0)) == 0

@@ -141,7 +141,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="largest mixed step (prefill tokens beside decodes) replayed as a CUDA graph, in "
-        "tokens (default 2048; 0: mixed steps run eagerly)",
+        "tokens (default 8192, capped at --max-num-batched-tokens; 0: mixed steps run eagerly)",
     )
     g.add_argument(
         "--disable-overlap",

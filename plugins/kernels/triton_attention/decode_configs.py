@@ -92,6 +92,13 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "s3-fast-pf-cvt": DecodeConfig(**_S3, **_FAST, **_PF, **_CVT),
     "s4-fast-pf-cvt": DecodeConfig(num_stages=4, **_FAST, **_PF, **_CVT),
     "s3-w8-fast-pf-cvt": DecodeConfig(num_warps=8, **_S3, **_FAST, **_PF, **_CVT),
+    # FP8 reads half the bytes per tile at the same latency: more keys or more programs in flight
+    "bn128-w8-s3-fast-pf-f16": DecodeConfig(
+        block_n=128, num_warps=8, **_S3, **_FAST, **_PF, f16_dot=True
+    ),
+    "s4-fast-pf-f16": DecodeConfig(num_stages=4, **_FAST, **_PF, f16_dot=True),
+    "s3-fast-pf-chunk-f16": DecodeConfig(**_S3, **_FAST, **_CHUNK, **_PF, f16_dot=True),
+    "hp2-s3-fast-pf-f16": DecodeConfig(heads_per_program=2, **_S3, **_FAST, **_PF, f16_dot=True),
     "hp2-s3-fast-pf": DecodeConfig(heads_per_program=2, **_S3, **_FAST, **_PF),
     "hpall-bn16-w8-s3-pf": DecodeConfig(
         block_n=16, num_warps=8, num_stages=3, heads_per_program=0, **_PF
