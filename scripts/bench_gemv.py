@@ -302,6 +302,17 @@ def run_e2e(log_dir: Path | None) -> dict[str, float | None]:
     return e2e_decode.run_e2e(E2E, E2E_VARIANTS, log_dir, timeout=120, tail=200)
 
 
+def environment() -> dict[str, str]:
+    """The device and versions a benchmark ran on, and the date (for its JSON)."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def format_table(timings: list[Timing]) -> str:
     """`DECODE_CONFIGS` entries for the measured shapes (None where cuBLAS was faster)."""
     lines = []
@@ -359,11 +370,7 @@ def main() -> None:
     e2e = run_e2e(args.log_dir) if args.e2e else {}
     if args.json:
         payload = {
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"),
+            **environment(),
             "copy_tb_s": copy,
             "sweep": args.sweep,
             "timings": [asdict(t) for t in timings],

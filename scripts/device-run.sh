@@ -10,7 +10,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
-#                 [steady-decode] [find-syncs] [profile-opening] [sampling]
+#                 [steady-decode] [find-syncs] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -163,6 +163,25 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
     allreduce) # µs per small all-reduce on two GPUs: NCCL vs symmetric memory (issue 11)
         timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 scripts/bench_allreduce.py \
           --json "$OUT/allreduce.json" 2>"$OUT/allreduce.err" | tail -20 ;;
+    gemm-sweep) # issue 17: the skinny GEMM's launch configurations for decode batches (M = 16..256)
+        # vs cuBLAS on the Qwen3-0.6B and Llama-3.1-8B linears, then whole steps' linears with the
+        # table it wrote ($OUT/skinny_gemm_configs.json: copy it to core/kernels/ and commit it);
+        # later jobs of the same call (offline, gemm-ab) run with that table; BUDGET_S (170)
+        timeout 290 python3 scripts/bench_skinny_gemm.py --sweep --step --budget-s ${BUDGET_S:-170} \
+          --write-table "$OUT/skinny_gemm_configs.json" --json "$OUT/gemm-sweep.json" 2>&1 \
+          | grep -v "^  skip" | tee "$OUT/gemm-sweep.log" | tail -62
+        [ -f "$OUT/skinny_gemm_configs.json" ] && export PEGBOARD_SKINNY_GEMM_CONFIGS="$OUT/skinny_gemm_configs.json" ;;
+    gemm-ab) # the nano-vllm workload with the skinny GEMM off (cuBLAS from 9 rows up), then on (the
+        # table gemm-sweep wrote earlier in this call, else the shipped one), ROUNDS (1) times
+        table=${PEGBOARD_SKINNY_GEMM_CONFIGS:-}
+        for i in $(seq ${ROUNDS:-1}); do for v in off on; do
+          PEGBOARD_SKINNY_GEMM_CONFIGS=$([ $v = off ] && echo off || echo "${table:-core/kernels/skinny_gemm_configs.json}") \
+          timeout 240 $PB bench offline --random-weights --config qwen3-0.6b ${BENCH_ARGS:-} \
+            --json "$OUT/gemm-ab-$v-$i.json" 2>"$OUT/gemm-ab-$v-$i.err" >/dev/null \
+            || { echo "gemm-ab $v failed"; tail -5 "$OUT/gemm-ab-$v-$i.err"; }
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['output_tok_s'], \
+'out tok/s', d['elapsed_s'], 's', d['steps'], 'steps')" "$OUT/gemm-ab-$v-$i.json" "skinny GEMM $v" 2>/dev/null
+        done; done ;;
     gemv-sweep-tp) # GEMV launch configurations for the shapes one rank of TP=${TP:-2} holds (Llama-3.1-8B):
         # the printed DECODE_CONFIGS entries go into core/kernels/gemv.py (issue 11)
         timeout 400 python3 scripts/bench_gemv.py --sweep --no-step --configs llama-3.1-8b --tp ${TP:-2} \

@@ -14,12 +14,14 @@ import os
 
 import pytest
 import torch
+from fixtures.spies import record_configs
 from torch.nn import functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
+from pegboard.core.kernels import dense  # noqa: E402
 from pegboard.core.kernels import gemv as gemv_module  # noqa: E402
 from pegboard.core.kernels.gemv import MAX_ROWS, GemvConfig, gemv, linear  # noqa: E402
 from pegboard.core.model_runner import ModelRunner  # noqa: E402
@@ -98,15 +100,7 @@ def configs(monkeypatch):
 @pytest.fixture
 def gemv_calls(monkeypatch):
     """The configurations `linear` ran `gemv` with."""
-    calls: list[GemvConfig] = []
-    real = gemv_module.gemv
-
-    def spy(x, weight, bias, config):
-        calls.append(config)
-        return real(x, weight, bias, config)
-
-    monkeypatch.setattr(gemv_module, "gemv", spy)
-    return calls
+    return record_configs(monkeypatch, gemv_module, "gemv")
 
 
 def test_linear_runs_the_configuration_of_the_shape_and_row_bucket(configs, gemv_calls):
@@ -143,7 +137,7 @@ def test_disable_gemv_keeps_f_linear_with_fused_kernels_on(monkeypatch):
     assert layer.kernel is None
     monkeypatch.setenv("PEGBOARD_DISABLE_GEMV", "0")
     layer.set_fused_kernels(True)
-    assert layer.kernel is linear
+    assert layer.kernel is dense.linear
     layer.set_fused_kernels(False)
     assert layer.kernel is None
 
@@ -214,7 +208,7 @@ def test_gpu_gemv_is_captured_in_a_cuda_graph_without_synchronising(config):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_graph_decode_with_gemv_equals_eager_decode(tiny_llama_dir, dtype, monkeypatch):
-    from test_cuda_graph import _generate, _prompts
+    from test_cuda_graph import _prompts
 
     used: list[tuple[int, int]] = []
 
@@ -223,16 +217,25 @@ def test_gpu_graph_decode_with_gemv_equals_eager_decode(tiny_llama_dir, dtype, m
         return ELEMENTWISE if rows <= 2 else DOT if rows <= MAX_ROWS else None
 
     monkeypatch.setattr(gemv_module, "decode_config", every_shape)
-    prompts = _prompts(3)  # decode at 3 and, as requests finish, fewer rows
-    graphed, graphs, runner = _generate(tiny_llama_dir, prompts, attention="triton", dtype=dtype)
-    assert runner.cuda_graphs is not None and graphs[0].num_replays >= 15
+    # decode at 3 and, as requests finish, fewer rows
+    runner = assert_graph_decode_equals_eager_decode(tiny_llama_dir, _prompts(3), dtype)
     assert runner.model.gemv_kernels and {rows for rows, _ in used} >= {1, 2, 3, 4}
+
+
+def assert_graph_decode_equals_eager_decode(model_dir, prompts, dtype: str) -> ModelRunner:
+    """Greedy decode with CUDA graphs (triton attention) gives the tokens of eager decode and,
+    in float32, of the decoder without fused kernels; the graph run's model runner."""
+    from test_cuda_graph import _generate
+
+    graphed, graphs, runner = _generate(model_dir, prompts, attention="triton", dtype=dtype)
+    assert runner.cuda_graphs is not None and graphs[0].num_replays >= 15
     eager, _, _ = _generate(
-        tiny_llama_dir, prompts, attention="triton", dtype=dtype, disable_cuda_graph=True
+        model_dir, prompts, attention="triton", dtype=dtype, disable_cuda_graph=True
     )
     assert graphed == eager
     if dtype == "float32":
         plain, _, _ = _generate(
-            tiny_llama_dir, prompts, attention="triton", dtype=dtype, disable_fused_kernels=True
+            model_dir, prompts, attention="triton", dtype=dtype, disable_fused_kernels=True
         )
         assert graphed == plain
+    return runner

@@ -19,6 +19,11 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   (`gemv.DECODE_CONFIGS`), else `F.linear` itself. It sums in float32 in another order than
   cuBLAS, so it matches `F.linear` to rounding, not bit for bit. `PEGBOARD_DISABLE_GEMV=1`
   (`gemv_disabled`) keeps `F.linear` while the other kernels stay on.
+- `skinny_gemm.skinny_gemm(x, weight, bias, config)` — `F.linear` for decode batches of 9-256
+  rows on tensor cores with small tiles and split K, where the measured table
+  `skinny_gemm_configs.json` (or `PEGBOARD_SKINNY_GEMM_CONFIGS`) beat cuBLAS on this device;
+  same numerics as the GEMV. `dense.linear(x, weight, bias)` picks among GEMV, skinny GEMM and
+  `F.linear` by rows (what the dense linear layers call).
 - `fused_moe.fused_experts(hidden, topk_ids, topk_weights, w13, w2)` — a MoE layer's routed
   experts as grouped GEMMs over expert-sorted (token, expert) pairs (SiLU-and-mul and the
   routing weight fused in), selected by `--moe-kernel` (`pegboard.core.moe.kernel`); it sums in

@@ -240,20 +240,12 @@ def gemv(
     """`x @ weight.T + bias` with `config`: x `[..., K]` (a unit stride along K), weight
     `[N, K]` contiguous, bias `[N]` or None; a new `[..., N]` tensor in x's dtype. Accumulates
     in float32 (tensor cores take float32 inputs at full precision)."""
-    n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if not weight.is_contiguous():
-        raise ValueError("gemv needs a contiguous [N, K] weight")
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x2, out = rows_and_output(x, weight, "gemv")
+    (m, k), n = x2.shape, weight.shape[0]
     if m == 0:
         return out.view(*x.shape[:-1], n)
     block_k = min(config.block_k, triton.next_power_of_2(k))
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    k_per_split, splits, partial = k_slices(k, block_k, config.split_k, out)
     args = (x2, weight, bias if bias is not None else out, out, partial, m, n, k, k_per_split)
     pdl = launch_options(x.device) if config.pdl else {"PDL": False}
     common = {
@@ -279,6 +271,35 @@ def gemv(
     if splits > 1:
         split_k_sum(partial, bias, out, pdl)
     return out.view(*x.shape[:-1], n)
+
+
+def rows_and_output(
+    x: torch.Tensor, weight: torch.Tensor, kernel: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `x @ weight.T`: x as `[M, K]` rows with a unit stride along K, and a new `[M, N]`
+    output in x's dtype; the weight must be a contiguous `[N, K]` (else an error naming
+    `kernel`)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if not weight.is_contiguous():
+        raise ValueError(f"{kernel} needs a contiguous [N, K] weight")
+    return x2, torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+
+
+def k_slices(
+    k: int, block_k: int, split_k: int, out: torch.Tensor
+) -> tuple[int, int, torch.Tensor]:
+    """K split into at most `split_k` slices of whole `block_k` steps: the K per slice, the
+    number of slices, and the float32 partial sums `[slices, M, N]` they write (`out` itself
+    when there is one slice)."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    if splits == 1:
+        return k_per_split, 1, out
+    m, n = out.shape
+    return k_per_split, splits, torch.empty(splits, m, n, dtype=torch.float32, device=out.device)
 
 
 def split_k_sum(

@@ -55,29 +55,30 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear, LinearLayer):
-    """`nn.Linear` whose products of a few rows (decode) can run as the GEMV kernels of
-    `pegboard.core.kernels.gemv`: with `set_fused_kernels(True)`, `gemv.linear` picks the
-    kernel measured faster than cuBLAS for the weight's shape and the number of rows, or
-    `F.linear`. `PEGBOARD_DISABLE_GEMV=1` keeps `F.linear` with the other fused kernels on.
+    """`nn.Linear` whose products of decode's row counts can run as Triton kernels: with
+    `set_fused_kernels(True)`, `pegboard.core.kernels.dense.linear` picks the kernel measured
+    faster than cuBLAS for the weight's shape and the number of rows (the GEMV up to 8 rows,
+    the skinny GEMM up to 256), or `F.linear`. `PEGBOARD_DISABLE_GEMV=1` keeps `F.linear`
+    with the other fused kernels on.
 
     The dense layer of the `bf16` linear plugin (and of any plugin's unquantized layers): its
     parameters are named as in the checkpoint, so the loader fills them directly."""
 
     loads_by_parameter = True
-    kernel: Callable | None = None  # `gemv.linear`, when switched on
+    kernel: Callable | None = None  # `dense.linear`, when switched on
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.spec = LinearSpec("linear", in_features, out_features, bias=bias)
 
     def describe(self) -> str:
-        return "dense" + (" (GEMV kernels)" if self.kernel is not None else "")
+        return "dense" + (" (GEMV / skinny GEMM kernels)" if self.kernel is not None else "")
 
     def set_fused_kernels(self, enabled: bool) -> None:
         from pegboard.core.kernels import gemv_disabled
 
         if enabled and not gemv_disabled():
-            from pegboard.core.kernels.gemv import linear
+            from pegboard.core.kernels.dense import linear
 
             self.kernel = linear
         else:

@@ -1,6 +1,6 @@
 """The `bf16` linear plugin: dense weights in the model's dtype (bf16/fp16 on GPU, fp32 on CPU),
-multiplied by cuBLAS or, for decode's few rows, by the GEMV kernels of
-`pegboard.core.kernels.gemv` (`pegboard.core.models.layers.Linear`)."""
+multiplied by cuBLAS or, for decode's row counts, by the GEMV / skinny GEMM kernels that
+`pegboard.core.kernels.dense` picks (`pegboard.core.models.layers.Linear`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,29 @@
+"""Which kernel multiplies a dense linear layer: `F.linear` by the number of rows of x.
+
+- 1-8 rows (`gemv.MAX_ROWS`): the GEMV kernels where `gemv.DECODE_CONFIGS` has a configuration
+  for the weight's shape (`gemv.linear`);
+- 9-256 rows (decode batches, small mixed steps): the skinny GEMM where the measured table
+  `skinny_gemm_configs.json` has one for this device, shape and row bucket
+  (`skinny_gemm.measured_config`);
+- otherwise cuBLAS (`F.linear`): prefill, unmeasured shapes, devices without a table.
+
+The dense layers (`pegboard.core.models.layers.Linear`) call `linear` once the fused kernels
+are switched on; a CUDA graph captures whichever kernel its batch size picks.
+"""
+
+from __future__ import annotations
+
+import torch
+from pegboard.core.kernels import gemv, skinny_gemm
+from torch.nn import functional as F
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the kernel measured fastest for this many rows."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows <= gemv.MAX_ROWS:
+        return gemv.linear(x, weight, bias)
+    config = skinny_gemm.measured_config(rows, weight)
+    if config is None or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    return skinny_gemm.skinny_gemm(x, weight, bias, config)
