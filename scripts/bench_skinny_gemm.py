@@ -138,6 +138,8 @@ def sweep_case(bench: Bench, m: int, deadline: float, args: argparse.Namespace, 
         case.candidates.append({"us": us, "error": error, **asdict(config)})
         if error < 1e-2 and (case.best_us is None or us < case.best_us):
             case.best_us, case.best, case.error = us, asdict(config), error
+    # cuBLAS again, now that the GPU has run a while: its best, so clocks favour it, not us
+    case.cublas_us = min(case.cublas_us, bench.time(x, F.linear))
     if case.best_us is not None and case.best_us < case.cublas_us * (1 - args.margin):
         case.chosen = case.best
     return case
