@@ -162,7 +162,7 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
         # later jobs of the same call (offline, gemm-ab) run with that table; BUDGET_S (170)
         timeout 290 python3 scripts/bench_skinny_gemm.py --sweep --step --budget-s ${BUDGET_S:-170} \
           --write-table "$OUT/skinny_gemm_configs.json" --json "$OUT/gemm-sweep.json" 2>&1 \
-          | grep -v "^  skip" | tee "$OUT/gemm-sweep.log" | tail -62
+          | tee "$OUT/gemm-sweep.log" | grep -v "^  skip" | tail -62  # the log keeps the skips
         [ -f "$OUT/skinny_gemm_configs.json" ] && export PEGBOARD_SKINNY_GEMM_CONFIGS="$OUT/skinny_gemm_configs.json" ;;
     gemm-ab) # the nano-vllm workload with the skinny GEMM off (cuBLAS from 9 rows up), then on (the
         # table gemm-sweep wrote earlier in this call, else the shipped one), ROUNDS (1) times
