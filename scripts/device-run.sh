@@ -169,13 +169,16 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
         # later jobs of the same call (offline, gemm-ab) run with that table; BUDGET_S (170)
         timeout 290 python3 scripts/bench_skinny_gemm.py --sweep --step --budget-s ${BUDGET_S:-170} \
           --write-table "$OUT/skinny_gemm_configs.json" --json "$OUT/gemm-sweep.json" 2>&1 \
-          | grep -v "^  skip" | tee "$OUT/gemm-sweep.log" | tail -62
+          | tee "$OUT/gemm-sweep.log" | grep -v "^  skip" | tail -62  # the log keeps the skips
         [ -f "$OUT/skinny_gemm_configs.json" ] && export PEGBOARD_SKINNY_GEMM_CONFIGS="$OUT/skinny_gemm_configs.json" ;;
     gemm-ab) # the nano-vllm workload with the skinny GEMM off (cuBLAS from 9 rows up), then on (the
         # table gemm-sweep wrote earlier in this call, else the shipped one), ROUNDS (1) times
-        table=${PEGBOARD_SKINNY_GEMM_CONFIGS:-}
+        table=${PEGBOARD_SKINNY_GEMM_CONFIGS:-core/kernels/skinny_gemm_configs.json}
+        PEGBOARD_SKINNY_GEMM_CONFIGS=$table python3 -c "import torch; from pegboard.core.kernels import \
+skinny_gemm as s; c = s.device_configs(torch.device('cuda', 0)); print('skinny GEMM table', s.table_path(), \
+sum(v is not None for b in c.values() for v in b.values()), 'kernel entries for', torch.cuda.get_device_name())"
         for i in $(seq ${ROUNDS:-1}); do for v in off on; do
-          PEGBOARD_SKINNY_GEMM_CONFIGS=$([ $v = off ] && echo off || echo "${table:-core/kernels/skinny_gemm_configs.json}") \
+          PEGBOARD_SKINNY_GEMM_CONFIGS=$([ $v = off ] && echo off || echo "$table") \
           timeout 240 $PB bench offline --random-weights --config qwen3-0.6b ${BENCH_ARGS:-} \
             --json "$OUT/gemm-ab-$v-$i.json" 2>"$OUT/gemm-ab-$v-$i.err" >/dev/null \
             || { echo "gemm-ab $v failed"; tail -5 "$OUT/gemm-ab-$v-$i.err"; }

@@ -206,7 +206,7 @@ def check_bf16(rows: int, n: int, k: int, config: SkinnyConfig) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}")
-@pytest.mark.parametrize("rows", [9, 16, 24, 64, 100, 256])
+@pytest.mark.parametrize("rows", [9, 24, 64, 256])
 @pytest.mark.parametrize(("n", "k"), QWEN3 + LLAMA, ids=[f"{n}x{k}" for n, k in QWEN3 + LLAMA])
 def test_gpu_real_shapes_match_float32(n, k, rows, config):
     check_bf16(rows, n, k, config)

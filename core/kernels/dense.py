@@ -23,7 +23,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows <= gemv.MAX_ROWS:
         return gemv.linear(x, weight, bias)
-    config = skinny_gemm.measured_config(rows, weight)
-    if config is None or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    return skinny_gemm.skinny_gemm(x, weight, bias, config)
+    if rows <= skinny_gemm.MAX_ROWS:  # prefill's many rows go straight to cuBLAS
+        config = skinny_gemm.measured_config(rows, weight)
+        if config is not None and weight.is_contiguous():
+            return skinny_gemm.skinny_gemm(x, weight, bias, config)
+    return F.linear(x, weight, bias)
