@@ -340,6 +340,9 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=240, help="stop sweeping after this")
     p.add_argument("--configs", default=",".join(CONFIGS), help="model configs (comma-separated)")
     p.add_argument("--tp", type=int, default=1, help="the shapes one rank of this TP size holds")
+    p.add_argument(
+        "--rows", default=",".join(map(str, ROWS)), help="rows of x to time (comma-separated)"
+    )
     args = p.parse_args()
     deadline = time.monotonic() + args.budget_s
     torch.manual_seed(0)
@@ -348,7 +351,7 @@ def main() -> None:
         for config in args.configs.split(","):
             for shape in shapes(config, args.tp):
                 bench = Bench(shape)
-                for rows in ROWS:
+                for rows in map(int, args.rows.split(",")):
                     t = sweep_one(bench, rows, deadline) if args.sweep else table_one(bench, rows)
                     timings.append(t)
                     print(

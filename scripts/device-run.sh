@@ -9,7 +9,7 @@
 #                 [spec-eagle] [spec-eagle-train] [eagle-check]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
-#                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
+#                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
 #                 [steady-decode] [find-syncs] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
@@ -185,6 +185,10 @@ sum(v is not None for b in c.values() for v in b.values()), 'kernel entries for'
           python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['output_tok_s'], \
 'out tok/s', d['elapsed_s'], 's', d['steps'], 'steps')" "$OUT/gemm-ab-$v-$i.json" "skinny GEMM $v" 2>/dev/null
         done; done ;;
+    gemv-sweep) # GEMV launch configurations for Llama-3.1-8B's full shapes on this device (issue 17:
+        # DECODE_CONFIGS' TP=1 entries were measured on an H100); ROWS (1) picks the row counts
+        timeout 300 python3 scripts/bench_gemv.py --sweep --no-step --configs llama-3.1-8b --tp 1 \
+          --rows ${ROWS:-1} --budget-s ${BUDGET_S:-150} --json "$OUT/gemv-sweep.json" 2>&1 | tail -30 ;;
     gemv-sweep-tp) # GEMV launch configurations for the shapes one rank of TP=${TP:-2} holds (Llama-3.1-8B):
         # the printed DECODE_CONFIGS entries go into core/kernels/gemv.py (issue 11)
         timeout 400 python3 scripts/bench_gemv.py --sweep --no-step --configs llama-3.1-8b --tp ${TP:-2} \
