@@ -51,6 +51,7 @@ def test_one_rank_sums_both_partials_adds_the_residual_and_normalises(rank, slot
     pads[rank][torch.arange(ROWS) * 2 + peer] = 1  # the peer's programs reached the barrier
     residual, weight = randn(ROWS, HIDDEN, seed=7), 1.0 + 0.3 * randn(HIDDEN, seed=8)
     buffer_ptrs, pad_ptrs = table(buffers), table(pads)
+    failed = torch.zeros(1, dtype=torch.int32, device=DEVICE)
 
     normed, summed = allreduce_add_norm(
         buffer_ptrs.data_ptr(),
@@ -61,16 +62,29 @@ def test_one_rank_sums_both_partials_adds_the_residual_and_normalises(rank, slot
         residual,
         weight,
         EPS,
+        failed,
     )
 
     partials = buffers[0][slot, :ROWS] + buffers[1][slot, :ROWS]  # rank order
     expected_normed, expected_summed = rms_norm(partials, weight, EPS, residual)
     torch.testing.assert_close(summed, expected_summed, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(normed, expected_normed, atol=1e-5, rtol=1e-5)
+    assert failed.item() == 0
     assert not pads[rank].any(), "the peer's signals were not consumed"
     expected_signals = torch.zeros_like(pads[peer])
     expected_signals[torch.arange(ROWS) * 2 + rank] = 1
     assert torch.equal(pads[peer], expected_signals), "this rank did not signal each program"
+
+
+def test_a_peer_that_never_arrives_flags_the_bounded_wait():
+    buffers = [torch.zeros(1, 1, HIDDEN, device=DEVICE) for _ in range(2)]
+    pads = [torch.zeros(2, dtype=torch.int32, device=DEVICE) for _ in range(2)]
+    buffer_ptrs, pad_ptrs = table(buffers), table(pads)
+    failed = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    residual, weight = randn(1, HIDDEN, seed=7), torch.ones(HIDDEN, device=DEVICE)
+    args = (buffer_ptrs.data_ptr(), pad_ptrs.data_ptr(), 0, 0, 2, residual, weight, EPS, failed)
+    allreduce_add_norm(*args, max_spins=3)
+    assert failed.item() == 1, "a missing peer went unnoticed"
 
 
 def one_rank_fused(hidden: int, max_rows: int) -> tuple[FusedAllReduceNorm, list[torch.Tensor]]:

@@ -41,6 +41,8 @@ log = logging.getLogger("pegboard.distributed")
 MAX_ROWS = 64
 #: Slots of the symmetric buffer: o_proj's and down_proj's partial sums.
 ATTENTION, MLP = 0, 1
+#: The start-up check's bound on one barrier wait (retries of an atomic over NVLink: seconds).
+CHECK_SPINS = 1 << 24
 
 
 class FusedAllReduceNorm:
@@ -54,6 +56,7 @@ class FusedAllReduceNorm:
         self.world_size = handle.world_size
         self.all_reduce = all_reduce  # the unfused path: `Groups.all_reduce`
         self.max_rows = buffer.shape[1]
+        self.failed = torch.zeros(1, dtype=torch.int32, device=buffer.device)  # a barrier gave up
 
     @classmethod
     def create(
@@ -95,7 +98,9 @@ class FusedAllReduceNorm:
         for slot in (ATTENTION, MLP):
             partial = torch.randn(rows, hidden, generator=own, device=device).to(dtype)
             self.slot(slot, rows).copy_(partial)
-            normed, summed = self.add_norm(slot, residual, weight, eps)
+            normed, summed = self.add_norm(slot, residual, weight, eps, max_spins=CHECK_SPINS)
+            if self.failed.item():
+                raise RuntimeError("a peer never reached the fused kernel's barrier")
             dist.all_reduce(partial, group=group)
             expected_normed, expected_summed = rms_norm(partial, weight, eps, residual)
             torch.testing.assert_close(summed, expected_summed, rtol=2**-7, atol=1e-3)
@@ -113,10 +118,16 @@ class FusedAllReduceNorm:
         return 1 <= rows <= self.max_rows
 
     def add_norm(
-        self, slot: int, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self,
+        slot: int,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        max_spins: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(normed, new residual)` of the ranks' partials in `slot` plus `residual`."""
-        from pegboard.core.kernels.allreduce_norm import allreduce_add_norm
+        """`(normed, new residual)` of the ranks' partials in `slot` plus `residual`
+        (`max_spins`: bound the barrier's wait, see `allreduce_add_norm`)."""
+        from pegboard.core.kernels.allreduce_norm import NO_LIMIT, allreduce_add_norm
 
         hidden = self.buffer.shape[2]
         rows = residual.reshape(-1, hidden)
@@ -131,6 +142,8 @@ class FusedAllReduceNorm:
             rows,
             weight,
             eps,
+            self.failed,
+            NO_LIMIT if max_spins is None else max_spins,
         )
 
     def join(self, projection: nn.Module, norm: nn.Module, slot: int) -> None:

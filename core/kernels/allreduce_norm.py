@@ -15,7 +15,9 @@ buffer (zeroed, one uint32 per (block, source rank)): a program sets its slot in
 pad from 0 to 1 (spinning while the peer has not yet consumed the last signal), then consumes
 each peer's signal in its own pad (1 to 0). Every pad returns to zero after each barrier, so
 the kernel needs no host-side counter and replays in a CUDA graph. The store-before-signal
-order is release/acquire at system scope. torch's `one_shot_all_reduce` ends with a second
+order is release/acquire at system scope. A wait gives up after `max_spins` retries and flags
+it (`failed`): the start-up check bounds it, so a barrier that cannot work here turns the
+fused path off instead of hanging the server. torch's `one_shot_all_reduce` ends with a second
 barrier so a rank cannot overwrite its buffer while a peer still reads it; here the caller
 alternates between two buffer slots instead (`pegboard.core.distributed.fused_norm`): a rank
 writes a slot again only after its next fused kernel passed that kernel's barrier, which no
@@ -34,21 +36,35 @@ import triton.language as tl
 from pegboard.core.kernels.norm import store_normalised
 from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 
+#: Retries of one barrier signal on a step: practically unbounded (a slow peer is waited for).
+NO_LIMIT = 2**31 - 1
+
 
 @triton.jit
-def _barrier(SignalPads, row, RANK: tl.constexpr, WORLD: tl.constexpr):
+def _swap(flag, old: tl.constexpr, new: tl.constexpr, SEM: tl.constexpr, Failed, MAX_SPINS):
+    """Spin until `flag` holds `old`, then set it to `new` (one atomic; at most MAX_SPINS
+    retries, after which `Failed` is set: a peer that never came)."""
+    seen = tl.atomic_cas(flag, old, new, sem=SEM, scope="sys")
+    spins = 0
+    while (seen != old) & (spins < MAX_SPINS):
+        seen = tl.atomic_cas(flag, old, new, sem=SEM, scope="sys")
+        spins += 1
+    if seen != old:
+        tl.store(Failed, 1)
+
+
+@triton.jit
+def _barrier(SignalPads, row, Failed, MAX_SPINS, RANK: tl.constexpr, WORLD: tl.constexpr):
     """Program `row` of every rank meets here (see the module docstring)."""
     pads = SignalPads.to(tl.pointer_type(tl.uint64))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             theirs = tl.load(pads + peer).to(tl.pointer_type(tl.int32))
-            while tl.atomic_cas(theirs + row * WORLD + RANK, 0, 1, sem="release", scope="sys") != 0:
-                pass
+            _swap(theirs + row * WORLD + RANK, 0, 1, "release", Failed, MAX_SPINS)
     mine = tl.load(pads + RANK).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            while tl.atomic_cas(mine + row * WORLD + peer, 1, 0, sem="acquire", scope="sys") != 1:
-                pass
+            _swap(mine + row * WORLD + peer, 1, 0, "acquire", Failed, MAX_SPINS)
     tl.debug_barrier()  # the acquiring thread's view is every thread's of the program
 
 
@@ -65,6 +81,8 @@ def _allreduce_add_norm_kernel(
     stride_o,
     size,
     eps,
+    Failed,
+    max_spins,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -74,7 +92,7 @@ def _allreduce_add_norm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < size
     wait_for_inputs(PDL)  # the projection that wrote this rank's partial has completed
-    _barrier(SignalPads, row, RANK, WORLD)  # ... and so have every peer's
+    _barrier(SignalPads, row, Failed, max_spins, RANK, WORLD)  # ... and so have every peer's
     buffers = BufferPtrs.to(tl.pointer_type(tl.uint64))
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for peer in tl.static_range(WORLD):  # rank order: every rank computes the same sum
@@ -97,13 +115,17 @@ def allreduce_add_norm(
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
+    failed: torch.Tensor,
+    max_spins: int = NO_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(weight * normalise(s + residual), s + residual)` where `s` is the sum over the ranks
     of each rank's partial `[rows, size]`, stored contiguously at element `offset` of its
     buffer (`buffer_ptrs`: the address of a uint64 array of every rank's buffer address;
     `signal_pads`: likewise, their signal pads, at least `rows * world_size` uint32 each).
     `residual` is `[rows, size]` with a unit stride along the row; the outputs are new
-    contiguous tensors in its dtype. Every rank must call this with the same `rows`."""
+    contiguous tensors in its dtype. Every rank must call this with the same `rows`.
+    `failed` (int32, one element) is set to 1 when a program gave up waiting for a peer after
+    `max_spins` retries of one signal (the start-up check bounds them; a step does not)."""
     rows, size = residual.shape
     out = torch.empty(rows, size, dtype=residual.dtype, device=residual.device)
     new_residual = torch.empty_like(out)
@@ -121,6 +143,8 @@ def allreduce_add_norm(
             out.stride(0),
             size,
             eps,
+            failed,
+            max_spins,
             RANK=rank,
             WORLD=world_size,
             BLOCK=block,
