@@ -10,7 +10,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep-tp]
-#                 [steady-decode] [find-syncs] [sampling]
+#                 [steady-decode] [find-syncs] [find-syncs-tp2] [sampling]
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -106,6 +106,10 @@ for job in "${jobs[@]}"; do
         # with overlap the loop should wait once per step (resolve's token copy), no more
         timeout 300 python3 scripts/find_syncs.py --detokenizer ${DETOKENIZER:-auto} \
           --json "$OUT/find-syncs.json" 2>"$OUT/find-syncs.err" | tail -40 ;;
+    find-syncs-tp2) # issue 11: the same count on rank 0 of a TP=2 Llama-3.1-8B batch-1 decode: any
+        # synchronizing call beyond resolve's token copy is host time the TP step pays
+        timeout 300 python3 scripts/find_syncs.py --config llama-3.1-8b --num-seqs 1 --max-output 256 \
+          --max-model-len 4096 --tp-size 2 --json "$OUT/find-syncs-tp2.json" 2>"$OUT/find-syncs-tp2.err" | tail -25 ;;
     profile-host-detok) # issue 17 item 2: the same profile, detokenizer inline vs in its own process,
         # alternating ROUNDS times (the "detokenize" rows, "take (between steps)" and host_ms_per_step)
         for i in $(seq ${ROUNDS:-2}); do for d in ${DETOKENIZERS:-inline process}; do

@@ -170,6 +170,7 @@ class _Joined:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        self.pending = None  # (one a failed forward left behind)
         if getattr(self.norm, "kernel", None) is None or not self.fused.takes(rows):
             return self.fused.all_reduce(self.project_unfused(x))
         out = self.fused.slot(self.slot, rows)
