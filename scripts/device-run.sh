@@ -178,7 +178,8 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
         # memory, o/down all-reduces fused with the next RMSNorm), then unfused
         # (PEGBOARD_TP_FUSED_NORM=0); TP_VARIANTS="shm unfused gloo nccl": gloo = plan messages
         # through gloo, nccl = NCCL all-reduces. Per run: tok/s, host and wait per step, host per
-        # decode step, rank 0's TP phases (share batch = plan message + batch tensors + the rest);
+        # step kind, the phases over 0.03 ms/step and rank 0's TP phases (tp share batch = tp plan
+        # message + tp batch tensors + the rest);
         # a run still alive after 170 s prints every rank's stacks (SIGUSR1) into its .err
         for ar in ${TP_VARIANTS:-shm unfused}; do
           (sleep 170; pkill -USR1 -f 'pegboard') & dumper=$!
@@ -192,8 +193,8 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
           grep -h "fused all-reduce" "$OUT/llama8b-bs1-tp2-$ar.err" | head -2
           python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
 m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], \
-'ms/step; wait', h['device_wait_ms_per_step'], '; by kind', h['host_ms_by_kind'], '; forward', \
-m.get('forward (launch)'), {k: v for k, v in m.items() if k.startswith('forward: tp')})" \
+'ms/step; wait', h['device_wait_ms_per_step'], '; by kind', h['host_ms_by_kind'], '; phases', \
+{k: v for k, v in m.items() if v >= 0.03 or k.startswith('forward: tp')})" \
             "$OUT/llama8b-bs1-tp2-$ar.json" "$ar" || tail -5 "$OUT/llama8b-bs1-tp2-$ar.err"
         done ;;
     w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15); after
