@@ -320,24 +320,59 @@ def test_tp2_bf16_greedy_agrees_with_one_gpu_except_near_ties(tp_models, name, p
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_fused_allreduce_norm_decodes_as_the_unfused_path(tp_models, monkeypatch):
+def test_tp2_fused_allreduce_norm_decodes_as_the_unfused_path(tp_models):
     """Decode steps (CUDA graphs) with the o/down all-reduces fused into the next RMSNorm
     give the tokens of the unfused path (`PEGBOARD_TP_FUSED_NORM=0`); prefill chunks over
-    `MAX_ROWS` tokens take the unfused path in both runs."""
+    `MAX_ROWS` tokens take the unfused path in both runs. Each engine runs in a fresh process
+    (its own process groups and symmetric memory)."""
     first, second = waves()
-    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=2)
-    settings = dict(dtype="bfloat16", device="cuda", kv_cache_tokens=4096)
-    outputs = {}
-    for fused in ("1", "0"):
-        monkeypatch.setenv("PEGBOARD_TP_FUSED_NORM", fused)  # the followers inherit it
-        with LLM(str(tp_models["llama"]), tp_size=2, **settings) as llm:
-            assert llm.engine.runner.cuda_graphs is not None, (
-                llm.engine.runner.cuda_graph_off_reason
-            )
-            joined = llm.engine.runner.model.tp_fused_norm is not None
-            assert joined == (fused == "1"), "the fused path did not start (see the log)"
-            outputs[fused] = llm.generate(first + second, params)
-    assert agreeing_steps(outputs["0"], outputs["1"], margin=0.1) > len(outputs["0"]) * 8
+    runs = {fused: _tp2_greedy_process(tp_models["llama"], first + second, fused) for fused in "10"}
+    assert runs["1"]["fused"], "the fused path did not start (its check failed: see the log)"
+    assert not runs["0"]["fused"]
+    assert runs["1"]["graphs"] and runs["0"]["graphs"]
+    one, two = runs["0"]["outputs"], runs["1"]["outputs"]
+    assert agreeing_steps(one, two, margin=0.1) > len(one) * 8  # most had a clear winner
+
+
+_TP2_GREEDY = """
+import json, sys
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import SamplingParams
+params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=2)
+settings = dict(dtype="bfloat16", device="cuda", kv_cache_tokens=4096)
+with LLM(sys.argv[1], tp_size=2, **settings) as llm:
+    fused = llm.engine.runner.model.tp_fused_norm is not None
+    graphs = llm.engine.runner.cuda_graphs is not None
+    outs = llm.generate(json.loads(sys.argv[2]), params)
+top = [[[float(lp.top[0][1]), float(lp.top[1][1])] for lp in o.logprobs] for o in outs]
+print(json.dumps({"fused": fused, "graphs": graphs, "tokens": [o.token_ids for o in outs], "top": top}))
+"""
+
+
+def _tp2_greedy_process(model_dir, prompts: list[list[int]], fused: str) -> dict:
+    """A TP=2 bf16 greedy run in its own process, `PEGBOARD_TP_FUSED_NORM=fused`: whether the
+    fused path ran, whether CUDA graphs did, and outputs `agreeing_steps` can compare."""
+    import json
+    from types import SimpleNamespace
+
+    env = {**os.environ, "PEGBOARD_TP_FUSED_NORM": fused}
+    done = subprocess.run(
+        [sys.executable, "-c", _TP2_GREEDY, str(model_dir), json.dumps(prompts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    run["outputs"] = [
+        SimpleNamespace(
+            token_ids=tokens,
+            logprobs=[SimpleNamespace(top=[(None, a), (None, b)]) for a, b in top],
+        )
+        for tokens, top in zip(run["tokens"], run["top"])
+    ]
+    return run
 
 
 @pytest.mark.gpu
