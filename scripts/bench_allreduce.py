@@ -3,18 +3,25 @@
 Run on two GPUs:  python3 -m torch.distributed.run --nproc-per-node 2 scripts/bench_allreduce.py
 Each variant all-reduces a bf16 [rows, hidden] tensor `--count` times back to back inside one
 CUDA graph (as a decode step's 2 per layer do) and reports µs per all-reduce on rank 0:
-NCCL, torch's symmetric-memory one-shot with the staging copy pegboard does today, the same
-without the copy (the input written straight into the symmetric buffer), and the two-shot.
+NCCL, torch's symmetric-memory one-shot with the staging copy (pegboard's unfused path), the
+same without the copy (the input written straight into the symmetric buffer), and the two-shot;
+then what a decoder does after each o/down projection at decode sizes: the unfused path
+(staging copy, one-shot, then the add + RMSNorm kernel) against the fused kernel
+(`pegboard.core.distributed.fused_norm`: barrier, sum of the peers, residual add and RMSNorm
+in one kernel), and the add + RMSNorm kernel alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
 import torch
 import torch.distributed as dist
+from pegboard.core.distributed.fused_norm import FusedAllReduceNorm
+from pegboard.core.kernels.norm import rms_norm
 
 
 def timed(fn, count: int, reps: int) -> float:
@@ -60,9 +67,16 @@ def main() -> None:
     buf = symm_mem.empty(1 << 22, dtype=torch.uint8, device="cuda")
     symm_mem.rendezvous(buf, group.group_name)
     name = group.group_name
+    fused = FusedAllReduceNorm.create(
+        group, torch.device("cuda", torch.cuda.current_device()), args.hidden, torch.bfloat16, None
+    )
+    if fused is None and rank == 0:
+        print("  fused all-reduce + RMSNorm: unavailable (see the log)")
+    weight = torch.ones(args.hidden, device="cuda", dtype=torch.bfloat16)
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         x = torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16)
+        residual = torch.randn_like(x)
         staged = buf[: x.numel() * 2].view(torch.bfloat16).view(x.shape)
         variants = {
             "nccl": lambda x=x: dist.all_reduce(x, group=group),
@@ -76,7 +90,16 @@ def main() -> None:
                 s, "sum", name
             ),
             "copy only (bf16, same size)": lambda x=x, s=staged: s.copy_(x),
+            "unfused: copy + one-shot + add&norm": lambda x=x, s=staged, r=residual: rms_norm(
+                torch.ops.symm_mem.one_shot_all_reduce(s.copy_(x), "sum", name), weight, 1e-5, r
+            ),
+            "add&norm kernel alone": lambda x=x, r=residual: rms_norm(x, weight, 1e-5, r),
         }
+        if fused is not None and fused.takes(rows):
+            slots = itertools.cycle((0, 1))  # o, down, o, ...: as the decoder alternates them
+            variants["fused: all-reduce+add+norm kernel"] = lambda r=residual, k=slots: (
+                fused.add_norm(next(k), r, weight, 1e-5)
+            )
         for label, fn in variants.items():
             try:
                 us = timed(fn, args.count, args.reps)
@@ -89,10 +112,12 @@ def main() -> None:
         print(f"µs per all-reduce of bf16 [rows, {args.hidden}], {args.count} in one CUDA graph")
         for r in results:
             us = "—" if r["us"] is None else f"{r['us']:.2f}"
-            print(f"{r['rows']:>5}  {r['variant']:<32} {us}")
+            print(f"{r['rows']:>5}  {r['variant']:<36} {us}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"torch": torch.__version__, "results": results}, f, indent=1)
+    if fused is not None:
+        fused.release()
     dist.barrier()
     dist.destroy_process_group()
 

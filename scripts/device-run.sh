@@ -10,7 +10,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
-#                 [steady-decode] [find-syncs] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
+#                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -113,6 +113,10 @@ for job in "${jobs[@]}"; do
         # with overlap the loop should wait once per step (resolve's token copy), no more
         timeout 300 python3 scripts/find_syncs.py --detokenizer ${DETOKENIZER:-auto} \
           --json "$OUT/find-syncs.json" 2>"$OUT/find-syncs.err" | tail -40 ;;
+    find-syncs-tp2) # issue 11: the same count on rank 0 of a TP=2 Llama-3.1-8B batch-1 decode: any
+        # synchronizing call beyond resolve's token copy is host time the TP step pays
+        timeout 300 python3 scripts/find_syncs.py --config llama-3.1-8b --num-seqs 1 --max-output 256 \
+          --max-model-len 4096 --tp-size 2 --json "$OUT/find-syncs-tp2.json" 2>"$OUT/find-syncs-tp2.err" | tail -25 ;;
     profile-host-detok) # issue 17 item 2: the same profile, detokenizer inline vs in its own process,
         # alternating ROUNDS times (the "detokenize" rows, "take (between steps)" and host_ms_per_step)
         for i in $(seq ${ROUNDS:-2}); do for d in ${DETOKENIZERS:-inline process}; do
@@ -157,8 +161,9 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks
         timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
           | tail -40 | tee -a "$OUT/pytest.log" ;;
-    tp-tests) # the 2-GPU tensor-parallel tests with their tracebacks (nvidia-h200-x2)
-        timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+    tp-tests) # the 2-GPU tensor-parallel tests with their tracebacks (nvidia-h200-x2), the fused
+        # all-reduce + RMSNorm among them; the durations show which test a hang cost
+        timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=0 \
           tests/test_tensor_parallel.py 2>&1 | tail -60 | tee "$OUT/tp-tests.log" ;;
     allreduce) # µs per small all-reduce on two GPUs: NCCL vs symmetric memory (issue 11)
         timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 scripts/bench_allreduce.py \
@@ -202,17 +207,28 @@ sum(v is not None for b in c.values() for v in b.values()), 'kernel entries for'
             --json "$OUT/llama8b-bs1-prof-tp$tp.json" 2>"$OUT/llama8b-bs1-prof-tp$tp.err" | grep output_tok_s
           head -30 "$OUT/torch-tp$tp/kernels.txt" | cut -c1-150
         done ;;
-    llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs: plan messages through shared memory
-        # (default), then through gloo (TP_VARIANTS="shm gloo nccl": nccl = NCCL all-reduce);
+    llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs: the default (plan messages through shared
+        # memory, o/down all-reduces fused with the next RMSNorm), then unfused
+        # (PEGBOARD_TP_FUSED_NORM=0); TP_VARIANTS="shm unfused gloo nccl": gloo = plan messages
+        # through gloo, nccl = NCCL all-reduces. Per run: tok/s, host and wait per step, host per
+        # step kind, the phases over 0.03 ms/step and rank 0's TP phases (tp share batch = tp plan
+        # message + tp batch tensors + the rest);
         # a run still alive after 170 s prints every rank's stacks (SIGUSR1) into its .err
-        for ar in ${TP_VARIANTS:-shm gloo}; do
+        for ar in ${TP_VARIANTS:-shm unfused}; do
           (sleep 170; pkill -USR1 -f 'pegboard') & dumper=$!
           PEGBOARD_TP_PLAN=$([ $ar = gloo ] && echo gloo) PEGBOARD_TP_ALLREDUCE=$([ $ar = nccl ] && echo nccl) \
+          PEGBOARD_TP_FUSED_NORM=$([ $ar = unfused ] && echo 0 || echo 1) \
           timeout -k 10 200 $PB bench offline --random-weights --profile-host \
             --config llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 \
             --max-output 256 --max-model-len 4096 --tp-size 2 ${BENCH_ARGS:-} \
-            --json "$OUT/llama8b-bs1-tp2-$ar.json" 2>"$OUT/llama8b-bs1-tp2-$ar.err" | tail -4
+            --json "$OUT/llama8b-bs1-tp2-$ar.json" 2>"$OUT/llama8b-bs1-tp2-$ar.err" >/dev/null
           kill $dumper 2>/dev/null
+          grep -h "fused all-reduce" "$OUT/llama8b-bs1-tp2-$ar.err" | head -2
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], \
+'ms/step; wait', h['device_wait_ms_per_step'], '; by kind', h['host_ms_by_kind'], '; phases', \
+{k: v for k, v in m.items() if v >= 0.03 or k.startswith('forward: tp')})" \
+            "$OUT/llama8b-bs1-tp2-$ar.json" "$ar" || tail -5 "$OUT/llama8b-bs1-tp2-$ar.err"
         done ;;
     w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15); after
         # w4a16-sweep in the same call it runs the configurations the sweep just picked

@@ -4,6 +4,7 @@ offline run, counted by the pegboard line that made it, per step kind.
 python3 scripts/find_syncs.py [--config qwen3-0.6b] [--num-seqs 256] [--max-output 1024]
                               [--detokenizer auto] [--top 25] [--json FILE]
                               [--max-running-requests N] [--cuda-graph-max-bs N]
+                              [--max-model-len N] [--tp-size N]
                               [--speculative-algorithm NGRAM --speculative-num-steps 4 ...]
 
 Why: with overlap scheduling the host should wait for the device once per step, in `resolve`
@@ -54,12 +55,14 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the counts here")
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--cuda-graph-max-bs", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--tp-size", type=int, default=1, help="rank 0's calls (issue 11)")
     add_speculative_arguments(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("find_syncs.py needs a CUDA device (no sync debug mode on a CPU build)")
     settings = {"detokenizer": args.detokenizer}
-    for name in ("max_running_requests", "cuda_graph_max_bs"):
+    for name in ("max_running_requests", "cuda_graph_max_bs", "max_model_len", "tp_size"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     speculative_settings(args, settings)

@@ -113,6 +113,19 @@ def test_linear_runs_the_configuration_of_the_shape_and_row_bucket(configs, gemv
         assert gemv_calls == expected
 
 
+def test_linear_writes_into_out_through_gemv_and_cublas(configs):
+    """A tensor-parallel projection writes its output straight into a slot of the symmetric
+    buffer: row bucket 1 through the GEMV kernel, bucket 2 through cuBLAS (`torch.addmm`)."""
+    configs[(torch.float32, 24, 64)] = {1: GemvConfig(block_n=2, block_k=32), 2: None}
+    w, bias = randn(24, 64, seed=1), randn(24, seed=2)
+    for rows in (1, 2):
+        x = randn(rows, 64)
+        buffer = torch.zeros(2, 4, 24, device=x.device)
+        linear(x, w, bias, out=buffer[1, :rows])
+        torch.testing.assert_close(buffer[1, :rows], F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        assert not buffer[0].any() and not buffer[1, rows:].any()
+
+
 def test_linear_falls_back_to_cublas(configs, gemv_calls):
     configs[(torch.float32, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: ELEMENTWISE}
     w = randn(24, 64, seed=1)

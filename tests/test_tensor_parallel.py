@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -315,6 +316,166 @@ def test_tp2_bf16_greedy_agrees_with_one_gpu_except_near_ties(tp_models, name, p
         assert llm.engine.runner.cuda_graphs is not None, llm.engine.runner.cuda_graph_off_reason
         two = llm.generate(first + second, params)
     assert agreeing_steps(one, two, margin=0.1) > len(one) * 8  # most had a clear winner
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_fused_allreduce_norm_decodes_as_the_unfused_path(tp_models):
+    """Decode steps (CUDA graphs) with the o/down all-reduces fused into the next RMSNorm
+    give the tokens of the unfused path (`PEGBOARD_TP_FUSED_NORM=0`); prefill chunks over
+    `MAX_ROWS` tokens take the unfused path in both runs. Each engine runs in a fresh process
+    (its own process groups and symmetric memory)."""
+    first, second = waves()
+    runs = {fused: _tp2_greedy_process(tp_models["llama"], first + second, fused) for fused in "10"}
+    assert runs["1"]["fused"], "the fused path did not start (its check failed: see the log)"
+    assert not runs["0"]["fused"]
+    assert runs["1"]["graphs"] and runs["0"]["graphs"]
+    one, two = runs["0"]["outputs"], runs["1"]["outputs"]
+    assert agreeing_steps(one, two, margin=0.1) > len(one) * 8  # most had a clear winner
+
+
+_TP2_GREEDY = """
+import json, sys
+from pegboard.core.llm import LLM
+from pegboard.sdk.types import SamplingParams
+params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=2)
+settings = dict(dtype="bfloat16", device="cuda", kv_cache_tokens=4096)
+with LLM(sys.argv[1], tp_size=2, **settings) as llm:
+    fused = llm.engine.runner.model.tp_fused_norm is not None
+    graphs = llm.engine.runner.cuda_graphs is not None
+    outs = llm.generate(json.loads(sys.argv[2]), params)
+top = [[[float(lp.top[0][1]), float(lp.top[1][1])] for lp in o.logprobs] for o in outs]
+print(json.dumps({"fused": fused, "graphs": graphs, "tokens": [o.token_ids for o in outs], "top": top}))
+"""
+
+
+def _tp2_greedy_process(model_dir, prompts: list[list[int]], fused: str) -> dict:
+    """A TP=2 bf16 greedy run in its own process, `PEGBOARD_TP_FUSED_NORM=fused`: whether the
+    fused path ran, whether CUDA graphs did, and outputs `agreeing_steps` can compare."""
+    import json
+    from types import SimpleNamespace
+
+    env = {**os.environ, "PEGBOARD_TP_FUSED_NORM": fused}
+    done = subprocess.run(
+        [sys.executable, "-c", _TP2_GREEDY, str(model_dir), json.dumps(prompts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    run["outputs"] = [
+        SimpleNamespace(
+            token_ids=tokens,
+            logprobs=[SimpleNamespace(top=[(None, a), (None, b)]) for a, b in top],
+        )
+        for tokens, top in zip(run["tokens"], run["top"])
+    ]
+    return run
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fused_allreduce_norm_equals_allreduce_then_norm_on_two_gpus():
+    """The fused kernel against NCCL's all-reduce + the add + RMSNorm kernel at Llama-3.1-8B's
+    hidden size: one projection (the TP=2 o_proj GEMV writing into the symmetric buffer) per
+    row count, then six alternating layers captured in a CUDA graph and replayed."""
+    import torch.multiprocessing as mp
+
+    ranks = mp.start_processes(
+        _fused_norm_rank, args=(free_port(), 2), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not ranks.join(timeout=5):  # raises with a rank's traceback if one failed
+        if time.monotonic() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            pytest.fail("the fused all-reduce hung: a barrier never completed")
+
+
+def _fused_norm_rank(rank: int, port: int, world_size: int) -> None:
+    """One rank of the test above (a spawned process)."""
+    import logging
+
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+    from pegboard.core.distributed.fused_norm import FusedAllReduceNorm
+    from pegboard.core.kernels.gemv import linear
+    from pegboard.core.kernels.norm import rms_norm
+
+    logging.basicConfig(level="INFO")  # the reason, should the fused path not start
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        device_id=device,
+    )
+    group = dist.group.WORLD
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        symm_mem.enable_symm_mem_for_group(group.group_name)
+    hidden, dtype, eps = 4096, torch.bfloat16, 1e-5
+    fused = FusedAllReduceNorm.create(group, device, hidden, dtype, all_reduce=None)
+    assert fused is not None, "the fused all-reduce + RMSNorm failed its start-up check"
+    same = torch.Generator(device=device).manual_seed(0)  # every rank's
+    own = torch.Generator(device=device).manual_seed(1 + rank)  # this rank's shard
+
+    def randn(*shape, generator, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, device=device)).to(dtype)
+
+    weight = (1.0 + randn(hidden, generator=same, scale=0.3)).to(dtype)
+    o_shard = randn(hidden, 2048, generator=own, scale=0.02)  # o_proj of rank r, TP=2
+    for rows in (1, 2, 5, 64):
+        x = randn(rows, 2048, generator=own)
+        residual = randn(rows, hidden, generator=same)
+        for slot in (0, 1):
+            linear(x, o_shard, None, out=fused.slot(slot, rows))  # straight into the buffer
+            normed, summed = fused.add_norm(slot, residual, weight, eps)
+            partial = linear(x, o_shard)
+            dist.all_reduce(partial, group=group)
+            expected_normed, expected_summed = rms_norm(partial, weight, eps, residual)
+            torch.testing.assert_close(summed, expected_summed, rtol=2**-7, atol=1e-3)
+            torch.testing.assert_close(normed, expected_normed, rtol=2**-7, atol=1e-3)
+
+    square = randn(hidden, hidden, generator=own, scale=0.02)
+
+    def layers(x, residual, fused_path: bool):
+        for i in range(6):  # o, down, o, ...: the slots alternate as in the decoder
+            if fused_path:
+                linear(x, square, None, out=fused.slot(i % 2, x.shape[0]))
+                x, residual = fused.add_norm(i % 2, residual, weight, eps)
+            else:
+                partial = linear(x, square)
+                dist.all_reduce(partial, group=group)
+                x, residual = rms_norm(partial, weight, eps, residual)
+        return x, residual
+
+    rows = 8
+    static_x, static_residual = (
+        randn(rows, hidden, generator=same),
+        randn(rows, hidden, generator=same),
+    )
+    layers(static_x, static_residual, True)  # compiled before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = layers(static_x, static_residual, True)
+    for _ in range(3):
+        static_x.copy_(randn(rows, hidden, generator=same))
+        static_residual.copy_(randn(rows, hidden, generator=same))
+        graph.replay()
+        expected = layers(static_x, static_residual, False)
+        for got, want in zip(graph_out, expected):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.cuda.synchronize()
+    fused.release()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def agreeing_steps(one, two, margin: float) -> int:

@@ -12,7 +12,10 @@ wrapped attribute back on exit):
   launch, the LM head included), `forward: mixed graph replay` (a mixed step's,
   `pegboard.core.cuda_graph_mixed`) and `forward: compute_logits` (the LM head of a step that
   runs it eagerly: prefill, mixed and verify steps); the rest of it is the eager model of
-  a non-graph step, the logits rows and, with TP, sharing the batch;
+  a non-graph step and the logits rows; with TP, `forward: tp share batch` (rank 0 sending
+  the step to the followers), of which `forward: tp plan message` (the host layout, through
+  shared memory: includes waiting for a follower when the ring is full) and `forward: tp
+  batch tensors` (the ids/positions/slots broadcast on the device group);
 - `forward_by_kind`: the steps of each kind (`decode`: one new token per request; `verify`:
   speculative drafts verified; `mixed`: prefill tokens next to decodes; `prefill`: no request
   decodes) and their own
@@ -113,6 +116,10 @@ class HostProfile:
             self._wrap(runner.mixed_graphs, "replay", "forward: mixed graph replay")
         if hasattr(runner.model, "compute_logits"):
             self._wrap(runner.model, "compute_logits", "forward: compute_logits")
+        if getattr(runner, "tp", None) is not None:  # rank 0's messages to the followers
+            self._wrap(runner.tp, "share_batch", "forward: tp share batch")
+            self._wrap(runner.tp.groups, "broadcast_objects", "forward: tp plan message")
+            self._wrap(runner.tp.groups, "broadcast_tensor", "forward: tp batch tensors")
 
     def _wrap_forward_kinds(self, runner) -> None:
         """Count and time `forward` per step kind (`step_kind`)."""

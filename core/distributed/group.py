@@ -13,7 +13,9 @@ Two groups over the same ranks:
 
 On CUDA, batch-1 decode all-reduces are small and latency-bound: `symm_mem` (torch's
 symmetric-memory one-shot all-reduce, where it runs) replaces NCCL for tensors up to
-`SYMM_MEM_MAX_BYTES` unless `PEGBOARD_TP_ALLREDUCE=nccl`.
+`SYMM_MEM_MAX_BYTES` unless `PEGBOARD_TP_ALLREDUCE=nccl`; there, the all-reduces of the
+row-parallel projections are also fused with the RMSNorm after them at decode sizes
+(`pegboard.core.distributed.fused_norm`, unless `PEGBOARD_TP_FUSED_NORM=0`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 
 import torch
 import torch.distributed as dist
+from pegboard.core.distributed.fused_norm import FusedAllReduceNorm
 from pegboard.core.distributed.shm_broadcast import ShmBroadcast
 from pegboard.core.distributed.topology import Topology
 
@@ -70,6 +73,7 @@ class Groups:
         self.device_group = dist.group.WORLD
         self.plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
         self._symm = _SymmetricAllReduce.create(device, self.device_group)
+        self._fused: list[FusedAllReduceNorm] = []  # their buffers go before the group too
 
     @property
     def size(self) -> int:
@@ -81,6 +85,18 @@ class Groups:
             return self._symm(x)
         dist.all_reduce(x, group=self.device_group)
         return x
+
+    def fused_add_norm(self, hidden: int, dtype: torch.dtype) -> FusedAllReduceNorm | None:
+        """The all-reduce fused with the RMSNorm after it (every rank calls this, at load):
+        where the symmetric-memory all-reduce runs and the fused kernel passes its check."""
+        if self._symm is None:
+            return None
+        fused = FusedAllReduceNorm.create(
+            self.device_group, self.device, hidden, dtype, self.all_reduce
+        )
+        if fused is not None:
+            self._fused.append(fused)
+        return fused
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' `x` concatenated along the last dimension, in rank order."""
@@ -131,7 +147,10 @@ class Groups:
         behind with a warning rather than keeping the process from exiting."""
         if not dist.is_initialized():
             return
-        self._symm = None  # the symmetric-memory buffer goes before its group
+        self._symm = None  # the symmetric-memory buffers go before their group
+        for fused in self._fused:
+            fused.release()
+        self._fused = []
         if self.plan_shm is not None:
             self.plan_shm.close()
             self.plan_shm = None

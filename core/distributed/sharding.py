@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+from pegboard.core.distributed.fused_norm import ATTENTION, MLP
 from pegboard.core.distributed.topology import check_divisible
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.moe import MoEBlock
@@ -139,7 +140,9 @@ class ModelShard:
 
     def install(self, model: nn.Module) -> None:
         """Make the loaded shard compute the whole model's result: all-reduce after the
-        row-parallel projections, the vocab-parallel embedding, the gathered LM head."""
+        row-parallel projections (on CUDA at decode sizes fused with the RMSNorm after each:
+        `pegboard.core.distributed.fused_norm`, kept as `model.tp_fused_norm`, else None),
+        the vocab-parallel embedding, the gathered LM head."""
         for name, module in model.named_modules():
             if getattr(module, "loads_by_parameter", True) is False:
                 raise ModelLoadError(
@@ -150,7 +153,16 @@ class ModelShard:
         body.embed_tokens = VocabParallelEmbedding(
             body.embed_tokens.weight, self.vocab_start, self.vocab_end, self.comm.all_reduce
         )
-        for layer in body.layers:
+        fused = None  # the all-reduces fused with the norms after them (`fused_norm`)
+        if not any(isinstance(layer.mlp, MoEBlock) for layer in body.layers):
+            fused = self.comm.fused_add_norm(self.cfg.hidden_size, body.norm.weight.dtype)
+        model.tp_fused_norm = fused
+        for i, layer in enumerate(body.layers):
+            if fused is not None:
+                after_mlp = body.layers[i + 1].input_layernorm if i + 1 < len(body.layers) else None
+                fused.join(layer.self_attn.o_proj, layer.post_attention_layernorm, ATTENTION)
+                fused.join(layer.mlp.down_proj, after_mlp or body.norm, MLP)
+                continue
             layer.self_attn.o_proj.register_forward_hook(_output(self.comm.all_reduce))
             if isinstance(layer.mlp, MoEBlock):  # its own all-reduce sums experts and shared
                 physical = self.moe.num_physical

@@ -236,11 +236,13 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     config: GemvConfig,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ weight.T + bias` with `config`: x `[..., K]` (a unit stride along K), weight
-    `[N, K]` contiguous, bias `[N]` or None; a new `[..., N]` tensor in x's dtype. Accumulates
-    in float32 (tensor cores take float32 inputs at full precision)."""
-    x2, out = rows_and_output(x, weight, "gemv")
+    `[N, K]` contiguous, bias `[N]` or None; a new `[..., N]` tensor in x's dtype, or written
+    into `out` (`[rows of x, N]`, x's dtype, a unit stride along N). Accumulates in float32
+    (tensor cores take float32 inputs at full precision)."""
+    x2, out = rows_and_output(x, weight, "gemv", out)
     (m, k), n = x2.shape, weight.shape[0]
     if m == 0:
         return out.view(*x.shape[:-1], n)
@@ -274,18 +276,23 @@ def gemv(
 
 
 def rows_and_output(
-    x: torch.Tensor, weight: torch.Tensor, kernel: str
+    x: torch.Tensor, weight: torch.Tensor, kernel: str, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For `x @ weight.T`: x as `[M, K]` rows with a unit stride along K, and a new `[M, N]`
-    output in x's dtype; the weight must be a contiguous `[N, K]` (else an error naming
-    `kernel`)."""
+    """For `x @ weight.T`: x as `[M, K]` rows with a unit stride along K, and the `[M, N]`
+    output: `out` if given (checked: x's dtype, a unit stride along N), else a new one in x's
+    dtype; the weight must be a contiguous `[N, K]` (errors name `kernel`)."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if not weight.is_contiguous():
         raise ValueError(f"{kernel} needs a contiguous [N, K] weight")
-    return x2, torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    m = x2.shape[0]
+    if out is None:
+        return x2, torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out.shape != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"{kernel}: out must be [{m}, {n}] {x.dtype} with a unit stride along N")
+    return x2, out
 
 
 def k_slices(
@@ -435,11 +442,24 @@ def decode_config(rows: int, weight: torch.Tensor) -> GemvConfig | None:
     return DECODE_CONFIGS.get((weight.dtype, n, k), {}).get(triton.next_power_of_2(rows))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through `gemv` where `DECODE_CONFIGS` has a configuration
-    faster than cuBLAS for this weight and this many rows of x."""
+    faster than cuBLAS for this weight and this many rows of x; with `out` (`[rows of x, N]`),
+    written there (a tensor-parallel projection writing into the symmetric buffer)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     config = decode_config(rows, weight)
     if config is None or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    return gemv(x, weight, bias, config)
+        if out is None:
+            return F.linear(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        if bias is None:
+            return torch.mm(x2, weight.t(), out=out)
+        return torch.addmm(bias, x2, weight.t(), out=out)  # as F.linear: one rounding
+    if out is None:
+        return gemv(x, weight, bias, config)
+    return gemv(x, weight, bias, config, out=out)

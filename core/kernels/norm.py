@@ -39,12 +39,20 @@ def _rms_norm_kernel(
         r = tl.load(Residual + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(ResidualOut.dtype.element_ty)
         tl.store(ResidualOut + row * stride_ro + offs, x, mask=mask)
+    store_normalised(x, Weight, Out + row * stride_o, offs, mask, size, eps)
+
+
+@triton.jit
+def store_normalised(x, Weight, Out, offs, mask, size, eps):
+    """Store `weight * normalise(x)` for the row `x` (in the activation dtype) at `Out + offs`:
+    float32 statistics, cast to Out's dtype, then scaled (HF's `LlamaRMSNorm`). Shared with
+    the fused all-reduce (`allreduce_norm`), so both compute the same bits."""
     h = x.to(tl.float32)
     variance = tl.sum(h * h, axis=0) / size
     h = (h * tl.math.rsqrt(variance + eps)).to(Out.dtype.element_ty)
     w = tl.load(Weight + offs, mask=mask, other=0.0)
     y = w.to(tl.float32) * h.to(tl.float32)
-    tl.store(Out + row * stride_o + offs, y.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + offs, y.to(Out.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
