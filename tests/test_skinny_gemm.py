@@ -162,6 +162,18 @@ def test_dense_linear_keeps_cublas_where_the_table_has_nothing(table, skinny_cal
     assert skinny_calls == []
 
 
+def test_dense_linear_writes_into_out_at_every_row_count(table, skinny_calls):
+    # a tensor-parallel o/down projection hands its symmetric buffer as `out`
+    # (core/distributed/fused_norm.py): written there, whichever rows, never reallocated
+    table[(torch.float32, 24, 64)] = {16: PLAIN}
+    w, b = randn(24, 64, seed=1), randn(24, seed=2)
+    for rows in (1, 9, 300):
+        x, out = randn(rows, 64), torch.full((rows, 24), float("nan"))
+        result = dense.linear(x, w, b, out=out)
+        assert result.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_decoder_with_skinny_gemm_equals_the_pytorch_decoder(
     tiny_model_dirs, arch, table, skinny_calls

@@ -37,8 +37,10 @@ from torch import nn
 
 log = logging.getLogger("pegboard.distributed")
 
-#: The most rows (tokens of a step) the fused path takes; larger steps all-reduce unfused.
-MAX_ROWS = 64
+#: The most rows (tokens of a step) the fused path takes; larger steps all-reduce unfused. On
+#: two H200s (session 8, `allreduce`) the fused kernel took 5.0 / 6.6 / 17.2 µs at 1 / 8 / 64
+#: rows against 9.3 / 10.4 / 12.8 unfused: one program per row stops paying past a few rows.
+MAX_ROWS = 16
 #: Slots of the symmetric buffer: o_proj's and down_proj's partial sums.
 ATTENTION, MLP = 0, 1
 #: The start-up check's bound on one barrier wait (retries of an atomic over NVLink: seconds).

@@ -18,11 +18,18 @@ from pegboard.core.kernels import gemv, skinny_gemm
 from torch.nn import functional as F
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` through the kernel measured fastest for this many rows."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the kernel measured fastest for this many rows; with
+    `out` (`[rows of x, N]`: a tensor-parallel projection writing into its symmetric buffer,
+    `pegboard.core.distributed.fused_norm`), written there by the GEMV or cuBLAS."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows <= gemv.MAX_ROWS:
-        return gemv.linear(x, weight, bias)
+    if rows <= gemv.MAX_ROWS or out is not None:
+        return gemv.linear(x, weight, bias, out=out)
     if rows <= skinny_gemm.MAX_ROWS:  # prefill's many rows go straight to cuBLAS
         config = skinny_gemm.measured_config(rows, weight)
         if config is not None and weight.is_contiguous():
