@@ -112,10 +112,10 @@ def one_rank_fused(hidden: int, max_rows: int) -> tuple[FusedAllReduceNorm, list
 def join_all(runner: ModelRunner, fused: FusedAllReduceNorm) -> None:
     """As `ModelShard.install` joins a dense model's projections and norms."""
     body = runner.model.model
-    for i, layer in enumerate(body.layers):
-        after_mlp = body.layers[i + 1].input_layernorm if i + 1 < len(body.layers) else body.norm
+    after_mlp = [layer.input_layernorm for layer in body.layers[1:]] + [body.norm]
+    for layer, norm in zip(body.layers, after_mlp):
         fused.join(layer.self_attn.o_proj, layer.post_attention_layernorm, ATTENTION)
-        fused.join(layer.mlp.down_proj, after_mlp, MLP)
+        fused.join(layer.mlp.down_proj, norm, MLP)
 
 
 @pytest.mark.parametrize("max_rows", [64, 4])  # 64: fused; 4: the 10-token step all-reduces
