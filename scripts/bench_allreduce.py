@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 
 import torch
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    logging.basicConfig(level="INFO")  # why the fused path is off, should it be
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
@@ -71,7 +73,7 @@ def main() -> None:
         group, torch.device("cuda", torch.cuda.current_device()), args.hidden, torch.bfloat16, None
     )
     if fused is None and rank == 0:
-        print("  fused all-reduce + RMSNorm: unavailable (see the log)")
+        print("  fused all-reduce + RMSNorm: unavailable (the reason is in the log, stderr)")
     weight = torch.ones(args.hidden, device="cuda", dtype=torch.bfloat16)
     results = []
     for rows in (int(r) for r in args.rows.split(",")):

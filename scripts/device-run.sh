@@ -209,15 +209,17 @@ sum(v is not None for b in c.values() for v in b.values()), 'kernel entries for'
         done ;;
     llama-bs1-tp2) # Llama-3.1-8B batch 1 across two GPUs: the default (plan messages through shared
         # memory, o/down all-reduces fused with the next RMSNorm), then unfused
-        # (PEGBOARD_TP_FUSED_NORM=0); TP_VARIANTS="shm unfused gloo nccl": gloo = plan messages
-        # through gloo, nccl = NCCL all-reduces. Per run: tok/s, host and wait per step, host per
+        # (PEGBOARD_TP_FUSED_NORM=0); TP_VARIANTS="shm unfused batchgroup gloo nccl": batchgroup =
+        # the batch broadcast on its own NCCL communicator, gloo = plan messages through gloo,
+        # nccl = NCCL all-reduces. Per run: tok/s, host and wait per step, host per
         # step kind, the phases over 0.03 ms/step and rank 0's TP phases (tp share batch = tp plan
         # message + tp batch tensors + the rest);
         # a run still alive after 170 s prints every rank's stacks (SIGUSR1) into its .err
-        for ar in ${TP_VARIANTS:-shm unfused}; do
+        for ar in ${TP_VARIANTS:-shm unfused batchgroup}; do
           (sleep 170; pkill -USR1 -f 'pegboard') & dumper=$!
           PEGBOARD_TP_PLAN=$([ $ar = gloo ] && echo gloo) PEGBOARD_TP_ALLREDUCE=$([ $ar = nccl ] && echo nccl) \
           PEGBOARD_TP_FUSED_NORM=$([ $ar = unfused ] && echo 0 || echo 1) \
+          PEGBOARD_TP_BATCH_GROUP=$([ $ar = batchgroup ] && echo own) \
           timeout -k 10 200 $PB bench offline --random-weights --profile-host \
             --config llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 \
             --max-output 256 --max-model-len 4096 --tp-size 2 ${BENCH_ARGS:-} \

@@ -4,14 +4,16 @@ allreduce_norm`, `pegboard.core.distributed.fused_norm`), on CPU in Triton's int
 Two ranks are simulated from one rank's side: the peer's partial sits in its buffer and its
 barrier signal is already in this rank's signal pad, so the kernel runs alone; it must sum
 both partials in rank order, add the residual, normalise, consume the peer's signal and leave
-its own in the peer's pad. A decoder whose projections and norms are joined through a
-one-rank fused path computes what the unjoined decoder does. The 2-GPU tests are in
+its own in the peer's pad. Two processes over shared memory run four fused all-reduces in a
+row as real ranks. A decoder whose projections and norms are joined through a one-rank fused
+path computes what the unjoined decoder does. The 2-GPU tests are in
 test_tensor_parallel.py.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -110,10 +112,10 @@ def one_rank_fused(hidden: int, max_rows: int) -> tuple[FusedAllReduceNorm, list
 def join_all(runner: ModelRunner, fused: FusedAllReduceNorm) -> None:
     """As `ModelShard.install` joins a dense model's projections and norms."""
     body = runner.model.model
-    for i, layer in enumerate(body.layers):
-        after_mlp = body.layers[i + 1].input_layernorm if i + 1 < len(body.layers) else body.norm
+    after_mlp = [layer.input_layernorm for layer in body.layers[1:]] + [body.norm]
+    for layer, norm in zip(body.layers, after_mlp):
         fused.join(layer.self_attn.o_proj, layer.post_attention_layernorm, ATTENTION)
-        fused.join(layer.mlp.down_proj, after_mlp, MLP)
+        fused.join(layer.mlp.down_proj, norm, MLP)
 
 
 @pytest.mark.parametrize("max_rows", [64, 4])  # 64: fused; 4: the 10-token step all-reduces
@@ -138,3 +140,63 @@ def test_a_partial_that_skips_its_norm_is_an_error(tiny_llama_dir):
     partial = layer.self_attn.o_proj(x)
     with pytest.raises(RuntimeError, match="did not go to its norm next"):
         layer.post_attention_layernorm(partial.clone(), torch.zeros_like(partial))
+
+
+STEPS = 4  # fused all-reduces in a row: the slots alternate as o, down, o, down
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the two-process run uses the CPU interpreter")
+def test_two_processes_meet_at_each_barrier_and_agree():
+    """Two real ranks (processes) over shared memory, in Triton's interpreter: each writes its
+    partial into the slot of the step and runs the kernel; every step's barrier must meet
+    (no hang) and both ranks must return the same, correct sums."""
+    import torch.multiprocessing as mp
+
+    buffers = [torch.zeros(2, MAX_ROWS, HIDDEN).share_memory_() for _ in range(2)]
+    pads = [torch.zeros(MAX_ROWS * 2, dtype=torch.int32).share_memory_() for _ in range(2)]
+    partials = torch.randn(STEPS, 2, ROWS, HIDDEN, generator=torch.Generator().manual_seed(3))
+    residual, weight = randn(ROWS, HIDDEN, seed=7), 1.0 + 0.3 * randn(HIDDEN, seed=8)
+    results = torch.zeros(2, STEPS, 2, ROWS, HIDDEN).share_memory_()
+    ranks = mp.start_processes(
+        _rank_steps,
+        args=(buffers, pads, partials, residual, weight, results),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            pytest.fail("a barrier never met")
+    assert torch.equal(results[0], results[1]), "the ranks computed different sums"
+    for step in range(STEPS):
+        sums = partials[step, 0] + partials[step, 1]
+        normed, summed = rms_norm(sums, weight, EPS, residual)
+        torch.testing.assert_close(results[0, step, 1], summed, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(results[0, step, 0], normed, atol=1e-5, rtol=1e-5)
+    assert not any(p.any() for p in pads), "a signal was left in a pad"
+
+
+def _rank_steps(rank, buffers, pads, partials, residual, weight, results) -> None:
+    """One rank of the test above (a spawned process; the interpreter from the environment)."""
+    buffer_ptrs, pad_ptrs = table(buffers), table(pads)  # this process's mappings
+    failed = torch.zeros(1, dtype=torch.int32)
+    for step in range(STEPS):
+        slot = step % 2
+        buffers[rank][slot, :ROWS] = partials[step, rank]
+        normed, summed = allreduce_add_norm(
+            buffer_ptrs.data_ptr(),
+            pad_ptrs.data_ptr(),
+            slot * MAX_ROWS * HIDDEN,
+            rank,
+            2,
+            residual,
+            weight,
+            EPS,
+            failed,
+        )
+        results[rank, step, 0], results[rank, step, 1] = normed, summed
+    assert failed.item() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from pegboard.core.bench.host_profile import TOTAL, HostProfile
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
@@ -102,3 +103,18 @@ def test_speculation_phases_and_verify_steps(tiny_llama_dir):
     assert 0 < phases[SPEC_WAIT] <= phases["speculation: verify"]
     assert report["forward_by_kind"]["verify"]["steps"] == speculation.num_verify > 0
     assert report["device_wait_ms_per_step"] >= phases[SPEC_WAIT]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_rank_0_phases_are_timed(tiny_llama_dir):
+    """With TP, rank 0's messages to the followers: the whole and its two parts."""
+    with LLM(str(tiny_llama_dir), dtype="float32", device="cpu", tp_size=2) as llm:
+        tp = llm.engine.runner.tp
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        with HostProfile(llm.engine, clock=time.thread_time) as profile:
+            llm.generate([[1, 5, 9, 3], [1, 7, 2]], params)
+        phases = profile.report()["ms_per_step"]
+        share = phases["forward: tp share batch"]
+        parts = phases["forward: tp plan message"] + phases["forward: tp batch tensors"]
+        assert 0 < parts <= share <= phases["forward (launch)"], phases
+        assert "share_batch" not in vars(tp) and "broadcast_objects" not in vars(tp.groups)

@@ -72,6 +72,12 @@ class Groups:
         )
         self.device_group = dist.group.WORLD
         self.plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
+        # Rank 0's per-step batch tensors go over the device group, or with
+        # PEGBOARD_TP_BATCH_GROUP=own over a communicator of their own: the A/B of whether an
+        # eager broadcast waits behind the collectives the decode graphs captured on one.
+        self.batch_group = self.device_group
+        if device.type == "cuda" and os.environ.get("PEGBOARD_TP_BATCH_GROUP") == "own":
+            self.batch_group = dist.new_group(backend="nccl")
         self._symm = _SymmetricAllReduce.create(device, self.device_group)
         self._fused: list[FusedAllReduceNorm] = []  # their buffers go before the group too
 
@@ -138,7 +144,7 @@ class Groups:
 
     def broadcast_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's device tensor `x` on every rank, queued on the stream (no host sync)."""
-        dist.broadcast(x, src=0, group=self.device_group)
+        dist.broadcast(x, src=0, group=self.batch_group)
         return x
 
     def destroy(self, timeout_s: float = DESTROY_TIMEOUT_S) -> None:

@@ -157,11 +157,12 @@ class ModelShard:
         if not any(isinstance(layer.mlp, MoEBlock) for layer in body.layers):
             fused = self.comm.fused_add_norm(self.cfg.hidden_size, body.norm.weight.dtype)
         model.tp_fused_norm = fused
-        for i, layer in enumerate(body.layers):
+        # The norm each layer's MLP output goes to next: the next layer's, then the final one.
+        after_mlp = [layer.input_layernorm for layer in body.layers[1:]] + [body.norm]
+        for layer, norm in zip(body.layers, after_mlp):
             if fused is not None:
-                after_mlp = body.layers[i + 1].input_layernorm if i + 1 < len(body.layers) else None
                 fused.join(layer.self_attn.o_proj, layer.post_attention_layernorm, ATTENTION)
-                fused.join(layer.mlp.down_proj, after_mlp or body.norm, MLP)
+                fused.join(layer.mlp.down_proj, norm, MLP)
                 continue
             layer.self_attn.o_proj.register_forward_hook(_output(self.comm.all_reduce))
             if isinstance(layer.mlp, MoEBlock):  # its own all-reduce sums experts and shared
