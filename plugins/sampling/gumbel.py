@@ -108,49 +108,50 @@ def _finish(best, best_idx, start):
 
 
 @triton.jit
-def _scan_plain(row_ptr, start, end, BLOCK: tl.constexpr):
-    """Greedy: the chunk's largest logit. Full blocks load unmasked; each lane remembers the
-    block where it saw its best, not the index (one select per token, no index arithmetic)."""
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_at = tl.zeros([BLOCK], tl.int32) + start
-    full_end = start + (end - start) // BLOCK * BLOCK
-    for off in range(start, full_end, BLOCK):
-        x = tl.load(row_ptr + off + lanes).to(tl.float32)
-        better = x > best
-        best = tl.where(better, x, best)
-        best_at = tl.where(better, off, best_at)
-    for off in range(full_end, end, BLOCK):  # the partial block, if any
-        x = tl.load(row_ptr + off + lanes, mask=off + lanes < end, other=float("-inf"))
-        x = x.to(tl.float32)
-        better = x > best
-        best = tl.where(better, x, best)
-        best_at = tl.where(better, off, best_at)
-    return _finish(best, best_at + lanes, start)
+def _value(x, cols, scale, k0, k1, NOISY: tl.constexpr, APPROX: tl.constexpr):
+    """A token's score: its logit (greedy), or `x * scale + G` with hash noise (log2 units, as
+    `_noisy`); a masked -inf stays -inf."""
+    x = x.to(tl.float32)
+    if NOISY:
+        e = tl.maximum(-_log2(_hash_uniform(cols, k0, k1), APPROX), 1e-30)
+        x = x * scale - _log2(e, APPROX)
+    return x
 
 
 @triton.jit
-def _scan_hash(row_ptr, start, end, scale, k0, k1, BLOCK: tl.constexpr, APPROX: tl.constexpr):
-    """Sampled row, hash noise: the chunk's best `x * scale + G` (log2 units, as `_noisy`)."""
+def _fold(v, off, best, best_at):
+    """Each lane keeps its best score and the block it was in (one select per token, no index
+    arithmetic; ties keep the earlier block)."""
+    better = v > best
+    return tl.where(better, v, best), tl.where(better, off, best_at)
+
+
+@triton.jit
+def _scan(
+    row_ptr,
+    start,
+    end,
+    scale,
+    k0,
+    k1,
+    NOISY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    APPROX: tl.constexpr,
+):
+    """The chunk's best score and its first index, greedy or with hash noise: full blocks load
+    unmasked, then the partial block, if any, masked."""
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_at = tl.zeros([BLOCK], tl.int32) + start
     full_end = start + (end - start) // BLOCK * BLOCK
     for off in range(start, full_end, BLOCK):
-        x = tl.load(row_ptr + off + lanes).to(tl.float32)
-        e = tl.maximum(-_log2(_hash_uniform(off + lanes, k0, k1), APPROX), 1e-30)
-        v = x * scale - _log2(e, APPROX)
-        better = v > best
-        best = tl.where(better, v, best)
-        best_at = tl.where(better, off, best_at)
+        x = tl.load(row_ptr + off + lanes)
+        v = _value(x, off + lanes, scale, k0, k1, NOISY, APPROX)
+        best, best_at = _fold(v, off, best, best_at)
     for off in range(full_end, end, BLOCK):
-        cols = off + lanes
-        x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
-        e = tl.maximum(-_log2(_hash_uniform(cols, k0, k1), APPROX), 1e-30)
-        v = x * scale - _log2(e, APPROX)  # masked: -inf - finite = -inf, never picked
-        better = v > best
-        best = tl.where(better, v, best)
-        best_at = tl.where(better, off, best_at)
+        x = tl.load(row_ptr + off + lanes, mask=off + lanes < end, other=float("-inf"))
+        v = _value(x, off + lanes, scale, k0, k1, NOISY, APPROX)
+        best, best_at = _fold(v, off, best, best_at)
     return _finish(best, best_at + lanes, start)
 
 
@@ -199,7 +200,7 @@ def _chunk_best(
     end = tl.minimum(start + chunk, vocab)
     row_ptr = logits_ptr + row.to(tl.int64) * stride
     if NOISE == "none":
-        top, first = _scan_plain(row_ptr, start, end, BLOCK)
+        top, first = _scan(row_ptr, start, end, 1.0, 0, 0, False, BLOCK, False)
     else:
         inv_temp = tl.load(inv_temp_ptr + row)
         if inv_temp > 0.0:
@@ -207,11 +208,11 @@ def _chunk_best(
             scale = inv_temp * 1.4426950408889634
             if NOISE == "hash":
                 k0, k1 = _keys(seed)
-                top, first = _scan_hash(row_ptr, start, end, scale, k0, k1, BLOCK, APPROX)
+                top, first = _scan(row_ptr, start, end, scale, k0, k1, True, BLOCK, APPROX)
             else:
                 top, first = _scan_philox(row_ptr, start, end, vocab, scale, seed, BLOCK, APPROX)
         else:
-            top, first = _scan_plain(row_ptr, start, end, BLOCK)
+            top, first = _scan(row_ptr, start, end, 1.0, 0, 0, False, BLOCK, False)
     tl.store(best_val_ptr + row * num_chunks + ch, top)
     tl.store(best_idx_ptr + row * num_chunks + ch, first)
 
