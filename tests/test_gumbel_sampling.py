@@ -156,6 +156,38 @@ def test_masked_tokens_are_never_drawn(noise):
     assert set(tokens.tolist()) == {1, 3, 5, 7}
 
 
+@pytest.mark.parametrize("noise", NOISES)
+def test_the_standard_sampler_draws_with_the_noise_its_option_names(noise, monkeypatch):
+    # The sampler's CUDA path, run here on the interpreter: plain rows by this kernel with the
+    # option's noise and the sampler's per-draw seeds; an all-greedy batch by `argmax`.
+    from pegboard.plugins.sampling import standard
+    from pegboard.sdk.types import Request, SamplingParams
+
+    monkeypatch.setattr(standard, "_gumbel_available", lambda device: True)
+    sampler = standard.StandardSampler(standard.StandardSampler.Options(gumbel_noise=noise))
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    requests = [Request([1, 2], SamplingParams(temperature=0.7, seed=i)) for i in range(6)]
+    tokens = torch.as_tensor(sampler.sample(logits, requests).token_ids).cpu()
+    seeds = torch.from_numpy(sampler._draw_seeds(requests)).to(DEVICE)
+    t = torch.full((6,), 0.7, device=DEVICE)
+    assert torch.equal(tokens, gumbel_sample(logits, t, seeds, noise=noise).cpu())
+    other = "philox" if noise == "hash" else "hash"
+    assert not torch.equal(tokens, gumbel_sample(logits, t, seeds, noise=other).cpu())
+    calls = []
+    monkeypatch.setattr(gumbel, "argmax", lambda x: calls.append(x) or x.argmax(-1))
+    greedy = [Request([1], SamplingParams(temperature=0.0)) for _ in range(6)]
+    drawn = torch.as_tensor(sampler.sample(logits, greedy).token_ids).cpu()
+    assert drawn.tolist() == logits.argmax(-1).cpu().tolist()
+    assert len(calls) == 1
+
+
+def test_the_sampler_refuses_an_unknown_noise():
+    from pegboard.plugins.sampling.standard import StandardSampler
+
+    with pytest.raises(ValueError, match="gumbel_noise"):
+        StandardSampler.Options(gumbel_noise="xorshift")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_kernels_replay_in_a_cuda_graph():
