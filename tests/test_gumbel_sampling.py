@@ -67,6 +67,16 @@ def test_draws_pass_a_chi_square_test(noise):
     assert chi_square < 25.7, (chi_square, observed.tolist(), expected.tolist())
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log2(0)
+def test_extreme_hash_values_do_not_pick_unlikely_tokens():
+    # Seeds found by search (a numpy replica of `_keys` and `_hash_uniform`): with 40331321
+    # token 1's uniform is 1 (the top 24 bits all ones), with 2746555 it is 2^-24. Noise
+    # computed as -log2(-log2(u)) made the first infinite (a 1e-30 clamp: +99.7) and picked
+    # token 1 at probability e^-20; the noise is finite and token 1 loses at e^-20 odds.
+    logits = torch.tensor([[20.0, 0.0], [20.0, 0.0]])
+    assert sample(logits, [1.0, 1.0], [40331321, 2746555]).tolist() == [0, 0]
+
+
 def test_greedy_rows_take_the_first_argmax_across_chunks():
     vocab = CHUNK * 2 + 100  # three chunks, the maximum tied in the second and third
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(1))

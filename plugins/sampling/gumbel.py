@@ -17,10 +17,9 @@ logarithms, and on the H200 the session-7 kernel issued ~84 instructions per tok
 of 151,936 where reading them takes ~20. Two noise sources (`noise`):
 
 - `"hash"` (default): a keyed 32-bit integer hash of (seed, token index), ~10 instructions,
-  and the hardware `lg2.approx` for both logarithms (MUFU, one instruction each). The uniform
-  is 24 bits in (0, 1]; `lg2.approx`'s ~2^-22 error moves the noise by far less than the
-  spacing of those uniforms, so the distribution is the softmax's to well within what 2^24
-  levels resolve.
+  and the hardware `lg2.approx` for both logarithms (MUFU, one instruction each), the first
+  replaced by a series where its absolute error would matter (`_exponential`); ~27
+  instructions per token. A seed's tokens differ from the Philox stream's.
 - `"philox"`: the kernel's stream until 2026-11-30 (`tl.rand4x`: one Philox call gives the
   noise of four neighbouring tokens) with the accurate `log2`: a seed gives bitwise the tokens
   it gave then, at about the old speed.
@@ -113,9 +112,19 @@ def _value(x, cols, scale, k0, k1, NOISY: tl.constexpr, APPROX: tl.constexpr):
     `_noisy`); a masked -inf stays -inf."""
     x = x.to(tl.float32)
     if NOISY:
-        e = tl.maximum(-_log2(_hash_uniform(cols, k0, k1), APPROX), 1e-30)
-        x = x * scale - _log2(e, APPROX)
+        x = x * scale - _log2(_exponential(_hash_uniform(cols, k0, k1), APPROX), APPROX)
     return x
+
+
+@triton.jit
+def _exponential(u, APPROX: tl.constexpr):
+    """Exp(1) / ln 2 as `-log2(1 - u)` from a uniform `u` in (0, 1]: never 0 (a 0 would make the
+    Gumbel noise infinite and its token win whatever its logit), +inf at u = 1 (that token is
+    never picked: probability 2^-24). The tokens that win on noise have small values, i.e. `1 - u`
+    near 1, where `lg2.approx`'s absolute error (~2^-22) would swamp the result: below u = 2^-8
+    the series `u (1 + u / 2) / ln 2` (relative error < u^2 / 3 < 2^-17) replaces it."""
+    series = u * 1.4426950408889634 * (1.0 + 0.5 * u)
+    return tl.where(u < 0.00390625, series, -_log2(1.0 - u, APPROX))
 
 
 @triton.jit
@@ -258,7 +267,8 @@ def gumbel_sample(
     (argmax where `temperature` is 0). `temperature` is float32 `[rows]`, `seeds` int64
     `[rows]`, both on the logits' device; `inv_temperature` (`inverse_temperature`'s) replaces
     `temperature` when given. `noise` is "hash" or "philox" (module docstring); `approx_log`
-    (default: with "hash"; never in the interpreter) takes `lg2.approx` for the logarithms. Returns int64
+    (default: with "hash"; never in the interpreter) takes `lg2.approx` for the logarithms.
+    Returns int64
     `[rows]`. `chunk` (vocabulary entries per program, a multiple of `block`; default
     `chunk_size`'s) and `block` (a power of two, at least 4) are tuning knobs, not semantics.
     No host sync and no shape-dependent host work beyond the chunk size: CUDA-graph safe."""
