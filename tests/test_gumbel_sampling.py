@@ -9,6 +9,7 @@ distribution tests (tests/test_sampling.py, device "cuda") go through this kerne
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -69,12 +70,12 @@ def test_draws_pass_a_chi_square_test(noise):
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log2(0)
 def test_extreme_hash_values_do_not_pick_unlikely_tokens():
-    # Seeds found by search (a numpy replica of `_keys` and `_hash_uniform`): with 40331321
-    # token 1's uniform is 1 (the top 24 bits all ones), with 2746555 it is 2^-24. Noise
-    # computed as -log2(-log2(u)) made the first infinite (a 1e-30 clamp: +99.7) and picked
-    # token 1 at probability e^-20; the noise is finite and token 1 loses at e^-20 odds.
+    # Seeds found by search (a numpy replica of `_keys` and `_hash_uniform`): with 9592683
+    # token 1's uniform rounds to exactly 1, with 2746555 it is 30 * 2^-32. Noise computed as
+    # -log2(-log2(u)) was infinite for the first (a 1e-30 clamp: +99.7) and picked token 1 at
+    # odds of e^-20; now that token is skipped, and the second's noise (~18 nats) stays finite.
     logits = torch.tensor([[20.0, 0.0], [20.0, 0.0]])
-    assert sample(logits, [1.0, 1.0], [40331321, 2746555]).tolist() == [0, 0]
+    assert sample(logits, [1.0, 1.0], [9592683, 2746555]).tolist() == [0, 0]
 
 
 def test_greedy_rows_take_the_first_argmax_across_chunks():
@@ -196,6 +197,23 @@ def test_the_sampler_refuses_an_unknown_noise():
 
     with pytest.raises(ValueError, match="gumbel_noise"):
         StandardSampler.Options(gumbel_noise="xorshift")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("noise", NOISES)
+def test_a_confident_row_keeps_its_odds_over_a_full_vocabulary(noise):
+    # The noise's far tail on the hardware's logarithms: one token 18 nats above 151,935 others
+    # is drawn with probability e^18 / (e^18 + 151,935) = 0.9977 (9.5 of 4,096 rows not). A noise
+    # that goes infinite in ~1 % of rows (u = 1, or lg2.approx's error near 1) adds ~40 more.
+    rows, vocab = 4096, 151936
+    logits = torch.zeros(rows, vocab, dtype=torch.bfloat16, device=DEVICE)
+    logits[:, 7] = 18.0
+    tokens = sample(logits, [1.0] * rows, list(range(rows)), noise)
+    p_other = vocab / (math.exp(18.0) + vocab)
+    expected, sd = rows * p_other, math.sqrt(rows * p_other * (1 - p_other))
+    others = int((tokens != 7).sum())
+    assert abs(others - expected) <= 5 * sd, (others, expected)
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ of 151,936 where reading them takes ~20. Two noise sources (`noise`):
 
 - `"hash"` (default): a keyed 32-bit integer hash of (seed, token index), ~10 instructions,
   and the hardware `lg2.approx` for both logarithms (MUFU, one instruction each), the first
-  replaced by a series where its absolute error would matter (`_exponential`); ~27
+  replaced by a series where its absolute error would matter (`_exponential`); ~28
   instructions per token. A seed's tokens differ from the Philox stream's.
 - `"philox"`: the kernel's stream until 2026-11-30 (`tl.rand4x`: one Philox call gives the
   noise of four neighbouring tokens) with the accurate `log2`: a seed gives bitwise the tokens
@@ -73,15 +73,18 @@ def _keys(seed):
 
 @triton.jit
 def _hash_uniform(cols, k0, k1):
-    """A uniform in (0, 1] (24 bits, exact in float32) from token index `cols` and the key
-    (k0, k1) (`_keys`): a multiplicative spread of the index, then the `lowbias32` finalizer
-    (C. Wellons' hash prospector) with k1 xored in between its two rounds, less its last
-    xor-shift: only the top 24 bits are kept, and a product's top bits already depend on
-    every bit below. For a fixed key the 32-bit hash is a bijection of the index."""
+    """A uniform in [2^-32, 1] from token index `cols` and the key (k0, k1) (`_keys`): a
+    multiplicative spread of the index, then the `lowbias32` finalizer (C. Wellons' hash
+    prospector) with k1 xored in between its two rounds; for a fixed key a bijection of the
+    index. All 32 bits count: the tokens that win on noise have the smallest values, and
+    2^-32 steps let the noise reach 22.2 nats where 24-bit uniforms stop at 16.6 (a token that
+    far below the top is drawn at its odds instead of never). The float conversion rounds
+    values near 1 (harmless there); the largest 128 become exactly 1."""
     h = cols.to(tl.uint32) * 0x9E3779B1 ^ k0
     h = (h ^ (h >> 16)) * 0x21F0AAAD
     h = (h ^ (h >> 15) ^ k1) * 0x735A2D97
-    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08 + 5.9604644775390625e-08
+    h = h ^ (h >> 15)
+    return h.to(tl.float32) * 2.3283064365386963e-10 + 2.3283064365386963e-10
 
 
 @triton.jit
@@ -120,9 +123,10 @@ def _value(x, cols, scale, k0, k1, NOISY: tl.constexpr, APPROX: tl.constexpr):
 def _exponential(u, APPROX: tl.constexpr):
     """Exp(1) / ln 2 as `-log2(1 - u)` from a uniform `u` in (0, 1]: never 0 (a 0 would make the
     Gumbel noise infinite and its token win whatever its logit), +inf at u = 1 (that token is
-    never picked: probability 2^-24). The tokens that win on noise have small values, i.e. `1 - u`
-    near 1, where `lg2.approx`'s absolute error (~2^-22) would swamp the result: below u = 2^-8
-    the series `u (1 + u / 2) / ln 2` (relative error < u^2 / 3 < 2^-17) replaces it."""
+    not picked in this draw: probability 2^-25). The tokens that win on noise have small
+    values, i.e. `1 - u` near 1, where `lg2.approx`'s absolute error (~2^-22) would swamp the
+    result: below u = 2^-8 the series `u (1 + u / 2) / ln 2` (relative error < u^2 / 3 <
+    2^-17) replaces it."""
     series = u * 1.4426950408889634 * (1.0 + 0.5 * u)
     return tl.where(u < 0.00390625, series, -_log2(1.0 - u, APPROX))
 
