@@ -27,8 +27,9 @@ of 151,936 where reading them takes ~20. Two noise sources (`noise`):
 Either way row `i`'s noise is a function of its own `seed[i]` and the token index only, so a
 request's draw does not depend on what else is in the batch, nor on the chunk and block sizes,
 and giving each draw a fresh seed (the request's seed mixed with how many tokens it has drawn)
-makes runs reproduce. Importing this module imports Triton; on a CPU it runs under
-`TRITON_INTERPRET=1` (tests), where `lg2.approx` (inline PTX) becomes `tl.log2`.
+makes runs reproduce. Design and measurements: docs/kernels.md, "Sampling". Importing this
+module imports Triton; on a CPU it runs under `TRITON_INTERPRET=1` (tests), where `lg2.approx`
+(inline PTX) becomes `tl.log2`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ import triton.language as tl
 
 #: Vocabulary entries per block (one loop step of a program); chunks are multiples of it.
 BLOCK = 2048
-#: Programs a call aims at (the H200 has 132 SMs, each holding 8 programs of 8 warps): enough
-#: waves that the last, partial one costs little, few enough that the chunks' partial results
+#: Programs a call aims at (the H200 has 132 SMs, each holding 4-6 of these 8-warp programs
+#: at their 40-56 registers): enough waves that the last, partial one costs little, few enough that the chunks' partial results
 #: stay small. `chunk_size` turns it into vocabulary entries per program.
 TARGET_PROGRAMS = 4096
 NOISES = ("hash", "philox")
