@@ -269,8 +269,11 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
             --kv-cache-dtype $dt ${tok:+--kv-cache-tokens $tok} ${BENCH_ARGS:-} --json "$OUT/$name.json" \
             2>"$OUT/$name.err" | tail -3
         done ;;
-    sampling) # the Gumbel sampling kernel per step (256 x 151,936 logits), float32 and bf16 logits
-        timeout 120 python3 scripts/bench_sampling.py --json "$OUT/sampling.json" 2>&1 | tail -8 ;;
+    sampling) # the sampling kernels (Gumbel: session 7's, Philox, hash; greedy: Triton vs torch
+        # argmax) at 1/64/256 rows x the Qwen3 and Llama vocabularies, µs and TB/s, token checks,
+        # chi-square per noise, then the hash kernel's block x programs sweep at 256 x 151,936
+        timeout 300 python3 scripts/bench_sampling.py --sweep --json "$OUT/sampling.json" 2>&1 \
+          | tee "$OUT/sampling.log" | tail -100 ;;
     offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)
         timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype fp8_e4m3 \
           ${BENCH_ARGS:-} --json "$OUT/offline-fp8.json" 2>"$OUT/offline-fp8.err" | tail -6 ;;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import operator
+from typing import Literal
 
 import numpy as np
 import pydantic
@@ -29,6 +30,11 @@ class StandardSamplerOptions(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     seed: int = pydantic.Field(0, description="seeds requests that set no seed of their own")
+    gumbel_noise: Literal["hash", "philox"] = pydantic.Field(
+        "hash",
+        description="the CUDA Gumbel kernel's random numbers: 'hash' (fast) or 'philox' (the "
+        "stream before 2026-11-30: a seed gives the tokens it gave then; slower, docs/kernels.md)",
+    )
 
 
 class StandardSampler(Sampler):
@@ -60,7 +66,7 @@ class StandardSampler(Sampler):
             logits = apply_penalties(logits.float(), requests, facts.batch)
 
         if facts.greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = _argmax(logits)
         else:
             tokens = self._draw(logits, requests, facts)
 
@@ -130,7 +136,13 @@ class StandardSampler(Sampler):
             facts.inv_temperature = inverse_temperature(facts.temperature(logits.device))
         seeds = self._draw_seeds(requests, facts.base_seeds)
         seeds = to_device(torch.from_numpy(seeds), logits.device)
-        return gumbel_sample(logits, None, seeds, inv_temperature=facts.inv_temperature)
+        return gumbel_sample(
+            logits,
+            None,
+            seeds,
+            inv_temperature=facts.inv_temperature,
+            noise=self.options.gumbel_noise,
+        )
 
     def _draw_seeds(self, requests: list[Request], base: np.ndarray | None = None) -> np.ndarray:
         """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
@@ -268,6 +280,17 @@ def _gumbel_available(device: torch.device) -> bool:
     """The Gumbel kernel serves CUDA devices with Triton installed (CPU rows keep the
     generator path; tests run the kernel itself under Triton's interpreter)."""
     return device.type == "cuda" and _triton_installed()
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest logit: on CUDA by the Gumbel module's noiseless kernel, which
+    splits each row over many programs and reads at the memory's pace (torch's reduction did
+    not: docs/kernels.md), else by torch."""
+    if not _gumbel_available(logits.device):
+        return logits.argmax(dim=-1)
+    from pegboard.plugins.sampling.gumbel import argmax
+
+    return argmax(logits)
 
 
 @functools.cache
