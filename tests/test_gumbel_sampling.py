@@ -175,7 +175,8 @@ def test_the_standard_sampler_draws_with_the_noise_its_option_names(noise, monke
     from pegboard.sdk.types import Request, SamplingParams
 
     monkeypatch.setattr(standard, "_gumbel_available", lambda device: True)
-    sampler = standard.StandardSampler(standard.StandardSampler.Options(gumbel_noise=noise))
+    options = standard.StandardSampler.Options(gumbel_noise=noise, triton_argmax=True)
+    sampler = standard.StandardSampler(options)
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     requests = [Request([1, 2], SamplingParams(temperature=0.7, seed=i)) for i in range(6)]
     tokens = torch.as_tensor(sampler.sample(logits, requests).token_ids).cpu()
@@ -190,6 +191,22 @@ def test_the_standard_sampler_draws_with_the_noise_its_option_names(noise, monke
     drawn = torch.as_tensor(sampler.sample(logits, greedy).token_ids).cpu()
     assert drawn.tolist() == logits.argmax(-1).cpu().tolist()
     assert len(calls) == 1
+
+
+def test_the_sampler_keeps_todays_tokens_by_default(monkeypatch):
+    # Until the GPU measures them, the faster paths are opt-in: Philox noise (a seed's tokens as
+    # before) and torch.argmax for greedy batches.
+    from pegboard.plugins.sampling import standard
+    from pegboard.sdk.types import Request, SamplingParams
+
+    options = standard.StandardSampler.Options()
+    assert (options.gumbel_noise, options.triton_argmax) == ("philox", False)
+    monkeypatch.setattr(standard, "_gumbel_available", lambda device: True)
+    monkeypatch.setattr(gumbel, "argmax", lambda x: pytest.fail("the Triton argmax ran"))
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    greedy = [Request([1], SamplingParams(temperature=0.0)) for _ in range(3)]
+    tokens = standard.StandardSampler(options).sample(logits, greedy).token_ids
+    assert list(tokens) == logits.argmax(-1).tolist()
 
 
 def test_the_sampler_refuses_an_unknown_noise():

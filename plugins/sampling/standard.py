@@ -30,10 +30,16 @@ class StandardSamplerOptions(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     seed: int = pydantic.Field(0, description="seeds requests that set no seed of their own")
-    gumbel_noise: Literal["hash", "philox"] = pydantic.Field(
-        "hash",
-        description="the CUDA Gumbel kernel's random numbers: 'hash' (fast) or 'philox' (the "
-        "stream before 2026-11-30: a seed gives the tokens it gave then; slower, docs/kernels.md)",
+    gumbel_noise: Literal["philox", "hash"] = pydantic.Field(
+        "philox",
+        description="the CUDA Gumbel kernel's random numbers: 'philox' (a seed gives the tokens "
+        "it gave before 2026-11-30) or 'hash' (~3x fewer instructions per token, other tokens "
+        "per seed; not yet measured on a GPU: docs/kernels.md)",
+    )
+    triton_argmax: bool = pydantic.Field(
+        False,
+        description="all-greedy batches on CUDA by the Gumbel module's split-row argmax kernel "
+        "instead of torch.argmax (same tokens; not yet measured on a GPU: docs/kernels.md)",
     )
 
 
@@ -66,7 +72,7 @@ class StandardSampler(Sampler):
             logits = apply_penalties(logits.float(), requests, facts.batch)
 
         if facts.greedy:
-            tokens = _argmax(logits)
+            tokens = _argmax(logits) if self.options.triton_argmax else logits.argmax(dim=-1)
         else:
             tokens = self._draw(logits, requests, facts)
 
