@@ -230,15 +230,18 @@ def test_split_k_fixup_matches_the_reference_and_replays_in_a_cuda_graph(shape, 
 def test_quantized_model_on_the_gpu_matches_its_dequantized_run(method, tmp_path):
     from fixtures import build_tiny_model
     from fixtures.quantized import quantize_checkpoint
-    from pegboard.core.models.quantization import builtin_linear, detect_quantization
+    from pegboard.core.models.quantization import LinearChoice, detect_quantization
+    from pegboard.plugins.linear.w4a16 import W4A16Linear, W4A16Options
 
     if method == "gguf":
         pytest.importorskip("gguf")  # carry its wheel to the GPU machine (pure Python)
     src = build_tiny_model(tmp_path / "m", "llama", hidden_size=128, intermediate_size=256)
     q_dir, deq_dir = quantize_checkpoint(src, tmp_path / method, method, sym=False)
     quant = detect_quantization(q_dir, "gguf" if method == "gguf" else None)
-    runner, got = gpu_logits(q_dir, linear=builtin_linear(quant))
-    assert runner.model.model.layers[0].mlp.gate_up_proj.kernel is not None  # the Triton path
+    plugin = W4A16Linear(W4A16Options(kernel="triton"))  # gemlite's: test_w4a16_gemlite.py
+    runner, got = gpu_logits(q_dir, linear=LinearChoice("w4a16", plugin.linear_kernel, quant))
+    layer = runner.model.model.layers[0].mlp.gate_up_proj
+    assert layer.kernel is not None and layer.gemlite is None  # pegboard's Triton kernels
     _, oracle = gpu_logits(deq_dir, "float32")
     _, bf16 = gpu_logits(deq_dir)
     # The yardstick is bf16 itself: this random model's bf16 logits are ~3-4e-2 from float32

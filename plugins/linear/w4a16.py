@@ -45,6 +45,9 @@ from torch.nn import functional as F
 
 SUPPORTED_GROUPS = (-1, 32, 64, 128)
 Kernel = Literal["auto", "triton", "gemlite"]
+#: What `--w4a16-kernel auto` runs where gemlite imports on CUDA: gemlite, until the H200
+#: measurement (`device-run.sh w4a16`, docs/kernels.md "gemlite") says otherwise.
+AUTO_PREFERS_GEMLITE = True
 
 
 class W4A16Options(pydantic.BaseModel):
@@ -171,7 +174,10 @@ class Int4Linear(LinearLayer):
         self.kernel = None
         if not enabled or self.qweight is None:
             return
-        if self.kernel_choice != "triton" and self._use_gemlite():
+        wants_gemlite = self.kernel_choice == "gemlite" or (
+            self.kernel_choice == "auto" and AUTO_PREFERS_GEMLITE
+        )
+        if wants_gemlite and self._use_gemlite():
             return
         from pegboard.core.kernels import w4a16
 
