@@ -12,12 +12,17 @@ serving with CUDA graphs.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from fixtures import build_tiny_model
+from fixtures.int4_layers import packed_layer
 from fixtures.quantized import quantize_checkpoint
 from pegboard.core.kernels import w4a16_gemlite
 from pegboard.plugins.linear.gemlite_layout import (
@@ -27,14 +32,7 @@ from pegboard.plugins.linear.gemlite_layout import (
     serving_from_plain,
     to_gemlite,
 )
-from pegboard.plugins.linear.int4 import (
-    Int4Weights,
-    PackedInt4,
-    dequantize_packed,
-    pack,
-    pack_int32,
-    pack_serving,
-)
+from pegboard.plugins.linear.int4 import PackedInt4, dequantize_packed, pack_int32, pack_serving
 from pegboard.plugins.linear.w4a16 import Int4Linear, W4A16Linear, W4A16Options
 
 HAS_GEMLITE = torch.cuda.is_available() and (
@@ -62,22 +60,6 @@ VARIANTS = [
 def _id(v):
     method, opts, _ = v
     return method + "".join(f"-{k}={val}" for k, val in opts.items())
-
-
-def packed_layer(n, k, group, dtype, offsets="asym", seed=0, device="cpu") -> PackedInt4:
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.01 + 0.001).half().float()
-    if offsets == "asym":  # GPTQ-like: integer zero points
-        off = -torch.randint(0, 16, (n, k // group), generator=gen).float() * scales
-    elif offsets == "sym":
-        off = -8.0 * scales
-    else:  # any float (GGUF Q4_1's block minimum)
-        off = (torch.randn(n, k // group, generator=gen) * 0.05).half().float()
-    p = pack(Int4Weights(q, scales, off, group), dtype)
-    for name in ("qweight", "scales", "offsets"):
-        setattr(p, name, getattr(p, name).to(device))
-    return p
 
 
 # -------------------------------------------------------------------------------- CPU
@@ -247,6 +229,19 @@ def _info():
                      device=torch.device("cpu"))  # fmt: skip
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gemlite") is None, reason="gemlite not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run gemlite compiled")
+def test_gemlites_own_kernels_match_the_reference_in_the_interpreter():
+    # gemlite's real GEMV_REVSPLITK and GEMM_SPLITK kernels, called as the plugin calls them,
+    # with the configurations `prepare` fills (in a process standing in a GPU for its import)
+    script = Path(__file__).parent / "fixtures" / "gemlite_interpreted.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 18
+    assert [(case, err) for case, err in results if not err < 2e-3] == []
+
+
 def test_gemlite_is_never_used_on_cpu_and_says_why():
     cpu = torch.device("cpu")
     assert "CUDA" in w4a16_gemlite.unavailable_reason(cpu, torch.bfloat16)
@@ -390,7 +385,8 @@ def test_engine_serves_gemlite_layers_through_cuda_graphs(source_dir, tmp_path):
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
     def tokens(**settings):
-        options = {"plugin_options": {"w4a16": {"kernel": "gemlite"}}}
+        options = {"plugin_options": {"w4a16": {"kernel": "gemlite"}}, "cuda_graph_max_bs": 8,
+                   "cuda_graph_mixed_max_tokens": 64}  # fmt: skip
         with LLM(str(q_dir), **(GPU_ENGINE | options | settings)) as llm:
             layer = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
             assert layer.gemlite is not None and "gemlite" in layer.describe()
