@@ -124,6 +124,7 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
     copies, reps = copies_for(bytes_w4)
     layers += [quantized(n, k, group, seed) for seed in range(1, copies)]
     ref_w = dequantize_packed(layers[0], torch.float32)
+    converted = gemlite_layers(layers, n, k, group) if args.gemlite else None
     rows = []
     for m in args.rows:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
@@ -159,7 +160,7 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
             if best[1] is not None:
                 row["best"] = w4a16.config_dict(best[1])
         if args.gemlite:
-            row.update(time_gemlite(layers, x, group, reps, x.float() @ ref_w.to(DTYPE).float().T))
+            row.update(time_gemlite(converted, x, reps, x.float() @ ref_w.to(DTYPE).float().T))
         rows.append(row)
         print(
             f"{name:8s} M={m:3d}  cuBLAS {cublas:8.1f} µs  GEMV {gemv:8.1f}  W4A16 {w4:8.1f} "
@@ -198,13 +199,11 @@ def gemlite_call(x: torch.Tensor, g):
     return lambda: gemlite_linear(x, g.qweight, g.scales, g.zeros, g.group_size, g.fma)
 
 
-def time_gemlite(layers, x: torch.Tensor, group: int, reps: int, reference) -> dict:
-    """gemlite on the same layers (first is checked against `reference`): µs per call, error,
-    the kernel it ran; or `{"gemlite": reason}`."""
+def time_gemlite(converted, x: torch.Tensor, reps: int, reference) -> dict:
+    """gemlite on the converted layers (`gemlite_layers`; the first is checked against
+    `reference`): µs per call, error, the kernel it ran; or `{"gemlite": reason}`."""
     from pegboard.core.kernels.w4a16_gemlite import matmul_type
 
-    n, k = layers[0].qweight.shape[1], layers[0].qweight.shape[0] * 8
-    converted = gemlite_layers(layers, n, k, group)
     if isinstance(converted, str):
         return {"gemlite": converted}
     err = relative_error(gemlite_call(x, converted[0])(), reference)
