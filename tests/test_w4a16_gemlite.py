@@ -183,9 +183,7 @@ def test_layers_switch_to_gemlites_layout_and_back(source_dir, tmp_path, monkeyp
         g = GemliteLayout(qweight, scales, zeros, group_size, fma)
         return torch.nn.functional.linear(x, dequantize_gemlite(g, x.dtype), bias)
 
-    monkeypatch.setattr(w4a16_gemlite, "unavailable_reason", lambda device, dtype: None)
-    monkeypatch.setattr(w4a16_gemlite, "prepare", lambda *a: 0)
-    monkeypatch.setattr(w4a16_gemlite, "gemlite_linear", fake_gemlite)
+    _stand_in_gemlite(monkeypatch, fake_gemlite)
     q_dir, _ = quantize_checkpoint(source_dir, tmp_path / "gptq", "gptq", sym=False, desc_act=True)
     runner = ModelRunner(q_dir, "float32", "cpu", progress=False,
                          linear=_linear_choice("gptq", q_dir))  # fmt: skip
@@ -202,6 +200,28 @@ def test_layers_switch_to_gemlites_layout_and_back(source_dir, tmp_path, monkeyp
     layer.kernel_choice = "triton"
     layer.set_fused_kernels(True)
     assert layer.gemlite is None and layer.kernel is not fake_gemlite
+
+
+def _stand_in_gemlite(monkeypatch, matmul) -> None:
+    from pegboard.plugins.linear import w4a16
+
+    monkeypatch.setattr(w4a16_gemlite, "unavailable_reason", lambda device, dtype: None)
+    monkeypatch.setattr(w4a16_gemlite, "prepare", lambda *a: 0)
+    monkeypatch.setattr(w4a16_gemlite, "gemlite_linear", matmul)
+    monkeypatch.setattr(w4a16, "_gemlite_checked", {})
+
+
+def test_a_gemlite_giving_wrong_results_is_caught_at_load_and_not_used(monkeypatch):
+    from pegboard.sdk.linear import LinearSpec, QuantizationConfig
+
+    _stand_in_gemlite(monkeypatch, lambda x, qweight, *a, **k: x.new_zeros(x.shape[0], 64))
+    method = W4A16Linear().linear_kernel(_info(), QuantizationConfig("gptq", group_size=32))
+    layers = [method.create(LinearSpec(f"model.layers.{i}.mlp.down_proj", 96, 64)) for i in (0, 1)]
+    for layer in layers:
+        layer.fill_random(torch.Generator().manual_seed(0))
+        layer.set_fused_kernels(True)
+        assert layer.gemlite is None and layer.kernel is not None  # pegboard's kernels
+        assert "not gemlite: its self-check failed: GEMV_REVSPLITK is" in layer.describe()
 
 
 def test_a_layer_gemlite_cannot_take_runs_pegboards_kernels_and_says_why(monkeypatch):

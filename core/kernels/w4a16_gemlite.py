@@ -183,6 +183,38 @@ def gemlite_linear(
     )
 
 
+#: Rows `self_check` multiplies: one of each kernel `matmul_type` picks.
+CHECK_ROWS = (1, 16, 128)
+
+
+def self_check(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    fma: bool,
+    weight: torch.Tensor,
+) -> str | None:
+    """Multiply random x by the layer through each kernel (`CHECK_ROWS`) and compare with
+    `x @ weight.T` (`weight`: the layer de-quantized, `[N, K]` in x's dtype): None if every
+    result is within 2e-2, else what went wrong. Run at load once per shape and form, so that a
+    gemlite that does not behave as this module expects falls back instead of serving wrong
+    numbers; it also compiles those kernels before the first request."""
+    gen = torch.Generator(weight.device).manual_seed(0)
+    for rows in CHECK_ROWS:
+        x = torch.randn(rows, weight.shape[1], generator=gen, device=weight.device)
+        x = x.to(weight.dtype)
+        try:
+            out = gemlite_linear(x, qweight, scales, zeros, group_size, fma)
+        except Exception as e:  # a kernel that does not compile or launch here
+            return f"{matmul_type(rows)} failed: {type(e).__name__}: {str(e)[:200]}"
+        ref = x.float() @ weight.float().t()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            return f"{matmul_type(rows)} is {err:.1e} (relative) from the reference"
+    return None
+
+
 @functools.cache
 def _no_meta_scale(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=device)  # NVFP4's; unused for INT4

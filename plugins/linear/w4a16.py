@@ -22,6 +22,7 @@ from pegboard.plugins.linear.bf16 import DenseMethod
 from pegboard.plugins.linear.formats import FORMATS, Format
 from pegboard.plugins.linear.gemlite_layout import (
     GemliteLayout,
+    dequantize_gemlite,
     serving_from_plain,
     to_gemlite,
 )
@@ -48,6 +49,8 @@ Kernel = Literal["auto", "triton", "gemlite"]
 #: What `--w4a16-kernel auto` runs where gemlite imports on CUDA: gemlite, until the H200
 #: measurement (`device-run.sh w4a16`, docs/kernels.md "gemlite") says otherwise.
 AUTO_PREFERS_GEMLITE = True
+#: `w4a16_gemlite.self_check`'s verdict per (N, K, group, dtype, form): once per process.
+_gemlite_checked: dict[tuple, str | None] = {}
 
 
 class W4A16Options(pydantic.BaseModel):
@@ -203,9 +206,19 @@ class Int4Linear(LinearLayer):
             self.gemlite_skipped = reason if self.kernel_choice == "gemlite" else None
             return False
         packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
-        self.gemlite = to_gemlite(packed, self.spec.dtype)
-        self.qweight = None  # not kept twice (4 bits per weight)
+        g = to_gemlite(packed, self.spec.dtype)
         w4a16_gemlite.prepare(n, k, self.group_size, self.spec.dtype)
+        key = (n, k, self.group_size, self.spec.dtype, g.fma, g.zeros.dim(), g.scales.dtype)
+        if key not in _gemlite_checked:
+            weight = dequantize_gemlite(g, self.spec.dtype)
+            _gemlite_checked[key] = w4a16_gemlite.self_check(
+                g.qweight, g.scales, g.zeros, g.group_size, g.fma, weight
+            )
+        if _gemlite_checked[key] is not None:
+            self.gemlite_skipped = f"its self-check failed: {_gemlite_checked[key]}"
+            return False
+        self.gemlite = g
+        self.qweight = None  # not kept twice (4 bits per weight)
         self.kernel = w4a16_gemlite.gemlite_linear
         return True
 
