@@ -167,6 +167,7 @@ def test_prepare_fills_only_the_signatures_no_table_has(monkeypatch):
     monkeypatch.setitem(sys.modules, "gemlite.core", core)
     monkeypatch.setitem(sys.modules, "gemlite.triton_kernels", types.ModuleType("tk"))
     monkeypatch.setitem(sys.modules, "gemlite.triton_kernels.utils", utils)
+    monkeypatch.setattr(w4a16_gemlite, "_gemlite", lambda: gemlite)
     assert w4a16_gemlite.prepare(6144, 4096, 128, torch.bfloat16) == len(buckets) - 1
     assert cache["GEMM_SPLITK"]["(16, 6144, 4096, 128, 8, 104)"] == {"tuned": True}  # kept
     assert set(cache["GEMV_REVSPLITK"]) == {"(1, 6144, 4096, 128, 8, 104)"}

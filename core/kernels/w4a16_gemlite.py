@@ -144,10 +144,9 @@ def triton_next_pow2(v: int) -> int:
 def prepare(n: int, k: int, group: int, dtype: torch.dtype) -> int:
     """Make sure gemlite's config cache answers every rows bucket of this layer (see the module
     docstring); returns how many signatures got a `fallback_config`."""
-    from gemlite import core
     from gemlite.triton_kernels.utils import M_MAPPING
 
-    cache = core.GEMLITE_TRITON_CONFIG_CACHE
+    cache = _gemlite().core.GEMLITE_TRITON_CONFIG_CACHE  # the shipped tables loaded first
     filled = 0
     for rows in sorted(set(M_MAPPING[1:])):  # every rows bucket (1, 2, 4, ..., 24, 32, 48, ...)
         kind = matmul_type(rows)
