@@ -353,13 +353,14 @@ def test_gemlite_replays_in_a_cuda_graph_without_host_syncs(rows):
     x = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
     _run(x, layout)  # the autotuner's first call per key: outside the capture, as the engine does
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # a call after the first never waits for the GPU
     try:
-        with torch.cuda.graph(graph):
-            out = _run(x, layout)
+        _run(x, layout)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _run(x, layout)
     for _ in range(2):  # replayed twice: the atomics' output is zeroed inside the graph
         x.copy_(torch.randn_like(x))
         graph.replay()
