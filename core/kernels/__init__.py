@@ -32,7 +32,8 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   product through gemlite's kernels (optional package, CUDA only; `--w4a16-kernel`), weights in
   gemlite's layout (`plugins/linear/gemlite_layout.py`); `prepare` fills its launch
   configurations per layer shape before the first call (no autotuning, none inside a graph
-  capture). It does not launch with PDL; split-K partials are summed with bf16 atomics.
+  capture). It does not launch with PDL; its atomics-summing kernels write float32,
+  rounded once to x's dtype.
 
 On Hopper GPUs every kernel here launches with programmatic dependent launch (`pdl`: it starts
 while the kernel before finishes and waits only where it reads that kernel's outputs);

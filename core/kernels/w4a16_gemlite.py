@@ -41,6 +41,8 @@ log = logging.getLogger("pegboard.kernels")
 SUPPORTED = SpecifierSet(">=0.6,<0.7")
 W_NBITS, ELEMENTS_PER_WORD = 4, 8
 GEMV_MAX_ROWS, SPLIT_K_MAX_ROWS = 1, 64
+#: The kernels that add partial sums into their output with atomics (see `gemlite_linear`).
+ATOMIC_KINDS = ("GEMV_REVSPLITK", "GEMM_SPLITK")
 #: Devices that get another device's shipped table: same architecture and SM count.
 SHIPPED_TABLE_FOR = {"h200": "h100"}
 
@@ -167,19 +169,27 @@ def gemlite_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + bias` for weights in gemlite's layout (`gemlite_layout.GemliteLayout`): x
-    `[..., K]` bf16/fp16, a new `[..., N]` tensor. Never synchronises with the host."""
+    `[..., K]` bf16/fp16, a new `[..., N]` tensor. Never synchronises with the host.
+
+    The kernels that sum K slices with atomics (`ATOMIC_KINDS`) write float32, rounded to x's
+    dtype once here: added in bf16 (gemlite's default on sm_90), the GEMV's K / 16 partial sums
+    are as many roundings (1.8e-2 relative at K = 4096 by the rounding model; 2.4e-3 measured in
+    float16, whose rounding is 8x finer)."""
     gemlite = _gemlite()
     n = qweight.shape[1]
     rows = x.numel() // x.shape[-1]
     if rows == 0:
         return x.new_empty(*x.shape[:-1], n)
-    return gemlite.forward_functional(
+    kind = matmul_type(rows)
+    out_dtype = torch.float32 if kind in ATOMIC_KINDS else x.dtype
+    out = gemlite.forward_functional(
         x,
         bias,
         [qweight, scales, zeros, _no_meta_scale(x.device)],
-        _meta_args(x.dtype, scales.dtype, group_size, fma),
-        gemlite.core.GEMLITE_MATMUL_TYPES_MAPPING[matmul_type(rows)],
+        _meta_args(x.dtype, out_dtype, scales.dtype, group_size, fma),
+        gemlite.core.GEMLITE_MATMUL_TYPES_MAPPING[kind],
     )
+    return out if out_dtype == x.dtype else out.to(x.dtype)
 
 
 #: Rows `self_check` multiplies: one of each kernel `matmul_type` picks.
@@ -196,7 +206,7 @@ def self_check(
 ) -> str | None:
     """Multiply random x by the layer through each kernel (`CHECK_ROWS`) and compare with
     `x @ weight.T` (`weight`: the layer de-quantized, `[N, K]` in x's dtype): None if every
-    result is within 2e-2, else what went wrong. Run at load once per shape and form, so that a
+    result is within 1e-2, else what went wrong. Run at load once per shape and form, so that a
     gemlite that does not behave as this module expects falls back instead of serving wrong
     numbers; it also compiles those kernels before the first request."""
     gen = torch.Generator(weight.device).manual_seed(0)
@@ -209,7 +219,7 @@ def self_check(
             return f"{matmul_type(rows)} failed: {type(e).__name__}: {str(e)[:200]}"
         ref = x.float() @ weight.float().t()
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        if not err < 2e-2:
+        if not err < 1e-2:
             return f"{matmul_type(rows)} is {err:.1e} (relative) from the reference"
     return None
 
@@ -220,12 +230,14 @@ def _no_meta_scale(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _meta_args(dtype: torch.dtype, meta: torch.dtype, group_size: int, fma: bool) -> list[int]:
+def _meta_args(
+    dtype: torch.dtype, out: torch.dtype, meta: torch.dtype, group_size: int, fma: bool
+) -> list[int]:
     """`GemLiteLinearTriton.get_meta_args` for an A16W4 layer: scaled activations off, 4 bits,
     group, unpack mask, 8 values per int32, input/output/accumulator/meta dtypes, no channel
     scale, `W_group_mode` 4 (fma) or 3 (shift), contiguous weights."""
     from gemlite.dtypes import TORCH_TO_DTYPE, DType
 
-    io = TORCH_TO_DTYPE[dtype].value
-    return [0, W_NBITS, group_size, 2**W_NBITS - 1, ELEMENTS_PER_WORD, io, io,
-            DType.FP32.value, TORCH_TO_DTYPE[meta].value, 0, 4 if fma else 3, 1]  # fmt: skip
+    return [0, W_NBITS, group_size, 2**W_NBITS - 1, ELEMENTS_PER_WORD,
+            TORCH_TO_DTYPE[dtype].value, TORCH_TO_DTYPE[out].value, DType.FP32.value,
+            TORCH_TO_DTYPE[meta].value, 0, 4 if fma else 3, 1]  # fmt: skip
