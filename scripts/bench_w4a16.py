@@ -14,7 +14,9 @@ error against `x @ dequantize(W).T` in float32.
 - `--gemlite`: also time gemlite's A16W4 kernels (the library the issue names as the
   alternative; `--w4a16-kernel gemlite`) on the same weights converted as the plugin converts
   them (`gemlite_layout.to_gemlite`, launch configurations as `w4a16_gemlite.prepare` fills
-  them), with their error; said and skipped where gemlite does not import.
+  them), with their error; and again with gemlite's default bf16 atomics (faster by a
+  conversion kernel, less exact: `PEGBOARD_GEMLITE_NATIVE_ATOMICS`); said and skipped where
+  gemlite does not import.
 - `--step`: all linear layers of one Llama-3.1-8B decode step (32 layers, distinct weights) in
   one graph, bf16 vs W4A16 (and gemlite with `--gemlite`), at each M.
 
@@ -28,6 +30,7 @@ group, what a float16-scaled checkpoint gives; asymmetric GPTQ keeps float32 off
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -173,7 +176,8 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
             )
             + (
                 f"  gemlite {row['gemlite_us']:8.1f} ({min(cublas, gemv) / row['gemlite_us']:4.2f}x "
-                f"bf16, err {row['gemlite_rel_error']:.1e}, {row['gemlite_kernel']})"
+                f"bf16, err {row['gemlite_rel_error']:.1e}, {row['gemlite_kernel']}; bf16 "
+                f"atomics {row['gemlite_native_us']:.1f}, err {row['gemlite_native_rel_error']:.1e})"
                 if "gemlite_us" in row
                 else (f"  gemlite: {row['gemlite']}" if args.gemlite else "")
             ),
@@ -208,7 +212,22 @@ def time_gemlite(converted, x: torch.Tensor, reps: int, reference) -> dict:
         return {"gemlite": converted}
     err = relative_error(gemlite_call(x, converted[0])(), reference)
     us = graph_us([gemlite_call(x, g) for g in converted] * reps)
-    return {"gemlite_us": us, "gemlite_rel_error": err, "gemlite_kernel": matmul_type(x.shape[0])}
+    out = {"gemlite_us": us, "gemlite_rel_error": err, "gemlite_kernel": matmul_type(x.shape[0])}
+    with native_atomics():  # gemlite's default: partial sums added in bf16, no conversion
+        out["gemlite_native_rel_error"] = relative_error(gemlite_call(x, converted[0])(), reference)
+        out["gemlite_native_us"] = graph_us([gemlite_call(x, g) for g in converted] * reps)
+    return out
+
+
+@contextlib.contextmanager
+def native_atomics():
+    from pegboard.core.kernels import w4a16_gemlite
+
+    kinds, w4a16_gemlite.ATOMIC_KINDS = w4a16_gemlite.ATOMIC_KINDS, ()
+    try:
+        yield
+    finally:
+        w4a16_gemlite.ATOMIC_KINDS = kinds
 
 
 def write_table(path: Path, rows: list[dict], group: int) -> None:
@@ -256,9 +275,14 @@ def bench_step(group: int, rows: tuple[int, ...], with_gemlite: bool) -> list[di
         line = (f"step M={m:3d}: bf16 {bf16 * n_calls / 1e3:.2f} ms, W4A16 {q4 * n_calls / 1e3:.2f}"
                 f" ms ({bf16 / q4:.2f}x)")  # fmt: skip
         if with_gemlite:
-            g4 = graph_us([gemlite_call(xs[name], g) for name in SHAPES for g in gl[name]])
+            calls = [gemlite_call(xs[name], g) for name in SHAPES for g in gl[name]]
+            g4 = graph_us(calls)
+            with native_atomics():
+                native = graph_us(calls)
             result["gemlite_step_ms"] = g4 * n_calls / 1e3
-            line += f", gemlite {g4 * n_calls / 1e3:.2f} ms ({bf16 / g4:.2f}x)"
+            result["gemlite_native_step_ms"] = native * n_calls / 1e3
+            line += (f", gemlite {g4 * n_calls / 1e3:.2f} ms ({bf16 / g4:.2f}x; with bf16 "
+                     f"atomics {native * n_calls / 1e3:.2f} ms, {bf16 / native:.2f}x)")  # fmt: skip
         results.append(result)
         print(line, flush=True)
     return results

@@ -41,8 +41,13 @@ log = logging.getLogger("pegboard.kernels")
 SUPPORTED = SpecifierSet(">=0.6,<0.7")
 W_NBITS, ELEMENTS_PER_WORD = 4, 8
 GEMV_MAX_ROWS, SPLIT_K_MAX_ROWS = 1, 64
-#: The kernels that add partial sums into their output with atomics (see `gemlite_linear`).
-ATOMIC_KINDS = ("GEMV_REVSPLITK", "GEMM_SPLITK")
+#: The kernels that add partial sums into their output with atomics, given a float32 output
+#: (see `gemlite_linear`); `PEGBOARD_GEMLITE_NATIVE_ATOMICS=1` lets them add in x's dtype as
+#: gemlite does by default (one conversion kernel fewer per call, K / 16 roundings more).
+ATOMIC_KINDS = (
+    () if os.environ.get("PEGBOARD_GEMLITE_NATIVE_ATOMICS") == "1"
+    else ("GEMV_REVSPLITK", "GEMM_SPLITK")
+)  # fmt: skip
 #: Devices that get another device's shipped table: same architecture and SM count.
 SHIPPED_TABLE_FOR = {"h200": "h100"}
 
