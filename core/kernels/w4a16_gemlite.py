@@ -4,8 +4,9 @@ the library issue 15 names beside writing our own (`w4a16.py`). Optional: `pip i
 
 Weights come in gemlite's layout (`pegboard.plugins.linear.gemlite_layout`). Which kernel runs
 is chosen here by rows of x, not by gemlite's own rule (`GEMV_REVSPLITK` up to 4 rows, which
-reads the weights once per row): one row `GEMV_REVSPLITK` (CUDA cores, two K slices summed
-with atomics), up to 64 rows `GEMM_SPLITK` (tensor cores, x padded to 16+ rows), more `GEMM`.
+reads the weights once per row): one row `GEMV_REVSPLITK` (CUDA cores; each program two K
+steps, their sums added into the output with atomics), up to 64 rows `GEMM_SPLITK` (tensor
+cores, x padded to 16+ rows, K split up to 16 ways, atomics too), more `GEMM`.
 
 Launch configurations. gemlite picks them with Triton's autotuner keyed on the shape and the
 rows bucket (`get_closest_m`: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, ... 4096), answering from its
@@ -124,9 +125,9 @@ def fallback_config(kind: str, rows: int, n: int, k: int, group: int) -> dict:
     """One launch configuration for a signature no table has, within the constraints gemlite's
     own candidate pruning applies (K steps inside a group, 32+ for the tensor cores; the GEMV's
     two K slices inside one group); shaped like the H100 table's entries for Llama shapes."""
-    block_n = min(128, triton_next_pow2(n))
+    block_n = min(128, _next_pow2(n))
     if kind == "GEMV_REVSPLITK":
-        return {"BLOCK_SIZE_M": 1, "BLOCK_SIZE_N": min(512, triton_next_pow2(n)),
+        return {"BLOCK_SIZE_M": 1, "BLOCK_SIZE_N": min(512, _next_pow2(n)),
                 "BLOCK_SIZE_K": 8, "A_load_order": 0, "dot_prod_mode": 0,
                 "num_warps": 4, "num_stages": 2}  # fmt: skip
     block_k = max(32, min(64, group))
@@ -139,12 +140,13 @@ def fallback_config(kind: str, rows: int, n: int, k: int, group: int) -> dict:
         return {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n, "BLOCK_SIZE_K": block_k,
                 "GROUP_SIZE_M": 8, "SPLIT_K": split, "A_load_order": 0,
                 "num_warps": 4, "num_stages": 2}  # fmt: skip
-    return {"BLOCK_SIZE_M": 64 if rows <= 64 else 128, "BLOCK_SIZE_N": block_n,
-            "BLOCK_SIZE_K": block_k, "GROUP_SIZE_M": 8, "A_load_order": 0,
-            "num_warps": 4, "num_stages": 2}  # fmt: skip
+    block_m = 64 if rows <= 64 else 128
+    return {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n, "BLOCK_SIZE_K": block_k,
+            "GROUP_SIZE_M": 8, "A_load_order": 0,
+            "num_warps": 8 if block_m == 128 else 4, "num_stages": 2}  # fmt: skip
 
 
-def triton_next_pow2(v: int) -> int:
+def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
