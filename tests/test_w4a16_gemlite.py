@@ -12,6 +12,7 @@ serving with CUDA graphs.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -299,6 +300,15 @@ def test_gemlite_kernel_on_cpu_serves_the_portable_path(source_dir, tmp_path):
 LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
 
+@functools.lru_cache(maxsize=16)
+def _llama_layer(n: int, k: int, group: int):
+    """A packed bf16 layer (made once per shape and group: packing on the CPU takes seconds)
+    and its gemlite layout, configurations prepared."""
+    p = packed_layer(n, k, group, torch.bfloat16, "asym", device="cuda")
+    w4a16_gemlite.prepare(n, k, group, torch.bfloat16)
+    return p, to_gemlite(p, torch.bfloat16)
+
+
 def _reference(x: torch.Tensor, p: PackedInt4) -> torch.Tensor:
     w = dequantize_packed(p, torch.float32).to(x.dtype).double()
     return x.double() @ w.t()
@@ -319,10 +329,7 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 24, 64, 100, 1000])
 def test_gemlite_matches_the_dequantized_reference_on_llama_shapes(group, shape, rows):
     n, k = shape
-    g = k if group == -1 else group
-    p = packed_layer(n, k, g, torch.bfloat16, "asym", device="cuda")
-    layout = to_gemlite(p, torch.bfloat16)
-    w4a16_gemlite.prepare(n, k, g, torch.bfloat16)
+    p, layout = _llama_layer(n, k, k if group == -1 else group)
     x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
     assert _rel(_run(x, layout), _reference(x, p)) < 1e-2
 
@@ -347,9 +354,7 @@ def test_gemlite_scalar_zero_and_fma_forms_with_bias(offsets, dtype, rows):
 @needs_gemlite
 @pytest.mark.parametrize("rows", [1, 4, 16, 64])
 def test_gemlite_replays_in_a_cuda_graph_without_host_syncs(rows):
-    p = packed_layer(4096, 4096, 128, torch.bfloat16, device="cuda")
-    layout = to_gemlite(p, torch.bfloat16)
-    w4a16_gemlite.prepare(4096, 4096, 128, torch.bfloat16)
+    p, layout = _llama_layer(4096, 4096, 128)
     x = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
     _run(x, layout)  # the autotuner's first call per key: outside the capture, as the engine does
     torch.cuda.synchronize()
