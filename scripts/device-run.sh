@@ -15,7 +15,8 @@
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
 # (GRAPH_TESTS), tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA
-# (SPEC_GPU_TESTS). Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
+# (SPEC_GPU_TESTS); the gemlite path's GPU tests run only in `gemlite-tests` (GEMLITE_TESTS).
+# Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
 # and gpu-tests-N.log (its tail); TEST_TIMEOUT per test (150 s),
 # TESTS_TIMEOUT per shard (420 s), PYTEST_ARGS extra pytest arguments (e.g. "-k mixed").
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
