@@ -251,17 +251,40 @@ def _info():
                      device=torch.device("cpu"))  # fmt: skip
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemlite") is None, reason="gemlite not installed")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run gemlite compiled")
+def _gemlite_on_cpu(mode: str) -> list:
+    """Run tests/fixtures/gemlite_cpu.py in `mode` (a process standing in a GPU for gemlite)."""
+    script = Path(__file__).parent / "fixtures" / "gemlite_cpu.py"
+    run = subprocess.run(
+        [sys.executable, str(script), mode], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+needs_gemlite_package = pytest.mark.skipif(
+    importlib.util.find_spec("gemlite") is None or torch.cuda.is_available(),
+    reason="needs gemlite installed (the dev extra); on a GPU the gpu tests run it",
+)
+
+
+@needs_gemlite_package
 def test_gemlites_own_kernels_match_the_reference_in_the_interpreter():
     # gemlite's real GEMV_REVSPLITK and GEMM_SPLITK kernels, called as the plugin calls them,
-    # with the configurations `prepare` fills (in a process standing in a GPU for its import)
-    script = Path(__file__).parent / "fixtures" / "gemlite_interpreted.py"
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    # with the configurations `prepare` fills
+    results = _gemlite_on_cpu("interpret")
     assert len(results) == 18
     assert [(case, err) for case, err in results if not err < 2e-3] == []
+
+
+@pytest.mark.slow
+@needs_gemlite_package
+def test_gemlites_kernels_compile_for_sm90_with_the_configurations_pegboard_gives_them():
+    # H100-table and fallback configurations, all three kernels, bf16 (what the interpreter
+    # cannot run): every launch compiles for sm_90 within an H200's shared memory
+    results = _gemlite_on_cpu("compile")
+    assert len(results) == 12
+    assert [(case, got) for case, got in results if not isinstance(got, int)] == []
+    assert max(got for _, got in results) <= 232448
 
 
 def test_gemlite_is_never_used_on_cpu_and_says_why():
