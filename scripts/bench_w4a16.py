@@ -11,10 +11,14 @@ error against `x @ dequantize(W).T` in float32.
   they apply), print the fastest, and with `--write-table FILE` write them as the measured
   table `w4a16.pick_config` reads (copy it to `core/kernels/w4a16_configs.json`; entries of
   other devices already in FILE or in that file are kept).
-- `--gemlite`: also time `gemlite`'s A16W4 kernels when the package imports (the library the
-  issue names as the alternative); skipped with a note otherwise.
+- `--gemlite`: also time gemlite's A16W4 kernels (the library the issue names as the
+  alternative; `--w4a16-kernel gemlite`) on the same weights converted as the plugin converts
+  them (`gemlite_layout.to_gemlite`, launch configurations as `w4a16_gemlite.prepare` fills
+  them), with their error; and again with gemlite's default bf16 atomics (faster by a
+  conversion kernel, less exact: `PEGBOARD_GEMLITE_NATIVE_ATOMICS`); said and skipped where
+  gemlite does not import.
 - `--step`: all linear layers of one Llama-3.1-8B decode step (32 layers, distinct weights) in
-  one graph, bf16 vs W4A16, at each M.
+  one graph, bf16 vs W4A16 (and gemlite with `--gemlite`), at each M.
 
     python3 scripts/bench_w4a16.py [--sweep [--write-table FILE]] [--gemlite] [--step]
         [--group 128] [--rows 1,4,16,32,64] [--layers qkv,o,gate_up,down] [--json FILE]
@@ -26,6 +30,7 @@ group, what a float16-scaled checkpoint gives; asymmetric GPTQ keeps float32 off
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -39,6 +44,7 @@ from bench_gemv import graph_us, relative_error  # scripts/bench_gemv.py (same f
 from pegboard.core.kernels import w4a16
 from pegboard.core.kernels.gemv import linear as gemv_linear
 from pegboard.core.kernels.w4a16 import W4A16Config, pick_config, w4a16_linear
+from pegboard.plugins.linear.gemlite_layout import to_gemlite
 from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack
 from torch.nn import functional as F
 
@@ -121,6 +127,7 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
     copies, reps = copies_for(bytes_w4)
     layers += [quantized(n, k, group, seed) for seed in range(1, copies)]
     ref_w = dequantize_packed(layers[0], torch.float32)
+    converted = gemlite_layers(layers, n, k, group) if args.gemlite else None
     rows = []
     for m in args.rows:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
@@ -156,7 +163,7 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
             if best[1] is not None:
                 row["best"] = w4a16.config_dict(best[1])
         if args.gemlite:
-            row["gemlite_us"] = time_gemlite(n, k, group, x)
+            row.update(time_gemlite(converted, x, reps, x.float() @ ref_w.to(DTYPE).float().T))
         rows.append(row)
         print(
             f"{name:8s} M={m:3d}  cuBLAS {cublas:8.1f} µs  GEMV {gemv:8.1f}  W4A16 {w4:8.1f} "
@@ -167,24 +174,60 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
                 if args.sweep
                 else ""
             )
-            + (f"  gemlite {row['gemlite_us']}" if args.gemlite else ""),
+            + (
+                f"  gemlite {row['gemlite_us']:8.1f} ({min(cublas, gemv) / row['gemlite_us']:4.2f}x "
+                f"bf16, err {row['gemlite_rel_error']:.1e}, {row['gemlite_kernel']}; bf16 "
+                f"atomics {row['gemlite_native_us']:.1f}, err {row['gemlite_native_rel_error']:.1e})"
+                if "gemlite_us" in row
+                else (f"  gemlite: {row['gemlite']}" if args.gemlite else "")
+            ),
             flush=True,
         )
     return rows
 
 
-def time_gemlite(n: int, k: int, group: int, x: torch.Tensor) -> float | str:
+def gemlite_layers(layers, n: int, k: int, group: int):
+    """The layers in gemlite's layout, or why gemlite cannot run here (a string)."""
+    from pegboard.core.kernels import w4a16_gemlite
+
+    reason = w4a16_gemlite.unavailable_reason(DEVICE, DTYPE)
+    if reason is not None:
+        return reason
+    w4a16_gemlite.prepare(n, k, group, DTYPE)
+    return [to_gemlite(p, DTYPE) for p in layers]
+
+
+def gemlite_call(x: torch.Tensor, g):
+    from pegboard.core.kernels.w4a16_gemlite import gemlite_linear
+
+    return lambda: gemlite_linear(x, g.qweight, g.scales, g.zeros, g.group_size, g.fma)
+
+
+def time_gemlite(converted, x: torch.Tensor, reps: int, reference) -> dict:
+    """gemlite on the converted layers (`gemlite_layers`; the first is checked against
+    `reference`): µs per call, error, the kernel it ran; or `{"gemlite": reason}`."""
+    from pegboard.core.kernels.w4a16_gemlite import matmul_type
+
+    if isinstance(converted, str):
+        return {"gemlite": converted}
+    err = relative_error(gemlite_call(x, converted[0])(), reference)
+    us = graph_us([gemlite_call(x, g) for g in converted] * reps)
+    out = {"gemlite_us": us, "gemlite_rel_error": err, "gemlite_kernel": matmul_type(x.shape[0])}
+    with native_atomics():  # gemlite's default: partial sums added in bf16, no conversion
+        out["gemlite_native_rel_error"] = relative_error(gemlite_call(x, converted[0])(), reference)
+        out["gemlite_native_us"] = graph_us([gemlite_call(x, g) for g in converted] * reps)
+    return out
+
+
+@contextlib.contextmanager
+def native_atomics():
+    from pegboard.core.kernels import w4a16_gemlite
+
+    kinds, w4a16_gemlite.ATOMIC_KINDS = w4a16_gemlite.ATOMIC_KINDS, ()
     try:
-        from gemlite.helper import A16W4  # gemlite >= 0.4
-    except Exception as e:
-        return f"unavailable ({type(e).__name__})"
-    try:
-        layer = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=DTYPE)
-        gl = A16W4(device=str(DEVICE)).from_linear(layer)
-        copies, reps = copies_for(n * k // 2)
-        return graph_us([lambda: gl(x)] * copies * reps)
-    except Exception as e:
-        return f"failed ({type(e).__name__}: {e})"
+        yield
+    finally:
+        w4a16_gemlite.ATOMIC_KINDS = kinds
 
 
 def write_table(path: Path, rows: list[dict], group: int) -> None:
@@ -202,14 +245,20 @@ def write_table(path: Path, rows: list[dict], group: int) -> None:
     print(f"wrote {path} ({sum(len(v) for v in device.values())} entries for this device)")
 
 
-def bench_step(group: int, rows: tuple[int, ...]) -> list[dict]:
-    """All linears of a Llama-3.1-8B decode step (32 layers), bf16 vs W4A16, per M."""
+def bench_step(group: int, rows: tuple[int, ...], with_gemlite: bool) -> list[dict]:
+    """All linears of a Llama-3.1-8B decode step (32 layers), bf16 vs W4A16 (and gemlite), per
+    M."""
     results = []
     dense = {
         name: [torch.randn(n, k, device=DEVICE, dtype=DTYPE) for _ in range(32)]
         for name, (n, k) in SHAPES.items()
     }
     w4 = {name: [quantized(n, k, group, i) for i in range(32)] for name, (n, k) in SHAPES.items()}
+    gl = {name: gemlite_layers(w4[name], n, k, group) for name, (n, k) in SHAPES.items()
+          if with_gemlite}  # fmt: skip
+    if with_gemlite and any(isinstance(v, str) for v in gl.values()):
+        print(f"step: gemlite skipped: {next(v for v in gl.values() if isinstance(v, str))}")
+        with_gemlite = False
     for m in rows:
         xs = {
             name: torch.randn(m, k, device=DEVICE, dtype=DTYPE) for name, (_, k) in SHAPES.items()
@@ -222,11 +271,20 @@ def bench_step(group: int, rows: tuple[int, ...]) -> list[dict]:
             for name in SHAPES for p in w4[name]
         ])  # fmt: skip
         n_calls = 4 * 32
-        results.append(
-            {"m": m, "bf16_step_ms": bf16 * n_calls / 1e3, "w4a16_step_ms": q4 * n_calls / 1e3}
-        )
-        print(f"step M={m:3d}: bf16 {bf16 * n_calls / 1e3:.2f} ms, W4A16 {q4 * n_calls / 1e3:.2f} ms "
-              f"({bf16 / q4:.2f}x)", flush=True)  # fmt: skip
+        result = {"m": m, "bf16_step_ms": bf16 * n_calls / 1e3, "w4a16_step_ms": q4 * n_calls / 1e3}
+        line = (f"step M={m:3d}: bf16 {bf16 * n_calls / 1e3:.2f} ms, W4A16 {q4 * n_calls / 1e3:.2f}"
+                f" ms ({bf16 / q4:.2f}x)")  # fmt: skip
+        if with_gemlite:
+            calls = [gemlite_call(xs[name], g) for name in SHAPES for g in gl[name]]
+            g4 = graph_us(calls)
+            with native_atomics():
+                native = graph_us(calls)
+            result["gemlite_step_ms"] = g4 * n_calls / 1e3
+            result["gemlite_native_step_ms"] = native * n_calls / 1e3
+            line += (f", gemlite {g4 * n_calls / 1e3:.2f} ms ({bf16 / g4:.2f}x; with bf16 "
+                     f"atomics {native * n_calls / 1e3:.2f} ms, {bf16 / native:.2f}x)")  # fmt: skip
+        results.append(result)
+        print(line, flush=True)
     return results
 
 
@@ -250,7 +308,7 @@ def main() -> None:
     rows = [r for name, (n, k) in shapes.items() for r in bench_shape(name, n, k, args.group, args)]
     if args.sweep and args.write_table:
         write_table(args.write_table, rows, args.group)
-    step = bench_step(args.group, args.rows) if args.step else []
+    step = bench_step(args.group, args.rows, args.gemlite) if args.step else []
     if args.json:
         args.json.write_text(json.dumps({"layers": rows, "step": step}, indent=2))
 

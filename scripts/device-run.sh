@@ -15,7 +15,8 @@
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
 # (GRAPH_TESTS), tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA
-# (SPEC_GPU_TESTS). Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
+# (SPEC_GPU_TESTS); the gemlite path's GPU tests run only in `gemlite-tests` (GEMLITE_TESTS).
+# Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
 # and gpu-tests-N.log (its tail); TEST_TIMEOUT per test (150 s),
 # TESTS_TIMEOUT per shard (420 s), PYTEST_ARGS extra pytest arguments (e.g. "-k mixed").
 # WHEELS: the carried wheel folder (default .whl); the PD jobs carry one built by
@@ -53,6 +54,7 @@ smollm2_dir() { # the bundled SmolLM2's HF directory (converted once into ~/.cac
 GRAPH_TESTS="tests/test_cuda_graph.py tests/test_cuda_graph_logits.py tests/test_cuda_graph_mixed.py tests/test_overlap.py"
 SPEC_TESTS="tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py"
 SPEC_GPU_TESTS="tests/test_speculative_gpu.py"
+GEMLITE_TESTS="tests/test_w4a16_gemlite.py"
 gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limit where
   # pytest-timeout exists (the GPU image has it): a hang costs one test, not the shard
   local name=$1; shift
@@ -68,7 +70,7 @@ jobs=("${@:-tests}")
 for job in "${jobs[@]}"; do
   case $job in
     tests-1) # every GPU test outside the graph and speculation shards (and the server/bench ones)
-        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS; do ignores+=(--ignore="$f"); done
+        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS; do ignores+=(--ignore="$f"); done
         gpu_tests gpu-tests-1 --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py "${ignores[@]}" tests
         # not marked gpu (they run on the CPU interpreter too), but on CUDA they test the kernel
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py 2>&1 | tail -3 | tee -a "$OUT/gpu-tests-1.log" ;;
@@ -232,12 +234,13 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
 {k: v for k, v in m.items() if v >= 0.03 or k.startswith('forward: tp')})" \
             "$OUT/llama8b-bs1-tp2-$ar.json" "$ar" || tail -5 "$OUT/llama8b-bs1-tp2-$ar.err"
         done ;;
-    w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15); after
+    w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15), pegboard's
+        # and gemlite's (from the carried gemlite wheel; "gemlite: <reason>" without it); after
         # w4a16-sweep in the same call it runs the configurations the sweep just picked
-        timeout 220 python3 scripts/bench_w4a16.py --step --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
+        timeout 300 python3 scripts/bench_w4a16.py --step --gemlite --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
     w4a16-sweep) # launch configurations per layer and M (decode rows and M = 32/64), written as the
         # measured table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15);
-        # `w4a16-sweep w4a16` together stay under 9 min
+        # `w4a16-sweep w4a16` together may pass 10 min since w4a16 times gemlite too: two calls
         timeout 320 python3 scripts/bench_w4a16.py --sweep --budget-s 250 --rows ${ROWS:-1,2,4,8,16,32,64} \
           --write-table "$OUT/w4a16_configs.json" --json "$OUT/w4a16-sweep.json" 2>&1 | grep -v "^  skip" | tail -40
         [ -f "$OUT/w4a16_configs.json" ] && export PEGBOARD_W4A16_CONFIGS="$OUT/w4a16_configs.json" ;;
@@ -245,18 +248,31 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         # shape x M = 1..64 against the de-quantized reference, the split-K fix-up in a graph,
         # inline-asm unpacking bit-equal to the plain spelling, quantized models vs de-quantized
         gpu_tests gpu-tests-w4a16 tests/test_quant_kernels.py ;;
-    llama-bs1-w4a16) # Llama-3.1-8B batch 1, random weights quantized to W4A16 g128 at load, then bf16
+    gemlite-tests) # the gemlite path's GPU tests (GEMLITE_TESTS; needs the gemlite wheel carried):
+        # every group size x Llama shape x 1-64 and prefill rows vs the de-quantized reference,
+        # scalar-zero/fma forms, CUDA-graph replay with no host sync, every format's tiny model,
+        # an engine serving through CUDA graphs
+        TESTS_TIMEOUT=${TESTS_TIMEOUT:-540} gpu_tests gpu-tests-gemlite $GEMLITE_TESTS ;;
+    llama-bs1-w4a16|llama-bs1-gemlite) # Llama-3.1-8B batch 1, random weights quantized to W4A16
+        # g128 at load (pegboard's kernels; -gemlite: gemlite's, from the carried wheel), then bf16
+        kernel=triton; [ $job = llama-bs1-gemlite ] && kernel=gemlite
         for q in gptq none; do
-          timeout 200 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
+          tag=$q; [ $q = none ] || tag=$q-$kernel
+          timeout 270 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
             --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
-            $([ $q = none ] || echo --quantization $q) ${BENCH_ARGS:-} \
-            --json "$OUT/llama8b-bs1-$q.json" 2>"$OUT/llama8b-bs1-$q.err" | tail -4
+            $([ $q = none ] || echo --quantization $q --w4a16-kernel $kernel) ${BENCH_ARGS:-} \
+            --json "$OUT/llama8b-bs1-$tag.json" 2>"$OUT/llama8b-bs1-$tag.err" | tail -4
+          [ $job = llama-bs1-gemlite ] && break  # bf16 is the other job's second run
         done ;;
-    offline-w4a16) # the nano-vllm workload (Qwen3-0.6B) with W4A16 weights, then bf16
+    offline-w4a16|offline-gemlite) # the nano-vllm workload (Qwen3-0.6B) with W4A16 weights
+        # (pegboard's kernels; -gemlite: gemlite's, untuned fallback configs for these shapes), then bf16
+        kernel=triton; [ $job = offline-gemlite ] && kernel=gemlite
         for q in gptq none; do
+          tag=$q; [ $q = none ] || tag=$q-$kernel
           timeout 200 $PB bench offline --random-weights --config qwen3-0.6b \
-            $([ $q = none ] || echo --quantization $q) ${BENCH_ARGS:-} \
-            --json "$OUT/offline-w4a16-$q.json" 2>"$OUT/offline-w4a16-$q.err" | tail -4
+            $([ $q = none ] || echo --quantization $q --w4a16-kernel $kernel) ${BENCH_ARGS:-} \
+            --json "$OUT/offline-w4a16-$tag.json" 2>"$OUT/offline-w4a16-$tag.err" | tail -4
+          [ $job = offline-gemlite ] && break
         done ;;
     kv-fp8) # FP8 KV (issue 15): decode kernel bf16 vs fp8 (dot / fma variants); the nano-vllm
         # workload at equal batch (KV sized from memory: capacity does not bind), then at equal

@@ -33,6 +33,12 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   weights in the `w4a16` linear plugin's serving layout (kernels in `w4a16_kernels.py`: tensor
   cores at every row count, scales applied to the dot's sums; launch configurations from the
   measured `w4a16_configs.json`). Its split-K fix-up keeps one zeroed counter buffer per device.
+- `w4a16_gemlite.gemlite_linear(x, qweight, scales, zeros, group_size, fma, bias)` — the same
+  product through gemlite's kernels (optional package, CUDA only; `--w4a16-kernel`), weights in
+  gemlite's layout (`plugins/linear/gemlite_layout.py`); `prepare` fills its launch
+  configurations per layer shape before the first call (no autotuning, none inside a graph
+  capture). It does not launch with PDL; its atomics-summing kernels write float32,
+  rounded once to x's dtype.
 
 On Hopper GPUs every kernel here launches with programmatic dependent launch (`pdl`: it starts
 while the kernel before finishes and waits only where it reads that kernel's outputs);

@@ -2,8 +2,10 @@
 
 It reads GPTQ (sym/asym, `desc_act`), AWQ (GEMM), compressed-tensors `pack-quantized` and GGUF
 Q4_0/Q4_1 checkpoints (`formats.py`), converts every projection to one serving layout
-(`int4.py`) and multiplies with the Triton W4A16 kernels on CUDA
-(`pegboard.core.kernels.w4a16`) or, on CPU and as the oracle, by de-quantizing then `F.linear`.
+(`int4.py`) and multiplies on CUDA with pegboard's Triton W4A16 kernels
+(`pegboard.core.kernels.w4a16`) or gemlite's (`pegboard.core.kernels.w4a16_gemlite`, option
+`--w4a16-kernel`; its layout is made from the serving one at load, `gemlite_layout.py`), or, on
+CPU and as the oracle, by de-quantizing then `F.linear`.
 
 Per layer fallback: a projection the checkpoint stored unquantized (the LM head, compressed-
 tensors' `ignore` list, another GGUF type), stacked shards that do not share one group layout,
@@ -12,9 +14,18 @@ or a shape the kernels cannot take, is kept dense; the loader lists such layers 
 
 from __future__ import annotations
 
+from typing import Literal
+
+import pydantic
 import torch
 from pegboard.plugins.linear.bf16 import DenseMethod
 from pegboard.plugins.linear.formats import FORMATS, Format
+from pegboard.plugins.linear.gemlite_layout import (
+    GemliteLayout,
+    dequantize_gemlite,
+    serving_from_plain,
+    to_gemlite,
+)
 from pegboard.plugins.linear.int4 import (
     Int4Weights,
     PackedInt4,
@@ -34,14 +45,36 @@ from pegboard.sdk.types import ModelInfo
 from torch.nn import functional as F
 
 SUPPORTED_GROUPS = (-1, 32, 64, 128)
+Kernel = Literal["auto", "triton", "gemlite"]
+#: What `--w4a16-kernel auto` runs where gemlite imports on CUDA: pegboard's kernels until the
+#: H200 has measured gemlite (`device-run.sh w4a16`, docs/kernels.md "gemlite"): session 8 ran
+#: out of device time before it could.
+AUTO_PREFERS_GEMLITE = False
+#: `w4a16_gemlite.self_check`'s verdict per (N, K, group, dtype, form): once per process.
+_gemlite_checked: dict[tuple, str | None] = {}
+
+
+class W4A16Options(pydantic.BaseModel):
+    """Options of the `w4a16` linear plugin."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    kernel: Kernel = pydantic.Field(
+        "auto",
+        description="CUDA kernels: triton (pegboard's), gemlite (pip install "
+        "'pegboard[gemlite]'), or auto: gemlite where it imports, else triton",
+    )
 
 
 class Int4Linear(LinearLayer):
     """One projection with 4-bit weights (see the module docstring). After `finish_loading`
     it holds either the packed weights (`qweight`, `scales`, `offsets`, `perm`) or, as a
-    fallback, a dense `weight` (`fallback` says why)."""
+    fallback, a dense `weight` (`fallback` says why). While gemlite's kernels run, `gemlite`
+    holds their layout and `qweight` is dropped (rebuilt from it when they are switched off)."""
 
-    def __init__(self, spec: LinearSpec, quant: QuantizationConfig, fmt: Format) -> None:
+    def __init__(
+        self, spec: LinearSpec, quant: QuantizationConfig, fmt: Format, kernel: Kernel = "auto"
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.quant = quant
@@ -49,7 +82,10 @@ class Int4Linear(LinearLayer):
         self.tensor_suffixes = fmt.suffixes
         self.group_size = 0
         self.fallback: str | None = None
+        self.kernel_choice = kernel
         self.kernel = None
+        self.gemlite: GemliteLayout | None = None
+        self.gemlite_skipped: str | None = None  # why gemlite was chosen but not used
         self._received: dict[str, dict[str, torch.Tensor]] = {s: {} for s in spec.shard_sizes}
         self.qweight: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
@@ -136,8 +172,16 @@ class Int4Linear(LinearLayer):
     # ------------------------------------------------------------------ running
 
     def set_fused_kernels(self, enabled: bool) -> None:
+        if self.gemlite is not None:  # back to the serving layout
+            self.qweight = serving_from_plain(self.gemlite.qweight)
+            self.gemlite = None
         self.kernel = None
         if not enabled or self.qweight is None:
+            return
+        wants_gemlite = self.kernel_choice == "gemlite" or (
+            self.kernel_choice == "auto" and AUTO_PREFERS_GEMLITE
+        )
+        if wants_gemlite and self._use_gemlite():
             return
         from pegboard.core.kernels import w4a16
 
@@ -151,6 +195,34 @@ class Int4Linear(LinearLayer):
             return
         self.kernel = w4a16.w4a16_linear
 
+    def _use_gemlite(self) -> bool:
+        """Convert to gemlite's layout and run its kernels, if it can take this layer (else
+        `gemlite_skipped` says why, and pegboard's kernels run)."""
+        from pegboard.core.kernels import w4a16_gemlite
+
+        n, k = self.spec.out_features, self.spec.in_features
+        reason = w4a16_gemlite.unavailable_reason(self.qweight.device, self.spec.dtype)
+        reason = reason or w4a16_gemlite.shape_unsupported_reason(n, k, self.group_size)
+        if reason is not None:
+            self.gemlite_skipped = reason if self.kernel_choice == "gemlite" else None
+            return False
+        packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
+        g = to_gemlite(packed, self.spec.dtype)
+        w4a16_gemlite.prepare(n, k, self.group_size, self.spec.dtype)
+        key = (n, k, self.group_size, self.spec.dtype, g.fma, g.zeros.dim(), g.scales.dtype)
+        if key not in _gemlite_checked:
+            weight = dequantize_gemlite(g, self.spec.dtype)
+            _gemlite_checked[key] = w4a16_gemlite.self_check(
+                g.qweight, g.scales, g.zeros, g.group_size, g.fma, weight
+            )
+        if _gemlite_checked[key] is not None:
+            self.gemlite_skipped = f"its self-check failed: {_gemlite_checked[key]}"
+            return False
+        self.gemlite = g
+        self.qweight = None  # not kept twice (4 bits per weight)
+        self.kernel = w4a16_gemlite.gemlite_linear
+        return True
+
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
         w = dequantize_packed(packed, dtype)
@@ -163,6 +235,9 @@ class Int4Linear(LinearLayer):
             return F.linear(x, self.weight, self.bias)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.gemlite is not None:
+            g = self.gemlite
+            return self.kernel(x, g.qweight, g.scales, g.zeros, g.group_size, g.fma, self.bias)
         if self.kernel is not None:
             return self.kernel(
                 x, self.qweight, self.scales, self.offsets, self.group_size, self.bias
@@ -174,7 +249,11 @@ class Int4Linear(LinearLayer):
         if self.weight is not None:
             return f"dense fallback: {self.fallback}"
         g = "per-channel" if self.group_size == self.spec.in_features else f"g{self.group_size}"
+        if self.gemlite is not None:
+            return f"w4a16 {g}, gemlite kernels"
         how = "Triton W4A16 kernels" if self.kernel is not None else "de-quantize + matmul"
+        if self.gemlite_skipped is not None:
+            how += f" (not gemlite: {self.gemlite_skipped})"
         return f"w4a16 {g}, {how}"
 
 
@@ -182,8 +261,9 @@ class Int4Method(LinearMethod):
     """Builds `Int4Linear` layers for a quantized checkpoint, dense ones for what it keeps
     unquantized."""
 
-    def __init__(self, quant: QuantizationConfig) -> None:
+    def __init__(self, quant: QuantizationConfig, kernel: Kernel = "auto") -> None:
         self.quant = quant
+        self.kernel = kernel
         self.format = FORMATS[quant.method]
         self.dense = DenseMethod()
 
@@ -192,7 +272,7 @@ class Int4Method(LinearMethod):
             raise QuantizationError(f"{spec.name}: tensor-parallel W4A16 layers (not built yet)")
         if spec.name == "lm_head" or _ignored(spec, self.quant.ignore):
             return self.dense.create(spec)
-        return Int4Linear(spec, self.quant, self.format)
+        return Int4Linear(spec, self.quant, self.format, self.kernel)
 
 
 def _ignored(spec: LinearSpec, ignore: tuple[str, ...]) -> bool:
@@ -221,6 +301,7 @@ class W4A16Linear(LinearKernel):
     """4-bit weights (GPTQ, AWQ, compressed-tensors, GGUF Q4_0/Q4_1), 16-bit activations."""
 
     formats = tuple(FORMATS)
+    Options = W4A16Options
 
     def linear_kernel(
         self, model: ModelInfo, quantization: QuantizationConfig | None
@@ -231,4 +312,11 @@ class W4A16Linear(LinearKernel):
                 "quantization_config, or --quantization gguf for a GGUF file)"
             )
         check_quantization(quantization)
-        return Int4Method(quantization)
+        kernel = self.options.kernel
+        if kernel == "gemlite" and model.device.type == "cuda":
+            from pegboard.core.kernels import w4a16_gemlite
+
+            reason = w4a16_gemlite.unavailable_reason(model.device, model.dtype)
+            if reason is not None:
+                raise QuantizationError(f"--w4a16-kernel gemlite: {reason}")
+        return Int4Method(quantization, kernel)
