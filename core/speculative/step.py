@@ -185,8 +185,12 @@ class Speculation:
     def needs_tokens(self) -> bool:
         """Whether the next step may draft, so this step's sampled tokens must be read now
         (a request drafts only after its last token: overlap scheduling pauses). False while
-        the switch keeps speculation off: those steps overlap like plain decoding."""
-        return self.speculator is not None and self.switch.may_allow(len(self.engine.running))
+        the switch keeps speculation off, and while every running request backs off
+        (`BACKOFF_AFTER_MISSES`): those steps overlap like plain decoding."""
+        if self.speculator is None:
+            return False
+        running = self.engine.running
+        return self.switch.may_allow(len(running)) and not all(map(_backs_off_next, running))
 
     def _bind(self, speculator) -> None:
         """Give a speculator that reads the target (EAGLE) the model and capture the hidden
@@ -237,7 +241,9 @@ class Speculation:
         limits = []
         for r, n in zip(scheduled, num_tokens):
             k = 0
-            if n == 1 and tokens_left > 0 and eligible(r) and not _backing_off(r):
+            # (the back-off counts every decode step, one whose last token is still pending too:
+            # `needs_tokens` lets such steps overlap)
+            if n == 1 and tokens_left > 0 and not _backing_off(r) and eligible(r):
                 k = min(
                     tokens_left,
                     budget.max_model_len - r.num_tokens,
@@ -455,6 +461,13 @@ def _backing_off(r: Request) -> bool:
         return False
     state[1] -= 1
     return True
+
+
+def _backs_off_next(r: Request) -> bool:
+    """Whether the request will skip drafting in the next step (`_backing_off` without
+    counting)."""
+    state = r.plugin_state.get(BACKOFF_KEY)
+    return bool(state) and state[1] > 0
 
 
 def _record(r: Request, accepted: int) -> None:

@@ -8,10 +8,12 @@ the speculator for drafts at all:
 - **Batch size** (`--speculative-disable-by-batch-size N`, vLLM's flag): a step with N or more
   scheduled requests runs without drafts.
 - **Acceptance** (`--speculative-min-accept-rate R`): over the last `WINDOW` verify steps, the
-  share of draft tokens accepted. Below R (once `MIN_SAMPLES` verify steps are seen),
-  speculation turns off for `COOLDOWN` steps, then probes again with drafts; each probe that
+  share of draft tokens accepted. Below R (once `MIN_SAMPLES` verify steps or `MIN_DRAFTS`
+  draft tokens are seen: a large batch's one verify step is a sample of hundreds of drafts,
+  and each further one costs it ~1.5-3 plain steps), speculation turns off for `COOLDOWN` steps, then probes again with drafts; each probe that
   is still below R doubles the cooldown (up to `MAX_COOLDOWN`), so a workload the speculator
-  never guesses pays for at most a few verify steps in every `MAX_COOLDOWN`. A probe at or above
+  never guesses pays for at most a few verify steps in every `MAX_COOLDOWN` (a batch of 16 or
+  more requests drafting k = 4: one verify step per probe). A probe at or above
   R turns it back on and resets the cooldown.
 
 - **Speed** (`--speculative-min-speedup S`, off by default): drafts that are accepted can still
@@ -37,6 +39,7 @@ from collections import deque
 
 WINDOW = 8
 MIN_SAMPLES = 4
+MIN_DRAFTS = 64  # ... or this many draft tokens in the window: enough to judge
 COOLDOWN = 16
 MAX_COOLDOWN = 256
 PROBE_STEPS = 4  # steps without drafts that measure plain decoding (the speed rule)
@@ -118,7 +121,7 @@ class SpeculationSwitch:
         if drafted <= 0 or self.min_accept_rate <= 0:
             return
         self._window.append((drafted, accepted))
-        if len(self._window) < MIN_SAMPLES:
+        if len(self._window) < MIN_SAMPLES and sum(d for d, _ in self._window) < MIN_DRAFTS:
             return
         rate = sum(a for _, a in self._window) / sum(d for d, _ in self._window)
         if rate < self.min_accept_rate:
