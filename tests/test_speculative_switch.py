@@ -256,25 +256,26 @@ def test_speed_rule_flag():
 
 
 def test_one_verify_step_of_a_large_batch_is_enough_to_judge():
-    """A verify step of `MIN_DRAFTS` or more draft tokens (64 requests drafting 4) is judged at
-    once: all rejected, drafting stops after one verify step, and each probe after a cooldown
-    costs one verify step; a batch-1 step's few drafts still wait for `MIN_SAMPLES` steps."""
+    """A verify step of `MIN_VERIFIES` or more drafting requests (64 drafting 4 each) is judged
+    at once: all rejected, drafting stops after one verify step, and each probe after a
+    cooldown costs one verify step; batch-1 steps, however many drafts (a tree's), still wait
+    for `MIN_SAMPLES` steps."""
     sw = SpeculationSwitch(None, min_accept_rate=0.2)
     assert sw.allows(64)
-    sw.record(drafted=256, accepted=0)
+    sw.record(drafted=256, accepted=0, requests=64)
     assert not sw.on and sw.num_turned_off == 1
     for cooldown in (S.COOLDOWN, 2 * S.COOLDOWN):
         off = 0
         while not sw.allows(64):
             off += 1
         assert off == cooldown
-        sw.record(drafted=S.MIN_DRAFTS, accepted=0)  # the probe: one verify step
+        sw.record(drafted=4 * S.MIN_VERIFIES, accepted=0, requests=S.MIN_VERIFIES)  # the probe
         assert not sw.on
     small = SpeculationSwitch(None, min_accept_rate=0.2)
     for _ in range(S.MIN_SAMPLES - 1):
-        small.record(drafted=4, accepted=0)
+        small.record(drafted=64, accepted=0, requests=1)
         assert small.on
-    small.record(drafted=4, accepted=0)
+    small.record(drafted=64, accepted=0, requests=1)
     assert not small.on
 
 

@@ -22,8 +22,9 @@ preemption.
 Overlap scheduling pauses for the steps that draft: the next step's positions and inputs
 depend on how many drafts were accepted, which the host only knows after reading the verify
 result (SGLang's first speculative implementation made the same choice), and a request drafts
-only after its last token is known. While the switch keeps speculation off, steps overlap as
-plain decoding does (`needs_tokens`).
+only after its last token is known. While the switch keeps speculation off, or every running
+request backs off (`BACKOFF_AFTER_MISSES`), steps overlap as plain decoding does
+(`needs_tokens`).
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ class Speculation:
         greedy_rows = self.read_tokens(logits.argmax(dim=-1))
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
-        step_drafted = step_accepted = 0
+        step_drafted = step_accepted = step_requests = 0
         for r, drafts, s, k in rows:
             if drafts is None:
                 token, lp = sampled[id(r)]
@@ -374,13 +375,14 @@ class Speculation:
             self.num_accepted += accepted
             step_drafted += k
             step_accepted += accepted
+            step_requests += 1
             lps: list[TokenLogprobs | None] = [None] * len(tokens)
             if r.params.logprobs is not None:
                 index = to_device([s + i for i in kept], logits.device, torch.int64)
                 lps = V.logprobs_of(logits[index], tokens, r.params.logprobs)
             results.append((r, tokens, lps))
         T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
-        self.switch.record(step_drafted, step_accepted)
+        self.switch.record(step_drafted, step_accepted, step_requests)
         self.switch.tokens(sum(len(tokens) for _, tokens, _ in results))
         self.switch.judge_speed()
         return results
