@@ -250,3 +250,75 @@ def test_speed_rule_flag():
     s = _parse("--speculative-algorithm", "NGRAM", "--speculative-min-speedup", "1.05")
     assert s["speculative_min_speedup"] == 1.05
     assert "speculative_min_speedup" not in _parse("--speculative-algorithm", "NGRAM")
+
+
+# ---------------------------------------------------------------- what a miss costs
+
+
+def test_one_verify_step_of_a_large_batch_is_enough_to_judge():
+    """A verify step of `MIN_VERIFIES` or more drafting requests (64 drafting 4 each) is judged
+    at once: all rejected, drafting stops after one verify step, and each probe after a
+    cooldown costs one verify step; batch-1 steps, however many drafts (a tree's), still wait
+    for `MIN_SAMPLES` steps."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2)
+    assert sw.allows(64)
+    sw.record(drafted=256, accepted=0, requests=64)
+    assert not sw.on and sw.num_turned_off == 1
+    for cooldown in (S.COOLDOWN, 2 * S.COOLDOWN):
+        off = 0
+        while not sw.allows(64):
+            off += 1
+        assert off == cooldown
+        sw.record(drafted=4 * S.MIN_VERIFIES, accepted=0, requests=S.MIN_VERIFIES)  # the probe
+        assert not sw.on
+    small = SpeculationSwitch(None, min_accept_rate=0.2)
+    for _ in range(S.MIN_SAMPLES - 1):
+        small.record(drafted=64, accepted=0, requests=1)
+        assert small.on
+    small.record(drafted=64, accepted=0, requests=1)
+    assert not small.on
+
+
+def _trace(engine) -> list[tuple[bool, bool, int]]:
+    """Step the engine to the end: per step (it drafted, its tokens stayed on the device into
+    the next step, the speculator's calls)."""
+    from test_speculative import OracleSpeculator
+
+    spec, seen = engine.speculation, []
+    while engine.has_work():
+        calls, drafts = OracleSpeculator.calls, spec.num_drafts
+        engine.step()
+        seen.append(
+            (spec.num_drafts > drafts, engine._pending is not None, OracleSpeculator.calls - calls)
+        )
+    return seen
+
+
+def test_steps_where_every_request_backs_off_overlap_and_ask_no_drafts(case):
+    """Acceptance switch off (rate 0), every draft wrong: the per-request back-off keeps the
+    requests from drafting for 2, 4, 8 ... steps. Those steps run like plain decoding: their
+    tokens stay on the device into the next step (overlap scheduling), the speculator is not
+    asked, and only the step before a request drafts again reads its tokens at once."""
+    from test_speculative import oracle_plugins
+
+    model_dir, prompts, reference = case
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, 1)
+    from pegboard.core.llm import LLM
+    from pegboard.sdk.types import Request, SamplingParams
+
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm, speculator="oracle",
+             speculative_min_accept_rate=0.0) as llm:  # fmt: skip
+        requests = [Request(p, params) for p in prompts]
+        for r in requests:
+            llm.engine.add_request(r)
+        seen = _trace(llm.engine)
+    assert [r.output_token_ids for r in requests] == reference
+    plain = [(i, pending, calls) for i, (drafted, pending, calls) in enumerate(seen) if not drafted]
+    assert sum(pending for _, pending, _ in plain) >= 4  # backed-off steps overlap
+    assert all(calls == 0 for _, pending, calls in plain if pending)  # and ask for nothing
+    first = next(i for i, pending, _ in plain if pending)
+    assert any(drafted for drafted, _, _ in seen[first:])  # the back-off ends: drafting again
+    for i, pending, _ in plain[:-1]:  # a plain step that read its tokens at once: a flip
+        if not pending:
+            assert seen[i + 1][0], f"step {i}: un-overlapped, yet step {i + 1} did not draft"

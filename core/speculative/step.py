@@ -22,8 +22,9 @@ preemption.
 Overlap scheduling pauses for the steps that draft: the next step's positions and inputs
 depend on how many drafts were accepted, which the host only knows after reading the verify
 result (SGLang's first speculative implementation made the same choice), and a request drafts
-only after its last token is known. While the switch keeps speculation off, steps overlap as
-plain decoding does (`needs_tokens`).
+only after its last token is known. While the switch keeps speculation off, or every running
+request backs off (`BACKOFF_AFTER_MISSES`), steps overlap as plain decoding does
+(`needs_tokens`).
 """
 
 from __future__ import annotations
@@ -185,8 +186,12 @@ class Speculation:
     def needs_tokens(self) -> bool:
         """Whether the next step may draft, so this step's sampled tokens must be read now
         (a request drafts only after its last token: overlap scheduling pauses). False while
-        the switch keeps speculation off: those steps overlap like plain decoding."""
-        return self.speculator is not None and self.switch.may_allow(len(self.engine.running))
+        the switch keeps speculation off, and while every running request backs off
+        (`BACKOFF_AFTER_MISSES`): those steps overlap like plain decoding."""
+        if self.speculator is None:
+            return False
+        running = self.engine.running
+        return self.switch.may_allow(len(running)) and not all(map(_backs_off_next, running))
 
     def _bind(self, speculator) -> None:
         """Give a speculator that reads the target (EAGLE) the model and capture the hidden
@@ -237,7 +242,9 @@ class Speculation:
         limits = []
         for r, n in zip(scheduled, num_tokens):
             k = 0
-            if n == 1 and tokens_left > 0 and eligible(r) and not _backing_off(r):
+            # (the back-off counts every decode step, one whose last token is still pending too:
+            # `needs_tokens` lets such steps overlap)
+            if n == 1 and tokens_left > 0 and not _backing_off(r) and eligible(r):
                 k = min(
                     tokens_left,
                     budget.max_model_len - r.num_tokens,
@@ -341,7 +348,7 @@ class Speculation:
         greedy_rows = self.read_tokens(logits.argmax(dim=-1))
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
-        step_drafted = step_accepted = 0
+        step_drafted = step_accepted = step_requests = 0
         for r, drafts, s, k in rows:
             if drafts is None:
                 token, lp = sampled[id(r)]
@@ -368,13 +375,14 @@ class Speculation:
             self.num_accepted += accepted
             step_drafted += k
             step_accepted += accepted
+            step_requests += 1
             lps: list[TokenLogprobs | None] = [None] * len(tokens)
             if r.params.logprobs is not None:
                 index = to_device([s + i for i in kept], logits.device, torch.int64)
                 lps = V.logprobs_of(logits[index], tokens, r.params.logprobs)
             results.append((r, tokens, lps))
         T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
-        self.switch.record(step_drafted, step_accepted)
+        self.switch.record(step_drafted, step_accepted, step_requests)
         self.switch.tokens(sum(len(tokens) for _, tokens, _ in results))
         self.switch.judge_speed()
         return results
@@ -455,6 +463,13 @@ def _backing_off(r: Request) -> bool:
         return False
     state[1] -= 1
     return True
+
+
+def _backs_off_next(r: Request) -> bool:
+    """Whether the request will skip drafting in the next step (`_backing_off` without
+    counting)."""
+    state = r.plugin_state.get(BACKOFF_KEY)
+    return bool(state) and state[1] > 0
 
 
 def _record(r: Request, accepted: int) -> None:

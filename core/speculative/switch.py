@@ -8,10 +8,13 @@ the speculator for drafts at all:
 - **Batch size** (`--speculative-disable-by-batch-size N`, vLLM's flag): a step with N or more
   scheduled requests runs without drafts.
 - **Acceptance** (`--speculative-min-accept-rate R`): over the last `WINDOW` verify steps, the
-  share of draft tokens accepted. Below R (once `MIN_SAMPLES` verify steps are seen),
-  speculation turns off for `COOLDOWN` steps, then probes again with drafts; each probe that
-  is still below R doubles the cooldown (up to `MAX_COOLDOWN`), so a workload the speculator
-  never guesses pays for at most a few verify steps in every `MAX_COOLDOWN`. A probe at or above
+  share of draft tokens accepted. Below R (once `MIN_SAMPLES` verify steps, or verifies of
+  `MIN_VERIFIES` requests, are seen: a large batch's one verify step samples many requests'
+  drafts, and each further one costs it ~2.6 plain steps), speculation turns off for
+  `COOLDOWN` steps, then probes again with drafts; each probe that is still below R doubles
+  the cooldown (up to `MAX_COOLDOWN`), so a workload the speculator never guesses pays for at
+  most a few verify steps in every `MAX_COOLDOWN` (a batch of 16 or more drafting requests:
+  one verify step per probe). A probe at or above
   R turns it back on and resets the cooldown.
 
 - **Speed** (`--speculative-min-speedup S`, off by default): drafts that are accepted can still
@@ -37,6 +40,7 @@ from collections import deque
 
 WINDOW = 8
 MIN_SAMPLES = 4
+MIN_VERIFIES = 16  # ... or verifies of this many requests in the window: enough to judge
 COOLDOWN = 16
 MAX_COOLDOWN = 256
 PROBE_STEPS = 4  # steps without drafts that measure plain decoding (the speed rule)
@@ -56,7 +60,8 @@ class SpeculationSwitch:
         self.disable_batch_size = disable_batch_size
         self.min_accept_rate = min_accept_rate
         self.min_speedup = min_speedup
-        self._window: deque[tuple[int, int]] = deque(maxlen=WINDOW)  # (drafted, accepted)
+        #: Recent verify steps: (draft tokens, accepted tokens, drafting requests).
+        self._window: deque[tuple[int, int, int]] = deque(maxlen=WINDOW)
         self._off_for = 0  # steps left without drafts
         self._off_reason = "accept_rate"  # the rule that set `_off_for`
         self._cooldown = COOLDOWN
@@ -113,14 +118,15 @@ class SpeculationSwitch:
             return False
         return True
 
-    def record(self, drafted: int, accepted: int) -> None:
-        """One verify step's draft and accepted tokens (all requests)."""
+    def record(self, drafted: int, accepted: int, requests: int = 1) -> None:
+        """One verify step's draft and accepted tokens (all its `requests` drafting)."""
         if drafted <= 0 or self.min_accept_rate <= 0:
             return
-        self._window.append((drafted, accepted))
-        if len(self._window) < MIN_SAMPLES:
+        window = self._window
+        window.append((drafted, accepted, requests))
+        if len(window) < MIN_SAMPLES and sum(n for *_, n in window) < MIN_VERIFIES:
             return
-        rate = sum(a for _, a in self._window) / sum(d for d, _ in self._window)
+        rate = sum(a for _, a, _ in window) / sum(d for d, _, _ in window)
         if rate < self.min_accept_rate:
             self._off_for, self._off_reason = self._cooldown, "accept_rate"
             self._cooldown = min(2 * self._cooldown, MAX_COOLDOWN)
