@@ -208,3 +208,34 @@ def test_gpu_graph_decode_with_fused_silu_down_equals_unfused(tiny_llama_dir, dt
     assert runner.cuda_graphs is not None and graphs[0].num_replays >= 15
     assert fused == unfused
     assert {1, 2, 3} <= set(fused_rows)
+
+
+def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
+    configs, separate_calls, monkeypatch
+):
+    """Under TP the down projection's forward is `_Joined.project`, which writes into this
+    rank's symmetric-buffer slot through `Linear.kernel(..., out=)`: the MLP's gate/up rows go
+    there with SiLU-and-mul inside the GEMV (a stand-in for the buffer and the norm)."""
+    from types import SimpleNamespace
+
+    from pegboard.core.distributed.fused_norm import _Joined
+
+    mlp = _tiny_mlp().to(torch.bfloat16).to(DEVICE)
+    torch.nn.init.normal_(mlp.gate_up_proj.weight)
+    torch.nn.init.normal_(mlp.down_proj.weight)
+    configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: SPLIT}
+    configs[(torch.bfloat16, 128, 24)] = {1: ELEMENTWISE, 2: ELEMENTWISE}
+    buffer = torch.zeros(2, 4, 24, dtype=torch.bfloat16, device=DEVICE)
+    fused = SimpleNamespace(slot=lambda slot, rows: buffer[slot, :rows], takes=lambda rows: True)
+    norm = SimpleNamespace(kernel=object(), forward=None)
+    joined = _Joined(fused, mlp.down_proj, norm, 1)
+    monkeypatch.setenv("PEGBOARD_FUSED_SILU_DOWN", "1")
+    mlp.set_fused_kernels(True)
+    for module in mlp.children():
+        module.set_fused_kernels(True)
+    x = randn(2, 24, dtype=torch.bfloat16, seed=5)
+    out = mlp(x)
+    assert out.data_ptr() == buffer[1].data_ptr() and joined.pending is out
+    assert separate_calls == []
+    expected = dense.linear(activation.silu_and_mul(mlp.gate_up_proj(x)), mlp.down_proj.weight)
+    torch.testing.assert_close(buffer[1, :2], expected, atol=0, rtol=0)
