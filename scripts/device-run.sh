@@ -3,6 +3,7 @@
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
 #                 [tests | tests-1 tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
+#                 [llama-bs1-silu] [llama-bs1-silu-tp2]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
@@ -84,6 +85,21 @@ for job in "${jobs[@]}"; do
     llama-bs1) timeout 150 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
         --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
         ${BENCH_ARGS:-} --json "$OUT/llama8b-bs1${TAG:-}.json" 2>"$OUT/llama8b-bs1${TAG:-}.err" | tail -12 ;;
+    llama-bs1-silu|llama-bs1-silu-tp2) # SiLU-and-mul inside the down GEMV (issue 11/17): the
+        # llama-bs1 (TP=1) / llama-bs1-tp2 shm (TP=2, the fused all-reduce + norm on) run with
+        # PEGBOARD_FUSED_SILU_DOWN=0, then =1; -tp2 needs nvidia-h200-x2. Per run: tok/s, host and
+        # device-wait ms per step (one launch fewer per layer: ~32 x 2 us expected off the step)
+        tp=1; [ $job = llama-bs1-silu-tp2 ] && tp=2
+        for s in 0 1; do
+          PEGBOARD_FUSED_SILU_DOWN=$s PEGBOARD_TP_FUSED_NORM=1 timeout -k 10 200 $PB bench offline \
+            --random-weights --profile-host --config llama-3.1-8b --num-seqs 1 --min-input 128 \
+            --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 --tp-size $tp \
+            ${BENCH_ARGS:-} --json "$OUT/$job-$s.json" 2>"$OUT/$job-$s.err" >/dev/null
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+print('PEGBOARD_FUSED_SILU_DOWN=' + sys.argv[2], d['output_tok_s'], 'tok/s; host', \
+h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')" \
+            "$OUT/$job-$s.json" $s || tail -5 "$OUT/$job-$s.err"
+        done ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"
         timeout 200 $PB bench prefix --random-weights --config qwen3-0.6b --kv-cache "$cache" \

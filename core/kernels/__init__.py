@@ -9,7 +9,9 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   fused add + norm) and returns `(normed, new_residual)`, `new_residual = x + residual`
   rounded to the activation dtype exactly as the unfused `x + residual` rounds it.
 - `activation.silu_and_mul(gate_up)` — `silu(gate) * up` over the fused `[T, 2 * I]`
-  gate/up projection, in one pass, to a new `[T, I]` tensor.
+  gate/up projection, in one pass, to a new `[T, I]` tensor. With `PEGBOARD_FUSED_SILU_DOWN=1`
+  (`fused_silu_down`) the down projection's GEMV computes it instead (`dense.silu_linear`), bit
+  for bit the same, one launch fewer per layer at decode.
 - `rotary.rotary_embedding(positions, q, k, cos, sin, ...)` — rope (NeoX/HF rotate-half
   layout, float32 cos/sin tables, int64 positions) applied to q and k in place, so it works on
   the q/k views of the fused qkv projection's output; with q/k norm weights (Qwen3) each head
@@ -73,3 +75,10 @@ def gemv_disabled() -> bool:
     """Whether `PEGBOARD_DISABLE_GEMV` (set and not "0") keeps the linear layers on `F.linear`
     when the other fused kernels are switched on (read when they are switched on)."""
     return os.environ.get("PEGBOARD_DISABLE_GEMV", "0") not in ("", "0")
+
+
+def fused_silu_down() -> bool:
+    """Whether `PEGBOARD_FUSED_SILU_DOWN` (set and not "0") makes the MLPs' down projections
+    compute SiLU-and-mul inside their GEMV at decode (`dense.silu_linear`; read when the fused
+    kernels are switched on). Off by default until measured on a GPU."""
+    return os.environ.get("PEGBOARD_FUSED_SILU_DOWN", "0") not in ("", "0")

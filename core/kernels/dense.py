@@ -26,7 +26,12 @@ def linear(
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through the kernel measured fastest for this many rows; with
     `out` (`[rows of x, N]`: a tensor-parallel projection writing into its symmetric buffer,
-    `pegboard.core.distributed.fused_norm`), written there by the GEMV or cuBLAS."""
+    `pegboard.core.distributed.fused_norm`), written there by the GEMV or cuBLAS.
+
+    x may also be a SwiGLU MLP's gate/up output `[..., 2 * K]` for the down projection
+    (`takes_gate_up`): then the input is `silu(gate) * up` (`silu_linear`)."""
+    if x.shape[-1] and x.shape[-1] == 2 * weight.shape[-1]:
+        return silu_linear(x, weight, bias, out)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows <= gemv.MAX_ROWS or out is not None:
         return gemv.linear(x, weight, bias, out=out)
@@ -35,3 +40,28 @@ def linear(
         if config is not None and weight.is_contiguous():
             return skinny_gemm.skinny_gemm(x, weight, bias, config)
     return F.linear(x, weight, bias)
+
+
+def takes_gate_up(rows: int, weight: torch.Tensor) -> bool:
+    """Whether `linear` with this weight computes SiLU-and-mul inside its kernel for `rows`
+    rows of gate/up (`silu_linear`): where it runs the GEMV (`gemv.DECODE_CONFIGS`)."""
+    return gemv.decode_config(rows, weight) is not None and weight.is_contiguous()
+
+
+def silu_linear(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`linear(activation.silu_and_mul(gate_up), weight, bias, out)` for `gate_up [..., 2 * K]`:
+    where the GEMV takes this many rows (`takes_gate_up`) SiLU-and-mul runs inside it, per K
+    block, bit for bit as the separate kernel computes it (one launch fewer per MLP at decode:
+    `PEGBOARD_FUSED_SILU_DOWN`, `pegboard.core.models.llama.DecoderMLP`); else separately."""
+    rows = gate_up.numel() // gate_up.shape[-1] if gate_up.shape[-1] else 0
+    if takes_gate_up(rows, weight):
+        config = gemv.decode_config(rows, weight)
+        return gemv.gemv(gate_up, weight, bias, config, out=out, gate_up=True)
+    from pegboard.core.kernels.activation import silu_and_mul
+
+    return linear(silu_and_mul(gate_up), weight, bias, out)

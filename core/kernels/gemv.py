@@ -108,6 +108,22 @@ def _x_tile(ptrs, k_offs, K, m_mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _input_tile(ptrs, k_offs, K, m_mask, EVEN_K: tl.constexpr, GATE_UP: tl.constexpr):
+    """A tile of the input rows; with `GATE_UP`, of `silu(gate) * up` computed from the
+    gate/up rows (`ptrs` at gate, up K further on), rounded as `activation.silu_and_mul`
+    rounds its output: SiLU in float32 rounded to the activation dtype, the product again."""
+    if GATE_UP:
+        gate = _x_tile(ptrs, k_offs, K, m_mask, EVEN_K)
+        up = _x_tile(ptrs + K, k_offs, K, m_mask, EVEN_K).to(tl.float32)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        x = (act * up).to(gate.dtype)
+    else:
+        x = _x_tile(ptrs, k_offs, K, m_mask, EVEN_K)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
     X,
     W,
@@ -127,6 +143,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
+    GATE_UP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -141,11 +158,11 @@ def _gemv_kernel(
     # The first weight tile is loading while the kernel before finishes.
     w = _weight_tile(w_ptrs, k_offs, K, EVEN_K)
     wait_for_inputs(PDL)
-    x = _x_tile(x_ptrs, k_offs, K, m_mask, EVEN_K)
+    x = _input_tile(x_ptrs, k_offs, K, m_mask, EVEN_K, GATE_UP)
     acc = x.to(tl.float32) * w.to(tl.float32)  # [BLOCK_M, BLOCK_N, BLOCK_K], summed at the end
     for k in range(BLOCK_K, k_per_split, BLOCK_K):
         w = _weight_tile(w_ptrs + k, k_offs + k, K, EVEN_K)
-        x = _x_tile(x_ptrs + k, k_offs + k, K, m_mask, EVEN_K)
+        x = _input_tile(x_ptrs + k, k_offs + k, K, m_mask, EVEN_K, GATE_UP)
         acc += x.to(tl.float32) * w.to(tl.float32)
     acc_mn = tl.sum(acc, axis=2)
     _store_rows(acc_mn, offs_m, offs_n, pid_k, M, N, Bias, Out, Partial, stride_om, HAS_BIAS, SPLIT)
@@ -171,6 +188,7 @@ def _dot_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
+    GATE_UP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -184,11 +202,11 @@ def _dot_kernel(
     m_mask = offs_m[None, :] < M
     w = _weight_tile(w_ptrs, k_offs[None, :], K, EVEN_K)
     wait_for_inputs(PDL)
-    xt = _x_tile(xt_ptrs, k_offs[:, None], K, m_mask, EVEN_K)
+    xt = _input_tile(xt_ptrs, k_offs[:, None], K, m_mask, EVEN_K, GATE_UP)
     acc = tl.dot(w, xt.to(w.dtype), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
     for k in range(BLOCK_K, k_per_split, BLOCK_K):
         w = _weight_tile(w_ptrs + k, k_offs[None, :] + k, K, EVEN_K)
-        xt = _x_tile(xt_ptrs + k, k_offs[:, None] + k, K, m_mask, EVEN_K)
+        xt = _input_tile(xt_ptrs + k, k_offs[:, None] + k, K, m_mask, EVEN_K, GATE_UP)
         acc = tl.dot(w, xt.to(w.dtype), acc, input_precision=PRECISION)
     _store_rows(
         tl.trans(acc),
@@ -237,13 +255,19 @@ def gemv(
     bias: torch.Tensor | None,
     config: GemvConfig,
     out: torch.Tensor | None = None,
+    gate_up: bool = False,
 ) -> torch.Tensor:
     """`x @ weight.T + bias` with `config`: x `[..., K]` (a unit stride along K), weight
     `[N, K]` contiguous, bias `[N]` or None; a new `[..., N]` tensor in x's dtype, or written
     into `out` (`[rows of x, N]`, x's dtype, a unit stride along N). Accumulates in float32
-    (tensor cores take float32 inputs at full precision)."""
-    x2, out = rows_and_output(x, weight, "gemv", out)
-    (m, k), n = x2.shape, weight.shape[0]
+    (tensor cores take float32 inputs at full precision).
+
+    With `gate_up`, x is a SwiGLU gate/up projection's output `[..., 2 * K]` (gate first) and
+    the input rows are `silu(gate) * up`, computed per K block inside the kernel and rounded
+    exactly as `activation.silu_and_mul` rounds them: the result equals
+    `gemv(silu_and_mul(x), ...)` bit for bit, one launch and one `[rows, K]` tensor fewer."""
+    x2, out = rows_and_output(x, weight, "gemv", out, gate_up)
+    m, n, k = x2.shape[0], weight.shape[0], weight.shape[1]
     if m == 0:
         return out.view(*x.shape[:-1], n)
     block_k = min(config.block_k, triton.next_power_of_2(k))
@@ -257,6 +281,7 @@ def gemv(
         "EVEN_K": k % k_per_split == 0,
         "HAS_BIAS": bias is not None,
         "SPLIT": splits > 1,
+        "GATE_UP": gate_up,
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
@@ -276,13 +301,21 @@ def gemv(
 
 
 def rows_and_output(
-    x: torch.Tensor, weight: torch.Tensor, kernel: str, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    kernel: str,
+    out: torch.Tensor | None = None,
+    gate_up: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For `x @ weight.T`: x as `[M, K]` rows with a unit stride along K, and the `[M, N]`
-    output: `out` if given (checked: x's dtype, a unit stride along N), else a new one in x's
-    dtype; the weight must be a contiguous `[N, K]` (errors name `kernel`)."""
+    """For `x @ weight.T`: x as `[M, K]` rows (`[M, 2 * K]` gate/up rows with `gate_up`) with a
+    unit stride along K, and the `[M, N]` output: `out` if given (checked: x's dtype, a unit
+    stride along N), else a new one in x's dtype; the weight must be a contiguous `[N, K]`
+    (errors name `kernel`)."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
+    width = 2 * k if gate_up else k
+    if x.shape[-1] != width:
+        raise ValueError(f"{kernel}: x has {x.shape[-1]} columns, the weight takes {width}")
+    x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if not weight.is_contiguous():

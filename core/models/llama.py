@@ -103,17 +103,40 @@ class DecoderMLP(nn.Module):
         )
         self.down_proj = linear(f"{prefix}.down_proj", size, cfg.hidden_size, None, cfg.mlp_bias)
         self.act_fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
+        #: `dense.takes_gate_up` when the down projection may take the gate/up output and
+        #: compute SiLU-and-mul in its GEMV (`PEGBOARD_FUSED_SILU_DOWN=1`), else None.
+        self.takes_gate_up: Callable[[int, torch.Tensor], bool] | None = None
 
     def set_fused_kernels(self, enabled: bool) -> None:
+        self.takes_gate_up = None
         if enabled:
+            from pegboard.core.kernels import fused_silu_down
             from pegboard.core.kernels.activation import silu_and_mul as fused_silu_and_mul
 
             self.act_fn = fused_silu_and_mul
+            if fused_silu_down():
+                from pegboard.core.kernels.dense import takes_gate_up
+
+                self.takes_gate_up = takes_gate_up
         else:
             self.act_fn = silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self._down_takes_gate_up(gate_up):  # SiLU-and-mul inside the down GEMV
+            return self.down_proj(gate_up)
+        return self.down_proj(self.act_fn(gate_up))
+
+    def _down_takes_gate_up(self, gate_up: torch.Tensor) -> bool:
+        """Whether the down projection is a dense layer on its GEMV/skinny kernels
+        (`Linear.kernel`) whose GEMV takes this many rows; decided in Python by the row
+        count, so a CUDA graph captures whichever path its batch size takes. Other linear
+        plugins' layers (W4A16) keep the separate SiLU-and-mul."""
+        down = self.down_proj
+        if self.takes_gate_up is None or not isinstance(down, Linear) or down.kernel is None:
+            return False
+        rows = gate_up.numel() // gate_up.shape[-1] if gate_up.shape[-1] else 0
+        return self.takes_gate_up(rows, down.weight)
 
 
 class DecoderLayer(nn.Module):
