@@ -32,7 +32,7 @@ def linear(
     (`takes_gate_up`): then the input is `silu(gate) * up` (`silu_linear`)."""
     if x.shape[-1] and x.shape[-1] == 2 * weight.shape[-1]:
         return silu_linear(x, weight, bias, out)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = gemv.num_rows(x)
     if rows <= gemv.MAX_ROWS or out is not None:
         return gemv.linear(x, weight, bias, out=out)
     if rows <= skinny_gemm.MAX_ROWS:  # prefill's many rows go straight to cuBLAS
@@ -45,7 +45,12 @@ def linear(
 def takes_gate_up(rows: int, weight: torch.Tensor) -> bool:
     """Whether `linear` with this weight computes SiLU-and-mul inside its kernel for `rows`
     rows of gate/up (`silu_linear`): where it runs the GEMV (`gemv.DECODE_CONFIGS`)."""
-    return gemv.decode_config(rows, weight) is not None and weight.is_contiguous()
+    return _gate_up_config(rows, weight) is not None
+
+
+def _gate_up_config(rows: int, weight: torch.Tensor) -> gemv.GemvConfig | None:
+    config = gemv.decode_config(rows, weight)
+    return config if config is not None and weight.is_contiguous() else None
 
 
 def silu_linear(
@@ -58,9 +63,8 @@ def silu_linear(
     where the GEMV takes this many rows (`takes_gate_up`) SiLU-and-mul runs inside it, per K
     block, bit for bit as the separate kernel computes it (one launch fewer per MLP at decode:
     `PEGBOARD_FUSED_SILU_DOWN`, `pegboard.core.models.llama.DecoderMLP`); else separately."""
-    rows = gate_up.numel() // gate_up.shape[-1] if gate_up.shape[-1] else 0
-    if takes_gate_up(rows, weight):
-        config = gemv.decode_config(rows, weight)
+    config = _gate_up_config(gemv.num_rows(gate_up), weight)
+    if config is not None:
         return gemv.gemv(gate_up, weight, bias, config, out=out, gate_up=True)
     from pegboard.core.kernels.activation import silu_and_mul
 

@@ -467,6 +467,11 @@ DECODE_CONFIGS: dict[tuple[torch.dtype, int, int], dict[int, GemvConfig | None]]
 }
 
 
+def num_rows(x: torch.Tensor) -> int:
+    """Rows of `x [..., K]` as a linear layer sees them (0 for an empty K)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def decode_config(rows: int, weight: torch.Tensor) -> GemvConfig | None:
     """The measured configuration for `rows` rows of x times `weight`, or None (use cuBLAS)."""
     if not 1 <= rows <= MAX_ROWS:
@@ -484,8 +489,7 @@ def linear(
     """`F.linear(x, weight, bias)`, through `gemv` where `DECODE_CONFIGS` has a configuration
     faster than cuBLAS for this weight and this many rows of x; with `out` (`[rows of x, N]`),
     written there (a tensor-parallel projection writing into the symmetric buffer)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    config = decode_config(rows, weight)
+    config = decode_config(num_rows(x), weight)
     if config is None or not weight.is_contiguous():
         if out is None:
             return F.linear(x, weight, bias)
