@@ -184,7 +184,7 @@ h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('fo
         # (pytest-timeout, where the image has it: a hang costs one test and shows its stack)
         per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT:-150}")
         timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=0 \
-          $per_test tests/test_tensor_parallel.py > "$OUT/tp-tests-full.log" 2>&1
+          -o faulthandler_timeout=${TEST_TIMEOUT:-150} $per_test tests/test_tensor_parallel.py > "$OUT/tp-tests-full.log" 2>&1
         echo "tp-tests: exit $?" >> "$OUT/tp-tests-full.log"; tail -60 "$OUT/tp-tests-full.log" | tee "$OUT/tp-tests.log" ;;
     allreduce) # µs per small all-reduce on two GPUs: NCCL vs symmetric memory (issue 11)
         timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 scripts/bench_allreduce.py \

@@ -305,17 +305,12 @@ def test_two_nodes_on_loopback_serve_one_model(tp_models, tmp_path):
 def test_tp2_bf16_greedy_agrees_with_one_gpu_except_near_ties(tp_models, name, pool):
     """NCCL (or symmetric-memory) all-reduces, CUDA graphs and overlap on: the TP=2 greedy
     tokens equal TP=1's up to the first step where TP=1's top-2 logprobs are within 0.1
-    (bf16 sums in another order may flip a near-tie)."""
-    model_dir = tp_models[name]
+    (bf16 sums in another order may flip a near-tie). Each engine runs in a fresh process."""
     first, second = waves()
-    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=2)
-    settings = dict(dtype="bfloat16", device="cuda", **pool)
-    with LLM(str(model_dir), **settings) as llm:
-        one = llm.generate(first + second, params)
-    with LLM(str(model_dir), tp_size=2, **settings) as llm:
-        assert llm.engine.runner.cuda_graphs is not None, llm.engine.runner.cuda_graph_off_reason
-        two = llm.generate(first + second, params)
-    assert agreeing_steps(one, two, margin=0.1) > len(one) * 8  # most had a clear winner
+    one = _greedy_process(tp_models[name], first + second, tp_size=1, **pool)
+    two = _greedy_process(tp_models[name], first + second, tp_size=2, **pool)
+    assert two["graphs"], "TP=2 ran without CUDA graphs"
+    assert agreeing_steps(one["outputs"], two["outputs"], margin=0.1) > len(one["outputs"]) * 8
 
 
 @pytest.mark.gpu
@@ -326,7 +321,15 @@ def test_tp2_fused_allreduce_norm_decodes_as_the_unfused_path(tp_models):
     `MAX_ROWS` tokens take the unfused path in both runs. Each engine runs in a fresh process
     (its own process groups and symmetric memory)."""
     first, second = waves()
-    runs = {fused: _tp2_greedy_process(tp_models["llama"], first + second, fused) for fused in "10"}
+    runs = {
+        fused: _greedy_process(
+            tp_models["llama"],
+            first + second,
+            env={"PEGBOARD_TP_FUSED_NORM": fused},
+            kv_cache_tokens=4096,
+        )
+        for fused in "10"
+    }
     assert runs["1"]["fused"], "the fused path did not start (its check failed: see the log)"
     assert not runs["0"]["fused"]
     assert runs["1"]["graphs"] and runs["0"]["graphs"]
@@ -334,14 +337,14 @@ def test_tp2_fused_allreduce_norm_decodes_as_the_unfused_path(tp_models):
     assert agreeing_steps(one, two, margin=0.1) > len(one) * 8  # most had a clear winner
 
 
-_TP2_GREEDY = """
+_GREEDY = """
 import json, sys
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import SamplingParams
 params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=2)
-settings = dict(dtype="bfloat16", device="cuda", kv_cache_tokens=4096)
-with LLM(sys.argv[1], tp_size=2, **settings) as llm:
-    fused = llm.engine.runner.model.tp_fused_norm is not None
+settings = dict(dtype="bfloat16", device="cuda", **json.loads(sys.argv[3]))
+with LLM(sys.argv[1], **settings) as llm:
+    fused = getattr(llm.engine.runner.model, "tp_fused_norm", None) is not None
     graphs = llm.engine.runner.cuda_graphs is not None
     outs = llm.generate(json.loads(sys.argv[2]), params)
 top = [[[float(lp.top[0][1]), float(lp.top[1][1])] for lp in o.logprobs] for o in outs]
@@ -349,16 +352,20 @@ print(json.dumps({"fused": fused, "graphs": graphs, "tokens": [o.token_ids for o
 """
 
 
-def _tp2_greedy_process(model_dir, prompts: list[list[int]], fused: str) -> dict:
-    """A TP=2 bf16 greedy run in its own process, `PEGBOARD_TP_FUSED_NORM=fused`: whether the
-    fused path ran, whether CUDA graphs did, and outputs `agreeing_steps` can compare."""
+def _greedy_process(
+    model_dir, prompts: list[list[int]], tp_size: int = 2, env: dict | None = None, **settings
+) -> dict:
+    """A bf16 greedy run on CUDA in its own process (its own process groups and symmetric
+    memory; a TP teardown cannot leave anything behind for the next test): whether the fused
+    all-reduce + norm ran, whether CUDA graphs did, and outputs `agreeing_steps` can compare.
+    `settings` are LLM arguments (the pool's size or share, ...)."""
     import json
     from types import SimpleNamespace
 
-    env = {**os.environ, "PEGBOARD_TP_FUSED_NORM": fused}
+    settings = {**settings, "tp_size": tp_size}
     done = subprocess.run(
-        [sys.executable, "-c", _TP2_GREEDY, str(model_dir), json.dumps(prompts)],
-        env=env,
+        [sys.executable, "-c", _GREEDY, str(model_dir), json.dumps(prompts), json.dumps(settings)],
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=240,
