@@ -77,8 +77,11 @@ def gemv_disabled() -> bool:
     return os.environ.get("PEGBOARD_DISABLE_GEMV", "0") not in ("", "0")
 
 
-def fused_silu_down() -> bool:
-    """Whether `PEGBOARD_FUSED_SILU_DOWN` (set and not "0") makes the MLPs' down projections
-    compute SiLU-and-mul inside their GEMV at decode (`dense.silu_linear`; read when the fused
-    kernels are switched on). Off by default until measured on a GPU."""
-    return os.environ.get("PEGBOARD_FUSED_SILU_DOWN", "0") not in ("", "0")
+def fused_silu_down() -> str:
+    """`PEGBOARD_FUSED_SILU_DOWN` (read when the fused kernels are switched on): whether the
+    MLPs' down projections compute SiLU-and-mul inside their GEMV at decode
+    (`dense.silu_linear`). "0": never; "1": wherever the GEMV takes the rows
+    (`dense.takes_gate_up`); "auto" (default): only where each GEMV program shares its SiLU
+    work over enough output rows to pay (`dense.shares_silu`)."""
+    value = os.environ.get("PEGBOARD_FUSED_SILU_DOWN", "auto")
+    return "0" if value in ("", "0") else "auto" if value == "auto" else "1"

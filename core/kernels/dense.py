@@ -48,6 +48,20 @@ def takes_gate_up(rows: int, weight: torch.Tensor) -> bool:
     return _gate_up_config(rows, weight) is not None
 
 
+#: `shares_silu`'s threshold. Fused, every GEMV program recomputes SiLU for its whole K slice,
+#: so the added work is one SiLU per program and K element. H200, 2026-12-01, Llama-3.1-8B
+#: batch 1: with 8 output rows per program (TP=2's down shard) fusing won, 387.0 vs 380.6
+#: tok/s; with 2 (TP=1's full down projection) it lost, 229.8 vs 242.6.
+SHARED_SILU_MIN_BLOCK_N = 8
+
+
+def shares_silu(rows: int, weight: torch.Tensor) -> bool:
+    """`takes_gate_up`, where each GEMV program computes at least `SHARED_SILU_MIN_BLOCK_N`
+    output rows from the SiLU it recomputes (`PEGBOARD_FUSED_SILU_DOWN=auto`)."""
+    config = _gate_up_config(rows, weight)
+    return config is not None and config.block_n >= SHARED_SILU_MIN_BLOCK_N
+
+
 def _gate_up_config(rows: int, weight: torch.Tensor) -> gemv.GemvConfig | None:
     config = gemv.decode_config(rows, weight)
     return config if config is not None and weight.is_contiguous() else None

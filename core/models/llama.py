@@ -104,7 +104,8 @@ class DecoderMLP(nn.Module):
         self.down_proj = linear(f"{prefix}.down_proj", size, cfg.hidden_size, None, cfg.mlp_bias)
         self.act_fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
         #: `dense.takes_gate_up` when the down projection may take the gate/up output and
-        #: compute SiLU-and-mul in its GEMV (`PEGBOARD_FUSED_SILU_DOWN=1`), else None.
+        #: compute SiLU-and-mul in its GEMV (`dense.shares_silu` or, with
+        #: `PEGBOARD_FUSED_SILU_DOWN=1`, `dense.takes_gate_up`), else None.
         self.takes_gate_up: Callable[[int, torch.Tensor], bool] | None = None
 
     def set_fused_kernels(self, enabled: bool) -> None:
@@ -114,10 +115,11 @@ class DecoderMLP(nn.Module):
             from pegboard.core.kernels.activation import silu_and_mul as fused_silu_and_mul
 
             self.act_fn = fused_silu_and_mul
-            if fused_silu_down():
-                from pegboard.core.kernels.dense import takes_gate_up
+            mode = fused_silu_down()
+            if mode != "0":
+                from pegboard.core.kernels import dense
 
-                self.takes_gate_up = takes_gate_up
+                self.takes_gate_up = dense.shares_silu if mode == "auto" else dense.takes_gate_up
         else:
             self.act_fn = silu_and_mul
 
