@@ -697,4 +697,5 @@ class Engine:
         if self.pd is not None:
             self.pd.close()
         if self.tp is not None:
+            self.runner.release_graphs()  # before NCCL's teardown, which waits for them
             self.tp.close()

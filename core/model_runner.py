@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import operator
@@ -123,6 +124,17 @@ class ModelRunner:
         have = torch.get_num_threads()
         want = max(1, min(have, self._flops_per_token * sum(num_tokens) // CPU_FLOPS_PER_THREAD))
         return contextlib.nullcontext() if want == have else _intra_op_threads(want, have)
+
+    def release_graphs(self) -> None:
+        """Destroy the captured CUDA graphs now (the eager path serves any later batch). A
+        tensor-parallel rank calls this before leaving its process groups: NCCL's teardown
+        waits until every graph that captured one of its collectives is destroyed, so graphs
+        still alive then hang it (and the process aborts at exit)."""
+        self.cuda_graphs = self.mixed_graphs = None
+        self.cuda_graph_off_reason = self.mixed_graph_off_reason = "released"
+        gc.collect()  # graphs held in reference cycles go too
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def set_attention(
         self,

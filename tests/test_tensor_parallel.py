@@ -112,6 +112,25 @@ def test_tp2_with_an_fp8_kv_cache_equals_one_process(tp_models):
         assert tp == [o.token_ids for o in llm.generate(first, params)]
 
 
+def test_rank_0_destroys_its_graphs_before_leaving_the_groups(tp_models, monkeypatch):
+    """NCCL's teardown waits for every CUDA graph that captured one of its collectives to be
+    destroyed (on two H200s it hung 20 s, then the process aborted at exit)."""
+    from pegboard.core.distributed.group import Groups
+    from pegboard.core.model_runner import ModelRunner
+
+    calls = []
+    release, destroy = ModelRunner.release_graphs, Groups.destroy
+    monkeypatch.setattr(
+        ModelRunner, "release_graphs", lambda self: calls.append("graphs") or release(self)
+    )
+    monkeypatch.setattr(
+        Groups, "destroy", lambda self, *a: calls.append("groups") or destroy(self, *a)
+    )
+    with LLM(str(tp_models["llama"]), tp_size=2, **SETTINGS) as llm:
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))
+    assert calls == ["graphs", "groups"]
+
+
 def test_each_rank_reads_its_slices_and_together_they_make_the_checkpoint(tp_models):
     """Column slices (q by heads, k/v by KV heads), row slices (o, down), vocab rows padded."""
     model_dir = tp_models["qwen3-kv1"]
@@ -437,7 +456,7 @@ def _fused_norm_rank(rank: int, port: int, world_size: int) -> None:
 
     weight = (1.0 + randn(hidden, generator=same, scale=0.3)).to(dtype)
     o_shard = randn(hidden, 2048, generator=own, scale=0.02)  # o_proj of rank r, TP=2
-    for rows in (1, 2, 5, 64):
+    for rows in (1, 2, 5, fused.max_rows):  # the fused path takes up to MAX_ROWS rows
         x = randn(rows, 2048, generator=own)
         residual = randn(rows, hidden, generator=same)
         for slot in (0, 1):

@@ -100,6 +100,7 @@ class Follower:
                 self._place_experts(payload)
         if self.attention is not None:
             self.attention.close()
+        self.runner.release_graphs()  # before NCCL's teardown, which waits for them
 
     def _place_experts(self, physical_to_logical: list[list[int]]) -> None:
         num_logical = self.runner.model.config.moe.num_experts
@@ -131,6 +132,7 @@ class Follower:
         )
         if self.attention is not None:
             self.attention.close()
+        self.runner.release_graphs()  # before NCCL's teardown, which waits for them
         self.attention = plugin
 
 
