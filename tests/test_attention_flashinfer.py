@@ -185,6 +185,16 @@ def test_without_jit_a_kernel_that_is_not_prebuilt_fails_naming_the_command(
         attention_flashinfer._check_prebuilt(kernels, jit=False)
 
 
+def test_without_jit_missing_fp8_kernels_name_the_build_flag_for_them(aot_dir_restored, tmp_path):
+    import flashinfer
+
+    kernels = flashinfer_kernels.required_kernels(128, torch.bfloat16, FP8)
+    flashinfer_kernels.use_kernel_dir(_fake_kernel_dir(tmp_path / "k", [], flashinfer.__version__))
+    with pytest.raises(RuntimeError, match="not prebuilt: batch_decode.*_dtype_kv_e4m3_.*"
+                       "pegboard kernels build --arch <sm> --kv-cache-dtype fp8_e4m3"):  # fmt: skip
+        attention_flashinfer._check_prebuilt(kernels, jit=False)
+
+
 def test_with_jit_a_kernel_that_is_not_prebuilt_is_a_warning(aot_dir_restored, tmp_path, caplog):
     import flashinfer
 

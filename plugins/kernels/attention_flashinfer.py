@@ -323,8 +323,10 @@ def _check_prebuilt(kernels: list[flashinfer_kernels.Kernel], jit: bool) -> None
     if not missing:
         return
     names = ", ".join(k.name for k in missing)
+    fp8 = any(k.kv_dtype == "float8_e4m3fn" for k in missing)
+    kv = " --kv-cache-dtype fp8_e4m3" if fp8 else ""
     how = (
-        f"prebuild them with `pegboard kernels build --arch <sm> --out DIR` and pass "
+        f"prebuild them with `pegboard kernels build --arch <sm>{kv} --out DIR` and pass "
         f"--flashinfer-kernel-dir DIR (or set {flashinfer_kernels.KERNEL_DIR_ENV})"
     )
     if not jit:
