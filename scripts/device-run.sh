@@ -416,9 +416,9 @@ PY
         # 64 x 2048; (b) the nano-vllm workload, --attention flashinfer bf16 vs fp8_e4m3, then triton
         # bf16 (FP8FI_RUNS="attention:kv-dtype ..." to change the list; e.g. add triton:fp8_e4m3)
         [ -d .kernels ] || { echo "fp8-flashinfer: carry .kernels (built by pegboard kernels build)"; continue; }
-        timeout 120 python3 scripts/bench_decode_attention.py --cases nano,llama-64x2048 --dtypes bf16,fp8 \
+        timeout 120 python3 scripts/bench_decode_attention.py --cases nano,llama-64x2048 --dtypes bf16,fp8 --budget-s 90 \
           --variants s3-fast-pf,s4-fast-pf-f16,flashinfer-cc,flashinfer-tc \
-          --json "$OUT/fp8fi-decode.json" 2>&1 | tee "$OUT/fp8fi-decode.log" | grep -v '^  ' | tail -14
+          --json "$OUT/fp8fi-decode.json" 2>&1 | tee "$OUT/fp8fi-decode.log" | tail -40
         for run in ${FP8FI_RUNS:-flashinfer:auto flashinfer:fp8_e4m3 triton:auto}; do
           name=fp8fi-offline-${run%%:*}-${run#*:}
           timeout 110 $PB bench offline --random-weights --config qwen3-0.6b --attention ${run%%:*} \
@@ -431,7 +431,9 @@ runs = {f.split("fp8fi-offline-")[1][:-5]: json.load(open(f)) for f in sorted(gl
 for name, r in runs.items():
     h = r.get("host_profile") or {}
     print(f"{name:<22} {r['output_tok_s']:>10.1f} out tok/s {r['elapsed_s']:>7.2f} s steps {r['steps']}; "
-          f"host {h.get('host_ms_per_step')} ms/step, waiting for the device {h.get('device_wait_ms_per_step')}")
+          f"host {h.get('host_ms_per_step')} ms/step (attention.prepare "
+          f"{(h.get('ms_per_step') or {}).get('forward: attention.prepare')}), waiting for the device "
+          f"{h.get('device_wait_ms_per_step')}")
 base, fp8 = runs.get("flashinfer-auto"), runs.get("flashinfer-fp8_e4m3")
 if base and fp8:
     print(f"flashinfer fp8 / bf16: {fp8['output_tok_s'] / base['output_tok_s']:.2f}x (issue 15 goal 1.5x, issue 17 28,000 tok/s)")

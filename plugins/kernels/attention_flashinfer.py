@@ -270,7 +270,8 @@ class FlashInferAttentionBackend(AttentionBackend):
 
 class FlashInferAttention(Attention):
     """Plugin `flashinfer` (slot `attention`): paged decode and prefill (over a cached prefix)
-    through FlashInfer's wrappers, CUDA-graph compatible for decode.
+    through FlashInfer's wrappers, CUDA-graph compatible for decode, over a bf16/fp16 or an
+    FP8 e4m3 KV pool (`--kv-cache-dtype fp8_e4m3`).
 
     Needs the `flashinfer-python` package (`pip install 'pegboard[gpu]'`) and a CUDA device;
     kernels are compiled by FlashInfer at first use unless prebuilt (`pegboard kernels
