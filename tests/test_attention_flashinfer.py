@@ -472,7 +472,12 @@ def test_gpu_decode_metadata_stays_at_fixed_addresses_after_prepare_for_capture(
 
 @pytest.mark.gpu
 def test_gpu_forward_never_synchronizes_with_the_device():
-    for case in (gpu_case([500] * 8, [1] * 8), gpu_case([0, 300], [200, 1])):
+    for case in (
+        gpu_case([500] * 8, [1] * 8),
+        gpu_case([0, 300], [200, 1]),
+        gpu_case([500] * 8, [1] * 8, fp8=True),  # the scales are host floats: no device read
+        gpu_case([0, 300], [200, 1], fp8=True),
+    ):
         backend = FlashInferAttentionBackend(case.info, case.pool)
         backend.prepare(case.batch)
         backend.forward(0, case.q, case.k, case.v)
