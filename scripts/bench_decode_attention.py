@@ -23,12 +23,20 @@ request, `--splits-for actual`).
 `--sweep` times every variant, shape by shape in the order above (nano first), until the
 budget is spent, and ends with a table (µs; `*` marks each column's fastest) and the
 `DECODE_DEFAULTS` line that picks the fastest per batch size.
+
+FlashInfer's paged decode over the same pool and pages, for comparison (`--variants
+...,flashinfer-cc,flashinfer-tc`; with an FP8 pool its e4m3 kernels): `flashinfer-cc` its
+CUDA-core decode kernel (what the `flashinfer` backend runs for GQA groups below 4),
+`flashinfer-tc` its tensor-core (FA2 prefill) kernel; wrappers in CUDA-graph mode as the
+backend plans them, kernels from `PEGBOARD_FLASHINFER_KERNELS` (`pegboard kernels build`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -44,6 +52,8 @@ from pegboard.plugins.kernels.triton_attention.decode import (
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+#: FlashInfer's decode kernels, by name: whether the wrapper uses tensor cores.
+FLASHINFER_VARIANTS = {"flashinfer-cc": False, "flashinfer-tc": True}
 PAGE_SIZE, HEAD_DIM = 16, 128
 #: Largest difference from the float32 reference a variant may have (bf16 outputs of O(1)).
 MAX_ERR = 5e-2
@@ -129,6 +139,42 @@ class Setup:
         ]
 
 
+def flashinfer_calls(setup: Setup, tensor_cores: bool) -> list:
+    """One call per layer of FlashInfer's paged decode over the setup's pool and page tables:
+    a wrapper in CUDA-graph mode per layer (its own index buffers), planned once."""
+    import flashinfer
+    from pegboard.plugins.kernels import flashinfer_kernels
+
+    kernel_dir = os.environ.get(flashinfer_kernels.KERNEL_DIR_ENV)
+    if kernel_dir:
+        flashinfer_kernels.use_kernel_dir(kernel_dir)
+    case, dev = setup.case, setup.q.device
+    pages_per = [-(-n // PAGE_SIZE) for n in case.seq_lens]
+    indptr = torch.tensor([0, *itertools.accumulate(pages_per)], dtype=torch.int32)
+    last = [n - (p - 1) * PAGE_SIZE for n, p in zip(case.seq_lens, pages_per)]
+    last = torch.tensor(last, dtype=torch.int32)
+    workspace = torch.zeros(128 << 20, dtype=torch.uint8, device=dev)  # runs one at a time
+    calls = []
+    for table, out in zip(setup.tables, setup.outs):
+        indices = torch.cat([table[i, :p] for i, p in enumerate(pages_per)])
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=tensor_cores,
+            paged_kv_indptr_buffer=torch.empty_like(indptr, device=dev),
+            paged_kv_indices_buffer=torch.empty_like(indices),
+            paged_kv_last_page_len_buffer=torch.empty_like(last, device=dev),
+            backend="fa2",
+        )
+        wrapper.plan(
+            indptr, indices, last, case.heads, case.kv_heads, HEAD_DIM, PAGE_SIZE,
+            sm_scale=setup.scale, q_data_type=setup.q.dtype, kv_data_type=setup.kv_dtype,
+        )  # fmt: skip
+        calls.append(lambda w=wrapper, o=out: w.run(setup.q, (setup.k, setup.v), out=o))
+    return calls
+
+
 def graph_us(calls, replays: int) -> float:
     """Median µs per call over replays of one CUDA graph of `calls` (repeated to at least 20,
     so the graph's launch hides behind its kernels)."""
@@ -141,14 +187,20 @@ def graph_us(calls, replays: int) -> float:
 
 def measure(setup: Setup, name: str, splits_for: str, replays: int) -> dict:
     case = setup.case
-    config = decode_configs.DECODE_VARIANTS[name]
-    length = case.max_model_len if splits_for == "graph" else max(case.seq_lens)
     dev = setup.q.device
-    splits = choose_num_splits(len(case.seq_lens), case.kv_heads, length, dev, config=config)
-    splits = min(splits, choose_num_splits(1, case.kv_heads, length, dev))  # as the engine caps
+    if name in FLASHINFER_VARIANTS:
+        config, splits = None, 0  # (FlashInfer splits in its plan)
+    else:
+        config = decode_configs.DECODE_VARIANTS[name]
+        length = case.max_model_len if splits_for == "graph" else max(case.seq_lens)
+        splits = choose_num_splits(len(case.seq_lens), case.kv_heads, length, dev, config=config)
+        splits = min(splits, choose_num_splits(1, case.kv_heads, length, dev))  # engine's cap
     row = {"variant": name, "splits": splits}
     try:
-        calls = setup.calls(config, splits)
+        if config is None:
+            calls = flashinfer_calls(setup, FLASHINFER_VARIANTS[name])
+        else:
+            calls = setup.calls(config, splits)
         calls[0]()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -171,7 +223,8 @@ def suggest_defaults(results: list[dict]) -> str | None:
     shape not timed keeps the current choice)."""
 
     def best(key):
-        rows = [r for r in results if r["key"] == key and "us" in r]
+        rows = [r for r in results if r["key"] == key and "us" in r
+                and r["variant"] in decode_configs.DECODE_VARIANTS]  # fmt: skip
         return min(rows, key=lambda r: r["us"])["variant"] if rows else None
 
     large, small = best("nano bf16"), best("llama-1x4096 bf16")
@@ -243,11 +296,10 @@ def main() -> None:
         names = list(decode_configs.DECODE_VARIANTS)
     else:
         names = list(dict.fromkeys(["baseline", *(n for _, n in decode_configs.DECODE_DEFAULTS)]))
-    unknown = [n for n in names if n not in decode_configs.DECODE_VARIANTS]
+    known = [*decode_configs.DECODE_VARIANTS, *FLASHINFER_VARIANTS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(
-            f"unknown variants {unknown}; known: {list(decode_configs.DECODE_VARIANTS)}"
-        )
+        raise SystemExit(f"unknown variants {unknown}; known: {known}")
     import triton
 
     began, results, skipped = time.monotonic(), [], []
@@ -262,7 +314,8 @@ def main() -> None:
                   f"{setup.kv_bytes / 1e6:.1f} MB of KV per call, {setup.layers} layers",
                   flush=True)  # fmt: skip
             for name in names:
-                if dtype_name != "fp8" and decode_configs.DECODE_VARIANTS[name].f16_dot:
+                config = decode_configs.DECODE_VARIANTS.get(name)
+                if dtype_name != "fp8" and config is not None and config.f16_dot:
                     continue  # float16 dots are for FP8 caches: the same kernel as without
                 if time.monotonic() - began > args.budget_s:
                     skipped.append(f"{key} {name}")

@@ -12,6 +12,7 @@
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
+#                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -405,12 +406,42 @@ PY
         # compile here): its GPU tests, then the attention micro-benchmark beside triton and torch
         export PEGBOARD_FLASHINFER_KERNELS=$PWD/.kernels FLASHINFER_DISABLE_JIT=1 \
           FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer-ws
-        timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_flashinfer.py \
-          2>&1 | tail -15 | tee "$OUT/flashinfer-tests.log"
+        timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_attention_flashinfer.py \
+          2>&1 | tail -30 | tee "$OUT/flashinfer-tests.log"
         timeout 150 python3 scripts/bench_attention.py --json "$OUT/bench-attention.json" \
           --backends triton,flashinfer,flashinfer-tc,flashinfer-cc,torch 2>&1 | tee "$OUT/bench-attention.log"
         echo "FlashInfer modules compiled at run time: $(find /tmp/flashinfer-ws -name '*.so' | wc -l)" \
           | tee -a "$OUT/flashinfer-tests.log" ;;
+    fp8-flashinfer) # issue 15/17: FlashInfer over an FP8 KV pool (.kernels from `pegboard kernels
+        # build ... --kv-cache-dtype auto --kv-cache-dtype fp8_e4m3`; nothing compiles here). (a) µs per
+        # layer call and KV TB/s of FlashInfer's CUDA-core (cc) and tensor-core (tc) decode, bf16 vs
+        # fp8, beside the Triton kernel's best variants, on the nano-vllm decode batch and Llama-3.1-8B
+        # 64 x 2048; (b) the nano-vllm workload, --attention flashinfer bf16 vs fp8_e4m3, then triton
+        # bf16 (FP8FI_RUNS="attention:kv-dtype ..." to change the list; e.g. add triton:fp8_e4m3)
+        [ -d .kernels ] || { echo "fp8-flashinfer: carry .kernels (built by pegboard kernels build)"; continue; }
+        timeout 120 python3 scripts/bench_decode_attention.py --cases nano,llama-64x2048 --dtypes bf16,fp8 --budget-s 90 \
+          --variants s3-fast-pf,s4-fast-pf-f16,flashinfer-cc,flashinfer-tc \
+          --json "$OUT/fp8fi-decode.json" 2>&1 | tee "$OUT/fp8fi-decode.log" | tail -40
+        for run in ${FP8FI_RUNS:-flashinfer:auto flashinfer:fp8_e4m3 triton:auto}; do
+          name=fp8fi-offline-${run%%:*}-${run#*:}
+          timeout 110 $PB bench offline --random-weights --config qwen3-0.6b --attention ${run%%:*} \
+            --kv-cache-dtype ${run#*:} --profile-host ${BENCH_ARGS:-} --json "$OUT/$name.json" 2>"$OUT/$name.err" >/dev/null \
+            || { echo "$name FAILED"; grep -v '^frame #' "$OUT/$name.err" | tail -8 | cut -c1-240; }
+        done
+        python3 - "$OUT" <<'PY'
+import glob, json, sys
+runs = {f.split("fp8fi-offline-")[1][:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + "/fp8fi-offline-*.json"))}
+for name, r in runs.items():
+    h = r.get("host_profile") or {}
+    print(f"{name:<22} {r['output_tok_s']:>10.1f} out tok/s {r['elapsed_s']:>7.2f} s steps {r['steps']}; "
+          f"host {h.get('host_ms_per_step')} ms/step (attention.prepare "
+          f"{(h.get('ms_per_step') or {}).get('forward: attention.prepare')}), waiting for the device "
+          f"{h.get('device_wait_ms_per_step')}")
+base, fp8 = runs.get("flashinfer-auto"), runs.get("flashinfer-fp8_e4m3")
+if base and fp8:
+    print(f"flashinfer fp8 / bf16: {fp8['output_tok_s'] / base['output_tok_s']:.2f}x (issue 15 goal 1.5x, issue 17 28,000 tok/s)")
+PY
+        echo "FlashInfer modules compiled at run time: $(find /tmp/flashinfer-ws -name '*.so' 2>/dev/null | wc -l)" ;;
     moe|moe-micro|moe-bs1|moe-workload) # fused MoE kernel vs the torch path (issue 12): Qwen3-30B-A3B
         # random weights; moe: all three parts (~5 min), moe-<part>: one
         MOE="--random-weights --config qwen3-30b-a3b --max-model-len 4096 ${BENCH_ARGS:-}"

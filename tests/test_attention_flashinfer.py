@@ -2,10 +2,13 @@
 
 On CPU: discovery and listing, the setup errors, the prebuilt-kernel directory, the page index
 arrays handed to FlashInfer, and the CUDA graph padding rule against the core's capture sizes.
+On CPU also the FP8 pool's path: the backend accepted with one, its e4m3 kernels named, each
+layer's scales handed to store-KV and to FlashInfer's `run`.
 On a GPU (`gpu` tests): bf16 outputs against the torch backend (decode with both decode
-kernels, prefill, extend over a cached prefix, a mixed batch), a decode step captured in a
-CUDA graph and replayed for a smaller batch, no host sync in `forward`, and greedy generation
-equal to the triton backend's. The GPU tests expect the kernels prebuilt
+kernels, prefill, extend over a cached prefix, a mixed batch), the same over an FP8 pool with
+scales (FlashInfer's e4m3 kernels against the torch backend over the same FP8 pool), a decode
+step captured in a CUDA graph and replayed for a smaller batch (bf16 and FP8), no host sync in
+`forward`, and greedy generation equal to the triton backend's (bf16 and FP8 KV). The GPU tests expect the kernels prebuilt
 (`pegboard kernels build`, PEGBOARD_FLASHINFER_KERNELS) or nvcc to compile them.
 """
 
@@ -27,8 +30,10 @@ from pegboard.plugins.kernels.attention_flashinfer import (
     page_arrays,
 )
 from pegboard.sdk.slots import PluginContext
+from pegboard.sdk.types import KVPool, ModelInfo
 
 GPU = torch.cuda.is_available()
+FP8 = torch.float8_e4m3fn
 
 
 def test_plugin_is_discovered_under_the_name_flashinfer():
@@ -180,6 +185,16 @@ def test_without_jit_a_kernel_that_is_not_prebuilt_fails_naming_the_command(
         attention_flashinfer._check_prebuilt(kernels, jit=False)
 
 
+def test_without_jit_missing_fp8_kernels_name_the_build_flag_for_them(aot_dir_restored, tmp_path):
+    import flashinfer
+
+    kernels = flashinfer_kernels.required_kernels(128, torch.bfloat16, FP8)
+    flashinfer_kernels.use_kernel_dir(_fake_kernel_dir(tmp_path / "k", [], flashinfer.__version__))
+    with pytest.raises(RuntimeError, match="not prebuilt: batch_decode.*_dtype_kv_e4m3_.*"
+                       "pegboard kernels build --arch <sm> --kv-cache-dtype fp8_e4m3"):  # fmt: skip
+        attention_flashinfer._check_prebuilt(kernels, jit=False)
+
+
 def test_with_jit_a_kernel_that_is_not_prebuilt_is_a_warning(aot_dir_restored, tmp_path, caplog):
     import flashinfer
 
@@ -197,6 +212,75 @@ def test_unsupported_head_sizes_and_dtypes_are_named():
         flashinfer_kernels.required_kernels(96, torch.bfloat16)
     with pytest.raises(ValueError, match="not torch.float32"):
         flashinfer_kernels.required_kernels(128, torch.float32)
+    with pytest.raises(
+        ValueError, match="read KV caches of .*float8_e4m3fn.* not torch.float8_e5m2"
+    ):
+        flashinfer_kernels.required_kernels(128, torch.bfloat16, torch.float8_e5m2)
+
+
+# ------------------------------------------------------------------ FP8 pools (host side)
+
+
+def tiny_info(layers: int = 2) -> ModelInfo:
+    return ModelInfo("Test", layers, 4, 2, 128, 32, 100, 4096, torch.bfloat16, torch.device("cpu"))
+
+
+def test_an_fp8_pool_is_accepted_with_the_flashinfer_backend():
+    from pegboard.core.models.quantization import check_kv_dtype
+
+    pool = KVPool.allocate(tiny_info(), 2, 16, dtype=FP8)
+    backend = object.__new__(attention_flashinfer.FlashInferAttentionBackend)  # (needs a GPU)
+    check_kv_dtype(backend, pool, "flashinfer")  # raises for a backend that cannot read FP8
+
+
+def test_an_fp8_pool_needs_the_e4m3_decode_and_prefill_kernels():
+    pytest.importorskip("flashinfer", reason="flashinfer-python is not installed")
+    bf16 = flashinfer_kernels.required_kernels(128, torch.bfloat16)
+    fp8 = flashinfer_kernels.required_kernels(128, torch.bfloat16, FP8)
+    assert [k.kind for k in fp8] == ["decode", "prefill"]
+    assert all("dtype_q_bf16_dtype_kv_e4m3_dtype_o_bf16" in k.name for k in fp8)
+    assert {k.kv_dtype for k in fp8} == {"float8_e4m3fn"} and {k.dtype for k in fp8} == {"bfloat16"}
+    assert not {k.name for k in fp8} & {k.name for k in bf16}  # separate modules
+
+
+class RecordingWrapper:
+    """Stands in for a planned FlashInfer wrapper: records what `run` got."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def run(self, q, paged_kv_cache, out, **kw):
+        self.calls.append({"cache": paged_kv_cache, **kw})
+        return out
+
+
+@pytest.mark.parametrize("is_decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("kv_dtype", [FP8, torch.bfloat16], ids=["fp8", "bf16"])
+def test_forward_hands_each_layers_scales_to_store_kv_and_to_flashinfer(is_decode, kv_dtype):
+    from types import SimpleNamespace
+
+    info = tiny_info(layers=2)
+    pool = KVPool.allocate(info, 2, 16, dtype=kv_dtype)
+    if kv_dtype is FP8:
+        pool.k_scales, pool.v_scales = [0.5, 2.0], [0.25, 4.0]
+    backend = object.__new__(attention_flashinfer.FlashInferAttentionBackend)  # (needs a GPU)
+    backend.pool, backend.is_decode, backend.decode_rows = pool, is_decode, 3
+    backend.planned = RecordingWrapper()
+    backend.batch = SimpleNamespace(slot_mapping=torch.tensor([0, 1, 2]))
+    stored = []
+    backend.store_kv = lambda k, v, kc, vc, slots, *scales: stored.append((kc, vc, scales))
+    q, kv = torch.zeros(3, 4, 128), torch.zeros(3, 2, 128)
+    for layer in (0, 1):
+        assert backend.forward(layer, q, kv, kv).shape == q.shape
+    calls = backend.planned.calls
+    for layer, (call, store) in enumerate(zip(calls, stored, strict=True)):
+        assert call["cache"][0] is pool.k[layer] and call["cache"][1] is pool.v[layer]
+        assert store[0] is pool.k[layer] and store[1] is pool.v[layer]
+        assert store[2] == (pool.k_scale(layer), pool.v_scale(layer))  # e4m3 = value / scale
+    if kv_dtype is FP8:  # FlashInfer folds k_scale into the softmax scale, multiplies by v_scale
+        assert [(c["k_scale"], c["v_scale"]) for c in calls] == [(0.5, 0.25), (2.0, 4.0)]
+    else:  # a bf16 pool's run gets no scales (FlashInfer then does no extra multiply)
+        assert all("k_scale" not in c and "v_scale" not in c for c in calls)
 
 
 # ------------------------------------------------------------------ GPU, realistic shapes
@@ -204,11 +288,27 @@ def test_unsupported_head_sizes_and_dtypes_are_named():
 if GPU:
     from pegboard.plugins.kernels.attention_flashinfer import FlashInferAttentionBackend
     from pegboard.plugins.kernels.attention_torch import TorchAttentionBackend
+    from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
     from test_attention_triton import make_case  # noqa: E402  (shares the case builder)
 
 
-def gpu_case(cached: list[int], new: list[int], heads: int = 32, kv_heads: int = 8):
-    return make_case(cached, new, 16, heads, kv_heads, 128, torch.bfloat16, seed=0, layers=1)
+def gpu_case(
+    cached: list[int], new: list[int], heads: int = 32, kv_heads: int = 8, fp8: bool = False
+):
+    """A one-layer step in bf16; with `fp8`, over an FP8 pool with scales 2 (K) and 0.5 (V)
+    (powers of two: the torch reference's rescaling is exact) holding the cached keys and
+    values as store-KV writes them (value / scale in e4m3)."""
+    case = make_case(cached, new, 16, heads, kv_heads, 128, torch.bfloat16, seed=0, layers=1)
+    if fp8:
+        k_scale, v_scale = 2.0, 0.5
+        case.pool = KVPool(
+            k=[(t.float() / k_scale).to(FP8) for t in case.pool.k],
+            v=[(t.float() / v_scale).to(FP8) for t in case.pool.v],
+            page_size=case.pool.page_size,
+            k_scales=[k_scale],
+            v_scales=[v_scale],
+        )
+    return case
 
 
 def run_backend(cls, case, **kw):
@@ -275,12 +375,59 @@ def test_gpu_strided_qkv_views_match_torch(new):
     assert_matches_torch(case)
 
 
+def assert_fp8_matches_torch(case, **kw):
+    """FlashInfer's e4m3 kernels against the torch backend over the same FP8 pool; the new
+    keys and values stored bit for bit as the triton backend stores them."""
+    assert case.pool.is_fp8
+    out, pool, _ = run_backend(FlashInferAttentionBackend, case, **kw)
+    expected, _, _ = run_backend(TorchAttentionBackend, case)
+    _, triton_pool, _ = run_backend(TritonAttentionBackend, case)
+    assert out.shape == case.q.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=0)
+    for got, want in ((pool.k[0], triton_pool.k[0]), (pool.v[0], triton_pool.v[0])):
+        assert got.dtype == FP8 and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 @pytest.mark.gpu
-def test_gpu_decode_graph_captured_for_8_replays_a_batch_of_5():
+@pytest.mark.parametrize("cores", ["on", "off"])
+def test_gpu_fp8_decode_64_requests_of_1024_tokens_matches_torch(cores):
+    assert_fp8_matches_torch(gpu_case([1023] * 64, [1] * 64, fp8=True), decode_tensor_cores=cores)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cores", ["auto", "on"])
+def test_gpu_fp8_decode_of_qwen3_heads_and_uneven_lengths_matches_torch(cores):
+    """16 query / 8 KV heads (Qwen3-0.6B, group 2: `auto` is the CUDA-core decode kernel)."""
+    case = gpu_case([0, 15, 16, 17, 4000, 333, 1100], [1] * 7, heads=16, kv_heads=8, fp8=True)
+    out, _, backend = run_backend(FlashInferAttentionBackend, case, decode_tensor_cores=cores)
+    assert backend.tensor_cores == (cores == "on")
+    assert_fp8_matches_torch(case, decode_tensor_cores=cores)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_prefill_matches_torch():
+    assert_fp8_matches_torch(gpu_case([0, 0, 0], [1024, 777, 3], fp8=True))
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_extend_over_a_cached_prefix_matches_torch():
+    assert_fp8_matches_torch(gpu_case([512, 1536, 16, 5], [256, 512, 33, 100], fp8=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [32, 16])
+def test_gpu_fp8_prefill_mixed_with_decodes_matches_torch(heads):
+    case = gpu_case([0, 0, 512, 0, 100, 2000], [1024, 777, 256, 1, 1, 1], heads=heads, fp8=True)
+    assert_fp8_matches_torch(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_decode_graph_captured_for_8_replays_a_batch_of_5(fp8):
     """As the core's graph runner does: capture a decode step of 8 rows reading a static slot
     buffer, then prepare a different batch of 5, pad it to 8 (slot -1) and replay."""
-    capture = gpu_case([2047] * 8, [1] * 8)
-    real = gpu_case([3, 900, 16, 64, 1500], [1] * 5)
+    capture = gpu_case([2047] * 8, [1] * 8, fp8=fp8)
+    real = gpu_case([3, 900, 16, 64, 1500], [1] * 5, fp8=fp8)
     pool = copy.deepcopy(real.pool)  # the capture batch's pages are dummies: write none there
     backend = FlashInferAttentionBackend(real.info, pool)
     backend.prepare_for_capture(8)
@@ -302,7 +449,10 @@ def test_gpu_decode_graph_captured_for_8_replays_a_batch_of_5():
     graph.replay()
     expected, expected_pool, _ = run_backend(TorchAttentionBackend, real)
     torch.testing.assert_close(out[:5].float(), expected.float(), atol=2e-2, rtol=0)
-    assert torch.equal(pool.k[0], expected_pool.k[0]) and torch.equal(pool.v[0], expected_pool.v[0])
+    if fp8:  # e4m3 bytes as the triton backend's store-KV writes them
+        expected_pool = run_backend(TritonAttentionBackend, real)[1]
+    for got, want in ((pool.k[0], expected_pool.k[0]), (pool.v[0], expected_pool.v[0])):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.gpu
@@ -322,7 +472,12 @@ def test_gpu_decode_metadata_stays_at_fixed_addresses_after_prepare_for_capture(
 
 @pytest.mark.gpu
 def test_gpu_forward_never_synchronizes_with_the_device():
-    for case in (gpu_case([500] * 8, [1] * 8), gpu_case([0, 300], [200, 1])):
+    for case in (
+        gpu_case([500] * 8, [1] * 8),
+        gpu_case([0, 300], [200, 1]),
+        gpu_case([500] * 8, [1] * 8, fp8=True),  # the scales are host floats: no device read
+        gpu_case([0, 300], [200, 1], fp8=True),
+    ):
         backend = FlashInferAttentionBackend(case.info, case.pool)
         backend.prepare(case.batch)
         backend.forward(0, case.q, case.k, case.v)
@@ -361,11 +516,16 @@ def assert_greedy_agrees_up_to_near_ties(reference, other, gap: float = 0.1) -> 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "unfused"])
-def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path, fused):
+@pytest.mark.parametrize(
+    ("fused", "kv_cache_dtype"),
+    [(True, "auto"), (False, "auto"), (True, "fp8_e4m3")],
+    ids=["fused-kernels", "unfused", "fp8-kv"],
+)
+def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path, fused, kv_cache_dtype):
     """End to end in bf16 with CUDA graphs: prefill, chunked prefill, prefix-cache hits
     (extend over cached pages) and decode steps; equal to the triton backend's tokens up to
-    near-ties."""
+    near-ties. `fp8-kv`: both backends over an FP8 KV cache (the same e4m3 bytes, each
+    backend's own kernels reading them)."""
     from fixtures import build_tiny_model
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams
@@ -382,8 +542,9 @@ def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path, fused):
         with LLM(
             str(model), attention=attention, dtype="bfloat16", page_size=16,
             max_num_batched_tokens=32, kv_cache_tokens=4096, kv_cache="radix",
-            disable_fused_kernels=not fused, **GPU_ENGINE,
+            disable_fused_kernels=not fused, kv_cache_dtype=kv_cache_dtype, **GPU_ENGINE,
         ) as llm:  # fmt: skip
+            assert llm.engine.kv.pool.is_fp8 == (kv_cache_dtype == "fp8_e4m3")
             outs[attention] = [o for prompts in rounds for o in llm.generate(prompts, params)]
             if attention == "flashinfer":
                 assert llm.engine.kv.stats()["prefix_hit_tokens"] >= 32

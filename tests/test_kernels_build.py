@@ -44,6 +44,23 @@ def test_dry_run_names_the_decode_and_fa2_prefill_kernels_of_a_config(capsys, tm
     assert not out.exists()  # a dry run writes nothing
 
 
+def test_fp8_kv_pools_add_their_e4m3_decode_and_prefill_kernels(capsys, tmp_path):
+    kernels = kernels_json(
+        capsys, "--arch", "9.0a", "--config", "qwen3-0.6b", "--config", "llama-3.1-8b",
+        "--kv-cache-dtype", "auto", "--kv-cache-dtype", "fp8_e4m3", "--out", str(tmp_path),
+    )  # fmt: skip
+    fp8 = [k for k in kernels if k["kv_dtype"] == "float8_e4m3fn"]
+    assert [k["name"] for k in kernels if k not in fp8] == [DECODE_128, PREFILL_128]
+    assert [k["name"] for k in fp8] == [
+        DECODE_128.replace("dtype_kv_bf16", "dtype_kv_e4m3"),
+        PREFILL_128.replace("dtype_kv_bf16", "dtype_kv_e4m3"),
+    ]
+    only_fp8 = kernels_json(
+        capsys, "--arch", "9.0a", "--kv-cache-dtype", "fp8", "--out", str(tmp_path)
+    )
+    assert [k["name"] for k in only_fp8] == [k["name"] for k in fp8]
+
+
 def test_configs_with_the_same_head_size_share_their_kernels(capsys, tmp_path):
     kernels = kernels_json(capsys, "--arch", "9.0a", "--out", str(tmp_path))  # all bundled
     assert [k["name"] for k in kernels] == [DECODE_128, PREFILL_128]
@@ -66,6 +83,8 @@ def test_the_plain_listing_names_each_kernel(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "2 FlashInfer kernels for llama-3.1-8b (bfloat16, 9.0a)" in out
     assert DECODE_128 in out and PREFILL_128 in out
+    assert main([*args, "--kv-cache-dtype", "fp8_e4m3", "--out", str(tmp_path)]) == 0
+    assert "(bfloat16, KV fp8_e4m3, 9.0a)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -75,6 +94,10 @@ def test_the_plain_listing_names_each_kernel(capsys, tmp_path):
         (["--arch", "7.0"], "needs sm_75 or newer"),
         (["--arch", "9.0a", "--config", "gpt-9"], "unknown config 'gpt-9'.*qwen3-0.6b"),
         (["--arch", "9.0a", "--dtype", "float32"], "--dtype must be one of bfloat16, float16"),
+        (
+            ["--arch", "9.0a", "--kv-cache-dtype", "int4"],
+            "--kv-cache-dtype must be auto or .*fp8_e4m3",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_the_reason(capsys, tmp_path, args, message):
@@ -170,7 +193,7 @@ def stand_in_compiler(monkeypatch, tmp_path):
 
 
 def test_build_writes_each_kernel_where_flashinfer_looks_and_a_manifest(
-    stand_in_compiler, tmp_path
+    stand_in_compiler, tmp_path, capsys
 ):
     import flashinfer
 
@@ -185,6 +208,7 @@ def test_build_writes_each_kernel_where_flashinfer_looks_and_a_manifest(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["flashinfer"] == flashinfer.__version__ and manifest["arch"] == "9.0a"
     assert [k["name"] for k in manifest["kernels"]] == [DECODE_128, PREFILL_128]
+    assert "compiled 2, 0 already there (0.0 MiB of .so for these)" in capsys.readouterr().out
 
 
 def test_a_second_build_compiles_only_what_is_missing(stand_in_compiler, tmp_path):

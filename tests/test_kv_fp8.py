@@ -121,7 +121,7 @@ class PlainBackend(TorchAttentionBackend):
 
 
 class PlainAttention(TorchAttention):
-    """An attention plugin whose backend cannot read FP8 (as FlashInfer's here)."""
+    """An attention plugin whose backend cannot read FP8 (as a third-party one may not)."""
 
     name = "plain"
 

@@ -68,7 +68,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "fp8_e4m3"],
         help="KV cache storage: auto (the model's dtype) or fp8_e4m3 (half the bytes, per-layer "
-        "scales; attention backends triton and torch) (default auto)",
+        "scales; attention backends triton, flashinfer and torch) (default auto)",
     )
     g.add_argument(
         "--kv-cache-scales",

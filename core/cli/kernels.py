@@ -3,6 +3,7 @@ kernels the `flashinfer` attention backend needs for some model configs, so that
 (even an air-gapped one) compiles nothing.
 
     pegboard kernels build --arch 9.0a --config qwen3-0.6b --config llama-3.1-8b --out .kernels
+    pegboard kernels build ... --kv-cache-dtype auto --kv-cache-dtype fp8_e4m3   # + FP8 pools
     pegboard serve ... --attention flashinfer --flashinfer-kernel-dir .kernels
 
 `--dry-run` lists the kernels without compiling. See docs/kernels.md (`flashinfer`)."""
@@ -47,6 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "config.json or a model directory",
     )
     b.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float16")
+    b.add_argument(
+        "--kv-cache-dtype",
+        action="append",
+        default=None,
+        metavar="TYPE",
+        help="the KV pools to build for, as `serve --kv-cache-dtype`: auto (the model's dtype, "
+        "the default) or fp8_e4m3; repeatable",
+    )
     b.add_argument("--out", type=Path, required=True, metavar="DIR", help="kernel directory")
     b.add_argument("--dry-run", action="store_true", help="list the kernels, compile nothing")
     b.add_argument("--force", action="store_true", help="recompile kernels already in DIR")
@@ -75,19 +84,26 @@ def _build(args: argparse.Namespace) -> int:
     if args.dtype not in fk.DTYPES:
         raise KernelsError(f"--dtype must be one of {', '.join(fk.DTYPES)}, not {args.dtype!r}")
     configs = args.config or _bundled()
+    kv_names = args.kv_cache_dtype or ["auto"]
+    kv_dtypes = [kv_storage(name) for name in kv_names]
     kernels: dict[str, fk.Kernel] = {}
     for name in configs:
         head_dim = config_head_dim(name)
-        try:
-            found = fk.required_kernels(head_dim, fk.DTYPES[args.dtype])
-        except ValueError as e:
-            raise KernelsError(f"config {name}: {e}") from e
-        kernels.update((k.name, k) for k in found)
+        for kv_dtype in kv_dtypes:
+            try:
+                found = fk.required_kernels(head_dim, fk.DTYPES[args.dtype], kv_dtype)
+            except ValueError as e:
+                raise KernelsError(f"config {name}: {e}") from e
+            kernels.update((k.name, k) for k in found)
     listing = list(kernels.values())
     if args.json:
         print(json.dumps([k.__dict__ for k in listing], indent=2))
     else:
-        print(f"{len(listing)} FlashInfer kernels for {', '.join(configs)} ({args.dtype}, {arch}):")
+        kv = "" if kv_names == ["auto"] else f", KV {'/'.join(kv_names)}"
+        print(
+            f"{len(listing)} FlashInfer kernels for {', '.join(configs)} "
+            f"({args.dtype}{kv}, {arch}):"
+        )
         for k in listing:
             print(f"  {k.kind:8} {k.name}")
     if args.dry_run:
@@ -96,11 +112,27 @@ def _build(args: argparse.Namespace) -> int:
         built = fk.build(listing, args.out, arch, force=args.force, log=_stderr)
     except fk.BuildError as e:
         raise KernelsError(str(e)) from e
+    size = sum((args.out / k.name / f"{k.name}.so").stat().st_size for k in listing)
     print(
-        f"compiled {len(built)}, {len(listing) - len(built)} already there; "
-        f"use them with --flashinfer-kernel-dir {args.out} (or {fk.KERNEL_DIR_ENV}={args.out})"
+        f"compiled {len(built)}, {len(listing) - len(built)} already there ({size / 2**20:.1f} "
+        f"MiB of .so for these); use them with --flashinfer-kernel-dir {args.out} (or "
+        f"{fk.KERNEL_DIR_ENV}={args.out})"
     )
     return 0
+
+
+def kv_storage(name: str):
+    """The KV storage type `--kv-cache-dtype NAME` builds for: None (the model's dtype) for
+    auto, else the FP8 type (`serve --kv-cache-dtype`'s names)."""
+    from pegboard.sdk.types import KV_CACHE_DTYPES
+
+    if name == "auto":
+        return None
+    if name not in KV_CACHE_DTYPES:
+        raise KernelsError(
+            f"--kv-cache-dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}"
+        )
+    return KV_CACHE_DTYPES[name]
 
 
 def check_arch(arch: str) -> str:

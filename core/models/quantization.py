@@ -239,14 +239,14 @@ def check_kv_dtype(
 ) -> None:
     """Refuse, before serving, an attention backend that cannot read the pool's storage type:
     an FP8 pool (`--kv-cache-dtype fp8_e4m3`) needs a backend whose class sets
-    `supports_fp8_kv = True` (the `triton` and `torch` backends). An FP8 pool takes its
-    per-layer K/V scales from `scales_file` (`--kv-cache-scales`) when given, else the
+    `supports_fp8_kv = True` (the `triton`, `flashinfer` and `torch` backends). An FP8 pool
+    takes its per-layer K/V scales from `scales_file` (`--kv-cache-scales`) when given, else the
     checkpoint's (`model.kv_scales`), 1.0 for layers without one."""
     if pool.is_fp8 and not getattr(type(backend), "supports_fp8_kv", False):
         raise ValueError(
             f"attention plugin {attention!r} does not read an FP8 KV cache "
-            f"(--kv-cache-dtype fp8_e4m3); choose --attention triton (or torch), or drop "
-            "--kv-cache-dtype"
+            "(--kv-cache-dtype fp8_e4m3); choose --attention triton, flashinfer or torch, or "
+            "drop --kv-cache-dtype"
         )
     if scales_file is not None:
         if not pool.is_fp8:

@@ -12,6 +12,12 @@ which covers prefill over a cached prefix, chunked prefill and prefill mixed wit
 Per layer, `forward` stores the new keys and values with the Triton store-KV kernel (a
 negative slot stores nothing), then runs the planned wrapper.
 
+FP8 pools (`--kv-cache-dtype fp8_e4m3`): both wrappers are planned with the pool's e4m3 type
+as `kv_data_type` (bf16/fp16 queries and output) and read it in place, converting in
+registers; store-KV writes `value / scale` saturated to e4m3 as for the triton backend, and
+each layer's scales go to `run` (`k_scale` folds into the softmax scale, `v_scale` multiplies
+the output).
+
 CUDA graphs: after `prepare_for_capture(max_requests)`, decode runs through wrappers in
 FlashInfer's CUDA-graph mode, one per power-of-two batch size, whose index buffers are slices
 of buffers allocated once. A decode batch of n rows runs as the next power of two: padding
@@ -83,6 +89,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     prefill wrappers; see the module docstring for the layout and the CUDA graph scheme."""
 
     supports_cuda_graph = True
+    #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with per-layer scales.
+    supports_fp8_kv = True
 
     def __init__(
         self,
@@ -107,7 +115,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         kernel_dir = kernel_dir or os.environ.get(flashinfer_kernels.KERNEL_DIR_ENV)
         if kernel_dir:
             flashinfer_kernels.use_kernel_dir(kernel_dir)
-        self.kernels = flashinfer_kernels.required_kernels(model.head_dim, model.dtype)
+        self.kernels = flashinfer_kernels.required_kernels(model.head_dim, model.dtype, pool.dtype)
         _check_prebuilt(self.kernels, jit)
         group = model.num_heads // model.num_kv_heads
         self.tensor_cores = decode_tensor_cores == "on" or (
@@ -240,13 +248,15 @@ class FlashInferAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Store `k`/`v` at the batch's slots, then run the planned decode or prefill."""
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        self.store_kv(k, v, k_cache, v_cache, self.batch.slot_mapping)
+        k_scale, v_scale = self.pool.k_scale(layer), self.pool.v_scale(layer)
+        self.store_kv(k, v, k_cache, v_cache, self.batch.slot_mapping, k_scale, v_scale)
         if q.stride(-1) != 1:
             q = q.contiguous()
         rows = q.shape[0]
+        scales = dict(k_scale=k_scale, v_scale=v_scale) if self.pool.is_fp8 else {}
         if not self.is_decode:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            return self.planned.run(q, (k_cache, v_cache), out=out)
+            return self.planned.run(q, (k_cache, v_cache), out=out, **scales)
         padded = self.decode_rows
         if rows > padded:
             raise RuntimeError(f"decode forward got {rows} rows, the plan was for {padded}")
@@ -255,12 +265,13 @@ class FlashInferAttentionBackend(AttentionBackend):
             q_full[:rows] = q
             q = q_full
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        return self.planned.run(q, (k_cache, v_cache), out=out)[:rows]
+        return self.planned.run(q, (k_cache, v_cache), out=out, **scales)[:rows]
 
 
 class FlashInferAttention(Attention):
     """Plugin `flashinfer` (slot `attention`): paged decode and prefill (over a cached prefix)
-    through FlashInfer's wrappers, CUDA-graph compatible for decode.
+    through FlashInfer's wrappers, CUDA-graph compatible for decode, over a bf16/fp16 or an
+    FP8 e4m3 KV pool (`--kv-cache-dtype fp8_e4m3`).
 
     Needs the `flashinfer-python` package (`pip install 'pegboard[gpu]'`) and a CUDA device;
     kernels are compiled by FlashInfer at first use unless prebuilt (`pegboard kernels
@@ -313,8 +324,10 @@ def _check_prebuilt(kernels: list[flashinfer_kernels.Kernel], jit: bool) -> None
     if not missing:
         return
     names = ", ".join(k.name for k in missing)
+    fp8 = any(k.kv_dtype == "float8_e4m3fn" for k in missing)
+    kv = " --kv-cache-dtype fp8_e4m3" if fp8 else ""
     how = (
-        f"prebuild them with `pegboard kernels build --arch <sm> --out DIR` and pass "
+        f"prebuild them with `pegboard kernels build --arch <sm>{kv} --out DIR` and pass "
         f"--flashinfer-kernel-dir DIR (or set {flashinfer_kernels.KERNEL_DIR_ENV})"
     )
     if not jit:

@@ -1,8 +1,9 @@
 """The FlashInfer kernels the `flashinfer` attention backend runs, and building them ahead.
 
-FlashInfer ships no compiled attention kernels: each (kernel, dtype, head size) is a JIT module
-that nvcc compiles at first use (about 1-2 minutes each). The backend needs two per head size
-and dtype:
+FlashInfer ships no compiled attention kernels: each (kernel, dtype, KV dtype, head size) is a
+JIT module that nvcc compiles at first use (about 1-2 minutes each). The backend needs two per
+head size, dtype and KV storage type (the model's dtype, or float8 e4m3 for an FP8 pool, which
+both kernels read in place and convert in registers):
 
 - `decode` — `BatchDecodeWithPagedKVCacheWrapper`'s CUDA-core kernel (GQA groups 1-4 and 8);
 - `prefill` — the FA2 paged prefill kernel of `BatchPrefillWithPagedKVCacheWrapper`, which
@@ -38,6 +39,9 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
 #: Element types `--dtype` accepts.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: KV storage types the kernels are built for: the model's dtype or float8 e4m3 (an FP8 pool,
+#: `--kv-cache-dtype fp8_e4m3`; FlashInfer's FA2 kernels take bf16/fp16 queries over it).
+KV_DTYPES = {**DTYPES, "float8_e4m3fn": torch.float8_e4m3fn}
 #: The environment variable naming a directory of prebuilt kernels.
 KERNEL_DIR_ENV = "PEGBOARD_FLASHINFER_KERNELS"
 MANIFEST = "manifest.json"
@@ -45,18 +49,23 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class Kernel:
-    """One FlashInfer JIT module: `kind` is "decode" or "prefill" (FA2); `name` its URI, the
-    name of its `.so` and of its folder in an ahead-of-time kernel directory."""
+    """One FlashInfer JIT module: `kind` is "decode" or "prefill" (FA2); `dtype` the queries'
+    and output's type, `kv_dtype` the KV pool's; `name` its URI, the name of its `.so` and of
+    its folder in an ahead-of-time kernel directory."""
 
     kind: str
     head_dim: int
     dtype: str
+    kv_dtype: str
     name: str
 
 
-def required_kernels(head_dim: int, dtype: torch.dtype) -> list[Kernel]:
-    """The decode and FA2 prefill kernels of one head size and dtype (int32 indices, no
-    positional encoding in the kernel, no sliding window, no logits soft cap)."""
+def required_kernels(
+    head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None
+) -> list[Kernel]:
+    """The decode and FA2 prefill kernels of one head size, dtype and KV storage type (default:
+    `dtype`; int32 indices, no positional encoding in the kernel, no sliding window, no logits
+    soft cap)."""
     from flashinfer.jit import attention as fa
 
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -64,11 +73,14 @@ def required_kernels(head_dim: int, dtype: torch.dtype) -> list[Kernel]:
             f"FlashInfer's attention kernels support head sizes {SUPPORTED_HEAD_DIMS}, "
             f"not {head_dim}"
         )
-    name = _dtype_name(dtype)
-    common = (dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0, False, False)
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    q_name = _dtype_name(dtype, DTYPES, "FlashInfer kernels are prebuilt for")
+    kv_name = _dtype_name(kv_dtype, KV_DTYPES, "FlashInfer kernels read KV caches of")
+    names = (q_name, kv_name)
+    common = (dtype, kv_dtype, dtype, torch.int32, head_dim, head_dim, 0, False, False)
     return [
-        Kernel("decode", head_dim, name, fa.get_batch_decode_uri(*common)),
-        Kernel("prefill", head_dim, name, fa.get_batch_prefill_uri("fa2", *common, False)),
+        Kernel("decode", head_dim, *names, fa.get_batch_decode_uri(*common)),
+        Kernel("prefill", head_dim, *names, fa.get_batch_prefill_uri("fa2", *common, False)),
     ]
 
 
@@ -77,8 +89,8 @@ def jit_spec(kernel: Kernel):
     GPU or FLASHINFER_CUDA_ARCH_LIST)."""
     from flashinfer.jit import attention as fa
 
-    dtype = DTYPES[kernel.dtype]
-    common = (dtype, dtype, dtype, torch.int32, kernel.head_dim, kernel.head_dim, 0, False, False)
+    dtype, kv = DTYPES[kernel.dtype], KV_DTYPES[kernel.kv_dtype]
+    common = (dtype, kv, dtype, torch.int32, kernel.head_dim, kernel.head_dim, 0, False, False)
     if kernel.kind == "decode":
         return fa.gen_batch_decode_module(*common)
     return fa.gen_batch_prefill_module("fa2", *common, False)
@@ -117,11 +129,11 @@ def read_manifest(path: Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
+def _dtype_name(dtype: torch.dtype, names: dict[str, torch.dtype], what: str) -> str:
+    for name, value in names.items():
         if value == dtype:
             return name
-    raise ValueError(f"FlashInfer kernels are prebuilt for {list(DTYPES)}, not {dtype}")
+    raise ValueError(f"{what} {list(names)}, not {dtype}")
 
 
 # ------------------------------------------------------------------ building (no GPU needed)
@@ -231,7 +243,9 @@ def build(
     with tempfile.TemporaryDirectory(prefix="pegboard-flashinfer-build-") as tmp:
         env = build_environment(arch, Path(tmp)) if todo else {}
         for i, kernel in enumerate(todo, 1):
-            what = f"{kernel.kind} ({kernel.dtype}, head_dim {kernel.head_dim})"
+            what = (
+                f"{kernel.kind} ({kernel.dtype}, KV {kernel.kv_dtype}, head_dim {kernel.head_dim})"
+            )
             log(f"[{i}/{len(todo)}] compiling {what}: {kernel.name}")
             start = time.monotonic()
             result = subprocess.run(
