@@ -22,6 +22,7 @@ from pegboard.core.kernels import activation, dense  # noqa: E402
 from pegboard.core.kernels import gemv as gemv_module  # noqa: E402
 from pegboard.core.kernels.gemv import MAX_ROWS, GemvConfig, gemv  # noqa: E402
 from pegboard.core.model_runner import ModelRunner  # noqa: E402
+from pegboard.core.models import layers  # noqa: E402
 from pegboard.core.models.layers import Linear  # noqa: E402
 from pegboard.core.models.llama import DecoderMLP  # noqa: E402
 from test_fused_kernels import prefill_logits  # noqa: E402
@@ -94,7 +95,7 @@ def test_gate_up_gemv_rejects_rows_of_the_wrong_width():
 # ------------------------------------------------------------------ dispatch
 
 
-def test_dense_linear_fuses_where_the_gemv_takes_the_rows(configs, separate_calls):
+def test_dense_linear_of_gate_up_fuses_where_the_gemv_takes_the_rows(configs, separate_calls):
     configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: SPLIT}
     w, b = randn(24, 64, dtype=torch.bfloat16, seed=1), randn(24, dtype=torch.bfloat16, seed=2)
     for rows, fused in [(1, True), (2, False), (5, True), (9, False)]:
@@ -102,12 +103,19 @@ def test_dense_linear_fuses_where_the_gemv_takes_the_rows(configs, separate_call
         assert dense.takes_gate_up(rows, w) is fused
         expected = dense.linear(activation.silu_and_mul(gate_up), w, b)
         separate_calls.clear()
-        out = dense.linear(gate_up, w, b)
+        out = dense.linear(gate_up, w, b, gate_up=True)
         torch.testing.assert_close(out, expected, atol=0, rtol=0)
         assert separate_calls == ([] if fused else [rows])
     # a strided weight or a shape without configurations: separately
     strided = randn(24, 128, dtype=torch.bfloat16, seed=1)[:, :64]
     assert not dense.takes_gate_up(1, strided) and not dense.takes_gate_up(1, randn(8, 64))
+
+
+def test_dense_layer_without_its_kernels_applies_silu_and_mul_to_gate_up_rows():
+    layer = Linear(64, 24).to(DEVICE)
+    gate_up = gate_up_rows(3, 64, torch.float32)
+    expected = layer(layers.silu_and_mul(gate_up))
+    torch.testing.assert_close(layer(gate_up, gate_up=True), expected, atol=0, rtol=0)
 
 
 def test_switch_is_off_by_default_and_read_when_kernels_switch_on(monkeypatch):
@@ -226,7 +234,12 @@ def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
     configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: SPLIT}
     configs[(torch.bfloat16, 128, 24)] = {1: ELEMENTWISE, 2: ELEMENTWISE}
     buffer = torch.zeros(2, 4, 24, dtype=torch.bfloat16, device=DEVICE)
-    fused = SimpleNamespace(slot=lambda slot, rows: buffer[slot, :rows], takes=lambda rows: True)
+    takes = [True]
+    fused = SimpleNamespace(
+        slot=lambda slot, rows: buffer[slot, :rows],
+        takes=lambda rows: takes[0],
+        all_reduce=lambda partial: partial,  # one rank
+    )
     norm = SimpleNamespace(kernel=object(), forward=None)
     joined = _Joined(fused, mlp.down_proj, norm, 1)
     monkeypatch.setenv("PEGBOARD_FUSED_SILU_DOWN", "1")
@@ -239,3 +252,8 @@ def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
     assert separate_calls == []
     expected = dense.linear(activation.silu_and_mul(mlp.gate_up_proj(x)), mlp.down_proj.weight)
     torch.testing.assert_close(buffer[1, :2], expected, atol=0, rtol=0)
+    # a step the fused all-reduce does not take: the layer's own forward, still fused
+    takes[0] = False
+    separate_calls.clear()
+    torch.testing.assert_close(mlp(x), expected, atol=0, rtol=0)
+    assert joined.pending is None and separate_calls == []
