@@ -38,13 +38,6 @@ def gate_up_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.fixture
-def configs(monkeypatch):
-    table: dict = {}
-    monkeypatch.setattr(gemv_module, "DECODE_CONFIGS", table)
-    return table
-
-
-@pytest.fixture
 def separate_calls(monkeypatch):
     """Rows of each call of the separate SiLU-and-mul kernel."""
     calls: list[int] = []
@@ -95,8 +88,10 @@ def test_gate_up_gemv_rejects_rows_of_the_wrong_width():
 # ------------------------------------------------------------------ dispatch
 
 
-def test_dense_linear_of_gate_up_fuses_where_the_gemv_takes_the_rows(configs, separate_calls):
-    configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: SPLIT}
+def test_dense_linear_of_gate_up_fuses_where_the_gemv_takes_the_rows(
+    decode_configs, separate_calls
+):
+    decode_configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: SPLIT}
     w, b = randn(24, 64, dtype=torch.bfloat16, seed=1), randn(24, dtype=torch.bfloat16, seed=2)
     for rows, fused in [(1, True), (2, False), (5, True), (9, False)]:
         gate_up = gate_up_rows(rows, 64, torch.bfloat16)
@@ -140,13 +135,13 @@ def _tiny_mlp() -> DecoderMLP:
 
 
 def test_decoder_with_fused_silu_down_equals_it_without(
-    tiny_llama_dir, configs, separate_calls, monkeypatch
+    tiny_llama_dir, decode_configs, separate_calls, monkeypatch
 ):
     runner = ModelRunner(tiny_llama_dir, "bfloat16", str(DEVICE), progress=False)
     model = runner.model
     shapes = {(m.weight.dtype, *m.weight.shape) for m in model.modules() if isinstance(m, Linear)}
     for key in shapes:
-        configs[key] = dict.fromkeys([1, 2, 4, 8], GemvConfig(8, 64))
+        decode_configs[key] = dict.fromkeys([1, 2, 4, 8], GemvConfig(8, 64))
     prompts = [[5, 9, 200, 17], [300, 2, 77]]  # 7 tokens: every projection runs as GEMV
     monkeypatch.delenv("PEGBOARD_FUSED_SILU_DOWN", raising=False)
     model.set_fused_kernels(True)
@@ -219,7 +214,7 @@ def test_gpu_graph_decode_with_fused_silu_down_equals_unfused(tiny_llama_dir, dt
 
 
 def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
-    configs, separate_calls, monkeypatch
+    decode_configs, separate_calls, monkeypatch
 ):
     """Under TP the down projection's forward is `_Joined.project`, which writes into this
     rank's symmetric-buffer slot through `Linear.kernel(..., out=)`: the MLP's gate/up rows go
@@ -231,8 +226,8 @@ def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
     mlp = _tiny_mlp().to(torch.bfloat16).to(DEVICE)
     torch.nn.init.normal_(mlp.gate_up_proj.weight)
     torch.nn.init.normal_(mlp.down_proj.weight)
-    configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: SPLIT}
-    configs[(torch.bfloat16, 128, 24)] = {1: ELEMENTWISE, 2: ELEMENTWISE}
+    decode_configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: SPLIT}
+    decode_configs[(torch.bfloat16, 128, 24)] = {1: ELEMENTWISE, 2: ELEMENTWISE}
     buffer = torch.zeros(2, 4, 24, dtype=torch.bfloat16, device=DEVICE)
     takes = [True]
     fused = SimpleNamespace(
