@@ -122,6 +122,7 @@ class GraphRows:
     features_fn: Features | None = None
     hidden: torch.Tensor | None = None  # the graphs' output, [rows, hidden]
     feature_buffer: torch.Tensor | None = None  # `features_fn`'s output in the graphs' rows
+    features: torch.Tensor | None = None  # the last replay's features, batch row order
 
     def _forward(self, rows: int) -> torch.Tensor:
         return self.model(self.input_ids[:rows], self.positions[:rows], self.attention)
@@ -156,7 +157,6 @@ class CUDAGraphRunner(GraphRows):
 
     query_lens: tuple[int, ...] = ()  # verify graphs' query lengths (> 1), ascending
     tree_query_lens: tuple[int, ...] = ()  # tree verify graphs' query lengths, ascending
-    features: torch.Tensor | None = None  # the last replay's features, batch row order
     num_verify_replays = 0
     num_tree_replays = 0  # of them, replays of tree verify graphs
     logits_max_size = 0  # decode graphs of at most this many rows compute the logits

@@ -90,7 +90,6 @@ class MixedGraphRunner(GraphRows):
     can be checked on a CPU. `num_replays` counts replayed steps.
     """
 
-    features: torch.Tensor | None = None  # the last replay's features, batch row order
     logits: torch.Tensor | None = None  # no LM head in these graphs: the runner runs it
 
     def __init__(
