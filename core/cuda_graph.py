@@ -109,7 +109,38 @@ def graph_unsupported_reason(device: torch.device, backend: AttentionBackend) ->
 Features = Callable[[], "torch.Tensor | None"]
 
 
-class CUDAGraphRunner:
+class GraphRows:
+    """What a graph runner's graphs run (decode and verify here, mixed steps in
+    `cuda_graph_mixed`): the model over the first rows of the static inputs, its output (and
+    `features_fn`'s, the target features) kept in static buffers, `hidden` and
+    `feature_buffer`, sized by the first (largest) run over all of `input_ids`' rows."""
+
+    model: torch.nn.Module
+    attention: AttentionBackend
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    features_fn: Features | None = None
+    hidden: torch.Tensor | None = None  # the graphs' output, [rows, hidden]
+    feature_buffer: torch.Tensor | None = None  # `features_fn`'s output in the graphs' rows
+    features: torch.Tensor | None = None  # the last replay's features, batch row order
+
+    def _forward(self, rows: int) -> torch.Tensor:
+        return self.model(self.input_ids[:rows], self.positions[:rows], self.attention)
+
+    def _keep(self, out: torch.Tensor, rows: int, into_static: bool = True) -> None:
+        """Run `features_fn` after the model and, `into_static`, copy both outputs' rows."""
+        feats = self.features_fn() if self.features_fn is not None else None
+        if self.hidden is None:  # sized by the first (largest) shape
+            self.hidden = out.new_empty(self.input_ids.shape[0], out.shape[-1])
+            if feats is not None:
+                self.feature_buffer = feats.new_empty(self.input_ids.shape[0], feats.shape[-1])
+        if into_static:
+            self.hidden[:rows].copy_(out)
+            if feats is not None:
+                self.feature_buffer[:rows].copy_(feats)
+
+
+class CUDAGraphRunner(GraphRows):
     """Decode graphs of one model with one attention backend, for each of `sizes` (and verify
     graphs for each of `query_lens` where the backend supports them).
 
@@ -126,9 +157,6 @@ class CUDAGraphRunner:
 
     query_lens: tuple[int, ...] = ()  # verify graphs' query lengths (> 1), ascending
     tree_query_lens: tuple[int, ...] = ()  # tree verify graphs' query lengths, ascending
-    features_fn: Features | None = None
-    features: torch.Tensor | None = None  # the last replay's features, batch row order
-    feature_buffer: torch.Tensor | None = None  # `features_fn`'s output in the graphs' rows
     num_verify_replays = 0
     num_tree_replays = 0  # of them, replays of tree verify graphs
     logits_max_size = 0  # decode graphs of at most this many rows compute the logits
@@ -169,7 +197,6 @@ class CUDAGraphRunner:
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.hidden: torch.Tensor | None = None  # the graphs' output, [rows, hidden]
         if vocab_size:
             size = torch.empty((), dtype=logits_dtype).element_size()
             self.logits_max_size = min(self.max_batch_size, LOGITS_MAX_BYTES // (size * vocab_size))
@@ -362,18 +389,10 @@ class CUDAGraphRunner:
         return graph
 
     def _run(self, rows: int, into_static: bool = False, with_logits: bool = False) -> None:
-        out = self.model(self.input_ids[:rows], self.positions[:rows], self.attention)
+        out = self._forward(rows)
         if with_logits:  # straight into the static buffer
             self.model.compute_logits(out, out=self.logits_buffer[:rows])
-        feats = self.features_fn() if self.features_fn is not None else None
-        if self.hidden is None:  # sized by the first (largest) shape
-            self.hidden = out.new_empty(self.input_ids.shape[0], out.shape[-1])
-            if feats is not None:
-                self.feature_buffer = feats.new_empty(self.input_ids.shape[0], feats.shape[-1])
-        if into_static:
-            self.hidden[:rows].copy_(out)
-            if feats is not None:
-                self.feature_buffer[:rows].copy_(feats)
+        self._keep(out, rows, into_static)
 
 
 def _fitting(query_lens: tuple[int, ...], lens: list[int]) -> int | None:

@@ -36,7 +36,7 @@ import logging
 import time
 
 import torch
-from pegboard.core.cuda_graph import Features, capture_graph, padded_size
+from pegboard.core.cuda_graph import Features, GraphRows, capture_graph, padded_size
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, Request
 
@@ -80,7 +80,7 @@ def mixed_graph_unsupported_reason(backend: AttentionBackend, max_tokens: int) -
     return None
 
 
-class MixedGraphRunner:
+class MixedGraphRunner(GraphRows):
     """Mixed-step graphs of one model with one attention backend, one per token count of
     `sizes`, over the backend's metadata fixed for `max_requests` requests (the decode graphs'
     `prepare_for_capture` must have run).
@@ -90,8 +90,6 @@ class MixedGraphRunner:
     can be checked on a CPU. `num_replays` counts replayed steps.
     """
 
-    features: torch.Tensor | None = None  # the last replay's features, batch row order
-    feature_buffer: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # no LM head in these graphs: the runner runs it
 
     def __init__(
@@ -115,7 +113,6 @@ class MixedGraphRunner:
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.hidden: torch.Tensor | None = None  # the graphs' output, [max_tokens, hidden]
         attention.prepare_for_mixed_capture(n)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
@@ -203,15 +200,7 @@ class MixedGraphRunner:
         return capture_graph(self._run, size, self.pool)
 
     def _run(self, rows: int) -> None:
-        out = self.model(self.input_ids[:rows], self.positions[:rows], self.attention)
-        feats = self.features_fn() if self.features_fn is not None else None
-        if self.hidden is None:  # sized by the first (largest) bucket
-            self.hidden = out.new_empty(self.max_tokens, out.shape[-1])
-            if feats is not None:
-                self.feature_buffer = feats.new_empty(self.max_tokens, feats.shape[-1])
-        self.hidden[:rows].copy_(out)
-        if feats is not None:
-            self.feature_buffer[:rows].copy_(feats)
+        self._keep(self._forward(rows), rows)
 
 
 def _reserved(device: torch.device) -> int:

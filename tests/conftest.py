@@ -47,3 +47,13 @@ def tiny_qwen3_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(tiny_model_dirs: dict[str, Path]) -> Path:
     return tiny_model_dirs["mistral"]
+
+
+@pytest.fixture
+def decode_configs(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """An empty `gemv.DECODE_CONFIGS` (the GEMV's launch table) for a test to fill."""
+    from pegboard.core.kernels import gemv  # not at the top: a test module sets TRITON_INTERPRET
+
+    table: dict = {}
+    monkeypatch.setattr(gemv, "DECODE_CONFIGS", table)
+    return table

@@ -42,6 +42,14 @@ def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
+def two_rank_add_norm(buffer_ptrs, pad_ptrs, slot, rank, residual, weight, failed):
+    """The fused kernel as `rank` of two, over `[2, MAX_ROWS, HIDDEN]` buffers, in `slot`."""
+    offset = slot * MAX_ROWS * HIDDEN
+    return allreduce_add_norm(
+        buffer_ptrs.data_ptr(), pad_ptrs.data_ptr(), offset, rank, 2, residual, weight, EPS, failed
+    )
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize("slot", [ATTENTION, MLP])
 def test_one_rank_sums_both_partials_adds_the_residual_and_normalises(rank, slot):
@@ -55,17 +63,7 @@ def test_one_rank_sums_both_partials_adds_the_residual_and_normalises(rank, slot
     buffer_ptrs, pad_ptrs = table(buffers), table(pads)
     failed = torch.zeros(1, dtype=torch.int32, device=DEVICE)
 
-    normed, summed = allreduce_add_norm(
-        buffer_ptrs.data_ptr(),
-        pad_ptrs.data_ptr(),
-        slot * MAX_ROWS * HIDDEN,
-        rank,
-        2,
-        residual,
-        weight,
-        EPS,
-        failed,
-    )
+    normed, summed = two_rank_add_norm(buffer_ptrs, pad_ptrs, slot, rank, residual, weight, failed)
 
     partials = buffers[0][slot, :ROWS] + buffers[1][slot, :ROWS]  # rank order
     expected_normed, expected_summed = rms_norm(partials, weight, EPS, residual)
@@ -187,16 +185,8 @@ def _rank_steps(rank, buffers, pads, partials, residual, weight, results) -> Non
     for step in range(STEPS):
         slot = step % 2
         buffers[rank][slot, :ROWS] = partials[step, rank]
-        normed, summed = allreduce_add_norm(
-            buffer_ptrs.data_ptr(),
-            pad_ptrs.data_ptr(),
-            slot * MAX_ROWS * HIDDEN,
-            rank,
-            2,
-            residual,
-            weight,
-            EPS,
-            failed,
+        normed, summed = two_rank_add_norm(
+            buffer_ptrs, pad_ptrs, slot, rank, residual, weight, failed
         )
         results[rank, step, 0], results[rank, step, 1] = normed, summed
     assert failed.item() == 0

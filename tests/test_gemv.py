@@ -90,22 +90,14 @@ def test_gemv_rejects_a_strided_weight():
 
 
 @pytest.fixture
-def configs(monkeypatch):
-    """An empty `DECODE_CONFIGS` for a test to fill."""
-    table: dict = {}
-    monkeypatch.setattr(gemv_module, "DECODE_CONFIGS", table)
-    return table
-
-
-@pytest.fixture
 def gemv_calls(monkeypatch):
     """The configurations `linear` ran `gemv` with."""
     return record_configs(monkeypatch, gemv_module, "gemv")
 
 
-def test_linear_runs_the_configuration_of_the_shape_and_row_bucket(configs, gemv_calls):
+def test_linear_runs_the_configuration_of_the_shape_and_row_bucket(decode_configs, gemv_calls):
     one_row = GemvConfig(block_n=2, block_k=32)
-    configs[(torch.float32, 24, 64)] = {1: one_row, 4: ELEMENTWISE}
+    decode_configs[(torch.float32, 24, 64)] = {1: one_row, 4: ELEMENTWISE}
     w = randn(24, 64, seed=1)
     for rows, expected in [(1, [one_row]), (3, [one_row, ELEMENTWISE])]:
         x = randn(rows, 64)
@@ -113,10 +105,10 @@ def test_linear_runs_the_configuration_of_the_shape_and_row_bucket(configs, gemv
         assert gemv_calls == expected
 
 
-def test_linear_writes_into_out_through_gemv_and_cublas(configs):
+def test_linear_writes_into_out_through_gemv_and_cublas(decode_configs):
     """A tensor-parallel projection writes its output straight into a slot of the symmetric
     buffer: row bucket 1 through the GEMV kernel, bucket 2 through cuBLAS (`torch.addmm`)."""
-    configs[(torch.float32, 24, 64)] = {1: GemvConfig(block_n=2, block_k=32), 2: None}
+    decode_configs[(torch.float32, 24, 64)] = {1: GemvConfig(block_n=2, block_k=32), 2: None}
     w, bias = randn(24, 64, seed=1), randn(24, seed=2)
     for rows in (1, 2):
         x = randn(rows, 64)
@@ -126,8 +118,8 @@ def test_linear_writes_into_out_through_gemv_and_cublas(configs):
         assert not buffer[0].any() and not buffer[1, rows:].any()
 
 
-def test_linear_falls_back_to_cublas(configs, gemv_calls):
-    configs[(torch.float32, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: ELEMENTWISE}
+def test_linear_falls_back_to_cublas(decode_configs, gemv_calls):
+    decode_configs[(torch.float32, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: ELEMENTWISE}
     w = randn(24, 64, seed=1)
     for x in [
         randn(2, 64),  # cuBLAS measured faster for this bucket
@@ -156,12 +148,14 @@ def test_disable_gemv_keeps_f_linear_with_fused_kernels_on(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_decoder_with_gemv_equals_the_pytorch_decoder(tiny_model_dirs, arch, configs, gemv_calls):
+def test_decoder_with_gemv_equals_the_pytorch_decoder(
+    tiny_model_dirs, arch, decode_configs, gemv_calls
+):
     runner = ModelRunner(tiny_model_dirs[arch], "float32", str(DEVICE), progress=False)
     model = runner.model
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear)}
     for n, k in shapes:
-        configs[(torch.float32, n, k)] = dict.fromkeys([1, 2, 4, 8], GemvConfig(8, 64))
+        decode_configs[(torch.float32, n, k)] = dict.fromkeys([1, 2, 4, 8], GemvConfig(8, 64))
     prompts = [[5, 9, 200, 17], [300, 2, 77]]  # 7 tokens: every layer runs as GEMV
     model.set_fused_kernels(False)
     expected = prefill_logits(runner, prompts)

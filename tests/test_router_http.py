@@ -194,3 +194,72 @@ def test_dechunk_returns_complete_chunks_only_and_sees_the_last_one():
     assert _dechunk(buffer) == (b"abc", True) and buffer == b""
     framed = bytearray(b"2\r\nhi\r\n0\r\n\r\n")
     assert _dechunk(framed, framed=True) == (b"2\r\nhi\r\n0\r\n\r\n", True)
+
+
+class SilentStreamWorker:
+    """A worker on loopback (plain asyncio streams) that answers `GET /health` and, to a POST,
+    the head and first event of a stream it never continues; `aborted` is set when the router
+    closes that request's connection (a real worker aborts the request then)."""
+
+    def __init__(self) -> None:
+        self.streaming, self.aborted = asyncio.Event(), asyncio.Event()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+                method, path = head.split()[:2]
+                if method == "get":
+                    status = "200 OK" if path == "/health" else "404 Not Found"
+                    writer.write(f"HTTP/1.1 {status}\r\ncontent-length: 2\r\n\r\n{{}}".encode())
+                    continue
+                length = int(head.split("content-length:")[1].split()[0])
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n" + frame(b"data: {}\n\n")
+                )
+                self.streaming.set()
+                await reader.read()  # nothing more comes until the router closes the request
+                self.aborted.set()
+                return
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_client_leaving_mid_stream_aborts_the_workers_request_without_another_chunk():
+    """The worker sends nothing after its first event (a long prefill, a queue): the router
+    must notice the client's disconnect itself, not at the next chunk, and close the worker's
+    request, releasing the worker's in-flight count."""
+    from pegboard.core.router.app import RouterSettings, create_router_app
+
+    async def main():
+        worker = SilentStreamWorker()
+        url = await worker.start()
+        app = create_router_app(RouterSettings(workers=[url]))
+        await app.proxies[0].pool.check_all()  # healthy, without the background checks
+        router = HTTPServer(app.handle)
+        await router.start("127.0.0.1", 0)
+        try:
+            body = {"model": "m", "prompt": "hi", "max_tokens": 5, "stream": True}
+            async with httpx.AsyncClient() as client:
+                async with client.stream(
+                    "POST", f"http://127.0.0.1:{router.port}/v1/completions", json=body
+                ) as r:
+                    first = await anext(r.aiter_raw())
+            # the client has closed its connection, mid-stream
+            await worker.aborted.wait()
+            return first, app.proxies[0].pool.workers[url].in_flight
+        finally:
+            await router.close(drain_s=0)
+            await app.shutdown()
+            worker.server.close()
+
+    first, in_flight = run(main())
+    assert first == b"data: {}\n\n" and in_flight == 0

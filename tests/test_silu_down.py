@@ -22,6 +22,7 @@ from pegboard.core.kernels import activation, dense  # noqa: E402
 from pegboard.core.kernels import gemv as gemv_module  # noqa: E402
 from pegboard.core.kernels.gemv import MAX_ROWS, GemvConfig, gemv  # noqa: E402
 from pegboard.core.model_runner import ModelRunner  # noqa: E402
+from pegboard.core.models import layers  # noqa: E402
 from pegboard.core.models.layers import Linear  # noqa: E402
 from pegboard.core.models.llama import DecoderMLP  # noqa: E402
 from test_fused_kernels import prefill_logits  # noqa: E402
@@ -34,13 +35,6 @@ IDS = ["gemv", "split", "dot", "dot-split"]
 def gate_up_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """Gate/up rows whose gates straddle SiLU's bend (and whose products round in bf16)."""
     return randn(rows, 2 * k, dtype=torch.float32, seed=rows).mul(3).to(dtype)
-
-
-@pytest.fixture
-def configs(monkeypatch):
-    table: dict = {}
-    monkeypatch.setattr(gemv_module, "DECODE_CONFIGS", table)
-    return table
 
 
 @pytest.fixture
@@ -94,20 +88,29 @@ def test_gate_up_gemv_rejects_rows_of_the_wrong_width():
 # ------------------------------------------------------------------ dispatch
 
 
-def test_dense_linear_fuses_where_the_gemv_takes_the_rows(configs, separate_calls):
-    configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: SPLIT}
+def test_dense_linear_of_gate_up_fuses_where_the_gemv_takes_the_rows(
+    decode_configs, separate_calls
+):
+    decode_configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: None, 8: SPLIT}
     w, b = randn(24, 64, dtype=torch.bfloat16, seed=1), randn(24, dtype=torch.bfloat16, seed=2)
     for rows, fused in [(1, True), (2, False), (5, True), (9, False)]:
         gate_up = gate_up_rows(rows, 64, torch.bfloat16)
         assert dense.takes_gate_up(rows, w) is fused
         expected = dense.linear(activation.silu_and_mul(gate_up), w, b)
         separate_calls.clear()
-        out = dense.linear(gate_up, w, b)
+        out = dense.linear(gate_up, w, b, gate_up=True)
         torch.testing.assert_close(out, expected, atol=0, rtol=0)
         assert separate_calls == ([] if fused else [rows])
     # a strided weight or a shape without configurations: separately
     strided = randn(24, 128, dtype=torch.bfloat16, seed=1)[:, :64]
     assert not dense.takes_gate_up(1, strided) and not dense.takes_gate_up(1, randn(8, 64))
+
+
+def test_dense_layer_without_its_kernels_applies_silu_and_mul_to_gate_up_rows():
+    layer = Linear(64, 24).to(DEVICE)
+    gate_up = gate_up_rows(3, 64, torch.float32)
+    expected = layer(layers.silu_and_mul(gate_up))
+    torch.testing.assert_close(layer(gate_up, gate_up=True), expected, atol=0, rtol=0)
 
 
 def test_switch_is_auto_by_default_and_read_when_kernels_switch_on(monkeypatch):
@@ -126,10 +129,10 @@ def test_switch_is_auto_by_default_and_read_when_kernels_switch_on(monkeypatch):
     assert mlp.takes_gate_up is None
 
 
-def test_auto_fuses_only_where_a_gemv_program_covers_enough_output_rows(configs):
+def test_auto_fuses_only_where_a_gemv_program_covers_enough_output_rows(decode_configs):
     """The default: TP=1's Llama down projection (2 rows per program) lost on the H200, its
     TP=2 shard (8 rows per program) won (`dense.SHARED_SILU_MIN_BLOCK_N`)."""
-    configs[(torch.bfloat16, 24, 64)] = {1: GemvConfig(2, 64), 2: GemvConfig(8, 64), 4: None}
+    decode_configs[(torch.bfloat16, 24, 64)] = {1: GemvConfig(2, 64), 2: GemvConfig(8, 64), 4: None}
     w = randn(24, 64, dtype=torch.bfloat16, seed=1)
     assert [dense.shares_silu(rows, w) for rows in (1, 2, 4)] == [False, True, False]
     assert [dense.takes_gate_up(rows, w) for rows in (1, 2, 4)] == [True, True, False]
@@ -145,13 +148,13 @@ def _tiny_mlp() -> DecoderMLP:
 
 
 def test_decoder_with_fused_silu_down_equals_it_without(
-    tiny_llama_dir, configs, separate_calls, monkeypatch
+    tiny_llama_dir, decode_configs, separate_calls, monkeypatch
 ):
     runner = ModelRunner(tiny_llama_dir, "bfloat16", str(DEVICE), progress=False)
     model = runner.model
     shapes = {(m.weight.dtype, *m.weight.shape) for m in model.modules() if isinstance(m, Linear)}
     for key in shapes:
-        configs[key] = dict.fromkeys([1, 2, 4, 8], GemvConfig(8, 64))
+        decode_configs[key] = dict.fromkeys([1, 2, 4, 8], GemvConfig(8, 64))
     prompts = [[5, 9, 200, 17], [300, 2, 77]]  # 7 tokens: every projection runs as GEMV
     monkeypatch.setenv("PEGBOARD_FUSED_SILU_DOWN", "0")
     model.set_fused_kernels(True)
@@ -224,7 +227,7 @@ def test_gpu_graph_decode_with_fused_silu_down_equals_unfused(tiny_llama_dir, dt
 
 
 def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
-    configs, separate_calls, monkeypatch
+    decode_configs, separate_calls, monkeypatch
 ):
     """Under TP the down projection's forward is `_Joined.project`, which writes into this
     rank's symmetric-buffer slot through `Linear.kernel(..., out=)`: the MLP's gate/up rows go
@@ -236,10 +239,15 @@ def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
     mlp = _tiny_mlp().to(torch.bfloat16).to(DEVICE)
     torch.nn.init.normal_(mlp.gate_up_proj.weight)
     torch.nn.init.normal_(mlp.down_proj.weight)
-    configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: SPLIT}
-    configs[(torch.bfloat16, 128, 24)] = {1: ELEMENTWISE, 2: ELEMENTWISE}
+    decode_configs[(torch.bfloat16, 24, 64)] = {1: ELEMENTWISE, 2: SPLIT}
+    decode_configs[(torch.bfloat16, 128, 24)] = {1: ELEMENTWISE, 2: ELEMENTWISE}
     buffer = torch.zeros(2, 4, 24, dtype=torch.bfloat16, device=DEVICE)
-    fused = SimpleNamespace(slot=lambda slot, rows: buffer[slot, :rows], takes=lambda rows: True)
+    takes = [True]
+    fused = SimpleNamespace(
+        slot=lambda slot, rows: buffer[slot, :rows],
+        takes=lambda rows: takes[0],
+        all_reduce=lambda partial: partial,  # one rank
+    )
     norm = SimpleNamespace(kernel=object(), forward=None)
     joined = _Joined(fused, mlp.down_proj, norm, 1)
     monkeypatch.setenv("PEGBOARD_FUSED_SILU_DOWN", "1")
@@ -252,3 +260,8 @@ def test_tensor_parallel_down_projection_writes_the_fused_product_into_its_slot(
     assert separate_calls == []
     expected = dense.linear(activation.silu_and_mul(mlp.gate_up_proj(x)), mlp.down_proj.weight)
     torch.testing.assert_close(buffer[1, :2], expected, atol=0, rtol=0)
+    # a step the fused all-reduce does not take: the layer's own forward, still fused
+    takes[0] = False
+    separate_calls.clear()
+    torch.testing.assert_close(mlp(x), expected, atol=0, rtol=0)
+    assert joined.pending is None and separate_calls == []

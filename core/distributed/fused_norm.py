@@ -170,29 +170,35 @@ class _Joined:
         projection.forward = self.project
         norm.forward = self.add_norm
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
+        """The projection's forward. `gate_up` (passed to a dense `Linear` down projection
+        only, `DecoderMLP`): x is the MLP's gate/up output, SiLU-and-mul applied by the layer."""
         rows = x.numel() // x.shape[-1]
         self.pending = None  # (one a failed forward left behind)
         if getattr(self.norm, "kernel", None) is None or not self.fused.takes(rows):
-            return self.fused.all_reduce(self.project_unfused(x))
+            return self.fused.all_reduce(self._forward_unfused(x, gate_up))
         out = self.fused.slot(self.slot, rows)
-        self._project_into(x.reshape(rows, x.shape[-1]), out)
+        self._project_into(x.reshape(rows, x.shape[-1]), out, gate_up)
         self.pending = out
         return out
 
-    def _project_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _forward_unfused(self, x: torch.Tensor, gate_up: bool) -> torch.Tensor:
+        # other layer types' forward takes no `gate_up` (they never get gate/up rows)
+        return self.project_unfused(x, gate_up=True) if gate_up else self.project_unfused(x)
+
+    def _project_into(self, x: torch.Tensor, out: torch.Tensor, gate_up: bool) -> None:
         from pegboard.core.models.layers import Linear
 
         layer = self.projection
         if isinstance(layer, Linear) and layer.kernel is not None:  # the GEMV kernels
-            layer.kernel(x, layer.weight, layer.bias, out=out)
-        elif isinstance(layer, nn.Linear):
+            layer.kernel(x, layer.weight, layer.bias, out=out, gate_up=gate_up)
+        elif isinstance(layer, nn.Linear) and not gate_up:
             if layer.bias is None:
                 torch.mm(x, layer.weight.t(), out=out)
             else:
                 torch.addmm(layer.bias, x, layer.weight.t(), out=out)
-        else:  # another layer type: its output copied into the slot
-            out.copy_(self.project_unfused(x))
+        else:  # another layer type (or gate/up rows): its output copied into the slot
+            out.copy_(self._forward_unfused(x, gate_up))
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if self.pending is None:

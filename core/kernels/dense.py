@@ -23,14 +23,15 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    gate_up: bool = False,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through the kernel measured fastest for this many rows; with
     `out` (`[rows of x, N]`: a tensor-parallel projection writing into its symmetric buffer,
     `pegboard.core.distributed.fused_norm`), written there by the GEMV or cuBLAS.
 
-    x may also be a SwiGLU MLP's gate/up output `[..., 2 * K]` for the down projection
-    (`takes_gate_up`): then the input is `silu(gate) * up` (`silu_linear`)."""
-    if x.shape[-1] and x.shape[-1] == 2 * weight.shape[-1]:
+    With `gate_up`, x is a SwiGLU MLP's gate/up output `[..., 2 * K]` for the down projection
+    (`takes_gate_up`) and the input is `silu(gate) * up` (`silu_linear`)."""
+    if gate_up:
         return silu_linear(x, weight, bias, out)
     rows = gemv.num_rows(x)
     if rows <= gemv.MAX_ROWS or out is not None:

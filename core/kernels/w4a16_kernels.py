@@ -41,6 +41,29 @@ def _words(qw_ptr, kb, kw, offs_n, n_mask, N):
 
 
 @triton.jit
+def _start(qw_ptr, N, K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """Both kernels' prologue for program `(m, n, s)`: `s`, its rows `offs_m`, its columns
+    `offs_n` (and their mask), a step's word and column indices `kw` / `offs_k`, the first K
+    column `k0` of its slice, and the first step's words, loaded before `wait_for_inputs`
+    (weights depend on no earlier kernel). Inlined: the kernels compile to the same PTX as with
+    these lines spelled out in each. Tile shapes and loop bounds (`KW`, `K_SPLIT`) must be
+    `tl.constexpr` where they are used, so each kernel names its own."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    kw = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    k0 = pid_s * (K // SPLIT_K)
+    words = _words(qw_ptr, k0, kw, offs_n, n_mask, N)
+    wait_for_inputs(PDL)
+    return pid_s, offs_m, offs_n, n_mask, kw, offs_k, k0, words
+
+
+@triton.jit
 def _group_params(ptr, kb, kw, offs_n, n_mask, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """Scales (or offsets) of the words `kw` of the step at column `kb`, as float32: one row
     `[1, BLOCK_N]` when the whole step lies in one group, else `[BLOCK_K / 8, BLOCK_N]`."""
@@ -146,19 +169,9 @@ def _dot_kernel(
 ):  # fmt: skip
     # Computed transposed, `y.T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x.T`: the weights
     # are the MMA's long side (wgmma's 64-row M), x's few rows its short N side.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    KW: tl.constexpr = BLOCK_K // 8
+    pid_s, offs_m, offs_n, n_mask, kw, offs_k, k0, words = _start(
+        qw_ptr, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL)  # fmt: skip
     K_SPLIT: tl.constexpr = K // SPLIT_K
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    kw = tl.arange(0, KW)
-    offs_k = tl.arange(0, BLOCK_K)
-    k0 = pid_s * K_SPLIT
-    words = _words(qw_ptr, k0, kw, offs_n, n_mask, N)
-    wait_for_inputs(PDL)
     xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
     m_mask = (offs_m < M)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -206,19 +219,11 @@ def _gemv_kernel(
     FIXUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s, offs_m, offs_n, n_mask, kw, _, k0, words = _start(
+        qw_ptr, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PDL)  # fmt: skip
     KW: tl.constexpr = BLOCK_K // 8
     K_SPLIT: tl.constexpr = K // SPLIT_K
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     m_mask = (offs_m < M)[:, None]
-    kw = tl.arange(0, KW)
-    k0 = pid_s * K_SPLIT
-    words = _words(qw_ptr, k0, kw, offs_n, n_mask, N)
-    wait_for_inputs(PDL)
     # x's column of word kw, nibble j: x_ptrs + 8 * kw + (the column nibble j holds)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k0 + kw * 8)[None, :]
     acc = tl.zeros((BLOCK_M, KW, BLOCK_N), dtype=tl.float32)

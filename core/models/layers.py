@@ -59,9 +59,9 @@ class Linear(nn.Linear, LinearLayer):
     `set_fused_kernels(True)`, `pegboard.core.kernels.dense.linear` picks the kernel measured
     faster than cuBLAS for the weight's shape and the number of rows (the GEMV up to 8 rows,
     the skinny GEMM up to 256), or `F.linear`. `PEGBOARD_DISABLE_GEMV=1` keeps `F.linear`
-    with the other fused kernels on. Switched on, a down projection also takes a SwiGLU
-    gate/up output (`[..., 2 * in_features]`) and computes SiLU-and-mul in its kernel
-    (`dense.silu_linear`; the MLP passes it only where the GEMV takes the rows).
+    with the other fused kernels on. `forward(gate_up, gate_up=True)` takes a SwiGLU MLP's
+    gate/up output (`[..., 2 * in_features]`) and applies SiLU-and-mul first: switched on, in
+    the GEMV (`dense.silu_linear`; the MLP passes it only where the GEMV takes the rows).
 
     The dense layer of the `bf16` linear plugin (and of any plugin's unquantized layers): its
     parameters are named as in the checkpoint, so the loader fills them directly."""
@@ -86,10 +86,10 @@ class Linear(nn.Linear, LinearLayer):
         else:
             self.kernel = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
         if self.kernel is not None:
-            return self.kernel(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return self.kernel(x, self.weight, self.bias, gate_up=gate_up)
+        return F.linear(silu_and_mul(x) if gate_up else x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

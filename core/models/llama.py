@@ -126,7 +126,7 @@ class DecoderMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self._down_takes_gate_up(gate_up):  # SiLU-and-mul inside the down GEMV
-            return self.down_proj(gate_up)
+            return self.down_proj(gate_up, gate_up=True)
         return self.down_proj(self.act_fn(gate_up))
 
     def _down_takes_gate_up(self, gate_up: torch.Tensor) -> bool:

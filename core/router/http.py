@@ -168,18 +168,50 @@ async def write_response(writer: asyncio.StreamWriter, response: Response, close
         await writer.drain()
         return
     pending = head + b"transfer-encoding: chunked\r\n\r\n"  # goes with the first chunk
-    chunks, framed = response.chunks, response.framed
+    chunks = response.chunks
+    send = asyncio.ensure_future(_send_chunks(writer, chunks, response.framed, pending))
+    gone = asyncio.ensure_future(_closed(writer))
     try:
-        async for chunk in chunks:
-            if chunk:
-                writer.write(pending + (chunk if framed else frame(chunk)))
-                pending = b""
-                await writer.drain()
-        if not framed:
-            writer.write(pending + LAST_CHUNK)
-            await writer.drain()
+        # A client that leaves stops the stream at once, not at the next chunk's write (which
+        # may be long in coming: a prefill, a queue): closing the chunks closes the worker's
+        # response, so the worker aborts the request.
+        await asyncio.wait((send, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not send.done():
+            raise ConnectionResetError("the client went away mid-stream")
+        send.result()
     finally:
+        gone.cancel()
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)  # off the chunks before closing them
         await chunks.aclose()
+
+
+async def _send_chunks(
+    writer: asyncio.StreamWriter, chunks: AsyncIterator[bytes], framed: bool, pending: bytes
+) -> None:
+    async for chunk in chunks:
+        if chunk:
+            writer.write(pending + (chunk if framed else frame(chunk)))
+            pending = b""
+            await writer.drain()
+    if not framed:
+        writer.write(pending + LAST_CHUNK)
+        await writer.drain()
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Returns when the connection is gone (`_ClientProtocol`: the client closed its end)."""
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+class _ClientProtocol(asyncio.StreamReaderProtocol):
+    """A client connection that closes when the client closes its end (EOF), as uvicorn's do:
+    an HTTP client that is done sending is gone, and `write_response` sees it at once."""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
 
 
 class HTTPServer:
@@ -193,7 +225,13 @@ class HTTPServer:
         self._idle: set[asyncio.Task] = set()  # connections waiting for their next request
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._connection, host, port, limit=MAX_HEAD)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> _ClientProtocol:  # `asyncio.start_server`'s, closing on EOF
+            reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
+            return _ClientProtocol(reader, self._connection, loop=loop)
+
+        self._server = await loop.create_server(protocol, host, port)
 
     @property
     def port(self) -> int:
