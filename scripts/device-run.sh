@@ -6,7 +6,7 @@
 #                 [llama-bs1-silu] [llama-bs1-silu-tp2]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
-#                 [spec-ngram] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
+#                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
 #                 [spec-eagle] [spec-eagle-train] [eagle-check]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
@@ -490,6 +490,15 @@ PY
         timeout 45 $SB --config qwen3-0.6b --extractive --num-prompts 4 --max-tokens 256 \
           --speculative-eagle-topk 3 >"$OUT/spec-ngram-tree.json" \
           2>"$OUT/spec-ngram-tree.err"; tail -28 "$OUT/spec-ngram-tree.json" ;;
+    spec-fp32) # issue 14: are spec-vs-plain differences bf16 near-ties or a defect? The spec-ngram
+        # Qwen3-0.6B chain and 3-branch tree in float32: expect identical_completions 4/4 each
+        SB="python3 scripts/bench_speculative.py --speculative-algorithm NGRAM --speculative-num-steps 4 --cuda-graph-max-bs 1"
+        for tree in 1 3; do
+          timeout 60 $SB --config qwen3-0.6b --dtype float32 --extractive --num-prompts 4 --max-tokens 256 \
+            --speculative-eagle-topk $tree >"$OUT/spec-fp32-topk$tree.json" 2>"$OUT/spec-fp32-topk$tree.err"
+          grep -E '"identical_completions"|"first_diff"|"speedup"|"accept_length"' "$OUT/spec-fp32-topk$tree.json" \
+            || tail -5 "$OUT/spec-fp32-topk$tree.err"
+        done ;;
     spec-profile) # session 7 (spechost): batch-1 host profile per phase (wall clock), plain vs
         # n-gram chain vs 3-branch tree, random Qwen3-0.6B: host_ms_by_kind decode vs verify
         # (the verify's wait for the target's tokens is booked as a wait), then the same n-gram
