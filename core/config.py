@@ -32,7 +32,7 @@ class EngineConfig(pydantic.BaseModel):
     # Steps without drafts (core/speculative/switch.py): batches this large, low acceptance.
     speculative_disable_by_batch_size: int | None = pydantic.Field(None, ge=1)
     speculative_min_accept_rate: float = pydantic.Field(0.2, ge=0.0, le=1.0)
-    speculative_min_speedup: float | None = pydantic.Field(None, gt=0.0)  # switch.py's speed rule
+    speculative_min_speedup: float | None = pydantic.Field(None, ge=0.0)  # switch.py (None: auto)
     linear: str | None = None  # None: w4a16 for a quantized checkpoint, else bf16
     expert_placement: str | None = None  # MoE models; None: static (--enable-eplb: eplb)
     metrics: list[str] = pydantic.Field(default_factory=list)
