@@ -32,10 +32,13 @@ asks the speculator for drafts at all:
   steps waits for the one before it (overlap scheduling). The first plain step of a run (it
   has no earlier step to wait for) and the last (it reads its tokens at once, as the next step
   may draft) are left out; every step that may draft counts. Output tokens per second over the
-  last `WINDOW` steps of each kind are compared after each step that may draft:
-  - with no plain figure yet, and every `probe_every` steps after that (`PROBE_EVERY`,
-    doubling up to `MAX_PROBE_EVERY` while speculation keeps winning), `PROBE_STEPS` (+ 2
-    uncounted) steps run without drafts to measure plain decoding;
+  last `WINDOW` steps of each kind, in batches of the same size bucket (`_bucket`: 33-64
+  requests, 17-32, ...; a batch of 64 yields far more tokens per second than one of 1, so a
+  warm-up's figure must not judge it), are compared after each step that may draft:
+  - before the first step that would draft in a bucket with no plain figure yet, and every
+    `probe_every` steps with drafts (`PROBE_EVERY`, doubling up to `MAX_PROBE_EVERY` while
+    speculation keeps winning), `PROBE_STEPS` (+ 2 uncounted) steps run without drafts to
+    measure plain decoding;
   - below S times the plain rate (over `MIN_SPEED_SAMPLES` steps with drafts, or one that is
     below `DECISIVE` of it: at batch 64 each probe then costs one verify step), drafting
     stops for a cooldown as with acceptance (16 steps, doubling up to 256 while it keeps
@@ -84,12 +87,10 @@ class SpeculationSwitch:
         self._off_for = 0  # steps left without drafts
         self._off_reason = "accept_rate"  # the rule that set `_off_for`
         self._cooldown = COOLDOWN
-        #: The speed rule's figures: (output tokens, seconds) of the last decode steps that
-        #: could draft (True) and of plain ones (False).
-        self._speed: dict[bool, deque[tuple[int, float]]] = {
-            True: deque(maxlen=WINDOW),
-            False: deque(maxlen=WINDOW),
-        }
+        #: The speed rule's figures per batch-size bucket (`_bucket`): (output tokens,
+        #: seconds) of the last decode steps that could draft (True) and of plain ones (False).
+        self._speed: dict[int, dict[bool, deque[tuple[int, float]]]] = {}
+        self._judged = 0  # the bucket judged last (`speeds`)
         self._speed_cooldown = COOLDOWN  # the speed rule's own (acceptance may be fine)
         self._speed_on = True  # its last verdict (a probe after "off" needs the hysteresis)
         self._probed = False  # the first step with drafts probes plain steps at once
@@ -115,7 +116,8 @@ class SpeculationSwitch:
         self._window.clear()
         self._off_for = 0
         self._cooldown = COOLDOWN
-        self._speed[True].clear()
+        for window in self._speed.values():
+            window[True].clear()
         self._speed_cooldown, self._speed_on = COOLDOWN, True
         self._probed, self._since_probe, self.probe_every = False, 0, PROBE_EVERY
         self._last, self._last_kind = None, None
@@ -163,7 +165,8 @@ class SpeculationSwitch:
 
     def _turned_off(self) -> None:
         self._window.clear()  # the probe after the cooldown judges on fresh figures
-        self._speed[True].clear()
+        for window in self._speed.values():
+            window[True].clear()
         self.num_turned_off += 1
 
     # ------------------------------------------------------------------ the speed rule
@@ -176,6 +179,8 @@ class SpeculationSwitch:
         one."""
         if self.min_speedup is not None:
             self._close(requests, num_tokens, now)
+            if self._off_for == 0 and _decode(num_tokens) and self._unknown(len(requests)):
+                self._probe(_bucket(len(requests)))  # plain decoding first, then drafts
         on = self.allows(len(requests))
         if self.min_speedup is not None:
             self._open(requests, num_tokens, on, now)
@@ -189,11 +194,15 @@ class SpeculationSwitch:
         if last is None or last[2] <= 0 or not _same(last[0], requests):
             return
         _, could, tokens, start, before = last
+        bucket = _bucket(len(requests))
+        window = self._speed.get(bucket)
+        if window is None:
+            window = self._speed[bucket] = {True: deque(maxlen=WINDOW), False: deque(maxlen=WINDOW)}
         if could:
-            self._speed[True].append((tokens, now - start))
-            self.judge_speed()
+            window[True].append((tokens, now - start))
+            self.judge_speed(bucket)
         elif before is False and _decode(num_tokens) and not self.may_allow(len(requests)):
-            self._speed[False].append((tokens, now - start))
+            window[False].append((tokens, now - start))
 
     def _open(self, requests: list, num_tokens: list[int], on: bool, now: float) -> None:
         if _decode(num_tokens):
@@ -208,25 +217,25 @@ class SpeculationSwitch:
         if self._last is not None:
             self._last = (self._last[0], self._last[1], n, *self._last[3:])
 
-    def judge_speed(self) -> None:
-        """After a step that could draft: probe plain steps when due, else turn speculation
-        off when it yields fewer tokens per second than `min_speedup` times plain decoding
-        (`HYSTERESIS` above it once it was turned off)."""
+    def judge_speed(self, bucket: int) -> None:
+        """After a step that could draft, of a batch in `bucket`: probe plain steps when due
+        (no plain figure for this bucket, or `probe_every` steps since the last probe), else
+        turn speculation off when it yields fewer tokens per second than `min_speedup` times
+        plain decoding in batches of the same bucket (`HYSTERESIS` above it once the rule
+        turned it off)."""
         if self.min_speedup is None or self._off_for > 0:
             return
         self._since_probe += 1
-        spec, plain = self._speed[True], self._speed[False]
-        if len(plain) < MIN_SPEED_SAMPLES and self._since_probe > 2 * PROBE_STEPS:
-            self._probed = False  # the last probe's steps changed requests: measure again
-        if not self._probed or self._since_probe >= self.probe_every:
-            if self._probed:  # a periodic probe: speculation kept winning since the last
+        self._judged = bucket
+        spec, plain = self._speed[bucket][True], self._speed[bucket][False]
+        unknown = len(plain) < MIN_SPEED_SAMPLES
+        if self._unknown(bucket) or self._since_probe >= self.probe_every:
+            if not unknown:  # a periodic probe: speculation kept winning since the last
                 self.probe_every = min(2 * self.probe_every, MAX_PROBE_EVERY)
-            self._probed, self._since_probe = True, 0
-            plain.clear()
-            self._off_for, self._off_reason = PROBE_STEPS + 2, "speed"  # + first and last
+            self._probe(bucket)
             return
         base = _rate(plain)
-        if len(plain) < MIN_SPEED_SAMPLES or not spec or base <= 0:
+        if unknown or not spec or base <= 0:
             return
         need = self.min_speedup * (1.0 if self._speed_on else 1.0 + HYSTERESIS)
         ratio = _rate(spec) / base
@@ -242,18 +251,42 @@ class SpeculationSwitch:
         self._turned_off()
         self.probe_every, self._since_probe = PROBE_EVERY, 0  # the cooldown measures plain
 
+    def _unknown(self, batch_size: int) -> bool:
+        """Whether plain decoding must be measured for batches of `batch_size` (no figure for
+        its bucket; after a probe whose steps changed requests, again a few steps later)."""
+        window = self._speed.get(_bucket(batch_size))
+        if window is not None and len(window[False]) >= MIN_SPEED_SAMPLES:
+            return False
+        return not self._probed or self._since_probe > 2 * PROBE_STEPS
+
+    def _probe(self, bucket: int) -> None:
+        """Run `PROBE_STEPS` counted steps without drafts (+ the first and last of the run)."""
+        self._probed, self._since_probe = True, 0
+        if bucket in self._speed:
+            self._speed[bucket][False].clear()
+        self._off_for, self._off_reason = PROBE_STEPS + 2, "speed"
+
     @property
     def speeds(self) -> dict[str, float]:
-        """The speed rule's last figures: output tokens per second with and without drafts."""
+        """The speed rule's last figures: output tokens per second with and without drafts in
+        the batch-size bucket it judged last."""
+        window = self._speed.get(self._judged, {True: (), False: ()})
         return {
-            "spec_tokens_per_s": _rate(self._speed[True]),
-            "plain_tokens_per_s": _rate(self._speed[False]),
+            "spec_tokens_per_s": _rate(window[True]),
+            "plain_tokens_per_s": _rate(window[False]),
         }
 
 
-def _rate(window: deque[tuple[int, float]]) -> float:
+def _rate(window) -> float:
     seconds = sum(t for _, t in window)
     return sum(n for n, _ in window) / seconds if seconds > 0 else 0.0
+
+
+def _bucket(batch_size: int) -> int:
+    """The batch-size bucket the speed rule compares within (a power of two: 1, 2, 4, 8, ...):
+    tokens per second grow with the batch, so a batch of 64 is judged against plain batches
+    of 33-64 requests, not against the batch-1 figure a warm-up left."""
+    return 1 << (batch_size - 1).bit_length()
 
 
 def _decode(num_tokens: list[int]) -> bool:
