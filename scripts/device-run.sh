@@ -6,7 +6,7 @@
 #                 [llama-bs1-silu] [llama-bs1-silu-tp2]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
-#                 [spec-ngram] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
+#                 [spec-ngram] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64] [spec-batch64-profile]
 #                 [spec-eagle] [spec-eagle-train] [eagle-check]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
@@ -458,12 +458,13 @@ PY
           2>"$OUT/spec-ngram-tree.err"; tail -28 "$OUT/spec-ngram-tree.json" ;;
     spec-profile) # session 7 (spechost): batch-1 host profile per phase (wall clock), plain vs
         # n-gram chain vs 3-branch tree, random Qwen3-0.6B: host_ms_by_kind decode vs verify
-        # (the verify's wait for the target's tokens is booked as a wait), then the same n-gram
-        # run with the speed rule (--speculative-min-speedup 1.0: drafting turns itself off
-        # where it loses; `speculation.spec_tokens_per_s` vs `plain_tokens_per_s`)
+        # (the verify's wait for the target's tokens is booked as a wait; the speed rule off so
+        # that every step drafts), then the same n-gram run with the speed rule (the default on
+        # CUDA: drafting turns itself off where it loses; `spec_tokens_per_s` vs `plain_...`)
         SP="--speculative-algorithm NGRAM --speculative-num-steps 4"
         for v in plain chain tree speed; do
-          case $v in plain) a="";; chain) a=$SP;; tree) a="$SP --speculative-eagle-topk 3";;
+          case $v in plain) a="";; chain) a="$SP --speculative-min-speedup 0";;
+            tree) a="$SP --speculative-eagle-topk 3 --speculative-min-speedup 0";;
             speed) a="$SP --speculative-min-speedup 1.0";; esac
           timeout 100 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --num-seqs 4 --max-running-requests 1 --cuda-graph-max-bs 1 --min-input 64 \
@@ -494,7 +495,9 @@ PY
           --max-tokens 128 --kv-cache-tokens 32768 --cuda-graph-max-bs 1 >"$OUT/spec-perfect-self.json" \
           2>"$OUT/spec-perfect-self.err"; tail -30 "$OUT/spec-perfect-self.json" ;;
     spec-batch64) # Qwen3-0.6B random weights, 64 requests at once: speculation whose drafts are
-        # all rejected (then n-gram), with the on/off switch and without it, against plain decode
+        # all rejected (then n-gram), with the on/off switch as it is by default (`spec`: the
+        # acceptance rule and, on CUDA, the speed rule) and without it (`spec_no_switch`: both
+        # off, drafting wherever it can), against plain decode (`plain`)
         timeout 75 python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
           --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-miss.json" 2>"$OUT/spec-batch64-miss.err"; tail -40 "$OUT/spec-batch64-miss.json"
@@ -502,6 +505,18 @@ PY
           --batch-size 64 --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch \
           --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-ngram.json" 2>"$OUT/spec-batch64-ngram.err"; tail -40 "$OUT/spec-batch64-ngram.json" ;;
+    spec-batch64-profile) # where a verify step of 64 x 5 rows goes on the H200: `bench offline
+        # --profile-host` at batch 64, plain vs n-gram with the switch off (every step drafts):
+        # host_ms_by_kind.verify vs .decode (host work), device_wait_ms_per_step (the device
+        # time a verify step waits for: a plain step overlaps it), cuda_graphs.verify_replays
+        SP="--speculative-algorithm NGRAM --speculative-num-steps 4 --speculative-min-speedup 0 --speculative-min-accept-rate 0"
+        for v in plain ngram; do
+          a=$([ $v = ngram ] && echo "$SP")
+          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+            --num-seqs 64 --max-running-requests 64 --cuda-graph-max-bs 64 --min-input 128 \
+            --max-input 128 --min-output 256 --max-output 256 $a \
+            --json "$OUT/spec-batch64-profile-$v.json" 2>"$OUT/spec-batch64-profile-$v.err" | tail -3
+        done ;;
     spec-eagle|spec-eagle-train) # the bundled SmolLM2 (`smollm2_dir`) with an EAGLE-3 head trained
         # here by self-distillation, kept in out/eagle3-smollm2 while the machine stays warm (each
         # call resumes training), then (spec-eagle) batch-1 decode with the head vs without, graphs

@@ -336,6 +336,9 @@ class Speculation:
             rows.append((r, entry[1] if entry else None, start, k))
             start += k + 1
         plain = [(r, s) for r, d, s, _ in rows if d is None]
+        greedy = any(d is not None and r.params.greedy for r, d, _, _ in rows)
+        # (launched before the sampler reads its tokens: the device runs both before one wait)
+        argmax = logits.argmax(dim=-1) if greedy else None
         sampled = {}
         if plain:
             index = to_device([s for _, s in plain], logits.device, torch.int64)
@@ -343,7 +346,7 @@ class Speculation:
             out = e.guard.sample(e.hook.sample, logits[index], [r for r, _ in plain], vocab)
             e.guard.sampled_ids(out.token_ids, vocab)
             sampled = {id(r): (t, lp) for (r, _), t, lp in zip(plain, out.token_ids, out.logprobs)}
-        greedy_rows = self.read_tokens(logits.argmax(dim=-1))
+        greedy_rows = self.read_tokens(argmax) if greedy else []
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
         step_drafted = step_accepted = step_requests = 0
