@@ -479,20 +479,23 @@ PY
         for t in 1 3; do
           timeout 200 python3 scripts/find_syncs.py --num-seqs 4 --max-output 512 --max-running-requests 1 \
             --cuda-graph-max-bs 1 --speculative-algorithm NGRAM --speculative-num-steps 4 \
+            --speculative-min-speedup 0 \
             --speculative-eagle-topk $t --json "$OUT/spec-syncs-topk$t.json" 2>"$OUT/spec-syncs-topk$t.err" | tail -25
         done ;;
     spec-perfect) # Llama-3.1-8B config, random weights, batch 1: drafts = the plain run's tokens
         # (free and perfect: the verify's own cost, ideally 5x tokens per step at k = 4), then
         # the target as its own STANDALONE draft (same dummy weights: every draft accepted)
         L8=$(python3 -c 'from pegboard.core.bench.models import config_model_dir as c; print(c("llama-3.1-8b"))')
-        # (verify steps replay CUDA graphs of 5 rows; `spec_eager` is the same run without graphs)
+        # (verify steps replay CUDA graphs of 5 rows; `spec_eager` is the same run without graphs;
+        # the speed rule off: its plain probes would sit among the verify steps measured)
         timeout 150 python3 scripts/bench_speculative.py --config llama-3.1-8b --oracle perfect \
           --speculative-num-steps 4 --num-prompts 2 --max-tokens 256 --kv-cache-tokens 65536 \
-          --cuda-graph-max-bs 1 --compare-eager \
+          --cuda-graph-max-bs 1 --compare-eager --speculative-min-speedup 0 \
           >"$OUT/spec-perfect-oracle.json" 2>"$OUT/spec-perfect-oracle.err"; tail -30 "$OUT/spec-perfect-oracle.json"
         timeout 100 python3 scripts/bench_speculative.py --config llama-3.1-8b --speculative-algorithm \
           STANDALONE --speculative-draft-model-path "$L8" --speculative-num-steps 4 --num-prompts 1 \
-          --max-tokens 128 --kv-cache-tokens 32768 --cuda-graph-max-bs 1 >"$OUT/spec-perfect-self.json" \
+          --max-tokens 128 --kv-cache-tokens 32768 --cuda-graph-max-bs 1 --speculative-min-speedup 0 \
+          >"$OUT/spec-perfect-self.json" \
           2>"$OUT/spec-perfect-self.err"; tail -30 "$OUT/spec-perfect-self.json" ;;
     spec-batch64) # Qwen3-0.6B random weights, 64 requests at once: speculation whose drafts are
         # all rejected (then n-gram), with the on/off switch as it is by default (`spec`: the
