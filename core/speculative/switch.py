@@ -31,7 +31,8 @@ asks the speculator for drafts at all:
   may draft reads its tokens before the next step starts, and a plain step in a run of plain
   steps waits for the one before it (overlap scheduling). The first plain step of a run (it
   has no earlier step to wait for) and the last (it reads its tokens at once, as the next step
-  may draft) are left out; every step that may draft counts. Output tokens per second over the
+  may draft) are left out, and so is the first step of a run that may draft (it pays for the
+  change: a draft model or EAGLE head catches up on the tokens decoded without it, eagerly). Output tokens per second over the
   last `WINDOW` steps of each kind, in batches of the same size bucket (`_bucket`: 33-64
   requests, 17-32, ...; a batch of 64 yields far more tokens per second than one of 1, so a
   warm-up's figure must not judge it), are compared after each step that may draft:
@@ -40,7 +41,7 @@ asks the speculator for drafts at all:
     speculation keeps winning), `PROBE_STEPS` (+ 2 uncounted) steps run without drafts to
     measure plain decoding;
   - below S times the plain rate (over `MIN_SPEED_SAMPLES` steps with drafts, or one that is
-    below `DECISIVE` of it: at batch 64 each probe then costs one verify step), drafting
+    below `DECISIVE` of it: at batch 64 each probe then costs two verify steps), drafting
     stops for a cooldown as with acceptance (16 steps, doubling up to 256 while it keeps
     losing), whose plain steps refresh the plain figure;
   - a probe after that turns drafting back on only at S * (1 + `HYSTERESIS`): a workload near
@@ -93,7 +94,7 @@ class SpeculationSwitch:
         self._judged = 0  # the bucket judged last (`speeds`)
         self._speed_cooldown = COOLDOWN  # the speed rule's own (acceptance may be fine)
         self._speed_on = True  # its last verdict (a probe after "off" needs the hysteresis)
-        self._probed = False  # the first step with drafts probes plain steps at once
+        self._probed = False  # no probe yet: plain decoding is measured before drafting
         self._since_probe = 0  # steps with drafts judged since the last probe
         self.probe_every = PROBE_EVERY
         #: The step being timed: (requests, could draft, output tokens, start, the kind of the
@@ -199,7 +200,8 @@ class SpeculationSwitch:
         if window is None:
             window = self._speed[bucket] = {True: deque(maxlen=WINDOW), False: deque(maxlen=WINDOW)}
         if could:
-            window[True].append((tokens, now - start))
+            if before is True:  # (the first of a run pays for the change: a draft model's or
+                window[True].append((tokens, now - start))  # EAGLE head's catch-up)
             self.judge_speed(bucket)
         elif before is False and _decode(num_tokens) and not self.may_allow(len(requests)):
             window[False].append((tokens, now - start))
