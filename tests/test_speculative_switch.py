@@ -471,3 +471,15 @@ def test_steps_where_every_request_backs_off_overlap_and_ask_no_drafts(case):
     for i, pending, _ in plain[:-1]:  # a plain step that read its tokens at once: a flip
         if not pending:
             assert seen[i + 1][0], f"step {i}: un-overlapped, yet step {i + 1} did not draft"
+
+
+@pytest.mark.gpu
+def test_gpu_engine_has_the_speed_rule_on_by_default(tiny_llama_dir):
+    import torch
+    from pegboard.core.llm import LLM
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with LLM(str(tiny_llama_dir), device="cuda", detokenizer="inline", speculator="ngram",
+             kv_cache_tokens=4096, disable_cuda_graph=True) as llm:  # fmt: skip
+        assert llm.engine.speculation.switch.min_speedup == S.DEFAULT_MIN_SPEEDUP
