@@ -29,10 +29,11 @@ class EngineConfig(pydantic.BaseModel):
     sampler: str | None = None
     transfer: str | None = None
     speculator: str | None = None  # None: no speculative decoding
-    # Steps without drafts (core/speculative/switch.py): batches this large, low acceptance.
+    # Steps without drafts (core/speculative/switch.py): batches this large, low acceptance,
+    # slower than plain decoding (min_speedup None: 1.0 on CUDA, off elsewhere; 0: off).
     speculative_disable_by_batch_size: int | None = pydantic.Field(None, ge=1)
     speculative_min_accept_rate: float = pydantic.Field(0.2, ge=0.0, le=1.0)
-    speculative_min_speedup: float | None = pydantic.Field(None, gt=0.0)  # switch.py's speed rule
+    speculative_min_speedup: float | None = pydantic.Field(None, ge=0.0)
     linear: str | None = None  # None: w4a16 for a quantized checkpoint, else bf16
     expert_placement: str | None = None  # MoE models; None: static (--enable-eplb: eplb)
     metrics: list[str] = pydantic.Field(default_factory=list)

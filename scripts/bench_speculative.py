@@ -17,6 +17,7 @@ too).
         --speculative-num-steps 4           # random weights; drafts = the plain run's tokens
     python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
         --compare-switch                    # every draft wrong: the switch on, then off
+                                            # (acceptance and speed rules both off)
 
 Prompts are chat-formatted questions of the model's tokenizer, or with `--config NAME` (random
 weights of a bundled config, no tokenizer) random token ids, repeated phrases with
@@ -186,7 +187,11 @@ def main() -> None:
         base["cuda_graph_max_bs"] = args.cuda_graph_max_bs
     settings = dict(base)
     speculative_settings(args, settings)
-    for flag in ("speculative_disable_by_batch_size", "speculative_min_accept_rate"):
+    for flag in (
+        "speculative_disable_by_batch_size",
+        "speculative_min_accept_rate",
+        "speculative_min_speedup",
+    ):
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
     params = SamplingParams(
@@ -212,7 +217,8 @@ def main() -> None:
         settings["speculator"] = "oracle"
     variants = [("spec", settings)]
     if args.compare_switch:
-        variants.append(("spec_no_switch", {**settings, "speculative_min_accept_rate": 0.0}))
+        off = {"speculative_min_accept_rate": 0.0, "speculative_min_speedup": 0.0}
+        variants.append(("spec_no_switch", {**settings, **off}))  # drafts every step it can
     if args.compare_eager:
         variants.append(("spec_eager", {**settings, "disable_cuda_graph": True}))
     for name, s in variants:

@@ -7,6 +7,7 @@
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
+#                 [spec-batch64-profile]
 #                 [spec-eagle] [spec-eagle-train] [eagle-check]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
@@ -491,8 +492,9 @@ PY
           --speculative-eagle-topk 3 >"$OUT/spec-ngram-tree.json" \
           2>"$OUT/spec-ngram-tree.err"; tail -28 "$OUT/spec-ngram-tree.json" ;;
     spec-fp32) # issue 14: are spec-vs-plain differences bf16 near-ties or a defect? The spec-ngram
-        # Qwen3-0.6B chain and 3-branch tree in float32: expect identical_completions 4/4 each
-        SB="python3 scripts/bench_speculative.py --speculative-algorithm NGRAM --speculative-num-steps 4 --cuda-graph-max-bs 1"
+        # Qwen3-0.6B chain and 3-branch tree in float32, drafting every step (speed rule off):
+        # expect identical_completions 4/4 each
+        SB="python3 scripts/bench_speculative.py --speculative-algorithm NGRAM --speculative-num-steps 4 --cuda-graph-max-bs 1 --speculative-min-speedup 0"
         for tree in 1 3; do
           timeout 60 $SB --config qwen3-0.6b --dtype float32 --extractive --num-prompts 4 --max-tokens 256 \
             --speculative-eagle-topk $tree >"$OUT/spec-fp32-topk$tree.json" 2>"$OUT/spec-fp32-topk$tree.err"
@@ -501,12 +503,13 @@ PY
         done ;;
     spec-profile) # session 7 (spechost): batch-1 host profile per phase (wall clock), plain vs
         # n-gram chain vs 3-branch tree, random Qwen3-0.6B: host_ms_by_kind decode vs verify
-        # (the verify's wait for the target's tokens is booked as a wait), then the same n-gram
-        # run with the speed rule (--speculative-min-speedup 1.0: drafting turns itself off
-        # where it loses; `speculation.spec_tokens_per_s` vs `plain_tokens_per_s`)
+        # (the verify's wait for the target's tokens is booked as a wait; the speed rule off so
+        # that every step drafts), then the same n-gram run with the speed rule (the default on
+        # CUDA: drafting turns itself off where it loses; `spec_tokens_per_s` vs `plain_...`)
         SP="--speculative-algorithm NGRAM --speculative-num-steps 4"
         for v in plain chain tree speed; do
-          case $v in plain) a="";; chain) a=$SP;; tree) a="$SP --speculative-eagle-topk 3";;
+          case $v in plain) a="";; chain) a="$SP --speculative-min-speedup 0";;
+            tree) a="$SP --speculative-eagle-topk 3 --speculative-min-speedup 0";;
             speed) a="$SP --speculative-min-speedup 1.0";; esac
           timeout 100 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             --num-seqs 4 --max-running-requests 1 --cuda-graph-max-bs 1 --min-input 64 \
@@ -521,23 +524,28 @@ PY
         for t in 1 3; do
           timeout 200 python3 scripts/find_syncs.py --num-seqs 4 --max-output 512 --max-running-requests 1 \
             --cuda-graph-max-bs 1 --speculative-algorithm NGRAM --speculative-num-steps 4 \
+            --speculative-min-speedup 0 \
             --speculative-eagle-topk $t --json "$OUT/spec-syncs-topk$t.json" 2>"$OUT/spec-syncs-topk$t.err" | tail -25
         done ;;
     spec-perfect) # Llama-3.1-8B config, random weights, batch 1: drafts = the plain run's tokens
         # (free and perfect: the verify's own cost, ideally 5x tokens per step at k = 4), then
         # the target as its own STANDALONE draft (same dummy weights: every draft accepted)
         L8=$(python3 -c 'from pegboard.core.bench.models import config_model_dir as c; print(c("llama-3.1-8b"))')
-        # (verify steps replay CUDA graphs of 5 rows; `spec_eager` is the same run without graphs)
+        # (verify steps replay CUDA graphs of 5 rows; `spec_eager` is the same run without graphs;
+        # the speed rule off: its plain probes would sit among the verify steps measured)
         timeout 150 python3 scripts/bench_speculative.py --config llama-3.1-8b --oracle perfect \
           --speculative-num-steps 4 --num-prompts 2 --max-tokens 256 --kv-cache-tokens 65536 \
-          --cuda-graph-max-bs 1 --compare-eager \
+          --cuda-graph-max-bs 1 --compare-eager --speculative-min-speedup 0 \
           >"$OUT/spec-perfect-oracle.json" 2>"$OUT/spec-perfect-oracle.err"; tail -30 "$OUT/spec-perfect-oracle.json"
         timeout 100 python3 scripts/bench_speculative.py --config llama-3.1-8b --speculative-algorithm \
           STANDALONE --speculative-draft-model-path "$L8" --speculative-num-steps 4 --num-prompts 1 \
-          --max-tokens 128 --kv-cache-tokens 32768 --cuda-graph-max-bs 1 >"$OUT/spec-perfect-self.json" \
+          --max-tokens 128 --kv-cache-tokens 32768 --cuda-graph-max-bs 1 --speculative-min-speedup 0 \
+          >"$OUT/spec-perfect-self.json" \
           2>"$OUT/spec-perfect-self.err"; tail -30 "$OUT/spec-perfect-self.json" ;;
     spec-batch64) # Qwen3-0.6B random weights, 64 requests at once: speculation whose drafts are
-        # all rejected (then n-gram), with the on/off switch and without it, against plain decode
+        # all rejected (then n-gram), with the on/off switch as it is by default (`spec`: the
+        # acceptance rule and, on CUDA, the speed rule) and without it (`spec_no_switch`: both
+        # off, drafting wherever it can), against plain decode (`plain`)
         timeout 75 python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
           --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-miss.json" 2>"$OUT/spec-batch64-miss.err"; tail -40 "$OUT/spec-batch64-miss.json"
@@ -545,6 +553,18 @@ PY
           --batch-size 64 --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch \
           --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-ngram.json" 2>"$OUT/spec-batch64-ngram.err"; tail -40 "$OUT/spec-batch64-ngram.json" ;;
+    spec-batch64-profile) # where a verify step of 64 x 5 rows goes on the H200: `bench offline
+        # --profile-host` at batch 64, plain vs n-gram with the switch off (every step drafts):
+        # host_ms_by_kind.verify vs .decode (host work), device_wait_ms_per_step (the device
+        # time a verify step waits for: a plain step overlaps it), cuda_graphs.verify_replays
+        SP="--speculative-algorithm NGRAM --speculative-num-steps 4 --speculative-min-speedup 0 --speculative-min-accept-rate 0"
+        for v in plain ngram; do
+          a=$([ $v = ngram ] && echo "$SP")
+          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+            --num-seqs 64 --max-running-requests 64 --cuda-graph-max-bs 64 --min-input 128 \
+            --max-input 128 --min-output 256 --max-output 256 $a \
+            --json "$OUT/spec-batch64-profile-$v.json" 2>"$OUT/spec-batch64-profile-$v.err" | tail -3
+        done ;;
     spec-eagle|spec-eagle-train) # the bundled SmolLM2 (`smollm2_dir`) with an EAGLE-3 head trained
         # here by self-distillation, kept in out/eagle3-smollm2 while the machine stays warm (each
         # call resumes training), then (spec-eagle) batch-1 decode with the head vs without, graphs

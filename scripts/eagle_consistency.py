@@ -52,6 +52,7 @@ def main() -> None:
     records = []
     with LLM(model, dtype=args.dtype, device=args.device, speculator="eagle",
              plugin_options={"eagle": options}, speculative_min_accept_rate=0.0,
+             speculative_min_speedup=0.0,  # every step drafts: the switch off
              disable_cuda_graph=args.disable_cuda_graph) as llm:  # fmt: skip
         spec = llm.engine.plugins.active("speculator")
         original = spec.propose

@@ -315,16 +315,18 @@ def stub_model_arithmetic(runner, config, speculator=None) -> None:
         return torch.zeros(input_ids.shape[0], hidden_size)
 
     model.forward = model_forward  # eager steps (prefill, mixed): the backend's prepare only
-    logits = torch.zeros(config.max_running_requests, info.vocab_size)  # no per-step memset
-    model.compute_logits = lambda hidden: logits[: hidden.shape[0]]
     max_bs = min(config.cuda_graph_max_bs, max(config.max_running_requests, 1))
     sizes = capture_sizes(max_bs)
+    chain = tuple(verify_lens(speculator)) if speculator is not None else ()
+    tree = tuple(tree_verify_lens(speculator)) if speculator is not None else ()
+    # no per-step memset; a verify step's rows are up to `1 + k` per request
+    most = max(config.max_running_requests, sizes[-1]) * max((1, *chain, *tree))
+    logits = torch.zeros(most, info.vocab_size)
+    model.compute_logits = lambda hidden: logits[: hidden.shape[0]]
     graphs = CUDAGraphRunner.__new__(CUDAGraphRunner)  # no capture: nothing runs on a device
     graphs.model, graphs.attention, graphs.sizes = model, runner.attention, sizes
     graphs.max_batch_size, graphs.num_replays = sizes[-1], 0
     graphs.max_model_len = info.max_model_len
-    chain = tuple(verify_lens(speculator)) if speculator is not None else ()
-    tree = tuple(tree_verify_lens(speculator)) if speculator is not None else ()
     graphs.query_lens, graphs.tree_query_lens = chain, tree
     rows = sizes[-1] * max((1, *chain, *tree))
     graphs.input_ids = torch.zeros(rows, dtype=torch.int64)

@@ -64,8 +64,8 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="S",
         help="time decode steps with and without drafts and turn drafting off while it yields "
-        "fewer than S times plain decoding's tokens per second, probing again later (e.g. 1.0; "
-        "default: off)",
+        "fewer than S times plain decoding's tokens per second, probing again later (default: "
+        "1.0 on CUDA, off elsewhere; 0: off)",
     )
 
 

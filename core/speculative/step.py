@@ -37,7 +37,7 @@ from pegboard.core.overlap import PENDING_TOKEN
 from pegboard.core.speculative import tree as T
 from pegboard.core.speculative import verify as V
 from pegboard.core.speculative.hidden import TargetHidden
-from pegboard.core.speculative.switch import SpeculationSwitch
+from pegboard.core.speculative.switch import DEFAULT_MIN_SPEEDUP, SpeculationSwitch
 from pegboard.sdk.device import to_device
 from pegboard.sdk.types import Drafts, ForwardBatch, Request, StepBudget, TokenLogprobs
 
@@ -116,7 +116,7 @@ class Speculation:
         self.switch = SpeculationSwitch(
             c.speculative_disable_by_batch_size,
             c.speculative_min_accept_rate,
-            c.speculative_min_speedup,
+            min_speedup(c.speculative_min_speedup, engine.runner.device),
         )
         self._tree_fallback_logged = False
         self._aranged: torch.Tensor | None = None  # `_arange`'s
@@ -153,9 +153,7 @@ class Speculation:
             features = self.engine.runner.last_features  # the last forward's
             self._hidden.hand_out(self._last_batch, self._kept, features)
         self._last_batch, self._kept = None, {}
-        on = self.switch.allows(len(scheduled))
-        self.switch.observe(scheduled, num_tokens, on, time.perf_counter())  # the speed rule
-        if not on:
+        if not self.switch.begin_step(scheduled, num_tokens, time.perf_counter()):
             return num_tokens
         e = self.engine
         limits = self._limits(scheduled, num_tokens, budget)
@@ -338,6 +336,9 @@ class Speculation:
             rows.append((r, entry[1] if entry else None, start, k))
             start += k + 1
         plain = [(r, s) for r, d, s, _ in rows if d is None]
+        greedy = any(d is not None and r.params.greedy for r, d, _, _ in rows)
+        # (launched before the sampler reads its tokens: the device runs both before one wait)
+        argmax = logits.argmax(dim=-1) if greedy else None
         sampled = {}
         if plain:
             index = to_device([s for _, s in plain], logits.device, torch.int64)
@@ -345,7 +346,7 @@ class Speculation:
             out = e.guard.sample(e.hook.sample, logits[index], [r for r, _ in plain], vocab)
             e.guard.sampled_ids(out.token_ids, vocab)
             sampled = {id(r): (t, lp) for (r, _), t, lp in zip(plain, out.token_ids, out.logprobs)}
-        greedy_rows = self.read_tokens(logits.argmax(dim=-1))
+        greedy_rows = self.read_tokens(argmax) if greedy else []
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
         step_drafted = step_accepted = step_requests = 0
@@ -373,7 +374,7 @@ class Speculation:
             self.num_verify += 1
             self.num_drafts += k
             self.num_accepted += accepted
-            step_drafted += k
+            step_drafted += k if drafts.parents is None else max(T.depths(drafts.parents))
             step_accepted += accepted
             step_requests += 1
             lps: list[TokenLogprobs | None] = [None] * len(tokens)
@@ -382,9 +383,8 @@ class Speculation:
                 lps = V.logprobs_of(logits[index], tokens, r.params.logprobs)
             results.append((r, tokens, lps))
         T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
-        self.switch.record(step_drafted, step_accepted, step_requests)
+        self.switch.record(step_drafted, step_accepted, step_requests)  # trees: by depth
         self.switch.tokens(sum(len(tokens) for _, tokens, _ in results))
-        self.switch.judge_speed()
         return results
 
     @staticmethod
@@ -438,6 +438,15 @@ class Speculation:
             "spec_accept_rate": self.num_accepted / self.num_drafts if self.num_drafts else 0.0,
             "spec_switch_off_steps": self.switch.num_off_steps,  # steps the switch ran plain
         }
+
+
+def min_speedup(setting: float | None, device: torch.device) -> float | None:
+    """The speed rule's threshold (`switch.py`): `--speculative-min-speedup` when set (0: off),
+    else `DEFAULT_MIN_SPEEDUP` on CUDA and off elsewhere (on a CPU the engine is the
+    correctness reference: which steps draft must not depend on the clock)."""
+    if setting is not None:
+        return setting or None
+    return DEFAULT_MIN_SPEEDUP if torch.device(device).type == "cuda" else None
 
 
 def verify_lens(speculator) -> list[int]:

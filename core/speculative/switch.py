@@ -2,8 +2,8 @@
 
 A verify step costs more than a decode step: the target computes every draft, and the step
 cannot replay a decode CUDA graph. Rejected drafts buy nothing for that, and the larger the
-batch, the more the extra tokens cost. Two rules decide, once per step, whether the step asks
-the speculator for drafts at all:
+batch, the more the extra tokens cost. Three rules decide, once per step, whether the step
+asks the speculator for drafts at all:
 
 - **Batch size** (`--speculative-disable-by-batch-size N`, vLLM's flag): a step with N or more
   scheduled requests runs without drafts.
@@ -14,20 +14,39 @@ the speculator for drafts at all:
   `COOLDOWN` steps, then probes again with drafts; each probe that is still below R doubles
   the cooldown (up to `MAX_COOLDOWN`), so a workload the speculator never guesses pays for at
   most a few verify steps in every `MAX_COOLDOWN` (a batch of 16 or more drafting requests:
-  one verify step per probe). A probe at or above
-  R turns it back on and resets the cooldown.
+  one verify step per probe). A probe at or above R turns it back on and resets the cooldown.
+  A draft tree counts as many draft tokens as its depth, not its size: the target accepts at
+  most one path, so a tree of 15 nodes and depth 4 that is accepted to its leaves is as good
+  as a chain of 4 accepted whole, and dividing by 15 would read it as 27 % and switch off trees
+  that pay (`Speculation.verify`; the metrics still count every drafted token).
 
-- **Speed** (`--speculative-min-speedup S`, off by default): drafts that are accepted can still
-  lose, when a verify step costs more than the tokens it adds (on a small model a verify step
-  cannot overlap the host's work with the device's: docs/benchmarks.md, session 7). The
-  engine times every decode step (from one step's start to the next's, the same requests in
-  both: `observe`) with speculation on and off and compares output tokens per second over the
-  last `WINDOW` of each. With no figure for plain steps yet, and every `probe_every` verify
-  steps after that (`PROBE_EVERY`, doubling up to `MAX_PROBE_EVERY` while speculation keeps
-  winning), it runs `PROBE_STEPS` steps without drafts to measure them (the first of a run of
-  either kind is not counted: it pays for the change). Below S times the plain rate,
-  speculation turns off for a cooldown as with acceptance, and the plain steps of the cooldown
-  refresh the plain figure the next probe with drafts is judged against.
+- **Speed** (`--speculative-min-speedup S`; on CUDA `DEFAULT_MIN_SPEEDUP` = 1.0 unless set,
+  0 turns it off; off on other devices, where the engine is the correctness reference and a
+  draft schedule must not depend on the clock): drafts that are accepted can still lose, when
+  a verify step costs more than the tokens it adds. A verify step cannot overlap the host's
+  work with the device's (`step.py`), so on a small model at batch 64 one costs ~2.2 plain
+  steps (docs/benchmarks.md, session 8: n-gram accepted 76 %, yet 0.55x plain speed). The
+  engine times every decode step by the wall clock from its start to the next step's start
+  (`begin_step`: the same requests in both), so a step's time holds its device work: a step that
+  may draft reads its tokens before the next step starts, and a plain step in a run of plain
+  steps waits for the one before it (overlap scheduling). The first plain step of a run (it
+  has no earlier step to wait for) and the last (it reads its tokens at once, as the next step
+  may draft) are left out, and so is the first step of a run that may draft (it pays for the
+  change: a draft model or EAGLE head catches up on the tokens decoded without it, eagerly). Output tokens per second over the
+  last `WINDOW` steps of each kind, in batches of the same size bucket (`_bucket`: 33-64
+  requests, 17-32, ...; a batch of 64 yields far more tokens per second than one of 1, so a
+  warm-up's figure must not judge it), are compared after each step that may draft:
+  - before the first step that would draft in a bucket with no plain figure yet, and every
+    `probe_every` steps with drafts (`PROBE_EVERY`, doubling up to `MAX_PROBE_EVERY` while
+    speculation keeps winning), `PROBE_STEPS` (+ 2 uncounted) steps run without drafts to
+    measure plain decoding;
+  - below S times the plain rate (over `MIN_SPEED_SAMPLES` steps with drafts, or one that is
+    below `DECISIVE` of it: at batch 64 each probe then costs two verify steps), drafting
+    stops for a cooldown as with acceptance (16 steps, doubling up to 256 while it keeps
+    losing), whose plain steps refresh the plain figure;
+  - a probe after that turns drafting back on only at S * (1 + `HYSTERESIS`): a workload near
+    S does not flap (each flip costs an un-overlapped step).
+  Outputs never change (verification is lossless): the clock only decides which steps draft.
 
 The per-request back-off of `step.py` works underneath: it stops one request that keeps
 missing; this switch stops the whole batch when speculation as a whole does not help.
@@ -43,9 +62,13 @@ MIN_SAMPLES = 4
 MIN_VERIFIES = 16  # ... or verifies of this many requests in the window: enough to judge
 COOLDOWN = 16
 MAX_COOLDOWN = 256
-PROBE_STEPS = 4  # steps without drafts that measure plain decoding (the speed rule)
-PROBE_EVERY = 64  # verify steps between those probes, doubling while speculation wins ...
+DEFAULT_MIN_SPEEDUP = 1.0  # the speed rule on CUDA when --speculative-min-speedup is not set
+PROBE_STEPS = 3  # counted steps without drafts that measure plain decoding (the speed rule)
+PROBE_EVERY = 64  # steps with drafts between those probes, doubling while speculation wins ...
 MAX_PROBE_EVERY = 1024  # ... up to this
+MIN_SPEED_SAMPLES = 2  # steps of each kind before the speed rule judges ...
+DECISIVE = 0.75  # ... unless one step with drafts yields less than this share of what it must
+HYSTERESIS = 0.05  # once the speed rule turned drafting off, a probe needs S * (1 + this)
 
 
 class SpeculationSwitch:
@@ -59,23 +82,25 @@ class SpeculationSwitch:
     ) -> None:
         self.disable_batch_size = disable_batch_size
         self.min_accept_rate = min_accept_rate
-        self.min_speedup = min_speedup
+        self.min_speedup = min_speedup or None  # (0: off)
         #: Recent verify steps: (draft tokens, accepted tokens, drafting requests).
         self._window: deque[tuple[int, int, int]] = deque(maxlen=WINDOW)
         self._off_for = 0  # steps left without drafts
         self._off_reason = "accept_rate"  # the rule that set `_off_for`
         self._cooldown = COOLDOWN
-        #: The speed rule's figures: (output tokens, seconds) of the last decode steps with
-        #: speculation on and off, verify steps since the last probe, and the last step's.
-        self._speed: dict[bool, deque[tuple[int, float]]] = {
-            True: deque(maxlen=WINDOW),
-            False: deque(maxlen=WINDOW),
-        }
-        self._since_probe = 0
+        #: The speed rule's figures per batch-size bucket (`_bucket`): (output tokens,
+        #: seconds) of the last decode steps that could draft (True) and of plain ones (False).
+        self._speed: dict[int, dict[bool, deque[tuple[int, float]]]] = {}
+        self._judged = 0  # the bucket judged last (`speeds`)
         self._speed_cooldown = COOLDOWN  # the speed rule's own (acceptance may be fine)
-        self._probed = False  # the first verify step probes plain steps at once
+        self._speed_on = True  # its last verdict (a probe after "off" needs the hysteresis)
+        self._probed = False  # no probe yet: plain decoding is measured before drafting
+        self._since_probe = 0  # steps with drafts judged since the last probe
         self.probe_every = PROBE_EVERY
-        self._last: tuple[list, bool, int, float] | None = None  # (requests, on, tokens, start)
+        #: The step being timed: (requests, could draft, output tokens, start, the kind of the
+        #: decode step before it or None); and the kind of the last decode step.
+        self._last: tuple[list, bool, int, float, bool | None] | None = None
+        self._last_kind: bool | None = None
         #: Counters for metrics (`pegboard:spec_switch_*`): steps run without drafts by each
         #: rule, and the times the acceptance (or speed) rule turned speculation off.
         self.off_steps = {"accept_rate": 0, "batch_size": 0, "speed": 0}
@@ -83,21 +108,25 @@ class SpeculationSwitch:
 
     @property
     def num_off_steps(self) -> int:
-        """Steps this switch ran without drafts (both rules)."""
+        """Steps this switch ran without drafts (every rule)."""
         return sum(self.off_steps.values())
 
     def reset(self) -> None:
-        """Forget the acceptance seen so far (another speculator was swapped in)."""
+        """Forget the acceptance and speed seen with drafts (another speculator was swapped
+        in); the plain figure stands."""
         self._window.clear()
         self._off_for = 0
         self._cooldown = COOLDOWN
-        self._speed[True].clear()
-        self._since_probe, self.probe_every, self._last = 0, PROBE_EVERY, None
-        self._probed, self._speed_cooldown, self._last_kind = False, COOLDOWN, None
+        for window in self._speed.values():
+            window[True].clear()
+        self._speed_cooldown, self._speed_on = COOLDOWN, True
+        self._probed, self._since_probe, self.probe_every = False, 0, PROBE_EVERY
+        self._last, self._last_kind = None, None
 
     @property
     def on(self) -> bool:
-        """Whether the acceptance rule lets speculation run (the batch rule is per step)."""
+        """Whether the acceptance and speed rules let speculation run (the batch rule is per
+        step)."""
         return self._off_for == 0
 
     def may_allow(self, batch_size: int) -> bool:
@@ -119,7 +148,8 @@ class SpeculationSwitch:
         return True
 
     def record(self, drafted: int, accepted: int, requests: int = 1) -> None:
-        """One verify step's draft and accepted tokens (all its `requests` drafting)."""
+        """One verify step's draft and accepted tokens (all its `requests` drafting; a tree
+        counts as the chain of its depth: `Speculation.verify`)."""
         if drafted <= 0 or self.min_accept_rate <= 0:
             return
         window = self._window
@@ -136,73 +166,133 @@ class SpeculationSwitch:
 
     def _turned_off(self) -> None:
         self._window.clear()  # the probe after the cooldown judges on fresh figures
-        self._speed[True].clear()
+        for window in self._speed.values():
+            window[True].clear()
         self.num_turned_off += 1
 
     # ------------------------------------------------------------------ the speed rule
 
-    def observe(self, requests: list, num_tokens: list[int], on: bool, now: float) -> None:
-        """A step starts at `now` (seconds) with `requests` scheduled to run `num_tokens` (a
-        decode step: one each); `on`: it may draft. Closes the last step's
-        measurement when it was a decode step of the same requests (else the time between
-        includes admissions, prefill or idling) and of the same kind as the one before it."""
-        if self.min_speedup is None:
-            return
+    def begin_step(self, requests: list, num_tokens: list[int], now: float) -> bool:
+        """A step starts at `now` (wall-clock seconds) with `requests` scheduled to run
+        `num_tokens` (before drafts: a decode step runs one each): whether it may draft
+        (`allows`). The speed rule first closes the last step's measurement (and judges after
+        a step that could draft), so its verdict holds for this step already; then times this
+        one."""
+        if self.min_speedup is not None:
+            self._close(requests, num_tokens, now)
+            if self._off_for == 0 and _decode(num_tokens) and self._unknown(len(requests)):
+                self._probe(_bucket(len(requests)))  # plain decoding first, then drafts
+        on = self.allows(len(requests))
+        if self.min_speedup is not None:
+            self._open(requests, num_tokens, on, now)
+        return on
+
+    def _close(self, requests: list, num_tokens: list[int], now: float) -> None:
+        """Count the last step's time when it was a decode step of the same requests (else the
+        time between holds admissions, prefill or idling); a plain one only inside a run of
+        plain steps (this one plain too: else the last read its tokens at once)."""
         last, self._last = self._last, None
-        if last is not None and last[2] > 0 and _same(last[0], requests):
-            self._speed[last[1]].append((last[2], now - last[3]))
-        if sum(num_tokens) == len(num_tokens):  # every request decodes (each runs >= 1)
-            kind = self._last_kind
+        if last is None or last[2] <= 0 or not _same(last[0], requests):
+            return
+        _, could, tokens, start, before = last
+        bucket = _bucket(len(requests))
+        window = self._speed.get(bucket)
+        if window is None:
+            window = self._speed[bucket] = {True: deque(maxlen=WINDOW), False: deque(maxlen=WINDOW)}
+        if could:
+            if before is True:  # (the first of a run pays for the change: a draft model's or
+                window[True].append((tokens, now - start))  # EAGLE head's catch-up)
+            self.judge_speed(bucket)
+        elif before is False and _decode(num_tokens) and not self.may_allow(len(requests)):
+            window[False].append((tokens, now - start))
+
+    def _open(self, requests: list, num_tokens: list[int], on: bool, now: float) -> None:
+        if _decode(num_tokens):
+            self._last = (requests, on, len(requests), now, self._last_kind)
             self._last_kind = on
-            if kind == on:  # a run's first step pays for the change: not counted
-                self._last = (requests, on, len(requests), now)
         else:
             self._last_kind = None
 
-    _last_kind: bool | None = None
-
     def tokens(self, n: int) -> None:
         """The output tokens of this step's verify (all its requests, each draft accepted
-        and the target's own token): what `observe` credits the step with."""
+        and the target's own token): what `begin_step` credits the step with."""
         if self._last is not None:
-            self._last = (*self._last[:2], n, self._last[3])
+            self._last = (self._last[0], self._last[1], n, *self._last[3:])
 
-    def judge_speed(self) -> None:
-        """After a verify step: probe plain steps when due, else turn speculation off if it
-        yields fewer tokens per second than `min_speedup` times plain decoding."""
+    def judge_speed(self, bucket: int) -> None:
+        """After a step that could draft, of a batch in `bucket`: probe plain steps when due
+        (no plain figure for this bucket, or `probe_every` steps since the last probe), else
+        turn speculation off when it yields fewer tokens per second than `min_speedup` times
+        plain decoding in batches of the same bucket (`HYSTERESIS` above it once the rule
+        turned it off)."""
         if self.min_speedup is None or self._off_for > 0:
             return
         self._since_probe += 1
-        spec, plain = self._speed[True], self._speed[False]
-        if not self._probed or self._since_probe >= self.probe_every:
-            if self._probed:  # a periodic probe: speculation kept winning since the last
+        self._judged = bucket
+        spec, plain = self._speed[bucket][True], self._speed[bucket][False]
+        unknown = len(plain) < MIN_SPEED_SAMPLES
+        if self._unknown(bucket) or self._since_probe >= self.probe_every:
+            if not unknown:  # a periodic probe: speculation kept winning since the last
                 self.probe_every = min(2 * self.probe_every, MAX_PROBE_EVERY)
-            self._probed, self._since_probe = True, 0
-            plain.clear()
-            self._off_for, self._off_reason = PROBE_STEPS + 1, "speed"  # + the first, uncounted
+            self._probe(bucket)
             return
-        if len(spec) < MIN_SAMPLES or len(plain) < MIN_SAMPLES:
-            return  # (no plain figure: the probe's steps changed requests; judged later)
-        if _rate(spec) < self.min_speedup * _rate(plain):
-            self._off_for, self._off_reason = self._speed_cooldown, "speed"
-            self._speed_cooldown = min(2 * self._speed_cooldown, MAX_COOLDOWN)
-            self._turned_off()
-            self.probe_every, self._since_probe = PROBE_EVERY, 0  # the cooldown measures plain
-        else:
-            self._speed_cooldown = COOLDOWN
+        base = _rate(plain)
+        if unknown or not spec or base <= 0:
+            return
+        need = self.min_speedup * (1.0 if self._speed_on else 1.0 + HYSTERESIS)
+        ratio = _rate(spec) / base
+        if ratio >= need:
+            if len(spec) >= MIN_SPEED_SAMPLES:
+                self._speed_on, self._speed_cooldown = True, COOLDOWN
+            return
+        if len(spec) < MIN_SPEED_SAMPLES and ratio >= DECISIVE * need:
+            return  # one step: not clear enough yet
+        self._speed_on = False
+        self._off_for, self._off_reason = self._speed_cooldown, "speed"
+        self._speed_cooldown = min(2 * self._speed_cooldown, MAX_COOLDOWN)
+        self._turned_off()
+        self.probe_every, self._since_probe = PROBE_EVERY, 0  # the cooldown measures plain
+
+    def _unknown(self, batch_size: int) -> bool:
+        """Whether plain decoding must be measured for batches of `batch_size` (no figure for
+        its bucket; after a probe whose steps changed requests, again a few steps later)."""
+        window = self._speed.get(_bucket(batch_size))
+        if window is not None and len(window[False]) >= MIN_SPEED_SAMPLES:
+            return False
+        return not self._probed or self._since_probe > 2 * PROBE_STEPS
+
+    def _probe(self, bucket: int) -> None:
+        """Run `PROBE_STEPS` counted steps without drafts (+ the first and last of the run)."""
+        self._probed, self._since_probe = True, 0
+        if bucket in self._speed:
+            self._speed[bucket][False].clear()
+        self._off_for, self._off_reason = PROBE_STEPS + 2, "speed"
 
     @property
     def speeds(self) -> dict[str, float]:
-        """The speed rule's last figures: output tokens per second with and without drafts."""
+        """The speed rule's last figures: output tokens per second with and without drafts in
+        the batch-size bucket it judged last."""
+        window = self._speed.get(self._judged, {True: (), False: ()})
         return {
-            "spec_tokens_per_s": _rate(self._speed[True]),
-            "plain_tokens_per_s": _rate(self._speed[False]),
+            "spec_tokens_per_s": _rate(window[True]),
+            "plain_tokens_per_s": _rate(window[False]),
         }
 
 
-def _rate(window: deque[tuple[int, float]]) -> float:
+def _rate(window) -> float:
     seconds = sum(t for _, t in window)
     return sum(n for n, _ in window) / seconds if seconds > 0 else 0.0
+
+
+def _bucket(batch_size: int) -> int:
+    """The batch-size bucket the speed rule compares within (a power of two: 1, 2, 4, 8, ...):
+    tokens per second grow with the batch, so a batch of 64 is judged against plain batches
+    of 33-64 requests, not against the batch-1 figure a warm-up left."""
+    return 1 << (batch_size - 1).bit_length()
+
+
+def _decode(num_tokens: list[int]) -> bool:
+    return sum(num_tokens) == len(num_tokens)  # every request runs one token (each runs >= 1)
 
 
 def _same(a: list, b: list) -> bool:
