@@ -65,9 +65,13 @@ class DecoderAttention(nn.Module):
         # A plain attribute, not a submodule: every layer shares the model's one rope table.
         self.__dict__["rotary"] = rotary
         self.fused_rope = False  # q/k norm + rope in one in-place kernel
+        self.fused_store = False  # ... that also stores K/V (`kernels.fused_rope_store`)
 
     def set_fused_kernels(self, enabled: bool) -> None:
+        from pegboard.core.kernels import fused_rope_store
+
         self.fused_rope = enabled
+        self.fused_store = enabled and fused_rope_store()
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
@@ -76,15 +80,27 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.fused_rope:
-            self.rotary.rotate_in_place(positions, q, k, self.q_norm, self.k_norm)
+        target = self._kv_store_target(attn)
+        if target is not None:  # rope and the KV store in one kernel
+            self.rotary.rotate_and_store(positions, q, k, v, target, self.q_norm, self.k_norm)
+            out = attn.attend(self.layer, q)
         else:
-            if self.q_norm is not None:
-                q = self.q_norm(q)
-                k = self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
-        out = attn.forward(self.layer, q, k, v)
+            if self.fused_rope:
+                self.rotary.rotate_in_place(positions, q, k, self.q_norm, self.k_norm)
+            else:
+                if self.q_norm is not None:
+                    q = self.q_norm(q)
+                    k = self.k_norm(k)
+                q, k = self.rotary(positions, q, k)
+            out = attn.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def _kv_store_target(self, attn: AttentionBackend):
+        """Where the rope kernel stores K/V itself (`AttentionBackend.kv_store_target`), when
+        the switch is on and the backend offers it; else None (`forward` stores them)."""
+        if not self.fused_store or not getattr(attn, "supports_fused_kv_store", False):
+            return None
+        return attn.kv_store_target(self.layer)
 
 
 class DecoderMLP(nn.Module):

@@ -110,3 +110,27 @@ class RotaryEmbedding(nn.Module):
             self.kernel(
                 positions, q, k, self.cos, self.sin, q_norm.weight, k_norm.weight, q_norm.eps
             )
+
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        target: tuple,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> None:
+        """`rotate_in_place`, and the rotated `k` and `v` written into the attention backend's
+        pool at `target` (`AttentionBackend.kv_store_target`) in the same kernel
+        (`core/kernels/rotary_store.py`; needs `set_fused_kernels(True)` first)."""
+        from pegboard.core.kernels.rotary_store import rotary_store_kv
+
+        if self.kernel is None:
+            raise RuntimeError("rotate_and_store needs set_fused_kernels(True) first")
+        k_cache, v_cache, slots, k_scale, v_scale = target
+        norm = () if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        rotary_store_kv(
+            positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slots, k_scale, v_scale,
+            *norm,
+        )  # fmt: skip
