@@ -3,7 +3,7 @@
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
 #                 [tests | tests-1 tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
-#                 [llama-bs1-silu] [llama-bs1-silu-tp2]
+#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
@@ -101,6 +101,27 @@ print('PEGBOARD_FUSED_SILU_DOWN=' + sys.argv[2], d['output_tok_s'], 'tok/s; host
 h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')" \
             "$OUT/$job-$s.json" $s || tail -5 "$OUT/$job-$s.err"
         done ;;
+    llama-bs1-fuse) # issue 17's batch-1 cuts (docs/kernels.md, "Rope and the KV store in one
+        # kernel"): the llama-bs1 run once per variant in $FUSE_VARIANTS (off: today's path;
+        # rope-store: PEGBOARD_FUSED_ROPE_STORE=1), then their GPU tests. Per run: tok/s, host
+        # and device-wait ms per step (rope-store: one launch fewer per layer, ~0.1 ms a step)
+        for v in ${FUSE_VARIANTS:-off rope-store}; do
+          case $v in
+            off) vars= ;;
+            rope-store) vars=PEGBOARD_FUSED_ROPE_STORE=1 ;;
+            *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
+          esac
+          env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \
+            --config llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 \
+            --max-output 256 --max-model-len 4096 ${BENCH_ARGS:-} --json "$OUT/$job-$v.json" \
+            2>"$OUT/$job-$v.err" >/dev/null
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], \
+'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')" "$OUT/$job-$v.json" "$v ($vars)" \
+            || tail -5 "$OUT/$job-$v.err"
+        done
+        timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+          tests/test_rotary_store.py 2>&1 | tail -15 | tee "$OUT/$job-tests.log" ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"
         timeout 200 $PB bench prefix --random-weights --config qwen3-0.6b --kv-cache "$cache" \
