@@ -178,6 +178,43 @@ def test_switch_is_off_by_default_and_read_when_kernels_switch_on(tiny_llama_dir
     assert not attention.fused_store
 
 
+def test_kit_checks_a_backend_that_offers_the_fused_store():
+    from pegboard.plugins.kernels.attention_torch import TorchAttention
+    from pegboard.sdk import testing
+
+    class Offering(TorchAttentionBackend):
+        """Offers the fused store: wrong slots, or an `attend` that is not `forward`'s."""
+
+        supports_fused_kv_store = True
+        wrong_slots = False
+
+        def kv_store_target(self, layer):
+            slots = self.batch.slot_mapping
+            slots = slots.flip(0) if self.wrong_slots else slots
+            return self.pool.k[layer], self.pool.v[layer], slots, 1.0, 1.0
+
+        def attend(self, layer, q):
+            return torch.zeros_like(q)
+
+    def plugin(backend_cls):
+        class Plugin(TorchAttention):
+            name = "offering"
+
+            def attention_kernel(self, model, pool):
+                return backend_cls(model, pool)
+
+        return Plugin
+
+    with pytest.raises(testing.ConformanceError, match="attend.layer, q. over the K/V"):
+        testing.check_attention(plugin(Offering))
+
+    class WrongSlots(Offering):
+        wrong_slots = True
+
+    with pytest.raises(testing.ConformanceError, match="kv_store_target.layer. returns"):
+        testing.check_attention(plugin(WrongSlots))
+
+
 # ------------------------------------------------------------------ GPU, bf16, real shapes
 
 
