@@ -263,9 +263,8 @@ def test_gpu_rotary_store_is_captured_and_replays_new_slots():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_graph_decode_with_fused_rope_store_equals_unfused(
-    tiny_llama_dir, dtype, store_calls, monkeypatch
+    tiny_llama_dir, store_calls, monkeypatch, dtype="bfloat16"
 ):
     """Greedy tokens of a CUDA-graph decode (3 requests, then fewer) with the switch on equal
     those with it off, and the separate store kernel ran in neither graphs nor prefill."""
