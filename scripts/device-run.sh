@@ -102,19 +102,22 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
             "$OUT/$job-$s.json" $s || tail -5 "$OUT/$job-$s.err"
         done ;;
     llama-bs1-fuse) # issue 17's batch-1 cuts (docs/kernels.md, "Rope and the KV store in one
-        # kernel", "Split decode without the reduce launch"): the llama-bs1 run once per variant
-        # in $FUSE_VARIANTS (default "off rope-store all"; also fix, fix-pdl), then their GPU
-        # tests. off: today's path; rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch
-        # 1 decode attention on s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); all:
-        # rope-store + fix-pdl. Per run: tok/s, host and device-wait ms per step
-        for v in ${FUSE_VARIANTS:-off rope-store all}; do
+        # kernel", "Split decode without the reduce launch", "SiLU-and-mul in the gate/up GEMV's
+        # epilogue"): the llama-bs1 run once per variant in $FUSE_VARIANTS (default "off all";
+        # also rope-store, fix, fix-pdl, silu), then their GPU tests. off: today's path;
+        # rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch-1 decode attention on
+        # s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); silu: PEGBOARD_FUSED_SILU_GATE_UP=1;
+        # all: the three together (fix-pdl). Per run: tok/s, host and device-wait ms per step.
+        # FUSE_TESTS=0: the runs only
+        for v in ${FUSE_VARIANTS:-off all}; do
           fix="PEGBOARD_DECODE_DEFAULTS=32:s3-fast-pf,0:s3-pf-fix"
           case $v in
             off) vars= ;;
             rope-store) vars=PEGBOARD_FUSED_ROPE_STORE=1 ;;
             fix) vars=$fix ;;
             fix-pdl) vars=$fix-pdl ;;
-            all) vars="PEGBOARD_FUSED_ROPE_STORE=1 $fix-pdl" ;;
+            silu) vars=PEGBOARD_FUSED_SILU_GATE_UP=1 ;;
+            all) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl" ;;
             *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
           esac
           env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \
@@ -126,8 +129,8 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')" "$OUT/$job-$v.json" "$v ($vars)" \
             || tail -5 "$OUT/$job-$v.err"
         done
-        timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
-          tests/test_rotary_store.py tests/test_decode_fixup.py 2>&1 | tail -15 \
+        [ "${FUSE_TESTS:-1}" = 0 ] || timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+          --tb=short tests/test_rotary_store.py tests/test_decode_fixup.py tests/test_gemv_silu.py 2>&1 | tail -15 \
           | tee "$OUT/$job-tests.log" ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"

@@ -11,7 +11,9 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
 - `activation.silu_and_mul(gate_up)` — `silu(gate) * up` over the fused `[T, 2 * I]`
   gate/up projection, in one pass, to a new `[T, I]` tensor. With `PEGBOARD_FUSED_SILU_DOWN=1`
   (`fused_silu_down`) the down projection's GEMV computes it instead (`dense.silu_linear`), bit
-  for bit the same, one launch fewer per layer at decode.
+  for bit the same, one launch fewer per layer at decode; with `PEGBOARD_FUSED_SILU_GATE_UP=1`
+  (`fused_silu_gate_up`) the gate/up GEMV's epilogue does (`dense.silu_gate_up`, `gemv_silu`),
+  without recomputing SiLU.
 - `rotary.rotary_embedding(positions, q, k, cos, sin, ...)` — rope (NeoX/HF rotate-half
   layout, float32 cos/sin tables, int64 positions) applied to q and k in place, so it works on
   the q/k views of the fused qkv projection's output; with q/k norm weights (Qwen3) each head
@@ -98,3 +100,10 @@ def fused_rope_store() -> bool:
     step's K/V into the pool (`rotary_store`) where the attention backend offers it
     (`AttentionBackend.supports_fused_kv_store`), instead of the backend's own store kernel."""
     return os.environ.get("PEGBOARD_FUSED_ROPE_STORE", "0") not in ("", "0")
+
+
+def fused_silu_gate_up() -> bool:
+    """`PEGBOARD_FUSED_SILU_GATE_UP` (read when the fused kernels are switched on; off by
+    default until measured on the GPU): whether the MLPs' gate/up GEMV computes SiLU-and-mul
+    in its epilogue at decode (`dense.silu_gate_up`, `gemv_silu`), one launch fewer per layer."""
+    return os.environ.get("PEGBOARD_FUSED_SILU_GATE_UP", "0") not in ("", "0")
