@@ -89,11 +89,12 @@ def test_fixup_without_counters_or_splits_launches_as_before(reduce_launches):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", FIX)
 @pytest.mark.parametrize("seq_len", [129, 384, 4096])
-def test_gpu_llama_batch_one_fixup_bit_for_bit(name, seq_len, reduce_launches):
+@pytest.mark.parametrize("splits", [3, MAX_SPLITS])
+def test_gpu_llama_batch_one_fixup_bit_for_bit(name, seq_len, splits, reduce_launches):
     case = paged_case([seq_len], 32, 8, 128, 16, torch.bfloat16, torch.bfloat16)
-    expected = run("s3-pf", case, MAX_SPLITS)
-    work = decode_workspace(1, 32, MAX_SPLITS, 128, DEVICE)
-    out = run(name, case, MAX_SPLITS, work)
+    expected = run("s3-pf", case, splits)
+    work = decode_workspace(1, 32, splits, 128, DEVICE)
+    out = run(name, case, splits, work)
     assert len(reduce_launches) == 1
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     assert not work[2].any()

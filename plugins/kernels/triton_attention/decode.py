@@ -445,7 +445,7 @@ def decode_attention(
     # launches), else by the reduce kernel
     fixup = (
         meta["FIXUP"]
-        and num_splits <= meta["BLOCK_S"]
+        and num_splits <= MAX_SPLITS
         and counters is not None
         and num_requests * head_blocks <= len(counters)
     )
@@ -484,7 +484,8 @@ def decode_attention(
         num_warps=num_warps or config.num_warps,
         num_stages=num_stages or config.num_stages,
         **pdl,
-        **(meta | {"FIXUP": fixup}),
+        # the reduce kernel's split block, so the merge sums alike
+        **(meta | {"FIXUP": fixup, "BLOCK_S": triton.next_power_of_2(num_splits)}),
     )
     if num_splits > 1 and not fixup:
         _decode_reduce_kernel[(num_requests, num_heads)](
@@ -554,7 +555,7 @@ def decode_meta(
         # 2: inline PTX (1 under the interpreter, which cannot run it: the plain cast)
         "CVT": (1 if _INTERPRET else 2) if config.asm_cvt and fp8 and f16_dots and not fma else 0,
         "FIXUP": config.fixup and split,  # (off where the workspace has no counters for it)
-        "BLOCK_S": MAX_SPLITS if config.fixup and split else 1,  # splits the last one merges
+        "BLOCK_S": MAX_SPLITS if config.fixup and split else 1,  # (the launch: its splits')
     }
 
 
