@@ -3,7 +3,7 @@
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
 #                 [tests | tests-1 tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
-#                 [llama-bs1-silu] [llama-bs1-silu-tp2]
+#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
@@ -102,6 +102,37 @@ print('PEGBOARD_FUSED_SILU_DOWN=' + sys.argv[2], d['output_tok_s'], 'tok/s; host
 h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')" \
             "$OUT/$job-$s.json" $s || tail -5 "$OUT/$job-$s.err"
         done ;;
+    llama-bs1-fuse) # issue 17's batch-1 cuts (docs/kernels.md, "Rope and the KV store in one
+        # kernel", "Split decode without the reduce launch", "SiLU-and-mul in the gate/up GEMV's
+        # epilogue"): the llama-bs1 run once per variant in $FUSE_VARIANTS (default "off all";
+        # also rope-store, fix, fix-pdl, silu), then their GPU tests. off: today's path;
+        # rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch-1 decode attention on
+        # s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); silu: PEGBOARD_FUSED_SILU_GATE_UP=1;
+        # all: the three together (fix-pdl). Per run: tok/s, host and device-wait ms per step.
+        # FUSE_TESTS=0: the runs only
+        for v in ${FUSE_VARIANTS:-off all}; do
+          fix="PEGBOARD_DECODE_DEFAULTS=32:s3-fast-pf,0:s3-pf-fix"
+          case $v in
+            off) vars= ;;
+            rope-store) vars=PEGBOARD_FUSED_ROPE_STORE=1 ;;
+            fix) vars=$fix ;;
+            fix-pdl) vars=$fix-pdl ;;
+            silu) vars=PEGBOARD_FUSED_SILU_GATE_UP=1 ;;
+            all) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl" ;;
+            *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
+          esac
+          env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \
+            --config llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 \
+            --max-output 256 --max-model-len 4096 ${BENCH_ARGS:-} --json "$OUT/$job-$v.json" \
+            2>"$OUT/$job-$v.err" >/dev/null
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], \
+'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')" "$OUT/$job-$v.json" "$v ($vars)" \
+            || tail -5 "$OUT/$job-$v.err"
+        done
+        [ "${FUSE_TESTS:-1}" = 0 ] || timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+          --tb=short tests/test_rotary_store.py tests/test_decode_fixup.py tests/test_gemv_silu.py 2>&1 | tail -15 \
+          | tee "$OUT/$job-tests.log" ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"
         timeout 200 $PB bench prefix --random-weights --config qwen3-0.6b --kv-cache "$cache" \

@@ -222,6 +222,16 @@ class AttentionBackend:
     holding `ForwardBatch.tree_masks` of up to `[max_tree, max_tree]` per request; `prepare`
     writes any batch's masks (a list, possibly all None) into them, so a replay of a capture
     made with other masks applies this batch's.
+
+    Fused KV store (optional; a class that sets `supports_fused_kv_store = True`): the model
+    may write the step's new keys and values into the pool itself, in the kernel that applies
+    rope (one launch fewer per layer, `core/kernels/rotary_store.py`). `kv_store_target(layer)`
+    returns `(k_cache, v_cache, slot_mapping, k_scale, v_scale)`: the layer's caches in the
+    layout `[num_pages, page_size, num_kv_heads, head_dim]`, the step's slots
+    (`page * page_size + offset`, negative for padding rows) and the FP8 scales (1.0 for a
+    16-bit pool), or None when this step cannot take it (then the model calls `forward`).
+    After writing there, the model calls `attend(layer, q)` instead of `forward`: what
+    `forward` returns, without storing anything.
     """
 
     #: Whether decode steps may be captured and replayed as CUDA graphs (see above).
@@ -232,6 +242,8 @@ class AttentionBackend:
     supports_cuda_graph_mixed: ClassVar[bool] = False
     #: Whether verify steps with draft trees may be captured too (see above).
     supports_cuda_graph_tree_verify: ClassVar[bool] = False
+    #: Whether the model may store the step's K/V itself (`kv_store_target`, `attend`).
+    supports_fused_kv_store: ClassVar[bool] = False
     #: The precision K/V are stored at when lower than the model's (e.g. an fp8 KV cache):
     #: the conformance kit then compares within that dtype's rounding. None: stored exactly.
     kv_dtype: ClassVar[torch.dtype | None] = None
@@ -265,6 +277,19 @@ class AttentionBackend:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def kv_store_target(self, layer: int) -> KVStoreTarget | None:
+        """Where the model may write this step's K/V itself (see the class docstring; only
+        with `supports_fused_kv_store`). Default: nowhere."""
+        return None
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """`forward` after the model stored the step's K/V at `kv_store_target(layer)`."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused KV store")
+
+
+#: `(k_cache, v_cache, slot_mapping, k_scale, v_scale)`: `AttentionBackend.kv_store_target`.
+KVStoreTarget = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]
 
 
 class Attention(Plugin):

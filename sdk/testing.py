@@ -791,6 +791,10 @@ def check_attention(
     dtype within its relative precision, and the output must match the reference computed
     from the rounded K/V within `kv_atol` (inputs are standard normal).
 
+    A backend that lets the model store K/V itself (`supports_fused_kv_store`) must name the
+    layer's caches and the step's slots in `kv_store_target` and give `forward`'s output from
+    `attend` over them.
+
     A backend with mixed-step CUDA graphs (`supports_cuda_graph_mixed`) must also give the same
     batch padded with rows of slot -1 (`prepare_mixed`) the same outputs on its real rows and
     store nothing for the padding rows."""
@@ -851,8 +855,42 @@ def check_attention(
                 "tolerance",
                 f"layer {layer}, dtype {dtype}: max abs error {err:.2e} > {atol:.0e}",
             )
+        if getattr(backend, "supports_fused_kv_store", False):
+            _check_fused_kv_store(backend, batch, pool, gen)
         if getattr(backend, "supports_cuda_graph_mixed", False):
             _check_mixed_padding(backend, batch, pool, gen, atol)
+
+
+def _check_fused_kv_store(
+    backend: AttentionBackend, batch: ForwardBatch, pool: KVPool, gen: torch.Generator
+) -> None:
+    """`kv_store_target(0)` names layer 0's caches and the step's slots, and `attend` over the
+    pool `forward` left gives `forward`'s output (`supports_fused_kv_store`)."""
+    info, n = backend.model, batch.num_tokens
+    q, k, v = (
+        torch.randn(n, heads, info.head_dim, generator=gen).to(info.dtype).to(info.device)
+        for heads in (info.num_heads, info.num_kv_heads, info.num_kv_heads)
+    )
+    backend.prepare(batch)
+    out = backend.forward(0, q, k, v).clone()
+    target = backend.kv_store_target(0)
+    _require(
+        target is None
+        or (
+            len(target) == 5
+            and target[0] is pool.k[0]
+            and target[1] is pool.v[0]
+            and torch.equal(target[2], batch.slot_mapping)
+        ),
+        "kv_store_target(layer) returns (pool.k[layer], pool.v[layer], the step's "
+        "slot_mapping, k_scale, v_scale) or None",
+        repr(target)[:200],
+    )
+    _require(
+        torch.equal(backend.attend(0, q), out),
+        "attend(layer, q) over the K/V stored at kv_store_target gives forward's output",
+        "layer 0 differs",
+    )
 
 
 def _check_mixed_padding(

@@ -150,19 +150,29 @@ def _tiny_mlp() -> DecoderMLP:
 def test_decoder_with_fused_silu_down_equals_it_without(
     tiny_llama_dir, decode_configs, separate_calls, monkeypatch
 ):
-    runner = ModelRunner(tiny_llama_dir, "bfloat16", str(DEVICE), progress=False)
+    check_switch_drops_silu_and_mul(
+        tiny_llama_dir, decode_configs, separate_calls, monkeypatch, "PEGBOARD_FUSED_SILU_DOWN"
+    )
+
+
+def check_switch_drops_silu_and_mul(model_dir, decode_configs, separate_calls, monkeypatch, env):
+    """The tiny Llama with every projection on the GEMV: with switch `env` on (both SiLU
+    fusions off before) the same logits bit for bit, no separate SiLU-and-mul call at up to 8
+    rows, and one again at 9 (also `test_gemv_silu`)."""
+    runner = ModelRunner(model_dir, "bfloat16", str(DEVICE), progress=False)
     model = runner.model
     shapes = {(m.weight.dtype, *m.weight.shape) for m in model.modules() if isinstance(m, Linear)}
     for key in shapes:
         decode_configs[key] = dict.fromkeys([1, 2, 4, 8], GemvConfig(8, 64))
     prompts = [[5, 9, 200, 17], [300, 2, 77]]  # 7 tokens: every projection runs as GEMV
     monkeypatch.setenv("PEGBOARD_FUSED_SILU_DOWN", "0")
+    monkeypatch.setenv("PEGBOARD_FUSED_SILU_GATE_UP", "0")
     model.set_fused_kernels(True)
     expected = prefill_logits(runner, prompts)
     layers = model.config.num_layers
     assert separate_calls == [7] * layers
     separate_calls.clear()
-    monkeypatch.setenv("PEGBOARD_FUSED_SILU_DOWN", "1")
+    monkeypatch.setenv(env, "1")
     model.set_fused_kernels(True)
     torch.testing.assert_close(prefill_logits(runner, prompts), expected, atol=0, rtol=0)
     assert separate_calls == []

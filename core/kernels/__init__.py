@@ -11,11 +11,18 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
 - `activation.silu_and_mul(gate_up)` — `silu(gate) * up` over the fused `[T, 2 * I]`
   gate/up projection, in one pass, to a new `[T, I]` tensor. With `PEGBOARD_FUSED_SILU_DOWN=1`
   (`fused_silu_down`) the down projection's GEMV computes it instead (`dense.silu_linear`), bit
-  for bit the same, one launch fewer per layer at decode.
+  for bit the same, one launch fewer per layer at decode; with `PEGBOARD_FUSED_SILU_GATE_UP=1`
+  (`fused_silu_gate_up`) the gate/up GEMV's epilogue does (`dense.silu_gate_up`, `gemv_silu`),
+  without recomputing SiLU.
 - `rotary.rotary_embedding(positions, q, k, cos, sin, ...)` — rope (NeoX/HF rotate-half
   layout, float32 cos/sin tables, int64 positions) applied to q and k in place, so it works on
   the q/k views of the fused qkv projection's output; with q/k norm weights (Qwen3) each head
   is RMS-normalised first, in the same pass.
+- `rotary_store.rotary_store_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots, ...)`
+  — the rope above, and the rotated k and v written into the attention backend's paged pool
+  (`AttentionBackend.kv_store_target`) in the same launch: the bytes of rope + the `triton`
+  backend's `store_kv`, one launch fewer per layer. `PEGBOARD_FUSED_ROPE_STORE=1`
+  (`fused_rope_store`) switches it on.
 - `gemv.linear(x, weight, bias)` — `F.linear` for up to `gemv.MAX_ROWS` rows (decode), as a
   matrix-vector kernel that streams the weight faster than cuBLAS where that was measured
   (`gemv.DECODE_CONFIGS`), else `F.linear` itself. It sums in float32 in another order than
@@ -85,3 +92,18 @@ def fused_silu_down() -> str:
     work over enough output rows to pay (`dense.shares_silu`)."""
     value = os.environ.get("PEGBOARD_FUSED_SILU_DOWN", "auto")
     return "0" if value in ("", "0") else "auto" if value == "auto" else "1"
+
+
+def fused_rope_store() -> bool:
+    """`PEGBOARD_FUSED_ROPE_STORE` (read when the fused kernels are switched on; off by default
+    until measured on the GPU): whether each attention layer's rope kernel also writes the
+    step's K/V into the pool (`rotary_store`) where the attention backend offers it
+    (`AttentionBackend.supports_fused_kv_store`), instead of the backend's own store kernel."""
+    return os.environ.get("PEGBOARD_FUSED_ROPE_STORE", "0") not in ("", "0")
+
+
+def fused_silu_gate_up() -> bool:
+    """`PEGBOARD_FUSED_SILU_GATE_UP` (read when the fused kernels are switched on; off by
+    default until measured on the GPU): whether the MLPs' gate/up GEMV computes SiLU-and-mul
+    in its epilogue at decode (`dense.silu_gate_up`, `gemv_silu`), one launch fewer per layer."""
+    return os.environ.get("PEGBOARD_FUSED_SILU_GATE_UP", "0") not in ("", "0")

@@ -84,3 +84,16 @@ def silu_linear(
     from pegboard.core.kernels.activation import silu_and_mul
 
     return linear(silu_and_mul(gate_up), weight, bias, out)
+
+
+def silu_gate_up(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """`activation.silu_and_mul(linear(x, weight, bias))` for a SwiGLU gate/up weight
+    `[2 * I, K]`, computed in the GEMV's epilogue (`gemv_silu`, bit for bit) where the GEMV
+    takes this many rows with an element-wise, unsplit configuration; else None (the caller
+    runs the two kernels). `PEGBOARD_FUSED_SILU_GATE_UP`, `pegboard.core.models.llama`."""
+    config = _gate_up_config(gemv.num_rows(x), weight)
+    if config is None or config.dot or config.split_k > 1 or config.block_n % 2:
+        return None
+    return gemv.gemv(x, weight, bias, config, silu_out=True)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.gemv_silu import paired_rows, silu_mul, store_silu
 from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 from torch.nn import functional as F
 
@@ -114,10 +115,7 @@ def _input_tile(ptrs, k_offs, K, m_mask, EVEN_K: tl.constexpr, GATE_UP: tl.const
     rounds its output: SiLU in float32 rounded to the activation dtype, the product again."""
     if GATE_UP:
         gate = _x_tile(ptrs, k_offs, K, m_mask, EVEN_K)
-        up = _x_tile(ptrs + K, k_offs, K, m_mask, EVEN_K).to(tl.float32)
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-        x = (act * up).to(gate.dtype)
+        x = silu_mul(gate, _x_tile(ptrs + K, k_offs, K, m_mask, EVEN_K))
     else:
         x = _x_tile(ptrs, k_offs, K, m_mask, EVEN_K)
     return x
@@ -144,6 +142,7 @@ def _gemv_kernel(
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
     GATE_UP: tl.constexpr,
+    SILU_OUT: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -151,6 +150,8 @@ def _gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N read row N - 1 (their results are not stored): the weight loads need no mask.
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    if SILU_OUT:  # gate rows and their up rows (`gemv_silu`)
+        rows = paired_rows(pid_n, N, BLOCK_N).to(tl.int64)
     k_offs = (pid_k * k_per_split + tl.arange(0, BLOCK_K))[None, None, :]
     w_ptrs = W + rows[None, :, None] * K + k_offs
     x_ptrs = X + offs_m[:, None, None] * stride_xm + k_offs
@@ -165,7 +166,12 @@ def _gemv_kernel(
         x = _input_tile(x_ptrs + k, k_offs + k, K, m_mask, EVEN_K, GATE_UP)
         acc += x.to(tl.float32) * w.to(tl.float32)
     acc_mn = tl.sum(acc, axis=2)
-    _store_rows(acc_mn, offs_m, offs_n, pid_k, M, N, Bias, Out, Partial, stride_om, HAS_BIAS, SPLIT)
+    if SILU_OUT:
+        store_silu(acc_mn, offs_m, pid_n, M, N, Bias, Out, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N)
+    else:
+        _store_rows(
+            acc_mn, offs_m, offs_n, pid_k, M, N, Bias, Out, Partial, stride_om, HAS_BIAS, SPLIT
+        )
 
 
 @triton.jit
@@ -256,6 +262,7 @@ def gemv(
     config: GemvConfig,
     out: torch.Tensor | None = None,
     gate_up: bool = False,
+    silu_out: bool = False,
 ) -> torch.Tensor:
     """`x @ weight.T + bias` with `config`: x `[..., K]` (a unit stride along K), weight
     `[N, K]` contiguous, bias `[N]` or None; a new `[..., N]` tensor in x's dtype, or written
@@ -265,7 +272,15 @@ def gemv(
     With `gate_up`, x is a SwiGLU gate/up projection's output `[..., 2 * K]` (gate first) and
     the input rows are `silu(gate) * up`, computed per K block inside the kernel and rounded
     exactly as `activation.silu_and_mul` rounds them: the result equals
-    `gemv(silu_and_mul(x), ...)` bit for bit, one launch and one `[rows, K]` tensor fewer."""
+    `gemv(silu_and_mul(x), ...)` bit for bit, one launch and one `[rows, K]` tensor fewer.
+
+    With `silu_out`, weight is a SwiGLU gate/up projection `[2 * I, K]` (gate rows first) and
+    the result is `silu_and_mul(gemv(x, weight, bias))`, `[..., I]`, bit for bit, computed in
+    the kernel's epilogue (`gemv_silu`; the element-wise kernel, one K slice, even `block_n`)."""
+    if silu_out:
+        if config.dot or config.split_k > 1 or config.block_n % 2 or gate_up:
+            raise ValueError(f"gemv: silu_out needs an element-wise, unsplit config, not {config}")
+        return _gemv_silu(x, weight, bias, config)
     x2, out = rows_and_output(x, weight, "gemv", out, gate_up)
     m, n, k = x2.shape[0], weight.shape[0], weight.shape[1]
     if m == 0:
@@ -298,6 +313,30 @@ def gemv(
     if splits > 1:
         split_k_sum(partial, bias, out, pdl)
     return out.view(*x.shape[:-1], n)
+
+
+def _gemv_silu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
+) -> torch.Tensor:
+    """`gemv(..., silu_out=True)`: one launch of `_gemv_kernel` in its `SILU_OUT` mode."""
+    n, k = weight.shape
+    if n % 2:
+        raise ValueError(f"gemv: silu_out needs a gate/up weight of even rows, not {n}")
+    x2, _ = rows_and_output(x, weight, "gemv", None)
+    m = x2.shape[0]
+    out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
+    if m:
+        block_k = min(config.block_k, triton.next_power_of_2(k))
+        pdl = launch_options(x.device) if config.pdl else {"PDL": False}
+        k_per_split = triton.cdiv(k, block_k) * block_k  # one slice (`k_slices`)
+        _gemv_kernel[(triton.cdiv(n // 2, config.block_n // 2), 1)](
+            x2, weight, bias if bias is not None else out, out, out, m, n, k, k_per_split,
+            x2.stride(0), out.stride(0), BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_N=config.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+            HAS_BIAS=bias is not None, SPLIT=False, GATE_UP=False, SILU_OUT=True,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], n // 2)
 
 
 def rows_and_output(

@@ -32,6 +32,9 @@ def _rotate_heads(
     BLOCK_D: tl.constexpr,
     QK_NORM: tl.constexpr,
 ):
+    """Rotate the heads at `X` (`[NUM_HEADS, 2 * HALF]`, head stride `stride_h`) in place,
+    after the per-head RMSNorm with `QK_NORM`; returns `(first halves, second halves, mask)`
+    as stored (`[BLOCK_H, BLOCK_D]` tiles in X's dtype)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HALF)
@@ -47,10 +50,72 @@ def _rotate_heads(
         x2 = (x2 * rstd).to(X.dtype.element_ty).to(tl.float32) * w2[None, :]
         x1 = x1.to(X.dtype.element_ty).to(tl.float32)
         x2 = x2.to(X.dtype.element_ty).to(tl.float32)
-    out1 = x1 * cos[None, :] - x2 * sin[None, :]
-    out2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(first, out1.to(X.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, out2.to(X.dtype.element_ty), mask=mask)
+    out1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(X.dtype.element_ty)
+    out2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(X.dtype.element_ty)
+    tl.store(first, out1, mask=mask)
+    tl.store(first + HALF, out2, mask=mask)
+    return out1, out2, mask
+
+
+@triton.jit
+def rotate_token(
+    Q,
+    K,
+    Positions,
+    Cos,
+    Sin,
+    QNormWeight,
+    KNormWeight,
+    token,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_table,
+    eps,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QK_NORM: tl.constexpr,
+):
+    """Rotate token `token`'s q and k heads in place; returns its rotated k heads as stored,
+    `(first halves, second halves, mask)` (`[BLOCK_HK, BLOCK_D]`, for `rotary_store`)."""
+    position = tl.load(Positions + token)
+    offs_d = tl.arange(0, BLOCK_D)
+    # The tables repeat their first half (`cat(freqs, freqs)`): read it once.
+    cos = tl.load(Cos + position * stride_table + offs_d, mask=offs_d < HALF, other=0.0)
+    sin = tl.load(Sin + position * stride_table + offs_d, mask=offs_d < HALF, other=0.0)
+    cos = cos.to(tl.float32)
+    sin = sin.to(tl.float32)
+    _rotate_heads(
+        Q + token * stride_qt,
+        stride_qh,
+        cos,
+        sin,
+        QNormWeight,
+        eps,
+        NUM_Q_HEADS,
+        HALF,
+        BLOCK_HQ,
+        BLOCK_D,
+        QK_NORM,
+    )
+    return _rotate_heads(
+        K + token * stride_kt,
+        stride_kh,
+        cos,
+        sin,
+        KNormWeight,
+        eps,
+        NUM_KV_HEADS,
+        HALF,
+        BLOCK_HK,
+        BLOCK_D,
+        QK_NORM,
+    )
 
 
 @triton.jit
@@ -79,35 +144,25 @@ def _rotary_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     wait_for_inputs(PDL)
-    position = tl.load(Positions + token)
-    offs_d = tl.arange(0, BLOCK_D)
-    # The tables repeat their first half (`cat(freqs, freqs)`): read it once.
-    cos = tl.load(Cos + position * stride_table + offs_d, mask=offs_d < HALF, other=0.0)
-    sin = tl.load(Sin + position * stride_table + offs_d, mask=offs_d < HALF, other=0.0)
-    cos = cos.to(tl.float32)
-    sin = sin.to(tl.float32)
-    _rotate_heads(
-        Q + token * stride_qt,
-        stride_qh,
-        cos,
-        sin,
+    rotate_token(
+        Q,
+        K,
+        Positions,
+        Cos,
+        Sin,
         QNormWeight,
+        KNormWeight,
+        token,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_table,
         eps,
         NUM_Q_HEADS,
-        HALF,
-        BLOCK_HQ,
-        BLOCK_D,
-        QK_NORM,
-    )
-    _rotate_heads(
-        K + token * stride_kt,
-        stride_kh,
-        cos,
-        sin,
-        KNormWeight,
-        eps,
         NUM_KV_HEADS,
         HALF,
+        BLOCK_HQ,
         BLOCK_HK,
         BLOCK_D,
         QK_NORM,

@@ -65,9 +65,13 @@ class DecoderAttention(nn.Module):
         # A plain attribute, not a submodule: every layer shares the model's one rope table.
         self.__dict__["rotary"] = rotary
         self.fused_rope = False  # q/k norm + rope in one in-place kernel
+        self.fused_store = False  # ... that also stores K/V (`kernels.fused_rope_store`)
 
     def set_fused_kernels(self, enabled: bool) -> None:
+        from pegboard.core.kernels import fused_rope_store
+
         self.fused_rope = enabled
+        self.fused_store = enabled and fused_rope_store()
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
@@ -76,15 +80,27 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.fused_rope:
-            self.rotary.rotate_in_place(positions, q, k, self.q_norm, self.k_norm)
+        target = self._kv_store_target(attn)
+        if target is not None:  # rope and the KV store in one kernel
+            self.rotary.rotate_and_store(positions, q, k, v, target, self.q_norm, self.k_norm)
+            out = attn.attend(self.layer, q)
         else:
-            if self.q_norm is not None:
-                q = self.q_norm(q)
-                k = self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
-        out = attn.forward(self.layer, q, k, v)
+            if self.fused_rope:
+                self.rotary.rotate_in_place(positions, q, k, self.q_norm, self.k_norm)
+            else:
+                if self.q_norm is not None:
+                    q = self.q_norm(q)
+                    k = self.k_norm(k)
+                q, k = self.rotary(positions, q, k)
+            out = attn.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def _kv_store_target(self, attn: AttentionBackend):
+        """Where the rope kernel stores K/V itself (`AttentionBackend.kv_store_target`), when
+        the switch is on and the backend offers it; else None (`forward` stores them)."""
+        if not self.fused_store or not getattr(attn, "supports_fused_kv_store", False):
+            return None
+        return attn.kv_store_target(self.layer)
 
 
 class DecoderMLP(nn.Module):
@@ -107,27 +123,42 @@ class DecoderMLP(nn.Module):
         #: compute SiLU-and-mul in its GEMV (`dense.shares_silu` or, with
         #: `PEGBOARD_FUSED_SILU_DOWN=1`, `dense.takes_gate_up`), else None.
         self.takes_gate_up: Callable[[int, torch.Tensor], bool] | None = None
+        #: `dense.silu_gate_up` when the gate/up GEMV may compute SiLU-and-mul in its epilogue
+        #: (`PEGBOARD_FUSED_SILU_GATE_UP=1`), else None.
+        self.silu_gate_up: Callable | None = None
 
     def set_fused_kernels(self, enabled: bool) -> None:
-        self.takes_gate_up = None
+        self.takes_gate_up = self.silu_gate_up = None
         if enabled:
-            from pegboard.core.kernels import fused_silu_down
+            from pegboard.core.kernels import dense, fused_silu_down, fused_silu_gate_up
             from pegboard.core.kernels.activation import silu_and_mul as fused_silu_and_mul
 
             self.act_fn = fused_silu_and_mul
+            if fused_silu_gate_up():
+                self.silu_gate_up = dense.silu_gate_up
             mode = fused_silu_down()
             if mode != "0":
-                from pegboard.core.kernels import dense
-
                 self.takes_gate_up = dense.shares_silu if mode == "auto" else dense.takes_gate_up
         else:
             self.act_fn = silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self._silu_in_gate_up(x)
+        if act is not None:  # SiLU-and-mul in the gate/up GEMV's epilogue
+            return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
         if self._down_takes_gate_up(gate_up):  # SiLU-and-mul inside the down GEMV
             return self.down_proj(gate_up, gate_up=True)
         return self.down_proj(self.act_fn(gate_up))
+
+    def _silu_in_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`silu_and_mul(gate_up_proj(x))` from one GEMV launch where the switch is on, the
+        gate/up layer is a dense `Linear` on its kernels and its GEMV takes these rows
+        (`dense.silu_gate_up`); else None. Decided in Python by the row count (graph-safe)."""
+        layer = self.gate_up_proj
+        if self.silu_gate_up is None or not isinstance(layer, Linear) or layer.kernel is None:
+            return None
+        return self.silu_gate_up(x, layer.weight, layer.bias)
 
     def _down_takes_gate_up(self, gate_up: torch.Tensor) -> bool:
         """Whether the down projection is a dense layer on its GEMV/skinny kernels

@@ -61,15 +61,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
         self.kernel: Callable | None = None  # the fused Triton kernel, when switched on
+        self.store_kernel: Callable | None = None  # ... that also stores K/V (`rotate_and_store`)
         self.reset_tables()
 
     def set_fused_kernels(self, enabled: bool) -> None:
         if enabled:
             from pegboard.core.kernels.rotary import rotary_embedding
+            from pegboard.core.kernels.rotary_store import rotary_store_kv
 
-            self.kernel = rotary_embedding
+            self.kernel, self.store_kernel = rotary_embedding, rotary_store_kv
         else:
-            self.kernel = None
+            self.kernel = self.store_kernel = None
 
     def reset_tables(self) -> None:
         """(Re)compute the tables on the buffers' device (after `to_empty` materialised them)."""
@@ -110,3 +112,25 @@ class RotaryEmbedding(nn.Module):
             self.kernel(
                 positions, q, k, self.cos, self.sin, q_norm.weight, k_norm.weight, q_norm.eps
             )
+
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        target: tuple,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> None:
+        """`rotate_in_place`, and the rotated `k` and `v` written into the attention backend's
+        pool at `target` (`AttentionBackend.kv_store_target`) in the same kernel
+        (`core/kernels/rotary_store.py`; needs `set_fused_kernels(True)` first)."""
+        if self.store_kernel is None:
+            raise RuntimeError("rotate_and_store needs set_fused_kernels(True) first")
+        k_cache, v_cache, slots, k_scale, v_scale = target
+        norm = () if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        self.store_kernel(
+            positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slots, k_scale, v_scale,
+            *norm,
+        )  # fmt: skip

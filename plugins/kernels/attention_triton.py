@@ -25,7 +25,7 @@ import pydantic
 import torch
 from pegboard.core.hookspecs import hookimpl
 from pegboard.sdk.device import upload
-from pegboard.sdk.slots import Attention, AttentionBackend, Plugin, PluginContext
+from pegboard.sdk.slots import Attention, AttentionBackend, KVStoreTarget, Plugin, PluginContext
 from pegboard.sdk.types import ForwardBatch, KVPool, ModelInfo
 
 #: Page tables of at most this many entries are remembered after their upload, so the next
@@ -92,6 +92,8 @@ class TritonAttentionBackend(AttentionBackend):
     supports_fp8_kv = True
     #: The extend kernel applies `ForwardBatch.tree_masks` (speculative draft trees).
     supports_tree_mask = True
+    #: The model's rope kernel may store the step's K/V (`kv_store_target`, `attend`).
+    supports_fused_kv_store = True
 
     def __init__(
         self,
@@ -365,9 +367,20 @@ class TritonAttentionBackend(AttentionBackend):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """Store `k`/`v` at the batch's slots, then run the decode or the extend kernel."""
+        k_cache, v_cache, slots, k_scale, v_scale = self.kv_store_target(layer)
+        self.kernels.store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+        return self.attend(layer, q)
+
+    def kv_store_target(self, layer: int) -> KVStoreTarget:
+        """The layer's caches, the step's slots and the FP8 scales (`supports_fused_kv_store`:
+        the model's rope kernel may store K/V there itself, then call `attend`)."""
+        k_scale, v_scale = self.pool.k_scale(layer), self.pool.v_scale(layer)
+        return self.pool.k[layer], self.pool.v[layer], self.batch.slot_mapping, k_scale, v_scale
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The decode or the extend kernel over the pool, this step's K/V already stored."""
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         k_scale, v_scale = self.pool.k_scale(layer), self.pool.v_scale(layer)
-        self.kernels.store_kv(k, v, k_cache, v_cache, self.batch.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         # An FP8 pool's kernels read the stored values (converted to q's dtype in registers);
         # the key scale folds into the softmax scale, the value scale into the output.

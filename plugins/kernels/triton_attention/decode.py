@@ -14,7 +14,9 @@ contiguous range of `ceil(seq_len / num_splits)` tokens (rounded up to whole til
 least `MIN_CHUNK`), writes its partial output and log-sum-exp to a float32 workspace, and
 `_decode_reduce_kernel` (one program per request and query head) merges the splits that hold
 keys. Splitting keeps the GPU busy when there are few requests and long contexts. Splits past
-a short request's end do no work and write nothing.
+a short request's end do no work and write nothing. With `DecodeConfig.fixup` the last split of
+each (request, KV heads) to finish merges them instead (`_merge_splits`, the reduce kernel's
+code), counted in the workspace's counters: one launch instead of two.
 
 How a launch is shaped (tile, warps, stages, heads per program, grid order, page prefetch,
 split scheme) is a `DecodeConfig` (`decode_configs.py`): named variants, and a table of which
@@ -28,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 from pegboard.plugins.kernels.triton_attention.decode_configs import (
     DECODE_VARIANTS,
     MAX_SPLITS,
@@ -114,6 +117,7 @@ def _decode_kernel(
     Mid_lse,
     Page_table,
     Seq_lens,
+    Counters,
     qk_scale,
     num_splits,
     stride_qt,
@@ -147,14 +151,20 @@ def _decode_kernel(
     F16_DOT: tl.constexpr,
     FMA: tl.constexpr,
     CVT: tl.constexpr = 0,
+    FIXUP: tl.constexpr = False,
+    BLOCK_S: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     if HEAD_FASTEST:
         head_block = tl.program_id(0)
         req = tl.program_id(1)
+        head_blocks = tl.num_programs(0)
     else:
         req = tl.program_id(0)
         head_block = tl.program_id(1)
+        head_blocks = tl.num_programs(1)
     split = tl.program_id(2)
+    wait_for_inputs(PDL)  # q comes from the kernel before (rope)
     seq_len = tl.load(Seq_lens + req)
     if SPLIT:
         chunk = _split_chunk(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
@@ -251,6 +261,59 @@ def _decode_kernel(
             lse,
             mask=h_mask,
         )
+        if FIXUP:  # the last split of (request, KV heads) to finish merges them: no reduce launch
+            counter = Counters + req * head_blocks + head_block
+            tl.debug_barrier()  # every thread's partial outputs written before the release below
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                used = tl.cdiv(seq_len, chunk)
+                for r in tl.static_range(GROUP * HEADS):
+                    _merge_splits(Out, Mid_out, Mid_lse, req, kv_head0 * GROUP + r, used,
+                                  stride_ot, stride_oh, stride_mb, stride_mh, stride_ms,
+                                  stride_lb, stride_lh, HEAD_DIM, BLOCK_S, BLOCK_D)  # fmt: skip
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_splits(
+    Out,
+    Mid_out,
+    Mid_lse,
+    req,
+    head,
+    used,
+    stride_ot,
+    stride_oh,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Merge the first `used` splits of (`req`, query `head`) into its output row (zeros when
+    none holds keys). Reads through L2 (`.cg`): with `FIXUP` other SMs wrote the splits."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < used
+    base = req.to(tl.int64) * stride_mb + head * stride_mh + offs_s * stride_ms
+    lse_row = Mid_lse + req.to(tl.int64) * stride_lb + head * stride_lh
+    lse = tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    weights = tl.where(s_mask, tl.exp2(lse - tl.max(tl.where(s_mask, lse, -1e30), 0)), 0.0)
+    parts = tl.load(
+        Mid_out + base[:, None] + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    out = tl.sum(weights[:, None] * parts, 0) / tl.maximum(tl.sum(weights, 0), 1e-30)
+    tl.store(
+        Out + req * stride_ot + head * stride_oh + offs_d,
+        out.to(Out.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
 
 
 @triton.jit
@@ -279,24 +342,8 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     seq_len = tl.load(Seq_lens + req)
     used = tl.cdiv(seq_len, _split_chunk(seq_len, num_splits, MIN_CHUNK, BLOCK_N))
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < used
-    base = req.to(tl.int64) * stride_mb + head * stride_mh + offs_s * stride_ms
-    lse_row = Mid_lse + req.to(tl.int64) * stride_lb + head * stride_lh
-    lse = tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"))
-    weights = tl.where(s_mask, tl.exp2(lse - tl.max(tl.where(s_mask, lse, -1e30), 0)), 0.0)
-    parts = tl.load(
-        Mid_out + base[:, None] + offs_d[None, :],
-        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    out = tl.sum(weights[:, None] * parts, 0) / tl.maximum(tl.sum(weights, 0), 1e-30)
-    tl.store(
-        Out + req * stride_ot + head * stride_oh + offs_d,
-        out.to(Out.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
+    _merge_splits(Out, Mid_out, Mid_lse, req, head, used, stride_ot, stride_oh, stride_mb,
+                  stride_mh, stride_ms, stride_lb, stride_lh, HEAD_DIM, BLOCK_S, BLOCK_D)  # fmt: skip
 
 
 def choose_num_splits(
@@ -353,7 +400,7 @@ def decode_attention(
     scale: float,
     out: torch.Tensor,
     num_splits: int = 1,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    workspace: tuple[torch.Tensor, ...] | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -368,8 +415,9 @@ def decode_attention(
     `page_table`: int32 `[>= num_requests, >= max pages]`, row `i` lists request `i`'s pages;
     `seq_lens`: int32 `[>= num_requests]`, keys each request attends to (its new one included).
     With `num_splits > 1`, `workspace` holds float32 partial outputs
-    `[>= num_requests, num_heads, num_splits, head_dim]` and log-sum-exps
-    `[>= num_requests, num_heads, num_splits]` (allocated here when None). `config`: the
+    `[>= num_requests, num_heads, num_splits, head_dim]`, log-sum-exps
+    `[>= num_requests, num_heads, num_splits]` and the fix-up counters (`decode_workspace`;
+    allocated here when None). `config`: the
     launch variant (a `DecodeConfig` or a name in `DECODE_VARIANTS`; default: `decode_config`
     of the batch size); `block_n`, `num_warps`, `num_stages` override its fields. `f16`: run
     the dots in float16 (default: the config's `f16_dot` for an FP8 cache, see `to_dot_dtype`). `fma`: CUDA-core
@@ -390,11 +438,21 @@ def decode_attention(
                        k_cache.shape[1], num_splits > 1, block_n, f16, fma)  # fmt: skip
     if num_splits > 1 and workspace is None:
         workspace = decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
-    mid_out, mid_lse = workspace if num_splits > 1 else (out, out)
+    mid_out, mid_lse, *counters = workspace if num_splits > 1 else (out, out)
+    counters = counters[0] if counters else None  # (a workspace of two: no fix-up)
     head_blocks = num_kv_heads // meta["HEADS"]
+    # the splits merged by the last one to finish (counters of the workspace, zero between
+    # launches), else by the reduce kernel
+    fixup = (
+        meta["FIXUP"]
+        and num_splits <= MAX_SPLITS
+        and counters is not None
+        and num_requests * head_blocks <= len(counters)
+    )
     grid = (num_requests, head_blocks, num_splits)
     if config.head_fastest:
         grid = (head_blocks, num_requests, num_splits)
+    pdl = launch_options(q.device) if config.pdl else {"PDL": False}
     _decode_kernel[grid](
         q,
         k_cache,
@@ -404,6 +462,7 @@ def decode_attention(
         mid_lse,
         page_table,
         seq_lens,
+        counters if fixup else seq_lens,
         scale * LOG2E,
         num_splits,
         q.stride(0),
@@ -424,9 +483,11 @@ def decode_attention(
         mid_lse.stride(1) if num_splits > 1 else 0,
         num_warps=num_warps or config.num_warps,
         num_stages=num_stages or config.num_stages,
-        **meta,
+        **pdl,
+        # the reduce kernel's split block, so the merge sums alike
+        **(meta | {"FIXUP": fixup, "BLOCK_S": triton.next_power_of_2(num_splits)}),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fixup:
         _decode_reduce_kernel[(num_requests, num_heads)](
             out,
             mid_out,
@@ -493,16 +554,20 @@ def decode_meta(
         "FMA": fma,
         # 2: inline PTX (1 under the interpreter, which cannot run it: the plain cast)
         "CVT": (1 if _INTERPRET else 2) if config.asm_cvt and fp8 and f16_dots and not fma else 0,
+        "FIXUP": config.fixup and split,  # (off where the workspace has no counters for it)
+        "BLOCK_S": MAX_SPLITS if config.fixup and split else 1,  # (the launch: its splits')
     }
 
 
 def decode_workspace(
     num_requests: int, num_heads: int, num_splits: int, head_dim: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 split workspace `decode_attention` expects: partial outputs and their
-    log-sum-exps (base 2)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split workspace `decode_attention` expects: float32 partial outputs, their
+    log-sum-exps (base 2), and int32 counters (one per request and KV head, zero between
+    launches) for the variants whose last split merges the others (`DecodeConfig.fixup`)."""
     mid_out = torch.empty(
         num_requests, num_heads, num_splits, head_dim, dtype=torch.float32, device=device
     )
     mid_lse = torch.empty(num_requests, num_heads, num_splits, dtype=torch.float32, device=device)
-    return mid_out, mid_lse
+    counters = torch.zeros(num_requests * num_heads, dtype=torch.int32, device=device)
+    return mid_out, mid_lse, counters

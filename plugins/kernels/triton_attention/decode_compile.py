@@ -19,7 +19,7 @@ from pegboard.plugins.kernels.triton_attention.decode import _decode_kernel, dec
 from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
 
 _POINTERS = {"Q": "*bf16", "Out": "*bf16", "Mid_out": "*fp32", "Mid_lse": "*fp32",
-             "Page_table": "*i32", "Seq_lens": "*i32"}  # fmt: skip
+             "Page_table": "*i32", "Seq_lens": "*i32", "Counters": "*i32"}  # fmt: skip
 _KV = {torch.bfloat16: "*bf16", torch.float8_e4m3fn: "*fp8e4nv"}
 
 
@@ -56,7 +56,7 @@ def compile_decode(
 
     constexprs = decode_meta(
         config, torch.bfloat16, kv_dtype, group, num_kv_heads, head_dim, page_size, split, fma=False
-    )
+    ) | {"PDL": config.pdl}
     signature, attrs = {}, {}
     for i, name in enumerate(_decode_kernel.arg_names):
         if name in constexprs:

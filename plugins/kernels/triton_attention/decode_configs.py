@@ -44,7 +44,13 @@ class DecodeConfig:
       effect on a 16-bit cache;
     - `asm_cvt`: with float16 dots over an FP8 cache, convert each key/value tile to float16
       right after its load with inline PTX (`decode.e4m3_to_f16`), so the dots' operands are
-      16-bit tiles (`ldmatrix`) rather than bytes gathered one at a time.
+      16-bit tiles (`ldmatrix`) rather than bytes gathered one at a time;
+    - `fixup`: with splits, the last split of a (request, KV heads) to finish (a counter per
+      pair in the workspace, reset by it) merges them, instead of a second launch of the reduce
+      kernel (the same merge code, so the same bits);
+    - `pdl`: launch with programmatic dependent launch on Hopper (`core/kernels/pdl.py`): the
+      kernel is scheduled while rope finishes, and the o projection's GEMV after it issues its
+      first weight loads while attention runs.
     """
 
     block_n: int = 64
@@ -57,6 +63,8 @@ class DecodeConfig:
     split_cap: int = MAX_SPLITS
     f16_dot: bool | None = None
     asm_cvt: bool = False
+    fixup: bool = False
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -118,6 +126,9 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "hp4-bn32-w8": DecodeConfig(block_n=32, num_warps=8, heads_per_program=4),
     "hpall-bn16-w4": DecodeConfig(block_n=16, heads_per_program=0),
     "hpall-bn16-w8-chunk": DecodeConfig(block_n=16, num_warps=8, heads_per_program=0, **_CHUNK),
+    # batch 1 (issue 17): no reduce launch, and PDL on top
+    "s3-pf-fix": DecodeConfig(**_S3, **_PF, fixup=True),
+    "s3-pf-fix-pdl": DecodeConfig(**_S3, **_PF, fixup=True, pdl=True),
 }
 
 #: The variant the engine runs for a decode batch: the first `(fewest requests, name)` pair
