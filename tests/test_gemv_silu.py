@@ -77,8 +77,8 @@ def test_dense_silu_gate_up_only_where_the_gemv_takes_the_rows(decode_configs):
 def test_decoder_with_silu_in_gate_up_equals_it_without(
     tiny_llama_dir,
     decode_configs,
-    separate_calls,
-    monkeypatch,  # noqa: F811
+    separate_calls,  # noqa: F811
+    monkeypatch,
 ):
     check_switch_drops_silu_and_mul(
         tiny_llama_dir, decode_configs, separate_calls, monkeypatch, "PEGBOARD_FUSED_SILU_GATE_UP"
@@ -124,8 +124,8 @@ def test_gpu_measured_gate_up_configs_bit_for_bit(rows, n, k, config):
 @pytest.mark.gpu
 def test_gpu_graph_decode_with_silu_in_gate_up_equals_unfused(
     tiny_llama_dir,
-    separate_calls,
-    monkeypatch,  # noqa: F811
+    separate_calls,  # noqa: F811
+    monkeypatch,
 ):
     """Greedy tokens of a CUDA-graph decode (3 requests, then fewer) with the switch on equal
     those with it off; the fused path was captured (no separate SiLU-and-mul at 1-2 rows)."""
