@@ -5,11 +5,20 @@ Builders live in `tests/fixtures` (`from fixtures import build_tiny_model, PageA
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures import ARCHS, build_tiny_model
+
+if not torch.cuda.is_available():
+    # Without a GPU, Triton runs in its CPU interpreter. Set before any test module (or a
+    # library such as flashinfer) imports triton, so a subset of the suite runs as the whole
+    # suite does (a kernel test module used to set it during collection, too late for a module
+    # collected before it that imported triton: test_kernels_build + test_speculative_graphs).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fixtures import ARCHS, build_tiny_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
