@@ -129,7 +129,7 @@ def generate_data(args, out: Path) -> tuple[list[tuple[list[int], int]], list, d
             first = len(train_rows)
             chunk = [train_prompts[(first + i) % len(train_prompts)] for i in range(n)]
             params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=temps[(first + i)
-                      % len(temps)], top_p=0.95, seed=args.seed + first + i) for i in range(n)]  # fmt: skip
+                      % len(temps)], top_p=0.95) for i in range(n)]  # fmt: skip
             greedy = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
             texts = [_chat(llm.tokenizer, p) for p in todo_held + chunk]
             outs = llm.generate(texts, [greedy] * len(todo_held) + params)  # one batched call

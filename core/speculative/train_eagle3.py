@@ -211,6 +211,8 @@ def train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     data, held, _ = generate_data(args, out)
+    if torch.cuda.is_available():  # the generating engine's KV cache, before the features
+        torch.cuda.empty_cache()
     loaded = load_model(args.model, args.dtype, args.device, None, progress=False)
     target = loaded.model.eval()
     for p in target.parameters():
