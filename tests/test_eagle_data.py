@@ -87,8 +87,8 @@ def test_heldout_accept_length_simulates_a_greedy_chain(monkeypatch):
             nxt = torch.cat([ids[0, 1:], ids[0, :1]])
             return one_hot(nxt)
 
-    feats = Features(ids, torch.tensor([8]), torch.tensor([2]), torch.zeros(1, 8, 3),
-                     torch.zeros(1, 8, 4))  # fmt: skip
+    feats = Features(ids, torch.tensor([8]), torch.tensor([2]), torch.tensor([0]),
+                     torch.zeros(8, 3), torch.zeros(8, 4))  # fmt: skip
 
     def perfect(head, aux, x, steps):  # step s row t: token t + s + 2
         for s in range(steps):
@@ -119,11 +119,17 @@ def test_padded_capture_equals_one_sequence_at_a_time(tiny_llama_dir):
     batched = eagle_data.capture(target, hooks, rows, 16, "cpu", prefill_tokens=64)
     alone = [eagle_data.capture(target, hooks, [r], 16, "cpu") for r in rows]
     hooks.remove()
-    for i, (ids, _) in enumerate(rows):
-        n = len(ids)
-        assert torch.allclose(batched.aux[i, :n], alone[i].aux[0, :n], rtol=1e-4, atol=1e-4)
-        assert torch.allclose(batched.final[i, :n], alone[i].final[0, :n], rtol=1e-4, atol=1e-4)
-    assert batched.lengths.tolist() == [6, 3, 4] and batched.prompt_lens.tolist() == [2, 1, 3]
+    assert batched.aux.shape[0] == 6 + 3 + 4  # packed: no padding stored
+    index = torch.tensor([2, 0])  # a training batch's rows: sequence 2 padded to 6 tokens
+    packed = batched.rows(index)
+    for b, i in enumerate(index.tolist()):
+        n = len(rows[i][0])
+        assert torch.allclose(batched.aux[packed[b, :n]], alone[i].aux, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(batched.final[packed[b, :n]], alone[i].final, rtol=1e-4, atol=1e-4)
+    ids, lengths, prompt_lens, aux, teacher = batched.batch(index, target)
+    assert ids.tolist() == [[2, 2, 5, 1, 0, 0], [1, 5, 9, 4, 7, 2]] and aux.shape[:2] == (2, 6)
+    assert lengths.tolist() == [4, 6] and prompt_lens.tolist() == [3, 2]
+    assert torch.allclose(teacher[1], target.compute_logits(alone[0].final).softmax(-1), atol=1e-5)
 
 
 def tiny_head(model_dir):

@@ -162,24 +162,33 @@ def _rows(lines: list[dict]) -> list[tuple[list[int], int]]:
 
 @dataclass
 class Features:
-    """The captured sequences, padded to `max_len`: ids `[N, T]`, lengths and prompt lengths
-    `[N]`, auxiliary states `[N, T, 3h]` and final hidden states `[N, T, h]` (target dtype)."""
+    """The captured sequences: ids `[N, T]` (right-padded), lengths and prompt lengths `[N]`,
+    and per token, packed without padding (sequence `i` at rows `starts[i] ..`), auxiliary
+    states `[tokens, 3h]` and final hidden states `[tokens, h]` (the target's dtype)."""
 
     ids: torch.Tensor
     lengths: torch.Tensor
     prompt_lens: torch.Tensor
+    starts: torch.Tensor
     aux: torch.Tensor
     final: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` packed rows of sequences `index`, T their longest length (padding repeats
+        a sequence's last row: no loss or metric reads it)."""
+        lengths = self.lengths[index]
+        pos = torch.arange(int(lengths.max()), device=lengths.device)
+        return self.starts[index, None] + torch.minimum(pos[None], lengths[:, None] - 1)
 
     def batch(self, index: torch.Tensor, target):
         """A training batch cut to its longest sequence: (ids, lengths, prompt lengths, aux
         float32, the teacher's probabilities float32 `[B, T, vocab]`)."""
-        T = int(self.lengths[index].max())
-        final = self.final[index, :T]
+        rows = self.rows(index)
+        B, T = rows.shape
         with torch.no_grad():
-            teacher = target.compute_logits(final.reshape(-1, final.shape[-1])).float()
+            teacher = target.compute_logits(self.final[rows.reshape(-1)]).float()
         return (self.ids[index, :T], self.lengths[index], self.prompt_lens[index],
-                self.aux[index, :T].float(), teacher.view(len(index), T, -1).softmax(-1))  # fmt: skip
+                self.aux[rows].float(), teacher.view(B, T, -1).softmax(-1))  # fmt: skip
 
 
 class PaddedCausal:
@@ -210,6 +219,7 @@ def capture(target, hooks, rows: list[tuple[list[int], int]], max_len: int, devi
     ids = ids.to(device)
     lengths = torch.tensor([len(r) for r, _ in rows], device=device)
     prompt_lens = torch.tensor([n for _, n in rows], device=device)
+    starts = torch.cumsum(lengths, 0) - lengths
     aux = final = None
     order = sorted(range(N), key=lambda i: -len(rows[i][0]))
     i = 0
@@ -222,9 +232,13 @@ def capture(target, hooks, rows: list[tuple[list[int], int]], max_len: int, devi
         out = target(x.reshape(-1), positions, PaddedCausal(len(group)))
         feats = hooks.features()
         if aux is None:
-            aux = torch.zeros(N, T, feats.shape[-1], dtype=feats.dtype, device=device)
-            final = torch.zeros(N, T, out.shape[-1], dtype=out.dtype, device=device)
+            total = int(lengths.sum())
+            aux = torch.empty(total, feats.shape[-1], dtype=feats.dtype, device=device)
+            final = torch.empty(total, out.shape[-1], dtype=out.dtype, device=device)
         index = torch.tensor(group, device=device)
-        aux[index, :width] = feats.view(len(group), width, -1)
-        final[index, :width] = out.view(len(group), width, -1)
-    return Features(ids, lengths, prompt_lens, aux, final)
+        pos = torch.arange(width, device=device)
+        real = (pos[None] < lengths[index, None]).reshape(-1)  # the group's unpadded rows
+        dst = (starts[index, None] + pos[None]).reshape(-1)[real]
+        aux[dst] = feats[real]
+        final[dst] = out[real]
+    return Features(ids, lengths, prompt_lens, starts, aux, final)
