@@ -572,7 +572,7 @@ PY
         # the engine at 512 requests at once, at most EAGLE_DATA_MIN (2.5) minutes, 64 held-out
         # prompts answered greedily. Training gets EAGLE_TRAIN_MIN minutes of this call
         # (spec-eagle-train: 9; spec-eagle: 5), cut so that the call ends within 9.5 min; 0: no
-        # training; its LR schedule ends after EAGLE_PLAN_MIN (11) training minutes in all.
+        # training; its LR schedule ends after EAGLE_PLAN_MIN (10) training minutes in all.
         HEAD=${EAGLE_HEAD:-out/eagle3-smollm2-v2}
         SMOL=$(smollm2_dir); [ -n "$SMOL" ] || continue
         bench=$([ $job = spec-eagle ] && echo 200 || echo 0)  # seconds kept for the benchmark
@@ -583,9 +583,9 @@ PY
           timeout $(( train_s + 60 )) $PB spec train-eagle3 --model "$SMOL" --out "$HEAD" \
             --dtype bfloat16 --num-samples ${EAGLE_SAMPLES:-16384} --heldout-prompts 64 \
             --max-new-tokens 384 --max-len 448 --temperature 0.7,1.0 --gen-batch 512 \
-            --gen-chunk 8192 --data-minutes ${EAGLE_DATA_MIN:-2.5} --batch-size 16 --ttt-steps 7 \
+            --gen-chunk 4096 --data-minutes ${EAGLE_DATA_MIN:-2.5} --batch-size 16 --ttt-steps 7 \
             --lr ${EAGLE_LR:-5e-4} --warmup-steps 100 --steps 1000000 \
-            --train-minutes ${EAGLE_PLAN_MIN:-11} --save-every 200 \
+            --train-minutes ${EAGLE_PLAN_MIN:-10} --save-every 200 \
             --max-minutes $(python3 -c "print($train_s / 60)") \
             >"$OUT/spec-eagle-train.log" 2>&1; grep -E '^data: \{|captured|heldout|stopped' \
             "$OUT/spec-eagle-train.log" | tail -8; tail -2 "$OUT/spec-eagle-train.log"

@@ -47,6 +47,16 @@ def test_generation_is_one_batched_call_and_held_out_prompts_stay_out(
     assert not {tuple(ids[:n]) for ids, n in more} & held_prompts
 
 
+def test_data_budget_stops_generating_and_a_resume_keeps_the_data(tiny_llama_dir, tmp_path):
+    """`--data-minutes 0`: one chunk (and the held-out prompts), then no more, now or when the
+    run resumes (it trains on what is there instead of spending its call generating)."""
+    args = data_args(tiny_llama_dir, num_samples=10, gen_chunk=4, data_minutes=0.0)
+    train, held, stats = generate_data(args, tmp_path)
+    assert (len(train), len(held), stats["generate_calls"]) == (4, 3, 1)
+    again, held2, stats2 = generate_data(args, tmp_path)
+    assert (again, held2, stats2["generate_calls"]) == (train, held, 0)
+
+
 def test_prompt_pool_is_large_and_seeded():
     pool = prompt_pool(0)
     assert len(pool) > 20_000 and len(set(pool)) == len(pool)

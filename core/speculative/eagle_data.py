@@ -100,30 +100,33 @@ def _read(path: Path) -> list[dict]:
 
 def generate_data(args, out: Path) -> tuple[list[tuple[list[int], int]], list, dict]:
     """(training rows, held-out rows, stats): rows are (token ids, prompt length). Resumes
-    partial `data.jsonl` / `heldout.jsonl`; stops generating new chunks after
-    `--data-minutes`. Stats: sequences and tokens generated, seconds, tok/s, generate calls."""
+    partial `data.jsonl` / `heldout.jsonl`; starts no chunk that would end after
+    `--data-minutes` (judged by the last chunk's time) and then writes `data_done.json`, after
+    which later runs (resuming) train on what is there. Stats: sequences and tokens generated,
+    seconds in all and inside `generate` calls, tok/s of the latter, generate calls."""
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams
 
-    train_path, held_path = out / "data.jsonl", out / "heldout.jsonl"
+    train_path, held_path, done = out / "data.jsonl", out / "heldout.jsonl", out / "data_done.json"
     train_rows, held_rows = _read(train_path), _read(held_path)
     train_prompts, held_prompts = split_prompts(
         prompt_pool(args.seed, args.prompts), args.heldout_prompts
     )
     temps = [float(t) for t in str(args.temperature).split(",")]
     todo_held = held_prompts[len(held_rows) :]
-    stats = {"sequences": 0, "tokens": 0, "seconds": 0.0, "generate_calls": 0}
-    if len(train_rows) >= args.num_samples and not todo_held:
+    stats = {"sequences": 0, "tokens": 0, "seconds": 0.0, "generate_s": 0.0, "generate_calls": 0}
+    if (len(train_rows) >= args.num_samples or done.exists()) and not todo_held:
         return _rows(train_rows)[: args.num_samples], _rows(held_rows), stats
     settings = {"dtype": args.dtype, "device": args.device, "max_running_requests": args.gen_batch,
                 "gpu_memory_utilization": 0.3}  # fmt: skip
     if str(args.device) != "cpu":
         settings["cuda_graph_max_bs"] = min(args.gen_batch, 512)
-    started = time.monotonic()
+    started, last = time.monotonic(), 0.0
     with LLM(args.model, **settings) as llm:
         while todo_held or len(train_rows) < args.num_samples:
-            if time.monotonic() - started > 60 * args.data_minutes and train_rows:
+            if train_rows and time.monotonic() - started + last > 60 * args.data_minutes:
                 print(f"data: stopped at {len(train_rows)} sequences (--data-minutes)", flush=True)
+                done.write_text(json.dumps({"sequences": len(train_rows)}))
                 break
             n = min(args.gen_chunk, args.num_samples - len(train_rows))
             first = len(train_rows)
@@ -132,7 +135,10 @@ def generate_data(args, out: Path) -> tuple[list[tuple[list[int], int]], list, d
                       % len(temps)], top_p=0.95) for i in range(n)]  # fmt: skip
             greedy = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
             texts = [_chat(llm.tokenizer, p) for p in todo_held + chunk]
+            t = time.monotonic()
             outs = llm.generate(texts, [greedy] * len(todo_held) + params)  # one batched call
+            last = time.monotonic() - t
+            stats["generate_s"] += last
             stats["generate_calls"] += 1
             for i, o in enumerate(outs):
                 ids = list(o.prompt_token_ids) + list(o.token_ids)
@@ -145,7 +151,8 @@ def generate_data(args, out: Path) -> tuple[list[tuple[list[int], int]], list, d
             todo_held = []
             print(f"data: {len(train_rows)}/{args.num_samples} sequences", flush=True)
     stats["seconds"] = round(time.monotonic() - started, 3)
-    stats["tokens_per_s"] = round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)
+    stats["generate_s"] = round(stats["generate_s"], 3)
+    stats["tokens_per_s"] = round(stats["tokens"] / max(stats["generate_s"], 1e-9), 1)
     print("data: " + json.dumps(stats), flush=True)
     return _rows(train_rows)[: args.num_samples], _rows(held_rows), stats
 
