@@ -9,7 +9,13 @@ import pytest
 import test_speculative
 import torch
 from pegboard.core.cli.main import main
-from pegboard.core.speculative.train_eagle3 import _ttt_attention, default_aux, trainer_drafts
+from pegboard.core.speculative.eagle_state import load_state
+from pegboard.core.speculative.train_eagle3 import (
+    _ttt_attention,
+    build_head,
+    default_aux,
+    trainer_drafts,
+)
 from pegboard.plugins.speculative.eagle import EagleHead, aux_layers
 
 case = test_speculative.case  # the module's fixture: tiny target, prompts, transformers' outputs
@@ -26,12 +32,12 @@ def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
     assert [r["step"] for r in held] == [6, 12] and held[0]["heldout_rows"] > 0
     assert 1.0 <= held[-1]["heldout_accept_length"] <= 5.0
     assert len((out / "data.jsonl").read_text().splitlines()) == 6
-    assert torch.load(out / "checkpoint.pt")["step"] == 12
+    assert json.loads((out / "state.json").read_text())["step"] == 12
     assert main([*common, "--steps", "14"]) == 0
-    assert "resumed at step 12" in capsys.readouterr().out
+    assert "resumed at step 12 (optimizer state resumed)" in capsys.readouterr().out
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 15))  # continued at 13
-    assert torch.load(out / "checkpoint.pt")["step"] == 14
+    assert json.loads((out / "state.json").read_text())["step"] == 14
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
 
@@ -48,12 +54,11 @@ def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert stats["spec_draft_tokens"] > 0
 
-    # The trainer's own head (its checkpoint, built as the trainer builds it) and features
-    # (its layers) predict every draft serving proposed.
+    # The trainer's own head (its state, built as the trainer builds it) and features (its
+    # layers) predict every draft serving proposed.
     def trainer_head(target):
-        head = EagleHead(config, True, target)
-        state = torch.load(out / "checkpoint.pt", map_location="cpu")
-        head.load_state_dict(state["head"], strict=False)
+        head = build_head(config, target, "cpu")
+        load_state(head, None, out)
         return head, default_aux(len(target.model.layers))
 
     served, trained = served_and_trainer_drafts(tiny_llama_dir, out, prompts, trainer_head)
@@ -73,7 +78,7 @@ def test_time_budget_stops_with_a_checkpoint(tiny_llama_dir, tmp_path, capsys):
     args = [*train_args(tiny_llama_dir, out, samples=3), "--steps", "1000", "--save-every", "500"]
     assert main([*args, "--max-minutes", "0"]) == 0
     assert "stopped at step 1 (--max-minutes)" in capsys.readouterr().out
-    assert torch.load(out / "checkpoint.pt")["step"] == 1
+    assert json.loads((out / "state.json").read_text())["step"] == 1
     assert (out / "model.safetensors").exists()
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
     assert [r["step"] for r in log] == [1, 1] and "heldout_accept_length" in log[1]

@@ -75,6 +75,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=9.0,
         help="this call's budget, data included: stop with a checkpoint after it",
     )
+    t.add_argument(
+        "--train-lm-head",
+        action="store_true",
+        help="train the head's LM head too (default: frozen, the target's; the state then "
+        "holds it: vocab x hidden float32)",
+    )
+    t.add_argument(
+        "--state-shard-mb",
+        type=float,
+        default=12.0,
+        help="largest state-NN.safetensors shard in MiB (12: a lent machine returns files "
+        "of at most 16 MiB)",
+    )
     t.add_argument("--dtype", default="auto", help="the target's dtype (the head trains in fp32)")
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=0)

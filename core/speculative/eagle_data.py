@@ -98,8 +98,12 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
-def generate_data(args, out: Path) -> tuple[list[tuple[list[int], int]], list, dict]:
-    """(training rows, held-out rows, stats): rows are (token ids, prompt length). Resumes
+def generate_data(
+    args, out: Path, offset: int = 0
+) -> tuple[list[tuple[list[int], int]], list, dict]:
+    """(training rows, held-out rows, stats): rows are (token ids, prompt length). Training
+    row `i` answers training prompt `offset + i` (cycling the pool): a new data round (a later
+    call without the last round's `data.jsonl`) passes the prompts used so far. Resumes
     partial `data.jsonl` / `heldout.jsonl`; starts no chunk that would end after
     `--data-minutes` (judged by the last chunk's time) and then writes `data_done.json`, after
     which later runs (resuming) train on what is there. Stats: sequences and tokens generated,
@@ -108,6 +112,8 @@ def generate_data(args, out: Path) -> tuple[list[tuple[list[int], int]], list, d
     from pegboard.sdk.types import SamplingParams
 
     train_path, held_path, done = out / "data.jsonl", out / "heldout.jsonl", out / "data_done.json"
+    if not train_path.exists():  # a new round: the last round's end marker is not this one's
+        done.unlink(missing_ok=True)
     train_rows, held_rows = _read(train_path), _read(held_path)
     train_prompts, held_prompts = split_prompts(
         prompt_pool(args.seed, args.prompts), args.heldout_prompts
@@ -130,7 +136,7 @@ def generate_data(args, out: Path) -> tuple[list[tuple[list[int], int]], list, d
                 break
             n = min(args.gen_chunk, args.num_samples - len(train_rows))
             first = len(train_rows)
-            chunk = [train_prompts[(first + i) % len(train_prompts)] for i in range(n)]
+            chunk = [train_prompts[(offset + first + i) % len(train_prompts)] for i in range(n)]
             params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=temps[(first + i)
                       % len(temps)], top_p=0.95) for i in range(n)]  # fmt: skip
             greedy = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)

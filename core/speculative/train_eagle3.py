@@ -13,12 +13,16 @@
    weighted 0.8^s, over rows that predict generated tokens only (not the prompt, not padding).
    Warm-up then cosine decay over `--steps` or `--train-minutes` (the whole plan across calls).
 
-Checkpoints (`OUT/checkpoint.pt`) are written every `--save-every` steps, at the end, and when
-`--max-minutes` is reached (a call's time budget, data generation included); a run resumes
-from them (same data, same batch order). Each checkpoint logs `heldout_top1` and
-`heldout_accept_length` (`heldout_metrics`). `OUT` always holds the latest head in SGLang's
-EAGLE-3 format (`config.json`, `model.safetensors`), loadable with
-`--speculative-algorithm EAGLE3 --speculative-draft-model-path OUT`.
+The head's output side is the target's: the embedding and the LM head are frozen
+(`--train-lm-head` trains the LM head too), so the state is small (`eagle_state.py`: fc, one
+decoder layer, norms; 20 MB for SmolLM2) and can leave a lent GPU machine through its `$OUT`.
+It is written every `--save-every` steps, at the end, and when `--max-minutes` is reached (a
+call's time budget, data generation included). A run resumes from it: with `data.jsonl` there,
+the same round (same data, the batch order continued); without it, a new round: new data from
+the prompts after the last round's, so every call of a plan trains on text it has not seen.
+Each save logs `heldout_top1` and `heldout_accept_length` (`heldout_metrics`). `OUT` always
+holds the latest head in SGLang's EAGLE-3 format (`config.json`, `model.safetensors`),
+loadable with `--speculative-algorithm EAGLE3 --speculative-draft-model-path OUT`.
 """
 
 from __future__ import annotations
@@ -201,16 +205,42 @@ def heldout_metrics(head, feats, target, k: int, batch: int = 16) -> dict:
             "heldout_rows": rows_seen}  # fmt: skip
 
 
+def build_head(cfg: dict, target, device, train_lm_head: bool = False):
+    """A fresh float32 head for training: norms at one, the output side (final norm, LM head)
+    the target's (`init_from_target`); the embedding is the target's and frozen, the LM head
+    frozen too unless `train_lm_head` (then it is part of the state: 113 MB for SmolLM2)."""
+    from pegboard.plugins.speculative.eagle import EagleHead
+
+    head = EagleHead(cfg, True, target).to(device=device, dtype=torch.float32)
+    for norm in (head.input_layernorm, head.hidden_norm, head.post_attention_layernorm, head.norm):
+        torch.nn.init.ones_(norm.weight)  # the model's norms are allocated, not initialised
+    head.embed.weight.requires_grad_(False)
+    init_from_target(head, target)
+    head.lm_head.weight.requires_grad_(train_lm_head)
+    return head
+
+
 def train(args) -> int:
     from pegboard.core.models import load_model
     from pegboard.core.speculative.eagle_data import capture, generate_data
+    from pegboard.core.speculative.eagle_state import load_state, read_state, save_state
     from pegboard.core.speculative.hidden import TargetHidden
-    from pegboard.plugins.speculative.eagle import EagleHead
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    data, held, _ = generate_data(args, out)
+    saved = read_state(out)
+    # this round's data: the one on disk (a resumed round), else new prompts after the last
+    # round's (a later call on a fresh machine, or after the job removed the old data)
+    same_round = (out / "data.jsonl").exists()
+    offset = saved.get("data_offset" if same_round else "prompts_used", 0)
+    # the step this round's data began at: its batch order starts there
+    first = saved.get("round_step", 0) if same_round else saved.get("step", 0)
+    data, held, _ = generate_data(args, out, offset)
+    if not data:
+        raise ValueError(f"no training sequences in {out / 'data.jsonl'} (--num-samples, "
+                         "--data-minutes)")  # fmt: skip
+    data_meta = {"data_offset": offset, "prompts_used": offset + len(data), "round_step": first}
     if torch.cuda.is_available():  # the generating engine's KV cache, before the features
         torch.cuda.empty_cache()
     loaded = load_model(args.model, args.dtype, args.device, None, progress=False)
@@ -221,21 +251,17 @@ def train(args) -> int:
     aux = default_aux(loaded.info.num_layers)
     cfg = head_config(target_cfg, aux)
     device = loaded.info.device
-    head = EagleHead(cfg, True, target).to(device=device, dtype=torch.float32)
-    for norm in (head.input_layernorm, head.hidden_norm, head.post_attention_layernorm, head.norm):
-        torch.nn.init.ones_(norm.weight)  # the model's norms are allocated, not initialised
-    head.embed.weight.requires_grad_(False)
-    init_from_target(head, target)
+    head = build_head(cfg, target, device, args.train_lm_head)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, trained_s = 0, 0.0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
-        head.load_state_dict(state["head"], strict=False)
-        opt.load_state_dict(state["opt"])
+    step, trained_s, warm_from = 0, 0.0, 0
+    if saved:
+        state = load_state(head, opt, out)
         step, trained_s = state["step"], state.get("trained_s", 0.0)
-        print(f"resumed at step {step}", flush=True)
+        warm_from = state.get("warm_from", 0) if state["optimizer_resumed"] else step
+        print(f"resumed at step {step} (optimizer state "
+              f"{'resumed' if state['optimizer_resumed'] else 'new: LR warms up again'})",
+              flush=True)  # fmt: skip
     hooks = TargetHidden(target, aux)
     t0 = time.monotonic()
     feats = capture(target, hooks, data, args.max_len, device, args.prefill_tokens)
@@ -247,15 +273,15 @@ def train(args) -> int:
     log = (out / "train_log.jsonl").open("a")
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())  # fmt: skip
-    order = Order(len(data), args.seed)
+    order = Order(len(data), args.seed + offset)
     while True:
-        lr, progress = learning_rate(args, step, trained_s)
+        lr, progress = learning_rate(args, step, trained_s, warm_from)
         if progress >= 1:
             break
         for group in opt.param_groups:
             group["lr"] = lr
         t = time.monotonic()
-        index = torch.tensor(order.batch(step, args.batch_size), device=device)
+        index = torch.tensor(order.batch(step - first, args.batch_size), device=device)
         ids, lengths, prompt_lens, features, teacher = feats.batch(index, target)
         with amp:
             loss, match = ttt_loss(head, features, ids, teacher, args.ttt_steps, lengths,
@@ -266,15 +292,18 @@ def train(args) -> int:
         opt.zero_grad(set_to_none=True)
         step += 1
         record = {"step": step, "loss": round(float(loss.detach()), 4), "top1_match": round(match, 4),
-                  "lr": lr, "epoch": round(step * args.batch_size / len(data), 3)}  # fmt: skip
+                  "lr": lr, "epoch": round((step - first) * args.batch_size / len(data), 3)}  # fmt: skip
         trained_s += time.monotonic() - t
         log.write(json.dumps(record) + "\n")
         if step % 10 == 0:
             print(json.dumps(record), flush=True)
         out_of_time = time.monotonic() - started > 60 * args.max_minutes
-        done = learning_rate(args, step, trained_s)[1] >= 1
+        done = learning_rate(args, step, trained_s, warm_from)[1] >= 1
         if step % args.save_every == 0 or done or out_of_time:
-            save(head, opt, step, cfg, out, trained_s)
+            meta = {"step": step, "trained_s": round(trained_s, 3), "warm_from": warm_from,
+                    **data_meta}  # fmt: skip
+            save_state(head, opt, out, meta, args.state_shard_mb)
+            export(head, cfg, out)
             if held_feats is not None:  # prompts the head never trained on
                 with amp:
                     record = {"step": step, **heldout_metrics(head, held_feats, target,
@@ -306,15 +335,16 @@ class Order:
         return index
 
 
-def learning_rate(args, step: int, trained_s: float) -> tuple[float, float]:
-    """(learning rate, progress in [0, 1]): linear warm-up over `--warmup-steps`, then cosine
+def learning_rate(args, step: int, trained_s: float, warm_from: int = 0) -> tuple[float, float]:
+    """(learning rate, progress in [0, 1]): linear warm-up over `--warmup-steps` from step
+    `warm_from` (0, or the step a run resumed at without its optimizer state), then cosine
     decay to `--min-lr-ratio` x `--lr` as training progresses, progress being the larger of
     step / `--steps` and training seconds / `--train-minutes` (the whole plan across calls,
     when given: a time-limited run still finishes its schedule)."""
     progress = step / args.steps
     if args.train_minutes:
         progress = max(progress, trained_s / (60 * args.train_minutes))
-    warm = min(1.0, (step + 1) / max(args.warmup_steps, 1))
+    warm = min(1.0, (step - warm_from + 1) / max(args.warmup_steps, 1))
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return args.lr * warm * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine), progress
 
@@ -329,18 +359,31 @@ def init_from_target(head, target) -> None:
             ours.weight.data.copy_(weight.detach().float())
 
 
-def save(head, opt, step: int, cfg: dict, out: Path, trained_s: float = 0.0) -> None:
-    """The checkpoint to resume from, and the head in SGLang's EAGLE-3 format."""
+def export_state(model: str, out: str, dtype: str = "auto", device: str = "auto") -> int:
+    """Write the servable head (`export`) from the state in `out` alone (`state.json` and its
+    shards, e.g. carried to a fresh machine) and the target `model`; returns the state's step."""
+    from pegboard.core.models import load_model
+    from pegboard.core.speculative.eagle_state import load_state
+
+    loaded = load_model(model, dtype, device, None, progress=False)
+    cfg = head_config(json.loads((Path(model) / "config.json").read_text()),
+                      default_aux(loaded.info.num_layers))  # fmt: skip
+    head = build_head(cfg, loaded.model.eval(), loaded.info.device)
+    step = load_state(head, None, Path(out))["step"]
+    export(head, cfg, Path(out))
+    return step
+
+
+def export(head, cfg: dict, out: Path) -> None:
+    """The head in SGLang's EAGLE-3 format (`config.json`, `model.safetensors`: every tensor,
+    the target's LM head included), what serving loads."""
     from safetensors.torch import save_file
 
-    state = {"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
-             "trained_s": trained_s}  # fmt: skip
-    torch.save(state, out / "ckpt.tmp")
-    (out / "ckpt.tmp").replace(out / "checkpoint.pt")
     tensors = {k: v.detach().float().cpu().contiguous()
                for k, v in head.sglang_tensors().items() if v is not None}  # fmt: skip
     vocab = cfg["vocab_size"]
     tensors["d2t"] = torch.zeros(vocab, dtype=torch.int64)
     tensors["t2d"] = torch.ones(vocab, dtype=torch.bool)
-    save_file(tensors, str(out / "model.safetensors"))
+    save_file(tensors, str(out / "model.tmp"))
+    (out / "model.tmp").replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
