@@ -123,6 +123,9 @@ def test_the_trained_head_keeps_the_targets_lm_head(tiny_llama_dir):
         head)  # fmt: skip
     trained = build_head(_cfg(tiny_llama_dir), target, "cpu", train_lm_head=True)
     assert "lm_head.weight" in eagle_state.trainable(trained)
+    target.lm_head = torch.nn.Linear(4, 4)  # nothing to copy: a frozen LM head would be random
+    with pytest.raises(ValueError, match="could not be the target's"):
+        build_head(_cfg(tiny_llama_dir), target, "cpu")
 
 
 def _cfg(model_dir):

@@ -216,6 +216,11 @@ def build_head(cfg: dict, target, device, train_lm_head: bool = False):
         torch.nn.init.ones_(norm.weight)  # the model's norms are allocated, not initialised
     head.embed.weight.requires_grad_(False)
     init_from_target(head, target)
+    theirs = getattr(target.lm_head, "weight", None)
+    if not train_lm_head and not (isinstance(theirs, torch.Tensor)
+                                  and torch.equal(head.lm_head.weight, theirs.float())):  # fmt: skip
+        raise ValueError("the head's LM head could not be the target's (another shape or no "
+                         "weight): train it with --train-lm-head")  # fmt: skip
     head.lm_head.weight.requires_grad_(train_lm_head)
     return head
 
