@@ -9,7 +9,8 @@
 # 1. spec-eagle-train: data, training, state; 2. spec-eagle on a fresh directory: resumes from
 # the carried state (a new data round, new AdamW), trains on, serves the head with EAGLE3 and
 # checks greedy completions equal plain ones; 3. spec-eagle with EAGLE_TRAIN_MIN=0 on another
-# fresh directory: the head exported from the carried state alone, served, equal to plain.
+# fresh directory: the head exported from the carried state alone, served, equal to plain;
+# 4. spec-eagle-train again in 2's directory (a warm machine): its optimizer state resumes.
 set -eu
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 R=${1:-$(mktemp -d /tmp/eagle-rehearsal.XXXX)}
@@ -20,9 +21,11 @@ build_tiny_model(sys.argv[2], "llama", tie_word_embeddings=True)' "$REPO" "$R/mo
 small="--num-samples 24 --heldout-prompts 4 --max-new-tokens 24 --max-len 64 --gen-batch 16
   --gen-chunk 8 --batch-size 4 --ttt-steps 3 --warmup-steps 2 --save-every 5 --lr 3e-3
   --prefill-tokens 512"
-call() { # $1: the machine's directory, $2: its OUT, $3: the job, $4: the carried state or ""
-  rm -rf "$1" "$2"; mkdir -p "$1/out" "$2"
-  [ -n "$4" ] && cp -r "$4" "$1/out/eagle-state"
+call() { # $1: the machine's directory, $2: its OUT, $3: the job, $4: the carried state or "",
+  # $5: "warm" keeps the machine's directory (a call on the still-warm machine)
+  [ "${5:-}" = warm ] || rm -rf "$1"
+  rm -rf "$2" "$1/out/eagle-state"; mkdir -p "$1/out" "$2"
+  if [ -n "$4" ]; then cp -r "$4" "$1/out/eagle-state"; fi
   (cd "$1" && MODEL=$R/model JOB=$3 OUT=$2 EAGLE_DTYPE=float32 EAGLE_DEVICE=cpu \
      BENCH_ARGS="--device cpu --dtype float32 --max-tokens 24" bash "$REPO/scripts/eagle_call.sh")
   ls "$2/eagle-state"
@@ -51,4 +54,8 @@ grep -q "resumed at step 10 (optimizer state new" "$R/out2/spec-eagle-train.log"
 check "$R/out2" 20 bench
 EAGLE_TRAIN_MIN=0 call "$R/m3" "$R/out3" spec-eagle "$R/out2/eagle-state"
 check "$R/out3" 20 bench
+# 4. the warm machine of 2 again, carrying its own returned state: the optimizer state resumes
+EAGLE_ARGS="$small --steps 25" call "$R/m2" "$R/out4" spec-eagle-train "$R/out2/eagle-state" warm
+grep -q "resumed at step 20 (optimizer state resumed)" "$R/out4/spec-eagle-train.log"
+check "$R/out4" 25
 echo "rehearsal passed: $R"
