@@ -28,8 +28,11 @@ set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # The device tool returns at most 8 files: pack everything into one archive at the end.
-trap '(cd "$OUT" && tar czf /tmp/all-$$.tgz --exclude="all-*.tgz" . \
-  && find . -mindepth 1 -maxdepth 1 ! -name "all-*.tgz" -exec rm -rf {} + && mv /tmp/all-$$.tgz .)' EXIT
+# eagle-state/ (spec-eagle: the trainer's state, ~20 MB in shards of <= 12 MiB) stays out of it:
+# the archive must stay under 16 MiB, and the next call carries those files as they are.
+trap '(cd "$OUT" && tar czf /tmp/all-$$.tgz --exclude="all-*.tgz" --exclude=./eagle-state . \
+  && find . -mindepth 1 -maxdepth 1 ! -name "all-*.tgz" ! -name eagle-state -exec rm -rf {} + \
+  && mv /tmp/all-$$.tgz .)' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 if [ -d .kernels ]; then  # FlashInfer kernels prebuilt by `pegboard kernels build` (no JIT here)
@@ -596,31 +599,16 @@ PY
             --max-input 128 --min-output 256 --max-output 256 $a \
             --json "$OUT/spec-batch64-profile-$v.json" 2>"$OUT/spec-batch64-profile-$v.err" | tail -3
         done ;;
-    spec-eagle|spec-eagle-train) # the bundled SmolLM2 (`smollm2_dir`) with an EAGLE-3 head trained
-        # here by self-distillation, kept in out/eagle3-smollm2 while the machine stays warm (each
-        # call resumes training), then (spec-eagle) batch-1 decode with the head vs without, graphs
-        # on and off (`spec_eager`). Training gets EAGLE_TRAIN_MIN minutes (spec-eagle-train: 8;
-        # spec-eagle: 5), cut so that the call ends within 9.5 min; 0: no training.
-        HEAD=${EAGLE_HEAD:-out/eagle3-smollm2}
+    spec-eagle|spec-eagle-train) # the bundled SmolLM2 with an EAGLE-3 head trained here by
+        # self-distillation, its state carried between calls (out/eagle-state, returned in
+        # $OUT/eagle-state/), then (spec-eagle) batch-1 decode with the head vs without: see
+        # scripts/eagle_call.sh (EAGLE_* settings) and docs/speculative.md "Training on the GPU"
         SMOL=$(smollm2_dir); [ -n "$SMOL" ] || continue
-        bench=$([ $job = spec-eagle ] && echo 200 || echo 0)  # seconds kept for the benchmark
-        train_s=$(( ${EAGLE_TRAIN_MIN:-$([ $job = spec-eagle ] && echo 5 || echo 8)} * 60 ))
-        left=$(( 570 - SECONDS - bench - 60 ))
-        [ $train_s -gt $left ] && train_s=$left
-        if [ $train_s -gt 0 ]; then
-          timeout $(( train_s + 60 )) $PB spec train-eagle3 --model "$SMOL" --out "$HEAD" \
-            --num-samples ${EAGLE_SAMPLES:-2048} --max-minutes $(python3 -c "print($train_s / 60)") \
-            >"$OUT/spec-eagle-train.log" 2>&1; tail -3 "$OUT/spec-eagle-train.log"
-        fi
-        tail -1 "$HEAD/train_log.jsonl"; cp "$HEAD/train_log.jsonl" "$HEAD/config.json" "$OUT/" 2>/dev/null
-        [ $job = spec-eagle ] && timeout 180 python3 scripts/bench_speculative.py --model "$SMOL" \
-          --speculative-algorithm EAGLE3 --speculative-draft-model-path "$HEAD" --speculative-num-steps 4 \
-          --cuda-graph-max-bs 1 --max-tokens 256 --compare-eager >"$OUT/spec-eagle.json" \
-          2>"$OUT/spec-eagle.err"; tail -45 "$OUT/spec-eagle.json" ;;
-    eagle-check) # the trained head (out/eagle3-smollm2: after spec-eagle-train on the same warm
+        MODEL=$SMOL JOB=$job ELAPSED=$SECONDS PB="$PB" OUT="$OUT" bash scripts/eagle_call.sh ;;
+    eagle-check) # the trained head (out/eagle3-smollm2-v3: after spec-eagle-train on the same warm
         # machine) served vs the trainer's own forward on the same contexts, and vs the target's
         # next tokens (scripts/eagle_consistency.py): bf16 with graphs, bf16 eager, fp32 eager
-        HEAD=${EAGLE_HEAD:-out/eagle3-smollm2}
+        HEAD=${EAGLE_HEAD:-out/eagle3-smollm2-v3}
         SMOL=$(smollm2_dir); [ -n "$SMOL" ] && [ -f "$HEAD/config.json" ] || continue
         for v in "--dtype bfloat16" "--dtype bfloat16 --disable-cuda-graph" \
                  "--dtype float32 --disable-cuda-graph"; do

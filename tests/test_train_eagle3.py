@@ -9,7 +9,13 @@ import pytest
 import test_speculative
 import torch
 from pegboard.core.cli.main import main
-from pegboard.core.speculative.train_eagle3 import _ttt_attention, default_aux, trainer_drafts
+from pegboard.core.speculative.eagle_state import load_state
+from pegboard.core.speculative.train_eagle3 import (
+    _ttt_attention,
+    build_head,
+    default_aux,
+    trainer_drafts,
+)
 from pegboard.plugins.speculative.eagle import EagleHead, aux_layers
 
 case = test_speculative.case  # the module's fixture: tiny target, prompts, transformers' outputs
@@ -17,17 +23,21 @@ case = test_speculative.case  # the module's fixture: tiny target, prompts, tran
 
 def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "head"
-    common = ["spec", "train-eagle3", "--model", str(tiny_llama_dir), "--out", str(out),
-              "--num-samples", "6", "--max-new-tokens", "24", "--batch-size", "3",
-              "--ttt-steps", "3", "--save-every", "6", "--lr", "3e-3", "--dtype", "float32",
-              "--device", "cpu"]  # fmt: skip
+    common = [*train_args(tiny_llama_dir, out), "--save-every", "6", "--warmup-steps", "1"]
     assert main([*common, "--steps", "12"]) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
-    assert len(log) == 12 and log[-1]["loss"] < log[0]["loss"]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 12 and steps[-1]["loss"] < steps[0]["loss"]
+    held = [r for r in log if "heldout_top1" in r]  # at every checkpoint (6, 12)
+    assert [r["step"] for r in held] == [6, 12] and held[0]["heldout_rows"] > 0
+    assert 1.0 <= held[-1]["heldout_accept_length"] <= 5.0
     assert len((out / "data.jsonl").read_text().splitlines()) == 6
+    assert json.loads((out / "state.json").read_text())["step"] == 12
     assert main([*common, "--steps", "14"]) == 0
-    assert "resumed at step 12" in capsys.readouterr().out
-    assert len((out / "train_log.jsonl").read_text().splitlines()) == 14
+    assert "resumed at step 12 (optimizer state resumed)" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 15))  # continued at 13
+    assert json.loads((out / "state.json").read_text())["step"] == 14
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
 
@@ -44,16 +54,34 @@ def test_train_resume_and_serve(tiny_llama_dir, tmp_path, capsys):
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert stats["spec_draft_tokens"] > 0
 
-    # The trainer's own head (its checkpoint, built as the trainer builds it) and features
-    # (its layers) predict every draft serving proposed.
+    # The trainer's own head (its state, built as the trainer builds it) and features (its
+    # layers) predict every draft serving proposed.
     def trainer_head(target):
-        head = EagleHead(config, True, target)
-        state = torch.load(out / "checkpoint.pt", map_location="cpu")
-        head.load_state_dict(state["head"], strict=False)
+        head = build_head(config, target, "cpu")
+        load_state(head, None, out)
         return head, default_aux(len(target.model.layers))
 
     served, trained = served_and_trainer_drafts(tiny_llama_dir, out, prompts, trainer_head)
     assert served == trained and len(served) >= 6
+
+
+def train_args(model_dir, out, samples: int = 6) -> list[str]:
+    return ["spec", "train-eagle3", "--model", str(model_dir), "--out", str(out),
+            "--num-samples", str(samples), "--heldout-prompts", "2", "--max-new-tokens", "24",
+            "--batch-size", "3", "--ttt-steps", "3", "--lr", "3e-3", "--dtype", "float32",
+            "--device", "cpu"]  # fmt: skip
+
+
+def test_time_budget_stops_with_a_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    """`--max-minutes 0`: the first step is past the budget; the run saves and stops there."""
+    out = tmp_path / "head"
+    args = [*train_args(tiny_llama_dir, out, samples=3), "--steps", "1000", "--save-every", "500"]
+    assert main([*args, "--max-minutes", "0"]) == 0
+    assert "stopped at step 1 (--max-minutes)" in capsys.readouterr().out
+    assert json.loads((out / "state.json").read_text())["step"] == 1
+    assert (out / "model.safetensors").exists()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
+    assert [r["step"] for r in log] == [1, 1] and "heldout_accept_length" in log[1]
 
 
 def served_and_trainer_drafts(model_dir, head_dir, prompts, trainer_head, spy=None, **settings):
@@ -113,14 +141,15 @@ def test_ttt_attention_sees_real_keys_up_to_its_row_and_its_own_drafts():
         head_dim = 1
 
     rows = 3
-    q = torch.ones(rows, 1, 1)
-    k0 = torch.zeros(rows, 1, 1)
-    k1 = torch.zeros(rows, 1, 1)
-    v0 = torch.tensor([1.0, 10.0, 100.0]).view(rows, 1, 1)
-    v1 = torch.tensor([1000.0, 2000.0, 3000.0]).view(rows, 1, 1)
+    q = torch.ones(2, rows, 1, 1)  # a batch of two sequences, the second's values x2
+    k0 = torch.zeros(2, rows, 1, 1)
+    k1 = torch.zeros(2, rows, 1, 1)
+    twice = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)
+    v0 = torch.tensor([1.0, 10.0, 100.0]).view(1, rows, 1, 1) * twice
+    v1 = torch.tensor([1000.0, 2000.0, 3000.0]).view(1, rows, 1, 1) * twice
     out = _ttt_attention(Head(), q, [k0, k1], [v0, v1], rows)  # equal scores: plain means
-    assert torch.allclose(out.view(-1), torch.tensor([(1 + 1000) / 2, (1 + 10 + 2000) / 3,
-                                                      (1 + 10 + 100 + 3000) / 4]))  # fmt: skip
+    means = torch.tensor([(1 + 1000) / 2, (1 + 10 + 2000) / 3, (1 + 10 + 100 + 3000) / 4])
+    assert torch.allclose(out.view(2, rows), torch.stack([means, 2 * means]))
     assert EagleHead  # the trainer builds the serving head class
 
 
