@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,6 +237,12 @@ class KVPool:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     page_size: int
+    #: How the value tensors are laid out in memory (their shape is the same either way):
+    #: `"nhd"` like the keys, or `"hdp"`, each page's values `[num_kv_heads, head_dim,
+    #: page_size]` (tokens contiguous: the keys-major operand FP8 tensor cores need for
+    #: `P @ V`, docs/quantization.md); `v[layer]` is then a permuted view of that storage.
+    #: Backends index values through their strides or refuse a layout they cannot read.
+    v_layout: str = "nhd"
 
     @property
     def num_pages(self) -> int:
@@ -268,14 +275,23 @@ class KVPool:
         page_size: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        v_layout: str | None = None,
     ) -> KVPool:
-        """Zeroed storage; `dtype` (default: the model's) may be an FP8 type (`kv_dtype`)."""
+        """Zeroed storage; `dtype` (default: the model's) may be an FP8 type (`kv_dtype`);
+        `v_layout` (default: `fp8_v_layout()` for an FP8 pool, else `"nhd"`)."""
         shape = (num_pages, page_size, info.num_kv_heads, info.head_dim)
         dev = device or info.device
         dt = dtype or info.dtype
+        layout = v_layout or (fp8_v_layout() if dt in FP8_DTYPES else "nhd")
+        if layout not in V_LAYOUTS:
+            raise ValueError(f"unknown value layout {layout!r}; choose {', '.join(V_LAYOUTS)}")
         k = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
-        v = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
-        return cls(k=k, v=v, page_size=page_size)
+        if layout == "hdp":
+            hdp = (num_pages, info.num_kv_heads, info.head_dim, page_size)
+            v = [zeros(hdp, dt, dev).permute(0, 3, 1, 2) for _ in range(info.num_layers)]
+        else:
+            v = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
+        return cls(k=k, v=v, page_size=page_size, v_layout=layout)
 
     @staticmethod
     def bytes_per_token(info: ModelInfo, dtype: torch.dtype | None = None) -> int:
@@ -286,6 +302,25 @@ class KVPool:
 #: FP8 KV storage types; `--kv-cache-dtype fp8_e4m3` (SGLang/vLLM's name) selects e4m3.
 FP8_DTYPES = (torch.float8_e4m3fn,)
 KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}
+
+
+#: `KVPool.v_layout` values.
+V_LAYOUTS = ("nhd", "hdp")
+
+
+def fp8_v_layout() -> str:
+    """The value layout of FP8 pools: `PEGBOARD_FP8_V_LAYOUT` (`hdp` for the e4m3
+    tensor-core decode kernel), `nhd` by default until it is measured on the GPU."""
+    layout = os.environ.get("PEGBOARD_FP8_V_LAYOUT", "nhd") or "nhd"
+    if layout not in V_LAYOUTS:
+        raise ValueError(f"PEGBOARD_FP8_V_LAYOUT={layout!r}; choose {', '.join(V_LAYOUTS)}")
+    return layout
+
+
+def transpose_values(v: torch.Tensor) -> torch.Tensor:
+    """A copy of a value tensor `[num_pages, page_size, num_kv_heads, head_dim]` in the
+    `"hdp"` layout (same shape and values; each page stored `[heads, head_dim, page_size]`)."""
+    return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def kv_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:

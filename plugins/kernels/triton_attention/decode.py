@@ -35,6 +35,7 @@ from pegboard.plugins.kernels.triton_attention.decode_configs import (
     decode_config,
     heads_per_program,
 )
+from pegboard.plugins.kernels.triton_attention.decode_fp8mma import decode_fp8mma, uses_fp8_mma
 from pegboard.plugins.kernels.triton_attention.launch import dot_precision, num_sms, unit_last_dim
 
 LOG2E = math.log2(math.e)
@@ -386,6 +387,9 @@ def decode_attention(
         config = DECODE_VARIANTS[config]
     config = config or decode_config(num_requests)
     q = unit_last_dim(q)
+    if uses_fp8_mma(config, k_cache, v_cache, fma):  # e4m3 tensor-core dots
+        return decode_fp8mma(q, k_cache, v_cache, page_table, seq_lens, scale * LOG2E, out,
+                             num_splits, workspace, block_n, num_warps, num_stages, config)  # fmt: skip
     meta = decode_meta(config, q.dtype, k_cache.dtype, group, num_kv_heads, head_dim,
                        k_cache.shape[1], num_splits > 1, block_n, f16, fma)  # fmt: skip
     if num_splits > 1 and workspace is None:

@@ -44,7 +44,11 @@ class DecodeConfig:
       effect on a 16-bit cache;
     - `asm_cvt`: with float16 dots over an FP8 cache, convert each key/value tile to float16
       right after its load with inline PTX (`decode.e4m3_to_f16`), so the dots' operands are
-      16-bit tiles (`ldmatrix`) rather than bytes gathered one at a time.
+      16-bit tiles (`ldmatrix`) rather than bytes gathered one at a time;
+    - `fp8_mma`: over an FP8 cache, both products in e4m3 on the tensor cores (the query and
+      the probabilities quantized, `decode_fp8mma.py`), no conversion of keys or values; one
+      KV head per program. Fast only over a pool that stores values transposed per page
+      (`KVPool.v_layout == "hdp"`). No effect on a 16-bit cache (the other fields apply).
     """
 
     block_n: int = 64
@@ -57,6 +61,7 @@ class DecodeConfig:
     split_cap: int = MAX_SPLITS
     f16_dot: bool | None = None
     asm_cvt: bool = False
+    fp8_mma: bool = False
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -103,6 +108,12 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "hpall-bn16-w8-s3-pf": DecodeConfig(
         block_n=16, num_warps=8, num_stages=3, heads_per_program=0, **_PF
     ),
+    # e4m3 x e4m3 tensor-core dots (`fp8_mma`): sm_90 SASS has QGMMA in the loop, 1.9-2.8
+    # instructions per KV element at 128 keys (docs/kernels.md, "FP8 tensor-core decode")
+    "mma8-bn128-s3-fast-pf": DecodeConfig(block_n=128, **_S3, **_FAST, **_PF, fp8_mma=True),
+    "mma8-bn128-s4-fast-pf": DecodeConfig(block_n=128, num_stages=4, **_FAST, **_PF, fp8_mma=True),
+    "mma8-bn64-s4-fast-pf": DecodeConfig(num_stages=4, **_FAST, **_PF, fp8_mma=True),
+    "mma8-bn256-s2-fast-pf": DecodeConfig(block_n=256, **_FAST, **_PF, fp8_mma=True),
     "s3": DecodeConfig(**_S3),
     "s4": DecodeConfig(num_stages=4),
     "fast": DecodeConfig(**_FAST),
