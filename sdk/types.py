@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,10 +237,12 @@ class KVPool:
     v: list[torch.Tensor]
     page_size: int
     #: How the value tensors are laid out in memory (their shape is the same either way):
-    #: `"nhd"` like the keys, or `"hdp"`, each page's values `[num_kv_heads, head_dim,
-    #: page_size]` (tokens contiguous: the keys-major operand FP8 tensor cores need for
-    #: `P @ V`, docs/quantization.md); `v[layer]` is then a permuted view of that storage.
-    #: Backends index values through their strides or refuse a layout they cannot read.
+    #: `"nhd"` like the keys, or `"hdp"` (FP8 pools only, `--kv-cache-layout hdp`), each
+    #: page's values `[num_kv_heads, head_dim, page_size]`: tokens contiguous, the K-major
+    #: operand FP8 tensor cores need for `P @ V` (docs/kernels.md, "FP8 tensor-core decode");
+    #: `v[layer]` is then a permuted view of that storage. A page is one contiguous block of
+    #: bytes either way, so page copies between pools of the same layout are byte copies.
+    #: Attention backends declare the layouts they read (`v_layouts`); the core refuses others.
     v_layout: str = "nhd"
 
     @property
@@ -278,13 +279,11 @@ class KVPool:
         v_layout: str | None = None,
     ) -> KVPool:
         """Zeroed storage; `dtype` (default: the model's) may be an FP8 type (`kv_dtype`);
-        `v_layout` (default: `fp8_v_layout()` for an FP8 pool, else `"nhd"`)."""
+        `v_layout` a `V_LAYOUTS` name (`kv_layout` resolves `--kv-cache-layout`)."""
         shape = (num_pages, page_size, info.num_kv_heads, info.head_dim)
         dev = device or info.device
         dt = dtype or info.dtype
-        layout = v_layout or (fp8_v_layout() if dt in FP8_DTYPES else "nhd")
-        if layout not in V_LAYOUTS:
-            raise ValueError(f"unknown value layout {layout!r}; choose {', '.join(V_LAYOUTS)}")
+        layout = kv_layout(v_layout, dt)
         k = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
         if layout == "hdp":
             hdp = (num_pages, info.num_kv_heads, info.head_dim, page_size)
@@ -292,6 +291,15 @@ class KVPool:
         else:
             v = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
         return cls(k=k, v=v, page_size=page_size, v_layout=layout)
+
+    def stored_values(self) -> list[torch.Tensor]:
+        """Per layer, the value tensor in its memory order (contiguous): `v[layer]` itself in
+        the `"nhd"` layout, `[num_pages, num_kv_heads, head_dim, page_size]` in `"hdp"`. Page
+        `p` is index `p` of dimension 0 in both, so whole pages copy between pools of the
+        same layout without a transpose."""
+        if self.v_layout == "hdp":
+            return [v.permute(0, 2, 3, 1) for v in self.v]
+        return list(self.v)
 
     @staticmethod
     def bytes_per_token(info: ModelInfo, dtype: torch.dtype | None = None) -> int:
@@ -304,16 +312,24 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}
 
 
-#: `KVPool.v_layout` values.
+#: `KVPool.v_layout` values (`--kv-cache-layout`).
 V_LAYOUTS = ("nhd", "hdp")
 
 
-def fp8_v_layout() -> str:
-    """The value layout of FP8 pools: `PEGBOARD_FP8_V_LAYOUT` (`hdp` for the e4m3
-    tensor-core decode kernel), `nhd` by default until it is measured on the GPU."""
-    layout = os.environ.get("PEGBOARD_FP8_V_LAYOUT", "nhd") or "nhd"
+def kv_layout(name: str | None, dtype: torch.dtype) -> str:
+    """The value layout for `--kv-cache-layout NAME` over a pool of `dtype`: `auto`/None is
+    `"nhd"` (until the GPU measures `"hdp"` with the e4m3 tensor-core decode faster,
+    docs/kernels.md); `"hdp"` needs an FP8 pool (16-bit MMAs read either layout)."""
+    layout = "nhd" if name in (None, "", "auto") else name
     if layout not in V_LAYOUTS:
-        raise ValueError(f"PEGBOARD_FP8_V_LAYOUT={layout!r}; choose {', '.join(V_LAYOUTS)}")
+        raise ValueError(
+            f"kv cache layout {name!r} is not supported; choose auto or {', '.join(V_LAYOUTS)}"
+        )
+    if layout == "hdp" and dtype not in FP8_DTYPES:
+        raise ValueError(
+            f"--kv-cache-layout hdp stores FP8 values transposed per page; it needs "
+            f"--kv-cache-dtype fp8_e4m3 (this pool is {dtype})"
+        )
     return layout
 
 

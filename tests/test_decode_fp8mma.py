@@ -2,13 +2,16 @@
 reference over the same e4m3 keys and values, with values stored NHD and transposed per page
 (`KVPool.v_layout == "hdp"`).
 
-Without a GPU the kernel runs in Triton's CPU interpreter (tiny shapes). The query and the
-probabilities are quantized to e4m3, so the error is larger than the 16-bit-dot variants':
-the tests state both and check that the e4m3 dots stay within a few times of them.
+Without a GPU the kernel runs in Triton's CPU interpreter (tiny shapes; its own rounding to
+e4m3 is wrong, so the tests give it PyTorch's, `fixtures/interpreter_fp8.py`). The query and
+the probabilities are quantized to e4m3, so the error against float32 attention is larger than
+the 16-bit-dot variants'; against `emulated`, the same quantization tile by tile in PyTorch,
+the kernel must agree to the output's bf16 rounding.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -18,11 +21,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
+from fixtures.interpreter_fp8 import exact_e4m3_in_interpreter  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode import decode_attention  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode_configs import (  # noqa: E402
     DECODE_VARIANTS,
 )
 from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (  # noqa: E402
+    P_SCALE,  # noqa: E402
     uses_fp8_mma,
     values_transposed,
 )
@@ -36,16 +41,82 @@ MMA8 = [n for n, c in DECODE_VARIANTS.items() if c.fp8_mma]
 ATOL = 0.12
 
 
-def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, **kw):
-    q, k, v, table, seq = paged_case(
-        lens, heads, kv_heads, head_dim, page_size, torch.bfloat16, FP8
-    )
+@pytest.fixture(autouse=True)
+def _exact_e4m3(monkeypatch):
+    if not torch.cuda.is_available():
+        exact_e4m3_in_interpreter(monkeypatch)
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-448, 448).to(FP8).float()
+
+
+def emulated(q, k_cache, v_cache, table, seq_lens, scale, splits, block_n, min_chunk):
+    """The kernel's arithmetic in float32: per row the query quantized to e4m3 (its amax to
+    448), per tile of `block_n` keys the online softmax with probabilities `exp2(s - m)` times
+    `P_SCALE` quantized to e4m3 before `P @ V` (the running sum of the unquantized ones), per
+    split of the keys (the kernel's chunking) a partial result merged by log-sum-exp."""
+    page_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // kv_heads
+    min_chunk = max(-(-min_chunk // block_n) * block_n, block_n)
+    log2e = 1.4426950408889634
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for i, n in enumerate(seq_lens.tolist()):
+        if n == 0:
+            continue
+        pages = table[i, : -(-n // page_size)].long()
+        keys = k_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
+        values = v_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
+        per_split = -(-n // splits)
+        chunk = max(-(-per_split // block_n) * block_n, min_chunk) if splits > 1 else n
+        for g in range(kv_heads):
+            rows = q[i, g * group : (g + 1) * group].float()
+            amax = rows.abs().amax(1)
+            q_scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+            q8 = e4m3(rows / q_scale[:, None])
+            parts = []
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                m = torch.full((group,), float("-inf"))
+                total, acc = torch.zeros(group), torch.zeros(group, head_dim)
+                for tile in range(start, end, block_n):
+                    t = slice(tile, min(tile + block_n, end))
+                    s = (q8 @ keys[t, g].T) * (q_scale * scale * log2e)[:, None]
+                    m_new = torch.maximum(m, s.amax(1))
+                    alpha = torch.exp2(m - m_new)
+                    p = torch.exp2(s - (m_new - math.log2(P_SCALE))[:, None])
+                    total = total * alpha + p.sum(1)
+                    acc = acc * alpha[:, None] + e4m3(p) @ values[t, g]
+                    m = m_new
+                parts.append((acc / total[:, None], m + torch.log2(total) - math.log2(P_SCALE)))
+            lse = torch.stack([p[1] for p in parts])  # [splits, group]
+            weights = torch.softmax(lse * math.log(2), 0)
+            out[i, g * group : (g + 1) * group] = sum(
+                w[:, None] * o for w, (o, _) in zip(weights, parts)
+            )
+    return out
+
+
+def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, dtype=None, **kw):
+    """The largest error of variant `name` against float32 attention over the same e4m3 cache,
+    after checking it against `emulated` (for `fp8_mma` kernels): float32 queries (and output)
+    agree to float32 rounding (measured: 2e-7), bf16 ones to the output's bf16 rounding."""
+    dtype = dtype or torch.bfloat16
+    q, k, v, table, seq = paged_case(lens, heads, kv_heads, head_dim, page_size, dtype, FP8)
     if hdp:
         v = transpose_values(v)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     decode_attention(q, k, v, table, seq, scale, out, num_splits=splits, config=name, **kw)
     has_keys = seq > 0
+    config = DECODE_VARIANTS[name]
+    if uses_fp8_mma(config, k, v):
+        block_n = kw.get("block_n") or (config.block_n if head_dim <= 128 else 64)
+        args = (q.cpu(), k.cpu(), v.cpu(), table.cpu(), seq.cpu(), scale, splits)
+        mimic = emulated(*args, block_n, config.min_chunk)[has_keys.cpu()]
+        rounding = 1e-5 if dtype == torch.float32 else 2**-7  # (bf16: half an ulp is 2^-8)
+        err = ((out[has_keys].float().cpu() - mimic).abs() / (mimic.abs() * rounding + 1e-5)).max()
+        assert err <= 1, f"{name}: {err:.3g}x the rounding from the emulated e4m3 arithmetic"
     want = reference(q, k, v, table, seq, scale)[has_keys]
     return (out[has_keys].float() - want).abs().max().item()
 
@@ -57,6 +128,8 @@ LENS = [100, 3, 0, 37]
 def test_fp8_mma_variants_match_the_reference_over_transposed_values(name):
     assert run(name, LENS, 1, hdp=True) < ATOL
     assert run(name, LENS, 3, hdp=True, page_size=16) < ATOL
+    assert run(name, LENS, 3, hdp=True, page_size=16, dtype=torch.float32) < ATOL
+    assert run(name, [300, 129, 64], 4, hdp=True, page_size=8, dtype=torch.float32) < ATOL
 
 
 def test_fp8_mma_reads_nhd_values_too_and_its_error_is_stated():
