@@ -25,6 +25,7 @@ from fixtures.interpreter_fp8 import exact_e4m3_in_interpreter  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode import decode_attention  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode_configs import (  # noqa: E402
     DECODE_VARIANTS,
+    decode_config,
 )
 from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (  # noqa: E402
     P_SCALE,  # noqa: E402
@@ -162,6 +163,14 @@ def test_transposed_values_always_take_the_e4m3_kernel():
     bf16 = torch.zeros(3, 16, 2, 32, dtype=torch.bfloat16)
     assert not uses_fp8_mma(DECODE_VARIANTS["mma8-bn64-s4-fast-pf"], bf16, bf16)
     assert run("s4-fast-pf-f16", LENS, 1, hdp=True) < ATOL
+
+
+def test_the_engine_default_over_transposed_values_is_an_fp8_mma_variant():
+    """Without a variant named, a decode over an `hdp` pool takes `FP8_MMA_DEFAULTS`, not the
+    16-bit table's tile."""
+    assert decode_config(256, e4m3_dots=True).fp8_mma
+    assert decode_config(1, e4m3_dots=True).fp8_mma
+    assert not decode_config(256).fp8_mma
 
 
 @pytest.mark.gpu

@@ -297,12 +297,6 @@ def decode_fp8mma(
         num_stages=num_stages or config.num_stages,
         **meta,
     )
-    if split:  # (the launch `decode.decode_attention` makes after its own kernel)
-        decode._decode_reduce_kernel[(num_requests, num_heads)](
-            out, mid_out, mid_lse, seq_lens, num_splits, out.stride(0), out.stride(1),
-            mid_out.stride(0), mid_out.stride(1), mid_out.stride(2), mid_lse.stride(0),
-            mid_lse.stride(1), HEAD_DIM=head_dim, MIN_CHUNK=meta["MIN_CHUNK"],
-            BLOCK_N=meta["BLOCK_N"], BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=meta["BLOCK_D"], num_warps=4 if head_dim >= 128 else 2,
-        )  # fmt: skip
+    if split:
+        decode.reduce_splits(out, mid_out, mid_lse, seq_lens, num_splits, meta)
     return out
