@@ -5,13 +5,12 @@ reference over the same e4m3 keys and values, with values stored NHD and transpo
 Without a GPU the kernel runs in Triton's CPU interpreter (tiny shapes; its own rounding to
 e4m3 is wrong, so the tests give it PyTorch's, `fixtures/interpreter_fp8.py`). The query and
 the probabilities are quantized to e4m3, so the error against float32 attention is larger than
-the 16-bit-dot variants'; against `emulated`, the same quantization tile by tile in PyTorch,
+the 16-bit-dot variants'; against `reference_decode_fp8mma`, the same quantization tile by tile in PyTorch,
 the kernel must agree to the output's bf16 rounding.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -28,7 +27,7 @@ from pegboard.plugins.kernels.triton_attention.decode_configs import (  # noqa: 
     decode_config,
 )
 from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (  # noqa: E402
-    P_SCALE,  # noqa: E402
+    reference_decode_fp8mma,  # noqa: E402
     uses_fp8_mma,
     values_transposed,
 )
@@ -48,59 +47,9 @@ def _exact_e4m3(monkeypatch):
         exact_e4m3_in_interpreter(monkeypatch)
 
 
-def e4m3(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-448, 448).to(FP8).float()
-
-
-def emulated(q, k_cache, v_cache, table, seq_lens, scale, splits, block_n, min_chunk):
-    """The kernel's arithmetic in float32: per row the query quantized to e4m3 (its amax to
-    448), per tile of `block_n` keys the online softmax with probabilities `exp2(s - m)` times
-    `P_SCALE` quantized to e4m3 before `P @ V` (the running sum of the unquantized ones), per
-    split of the keys (the kernel's chunking) a partial result merged by log-sum-exp."""
-    page_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    group = q.shape[1] // kv_heads
-    min_chunk = max(-(-min_chunk // block_n) * block_n, block_n)
-    log2e = 1.4426950408889634
-    out = torch.zeros(q.shape, dtype=torch.float32)
-    for i, n in enumerate(seq_lens.tolist()):
-        if n == 0:
-            continue
-        pages = table[i, : -(-n // page_size)].long()
-        keys = k_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
-        values = v_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
-        per_split = -(-n // splits)
-        chunk = max(-(-per_split // block_n) * block_n, min_chunk) if splits > 1 else n
-        for g in range(kv_heads):
-            rows = q[i, g * group : (g + 1) * group].float()
-            amax = rows.abs().amax(1)
-            q_scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
-            q8 = e4m3(rows / q_scale[:, None])
-            parts = []
-            for start in range(0, n, chunk):
-                end = min(start + chunk, n)
-                m = torch.full((group,), float("-inf"))
-                total, acc = torch.zeros(group), torch.zeros(group, head_dim)
-                for tile in range(start, end, block_n):
-                    t = slice(tile, min(tile + block_n, end))
-                    s = (q8 @ keys[t, g].T) * (q_scale * scale * log2e)[:, None]
-                    m_new = torch.maximum(m, s.amax(1))
-                    alpha = torch.exp2(m - m_new)
-                    p = torch.exp2(s - (m_new - math.log2(P_SCALE))[:, None])
-                    total = total * alpha + p.sum(1)
-                    acc = acc * alpha[:, None] + e4m3(p) @ values[t, g]
-                    m = m_new
-                parts.append((acc / total[:, None], m + torch.log2(total) - math.log2(P_SCALE)))
-            lse = torch.stack([p[1] for p in parts])  # [splits, group]
-            weights = torch.softmax(lse * math.log(2), 0)
-            out[i, g * group : (g + 1) * group] = sum(
-                w[:, None] * o for w, (o, _) in zip(weights, parts)
-            )
-    return out
-
-
 def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, dtype=None, **kw):
     """The largest error of variant `name` against float32 attention over the same e4m3 cache,
-    after checking it against `emulated` (for `fp8_mma` kernels): float32 queries (and output)
+    after checking it against `reference_decode_fp8mma` (for `fp8_mma` kernels): float32 queries (and output)
     agree to float32 rounding (measured: 2e-7), bf16 ones to the output's bf16 rounding."""
     dtype = dtype or torch.bfloat16
     q, k, v, table, seq = paged_case(lens, heads, kv_heads, head_dim, page_size, dtype, FP8)
@@ -114,7 +63,7 @@ def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, 
     if uses_fp8_mma(config, k, v):
         block_n = kw.get("block_n") or (config.block_n if head_dim <= 128 else 64)
         args = (q.cpu(), k.cpu(), v.cpu(), table.cpu(), seq.cpu(), scale, splits)
-        mimic = emulated(*args, block_n, config.min_chunk)[has_keys.cpu()]
+        mimic = reference_decode_fp8mma(*args, block_n, config.min_chunk)[has_keys.cpu()]
         rounding = 1e-5 if dtype == torch.float32 else 2**-7  # (bf16: half an ulp is 2^-8)
         err = ((out[has_keys].float().cpu() - mimic).abs() / (mimic.abs() * rounding + 1e-5)).max()
         assert err <= 1, f"{name}: {err:.3g}x the rounding from the emulated e4m3 arithmetic"

@@ -77,6 +77,20 @@ def test_pd_pool_layouts_carry_the_value_layout_and_refuse_a_mismatch():
     assert hdp.mismatch(PoolLayout.from_json(hdp.to_json())) is None
 
 
+def test_pd_byte_runs_move_hdp_pages_with_their_values():
+    """What a transfer backend does with `byte_runs` (copy each run's bytes), done here with
+    memmove: the destination's pages hold the source's keys and values, values transposed."""
+    import ctypes
+
+    from pegboard.sdk.transfer import byte_runs
+
+    src, dst = random_pool("hdp"), KVPool.allocate(INFO, 6, 4, dtype=FP8, v_layout="hdp")
+    for run in byte_runs(PoolLayout.of(src), PoolLayout.of(dst), [4, 5, 1], [0, 1, 3]):
+        ctypes.memmove(run.dst, run.src, run.nbytes)
+    for s, d in zip(src.k + src.v, dst.k + dst.v):
+        assert torch.equal(d.view(torch.uint8)[[0, 1, 3]], s.view(torch.uint8)[[4, 5, 1]])
+
+
 def generate(model_dir, layout, max_tokens=10, **kw):
     llm = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8_e4m3",
               kv_cache_layout=layout, **kw)  # fmt: skip

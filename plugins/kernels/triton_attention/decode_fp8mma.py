@@ -300,3 +300,67 @@ def decode_fp8mma(
     if split:
         decode.reduce_splits(out, mid_out, mid_lse, seq_lens, num_splits, meta)
     return out
+
+
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+
+
+def reference_decode_fp8mma(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    splits: int,
+    block_n: int,
+    min_chunk: int = 0,
+) -> torch.Tensor:
+    """This kernel's arithmetic in PyTorch, float32, on any device (the oracle of its tests, and
+    what `scripts/bench_kv_fp8.py --e4m3-dots` decodes with on a CPU): per row the query
+    quantized to e4m3 (its amax to 448), per tile of `block_n` keys the online softmax with
+    probabilities `exp2(s - m)` times `P_SCALE` quantized to e4m3 before `P @ V` (the running
+    sum of the unquantized ones), per split of the keys (the kernel's chunking, `splits` and
+    the variant's `min_chunk`) a partial result merged by log-sum-exp. `scale`: the softmax
+    scale (natural base); returns `[num_requests, num_heads, head_dim]` float32."""
+    page_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // kv_heads
+    min_chunk = max(-(-min_chunk // block_n) * block_n, block_n)
+    log2e = 1.4426950408889634
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for i, n in enumerate(seq_lens.tolist()):
+        if n == 0:
+            continue
+        pages = table[i, : -(-n // page_size)].long()
+        keys = k_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
+        values = v_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
+        per_split = -(-n // splits)
+        chunk = max(-(-per_split // block_n) * block_n, min_chunk) if splits > 1 else n
+        for g in range(kv_heads):
+            rows = q[i, g * group : (g + 1) * group].float()
+            amax = rows.abs().amax(1)
+            q_scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+            q8 = _e4m3(rows / q_scale[:, None])
+            parts = []
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                m = torch.full((group,), float("-inf"), device=q.device)
+                total = torch.zeros(group, device=q.device)
+                acc = torch.zeros(group, head_dim, device=q.device)
+                for tile in range(start, end, block_n):
+                    t = slice(tile, min(tile + block_n, end))
+                    s = (q8 @ keys[t, g].T) * (q_scale * scale * log2e)[:, None]
+                    m_new = torch.maximum(m, s.amax(1))
+                    alpha = torch.exp2(m - m_new)
+                    p = torch.exp2(s - (m_new - math.log2(P_SCALE))[:, None])
+                    total = total * alpha + p.sum(1)
+                    acc = acc * alpha[:, None] + _e4m3(p) @ values[t, g]
+                    m = m_new
+                parts.append((acc / total[:, None], m + torch.log2(total) - math.log2(P_SCALE)))
+            lse = torch.stack([p[1] for p in parts])  # [splits, group]
+            weights = torch.softmax(lse * math.log(2), 0)
+            out[i, g * group : (g + 1) * group] = sum(
+                w[:, None] * o for w, (o, _) in zip(weights, parts)
+            )
+    return out
