@@ -16,8 +16,9 @@ e4m3's subnormal range):
 `--e4m3-dots`: the FP8 runs' decode steps attend as the e4m3 tensor-core kernel does over
 `--kv-cache-layout hdp` (query and probabilities quantized to e4m3 too; `decode_fp8mma.py`),
 through its PyTorch twin `reference_decode_fp8mma` (checked against the kernel to 2e-7), so
-the accuracy of that design is measured on a CPU; `--chunk 1` makes every teacher-forced
-position a decode step (prefill and extend keep 16-bit dots, as the engine does).
+the accuracy of that design is measured on a CPU; `--chunk 0` feeds the teacher-forced prompt
+in one prefill and every completion token as a decode step, as serving does (prefill and
+extend keep 16-bit dots, as the engine does).
 
 `--kernels` (CUDA): µs per decode-attention call (CUDA-graph replays, KV pages scattered) with
 a bf16 cache, an FP8 cache read through float16 dots (the default) and through bf16 dots (the
@@ -86,14 +87,18 @@ def step(runner: ModelRunner, request: Request, n: int, page_size: int) -> torch
     return out
 
 
-def teacher_forced_logits(runner, backend_cls, pool: KVPool, seq: list[int], chunk: int):
-    """Logits `[len(seq), vocab]`, fed in chunks so later tokens attend over the cache."""
+def teacher_forced_logits(
+    runner, backend_cls, pool: KVPool, seq: list[int], chunk: int, first: int | None = None
+):
+    """Logits `[len(seq), vocab]`, fed in chunks so later tokens attend over the cache (the
+    first chunk `first` tokens when given: a prompt in one prefill, then its completion)."""
     runner.set_attention(backend_cls(runner.info, pool))
     request = Request(prompt_token_ids=seq)
     request.page_table = list(range(-(-len(seq) // pool.page_size)))
     out = []
     while request.num_computed_tokens < len(seq):
-        out.append(step(runner, request, min(chunk, len(seq) - request.num_computed_tokens), 16))
+        n = first if first and not out else chunk
+        out.append(step(runner, request, min(n, len(seq) - request.num_computed_tokens), 16))
     return torch.cat(out)
 
 
@@ -219,8 +224,13 @@ def accuracy(args) -> dict:
             seq = prompt + ref
             logits = {
                 name: teacher_forced_logits(
-                    runner, Backend, make_pool(runner, name, len(seq), s), seq, args.chunk
-                )
+                    runner,
+                    Backend,
+                    make_pool(runner, name, len(seq), s),
+                    seq,
+                    args.chunk or 1,
+                    None if args.chunk else len(prompt),
+                )  # fmt: skip
                 for name, s in (("auto", None), ("fp8_e4m3", scales))
             }
             rows = slice(len(prompt) - 1, len(seq) - 1)  # predicting the completion's tokens
@@ -296,7 +306,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attention", default=None, help="default: triton on CUDA, torch on CPU")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=16,
+                   help="teacher-forced chunk; 0: the prompt at once, then one token a step")  # fmt: skip
     p.add_argument("--num-prompts", type=int, default=len(QUESTIONS))
     p.add_argument("--kernels", action="store_true", help="time the decode kernels (CUDA)")
     p.add_argument("--e4m3-dots", action="store_true",

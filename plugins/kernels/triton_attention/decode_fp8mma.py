@@ -259,7 +259,7 @@ def decode_fp8mma(
                        config.min_chunk, values_transposed(v_cache))  # fmt: skip
     if split and workspace is None:
         workspace = decode.decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
-    mid_out, mid_lse = workspace if split else (out, out)
+    mid_out, mid_lse, *_ = workspace if split else (out, out)  # (fix-up counters unused)
     grid = (num_requests, num_kv_heads, num_splits)
     if config.head_fastest:
         grid = (num_kv_heads, num_requests, num_splits)
