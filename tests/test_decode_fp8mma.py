@@ -49,8 +49,9 @@ def _exact_e4m3(monkeypatch):
 
 def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, dtype=None, **kw):
     """The largest error of variant `name` against float32 attention over the same e4m3 cache,
-    after checking it against `reference_decode_fp8mma` (for `fp8_mma` kernels): float32 queries (and output)
-    agree to float32 rounding (measured: 2e-7), bf16 ones to the output's bf16 rounding."""
+    after checking it against `reference_decode_fp8mma` (for `fp8_mma` kernels): float32
+    queries (and output) agree to float32 rounding (measured: 2e-7), bf16 ones to the output's
+    bf16 rounding (on a GPU, plus 2^-6 of the row's largest value: not yet measured there)."""
     dtype = dtype or torch.bfloat16
     q, k, v, table, seq = paged_case(lens, heads, kv_heads, head_dim, page_size, dtype, FP8)
     if hdp:
@@ -65,7 +66,10 @@ def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, 
         args = (q.cpu(), k.cpu(), v.cpu(), table.cpu(), seq.cpu(), scale, splits)
         mimic = reference_decode_fp8mma(*args, block_n, config.min_chunk)[has_keys.cpu()]
         rounding = 1e-5 if dtype == torch.float32 else 2**-7  # (bf16: half an ulp is 2^-8)
-        err = ((out[has_keys].float().cpu() - mimic).abs() / (mimic.abs() * rounding + 1e-5)).max()
+        allowed = mimic.abs() * rounding + 1e-5
+        if q.is_cuda:  # other summation orders and exp2: a probability may round to the next
+            allowed += mimic.abs().amax(-1, keepdim=True) * 2**-6  # e4m3 value now and then
+        err = ((out[has_keys].float().cpu() - mimic).abs() / allowed).max()
         assert err <= 1, f"{name}: {err:.3g}x the rounding from the emulated e4m3 arithmetic"
     want = reference(q, k, v, table, seq, scale)[has_keys]
     return (out[has_keys].float() - want).abs().max().item()
