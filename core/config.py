@@ -17,6 +17,8 @@ class EngineConfig(pydantic.BaseModel):
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization: str | None = None  # gptq | awq | compressed-tensors | gguf; None: config.json
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3
+    # auto | nhd | hdp (FP8 values transposed per page for the e4m3 tensor-core decode)
+    kv_cache_layout: Literal["auto", "nhd", "hdp"] = "auto"
     kv_cache_scales: str | None = None  # JSON of per-layer FP8 K/V scales (bench_kv_fp8.py)
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -105,6 +107,21 @@ class EngineConfig(pydantic.BaseModel):
             raise ValueError(
                 f"--ep-size {self.ep_size} must equal --tp-size {self.tp_size}: the experts are "
                 "spread over the tensor-parallel ranks (or give --ep-size alone)"
+            )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _kv_cache_layout(self) -> EngineConfig:
+        """`--kv-cache-layout hdp` is for FP8 pools, and speculative decoding moves accepted
+        draft KV token by token through NHD views (`core/speculative/tree.py`)."""
+        if self.kv_cache_layout != "hdp":
+            return self
+        if self.kv_cache_dtype == "auto":
+            raise ValueError("--kv-cache-layout hdp needs --kv-cache-dtype fp8_e4m3")
+        if self.speculator is not None:
+            raise ValueError(
+                f"--kv-cache-layout hdp cannot serve with --speculator {self.speculator}: "
+                "accepted draft tokens' KV is moved in the nhd layout; use --kv-cache-layout nhd"
             )
         return self
 

@@ -519,6 +519,7 @@ class Engine:
             "seed": c.seed,
             "load_format": c.load_format,  # a draft model of a random-weight target: random too
             "kv_cache_dtype": c.kv_cache_dtype,
+            "kv_cache_layout": c.kv_cache_layout,
             "model_name": c.model or self.model_dir.name,  # as `serve` names it by default
         }
 

@@ -29,6 +29,9 @@ FlashInfer's paged decode over the same pool and pages, for comparison (`--varia
 CUDA-core decode kernel (what the `flashinfer` backend runs for GQA groups below 4),
 `flashinfer-tc` its tensor-core (FA2 prefill) kernel; wrappers in CUDA-graph mode as the
 backend plans them, kernels from `PEGBOARD_FLASHINFER_KERNELS` (`pegboard kernels build`).
+
+The `fp8_mma` variants (`mma8-*`, e4m3 tensor-core dots, `decode_fp8mma.py`) read a copy of the
+FP8 values stored transposed per page, as a pool with `--kv-cache-layout hdp` holds them.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from pegboard.plugins.kernels.triton_attention.decode import (
     decode_attention,
     decode_workspace,
 )
+from pegboard.sdk.types import transpose_values
 
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 #: FlashInfer's decode kernels, by name: whether the wrapper uses tensor cores.
@@ -57,6 +61,9 @@ FLASHINFER_VARIANTS = {"flashinfer-cc": False, "flashinfer-tc": True}
 PAGE_SIZE, HEAD_DIM = 16, 128
 #: Largest difference from the float32 reference a variant may have (bf16 outputs of O(1)).
 MAX_ERR = 5e-2
+#: The `fp8_mma` variants quantize the query and the probabilities to e4m3 as well (their
+#: tests' bound: tests/test_decode_fp8mma.py).
+MAX_ERR_E4M3_DOTS = 0.12
 
 
 @dataclass
@@ -96,6 +103,9 @@ class Setup:
         shape = (num_pages, PAGE_SIZE, case.kv_heads, HEAD_DIM)
         self.k = torch.randn(shape, device=dev).to(kv_dtype)
         self.v = torch.randn(shape, device=dev).to(kv_dtype)
+        # The `fp8_mma` variants read values stored transposed per page (`--kv-cache-layout
+        # hdp`), the same values: a copy in that layout
+        self.v_hdp = transpose_values(self.v) if kv_dtype.itemsize == 1 else None
         order = torch.randperm(num_pages, device=dev)[:need].int()
         self.tables, at = [], 0
         for _ in range(self.layers):
@@ -130,7 +140,7 @@ class Setup:
         if splits > 1:
             work = decode_workspace(len(self.case.seq_lens), self.case.heads, splits, HEAD_DIM,
                                     self.q.device)  # fmt: skip
-        args = (self.k, self.v)
+        args = (self.k, self.v_hdp if config.fp8_mma and self.v_hdp is not None else self.v)
         return [
             lambda t=t, o=o: decode_attention(
                 self.q, *args, t, self.seq_lens, self.scale, o, splits, work, config=config
@@ -205,8 +215,9 @@ def measure(setup: Setup, name: str, splits_for: str, replays: int) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         row["max_err"] = float((setup.outs[0].float() - setup.reference).abs().max())
-        if not row["max_err"] <= MAX_ERR:  # (NaN too) a wrong variant is never the fastest
-            row["error"] = f"wrong: max error {row['max_err']:.3g} > {MAX_ERR}"
+        limit = MAX_ERR_E4M3_DOTS if config is not None and config.fp8_mma else MAX_ERR
+        if not row["max_err"] <= limit:  # (NaN too) a wrong variant is never the fastest
+            row["error"] = f"wrong: max error {row['max_err']:.3g} > {limit}"
             return row
         us = graph_us(calls, replays)
     except Exception as err:  # noqa: BLE001 - a variant that does not compile is a result
@@ -315,8 +326,12 @@ def main() -> None:
                   flush=True)  # fmt: skip
             for name in names:
                 config = decode_configs.DECODE_VARIANTS.get(name)
-                if dtype_name != "fp8" and config is not None and config.f16_dot:
-                    continue  # float16 dots are for FP8 caches: the same kernel as without
+                if (
+                    dtype_name != "fp8"
+                    and config is not None
+                    and (config.f16_dot or config.fp8_mma)
+                ):
+                    continue  # float16 / e4m3 dots are for FP8 caches: the same kernel as without
                 if time.monotonic() - began > args.budget_s:
                     skipped.append(f"{key} {name}")
                     continue

@@ -13,13 +13,20 @@ e4m3's subnormal range):
   values); reported: the mean KL(p_auto || p_fp8) of the next-token distributions over the
   completion's positions, and their top-1 agreement.
 
+`--e4m3-dots`: the FP8 runs' decode steps attend as the e4m3 tensor-core kernel does over
+`--kv-cache-layout hdp` (query and probabilities quantized to e4m3 too; `decode_fp8mma.py`),
+through its PyTorch twin `reference_decode_fp8mma` (checked against the kernel to 2e-7), so
+the accuracy of that design is measured on a CPU; `--chunk 0` feeds the teacher-forced prompt
+in one prefill and every completion token as a decode step, as serving does (prefill and
+extend keep 16-bit dots, as the engine does).
+
 `--kernels` (CUDA): µs per decode-attention call (CUDA-graph replays, KV pages scattered) with
 a bf16 cache, an FP8 cache read through float16 dots (the default) and through bf16 dots (the
 first FP8 version), and both caches through the CUDA-core variant (`fma`), on the nano-vllm
 workload's shape and two Llama-3.1-8B ones.
 
     python3 scripts/bench_kv_fp8.py [--device cuda] [--attention triton] [--json FILE]
-        [--write-scales FILE]   (the calibrated scales, for `--kv-cache-scales FILE`)
+        [--write-scales FILE] [--e4m3-dots --chunk 1]   (the calibrated scales, for `--kv-cache-scales FILE`)
     python3 scripts/bench_kv_fp8.py --kernels [--json FILE]
 
 On CUDA the model runs in bf16 with the Triton attention backend; on CPU in float32 with the
@@ -80,14 +87,18 @@ def step(runner: ModelRunner, request: Request, n: int, page_size: int) -> torch
     return out
 
 
-def teacher_forced_logits(runner, backend_cls, pool: KVPool, seq: list[int], chunk: int):
-    """Logits `[len(seq), vocab]`, fed in chunks so later tokens attend over the cache."""
+def teacher_forced_logits(
+    runner, backend_cls, pool: KVPool, seq: list[int], chunk: int, first: int | None = None
+):
+    """Logits `[len(seq), vocab]`, fed in chunks so later tokens attend over the cache (the
+    first chunk `first` tokens when given: a prompt in one prefill, then its completion)."""
     runner.set_attention(backend_cls(runner.info, pool))
     request = Request(prompt_token_ids=seq)
     request.page_table = list(range(-(-len(seq) // pool.page_size)))
     out = []
     while request.num_computed_tokens < len(seq):
-        out.append(step(runner, request, min(chunk, len(seq) - request.num_computed_tokens), 16))
+        n = first if first and not out else chunk
+        out.append(step(runner, request, min(n, len(seq) - request.num_computed_tokens), 16))
     return torch.cat(out)
 
 
@@ -113,6 +124,30 @@ def greedy(runner, backend_cls, pool: KVPool, prompt: list[int], max_tokens: int
         request.append_token(token)
         logits = step(runner, request, 1, pool.page_size)[-1]
     return out
+
+
+def e4m3_dots_backend(base: type) -> type:
+    """`base` whose decode steps (one new token per request) over an FP8 pool attend as the
+    e4m3 tensor-core decode kernel does (`reference_decode_fp8mma`, block of 128 keys as
+    `FP8_MMA_DEFAULTS`, one split); everything else, storing K/V included, is `base`'s."""
+    from pegboard.plugins.kernels.triton_attention.decode_fp8mma import reference_decode_fp8mma
+
+    class E4m3DotsBackend(base):
+        def forward(self, layer, q, k, v):
+            out = super().forward(layer, q, k, v)
+            batch = self.batch
+            if not self.pool.is_fp8 or any(n != 1 for n in batch.query_lens_cpu):
+                return out
+            width = max(map(len, batch.page_tables_cpu))
+            table = torch.tensor([t + [0] * (width - len(t)) for t in batch.page_tables_cpu])
+            seq_lens = torch.tensor(batch.seq_lens_cpu)
+            got = reference_decode_fp8mma(
+                q, self.pool.k[layer], self.pool.v[layer], table, seq_lens,
+                self.scale * self.pool.k_scale(layer), 1, 128,
+            )  # fmt: skip
+            return (got * self.pool.v_scale(layer)).to(q.dtype)
+
+    return E4m3DotsBackend
 
 
 def calibrated_scales(runner, backend_cls, tokens: list[int]) -> tuple[list[float], list[float]]:
@@ -145,6 +180,8 @@ def accuracy(args) -> dict:
         from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend as Backend
     else:
         from pegboard.plugins.kernels.attention_torch import TorchAttentionBackend as Backend
+    if args.e4m3_dots:  # (model-dtype pools: the base backend's path unchanged)
+        Backend = e4m3_dots_backend(Backend)
     model_dir = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [
@@ -168,6 +205,8 @@ def accuracy(args) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "model": model_dir.name,
         "attention": attention,
+        "e4m3_dots": args.e4m3_dots,
+        "chunk": args.chunk,
         "dtype": dtype,
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
@@ -185,8 +224,13 @@ def accuracy(args) -> dict:
             seq = prompt + ref
             logits = {
                 name: teacher_forced_logits(
-                    runner, Backend, make_pool(runner, name, len(seq), s), seq, args.chunk
-                )
+                    runner,
+                    Backend,
+                    make_pool(runner, name, len(seq), s),
+                    seq,
+                    args.chunk or 1,
+                    None if args.chunk else len(prompt),
+                )  # fmt: skip
                 for name, s in (("auto", None), ("fp8_e4m3", scales))
             }
             rows = slice(len(prompt) - 1, len(seq) - 1)  # predicting the completion's tokens
@@ -262,9 +306,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attention", default=None, help="default: triton on CUDA, torch on CPU")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=16,
+                   help="teacher-forced chunk; 0: the prompt at once, then one token a step")  # fmt: skip
     p.add_argument("--num-prompts", type=int, default=len(QUESTIONS))
     p.add_argument("--kernels", action="store_true", help="time the decode kernels (CUDA)")
+    p.add_argument("--e4m3-dots", action="store_true",
+                   help="FP8 decode steps as the e4m3 tensor-core kernel computes them")  # fmt: skip
     p.add_argument("--json", type=Path)
     p.add_argument("--write-scales", type=Path, help="write the calibrated scales (JSON) here")
     args = p.parse_args()

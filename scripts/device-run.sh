@@ -14,6 +14,7 @@
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
+#                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -345,6 +346,41 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         # chi-square per noise, then the hash kernel's block x programs sweep at 256 x 151,936
         timeout 300 python3 scripts/bench_sampling.py --sweep --json "$OUT/sampling.json" 2>&1 \
           | tee "$OUT/sampling.log" | tail -100 ;;
+    fp8-mma) # issues 15/17: the e4m3 tensor-core decode (`fp8_mma` variants over values stored
+        # transposed per page, --kv-cache-layout hdp; docs/kernels.md "FP8 tensor-core decode"), one
+        # H200 call (~8 min): (a) its GPU tests, (b) µs per layer call on the nano-vllm decode batch,
+        # mma8-* vs the best FP8 (s4-fast-pf-f16) and bf16 (s3-fast-pf) variants, (c) the nano-vllm
+        # workload: bf16, FP8 nhd (today's FP8 path), FP8 hdp with the fastest mma8 variant of (b)
+        # (MMA8=name to force one; PEGBOARD_FP8_MMA_DEFAULTS). Look for: mma8 µs on nano fp8 near
+        # half of bf16's (bf16 ~4 TB/s), the hdp run's tok/s / bf16's (goal 1.5x; issue 17: 28,000
+        # tok/s), and the tests' errors. Worst case 150 + 110 + 3 x 90 s.
+        timeout 150 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_decode_fp8mma.py \
+          tests/test_kv_fp8.py tests/test_kv_layout.py 2>&1 | tee "$OUT/fp8-mma-tests.log" | tail -8
+        timeout 110 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 --budget-s 80 \
+          --variants s3-fast-pf,s4-fast-pf-f16,mma8-bn128-s3-fast-pf,mma8-bn128-s4-fast-pf,mma8-bn64-s4-fast-pf,mma8-bn256-s2-fast-pf \
+          --json "$OUT/fp8-mma-decode.json" 2>&1 | tee "$OUT/fp8-mma-decode.log" | grep -v "^ *$" | tail -16
+        mma8=${MMA8:-$(python3 -c "import json,sys; r=[x for x in json.load(open(sys.argv[1]))['results'] \
+if x['variant'].startswith('mma8') and 'us' in x]; print(min(r, key=lambda x: x['us'])['variant'] if r else '')" \
+          "$OUT/fp8-mma-decode.json" 2>/dev/null)}
+        mma8=${mma8:-mma8-bn128-s3-fast-pf}; echo "hdp run decodes with $mma8"
+        for run in "bf16:auto:nhd" "fp8-nhd:fp8_e4m3:nhd" "fp8-hdp:fp8_e4m3:hdp"; do
+          IFS=: read -r name dt layout <<<"$run"
+          PEGBOARD_FP8_MMA_DEFAULTS=$mma8 timeout 90 $PB bench offline \
+            --random-weights --config qwen3-0.6b --kv-cache-dtype $dt --kv-cache-layout $layout \
+            ${BENCH_ARGS:-} --json "$OUT/fp8-mma-$name.json" 2>"$OUT/fp8-mma-$name.err" >/dev/null \
+            || { echo "fp8-mma-$name FAILED"; grep -v '^frame #' "$OUT/fp8-mma-$name.err" | tail -8 | cut -c1-240; }
+        done
+        python3 - "$OUT" <<'PY'
+import json, os, sys
+runs = {n: json.load(open(f"{sys.argv[1]}/fp8-mma-{n}.json")) for n in ("bf16", "fp8-nhd", "fp8-hdp")
+        if os.path.exists(f"{sys.argv[1]}/fp8-mma-{n}.json")}
+for name, r in runs.items():
+    print(f"{name:<8} {r['output_tok_s']:>10.1f} out tok/s {r['elapsed_s']:>7.2f} s steps {r['steps']}")
+for name in ("fp8-nhd", "fp8-hdp"):
+    if "bf16" in runs and name in runs:
+        print(f"{name} / bf16: {runs[name]['output_tok_s'] / runs['bf16']['output_tok_s']:.2f}x (issue 15 goal 1.5x)")
+PY
+        ;;
     offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)
         timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --kv-cache-dtype fp8_e4m3 \
           ${BENCH_ARGS:-} --json "$OUT/offline-fp8.json" 2>"$OUT/offline-fp8.err" | tail -6 ;;

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import triton
 from pegboard.core.kernels import w4a16, w4a16_kernels
+from pegboard.plugins.kernels.triton_attention.decode_compile import cuobjdump
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -50,14 +49,6 @@ def compile_kernel(cfg: w4a16.W4A16Config, n: int, k: int, group: int, dtype, ar
     src = ASTSource(fn, signature, {(names.index(a),): v for a, v in const.items()}, aligned)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-
-
-def cuobjdump(cubin: bytes, flag: str) -> str:
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True).stdout
 
 
 def loops(sass: str) -> list[tuple[int, collections.Counter]]:

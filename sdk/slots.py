@@ -247,6 +247,9 @@ class AttentionBackend:
     #: The precision K/V are stored at when lower than the model's (e.g. an fp8 KV cache):
     #: the conformance kit then compares within that dtype's rounding. None: stored exactly.
     kv_dtype: ClassVar[torch.dtype | None] = None
+    #: The value layouts (`KVPool.v_layout`) the backend reads and writes; the core refuses,
+    #: before serving, a pool stored otherwise (`--kv-cache-layout`).
+    v_layouts: ClassVar[tuple[str, ...]] = ("nhd",)
 
     def __init__(self, model: ModelInfo, pool: KVPool, scale: float | None = None) -> None:
         self.model = model

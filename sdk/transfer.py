@@ -71,8 +71,10 @@ class KVTransferRecord(TypedDict):
 class PoolLayout:
     """Where a KV pool's pages are, as a peer needs it to address them: per layer the base
     address of the key and the value tensor (`[num_pages, page_size, kv_heads, head_dim]`,
-    contiguous), and the bytes of one page of one of them. Both sides must agree on
-    `page_size` and `page_bytes` (same model, dtype, page size and TP size)."""
+    contiguous; values may be stored transposed per page, `v_layout`, a page still one block
+    of bytes), and the bytes of one page of one of them. Both sides must agree on
+    `page_size`, `page_bytes` and `v_layout` (same model, dtype, page size, TP size and
+    `--kv-cache-layout`)."""
 
     k: tuple[int, ...]
     v: tuple[int, ...]
@@ -80,10 +82,11 @@ class PoolLayout:
     page_size: int
     num_pages: int
     device: str  # "cpu", "cuda:0", ...
+    v_layout: str = "nhd"  # `KVPool.v_layout`
 
     @classmethod
     def of(cls, pool: KVPool) -> PoolLayout:
-        for t in (*pool.k, *pool.v):
+        for t in (*pool.k, *pool.stored_values()):
             if not t.is_contiguous():
                 raise ValueError("KV pool tensors must be contiguous to be transferred")
         first = pool.k[0]
@@ -94,6 +97,7 @@ class PoolLayout:
             page_size=pool.page_size,
             num_pages=pool.num_pages,
             device=str(first.device),
+            v_layout=pool.v_layout,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -104,6 +108,7 @@ class PoolLayout:
             "page_size": self.page_size,
             "num_pages": self.num_pages,
             "device": self.device,
+            "v_layout": self.v_layout,
         }
 
     @classmethod
@@ -115,6 +120,7 @@ class PoolLayout:
             page_size=int(data["page_size"]),
             num_pages=int(data["num_pages"]),
             device=str(data["device"]),
+            v_layout=str(data.get("v_layout", "nhd")),
         )
 
     def mismatch(self, other: PoolLayout) -> str | None:
@@ -127,6 +133,11 @@ class PoolLayout:
             return (
                 f"{other.page_bytes} bytes per page vs {self.page_bytes} (different model, "
                 "dtype or TP size)"
+            )
+        if self.v_layout != other.v_layout:
+            return (
+                f"values stored {other.v_layout!r} vs {self.v_layout!r} (give both engines the "
+                "same --kv-cache-layout)"
             )
         return None
 

@@ -236,6 +236,14 @@ class KVPool:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     page_size: int
+    #: How the value tensors are laid out in memory (their shape is the same either way):
+    #: `"nhd"` like the keys, or `"hdp"` (FP8 pools only, `--kv-cache-layout hdp`), each
+    #: page's values `[num_kv_heads, head_dim, page_size]`: tokens contiguous, the K-major
+    #: operand FP8 tensor cores need for `P @ V` (docs/kernels.md, "FP8 tensor-core decode");
+    #: `v[layer]` is then a permuted view of that storage. A page is one contiguous block of
+    #: bytes either way, so page copies between pools of the same layout are byte copies.
+    #: Attention backends declare the layouts they read (`v_layouts`); the core refuses others.
+    v_layout: str = "nhd"
 
     @property
     def num_pages(self) -> int:
@@ -268,14 +276,30 @@ class KVPool:
         page_size: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        v_layout: str | None = None,
     ) -> KVPool:
-        """Zeroed storage; `dtype` (default: the model's) may be an FP8 type (`kv_dtype`)."""
+        """Zeroed storage; `dtype` (default: the model's) may be an FP8 type (`kv_dtype`);
+        `v_layout` a `V_LAYOUTS` name (`kv_layout` resolves `--kv-cache-layout`)."""
         shape = (num_pages, page_size, info.num_kv_heads, info.head_dim)
         dev = device or info.device
         dt = dtype or info.dtype
+        layout = kv_layout(v_layout, dt)
         k = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
-        v = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
-        return cls(k=k, v=v, page_size=page_size)
+        if layout == "hdp":
+            hdp = (num_pages, info.num_kv_heads, info.head_dim, page_size)
+            v = [zeros(hdp, dt, dev).permute(0, 3, 1, 2) for _ in range(info.num_layers)]
+        else:
+            v = [zeros(shape, dt, dev) for _ in range(info.num_layers)]
+        return cls(k=k, v=v, page_size=page_size, v_layout=layout)
+
+    def stored_values(self) -> list[torch.Tensor]:
+        """Per layer, the value tensor in its memory order (contiguous): `v[layer]` itself in
+        the `"nhd"` layout, `[num_pages, num_kv_heads, head_dim, page_size]` in `"hdp"`. Page
+        `p` is index `p` of dimension 0 in both, so whole pages copy between pools of the
+        same layout without a transpose."""
+        if self.v_layout == "hdp":
+            return [v.permute(0, 2, 3, 1) for v in self.v]
+        return list(self.v)
 
     @staticmethod
     def bytes_per_token(info: ModelInfo, dtype: torch.dtype | None = None) -> int:
@@ -286,6 +310,33 @@ class KVPool:
 #: FP8 KV storage types; `--kv-cache-dtype fp8_e4m3` (SGLang/vLLM's name) selects e4m3.
 FP8_DTYPES = (torch.float8_e4m3fn,)
 KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}
+
+
+#: `KVPool.v_layout` values (`--kv-cache-layout`).
+V_LAYOUTS = ("nhd", "hdp")
+
+
+def kv_layout(name: str | None, dtype: torch.dtype) -> str:
+    """The value layout for `--kv-cache-layout NAME` over a pool of `dtype`: `auto`/None is
+    `"nhd"` (until the GPU measures `"hdp"` with the e4m3 tensor-core decode faster,
+    docs/kernels.md); `"hdp"` needs an FP8 pool (16-bit MMAs read either layout)."""
+    layout = "nhd" if name in (None, "", "auto") else name
+    if layout not in V_LAYOUTS:
+        raise ValueError(
+            f"kv cache layout {name!r} is not supported; choose auto or {', '.join(V_LAYOUTS)}"
+        )
+    if layout == "hdp" and dtype not in FP8_DTYPES:
+        raise ValueError(
+            f"--kv-cache-layout hdp stores FP8 values transposed per page; it needs "
+            f"--kv-cache-dtype fp8_e4m3 (this pool is {dtype})"
+        )
+    return layout
+
+
+def transpose_values(v: torch.Tensor) -> torch.Tensor:
+    """A copy of a value tensor `[num_pages, page_size, num_kv_heads, head_dim]` in the
+    `"hdp"` layout (same shape and values; each page stored `[heads, head_dim, page_size]`)."""
+    return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def kv_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:

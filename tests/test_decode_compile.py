@@ -16,9 +16,18 @@ pytest.importorskip("triton.backends.nvidia", reason="triton without its CUDA ba
 
 from pegboard.plugins.kernels.triton_attention.decode_configs import DECODE_DEFAULTS  # noqa: E402
 
-# The engine's, the baseline, and one with float16 dots over FP8 (`to_dot_dtype`'s clamp).
+# The engine's, the baseline, one with float16 dots over FP8 (`to_dot_dtype`'s clamp), and one
+# with e4m3 tensor-core dots (`decode_fp8mma.py`).
 VARIANTS = list(
-    dict.fromkeys(["baseline", "s3-fast-pf", "s3-fast-pf-f16", *(n for _, n in DECODE_DEFAULTS)])
+    dict.fromkeys(
+        [
+            "baseline",
+            "s3-fast-pf",
+            "s3-fast-pf-f16",
+            "mma8-bn128-s3-fast-pf",
+            *(n for _, n in DECODE_DEFAULTS),
+        ]
+    )  # fmt: skip
 )
 
 
@@ -49,3 +58,16 @@ def test_page_prefetch_gives_the_key_value_tiles_a_second_buffer(compiled):
     assert compiled["baseline bf16 group 2"]["kv_buffers"] == 1
     assert compiled["s3-fast-pf bf16 group 2"]["kv_buffers"] == 2
     assert compiled["s3-fast-pf fp8 group 4 split"]["kv_buffers"] == 2
+
+
+@pytest.mark.slow
+def test_the_fp8_mma_variant_multiplies_e4m3_on_the_tensor_cores(compiled):
+    """Over an FP8 cache its SASS has FP8 wgmma (`QGMMA ... E4M3.E4M3`) and no 16-bit MMA: no
+    key or value is converted; over bf16 the variant is the 16-bit kernel."""
+    for key in ("mma8-bn128-s3-fast-pf fp8 group 2", "mma8-bn128-s3-fast-pf fp8 group 4 split"):
+        ops = compiled[key]["mma"]
+        assert any(op.startswith("QGMMA") and op.endswith("E4M3.E4M3") for op in ops), ops
+        assert not any(op.startswith("HMMA") for op in ops), ops
+    assert not any(
+        op.startswith("QGMMA") for op in compiled["mma8-bn128-s3-fast-pf bf16 group 2"]["mma"]
+    )

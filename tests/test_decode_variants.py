@@ -198,8 +198,10 @@ def test_gpu_every_variant_matches_the_reference(name):
     splits, bf16 and e4m3 caches (the unsplit store: the engine variants' test below, and
     `bash scripts/device-run.sh decode-sweep`, which checks every variant's error)."""
     for kv_dtype in (torch.bfloat16, FP8):
+        # `fp8_mma` over FP8: e4m3 queries and probabilities (tests/test_decode_fp8mma.py)
+        e4m3_dots = DECODE_VARIANTS[name].fp8_mma and kv_dtype is FP8
         check(name, qwen_lens(), 3, heads=16, kv_heads=8, head_dim=128, page_size=16,
-              dtype=torch.bfloat16, kv_dtype=kv_dtype, atol=2e-2)  # fmt: skip
+              dtype=torch.bfloat16, kv_dtype=kv_dtype, atol=0.12 if e4m3_dots else 2e-2)  # fmt: skip
 
 
 @pytest.mark.gpu

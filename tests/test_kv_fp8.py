@@ -13,6 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+from fixtures.interpreter_fp8 import exact_e4m3_in_interpreter
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import PluginManager
 from pegboard.plugins.kernels.attention_torch import TorchAttention, TorchAttentionBackend
@@ -86,9 +87,10 @@ def test_torch_backend_attends_over_the_fp8_rounded_keys_and_values(scale):
 
 def test_per_layer_scales_keep_large_values_that_would_saturate():
     m = info()
-    q = torch.randn(3, 4, 16)
-    k = torch.randn(3, 2, 16) * 2000  # beyond e4m3's 448
-    v = torch.randn(3, 2, 16) * 2000
+    gen = torch.Generator().manual_seed(0)  # (unseeded, it failed now and then)
+    q = torch.randn(3, 4, 16, generator=gen)
+    k = torch.randn(3, 2, 16, generator=gen) * 2000  # beyond e4m3's 448
+    v = torch.randn(3, 2, 16, generator=gen) * 2000
     batch = _batch([3], [3], [[0]], 16)
     exact = _attend(KVPool.allocate(m, 2, 16), m, q, k, v, batch)
     unscaled = _attend(KVPool.allocate(m, 2, 16, dtype=FP8), m, q, k, v, batch)
@@ -193,7 +195,8 @@ def test_unknown_kv_cache_dtype_is_refused(tiny_llama_dir):
         ),
     ],
 )
-def test_triton_backend_reads_fp8_like_the_torch_backend(decode, monkeypatch):
+@pytest.mark.parametrize("layout", ["nhd", "hdp"])
+def test_triton_backend_reads_fp8_like_the_torch_backend(decode, layout, monkeypatch):
     from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
     from pegboard.plugins.kernels.triton_attention import decode as decode_module
 
@@ -211,7 +214,7 @@ def test_triton_backend_reads_fp8_like_the_torch_backend(decode, monkeypatch):
     v = torch.randn(n, 8, 128, generator=gen, device="cuda").bfloat16()
     outs = []
     for cls in (TorchAttentionBackend, TritonAttentionBackend):
-        pool = KVPool.allocate(m, 8, 16, dtype=FP8)
+        pool = KVPool.allocate(m, 8, 16, dtype=FP8, v_layout=layout)
         pool.k_scales, pool.v_scales = [2.0], [0.5]
         if decode:  # fill the prefix through a prefill first
             pre = _batch([s - 1 for s in seq_lens], [s - 1 for s in seq_lens], pages, 16, "cuda")
@@ -229,31 +232,25 @@ def test_triton_backend_reads_fp8_like_the_torch_backend(decode, monkeypatch):
         backend.prepare(_batch(q_lens, seq_lens, pages, 16, "cuda"))
         outs.append(backend.forward(0, q, k, v).float())
     rel = (outs[1] - outs[0]).norm() / outs[0].norm()
-    assert rel < 2e-2, f"relative error {rel:.2e}"
-
-
-def _store_like_torch(k, v, k_cache, v_cache, slots, k_scale, v_scale):
-    """`store_kv` by PyTorch's float8 conversion (the interpreter's own conversion to e4m3 is
-    off for some values, a Triton interpreter limitation; the GPU test covers the kernel)."""
-    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        stored = (x.float() / scale).clamp(-448, 448).to(FP8).view(torch.uint8)
-        cache.view(torch.uint8).view(-1, *cache.shape[2:])[slots[slots >= 0]] = stored[slots >= 0]
+    # hdp decodes with e4m3 queries and probabilities (decode_fp8mma.py): 2.3e-2 on CPU
+    assert rel < (4e-2 if layout == "hdp" and decode else 2e-2), f"relative error {rel:.2e}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test above covers the device")
-@pytest.mark.parametrize("mode", ["prefill", "decode", "decode-fma"])
+@pytest.mark.parametrize("mode", ["prefill", "decode", "decode-fma", "prefill-hdp", "decode-hdp"])
 def test_triton_kernels_read_fp8_like_the_torch_backend_in_the_interpreter(mode, monkeypatch):
     # The decode and extend kernels reading e4m3 through float16 dots, and the decode kernel's
     # CUDA-core variant (the interpreter's bf16 tl.dot is broken, so the bf16 path is left to
     # the GPU test).
     pytest.importorskip("triton")
-    from pegboard.plugins.kernels import triton_attention
     from pegboard.plugins.kernels.attention_triton import TritonAttentionBackend
     from pegboard.plugins.kernels.triton_attention import decode as decode_module
 
-    monkeypatch.setattr(triton_attention, "store_kv", _store_like_torch)
     monkeypatch.setattr(decode_module, "FP8_DECODE", "fma" if mode == "decode-fma" else "dot")
     monkeypatch.setattr(decode_module, "FP8_F16_DOT", True)  # opt-in on the GPU (see there)
+    hdp = mode.endswith("-hdp")  # values transposed per page: the e4m3 tensor-core decode
+    exact_e4m3_in_interpreter(monkeypatch)  # for store_kv, and hdp's quantized query and P
+    mode = mode.removesuffix("-hdp")
     decode = mode != "prefill"
     m = info(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
@@ -264,14 +261,15 @@ def test_triton_kernels_read_fp8_like_the_torch_backend_in_the_interpreter(mode,
     prefix = torch.randn(sum(seq_lens) - 2, 2, 16, generator=gen).bfloat16()
     outs = []
     for cls in (TorchAttentionBackend, TritonAttentionBackend):
-        pool = KVPool.allocate(m, 4, 16, dtype=FP8)
+        pool = KVPool.allocate(m, 4, 16, dtype=FP8, v_layout="hdp" if hdp else "nhd")
         pool.k_scales, pool.v_scales = [2.0, 2.0], [0.5, 0.5]
         if decode:  # the prefix's keys and values stored by a prefill first
             pre = _batch([s - 1 for s in seq_lens], [s - 1 for s in seq_lens], pages, 16)
             _attend(pool, m, torch.zeros(len(prefix), 4, 16).bfloat16(), prefix, prefix, pre, cls)
         outs.append(_attend(pool, m, q, k, v, _batch(q_lens, seq_lens, pages, 16), cls).float())
     rel = (outs[1] - outs[0]).norm() / outs[0].norm()
-    assert rel < 1e-2, f"relative error {rel:.2e}"
+    # e4m3 queries and probabilities in the hdp decode: 2.3e-2 (float16 dots: 4e-3)
+    assert rel < (4e-2 if hdp and decode else 1e-2), f"relative error {rel:.2e}"
 
 
 def test_checkpoint_kv_scales_become_the_fp8_pool_scales(tiny_llama_dir, tmp_path):

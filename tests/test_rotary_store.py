@@ -101,6 +101,31 @@ def test_rotary_store_into_an_fp8_pool_with_scales_equals_store_kv():
     assert fused[3].view(torch.uint8).view(16, -1)[3].any()  # something was stored
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, FP8], ids=["fp32", "fp8"])
+def test_rotary_store_into_values_transposed_per_page_equals_store_kv(cache_dtype):
+    """A pool whose values are stored `[Hkv, D, page_size]` per page (`KVPool.v_layout ==
+    "hdp"`, read by the `fp8_mma` decode kernel): the value cache is a strided view, and the
+    fused kernel writes what `store_kv` writes, where the view says."""
+    rotary, pos = make_rope(16, max_len=4096), positions(3, 4096)
+    slots = torch.tensor([3, 9, 14], device=DEVICE)
+    out = []
+    for fused in (True, False):
+        (k_cache, v_flat), _ = pools(4, 4, 2, 16, cache_dtype)
+        v_cache = v_flat.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # hdp storage
+        assert v_cache.stride(1) == 1 and v_cache.stride(3) == 4
+        _, q, k, v = qkv_views(3, 4, 2, 16, torch.bfloat16)
+        if fused:
+            rotary_store_kv(pos, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache, slots)
+        else:
+            rotary_embedding(pos, q, k, rotary.cos, rotary.sin)
+            store_kv(k, v, k_cache, v_cache, slots)
+        out.append((q, k, k_cache, v_cache.contiguous()))
+    assert_same(*out)
+    if cache_dtype != FP8:  # (the interpreter's own e4m3 rounding differs from torch's)
+        values = out[0][3].view(-1, 2, 16)[slots]  # the logical [page, offset] rows
+        torch.testing.assert_close(values, v.float(), atol=0, rtol=0)
+
+
 def test_rotary_store_rejects_a_pool_of_other_heads():
     rotary = make_rope(16)
     _, q, k, v = qkv_views(2, 4, 2, 16)

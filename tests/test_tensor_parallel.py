@@ -98,15 +98,18 @@ def test_tp2_greedy_equals_one_process_and_transformers(tp_models, name):
 
 
 @pytest.mark.slow
-def test_tp2_with_an_fp8_kv_cache_equals_one_process(tp_models):
-    """Each rank's pool stores its heads in FP8 (rank 0's per-layer scales are passed on; no
-    plugin sets scales other than 1.0 yet, so this does not test them)."""
+@pytest.mark.parametrize("layout", ["nhd", "hdp"])
+def test_tp2_with_an_fp8_kv_cache_equals_one_process(tp_models, layout):
+    """Each rank's pool stores its heads in FP8, values in rank 0's layout (`hdp`: transposed
+    per page); rank 0's per-layer scales are passed on (no plugin sets scales other than 1.0
+    yet, so this does not test them)."""
     model_dir = tp_models["llama"]
     first, _ = waves()
     settings = dict(dtype="float32", device="cpu", kv_cache_dtype="fp8_e4m3")
+    settings["kv_cache_layout"] = layout
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     with LLM(str(model_dir), tp_size=2, **settings) as llm:
-        assert llm.engine.kv.pool.is_fp8
+        assert llm.engine.kv.pool.is_fp8 and llm.engine.kv.pool.v_layout == layout
         tp = [o.token_ids for o in llm.generate(first, params)]
     with LLM(str(model_dir), **settings) as llm:
         assert tp == [o.token_ids for o in llm.generate(first, params)]

@@ -71,6 +71,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "scales; attention backends triton, flashinfer and torch) (default auto)",
     )
     g.add_argument(
+        "--kv-cache-layout",
+        default="auto",
+        choices=["auto", "nhd", "hdp"],
+        help="how an FP8 pool stores values: nhd (like the keys) or hdp (transposed per page, "
+        "for the triton backend's e4m3 tensor-core decode; attention backends triton and torch, "
+        "no speculation); auto: nhd (default auto; docs/kernels.md)",
+    )
+    g.add_argument(
         "--kv-cache-scales",
         metavar="FILE",
         default=None,

@@ -111,14 +111,17 @@ class Follower:
         from pegboard.sdk.slots import PluginContext
         from pegboard.sdk.types import KVPool
 
-        num_layers, shape, dtype, page_size, k_scales, v_scales = layout
+        num_layers, shape, dtype, page_size, k_scales, v_scales, v_layout = layout
         if not kept or self.pool is None:
             self.pool = None  # the old pool's memory is free before the new one is allocated
             dt = getattr(torch, dtype.removeprefix("torch."))
             dev = self.runner.device
             k = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
-            v = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
-            self.pool = KVPool(k=k, v=v, page_size=page_size)
+            order = (0, 2, 3, 1) if v_layout == "hdp" else (0, 1, 2, 3)  # as rank 0 stores
+            stored = [shape[i] for i in order]  # values (`KVPool.v_layout`)
+            back = [order.index(i) for i in range(4)]
+            v = [torch.zeros(stored, dtype=dt, device=dev).permute(back) for _ in range(num_layers)]
+            self.pool = KVPool(k=k, v=v, page_size=page_size, v_layout=v_layout)
         self.pool.k_scales, self.pool.v_scales = k_scales, v_scales
         plugin = self.plugins.create("attention", name, options)
         plugin.setup(PluginContext(self.runner.info, self.runner.device, engine))

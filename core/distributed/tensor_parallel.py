@@ -96,6 +96,7 @@ class TensorParallel:
             return
         layout = (len(pool.k), tuple(pool.k[0].shape), str(pool.k[0].dtype), pool.page_size)
         layout += (list(pool.k_scales), list(pool.v_scales))  # an FP8 pool's per-layer scales
+        layout += (pool.v_layout,)  # how values are stored (`--kv-cache-layout`)
         kept = self._last_pool is not None and self._last_pool() is pool
         self._last_pool = weakref.ref(pool)  # not keeping a swapped-out pool's memory alive
         options = attention.options.model_dump()

@@ -56,6 +56,7 @@ def _rotary_store_kernel(
     stride_vcp,
     stride_vcs,
     stride_vch,
+    stride_vcd,
     k_inv_scale,
     v_inv_scale,
     eps,
@@ -111,7 +112,11 @@ def _rotary_store_kernel(
     v_mask = (offs_h[:, None] < heads) & (offs_v[None, :] < 2 * HALF)
     v = tl.load(V + token * stride_vt + offs_h[:, None] * stride_vh + offs_v[None, :], mask=v_mask)
     v_dst = V_cache + page * stride_vcp + offset * stride_vcs + offs_h[:, None] * stride_vch
-    tl.store(v_dst + offs_v[None, :], _to_pool(v, v_inv_scale, V_cache, FP8_MAX), mask=v_mask)
+    tl.store(
+        v_dst + offs_v[None, :] * stride_vcd,
+        _to_pool(v, v_inv_scale, V_cache, FP8_MAX),
+        mask=v_mask,
+    )
 
 
 def rotary_store_kv(
@@ -132,8 +137,9 @@ def rotary_store_kv(
 ) -> None:
     """`rotary.rotary_embedding(positions, q, k, cos, sin, q_norm_weight, k_norm_weight, eps)`
     (q and k rotated in place), then the rotated `k` and `v` (`[T, Hkv, D]`) written into the
-    paged caches (`[num_pages, page_size, Hkv, D]`) at `slot_mapping [T]` (negative: not
-    stored), an FP8 cache getting `k / k_scale`, `v / v_scale` saturated: what `rotary_embedding`
+    paged caches (`[num_pages, page_size, Hkv, D]`, the values possibly a view of pages stored
+    `[Hkv, D, page_size]`: every stride is read) at `slot_mapping [T]` (negative: not stored),
+    an FP8 cache getting `k / k_scale`, `v / v_scale` saturated: what `rotary_embedding`
     and the `triton` attention backend's `store_kv` write, in one launch. q, k, v may be strided
     views (of one qkv tensor) but each head must be contiguous."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -177,6 +183,7 @@ def rotary_store_kv(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        v_cache.stride(3),  # (values transposed per page, `KVPool.v_layout == "hdp"`: not 1)
         1.0 / k_scale,
         1.0 / v_scale,
         eps,

@@ -239,7 +239,9 @@ def check_kv_dtype(
 ) -> None:
     """Refuse, before serving, an attention backend that cannot read the pool's storage type:
     an FP8 pool (`--kv-cache-dtype fp8_e4m3`) needs a backend whose class sets
-    `supports_fp8_kv = True` (the `triton`, `flashinfer` and `torch` backends). An FP8 pool
+    `supports_fp8_kv = True` (the `triton`, `flashinfer` and `torch` backends), and values
+    stored in a layout other than `"nhd"` (`--kv-cache-layout`) one that lists it in
+    `v_layouts` (`triton`, `torch`). An FP8 pool
     takes its per-layer K/V scales from `scales_file` (`--kv-cache-scales`) when given, else the
     checkpoint's (`model.kv_scales`), 1.0 for layers without one."""
     if pool.is_fp8 and not getattr(type(backend), "supports_fp8_kv", False):
@@ -247,6 +249,13 @@ def check_kv_dtype(
             f"attention plugin {attention!r} does not read an FP8 KV cache "
             "(--kv-cache-dtype fp8_e4m3); choose --attention triton, flashinfer or torch, or "
             "drop --kv-cache-dtype"
+        )
+    layout = getattr(pool, "v_layout", "nhd")
+    if layout not in getattr(type(backend), "v_layouts", ("nhd",)):
+        raise ValueError(
+            f"attention plugin {attention!r} does not read values stored {layout!r} "
+            f"(--kv-cache-layout {layout}); choose --attention triton or torch, or "
+            "--kv-cache-layout nhd"
         )
     if scales_file is not None:
         if not pool.is_fp8:

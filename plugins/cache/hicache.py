@@ -220,27 +220,35 @@ class HiCache(RadixCache):
 
 
 def _host_pool(device_pool: KVPool, num_pages: int) -> KVPool:
-    """A pool shaped like `device_pool` with `num_pages` pages in host memory."""
+    """A pool shaped like `device_pool`, values in its layout too (`KVPool.v_layout`: pages
+    then copy without a transpose), with `num_pages` pages in host memory."""
     template = device_pool.k[0]
     pin = template.is_cuda
     shape = (num_pages, *template.shape[1:])
 
-    def new() -> torch.Tensor:
+    def new(shape=shape) -> torch.Tensor:
         return torch.zeros(shape, dtype=template.dtype, device="cpu", pin_memory=pin)
 
     layers = len(device_pool.k)
+    if device_pool.v_layout == "hdp":  # stored [pages, heads, head_dim, page_size]
+        stored = (num_pages, *device_pool.stored_values()[0].shape[1:])
+        values = [new(stored).permute(0, 3, 1, 2) for _ in range(layers)]
+    else:
+        values = [new() for _ in range(layers)]
     return KVPool(
         k=[new() for _ in range(layers)],
-        v=[new() for _ in range(layers)],
+        v=values,
         page_size=device_pool.page_size,
+        v_layout=device_pool.v_layout,
     )
 
 
 def _copy_pages(src: KVPool, src_pages: list[int], dst: KVPool, dst_pages: list[int]) -> None:
-    """Copy whole pages between pools (device <-> host), every layer's keys and values."""
+    """Copy whole pages between pools of the same layout (device <-> host), every layer's keys
+    and values, each page as one contiguous block (`KVPool.stored_values`)."""
     src_index = torch.tensor(src_pages, dtype=torch.long, device=src.k[0].device)
     dst_index = torch.tensor(dst_pages, dtype=torch.long, device=dst.k[0].device)
-    for s, d in zip(src.k + src.v, dst.k + dst.v):
+    for s, d in zip(src.k + src.stored_values(), dst.k + dst.stored_values()):
         if s.element_size() == 1:  # FP8 pages move as bytes (CPU has no FP8 index ops)
             s, d = s.view(torch.uint8), d.view(torch.uint8)
         d.index_copy_(0, dst_index, s.index_select(0, src_index).to(d.device, non_blocking=True))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pegboard.core.hookspecs import hookimpl
 from pegboard.sdk.slots import KVCache, Plugin, PluginContext
-from pegboard.sdk.types import KVPool, Request, kv_dtype
+from pegboard.sdk.types import KVPool, Request, kv_dtype, kv_layout
 
 DEFAULT_PAGE_SIZE = 16
 
@@ -58,7 +58,8 @@ class PagedCache(KVCache):
     pages from `ctx.engine["kv_cache_tokens"]` (rounded up to whole pages), else
     `ctx.engine["kv_memory_bytes"] // (KVPool.bytes_per_token(model, dtype) * page_size)`; the
     storage dtype is `ctx.engine["kv_cache_dtype"]` (`auto`: the model's; `fp8_e4m3`: one
-    byte per value, per-layer scales 1.0), so an FP8 pool holds twice the tokens of bf16.
+    byte per value, per-layer scales 1.0), so an FP8 pool holds twice the tokens of bf16; the
+    value layout is `ctx.engine["kv_cache_layout"]` (`KVPool.v_layout`; `auto`: nhd).
 
     Runtime swap (handoff "state"): a predecessor with the same page size that has
     `export_state() -> KVState` is taken over — its pool, free list and page references — so
@@ -82,7 +83,11 @@ class PagedCache(KVCache):
         if ctx.model is None:
             raise ValueError("the paged KV cache needs the model's shape to size its pool")
         num_pages = self._num_pages(ctx)
-        self.pool = KVPool.allocate(ctx.model, num_pages, self.page_size, dtype=_kv_dtype(ctx))
+        dtype = _kv_dtype(ctx)
+        layout = kv_layout(ctx.engine.get("kv_cache_layout"), dtype)
+        self.pool = KVPool.allocate(
+            ctx.model, num_pages, self.page_size, dtype=dtype, v_layout=layout
+        )
         self._refs = [0] * num_pages
         # A stack: page 0 is handed out first.
         self._free = list(range(num_pages - 1, -1, -1))

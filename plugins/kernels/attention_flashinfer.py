@@ -107,6 +107,12 @@ class FlashInferAttentionBackend(AttentionBackend):
         import flashinfer
         from pegboard.plugins.kernels.triton_attention import store_kv
 
+        if pool.v_layout != "nhd":  # FlashInfer's paged kernels read NHD values only
+            raise ValueError(
+                f"the flashinfer attention backend reads NHD values, and this pool stores them "
+                f"{pool.v_layout!r} (--kv-cache-layout); choose --attention triton or "
+                "--kv-cache-layout nhd"
+            )
         if model.num_heads % model.num_kv_heads:
             raise ValueError(
                 f"num_heads ({model.num_heads}) must be a multiple of num_kv_heads "

@@ -24,6 +24,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with its per-layer scales.
     supports_fp8_kv = True
+    #: Value layouts it reads (`KVPool.v_layout`): it indexes by (page, offset).
+    v_layouts = ("nhd", "hdp")
     #: Applies `ForwardBatch.tree_masks` (speculative draft trees, verified in one forward).
     supports_tree_mask = True
 
@@ -68,12 +70,12 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Write `k`/`v` at the batch's slots, then attend over each request's whole sequence."""
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_cache = self.pool.k[layer].view(-1, num_kv_heads, head_dim)
-        v_cache = self.pool.v[layer].view(-1, num_kv_heads, head_dim)
         slots = self.batch.slot_mapping
         if self.pool.is_fp8:
-            keys, values = self._fp8_store_and_gather(layer, k, v, k_cache, v_cache, q.dtype)
+            keys, values = self._fp8_store_and_gather(layer, k, v, q.dtype)
         else:
+            k_cache = self.pool.k[layer].view(-1, num_kv_heads, head_dim)
+            v_cache = self.pool.v[layer].view(-1, num_kv_heads, head_dim)
             k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
             v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
             keys, values = k_cache[self.kv_index], v_cache[self.kv_index]
@@ -97,19 +99,23 @@ class TorchAttentionBackend(AttentionBackend):
         out = out.transpose(1, 2).reshape(num_requests * self.max_q, num_heads, head_dim)
         return out[self.token_rows]
 
-    def _fp8_store_and_gather(self, layer, k, v, k_cache, v_cache, dtype):
+    def _fp8_store_and_gather(self, layer, k, v, dtype):
         """FP8 pool: store `value / scale` saturated to the type's range, read back times the
-        scale. Indexing goes through byte views (CPU has no FP8 index ops)."""
-        finfo = torch.finfo(k_cache.dtype)
+        scale. Indexing goes through byte views (CPU has no FP8 index ops), by (page, offset)
+        so that values stored transposed per page (`KVPool.v_layout == "hdp"`) index alike."""
+        page_size = self.pool.page_size
+        slots, index = self.batch.slot_mapping, self.kv_index
         out = []
         for new, cache, scale in (
-            (k, k_cache, self.pool.k_scale(layer)),
-            (v, v_cache, self.pool.v_scale(layer)),
+            (k, self.pool.k[layer], self.pool.k_scale(layer)),
+            (v, self.pool.v[layer], self.pool.v_scale(layer)),
         ):
+            finfo = torch.finfo(cache.dtype)
             stored = (new.float() / scale).clamp(finfo.min, finfo.max).to(cache.dtype)
             raw = cache.view(torch.uint8)
-            raw.index_copy_(0, self.batch.slot_mapping, stored.view(torch.uint8))
-            out.append(raw[self.kv_index].view(cache.dtype).to(dtype) * scale)
+            raw[slots // page_size, slots % page_size] = stored.view(torch.uint8)
+            gathered = raw[index // page_size, index % page_size]
+            out.append(gathered.view(cache.dtype).to(dtype) * scale)
         return out[0], out[1]
 
 

@@ -90,6 +90,9 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graph_mixed = True
     #: Reads and writes an FP8 KV pool (`--kv-cache-dtype fp8_e4m3`) with per-layer scales.
     supports_fp8_kv = True
+    #: Value layouts it reads (`KVPool.v_layout`): over FP8 values stored transposed per page
+    #: the decode kernel multiplies in e4m3 on the tensor cores (`decode_fp8mma.py`).
+    v_layouts = ("nhd", "hdp")
     #: The extend kernel applies `ForwardBatch.tree_masks` (speculative draft trees).
     supports_tree_mask = True
     #: The model's rope kernel may store the step's K/V (`kv_store_target`, `attend`).

@@ -38,6 +38,11 @@ from pegboard.plugins.kernels.triton_attention.decode_configs import (
     decode_config,
     heads_per_program,
 )
+from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (
+    decode_fp8mma,
+    uses_fp8_mma,
+    values_transposed,
+)
 from pegboard.plugins.kernels.triton_attention.launch import dot_precision, num_sms, unit_last_dim
 
 LOG2E = math.log2(math.e)
@@ -432,8 +437,12 @@ def decode_attention(
         return out
     if isinstance(config, str):
         config = DECODE_VARIANTS[config]
-    config = config or decode_config(num_requests)
+    transposed = k_cache.element_size() == 1 and values_transposed(v_cache)
+    config = config or decode_config(num_requests, e4m3_dots=transposed)
     q = unit_last_dim(q)
+    if uses_fp8_mma(config, k_cache, v_cache, fma):  # e4m3 tensor-core dots
+        return decode_fp8mma(q, k_cache, v_cache, page_table, seq_lens, scale * LOG2E, out,
+                             num_splits, workspace, block_n, num_warps, num_stages, config)  # fmt: skip
     meta = decode_meta(config, q.dtype, k_cache.dtype, group, num_kv_heads, head_dim,
                        k_cache.shape[1], num_splits > 1, block_n, f16, fma)  # fmt: skip
     if num_splits > 1 and workspace is None:
@@ -488,27 +497,34 @@ def decode_attention(
         **(meta | {"FIXUP": fixup, "BLOCK_S": triton.next_power_of_2(num_splits)}),
     )
     if num_splits > 1 and not fixup:
-        _decode_reduce_kernel[(num_requests, num_heads)](
-            out,
-            mid_out,
-            mid_lse,
-            seq_lens,
-            num_splits,
-            out.stride(0),
-            out.stride(1),
-            mid_out.stride(0),
-            mid_out.stride(1),
-            mid_out.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
-            HEAD_DIM=head_dim,
-            MIN_CHUNK=meta["MIN_CHUNK"],
-            BLOCK_N=meta["BLOCK_N"],
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=meta["BLOCK_D"],
-            num_warps=4 if head_dim >= 128 else 2,
-        )
+        reduce_splits(out, mid_out, mid_lse, seq_lens, num_splits, meta)
     return out
+
+
+def reduce_splits(out, mid_out, mid_lse, seq_lens, num_splits: int, meta: dict) -> None:
+    """Merge the splits' partial outputs and log-sum-exps (`mid_out`, `mid_lse`) into `out`
+    (`meta`: the decode kernel's `MIN_CHUNK`, `BLOCK_N`, `BLOCK_D`, which set the chunking)."""
+    num_requests, num_heads, head_dim = out.shape
+    _decode_reduce_kernel[(num_requests, num_heads)](
+        out,
+        mid_out,
+        mid_lse,
+        seq_lens,
+        num_splits,
+        out.stride(0),
+        out.stride(1),
+        mid_out.stride(0),
+        mid_out.stride(1),
+        mid_out.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        HEAD_DIM=head_dim,
+        MIN_CHUNK=meta["MIN_CHUNK"],
+        BLOCK_N=meta["BLOCK_N"],
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=meta["BLOCK_D"],
+        num_warps=4 if head_dim >= 128 else 2,
+    )
 
 
 def decode_meta(

@@ -11,12 +11,19 @@ tile is waited for after the last is computed; 2 or more: loads overlap compute)
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import triton
 from pegboard.plugins.kernels.triton_attention.decode import _decode_kernel, decode_meta
 from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
+from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (
+    _decode_fp8mma_kernel,
+    fp8mma_meta,
+)
 
 _POINTERS = {"Q": "*bf16", "Out": "*bf16", "Mid_out": "*fp32", "Mid_lse": "*fp32",
              "Page_table": "*i32", "Seq_lens": "*i32", "Counters": "*i32"}  # fmt: skip
@@ -37,6 +44,35 @@ def _jit(fn):
 class Compiled:
     shared_bytes: int
     kv_buffers: int  # shared-memory slots of the key tile: tiles in flight + 1 being computed
+    registers: int = 0  # per thread (`cuobjdump -res-usage`)
+    #: SASS opcodes of the tensor-core instructions with their type suffixes (e.g.
+    #: `HGMMA.64x16x32.F32.E4M3.E4M3`: e4m3 wgmma, "QGMMA" in NVIDIA's tables), and counts
+    mma: dict[str, int] = field(default_factory=dict)
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """`cuobjdump FLAG` (shipped with Triton) of a compiled kernel: `-sass`, `-res-usage`."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True).stdout
+
+
+def _summary(kernel) -> Compiled:
+    ttgir = kernel.asm["ttgir"]
+    depths = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
+    usage = re.search(r"REG:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
+    mma: dict[str, int] = {}
+    for op in re.findall(
+        r"\b([HQIU]?GMMA\.[\w.]+|HMMA\.[\w.]+|QMMA\.[\w.]+)",
+        cuobjdump(kernel.asm["cubin"], "-sass"),
+    ):
+        mma[op] = mma.get(op, 0) + 1
+    return Compiled(
+        kernel.metadata.shared, max(map(int, depths), default=0),
+        int(usage.group(1)) if usage else 0, mma,
+    )  # fmt: skip
 
 
 def compile_decode(
@@ -49,16 +85,25 @@ def compile_decode(
     split: bool = False,
     capability: int = 90,
 ) -> Compiled:
-    """Compile `_decode_kernel` as `decode_attention` launches it for `config` (bf16 queries,
-    strides divisible by 16 as the pool's are); raises what the compiler raises."""
+    """Compile the kernel `decode_attention` launches for `config` (bf16 queries, strides
+    divisible by 16 as the pool's are): `_decode_kernel`, or over an FP8 cache for an
+    `fp8_mma` variant `_decode_fp8mma_kernel` over values transposed per page (`hdp`); raises
+    what the compiler raises."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = decode_meta(
-        config, torch.bfloat16, kv_dtype, group, num_kv_heads, head_dim, page_size, split, fma=False
-    ) | {"PDL": config.pdl}
+    fn = _decode_kernel
+    if config.fp8_mma and kv_dtype.itemsize == 1:
+        fn = _decode_fp8mma_kernel
+        bn = config.block_n if head_dim <= 128 else min(config.block_n, 64)
+        constexprs = fp8mma_meta(bn, group, head_dim, page_size, split, config.min_chunk, True)
+        constexprs |= {"HEAD_FASTEST": config.head_fastest, "PREFETCH": config.prefetch_pages}
+    else:
+        constexprs = decode_meta(config, torch.bfloat16, kv_dtype, group, num_kv_heads,
+                                 head_dim, page_size, split, fma=False)  # fmt: skip
+        constexprs |= {"PDL": config.pdl}
     signature, attrs = {}, {}
-    for i, name in enumerate(_decode_kernel.arg_names):
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in _POINTERS or name in ("K_cache", "V_cache"):
@@ -66,24 +111,25 @@ def compile_decode(
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             signature[name] = "fp32"
+        elif fn is _decode_fp8mma_kernel and name in ("stride_vs", "stride_vd"):
+            signature[name] = "i32"  # hdp: tokens contiguous (1), head dims page_size apart
         else:  # strides (the page table's row length need not be a multiple of 16), splits
             signature[name] = "i32"
             if name.startswith("stride") and name != "stride_pt":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(
-        ASTSource(_jit(_decode_kernel), signature, constexprs, attrs),
+        ASTSource(_jit(fn), signature, constexprs, attrs),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
-    ttgir = kernel.asm["ttgir"]
-    depths = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
-    return Compiled(kernel.metadata.shared, max(map(int, depths), default=0))
+    return _summary(kernel)
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m pegboard.plugins.kernels.triton_attention.decode_compile [names] [--json]`:
     each variant (default: all) compiled for sm_90 with bf16 and FP8 caches (GQA group 2,
-    unsplit, and group 4 split): shared memory and key/value buffers, or the error."""
+    unsplit, and group 4 split): shared memory, key/value buffers, registers and tensor-core
+    instructions (SASS), or the error."""
     import argparse
     import json
 
@@ -100,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                 key = f"{name} {kv} group {group}{' split' if split else ''}"
                 try:
                     c = compile_decode(DECODE_VARIANTS[name], dtype, group=group, split=split)
-                    rows[key] = {"shared_bytes": c.shared_bytes, "kv_buffers": c.kv_buffers}
+                    rows[key] = {"shared_bytes": c.shared_bytes, "kv_buffers": c.kv_buffers,
+                                 "registers": c.registers, "mma": c.mma}  # fmt: skip
                 except Exception as err:  # noqa: BLE001 - reported per variant
                     rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 if not args.json:

@@ -51,6 +51,10 @@ class DecodeConfig:
     - `pdl`: launch with programmatic dependent launch on Hopper (`core/kernels/pdl.py`): the
       kernel is scheduled while rope finishes, and the o projection's GEMV after it issues its
       first weight loads while attention runs.
+    - `fp8_mma`: over an FP8 cache, both products in e4m3 on the tensor cores (the query and
+      the probabilities quantized, `decode_fp8mma.py`), no conversion of keys or values; one
+      KV head per program. Fast only over a pool that stores values transposed per page
+      (`KVPool.v_layout == "hdp"`). No effect on a 16-bit cache (the other fields apply).
     """
 
     block_n: int = 64
@@ -65,6 +69,7 @@ class DecodeConfig:
     asm_cvt: bool = False
     fixup: bool = False
     pdl: bool = False
+    fp8_mma: bool = False
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -111,6 +116,12 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "hpall-bn16-w8-s3-pf": DecodeConfig(
         block_n=16, num_warps=8, num_stages=3, heads_per_program=0, **_PF
     ),
+    # e4m3 x e4m3 tensor-core dots (`fp8_mma`): sm_90 SASS has QGMMA in the loop, 1.9-2.8
+    # instructions per KV element at 128 keys (docs/kernels.md, "FP8 tensor-core decode")
+    "mma8-bn128-s3-fast-pf": DecodeConfig(block_n=128, **_S3, **_FAST, **_PF, fp8_mma=True),
+    "mma8-bn128-s4-fast-pf": DecodeConfig(block_n=128, num_stages=4, **_FAST, **_PF, fp8_mma=True),
+    "mma8-bn64-s4-fast-pf": DecodeConfig(num_stages=4, **_FAST, **_PF, fp8_mma=True),
+    "mma8-bn256-s2-fast-pf": DecodeConfig(block_n=256, **_FAST, **_PF, fp8_mma=True),
     "s3": DecodeConfig(**_S3),
     "s4": DecodeConfig(num_stages=4),
     "fast": DecodeConfig(**_FAST),
@@ -134,9 +145,16 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
 #: The variant the engine runs for a decode batch: the first `(fewest requests, name)` pair
 #: whose bound the batch reaches. Set from `bash scripts/device-run.sh decode-sweep`.
 DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast-pf"), (0, "s3-pf"))
+#: The same over an FP8 pool with values transposed per page (`--kv-cache-layout hdp`, the e4m3
+#: tensor-core kernel): chosen from the sm_90 SASS (fewest loop instructions per KV element at
+#: a register count that leaves 4 programs per SM), not yet measured; `PEGBOARD_FP8_MMA_DEFAULTS`
+#: overrides it as `PEGBOARD_DECODE_DEFAULTS` does the other.
+FP8_MMA_DEFAULTS: tuple[tuple[int, str], ...] = ((0, "mma8-bn128-s3-fast-pf"),)
 
 
-def _defaults_from_env(text: str) -> tuple[tuple[int, str], ...]:
+def _defaults_from_env(
+    text: str, var: str = "PEGBOARD_DECODE_DEFAULTS"
+) -> tuple[tuple[int, str], ...]:
     """`PEGBOARD_DECODE_DEFAULTS` ("32:s3-fast-pf,0:s4-pf", or one name for every batch):
     the same table without an edit, for A/B runs on the GPU."""
     pairs = []
@@ -144,8 +162,7 @@ def _defaults_from_env(text: str) -> tuple[tuple[int, str], ...]:
         fewest, _, name = item.strip().rpartition(":")
         if name not in DECODE_VARIANTS:
             raise ValueError(
-                f"PEGBOARD_DECODE_DEFAULTS: unknown decode variant {name!r}; "
-                f"known: {', '.join(DECODE_VARIANTS)}"
+                f"{var}: unknown decode variant {name!r}; known: {', '.join(DECODE_VARIANTS)}"
             )
         pairs.append((int(fewest or 0), name))
     return tuple(sorted(pairs, reverse=True))
@@ -153,14 +170,20 @@ def _defaults_from_env(text: str) -> tuple[tuple[int, str], ...]:
 
 if os.environ.get("PEGBOARD_DECODE_DEFAULTS"):
     DECODE_DEFAULTS = _defaults_from_env(os.environ["PEGBOARD_DECODE_DEFAULTS"])
+if os.environ.get("PEGBOARD_FP8_MMA_DEFAULTS"):
+    FP8_MMA_DEFAULTS = _defaults_from_env(
+        os.environ["PEGBOARD_FP8_MMA_DEFAULTS"], "PEGBOARD_FP8_MMA_DEFAULTS"
+    )
 
 
-def decode_config(num_requests: int) -> DecodeConfig:
-    """The variant `DECODE_DEFAULTS` picks for a decode batch of `num_requests` requests."""
-    for fewest, name in DECODE_DEFAULTS:
+def decode_config(num_requests: int, e4m3_dots: bool = False) -> DecodeConfig:
+    """The variant `DECODE_DEFAULTS` (`FP8_MMA_DEFAULTS` for the e4m3 tensor-core kernel) picks
+    for a decode batch of `num_requests` requests."""
+    table = FP8_MMA_DEFAULTS if e4m3_dots else DECODE_DEFAULTS
+    for fewest, name in table:
         if num_requests >= fewest:
             return DECODE_VARIANTS[name]
-    return DECODE_VARIANTS[DECODE_DEFAULTS[-1][1]]
+    return DECODE_VARIANTS[table[-1][1]]
 
 
 def heads_per_program(config: DecodeConfig, num_kv_heads: int, block_d: int) -> int:

@@ -51,6 +51,7 @@ def _attend_tile(
     stride_vp,
     stride_vs,
     stride_vh,
+    stride_vd,
     offs_n,
     offs_d,
     d_mask,
@@ -86,7 +87,7 @@ def _attend_tile(
         + pages[:, None] * stride_vp
         + in_page[:, None] * stride_vs
         + kv_head * stride_vh
-        + offs_d[None, :],
+        + offs_d[None, :] * stride_vd,
         mask=kv_mask,
         other=0.0,
     )
@@ -137,6 +138,7 @@ def _extend_kernel(
     stride_vp,
     stride_vs,
     stride_vh,
+    stride_vd,
     stride_pt,
     GROUP: tl.constexpr,
     TOKENS_PER_BLOCK: tl.constexpr,
@@ -194,14 +196,14 @@ def _extend_kernel(
     for tile in range(0, shared_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, tile, shared_end, q_pos, pages_row, K_cache, V_cache, kv_head,
-            qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+            qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_vd,
             offs_n, offs_d, d_mask, tree_bits, tree_q, tree_k, tree_n, tree_m, CAUSAL=False,
             PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION, TREE=TREE,
         )  # fmt: skip
     for tile in range(shared_end, block_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, tile, block_end, q_pos, pages_row, K_cache, V_cache, kv_head,
-            qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+            qk_scale, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_vd,
             offs_n, offs_d, d_mask, tree_bits, tree_q, tree_k, tree_n, tree_m, CAUSAL=True,
             PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION, TREE=TREE,
         )  # fmt: skip
@@ -314,6 +316,7 @@ def extend_attention(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        v_cache.stride(3),
         page_table.stride(0),
         GROUP=group,
         TOKENS_PER_BLOCK=block_m // group,

@@ -31,6 +31,7 @@ def _store_kv_kernel(
     stride_vcp,
     stride_vcs,
     stride_vch,
+    stride_vcd,
     k_inv_scale,
     v_inv_scale,
     NUM_KV_HEADS: tl.constexpr,
@@ -56,7 +57,7 @@ def _store_kv_kernel(
     k_dst = K_cache + page * stride_kcp + offset * stride_kcs + offs_h[:, None] * stride_kch
     v_dst = V_cache + page * stride_vcp + offset * stride_vcs + offs_h[:, None] * stride_vch
     tl.store(k_dst + offs_d[None, :], k.to(K_cache.dtype.element_ty), mask=mask)
-    tl.store(v_dst + offs_d[None, :], v.to(V_cache.dtype.element_ty), mask=mask)
+    tl.store(v_dst + offs_d[None, :] * stride_vcd, v.to(V_cache.dtype.element_ty), mask=mask)
 
 
 def store_kv(
@@ -69,7 +70,8 @@ def store_kv(
     v_scale: float = 1.0,
 ) -> None:
     """Write `k`, `v` (`[num_tokens, num_kv_heads, head_dim]`, last dim contiguous) into the
-    paged caches (`[num_pages, page_size, num_kv_heads, head_dim]`) at `slot_mapping`. An FP8
+    paged caches (`[num_pages, page_size, num_kv_heads, head_dim]`; values may be stored
+    transposed per page, `KVPool.v_layout == "hdp"`: every stride is read) at `slot_mapping`. An FP8
     cache stores `k / k_scale`, `v / v_scale`, saturated to the type's range."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
@@ -91,6 +93,7 @@ def store_kv(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        v_cache.stride(3),
         1.0 / k_scale,
         1.0 / v_scale,
         NUM_KV_HEADS=num_kv_heads,

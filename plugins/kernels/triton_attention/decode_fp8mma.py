@@ -1,0 +1,366 @@
+"""Paged decode attention over an FP8 (e4m3) KV cache with both products in e4m3 on the tensor
+cores: no per-element conversion of keys or values (docs/kernels.md, "FP8 tensor-core decode").
+
+The decode kernel of `decode.py` converts every e4m3 key and value to 16 bits before its dots,
+which costs 6-7.5 instructions per KV element on sm_90 and caps it near half the H200's
+bandwidth. Here the dots take e4m3 operands as stored, as FlashAttention-3's FP8 path does:
+
+- the query is quantized to e4m3 once per program, per query row (`amax / 448`, the scale
+  folded into that row's softmax scale);
+- the logits are computed transposed, `Sᵀ = K · Qᵀ` (`[keys, rows]`): the keys are the MMA's
+  M side (64 per tile, which Hopper's `wgmma` needs) and the GQA group's rows, padded to 16,
+  its N side, so a group of 2 does not pad to 64 rows;
+- the probabilities, `exp2(s - max)` in float32, are scaled by `P_SCALE` (256, a power of two:
+  exact) into e4m3's range and quantized; the running sum `l` is the float32 sum of the same
+  scaled values, so the scale cancels in `acc / l`;
+- `Oᵀ += Vᵀ · Pᵀ` (`[head_dim, rows]`): FP8 MMAs need both operands K-major (their reduction
+  axis contiguous), so the value tile must be keys-contiguous. An FP8 pool stores values
+  transposed per page for this (`KVPool.v_layout == "hdp"`: a page's values are
+  `[num_kv_heads, head_dim, page_size]`); the kernel takes every stride of the value cache, so
+  it also reads the NHD layout (correct, but the compiler then transposes each value tile).
+
+One KV head per program; the grid, page prefetch and split scheme are `decode.py`'s (the same
+`DecodeConfig` fields, the same workspace and reduce kernel)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
+
+#: The probabilities' scale into e4m3's range (a power of two: exact, its log2 exact).
+P_SCALE = 256.0
+#: e4m3's largest finite value.
+E4M3_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def _decode_fp8mma_kernel(
+    Q,
+    K_cache,
+    V_cache,
+    Out,
+    Mid_out,
+    Mid_lse,
+    Page_table,
+    Seq_lens,
+    qk_scale,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_pt,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,
+    HEAD_FASTEST: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LOG2_P_SCALE: tl.constexpr,
+    V_HDP: tl.constexpr,
+    SEG: tl.constexpr,
+):
+    if HEAD_FASTEST:
+        kv_head = tl.program_id(0)
+        req = tl.program_id(1)
+    else:
+        req = tl.program_id(0)
+        kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(Seq_lens + req)
+    if SPLIT:
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_CHUNK)
+        start = split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+    else:
+        start = 0
+        end = seq_len
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_N // SEG)  # runs of SEG tokens (one page each) in a tile
+    offs_s = tl.arange(0, SEG)
+    heads = kv_head * GROUP + offs_h
+    h_mask = offs_h < tl.where(start < end, GROUP, 0)  # an empty split writes nothing
+    d_mask = offs_d < HEAD_DIM
+    hd_mask = h_mask[:, None] & d_mask[None, :]
+    q = tl.load(
+        Q + req * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=hd_mask, other=0.0
+    ).to(tl.float32)
+    # Per row: q = q8 * q_scale, q8 in e4m3 (the row's largest magnitude maps to 448).
+    amax = tl.max(tl.abs(q), 1)
+    q_scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+    q8 = tl.minimum(tl.maximum(q / q_scale[:, None], -E4M3_MAX), E4M3_MAX)
+    q8t = tl.trans(q8.to(tl.float8e4nv))  # [BLOCK_D, BLOCK_H]: the logits' B operand
+    col_scale = q_scale * qk_scale  # the logits' scale per query row (base 2)
+
+    k_base = K_cache + kv_head * stride_kh + offs_d[None, :]
+    if V_HDP:  # a page's values `[kv_heads, head_dim, page_size]`: tokens contiguous
+        v_base = V_cache + kv_head * stride_vh + offs_d[:, None] * PAGE_SIZE
+    else:
+        v_base = V_cache + kv_head * stride_vh + offs_d[:, None] * stride_vd
+    pages_row = Page_table + req.to(tl.int64) * stride_pt
+    if PREFETCH:
+        first = start + offs_n
+        pages = tl.load(pages_row + first // PAGE_SIZE, mask=first < end, other=0).to(tl.int64)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)  # Oᵀ
+    for tile in range(start, end, BLOCK_N):
+        toks = tile + offs_n
+        n_mask = toks < end
+        if not PREFETCH:
+            pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        in_page = toks % PAGE_SIZE
+        k = tl.load(
+            k_base + (pages * stride_kp + in_page * stride_ks)[:, None],
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D] e4m3
+        if V_HDP:  # per run of SEG tokens in one page: its page id, then SEG bytes per dim
+            seg = tile + offs_p * SEG
+            seg_pages = tl.load(pages_row + seg // PAGE_SIZE, mask=seg < end, other=0)
+            seg_rows = tl.multiple_of(seg_pages.to(tl.int64) * stride_vp + seg % PAGE_SIZE, SEG)
+            v_ptrs = v_base[:, :, None] + seg_rows[None, :, None] + offs_s[None, None, :]
+            # Not masked by key (a mask varying along the tokens would split the contiguous
+            # runs into single bytes): keys past the end read their page's stale values or
+            # page 0's (a masked page id), finite as every stored value is, times p = 0.
+            vt = tl.load(v_ptrs, mask=d_mask[:, None, None], other=0.0)
+            vt = tl.reshape(vt, [BLOCK_D, BLOCK_N])  # [D, N] e4m3
+        else:
+            v_rows = pages * stride_vp + in_page * stride_vs
+            vt = tl.load(
+                v_base + v_rows[None, :], mask=d_mask[:, None] & n_mask[None, :], other=0.0
+            )
+        if PREFETCH:
+            nxt = toks + BLOCK_N
+            pages = tl.load(pages_row + nxt // PAGE_SIZE, mask=nxt < end, other=0).to(tl.int64)
+        st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [BLOCK_N, BLOCK_H], float32
+        st = tl.where(n_mask[:, None], st, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(st, 0))
+        alpha = tl.exp2(m_i - m_new)
+        pt = tl.exp2(st - (m_new - LOG2_P_SCALE)[None, :])  # p * P_SCALE, at most P_SCALE
+        l_i = l_i * alpha + tl.sum(pt, 0)
+        acc = acc * alpha[None, :] + tl.dot(vt, pt.to(tl.float8e4nv))
+        m_i = m_new
+
+    # Row h of the output is column h of acc.
+    if not SPLIT:
+        out = acc / l_i[None, :]
+        tl.store(
+            Out + req * stride_ot + heads[None, :] * stride_oh + offs_d[:, None],
+            out.to(Out.dtype.element_ty),
+            mask=d_mask[:, None] & h_mask[None, :],
+        )
+    else:
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[None, :]
+        lse = m_i + tl.log2(tl.where(has_keys, l_i, 1.0)) - LOG2_P_SCALE
+        lse = tl.where(has_keys, lse, float("-inf"))
+        mid = req.to(tl.int64) * stride_mb + heads * stride_mh + split * stride_ms
+        tl.store(
+            Mid_out + mid[None, :] + offs_d[:, None], out, mask=d_mask[:, None] & h_mask[None, :]
+        )
+        tl.store(
+            Mid_lse + req.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=h_mask
+        )
+
+
+def values_transposed(v_cache: torch.Tensor) -> bool:
+    """Whether a value cache (logically `[num_pages, page_size, num_kv_heads, head_dim]`) stores
+    each page's values as `[num_kv_heads, head_dim, page_size]` (`KVPool.v_layout == "hdp"`):
+    tokens contiguous, one head dimension every `page_size` elements."""
+    page_size = v_cache.shape[1]
+    return v_cache.stride(1) == 1 and (v_cache.stride(3) == page_size or v_cache.shape[3] == 1)
+
+
+def fp8mma_meta(
+    block_n: int, group: int, head_dim: int, page_size: int, split: bool, min_chunk: int, hdp: bool
+) -> dict:
+    """`_decode_fp8mma_kernel`'s compile-time arguments (the launcher's `head_fastest` and
+    `prefetch_pages` are added by the caller)."""
+    pow2_page = page_size & (page_size - 1) == 0
+    return {
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "PAGE_SIZE": page_size,
+        "SPLIT": split,
+        "MIN_CHUNK": max(-(-min_chunk // block_n) * block_n, block_n),
+        "BLOCK_H": max(16, triton.next_power_of_2(group)),
+        "BLOCK_N": block_n,
+        "BLOCK_D": max(32, triton.next_power_of_2(head_dim)),
+        "LOG2_P_SCALE": math.log2(P_SCALE),
+        # The per-page runs need page ids that tile the keys: a power-of-two page size
+        "V_HDP": hdp and pow2_page,
+        "SEG": min(page_size, block_n) if pow2_page else 1,
+    }
+
+
+def uses_fp8_mma(
+    config: DecodeConfig, k_cache: torch.Tensor, v_cache: torch.Tensor, fma: bool | None = None
+) -> bool:
+    """Whether a decode launch runs this kernel: over an FP8 cache, for an `fp8_mma` variant,
+    and for every variant over transposed values (`decode.py`'s kernel reads values with unit
+    stride along the head dimension), unless the caller asks for CUDA-core products
+    (`fma=True`) over NHD values."""
+    if k_cache.element_size() != 1:
+        return False
+    if values_transposed(v_cache):
+        return True
+    return config.fp8_mma and not fma
+
+
+def decode_fp8mma(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qk_scale: float,
+    out: torch.Tensor,
+    num_splits: int,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None,
+    block_n: int | None,
+    num_warps: int | None,
+    num_stages: int | None,
+    config: DecodeConfig,
+) -> torch.Tensor:
+    """`decode.decode_attention` with this kernel (same arguments; `qk_scale` in base 2): one
+    KV head per program, the variant's tile, grid order, prefetch and split scheme, the same
+    split workspace and reduce kernel."""
+    from pegboard.plugins.kernels.triton_attention import decode
+
+    num_requests, num_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    split = num_splits > 1
+    bn = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 64))
+    meta = fp8mma_meta(bn, num_heads // num_kv_heads, head_dim, page_size, split,
+                       config.min_chunk, values_transposed(v_cache))  # fmt: skip
+    if split and workspace is None:
+        workspace = decode.decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
+    mid_out, mid_lse, *_ = workspace if split else (out, out)  # (fix-up counters unused)
+    grid = (num_requests, num_kv_heads, num_splits)
+    if config.head_fastest:
+        grid = (num_kv_heads, num_requests, num_splits)
+    _decode_fp8mma_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        mid_out,
+        mid_lse,
+        page_table,
+        seq_lens,
+        qk_scale,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        v_cache.stride(3),
+        page_table.stride(0),
+        mid_out.stride(0) if split else 0,
+        mid_out.stride(1) if split else 0,
+        mid_out.stride(2) if split else 0,
+        mid_lse.stride(0) if split else 0,
+        mid_lse.stride(1) if split else 0,
+        HEAD_FASTEST=config.head_fastest,
+        PREFETCH=config.prefetch_pages,
+        num_warps=num_warps or config.num_warps,
+        num_stages=num_stages or config.num_stages,
+        **meta,
+    )
+    if split:
+        decode.reduce_splits(out, mid_out, mid_lse, seq_lens, num_splits, meta)
+    return out
+
+
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+
+
+def reference_decode_fp8mma(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    splits: int,
+    block_n: int,
+    min_chunk: int = 0,
+) -> torch.Tensor:
+    """This kernel's arithmetic in PyTorch, float32, on any device (the oracle of its tests, and
+    what `scripts/bench_kv_fp8.py --e4m3-dots` decodes with on a CPU): per row the query
+    quantized to e4m3 (its amax to 448), per tile of `block_n` keys the online softmax with
+    probabilities `exp2(s - m)` times `P_SCALE` quantized to e4m3 before `P @ V` (the running
+    sum of the unquantized ones), per split of the keys (the kernel's chunking, `splits` and
+    the variant's `min_chunk`) a partial result merged by log-sum-exp. `scale`: the softmax
+    scale (natural base); returns `[num_requests, num_heads, head_dim]` float32."""
+    page_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // kv_heads
+    min_chunk = max(-(-min_chunk // block_n) * block_n, block_n)
+    log2e = 1.4426950408889634
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for i, n in enumerate(seq_lens.tolist()):
+        if n == 0:
+            continue
+        pages = table[i, : -(-n // page_size)].long()
+        keys = k_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
+        values = v_cache[pages].float().reshape(-1, kv_heads, head_dim)[:n]
+        per_split = -(-n // splits)
+        chunk = max(-(-per_split // block_n) * block_n, min_chunk) if splits > 1 else n
+        for g in range(kv_heads):
+            rows = q[i, g * group : (g + 1) * group].float()
+            amax = rows.abs().amax(1)
+            q_scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+            q8 = _e4m3(rows / q_scale[:, None])
+            parts = []
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                m = torch.full((group,), float("-inf"), device=q.device)
+                total = torch.zeros(group, device=q.device)
+                acc = torch.zeros(group, head_dim, device=q.device)
+                for tile in range(start, end, block_n):
+                    t = slice(tile, min(tile + block_n, end))
+                    s = (q8 @ keys[t, g].T) * (q_scale * scale * log2e)[:, None]
+                    m_new = torch.maximum(m, s.amax(1))
+                    alpha = torch.exp2(m - m_new)
+                    p = torch.exp2(s - (m_new - math.log2(P_SCALE))[:, None])
+                    total = total * alpha + p.sum(1)
+                    acc = acc * alpha[:, None] + _e4m3(p) @ values[t, g]
+                    m = m_new
+                parts.append((acc / total[:, None], m + torch.log2(total) - math.log2(P_SCALE)))
+            lse = torch.stack([p[1] for p in parts])  # [splits, group]
+            weights = torch.softmax(lse * math.log(2), 0)
+            out[i, g * group : (g + 1) * group] = sum(
+                w[:, None] * o for w, (o, _) in zip(weights, parts)
+            )
+    return out
