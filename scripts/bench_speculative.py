@@ -13,6 +13,8 @@ too).
 rule at 1, so no step drafts; its `step_cost_vs_plain` is what a switched-off step costs, with
 no verify step or flip mixed in: 1.0 when an off step is a plain step) and, last, a second
 plain engine (`plain_again`: the run-to-run and engine-order noise of these figures).
+Each run also reports the garbage collector's runs and ms inside it (`gc`: a full collection in
+a 0.5 s run moves its tok/s by tens of percent, `pegboard.core.bench.gc_time`).
 
     python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
         --speculative-draft-model-path /tmp/eagle3-smollm2 [--model DIR] [--batch-size 1]
@@ -39,6 +41,7 @@ import json
 import random
 import time
 
+from pegboard.core.bench.gc_time import GcTime
 from pegboard.core.default_model import default_model_dir
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import PluginManager
@@ -88,12 +91,13 @@ def run(llm, prompts, params, batch_size):
     start = time.perf_counter()
     steps = llm.engine.num_steps
     outs = []
-    for i in range(0, len(prompts), batch_size):
-        outs += llm.generate(prompts[i : i + batch_size], params)
+    with GcTime() as gc_time:
+        for i in range(0, len(prompts), batch_size):
+            outs += llm.generate(prompts[i : i + batch_size], params)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
     return outs, {"tok_s": round(tokens / elapsed, 1), "steps": llm.engine.num_steps - steps,
-                  "elapsed_s": round(elapsed, 3)}  # fmt: skip
+                  "elapsed_s": round(elapsed, 3), "gc": gc_time.report()}  # fmt: skip
 
 
 def graph_report(runner, speculator=None) -> dict:
