@@ -69,8 +69,16 @@ class DetokenizerStates:
             detok = Detokenizer(self.tokenizer, params, prompt_token_ids or [])
             state = self._states[key] = (detok, [0])
         detok, count = state
-        count[0] += len(token_ids)
-        text = detok.add(token_ids)
+        if len(token_ids) > 1 and detok.stops:  # (a verify step's tokens: one at a time, so
+            text = ""  # that a stop string ends the output at the token that completed it)
+            for token in token_ids:
+                count[0] += 1
+                text += detok.add([token])
+                if detok.stop_reason is not None:
+                    break
+        else:
+            count[0] += len(token_ids)
+            text = detok.add(token_ids)
         if detok.stop_reason is not None:
             if not finished:  # the engine runs it on: drop what it sends next
                 self._ended.add(key)

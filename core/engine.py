@@ -37,7 +37,7 @@ from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.loader import resolve_device
 from pegboard.core.models.quantization import check_kv_dtype, select_linear
 from pegboard.core.moe.runtime import ExpertRuntime
-from pegboard.core.outputs import RequestOutput, stop_reason
+from pegboard.core.outputs import RequestOutput, first_stop
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.patches import apply_patches
 from pegboard.core.plugin_manager import PluginManager
@@ -68,6 +68,7 @@ ACTIVATION_ALLOWANCE = 256 << 20
 _FINISHED = RequestStatus.FINISHED
 _status = operator.attrgetter("status")
 _num_tokens = operator.attrgetter("num_tokens")
+_NONE = (None,)  # one token's logprobs when none were asked for (`_append`)
 _RUNNING = RequestStatus.RUNNING
 
 #: The attention backend a CUDA engine uses when none is selected.
@@ -238,12 +239,10 @@ class Engine:
         except PluginFault as fault:  # the sampler, for requests without drafts
             return self._fail(requests, fault)
         for r, tokens, logprobs in verified:
-            for token, lp in zip(tokens, logprobs):
-                self._append(r, token, lp, merge=True)  # one delta per request
-                if r.finished:  # the tokens after a stop were computed: forget their KV
-                    r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens)
-                    self._release(r)
-                    break
+            if self._append(r, tokens, logprobs, merge=True):  # one delta per request
+                # the tokens after a stop were computed: forget their KV
+                r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens)
+                self._release(r)
 
     def _resolve(self) -> None:
         """Read the in-flight step's sampled tokens and apply them: append each to its
@@ -261,8 +260,7 @@ class Engine:
             if r.status is _FINISHED:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
             r.token_ids.pop()  # PENDING_TOKEN
-            self._append(r, token, lp)
-            if r.status is _FINISHED:
+            if self._append(r, (token,), (lp,)):
                 self._release(r)
 
     # ---------------------------------------------------------------- requests in and out
@@ -400,21 +398,35 @@ class Engine:
             waiting.clear()
             waiting.extend(rest)
 
-    def _append(self, r: Request, token: int, logprobs, merge: bool = False) -> None:
-        r.append_token(token, logprobs)
+    def _append(self, r: Request, tokens, logprobs, merge: bool = False) -> bool:
+        """Append output `tokens` to `r`: a step's sampled token, or a verify step's accepted
+        drafts and the target's token; `logprobs` has one entry per token (None where none
+        were asked for). They go into this step's delta of `r`: a new one, or with `merge`
+        the last one if it is `r`'s (one delta per request and step). The tokens after the
+        first that stops `r` (EOS, a stop token, a length limit: `first_stop`; stop strings
+        are the detokenizer's) are dropped and `r` finishes: returns whether it did."""
+        stop = first_stop(r, tokens, self.budget.max_model_len)
+        if stop is not None:
+            tokens, logprobs = tokens[: stop[0] + 1], logprobs[: stop[0] + 1]
+        r.token_ids += tokens
+        r.output_token_ids += tokens
+        lps = [lp for lp in logprobs if lp is not None] if _NONE != logprobs else []
+        if lps:
+            r.output_logprobs += lps
         if r.first_token_time is None:
             r.first_token_time = time.monotonic()
         last = self._outbox[-1] if merge and self._outbox else None
-        if last is not None and last.request is r and not last.finished:  # a verify's tokens:
-            last.new_token_ids.append(token)  # one delta for all of them
-            if logprobs:
-                last.new_logprobs.append(logprobs)
+        if last is not None and last.request is r and not last.finished:
+            last.new_token_ids += tokens
+            last.new_logprobs += lps
         else:
-            lps = [logprobs] if logprobs else []
-            self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
-        reason = stop_reason(r, token, self.budget.max_model_len)  # stop strings: detokenizer
-        if reason:
-            self._finish(r, reason)
+            self._outbox.append(
+                RequestOutput(r.request_id, list(tokens), "", lps, False, None, None, r)
+            )
+        if stop is None:
+            return False
+        self._finish(r, stop[1])
+        return True
 
     def _stop_request(self, r: Request, num_output_tokens: int | None, error=None) -> None:
         """The detokenizer thread found a stop string ending at output token

@@ -36,18 +36,32 @@ class RequestOutput:
         self.request = later.request or self.request
 
 
-def stop_reason(request: Request, token_id: int, max_model_len: int) -> FinishReason | None:
-    """Why generation ends after `token_id` was appended, from token ids and lengths alone.
+def first_stop(request: Request, tokens, max_model_len: int) -> tuple[int, FinishReason] | None:
+    """Where generation ends in `tokens`, output tokens about to be appended to `request` (a
+    step's sampled token, or a verify step's accepted drafts and the target's token), from
+    token ids and lengths alone: the index of the first token after which the request stops
+    and why (an EOS token unless `ignore_eos`, a stop token: `STOP`, before `LENGTH` at the same
+    token; `max_tokens` or `max_model_len` reached: `LENGTH`), or None.
 
     Stop strings are found by the detokenizer, since they can span token boundaries."""
     params = request.params
-    if not params.ignore_eos and token_id in request.eos_token_ids:
-        return FinishReason.STOP
-    if token_id in params.stop_token_ids:
-        return FinishReason.STOP
-    if (
-        len(request.output_token_ids) >= params.max_tokens
-        or len(request.token_ids) >= max_model_len
-    ):
-        return FinishReason.LENGTH
+    # appending token i makes the output `len(output_token_ids) + i + 1` tokens long
+    last = params.max_tokens - len(request.output_token_ids) - 1  # the last token that fits
+    context = max_model_len - len(request.token_ids) - 1
+    if context < last:
+        last = context
+    eos = request.eos_token_ids if not params.ignore_eos else ()
+    stops = params.stop_token_ids
+    n = len(tokens)
+    if (eos or stops) and n == 1:  # a plain step's token (no loop: the hot path at batch 64)
+        if tokens[0] in eos or tokens[0] in stops:
+            return 0, FinishReason.STOP
+    elif eos or stops:
+        for i, t in enumerate(tokens):
+            if t in eos or t in stops:
+                return i, FinishReason.STOP
+            if i >= last:  # (the first token always counts)
+                break
+    if last < n:
+        return (last if last > 0 else 0), FinishReason.LENGTH
     return None

@@ -9,6 +9,12 @@ and how far each completion agrees with the plain run: `identical_completions`, 
 near-ties flip late; `--dtype float32` tells them from a bug, which differs early in float32
 too).
 `--compare-eager` adds the same speculation without CUDA graphs (`spec_eager`).
+`--compare-off` adds the speculator switched off from the first step (`spec_off`: the batch
+rule at 1, so no step drafts; its `step_cost_vs_plain` is what a switched-off step costs, with
+no verify step or flip mixed in: 1.0 when an off step is a plain step) and, last, a second
+plain engine (`plain_again`: the run-to-run and engine-order noise of these figures).
+Each run also reports the garbage collector's runs and ms inside it (`gc`: a full collection in
+a 0.5 s run moves its tok/s by tens of percent, `pegboard.core.bench.gc_time`).
 
     python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
         --speculative-draft-model-path /tmp/eagle3-smollm2 [--model DIR] [--batch-size 1]
@@ -16,7 +22,7 @@ too).
     python3 scripts/bench_speculative.py --config llama-3.1-8b --oracle perfect \
         --speculative-num-steps 4           # random weights; drafts = the plain run's tokens
     python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
-        --compare-switch                    # every draft wrong: the switch on, then off
+        --compare-switch [--compare-off]    # every draft wrong: the switch on, then off
                                             # (acceptance and speed rules both off)
 
 Prompts are chat-formatted questions of the model's tokenizer, or with `--config NAME` (random
@@ -35,6 +41,7 @@ import json
 import random
 import time
 
+from pegboard.core.bench.gc_time import GcTime
 from pegboard.core.default_model import default_model_dir
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import PluginManager
@@ -84,12 +91,13 @@ def run(llm, prompts, params, batch_size):
     start = time.perf_counter()
     steps = llm.engine.num_steps
     outs = []
-    for i in range(0, len(prompts), batch_size):
-        outs += llm.generate(prompts[i : i + batch_size], params)
+    with GcTime() as gc_time:
+        for i in range(0, len(prompts), batch_size):
+            outs += llm.generate(prompts[i : i + batch_size], params)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
     return outs, {"tok_s": round(tokens / elapsed, 1), "steps": llm.engine.num_steps - steps,
-                  "elapsed_s": round(elapsed, 3)}  # fmt: skip
+                  "elapsed_s": round(elapsed, 3), "gc": gc_time.report()}  # fmt: skip
 
 
 def graph_report(runner, speculator=None) -> dict:
@@ -167,6 +175,9 @@ def main() -> None:
                    help="also run speculation with the on/off switch disabled")  # fmt: skip
     p.add_argument("--compare-eager", action="store_true",
                    help="also run speculation without CUDA graphs (spec_eager)")  # fmt: skip
+    p.add_argument("--compare-off", action="store_true",
+                   help="also run the speculator switched off throughout (spec_off) and a "
+                   "second plain engine (plain_again)")  # fmt: skip
     add_speculative_arguments(p)
     args = p.parse_args()
     base = {"device": args.device}
@@ -221,6 +232,9 @@ def main() -> None:
         variants.append(("spec_no_switch", {**settings, **off}))  # drafts every step it can
     if args.compare_eager:
         variants.append(("spec_eager", {**settings, "disable_cuda_graph": True}))
+    if args.compare_off:
+        variants.append(("spec_off", {**settings, "speculative_disable_by_batch_size": 1}))
+        variants.append(("plain_again", base))
     for name, s in variants:
         with LLM(model, plugins=plugins, **s) as llm:
             run(llm, prompts[:1], params, 1)

@@ -407,13 +407,15 @@ def test_speed_rule_flag():
 def test_one_verify_step_of_a_large_batch_is_enough_to_judge():
     """A verify step of `MIN_VERIFIES` or more drafting requests (64 drafting 4 each) is judged
     at once: all rejected, drafting stops after one verify step, and each probe after a
-    cooldown costs one verify step; batch-1 steps, however many drafts (a tree's), still wait
+    cooldown costs one verify step, the cooldowns starting at `LARGE_BATCH_COOLDOWN` (a large
+    batch's probe costs more); batch-1 steps, however many drafts (a tree's), still wait
     for `MIN_SAMPLES` steps."""
     sw = SpeculationSwitch(None, min_accept_rate=0.2)
     assert sw.allows(64)
     sw.record(drafted=256, accepted=0, requests=64)
     assert not sw.on and sw.num_turned_off == 1
-    for cooldown in (S.COOLDOWN, 2 * S.COOLDOWN):
+    assert S.LARGE_BATCH_COOLDOWN > S.COOLDOWN
+    for cooldown in (S.LARGE_BATCH_COOLDOWN, 2 * S.LARGE_BATCH_COOLDOWN):
         off = 0
         while not sw.allows(64):
             off += 1

@@ -230,8 +230,7 @@ class DecodeSide:
         r.status = RequestStatus.RUNNING
         r.first_scheduled_time = r.first_scheduled_time or time.monotonic()
         e.running.append(r)
-        e._append(r, rec.first_token, rec.first_logprobs)
-        if r.finished:  # the first token ended it (EOS, max_tokens 1)
+        if e._append(r, (rec.first_token,), (rec.first_logprobs,)):  # it ended (EOS, max_tokens 1)
             e._release(r)
 
 

@@ -71,14 +71,20 @@ def check_drafts(out, requests: list[Request], max_tokens: list[int], vocab: int
                 f"{r.request_id}: parents must give each token a parent index -1 <= p < i "
                 f"(one per token): {d.parents}"
             )
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens):
-            raise DraftViolation(f"{r.request_id}: draft ids outside [0, {vocab}): {d.tokens}")
         if d.probs is not None and tuple(d.probs.shape) != (len(d.tokens), vocab):
             raise DraftViolation(
                 f"{r.request_id}: probs of shape {tuple(d.probs.shape)}, expected "
                 f"({len(d.tokens)}, {vocab})"
             )
+    ids = [t for d in out for t in d.tokens]  # all at once: one pass in C when they are fine
+    if ids and not (set(map(type, ids)) <= _INT_TYPES and min(ids) >= 0 and max(ids) < vocab):
+        for r, d in zip(requests, out):  # (the request to blame)
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens):
+                raise DraftViolation(f"{r.request_id}: draft ids outside [0, {vocab}): {d.tokens}")
     return list(out)
+
+
+_INT_TYPES = {int, bool}  # (`isinstance(t, int)`: a bool is an int)
 
 
 def _valid_parents(parents, k: int) -> bool:
@@ -234,26 +240,26 @@ class Speculation:
         its `max_tokens`, and the KV pages left after the step's own needs."""
         kv = self.engine.kv
         tokens_left = budget.max_batched_tokens - sum(num_tokens)
-        pages_left = kv.num_free_pages - sum(
-            kv.pages_needed(r, n) for r, n in zip(scheduled, num_tokens)
-        )
+        needs = [kv.pages_needed(r, n) for r, n in zip(scheduled, num_tokens)]
+        pages_left = kv.num_free_pages - sum(needs)
         limits = []
-        for r, n in zip(scheduled, num_tokens):
+        for r, n, base in zip(scheduled, num_tokens, needs):
             k = 0
             # (the back-off counts every decode step, one whose last token is still pending too:
             # `needs_tokens` lets such steps overlap)
             if n == 1 and tokens_left > 0 and not _backing_off(r) and eligible(r):
                 k = min(
                     tokens_left,
-                    budget.max_model_len - r.num_tokens,
-                    r.params.max_tokens - r.num_output_tokens - 1,
+                    budget.max_model_len - len(r.token_ids),
+                    r.params.max_tokens - len(r.output_token_ids) - 1,
                 )
-                base = kv.pages_needed(r, 1)
-                while k > 0 and kv.pages_needed(r, 1 + k) - base > pages_left:
+                extra = kv.pages_needed(r, 1 + k) - base if k > 0 else 0
+                while k > 0 and extra > pages_left:
                     k -= 1
+                    extra = kv.pages_needed(r, 1 + k) - base
                 k = max(k, 0)
                 if k:
-                    pages_left -= kv.pages_needed(r, 1 + k) - base
+                    pages_left -= extra
                     tokens_left -= k
             limits.append(k)
         return limits
@@ -326,14 +332,18 @@ class Speculation:
         Rolls every drafting request back first (drafts out of `token_ids`, KV counted up to
         its last token), then advances `num_computed_tokens` over the accepted drafts. Requests
         without drafts get their token from the `sample` hook (a `PluginFault` if it fails)."""
-        rows, start = [], 0
+        rows, start, pop = [], 0, self._drafts.pop
         for r in requests:
-            entry = self._drafts.pop(id(r), None)
-            k = len(entry[1]) if entry else 0
-            if entry:
-                del r.token_ids[entry[2] :]
-                r.num_computed_tokens = entry[2]
-            rows.append((r, entry[1] if entry else None, start, k))
+            entry = pop(id(r), None)
+            if entry is None:
+                rows.append((r, None, start, 0))
+                start += 1
+                continue
+            _, drafts, n = entry
+            del r.token_ids[n:]
+            r.num_computed_tokens = n
+            k = len(drafts.tokens)
+            rows.append((r, drafts, start, k))
             start += k + 1
         plain = [(r, s) for r, d, s, _ in rows if d is None]
         greedy = any(d is not None and r.params.greedy for r, d, _, _ in rows)
@@ -349,13 +359,16 @@ class Speculation:
         greedy_rows = self.read_tokens(argmax) if greedy else []
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
-        step_drafted = step_accepted = step_requests = 0
+        step_drafted = step_accepted = step_requests = step_tokens = drafted = 0
+        hidden = self._hidden is not None  # (EAGLE: the rows whose hidden states stand)
         for r, drafts, s, k in rows:
             if drafts is None:
                 token, lp = sampled[id(r)]
                 results.append((r, [token], [lp]))
+                step_tokens += 1
                 continue
-            if r.params.greedy:
+            params = r.params
+            if params.greedy:
                 verdict = V.accept_greedy(greedy_rows[s : s + k + 1], drafts)
             else:
                 gen = V.generator_for(r, logits.device, self.engine.config.seed)
@@ -363,28 +376,33 @@ class Speculation:
             tokens, path = verdict.tokens, verdict.path
             accepted = len(path)
             _record(r, accepted)
-            kept = [0] + [1 + i for i in path]  # rows whose target hidden states stand
-            self._kept[id(r)] = kept
-            if path != list(range(accepted)):
+            tree = drafts.parents is not None
+            if tree and path != list(range(accepted)):
                 moves.append((r, r.num_computed_tokens - 1, path))
             r.num_computed_tokens += accepted
             r.num_spec_steps += 1
             r.num_draft_tokens += k
             r.num_accepted_tokens += accepted
-            self.num_verify += 1
-            self.num_drafts += k
-            self.num_accepted += accepted
-            step_drafted += k if drafts.parents is None else max(T.depths(drafts.parents))
+            drafted += k
+            step_drafted += max(T.depths(drafts.parents)) if tree else k
             step_accepted += accepted
             step_requests += 1
+            step_tokens += len(tokens)
             lps: list[TokenLogprobs | None] = [None] * len(tokens)
-            if r.params.logprobs is not None:
-                index = to_device([s + i for i in kept], logits.device, torch.int64)
-                lps = V.logprobs_of(logits[index], tokens, r.params.logprobs)
+            if hidden or params.logprobs is not None:
+                kept = [0] + [1 + i for i in path]  # the rows the output tokens came from
+                if hidden:
+                    self._kept[id(r)] = kept
+                if params.logprobs is not None:
+                    index = to_device([s + i for i in kept], logits.device, torch.int64)
+                    lps = V.logprobs_of(logits[index], tokens, params.logprobs)
             results.append((r, tokens, lps))
+        self.num_verify += step_requests
+        self.num_drafts += drafted
+        self.num_accepted += step_accepted
         T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
         self.switch.record(step_drafted, step_accepted, step_requests)  # trees: by depth
-        self.switch.tokens(sum(len(tokens) for _, tokens, _ in results))
+        self.switch.tokens(step_tokens)
         return results
 
     @staticmethod

@@ -14,7 +14,8 @@ asks the speculator for drafts at all:
   `COOLDOWN` steps, then probes again with drafts; each probe that is still below R doubles
   the cooldown (up to `MAX_COOLDOWN`), so a workload the speculator never guesses pays for at
   most a few verify steps in every `MAX_COOLDOWN` (a batch of 16 or more drafting requests:
-  one verify step per probe). A probe at or above R turns it back on and resets the cooldown.
+  one verify step per probe, and the cooldown starts at `LARGE_BATCH_COOLDOWN`: such a probe
+  costs several plain steps). A probe at or above R turns it back on and resets the cooldown.
   A draft tree counts as many draft tokens as its depth, not its size: the target accepts at
   most one path, so a tree of 15 nodes and depth 4 that is accepted to its leaves is as good
   as a chain of 4 accepted whole, and dividing by 15 would read it as 27 % and switch off trees
@@ -62,6 +63,11 @@ MIN_SAMPLES = 4
 MIN_VERIFIES = 16  # ... or verifies of this many requests in the window: enough to judge
 COOLDOWN = 16
 MAX_COOLDOWN = 256
+#: The first cooldown after a verify step of `MIN_VERIFIES` or more drafting requests is judged
+#: low: at batch 64 on the H200 (Qwen3-0.6B, session 9) a probe whose drafts all miss cost
+#: ~2.4 plain steps more than a plain step (the verify, and the un-overlapped steps around it),
+#: so probing after 16 and 32 steps cost ~5 % of a 256-step run; after 64, 128: half of that.
+LARGE_BATCH_COOLDOWN = 64
 DEFAULT_MIN_SPEEDUP = 1.0  # the speed rule on CUDA when --speculative-min-speedup is not set
 PROBE_STEPS = 3  # counted steps without drafts that measure plain decoding (the speed rule)
 PROBE_EVERY = 64  # steps with drafts between those probes, doubling while speculation wins ...
@@ -158,6 +164,8 @@ class SpeculationSwitch:
             return
         rate = sum(a for _, a, _ in window) / sum(d for d, _, _ in window)
         if rate < self.min_accept_rate:
+            if max(n for *_, n in window) >= MIN_VERIFIES:  # a large batch's probe costs more
+                self._cooldown = max(self._cooldown, LARGE_BATCH_COOLDOWN)
             self._off_for, self._off_reason = self._cooldown, "accept_rate"
             self._cooldown = min(2 * self._cooldown, MAX_COOLDOWN)
             self._turned_off()

@@ -52,16 +52,19 @@ class NgramIndex:
         if len(tokens) < self.indexed:  # cut back (a stop string): start over
             self.ends.clear()
             self.indexed = 0
+        index, keep, min_n, max_n = self.ends, self.keep, self.min_n, self.max_n
         for end in range(self.indexed, len(tokens) - 1):
-            for n in range(self.min_n, self.max_n + 1):
-                if end - n + 1 >= 0:
-                    gram = tuple(tokens[end - n + 1 : end + 1])
-                    ends = self.ends.get(gram)
-                    if ends is None:
-                        self.ends[gram] = [end]
-                    elif ends[0] != end:
-                        ends.insert(0, end)
-                        del ends[self.keep :]
+            for n in range(min_n, min(max_n, end + 1) + 1):
+                gram = tuple(tokens[end - n + 1 : end + 1])
+                if keep == 1:  # (each end is indexed once: the latest replaces the last)
+                    index[gram] = [end]
+                    continue
+                ends = index.get(gram)
+                if ends is None:
+                    index[gram] = [end]
+                elif ends[0] != end:
+                    ends.insert(0, end)
+                    del ends[keep:]
         self.indexed = max(self.indexed, len(tokens) - 1)
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
