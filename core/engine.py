@@ -32,6 +32,7 @@ from pegboard.core.detokenizer_process import (
 )
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
+from pegboard.core.heap_freeze import freeze_heap, unfreeze_heap
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.loader import resolve_device
@@ -144,6 +145,10 @@ class Engine:
             detokenizer_at, self.tokenizer, self.model_dir, dummy, self._stop_request, started
         )
         self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
+        # Start-up is over (weights, KV pool, CUDA graphs): its objects leave the collector's
+        # reach, so no full collection walks them inside the step loop (core/heap_freeze.py).
+        frozen = freeze_heap(config.gc_freeze)
+        log.debug("garbage collector: %d start-up objects frozen", frozen)
 
     @property
     def hook(self):
@@ -544,7 +549,8 @@ class Engine:
             return c.cpu_kv_cache_bytes
         if c.kv_cache_tokens is not None:
             return 0  # sized by tokens: no profile run needed
-        gc.collect()  # an earlier engine of this process that is unreachable frees its pool now
+        gc.unfreeze()  # an earlier engine of this process that is unreachable (frozen by its
+        gc.collect()  # start-up, core/heap_freeze.py) frees its pool now
         activations = ACTIVATION_ALLOWANCE + self.runner.profile_activation_bytes(
             c.max_num_batched_tokens, c.max_running_requests
         )
@@ -712,3 +718,4 @@ class Engine:
         if self.tp is not None:
             self.runner.release_graphs()  # before NCCL's teardown, which waits for them
             self.tp.close()
+        unfreeze_heap(self.config.gc_freeze)  # this engine's cycles are collectable again
