@@ -121,3 +121,35 @@ def test_step_times_wraps_another_profilers_wrapper_and_puts_it_back(tiny_llama_
         with StepTimes(engine) as times:
             llm.generate(PROMPTS[:1], GREEDY, progress=False)
         assert engine.step is other and len(calls) == times.report()["steps"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_engines_built_again_free_their_pool_and_graphs_with_freezing_on(tiny_llama_dir):
+    """On CUDA (graphs captured, the pool sized from free memory): an engine dropped without
+    `close` is collected before the next one sizes its pool (the same size both times), and a
+    closed one gives all its device memory back."""
+    import torch
+    from fixtures.devices import GPU_ENGINE
+
+    def build() -> LLM:
+        return LLM(
+            str(tiny_llama_dir), dtype="bfloat16", gpu_memory_utilization=0.3,
+            cuda_graph_max_bs=8, cuda_graph_mixed_max_tokens=64, **GPU_ENGINE,
+        )  # fmt: skip
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    first = build()
+    assert gc.get_freeze_count() > 0 and first.engine.runner.cuda_graphs is not None
+    pages = first.engine.kv.pool.k[0].shape[0]
+    pool_bytes = sum(t.numel() * t.element_size() for t in first.engine.kv.pool.k)
+    del first  # not closed: frozen with its cycles until the next start-up
+    second = build()
+    assert second.engine.kv.pool.k[0].shape[0] == pages
+    second.close()
+    del second
+    gc.collect()
+    torch.cuda.synchronize()
+    # (what stays is not a pool: cuBLAS workspaces and the like, made on first use)
+    assert torch.cuda.memory_allocated() - before < min(256 << 20, pool_bytes // 4)
