@@ -642,6 +642,7 @@ class Engine:
     def _apply_swaps(self) -> None:
         with self._lock:
             swaps = list(self._swaps)
+        applied = False
         if swaps:
             self._resolve()  # the new plugin takes over complete requests
         for p in swaps:
@@ -651,6 +652,9 @@ class Engine:
                 continue  # admissions are paused until the running requests finish
             with self._lock:
                 self._swaps.remove(p)
+            # old graphs (and pools) in cycles go before the new plugin captures its own
+            unfreeze_heap(self.config.gc_freeze)
+            applied = True
             try:
                 self._replace(p.slot, old, p.plugin, drain)
             except Exception as e:
@@ -665,6 +669,9 @@ class Engine:
                 result = SwapResult(p.slot, old.name, p.plugin.name, drain, self.num_steps)
                 log.info("%s", result)
                 p.future.set_result(result)
+        if applied:
+            old = None  # this frame's last reference to a swapped-out plugin
+            freeze_heap(self.config.gc_freeze)  # the new plugin's start-up (one full collection)
 
     def _replace(self, slot: str, old: Plugin, new: Plugin, drained: bool) -> None:
         new.setup(self.ctx, previous=None if drained else old)

@@ -153,3 +153,23 @@ def test_cuda_engines_built_again_free_their_pool_and_graphs_with_freezing_on(ti
     torch.cuda.synchronize()
     # (what stays is not a pool: cuBLAS workspaces and the like, made on first use)
     assert torch.cuda.memory_allocated() - before < min(256 << 20, pool_bytes // 4)
+
+
+@pytest.mark.parametrize("slot,name", [("kv_cache", "paged"), ("attention", "torch")])
+def test_a_swapped_out_plugin_is_collected_with_freezing_on(tiny_llama_dir, slot, name):
+    """A plugin swapped out is not kept by the frozen heap, even when its state holds a
+    reference cycle (CUDA graph runners do), and the new plugin is frozen once it serves."""
+    with _llm(tiny_llama_dir) as llm:
+        plugin = llm.engine.plugins.active(slot)
+        plugin.own_cycle = plugin  # frozen at start-up with it
+        old = weakref.ref(plugin)
+        del plugin
+        future = llm.swap(slot, name)
+        while not future.done():
+            llm.engine.step()
+        future.result()
+        gc.collect()
+        assert old() is None
+        assert _frozen(llm.engine.plugins.active(slot))  # frozen again after the swap
+        out = llm.generate(PROMPTS[:1], GREEDY, progress=False)
+        assert len(out[0].token_ids) == GREEDY.max_tokens
