@@ -71,6 +71,9 @@ class EngineConfig(pydantic.BaseModel):
     # where the host loop is the bottleneck (H200 2026-11-30: host 4.48 -> 3.20 ms per step,
     # 21,397 -> 23,121 tok/s), else "inline" (no child process for CPU engines).
     detokenizer: Literal["auto", "inline", "thread", "process"] = "auto"
+    # Freeze the heap once start-up is done (`gc.freeze`, core/heap_freeze.py): no full garbage
+    # collection walks the start-up objects (~250 ms on a CPU) inside the step loop.
+    gc_freeze: bool = True
     # Fused Triton kernels (RMSNorm + residual, SiLU-and-mul, rotary) on CUDA devices.
     disable_fused_kernels: bool = False
 

@@ -32,6 +32,7 @@ from pegboard.core.detokenizer_process import (
 )
 from pegboard.core.disaggregation import start_disaggregation
 from pegboard.core.distributed import start_tensor_parallel
+from pegboard.core.heap_freeze import freeze_heap, unfreeze_heap
 from pegboard.core.model_runner import ModelRunner
 from pegboard.core.models.errors import ModelLoadError
 from pegboard.core.models.loader import resolve_device
@@ -144,6 +145,10 @@ class Engine:
             detokenizer_at, self.tokenizer, self.model_dir, dummy, self._stop_request, started
         )
         self.pd = start_disaggregation(self)  # prefill or decode half of a PD pair, or None
+        # Start-up is over (weights, KV pool, CUDA graphs): its objects leave the collector's
+        # reach, so no full collection walks them inside the step loop (core/heap_freeze.py).
+        frozen = freeze_heap(config.gc_freeze)
+        log.debug("garbage collector: %d start-up objects frozen", frozen)
 
     @property
     def hook(self):
@@ -544,7 +549,8 @@ class Engine:
             return c.cpu_kv_cache_bytes
         if c.kv_cache_tokens is not None:
             return 0  # sized by tokens: no profile run needed
-        gc.collect()  # an earlier engine of this process that is unreachable frees its pool now
+        gc.unfreeze()  # an earlier engine of this process that is unreachable (frozen by its
+        gc.collect()  # start-up, core/heap_freeze.py) frees its pool now
         activations = ACTIVATION_ALLOWANCE + self.runner.profile_activation_bytes(
             c.max_num_batched_tokens, c.max_running_requests
         )
@@ -636,6 +642,7 @@ class Engine:
     def _apply_swaps(self) -> None:
         with self._lock:
             swaps = list(self._swaps)
+        applied = False
         if swaps:
             self._resolve()  # the new plugin takes over complete requests
         for p in swaps:
@@ -645,6 +652,9 @@ class Engine:
                 continue  # admissions are paused until the running requests finish
             with self._lock:
                 self._swaps.remove(p)
+            # old graphs (and pools) in cycles go before the new plugin captures its own
+            unfreeze_heap(self.config.gc_freeze)
+            applied = True
             try:
                 self._replace(p.slot, old, p.plugin, drain)
             except Exception as e:
@@ -659,6 +669,9 @@ class Engine:
                 result = SwapResult(p.slot, old.name, p.plugin.name, drain, self.num_steps)
                 log.info("%s", result)
                 p.future.set_result(result)
+        if applied:
+            old = None  # this frame's last reference to a swapped-out plugin
+            freeze_heap(self.config.gc_freeze)  # the new plugin's start-up (one full collection)
 
     def _replace(self, slot: str, old: Plugin, new: Plugin, drained: bool) -> None:
         new.setup(self.ctx, previous=None if drained else old)
@@ -712,3 +725,4 @@ class Engine:
         if self.tp is not None:
             self.runner.release_graphs()  # before NCCL's teardown, which waits for them
             self.tp.close()
+        unfreeze_heap(self.config.gc_freeze)  # this engine's cycles are collectable again

@@ -15,6 +15,7 @@
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
+#                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -88,6 +89,18 @@ for job in "${jobs[@]}"; do
         ${BENCH_ARGS:-} --json "$OUT/offline-qwen3-64${TAG:-}.json" 2>"$OUT/offline-qwen3-64${TAG:-}.err" | tail -12 ;;
     offline) timeout 300 $PB bench offline --random-weights --config qwen3-0.6b \
         ${BENCH_ARGS:-} --json "$OUT/offline-qwen3-256${TAG:-}.json" 2>"$OUT/offline-qwen3-256${TAG:-}.err" | tail -12 ;;
+    gc-freeze) # the heap frozen after start-up (issue 17, docs/benchmarks.md session 10): the
+        # nano-vllm workload with --no-gc-freeze, then --gc-freeze (the default); per run the
+        # collections of the timed run (gc: runs and ms by generation, the longest) and the step
+        # times (step_ms p50/p99/max); then the GPU test (a rebuilt engine's pool and graphs freed)
+        for f in no-gc-freeze gc-freeze; do
+          timeout 240 $PB bench offline --random-weights --config qwen3-0.6b --$f ${BENCH_ARGS:-} \
+            --json "$OUT/offline-qwen3-256-$f.json" 2>"$OUT/offline-qwen3-256-$f.err" >/dev/null
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], \
+d['output_tok_s'], 'tok/s', d['steps'], 'steps; gc', d['gc'], '; step_ms', d['step_ms'])" \
+            "$OUT/offline-qwen3-256-$f.json" $f || tail -5 "$OUT/offline-qwen3-256-$f.err"
+        done
+        gpu_tests gpu-tests-gc-freeze tests/test_gc_freeze.py ;;
     llama-bs1) timeout 150 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
         --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
         ${BENCH_ARGS:-} --json "$OUT/llama8b-bs1${TAG:-}.json" 2>"$OUT/llama8b-bs1${TAG:-}.err" | tail -12 ;;

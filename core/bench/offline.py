@@ -60,6 +60,7 @@ def run_offline(
     with `torch_profile` a directory, a torch-profiler window of a few steps is written there:
     `pegboard.core.bench.torch_profile`, `torch_profile_steps` = (steps skipped, steps recorded))."""
     from pegboard.core.bench.dispatch import plugin_layer_share
+    from pegboard.core.bench.gc_time import GcTime, StepTimes
     from pegboard.core.bench.host_profile import HostProfile
 
     prompts, params = workload.build()
@@ -73,7 +74,12 @@ def run_offline(
         if torch_profile
         else contextlib.nullcontext()
     )
-    with kernels, HostProfile(llm.engine) if profile_host else contextlib.nullcontext() as profile:
+    with (
+        kernels,
+        HostProfile(llm.engine) if profile_host else contextlib.nullcontext() as profile,
+        GcTime() as gc_time,
+        StepTimes(llm.engine) as step_times,
+    ):
         start = time.perf_counter()
         outs = llm.generate(prompts, params, progress=progress)
         elapsed = time.perf_counter() - start
@@ -97,4 +103,6 @@ def run_offline(
         "plugin_layer": plugin_layer_share(elapsed / max(steps, 1)),
         "speculation": llm.engine.speculation.report(spec_before),
         "moe": moe.report() if moe is not None else None,  # placement, balancedness
+        "gc": gc_time.report(),  # collections inside the timed run (core/bench/gc_time.py)
+        "step_ms": step_times.report(),  # a collection in the loop: a long step
     } | ({"host_profile": profile.report()} if profile else {})

@@ -167,6 +167,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "default): process on a CUDA device, inline on the CPU",
     )
     g.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="once the model is loaded, the KV pool allocated and the CUDA graphs captured, "
+        "move the heap to the garbage collector's permanent generation (gc.freeze, as vLLM and "
+        "SGLang do), so no full collection walks it inside the step loop (default on)",
+    )
+    g.add_argument(
         "--disable-fused-kernels",
         action="store_true",
         help="use plain PyTorch ops instead of the fused Triton kernels (RMSNorm + residual, "

@@ -22,6 +22,7 @@ from pegboard.core.distributed.launch import Children, fatal, watch_parent
 from pegboard.core.distributed.shm_broadcast import ShmBroadcast
 from pegboard.core.distributed.tensor_parallel import TensorParallel
 from pegboard.core.distributed.topology import Topology
+from pegboard.core.heap_freeze import freeze_heap
 from pegboard.core.models.moe import moe_blocks
 from pegboard.core.moe.apply import apply_placement
 from pegboard.core.moe.router_skew import skew_router
@@ -137,6 +138,7 @@ class Follower:
             self.attention.close()
         self.runner.release_graphs()  # before NCCL's teardown, which waits for them
         self.attention = plugin
+        freeze_heap(c.gc_freeze)  # this rank's start-up (pool, graphs): as rank 0's engine
 
 
 def main(argv: list[str] | None = None) -> int:
