@@ -136,8 +136,7 @@ class Follower:
         )
         if self.attention is not None:
             self.attention.close()
-        self.runner.release_graphs()  # before NCCL's teardown, which waits for them
-        self.attention = plugin
+        self.attention = plugin  # (its graphs stay: `run` releases them before the teardown)
         freeze_heap(c.gc_freeze)  # this rank's start-up (pool, graphs): as rank 0's engine
 
 
