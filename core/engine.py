@@ -413,11 +413,8 @@ class Engine:
         stop = first_stop(r, tokens, self.budget.max_model_len)
         if stop is not None:
             tokens, logprobs = tokens[: stop[0] + 1], logprobs[: stop[0] + 1]
-        r.token_ids += tokens
-        r.output_token_ids += tokens
         lps = [lp for lp in logprobs if lp is not None] if _NONE != logprobs else []
-        if lps:
-            r.output_logprobs += lps
+        r.extend_tokens(tokens, lps)
         if r.first_token_time is None:
             r.first_token_time = time.monotonic()
         last = self._outbox[-1] if merge and self._outbox else None

@@ -155,10 +155,15 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
-        self.token_ids.append(token_id)
-        self.output_token_ids.append(token_id)
-        if logprobs is not None:
-            self.output_logprobs.append(logprobs)
+        self.extend_tokens((token_id,), () if logprobs is None else (logprobs,))
+
+    def extend_tokens(self, token_ids, logprobs=()) -> None:
+        """Append output tokens at once (a step's sampled token, or a verify step's accepted
+        drafts and the target's token) and the logprobs of those that asked for them."""
+        self.token_ids += token_ids
+        self.output_token_ids += token_ids
+        if logprobs:
+            self.output_logprobs += logprobs
 
 
 @dataclass
