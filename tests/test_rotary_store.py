@@ -33,17 +33,27 @@ from test_fused_kernels import DEVICE, make_norm, make_rope, positions, qkv_view
 FP8 = torch.float8_e4m3fn
 
 
-def pools(num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
-    """Two identical pairs of (k, v) caches filled with a pattern (to see what is written)."""
+def pools(num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+          values_transposed: bool = False):  # fmt: skip
+    """Two identical pairs of (k, v) caches filled with a pattern (to see what is written);
+    `values_transposed`: values stored `[Hkv, D, page_size]` per page (`KVPool.v_layout ==
+    "hdp"`), the value cache a strided view of them."""
     shape = (num_pages, page_size, kv_heads, head_dim)
     fill = torch.linspace(-3, 3, num_pages * page_size * kv_heads * head_dim).view(shape)
     k = fill.to(DEVICE).to(dtype)
     v = fill.flip(0).to(DEVICE).to(dtype)
-    return (k.clone(), v.clone()), (k.clone(), v.clone())
+
+    def values():
+        if not values_transposed:
+            return v.clone()
+        return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+    return (k.clone(), values()), (k.clone(), values())
 
 
 def both_ways(tokens, heads, kv_heads, head_dim, slots, cache_dtype, dtype=torch.float32,
-              scales=(1.0, 1.0), norm=False, num_pages=4, page_size=4):  # fmt: skip
+              scales=(1.0, 1.0), norm=False, num_pages=4, page_size=4,
+              values_transposed=False):  # fmt: skip
     """(fused, separate): each `(q, k, v, k_cache, v_cache)` after rope + store."""
     rotary = make_rope(head_dim, max_len=4096)
     pos = positions(tokens, 4096)
@@ -51,7 +61,9 @@ def both_ways(tokens, heads, kv_heads, head_dim, slots, cache_dtype, dtype=torch
     weights = ()
     if norm:
         weights = (make_norm(head_dim, dtype).weight, make_norm(head_dim, dtype).weight * 0.5)
-    fused_caches, separate_caches = pools(num_pages, page_size, kv_heads, head_dim, cache_dtype)
+    fused_caches, separate_caches = pools(
+        num_pages, page_size, kv_heads, head_dim, cache_dtype, values_transposed
+    )
     out = []
     for fused, (k_cache, v_cache) in ((True, fused_caches), (False, separate_caches)):
         _, q, k, v = qkv_views(tokens, heads, kv_heads, head_dim, dtype)
@@ -106,24 +118,15 @@ def test_rotary_store_into_values_transposed_per_page_equals_store_kv(cache_dtyp
     """A pool whose values are stored `[Hkv, D, page_size]` per page (`KVPool.v_layout ==
     "hdp"`, read by the `fp8_mma` decode kernel): the value cache is a strided view, and the
     fused kernel writes what `store_kv` writes, where the view says."""
-    rotary, pos = make_rope(16, max_len=4096), positions(3, 4096)
-    slots = torch.tensor([3, 9, 14], device=DEVICE)
-    out = []
-    for fused in (True, False):
-        (k_cache, v_flat), _ = pools(4, 4, 2, 16, cache_dtype)
-        v_cache = v_flat.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # hdp storage
-        assert v_cache.stride(1) == 1 and v_cache.stride(3) == 4
-        _, q, k, v = qkv_views(3, 4, 2, 16, torch.bfloat16)
-        if fused:
-            rotary_store_kv(pos, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache, slots)
-        else:
-            rotary_embedding(pos, q, k, rotary.cos, rotary.sin)
-            store_kv(k, v, k_cache, v_cache, slots)
-        out.append((q, k, k_cache, v_cache.contiguous()))
-    assert_same(*out)
+    slots = [3, 9, 14]
+    fused, separate = both_ways(3, 4, 2, 16, slots, cache_dtype, torch.bfloat16,
+                                values_transposed=True)  # fmt: skip
+    v_cache = fused[4]
+    assert v_cache.stride(1) == 1 and v_cache.stride(3) == 4
+    assert_same(fused, separate)
     if cache_dtype != FP8:  # (the interpreter's own e4m3 rounding differs from torch's)
-        values = out[0][3].view(-1, 2, 16)[slots]  # the logical [page, offset] rows
-        torch.testing.assert_close(values, v.float(), atol=0, rtol=0)
+        values = v_cache.contiguous().view(-1, 2, 16)[slots]  # the logical [page, offset] rows
+        torch.testing.assert_close(values, fused[2].float(), atol=0, rtol=0)
 
 
 def test_rotary_store_rejects_a_pool_of_other_heads():
