@@ -1,6 +1,7 @@
 """Split decode without the reduce launch (`DecodeConfig.fixup`, variants `s3-pf-fix` and
 `s3-pf-fix-pdl`): the last split of each (request, KV heads) to finish merges the splits with
-the reduce kernel's code, so the output equals the two-launch variant's bit for bit; the
+the reduce kernel's code, so the output equals the two-launch variant's bit for bit in the
+interpreter and to one bf16 ulp on the H200 (two kernels compiled apart; 1 of 4,096 values); the
 counters are zero again after every launch (CUDA-graph replays), and a workspace without
 counters falls back to the reduce kernel.
 
@@ -125,5 +126,6 @@ def test_gpu_fixup_replays_from_a_cuda_graph_over_new_lengths(name):
         graph.replay()
         expected = torch.empty_like(q)
         decode_attention(q, k, v, table, lens, scale, expected, MAX_SPLITS, config="s3-pf")
-        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        # one bf16 ulp (module docstring; H200, 2026-12-01)
+        torch.testing.assert_close(out, expected, atol=0, rtol=2**-7)
         assert not work[2].any()

@@ -51,7 +51,7 @@ def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, 
     """The largest error of variant `name` against float32 attention over the same e4m3 cache,
     after checking it against `reference_decode_fp8mma` (for `fp8_mma` kernels): float32
     queries (and output) agree to float32 rounding (measured: 2e-7), bf16 ones to the output's
-    bf16 rounding (on a GPU, plus 2^-6 of the row's largest value: not yet measured there)."""
+    bf16 rounding (on a GPU, plus 2^-7 of the largest value: a probability's rounding flips)."""
     dtype = dtype or torch.bfloat16
     q, k, v, table, seq = paged_case(lens, heads, kv_heads, head_dim, page_size, dtype, FP8)
     if hdp:
@@ -68,7 +68,9 @@ def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, 
         rounding = 1e-5 if dtype == torch.float32 else 2**-7  # (bf16: half an ulp is 2^-8)
         allowed = mimic.abs() * rounding + 1e-5
         if q.is_cuda:  # other summation orders and exp2: a probability may round to the next
-            allowed += mimic.abs().amax(-1, keepdim=True) * 2**-6  # e4m3 value now and then
+            # e4m3 value (1/8 apart) now and then, moving the output by its share of the mass
+            # times a value; measured on the H200 (2026-12-01, Qwen shape): 2.9e-3 x max |v|
+            allowed += v.float().abs().amax().cpu() * 2**-7
         err = ((out[has_keys].float().cpu() - mimic).abs() / allowed).max()
         assert err <= 1, f"{name}: {err:.3g}x the rounding from the emulated e4m3 arithmetic"
     want = reference(q, k, v, table, seq, scale)[has_keys]
