@@ -533,7 +533,9 @@ class Engine:
             "seed": c.seed,
             "load_format": c.load_format,  # a draft model of a random-weight target: random too
             "kv_cache_dtype": c.kv_cache_dtype,
-            "kv_cache_layout": c.kv_cache_layout,
+            "kv_cache_layout": c.value_layout(
+                self._on_cuda(), c.attention or self._default("attention")
+            ),
             "model_name": c.model or self.model_dir.name,  # as `serve` names it by default
         }
 

@@ -323,8 +323,8 @@ V_LAYOUTS = ("nhd", "hdp")
 
 def kv_layout(name: str | None, dtype: torch.dtype) -> str:
     """The value layout for `--kv-cache-layout NAME` over a pool of `dtype`: `auto`/None is
-    `"nhd"` (until the GPU measures `"hdp"` with the e4m3 tensor-core decode faster,
-    docs/kernels.md); `"hdp"` needs an FP8 pool (16-bit MMAs read either layout)."""
+    `"nhd"` (the engine resolves `auto` before a cache sees it, `EngineConfig.value_layout`:
+    `"hdp"` for FP8 served by the triton backend on CUDA); `"hdp"` needs an FP8 pool."""
     layout = "nhd" if name in (None, "", "auto") else name
     if layout not in V_LAYOUTS:
         raise ValueError(

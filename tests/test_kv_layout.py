@@ -58,6 +58,19 @@ def test_hdp_needs_an_fp8_pool_and_an_unknown_layout_is_refused():
         EngineConfig(kv_cache_layout="hdp", kv_cache_dtype="fp8_e4m3", speculator="ngram")
 
 
+def test_auto_layout_is_hdp_only_for_fp8_served_by_triton_on_cuda_without_speculation():
+    fp8 = EngineConfig(kv_cache_dtype="fp8_e4m3")
+    assert fp8.value_layout(on_cuda=True, attention="triton") == "hdp"
+    assert fp8.value_layout(on_cuda=False, attention="torch") == "nhd"
+    assert fp8.value_layout(on_cuda=False, attention="triton") == "nhd"
+    assert fp8.value_layout(on_cuda=True, attention="flashinfer") == "nhd"
+    spec = EngineConfig(kv_cache_dtype="fp8_e4m3", speculator="ngram")
+    assert spec.value_layout(on_cuda=True, attention="triton") == "nhd"
+    assert EngineConfig().value_layout(on_cuda=True, attention="triton") == "nhd"
+    named = EngineConfig(kv_cache_dtype="fp8_e4m3", kv_cache_layout="nhd")
+    assert named.value_layout(on_cuda=True, attention="triton") == "nhd"
+
+
 def test_host_tier_copies_keep_the_layout_and_the_values():
     device = random_pool("hdp")
     host = _host_pool(device, 4)

@@ -76,7 +76,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "nhd", "hdp"],
         help="how an FP8 pool stores values: nhd (like the keys) or hdp (transposed per page, "
         "for the triton backend's e4m3 tensor-core decode; attention backends triton and torch, "
-        "no speculation); auto: nhd (default auto; docs/kernels.md)",
+        "no speculation); auto: hdp for FP8 on CUDA with triton and no speculation, else nhd "
+        "(default auto; docs/kernels.md)",
     )
     g.add_argument(
         "--kv-cache-scales",
