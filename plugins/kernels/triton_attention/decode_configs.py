@@ -60,6 +60,9 @@ class DecodeConfig:
       second MMA reads from shared memory in its swizzled layout, instead of a
       `[head_dim, pages, page_size]` tile through an unswizzled buffer and registers
       (docs/kernels.md, "FP8 tensor-core decode").
+    - `row_sum_once`: with `fp8_mma`, keep the softmax's running sums per key slot of the
+      tile and add them up once after the loop, instead of a sum over the tile's keys per
+      tile (keys lie across the warps: a round through shared memory and a barrier each).
     """
 
     block_n: int = 64
@@ -76,6 +79,7 @@ class DecodeConfig:
     pdl: bool = False
     fp8_mma: bool = False
     v_tile: bool = False
+    row_sum_once: bool = False
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -134,6 +138,15 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     # tile goes through an unswizzled buffer with bank-conflicted copies, then ldmatrix)
     "mma8v-bn64-s4-fast-pf": DecodeConfig(num_stages=4, **_FAST, **_PF, **_MMA8V),
     "mma8v-bn128-s3-fast-pf": DecodeConfig(block_n=128, **_S3, **_FAST, **_PF, **_MMA8V),
+    "mma8v-bn64-s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF, **_MMA8V),
+    # and the softmax's row sums added up once after the loop, not across warps per tile
+    "mma8vl-bn64-s4-fast-pf": DecodeConfig(
+        num_stages=4, **_FAST, **_PF, **_MMA8V, row_sum_once=True
+    ),
+    "mma8vl-bn64-s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF, **_MMA8V, row_sum_once=True),
+    "mma8vl-bn128-s3-fast-pf": DecodeConfig(
+        block_n=128, **_S3, **_FAST, **_PF, **_MMA8V, row_sum_once=True
+    ),
     "s3": DecodeConfig(**_S3),
     "s4": DecodeConfig(num_stages=4),
     "fast": DecodeConfig(**_FAST),

@@ -80,6 +80,7 @@ def _decode_fp8mma_kernel(
     V_HDP: tl.constexpr,
     SEG: tl.constexpr,
     V_TILE: tl.constexpr,
+    ROW_SUM_ONCE: tl.constexpr,
 ):
     if HEAD_FASTEST:
         kv_head = tl.program_id(0)
@@ -134,6 +135,8 @@ def _decode_fp8mma_kernel(
         pages = pages.to(tl.int64)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if ROW_SUM_ONCE:  # the running sums per key slot of the tile, summed over keys after the loop
+        l_keys = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)  # Oᵀ
     for tile in range(start, end, BLOCK_N):
         toks = tile + offs_n
@@ -187,10 +190,15 @@ def _decode_fp8mma_kernel(
         m_new = tl.maximum(m_i, tl.max(st, 0))
         alpha = tl.exp2(m_i - m_new)
         pt = tl.exp2(st - (m_new - LOG2_P_SCALE)[None, :])  # p * P_SCALE, at most P_SCALE
-        l_i = l_i * alpha + tl.sum(pt, 0)
+        if ROW_SUM_ONCE:  # no reduction across the warps (shared memory, a barrier) per tile
+            l_keys = l_keys * alpha[None, :] + pt
+        else:
+            l_i = l_i * alpha + tl.sum(pt, 0)
         acc = acc * alpha[None, :] + tl.dot(vt, pt.to(tl.float8e4nv))
         m_i = m_new
 
+    if ROW_SUM_ONCE:
+        l_i = tl.sum(l_keys, 0)
     # Row h of the output is column h of acc.
     if not SPLIT:
         out = acc / l_i[None, :]
@@ -230,9 +238,10 @@ def fp8mma_meta(
     min_chunk: int,
     hdp: bool,
     v_tile: bool = False,
+    row_sum_once: bool = False,
 ) -> dict:
     """`_decode_fp8mma_kernel`'s compile-time arguments (the launcher's `head_fastest` and
-    `prefetch_pages` are added by the caller); `v_tile`: `DecodeConfig.v_tile`."""
+    `prefetch_pages` are added by the caller); `v_tile`, `row_sum_once`: `DecodeConfig`'s."""
     pow2_page = page_size & (page_size - 1) == 0
     return {
         "GROUP": group,
@@ -248,6 +257,7 @@ def fp8mma_meta(
         "V_HDP": hdp and pow2_page,
         "SEG": min(page_size, block_n) if pow2_page else 1,
         "V_TILE": v_tile and hdp and pow2_page,
+        "ROW_SUM_ONCE": row_sum_once,
     }
 
 
@@ -290,7 +300,8 @@ def decode_fp8mma(
     split = num_splits > 1
     bn = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 64))
     meta = fp8mma_meta(bn, num_heads // num_kv_heads, head_dim, page_size, split,
-                       config.min_chunk, values_transposed(v_cache), config.v_tile)  # fmt: skip
+                       config.min_chunk, values_transposed(v_cache), config.v_tile,
+                       config.row_sum_once)  # fmt: skip
     if split and workspace is None:
         workspace = decode.decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse, *_ = workspace if split else (out, out)  # (fix-up counters unused)
