@@ -144,6 +144,8 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
         num_stages=4, **_FAST, **_PF, **_MMA8V, row_sum_once=True
     ),
     "mma8vl-bn64-s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF, **_MMA8V, row_sum_once=True),
+    # (one value tile in flight but 36 KB of shared memory and 72 registers: 6 programs per SM)
+    "mma8vl-bn64-s2-fast-pf": DecodeConfig(**_FAST, **_PF, **_MMA8V, row_sum_once=True),
     "mma8vl-bn128-s3-fast-pf": DecodeConfig(
         block_n=128, **_S3, **_FAST, **_PF, **_MMA8V, row_sum_once=True
     ),
