@@ -25,6 +25,7 @@ VARIANTS = list(
             "s3-fast-pf",
             "s3-fast-pf-f16",
             "mma8-bn128-s3-fast-pf",
+            "mma8vl-bn64-s4-fast-pf",
             *(n for _, n in DECODE_DEFAULTS),
         ]
     )  # fmt: skip
@@ -71,3 +72,14 @@ def test_the_fp8_mma_variant_multiplies_e4m3_on_the_tensor_cores(compiled):
     assert not any(
         op.startswith("QGMMA") for op in compiled["mma8-bn128-s3-fast-pf bf16 group 2"]["mma"]
     )
+
+
+@pytest.mark.slow
+def test_the_v_tile_variant_feeds_values_to_the_mma_from_swizzled_shared_memory(compiled):
+    """`v_tile`: the value tile is copied into the MMA's shared layout and read by the MMA
+    from there (no `ldmatrix` into registers, which the `mma8` tile needs), with as many
+    buffers as the key tile."""
+    for key in ("fp8 group 2", "fp8 group 4 split"):
+        assert compiled[f"mma8-bn128-s3-fast-pf {key}"]["ldmatrix"] > 0
+        assert compiled[f"mma8vl-bn64-s4-fast-pf {key}"]["ldmatrix"] == 0
+        assert compiled[f"mma8vl-bn64-s4-fast-pf {key}"]["kv_buffers"] == 4

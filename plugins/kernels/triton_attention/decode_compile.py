@@ -48,6 +48,8 @@ class Compiled:
     #: SASS opcodes of the tensor-core instructions with their type suffixes (e.g.
     #: `HGMMA.64x16x32.F32.E4M3.E4M3`: e4m3 wgmma, "QGMMA" in NVIDIA's tables), and counts
     mma: dict[str, int] = field(default_factory=dict)
+    #: `ldmatrix` instructions (`LDSM`) in the SASS: an MMA operand read into registers
+    ldmatrix: int = 0
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -63,15 +65,13 @@ def _summary(kernel) -> Compiled:
     ttgir = kernel.asm["ttgir"]
     depths = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
     usage = re.search(r"REG:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
+    sass = cuobjdump(kernel.asm["cubin"], "-sass")
     mma: dict[str, int] = {}
-    for op in re.findall(
-        r"\b([HQIU]?GMMA\.[\w.]+|HMMA\.[\w.]+|QMMA\.[\w.]+)",
-        cuobjdump(kernel.asm["cubin"], "-sass"),
-    ):
+    for op in re.findall(r"\b([HQIU]?GMMA\.[\w.]+|HMMA\.[\w.]+|QMMA\.[\w.]+)", sass):
         mma[op] = mma.get(op, 0) + 1
     return Compiled(
         kernel.metadata.shared, max(map(int, depths), default=0),
-        int(usage.group(1)) if usage else 0, mma,
+        int(usage.group(1)) if usage else 0, mma, len(re.findall(r"\bLDSM\b", sass)),
     )  # fmt: skip
 
 
@@ -96,7 +96,8 @@ def compile_decode(
     if config.fp8_mma and kv_dtype.itemsize == 1:
         fn = _decode_fp8mma_kernel
         bn = config.block_n if head_dim <= 128 else min(config.block_n, 64)
-        constexprs = fp8mma_meta(bn, group, head_dim, page_size, split, config.min_chunk, True)
+        constexprs = fp8mma_meta(bn, group, head_dim, page_size, split, config.min_chunk,
+                                 True, config.v_tile, config.row_sum_once)  # fmt: skip
         constexprs |= {"HEAD_FASTEST": config.head_fastest, "PREFETCH": config.prefetch_pages}
     else:
         constexprs = decode_meta(config, torch.bfloat16, kv_dtype, group, num_kv_heads,
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     c = compile_decode(DECODE_VARIANTS[name], dtype, group=group, split=split)
                     rows[key] = {"shared_bytes": c.shared_bytes, "kv_buffers": c.kv_buffers,
-                                 "registers": c.registers, "mma": c.mma}  # fmt: skip
+                                 "registers": c.registers, "mma": c.mma,
+                                 "ldmatrix": c.ldmatrix}  # fmt: skip
                 except Exception as err:  # noqa: BLE001 - reported per variant
                     rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 if not args.json:

@@ -55,6 +55,14 @@ class DecodeConfig:
       the probabilities quantized, `decode_fp8mma.py`), no conversion of keys or values; one
       KV head per program. Fast only over a pool that stores values transposed per page
       (`KVPool.v_layout == "hdp"`). No effect on a 16-bit cache (the other fields apply).
+    - `v_tile`: with `fp8_mma` over transposed values, load each value tile as one
+      `[head_dim, block_n]` tile (16-byte runs, one per page and head dimension) that the
+      second MMA reads from shared memory in its swizzled layout, instead of a
+      `[head_dim, pages, page_size]` tile through an unswizzled buffer and registers
+      (docs/kernels.md, "FP8 tensor-core decode").
+    - `row_sum_once`: with `fp8_mma`, keep the softmax's running sums per key slot of the
+      tile and add them up once after the loop, instead of a sum over the tile's keys per
+      tile (keys lie across the warps: a round through shared memory and a barrier each).
     """
 
     block_n: int = 64
@@ -70,6 +78,8 @@ class DecodeConfig:
     fixup: bool = False
     pdl: bool = False
     fp8_mma: bool = False
+    v_tile: bool = False
+    row_sum_once: bool = False
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -81,6 +91,7 @@ _FAST = {"head_fastest": True}
 _PF = {"prefetch_pages": True}
 _CHUNK = {"min_chunk": 256, "split_cap": 4}
 _CVT = {"f16_dot": True, "asm_cvt": True}
+_MMA8V = {"fp8_mma": True, "v_tile": True}
 
 #: Every variant the sweep times: the baseline (the kernel as it was before variants
 #: existed), the likeliest winners, then one knob at a time. Names: `s` stages, `w` warps,
@@ -122,6 +133,22 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "mma8-bn128-s4-fast-pf": DecodeConfig(block_n=128, num_stages=4, **_FAST, **_PF, fp8_mma=True),
     "mma8-bn64-s4-fast-pf": DecodeConfig(num_stages=4, **_FAST, **_PF, fp8_mma=True),
     "mma8-bn256-s2-fast-pf": DecodeConfig(block_n=256, **_FAST, **_PF, fp8_mma=True),
+    # the same with the value tile loaded as one [head_dim, block_n] tile (`v_tile`): 16-byte
+    # copies into the MMA's swizzled shared layout, read by the MMA from there (the `mma8`
+    # tile goes through an unswizzled buffer with bank-conflicted copies, then ldmatrix)
+    "mma8v-bn64-s4-fast-pf": DecodeConfig(num_stages=4, **_FAST, **_PF, **_MMA8V),
+    "mma8v-bn128-s3-fast-pf": DecodeConfig(block_n=128, **_S3, **_FAST, **_PF, **_MMA8V),
+    "mma8v-bn64-s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF, **_MMA8V),
+    # and the softmax's row sums added up once after the loop, not across warps per tile
+    "mma8vl-bn64-s4-fast-pf": DecodeConfig(
+        num_stages=4, **_FAST, **_PF, **_MMA8V, row_sum_once=True
+    ),
+    "mma8vl-bn64-s3-fast-pf": DecodeConfig(**_S3, **_FAST, **_PF, **_MMA8V, row_sum_once=True),
+    # (one value tile in flight but 36 KB of shared memory and 72 registers: 6 programs per SM)
+    "mma8vl-bn64-s2-fast-pf": DecodeConfig(**_FAST, **_PF, **_MMA8V, row_sum_once=True),
+    "mma8vl-bn128-s3-fast-pf": DecodeConfig(
+        block_n=128, **_S3, **_FAST, **_PF, **_MMA8V, row_sum_once=True
+    ),
     "s3": DecodeConfig(**_S3),
     "s4": DecodeConfig(num_stages=4),
     "fast": DecodeConfig(**_FAST),

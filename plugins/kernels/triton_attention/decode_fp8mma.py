@@ -79,6 +79,8 @@ def _decode_fp8mma_kernel(
     LOG2_P_SCALE: tl.constexpr,
     V_HDP: tl.constexpr,
     SEG: tl.constexpr,
+    V_TILE: tl.constexpr,
+    ROW_SUM_ONCE: tl.constexpr,
 ):
     if HEAD_FASTEST:
         kv_head = tl.program_id(0)
@@ -121,24 +123,46 @@ def _decode_fp8mma_kernel(
     else:
         v_base = V_cache + kv_head * stride_vh + offs_d[:, None] * stride_vd
     pages_row = Page_table + req.to(tl.int64) * stride_pt
+    if V_TILE:  # masked per page, so each run of PAGE_SIZE page ids is provably one value
+        last_page = tl.cdiv(end, PAGE_SIZE)
     if PREFETCH:
         first = start + offs_n
-        pages = tl.load(pages_row + first // PAGE_SIZE, mask=first < end, other=0).to(tl.int64)
+        if V_TILE:
+            first_page = first // PAGE_SIZE
+            pages = tl.load(pages_row + first_page, mask=first_page < last_page, other=0)
+        else:
+            pages = tl.load(pages_row + first // PAGE_SIZE, mask=first < end, other=0)
+        pages = pages.to(tl.int64)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if ROW_SUM_ONCE:  # the running sums per key slot of the tile, summed over keys after the loop
+        l_keys = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)  # Oᵀ
     for tile in range(start, end, BLOCK_N):
         toks = tile + offs_n
         n_mask = toks < end
         if not PREFETCH:
-            pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            if V_TILE:
+                tok_page = toks // PAGE_SIZE
+                pages = tl.load(pages_row + tok_page, mask=tok_page < last_page, other=0)
+            else:
+                pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0)
+            pages = pages.to(tl.int64)
         in_page = toks % PAGE_SIZE
         k = tl.load(
             k_base + (pages * stride_kp + in_page * stride_ks)[:, None],
             mask=n_mask[:, None] & d_mask[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_D] e4m3
-        if V_HDP:  # per run of SEG tokens in one page: its page id, then SEG bytes per dim
+        if V_TILE:
+            # One [BLOCK_D, BLOCK_N] tile: its pointers are contiguous in runs of PAGE_SIZE
+            # keys (one page id per run, `pages` constant over it), so the pipeliner stages it
+            # in the MMA's swizzled shared layout with 16-byte copies and the second dot reads
+            # it from there (`SEG`'s 3-D tile goes through an unswizzled buffer, bank-conflicted
+            # copies and ldmatrix into registers). Unmasked by key as below.
+            v_rows = tl.max_contiguous(tl.multiple_of(pages * stride_vp + in_page, SEG), SEG)
+            vt = tl.load(v_base + v_rows[None, :], mask=d_mask[:, None], other=0.0)
+        elif V_HDP:  # per run of SEG tokens in one page: its page id, then SEG bytes per dim
             seg = tile + offs_p * SEG
             seg_pages = tl.load(pages_row + seg // PAGE_SIZE, mask=seg < end, other=0)
             seg_rows = tl.multiple_of(seg_pages.to(tl.int64) * stride_vp + seg % PAGE_SIZE, SEG)
@@ -155,16 +179,26 @@ def _decode_fp8mma_kernel(
             )
         if PREFETCH:
             nxt = toks + BLOCK_N
-            pages = tl.load(pages_row + nxt // PAGE_SIZE, mask=nxt < end, other=0).to(tl.int64)
+            if V_TILE:
+                nxt_page = nxt // PAGE_SIZE
+                pages = tl.load(pages_row + nxt_page, mask=nxt_page < last_page, other=0)
+            else:
+                pages = tl.load(pages_row + nxt // PAGE_SIZE, mask=nxt < end, other=0)
+            pages = pages.to(tl.int64)
         st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [BLOCK_N, BLOCK_H], float32
         st = tl.where(n_mask[:, None], st, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(st, 0))
         alpha = tl.exp2(m_i - m_new)
         pt = tl.exp2(st - (m_new - LOG2_P_SCALE)[None, :])  # p * P_SCALE, at most P_SCALE
-        l_i = l_i * alpha + tl.sum(pt, 0)
+        if ROW_SUM_ONCE:  # no reduction across the warps (shared memory, a barrier) per tile
+            l_keys = l_keys * alpha[None, :] + pt
+        else:
+            l_i = l_i * alpha + tl.sum(pt, 0)
         acc = acc * alpha[None, :] + tl.dot(vt, pt.to(tl.float8e4nv))
         m_i = m_new
 
+    if ROW_SUM_ONCE:
+        l_i = tl.sum(l_keys, 0)
     # Row h of the output is column h of acc.
     if not SPLIT:
         out = acc / l_i[None, :]
@@ -196,10 +230,18 @@ def values_transposed(v_cache: torch.Tensor) -> bool:
 
 
 def fp8mma_meta(
-    block_n: int, group: int, head_dim: int, page_size: int, split: bool, min_chunk: int, hdp: bool
+    block_n: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    split: bool,
+    min_chunk: int,
+    hdp: bool,
+    v_tile: bool = False,
+    row_sum_once: bool = False,
 ) -> dict:
     """`_decode_fp8mma_kernel`'s compile-time arguments (the launcher's `head_fastest` and
-    `prefetch_pages` are added by the caller)."""
+    `prefetch_pages` are added by the caller); `v_tile`, `row_sum_once`: `DecodeConfig`'s."""
     pow2_page = page_size & (page_size - 1) == 0
     return {
         "GROUP": group,
@@ -214,6 +256,8 @@ def fp8mma_meta(
         # The per-page runs need page ids that tile the keys: a power-of-two page size
         "V_HDP": hdp and pow2_page,
         "SEG": min(page_size, block_n) if pow2_page else 1,
+        "V_TILE": v_tile and hdp and pow2_page,
+        "ROW_SUM_ONCE": row_sum_once,
     }
 
 
@@ -256,7 +300,8 @@ def decode_fp8mma(
     split = num_splits > 1
     bn = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 64))
     meta = fp8mma_meta(bn, num_heads // num_kv_heads, head_dim, page_size, split,
-                       config.min_chunk, values_transposed(v_cache))  # fmt: skip
+                       config.min_chunk, values_transposed(v_cache), config.v_tile,
+                       config.row_sum_once)  # fmt: skip
     if split and workspace is None:
         workspace = decode.decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse, *_ = workspace if split else (out, out)  # (fix-up counters unused)
