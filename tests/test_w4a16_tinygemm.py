@@ -97,6 +97,11 @@ def test_cpu_op_multiplies_like_the_dequantized_weights(rows, offsets, group):
     assert _rel(got, x.double() @ dequantize_tinygemm(p, torch.float32).double().t()) < 1e-2
 
 
+def test_no_rows_give_no_rows():
+    p = packed_layer(16, 256, 32, BF16, "asym")
+    assert _tinygemm(torch.empty(2, 0, 256, dtype=BF16), p).shape == (2, 0, 16)
+
+
 def test_per_channel_scales_are_repeated_per_group_of_256():
     p = packed_layer(16, 768, 768, BF16, "asym")
     t = to_tinygemm(p)
