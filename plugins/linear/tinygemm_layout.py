@@ -12,15 +12,20 @@ contiguous, and the layer permutes x before either kernel.
 **Precision.** tinygemm keeps scale and zero in bf16 (8 significant bits; checkpoints store
 float16 scales, 11) and de-quantizes with one bf16 fma, so its weights are not exactly the
 checkpoint's (pegboard's own kernels keep scales exact: gemlite_layout.py). The centred form
-helps: a zero `(8 - z) * scale` is at most 8 scales, where the old bf16 offsets `-z * scale`
-were up to 15 (that cost 1.8x bf16's logit error on a chaotic random model, docs/quantization
-.md). Measured on CPU (`scripts/tinygemm_accuracy.py`, 2026-12-01, the CUDA kernel's numerics
-emulated): on random 2048 x 4096 layers with float16 scales, groups 32/128, sym/asym,
-1.13-1.18x the relative error of the serving numerics (2.7e-3 vs 2.4e-3 with bf16 x and
-output: one more rounding of the same size, not a bias); on the bundled SmolLM2-135M (Q4_1,
-group 32) the logits are 1.37e-2 from its float32 run vs 1.53e-2 for the serving numerics, the
-argmax the same at 95% of positions for both. Not materially worse than bf16's own rounding,
-so `--w4a16-kernel auto` gives tinygemm every layer it can take, exact scales or not.
+helps: a zero `(8 - z) * scale` is at most 8 scales, where the first layout's bf16 offsets
+`-z * scale` were up to 15 (1.8x bf16's logit error, docs/quantization.md). Measured on CPU
+(`scripts/tinygemm_accuracy.py`, 2026-12-01, the CUDA kernel's numerics emulated), error
+relative to the serving numerics (= a de-quantized checkpoint in bf16):
+
+- random 2048 x 4096 layers, float16 scales, groups 32/128, sym/asym: 1.13-1.18x per layer
+  (2.7e-3 vs 2.4e-3 with bf16 x and output: one more rounding of bf16's size);
+- the tests' tiny random Llama, GPTQ g32, logits vs float32: asym 1.10x (4.2e-2 vs 3.8e-2;
+  the first layout's bf16 offsets, emulated again: 1.80x), sym 0.84x (zero = 0);
+- the bundled SmolLM2-135M (Q4_1, group 32), logits vs its float32 run: 0.89x (1.37e-2 vs
+  1.53e-2), argmax equal at 95% of positions for both.
+
+Not materially worse than bf16's own rounding, so `--w4a16-kernel auto` gives tinygemm every
+layer it can take, whether or not its scales and zeros are exact in bf16.
 
 **Memory.** The layer keeps both layouts (tinygemm for decode's few rows, the serving one for
 prefill and larger batches): the 4-bit weights are held twice, ~1.06 bytes per weight at group
