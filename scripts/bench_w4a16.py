@@ -17,10 +17,15 @@ error against `x @ dequantize(W).T` in float32.
   them), with their error; and again with gemlite's default bf16 atomics (faster by a
   conversion kernel, less exact: `PEGBOARD_GEMLITE_NATIVE_ATOMICS`); said and skipped where
   gemlite does not import.
+- `--tinygemm`: also time PyTorch's int4 kernel (`torch._weight_int4pack_mm`; `--w4a16-kernel
+  tinygemm`, which the plugin runs up to `w4a16_tinygemm.MAX_ROWS` rows) on the same weights
+  converted as the plugin converts them (`tinygemm_layout.to_tinygemm`), with its error; said
+  and skipped where it cannot run.
 - `--step`: all linear layers of one Llama-3.1-8B decode step (32 layers, distinct weights) in
-  one graph, bf16 vs W4A16 (and gemlite with `--gemlite`), at each M.
+  one graph, bf16 vs W4A16 (and gemlite, tinygemm with `--gemlite`, `--tinygemm`), at each M.
 
-    python3 scripts/bench_w4a16.py [--sweep [--write-table FILE]] [--gemlite] [--step]
+    python3 scripts/bench_w4a16.py [--sweep [--write-table FILE]] [--gemlite] [--tinygemm]
+        [--step]
         [--group 128] [--rows 1,4,16,32,64] [--layers qkv,o,gate_up,down] [--json FILE]
 
 The sweep's grid: `candidates`. Random weights are GPTQ-symmetric-like (float16 scales, offset -8 x scale: 2 + 2 bytes per
@@ -46,6 +51,7 @@ from pegboard.core.kernels.gemv import linear as gemv_linear
 from pegboard.core.kernels.w4a16 import W4A16Config, pick_config, w4a16_linear
 from pegboard.plugins.linear.gemlite_layout import to_gemlite
 from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack
+from pegboard.plugins.linear.tinygemm_layout import to_tinygemm
 from torch.nn import functional as F
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -128,6 +134,7 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
     layers += [quantized(n, k, group, seed) for seed in range(1, copies)]
     ref_w = dequantize_packed(layers[0], torch.float32)
     converted = gemlite_layers(layers, n, k, group) if args.gemlite else None
+    tiny = tinygemm_layers(layers, n, k, group) if args.tinygemm else None
     rows = []
     for m in args.rows:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
@@ -164,6 +171,8 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
                 row["best"] = w4a16.config_dict(best[1])
         if args.gemlite:
             row.update(time_gemlite(converted, x, reps, x.float() @ ref_w.to(DTYPE).float().T))
+        if args.tinygemm:
+            row.update(time_tinygemm(tiny, x, reps, x.float() @ ref_w.to(DTYPE).float().T))
         rows.append(row)
         print(
             f"{name:8s} M={m:3d}  cuBLAS {cublas:8.1f} µs  GEMV {gemv:8.1f}  W4A16 {w4:8.1f} "
@@ -180,6 +189,12 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
                 f"atomics {row['gemlite_native_us']:.1f}, err {row['gemlite_native_rel_error']:.1e})"
                 if "gemlite_us" in row
                 else (f"  gemlite: {row['gemlite']}" if args.gemlite else "")
+            )
+            + (
+                f"  tinygemm {row['tinygemm_us']:8.1f} ({min(cublas, gemv) / row['tinygemm_us']:4.2f}x"
+                f" bf16, err {row['tinygemm_rel_error']:.1e})"
+                if "tinygemm_us" in row
+                else (f"  tinygemm: {row['tinygemm']}" if args.tinygemm else "")
             ),
             flush=True,
         )
@@ -195,6 +210,31 @@ def gemlite_layers(layers, n: int, k: int, group: int):
         return reason
     w4a16_gemlite.prepare(n, k, group, DTYPE)
     return [to_gemlite(p, DTYPE) for p in layers]
+
+
+def tinygemm_layers(layers, n: int, k: int, group: int):
+    """The layers in tinygemm's layout, or why tinygemm cannot run here (a string)."""
+    from pegboard.core.kernels import w4a16_tinygemm
+
+    reason = w4a16_tinygemm.unavailable_reason(DEVICE, DTYPE)
+    reason = reason or w4a16_tinygemm.shape_unsupported_reason(n, k, group)
+    return reason if reason is not None else [to_tinygemm(p) for p in layers]
+
+
+def tinygemm_call(x: torch.Tensor, t):
+    from pegboard.core.kernels.w4a16_tinygemm import tinygemm_linear
+
+    return lambda: tinygemm_linear(x, t.qweight, t.scales_and_zeros, t.group_size)
+
+
+def time_tinygemm(converted, x: torch.Tensor, reps: int, reference) -> dict:
+    """tinygemm on the converted layers (`tinygemm_layers`; the first is checked against
+    `reference`): µs per call and error; or `{"tinygemm": reason}`."""
+    if isinstance(converted, str):
+        return {"tinygemm": converted}
+    err = relative_error(tinygemm_call(x, converted[0])(), reference)
+    us = graph_us([tinygemm_call(x, t) for t in converted] * reps)
+    return {"tinygemm_us": us, "tinygemm_rel_error": err}
 
 
 def gemlite_call(x: torch.Tensor, g):
@@ -245,9 +285,11 @@ def write_table(path: Path, rows: list[dict], group: int) -> None:
     print(f"wrote {path} ({sum(len(v) for v in device.values())} entries for this device)")
 
 
-def bench_step(group: int, rows: tuple[int, ...], with_gemlite: bool) -> list[dict]:
-    """All linears of a Llama-3.1-8B decode step (32 layers), bf16 vs W4A16 (and gemlite), per
-    M."""
+def bench_step(
+    group: int, rows: tuple[int, ...], with_gemlite: bool, with_tinygemm: bool
+) -> list[dict]:
+    """All linears of a Llama-3.1-8B decode step (32 layers), bf16 vs W4A16 (and gemlite,
+    tinygemm), per M."""
     results = []
     dense = {
         name: [torch.randn(n, k, device=DEVICE, dtype=DTYPE) for _ in range(32)]
@@ -259,6 +301,11 @@ def bench_step(group: int, rows: tuple[int, ...], with_gemlite: bool) -> list[di
     if with_gemlite and any(isinstance(v, str) for v in gl.values()):
         print(f"step: gemlite skipped: {next(v for v in gl.values() if isinstance(v, str))}")
         with_gemlite = False
+    tg = {name: tinygemm_layers(w4[name], n, k, group) for name, (n, k) in SHAPES.items()
+          if with_tinygemm}  # fmt: skip
+    if with_tinygemm and any(isinstance(v, str) for v in tg.values()):
+        print(f"step: tinygemm skipped: {next(v for v in tg.values() if isinstance(v, str))}")
+        with_tinygemm = False
     for m in rows:
         xs = {
             name: torch.randn(m, k, device=DEVICE, dtype=DTYPE) for name, (_, k) in SHAPES.items()
@@ -283,6 +330,10 @@ def bench_step(group: int, rows: tuple[int, ...], with_gemlite: bool) -> list[di
             result["gemlite_native_step_ms"] = native * n_calls / 1e3
             line += (f", gemlite {g4 * n_calls / 1e3:.2f} ms ({bf16 / g4:.2f}x; with bf16 "
                      f"atomics {native * n_calls / 1e3:.2f} ms, {bf16 / native:.2f}x)")  # fmt: skip
+        if with_tinygemm:
+            t4 = graph_us([tinygemm_call(xs[name], t) for name in SHAPES for t in tg[name]])
+            result["tinygemm_step_ms"] = t4 * n_calls / 1e3
+            line += f", tinygemm {t4 * n_calls / 1e3:.2f} ms ({bf16 / t4:.2f}x)"
         results.append(result)
         print(line, flush=True)
     return results
@@ -293,6 +344,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--gemlite", action="store_true")
+    p.add_argument("--tinygemm", action="store_true")
     p.add_argument("--step", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--write-table", type=Path, help="with --sweep: the measured table to write")
@@ -308,7 +360,7 @@ def main() -> None:
     rows = [r for name, (n, k) in shapes.items() for r in bench_shape(name, n, k, args.group, args)]
     if args.sweep and args.write_table:
         write_table(args.write_table, rows, args.group)
-    step = bench_step(args.group, args.rows, args.gemlite) if args.step else []
+    step = bench_step(args.group, args.rows, args.gemlite, args.tinygemm) if args.step else []
     if args.json:
         args.json.write_text(json.dumps({"layers": rows, "step": step}, indent=2))
 

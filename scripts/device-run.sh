@@ -303,10 +303,10 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
 {k: v for k, v in m.items() if v >= 0.03 or k.startswith('forward: tp')})" \
             "$OUT/llama8b-bs1-tp2-$ar.json" "$ar" || tail -5 "$OUT/llama8b-bs1-tp2-$ar.err"
         done ;;
-    w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15), pegboard's
-        # and gemlite's (from the carried gemlite wheel; "gemlite: <reason>" without it); after
-        # w4a16-sweep in the same call it runs the configurations the sweep just picked
-        timeout 300 python3 scripts/bench_w4a16.py --step --gemlite --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
+    w4a16) # W4A16 kernels per layer vs bf16 and one decode step's linears (issue 15), pegboard's,
+        # gemlite's (from the carried gemlite wheel; "gemlite: <reason>" without it) and tinygemm
+        # (torch's); after w4a16-sweep in the same call it runs the configurations the sweep just picked
+        timeout 300 python3 scripts/bench_w4a16.py --step --gemlite --tinygemm --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
     w4a16-sweep) # launch configurations per layer and M (decode rows and M = 32/64), written as the
         # measured table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15);
         # `w4a16-sweep w4a16` together may pass 10 min since w4a16 times gemlite too: two calls
@@ -315,23 +315,31 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         [ -f "$OUT/w4a16_configs.json" ] && export PEGBOARD_W4A16_CONFIGS="$OUT/w4a16_configs.json" ;;
     w4a16-tests) # the W4A16 kernels' GPU tests alone (also in tests-1): every group size x Llama
         # shape x M = 1..64 against the de-quantized reference, the split-K fix-up in a graph,
-        # inline-asm unpacking bit-equal to the plain spelling, quantized models vs de-quantized
-        gpu_tests gpu-tests-w4a16 tests/test_quant_kernels.py ;;
+        # inline-asm unpacking bit-equal to the plain spelling, quantized models vs de-quantized;
+        # tinygemm's (tests/test_w4a16_tinygemm.py): groups 32/64/128/per-channel x Llama shape x
+        # M = 1/2/4, a graph, every format's tiny model, greedy tokens vs triton; not yet run
+        # together: at most 540 s (TESTS_TIMEOUT)
+        TESTS_TIMEOUT=${TESTS_TIMEOUT:-540} gpu_tests gpu-tests-w4a16 tests/test_quant_kernels.py tests/test_w4a16_tinygemm.py ;;
     gemlite-tests) # the gemlite path's GPU tests (GEMLITE_TESTS; needs the gemlite wheel carried):
         # every group size x Llama shape x 1-64 and prefill rows vs the de-quantized reference,
         # scalar-zero/fma forms, CUDA-graph replay with no host sync, every format's tiny model,
         # an engine serving through CUDA graphs
         TESTS_TIMEOUT=${TESTS_TIMEOUT:-540} gpu_tests gpu-tests-gemlite $GEMLITE_TESTS ;;
-    llama-bs1-w4a16|llama-bs1-gemlite) # Llama-3.1-8B batch 1, random weights quantized to W4A16
-        # g128 at load (pegboard's kernels; -gemlite: gemlite's, from the carried wheel), then bf16
+    llama-bs1-w4a16|llama-bs1-gemlite|llama-bs1-tinygemm) # Llama-3.1-8B batch 1, random weights
+        # quantized to W4A16 g128 at load (pegboard's kernels; -gemlite: gemlite's, from the
+        # carried wheel; -tinygemm: torch's up to 4 rows, so every decode step), then bf16; each
+        # run at most 270 s (its timeout); -gemlite and -tinygemm skip bf16 (llama-bs1-w4a16's):
+        # `llama-bs1-w4a16` then `llama-bs1-tinygemm` is tinygemm vs triton vs bf16 (three runs:
+        # two calls where they pass 10 min)
         kernel=triton; [ $job = llama-bs1-gemlite ] && kernel=gemlite
+        [ $job = llama-bs1-tinygemm ] && kernel=tinygemm
         for q in gptq none; do
           tag=$q; [ $q = none ] || tag=$q-$kernel
           timeout 270 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
             --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
             $([ $q = none ] || echo --quantization $q --w4a16-kernel $kernel) ${BENCH_ARGS:-} \
             --json "$OUT/llama8b-bs1-$tag.json" 2>"$OUT/llama8b-bs1-$tag.err" | tail -4
-          [ $job = llama-bs1-gemlite ] && break  # bf16 is the other job's second run
+          [ $kernel = triton ] || break  # bf16 is llama-bs1-w4a16's second run
         done ;;
     offline-w4a16|offline-gemlite) # the nano-vllm workload (Qwen3-0.6B) with W4A16 weights
         # (pegboard's kernels; -gemlite: gemlite's, untuned fallback configs for these shapes), then bf16

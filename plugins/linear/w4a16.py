@@ -7,6 +7,13 @@ Q4_0/Q4_1 checkpoints (`formats.py`), converts every projection to one serving l
 `--w4a16-kernel`; its layout is made from the serving one at load, `gemlite_layout.py`), or, on
 CPU and as the oracle, by de-quantizing then `F.linear`.
 
+With `--w4a16-kernel tinygemm` and `auto` (where tinygemm runs: CUDA, bf16) calls of at most
+`w4a16_tinygemm.MAX_ROWS` rows of x (decode at small batch) go to PyTorch's own int4 kernel
+(`pegboard.core.kernels.w4a16_tinygemm`, layout made at load by `tinygemm_layout.py`) and larger
+ones to pegboard's Triton kernels, so such a layer holds both layouts: its 4-bit weights twice
+(~1.06 bytes per weight at group 128 instead of 0.53; bf16 is 2). CUDA graphs are captured per
+batch size, so which kernel a captured call runs is fixed per graph.
+
 Per layer fallback: a projection the checkpoint stored unquantized (the LM head, compressed-
 tensors' `ignore` list, another GGUF type), stacked shards that do not share one group layout,
 or a shape the kernels cannot take, is kept dense; the loader lists such layers once.
@@ -18,6 +25,7 @@ from typing import Literal
 
 import pydantic
 import torch
+from pegboard.core.kernels import w4a16_tinygemm
 from pegboard.plugins.linear.bf16 import DenseMethod
 from pegboard.plugins.linear.formats import FORMATS, Format
 from pegboard.plugins.linear.gemlite_layout import (
@@ -33,6 +41,7 @@ from pegboard.plugins.linear.int4 import (
     dequantize_packed,
     pack,
 )
+from pegboard.plugins.linear.tinygemm_layout import TinygemmLayout, to_tinygemm
 from pegboard.sdk.linear import (
     LinearLayer,
     LinearMethod,
@@ -45,7 +54,7 @@ from pegboard.sdk.types import ModelInfo
 from torch.nn import functional as F
 
 SUPPORTED_GROUPS = (-1, 32, 64, 128)
-Kernel = Literal["auto", "triton", "gemlite"]
+Kernel = Literal["auto", "triton", "gemlite", "tinygemm"]
 #: What `--w4a16-kernel auto` runs where gemlite imports on CUDA: pegboard's kernels until the
 #: H200 has measured gemlite (`device-run.sh w4a16`, docs/kernels.md "gemlite"): session 8 ran
 #: out of device time before it could.
@@ -62,7 +71,8 @@ class W4A16Options(pydantic.BaseModel):
     kernel: Kernel = pydantic.Field(
         "auto",
         description="CUDA kernels: triton (pegboard's), gemlite (pip install "
-        "'pegboard[gemlite]'), or auto: gemlite where it imports, else triton",
+        "'pegboard[gemlite]'), tinygemm (torch's int4 kernel for calls of up to 4 rows, "
+        "triton above; bf16 only), or auto: tinygemm where it applies, else triton",
     )
 
 
@@ -70,7 +80,8 @@ class Int4Linear(LinearLayer):
     """One projection with 4-bit weights (see the module docstring). After `finish_loading`
     it holds either the packed weights (`qweight`, `scales`, `offsets`, `perm`) or, as a
     fallback, a dense `weight` (`fallback` says why). While gemlite's kernels run, `gemlite`
-    holds their layout and `qweight` is dropped (rebuilt from it when they are switched off)."""
+    holds their layout and `qweight` is dropped (rebuilt from it when they are switched off).
+    While tinygemm runs the calls of few rows, `tinygemm` holds its layout beside the others."""
 
     def __init__(
         self, spec: LinearSpec, quant: QuantizationConfig, fmt: Format, kernel: Kernel = "auto"
@@ -86,6 +97,8 @@ class Int4Linear(LinearLayer):
         self.kernel = None
         self.gemlite: GemliteLayout | None = None
         self.gemlite_skipped: str | None = None  # why gemlite was chosen but not used
+        self.tinygemm: TinygemmLayout | None = None
+        self.tinygemm_skipped: str | None = None  # why tinygemm was chosen but not used
         self._received: dict[str, dict[str, torch.Tensor]] = {s: {} for s in spec.shard_sizes}
         self.qweight: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
@@ -176,8 +189,11 @@ class Int4Linear(LinearLayer):
             self.qweight = serving_from_plain(self.gemlite.qweight)
             self.gemlite = None
         self.kernel = None
+        self.tinygemm = self.tinygemm_skipped = None
         if not enabled or self.qweight is None:
             return
+        if self.kernel_choice in ("auto", "tinygemm"):
+            self._use_tinygemm()  # before gemlite drops the serving words it is made from
         wants_gemlite = self.kernel_choice == "gemlite" or (
             self.kernel_choice == "auto" and AUTO_PREFERS_GEMLITE
         )
@@ -191,7 +207,7 @@ class Int4Linear(LinearLayer):
         if reason is not None:
             self.fallback = f"the W4A16 kernels cannot take it ({reason})"
             self.weight = self._dequantized(self.spec.dtype)
-            self.qweight = self.scales = self.offsets = None
+            self.qweight = self.scales = self.offsets = self.tinygemm = None
             return
         self.kernel = w4a16.w4a16_linear
 
@@ -223,6 +239,21 @@ class Int4Linear(LinearLayer):
         self.kernel = w4a16_gemlite.gemlite_linear
         return True
 
+    def _use_tinygemm(self) -> None:
+        """Make tinygemm's layout for the calls of few rows, if it can take this layer (else
+        `tinygemm_skipped` says why, where that is news: not for `auto` off CUDA or bf16)."""
+        n, k = self.spec.out_features, self.spec.in_features
+        reason = w4a16_tinygemm.unavailable_reason(self.qweight.device, self.spec.dtype)
+        if reason is not None:
+            self.tinygemm_skipped = reason if self.kernel_choice == "tinygemm" else None
+            return
+        reason = w4a16_tinygemm.shape_unsupported_reason(n, k, self.group_size)
+        if reason is not None:
+            self.tinygemm_skipped = reason
+            return
+        packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
+        self.tinygemm = to_tinygemm(packed)
+
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
         w = dequantize_packed(packed, dtype)
@@ -235,6 +266,11 @@ class Int4Linear(LinearLayer):
             return F.linear(x, self.weight, self.bias)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.tinygemm is not None and x.numel() <= w4a16_tinygemm.MAX_ROWS * x.shape[-1]:
+            t = self.tinygemm
+            return w4a16_tinygemm.tinygemm_linear(
+                x, t.qweight, t.scales_and_zeros, t.group_size, self.bias
+            )
         if self.gemlite is not None:
             g = self.gemlite
             return self.kernel(x, g.qweight, g.scales, g.zeros, g.group_size, g.fma, self.bias)
@@ -250,10 +286,18 @@ class Int4Linear(LinearLayer):
             return f"dense fallback: {self.fallback}"
         g = "per-channel" if self.group_size == self.spec.in_features else f"g{self.group_size}"
         if self.gemlite is not None:
-            return f"w4a16 {g}, gemlite kernels"
-        how = "Triton W4A16 kernels" if self.kernel is not None else "de-quantize + matmul"
+            how = "gemlite kernels"
+        else:
+            how = "Triton W4A16 kernels" if self.kernel is not None else "de-quantize + matmul"
+        if self.tinygemm is not None:
+            how = (
+                f"tinygemm up to {w4a16_tinygemm.MAX_ROWS} rows (4-bit weights held twice), "
+                f"{how} above"
+            )
         if self.gemlite_skipped is not None:
             how += f" (not gemlite: {self.gemlite_skipped})"
+        if self.tinygemm_skipped is not None:
+            how += f" (not tinygemm: {self.tinygemm_skipped})"
         return f"w4a16 {g}, {how}"
 
 
@@ -319,4 +363,8 @@ class W4A16Linear(LinearKernel):
             reason = w4a16_gemlite.unavailable_reason(model.device, model.dtype)
             if reason is not None:
                 raise QuantizationError(f"--w4a16-kernel gemlite: {reason}")
+        if kernel == "tinygemm" and model.device.type == "cuda":
+            reason = w4a16_tinygemm.unavailable_reason(model.device, model.dtype)
+            if reason is not None:
+                raise QuantizationError(f"--w4a16-kernel tinygemm: {reason}")
         return Int4Method(quantization, kernel)
