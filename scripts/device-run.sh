@@ -7,7 +7,7 @@
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
-#                 [spec-batch64-profile]
+#                 [spec-batch64-profile] [spec-batch64-ab] (BASE_TAR: the older tree)
 #                 [spec-eagle] [spec-eagle-train] [eagle-check]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
@@ -669,6 +669,41 @@ PY
             --max-input 128 --min-output 256 --max-output 256 $a \
             --json "$OUT/spec-batch64-profile-$v.json" 2>"$OUT/spec-batch64-profile-$v.err" | tail -3
         done ;;
+    spec-batch64-ab) # issue 14, session 11: the verify step at batch 64 was ~1.1 ms slower in
+        # session 11 than in session 9 (spec_no_switch n-gram 0.551 -> 0.701 s, same steps and
+        # graph replays) while the CPU finds no host growth, no schedule change and the same
+        # sm_90 SASS (docs/speculative.md, "Session 11"). Code or machine? This tree against
+        # BASE_TAR (`git archive d230c56 -o base.tar`, session 9's tree, carried untracked) on one
+        # machine, alternating ROUNDS (1) times: n-gram at batch 64 with the switch off (every
+        # step verifies) under `bench offline --profile-host`, then the spec-batch64 n-gram run
+        # itself. Per run: tok/s, host ms per verify step, device wait per step; the GPU's clocks
+        # and the CPU first. Same on both trees: the gap was the machine; host ms up: the code.
+        mkdir -p /tmp/base/pegboard && tar -xf "${BASE_TAR:-base.tar}" -C /tmp/base/pegboard \
+          && cp core/bench/host_profile.py core/bench/gc_time.py /tmp/base/pegboard/core/bench/ || exit 1
+        { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,pstate,persistence_mode \
+            --format=csv; lscpu | grep -E "Model name|^CPU\(s\)|MHz"; python3 -c "import torch, triton, sys; \
+print(sys.version.split()[0], torch.__version__, triton.__version__)"; } | tee "$OUT/spec-batch64-ab-machine.txt"
+        SP="--speculative-algorithm NGRAM --speculative-num-steps 4 --speculative-min-speedup 0 --speculative-min-accept-rate 0"
+        for i in $(seq ${ROUNDS:-1}); do for tree in base head; do
+          name=spec-batch64-ab-$tree-$i
+          PYTHONPATH=$([ $tree = base ] && echo /tmp/base:)$PYTHONPATH timeout 120 $PB bench offline \
+            --random-weights --config qwen3-0.6b --profile-host --num-seqs 64 --max-running-requests 64 \
+            --cuda-graph-max-bs 64 --min-input 128 --max-input 128 --min-output 256 --max-output 256 $SP \
+            --json "$OUT/$name.json" 2>"$OUT/$name.err" >/dev/null
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s', d['steps'], 'steps; host by kind', \
+h['host_ms_by_kind'], '; wait', h['device_wait_ms_per_step'], 'ms/step;', \
+{k: v for k, v in m.items() if k.startswith(('speculation', 'forward', 'detok', 'prepare'))})" \
+            "$OUT/$name.json" "$name" || tail -5 "$OUT/$name.err"
+          PYTHONPATH=$([ $tree = base ] && echo /tmp/base:)$PYTHONPATH timeout 90 python3 \
+            scripts/bench_speculative.py --config qwen3-0.6b --speculative-algorithm NGRAM --batch-size 64 \
+            --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch \
+            --cuda-graph-max-bs 64 >"$OUT/$name-bench.json" 2>"$OUT/$name-bench.err"
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], \
+{k: (d[k]['elapsed_s'], d[k]['steps'], d[k].get('cuda_graphs', {}).get('verify_replays')) \
+for k in ('plain', 'spec', 'spec_no_switch')})" "$OUT/$name-bench.json" "$name bench (s, steps, verify replays)" \
+            || tail -5 "$OUT/$name-bench.err"
+        done; done ;;
     spec-eagle|spec-eagle-train) # the bundled SmolLM2 with an EAGLE-3 head trained here by
         # self-distillation, its state carried between calls (out/eagle-state, returned in
         # $OUT/eagle-state/), then (spec-eagle) batch-1 decode with the head vs without: see

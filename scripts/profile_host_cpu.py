@@ -4,6 +4,7 @@ python3 scripts/profile_host_cpu.py [--config qwen3-0.6b|DIR] [--rounds 4] [--te
                                     [--forward stub|launch|eager] [--layers N]
                                     [--workload small|nano-vllm]
                                     [--max-running-requests N] [--num-seqs 256]
+                                    [--speculative-algorithm NGRAM|MISS] [--target periodic]
 
 Builds an engine over a random-weight config (`--config`: a bundled name or a directory with a
 `config.json`; the default is a 1-layer, 32-wide Qwen3 with a 2,048-token vocabulary), replaces
@@ -61,7 +62,10 @@ from pegboard.core.cuda_graph_mixed import (
     mixed_token_sizes,
 )
 from pegboard.core.llm import LLM
+from pegboard.core.plugin_manager import PluginManager
 from pegboard.core.speculative.step import tree_verify_lens, verify_lens
+from pegboard.sdk.slots import Speculator
+from pegboard.sdk.types import Drafts
 
 TINY = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 32,
@@ -85,9 +89,10 @@ def main() -> None:
     p.add_argument(
         "--speculative-algorithm",
         type=str.upper,
-        choices=["NGRAM"],
-        help="speculate (with --target periodic the drafts are all accepted once the output "
-        "has repeated)",
+        choices=["NGRAM", "MISS"],
+        help="speculate: NGRAM (with --target periodic the drafts are all accepted once the "
+        "output has repeated) or MISS (drafts no target accepts, both switch rules off: "
+        "`spec-batch64`'s --oracle miss without the switch; requests back off as there)",
     )
     p.add_argument("--speculative-num-steps", type=int, default=4)
     p.add_argument("--speculative-eagle-topk", type=int, default=1)
@@ -113,15 +118,23 @@ def main() -> None:
         settings["max_running_requests"] = args.max_running_requests
     if args.disable_overlap:
         settings["disable_overlap"] = True
-    if args.speculative_algorithm:
+    plugins = None
+    if args.speculative_algorithm == "NGRAM":
         options = {"num_draft_tokens": args.speculative_num_steps}
         if args.speculative_eagle_topk > 1:
             k = args.speculative_eagle_topk
             options |= {"topk": k, "num_steps": args.speculative_num_steps}
             options["num_draft_tokens"] = args.speculative_num_steps * k
         settings |= {"speculator": "ngram", "plugin_options": {"ngram": options}}
-    llm = LLM(str(model), load_format="dummy", device="cpu", **settings)
+    elif args.speculative_algorithm == "MISS":
+        plugins = PluginManager()
+        plugins.add(MissDrafts)
+        MissDrafts.num_draft_tokens = args.speculative_num_steps
+        off = {"speculative_min_accept_rate": 0.0, "speculative_min_speedup": 0.0}
+        settings |= {"speculator": "miss", **off}
+    llm = LLM(str(model), load_format="dummy", device="cpu", plugins=plugins, **settings)
     vocab = llm.engine.info.vocab_size
+    MissDrafts.token = vocab - 1  # neither stub target's token
     runner = llm.engine.runner
 
     def forward(batch):  # the model's work is not host work: zero logits, right shape
@@ -214,6 +227,21 @@ def count_uploads(engine, profile):
         for module, attr, fn in patched:
             setattr(module, attr, fn)
         result.update({k: round(n / steps, 2) for k, (steps, n) in sorted(by_kind.items())})
+
+
+class MissDrafts(Speculator):
+    """`--speculative-algorithm MISS`: drafts `num_draft_tokens` copies of a token no stub
+    target samples (the vocabulary's last), so every draft is rejected."""
+
+    name = "miss"
+    num_draft_tokens = 4
+    token = 0
+
+    def chain_length(self) -> int:
+        return self.num_draft_tokens  # verify steps of k + 1 rows replay the verify graphs
+
+    def propose(self, requests, max_tokens):
+        return [Drafts([self.token] * min(k, self.num_draft_tokens)) for k in max_tokens]
 
 
 PERIOD, PERIOD_BASE = 16, 3
