@@ -173,10 +173,11 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
 #: whose bound the batch reaches. Set from `bash scripts/device-run.sh decode-sweep`.
 DECODE_DEFAULTS: tuple[tuple[int, str], ...] = ((32, "s3-fast-pf"), (0, "s3-pf"))
 #: The same over an FP8 pool with values transposed per page (`--kv-cache-layout hdp`, the e4m3
-#: tensor-core kernel): the fastest on the H200's nano-vllm decode batch (2026-12-01: 148.0 µs
-#: vs 174.4 for bn128-s3, 205.6 for bn256-s2; bf16 `s3-fast-pf` 164.8); `PEGBOARD_FP8_MMA_DEFAULTS`
-#: overrides it as `PEGBOARD_DECODE_DEFAULTS` does the other.
-FP8_MMA_DEFAULTS: tuple[tuple[int, str], ...] = ((0, "mma8-bn64-s4-fast-pf"),)
+#: tensor-core kernel): the fastest on the H200's nano-vllm decode batch (2026-12-01, session 11:
+#: 114.9 µs, 2.86 TB/s; mma8vl-bn64-s4 118.1, -s2 119.0, mma8v-bn64-s4 126.1, the first
+#: mma8-bn64-s4 148.1; bf16 `s3-fast-pf` 168.1); `PEGBOARD_FP8_MMA_DEFAULTS` overrides it as
+#: `PEGBOARD_DECODE_DEFAULTS` does the other.
+FP8_MMA_DEFAULTS: tuple[tuple[int, str], ...] = ((0, "mma8vl-bn64-s3-fast-pf"),)
 
 
 def _defaults_from_env(
