@@ -38,6 +38,19 @@ E4M3_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
+def _page_ids(pages_row, toks, end, last_page, PAGE_SIZE: tl.constexpr, V_TILE: tl.constexpr):
+    """The page id of each key in `toks` (int64; page 0 past the end). With `V_TILE` masked per
+    page, so each run of PAGE_SIZE ids is provably one value (the value tile's contiguity);
+    else per key."""
+    page = toks // PAGE_SIZE
+    if V_TILE:
+        ids = tl.load(pages_row + page, mask=page < last_page, other=0)
+    else:
+        ids = tl.load(pages_row + page, mask=toks < end, other=0)
+    return ids.to(tl.int64)
+
+
+@triton.jit
 def _decode_fp8mma_kernel(
     Q,
     K_cache,
@@ -123,16 +136,9 @@ def _decode_fp8mma_kernel(
     else:
         v_base = V_cache + kv_head * stride_vh + offs_d[:, None] * stride_vd
     pages_row = Page_table + req.to(tl.int64) * stride_pt
-    if V_TILE:  # masked per page, so each run of PAGE_SIZE page ids is provably one value
-        last_page = tl.cdiv(end, PAGE_SIZE)
+    last_page = tl.cdiv(end, PAGE_SIZE)
     if PREFETCH:
-        first = start + offs_n
-        if V_TILE:
-            first_page = first // PAGE_SIZE
-            pages = tl.load(pages_row + first_page, mask=first_page < last_page, other=0)
-        else:
-            pages = tl.load(pages_row + first // PAGE_SIZE, mask=first < end, other=0)
-        pages = pages.to(tl.int64)
+        pages = _page_ids(pages_row, start + offs_n, end, last_page, PAGE_SIZE, V_TILE)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     if ROW_SUM_ONCE:  # the running sums per key slot of the tile, summed over keys after the loop
@@ -142,12 +148,7 @@ def _decode_fp8mma_kernel(
         toks = tile + offs_n
         n_mask = toks < end
         if not PREFETCH:
-            if V_TILE:
-                tok_page = toks // PAGE_SIZE
-                pages = tl.load(pages_row + tok_page, mask=tok_page < last_page, other=0)
-            else:
-                pages = tl.load(pages_row + toks // PAGE_SIZE, mask=n_mask, other=0)
-            pages = pages.to(tl.int64)
+            pages = _page_ids(pages_row, toks, end, last_page, PAGE_SIZE, V_TILE)
         in_page = toks % PAGE_SIZE
         k = tl.load(
             k_base + (pages * stride_kp + in_page * stride_ks)[:, None],
@@ -178,13 +179,7 @@ def _decode_fp8mma_kernel(
                 v_base + v_rows[None, :], mask=d_mask[:, None] & n_mask[None, :], other=0.0
             )
         if PREFETCH:
-            nxt = toks + BLOCK_N
-            if V_TILE:
-                nxt_page = nxt // PAGE_SIZE
-                pages = tl.load(pages_row + nxt_page, mask=nxt_page < last_page, other=0)
-            else:
-                pages = tl.load(pages_row + nxt // PAGE_SIZE, mask=nxt < end, other=0)
-            pages = pages.to(tl.int64)
+            pages = _page_ids(pages_row, toks + BLOCK_N, end, last_page, PAGE_SIZE, V_TILE)
         st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [BLOCK_N, BLOCK_H], float32
         st = tl.where(n_mask[:, None], st, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(st, 0))
