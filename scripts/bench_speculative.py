@@ -15,6 +15,14 @@ no verify step or flip mixed in: 1.0 when an off step is a plain step) and, last
 plain engine (`plain_again`: the run-to-run and engine-order noise of these figures).
 Each run also reports the garbage collector's runs and ms inside it (`gc`: a full collection in
 a 0.5 s run moves its tok/s by tens of percent, `pegboard.core.bench.gc_time`).
+`--step-times` times every step by the wall clock (its start to the next step's) and sorts it
+by kind (`StepTimes`): `steady` (a plain step that overlaps, after one that overlapped: what a
+switched-off step is), `verify`, `flip` (a plain step that read its tokens at once: the next
+may draft), `host_fed` (a plain step after a verify or flip: the device idled while the host
+prepared it), `prefill`; per run `step_ms` (steps, median, total of each kind), `probes` (the
+first verify steps with the steps on either side) and `extra_ms_by_kind` (each kind's time
+above that many of plain's steady steps: where a run's time over plain goes) and
+`steady_vs_plain` (a steady step's mean ms over plain's: what a switched-off step costs).
 
     python3 scripts/bench_speculative.py --speculative-algorithm EAGLE3 \
         --speculative-draft-model-path /tmp/eagle3-smollm2 [--model DIR] [--batch-size 1]
@@ -39,6 +47,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import time
 
 from pegboard.core.bench.gc_time import GcTime
@@ -87,17 +96,97 @@ class Oracle(Speculator):
         return out
 
 
-def run(llm, prompts, params, batch_size):
+def run(llm, prompts, params, batch_size, step_times=False):
     start = time.perf_counter()
     steps = llm.engine.num_steps
     outs = []
-    with GcTime() as gc_time:
+    with GcTime() as gc_time, StepTimes(llm.engine, step_times) as timed:
         for i in range(0, len(prompts), batch_size):
             outs += llm.generate(prompts[i : i + batch_size], params)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
-    return outs, {"tok_s": round(tokens / elapsed, 1), "steps": llm.engine.num_steps - steps,
-                  "elapsed_s": round(elapsed, 3), "gc": gc_time.report()}  # fmt: skip
+    report = {"tok_s": round(tokens / elapsed, 1), "steps": llm.engine.num_steps - steps,
+              "elapsed_s": round(elapsed, 3), "gc": gc_time.report()}  # fmt: skip
+    if step_times:
+        report |= timed.report()
+    return outs, report
+
+
+class StepTimes:
+    """Each engine step's wall time (its start to the next step's start, the last one's to the
+    end of the run) and its kind, while open (`--step-times`). A step's kind: `verify` (it
+    verified drafts), `prefill` (not decode-only), `flip` (a plain decode step that read its
+    tokens at once, so the next one may draft), `host_fed` (a plain decode step after a step
+    that read its tokens at once: its inputs came from the host, the device idled while it was
+    prepared) or `steady` (a plain decode step that overlaps, after one that overlapped: what
+    an engine without speculation runs, and what a switched-off step must cost)."""
+
+    def __init__(self, engine, on: bool = True) -> None:
+        self.engine, self.on = engine, on
+        self.starts: list[float] = []
+        self.kinds: list[str] = []
+
+    def __enter__(self) -> StepTimes:
+        if not self.on:
+            return self
+        e = self.engine
+        step, forward = e.step, e.runner.forward
+        decode = [False]
+
+        def timed_forward(batch, *args, **kwargs):
+            decode[0] = batch.is_decode_only
+            return forward(batch, *args, **kwargs)
+
+        def timed_step():
+            self.starts.append(time.perf_counter())
+            verified, decode[0] = e.speculation.num_verify, False
+            before = self.kinds[-1] if self.kinds else None
+            out = step()
+            if e.speculation.num_verify > verified:
+                kind = "verify"
+            elif not decode[0]:
+                kind = "prefill"
+            elif e._pending is None:
+                kind = "flip"
+            else:
+                kind = "host_fed" if before in ("verify", "flip") else "steady"
+            self.kinds.append(kind)
+            return out
+
+        e.step, e.runner.forward = timed_step, timed_forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self.end = time.perf_counter()
+            del self.engine.step, self.engine.runner.forward  # the class's methods again
+
+    def times_ms(self) -> list[float]:
+        ends = self.starts[1:] + [self.end]
+        return [(b - a) * 1e3 for a, b in zip(self.starts, ends)]
+
+    def report(self) -> dict:
+        ms = self.times_ms()
+        by_kind: dict[str, list[float]] = {}
+        for kind, t in zip(self.kinds, ms):
+            by_kind.setdefault(kind, []).append(t)
+        probes = [[round(t, 3) for t in ms[max(i - 1, 0) : i + 2]]
+                  for i, k in enumerate(self.kinds) if k == "verify"]  # fmt: skip
+        return {
+            "step_ms": {k: {"steps": len(v), "median": round(statistics.median(v), 3),
+                            "total": round(sum(v), 2)} for k, v in sorted(by_kind.items())},
+            "probes": probes[:8],  # [step before, verify step, step after] of the first 8
+            "_times": list(zip(self.kinds, ms)),  # (`extra_ms_by_kind`; dropped from the JSON)
+        }  # fmt: skip
+
+
+def extra_ms_by_kind(report: dict, plain_step_ms: float) -> dict:
+    """Each step kind's time above as many plain steady steps (`plain_step_ms` each): where
+    the run's time over plain goes (a steady step's share is what switched-off steps cost)."""
+    out: dict[str, float] = {}
+    for kind, t in report.pop("_times"):
+        out[kind] = out.get(kind, 0.0) + t - plain_step_ms
+    return {k: round(v, 2) for k, v in sorted(out.items())}
 
 
 def graph_report(runner, speculator=None) -> dict:
@@ -178,6 +267,8 @@ def main() -> None:
     p.add_argument("--compare-off", action="store_true",
                    help="also run the speculator switched off throughout (spec_off) and a "
                    "second plain engine (plain_again)")  # fmt: skip
+    p.add_argument("--step-times", action="store_true",
+                   help="time every step by kind (step_ms, probes, extra_ms_by_kind)")  # fmt: skip
     add_speculative_arguments(p)
     args = p.parse_args()
     base = {"device": args.device}
@@ -214,7 +305,12 @@ def main() -> None:
         vocab = llm.engine.info.vocab_size
         result["prompts"] = len(prompts)
         run(llm, prompts[:1], params, 1)  # warm-up
-        plain, result["plain"] = run(llm, prompts, params, args.batch_size)
+        plain, result["plain"] = run(llm, prompts, params, args.batch_size, args.step_times)
+    plain_step_ms = None
+    if args.step_times:
+        steady = result["plain"]["step_ms"]["steady"]
+        plain_step_ms = steady["total"] / steady["steps"]  # (the mean: plain's extra is ~0)
+        result["plain"]["extra_ms_by_kind"] = extra_ms_by_kind(result["plain"], plain_step_ms)
     del llm  # its weights and KV go before the next engine's are allocated
     gc.collect()
     plugins = None
@@ -239,7 +335,7 @@ def main() -> None:
         with LLM(model, plugins=plugins, **s) as llm:
             run(llm, prompts[:1], params, 1)
             before = llm.engine.speculation.stats()
-            spec, result[name] = run(llm, prompts, params, args.batch_size)
+            spec, result[name] = run(llm, prompts, params, args.batch_size, args.step_times)
             report = llm.engine.speculation.report(before)
             result[name]["speculation"] = report
             result[name]["cuda_graphs"] = graph_report(
@@ -251,6 +347,12 @@ def main() -> None:
         spec_step = result[name]["elapsed_s"] / max(result[name]["steps"], 1)
         result[name]["speedup"] = round(result[name]["tok_s"] / result["plain"]["tok_s"], 3)
         result[name]["step_cost_vs_plain"] = round(spec_step / plain_step, 3)
+        if plain_step_ms is not None:
+            steady = result[name]["step_ms"].get("steady")  # (none: every step drafted)
+            result[name]["steady_vs_plain"] = steady and round(
+                steady["total"] / steady["steps"] / plain_step_ms, 3
+            )  # (mean ms of a steady step: a switched-off step's cost, 1.0 when it is plain)
+            result[name]["extra_ms_by_kind"] = extra_ms_by_kind(result[name], plain_step_ms)
         result[name].update(divergence(plain, spec))
     print(json.dumps(result, indent=2))
 

@@ -11,6 +11,17 @@ another tree with `PYTHONPATH=DIR` (DIR/pegboard that checkout), so two trees' s
 host work compare.
 
     PYTHONPATH=DIR python3 scripts/spec_schedule_cpu.py [--speculator miss|ngram]
+        [--switch none|default|batch] [--plain]
+
+`--switch` picks the on/off switch as `spec-batch64` runs it: `none` (both rules off, drafting
+wherever it can: `spec_no_switch`, the default), `default` (the acceptance rule at its default
+and the speed rule at 1.0, as on CUDA: `spec`) or `batch` (the batch-size rule at 1, no step
+drafts: `spec_off`). `--plain` adds the engine without a speculator as `plain`. Per run, besides
+the counts: `host_fed_steps`, the steps whose inputs came from the host because the step before
+read its tokens at once (on a GPU the device idles while such a step is prepared: the host's
+work is exposed), and the host's thread-CPU ms per step of each kind (`ms_by_kind`:
+`steady` = a plain step that overlaps, after one that overlapped too: the switched-off step
+proper, to compare with `plain`'s).
 """
 
 from __future__ import annotations
@@ -47,7 +58,10 @@ class MissOracle(Speculator):
     def chain_length(self) -> int:
         return 4
 
+    calls = 0  # `propose` calls (a switched-off step must make none)
+
     def propose(self, requests, max_tokens):
+        MissOracle.calls += 1
         out = []
         for r, k in zip(requests, max_tokens):
             ref = self.completions.get(tuple(r.prompt_token_ids), [])
@@ -56,9 +70,77 @@ class MissOracle(Speculator):
         return out
 
 
+SWITCHES = {
+    "none": {"speculative_min_accept_rate": 0.0, "speculative_min_speedup": 0.0},
+    "default": {"speculative_min_speedup": 1.0},  # the acceptance rule at its default too
+    "batch": {"speculative_disable_by_batch_size": 1},
+}
+
+
+def schedule(llm, prompts, params) -> dict:
+    """Run `prompts` once, step by step: the counts of each kind of step, and the host's
+    thread-CPU ms per step of each kind."""
+    engine = llm.engine
+    kinds, step = [], engine.step
+
+    def step_kind():
+        before, asked = engine.speculation.num_verify, _asked(engine)
+        start = time.thread_time()
+        out = step()
+        ms = (time.thread_time() - start) * 1e3
+        verified = engine.speculation.num_verify - before
+        pending = engine._pending is not None  # its tokens are read by the next step
+        kind = "verify" if verified else "overlapped" if pending else "plain"
+        kinds.append((kind, verified, ms, _asked(engine) - asked))
+        return out
+
+    engine.step = step_kind
+    with HostProfile(engine, clock=time.thread_time) as profile:
+        llm.generate(prompts, params)
+    del engine.step
+    report = profile.report()
+    counts = collections.Counter(k for k, *_ in kinds)
+    ms: dict[str, list[float]] = collections.defaultdict(list)
+    fed = 0
+    for i, (kind, _, t, _) in enumerate(kinds):
+        before = kinds[i - 1][0] if i else None
+        fed += before in ("verify", "plain")  # inputs from the host: the device idled
+        steady = kind == "overlapped" and before == "overlapped"
+        ms["steady" if steady else kind].append(t)
+    return {
+        "steps": len(kinds),
+        "verify_steps": counts["verify"],
+        "unoverlapped_plain_steps": counts["plain"],  # the prefill step among them
+        "overlapped_steps": counts["overlapped"],
+        "host_fed_steps": fed,
+        "request_verifies": sum(n for _, n, *_ in kinds),
+        "speculator_calls_in_plain_steps": sum(a for k, _, _, a in kinds if k != "verify"),
+        "first_steps": [k if not n else f"verify {n}" for k, n, *_ in kinds[:24]],
+        "not_overlapped_at": [(i, k, n) for i, (k, n, *_) in enumerate(kinds) if k != "overlapped"],
+        "ms_by_kind": {k: _summary(v) for k, v in sorted(ms.items())},
+        "host_ms_by_kind": report.get("host_ms_by_kind"),
+    }
+
+
+def _asked(engine) -> int:
+    speculator = engine.speculation.speculator
+    return getattr(speculator, "calls", 0)
+
+
+def _summary(ms: list[float]) -> dict:
+    ms = sorted(ms)
+    return {
+        "steps": len(ms),
+        "median": round(ms[len(ms) // 2], 3),
+        "mean": round(sum(ms) / len(ms), 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--speculator", choices=("miss", "ngram"), default="miss")
+    p.add_argument("--switch", choices=tuple(SWITCHES), default="none")
+    p.add_argument("--plain", action="store_true", help="also the engine without a speculator")
     args = p.parse_args()
     model = Path(tempfile.mkdtemp(prefix="pegboard-tiny-"))
     (model / "config.json").write_text(json.dumps(TINY))
@@ -66,10 +148,13 @@ def main() -> None:
     prompts = [[rng.randrange(TINY["vocab_size"]) for _ in range(128)] for _ in range(64)]
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
     base = {"load_format": "dummy", "device": "cpu"}
+    result = {}
     with LLM(str(model), **base) as llm:
         llm.generate(prompts[:1], params)
+        if args.plain:
+            result["plain"] = schedule(llm, prompts, params)
         plain = llm.generate(prompts, params)
-    settings = base | {"speculative_min_accept_rate": 0.0, "speculative_min_speedup": 0.0}
+    settings = base | SWITCHES[args.switch]
     plugins = None
     if args.speculator == "miss":
         MissOracle.completions = {tuple(q): o.token_ids for q, o in zip(prompts, plain)}
@@ -79,33 +164,11 @@ def main() -> None:
     else:
         settings |= {"speculator": "ngram", "plugin_options": {"ngram": {"num_draft_tokens": 4}}}
     with LLM(str(model), plugins=plugins, **settings) as llm:
-        engine = llm.engine
         llm.generate(prompts[:1], params)  # the warm-up bench_speculative runs
-        kinds, step = [], engine.step
-
-        def step_kind():
-            before = engine.speculation.num_verify
-            out = step()
-            verified = engine.speculation.num_verify - before
-            pending = engine._pending is not None  # its tokens are read by the next step
-            kinds.append(f"verify {verified}" if verified else "overlapped" if pending else "plain")
-            return out
-
-        engine.step = step_kind
-        with HostProfile(engine, clock=time.thread_time) as profile:
-            llm.generate(prompts, params)
-        report = profile.report()
-    counts = collections.Counter(k.split()[0] for k in kinds)
-    result = {
-        "steps": len(kinds),
-        "verify_steps": counts["verify"],
-        "unoverlapped_plain_steps": counts["plain"],  # the prefill step among them
-        "overlapped_steps": counts["overlapped"],
-        "request_verifies": sum(int(k.split()[1]) for k in kinds if k.startswith("verify")),
-        "first_steps": kinds[:24],
-        "host_ms_by_kind": report.get("host_ms_by_kind"),
-        "forward_by_kind": report.get("forward_by_kind"),
-    }
+        switch = llm.engine.speculation.switch
+        before = dict(switch.off_steps)
+        run = result[f"{args.speculator} switch={args.switch}"] = schedule(llm, prompts, params)
+        run["switch_off_steps"] = {k: n - before[k] for k, n in switch.off_steps.items()}
     print(json.dumps(result, indent=1))
 
 

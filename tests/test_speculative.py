@@ -15,7 +15,7 @@ from pegboard.core.engine import Engine
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import PluginError, PluginManager
 from pegboard.core.speculative import SpeculatorError
-from pegboard.plugins.speculative.ngram import lookup
+from pegboard.plugins.speculative.ngram import NgramIndex, follow, lookup
 from pegboard.sdk.slots import Speculator
 from pegboard.sdk.types import Drafts, Request, SamplingParams
 from test_engine_parity import hf_reference
@@ -105,6 +105,77 @@ def test_ngram_lookup_continues_a_loop_past_the_contexts_end():
 def test_ngram_lookup_prefers_the_longest_suffix():
     # suffix [3, 4] occurs at 2; the 1-gram [4] occurs later at 6 but is shorter
     assert lookup([0, 0, 3, 4, 9, 5, 4, 1, 3, 4], 1, 1, 2) == [9]
+
+
+def _scan(tokens: list[int], depth: int, min_n: int, max_n: int, keep: int) -> list[list[int]]:
+    """`NgramIndex.continuations` by its definition: for the longest suffix (max_n down to
+    min_n tokens) that also ends earlier, before the last token, what followed its latest
+    `keep` occurrences, latest first."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        ends = [e for e in range(len(tokens) - 2, n - 2, -1) if tokens[e - n + 1 : e + 1] == suffix]
+        if ends:
+            return [follow(tokens, e, depth) for e in ends[:keep]]
+    return []
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_ngram_index_finds_what_a_scan_of_the_context_finds(keep):
+    """Updated step by step as a request grows (and cut back, as a stop string does), the index
+    finds the same continuations as scanning the whole context. Token ids whose bytes repeat
+    across token boundaries (256, 65536, ...) check that a byte match straddling two tokens
+    is no match (the index searches the context's 32-bit integers as bytes)."""
+    rng = random.Random(keep)
+    alphabet = [0, 1, 2, 256, 257, 65536, 65537, 1 << 24, 151_000]
+    for _ in range(40):
+        index = NgramIndex(1, 3, keep)
+        tokens = [rng.choice(alphabet) for _ in range(rng.randint(1, 8))]
+        for _ in range(30):
+            if rng.random() < 0.1:
+                del tokens[-rng.randint(1, len(tokens)) :]  # cut back, seen by an update
+                index.update(tokens)
+            tokens += [rng.choice(alphabet) for _ in range(rng.randint(1, 6))]
+            index.update(tokens)
+            assert index.continuations(tokens, 4) == _scan(tokens, 4, 1, 3, keep), tokens
+
+
+def test_ngram_lookup_after_a_long_stretch_without_drafts_runs_no_python_per_token():
+    """A request that drafted nothing for many steps (the on/off switch kept speculation off)
+    costs its next lookup no more Python than one step later would: the tokens decoded
+    meanwhile are not indexed one by one (session 12: a probe at batch 64 after 128 undrafted
+    steps spent ~22 ms catching up on a CPU; it counts lines run in ngram.py here)."""
+    import sys
+
+    from pegboard.plugins.speculative import ngram
+
+    rng = random.Random(0)
+    speculator = ngram.NgramSpeculator.__new__(ngram.NgramSpeculator)
+    speculator.options = ngram.NgramOptions()
+
+    def lines_of_propose(request) -> int:
+        count = [0]
+
+        def trace(frame, event, arg):
+            if frame.f_code.co_filename == ngram.__file__:
+                count[0] += event == "line"
+                return trace
+            return None
+
+        sys.settrace(trace)
+        try:
+            speculator.propose([request], [4])
+        finally:
+            sys.settrace(None)
+        return count[0]
+
+    r = Request([rng.randrange(1000) for _ in range(128)], SamplingParams(max_tokens=1000))
+    speculator.propose([r], [4])
+    r.token_ids.append(rng.randrange(1000))
+    one_step = lines_of_propose(r)  # one token since the last lookup
+    r.token_ids.extend(rng.randrange(1000) for _ in range(256))
+    # 256 tokens since the last lookup: a few lines more at most (which suffix matches, how far
+    # the match is followed); an index built per token and n runs ~3,000 more
+    assert lines_of_propose(r) <= one_step + 40
 
 
 # ---------------------------------------------------------------- greedy parity

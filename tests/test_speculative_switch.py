@@ -282,6 +282,33 @@ def test_speed_rule_leaves_out_the_first_step_with_drafts_of_a_run():
     assert sw.num_turned_off == 0 and drafted.count(False) == S.PROBE_STEPS + 2
 
 
+def test_a_cooldown_times_only_its_last_steps():
+    """Deep in a cooldown a step does none of the speed rule's bookkeeping (a switched-off step
+    must cost what a plain step costs: session 12); its last `TIMED_OFF_STEPS` are timed, which
+    still fills the plain window before each probe is judged. A batch of 64 whose verify steps
+    yield 64 tokens in 2.6 s (every draft wrong): cooldowns of 16 ... 256 steps."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    timed, windows = [], []
+    close, judge = sw._close, sw.judge_speed
+
+    def timed_close(*args):
+        timed.append(sw._off_for)
+        return close(*args)
+
+    def judged(bucket):
+        if sw._off_for == 0:
+            windows.append(len(sw._speed[bucket][False]))
+        return judge(bucket)
+
+    sw._close, sw.judge_speed = timed_close, judged
+    batch = [object() for _ in range(64)]
+    drafted = _run_steps(sw, 600, verify_seconds=2.6, verify_tokens=64, requests=batch)
+    assert sw.off_steps["speed"] > 500 and sw.num_turned_off >= 5
+    assert max(timed) == S.TIMED_OFF_STEPS and len(timed) < 600 // 4
+    assert windows[2:] == [S.WINDOW] * (len(windows) - 2)  # (the first probe's 3 steps)
+    assert _runs(drafted) == [2] * sw.num_turned_off  # probes as before: one uncounted, one judged
+
+
 def test_speed_rule_hysteresis_keeps_a_near_tie_from_flapping():
     """Speculation at 1.03x plain speed: drafting that is on stays on; drafting the rule turned
     off (an earlier slow spell, 2.6 s per verify step) comes back only at 1.05x, so it stays

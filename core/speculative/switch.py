@@ -75,6 +75,11 @@ MAX_PROBE_EVERY = 1024  # ... up to this
 MIN_SPEED_SAMPLES = 2  # steps of each kind before the speed rule judges ...
 DECISIVE = 0.75  # ... unless one step with drafts yields less than this share of what it must
 HYSTERESIS = 0.05  # once the speed rule turned drafting off, a probe needs S * (1 + this)
+#: The speed rule times only the last this many steps of a cooldown: its window keeps the last
+#: `WINDOW` plain steps (the first timed step has no timed step before it, the last reads its
+#: tokens at once: both left out), so timing the earlier ones (up to 250 of a 256-step
+#: cooldown) would only be host work in steps that must cost what a plain step costs.
+TIMED_OFF_STEPS = WINDOW + 2
 
 
 class SpeculationSwitch:
@@ -185,13 +190,16 @@ class SpeculationSwitch:
         `num_tokens` (before drafts: a decode step runs one each): whether it may draft
         (`allows`). The speed rule first closes the last step's measurement (and judges after
         a step that could draft), so its verdict holds for this step already; then times this
-        one."""
-        if self.min_speedup is not None:
+        one (in a cooldown, only its last `TIMED_OFF_STEPS` steps)."""
+        timed = self.min_speedup is not None and self._off_for <= TIMED_OFF_STEPS
+        if timed:
             self._close(requests, num_tokens, now)
             if self._off_for == 0 and _decode(num_tokens) and self._unknown(len(requests)):
                 self._probe(_bucket(len(requests)))  # plain decoding first, then drafts
+        else:
+            self._last = self._last_kind = None  # (the next timed step starts a run)
         on = self.allows(len(requests))
-        if self.min_speedup is not None:
+        if timed:
             self._open(requests, num_tokens, on, now)
         return on
 

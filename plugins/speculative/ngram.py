@@ -10,12 +10,15 @@ With `topk` > 1 the draft is a tree: the continuations of up to `topk` latest ea
 occurrences, merged where they agree (the latest one is the tree's first path), verified in one
 forward.
 
-Each request keeps an index (in `request.plugin_state["ngram"]`) from every n-gram of its
-context to where it last ended, extended by the tokens added since the previous step, so a
-lookup costs O(max_ngram * topk) per request and step whatever the context length.
+Each request keeps its context as an array of 32-bit integers (in
+`request.plugin_state["ngram"]`, `NgramIndex`), extended by the tokens added since the previous
+step, and a lookup searches it backwards in C: no Python per context token, so a request that
+drafted nothing for many steps (the on/off switch) costs its next lookup no more than usual.
 """
 
 from __future__ import annotations
+
+from array import array
 
 import pydantic
 from pegboard.sdk.slots import Speculator
@@ -39,33 +42,28 @@ class NgramOptions(pydantic.BaseModel):
 
 
 class NgramIndex:
-    """n-gram -> the indices of its last token (the latest `keep` occurrences, latest first),
-    for the grams of `tokens[:indexed]` that end before the context's last token (the suffix
-    being looked up never matches itself)."""
+    """A request's context as 32-bit integers, searched backwards for the suffix being looked
+    up (`bytes.rfind`, in C) among the grams that end before the context's last token (the
+    suffix never matches itself); the latest `keep` occurrences, latest first.
+
+    `update` appends the tokens added since the last call (one C copy), so a lookup costs the
+    same whatever happened in between: after a stretch without drafts (the on/off switch kept
+    speculation off for up to 256 steps) a probe does not first index every token decoded
+    meanwhile. (Until session 12 this was a dict from each n-gram to where it ended, extended
+    in Python per token and n: a probe at batch 64 after 128 undrafted steps spent ~22 ms on
+    this CPU catching up, ~16 times a drafting step's whole lookup, and its tuples fed the
+    garbage collector.)"""
 
     def __init__(self, min_n: int, max_n: int, keep: int = 1) -> None:
         self.min_n, self.max_n, self.keep = min_n, max_n, keep
-        self.ends: dict[tuple[int, ...], list[int]] = {}
-        self.indexed = 0  # grams ending at positions < indexed are in `ends`
+        self.tokens = array("i")  # the context as of the last `update`
 
     def update(self, tokens: list[int]) -> None:
-        if len(tokens) < self.indexed:  # cut back (a stop string): start over
-            self.ends.clear()
-            self.indexed = 0
-        index, keep, min_n, max_n = self.ends, self.keep, self.min_n, self.max_n
-        for end in range(self.indexed, len(tokens) - 1):
-            for n in range(min_n, min(max_n, end + 1) + 1):
-                gram = tuple(tokens[end - n + 1 : end + 1])
-                if keep == 1:  # (each end is indexed once: the latest replaces the last)
-                    index[gram] = [end]
-                    continue
-                ends = index.get(gram)
-                if ends is None:
-                    index[gram] = [end]
-                elif ends[0] != end:
-                    ends.insert(0, end)
-                    del ends[keep:]
-        self.indexed = max(self.indexed, len(tokens) - 1)
+        seen, n = self.tokens, len(self.tokens)
+        if len(tokens) < n or (n and tokens[n - 1] != seen[-1]):  # cut back (a stop string)
+            del seen[:]
+            n = 0
+        seen += array("i", tokens[n:])  # (twice as fast as `extend` from a list)
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         found = self.continuations(tokens, k)
@@ -74,11 +72,29 @@ class NgramIndex:
     def continuations(self, tokens: list[int], depth: int) -> list[list[int]]:
         """What followed each kept occurrence of the longest suffix found, latest first
         (`follow`: continued periodically where it reaches the context's end)."""
+        context = self.tokens.tobytes()
+        before_last = len(context) - _ITEM  # grams end before the last token
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
-            ends = self.ends.get(tuple(tokens[len(tokens) - n :]))
+            ends = self._ends(context, context[len(context) - n * _ITEM :], before_last)
             if ends:
                 return [follow(tokens, e, depth) for e in ends]
         return []
+
+    def _ends(self, context: bytes, gram: bytes, stop: int) -> list[int]:
+        """The token indices where the latest `keep` occurrences of `gram` in `context[:stop]`
+        end (byte matches that straddle tokens are skipped)."""
+        ends, size = [], len(gram)
+        while len(ends) < self.keep:
+            at = context.rfind(gram, 0, stop)
+            if at < 0:
+                break
+            if at % _ITEM == 0:
+                ends.append((at + size) // _ITEM - 1)
+            stop = at + size - 1  # the next one starts before `at`
+        return ends
+
+
+_ITEM = array("i").itemsize
 
 
 def follow(tokens: list[int], end: int, depth: int) -> list[int]:
