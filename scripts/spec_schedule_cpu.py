@@ -11,7 +11,7 @@ another tree with `PYTHONPATH=DIR` (DIR/pegboard that checkout), so two trees' s
 host work compare.
 
     PYTHONPATH=DIR python3 scripts/spec_schedule_cpu.py [--speculator miss|ngram]
-        [--switch none|default|batch] [--plain]
+        [--switch none|default|batch] [--plain] [--stub-forward]
 
 `--switch` picks the on/off switch as `spec-batch64` runs it: `none` (both rules off, drafting
 wherever it can: `spec_no_switch`, the default), `default` (the acceptance rule at its default
@@ -19,9 +19,13 @@ and the speed rule at 1.0, as on CUDA: `spec`) or `batch` (the batch-size rule a
 drafts: `spec_off`). `--plain` adds the engine without a speculator as `plain`. Per run, besides
 the counts: `host_fed_steps`, the steps whose inputs came from the host because the step before
 read its tokens at once (on a GPU the device idles while such a step is prepared: the host's
-work is exposed), and the host's thread-CPU ms per step of each kind (`ms_by_kind`:
-`steady` = a plain step that overlaps, after one that overlapped too: the switched-off step
-proper, to compare with `plain`'s).
+work is exposed), and the host's thread-CPU ms per step of each kind (`ms_by_kind`, as
+`bench_speculative.py --step-times` sorts them: `steady` = a plain step that overlaps, after
+one that overlapped too: the switched-off step proper, to compare with `plain`'s; `flip` = a
+plain step that read its tokens at once, the prefill and the last step among them; `host_fed`;
+`verify`). `--stub-forward` replaces the model's forward by zero logits (every target token 0:
+the miss oracle still misses, n-gram drafts are all accepted), so those ms are the loop's own
+host work and not the tiny model's arithmetic.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from pegboard.core.bench.host_profile import HostProfile
 from pegboard.core.llm import LLM
 from pegboard.core.plugin_manager import PluginManager
@@ -104,9 +109,10 @@ def schedule(llm, prompts, params) -> dict:
     fed = 0
     for i, (kind, _, t, _) in enumerate(kinds):
         before = kinds[i - 1][0] if i else None
+        host_fed = kind == "overlapped" and before in ("verify", "plain")
         fed += before in ("verify", "plain")  # inputs from the host: the device idled
-        steady = kind == "overlapped" and before == "overlapped"
-        ms["steady" if steady else kind].append(t)
+        ms[{"plain": "flip"}.get(kind, "host_fed" if host_fed else "steady")
+           if kind != "verify" else kind].append(t)  # fmt: skip
     return {
         "steps": len(kinds),
         "verify_steps": counts["verify"],
@@ -120,6 +126,17 @@ def schedule(llm, prompts, params) -> dict:
         "ms_by_kind": {k: _summary(v) for k, v in sorted(ms.items())},
         "host_ms_by_kind": report.get("host_ms_by_kind"),
     }
+
+
+def stub_forward(llm) -> None:
+    """The model's forward as zero logits of the right shape (`--stub-forward`)."""
+    vocab = llm.engine.info.vocab_size
+
+    def forward(batch):
+        rows = batch.logits_rows.shape[0] if batch.logits_rows is not None else sum(batch.samples)
+        return torch.zeros(rows, vocab)
+
+    llm.engine.runner.forward = forward
 
 
 def _asked(engine) -> int:
@@ -141,6 +158,7 @@ def main() -> None:
     p.add_argument("--speculator", choices=("miss", "ngram"), default="miss")
     p.add_argument("--switch", choices=tuple(SWITCHES), default="none")
     p.add_argument("--plain", action="store_true", help="also the engine without a speculator")
+    p.add_argument("--stub-forward", action="store_true", help="zero logits: host work only")
     args = p.parse_args()
     model = Path(tempfile.mkdtemp(prefix="pegboard-tiny-"))
     (model / "config.json").write_text(json.dumps(TINY))
@@ -150,6 +168,8 @@ def main() -> None:
     base = {"load_format": "dummy", "device": "cpu"}
     result = {}
     with LLM(str(model), **base) as llm:
+        if args.stub_forward:
+            stub_forward(llm)
         llm.generate(prompts[:1], params)
         if args.plain:
             result["plain"] = schedule(llm, prompts, params)
@@ -164,6 +184,8 @@ def main() -> None:
     else:
         settings |= {"speculator": "ngram", "plugin_options": {"ngram": {"num_draft_tokens": 4}}}
     with LLM(str(model), plugins=plugins, **settings) as llm:
+        if args.stub_forward:
+            stub_forward(llm)
         llm.generate(prompts[:1], params)  # the warm-up bench_speculative runs
         switch = llm.engine.speculation.switch
         before = dict(switch.off_steps)
