@@ -647,7 +647,7 @@ PY
         # plain's steps: verify, flip = the plain step before a probe, host_fed = the step after
         # a verify or flip, steady, prefill) and `probes` (the first verify steps with their
         # neighbours). Issue 14 is met when the miss run's `spec` speedup is >= ~0.97; `gc.ms`
-        # says whether a garbage collection fell into a run. ~2.5 min (7 engines).
+        # says whether a garbage collection fell into a run. ~2.5 min (7 engines; caps 110 + 85 s).
         SUMMARY='import json,sys; d=json.load(open(sys.argv[1]))
 for k, v in d.items():
     if isinstance(v, dict) and "elapsed_s" in v:
@@ -656,11 +656,11 @@ for k, v in d.items():
               "verifies", s.get("verify_steps"), "; steady_vs_plain", v.get("steady_vs_plain"), "; gc ms", v["gc"]["ms"])
         print("   step_ms", {k2: (x["steps"], x["median"], x["total"]) for k2, x in v.get("step_ms", {}).items()})
         print("   extra_ms_by_kind", v.get("extra_ms_by_kind"), "probes", v.get("probes", [])[:4])'
-        timeout 100 python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
+        timeout 110 python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
           --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-off --step-times \
           --cuda-graph-max-bs 64 >"$OUT/spec-batch64-miss.json" 2>"$OUT/spec-batch64-miss.err"
         python3 -c "$SUMMARY" "$OUT/spec-batch64-miss.json" || tail -5 "$OUT/spec-batch64-miss.err"
-        timeout 75 python3 scripts/bench_speculative.py --config qwen3-0.6b --speculative-algorithm NGRAM \
+        timeout 85 python3 scripts/bench_speculative.py --config qwen3-0.6b --speculative-algorithm NGRAM \
           --batch-size 64 --num-prompts 64 --max-tokens 256 --speculative-num-steps 4 --compare-switch \
           --step-times --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-ngram.json" 2>"$OUT/spec-batch64-ngram.err"
