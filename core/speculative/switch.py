@@ -27,10 +27,11 @@ asks the speculator for drafts at all:
   a verify step costs more than the tokens it adds. A verify step cannot overlap the host's
   work with the device's (`step.py`), so on a small model at batch 64 one costs ~2.2 plain
   steps (docs/benchmarks.md, session 8: n-gram accepted 76 %, yet 0.55x plain speed). The
-  engine times every decode step by the wall clock from its start to the next step's start
-  (`begin_step`: the same requests in both), so a step's time holds its device work: a step that
-  may draft reads its tokens before the next step starts, and a plain step in a run of plain
-  steps waits for the one before it (overlap scheduling). The first plain step of a run (it
+  engine times every decode step (of a cooldown only the last `TIMED_OFF_STEPS`) by the wall
+  clock from its start to the next step's start (`begin_step`: the same requests in both), so
+  a step's time holds its device work: a step that may draft reads its tokens before the next
+  step starts, and a plain step in a run of plain steps waits for the one before it (overlap
+  scheduling). The first plain step of a run (it
   has no earlier step to wait for) and the last (it reads its tokens at once, as the next step
   may draft) are left out, and so is the first step of a run that may draft (it pays for the
   change: a draft model or EAGLE head catches up on the tokens decoded without it, eagerly). Output tokens per second over the
