@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import build_tiny_model
-from fixtures.quantized import AWQ_ORDER, pack_along, quantize_checkpoint, rtn
+from fixtures.quantized import (
+    AWQ_ORDER,
+    FORMAT_VARIANTS,
+    pack_along,
+    quantize_checkpoint,
+    rtn,
+    variant_id,
+)
 from pegboard.core.model_runner import ModelRunner
 from pegboard.plugins.kernels.attention_torch import TorchAttentionBackend
 from pegboard.plugins.linear.formats import FORMATS
@@ -30,26 +37,6 @@ from pegboard.sdk.types import KVPool, Request
 ATOL = 1e-4
 PROMPT = [5, 9, 30, 41, 7, 100, 3, 64]
 
-#: (method, options): every variant a format has.
-VARIANTS = [
-    ("gptq", {"sym": True}),
-    ("gptq", {"sym": False}),
-    ("gptq", {"sym": False, "desc_act": True}),
-    ("gptq", {"sym": True, "group_size": 128}),
-    ("awq", {"sym": False}),
-    ("awq", {"sym": False, "group_size": 64}),
-    ("compressed-tensors", {"sym": True}),
-    ("compressed-tensors", {"sym": False}),
-    ("compressed-tensors", {"sym": True, "desc_act": True}),
-    ("gguf", {"sym": True}),  # Q4_0
-    ("gguf", {"sym": False}),  # Q4_1
-]
-
-
-def _id(v):
-    method, opts = v
-    return method + "".join(f"-{k}={val}" for k, val in opts.items())
-
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory) -> Path:
@@ -59,7 +46,7 @@ def source_dir(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=_id)
+@pytest.fixture(scope="module", params=FORMAT_VARIANTS, ids=variant_id)
 def quantized(request, source_dir, tmp_path_factory):
     method, opts = request.param
     dst = tmp_path_factory.mktemp("q") / method

@@ -230,26 +230,15 @@ def test_split_k_fixup_matches_the_reference_and_replays_in_a_cuda_graph(shape, 
 def test_quantized_model_on_the_gpu_matches_its_dequantized_run(method, tmp_path):
     from fixtures import build_tiny_model
     from fixtures.quantized import quantize_checkpoint
-    from pegboard.core.models.quantization import LinearChoice, detect_quantization
-    from pegboard.plugins.linear.w4a16 import W4A16Linear, W4A16Options
 
     if method == "gguf":
         pytest.importorskip("gguf")  # carry its wheel to the GPU machine (pure Python)
     src = build_tiny_model(tmp_path / "m", "llama", hidden_size=128, intermediate_size=256)
     q_dir, deq_dir = quantize_checkpoint(src, tmp_path / method, method, sym=False)
-    quant = detect_quantization(q_dir, "gguf" if method == "gguf" else None)
-    plugin = W4A16Linear(W4A16Options(kernel="triton"))  # gemlite's: test_w4a16_gemlite.py
-    runner, got = gpu_logits(q_dir, linear=LinearChoice("w4a16", plugin.linear_kernel, quant))
+    # pegboard's Triton kernels (gemlite's: test_w4a16_gemlite.py)
+    runner, err, baseline = w4a16_errors(q_dir, deq_dir, method, "triton")
     layer = runner.model.model.layers[0].mlp.gate_up_proj
-    assert layer.kernel is not None and layer.gemlite is None  # pegboard's Triton kernels
-    _, oracle = gpu_logits(deq_dir, "float32")
-    _, bf16 = gpu_logits(deq_dir)
-    # The yardstick is bf16 itself: this random model's bf16 logits are ~3-4e-2 from float32
-    # (chaotic wide weights), so two bf16 runs differing only in summation order are as far
-    # apart. The 4-bit run must be about as far from the float32 oracle as the de-quantized
-    # bf16 run: an independent perturbation of bf16's own size would give sqrt(2) = 1.41x, so
-    # the bound is 1.5x. (Scales/offsets rounded to bf16 gave 1.8x: 6.2e-2 on the GPU.)
-    err, baseline = _rel(got, oracle), _rel(bf16, oracle)
+    assert layer.kernel is not None and layer.gemlite is None
     assert err < 1.5 * baseline + 2e-3, f"error {err:.2e} vs bf16's own {baseline:.2e}"
 
 
@@ -269,6 +258,25 @@ def gpu_logits(model_dir, dtype="bfloat16", **kwargs):
     batch = runner.prepare([r], [len(prompt)], 16)
     batch.logits_indices = torch.arange(len(prompt), device=DEVICE)
     return runner, runner.forward(batch).double()
+
+
+def w4a16_errors(q_dir, deq_dir, method: str, kernel: str):
+    """A quantized checkpoint's logits through the `w4a16` plugin with `kernel`, against the
+    float32 oracle of its de-quantized twin: `(runner, error, bf16's own error)`. The yardstick
+    is bf16 itself: a random tiny model's bf16 logits are ~3-4e-2 from float32 (chaotic wide
+    weights), so two bf16 runs differing only in summation order are as far apart. The 4-bit run
+    must be about as far from the oracle as the de-quantized bf16 run: an independent
+    perturbation of bf16's own size would give sqrt(2) = 1.41x, so the callers' bound is 1.5x.
+    (Scales/offsets rounded to bf16 gave 1.8x: 6.2e-2 on the GPU.)"""
+    from pegboard.core.models.quantization import LinearChoice, detect_quantization
+    from pegboard.plugins.linear.w4a16 import W4A16Linear, W4A16Options
+
+    quant = detect_quantization(q_dir, "gguf" if method == "gguf" else None)
+    plugin = W4A16Linear(W4A16Options(kernel=kernel))
+    runner, got = gpu_logits(q_dir, linear=LinearChoice("w4a16", plugin.linear_kernel, quant))
+    _, oracle = gpu_logits(deq_dir, "float32")
+    _, bf16 = gpu_logits(deq_dir)
+    return runner, _rel(got, oracle), _rel(bf16, oracle)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from fixtures import build_tiny_model
 from fixtures.int4_layers import packed_layer
-from fixtures.quantized import quantize_checkpoint
+from fixtures.quantized import quantize_checkpoint, variant_id
 from pegboard.core.kernels import w4a16_gemlite
 from pegboard.plugins.linear.gemlite_layout import (
     GemliteLayout,
@@ -56,11 +56,6 @@ VARIANTS = [
     ("gguf", {"sym": False}, "scalar"),  # the fixture writes Q4_0 (-8 d) for sym=False
     ("gguf", {"sym": True}, "fma"),  # and Q4_1 (d q + m) for sym=True
 ]
-
-
-def _id(v):
-    method, opts, _ = v
-    return method + "".join(f"-{k}={val}" for k, val in opts.items())
 
 
 # -------------------------------------------------------------------------------- CPU
@@ -108,7 +103,7 @@ def source_dir(tmp_path_factory):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_every_format_converts_to_its_dequantized_weights(variant, source_dir, tmp_path):
     from pegboard.core.model_runner import ModelRunner
     from test_quant_formats import _linear_choice
@@ -323,22 +318,7 @@ def test_kernel_option_defaults_to_auto_and_rejects_other_names():
     assert W4A16Linear().options.kernel == "auto"
     assert W4A16Linear(W4A16Options(kernel="gemlite")).options.kernel == "gemlite"
     with pytest.raises(pydantic.ValidationError):
-        W4A16Options(kernel="marlin")
-
-
-def test_gemlite_kernel_on_cpu_serves_the_portable_path(source_dir, tmp_path):
-    from pegboard.core.llm import LLM
-    from pegboard.sdk.types import SamplingParams
-
-    q_dir, deq_dir = quantize_checkpoint(source_dir, tmp_path / "gptq", "gptq", sym=False)
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    with LLM(str(q_dir), dtype="float32", device="cpu",
-             plugin_options={"w4a16": {"kernel": "gemlite"}}) as llm:  # fmt: skip
-        got = llm.generate([[5, 9, 30]], params)[0].token_ids
-        layer = llm.engine.runner.model.model.layers[0].mlp.gate_up_proj
-        assert layer.gemlite is None and layer.kernel_choice == "gemlite"
-    with LLM(str(deq_dir), dtype="float32", device="cpu") as llm:
-        assert got == llm.generate([[5, 9, 30]], params)[0].token_ids
+        W4A16Options(kernel="no-such-kernel")
 
 
 # -------------------------------------------------------------------------------- GPU
@@ -428,21 +408,15 @@ def test_gemlite_replays_in_a_cuda_graph_without_host_syncs(rows):
 def test_quantized_model_through_gemlite_matches_its_dequantized_run(
     method, sym, source_dir, tmp_path
 ):
-    from pegboard.core.models.quantization import LinearChoice, detect_quantization
-    from test_quant_kernels import gpu_logits
+    from test_quant_kernels import w4a16_errors
 
     if method == "gguf":
         pytest.importorskip("gguf")  # carried to the GPU machine (pure Python)
     q_dir, deq_dir = quantize_checkpoint(source_dir, tmp_path / method, method, sym=sym)
-    quant = detect_quantization(q_dir, "gguf" if method == "gguf" else None)
-    plugin = W4A16Linear(W4A16Options(kernel="gemlite"))
-    runner, got = gpu_logits(q_dir, linear=LinearChoice("w4a16", plugin.linear_kernel, quant))
+    runner, err, baseline = w4a16_errors(q_dir, deq_dir, method, "gemlite")
     assert runner.model.model.layers[0].mlp.gate_up_proj.gemlite is not None
-    _, oracle = gpu_logits(deq_dir, "float32")
-    _, bf16 = gpu_logits(deq_dir)
-    # as for pegboard's kernels (test_quant_kernels): about as far from the float32 oracle as
-    # the de-quantized bf16 run is
-    err, baseline = _rel(got, oracle), _rel(bf16, oracle)
+    # as for pegboard's kernels (test_quant_kernels.w4a16_errors): about as far from the
+    # float32 oracle as the de-quantized bf16 run is
     assert err < 1.5 * baseline + 2e-3, f"error {err:.2e} vs bf16's own {baseline:.2e}"
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from fixtures import build_tiny_model
 from fixtures.int4_layers import packed_layer
-from fixtures.quantized import quantize_checkpoint
+from fixtures.quantized import FORMAT_VARIANTS, quantize_checkpoint, variant_id
 from pegboard.core.kernels import w4a16_tinygemm
 from pegboard.plugins.linear.int4 import PackedInt4, dequantize_packed
 from pegboard.plugins.linear.tinygemm_layout import (
@@ -33,27 +33,6 @@ from pegboard.sdk.linear import LinearSpec, QuantizationConfig, QuantizationErro
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BF16 = torch.bfloat16
-
-#: (method, options) of every checkpoint variant the plugin reads (the fixture writes GGUF Q4_0
-#: for sym=False and Q4_1 for sym=True).
-VARIANTS = [
-    ("gptq", {"sym": True}),
-    ("gptq", {"sym": False}),
-    ("gptq", {"sym": False, "desc_act": True}),
-    ("gptq", {"sym": True, "group_size": 128}),
-    ("awq", {"sym": False}),
-    ("awq", {"sym": False, "group_size": 64}),
-    ("compressed-tensors", {"sym": True}),
-    ("compressed-tensors", {"sym": False}),
-    ("compressed-tensors", {"sym": True, "desc_act": True}),
-    ("gguf", {"sym": False}),
-    ("gguf", {"sym": True}),
-]
-
-
-def _id(v):
-    method, opts = v
-    return method + "".join(f"-{k}={val}" for k, val in opts.items())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,7 +96,7 @@ def source_dir(tmp_path_factory):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("variant", FORMAT_VARIANTS, ids=variant_id)
 def test_every_format_multiplies_through_the_cpu_op_like_its_dequantized_weights(
     variant, source_dir, tmp_path
 ):
@@ -265,20 +244,21 @@ def test_kernel_option_takes_tinygemm():
 
     assert W4A16Linear(W4A16Options(kernel="tinygemm")).options.kernel == "tinygemm"
     with pytest.raises(pydantic.ValidationError):
-        W4A16Options(kernel="marlin")
+        W4A16Options(kernel="no-such-kernel")
 
 
-def test_tinygemm_kernel_on_cpu_serves_the_portable_path(source_dir, tmp_path):
+@pytest.mark.parametrize("kernel", ["tinygemm", "gemlite"])
+def test_a_cuda_kernel_named_on_cpu_serves_the_portable_path(source_dir, tmp_path, kernel):
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams
 
     q_dir, deq_dir = quantize_checkpoint(source_dir, tmp_path / "gptq", "gptq", sym=False)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     with LLM(str(q_dir), dtype="float32", device="cpu",
-             plugin_options={"w4a16": {"kernel": "tinygemm"}}) as llm:  # fmt: skip
+             plugin_options={"w4a16": {"kernel": kernel}}) as llm:  # fmt: skip
         got = llm.generate([[5, 9, 30]], params)[0].token_ids
         layer = llm.engine.runner.model.model.layers[0].mlp.gate_up_proj
-        assert layer.tinygemm is None and layer.kernel_choice == "tinygemm"
+        assert getattr(layer, kernel) is None and layer.kernel_choice == kernel
     with LLM(str(deq_dir), dtype="float32", device="cpu") as llm:
         assert got == llm.generate([[5, 9, 30]], params)[0].token_ids
 
@@ -350,22 +330,16 @@ def test_tinygemm_with_bias_and_leading_dimensions_replays_in_a_cuda_graph():
 def test_quantized_model_through_tinygemm_matches_its_dequantized_run(
     method, sym, source_dir, tmp_path, monkeypatch
 ):
-    from pegboard.core.models.quantization import LinearChoice, detect_quantization
-    from test_quant_kernels import gpu_logits
+    from test_quant_kernels import w4a16_errors
 
     if method == "gguf":
         pytest.importorskip("gguf")
     monkeypatch.setattr(w4a16_tinygemm, "MAX_ROWS", 1 << 30)  # the prompt's 30 rows too
     q_dir, deq_dir = quantize_checkpoint(source_dir, tmp_path / method, method, sym=sym)
-    quant = detect_quantization(q_dir, "gguf" if method == "gguf" else None)
-    plugin = W4A16Linear(W4A16Options(kernel="tinygemm"))
-    runner, got = gpu_logits(q_dir, linear=LinearChoice("w4a16", plugin.linear_kernel, quant))
+    runner, err, baseline = w4a16_errors(q_dir, deq_dir, method, "tinygemm")
     assert runner.model.model.layers[0].mlp.gate_up_proj.tinygemm is not None
-    _, oracle = gpu_logits(deq_dir, "float32")
-    _, bf16 = gpu_logits(deq_dir)
-    # as for pegboard's and gemlite's kernels: about as far from the float32 oracle as the
-    # de-quantized bf16 run is
-    err, baseline = _rel(got, oracle), _rel(bf16, oracle)
+    # as for pegboard's kernels (test_quant_kernels.w4a16_errors): about as far from the
+    # float32 oracle as the de-quantized bf16 run is
     assert err < 1.5 * baseline + 2e-3, f"error {err:.2e} vs bf16's own {baseline:.2e}"
 
 
