@@ -11,8 +11,9 @@ Llama-3.1-8B's linear shapes (fused qkv, o, fused gate/up, down), group 128, on 
 3. µs per call, the median over replays of one CUDA graph cycling through weight copies
    that exceed the L2 cache twice (`bench_gemv.graph_us`): cuBLAS bf16 (`x @ W.T`),
    pegboard's bf16 path (`gemv.linear`: its GEMV where `DECODE_CONFIGS` has one, M <= 8),
-   tinygemm (`torch._weight_int4pack_mm`) and each Marlin candidate; then the four layers
-   summed x 32 layers per M. A table last; JSON with `--json`.
+   tinygemm (`torch._weight_int4pack_mm`) and each Marlin candidate (and the first with K
+   split across two blocks, `-s2`); then the four layers summed x 32 layers per M. A table
+   last; JSON with `--json`.
 
     python3 scripts/bench_w4a16_marlin.py [--rows 1,4,16,32,64] [--group 128] [--json FILE]
         [--layers qkv,o,gate_up,down] [--default-only]
@@ -25,6 +26,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from bench_gemv import graph_us  # scripts/bench_gemv.py (same folder)
@@ -110,7 +112,9 @@ def bench_shape(name: str, n: int, k: int, group: int, rows: list[int], configs:
         )
         row["tinygemm_us"] = graph_us([lambda g=g, x=x: tinygemm(x, g) for g in tiny] * reps)
         row["marlin"] = {}
-        for config in configs[w4a16_marlin.token_tiles(m)]:
+        compiled = configs[w4a16_marlin.token_tiles(m)]
+        # and the first again with K split across two blocks (auto gives one split here)
+        for config in compiled + [replace(c, splits=2) for c in compiled[:1]]:
             weights = bf16p if config.bf16_params else f32
             if w4a16_marlin.config_unsupported_reason(config, m, n, k, group):
                 continue

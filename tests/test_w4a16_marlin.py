@@ -40,6 +40,7 @@ CONFIGS = [
     MarlinConfig(warps=3, chunks=2, row_tiles=2),
     MarlinConfig(warps=1, chunks=1),
     MarlinConfig(warps=8, chunks=4, bf16_params=True),
+    MarlinConfig(warps=2, chunks=1, splits=3),
 ]
 
 
@@ -88,7 +89,9 @@ def test_emulated_kernel_multiplies_like_the_dequantized_weights(config, group, 
     n, k = 64, 1024
     p = packed_layer(n, k, _group(k, group), BF16, "asym")
     layout = to_marlin(p, BF16 if config.bf16_params else torch.float32)
-    assert config_unsupported_reason(config, rows, n, k, layout.group_size) is None
+    reason = config_unsupported_reason(config, rows, n, k, layout.group_size)
+    if reason:
+        pytest.skip(reason)
     x = torch.randn(rows, k).to(BF16)
     err = _rel(emulate(x, layout, config), _reference(x, p))
     # float32 parameters: the bf16 output's rounding only; bf16 ones: tinygemm's precision
@@ -119,7 +122,8 @@ def test_emulated_kernel_on_llama_shapes_first_and_last_blocks(shape, rows):
     n, k = shape
     layout, out_rows, w = _llama_layer_cpu(n, k)
     x = torch.randn(rows, k).to(BF16)
-    y = emulate(x, layout, w4a16_marlin.default_config(rows), [0, n // 16 - 1])
+    config = w4a16_marlin.default_config(rows, n, k, 128)
+    y = emulate(x, layout, config, [0, n // 16 - 1])
     assert _rel(y[:, out_rows], x.double() @ w.t()) < 4e-3
 
 
@@ -132,6 +136,14 @@ def test_a_layout_with_two_nibbles_swapped_gives_wrong_products(monkeypatch):
     assert _rel(emulate(x, to_marlin(p), MarlinConfig()), _reference(x, p)) > 0.3
 
 
+def test_k_is_split_across_blocks_only_where_the_row_blocks_do_not_cover_the_gpu():
+    # (blocks, steps, warps, multiprocessors): Llama's o at 256 blocks, SmolLM2's 576 rows at 36
+    assert w4a16_marlin.auto_splits(256, 16, 8, 132) == 1
+    assert w4a16_marlin.auto_splits(36, 9, 2, 132) == 4  # 2 x 132 / 36 -> 8, 9 steps / 2 warps
+    assert w4a16_marlin.auto_splits(4, 64, 8, 132) == 8  # every warp keeps a step
+    assert w4a16_marlin.auto_splits(4, 4, 8, 132) == 1
+
+
 def test_configurations_say_what_they_cannot_run():
     reason = config_unsupported_reason
     assert reason(MarlinConfig(), 16, 4096, 4096, 128) is None
@@ -140,6 +152,8 @@ def test_configurations_say_what_they_cannot_run():
     assert "divide" in reason(MarlinConfig(chunks=4), 1, 64, 1536, 384)
     assert "rows" in reason(MarlinConfig(row_tiles=2), 1, 48, 256, 128)
     assert "64 rows" in reason(MarlinConfig(), 65, 64, 256, 128)
+    assert "two groups of 32" in reason(MarlinConfig(chunks=2), 1, 64, 256, 32)
+    assert w4a16_marlin.default_config(1, 64, 256, 32) == MarlinConfig(8, 1)
     assert "shared memory" in reason(MarlinConfig(warps=8, row_tiles=4), 64, 4096, 4096, 128)
     assert [w4a16_marlin.token_tiles(m) for m in (1, 8, 9, 16, 17, 33, 64)] == [1, 1, 2, 2, 4, 8, 8]
 
@@ -163,9 +177,12 @@ CANDIDATES = [(mt, c) for mt, configs in w4a16_marlin.CANDIDATES.items() for c i
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("group", [32, 64, 128, 4096])
 @pytest.mark.parametrize(("mt", "config"), CANDIDATES, ids=lambda v: getattr(v, "name", str(v)))
 def test_candidate_configurations_compile_for_sm90a_without_spills(mt, config, group, tmp_path):
+    reason = config_unsupported_reason(config, 8 * mt, 4096, 4096, group)
+    if reason:
+        pytest.skip(reason)
     log = _ptxas(config, mt, group, tmp_path)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -222,3 +239,23 @@ def test_kernel_with_leading_dimensions_replays_in_a_cuda_graph():
         graph.replay()
         assert out.shape == (2, 2, 4096)
         assert _rel(out.reshape(4, 4096), _reference(x.reshape(4, 4096), p)) < 4e-3
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 16])
+def test_k_split_across_blocks_adds_up_and_rearms_in_a_cuda_graph(rows):
+    p = packed_layer(576, 1536, 64, BF16, "float", device="cuda")  # 36 row blocks: K is split
+    layout = to_marlin(p)
+    config = MarlinConfig(warps=4, chunks=1)
+    x = torch.randn(rows, 1536, device="cuda").to(BF16)
+    assert _rel(w4a16_marlin.marlin_linear(x, layout, config), _reference(x, p)) < 4e-3
+    assert layout.counters.eq(0).all()  # the last block of each row tile re-armed its counter
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_marlin.marlin_linear(x, layout, config)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert _rel(out, _reference(x, p)) < 4e-3

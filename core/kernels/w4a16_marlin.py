@@ -8,9 +8,10 @@ How it runs (`SOURCE`):
   accumulators): W is the A operand and never touches shared memory. A lane's 16-byte load
   (`ld.global.nc.L1::no_allocate`) is four 16 x 16 tiles' worth of its A fragments; each word
   becomes its four fragment registers with one `lop3` each (`(w >> 4r) & 0x000F000F |
-  0x43004300` = the bf16 pair `128 + q`), no float work per weight. x.T is the B operand: a
-  lane loads its two 32-bit B registers straight from x (read-only, L1-cached; rows past M are
-  zeros), one n8 tile per 8 rows of x (`token_tiles`).
+  0x43004300` = the bf16 pair `128 + q`), no float work per weight. x.T is the B operand: the
+  layout deals each 64-column chunk's columns to the four tiles so that a lane's B registers
+  for two tiles are 8 consecutive columns of one row of x, one 16-byte load straight from x
+  (read-only, L1-cached; rows past M are zeros); one n8 tile per 8 rows of x (`token_tiles`).
 - De-quantized after the dot (Marlin's post-scale, in float32): per unit of one group (or one
   step, whichever is shorter) the mma sums `d = sum (128 + q) x` and, with an all-ones A, `sx =
   sum x`; then `acc += scale * (d - 136 sx) + zero * sx`, i.e. `sum ((q - 8) scale + zero) x`
@@ -32,7 +33,7 @@ CPU tests). The compiled functions are cached per configuration.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,30 +45,34 @@ MAX_ROWS = 64
 class MarlinConfig:
     """One launch configuration: `warps` per block (splitting K), `chunks` 16-byte loads per lane
     and row tile per step (64 columns of K each), `row_tiles` tiles of 16 output rows per block
-    (sharing x's B fragments), and the parameters' dtype (`bf16_params`: the layout's `params`
-    in bf16 instead of float32)."""
+    (sharing x's B fragments), the parameters' dtype (`bf16_params`: the layout's `params` in
+    bf16 instead of float32), and `splits` of K across blocks (0: `auto_splits`; a launch-time
+    choice, not compiled in)."""
 
     warps: int = 8
     chunks: int = 4
     row_tiles: int = 1
     bf16_params: bool = False
+    splits: int = 0
 
     @property
     def name(self) -> str:
         p = "bf16p" if self.bf16_params else "f32p"
-        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{p}"
+        split = f"-s{self.splits}" if self.splits else ""
+        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{p}{split}"
 
 
 C = MarlinConfig
-#: Launch configurations per number of n8 tiles (`token_tiles`), the first the default until the
-#: H200 sweep (`scripts/bench_w4a16_marlin.py`) picks; each compiles for sm_90a without spills
-#: at groups 32 and 128 (tests/test_w4a16_marlin.py; the ones that spilled are not here: more
-#: warps or longer steps at 4-8 tiles, 8 chunks at group 32).
+#: Launch configurations per number of n8 tiles (`token_tiles`), in order of preference until
+#: the H200 sweep (`scripts/bench_w4a16_marlin.py`) orders them; `default_config` runs the
+#: first that takes the shape. Each compiles for sm_90a without spills at the groups it takes
+#: (tests/test_w4a16_marlin.py); left out because they spilled: 8 chunks, more warps or longer
+#: steps at 4-8 tiles.
 CANDIDATES: dict[int, list[MarlinConfig]] = {
-    1: [C(8, 4), C(4, 4), C(8, 2), C(8, 4, 2), C(8, 4, bf16_params=True)],
-    2: [C(8, 4), C(4, 4), C(8, 2), C(4, 2), C(8, 4, bf16_params=True)],
-    4: [C(8, 2), C(8, 1), C(4, 1)],
-    8: [C(8, 1), C(4, 1), C(2, 1), C(8, 2)],
+    1: [C(8, 4), C(4, 4), C(8, 2), C(4, 2), C(8, 4, 2), C(8, 4, bf16_params=True), C(8, 1)],
+    2: [C(8, 4), C(4, 4), C(8, 2), C(4, 2), C(8, 4, bf16_params=True), C(8, 1)],
+    4: [C(8, 2), C(4, 2), C(8, 1)],
+    8: [C(8, 1), C(4, 1), C(2, 1)],
 }
 del C
 
@@ -80,9 +85,14 @@ def token_tiles(m: int) -> int:
     raise ValueError(f"the Marlin kernel takes at most {MAX_ROWS} rows of x, not {m}")
 
 
-def default_config(m: int) -> MarlinConfig:
-    """The configuration `marlin_linear` runs for M rows of x when given none."""
-    return CANDIDATES[token_tiles(m)][0]
+def default_config(m: int, n: int, k: int, group: int) -> MarlinConfig:
+    """The configuration `marlin_linear` runs for M rows of x when given none: the first of
+    `CANDIDATES` that takes the shape."""
+    for config in CANDIDATES[token_tiles(m)]:
+        if config_unsupported_reason(config, m, n, k, group) is None:
+            return config
+    reasons = [config_unsupported_reason(c, m, n, k, group) for c in CANDIDATES[token_tiles(m)]]
+    raise ValueError(f"no Marlin configuration takes M={m} N={n} K={k} group {group}: {reasons}")
 
 
 def config_unsupported_reason(
@@ -96,13 +106,29 @@ def config_unsupported_reason(
         return f"K={k} is not a multiple of the step ({step} columns)"
     if group % step and step % group:
         return f"group size {group} and the step of {step} columns do not divide each other"
+    if step > 2 * group:  # each group's parameters are registers, twice (prefetched)
+        return f"a step of {step} columns holds more than two groups of {group}"
     if n % (16 * config.row_tiles):
         return f"N={n} is not a multiple of {16 * config.row_tiles} rows"
     if m > MAX_ROWS:
         return f"M={m} is more than {MAX_ROWS} rows"
-    if config.warps > 1 and _reduce_bytes(config, token_tiles(m)) > 48 * 1024:
+    if _reduce_bytes(config, token_tiles(m)) > 48 * 1024:
         return "the warps' partial sums do not fit 48 KiB of shared memory"
     return None
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def auto_splits(blocks: int, steps: int, warps: int, multiprocessors: int) -> int:
+    """Splits of K across blocks for a grid of `blocks` row blocks: 1 when they cover the
+    GPU's multiprocessors, else enough for about two blocks per multiprocessor while every
+    warp keeps at least one step."""
+    if blocks >= multiprocessors:
+        return 1
+    return max(1, min(-(-2 * multiprocessors // blocks), steps // warps))
 
 
 def _reduce_bytes(config: MarlinConfig, mt: int) -> int:
@@ -110,7 +136,8 @@ def _reduce_bytes(config: MarlinConfig, mt: int) -> int:
 
 
 def kernel_name(config: MarlinConfig, mt: int, group: int) -> str:
-    return f"w4a16_marlin_m{mt}_g{group}_{config.name.replace('-', '_')}"
+    compiled_as = replace(config, splits=0).name  # splits are the grid's, not the code's
+    return f"w4a16_marlin_m{mt}_g{group}_{compiled_as.replace('-', '_')}"
 
 
 def kernel_source(config: MarlinConfig, mt: int, group: int) -> str:
@@ -143,10 +170,10 @@ static __device__ __forceinline__ void load_words(const u32* p, u32 (&r)[4]) {
       : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
 }
 
-static __device__ __forceinline__ u32 load_x(const u16* p) {
-  u32 r;
-  asm("ld.global.nc.b32 %0, [%1];" : "=r"(r) : "l"(p));
-  return r;
+// 8 columns of one row of x: a lane's B registers for two tiles (marlin_layout.CHUNK_COLUMN)
+static __device__ __forceinline__ void load_x(const u16* p, u32 (&r)[4]) {
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
 }
 
 // (scale, zero) of rows g and g + 8 of one row tile and group
@@ -204,13 +231,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     const void* __restrict__ params,  // [N / 16, K / GROUP, 8, 4] (scale, zero) x rows g, g + 8
     const u16* __restrict__ x,        // [M, K] bf16
     u16* __restrict__ y,              // [M, N] bf16
+    float* __restrict__ partials,     // [gridDim.y, M, N] float32 (split K across blocks only)
+    u32* __restrict__ counters,       // [gridDim.x] zeros: the blocks of a row tile done so far
     int M, int N, int K) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int chunks = K >> 6;
   const int steps = chunks / U;
   const int groups = K / GROUP;
-  const int first = warp * steps / WARPS, last = (warp + 1) * steps / WARPS;
+  const int part = blockIdx.y * WARPS + warp, parts = gridDim.y * WARPS;  // split of K
+  const int first = part * steps / parts, last = (part + 1) * steps / parts;
   const int rt0 = blockIdx.x * RT;
   const char* pbase = (const char*)params;
   const int pbytes = PARAM_BF16 ? 8 : 16;
@@ -260,6 +290,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
 #pragma unroll
     for (int f = 0; f < UNITS; ++f) {
       float d[RT][MT][4], sx[MT][4];
+      u32 xv[MT][4];
 #pragma unroll
       for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -270,20 +301,22 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
         }
 #pragma unroll
       for (int u = 0; u < UNIT_TILES; ++u) {
-        const int tile = f * UNIT_TILES + u;  // 16-column tile within the step
+        const int tile = u + f * UNIT_TILES;  // mma tile within the step
         const int c = tile >> 2, j = tile & 3;
-        const int k = (s * U + c) * 64 + j * 16;
+        if ((j & 1) == 0) {  // tiles 2h, 2h + 1 of a chunk: columns 32h + 8t .. + 7 of x
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const int row = m * 8 + g;  // this lane's row of x for the B fragment
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xv[m][i] = 0u;
+            if (row < M) load_x(x + (long)row * K + (s * U + c) * 64 + 32 * (j >> 1) + 8 * t, xv[m]);
+          }
+        }
         u32 b[MT][2];
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          const int row = m * 8 + g;  // this lane's row of x for the B fragment
-          b[m][0] = 0u;
-          b[m][1] = 0u;
-          if (row < M) {
-            const u16* px = x + (long)row * K + k + 2 * t;
-            b[m][0] = load_x(px);
-            b[m][1] = load_x(px + 8);
-          }
+          b[m][0] = xv[m][2 * (j & 1)];
+          b[m][1] = xv[m][2 * (j & 1) + 1];
           mma(sx[m], ONES, ONES, ONES, ONES, b[m][0], b[m][1]);
         }
 #pragma unroll
@@ -308,9 +341,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     }
   }
 
-  // C fragment: element i of lane (g, t) is row g (+ 8 for i >= 2), column 2t + (i & 1)
-#if WARPS > 1
+  // the block's sums: C fragment element i of lane (g, t) is row g (+ 8 for i >= 2), column
+  // 2t + (i & 1); the warps' partial sums added in warp order
   __shared__ float partial[WARPS][RT * 16][MT * 8];
+  __shared__ int last_block;
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -319,26 +353,44 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
       for (int i = 0; i < 4; ++i)
         partial[warp][r * 16 + g + 8 * (i >> 1)][m * 8 + 2 * t + (i & 1)] = acc[r][m][i];
   __syncthreads();
+  const int splits = gridDim.y;
   for (int e = threadIdx.x; e < RT * 16 * MT * 8; e += WARPS * 32) {
     const int col = e / (RT * 16), row = e % (RT * 16);
     if (col < M) {
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) v += partial[w][row][col];
+      if (splits == 1) y[(long)col * N + rt0 * 16 + row] = to_bf16(v);
+      else partials[((long)blockIdx.y * M + col) * N + rt0 * 16 + row] = v;
+    }
+  }
+  if (splits == 1) return;
+  // split K across blocks: the last of the row tile's blocks to arrive adds the float32 sums
+  // in split order (deterministic) and re-arms the counter for the next launch
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    u32 old;
+    asm volatile("atom.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counters + blockIdx.x) : "memory");
+    last_block = old == (u32)(splits - 1);
+  }
+  __syncthreads();
+  if (!last_block) return;
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  for (int e = threadIdx.x; e < RT * 16 * MT * 8; e += WARPS * 32) {
+    const int col = e / (RT * 16), row = e % (RT * 16);
+    if (col < M) {
+      float v = 0.f;
+      for (int sp = 0; sp < splits; ++sp) {
+        float p;
+        asm volatile("ld.global.cg.f32 %0, [%1];"
+                     : "=f"(p) : "l"(partials + ((long)sp * M + col) * N + rt0 * 16 + row) : "memory");
+        v += p;
+      }
       y[(long)col * N + rt0 * 16 + row] = to_bf16(v);
     }
   }
-#else
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int col = m * 8 + 2 * t + (i & 1);
-        if (col < M) y[(long)col * N + (rt0 + r) * 16 + g + 8 * (i >> 1)] = to_bf16(acc[r][m][i]);
-      }
-#endif
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
 }
 """
 
@@ -347,13 +399,17 @@ class CompileError(RuntimeError):
     """NVRTC rejected the kernel's source; the message holds the compiler's log."""
 
 
-@functools.cache
 def compiled(config: MarlinConfig, mt: int, group: int):
-    """The NVRTC-compiled kernel for one configuration (cached)."""
+    """The NVRTC-compiled kernel for one configuration (cached; `splits` aside)."""
+    return _compiled(replace(config, splits=0), mt, group)
+
+
+@functools.cache
+def _compiled(config: MarlinConfig, mt: int, group: int):
     source = kernel_source(config, mt, group)
     try:
         return torch.cuda._compile_kernel(source, kernel_name(config, mt, group))
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # OSError: torch found no CUDA_HOME for the headers
         raise CompileError(f"{kernel_name(config, mt, group)}: {e}") from e
 
 
@@ -364,7 +420,7 @@ def marlin_linear(x: torch.Tensor, layout, config: MarlinConfig | None = None) -
     n, k = layout.n, layout.k
     if rows == 0:
         return x.new_empty(*x.shape[:-1], n)
-    config = config or default_config(rows)
+    config = config or default_config(rows, n, k, layout.group_size)
     reason = config_unsupported_reason(config, rows, n, k, layout.group_size)
     if reason:
         raise ValueError(f"Marlin kernel {config.name}: {reason}")
@@ -375,10 +431,16 @@ def marlin_linear(x: torch.Tensor, layout, config: MarlinConfig | None = None) -
         )
     x2 = x.reshape(rows, k).contiguous()
     y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
+    blocks = n // (16 * config.row_tiles)
+    splits = config.splits or auto_splits(
+        blocks, k // (64 * config.chunks), config.warps, _multiprocessors(x.device.index or 0)
+    )
+    # float32 sums per split (from the allocator: capturable); unused with one split
+    partials = torch.empty(splits, rows, n, device=x.device) if splits > 1 else y
     kernel = compiled(config, token_tiles(rows), layout.group_size)
     kernel(
-        grid=(n // (16 * config.row_tiles), 1, 1),
+        grid=(blocks, splits, 1),
         block=(32 * config.warps, 1, 1),
-        args=[layout.qweight, layout.params, x2, y, rows, n, k],
+        args=[layout.qweight, layout.params, x2, y, partials, layout.counters, rows, n, k],
     )
     return y.reshape(*x.shape[:-1], n)

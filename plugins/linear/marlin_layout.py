@@ -8,8 +8,15 @@ A fragment: after `(word >> 4r) & 0x000F000F | 0x43004300` (one `lop3`, r = 0..3
 holds the bf16 pair `(128 + q, 128 + q')` of fragment elements `a[2r], a[2r + 1]`, so nibble j
 of the word is element `2 (j % 4) + j // 4`, whose (row, column) in the tile the PTX ISA fixes
 (`fragment_position`). Words are ordered `[N / 16, K / 64, 32, 4]`: per tile of 16 rows, per 64
-input columns, lane l's four consecutive words are the four 16-column tiles of those 64 columns
-(one 16-byte load), and a warp reads 512 contiguous bytes.
+input columns (a chunk), lane l's four consecutive words are the chunk's four mma tiles (one
+16-byte load), and a warp reads 512 contiguous bytes.
+
+The mma's k index of a tile is not the column order: a dot product does not care, so the chunk's
+columns are dealt to tiles so that a lane's B registers (x.T) for two tiles are 8 consecutive
+columns of x, one 16-byte load (`CHUNK_COLUMN`): tile j, k index κ is column
+`32 (j // 2) + 8 t + 4 (j % 2) + 2 (κ // 8) + κ % 2` with `t = (κ % 8) // 2`, the
+threadID_in_group whose B fragment holds κ. Tiles 0-1 and 2-3 keep to their own 32 columns, so
+groups of 32 stay whole tiles.
 
 Scales and offsets become `params [N / 16, K / group, 8, 4]`: for row tile, group and
 `g = lane / 4`, `(scale, zero)` of row g and of row g + 8 (one 16-byte load per lane, shared by
@@ -30,6 +37,17 @@ from pegboard.plugins.linear.int4 import PackedInt4, unpack_serving
 NIBBLE_ELEMENT = tuple(2 * (j % 4) + j // 4 for j in range(8))
 
 
+def chunk_column(tile: int, kappa: int) -> int:
+    """The column within its 64-column chunk of k index `kappa` (0..15) of mma tile `tile`
+    (0..3): see the module docstring."""
+    t, hi, lo = (kappa % 8) // 2, kappa // 8, kappa % 2
+    return 32 * (tile // 2) + 8 * t + 4 * (tile % 2) + 2 * hi + lo
+
+
+#: `CHUNK_COLUMN[4 * tile + kappa]`: `chunk_column` as a table (a permutation of 0..63).
+CHUNK_COLUMN = tuple(chunk_column(j, kappa) for j in range(4) for kappa in range(16))
+
+
 @dataclass
 class MarlinLayout:
     """One layer's tensors for the Marlin-style kernel (see the module docstring)."""
@@ -39,6 +57,7 @@ class MarlinLayout:
     group_size: int  # K for per-channel scales
     n: int
     k: int
+    counters: torch.Tensor  # int32 [N / 16] zeros: the kernel's split-K semaphores
 
 
 def fragment_position(lane: int, element: int) -> tuple[int, int]:
@@ -74,8 +93,9 @@ def pack_codes(q: torch.Tensor) -> torch.Tensor:
     """`q [N, K]` codes (0..15) as the kernel's int32 words `[N / 16, K / 64, 32, 4]`."""
     n, k = q.shape
     rows, cols = nibble_positions()
-    # [row tile, 64-column chunk, 16-column tile j, row in tile, column in tile]
-    tiles = q.to(torch.uint8).reshape(n // 16, 16, k // 64, 4, 16).permute(0, 2, 3, 1, 4)
+    # [row tile, row in tile, chunk, 64 columns in (tile, k index) order]
+    dealt = q.to(torch.uint8).reshape(n // 16, 16, k // 64, 64)[..., list(CHUNK_COLUMN)]
+    tiles = dealt.reshape(n // 16, 16, k // 64, 4, 16).permute(0, 2, 3, 1, 4)
     nibbles = tiles[..., rows.to(q.device), cols.to(q.device)]  # [n/16, k/64, 4, 32 lanes, 8]
     words = torch.zeros(nibbles.shape[:-1], dtype=torch.int32, device=q.device)
     for j in range(8):  # int32 shifts wrap: nibble 7 lands in the sign bit as it should
@@ -104,7 +124,8 @@ def to_marlin(p: PackedInt4, param_dtype: torch.dtype = torch.float32) -> Marlin
     if reason:
         raise ValueError(f"Marlin layout: {reason}")
     params = pack_params(p.scales, p.offsets, param_dtype)
-    return MarlinLayout(pack_codes(q), params, p.group_size, n, k)
+    counters = torch.zeros(n // 16, dtype=torch.int32, device=q.device)
+    return MarlinLayout(pack_codes(q), params, p.group_size, n, k, counters)
 
 
 def dequantize_marlin(layout: MarlinLayout) -> torch.Tensor:
@@ -116,7 +137,10 @@ def dequantize_marlin(layout: MarlinLayout) -> torch.Tensor:
     nibbles = (words.unsqueeze(-1) >> torch.arange(0, 32, 4, device=words.device)) & 0xF
     q = torch.zeros(n // 16, k // 64, 4, 16, 16, dtype=torch.int64, device=words.device)
     q[..., rows, cols] = nibbles.permute(0, 1, 3, 2, 4)  # [n/16, k/64, 4, 32, 8]
-    q = q.permute(0, 3, 1, 2, 4).reshape(n, k).float()
+    dealt = q.permute(0, 3, 1, 2, 4).reshape(n // 16, 16, k // 64, 64)
+    q = torch.empty_like(dealt)
+    q[..., list(CHUNK_COLUMN)] = dealt
+    q = q.reshape(n, k).float()
     p = layout.params.float()  # [n/16, G, 8, 4]
     groups = p.shape[1]
     pair = p.reshape(n // 16, groups, 8, 2, 2).permute(0, 3, 2, 1, 4).reshape(n, groups, 2)
