@@ -312,9 +312,12 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         # every candidate configuration compiled (a failure prints NVRTC's log and the others go
         # on), checked against the exact de-quantized weights and timed per Llama-3.1-8B layer at
         # M = 1, 4, 16, 32, 64 (ROWS) vs cuBLAS, pegboard's bf16 GEMV and tinygemm; table last
+        [ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda  # NVRTC's -I
         timeout 170 python3 scripts/bench_w4a16_marlin.py --rows ${ROWS:-1,4,16,32,64} \
-          --json "$OUT/w4a16-marlin.json" 2>&1 | tail -60
-        [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-150} gpu_tests \
+          --json "$OUT/w4a16-marlin.json" > "$OUT/w4a16-marlin.log" 2>&1
+        echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
+        tail -42 "$OUT/w4a16-marlin.log"
+        [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-240} gpu_tests \
           gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py ;;
     w4a16-sweep) # launch configurations per layer and M (decode rows and M = 32/64), written as the
         # measured table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15);

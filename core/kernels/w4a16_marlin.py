@@ -430,6 +430,8 @@ def marlin_linear(x: torch.Tensor, layout, config: MarlinConfig | None = None) -
             f"{config.name} reads {want} parameters, the layout has {layout.params.dtype}"
         )
     x2 = x.reshape(rows, k).contiguous()
+    if x2.data_ptr() % 16:  # x is read in 16-byte words
+        x2 = x2.clone()
     y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     blocks = n // (16 * config.row_tiles)
     splits = config.splits or auto_splits(
