@@ -3,12 +3,13 @@
 
 On CPU: the layout holds exactly the serving layout's weights; the kernel's index math, run by a
 pure-torch model of the kernel (`fixtures/marlin_emulation.py`: the same loads per lane, the
-PTX ISA's fragment placement, the same flushes and warp reduction), multiplies like the
+PTX ISA's fragment placement, the same flushes, warp and split reductions), multiplies like the
 de-quantized weights for group 32/64/128 and per-channel, several shapes (Llama-3.1-8B's on a
-few blocks) and M = 1, 3, 16, 64; a layout with two nibbles swapped fails that check; the source
-compiles with nvcc for sm_90a without spills (skipped without nvcc). Marked `gpu` (skipped
-without CUDA): the NVRTC-compiled kernel against the de-quantized reference and inside a CUDA
-graph.
+few blocks) and M = 1, 3, 16, 64; a layout with two nibbles swapped fails that check; every
+candidate configuration compiles with nvcc for sm_90a without spills at the groups it takes
+(skipped without nvcc). Marked `gpu` (skipped without CUDA): the NVRTC-compiled kernel against
+the de-quantized reference (every group x Llama shape, every candidate), inside a CUDA graph,
+and with K split across blocks.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BF16 = torch.bfloat16
 LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-#: Configurations the tests and the GPU script compile (uneven warp splits, two row tiles,
-#: short steps, bf16 parameters).
+#: Configurations the emulation runs (uneven warp splits, two row tiles, short steps, bf16
+#: parameters, K split across three blocks).
 CONFIGS = [
     MarlinConfig(),
     MarlinConfig(warps=4, chunks=2),
