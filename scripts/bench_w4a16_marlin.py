@@ -32,7 +32,7 @@ import torch
 from bench_gemv import graph_us  # scripts/bench_gemv.py (same folder)
 from pegboard.core.kernels import w4a16_marlin
 from pegboard.core.kernels.gemv import linear as gemv_linear
-from pegboard.core.kernels.w4a16_marlin import CompileError, marlin_linear
+from pegboard.core.kernels.w4a16_marlin import PARAM_DTYPES, CompileError, marlin_linear
 from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack
 from pegboard.plugins.linear.marlin_layout import to_marlin
 from pegboard.plugins.linear.tinygemm_layout import to_tinygemm
@@ -93,8 +93,7 @@ def bench_shape(name: str, n: int, k: int, group: int, rows: list[int], configs:
     packed_bytes = n * k // 2 + layers[0].scales.numel() * 8
     copies, reps = copies_for(packed_bytes)
     layers += [quantized(n, k, group, seed) for seed in range(1, copies)]
-    f32 = [to_marlin(p) for p in layers]
-    bf16p = [to_marlin(p, torch.bfloat16) for p in layers]
+    marlin = {kind: [to_marlin(p, dtype) for p in layers] for kind, dtype in PARAM_DTYPES.items()}
     tiny = [to_tinygemm(p) for p in layers]
     w_deq = dequantize_packed(layers[0], torch.float32).contiguous()  # [N, K] float32
     w_bf16 = w_deq.to(DTYPE)
@@ -115,7 +114,7 @@ def bench_shape(name: str, n: int, k: int, group: int, rows: list[int], configs:
         compiled = configs[w4a16_marlin.token_tiles(m)]
         # and the first again with K split across two blocks (auto gives one split here)
         for config in compiled + [replace(c, splits=2) for c in compiled[:1]]:
-            weights = bf16p if config.bf16_params else f32
+            weights = marlin[config.params]
             if w4a16_marlin.config_unsupported_reason(config, m, n, k, group):
                 continue
             entry = errors(marlin_linear(x, weights[0], config), ref)
@@ -132,7 +131,7 @@ def bench_shape(name: str, n: int, k: int, group: int, rows: list[int], configs:
             row["tb_s"] = packed_bytes / row["marlin_us"] / 1e6
         results.append(row)
         print(summary(row), flush=True)
-    del layers, f32, bf16p, tiny, dense
+    del layers, marlin, tiny, dense
     torch.cuda.empty_cache()
     return results
 

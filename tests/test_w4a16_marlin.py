@@ -40,9 +40,15 @@ CONFIGS = [
     MarlinConfig(warps=4, chunks=2),
     MarlinConfig(warps=3, chunks=2, row_tiles=2),
     MarlinConfig(warps=1, chunks=1),
-    MarlinConfig(warps=8, chunks=4, bf16_params=True),
+    MarlinConfig(warps=8, chunks=4, params="bf16"),
+    MarlinConfig(warps=4, chunks=2, params="f16"),
     MarlinConfig(warps=2, chunks=1, splits=3),
 ]
+
+
+#: Norm-relative error bounds vs the exact product: float32 parameters leave the bf16 output's
+#: rounding only; float16 zeros round to 11 bits, bf16 scales and zeros to 8 (tinygemm's).
+ERROR_BOUND = {"f32": 4e-3, "f16": 4e-3, "bf16": 1e-2}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,14 +95,14 @@ def test_a_lanes_word_is_its_a_fragment_in_register_order():
 def test_emulated_kernel_multiplies_like_the_dequantized_weights(config, group, rows):
     n, k = 64, 1024
     p = packed_layer(n, k, _group(k, group), BF16, "asym")
-    layout = to_marlin(p, BF16 if config.bf16_params else torch.float32)
+    layout = to_marlin(p, w4a16_marlin.PARAM_DTYPES[config.params])
     reason = config_unsupported_reason(config, rows, n, k, layout.group_size)
     if reason:
         pytest.skip(reason)
     x = torch.randn(rows, k).to(BF16)
     err = _rel(emulate(x, layout, config), _reference(x, p))
     # float32 parameters: the bf16 output's rounding only; bf16 ones: tinygemm's precision
-    assert err < (1e-2 if config.bf16_params else 4e-3)
+    assert err < ERROR_BOUND[config.params]
 
 
 @pytest.mark.parametrize("shape", [(16, 64), (48, 576), (96, 1536)], ids=str)
@@ -218,11 +224,11 @@ def test_kernel_matches_the_dequantized_reference_on_llama_shapes(group, shape, 
 def test_every_candidate_configuration_matches_the_reference(mt, config):
     rows = 8 * mt - 1
     p, layout = _llama_layer(4096, 4096, 128)
-    if config.bf16_params:
-        layout = to_marlin(p, BF16)
+    if config.params != "f32":
+        layout = to_marlin(p, w4a16_marlin.PARAM_DTYPES[config.params])
     x = torch.randn(rows, 4096, device="cuda").to(BF16)
     got = w4a16_marlin.marlin_linear(x, layout, config)
-    assert _rel(got, _reference(x, p)) < (1e-2 if config.bf16_params else 4e-3)
+    assert _rel(got, _reference(x, p)) < ERROR_BOUND[config.params]
 
 
 @gpu

@@ -39,27 +39,29 @@ import torch
 
 #: The largest M (rows of x) the kernel takes: eight n8 tiles.
 MAX_ROWS = 64
+#: The layout's parameter dtype per `MarlinConfig.params`, and its code in the source.
+PARAM_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+PARAM_KIND = {"f32": 0, "f16": 1, "bf16": 2}
 
 
 @dataclass(frozen=True)
 class MarlinConfig:
     """One launch configuration: `warps` per block (splitting K), `chunks` 16-byte loads per lane
     and row tile per step (64 columns of K each), `row_tiles` tiles of 16 output rows per block
-    (sharing x's B fragments), the parameters' dtype (`bf16_params`: the layout's `params` in
-    bf16 instead of float32), and `splits` of K across blocks (0: `auto_splits`; a launch-time
-    choice, not compiled in)."""
+    (sharing x's B fragments), the parameters' dtype (`params`: "f32", "f16" or "bf16", the
+    layout's `params` dtype, `PARAM_DTYPES`), and `splits` of K across blocks (0:
+    `auto_splits`; a launch-time choice, not compiled in)."""
 
     warps: int = 8
     chunks: int = 4
     row_tiles: int = 1
-    bf16_params: bool = False
+    params: str = "f32"
     splits: int = 0
 
     @property
     def name(self) -> str:
-        p = "bf16p" if self.bf16_params else "f32p"
         split = f"-s{self.splits}" if self.splits else ""
-        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{p}{split}"
+        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{self.params}p{split}"
 
 
 C = MarlinConfig
@@ -69,8 +71,17 @@ C = MarlinConfig
 #: (tests/test_w4a16_marlin.py); left out because they spilled: 8 chunks, more warps or longer
 #: steps at 4-8 tiles.
 CANDIDATES: dict[int, list[MarlinConfig]] = {
-    1: [C(8, 4), C(4, 4), C(8, 2), C(4, 2), C(8, 4, 2), C(8, 4, bf16_params=True), C(8, 1)],
-    2: [C(8, 4), C(4, 4), C(8, 2), C(4, 2), C(8, 4, bf16_params=True), C(8, 1)],
+    1: [
+        C(8, 4),
+        C(4, 4),
+        C(8, 2),
+        C(4, 2),
+        C(8, 4, 2),
+        C(8, 4, params="f16"),
+        C(8, 4, params="bf16"),
+        C(8, 1),
+    ],
+    2: [C(8, 4), C(4, 4), C(8, 2), C(4, 2), C(8, 4, params="f16"), C(8, 4, params="bf16"), C(8, 1)],
     4: [C(8, 2), C(4, 2), C(8, 1)],
     8: [C(8, 1), C(4, 1), C(2, 1)],
 }
@@ -150,7 +161,7 @@ def kernel_source(config: MarlinConfig, mt: int, group: int) -> str:
         "WARPS": config.warps,
         "U": config.chunks,
         "GROUP": group,
-        "PARAM_BF16": int(config.bf16_params),
+        "PARAM_KIND": PARAM_KIND[config.params],
     }
     return "".join(f"#define {key} {value}\n" for key, value in defines.items()) + SOURCE
 
@@ -176,8 +187,21 @@ static __device__ __forceinline__ void load_x(const u16* p, u32 (&r)[4]) {
       : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
 }
 
-// (scale, zero) of rows g and g + 8 of one row tile and group
-#if PARAM_BF16
+// (scale, zero) of rows g and g + 8 of one row tile and group, as float32
+#if PARAM_KIND == 0
+static __device__ __forceinline__ void load_params(const void* p, float (&r)[4]) {
+  asm("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+      : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3]) : "l"(p));
+}
+#elif PARAM_KIND == 1
+static __device__ __forceinline__ void load_params(const void* p, float (&r)[4]) {
+  u16 h[4];
+  asm("ld.global.nc.v4.u16 {%0, %1, %2, %3}, [%4];"
+      : "=h"(h[0]), "=h"(h[1]), "=h"(h[2]), "=h"(h[3]) : "l"(p));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) asm("cvt.f32.f16 %0, %1;" : "=f"(r[i]) : "h"(h[i]));
+}
+#else
 static __device__ __forceinline__ float bits_to_float(u32 b) {
   float f;
   asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b));
@@ -191,11 +215,6 @@ static __device__ __forceinline__ void load_params(const void* p, float (&r)[4])
   r[1] = bits_to_float(a & 0xFFFF0000u);
   r[2] = bits_to_float(b << 16);
   r[3] = bits_to_float(b & 0xFFFF0000u);
-}
-#else
-static __device__ __forceinline__ void load_params(const void* p, float (&r)[4]) {
-  asm("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
-      : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3]) : "l"(p));
 }
 #endif
 
@@ -243,7 +262,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
   const int first = part * steps / parts, last = (part + 1) * steps / parts;
   const int rt0 = blockIdx.x * RT;
   const char* pbase = (const char*)params;
-  const int pbytes = PARAM_BF16 ? 8 : 16;
+  const int pbytes = PARAM_KIND == 0 ? 16 : 8;
 
   float acc[RT][MT][4];
 #pragma unroll
@@ -424,7 +443,7 @@ def marlin_linear(x: torch.Tensor, layout, config: MarlinConfig | None = None) -
     reason = config_unsupported_reason(config, rows, n, k, layout.group_size)
     if reason:
         raise ValueError(f"Marlin kernel {config.name}: {reason}")
-    want = torch.bfloat16 if config.bf16_params else torch.float32
+    want = PARAM_DTYPES[config.params]
     if layout.params.dtype != want:
         raise ValueError(
             f"{config.name} reads {want} parameters, the layout has {layout.params.dtype}"

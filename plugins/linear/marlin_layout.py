@@ -23,7 +23,8 @@ Scales and offsets become `params [N / 16, K / group, 8, 4]`: for row tile, grou
 the quad), with `w = (q - 8) * scale + zero`, `zero = offset + 8 * scale` (as tinygemm's centred
 zero: at most 8 scales for integer zero points). In float32 (the default) both are exact for
 checkpoint scales (float16) and integer zero points, so the kernel multiplies by the
-checkpoint's weights exactly; bf16 halves their bytes at tinygemm's precision.
+checkpoint's weights exactly; float16 (scales from float16 checkpoints exact, zeros to 11
+bits) or bf16 (tinygemm's precision) halve their bytes.
 """
 
 from __future__ import annotations
