@@ -49,19 +49,23 @@ class MarlinConfig:
     """One launch configuration: `warps` per block (splitting K), `chunks` 16-byte loads per lane
     and row tile per step (64 columns of K each), `row_tiles` tiles of 16 output rows per block
     (sharing x's B fragments), the parameters' dtype (`params`: "f32", "f16" or "bf16", the
-    layout's `params` dtype, `PARAM_DTYPES`), and `splits` of K across blocks (0:
-    `auto_splits`; a launch-time choice, not compiled in)."""
+    layout's `params` dtype, `PARAM_DTYPES`), `l2_ahead` steps beyond the next whose words
+    each warp asks the L2 to fetch (`prefetch.global.L2`: more bytes in flight than registers
+    hold), and `splits` of K across blocks (0: `auto_splits`; a launch-time choice, not
+    compiled in)."""
 
     warps: int = 8
     chunks: int = 4
     row_tiles: int = 1
     params: str = "f32"
+    l2_ahead: int = 0
     splits: int = 0
 
     @property
     def name(self) -> str:
+        ahead = f"-l2a{self.l2_ahead}" if self.l2_ahead else ""
         split = f"-s{self.splits}" if self.splits else ""
-        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{self.params}p{split}"
+        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{self.params}p{ahead}{split}"
 
 
 C = MarlinConfig
@@ -79,11 +83,23 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
         C(8, 4, 2),
         C(8, 4, params="f16"),
         C(8, 4, params="bf16"),
+        C(8, 4, l2_ahead=1),
+        C(8, 4, l2_ahead=2),
         C(8, 1),
     ],
-    2: [C(8, 4), C(4, 4), C(8, 2), C(4, 2), C(8, 4, params="f16"), C(8, 4, params="bf16"), C(8, 1)],
-    4: [C(8, 2), C(4, 2), C(8, 1)],
-    8: [C(8, 1), C(4, 1), C(2, 1)],
+    2: [
+        C(8, 4),
+        C(4, 4),
+        C(8, 2),
+        C(4, 2),
+        C(8, 4, params="f16"),
+        C(8, 4, params="bf16"),
+        C(4, 4, l2_ahead=1),
+        C(8, 2, l2_ahead=1),
+        C(8, 1),
+    ],
+    4: [C(8, 2), C(4, 2), C(8, 2, l2_ahead=1), C(8, 1)],
+    8: [C(8, 1), C(4, 1), C(8, 1, l2_ahead=2), C(2, 1)],
 }
 del C
 
@@ -160,6 +176,7 @@ def kernel_source(config: MarlinConfig, mt: int, group: int) -> str:
         "RT": config.row_tiles,
         "WARPS": config.warps,
         "U": config.chunks,
+        "L2_AHEAD": config.l2_ahead,
         "GROUP": group,
         "PARAM_KIND": PARAM_KIND[config.params],
     }
@@ -287,7 +304,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
                     pnext[f][r]);                                                       \
     }                                                                                   \
   }
+  // words of step `s` into L2 only (no registers): bytes in flight beyond the next step's
+#define PREFETCH_L2(s)                                                               \
+  {                                                                                  \
+    _Pragma("unroll") for (int c = 0; c < U; ++c)                                    \
+    _Pragma("unroll") for (int r = 0; r < RT; ++r)                                   \
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(                                 \
+          qweight + ((((long)(rt0 + r) * chunks + (s) * U + c) * 32 + lane) << 2))); \
+  }
   if (first < last) FETCH(first)
+#pragma unroll
+  for (int a = 1; a <= L2_AHEAD; ++a)
+    if (first + a < last) PREFETCH_L2(first + a)
 
   for (int s = first; s < last; ++s) {
     u32 cur[U][RT][4];
@@ -305,6 +333,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
 #pragma unroll
         for (int i = 0; i < 4; ++i) pcur[f][r][i] = pnext[f][r][i];
     if (s + 1 < last) FETCH(s + 1)
+    if (L2_AHEAD > 0 && s + 1 + L2_AHEAD < last) PREFETCH_L2(s + 1 + L2_AHEAD)
 
 #pragma unroll
     for (int f = 0; f < UNITS; ++f) {
