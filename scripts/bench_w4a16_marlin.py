@@ -16,7 +16,7 @@ Llama-3.1-8B's linear shapes (fused qkv, o, fused gate/up, down), group 128, on 
    last; JSON with `--json`.
 
     python3 scripts/bench_w4a16_marlin.py [--rows 1,4,16,32,64] [--group 128] [--json FILE]
-        [--layers qkv,o,gate_up,down] [--default-only]
+        [--layers qkv,o,gate_up,down] [--default-only] [--budget-s 150]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def tinygemm(x: torch.Tensor, t) -> torch.Tensor:
 
 
 def copies_for(bytes_each: int) -> tuple[int, int]:
-    copies = min(64, max(2, math.ceil(ROTATE_BYTES / bytes_each)))
+    copies = min(16, max(2, math.ceil(ROTATE_BYTES / bytes_each)))
     return copies, max(1, math.ceil(2 * ROTATE_BYTES / (copies * bytes_each)))
 
 
@@ -153,6 +153,13 @@ def summary(row: dict) -> str:
     )
 
 
+def write_json(args, results: list) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "group": args.group, "results": results}, f, indent=1)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,4,16,32,64")
@@ -160,16 +167,22 @@ def main() -> None:
     parser.add_argument("--layers", default=",".join(SHAPES))
     parser.add_argument("--default-only", action="store_true", help="only each M's default")
     parser.add_argument("--json")
+    parser.add_argument("--budget-s", type=float, default=150, help="no new layer after this")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     if args.default_only:
         w4a16_marlin.CANDIDATES = {mt: c[:1] for mt, c in w4a16_marlin.CANDIDATES.items()}
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    start = time.perf_counter()
     configs = compile_all(rows, args.group)
     results = []
     for name in args.layers.split(","):
+        if time.perf_counter() - start > args.budget_s:
+            print(f"{name}: skipped, past the budget of {args.budget_s:.0f} s", flush=True)
+            continue
         n, k = SHAPES[name]
         results.extend(bench_shape(name, n, k, args.group, rows, configs))
+        write_json(args, results)  # after every layer: a timeout keeps what was measured
     table = ["", "layer     M  cuBLAS  pb-bf16  tinygemm  marlin  best                 x bf16  "
              "x tiny  rel err  max rel"]  # fmt: skip
     totals: dict[int, list[float]] = {}
@@ -195,10 +208,6 @@ def main() -> None:
             f"marlin {ml * 32 / 1e3:6.2f} ms  ({b / ml:.2f}x bf16)"
         )
     print("\n".join(table))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "group": args.group, "results": results}, f, indent=1)  # fmt: skip
     if not any("best" in r for r in results):
         sys.exit(1)
 

@@ -313,7 +313,7 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         # on), checked against the exact de-quantized weights and timed per Llama-3.1-8B layer at
         # M = 1, 4, 16, 32, 64 (ROWS) vs cuBLAS, pegboard's bf16 GEMV and tinygemm; table last
         [ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda  # NVRTC's -I
-        timeout 170 python3 scripts/bench_w4a16_marlin.py --rows ${ROWS:-1,4,16,32,64} \
+        timeout 200 python3 scripts/bench_w4a16_marlin.py --rows ${ROWS:-1,4,16,32,64} \
           --json "$OUT/w4a16-marlin.json" > "$OUT/w4a16-marlin.log" 2>&1
         echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
         tail -42 "$OUT/w4a16-marlin.log"
