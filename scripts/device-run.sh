@@ -16,6 +16,7 @@
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
+#                 [w4a16-marlin] (issue 15: the NVRTC Marlin-style W4A16 kernel vs bf16 and tinygemm)
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
@@ -307,6 +308,17 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         # gemlite's (from the carried gemlite wheel; "gemlite: <reason>" without it) and tinygemm
         # (torch's); after w4a16-sweep in the same call it runs the configurations the sweep just picked
         timeout 300 python3 scripts/bench_w4a16.py --step --gemlite --tinygemm --json "$OUT/w4a16.json" 2>&1 | tail -40 ;;
+    w4a16-marlin) # the Marlin-style CUDA kernel (NVRTC, core/kernels/w4a16_marlin.py; issue 15):
+        # every candidate configuration compiled (a failure prints NVRTC's log and the others go
+        # on), checked against the exact de-quantized weights and timed per Llama-3.1-8B layer at
+        # M = 1, 4, 16, 32, 64 (ROWS) vs cuBLAS, pegboard's bf16 GEMV and tinygemm; table last
+        [ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda  # NVRTC's -I
+        timeout 200 python3 scripts/bench_w4a16_marlin.py --rows ${ROWS:-1,4,16,32,64} \
+          --json "$OUT/w4a16-marlin.json" > "$OUT/w4a16-marlin.log" 2>&1
+        echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
+        tail -42 "$OUT/w4a16-marlin.log"
+        [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-240} gpu_tests \
+          gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py ;;
     w4a16-sweep) # launch configurations per layer and M (decode rows and M = 32/64), written as the
         # measured table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15);
         # `w4a16-sweep w4a16` together may pass 10 min since w4a16 times gemlite too: two calls

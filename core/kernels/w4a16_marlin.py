@@ -1,0 +1,496 @@
+"""A Marlin-style W4A16 CUDA kernel, compiled at run time with NVRTC (`torch.cuda._compile_kernel`):
+`y = x @ W.T` for bf16 x `[M, K]` (M <= 64) and 4-bit W in `MarlinLayout`
+(`pegboard.plugins.linear.marlin_layout`, which describes the words and parameters).
+
+How it runs (`SOURCE`):
+
+- Computed transposed, `y.T = W @ x.T`, with `mma.sync.m16n8k16` (bf16 in, float32
+  accumulators): W is the A operand and never touches shared memory. A lane's 16-byte load
+  (`ld.global.nc.L1::no_allocate`) is four 16 x 16 tiles' worth of its A fragments; each word
+  becomes its four fragment registers with one `lop3` each (`(w >> 4r) & 0x000F000F |
+  0x43004300` = the bf16 pair `128 + q`), no float work per weight. x.T is the B operand: the
+  layout deals each 64-column chunk's columns to the four tiles so that a lane's B registers
+  for two tiles are 8 consecutive columns of one row of x, one 16-byte load straight from x
+  (read-only, L1-cached; rows past M are zeros); one n8 tile per 8 rows of x (`token_tiles`).
+- De-quantized after the dot (Marlin's post-scale, in float32): per unit of one group (or one
+  step, whichever is shorter) the mma sums `d = sum (128 + q) x` and, with an all-ones A, `sx =
+  sum x`; then `acc += scale * (d - 136 sx) + zero * sx`, i.e. `sum ((q - 8) scale + zero) x`
+  with the layout's exact float32 scale and zero (float32 accumulation throughout).
+- A block of `warps` warps owns `row_tiles` tiles of 16 output rows and splits K between its
+  warps (contiguous runs of steps of `chunks` x 64 columns); each warp loads the next step's
+  words and parameters while it multiplies the current one (`chunks` 16-byte loads per row
+  tile in flight per lane, twice). The warps' float32 partial sums meet in shared memory and
+  are added in warp order (deterministic), rounded once to bf16.
+- Launched on the current stream, no host synchronisation and no workspace: CUDA-graph
+  capturable. Grid: one block per `row_tiles` x 16 output rows (no split of K across blocks:
+  Llama-3.1-8B's layers give 256-1792 blocks at `row_tiles` 1).
+
+`kernel_source(...)` is the whole translation unit for one configuration (no #include: it needs
+no CUDA headers, so NVRTC compiles it as it is, and `nvcc -cubin` reports its registers in the
+CPU tests). The compiled functions are cached per configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+
+#: The largest M (rows of x) the kernel takes: eight n8 tiles.
+MAX_ROWS = 64
+#: The layout's parameter dtype per `MarlinConfig.params`, and its code in the source.
+PARAM_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+PARAM_KIND = {"f32": 0, "f16": 1, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class MarlinConfig:
+    """One launch configuration: `warps` per block (splitting K), `chunks` 16-byte loads per lane
+    and row tile per step (64 columns of K each), `row_tiles` tiles of 16 output rows per block
+    (sharing x's B fragments), the parameters' dtype (`params`: "f32", "f16" or "bf16", the
+    layout's `params` dtype, `PARAM_DTYPES`), `l2_ahead` steps beyond the next whose words
+    each warp asks the L2 to fetch (`prefetch.global.L2`: more bytes in flight than registers
+    hold), and `splits` of K across blocks (0: `auto_splits`; a launch-time choice, not
+    compiled in)."""
+
+    warps: int = 8
+    chunks: int = 4
+    row_tiles: int = 1
+    params: str = "f32"
+    l2_ahead: int = 0
+    splits: int = 0
+
+    @property
+    def name(self) -> str:
+        ahead = f"-l2a{self.l2_ahead}" if self.l2_ahead else ""
+        split = f"-s{self.splits}" if self.splits else ""
+        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{self.params}p{ahead}{split}"
+
+
+C = MarlinConfig
+#: Launch configurations per number of n8 tiles (`token_tiles`), in order of preference until
+#: the H200 sweep (`scripts/bench_w4a16_marlin.py`) orders them; `default_config` runs the
+#: first that takes the shape. Each compiles for sm_90a without spills at the groups it takes
+#: (tests/test_w4a16_marlin.py); left out because they spilled: 8 chunks, more warps or longer
+#: steps at 4-8 tiles.
+CANDIDATES: dict[int, list[MarlinConfig]] = {
+    1: [
+        C(8, 4),
+        C(4, 4),
+        C(8, 2),
+        C(4, 2),
+        C(8, 4, 2),
+        C(8, 4, params="f16"),
+        C(8, 4, params="bf16"),
+        C(8, 4, l2_ahead=1),
+        C(8, 4, l2_ahead=2),
+        C(8, 1),
+    ],
+    2: [
+        C(8, 4),
+        C(4, 4),
+        C(8, 2),
+        C(4, 2),
+        C(8, 4, params="f16"),
+        C(8, 4, params="bf16"),
+        C(4, 4, l2_ahead=1),
+        C(8, 2, l2_ahead=1),
+        C(8, 1),
+    ],
+    4: [C(8, 2), C(4, 2), C(8, 2, l2_ahead=1), C(8, 1)],
+    8: [C(8, 1), C(4, 1), C(8, 1, l2_ahead=2), C(2, 1)],
+}
+del C
+
+
+def token_tiles(m: int) -> int:
+    """n8 tiles of x.T the kernel multiplies for M rows: 1, 2, 4 or 8."""
+    for tiles in (1, 2, 4, 8):
+        if m <= 8 * tiles:
+            return tiles
+    raise ValueError(f"the Marlin kernel takes at most {MAX_ROWS} rows of x, not {m}")
+
+
+def default_config(m: int, n: int, k: int, group: int) -> MarlinConfig:
+    """The configuration `marlin_linear` runs for M rows of x when given none: the first of
+    `CANDIDATES` that takes the shape."""
+    for config in CANDIDATES[token_tiles(m)]:
+        if config_unsupported_reason(config, m, n, k, group) is None:
+            return config
+    reasons = [config_unsupported_reason(c, m, n, k, group) for c in CANDIDATES[token_tiles(m)]]
+    raise ValueError(f"no Marlin configuration takes M={m} N={n} K={k} group {group}: {reasons}")
+
+
+def config_unsupported_reason(
+    config: MarlinConfig, m: int, n: int, k: int, group: int
+) -> str | None:
+    """Why `config` cannot run this shape (None if it can): whole steps per row tile, groups
+    that are whole units of a step or whole steps, whole blocks of rows, and the shared-memory
+    reduction within 48 KiB."""
+    step = 64 * config.chunks
+    if k % step:
+        return f"K={k} is not a multiple of the step ({step} columns)"
+    if group % step and step % group:
+        return f"group size {group} and the step of {step} columns do not divide each other"
+    if step > 2 * group:  # each group's parameters are registers, twice (prefetched)
+        return f"a step of {step} columns holds more than two groups of {group}"
+    if n % (16 * config.row_tiles):
+        return f"N={n} is not a multiple of {16 * config.row_tiles} rows"
+    if m > MAX_ROWS:
+        return f"M={m} is more than {MAX_ROWS} rows"
+    if _reduce_bytes(config, token_tiles(m)) > 48 * 1024:
+        return "the warps' partial sums do not fit 48 KiB of shared memory"
+    return None
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def auto_splits(blocks: int, steps: int, warps: int, multiprocessors: int) -> int:
+    """Splits of K across blocks for a grid of `blocks` row blocks: 1 when they cover the
+    GPU's multiprocessors, else enough for about two blocks per multiprocessor while every
+    warp keeps at least one step."""
+    if blocks >= multiprocessors:
+        return 1
+    return max(1, min(-(-2 * multiprocessors // blocks), steps // warps))
+
+
+def _reduce_bytes(config: MarlinConfig, mt: int) -> int:
+    return config.warps * config.row_tiles * 16 * mt * 8 * 4
+
+
+def kernel_name(config: MarlinConfig, mt: int, group: int) -> str:
+    compiled_as = replace(config, splits=0).name  # splits are the grid's, not the code's
+    return f"w4a16_marlin_m{mt}_g{group}_{compiled_as.replace('-', '_')}"
+
+
+def kernel_source(config: MarlinConfig, mt: int, group: int) -> str:
+    """The CUDA source of one configuration for `mt` n8 tiles and this group size (K for
+    per-channel scales)."""
+    defines = {
+        "KERNEL_NAME": kernel_name(config, mt, group),
+        "MT": mt,
+        "RT": config.row_tiles,
+        "WARPS": config.warps,
+        "U": config.chunks,
+        "L2_AHEAD": config.l2_ahead,
+        "GROUP": group,
+        "PARAM_KIND": PARAM_KIND[config.params],
+    }
+    return "".join(f"#define {key} {value}\n" for key, value in defines.items()) + SOURCE
+
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// 16-column tiles per step, per unit (one group or one step, whichever is shorter), units per step
+#define STEP_TILES (4 * U)
+#define UNIT_TILES (GROUP < 64 * U ? GROUP / 16 : STEP_TILES)
+#define UNITS (STEP_TILES / UNIT_TILES)
+#define ONES 0x3F803F80u  // bf16 pair (1.0, 1.0): A operand whose product is sum(x)
+
+static __device__ __forceinline__ void load_words(const u32* p, u32 (&r)[4]) {
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+// 8 columns of one row of x: a lane's B registers for two tiles (marlin_layout.CHUNK_COLUMN)
+static __device__ __forceinline__ void load_x(const u16* p, u32 (&r)[4]) {
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+// (scale, zero) of rows g and g + 8 of one row tile and group, as float32
+#if PARAM_KIND == 0
+static __device__ __forceinline__ void load_params(const void* p, float (&r)[4]) {
+  asm("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+      : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3]) : "l"(p));
+}
+#elif PARAM_KIND == 1
+static __device__ __forceinline__ void load_params(const void* p, float (&r)[4]) {
+  u16 h[4];
+  asm("ld.global.nc.v4.u16 {%0, %1, %2, %3}, [%4];"
+      : "=h"(h[0]), "=h"(h[1]), "=h"(h[2]), "=h"(h[3]) : "l"(p));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) asm("cvt.f32.f16 %0, %1;" : "=f"(r[i]) : "h"(h[i]));
+}
+#else
+static __device__ __forceinline__ float bits_to_float(u32 b) {
+  float f;
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(b));
+  return f;
+}
+
+static __device__ __forceinline__ void load_params(const void* p, float (&r)[4]) {
+  u32 a, b;
+  asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+  r[0] = bits_to_float(a << 16);
+  r[1] = bits_to_float(a & 0xFFFF0000u);
+  r[2] = bits_to_float(b << 16);
+  r[3] = bits_to_float(b & 0xFFFF0000u);
+}
+#endif
+
+// the bf16 pair (128 + q_lo, 128 + q_hi) of the nibbles at bit 0 and bit 16 of w
+static __device__ __forceinline__ u32 magic(u32 w) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w), "n"(0x000F000F), "n"(0x43004300));
+  return r;
+}
+
+static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                           u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ float fma_rn(float a, float b, float c) {
+  float r;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+  return r;
+}
+
+static __device__ __forceinline__ u16 to_bf16(float v) {
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+  return r;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
+    const u32* __restrict__ qweight,  // [N / 16, K / 64, 32, 4]
+    const void* __restrict__ params,  // [N / 16, K / GROUP, 8, 4] (scale, zero) x rows g, g + 8
+    const u16* __restrict__ x,        // [M, K] bf16
+    u16* __restrict__ y,              // [M, N] bf16
+    float* __restrict__ partials,     // [gridDim.y, M, N] float32 (split K across blocks only)
+    u32* __restrict__ counters,       // [gridDim.x] zeros: the blocks of a row tile done so far
+    int M, int N, int K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunks = K >> 6;
+  const int steps = chunks / U;
+  const int groups = K / GROUP;
+  const int part = blockIdx.y * WARPS + warp, parts = gridDim.y * WARPS;  // split of K
+  const int first = part * steps / parts, last = (part + 1) * steps / parts;
+  const int rt0 = blockIdx.x * RT;
+  const char* pbase = (const char*)params;
+  const int pbytes = PARAM_KIND == 0 ? 16 : 8;
+
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][m][i] = 0.f;
+
+  u32 next[U][RT][4];
+  float pnext[UNITS][RT][4];
+#define FETCH(s)                                                                        \
+  {                                                                                     \
+    _Pragma("unroll") for (int c = 0; c < U; ++c)                                       \
+    _Pragma("unroll") for (int r = 0; r < RT; ++r)                                      \
+      load_words(qweight + ((((long)(rt0 + r) * chunks + (s) * U + c) * 32 + lane) << 2), \
+                 next[c][r]);                                                           \
+    _Pragma("unroll") for (int f = 0; f < UNITS; ++f) {                                 \
+      const int gi = ((s) * 64 * U + f * UNIT_TILES * 16) / GROUP;                      \
+      _Pragma("unroll") for (int r = 0; r < RT; ++r)                                    \
+        load_params(pbase + (((long)(rt0 + r) * groups + gi) * 8 + g) * pbytes,         \
+                    pnext[f][r]);                                                       \
+    }                                                                                   \
+  }
+  // words of step `s` into L2 only (no registers): bytes in flight beyond the next step's
+#define PREFETCH_L2(s)                                                               \
+  {                                                                                  \
+    _Pragma("unroll") for (int c = 0; c < U; ++c)                                    \
+    _Pragma("unroll") for (int r = 0; r < RT; ++r)                                   \
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(                                 \
+          qweight + ((((long)(rt0 + r) * chunks + (s) * U + c) * 32 + lane) << 2))); \
+  }
+  if (first < last) FETCH(first)
+#pragma unroll
+  for (int a = 1; a <= L2_AHEAD; ++a)
+    if (first + a < last) PREFETCH_L2(first + a)
+
+  for (int s = first; s < last; ++s) {
+    u32 cur[U][RT][4];
+    float pcur[UNITS][RT][4];
+#pragma unroll
+    for (int c = 0; c < U; ++c)
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cur[c][r][i] = next[c][r][i];
+#pragma unroll
+    for (int f = 0; f < UNITS; ++f)
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pcur[f][r][i] = pnext[f][r][i];
+    if (s + 1 < last) FETCH(s + 1)
+    if (L2_AHEAD > 0 && s + 1 + L2_AHEAD < last) PREFETCH_L2(s + 1 + L2_AHEAD)
+
+#pragma unroll
+    for (int f = 0; f < UNITS; ++f) {
+      float d[RT][MT][4], sx[MT][4];
+      u32 xv[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sx[m][i] = 0.f;
+#pragma unroll
+          for (int r = 0; r < RT; ++r) d[r][m][i] = 0.f;
+        }
+#pragma unroll
+      for (int u = 0; u < UNIT_TILES; ++u) {
+        const int tile = u + f * UNIT_TILES;  // mma tile within the step
+        const int c = tile >> 2, j = tile & 3;
+        if ((j & 1) == 0) {  // tiles 2h, 2h + 1 of a chunk: columns 32h + 8t .. + 7 of x
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const int row = m * 8 + g;  // this lane's row of x for the B fragment
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xv[m][i] = 0u;
+            if (row < M) load_x(x + (long)row * K + (s * U + c) * 64 + 32 * (j >> 1) + 8 * t, xv[m]);
+          }
+        }
+        u32 b[MT][2];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          b[m][0] = xv[m][2 * (j & 1)];
+          b[m][1] = xv[m][2 * (j & 1) + 1];
+          mma(sx[m], ONES, ONES, ONES, ONES, b[m][0], b[m][1]);
+        }
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const u32 w = cur[c][r][j];
+          const u32 a0 = magic(w), a1 = magic(w >> 4), a2 = magic(w >> 8), a3 = magic(w >> 12);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) mma(d[r][m], a0, a1, a2, a3, b[m][0], b[m][1]);
+        }
+      }
+      // acc += scale * (d - 136 sx) + zero * sx: c0, c1 are row g, c2, c3 row g + 8
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float scale = pcur[f][r][i < 2 ? 0 : 2], zero = pcur[f][r][i < 2 ? 1 : 3];
+            const float centred = fma_rn(-136.f, sx[m][i], d[r][m][i]);
+            acc[r][m][i] = fma_rn(scale, centred, fma_rn(zero, sx[m][i], acc[r][m][i]));
+          }
+    }
+  }
+
+  // the block's sums: C fragment element i of lane (g, t) is row g (+ 8 for i >= 2), column
+  // 2t + (i & 1); the warps' partial sums added in warp order
+  __shared__ float partial[WARPS][RT * 16][MT * 8];
+  __shared__ int last_block;
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        partial[warp][r * 16 + g + 8 * (i >> 1)][m * 8 + 2 * t + (i & 1)] = acc[r][m][i];
+  __syncthreads();
+  const int splits = gridDim.y;
+  for (int e = threadIdx.x; e < RT * 16 * MT * 8; e += WARPS * 32) {
+    const int col = e / (RT * 16), row = e % (RT * 16);
+    if (col < M) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) v += partial[w][row][col];
+      if (splits == 1) y[(long)col * N + rt0 * 16 + row] = to_bf16(v);
+      else partials[((long)blockIdx.y * M + col) * N + rt0 * 16 + row] = v;
+    }
+  }
+  if (splits == 1) return;
+  // split K across blocks: the last of the row tile's blocks to arrive adds the float32 sums
+  // in split order (deterministic) and re-arms the counter for the next launch
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    u32 old;
+    asm volatile("atom.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counters + blockIdx.x) : "memory");
+    last_block = old == (u32)(splits - 1);
+  }
+  __syncthreads();
+  if (!last_block) return;
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  for (int e = threadIdx.x; e < RT * 16 * MT * 8; e += WARPS * 32) {
+    const int col = e / (RT * 16), row = e % (RT * 16);
+    if (col < M) {
+      float v = 0.f;
+      for (int sp = 0; sp < splits; ++sp) {
+        float p;
+        asm volatile("ld.global.cg.f32 %0, [%1];"
+                     : "=f"(p) : "l"(partials + ((long)sp * M + col) * N + rt0 * 16 + row) : "memory");
+        v += p;
+      }
+      y[(long)col * N + rt0 * 16 + row] = to_bf16(v);
+    }
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+}
+"""
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected the kernel's source; the message holds the compiler's log."""
+
+
+def compiled(config: MarlinConfig, mt: int, group: int):
+    """The NVRTC-compiled kernel for one configuration (cached; `splits` aside)."""
+    return _compiled(replace(config, splits=0), mt, group)
+
+
+@functools.cache
+def _compiled(config: MarlinConfig, mt: int, group: int):
+    source = kernel_source(config, mt, group)
+    try:
+        return torch.cuda._compile_kernel(source, kernel_name(config, mt, group))
+    except (RuntimeError, OSError) as e:  # OSError: torch found no CUDA_HOME for the headers
+        raise CompileError(f"{kernel_name(config, mt, group)}: {e}") from e
+
+
+def marlin_linear(x: torch.Tensor, layout, config: MarlinConfig | None = None) -> torch.Tensor:
+    """`x @ W.T` for W in `MarlinLayout`: x `[..., K]` bf16 on CUDA (at most `MAX_ROWS` rows),
+    a new `[..., N]` bf16 tensor. Launched on the current stream (capturable in a CUDA graph)."""
+    rows = x.numel() // x.shape[-1]
+    n, k = layout.n, layout.k
+    if rows == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    config = config or default_config(rows, n, k, layout.group_size)
+    reason = config_unsupported_reason(config, rows, n, k, layout.group_size)
+    if reason:
+        raise ValueError(f"Marlin kernel {config.name}: {reason}")
+    want = PARAM_DTYPES[config.params]
+    if layout.params.dtype != want:
+        raise ValueError(
+            f"{config.name} reads {want} parameters, the layout has {layout.params.dtype}"
+        )
+    x2 = x.reshape(rows, k).contiguous()
+    if x2.data_ptr() % 16:  # x is read in 16-byte words
+        x2 = x2.clone()
+    y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
+    blocks = n // (16 * config.row_tiles)
+    splits = config.splits or auto_splits(
+        blocks, k // (64 * config.chunks), config.warps, _multiprocessors(x.device.index or 0)
+    )
+    # float32 sums per split (from the allocator: capturable); unused with one split
+    partials = torch.empty(splits, rows, n, device=x.device) if splits > 1 else y
+    kernel = compiled(config, token_tiles(rows), layout.group_size)
+    kernel(
+        grid=(blocks, splits, 1),
+        block=(32 * config.warps, 1, 1),
+        args=[layout.qweight, layout.params, x2, y, partials, layout.counters, rows, n, k],
+    )
+    return y.reshape(*x.shape[:-1], n)
