@@ -184,7 +184,7 @@ CANDIDATES = [(mt, c) for mt, configs in w4a16_marlin.CANDIDATES.items() for c i
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("group", [32, 128, 4096])
+@pytest.mark.parametrize("group", [32, 128])  # (per-channel compiles as 128 does: one group a step)
 @pytest.mark.parametrize(("mt", "config"), CANDIDATES, ids=lambda v: getattr(v, "name", str(v)))
 def test_candidate_configurations_compile_for_sm90a_without_spills(mt, config, group, tmp_path):
     reason = config_unsupported_reason(config, 8 * mt, 4096, 4096, group)
