@@ -60,11 +60,16 @@ DTYPE, DEVICE = torch.bfloat16, torch.device("cuda")
 ROTATE_BYTES = 2 * 60 * 2**20 * 2  # twice an H200's 60 MiB L2, and some
 
 
-def quantized(n: int, k: int, group: int, seed: int):
+def quantized(n: int, k: int, group: int, seed: int, asym: bool = False):
+    """A packed layer: codes 0..15, float16 scales, zero point 8 (GPTQ sym) or, with `asym`,
+    random integer zero points."""
     gen = torch.Generator(DEVICE).manual_seed(seed)
     q = torch.randint(0, 16, (n, k), generator=gen, device=DEVICE, dtype=torch.uint8)
     scales = (torch.rand(n, k // group, generator=gen, device=DEVICE) * 0.004 + 0.001).half()
-    return pack(Int4Weights(q, scales.float(), -8.0 * scales.float(), group), DTYPE)
+    zeros = torch.full((n, k // group), 8.0, device=DEVICE)
+    if asym:
+        zeros = torch.randint(0, 16, (n, k // group), generator=gen, device=DEVICE).float()
+    return pack(Int4Weights(q, scales.float(), -zeros * scales.float(), group), DTYPE)
 
 
 def packed_bytes(p) -> int:

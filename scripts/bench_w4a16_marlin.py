@@ -30,26 +30,14 @@ from dataclasses import replace
 
 import torch
 from bench_gemv import graph_us  # scripts/bench_gemv.py (same folder)
+from bench_w4a16 import DEVICE, DTYPE, ROTATE_BYTES, SHAPES, quantized
 from pegboard.core.kernels import w4a16_marlin
 from pegboard.core.kernels.gemv import linear as gemv_linear
 from pegboard.core.kernels.w4a16_marlin import PARAM_DTYPES, CompileError, marlin_linear
-from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack
+from pegboard.plugins.linear.int4 import dequantize_packed
 from pegboard.plugins.linear.marlin_layout import to_marlin
 from pegboard.plugins.linear.tinygemm_layout import to_tinygemm
 from torch.nn import functional as F
-
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-DTYPE, DEVICE = torch.bfloat16, torch.device("cuda")
-ROTATE_BYTES = 2 * 60 * 2**20 * 2  # twice an H200's 60 MiB L2, and some
-
-
-def quantized(n: int, k: int, group: int, seed: int):
-    """A packed layer: codes 0..15, float16 scales, integer zero points (GPTQ asym)."""
-    gen = torch.Generator(DEVICE).manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=gen, device=DEVICE, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=gen, device=DEVICE) * 0.004 + 0.001).half()
-    zeros = torch.randint(0, 16, (n, k // group), generator=gen, device=DEVICE).float()
-    return pack(Int4Weights(q, scales.float(), -zeros * scales.float(), group), DTYPE)
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -89,10 +77,10 @@ def compile_all(rows: list[int], group: int) -> dict:
 
 
 def bench_shape(name: str, n: int, k: int, group: int, rows: list[int], configs: dict) -> list:
-    layers = [quantized(n, k, group, seed) for seed in range(1)]
+    layers = [quantized(n, k, group, seed, asym=True) for seed in range(1)]
     packed_bytes = n * k // 2 + layers[0].scales.numel() * 8
     copies, reps = copies_for(packed_bytes)
-    layers += [quantized(n, k, group, seed) for seed in range(1, copies)]
+    layers += [quantized(n, k, group, seed, asym=True) for seed in range(1, copies)]
     marlin = {kind: [to_marlin(p, dtype) for p in layers] for kind, dtype in PARAM_DTYPES.items()}
     tiny = [to_tinygemm(p) for p in layers]
     w_deq = dequantize_packed(layers[0], torch.float32).contiguous()  # [N, K] float32
