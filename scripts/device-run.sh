@@ -22,7 +22,8 @@
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
 # (GRAPH_TESTS), tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA
-# (SPEC_GPU_TESTS); the gemlite path's GPU tests run only in `gemlite-tests` (GEMLITE_TESTS).
+# (SPEC_GPU_TESTS); the gemlite path's GPU tests run only in `gemlite-tests` (GEMLITE_TESTS), the
+# w4a16 plugin's marlin path's only in `w4a16-marlin` (MARLIN_PLUGIN_TESTS).
 # Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
 # and gpu-tests-N.log (its tail); TEST_TIMEOUT per test (150 s),
 # TESTS_TIMEOUT per shard (420 s), PYTEST_ARGS extra pytest arguments (e.g. "-k mixed").
@@ -65,6 +66,7 @@ GRAPH_TESTS="tests/test_cuda_graph.py tests/test_cuda_graph_logits.py tests/test
 SPEC_TESTS="tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py"
 SPEC_GPU_TESTS="tests/test_speculative_gpu.py"
 GEMLITE_TESTS="tests/test_w4a16_gemlite.py"
+MARLIN_PLUGIN_TESTS="tests/test_w4a16_marlin_plugin.py"  # in w4a16-marlin (NVRTC, CUDA_HOME), not tests-1
 gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limit where
   # pytest-timeout exists (the GPU image has it): a hang costs one test, not the shard
   local name=$1; shift
@@ -80,7 +82,7 @@ jobs=("${@:-tests}")
 for job in "${jobs[@]}"; do
   case $job in
     tests-1) # every GPU test outside the graph and speculation shards (and the server/bench ones)
-        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS; do ignores+=(--ignore="$f"); done
+        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS $MARLIN_PLUGIN_TESTS; do ignores+=(--ignore="$f"); done
         gpu_tests gpu-tests-1 --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py "${ignores[@]}" tests
         # not marked gpu (they run on the CPU interpreter too), but on CUDA they test the kernel
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py 2>&1 | tail -3 | tee -a "$OUT/gpu-tests-1.log" ;;
@@ -320,7 +322,7 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
         tail -42 "$OUT/w4a16-marlin.log"
         [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-240} gpu_tests \
-          gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py tests/test_w4a16_marlin_plugin.py ;;
+          gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py $MARLIN_PLUGIN_TESTS ;;
     llama-bs1-marlin) # Llama-3.1-8B batch 1, random weights quantized to W4A16 g128 at load, per
         # kernel in $KERNELS (default "marlin tinygemm"): --w4a16-kernel marlin (the Marlin-style
         # kernel up to 16 rows, so every decode step; Triton for the prefill) against tinygemm

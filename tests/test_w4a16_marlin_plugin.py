@@ -255,14 +255,14 @@ def source_dir(tmp_path_factory):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("shape", [(6144, 4096), (576, 1536)], ids=str)  # 576: K split
+@pytest.mark.parametrize("shape", [(6144, 4096), (1024, 4096)], ids=str)  # 1024: K split
 def test_a_llama_layer_through_the_plugin_replays_in_a_cuda_graph(shape):
     n, k = shape
-    layer = _layer(n=n, k=k, group=64, bias=True, device="cuda")
+    layer = _layer(n=n, k=k, group=128, bias=True, device="cuda")
     layer.bias = torch.randn(n, device="cuda").to(BF16)
     layer.set_fused_kernels(True)
     assert layer.marlin is not None, layer.describe()
-    assert (layer.marlin_partials is not None) == (n == 576)
+    assert (layer.marlin_partials is not None) == (n == 1024)  # 64 row blocks on 132 SMs
     for rows in (1, 16):
         x = torch.randn(rows, k, device="cuda").to(BF16)
         layer(x)
