@@ -329,8 +329,13 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
         # (session 11: 320.1 tok/s); host profile on; each run at most 270 s (two calls if the
         # pair passes 10 min: KERNELS=marlin, then KERNELS=tinygemm)
         [ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda  # NVRTC's -I
+        # pegboard's CLI with the loader's logger alone at INFO (to stderr): its one line on how
+        # the layers multiply ("Marlin kernel up to 16 rows", or why not)
+        logged_main='import logging, sys; log = logging.getLogger("pegboard.models")
+log.addHandler(logging.StreamHandler()); log.setLevel(logging.INFO)
+from pegboard.core.cli.main import main; sys.exit(main(sys.argv[1:]))'
         for kernel in ${KERNELS:-marlin tinygemm}; do
-          timeout 270 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
+          timeout 270 python3 -c "$logged_main" bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
             --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
             --quantization gptq --w4a16-kernel $kernel --profile-host ${BENCH_ARGS:-} \
             --json "$OUT/llama8b-bs1-gptq-$kernel.json" 2>"$OUT/llama8b-bs1-gptq-$kernel.err" | tail -4
