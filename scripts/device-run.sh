@@ -17,11 +17,13 @@
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
 #                 [w4a16-marlin] (issue 15: the NVRTC Marlin-style W4A16 kernel vs bf16 and tinygemm)
+#                 [llama-bs1-marlin] [offline-marlin] (issue 15: --w4a16-kernel marlin end to end)
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
 # (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
 # (GRAPH_TESTS), tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA
-# (SPEC_GPU_TESTS); the gemlite path's GPU tests run only in `gemlite-tests` (GEMLITE_TESTS).
+# (SPEC_GPU_TESTS); the gemlite path's GPU tests run only in `gemlite-tests` (GEMLITE_TESTS), the
+# w4a16 plugin's marlin path's only in `w4a16-marlin` (MARLIN_PLUGIN_TESTS).
 # Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
 # and gpu-tests-N.log (its tail); TEST_TIMEOUT per test (150 s),
 # TESTS_TIMEOUT per shard (420 s), PYTEST_ARGS extra pytest arguments (e.g. "-k mixed").
@@ -64,6 +66,7 @@ GRAPH_TESTS="tests/test_cuda_graph.py tests/test_cuda_graph_logits.py tests/test
 SPEC_TESTS="tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py"
 SPEC_GPU_TESTS="tests/test_speculative_gpu.py"
 GEMLITE_TESTS="tests/test_w4a16_gemlite.py"
+MARLIN_PLUGIN_TESTS="tests/test_w4a16_marlin_plugin.py"  # in w4a16-marlin (NVRTC, CUDA_HOME), not tests-1
 gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limit where
   # pytest-timeout exists (the GPU image has it): a hang costs one test, not the shard
   local name=$1; shift
@@ -79,7 +82,7 @@ jobs=("${@:-tests}")
 for job in "${jobs[@]}"; do
   case $job in
     tests-1) # every GPU test outside the graph and speculation shards (and the server/bench ones)
-        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS; do ignores+=(--ignore="$f"); done
+        ignores=(); for f in $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS $MARLIN_PLUGIN_TESTS; do ignores+=(--ignore="$f"); done
         gpu_tests gpu-tests-1 --ignore-glob="tests/test_server*" --ignore=tests/test_bench.py "${ignores[@]}" tests
         # not marked gpu (they run on the CPU interpreter too), but on CUDA they test the kernel
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py 2>&1 | tail -3 | tee -a "$OUT/gpu-tests-1.log" ;;
@@ -311,14 +314,37 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
     w4a16-marlin) # the Marlin-style CUDA kernel (NVRTC, core/kernels/w4a16_marlin.py; issue 15):
         # every candidate configuration compiled (a failure prints NVRTC's log and the others go
         # on), checked against the exact de-quantized weights and timed per Llama-3.1-8B layer at
-        # M = 1, 4, 16, 32, 64 (ROWS) vs cuBLAS, pegboard's bf16 GEMV and tinygemm; table last
+        # M = 1, 4, 16, 32, 64 (ROWS) vs cuBLAS, pegboard's bf16 GEMV and tinygemm; table last;
+        # then the GPU tests of the kernel and of the w4a16 plugin's marlin path
         [ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda  # NVRTC's -I
         timeout 200 python3 scripts/bench_w4a16_marlin.py --rows ${ROWS:-1,4,16,32,64} \
           --json "$OUT/w4a16-marlin.json" > "$OUT/w4a16-marlin.log" 2>&1
         echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
         tail -42 "$OUT/w4a16-marlin.log"
         [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-240} gpu_tests \
-          gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py ;;
+          gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py $MARLIN_PLUGIN_TESTS ;;
+    llama-bs1-marlin) # Llama-3.1-8B batch 1, random weights quantized to W4A16 g128 at load, per
+        # kernel in $KERNELS (default "marlin tinygemm"): --w4a16-kernel marlin (the Marlin-style
+        # kernel up to 16 rows, so every decode step; Triton for the prefill) against tinygemm
+        # (session 11: 320.1 tok/s); host profile on; each run at most 270 s (two calls if the
+        # pair passes 10 min: KERNELS=marlin, then KERNELS=tinygemm)
+        [ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda  # NVRTC's -I
+        # pegboard's CLI with the loader's logger alone at INFO (to stderr): its one line on how
+        # the layers multiply ("Marlin kernel up to 16 rows", or why not)
+        logged_main='import logging, sys; log = logging.getLogger("pegboard.models")
+log.addHandler(logging.StreamHandler()); log.setLevel(logging.INFO)
+from pegboard.core.cli.main import main; sys.exit(main(sys.argv[1:]))'
+        for kernel in ${KERNELS:-marlin tinygemm}; do
+          timeout 270 python3 -c "$logged_main" bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
+            --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
+            --quantization gptq --w4a16-kernel $kernel --profile-host ${BENCH_ARGS:-} \
+            --json "$OUT/llama8b-bs1-gptq-$kernel.json" 2>"$OUT/llama8b-bs1-gptq-$kernel.err" | tail -4
+          grep -h "linear layers" "$OUT/llama8b-bs1-gptq-$kernel.err" | head -1 | cut -c1-400
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/step; wait', \
+h['device_wait_ms_per_step'])" "$OUT/llama8b-bs1-gptq-$kernel.json" $kernel \
+            || tail -5 "$OUT/llama8b-bs1-gptq-$kernel.err"
+        done ;;
     w4a16-sweep) # launch configurations per layer and M (decode rows and M = 32/64), written as the
         # measured table: copy $OUT/w4a16_configs.json to core/kernels/ and commit it (issue 15);
         # `w4a16-sweep w4a16` together may pass 10 min since w4a16 times gemlite too: two calls
@@ -353,9 +379,13 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
             --json "$OUT/llama8b-bs1-$tag.json" 2>"$OUT/llama8b-bs1-$tag.err" | tail -4
           [ $kernel = triton ] || break  # bf16 is llama-bs1-w4a16's second run
         done ;;
-    offline-w4a16|offline-gemlite) # the nano-vllm workload (Qwen3-0.6B) with W4A16 weights
-        # (pegboard's kernels; -gemlite: gemlite's, untuned fallback configs for these shapes), then bf16
+    offline-w4a16|offline-gemlite|offline-marlin) # the nano-vllm workload (Qwen3-0.6B) with W4A16
+        # weights (pegboard's kernels; -gemlite: gemlite's, untuned fallback configs for these
+        # shapes; -marlin: the Marlin-style kernel for steps of at most 16 rows, which at 256
+        # sequences are the last few decode steps only), then bf16
         kernel=triton; [ $job = offline-gemlite ] && kernel=gemlite
+        [ $job = offline-marlin ] && kernel=marlin
+        [ $kernel = marlin ] && [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
         for q in gptq none; do
           tag=$q; [ $q = none ] || tag=$q-$kernel
           timeout 200 $PB bench offline --random-weights --config qwen3-0.6b \

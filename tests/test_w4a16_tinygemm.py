@@ -247,7 +247,7 @@ def test_kernel_option_takes_tinygemm():
         W4A16Options(kernel="no-such-kernel")
 
 
-@pytest.mark.parametrize("kernel", ["tinygemm", "gemlite"])
+@pytest.mark.parametrize("kernel", ["tinygemm", "gemlite", "marlin"])
 def test_a_cuda_kernel_named_on_cpu_serves_the_portable_path(source_dir, tmp_path, kernel):
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams

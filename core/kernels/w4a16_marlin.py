@@ -101,7 +101,54 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
     4: [C(8, 2), C(4, 2), C(8, 2, l2_ahead=1), C(8, 1)],
     8: [C(8, 1), C(4, 1), C(8, 1, l2_ahead=2), C(2, 1)],
 }
+#: The measured best configuration per layer shape (N, K) and n8 tiles, which the `w4a16`
+#: plugin runs (`layer_config`): H200, Llama-3.1-8B g128, float32 parameters, session 12's
+#: sweep (docs/bench/h200-w4a16-marlin-s12.json). Tiles 1 (M <= 8) from M = 1 and 4, whose
+#: best agreed on every layer; tiles 2 (M 9-16) from M = 16.
+LAYER_CONFIGS: dict[tuple[int, int], dict[int, MarlinConfig]] = {
+    (6144, 4096): {1: C(8, 2), 2: C(4, 4)},  # qkv: 8.1 / 8.4 / 10.7 us at M = 1 / 4 / 16
+    (4096, 4096): {1: C(8, 4), 2: C(8, 2)},  # o: 6.2 / 6.2 / 7.5 us
+    (28672, 4096): {1: C(4, 2), 2: C(4, 4)},  # gate_up: 24.0 / 23.9 / 38.0 us
+    (4096, 14336): {1: C(8, 4), 2: C(8, 2)},  # down: 15.1 / 16.1 / 19.6 us
+}
+#: Other shapes: the configuration of least summed time over those four layers in the same
+#: sweep (tiles 1: w8-c4, at most 1.20x a layer's best; tiles 2: w8-c2, at most 1.21x).
+DEFAULT_LAYER_CONFIGS: dict[int, MarlinConfig] = {1: C(8, 4), 2: C(8, 2)}
 del C
+
+#: Rows of x up to which the `w4a16` plugin calls this kernel (`--w4a16-kernel marlin`; more
+#: rows: pegboard's Triton kernels). In session 12's sweep it beat tinygemm and pegboard's bf16
+#: kernels on all four Llama-3.1-8B layers at M = 1, 4 and 16; M = 32 and 64 were not measured.
+PLUGIN_MAX_ROWS = 16
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot run this model's layers here (None if it can): an NVIDIA GPU of
+    compute capability 8.0 or more (bf16 `mma.sync`), bf16 activations, and a torch with NVRTC
+    (`torch.cuda._compile_kernel`)."""
+    if device.type != "cuda":
+        return "the Marlin kernel runs on CUDA devices only"
+    if dtype != torch.bfloat16:
+        return f"the Marlin kernel multiplies bf16 activations only, not {dtype}"
+    if torch.version.hip is not None:
+        return "the Marlin kernel is PTX for NVIDIA GPUs only"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"the Marlin kernel needs compute capability 8.0+, this GPU is {major}.{minor}"
+    return None
+
+
+def layer_config(tiles: int, n: int, k: int, group: int) -> MarlinConfig:
+    """The configuration the `w4a16` plugin runs for an `[N, K]` layer at `tiles` n8 tiles:
+    the measured one for its shape (`LAYER_CONFIGS`), else `DEFAULT_LAYER_CONFIGS`, else (a
+    shape or group those cannot take) `default_config`, which raises ValueError if none can."""
+    rows = 8 * tiles
+    for config in (LAYER_CONFIGS.get((n, k), {}).get(tiles), DEFAULT_LAYER_CONFIGS.get(tiles)):
+        if config is not None and config_unsupported_reason(config, rows, n, k, group) is None:
+            return config
+    return default_config(rows, n, k, group)
 
 
 def token_tiles(m: int) -> int:
@@ -156,6 +203,16 @@ def auto_splits(blocks: int, steps: int, warps: int, multiprocessors: int) -> in
     if blocks >= multiprocessors:
         return 1
     return max(1, min(-(-2 * multiprocessors // blocks), steps // warps))
+
+
+def splits(config: MarlinConfig, n: int, k: int, device: torch.device) -> int:
+    """Splits of K across blocks `marlin_linear` launches for an `[N, K]` layer with `config`
+    on `device` (`config.splits`, else `auto_splits`)."""
+    if config.splits:
+        return config.splits
+    blocks = n // (16 * config.row_tiles)
+    steps = k // (64 * config.chunks)
+    return auto_splits(blocks, steps, config.warps, _multiprocessors(device.index or 0))
 
 
 def _reduce_bytes(config: MarlinConfig, mt: int) -> int:
@@ -461,9 +518,17 @@ def _compiled(config: MarlinConfig, mt: int, group: int):
         raise CompileError(f"{kernel_name(config, mt, group)}: {e}") from e
 
 
-def marlin_linear(x: torch.Tensor, layout, config: MarlinConfig | None = None) -> torch.Tensor:
+def marlin_linear(
+    x: torch.Tensor,
+    layout,
+    config: MarlinConfig | None = None,
+    partials: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`x @ W.T` for W in `MarlinLayout`: x `[..., K]` bf16 on CUDA (at most `MAX_ROWS` rows),
-    a new `[..., N]` bf16 tensor. Launched on the current stream (capturable in a CUDA graph)."""
+    a new `[..., N]` bf16 tensor. Launched on the current stream (capturable in a CUDA graph).
+    Where K is split across blocks (`splits` > 1), `partials` (float32, at least splits x rows
+    x N elements, e.g. allocated once per layer) holds the sums per split; without it they
+    come from the allocator."""
     rows = x.numel() // x.shape[-1]
     n, k = layout.n, layout.k
     if rows == 0:
@@ -482,14 +547,16 @@ def marlin_linear(x: torch.Tensor, layout, config: MarlinConfig | None = None) -
         x2 = x2.clone()
     y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     blocks = n // (16 * config.row_tiles)
-    splits = config.splits or auto_splits(
-        blocks, k // (64 * config.chunks), config.warps, _multiprocessors(x.device.index or 0)
-    )
-    # float32 sums per split (from the allocator: capturable); unused with one split
-    partials = torch.empty(splits, rows, n, device=x.device) if splits > 1 else y
+    split = splits(config, n, k, x.device)
+    if split == 1:
+        partials = y  # unused with one split
+    elif partials is None:  # from the allocator: capturable
+        partials = torch.empty(split, rows, n, device=x.device)
+    elif partials.dtype != torch.float32 or partials.numel() < split * rows * n:
+        raise ValueError(f"{config.name}: partials for {split} splits x {rows} x {n} floats")
     kernel = compiled(config, token_tiles(rows), layout.group_size)
     kernel(
-        grid=(blocks, splits, 1),
+        grid=(blocks, split, 1),
         block=(32 * config.warps, 1, 1),
         args=[layout.qweight, layout.params, x2, y, partials, layout.counters, rows, n, k],
     )

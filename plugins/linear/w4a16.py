@@ -14,6 +14,17 @@ ones to pegboard's Triton kernels, so such a layer holds both layouts: its 4-bit
 (~1.06 bytes per weight at group 128 instead of 0.53; bf16 is 2). CUDA graphs are captured per
 batch size, so which kernel a captured call runs is fixed per graph.
 
+With `--w4a16-kernel marlin` (CUDA, bf16) calls of at most `w4a16_marlin.PLUGIN_MAX_ROWS` (16)
+rows go to pegboard's Marlin-style CUDA kernel (`pegboard.core.kernels.w4a16_marlin`, compiled
+with NVRTC at load; layout made at load by `marlin_layout.py`) and larger ones to the Triton
+kernels. Each layer runs the configuration measured best for its shape and rows (1-8 rows, 9-16
+rows: `w4a16_marlin.layer_config`). The bias is added after the kernel's bf16 rounding, as for
+tinygemm. Such a layer also holds both layouts: ~1.09 bytes per weight at group 128 (Marlin's
+0.5 + float32 scale and zero per group, 0.06, beside the serving 0.53); a layer whose K is split
+across blocks (fewer row blocks than multiprocessors) keeps its float32 partial sums
+(`marlin_partials`, splits x 16 x N) so that a call allocates nothing but its output. `auto`
+keeps tinygemm until an end-to-end GPU run has measured marlin (`AUTO_PREFERS_MARLIN`).
+
 Per layer fallback: a projection the checkpoint stored unquantized (the LM head, compressed-
 tensors' `ignore` list, another GGUF type), stacked shards that do not share one group layout,
 or a shape the kernels cannot take, is kept dense; the loader lists such layers once.
@@ -25,7 +36,9 @@ from typing import Literal
 
 import pydantic
 import torch
-from pegboard.core.kernels import w4a16_tinygemm
+from pegboard.core.kernels import w4a16_marlin, w4a16_tinygemm
+from pegboard.core.kernels.w4a16_marlin import MarlinConfig
+from pegboard.plugins.linear import marlin_layout
 from pegboard.plugins.linear.bf16 import DenseMethod
 from pegboard.plugins.linear.formats import FORMATS, Format
 from pegboard.plugins.linear.gemlite_layout import (
@@ -41,6 +54,7 @@ from pegboard.plugins.linear.int4 import (
     dequantize_packed,
     pack,
 )
+from pegboard.plugins.linear.marlin_layout import MarlinLayout
 from pegboard.plugins.linear.tinygemm_layout import TinygemmLayout, to_tinygemm
 from pegboard.sdk.linear import (
     LinearLayer,
@@ -54,11 +68,16 @@ from pegboard.sdk.types import ModelInfo
 from torch.nn import functional as F
 
 SUPPORTED_GROUPS = (-1, 32, 64, 128)
-Kernel = Literal["auto", "triton", "gemlite", "tinygemm"]
+Kernel = Literal["auto", "triton", "gemlite", "tinygemm", "marlin"]
 #: What `--w4a16-kernel auto` runs where gemlite imports on CUDA: pegboard's kernels until the
 #: H200 has measured gemlite (`device-run.sh w4a16`, docs/kernels.md "gemlite"): session 8 ran
 #: out of device time before it could.
 AUTO_PREFERS_GEMLITE = False
+#: Whether `--w4a16-kernel auto` runs the Marlin kernel (where it runs; tinygemm where it
+#: cannot take a layer) instead of tinygemm. Per layer it is faster on the H200 (1.71 vs 2.23 ms
+#: for Llama-3.1-8B's linears at one row, docs/kernels.md "Marlin-style CUDA kernel"), but no
+#: end-to-end run has measured it yet (`device-run.sh llama-bs1-marlin`).
+AUTO_PREFERS_MARLIN = False
 #: `w4a16_gemlite.self_check`'s verdict per (N, K, group, dtype, form): once per process.
 _gemlite_checked: dict[tuple, str | None] = {}
 
@@ -72,7 +91,9 @@ class W4A16Options(pydantic.BaseModel):
         "auto",
         description="CUDA kernels: triton (pegboard's), gemlite (pip install "
         "'pegboard[gemlite]'), tinygemm (torch's int4 kernel for calls of up to 4 rows, "
-        "triton above; bf16 only), or auto: tinygemm where it applies, else triton",
+        "triton above; bf16 only), marlin (pegboard's Marlin-style CUDA kernel for calls of "
+        "up to 16 rows, triton above; bf16 only, compiled with NVRTC), or auto: tinygemm "
+        "where it applies, else triton",
     )
 
 
@@ -81,7 +102,8 @@ class Int4Linear(LinearLayer):
     it holds either the packed weights (`qweight`, `scales`, `offsets`, `perm`) or, as a
     fallback, a dense `weight` (`fallback` says why). While gemlite's kernels run, `gemlite`
     holds their layout and `qweight` is dropped (rebuilt from it when they are switched off).
-    While tinygemm runs the calls of few rows, `tinygemm` holds its layout beside the others."""
+    While tinygemm runs the calls of few rows, `tinygemm` holds its layout beside the others;
+    the same for the Marlin kernel (`marlin`, its configuration per rows in `marlin_configs`)."""
 
     def __init__(
         self, spec: LinearSpec, quant: QuantizationConfig, fmt: Format, kernel: Kernel = "auto"
@@ -99,6 +121,10 @@ class Int4Linear(LinearLayer):
         self.gemlite_skipped: str | None = None  # why gemlite was chosen but not used
         self.tinygemm: TinygemmLayout | None = None
         self.tinygemm_skipped: str | None = None  # why tinygemm was chosen but not used
+        self.marlin: MarlinLayout | None = None
+        self.marlin_configs: tuple[MarlinConfig, ...] = ()  # index: rows of x (0 to 16)
+        self.marlin_partials: torch.Tensor | None = None  # split-K sums, where K is split
+        self.marlin_skipped: str | None = None  # why marlin was chosen but not used
         self._received: dict[str, dict[str, torch.Tensor]] = {s: {} for s in spec.shard_sizes}
         self.qweight: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
@@ -190,9 +216,14 @@ class Int4Linear(LinearLayer):
             self.gemlite = None
         self.kernel = None
         self.tinygemm = self.tinygemm_skipped = None
+        self.marlin = self.marlin_partials = self.marlin_skipped = None
+        self.marlin_configs = ()
         if not enabled or self.qweight is None:
             return
-        if self.kernel_choice in ("auto", "tinygemm"):
+        auto = self.kernel_choice == "auto"
+        if self.kernel_choice == "marlin" or (auto and AUTO_PREFERS_MARLIN):
+            self._use_marlin()
+        if self.kernel_choice == "tinygemm" or (auto and self.marlin is None):
             self._use_tinygemm()  # before gemlite drops the serving words it is made from
         wants_gemlite = self.kernel_choice == "gemlite" or (
             self.kernel_choice == "auto" and AUTO_PREFERS_GEMLITE
@@ -208,6 +239,8 @@ class Int4Linear(LinearLayer):
             self.fallback = f"the W4A16 kernels cannot take it ({reason})"
             self.weight = self._dequantized(self.spec.dtype)
             self.qweight = self.scales = self.offsets = self.tinygemm = None
+            self.marlin = self.marlin_partials = None
+            self.marlin_configs = ()
             return
         self.kernel = w4a16.w4a16_linear
 
@@ -254,6 +287,38 @@ class Int4Linear(LinearLayer):
         packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
         self.tinygemm = to_tinygemm(packed)
 
+    def _use_marlin(self) -> None:
+        """Make the Marlin kernel's layout, pick its configuration per rows and compile them
+        now (not inside a CUDA-graph capture), if it can take this layer (else `marlin_skipped`
+        says why, where that is news: not for `auto` off CUDA or bf16)."""
+        n, k, group = self.spec.out_features, self.spec.in_features, self.group_size
+        device = self.qweight.device
+        reason = w4a16_marlin.unavailable_reason(device, self.spec.dtype)
+        if reason is not None:
+            self.marlin_skipped = reason if self.kernel_choice == "marlin" else None
+            return
+        reason = marlin_layout.shape_unsupported_reason(n, k, group)
+        if reason is not None:
+            self.marlin_skipped = reason
+            return
+        rows = w4a16_marlin.PLUGIN_MAX_ROWS
+        tiles = sorted({w4a16_marlin.token_tiles(m) for m in range(1, rows + 1)})
+        try:
+            by_tiles = {t: w4a16_marlin.layer_config(t, n, k, group) for t in tiles}
+            for t, config in by_tiles.items():
+                w4a16_marlin.compiled(config, t, group)
+        except (ValueError, w4a16_marlin.CompileError) as e:
+            self.marlin_skipped = str(e)
+            return
+        self.marlin_configs = tuple(
+            by_tiles[w4a16_marlin.token_tiles(max(m, 1))] for m in range(rows + 1)
+        )
+        split = max(w4a16_marlin.splits(c, n, k, device) for c in by_tiles.values())
+        if split > 1:
+            self.marlin_partials = torch.empty(split * rows * n, device=device)
+        packed = PackedInt4(self.qweight, self.scales, self.offsets, group, None)
+        self.marlin = marlin_layout.to_marlin(packed)
+
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         packed = PackedInt4(self.qweight, self.scales, self.offsets, self.group_size, None)
         w = dequantize_packed(packed, dtype)
@@ -266,7 +331,12 @@ class Int4Linear(LinearLayer):
             return F.linear(x, self.weight, self.bias)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if self.tinygemm is not None and x.numel() <= w4a16_tinygemm.MAX_ROWS * x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if self.marlin is not None and rows < len(self.marlin_configs):
+            config = self.marlin_configs[rows]
+            y = w4a16_marlin.marlin_linear(x, self.marlin, config, self.marlin_partials)
+            return y if self.bias is None else y.add_(self.bias)
+        if self.tinygemm is not None and rows <= w4a16_tinygemm.MAX_ROWS:
             t = self.tinygemm
             return w4a16_tinygemm.tinygemm_linear(
                 x, t.qweight, t.scales_and_zeros, t.group_size, self.bias
@@ -289,6 +359,11 @@ class Int4Linear(LinearLayer):
             how = "gemlite kernels"
         else:
             how = "Triton W4A16 kernels" if self.kernel is not None else "de-quantize + matmul"
+        if self.marlin is not None:
+            how = (
+                f"Marlin kernel up to {len(self.marlin_configs) - 1} rows (4-bit weights held "
+                f"twice), {how} above"
+            )
         if self.tinygemm is not None:
             how = (
                 f"tinygemm up to {w4a16_tinygemm.MAX_ROWS} rows (4-bit weights held twice), "
@@ -298,6 +373,8 @@ class Int4Linear(LinearLayer):
             how += f" (not gemlite: {self.gemlite_skipped})"
         if self.tinygemm_skipped is not None:
             how += f" (not tinygemm: {self.tinygemm_skipped})"
+        if self.marlin_skipped is not None:
+            how += f" (not marlin: {self.marlin_skipped})"
         return f"w4a16 {g}, {how}"
 
 
@@ -367,4 +444,21 @@ class W4A16Linear(LinearKernel):
             reason = w4a16_tinygemm.unavailable_reason(model.device, model.dtype)
             if reason is not None:
                 raise QuantizationError(f"--w4a16-kernel tinygemm: {reason}")
+        if kernel == "marlin" and model.device.type == "cuda":
+            reason = _marlin_unavailable_reason(model)
+            if reason is not None:
+                raise QuantizationError(f"--w4a16-kernel marlin: {reason}")
         return Int4Method(quantization, kernel)
+
+
+def _marlin_unavailable_reason(model: ModelInfo) -> str | None:
+    """Why the Marlin kernel cannot run on this model's device at all: `unavailable_reason`,
+    or NVRTC failing on one configuration (e.g. no CUDA headers: set CUDA_HOME)."""
+    reason = w4a16_marlin.unavailable_reason(model.device, model.dtype)
+    if reason is not None:
+        return reason
+    try:
+        w4a16_marlin.compiled(w4a16_marlin.DEFAULT_LAYER_CONFIGS[1], 1, 128)
+    except w4a16_marlin.CompileError as e:
+        return str(e)
+    return None
