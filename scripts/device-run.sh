@@ -32,6 +32,8 @@
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# NVRTC (the Marlin W4A16 kernel) takes CUDA's include path from CUDA_HOME where torch finds no nvcc
+[ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda
 # The device tool returns at most 8 files: pack everything into one archive at the end.
 # eagle-state/ (spec-eagle: the trainer's state, ~20 MB in shards of <= 12 MiB) stays out of it:
 # the archive must stay under 16 MiB, and the next call carries those files as they are.

@@ -345,26 +345,27 @@ def test_quantized_model_through_tinygemm_matches_its_dequantized_run(
 
 @gpu
 @needs_cuda
-def test_engine_greedy_tokens_with_tinygemm_equal_those_with_pegboards_kernels(
-    source_dir, tmp_path
+@pytest.mark.parametrize("kernel", ["tinygemm", "marlin"])
+def test_engine_greedy_tokens_with_a_cuda_kernel_equal_those_with_pegboards_kernels(
+    source_dir, tmp_path, kernel
 ):
     from fixtures.devices import GPU_ENGINE
     from pegboard.core.llm import LLM
     from pegboard.sdk.types import SamplingParams
 
     q_dir, _ = quantize_checkpoint(source_dir, tmp_path / "gptq", "gptq", group_size=64, sym=False)
-    prompts = [list(range(5 + i, 12 + 2 * i)) for i in range(2)]  # decode batch 2: tinygemm
+    prompts = [list(range(5 + i, 12 + 2 * i)) for i in range(2)]  # decode batch 2: `kernel`
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
-    def tokens(kernel):
-        options = {"plugin_options": {"w4a16": {"kernel": kernel}}, "cuda_graph_max_bs": 8}
-        options["dtype"] = "bfloat16"  # (the fixture checkpoint is float32; tinygemm takes bf16)
+    def tokens(name):
+        options = {"plugin_options": {"w4a16": {"kernel": name}}, "cuda_graph_max_bs": 8}
+        options["dtype"] = "bfloat16"  # (the fixture checkpoint is float32; both take bf16 only)
         with LLM(str(q_dir), **(GPU_ENGINE | options)) as llm:
             layer = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
-            assert (layer.tinygemm is not None) == (kernel == "tinygemm")
+            assert (getattr(layer, kernel) is not None) == (name == kernel)
             return [o.token_ids for o in llm.generate(prompts, params)]
 
-    tiny, triton = tokens("tinygemm"), tokens("triton")
-    # two kernels with different roundings (bf16 scale/zero, another summation order): a
+    got, triton = tokens(kernel), tokens("triton")
+    # two kernels with different roundings (tinygemm: bf16 scale/zero) and summation orders: a
     # near-tie of this random model may flip a late token, not the first ones
-    assert [t[:4] for t in tiny] == [t[:4] for t in triton]
+    assert [t[:4] for t in got] == [t[:4] for t in triton]
