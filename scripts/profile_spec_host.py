@@ -1,0 +1,327 @@
+"""Host time of an EAGLE-3 verify step at batch 1 (issue 14), with no model files.
+
+python3 scripts/profile_spec_host.py [--config smollm2-135m] [--k 4] [--num-seqs 2]
+    [--max-tokens 256] [--input-len 128] [--top 40] [--num-layers N] [--json FILE]
+    [--variants plain,eagle] [--keep-backoff] [engine settings as key=value ...]
+
+A random-weight target from a bundled config (`--random-weights --config`'s names; SmolLM2-135M
+by default) and a random EAGLE-3 head of SGLang's format for it (`train_eagle3.head_config`:
+SGLang's auxiliary layers, a full-vocabulary LM head, as the head trained for the bundled
+SmolLM2), written to a temporary directory. Per variant (`plain`: no speculator; `eagle`: the
+head drafting a chain of `--k` tokens with the switch's rules off, `--speculative-min-speedup 0
+--speculative-min-accept-rate 0`, and no back-off: `BACKOFF_AFTER_MISSES` raised, so every
+decode step verifies `k` drafts although random weights accept few), batch-1 greedy decode of
+`--num-seqs` prompts one after another, CUDA graphs on where the device has them
+(`--cuda-graph-max-bs 1`: decode, verify and drafting graphs):
+
+1. a timed pass under `HostProfile` (wall clock, `bench offline --profile-host`'s phases, plus
+   the EAGLE path's parts: `eagle: ...`): host ms per step by step kind, ms per phase;
+2. the same requests again under `cProfile`, enabled only for decode/verify steps (each
+   request's prefill runs first, unprofiled): the top `--top` functions by own time, and by
+   cumulative time within the propose / mark_rows / verify paths (a function's time counted
+   from the calls made inside those paths only), in µs per step.
+
+On a CPU (no graphs: the eager path) shrink it to check that it runs, e.g. `--num-layers 2
+--max-tokens 24 --num-seqs 1 --input-len 32`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import pstats
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pegboard.core.bench.host_profile import HostProfile
+from pegboard.core.bench.models import random_weights_model_dir
+from pegboard.core.llm import LLM
+from pegboard.core.speculative import step as spec_step
+from pegboard.core.speculative.train_eagle3 import default_aux, head_config
+from pegboard.sdk.types import Request, SamplingParams
+from safetensors.torch import save_file
+
+
+def random_eagle3_head(path: Path, target: dict, seed: int = 0, std: float = 0.02) -> Path:
+    """An EAGLE-3 head for `target` (a config dict) in SGLang's format, random weights (norms at
+    one, `d2t` zero: the draft vocabulary is the target's)."""
+    cfg = head_config(target, default_aux(target["num_hidden_layers"]))
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    q, kv = (
+        cfg["num_attention_heads"] * cfg["head_dim"],
+        cfg["num_key_value_heads"] * cfg["head_dim"],
+    )
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    m = "midlayer."
+    tensors = {
+        "fc.weight": w(h, 3 * cfg["target_hidden_size"]),
+        m + "hidden_norm.weight": torch.ones(h),
+        m + "input_layernorm.weight": torch.ones(h),
+        m + "post_attention_layernorm.weight": torch.ones(h),
+        m + "self_attn.q_proj.weight": w(q, 2 * h),
+        m + "self_attn.k_proj.weight": w(kv, 2 * h),
+        m + "self_attn.v_proj.weight": w(kv, 2 * h),
+        m + "self_attn.o_proj.weight": w(h, q),
+        m + "mlp.gate_proj.weight": w(inter, h),
+        m + "mlp.up_proj.weight": w(inter, h),
+        m + "mlp.down_proj.weight": w(h, inter),
+        "norm.weight": torch.ones(h),
+        "lm_head.weight": w(cfg["draft_vocab_size"], h),
+        "d2t": torch.zeros(cfg["draft_vocab_size"], dtype=torch.int64),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def eagle_parts(prof: HostProfile, engine) -> None:
+    """Time the EAGLE path's parts too (put back with the profile's own wraps)."""
+    spec = engine.speculation
+    speculator = spec.speculator
+    if spec._hidden is not None:
+        prof._wrap(spec._hidden, "hand_out", "eagle: hand_out (target features)")
+    prof._wrap(speculator, "_ingest", "eagle: _ingest")
+    prof._wrap(speculator, "_catch_up", "eagle: _catch_up")
+    prof._wrap(speculator, "_feed", "eagle: _feed (eager head forward)")
+    if speculator.graphs is not None:
+        prof._wrap(speculator.graphs, "run", "eagle: graphs.run (inputs, prepares, replay)")
+        prof._wrap(speculator.graphs.feed, "load", "eagle: graphs.feed.load")
+        for graph in speculator.graphs.graphs.values():
+            with contextlib.suppress(AttributeError, TypeError):
+                prof._wrap(graph, "replay", "eagle: drafting graph replay (launch)")
+    prof._wrap(spec_step, "check_drafts", "speculation: check_drafts")
+
+
+def run_requests(engine, prompts, params, profile: SplitProfile | None = None) -> int:
+    """Each prompt alone (batch 1): its prefill unprofiled, then its decode under `profile`;
+    the output tokens."""
+    tokens = 0
+    for prompt in prompts:
+        r = Request(list(prompt), params)
+        engine.add_request(r)
+        while r.num_output_tokens == 0 and engine.has_work():
+            engine.step()
+        if profile is not None:
+            profile.enable()
+        while engine.has_work():
+            engine.step()
+        if profile is not None:
+            profile.disable()
+        tokens += r.num_output_tokens
+    return tokens
+
+
+class SplitProfile:
+    """Two `cProfile`s over the step loop: `spec` while a speculative step's own work runs
+    (`Speculation.propose`, `.mark_rows`, `Engine._verify`), `rest` the rest of the time, so that
+    cumulative times inside the speculative paths count only calls made from there."""
+
+    def __init__(self, engine) -> None:
+        self.spec, self.rest = cProfile.Profile(), cProfile.Profile()
+        self._restore = []
+        for owner, attr in ((engine.speculation, "propose"), (engine.speculation, "mark_rows"),
+                            (engine, "_verify")):  # fmt: skip
+            self._switch(owner, attr)
+
+    def _switch(self, owner, attr: str) -> None:
+        fn = getattr(owner, attr)
+        spec, rest = self.spec, self.rest
+
+        def profiled(*args, **kwargs):
+            rest.disable()
+            spec.enable()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spec.disable()
+                rest.enable()
+
+        setattr(owner, attr, profiled)
+        self._restore.append(lambda: delattr(owner, attr))
+
+    def enable(self) -> None:
+        self.rest.enable()
+
+    def disable(self) -> None:
+        self.rest.disable()
+
+    def close(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+
+def _name(func) -> str:
+    file, line, name = func
+    short = "/".join(Path(file).parts[-2:]) if file != "~" else ""
+    return f"{short}:{line}({name})" if short else name
+
+
+def profile_tables(prof: SplitProfile, steps: int, top: int) -> dict:
+    spec = pstats.Stats(prof.spec) if prof.spec.getstats() else None
+    stats = pstats.Stats(prof.rest)
+    if spec is not None:
+        stats.add(spec)
+    per = 1e6 / max(steps, 1)
+    own = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    spec = sorted(spec.stats.items(), key=lambda kv: -kv[1][3])[:top] if spec else []
+    return {
+        "steps": steps,
+        "tottime_us_per_step": [
+            {
+                "function": _name(f),
+                "calls_per_step": round(v[1] / max(steps, 1), 2),
+                "own_us": round(v[2] * per, 1),
+                "cum_us": round(v[3] * per, 1),
+            }
+            for f, v in own
+        ],  # fmt: skip
+        "spec_cumtime_us_per_step": [
+            {
+                "function": _name(f),
+                "calls_per_step": round(n / max(steps, 1), 2),
+                "cum_us": round(ct * per, 1),
+            }
+            for f, (_, n, _, ct, _) in spec
+        ],  # fmt: skip
+    }
+
+
+def print_tables(name: str, tables: dict) -> None:
+    print(f"\n== {name}: top functions by own time, µs per decode/verify step "
+          f"({tables['steps']} steps, under cProfile) ==")  # fmt: skip
+    for row in tables["tottime_us_per_step"]:
+        print(f"{row['own_us']:9.1f} own {row['cum_us']:9.1f} cum {row['calls_per_step']:7.2f}x  "
+              f"{row['function']}")  # fmt: skip
+    if tables["spec_cumtime_us_per_step"]:
+        print(f"\n== {name}: cumulative time inside propose / mark_rows / verify, µs per step ==")
+        for row in tables["spec_cumtime_us_per_step"]:
+            print(f"{row['cum_us']:9.1f} cum {row['calls_per_step']:7.2f}x  {row['function']}")
+
+
+def run_variant(name, model, settings, prompts, params, top) -> dict:
+    cuda = torch.cuda.is_available() and settings.get("device", "auto") in ("auto", "cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with LLM(model, **settings) as llm:
+        e = llm.engine
+        warm = SamplingParams(max_tokens=min(64, params.max_tokens), temperature=0.0,
+                              ignore_eos=True)  # fmt: skip
+        run_requests(e, prompts[:1], warm)  # warm-up: graphs, Triton compiles
+        sync()
+        before = e.speculation.stats()
+        with HostProfile(e) as host:
+            if e.speculation.speculator is not None:
+                eagle_parts(host, e)
+            start, steps0 = time.perf_counter(), e.num_steps
+            tokens = run_requests(e, prompts, params)
+            sync()
+            elapsed = time.perf_counter() - start
+        result = {
+            "tok_s": round(tokens / elapsed, 1),
+            "steps": e.num_steps - steps0,
+            "ms_per_step": round(elapsed / max(e.num_steps - steps0, 1) * 1e3, 3),
+            "speculation": e.speculation.report(before) if e.speculation.speculator else None,
+            "cuda_graphs": _graphs(e),
+            "host_profile": host.report(),
+        }
+        prof = SplitProfile(e)
+        steps0 = e.num_steps
+        run_requests(e, prompts, params, prof)
+        prof.close()
+        decode_steps = e.num_steps - steps0 - len(prompts)  # (less each prefill)
+        result["cprofile"] = profile_tables(prof, decode_steps, top)
+    print_tables(name, result["cprofile"])
+    return result
+
+
+def _graphs(engine) -> dict:
+    runner = engine.runner
+    graphs = runner.cuda_graphs
+    if graphs is None:
+        return {"off": runner.cuda_graph_off_reason}
+    out = {"replays": graphs.num_replays, "verify_replays": graphs.num_verify_replays}
+    drafting = getattr(engine.speculation.speculator, "graphs", None)
+    if drafting is not None:
+        out["drafting_replays"] = drafting.num_replays
+    return out
+
+
+def parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(v)
+    return v
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="smollm2-135m", help="a bundled config or a config.json")
+    p.add_argument("--num-layers", type=int, default=None, help="override the config's layers")
+    p.add_argument("--k", type=int, default=4, help="draft chain length")
+    p.add_argument("--num-seqs", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--variants", default="plain,eagle")
+    p.add_argument("--keep-backoff", action="store_true",
+                   help="leave BACKOFF_AFTER_MISSES as it is (requests stop drafting a while)")  # fmt: skip
+    p.add_argument("--json", default=None)
+    p.add_argument("settings", nargs="*", help="engine settings as key=value")
+    args = p.parse_args()
+    model = random_weights_model_dir(args.config)
+    cfg = json.loads((model / "config.json").read_text())
+    if args.num_layers:
+        cfg["num_hidden_layers"] = args.num_layers
+        (model / "config.json").write_text(json.dumps(cfg))
+    head = random_eagle3_head(Path(tempfile.mkdtemp(prefix="pegboard-eagle3-")), cfg)
+    if not args.keep_backoff:
+        spec_step.BACKOFF_AFTER_MISSES = 1 << 30  # every decode step verifies
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, cfg["vocab_size"]) for _ in range(args.input_len)]
+               for _ in range(args.num_seqs)]  # fmt: skip
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    base = {"load_format": "dummy", "cuda_graph_max_bs": 1, "max_running_requests": 1}
+    base |= {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.settings)}
+    eagle = {
+        "speculator": "eagle",
+        "plugin_options": {"eagle": {"model_path": str(head), "num_draft_tokens": args.k}},
+        "speculative_min_speedup": 0.0,
+        "speculative_min_accept_rate": 0.0,
+    }
+    variants = {"plain": base, "eagle": base | eagle}
+    result = {"config": args.config, "layers": cfg["num_hidden_layers"], "k": args.k,
+              "num_seqs": args.num_seqs, "max_tokens": args.max_tokens}  # fmt: skip
+    for name in args.variants.split(","):
+        result[name] = run_variant(name, str(model), variants[name], prompts, params, args.top)
+    if "plain" in result and "eagle" in result:
+        plain, spec = result["plain"], result["eagle"]
+        result["verify_step_cost_vs_plain"] = round(spec["ms_per_step"] / plain["ms_per_step"], 3)
+    summary = {k: v for k, v in result.items() if k not in variants}
+    for name in variants:
+        if name in result:
+            r = result[name]
+            summary[name] = {k: r[k] for k in ("tok_s", "steps", "ms_per_step", "speculation",
+                                               "cuda_graphs")}  # fmt: skip
+            h = r["host_profile"]
+            summary[name]["host_ms_by_kind"] = h["host_ms_by_kind"]
+            summary[name]["device_wait_ms_per_step"] = h["device_wait_ms_per_step"]
+            summary[name]["ms_per_step_by_phase"] = dict(list(h["ms_per_step"].items())[:24])
+    print("\n" + json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
