@@ -22,7 +22,12 @@ decode step verifies `k` drafts although random weights accept few), batch-1 gre
    from the calls made inside those paths only), in µs per step.
 
 On a CPU (no graphs: the eager path) shrink it to check that it runs, e.g. `--num-layers 2
---max-tokens 24 --num-seqs 1 --input-len 32`.
+--max-tokens 24 --num-seqs 1 --input-len 32`. `--stub-drafting-graphs` (CPU) measures the host
+side of the GPU's drafting path there: the head's drafting graphs allowed, their metadata
+prepared by the Triton backend on CPU tensors (`TRITON_INTERPRET=1`), each replay doing
+nothing (the drafts stay 0: all rejected); `--thread-clock` times phases with the thread's CPU
+clock (a shared machine's other load stays out), e.g. `--config DIR --stub-drafting-graphs
+--thread-clock` with a tiny config.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import argparse
 import contextlib
 import cProfile
 import json
+import os
 import pstats
 import random
 import sys
@@ -96,11 +102,30 @@ def eagle_parts(prof: HostProfile, engine) -> None:
     prof._wrap(speculator, "_feed", "eagle: _feed (eager head forward)")
     if speculator.graphs is not None:
         prof._wrap(speculator.graphs, "run", "eagle: graphs.run (inputs, prepares, replay)")
-        prof._wrap(speculator.graphs.feed, "load", "eagle: graphs.feed.load")
+        graphs = speculator.graphs
+        if hasattr(graphs, "feed"):  # (an older tree's: the catch-up's inputs and prepare)
+            prof._wrap(graphs.feed, "load", "eagle: graphs.feed.load")
+        for i, backend in enumerate([getattr(graphs, "catch_up", None), *graphs.backends]):
+            if backend is not None:
+                prof._wrap(backend, "prepare", f"eagle: graphs backend {i} prepare")
         for graph in speculator.graphs.graphs.values():
             with contextlib.suppress(AttributeError, TypeError):
                 prof._wrap(graph, "replay", "eagle: drafting graph replay (launch)")
     prof._wrap(spec_step, "check_drafts", "speculation: check_drafts")
+
+
+class _NoReplay:
+    def replay(self) -> None:  # the head's arithmetic: not host work
+        pass
+
+
+def stub_drafting_graphs() -> None:
+    """CPU: let the EAGLE head capture drafting graphs whose replays do nothing."""
+    from pegboard.plugins.speculative import eagle, head_graphs
+
+    os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend's host side on CPU tensors
+    eagle.graphs_supported = lambda kv: True
+    head_graphs.DraftGraphs._capture = lambda self, size: _NoReplay()
 
 
 def run_requests(engine, prompts, params, profile: SplitProfile | None = None) -> int:
@@ -209,7 +234,7 @@ def print_tables(name: str, tables: dict) -> None:
             print(f"{row['cum_us']:9.1f} cum {row['calls_per_step']:7.2f}x  {row['function']}")
 
 
-def run_variant(name, model, settings, prompts, params, top) -> dict:
+def run_variant(name, model, settings, prompts, params, top, clock=time.perf_counter) -> dict:
     cuda = torch.cuda.is_available() and settings.get("device", "auto") in ("auto", "cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with LLM(model, **settings) as llm:
@@ -219,7 +244,7 @@ def run_variant(name, model, settings, prompts, params, top) -> dict:
         run_requests(e, prompts[:1], warm)  # warm-up: graphs, Triton compiles
         sync()
         before = e.speculation.stats()
-        with HostProfile(e) as host:
+        with HostProfile(e, clock=clock) as host:
             if e.speculation.speculator is not None:
                 eagle_parts(host, e)
             start, steps0 = time.perf_counter(), e.num_steps
@@ -277,6 +302,12 @@ def main() -> None:
     p.add_argument("--variants", default="plain,eagle")
     p.add_argument("--keep-backoff", action="store_true",
                    help="leave BACKOFF_AFTER_MISSES as it is (requests stop drafting a while)")  # fmt: skip
+    p.add_argument(
+        "--stub-drafting-graphs",
+        action="store_true",
+        help="CPU: drafting graphs whose replays do nothing (their host side only)",
+    )
+    p.add_argument("--thread-clock", action="store_true", help="phases on the thread's CPU clock")
     p.add_argument("--json", default=None)
     p.add_argument("settings", nargs="*", help="engine settings as key=value")
     args = p.parse_args()
@@ -286,6 +317,8 @@ def main() -> None:
         cfg["num_hidden_layers"] = args.num_layers
         (model / "config.json").write_text(json.dumps(cfg))
     head = random_eagle3_head(Path(tempfile.mkdtemp(prefix="pegboard-eagle3-")), cfg)
+    if args.stub_drafting_graphs:
+        stub_drafting_graphs()
     if not args.keep_backoff:
         spec_step.BACKOFF_AFTER_MISSES = 1 << 30  # every decode step verifies
     rng = random.Random(0)
@@ -304,7 +337,9 @@ def main() -> None:
     result = {"config": args.config, "layers": cfg["num_hidden_layers"], "k": args.k,
               "num_seqs": args.num_seqs, "max_tokens": args.max_tokens}  # fmt: skip
     for name in args.variants.split(","):
-        result[name] = run_variant(name, str(model), variants[name], prompts, params, args.top)
+        clock = time.thread_time if args.thread_clock else time.perf_counter
+        result[name] = run_variant(name, str(model), variants[name], prompts, params, args.top,
+                                   clock)  # fmt: skip
     if "plain" in result and "eagle" in result:
         plain, spec = result["plain"], result["eagle"]
         result["verify_step_cost_vs_plain"] = round(spec["ms_per_step"] / plain["ms_per_step"], 3)
