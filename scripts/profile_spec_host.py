@@ -147,6 +147,61 @@ def run_requests(engine, prompts, params, profile: SplitProfile | None = None) -
     return tokens
 
 
+class OpCounter:
+    """Torch operators called from the host (what a GPU run launches one by one: kernels,
+    copies; a CUDA graph's replay is one call) inside `Speculation.propose`, `.mark_rows` and
+    `Engine._verify`, and in the whole step, by phase and by operator."""
+
+    def __init__(self, engine) -> None:
+        self.by_phase: dict[str, int] = {}
+        self.by_op: dict[str, int] = {}
+        self._phase = ["step"]
+        self._restore = []
+        for owner, attr in ((engine.speculation, "propose"), (engine.speculation, "mark_rows"),
+                            (engine, "_verify")):  # fmt: skip
+            self._in_phase(owner, attr)
+
+    def _in_phase(self, owner, attr: str) -> None:
+        fn, phase = getattr(owner, attr), self._phase
+
+        def counted(*args, **kwargs):
+            phase.append(attr.lstrip("_"))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phase.pop()
+
+        setattr(owner, attr, counted)
+        self._restore.append(lambda: delattr(owner, attr))
+
+    def mode(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                phase = counter._phase[-1]
+                counter.by_phase[phase] = counter.by_phase.get(phase, 0) + 1
+                name = f"{phase}: {func}"
+                counter.by_op[name] = counter.by_op.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        return Count()
+
+    def close(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+    def report(self, steps: int) -> dict:
+        per = 1 / max(steps, 1)
+        ops = sorted(self.by_op.items(), key=lambda kv: -kv[1])[:40]
+        return {
+            "ops_per_step_by_phase": {k: round(v * per, 2) for k, v in self.by_phase.items()},
+            "ops_per_step": {k: round(v * per, 2) for k, v in ops},
+        }
+
+
 class SplitProfile:
     """Two `cProfile`s over the step loop: `spec` while a speculative step's own work runs
     (`Speculation.propose`, `.mark_rows`, `Engine._verify`), `rest` the rest of the time, so that
@@ -234,7 +289,9 @@ def print_tables(name: str, tables: dict) -> None:
             print(f"{row['cum_us']:9.1f} cum {row['calls_per_step']:7.2f}x  {row['function']}")
 
 
-def run_variant(name, model, settings, prompts, params, top, clock=time.perf_counter) -> dict:
+def run_variant(
+    name, model, settings, prompts, params, top, clock=time.perf_counter, count_ops=False
+) -> dict:
     cuda = torch.cuda.is_available() and settings.get("device", "auto") in ("auto", "cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with LLM(model, **settings) as llm:
@@ -265,6 +322,13 @@ def run_variant(name, model, settings, prompts, params, top, clock=time.perf_cou
         prof.close()
         decode_steps = e.num_steps - steps0 - len(prompts)  # (less each prefill)
         result["cprofile"] = profile_tables(prof, decode_steps, top)
+        if count_ops:  # (a pass of its own: the dispatch mode slows every operator)
+            counter = OpCounter(e)
+            steps0 = e.num_steps
+            with counter.mode():
+                run_requests(e, prompts, params)
+            counter.close()
+            result["torch_ops"] = counter.report(e.num_steps - steps0 - len(prompts))
     print_tables(name, result["cprofile"])
     return result
 
@@ -308,6 +372,11 @@ def main() -> None:
         help="CPU: drafting graphs whose replays do nothing (their host side only)",
     )
     p.add_argument("--thread-clock", action="store_true", help="phases on the thread's CPU clock")
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="one more pass counting the torch operators called per step, by phase",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("settings", nargs="*", help="engine settings as key=value")
     args = p.parse_args()
@@ -339,7 +408,7 @@ def main() -> None:
     for name in args.variants.split(","):
         clock = time.thread_time if args.thread_clock else time.perf_counter
         result[name] = run_variant(name, str(model), variants[name], prompts, params, args.top,
-                                   clock)  # fmt: skip
+                                   clock, args.count_ops)  # fmt: skip
     if "plain" in result and "eagle" in result:
         plain, spec = result["plain"], result["eagle"]
         result["verify_step_cost_vs_plain"] = round(spec["ms_per_step"] / plain["ms_per_step"], 3)
@@ -353,6 +422,10 @@ def main() -> None:
             summary[name]["host_ms_by_kind"] = h["host_ms_by_kind"]
             summary[name]["device_wait_ms_per_step"] = h["device_wait_ms_per_step"]
             summary[name]["ms_per_step_by_phase"] = dict(list(h["ms_per_step"].items())[:24])
+            if "torch_ops" in r:
+                summary[name]["torch_ops_per_step_by_phase"] = r["torch_ops"][
+                    "ops_per_step_by_phase"
+                ]
     print("\n" + json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -250,7 +250,7 @@ class EagleSpeculator(Speculator):
             return None
         r.plugin_state.pop(FEATURES_KEY, None)
         ids = [tokens[t + 1] for t in positions]
-        return _Job(i, slot, torch.cat(feats), ids, positions)
+        return _Job(i, slot, feats[0] if len(feats) == 1 else torch.cat(feats), ids, positions)
 
     def _feed(self, jobs: list[_Job]) -> torch.Tensor:
         """One head forward over every job's new real entries; the last row of each."""
