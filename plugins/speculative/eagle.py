@@ -399,6 +399,7 @@ class EagleHead(nn.Module):
         draft_vocab = cfg.get("draft_vocab_size") or cfg["vocab_size"]
         self.lm_head = nn.Linear(h, draft_vocab, bias=False) if eagle3 else None
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.int64), persistent=False)
+        self.maps_ids = False  # whether `d2t` moves any id (a reduced draft vocabulary)
         self.rotary = RotaryEmbedding(
             _rope(cfg), self.head_dim, cfg.get("max_position_embeddings", 4096)
         )
@@ -461,6 +462,7 @@ class EagleHead(nn.Module):
             self.input_layernorm = nn.Identity()
         if "d2t" in weights:
             self.d2t.copy_(weights["d2t"].to(torch.int64))
+            self.maps_ids = bool(self.d2t.any())  # (zero: a full vocabulary, as trained here)
         for key in ("embed_tokens.weight", "model.embed_tokens.weight"):
             if key in weights:
                 del self.__dict__["embed"]
@@ -499,7 +501,7 @@ class EagleHead(nn.Module):
         """Per row of `out`, the head's best guess as a target id (on the device)."""
         if self.eagle3:
             draft = self.lm_head(self.norm(out)).argmax(dim=-1)
-            return draft + self.d2t[draft]
+            return draft + self.d2t[draft] if self.maps_ids else draft
         return self.target_logits(out).argmax(dim=-1)
 
 

@@ -239,15 +239,15 @@ class DraftGraphs:
         out = self.head.step(self.feats[:rows], views.ids, views.positions, self.catch_up,
                              first=True)  # fmt: skip
         last = out[views.last_rows]  # each request's last real row
-        tokens = self.head.draft_ids(last)
-        self.drafts[:size, 0].copy_(tokens)
+        drafts = [self.head.draft_ids(last)]
         for d, backend in enumerate(self.backends, start=1):
             backend.decode_on_device(
                 self.catch_up, views.step_seq_lens[d - 1], views.step_slots[d - 1]
             )
-            last = self.head.step(last, tokens, views.step_positions[d - 1], backend, first=False)
-            tokens = self.head.draft_ids(last)
-            self.drafts[:size, d].copy_(tokens)
+            last = self.head.step(last, drafts[-1], views.step_positions[d - 1], backend,
+                                  first=False)  # fmt: skip
+            drafts.append(self.head.draft_ids(last))
+        torch.stack(drafts, dim=1, out=self.drafts[:size])  # (one copy, not k)
 
 
 def _slots(slot, first: int, count: int, page_size: int) -> np.ndarray:
