@@ -217,7 +217,7 @@ class EagleSpeculator(Speculator):
             if tree:
                 drafts = graphs.run(jobs, [limits[j.index] for j in jobs])
             else:
-                drafts = graphs.run(jobs).tolist()
+                drafts = self.read_drafts(graphs.run(jobs))
             for j in jobs:
                 j.commit()
         elif tree:
@@ -293,7 +293,13 @@ class EagleSpeculator(Speculator):
             last = self._step(last, tokens, batch, first=False)
             tokens = self.head.draft_ids(last)
             drafted.append(tokens)
-        return torch.stack(drafted, dim=1).tolist()
+        return self.read_drafts(torch.stack(drafted, dim=1))
+
+    @staticmethod
+    def read_drafts(drafts: torch.Tensor) -> list[list[int]]:
+        """A chain's drafts on the host: where `propose` waits for the device (the drafting
+        graph or eager steps; `Drafts` hold host ids), one synchronizing call per `propose`."""
+        return drafts.tolist()
 
     def _trees(self, jobs: list[_Job], last: torch.Tensor, limits: list[int]) -> list[Drafts]:
         """EAGLE-2 draft trees (`tree_search`) for every job: per depth one head step over
