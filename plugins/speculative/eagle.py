@@ -157,6 +157,8 @@ class EagleSpeculator(Speculator):
         self.target_layers = aux_layers(self.config, num_layers) if self.eagle3 else "final"
         self.head = EagleHead(self.config, self.eagle3, model, self.options.model_path)
         self.head.to(device=self.device, dtype=self.dtype).eval()
+        if getattr(model, "fused_kernels", False):  # the target's Triton norms and rope (CUDA)
+            self.head.use_fused_kernels()
         h = self.head
         info = ModelInfo(
             EAGLE3 if self.eagle3 else EAGLE, 1, h.num_heads, h.num_kv_heads, h.head_dim,
@@ -415,6 +417,17 @@ class EagleHead(nn.Module):
         if path is not None:  # None: fresh weights, for training (`pegboard spec train-eagle3`)
             self._load(Path(path))
 
+    def use_fused_kernels(self) -> None:
+        """Run the norms and rope as the fused Triton kernels the target runs on CUDA
+        (`CausalLM.set_fused_kernels`): a draft step then launches ~40 kernels fewer (an
+        RMSNorm one instead of ~8, rope one in place instead of ~14), in the drafting graphs
+        too."""
+        self.rotary.reset_tables()  # float32 tables, which the kernel reads (`to` cast them)
+        for module in (self.input_layernorm, self.hidden_norm, self.post_attention_layernorm,
+                       self.norm, self.rotary):  # fmt: skip
+            if isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.set_fused_kernels(True)
+
     def sglang_tensors(self) -> dict[str, torch.Tensor | None]:
         """SGLang's checkpoint names of this head's parameters (None: absent in this variant)."""
         layer = "midlayer." if self.eagle3 else "layers.0."
@@ -490,7 +503,10 @@ class EagleHead(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        if self.rotary.kernel is not None:  # (fused: in place)
+            self.rotary.rotate_in_place(positions, q, k)
+        else:
+            q, k = self.rotary(positions, q, k)
         attn = attention.forward(0, q, k, v)
         h2 = self.o_proj(attn.reshape(n, -1)) + residual
         mlp_in = self.post_attention_layernorm(h2)
