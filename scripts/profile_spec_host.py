@@ -42,6 +42,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -376,7 +377,7 @@ def parse_value(v: str):
     return v
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="smollm2-135m", help="a bundled config or a config.json")
     p.add_argument("--num-layers", type=int, default=None, help="override the config's layers")
@@ -427,14 +428,21 @@ def main() -> None:
     variants = {"plain": base, "eagle": base | eagle}
     result = {"config": args.config, "layers": cfg["num_hidden_layers"], "k": args.k,
               "num_seqs": args.num_seqs, "max_tokens": args.max_tokens}  # fmt: skip
+    failed = []
     for name in args.variants.split(","):
         clock = time.thread_time if args.thread_clock else time.perf_counter
-        result[name] = run_variant(name, str(model), variants[name], prompts, params, args.top,
-                                   clock, args.count_ops)  # fmt: skip
+        try:  # (one device call: a failing variant must not cost the other's figures)
+            result[name] = run_variant(name, str(model), variants[name], prompts, params,
+                                       args.top, clock, args.count_ops)  # fmt: skip
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
     if "plain" in result and "eagle" in result:
         plain, spec = result["plain"], result["eagle"]
         result["verify_step_cost_vs_plain"] = round(spec["ms_per_step"] / plain["ms_per_step"], 3)
     summary = {k: v for k, v in result.items() if k not in variants}
+    if failed:
+        summary["failed"] = failed
     for name in variants:
         if name in result:
             r = result[name]
@@ -453,6 +461,7 @@ def main() -> None:
     print("\n" + json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
