@@ -369,6 +369,18 @@ class TritonAttentionBackend(AttentionBackend):
         self._page_table_held = None  # changed on the device
         self.batch = dataclasses.replace(self.batch, slot_mapping=slot_mapping)
 
+    def extend_on_device(self, seq_lens: torch.Tensor, prefix_lens: torch.Tensor) -> None:
+        """The extend batch of the last `prepare` (same requests, query lengths and page
+        tables: e.g. a CUDA graph's padded layout) with new sequence and prefix lengths (device
+        tensors, one per request): two device copies, no host work or upload. An EAGLE head's
+        catch-up forward, whose requests gain entries but rarely a page
+        (`head_graphs.DraftGraphs`)."""
+        if self.is_decode or self.batch is None:
+            raise RuntimeError("extend_on_device needs a prepared extend batch first")
+        n = seq_lens.shape[0]
+        self.seq_lens[:n].copy_(seq_lens)
+        self.prefix_lens[:n].copy_(prefix_lens)
+
     def _advance(self, batch: ForwardBatch) -> None:
         """The steady decode step's metadata from the last step's, on the device."""
         n, before = batch.num_requests, self.batch.num_requests

@@ -108,22 +108,25 @@ class _Inputs:
 
     def __init__(self, buffer: torch.Tensor, size: int, q: int, k: int) -> None:
         rows, steps = size * q, (k - 1, size)
-        parts = [rows, rows, rows, size, (k - 1) * size, (k - 1) * size, (k - 1) * size]
+        parts = [rows, rows, rows, size, *[(k - 1) * size] * 3, size, size]
         self.length = sum(parts)
         views = buffer[: self.length].split(parts)
         self.ids, self.positions, self.slots, self.last_rows = views[:4]
         self.step_positions, self.step_slots, self.step_seq_lens = (
-            v.view(steps) for v in views[4:]
+            v.view(steps) for v in views[4:7]
         )
+        self.seq_lens, self.prefix_lens = views[7:]  # the catch-up's, per request
 
 
 class DraftGraphs:
     """A head's chain `propose` (catch-up forward + `k - 1` draft steps) per batch size.
 
     A replay's host work: one upload of every static input (`host_inputs`), the features'
-    copy and the catch-up forward's `prepare`; each draft step's attention metadata is written
-    inside the graph (`TritonAttentionBackend.decode_on_device`: the catch-up's page tables,
-    sequence lengths from the upload), not prepared on the host."""
+    copy and the catch-up forward's `prepare`, which only copies the uploaded lengths on the
+    device while the batch size and page tables stay as last prepared (most steps:
+    `TritonAttentionBackend.extend_on_device`); each draft step's attention metadata is
+    written inside the graph (`decode_on_device`: the catch-up's page tables, sequence
+    lengths from the upload), not prepared on the host."""
 
     def __init__(self, head, kv: HeadKV, k: int, max_batch_size: int, feature_size: int) -> None:
         self.head, self.kv, self.k, self.q = head, kv, k, k + 1
@@ -139,11 +142,12 @@ class DraftGraphs:
         for b in self.backends:
             b.prepare_for_capture(n)
         rows = n * self.q  # (the layout's longest: `_Inputs` of n, then the features' rows)
-        self.inputs = torch.zeros(4 * rows + n + 3 * (k - 1) * n, dtype=torch.int64, device=dev)
+        self.inputs = torch.zeros(4 * rows + 3 * n + 3 * (k - 1) * n, dtype=torch.int64, device=dev)
         self.views = {size: _Inputs(self.inputs, size, self.q, k) for size in self.sizes}
         self.drafts = torch.zeros(n, k, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
+        self._prepared: tuple[int, np.ndarray] | None = None  # the catch-up's (size, tables)
         self._capture_all()
 
     def can_run(self, jobs) -> bool:
@@ -169,11 +173,16 @@ class DraftGraphs:
         else:  # (their rows went up after the static inputs)
             dest = self.inputs[views.length : host.shape[0]]
             self.feats.index_copy_(0, dest, torch.cat([j.feats for j in jobs]))
-        q = self.q  # the catch-up's layout: `size` requests of `q` new rows, each job's whole
-        # page table (the draft steps read their pages from here); padded ones over page 0
-        seq_lens = [j.slot.real + q for j in jobs] + [q] * (size - n)
-        lists = [j.slot.page_table for j in jobs] + [[0]] * (size - n)
-        self.catch_up.prepare(_batch(views.slots, [q] * size, seq_lens, lists, tables))
+        held = self._prepared
+        if held is not None and held[0] == size and np.array_equal(held[1], tables):
+            self.catch_up.extend_on_device(views.seq_lens, views.prefix_lens)
+        else:  # the catch-up's layout: `size` requests of `q` new rows, each job's whole page
+            # table (the draft steps read their pages from here); padded ones over page 0
+            q = self.q
+            seq_lens = [j.slot.real + q for j in jobs] + [q] * (size - n)
+            lists = [j.slot.page_table for j in jobs] + [[0]] * (size - n)
+            self.catch_up.prepare(_batch(views.slots, [q] * size, seq_lens, lists, tables))
+            self._prepared = (size, tables)
         self.graphs[size].replay()
         self.num_replays += 1
         return self.drafts[:n]
@@ -181,17 +190,21 @@ class DraftGraphs:
     def host_inputs(self, jobs, size: int) -> tuple[np.ndarray, np.ndarray]:
         """The static inputs of `jobs` padded to `size` requests (`_Inputs`' layout): request
         `i`'s new pairs at rows `i * q ...` (ids, positions, KV slots; padded rows slot -1),
-        its last real row, and per draft step its position, KV slot and sequence length
-        (padded requests: slot -1, no keys); for more than one job, their features' rows.
-        Then the jobs' page tables, zero-padded int32 `[size, pages]`."""
+        its last real row, per draft step its position, KV slot and sequence length (padded
+        requests: slot -1, no keys), the catch-up's sequence and prefix lengths (padded: `q`,
+        0); for more than one job, their features' rows. Then the jobs' page tables,
+        zero-padded int32 `[size, pages]`."""
         q, k, ps, n = self.q, self.k, self.kv.page_size, len(jobs)
         rows = size * q
         lens = [len(j.ids) for j in jobs]
         extra = sum(lens) if n > 1 else 0
-        out = np.zeros(3 * rows + size + 3 * (k - 1) * size + extra, np.int64)
+        end = 3 * rows + size + 3 * (k - 1) * size  # (then the catch-up's lengths)
+        out = np.zeros(end + 2 * size + extra, np.int64)
         ids, positions, slots = out[:rows], out[rows : 2 * rows], out[2 * rows : 3 * rows]
         last_rows = out[3 * rows : 3 * rows + size]
-        steps = out[3 * rows + size : 3 * rows + size + 3 * (k - 1) * size].reshape(3, k - 1, size)
+        steps = out[3 * rows + size : end].reshape(3, k - 1, size)
+        seq_lens, prefix_lens = out[end : end + size], out[end + size : end + 2 * size]
+        seq_lens.fill(q)
         slots.fill(-1)
         steps[1].fill(-1)
         last_rows[:] = np.arange(size) * q
@@ -210,6 +223,7 @@ class DraftGraphs:
             steps[0, :, i] = j.positions[-1] + ahead
             steps[1, :, i] = kv_slots[m:]
             steps[2, :, i] = real + m + ahead
+            seq_lens[i], prefix_lens[i] = real + q, real
         if n > 1:
             out[-extra:] = np.concatenate([np.arange(m) + i * q for i, m in enumerate(lens)])
         return out, tables
@@ -223,6 +237,7 @@ class DraftGraphs:
             tables = [[0] * pages] * size
             views = self.views[size]
             self.catch_up.prepare(_batch(views.slots, [self.q] * size, full, tables))
+            self._prepared = None
             for d, backend in enumerate(self.backends):  # (decode kernels, split counts)
                 backend.prepare(_batch(views.step_slots[d], [1] * size, full, tables))
             self.graphs[size] = self._capture(size)
