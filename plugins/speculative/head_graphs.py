@@ -15,7 +15,8 @@ Each of the k forwards has its own attention backend (`head_kv.attention_backend
 the head's pool, whose metadata tensors keep their addresses (`prepare_for_capture`). Before a
 replay the host makes one upload of every static input (ids, positions and KV slots of the
 catch-up rows, and each draft step's positions, slots and sequence lengths) and prepares the
-catch-up forward's backend; each draft step's backend gets its metadata inside the graph
+catch-up forward's backend (while the batch size and page tables stay, two device copies);
+each draft step's backend gets its metadata inside the graph
 (`TritonAttentionBackend.decode_on_device`: the catch-up's page tables, its sequence lengths
 from the upload), so the host prepares one backend per replay, not k. Batches are padded to a
 captured size (`pegboard.core.cuda_graph.capture_sizes`): padded requests store nothing.
