@@ -8,7 +8,7 @@
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
 #                 [spec-batch64-profile] [spec-batch64-ab] (BASE_TAR: the older tree)
-#                 [spec-eagle] [spec-eagle-train] [eagle-check]
+#                 [spec-eagle] [spec-eagle-train] [eagle-check] [spec-eagle-host]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
@@ -768,6 +768,17 @@ for k in ('plain', 'spec', 'spec_no_switch')})" "$OUT/$name-bench.json" "$name b
         # scripts/eagle_call.sh (EAGLE_* settings) and docs/speculative.md "Training on the GPU"
         SMOL=$(smollm2_dir); [ -n "$SMOL" ] || continue
         MODEL=$SMOL JOB=$job ELAPSED=$SECONDS PB="$PB" OUT="$OUT" bash scripts/eagle_call.sh ;;
+    spec-eagle-host) # issue 14, session 12: host time of a batch-1 EAGLE-3 verify step, no model
+        # files (scripts/profile_spec_host.py): random SmolLM2-135M weights (config smollm2-135m)
+        # and a random EAGLE-3 head, k = 4 chain, the switch's rules and the back-off off (every
+        # decode step verifies 4 drafts), graphs on (decode, verify, drafting), plain vs eagle:
+        # HostProfile (host ms by step kind, ms per phase, the EAGLE parts), then cProfile (top
+        # functions by own time; cumulative time inside propose/mark_rows/verify), us per step.
+        # SPEC_HOST_ARGS: more arguments (e.g. "--num-seqs 4 --k 7")
+        timeout 150 python3 scripts/profile_spec_host.py ${SPEC_HOST_ARGS:-} \
+          --json "$OUT/spec-eagle-host.json" >"$OUT/spec-eagle-host.txt" 2>"$OUT/spec-eagle-host.err"
+        echo "spec-eagle-host: exit $?"; sed -n '/^== eagle/,$p' "$OUT/spec-eagle-host.txt"
+        tail -5 "$OUT/spec-eagle-host.err" ;;
     eagle-check) # the trained head (out/eagle3-smollm2-v3: after spec-eagle-train on the same warm
         # machine) served vs the trainer's own forward on the same contexts, and vs the target's
         # next tokens (scripts/eagle_consistency.py): bf16 with graphs, bf16 eager, fp32 eager

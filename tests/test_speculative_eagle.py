@@ -183,6 +183,51 @@ def test_a_draft_model_is_not_an_eagle_head(case, monkeypatch):
             plugin_options={"eagle": {"model_path": str(model_dir)}})  # fmt: skip
 
 
+def test_fused_norms_and_rope_draft_as_the_torch_ops(eagle_case):
+    """Where the target runs fused Triton kernels (CUDA), the head runs its norms and rope as
+    them too (`use_fused_kernels`; here in Triton's interpreter, float32): the same outputs
+    and drafts as its PyTorch ops, over a catch-up step and a draft step."""
+    import types
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    from pegboard.plugins.speculative.eagle import EagleHead
+
+    config = json.loads((eagle_case[0] / "config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    embed = torch.nn.Embedding.from_pretrained(torch.randn(VOCAB, H, generator=g))
+    target = types.SimpleNamespace(
+        model=types.SimpleNamespace(embed_tokens=embed), compute_logits=None
+    )  # (EAGLE-3: the head's own LM head)
+    feats, ids = torch.randn(5, 3 * H, generator=g), torch.randint(0, VOCAB, (5,), generator=g)
+    positions = torch.arange(40, 45)
+    runs = []
+    for fused in (False, True):
+        head = EagleHead(config, True, target, str(eagle_case[0])).eval()
+        if fused:
+            head.use_fused_kernels()
+        with torch.no_grad():
+            out = head.step(feats, ids, positions, _MixingAttention(), first=True)
+            drafts = head.draft_ids(out)
+            out2 = head.step(out, drafts, positions + 1, _MixingAttention(), first=False)
+            runs.append((out, out2, drafts, head.draft_ids(out2)))
+    assert head.norm.kernel is not None and head.rotary.kernel is not None  # (the fused run)
+    for torch_ops, fused in zip(*runs):
+        if torch_ops.is_floating_point():
+            torch.testing.assert_close(fused, torch_ops, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(fused, torch_ops)
+
+
+class _MixingAttention:
+    """Causal-free attention over the step's own rows (rope and values both count)."""
+
+    def forward(self, layer, q, k, v):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        weights = torch.einsum("thd,shd->hts", q, k).softmax(-1)
+        return torch.einsum("hts,shd->thd", weights, v)
+
+
 def _no_load(*args, **kwargs):
     raise AssertionError("the target model was loaded before the speculator was checked")
 

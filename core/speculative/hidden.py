@@ -80,8 +80,13 @@ class TargetHidden:
             index.extend(range(start, end) if rows is None else (start + i for i in rows))
             owners.append((r, seq_len - q, q if rows is None else len(rows)))
         if owners:
-            taken = features.detach()[to_device(index, features.device, torch.int64)]
-            for (r, first, _), block in zip(owners, taken.split([n for _, _, n in owners])):
+            features = features.detach()
+            if index[-1] - index[0] == len(index) - 1:  # (rising) one run of rows: no upload
+                taken = features[index[0] : index[-1] + 1].clone()
+            else:
+                taken = features[to_device(index, features.device, torch.int64)]
+            parts = [taken] if len(owners) == 1 else taken.split([n for _, _, n in owners])
+            for (r, first, _), block in zip(owners, parts):
                 blocks = r.plugin_state.setdefault(FEATURES_KEY, [])
                 blocks.append((first, block))
                 if len(blocks) >= COMPACT_AFTER:

@@ -15,6 +15,7 @@ plugin on machines without Triton; selecting it there fails with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import os
@@ -349,6 +350,36 @@ class TritonAttentionBackend(AttentionBackend):
                 self._tree_held = (static, list(masks))
                 return static
         return _tree_metadata(masks, self.device)
+
+    def decode_on_device(
+        self, source: TritonAttentionBackend, seq_lens: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """A decode step's metadata written on the device, with no host work or upload (CUDA
+        graph safe: captured, it is part of each replay): `len(seq_lens)` requests with these
+        sequence lengths (a device tensor) over the page-table rows `source` was last prepared
+        with, their new keys stored at `slot_mapping`. The kernel's split count stays the one
+        of this backend's last `prepare`, which must have been of a decode batch (e.g. before
+        a capture). An EAGLE head's draft steps: the catch-up forward's pages, one more key
+        per step (`head_graphs.DraftGraphs`)."""
+        if not self.is_decode:
+            raise RuntimeError("decode_on_device needs a prepared decode batch first")
+        n, width = seq_lens.shape[0], source.page_table.shape[1]
+        self.page_table[:n, :width].copy_(source.page_table[:n])
+        self.seq_lens[:n].copy_(seq_lens)
+        self._page_table_held = None  # changed on the device
+        self.batch = dataclasses.replace(self.batch, slot_mapping=slot_mapping)
+
+    def extend_on_device(self, seq_lens: torch.Tensor, prefix_lens: torch.Tensor) -> None:
+        """The extend batch of the last `prepare` (same requests, query lengths and page
+        tables: e.g. a CUDA graph's padded layout) with new sequence and prefix lengths (device
+        tensors, one per request): two device copies, no host work or upload. An EAGLE head's
+        catch-up forward, whose requests gain entries but rarely a page
+        (`head_graphs.DraftGraphs`)."""
+        if self.is_decode or self.batch is None:
+            raise RuntimeError("extend_on_device needs a prepared extend batch first")
+        n = seq_lens.shape[0]
+        self.seq_lens[:n].copy_(seq_lens)
+        self.prefix_lens[:n].copy_(prefix_lens)
 
     def _advance(self, batch: ForwardBatch) -> None:
         """The steady decode step's metadata from the last step's, on the device."""

@@ -12,10 +12,14 @@ The replay runs, as the eager path does (`eagle.EagleSpeculator._feed`, `_chains
    step's output and argmax, so draft ids stay on the device until the chain is done.
 
 Each of the k forwards has its own attention backend (`head_kv.attention_backend`, Triton) over
-the head's pool, whose metadata tensors keep their addresses (`prepare_for_capture`): before a
-replay the host prepares each for the real batch and writes positions, KV slots and input ids
-into the static buffers. Batches are padded to a captured size
-(`pegboard.core.cuda_graph.capture_sizes`): padded requests store nothing.
+the head's pool, whose metadata tensors keep their addresses (`prepare_for_capture`). Before a
+replay the host makes one upload of every static input (ids, positions and KV slots of the
+catch-up rows, and each draft step's positions, slots and sequence lengths) and prepares the
+catch-up forward's backend (while the batch size and page tables stay, two device copies);
+each draft step's backend gets its metadata inside the graph
+(`TritonAttentionBackend.decode_on_device`: the catch-up's page tables, its sequence lengths
+from the upload), so the host prepares one backend per replay, not k. Batches are padded to a
+captured size (`pegboard.core.cuda_graph.capture_sizes`): padded requests store nothing.
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ import numpy as np
 import torch
 from pegboard.core.cuda_graph import capture_graph, capture_sizes, padded_size
 from pegboard.plugins.speculative.head_kv import HeadKV, attention_backend
-from pegboard.sdk.device import to_device
+from pegboard.sdk.device import upload
 from pegboard.sdk.types import ForwardBatch
 
 log = logging.getLogger("pegboard.speculative.eagle")
 
 
 class Feed:
-    """The catch-up forward of a drafting graph: static inputs of up to `max_batch_size`
-    requests of `q` rows each and its own attention backend over the head's pool."""
+    """The catch-up forward of a tree drafting graph (`head_tree_graphs`): static inputs of up
+    to `max_batch_size` requests of `q` rows each and its own attention backend over the
+    head's pool."""
 
     def __init__(self, kv: HeadKV, q: int, max_batch_size: int, feature_size: int) -> None:
         self.kv, self.q = kv, q
@@ -98,8 +103,31 @@ class Feed:
         return out[self.last_rows[:size]]
 
 
+class _Inputs:
+    """The static inputs of one batch size's graph: views into `DraftGraphs.inputs`, laid out
+    as `host_inputs` writes them (`length` int64 values from offset 0)."""
+
+    def __init__(self, buffer: torch.Tensor, size: int, q: int, k: int) -> None:
+        rows, steps = size * q, (k - 1, size)
+        parts = [rows, rows, rows, size, *[(k - 1) * size] * 3, size, size]
+        self.length = sum(parts)
+        views = buffer[: self.length].split(parts)
+        self.ids, self.positions, self.slots, self.last_rows = views[:4]
+        self.step_positions, self.step_slots, self.step_seq_lens = (
+            v.view(steps) for v in views[4:7]
+        )
+        self.seq_lens, self.prefix_lens = views[7:]  # the catch-up's, per request
+
+
 class DraftGraphs:
-    """A head's chain `propose` (catch-up forward + `k - 1` draft steps) per batch size."""
+    """A head's chain `propose` (catch-up forward + `k - 1` draft steps) per batch size.
+
+    A replay's host work: one upload of every static input (`host_inputs`), the features'
+    copy and the catch-up forward's `prepare`, which only copies the uploaded lengths on the
+    device while the batch size and page tables stay as last prepared (most steps:
+    `TritonAttentionBackend.extend_on_device`); each draft step's attention metadata is
+    written inside the graph (`decode_on_device`: the catch-up's page tables, sequence
+    lengths from the upload), not prepared on the host."""
 
     def __init__(self, head, kv: HeadKV, k: int, max_batch_size: int, feature_size: int) -> None:
         self.head, self.kv, self.k, self.q = head, kv, k, k + 1
@@ -108,15 +136,19 @@ class DraftGraphs:
         dev = kv.device
         info = kv.attention.model
         self.max_model_len = info.max_model_len
-        self.feed = Feed(kv, self.q, n, feature_size)
+        self.catch_up = attention_backend("triton", info, kv.pool)  # the catch-up forward's
+        self.catch_up.prepare_for_capture(n, max_query_len=self.q)
+        self.feats = torch.zeros(n * self.q, feature_size, dtype=info.dtype, device=dev)
         self.backends = [attention_backend("triton", info, kv.pool) for _ in range(k - 1)]
         for b in self.backends:
             b.prepare_for_capture(n)
-        self.positions = torch.zeros(k - 1, n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((k - 1, n), -1, dtype=torch.int64, device=dev)
+        rows = n * self.q  # (the layout's longest: `_Inputs` of n, then the features' rows)
+        self.inputs = torch.zeros(4 * rows + 3 * n + 3 * (k - 1) * n, dtype=torch.int64, device=dev)
+        self.views = {size: _Inputs(self.inputs, size, self.q, k) for size in self.sizes}
         self.drafts = torch.zeros(n, k, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
+        self._prepared: tuple[int, np.ndarray] | None = None  # the catch-up's (size, tables)
         self._capture_all()
 
     def can_run(self, jobs) -> bool:
@@ -131,26 +163,71 @@ class DraftGraphs:
         """The `k` greedy drafts of each job, `[len(jobs), k]` on the device. The jobs' head KV
         must have room for their new pairs and `k - 1` draft entries; the caller advances
         their slots (`real`, `next_position`) as after an eager catch-up."""
-        n, ps = len(jobs), self.kv.page_size
+        n = len(jobs)
         size = padded_size(n, self.sizes)
-        arrays, lens = self.feed.host_inputs(jobs, size)
-        step_positions = np.zeros((self.k - 1, size), np.int64)
-        step_slots = np.full((self.k - 1, size), -1, np.int64)
-        for i, (j, m) in enumerate(zip(jobs, lens)):
-            step_positions[:, i] = j.positions[-1] + np.arange(1, self.k)
-            step_slots[:, i] = _slots(j.slot, j.slot.real + m, self.k - 1, ps)
-        arrays += [step_positions.ravel(), step_slots.ravel()]
-        parts = torch.split(to_device(np.concatenate(arrays), self.kv.device),
-                            [len(a) for a in arrays])  # fmt: skip
-        self.feed.load(jobs, parts, lens, size)
-        self.positions[:, :size].copy_(parts[5].view(self.k - 1, size))
-        self.slots[:, :size].copy_(parts[6].view(self.k - 1, size))
-        for d, backend in enumerate(self.backends, start=1):
-            seq_lens = [j.slot.real + m + d for j, m in zip(jobs, lens)]
-            backend.prepare(_decode_batch(jobs, seq_lens, self.slots[d - 1, :size], ps))
+        views = self.views[size]
+        host, tables = self.host_inputs(jobs, size)
+        upload(torch.from_numpy(host), self.inputs[: host.shape[0]])
+        if n == 1:  # its rows come first
+            feats = jobs[0].feats
+            self.feats[: feats.shape[0]].copy_(feats)
+        else:  # (their rows went up after the static inputs)
+            dest = self.inputs[views.length : host.shape[0]]
+            self.feats.index_copy_(0, dest, torch.cat([j.feats for j in jobs]))
+        held = self._prepared
+        if held is not None and held[0] == size and np.array_equal(held[1], tables):
+            self.catch_up.extend_on_device(views.seq_lens, views.prefix_lens)
+        else:  # the catch-up's layout: `size` requests of `q` new rows, each job's whole page
+            # table (the draft steps read their pages from here); padded ones over page 0
+            q = self.q
+            seq_lens = [j.slot.real + q for j in jobs] + [q] * (size - n)
+            lists = [j.slot.page_table for j in jobs] + [[0]] * (size - n)
+            self.catch_up.prepare(_batch(views.slots, [q] * size, seq_lens, lists, tables))
+            self._prepared = (size, tables)
         self.graphs[size].replay()
         self.num_replays += 1
         return self.drafts[:n]
+
+    def host_inputs(self, jobs, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The static inputs of `jobs` padded to `size` requests (`_Inputs`' layout): request
+        `i`'s new pairs at rows `i * q ...` (ids, positions, KV slots; padded rows slot -1),
+        its last real row, per draft step its position, KV slot and sequence length (padded
+        requests: slot -1, no keys), the catch-up's sequence and prefix lengths (padded: `q`,
+        0); for more than one job, their features' rows. Then the jobs' page tables,
+        zero-padded int32 `[size, pages]`."""
+        q, k, ps, n = self.q, self.k, self.kv.page_size, len(jobs)
+        rows = size * q
+        lens = [len(j.ids) for j in jobs]
+        extra = sum(lens) if n > 1 else 0
+        end = 3 * rows + size + 3 * (k - 1) * size  # (then the catch-up's lengths)
+        out = np.zeros(end + 2 * size + extra, np.int64)
+        ids, positions, slots = out[:rows], out[rows : 2 * rows], out[2 * rows : 3 * rows]
+        last_rows = out[3 * rows : 3 * rows + size]
+        steps = out[3 * rows + size : end].reshape(3, k - 1, size)
+        seq_lens, prefix_lens = out[end : end + size], out[end + size : end + 2 * size]
+        seq_lens.fill(q)
+        slots.fill(-1)
+        steps[1].fill(-1)
+        last_rows[:] = np.arange(size) * q
+        ahead = np.arange(1, k)
+        tables = np.zeros((size, max(len(j.slot.page_table) for j in jobs)), np.int32)
+        for i, (j, m) in enumerate(zip(jobs, lens)):
+            at, real = i * q, j.slot.real
+            ids[at : at + m] = j.ids
+            positions[at : at + m] = j.positions
+            entries = np.arange(real, real + m + k - 1)
+            table = np.asarray(j.slot.page_table, dtype=np.int64)
+            tables[i, : len(table)] = table
+            kv_slots = table[entries // ps] * ps + entries % ps
+            slots[at : at + m] = kv_slots[:m]
+            last_rows[i] += m - 1
+            steps[0, :, i] = j.positions[-1] + ahead
+            steps[1, :, i] = kv_slots[m:]
+            steps[2, :, i] = real + m + ahead
+            seq_lens[i], prefix_lens[i] = real + q, real
+        if n > 1:
+            out[-extra:] = np.concatenate([np.arange(m) + i * q for i, m in enumerate(lens)])
+        return out, tables
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -159,9 +236,11 @@ class DraftGraphs:
         for size in reversed(self.sizes):
             full = [self.max_model_len] * size
             tables = [[0] * pages] * size
-            self.feed.prepare_capture(size, self.max_model_len, pages)
-            for d, backend in enumerate(self.backends):
-                backend.prepare(_batch(self.slots[d, :size], [1] * size, full, tables))
+            views = self.views[size]
+            self.catch_up.prepare(_batch(views.slots, [self.q] * size, full, tables))
+            self._prepared = None
+            for d, backend in enumerate(self.backends):  # (decode kernels, split counts)
+                backend.prepare(_batch(views.step_slots[d], [1] * size, full, tables))
             self.graphs[size] = self._capture(size)
         if self.drafts.is_cuda:
             torch.cuda.synchronize()
@@ -171,13 +250,20 @@ class DraftGraphs:
         return capture_graph(self._steps, size, self.pool)
 
     def _steps(self, size: int) -> None:
-        last = self.feed.run(self.head, size)
-        tokens = self.head.draft_ids(last)
-        self.drafts[:size, 0].copy_(tokens)
+        views = self.views[size]
+        rows = size * self.q
+        out = self.head.step(self.feats[:rows], views.ids, views.positions, self.catch_up,
+                             first=True)  # fmt: skip
+        last = out[views.last_rows]  # each request's last real row
+        drafts = [self.head.draft_ids(last)]
         for d, backend in enumerate(self.backends, start=1):
-            last = self.head.step(last, tokens, self.positions[d - 1, :size], backend, first=False)
-            tokens = self.head.draft_ids(last)
-            self.drafts[:size, d].copy_(tokens)
+            backend.decode_on_device(
+                self.catch_up, views.step_seq_lens[d - 1], views.step_slots[d - 1]
+            )
+            last = self.head.step(last, drafts[-1], views.step_positions[d - 1], backend,
+                                  first=False)  # fmt: skip
+            drafts.append(self.head.draft_ids(last))
+        torch.stack(drafts, dim=1, out=self.drafts[:size])  # (one copy, not k)
 
 
 def _slots(slot, first: int, count: int, page_size: int) -> np.ndarray:
@@ -187,14 +273,9 @@ def _slots(slot, first: int, count: int, page_size: int) -> np.ndarray:
     return table[index // page_size] * page_size + index % page_size
 
 
-def _decode_batch(jobs, seq_lens: list[int], slot_mapping, page_size: int) -> ForwardBatch:
-    """A draft step's batch: one new entry per job, `seq_lens` entries in all."""
-    tables = [j.slot.page_table[: -(-s // page_size)] for j, s in zip(jobs, seq_lens)]
-    return _batch(slot_mapping, [1] * len(jobs), seq_lens, tables)
-
-
-def _batch(slot_mapping, query_lens, seq_lens, tables) -> ForwardBatch:
-    """What an attention backend's `prepare` reads (the graph's static slots)."""
+def _batch(slot_mapping, query_lens, seq_lens, tables, array=None) -> ForwardBatch:
+    """What an attention backend's `prepare` reads (the graph's static slots; `array`: the
+    page tables as `ForwardBatch.page_tables_array`)."""
     return ForwardBatch(
         requests=[],
         input_ids=slot_mapping,
@@ -205,4 +286,5 @@ def _batch(slot_mapping, query_lens, seq_lens, tables) -> ForwardBatch:
         page_tables_cpu=tables,
         logits_indices=slot_mapping[:0],
         samples=[True] * len(query_lens),
+        page_tables_array=array,
     )
