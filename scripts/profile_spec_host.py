@@ -232,6 +232,7 @@ class SplitProfile:
 
     def __init__(self, engine) -> None:
         self.spec, self.rest = cProfile.Profile(), cProfile.Profile()
+        self.active = False  # between `enable` and `disable` (steps outside are not profiled)
         self._restore = []
         for owner, attr in ((engine.speculation, "propose"), (engine.speculation, "mark_rows"),
                             (engine, "_verify")):  # fmt: skip
@@ -242,6 +243,10 @@ class SplitProfile:
         spec, rest = self.spec, self.rest
 
         def profiled(*args, **kwargs):
+            # only while profiling: Python 3.12's cProfile refuses to enable a profiler that is
+            # already on (one tool per process), 3.11 allowed it
+            if not self.active:
+                return fn(*args, **kwargs)
             rest.disable()
             spec.enable()
             try:
@@ -254,10 +259,12 @@ class SplitProfile:
         self._restore.append(lambda: delattr(owner, attr))
 
     def enable(self) -> None:
+        self.active = True
         self.rest.enable()
 
     def disable(self) -> None:
         self.rest.disable()
+        self.active = False
 
     def close(self) -> None:
         while self._restore:
