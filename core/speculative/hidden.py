@@ -81,7 +81,7 @@ class TargetHidden:
             owners.append((r, seq_len - q, q if rows is None else len(rows)))
         if owners:
             features = features.detach()
-            if index[-1] - index[0] == len(index) - 1:  # (rising) one run of rows: no upload
+            if index == list(range(index[0], index[0] + len(index))):  # one run: no upload
                 taken = features[index[0] : index[-1] + 1].clone()
             else:
                 taken = features[to_device(index, features.device, torch.int64)]
