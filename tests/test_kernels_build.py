@@ -56,14 +56,18 @@ def test_fp8_kv_pools_add_their_e4m3_decode_and_prefill_kernels(capsys, tmp_path
         PREFILL_128.replace("dtype_kv_bf16", "dtype_kv_e4m3"),
     ]
     only_fp8 = kernels_json(
-        capsys, "--arch", "9.0a", "--kv-cache-dtype", "fp8", "--out", str(tmp_path)
-    )
+        capsys, "--arch", "9.0a", "--config", "qwen3-0.6b", "--kv-cache-dtype", "fp8",
+        "--out", str(tmp_path),
+    )  # fmt: skip
     assert [k["name"] for k in only_fp8] == [k["name"] for k in fp8]
 
 
 def test_configs_with_the_same_head_size_share_their_kernels(capsys, tmp_path):
-    kernels = kernels_json(capsys, "--arch", "9.0a", "--out", str(tmp_path))  # all bundled
-    assert [k["name"] for k in kernels] == [DECODE_128, PREFILL_128]
+    # all bundled: Qwen3-0.6B, Qwen2.5-7B, Qwen3-30B-A3B and Llama-3.1-8B at head size 128,
+    # SmolLM2-135M (the default model's architecture) at 64
+    kernels = kernels_json(capsys, "--arch", "9.0a", "--out", str(tmp_path))
+    head_64 = [name.replace("_128_", "_64_") for name in (DECODE_128, PREFILL_128)]
+    assert [k["name"] for k in kernels] == [DECODE_128, PREFILL_128, *head_64]
 
 
 def test_a_config_file_with_another_head_size_and_float16(capsys, tmp_path):
