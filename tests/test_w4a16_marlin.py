@@ -91,7 +91,7 @@ def test_a_lanes_word_is_its_a_fragment_in_register_order():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("group", [32, 64, 128, -1])
-@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+@pytest.mark.parametrize("rows", [1, 16, 64])  # (3 rows: the small-shape test has 5)
 def test_emulated_kernel_multiplies_like_the_dequantized_weights(config, group, rows):
     n, k = 64, 1024
     p = packed_layer(n, k, _group(k, group), BF16, "asym")
