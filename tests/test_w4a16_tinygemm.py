@@ -19,7 +19,7 @@ import torch
 from fixtures import build_tiny_model
 from fixtures.int4_layers import packed_layer
 from fixtures.quantized import FORMAT_VARIANTS, quantize_checkpoint, variant_id
-from pegboard.core.kernels import w4a16_tinygemm
+from pegboard.core.kernels import w4a16_marlin, w4a16_tinygemm
 from pegboard.plugins.linear.int4 import PackedInt4, dequantize_packed
 from pegboard.plugins.linear.tinygemm_layout import (
     codes,
@@ -327,17 +327,21 @@ def test_tinygemm_with_bias_and_leading_dimensions_replays_in_a_cuda_graph():
     [("gptq", False), ("gptq", True), ("awq", False), ("compressed-tensors", False),
      ("gguf", False), ("gguf", True)],  # GGUF: Q4_0, Q4_1
 )  # fmt: skip
-def test_quantized_model_through_tinygemm_matches_its_dequantized_run(
-    method, sym, source_dir, tmp_path, monkeypatch
+@pytest.mark.parametrize("kernel", ["tinygemm", "marlin"])
+def test_quantized_model_through_a_cuda_kernel_matches_its_dequantized_run(
+    method, sym, source_dir, tmp_path, monkeypatch, kernel
 ):
     from test_quant_kernels import w4a16_errors
 
     if method == "gguf":
         pytest.importorskip("gguf")
-    monkeypatch.setattr(w4a16_tinygemm, "MAX_ROWS", 1 << 30)  # the prompt's 30 rows too
+    # the prompt's 30 rows through the kernel too
+    monkeypatch.setattr(w4a16_tinygemm, "MAX_ROWS", 1 << 30)
+    monkeypatch.setattr(w4a16_marlin, "PLUGIN_MAX_ROWS", w4a16_marlin.MAX_ROWS)
     q_dir, deq_dir = quantize_checkpoint(source_dir, tmp_path / method, method, sym=sym)
-    runner, err, baseline = w4a16_errors(q_dir, deq_dir, method, "tinygemm")
-    assert runner.model.model.layers[0].mlp.gate_up_proj.tinygemm is not None
+    runner, err, baseline = w4a16_errors(q_dir, deq_dir, method, kernel)
+    layer = runner.model.model.layers[0].mlp.gate_up_proj
+    assert getattr(layer, kernel) is not None, layer.describe()
     # as for pegboard's kernels (test_quant_kernels.w4a16_errors): about as far from the
     # float32 oracle as the de-quantized bf16 run is
     assert err < 1.5 * baseline + 2e-3, f"error {err:.2e} vs bf16's own {baseline:.2e}"
