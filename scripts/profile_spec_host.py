@@ -2,7 +2,7 @@
 
 python3 scripts/profile_spec_host.py [--config smollm2-135m] [--k 4] [--num-seqs 2]
     [--max-tokens 256] [--input-len 128] [--top 40] [--num-layers N] [--json FILE]
-    [--variants plain,eagle] [--keep-backoff] [engine settings as key=value ...]
+    [--variants plain,eagle] [--keep-backoff] [--torch-profile DIR] [engine settings as key=value ...]
 
 A random-weight target from a bundled config (`--random-weights --config`'s names; SmolLM2-135M
 by default) and a random EAGLE-3 head of SGLang's format for it (`train_eagle3.head_config`:
@@ -320,7 +320,15 @@ def print_tables(name: str, tables: dict) -> None:
 
 
 def run_variant(
-    name, model, settings, prompts, params, top, clock=time.perf_counter, count_ops=False
+    name,
+    model,
+    settings,
+    prompts,
+    params,
+    top,
+    clock=time.perf_counter,
+    count_ops=False,
+    torch_profile=None,
 ) -> dict:
     cuda = torch.cuda.is_available() and settings.get("device", "auto") in ("auto", "cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -359,6 +367,11 @@ def run_variant(
                 run_requests(e, prompts, params)
             counter.close()
             result["torch_ops"] = counter.report(e.num_steps - steps0 - len(prompts))
+        if torch_profile:  # the device timeline of a few decode/verify steps, a pass of its own
+            from pegboard.core.bench.torch_profile import TorchProfile
+
+            with TorchProfile(e, os.path.join(torch_profile, name), wait=24, active=6):
+                run_requests(e, prompts[:1], params)
     print_tables(name, result["cprofile"])
     return result
 
@@ -407,6 +420,12 @@ def main() -> int:
         action="store_true",
         help="one more pass counting the torch operators called per step, by phase",
     )
+    p.add_argument(
+        "--torch-profile",
+        default=None,
+        metavar="DIR",
+        help="one more pass under the torch profiler: DIR/<variant>/kernels.txt and trace.json",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("settings", nargs="*", help="engine settings as key=value")
     args = p.parse_args()
@@ -440,7 +459,8 @@ def main() -> int:
         clock = time.thread_time if args.thread_clock else time.perf_counter
         try:  # (one device call: a failing variant must not cost the other's figures)
             result[name] = run_variant(name, str(model), variants[name], prompts, params,
-                                       args.top, clock, args.count_ops)  # fmt: skip
+                                       args.top, clock, args.count_ops,
+                                       args.torch_profile)  # fmt: skip
         except Exception:
             traceback.print_exc()
             failed.append(name)
