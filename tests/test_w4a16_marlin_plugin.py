@@ -6,7 +6,7 @@ the kernel does): calls of at most `PLUGIN_MAX_ROWS` rows go to the Marlin kerne
 configuration measured for the layer's shape and rows, larger ones to pegboard's Triton
 kernels; the bias is added; x is permuted first under activation order; a layer the kernel
 cannot take keeps the Triton kernels and says why; split-K layers get their partial sums at
-load; `auto` keeps tinygemm (`AUTO_PREFERS_MARLIN`); the option's choices and errors. Marked
+load; `auto` runs marlin, tinygemm where marlin cannot (`AUTO_PREFERS_MARLIN`); the option's choices and errors. Marked
 `gpu` (skipped without CUDA): a Llama-sized layer through the plugin in a CUDA graph, a
 quantized model's logits, and an engine's greedy tokens against `--w4a16-kernel triton`.
 """
@@ -211,19 +211,19 @@ def test_marlin_is_not_used_off_cuda_or_without_bf16_and_says_why():
     assert "(not marlin: the Marlin kernel runs on CUDA devices only)" in layer.describe()
 
 
-def test_auto_keeps_tinygemm_until_marlin_is_measured_end_to_end(monkeypatch):
+def test_auto_runs_marlin_and_tinygemm_where_marlin_cannot_take_a_layer(monkeypatch):
     _marlin_on_cpu(monkeypatch)
     monkeypatch.setattr(w4a16_tinygemm, "unavailable_reason", lambda device, dtype: None)
     layer = _layer("auto")
-    layer.set_fused_kernels(True)
-    assert layer.tinygemm is not None and layer.marlin is None
-    monkeypatch.setattr(plugin, "AUTO_PREFERS_MARLIN", True)
     layer.set_fused_kernels(True)
     assert layer.marlin is not None and layer.tinygemm is None
     short = _layer("auto", k=96, group=32)  # marlin cannot take it: tinygemm can
     short.set_fused_kernels(True)
     assert short.marlin is None and short.tinygemm is not None
     assert "not marlin: K=96 is not a multiple of 64" in short.describe()
+    monkeypatch.setattr(plugin, "AUTO_PREFERS_MARLIN", False)  # the switch back to tinygemm
+    layer.set_fused_kernels(True)
+    assert layer.tinygemm is not None and layer.marlin is None
 
 
 def test_marlin_named_for_a_cuda_model_it_cannot_serve_fails_at_load(monkeypatch):
@@ -275,3 +275,20 @@ def test_a_llama_layer_through_the_plugin_replays_in_a_cuda_graph(shape):
             graph.replay()
             ref = _reference(x, layer) + layer.bias.double()
             assert _rel(out, ref) < 4e-3
+
+
+def test_a_configuration_nvrtc_rejects_is_compiled_once_per_process(monkeypatch):
+    calls = []
+
+    def no_headers(source, name):
+        calls.append(name)
+        raise OSError("could not find CUDA_HOME")
+
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", no_headers, raising=False)
+    w4a16_marlin._compiled.cache_clear()
+    config = w4a16_marlin.MarlinConfig()
+    for _ in range(3):  # `auto` asks for every layer of a model
+        with pytest.raises(w4a16_marlin.CompileError, match="CUDA_HOME"):
+            w4a16_marlin.compiled(config, 1, 128)
+    assert len(calls) == 1
+    w4a16_marlin._compiled.cache_clear()

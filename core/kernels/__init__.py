@@ -51,7 +51,7 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
 - `w4a16_tinygemm.tinygemm_linear(x, qweight, scales_and_zeros, group_size, bias)` — the same
   product through PyTorch's own int4 kernel (`torch._weight_int4pack_mm`, bf16 only), weights
   in its layout (`plugins/linear/tinygemm_layout.py`); the `w4a16` plugin calls it for up to
-  `MAX_ROWS` rows of x (`--w4a16-kernel tinygemm`, and `auto` where it runs). Not Triton:
+  `MAX_ROWS` rows of x (`--w4a16-kernel tinygemm`, and `auto` where marlin cannot). Not Triton:
   `unavailable_reason` and its shape checks import nothing.
 
 On Hopper GPUs every kernel here launches with programmatic dependent launch (`pdl`: it starts

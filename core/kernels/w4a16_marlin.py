@@ -505,8 +505,12 @@ class CompileError(RuntimeError):
 
 
 def compiled(config: MarlinConfig, mt: int, group: int):
-    """The NVRTC-compiled kernel for one configuration (cached; `splits` aside)."""
-    return _compiled(replace(config, splits=0), mt, group)
+    """The NVRTC-compiled kernel for one configuration (cached, a failure too: `auto` tries
+    it for every layer of a model; `splits` aside)."""
+    kernel = _compiled(replace(config, splits=0), mt, group)
+    if isinstance(kernel, CompileError):
+        raise kernel
+    return kernel
 
 
 @functools.cache
@@ -515,7 +519,7 @@ def _compiled(config: MarlinConfig, mt: int, group: int):
     try:
         return torch.cuda._compile_kernel(source, kernel_name(config, mt, group))
     except (RuntimeError, OSError) as e:  # OSError: torch found no CUDA_HOME for the headers
-        raise CompileError(f"{kernel_name(config, mt, group)}: {e}") from e
+        return CompileError(f"{kernel_name(config, mt, group)}: {e}")
 
 
 def marlin_linear(

@@ -25,7 +25,7 @@ relative to the serving numerics (= a de-quantized checkpoint in bf16):
   1.53e-2), argmax equal at 95% of positions for both.
 
 Not materially worse than bf16's own rounding, so `--w4a16-kernel auto` gives tinygemm every
-layer it can take, whether or not its scales and zeros are exact in bf16.
+layer it can take that marlin cannot, whether or not its scales and zeros are exact in bf16.
 
 **Memory.** The layer keeps both layouts (tinygemm for decode's few rows, the serving one for
 prefill and larger batches): the 4-bit weights are held twice, ~1.06 bytes per weight at group

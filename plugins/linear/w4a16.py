@@ -7,8 +7,9 @@ Q4_0/Q4_1 checkpoints (`formats.py`), converts every projection to one serving l
 `--w4a16-kernel`; its layout is made from the serving one at load, `gemlite_layout.py`), or, on
 CPU and as the oracle, by de-quantizing then `F.linear`.
 
-With `--w4a16-kernel tinygemm` and `auto` (where tinygemm runs: CUDA, bf16) calls of at most
-`w4a16_tinygemm.MAX_ROWS` rows of x (decode at small batch) go to PyTorch's own int4 kernel
+With `--w4a16-kernel tinygemm` (and `auto` where marlin cannot take a layer; tinygemm runs on
+CUDA, bf16) calls of at most `w4a16_tinygemm.MAX_ROWS` rows of x (decode at small batch) go to
+PyTorch's own int4 kernel
 (`pegboard.core.kernels.w4a16_tinygemm`, layout made at load by `tinygemm_layout.py`) and larger
 ones to pegboard's Triton kernels, so such a layer holds both layouts: its 4-bit weights twice
 (~1.06 bytes per weight at group 128 instead of 0.53; bf16 is 2). CUDA graphs are captured per
@@ -23,7 +24,8 @@ tinygemm. Such a layer also holds both layouts: ~1.09 bytes per weight at group 
 0.5 + float32 scale and zero per group, 0.06, beside the serving 0.53); a layer whose K is split
 across blocks (fewer row blocks than multiprocessors) keeps its float32 partial sums
 (`marlin_partials`, splits x 16 x N) so that a call allocates nothing but its output. `auto`
-keeps tinygemm until an end-to-end GPU run has measured marlin (`AUTO_PREFERS_MARLIN`).
+runs marlin where it can take a layer, tinygemm where not (`AUTO_PREFERS_MARLIN`: marlin is
+faster end to end on the H200).
 
 Per layer fallback: a projection the checkpoint stored unquantized (the LM head, compressed-
 tensors' `ignore` list, another GGUF type), stacked shards that do not share one group layout,
@@ -74,10 +76,9 @@ Kernel = Literal["auto", "triton", "gemlite", "tinygemm", "marlin"]
 #: out of device time before it could.
 AUTO_PREFERS_GEMLITE = False
 #: Whether `--w4a16-kernel auto` runs the Marlin kernel (where it runs; tinygemm where it
-#: cannot take a layer) instead of tinygemm. Per layer it is faster on the H200 (1.71 vs 2.23 ms
-#: for Llama-3.1-8B's linears at one row, docs/kernels.md "Marlin-style CUDA kernel"), but no
-#: end-to-end run has measured it yet (`device-run.sh llama-bs1-marlin`).
-AUTO_PREFERS_MARLIN = False
+#: cannot take a layer) instead of tinygemm: on the H200 Llama-3.1-8B W4A16 g128 decodes at
+#: batch 1 at 380.4 tok/s with it, 320.1 with tinygemm (docs/benchmarks.md, sessions 11/13).
+AUTO_PREFERS_MARLIN = True
 #: `w4a16_gemlite.self_check`'s verdict per (N, K, group, dtype, form): once per process.
 _gemlite_checked: dict[tuple, str | None] = {}
 
@@ -92,8 +93,8 @@ class W4A16Options(pydantic.BaseModel):
         description="CUDA kernels: triton (pegboard's), gemlite (pip install "
         "'pegboard[gemlite]'), tinygemm (torch's int4 kernel for calls of up to 4 rows, "
         "triton above; bf16 only), marlin (pegboard's Marlin-style CUDA kernel for calls of "
-        "up to 16 rows, triton above; bf16 only, compiled with NVRTC), or auto: tinygemm "
-        "where it applies, else triton",
+        "up to 16 rows, triton above; bf16 only, compiled with NVRTC), or auto: marlin "
+        "where it applies, else tinygemm where it applies, else triton",
     )
 
 
