@@ -268,8 +268,9 @@ sum(v is not None for b in c.values() for v in b.values()), 'kernel entries for'
 'out tok/s', d['elapsed_s'], 's', d['steps'], 'steps')" "$OUT/gemm-ab-$v-$i.json" "skinny GEMM $v" 2>/dev/null
         done; done ;;
     gemv-sweep) # GEMV launch configurations for Llama-3.1-8B's full shapes on this device (issue 17:
-        # DECODE_CONFIGS' TP=1 entries were measured on an H100); ROWS (1) picks the row counts
-        timeout 300 python3 scripts/bench_gemv.py --sweep --no-step --configs llama-3.1-8b --tp 1 \
+        # DECODE_CONFIGS' TP=1 entries were measured on an H100); ROWS (1) picks the row counts,
+        # CONFIGS the models (e.g. smollm2-135m: issue 14's batch-1 EAGLE steps)
+        timeout 300 python3 scripts/bench_gemv.py --sweep --no-step --configs ${CONFIGS:-llama-3.1-8b} --tp 1 \
           --rows ${ROWS:-1} --budget-s ${BUDGET_S:-150} --json "$OUT/gemv-sweep.json" 2>&1 | tail -30 ;;
     gemv-sweep-tp) # GEMV launch configurations for the shapes one rank of TP=${TP:-2} holds (Llama-3.1-8B):
         # the printed DECODE_CONFIGS entries go into core/kernels/gemv.py (issue 11)
