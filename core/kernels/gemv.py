@@ -503,6 +503,37 @@ DECODE_CONFIGS: dict[tuple[torch.dtype, int, int], dict[int, GemvConfig | None]]
     },
     # LM head (the tied embedding): 115.3 -> 102.9, 116.2 -> 107.7, 116.8 -> 109.3, 118.1 -> 110.6
     (torch.bfloat16, 151936, 1024): {1: GemvConfig(4, 2048), 2: _DOT_64, 4: _DOT_64, 8: _DOT_64},
+    # SmolLM2-135M (H200, session 13: `CONFIGS=smollm2-135m ROWS=1,2,4,8 device-run.sh
+    # gemv-sweep`; batch-1 decode, EAGLE verify rows): qkv 4.0 -> 1.3, 4.0 -> 1.5, 3.9 -> 1.8,
+    # 3.7 -> 2.8
+    (torch.bfloat16, 960, 576): {
+        1: GemvConfig(8, 1024, split_k=2),
+        2: GemvConfig(4, 1024, split_k=2),
+        4: GemvConfig(2, 1024, split_k=2),
+        8: GemvConfig(32, 256, dot=True, num_stages=4),
+    },
+    # o: 3.5 -> 1.2, 3.4 -> 1.2, 3.5 -> 1.9, 3.5 -> 2.5
+    (torch.bfloat16, 576, 576): {
+        1: GemvConfig(2, 2048),
+        2: GemvConfig(4, 1024, split_k=4),
+        4: GemvConfig(2, 1024),
+        8: _DOT_64,
+    },
+    # gate_up: 4.1 -> 2.0, 4.1 -> 3.1, 4.1 -> 3.2, 4.1 -> 3.2
+    (torch.bfloat16, 3072, 576): {
+        1: GemvConfig(8, 1024),
+        2: GemvConfig(2, 2048),
+        4: _DOT_64,
+        8: _DOT_64,
+    },
+    # down: 5.2 -> 1.4, 5.1 -> 1.9, 5.2 -> 2.6, 5.0 -> 3.9
+    (torch.bfloat16, 576, 1536): {
+        1: GemvConfig(4, 2048),
+        2: GemvConfig(4, 2048, num_warps=8),
+        4: GemvConfig(2, 1024),
+        8: GemvConfig(16, 512, split_k=4, dot=True, num_stages=3),
+    },
+    # (the LM head, 49152 x 576: cuBLAS 16.6-17.0 us, the best GEMV 18.4-20.1: no entry)
 }
 
 
