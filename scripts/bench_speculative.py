@@ -9,6 +9,8 @@ and how far each completion agrees with the plain run: `identical_completions`, 
 near-ties flip late; `--dtype float32` tells them from a bug, which differs early in float32
 too).
 `--compare-eager` adds the same speculation without CUDA graphs (`spec_eager`).
+`--compare-num-steps 6,8` adds chains of those lengths with the switch disabled
+(`spec_no_switch_k6`, ...: accept length against verify cost; chains only, not trees).
 `--compare-off` adds the speculator switched off from the first step (`spec_off`: the batch
 rule at 1, so no step drafts; its `step_cost_vs_plain` is what a switched-off step costs, with
 no verify step or flip mixed in: 1.0 when an off step is a plain step) and, last, a second
@@ -267,10 +269,16 @@ def main() -> None:
     p.add_argument("--compare-off", action="store_true",
                    help="also run the speculator switched off throughout (spec_off) and a "
                    "second plain engine (plain_again)")  # fmt: skip
+    p.add_argument("--compare-num-steps", default=None, metavar="K[,K...]",
+                   help="also run these chain lengths with the switch disabled "
+                   "(spec_no_switch_k<K>: how the draft length trades accept length for "
+                   "verify cost)")  # fmt: skip
     p.add_argument("--step-times", action="store_true",
                    help="time every step by kind (step_ms, probes, extra_ms_by_kind)")  # fmt: skip
     add_speculative_arguments(p)
     args = p.parse_args()
+    if args.compare_num_steps and args.oracle:
+        p.error("--compare-num-steps runs the speculator of --speculative-algorithm, not an oracle")
     base = {"device": args.device}
     if args.dtype:
         base["dtype"] = args.dtype
@@ -328,6 +336,12 @@ def main() -> None:
         variants.append(("spec_no_switch", {**settings, **off}))  # drafts every step it can
     if args.compare_eager:
         variants.append(("spec_eager", {**settings, "disable_cuda_graph": True}))
+    for k in filter(None, (args.compare_num_steps or "").split(",")):
+        longer = argparse.Namespace(**{**vars(args), "speculative_num_steps": int(k)})
+        chain = {**base, "speculative_min_accept_rate": 0.0, "speculative_min_speedup": 0.0}
+        speculative_settings(longer, chain)
+        chain["speculative_min_speedup"] = 0.0
+        variants.append((f"spec_no_switch_k{k}", chain))
     if args.compare_off:
         variants.append(("spec_off", {**settings, "speculative_disable_by_batch_size": 1}))
         variants.append(("plain_again", base))
