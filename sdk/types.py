@@ -460,6 +460,13 @@ class Drafts:
         """A chain of `ids.shape[0]` drafts whose ids stay on the device (`device_tokens`)."""
         return cls([DEVICE_DRAFT] * ids.shape[0], probs=probs, device_tokens=ids)
 
+    def host_tokens(self) -> list[int]:
+        """The draft ids on the host: `tokens`, or `device_tokens` read (a wait for the
+        device; for tests and tools, never on the engine's step path)."""
+        if self.device_tokens is None:
+            return list(self.tokens)
+        return self.device_tokens.tolist()
+
 
 #: What `Drafts.tokens` holds for each draft whose id is only on the device (`device_tokens`),
 #: and the placeholder a request's `token_ids` carries for it until the verify step.
