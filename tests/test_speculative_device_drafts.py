@@ -31,6 +31,7 @@ class DeviceOracle(OracleSpeculator):
     name = "oracle_device"
     mix = False
     bad = False
+    device = "cpu"
 
     def propose(self, requests, max_tokens):
         host = super().propose(requests, max_tokens)
@@ -47,16 +48,20 @@ class DeviceOracle(OracleSpeculator):
             else:
                 if self.bad and prompts.index(tuple(r.prompt_token_ids)) % 2 == 0:
                     tokens[-1] = 512 + 7
-                out.append(Drafts.on_device(torch.tensor(tokens, dtype=torch.int64)))
+                ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+                out.append(Drafts.on_device(ids))
         return out
 
 
-def _plugins(case, wrong_every: int, speculator=DeviceOracle, mix=False, bad=False):
+def device_oracle(case, wrong_every: int, speculator=DeviceOracle, mix=False, bad=False,
+                  device="cpu") -> PluginManager:  # fmt: skip
+    """Plugins with `speculator` (the device oracle, or the host `OracleSpeculator`) set up
+    for `case`."""
     _, prompts, reference = case
     speculator.reference = {tuple(p): ref for p, ref in zip(prompts, reference)}
     speculator.wrong_every = wrong_every
     speculator.calls = 0
-    DeviceOracle.mix, DeviceOracle.bad = mix, bad
+    DeviceOracle.mix, DeviceOracle.bad, DeviceOracle.device = mix, bad, device
     pm = PluginManager()
     pm.add(speculator)
     return pm
@@ -66,12 +71,12 @@ def _plugins(case, wrong_every: int, speculator=DeviceOracle, mix=False, bad=Fal
 @pytest.mark.parametrize("wrong_every", [0, 3])
 def test_device_drafts_equal_transformers_and_host_drafts(case, settings, wrong_every):
     model_dir, prompts, reference = case
-    pm = _plugins(case, wrong_every)
+    pm = device_oracle(case, wrong_every)
     outs, stats = generate(model_dir, prompts, pm, speculator="oracle_device", **settings)
     assert_same(outs, reference)
     assert stats["spec_accepted_tokens"] > 0
     host, host_stats = generate(
-        model_dir, prompts, _plugins(case, wrong_every, OracleSpeculator), speculator="oracle",
+        model_dir, prompts, device_oracle(case, wrong_every, OracleSpeculator), speculator="oracle",
         **settings,
     )  # fmt: skip
     assert [o.token_ids for o in outs] == [o.token_ids for o in host]
@@ -82,7 +87,7 @@ def test_device_drafts_beside_host_drafts_and_none_in_one_batch(case):
     """Requests with device drafts, host drafts, no drafts and shorter chains share verify
     steps (the rows of device drafts are uploaded then, not a view)."""
     model_dir, prompts, reference = case
-    outs, stats = generate(model_dir, prompts, _plugins(case, 4, mix=True),
+    outs, stats = generate(model_dir, prompts, device_oracle(case, 4, mix=True),
                            speculator="oracle_device")  # fmt: skip
     assert_same(outs, reference)
     assert stats["spec_accepted_tokens"] > 0
@@ -95,7 +100,7 @@ def test_a_stop_token_or_max_tokens_inside_a_device_chain_ends_the_request_there
         for i, ref in enumerate(reference)
     ]
     plain, _ = generate(model_dir, prompts, params=params)
-    pm = _plugins(case, 0)
+    pm = device_oracle(case, 0)
     with LLM(str(model_dir), dtype="float32", device="cpu", plugins=pm,
              speculator="oracle_device") as llm:  # fmt: skip
         outs = llm.generate(prompts, params)
@@ -110,9 +115,9 @@ def test_sampled_requests_with_device_drafts_equal_host_drafts(case):
     params = [
         SamplingParams(max_tokens=MAX_NEW, temperature=0.8, seed=i) for i in range(len(prompts))
     ]
-    outs, stats = generate(model_dir, prompts, _plugins(case, 3), params=params,
+    outs, stats = generate(model_dir, prompts, device_oracle(case, 3), params=params,
                            speculator="oracle_device")  # fmt: skip
-    host, host_stats = generate(model_dir, prompts, _plugins(case, 3, OracleSpeculator),
+    host, host_stats = generate(model_dir, prompts, device_oracle(case, 3, OracleSpeculator),
                                 params=params, speculator="oracle")  # fmt: skip
     assert [o.token_ids for o in outs] == [o.token_ids for o in host]
     assert stats == host_stats and stats["spec_accepted_tokens"] > 0
@@ -126,7 +131,7 @@ def test_out_of_vocabulary_device_drafts_are_the_speculators_fault(case):
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     requests = [Request(p, params) for p in prompts]
     with LLM(str(model_dir), dtype="float32", device="cpu",
-             plugins=_plugins(case, 0, bad=True), speculator="oracle_device") as llm:  # fmt: skip
+             plugins=device_oracle(case, 0, bad=True), speculator="oracle_device") as llm:  # fmt: skip
         for r in requests:
             llm.engine.add_request(r)
         while llm.engine.has_work():
