@@ -4,13 +4,17 @@ verification and the rollback of rejected tokens.
 One step with a speculator (`Engine._run`):
 
     propose  -> (unless the switch says no: `switch.py`) drafts appended to each decoding
-                request's `token_ids`; it runs 1 + k tokens
+                request's `token_ids` (drafts still on the device, `Drafts.on_device`, as
+                `DEVICE_DRAFT` placeholders); it runs 1 + k tokens
     allocate_kv, prepare, forward -> logits at the last token and at every draft (`logits_rows`;
-                a tree's positions by depth and its mask: `mark_rows`, `tree.py`)
-    verify   -> drafts removed again; the accepted ones and the target's next token are
-                appended as ordinary output tokens; `num_computed_tokens` counts the accepted
-                drafts' KV (a tree's accepted path is first copied into place), the rejected
-                ones' slots are overwritten by later tokens
+                a tree's positions by depth and its mask: `mark_rows`, `tree.py`; device
+                drafts written into the input ids on the device: `_fill_drafts`)
+    verify   -> one read of the target's tokens (and the device drafts: the host never waits
+                for the drafting alone); drafts removed again; the accepted ones and the
+                target's next token are appended as ordinary output tokens;
+                `num_computed_tokens` counts the accepted drafts' KV (a tree's accepted path is
+                first copied into place), the rejected ones' slots are overwritten by later
+                tokens
 
 Rollback therefore needs nothing from the KV cache: a rejected draft's KV sits past
 `num_computed_tokens`, which a prefix cache never inserts (it inserts full pages of computed
