@@ -74,6 +74,7 @@ def check_drafts(
     the device (`device_tokens`) are checked for their form here (a chain, a 1-D integer
     tensor on `device`, one placeholder per id); their ids only after the verify forward
     (`Speculation.verify`)."""
+    device = torch.device(device) if device is not None else None
     if not isinstance(out, (list, tuple)) or len(out) != len(requests):
         got = f"{len(out)} entries" if isinstance(out, (list, tuple)) else type(out).__name__
         raise DraftViolation(f"expected a list of {len(requests)} Drafts, got {got}")
@@ -123,8 +124,8 @@ def _check_on_device(r: Request, d: Drafts, device) -> None:
             f"{r.request_id}: {ids.shape[0]} device_tokens need tokens of as many DEVICE_DRAFT "
             f"placeholders (`Drafts.on_device`), got {len(d.tokens)} tokens"
         )
-    want = torch.device(device) if device is not None else ids.device
-    if ids.device.type != want.type or want.index not in (None, ids.device.index):
+    on = ids.device
+    if device is not None and (on.type != device.type or device.index not in (None, on.index)):
         raise DraftViolation(f"{r.request_id}: device_tokens on {ids.device}, not {device}")
 
 
@@ -383,13 +384,17 @@ class Speculation:
         overlap scheduling fills `PENDING_TOKEN` (`model_runner._fill_pending`), clamped into
         the vocabulary (`verify` reports an id outside it). Returns the raw ids, for
         `verify`'s one read."""
-        ids = (on_device[0] if len(on_device) == 1 else torch.cat(on_device)).to(torch.int64)
-        safe = ids.clamp(0, self.engine.info.vocab_size - 1)
-        if index is None:
-            n = len(on_device)
-            input_ids.view(n, -1)[:, 1:].copy_(safe.view(n, -1))
+        ids = on_device[0] if len(on_device) == 1 else torch.cat(on_device)
+        if ids.dtype != torch.int64:
+            ids = ids.to(torch.int64)
+        top = self.engine.info.vocab_size - 1
+        n = len(on_device)
+        if index is not None:
+            input_ids.index_copy_(0, index, ids.clamp(0, top))
+        elif n == 1:  # (clamped straight into the rows: one operation)
+            torch.clamp(ids, 0, top, out=input_ids[1:])
         else:
-            input_ids.index_copy_(0, index, safe)
+            torch.clamp(ids.view(n, -1), 0, top, out=input_ids.view(n, -1)[:, 1:])
         return ids
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
@@ -433,7 +438,7 @@ class Speculation:
             out = e.guard.sample(e.hook.sample, logits[index], [r for r, _ in plain], vocab)
             e.guard.sampled_ids(out.token_ids, vocab)
             sampled = {id(r): (t, lp) for (r, _), t, lp in zip(plain, out.token_ids, out.logprobs)}
-        device_ids = self._device_ids
+        device_ids, self._device_ids = self._device_ids, None
         if device_ids is None:
             greedy_rows = self.read_tokens(argmax) if greedy else []
         else:  # the drafts on the device come with the target's tokens: one wait
