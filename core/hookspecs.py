@@ -199,11 +199,20 @@ def propose(requests: list[Request], max_tokens: list[int]) -> list[Drafts] | No
         length); 0 means "propose nothing".
     :returns: one `pegboard.sdk.types.Drafts` per request, in order: a chain, or a tree with
         parent indices (each parent before its children, the best guess as a node's first
-        child: a backend without a tree mask verifies only the first path). The core checks
-        the result (`pegboard.core.speculative.check_drafts`): one entry per request, at most
-        `max_tokens[i]` tokens, ids in the vocabulary, valid parent indices. A
-        violation or an exception is an error naming the plugin, counted like other plugin
-        errors; that step runs without drafts and no request fails.
+        child: a backend without a tree mask verifies only the first path). A chain may
+        leave its ids on the device (`Drafts.on_device(ids)`: `ids` a 1-D integer tensor on
+        the model's device, `tokens` then `DEVICE_DRAFT` once per id, so the count is known
+        on the host): the core writes them into the verify forward's input ids on the device
+        and reads them once, with the target's tokens, after that forward, so the host never
+        waits for the drafting; the tensor must hold its values until the verify step ends
+        (the next `propose` may overwrite it). The core checks the result
+        (`pegboard.core.speculative.check_drafts`): one entry per request, at most
+        `max_tokens[i]` tokens, ids in the vocabulary, valid parent indices; for device ids
+        their form here and their range after the verify forward (the forward runs on ids
+        clamped into the vocabulary). A violation or an exception is an error naming the
+        plugin, counted like other plugin errors; that step runs without drafts (device ids
+        out of range: that request accepts none of its drafts in that step) and no request
+        fails.
     """
 
 

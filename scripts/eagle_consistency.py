@@ -59,7 +59,9 @@ def main() -> None:
 
         def propose(requests, max_tokens):
             out = original(requests, max_tokens)
-            records.extend((list(r.token_ids), d.tokens) for r, d in zip(requests, out) if d.tokens)
+            records.extend(
+                (list(r.token_ids), d.host_tokens()) for r, d in zip(requests, out) if d.tokens
+            )
             return out
 
         spec.propose = propose

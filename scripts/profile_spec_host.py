@@ -2,7 +2,7 @@
 
 python3 scripts/profile_spec_host.py [--config smollm2-135m] [--k 4] [--num-seqs 2]
     [--max-tokens 256] [--input-len 128] [--top 40] [--num-layers N] [--json FILE]
-    [--variants plain,eagle] [--keep-backoff] [--torch-profile DIR] [engine settings as key=value ...]
+    [--variants plain,eagle[,eagle-host]] [--keep-backoff] [--torch-profile DIR] [engine settings as key=value ...]
 
 A random-weight target from a bundled config (`--random-weights --config`'s names; SmolLM2-135M
 by default) and a random EAGLE-3 head of SGLang's format for it (`train_eagle3.head_config`:
@@ -10,7 +10,9 @@ SGLang's auxiliary layers, a full-vocabulary LM head, as the head trained for th
 SmolLM2), written to a temporary directory. Per variant (`plain`: no speculator; `eagle`: the
 head drafting a chain of `--k` tokens with the switch's rules off, `--speculative-min-speedup 0
 --speculative-min-accept-rate 0`, and no back-off: `BACKOFF_AFTER_MISSES` raised, so every
-decode step verifies `k` drafts although random weights accept few), batch-1 greedy decode of
+decode step verifies `k` drafts although random weights accept few, its chains handed to the
+core on the device; `eagle-host`: the same with `device_drafts` off, the chains read in
+`propose` as before issue 14's device drafts), batch-1 greedy decode of
 `--num-seqs` prompts one after another, CUDA graphs on where the device has them
 (`--cuda-graph-max-bs 1`: decode, verify and drafting graphs):
 
@@ -54,8 +56,9 @@ from pegboard.core.speculative.train_eagle3 import default_aux, head_config
 from pegboard.sdk.types import Request, SamplingParams
 from safetensors.torch import save_file
 
-#: The host waiting for the drafting graph (`EagleSpeculator.read_drafts`): `HostProfile`
-#: counts it as host work; `verify_step_ms` below takes it out.
+#: The host waiting for the drafting graph (`EagleSpeculator.read_drafts`, variant
+#: `eagle-host`; 0 with the default device drafts, whose wait is part of `read_tokens`'):
+#: `HostProfile` counts it as host work; `verify_step_ms` below takes it out.
 DRAFT_WAIT = "eagle: read_drafts (wait for the drafts)"
 
 
@@ -451,7 +454,12 @@ def main() -> int:
         "speculative_min_speedup": 0.0,
         "speculative_min_accept_rate": 0.0,
     }
-    variants = {"plain": base, "eagle": base | eagle}
+    host_drafts = {"eagle": eagle["plugin_options"]["eagle"] | {"device_drafts": False}}
+    variants = {
+        "plain": base,
+        "eagle": base | eagle,  # chains handed to the core on the device (the default)
+        "eagle-host": base | eagle | {"plugin_options": host_drafts},  # read in `propose`
+    }
     result = {"config": args.config, "layers": cfg["num_hidden_layers"], "k": args.k,
               "num_seqs": args.num_seqs, "max_tokens": args.max_tokens}  # fmt: skip
     failed = []

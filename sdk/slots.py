@@ -411,7 +411,10 @@ class Speculator(Plugin):
       the target's vocabulary; a chain, or a tree (`Drafts.parents`, each parent before its
       children; siblings with `probs` must be drawn independently from their rows). The core
       verifies a tree in one forward where the attention backend has a tree mask
-      (`supports_tree_mask`), else only its first path (each node's first child).
+      (`supports_tree_mask`), else only its first path (each node's first child). A chain
+      drafted on the device may stay there: `Drafts.on_device(ids)` (a 1-D integer tensor on
+      the model's device, unchanged until the verify step ends); the core fills the verify
+      forward's inputs from it and reads it after that forward (one wait per step, not two).
     - Per-request state (a draft model's KV) goes into `request.plugin_state[self.name]`, so
       it is dropped with the request. Between two calls a request's `token_ids` may have grown
       by several tokens (accepted drafts) or been cut back (a stop string): compare with what

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from pegboard.core.plugin_manager import PluginManager
+from pegboard.core.speculative.step import DraftViolation, check_drafts
 from pegboard.sdk.slots import SLOTS, Plugin, PluginContext
 from pegboard.sdk.types import Drafts, ModelInfo, Request, RequestStatus, SamplingParams
 
@@ -87,7 +88,7 @@ def check_speculator(
             if any(list(r.token_ids) != b for r, b in zip(requests, before)):
                 raise _error("propose only reads requests (token_ids unchanged)", case)
             for r, d in zip(requests, out):  # the target keeps some drafts and one token
-                keep = d.tokens[: rng.randint(0, len(d.tokens))]
+                keep = d.host_tokens()[: rng.randint(0, len(d.tokens))]
                 for t in keep + [rng.randrange(vocab_size)]:
                     r.append_token(t)
                 if rng.random() < 0.1 and r.num_output_tokens > 2:  # a stop string cut it back
@@ -141,7 +142,13 @@ def _check(out, requests: list[Request], limits: list[int], vocab: int, case: st
                 "a tree gives each token its parent's index p, -1 <= p < i (parents first)",
                 f"{where}: tokens {d.tokens}, parents {d.parents}",
             )
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens):
-            raise _error("each draft is an id of the target's vocabulary", f"{where}: {d.tokens}")
+        if d.device_tokens is not None:
+            try:
+                check_drafts([d], [requests[i]], [limit], vocab)  # the form: a chain, 1-D ...
+            except DraftViolation as e:
+                raise _error("device_tokens as `Drafts.on_device` makes them", str(e)) from e
+        tokens = d.host_tokens()
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+            raise _error("each draft is an id of the target's vocabulary", f"{where}: {tokens}")
         if d.probs is not None and tuple(d.probs.shape) != (len(d.tokens), vocab):
             raise _error("probs is [len(tokens), vocab]", f"{where}: {tuple(d.probs.shape)}")

@@ -437,14 +437,40 @@ class Drafts:
       tokens were chosen deterministically (argmax, top-k, lookup): each row is a point mass.
       Sampled siblings must be independent draws (SpecInfer's multi-candidate rejection
       sampling is exact only then); deterministic siblings may be any distinct guesses.
+    - `device_tokens`: a chain whose ids are still on the device (`Drafts.on_device`): a 1-D
+      integer tensor of the `k` ids on the model's device, and `tokens` then holds
+      `DEVICE_DRAFT` `k` times (the count is known on the host, the values are not). The core
+      puts the ids into the verify forward's inputs on the device and reads them with the
+      target's tokens after that forward: the host never waits for a drafting forward. The
+      tensor must keep its values until the verify step ends (the next `propose` may reuse
+      it). Ids outside the vocabulary are clamped for the forward, then reported as the
+      speculator's fault, and none of that request's drafts is accepted in that step.
     """
 
     tokens: list[int]
     parents: list[int] | None = None
     probs: torch.Tensor | None = None
+    device_tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @classmethod
+    def on_device(cls, ids: torch.Tensor, probs: torch.Tensor | None = None) -> Drafts:
+        """A chain of `ids.shape[0]` drafts whose ids stay on the device (`device_tokens`)."""
+        return cls([DEVICE_DRAFT] * ids.shape[0], probs=probs, device_tokens=ids)
+
+    def host_tokens(self) -> list[int]:
+        """The draft ids on the host: `tokens`, or `device_tokens` read (a wait for the
+        device; for tests and tools, never on the engine's step path)."""
+        if self.device_tokens is None:
+            return list(self.tokens)
+        return self.device_tokens.tolist()
+
+
+#: What `Drafts.tokens` holds for each draft whose id is only on the device (`device_tokens`),
+#: and the placeholder a request's `token_ids` carries for it until the verify step.
+DEVICE_DRAFT = -2
 
 
 class SampleOutput:

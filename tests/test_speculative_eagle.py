@@ -145,7 +145,7 @@ def test_eagle3_reads_three_target_layers_and_maps_draft_ids(case, eagle_case):
 
         def propose(requests, max_tokens):
             out = original(requests, max_tokens)
-            seen.extend(t for d in out for t in d.tokens)
+            seen.extend(t for d in out for t in d.host_tokens())
             return out
 
         spec.propose = propose
@@ -242,7 +242,9 @@ def record_drafts(llm) -> tuple[dict, list[int]]:
     def propose(requests, max_tokens):
         out = original(requests, max_tokens)
         sizes.append(sum(1 for d in out if d.tokens))
-        seen.update((tuple(r.token_ids), d.tokens) for r, d in zip(requests, out) if d.tokens)
+        seen.update(
+            (tuple(r.token_ids), d.host_tokens()) for r, d in zip(requests, out) if d.tokens
+        )
         return out
 
     spec.propose = propose

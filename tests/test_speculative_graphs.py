@@ -24,6 +24,7 @@ from pegboard.core.llm import LLM
 from pegboard.core.speculative.step import verify_lens
 from pegboard.sdk.types import SamplingParams
 from test_speculative import MAX_NEW, OracleSpeculator, assert_same, oracle_plugins
+from test_speculative_device_drafts import DeviceOracle, device_oracle
 from test_speculative_eagle import record_drafts, snapshot_after_propose
 
 if not torch.cuda.is_available():
@@ -44,6 +45,17 @@ class GraphOracle(OracleSpeculator):
         return super().propose(
             requests, [min(k, self.options.num_draft_tokens) for k in max_tokens]
         )
+
+
+class GraphDeviceOracle(DeviceOracle):
+    """`GraphOracle`'s chains as device tensors (`test_speculative_device_drafts`)."""
+
+    name = "graph_oracle_device"
+    Options = GraphOracle.Options
+
+    def propose(self, requests, max_tokens):
+        k = self.options.num_draft_tokens
+        return super().propose(requests, [min(m, k) for m in max_tokens])
 
 
 def graph_oracle_plugins(prompts, reference):
@@ -112,6 +124,18 @@ def test_padded_verify_replays_equal_transformers(case, eager_graphs):
     assert graphs.query_lens == (5,)
     assert graphs.num_verify_replays >= 5
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", [False, True], ids=["device", "mixed"])
+def test_padded_verify_replays_of_device_drafts_equal_transformers(case, eager_graphs, mix):
+    """Oracle chains as device tensors (`mix`: beside host drafts, no drafts and shorter
+    chains), their ids written into the verify graph's inputs: transformers' tokens."""
+    model_dir, prompts, reference = case
+    pm = device_oracle(case, 3, GraphDeviceOracle, mix=mix)
+    outs, stats, graphs, _ = _run(model_dir, prompts[:3], pm, speculator="graph_oracle_device")
+    assert_same(outs, reference[:3])
+    assert graphs.num_verify_replays >= 5 and stats["spec_accepted_tokens"] > 0
 
 
 @pytest.mark.slow
@@ -223,6 +247,54 @@ def test_gpu_eagle_graphs_draft_and_verify_as_eagerly(case, tmp_path):
     assert graphed == eager == reference
     assert stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"]
     assert stats["spec_draft_tokens"] == eager_stats["spec_draft_tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 6])
+def test_gpu_eagle_device_drafts_equal_host_drafts(case, tmp_path, monkeypatch, n):
+    """EAGLE-3 chains handed to the core on the device (the default) through the drafting
+    and verify graphs: the tokens and acceptance of the same chains read in `propose`
+    (`device_drafts` off), and `read_drafts` is never called."""
+    from pegboard.plugins.speculative.eagle import EagleSpeculator
+    from test_speculative_eagle import build_eagle3_head
+
+    model_dir, prompts, reference = case
+    head = str(build_eagle3_head(tmp_path / "h", attention_heavy=True))
+    reads, read = [], EagleSpeculator.read_drafts
+    monkeypatch.setattr(
+        EagleSpeculator, "read_drafts", staticmethod(lambda d: reads.append(1) or read(d))
+    )
+    runs = {}
+    for on_device in (True, False):
+        options = {"eagle": {"model_path": head, "device_drafts": on_device}}
+        before = len(reads)
+        tokens, stats, graphs, spec = _gpu(model_dir, prompts[:n], speculator="eagle",
+                                           plugin_options=options)  # fmt: skip
+        assert graphs.num_verify_replays > 0 and spec.graphs.num_replays > 0
+        assert (len(reads) == before) == on_device
+        runs[on_device] = (tokens, stats)
+    assert runs[True] == runs[False]
+    assert runs[True][0] == reference[:n]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix", [False, True], ids=["device", "mixed"])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_gpu_oracle_device_drafts_through_verify_graphs(case, n, mix):
+    """Oracle chains as CUDA tensors (every third draft wrong; `mix`: beside host drafts, no
+    drafts and shorter chains) through the verify graphs: transformers' tokens and the
+    acceptance of the same chains as host lists."""
+    model_dir, prompts, reference = case
+    pm = device_oracle(case, 3, GraphDeviceOracle, mix=mix, device="cuda")
+    tokens, stats, graphs, _ = _gpu(model_dir, prompts[:n], pm, speculator="graph_oracle_device")
+    assert tokens == reference[:n]
+    assert graphs.num_verify_replays > 0 and stats["spec_accepted_tokens"] > 0
+    if not mix:
+        host = graph_oracle_plugins(prompts, reference)
+        host_tokens, host_stats, _, _ = _gpu(
+            model_dir, prompts[:n], host, speculator="graph_oracle"
+        )
+        assert (tokens, stats) == (host_tokens, host_stats)
 
 
 @pytest.mark.slow

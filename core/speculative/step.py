@@ -4,13 +4,17 @@ verification and the rollback of rejected tokens.
 One step with a speculator (`Engine._run`):
 
     propose  -> (unless the switch says no: `switch.py`) drafts appended to each decoding
-                request's `token_ids`; it runs 1 + k tokens
+                request's `token_ids` (drafts still on the device, `Drafts.on_device`, as
+                `DEVICE_DRAFT` placeholders); it runs 1 + k tokens
     allocate_kv, prepare, forward -> logits at the last token and at every draft (`logits_rows`;
-                a tree's positions by depth and its mask: `mark_rows`, `tree.py`)
-    verify   -> drafts removed again; the accepted ones and the target's next token are
-                appended as ordinary output tokens; `num_computed_tokens` counts the accepted
-                drafts' KV (a tree's accepted path is first copied into place), the rejected
-                ones' slots are overwritten by later tokens
+                a tree's positions by depth and its mask: `mark_rows`, `tree.py`; device
+                drafts written into the input ids on the device: `_fill_drafts`)
+    verify   -> one read of the target's tokens (and the device drafts: the host never waits
+                for the drafting alone); drafts removed again; the accepted ones and the
+                target's next token are appended as ordinary output tokens;
+                `num_computed_tokens` counts the accepted drafts' KV (a tree's accepted path is
+                first copied into place), the rejected ones' slots are overwritten by later
+                tokens
 
 Rollback therefore needs nothing from the KV cache: a rejected draft's KV sits past
 `num_computed_tokens`, which a prefix cache never inserts (it inserts full pages of computed
@@ -39,7 +43,14 @@ from pegboard.core.speculative import verify as V
 from pegboard.core.speculative.hidden import TargetHidden
 from pegboard.core.speculative.switch import DEFAULT_MIN_SPEEDUP, SpeculationSwitch
 from pegboard.sdk.device import to_device
-from pegboard.sdk.types import Drafts, ForwardBatch, Request, StepBudget, TokenLogprobs
+from pegboard.sdk.types import (
+    DEVICE_DRAFT,
+    Drafts,
+    ForwardBatch,
+    Request,
+    StepBudget,
+    TokenLogprobs,
+)
 
 log = logging.getLogger("pegboard.speculative")
 
@@ -55,9 +66,15 @@ class DraftViolation(Exception):
     """A speculator's `propose` result broke the hook's rules."""
 
 
-def check_drafts(out, requests: list[Request], max_tokens: list[int], vocab: int) -> list[Drafts]:
+def check_drafts(
+    out, requests: list[Request], max_tokens: list[int], vocab: int, device=None
+) -> list[Drafts]:
     """The `propose` result, checked against its hookspec (one `Drafts` per request, within
-    `max_tokens`, ids in the vocabulary, a tree's parents before their children)."""
+    `max_tokens`, ids in the vocabulary, a tree's parents before their children). Drafts on
+    the device (`device_tokens`) are checked for their form here (a chain, a 1-D integer
+    tensor on `device`, one placeholder per id); their ids only after the verify forward
+    (`Speculation.verify`)."""
+    device = torch.device(device) if device is not None else None
     if not isinstance(out, (list, tuple)) or len(out) != len(requests):
         got = f"{len(out)} entries" if isinstance(out, (list, tuple)) else type(out).__name__
         raise DraftViolation(f"expected a list of {len(requests)} Drafts, got {got}")
@@ -76,15 +93,40 @@ def check_drafts(out, requests: list[Request], max_tokens: list[int], vocab: int
                 f"{r.request_id}: probs of shape {tuple(d.probs.shape)}, expected "
                 f"({len(d.tokens)}, {vocab})"
             )
-    ids = [t for d in out for t in d.tokens]  # all at once: one pass in C when they are fine
+        if d.device_tokens is not None:
+            _check_on_device(r, d, device)
+    host = [d for d in out if d.device_tokens is None]
+    ids = [t for d in host for t in d.tokens]  # all at once: one pass in C when they are fine
     if ids and not (set(map(type, ids)) <= _INT_TYPES and min(ids) >= 0 and max(ids) < vocab):
         for r, d in zip(requests, out):  # (the request to blame)
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens):
+            if d.device_tokens is None and any(
+                not isinstance(t, int) or not 0 <= t < vocab for t in d.tokens
+            ):
                 raise DraftViolation(f"{r.request_id}: draft ids outside [0, {vocab}): {d.tokens}")
     return list(out)
 
 
 _INT_TYPES = {int, bool}  # (`isinstance(t, int)`: a bool is an int)
+_INT_DTYPES = {torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8}
+
+
+def _check_on_device(r: Request, d: Drafts, device) -> None:
+    """`Drafts.device_tokens`' form: a chain of `len(tokens)` ids in a 1-D integer tensor on
+    the model's device, `tokens` all `DEVICE_DRAFT` (the ids are checked after the verify)."""
+    ids = d.device_tokens
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in _INT_DTYPES:
+        what = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids)
+        raise DraftViolation(f"{r.request_id}: device_tokens must be a 1-D integer tensor: {what}")
+    if d.parents is not None:
+        raise DraftViolation(f"{r.request_id}: device_tokens are for chains only (no parents)")
+    if ids.shape[0] != len(d.tokens) or d.tokens.count(DEVICE_DRAFT) != len(d.tokens):
+        raise DraftViolation(
+            f"{r.request_id}: {ids.shape[0]} device_tokens need tokens of as many DEVICE_DRAFT "
+            f"placeholders (`Drafts.on_device`), got {len(d.tokens)} tokens"
+        )
+    on = ids.device
+    if device is not None and (on.type != device.type or device.index not in (None, on.index)):
+        raise DraftViolation(f"{r.request_id}: device_tokens on {ids.device}, not {device}")
 
 
 def _valid_parents(parents, k: int) -> bool:
@@ -126,6 +168,10 @@ class Speculation:
         )
         self._tree_fallback_logged = False
         self._aranged: torch.Tensor | None = None  # `_arange`'s
+        #: This step's drafts on the device (`Drafts.device_tokens`), as `mark_rows` put them
+        #: into the verify forward's inputs (raw ids, int64), and id(request) -> its first.
+        self._device_ids: torch.Tensor | None = None
+        self._device_at: dict[int, int] = {}
         #: Cumulative counters for metrics (`pegboard:spec_*`, `bench offline`).
         self.num_verify = 0
         self.num_drafts = 0
@@ -151,6 +197,7 @@ class Speculation:
         the step's new token counts (1 + drafts for a drafting request). Without a speculator,
         or when it fails (an error naming it, counted; no request fails), `num_tokens`."""
         self._drafts.clear()
+        self._device_ids, self._device_at = None, {}
         speculator = self.speculator
         if speculator is None:
             return num_tokens
@@ -170,7 +217,7 @@ class Speculation:
         max_tokens = [limits[i] for i, _ in asked]
         try:
             out = e.hook.propose(requests=requests, max_tokens=max_tokens)
-            drafts = check_drafts(out, requests, max_tokens, e.info.vocab_size)
+            drafts = check_drafts(out, requests, max_tokens, e.info.vocab_size, e.runner.device)
         except Exception as err:
             fault = e.guard.fault("speculator", err)
             log.error("%s; this step runs without drafts", fault)
@@ -273,15 +320,18 @@ class Speculation:
 
     def mark_rows(self, batch: ForwardBatch) -> None:
         """Ask `forward` for logits at each drafting request's last token and drafts (and at
-        the last token of every other sampling request), in batch order. One upload at most:
-        the rows (none when every row of the batch is one: a cached `arange`) and a tree's
-        positions by depth."""
+        the last token of every other sampling request), in batch order, and put drafts that
+        are on the device into the input ids (their `DEVICE_DRAFT` rows: `_fill_drafts`). One
+        upload at most: the rows (none when every row of the batch is one: a cached
+        `arange`), a tree's positions by depth, the rows of device drafts when not every
+        request has them."""
         if self._hidden is not None:
             self._last_batch = batch  # its rows' hidden states go to the requests next step
         if not self._drafts:
             return
         rows, end, every_row = [], 0, True
         tree_rows, tree_positions, masks = [], [], []
+        fill_rows, on_device = [], []  # input rows of drafts on the device, and their ids
         drafts = self._drafts
         for r, q, sample in zip(batch.requests, batch.query_lens_cpu, batch.samples):
             end += q
@@ -296,6 +346,10 @@ class Speculation:
             k = len(d.tokens)
             rows.extend(range(end - 1 - k, end))  # a drafting request samples
             every_row = every_row and q == k + 1
+            if d.device_tokens is not None:
+                self._device_at[id(r)] = len(fill_rows)
+                fill_rows.extend(range(end - k, end))
+                on_device.append(d.device_tokens)
             if d.parents is None:
                 masks.append(None)
                 continue
@@ -304,16 +358,44 @@ class Speculation:
             tree_rows.extend(range(end - k, end))
             tree_positions.extend(last + t for t in T.depths(d.parents))
         device = batch.input_ids.device
-        if every_row and not tree_rows:
+        # (every request drafts as many on the device: their rows are a view, no upload)
+        uniform = len(on_device) == len(batch.requests) and len({len(t) for t in on_device}) == 1
+        fill = fill_rows if on_device and not uniform else []
+        up = None
+        if every_row and not tree_rows and not fill:
             batch.logits_rows = self._arange(end, device)
-            return
-        up = to_device(rows + tree_rows + tree_positions, device, torch.int64)
-        batch.logits_rows = up[: len(rows)]
+        else:
+            up = to_device(rows + tree_rows + tree_positions + fill, device, torch.int64)
+            batch.logits_rows = up[: len(rows)]
         if tree_rows:
             t = len(tree_rows)
             batch.tree_masks = masks
             batch.positions = batch.positions.clone()
-            batch.positions[up[len(rows) : len(rows) + t]] = up[len(rows) + t :]
+            batch.positions[up[len(rows) : len(rows) + t]] = up[len(rows) + t : len(rows) + 2 * t]
+        if on_device:
+            index = up[len(up) - len(fill) :] if fill else None
+            self._device_ids = self._fill_drafts(batch.input_ids, on_device, index)
+
+    def _fill_drafts(
+        self, input_ids: torch.Tensor, on_device: list[torch.Tensor], index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Write the drafts that are on the device into the verify forward's `input_ids` at
+        the rows `index` (None: every request's rows after its first, all `k` drafts), as
+        overlap scheduling fills `PENDING_TOKEN` (`model_runner._fill_pending`), clamped into
+        the vocabulary (`verify` reports an id outside it). Returns the raw ids, for
+        `verify`'s one read."""
+        ids = on_device[0] if len(on_device) == 1 else torch.cat(on_device)
+        if ids.dtype != torch.int64:
+            ids = ids.to(torch.int64)
+        top = self.engine.info.vocab_size - 1
+        n = len(on_device)
+        if index is not None:
+            input_ids.index_copy_(0, index, ids.clamp(0, top))
+        elif n == 1:  # (clamped straight into the rows: one operation)
+            torch.clamp(ids, 0, top, out=input_ids[1:])
+        else:
+            torch.clamp(ids.view(n, -1), 0, top, out=input_ids.view(n, -1)[:, 1:])
+        return ids
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         """`arange(n)` on `device` (the model's: it never changes), cut from one kept tensor
@@ -356,7 +438,13 @@ class Speculation:
             out = e.guard.sample(e.hook.sample, logits[index], [r for r, _ in plain], vocab)
             e.guard.sampled_ids(out.token_ids, vocab)
             sampled = {id(r): (t, lp) for (r, _), t, lp in zip(plain, out.token_ids, out.logprobs)}
-        greedy_rows = self.read_tokens(argmax) if greedy else []
+        device_ids, self._device_ids = self._device_ids, None
+        if device_ids is None:
+            greedy_rows = self.read_tokens(argmax) if greedy else []
+        else:  # the drafts on the device come with the target's tokens: one wait
+            both = self.read_tokens(torch.cat([argmax, device_ids]) if greedy else device_ids)
+            greedy_rows = both[: len(both) - len(device_ids)]
+            self._read_device_drafts(rows, both[len(greedy_rows) :])
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
         step_drafted = step_accepted = step_requests = step_tokens = drafted = 0
@@ -404,6 +492,25 @@ class Speculation:
         self.switch.record(step_drafted, step_accepted, step_requests)  # trees: by depth
         self.switch.tokens(step_tokens)
         return results
+
+    def _read_device_drafts(self, rows: list, ids: list[int]) -> None:
+        """Replace the drafts that were on the device by their ids (`ids`: `mark_rows`'
+        order) in `verify`'s rows. A request whose ids are not all in the vocabulary is the
+        speculator's fault (logged and counted as a `propose` violation) and keeps no draft:
+        its first output token comes from its last real token's row, which no draft reaches
+        (the forward ran on clamped ids), so the outputs stay exact."""
+        at, vocab = self._device_at, self.engine.info.vocab_size
+        ok = min(ids) >= 0 and max(ids) < vocab
+        for i, (r, drafts, s, k) in enumerate(rows):
+            if drafts is None or drafts.device_tokens is None:
+                continue
+            mine = ids[at[id(r)] : at[id(r)] + k]
+            if ok or all(0 <= t < vocab for t in mine):
+                rows[i] = (r, Drafts(mine, probs=drafts.probs), s, k)
+                continue
+            err = DraftViolation(f"{r.request_id}: draft ids outside [0, {vocab}): {mine}")
+            log.error("%s; no draft of it is accepted", self.engine.guard.fault("speculator", err))
+            rows[i] = (r, Drafts([]), s, k)
 
     @staticmethod
     def read_tokens(tokens: torch.Tensor) -> list[int]:

@@ -72,6 +72,11 @@ class EagleOptions(pydantic.BaseModel):
     attention: str = pydantic.Field(
         "auto", description="the head's attention backend: torch, triton, auto (triton on CUDA)"
     )
+    device_drafts: bool = pydantic.Field(
+        True,
+        description="hand chain drafts to the core on the device (`Drafts.on_device`): the "
+        "host never waits for the drafting forward (false: read them in `propose`)",
+    )
 
 
 def graphs_supported(kv: HeadKV) -> bool:
@@ -219,7 +224,7 @@ class EagleSpeculator(Speculator):
             if tree:
                 drafts = graphs.run(jobs, [limits[j.index] for j in jobs])
             else:
-                drafts = self.read_drafts(graphs.run(jobs))
+                drafts = graphs.run(jobs)  # [len(jobs), k], the graph's output buffer
             for j in jobs:
                 j.commit()
         elif tree:
@@ -227,9 +232,17 @@ class EagleSpeculator(Speculator):
             drafts = self._trees(jobs, hidden, [limits[j.index] for j in jobs])
         else:
             drafts = self._chains(jobs, self._feed(jobs), kmax)
-        for job, d in zip(jobs, drafts):
+        if tree:
+            for job, d in zip(jobs, drafts):
+                out[job.index] = d
+            return out
+        # A chain's ids stay on the device: the core verifies them without the host waiting
+        # for this drafting (the graph's buffer holds them until the next `propose`).
+        on_device = self.options.device_drafts
+        rows = drafts if on_device else self.read_drafts(drafts)
+        for job, d in zip(jobs, rows):
             k = limits[job.index]
-            out[job.index] = d if tree else Drafts(d[:k])
+            out[job.index] = Drafts.on_device(d[:k]) if on_device else Drafts(d[:k])
         return out
 
     def _ingest(self, i: int, r: Request, extra: int) -> _Job | None:
@@ -284,9 +297,9 @@ class EagleSpeculator(Speculator):
             for j in jobs
         ]
 
-    def _chains(self, jobs: list[_Job], last: torch.Tensor, k: int) -> list[list[int]]:
-        """`k` greedy drafts per job, one batched head step per draft (ids stay on the
-        device until the end)."""
+    def _chains(self, jobs: list[_Job], last: torch.Tensor, k: int) -> torch.Tensor:
+        """`k` greedy drafts per job, one batched head step per draft: `[len(jobs), k]` ids,
+        on the device."""
         tokens = self.head.draft_ids(last)
         drafted = [tokens]
         for d in range(1, k):
@@ -295,12 +308,12 @@ class EagleSpeculator(Speculator):
             last = self._step(last, tokens, batch, first=False)
             tokens = self.head.draft_ids(last)
             drafted.append(tokens)
-        return self.read_drafts(torch.stack(drafted, dim=1))
+        return torch.stack(drafted, dim=1)
 
     @staticmethod
     def read_drafts(drafts: torch.Tensor) -> list[list[int]]:
-        """A chain's drafts on the host: where `propose` waits for the device (the drafting
-        graph or eager steps; `Drafts` hold host ids), one synchronizing call per `propose`."""
+        """A chain's drafts on the host, with `device_drafts` off: where `propose` waits for
+        the device (the drafting graph or eager steps), one synchronizing call per `propose`."""
         return drafts.tolist()
 
     def _trees(self, jobs: list[_Job], last: torch.Tensor, limits: list[int]) -> list[Drafts]:
