@@ -37,6 +37,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pegboard.core.kernels.cuda_launch import launch_pdl
+from pegboard.core.kernels.pdl import pdl_enabled
+
 #: The largest M (rows of x) the kernel takes: eight n8 tiles.
 MAX_ROWS = 64
 #: The layout's parameter dtype per `MarlinConfig.params`, and its code in the source.
@@ -51,8 +54,10 @@ class MarlinConfig:
     (sharing x's B fragments), the parameters' dtype (`params`: "f32", "f16" or "bf16", the
     layout's `params` dtype, `PARAM_DTYPES`), `l2_ahead` steps beyond the next whose words
     each warp asks the L2 to fetch (`prefetch.global.L2`: more bytes in flight than registers
-    hold), and `splits` of K across blocks (0: `auto_splits`; a launch-time choice, not
-    compiled in)."""
+    hold), `splits` of K across blocks (0: `auto_splits`; a launch-time choice, not
+    compiled in), `stages` of each warp's words in a shared-memory ring filled by `cp.async`
+    (0: the next step's words in registers; 3-4: that many steps in flight) and `pdl`
+    (programmatic dependent launch: the prologue's loads overlap the kernel before)."""
 
     warps: int = 8
     chunks: int = 4
@@ -60,12 +65,17 @@ class MarlinConfig:
     params: str = "f32"
     l2_ahead: int = 0
     splits: int = 0
+    stages: int = 0
+    pdl: bool = False
 
     @property
     def name(self) -> str:
         ahead = f"-l2a{self.l2_ahead}" if self.l2_ahead else ""
+        ring = f"-st{self.stages}" if self.stages else ""
+        pdl = "-pdl" if self.pdl else ""
         split = f"-s{self.splits}" if self.splits else ""
-        return f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{self.params}p{ahead}{split}"
+        base = f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{self.params}p"
+        return f"{base}{ahead}{ring}{pdl}{split}"
 
 
 C = MarlinConfig
@@ -73,7 +83,9 @@ C = MarlinConfig
 #: the H200 sweep (`scripts/bench_w4a16_marlin.py`) orders them; `default_config` runs the
 #: first that takes the shape. Each compiles for sm_90a without spills at the groups it takes
 #: (tests/test_w4a16_marlin.py); left out because they spilled: 8 chunks, more warps or longer
-#: steps at 4-8 tiles.
+#: steps at 4-8 tiles. Not yet measured on a GPU: the word rings (`stages`), programmatic
+#: dependent launch (`pdl`), and two or four row tiles at 2 tiles (x read once per 32-64 rows
+#: of W instead of per 16: at M = 16 a block reads 4x more bytes of x than of words).
 CANDIDATES: dict[int, list[MarlinConfig]] = {
     1: [
         C(8, 4),
@@ -86,6 +98,17 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
         C(8, 4, l2_ahead=1),
         C(8, 4, l2_ahead=2),
         C(8, 1),
+        C(8, 2, stages=4),
+        C(8, 2, stages=3),
+        C(4, 2, stages=4),
+        C(4, 2, stages=8),
+        C(4, 4, stages=4),
+        C(4, 1, stages=4),
+        C(8, 4, pdl=True),
+        C(8, 2, pdl=True),
+        C(4, 2, pdl=True),
+        C(8, 2, stages=4, pdl=True),
+        C(4, 2, stages=4, pdl=True),
     ],
     2: [
         C(8, 4),
@@ -97,6 +120,16 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
         C(4, 4, l2_ahead=1),
         C(8, 2, l2_ahead=1),
         C(8, 1),
+        C(8, 2, 2),
+        C(4, 2, 2),
+        C(4, 2, 2, stages=4),
+        C(8, 1, 2, stages=3),
+        C(4, 1, 4, stages=3),
+        C(8, 2, stages=4),
+        C(4, 4, stages=4),
+        C(8, 2, pdl=True),
+        C(4, 4, pdl=True),
+        C(4, 2, 2, stages=4, pdl=True),
     ],
     4: [C(8, 2), C(4, 2), C(8, 2, l2_ahead=1), C(8, 1)],
     8: [C(8, 1), C(4, 1), C(8, 1, l2_ahead=2), C(2, 1)],
@@ -186,8 +219,12 @@ def config_unsupported_reason(
         return f"N={n} is not a multiple of {16 * config.row_tiles} rows"
     if m > MAX_ROWS:
         return f"M={m} is more than {MAX_ROWS} rows"
-    if _reduce_bytes(config, token_tiles(m)) > 48 * 1024:
-        return "the warps' partial sums do not fit 48 KiB of shared memory"
+    if config.stages and not 2 <= config.stages <= 8:
+        return f"a ring of {config.stages} stages (2-8 or 0, none)"
+    if config.stages and config.l2_ahead:
+        return "the ring's stages are the bytes in flight: no L2 prefetch beside them"
+    if _reduce_bytes(config, token_tiles(m)) + _ring_bytes(config) > 48 * 1024:
+        return "the warps' partial sums and word rings do not fit 48 KiB of shared memory"
     return None
 
 
@@ -219,6 +256,14 @@ def _reduce_bytes(config: MarlinConfig, mt: int) -> int:
     return config.warps * config.row_tiles * 16 * mt * 8 * 4
 
 
+def _ring_bytes(config: MarlinConfig) -> int:
+    """Each warp's ring: `stages` steps of 16 bytes per lane, chunk and row tile (and 16 bytes
+    of alignment and `last_block` beside it)."""
+    if not config.stages:
+        return 0
+    return config.warps * config.stages * config.chunks * config.row_tiles * 32 * 16 + 16
+
+
 def kernel_name(config: MarlinConfig, mt: int, group: int) -> str:
     compiled_as = replace(config, splits=0).name  # splits are the grid's, not the code's
     return f"w4a16_marlin_m{mt}_g{group}_{compiled_as.replace('-', '_')}"
@@ -236,6 +281,8 @@ def kernel_source(config: MarlinConfig, mt: int, group: int) -> str:
         "L2_AHEAD": config.l2_ahead,
         "GROUP": group,
         "PARAM_KIND": PARAM_KIND[config.params],
+        "STAGES": config.stages,
+        "PDL": int(config.pdl),
     }
     return "".join(f"#define {key} {value}\n" for key, value in defines.items()) + SOURCE
 
@@ -319,6 +366,37 @@ static __device__ __forceinline__ u16 to_bf16(float v) {
   return r;
 }
 
+#if STAGES
+static __device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// 16 bytes global -> shared, asynchronous (L2 only); visible to this lane after its group's wait
+static __device__ __forceinline__ void copy_async(u32 dst, const u32* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// volatile: not hoisted above the cp.async.wait_group that makes the words visible
+static __device__ __forceinline__ void load_shared(u32 p, u32 (&r)[4]) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(p) : "memory");
+}
+#endif
+
+// programmatic dependent launch: before it only weights and parameters are read, nothing is
+// stored (no earlier kernel writes those); after it the kernel before has completed
+#if PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define WAIT_FOR_INPUTS()                                        \
+  {                                                              \
+    asm volatile("griddepcontrol.wait;" ::: "memory");            \
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
+  }
+#else
+#define WAIT_FOR_INPUTS()
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     const u32* __restrict__ qweight,  // [N / 16, K / 64, 32, 4]
     const void* __restrict__ params,  // [N / 16, K / GROUP, 8, 4] (scale, zero) x rows g, g + 8
@@ -348,35 +426,81 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
 
   u32 next[U][RT][4];
   float pnext[UNITS][RT][4];
-#define FETCH(s)                                                                        \
-  {                                                                                     \
-    _Pragma("unroll") for (int c = 0; c < U; ++c)                                       \
-    _Pragma("unroll") for (int r = 0; r < RT; ++r)                                      \
-      load_words(qweight + ((((long)(rt0 + r) * chunks + (s) * U + c) * 32 + lane) << 2), \
-                 next[c][r]);                                                           \
-    _Pragma("unroll") for (int f = 0; f < UNITS; ++f) {                                 \
-      const int gi = ((s) * 64 * U + f * UNIT_TILES * 16) / GROUP;                      \
-      _Pragma("unroll") for (int r = 0; r < RT; ++r)                                    \
-        load_params(pbase + (((long)(rt0 + r) * groups + gi) * 8 + g) * pbytes,         \
-                    pnext[f][r]);                                                       \
-    }                                                                                   \
+  // this lane's 16 bytes of chunk c of step s, row tile r
+#define WORDS(s, c, r) (qweight + ((((long)(rt0 + (r)) * chunks + (s) * U + (c)) * 32 + lane) << 2))
+#define FETCH_WORDS(s)                                  \
+  _Pragma("unroll") for (int c = 0; c < U; ++c)         \
+  _Pragma("unroll") for (int r = 0; r < RT; ++r)        \
+    load_words(WORDS(s, c, r), next[c][r]);
+#define FETCH_PARAMS(s)                                                         \
+  _Pragma("unroll") for (int f = 0; f < UNITS; ++f) {                           \
+    const int gi = ((s) * 64 * U + f * UNIT_TILES * 16) / GROUP;                \
+    _Pragma("unroll") for (int r = 0; r < RT; ++r)                              \
+      load_params(pbase + (((long)(rt0 + r) * groups + gi) * 8 + g) * pbytes,   \
+                  pnext[f][r]);                                                 \
+  }
+#define FETCH(s)     \
+  {                  \
+    FETCH_WORDS(s)   \
+    FETCH_PARAMS(s)  \
   }
   // words of step `s` into L2 only (no registers): bytes in flight beyond the next step's
-#define PREFETCH_L2(s)                                                               \
-  {                                                                                  \
-    _Pragma("unroll") for (int c = 0; c < U; ++c)                                    \
-    _Pragma("unroll") for (int r = 0; r < RT; ++r)                                   \
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(                                 \
-          qweight + ((((long)(rt0 + r) * chunks + (s) * U + c) * 32 + lane) << 2))); \
+#define PREFETCH_L2(s)                                                       \
+  {                                                                          \
+    _Pragma("unroll") for (int c = 0; c < U; ++c)                            \
+    _Pragma("unroll") for (int r = 0; r < RT; ++r)                           \
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(WORDS(s, c, r)));        \
   }
+#if STAGES
+  // the warp's ring: slot (s - first) % STAGES holds step s's words, each lane its own 16
+  // bytes per chunk and row tile (it reads back only what it copied: no barrier); one
+  // cp.async group per step, committed even when empty, so group i is step first + i
+  __shared__ __align__(16) u32 ring[WARPS][STAGES][U * RT][32][4];
+  const u32 ring0 = shared_address(&ring[warp][0][0][lane][0]);
+#define SLOT(slot, c, r) (ring0 + (((slot) * U * RT + (c) * RT + (r)) * 32 * 16))
+#define FILL(s, slot)                                   \
+  {                                                     \
+    _Pragma("unroll") for (int c = 0; c < U; ++c)       \
+    _Pragma("unroll") for (int r = 0; r < RT; ++r)      \
+      copy_async(SLOT(slot, c, r), WORDS(s, c, r));     \
+  }
+#pragma unroll
+  for (int a = 0; a < STAGES - 1; ++a) {
+    if (first + a < last) FILL(first + a, a)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  if (first < last) FETCH_PARAMS(first)
+#else
   if (first < last) FETCH(first)
 #pragma unroll
   for (int a = 1; a <= L2_AHEAD; ++a)
     if (first + a < last) PREFETCH_L2(first + a)
+#endif
+  WAIT_FOR_INPUTS()
 
   for (int s = first; s < last; ++s) {
     u32 cur[U][RT][4];
     float pcur[UNITS][RT][4];
+#if STAGES
+    // groups committed: STAGES - 1 + (s - first); step s's is complete once at most the
+    // STAGES - 2 after it are pending
+    const int slot = (s - first) % STAGES;
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2) : "memory");
+#pragma unroll
+    for (int c = 0; c < U; ++c)
+#pragma unroll
+      for (int r = 0; r < RT; ++r) load_shared(SLOT(slot, c, r), cur[c][r]);
+    // into the slot step s - 1 left (read into registers by the iteration before)
+    if (s + STAGES - 1 < last) FILL(s + STAGES - 1, (slot + STAGES - 1) % STAGES)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#pragma unroll
+    for (int f = 0; f < UNITS; ++f)
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pcur[f][r][i] = pnext[f][r][i];
+    if (s + 1 < last) FETCH_PARAMS(s + 1)
+#else
 #pragma unroll
     for (int c = 0; c < U; ++c)
 #pragma unroll
@@ -391,6 +515,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
         for (int i = 0; i < 4; ++i) pcur[f][r][i] = pnext[f][r][i];
     if (s + 1 < last) FETCH(s + 1)
     if (L2_AHEAD > 0 && s + 1 + L2_AHEAD < last) PREFETCH_L2(s + 1 + L2_AHEAD)
+#endif
 
 #pragma unroll
     for (int f = 0; f < UNITS; ++f) {
@@ -559,9 +684,10 @@ def marlin_linear(
     elif partials.dtype != torch.float32 or partials.numel() < split * rows * n:
         raise ValueError(f"{config.name}: partials for {split} splits x {rows} x {n} floats")
     kernel = compiled(config, token_tiles(rows), layout.group_size)
-    kernel(
-        grid=(blocks, split, 1),
-        block=(32 * config.warps, 1, 1),
-        args=[layout.qweight, layout.params, x2, y, partials, layout.counters, rows, n, k],
-    )
+    grid, block = (blocks, split, 1), (32 * config.warps, 1, 1)
+    args = [layout.qweight, layout.params, x2, y, partials, layout.counters, rows, n, k]
+    if config.pdl and pdl_enabled(x.device):
+        launch_pdl(kernel, grid, block, args)
+    else:  # (a `pdl` kernel launched plainly: its griddepcontrol.wait returns at once)
+        kernel(grid=grid, block=block, args=args)
     return y.reshape(*x.shape[:-1], n)
