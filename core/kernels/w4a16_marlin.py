@@ -36,7 +36,6 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
-
 from pegboard.core.kernels.cuda_launch import launch_pdl
 from pegboard.core.kernels.pdl import pdl_enabled
 
