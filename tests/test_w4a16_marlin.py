@@ -14,16 +14,19 @@ and with K split across blocks.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from fixtures.int4_layers import packed_layer
-from fixtures.marlin_emulation import emulate
-from pegboard.core.kernels import w4a16_marlin
+from fixtures.marlin_emulation import WordRing, emulate
+from pegboard.core.kernels import cuda_launch, w4a16_marlin
 from pegboard.core.kernels.w4a16_marlin import MarlinConfig, config_unsupported_reason
 from pegboard.plugins.linear import marlin_layout
 from pegboard.plugins.linear.int4 import PackedInt4, dequantize_packed
@@ -34,7 +37,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BF16 = torch.bfloat16
 LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 #: Configurations the emulation runs (uneven warp splits, two row tiles, short steps, bf16
-#: parameters, K split across three blocks).
+#: parameters, K split across three blocks, word rings of 2-8 stages around 1-16 steps a warp).
 CONFIGS = [
     MarlinConfig(),
     MarlinConfig(warps=4, chunks=2),
@@ -43,6 +46,11 @@ CONFIGS = [
     MarlinConfig(warps=8, chunks=4, params="bf16"),
     MarlinConfig(warps=4, chunks=2, params="f16"),
     MarlinConfig(warps=2, chunks=1, splits=3),
+    MarlinConfig(warps=3, chunks=1, stages=3),
+    MarlinConfig(warps=1, chunks=1, stages=8, pdl=True),
+    MarlinConfig(warps=2, chunks=2, row_tiles=2, stages=4),
+    MarlinConfig(warps=8, chunks=2, stages=2),
+    MarlinConfig(warps=2, chunks=1, stages=4, splits=3),
 ]
 
 
@@ -143,6 +151,30 @@ def test_a_layout_with_two_nibbles_swapped_gives_wrong_products(monkeypatch):
     assert _rel(emulate(x, to_marlin(p), MarlinConfig()), _reference(x, p)) > 0.3
 
 
+@pytest.mark.parametrize("stages", range(2, 9))
+@pytest.mark.parametrize("steps", [0, 1, 2, 5, 17])
+def test_a_word_ring_gives_each_step_its_own_words_once_landed(stages, steps):
+    ring = WordRing(stages, 3, 3 + steps)  # raises on a read in flight or an unread overwrite
+    assert [ring.step_words(s) for s in range(3, 3 + steps)] == list(range(3, 3 + steps))
+
+
+def test_a_word_ring_refuses_a_read_before_its_copy_is_waited_for():
+    ring = WordRing(4, 0, 8)
+    ring.stages = 5  # the kernel would wait for one group too few
+    with pytest.raises(AssertionError, match="in flight|before any copy"):
+        [ring.step_words(s) for s in range(8)]
+
+
+def test_configurations_name_their_new_knobs_and_the_old_names_stay():
+    assert MarlinConfig(8, 2).name == "w8-c2-r1-f32p"
+    assert MarlinConfig(4, 2, 2, stages=4, pdl=True, splits=2).name == "w4-c2-r2-f32p-st4-pdl-s2"
+    assert "ring" in config_unsupported_reason(MarlinConfig(stages=4, l2_ahead=1), 1, 64, 1024, 128)
+    assert "stages" in config_unsupported_reason(MarlinConfig(stages=1), 1, 64, 1024, 128)
+    assert "shared memory" in config_unsupported_reason(
+        MarlinConfig(8, 4, stages=3), 1, 64, 1024, 128
+    )
+
+
 def test_k_is_split_across_blocks_only_where_the_row_blocks_do_not_cover_the_gpu():
     # (blocks, steps, warps, multiprocessors): Llama's o at 256 blocks, SmolLM2's 576 rows at 36
     assert w4a16_marlin.auto_splits(256, 16, 8, 132) == 1
@@ -169,6 +201,87 @@ def test_layout_refuses_shapes_it_cannot_hold():
     with pytest.raises(ValueError, match="K=96"):
         to_marlin(packed_layer(16, 96, 32, BF16, "asym"))
     assert "N=40" in marlin_layout.shape_unsupported_reason(40, 256, 128)
+
+
+CUDA_H = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include" / "cuda.h"
+LAUNCH_LAYOUT_C = r"""
+#include <cuda.h>
+#include <stddef.h>
+#include <stdio.h>
+#define F(s, m) printf("%s.%s %zu %zu\n", #s, #m, offsetof(s, m), sizeof(((s*)0)->m))
+int main(void) {
+  printf("CUlaunchConfig %zu\nCUlaunchAttribute %zu\nCUlaunchAttributeValue %zu\n",
+         sizeof(CUlaunchConfig), sizeof(CUlaunchAttribute), sizeof(CUlaunchAttributeValue));
+  F(CUlaunchConfig, gridDimX); F(CUlaunchConfig, gridDimY); F(CUlaunchConfig, gridDimZ);
+  F(CUlaunchConfig, blockDimX); F(CUlaunchConfig, blockDimY); F(CUlaunchConfig, blockDimZ);
+  F(CUlaunchConfig, sharedMemBytes); F(CUlaunchConfig, hStream); F(CUlaunchConfig, attrs);
+  F(CUlaunchConfig, numAttrs); F(CUlaunchAttribute, id); F(CUlaunchAttribute, value);
+  F(CUlaunchAttributeValue, programmaticStreamSerializationAllowed);
+  printf("PROGRAMMATIC_STREAM_SERIALIZATION %d\n",
+         (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or not CUDA_H.exists(), reason="needs cc, cuda.h")
+def test_launch_structures_match_cuda_h(tmp_path):
+    (tmp_path / "layout.c").write_text(LAUNCH_LAYOUT_C)
+    cmd = ["cc", f"-I{CUDA_H.parent}", "-o", str(tmp_path / "layout"), str(tmp_path / "layout.c")]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    printed = subprocess.run([tmp_path / "layout"], check=True, capture_output=True, text=True)
+    header = dict(line.split(" ", 1) for line in printed.stdout.splitlines())
+    ours = {
+        "CUlaunchConfig": cuda_launch.LaunchConfig,
+        "CUlaunchAttribute": cuda_launch.LaunchAttribute,
+        "CUlaunchAttributeValue": cuda_launch.LaunchAttributeValue,
+    }
+    names = {"programmaticStreamSerializationAllowed": "flag"}  # our name for the union's int
+    for key, value in header.items():
+        if key == "PROGRAMMATIC_STREAM_SERIALIZATION":
+            assert int(value) == cuda_launch.PROGRAMMATIC_STREAM_SERIALIZATION
+        elif "." in key:
+            struct, member = key.split(".")
+            field = getattr(ours[struct], names.get(member, member))
+            assert [field.offset, field.size] == [int(v) for v in value.split()], key
+        else:
+            assert ctypes.sizeof(ours[key]) == int(value), key
+    assert len(header) == 17
+
+
+class _Driver:
+    """Stands in for libcuda: records what `cuLaunchKernelEx` was given, reading the argument
+    pointers during the call (the launch keeps them alive only until it returns)."""
+
+    def cuLaunchKernelEx(self, config, func, params, extra):  # noqa: N802 (the driver's name)
+        c = config._obj
+        self.dims = (c.gridDimX, c.gridDimY, c.gridDimZ, c.blockDimX, c.blockDimY, c.blockDimZ)
+        self.launch = (
+            c.sharedMemBytes,
+            c.hStream,
+            c.numAttrs,
+            c.attrs[0].id,
+            c.attrs[0].value.flag,
+        )
+        self.func = func.value
+        as_ = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+        self.args = [
+            ctypes.cast(params[i], ctypes.POINTER(t)).contents.value for i, t in enumerate(as_)
+        ]
+        return 0
+
+
+def test_pdl_launch_passes_grid_stream_attribute_and_arguments(monkeypatch):
+    driver = _Driver()
+    monkeypatch.setattr(cuda_launch, "_driver", lambda: driver)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"cuda_stream": 77}))
+    kernel = type("K", (), {"func": ctypes.c_void_p(0x1234)})
+    qweight, x = torch.zeros(4, dtype=torch.int32), torch.zeros(8, dtype=BF16)
+    cuda_launch.launch_pdl(kernel, (256, 2, 1), (128, 1, 1), [qweight, x, 16, -3])
+    assert driver.dims == (256, 2, 1, 128, 1, 1)
+    assert driver.launch == (0, 77, 1, cuda_launch.PROGRAMMATIC_STREAM_SERIALIZATION, 1)
+    assert driver.func == 0x1234
+    assert driver.args == [qweight.data_ptr(), x.data_ptr(), 16, -3]
 
 
 def _ptxas(config: MarlinConfig, mt: int, group: int, tmp_path) -> str:
