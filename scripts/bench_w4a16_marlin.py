@@ -12,8 +12,12 @@ Llama-3.1-8B's linear shapes (fused qkv, o, fused gate/up, down), group 128, on 
    that exceed the L2 cache twice (`bench_gemv.graph_us`): cuBLAS bf16 (`x @ W.T`),
    pegboard's bf16 path (`gemv.linear`: its GEMV where `DECODE_CONFIGS` has one, M <= 8),
    tinygemm (`torch._weight_int4pack_mm`) and each Marlin candidate (and the first with K
-   split across two blocks, `-s2`); then the four layers summed x 32 layers per M. A table
-   last; JSON with `--json`.
+   split across two blocks, `-s2`); then the four layers summed x 32 layers per M.
+4. Chained per M (where all four layers ran): the four layers x 32 in sequence as ONE CUDA
+   graph (two weight copies per layer, alternating: a decoder layer's weights exceed the L2),
+   timed as a whole, with the plugin's configurations now (`layer_config`), each layer's best
+   here, and that best with programmatic dependent launch (`pdl`) on and off in every layer:
+   PDL's gain shows only between consecutive kernels. A table last; JSON with `--json`.
 
     python3 scripts/bench_w4a16_marlin.py [--rows 1,4,16,32,64] [--group 128] [--json FILE]
         [--layers qkv,o,gate_up,down] [--default-only] [--budget-s 150]
@@ -22,6 +26,7 @@ Llama-3.1-8B's linear shapes (fused qkv, o, fused gate/up, down), group 128, on 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -124,6 +129,53 @@ def bench_shape(name: str, n: int, k: int, group: int, rows: list[int], configs:
     return results
 
 
+def chained_ms(m: int, layouts, configs: dict[str, w4a16_marlin.MarlinConfig]) -> float:
+    """ms of one replay of a CUDA graph of the four layers x 32 at M rows, `configs[layer]`
+    each, `layouts(layer, params)` its two weight copies (alternating)."""
+    xs = {name: torch.randn(m, k, device=DEVICE, dtype=DTYPE) for name, (_, k) in SHAPES.items()}
+    calls = [
+        lambda x=xs[name], w=layouts(name, c.params)[layer % 2], c=c: marlin_linear(x, w, c)
+        for layer in range(32)
+        for name, c in configs.items()
+    ]
+    return graph_us(calls) * len(calls) / 1e3
+
+
+def chained(results: list, group: int, tried: dict[str, w4a16_marlin.MarlinConfig]) -> dict:
+    """Per M whose four layers all ran: {variant: ms} of the chained graph."""
+    packed = {
+        name: [quantized(n, k, group, seed, asym=True) for seed in (0, 1)]
+        for name, (n, k) in SHAPES.items()
+    }
+
+    @functools.cache
+    def layouts(name: str, params: str) -> list:
+        return [to_marlin(p, PARAM_DTYPES[params]) for p in packed[name]]
+
+    out = {}
+    for m in sorted({r["m"] for r in results}):
+        best = {r["layer"]: tried[r["best"]] for r in results if r["m"] == m and "best" in r}
+        if set(best) != set(SHAPES):
+            continue
+        tiles = w4a16_marlin.token_tiles(m)
+        variants = {
+            "plugin": {name: w4a16_marlin.layer_config(tiles, *SHAPES[name], group) for name in SHAPES},
+            "best": best,
+            "best+pdl": {name: replace(c, pdl=True) for name, c in best.items()},
+            "best-pdl": {name: replace(c, pdl=False) for name, c in best.items()},
+        }  # fmt: skip
+        out[m] = {}
+        for variant, configs in variants.items():
+            try:
+                out[m][variant] = chained_ms(m, layouts, configs)
+            except (RuntimeError, ValueError) as e:  # (CompileError too) the others go on
+                print(f"chained M={m} {variant}: {e}", flush=True)
+        print(f"chained M={m}: {out[m]}", flush=True)
+    layouts.cache_clear()
+    torch.cuda.empty_cache()
+    return out
+
+
 def summary(row: dict) -> str:
     head = f"{row['layer']:<8} M={row['m']:3d}"
     times = (
@@ -141,11 +193,12 @@ def summary(row: dict) -> str:
     )
 
 
-def write_json(args, results: list) -> None:
+def write_json(args, results: list, chain: dict | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "group": args.group, "results": results}, f, indent=1)  # fmt: skip
+                       "group": args.group, "results": results, "chained_ms": chain},
+                      f, indent=1)  # fmt: skip
 
 
 def main() -> None:
@@ -171,7 +224,12 @@ def main() -> None:
         n, k = SHAPES[name]
         results.extend(bench_shape(name, n, k, args.group, rows, configs))
         write_json(args, results)  # after every layer: a timeout keeps what was measured
-    table = ["", "layer     M  cuBLAS  pb-bf16  tinygemm  marlin  best                 x bf16  "
+    tried = {
+        c.name: c for cs in configs.values() for c in cs + [replace(c, splits=2) for c in cs[:1]]
+    }
+    chain = chained(results, args.group, tried)
+    write_json(args, results, chain)
+    table = ["", "layer     M  cuBLAS  pb-bf16  tinygemm  marlin  best                       x bf16  "
              "x tiny  rel err  max rel"]  # fmt: skip
     totals: dict[int, list[float]] = {}
     for r in results:
@@ -181,7 +239,7 @@ def main() -> None:
         e = r["marlin"][r["best"]]
         table.append(
             f"{r['layer']:<8}{r['m']:3d} {r['cublas_us']:7.1f} {r['pegboard_bf16_us']:8.1f} "
-            f"{r['tinygemm_us']:9.1f} {r['marlin_us']:7.1f}  {r['best']:<18} "
+            f"{r['tinygemm_us']:9.1f} {r['marlin_us']:7.1f}  {r['best']:<24} "
             f"{r['speedup_vs_bf16']:6.2f} {r['speedup_vs_tinygemm']:7.2f}  "
             f"{e['rel_error']:.1e}  {e['max_rel_error']:.1e}"
         )
@@ -195,6 +253,9 @@ def main() -> None:
             f"  M={m:3d}  bf16 {b * 32 / 1e3:6.2f} ms  tinygemm {tg * 32 / 1e3:6.2f} ms  "
             f"marlin {ml * 32 / 1e3:6.2f} ms  ({b / ml:.2f}x bf16)"
         )
+    table.append("the same chained, one CUDA graph of 32 x 4 layers (PDL edges where on):")
+    for m, ms in chain.items():
+        table.append(f"  M={m:3d}  " + "  ".join(f"{v} {t:6.2f} ms" for v, t in ms.items()))
     print("\n".join(table))
     if not any("best" in r for r in results):
         sys.exit(1)

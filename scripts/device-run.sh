@@ -317,13 +317,17 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
     w4a16-marlin) # the Marlin-style CUDA kernel (NVRTC, core/kernels/w4a16_marlin.py; issue 15):
         # every candidate configuration compiled (a failure prints NVRTC's log and the others go
         # on), checked against the exact de-quantized weights and timed per Llama-3.1-8B layer at
-        # M = 1, 4, 16, 32, 64 (ROWS) vs cuBLAS, pegboard's bf16 GEMV and tinygemm; table last;
-        # then the GPU tests of the kernel and of the w4a16 plugin's marlin path
+        # M = 1, 4, 16, 32, 64 (ROWS) vs cuBLAS, pegboard's bf16 GEMV and tinygemm, and the
+        # four layers x 32 chained in one CUDA graph (PDL on/off); table last (MARLIN_BENCH=0:
+        # no bench); then the GPU tests of the kernel and of the w4a16 plugin's marlin path
+        # (MARLIN_TESTS=0: none; bench and tests together may not fit one 10-min call)
         [ -n "${CUDA_HOME:-}" ] || [ ! -d /usr/local/cuda ] || export CUDA_HOME=/usr/local/cuda  # NVRTC's -I
-        timeout 200 python3 scripts/bench_w4a16_marlin.py --rows ${ROWS:-1,4,16,32,64} \
-          --json "$OUT/w4a16-marlin.json" > "$OUT/w4a16-marlin.log" 2>&1
-        echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
-        tail -42 "$OUT/w4a16-marlin.log"
+        if [ "${MARLIN_BENCH:-1}" != 0 ]; then
+          timeout ${BENCH_TIMEOUT:-300} python3 scripts/bench_w4a16_marlin.py --rows ${ROWS:-1,4,16,32,64} \
+            --budget-s ${BENCH_BUDGET_S:-220} --json "$OUT/w4a16-marlin.json" > "$OUT/w4a16-marlin.log" 2>&1
+          echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
+          tail -50 "$OUT/w4a16-marlin.log"
+        fi
         [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-240} gpu_tests \
           gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py $MARLIN_PLUGIN_TESTS ;;
     llama-bs1-marlin) # Llama-3.1-8B batch 1, random weights quantized to W4A16 g128 at load, per
