@@ -7,9 +7,12 @@ PTX ISA's fragment placement, the same flushes, warp and split reductions), mult
 de-quantized weights for group 32/64/128 and per-channel, several shapes (Llama-3.1-8B's on a
 few blocks) and M = 1, 3, 16, 64; a layout with two nibbles swapped fails that check; every
 candidate configuration compiles with nvcc for sm_90a without spills at the groups it takes
-(skipped without nvcc). Marked `gpu` (skipped without CUDA): the NVRTC-compiled kernel against
-the de-quantized reference (every group x Llama shape, every candidate), inside a CUDA graph,
-and with K split across blocks.
+(skipped without nvcc); word rings (`stages`) follow the kernel's cp.async schedule
+(`WordRing`); the ctypes structures of the PDL launch match cuda.h (compiled with `cc`). Marked
+`gpu` (skipped without CUDA): the NVRTC-compiled kernel against the de-quantized reference
+(every group x Llama shape, every candidate), inside a CUDA graph, with K split across blocks;
+rings and PDL give the same bits as the configuration without, a chain of PDL launches reads
+each output after it is written, eager and replayed in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -379,3 +383,77 @@ def test_k_split_across_blocks_adds_up_and_rearms_in_a_cuda_graph(rows):
         x.copy_(torch.randn_like(x))
         graph.replay()
         assert _rel(out, _reference(x, p)) < 4e-3
+
+
+#: Each new knob beside the configuration it changes: same words, same arithmetic in the same
+#: order, so the same bits out.
+TWINS = [
+    (MarlinConfig(8, 2), MarlinConfig(8, 2, stages=4)),
+    (MarlinConfig(4, 2), MarlinConfig(4, 2, stages=8)),
+    (MarlinConfig(8, 4), MarlinConfig(8, 4, pdl=True)),
+    (MarlinConfig(4, 2), MarlinConfig(4, 2, stages=4, pdl=True)),
+    (MarlinConfig(4, 2, 2), MarlinConfig(4, 2, 2, stages=4, pdl=True)),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("base", "twin"), TWINS, ids=lambda c: c.name)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_rings_and_pdl_give_the_same_bits_as_the_configuration_without(base, twin, rows):
+    p, layout = _llama_layer(4096, 14336, 128)  # down: 28-56 steps a warp, rings wrap
+    x = torch.randn(rows, 14336, device="cuda").to(BF16)
+    want = w4a16_marlin.marlin_linear(x, layout, base)
+    assert torch.equal(w4a16_marlin.marlin_linear(x, layout, twin), want)
+    assert _rel(want, _reference(x, p)) < 4e-3
+
+
+def _chain(x: torch.Tensor, layout, config: MarlinConfig, links: int) -> torch.Tensor:
+    """`links` layers in a row, each reading the one before's output: with PDL each kernel
+    starts before the one before has finished and must wait for it before reading x."""
+    for _ in range(links):
+        x = w4a16_marlin.marlin_linear(x, layout, config)
+    return x
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "config",
+    [MarlinConfig(8, 4, pdl=True), MarlinConfig(4, 2, stages=4, pdl=True)],
+    ids=lambda c: c.name,
+)
+@pytest.mark.parametrize("rows", [1, 16])
+def test_pdl_chain_reads_each_output_after_it_is_written_eager_and_in_a_cuda_graph(config, rows):
+    p, layout = _llama_layer(4096, 4096, 128)
+    plain = replace(config, pdl=False)
+    x = torch.randn(rows, 4096, device="cuda").to(BF16)
+    assert torch.equal(_chain(x, layout, config, 6), _chain(x, layout, plain, 6))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _chain(x, layout, config, 6)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, _chain(x, layout, plain, 6))
+
+
+@gpu
+@needs_cuda
+def test_pdl_and_ring_with_k_split_across_blocks_rearm_in_a_cuda_graph():
+    p = packed_layer(576, 1536, 64, BF16, "float", device="cuda")  # 36 row blocks: K is split
+    layout = to_marlin(p)
+    config = MarlinConfig(warps=4, chunks=1, stages=3, pdl=True)
+    x = torch.randn(16, 1536, device="cuda").to(BF16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # two launches back to back share the counters
+        first = w4a16_marlin.marlin_linear(x, layout, config)
+        second = w4a16_marlin.marlin_linear(x, layout, config)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert _rel(first, _reference(x, p)) < 4e-3
+        assert torch.equal(first, second)
+    assert layout.counters.eq(0).all()
