@@ -296,10 +296,12 @@ typedef unsigned short u16;
 #define UNITS (STEP_TILES / UNIT_TILES)
 #define ONES 0x3F803F80u  // bf16 pair (1.0, 1.0): A operand whose product is sum(x)
 
+#if !STAGES
 static __device__ __forceinline__ void load_words(const u32* p, u32 (&r)[4]) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
 }
+#endif
 
 // 8 columns of one row of x: a lane's B registers for two tiles (marlin_layout.CHUNK_COLUMN)
 static __device__ __forceinline__ void load_x(const u16* p, u32 (&r)[4]) {
@@ -423,7 +425,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][m][i] = 0.f;
 
+#if !STAGES
   u32 next[U][RT][4];
+#endif
   float pnext[UNITS][RT][4];
   // this lane's 16 bytes of chunk c of step s, row tile r
 #define WORDS(s, c, r) (qweight + ((((long)(rt0 + (r)) * chunks + (s) * U + (c)) * 32 + lane) << 2))
