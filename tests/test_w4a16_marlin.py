@@ -41,7 +41,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BF16 = torch.bfloat16
 LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 #: Configurations the emulation runs (uneven warp splits, two row tiles, short steps, bf16
-#: parameters, K split across three blocks, word rings of 2-8 stages around 1-16 steps a warp).
+#: parameters, K split across three blocks, word rings of 2-8 stages around 1-16 steps a warp,
+#: x a step ahead).
 CONFIGS = [
     MarlinConfig(),
     MarlinConfig(warps=4, chunks=2),
@@ -55,6 +56,8 @@ CONFIGS = [
     MarlinConfig(warps=2, chunks=2, row_tiles=2, stages=4),
     MarlinConfig(warps=8, chunks=2, stages=2),
     MarlinConfig(warps=2, chunks=1, stages=4, splits=3),
+    MarlinConfig(warps=3, chunks=2, stages=3, x_ahead=True),
+    MarlinConfig(warps=2, chunks=1, row_tiles=2, x_ahead=True),
 ]
 
 
@@ -171,7 +174,8 @@ def test_a_word_ring_refuses_a_read_before_its_copy_is_waited_for():
 
 def test_configurations_name_their_new_knobs_and_the_old_names_stay():
     assert MarlinConfig(8, 2).name == "w8-c2-r1-f32p"
-    assert MarlinConfig(4, 2, 2, stages=4, pdl=True, splits=2).name == "w4-c2-r2-f32p-st4-pdl-s2"
+    named = MarlinConfig(4, 2, 2, stages=4, x_ahead=True, pdl=True, splits=2).name
+    assert named == "w4-c2-r2-f32p-st4-xa-pdl-s2"
     assert "ring" in config_unsupported_reason(MarlinConfig(stages=4, l2_ahead=1), 1, 64, 1024, 128)
     assert "stages" in config_unsupported_reason(MarlinConfig(stages=1), 1, 64, 1024, 128)
     assert "shared memory" in config_unsupported_reason(
@@ -393,6 +397,9 @@ TWINS = [
     (MarlinConfig(8, 4), MarlinConfig(8, 4, pdl=True)),
     (MarlinConfig(4, 2), MarlinConfig(4, 2, stages=4, pdl=True)),
     (MarlinConfig(4, 2, 2), MarlinConfig(4, 2, 2, stages=4, pdl=True)),
+    (MarlinConfig(8, 2), MarlinConfig(8, 2, stages=4, x_ahead=True)),
+    (MarlinConfig(4, 2, 2), MarlinConfig(4, 2, 2, stages=4, x_ahead=True, pdl=True)),
+    (MarlinConfig(8, 1), MarlinConfig(8, 1, x_ahead=True)),
 ]
 
 
@@ -420,7 +427,11 @@ def _chain(x: torch.Tensor, layout, config: MarlinConfig, links: int) -> torch.T
 @needs_cuda
 @pytest.mark.parametrize(
     "config",
-    [MarlinConfig(8, 4, pdl=True), MarlinConfig(4, 2, stages=4, pdl=True)],
+    [
+        MarlinConfig(8, 4, pdl=True),
+        MarlinConfig(4, 2, stages=4, pdl=True),
+        MarlinConfig(8, 2, stages=4, x_ahead=True, pdl=True),
+    ],
     ids=lambda c: c.name,
 )
 @pytest.mark.parametrize("rows", [1, 16])

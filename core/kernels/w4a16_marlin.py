@@ -55,8 +55,10 @@ class MarlinConfig:
     each warp asks the L2 to fetch (`prefetch.global.L2`: more bytes in flight than registers
     hold), `splits` of K across blocks (0: `auto_splits`; a launch-time choice, not
     compiled in), `stages` of each warp's words in a shared-memory ring filled by `cp.async`
-    (0: the next step's words in registers; 3-4: that many steps in flight) and `pdl`
-    (programmatic dependent launch: the prologue's loads overlap the kernel before)."""
+    (0: the next step's words in registers; 3-4: that many steps in flight), `x_ahead` (the
+    next step's x loaded with its words, all at once, instead of each 16 bytes just before its
+    mma) and `pdl` (programmatic dependent launch: the prologue's loads overlap the kernel
+    before)."""
 
     warps: int = 8
     chunks: int = 4
@@ -65,12 +67,14 @@ class MarlinConfig:
     l2_ahead: int = 0
     splits: int = 0
     stages: int = 0
+    x_ahead: bool = False
     pdl: bool = False
 
     @property
     def name(self) -> str:
         ahead = f"-l2a{self.l2_ahead}" if self.l2_ahead else ""
         ring = f"-st{self.stages}" if self.stages else ""
+        ring += "-xa" if self.x_ahead else ""
         pdl = "-pdl" if self.pdl else ""
         split = f"-s{self.splits}" if self.splits else ""
         base = f"w{self.warps}-c{self.chunks}-r{self.row_tiles}-{self.params}p"
@@ -82,9 +86,10 @@ C = MarlinConfig
 #: the H200 sweep (`scripts/bench_w4a16_marlin.py`) orders them; `default_config` runs the
 #: first that takes the shape. Each compiles for sm_90a without spills at the groups it takes
 #: (tests/test_w4a16_marlin.py); left out because they spilled: 8 chunks, more warps or longer
-#: steps at 4-8 tiles. Not yet measured on a GPU: the word rings (`stages`), programmatic
-#: dependent launch (`pdl`), and two or four row tiles at 2 tiles (x read once per 32-64 rows
-#: of W instead of per 16: at M = 16 a block reads 4x more bytes of x than of words).
+#: steps at 4-8 tiles. Not yet measured on a GPU: the word rings (`stages`), x a step ahead
+#: (`x_ahead`), programmatic dependent launch (`pdl`), and two or four row tiles at 2 tiles
+#: (x read once per 32-64 rows of W instead of per 16: at M = 16 a block reads 4x more bytes
+#: of x than of words).
 CANDIDATES: dict[int, list[MarlinConfig]] = {
     1: [
         C(8, 4),
@@ -108,6 +113,14 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
         C(4, 2, pdl=True),
         C(8, 2, stages=4, pdl=True),
         C(4, 2, stages=4, pdl=True),
+        C(8, 2, x_ahead=True),
+        C(4, 2, x_ahead=True),
+        C(8, 4, x_ahead=True),
+        C(8, 2, stages=4, x_ahead=True),
+        C(4, 2, stages=4, x_ahead=True),
+        C(4, 4, stages=4, x_ahead=True),
+        C(8, 2, stages=4, x_ahead=True, pdl=True),
+        C(4, 2, stages=4, x_ahead=True, pdl=True),
     ],
     2: [
         C(8, 4),
@@ -129,8 +142,14 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
         C(8, 2, pdl=True),
         C(4, 4, pdl=True),
         C(4, 2, 2, stages=4, pdl=True),
+        C(8, 2, x_ahead=True),
+        C(8, 2, stages=4, x_ahead=True),
+        C(4, 2, 2, stages=4, x_ahead=True),
+        C(8, 1, 2, stages=3, x_ahead=True),
+        C(4, 1, 4, stages=3, x_ahead=True),
+        C(4, 2, 2, stages=4, x_ahead=True, pdl=True),
     ],
-    4: [C(8, 2), C(4, 2), C(8, 2, l2_ahead=1), C(8, 1)],
+    4: [C(8, 2), C(4, 2), C(8, 2, l2_ahead=1), C(8, 1), C(8, 1, x_ahead=True)],
     8: [C(8, 1), C(4, 1), C(8, 1, l2_ahead=2), C(2, 1)],
 }
 #: The measured best configuration per layer shape (N, K) and n8 tiles, which the `w4a16`
@@ -281,6 +300,7 @@ def kernel_source(config: MarlinConfig, mt: int, group: int) -> str:
         "GROUP": group,
         "PARAM_KIND": PARAM_KIND[config.params],
         "STAGES": config.stages,
+        "X_AHEAD": int(config.x_ahead),
         "PDL": int(config.pdl),
     }
     return "".join(f"#define {key} {value}\n" for key, value in defines.items()) + SOURCE
@@ -387,11 +407,12 @@ static __device__ __forceinline__ void load_shared(u32 p, u32 (&r)[4]) {
 #endif
 
 // programmatic dependent launch: before it only weights and parameters are read, nothing is
-// stored (no earlier kernel writes those); after it the kernel before has completed
+// stored (no earlier kernel writes those); after it the kernel before has completed. x comes
+// out of the wait: its loads (asm the compiler may move) depend on it
 #if PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define WAIT_FOR_INPUTS()                                        \
-  {                                                              \
-    asm volatile("griddepcontrol.wait;" ::: "memory");            \
+#define WAIT_FOR_INPUTS()                                           \
+  {                                                                 \
+    asm volatile("griddepcontrol.wait;" : "+l"(x) : : "memory");    \
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
   }
 #else
@@ -401,7 +422,7 @@ static __device__ __forceinline__ void load_shared(u32 p, u32 (&r)[4]) {
 extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     const u32* __restrict__ qweight,  // [N / 16, K / 64, 32, 4]
     const void* __restrict__ params,  // [N / 16, K / GROUP, 8, 4] (scale, zero) x rows g, g + 8
-    const u16* __restrict__ x,        // [M, K] bf16
+    const u16* x,                     // [M, K] bf16 (no __restrict__: WAIT_FOR_INPUTS writes it)
     u16* __restrict__ y,              // [M, N] bf16
     float* __restrict__ partials,     // [gridDim.y, M, N] float32 (split K across blocks only)
     u32* __restrict__ counters,       // [gridDim.x] zeros: the blocks of a row tile done so far
@@ -480,10 +501,35 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     if (first + a < last) PREFETCH_L2(first + a)
 #endif
   WAIT_FOR_INPUTS()
+#if X_AHEAD
+  // x of step s: 16 bytes per chunk, half (tiles 2h, 2h + 1) and n8 tile; rows past M zeros
+  u32 xnext[U][2][MT][4];
+#define FETCH_X(s)                                                                      \
+  _Pragma("unroll") for (int c = 0; c < U; ++c)                                         \
+  _Pragma("unroll") for (int h = 0; h < 2; ++h)                                         \
+  _Pragma("unroll") for (int m = 0; m < MT; ++m) {                                      \
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) xnext[c][h][m][i] = 0u;               \
+    if (m * 8 + g < M)                                                                  \
+      load_x(x + (long)(m * 8 + g) * K + ((s) * U + c) * 64 + 32 * h + 8 * t, xnext[c][h][m]); \
+  }
+  if (first < last) FETCH_X(first)
+#endif
 
   for (int s = first; s < last; ++s) {
     u32 cur[U][RT][4];
     float pcur[UNITS][RT][4];
+#if X_AHEAD
+    u32 xcur[U][2][MT][4];
+#pragma unroll
+    for (int c = 0; c < U; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) xcur[c][h][m][i] = xnext[c][h][m][i];
+    if (s + 1 < last) FETCH_X(s + 1)
+#endif
 #if STAGES
     // groups committed: STAGES - 1 + (s - first); step s's is complete once at most the
     // STAGES - 2 after it are pending
@@ -539,10 +585,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
         if ((j & 1) == 0) {  // tiles 2h, 2h + 1 of a chunk: columns 32h + 8t .. + 7 of x
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
+#if X_AHEAD
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xv[m][i] = xcur[c][j >> 1][m][i];
+#else
             const int row = m * 8 + g;  // this lane's row of x for the B fragment
 #pragma unroll
             for (int i = 0; i < 4; ++i) xv[m][i] = 0u;
             if (row < M) load_x(x + (long)row * K + (s * U + c) * 64 + 32 * (j >> 1) + 8 * t, xv[m]);
+#endif
           }
         }
         u32 b[MT][2];
