@@ -407,12 +407,19 @@ TWINS = [
 @needs_cuda
 @pytest.mark.parametrize(("base", "twin"), TWINS, ids=lambda c: c.name)
 @pytest.mark.parametrize("rows", [1, 5, 16])
-def test_rings_and_pdl_give_the_same_bits_as_the_configuration_without(base, twin, rows):
+def test_rings_x_ahead_and_pdl_give_the_bits_of_the_configuration_without(base, twin, rows):
     p, layout = _llama_layer(4096, 14336, 128)  # down: 28-56 steps a warp, rings wrap
     x = torch.randn(rows, 14336, device="cuda").to(BF16)
     want = w4a16_marlin.marlin_linear(x, layout, base)
     assert torch.equal(w4a16_marlin.marlin_linear(x, layout, twin), want)
     assert _rel(want, _reference(x, p)) < 4e-3
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_marlin.marlin_linear(x, layout, twin)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(out, w4a16_marlin.marlin_linear(x, layout, base))
 
 
 def _chain(x: torch.Tensor, layout, config: MarlinConfig, links: int) -> torch.Tensor:
