@@ -316,6 +316,10 @@ def test_candidate_configurations_compile_for_sm90a_without_spills(mt, config, g
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     assert spills and spills.groups() == ("0", "0"), log
     assert regs <= 255
+    # the shared memory `config_unsupported_reason` counts (and `last_block`), within 48 KiB
+    smem = int(re.search(r"(\d+) bytes smem", log).group(1))
+    counted = w4a16_marlin._reduce_bytes(config, mt) + w4a16_marlin._ring_bytes(config) + 4
+    assert smem <= min(counted, 48 * 1024), log
 
 
 # -------------------------------------------------------------------------------- GPU
