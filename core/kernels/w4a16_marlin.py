@@ -21,6 +21,11 @@ How it runs (`SOURCE`):
   words and parameters while it multiplies the current one (`chunks` 16-byte loads per row
   tile in flight per lane, twice). The warps' float32 partial sums meet in shared memory and
   are added in warp order (deterministic), rounded once to bf16.
+- Variants (`MarlinConfig`, not yet measured on a GPU): `stages`, each warp's words through a
+  ring of steps in shared memory (`cp.async`, several steps in flight, no `next` registers);
+  `x_ahead`, the next step's x loaded at once; `pdl`, programmatic dependent launch
+  (`griddepcontrol.wait` after the first words and parameters are loaded, before x is read or
+  anything stored; launched by `cuda_launch.launch_pdl`).
 - Launched on the current stream, no host synchronisation and no workspace: CUDA-graph
   capturable. Grid: one block per `row_tiles` x 16 output rows (no split of K across blocks:
   Llama-3.1-8B's layers give 256-1792 blocks at `row_tiles` 1).
@@ -55,7 +60,7 @@ class MarlinConfig:
     each warp asks the L2 to fetch (`prefetch.global.L2`: more bytes in flight than registers
     hold), `splits` of K across blocks (0: `auto_splits`; a launch-time choice, not
     compiled in), `stages` of each warp's words in a shared-memory ring filled by `cp.async`
-    (0: the next step's words in registers; 3-4: that many steps in flight), `x_ahead` (the
+    (0: the next step's words in registers; n: n - 1 steps in flight), `x_ahead` (the
     next step's x loaded with its words, all at once, instead of each 16 bytes just before its
     mma) and `pdl` (programmatic dependent launch: the prologue's loads overlap the kernel
     before)."""
