@@ -328,7 +328,8 @@ m=h['ms_per_step']; print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host
           echo "bench_w4a16_marlin: exit $?"; grep -A25 "COMPILE FAILED" "$OUT/w4a16-marlin.log" | head -50
           tail -50 "$OUT/w4a16-marlin.log"
         fi
-        [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-240} gpu_tests \
+        tests_s=240; [ "${MARLIN_BENCH:-1}" != 0 ] || tests_s=480  # the call's whole 10 min
+        [ "${MARLIN_TESTS:-1}" = 0 ] || TESTS_TIMEOUT=${TESTS_TIMEOUT:-$tests_s} gpu_tests \
           gpu-tests-w4a16-marlin tests/test_w4a16_marlin.py $MARLIN_PLUGIN_TESTS ;;
     llama-bs1-marlin) # Llama-3.1-8B batch 1, random weights quantized to W4A16 g128 at load, per
         # kernel in $KERNELS (default "marlin tinygemm"): --w4a16-kernel marlin (the Marlin-style
