@@ -158,14 +158,17 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
     8: [C(8, 1), C(4, 1), C(8, 1, l2_ahead=2), C(2, 1)],
 }
 #: The measured best configuration per layer shape (N, K) and n8 tiles, which the `w4a16`
-#: plugin runs (`layer_config`): H200, Llama-3.1-8B g128, float32 parameters, session 12's
-#: sweep (docs/bench/h200-w4a16-marlin-s12.json). Tiles 1 (M <= 8) from M = 1 and 4, whose
-#: best agreed on every layer; tiles 2 (M 9-16) from M = 16.
+#: plugin runs (`layer_config`): H200, Llama-3.1-8B g128, float32 parameters. Tiles 1 (M <= 8):
+#: session 13's sweep at M = 1 (docs/bench/h200-w4a16-marlin-pdl-s13.json), PDL on: the four
+#: layers x 32 chained in one CUDA graph 1.54 ms vs 1.67 with session 12's configurations and
+#: 1.75 with the same ones without PDL. Tiles 2 (M 9-16): session 12's, from M = 16 (there the
+#: per-layer best with or without PDL chained slower, 2.64 / 2.97 ms, than these, 2.38).
 LAYER_CONFIGS: dict[tuple[int, int], dict[int, MarlinConfig]] = {
-    (6144, 4096): {1: C(8, 2), 2: C(4, 4)},  # qkv: 8.1 / 8.4 / 10.7 us at M = 1 / 4 / 16
-    (4096, 4096): {1: C(8, 4), 2: C(8, 2)},  # o: 6.2 / 6.2 / 7.5 us
-    (28672, 4096): {1: C(4, 2), 2: C(4, 4)},  # gate_up: 24.0 / 23.9 / 38.0 us
-    (4096, 14336): {1: C(8, 4), 2: C(8, 2)},  # down: 15.1 / 16.1 / 19.6 us
+    # qkv: 8.1 -> 7.3 us at M = 1; 10.7 at 16
+    (6144, 4096): {1: C(8, 2, stages=4, x_ahead=True, pdl=True), 2: C(4, 4)},
+    (4096, 4096): {1: C(8, 4, pdl=True), 2: C(8, 2)},  # o: 6.2 -> 4.9 us; 7.5
+    (28672, 4096): {1: C(4, 2, pdl=True), 2: C(4, 4)},  # gate_up: 24.0 -> 23.1 us; 38.0
+    (4096, 14336): {1: C(8, 4, pdl=True), 2: C(8, 2)},  # down: 15.1 -> 12.8 us; 19.6
 }
 #: Other shapes: the configuration of least summed time over those four layers in the same
 #: sweep (tiles 1: w8-c4, at most 1.20x a layer's best; tiles 2: w8-c2, at most 1.21x).
