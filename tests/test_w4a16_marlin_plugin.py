@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import build_tiny_model
+from fixtures.int4_layers import rel_error
 from fixtures.marlin_emulation import emulate
 from fixtures.quantized import quantize_checkpoint
 from pegboard.core.kernels import w4a16, w4a16_marlin, w4a16_tinygemm
@@ -28,10 +29,6 @@ from pegboard.sdk.linear import LinearSpec, QuantizationConfig, QuantizationErro
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BF16 = torch.bfloat16
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
@@ -110,16 +107,16 @@ def test_calls_of_up_to_16_rows_go_to_marlin_and_larger_ones_to_pegboards_kernel
         out = layer(x)
         assert out.shape == (*shape[:-1], 64) and out.dtype == BF16
         ref = _reference(x.reshape(-1, 256), layer) + layer.bias.double()
-        assert _rel(out.reshape(-1, 64), ref) < 1e-2
+        assert rel_error(out.reshape(-1, 64), ref) < 1e-2
     assert [rows for rows, _ in marlin_calls] == [1, 3, 8, 9, 16] and triton_calls == [17, 40]
 
 
 def test_each_layer_runs_the_configuration_measured_for_its_shape_and_rows():
     config = w4a16_marlin.layer_config
-    # Llama-3.1-8B g128 (session 12's sweep): tiles 1 (M <= 8), tiles 2 (M 9-16)
-    assert config(1, 6144, 4096, 128) == MarlinConfig(8, 2)
+    # Llama-3.1-8B g128: tiles 1 (M <= 8, session 13's sweep, PDL), tiles 2 (M 9-16, session 12's)
+    assert config(1, 6144, 4096, 128) == MarlinConfig(8, 2, stages=4, x_ahead=True, pdl=True)
     assert config(2, 6144, 4096, 128) == MarlinConfig(4, 4)
-    assert config(1, 28672, 4096, 128) == MarlinConfig(4, 2)
+    assert config(1, 28672, 4096, 128) == MarlinConfig(4, 2, pdl=True)
     assert config(2, 4096, 14336, 128) == MarlinConfig(8, 2)
     # other shapes: the least summed time; a group the measured step cannot take: a candidate
     assert config(1, 1024, 3072, 128) == MarlinConfig(8, 4)
@@ -172,7 +169,7 @@ def test_activation_order_permutes_x_before_marlin(monkeypatch, source_dir, tmp_
     expected = layer(x).double()  # the portable path: de-quantize + matmul
     runner.model.set_fused_kernels(True)
     assert layer.marlin is not None
-    assert _rel(layer(x), expected) < 1e-2 and [r for r, _ in marlin_calls] == [3]
+    assert rel_error(layer(x), expected) < 1e-2 and [r for r, _ in marlin_calls] == [3]
     runner.model.set_fused_kernels(False)
     assert layer.marlin is None and layer.marlin_configs == ()
 
@@ -274,7 +271,7 @@ def test_a_llama_layer_through_the_plugin_replays_in_a_cuda_graph(shape):
             x.copy_(torch.randn_like(x))
             graph.replay()
             ref = _reference(x, layer) + layer.bias.double()
-            assert _rel(out, ref) < 4e-3
+            assert rel_error(out, ref) < 4e-3
 
 
 def test_a_configuration_nvrtc_rejects_is_compiled_once_per_process(monkeypatch):
