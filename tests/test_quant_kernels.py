@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
+from fixtures.int4_layers import rel_error
 from pegboard.core.kernels.w4a16 import (  # noqa: E402
     W4A16Config,
     pick_config,
@@ -276,11 +277,7 @@ def w4a16_errors(q_dir, deq_dir, method: str, kernel: str):
     runner, got = gpu_logits(q_dir, linear=LinearChoice("w4a16", plugin.linear_kernel, quant))
     _, oracle = gpu_logits(deq_dir, "float32")
     _, bf16 = gpu_logits(deq_dir)
-    return runner, _rel(got, oracle), _rel(bf16, oracle)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+    return runner, rel_error(got, oracle), rel_error(bf16, oracle)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test above covers the device")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.int4_layers import packed_layer
+from fixtures.int4_layers import packed_layer, rel_error
 from fixtures.marlin_emulation import WordRing, emulate
 from pegboard.core.kernels import cuda_launch, w4a16_marlin
 from pegboard.core.kernels.w4a16_marlin import MarlinConfig, config_unsupported_reason
@@ -64,10 +64,6 @@ CONFIGS = [
 #: Norm-relative error bounds vs the exact product: float32 parameters leave the bf16 output's
 #: rounding only; float16 zeros round to 11 bits, bf16 scales and zeros to 8 (tinygemm's).
 ERROR_BOUND = {"f32": 4e-3, "f16": 4e-3, "bf16": 1e-2}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _reference(x: torch.Tensor, p: PackedInt4) -> torch.Tensor:
@@ -115,7 +111,7 @@ def test_emulated_kernel_multiplies_like_the_dequantized_weights(config, group, 
     if reason:
         pytest.skip(reason)
     x = torch.randn(rows, k).to(BF16)
-    err = _rel(emulate(x, layout, config), _reference(x, p))
+    err = rel_error(emulate(x, layout, config), _reference(x, p))
     # float32 parameters: the bf16 output's rounding only; bf16 ones: tinygemm's precision
     assert err < ERROR_BOUND[config.params]
 
@@ -126,7 +122,7 @@ def test_emulated_kernel_takes_small_and_uneven_shapes(shape):
     p = packed_layer(n, k, 64, BF16, "float")
     x = torch.randn(5, k).to(BF16)
     config = MarlinConfig(warps=4, chunks=1)
-    assert _rel(emulate(x, to_marlin(p), config), _reference(x, p)) < 4e-3
+    assert rel_error(emulate(x, to_marlin(p), config), _reference(x, p)) < 4e-3
 
 
 @functools.cache
@@ -146,7 +142,7 @@ def test_emulated_kernel_on_llama_shapes_first_and_last_blocks(shape, rows):
     x = torch.randn(rows, k).to(BF16)
     config = w4a16_marlin.default_config(rows, n, k, 128)
     y = emulate(x, layout, config, [0, n // 16 - 1])
-    assert _rel(y[:, out_rows], x.double() @ w.t()) < 4e-3
+    assert rel_error(y[:, out_rows], x.double() @ w.t()) < 4e-3
 
 
 def test_a_layout_with_two_nibbles_swapped_gives_wrong_products(monkeypatch):
@@ -155,7 +151,7 @@ def test_a_layout_with_two_nibbles_swapped_gives_wrong_products(monkeypatch):
     swapped = list(marlin_layout.NIBBLE_ELEMENT)
     swapped[1], swapped[4] = swapped[4], swapped[1]  # rows g + 8 and g of column 2t swapped
     monkeypatch.setattr(marlin_layout, "NIBBLE_ELEMENT", tuple(swapped))
-    assert _rel(emulate(x, to_marlin(p), MarlinConfig()), _reference(x, p)) > 0.3
+    assert rel_error(emulate(x, to_marlin(p), MarlinConfig()), _reference(x, p)) > 0.3
 
 
 @pytest.mark.parametrize("stages", range(2, 9))
@@ -340,7 +336,7 @@ def test_kernel_matches_the_dequantized_reference_on_llama_shapes(group, shape, 
     n, k = shape
     p, layout = _llama_layer(n, k, _group(k, group))
     x = torch.randn(rows, k, device="cuda").to(BF16)
-    assert _rel(w4a16_marlin.marlin_linear(x, layout), _reference(x, p)) < 4e-3
+    assert rel_error(w4a16_marlin.marlin_linear(x, layout), _reference(x, p)) < 4e-3
 
 
 @gpu
@@ -353,7 +349,7 @@ def test_every_candidate_configuration_matches_the_reference(mt, config):
         layout = to_marlin(p, w4a16_marlin.PARAM_DTYPES[config.params])
     x = torch.randn(rows, 4096, device="cuda").to(BF16)
     got = w4a16_marlin.marlin_linear(x, layout, config)
-    assert _rel(got, _reference(x, p)) < ERROR_BOUND[config.params]
+    assert rel_error(got, _reference(x, p)) < ERROR_BOUND[config.params]
 
 
 @gpu
@@ -370,7 +366,7 @@ def test_kernel_with_leading_dimensions_replays_in_a_cuda_graph():
         x.copy_(torch.randn_like(x))
         graph.replay()
         assert out.shape == (2, 2, 4096)
-        assert _rel(out.reshape(4, 4096), _reference(x.reshape(4, 4096), p)) < 4e-3
+        assert rel_error(out.reshape(4, 4096), _reference(x.reshape(4, 4096), p)) < 4e-3
 
 
 @gpu
@@ -381,7 +377,7 @@ def test_k_split_across_blocks_adds_up_and_rearms_in_a_cuda_graph(rows):
     layout = to_marlin(p)
     config = MarlinConfig(warps=4, chunks=1)
     x = torch.randn(rows, 1536, device="cuda").to(BF16)
-    assert _rel(w4a16_marlin.marlin_linear(x, layout, config), _reference(x, p)) < 4e-3
+    assert rel_error(w4a16_marlin.marlin_linear(x, layout, config), _reference(x, p)) < 4e-3
     assert layout.counters.eq(0).all()  # the last block of each row tile re-armed its counter
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -390,7 +386,7 @@ def test_k_split_across_blocks_adds_up_and_rearms_in_a_cuda_graph(rows):
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
-        assert _rel(out, _reference(x, p)) < 4e-3
+        assert rel_error(out, _reference(x, p)) < 4e-3
 
 
 #: Each new knob beside the configuration it changes: same words, same arithmetic in the same
@@ -416,7 +412,7 @@ def test_rings_x_ahead_and_pdl_give_the_bits_of_the_configuration_without(base, 
     x = torch.randn(rows, 14336, device="cuda").to(BF16)
     want = w4a16_marlin.marlin_linear(x, layout, base)
     assert torch.equal(w4a16_marlin.marlin_linear(x, layout, twin), want)
-    assert _rel(want, _reference(x, p)) < 4e-3
+    assert rel_error(want, _reference(x, p)) < 4e-3
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -476,6 +472,6 @@ def test_pdl_and_ring_with_k_split_across_blocks_rearm_in_a_cuda_graph():
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
-        assert _rel(first, _reference(x, p)) < 4e-3
+        assert rel_error(first, _reference(x, p)) < 4e-3
         assert torch.equal(first, second)
     assert layout.counters.eq(0).all()

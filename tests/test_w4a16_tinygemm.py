@@ -17,7 +17,7 @@ import functools
 import pytest
 import torch
 from fixtures import build_tiny_model
-from fixtures.int4_layers import packed_layer
+from fixtures.int4_layers import packed_layer, rel_error
 from fixtures.quantized import FORMAT_VARIANTS, quantize_checkpoint, variant_id
 from pegboard.core.kernels import w4a16_marlin, w4a16_tinygemm
 from pegboard.plugins.linear.int4 import PackedInt4, dequantize_packed
@@ -33,10 +33,6 @@ from pegboard.sdk.linear import LinearSpec, QuantizationConfig, QuantizationErro
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BF16 = torch.bfloat16
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _tinygemm(x: torch.Tensor, p: PackedInt4) -> torch.Tensor:
@@ -71,9 +67,9 @@ def test_cpu_op_multiplies_like_the_dequantized_weights(rows, offsets, group):
     x = torch.randn(rows, 512).to(BF16)
     got = _tinygemm(x, p)
     assert got.dtype == BF16 and got.shape == (rows, 48)
-    assert _rel(got, _reference(x, p)) < 1e-2
+    assert rel_error(got, _reference(x, p)) < 1e-2
     # and like the weights the CUDA kernel multiplies (bf16 scale and zero)
-    assert _rel(got, x.double() @ dequantize_tinygemm(p, torch.float32).double().t()) < 1e-2
+    assert rel_error(got, x.double() @ dequantize_tinygemm(p, torch.float32).double().t()) < 1e-2
 
 
 def test_no_rows_give_no_rows():
@@ -115,7 +111,7 @@ def test_every_format_multiplies_through_the_cpu_op_like_its_dequantized_weights
     for layer in layers:
         p = PackedInt4(layer.qweight, layer.scales, layer.offsets, layer.group_size, None)
         x = torch.randn(2, layer.spec.in_features, generator=gen).to(BF16)
-        err = _rel(_tinygemm(x, p), _reference(x, p))  # x in the serving (permuted) order
+        err = rel_error(_tinygemm(x, p), _reference(x, p))  # x in the serving (permuted) order
         assert err < 1e-2, f"{layer.spec.name}: {err:.2e}"
     if opts.get("desc_act"):
         assert any(layer.perm is not None for layer in layers)
@@ -173,7 +169,7 @@ def test_calls_of_few_rows_go_to_tinygemm_and_larger_ones_to_pegboards_kernels(m
         out = layer(x)
         assert out.shape == (*shape[:-1], 64)
         ref = _reference(x.reshape(-1, 256), p) + layer.bias.double()
-        assert _rel(out.reshape(-1, 64), ref) < 1e-2
+        assert rel_error(out.reshape(-1, 64), ref) < 1e-2
     assert tiny_calls == [1, 2, 4, 4] and triton_calls == [5, 16]
 
 
@@ -191,7 +187,7 @@ def test_activation_order_permutes_x_before_tinygemm(monkeypatch, source_dir, tm
     expected = layer(x).double()  # the portable path: de-quantize + matmul
     layer.set_fused_kernels(True)  # auto: tinygemm where it runs (here: as if on CUDA)
     assert layer.tinygemm is not None
-    assert _rel(layer(x), expected) < 1e-2 and tiny_calls == [3]
+    assert rel_error(layer(x), expected) < 1e-2 and tiny_calls == [3]
     layer.set_fused_kernels(False)
     assert layer.tinygemm is None
 
@@ -298,7 +294,7 @@ def test_tinygemm_matches_the_dequantized_reference_on_llama_shapes(group, shape
     p, t = _llama_layer(n, k, k if group == -1 else group)
     x = torch.randn(rows, k, device="cuda").to(BF16)
     # the same bound as pegboard's and gemlite's kernels (bf16 scale/zero: ~1.15x their error)
-    assert _rel(_run(x, t), _reference(x, p)) < 1e-2
+    assert rel_error(_run(x, t), _reference(x, p)) < 1e-2
 
 
 @gpu
@@ -317,7 +313,7 @@ def test_tinygemm_with_bias_and_leading_dimensions_replays_in_a_cuda_graph():
         graph.replay()
         assert out.shape == (2, 1, 4096)
         ref = _reference(x.reshape(2, 4096), p) + bias.double()
-        assert _rel(out.reshape(2, 4096), ref) < 1e-2
+        assert rel_error(out.reshape(2, 4096), ref) < 1e-2
 
 
 @gpu
