@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from pegboard.core.kernels.cuda_launch import launch_pdl
+from pegboard.core.kernels.cuda_support import bf16_sm80_reason
 from pegboard.core.kernels.pdl import pdl_enabled
 
 #: The largest M (rows of x) the kernel takes: eight n8 tiles.
@@ -185,18 +186,10 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernel cannot run this model's layers here (None if it can): an NVIDIA GPU of
     compute capability 8.0 or more (bf16 `mma.sync`), bf16 activations, and a torch with NVRTC
     (`torch.cuda._compile_kernel`)."""
-    if device.type != "cuda":
-        return "the Marlin kernel runs on CUDA devices only"
-    if dtype != torch.bfloat16:
-        return f"the Marlin kernel multiplies bf16 activations only, not {dtype}"
-    if torch.version.hip is not None:
-        return "the Marlin kernel is PTX for NVIDIA GPUs only"
-    if not hasattr(torch.cuda, "_compile_kernel"):
-        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"the Marlin kernel needs compute capability 8.0+, this GPU is {major}.{minor}"
-    return None
+    reason = bf16_sm80_reason("the Marlin kernel", device, dtype)
+    if reason is None and not hasattr(torch.cuda, "_compile_kernel"):
+        reason = f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    return reason
 
 
 def layer_config(tiles: int, n: int, k: int, group: int) -> MarlinConfig:

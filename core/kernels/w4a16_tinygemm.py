@@ -25,6 +25,7 @@ calls them for CPU tensors, so tests exercise the whole conversion on CPU.
 from __future__ import annotations
 
 import torch
+from pegboard.core.kernels.cuda_support import bf16_sm80_reason
 
 #: Rows of x up to which the plugin calls tinygemm (more: pegboard's Triton kernels). H200,
 #: Llama-3.1-8B's four linears summed (scripts/bench_int4pack.py): 1.65x cuBLAS bf16 at 1 row,
@@ -41,19 +42,11 @@ INNER_K_TILES = (8, 4, 2)
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why tinygemm cannot run this model's layers here (None if it can): a CUDA device of
     compute capability 8.0 or more, bf16 activations (the only dtype the kernel takes), and a
-    torch that has the op."""
-    if device.type != "cuda":
-        return "tinygemm runs on CUDA devices only"
-    if dtype != torch.bfloat16:
-        return f"tinygemm multiplies bf16 activations only, not {dtype}"
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-        return f"torch {torch.__version__} has no _weight_int4pack_mm"
-    if torch.version.hip is not None:
-        return "tinygemm is used on NVIDIA GPUs only (ROCm packs its tiles differently)"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"tinygemm needs compute capability 8.0+, this GPU is {major}.{minor}"
-    return None
+    torch that has the op (on NVIDIA GPUs: ROCm packs its tiles differently)."""
+    reason = bf16_sm80_reason("tinygemm", device, dtype)
+    if reason is None and not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        reason = f"torch {torch.__version__} has no _weight_int4pack_mm"
+    return reason
 
 
 def tinygemm_group(group: int) -> int | None:
