@@ -77,7 +77,7 @@ Kernel = Literal["auto", "triton", "gemlite", "tinygemm", "marlin"]
 AUTO_PREFERS_GEMLITE = False
 #: Whether `--w4a16-kernel auto` runs the Marlin kernel (where it runs; tinygemm where it
 #: cannot take a layer) instead of tinygemm: on the H200 Llama-3.1-8B W4A16 g128 decodes at
-#: batch 1 at 380.4 tok/s with it, 320.1 with tinygemm (docs/benchmarks.md, sessions 11/13).
+#: batch 1 at 380.4-416.7 tok/s with it, 320.1 with tinygemm (docs/benchmarks.md, sessions 11/13).
 AUTO_PREFERS_MARLIN = True
 #: `w4a16_gemlite.self_check`'s verdict per (N, K, group, dtype, form): once per process.
 _gemlite_checked: dict[tuple, str | None] = {}
