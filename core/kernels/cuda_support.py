@@ -1,6 +1,10 @@
-"""Whether a bf16 CUDA kernel of pegboard's can run a model's layers on a device."""
+"""Whether a CUDA kernel of pegboard's can run here, and launch with PDL. No Triton: the
+modules that only ask (plugins at import, the CLI before the model loads) stay light."""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -18,3 +22,15 @@ def bf16_sm80_reason(kernel: str, device: torch.device, dtype: torch.dtype) -> s
     if major < 8:
         return f"{kernel} needs compute capability 8.0+, this GPU is {major}.{minor}"
     return None
+
+
+@functools.cache
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (`pdl.py`): a CUDA
+    GPU of compute capability 9 or newer, unless `PEGBOARD_DISABLE_PDL` is set (not "0"), and
+    never in the Triton interpreter."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") != "0":
+        return False
+    if os.environ.get("PEGBOARD_DISABLE_PDL", "0") not in ("", "0"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9

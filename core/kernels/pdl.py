@@ -13,24 +13,13 @@ usual and are waited for as usual. CUDA graphs capture the dependency as a progr
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.cuda_support import pdl_enabled
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-
-@functools.cache
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: a CUDA GPU of compute capability 9 or
-    newer, unless `PEGBOARD_DISABLE_PDL` is set (not "0"), and never in the interpreter."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") != "0":
-        return False
-    if os.environ.get("PEGBOARD_DISABLE_PDL", "0") not in ("", "0"):
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+__all__ = ["launch_options", "pdl_enabled", "wait_for_inputs"]
 
 
 def launch_options(device: torch.device) -> dict[str, bool]:

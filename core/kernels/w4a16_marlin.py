@@ -42,8 +42,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from pegboard.core.kernels.cuda_launch import launch_pdl
-from pegboard.core.kernels.cuda_support import bf16_sm80_reason
-from pegboard.core.kernels.pdl import pdl_enabled
+from pegboard.core.kernels.cuda_support import bf16_sm80_reason, pdl_enabled
 
 #: The largest M (rows of x) the kernel takes: eight n8 tiles.
 MAX_ROWS = 64
