@@ -43,7 +43,7 @@ generate: install
 
 test: install-dev
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(ARGS)
 
 # The suite without the tests marked `slow` (each takes more than ~10 s on 2 cores).
 test-fast: install-dev
