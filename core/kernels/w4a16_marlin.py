@@ -687,8 +687,8 @@ def compiled(config: MarlinConfig, mt: int, group: int):
     """The NVRTC-compiled kernel for one configuration (cached, a failure too: `auto` tries
     it for every layer of a model; `splits` aside)."""
     kernel = _compiled(replace(config, splits=0), mt, group)
-    if isinstance(kernel, CompileError):
-        raise kernel
+    if isinstance(kernel, CompileError):  # (a new one each time: tracebacks do not pile up)
+        raise CompileError(*kernel.args)
     return kernel
 
 
