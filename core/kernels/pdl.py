@@ -19,8 +19,6 @@ import triton.language as tl
 from pegboard.core.kernels.cuda_support import pdl_enabled
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["launch_options", "pdl_enabled", "wait_for_inputs"]
-
 
 def launch_options(device: torch.device) -> dict[str, bool]:
     """Keyword arguments for launching a kernel that calls `wait_for_inputs(PDL)`."""

@@ -21,8 +21,9 @@ How it runs (`SOURCE`):
   words and parameters while it multiplies the current one (`chunks` 16-byte loads per row
   tile in flight per lane, twice). The warps' float32 partial sums meet in shared memory and
   are added in warp order (deterministic), rounded once to bf16.
-- Variants (`MarlinConfig`, not yet measured on a GPU): `stages`, each warp's words through a
-  ring of steps in shared memory (`cp.async`, several steps in flight, no `next` registers);
+- Variants (`MarlinConfig`; measured on the H200 in session 13, docs/kernels.md): `stages`,
+  each warp's words through a ring of steps in shared memory (`cp.async`, several steps in
+  flight, no `next` registers);
   `x_ahead`, the next step's x loaded at once; `pdl`, programmatic dependent launch
   (`griddepcontrol.wait` after the first words and parameters are loaded, before x is read or
   anything stored; launched by `cuda_launch.launch_pdl`).
@@ -91,10 +92,10 @@ C = MarlinConfig
 #: the H200 sweep (`scripts/bench_w4a16_marlin.py`) orders them; `default_config` runs the
 #: first that takes the shape. Each compiles for sm_90a without spills at the groups it takes
 #: (tests/test_w4a16_marlin.py); left out because they spilled: 8 chunks, more warps or longer
-#: steps at 4-8 tiles. Not yet measured on a GPU: the word rings (`stages`), x a step ahead
-#: (`x_ahead`), programmatic dependent launch (`pdl`), and two or four row tiles at 2 tiles
-#: (x read once per 32-64 rows of W instead of per 16: at M = 16 a block reads 4x more bytes
-#: of x than of words).
+#: steps at 4-8 tiles. Session 13 added the word rings (`stages`), x a step ahead (`x_ahead`),
+#: programmatic dependent launch (`pdl`), and two or four row tiles at 2 tiles (x read once per
+#: 32-64 rows of W instead of per 16: at M = 16 a block reads 4x more bytes of x than of
+#: words); their H200 figures pick `LAYER_CONFIGS` below.
 CANDIDATES: dict[int, list[MarlinConfig]] = {
     1: [
         C(8, 4),

@@ -42,7 +42,7 @@ INNER_K_TILES = (8, 4, 2)
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why tinygemm cannot run this model's layers here (None if it can): a CUDA device of
     compute capability 8.0 or more, bf16 activations (the only dtype the kernel takes), and a
-    torch that has the op (on NVIDIA GPUs: ROCm packs its tiles differently)."""
+    torch that has the op; NVIDIA GPUs only (ROCm packs its tiles differently)."""
     reason = bf16_sm80_reason("tinygemm", device, dtype)
     if reason is None and not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
         reason = f"torch {torch.__version__} has no _weight_int4pack_mm"
