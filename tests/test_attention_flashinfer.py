@@ -550,6 +550,10 @@ def test_gpu_greedy_generation_equals_the_triton_backend(tmp_path, fused, kv_cac
                 assert llm.engine.kv.stats()["prefix_hit_tokens"] >= 32
                 runner = llm.engine.runner
                 assert runner.cuda_graphs is not None and runner.cuda_graphs.num_replays > 0
-    equal = assert_greedy_agrees_up_to_near_ties(outs["triton"], outs["flashinfer"])
+    # FP8: each backend stores the K/V its own prefill computed, and an e4m3 step is 1/8 of the
+    # value, so a bf16-rounding difference can become a whole e4m3 step: a wider near-tie
+    # (the H200 showed a 0.19-nat tie part them, session 14)
+    gap = 0.3 if kv_cache_dtype == "fp8_e4m3" else 0.1
+    equal = assert_greedy_agrees_up_to_near_ties(outs["triton"], outs["flashinfer"], gap)
     print(f"{equal} of {sum(len(o.token_ids) for o in outs['triton'])} tokens equal")
     assert equal >= 20  # near-ties are rare: most tokens are compared
