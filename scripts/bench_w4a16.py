@@ -21,11 +21,14 @@ error against `x @ dequantize(W).T` in float32.
   tinygemm`, which the plugin runs up to `w4a16_tinygemm.MAX_ROWS` rows) on the same weights
   converted as the plugin converts them (`tinygemm_layout.to_tinygemm`), with its error; said
   and skipped where it cannot run.
+- `--dequant`: also time the many-rows path (`w4a16_dequant.dequant_linear`: the layer
+  de-quantized into one shared bf16 buffer, then cuBLAS; `--w4a16-dequant-min-rows`), with its
+  error; `--model qwen3-0.6b` times that model's layers instead of Llama-3.1-8B's.
 - `--step`: all linear layers of one Llama-3.1-8B decode step (32 layers, distinct weights) in
   one graph, bf16 vs W4A16 (and gemlite, tinygemm with `--gemlite`, `--tinygemm`), at each M.
 
     python3 scripts/bench_w4a16.py [--sweep [--write-table FILE]] [--gemlite] [--tinygemm]
-        [--step]
+        [--step] [--dequant] [--model llama-3.1-8b|qwen3-0.6b]
         [--group 128] [--rows 1,4,16,32,64] [--layers qkv,o,gate_up,down] [--json FILE]
 
 The sweep's grid: `candidates`. Random weights are GPTQ-symmetric-like (float16 scales, offset -8 x scale: 2 + 2 bytes per
@@ -49,12 +52,18 @@ from bench_gemv import graph_us, relative_error  # scripts/bench_gemv.py (same f
 from pegboard.core.kernels import w4a16
 from pegboard.core.kernels.gemv import linear as gemv_linear
 from pegboard.core.kernels.w4a16 import W4A16Config, pick_config, w4a16_linear
+from pegboard.core.kernels.w4a16_dequant import dequant_linear
 from pegboard.plugins.linear.gemlite_layout import to_gemlite
 from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack
 from pegboard.plugins.linear.tinygemm_layout import to_tinygemm
 from torch.nn import functional as F
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+#: `--model`: the layers (N x K) of each model's decoder layer.
+MODEL_SHAPES = {
+    "llama-3.1-8b": SHAPES,
+    "qwen3-0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)},
+}  # fmt: skip
 ROWS = (1, 4, 16, 32, 64)
 DTYPE, DEVICE = torch.bfloat16, torch.device("cuda")
 ROTATE_BYTES = 2 * 60 * 2**20 * 2  # twice an H200's 60 MiB L2, and some
@@ -178,6 +187,8 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
             row.update(time_gemlite(converted, x, reps, x.float() @ ref_w.to(DTYPE).float().T))
         if args.tinygemm:
             row.update(time_tinygemm(tiny, x, reps, x.float() @ ref_w.to(DTYPE).float().T))
+        if args.dequant:
+            row.update(time_dequant(layers, x, group, reps, x.float() @ ref_w.to(DTYPE).float().T))
         rows.append(row)
         print(
             f"{name:8s} M={m:3d}  cuBLAS {cublas:8.1f} µs  GEMV {gemv:8.1f}  W4A16 {w4:8.1f} "
@@ -200,10 +211,31 @@ def bench_shape(name: str, n: int, k: int, group: int, args) -> list[dict]:
                 f" bf16, err {row['tinygemm_rel_error']:.1e})"
                 if "tinygemm_us" in row
                 else (f"  tinygemm: {row['tinygemm']}" if args.tinygemm else "")
+            )
+            + (
+                f"  dequant+cuBLAS {row['dequant_us']:8.1f} ({min(cublas, gemv) / row['dequant_us']:4.2f}x"
+                f" bf16, err {row['dequant_rel_error']:.1e})"
+                if args.dequant
+                else ""
             ),
             flush=True,
         )
     return rows
+
+
+def time_dequant(layers, x: torch.Tensor, group: int, reps: int, reference) -> dict:
+    """The many-rows path over the same weights: one shared buffer, as the plugin has."""
+    n = layers[0].scales.shape[1]
+    buffer = torch.empty(x.shape[1] * n, device=DEVICE, dtype=DTYPE)
+    calls = [
+        lambda p=p: dequant_linear(x, p.qweight, p.scales, p.offsets, group, buffer) for p in layers
+    ]
+    p = layers[0]
+    out = dequant_linear(x, p.qweight, p.scales, p.offsets, group, buffer)
+    return {
+        "dequant_us": graph_us(calls * reps),
+        "dequant_rel_error": relative_error(out, reference),
+    }
 
 
 def gemlite_layers(layers, n: int, k: int, group: int):
@@ -355,12 +387,14 @@ def main() -> None:
     p.add_argument("--write-table", type=Path, help="with --sweep: the measured table to write")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x (M) to time")
     p.add_argument("--layers", default=",".join(SHAPES), help="layers to time")
+    p.add_argument("--dequant", action="store_true")
+    p.add_argument("--model", choices=list(MODEL_SHAPES), default="llama-3.1-8b")
     p.add_argument("--budget-s", type=float, default=400, help="stop sweeping after this")
     args = p.parse_args()
     args.deadline = time.monotonic() + args.budget_s
     args.rows = tuple(int(r) for r in args.rows.split(","))
     print(torch.cuda.get_device_name(), flush=True)
-    shapes = {name: SHAPES[name] for name in args.layers.split(",")}
+    shapes = {name: MODEL_SHAPES[args.model][name] for name in args.layers.split(",")}
     args.cases_left = len(shapes) * len(args.rows)  # the sweep's budget is shared evenly
     rows = [r for name, (n, k) in shapes.items() for r in bench_shape(name, n, k, args.group, args)]
     if args.sweep and args.write_table:

@@ -397,6 +397,20 @@ h['device_wait_ms_per_step'])" "$OUT/llama8b-bs1-gptq-$kernel.json" $kernel \
             --json "$OUT/llama8b-bs1-$tag.json" 2>"$OUT/llama8b-bs1-$tag.err" | tail -4
           [ $kernel = triton ] || break  # bf16 is llama-bs1-w4a16's second run
         done ;;
+    w4a16-dequant) # issue 15: W4A16 calls of many rows: the W4A16 kernels vs de-quantize + cuBLAS
+        # (w4a16_dequant.py) vs bf16 per layer of Llama-3.1-8B and Qwen3-0.6B at ROWS, then the
+        # nano-vllm workload W4A16 (auto = marlin up to 16 rows) with the path from DEQUANT_ROWS
+        # rows, bf16, and W4A16 with the path off (0)
+        for model in llama-3.1-8b qwen3-0.6b; do
+          timeout 150 python3 scripts/bench_w4a16.py --model $model --dequant --rows ${ROWS:-16,32,64,128,256,1024} \
+            --json "$OUT/w4a16-dequant-$model.json" 2>&1 | grep -v "^  skip" | tail -26
+        done
+        for v in "gptq:${DEQUANT_ROWS:-64}" "none:" "gptq:0"; do
+          IFS=: read -r q rows <<<"$v"; tag=$q${rows:+-dequant$rows}
+          timeout 200 $PB bench offline --random-weights --config qwen3-0.6b \
+            $([ $q = none ] || echo --quantization $q --w4a16-dequant-min-rows $rows) ${BENCH_ARGS:-} \
+            --json "$OUT/offline-$tag.json" 2>"$OUT/offline-$tag.err" | tail -3
+        done ;;
     offline-w4a16|offline-gemlite|offline-marlin) # the nano-vllm workload (Qwen3-0.6B) with W4A16
         # weights (pegboard's kernels; -gemlite: gemlite's, untuned fallback configs for these
         # shapes; -marlin: the Marlin-style kernel for steps of at most 16 rows, which at 256

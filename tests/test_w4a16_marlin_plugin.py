@@ -100,7 +100,7 @@ def test_calls_of_up_to_16_rows_go_to_marlin_and_larger_ones_to_pegboards_kernel
     assert layer.marlin is not None and layer.kernel is not None and layer.tinygemm is None
     assert layer.describe() == (
         "w4a16 g64, Marlin kernel up to 16 rows (4-bit weights held twice), "
-        "Triton W4A16 kernels above"
+        "Triton W4A16 kernels above, de-quantize + cuBLAS from 64 rows"
     )
     for shape in [(1, 256), (3, 256), (2, 4, 256), (9, 256), (16, 256), (17, 256), (40, 256)]:
         x = torch.randn(shape).to(BF16)
@@ -180,7 +180,8 @@ def test_a_layer_marlin_cannot_take_keeps_pegboards_kernels_and_says_why(monkeyp
     layer.set_fused_kernels(True)
     assert layer.marlin is None and layer.kernel is not None
     assert layer.describe() == (
-        "w4a16 g64, Triton W4A16 kernels (not marlin: N=40 is not a multiple of 16)"
+        "w4a16 g64, Triton W4A16 kernels, de-quantize + cuBLAS from 64 rows "
+        "(not marlin: N=40 is not a multiple of 16)"
     )
     layer(torch.randn(1, 256).to(BF16))
     assert marlin_calls == [] and triton_calls == [1]

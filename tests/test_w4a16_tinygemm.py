@@ -161,7 +161,8 @@ def test_calls_of_few_rows_go_to_tinygemm_and_larger_ones_to_pegboards_kernels(m
     layer.set_fused_kernels(True)
     assert layer.tinygemm is not None and layer.kernel is not None
     assert layer.describe() == (
-        "w4a16 g32, tinygemm up to 4 rows (4-bit weights held twice), Triton W4A16 kernels above"
+        "w4a16 g32, tinygemm up to 4 rows (4-bit weights held twice), Triton W4A16 kernels "
+        "above, de-quantize + cuBLAS from 64 rows"
     )
     p = PackedInt4(layer.qweight, layer.scales, layer.offsets, layer.group_size, None)
     for shape in [(1, 256), (2, 256), (4, 256), (2, 2, 256), (5, 256), (16, 256)]:
@@ -199,7 +200,8 @@ def test_a_layer_tinygemm_cannot_take_keeps_pegboards_kernels_and_says_why(monke
         layer.set_fused_kernels(True)
         assert layer.tinygemm is None and layer.kernel is not None
         assert layer.describe() == (
-            "w4a16 g32, Triton W4A16 kernels (not tinygemm: N=36 is not a multiple of 8)"
+            "w4a16 g32, Triton W4A16 kernels, de-quantize + cuBLAS from 64 rows "
+            "(not tinygemm: N=36 is not a multiple of 8)"
         )
         layer(torch.randn(1, 64).to(BF16))
     assert tiny_calls == [] and triton_calls == [1, 1]

@@ -27,6 +27,11 @@ across blocks (fewer row blocks than multiprocessors) keeps its float32 partial 
 runs marlin where it can take a layer, tinygemm where not (`AUTO_PREFERS_MARLIN`: marlin is
 faster end to end on the H200).
 
+Calls of at least `--w4a16-dequant-min-rows` rows (prefill chunks, decode at large batch) run
+neither kernel: the layer is de-quantized into one bf16 buffer all layers of the model share
+(`DequantBuffer`, sized at load for the largest) and multiplied by cuBLAS
+(`pegboard.core.kernels.w4a16_dequant`), which is faster there than any W4A16 kernel here.
+
 Per layer fallback: a projection the checkpoint stored unquantized (the LM head, compressed-
 tensors' `ignore` list, another GGUF type), stacked shards that do not share one group layout,
 or a shape the kernels cannot take, is kept dense; the loader lists such layers once.
@@ -79,6 +84,9 @@ AUTO_PREFERS_GEMLITE = False
 #: cannot take a layer) instead of tinygemm: on the H200 Llama-3.1-8B W4A16 g128 decodes at
 #: batch 1 at 380.4-416.7 tok/s with it, 320.1 with tinygemm (docs/benchmarks.md, sessions 11/13).
 AUTO_PREFERS_MARLIN = True
+#: `--w4a16-dequant-min-rows`' default: from how many rows of x de-quantizing into a bf16
+#: buffer + cuBLAS beats the W4A16 kernels (`pegboard.core.kernels.w4a16_dequant`).
+DEQUANT_MIN_ROWS = 64
 #: `w4a16_gemlite.self_check`'s verdict per (N, K, group, dtype, form): once per process.
 _gemlite_checked: dict[tuple, str | None] = {}
 
@@ -96,6 +104,28 @@ class W4A16Options(pydantic.BaseModel):
         "up to 16 rows, triton above; bf16 only, compiled with NVRTC), or auto: marlin "
         "where it applies, else tinygemm where it applies, else triton",
     )
+    dequant_min_rows: int = pydantic.Field(
+        DEQUANT_MIN_ROWS,
+        ge=0,
+        description="CUDA: calls with at least this many rows of x (prefill chunks, large "
+        "decode batches) de-quantize the layer into one bf16 buffer shared by all layers and "
+        "run cuBLAS, instead of the W4A16 kernels (0: never)",
+    )
+
+
+class DequantBuffer:
+    """The one buffer a model's W4A16 layers de-quantize into for calls of many rows
+    (`pegboard.core.kernels.w4a16_dequant`; one per model, so it goes with the model). Layers
+    `reserve` their size when their kernels are chosen at load, before any CUDA graph is
+    captured, so a captured call never sees `tensor` replaced; they read `tensor` per call."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+    def reserve(self, numel: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Grow `tensor` to at least `numel` elements of `dtype` on `device`."""
+        if self.tensor is None or self.tensor.numel() < numel:
+            self.tensor = torch.empty(numel, device=device, dtype=dtype)
 
 
 class Int4Linear(LinearLayer):
@@ -107,7 +137,13 @@ class Int4Linear(LinearLayer):
     the same for the Marlin kernel (`marlin`, its configuration per rows in `marlin_configs`)."""
 
     def __init__(
-        self, spec: LinearSpec, quant: QuantizationConfig, fmt: Format, kernel: Kernel = "auto"
+        self,
+        spec: LinearSpec,
+        quant: QuantizationConfig,
+        fmt: Format,
+        kernel: Kernel = "auto",
+        dequant: DequantBuffer | None = None,
+        dequant_min_rows: int = 0,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -126,6 +162,10 @@ class Int4Linear(LinearLayer):
         self.marlin_configs: tuple[MarlinConfig, ...] = ()  # index: rows of x (0 to 16)
         self.marlin_partials: torch.Tensor | None = None  # split-K sums, where K is split
         self.marlin_skipped: str | None = None  # why marlin was chosen but not used
+        #: The model's shared buffer for calls of at least `dequant_min_rows` rows (None: off).
+        self.dequant_buffer = dequant if dequant_min_rows > 0 else None
+        self.dequant_min_rows = dequant_min_rows
+        self.dequant_linear = None  # `w4a16_dequant.dequant_linear` while the kernels run
         self._received: dict[str, dict[str, torch.Tensor]] = {s: {} for s in spec.shard_sizes}
         self.qweight: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
@@ -215,7 +255,7 @@ class Int4Linear(LinearLayer):
         if self.gemlite is not None:  # back to the serving layout
             self.qweight = serving_from_plain(self.gemlite.qweight)
             self.gemlite = None
-        self.kernel = None
+        self.kernel = self.dequant_linear = None
         self.tinygemm = self.tinygemm_skipped = None
         self.marlin = self.marlin_partials = self.marlin_skipped = None
         self.marlin_configs = ()
@@ -231,7 +271,7 @@ class Int4Linear(LinearLayer):
         )
         if wants_gemlite and self._use_gemlite():
             return
-        from pegboard.core.kernels import w4a16
+        from pegboard.core.kernels import w4a16, w4a16_dequant
 
         reason = w4a16.unsupported_reason(
             self.spec.out_features, self.spec.in_features, self.group_size
@@ -244,6 +284,10 @@ class Int4Linear(LinearLayer):
             self.marlin_configs = ()
             return
         self.kernel = w4a16.w4a16_linear
+        if self.dequant_buffer is not None:
+            numel = self.spec.in_features * self.spec.out_features
+            self.dequant_buffer.reserve(numel, self.qweight.device, self.spec.dtype)
+            self.dequant_linear = w4a16_dequant.dequant_linear
 
     def _use_gemlite(self) -> bool:
         """Convert to gemlite's layout and run its kernels, if it can take this layer (else
@@ -342,6 +386,11 @@ class Int4Linear(LinearLayer):
             return w4a16_tinygemm.tinygemm_linear(
                 x, t.qweight, t.scales_and_zeros, t.group_size, self.bias
             )
+        if self.dequant_linear is not None and rows >= self.dequant_min_rows:
+            return self.dequant_linear(
+                x, self.qweight, self.scales, self.offsets, self.group_size,
+                self.dequant_buffer.tensor, self.bias,
+            )  # fmt: skip
         if self.gemlite is not None:
             g = self.gemlite
             return self.kernel(x, g.qweight, g.scales, g.zeros, g.group_size, g.fma, self.bias)
@@ -370,6 +419,8 @@ class Int4Linear(LinearLayer):
                 f"tinygemm up to {w4a16_tinygemm.MAX_ROWS} rows (4-bit weights held twice), "
                 f"{how} above"
             )
+        if self.dequant_linear is not None:
+            how += f", de-quantize + cuBLAS from {self.dequant_min_rows} rows"
         if self.gemlite_skipped is not None:
             how += f" (not gemlite: {self.gemlite_skipped})"
         if self.tinygemm_skipped is not None:
@@ -383,18 +434,24 @@ class Int4Method(LinearMethod):
     """Builds `Int4Linear` layers for a quantized checkpoint, dense ones for what it keeps
     unquantized."""
 
-    def __init__(self, quant: QuantizationConfig, kernel: Kernel = "auto") -> None:
+    def __init__(
+        self, quant: QuantizationConfig, kernel: Kernel = "auto", dequant_min_rows: int = 0
+    ) -> None:
         self.quant = quant
         self.kernel = kernel
         self.format = FORMATS[quant.method]
         self.dense = DenseMethod()
+        self.dequant_min_rows = dequant_min_rows
+        self.dequant = DequantBuffer()  # one per model, shared by its layers
 
     def create(self, spec: LinearSpec) -> LinearLayer:
         if spec.tp_size != 1 or spec.parallel != "none":
             raise QuantizationError(f"{spec.name}: tensor-parallel W4A16 layers (not built yet)")
         if spec.name == "lm_head" or _ignored(spec, self.quant.ignore):
             return self.dense.create(spec)
-        return Int4Linear(spec, self.quant, self.format, self.kernel)
+        return Int4Linear(
+            spec, self.quant, self.format, self.kernel, self.dequant, self.dequant_min_rows
+        )
 
 
 def _ignored(spec: LinearSpec, ignore: tuple[str, ...]) -> bool:
@@ -449,7 +506,7 @@ class W4A16Linear(LinearKernel):
             reason = _marlin_unavailable_reason(model)
             if reason is not None:
                 raise QuantizationError(f"--w4a16-kernel marlin: {reason}")
-        return Int4Method(quantization, kernel)
+        return Int4Method(quantization, kernel, self.options.dequant_min_rows)
 
 
 def _marlin_unavailable_reason(model: ModelInfo) -> str | None:
