@@ -86,7 +86,7 @@ def quantized_dirs(tmp_path_factory):
     return quantize_checkpoint(src, root / "gptq", "gptq", sym=False)
 
 
-def w4a16_model(q_dir, dequant_min_rows: int):
+def w4a16_model(q_dir, dequant_min_rows: int | None):
     """A CPU model runner over the GPTQ checkpoint with the `w4a16` plugin's options."""
     from pegboard.core.model_runner import ModelRunner
     from pegboard.core.models.quantization import LinearChoice, detect_quantization
@@ -142,6 +142,16 @@ def test_zero_rows_turns_the_path_off_and_negative_is_refused(quantized_dirs):
     assert all(m.dequant_linear is None and m.dequant_buffer is None for m in layers)
     with pytest.raises(pydantic.ValidationError):
         W4A16Options(dequant_min_rows=-1)
+
+
+def test_unset_the_rows_follow_the_layers_size_as_measured():
+    from pegboard.plugins.linear.w4a16 import W4A16Options, auto_dequant_min_rows
+
+    assert W4A16Options().dequant_min_rows is None
+    assert auto_dequant_min_rows(4096 * 1024) == 64  # Qwen3-0.6B's qkv
+    assert auto_dequant_min_rows(4096 * 4096) == 64  # Llama-3.1-8B's o
+    assert auto_dequant_min_rows(6144 * 4096) == 128  # its qkv
+    assert auto_dequant_min_rows(28672 * 4096) == 128  # its gate_up
 
 
 def test_the_cli_flag_reaches_the_plugins_options():

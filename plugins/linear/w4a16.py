@@ -27,10 +27,12 @@ across blocks (fewer row blocks than multiprocessors) keeps its float32 partial 
 runs marlin where it can take a layer, tinygemm where not (`AUTO_PREFERS_MARLIN`: marlin is
 faster end to end on the H200).
 
-Calls of at least `--w4a16-dequant-min-rows` rows (prefill chunks, decode at large batch) run
-neither kernel: the layer is de-quantized into one bf16 buffer all layers of the model share
-(`DequantBuffer`, sized at load for the largest) and multiplied by cuBLAS
-(`pegboard.core.kernels.w4a16_dequant`), which is faster there than any W4A16 kernel here.
+Calls of at least `--w4a16-dequant-min-rows` rows (prefill chunks, decode at large batch; by
+default 64 or 128 by the layer's size, `auto_dequant_min_rows`) run neither kernel: the layer
+is de-quantized into one bf16 buffer all layers of the model share (`DequantBuffer`, sized at
+load for the largest) and multiplied by cuBLAS (`pegboard.core.kernels.w4a16_dequant`), faster
+there than pegboard's W4A16 kernels on the H200 (up to 4x at 1,024 rows; the nano-vllm workload
+W4A16 18,948 -> 21,905 output tok/s, bf16 24,719).
 
 Per layer fallback: a projection the checkpoint stored unquantized (the LM head, compressed-
 tensors' `ignore` list, another GGUF type), stacked shards that do not share one group layout,
@@ -84,9 +86,22 @@ AUTO_PREFERS_GEMLITE = False
 #: cannot take a layer) instead of tinygemm: on the H200 Llama-3.1-8B W4A16 g128 decodes at
 #: batch 1 at 380.4-416.7 tok/s with it, 320.1 with tinygemm (docs/benchmarks.md, sessions 11/13).
 AUTO_PREFERS_MARLIN = True
-#: `--w4a16-dequant-min-rows`' default: from how many rows of x de-quantizing into a bf16
-#: buffer + cuBLAS beats the W4A16 kernels (`pegboard.core.kernels.w4a16_dequant`).
-DEQUANT_MIN_ROWS = 64
+#: Layers of at most this many weights de-quantize from `SMALL_LAYER_DEQUANT_ROWS` rows of x
+#: unless `--w4a16-dequant-min-rows` says otherwise, larger ones from `LARGE_LAYER_DEQUANT_ROWS`:
+#: where de-quantizing + cuBLAS and the W4A16 kernels crossed on the H200 (session 14,
+#: docs/benchmarks.md): Qwen3-0.6B's layers and Llama-3.1-8B's o (16 M weights) at 32-64 rows,
+#: Llama-3.1-8B's qkv, gate_up and down (25-117 M) at 64-128 (de-quantizing costs ~3 µs per
+#: million weights there).
+SMALL_LAYER = 16 * 2**20
+SMALL_LAYER_DEQUANT_ROWS, LARGE_LAYER_DEQUANT_ROWS = 64, 128
+
+
+def auto_dequant_min_rows(weights: int) -> int:
+    """The rows of x from which a layer of `weights` weights de-quantizes + runs cuBLAS when
+    `--w4a16-dequant-min-rows` is not given."""
+    return SMALL_LAYER_DEQUANT_ROWS if weights <= SMALL_LAYER else LARGE_LAYER_DEQUANT_ROWS
+
+
 #: `w4a16_gemlite.self_check`'s verdict per (N, K, group, dtype, form): once per process.
 _gemlite_checked: dict[tuple, str | None] = {}
 
@@ -104,12 +119,13 @@ class W4A16Options(pydantic.BaseModel):
         "up to 16 rows, triton above; bf16 only, compiled with NVRTC), or auto: marlin "
         "where it applies, else tinygemm where it applies, else triton",
     )
-    dequant_min_rows: int = pydantic.Field(
-        DEQUANT_MIN_ROWS,
+    dequant_min_rows: int | None = pydantic.Field(
+        None,
         ge=0,
         description="CUDA: calls with at least this many rows of x (prefill chunks, large "
         "decode batches) de-quantize the layer into one bf16 buffer shared by all layers and "
-        "run cuBLAS, instead of the W4A16 kernels (0: never)",
+        "run cuBLAS, instead of the W4A16 kernels (0: never; unset: 64 for layers of up to 16 M "
+        "weights, 128 for larger ones, as measured on the H200)",
     )
 
 
@@ -143,7 +159,7 @@ class Int4Linear(LinearLayer):
         fmt: Format,
         kernel: Kernel = "auto",
         dequant: DequantBuffer | None = None,
-        dequant_min_rows: int = 0,
+        dequant_min_rows: int | None = 0,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -162,6 +178,8 @@ class Int4Linear(LinearLayer):
         self.marlin_configs: tuple[MarlinConfig, ...] = ()  # index: rows of x (0 to 16)
         self.marlin_partials: torch.Tensor | None = None  # split-K sums, where K is split
         self.marlin_skipped: str | None = None  # why marlin was chosen but not used
+        if dequant_min_rows is None:
+            dequant_min_rows = auto_dequant_min_rows(spec.in_features * spec.out_features)
         #: The model's shared buffer for calls of at least `dequant_min_rows` rows (None: off).
         self.dequant_buffer = dequant if dequant_min_rows > 0 else None
         self.dequant_min_rows = dequant_min_rows
@@ -435,7 +453,10 @@ class Int4Method(LinearMethod):
     unquantized."""
 
     def __init__(
-        self, quant: QuantizationConfig, kernel: Kernel = "auto", dequant_min_rows: int = 0
+        self,
+        quant: QuantizationConfig,
+        kernel: Kernel = "auto",
+        dequant_min_rows: int | None = 0,
     ) -> None:
         self.quant = quant
         self.kernel = kernel
