@@ -90,8 +90,8 @@ AUTO_PREFERS_MARLIN = True
 #: unless `--w4a16-dequant-min-rows` says otherwise, larger ones from `LARGE_LAYER_DEQUANT_ROWS`:
 #: where de-quantizing + cuBLAS and the W4A16 kernels crossed on the H200 (session 14,
 #: docs/benchmarks.md): Qwen3-0.6B's layers and Llama-3.1-8B's o (16 M weights) at 32-64 rows,
-#: Llama-3.1-8B's qkv, gate_up and down (25-117 M) at 64-128 (de-quantizing costs ~3 µs per
-#: million weights there).
+#: Llama-3.1-8B's qkv, gate_up and down (25-117 M) at 64-128 (de-quantizing costs ~0.5-0.7 µs
+#: per million weights).
 SMALL_LAYER = 16 * 2**20
 SMALL_LAYER_DEQUANT_ROWS, LARGE_LAYER_DEQUANT_ROWS = 64, 128
 
