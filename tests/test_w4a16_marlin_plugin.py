@@ -92,35 +92,40 @@ def test_kernel_option_takes_marlin():
     assert "marlin" in W4A16Options.model_fields["kernel"].description
 
 
-def test_calls_of_up_to_16_rows_go_to_marlin_and_larger_ones_to_pegboards_kernels(monkeypatch):
+def test_calls_of_up_to_32_rows_go_to_marlin_and_larger_ones_to_pegboards_kernels(monkeypatch):
     marlin_calls, triton_calls = _marlin_on_cpu(monkeypatch)
     layer = _layer(bias=True)
     layer.bias = torch.randn(64).to(BF16)
     layer.set_fused_kernels(True)
     assert layer.marlin is not None and layer.kernel is not None and layer.tinygemm is None
     assert layer.describe() == (
-        "w4a16 g64, Marlin kernel up to 16 rows (4-bit weights held twice), "
+        "w4a16 g64, Marlin kernel up to 32 rows (4-bit weights held twice), "
         "Triton W4A16 kernels above, de-quantize + cuBLAS from 64 rows"
     )
-    for shape in [(1, 256), (3, 256), (2, 4, 256), (9, 256), (16, 256), (17, 256), (40, 256)]:
+    shapes = [(1, 256), (3, 256), (2, 4, 256), (9, 256), (16, 256), (17, 256), (32, 256)]
+    for shape in [*shapes, (33, 256), (40, 256)]:
         x = torch.randn(shape).to(BF16)
         out = layer(x)
         assert out.shape == (*shape[:-1], 64) and out.dtype == BF16
         ref = _reference(x.reshape(-1, 256), layer) + layer.bias.double()
         assert rel_error(out.reshape(-1, 64), ref) < 1e-2
-    assert [rows for rows, _ in marlin_calls] == [1, 3, 8, 9, 16] and triton_calls == [17, 40]
+    assert [rows for rows, _ in marlin_calls] == [1, 3, 8, 9, 16, 17, 32]
+    assert triton_calls == [33, 40]
 
 
 def test_each_layer_runs_the_configuration_measured_for_its_shape_and_rows():
     config = w4a16_marlin.layer_config
-    # Llama-3.1-8B g128: tiles 1 (M <= 8, session 13's sweep, PDL), tiles 2 (M 9-16, session 12's)
+    # Llama-3.1-8B g128: tiles 1 (M <= 8, session 13's sweep, PDL), tiles 2 (M 9-16, session 12's),
+    # tiles 4 (M 17-32, session 14's)
     assert config(1, 6144, 4096, 128) == MarlinConfig(8, 2, stages=4, x_ahead=True, pdl=True)
     assert config(2, 6144, 4096, 128) == MarlinConfig(4, 4)
     assert config(1, 28672, 4096, 128) == MarlinConfig(4, 2, pdl=True)
     assert config(2, 4096, 14336, 128) == MarlinConfig(8, 2)
+    assert config(4, 4096, 4096, 128) == MarlinConfig(8, 2, l2_ahead=1)
     # other shapes: the least summed time; a group the measured step cannot take: a candidate
     assert config(1, 1024, 3072, 128) == MarlinConfig(8, 4)
     assert config(2, 1024, 3072, 128) == MarlinConfig(8, 2)
+    assert config(4, 1024, 3072, 128) == MarlinConfig(4, 2)
     assert config(1, 6144, 4096, 32) == MarlinConfig(8, 1)  # steps of 64 columns for group 32
     with pytest.raises(ValueError, match="no Marlin configuration"):
         config(1, 64, 96 * 64 + 32, 32)
@@ -128,15 +133,33 @@ def test_each_layer_runs_the_configuration_measured_for_its_shape_and_rows():
 
 def test_configurations_are_picked_per_rows_at_load(monkeypatch):
     marlin_calls, _ = _marlin_on_cpu(monkeypatch)
-    monkeypatch.setitem(
-        w4a16_marlin.LAYER_CONFIGS, (64, 512), {1: MarlinConfig(4, 2), 2: MarlinConfig(2, 1)}
-    )
+    configs = {1: MarlinConfig(4, 2), 2: MarlinConfig(2, 1), 4: MarlinConfig(8, 1)}
+    monkeypatch.setitem(w4a16_marlin.LAYER_CONFIGS, (64, 512), configs)
     layer = _layer(k=512)
     layer.set_fused_kernels(True)
-    assert len(layer.marlin_configs) == 17
-    for rows in (1, 8, 9, 16):
+    assert len(layer.marlin_configs) == 33
+    for rows in (1, 8, 9, 16, 17, 32):
         layer(torch.randn(rows, 512).to(BF16))
-    assert [c for _, c in marlin_calls] == [MarlinConfig(4, 2)] * 2 + [MarlinConfig(2, 1)] * 2
+    assert [c for _, c in marlin_calls] == [configs[t] for t in (1, 1, 2, 2, 4, 4)]
+
+
+def test_a_layer_no_configuration_takes_at_32_rows_stops_at_16(monkeypatch):
+    marlin_calls, triton_calls = _marlin_on_cpu(monkeypatch)
+    real = w4a16_marlin.layer_config
+
+    def no_tiles_4(tiles, n, k, group):
+        if tiles == 4:
+            raise ValueError("no Marlin configuration takes M=32 (test)")
+        return real(tiles, n, k, group)
+
+    monkeypatch.setattr(w4a16_marlin, "layer_config", no_tiles_4)
+    layer = _layer()
+    layer.set_fused_kernels(True)
+    assert layer.marlin is not None and len(layer.marlin_configs) == 17
+    assert "Marlin kernel up to 16 rows" in layer.describe()
+    for rows in (16, 17):
+        layer(torch.randn(rows, 256).to(BF16))
+    assert [r for r, _ in marlin_calls] == [16] and triton_calls == [17]
 
 
 def test_a_layer_whose_k_is_split_across_blocks_keeps_its_partial_sums(monkeypatch):
@@ -148,7 +171,7 @@ def test_a_layer_whose_k_is_split_across_blocks_keeps_its_partial_sums(monkeypat
     )
     assert splits > 1
     assert layer.marlin_partials.dtype == torch.float32
-    assert layer.marlin_partials.numel() == splits * 16 * 64
+    assert layer.marlin_partials.numel() == splits * 32 * 64
     big = _layer(n=4096, k=256)  # 256 row blocks: one split, nothing kept
     big.set_fused_kernels(True)
     assert big.marlin is not None and big.marlin_partials is None

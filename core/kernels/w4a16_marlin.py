@@ -163,23 +163,30 @@ CANDIDATES: dict[int, list[MarlinConfig]] = {
 #: session 13's sweep at M = 1 (docs/bench/h200-w4a16-marlin-pdl-s13.json), PDL on: the four
 #: layers x 32 chained in one CUDA graph 1.54 ms vs 1.67 with session 12's configurations and
 #: 1.75 with the same ones without PDL. Tiles 2 (M 9-16): session 12's, from M = 16 (there the
-#: per-layer best with or without PDL chained slower, 2.64 / 2.97 ms, than these, 2.38).
+#: per-layer best with or without PDL chained slower, 2.64 / 2.97 ms, than these, 2.38). Tiles
+#: 4 (M 17-32): session 14's sweep at M = 32 (docs/bench/h200-w4a16-marlin-m32-s14.json):
+#: 136.7 us for the four layers vs 156.7 for the Triton W4A16 kernels and 126.3 for bf16.
 LAYER_CONFIGS: dict[tuple[int, int], dict[int, MarlinConfig]] = {
-    # qkv: 8.1 -> 7.3 us at M = 1; 10.7 at 16
-    (6144, 4096): {1: C(8, 2, stages=4, x_ahead=True, pdl=True), 2: C(4, 4)},
-    (4096, 4096): {1: C(8, 4, pdl=True), 2: C(8, 2)},  # o: 6.2 -> 4.9 us; 7.5
-    (28672, 4096): {1: C(4, 2, pdl=True), 2: C(4, 4)},  # gate_up: 24.0 -> 23.1 us; 38.0
-    (4096, 14336): {1: C(8, 4, pdl=True), 2: C(8, 2)},  # down: 15.1 -> 12.8 us; 19.6
+    # qkv: 8.1 -> 7.3 us at M = 1; 10.7 at 16; 16.0 at 32
+    (6144, 4096): {1: C(8, 2, stages=4, x_ahead=True, pdl=True), 2: C(4, 4), 4: C(4, 2)},
+    # o: 6.2 -> 4.9 us; 7.5; 13.1
+    (4096, 4096): {1: C(8, 4, pdl=True), 2: C(8, 2), 4: C(8, 2, l2_ahead=1)},
+    # gate_up: 24.0 -> 23.1 us; 38.0; 74.1
+    (28672, 4096): {1: C(4, 2, pdl=True), 2: C(4, 4), 4: C(4, 2)},
+    # down: 15.1 -> 12.8 us; 19.6; 33.5
+    (4096, 14336): {1: C(8, 4, pdl=True), 2: C(8, 2), 4: C(8, 2, l2_ahead=1)},
 }
 #: Other shapes: the configuration of least summed time over those four layers in the same
-#: sweep (tiles 1: w8-c4, at most 1.20x a layer's best; tiles 2: w8-c2, at most 1.21x).
-DEFAULT_LAYER_CONFIGS: dict[int, MarlinConfig] = {1: C(8, 4), 2: C(8, 2)}
+#: sweep (tiles 1: w8-c4, at most 1.20x a layer's best; tiles 2: w8-c2, at most 1.21x; tiles 4:
+#: w4-c2, 144.7 us summed, at most 1.22x).
+DEFAULT_LAYER_CONFIGS: dict[int, MarlinConfig] = {1: C(8, 4), 2: C(8, 2), 4: C(4, 2)}
 del C
 
 #: Rows of x up to which the `w4a16` plugin calls this kernel (`--w4a16-kernel marlin`; more
 #: rows: pegboard's Triton kernels). In session 12's sweep it beat tinygemm and pegboard's bf16
-#: kernels on all four Llama-3.1-8B layers at M = 1, 4 and 16; M = 32 and 64 were not measured.
-PLUGIN_MAX_ROWS = 16
+#: kernels on all four Llama-3.1-8B layers at M = 1, 4 and 16; at M = 32 (session 14) it beat
+#: the Triton W4A16 kernels by 13 % (0.92x bf16), at M = 64 it lost to them (243 vs 196 us).
+PLUGIN_MAX_ROWS = 32
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -15,15 +15,15 @@ ones to pegboard's Triton kernels, so such a layer holds both layouts: its 4-bit
 (~1.06 bytes per weight at group 128 instead of 0.53; bf16 is 2). CUDA graphs are captured per
 batch size, so which kernel a captured call runs is fixed per graph.
 
-With `--w4a16-kernel marlin` (CUDA, bf16) calls of at most `w4a16_marlin.PLUGIN_MAX_ROWS` (16)
+With `--w4a16-kernel marlin` (CUDA, bf16) calls of at most `w4a16_marlin.PLUGIN_MAX_ROWS` (32)
 rows go to pegboard's Marlin-style CUDA kernel (`pegboard.core.kernels.w4a16_marlin`, compiled
 with NVRTC at load; layout made at load by `marlin_layout.py`) and larger ones to the Triton
-kernels. Each layer runs the configuration measured best for its shape and rows (1-8 rows, 9-16
-rows: `w4a16_marlin.layer_config`). The bias is added after the kernel's bf16 rounding, as for
+kernels. Each layer runs the configuration measured best for its shape and rows (1-8 rows, 9-16,
+17-32: `w4a16_marlin.layer_config`; a layer no configuration takes at 17-32 rows stops at 16). The bias is added after the kernel's bf16 rounding, as for
 tinygemm. Such a layer also holds both layouts: ~1.09 bytes per weight at group 128 (Marlin's
 0.5 + float32 scale and zero per group, 0.06, beside the serving 0.53); a layer whose K is split
 across blocks (fewer row blocks than multiprocessors) keeps its float32 partial sums
-(`marlin_partials`, splits x 16 x N) so that a call allocates nothing but its output. `auto`
+(`marlin_partials`, splits x 32 x N) so that a call allocates nothing but its output. `auto`
 runs marlin where it can take a layer, tinygemm where not (`AUTO_PREFERS_MARLIN`: marlin is
 faster end to end on the H200).
 
@@ -116,7 +116,7 @@ class W4A16Options(pydantic.BaseModel):
         description="CUDA kernels: triton (pegboard's), gemlite (pip install "
         "'pegboard[gemlite]'), tinygemm (torch's int4 kernel for calls of up to 4 rows, "
         "triton above; bf16 only), marlin (pegboard's Marlin-style CUDA kernel for calls of "
-        "up to 16 rows, triton above; bf16 only, compiled with NVRTC), or auto: marlin "
+        "up to 32 rows, triton above; bf16 only, compiled with NVRTC), or auto: marlin "
         "where it applies, else tinygemm where it applies, else triton",
     )
     dequant_min_rows: int | None = pydantic.Field(
@@ -364,15 +364,21 @@ class Int4Linear(LinearLayer):
         if reason is not None:
             self.marlin_skipped = reason
             return
-        rows = w4a16_marlin.PLUGIN_MAX_ROWS
-        tiles = sorted({w4a16_marlin.token_tiles(m) for m in range(1, rows + 1)})
-        try:
-            by_tiles = {t: w4a16_marlin.layer_config(t, n, k, group) for t in tiles}
-            for t, config in by_tiles.items():
+        tiles = sorted(
+            {w4a16_marlin.token_tiles(m) for m in range(1, w4a16_marlin.PLUGIN_MAX_ROWS + 1)}
+        )
+        by_tiles: dict[int, MarlinConfig] = {}
+        for t in tiles:  # as many rows as configurations take (at least 8, else none)
+            try:
+                config = w4a16_marlin.layer_config(t, n, k, group)
                 w4a16_marlin.compiled(config, t, group)
-        except (ValueError, w4a16_marlin.CompileError) as e:
-            self.marlin_skipped = str(e)
-            return
+            except (ValueError, w4a16_marlin.CompileError) as e:
+                if not by_tiles:
+                    self.marlin_skipped = str(e)
+                    return
+                break
+            by_tiles[t] = config
+        rows = 8 * max(by_tiles)
         self.marlin_configs = tuple(
             by_tiles[w4a16_marlin.token_tiles(max(m, 1))] for m in range(rows + 1)
         )
