@@ -19,9 +19,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
+from fixtures import int4_layers  # noqa: E402
 from fixtures.int4_layers import rel_error  # noqa: E402
 from pegboard.core.kernels.w4a16_dequant import dequant_linear, dequantize_into  # noqa: E402
-from pegboard.plugins.linear.int4 import Int4Weights, dequantize_packed, pack  # noqa: E402
+from pegboard.plugins.linear.int4 import dequantize_packed  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,22 +30,16 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def packed_layer(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.01 + 0.001).half().float()
-    offsets = -torch.randint(0, 16, (n, k // group), generator=gen).float() * scales
-    p = pack(Int4Weights(q, scales, offsets, group), dtype)
-    for name in ("qweight", "scales", "offsets"):
-        setattr(p, name, getattr(p, name).to(DEVICE))
-    return p
+def packed_layer(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0, offsets="asym"):
+    return int4_layers.packed_layer(n, k, group, dtype, offsets, seed, DEVICE)
 
 
+@pytest.mark.parametrize("offsets", ["asym", "sym", "float"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(("n", "k", "group"), [(48, 64, 32), (200, 256, 64), (40, 384, 128)])
-def test_the_kernel_writes_exactly_the_dequantized_matrix(n, k, group, dtype):
+def test_the_kernel_writes_exactly_the_dequantized_matrix(n, k, group, dtype, offsets):
     # N and K not multiples of the kernel's blocks: the masked edges are written too.
-    p = packed_layer(n, k, group, dtype)
+    p = packed_layer(n, k, group, dtype, offsets=offsets)
     out = torch.full((k * n + 7,), float("nan"), dtype=dtype, device=DEVICE)
     w = dequantize_into(out, p.qweight, p.scales, p.offsets, group)
     assert w.shape == (k, n) and w.data_ptr() == out.data_ptr()
