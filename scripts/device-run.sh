@@ -18,12 +18,14 @@
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
 #                 [w4a16-marlin] (issue 15: the NVRTC Marlin-style W4A16 kernel vs bf16 and tinygemm)
 #                 [llama-bs1-marlin] [offline-marlin] (issue 15: --w4a16-kernel marlin end to end)
-# GPU tests, one call per shard (each ~7 min at most; `tests` = the four in sequence, which
+# GPU tests, one call per shard (each ~7 min at most; `tests` = the shards in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
-# (kernels, models, memory, plugins; new files land here), tests-2 CUDA graphs and overlap
-# (GRAPH_TESTS), tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA
-# (SPEC_GPU_TESTS); the gemlite path's GPU tests run only in `gemlite-tests` (GEMLITE_TESTS), the
-# w4a16 plugin's marlin path's only in `w4a16-marlin` (MARLIN_PLUGIN_TESTS).
+# (kernels, models, memory, plugins; new files land here), as tests-1a (files up to test_g*)
+# and tests-1b (the rest) on a fresh machine, tests-2 CUDA graphs and overlap (GRAPH_TESTS),
+# tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA (SPEC_GPU_TESTS);
+# FlashInfer's only in `flashinfer-tests` (FLASHINFER_TESTS), the gemlite path's only in
+# `gemlite-tests` (GEMLITE_TESTS), the w4a16 plugin's marlin path's only in `w4a16-marlin`
+# (MARLIN_PLUGIN_TESTS).
 # Each writes gpu-tests-N-full.log with the 25 slowest tests (--durations)
 # and gpu-tests-N.log (its tail); TEST_TIMEOUT per test (150 s),
 # TESTS_TIMEOUT per shard (420 s), PYTEST_ARGS extra pytest arguments (e.g. "-k mixed").
@@ -68,6 +70,9 @@ GRAPH_TESTS="tests/test_cuda_graph.py tests/test_cuda_graph_logits.py tests/test
 SPEC_TESTS="tests/test_speculative_graphs.py tests/test_speculative_tree_graphs.py"
 SPEC_GPU_TESTS="tests/test_speculative_gpu.py"
 GEMLITE_TESTS="tests/test_w4a16_gemlite.py"
+# FlashInfer's GPU tests JIT-compile its kernels with nvcc unless .kernels is carried (~150 s of
+# tests-1a's 529 on a fresh machine, session 14): their own shard
+FLASHINFER_TESTS="tests/test_attention_flashinfer.py"
 MARLIN_PLUGIN_TESTS="tests/test_w4a16_marlin_plugin.py"  # in w4a16-marlin (NVRTC, CUDA_HOME), not tests-1
 gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limit where
   # pytest-timeout exists (the GPU image has it): a hang costs one test, not the shard
@@ -80,14 +85,14 @@ gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limi
   tail -25 "$OUT/$name-full.log" | tee "$OUT/$name.log"
 }
 jobs=("${@:-tests}")
-[ "${jobs[*]}" = tests ] && jobs=(tests-1 tests-2 tests-3 tests-4)  # all shards (more than one call)
+[ "${jobs[*]}" = tests ] && jobs=(tests-1a tests-1b tests-2 tests-3 tests-4 flashinfer-tests)  # (several calls)
 for job in "${jobs[@]}"; do
   case $job in
     tests-1|tests-1a|tests-1b) # every GPU test outside the graph and speculation shards (and the
         # server/bench ones); tests-1a the files up to test_g*, tests-1b the rest (tests-1 alone
         # no longer fits one call on a fresh machine: 7 min for 40 % of it, session 14)
         files=(); for f in tests/test_*.py; do
-          case " $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS $MARLIN_PLUGIN_TESTS " in *" $f "*) continue ;; esac
+          case " $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS $MARLIN_PLUGIN_TESTS $FLASHINFER_TESTS " in *" $f "*) continue ;; esac
           case $f in tests/test_server*|tests/test_bench.py) continue ;; esac
           name=${f#tests/}
           if [ $job = tests-1a ] && [[ $name > test_h ]]; then continue; fi
@@ -376,6 +381,9 @@ h['device_wait_ms_per_step'])" "$OUT/llama8b-bs1-gptq-$kernel.json" $kernel \
         # M = 1/2/4, a graph, every format's tiny model, greedy tokens vs triton; not yet run
         # together: at most 540 s (TESTS_TIMEOUT)
         TESTS_TIMEOUT=${TESTS_TIMEOUT:-540} gpu_tests gpu-tests-w4a16 tests/test_quant_kernels.py tests/test_w4a16_tinygemm.py ;;
+    flashinfer-tests) # the FlashInfer backend's GPU tests (FLASHINFER_TESTS; carry .kernels, else
+        # its kernels compile at first use, 1-2 min each)
+        TESTS_TIMEOUT=${TESTS_TIMEOUT:-540} gpu_tests gpu-tests-flashinfer $FLASHINFER_TESTS ;;
     gemlite-tests) # the gemlite path's GPU tests (GEMLITE_TESTS; needs the gemlite wheel carried):
         # every group size x Llama shape x 1-64 and prefill rows vs the de-quantized reference,
         # scalar-zero/fma forms, CUDA-graph replay with no host sync, every format's tiny model,
