@@ -185,8 +185,9 @@ def test_a_draft_model_is_not_an_eagle_head(case, monkeypatch):
 
 def test_fused_norms_and_rope_draft_as_the_torch_ops(eagle_case):
     """Where the target runs fused Triton kernels (CUDA), the head runs its norms and rope as
-    them too (`use_fused_kernels`; here in Triton's interpreter, float32): the same outputs
-    and drafts as its PyTorch ops, over a catch-up step and a draft step."""
+    them too (`use_fused_kernels`; here in Triton's interpreter, float32) and its projections
+    as the target's (stacked q/k/v and gate/up through `dense.linear`): the same outputs and
+    drafts as its PyTorch ops, over a catch-up step and a draft step."""
     import types
 
     pytest.importorskip("triton", reason="triton is not installed")
@@ -211,6 +212,10 @@ def test_fused_norms_and_rope_draft_as_the_torch_ops(eagle_case):
             out2 = head.step(out, drafts, positions + 1, _MixingAttention(), first=False)
             runs.append((out, out2, drafts, head.draft_ids(out2)))
     assert head.norm.kernel is not None and head.rotary.kernel is not None  # (the fused run)
+    # q/k/v and gate/up as one weight each, the projections' weights views of it (one copy)
+    assert head.qkv_weight.shape[0] == sum(head.qkv_split)
+    assert head.k_proj.weight.data_ptr() == head.qkv_weight[head.qkv_split[0] :].data_ptr()
+    assert head.up_proj.weight.data_ptr() == head.gate_up_weight.chunk(2)[1].data_ptr()
     for torch_ops, fused in zip(*runs):
         if torch_ops.is_floating_point():  # (1e-5 failed by 3.7e-5 at one torch thread)
             torch.testing.assert_close(fused, torch_ops, rtol=1e-4, atol=1e-4)

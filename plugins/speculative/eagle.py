@@ -424,6 +424,10 @@ class EagleHead(nn.Module):
         self.rotary = RotaryEmbedding(
             _rope(cfg), self.head_dim, cfg.get("max_position_embeddings", 4096)
         )
+        #: With the fused kernels (`use_fused_kernels`): `dense.linear`, the q/k/v and gate/up
+        #: weights stacked (each projection's weight a view of its rows); else None.
+        self.linear = self.qkv_weight = self.gate_up_weight = None
+        self.qkv_split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
         # The target's parts, kept out of this module's parameters (`to` must not touch them).
         self.__dict__["embed"] = target.model.embed_tokens
         self.__dict__["target_logits"] = target.compute_logits
@@ -434,12 +438,22 @@ class EagleHead(nn.Module):
         """Run the norms and rope as the fused Triton kernels the target runs on CUDA
         (`CausalLM.set_fused_kernels`): a draft step then launches ~40 kernels fewer (an
         RMSNorm one instead of ~8, rope one in place instead of ~14), in the drafting graphs
-        too."""
+        too. The projections then go through `dense.linear` as the target's do (its GEMV kernels
+        where `gemv.DECODE_CONFIGS` measured them faster than cuBLAS: SmolLM2's o, gate/up and
+        down shapes are the head's too), q/k/v and gate/up as one launch each."""
+        from pegboard.core.kernels import dense
+
         self.rotary.reset_tables()  # float32 tables, which the kernel reads (`to` cast them)
         for module in (self.input_layernorm, self.hidden_norm, self.post_attention_layernorm,
                        self.norm, self.rotary):  # fmt: skip
             if isinstance(module, (RMSNorm, RotaryEmbedding)):
                 module.set_fused_kernels(True)
+        self.qkv_weight = _stacked(self.q_proj, self.k_proj, self.v_proj)
+        self.gate_up_weight = _stacked(self.gate_proj, self.up_proj)
+        self.linear = dense.linear
+
+    def _project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return layer(x) if self.linear is None else self.linear(x, layer.weight, layer.bias)
 
     def sglang_tensors(self) -> dict[str, torch.Tensor | None]:
         """SGLang's checkpoint names of this head's parameters (None: absent in this variant)."""
@@ -505,25 +519,33 @@ class EagleHead(nn.Module):
         their KV is written at its slots); returns the pre-norm output `[rows, hidden]`."""
         emb = self.embed(ids).to(features.dtype)
         if self.eagle3:
-            h = self.fc(features) if first else features
+            h = self._project(self.fc, features) if first else features
             residual = h
             x = torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], dim=-1)
         else:
-            h = self.fc(torch.cat([emb, features], dim=-1))
+            h = self._project(self.fc, torch.cat([emb, features], dim=-1))
             residual = h
             x = self.input_layernorm(h)
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.linear is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.linear(x, self.qkv_weight).split(self.qkv_split, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.rotary.kernel is not None:  # (fused: in place)
             self.rotary.rotate_in_place(positions, q, k)
         else:
             q, k = self.rotary(positions, q, k)
         attn = attention.forward(0, q, k, v)
-        h2 = self.o_proj(attn.reshape(n, -1)) + residual
+        h2 = self._project(self.o_proj, attn.reshape(n, -1)) + residual
         mlp_in = self.post_attention_layernorm(h2)
-        return self.down_proj(F.silu(self.gate_proj(mlp_in)) * self.up_proj(mlp_in)) + h2
+        if self.linear is None:
+            gate, up = self.gate_proj(mlp_in), self.up_proj(mlp_in)
+        else:
+            gate, up = self.linear(mlp_in, self.gate_up_weight).chunk(2, dim=-1)
+        return self._project(self.down_proj, F.silu(gate) * up) + h2
 
     def draft_topk(self, out: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of `out`, the `k` best draft tokens' log-probabilities and target ids."""
@@ -538,6 +560,18 @@ class EagleHead(nn.Module):
             draft = self.lm_head(self.norm(out)).argmax(dim=-1)
             return draft + self.d2t[draft] if self.maps_ids else draft
         return self.target_logits(out).argmax(dim=-1)
+
+
+def _stacked(*layers: nn.Linear) -> torch.Tensor:
+    """The layers' weights stacked along the output dimension, each layer's weight becoming a
+    view of its rows (one copy in memory; for serving: the views need no gradient)."""
+    stacked = torch.cat([layer.weight.detach() for layer in layers])
+    start = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = nn.Parameter(stacked[start : start + rows], requires_grad=False)
+        start += rows
+    return stacked
 
 
 def _rope(cfg: dict) -> RopeConfig:
