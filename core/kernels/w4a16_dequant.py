@@ -6,10 +6,10 @@ weight that the W4A16 kernels, which unpack every weight once per block of rows,
 cuBLAS on bf16 weights; writing the bf16 matrix once (0.5 bytes read + 2 written per weight)
 and running cuBLAS on it costs far less than that, and the bf16 matrix lives only for the
 call: every layer of a model de-quantizes into the same `[K, N]` buffer (the w4a16 plugin's
-`DequantBuffer`), sized at load for the largest layer, so the memory saving of 4-bit weights is kept. vLLM's Marlin runs its
-own GEMM at every batch size instead; here it is measured against pegboard's W4A16 kernels
-(docs/benchmarks.md, session 14) and the rows from which a layer takes this path are the
-plugin's `dequant_min_rows`.
+`DequantBuffer`), sized at load for the largest layer, so the memory saving of 4-bit weights
+is kept. vLLM's Marlin runs its own GEMM at every batch size instead; here this path was
+measured against pegboard's W4A16 kernels (docs/benchmarks.md, session 14), and the rows from
+which a layer takes it are the plugin's `dequant_min_rows`.
 
 The weights are in the serving layout of `pegboard.plugins.linear.int4`: `qweight [K / 8, N]`
 int32 (nibbles `p`, `p + 4` of a word hold input columns `2p`, `2p + 1`), `scales`, `offsets`

@@ -19,8 +19,8 @@ With `--w4a16-kernel marlin` (CUDA, bf16) calls of at most `w4a16_marlin.PLUGIN_
 rows go to pegboard's Marlin-style CUDA kernel (`pegboard.core.kernels.w4a16_marlin`, compiled
 with NVRTC at load; layout made at load by `marlin_layout.py`) and larger ones to the Triton
 kernels. Each layer runs the configuration measured best for its shape and rows (1-8 rows, 9-16,
-17-32: `w4a16_marlin.layer_config`; a layer no configuration takes at 17-32 rows stops at 16). The bias is added after the kernel's bf16 rounding, as for
-tinygemm. Such a layer also holds both layouts: ~1.09 bytes per weight at group 128 (Marlin's
+17-32: `w4a16_marlin.layer_config`; a layer no configuration takes at 17-32 rows stops at 16).
+The bias is added after the kernel's bf16 rounding, as for tinygemm. Such a layer also holds both layouts: ~1.09 bytes per weight at group 128 (Marlin's
 0.5 + float32 scale and zero per group, 0.06, beside the serving 0.53); a layer whose K is split
 across blocks (fewer row blocks than multiprocessors) keeps its float32 partial sums
 (`marlin_partials`, splits x 32 x N) so that a call allocates nothing but its output. `auto`
@@ -175,7 +175,7 @@ class Int4Linear(LinearLayer):
         self.tinygemm: TinygemmLayout | None = None
         self.tinygemm_skipped: str | None = None  # why tinygemm was chosen but not used
         self.marlin: MarlinLayout | None = None
-        self.marlin_configs: tuple[MarlinConfig, ...] = ()  # index: rows of x (0 to 16)
+        self.marlin_configs: tuple[MarlinConfig, ...] = ()  # index: rows of x (0 to 32)
         self.marlin_partials: torch.Tensor | None = None  # split-K sums, where K is split
         self.marlin_skipped: str | None = None  # why marlin was chosen but not used
         if dequant_min_rows is None:
