@@ -359,7 +359,9 @@ class Speculation:
             tree_positions.extend(last + t for t in T.depths(d.parents))
         device = batch.input_ids.device
         # (every request drafts as many on the device: their rows are a view, no upload)
-        uniform = len(on_device) == len(batch.requests) and len({len(t) for t in on_device}) == 1
+        uniform = (
+            len(on_device) == len(batch.requests) and len({t.shape[0] for t in on_device}) == 1
+        )
         fill = fill_rows if on_device and not uniform else []
         up = None
         if every_row and not tree_rows and not fill:
