@@ -306,7 +306,9 @@ class ModelRunner:
             ),
             self.device,
         )
-        input_ids = _fill_pending(flat[:t], flat[3 * t + len(last_rows) :], pending)
+        input_ids = flat[:t]
+        if fill_at:
+            input_ids = _fill_pending(input_ids, flat[3 * t + len(last_rows) :], pending)
         return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,

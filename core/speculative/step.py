@@ -74,7 +74,8 @@ def check_drafts(
     the device (`device_tokens`) are checked for their form here (a chain, a 1-D integer
     tensor on `device`, one placeholder per id); their ids only after the verify forward
     (`Speculation.verify`)."""
-    device = torch.device(device) if device is not None else None
+    if device is not None and not isinstance(device, torch.device):
+        device = torch.device(device)
     if not isinstance(out, (list, tuple)) or len(out) != len(requests):
         got = f"{len(out)} entries" if isinstance(out, (list, tuple)) else type(out).__name__
         raise DraftViolation(f"expected a list of {len(requests)} Drafts, got {got}")
@@ -445,7 +446,7 @@ class Speculation:
             greedy_rows = self.read_tokens(argmax) if greedy else []
         else:  # the drafts on the device come with the target's tokens: one wait
             both = self.read_tokens(torch.cat([argmax, device_ids]) if greedy else device_ids)
-            greedy_rows = both[: len(both) - len(device_ids)]
+            greedy_rows = both[: len(both) - device_ids.shape[0]]  # (`len`: a Python call)
             self._read_device_drafts(rows, both[len(greedy_rows) :])
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
@@ -490,7 +491,8 @@ class Speculation:
         self.num_verify += step_requests
         self.num_drafts += drafted
         self.num_accepted += step_accepted
-        T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
+        if moves:  # a tree's accepted path, into place
+            T.compact_kv(self.engine.kv.pool, moves)
         self.switch.record(step_drafted, step_accepted, step_requests)  # trees: by depth
         self.switch.tokens(step_tokens)
         return results

@@ -260,7 +260,7 @@ class EagleSpeculator(Speculator):
             lo = max(slot.next_position - start, 0)
             hi = min(block.shape[0], len(tokens) - 1 - start)
             if hi > lo:
-                feats.append(block[lo:hi])
+                feats.append(block if hi - lo == block.shape[0] else block[lo:hi])
                 positions.extend(range(start + lo, start + hi))
         if not positions or not self.kv.reserve(slot, slot.real + len(positions) + extra):
             return None
