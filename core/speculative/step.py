@@ -417,11 +417,12 @@ class Speculation:
         Rolls every drafting request back first (drafts out of `token_ids`, KV counted up to
         its last token), then advances `num_computed_tokens` over the accepted drafts. Requests
         without drafts get their token from the `sample` hook (a `PluginFault` if it fails)."""
-        rows, start, pop = [], 0, self._drafts.pop
+        rows, plain, start, greedy, pop = [], [], 0, False, self._drafts.pop
         for r in requests:
             entry = pop(id(r), None)
             if entry is None:
                 rows.append((r, None, start, 0))
+                plain.append((r, start))
                 start += 1
                 continue
             _, drafts, n = entry
@@ -430,8 +431,7 @@ class Speculation:
             k = len(drafts.tokens)
             rows.append((r, drafts, start, k))
             start += k + 1
-        plain = [(r, s) for r, d, s, _ in rows if d is None]
-        greedy = any(d is not None and r.params.greedy for r, d, _, _ in rows)
+            greedy = greedy or r.params.greedy
         # (launched before the sampler reads its tokens: the device runs both before one wait)
         argmax = logits.argmax(dim=-1) if greedy else None
         sampled = {}

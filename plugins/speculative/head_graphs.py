@@ -216,8 +216,8 @@ class DraftGraphs:
         out = ids + pad_rows + positions + pad_rows + slots + [-1] * (pad * q) + last_rows
         out += range(len(jobs) * q, size * q, q)
         for part, padding in ((0, 0), (1, -1), (2, 0)):  # `[k - 1, size]`: step-major
-            for d in range(k - 1):
-                out += [s[part][d] for s in steps]
+            for step in zip(*(s[part] for s in steps)):  # (draft step d: every job's value)
+                out += step
                 out += [padding] * pad
         out += seq_lens + [q] * pad + prefix_lens + [0] * pad
         if len(jobs) > 1:
