@@ -263,3 +263,24 @@ def test_a_predecessor_with_another_page_size_holding_pages_is_refused():
     old.free(r)
     fresh = cache_of(8, previous=old)
     assert fresh.pool is not old.pool and fresh.page_size == PAGE
+
+
+@pytest.mark.parametrize("small_batch", [0, 64], ids=["numpy", "python"])
+def test_small_and_large_batches_allocate_alike(monkeypatch, small_batch):
+    """`allocate_kv` counts a few requests' pages in Python and many in numpy: the same pages,
+    failures and `num_cached_tokens` resets either way."""
+    from pegboard.plugins.cache import paged
+
+    monkeypatch.setattr(paged, "SMALL_BATCH", small_batch)
+    cache = cache_of(num_pages=12)
+    running = [req(5), req(3), req(9)]
+    cache.allocate_kv(running[:2], [5, 3])
+    for r in running[:2]:
+        advance(r, r.num_tokens)
+    for r in running:
+        r.num_cached_tokens = 7  # (reset only for a new admission: the third)
+    running[0].token_ids.append(1)
+    failed = cache.allocate_kv(running + [req(40)], [1 + 4, 1, 9, 40])
+    assert [len(r.page_table) for r in running] == [3, 1, 3]
+    assert [r.num_cached_tokens for r in running] == [7, 7, 0]
+    assert len(failed) == 1 and failed[0].num_prompt_tokens == 40

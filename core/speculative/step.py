@@ -74,7 +74,8 @@ def check_drafts(
     the device (`device_tokens`) are checked for their form here (a chain, a 1-D integer
     tensor on `device`, one placeholder per id); their ids only after the verify forward
     (`Speculation.verify`)."""
-    device = torch.device(device) if device is not None else None
+    if device is not None and not isinstance(device, torch.device):
+        device = torch.device(device)
     if not isinstance(out, (list, tuple)) or len(out) != len(requests):
         got = f"{len(out)} entries" if isinstance(out, (list, tuple)) else type(out).__name__
         raise DraftViolation(f"expected a list of {len(requests)} Drafts, got {got}")
@@ -359,7 +360,9 @@ class Speculation:
             tree_positions.extend(last + t for t in T.depths(d.parents))
         device = batch.input_ids.device
         # (every request drafts as many on the device: their rows are a view, no upload)
-        uniform = len(on_device) == len(batch.requests) and len({len(t) for t in on_device}) == 1
+        uniform = (
+            len(on_device) == len(batch.requests) and len({t.shape[0] for t in on_device}) == 1
+        )
         fill = fill_rows if on_device and not uniform else []
         up = None
         if every_row and not tree_rows and not fill:
@@ -414,11 +417,12 @@ class Speculation:
         Rolls every drafting request back first (drafts out of `token_ids`, KV counted up to
         its last token), then advances `num_computed_tokens` over the accepted drafts. Requests
         without drafts get their token from the `sample` hook (a `PluginFault` if it fails)."""
-        rows, start, pop = [], 0, self._drafts.pop
+        rows, plain, start, greedy, pop = [], [], 0, False, self._drafts.pop
         for r in requests:
             entry = pop(id(r), None)
             if entry is None:
                 rows.append((r, None, start, 0))
+                plain.append((r, start))
                 start += 1
                 continue
             _, drafts, n = entry
@@ -427,8 +431,7 @@ class Speculation:
             k = len(drafts.tokens)
             rows.append((r, drafts, start, k))
             start += k + 1
-        plain = [(r, s) for r, d, s, _ in rows if d is None]
-        greedy = any(d is not None and r.params.greedy for r, d, _, _ in rows)
+            greedy = greedy or r.params.greedy
         # (launched before the sampler reads its tokens: the device runs both before one wait)
         argmax = logits.argmax(dim=-1) if greedy else None
         sampled = {}
@@ -443,7 +446,7 @@ class Speculation:
             greedy_rows = self.read_tokens(argmax) if greedy else []
         else:  # the drafts on the device come with the target's tokens: one wait
             both = self.read_tokens(torch.cat([argmax, device_ids]) if greedy else device_ids)
-            greedy_rows = both[: len(both) - len(device_ids)]
+            greedy_rows = both[: len(both) - device_ids.shape[0]]  # (`len`: a Python call)
             self._read_device_drafts(rows, both[len(greedy_rows) :])
         results = []
         moves: list[tuple[Request, int, list[int]]] = []
@@ -488,7 +491,8 @@ class Speculation:
         self.num_verify += step_requests
         self.num_drafts += drafted
         self.num_accepted += step_accepted
-        T.compact_kv(self.engine.kv.pool, moves)  # a tree's accepted path, into place
+        if moves:  # a tree's accepted path, into place
+            T.compact_kv(self.engine.kv.pool, moves)
         self.switch.record(step_drafted, step_accepted, step_requests)  # trees: by depth
         self.switch.tokens(step_tokens)
         return results

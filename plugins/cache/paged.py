@@ -13,6 +13,8 @@ from pegboard.sdk.slots import KVCache, Plugin, PluginContext
 from pegboard.sdk.types import KVPool, Request, kv_dtype, kv_layout
 
 DEFAULT_PAGE_SIZE = 16
+#: Batches of at most this many requests count their pages in Python, larger ones in numpy.
+SMALL_BATCH = 8
 
 
 @dataclass
@@ -156,22 +158,10 @@ class PagedCache(KVCache):
 
     @hookimpl
     def allocate_kv(self, scheduled: list[Request], num_tokens: list[int]) -> list[Request]:
-        # The pages each request needs, for the whole batch in numpy (a decode step: a page
-        # every `page_size` steps per request); only the requests that need some are visited.
-        n = len(scheduled)
-        starts = np.fromiter(map(_computed, scheduled), np.int64, n)
-        held = np.fromiter(map(len, map(_page_table, scheduled)), np.int64, n)
-        if type(self).pages_needed is PagedCache.pages_needed:
-            tokens = starts + np.asarray(num_tokens, dtype=np.int64)
-            need = np.maximum(-(-tokens // self.page_size) - held, 0)
-        else:  # a subclass counts its own way
-            need = np.fromiter(map(self.pages_needed, scheduled, num_tokens), np.int64, n)
-        for i in np.flatnonzero((starts == 0) & (held == 0)).tolist():
-            scheduled[i].num_cached_tokens = 0  # a new admission; no prefix reuse: no hit
         failed = []
         free, refs = self._free, self._refs
-        for i in np.flatnonzero(need).tolist():
-            r, k = scheduled[i], int(need[i])
+        for i, k in self._needs(scheduled, num_tokens):
+            r = scheduled[i]
             if k > len(free):
                 failed.append(r)
                 continue
@@ -181,6 +171,29 @@ class PagedCache(KVCache):
                 refs[p] += 1
             r.page_table.extend(pages)
         return failed
+
+    def _needs(self, scheduled: list[Request], num_tokens: list[int]) -> list[tuple[int, int]]:
+        """(index, pages) of each request that needs pages; a new admission's
+        `num_cached_tokens` set to 0 (no prefix reuse: no hit)."""
+        n = len(scheduled)
+        if n <= SMALL_BATCH:  # (a few requests: Python beats numpy's per-call cost)
+            need = list(map(self.pages_needed, scheduled, num_tokens))
+            for r in scheduled:
+                if r.num_computed_tokens == 0 and not r.page_table:
+                    r.num_cached_tokens = 0
+            return [(i, k) for i, k in enumerate(need) if k]
+        # The whole batch in numpy (a decode step: a page every `page_size` steps per request);
+        # only the requests that need some are visited.
+        starts = np.fromiter(map(_computed, scheduled), np.int64, n)
+        held = np.fromiter(map(len, map(_page_table, scheduled)), np.int64, n)
+        if type(self).pages_needed is PagedCache.pages_needed:
+            tokens = starts + np.asarray(num_tokens, dtype=np.int64)
+            need = np.maximum(-(-tokens // self.page_size) - held, 0)
+        else:  # a subclass counts its own way
+            need = np.fromiter(map(self.pages_needed, scheduled, num_tokens), np.int64, n)
+        for i in np.flatnonzero((starts == 0) & (held == 0)).tolist():
+            scheduled[i].num_cached_tokens = 0
+        return [(i, int(need[i])) for i in np.flatnonzero(need).tolist()]
 
     def free(self, request: Request) -> None:
         unheld = [p for p in request.page_table if self._refs[p] <= 0]

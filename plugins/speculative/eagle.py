@@ -238,11 +238,12 @@ class EagleSpeculator(Speculator):
             return out
         # A chain's ids stay on the device: the core verifies them without the host waiting
         # for this drafting (the graph's buffer holds them until the next `propose`).
-        on_device = self.options.device_drafts
-        rows = drafts if on_device else self.read_drafts(drafts)
-        for job, d in zip(jobs, rows):
-            k = limits[job.index]
-            out[job.index] = Drafts.on_device(d[:k]) if on_device else Drafts(d[:k])
+        if not self.options.device_drafts:
+            for job, d in zip(jobs, self.read_drafts(drafts)):
+                out[job.index] = Drafts(d[: limits[job.index]])
+            return out
+        for i, job in enumerate(jobs):  # (indexing: iterating a tensor costs an `unbind`)
+            out[job.index] = Drafts.on_device(drafts[i, : limits[job.index]])
         return out
 
     def _ingest(self, i: int, r: Request, extra: int) -> _Job | None:
@@ -259,7 +260,7 @@ class EagleSpeculator(Speculator):
             lo = max(slot.next_position - start, 0)
             hi = min(block.shape[0], len(tokens) - 1 - start)
             if hi > lo:
-                feats.append(block[lo:hi])
+                feats.append(block if hi - lo == block.shape[0] else block[lo:hi])
                 positions.extend(range(start + lo, start + hi))
         if not positions or not self.kv.reserve(slot, slot.real + len(positions) + extra):
             return None

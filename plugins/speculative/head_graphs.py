@@ -148,7 +148,7 @@ class DraftGraphs:
         self.drafts = torch.zeros(n, k, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
-        self._prepared: tuple[int, np.ndarray] | None = None  # the catch-up's (size, tables)
+        self._prepared: tuple[int, list] | None = None  # the catch-up's (size, page tables)
         self._capture_all()
 
     def can_run(self, jobs) -> bool:
@@ -166,68 +166,63 @@ class DraftGraphs:
         n = len(jobs)
         size = padded_size(n, self.sizes)
         views = self.views[size]
-        host, tables = self.host_inputs(jobs, size)
-        upload(torch.from_numpy(host), self.inputs[: host.shape[0]])
+        host = self.host_inputs(jobs, size)
+        host = torch.from_numpy(np.fromiter(host, np.int64, len(host)))  # (torch.tensor: ~3x)
+        upload(host, self.inputs[: host.shape[0]])
         if n == 1:  # its rows come first
             feats = jobs[0].feats
             self.feats[: feats.shape[0]].copy_(feats)
         else:  # (their rows went up after the static inputs)
             dest = self.inputs[views.length : host.shape[0]]
             self.feats.index_copy_(0, dest, torch.cat([j.feats for j in jobs]))
-        held = self._prepared
-        if held is not None and held[0] == size and np.array_equal(held[1], tables):
+        tables = [j.slot.page_table for j in jobs]
+        if self._prepared == (size, tables):  # (lists compared in C: no array per step)
             self.catch_up.extend_on_device(views.seq_lens, views.prefix_lens)
         else:  # the catch-up's layout: `size` requests of `q` new rows, each job's whole page
             # table (the draft steps read their pages from here); padded ones over page 0
             q = self.q
             seq_lens = [j.slot.real + q for j in jobs] + [q] * (size - n)
-            lists = [j.slot.page_table for j in jobs] + [[0]] * (size - n)
-            self.catch_up.prepare(_batch(views.slots, [q] * size, seq_lens, lists, tables))
-            self._prepared = (size, tables)
+            lists = tables + [[0]] * (size - n)
+            array = _tables_array(tables, size)
+            self.catch_up.prepare(_batch(views.slots, [q] * size, seq_lens, lists, array))
+            self._prepared = (size, [list(t) for t in tables])  # (copies: the lists grow)
         self.graphs[size].replay()
         self.num_replays += 1
         return self.drafts[:n]
 
-    def host_inputs(self, jobs, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The static inputs of `jobs` padded to `size` requests (`_Inputs`' layout): request
-        `i`'s new pairs at rows `i * q ...` (ids, positions, KV slots; padded rows slot -1),
-        its last real row, per draft step its position, KV slot and sequence length (padded
-        requests: slot -1, no keys), the catch-up's sequence and prefix lengths (padded: `q`,
-        0); for more than one job, their features' rows. Then the jobs' page tables,
-        zero-padded int32 `[size, pages]`."""
-        q, k, ps, n = self.q, self.k, self.kv.page_size, len(jobs)
-        rows = size * q
-        lens = [len(j.ids) for j in jobs]
-        extra = sum(lens) if n > 1 else 0
-        end = 3 * rows + size + 3 * (k - 1) * size  # (then the catch-up's lengths)
-        out = np.zeros(end + 2 * size + extra, np.int64)
-        ids, positions, slots = out[:rows], out[rows : 2 * rows], out[2 * rows : 3 * rows]
-        last_rows = out[3 * rows : 3 * rows + size]
-        steps = out[3 * rows + size : end].reshape(3, k - 1, size)
-        seq_lens, prefix_lens = out[end : end + size], out[end + size : end + 2 * size]
-        seq_lens.fill(q)
-        slots.fill(-1)
-        steps[1].fill(-1)
-        last_rows[:] = np.arange(size) * q
-        ahead = np.arange(1, k)
-        tables = np.zeros((size, max(len(j.slot.page_table) for j in jobs)), np.int32)
-        for i, (j, m) in enumerate(zip(jobs, lens)):
-            at, real = i * q, j.slot.real
-            ids[at : at + m] = j.ids
-            positions[at : at + m] = j.positions
-            entries = np.arange(real, real + m + k - 1)
-            table = np.asarray(j.slot.page_table, dtype=np.int64)
-            tables[i, : len(table)] = table
-            kv_slots = table[entries // ps] * ps + entries % ps
-            slots[at : at + m] = kv_slots[:m]
-            last_rows[i] += m - 1
-            steps[0, :, i] = j.positions[-1] + ahead
-            steps[1, :, i] = kv_slots[m:]
-            steps[2, :, i] = real + m + ahead
-            seq_lens[i], prefix_lens[i] = real + q, real
-        if n > 1:
-            out[-extra:] = np.concatenate([np.arange(m) + i * q for i, m in enumerate(lens)])
-        return out, tables
+    def host_inputs(self, jobs, size: int) -> list[int]:
+        """The static inputs of `jobs` padded to `size` requests (`_Inputs`' layout), a list
+        (a few dozen ints at batch 1: Python lists beat numpy's per-call cost): request `i`'s
+        new pairs at rows `i * q ...` (ids, positions, KV slots; padded rows slot -1), its
+        last real row, per draft step its position, KV slot and sequence length (padded
+        requests: 0, -1, 0), the catch-up's sequence and prefix lengths (padded: `q`, 0); for
+        more than one job, their features' rows."""
+        q, k, ps, pad = self.q, self.k, self.kv.page_size, size - len(jobs)
+        ids, positions, slots, last_rows, seq_lens, prefix_lens = [], [], [], [], [], []
+        steps = []  # per job: its k - 1 draft steps' positions, slots, sequence lengths
+        for i, j in enumerate(jobs):
+            m, real, table = len(j.ids), j.slot.real, j.slot.page_table
+            kv = [table[e // ps] * ps + e % ps for e in range(real, real + m + k - 1)]
+            fill = [0] * (q - m)
+            ids += j.ids + fill
+            positions += j.positions + fill
+            slots += kv[:m] + [-1] * (q - m)
+            last_rows.append(i * q + m - 1)
+            last = j.positions[-1]
+            steps.append((range(last + 1, last + k), kv[m:], range(real + m + 1, real + m + k)))
+            seq_lens.append(real + q)
+            prefix_lens.append(real)
+        pad_rows = [0] * (pad * q)
+        out = ids + pad_rows + positions + pad_rows + slots + [-1] * (pad * q) + last_rows
+        out += range(len(jobs) * q, size * q, q)
+        for part, padding in ((0, 0), (1, -1), (2, 0)):  # `[k - 1, size]`: step-major
+            for step in zip(*(s[part] for s in steps)):  # (draft step d: every job's value)
+                out += step
+                out += [padding] * pad
+        out += seq_lens + [q] * pad + prefix_lens + [0] * pad
+        if len(jobs) > 1:
+            out += [i * q + r for i, j in enumerate(jobs) for r in range(len(j.ids))]
+        return out
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -264,6 +259,14 @@ class DraftGraphs:
                                   first=False)  # fmt: skip
             drafts.append(self.head.draft_ids(last))
         torch.stack(drafts, dim=1, out=self.drafts[:size])  # (one copy, not k)
+
+
+def _tables_array(tables: list[list[int]], size: int) -> np.ndarray:
+    """Page tables as the zero-padded int32 array `[size, pages]` (`page_tables_array`)."""
+    out = np.zeros((size, max(map(len, tables))), np.int32)
+    for i, table in enumerate(tables):
+        out[i, : len(table)] = table
+    return out
 
 
 def _slots(slot, first: int, count: int, page_size: int) -> np.ndarray:
