@@ -8,6 +8,9 @@ gate/up, down, LM head) and 1, 2, 4, 8 rows of x:
   table (None where cuBLAS wins);
 - without it: time cuBLAS and the configuration `DECODE_CONFIGS` holds (what the model runs).
 
+`--configs` takes bundled config names; `NAME-eagle3` (e.g. `smollm2-135m-eagle3`) the two
+shapes of an EAGLE-3 head for NAME that NAME itself lacks (`--no-step` with it).
+
 Times are medians over replays of one CUDA graph of many calls (launch gaps as in a decode
 graph), cycling through copies of the weight that together exceed the L2 cache twice, so
 every call streams its weight from device memory as a decode step does; TB/s counts the
@@ -80,7 +83,14 @@ class Timing:
 def shapes(config: str, tp: int = 1) -> list[Shape]:
     """The linear layers of `config`, as one rank of `tp` holds them (column-parallel qkv,
     gate_up and LM head split their outputs, row-parallel o and down their inputs; KV heads
-    replicated where there are fewer than `tp`)."""
+    replicated where there are fewer than `tp`). `NAME-eagle3`: the layers an EAGLE-3 head
+    for NAME has beside NAME's own shapes (its o, gate_up and down are NAME's): its qkv over
+    `[embedding, feature]` (2 x hidden) and its fc over three target layers (3 x hidden)."""
+    if config.endswith("-eagle3"):
+        cfg = ModelConfig.from_dir(config_model_dir(config.removesuffix("-eagle3")))
+        h, d = cfg.hidden_size, cfg.head_dim
+        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+        return [Shape(config, "qkv", qkv, 2 * h), Shape(config, "fc", h, 3 * h)]
     cfg = ModelConfig.from_dir(config_model_dir(config))
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * d // tp, max(cfg.num_kv_heads // tp, 1) * d
