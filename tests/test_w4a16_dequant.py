@@ -96,8 +96,13 @@ def w4a16_model(q_dir, dequant_min_rows: int | None):
 def test_layers_take_the_dequant_path_from_the_option_rows_and_share_one_buffer(
     quantized_dirs, monkeypatch
 ):
+    from pegboard.core.kernels import w4a16_dequant
     from pegboard.plugins.linear.w4a16 import Int4Linear
 
+    calls = []  # (the layers take the module's function each time their kernels are switched on)
+    monkeypatch.setattr(
+        w4a16_dequant, "dequant_linear", lambda *a: calls.append(a) or dequant_linear(*a)
+    )
     runner = w4a16_model(quantized_dirs[0], dequant_min_rows=6)
     runner.model.set_fused_kernels(True)  # the Triton kernels, interpreted on CPU
     layers = [m for m in runner.model.modules() if isinstance(m, Int4Linear)]
@@ -108,10 +113,6 @@ def test_layers_take_the_dequant_path_from_the_option_rows_and_share_one_buffer(
     assert layers[0].dequant_buffer.tensor.numel() == largest
     assert layers[0].describe().endswith("de-quantize + cuBLAS from 6 rows")
 
-    calls = []
-    monkeypatch.setattr(
-        layers[0], "dequant_linear", lambda *a: calls.append(a) or dequant_linear(*a)
-    )
     layer = layers[0]
     for rows, through_buffer in ((5, False), (6, True), (30, True)):
         x = torch.randn(rows, layer.spec.in_features)
@@ -121,9 +122,6 @@ def test_layers_take_the_dequant_path_from_the_option_rows_and_share_one_buffer(
         runner.model.set_fused_kernels(False)  # the oracle: de-quantize + F.linear per call
         expected = layer(x)
         runner.model.set_fused_kernels(True)
-        monkeypatch.setattr(
-            layer, "dequant_linear", lambda *a: calls.append(a) or dequant_linear(*a)
-        )
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

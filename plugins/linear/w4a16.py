@@ -159,7 +159,7 @@ class Int4Linear(LinearLayer):
         fmt: Format,
         kernel: Kernel = "auto",
         dequant: DequantBuffer | None = None,
-        dequant_min_rows: int | None = 0,
+        dequant_min_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -462,7 +462,7 @@ class Int4Method(LinearMethod):
         self,
         quant: QuantizationConfig,
         kernel: Kernel = "auto",
-        dequant_min_rows: int | None = 0,
+        dequant_min_rows: int | None = None,
     ) -> None:
         self.quant = quant
         self.kernel = kernel
