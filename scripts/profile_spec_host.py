@@ -2,7 +2,7 @@
 
 python3 scripts/profile_spec_host.py [--config smollm2-135m] [--k 4] [--num-seqs 2]
     [--max-tokens 256] [--input-len 128] [--top 40] [--num-layers N] [--json FILE]
-    [--variants plain,eagle[,eagle-host]] [--keep-backoff] [--torch-profile DIR] [engine settings as key=value ...]
+    [--variants plain,eagle[,eagle-host,eagle-off,eagle-switch]] [--keep-backoff] [--torch-profile DIR] [engine settings as key=value ...]
 
 A random-weight target from a bundled config (`--random-weights --config`'s names; SmolLM2-135M
 by default) and a random EAGLE-3 head of SGLang's format for it (`train_eagle3.head_config`:
@@ -12,7 +12,10 @@ head drafting a chain of `--k` tokens with the switch's rules off, `--speculativ
 --speculative-min-accept-rate 0`, and no back-off: `BACKOFF_AFTER_MISSES` raised, so every
 decode step verifies `k` drafts although random weights accept few, its chains handed to the
 core on the device; `eagle-host`: the same with `device_drafts` off, the chains read in
-`propose` as before issue 14's device drafts), batch-1 greedy decode of
+`propose` as before issue 14's device drafts; `eagle-off`: every step switched off by the
+batch rule, `--speculative-disable-by-batch-size 1`, what an off step costs beside a plain
+one; `eagle-switch`: the switch's rules and the back-off as by default, so a head that misses
+is switched off and probed again, each probe catching up on the tokens decoded meanwhile), batch-1 greedy decode of
 `--num-seqs` prompts one after another, CUDA graphs on where the device has them
 (`--cuda-graph-max-bs 1`: decode, verify and drafting graphs):
 
@@ -440,6 +443,7 @@ def main() -> int:
     head = random_eagle3_head(Path(tempfile.mkdtemp(prefix="pegboard-eagle3-")), cfg)
     if args.stub_drafting_graphs:
         stub_drafting_graphs()
+    default_backoff = spec_step.BACKOFF_AFTER_MISSES
     if not args.keep_backoff:
         spec_step.BACKOFF_AFTER_MISSES = 1 << 30  # every decode step verifies
     rng = random.Random(0)
@@ -459,12 +463,19 @@ def main() -> int:
         "plain": base,
         "eagle": base | eagle,  # chains handed to the core on the device (the default)
         "eagle-host": base | eagle | {"plugin_options": host_drafts},  # read in `propose`
+        # every step switched off by the batch rule: what an off step costs next to plain
+        "eagle-off": base | eagle | {"speculative_disable_by_batch_size": 1},
+        # the switch's rules and the back-off as by default: off steps, probes, catch-ups
+        "eagle-switch": base | {k: v for k, v in eagle.items() if "min_" not in k},
     }
     result = {"config": args.config, "layers": cfg["num_hidden_layers"], "k": args.k,
               "num_seqs": args.num_seqs, "max_tokens": args.max_tokens}  # fmt: skip
     failed = []
     for name in args.variants.split(","):
         clock = time.thread_time if args.thread_clock else time.perf_counter
+        spec_step.BACKOFF_AFTER_MISSES = (
+            default_backoff if name == "eagle-switch" or args.keep_backoff else 1 << 30
+        )
         try:  # (one device call: a failing variant must not cost the other's figures)
             result[name] = run_variant(name, str(model), variants[name], prompts, params,
                                        args.top, clock, args.count_ops,
