@@ -98,6 +98,15 @@ def test_fp8_mma_reads_nhd_values_too_and_its_error_is_stated():
     assert mma > f16  # (the e4m3 query and probabilities are really used)
 
 
+def test_lean_addressing_over_nhd_values_and_pages_that_do_not_tile_the_keys():
+    """`lean_addr` masks page ids per page, not per key: over NHD values (per-key value
+    pointers) keys past the end read a real page's stale bytes times p = 0; with a page size
+    that does not divide the tile it is off (the per-key division)."""
+    assert run("mma8vl-bn64-s3-fast-pf-lean", LENS, 2, hdp=False) < ATOL
+    assert run("mma8vl-bn64-s5-fast-lean", LENS, 2, hdp=False, page_size=16) < ATOL
+    assert run("mma8vl-bn64-s3-fast-pf-lean", LENS, 2, hdp=True, page_size=3) < ATOL
+
+
 def test_group_of_three_head_dim_24_and_page_size_three():
     """Padded rows, a head size not a power of two, and a page size that does not tile the
     keys (the value tile then gathers per token)."""

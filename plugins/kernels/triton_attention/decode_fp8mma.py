@@ -51,6 +51,28 @@ def _page_ids(pages_row, toks, end, last_page, PAGE_SIZE: tl.constexpr, V_TILE: 
 
 
 @triton.jit
+def _tile_page_ids(
+    pages_row,
+    toks,
+    tile,
+    offs_n,
+    end,
+    last_page,
+    PAGE_SIZE: tl.constexpr,
+    V_TILE: tl.constexpr,
+    LEAN: tl.constexpr,
+):
+    """`_page_ids(toks)` for the keys `toks == tile + offs_n`. `LEAN`: `tile` is a multiple of
+    PAGE_SIZE, so the page index is a scalar plus a constant vector (no signed division per
+    key), and the ids, never negative, are zero-extended (no sign extension per key)."""
+    if LEAN:
+        page = tile // PAGE_SIZE + offs_n // PAGE_SIZE
+        ids = tl.load(pages_row + page, mask=page < last_page, other=0)
+        return ids.to(tl.uint32).to(tl.int64)
+    return _page_ids(pages_row, toks, end, last_page, PAGE_SIZE, V_TILE)
+
+
+@triton.jit
 def _decode_fp8mma_kernel(
     Q,
     K_cache,
@@ -94,6 +116,7 @@ def _decode_fp8mma_kernel(
     SEG: tl.constexpr,
     V_TILE: tl.constexpr,
     ROW_SUM_ONCE: tl.constexpr,
+    LEAN: tl.constexpr,
 ):
     if HEAD_FASTEST:
         kv_head = tl.program_id(0)
@@ -138,7 +161,9 @@ def _decode_fp8mma_kernel(
     pages_row = Page_table + req.to(tl.int64) * stride_pt
     last_page = tl.cdiv(end, PAGE_SIZE)
     if PREFETCH:
-        pages = _page_ids(pages_row, start + offs_n, end, last_page, PAGE_SIZE, V_TILE)
+        pages = _tile_page_ids(
+            pages_row, start + offs_n, start, offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN
+        )
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     if ROW_SUM_ONCE:  # the running sums per key slot of the tile, summed over keys after the loop
@@ -148,8 +173,13 @@ def _decode_fp8mma_kernel(
         toks = tile + offs_n
         n_mask = toks < end
         if not PREFETCH:
-            pages = _page_ids(pages_row, toks, end, last_page, PAGE_SIZE, V_TILE)
-        in_page = toks % PAGE_SIZE
+            pages = _tile_page_ids(
+                pages_row, toks, tile, offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN
+            )
+        if LEAN:  # the tile starts a page: the offsets in the page are the same every tile
+            in_page = offs_n % PAGE_SIZE
+        else:
+            in_page = toks % PAGE_SIZE
         k = tl.load(
             k_base + (pages * stride_kp + in_page * stride_ks)[:, None],
             mask=n_mask[:, None] & d_mask[None, :],
@@ -179,7 +209,8 @@ def _decode_fp8mma_kernel(
                 v_base + v_rows[None, :], mask=d_mask[:, None] & n_mask[None, :], other=0.0
             )
         if PREFETCH:
-            pages = _page_ids(pages_row, toks + BLOCK_N, end, last_page, PAGE_SIZE, V_TILE)
+            pages = _tile_page_ids(pages_row, toks + BLOCK_N, tile + BLOCK_N, offs_n, end,
+                                   last_page, PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
         st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [BLOCK_N, BLOCK_H], float32
         st = tl.where(n_mask[:, None], st, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(st, 0))
@@ -234,9 +265,11 @@ def fp8mma_meta(
     hdp: bool,
     v_tile: bool = False,
     row_sum_once: bool = False,
+    lean_addr: bool = False,
 ) -> dict:
     """`_decode_fp8mma_kernel`'s compile-time arguments (the launcher's `head_fastest` and
-    `prefetch_pages` are added by the caller); `v_tile`, `row_sum_once`: `DecodeConfig`'s."""
+    `prefetch_pages` are added by the caller); `v_tile`, `row_sum_once`, `lean_addr`:
+    `DecodeConfig`'s."""
     pow2_page = page_size & (page_size - 1) == 0
     return {
         "GROUP": group,
@@ -253,6 +286,8 @@ def fp8mma_meta(
         "SEG": min(page_size, block_n) if pow2_page else 1,
         "V_TILE": v_tile and hdp and pow2_page,
         "ROW_SUM_ONCE": row_sum_once,
+        # Every tile starts at a multiple of block_n (splits are whole tiles): of the page too
+        "LEAN": lean_addr and block_n % page_size == 0,
     }
 
 
@@ -296,7 +331,7 @@ def decode_fp8mma(
     bn = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 64))
     meta = fp8mma_meta(bn, num_heads // num_kv_heads, head_dim, page_size, split,
                        config.min_chunk, values_transposed(v_cache), config.v_tile,
-                       config.row_sum_once)  # fmt: skip
+                       config.row_sum_once, config.lean_addr)  # fmt: skip
     if split and workspace is None:
         workspace = decode.decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse, *_ = workspace if split else (out, out)  # (fix-up counters unused)
