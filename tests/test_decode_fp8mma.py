@@ -107,6 +107,22 @@ def test_lean_addressing_over_nhd_values_and_pages_that_do_not_tile_the_keys():
     assert run("mma8vl-bn64-s3-fast-pf-lean", LENS, 2, hdp=True, page_size=3) < ATOL
 
 
+@pytest.mark.parametrize("name", ["mma8vl-bn64-s3-fast-pf-lean", "mma8vl-bn128-s4-fast-lean"])
+def test_lean_reads_keys_past_the_end_unmasked_and_masks_their_logits(name):
+    """`lean_addr` loads the key tile without a mask per key: a key slot past the end (stale,
+    page 0's) may hold any byte, e4m3 NaN too, and must not reach the output."""
+    q, k, v, table, seq = paged_case(LENS, 4, 2, 32, 4, torch.bfloat16, FP8)
+    live = torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
+    for i, n in enumerate(seq.tolist()):
+        for t in range(n):
+            live[table[i, t // 4], t % 4] = True
+    k.view(torch.uint8)[~live] = 0x7F  # e4m3fn NaN
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k, transpose_values(v), table, seq, 32**-0.5, out, 2, config=name)
+    want = reference(q, k, v, table, seq, 32**-0.5)[seq > 0]
+    assert (out[seq > 0].float() - want).abs().max().item() < ATOL
+
+
 def test_group_of_three_head_dim_24_and_page_size_three():
     """Padded rows, a head size not a power of two, and a page size that does not tile the
     keys (the value tile then gathers per token)."""

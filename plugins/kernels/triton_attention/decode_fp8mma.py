@@ -180,10 +180,12 @@ def _decode_fp8mma_kernel(
             in_page = offs_n % PAGE_SIZE
         else:
             in_page = toks % PAGE_SIZE
+        if LEAN:  # keys past the end unmasked (their logits are, below): no predicate per row
+            k_mask = d_mask[None, :]
+        else:
+            k_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
-            k_base + (pages * stride_kp + in_page * stride_ks)[:, None],
-            mask=n_mask[:, None] & d_mask[None, :],
-            other=0.0,
+            k_base + (pages * stride_kp + in_page * stride_ks)[:, None], mask=k_mask, other=0.0
         )  # [BLOCK_N, BLOCK_D] e4m3
         if V_TILE:
             # One [BLOCK_D, BLOCK_N] tile: its pointers are contiguous in runs of PAGE_SIZE
