@@ -107,7 +107,21 @@ def test_lean_addressing_over_nhd_values_and_pages_that_do_not_tile_the_keys():
     assert run("mma8vl-bn64-s3-fast-pf-lean", LENS, 2, hdp=True, page_size=3) < ATOL
 
 
-@pytest.mark.parametrize("name", ["mma8vl-bn64-s3-fast-pf-lean", "mma8vl-bn128-s4-fast-lean"])
+def test_two_kv_heads_per_program():
+    """`hp2`: each program's tile holds the keys of two KV heads (each column's logits masked
+    to its own head's); two programs per request, a group of 3 padded to 16 columns, NHD
+    values, and 3 KV heads (not divisible: one head per program)."""
+    name = "mma8vl-hp2-bn64-s2-fast-pf-lean"
+    assert run(name, LENS, 2, hdp=True, page_size=16, heads=8, kv_heads=4) < ATOL
+    assert run(name, LENS, 3, hdp=True, page_size=8, head_dim=24, heads=6) < ATOL
+    assert run(name, LENS, 1, hdp=False, heads=8, kv_heads=4) < ATOL
+    assert run(name, LENS, 2, hdp=True, page_size=16, heads=6, kv_heads=3) < ATOL
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mma8vl-bn64-s3-fast-pf-lean", "mma8vl-bn128-s4-fast-lean", "mma8vl-hp2-bn64-s2-fast-pf-lean"],
+)
 def test_lean_reads_keys_past_the_end_unmasked_and_masks_their_logits(name):
     """`lean_addr` loads the key tile without a mask per key: a key slot past the end (stale,
     page 0's) may hold any byte, e4m3 NaN too, and must not reach the output."""

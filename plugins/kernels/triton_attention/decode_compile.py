@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 import triton
 from pegboard.plugins.kernels.triton_attention.decode import _decode_kernel, decode_meta
-from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
+from pegboard.plugins.kernels.triton_attention.decode_configs import (
+    DecodeConfig,
+    heads_per_program,
+)
 from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (
     _decode_fp8mma_kernel,
     fp8mma_meta,
@@ -124,8 +127,8 @@ def compile_decode(
         fn = _decode_fp8mma_kernel
         bn = config.block_n if head_dim <= 128 else min(config.block_n, 64)
         constexprs = fp8mma_meta(bn, group, head_dim, page_size, split, config.min_chunk,
-                                 True, config.v_tile, config.row_sum_once,
-                                 config.lean_addr)  # fmt: skip
+                                 True, config.v_tile, config.row_sum_once, config.lean_addr,
+                                 heads_per_program(config, num_kv_heads, head_dim))  # fmt: skip
         constexprs |= {"HEAD_FASTEST": config.head_fastest, "PREFETCH": config.prefetch_pages}
     else:
         constexprs = decode_meta(config, torch.bfloat16, kv_dtype, group, num_kv_heads,

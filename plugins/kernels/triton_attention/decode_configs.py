@@ -29,7 +29,9 @@ class DecodeConfig:
       loads each token's keys of its heads as one contiguous row (`heads * head_dim`) and
       runs one dot over them with the query rows placed block-diagonally (each query row
       non-zero only in its KV head's columns), so the tensor-core work per key equals the
-      one-head program's and the bytes per load grow;
+      one-head program's and the bytes per load grow; With `fp8_mma` and `v_tile` (or NHD values) the
+      e4m3 kernel stacks the heads' keys on the MMA's M side instead (`hp` x `block_n` rows,
+      each query column's logits masked to its own head's keys);
     - `head_fastest`: grid `(head blocks, requests, splits)` instead of `(requests, head
       blocks, splits)`, so the programs reading the same pages (one request's KV heads) run
       at the same time;
@@ -168,6 +170,11 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     # 128 keys per tile, 32 KB of e4m3 KV as bf16's `s3-fast-pf` moves per tile (3 programs
     # per SM, one tile in flight each): 1.75 loop instructions per KV element
     "mma8vl-bn128-s2-fast-pf-lean": DecodeConfig(block_n=128, **_FAST, **_PF, **_MMA8VL, **_LEAN),
+    # two KV heads per program (`hp2`): 128 key rows per tile, each token's keys of both heads
+    # one 256-byte run as in bf16's tiles (a logit of the other head's keys is masked)
+    "mma8vl-hp2-bn64-s2-fast-pf-lean": DecodeConfig(
+        heads_per_program=2, **_FAST, **_PF, **_MMA8VL, **_LEAN
+    ),
     "mma8vl-bn128-s4-fast-lean": DecodeConfig(
         block_n=128, num_stages=4, **_FAST, **_MMA8VL, **_LEAN
     ),
