@@ -29,9 +29,9 @@ class DecodeConfig:
       loads each token's keys of its heads as one contiguous row (`heads * head_dim`) and
       runs one dot over them with the query rows placed block-diagonally (each query row
       non-zero only in its KV head's columns), so the tensor-core work per key equals the
-      one-head program's and the bytes per load grow; With `fp8_mma` and `v_tile` (or NHD values) the
-      e4m3 kernel stacks the heads' keys on the MMA's M side instead (`hp` x `block_n` rows,
-      each query column's logits masked to its own head's keys);
+      one-head program's and the bytes per load grow. With `fp8_mma` and `v_tile` (or NHD
+      values) the e4m3 kernel stacks the heads' keys on the MMA's M side instead (`hp` x
+      `block_n` rows, each query column's logits masked to its own head's keys);
     - `head_fastest`: grid `(head blocks, requests, splits)` instead of `(requests, head
       blocks, splits)`, so the programs reading the same pages (one request's KV heads) run
       at the same time;
