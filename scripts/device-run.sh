@@ -489,14 +489,16 @@ PY
         ;;
     fp8-decode-ab) # issue 15: the e4m3 decode's `mma8vl-*-lean` variants (no per-key division
         # in the address arithmetic; s5 without pf: page ids copied a tile ahead; bn128: 32 KB
-        # tiles; docs/kernels.md "Lean addressing") against FP8_MMA_DEFAULTS (mma8vl-bn64-s3-fast-pf,
-        # 114.9 µs), one H200 call (~6 min, worst case 140 + 120 + 3 x 85 s): (a) the GPU tests
-        # of tests/test_decode_fp8mma.py for those variants, (b) µs per layer call on the
-        # nano-vllm decode batch with bf16 s3-fast-pf beside, (c) the nano-vllm workload: bf16,
-        # FP8 with the default, FP8 with PEGBOARD_FP8_MMA_DEFAULTS = the fastest `-lean` variant
-        # of (b) (AB=name to force one), then a table. Look for: a variant near 85 µs (3.8 TB/s
-        # of e4m3 KV) and the FP8 run's tok/s / bf16's (goal 1.5x).
+        # tiles; hp2: two KV heads per program; docs/kernels.md "Lean addressing") against
+        # FP8_MMA_DEFAULTS (mma8vl-bn64-s3-fast-pf, 114.9 µs), one H200 call (~6 min, worst
+        # case 140 + 120 + 3 x 85 s): (a) the GPU tests of tests/test_decode_fp8mma.py for
+        # them and the default, (b) µs per layer call on the nano-vllm decode batch, bf16
+        # s3-fast-pf beside, (c) the nano-vllm workload: bf16, FP8 with the default, FP8 with
+        # PEGBOARD_FP8_MMA_DEFAULTS = the fastest `-lean` variant of (b) (AB=name to force one),
+        # then a table. Look for: a variant near 85 µs (3.8 TB/s of e4m3 KV) and the FP8 run's
+        # tok/s / bf16's (goal 1.5x).
         lean=mma8vl-bn64-s3-fast-pf-lean,mma8vl-bn64-s2-fast-pf-lean,mma8vl-bn64-s4-fast-pf-lean,mma8vl-bn64-s5-fast-lean,mma8vl-bn128-s2-fast-pf-lean,mma8vl-bn128-s4-fast-lean
+        lean=$lean,mma8vl-hp2-bn64-s2-fast-pf-lean,mma8vl-hp2-bn64-s4-fast-lean,mma8vl-hp2-bn32-s3-fast-pf-lean
         timeout 140 python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu tests/test_decode_fp8mma.py \
           -k "lean or mma8vl-bn64-s3-fast-pf" 2>&1 | tee "$OUT/fp8ab-tests.log" | tail -6
         timeout 120 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 --budget-s 95 \

@@ -175,6 +175,13 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "mma8vl-hp2-bn64-s2-fast-pf-lean": DecodeConfig(
         heads_per_program=2, **_FAST, **_PF, **_MMA8VL, **_LEAN
     ),
+    "mma8vl-hp2-bn64-s4-fast-lean": DecodeConfig(
+        heads_per_program=2, num_stages=4, **_FAST, **_MMA8VL, **_LEAN
+    ),
+    # (64 rows: the default's tile, registers and shared memory, 256-byte runs per token)
+    "mma8vl-hp2-bn32-s3-fast-pf-lean": DecodeConfig(
+        heads_per_program=2, block_n=32, **_S3, **_FAST, **_PF, **_MMA8VL, **_LEAN
+    ),
     "mma8vl-bn128-s4-fast-lean": DecodeConfig(
         block_n=128, num_stages=4, **_FAST, **_MMA8VL, **_LEAN
     ),
