@@ -19,7 +19,8 @@ bandwidth. Here the dots take e4m3 operands as stored, as FlashAttention-3's FP8
   `[num_kv_heads, head_dim, page_size]`); the kernel takes every stride of the value cache, so
   it also reads the NHD layout (correct, but the compiler then transposes each value tile).
 
-One KV head per program; the grid, page prefetch and split scheme are `decode.py`'s (the same
+One KV head per program (two with `heads_per_program=2` and `v_tile`: their keys stacked on the
+MMA's M side); the grid, page prefetch and split scheme are `decode.py`'s (the same
 `DecodeConfig` fields, the same workspace and reduce kernel)."""
 
 from __future__ import annotations
