@@ -26,6 +26,7 @@ VARIANTS = list(
             "s3-fast-pf-f16",
             "mma8-bn128-s3-fast-pf",
             "mma8vl-bn64-s4-fast-pf",
+            "mma8vl-bn64-s3-fast-pf",
             "mma8vl-bn64-s3-fast-pf-lean",
             "mma8vl-bn64-s5-fast-lean",
             *(n for _, n in DECODE_DEFAULTS),
