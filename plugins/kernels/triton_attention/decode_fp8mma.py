@@ -188,13 +188,12 @@ def _decode_fp8mma_kernel(
             pages = _tile_page_ids(
                 pages_row, toks, tile, offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN
             )
-        if LEAN:  # the tile starts a page: the offsets in the page are the same every tile
+        if LEAN:  # the tile starts a page: the offsets in the page are the same every tile;
+            # keys past the end unmasked (their logits are, below): no predicate per row
             in_page = offs_n % PAGE_SIZE
-        else:
-            in_page = toks % PAGE_SIZE
-        if LEAN:  # keys past the end unmasked (their logits are, below): no predicate per row
             k_mask = d_mask[None, :]
         else:
+            in_page = toks % PAGE_SIZE
             k_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
             k_base + (pages * stride_kp + in_page * stride_ks)[:, None], mask=k_mask, other=0.0
@@ -230,7 +229,7 @@ def _decode_fp8mma_kernel(
         if PREFETCH:
             pages = _tile_page_ids(pages_row, toks + BLOCK_N, tile + BLOCK_N, offs_n, end,
                                    last_page, PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
-        st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [BLOCK_N, BLOCK_H], float32
+        st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [HP * BLOCK_N, BLOCK_H], float32
         if HP > 1:  # each column's logits over its own head's keys
             st = tl.where(
                 n_mask[:, None] & (row_head[:, None] == col_head[None, :]), st, float("-inf")
