@@ -498,7 +498,7 @@ PY
         # then a table. Look for: a variant near 85 µs (3.8 TB/s of e4m3 KV) and the FP8 run's
         # tok/s / bf16's (goal 1.5x).
         lean=mma8vl-bn64-s3-fast-pf-lean,mma8vl-bn64-s2-fast-pf-lean,mma8vl-bn64-s4-fast-pf-lean,mma8vl-bn64-s5-fast-lean,mma8vl-bn128-s2-fast-pf-lean,mma8vl-bn128-s4-fast-lean
-        lean=$lean,mma8vl-hp2-bn64-s2-fast-pf-lean,mma8vl-hp2-bn64-s4-fast-lean,mma8vl-hp2-bn32-s3-fast-pf-lean
+        lean=$lean,mma8vl-bn128-w8-s2-fast-pf-lean,mma8vl-hp2-bn64-s2-fast-pf-lean,mma8vl-hp2-bn64-s4-fast-lean,mma8vl-hp2-bn32-s3-fast-pf-lean
         timeout 140 python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu tests/test_decode_fp8mma.py \
           -k "lean or mma8vl-bn64-s3-fast-pf" 2>&1 | tee "$OUT/fp8ab-tests.log" | tail -6
         timeout 120 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 --budget-s 95 \

@@ -182,6 +182,10 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "mma8vl-hp2-bn32-s3-fast-pf-lean": DecodeConfig(
         heads_per_program=2, block_n=32, **_S3, **_FAST, **_PF, **_MMA8VL, **_LEAN
     ),
+    # (8 warps: two warpgroups of 64 keys each, 24 warps per SM instead of 12)
+    "mma8vl-bn128-w8-s2-fast-pf-lean": DecodeConfig(
+        block_n=128, num_warps=8, **_FAST, **_PF, **_MMA8VL, **_LEAN
+    ),
     "mma8vl-bn128-s4-fast-lean": DecodeConfig(
         block_n=128, num_stages=4, **_FAST, **_MMA8VL, **_LEAN
     ),
