@@ -15,6 +15,7 @@
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
+#                 [fp8-decode-ab] (issue 15: the FP8 decode's `-lean` variants against the default)
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
 #                 [w4a16-marlin] (issue 15: the NVRTC Marlin-style W4A16 kernel vs bf16 and tinygemm)
 #                 [llama-bs1-marlin] [offline-marlin] (issue 15: --w4a16-kernel marlin end to end)
@@ -484,6 +485,51 @@ for name, r in runs.items():
 for name in ("fp8-nhd", "fp8-hdp"):
     if "bf16" in runs and name in runs:
         print(f"{name} / bf16: {runs[name]['output_tok_s'] / runs['bf16']['output_tok_s']:.2f}x (issue 15 goal 1.5x)")
+PY
+        ;;
+    fp8-decode-ab) # issue 15: the e4m3 decode's `mma8vl-*-lean` variants (no per-key division
+        # in the address arithmetic; s5 without pf: page ids copied a tile ahead; bn128: 32 KB
+        # tiles; hp2: two KV heads per program; docs/kernels.md "Lean addressing") against
+        # FP8_MMA_DEFAULTS (mma8vl-bn64-s3-fast-pf, 114.9 µs), one H200 call (~6 min, worst
+        # case 140 + 135 + 3 x 80 s): (a) the GPU tests of tests/test_decode_fp8mma.py for
+        # them and the default, (b) µs per layer call on the nano-vllm decode batch, bf16
+        # s3-fast-pf beside, (c) the nano-vllm workload: bf16, FP8 with the default, FP8 with
+        # PEGBOARD_FP8_MMA_DEFAULTS = the fastest `-lean` variant of (b) (AB=name to force one),
+        # then a table. Look for: a variant near 85 µs (3.8 TB/s of e4m3 KV) and the FP8 run's
+        # tok/s / bf16's (goal 1.5x).
+        lean=mma8vl-bn64-s3-fast-pf-lean,mma8vl-bn64-s2-fast-pf-lean,mma8vl-bn64-s4-fast-pf-lean,mma8vl-bn64-s5-fast-lean,mma8vl-bn128-s2-fast-pf-lean,mma8vl-bn128-s4-fast-lean
+        lean=$lean,mma8vl-bn128-w8-s2-fast-pf-lean,mma8vl-hp2-bn64-s2-fast-pf-lean,mma8vl-hp2-bn64-s4-fast-lean,mma8vl-hp2-bn32-s3-fast-pf-lean
+        timeout 140 python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu tests/test_decode_fp8mma.py \
+          -k "lean or mma8vl-bn64-s3-fast-pf" 2>&1 | tee "$OUT/fp8ab-tests.log" | tail -6
+        timeout 135 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 --budget-s 110 \
+          --variants s3-fast-pf,mma8vl-bn64-s3-fast-pf,$lean --json "$OUT/fp8ab-decode.json" 2>&1 \
+          | tee "$OUT/fp8ab-decode.log" | grep -v "^ *$" | tail -12
+        ab=${AB:-$(python3 -c "import json,sys; r=[x for x in json.load(open(sys.argv[1]))['results'] \
+if x['variant'].endswith('lean') and 'us' in x]; print(min(r, key=lambda x: x['us'])['variant'] if r else '')" \
+          "$OUT/fp8ab-decode.json" 2>/dev/null)}
+        ab=${ab:-mma8vl-bn64-s3-fast-pf-lean}; echo "fp8-ab run decodes with $ab"
+        for run in "bf16::" "fp8-default:fp8_e4m3:" "fp8-ab:fp8_e4m3:$ab"; do
+          IFS=: read -r name dt variant <<<"$run"
+          env ${variant:+PEGBOARD_FP8_MMA_DEFAULTS=$variant} timeout 80 $PB bench offline \
+            --random-weights --config qwen3-0.6b ${dt:+--kv-cache-dtype $dt} ${BENCH_ARGS:-} \
+            --json "$OUT/fp8ab-$name.json" 2>"$OUT/fp8ab-$name.err" >/dev/null \
+            || { echo "fp8ab-$name FAILED"; grep -v '^frame #' "$OUT/fp8ab-$name.err" | tail -8 | cut -c1-240; }
+        done
+        python3 - "$OUT" "$ab" <<'PY'
+import json, os, sys
+out, ab = sys.argv[1], sys.argv[2]
+path = f"{out}/fp8ab-decode.json"
+decode = json.load(open(path))["results"] if os.path.exists(path) else []
+print("decode attention, nano-vllm batch (µs per layer call):")
+for r in decode:
+    if "us" in r:
+        print(f"  {r['key']:<10} {r['variant']:<34} {r['us']:8.1f} µs {r['tb_s']:6.2f} TB/s")
+runs = {n: json.load(open(f"{out}/fp8ab-{n}.json")) for n in ("bf16", "fp8-default", "fp8-ab")
+        if os.path.exists(f"{out}/fp8ab-{n}.json")}
+print(f"nano-vllm workload (fp8-ab: PEGBOARD_FP8_MMA_DEFAULTS={ab}):")
+for name, r in runs.items():
+    ratio = r["output_tok_s"] / runs["bf16"]["output_tok_s"] if "bf16" in runs else float("nan")
+    print(f"  {name:<12} {r['output_tok_s']:>10.1f} out tok/s {ratio:5.2f}x bf16 (goal 1.5x)")
 PY
         ;;
     offline-fp8) # the nano-vllm workload with an FP8 KV cache (compare with offline / profile-host)

@@ -26,6 +26,9 @@ VARIANTS = list(
             "s3-fast-pf-f16",
             "mma8-bn128-s3-fast-pf",
             "mma8vl-bn64-s4-fast-pf",
+            "mma8vl-bn64-s3-fast-pf",
+            "mma8vl-bn64-s3-fast-pf-lean",
+            "mma8vl-bn64-s5-fast-lean",
             *(n for _, n in DECODE_DEFAULTS),
         ]
     )  # fmt: skip
@@ -83,3 +86,15 @@ def test_the_v_tile_variant_feeds_values_to_the_mma_from_swizzled_shared_memory(
         assert compiled[f"mma8-bn128-s3-fast-pf {key}"]["ldmatrix"] > 0
         assert compiled[f"mma8vl-bn64-s4-fast-pf {key}"]["ldmatrix"] == 0
         assert compiled[f"mma8vl-bn64-s4-fast-pf {key}"]["kv_buffers"] == 4
+
+
+@pytest.mark.slow
+def test_lean_addressing_shortens_the_loop_and_s5_copies_the_page_ids_ahead(compiled):
+    """`lean_addr`: fewer loop instructions than the same variant without it (no per-key
+    division, modulo, sign extension or key mask); without `pf` at 5 stages the page ids
+    arrive by cp.async a tile ahead (no global load in the loop) with 3 key/value buffers."""
+    for key in ("fp8 group 2", "fp8 group 4 split"):
+        lean = compiled[f"mma8vl-bn64-s3-fast-pf-lean {key}"]["loop"]["instructions"]
+        assert lean < compiled[f"mma8vl-bn64-s3-fast-pf {key}"]["loop"]["instructions"]
+        s5 = compiled[f"mma8vl-bn64-s5-fast-lean {key}"]
+        assert s5["loop"]["LDG"] == 0 and s5["loop"]["LDGSTS"] > 8 and s5["kv_buffers"] == 3

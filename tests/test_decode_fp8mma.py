@@ -98,6 +98,45 @@ def test_fp8_mma_reads_nhd_values_too_and_its_error_is_stated():
     assert mma > f16  # (the e4m3 query and probabilities are really used)
 
 
+def test_lean_addressing_over_nhd_values_and_pages_that_do_not_tile_the_keys():
+    """`lean_addr` masks page ids per page, not per key: over NHD values (per-key value
+    pointers) keys past the end read a real page's stale bytes times p = 0; with a page size
+    that does not divide the tile it is off (the per-key division)."""
+    assert run("mma8vl-bn64-s3-fast-pf-lean", LENS, 2, hdp=False) < ATOL
+    assert run("mma8vl-bn64-s5-fast-lean", LENS, 2, hdp=False, page_size=16) < ATOL
+    assert run("mma8vl-bn64-s3-fast-pf-lean", LENS, 2, hdp=True, page_size=3) < ATOL
+
+
+def test_two_kv_heads_per_program():
+    """`hp2`: each program's tile holds the keys of two KV heads (each column's logits masked
+    to its own head's); two programs per request, a group of 3 padded to 16 columns, NHD
+    values, and 3 KV heads (not divisible: one head per program)."""
+    name = "mma8vl-hp2-bn64-s2-fast-pf-lean"
+    assert run(name, LENS, 2, hdp=True, page_size=16, heads=8, kv_heads=4) < ATOL
+    assert run(name, LENS, 3, hdp=True, page_size=8, head_dim=24, heads=6) < ATOL
+    assert run(name, LENS, 1, hdp=False, heads=8, kv_heads=4) < ATOL
+    assert run(name, LENS, 2, hdp=True, page_size=16, heads=6, kv_heads=3) < ATOL
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mma8vl-bn64-s3-fast-pf-lean", "mma8vl-bn128-s4-fast-lean", "mma8vl-hp2-bn64-s2-fast-pf-lean"],
+)
+def test_lean_reads_keys_past_the_end_unmasked_and_masks_their_logits(name):
+    """`lean_addr` loads the key tile without a mask per key: a key slot past the end (stale,
+    page 0's) may hold any byte, e4m3 NaN too, and must not reach the output."""
+    q, k, v, table, seq = paged_case(LENS, 4, 2, 32, 4, torch.bfloat16, FP8)
+    live = torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
+    for i, n in enumerate(seq.tolist()):
+        for t in range(n):
+            live[table[i, t // 4], t % 4] = True
+    k.view(torch.uint8)[~live] = 0x7F  # e4m3fn NaN
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k, transpose_values(v), table, seq, 32**-0.5, out, 2, config=name)
+    want = reference(q, k, v, table, seq, 32**-0.5)[seq > 0]
+    assert (out[seq > 0].float() - want).abs().max().item() < ATOL
+
+
 def test_group_of_three_head_dim_24_and_page_size_three():
     """Padded rows, a head size not a power of two, and a page size that does not tile the
     keys (the value tile then gathers per token)."""

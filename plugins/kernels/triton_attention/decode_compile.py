@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 import triton
 from pegboard.plugins.kernels.triton_attention.decode import _decode_kernel, decode_meta
-from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
+from pegboard.plugins.kernels.triton_attention.decode_configs import (
+    DecodeConfig,
+    heads_per_program,
+)
 from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (
     _decode_fp8mma_kernel,
     fp8mma_meta,
@@ -50,6 +53,32 @@ class Compiled:
     mma: dict[str, int] = field(default_factory=dict)
     #: `ldmatrix` instructions (`LDSM`) in the SASS: an MMA operand read into registers
     ldmatrix: int = 0
+    #: the main loop's SASS (the longest backward branch over tensor-core instructions):
+    #: "instructions" per thread and iteration, and BAR / LDGSTS / LDSM / SHFL / STS / LDG
+    loop: dict[str, int] = field(default_factory=dict)
+
+
+def loop_counts(sass: str) -> dict[str, int]:
+    """Instructions of the longest loop of `sass` that runs tensor-core instructions (per
+    thread and iteration), and how many of them are barriers, async copies, ldmatrix,
+    shuffles, shared stores and global loads (empty if no such loop)."""
+    code = [
+        (int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    ]
+    best: list[str] = []
+    for addr, text in code:
+        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            body = [t for a, t in code if int(target.group(1), 16) <= a <= addr]
+            if len(body) > len(best) and any("MMA" in t for t in body):
+                best = body
+    if not best:
+        return {}
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split(".")[0].split()[0] for t in best]
+    return {"instructions": len(ops)} | {op: ops.count(op) for op in _LOOP_OPS}
+
+
+_LOOP_OPS = ("BAR", "LDGSTS", "LDSM", "SHFL", "STS", "LDG")
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -72,6 +101,7 @@ def _summary(kernel) -> Compiled:
     return Compiled(
         kernel.metadata.shared, max(map(int, depths), default=0),
         int(usage.group(1)) if usage else 0, mma, len(re.findall(r"\bLDSM\b", sass)),
+        loop_counts(sass),
     )  # fmt: skip
 
 
@@ -97,7 +127,8 @@ def compile_decode(
         fn = _decode_fp8mma_kernel
         bn = config.block_n if head_dim <= 128 else min(config.block_n, 64)
         constexprs = fp8mma_meta(bn, group, head_dim, page_size, split, config.min_chunk,
-                                 True, config.v_tile, config.row_sum_once)  # fmt: skip
+                                 True, config.v_tile, config.row_sum_once, config.lean_addr,
+                                 heads_per_program(config, num_kv_heads, head_dim))  # fmt: skip
         constexprs |= {"HEAD_FASTEST": config.head_fastest, "PREFETCH": config.prefetch_pages}
     else:
         constexprs = decode_meta(config, torch.bfloat16, kv_dtype, group, num_kv_heads,
@@ -129,8 +160,8 @@ def compile_decode(
 def main(argv: list[str] | None = None) -> None:
     """`python -m pegboard.plugins.kernels.triton_attention.decode_compile [names] [--json]`:
     each variant (default: all) compiled for sm_90 with bf16 and FP8 caches (GQA group 2,
-    unsplit, and group 4 split): shared memory, key/value buffers, registers and tensor-core
-    instructions (SASS), or the error."""
+    unsplit, and group 4 split): shared memory, key/value buffers, registers, tensor-core
+    instructions and the main loop's instruction counts (SASS), or the error."""
     import argparse
     import json
 
@@ -149,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                     c = compile_decode(DECODE_VARIANTS[name], dtype, group=group, split=split)
                     rows[key] = {"shared_bytes": c.shared_bytes, "kv_buffers": c.kv_buffers,
                                  "registers": c.registers, "mma": c.mma,
-                                 "ldmatrix": c.ldmatrix}  # fmt: skip
+                                 "ldmatrix": c.ldmatrix, "loop": c.loop}  # fmt: skip
                 except Exception as err:  # noqa: BLE001 - reported per variant
                     rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 if not args.json:

@@ -29,7 +29,9 @@ class DecodeConfig:
       loads each token's keys of its heads as one contiguous row (`heads * head_dim`) and
       runs one dot over them with the query rows placed block-diagonally (each query row
       non-zero only in its KV head's columns), so the tensor-core work per key equals the
-      one-head program's and the bytes per load grow;
+      one-head program's and the bytes per load grow. With `fp8_mma` and `v_tile` (or NHD
+      values) the e4m3 kernel stacks the heads' keys on the MMA's M side instead (`hp` x
+      `block_n` rows, each query column's logits masked to its own head's keys);
     - `head_fastest`: grid `(head blocks, requests, splits)` instead of `(requests, head
       blocks, splits)`, so the programs reading the same pages (one request's KV heads) run
       at the same time;
@@ -63,6 +65,10 @@ class DecodeConfig:
     - `row_sum_once`: with `fp8_mma`, keep the softmax's running sums per key slot of the
       tile and add them up once after the loop, instead of a sum over the tile's keys per
       tile (keys lie across the warps: a round through shared memory and a barrier each).
+    - `lean_addr`: with `fp8_mma` and a page size dividing `block_n`, the keys' page indices
+      and offsets in the page from the tile's first key (a multiple of the page size) plus
+      constants, and the page ids zero-extended: no signed division, modulo or sign extension
+      per key.
     """
 
     block_n: int = 64
@@ -80,6 +86,7 @@ class DecodeConfig:
     fp8_mma: bool = False
     v_tile: bool = False
     row_sum_once: bool = False
+    lean_addr: bool = False
 
     def __post_init__(self) -> None:
         if self.min_chunk % self.block_n:
@@ -92,6 +99,8 @@ _PF = {"prefetch_pages": True}
 _CHUNK = {"min_chunk": 256, "split_cap": 4}
 _CVT = {"f16_dot": True, "asm_cvt": True}
 _MMA8V = {"fp8_mma": True, "v_tile": True}
+_MMA8VL = {**_MMA8V, "row_sum_once": True}
+_LEAN = {"lean_addr": True}
 
 #: Every variant the sweep times: the baseline (the kernel as it was before variants
 #: existed), the likeliest winners, then one knob at a time. Names: `s` stages, `w` warps,
@@ -148,6 +157,37 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "mma8vl-bn64-s2-fast-pf": DecodeConfig(**_FAST, **_PF, **_MMA8V, row_sum_once=True),
     "mma8vl-bn128-s3-fast-pf": DecodeConfig(
         block_n=128, **_S3, **_FAST, **_PF, **_MMA8V, row_sum_once=True
+    ),
+    # with the keys' page indices and offsets from the tile's first key (`lean`: no division,
+    # modulo or sign extension per key; 2.4 instead of 2.9 loop instructions per KV element)
+    "mma8vl-bn64-s3-fast-pf-lean": DecodeConfig(**_S3, **_FAST, **_PF, **_MMA8VL, **_LEAN),
+    "mma8vl-bn64-s2-fast-pf-lean": DecodeConfig(**_FAST, **_PF, **_MMA8VL, **_LEAN),
+    "mma8vl-bn64-s4-fast-pf-lean": DecodeConfig(num_stages=4, **_FAST, **_PF, **_MMA8VL, **_LEAN),
+    # without `pf` the pipeliner copies the page ids (cp.async) a tile before the copies that
+    # need them (with `pf` they are loaded and used in one iteration: a global-memory latency
+    # per tile); 5 stages keep 3 key/value buffers, as s3 with `pf` does
+    "mma8vl-bn64-s5-fast-lean": DecodeConfig(num_stages=5, **_FAST, **_MMA8VL, **_LEAN),
+    # 128 keys per tile, 32 KB of e4m3 KV as bf16's `s3-fast-pf` moves per tile (3 programs
+    # per SM, one tile in flight each): 1.75 loop instructions per KV element
+    "mma8vl-bn128-s2-fast-pf-lean": DecodeConfig(block_n=128, **_FAST, **_PF, **_MMA8VL, **_LEAN),
+    # two KV heads per program (`hp2`): 128 key rows per tile, each token's keys of both heads
+    # one 256-byte run as in bf16's tiles (a logit of the other head's keys is masked)
+    "mma8vl-hp2-bn64-s2-fast-pf-lean": DecodeConfig(
+        heads_per_program=2, **_FAST, **_PF, **_MMA8VL, **_LEAN
+    ),
+    "mma8vl-hp2-bn64-s4-fast-lean": DecodeConfig(
+        heads_per_program=2, num_stages=4, **_FAST, **_MMA8VL, **_LEAN
+    ),
+    # (64 rows: the default's tile, registers and shared memory, 256-byte runs per token)
+    "mma8vl-hp2-bn32-s3-fast-pf-lean": DecodeConfig(
+        heads_per_program=2, block_n=32, **_S3, **_FAST, **_PF, **_MMA8VL, **_LEAN
+    ),
+    # (8 warps: two warpgroups of 64 keys each, 24 warps per SM instead of 12)
+    "mma8vl-bn128-w8-s2-fast-pf-lean": DecodeConfig(
+        block_n=128, num_warps=8, **_FAST, **_PF, **_MMA8VL, **_LEAN
+    ),
+    "mma8vl-bn128-s4-fast-lean": DecodeConfig(
+        block_n=128, num_stages=4, **_FAST, **_MMA8VL, **_LEAN
     ),
     "s3": DecodeConfig(**_S3),
     "s4": DecodeConfig(num_stages=4),

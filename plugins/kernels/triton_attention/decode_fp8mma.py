@@ -19,7 +19,8 @@ bandwidth. Here the dots take e4m3 operands as stored, as FlashAttention-3's FP8
   `[num_kv_heads, head_dim, page_size]`); the kernel takes every stride of the value cache, so
   it also reads the NHD layout (correct, but the compiler then transposes each value tile).
 
-One KV head per program; the grid, page prefetch and split scheme are `decode.py`'s (the same
+One KV head per program (two with `heads_per_program=2` and `v_tile`: their keys stacked on the
+MMA's M side); the grid, page prefetch and split scheme are `decode.py`'s (the same
 `DecodeConfig` fields, the same workspace and reduce kernel)."""
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from pegboard.plugins.kernels.triton_attention.decode_configs import DecodeConfig
+from pegboard.plugins.kernels.triton_attention.decode_configs import (
+    DecodeConfig,
+    heads_per_program,
+)
 
 #: The probabilities' scale into e4m3's range (a power of two: exact, its log2 exact).
 P_SCALE = 256.0
@@ -48,6 +52,28 @@ def _page_ids(pages_row, toks, end, last_page, PAGE_SIZE: tl.constexpr, V_TILE: 
     else:
         ids = tl.load(pages_row + page, mask=toks < end, other=0)
     return ids.to(tl.int64)
+
+
+@triton.jit
+def _tile_page_ids(
+    pages_row,
+    toks,
+    tile,
+    offs_n,
+    end,
+    last_page,
+    PAGE_SIZE: tl.constexpr,
+    V_TILE: tl.constexpr,
+    LEAN: tl.constexpr,
+):
+    """`_page_ids(toks)` for the keys `toks == tile + offs_n`. `LEAN`: `tile` is a multiple of
+    PAGE_SIZE, so the page index is a scalar plus a constant vector (no signed division per
+    key), and the ids, never negative, are zero-extended (no sign extension per key)."""
+    if LEAN:
+        page = tile // PAGE_SIZE + offs_n // PAGE_SIZE
+        ids = tl.load(pages_row + page, mask=page < last_page, other=0)
+        return ids.to(tl.uint32).to(tl.int64)
+    return _page_ids(pages_row, toks, end, last_page, PAGE_SIZE, V_TILE)
 
 
 @triton.jit
@@ -94,13 +120,15 @@ def _decode_fp8mma_kernel(
     SEG: tl.constexpr,
     V_TILE: tl.constexpr,
     ROW_SUM_ONCE: tl.constexpr,
+    LEAN: tl.constexpr,
+    HP: tl.constexpr,
 ):
     if HEAD_FASTEST:
-        kv_head = tl.program_id(0)
+        kv_head = tl.program_id(0) * HP
         req = tl.program_id(1)
     else:
         req = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        kv_head = tl.program_id(1) * HP
     split = tl.program_id(2)
     seq_len = tl.load(Seq_lens + req)
     if SPLIT:
@@ -112,12 +140,17 @@ def _decode_fp8mma_kernel(
         end = seq_len
 
     offs_h = tl.arange(0, BLOCK_H)
-    offs_n = tl.arange(0, BLOCK_N)
+    if HP > 1:  # row r of a tile: key r % BLOCK_N of KV head r // BLOCK_N (keys of HP heads)
+        offs_n = tl.arange(0, HP * BLOCK_N) % BLOCK_N
+        row_head = tl.arange(0, HP * BLOCK_N) // BLOCK_N
+        col_head = tl.minimum(offs_h // GROUP, HP - 1)  # (padding columns: q = 0, s = 0)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_N // SEG)  # runs of SEG tokens (one page each) in a tile
     offs_s = tl.arange(0, SEG)
     heads = kv_head * GROUP + offs_h
-    h_mask = offs_h < tl.where(start < end, GROUP, 0)  # an empty split writes nothing
+    h_mask = offs_h < tl.where(start < end, GROUP * HP, 0)  # an empty split writes nothing
     d_mask = offs_d < HEAD_DIM
     hd_mask = h_mask[:, None] & d_mask[None, :]
     q = tl.load(
@@ -135,25 +168,35 @@ def _decode_fp8mma_kernel(
         v_base = V_cache + kv_head * stride_vh + offs_d[:, None] * PAGE_SIZE
     else:
         v_base = V_cache + kv_head * stride_vh + offs_d[:, None] * stride_vd
+    if HP > 1:
+        k_base += (row_head * stride_kh)[:, None]
     pages_row = Page_table + req.to(tl.int64) * stride_pt
     last_page = tl.cdiv(end, PAGE_SIZE)
     if PREFETCH:
-        pages = _page_ids(pages_row, start + offs_n, end, last_page, PAGE_SIZE, V_TILE)
+        pages = _tile_page_ids(
+            pages_row, start + offs_n, start, offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN
+        )
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     if ROW_SUM_ONCE:  # the running sums per key slot of the tile, summed over keys after the loop
-        l_keys = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+        l_keys = tl.zeros([HP * BLOCK_N, BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)  # Oᵀ
     for tile in range(start, end, BLOCK_N):
         toks = tile + offs_n
         n_mask = toks < end
         if not PREFETCH:
-            pages = _page_ids(pages_row, toks, end, last_page, PAGE_SIZE, V_TILE)
-        in_page = toks % PAGE_SIZE
+            pages = _tile_page_ids(
+                pages_row, toks, tile, offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN
+            )
+        if LEAN:  # the tile starts a page: the offsets in the page are the same every tile;
+            # keys past the end unmasked (their logits are, below): no predicate per row
+            in_page = offs_n % PAGE_SIZE
+            k_mask = d_mask[None, :]
+        else:
+            in_page = toks % PAGE_SIZE
+            k_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
-            k_base + (pages * stride_kp + in_page * stride_ks)[:, None],
-            mask=n_mask[:, None] & d_mask[None, :],
-            other=0.0,
+            k_base + (pages * stride_kp + in_page * stride_ks)[:, None], mask=k_mask, other=0.0
         )  # [BLOCK_N, BLOCK_D] e4m3
         if V_TILE:
             # One [BLOCK_D, BLOCK_N] tile: its pointers are contiguous in runs of PAGE_SIZE
@@ -161,7 +204,10 @@ def _decode_fp8mma_kernel(
             # in the MMA's swizzled shared layout with 16-byte copies and the second dot reads
             # it from there (`SEG`'s 3-D tile goes through an unswizzled buffer, bank-conflicted
             # copies and ldmatrix into registers). Unmasked by key as below.
-            v_rows = tl.max_contiguous(tl.multiple_of(pages * stride_vp + in_page, SEG), SEG)
+            v_rows = pages * stride_vp + in_page
+            if HP > 1:
+                v_rows += row_head * stride_vh
+            v_rows = tl.max_contiguous(tl.multiple_of(v_rows, SEG), SEG)
             vt = tl.load(v_base + v_rows[None, :], mask=d_mask[:, None], other=0.0)
         elif V_HDP:  # per run of SEG tokens in one page: its page id, then SEG bytes per dim
             seg = tile + offs_p * SEG
@@ -175,13 +221,21 @@ def _decode_fp8mma_kernel(
             vt = tl.reshape(vt, [BLOCK_D, BLOCK_N])  # [D, N] e4m3
         else:
             v_rows = pages * stride_vp + in_page * stride_vs
+            if HP > 1:
+                v_rows += row_head * stride_vh
             vt = tl.load(
                 v_base + v_rows[None, :], mask=d_mask[:, None] & n_mask[None, :], other=0.0
             )
         if PREFETCH:
-            pages = _page_ids(pages_row, toks + BLOCK_N, end, last_page, PAGE_SIZE, V_TILE)
-        st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [BLOCK_N, BLOCK_H], float32
-        st = tl.where(n_mask[:, None], st, float("-inf"))
+            pages = _tile_page_ids(pages_row, toks + BLOCK_N, tile + BLOCK_N, offs_n, end,
+                                   last_page, PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
+        st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [HP * BLOCK_N, BLOCK_H], float32
+        if HP > 1:  # each column's logits over its own head's keys
+            st = tl.where(
+                n_mask[:, None] & (row_head[:, None] == col_head[None, :]), st, float("-inf")
+            )
+        else:
+            st = tl.where(n_mask[:, None], st, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(st, 0))
         alpha = tl.exp2(m_i - m_new)
         pt = tl.exp2(st - (m_new - LOG2_P_SCALE)[None, :])  # p * P_SCALE, at most P_SCALE
@@ -234,25 +288,34 @@ def fp8mma_meta(
     hdp: bool,
     v_tile: bool = False,
     row_sum_once: bool = False,
+    lean_addr: bool = False,
+    heads_per_program: int = 1,
 ) -> dict:
     """`_decode_fp8mma_kernel`'s compile-time arguments (the launcher's `head_fastest` and
-    `prefetch_pages` are added by the caller); `v_tile`, `row_sum_once`: `DecodeConfig`'s."""
+    `prefetch_pages` are added by the caller); `v_tile`, `row_sum_once`, `lean_addr`:
+    `DecodeConfig`'s; `heads_per_program`: `decode_configs.heads_per_program`'s (1 unless the
+    value tile is one `[head_dim, keys]` tile: over NHD values, or `v_tile` over `hdp`)."""
     pow2_page = page_size & (page_size - 1) == 0
+    v_tile = v_tile and hdp and pow2_page
+    hp = heads_per_program if v_tile or not hdp else 1
     return {
         "GROUP": group,
         "HEAD_DIM": head_dim,
         "PAGE_SIZE": page_size,
         "SPLIT": split,
         "MIN_CHUNK": max(-(-min_chunk // block_n) * block_n, block_n),
-        "BLOCK_H": max(16, triton.next_power_of_2(group)),
+        "BLOCK_H": max(16, triton.next_power_of_2(group * hp)),
         "BLOCK_N": block_n,
         "BLOCK_D": max(32, triton.next_power_of_2(head_dim)),
         "LOG2_P_SCALE": math.log2(P_SCALE),
         # The per-page runs need page ids that tile the keys: a power-of-two page size
         "V_HDP": hdp and pow2_page,
         "SEG": min(page_size, block_n) if pow2_page else 1,
-        "V_TILE": v_tile and hdp and pow2_page,
+        "V_TILE": v_tile,
         "ROW_SUM_ONCE": row_sum_once,
+        # Every tile starts at a multiple of block_n (splits are whole tiles): of the page too
+        "LEAN": lean_addr and block_n % page_size == 0,
+        "HP": hp,
     }
 
 
@@ -296,13 +359,14 @@ def decode_fp8mma(
     bn = block_n or (config.block_n if head_dim <= 128 else min(config.block_n, 64))
     meta = fp8mma_meta(bn, num_heads // num_kv_heads, head_dim, page_size, split,
                        config.min_chunk, values_transposed(v_cache), config.v_tile,
-                       config.row_sum_once)  # fmt: skip
+                       config.row_sum_once, config.lean_addr,
+                       heads_per_program(config, num_kv_heads, head_dim))  # fmt: skip
     if split and workspace is None:
         workspace = decode.decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse, *_ = workspace if split else (out, out)  # (fix-up counters unused)
-    grid = (num_requests, num_kv_heads, num_splits)
+    grid = (num_requests, num_kv_heads // meta["HP"], num_splits)
     if config.head_fastest:
-        grid = (num_kv_heads, num_requests, num_splits)
+        grid = (num_kv_heads // meta["HP"], num_requests, num_splits)
     _decode_fp8mma_kernel[grid](
         q,
         k_cache,
