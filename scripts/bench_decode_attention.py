@@ -74,6 +74,9 @@ class Case:
     max_model_len: int  # the model's context limit: a CUDA graph's split count comes from it
 
 
+ORDERED = "+order"  # `--ordered`: a variant's name with its programs launched longest first
+
+
 def nano_lens(seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randint(100, 1024) + rng.randint(1, 100) for _ in range(256)]
@@ -135,7 +138,9 @@ class Setup:
             out[i] = torch.einsum("hn,nhd->hd", logits.softmax(-1), v)
         return out
 
-    def calls(self, config: decode_configs.DecodeConfig, splits: int):
+    def calls(self, config: decode_configs.DecodeConfig, splits: int, ordered: bool = False):
+        # (`--ordered`: the engine sorts once per step, for all its layers: not timed here)
+        order = torch.argsort(self.seq_lens, descending=True) if ordered else None
         work = None
         if splits > 1:
             work = decode_workspace(len(self.case.seq_lens), self.case.heads, splits, HEAD_DIM,
@@ -143,7 +148,8 @@ class Setup:
         args = (self.k, self.v_hdp if config.fp8_mma and self.v_hdp is not None else self.v)
         return [
             lambda t=t, o=o: decode_attention(
-                self.q, *args, t, self.seq_lens, self.scale, o, splits, work, config=config
+                self.q, *args, t, self.seq_lens, self.scale, o, splits, work, config=config,
+                order=order,
             )
             for t, o in zip(self.tables, self.outs)
         ]
@@ -198,10 +204,11 @@ def graph_us(calls, replays: int) -> float:
 def measure(setup: Setup, name: str, splits_for: str, replays: int) -> dict:
     case = setup.case
     dev = setup.q.device
+    base, ordered = name.removesuffix(ORDERED), name.endswith(ORDERED)
     if name in FLASHINFER_VARIANTS:
         config, splits = None, 0  # (FlashInfer splits in its plan)
     else:
-        config = decode_configs.DECODE_VARIANTS[name]
+        config = decode_configs.DECODE_VARIANTS[base]
         length = case.max_model_len if splits_for == "graph" else max(case.seq_lens)
         splits = choose_num_splits(len(case.seq_lens), case.kv_heads, length, dev, config=config)
         splits = min(splits, choose_num_splits(1, case.kv_heads, length, dev))  # engine's cap
@@ -210,7 +217,7 @@ def measure(setup: Setup, name: str, splits_for: str, replays: int) -> dict:
         if config is None:
             calls = flashinfer_calls(setup, FLASHINFER_VARIANTS[name])
         else:
-            calls = setup.calls(config, splits)
+            calls = setup.calls(config, splits, ordered)
         calls[0]()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -293,6 +300,8 @@ def main() -> None:
     p.add_argument("--pool-factor", type=float, default=4.0)
     p.add_argument("--min-mb", type=float, default=512.0)
     p.add_argument("--replays", type=int, default=10)
+    p.add_argument("--ordered", action="store_true", help="also time each variant launched "
+                   "longest request first (`decode.launch_order`), as NAME+order")  # fmt: skip
     p.add_argument("--json", type=Path)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter "
                    "(TRITON_INTERPRET=1): checks this script, times nothing meaningful")  # fmt: skip
@@ -311,6 +320,9 @@ def main() -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {known}")
+    if args.ordered:  # each variant then its ordered twin (FlashInfer plans its own order)
+        twins = {n: [n] if n in FLASHINFER_VARIANTS else [n, n + ORDERED] for n in names}
+        names = [m for n in names for m in twins[n]]
     import triton
 
     began, results, skipped = time.monotonic(), [], []
@@ -325,7 +337,7 @@ def main() -> None:
                   f"{setup.kv_bytes / 1e6:.1f} MB of KV per call, {setup.layers} layers",
                   flush=True)  # fmt: skip
             for name in names:
-                config = decode_configs.DECODE_VARIANTS.get(name)
+                config = decode_configs.DECODE_VARIANTS.get(name.removesuffix(ORDERED))
                 if (
                     dtype_name != "fp8"
                     and config is not None

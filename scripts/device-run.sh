@@ -16,6 +16,7 @@
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
 #                 [fp8-decode-ab] (issue 15: the FP8 decode's `-lean` variants against the default)
+#                 [decode-order] (issues 15/17: decode programs launched longest request first)
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
 #                 [w4a16-marlin] (issue 15: the NVRTC Marlin-style W4A16 kernel vs bf16 and tinygemm)
 #                 [llama-bs1-marlin] [offline-marlin] (issue 15: --w4a16-kernel marlin end to end)
@@ -485,6 +486,37 @@ for name, r in runs.items():
 for name in ("fp8-nhd", "fp8-hdp"):
     if "bf16" in runs and name in runs:
         print(f"{name} / bf16: {runs[name]['output_tok_s'] / runs['bf16']['output_tok_s']:.2f}x (issue 15 goal 1.5x)")
+PY
+        ;;
+    decode-order) # issue 15/17: decode programs launched longest request first
+        # (`decode.launch_order`, PEGBOARD_DECODE_ORDER=1; docs/kernels.md "Launch order"):
+        # (a) tests/test_decode_order.py's GPU test (the sort captured in a graph), (b) µs per
+        # layer call on the nano-vllm decode batch, bf16 s3-fast-pf and the FP8 default, each
+        # in row order and ordered, (c) the nano-vllm workload with the order off / on,
+        # alternating (ROUNDS rounds, default 2, bf16; then FP8 once each), then a table
+        timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu \
+          tests/test_decode_order.py 2>&1 | tee "$OUT/order-tests.log" | tail -4
+        timeout 150 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 \
+          --variants s3-fast-pf,mma8vl-bn64-s3-fast-pf --ordered --budget-s 120 \
+          --json "$OUT/order-decode.json" 2>&1 | tee "$OUT/order-decode.log" | grep "µs" | tail -8
+        runs=(); for i in $(seq ${ROUNDS:-2}); do runs+=("bf16-off-$i" "bf16-on-$i"); done
+        runs+=(fp8-off-1 fp8-on-1)
+        for run in "${runs[@]}"; do
+          IFS=- read -r dt onoff _ <<<"$run"
+          PEGBOARD_DECODE_ORDER=$([ $onoff = on ] && echo 1 || echo 0) timeout 90 $PB bench offline \
+            --random-weights --config qwen3-0.6b $([ $dt = fp8 ] && echo --kv-cache-dtype fp8_e4m3) \
+            ${BENCH_ARGS:-} --json "$OUT/order-$run.json" 2>"$OUT/order-$run.err" >/dev/null \
+            || { echo "order-$run FAILED"; tail -5 "$OUT/order-$run.err"; }
+        done
+        python3 - "$OUT" "${runs[@]}" <<'PY'
+import json, os, sys
+out, runs = sys.argv[1], sys.argv[2:]
+print("nano-vllm workload, output tok/s (step p50 ms):")
+for run in runs:
+    path = f"{out}/order-{run}.json"
+    if os.path.exists(path):
+        d = json.load(open(path))
+        print(f"  {run:12s} {d['output_tok_s']:10.1f}  ({d['step_ms']['p50_ms']})")
 PY
         ;;
     fp8-decode-ab) # issue 15: the e4m3 decode's `mma8vl-*-lean` variants (no per-key division

@@ -139,6 +139,8 @@ class TritonAttentionBackend(AttentionBackend):
         self._block_maps: dict[tuple[int, ...], np.ndarray] = {}  # `_block_map`'s
         self._tree_held: tuple[tuple, list] | None = None  # (tree_static, masks written there)
         self.tree_static: tuple[torch.Tensor, torch.Tensor] | None = None  # tree graphs' masks
+        #: The step's decode launch order: (rows, capturing, order), `_launch_order`'s
+        self._order: tuple[int, bool, torch.Tensor | None] | None = None
         self._reserve(max_requests, -(-model.max_model_len // pool.page_size), 0, 0)
 
     def prepare_for_capture(
@@ -201,6 +203,11 @@ class TritonAttentionBackend(AttentionBackend):
             self.seq_lens = self.request_meta[:cap]
             self.query_starts = self.request_meta[cap : 2 * cap + 1]
             self.prefix_lens = self.request_meta[2 * cap + 1 :]
+            # `_launch_order`'s sort output (fixed addresses: graphs read them at replay)
+            self.order_buffers = (
+                torch.zeros(cap, dtype=torch.int32, device=dev),
+                torch.zeros(cap, dtype=torch.int64, device=dev),
+            )
             self.max_splits = 0  # the workspace is sized by requests too
         if blocks > self.max_blocks and not self.fixed_blocks:
             self.max_blocks = _pow2(blocks)
@@ -223,6 +230,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._prepare(batch)
 
     def _prepare(self, batch: ForwardBatch, padded: bool = False) -> None:
+        self._order = None
         num_requests = batch.num_requests
         max_pages = max(map(len, batch.page_tables_cpu))
         steady = batch.previous is not None and batch.previous is self.batch
@@ -364,6 +372,7 @@ class TritonAttentionBackend(AttentionBackend):
         if not self.is_decode:
             raise RuntimeError("decode_on_device needs a prepared decode batch first")
         n, width = seq_lens.shape[0], source.page_table.shape[1]
+        self._order = None
         self.page_table[:n, :width].copy_(source.page_table[:n])
         self.seq_lens[:n].copy_(seq_lens)
         self._page_table_held = None  # changed on the device
@@ -405,6 +414,17 @@ class TritonAttentionBackend(AttentionBackend):
         self.kernels.store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
         return self.attend(layer, q)
 
+    def _launch_order(self, rows: int) -> torch.Tensor | None:
+        """The decode programs' request order of this step (`decode.launch_order`), sorted
+        into `order_buffers` at the step's first layer and kept for the others; again when a
+        CUDA graph capture starts (the warm-up before it ran eagerly), so the graph holds
+        the sort and replays it every step."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if self._order is None or self._order[:2] != (rows, capturing):
+            order = self.kernels.launch_order(self.seq_lens, rows, self.order_buffers)
+            self._order = (rows, capturing, order)
+        return self._order[2]
+
     def kv_store_target(self, layer: int) -> KVStoreTarget:
         """The layer's caches, the step's slots and the FP8 scales (`supports_fused_kv_store`:
         the model's rope kernel may store K/V there itself, then call `attend`)."""
@@ -430,6 +450,7 @@ class TritonAttentionBackend(AttentionBackend):
                 out,
                 num_splits=self.num_splits,
                 workspace=self.workspace if self.num_splits > 1 else None,
+                order=self._launch_order(q.shape[0]),
             )
         else:
             out = self.kernels.extend_attention(

@@ -16,6 +16,7 @@ from pegboard.plugins.kernels.triton_attention.decode import (
     decode_attention,
     decode_block_n,
     decode_workspace,
+    launch_order,
 )
 from pegboard.plugins.kernels.triton_attention.decode_configs import (
     DECODE_DEFAULTS,
@@ -38,6 +39,7 @@ __all__ = [
     "DECODE_VARIANTS",
     "DecodeConfig",
     "build_block_map",
+    "launch_order",
     "choose_num_splits",
     "decode_attention",
     "decode_block_n",

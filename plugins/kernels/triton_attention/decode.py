@@ -58,6 +58,10 @@ FP8_DECODE = os.environ.get("PEGBOARD_FP8_DECODE", "dot")
 #: `tl.constexpr` now. The decode variants `f16` / `s3-fast-f16` run these dots in the sweep.
 FP8_F16_DOT = os.environ.get("PEGBOARD_FP8_F16_DOT", "0") == "1"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: Decode launches of at least this many requests start their programs longest request first
+#: (`launch_order`); `PEGBOARD_DECODE_ORDER=1` turns it on (off until measured on the GPU).
+ORDER_MIN_REQUESTS = 32
+DECODE_ORDER = os.environ.get("PEGBOARD_DECODE_ORDER", "0") == "1"
 
 
 @triton.jit
@@ -123,6 +127,7 @@ def _decode_kernel(
     Page_table,
     Seq_lens,
     Counters,
+    Order,
     qk_scale,
     num_splits,
     stride_qt,
@@ -159,6 +164,7 @@ def _decode_kernel(
     FIXUP: tl.constexpr = False,
     BLOCK_S: tl.constexpr = 1,
     PDL: tl.constexpr = False,
+    ORDERED: tl.constexpr = False,
 ):
     if HEAD_FASTEST:
         head_block = tl.program_id(0)
@@ -170,6 +176,8 @@ def _decode_kernel(
         head_blocks = tl.num_programs(1)
     split = tl.program_id(2)
     wait_for_inputs(PDL)  # q comes from the kernel before (rope)
+    if ORDERED:  # launch order: the longest requests' programs first (`decode_attention`)
+        req = tl.load(Order + req).to(tl.int32)
     seq_len = tl.load(Seq_lens + req)
     if SPLIT:
         chunk = _split_chunk(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
@@ -391,6 +399,27 @@ def _splits(
     return max(1, min(splits, config.split_cap, MAX_SPLITS))
 
 
+def launch_order(
+    seq_lens: torch.Tensor, num_requests: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor | None:
+    """`decode_attention`'s `order` for a launch of `num_requests` rows: their indices by
+    sequence length, longest first (one sort on the device, CUDA-graph safe; into `out`, a
+    (lengths, indices) pair of buffers of at least that many rows, when given), or None for
+    batches under `ORDER_MIN_REQUESTS` or with `DECODE_ORDER` off.
+
+    Why: a batch of many requests runs several waves of programs per SM, each program one
+    request's keys; in row order a long request whose programs start in the last wave runs
+    on after the others have finished (a tail of a few busy SMs). Longest first, the short
+    ones fill in at the end (FlashAttention-3's longest-processing-time-first scheduling)."""
+    if not DECODE_ORDER or num_requests < ORDER_MIN_REQUESTS:
+        return None
+    if out is None:
+        return torch.argsort(seq_lens[:num_requests], descending=True)
+    values, indices = out[0][:num_requests], out[1][:num_requests]
+    torch.sort(seq_lens[:num_requests], descending=True, out=(values, indices))
+    return indices
+
+
 def decode_block_n(head_dim: int) -> int:
     """Keys per tile of the decode kernel's one-request variant: 64 (32 for head sizes above
     128); kept for callers (each variant has its own tile)."""
@@ -413,6 +442,7 @@ def decode_attention(
     f16: bool | None = None,
     fma: bool | None = None,
     config: DecodeConfig | str | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged KV; returns `out`.
 
@@ -429,6 +459,9 @@ def decode_attention(
     the dots in float16 (default: the config's `f16_dot` for an FP8 cache, see `to_dot_dtype`). `fma`: CUDA-core
     products instead of tensor-core dots, the GQA group not padded to 16 rows, one KV head per
     program (default: `FP8_DECODE` for an FP8 cache with a group of at most 8, else off).
+    `order`: an integer permutation of the `num_requests` rows (`launch_order`), the request
+    each program row serves, in the order the GPU starts them: longest first, so no long
+    request's programs start last and run alone at the end (the output is the same bits).
     Everything here is decided on the host from shapes and arguments: capture-safe.
     """
     num_requests, num_heads, head_dim = q.shape
@@ -443,7 +476,8 @@ def decode_attention(
     q = unit_last_dim(q)
     if uses_fp8_mma(config, k_cache, v_cache, fma):  # e4m3 tensor-core dots
         return decode_fp8mma(q, k_cache, v_cache, page_table, seq_lens, scale * LOG2E, out,
-                             num_splits, workspace, block_n, num_warps, num_stages, config)  # fmt: skip
+                             num_splits, workspace, block_n, num_warps, num_stages, config,
+                             order)  # fmt: skip
     meta = decode_meta(config, q.dtype, k_cache.dtype, group, num_kv_heads, head_dim,
                        k_cache.shape[1], num_splits > 1, block_n, f16, fma)  # fmt: skip
     if num_splits > 1 and workspace is None:
@@ -473,6 +507,7 @@ def decode_attention(
         page_table,
         seq_lens,
         counters if fixup else seq_lens,
+        seq_lens if order is None else order,
         scale * LOG2E,
         num_splits,
         q.stride(0),
@@ -496,6 +531,7 @@ def decode_attention(
         **pdl,
         # the reduce kernel's split block, so the merge sums alike
         **(meta | {"FIXUP": fixup, "BLOCK_S": triton.next_power_of_2(num_splits)}),
+        ORDERED=order is not None,
     )
     if num_splits > 1 and not fixup:
         reduce_splits(out, mid_out, mid_lse, seq_lens, num_splits, meta)

@@ -29,7 +29,8 @@ from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (
 )
 
 _POINTERS = {"Q": "*bf16", "Out": "*bf16", "Mid_out": "*fp32", "Mid_lse": "*fp32",
-             "Page_table": "*i32", "Seq_lens": "*i32", "Counters": "*i32"}  # fmt: skip
+             "Page_table": "*i32", "Seq_lens": "*i32", "Counters": "*i32",
+             "Order": "*i64"}  # fmt: skip
 _KV = {torch.bfloat16: "*bf16", torch.float8_e4m3fn: "*fp8e4nv"}
 
 

@@ -86,6 +86,7 @@ def _decode_fp8mma_kernel(
     Mid_lse,
     Page_table,
     Seq_lens,
+    Order,
     qk_scale,
     num_splits,
     stride_qt,
@@ -122,6 +123,7 @@ def _decode_fp8mma_kernel(
     ROW_SUM_ONCE: tl.constexpr,
     LEAN: tl.constexpr,
     HP: tl.constexpr,
+    ORDERED: tl.constexpr = False,
 ):
     if HEAD_FASTEST:
         kv_head = tl.program_id(0) * HP
@@ -130,6 +132,8 @@ def _decode_fp8mma_kernel(
         req = tl.program_id(0)
         kv_head = tl.program_id(1) * HP
     split = tl.program_id(2)
+    if ORDERED:  # launch order: the longest requests' programs first (`decode_attention`)
+        req = tl.load(Order + req).to(tl.int32)
     seq_len = tl.load(Seq_lens + req)
     if SPLIT:
         chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_CHUNK)
@@ -347,6 +351,7 @@ def decode_fp8mma(
     num_warps: int | None,
     num_stages: int | None,
     config: DecodeConfig,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`decode.decode_attention` with this kernel (same arguments; `qk_scale` in base 2): one
     KV head per program, the variant's tile, grid order, prefetch and split scheme, the same
@@ -376,6 +381,7 @@ def decode_fp8mma(
         mid_lse,
         page_table,
         seq_lens,
+        seq_lens if order is None else order,
         qk_scale,
         num_splits,
         q.stride(0),
@@ -399,6 +405,7 @@ def decode_fp8mma(
         PREFETCH=config.prefetch_pages,
         num_warps=num_warps or config.num_warps,
         num_stages=num_stages or config.num_stages,
+        ORDERED=order is not None,
         **meta,
     )
     if split:
