@@ -74,14 +74,16 @@ def test_the_e4m3_tensor_core_kernel_launches_in_any_order_too(monkeypatch):
 
 def test_launch_order_is_longest_first_and_off_for_small_batches(monkeypatch):
     lens = torch.tensor([5, 90, 0, 41, 41, 7, 300], dtype=torch.int32, device=DEVICE)
-    assert launch_order(lens, 7) is None  # off by default (until measured on a GPU)
-    monkeypatch.setattr(decode_module, "DECODE_ORDER", True)
+    assert decode_module.DECODE_ORDER  # on by default (PEGBOARD_DECODE_ORDER=0: off)
     assert launch_order(lens, decode_module.ORDER_MIN_REQUESTS - 1) is None
     monkeypatch.setattr(decode_module, "ORDER_MIN_REQUESTS", 4)
     order = launch_order(lens, 7)
     assert sorted(order.tolist()) == list(range(7))
     assert lens[order].tolist() == sorted(lens.tolist(), reverse=True)
     assert launch_order(lens, 3) is None
+    monkeypatch.setattr(decode_module, "DECODE_ORDER", False)
+    assert launch_order(lens, 7) is None
+    monkeypatch.setattr(decode_module, "DECODE_ORDER", True)
     buffers = (torch.zeros(8, dtype=torch.int32, device=DEVICE),
                torch.zeros(8, dtype=torch.int64, device=DEVICE))  # fmt: skip
     into = launch_order(lens, 5, buffers)  # the first 5 rows only, sorted into the buffers
