@@ -220,7 +220,8 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
         mkdir -p /tmp/base/pegboard && tar -xf "${BASE_TAR:-base.tar}" -C /tmp/base/pegboard \
           && cp core/bench/host_profile.py /tmp/base/pegboard/core/bench/ || exit 1
         # overlap on, off (the device idle at each launch: the launch's own cost), on again
-        for run in on-1 off-1 on-2; do for tree in head base; do
+        # (RUNS: other runs, e.g. "on-1 on-2"; BENCH_ARGS="--detokenizer process": the default's)
+        for run in ${RUNS:-on-1 off-1 on-2}; do for tree in head base; do
           PYTHONPATH=$([ $tree = base ] && echo /tmp/base:)$PYTHONPATH timeout 120 $PB bench offline \
             --random-weights --config qwen3-0.6b --profile-host --detokenizer inline \
             $([ ${run%-*} = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
