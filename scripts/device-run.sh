@@ -492,16 +492,18 @@ PY
     decode-order) # issue 15/17: decode programs launched longest request first
         # (`decode.launch_order`, PEGBOARD_DECODE_ORDER=1; docs/kernels.md "Launch order"):
         # (a) tests/test_decode_order.py's GPU test (the sort captured in a graph), (b) µs per
-        # layer call on the nano-vllm decode batch, bf16 s3-fast-pf and the FP8 default, each
-        # in row order and ordered, (c) the nano-vllm workload with the order off / on,
-        # alternating (ROUNDS rounds, default 2, bf16; then FP8 once each), then a table
+        # layer call on the nano-vllm decode batch, bf16 s3-fast-pf and the FP8 default (or
+        # ORDER_VARIANTS over ORDER_DTYPES), each in row order and ordered, (c) the nano-vllm
+        # workload with the order off / on, alternating (ROUNDS rounds, default 2, bf16; then
+        # FP8 once each; ROUNDS=0: none), then a table
         timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu \
           tests/test_decode_order.py 2>&1 | tee "$OUT/order-tests.log" | tail -4
-        timeout 150 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 \
-          --variants s3-fast-pf,mma8vl-bn64-s3-fast-pf --ordered --budget-s 120 \
-          --json "$OUT/order-decode.json" 2>&1 | tee "$OUT/order-decode.log" | grep "µs" | tail -8
+        timeout 150 python3 scripts/bench_decode_attention.py --cases nano \
+          --dtypes ${ORDER_DTYPES:-bf16,fp8} --variants ${ORDER_VARIANTS:-s3-fast-pf,mma8vl-bn64-s3-fast-pf} \
+          --ordered --budget-s 120 --json "$OUT/order-decode.json" 2>&1 | tee "$OUT/order-decode.log" \
+          | grep "µs" | tail -24
         runs=(); for i in $(seq ${ROUNDS:-2}); do runs+=("bf16-off-$i" "bf16-on-$i"); done
-        runs+=(fp8-off-1 fp8-on-1)
+        [ "${ROUNDS:-2}" = 0 ] || runs+=(fp8-off-1 fp8-on-1)
         for run in "${runs[@]}"; do
           IFS=- read -r dt onoff _ <<<"$run"
           PEGBOARD_DECODE_ORDER=$([ $onoff = on ] && echo 1 || echo 0) timeout 90 $PB bench offline \
