@@ -261,11 +261,11 @@ class Engine:
                 self.guard.sampled_ids(pending.host_array, self.info.vocab_size)
             except PluginFault as fault:
                 return self._fail(pending.requests, fault)
+        append = self._append_sampled
         for r, token, lp in zip(pending.requests, ids, pending.logprobs):
             if r.status is _FINISHED:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
-            r.token_ids.pop()  # PENDING_TOKEN
-            if self._append(r, (token,), (lp,)):
+            if append(r, token, lp):
                 self._release(r)
 
     # ---------------------------------------------------------------- requests in and out
@@ -428,6 +428,29 @@ class Engine:
         if stop is None:
             return False
         self._finish(r, stop[1])
+        return True
+
+    def _append_sampled(self, r: Request, token: int, lp) -> bool:
+        """`_append(r, (token,), (lp,))` for a step's one sampled token, which replaces `r`'s
+        `PENDING_TOKEN`: the same delta and stop (`first_stop` for one token), inlined because
+        it runs for every request of every step."""
+        params, token_ids, output = r.params, r.token_ids, r.output_token_ids
+        token_ids[-1] = token
+        output.append(token)
+        if lp is None:
+            lps = []
+        else:
+            lps = [lp]
+            r.output_logprobs.append(lp)
+        if r.first_token_time is None:
+            r.first_token_time = time.monotonic()
+        self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
+        if (token in r.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            self._finish(r, FinishReason.STOP)
+        elif len(output) >= params.max_tokens or len(token_ids) >= self.budget.max_model_len:
+            self._finish(r, FinishReason.LENGTH)
+        else:
+            return False
         return True
 
     def _stop_request(self, r: Request, num_output_tokens: int | None, error=None) -> None:
