@@ -24,7 +24,8 @@ class PageTableMirror:
 
     A step finds its rows and the rows whose request's list changed in whole-list C calls
     (dict lookups by id, a list comparison per request against the copy mirrored); only the
-    changed rows (a page added every `page_size` decode steps) are rewritten in Python."""
+    changed rows (a page added every `page_size` decode steps) are rewritten in Python. A row
+    holds zeros past its request's pages, so a gather zeroes only rows cut short by `num_pages`."""
 
     def __init__(self, rows: int = 64, width: int = 64) -> None:
         self.table = np.zeros((max(rows, 1), max(width, 1)), dtype=np.int32)
@@ -59,19 +60,20 @@ class PageTableMirror:
             mirrored[i] = self._write(int(rows[i]), pages[i], mirrored[i])
         if isinstance(num_pages, np.ndarray):
             width = int(num_pages.max()) if len(num_pages) else 0
-            shortest = int(num_pages.min(initial=width))
+            cut = np.flatnonzero(np.fromiter(map(len, pages), np.int64, len(pages)) > num_pages)
         else:  # (a list of a few requests: builtins beat numpy's call cost)
-            width, shortest = max(num_pages, default=0), min(num_pages, default=0)
+            width = max(num_pages, default=0)
+            cut = [i for i, (p, k) in enumerate(zip(pages, num_pages)) if len(p) > k]
         out = self.table[self._batch_rows, :width]
-        if shortest < width:
-            lengths = np.asarray(num_pages, dtype=np.int32)
-            out[np.arange(width, dtype=np.int32) >= lengths[:, None]] = 0
+        for i in cut:  # rows past their `num_pages` (rare: decode covers every page held)
+            out[i, num_pages[i] :] = 0
         return out
 
     def forget(self, request: Request) -> None:
         """Free the request's row (it was released)."""
         row = self._rows.pop(id(request), None)
         if row is not None:
+            self.table[row, : len(self._mirrored[row] or ())] = 0  # a free row is all zeros
             self._mirrored[row] = None
             self._free.append(row)
             self._batch = []  # its row may go to another request
@@ -83,6 +85,8 @@ class PageTableMirror:
         if len(pages) > self.table.shape[1]:
             self._grow(self.table.shape[0], max(len(pages), 2 * self.table.shape[1]))
         self.table[row, start : len(pages)] = pages[start:]
+        if old and len(old) > len(pages):
+            self.table[row, len(pages) : len(old)] = 0  # zeros past the pages (`gather`)
         copy = self._mirrored[row] = list(pages)
         return copy
 
