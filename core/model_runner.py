@@ -354,7 +354,7 @@ class ModelRunner:
             last, fill = self._decode_inputs(requests, pending)
             if last is None and fill is None:
                 return None  # the general path names the request
-        table = self.page_tables.gather(requests, num_pages)
+        table = self.page_tables.gather(requests, num_pages, table_lens)
         steady = self.steady.follow(requests, starts, num_pages, table, self.page_tables.changed)
         slots = table[np.arange(n), starts // page_size].astype(np.int64) * page_size
         slots += starts % page_size

@@ -40,9 +40,10 @@ class PageTableMirror:
         #: since they were last gathered (rewritten then).
         self.changed: list[int] = []
 
-    def gather(self, requests: list[Request], num_pages) -> np.ndarray:
+    def gather(self, requests: list[Request], num_pages, held=None) -> np.ndarray:
         """int32 `[len(requests), max(num_pages)]`: the first `num_pages[i]` pages of each
-        request's `page_table`, then zeros (a new array). `num_pages`: a list or an array."""
+        request's `page_table`, then zeros (a new array). `num_pages`: a list or an array;
+        `held`, with an array: the length of each `page_table`, if the caller has it."""
         if requests == self._batch:  # as last time (decode): its rows, found already
             rows, mirrored = self._batch_rows, self._batch_mirrored
         else:
@@ -60,7 +61,9 @@ class PageTableMirror:
             mirrored[i] = self._write(int(rows[i]), pages[i], mirrored[i])
         if isinstance(num_pages, np.ndarray):
             width = int(num_pages.max()) if len(num_pages) else 0
-            cut = np.flatnonzero(np.fromiter(map(len, pages), np.int64, len(pages)) > num_pages)
+            if held is None:
+                held = np.fromiter(map(len, pages), np.int64, len(pages))
+            cut = np.flatnonzero(held > num_pages)
         else:  # (a list of a few requests: builtins beat numpy's call cost)
             width = max(num_pages, default=0)
             cut = [i for i, (p, k) in enumerate(zip(pages, num_pages)) if len(p) > k]
