@@ -140,6 +140,7 @@ class Engine:
         self._pending: PendingStep | None = None  # the step whose tokens are still on the device
         self._lock = threading.Lock()
         self.num_steps = 0
+        self._num_finished = 0  # `_finish` calls: `_run` scans its batch for them only after one
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = start_detokenizer(
             detokenizer_at, self.tokenizer, self.model_dir, dummy, self._stop_request, started
@@ -203,6 +204,7 @@ class Engine:
         return [requests[i] for i in keep], [num_tokens[i] for i in keep]
 
     def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
+        finished = self._num_finished  # none of `scheduled` is finished yet
         num_tokens = self.speculation.propose(scheduled, num_tokens, self.budget)  # + drafts
         failed = self.guard.call(
             "kv_cache", self.hook.allocate_kv, scheduled=scheduled, num_tokens=num_tokens
@@ -220,8 +222,8 @@ class Engine:
         self._resolve()  # the previous step's tokens: append, stop, release
         samples = batch.samples
         sampling = scheduled if all(samples) else [r for r, s in zip(scheduled, samples) if s]
-        if _FINISHED in map(_status, sampling):  # finished by the previous step's token
-            keep = [i for i, r in enumerate(sampling) if r.status is not _FINISHED]
+        if self._num_finished != finished and _FINISHED in map(_status, sampling):
+            keep = [i for i, r in enumerate(sampling) if r.status is not _FINISHED]  # by its token
             logits = logits[to_device(keep, logits.device, torch.int64)]
             sampling = [sampling[i] for i in keep]
         if sampling and self.speculation.drafting:
@@ -234,7 +236,9 @@ class Engine:
                 self._pending = PendingStep(sampling, sampled, self.info.vocab_size)
             except PluginFault as fault:  # fails the requests of this `sample` call only
                 self._fail(sampling, fault)
-        self.kv.commit([r for r in scheduled if r.status is not _FINISHED])
+        if self._num_finished != finished:
+            scheduled = [r for r in scheduled if r.status is not _FINISHED]
+        self.kv.commit(list(scheduled))
 
     def _verify(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Speculative decoding: append each request's accepted drafts and the target's next
@@ -476,6 +480,7 @@ class Engine:
 
     def _finish(self, r: Request, reason: FinishReason, error: str | None = None) -> None:
         r.status = RequestStatus.FINISHED
+        self._num_finished += 1
         r.finish_reason = reason
         r.error = error
         r.finished_time = time.monotonic()

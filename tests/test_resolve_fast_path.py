@@ -15,7 +15,7 @@ from pegboard.sdk.types import Request, SamplingParams, StepBudget, TokenLogprob
 
 def bare_engine(max_model_len: int) -> Engine:
     engine = Engine.__new__(Engine)  # only what `_append*` and `_finish` read
-    engine._outbox = []
+    engine._outbox, engine._num_finished = [], 0
     engine.budget = StepBudget(1 << 20, 256, max_model_len)
     return engine
 
