@@ -372,8 +372,7 @@ class Engine:
     ) -> tuple[list[Request], list[int]]:
         """Move newly scheduled requests to running; requests the cache could not serve go back
         to waiting (running ones are preempted)."""
-        running = list(map(_status, scheduled)).count(_RUNNING)  # C; a set hashes each enum
-        if not failed and scheduled and running == len(scheduled):  # a decode step
+        if not failed and scheduled and self._all_running(scheduled):  # a decode step
             return scheduled, num_tokens
         failed_ids = {id(r) for r in failed}
         if failed:
@@ -392,6 +391,14 @@ class Engine:
             kept_n.append(n)
         self._dequeue(admitted)
         return kept, kept_n
+
+    def _all_running(self, scheduled: list[Request]) -> bool:
+        """Whether every request of `scheduled` is running: the running queue itself (which
+        holds only running requests) in one list comparison, else counted in C (a set would
+        hash each enum)."""
+        if scheduled == self.running:
+            return True
+        return list(map(_status, scheduled)).count(_RUNNING) == len(scheduled)
 
     def _dequeue(self, admitted: list[Request]) -> None:
         """Take the admitted requests out of the waiting queue in one pass (a `remove` each

@@ -1,6 +1,7 @@
-"""`Engine._append_sampled`, the resolve loop's one-token append, against the general
-`_append` it stands in for: the same tokens, logprobs, delta, finish and return value for
-every kind of stop (EOS, ignore_eos, a stop token, max_tokens, the context length, none)."""
+"""The step loop's fast paths against what they stand in for: `Engine._append_sampled`, the
+resolve loop's one-token append, against the general `_append` (the same tokens, logprobs,
+delta, finish and return value for every kind of stop: EOS, ignore_eos, a stop token,
+max_tokens, the context length, none), and `_admit`'s decode check (`_all_running`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import random
 import pytest
 from pegboard.core.engine import Engine
 from pegboard.core.overlap import PENDING_TOKEN
-from pegboard.sdk.types import Request, SamplingParams, StepBudget, TokenLogprobs
+from pegboard.sdk.types import (
+    Request,
+    RequestStatus,
+    SamplingParams,
+    StepBudget,
+    TokenLogprobs,
+)
 
 
 def bare_engine(max_model_len: int) -> Engine:
@@ -67,3 +74,17 @@ def test_append_sampled_equals_the_general_append(seed):
         assert state(a) == state(b)
         assert [delta(o) for o in fast._outbox] == [delta(o) for o in slow._outbox]
         assert all(o.request is a for o in fast._outbox)
+
+
+def test_all_running_is_the_status_count():
+    engine = Engine.__new__(Engine)
+    engine.running = [Request([1]) for _ in range(4)]
+    for r in engine.running:
+        r.status = RequestStatus.RUNNING
+    waiting = Request([1])
+    a, b, c, d = engine.running
+    cases = [[a, b, c, d], [d, c, b, a], [a, b], [a, b, c, waiting], [waiting], [a, waiting, c, d]]
+    for scheduled in cases:
+        counted = [r.status for r in scheduled].count(RequestStatus.RUNNING) == len(scheduled)
+        assert engine._all_running(scheduled) is counted
+    assert engine._all_running(list(engine.running))  # the running queue itself, a copy
