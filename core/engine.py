@@ -53,7 +53,6 @@ from pegboard.sdk.types import (
     MetricsSnapshot,
     Request,
     RequestStatus,
-    SchedulePlan,
     StepBudget,
 )
 
@@ -68,7 +67,6 @@ ACTIVATION_ALLOWANCE = 256 << 20
 #: Hot loops compare a request's status directly (the `finished` property costs a call).
 _FINISHED = RequestStatus.FINISHED
 _status = operator.attrgetter("status")
-_num_tokens = operator.attrgetter("num_tokens")
 _NONE = (None,)  # one token's logprobs when none were asked for (`_append`)
 _RUNNING = RequestStatus.RUNNING
 
@@ -192,7 +190,7 @@ class Engine:
         self.num_steps += 1
         if self.moe is not None:
             self.moe.step_boundary()  # record expert load; rebalance every N steps
-        self._export(self._step_snapshot(plan, time.perf_counter() - start))
+        self._export(self._step_snapshot(checked, time.perf_counter() - start))
         return outputs
 
     def _unfinished(self, checked: CheckedPlan) -> tuple[list[Request], list[int]]:
@@ -722,8 +720,9 @@ class Engine:
 
     # ---------------------------------------------------------------- metrics
 
-    def _step_snapshot(self, plan: SchedulePlan | None, elapsed: float) -> MetricsSnapshot:
-        tokens = list(map(_num_tokens, plan.scheduled)) if plan else []  # each >= 1 (checked)
+    def _step_snapshot(self, checked: CheckedPlan | None, elapsed: float) -> MetricsSnapshot:
+        plan = checked.plan if checked else None
+        tokens = checked.num_tokens if plan else []  # the plan's, each >= 1 (checked)
         num_decode = tokens.count(1)
         stats = self.kv.stats()
         return MetricsSnapshot(
