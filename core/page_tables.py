@@ -16,8 +16,6 @@ import operator
 import numpy as np
 from pegboard.sdk.types import Request
 
-_page_table = operator.attrgetter("page_table")
-
 
 class PageTableMirror:
     """Rows of page ids, one per request seen by `gather` and not yet `forget`-ten.
@@ -53,7 +51,7 @@ class PageTableMirror:
             mirrored = list(map(self._mirrored.__getitem__, rows))
             self._batch, self._batch_rows = list(requests), np.asarray(rows, dtype=np.intp)
             self._batch_mirrored = mirrored
-        pages = list(map(_page_table, requests))
+        pages = [r.page_table for r in requests]
         self.changed = list(
             itertools.compress(range(len(pages)), map(operator.ne, pages, mirrored))
         )
