@@ -53,7 +53,6 @@ from pegboard.sdk.types import (
     MetricsSnapshot,
     Request,
     RequestStatus,
-    SchedulePlan,
     StepBudget,
 )
 
@@ -68,7 +67,6 @@ ACTIVATION_ALLOWANCE = 256 << 20
 #: Hot loops compare a request's status directly (the `finished` property costs a call).
 _FINISHED = RequestStatus.FINISHED
 _status = operator.attrgetter("status")
-_num_tokens = operator.attrgetter("num_tokens")
 _NONE = (None,)  # one token's logprobs when none were asked for (`_append`)
 _RUNNING = RequestStatus.RUNNING
 
@@ -140,6 +138,7 @@ class Engine:
         self._pending: PendingStep | None = None  # the step whose tokens are still on the device
         self._lock = threading.Lock()
         self.num_steps = 0
+        self._num_finished = 0  # `_finish` calls: `_run` scans its batch for them only after one
         #: Text, stop strings and streaming, off the step loop: it reads `step()`'s deltas.
         self.detokenizer = start_detokenizer(
             detokenizer_at, self.tokenizer, self.model_dir, dummy, self._stop_request, started
@@ -191,7 +190,7 @@ class Engine:
         self.num_steps += 1
         if self.moe is not None:
             self.moe.step_boundary()  # record expert load; rebalance every N steps
-        self._export(self._step_snapshot(plan, time.perf_counter() - start))
+        self._export(self._step_snapshot(checked, time.perf_counter() - start))
         return outputs
 
     def _unfinished(self, checked: CheckedPlan) -> tuple[list[Request], list[int]]:
@@ -203,6 +202,7 @@ class Engine:
         return [requests[i] for i in keep], [num_tokens[i] for i in keep]
 
     def _run(self, scheduled: list[Request], num_tokens: list[int]) -> None:
+        finished = self._num_finished  # none of `scheduled` is finished yet
         num_tokens = self.speculation.propose(scheduled, num_tokens, self.budget)  # + drafts
         failed = self.guard.call(
             "kv_cache", self.hook.allocate_kv, scheduled=scheduled, num_tokens=num_tokens
@@ -220,8 +220,8 @@ class Engine:
         self._resolve()  # the previous step's tokens: append, stop, release
         samples = batch.samples
         sampling = scheduled if all(samples) else [r for r, s in zip(scheduled, samples) if s]
-        if _FINISHED in map(_status, sampling):  # finished by the previous step's token
-            keep = [i for i, r in enumerate(sampling) if r.status is not _FINISHED]
+        if self._num_finished != finished and _FINISHED in map(_status, sampling):
+            keep = [i for i, r in enumerate(sampling) if r.status is not _FINISHED]  # by its token
             logits = logits[to_device(keep, logits.device, torch.int64)]
             sampling = [sampling[i] for i in keep]
         if sampling and self.speculation.drafting:
@@ -234,7 +234,9 @@ class Engine:
                 self._pending = PendingStep(sampling, sampled, self.info.vocab_size)
             except PluginFault as fault:  # fails the requests of this `sample` call only
                 self._fail(sampling, fault)
-        self.kv.commit([r for r in scheduled if r.status is not _FINISHED])
+        if self._num_finished != finished:
+            scheduled = [r for r in scheduled if r.status is not _FINISHED]
+        self.kv.commit(list(scheduled))
 
     def _verify(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Speculative decoding: append each request's accepted drafts and the target's next
@@ -261,11 +263,11 @@ class Engine:
                 self.guard.sampled_ids(pending.host_array, self.info.vocab_size)
             except PluginFault as fault:
                 return self._fail(pending.requests, fault)
+        append = self._append_sampled
         for r, token, lp in zip(pending.requests, ids, pending.logprobs):
             if r.status is _FINISHED:  # failed meanwhile (`_release` dropped its placeholder)
                 continue
-            r.token_ids.pop()  # PENDING_TOKEN
-            if self._append(r, (token,), (lp,)):
+            if append(r, token, lp):
                 self._release(r)
 
     # ---------------------------------------------------------------- requests in and out
@@ -368,8 +370,7 @@ class Engine:
     ) -> tuple[list[Request], list[int]]:
         """Move newly scheduled requests to running; requests the cache could not serve go back
         to waiting (running ones are preempted)."""
-        running = list(map(_status, scheduled)).count(_RUNNING)  # C; a set hashes each enum
-        if not failed and scheduled and running == len(scheduled):  # a decode step
+        if not failed and scheduled and self._all_running(scheduled):  # a decode step
             return scheduled, num_tokens
         failed_ids = {id(r) for r in failed}
         if failed:
@@ -388,6 +389,14 @@ class Engine:
             kept_n.append(n)
         self._dequeue(admitted)
         return kept, kept_n
+
+    def _all_running(self, scheduled: list[Request]) -> bool:
+        """Whether every request of `scheduled` is running: the running queue itself (which
+        holds only running requests) in one list comparison, else counted in C (a set would
+        hash each enum)."""
+        if scheduled == self.running:
+            return True
+        return list(map(_status, scheduled)).count(_RUNNING) == len(scheduled)
 
     def _dequeue(self, admitted: list[Request]) -> None:
         """Take the admitted requests out of the waiting queue in one pass (a `remove` each
@@ -430,6 +439,29 @@ class Engine:
         self._finish(r, stop[1])
         return True
 
+    def _append_sampled(self, r: Request, token: int, lp) -> bool:
+        """`_append(r, (token,), (lp,))` for a step's one sampled token, which replaces `r`'s
+        `PENDING_TOKEN`: the same delta and stop (`first_stop` for one token), inlined because
+        it runs for every request of every step."""
+        params, token_ids, output = r.params, r.token_ids, r.output_token_ids
+        token_ids[-1] = token
+        output.append(token)
+        if lp is None:
+            lps = []
+        else:
+            lps = [lp]
+            r.output_logprobs.append(lp)
+        if r.first_token_time is None:
+            r.first_token_time = time.monotonic()
+        self._outbox.append(RequestOutput(r.request_id, [token], "", lps, False, None, None, r))
+        if (token in r.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            self._finish(r, FinishReason.STOP)
+        elif len(output) >= params.max_tokens or len(token_ids) >= self.budget.max_model_len:
+            self._finish(r, FinishReason.LENGTH)
+        else:
+            return False
+        return True
+
     def _stop_request(self, r: Request, num_output_tokens: int | None, error=None) -> None:
         """The detokenizer thread found a stop string ending at output token
         `num_output_tokens` (or failed: `error`); applied at the next step boundary."""
@@ -453,6 +485,7 @@ class Engine:
 
     def _finish(self, r: Request, reason: FinishReason, error: str | None = None) -> None:
         r.status = RequestStatus.FINISHED
+        self._num_finished += 1
         r.finish_reason = reason
         r.error = error
         r.finished_time = time.monotonic()
@@ -687,8 +720,9 @@ class Engine:
 
     # ---------------------------------------------------------------- metrics
 
-    def _step_snapshot(self, plan: SchedulePlan | None, elapsed: float) -> MetricsSnapshot:
-        tokens = list(map(_num_tokens, plan.scheduled)) if plan else []  # each >= 1 (checked)
+    def _step_snapshot(self, checked: CheckedPlan | None, elapsed: float) -> MetricsSnapshot:
+        plan = checked.plan if checked else None
+        tokens = checked.num_tokens if plan else []  # the plan's, each >= 1 (checked)
         num_decode = tokens.count(1)
         stats = self.kv.stats()
         return MetricsSnapshot(

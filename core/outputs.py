@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pegboard.sdk.types import FinishReason, Request, TokenLogprobs
 
 
-@dataclass
+@dataclass(slots=True)  # built for every request in every step (twice: tokens, then text)
 class RequestOutput:
     """The progress of one request in one engine step (a streaming delta).
 

@@ -16,15 +16,14 @@ import operator
 import numpy as np
 from pegboard.sdk.types import Request
 
-_page_table = operator.attrgetter("page_table")
-
 
 class PageTableMirror:
     """Rows of page ids, one per request seen by `gather` and not yet `forget`-ten.
 
     A step finds its rows and the rows whose request's list changed in whole-list C calls
     (dict lookups by id, a list comparison per request against the copy mirrored); only the
-    changed rows (a page added every `page_size` decode steps) are rewritten in Python."""
+    changed rows (a page added every `page_size` decode steps) are rewritten in Python. A row
+    holds zeros past its request's pages, so a gather zeroes only rows cut short by `num_pages`."""
 
     def __init__(self, rows: int = 64, width: int = 64) -> None:
         self.table = np.zeros((max(rows, 1), max(width, 1)), dtype=np.int32)
@@ -39,9 +38,10 @@ class PageTableMirror:
         #: since they were last gathered (rewritten then).
         self.changed: list[int] = []
 
-    def gather(self, requests: list[Request], num_pages) -> np.ndarray:
+    def gather(self, requests: list[Request], num_pages, held=None) -> np.ndarray:
         """int32 `[len(requests), max(num_pages)]`: the first `num_pages[i]` pages of each
-        request's `page_table`, then zeros (a new array). `num_pages`: a list or an array."""
+        request's `page_table`, then zeros (a new array). `num_pages`: a list or an array;
+        `held`, with an array: the length of each `page_table`, if the caller has it."""
         if requests == self._batch:  # as last time (decode): its rows, found already
             rows, mirrored = self._batch_rows, self._batch_mirrored
         else:
@@ -51,7 +51,7 @@ class PageTableMirror:
             mirrored = list(map(self._mirrored.__getitem__, rows))
             self._batch, self._batch_rows = list(requests), np.asarray(rows, dtype=np.intp)
             self._batch_mirrored = mirrored
-        pages = list(map(_page_table, requests))
+        pages = [r.page_table for r in requests]
         self.changed = list(
             itertools.compress(range(len(pages)), map(operator.ne, pages, mirrored))
         )
@@ -59,19 +59,22 @@ class PageTableMirror:
             mirrored[i] = self._write(int(rows[i]), pages[i], mirrored[i])
         if isinstance(num_pages, np.ndarray):
             width = int(num_pages.max()) if len(num_pages) else 0
-            shortest = int(num_pages.min(initial=width))
+            if held is None:
+                held = np.fromiter(map(len, pages), np.int64, len(pages))
+            cut = np.flatnonzero(held > num_pages)
         else:  # (a list of a few requests: builtins beat numpy's call cost)
-            width, shortest = max(num_pages, default=0), min(num_pages, default=0)
+            width = max(num_pages, default=0)
+            cut = [i for i, (p, k) in enumerate(zip(pages, num_pages)) if len(p) > k]
         out = self.table[self._batch_rows, :width]
-        if shortest < width:
-            lengths = np.asarray(num_pages, dtype=np.int32)
-            out[np.arange(width, dtype=np.int32) >= lengths[:, None]] = 0
+        for i in cut:  # rows past their `num_pages` (rare: decode covers every page held)
+            out[i, num_pages[i] :] = 0
         return out
 
     def forget(self, request: Request) -> None:
         """Free the request's row (it was released)."""
         row = self._rows.pop(id(request), None)
         if row is not None:
+            self.table[row, : len(self._mirrored[row] or ())] = 0  # a free row is all zeros
             self._mirrored[row] = None
             self._free.append(row)
             self._batch = []  # its row may go to another request
@@ -83,6 +86,8 @@ class PageTableMirror:
         if len(pages) > self.table.shape[1]:
             self._grow(self.table.shape[0], max(len(pages), 2 * self.table.shape[1]))
         self.table[row, start : len(pages)] = pages[start:]
+        if old and len(old) > len(pages):
+            self.table[row, len(pages) : len(old)] = 0  # zeros past the pages (`gather`)
         copy = self._mirrored[row] = list(pages)
         return copy
 

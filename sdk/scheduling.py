@@ -212,7 +212,7 @@ class PolicyScheduler(Scheduler):
         step.tokens_left, step.free_pages = left, free
 
     def _schedule_decode(self, order: list[Request], step: _Step, kv: KVCache) -> bool:
-        """Step 1 for the steady state of decoding, in whole-list C calls: when every running
+        """Step 1 for the steady state of decoding, in whole-list passes: when every running
         request has exactly one uncomputed token and they all fit (tokens, context length, KV
         pages), each gets its token, in order, and nothing is preempted — what the loop would
         decide, without a Python pass per request. False (nothing done): not that case.
@@ -225,10 +225,10 @@ class PolicyScheduler(Scheduler):
         n = len(order)
         if not n or step.tokens_left < n:
             return False
-        starts = list(map(_COMPUTED, order))
+        starts = [r.num_computed_tokens for r in order]  # (faster than `map(attrgetter)`)
         if max(starts) >= step.budget.max_model_len:
             return False
-        if list(map(operator.sub, map(len, map(_TOKEN_IDS, order)), starts)).count(1) != n:
+        if [len(r.token_ids) - s for r, s in zip(order, starts)].count(1) != n:
             return False
         if step.admits_next:
             pages = list(map(kv.pages_needed, order, itertools.repeat(1)))
@@ -255,12 +255,12 @@ class PolicyScheduler(Scheduler):
         else:
             known = dict(zip(map(id, last_order), last_items))
             items = list(map(known.get, map(id, order)))
-            if not all(items) or list(map(_REQUEST, items)) != order:  # `all`: no __eq__ calls
+            if not all(items) or [s.request for s in items] != order:  # `all`: no __eq__ calls
                 items = [
                     s if s is not None and s.request is r else ScheduledRequest(r, 1)
                     for s, r in zip(items, order)
                 ]
-        if list(map(_NUM_TOKENS, items)).count(1) != len(items):  # a plugin changed one
+        if [s.num_tokens for s in items].count(1) != len(items):  # a plugin changed one
             items = [ScheduledRequest(r, 1) for r in order]
         self._decode_last = (order, items)
         return list(items)
@@ -325,10 +325,6 @@ class PolicyScheduler(Scheduler):
 
 
 _BY_SEQ = operator.attrgetter("seq")  # the default `sort_key`'s order
-_COMPUTED = operator.attrgetter("num_computed_tokens")
-_TOKEN_IDS = operator.attrgetter("token_ids")
-_REQUEST = operator.attrgetter("request")
-_NUM_TOKENS = operator.attrgetter("num_tokens")
 
 
 def _chunk(r: Request, start: int, step: _Step) -> int:

@@ -19,9 +19,14 @@ def padded(tables: list[list[int]], num_pages: list[int]) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("pages", ["some", "all", "all-array", "some-array-held"])
 @pytest.mark.parametrize("same_batch", [False, True], ids=["random-batches", "decode-batches"])
 @pytest.mark.parametrize("seed", range(5))
-def test_gathered_rows_equal_a_fresh_build_under_random_edits(seed, same_batch):
+def test_gathered_rows_equal_a_fresh_build_under_random_edits(seed, same_batch, pages):
+    """`pages`: each request's first few pages (rows cut short), or all its pages (a decode
+    step's case: no row is zeroed by `gather`, so a reused or shrunk row must hold zeros past
+    its pages already), as a list or as an array (the decode path's, with the lists' lengths
+    or without)."""
     rng = random.Random(seed)
     mirror = PageTableMirror(rows=2, width=2)  # small: rows and columns must grow
     live = [Request([1]) for _ in range(6)]
@@ -45,7 +50,15 @@ def test_gathered_rows_equal_a_fresh_build_under_random_edits(seed, same_batch):
         # Decode steps gather the same requests in the same order (a new list each time).
         batch = list(live) if same_batch else rng.sample(live, rng.randint(1, len(live)))
         num_pages = [rng.randint(0, len(q.page_table)) for q in batch]
-        got = mirror.gather(batch, num_pages)
+        if pages.startswith("all"):
+            num_pages = [len(q.page_table) for q in batch]
+        if pages == "all-array":
+            got = mirror.gather(batch, np.asarray(num_pages))
+        elif pages == "some-array-held":
+            held = np.asarray([len(q.page_table) for q in batch])
+            got = mirror.gather(batch, np.asarray(num_pages), held)
+        else:
+            got = mirror.gather(batch, num_pages)
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, padded([q.page_table for q in batch], num_pages))
 

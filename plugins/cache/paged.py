@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -184,8 +183,8 @@ class PagedCache(KVCache):
             return [(i, k) for i, k in enumerate(need) if k]
         # The whole batch in numpy (a decode step: a page every `page_size` steps per request);
         # only the requests that need some are visited.
-        starts = np.fromiter(map(_computed, scheduled), np.int64, n)
-        held = np.fromiter(map(len, map(_page_table, scheduled)), np.int64, n)
+        starts = np.fromiter([r.num_computed_tokens for r in scheduled], np.int64, n)
+        held = np.fromiter([len(r.page_table) for r in scheduled], np.int64, n)
         if type(self).pages_needed is PagedCache.pages_needed:
             tokens = starts + np.asarray(num_tokens, dtype=np.int64)
             need = np.maximum(-(-tokens // self.page_size) - held, 0)
@@ -231,7 +230,3 @@ class PagedCache(KVCache):
 
 def _kv_dtype(ctx: PluginContext) -> torch.dtype:
     return kv_dtype(ctx.engine.get("kv_cache_dtype"), ctx.model.dtype)
-
-
-_computed = operator.attrgetter("num_computed_tokens")
-_page_table = operator.attrgetter("page_table")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import operator
 from typing import Literal
 
 import numpy as np
@@ -21,7 +20,6 @@ from pegboard.sdk.types import Request, SampleOutput, TokenLogprobs
 #: a sampler swapped in mid-request continues the same random stream.
 GENERATOR_KEY = "sampler"
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (engine seed, seq) over the seed space
-_outputs = operator.attrgetter("output_token_ids")
 
 
 class StandardSamplerOptions(pydantic.BaseModel):
@@ -155,7 +153,8 @@ class StandardSampler(Sampler):
         and its arrival number) mixed with how many tokens it has drawn (splitmix64)."""
         if base is None:
             base = _base_seeds(SamplingBatch.of(requests), self.options.seed)
-        drawn = np.fromiter(map(len, map(_outputs, requests)), np.uint64, len(requests)) + 1
+        drawn = np.fromiter([len(r.output_token_ids) for r in requests], np.uint64, len(requests))
+        drawn += 1
         with np.errstate(over="ignore"):
             x = base + drawn * np.uint64(_MIX)
             x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
