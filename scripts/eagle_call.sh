@@ -17,7 +17,8 @@
 # of this call, data included (spec-eagle-train: 9; spec-eagle: 5), cut so that the call ends
 # within CALL_S (570) seconds counted from ELAPSED; 0: no training. Its LR schedule ends after
 # EAGLE_PLAN_MIN (10) training minutes of all calls together.
-# EAGLE_DTYPE (bfloat16), EAGLE_DEVICE (auto); EAGLE_ARGS / BENCH_ARGS: extra arguments of the
+# EAGLE_DTYPE (bfloat16), EAGLE_DEVICE (auto); EAGLE_BENCH_S (180): the benchmark's time limit;
+# EAGLE_ARGS / BENCH_ARGS: extra arguments of the
 # trainer / bench_speculative.py (they win over the defaults: the rehearsal's small sizes).
 set -u
 : "${MODEL:?the target model directory}" "${JOB:?spec-eagle-train or spec-eagle}"
@@ -69,7 +70,7 @@ fi
 cp "$HEAD/train_log.jsonl" "$HEAD/config.json" "$OUT/" 2>/dev/null
 if [ "$JOB" = spec-eagle ]; then
   # shellcheck disable=SC2086
-  timeout 180 python3 "$HERE/bench_speculative.py" --model "$MODEL" \
+  timeout ${EAGLE_BENCH_S:-180} python3 "$HERE/bench_speculative.py" --model "$MODEL" \
     --speculative-algorithm EAGLE3 --speculative-draft-model-path "$HEAD" \
     --speculative-num-steps 4 --cuda-graph-max-bs 1 --max-tokens 256 --compare-eager \
     ${BENCH_ARGS:-} >"$OUT/spec-eagle.json" 2>"$OUT/spec-eagle.err"
