@@ -534,6 +534,18 @@ DECODE_CONFIGS: dict[tuple[torch.dtype, int, int], dict[int, GemvConfig | None]]
         8: GemvConfig(16, 512, split_k=4, dot=True, num_stages=3),
     },
     # (the LM head, 49152 x 576: cuBLAS 16.6-17.0 us, the best GEMV 18.4-20.1: no entry)
+    # SmolLM2-135M's EAGLE-3 head (H200, session 15: `CONFIGS=smollm2-135m-eagle3 ROWS=1,8
+    # device-run.sh gemv-sweep`; 1 row: a draft step at batch 1, 8: a catch-up of k + 1 rows):
+    # q/k/v over [embedding, hidden] 5.5 -> 1.6, 4.6 -> 3.8
+    (torch.bfloat16, 960, 1152): {
+        1: GemvConfig(4, 2048, split_k=2),
+        8: _DOT_64,
+    },
+    # fc over the three target features: 5.5 -> 1.4, 5.2 -> 4.4
+    (torch.bfloat16, 576, 1728): {
+        1: GemvConfig(4, 2048, split_k=4),
+        8: GemvConfig(1, 1024),
+    },
 }
 
 
