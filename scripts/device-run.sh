@@ -148,8 +148,11 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
         # also rope-store, fix, fix-pdl, silu), then their GPU tests. off: today's path;
         # rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch-1 decode attention on
         # s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); silu: PEGBOARD_FUSED_SILU_GATE_UP=1;
-        # all: the three together (fix-pdl). Per run: tok/s, host and device-wait ms per step.
-        # FUSE_TESTS=0: the runs only
+        # all: the three together (fix-pdl); pf1 / pf: the GEMVs' L2 prefetch before the PDL wait
+        # of one tile / the whole slice (PEGBOARD_GEMV_PREFETCH=1 / 64: docs/kernels.md, "L2
+        # prefetch before the PDL wait"); all-pf: all with pf (the cuts free the memory for it).
+        # Alternate them (e.g. FUSE_VARIANTS="off pf off pf all all-pf"): calls' hosts differ.
+        # Per run: tok/s, host and device-wait ms per step. FUSE_TESTS=0: the runs only
         for v in ${FUSE_VARIANTS:-off all}; do
           fix="PEGBOARD_DECODE_DEFAULTS=32:s3-fast-pf,0:s3-pf-fix"
           case $v in
@@ -159,6 +162,9 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
             fix-pdl) vars=$fix-pdl ;;
             silu) vars=PEGBOARD_FUSED_SILU_GATE_UP=1 ;;
             all) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl" ;;
+            pf1) vars=PEGBOARD_GEMV_PREFETCH=1 ;;
+            pf) vars=PEGBOARD_GEMV_PREFETCH=64 ;;
+            all-pf) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl PEGBOARD_GEMV_PREFETCH=64" ;;
             *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
           esac
           env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \
@@ -171,7 +177,8 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
             || tail -5 "$OUT/$job-$v.err"
         done
         [ "${FUSE_TESTS:-1}" = 0 ] || timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
-          --tb=short tests/test_rotary_store.py tests/test_decode_fixup.py tests/test_gemv_silu.py 2>&1 | tail -15 \
+          --tb=short tests/test_rotary_store.py tests/test_decode_fixup.py tests/test_gemv_silu.py \
+          tests/test_gemv_prefetch.py 2>&1 | tail -15 \
           | tee "$OUT/$job-tests.log" ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"
