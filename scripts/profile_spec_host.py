@@ -124,6 +124,7 @@ def eagle_parts(prof: HostProfile, engine) -> None:
     speculator = spec.speculator
     if spec._hidden is not None:
         prof._wrap(spec._hidden, "hand_out", "eagle: hand_out (target features)")
+        prof._wrap(spec._hidden, "distribute", "eagle: distribute (logged features)")
     prof._wrap(speculator, "_ingest", "eagle: _ingest")
     if hasattr(speculator, "read_drafts"):  # (the host waits for the drafting graph there)
         prof._wrap(speculator, "read_drafts", DRAFT_WAIT)

@@ -5,7 +5,9 @@ at once, greedy, `--max-tokens` each. Variants: `plain` (no speculator), `spec_o
 oracle with the batch rule at 1: never drafts; the speed rule's bookkeeping on, as on CUDA),
 `miss` (every draft rejected, the switch as on CUDA: acceptance and speed rules),
 `ngram` (drafting every step it can: `--speculative-min-speedup 0 --speculative-min-accept-rate
-0`) and `perfect` (the plain run's tokens as drafts, every draft accepted). Per variant: this
+0`) and `perfect` (the plain run's tokens as drafts, every draft accepted), `eagle_off` (a random
+EAGLE-3 head with the batch rule at 1, as `spec_off`: the target's features are still handed
+to the head every step). Per variant: this
 thread's CPU µs per step (`time.thread_time`, so the team's other processes do not count), by
 phase (`HostProfile`), the forward (the model's compute on a CPU) and the rest (the host's
 work, which a GPU does not hide at this batch size), by step kind.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_speculative import Oracle  # noqa: E402  (drafts the plain run's tokens, +1: all wrong)
+from test_speculative_eagle import build_eagle3_head  # noqa: E402
 from fixtures.tiny_models import build_tiny_model  # noqa: E402
 from pegboard.core.bench.gc_time import GcTime  # noqa: E402
 from pegboard.core.bench.host_profile import HostProfile  # noqa: E402
@@ -89,7 +93,9 @@ def main() -> None:
     p.add_argument("--variants", default="plain,spec_off,miss,ngram,perfect")
     p.add_argument("--cprofile", default=None, help="a variant to run under cProfile too")
     args = p.parse_args()
-    model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "llama"))
+    root = Path(tempfile.mkdtemp())
+    model = str(build_tiny_model(root / "tiny", "llama"))
+    head = {"eagle": {"model_path": str(build_eagle3_head(root / "eagle3"))}}
     prompts = [
         [1 + (i * 7 + j * 13) % 500 for j in range(16 + i % 8)] for i in range(args.batch_size)
     ]
@@ -108,6 +114,7 @@ def main() -> None:
         "miss": (prompts, pm, {"speculator": "oracle", **rules}),
         "ngram": (ngram_prompts, None, {"speculator": "ngram", "plugin_options": {"ngram": {"num_draft_tokens": 4}}, **always}),
         "perfect": (prompts, pm, {"speculator": "oracle", **always}),
+        "eagle_off": (prompts, None, {"speculator": "eagle", "plugin_options": head, "speculative_disable_by_batch_size": 1, **rules}),
     }  # fmt: skip
     result = {}
     for name in args.variants.split(","):
@@ -126,7 +133,7 @@ def main() -> None:
             prof = cProfile.Profile(time.thread_time)
             run(model, qs, params, plugins, prof, **settings)
             stats = pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime")
-            stats.print_stats(40)
+            stats.print_stats(int(os.environ.get("CPROFILE_LINES", "40")))
     print(json.dumps(result, indent=2))
 
 

@@ -322,3 +322,33 @@ def test_features_of_requests_that_pause_drafting_are_merged_losslessly(case, ea
     assert len(keys) == len(apart_keys)
     for a, b in zip(keys, apart_keys):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # Handed out at once, step by step, instead of logged and handed out as runs of decode
+    # steps (`LOG_STEPS`): the head sees the same.
+    monkeypatch.setattr(hidden, "LOG_STEPS", 1)
+    at_once, at_once_keys = run()
+    assert at_once == merged
+    assert len(at_once_keys) == len(keys)
+    for a, b in zip(keys, at_once_keys):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_steps_without_drafts_are_logged_and_handed_out_as_runs(case, eagle_case, monkeypatch):
+    """While drafting is off, each step's features are copied in one piece and logged; a run
+    of decode steps over the same requests reaches each request as one block."""
+    from pegboard.core.speculative import hidden
+
+    model_dir, prompts, _ = case
+    options = {"eagle": {"model_path": str(eagle_case[0])}}
+    runs: list[int] = []
+    stack = torch.stack
+
+    def spy(tensors, dim=0):
+        runs.append(len(tensors))
+        return stack(tensors, dim=dim)
+
+    monkeypatch.setattr(hidden.torch, "stack", spy)
+    with LLM(str(model_dir), dtype="float32", device="cpu", speculator="eagle",
+             plugin_options=options, speculative_disable_by_batch_size=1) as llm:  # fmt: skip
+        llm.generate(prompts[:3], SamplingParams(max_tokens=40, temperature=0.0))
+        assert llm.engine.speculation.switch.num_off_steps >= 30  # never drafted
+    assert runs and max(runs) == hidden.LOG_STEPS

@@ -216,6 +216,8 @@ class Speculation:
             return num_tokens
         requests = [r for _, r in asked]
         max_tokens = [limits[i] for i, _ in asked]
+        if self._hidden is not None:
+            self._hidden.distribute()  # the features of steps without drafts, for the head
         try:
             out = e.hook.propose(requests=requests, max_tokens=max_tokens)
             drafts = check_drafts(out, requests, max_tokens, e.info.vocab_size, e.runner.device)
