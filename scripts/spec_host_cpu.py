@@ -30,13 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_speculative import Oracle  # noqa: E402  (drafts the plain run's tokens, +1: all wrong)
-from test_speculative_eagle import build_eagle3_head  # noqa: E402
 from fixtures.tiny_models import build_tiny_model  # noqa: E402
 from pegboard.core.bench.gc_time import GcTime  # noqa: E402
 from pegboard.core.bench.host_profile import HostProfile  # noqa: E402
 from pegboard.core.llm import LLM  # noqa: E402
 from pegboard.core.plugin_manager import PluginManager  # noqa: E402
 from pegboard.sdk.types import Request, SamplingParams  # noqa: E402
+from test_speculative_eagle import build_eagle3_head  # noqa: E402
 
 FORWARD = "forward (launch)"
 
