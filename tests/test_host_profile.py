@@ -30,6 +30,22 @@ def test_forward_parts_are_timed_inside_the_forward_and_unwrapped_after(tiny_lla
         assert "forward" not in vars(runner)
 
 
+def test_sample_parts_are_timed_inside_sample_and_unwrapped_after(tiny_llama_dir):
+    from pegboard.core import contract
+
+    check = contract.check_sample
+    with LLM(str(tiny_llama_dir), dtype="float32") as llm:
+        sampler = llm.engine.plugins.active("sampler")
+        params = SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True)
+        with HostProfile(llm.engine, clock=time.thread_time) as profile:
+            llm.generate([[1, 5, 9, 3], [1, 7, 2]], params)
+        phases = profile.report()["ms_per_step"]
+        for part in ("sample: batch facts", "sample: check"):
+            assert 0 < phases[part] <= phases["sample"], (part, phases)
+        assert "_batch_facts" not in vars(sampler)
+    assert contract.check_sample is check
+
+
 def test_torch_profile_records_the_window_of_steps_and_unwraps_step(tiny_llama_dir, tmp_path):
     from pegboard.core.bench.torch_profile import TorchProfile
 

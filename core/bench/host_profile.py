@@ -23,6 +23,11 @@ wrapped attribute back on exit):
   `host_ms_by_kind`: their host work per step (the step less its wait for tokens, without
   the take between steps): `host_ms_per_step` averages over all steps, so a few eager
   prefill steps blocked in their launch raise it for every step;
+- `sample: ...` (inside `sample`, where the active sampler has them: the standard sampler's
+  `batch facts` (its per-batch parameters, recomputed when the batch changed), `gumbel` (the
+  Gumbel path: seeds, their upload, the launch), `seeds`, and `kernel launch` (the Gumbel
+  module's two Triton launches and their outputs' allocation); `sample: check` is the core's
+  check of the sampler's output;
 - `resolve`: applying the previous step's tokens, of which `wait for tokens` is the host
   waiting for the device (overlap: the device was the bottleneck for that long);
 - `admit` (moving scheduled requests to running), `detokenize` (the deltas handed to the
@@ -82,6 +87,7 @@ class HostProfile:
         self._wrap(e.runner, "forward", "forward (launch)")
         self._wrap_forward_kinds(e.runner)
         self._wrap_forward_parts(e.runner)
+        self._wrap_sample_parts(e)
         self._wrap(e, "_resolve", "resolve (all)")
         self._wrap(e, "_export", "export_metrics")
         self._wrap(e, "_admit", "admit")
@@ -120,6 +126,23 @@ class HostProfile:
             self._wrap(runner.tp, "share_batch", "forward: tp share batch")
             self._wrap(runner.tp.groups, "broadcast_objects", "forward: tp plan message")
             self._wrap(runner.tp.groups, "broadcast_tensor", "forward: tp batch tensors")
+
+    def _wrap_sample_parts(self, engine) -> None:
+        """Time the parts of `sample` that exist: the standard sampler's, the Gumbel module's
+        launch (looked up at call time), the core's output check."""
+        import sys
+
+        from pegboard.core import contract
+
+        sampler = engine.plugins.active("sampler")
+        for attr, name in (("_batch_facts", "batch facts"), ("_gumbel", "gumbel"),
+                           ("_draw_seeds", "seeds")):  # fmt: skip
+            if callable(getattr(sampler, attr, None)):
+                self._wrap(sampler, attr, f"sample: {name}")
+        gumbel = sys.modules.get("pegboard.plugins.sampling.gumbel")
+        if gumbel is not None:
+            self._wrap(gumbel, "_launch", "sample: kernel launch")
+        self._wrap(contract, "check_sample", "sample: check")
 
     def _wrap_forward_kinds(self, runner) -> None:
         """Count and time `forward` per step kind (`step_kind`)."""
