@@ -240,70 +240,63 @@ class ModelRunner:
         if batch is not None:
             return batch
         self.steady.reset()
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, seq_lens, page_tables, last_rows, samples = [], [], [], [], []
-        num_pages_each: list[int] = []
+        b = len(requests)
+        # Whole-list passes (a mixed step holds hundreds of decode rows beside its prefill
+        # chunks); the errors name the first request at fault.
+        lens = np.fromiter(num_tokens, np.int64, b)
+        first = np.fromiter([r.num_computed_tokens for r in requests], np.int64, b)
+        stops = first + lens
+        totals = np.fromiter([len(r.token_ids) for r in requests], np.int64, b)
+        tables = [r.page_table for r in requests]
+        held = np.fromiter(map(len, tables), np.int64, b)
+        pages = -(-stops // page_size)
+        if (lens < 1).any() or (stops > totals).any() or (held < pages).any():
+            _raise_unfit(requests, num_tokens, page_size)
+        ids = list(
+            itertools.chain.from_iterable(
+                [r.token_ids[s : s + n] for r, s, n in zip(requests, first.tolist(), num_tokens)]
+            )
+        )
+        num_pages_each = pages.tolist()
+        page_tables = [t if len(t) == k else t[:k] for t, k in zip(tables, num_pages_each)]
+        query_lens, seq_lens = list(num_tokens), stops.tolist()
+        sample_at = stops == totals
+        samples = sample_at.tolist()
+        ends = np.cumsum(lens)
         fill_at, fill_from = [], []  # flat input rows whose token is pending, and its row there
-        for r, n in zip(requests, num_tokens):
-            start, stop = r.num_computed_tokens, r.num_computed_tokens + n
-            if n < 1 or stop > r.num_tokens:
-                raise ValueError(
-                    f"request {r.request_id}: cannot run {n} tokens from {start} "
-                    f"(it has {r.num_tokens})"
-                )
-            table = r.page_table
-            num_pages = -(-stop // page_size)
-            if len(table) < num_pages:
-                raise ValueError(
-                    f"request {r.request_id}: page_table has {len(table)} pages, "
-                    f"{num_pages} are needed for {stop} tokens"
-                )
-            if n == 1:  # decode: plain Python beats numpy for one token
-                ids.append(r.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // page_size] * page_size + start % page_size)
-            elif n <= 16:  # a verify's few drafts: still (numpy would copy the page table)
-                ids.extend(r.token_ids[start:stop])
-                positions.extend(range(start, stop))
-                slots.extend(
-                    table[i // page_size] * page_size + i % page_size for i in range(start, stop)
-                )
-            else:
-                pos = np.arange(start, stop, dtype=np.int64)
-                pages = np.asarray(table[:num_pages], dtype=np.int64)
-                ids.extend(r.token_ids[start:stop])
-                positions.extend(range(start, stop))
-                slots.extend((pages[pos // page_size] * page_size + pos % page_size).tolist())
-            query_lens.append(n)
-            seq_lens.append(stop)
-            page_tables.append(table if len(table) == num_pages else table[:num_pages])
-            num_pages_each.append(num_pages)
-            last_rows.append(len(ids) - 1)
-            sampling = stop == r.num_tokens
-            samples.append(sampling)
-            if sampling and r.token_ids[-1] == PENDING_TOKEN:
+        for i in np.flatnonzero(sample_at).tolist():
+            r = requests[i]
+            if r.token_ids[-1] == PENDING_TOKEN:
                 if pending is None or id(r) not in pending.rows:
                     raise ValueError(f"request {r.request_id}: its last token is not sampled yet")
-                fill_at.append(len(ids) - 1)
+                fill_at.append(int(ends[i]) - 1)
                 fill_from.append(pending.rows[id(r)])
         if fill_at and pending.host_ids is not None:  # the host has them: no device work
             for at, row in zip(fill_at, fill_from):
                 ids[at] = pending.host_ids[row]
             fill_at = []
+        # Positions and KV slots of every token in numpy (a prefill chunk's thousands of tokens
+        # never become Python ints), the slots read from the page-table array the batch carries.
+        table = self.page_tables.gather(requests, num_pages_each)
+        owner = np.repeat(np.arange(len(lens)), lens)  # the request of each flat row
+        positions = np.arange(len(ids), dtype=np.int64) + np.repeat(first - (ends - lens), lens)
+        slots = table[owner, positions // page_size] * np.int64(page_size) + positions % page_size
         # One host-to-device copy for ids, positions, slots, logits rows and the fill index.
         t, k = len(ids), len(fill_at)
         flat = to_device(
-            np.fromiter(
-                itertools.chain(ids, positions, slots, last_rows, fill_at, fill_from),
-                dtype=np.int64,
-                count=3 * t + len(last_rows) + 2 * k,
+            np.concatenate(
+                [
+                    np.asarray(ids, dtype=np.int64),
+                    positions,
+                    slots,
+                    ends - 1,
+                    np.asarray(fill_at + fill_from, dtype=np.int64),
+                ]
             ),
             self.device,
         )
         # ids, positions, slots, logits rows, fill index: one call (four slices cost more)
-        parts = flat.split_with_sizes([t, t, t, len(last_rows), 2 * k])
+        parts = flat.split_with_sizes([t, t, t, len(lens), 2 * k])
         input_ids = _fill_pending(parts[0], parts[4], pending) if fill_at else parts[0]
         return ForwardBatch(
             requests=list(requests),
@@ -315,7 +308,7 @@ class ModelRunner:
             page_tables_cpu=page_tables,
             logits_indices=parts[3],
             samples=samples,
-            page_tables_array=self.page_tables.gather(requests, num_pages_each),
+            page_tables_array=table,
         )
 
     def _prepare_decode(
@@ -495,6 +488,22 @@ def _upload(parts: dict[str, np.ndarray], device: torch.device) -> dict[str, tor
         out[name] = flat[at : at + len(values)]
         at += len(values)
     return out
+
+
+def _raise_unfit(requests: list[Request], num_tokens: list[int], page_size: int) -> None:
+    """The `prepare` error for the first request whose tokens or pages do not fit its step."""
+    for r, n in zip(requests, num_tokens):
+        start, stop = r.num_computed_tokens, r.num_computed_tokens + n
+        if n < 1 or stop > r.num_tokens:
+            raise ValueError(
+                f"request {r.request_id}: cannot run {n} tokens from {start} (it has {r.num_tokens})"
+            )
+        num_pages = -(-stop // page_size)
+        if len(r.page_table) < num_pages:
+            raise ValueError(
+                f"request {r.request_id}: page_table has {len(r.page_table)} pages, "
+                f"{num_pages} are needed for {stop} tokens"
+            )
 
 
 def _fill_pending(

@@ -127,6 +127,35 @@ def test_prepare_lays_out_tokens_positions_and_slots(tiny_llama_dir):
     assert a.num_computed_tokens == 6  # the engine advances it, not the runner
 
 
+def test_prepare_lays_out_a_mixed_step_with_decode_rows_between_prefill_chunks(tiny_llama_dir):
+    """The general path's whole-list passes: a decode row between two prefill chunks, a page
+    table longer than the step needs (cut in `page_tables_cpu`, zeros past it in the array)."""
+    runner, _ = make_runner(tiny_llama_dir, page_size=4)
+    a = Request(prompt_token_ids=list(range(100, 120)))
+    a.num_computed_tokens, a.page_table = 4, [9, 2, 6, 1, 8]  # tokens 4..9: pages 2, 6
+    d = Request(prompt_token_ids=[5, 6, 7, 8, 9, 10])
+    d.num_computed_tokens, d.page_table = 5, [4, 11]  # token 5: page 11, offset 1
+    c = Request(prompt_token_ids=[31, 32, 33])
+    c.page_table = [3]
+    batch = runner.prepare([a, d, c], [6, 1, 3], page_size=4)
+    assert batch.input_ids.tolist() == [104, 105, 106, 107, 108, 109, 10, 31, 32, 33]
+    assert batch.positions.tolist() == [4, 5, 6, 7, 8, 9, 5, 0, 1, 2]
+    assert batch.slot_mapping.tolist() == [8, 9, 10, 11, 24, 25, 45, 12, 13, 14]
+    assert batch.query_lens_cpu == [6, 1, 3] and batch.seq_lens_cpu == [10, 6, 3]
+    assert batch.page_tables_cpu == [[9, 2, 6], [4, 11], [3]]
+    assert batch.page_tables_array.tolist() == [[9, 2, 6], [4, 11, 0], [3, 0, 0]]
+    assert batch.logits_indices.tolist() == [5, 6, 9]
+    assert batch.samples == [False, True, True]
+
+
+def test_prepare_rejects_more_tokens_than_a_request_has(tiny_llama_dir):
+    runner, _ = make_runner(tiny_llama_dir, page_size=4)
+    ok, r = Request(prompt_token_ids=[1, 2]), Request(prompt_token_ids=[1, 2, 3])
+    ok.page_table, r.page_table = [0], [1]
+    with pytest.raises(ValueError, match=f"request {r.request_id}: cannot run 4 tokens from 0"):
+        runner.prepare([ok, r], [2, 4], page_size=4)
+
+
 def test_prepare_rejects_a_page_table_too_short(tiny_llama_dir):
     runner, _ = make_runner(tiny_llama_dir, page_size=4)
     r = Request(prompt_token_ids=list(range(10, 19)))
