@@ -129,7 +129,8 @@ def compile_decode(
         bn = config.block_n if head_dim <= 128 else min(config.block_n, 64)
         constexprs = fp8mma_meta(bn, group, head_dim, page_size, split, config.min_chunk,
                                  True, config.v_tile, config.row_sum_once, config.lean_addr,
-                                 heads_per_program(config, num_kv_heads, head_dim))  # fmt: skip
+                                 heads_per_program(config, num_kv_heads, head_dim),
+                                 config.streams)  # fmt: skip
         constexprs |= {"HEAD_FASTEST": config.head_fastest, "PREFETCH": config.prefetch_pages}
     else:
         constexprs = decode_meta(config, torch.bfloat16, kv_dtype, group, num_kv_heads,
