@@ -151,12 +151,10 @@ def test_two_softmax_streams_match_their_emulation_odd_even_and_short():
     even tile counts, a masked last tile, a range under one tile and one that leaves the second
     stream empty; split in 3 (splits of one tile: every second stream empty) with a GQA
     group of 3; and launched longest first."""
-    name, one_kv_head = "mma8vl-bn64-s3-fast-pf-x2", {"kv_heads": 1, "hdp": True}
-    assert (
-        run(name, STREAM_LENS, 1, page_size=16, heads=2, dtype=torch.float32, **one_kv_head) < ATOL
-    )
+    name, common = "mma8vl-bn64-s3-fast-pf-x2", {"kv_heads": 1, "hdp": True}  # (1 KV head: fast)
+    assert run(name, STREAM_LENS, 1, page_size=16, heads=2, dtype=torch.float32, **common) < ATOL
     order = torch.tensor([4, 0, 5, 3, 1, 2], device=DEVICE)
-    assert run(name, STREAM_LENS, 3, page_size=8, heads=3, order=order, **one_kv_head) < ATOL
+    assert run(name, STREAM_LENS, 3, page_size=8, heads=3, order=order, **common) < ATOL
 
 
 def test_two_streams_of_32_key_tiles_and_the_per_key_paths():

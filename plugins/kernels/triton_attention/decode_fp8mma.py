@@ -325,7 +325,8 @@ def _decode_fp8mma_kernel(
                 pages = _tile_page_ids(pages_row, tile + offs_n, tile, offs_n, end, last_page,
                                        PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
                 pages_b = _tile_page_ids(pages_row, tile + BLOCK_N + offs_n, tile + BLOCK_N,
-                                         offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
+                                         offs_n, end, last_page, PAGE_SIZE, V_TILE,
+                                         LEAN)  # fmt: skip
             k, vt, n_mask = _kv_tile(k_base, v_base, pages_row, pages, tile, offs_n, offs_p,
                                      offs_s, d_mask, end, row_head, stride_kp, stride_ks,
                                      stride_vp, stride_vs, stride_vh, PAGE_SIZE, BLOCK_N,
