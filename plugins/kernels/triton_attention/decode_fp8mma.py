@@ -21,7 +21,9 @@ bandwidth. Here the dots take e4m3 operands as stored, as FlashAttention-3's FP8
 
 One KV head per program (two with `heads_per_program=2` and `v_tile`: their keys stacked on the
 MMA's M side); the grid, page prefetch and split scheme are `decode.py`'s (the same
-`DecodeConfig` fields, the same workspace and reduce kernel)."""
+`DecodeConfig` fields, the same workspace and reduce kernel). With `DecodeConfig.streams=2` a
+program keeps two online softmaxes over alternate tiles, merged at its end (docs/kernels.md,
+"Two softmax streams per program")."""
 
 from __future__ import annotations
 
@@ -311,9 +313,10 @@ def _decode_fp8mma_kernel(
         # of the range goes to stream A, tile 2i + 1 to B, each with its own max, sums and
         # accumulator, merged after the loop. An iteration reads 2 * BLOCK_N adjacent keys
         # (one run of page ids, one loop counter, as a tile of 2 * BLOCK_N would), and each
-        # step below is written for both streams before the next, so their dependent chains
-        # (MMA, cross-warp max, exp2, MMA) are in flight side by side. With an odd number of
-        # tiles the last B tile lies past the end: all its logits -inf, p = 0.
+        # step below is written for both streams before the next, so their work between the
+        # MMAs interleaves (Triton waits for each MMA right after issuing it: the products
+        # themselves do not overlap). With an odd number of tiles the last B tile lies past
+        # the end: all its logits -inf, p = 0.
         m_b = m_i
         sums_b = sums
         acc_b = acc
