@@ -15,7 +15,7 @@
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
-#                 [fp8-decode-ab] (issue 15: the FP8 decode's `-lean` variants against the default)
+#                 [fp8-decode-ab] (issue 15: the FP8 decode's `-x2` (and `-lean`) variants against the default)
 #                 [decode-order] (issues 15/17: decode programs launched longest request first)
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
 #                 [w4a16-marlin] (issue 15: the NVRTC Marlin-style W4A16 kernel vs bf16 and tinygemm)
@@ -529,27 +529,31 @@ for run in runs:
         print(f"  {run:12s} {d['output_tok_s']:10.1f}  ({d['step_ms']['p50_ms']})")
 PY
         ;;
-    fp8-decode-ab) # issue 15: the e4m3 decode's `mma8vl-*-lean` variants (no per-key division
-        # in the address arithmetic; s5 without pf: page ids copied a tile ahead; bn128: 32 KB
-        # tiles; hp2: two KV heads per program; docs/kernels.md "Lean addressing") against
-        # FP8_MMA_DEFAULTS (mma8vl-bn64-s3-fast-pf, 114.9 µs), one H200 call (~6 min, worst
-        # case 140 + 135 + 3 x 80 s): (a) the GPU tests of tests/test_decode_fp8mma.py for
-        # them and the default, (b) µs per layer call on the nano-vllm decode batch, bf16
-        # s3-fast-pf beside, (c) the nano-vllm workload: bf16, FP8 with the default, FP8 with
-        # PEGBOARD_FP8_MMA_DEFAULTS = the fastest `-lean` variant of (b) (AB=name to force one),
-        # then a table. Look for: a variant near 85 µs (3.8 TB/s of e4m3 KV) and the FP8 run's
-        # tok/s / bf16's (goal 1.5x).
-        lean=mma8vl-bn64-s3-fast-pf-lean,mma8vl-bn64-s2-fast-pf-lean,mma8vl-bn64-s4-fast-pf-lean,mma8vl-bn64-s5-fast-lean,mma8vl-bn128-s2-fast-pf-lean,mma8vl-bn128-s4-fast-lean
+    fp8-decode-ab) # issue 15: e4m3 decode variants against FP8_MMA_DEFAULTS (mma8vl-bn64-s3-fast-pf,
+        # 114.7 µs in row order, 108.6 longest first), now the `-x2` ones: two online-softmax
+        # streams per program (tiles 2i / 2i + 1, merged at the end; docs/kernels.md "Two softmax
+        # streams per program"). One H200 call (~6 min, worst case 120 + 175 + 3 x 80 s): (a) the
+        # GPU tests of tests/test_decode_fp8mma.py for the default and the x2 variants, (b) µs per
+        # layer call on the nano-vllm decode batch, each variant in row order and longest first
+        # (`+order`, as the engine launches), bf16 s3-fast-pf beside: FP8AB_VARIANTS (default: the
+        # default, the x2 variants, then session 15's `-lean` ones, which --budget-s may cut: they
+        # were measured), (c) the nano-vllm workload: bf16, FP8 with the default, FP8 with
+        # PEGBOARD_FP8_MMA_DEFAULTS = the fastest ordered x2 variant of (b) (AB=name to force one),
+        # then a table. Look for: an x2 variant's +order time under the default's (108.6 µs; 3.8
+        # TB/s of e4m3 KV would be ~85 µs) and the FP8 run's tok/s / bf16's (goal 1.5x).
+        x2=mma8vl-bn64-s3-fast-pf-x2,mma8vl-bn64-s2-fast-pf-x2,mma8vl-bn64-s2-fast-pf-lean-x2,mma8vl-bn32-s3-fast-pf-x2
+        # (bn128-s2-lean first: the x2 tiles' one-stream twin)
+        lean=mma8vl-bn128-s2-fast-pf-lean,mma8vl-bn64-s3-fast-pf-lean,mma8vl-bn64-s2-fast-pf-lean,mma8vl-bn64-s4-fast-pf-lean,mma8vl-bn64-s5-fast-lean,mma8vl-bn128-s4-fast-lean
         lean=$lean,mma8vl-bn128-w8-s2-fast-pf-lean,mma8vl-hp2-bn64-s2-fast-pf-lean,mma8vl-hp2-bn64-s4-fast-lean,mma8vl-hp2-bn32-s3-fast-pf-lean
-        timeout 140 python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu tests/test_decode_fp8mma.py \
-          -k "lean or mma8vl-bn64-s3-fast-pf" 2>&1 | tee "$OUT/fp8ab-tests.log" | tail -6
-        timeout 135 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 --budget-s 110 \
-          --variants s3-fast-pf,mma8vl-bn64-s3-fast-pf,$lean --json "$OUT/fp8ab-decode.json" 2>&1 \
-          | tee "$OUT/fp8ab-decode.log" | grep -v "^ *$" | tail -12
+        timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu tests/test_decode_fp8mma.py \
+          -k "x2 or (mma8vl-bn64-s3-fast-pf and not lean)" 2>&1 | tee "$OUT/fp8ab-tests.log" | tail -6
+        timeout 175 python3 scripts/bench_decode_attention.py --cases nano --dtypes bf16,fp8 --budget-s 150 \
+          --ordered --variants s3-fast-pf,${FP8AB_VARIANTS:-mma8vl-bn64-s3-fast-pf,$x2,$lean} \
+          --json "$OUT/fp8ab-decode.json" 2>&1 | tee "$OUT/fp8ab-decode.log" | grep -v "^ *$" | tail -40
         ab=${AB:-$(python3 -c "import json,sys; r=[x for x in json.load(open(sys.argv[1]))['results'] \
-if x['variant'].endswith('lean') and 'us' in x]; print(min(r, key=lambda x: x['us'])['variant'] if r else '')" \
+if x['variant'].endswith('-x2+order') and 'us' in x]; print(min(r, key=lambda x: x['us'])['variant'][:-6] if r else '')" \
           "$OUT/fp8ab-decode.json" 2>/dev/null)}
-        ab=${ab:-mma8vl-bn64-s3-fast-pf-lean}; echo "fp8-ab run decodes with $ab"
+        ab=${ab:-mma8vl-bn64-s2-fast-pf-x2}; echo "fp8-ab run decodes with $ab"
         for run in "bf16::" "fp8-default:fp8_e4m3:" "fp8-ab:fp8_e4m3:$ab"; do
           IFS=: read -r name dt variant <<<"$run"
           env ${variant:+PEGBOARD_FP8_MMA_DEFAULTS=$variant} timeout 80 $PB bench offline \

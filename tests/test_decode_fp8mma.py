@@ -32,10 +32,12 @@ from pegboard.plugins.kernels.triton_attention.decode_fp8mma import (  # noqa: E
     values_transposed,
 )
 from pegboard.sdk.types import transpose_values  # noqa: E402
-from test_decode_variants import paged_case, reference  # noqa: E402
+from test_decode_variants import DEVICE, paged_case, reference  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 MMA8 = [n for n, c in DECODE_VARIANTS.items() if c.fp8_mma]
+#: (the two-stream variants have their own, cheaper cases below)
+MMA8_ONE_STREAM = [n for n in MMA8 if DECODE_VARIANTS[n].streams == 1]
 #: Largest error of the e4m3 dots on these cases (values ~N(0, 1)); measured in the
 #: interpreter: 0.05-0.07 (float16 dots over the same cache: ~1e-3).
 ATOL = 0.12
@@ -64,7 +66,8 @@ def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, 
     if uses_fp8_mma(config, k, v):
         block_n = kw.get("block_n") or (config.block_n if head_dim <= 128 else 64)
         args = (q.cpu(), k.cpu(), v.cpu(), table.cpu(), seq.cpu(), scale, splits)
-        mimic = reference_decode_fp8mma(*args, block_n, config.min_chunk)[has_keys.cpu()]
+        mimic = reference_decode_fp8mma(*args, block_n, config.min_chunk, config.streams)
+        mimic = mimic[has_keys.cpu()]
         rounding = 1e-5 if dtype == torch.float32 else 2**-7  # (bf16: half an ulp is 2^-8)
         allowed = mimic.abs() * rounding + 1e-5
         if q.is_cuda:  # other summation orders and exp2: a probability may round to the next
@@ -80,7 +83,7 @@ def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, 
 LENS = [100, 3, 0, 37]
 
 
-@pytest.mark.parametrize("name", MMA8)
+@pytest.mark.parametrize("name", MMA8_ONE_STREAM)
 def test_fp8_mma_variants_match_the_reference_over_transposed_values(name):
     assert run(name, LENS, 1, hdp=True) < ATOL
     assert run(name, LENS, 3, hdp=True, page_size=16) < ATOL
@@ -135,6 +138,32 @@ def test_lean_reads_keys_past_the_end_unmasked_and_masks_their_logits(name):
     decode_attention(q, k, transpose_values(v), table, seq, 32**-0.5, out, 2, config=name)
     want = reference(q, k, v, table, seq, 32**-0.5)[seq > 0]
     assert (out[seq > 0].float() - want).abs().max().item() < ATOL
+
+
+#: Tiles per program (64-key tiles unsplit): 3 (odd: the last B tile past the end), under one,
+#: none, exactly one (B never sees a key), 4 with the last one part-filled, 2
+STREAM_LENS = [150, 3, 0, 64, 200, 100]
+
+
+def test_two_softmax_streams_match_their_emulation_odd_even_and_short():
+    """`streams=2`: tiles alternate between two online softmaxes merged at the end; the kernel
+    follows `reference_decode_fp8mma(streams=2)` (float32: to float32 rounding) over odd and
+    even tile counts, a masked last tile, a range under one tile and one that leaves the second
+    stream empty; split in 3 (splits of one tile: every second stream empty) with a GQA
+    group of 3; and launched longest first."""
+    name, common = "mma8vl-bn64-s3-fast-pf-x2", {"kv_heads": 1, "hdp": True}  # (1 KV head: fast)
+    assert run(name, STREAM_LENS, 1, page_size=16, heads=2, dtype=torch.float32, **common) < ATOL
+    order = torch.tensor([4, 0, 5, 3, 1, 2], device=DEVICE)
+    assert run(name, STREAM_LENS, 3, page_size=8, heads=3, order=order, **common) < ATOL
+
+
+def test_two_streams_of_32_key_tiles_and_the_per_key_paths():
+    """`bn32-x2` (64 keys per iteration, as the default), split; and with a page size that
+    does not tile the keys (per-key page ids and value gathers) over NHD values."""
+    one_kv_head = {"heads": 2, "kv_heads": 1}
+    assert run("mma8vl-bn32-s3-fast-pf-x2", LENS, 2, hdp=True, page_size=16, **one_kv_head) < ATOL
+    assert run("mma8vl-bn64-s2-fast-pf-x2", [150, 3, 64], 1, hdp=False, page_size=3,
+               **one_kv_head) < ATOL  # fmt: skip
 
 
 def test_group_of_three_head_dim_24_and_page_size_three():

@@ -87,7 +87,12 @@ def check(config, seq_lens, num_splits, heads=4, kv_heads=2, head_dim=16, page_s
 LENS = [100, 3, 0, 37]
 
 
-@pytest.mark.parametrize("name", list(DECODE_VARIANTS))
+#: (`streams` changes only the e4m3 kernel: over these caches a two-stream variant is its
+#: one-stream twin; tests/test_decode_fp8mma.py checks them)
+ONE_STREAM = [n for n, c in DECODE_VARIANTS.items() if c.streams == 1]
+
+
+@pytest.mark.parametrize("name", ONE_STREAM)
 def test_every_variant_matches_the_reference_unsplit_and_split(name):
     check(name, LENS, 1)
     check(name, LENS, 3)

@@ -57,6 +57,8 @@ class Compiled:
     #: the main loop's SASS (the longest backward branch over tensor-core instructions):
     #: "instructions" per thread and iteration, and BAR / LDGSTS / LDSM / SHFL / STS / LDG
     loop: dict[str, int] = field(default_factory=dict)
+    #: bytes of local memory per thread (`cuobjdump -res-usage` STACK): spilled registers
+    stack: int = 0
 
 
 def loop_counts(sass: str) -> dict[str, int]:
@@ -94,7 +96,9 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 def _summary(kernel) -> Compiled:
     ttgir = kernel.asm["ttgir"]
     depths = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
-    usage = re.search(r"REG:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
+    resources = cuobjdump(kernel.asm["cubin"], "-res-usage")
+    usage = re.search(r"REG:(\d+)", resources)
+    stack = re.search(r"STACK:(\d+)", resources)
     sass = cuobjdump(kernel.asm["cubin"], "-sass")
     mma: dict[str, int] = {}
     for op in re.findall(r"\b([HQIU]?GMMA\.[\w.]+|HMMA\.[\w.]+|QMMA\.[\w.]+)", sass):
@@ -102,7 +106,7 @@ def _summary(kernel) -> Compiled:
     return Compiled(
         kernel.metadata.shared, max(map(int, depths), default=0),
         int(usage.group(1)) if usage else 0, mma, len(re.findall(r"\bLDSM\b", sass)),
-        loop_counts(sass),
+        loop_counts(sass), int(stack.group(1)) if stack else 0,
     )  # fmt: skip
 
 
@@ -129,7 +133,8 @@ def compile_decode(
         bn = config.block_n if head_dim <= 128 else min(config.block_n, 64)
         constexprs = fp8mma_meta(bn, group, head_dim, page_size, split, config.min_chunk,
                                  True, config.v_tile, config.row_sum_once, config.lean_addr,
-                                 heads_per_program(config, num_kv_heads, head_dim))  # fmt: skip
+                                 heads_per_program(config, num_kv_heads, head_dim),
+                                 config.streams)  # fmt: skip
         constexprs |= {"HEAD_FASTEST": config.head_fastest, "PREFETCH": config.prefetch_pages}
     else:
         constexprs = decode_meta(config, torch.bfloat16, kv_dtype, group, num_kv_heads,
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m pegboard.plugins.kernels.triton_attention.decode_compile [names] [--json]`:
     each variant (default: all) compiled for sm_90 with bf16 and FP8 caches (GQA group 2,
     unsplit, and group 4 split): shared memory, key/value buffers, registers, tensor-core
-    instructions and the main loop's instruction counts (SASS), or the error."""
+    instructions, the main loop's instruction counts (SASS) and spills (`stack`), or the
+    error."""
     import argparse
     import json
 
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                     c = compile_decode(DECODE_VARIANTS[name], dtype, group=group, split=split)
                     rows[key] = {"shared_bytes": c.shared_bytes, "kv_buffers": c.kv_buffers,
                                  "registers": c.registers, "mma": c.mma,
-                                 "ldmatrix": c.ldmatrix, "loop": c.loop}  # fmt: skip
+                                 "ldmatrix": c.ldmatrix, "loop": c.loop,
+                                 "stack": c.stack}  # fmt: skip
                 except Exception as err:  # noqa: BLE001 - reported per variant
                     rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 if not args.json:

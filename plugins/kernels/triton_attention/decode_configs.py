@@ -69,6 +69,11 @@ class DecodeConfig:
       and offsets in the page from the tile's first key (a multiple of the page size) plus
       constants, and the page ids zero-extended: no signed division, modulo or sign extension
       per key.
+    - `streams`: with `fp8_mma`, online softmaxes per program (1 or 2). With 2 a program
+      walks its keys two tiles per iteration, tile 2i into one running max / sums /
+      accumulator and tile 2i + 1 into another, merged by log-sum-exp after the loop: two
+      independent dependent chains in flight per program (docs/kernels.md, "Two softmax
+      streams per program"). No effect on the 16-bit kernel.
     """
 
     block_n: int = 64
@@ -87,8 +92,11 @@ class DecodeConfig:
     v_tile: bool = False
     row_sum_once: bool = False
     lean_addr: bool = False
+    streams: int = 1
 
     def __post_init__(self) -> None:
+        if self.streams not in (1, 2):
+            raise ValueError(f"streams {self.streams}: 1 or 2")
         if self.min_chunk % self.block_n:
             raise ValueError(f"min_chunk {self.min_chunk} is not a multiple of {self.block_n}")
 
@@ -101,6 +109,7 @@ _CVT = {"f16_dot": True, "asm_cvt": True}
 _MMA8V = {"fp8_mma": True, "v_tile": True}
 _MMA8VL = {**_MMA8V, "row_sum_once": True}
 _LEAN = {"lean_addr": True}
+_X2 = {"streams": 2}
 
 #: Every variant the sweep times: the baseline (the kernel as it was before variants
 #: existed), the likeliest winners, then one knob at a time. Names: `s` stages, `w` warps,
@@ -189,6 +198,13 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "mma8vl-bn128-s4-fast-lean": DecodeConfig(
         block_n=128, num_stages=4, **_FAST, **_MMA8VL, **_LEAN
     ),
+    # two online softmaxes per program (`x2`: tiles 2i and 2i + 1 in separate running max /
+    # sums / accumulators, merged after the loop): two dependent chains in flight per program;
+    # bn32-x2 keeps the default's 64 keys (and shared memory) per iteration
+    "mma8vl-bn64-s3-fast-pf-x2": DecodeConfig(**_S3, **_FAST, **_PF, **_MMA8VL, **_X2),
+    "mma8vl-bn64-s2-fast-pf-x2": DecodeConfig(**_FAST, **_PF, **_MMA8VL, **_X2),
+    "mma8vl-bn32-s3-fast-pf-x2": DecodeConfig(block_n=32, **_S3, **_FAST, **_PF, **_MMA8VL, **_X2),
+    "mma8vl-bn64-s2-fast-pf-lean-x2": DecodeConfig(**_FAST, **_PF, **_MMA8VL, **_LEAN, **_X2),
     "s3": DecodeConfig(**_S3),
     "s4": DecodeConfig(num_stages=4),
     "fast": DecodeConfig(**_FAST),

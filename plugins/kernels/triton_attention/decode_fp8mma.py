@@ -21,7 +21,9 @@ bandwidth. Here the dots take e4m3 operands as stored, as FlashAttention-3's FP8
 
 One KV head per program (two with `heads_per_program=2` and `v_tile`: their keys stacked on the
 MMA's M side); the grid, page prefetch and split scheme are `decode.py`'s (the same
-`DecodeConfig` fields, the same workspace and reduce kernel)."""
+`DecodeConfig` fields, the same workspace and reduce kernel). With `DecodeConfig.streams=2` a
+program keeps two online softmaxes over alternate tiles, merged at its end (docs/kernels.md,
+"Two softmax streams per program")."""
 
 from __future__ import annotations
 
@@ -77,6 +79,105 @@ def _tile_page_ids(
 
 
 @triton.jit
+def _kv_tile(
+    k_base,
+    v_base,
+    pages_row,
+    pages,
+    tile,
+    offs_n,
+    offs_p,
+    offs_s,
+    d_mask,
+    end,
+    row_head,
+    stride_kp,
+    stride_ks,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SEG: tl.constexpr,
+    V_HDP: tl.constexpr,
+    V_TILE: tl.constexpr,
+    LEAN: tl.constexpr,
+    HP: tl.constexpr,
+):
+    """The key tile `[HP * BLOCK_N, BLOCK_D]` and value tile `[BLOCK_D, HP * BLOCK_N]` (e4m3)
+    of the keys `tile + offs_n` (page ids `pages`), and which of them are before `end`."""
+    toks = tile + offs_n
+    n_mask = toks < end
+    if LEAN:  # the tile starts a page: the offsets in the page are the same every tile;
+        # keys past the end unmasked (their logits are, after the dot): no predicate per row
+        in_page = offs_n % PAGE_SIZE
+        k_mask = d_mask[None, :]
+    else:
+        in_page = toks % PAGE_SIZE
+        k_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + (pages * stride_kp + in_page * stride_ks)[:, None], mask=k_mask, other=0.0)
+    if V_TILE:
+        # One [BLOCK_D, BLOCK_N] tile: its pointers are contiguous in runs of PAGE_SIZE
+        # keys (one page id per run, `pages` constant over it), so the pipeliner stages it
+        # in the MMA's swizzled shared layout with 16-byte copies and the second dot reads
+        # it from there (`SEG`'s 3-D tile goes through an unswizzled buffer, bank-conflicted
+        # copies and ldmatrix into registers). Unmasked by key as below.
+        v_rows = pages * stride_vp + in_page
+        if HP > 1:
+            v_rows += row_head * stride_vh
+        v_rows = tl.max_contiguous(tl.multiple_of(v_rows, SEG), SEG)
+        vt = tl.load(v_base + v_rows[None, :], mask=d_mask[:, None], other=0.0)
+    elif V_HDP:  # per run of SEG tokens in one page: its page id, then SEG bytes per dim
+        seg = tile + offs_p * SEG
+        seg_pages = tl.load(pages_row + seg // PAGE_SIZE, mask=seg < end, other=0)
+        seg_rows = tl.multiple_of(seg_pages.to(tl.int64) * stride_vp + seg % PAGE_SIZE, SEG)
+        v_ptrs = v_base[:, :, None] + seg_rows[None, :, None] + offs_s[None, None, :]
+        # Not masked by key (a mask varying along the tokens would split the contiguous
+        # runs into single bytes): keys past the end read their page's stale values or
+        # page 0's (a masked page id), finite as every stored value is, times p = 0.
+        vt = tl.load(v_ptrs, mask=d_mask[:, None, None], other=0.0)
+        vt = tl.reshape(vt, [BLOCK_D, BLOCK_N])  # [D, N] e4m3
+    else:
+        v_rows = pages * stride_vp + in_page * stride_vs
+        if HP > 1:
+            v_rows += row_head * stride_vh
+        vt = tl.load(v_base + v_rows[None, :], mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+    return k, vt, n_mask
+
+
+@triton.jit
+def _logits(k, q8t, col_scale, n_mask, row_head, col_head, HP: tl.constexpr):
+    """Sᵀ `[HP * BLOCK_N, BLOCK_H]` in float32, base 2, -inf past the end (and, with `HP`
+    heads, where a column's query and a row's key are of different KV heads)."""
+    st = tl.dot(k, q8t) * col_scale[None, :]
+    if HP > 1:  # each column's logits over its own head's keys
+        return tl.where(
+            n_mask[:, None] & (row_head[:, None] == col_head[None, :]), st, float("-inf")
+        )
+    return tl.where(n_mask[:, None], st, float("-inf"))
+
+
+@triton.jit
+def _probabilities(
+    st, m_i, m_new, sums, LOG2_P_SCALE: tl.constexpr, ROW_SUM_ONCE: tl.constexpr,
+    MAY_BE_EMPTY: tl.constexpr,
+):  # fmt: skip
+    """The online softmax's step to the running max `m_new`: the rescale `alpha` of what came
+    before, `Pᵀ * P_SCALE` (at most P_SCALE) and the running sums rescaled plus this tile's.
+    `MAY_BE_EMPTY`: the stream may not have seen a key yet (`m_new` -inf: all zeros, not NaN)."""
+    if MAY_BE_EMPTY:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    pt = tl.exp2(st - (m_new - LOG2_P_SCALE)[None, :])  # p * P_SCALE, at most P_SCALE
+    if ROW_SUM_ONCE:  # no reduction across the warps (shared memory, a barrier) per tile
+        sums = sums * alpha[None, :] + pt
+    else:
+        sums = sums * alpha + tl.sum(pt, 0)
+    return alpha, pt, sums
+
+
+@triton.jit
 def _decode_fp8mma_kernel(
     Q,
     K_cache,
@@ -123,6 +224,7 @@ def _decode_fp8mma_kernel(
     ROW_SUM_ONCE: tl.constexpr,
     LEAN: tl.constexpr,
     HP: tl.constexpr,
+    STREAMS: tl.constexpr = 1,
     ORDERED: tl.constexpr = False,
 ):
     if HEAD_FASTEST:
@@ -150,6 +252,8 @@ def _decode_fp8mma_kernel(
         col_head = tl.minimum(offs_h // GROUP, HP - 1)  # (padding columns: q = 0, s = 0)
     else:
         offs_n = tl.arange(0, BLOCK_N)
+        row_head = offs_n * 0  # (unused: one head)
+        col_head = offs_h * 0
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_N // SEG)  # runs of SEG tokens (one page each) in a tile
     offs_s = tl.arange(0, SEG)
@@ -181,77 +285,97 @@ def _decode_fp8mma_kernel(
             pages_row, start + offs_n, start, offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN
         )
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if ROW_SUM_ONCE:  # the running sums per key slot of the tile, summed over keys after the loop
-        l_keys = tl.zeros([HP * BLOCK_N, BLOCK_H], dtype=tl.float32)
+    sums = tl.zeros([BLOCK_H], dtype=tl.float32)  # the running sums per row
+    if ROW_SUM_ONCE:  # per key slot of the tile instead, summed over the keys after the loop
+        sums = tl.zeros([HP * BLOCK_N, BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)  # Oᵀ
-    for tile in range(start, end, BLOCK_N):
-        toks = tile + offs_n
-        n_mask = toks < end
-        if not PREFETCH:
-            pages = _tile_page_ids(
-                pages_row, toks, tile, offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN
-            )
-        if LEAN:  # the tile starts a page: the offsets in the page are the same every tile;
-            # keys past the end unmasked (their logits are, below): no predicate per row
-            in_page = offs_n % PAGE_SIZE
-            k_mask = d_mask[None, :]
-        else:
-            in_page = toks % PAGE_SIZE
-            k_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_base + (pages * stride_kp + in_page * stride_ks)[:, None], mask=k_mask, other=0.0
-        )  # [BLOCK_N, BLOCK_D] e4m3
-        if V_TILE:
-            # One [BLOCK_D, BLOCK_N] tile: its pointers are contiguous in runs of PAGE_SIZE
-            # keys (one page id per run, `pages` constant over it), so the pipeliner stages it
-            # in the MMA's swizzled shared layout with 16-byte copies and the second dot reads
-            # it from there (`SEG`'s 3-D tile goes through an unswizzled buffer, bank-conflicted
-            # copies and ldmatrix into registers). Unmasked by key as below.
-            v_rows = pages * stride_vp + in_page
-            if HP > 1:
-                v_rows += row_head * stride_vh
-            v_rows = tl.max_contiguous(tl.multiple_of(v_rows, SEG), SEG)
-            vt = tl.load(v_base + v_rows[None, :], mask=d_mask[:, None], other=0.0)
-        elif V_HDP:  # per run of SEG tokens in one page: its page id, then SEG bytes per dim
-            seg = tile + offs_p * SEG
-            seg_pages = tl.load(pages_row + seg // PAGE_SIZE, mask=seg < end, other=0)
-            seg_rows = tl.multiple_of(seg_pages.to(tl.int64) * stride_vp + seg % PAGE_SIZE, SEG)
-            v_ptrs = v_base[:, :, None] + seg_rows[None, :, None] + offs_s[None, None, :]
-            # Not masked by key (a mask varying along the tokens would split the contiguous
-            # runs into single bytes): keys past the end read their page's stale values or
-            # page 0's (a masked page id), finite as every stored value is, times p = 0.
-            vt = tl.load(v_ptrs, mask=d_mask[:, None, None], other=0.0)
-            vt = tl.reshape(vt, [BLOCK_D, BLOCK_N])  # [D, N] e4m3
-        else:
-            v_rows = pages * stride_vp + in_page * stride_vs
-            if HP > 1:
-                v_rows += row_head * stride_vh
-            vt = tl.load(
-                v_base + v_rows[None, :], mask=d_mask[:, None] & n_mask[None, :], other=0.0
-            )
+    if STREAMS == 1:
+        for tile in range(start, end, BLOCK_N):
+            toks = tile + offs_n
+            if not PREFETCH:
+                pages = _tile_page_ids(pages_row, toks, tile, offs_n, end, last_page, PAGE_SIZE,
+                                       V_TILE, LEAN)  # fmt: skip
+            k, vt, n_mask = _kv_tile(k_base, v_base, pages_row, pages, tile, offs_n, offs_p,
+                                     offs_s, d_mask, end, row_head, stride_kp, stride_ks,
+                                     stride_vp, stride_vs, stride_vh, PAGE_SIZE, BLOCK_N,
+                                     BLOCK_D, SEG, V_HDP, V_TILE, LEAN, HP)  # fmt: skip
+            if PREFETCH:
+                pages = _tile_page_ids(pages_row, toks + BLOCK_N, tile + BLOCK_N, offs_n, end,
+                                       last_page, PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
+            st = _logits(k, q8t, col_scale, n_mask, row_head, col_head, HP)
+            m_new = tl.maximum(m_i, tl.max(st, 0))
+            alpha, pt, sums = _probabilities(st, m_i, m_new, sums, LOG2_P_SCALE, ROW_SUM_ONCE,
+                                             False)  # fmt: skip
+            acc = acc * alpha[None, :] + tl.dot(vt, pt.to(tl.float8e4nv))
+            m_i = m_new
+    else:
+        # Two online softmaxes (docs/kernels.md, "Two softmax streams per program"): tile 2i
+        # of the range goes to stream A, tile 2i + 1 to B, each with its own max, sums and
+        # accumulator, merged after the loop. An iteration reads 2 * BLOCK_N adjacent keys
+        # (one run of page ids, one loop counter, as a tile of 2 * BLOCK_N would), and each
+        # step below is written for both streams before the next, so their work between the
+        # MMAs interleaves (Triton waits for each MMA right after issuing it: the products
+        # themselves do not overlap). With an odd number of tiles the last B tile lies past
+        # the end: all its logits -inf, p = 0.
+        m_b = m_i
+        sums_b = sums
+        acc_b = acc
         if PREFETCH:
-            pages = _tile_page_ids(pages_row, toks + BLOCK_N, tile + BLOCK_N, offs_n, end,
-                                   last_page, PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
-        st = tl.dot(k, q8t) * col_scale[None, :]  # Sᵀ [HP * BLOCK_N, BLOCK_H], float32
-        if HP > 1:  # each column's logits over its own head's keys
-            st = tl.where(
-                n_mask[:, None] & (row_head[:, None] == col_head[None, :]), st, float("-inf")
-            )
+            pages_b = _tile_page_ids(pages_row, start + BLOCK_N + offs_n, start + BLOCK_N,
+                                     offs_n, end, last_page, PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
+        for tile in range(start, end, 2 * BLOCK_N):
+            if not PREFETCH:
+                pages = _tile_page_ids(pages_row, tile + offs_n, tile, offs_n, end, last_page,
+                                       PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
+                pages_b = _tile_page_ids(pages_row, tile + BLOCK_N + offs_n, tile + BLOCK_N,
+                                         offs_n, end, last_page, PAGE_SIZE, V_TILE,
+                                         LEAN)  # fmt: skip
+            k, vt, n_mask = _kv_tile(k_base, v_base, pages_row, pages, tile, offs_n, offs_p,
+                                     offs_s, d_mask, end, row_head, stride_kp, stride_ks,
+                                     stride_vp, stride_vs, stride_vh, PAGE_SIZE, BLOCK_N,
+                                     BLOCK_D, SEG, V_HDP, V_TILE, LEAN, HP)  # fmt: skip
+            k_b, vt_b, n_mask_b = _kv_tile(k_base, v_base, pages_row, pages_b, tile + BLOCK_N,
+                                           offs_n, offs_p, offs_s, d_mask, end, row_head,
+                                           stride_kp, stride_ks, stride_vp, stride_vs,
+                                           stride_vh, PAGE_SIZE, BLOCK_N, BLOCK_D, SEG, V_HDP,
+                                           V_TILE, LEAN, HP)  # fmt: skip
+            if PREFETCH:
+                pages = _tile_page_ids(pages_row, tile + 2 * BLOCK_N + offs_n,
+                                       tile + 2 * BLOCK_N, offs_n, end, last_page, PAGE_SIZE,
+                                       V_TILE, LEAN)  # fmt: skip
+                pages_b = _tile_page_ids(pages_row, tile + 3 * BLOCK_N + offs_n,
+                                         tile + 3 * BLOCK_N, offs_n, end, last_page,
+                                         PAGE_SIZE, V_TILE, LEAN)  # fmt: skip
+            st = _logits(k, q8t, col_scale, n_mask, row_head, col_head, HP)
+            st_b = _logits(k_b, q8t, col_scale, n_mask_b, row_head, col_head, HP)
+            # both tiles' maxima in one reduction (one exchange across the warps, not two)
+            m_new, m_new_b = tl.split(tl.max(tl.join(st, st_b), 0))
+            m_new = tl.maximum(m_i, m_new)
+            m_new_b = tl.maximum(m_b, m_new_b)
+            alpha, pt, sums = _probabilities(st, m_i, m_new, sums, LOG2_P_SCALE, ROW_SUM_ONCE,
+                                             False)  # fmt: skip
+            alpha_b, pt_b, sums_b = _probabilities(st_b, m_b, m_new_b, sums_b, LOG2_P_SCALE,
+                                                   ROW_SUM_ONCE, True)  # fmt: skip
+            acc = acc * alpha[None, :] + tl.dot(vt, pt.to(tl.float8e4nv))
+            acc_b = acc_b * alpha_b[None, :] + tl.dot(vt_b, pt_b.to(tl.float8e4nv))
+            m_i = m_new
+            m_b = m_new_b
+        # the log-sum-exp merge of the two (a stream without keys has m = -inf: weight 0)
+        m_both = tl.maximum(m_i, m_b)
+        m_ref = tl.where(m_both == float("-inf"), 0.0, m_both)
+        alpha = tl.exp2(m_i - m_ref)
+        alpha_b = tl.exp2(m_b - m_ref)
+        if ROW_SUM_ONCE:
+            sums = sums * alpha[None, :] + sums_b * alpha_b[None, :]
         else:
-            st = tl.where(n_mask[:, None], st, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(st, 0))
-        alpha = tl.exp2(m_i - m_new)
-        pt = tl.exp2(st - (m_new - LOG2_P_SCALE)[None, :])  # p * P_SCALE, at most P_SCALE
-        if ROW_SUM_ONCE:  # no reduction across the warps (shared memory, a barrier) per tile
-            l_keys = l_keys * alpha[None, :] + pt
-        else:
-            l_i = l_i * alpha + tl.sum(pt, 0)
-        acc = acc * alpha[None, :] + tl.dot(vt, pt.to(tl.float8e4nv))
-        m_i = m_new
+            sums = sums * alpha + sums_b * alpha_b
+        acc = acc * alpha[None, :] + acc_b * alpha_b[None, :]
+        m_i = m_both
 
     if ROW_SUM_ONCE:
-        l_i = tl.sum(l_keys, 0)
+        l_i = tl.sum(sums, 0)
+    else:
+        l_i = sums
     # Row h of the output is column h of acc.
     if not SPLIT:
         out = acc / l_i[None, :]
@@ -294,11 +418,13 @@ def fp8mma_meta(
     row_sum_once: bool = False,
     lean_addr: bool = False,
     heads_per_program: int = 1,
+    streams: int = 1,
 ) -> dict:
     """`_decode_fp8mma_kernel`'s compile-time arguments (the launcher's `head_fastest` and
     `prefetch_pages` are added by the caller); `v_tile`, `row_sum_once`, `lean_addr`:
     `DecodeConfig`'s; `heads_per_program`: `decode_configs.heads_per_program`'s (1 unless the
-    value tile is one `[head_dim, keys]` tile: over NHD values, or `v_tile` over `hdp`)."""
+    value tile is one `[head_dim, keys]` tile: over NHD values, or `v_tile` over `hdp`);
+    `streams`: `DecodeConfig.streams` (online softmaxes per program, 1 or 2)."""
     pow2_page = page_size & (page_size - 1) == 0
     v_tile = v_tile and hdp and pow2_page
     hp = heads_per_program if v_tile or not hdp else 1
@@ -320,6 +446,7 @@ def fp8mma_meta(
         # Every tile starts at a multiple of block_n (splits are whole tiles): of the page too
         "LEAN": lean_addr and block_n % page_size == 0,
         "HP": hp,
+        "STREAMS": streams,
     }
 
 
@@ -365,7 +492,8 @@ def decode_fp8mma(
     meta = fp8mma_meta(bn, num_heads // num_kv_heads, head_dim, page_size, split,
                        config.min_chunk, values_transposed(v_cache), config.v_tile,
                        config.row_sum_once, config.lean_addr,
-                       heads_per_program(config, num_kv_heads, head_dim))  # fmt: skip
+                       heads_per_program(config, num_kv_heads, head_dim),
+                       config.streams)  # fmt: skip
     if split and workspace is None:
         workspace = decode.decode_workspace(num_requests, num_heads, num_splits, head_dim, q.device)
     mid_out, mid_lse, *_ = workspace if split else (out, out)  # (fix-up counters unused)
@@ -427,14 +555,17 @@ def reference_decode_fp8mma(
     splits: int,
     block_n: int,
     min_chunk: int = 0,
+    streams: int = 1,
 ) -> torch.Tensor:
     """This kernel's arithmetic in PyTorch, float32, on any device (the oracle of its tests, and
     what `scripts/bench_kv_fp8.py --e4m3-dots` decodes with on a CPU): per row the query
     quantized to e4m3 (its amax to 448), per tile of `block_n` keys the online softmax with
     probabilities `exp2(s - m)` times `P_SCALE` quantized to e4m3 before `P @ V` (the running
     sum of the unquantized ones), per split of the keys (the kernel's chunking, `splits` and
-    the variant's `min_chunk`) a partial result merged by log-sum-exp. `scale`: the softmax
-    scale (natural base); returns `[num_requests, num_heads, head_dim]` float32."""
+    the variant's `min_chunk`) a partial result merged by log-sum-exp; with `streams` 2 a
+    split's tiles alternate between two such online softmaxes, merged by log-sum-exp at its
+    end (`DecodeConfig.streams`). `scale`: the softmax scale (natural base); returns
+    `[num_requests, num_heads, head_dim]` float32."""
     page_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
     min_chunk = max(-(-min_chunk // block_n) * block_n, block_n)
@@ -456,10 +587,11 @@ def reference_decode_fp8mma(
             parts = []
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
-                m = torch.full((group,), float("-inf"), device=q.device)
-                total = torch.zeros(group, device=q.device)
-                acc = torch.zeros(group, head_dim, device=q.device)
-                for tile in range(start, end, block_n):
+                state = [(torch.full((group,), float("-inf"), device=q.device),
+                          torch.zeros(group, device=q.device),
+                          torch.zeros(group, head_dim, device=q.device))] * streams  # fmt: skip
+                for j, tile in enumerate(range(start, end, block_n)):
+                    m, total, acc = state[j % streams]
                     t = slice(tile, min(tile + block_n, end))
                     s = (q8 @ keys[t, g].T) * (q_scale * scale * log2e)[:, None]
                     m_new = torch.maximum(m, s.amax(1))
@@ -467,7 +599,11 @@ def reference_decode_fp8mma(
                     p = torch.exp2(s - (m_new - math.log2(P_SCALE))[:, None])
                     total = total * alpha + p.sum(1)
                     acc = acc * alpha[:, None] + _e4m3(p) @ values[t, g]
-                    m = m_new
+                    state[j % streams] = (m_new, total, acc)
+                m = torch.stack([m for m, _, _ in state]).amax(0)
+                weights = [torch.exp2(m_s - m) for m_s, _, _ in state]  # (no keys: 0)
+                total = sum(w * total_s for w, (_, total_s, _) in zip(weights, state))
+                acc = sum(w[:, None] * acc_s for w, (_, _, acc_s) in zip(weights, state))
                 parts.append((acc / total[:, None], m + torch.log2(total) - math.log2(P_SCALE)))
             lse = torch.stack([p[1] for p in parts])  # [splits, group]
             weights = torch.softmax(lse * math.log(2), 0)
