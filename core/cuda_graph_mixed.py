@@ -185,6 +185,12 @@ class MixedGraphRunner(GraphRows):
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         """The graph of the model over `size` static rows, prepared with a one-token request
         (a graph's launch depends only on its rows; the warm-up compiles kernels uncaptured)."""
+        self.prepare_capture(size)
+        return capture_graph(self._run, size, self.pool)
+
+    def prepare_capture(self, size: int) -> None:
+        """Prepare the backend for the capture of `size` rows: one one-token request, padded
+        (`pegboard.core.bench.triton_keys` rehearses the capture's warm-up on a CPU)."""
         one = ForwardBatch(
             requests=[Request([0], request_id="cuda-graph-mixed")],
             input_ids=self.input_ids[:1],
@@ -197,7 +203,6 @@ class MixedGraphRunner(GraphRows):
             samples=[True],
         )
         self.attention.prepare_mixed(self.layout(one, size))
-        return capture_graph(self._run, size, self.pool)
 
     def _run(self, rows: int) -> None:
         self._keep(self._forward(rows), rows)
