@@ -178,9 +178,7 @@ def sampling_programs(vocab: int, max_rows: int) -> int:
     return max(1, round(gumbel.TARGET_PROGRAMS * vocab / GPU_VOCAB * max_rows / GPU_ROWS))
 
 
-def record(
-    workload: Workload | None = None, model_dir: Path | None = None, **settings
-) -> tuple:
+def record(workload: Workload | None = None, model_dir: Path | None = None, **settings) -> tuple:
     """Build an engine under `rehearse_gpu_startup` (recorded as phase "warm-up"), run
     `workload` (phase "run"); the recorder and the run's outputs."""
     from pegboard.core.kernels.jit_keys import KeyRecorder
