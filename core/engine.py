@@ -121,6 +121,7 @@ class Engine:
         self.moe = ExpertRuntime.create(self, self.runner.model)  # MoE placement (core/moe)
         self.speculation = Speculation(self)  # drafts, verify, rollback (core/speculative)
         self._bind_attention()  # after Speculation: its verify lengths and hooks get graphs
+        self._warm_sampler()
         fit_context_to_kv(self.info, self.kv, config.max_model_len)  # core/context_fit.py
         self.budget = StepBudget(
             max_batched_tokens=config.max_num_batched_tokens,
@@ -636,6 +637,20 @@ class Engine:
             plugin.setup(self.ctx)
             self.plugins.register(plugin)
 
+    def _warm_sampler(self) -> None:
+        """The sampler's `warm_up` for the logits `sample` will receive (the model's dtype for
+        a sampler that takes it, else float32): its kernels compile now, not in a step."""
+        sampler = self.plugins.active("sampler")
+        warm_up = getattr(sampler, "warm_up", None)
+        if warm_up is not None:
+            model_dtype = getattr(sampler, "logits_in_model_dtype", False)
+            with torch.inference_mode():
+                warm_up(
+                    self.info.vocab_size,
+                    self.info.dtype if model_dtype else torch.float32,
+                    self.runner.device,
+                )
+
     def _bind_attention(self) -> None:
         pool: KVPool = self.kv.pool
         backend = self.hook.attention_kernel(model=self.info, pool=pool)
@@ -709,6 +724,8 @@ class Engine:
         new.setup(self.ctx, previous=None if drained else old)
         self.plugins.unregister(old)
         self.plugins.register(new)
+        if slot == "sampler":
+            self._warm_sampler()
         if slot in ("attention", "kv_cache"):
             try:
                 self._bind_attention()

@@ -330,6 +330,13 @@ class Sampler(Plugin):
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
         raise NotImplementedError
 
+    def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Called by the engine once the model is loaded (and when this sampler is swapped
+        in), before any `sample`: launch once each JIT-compiled kernel sampling will run, for
+        logits `[rows, vocab_size]` of `dtype` on `device` (the dtype `sample` receives), so
+        that no step pays a compile (docs/kernels.md, "Triton specializations"). Default:
+        nothing to warm."""
+
 
 class KVTransfer(Plugin):
     """Slot `transfer` — the data side of prefill/decode disaggregation: moves a request's KV

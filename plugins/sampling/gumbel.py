@@ -193,7 +193,7 @@ def _scan_philox(
     return _finish(best, best_idx, start)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])  # (no key per batch size: `chunk_size`)
 def _chunk_best(
     logits_ptr,
     stride,
@@ -231,7 +231,7 @@ def _chunk_best(
     tl.store(best_idx_ptr + row * num_chunks + ch, first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def _pick(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, CHUNKS: tl.constexpr):
     """Each row's token from its chunks' bests: the smallest index among the chunks holding
     the row's best value (chunks are in index order, so that is torch.argmax's first max)."""
@@ -256,6 +256,14 @@ def chunk_size(rows: int, vocab: int, block: int = BLOCK) -> int:
     least one block each (one row of 151,936 gets 75 programs, 256 rows get 15 chunks each)."""
     per_row = max(1, triton.cdiv(TARGET_PROGRAMS, rows))
     return triton.cdiv(triton.cdiv(vocab, per_row), block) * block
+
+
+def most_chunks(vocab: int, block: int = BLOCK) -> int:
+    """`_pick`'s `CHUNKS`: the most chunks any row count gives (one block each), to a power of
+    two. Fixed per vocabulary, so the kernel has one key whatever the batch (with
+    `triton.next_power_of_2(num_chunks)` the H200's 1-256 rows of Qwen3-0.6B met four); the
+    masked lanes past `num_chunks` change no result."""
+    return triton.next_power_of_2(triton.cdiv(vocab, block))
 
 
 def gumbel_sample(
@@ -319,8 +327,9 @@ def _launch(logits, inv_temperature, seeds, noise, approx_log, chunk, block) -> 
         BLOCK=block,
         num_warps=max(1, min(8, block // 256)),
     )
-    chunks = triton.next_power_of_2(num_chunks)
-    _pick[(rows,)](best_val, best_idx, tokens, num_chunks, CHUNKS=chunks, num_warps=1)
+    _pick[(rows,)](
+        best_val, best_idx, tokens, num_chunks, CHUNKS=most_chunks(vocab, block), num_warps=1
+    )
     return tokens
 
 

@@ -93,6 +93,22 @@ class StandardSampler(Sampler):
         self._facts = _BatchFacts(list(requests), vocab, self.options.seed, batch)
         return self._facts
 
+    def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """On CUDA, the Gumbel kernel once for each logits dtype it meets: `dtype` and float32
+        (rows with penalties are converted), and the argmax kernel with `triton_argmax`; their
+        keys do not depend on the batch (`gumbel.most_chunks`), so no step compiles them."""
+        if not _gumbel_available(device):
+            return
+        from pegboard.plugins.sampling.gumbel import argmax, gumbel_sample
+
+        one = torch.ones(1, dtype=torch.float32, device=device)
+        seeds = torch.zeros(1, dtype=torch.int64, device=device)
+        for logits_dtype in dict.fromkeys((dtype, torch.float32)):
+            logits = torch.zeros(1, vocab_size, dtype=logits_dtype, device=device)
+            gumbel_sample(logits, None, seeds, inv_temperature=one, noise=self.options.gumbel_noise)
+            if self.options.triton_argmax:
+                argmax(logits)
+
     def _draw(
         self, logits: torch.Tensor, requests: list[Request], facts: _BatchFacts | None = None
     ) -> torch.Tensor:
