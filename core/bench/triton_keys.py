@@ -212,3 +212,36 @@ def _sampling(kernel: str) -> bool:
     """The kernels the rehearsal runs: the sampler's (the engine checks the token ids they
     write); the model's are recorded only (the workload ignores EOS, so no value steers it)."""
     return kernel.startswith("pegboard.plugins.sampling.")
+
+
+#: The engine the GPU check builds: Qwen3-0.6B's shapes (random weights, the measured GEMV
+#: and skinny-GEMM tables apply), the default graphs, budgets that chunk long prompts.
+GPU_ENGINE = dict(
+    device="cuda",
+    dtype="bfloat16",
+    attention="triton",
+    load_format="dummy",
+    detokenizer="inline",
+    max_model_len=2048,
+    max_num_batched_tokens=2048,
+    max_running_requests=64,
+    cuda_graph_max_bs=64,
+)
+
+
+def count_gpu_compiles(workload: Workload | None = None, config: str = "qwen3-0.6b", **settings):
+    """On a GPU: build the engine (its warm-up compiles what it will), then run `workload`
+    counting the Triton specializations compiled or loaded meanwhile (`CompileCounter`);
+    the list of `(kernel, Triton's description)` and the number of outputs. Run it in a fresh
+    process: kernels an earlier test compiled would hide a key the warm-up misses."""
+    from pegboard.core.bench.models import config_model_dir
+    from pegboard.core.kernels.jit_keys import CompileCounter
+    from pegboard.core.llm import LLM
+
+    workload = workload or Workload(num_requests=128, prompt_lens=(1, 1024), output_lens=(1, 48))
+    with LLM(str(config_model_dir(config)), **(GPU_ENGINE | settings)) as llm:
+        prompts, params = workload.requests(llm.engine.info.vocab_size)
+        with CompileCounter() as counter:
+            outs = llm.generate(prompts, params)
+            torch.cuda.synchronize()
+    return counter.compiled, len(outs)
