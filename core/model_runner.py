@@ -281,28 +281,31 @@ class ModelRunner:
         owner = np.repeat(np.arange(len(lens)), lens)  # the request of each flat row
         positions = np.arange(len(ids), dtype=np.int64) + np.repeat(first - (ends - lens), lens)
         slots = table[owner, positions // page_size] * np.int64(page_size) + positions % page_size
-        # One host-to-device copy for ids, positions, slots, logits rows and the fill index.
-        t, k = len(ids), len(fill_at)
+        # One host-to-device copy for positions, slots, ids, logits rows and the fill index;
+        # an odd count of positions is padded by one, so that the slots the kernels read start
+        # 16-byte aligned whatever the count (Triton keys a pointer by its alignment).
+        t, k, pad = len(ids), len(fill_at), len(ids) & 1
         flat = to_device(
             np.concatenate(
                 [
-                    np.asarray(ids, dtype=np.int64),
                     positions,
+                    _PAD[:pad],
                     slots,
+                    np.asarray(ids, dtype=np.int64),
                     ends - 1,
                     np.asarray(fill_at + fill_from, dtype=np.int64),
                 ]
             ),
             self.device,
         )
-        # ids, positions, slots, logits rows, fill index: one call (four slices cost more)
-        parts = flat.split_with_sizes([t, t, t, len(lens), 2 * k])
-        input_ids = _fill_pending(parts[0], parts[4], pending) if fill_at else parts[0]
+        # positions, slots, ids, logits rows, fill index: one call (four slices cost more)
+        parts = flat.split_with_sizes([t + pad, t, t, len(lens), 2 * k])
+        input_ids = _fill_pending(parts[2], parts[4], pending) if fill_at else parts[2]
         return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
-            positions=parts[1],
-            slot_mapping=parts[2],
+            positions=parts[0][:t] if pad else parts[0],
+            slot_mapping=parts[1],
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             page_tables_cpu=page_tables,
@@ -480,13 +483,25 @@ class ModelRunner:
         return int(peak)
 
 
+#: One int64 of padding (`prepare`'s upload).
+_PAD = np.zeros(1, dtype=np.int64)
+
+
 def _upload(parts: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """int64 arrays on the device in one copy: each name's part of it."""
-    flat = to_device(np.concatenate(list(parts.values())), device, torch.int64)
+    """int64 arrays on the device in one copy: each name's part of it, each part starting
+    16-byte aligned (an odd part is followed by one int64 of padding): Triton keys a pointer
+    by its alignment, so an odd batch would otherwise compile the kernels that read the
+    slots a second time."""
+    arrays = []
+    for values in parts.values():
+        arrays.append(values)
+        if len(values) & 1:
+            arrays.append(_PAD)
+    flat = to_device(np.concatenate(arrays), device, torch.int64)
     out, at = {}, 0
     for name, values in parts.items():
         out[name] = flat[at : at + len(values)]
-        at += len(values)
+        at += len(values) + (len(values) & 1)
     return out
 
 

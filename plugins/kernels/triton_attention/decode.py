@@ -117,7 +117,9 @@ def _split_chunk(seq_len, num_splits, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.const
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_CHUNK)
 
 
-@triton.jit
+# `num_splits` sets each split's key range and the fix-up's count (no address arithmetic): not
+# specialized on, so that the split counts of a batch are one key, not three (1, 16, other).
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     Q,
     K_cache,
@@ -330,7 +332,7 @@ def _merge_splits(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     Out,
     Mid_out,
@@ -530,8 +532,9 @@ def decode_attention(
         num_warps=num_warps or config.num_warps,
         num_stages=num_stages or config.num_stages,
         **pdl,
-        # the reduce kernel's split block, so the merge sums alike
-        **(meta | {"FIXUP": fixup, "BLOCK_S": triton.next_power_of_2(num_splits)}),
+        # the reduce kernel's split block, so the merge sums alike (unused without the fix-up:
+        # 1, one key for every split count)
+        **(meta | {"FIXUP": fixup, "BLOCK_S": triton.next_power_of_2(num_splits) if fixup else 1}),
         ORDERED=order is not None,
     )
     if num_splits > 1 and not fixup:
