@@ -148,14 +148,13 @@ class Workload:
         return prompts, params
 
 
+#: What both engines share: Triton attention, random weights, no detokenizer process.
+_ENGINE = dict(attention="triton", load_format="dummy", detokenizer="inline")
 #: The engine the CPU rehearsal builds: small budgets so that prompts are chunked, steps mix
 #: prefill and decode tokens, and decode batches shrink as requests finish.
-ENGINE = dict(
+ENGINE = _ENGINE | dict(
     device="cpu",
     dtype="float32",
-    attention="triton",
-    load_format="dummy",
-    detokenizer="inline",
     page_size=16,
     kv_cache_tokens=16384,
     max_model_len=512,
@@ -216,12 +215,9 @@ def _sampling(kernel: str) -> bool:
 
 #: The engine the GPU check builds: Qwen3-0.6B's shapes (random weights, the measured GEMV
 #: and skinny-GEMM tables apply), the default graphs, budgets that chunk long prompts.
-GPU_ENGINE = dict(
+GPU_ENGINE = _ENGINE | dict(
     device="cuda",
     dtype="bfloat16",
-    attention="triton",
-    load_format="dummy",
-    detokenizer="inline",
     max_model_len=2048,
     max_num_batched_tokens=2048,
     max_running_requests=64,
