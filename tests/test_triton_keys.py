@@ -91,6 +91,18 @@ def test_gumbel_sampling_has_one_key_per_kernel_whatever_the_rows(recorder, monk
     assert len(_keys(recorder, ":_pick")) == 1
 
 
+def test_the_runners_upload_starts_every_part_16_byte_aligned():
+    """Odd batches left the slots (after `n` positions) 8 bytes off: a second key for the
+    kernels that read them (`store_kv`, rope + store)."""
+    import numpy as np
+    from pegboard.core.model_runner import _upload
+
+    parts = {"positions": np.arange(3), "slots": np.arange(10, 15), "ids": np.arange(7, 8)}
+    up = _upload(parts, torch.device("cpu"))
+    assert all(t.data_ptr() % 16 == 0 for t in up.values())
+    assert {k: t.tolist() for k, t in up.items()} == {k: v.tolist() for k, v in parts.items()}
+
+
 # ------------------------------------------------------------------ the engine
 
 
