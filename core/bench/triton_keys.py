@@ -8,8 +8,9 @@ that replays a graph launches no kernel at all. `rehearse_gpu_startup` makes the
 take the GPU's path: decode graphs for every capture size (at the longest context, as
 `CUDAGraphRunner` captures them) and mixed-step graphs for every token bucket, each "captured"
 by its uncaptured warm-up run, each "replay" run eagerly with the recorder paused; the fused
-kernels on (norm, rope, activation), the Gumbel sampling kernel on, and the decode kernel's
-split count chosen for an H200's 132 SMs. Whatever the recorder sees outside the warm-up is
+kernels on (norm, rope, activation, and the GEMV / skinny GEMM with the H200 tables of
+Qwen3-0.6B's layers: `mirrored_linear_tables`), the Gumbel sampling kernel on, and the decode
+kernel's split count chosen for an H200's 132 SMs. Whatever the recorder sees outside the warm-up is
 what the GPU would compile in the middle of a step.
 
 `python scripts/triton_keys.py` runs it; tests/test_triton_keys.py keeps it at zero.
@@ -33,14 +34,15 @@ import torch
 GPU_SMS = 132
 
 #: A Qwen3-0.6B-shaped model scaled down for the interpreter: its GQA group (2), q/k norms,
-#: tied embeddings; a vocabulary of two sampling blocks (`gumbel.BLOCK`).
+#: tied embeddings, a vocabulary of two sampling blocks (`gumbel.BLOCK`); its five weight shapes
+#: differ, so each takes the launch tables of Qwen3-0.6B's (`mirrored_linear_tables`).
 TINY_QWEN3 = {
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
     "head_dim": 32,
     "hidden_act": "silu",
     "hidden_size": 64,
-    "intermediate_size": 128,
+    "intermediate_size": 96,
     "max_position_embeddings": 1024,
     "num_attention_heads": 4,
     "num_hidden_layers": 2,
@@ -164,6 +166,41 @@ ENGINE = _ENGINE | dict(
 )
 
 
+def _weight_shapes(config: dict) -> list[tuple[int, int]]:
+    """`(N, K)` of the qkv, o, gate/up, down and LM-head weights of a Qwen3 config."""
+    head, hidden, inter = config["head_dim"], config["hidden_size"], config["intermediate_size"]
+    q, kv = config["num_attention_heads"] * head, config["num_key_value_heads"] * head
+    return [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter),
+            (config["vocab_size"], hidden)]  # fmt: skip
+
+
+@contextlib.contextmanager
+def mirrored_linear_tables(tiny: dict, real: str = "qwen3-0.6b") -> Iterator[None]:
+    """While active, the tiny model's linear layers pick the GEMV and skinny-GEMM launch
+    configurations the H200 tables hold for the same layer of `real` (bf16), so their keys'
+    variety (rows of x: 1, 2-8, 9-256 by bucket) is the real model's."""
+    from importlib import resources
+
+    from pegboard.core.kernels import gemv, skinny_gemm
+
+    text = resources.files("pegboard.core").joinpath(f"configs/{real}.json").read_text()
+    pairs = list(zip(_weight_shapes(tiny), _weight_shapes(json.loads(text))))
+    table = skinny_gemm.parse_table(skinny_gemm.read_table(skinny_gemm.TABLE), "NVIDIA H200")
+    dtype = getattr(torch, tiny["torch_dtype"])
+    decode = dict(gemv.DECODE_CONFIGS)
+    skinny = {}
+    for shape, real_shape in pairs:
+        if (torch.bfloat16, *real_shape) in gemv.DECODE_CONFIGS:
+            decode[(dtype, *shape)] = gemv.DECODE_CONFIGS[(torch.bfloat16, *real_shape)]
+        if (torch.bfloat16, *real_shape) in table:
+            skinny[(dtype, *shape)] = table[(torch.bfloat16, *real_shape)]
+    with (
+        mock.patch.object(gemv, "DECODE_CONFIGS", decode),
+        mock.patch.object(skinny_gemm, "device_configs", lambda device: skinny),
+    ):
+        yield
+
+
 #: The benchmark's vocabulary and largest batch: its rows cross the Gumbel kernel's chunk
 #: steps (`gumbel.chunk_size`) at 55, 111 and 228.
 GPU_VOCAB, GPU_ROWS = 151936, 256
@@ -196,6 +233,7 @@ def record(workload: Workload | None = None, model_dir: Path | None = None, **se
             KeyRecorder(execute=_sampling) as recorder,
             rehearse_gpu_startup(recorder),
             mock.patch.object(gumbel, "TARGET_PROGRAMS", programs),
+            mirrored_linear_tables(TINY_QWEN3),
         ):
             with recorder.phase("warm-up"):
                 llm = LLM(str(model_dir or tiny_model_dir()), **config)
