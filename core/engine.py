@@ -644,12 +644,16 @@ class Engine:
         warm_up = getattr(sampler, "warm_up", None)
         if warm_up is not None:
             model_dtype = getattr(sampler, "logits_in_model_dtype", False)
-            with torch.inference_mode():
-                warm_up(
-                    self.info.vocab_size,
-                    self.info.dtype if model_dtype else torch.float32,
-                    self.runner.device,
-                )
+            try:
+                with torch.inference_mode():
+                    warm_up(
+                        self.info.vocab_size,
+                        self.info.dtype if model_dtype else torch.float32,
+                        self.runner.device,
+                    )
+            except Exception as e:  # a guest's optimisation: its kernels compile at first use
+                log.error("%s: warm_up failed (%s: %s); serving without it",
+                          self.plugins.describe(sampler), type(e).__name__, e)  # fmt: skip
 
     def _bind_attention(self) -> None:
         pool: KVPool = self.kv.pool

@@ -551,7 +551,8 @@ def check_sampler(
     """Check a sampler: the output obeys the `sample` hookspec (a `SampleOutput`, one integer
     token id per request inside the vocabulary, a 1-D tensor), greedy is the argmax, filters
     never emit excluded tokens, penalties change greedy choices as specified, seeded requests
-    reproduce regardless of batch composition, logprobs come from the raw logits.
+    reproduce regardless of batch composition, logprobs come from the raw logits; `warm_up`
+    (if any) runs on the CPU and returns None.
 
     A sampler that changes the logits on purpose (bans a token, applies a grammar) passes
     `transform(logits, requests) -> logits`: what it does to the raw logits before choosing;
@@ -577,6 +578,14 @@ def check_sampler(
     def expected(raw: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         return transform(raw.clone(), requests) if transform is not None else raw
 
+    with _selected(cls, "sampler", options, plugin_context()) as (_, plugin):
+        warm_up = getattr(plugin, "warm_up", None)
+        if warm_up is not None:  # the engine calls it once the model is loaded
+            with torch.inference_mode():
+                _require(
+                    warm_up(vocab_size, torch.float32, torch.device("cpu")) is None,
+                    "warm_up(vocab_size, dtype, device) returns None",
+                )
     raw = logits(draws)
     greedy = [Request([1], SamplingParams(temperature=0.0)) for _ in range(draws)]
     out = sample(raw, greedy)

@@ -63,6 +63,15 @@ def test_a_malformed_sample_output_fails_its_own_rule(make, rule):
         check_sampler(_broken("Malformed", make))
 
 
+def test_a_sampler_whose_warm_up_returns_something_fails_its_rule():
+    def warm_up(self, vocab_size, dtype, device):
+        return torch.zeros(vocab_size, dtype=dtype, device=device)  # not the contract's None
+
+    bad = type("Eager", (StandardSampler,), {"name": "eager", "warm_up": warm_up})
+    with pytest.raises(ConformanceError, match="warm_up.*returns None"):
+        check_sampler(bad)
+
+
 def test_a_plugin_exception_is_a_failed_rule_not_a_raw_crash():
     def explode(self, logits, requests):
         raise IndexError("list index out of range")

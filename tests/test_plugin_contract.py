@@ -156,6 +156,15 @@ class RaisingSampler(StandardSampler):
         raise IndexError("top-k table out of range")
 
 
+class ColdSampler(StandardSampler):
+    """Its `warm_up` fails (a kernel it cannot build ahead); sampling itself works."""
+
+    name = "cold"
+
+    def warm_up(self, vocab_size, dtype, device):
+        raise RuntimeError("no compiler for this device")
+
+
 class BanningSampler(StandardSampler):
     """Bans one token by writing the logits in place, as the hookspec allows."""
 
@@ -176,7 +185,7 @@ class Boom(MetricsExporter):
 
 BROKEN = [GreedyAll, Twice, ZeroTokens, Ghost, Raising, Flaky, ShortSampler, FloatSampler,
           OutOfVocabSampler, NegativeListSampler, WrongShapeSampler, NoneSampler, RaisingSampler,
-          BanningSampler, Boom]  # fmt: skip
+          BanningSampler, ColdSampler, Boom]  # fmt: skip
 
 
 def manager() -> PluginManager:
@@ -294,6 +303,16 @@ def test_a_raising_sampler_is_named_never_model(llm):
             f"sampler 'raising-sampler' (pegboard {VERSION}) raised IndexError: "
             "top-k table out of range"
         )
+
+
+def test_a_failing_warm_up_is_logged_naming_the_sampler_and_sampling_goes_on(llm, caplog):
+    [plain] = llm.generate(prompts(1, 5), GREEDY)
+    with caplog.at_level("ERROR", logger="pegboard.engine"):
+        [cold] = with_plugin(llm, "sampler", "cold", prompts(1, 5), "standard")
+    assert cold.error is None and cold.token_ids == plain.token_ids
+    assert f"sampler 'cold' (pegboard {VERSION}): warm_up failed (RuntimeError: no compiler" in (
+        caplog.text
+    )
 
 
 def test_a_sampler_may_ban_a_token_by_writing_the_logits_in_place(llm):
