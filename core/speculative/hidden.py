@@ -106,7 +106,7 @@ class TargetHidden:
             batch, taken = log[i]
             j = i + 1
             if batch.is_decode_only:
-                while j < len(log) and _same_decode(log[j][0], batch):
+                while j < len(log) and _next_decode(log[j][0], batch, j - i):
                     j += 1
             if j - i > 1:  # [steps, requests, features] -> one block per request
                 blocks = torch.stack([t for _, t in log[i:j]], dim=1).unbind(0)
@@ -145,9 +145,14 @@ class TargetHidden:
         self.handles = []
 
 
-def _same_decode(batch: ForwardBatch, first: ForwardBatch) -> bool:
-    """`batch` is the decode step right after `first`'s run: the same requests, one token on."""
-    return batch.requests == first.requests and batch.is_decode_only
+def _next_decode(batch: ForwardBatch, first: ForwardBatch, steps: int) -> bool:
+    """`batch` is the decode step `steps` after `first`: the same requests, each `steps`
+    tokens further."""
+    return (
+        batch.requests == first.requests
+        and batch.is_decode_only
+        and batch.seq_lens_cpu == [n + steps for n in first.seq_lens_cpu]
+    )
 
 
 def _append(r, first: int, block: torch.Tensor) -> None:
