@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
+from fixtures.decode_variants import interpreted  # noqa: E402
 from pegboard.plugins.kernels.triton_attention import decode as decode_module  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode import (  # noqa: E402
     decode_attention,
@@ -54,7 +55,8 @@ def run(name, case, splits, workspace=None):
     return out
 
 
-@pytest.mark.parametrize("name", FIX)
+# (without a GPU `s3-pf-fix-pdl` is `s3-pf-fix`: no PDL in the interpreter)
+@pytest.mark.parametrize("name", interpreted(FIX, fp8_cache=False))
 @pytest.mark.parametrize("splits", [3, MAX_SPLITS])
 def test_fixup_equals_the_reduce_launch_bit_for_bit(name, splits, reduce_launches):
     case = paged_case(LENS, 4, 2, 16, 4, torch.float32, torch.float32)

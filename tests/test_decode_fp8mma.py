@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
+from fixtures.decode_variants import ENGINE, interpreted  # noqa: E402
 from fixtures.interpreter_fp8 import exact_e4m3_in_interpreter  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode import decode_attention  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode_configs import (  # noqa: E402
@@ -83,7 +84,25 @@ def run(name, lens, splits, hdp, page_size=4, head_dim=32, heads=4, kv_heads=2, 
 LENS = [100, 3, 0, 37]
 
 
-@pytest.mark.parametrize("name", MMA8_ONE_STREAM)
+#: Without a GPU, one variant per design: the first e4m3 tile (`mma8`, values through
+#: ldmatrix), `v_tile`, the engine's default (`row_sum_once`; every `FP8_MMA_DEFAULTS` variant
+#: runs), `lean_addr` with and without page prefetch, and two KV heads per program; the others
+#: (`make test-experimental`) differ from one of these in `block_n`, stages or page prefetch
+#: (the `gpu` test runs every variant).
+FP8_MMA_DESIGNS = ["mma8-bn128-s3-fast-pf", "mma8v-bn64-s4-fast-pf", "mma8vl-bn64-s3-fast-pf",
+                   "mma8vl-bn64-s3-fast-pf-lean", "mma8vl-bn64-s5-fast-lean",
+                   "mma8vl-hp2-bn64-s2-fast-pf-lean"]  # fmt: skip
+
+
+# (without a GPU one variant per distinct interpreted kernel: `fixtures/decode_variants.py`)
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in FP8_MMA_DESIGNS or n in ENGINE or torch.cuda.is_available()
+        else pytest.param(n, marks=pytest.mark.experimental)
+        for n in interpreted(MMA8_ONE_STREAM, fp8_cache=True)
+    ],
+)  # fmt: skip
 def test_fp8_mma_variants_match_the_reference_over_transposed_values(name):
     assert run(name, LENS, 1, hdp=True) < ATOL
     assert run(name, LENS, 3, hdp=True, page_size=16) < ATOL

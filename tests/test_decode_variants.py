@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
+from fixtures.decode_variants import interpreted  # noqa: E402
 from pegboard.plugins.kernels.triton_attention import decode as decode_module  # noqa: E402
 from pegboard.plugins.kernels.triton_attention.decode import (  # noqa: E402
     choose_num_splits,
@@ -87,12 +88,8 @@ def check(config, seq_lens, num_splits, heads=4, kv_heads=2, head_dim=16, page_s
 LENS = [100, 3, 0, 37]
 
 
-#: (`streams` changes only the e4m3 kernel: over these caches a two-stream variant is its
-#: one-stream twin; tests/test_decode_fp8mma.py checks them)
-ONE_STREAM = [n for n, c in DECODE_VARIANTS.items() if c.streams == 1]
-
-
-@pytest.mark.parametrize("name", ONE_STREAM)
+# (without a GPU one variant per distinct interpreted kernel: `fixtures/decode_variants.py`)
+@pytest.mark.parametrize("name", interpreted(DECODE_VARIANTS, fp8_cache=False))
 def test_every_variant_matches_the_reference_unsplit_and_split(name):
     check(name, LENS, 1)
     check(name, LENS, 3)
