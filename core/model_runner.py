@@ -281,35 +281,27 @@ class ModelRunner:
         owner = np.repeat(np.arange(len(lens)), lens)  # the request of each flat row
         positions = np.arange(len(ids), dtype=np.int64) + np.repeat(first - (ends - lens), lens)
         slots = table[owner, positions // page_size] * np.int64(page_size) + positions % page_size
-        # One host-to-device copy for positions, slots, ids, logits rows and the fill index;
-        # an odd count of positions is padded by one, so that the slots the kernels read start
-        # 16-byte aligned whatever the count (Triton keys a pointer by its alignment).
-        t, k, pad = len(ids), len(fill_at), len(ids) & 1
-        flat = to_device(
-            np.concatenate(
-                [
-                    positions,
-                    _PAD[:pad],
-                    slots,
-                    np.asarray(ids, dtype=np.int64),
-                    ends - 1,
-                    np.asarray(fill_at + fill_from, dtype=np.int64),
-                ]
-            ),
+        # One host-to-device copy (each part 16-byte aligned: `_upload`)
+        up = _upload(
+            {
+                "positions": positions,
+                "slots": slots,
+                "ids": np.asarray(ids, dtype=np.int64),
+                "rows": ends - 1,
+                "fill": np.asarray(fill_at + fill_from, dtype=np.int64),
+            },
             self.device,
         )
-        # positions, slots, ids, logits rows, fill index: one call (four slices cost more)
-        parts = flat.split_with_sizes([t + pad, t, t, len(lens), 2 * k])
-        input_ids = _fill_pending(parts[2], parts[4], pending) if fill_at else parts[2]
+        input_ids = _fill_pending(up["ids"], up["fill"], pending) if fill_at else up["ids"]
         return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
-            positions=parts[0][:t] if pad else parts[0],
-            slot_mapping=parts[1],
+            positions=up["positions"],
+            slot_mapping=up["slots"],
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             page_tables_cpu=page_tables,
-            logits_indices=parts[3],
+            logits_indices=up["rows"],
             samples=samples,
             page_tables_array=table,
         )
@@ -483,7 +475,7 @@ class ModelRunner:
         return int(peak)
 
 
-#: One int64 of padding (`prepare`'s upload).
+#: One int64 of padding (`_upload`).
 _PAD = np.zeros(1, dtype=np.int64)
 
 
