@@ -9,6 +9,12 @@ import os
 import torch
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET` set, not "0"):
+    no inline PTX there."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def bf16_sm80_reason(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `kernel` (its name in the message) cannot run here, or None: an NVIDIA GPU (not
     ROCm) of compute capability 8.0 or more (bf16 tensor cores) and bf16 activations."""

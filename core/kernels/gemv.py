@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from pegboard.core.kernels.cuda_support import interpreting
 from pegboard.core.kernels.gemv_silu import paired_rows, silu_mul, store_silu
 from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 from torch.nn import functional as F
@@ -337,7 +338,7 @@ def gemv(
         "HAS_BIAS": bias is not None,
         "SPLIT": splits > 1,
         "GATE_UP": gate_up,
-        **({} if _interpreting() else prefetch_options(config, k_per_split, block_k, weight)),
+        **({} if interpreting() else prefetch_options(config, k_per_split, block_k, weight)),
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
@@ -393,10 +394,6 @@ def prefetch_options(
         return {}
     line = _LINE_BYTES // weight.element_size()
     return {"PF_LINE": line, "PF_LINES": triton.next_power_of_2(triton.cdiv(columns, line))}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def rows_and_output(

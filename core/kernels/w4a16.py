@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import triton
+from pegboard.core.kernels.cuda_support import interpreting
 from pegboard.core.kernels.gemv import split_k_sum
 from pegboard.core.kernels.pdl import launch_options
 from pegboard.core.kernels.w4a16_kernels import _dot_kernel, _gemv_kernel
@@ -98,10 +99,6 @@ def default_config(m: int, n: int, k: int, group: int | None = None) -> W4A16Con
     while programs * split * 2 <= TARGET_PROGRAMS and k % (block_k * split * 4) == 0:
         split *= 2
     return W4A16Config(block_m, block_n, block_k, split, 4, 3)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache
@@ -197,7 +194,7 @@ def w4a16_linear(
             "MAGIC16": magic,
             "MAGIC_VALUE": value,
             "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",  # fp32 x: exact
-            "ASM": cfg.asm and x.device.type == "cuda" and not _interpreted(),
+            "ASM": cfg.asm and x.device.type == "cuda" and not interpreting(),
         }
     kernel = _dot_kernel if cfg.dot else _gemv_kernel
     kernel[grid](
