@@ -252,7 +252,10 @@ def _sampling(kernel: str) -> bool:
 
 
 #: The engine the GPU check builds: Qwen3-0.6B's shapes (random weights, the measured GEMV
-#: and skinny-GEMM tables apply), the default graphs, budgets that chunk long prompts.
+#: and skinny-GEMM tables apply), the default graphs, budgets that chunk long prompts. The KV
+#: pool is sized in tokens (every running request at its longest), not by the free memory: in
+#: a GPU test shard the pytest process that spawns the check holds what earlier tests' engines
+#: left in torch's cache, and the check failed there (session 17) where it passed alone.
 GPU_ENGINE = _ENGINE | dict(
     device="cuda",
     dtype="bfloat16",
@@ -260,6 +263,7 @@ GPU_ENGINE = _ENGINE | dict(
     max_num_batched_tokens=2048,
     max_running_requests=64,
     cuda_graph_max_bs=64,
+    kv_cache_tokens=64 * 2048,
 )
 
 
