@@ -11,7 +11,7 @@
 #                 [spec-eagle] [spec-eagle-train] [eagle-check] [spec-eagle-host] [spec-eagle-batch64]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
-#                 [profile-host-detok] [profile-host-mixed] [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
+#                 [profile-host-detok] [profile-host-mixed] [profile-host-env] (ENV_A / ENV_B) [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
@@ -237,6 +237,27 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
             $([ ${run%-*} = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
             --json "$OUT/profile-host-$tree-$run.json" 2>"$OUT/profile-host-$tree-$run.err" | tail -4
         done; done ;;
+    profile-host-env) # issue 17: the same tree under two environments, alternating (ENV_A, ENV_B:
+        # space-separated VAR=VALUE lists; default: PEGBOARD_STEADY_DECODE=0 vs 1, the steady
+        # decode step that skips attention.prepare's two uploads, never measured on a GPU), the
+        # nano-vllm workload with --profile-host, RUNS times (default "1 2"); then a table
+        for run in ${RUNS:-1 2}; do for v in a b; do
+          vars=$([ $v = a ] && echo "${ENV_A:-PEGBOARD_STEADY_DECODE=0}" || echo "${ENV_B:-PEGBOARD_STEADY_DECODE=1}")
+          env $vars timeout 120 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+            ${BENCH_ARGS:-} --json "$OUT/profile-env-$v-$run.json" 2>"$OUT/profile-env-$v-$run.err" >/dev/null \
+            || tail -5 "$OUT/profile-env-$v-$run.err"
+        done; done
+        python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+print(f"{'run':<18}{'tok/s':>10}{'host ms':>9}{'decode':>8}{'mixed':>8}{'wait':>7}{'prepare':>9}{'attn.prep':>10}{'sample':>8}")
+for path in sorted(glob.glob(f"{sys.argv[1]}/profile-env-*.json")):
+    d = json.load(open(path)); h = d["host_profile"]; ms = h["ms_per_step"]; k = h["host_ms_by_kind"]
+    print(f"{os.path.basename(path)[12:-5]:<18}{d['output_tok_s']:>10.1f}{h['host_ms_per_step']:>9.3f}"
+          f"{k['decode']['host_ms_per_step']:>8.3f}{k.get('mixed', {}).get('host_ms_per_step', 0):>8.2f}"
+          f"{h['device_wait_ms_per_step']:>7.3f}{ms.get('prepare', 0):>9.3f}"
+          f"{ms.get('forward: attention.prepare', 0):>10.3f}{ms.get('sample', 0):>8.3f}")
+PY
+        ;;
     profile-host-mixed) # issue 17 item 3: mixed prefill+decode steps replayed as CUDA graphs vs
         # eager (--cuda-graph-mixed-max-tokens 0), with overlap on and off (off: a forward's host
         # time is its launch), ROUNDS times, on a serving-like load: NUM_SEQS=1024 requests, at
