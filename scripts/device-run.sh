@@ -15,6 +15,7 @@
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
+#                 [nano-timeline] (issues 15/17: bf16 vs FP8 KV, host vs device per step)
 #                 [fp8-decode-ab] (issue 15: the FP8 decode's `-x2` (and `-lean`) variants against the default)
 #                 [decode-order] (issues 15/17: decode programs launched longest request first)
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
@@ -258,6 +259,27 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/profile-env-*.json")):
           f"{ms.get('forward: attention.prepare', 0):>10.3f}{ms.get('sample', 0):>8.3f}")
 PY
         ;;
+    nano-timeline) # issues 15/17: is the FP8 run host-bound? (FP8 decode attention is 1.47x
+        # bf16's per call, the workload only 1.17x: session 17). The nano-vllm workload with bf16
+        # and e4m3 KV: --profile-host (host ms and the host's wait for the device per step), then
+        # a torch-profiler window of 8 decode steps from step 300 (kernels.txt's top, and
+        # scripts/trace_steps.py: each step's host span vs the device's busy time); trace.json
+        # is deleted after (too large to bring back). ~3 min
+        for kv in bf16 fp8_e4m3; do
+          dt=$([ $kv = bf16 ] || echo "--kv-cache-dtype $kv")
+          timeout 120 $PB bench offline --random-weights --config qwen3-0.6b --profile-host $dt \
+            ${BENCH_ARGS:-} --json "$OUT/timeline-$kv.json" 2>"$OUT/timeline-$kv.err" >/dev/null \
+            || tail -5 "$OUT/timeline-$kv.err"
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
+print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/step; wait', \
+h['device_wait_ms_per_step'], 'ms/step; decode steps host', h['host_ms_by_kind']['decode'])" \
+            "$OUT/timeline-$kv.json" $kv
+          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b $dt ${BENCH_ARGS:-} \
+            --torch-profile "$OUT/tl-$kv" --torch-profile-steps 300,8 >/dev/null 2>"$OUT/tl-$kv.err" \
+            || tail -5 "$OUT/tl-$kv.err"
+          python3 scripts/trace_steps.py "$OUT/tl-$kv/trace.json" > "$OUT/tl-$kv/steps.txt" 2>&1
+          rm -f "$OUT/tl-$kv/trace.json"; cat "$OUT/tl-$kv/steps.txt"; head -16 "$OUT/tl-$kv/kernels.txt"
+        done ;;
     profile-host-mixed) # issue 17 item 3: mixed prefill+decode steps replayed as CUDA graphs vs
         # eager (--cuda-graph-mixed-max-tokens 0), with overlap on and off (off: a forward's host
         # time is its launch), ROUNDS times, on a serving-like load: NUM_SEQS=1024 requests, at
