@@ -154,7 +154,9 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
         # s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); silu: PEGBOARD_FUSED_SILU_GATE_UP=1;
         # all: the three together (fix-pdl); pf1 / pf: the GEMVs' L2 prefetch before the PDL wait
         # of one tile / the whole slice (PEGBOARD_GEMV_PREFETCH=1 / 64: docs/kernels.md, "L2
-        # prefetch before the PDL wait"); all-pf: all with pf (the cuts free the memory for it).
+        # prefetch before the PDL wait"); all-pf: all with pf (the cuts free the memory for it);
+        # pf-fit / all-pf-fit: the whole slice only where the matrix fits 40 MiB (the o
+        # projection; session 17: pf over every GEMV lost 15 %, gate/up's 235 MB thrash the L2).
         # Alternate them (e.g. FUSE_VARIANTS="off pf off pf all all-pf"): calls' hosts differ.
         # Per run: tok/s, host and device-wait ms per step. FUSE_TESTS=0: the runs only
         for v in ${FUSE_VARIANTS:-off all}; do
@@ -169,6 +171,8 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
             pf1) vars=PEGBOARD_GEMV_PREFETCH=1 ;;
             pf) vars=PEGBOARD_GEMV_PREFETCH=64 ;;
             all-pf) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl PEGBOARD_GEMV_PREFETCH=64" ;;
+            pf-fit) vars="PEGBOARD_GEMV_PREFETCH=64 PEGBOARD_GEMV_PREFETCH_MAX_MB=40" ;;
+            all-pf-fit) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl PEGBOARD_GEMV_PREFETCH=64 PEGBOARD_GEMV_PREFETCH_MAX_MB=40" ;;
             *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
           esac
           env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \

@@ -50,6 +50,18 @@ def test_no_prefetch_when_off_or_when_the_slice_is_one_tile():
     assert prefetch_options(GemvConfig(2, 2048, prefetch=4), 2048, 2048, BF16) == {}
 
 
+def test_prefetch_only_into_weights_under_the_size_limit(monkeypatch):
+    """`PEGBOARD_GEMV_PREFETCH_MAX_MB`: Llama-3.1-8B's o projection (4096 x 4096 bf16, 32 MiB)
+    prefetches under a 40 MiB limit, its qkv (6144 x 4096, 48 MiB) does not; no limit: both."""
+    o, qkv = (torch.empty(n, 4096, dtype=torch.bfloat16, device="meta") for n in (4096, 6144))
+    config = GemvConfig(4, 1024, prefetch=64)
+    assert gemv_module.PREFETCH_MAX_BYTES == 0
+    assert prefetch_options(config, 4096, 1024, qkv)["PF_LINES"] == 64
+    monkeypatch.setattr(gemv_module, "PREFETCH_MAX_BYTES", 40 << 20)
+    assert prefetch_options(config, 4096, 1024, o)["PF_LINES"] == 64
+    assert prefetch_options(config, 4096, 1024, qkv) == {}
+
+
 def test_prefetch_is_off_by_default(monkeypatch):
     """Until a GPU run shows it pays: no configuration in `DECODE_CONFIGS` asks for it and the
     module default (`PEGBOARD_GEMV_PREFETCH` unset) is 0."""

@@ -53,6 +53,10 @@ MAX_ROWS = 8  # rows of x (tokens) up to which `linear` considers these kernels
 #: Weight tiles each program prefetches into the L2 before its PDL wait where a configuration
 #: does not say (`GemvConfig.prefetch`); 0: off (the default until measured on a GPU).
 PREFETCH_TILES = int(os.environ.get("PEGBOARD_GEMV_PREFETCH", "0"))
+#: Prefetch only into GEMVs whose weight matrix has at most this many bytes (0: any). Session 17
+#: measured the whole slice of every GEMV 15 % slower at Llama-3.1-8B batch 1: gate/up's 235 MB
+#: cannot wait in the 50 MB L2 for its loads, o's 33.5 MB can (`PEGBOARD_GEMV_PREFETCH_MAX_MB`).
+PREFETCH_MAX_BYTES = int(float(os.environ.get("PEGBOARD_GEMV_PREFETCH_MAX_MB", "0")) * 2**20)
 _LINE_BYTES = 128  # an L2 cache line
 
 
@@ -386,8 +390,10 @@ def prefetch_options(
 ) -> dict[str, int]:
     """The kernels' `PF_LINE` / `PF_LINES` for `config` on a GPU: the lines per weight row
     covering up to `prefetch` tiles after the first of a program's K slice, rounded up to a
-    power of two (the extra ones clamp to the slice's end); none when the slice is one tile.
-    (The interpreter gets none: inline PTX.)"""
+    power of two (the extra ones clamp to the slice's end); none when the slice is one tile, or
+    when the weight has more than `PREFETCH_MAX_BYTES`. (The interpreter gets none: inline PTX.)"""
+    if PREFETCH_MAX_BYTES and weight.numel() * weight.element_size() > PREFETCH_MAX_BYTES:
+        return {}
     tiles = PREFETCH_TILES if config.prefetch is None else config.prefetch
     columns = min(tiles * block_k, k_per_split - block_k)
     if columns <= 0:
