@@ -96,16 +96,19 @@ class StandardSampler(Sampler):
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
         """On CUDA, the Gumbel kernel once for each logits dtype it meets: `dtype` and float32
         (rows with penalties are converted), and the argmax kernel with `triton_argmax`; their
-        keys do not depend on the batch (`gumbel.most_chunks`), so no step compiles them."""
+        keys do not depend on the batch (`gumbel.most_chunks`) nor on the step (the seeds'
+        `advance` is not specialized on), so no step compiles them."""
         if not _gumbel_available(device):
             return
         from pegboard.plugins.sampling.gumbel import argmax, gumbel_sample
 
         one = torch.ones(1, dtype=torch.float32, device=device)
-        seeds = torch.zeros(1, dtype=torch.int64, device=device)
+        states = torch.zeros(1, dtype=torch.int64, device=device)
+        noise = self.options.gumbel_noise
         for logits_dtype in dict.fromkeys((dtype, torch.float32)):
             logits = torch.zeros(1, vocab_size, dtype=logits_dtype, device=device)
-            gumbel_sample(logits, None, seeds, inv_temperature=one, noise=self.options.gumbel_noise)
+            # Seeds derived from states (`_seed_state`), as every step draws them.
+            gumbel_sample(logits, None, None, inv_temperature=one, noise=noise, states=states)
             if self.options.triton_argmax:
                 argmax(logits)
 
@@ -154,25 +157,55 @@ class StandardSampler(Sampler):
         inv = facts.inv_temperature  # kept while the batch recurs
         if inv is None or inv.device != logits.device:
             facts.inv_temperature = inverse_temperature(facts.temperature(logits.device))
-        seeds = self._draw_seeds(requests, facts.base_seeds)
-        seeds = to_device(torch.from_numpy(seeds), logits.device)
+        states, advance = self._seed_state(requests, facts, logits.device)
         return gumbel_sample(
             logits,
             None,
-            seeds,
+            None,
             inv_temperature=facts.inv_temperature,
             noise=self.options.gumbel_noise,
+            states=states,
+            advance=advance,
         )
+
+    def _seed_state(
+        self, requests: list[Request], facts: _BatchFacts, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """The Gumbel kernel's seeds as (`states` on the device, `advance`): the kernel
+        derives each row's seed from them, bitwise `_draw_seeds`' (`gumbel._row_seed`).
+
+        A draw's seed is splitmix64's output for state `base + (drawn + 1) * _MIX`, so a row
+        that drew `k` more tokens since its state was uploaded has the seed of that state
+        advanced by `k`. While every row advanced by the same `k` (a recurring decode batch:
+        one token each per step) the uploaded states serve with that `k`, no host arithmetic
+        and no copy; otherwise (rows drew unevenly, a new batch or device) the states are
+        rebuilt from the current lengths and uploaded, with `k = 0`. Nothing is assumed about
+        how many tokens a step appended: the lengths are read every call."""
+        drawn = np.fromiter([len(r.output_token_ids) for r in requests], np.int64, len(requests))
+        states, drawn0 = facts.seed_states, facts.seed_drawn
+        if states is not None and states.device == device:
+            advance = drawn - drawn0
+            k = int(advance[0]) if len(advance) else 0
+            if 0 <= k < 2**31 and (advance == k).all():
+                return states, k
+        base = facts.base_seeds  # None where every row is greedy (their seeds go unused)
+        if base is None:
+            base = _base_seeds(facts.batch, self.options.seed)
+        mixed = _splitmix_states(base, drawn.astype(np.uint64))
+        facts.seed_states = to_device(torch.from_numpy(mixed.view(np.int64)), device)
+        facts.seed_drawn = drawn
+        return facts.seed_states, 0
 
     def _draw_seeds(self, requests: list[Request], base: np.ndarray | None = None) -> np.ndarray:
         """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
-        and its arrival number) mixed with how many tokens it has drawn (splitmix64)."""
+        and its arrival number) mixed with how many tokens it has drawn (splitmix64). The
+        host's reference for what the kernel derives (`_seed_state`); tests and scripts pass
+        these as explicit seeds."""
         if base is None:
             base = _base_seeds(SamplingBatch.of(requests), self.options.seed)
         drawn = np.fromiter([len(r.output_token_ids) for r in requests], np.uint64, len(requests))
-        drawn += 1
+        x = _splitmix_states(base, drawn)
         with np.errstate(over="ignore"):
-            x = base + drawn * np.uint64(_MIX)
             x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             x = x ^ (x >> np.uint64(31))
@@ -259,6 +292,10 @@ class _BatchFacts:
             [] if self.greedy else np.flatnonzero(_unfiltered(batch, vocab)).tolist()
         )
         self.base_seeds = None if self.greedy else _base_seeds(batch, sampler_seed)
+        #: The Gumbel kernel's splitmix64 states on the device and each row's tokens drawn
+        #: when they were made (`StandardSampler._seed_state`).
+        self.seed_states: torch.Tensor | None = None
+        self.seed_drawn: np.ndarray | None = None
         self._temperature: torch.Tensor | None = None
         #: The Gumbel kernel's `1 / temperature` on the device (`gumbel.inverse_temperature`).
         self.inv_temperature: torch.Tensor | None = None
@@ -278,6 +315,13 @@ def _base_seeds(batch: SamplingBatch, sampler_seed: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         unseeded = mixed + batch.seqs.astype(np.uint64)
     return np.where(batch.column("seeded") != 0.0, batch.seeds, unseeded)
+
+
+def _splitmix_states(base: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """uint64 splitmix64 states of each row's next draw, `base + (drawn + 1) * _MIX` (wrapping
+    modulo 2**64): the state after `drawn` tokens, whose finalized output seeds the draw."""
+    with np.errstate(over="ignore"):
+        return base + (drawn + np.uint64(1)) * np.uint64(_MIX)
 
 
 def _penalised(batch: SamplingBatch) -> np.ndarray:
