@@ -247,22 +247,45 @@ def test_states_and_their_advance_are_checked():
             gumbel_sample(logits, t, None, states=s, advance=advance)
 
 
-def _step(sampler, requests, uploads, gen, noise):
-    """One sampling step as the engine makes it, checked against the sampler's path before the
-    seeds moved to the kernel (explicit seeds from `_draw_seeds`); each row then appends its
-    token. The number of `to_device` copies the step made."""
+def _todays_tokens(sampler, logits, requests, noise):
+    """The sampler's tokens as drawn before the seeds moved to the kernel: explicit per-step
+    seeds from `_draw_seeds` for the rows without filters; the rows with top-k 1 (the
+    filtered path's, deterministic here) their argmax."""
     from pegboard.plugins.sampling.gumbel import gumbel_sample as explicit
 
+    tokens = logits.argmax(-1).cpu()
+    plain = [i for i, r in enumerate(requests) if r.params.top_k != 1]
+    rows = [requests[i] for i in plain]
+    seeds = torch.from_numpy(sampler._draw_seeds(rows)).to(DEVICE)
+    t = torch.tensor([r.params.temperature for r in rows], device=DEVICE)
+    tokens[plain] = explicit(logits[plain], t, seeds, noise=noise).cpu()
+    return tokens
+
+
+def _step(sampler, requests, uploads, gen, noise):
+    """One sampling step as the engine makes it, checked against `_todays_tokens`; each row
+    then appends its token. The number of `to_device` copies the step made."""
     logits = torch.randn(len(requests), 40, generator=gen).to(DEVICE)
     before = len(uploads)
     tokens = torch.as_tensor(sampler.sample(logits, requests).token_ids).cpu()
     copies = len(uploads) - before
-    seeds = torch.from_numpy(sampler._draw_seeds(requests)).to(DEVICE)
-    t = torch.tensor([r.params.temperature for r in requests], device=DEVICE)
-    assert torch.equal(tokens, explicit(logits, t, seeds, noise=noise).cpu())
+    assert torch.equal(tokens, _todays_tokens(sampler, logits, requests, noise))
     for request, token in zip(requests, tokens.tolist()):
         request.output_token_ids.append(token)
     return copies
+
+
+def _counting_uploads(monkeypatch) -> list:
+    """The standard sampler on its CUDA path (here under the interpreter), its `to_device`
+    calls recorded."""
+    from pegboard.plugins.sampling import standard
+
+    monkeypatch.setattr(standard, "_gumbel_available", lambda device: True)
+    uploads, to_device = [], standard.to_device
+    monkeypatch.setattr(
+        standard, "to_device", lambda *a, **k: uploads.append(a) or to_device(*a, **k)
+    )
+    return uploads
 
 
 @pytest.mark.parametrize("noise", NOISES)
@@ -273,12 +296,7 @@ def test_a_recurring_batch_draws_todays_tokens_with_no_upload(noise, monkeypatch
     from pegboard.plugins.sampling import standard
     from pegboard.sdk.types import Request, SamplingParams
 
-    monkeypatch.setattr(standard, "_gumbel_available", lambda device: True)
-    uploads = []
-    to_device = standard.to_device
-    monkeypatch.setattr(
-        standard, "to_device", lambda *a, **k: uploads.append(a) or to_device(*a, **k)
-    )
+    uploads = _counting_uploads(monkeypatch)
     options = standard.StandardSampler.Options(gumbel_noise=noise, seed=3)
     sampler, gen = standard.StandardSampler(options), torch.Generator().manual_seed(8)
     seeds = (5, None, 2**64 - 1, None, 0, 2**63)
@@ -295,6 +313,25 @@ def test_a_recurring_batch_draws_todays_tokens_with_no_upload(noise, monkeypatch
     assert step(changed) == 2
     assert step(changed) == 0
     assert step(requests) == 2  # the first batch again: new facts, new states
+
+
+def test_a_recurring_mixed_batch_keeps_its_split_and_seed_states(monkeypatch):
+    # Rows with top-k beside plain ones: the plain rows' facts, seed states and both parts'
+    # row indices are made once per batch; the plain rows' tokens stay today's.
+    from pegboard.plugins.sampling import standard
+    from pegboard.sdk.types import Request, SamplingParams
+
+    uploads = _counting_uploads(monkeypatch)
+    sampler, gen = standard.StandardSampler(), torch.Generator().manual_seed(10)
+    plain = [SamplingParams(temperature=t, seed=s) for t, s in ((0.7, 1), (0.0, 2), (1.1, None))]
+    filtered = SamplingParams(temperature=0.8, top_k=1)
+    requests = [Request([1], p) for p in (plain[0], filtered, plain[1], filtered, plain[2])]
+    step = functools.partial(_step, sampler, uploads=uploads, gen=gen, noise="philox")
+    assert step(requests) == 4  # both row indices, the plain rows' temperatures and states
+    assert [step(requests) for _ in range(3)] == [0, 0, 0]
+    requests[2].output_token_ids.append(3)  # uneven: the plain rows' states rebuilt
+    assert step(requests) == 1
+    assert step(requests[:4]) == 4  # a changed batch
 
 
 def test_plain_rows_that_are_all_greedy_beside_filtered_rows(monkeypatch):

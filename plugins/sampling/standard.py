@@ -127,33 +127,24 @@ class StandardSampler(Sampler):
             return self._draw_filtered(logits, requests, batch)
         if len(plain) == len(requests):
             return self._gumbel(logits, requests, facts)
-        plain_set = set(plain)
-        rest = [i for i in range(len(requests)) if i not in plain_set]
-        device = logits.device
-        plain_rows = to_device(plain, device, torch.int64)
-        rest_rows = to_device(rest, device, torch.int64)
-        tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
-        tokens[plain_rows] = self._gumbel(
-            logits[plain_rows], [requests[i] for i in plain], batch=batch.take(plain)
-        )
+        split = facts.split(logits.device)  # kept while the batch recurs, as `facts`
+        tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
+        plain_rows, rest_rows = split.plain_rows, split.rest_rows
+        tokens[plain_rows] = self._gumbel(logits[plain_rows], split.plain.requests, split.plain)
         tokens[rest_rows] = self._draw_filtered(
-            logits[rest_rows], [requests[i] for i in rest], batch.take(rest)
+            logits[rest_rows], split.rest_requests, split.rest_batch
         )
         return tokens
 
     def _gumbel(
-        self,
-        logits: torch.Tensor,
-        requests: list[Request],
-        facts: _BatchFacts | None = None,
-        batch: SamplingBatch | None = None,
+        self, logits: torch.Tensor, requests: list[Request], facts: _BatchFacts | None = None
     ) -> torch.Tensor:
-        """Every row of `requests` by the Gumbel kernel (`facts` or `batch`: of exactly these
-        rows; neither: read from the requests)."""
+        """Every row of `requests` by the Gumbel kernel (`facts`: of exactly these rows, else
+        read from the requests)."""
         from pegboard.plugins.sampling.gumbel import gumbel_sample, inverse_temperature
 
         if facts is None:
-            facts = _BatchFacts(requests, logits.shape[-1], self.options.seed, batch)
+            facts = _BatchFacts(requests, logits.shape[-1], self.options.seed)
         inv = facts.inv_temperature  # kept while the batch recurs
         if inv is None or inv.device != logits.device:
             facts.inv_temperature = inverse_temperature(facts.temperature(logits.device))
@@ -279,7 +270,7 @@ class _BatchFacts:
         sampler_seed: int,
         batch: SamplingBatch | None = None,
     ) -> None:
-        self.requests, self.vocab = requests, vocab
+        self.requests, self.vocab, self.sampler_seed = requests, vocab, sampler_seed
         self.batch = batch = batch if batch is not None else sampling_of(requests)
         logprobs = batch.column("logprobs")
         self.want_logprobs: list[int] = np.flatnonzero(logprobs >= 0).tolist()
@@ -299,6 +290,7 @@ class _BatchFacts:
         self._temperature: torch.Tensor | None = None
         #: The Gumbel kernel's `1 / temperature` on the device (`gumbel.inverse_temperature`).
         self.inv_temperature: torch.Tensor | None = None
+        self._split: _Split | None = None
 
     def temperature(self, device: torch.device) -> torch.Tensor:
         """The rows' temperatures on `device` (float32), copied there once."""
@@ -306,6 +298,32 @@ class _BatchFacts:
             temps = self.batch.column("temperature").astype(np.float32)
             self._temperature = to_device(torch.from_numpy(temps), device)
         return self._temperature
+
+    def split(self, device: torch.device) -> _Split:
+        """The batch cut into its plain rows and the others (`_Split`), made once per device."""
+        if self._split is None or self._split.device != device:
+            self._split = _Split(self, device)
+        return self._split
+
+
+class _Split:
+    """A batch with both plain and filtered rows, cut in two: the plain rows' own
+    `_BatchFacts` (so their temperatures and seed states stay on the device as a whole
+    batch's do), the other rows' requests and parameters, and both parts' row indices on
+    `device`. Kept by the batch's facts: a recurring mixed batch uploads none of it again."""
+
+    def __init__(self, facts: _BatchFacts, device: torch.device) -> None:
+        plain, requests = facts.plain, facts.requests
+        plain_set = set(plain)
+        rest = [i for i in range(len(requests)) if i not in plain_set]
+        self.device = device
+        self.plain = _BatchFacts(
+            [requests[i] for i in plain], facts.vocab, facts.sampler_seed, facts.batch.take(plain)
+        )
+        self.rest_requests = [requests[i] for i in rest]
+        self.rest_batch = facts.batch.take(rest)
+        self.plain_rows = to_device(plain, device, torch.int64)
+        self.rest_rows = to_device(rest, device, torch.int64)
 
 
 def _base_seeds(batch: SamplingBatch, sampler_seed: int) -> np.ndarray:
