@@ -314,7 +314,8 @@ def gumbel_sample(
     `[rows]` (splitmix64 states, uint64 bits) advanced by `advance` steps, `0 <= advance <
     2^31`: `mix64(states + advance * 0x9E3779B97F4A7C15) & (2^63 - 1)` (`_row_seed`), so a
     caller whose seeds move one splitmix64 step per draw uploads its states once, not seeds
-    every draw. Every `advance` shares one compiled kernel."""
+    every draw. Every `advance` shares one compiled kernel; being a launch argument, it is
+    what a captured CUDA graph replays (a caller capturing this advances `states` instead)."""
     if noise not in NOISES:
         raise ValueError(f"gumbel noise must be one of {NOISES}, not {noise!r}")
     if (seeds is None) == (states is None):
