@@ -9,9 +9,12 @@ distribution tests (tests/test_sampling.py, device "cuda") go through this kerne
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +194,162 @@ def test_the_standard_sampler_draws_with_the_noise_its_option_names(noise, monke
     drawn = torch.as_tensor(sampler.sample(logits, greedy).token_ids).cpu()
     assert drawn.tolist() == logits.argmax(-1).cpu().tolist()
     assert len(calls) == 1
+
+
+def _states_and_seeds(base, drawn, advance):
+    """The kernel's inputs (int64 splitmix64 states of rows that had drawn `drawn` tokens) and
+    the seeds `StandardSampler._draw_seeds` gives once each drew `advance` more (requests
+    stood in for by their token counts: a `range` has a length, not the tokens)."""
+    from pegboard.plugins.sampling import standard
+
+    states = standard._splitmix_states(base, drawn.astype(np.uint64))
+    rows = [SimpleNamespace(output_token_ids=range(n + advance)) for n in drawn.tolist()]
+    seeds = standard.StandardSampler()._draw_seeds(rows, base)
+    return torch.from_numpy(states.view(np.int64)), seeds
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_seeds_derived_in_the_kernel_are_the_hosts_bit_for_bit(noise):
+    # `states` + `advance` (the standard sampler's steady path) against explicit seeds from
+    # `_draw_seeds` (its path before): bases at 0, 2^63 and 2^64 - 1, random 64-bit ones,
+    # token counts up to 2^40, advances to 2^31 - 1, so states wrap past 2^64 and about half
+    # the finalized seeds have the top bit to mask. Uniform logits: a row whose seed is wrong
+    # changes its token with probability 15/16.
+    rng = np.random.default_rng(7)
+    rows = 32
+    base = rng.integers(0, 2**64, rows, dtype=np.uint64, endpoint=False)
+    base[:5] = [0, 1, 2**63 - 1, 2**63, 2**64 - 1]
+    drawn = rng.integers(0, 2**40, rows)
+    drawn[: rows // 2] %= 50
+    logits = torch.zeros(rows, 16)
+    t = torch.ones(rows, device=DEVICE)
+    for advance in (0, 1, 37, 2**31 - 1):
+        states, seeds = _states_and_seeds(base, drawn, advance)
+        expected = sample(logits, [1.0] * rows, seeds, noise)
+        got = gumbel_sample(
+            logits.to(DEVICE), t, None, noise=noise, states=states.to(DEVICE), advance=advance,
+            **TILES,
+        )  # fmt: skip
+        assert torch.equal(got.cpu(), expected), (advance, (got.cpu() != expected).sum())
+
+
+def test_states_and_their_advance_are_checked():
+    logits, t, s = (
+        torch.zeros(1, 4, device=DEVICE),
+        torch.ones(1, device=DEVICE),
+        torch.zeros(1, dtype=torch.int64, device=DEVICE),
+    )
+    for kwargs in ({}, {"states": s}):  # neither, or both
+        with pytest.raises(ValueError, match="either seeds or states"):
+            gumbel_sample(logits, t, s if kwargs else None, **kwargs)
+    for advance in (-1, 2**31):  # the kernel's argument is an int32
+        with pytest.raises(ValueError, match="advance"):
+            gumbel_sample(logits, t, None, states=s, advance=advance)
+
+
+def _todays_tokens(sampler, logits, requests, noise):
+    """The sampler's tokens as drawn before the seeds moved to the kernel: explicit per-step
+    seeds from `_draw_seeds` for the rows without filters; the rows with top-k 1 (the
+    filtered path's, deterministic here) their argmax."""
+    from pegboard.plugins.sampling.gumbel import gumbel_sample as explicit
+
+    tokens = logits.argmax(-1).cpu()
+    plain = [i for i, r in enumerate(requests) if r.params.top_k != 1]
+    rows = [requests[i] for i in plain]
+    seeds = torch.from_numpy(sampler._draw_seeds(rows)).to(DEVICE)
+    t = torch.tensor([r.params.temperature for r in rows], device=DEVICE)
+    tokens[plain] = explicit(logits[plain], t, seeds, noise=noise).cpu()
+    return tokens
+
+
+def _step(sampler, requests, uploads, gen, noise):
+    """One sampling step as the engine makes it, checked against `_todays_tokens`; each row
+    then appends its token. The number of `to_device` copies the step made."""
+    logits = torch.randn(len(requests), 40, generator=gen).to(DEVICE)
+    before = len(uploads)
+    tokens = torch.as_tensor(sampler.sample(logits, requests).token_ids).cpu()
+    copies = len(uploads) - before
+    assert torch.equal(tokens, _todays_tokens(sampler, logits, requests, noise))
+    for request, token in zip(requests, tokens.tolist()):
+        request.output_token_ids.append(token)
+    return copies
+
+
+def _counting_uploads(monkeypatch) -> list:
+    """The standard sampler on its CUDA path (here under the interpreter), its `to_device`
+    calls recorded."""
+    from pegboard.plugins.sampling import standard
+
+    monkeypatch.setattr(standard, "_gumbel_available", lambda device: True)
+    uploads, to_device = [], standard.to_device
+    monkeypatch.setattr(
+        standard, "to_device", lambda *a, **k: uploads.append(a) or to_device(*a, **k)
+    )
+    return uploads
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_a_recurring_batch_draws_todays_tokens_with_no_upload(noise, monkeypatch):
+    # Issue 17: a decode batch that recurs (the same requests, one token each per step) reuses
+    # its seed states on the device; the tokens stay those of per-step host seeds, seeded rows
+    # and unseeded ones, through rows drawing unevenly (states rebuilt) and a changed batch.
+    from pegboard.plugins.sampling import standard
+    from pegboard.sdk.types import Request, SamplingParams
+
+    uploads = _counting_uploads(monkeypatch)
+    options = standard.StandardSampler.Options(gumbel_noise=noise, seed=3)
+    sampler, gen = standard.StandardSampler(options), torch.Generator().manual_seed(8)
+    seeds = (5, None, 2**64 - 1, None, 0, 2**63)
+    requests = [Request([1, 2], SamplingParams(temperature=0.7, seed=s)) for s in seeds]
+    requests[3].output_token_ids.extend([9] * 5)  # rows start from different counts
+    step = functools.partial(_step, sampler, uploads=uploads, gen=gen, noise=noise)
+    assert step(requests) == 2  # a new batch: its temperatures and its seed states
+    assert [step(requests) for _ in range(3)] == [0, 0, 0]  # the feature: no copy at all
+    requests[0].output_token_ids.append(1)  # row 0 now one token ahead of the others
+    assert step(requests) == 1  # the states rebuilt from the current counts
+    assert [step(requests) for _ in range(2)] == [0, 0]
+    joined = Request([3], SamplingParams(temperature=1.3, seed=7))
+    changed = requests[1:] + [joined]  # one request left, one joined
+    assert step(changed) == 2
+    assert step(changed) == 0
+    assert step(requests) == 2  # the first batch again: new facts, new states
+
+
+def test_a_recurring_mixed_batch_keeps_its_split_and_seed_states(monkeypatch):
+    # Rows with top-k beside plain ones: the plain rows' facts, seed states and both parts'
+    # row indices are made once per batch; the plain rows' tokens stay today's.
+    from pegboard.plugins.sampling import standard
+    from pegboard.sdk.types import Request, SamplingParams
+
+    uploads = _counting_uploads(monkeypatch)
+    sampler, gen = standard.StandardSampler(), torch.Generator().manual_seed(10)
+    plain = [SamplingParams(temperature=t, seed=s) for t, s in ((0.7, 1), (0.0, 2), (1.1, None))]
+    filtered = SamplingParams(temperature=0.8, top_k=1)
+    requests = [Request([1], p) for p in (plain[0], filtered, plain[1], filtered, plain[2])]
+    step = functools.partial(_step, sampler, uploads=uploads, gen=gen, noise="philox")
+    assert step(requests) == 4  # both row indices, the plain rows' temperatures and states
+    assert [step(requests) for _ in range(3)] == [0, 0, 0]
+    requests[2].output_token_ids.append(3)  # uneven: the plain rows' states rebuilt
+    assert step(requests) == 1
+    assert step(requests[:4]) == 4  # a changed batch
+
+
+def test_plain_rows_that_are_all_greedy_beside_filtered_rows(monkeypatch):
+    # The Gumbel kernel takes the unfiltered rows, here only greedy ones (whose facts have no
+    # base seeds), the generator path the top-k rows.
+    from pegboard.plugins.sampling import standard
+    from pegboard.sdk.types import Request, SamplingParams
+
+    monkeypatch.setattr(standard, "_gumbel_available", lambda device: True)
+    sampler = standard.StandardSampler()
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    greedy, top_k = SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=1)
+    requests = [Request([1], p) for p in (greedy, top_k, greedy, top_k)]
+    for _ in range(2):
+        tokens = torch.as_tensor(sampler.sample(logits, requests).token_ids).cpu()
+        assert tokens.tolist() == logits.argmax(-1).cpu().tolist()  # top-k 1: the argmax too
+        for request, token in zip(requests, tokens.tolist()):
+            request.output_token_ids.append(token)
 
 
 def test_the_sampler_keeps_todays_tokens_by_default(monkeypatch):

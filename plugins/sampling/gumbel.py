@@ -61,15 +61,34 @@ def _log2(x, APPROX: tl.constexpr):
 
 
 @triton.jit
+def _mix64(x):
+    """The splitmix64 finalizer of a uint64 (wrapping arithmetic): a bijection that spreads
+    every input bit over the output."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+    return x ^ (x >> 31)
+
+
+@triton.jit
 def _keys(seed):
     """The hash's two 32-bit keys from a row's 64-bit seed, by the splitmix64 finalizer (once
     per program): seeds that differ in a few bits (0, 1, 2, ... or only the high half) still
     get unrelated keys."""
-    k = seed.to(tl.uint64, bitcast=True)
-    k = (k ^ (k >> 30)) * 0xBF58476D1CE4E5B9
-    k = (k ^ (k >> 27)) * 0x94D049BB133111EB
-    k = k ^ (k >> 31)
+    k = _mix64(seed.to(tl.uint64, bitcast=True))
     return (k & 0xFFFFFFFF).to(tl.uint32), (k >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _row_seed(seed_ptr, row, advance, DERIVE: tl.constexpr):
+    """Row `row`'s int64 seed: read as given, or (`DERIVE`) the splitmix64 output of its
+    state `seed_ptr[row]` advanced by `advance` steps, `mix64(state + advance * GAMMA)` to 63
+    bits: what the standard sampler's `_draw_seeds` computes on the host, bit for bit (uint64
+    arithmetic wraps modulo 2^64 here as in numpy), so a batch that recurs needs no upload."""
+    seed = tl.load(seed_ptr + row)
+    if DERIVE:
+        state = seed.to(tl.uint64, bitcast=True) + advance.to(tl.uint64) * 0x9E3779B97F4A7C15
+        seed = (_mix64(state) & 0x7FFFFFFFFFFFFFFF).to(tl.int64, bitcast=True)
+    return seed
 
 
 @triton.jit
@@ -193,18 +212,21 @@ def _scan_philox(
     return _finish(best, best_idx, start)
 
 
-@triton.jit(do_not_specialize=["num_chunks"])  # (no key per batch size: `chunk_size`)
+# No key per batch size (`num_chunks`: `chunk_size`) nor per step (`advance`).
+@triton.jit(do_not_specialize=["num_chunks", "advance"])
 def _chunk_best(
     logits_ptr,
     stride,
     inv_temp_ptr,
     seed_ptr,
+    advance,
     best_val_ptr,
     best_idx_ptr,
     vocab,
     chunk,
     num_chunks,
     NOISE: tl.constexpr,  # "hash", "philox", or "none" (every row greedy)
+    DERIVE: tl.constexpr,  # seed_ptr holds splitmix64 states, not seeds (`_row_seed`)
     APPROX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -218,7 +240,7 @@ def _chunk_best(
     else:
         inv_temp = tl.load(inv_temp_ptr + row)
         if inv_temp > 0.0:
-            seed = tl.load(seed_ptr + row)
+            seed = _row_seed(seed_ptr, row, advance, DERIVE)
             scale = inv_temp * 1.4426950408889634
             if NOISE == "hash":
                 k0, k1 = _keys(seed)
@@ -269,12 +291,14 @@ def most_chunks(vocab: int, block: int = BLOCK) -> int:
 def gumbel_sample(
     logits: torch.Tensor,
     temperature: torch.Tensor | None,
-    seeds: torch.Tensor,
+    seeds: torch.Tensor | None,
     chunk: int | None = None,
     block: int = BLOCK,
     inv_temperature: torch.Tensor | None = None,
     noise: str = NOISE,
     approx_log: bool | None = None,
+    states: torch.Tensor | None = None,
+    advance: int = 0,
 ) -> torch.Tensor:
     """One token per row of `logits [rows, vocab]` drawn from `softmax(logits / temperature)`
     (argmax where `temperature` is 0). `temperature` is float32 `[rows]`, `seeds` int64
@@ -284,14 +308,27 @@ def gumbel_sample(
     Returns int64
     `[rows]`. `chunk` (vocabulary entries per program, a multiple of `block`; default
     `chunk_size`'s) and `block` (a power of two, at least 4) are tuning knobs, not semantics.
-    No host sync and no shape-dependent host work beyond the chunk size: CUDA-graph safe."""
+    No host sync and no shape-dependent host work beyond the chunk size: CUDA-graph safe.
+
+    Instead of `seeds` (pass None), the kernel derives each row's seed from int64 `states`
+    `[rows]` (splitmix64 states, uint64 bits) advanced by `advance` steps, `0 <= advance <
+    2^31`: `mix64(states + advance * 0x9E3779B97F4A7C15) & (2^63 - 1)` (`_row_seed`), so a
+    caller whose seeds move one splitmix64 step per draw uploads its states once, not seeds
+    every draw. Every `advance` shares one compiled kernel; being a launch argument, it is
+    what a captured CUDA graph replays (a caller capturing this advances `states` instead)."""
     if noise not in NOISES:
         raise ValueError(f"gumbel noise must be one of {NOISES}, not {noise!r}")
+    if (seeds is None) == (states is None):
+        raise ValueError("gumbel_sample takes either seeds or states")
+    if not 0 <= advance < 2**31:  # an int32 argument: one kernel key
+        raise ValueError(f"advance {advance} is not in [0, 2^31)")
     if inv_temperature is None:
         inv_temperature = inverse_temperature(temperature)
     if approx_log is None:
         approx_log = noise == "hash"
     approx_log = approx_log and not _interpreting()  # inline PTX has no CPU interpretation
+    if states is not None:
+        return _launch(logits, inv_temperature, states, noise, approx_log, chunk, block, advance)
     return _launch(logits, inv_temperature, seeds, noise, approx_log, chunk, block)
 
 
@@ -301,7 +338,10 @@ def argmax(logits: torch.Tensor, chunk: int | None = None, block: int = BLOCK) -
     return _launch(logits, None, None, "none", False, chunk, block)
 
 
-def _launch(logits, inv_temperature, seeds, noise, approx_log, chunk, block) -> torch.Tensor:
+def _launch(
+    logits, inv_temperature, seeds, noise, approx_log, chunk, block, advance=None
+) -> torch.Tensor:
+    """Both kernels; `seeds` are splitmix64 states to advance by `advance` unless it is None."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -317,12 +357,14 @@ def _launch(logits, inv_temperature, seeds, noise, approx_log, chunk, block) -> 
         logits.stride(0),
         inv_temperature,
         seeds,
+        advance or 0,
         best_val,
         best_idx,
         vocab,
         chunk,
         num_chunks,
         NOISE=noise,
+        DERIVE=advance is not None,
         APPROX=approx_log,
         BLOCK=block,
         num_warps=max(1, min(8, block // 256)),

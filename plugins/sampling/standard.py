@@ -96,16 +96,19 @@ class StandardSampler(Sampler):
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
         """On CUDA, the Gumbel kernel once for each logits dtype it meets: `dtype` and float32
         (rows with penalties are converted), and the argmax kernel with `triton_argmax`; their
-        keys do not depend on the batch (`gumbel.most_chunks`), so no step compiles them."""
+        keys do not depend on the batch (`gumbel.most_chunks`) nor on the step (the seeds'
+        `advance` is not specialized on), so no step compiles them."""
         if not _gumbel_available(device):
             return
         from pegboard.plugins.sampling.gumbel import argmax, gumbel_sample
 
         one = torch.ones(1, dtype=torch.float32, device=device)
-        seeds = torch.zeros(1, dtype=torch.int64, device=device)
+        states = torch.zeros(1, dtype=torch.int64, device=device)
+        noise = self.options.gumbel_noise
         for logits_dtype in dict.fromkeys((dtype, torch.float32)):
             logits = torch.zeros(1, vocab_size, dtype=logits_dtype, device=device)
-            gumbel_sample(logits, None, seeds, inv_temperature=one, noise=self.options.gumbel_noise)
+            # Seeds derived from states (`_seed_state`), as every step draws them.
+            gumbel_sample(logits, None, None, inv_temperature=one, noise=noise, states=states)
             if self.options.triton_argmax:
                 argmax(logits)
 
@@ -124,55 +127,76 @@ class StandardSampler(Sampler):
             return self._draw_filtered(logits, requests, batch)
         if len(plain) == len(requests):
             return self._gumbel(logits, requests, facts)
-        plain_set = set(plain)
-        rest = [i for i in range(len(requests)) if i not in plain_set]
-        device = logits.device
-        plain_rows = to_device(plain, device, torch.int64)
-        rest_rows = to_device(rest, device, torch.int64)
-        tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
-        tokens[plain_rows] = self._gumbel(
-            logits[plain_rows], [requests[i] for i in plain], batch=batch.take(plain)
-        )
+        split = facts.split(logits.device)  # kept while the batch recurs, as `facts`
+        tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
+        plain_rows, rest_rows = split.plain_rows, split.rest_rows
+        tokens[plain_rows] = self._gumbel(logits[plain_rows], split.plain.requests, split.plain)
         tokens[rest_rows] = self._draw_filtered(
-            logits[rest_rows], [requests[i] for i in rest], batch.take(rest)
+            logits[rest_rows], split.rest_requests, split.rest_batch
         )
         return tokens
 
     def _gumbel(
-        self,
-        logits: torch.Tensor,
-        requests: list[Request],
-        facts: _BatchFacts | None = None,
-        batch: SamplingBatch | None = None,
+        self, logits: torch.Tensor, requests: list[Request], facts: _BatchFacts | None = None
     ) -> torch.Tensor:
-        """Every row of `requests` by the Gumbel kernel (`facts` or `batch`: of exactly these
-        rows; neither: read from the requests)."""
+        """Every row of `requests` by the Gumbel kernel (`facts`: of exactly these rows, else
+        read from the requests)."""
         from pegboard.plugins.sampling.gumbel import gumbel_sample, inverse_temperature
 
         if facts is None:
-            facts = _BatchFacts(requests, logits.shape[-1], self.options.seed, batch)
+            facts = _BatchFacts(requests, logits.shape[-1], self.options.seed)
         inv = facts.inv_temperature  # kept while the batch recurs
         if inv is None or inv.device != logits.device:
             facts.inv_temperature = inverse_temperature(facts.temperature(logits.device))
-        seeds = self._draw_seeds(requests, facts.base_seeds)
-        seeds = to_device(torch.from_numpy(seeds), logits.device)
+        states, advance = self._seed_state(requests, facts, logits.device)
         return gumbel_sample(
             logits,
             None,
-            seeds,
+            None,
             inv_temperature=facts.inv_temperature,
             noise=self.options.gumbel_noise,
+            states=states,
+            advance=advance,
         )
+
+    def _seed_state(
+        self, requests: list[Request], facts: _BatchFacts, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """The Gumbel kernel's seeds as (`states` on the device, `advance`): the kernel
+        derives each row's seed from them, bitwise `_draw_seeds`' (`gumbel._row_seed`).
+
+        A draw's seed is splitmix64's output for state `base + (drawn + 1) * _MIX`, so a row
+        that drew `k` more tokens since its state was uploaded has the seed of that state
+        advanced by `k`. While every row advanced by the same `k` (a recurring decode batch:
+        one token each per step) the uploaded states serve with that `k`, no host arithmetic
+        and no copy; otherwise (rows drew unevenly, a new batch or device) the states are
+        rebuilt from the current lengths and uploaded, with `k = 0`. Nothing is assumed about
+        how many tokens a step appended: the lengths are read every call."""
+        drawn = np.fromiter([len(r.output_token_ids) for r in requests], np.int64, len(requests))
+        states, drawn0 = facts.seed_states, facts.seed_drawn
+        if states is not None and states.device == device:
+            advance = drawn - drawn0
+            k = int(advance[0]) if len(advance) else 0
+            if 0 <= k < 2**31 and (advance == k).all():
+                return states, k
+        base = facts.base_seeds  # None where every row is greedy (their seeds go unused)
+        if base is None:
+            base = _base_seeds(facts.batch, self.options.seed)
+        mixed = _splitmix_states(base, drawn.astype(np.uint64))
+        facts.seed_states = to_device(torch.from_numpy(mixed.view(np.int64)), device)
+        facts.seed_drawn = drawn
+        return facts.seed_states, 0
 
     def _draw_seeds(self, requests: list[Request], base: np.ndarray | None = None) -> np.ndarray:
         """A fresh 63-bit seed per draw: the request's seed (or, unseeded, the sampler's seed
-        and its arrival number) mixed with how many tokens it has drawn (splitmix64)."""
+        and its arrival number) mixed with how many tokens it has drawn (splitmix64). The
+        host's reference for what the kernel derives (`_seed_state`); tests and scripts pass
+        these as explicit seeds."""
         if base is None:
             base = _base_seeds(SamplingBatch.of(requests), self.options.seed)
         drawn = np.fromiter([len(r.output_token_ids) for r in requests], np.uint64, len(requests))
-        drawn += 1
+        x = _splitmix_states(base, drawn)
         with np.errstate(over="ignore"):
-            x = base + drawn * np.uint64(_MIX)
             x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             x = x ^ (x >> np.uint64(31))
@@ -246,7 +270,7 @@ class _BatchFacts:
         sampler_seed: int,
         batch: SamplingBatch | None = None,
     ) -> None:
-        self.requests, self.vocab = requests, vocab
+        self.requests, self.vocab, self.sampler_seed = requests, vocab, sampler_seed
         self.batch = batch = batch if batch is not None else sampling_of(requests)
         logprobs = batch.column("logprobs")
         self.want_logprobs: list[int] = np.flatnonzero(logprobs >= 0).tolist()
@@ -259,9 +283,14 @@ class _BatchFacts:
             [] if self.greedy else np.flatnonzero(_unfiltered(batch, vocab)).tolist()
         )
         self.base_seeds = None if self.greedy else _base_seeds(batch, sampler_seed)
+        #: The Gumbel kernel's splitmix64 states on the device and each row's tokens drawn
+        #: when they were made (`StandardSampler._seed_state`).
+        self.seed_states: torch.Tensor | None = None
+        self.seed_drawn: np.ndarray | None = None
         self._temperature: torch.Tensor | None = None
         #: The Gumbel kernel's `1 / temperature` on the device (`gumbel.inverse_temperature`).
         self.inv_temperature: torch.Tensor | None = None
+        self._split: _Split | None = None
 
     def temperature(self, device: torch.device) -> torch.Tensor:
         """The rows' temperatures on `device` (float32), copied there once."""
@@ -269,6 +298,32 @@ class _BatchFacts:
             temps = self.batch.column("temperature").astype(np.float32)
             self._temperature = to_device(torch.from_numpy(temps), device)
         return self._temperature
+
+    def split(self, device: torch.device) -> _Split:
+        """The batch cut into its plain rows and the others (`_Split`), made once per device."""
+        if self._split is None or self._split.device != device:
+            self._split = _Split(self, device)
+        return self._split
+
+
+class _Split:
+    """A batch with both plain and filtered rows, cut in two: the plain rows' own
+    `_BatchFacts` (so their temperatures and seed states stay on the device as a whole
+    batch's do), the other rows' requests and parameters, and both parts' row indices on
+    `device`. Kept by the batch's facts: a recurring mixed batch uploads none of it again."""
+
+    def __init__(self, facts: _BatchFacts, device: torch.device) -> None:
+        plain, requests = facts.plain, facts.requests
+        plain_set = set(plain)
+        rest = [i for i in range(len(requests)) if i not in plain_set]
+        self.device = device
+        self.plain = _BatchFacts(
+            [requests[i] for i in plain], facts.vocab, facts.sampler_seed, facts.batch.take(plain)
+        )
+        self.rest_requests = [requests[i] for i in rest]
+        self.rest_batch = facts.batch.take(rest)
+        self.plain_rows = to_device(plain, device, torch.int64)
+        self.rest_rows = to_device(rest, device, torch.int64)
 
 
 def _base_seeds(batch: SamplingBatch, sampler_seed: int) -> np.ndarray:
@@ -278,6 +333,13 @@ def _base_seeds(batch: SamplingBatch, sampler_seed: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         unseeded = mixed + batch.seqs.astype(np.uint64)
     return np.where(batch.column("seeded") != 0.0, batch.seeds, unseeded)
+
+
+def _splitmix_states(base: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """uint64 splitmix64 states of each row's next draw, `base + (drawn + 1) * _MIX` (wrapping
+    modulo 2**64): the state after `drawn` tokens, whose finalized output seeds the draw."""
+    with np.errstate(over="ignore"):
+        return base + (drawn + np.uint64(1)) * np.uint64(_MIX)
 
 
 def _penalised(batch: SamplingBatch) -> np.ndarray:
