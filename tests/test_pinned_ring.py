@@ -9,6 +9,8 @@ an upload larger than a segment is refused (the caller then pins as before).
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from pegboard.sdk.device import PinnedRing
 
@@ -85,3 +87,81 @@ def test_upload_into_a_kept_tensor_converts_and_fills_it():
     dst = torch.zeros(2, 3, dtype=torch.int32)
     ring.upload(torch.arange(6, dtype=torch.int32).reshape(2, 3), dst)
     assert dst.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_numpy_sources_of_every_staged_dtype_arrive_intact():
+    """Numpy arrays (the runner's and the attention backend's uploads) are staged through a
+    numpy view of the ring: values, dtypes and shapes arrive as they were, 2-D ones into a
+    strided destination too (the backend's page-table rows)."""
+    ring = make_ring(nbytes=1 << 16)
+    rng = np.random.default_rng(0)
+    for dtype in (np.int64, np.int32, np.int16, np.int8, np.uint8, np.float64, np.float32):
+        src = (rng.standard_normal((3, 5)) * 100).astype(dtype)
+        dst = torch.empty(3, 5, dtype=torch.from_numpy(src).dtype)
+        assert torch.equal(ring.upload(src, dst), torch.from_numpy(src)), dtype
+    flags = rng.random(7) > 0.5
+    assert ring.upload(flags, torch.empty(7, dtype=torch.bool)).tolist() == flags.tolist()
+    table = np.arange(12, dtype=np.int32).reshape(3, 4)
+    wide = torch.full((5, 8), -1, dtype=torch.int32)
+    ring.upload(table, wide[:3, :4])  # rows of a wider tensor, as the backend writes them
+    assert wide[:3, :4].tolist() == table.tolist() and (wide[3:] == -1).all()
+    assert (wide[:, 4:] == -1).all()
+
+
+def test_sources_without_a_numpy_twin_and_conversions_still_arrive():
+    ring = make_ring()
+    bf16 = torch.tensor([1.5, -2.25, 3.0], dtype=torch.bfloat16)  # torch views of the ring
+    assert torch.equal(ring.upload(bf16, torch.empty_like(bf16)), bf16)
+    dst = torch.empty(4, dtype=torch.float32)  # int64 into float32: `copy_` converts
+    assert ring.upload(np.arange(4, dtype=np.int64), dst).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_to_devices_numpy_conversion_is_torch_as_tensors():
+    """`to_device` builds lists-with-a-dtype and numpy arrays with numpy on CUDA: the same
+    values and dtype as `torch.as_tensor`, or None where torch decides otherwise."""
+    from pegboard.sdk.device import _as_array
+
+    cases = [
+        ([1, 2, 3], torch.int64),
+        ([0, 2, 0], torch.bool),
+        ([0.1, 1e-8, 3.3], torch.float32),
+        ([[1, 2], [3, 4]], torch.int32),
+        (np.array([1.5, 2.5]), None),
+        (np.array([1.1, 2.7]), torch.float32),
+        (np.arange(5, dtype=np.int64), torch.int32),
+    ]
+    for values, dtype in cases:
+        array = _as_array(values, dtype)
+        want = torch.as_tensor(values, dtype=dtype)
+        got = torch.from_numpy(array)
+        assert got.dtype == want.dtype and torch.equal(got, want), (values, dtype)
+    assert _as_array([1.0, 2.0], None) is None  # torch: float32, numpy: float64
+    assert _as_array([1.0], torch.bfloat16) is None  # no numpy twin
+    assert _as_array(torch.arange(3), torch.int64) is None  # tensors stay tensors
+
+
+@pytest.mark.gpu
+def test_gpu_uploads_do_not_wait_for_the_queued_work():
+    """Uploads made while the stream is busy (a `_sleep` kernel of ~0.5 s) return before that
+    kernel ends: the ring's numpy-staged memory is pinned as far as the driver is concerned (a
+    pageable source would make `cudaMemcpyAsync` wait for the stream); after it, every upload
+    holds its values."""
+    from pegboard.sdk.device import to_device, upload
+
+    dev = torch.device("cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # clock cycles
+    busy = torch.cuda.Event()
+    busy.record()
+    ids = to_device(np.arange(1000, dtype=np.int64), dev)  # the runner's kind
+    rows = to_device([3, 1, 2], dev, torch.int64)  # a list with a dtype
+    table = upload(
+        np.arange(20, dtype=np.int32).reshape(4, 5),
+        torch.empty(4, 5, dtype=torch.int32, device=dev),
+    )
+    bf16 = to_device(torch.tensor([1.5, 2.5], dtype=torch.bfloat16), dev)  # torch-staged
+    assert not busy.query(), "an upload waited for the kernel queued before it"
+    torch.cuda.synchronize()
+    assert ids.cpu().tolist() == list(range(1000)) and rows.cpu().tolist() == [3, 1, 2]
+    assert table.cpu().flatten().tolist() == list(range(20))
+    assert bf16.cpu().tolist() == [1.5, 2.5]

@@ -566,4 +566,4 @@ def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
 def _upload(dst: torch.Tensor, array: np.ndarray) -> None:
     """Copy a host array into `dst` in place; through pinned memory and asynchronously on CUDA
     (`pegboard.sdk.device.upload`)."""
-    upload(torch.from_numpy(array), dst)
+    upload(array, dst)
