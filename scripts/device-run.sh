@@ -15,7 +15,7 @@
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
-#                 [nano-timeline] (issues 15/17: bf16 vs FP8 KV, host vs device per step)
+#                 [nano-timeline] (issues 15/17: bf16 vs FP8 KV, host vs device per step) [host-primitives]
 #                 [fp8-decode-ab] (issue 15: the FP8 decode's `-x2` (and `-lean`) variants against the default)
 #                 [decode-order] (issues 15/17: decode programs launched longest request first)
 #                 [gc-freeze] (issue 17: offline bench with the heap frozen after start-up or not)
@@ -263,6 +263,12 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/profile-env-*.json")):
           f"{ms.get('forward: attention.prepare', 0):>10.3f}{ms.get('sample', 0):>8.3f}")
 PY
         ;;
+    host-primitives) # issue 17: host µs per call of the step loop's pieces on this machine's host
+        # (scripts/host_primitives.py: numpy passes, torch slicing, the pinned ring, torch.empty
+        # on the device, current_stream, Triton and Gumbel launches, graph replays of 1 and 300
+        # kernels): what each phase of `--profile-host` is made of; ~1 min
+        timeout 150 python3 scripts/host_primitives.py --json "$OUT/host-primitives.json" 2>&1 \
+          | tee "$OUT/host-primitives.txt" ;;
     nano-timeline) # issues 15/17: is the FP8 run host-bound? (FP8 decode attention is 1.47x
         # bf16's per call, the workload only 1.17x: session 17). The nano-vllm workload with bf16
         # and e4m3 KV: --profile-host (host ms and the host's wait for the device per step), then
