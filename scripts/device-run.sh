@@ -240,8 +240,10 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
           PYTHONPATH=$([ $tree = base ] && echo /tmp/base:)$PYTHONPATH timeout 120 $PB bench offline \
             --random-weights --config qwen3-0.6b --profile-host --detokenizer inline \
             $([ ${run%-*} = off ] && echo --disable-overlap) ${BENCH_ARGS:-} \
-            --json "$OUT/profile-host-$tree-$run.json" 2>"$OUT/profile-host-$tree-$run.err" | tail -4
-        done; done ;;
+            --json "$OUT/profile-host-$tree-$run.json" 2>"$OUT/profile-host-$tree-$run.err" >/dev/null \
+            || tail -5 "$OUT/profile-host-$tree-$run.err"
+        done; done
+        python3 scripts/host_profile_table.py "$OUT"/profile-host-*.json ;;
     profile-host-env) # issue 17: the same tree under two environments, alternating (ENV_A, ENV_B:
         # space-separated VAR=VALUE lists; default: PEGBOARD_STEADY_DECODE=0 vs 1, the steady
         # decode step that skips attention.prepare's two uploads, never measured on a GPU), the
@@ -252,16 +254,7 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
             ${BENCH_ARGS:-} --json "$OUT/profile-env-$v-$run.json" 2>"$OUT/profile-env-$v-$run.err" >/dev/null \
             || tail -5 "$OUT/profile-env-$v-$run.err"
         done; done
-        python3 - "$OUT" <<'PY'
-import glob, json, os, sys
-print(f"{'run':<18}{'tok/s':>10}{'host ms':>9}{'decode':>8}{'mixed':>8}{'wait':>7}{'prepare':>9}{'attn.prep':>10}{'sample':>8}")
-for path in sorted(glob.glob(f"{sys.argv[1]}/profile-env-*.json")):
-    d = json.load(open(path)); h = d["host_profile"]; ms = h["ms_per_step"]; k = h["host_ms_by_kind"]
-    print(f"{os.path.basename(path)[12:-5]:<18}{d['output_tok_s']:>10.1f}{h['host_ms_per_step']:>9.3f}"
-          f"{k['decode']['host_ms_per_step']:>8.3f}{k.get('mixed', {}).get('host_ms_per_step', 0):>8.2f}"
-          f"{h['device_wait_ms_per_step']:>7.3f}{ms.get('prepare', 0):>9.3f}"
-          f"{ms.get('forward: attention.prepare', 0):>10.3f}{ms.get('sample', 0):>8.3f}")
-PY
+        python3 scripts/host_profile_table.py "$OUT"/profile-env-*.json
         ;;
     host-primitives) # issue 17: host µs per call of the step loop's pieces on this machine's host
         # (scripts/host_primitives.py: numpy passes, torch slicing, the pinned ring, torch.empty
