@@ -227,3 +227,24 @@ def test_a_killed_process_ends_each_final_request_once_with_its_error(tiny_llama
 def test_an_unknown_output_kind_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match=r"output_kind must be one of \('delta', 'final'\)"):
         SamplingParams(output_kind="bogus")
+
+
+def test_the_progress_bar_of_generate_counts_each_finished_request_once(tiny_llama_dir, monkeypatch):
+    import pegboard.core.llm as llm_module
+
+    counted = []
+
+    class Bar:
+        def __init__(self, total, disable, desc):
+            self.total = total
+
+        def update(self, n):
+            counted.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(llm_module, "tqdm", Bar)
+    with LLM(str(tiny_llama_dir), **SMALL) as llm:
+        llm.generate(prompts_for(200, 4), SamplingParams(**GREEDY), progress=True)
+    assert counted == [1] * 4
