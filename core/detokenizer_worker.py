@@ -9,9 +9,10 @@ errors); `pegboard.core.detokenizer_process` is the other end.
 Wire format (pickled tuples over two pipes, one message per step each way, after a first
 `READY` from the process once its tokenizer is loaded):
   in:  (new, heads, tokens): `new` lists (slot, skip_special_tokens, stop strings, the prompt's
-       last tokens, output kind) of the requests seen for the first time; `heads` is flat (slot, number of
-       tokens, flags) per delta (flags: 1 finished, 2 finished on a token: flush the held text;
-       slot -1: a delta without a request); `tokens` is every delta's token ids, concatenated.
+       last tokens, output kind) of the requests seen for the first time; `heads` is flat
+       (slot, number of tokens, flags) per delta (flags: 1 finished, 2 finished on a token:
+       flush the held text; slot -1: a delta without a request); `tokens` is every delta's
+       token ids, concatenated.
        An empty message asks the process to exit.
   out: (texts, events, picks): the deltas to deliver, one text each, and (index into `texts`,
        event, value) for those not delivered as they are (`pegboard.core.detokenizer_states`);

@@ -229,7 +229,9 @@ def test_an_unknown_output_kind_is_refused_naming_the_choices():
         SamplingParams(output_kind="bogus")
 
 
-def test_the_progress_bar_of_generate_counts_each_finished_request_once(tiny_llama_dir, monkeypatch):
+def test_the_progress_bar_of_generate_counts_each_finished_request_once(
+    tiny_llama_dir, monkeypatch
+):
     import pegboard.core.llm as llm_module
 
     counted = []
