@@ -12,7 +12,12 @@ A stop string ends a stream and reaches the engine through `on_stop` exactly as 
 **If the process dies** (killed, out of memory), every request it was detokenizing and every
 later one fails with an error naming it ("the detokenizer process (pid P) exited with status
 S"), and `on_lost(error)` is called once: the server then stops, as SGLang's does when its
-detokenizer dies, exiting with status 3 after the open streams got their error.
+detokenizer dies, exiting with status 3 after the open streams got their error. (A "final"
+request's text lived in the process: its one output then has the error and no text.)
+
+**"final" requests** (`SamplingParams.output_kind`) are held in the process: its answer lists
+only the deltas to deliver, so a step where none of them ended costs `take()` no work per
+request.
 """
 
 from __future__ import annotations
@@ -201,10 +206,14 @@ class DetokenizerProcess(DetokenizerThread):
                         return
                     answer = self._answers.popleft()
                     outputs = self._batches.popleft()
-                texts, events = pickle.loads(answer)
+                texts, events, picks = pickle.loads(answer)
+                if picks is not None:  # some were left out ("final" requests before their end)
+                    outputs = [outputs[i] for i in picks]
                 self._deliver(self._apply(outputs, texts, events))
 
     def _apply(self, outputs: list[RequestOutput], texts: list[str], events: list) -> list:
+        """The delivered deltas with their texts and events (`outputs`: only those the process
+        picked; a step of "final" requests none of which ended: none, and no work per request)."""
         if not events and not self._ended:  # most steps: no stop string, nothing to drop
             return list(map(with_text, outputs, texts))
         done, on_stop, ended = [], self.on_stop, self._ended

@@ -19,6 +19,10 @@ that many and finishes it with `stop`, freeing its KV (`Engine._apply_stops`). (
 that raises: `on_stop(request, None, error)` fails the request.) So token ids,
 text, logprobs and streaming deltas are the same as before; the device computed one or two
 tokens more for such a request.
+
+**`output_kind="final"` requests** (`LLM.generate`'s) get no delta until they end, then one
+output: the engine's last delta carrying the whole text (`pegboard.core.detokenizer_states`);
+its `new_token_ids`/`new_logprobs` stay that last step's, the whole output's are on `request`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pegboard.core.detokenizer_states import (
+    HELD,
     TOKEN_STOPS,
     DetokenizerStates,
     apply_event,
@@ -138,6 +143,8 @@ class DetokenizerThread:
                 r and r.params,
                 r and r.prompt_token_ids,
             )
+            if event is HELD:  # a "final" request before its end: no output object at all
+                continue
             out = with_text(out, text)
             if apply_event(out, event, on_stop):
                 done.append(out)

@@ -9,12 +9,16 @@ errors); `pegboard.core.detokenizer_process` is the other end.
 Wire format (pickled tuples over two pipes, one message per step each way, after a first
 `READY` from the process once its tokenizer is loaded):
   in:  (new, heads, tokens): `new` lists (slot, skip_special_tokens, stop strings, the prompt's
-       last tokens) of the requests seen for the first time; `heads` is flat (slot, number of
-       tokens, flags) per delta (flags: 1 finished, 2 finished on a token: flush the held text;
-       slot -1: a delta without a request); `tokens` is every delta's token ids, concatenated.
+       last tokens, output kind) of the requests seen for the first time; `heads` is flat
+       (slot, number of tokens, flags) per delta (flags: 1 finished, 2 finished on a token:
+       flush the held text; slot -1: a delta without a request); `tokens` is every delta's
+       token ids, concatenated.
        An empty message asks the process to exit.
-  out: (texts, events): one text per delta, and (delta index, event, value) for the deltas
-       that are not delivered as they are (`pegboard.core.detokenizer_states`).
+  out: (texts, events, picks): the deltas to deliver, one text each, and (index into `texts`,
+       event, value) for those not delivered as they are (`pegboard.core.detokenizer_states`);
+       `picks` is None when every delta is delivered (then `texts` has one per delta), else
+       the indices of the delivered ones: a "final" request's deltas before its end are left
+       out here, so a step of such requests costs the engine's process nothing per request.
 
 It ignores SIGINT and SIGTERM (a draining server still needs its text) and exits when its
 input pipe closes: the engine closed it, or the engine's process is gone.
@@ -29,7 +33,7 @@ import signal
 from multiprocessing.connection import Connection
 
 from pegboard.core.detokenizer import PROMPT_CONTEXT_TOKENS
-from pegboard.core.detokenizer_states import DetokenizerStates
+from pegboard.core.detokenizer_states import HELD, DetokenizerStates
 from pegboard.sdk.types import SamplingParams
 
 FINISHED = 1
@@ -44,16 +48,19 @@ def encode_step(new: list, heads: list[int], tokens: list[int]) -> bytes:
 def new_request(slot: int, request) -> tuple:
     """The record that opens a request's state in the detokenizer process."""
     p = request.params
-    return slot, p.skip_special_tokens, p.stop, request.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+    context = request.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+    return slot, p.skip_special_tokens, p.stop, context, p.output_kind
 
 
 def detokenize_step(states: DetokenizerStates, opening: dict, message: bytes) -> bytes:
     """Answer one step's message (see the module docstring)."""
     new, heads, tokens = pickle.loads(message)
-    for slot, skip_special_tokens, stop, context in new:
-        params = SamplingParams(stop=list(stop), skip_special_tokens=skip_special_tokens)
+    for slot, skip_special_tokens, stop, context, kind in new:
+        params = SamplingParams(
+            stop=list(stop), skip_special_tokens=skip_special_tokens, output_kind=kind
+        )
         opening[slot] = (params, context)
-    texts, events = [], []
+    texts, events, picks = [], [], []
     feed, pos = states.feed, 0
     for i in range(0, len(heads), 3):
         slot, n, flags = heads[i], heads[i + 1], heads[i + 2]
@@ -61,10 +68,15 @@ def detokenize_step(states: DetokenizerStates, opening: dict, message: bytes) ->
         pos += n
         params, context = opening.pop(slot, None) or (None, None)
         text, event = feed(slot, ids, flags & FINISHED, flags & FLUSH, params, context)
-        texts.append(text)
         if event is not None:
-            events.append((i // 3, *event))
-    return pickle.dumps((texts, events), protocol=pickle.HIGHEST_PROTOCOL)
+            if event is HELD:
+                continue
+            events.append((len(texts), *event))
+        texts.append(text)
+        picks.append(i // 3)
+    if len(picks) * 3 == len(heads):
+        picks = None  # every delta: the engine's process takes them all, as they are
+    return pickle.dumps((texts, events, picks), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def serve(inbox: Connection, outbox: Connection, tokenizer) -> None:

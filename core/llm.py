@@ -56,20 +56,26 @@ class LLM:
         priorities: Sequence[int] | None = None,
         progress: bool = False,
     ) -> list[CompletionOutput]:
-        """Generate a completion for each prompt (text or token ids), in prompt order."""
+        """Generate a completion for each prompt (text or token ids), in prompt order.
+
+        Its requests always use `output_kind="final"` (whatever `params` say: only the ends
+        are returned, so the per-step text deltas would be built for nothing); drive the
+        engine with `run()` for the deltas."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = _per_prompt(params, len(prompts))
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            r = Request(ids, copy.deepcopy(p), priority=priorities[i] if priorities else 0)
+            own = copy.deepcopy(p)
+            own.output_kind = "final"
+            r = Request(ids, own, priority=priorities[i] if priorities else 0)
             requests.append(r)
         texts = {r.request_id: "" for r in requests}
         for r in requests:
             self.engine.add_request(r)
         bar = tqdm(total=len(requests), disable=not progress, desc="generate")
-        for out in self.run():
+        for out in self.run():  # one output per request: its whole text, finished
             texts[out.request_id] += out.text
             if out.finished:
                 bar.update(1)

@@ -12,7 +12,9 @@ class RequestOutput:
     """The progress of one request in one engine step (a streaming delta).
 
     `new_token_ids` / `text` are what this step added; `finished` is set once, on the last
-    delta, with `finish_reason`. The cumulative state is on `request`.
+    delta, with `finish_reason`. The cumulative state is on `request`. A request whose
+    `params.output_kind` is `"final"` gets only its last one from the detokenizer, with the
+    whole text as `text` (its token ids and logprobs stay the last step's).
     """
 
     request_id: str

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from pegboard.sdk.zeroed import zeros
 
+#: `SamplingParams.output_kind`: a text delta per step, or only the request's final output.
+OUTPUT_KINDS = ("delta", "final")
+
 
 @dataclass
 class SamplingParams:
@@ -25,6 +28,13 @@ class SamplingParams:
     filters. `logprobs` is the number of top alternatives to return per generated token (`None`:
     no logprobs at all; `0`: only the chosen token's logprob). `seed` makes sampling reproducible
     per request regardless of what else is in the batch.
+
+    `output_kind` is what the engine's detokenizer delivers for the request (vLLM's
+    `RequestOutputKind`): `"delta"` (the default, the streaming view) one text delta per step,
+    which concatenate to the whole text; `"final"` nothing until the request ends (a token
+    stop, a stop string, max tokens, an abort or an error), then one finished output whose
+    `text` is that whole text (what the deltas would have concatenated to) and whose other
+    fields are those of the last delta. `LLM.generate` uses `"final"`: it returns only the end.
     """
 
     max_tokens: int = 16
@@ -41,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: str = "delta"  # "delta": a text delta per step; "final": one output at the end
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +69,8 @@ class SamplingParams:
             problems.append("repetition_penalty must be > 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             problems.append("logprobs must be in [0, 20]")
+        if self.output_kind not in OUTPUT_KINDS:
+            problems.append(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -174,13 +174,13 @@ def test_the_worker_fails_only_the_request_whose_decode_raised():
     states, opening = DetokenizerStates(RaisingTokenizer()), {}
     bad, good = Request([1, 2], SamplingParams()), Request([3, 4], SamplingParams())
     step = encode_step([new_request(0, bad), new_request(1, good)], [0, 1, 0, 1, 1, 0], [13, 5])
-    texts, events = pickle.loads(detokenize_step(states, opening, step))
-    assert texts == ["", "<5>"]
+    texts, events, picks = pickle.loads(detokenize_step(states, opening, step))
+    assert texts == ["", "<5>"] and picks is None  # every delta is delivered
     assert events[0][:2] == (0, FAIL) and "bad vocabulary entry" in events[0][2]
     # its later deltas are dropped until the engine's last one; the other request goes on
     step = encode_step([], [0, 1, 0, 1, 1, FINISHED | FLUSH, 0, 0, FINISHED], [6, 7])
-    texts, events = pickle.loads(detokenize_step(states, opening, step))
-    assert texts == ["", "<7>", ""]
+    texts, events, picks = pickle.loads(detokenize_step(states, opening, step))
+    assert texts == ["", "<7>", ""] and picks is None
     assert events == [(0, DROP, None), (2, DROP, None)]
 
 
