@@ -13,6 +13,7 @@ import random
 import signal
 
 import pytest
+from fixtures.tokenizer import break_decoding
 from pegboard.core import detokenizer_process, detokenizer_thread
 from pegboard.core.detokenizer_states import FAIL, STOP, DetokenizerStates
 from pegboard.core.detokenizer_worker import (
@@ -114,14 +115,7 @@ def test_a_final_request_whose_tokenizer_raises_ends_once_with_the_error(
     tiny_llama_dir, detokenizer
 ):
     with LLM(str(tiny_llama_dir), **SMALL, detokenizer=detokenizer) as llm:
-        decode = llm.tokenizer.decode
-
-        def broken(ids, skip_special_tokens=True):
-            if list(ids[:3]) == [13, 14, 15]:  # the first request's prompt context
-                raise RuntimeError("bad vocabulary entry")
-            return decode(ids, skip_special_tokens)
-
-        llm.engine.detokenizer.tokenizer.decode = broken
+        break_decoding(llm)  # the first request's prompt context
         params = SamplingParams(max_tokens=5, ignore_eos=True, output_kind="final")
         outs = stream(llm, [[13, 14, 15], [20, 21, 22]], [params, params], abort_at=None)
     assert len(outs[0]) == 1 and outs[0][0][3] is FinishReason.ERROR

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from fixtures.tokenizer import break_decoding
 from pegboard.core.detokenizer import Detokenizer
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import FinishReason, Request, SamplingParams
@@ -90,14 +91,7 @@ def test_step_returns_token_deltas_and_the_detokenizer_the_text(tiny_llama_dir, 
 @pytest.mark.parametrize("detokenizer", ["thread", "inline"])  # process: test_detokenizer_process
 def test_a_tokenizer_that_raises_fails_only_its_requests(tiny_llama_dir, detokenizer):
     with LLM(str(tiny_llama_dir), **SMALL, detokenizer=detokenizer) as llm:
-        decode = llm.tokenizer.decode
-
-        def broken(ids, skip_special_tokens=True):
-            if list(ids[:3]) == [13, 14, 15]:  # the first request's prompt context
-                raise RuntimeError("bad vocabulary entry")
-            return decode(ids, skip_special_tokens)
-
-        llm.engine.detokenizer.tokenizer.decode = broken
+        break_decoding(llm)  # the first request's prompt context
         outs = llm.generate(
             [[13, 14, 15], [20, 21, 22]], SamplingParams(max_tokens=5, ignore_eos=True)
         )
