@@ -136,7 +136,8 @@ class HostProfile:
 
         sampler = engine.plugins.active("sampler")
         for attr, name in (("_batch_facts", "batch facts"), ("_gumbel", "gumbel"),
-                           ("_seed_state", "seed state")):  # fmt: skip
+                           ("_seed_state", "seed state"),
+                           ("_draw_seeds", "seeds")):  # (an older tree's, in an A/B)  # fmt: skip
             if callable(getattr(sampler, attr, None)):
                 self._wrap(sampler, attr, f"sample: {name}")
         gumbel = sys.modules.get("pegboard.plugins.sampling.gumbel")
