@@ -976,7 +976,9 @@ for k in ('plain', 'spec', 'spec_no_switch')})" "$OUT/$name-bench.json" "$name b
         # decode step verifies 4 drafts), graphs on (decode, verify, drafting), plain vs eagle:
         # HostProfile (host ms by step kind, ms per phase, the EAGLE parts), then cProfile (top
         # functions by own time; cumulative time inside propose/mark_rows/verify), us per step.
-        # SPEC_HOST_ARGS: more arguments (e.g. "--num-seqs 4 --k 7")
+        # SPEC_HOST_ARGS: more arguments (e.g. "--num-seqs 4 --k 7"; the prompts run one after
+        # another at batch 1, so --num-seqs 64 is 64 x 256 profiled steps, past the 150 s limit:
+        # batch 64 is `spec-eagle-batch64`)
         timeout 150 python3 scripts/profile_spec_host.py ${SPEC_HOST_ARGS:-} \
           --json "$OUT/spec-eagle-host.json" >"$OUT/spec-eagle-host.txt" 2>"$OUT/spec-eagle-host.err"
         echo "spec-eagle-host: exit $?"; sed -n '/^== eagle/,$p' "$OUT/spec-eagle-host.txt"
