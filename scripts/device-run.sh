@@ -273,10 +273,7 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
           timeout 120 $PB bench offline --random-weights --config qwen3-0.6b --profile-host $dt \
             ${BENCH_ARGS:-} --json "$OUT/timeline-$kv.json" 2>"$OUT/timeline-$kv.err" >/dev/null \
             || tail -5 "$OUT/timeline-$kv.err"
-          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']; \
-print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/step; wait', \
-h['device_wait_ms_per_step'], 'ms/step; decode steps host', h['host_ms_by_kind']['decode'])" \
-            "$OUT/timeline-$kv.json" $kv
+          python3 scripts/host_profile_table.py "$OUT/timeline-$kv.json"
           timeout 150 $PB bench offline --random-weights --config qwen3-0.6b $dt ${BENCH_ARGS:-} \
             --torch-profile "$OUT/tl-$kv" --torch-profile-steps 300,8 >/dev/null 2>"$OUT/tl-$kv.err" \
             || tail -5 "$OUT/tl-$kv.err"
