@@ -8,7 +8,7 @@
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
 #                 [spec-batch64-profile] [spec-batch64-ab] (BASE_TAR: the older tree)
-#                 [spec-eagle] [spec-eagle-train] [eagle-check] [spec-eagle-host] [spec-eagle-batch64]
+#                 [spec-eagle] [spec-eagle-train] [eagle-check] [spec-eagle-host] [spec-eagle-batch64] [spec-probe]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [profile-host-env] (ENV_A / ENV_B) [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
@@ -885,6 +885,11 @@ for k, v in d.items():
           --step-times --cuda-graph-max-bs 64 \
           >"$OUT/spec-batch64-ngram.json" 2>"$OUT/spec-batch64-ngram.err"
         python3 -c "$SUMMARY" "$OUT/spec-batch64-ngram.json" || tail -5 "$OUT/spec-batch64-ngram.err" ;;
+    spec-probe) # issue 14: where a probe's verify step goes at batch 64 (session 18: 18-34 ms each
+        # against a 1.9 ms plain step): scripts/profile_spec_probe.py times the EAGLE head's catch-up,
+        # drafting graph, ingest and feature hand-out per verify step, and counts Triton compiles; ~2 min
+        timeout 200 python3 scripts/profile_spec_probe.py --json "$OUT/spec-probe.json" 2>"$OUT/spec-probe.err" \
+          | tee "$OUT/spec-probe.txt" || tail -8 "$OUT/spec-probe.err" ;;
     spec-eagle-batch64) # issue 14: batch 64 with a random EAGLE-3 head (every draft rejected) on
         # Qwen3-0.6B random weights, the switch as by default (`spec`), switched off throughout
         # by the batch rule (`spec_off`: the target's features still logged for the head, session

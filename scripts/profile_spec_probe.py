@@ -1,0 +1,131 @@
+"""Where a speculation probe's time goes at batch 64 (issue 14).
+
+Session 18 measured Qwen3-0.6B (random weights) with a random EAGLE-3 head at batch 64 on the
+H200: the switch turned drafting off as it should, yet the run lost 14 % to plain, almost all
+of it in three verify steps of 18-34 ms each (a plain step: 1.9 ms). This script runs that
+engine once and, inside each `propose` that drafts, times the EAGLE speculator's parts with the
+device synchronized before and after each (the step around them is un-overlapped already):
+`_catch_up`'s eager head forward, the drafting graph's `run`, `_ingest`, the logged features'
+`distribute`; it also counts the Triton specializations compiled after the warm-up
+(`CompileCounter`), with their kernels. Prints one line per verify step and the compiles.
+
+    python3 scripts/profile_spec_probe.py [--config qwen3-0.6b] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def timed(owner, name: str, record: dict, sync) -> None:
+    """Replace `owner.name` by a version adding its ms (device synchronized) to `record`."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        sync()
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sync()
+            record[name] += (time.perf_counter() - t) * 1e3
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="qwen3-0.6b")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--head", default="/tmp/eagle3-probe-head")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from pegboard.core.bench.models import random_weights_model_dir
+    from pegboard.core.llm import LLM
+    from pegboard.core.speculative.hidden import TargetHidden
+    from pegboard.plugins.speculative.eagle import EagleSpeculator
+    from pegboard.sdk.types import SamplingParams
+    from profile_spec_host import random_eagle3_head
+
+    model = random_weights_model_dir(args.config)
+    random_eagle3_head(Path(args.head), json.loads((model / "config.json").read_text()))
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    settings = dict(
+        load_format="dummy", device=args.device, speculator="eagle",
+        plugin_options={"eagle": {"model_path": args.head, "num_draft_tokens": 4}},
+    )  # fmt: skip
+    if cuda:
+        settings["cuda_graph_max_bs"] = args.batch_size
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    rng = torch.Generator().manual_seed(0)
+    with LLM(str(model), **settings) as llm:
+        vocab = llm.engine.info.vocab_size
+        prompts = torch.randint(10, vocab - 10, (args.batch_size, args.input_len), generator=rng)
+        prompts = prompts.tolist()
+        llm.generate(prompts[:1], params)  # the benchmark's warm-up (batch 1)
+        steps: list[dict] = []
+        part: dict[str, float] = defaultdict(float)
+        for owner, name in [
+            (EagleSpeculator, "_catch_up"),
+            (EagleSpeculator, "_ingest"),
+            (EagleSpeculator, "_feed"),
+            (TargetHidden, "distribute"),
+        ]:
+            timed(owner, name, part, sync)
+        spec = llm.engine.speculation.speculator
+        if getattr(spec, "graphs", None) is not None:
+            timed(spec.graphs, "run", part, sync)
+        engine = llm.engine
+        step = engine.step
+        timed(engine.speculation, "propose", part, sync)  # (the core's: hand-out, the hook)
+
+        def timed_step():
+            verified = engine.speculation.num_verify
+            part.clear()
+            t = time.perf_counter()
+            out = step()
+            ms = (time.perf_counter() - t) * 1e3
+            if engine.speculation.num_verify > verified or part.get("_feed"):
+                steps.append({"step": engine.num_steps, "ms": round(ms, 3),
+                              **{k: round(v, 3) for k, v in part.items()}})  # fmt: skip
+            return out
+
+        engine.step = timed_step
+        counter = None
+        if cuda:
+            from pegboard.core.kernels.jit_keys import CompileCounter
+
+            counter = CompileCounter().__enter__()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
+        if counter is not None:
+            counter.__exit__(None, None, None)
+        del engine.step
+    tokens = sum(len(o.token_ids) for o in outs)
+    for s in steps:
+        print(" ".join(f"{k}={v}" for k, v in s.items()))
+    compiled = counter.compiled if counter else []
+    print(f"{tokens} tokens in {elapsed:.3f} s; {len(compiled)} Triton specializations compiled")
+    for kernel, description in compiled:
+        print(f"  {kernel}: {description[:300]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"steps": steps, "compiled": compiled}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
