@@ -887,9 +887,15 @@ for k, v in d.items():
         python3 -c "$SUMMARY" "$OUT/spec-batch64-ngram.json" || tail -5 "$OUT/spec-batch64-ngram.err" ;;
     spec-probe) # issue 14: where a probe's verify step goes at batch 64 (session 18: 18-34 ms each
         # against a 1.9 ms plain step): scripts/profile_spec_probe.py times the EAGLE head's catch-up,
-        # drafting graph, ingest and feature hand-out per verify step, and counts Triton compiles; ~2 min
-        timeout 200 python3 scripts/profile_spec_probe.py --json "$OUT/spec-probe.json" 2>"$OUT/spec-probe.err" \
-          | tee "$OUT/spec-probe.txt" || tail -8 "$OUT/spec-probe.err" ;;
+        # drafting graph, ingest and feature hand-out per verify step, and counts Triton compiles (as
+        # session 18 ran it: catch-up 6-23 ms, no compile); then the same under the torch profiler
+        # (those steps' host ops and kernels), and with CUDA's modules loaded eagerly (is it lazy
+        # loading at first launches?); ~3 min
+        for v in plain profile eager; do
+          env $([ $v = eager ] && echo CUDA_MODULE_LOADING=EAGER) timeout 200 python3 scripts/profile_spec_probe.py \
+            $([ $v = profile ] && echo --torch-profile) --json "$OUT/spec-probe-$v.json" 2>"$OUT/spec-probe-$v.err" \
+            | tee "$OUT/spec-probe-$v.txt" || tail -8 "$OUT/spec-probe-$v.err"
+        done ;;
     spec-eagle-batch64) # issue 14: batch 64 with a random EAGLE-3 head (every draft rejected) on
         # Qwen3-0.6B random weights, the switch as by default (`spec`), switched off throughout
         # by the batch rule (`spec_off`: the target's features still logged for the head, session

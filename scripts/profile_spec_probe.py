@@ -7,14 +7,21 @@ engine once and, inside each `propose` that drafts, times the EAGLE speculator's
 device synchronized before and after each (the step around them is un-overlapped already):
 `_catch_up`'s eager head forward, the drafting graph's `run`, `_ingest`, the logged features'
 `distribute`; it also counts the Triton specializations compiled after the warm-up
-(`CompileCounter`), with their kernels. Prints one line per verify step and the compiles.
+(`CompileCounter`), with their kernels. Prints one line per verify step (and the batch's
+first step, its prefill) and the compiles.
 
-    python3 scripts/profile_spec_probe.py [--config qwen3-0.6b] [--batch-size 64]
+`--torch-profile`: the run under the torch profiler, each engine step a `record_function`
+range; then, over the steps printed, the host's longest operations (CUDA runtime calls
+included: a module loaded lazily at a kernel's first launch shows as a long launch) and the
+device's kernels, by total time.
+
+    python3 scripts/profile_spec_probe.py [--config qwen3-0.6b] [--batch-size 64] [--torch-profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -42,6 +49,33 @@ def timed(owner, name: str, record: dict, sync) -> None:
     setattr(owner, name, wrapper)
 
 
+STEP = "engine step "
+
+
+def print_steps_profile(profiler, numbers: set[int], top: int = 15) -> None:
+    """Host operations and device kernels inside the engine steps `numbers`, by total ms."""
+    events = profiler.events()
+    ranges = [e.time_range for e in events
+              if e.name.startswith(STEP) and int(e.name[len(STEP):]) in numbers]  # fmt: skip
+    host: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    device: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.name.startswith(STEP):
+            continue
+        start = e.time_range.start
+        if not any(r.start <= start <= r.end + 2000 for r in ranges):  # (+2 ms: the GPU's lag)
+            continue
+        on_device = e.device_type != torch.autograd.DeviceType.CPU
+        table, ms = (device, e.time_range.elapsed_us() / 1e3) if on_device else (
+            host, e.self_cpu_time_total / 1e3)  # fmt: skip
+        table[e.name][0] += 1
+        table[e.name][1] += ms
+    for title, table in (("host (self ms)", host), ("device (ms)", device)):
+        print(f"{title} over steps {sorted(numbers)}:")
+        for name, (n, ms) in sorted(table.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"  {ms:9.3f} {n:6d}  {name[:90]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="qwen3-0.6b")
@@ -51,6 +85,7 @@ def main() -> None:
     p.add_argument("--head", default="/tmp/eagle3-probe-head")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
+    p.add_argument("--torch-profile", action="store_true", help="ops and kernels of those steps")
     args = p.parse_args()
 
     from pegboard.core.bench.models import random_weights_model_dir
@@ -97,9 +132,10 @@ def main() -> None:
             verified = engine.speculation.num_verify
             part.clear()
             t = time.perf_counter()
-            out = step()
+            with torch.profiler.record_function(f"{STEP}{engine.num_steps + 1}"):
+                out = step()
             ms = (time.perf_counter() - t) * 1e3
-            if engine.speculation.num_verify > verified or part.get("_feed"):
+            if engine.speculation.num_verify > verified or part.get("_feed") or not steps:
                 steps.append({"step": engine.num_steps, "ms": round(ms, 3),
                               **{k: round(v, 3) for k, v in part.items()}})  # fmt: skip
             return out
@@ -110,8 +146,15 @@ def main() -> None:
             from pegboard.core.kernels.jit_keys import CompileCounter
 
             counter = CompileCounter().__enter__()
+        profiler = contextlib.nullcontext()
+        if args.torch_profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
+        with profiler:
+            outs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - t0
         if counter is not None:
             counter.__exit__(None, None, None)
@@ -123,6 +166,8 @@ def main() -> None:
     print(f"{tokens} tokens in {elapsed:.3f} s; {len(compiled)} Triton specializations compiled")
     for kernel, description in compiled:
         print(f"  {kernel}: {description[:300]}")
+    if args.torch_profile:
+        print_steps_profile(profiler, {s["step"] for s in steps})
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": steps, "compiled": compiled}, indent=1))
 
