@@ -10,7 +10,8 @@ is not waited for; a synchronize between rounds keeps queues short):
 - numpy and torch CPU work of the size a 256-request step has: a `fromiter` pass over request
   objects, a torch slice + views of a 16 MiB buffer, `torch.from_numpy`, `torch.as_tensor` of a
   list;
-- on CUDA: `torch.empty` on the device, `torch.cuda.current_stream(device)`,
+- on CUDA: `torch.empty` on the device, `torch.cuda.current_stream(device)` (and the raw
+  handle the pinned ring keys streams by),
   `is_current_stream_capturing`, `sdk.device.to_device` of a numpy array (the pinned ring), a
   device slice and a device-to-device `copy_` (a CUDA graph's static inputs), a trivial Triton
   launch, the Gumbel sampler's two launches at `--rows` x 151,936, a CUDA graph replay of 1 and of
@@ -107,6 +108,9 @@ def cuda_cases(rows: int) -> dict:
     return {
         "torch.empty(1,100 int64, cuda)": lambda: torch.empty(1100, dtype=torch.int64, device=dev),
         "torch.cuda.current_stream(device)": lambda: torch.cuda.current_stream(dev),
+        "torch._C._cuda_getCurrentRawStream (the ring's key)": (
+            lambda: torch._C._cuda_getCurrentRawStream(dev.index or 0)
+        ),
         "torch.cuda.is_current_stream_capturing()": torch.cuda.is_current_stream_capturing,
         "to_device(numpy 1,100 int64): the pinned ring": lambda: to_device(array, dev),
         f"to_device(list of {rows}, int64)": lambda: to_device(values, dev, torch.int64),

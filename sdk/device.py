@@ -23,6 +23,12 @@ the pinned buffer, filled by a numpy assignment and handed to the copy by `torch
 views and a `copy_`: session 17). The copy's host address still lies inside the pinned
 allocation, which is what makes `cudaMemcpyAsync` asynchronous; numpy arrays are accepted as
 sources, so callers holding one (the runner, the attention backend) skip `torch.from_numpy`.
+
+Each upload notes the stream its copy went to (the segment's event is recorded there). On CUDA
+it asks for the current stream's raw handle, an integer (`torch._C._cuda_getCurrentRawStream`),
+and builds the `torch.cuda.Stream` only for a handle the segment has not met: building one on
+every upload (`torch.cuda.current_stream`) took 4.9 µs of host time on the H200's host (session
+18, `scripts/host_primitives.py`), several times a step.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ class PinnedRing:
     """Pinned staging memory reused for small host-to-device copies (see the module docstring).
 
     `events`: a factory of objects with `record(stream)` and `synchronize()` (CUDA events;
-    tests pass stand-ins), `stream`: the function giving the stream a copy is queued on."""
+    tests pass stand-ins), `stream`: the function giving the stream a copy is queued on (a
+    stand-in is its own key; on CUDA the raw stream handle is the key, see the module
+    docstring)."""
 
     def __init__(
         self,
@@ -72,9 +80,15 @@ class PinnedRing:
         self.offset = 0  # the next free byte
         self.segment = 0  # the segment it lies in
         self.left: list[list] = [[] for _ in range(segments)]  # events recorded on leaving
-        self.streams: set = set()  # streams the current segment's copies went to
+        self.streams: dict = {}  # the streams the current segment's copies went to, by key
         self._event = events or torch.cuda.Event
-        self._stream = stream or (lambda: torch.cuda.current_stream(device))
+        if stream is None:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            raw = torch._C._cuda_getCurrentRawStream
+            self._stream_key = lambda: raw(index)
+            self._stream = lambda: torch.cuda.current_stream(device)
+        else:
+            self._stream_key = self._stream = stream
         self._lock = threading.Lock()
         self.waits = 0  # times a segment's old copies were waited for (tests, diagnostics)
 
@@ -96,7 +110,9 @@ class PinnedRing:
                 staged = self.buffer[start : start + nbytes].view(src.dtype).view(src.shape)
                 staged.copy_(src)
             dst.copy_(staged, non_blocking=True)
-            self.streams.add(self._stream())
+            key = self._stream_key()
+            if key not in self.streams:
+                self.streams[key] = self._stream()
         return dst
 
     def _claim(self, nbytes: int) -> int:
@@ -116,12 +132,12 @@ class PinnedRing:
 
     def _leave(self, segment: int) -> None:
         events = []
-        for stream in self.streams:
+        for stream in self.streams.values():
             event = self._event()
             event.record(stream)
             events.append(event)
         self.left[segment] = events
-        self.streams = set()
+        self.streams = {}
 
 
 _rings: dict[int, PinnedRing] = {}

@@ -20,11 +20,13 @@ class Event:
 
     def __init__(self) -> None:
         self.recorded = False
+        self.stream = None
         self.synchronized = False
         Event.created.append(self)
 
     def record(self, stream) -> None:
         self.recorded = True
+        self.stream = stream
 
     def synchronize(self) -> None:
         assert self.recorded, "waited for an event that was never recorded"
@@ -63,6 +65,22 @@ def test_a_segment_is_reused_only_after_its_last_laps_copies_were_waited_for():
     # every event except those of segments not yet reached again was waited for
     pending = sum(len(x) for x in ring.left)
     assert sum(not e.synchronized for e in Event.created) == pending
+
+
+def test_a_segment_left_records_one_event_on_every_stream_its_copies_went_to():
+    """Copies of one segment queued on two streams (a side stream and the main one): leaving
+    it records an event on each, once, so the next lap waits for both."""
+    current = ["main"]
+    Event.created = []
+    ring = PinnedRing(torch.device("cpu"), 1024, 4, pinned=False, events=Event,
+                      stream=lambda: current[0])  # fmt: skip
+    src = torch.zeros(8, dtype=torch.int64)  # 64 bytes: 4 per 256-byte segment
+    for name in ("main", "side", "main", "side"):
+        current[0] = name
+        ring.upload(src, torch.empty_like(src))
+    assert Event.created == []  # still in the first segment
+    ring.upload(src, torch.empty_like(src))  # leaves it
+    assert sorted(e.stream for e in ring.left[0]) == ["main", "side"]
 
 
 def test_no_upload_straddles_a_segment():
