@@ -148,7 +148,15 @@ class Setup:
         args = (self.k, self.v_hdp if config.fp8_mma and self.v_hdp is not None else self.v)
         return [
             lambda t=t, o=o: decode_attention(
-                self.q, *args, t, self.seq_lens, self.scale, o, splits, work, config=config,
+                self.q,
+                *args,
+                t,
+                self.seq_lens,
+                self.scale,
+                o,
+                splits,
+                work,
+                config=config,
                 order=order,
             )
             for t, o in zip(self.tables, self.outs)
