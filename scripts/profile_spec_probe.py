@@ -5,7 +5,9 @@ H200: the switch turned drafting off as it should, yet the run lost 14 % to plai
 of it in three verify steps of 18-34 ms each (a plain step: 1.9 ms). This script runs that
 engine once and, inside each `propose` that drafts, times the EAGLE speculator's parts with the
 device synchronized before and after each (the step around them is un-overlapped already):
-`_catch_up`'s eager head forward, the drafting graph's `run`, `_ingest`, the logged features'
+`_catch_up`'s eager head forward (and its parts: `HeadKV.batch` with the attention's prepare,
+the attention, the linears, norms and rope; `head.step` less those is the embedding lookup,
+concatenations and SiLU), the drafting graph's `run`, `_ingest`, the logged features'
 `distribute`; it also counts the Triton specializations compiled after the warm-up
 (`CompileCounter`), with their kernels. Prints one line per verify step (and the batch's
 first step, its prefill) and the compiles.
@@ -33,9 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def timed(owner, name: str, record: dict, sync) -> None:
-    """Replace `owner.name` by a version adding its ms (device synchronized) to `record`."""
+def timed(owner, name: str, record: dict, sync, label: str | None = None) -> None:
+    """Replace `owner.name` by a version adding its ms (device synchronized) to `record`
+    under `label` (default `name`)."""
     original = getattr(owner, name)
+    label = label or name
 
     def wrapper(*args, **kwargs):
         sync()
@@ -44,7 +48,7 @@ def timed(owner, name: str, record: dict, sync) -> None:
             return original(*args, **kwargs)
         finally:
             sync()
-            record[name] += (time.perf_counter() - t) * 1e3
+            record[label] += (time.perf_counter() - t) * 1e3
 
     setattr(owner, name, wrapper)
 
@@ -124,6 +128,18 @@ def main() -> None:
         spec = llm.engine.speculation.speculator
         if getattr(spec, "graphs", None) is not None:
             timed(spec.graphs, "run", part, sync)
+        # the eager head forward's parts (drafting graphs replay without calling these)
+        head, kv = spec.head, spec.kv
+        timed(head, "step", part, sync, "head.step")
+        timed(kv, "batch", part, sync, "kv.batch (host, attention.prepare)")
+        timed(kv.attention, "forward", part, sync, "head attention (store + extend)")
+        if head.linear is not None:
+            timed(head, "linear", part, sync, "head linears (fused)")
+        for norm in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+            if getattr(head, norm, None) is not None:
+                timed(getattr(head, norm), "forward", part, sync, "head norms")
+        if head.rotary.kernel is not None:
+            timed(head.rotary, "rotate_in_place", part, sync, "head rope")
         engine = llm.engine
         step = engine.step
         timed(engine.speculation, "propose", part, sync)  # (the core's: hand-out, the hook)
