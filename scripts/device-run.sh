@@ -892,7 +892,7 @@ for k, v in d.items():
         # (those steps' host ops and kernels), and with CUDA's modules loaded eagerly (is it lazy
         # loading at first launches?); ~3 min
         for v in plain profile eager; do
-          env $([ $v = eager ] && echo CUDA_MODULE_LOADING=EAGER) timeout 200 python3 scripts/profile_spec_probe.py \
+          env $([ $v = eager ] && echo CUDA_MODULE_LOADING=EAGER) timeout 150 python3 scripts/profile_spec_probe.py \
             $([ $v = profile ] && echo --torch-profile) --json "$OUT/spec-probe-$v.json" 2>"$OUT/spec-probe-$v.err" \
             | tee "$OUT/spec-probe-$v.txt" || tail -8 "$OUT/spec-probe-$v.err"
         done ;;
