@@ -873,7 +873,7 @@ for k, v in d.items():
     if isinstance(v, dict) and "elapsed_s" in v:
         s = v.get("speculation", {})
         print(k, v["elapsed_s"], "s", v.get("speedup"), "x;", v["steps"], "steps; off", s.get("switch_off_steps"),
-              "verifies", s.get("verify_steps"), "; steady_vs_plain", v.get("steady_vs_plain"), "; gc ms", v["gc"]["ms"])
+              "verifies", s.get("verify_steps"), "trials", s.get("switch_trials"), "; steady_vs_plain", v.get("steady_vs_plain"), "; gc ms", v["gc"]["ms"])
         print("   step_ms", {k2: (x["steps"], x["median"], x["total"]) for k2, x in v.get("step_ms", {}).items()})
         print("   extra_ms_by_kind", v.get("extra_ms_by_kind"), "probes", v.get("probes", [])[:4])'
         timeout 110 python3 scripts/bench_speculative.py --config qwen3-0.6b --oracle miss --batch-size 64 \
@@ -917,7 +917,7 @@ for k, v in d.items():
     if isinstance(v, dict) and "elapsed_s" in v:
         s = v.get("speculation", {})
         print(k, v["elapsed_s"], "s", v.get("speedup"), "x;", v["steps"], "steps; off", s.get("switch_off_steps"),
-              "verifies", s.get("verify_steps"), "; steady_vs_plain", v.get("steady_vs_plain"), "; gc ms", v["gc"]["ms"])'
+              "verifies", s.get("verify_steps"), "trials", s.get("switch_trials"), "; steady_vs_plain", v.get("steady_vs_plain"), "; gc ms", v["gc"]["ms"])'
         python3 -c "$SUMMARY" "$OUT/spec-eagle-batch64.json" || tail -8 "$OUT/spec-eagle-batch64.err" ;;
     spec-batch64-profile) # where a verify step of 64 x 5 rows goes on the H200: `bench offline
         # --profile-host` at batch 64, plain vs n-gram with the switch off (every step drafts):

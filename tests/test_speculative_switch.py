@@ -282,6 +282,31 @@ def test_speed_rule_leaves_out_the_first_step_with_drafts_of_a_run():
     assert sw.num_turned_off == 0 and drafted.count(False) == S.PROBE_STEPS + 2
 
 
+def test_speed_rule_leaves_out_the_step_after_a_trial():
+    """A batch of 64 whose first step with drafts is a trial of `TRIAL_REQUESTS`: the step after
+    it is where the other requests' speculator catches up (8 s), as the trial itself did; the
+    steps after yield 192 tokens in 1.5 s (2x plain decoding's 64 per second). Counted, the
+    step after the trial would turn drafting off at once (24 tokens per second); left out,
+    drafting stays on."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    batch = [object() for _ in range(64)]
+    now, drafted, after_trial = 0.0, [], False
+    for _ in range(40):
+        on = sw.begin_step(batch, [1] * 64, now)
+        if on:
+            asking = sum(map(bool, sw.trial([4] * 64)))
+            sw.record(drafted=4 * asking, accepted=2 * asking, requests=asking)
+            sw.tokens(64 + 2 * asking)
+            first = not drafted or not drafted[-1]
+            now += 8.0 if first or after_trial else 1.5
+            after_trial = asking < 64
+        else:
+            now += 1.0
+        drafted.append(on)
+    assert sw.num_trials == 1 and sw.num_turned_off == 0
+    assert drafted == [False] * (S.PROBE_STEPS + 2) + [True] * (40 - S.PROBE_STEPS - 2)
+
+
 def test_a_cooldown_times_only_its_last_steps():
     """Deep in a cooldown a step does none of the speed rule's bookkeeping (a switched-off step
     must cost what a plain step costs: session 12); its last `TIMED_OFF_STEPS` are timed, which
@@ -512,3 +537,75 @@ def test_gpu_engine_has_the_speed_rule_on_by_default(tiny_llama_dir):
     with LLM(str(tiny_llama_dir), device="cuda", detokenizer="inline", speculator="ngram",
              kv_cache_tokens=4096, disable_cuda_graph=True) as llm:  # fmt: skip
         assert llm.engine.speculation.switch.min_speedup == S.DEFAULT_MIN_SPEEDUP
+
+
+def test_a_probe_of_a_large_batch_is_a_trial_of_its_next_requests():
+    """The first step that may draft, and the first after each cooldown, asks drafts of only
+    `TRIAL_REQUESTS` of a larger batch, the next ones each time; a verdict ends the trial (a
+    pass: every request drafts again)."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2)
+    limits = [4] * 40 + [0] * 8  # the last 8 may not draft this step
+    first = sw.trial(limits)
+    assert [i for i, k in enumerate(first) if k] == list(range(S.TRIAL_REQUESTS))
+    sw.record(drafted=4 * S.TRIAL_REQUESTS, accepted=0, requests=S.TRIAL_REQUESTS)
+    assert not sw.on
+    while not sw.allows(48):
+        pass
+    second = sw.trial(limits)  # the probe after the cooldown: the next requests
+    assert [i for i, k in enumerate(second) if k] == list(range(16, 32))
+    sw.record(drafted=4 * S.TRIAL_REQUESTS, accepted=0, requests=S.TRIAL_REQUESTS)
+    while not sw.allows(48):
+        pass
+    third = sw.trial(limits)  # round the 40 that may draft: 32-39, then 0-7
+    assert [i for i, k in enumerate(third) if k] == list(range(8)) + list(range(32, 40))
+    sw.record(drafted=4 * S.TRIAL_REQUESTS, accepted=3 * S.TRIAL_REQUESTS, requests=16)
+    assert sw.on and sw.trial(limits) == limits and sw.num_trials == 3
+
+
+def test_a_trial_goes_on_until_it_has_a_verdict_and_small_batches_have_none():
+    sw = SpeculationSwitch(None, min_accept_rate=0.2)
+    limits = [2] * 20
+    assert sum(map(bool, sw.trial(limits))) == S.TRIAL_REQUESTS
+    sw.record(drafted=10, accepted=0, requests=5)  # only 5 of them had drafts: no verdict
+    assert sw.on and sum(map(bool, sw.trial(limits))) == S.TRIAL_REQUESTS
+    assert sw.trial([2] * S.TRIAL_REQUESTS) == [2] * S.TRIAL_REQUESTS  # not larger: no trial
+    no_rule = SpeculationSwitch(None, min_accept_rate=0.0)  # nothing to judge: no trials
+    assert no_rule.trial(limits) == limits
+
+
+def _asked_per_call(case_dir, prompts, reference, wrong_every: int):
+    """Greedy outputs with the oracle speculator (`wrong_every` 1: every draft wrong; 0: every
+    draft right), checked against transformers; the requests asked for drafts per call."""
+    asked: list[int] = []
+
+    class CountingOracle(OracleSpeculator):
+        name = "counting_oracle"
+
+        def propose(self, requests, max_tokens):
+            asked.append(len(requests))
+            return super().propose(requests, max_tokens)
+
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every)
+    pm.add(CountingOracle)
+    outs, stats = generate(case_dir, prompts, pm, speculator="counting_oracle")
+    assert_same(outs, reference)
+    return asked, stats
+
+
+def test_a_large_batch_probes_with_a_trial_and_outputs_are_unchanged(tiny_llama_dir):
+    """24 requests at once: with every draft wrong, the only step that asks for drafts asks
+    `TRIAL_REQUESTS` of them (then a cooldown longer than the run); with every draft right,
+    the trial passes and the next step asks all the others. Outputs equal transformers' either
+    way."""
+    from test_engine_parity import hf_reference
+
+    prompts = test_speculative.repetitive_prompts(512, n=24, seed=3)
+    reference = [t for t, _ in hf_reference(tiny_llama_dir, prompts, MAX_NEW)]
+    asked, stats = _asked_per_call(tiny_llama_dir, prompts, reference, wrong_every=1)
+    assert asked == [S.TRIAL_REQUESTS] and stats["spec_accepted_tokens"] == 0
+    assert stats["spec_switch_trials"] == 1
+    asked, stats = _asked_per_call(tiny_llama_dir, prompts, reference, wrong_every=0)
+    # the oracle drafts a request's whole completion: the trial's requests finish in their
+    # verify step, and the step after the trial asks every other request at once
+    assert asked == [S.TRIAL_REQUESTS, 24 - S.TRIAL_REQUESTS]
+    assert stats["spec_accepted_tokens"] > 0

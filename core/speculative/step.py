@@ -210,7 +210,7 @@ class Speculation:
         if not self.switch.begin_step(scheduled, num_tokens, time.perf_counter()):
             return num_tokens
         e = self.engine
-        limits = self._limits(scheduled, num_tokens, budget)
+        limits = self.switch.trial(self._limits(scheduled, num_tokens, budget))
         asked = [(i, r) for i, r in enumerate(scheduled) if limits[i] > 0]
         if not asked:
             return num_tokens
@@ -526,8 +526,8 @@ class Speculation:
 
     def report(self, since: dict[str, float]) -> dict[str, float]:
         """The figures since an earlier `stats()` (`bench offline`): verify steps, draft and
-        accepted tokens, acceptance rate and length (tokens per verify step), and the steps
-        the on/off switch ran without drafts."""
+        accepted tokens, acceptance rate and length (tokens per verify step), the steps the
+        on/off switch ran without drafts and its trials (steps where a few requests drafted)."""
         now = self.stats()
         n = now["spec_verify_steps"] - since["spec_verify_steps"]
         drafts = now["spec_draft_tokens"] - since["spec_draft_tokens"]
@@ -540,6 +540,7 @@ class Speculation:
             "accept_rate": round(accepted / drafts, 4) if drafts else 0.0,
             "accept_length": round((accepted + n) / n, 3) if n else 0.0,
             "switch_off_steps": now["spec_switch_off_steps"] - since["spec_switch_off_steps"],
+            "switch_trials": now["spec_switch_trials"] - since["spec_switch_trials"],
             **(self.switch.speeds if self.switch.min_speedup is not None else {}),
         }
 
@@ -568,6 +569,7 @@ class Speculation:
             "spec_accept_length": (self.num_accepted + n) / n if n else 0.0,
             "spec_accept_rate": self.num_accepted / self.num_drafts if self.num_drafts else 0.0,
             "spec_switch_off_steps": self.switch.num_off_steps,  # steps the switch ran plain
+            "spec_switch_trials": self.switch.num_trials,  # steps drafting for a few requests
         }
 
 

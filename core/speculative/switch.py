@@ -16,6 +16,14 @@ asks the speculator for drafts at all:
   most a few verify steps in every `MAX_COOLDOWN` (a batch of 16 or more drafting requests:
   one verify step per probe, and the cooldown starts at `LARGE_BATCH_COOLDOWN`: such a probe
   costs several plain steps). A probe at or above R turns it back on and resets the cooldown.
+  **A probe of a large batch is a trial**: the first step that may draft (of the run, and
+  after every cooldown) asks drafts of only `TRIAL_REQUESTS` of its requests (the next ones
+  in turn each trial, so every request gets sampled), enough to judge at once; the others
+  draft from the step after a trial that passed. At batch 64 on the H200 each probe that
+  asked all 64 requests cost 18-34 ms against a 1.9 ms plain step (session 18: an EAGLE
+  head's eager catch-up over every request's pairs decoded while it was off); a trial does
+  a quarter of that catch-up and drafting (its verify forward still replays the batch's
+  padded graph) for a verdict just as clear.
   A draft tree counts as many draft tokens as its depth, not its size: the target accepts at
   most one path, so a tree of 15 nodes and depth 4 that is accepted to its leaves is as good
   as a chain of 4 accepted whole, and dividing by 15 would read it as 27 % and switch off trees
@@ -34,8 +42,9 @@ asks the speculator for drafts at all:
   scheduling). The first plain step of a run (it
   has no earlier step to wait for) and the last (it reads its tokens at once, as the next step
   may draft) are left out, and so is the first step of a run that may draft (it pays for the
-  change: a draft model or EAGLE head catches up on the tokens decoded without it, eagerly). Output tokens per second over the
-  last `WINDOW` steps of each kind, in batches of the same size bucket (`_bucket`: 33-64
+  change: a draft model or EAGLE head catches up on the tokens decoded without it, eagerly),
+  and the step after a trial (where the requests the trial left out catch up). Output tokens
+  per second over the last `WINDOW` steps of each kind, in batches of the same size bucket (`_bucket`: 33-64
   requests, 17-32, ...; a batch of 64 yields far more tokens per second than one of 1, so a
   warm-up's figure must not judge it), are compared after each step that may draft:
   - before the first step that would draft in a bucket with no plain figure yet, and every
@@ -69,6 +78,9 @@ MAX_COOLDOWN = 256
 #: ~2.4 plain steps more than a plain step (the verify, and the un-overlapped steps around it),
 #: so probing after 16 and 32 steps cost ~5 % of a 256-step run; after 64, 128: half of that.
 LARGE_BATCH_COOLDOWN = 64
+#: Requests that draft in a trial (see the module docstring): a verify step of this many
+#: drafting requests is judged at once.
+TRIAL_REQUESTS = MIN_VERIFIES
 DEFAULT_MIN_SPEEDUP = 1.0  # the speed rule on CUDA when --speculative-min-speedup is not set
 PROBE_STEPS = 3  # counted steps without drafts that measure plain decoding (the speed rule)
 PROBE_EVERY = 64  # steps with drafts between those probes, doubling while speculation wins ...
@@ -117,6 +129,9 @@ class SpeculationSwitch:
         #: rule, and the times the acceptance (or speed) rule turned speculation off.
         self.off_steps = {"accept_rate": 0, "batch_size": 0, "speed": 0}
         self.num_turned_off = 0
+        self._trial = True  # the next step that may draft is a trial (no verdict since)
+        self._trial_start = 0  # where among the drafting requests the next trial starts
+        self.num_trials = 0  # trial steps run (tests, diagnostics)
 
     @property
     def num_off_steps(self) -> int:
@@ -134,6 +149,7 @@ class SpeculationSwitch:
         self._speed_cooldown, self._speed_on = COOLDOWN, True
         self._probed, self._since_probe, self.probe_every = False, 0, PROBE_EVERY
         self._last, self._last_kind = None, None
+        self._trial = True
 
     @property
     def on(self) -> bool:
@@ -159,6 +175,24 @@ class SpeculationSwitch:
             return False
         return True
 
+    def trial(self, limits: list[int]) -> list[int]:
+        """This step's draft limits per request (`limits`: what each may draft), cut to
+        `TRIAL_REQUESTS` of the requests that may draft when the step is a trial (see the
+        module docstring); `limits` itself otherwise."""
+        if not self._trial or self.min_accept_rate <= 0:
+            return limits
+        drafting = [i for i, k in enumerate(limits) if k > 0]
+        if len(drafting) <= TRIAL_REQUESTS:
+            return limits
+        start = self._trial_start % len(drafting)
+        chosen = set((drafting + drafting)[start : start + TRIAL_REQUESTS])
+        self._trial_start = start + TRIAL_REQUESTS
+        self.num_trials += 1
+        # the speed rule leaves out the step after it, as the first of a run: the requests
+        # that did not draft in the trial catch up there (an EAGLE head, a draft model)
+        self._last_kind = None
+        return [k if i in chosen else 0 for i, k in enumerate(limits)]
+
     def record(self, drafted: int, accepted: int, requests: int = 1) -> None:
         """One verify step's draft and accepted tokens (all its `requests` drafting; a tree
         counts as the chain of its depth: `Speculation.verify`)."""
@@ -167,7 +201,8 @@ class SpeculationSwitch:
         window = self._window
         window.append((drafted, accepted, requests))
         if len(window) < MIN_SAMPLES and sum(n for *_, n in window) < MIN_VERIFIES:
-            return
+            return  # (no verdict yet: a trial goes on with the next requests)
+        self._trial = False  # (a verdict that turns drafting off makes the next probe one)
         rate = sum(a for _, a, _ in window) / sum(d for d, _, _ in window)
         if rate < self.min_accept_rate:
             if max(n for *_, n in window) >= MIN_VERIFIES:  # a large batch's probe costs more
@@ -180,6 +215,7 @@ class SpeculationSwitch:
 
     def _turned_off(self) -> None:
         self._window.clear()  # the probe after the cooldown judges on fresh figures
+        self._trial = True
         for window in self._speed.values():
             window[True].clear()
         self.num_turned_off += 1
