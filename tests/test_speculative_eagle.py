@@ -126,6 +126,30 @@ def test_eagle3_head_is_lossless(case, eagle_case, settings):
     assert stats["spec_draft_tokens"] > 0
 
 
+def test_eagle3_head_in_a_batch_of_24_is_lossless_through_the_switchs_trials(
+    tiny_llama_dir, eagle_case
+):
+    """24 requests at once: the switch's probes are trials (16 of them draft; the head catches
+    up only those), its random head's drafts are rejected, drafting pauses, and the next trial
+    asks the next requests, whose head entries start late; greedy outputs equal transformers'."""
+    from pegboard.core.speculative import switch as S
+    from test_engine_parity import hf_reference
+    from test_speculative import repetitive_prompts
+
+    prompts = repetitive_prompts(512, n=24, seed=5)
+    new = S.LARGE_BATCH_COOLDOWN + 16  # a second trial after the first pause
+    reference = [t for t, _ in hf_reference(tiny_llama_dir, prompts, new)]
+    params = SamplingParams(max_tokens=new, temperature=0.0)
+    outs, stats = generate(
+        tiny_llama_dir, prompts, params=params, speculator="eagle",
+        plugin_options={"eagle": {"model_path": str(eagle_case[0])}},
+        speculative_min_accept_rate=0.9,  # (a random head's drafts: some accepted, not 90 %)
+    )  # fmt: skip
+    assert_same(outs, reference)
+    assert stats["spec_switch_trials"] >= 2 and stats["spec_draft_tokens"] > 0
+    assert stats["spec_verify_steps"] <= stats["spec_switch_trials"] * S.TRIAL_REQUESTS
+
+
 def test_eagle1_head_is_lossless(case, eagle_case):
     model_dir, prompts, reference = case
     options = {"eagle": {"model_path": str(eagle_case[1])}}
