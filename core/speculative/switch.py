@@ -44,9 +44,10 @@ asks the speculator for drafts at all:
   may draft) are left out, and so is the first step of a run that may draft (it pays for the
   change: a draft model or EAGLE head catches up on the tokens decoded without it, eagerly),
   and the step after a trial (where the requests the trial left out catch up). Output tokens
-  per second over the last `WINDOW` steps of each kind, in batches of the same size bucket (`_bucket`: 33-64
-  requests, 17-32, ...; a batch of 64 yields far more tokens per second than one of 1, so a
-  warm-up's figure must not judge it), are compared after each step that may draft:
+  per second over the last `WINDOW` steps of each kind, in batches of the same size bucket
+  (`_bucket`: 33-64 requests, 17-32, ...; a batch of 64 yields far more tokens per second
+  than one of 1, so a warm-up's figure must not judge it), are compared after each step that
+  may draft:
   - before the first step that would draft in a bucket with no plain figure yet, and every
     `probe_every` steps with drafts (`PROBE_EVERY`, doubling up to `MAX_PROBE_EVERY` while
     speculation keeps winning), `PROBE_STEPS` (+ 2 uncounted) steps run without drafts to
