@@ -2,7 +2,7 @@
 # One run on the lent GPU machine (`device` tool): install what its image lacks from the
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
-#                 [tests | tests-1 (tests-1a tests-1b tests-1c) tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
+#                 [tests | tests-1 (tests-1a tests-1b tests-1c tests-1d) tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
 #                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
@@ -23,8 +23,9 @@
 #                 [llama-bs1-marlin] [offline-marlin] (issue 15: --w4a16-kernel marlin end to end)
 # GPU tests, one call per shard (each ~7 min at most; `tests` = the shards in sequence, which
 # does not fit one 10-min call): tests-1 every `-m gpu` test outside the lists below
-# (kernels, models, memory, plugins; new files land here), as tests-1a (files up to test_g*),
-# tests-1b (test_h* to test_w4a16*) and tests-1c (test_w4a16*) on a fresh machine, tests-2 CUDA graphs and overlap (GRAPH_TESTS),
+# (kernels, models, memory, plugins; new files land here), as tests-1a (files up to test_g*
+# but test_decode_*), tests-1b (test_h* to test_w4a16*), tests-1c (test_w4a16*) and tests-1d
+# (test_decode_*: the decode kernels' variants) on a fresh machine, tests-2 CUDA graphs and overlap (GRAPH_TESTS),
 # tests-3 verify/tree graphs (SPEC_TESTS), tests-4 speculation on CUDA (SPEC_GPU_TESTS);
 # FlashInfer's only in `flashinfer-tests` (FLASHINFER_TESTS), the gemlite path's only in
 # `gemlite-tests` (GEMLITE_TESTS), the w4a16 plugin's marlin path's only in `w4a16-marlin`
@@ -88,25 +89,27 @@ gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limi
   tail -25 "$OUT/$name-full.log" | tee "$OUT/$name.log"
 }
 jobs=("${@:-tests}")
-[ "${jobs[*]}" = tests ] && jobs=(tests-1a tests-1b tests-1c tests-2 tests-3 tests-4 flashinfer-tests)  # (several calls)
+[ "${jobs[*]}" = tests ] && jobs=(tests-1a tests-1b tests-1c tests-1d tests-2 tests-3 tests-4 flashinfer-tests)  # (several calls)
 for job in "${jobs[@]}"; do
   case $job in
-    tests-1|tests-1a|tests-1b|tests-1c) # every GPU test outside the graph and speculation shards
-        # (and the server/bench ones); tests-1a the files up to test_g*, tests-1b test_h* up to
-        # test_w4a16*, tests-1c test_w4a16* (tests-1 alone no longer fits one call on a fresh
-        # machine: 7 min for 40 % of it, session 14; tests-1b with the W4A16 files ran past 350 s
-        # on a warm machine, session 17)
+    tests-1|tests-1a|tests-1b|tests-1c|tests-1d) # every GPU test outside the graph and speculation
+        # shards (and the server/bench ones); tests-1a the files up to test_g* but the decode
+        # kernels', tests-1b test_h* up to test_w4a16*, tests-1c test_w4a16*, tests-1d
+        # test_decode_* (tests-1 alone no longer fits one call on a fresh machine: 7 min for 40 %
+        # of it, session 14; tests-1b with the W4A16 files ran past 350 s on a warm machine,
+        # session 17; tests-1a with the decode variants' compiles past 230 s, session 18)
         files=(); for f in tests/test_*.py; do
           case " $GRAPH_TESTS $SPEC_TESTS $SPEC_GPU_TESTS $GEMLITE_TESTS $MARLIN_PLUGIN_TESTS $FLASHINFER_TESTS " in *" $f "*) continue ;; esac
           case $f in tests/test_server*|tests/test_bench.py) continue ;; esac
           name=${f#tests/}
-          if [ $job = tests-1a ] && [[ $name > test_h ]]; then continue; fi
+          if [ $job = tests-1a ] && { [[ $name > test_h ]] || [[ $name == test_decode_* ]]; }; then continue; fi
+          if [ $job = tests-1d ] && [[ $name != test_decode_* ]]; then continue; fi
           if [ $job = tests-1b ] && { [[ $name < test_h ]] || [[ $name > test_w4a16 ]]; }; then continue; fi
           if [ $job = tests-1c ] && [[ $name < test_w4a16 ]]; then continue; fi
           files+=("$f")
         done
         gpu_tests gpu-$job "${files[@]}"
-        case $job in tests-1a|tests-1c) continue ;; esac
+        case $job in tests-1a|tests-1c|tests-1d) continue ;; esac
         # not marked gpu (they run on the CPU interpreter too), but on CUDA they test the kernel
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gumbel_sampling.py 2>&1 | tail -3 | tee -a "$OUT/gpu-tests-1.log" ;;
     tests-2) gpu_tests gpu-tests-2 $GRAPH_TESTS ;;  # decode/mixed/LM-head graphs, overlap
