@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import random
 import signal
 
 import pytest
@@ -25,15 +24,10 @@ from pegboard.core.detokenizer_worker import (
 )
 from pegboard.core.llm import LLM
 from pegboard.sdk.types import FinishReason, Request, SamplingParams
+from test_detokenizer_process import GREEDY, SMALL, RaisingTokenizer, abort_first, prompts_for
+from test_detokenizer_process import stream as stream_deltas
 
-SMALL = dict(dtype="float32", kv_cache_tokens=4096)
-GREEDY = dict(temperature=0.0, max_tokens=20, ignore_eos=True)
 PLACEMENTS = ["inline", "thread", "process"]
-
-
-def prompts_for(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(8, vocab) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
 def as_kind(params: SamplingParams, kind: str) -> SamplingParams:
@@ -42,25 +36,12 @@ def as_kind(params: SamplingParams, kind: str) -> SamplingParams:
 
 def stream(llm: LLM, prompts, params, abort_at: int | None = 2) -> list[list[tuple]]:
     """Every request's outputs as (token ids, text, finished, finish reason, error), stepping
-    as `LLM.run` does; the first request is aborted before step `abort_at`."""
-    requests = [Request(list(p), sp) for p, sp in zip(prompts, params)]
-    for r in requests:
-        llm.engine.add_request(r)
-    outs: dict[str, list] = {r.request_id: [] for r in requests}
-    engine, detokenizer, step = llm.engine, llm.engine.detokenizer, 0
-    while engine.has_work() or detokenizer.busy():
-        if engine.has_work():
-            if step == abort_at:
-                engine.abort(requests[0].request_id)
-            engine.step()
-            step += 1
-        for out in detokenizer.take(wait=not engine.has_work()):
-            outs[out.request_id].append(
-                (out.new_token_ids, out.text, out.finished, out.finish_reason, out.error)
-            )
-    assert not engine.has_work() and not detokenizer.busy()
-    assert engine.kv.num_free_pages == engine.kv.num_pages
-    return [outs[r.request_id] for r in requests]
+    as `LLM.run` does; the first request is aborted before step `abort_at`. Every page is
+    free after."""
+    at_step = None if abort_at is None else {abort_at: abort_first}
+    outs, _ = stream_deltas(llm, prompts, params, at_step, last="error")
+    assert llm.engine.kv.num_free_pages == llm.engine.kv.num_pages
+    return outs
 
 
 def workload(llm: LLM) -> tuple[list, list[SamplingParams]]:
@@ -121,13 +102,6 @@ def test_a_final_request_whose_tokenizer_raises_ends_once_with_the_error(
     assert len(outs[0]) == 1 and outs[0][0][3] is FinishReason.ERROR
     assert "bad vocabulary entry" in outs[0][0][4] and outs[0][0][1] == ""
     assert len(outs[1]) == 1 and outs[1][0][3] is FinishReason.LENGTH
-
-
-class RaisingTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        if 13 in ids:
-            raise RuntimeError("bad vocabulary entry")
-        return "".join(f"<{i}>" for i in ids)
 
 
 def test_the_worker_answers_only_the_final_requests_that_ended_with_their_whole_text():

@@ -33,9 +33,12 @@ def prompts_for(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(8, vocab) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
-def stream(llm: LLM, prompts, params, at_step=None) -> tuple[list[list[tuple]], list[Request]]:
-    """Every request's deltas as (token ids, text, finished, finish reason, logprobs), stepping
-    as `LLM.run` does; `at_step[k](llm, requests)` runs before step k (aborts, swaps)."""
+def stream(
+    llm: LLM, prompts, params, at_step=None, last: str = "new_logprobs"
+) -> tuple[list[list[tuple]], list[Request]]:
+    """Every request's deltas as (token ids, text, finished, finish reason, and the output's
+    attribute `last`: its logprobs by default), stepping as `LLM.run` does; `at_step[k](llm,
+    requests)` runs before step k (aborts, swaps)."""
     requests = [Request(list(p), sp) for p, sp in zip(prompts, params)]
     for r in requests:
         llm.engine.add_request(r)
@@ -49,7 +52,7 @@ def stream(llm: LLM, prompts, params, at_step=None) -> tuple[list[list[tuple]], 
             step += 1
         for out in detokenizer.take(wait=not engine.has_work()):
             deltas[out.request_id].append(
-                (out.new_token_ids, out.text, out.finished, out.finish_reason, out.new_logprobs)
+                (out.new_token_ids, out.text, out.finished, out.finish_reason, getattr(out, last))
             )
     return [deltas[r.request_id] for r in requests], requests
 
