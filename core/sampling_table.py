@@ -69,11 +69,11 @@ class SamplingTable:
         was made (a slot may hold another request now: the batch uses its host rows)."""
         if removed != self._removed:
             return None
-        return self._on_device(device).index_select(0, to_device(torch.from_numpy(index), device))
+        return self._on_device(device).index_select(0, to_device(index, device))
 
     def _on_device(self, device: torch.device) -> torch.Tensor:
         if self._device is None or self._device.device != device:
-            self._device = to_device(torch.from_numpy(self.values), device)
+            self._device = to_device(self.values, device)
         return self._device
 
     def _grow(self) -> None:

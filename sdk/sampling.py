@@ -101,7 +101,7 @@ class SamplingBatch:
         if self._device is None or self._device.device != device:
             gathered = self._gather(device) if self._gather is not None else None
             if gathered is None:  # no core table, or it changed since: the host rows
-                gathered = to_device(torch.from_numpy(self.values), device)
+                gathered = to_device(self.values, device)
             self._device = gathered
         return self._device
 

@@ -183,7 +183,7 @@ class StandardSampler(Sampler):
         if base is None:
             base = _base_seeds(facts.batch, self.options.seed)
         mixed = _splitmix_states(base, drawn.astype(np.uint64))
-        facts.seed_states = to_device(torch.from_numpy(mixed.view(np.int64)), device)
+        facts.seed_states = to_device(mixed.view(np.int64), device)
         facts.seed_drawn = drawn
         return facts.seed_states, 0
 
@@ -296,7 +296,7 @@ class _BatchFacts:
         """The rows' temperatures on `device` (float32), copied there once."""
         if self._temperature is None or self._temperature.device != device:
             temps = self.batch.column("temperature").astype(np.float32)
-            self._temperature = to_device(torch.from_numpy(temps), device)
+            self._temperature = to_device(temps, device)
         return self._temperature
 
     def split(self, device: torch.device) -> _Split:
