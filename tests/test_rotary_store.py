@@ -192,14 +192,17 @@ def test_decoder_with_fused_rope_store_equals_it_without(tiny_llama_dir, store_c
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_switch_is_off_by_default_and_read_when_kernels_switch_on(tiny_llama_dir, monkeypatch):
+def test_switch_is_on_by_default_and_read_when_kernels_switch_on(tiny_llama_dir, monkeypatch):
     runner = ModelRunner(tiny_llama_dir, "float32", str(DEVICE), progress=False)
     attention = runner.model.model.layers[0].self_attn
     monkeypatch.delenv("PEGBOARD_FUSED_ROPE_STORE", raising=False)
     runner.model.set_fused_kernels(True)
+    assert attention.fused_store
+    monkeypatch.setenv("PEGBOARD_FUSED_ROPE_STORE", "0")
+    assert attention.fused_store  # read when the kernels are switched on
+    runner.model.set_fused_kernels(True)
     assert not attention.fused_store
     monkeypatch.setenv("PEGBOARD_FUSED_ROPE_STORE", "1")
-    assert not attention.fused_store  # read when the kernels are switched on
     runner.model.set_fused_kernels(True)
     assert attention.fused_store
     runner.model.set_fused_kernels(False)

@@ -425,7 +425,7 @@ class EagleHead(nn.Module):
         self.rotary = RotaryEmbedding(
             _rope(cfg), self.head_dim, cfg.get("max_position_embeddings", 4096)
         )
-        #: With the fused kernels (`use_fused_kernels`): `dense.linear`, the q/k/v and gate/up
+        #: With the fused kernels (`use_fused_kernels`): `fixed_rows.linear`, the q/k/v and gate/up
         #: weights stacked (each projection's weight a view of its rows); else None.
         self.linear = self.qkv_weight = self.gate_up_weight = None
         self.qkv_split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
@@ -441,8 +441,11 @@ class EagleHead(nn.Module):
         RMSNorm one instead of ~8, rope one in place instead of ~14), in the drafting graphs
         too. The projections then go through `dense.linear` as the target's do (its GEMV kernels
         where `gemv.DECODE_CONFIGS` measured them faster than cuBLAS: SmolLM2's o, gate/up and
-        down shapes are the head's too), q/k/v and gate/up as one launch each."""
-        from pegboard.core.kernels import dense
+        down shapes are the head's too), q/k/v and gate/up as one launch each. A catch-up's
+        hundreds to thousands of rows go to cuBLAS at a fixed set of row counts, each met once
+        here (`fixed_rows`: a row count cuBLAS has not seen cost ~0.2-1.4 ms of host work per
+        weight shape on the H200)."""
+        from pegboard.core.kernels import fixed_rows
 
         self.rotary.reset_tables()  # float32 tables, which the kernel reads (`to` cast them)
         for module in (self.input_layernorm, self.hidden_norm, self.post_attention_layernorm,
@@ -451,7 +454,12 @@ class EagleHead(nn.Module):
                 module.set_fused_kernels(True)
         self.qkv_weight = _stacked(self.q_proj, self.k_proj, self.v_proj)
         self.gate_up_weight = _stacked(self.gate_proj, self.up_proj)
-        self.linear = dense.linear
+        self.linear = fixed_rows.linear
+        fixed_rows.warm_up([
+            (self.fc.weight, self.fc.bias), (self.qkv_weight, None),
+            (self.o_proj.weight, self.o_proj.bias), (self.gate_up_weight, None),
+            (self.down_proj.weight, self.down_proj.bias),
+        ])  # fmt: skip
 
     def _project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x) if self.linear is None else self.linear(x, layer.weight, layer.bias)
