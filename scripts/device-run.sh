@@ -11,7 +11,7 @@
 #                 [spec-eagle] [spec-eagle-train] [eagle-check] [spec-eagle-host] [spec-eagle-batch64] [spec-probe]
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
-#                 [profile-host-detok] [profile-host-mixed] [profile-host-env] (ENV_A / ENV_B) [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
+#                 [profile-host-detok] [profile-host-mixed] [profile-host-env] [serve-env] (ENV_A / ENV_B) [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
 #                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
@@ -1026,6 +1026,19 @@ PY
         --no-progress --json "$OUT/serve-qwen3.json" --chart "$OUT/serve-qwen3.png" \
         2>"$OUT/serve-qwen3.err" | tail -40
         kill -TERM $server 2>/dev/null; wait $server ;;
+    serve-env) # issue 17: `bench serve` (its own random-weight Qwen3-0.6B server) under two
+        # environments, alternating (ENV_A / ENV_B as in profile-host-env; default
+        # PEGBOARD_FIXED_ROWS=0 vs 1: the prefill's linears at fixed row counts), RUNS times
+        # ("1 2"); SERVE_ARGS the load (default 128 prompts, Poisson 16/s, inputs 300-2,000,
+        # outputs 64-128: nearly every prefill or mixed step a new row count); then TTFT / ITL
+        for run in ${RUNS:-1 2}; do for v in a b; do
+          vars=$([ $v = a ] && echo "${ENV_A:-PEGBOARD_FIXED_ROWS=0}" || echo "${ENV_B:-PEGBOARD_FIXED_ROWS=1}")
+          env $vars timeout 150 $PB bench serve --random-weights --config qwen3-0.6b --wait 90 --no-progress \
+            ${SERVE_ARGS:---num-prompts 128 --request-rate 16 --min-input 300 --max-input 2000 --min-output 64 --max-output 128} \
+            --json "$OUT/serve-env-$v-$run.json" 2>"$OUT/serve-env-$v-$run.err" >/dev/null \
+            || tail -5 "$OUT/serve-env-$v-$run.err"
+        done; done
+        python3 scripts/serve_table.py "$OUT"/serve-env-*.json ;;
     decode-sweep) # the paged decode kernel's launch variants (DECODE_VARIANTS): µs, TB/s and error
         # on the nano-vllm batch and Llama-3.1-8B batch 1 / 64, bf16 and fp8 KV; ends with the table
         # and the DECODE_DEFAULTS line to commit; VARIANTS=a,b CASES=nano picks; BUDGET_S (150)

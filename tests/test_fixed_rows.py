@@ -1,11 +1,12 @@
 """`kernels.fixed_rows`: dense linears of any row count handed to cuBLAS at a fixed set of row
 counts (a new one costs cuBLAS host work to choose a kernel: ~0.2-1.4 ms per shape on the H200),
-for an EAGLE head's large, irregular catch-up forwards."""
+for an EAGLE head's large, irregular catch-up forwards and, with `PEGBOARD_FIXED_ROWS=1`, the
+target's prefill (`dense.linear_fixed_rows`)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from pegboard.core.kernels import fixed_rows
+from pegboard.core.kernels import dense, fixed_rows
 from pegboard.core.kernels.fixed_rows import MAX_PIECE, MIN_PIECE, SIZES, pieces
 
 
@@ -37,7 +38,8 @@ def test_linear_equals_f_linear(rows, bias):
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 48, generator=g), torch.randn(40, 48, generator=g)
     b = torch.randn(40, generator=g) if bias else None
-    torch.testing.assert_close(fixed_rows.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    got = dense.linear_fixed_rows(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_hands_cublas_only_the_fixed_sizes(monkeypatch):
@@ -51,12 +53,13 @@ def test_linear_hands_cublas_only_the_fixed_sizes(monkeypatch):
     )
     w = torch.randn(16, 8)
     for rows in (300, 777, 5188, 9001):
-        fixed_rows.linear(torch.randn(rows, 8), w, torch.randn(16))
-        fixed_rows.linear(torch.randn(rows, 8), w)
+        fixed_rows.linear_in_pieces(torch.randn(rows, 8), w, torch.randn(16))
+        dense.linear_fixed_rows(torch.randn(rows, 8), w)
     assert seen and set(seen) <= set(SIZES)
 
 
 def test_warm_up_meets_every_size_once_per_distinct_weight_shape(monkeypatch):
+    monkeypatch.setattr(fixed_rows, "_warm", set())
     seen = []
     mm, addmm = torch.mm, torch.addmm
     monkeypatch.setattr(
@@ -72,6 +75,26 @@ def test_warm_up_meets_every_size_once_per_distinct_weight_shape(monkeypatch):
     for kind in (w.t().shape, other.t().shape, "bias"):
         assert {n for n, k in seen if k == kind} == set(SIZES)
     assert len([1 for n, k in seen if k == w.t().shape and n == MAX_PIECE]) == 1  # once per shape
+    seen.clear()
+    fixed_rows.warm_up([(torch.randn(16, 8), None)])  # (another layer of a shape met before)
+    assert not seen
+
+
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_dense_layers_take_the_pieces_with_the_switch_on(monkeypatch, switch):
+    from pegboard.core.models.layers import Linear
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setattr(fixed_rows, "_warm", set())
+    monkeypatch.setenv("PEGBOARD_FIXED_ROWS", switch)
+    layer = Linear(8, 16)
+    layer.set_fused_kernels(True)
+    on = switch == "1"
+    assert layer.kernel is (dense.linear_fixed_rows if on else dense.linear)
+    assert bool(fixed_rows._warm) == on  # warmed at load
+    x = torch.randn(300, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 @pytest.mark.gpu
@@ -83,7 +106,7 @@ def test_gpu_linear_matches_f_linear_in_bf16_after_warm_up():
     for rows in (300, 5188, 2 * 8192 + 4155):
         x = torch.randn(rows, 3072, device="cuda", dtype=torch.bfloat16, generator=g)
         for bias in (None, b):
-            got, want = fixed_rows.linear(x, w, bias), F.linear(x, w, bias)
+            got, want = dense.linear_fixed_rows(x, w, bias), F.linear(x, w, bias)
             torch.testing.assert_close(
                 got, want, rtol=1.6e-2, atol=1.6e-2 * want.abs().max().item()
             )

@@ -5,7 +5,9 @@
 - 9-256 rows (decode batches, small mixed steps): the skinny GEMM where the measured table
   `skinny_gemm_configs.json` has one for this device, shape and row bucket
   (`skinny_gemm.measured_config`);
-- otherwise cuBLAS (`F.linear`): prefill, unmeasured shapes, devices without a table.
+- otherwise cuBLAS (`F.linear`): prefill, unmeasured shapes, devices without a table; with
+  `pieces`, at a fixed set of row counts (`fixed_rows`: cuBLAS spends host time choosing a
+  kernel for each shape it has not met).
 
 The dense layers (`pegboard.core.models.layers.Linear`) call `linear` once the fused kernels
 are switched on; a CUDA graph captures whichever kernel its batch size picks.
@@ -14,7 +16,7 @@ are switched on; a CUDA graph captures whichever kernel its batch size picks.
 from __future__ import annotations
 
 import torch
-from pegboard.core.kernels import gemv, skinny_gemm
+from pegboard.core.kernels import fixed_rows, gemv, skinny_gemm
 from torch.nn import functional as F
 
 
@@ -24,15 +26,17 @@ def linear(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     gate_up: bool = False,
+    pieces: bool = False,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through the kernel measured fastest for this many rows; with
     `out` (`[rows of x, N]`: a tensor-parallel projection writing into its symmetric buffer,
     `pegboard.core.distributed.fused_norm`), written there by the GEMV or cuBLAS.
 
     With `gate_up`, x is a SwiGLU MLP's gate/up output `[..., 2 * K]` for the down projection
-    (`takes_gate_up`) and the input is `silu(gate) * up` (`silu_linear`)."""
+    (`takes_gate_up`) and the input is `silu(gate) * up` (`silu_linear`). With `pieces`, rows
+    past the skinny GEMM's go to cuBLAS at `fixed_rows.SIZES` rows only (2-D `x`, no `out`)."""
     if gate_up:
-        return silu_linear(x, weight, bias, out)
+        return silu_linear(x, weight, bias, out, pieces)
     rows = gemv.num_rows(x)
     if rows <= gemv.MAX_ROWS or out is not None:
         return gemv.linear(x, weight, bias, out=out)
@@ -40,7 +44,20 @@ def linear(
         config = skinny_gemm.measured_config(rows, weight)
         if config is not None and weight.is_contiguous():
             return skinny_gemm.skinny_gemm(x, weight, bias, config)
+    elif pieces and x.dim() == 2:
+        return fixed_rows.linear_in_pieces(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linear_fixed_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    gate_up: bool = False,
+) -> torch.Tensor:
+    """`linear` with `pieces`: what a layer calls where it meets irregular row counts."""
+    return linear(x, weight, bias, out, gate_up, pieces=True)
 
 
 def takes_gate_up(rows: int, weight: torch.Tensor) -> bool:
@@ -73,9 +90,11 @@ def silu_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    pieces: bool = False,
 ) -> torch.Tensor:
-    """`linear(activation.silu_and_mul(gate_up), weight, bias, out)` for `gate_up [..., 2 * K]`:
-    where the GEMV takes this many rows (`takes_gate_up`) SiLU-and-mul runs inside it, per K
+    """`linear(activation.silu_and_mul(gate_up), weight, bias, out, pieces=pieces)` for
+    `gate_up [..., 2 * K]`: where the GEMV takes this many rows (`takes_gate_up`) SiLU-and-mul
+    runs inside it, per K
     block, bit for bit as the separate kernel computes it (one launch fewer per MLP at decode:
     `PEGBOARD_FUSED_SILU_DOWN`, `pegboard.core.models.llama.DecoderMLP`); else separately."""
     config = _gate_up_config(gemv.num_rows(gate_up), weight)
@@ -83,7 +102,7 @@ def silu_linear(
         return gemv.gemv(gate_up, weight, bias, config, out=out, gate_up=True)
     from pegboard.core.kernels.activation import silu_and_mul
 
-    return linear(silu_and_mul(gate_up), weight, bias, out)
+    return linear(silu_and_mul(gate_up), weight, bias, out, pieces=pieces)
 
 
 def silu_gate_up(

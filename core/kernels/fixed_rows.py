@@ -8,27 +8,27 @@ per new shape, far more than the kernels. An EAGLE head's eager catch-up (the pa
 decoded while the head was off) meets a new row count nearly every time, and paid it in every
 probe of a large batch (`core/speculative/switch.py`).
 
-`linear` multiplies more than `skinny_gemm.MAX_ROWS` rows in pieces of `SIZES` rows only:
-whole `MAX_PIECE` pieces, then the binary decomposition of what is left down to `MIN_PIECE`,
-and a remainder under `MIN_PIECE` as one more `MIN_PIECE` piece ending at the last row (it
-recomputes rows the piece before it wrote: same stream, so in order, and every row is one
-GEMM's result). Each piece writes its rows of one output tensor (`torch.mm` / `torch.addmm`
-with `out=`: no copies). `warm_up` meets every size once per weight shape, so no later call
-meets a new one. Fewer rows go to `dense.linear` (the GEMV and skinny GEMM: Triton kernels
-specialize by divisibility, not by row count).
+`linear_in_pieces` multiplies more than `MIN_PIECE` rows in pieces of `SIZES` rows only: whole
+`MAX_PIECE` pieces, then the binary decomposition of what is left down to `MIN_PIECE`, and a
+remainder under `MIN_PIECE` as one more `MIN_PIECE` piece ending at the last row (it recomputes
+rows the piece before it wrote: same stream, so in order, and every row is one GEMM's result).
+Each piece writes its rows of one output tensor (`torch.mm` / `torch.addmm` with `out=`: no
+copies). `warm_up` meets every size once per weight shape, so no later call meets a new one.
+`dense.linear(..., pieces=True)` routes its cuBLAS products here (fewer rows go to the GEMV and
+skinny GEMM: Triton kernels specialize by divisibility, not by row count).
 
 The cost: up to ~log2(rows / MIN_PIECE) + 2 launches instead of one, the smaller pieces using
-the device less well. The target's prefill keeps one `F.linear` per layer (its few weight
-shapes are met once per prompt length, and its device time dwarfs it); this is for the rare,
-large, irregular forwards of a speculator.
+the device less well. Where it runs: an EAGLE head's linears (always, on CUDA), and the target
+model's with `PEGBOARD_FIXED_ROWS=1` (`kernels.fixed_rows_enabled`; prefill and mixed steps
+meet a new row count at nearly every new prompt length).
 """
 
 from __future__ import annotations
 
 import torch
-from pegboard.core.kernels import dense, skinny_gemm
+import torch.nn.functional as F
 
-MIN_PIECE = skinny_gemm.MAX_ROWS  # 256: fewer rows go to `dense.linear`
+MIN_PIECE = 256  # (`skinny_gemm.MAX_ROWS`: fewer rows go to the GEMV or skinny GEMM)
 MAX_PIECE = 8192
 #: The only row counts `linear` hands cuBLAS.
 SIZES = tuple(MIN_PIECE << i for i in range((MAX_PIECE // MIN_PIECE).bit_length()))
@@ -52,15 +52,15 @@ def pieces(rows: int) -> list[tuple[int, int]]:
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for 2-D `x`: `dense.linear` up to `MIN_PIECE` rows, else
-    cuBLAS GEMMs of `SIZES` rows only (`pieces`; `F.linear` where autograd records: `out=`
-    takes no gradient)."""
-    rows = x.shape[0]
-    if rows <= MIN_PIECE:
-        return dense.linear(x, weight, bias)
+def linear_in_pieces(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for 2-D `x` of more than `MIN_PIECE` rows as cuBLAS GEMMs of
+    `SIZES` rows only (`pieces`); `F.linear` itself where autograd records (`out=` takes no
+    gradient)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return dense.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+    rows = x.shape[0]
     x = x.contiguous()
     out = x.new_empty(rows, weight.shape[0])
     w = weight.t()
@@ -73,16 +73,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
+#: `(shape, dtype, device, has bias)` of the weights `warm_up` has met every size for.
+_warm: set[tuple] = set()
+
+
 @torch.no_grad()
 def warm_up(layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-    """Meet every piece size once for each distinct `(weight, bias)` shape of `layers`, so
-    that `linear` never hands cuBLAS a shape it has not chosen a kernel for."""
-    seen = set()
+    """Meet every piece size once for each `(weight, bias)` shape of `layers` not met before
+    in this process (cuBLAS keeps its choices process-wide), so that `linear_in_pieces`
+    never hands cuBLAS a shape it has not chosen a kernel for."""
     for weight, bias in layers:
-        key = (tuple(weight.shape), weight.dtype, bias is not None)
-        if key in seen:
+        key = (tuple(weight.shape), weight.dtype, weight.device, bias is not None)
+        if key in _warm:
             continue
-        seen.add(key)
+        _warm.add(key)
         x = weight.new_zeros(MAX_PIECE, weight.shape[1])
         for size in SIZES:
-            linear(x[: size + (1 if size == MIN_PIECE else 0)], weight, bias)
+            linear_in_pieces(x[: size + (1 if size == MIN_PIECE else 0)], weight, bias)

@@ -425,7 +425,7 @@ class EagleHead(nn.Module):
         self.rotary = RotaryEmbedding(
             _rope(cfg), self.head_dim, cfg.get("max_position_embeddings", 4096)
         )
-        #: With the fused kernels (`use_fused_kernels`): `fixed_rows.linear`, the q/k/v and gate/up
+        #: With the fused kernels (`use_fused_kernels`): `dense.linear_fixed_rows`, the q/k/v and gate/up
         #: weights stacked (each projection's weight a view of its rows); else None.
         self.linear = self.qkv_weight = self.gate_up_weight = None
         self.qkv_split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
@@ -445,7 +445,7 @@ class EagleHead(nn.Module):
         hundreds to thousands of rows go to cuBLAS at a fixed set of row counts, each met once
         here (`fixed_rows`: a row count cuBLAS has not seen cost ~0.2-1.4 ms of host work per
         weight shape on the H200)."""
-        from pegboard.core.kernels import fixed_rows
+        from pegboard.core.kernels import dense, fixed_rows
 
         self.rotary.reset_tables()  # float32 tables, which the kernel reads (`to` cast them)
         for module in (self.input_layernorm, self.hidden_norm, self.post_attention_layernorm,
@@ -454,7 +454,7 @@ class EagleHead(nn.Module):
                 module.set_fused_kernels(True)
         self.qkv_weight = _stacked(self.q_proj, self.k_proj, self.v_proj)
         self.gate_up_weight = _stacked(self.gate_proj, self.up_proj)
-        self.linear = fixed_rows.linear
+        self.linear = dense.linear_fixed_rows
         fixed_rows.warm_up([
             (self.fc.weight, self.fc.bias), (self.qkv_weight, None),
             (self.o_proj.weight, self.o_proj.bias), (self.gate_up_weight, None),
