@@ -1027,12 +1027,13 @@ PY
         2>"$OUT/serve-qwen3.err" | tail -40
         kill -TERM $server 2>/dev/null; wait $server ;;
     serve-env) # issue 17: `bench serve` (its own random-weight Qwen3-0.6B server) under two
-        # environments, alternating (ENV_A / ENV_B as in profile-host-env; default
-        # PEGBOARD_FIXED_ROWS=0 vs 1: the prefill's linears at fixed row counts), RUNS times
-        # ("1 2"); SERVE_ARGS the load (default 128 prompts, Poisson 16/s, inputs 300-2,000,
-        # outputs 64-128: nearly every prefill or mixed step a new row count); then TTFT / ITL
+        # environments, alternating (ENV_A / ENV_B: space-separated VAR=VALUE lists, both needed;
+        # session 19 tried PEGBOARD_FIXED_ROWS=0 vs 1), RUNS times ("1 2"); SERVE_ARGS the load
+        # (default 128 prompts, Poisson 16/s, inputs 300-2,000, outputs 64-128: nearly every
+        # prefill or mixed step a new row count); then TTFT / ITL per run (scripts/serve_table.py)
+        [ -n "${ENV_A:-}" ] && [ -n "${ENV_B:-}" ] || { echo "serve-env: set ENV_A and ENV_B"; continue; }
         for run in ${RUNS:-1 2}; do for v in a b; do
-          vars=$([ $v = a ] && echo "${ENV_A:-PEGBOARD_FIXED_ROWS=0}" || echo "${ENV_B:-PEGBOARD_FIXED_ROWS=1}")
+          vars=$([ $v = a ] && echo "$ENV_A" || echo "$ENV_B")
           env $vars timeout 150 $PB bench serve --random-weights --config qwen3-0.6b --wait 90 --no-progress \
             ${SERVE_ARGS:---num-prompts 128 --request-rate 16 --min-input 300 --max-input 2000 --min-output 64 --max-output 128} \
             --json "$OUT/serve-env-$v-$run.json" 2>"$OUT/serve-env-$v-$run.err" >/dev/null \

@@ -1,7 +1,6 @@
 """`kernels.fixed_rows`: dense linears of any row count handed to cuBLAS at a fixed set of row
 counts (a new one costs cuBLAS host work to choose a kernel: ~0.2-1.4 ms per shape on the H200),
-for an EAGLE head's large, irregular catch-up forwards and, with `PEGBOARD_FIXED_ROWS=1`, the
-target's prefill (`dense.linear_fixed_rows`)."""
+for an EAGLE head's large, irregular catch-up forwards (`dense.linear_fixed_rows`)."""
 
 import pytest
 import torch
@@ -78,23 +77,6 @@ def test_warm_up_meets_every_size_once_per_distinct_weight_shape(monkeypatch):
     seen.clear()
     fixed_rows.warm_up([(torch.randn(16, 8), None)])  # (another layer of a shape met before)
     assert not seen
-
-
-@pytest.mark.parametrize("switch", ["0", "1"])
-def test_dense_layers_take_the_pieces_with_the_switch_on(monkeypatch, switch):
-    from pegboard.core.models.layers import Linear
-
-    pytest.importorskip("triton", reason="triton is not installed")
-    monkeypatch.setattr(fixed_rows, "_warm", set())
-    monkeypatch.setenv("PEGBOARD_FIXED_ROWS", switch)
-    layer = Linear(8, 16)
-    layer.set_fused_kernels(True)
-    on = switch == "1"
-    assert layer.kernel is (dense.linear_fixed_rows if on else dense.linear)
-    assert bool(fixed_rows._warm) == on  # warmed at load
-    x = torch.randn(300, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 @pytest.mark.gpu

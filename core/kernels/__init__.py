@@ -108,15 +108,6 @@ def fused_rope_store() -> bool:
     return os.environ.get("PEGBOARD_FUSED_ROPE_STORE", "1") not in ("", "0")
 
 
-def fixed_rows_enabled() -> bool:
-    """`PEGBOARD_FIXED_ROWS` (read when the fused kernels are switched on; off unless set and
-    not "0"): whether the dense linear layers hand cuBLAS only `fixed_rows.SIZES` row counts
-    past the skinny GEMM's (`dense.linear_fixed_rows`), each met once at load (`warm_up`):
-    a prefill or mixed step at a row count cuBLAS has not met costs it ~0.2-1.4 ms of host
-    work per weight shape on the H200."""
-    return os.environ.get("PEGBOARD_FIXED_ROWS", "0") not in ("", "0")
-
-
 def fused_silu_gate_up() -> bool:
     """`PEGBOARD_FUSED_SILU_GATE_UP` (read when the fused kernels are switched on; off by
     default until measured on the GPU): whether the MLPs' gate/up GEMV computes SiLU-and-mul

@@ -18,9 +18,11 @@ copies). `warm_up` meets every size once per weight shape, so no later call meet
 skinny GEMM: Triton kernels specialize by divisibility, not by row count).
 
 The cost: up to ~log2(rows / MIN_PIECE) + 2 launches instead of one, the smaller pieces using
-the device less well. Where it runs: an EAGLE head's linears (always, on CUDA), and the target
-model's with `PEGBOARD_FIXED_ROWS=1` (`kernels.fixed_rows_enabled`; prefill and mixed steps
-meet a new row count at nearly every new prompt length).
+the device less well. It runs for an EAGLE head's linears (on CUDA), not for the target model's:
+tried there for prefill and mixed steps (`PEGBOARD_FIXED_ROWS=1`, session 19: `bench serve`,
+Qwen3-0.6B, Poisson arrivals, prompts of 300-2,000 tokens), TTFT went from 13.2 / 14.4 ms to
+16.1 / 14.2 and ITL from 1.47 / 1.64 to 1.82 / 1.56: the extra launches cost what the new
+shapes did, so the switch was removed.
 """
 
 from __future__ import annotations

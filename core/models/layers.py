@@ -77,15 +77,12 @@ class Linear(nn.Linear, LinearLayer):
         return "dense" + (" (GEMV / skinny GEMM kernels)" if self.kernel is not None else "")
 
     def set_fused_kernels(self, enabled: bool) -> None:
-        from pegboard.core.kernels import fixed_rows_enabled, gemv_disabled
+        from pegboard.core.kernels import gemv_disabled
 
         if enabled and not gemv_disabled():
-            from pegboard.core.kernels import dense, fixed_rows
+            from pegboard.core.kernels.dense import linear
 
-            self.kernel = dense.linear
-            if fixed_rows_enabled():  # (`PEGBOARD_FIXED_ROWS`)
-                self.kernel = dense.linear_fixed_rows
-                fixed_rows.warm_up([(self.weight, self.bias)])
+            self.kernel = linear
         else:
             self.kernel = None
 
