@@ -152,8 +152,9 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
     llama-bs1-fuse) # issue 17's batch-1 cuts (docs/kernels.md, "Rope and the KV store in one
         # kernel", "Split decode without the reduce launch", "SiLU-and-mul in the gate/up GEMV's
         # epilogue"): the llama-bs1 run once per variant in $FUSE_VARIANTS (default "off all";
-        # also rope-store, fix, fix-pdl, silu), then their GPU tests. off: today's path;
-        # rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch-1 decode attention on
+        # also rope-store, fix, fix-pdl, silu), then their GPU tests. off: the three cuts off
+        # (PEGBOARD_FUSED_ROPE_STORE=0: rope + store is the default since session 19; the other
+        # variants run on the default); rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch-1 decode attention on
         # s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); silu: PEGBOARD_FUSED_SILU_GATE_UP=1;
         # all: the three together (fix-pdl); pf1 / pf: the GEMVs' L2 prefetch before the PDL wait
         # of one tile / the whole slice (PEGBOARD_GEMV_PREFETCH=1 / 64: docs/kernels.md, "L2
@@ -165,7 +166,7 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
         for v in ${FUSE_VARIANTS:-off all}; do
           fix="PEGBOARD_DECODE_DEFAULTS=32:s3-fast-pf,0:s3-pf-fix"
           case $v in
-            off) vars= ;;
+            off) vars=PEGBOARD_FUSED_ROPE_STORE=0 ;;
             rope-store) vars=PEGBOARD_FUSED_ROPE_STORE=1 ;;
             fix) vars=$fix ;;
             fix-pdl) vars=$fix-pdl ;;
