@@ -19,7 +19,6 @@ from pegboard.core.cuda_graph_mixed import (
 from pegboard.core.models import load_model
 from pegboard.core.overlap import PENDING_TOKEN, PendingStep
 from pegboard.core.page_tables import PageTableMirror
-from pegboard.core.steady_decode import SteadyDecode
 from pegboard.sdk.device import to_device
 from pegboard.sdk.slots import AttentionBackend
 from pegboard.sdk.types import ForwardBatch, ModelInfo, Request
@@ -97,9 +96,7 @@ class ModelRunner:
         #: The scheduled requests' page tables as one array, updated incrementally; the
         #: engine `forget`s a request when it releases it.
         self.page_tables = PageTableMirror()
-        #: The last decode batch, to describe a steady decode step relative to it (off unless
-        #: `PEGBOARD_STEADY_DECODE=1`: `pegboard.core.steady_decode`).
-        self.steady = SteadyDecode(self.device)
+        self._arange = torch.zeros(0, dtype=torch.int64)  # `_rows`' device copy
 
     def on_device(self) -> contextlib.AbstractContextManager:
         """Make this runner's GPU the current CUDA device for the block (a no-op on a CPU).
@@ -239,7 +236,6 @@ class ModelRunner:
         batch = self._prepare_decode(requests, num_tokens, page_size, pending)
         if batch is not None:
             return batch
-        self.steady.reset()
         b = len(requests)
         # Whole-list passes (a mixed step holds hundreds of decode rows beside its prefill
         # chunks); the errors name the first request at fault.
@@ -315,9 +311,7 @@ class ModelRunner:
     ) -> ForwardBatch | None:
         """`prepare` for the common step where every request decodes its last token: whole-list
         passes and numpy instead of the per-request loop, the KV slots read from the
-        page-table array; on the steady step (the last decode batch's requests, each one token
-        further: `pegboard.core.steady_decode`) also what changed since that batch, for the
-        attention backend. None when the step is anything else (the general path, which also
+        page-table array. None when the step is anything else (the general path, which also
         raises the errors, handles it)."""
         n = len(requests)
         if not n or len(num_tokens) != n or sum(num_tokens) != n:  # every n >= 1, so all 1
@@ -340,18 +334,13 @@ class ModelRunner:
             if last is None and fill is None:
                 return None  # the general path names the request
         table = self.page_tables.gather(requests, num_pages, table_lens)
-        steady = self.steady.follow(requests, starts, num_pages, table, self.page_tables.changed)
         slots = table[np.arange(n), starts // page_size].astype(np.int64) * page_size
         slots += starts % page_size
-        # One upload: the input ids (unless all on the device), positions, KV slots, what
-        # the steady step changes, the pending ids' rows (`fill`).
+        # One upload: the input ids (unless all on the device), positions, KV slots, the
+        # pending ids' rows (`fill`).
         parts = {"positions": starts, "slots": slots}
         if last is not None:
             parts["ids"] = np.asarray(last, dtype=np.int64)
-        if steady is not None and steady.rows is not None:
-            parts["rows"] = steady.rows
-        if steady is not None and steady.page_updates is not None:
-            parts["updates"] = steady.page_updates.reshape(-1)
         if fill:
             parts["fill"] = np.asarray(fill, dtype=np.int64)
         up = _upload(parts, self.device)
@@ -366,7 +355,7 @@ class ModelRunner:
                 r.page_table if len(r.page_table) == m else r.page_table[:m]
                 for r, m in zip(requests, num_pages.tolist())
             ]
-        batch = ForwardBatch(
+        return ForwardBatch(
             requests=list(requests),
             input_ids=input_ids,
             positions=up["positions"],
@@ -374,15 +363,16 @@ class ModelRunner:
             query_lens_cpu=[1] * n,
             seq_lens_cpu=lengths.tolist(),
             page_tables_cpu=page_tables_cpu,
-            logits_indices=self.steady.arange(n),
+            logits_indices=self._rows(n),
             samples=[True] * n,
             page_tables_array=table,
-            previous=None if steady is None else steady.previous,
-            previous_rows=up.get("rows"),
-            page_updates=up["updates"].view(-1, table.shape[1] + 1) if "updates" in up else None,
         )
-        self.steady.record(batch, starts, num_pages)
-        return batch
+
+    def _rows(self, n: int) -> torch.Tensor:
+        """0 ... n - 1 on the device (a decode batch's logits rows), uploaded once."""
+        if self._arange.shape[0] < n:
+            self._arange = to_device(np.arange(max(n, 64), dtype=np.int64), self.device)
+        return self._arange[:n]
 
     @staticmethod
     def _decode_inputs(

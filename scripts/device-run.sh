@@ -12,7 +12,7 @@
 #                 [spec-tests] [pytest]
 #                 [tp-tests] [moe-ep] [pd-mooncake] [pd-nixl] [profile-host-ab]
 #                 [profile-host-detok] [profile-host-mixed] [profile-host-env] [serve-env] (ENV_A / ENV_B) [allreduce] [tp-profile] [gemv-sweep] [gemv-sweep-tp]
-#                 [steady-decode] [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
+#                 [find-syncs] [find-syncs-tp2] [profile-opening] [sampling] [gemm-sweep] [gemm-ab]
 #                 [flashinfer] [fp8-flashinfer] (both need .kernels carried: docs/kernels.md `flashinfer`)
 #                 [fp8-mma] (issue 15: e4m3 tensor-core decode over --kv-cache-layout hdp)
 #                 [nano-timeline] (issues 15/17: bf16 vs FP8 KV, host vs device per step) [host-primitives]
@@ -249,11 +249,11 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
         done; done
         python3 scripts/host_profile_table.py "$OUT"/profile-host-*.json ;;
     profile-host-env) # issue 17: the same tree under two environments, alternating (ENV_A, ENV_B:
-        # space-separated VAR=VALUE lists; default: PEGBOARD_STEADY_DECODE=0 vs 1, the steady
-        # decode step that skips attention.prepare's two uploads, never measured on a GPU), the
+        # space-separated VAR=VALUE lists, both needed; e.g. PEGBOARD_FUSED_ROPE_STORE=0 vs 1), the
         # nano-vllm workload with --profile-host, RUNS times (default "1 2"); then a table
+        [ -n "${ENV_A:-}" ] && [ -n "${ENV_B:-}" ] || { echo "profile-host-env: set ENV_A and ENV_B"; continue; }
         for run in ${RUNS:-1 2}; do for v in a b; do
-          vars=$([ $v = a ] && echo "${ENV_A:-PEGBOARD_STEADY_DECODE=0}" || echo "${ENV_B:-PEGBOARD_STEADY_DECODE=1}")
+          vars=$([ $v = a ] && echo "$ENV_A" || echo "$ENV_B")
           env $vars timeout 120 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
             ${BENCH_ARGS:-} --json "$OUT/profile-env-$v-$run.json" 2>"$OUT/profile-env-$v-$run.err" >/dev/null \
             || tail -5 "$OUT/profile-env-$v-$run.err"
@@ -301,12 +301,6 @@ print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/
 h['device_wait_ms_per_step'], '; mixed graphs', d.get('mixed_graphs'), h.get('forward_by_kind'))" \
             "$OUT/$name.json" "$name" || tail -5 "$OUT/$name.err"
         done; done; done ;;
-    steady-decode) # issue 17 item 4: host µs of a decode step's layout + Triton metadata,
-        # steady step on vs off (thread CPU, real CUDA uploads), 256 and 1 requests, requests leaving
-        for a in "--requests 256" "--requests 256 --finish-every 2" "--requests 1"; do
-          timeout 100 python3 scripts/bench_steady_decode.py --device cuda --rounds 5 $a \
-            | tee -a "$OUT/steady-decode.json" | python3 -c "import json,sys; print(json.load(sys.stdin)['us_per_step_median'])"
-        done ;;
     pytest) # the GPU tests of the files in $TESTS, with short tracebacks
         timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $TESTS 2>&1 \
           | tail -40 | tee -a "$OUT/pytest.log" ;;

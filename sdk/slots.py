@@ -170,11 +170,7 @@ class AttentionBackend:
     """The object `attention_kernel` returns; model layers call it directly.
 
     - `prepare(batch)` — once per step, before the forward pass: build whatever per-step
-      metadata the kernels need from the `ForwardBatch` (plan, index tensors). On the steady
-      decode step `batch.previous` is the decode batch the core built before it: a backend
-      whose last `prepare` was for that batch may update its metadata from it in place
-      (`previous_rows`, lengths + 1, `page_updates`; the `triton` backend does) instead of
-      building it again; `prepare` of any other batch must not rely on it.
+      metadata the kernels need from the `ForwardBatch` (plan, index tensors).
     - `forward(layer, q, k, v)` — once per layer: `q` is `[num_tokens, num_heads, head_dim]`,
       `k`, `v` are `[num_tokens, num_kv_heads, head_dim]` for the step's new tokens. Write
       `k`, `v` into the pool at `batch.slot_mapping`, then return causal attention of each new

@@ -405,20 +405,6 @@ class ForwardBatch:
     #: `page_tables_cpu` as one zero-padded int32 numpy array `[num_requests, max pages]`,
     #: kept incrementally by the core (`pegboard.core.page_tables`); None: not provided.
     page_tables_array: Any = None
-    #: The steady decode step (`pegboard.core.steady_decode`): set on a decode-only batch
-    #: whose every request was in `previous`, the decode-only batch the core built before it,
-    #: and is one token further now (requests may have left, none joined). A backend whose
-    #: last `prepare` was for `previous` may update its device metadata in place (rows
-    #: regathered by `previous_rows`, every sequence length + 1, `page_updates` written)
-    #: instead of uploading it again; others ignore it. None: not such a step.
-    previous: ForwardBatch | None = field(default=None, repr=False, compare=False)
-    #: With `previous`: int64 device tensor `[num_requests]`, row `i` of this batch is row
-    #: `previous_rows[i]` of `previous`; None: the same rows in the same order.
-    previous_rows: torch.Tensor | None = None
-    #: With `previous`: the page-table rows that differ from `previous`'s, one int64 device
-    #: tensor `[k, 1 + max pages]`: a row of this batch, then its page table (zero-padded as
-    #: `page_tables_array`); None: none differ.
-    page_updates: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

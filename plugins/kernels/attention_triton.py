@@ -220,20 +220,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def prepare(self, batch: ForwardBatch) -> None:
         """Fill the step's metadata on the host, copy it into the fixed device tensors and
-        pick the kernel (decode when every request has one new token) and its split count.
-
-        The steady decode step (`batch.previous` is the batch prepared last) updates the
-        device tensors in place instead: rows regathered by `batch.previous_rows`, each
-        sequence length + 1 and `batch.page_updates` written (the query starts and prefix
-        lengths, read only by the extend kernel, are left behind: the next batch that is not
-        steady uploads them again)."""
+        pick the kernel (decode when every request has one new token) and its split count."""
         self._prepare(batch)
 
     def _prepare(self, batch: ForwardBatch, padded: bool = False) -> None:
         self._order = None
         num_requests = batch.num_requests
         max_pages = max(map(len, batch.page_tables_cpu))
-        steady = batch.previous is not None and batch.previous is self.batch
         self.is_decode = batch.is_decode_only and not padded
         if self.is_decode:
             self.num_splits = self.decode_splits or self.kernels.choose_num_splits(
@@ -243,11 +236,7 @@ class TritonAttentionBackend(AttentionBackend):
                 self.device,
                 self.decode_block_n,
             )
-            table = self.page_table
             self._reserve(num_requests, max_pages, 0, self.num_splits if self.num_splits > 1 else 0)
-            if steady and self.page_table is table:  # (not grown: the last step's are there)
-                self._advance(batch)
-                return
         query_lens = np.asarray(batch.query_lens_cpu, dtype=np.int32)
         seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
         if not self.is_decode:
@@ -389,22 +378,6 @@ class TritonAttentionBackend(AttentionBackend):
         n = seq_lens.shape[0]
         self.seq_lens[:n].copy_(seq_lens)
         self.prefix_lens[:n].copy_(prefix_lens)
-
-    def _advance(self, batch: ForwardBatch) -> None:
-        """The steady decode step's metadata from the last step's, on the device."""
-        n, before = batch.num_requests, self.batch.num_requests
-        if batch.previous_rows is None:
-            self.seq_lens[:n] += 1
-        else:  # requests left: their rows go, the others move up (each gather is a new tensor)
-            self.seq_lens[:n] = self.seq_lens.index_select(0, batch.previous_rows) + 1
-            self.seq_lens[n:before] = 0  # padded rows of a graph read no keys
-            self.page_table[:n] = self.page_table.index_select(0, batch.previous_rows)
-        self._page_table_held = None  # changed on the device
-        update = batch.page_updates
-        if update is not None:
-            self.page_table[update[:, 0], : update.shape[1] - 1] = update[:, 1:].to(torch.int32)
-        self.tree = None
-        self.batch = batch
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
