@@ -36,7 +36,7 @@ def linear(
     (`takes_gate_up`) and the input is `silu(gate) * up` (`silu_linear`). With `pieces`, rows
     past the skinny GEMM's go to cuBLAS at `fixed_rows.SIZES` rows only (2-D `x`, no `out`)."""
     if gate_up:
-        return silu_linear(x, weight, bias, out, pieces)
+        return silu_linear(x, weight, bias, out)
     rows = gemv.num_rows(x)
     if rows <= gemv.MAX_ROWS or out is not None:
         return gemv.linear(x, weight, bias, out=out)
@@ -50,14 +50,10 @@ def linear(
 
 
 def linear_fixed_rows(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    gate_up: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`linear` with `pieces`: what a layer calls where it meets irregular row counts."""
-    return linear(x, weight, bias, out, gate_up, pieces=True)
+    """`linear` with `pieces`: for a layer that meets irregular row counts (an EAGLE head)."""
+    return linear(x, weight, bias, pieces=True)
 
 
 def takes_gate_up(rows: int, weight: torch.Tensor) -> bool:
@@ -90,11 +86,9 @@ def silu_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    pieces: bool = False,
 ) -> torch.Tensor:
-    """`linear(activation.silu_and_mul(gate_up), weight, bias, out, pieces=pieces)` for
-    `gate_up [..., 2 * K]`: where the GEMV takes this many rows (`takes_gate_up`) SiLU-and-mul
-    runs inside it, per K
+    """`linear(activation.silu_and_mul(gate_up), weight, bias, out)` for `gate_up [..., 2 * K]`:
+    where the GEMV takes this many rows (`takes_gate_up`) SiLU-and-mul runs inside it, per K
     block, bit for bit as the separate kernel computes it (one launch fewer per MLP at decode:
     `PEGBOARD_FUSED_SILU_DOWN`, `pegboard.core.models.llama.DecoderMLP`); else separately."""
     config = _gate_up_config(gemv.num_rows(gate_up), weight)
@@ -102,7 +96,7 @@ def silu_linear(
         return gemv.gemv(gate_up, weight, bias, config, out=out, gate_up=True)
     from pegboard.core.kernels.activation import silu_and_mul
 
-    return linear(silu_and_mul(gate_up), weight, bias, out, pieces=pieces)
+    return linear(silu_and_mul(gate_up), weight, bias, out)
 
 
 def silu_gate_up(
