@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 MIN_PIECE = 256  # (`skinny_gemm.MAX_ROWS`: fewer rows go to the GEMV or skinny GEMM)
 MAX_PIECE = 8192
-#: The only row counts `linear` hands cuBLAS.
+#: The only row counts `linear_in_pieces` hands cuBLAS.
 SIZES = tuple(MIN_PIECE << i for i in range((MAX_PIECE // MIN_PIECE).bit_length()))
 
 

@@ -425,8 +425,8 @@ class EagleHead(nn.Module):
         self.rotary = RotaryEmbedding(
             _rope(cfg), self.head_dim, cfg.get("max_position_embeddings", 4096)
         )
-        #: With the fused kernels (`use_fused_kernels`): `dense.linear_fixed_rows`, the q/k/v and gate/up
-        #: weights stacked (each projection's weight a view of its rows); else None.
+        #: With the fused kernels (`use_fused_kernels`): `dense.linear_fixed_rows`, the q/k/v
+        #: and gate/up weights stacked (each projection's weight a view of its rows); else None.
         self.linear = self.qkv_weight = self.gate_up_weight = None
         self.qkv_split = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
         # The target's parts, kept out of this module's parameters (`to` must not touch them).
