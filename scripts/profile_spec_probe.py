@@ -8,7 +8,8 @@ device synchronized before and after each (the step around them is un-overlapped
 `_catch_up`'s eager head forward (and its parts: `HeadKV.batch` with the attention's prepare,
 the attention, the linears, norms and rope; `head.step` less those is the embedding lookup,
 concatenations and SiLU), the drafting graph's `run`, `_ingest`, the logged features'
-`distribute`; it also counts the Triton specializations compiled after the warm-up
+`distribute`; and the rest of such a step: the verify batch's `runner.prepare` and `forward`
+(its graph replay, waited for), the core's `_verify` and the step's `_resolve`; it also counts the Triton specializations compiled after the warm-up
 (`CompileCounter`), with their kernels. Prints one line per verify step (and the batch's
 first step, its prefill) and the compiles.
 
@@ -35,13 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def timed(owner, name: str, record: dict, sync, label: str | None = None) -> None:
+def timed(owner, name: str, record: dict, sync, label: str | None = None, when=None) -> None:
     """Replace `owner.name` by a version adding its ms (device synchronized) to `record`
-    under `label` (default `name`)."""
+    under `label` (default `name`); with `when`, only in calls where `when()` is true (the
+    others run untouched)."""
     original = getattr(owner, name)
     label = label or name
 
     def wrapper(*args, **kwargs):
+        if when is not None and not when():
+            return original(*args, **kwargs)
         sync()
         t = time.perf_counter()
         try:
@@ -143,6 +147,14 @@ def main() -> None:
         engine = llm.engine
         step = engine.step
         timed(engine.speculation, "propose", part, sync)  # (the core's: hand-out, the hook)
+        # the rest of a step that drafts: the verify batch's prepare and forward (the verify
+        # graph's replay, waited for), the core's verify (the sample hook's verification, the
+        # roll-back), and the resolve of the step before it
+        drafting = lambda: engine.speculation.drafting  # noqa: E731
+        timed(engine.runner, "prepare", part, sync, "runner.prepare", drafting)
+        timed(engine.runner, "forward", part, sync, "runner.forward (verify)", drafting)
+        timed(engine, "_verify", part, sync, "engine._verify")
+        timed(engine, "_resolve", part, sync, "engine._resolve", drafting)
 
         def timed_step():
             verified = engine.speculation.num_verify
