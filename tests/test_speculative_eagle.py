@@ -380,3 +380,31 @@ def test_steps_without_drafts_are_logged_and_handed_out_as_runs(case, eagle_case
         llm.generate(prompts[:3], SamplingParams(max_tokens=40, temperature=0.0))
         assert llm.engine.speculation.switch.num_off_steps >= 30  # never drafted
     assert runs and max(runs) == hidden.LOG_STEPS
+
+
+def test_ingest_pairs_each_feature_with_the_token_after_it():
+    """`_ingest` hands the head, per new target position t, the feature at t and token t + 1
+    (EAGLE's pairs): from the first position the head has not seen, across the logged blocks,
+    up to the last token's position (its next token is not sampled yet). A wrong pairing only
+    lowers acceptance, so the lossless tests cannot see it."""
+    import types
+
+    from pegboard.core.speculative.hidden import FEATURES_KEY
+    from pegboard.plugins.speculative.eagle import STATE_KEY, EagleSpeculator
+    from pegboard.plugins.speculative.head_kv import HeadSlot
+    from pegboard.sdk.types import Request
+
+    request = Request(list(range(100, 110)), SamplingParams(max_tokens=8))
+    request.token_ids += [110, 111, 112]  # 13 tokens: pairs exist for positions 0-11
+    features = torch.arange(14.0).unsqueeze(1)  # the feature at position t is t
+    request.plugin_state[FEATURES_KEY] = [(0, features[:8]), (8, features[8:])]
+    slot = request.plugin_state[STATE_KEY] = HeadSlot()
+    slot.next_position = 5  # the head has seen the pairs of positions 0-4
+    spec = EagleSpeculator.__new__(EagleSpeculator)
+    spec._tracked = {}
+    spec.kv = types.SimpleNamespace(reserve=lambda slot, n: True)
+    job = spec._ingest(0, request, extra=0)
+    assert job.positions == list(range(5, 12))
+    assert job.ids == [request.token_ids[t + 1] for t in range(5, 12)] == list(range(106, 113))
+    assert job.feats.squeeze(1).tolist() == [float(t) for t in range(5, 12)]
+    assert FEATURES_KEY not in request.plugin_state  # consumed

@@ -34,6 +34,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydantic
 import torch
 from pegboard.core.models.config import RopeConfig
@@ -255,23 +256,24 @@ class EagleSpeculator(Speculator):
             self._tracked[id(r)] = r
         tokens = r.token_ids
         pending = r.plugin_state.get(FEATURES_KEY, [])
-        feats, positions = [], []
+        feats, positions, ids = [], [], []
         for start, block in pending:
             lo = max(slot.next_position - start, 0)
             hi = min(block.shape[0], len(tokens) - 1 - start)
             if hi > lo:
                 feats.append(block if hi - lo == block.shape[0] else block[lo:hi])
                 positions.extend(range(start + lo, start + hi))
+                ids.extend(tokens[start + lo + 1 : start + hi + 1])  # (each position's next)
         if not positions or not self.kv.reserve(slot, slot.real + len(positions) + extra):
             return None
         r.plugin_state.pop(FEATURES_KEY, None)
-        ids = [tokens[t + 1] for t in positions]
         return _Job(i, slot, feats[0] if len(feats) == 1 else torch.cat(feats), ids, positions)
 
     def _feed(self, jobs: list[_Job]) -> torch.Tensor:
         """One head forward over every job's new real entries; the last row of each."""
-        positions = [p for j in jobs for p in j.positions]
-        ids = to_device([t for j in jobs for t in j.ids], self.device, torch.int64)
+        # (numpy: a catch-up's thousands of pairs, ~3x faster than flattening lists in Python)
+        positions = np.concatenate([np.asarray(j.positions, np.int64) for j in jobs])
+        ids = to_device(np.concatenate([np.asarray(j.ids, np.int64) for j in jobs]), self.device)
         batch = self.kv.batch([(j.slot, j.slot.real, len(j.ids)) for j in jobs], positions, ids)
         hidden = self._step(torch.cat([j.feats for j in jobs]), ids, batch, first=True)
         ends, end = [], 0

@@ -60,7 +60,7 @@ class HeadKV:
     def batch(
         self,
         rows: list[tuple[HeadSlot, int, int]],
-        positions: list[int],
+        positions: list[int] | np.ndarray,
         ids: torch.Tensor,
         tree_masks: list[torch.Tensor | None] | None = None,
     ) -> ForwardBatch:
