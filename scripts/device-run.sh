@@ -898,6 +898,8 @@ for k, v in d.items():
         # Qwen3-0.6B random weights, the switch as by default (`spec`), switched off throughout
         # by the batch rule (`spec_off`: the target's features still logged for the head, session
         # 16's `TargetHidden` log) and plain twice (`plain`, `plain_again`: the noise); ~2 min.
+        # SPEC_TOKENS: new tokens per request (256; 1024 shows the long run, where the cooldown
+        # between trials has doubled to 256 steps: session 19 measured 0.913x at 256)
         # Met when `spec` and `spec_off` are within a few % of plain.
         HEAD=/tmp/eagle3-qwen3-random
         python3 -c "import json, sys; sys.path.insert(0, 'scripts')
@@ -907,7 +909,7 @@ from pegboard.core.bench.models import random_weights_model_dir
 cfg = json.loads((random_weights_model_dir('qwen3-0.6b') / 'config.json').read_text())
 random_eagle3_head(Path('$HEAD'), cfg)" || continue
         timeout 150 python3 scripts/bench_speculative.py --config qwen3-0.6b --speculative-algorithm EAGLE3 \
-          --speculative-draft-model-path $HEAD --batch-size 64 --num-prompts 64 --max-tokens 256 \
+          --speculative-draft-model-path $HEAD --batch-size 64 --num-prompts 64 --max-tokens ${SPEC_TOKENS:-256} \
           --speculative-num-steps 4 --compare-off --step-times --cuda-graph-max-bs 64 \
           >"$OUT/spec-eagle-batch64.json" 2>"$OUT/spec-eagle-batch64.err"
         SUMMARY='import json,sys; d=json.load(open(sys.argv[1]))
