@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -271,9 +272,13 @@ class EagleSpeculator(Speculator):
 
     def _feed(self, jobs: list[_Job]) -> torch.Tensor:
         """One head forward over every job's new real entries; the last row of each."""
-        # (numpy: a catch-up's thousands of pairs, ~3x faster than flattening lists in Python)
-        positions = np.concatenate([np.asarray(j.positions, np.int64) for j in jobs])
-        ids = to_device(np.concatenate([np.asarray(j.ids, np.int64) for j in jobs]), self.device)
+        # (`fromiter` over the chained lists: as fast as a comprehension for a drafting step's
+        # few pairs a job, ~1.5x faster for a catch-up's thousands; a numpy upload of the ids)
+        n = sum(len(j.ids) for j in jobs)
+        positions = np.fromiter(chain.from_iterable(j.positions for j in jobs), np.int64, n)
+        ids = to_device(
+            np.fromiter(chain.from_iterable(j.ids for j in jobs), np.int64, n), self.device
+        )
         batch = self.kv.batch([(j.slot, j.slot.real, len(j.ids)) for j in jobs], positions, ids)
         hidden = self._step(torch.cat([j.feats for j in jobs]), ids, batch, first=True)
         ends, end = [], 0
