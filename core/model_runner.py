@@ -96,7 +96,7 @@ class ModelRunner:
         #: The scheduled requests' page tables as one array, updated incrementally; the
         #: engine `forget`s a request when it releases it.
         self.page_tables = PageTableMirror()
-        self._arange = torch.zeros(0, dtype=torch.int64)  # `_rows`' device copy
+        self._arange = torch.zeros(0, dtype=torch.int64)  # `arange`'s device copy
 
     def on_device(self) -> contextlib.AbstractContextManager:
         """Make this runner's GPU the current CUDA device for the block (a no-op on a CPU).
@@ -363,13 +363,14 @@ class ModelRunner:
             query_lens_cpu=[1] * n,
             seq_lens_cpu=lengths.tolist(),
             page_tables_cpu=page_tables_cpu,
-            logits_indices=self._rows(n),
+            logits_indices=self.arange(n),
             samples=[True] * n,
             page_tables_array=table,
         )
 
-    def _rows(self, n: int) -> torch.Tensor:
-        """0 ... n - 1 on the device (a decode batch's logits rows), uploaded once."""
+    def arange(self, n: int) -> torch.Tensor:
+        """0 ... n - 1 on the device (a decode batch's logits rows, a verify batch's), cut from
+        one kept tensor (no upload per step; read-only: callers index with it)."""
         if self._arange.shape[0] < n:
             self._arange = to_device(np.arange(max(n, 64), dtype=np.int64), self.device)
         return self._arange[:n]

@@ -168,7 +168,6 @@ class Speculation:
             min_speedup(c.speculative_min_speedup, engine.runner.device),
         )
         self._tree_fallback_logged = False
-        self._aranged: torch.Tensor | None = None  # `_arange`'s
         #: This step's drafts on the device (`Drafts.device_tokens`), as `mark_rows` put them
         #: into the verify forward's inputs (raw ids, int64), and id(request) -> its first.
         self._device_ids: torch.Tensor | None = None
@@ -368,7 +367,7 @@ class Speculation:
         fill = fill_rows if on_device and not uniform else []
         up = None
         if every_row and not tree_rows and not fill:
-            batch.logits_rows = self._arange(end, device)
+            batch.logits_rows = self.engine.runner.arange(end)
         else:
             up = to_device(rows + tree_rows + tree_positions + fill, device, torch.int64)
             batch.logits_rows = up[: len(rows)]
@@ -401,13 +400,6 @@ class Speculation:
         else:
             torch.clamp(ids.view(n, -1), 0, top, out=input_ids.view(n, -1)[:, 1:])
         return ids
-
-    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
-        """`arange(n)` on `device` (the model's: it never changes), cut from one kept tensor
-        (no upload per step)."""
-        if self._aranged is None or self._aranged.shape[0] < n:
-            self._aranged = to_device(list(range(max(n, 64))), device, torch.int64)
-        return self._aranged[:n]
 
     # ------------------------------------------------------------------ after the forward
 
