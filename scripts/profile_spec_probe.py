@@ -9,8 +9,8 @@ device synchronized before and after each (the step around them is un-overlapped
 the attention, the linears, norms and rope; `head.step` less those is the embedding lookup,
 concatenations and SiLU), the drafting graph's `run`, `_ingest`, the logged features'
 `distribute`; and the rest of such a step: the verify batch's `runner.prepare` and `forward`
-(its graph replay, waited for), the core's `_verify` and the step's `_resolve`; it also counts the Triton specializations compiled after the warm-up
-(`CompileCounter`), with their kernels. Prints one line per verify step (and the batch's
+(its graph replay, waited for), the core's `_verify` and the step's `_resolve`. It also counts
+the Triton specializations compiled after the warm-up (`CompileCounter`), with their kernels. Prints one line per verify step (and the batch's
 first step, its prefill) and the compiles.
 
 `--torch-profile`: the run under the torch profiler, each engine step a `record_function`

@@ -5,9 +5,8 @@
 - 9-256 rows (decode batches, small mixed steps): the skinny GEMM where the measured table
   `skinny_gemm_configs.json` has one for this device, shape and row bucket
   (`skinny_gemm.measured_config`);
-- otherwise cuBLAS (`F.linear`): prefill, unmeasured shapes, devices without a table; with
-  `pieces`, at a fixed set of row counts (`fixed_rows`: cuBLAS spends host time choosing a
-  kernel for each shape it has not met).
+- otherwise cuBLAS (`F.linear`): prefill, unmeasured shapes, devices without a table
+  (`linear_fixed_rows`: at a fixed set of row counts, `fixed_rows`).
 
 The dense layers (`pegboard.core.models.layers.Linear`) call `linear` once the fused kernels
 are switched on; a CUDA graph captures whichever kernel its batch size picks.
@@ -26,15 +25,13 @@ def linear(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     gate_up: bool = False,
-    pieces: bool = False,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through the kernel measured fastest for this many rows; with
     `out` (`[rows of x, N]`: a tensor-parallel projection writing into its symmetric buffer,
     `pegboard.core.distributed.fused_norm`), written there by the GEMV or cuBLAS.
 
     With `gate_up`, x is a SwiGLU MLP's gate/up output `[..., 2 * K]` for the down projection
-    (`takes_gate_up`) and the input is `silu(gate) * up` (`silu_linear`). With `pieces`, rows
-    past the skinny GEMM's go to cuBLAS at `fixed_rows.SIZES` rows only (2-D `x`, no `out`)."""
+    (`takes_gate_up`) and the input is `silu(gate) * up` (`silu_linear`)."""
     if gate_up:
         return silu_linear(x, weight, bias, out)
     rows = gemv.num_rows(x)
@@ -44,16 +41,18 @@ def linear(
         config = skinny_gemm.measured_config(rows, weight)
         if config is not None and weight.is_contiguous():
             return skinny_gemm.skinny_gemm(x, weight, bias, config)
-    elif pieces and x.dim() == 2:
-        return fixed_rows.linear_in_pieces(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def linear_fixed_rows(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`linear` with `pieces`: for a layer that meets irregular row counts (an EAGLE head)."""
-    return linear(x, weight, bias, pieces=True)
+    """`linear`, with 2-D `x` of more rows than the skinny GEMM takes multiplied by cuBLAS at
+    `fixed_rows.SIZES` rows only (cuBLAS spends host time choosing a kernel for each shape it
+    has not met): for a layer that meets irregular row counts (an EAGLE head)."""
+    if x.dim() == 2 and x.shape[0] > fixed_rows.MIN_PIECE:
+        return fixed_rows.linear_in_pieces(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 def takes_gate_up(rows: int, weight: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ remainder under `MIN_PIECE` as one more `MIN_PIECE` piece ending at the last row
 rows the piece before it wrote: same stream, so in order, and every row is one GEMM's result).
 Each piece writes its rows of one output tensor (`torch.mm` / `torch.addmm` with `out=`: no
 copies). `warm_up` meets every size once per weight shape, so no later call meets a new one.
-`dense.linear(..., pieces=True)` routes its cuBLAS products here (fewer rows go to the GEMV and
+`dense.linear_fixed_rows` routes its cuBLAS products here (fewer rows go to the GEMV and
 skinny GEMM: Triton kernels specialize by divisibility, not by row count).
 
 The cost: up to ~log2(rows / MIN_PIECE) + 2 launches instead of one, the smaller pieces using
