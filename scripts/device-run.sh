@@ -161,6 +161,9 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
         # prefetch before the PDL wait"); all-pf: all with pf (the cuts free the memory for it);
         # pf-fit / all-pf-fit: the whole slice only where the matrix fits 40 MiB (the o
         # projection; session 17: pf over every GEMV lost 15 %, gate/up's 235 MB thrash the L2).
+        # l2o / l2o-ev / l2all / l2all-ev / l2mlp: the L2 prefetch kernel (docs/kernels.md, "Weights
+        # into the L2 while attention runs"): o's weights after the qkv GEMV; -ev: lines marked
+        # evict-last; all: also gate/up's and down's first 16 MB; mlp: those two only.
         # Alternate them (e.g. FUSE_VARIANTS="off pf off pf all all-pf"): calls' hosts differ.
         # Per run: tok/s, host and device-wait ms per step. FUSE_TESTS=0: the runs only
         for v in ${FUSE_VARIANTS:-off all}; do
@@ -177,6 +180,11 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
             all-pf) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl PEGBOARD_GEMV_PREFETCH=64" ;;
             pf-fit) vars="PEGBOARD_GEMV_PREFETCH=64 PEGBOARD_GEMV_PREFETCH_MAX_MB=40" ;;
             all-pf-fit) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl PEGBOARD_GEMV_PREFETCH=64 PEGBOARD_GEMV_PREFETCH_MAX_MB=40" ;;
+            l2o) vars=PEGBOARD_L2_PREFETCH=o ;;
+            l2o-ev) vars="PEGBOARD_L2_PREFETCH=o PEGBOARD_L2_PREFETCH_EVICT_LAST=1" ;;
+            l2all) vars=PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 ;;
+            l2all-ev) vars="PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 PEGBOARD_L2_PREFETCH_EVICT_LAST=1" ;;
+            l2mlp) vars=PEGBOARD_L2_PREFETCH=gate_up=16,down=16 ;;
             *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
           esac
           env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \
