@@ -3,7 +3,7 @@
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
 #                 [tests | tests-1 (tests-1a tests-1b tests-1c tests-1d) tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
-#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse]
+#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse] [l2-prefetch]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]

@@ -150,6 +150,8 @@ def test_gpu_prefetch_leaves_the_bytes_and_replays_in_a_graph(evict_last):
         before = weight.clone()
         l2_prefetch.prefetch(weight, evict_last=evict_last)
         l2_prefetch.prefetch(weight, nbytes=20000, evict_last=evict_last)
+        l2_prefetch.prefetch(weight, nbytes=MB / 3, evict_last=evict_last)  # MB from the flag
+        l2_prefetch.prefetch(weight, evict_last=evict_last, lines=True, per_program=256)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             l2_prefetch.prefetch(weight, evict_last=evict_last)

@@ -70,28 +70,55 @@ def _prefetch_kernel(
         gdc_wait()  # complete only after the kernel before: the chain's order stays as it was
 
 
-def prefetch(weight: torch.Tensor, nbytes: float = math.inf, evict_last: bool = False) -> None:
+@triton.jit
+def _line_prefetch_kernel(
+    Base, nbytes, PER_PROGRAM: tl.constexpr, EVICT_LAST: tl.constexpr, PDL: tl.constexpr
+):
+    index = tl.program_id(0) * PER_PROGRAM + tl.arange(0, PER_PROGRAM)
+    ptrs = Base + tl.minimum(index.to(tl.int64) * 128, nbytes - 128)  # one 128-byte line each
+    if EVICT_LAST:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2::evict_last [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )  # fmt: skip
+    else:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+def prefetch(
+    weight: torch.Tensor,
+    nbytes: float = math.inf,
+    evict_last: bool = False,
+    lines: bool = False,
+    chunk: int = CHUNK,
+    per_program: int = PER_PROGRAM,
+    pdl: bool | None = None,
+) -> None:
     """Ask the L2 for the first `nbytes` of `weight` (all of it by default), asynchronously, on
     the current stream. Needs a contiguous CUDA tensor on a Hopper or newer GPU; elsewhere (CPU,
-    the interpreter, older GPUs) it does nothing. Graph-safe."""
+    the interpreter, older GPUs) it does nothing. Graph-safe. `lines`: one `prefetch.global.L2`
+    per 128-byte line instead of bulk prefetches of `chunk` bytes; `per_program`: prefetches
+    per program (a power of two; one warp per 32); `pdl`: None for the device's default."""
     if not usable(weight):
         return
-    size = min(weight.numel() * weight.element_size(), nbytes) // 16 * 16
-    if size == 0:
+    size = int(min(weight.numel() * weight.element_size(), nbytes)) // 16 * 16
+    if size < (128 if lines else 16):
         return
-    chunk = min(CHUNK, size)
-    grid = (triton.cdiv(size, chunk * PER_PROGRAM),)
-    pdl = pdl_enabled(weight.device)
-    _prefetch_kernel[grid](
-        weight.view(-1).view(torch.uint8),
-        int(size),
-        chunk,
-        PER_PROGRAM=PER_PROGRAM,
-        EVICT_LAST=evict_last,
-        PDL=pdl,
-        num_warps=1,
-        **({"launch_pdl": True} if pdl else {}),
-    )
+    pdl = pdl_enabled(weight.device) if pdl is None else pdl
+    options = {"PER_PROGRAM": per_program, "EVICT_LAST": evict_last, "PDL": pdl}
+    options |= {"num_warps": max(1, min(8, per_program // 32))}
+    options |= {"launch_pdl": True} if pdl else {}
+    base = weight.view(-1).view(torch.uint8)
+    if lines:
+        grid = (triton.cdiv(size, 128 * per_program),)
+        _line_prefetch_kernel[grid](base, size, **options)
+        return
+    chunk = min(chunk, size)
+    _prefetch_kernel[(triton.cdiv(size, chunk * per_program),)](base, size, chunk, **options)
 
 
 def usable(weight: torch.Tensor) -> bool:
