@@ -185,6 +185,8 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
             l2all) vars=PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 ;;
             l2all-ev) vars="PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 PEGBOARD_L2_PREFETCH_EVICT_LAST=1" ;;
             l2mlp) vars=PEGBOARD_L2_PREFETCH=gate_up=16,down=16 ;;
+            l2o-lines) vars="PEGBOARD_L2_PREFETCH=o PEGBOARD_L2_PREFETCH_LINES=1" ;;
+            l2all-lines) vars="PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 PEGBOARD_L2_PREFETCH_LINES=1" ;;
             *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
           esac
           env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \

@@ -62,7 +62,7 @@ def test_ahead_only_where_named_and_the_layer_has_a_weight(monkeypatch):
 
 def test_ahead_asks_only_for_decode_batches_the_gemv_takes(monkeypatch):
     calls = []
-    monkeypatch.setattr(l2_prefetch, "prefetch", lambda w, n, e: calls.append((w, n, e)))
+    monkeypatch.setattr(l2_prefetch, "prefetch", lambda w, n, e, *a, **k: calls.append((w, n, e)))
     layer = Linear(16, 16, bias=False)
     site = l2_prefetch.Ahead(layer, 4 * MB, evict_last=True)
     site(l2_prefetch.MAX_ROWS + 1)
@@ -85,7 +85,7 @@ def test_the_decoder_asks_for_each_layers_next_weights_in_order(tiny_llama_dir, 
     monkeypatch.setenv("PEGBOARD_L2_PREFETCH", "o,gate_up=1,down")
     runner.model.set_fused_kernels(True)
     asked = []
-    monkeypatch.setattr(l2_prefetch, "prefetch", lambda w, n, e: asked.append((w, n)))
+    monkeypatch.setattr(l2_prefetch, "prefetch", lambda w, n, *a, **k: asked.append((w, n)))
     logits = prefill_logits(runner, [[5, 9], [300, 2]])  # 4 rows: the GEMV's
     torch.testing.assert_close(logits, expected, atol=0, rtol=0)
     wanted = []
@@ -171,7 +171,9 @@ def test_gpu_graph_decode_with_every_site_equals_without(tiny_llama_dir, monkeyp
     plain, _, _ = _generate(tiny_llama_dir, _prompts(3), attention="triton", dtype="bfloat16")
     launches = []
     real = l2_prefetch.prefetch
-    monkeypatch.setattr(l2_prefetch, "prefetch", lambda *a: launches.append(1) or real(*a))
+    monkeypatch.setattr(
+        l2_prefetch, "prefetch", lambda *a, **k: launches.append(1) or real(*a, **k)
+    )
     monkeypatch.setenv("PEGBOARD_L2_PREFETCH", "o,gate_up=1,down")
     ahead, graphs, _ = _generate(tiny_llama_dir, _prompts(3), attention="triton", dtype="bfloat16")
     assert graphs and graphs[0].num_replays >= 15

@@ -136,14 +136,23 @@ class Ahead:
     weight is followed), asked for when a step has at most `gemv.MAX_ROWS` rows (the decode
     batches whose linears stream their weights)."""
 
-    def __init__(self, layer: torch.nn.Module, nbytes: float, evict_last: bool) -> None:
+    def __init__(
+        self, layer: torch.nn.Module, nbytes: float, evict_last: bool, lines: bool = False
+    ) -> None:
         self.layer = layer
         self.nbytes = nbytes
         self.evict_last = evict_last
+        self.lines = lines
 
     def __call__(self, rows: int) -> None:
         if rows <= MAX_ROWS:
-            prefetch(self.layer.weight, self.nbytes, self.evict_last)
+            prefetch(
+                self.layer.weight,
+                self.nbytes,
+                self.evict_last,
+                self.lines,
+                per_program=256 if self.lines else PER_PROGRAM,
+            )
 
 
 def ahead(site: str, layer: torch.nn.Module) -> Ahead | None:
@@ -153,7 +162,8 @@ def ahead(site: str, layer: torch.nn.Module) -> Ahead | None:
     nbytes = sites().get(site)
     if nbytes is None or not isinstance(getattr(layer, "weight", None), torch.Tensor):
         return None
-    return Ahead(layer, nbytes, evict_last())
+    lines = os.environ.get("PEGBOARD_L2_PREFETCH_LINES", "0") not in ("", "0")
+    return Ahead(layer, nbytes, evict_last(), lines)
 
 
 def sites() -> dict[str, float]:
