@@ -35,6 +35,8 @@ VARIANTS = {
     "lines-p256-ev": {"lines": True, "per_program": 256, "evict_last": True},
     "side-bulk-16k-p32": {"side": True},
     "side-lines-p256": {"side": True, "lines": True, "per_program": 256},
+    "side-lines-p1024": {"side": True, "lines": True, "per_program": 1024},
+    "side-lines-p256-nopdl": {"side": True, "lines": True, "per_program": 256, "pdl": False},
 }
 
 

@@ -202,6 +202,10 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
           --tb=short tests/test_rotary_store.py tests/test_decode_fixup.py tests/test_gemv_silu.py \
           tests/test_gemv_prefetch.py 2>&1 | tail -15 \
           | tee "$OUT/$job-tests.log" ;;
+    l2-prefetch) # issue 17: the o projection's weights prefetched into the L2 during a stand-in
+        # for attention, variants of l2_prefetch.prefetch (scripts/bench_l2_prefetch.py)
+        timeout 200 python3 scripts/bench_l2_prefetch.py --json "$OUT/l2-prefetch.json" \
+          2>"$OUT/l2-prefetch.err" | tail -30 ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"
         timeout 200 $PB bench prefix --random-weights --config qwen3-0.6b --kv-cache "$cache" \
