@@ -109,6 +109,28 @@ def main() -> None:
             results[name] = timed_graph(lambda v=variant: layers(v))
         except Exception as e:  # noqa: BLE001 - a variant that fails is reported, the rest run
             print(f"{name}: failed: {type(e).__name__}: {e}")
+
+    # Without the qkv GEMV: the o GEMV twice in a row (the second from the L2 if 33.5 MB stay
+    # there), and after a line prefetch of its first MB (8-32) plus the gap.
+    def twice() -> None:
+        for i in range(LAYERS):
+            dense.linear(att, o[i], None)
+            dense.linear(att, o[i], None)
+
+    results["o-twice (2 GEMVs)"] = timed_graph(twice)
+    results["o-once"] = timed_graph(lambda: [dense.linear(att, o[i], None) for i in range(LAYERS)])
+    for mb in (8, 16, 24, 32):
+
+        def ahead(mb=mb) -> None:
+            for i in range(LAYERS):
+                l2_prefetch.prefetch(o[i], mb * 2**20, lines=True, per_program=256, pdl=False)
+                torch.cuda._sleep(cycles)
+                dense.linear(att, o[i], None)
+
+        results[f"lines {mb}MB + gap + o"] = timed_graph(ahead)
+    results["gap + o"] = timed_graph(
+        lambda: [(torch.cuda._sleep(cycles), dense.linear(att, o[i], None)) for i in range(LAYERS)]
+    )
     # The prefetch kernel alone and the o GEMV cold / warm, eager, events around each.
     flush = torch.empty(256 * 2**20, device=dev, dtype=torch.uint8)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
