@@ -119,6 +119,21 @@ def main() -> None:
 
     results["o-twice (2 GEMVs)"] = timed_graph(twice)
     results["o-once"] = timed_graph(lambda: [dense.linear(att, o[i], None) for i in range(LAYERS)])
+    F = torch.nn.functional
+    results["cublas o-twice"] = timed_graph(
+        lambda: [(F.linear(att, o[i]), F.linear(att, o[i])) for i in range(LAYERS)]
+    )
+    results["cublas o-once"] = timed_graph(lambda: [F.linear(att, o[i]) for i in range(LAYERS)])
+    half = [w[: HIDDEN // 2] for w in o]  # 16 MB
+    results["half-o twice"] = timed_graph(
+        lambda: [
+            (dense.linear(att, half[i], None), dense.linear(att, half[i], None))
+            for i in range(LAYERS)
+        ]
+    )
+    results["half-o once"] = timed_graph(
+        lambda: [dense.linear(att, half[i], None) for i in range(LAYERS)]
+    )
     for mb in (8, 16, 24, 32):
 
         def ahead(mb=mb) -> None:
