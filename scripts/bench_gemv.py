@@ -255,9 +255,6 @@ STEP_VARIANTS: dict[str, Callable[[GemvConfig], GemvConfig]] = {
     "gemv": lambda c: c,  # as DECODE_CONFIGS says
     "gemv_dot_no_pdl": lambda c: replace(c, pdl=False) if c.dot else c,
     "gemv_no_pdl": lambda c: replace(c, pdl=False),
-    # the L2 prefetch before the PDL wait: one tile, the whole slice (docs/kernels.md)
-    "gemv_prefetch1": lambda c: replace(c, prefetch=1),
-    "gemv_prefetch": lambda c: replace(c, prefetch=64),
 }
 
 
@@ -306,7 +303,6 @@ E2E_VARIANTS = {  # name: (extra flags, extra environment); the two that matter 
     "no-gemv-no-pdl": (["--disable-gemv"], {"PEGBOARD_DISABLE_PDL": "1"}),
     "gemv-no-pdl": ([], {"PEGBOARD_DISABLE_PDL": "1"}),
     "no-gemv": (["--disable-gemv"], {}),
-    "gemv-prefetch": ([], {"PEGBOARD_GEMV_PREFETCH": "64"}),
 }
 
 
@@ -424,8 +420,7 @@ def print_table(
         print(
             f"step {name}: cuBLAS {s['cublas_ms']:.3f} ms ({s['cublas_tb_s']:.2f} TB/s), "
             f"GEMV {s['gemv_ms']:.3f} ({s['gemv_tb_s']:.2f} TB/s); without PDL: tensor-core "
-            f"kernel {s['gemv_dot_no_pdl_ms']:.3f}, all {s['gemv_no_pdl_ms']:.3f}; L2 prefetch "
-            f"of one tile {s['gemv_prefetch1_ms']:.3f}, of the slice {s['gemv_prefetch_ms']:.3f}"
+            f"kernel {s['gemv_dot_no_pdl_ms']:.3f}, all {s['gemv_no_pdl_ms']:.3f}"
         )
     for name, ms in e2e.items():
         tok_s = f"{1e3 / ms:.1f} tok/s" if ms else "-"

@@ -3,7 +3,7 @@
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
 #                 [tests | tests-1 (tests-1a tests-1b tests-1c tests-1d) tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
-#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse] [l2-prefetch]
+#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
@@ -156,15 +156,8 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
         # (PEGBOARD_FUSED_ROPE_STORE=0: rope + store is the default since session 19; the other
         # variants run on the default); rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch-1 decode attention on
         # s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); silu: PEGBOARD_FUSED_SILU_GATE_UP=1;
-        # all: the three together (fix-pdl); pf1 / pf: the GEMVs' L2 prefetch before the PDL wait
-        # of one tile / the whole slice (PEGBOARD_GEMV_PREFETCH=1 / 64: docs/kernels.md, "L2
-        # prefetch before the PDL wait"); all-pf: all with pf (the cuts free the memory for it);
-        # pf-fit / all-pf-fit: the whole slice only where the matrix fits 40 MiB (the o
-        # projection; session 17: pf over every GEMV lost 15 %, gate/up's 235 MB thrash the L2).
-        # l2o / l2o-ev / l2all / l2all-ev / l2mlp: the L2 prefetch kernel (docs/kernels.md, "Weights
-        # into the L2 while attention runs"): o's weights after the qkv GEMV; -ev: lines marked
-        # evict-last; all: also gate/up's and down's first 16 MB; mlp: those two only.
-        # Alternate them (e.g. FUSE_VARIANTS="off pf off pf all all-pf"): calls' hosts differ.
+        # all: the three together (fix-pdl). Alternate them (e.g. FUSE_VARIANTS="off all off
+        # all"): calls' hosts differ.
         # Per run: tok/s, host and device-wait ms per step. FUSE_TESTS=0: the runs only
         for v in ${FUSE_VARIANTS:-off all}; do
           fix="PEGBOARD_DECODE_DEFAULTS=32:s3-fast-pf,0:s3-pf-fix"
@@ -175,18 +168,6 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
             fix-pdl) vars=$fix-pdl ;;
             silu) vars=PEGBOARD_FUSED_SILU_GATE_UP=1 ;;
             all) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl" ;;
-            pf1) vars=PEGBOARD_GEMV_PREFETCH=1 ;;
-            pf) vars=PEGBOARD_GEMV_PREFETCH=64 ;;
-            all-pf) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl PEGBOARD_GEMV_PREFETCH=64" ;;
-            pf-fit) vars="PEGBOARD_GEMV_PREFETCH=64 PEGBOARD_GEMV_PREFETCH_MAX_MB=40" ;;
-            all-pf-fit) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl PEGBOARD_GEMV_PREFETCH=64 PEGBOARD_GEMV_PREFETCH_MAX_MB=40" ;;
-            l2o) vars=PEGBOARD_L2_PREFETCH=o ;;
-            l2o-ev) vars="PEGBOARD_L2_PREFETCH=o PEGBOARD_L2_PREFETCH_EVICT_LAST=1" ;;
-            l2all) vars=PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 ;;
-            l2all-ev) vars="PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 PEGBOARD_L2_PREFETCH_EVICT_LAST=1" ;;
-            l2mlp) vars=PEGBOARD_L2_PREFETCH=gate_up=16,down=16 ;;
-            l2o-lines) vars="PEGBOARD_L2_PREFETCH=o PEGBOARD_L2_PREFETCH_LINES=1" ;;
-            l2all-lines) vars="PEGBOARD_L2_PREFETCH=o,gate_up=16,down=16 PEGBOARD_L2_PREFETCH_LINES=1" ;;
             *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
           esac
           env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \
@@ -200,12 +181,8 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
         done
         [ "${FUSE_TESTS:-1}" = 0 ] || timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
           --tb=short tests/test_rotary_store.py tests/test_decode_fixup.py tests/test_gemv_silu.py \
-          tests/test_gemv_prefetch.py 2>&1 | tail -15 \
+          2>&1 | tail -15 \
           | tee "$OUT/$job-tests.log" ;;
-    l2-prefetch) # issue 17: the o projection's weights prefetched into the L2 during a stand-in
-        # for attention, variants of l2_prefetch.prefetch (scripts/bench_l2_prefetch.py)
-        timeout 200 python3 scripts/bench_l2_prefetch.py --json "$OUT/l2-prefetch.json" \
-          2>"$OUT/l2-prefetch.err" | tail -30 ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]
         IFS=- read -r _ cache sched tokens <<<"$job"
         timeout 200 $PB bench prefix --random-weights --config qwen3-0.6b --kv-cache "$cache" \

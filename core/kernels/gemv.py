@@ -18,13 +18,6 @@ the first loads overlap the end of the kernel before. Two ways to multiply, chos
   the x rows, padded to 16, as its N side; for more rows, where the element-wise products
   would cost more than the loads.
 
-With `prefetch` (`GemvConfig.prefetch`, or `PEGBOARD_GEMV_PREFETCH` for every configuration;
-off by default, not yet measured on a GPU) a program also asks the L2 for up to that many more
-of its weight tiles (`prefetch.global.L2`, one instruction per 128-byte line, no registers held)
-before it waits: while the kernel before runs (a norm, rope, SiLU: microseconds in which the
-memory is idle at batch 1), the weights of the next GEMV's resident programs are already
-streaming. See docs/kernels.md, "L2 prefetch before the PDL wait".
-
 With `SPLIT_K > 1` (for shapes with few output rows, so that enough programs stream at once)
 each program writes float32 partial sums, and `_split_k_sum_kernel` adds them (and the bias)
 into the output. Bias is added in float32 before the one rounding to the output dtype.
@@ -38,35 +31,23 @@ CUDA graph once each launch configuration has been compiled.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from pegboard.core.kernels.cuda_support import interpreting
 from pegboard.core.kernels.gemv_silu import paired_rows, silu_mul, store_silu
 from pegboard.core.kernels.pdl import launch_options, wait_for_inputs
 from torch.nn import functional as F
 
 MAX_ROWS = 8  # rows of x (tokens) up to which `linear` considers these kernels
-#: Weight tiles each program prefetches into the L2 before its PDL wait where a configuration
-#: does not say (`GemvConfig.prefetch`); 0: off (the default until measured on a GPU).
-PREFETCH_TILES = int(os.environ.get("PEGBOARD_GEMV_PREFETCH", "0"))
-#: Prefetch only into GEMVs whose weight matrix has at most this many bytes (0: any). Session 17
-#: measured the whole slice of every GEMV 15 % slower at Llama-3.1-8B batch 1: gate/up's 235 MB
-#: cannot wait in the 50 MB L2 for its loads, o's 33.5 MB can (`PEGBOARD_GEMV_PREFETCH_MAX_MB`).
-PREFETCH_MAX_BYTES = int(float(os.environ.get("PEGBOARD_GEMV_PREFETCH_MAX_MB", "0")) * 2**20)
-_LINE_BYTES = 128  # an L2 cache line
 
 
 @dataclass(frozen=True)
 class GemvConfig:
     """One launch configuration: the output rows and K width per program step, the number of
     K slices, tensor cores or not, Triton's warps and pipelining depth, and whether to launch
-    with programmatic dependent launch where the device has it (`pdl`), and how many weight
-    tiles after the first a program prefetches into the L2 before it waits (`prefetch`; None:
-    `PREFETCH_TILES`)."""
+    with programmatic dependent launch where the device has it (`pdl`)."""
 
     block_n: int
     block_k: int
@@ -75,7 +56,6 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     pdl: bool = True
-    prefetch: int | None = None
 
 
 @triton.jit
@@ -116,20 +96,6 @@ def _weight_tile(ptrs, k_offs, K, EVEN_K: tl.constexpr):
     else:
         w = tl.load(ptrs, mask=k_offs < K, other=0.0, eviction_policy="evict_first")
     return w
-
-
-@triton.jit
-def _prefetch_l2(W, rows, K, start, end, LINE: tl.constexpr, LINES: tl.constexpr):
-    """Ask the L2 for weight columns `[start, end)` of `rows` (`[BLOCK_N]`, int64), one
-    `prefetch.global.L2` per `LINE` columns (a 128-byte line), `LINES` per row; columns past
-    `end` are clamped to `end - 1` (a repeated line costs an instruction, no traffic). Fire and
-    forget: nothing is waited for, no register holds the data, so it may run before the PDL
-    wait (weights depend on no earlier kernel). Inline PTX: never under the interpreter."""
-    cols = tl.minimum(start + tl.arange(0, LINES) * LINE, end - 1)
-    ptrs = W + rows[:, None] * K + cols[None, :]
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
 
 
 @triton.jit
@@ -177,8 +143,6 @@ def _gemv_kernel(
     PDL: tl.constexpr,
     GATE_UP: tl.constexpr,
     SILU_OUT: tl.constexpr = False,
-    PF_LINE: tl.constexpr = 64,
-    PF_LINES: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -192,12 +156,8 @@ def _gemv_kernel(
     w_ptrs = W + rows[None, :, None] * K + k_offs
     x_ptrs = X + offs_m[:, None, None] * stride_xm + k_offs
     m_mask = offs_m[:, None, None] < M
-    # The first weight tile is loading while the kernel before finishes (the next ones too,
-    # into the L2, with PF_LINES).
+    # The first weight tile is loading while the kernel before finishes.
     w = _weight_tile(w_ptrs, k_offs, K, EVEN_K)
-    if PF_LINES > 0:
-        start = pid_k * k_per_split
-        _prefetch_l2(W, rows, K, start + BLOCK_K, tl.minimum(start + k_per_split, K), PF_LINE, PF_LINES)  # fmt: skip
     wait_for_inputs(PDL)
     x = _input_tile(x_ptrs, k_offs, K, m_mask, EVEN_K, GATE_UP)
     acc = x.to(tl.float32) * w.to(tl.float32)  # [BLOCK_M, BLOCK_N, BLOCK_K], summed at the end
@@ -236,8 +196,6 @@ def _dot_kernel(
     PDL: tl.constexpr,
     GATE_UP: tl.constexpr,
     PRECISION: tl.constexpr,
-    PF_LINE: tl.constexpr = 64,
-    PF_LINES: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -249,9 +207,6 @@ def _dot_kernel(
     xt_ptrs = X + offs_m[None, :] * stride_xm + k_offs[:, None]  # [BLOCK_K, BLOCK_M]
     m_mask = offs_m[None, :] < M
     w = _weight_tile(w_ptrs, k_offs[None, :], K, EVEN_K)
-    if PF_LINES > 0:
-        start = pid_k * k_per_split
-        _prefetch_l2(W, rows, K, start + BLOCK_K, tl.minimum(start + k_per_split, K), PF_LINE, PF_LINES)  # fmt: skip
     wait_for_inputs(PDL)
     xt = _input_tile(xt_ptrs, k_offs[:, None], K, m_mask, EVEN_K, GATE_UP)
     acc = tl.dot(w, xt.to(w.dtype), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -342,7 +297,6 @@ def gemv(
         "HAS_BIAS": bias is not None,
         "SPLIT": splits > 1,
         "GATE_UP": gate_up,
-        **({} if interpreting() else prefetch_options(config, k_per_split, block_k, weight)),
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
@@ -383,23 +337,6 @@ def _gemv_silu(
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
         )  # fmt: skip
     return out.view(*x.shape[:-1], n // 2)
-
-
-def prefetch_options(
-    config: GemvConfig, k_per_split: int, block_k: int, weight: torch.Tensor
-) -> dict[str, int]:
-    """The kernels' `PF_LINE` / `PF_LINES` for `config` on a GPU: the lines per weight row
-    covering up to `prefetch` tiles after the first of a program's K slice, rounded up to a
-    power of two (the extra ones clamp to the slice's end); none when the slice is one tile, or
-    when the weight has more than `PREFETCH_MAX_BYTES`. (The interpreter gets none: inline PTX.)"""
-    if PREFETCH_MAX_BYTES and weight.numel() * weight.element_size() > PREFETCH_MAX_BYTES:
-        return {}
-    tiles = PREFETCH_TILES if config.prefetch is None else config.prefetch
-    columns = min(tiles * block_k, k_per_split - block_k)
-    if columns <= 0:
-        return {}
-    line = _LINE_BYTES // weight.element_size()
-    return {"PF_LINE": line, "PF_LINES": triton.next_power_of_2(triton.cdiv(columns, line))}
 
 
 def rows_and_output(

@@ -66,21 +66,17 @@ class DecoderAttention(nn.Module):
         self.__dict__["rotary"] = rotary
         self.fused_rope = False  # q/k norm + rope in one in-place kernel
         self.fused_store = False  # ... that also stores K/V (`kernels.fused_rope_store`)
-        self.prefetch_o: Callable[[int], None] | None = None  # `l2_prefetch.ahead("o", ...)`
 
     def set_fused_kernels(self, enabled: bool) -> None:
         from pegboard.core.kernels import fused_rope_store
 
         self.fused_rope = enabled
         self.fused_store = enabled and fused_rope_store()
-        self.prefetch_o = _ahead("o", self.o_proj) if enabled else None
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        if self.prefetch_o is not None:  # o's weights into the L2 while attention runs
-            self.prefetch_o(x.shape[0])
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -130,11 +126,9 @@ class DecoderMLP(nn.Module):
         #: `dense.silu_gate_up` when the gate/up GEMV may compute SiLU-and-mul in its epilogue
         #: (`PEGBOARD_FUSED_SILU_GATE_UP=1`), else None.
         self.silu_gate_up: Callable | None = None
-        self.prefetch_down: Callable[[int], None] | None = None  # `l2_prefetch.ahead("down")`
 
     def set_fused_kernels(self, enabled: bool) -> None:
         self.takes_gate_up = self.silu_gate_up = None
-        self.prefetch_down = _ahead("down", self.down_proj) if enabled else None
         if enabled:
             from pegboard.core.kernels import dense, fused_silu_down, fused_silu_gate_up
             from pegboard.core.kernels.activation import silu_and_mul as fused_silu_and_mul
@@ -151,17 +145,11 @@ class DecoderMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self._silu_in_gate_up(x)
         if act is not None:  # SiLU-and-mul in the gate/up GEMV's epilogue
-            self._prefetch_down(x)
             return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
-        self._prefetch_down(x)
         if self._down_takes_gate_up(gate_up):  # SiLU-and-mul inside the down GEMV
             return self.down_proj(gate_up, gate_up=True)
         return self.down_proj(self.act_fn(gate_up))
-
-    def _prefetch_down(self, x: torch.Tensor) -> None:
-        if self.prefetch_down is not None:  # down's first weights while SiLU-and-mul runs
-            self.prefetch_down(x.numel() // x.shape[-1])
 
     def _silu_in_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
         """`silu_and_mul(gate_up_proj(x))` from one GEMV launch where the switch is on, the
@@ -198,12 +186,6 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(cfg, layer, rotary, linear)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = _mlp(cfg, layer, linear)
-        self.prefetch_gate_up: Callable[[int], None] | None = None  # `l2_prefetch.ahead`
-
-    def set_fused_kernels(self, enabled: bool) -> None:
-        mlp = self.mlp
-        dense = enabled and isinstance(mlp, DecoderMLP)
-        self.prefetch_gate_up = _ahead("gate_up", mlp.gate_up_proj) if dense else None
 
     def forward(
         self,
@@ -218,18 +200,8 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, attn)
-        if self.prefetch_gate_up is not None:  # gate/up's first weights while the norm runs
-            self.prefetch_gate_up(hidden.shape[0])
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
-
-
-def _ahead(site: str, layer: nn.Module) -> Callable[[int], None] | None:
-    """`l2_prefetch.ahead(site, layer)`: the L2 prefetch of `layer`'s weight at `site` when
-    `PEGBOARD_L2_PREFETCH` names it (imports Triton: only with the fused kernels on)."""
-    from pegboard.core.kernels import l2_prefetch
-
-    return l2_prefetch.ahead(site, layer)
 
 
 def _mlp(cfg: ModelConfig, layer: int, linear: LinearFactory) -> nn.Module:
@@ -291,7 +263,7 @@ class CausalLM(nn.Module):
         linear layers and the LM head run few-row products as GEMV kernels where those were
         measured faster than cuBLAS (unless `PEGBOARD_DISABLE_GEMV=1`; `gemv_kernels` says).
         Enabling imports Triton; the kernels need CUDA tensors (or `TRITON_INTERPRET=1` on CPU)."""
-        kinds = (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP, DecoderLayer, LinearLayer)
+        kinds = (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP, LinearLayer)
         for module in self.modules():
             if isinstance(module, kinds):
                 module.set_fused_kernels(enabled)
