@@ -127,6 +127,9 @@ class StepTimes:
         self.engine, self.on = engine, on
         self.starts: list[float] = []
         self.kinds: list[str] = []
+        #: Steps of a kind other than `steady`: (step, kind, requests verified, the switch's
+        #: steps left off and why, its trials so far) — which rule drafted when.
+        self.trace: list[tuple] = []
 
     def __enter__(self) -> StepTimes:
         if not self.on:
@@ -153,6 +156,11 @@ class StepTimes:
             else:
                 kind = "host_fed" if before in ("verify", "flip") else "steady"
             self.kinds.append(kind)
+            if kind != "steady":
+                sw = e.speculation.switch
+                verified = e.speculation.num_verify - verified
+                self.trace.append((len(self.kinds) - 1, kind, verified, sw._off_for,
+                                   sw._off_reason, sw.num_trials))  # fmt: skip
             return out
 
         e.step, e.runner.forward = timed_step, timed_forward
@@ -178,6 +186,7 @@ class StepTimes:
             "step_ms": {k: {"steps": len(v), "median": round(statistics.median(v), 3),
                             "total": round(sum(v), 2)} for k, v in sorted(by_kind.items())},
             "probes": probes[:8],  # [step before, verify step, step after] of the first 8
+            "trace": self.trace[:60],
             "_times": list(zip(self.kinds, ms)),  # (`extra_ms_by_kind`; dropped from the JSON)
         }  # fmt: skip
 
