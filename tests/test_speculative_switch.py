@@ -609,3 +609,35 @@ def test_a_large_batch_probes_with_a_trial_and_outputs_are_unchanged(tiny_llama_
     # verify step, and the step after the trial asks every other request at once
     assert asked == [S.TRIAL_REQUESTS, 24 - S.TRIAL_REQUESTS]
     assert stats["spec_accepted_tokens"] > 0
+
+
+def test_every_request_of_a_large_batch_drafts_within_a_small_token_budget(tiny_llama_dir):
+    """The step's token budget is shared out by what the speculator drafts at most
+    (`chain_length`), not by what each request could still take: 24 decoding requests whose
+    limits (their remaining max_tokens, up to 19) would take a budget of 128 - 24 tokens in ~6
+    requests all get their 3 drafts. (At batch 64 with 1,024 new tokens on the H200, 9-11 of
+    64 requests drafted before this cap: session 20.)"""
+    from test_engine_parity import hf_reference
+
+    prompts = test_speculative.repetitive_prompts(512, n=24, seed=4)
+    reference = [t for t, _ in hf_reference(tiny_llama_dir, prompts, MAX_NEW)]
+    asked: list[list[int]] = []
+
+    class ChainOracle(OracleSpeculator):
+        name = "chain_oracle"
+
+        def chain_length(self) -> int:
+            return 3
+
+        def propose(self, requests, max_tokens):
+            asked.append(list(max_tokens))
+            return super().propose(requests, max_tokens)
+
+    pm = oracle_plugins({tuple(p): ref for p, ref in zip(prompts, reference)}, wrong_every=0)
+    pm.add(ChainOracle)
+    outs, _ = generate(
+        tiny_llama_dir, prompts, pm, speculator="chain_oracle", max_num_batched_tokens=128,
+        speculative_min_accept_rate=0.0,  # (no trials: every request may draft at once)
+    )  # fmt: skip
+    assert_same(outs, reference)
+    assert [3] * 24 in asked  # (a step of 24 decoding requests; earlier ones still prefilled)

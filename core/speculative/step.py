@@ -34,6 +34,7 @@ request backs off (`BACKOFF_AFTER_MISSES`), steps overlap as plain decoding does
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import torch
@@ -286,8 +287,12 @@ class Speculation:
         self, scheduled: list[Request], num_tokens: list[int], budget: StepBudget
     ) -> list[int]:
         """The most drafts each request may get: within the token budget, the context length,
-        its `max_tokens`, and the KV pages left after the step's own needs."""
+        its `max_tokens`, the KV pages left after the step's own needs, and what the
+        speculator drafts at most (`most_drafts`: without that cap the first requests' limits
+        of hundreds of tokens took the whole budget, and at batch 64 with 1,024 new tokens only
+        9-11 requests could draft; session 20)."""
         kv = self.engine.kv
+        most = most_drafts(self.speculator)
         tokens_left = budget.max_batched_tokens - sum(num_tokens)
         needs = [kv.pages_needed(r, n) for r, n in zip(scheduled, num_tokens)]
         pages_left = kv.num_free_pages - sum(needs)
@@ -301,6 +306,7 @@ class Speculation:
                     tokens_left,
                     budget.max_model_len - len(r.token_ids),
                     r.params.max_tokens - len(r.output_token_ids) - 1,
+                    most,
                 )
                 extra = kv.pages_needed(r, 1 + k) - base if k > 0 else 0
                 while k > 0 and extra > pages_left:
@@ -572,6 +578,16 @@ def min_speedup(setting: float | None, device: torch.device) -> float | None:
     if setting is not None:
         return setting or None
     return DEFAULT_MIN_SPEEDUP if torch.device(device).type == "cuda" else None
+
+
+def most_drafts(speculator) -> int:
+    """The most draft tokens `speculator` proposes for one request in a step: its chain's
+    length or its tree's size (`Speculator.chain_length` / `tree_size`), else unbounded."""
+    for method in ("chain_length", "tree_size"):
+        k = getattr(speculator, method, lambda: None)()
+        if k:
+            return k
+    return sys.maxsize
 
 
 def verify_lens(speculator) -> list[int]:
