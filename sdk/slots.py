@@ -439,8 +439,9 @@ class Speculator(Plugin):
     def chain_length(self) -> int | None:
         """The most tokens a chain from this speculator has, or None (unknown, or it drafts
         trees). The core captures CUDA graphs for verify steps of `chain_length() + 1` tokens
-        per request (longer steps run eagerly). Default: the options' `num_draft_tokens`
-        unless their `topk` asks for trees."""
+        per request (longer steps run eagerly), and asks no request for more (`propose`'s
+        `max_tokens`), so a step's token budget is shared by all its requests. Default: the
+        options' `num_draft_tokens` unless their `topk` asks for trees."""
         k = getattr(self.options, "num_draft_tokens", None)
         if not isinstance(k, int) or k < 1 or getattr(self.options, "topk", 1) > 1:
             return None
@@ -449,8 +450,9 @@ class Speculator(Plugin):
     def tree_size(self) -> int | None:
         """The most tokens a tree from this speculator has, or None (unknown, or it drafts
         chains). The core captures CUDA graphs for tree verify steps of `tree_size() + 1`
-        tokens per request (larger trees run eagerly). Default: the options'
-        `num_draft_tokens` when their `topk` asks for trees."""
+        tokens per request (larger trees run eagerly), and asks no request for more. With
+        neither known, a request may be asked for all the tokens it has left. Default: the
+        options' `num_draft_tokens` when their `topk` asks for trees."""
         k = getattr(self.options, "num_draft_tokens", None)
         if not isinstance(k, int) or k < 1 or getattr(self.options, "topk", 1) <= 1:
             return None
