@@ -159,8 +159,8 @@ class StepTimes:
             if kind != "steady":
                 sw = e.speculation.switch
                 verified = e.speculation.num_verify - verified
-                self.trace.append((len(self.kinds) - 1, kind, verified, sw._off_for,
-                                   sw._off_reason, sw.num_trials))  # fmt: skip
+                self.trace.append((len(self.kinds) - 1, kind, verified, *sw.off_for,
+                                   sw.num_trials))  # fmt: skip
             return out
 
         e.step, e.runner.forward = timed_step, timed_forward

@@ -153,6 +153,11 @@ class SpeculationSwitch:
         self._trial = True
 
     @property
+    def off_for(self) -> tuple[int, str]:
+        """Steps left without drafts and the rule that set them (diagnostics: a bench's trace)."""
+        return self._off_for, self._off_reason
+
+    @property
     def on(self) -> bool:
         """Whether the acceptance and speed rules let speculation run (the batch rule is per
         step)."""
