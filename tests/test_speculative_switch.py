@@ -168,6 +168,14 @@ def test_steps_the_switch_keeps_plain_overlap_and_steps_that_may_draft_do_not(ca
 # ---------------------------------------------------------------- the speed rule
 
 
+@pytest.fixture
+def doubling_cooldowns(monkeypatch):
+    """The cooldowns as the doubling alone sets them: a probe may lose as much as its whole
+    cooldown (`PROBE_SHARE` 1), so the probe-cost bound never lengthens one here (it is
+    tested on its own below)."""
+    monkeypatch.setattr(S, "PROBE_SHARE", 1.0)
+
+
 def _run_steps(sw, steps, verify_seconds, verify_tokens, plain_seconds=None, requests=None):
     """Drive `sw` as the engine does for one decoding request (or `requests`), on a stand-in
     clock: a plain step yields a token per request in `plain_seconds(first, last)` (1 s: in a
@@ -208,7 +216,7 @@ def _runs(drafted: list[bool]) -> list[int]:
 
 @pytest.mark.parametrize("verify_seconds, probe_len", [(2.6, 1), (2.1, 2)])
 def test_speed_rule_turns_off_drafts_that_are_accepted_but_slower_than_plain_decoding(
-    verify_seconds, probe_len
+    verify_seconds, probe_len, doubling_cooldowns
 ):
     """2 tokens per verify step at 2.6x a plain step's time (Qwen3's n-gram chain on the
     H200, session 7): accepted drafts, but 0.77x plain speed; the rule turns drafting off, and
@@ -242,7 +250,7 @@ def test_speed_rule_keeps_drafting_that_wins_and_probes_ever_less_often():
     assert sw.probe_every == 2 * S.PROBE_EVERY
 
 
-def test_speed_rule_judges_a_batch_against_plain_batches_of_its_size():
+def test_speed_rule_judges_a_batch_against_plain_batches_of_its_size(doubling_cooldowns):
     """Speculation that wins at batch 1 (5 tokens per 1.9 s against 1 per second), then a
     batch of 64 whose verify steps yield 75 tokens in 2.17 s against 64 per second plain
     (session 8's n-gram run on the H200: 0.54x). Against the batch-1 figure it would look 34x
@@ -257,7 +265,7 @@ def test_speed_rule_judges_a_batch_against_plain_batches_of_its_size():
     assert sw.speeds["plain_tokens_per_s"] == 64.0
 
 
-def test_speed_rule_leaves_out_the_first_and_last_plain_step_of_a_run():
+def test_speed_rule_leaves_out_the_first_and_last_plain_step_of_a_run(doubling_cooldowns):
     """The first plain step after a verify step has no earlier step to wait for (0.2 s), the
     last reads its tokens at once (3 s: host and device work in a row); in a run each takes
     1 s. Speculation at 5 tokens per 5.5 s (0.91x the 1 token/s of plain decoding) loses and is
@@ -307,7 +315,7 @@ def test_speed_rule_leaves_out_the_step_after_a_trial():
     assert drafted == [False] * (S.PROBE_STEPS + 2) + [True] * (40 - S.PROBE_STEPS - 2)
 
 
-def test_a_cooldown_times_only_its_last_steps():
+def test_a_cooldown_times_only_its_last_steps(doubling_cooldowns):
     """Deep in a cooldown a step does none of the speed rule's bookkeeping (a switched-off step
     must cost what a plain step costs: session 12); its last `TIMED_OFF_STEPS` are timed, which
     still fills the plain window before each probe is judged. A batch of 64 whose verify steps
@@ -334,7 +342,7 @@ def test_a_cooldown_times_only_its_last_steps():
     assert _runs(drafted) == [2] * sw.num_turned_off  # probes as before: one uncounted, one judged
 
 
-def test_speed_rule_hysteresis_keeps_a_near_tie_from_flapping():
+def test_speed_rule_hysteresis_keeps_a_near_tie_from_flapping(doubling_cooldowns):
     """Speculation at 1.03x plain speed: drafting that is on stays on; drafting the rule turned
     off (an earlier slow spell, 2.6 s per verify step) comes back only at 1.05x, so it stays
     off at 1.03x through every probe and returns at 1.3x."""
@@ -480,6 +488,69 @@ def test_one_verify_step_of_a_large_batch_is_enough_to_judge():
         assert small.on
     small.record(drafted=64, accepted=0, requests=1)
     assert not small.on
+
+
+def _trials(sw, steps: int, trial_seconds: float, plain_seconds: float = 1.0) -> list[bool]:
+    """Drive `sw` through `steps` steps of a batch of 64 on a stand-in clock: a plain step
+    takes `plain_seconds`, a step that may draft is a trial whose 16 drafting requests' drafts
+    are all rejected and takes `trial_seconds` (64 tokens either way). Whether each drafted."""
+    batch = [object() for _ in range(64)]
+    now, drafted = 0.0, []
+    for _ in range(steps):
+        on = sw.begin_step(batch, [1] * 64, now)
+        if on:
+            asking = sum(map(bool, sw.trial([4] * 64)))
+            sw.record(drafted=4 * asking, accepted=0, requests=asking)
+            sw.tokens(64)
+        now += trial_seconds if on else plain_seconds
+        drafted.append(on)
+    return drafted
+
+
+def _gaps(drafted: list[bool]) -> list[int]:
+    """The steps without drafts between two steps with drafts."""
+    at = [i for i, on in enumerate(drafted) if on]
+    return [b - a - 1 for a, b in zip(at, at[1:])]
+
+
+def test_a_costly_probe_is_followed_by_a_cooldown_long_enough_to_pay_for_it():
+    """On the speed rule's clock, a trial of a batch of 64 that misses costs 9 plain steps more
+    than one (10 s against 1 s: session 20's 11-19 ms trials against a 2.7 ms step, roughly):
+    the cooldown after it lasts until that is `PROBE_SHARE` (1 %) of the time, 900 steps, not
+    the doubling's 64 and 128; a trial that costs little keeps the doubling's cooldowns."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    drafted = _trials(sw, 2000, trial_seconds=10.0)
+    loss_steps = (10.0 - 1.0) / 1.0
+    assert _gaps(drafted) == [round(loss_steps / S.PROBE_SHARE)] * 2
+    assert sw.num_trials == 3 and sw.off_for[1] == "accept_rate"
+    cheap = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    gaps = _gaps(_trials(cheap, 1000, trial_seconds=1.3))  # 0.3 / 0.01 = 30 < 64
+    assert gaps[:3] == [S.LARGE_BATCH_COOLDOWN, 2 * S.LARGE_BATCH_COOLDOWN, S.MAX_COOLDOWN]
+
+
+def test_the_probe_cost_bound_has_a_ceiling_and_needs_the_clock():
+    """A probe that costs 1,000 plain steps waits `MAX_PROBE_COOLDOWN` steps, not 100,000;
+    without the speed rule's clock (CPU: no `min_speedup`) the cooldowns are the doubling's."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    assert (
+        _gaps(_trials(sw, 2 * S.MAX_PROBE_COOLDOWN + 50, trial_seconds=1001.0))
+        == [S.MAX_PROBE_COOLDOWN] * 2
+    )
+    unclocked = SpeculationSwitch(None, min_accept_rate=0.2)
+    gaps = _gaps(_trials(unclocked, 600, trial_seconds=1001.0))
+    assert gaps[:3] == [S.LARGE_BATCH_COOLDOWN, 2 * S.LARGE_BATCH_COOLDOWN, S.MAX_COOLDOWN]
+
+
+def test_the_speed_rule_lengthens_its_cooldown_by_the_whole_run_it_judged():
+    """Accepted drafts that still lose (2 tokens per 2.6 s against 1 per second at batch 1,
+    as the speed-rule test above): the run that turned drafting off had three verify steps
+    (the first uncounted by the speed window, but not free), 0.6 s lost each, so the cooldown
+    is 1.8 / (0.01 * 1) = 180 steps instead of 16."""
+    sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    drafted = _run_steps(sw, 400, verify_seconds=2.6, verify_tokens=2)
+    assert _runs(drafted)[0] == 3
+    assert _gaps(drafted)[2] == round(3 * 0.6 / S.PROBE_SHARE)
+    assert sw.off_steps["speed"] >= 180 + S.PROBE_STEPS + 2
 
 
 def _trace(engine) -> list[tuple[bool, bool, int]]:

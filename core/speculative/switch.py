@@ -60,12 +60,23 @@ asks the speculator for drafts at all:
     S does not flap (each flip costs an un-overlapped step).
   Outputs never change (verification is lossless): the clock only decides which steps draft.
 
+- **Probe cost** (with the speed rule's clock): the doubling above takes no account of what a
+  probe costs, and at batch 64 a trial that misses cost 11-19 ms against a 2.7 ms plain step
+  (the head's catch-up and an un-overlapped verify; H200, session 20), so trials every 256 steps
+  cost ~3 % of the run. Every step that could draft is charged what it lost against plain
+  decoding at its bucket's plain rate (its seconds less its output tokens' plain seconds, each
+  run of such steps from its first); when either rule turns drafting off, the cooldown lasts
+  at least until that run's loss is `PROBE_SHARE` (1 %) of the time decoded plain meanwhile
+  (`loss / (PROBE_SHARE * plain step)` steps, up to `MAX_PROBE_COOLDOWN`). A probe that costs
+  little keeps the doubling's cooldowns; one that costs 9 plain steps waits 900.
+
 The per-request back-off of `step.py` works underneath: it stops one request that keeps
 missing; this switch stops the whole batch when speculation as a whole does not help.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import deque
 
@@ -94,6 +105,13 @@ HYSTERESIS = 0.05  # once the speed rule turned drafting off, a probe needs S * 
 #: tokens at once: both left out), so timing the earlier ones (up to 250 of a 256-step
 #: cooldown) would only be host work in steps that must cost what a plain step costs.
 TIMED_OFF_STEPS = WINDOW + 2
+#: On the speed rule's clock, a cooldown after a probe that turned speculation off lasts at
+#: least as long as it takes for the time that probe lost against plain decoding to be this
+#: share of the time decoded plain until the next probe (the doubling above sets its floor) ...
+PROBE_SHARE = 0.01
+#: ... up to this many steps. At batch 64 on the H200 (session 20) a trial that misses cost
+#: 11-19 ms over a 2.7 ms plain step: ~400-700 steps, against the doubling's 64-256.
+MAX_PROBE_COOLDOWN = 4096
 
 
 class SpeculationSwitch:
@@ -133,6 +151,11 @@ class SpeculationSwitch:
         self._trial = True  # the next step that may draft is a trial (no verdict since)
         self._trial_start = 0  # where among the drafting requests the next trial starts
         self.num_trials = 0  # trial steps run (tests, diagnostics)
+        #: Seconds the current run of steps that could draft lost against plain decoding at
+        #: the plain rate of their bucket (`_count_loss`), and whether a rule turned drafting
+        #: off in the step being closed (its run's loss then sets the cooldown's length).
+        self._run_loss = 0.0
+        self._bound_pending = False
 
     @property
     def num_off_steps(self) -> int:
@@ -151,6 +174,7 @@ class SpeculationSwitch:
         self._probed, self._since_probe, self.probe_every = False, 0, PROBE_EVERY
         self._last, self._last_kind = None, None
         self._trial = True
+        self._run_loss, self._bound_pending = 0.0, False
 
     @property
     def off_for(self) -> tuple[int, str]:
@@ -225,6 +249,7 @@ class SpeculationSwitch:
         for window in self._speed.values():
             window[True].clear()
         self.num_turned_off += 1
+        self._bound_pending = True  # the probe's loss lengthens the cooldown (`_count_loss`)
 
     # ------------------------------------------------------------------ the speed rule
 
@@ -240,7 +265,11 @@ class SpeculationSwitch:
             if self._off_for == 0 and _decode(num_tokens) and self._unknown(len(requests)):
                 self._probe(_bucket(len(requests)))  # plain decoding first, then drafts
         else:
+            last = self._last
+            if last is not None and last[1] and last[2] > 0 and _same(last[0], requests):
+                self._count_loss(last, now)  # a probe's last step: a rule turned drafting off
             self._last = self._last_kind = None  # (the next timed step starts a run)
+        self._bound_pending = False
         on = self.allows(len(requests))
         if timed:
             self._open(requests, num_tokens, on, now)
@@ -262,8 +291,31 @@ class SpeculationSwitch:
             if before is True:  # (the first of a run pays for the change: a draft model's or
                 window[True].append((tokens, now - start))  # EAGLE head's catch-up)
             self.judge_speed(bucket)
+            self._count_loss(last, now)
         elif before is False and _decode(num_tokens) and not self.may_allow(len(requests)):
             window[False].append((tokens, now - start))
+
+    def _count_loss(self, last: tuple, now: float) -> None:
+        """Add the closed step `last`, which could draft, to its run's loss against plain
+        decoding (its seconds less its output tokens at the plain rate of its bucket; a step
+        that drafted nothing loses its whole cost). When a rule turned drafting off in it (the
+        acceptance rule while it verified, the speed rule as it was judged), lengthen the
+        cooldown to what `PROBE_SHARE` asks of that loss: after a probe that costs as much as
+        `n` plain steps, at least `n / PROBE_SHARE` steps without drafts (up to
+        `MAX_PROBE_COOLDOWN`), so probing a speculator that keeps missing costs ~1 % at most."""
+        requests, _, tokens, start, before = last
+        window = self._speed.get(_bucket(len(requests)))
+        rate = _rate(window[False]) if window is not None else 0.0
+        if rate <= 0:
+            return  # (no plain figure: nothing to weigh the loss by)
+        if before is not True:
+            self._run_loss = 0.0  # the first step of a run
+        self._run_loss += (now - start) - tokens / rate
+        if self._bound_pending and self._off_for > 0:
+            plain_step = len(requests) / rate
+            steps = math.ceil(self._run_loss / (PROBE_SHARE * plain_step))
+            self._off_for = max(self._off_for, min(steps, MAX_PROBE_COOLDOWN))
+            self._bound_pending = False
 
     def _open(self, requests: list, num_tokens: list[int], on: bool, now: float) -> None:
         if _decode(num_tokens):
