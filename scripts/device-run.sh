@@ -910,6 +910,33 @@ for k, v in d.items():
         print(k, v["elapsed_s"], "s", v.get("speedup"), "x;", v["steps"], "steps; off", s.get("switch_off_steps"),
               "verifies", s.get("verify_steps"), "trials", s.get("switch_trials"), "; steady_vs_plain", v.get("steady_vs_plain"), "; gc ms", v["gc"]["ms"])'
         python3 -c "$SUMMARY" "$OUT/spec-eagle-batch64.json" || tail -8 "$OUT/spec-eagle-batch64.err" ;;
+    spec-off-profile) # issue 14, session 21: what a switched-off EAGLE-3 step costs beside a plain
+        # one at batch 64 (spec-eagle-batch64's `spec_off` ran 1-2 % slower: the target's
+        # features logged for the head). `bench offline` of 64 x (128 in, SPEC_TOKENS out, 1024),
+        # Qwen3-0.6B random weights, plain vs a random EAGLE-3 head switched off throughout by the
+        # batch rule, alternating twice: tok/s, host ms per step and device wait (--profile-host),
+        # and 8 torch-profiled steady steps each (tp-*/kernels.txt: kernels by device time)
+        HEAD=/tmp/eagle3-qwen3-random
+        python3 -c "import json, sys; sys.path.insert(0, 'scripts')
+from pathlib import Path
+from profile_spec_host import random_eagle3_head
+from pegboard.core.bench.models import random_weights_model_dir
+cfg = json.loads((random_weights_model_dir('qwen3-0.6b') / 'config.json').read_text())
+random_eagle3_head(Path('$HEAD'), cfg)" || continue
+        OFF="--speculative-algorithm EAGLE3 --speculative-draft-model-path $HEAD --speculative-num-steps 4 --speculative-disable-by-batch-size 1"
+        n=${SPEC_TOKENS:-1024}
+        for v in plain-1 off-1 plain-2 off-2; do
+          timeout 150 $PB bench offline --random-weights --config qwen3-0.6b --profile-host \
+            --num-seqs 64 --max-running-requests 64 --cuda-graph-max-bs 64 --min-input 128 \
+            --max-input 128 --min-output $n --max-output $n $(case $v in off*) echo "$OFF";; esac) \
+            --torch-profile "$OUT/tp-$v" --torch-profile-steps $((n / 2)),8 \
+            --json "$OUT/spec-off-profile-$v.json" 2>"$OUT/spec-off-profile-$v.err" | tail -2
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1])); h=d['host_profile']
+print(sys.argv[2], d['output_tok_s'], 'tok/s; host', h['host_ms_per_step'], 'ms/step, wait', h['device_wait_ms_per_step'],
+      '; phases', list(h['ms_per_step'].items())[:8])" \
+            "$OUT/spec-off-profile-$v.json" $v || tail -5 "$OUT/spec-off-profile-$v.err"
+          head -25 "$OUT/tp-$v/kernels.txt" 2>/dev/null
+        done ;;
     spec-batch64-profile) # where a verify step of 64 x 5 rows goes on the H200: `bench offline
         # --profile-host` at batch 64, plain vs n-gram with the switch off (every step drafts):
         # host_ms_by_kind.verify vs .decode (host work), device_wait_ms_per_step (the device
