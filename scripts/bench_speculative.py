@@ -284,6 +284,10 @@ def main() -> None:
                    "verify cost)")  # fmt: skip
     p.add_argument("--step-times", action="store_true",
                    help="time every step by kind (step_ms, probes, extra_ms_by_kind)")  # fmt: skip
+    p.add_argument("--keep-warm-up-switch", action="store_true",
+                   help="start each timed run with the switch as the batch-1 warm-up left it "
+                   "(by default it starts fresh: a cooldown the warm-up began, up to 4,096 "
+                   "steps, would spare the timed run its first probes)")  # fmt: skip
     add_speculative_arguments(p)
     args = p.parse_args()
     if args.compare_num_steps and args.oracle:
@@ -357,6 +361,8 @@ def main() -> None:
     for name, s in variants:
         with LLM(model, plugins=plugins, **s) as llm:
             run(llm, prompts[:1], params, 1)
+            if not args.keep_warm_up_switch:
+                llm.engine.speculation.switch.reset()
             before = llm.engine.speculation.stats()
             spec, result[name] = run(llm, prompts, params, args.batch_size, args.step_times)
             report = llm.engine.speculation.report(before)
