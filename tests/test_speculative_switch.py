@@ -490,10 +490,14 @@ def test_one_verify_step_of_a_large_batch_is_enough_to_judge():
     assert not small.on
 
 
-def _trials(sw, steps: int, trial_seconds: float, plain_seconds: float = 1.0) -> list[bool]:
+def _trials(
+    sw, steps: int, trial_seconds: float, plain_seconds: float = 1.0, churn: bool = False
+) -> list[bool]:
     """Drive `sw` through `steps` steps of a batch of 64 on a stand-in clock: a plain step
     takes `plain_seconds`, a step that may draft is a trial whose 16 drafting requests' drafts
-    are all rejected and takes `trial_seconds` (64 tokens either way). Whether each drafted."""
+    are all rejected and takes `trial_seconds` (64 tokens either way). With `churn`, a request
+    of the batch is replaced after every trial (one finished, another joined). Whether each
+    step drafted."""
     batch = [object() for _ in range(64)]
     now, drafted = 0.0, []
     for _ in range(steps):
@@ -502,6 +506,8 @@ def _trials(sw, steps: int, trial_seconds: float, plain_seconds: float = 1.0) ->
             asking = sum(map(bool, sw.trial([4] * 64)))
             sw.record(drafted=4 * asking, accepted=0, requests=asking)
             sw.tokens(64)
+            if churn:
+                batch = batch[1:] + [object()]
         now += trial_seconds if on else plain_seconds
         drafted.append(on)
     return drafted
@@ -517,12 +523,15 @@ def test_a_costly_probe_is_followed_by_a_cooldown_long_enough_to_pay_for_it():
     """On the speed rule's clock, a trial of a batch of 64 that misses costs 9 plain steps more
     than one (10 s against 1 s: session 20's 11-19 ms trials against a 2.7 ms step, roughly):
     the cooldown after it lasts until that is `PROBE_SHARE` (1 %) of the time, 900 steps, not
-    the doubling's 64 and 128; a trial that costs little keeps the doubling's cooldowns."""
+    the doubling's 64 and 128, also when the batch after the trial is another (a request
+    finished and one joined); a trial that costs little keeps the doubling's cooldowns."""
     sw = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
     drafted = _trials(sw, 2000, trial_seconds=10.0)
     loss_steps = (10.0 - 1.0) / 1.0
     assert _gaps(drafted) == [round(loss_steps / S.PROBE_SHARE)] * 2
     assert sw.num_trials == 3 and sw.off_for[1] == "accept_rate"
+    churned = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
+    assert _gaps(_trials(churned, 2000, trial_seconds=10.0, churn=True)) == [900] * 2
     cheap = SpeculationSwitch(None, min_accept_rate=0.2, min_speedup=1.0)
     gaps = _gaps(_trials(cheap, 1000, trial_seconds=1.3))  # 0.3 / 0.01 = 30 < 64
     assert gaps[:3] == [S.LARGE_BATCH_COOLDOWN, 2 * S.LARGE_BATCH_COOLDOWN, S.MAX_COOLDOWN]

@@ -266,8 +266,8 @@ class SpeculationSwitch:
                 self._probe(_bucket(len(requests)))  # plain decoding first, then drafts
         else:
             last = self._last
-            if last is not None and last[1] and last[2] > 0 and _same(last[0], requests):
-                self._count_loss(last, now)  # a probe's last step: a rule turned drafting off
+            if last is not None and last[1] and last[2] > 0:  # a rule turned drafting off in it:
+                self._count_loss(last, now)  # (its time holds its tokens' read: any next batch)
             self._last = self._last_kind = None  # (the next timed step starts a run)
         self._bound_pending = False
         on = self.allows(len(requests))
