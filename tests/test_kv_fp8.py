@@ -182,18 +182,7 @@ def test_unknown_kv_cache_dtype_is_refused(tiny_llama_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
     "decode",
-    [
-        False,
-        True,
-        pytest.param(
-            "fma",
-            marks=pytest.mark.xfail(
-                reason="opt-in CUDA-core FP8 decode (PEGBOARD_FP8_DECODE=fma): failed on the "
-                "H200 on 2026-11-30, not yet diagnosed",
-                strict=False,
-            ),
-        ),
-    ],
+    [False, True, "fma"],  # (fma: the opt-in CUDA-core FP8 decode, PEGBOARD_FP8_DECODE=fma)
 )
 @pytest.mark.parametrize("layout", ["nhd", "hdp"])
 def test_triton_backend_reads_fp8_like_the_torch_backend(decode, layout, monkeypatch):
