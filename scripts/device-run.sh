@@ -3,7 +3,7 @@
 # carried .whl/ (see ../shared/tools/gpu-wheels.sh), run the GPU tests, then the benchmarks.
 # Usage there:  [BENCH_ARGS="--attention triton" TAG=-triton] [WHEELS=.whl/pd-nixl] bash scripts/device-run.sh
 #                 [tests | tests-1 (tests-1a tests-1b tests-1c tests-1d) tests-2 tests-3 tests-4] [offline-small] [offline] [llama-bs1]
-#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse]
+#                 [llama-bs1-silu] [llama-bs1-silu-tp2] [llama-bs1-fuse] [llama-bs1-chain] [nano-chain]
 #                 [prefix-<cache>-<scheduler>[-<kv tokens>] ...] [offline-peer] [serve-qwen3]
 #                 [offline-peer256] [ablation] [profile] [moe] [moe-sweep]
 #                 [spec-ngram] [spec-fp32] [spec-profile] [spec-syncs] [spec-perfect] [spec-batch64]
@@ -134,6 +134,23 @@ d['output_tok_s'], 'tok/s', d['steps'], 'steps; gc', d['gc'], '; step_ms', d['st
     llama-bs1) timeout 150 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
         --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
         ${BENCH_ARGS:-} --json "$OUT/llama8b-bs1${TAG:-}.json" 2>"$OUT/llama8b-bs1${TAG:-}.err" | tail -12 ;;
+    llama-bs1-chain|nano-chain) # issue 17: what each kind of kernel adds to the step's chain
+        # (scripts/trace_chain.py over 8 torch-profiled steady steps; session 21): Llama-3.1-8B batch
+        # 1 (llama-bs1's run) or the nano-vllm workload (Qwen3-0.6B, 256 seqs, steps 300-307).
+        # Per kernel name: its own time and the time it adds to the chain's end (a PDL kernel
+        # that overlaps the one before adds less), and the idle gap before it (launch latency)
+        if [ $job = llama-bs1-chain ]; then
+          timeout 150 $PB bench offline --random-weights --config llama-3.1-8b --num-seqs 1 \
+            --min-input 128 --max-input 128 --min-output 256 --max-output 256 --max-model-len 4096 \
+            --torch-profile "$OUT/tp-$job" --torch-profile-steps 100,8 ${BENCH_ARGS:-} \
+            --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -3
+        else
+          timeout 200 $PB bench offline --random-weights --config qwen3-0.6b \
+            --torch-profile "$OUT/tp-$job" --torch-profile-steps 300,8 ${BENCH_ARGS:-} \
+            --json "$OUT/$job.json" 2>"$OUT/$job.err" | tail -3
+        fi
+        python3 scripts/trace_chain.py "$OUT/tp-$job/trace.json" --top 20 | tee "$OUT/$job-chain.txt" \
+          || tail -5 "$OUT/$job.err" ;;
     llama-bs1-silu|llama-bs1-silu-tp2) # SiLU-and-mul inside the down GEMV (issue 11/17): the
         # llama-bs1 (TP=1) / llama-bs1-tp2 shm (TP=2, the fused all-reduce + norm on) run with
         # PEGBOARD_FUSED_SILU_DOWN=0, then =1; -tp2 needs nvidia-h200-x2. Per run: tok/s, host and
