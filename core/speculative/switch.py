@@ -297,8 +297,9 @@ class SpeculationSwitch:
 
     def _count_loss(self, last: tuple, now: float) -> None:
         """Add the closed step `last`, which could draft, to its run's loss against plain
-        decoding (its seconds less its output tokens at the plain rate of its bucket; a step
-        that drafted nothing loses its whole cost). When a rule turned drafting off in it (the
+        decoding: its seconds less the time its output tokens take at the plain rate of its
+        bucket (a verify step whose drafts all miss loses what it costs beyond a plain step; one
+        that wins adds a negative loss). When a rule turned drafting off in it (the
         acceptance rule while it verified, the speed rule as it was judged), lengthen the
         cooldown to what `PROBE_SHARE` asks of that loss: after a probe that costs as much as
         `n` plain steps, at least `n / PROBE_SHARE` steps without drafts (up to
