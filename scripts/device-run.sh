@@ -173,8 +173,10 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
         # (PEGBOARD_FUSED_ROPE_STORE=0: rope + store is the default since session 19; the other
         # variants run on the default); rope-store: PEGBOARD_FUSED_ROPE_STORE=1; fix / fix-pdl: batch-1 decode attention on
         # s3-pf-fix / s3-pf-fix-pdl (no reduce launch; + PDL); silu: PEGBOARD_FUSED_SILU_GATE_UP=1;
-        # all: the three together (fix-pdl). Alternate them (e.g. FUSE_VARIANTS="off all off
-        # all"): calls' hosts differ.
+        # all: the three together (fix-pdl); default: today's defaults; norm / norm8:
+        # PEGBOARD_FUSED_NORM_GEMV=1 / 8 (session 21: "Add + RMSNorm inside the next GEMV").
+        # Alternate them (e.g. FUSE_VARIANTS="default norm norm8 default norm norm8"): calls'
+        # hosts differ.
         # Per run: tok/s, host and device-wait ms per step. FUSE_TESTS=0: the runs only
         for v in ${FUSE_VARIANTS:-off all}; do
           fix="PEGBOARD_DECODE_DEFAULTS=32:s3-fast-pf,0:s3-pf-fix"
@@ -185,6 +187,9 @@ h['host_ms_per_step'], 'ms/step; wait', h['device_wait_ms_per_step'], 'ms/step')
             fix-pdl) vars=$fix-pdl ;;
             silu) vars=PEGBOARD_FUSED_SILU_GATE_UP=1 ;;
             all) vars="PEGBOARD_FUSED_ROPE_STORE=1 PEGBOARD_FUSED_SILU_GATE_UP=1 $fix-pdl" ;;
+            default) vars=PEGBOARD_FUSED_NORM_GEMV=0 ;;  # (the defaults as they are)
+            norm) vars=PEGBOARD_FUSED_NORM_GEMV=1 ;;  # add + RMSNorm inside the qkv/gate-up GEMV
+            norm8) vars=PEGBOARD_FUSED_NORM_GEMV=8 ;;  # ... with at least 8 rows per program
             *) echo "llama-bs1-fuse: unknown variant $v"; continue ;;
           esac
           env $vars timeout -k 10 150 $PB bench offline --random-weights --profile-host \
@@ -198,6 +203,7 @@ print(sys.argv[2] + ':', d['output_tok_s'], 'tok/s; host', h['host_ms_per_step']
         done
         [ "${FUSE_TESTS:-1}" = 0 ] || timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
           --tb=short tests/test_rotary_store.py tests/test_decode_fixup.py tests/test_gemv_silu.py \
+          tests/test_gemv_norm.py \
           2>&1 | tail -15 \
           | tee "$OUT/$job-tests.log" ;;
     prefix-*) # prefix-<kv cache>-<scheduler>[-<kv cache tokens>]

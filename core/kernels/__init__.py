@@ -28,6 +28,12 @@ matches that PyTorch op's numerics (the model's unfused path, `pegboard.core.mod
   (`gemv.DECODE_CONFIGS`), else `F.linear` itself. It sums in float32 in another order than
   cuBLAS, so it matches `F.linear` to rounding, not bit for bit. `PEGBOARD_DISABLE_GEMV=1`
   (`gemv_disabled`) keeps `F.linear` while the other kernels stay on.
+- `gemv_norm.norm_gemv(x, residual, norm_weight, eps, weight, bias, config)` — the residual
+  add and RMSNorm inside the GEMV that follows them (qkv, gate/up at decode): the GEMV of the
+  normalised `x + residual` and that sum, in one launch, equal to the separate kernels to
+  rounding (the normalised row is not rounded to the activation dtype). Off by default,
+  `PEGBOARD_FUSED_NORM_GEMV=1` (or a row count per program, `fused_norm_gemv`) switches it on
+  where `dense.norm_linear` finds an element-wise, unsplit GEMV configuration.
 - `skinny_gemm.skinny_gemm(x, weight, bias, config)` — `F.linear` for decode batches of 9-256
   rows on tensor cores with small tiles and split K, where the measured table
   `skinny_gemm_configs.json` (or `PEGBOARD_SKINNY_GEMM_CONFIGS`) beat cuBLAS on this device;
@@ -106,6 +112,19 @@ def fused_rope_store() -> bool:
     K/V into the pool (`rotary_store`) where the attention backend offers it
     (`AttentionBackend.supports_fused_kv_store`), instead of the backend's own store kernel."""
     return os.environ.get("PEGBOARD_FUSED_ROPE_STORE", "1") not in ("", "0")
+
+
+def fused_norm_gemv() -> int:
+    """`PEGBOARD_FUSED_NORM_GEMV` (read when the fused kernels are switched on; off by default
+    until measured on the GPU): 0 (off), or the fewest output rows per GEMV program with which
+    the decoder's residual add + RMSNorm run inside the qkv and gate/up GEMVs at decode
+    (`dense.norm_linear`, `gemv_norm`): "1" keeps each shape's measured block, "8" widens
+    narrower ones to 8 rows, so each program's norm work serves more outputs."""
+    value = os.environ.get("PEGBOARD_FUSED_NORM_GEMV", "0")
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        raise ValueError(f"PEGBOARD_FUSED_NORM_GEMV={value!r}: 0, 1 or a row count") from None
 
 
 def fused_silu_gate_up() -> bool:

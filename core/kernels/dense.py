@@ -14,6 +14,8 @@ are switched on; a CUDA graph captures whichever kernel its batch size picks.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from pegboard.core.kernels import fixed_rows, gemv, skinny_gemm
 from torch.nn import functional as F
@@ -109,3 +111,29 @@ def silu_gate_up(
     if config is None or config.dot or config.split_k > 1 or config.block_n % 2:
         return None
     return gemv.gemv(x, weight, bias, config, silu_out=True)
+
+
+def norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    min_block_n: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(linear(normed, weight, bias), x + residual)` for `normed, _ = norm.rms_norm(x,
+    norm_weight, eps, residual)`, in one GEMV launch (`gemv_norm`) where the GEMV takes this
+    many rows with an element-wise, unsplit configuration (its block widened to at least
+    `min_block_n` output rows per program); else None (the caller runs both kernels).
+    `PEGBOARD_FUSED_NORM_GEMV`, `pegboard.core.models.llama.DecoderLayer`."""
+    if x.dim() != 2 or x.shape != residual.shape or x.stride(1) != 1 or residual.stride(1) != 1:
+        return None
+    config = gemv.decode_config(x.shape[0], weight)
+    if config is None or config.dot or config.split_k > 1 or not weight.is_contiguous():
+        return None
+    if config.block_n < min_block_n:
+        config = dataclasses.replace(config, block_n=min_block_n)
+    from pegboard.core.kernels.gemv_norm import norm_gemv
+
+    return norm_gemv(x, residual, norm_weight, eps, weight, bias, config)

@@ -74,9 +74,17 @@ class DecoderAttention(nn.Module):
         self.fused_store = enabled and fused_rope_store()
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionBackend
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor | None,
+        attn: AttentionBackend,
+        qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        """Attention over `x`, or over `qkv`, its projection computed already (x None: the
+        layer's norm ran inside the qkv GEMV, `DecoderLayer`)."""
+        if qkv is None:
+            qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -142,11 +150,14 @@ class DecoderMLP(nn.Module):
         else:
             self.act_fn = silu_and_mul
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self._silu_in_gate_up(x)
-        if act is not None:  # SiLU-and-mul in the gate/up GEMV's epilogue
-            return self.down_proj(act)
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor | None, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of `x`, or of `gate_up`, its gate/up projection computed already (x None:
+        the layer's norm ran inside the gate/up GEMV, `DecoderLayer`)."""
+        if gate_up is None:
+            act = self._silu_in_gate_up(x)
+            if act is not None:  # SiLU-and-mul in the gate/up GEMV's epilogue
+                return self.down_proj(act)
+            gate_up = self.gate_up_proj(x)
         if self._down_takes_gate_up(gate_up):  # SiLU-and-mul inside the down GEMV
             return self.down_proj(gate_up, gate_up=True)
         return self.down_proj(self.act_fn(gate_up))
@@ -186,6 +197,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(cfg, layer, rotary, linear)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = _mlp(cfg, layer, linear)
+        #: `fused_norm_gemv()` when switched on: each norm with its residual add may run
+        #: inside the next GEMV (qkv, gate/up) with at least this many rows per program; 0 off.
+        self.norm_in_gemv = 0
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        from pegboard.core.kernels import fused_norm_gemv
+
+        self.norm_in_gemv = fused_norm_gemv() if enabled else 0
 
     def forward(
         self,
@@ -197,11 +216,44 @@ class DecoderLayer(nn.Module):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
+            hidden = self.self_attn(positions, hidden, attn)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            qkv_proj = self.self_attn.qkv_proj
+            hidden, residual, qkv = self._norm(self.input_layernorm, hidden, residual, qkv_proj)
+            hidden = self.self_attn(positions, hidden, attn, qkv=qkv)
+        gate_up_proj = getattr(self.mlp, "gate_up_proj", None)  # (an MoE block has none)
+        hidden, residual, gate_up = self._norm(
+            self.post_attention_layernorm, hidden, residual, gate_up_proj
+        )
+        if gate_up is None:
+            return self.mlp(hidden), residual
+        return self.mlp(None, gate_up=gate_up), residual
+
+    def _norm(self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor, proj):
+        """`(norm(hidden, residual)..., None)`, or `(None, hidden + residual, proj(normed))`
+        from one GEMV launch (`dense.norm_linear`) where the switch is on, `proj` is a dense
+        layer on its kernels, neither module is wrapped (tensor parallelism's fused all-reduce
+        replaces the norm's forward; hooks) and the GEMV takes the rows. Decided in Python by
+        the row count, so a CUDA graph captures whichever path its batch size takes."""
+        if self.norm_in_gemv and _plain(norm) and isinstance(proj, Linear) and _plain(proj):
+            if proj.kernel is not None and norm.kernel is not None:
+                from pegboard.core.kernels.dense import norm_linear
+
+                x = hidden.reshape(-1, hidden.shape[-1])
+                fused = norm_linear(
+                    x, residual.reshape(x.shape), norm.weight, norm.eps, proj.weight, proj.bias,
+                    self.norm_in_gemv,
+                )  # fmt: skip
+                if fused is not None:
+                    out, residual = fused
+                    return None, residual.view(hidden.shape), out
+        hidden, residual = norm(hidden, residual)
+        return hidden, residual, None
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether `module` runs its own class's forward: no hooks, no replaced `forward`."""
+    return not ("forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks)
 
 
 def _mlp(cfg: ModelConfig, layer: int, linear: LinearFactory) -> nn.Module:
@@ -263,7 +315,7 @@ class CausalLM(nn.Module):
         linear layers and the LM head run few-row products as GEMV kernels where those were
         measured faster than cuBLAS (unless `PEGBOARD_DISABLE_GEMV=1`; `gemv_kernels` says).
         Enabling imports Triton; the kernels need CUDA tensors (or `TRITON_INTERPRET=1` on CPU)."""
-        kinds = (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP, LinearLayer)
+        kinds = (RMSNorm, RotaryEmbedding, DecoderAttention, DecoderMLP, DecoderLayer, LinearLayer)
         for module in self.modules():
             if isinstance(module, kinds):
                 module.set_fused_kernels(enabled)
