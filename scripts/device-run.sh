@@ -88,6 +88,14 @@ gpu_tests() { # $1: shard name, then the pytest paths/arguments; a per-test limi
   echo "$name: exit $? after $(( SECONDS - start )) s" >> "$OUT/$name-full.log"
   tail -25 "$OUT/$name-full.log" | tee "$OUT/$name.log"
 }
+qwen3_random_eagle3_head() { # $1: directory for a random EAGLE-3 head of Qwen3-0.6B's config
+  python3 -c "import json, sys; sys.path.insert(0, 'scripts')
+from pathlib import Path
+from profile_spec_host import random_eagle3_head
+from pegboard.core.bench.models import random_weights_model_dir
+cfg = json.loads((random_weights_model_dir('qwen3-0.6b') / 'config.json').read_text())
+random_eagle3_head(Path('$1'), cfg)"
+}
 jobs=("${@:-tests}")
 [ "${jobs[*]}" = tests ] && jobs=(tests-1a tests-1b tests-1c tests-1d tests-2 tests-3 tests-4 flashinfer-tests)  # (several calls)
 for job in "${jobs[@]}"; do
@@ -916,12 +924,7 @@ for k, v in d.items():
         # between trials has doubled to 256 steps: session 19 measured 0.913x at 256)
         # Met when `spec` and `spec_off` are within a few % of plain.
         HEAD=/tmp/eagle3-qwen3-random
-        python3 -c "import json, sys; sys.path.insert(0, 'scripts')
-from pathlib import Path
-from profile_spec_host import random_eagle3_head
-from pegboard.core.bench.models import random_weights_model_dir
-cfg = json.loads((random_weights_model_dir('qwen3-0.6b') / 'config.json').read_text())
-random_eagle3_head(Path('$HEAD'), cfg)" || continue
+        qwen3_random_eagle3_head $HEAD || continue
         timeout 150 python3 scripts/bench_speculative.py --config qwen3-0.6b --speculative-algorithm EAGLE3 \
           --speculative-draft-model-path $HEAD --batch-size 64 --num-prompts 64 --max-tokens ${SPEC_TOKENS:-256} \
           --speculative-num-steps 4 --compare-off --step-times --cuda-graph-max-bs 64 \
@@ -940,12 +943,7 @@ for k, v in d.items():
         # batch rule, alternating twice: tok/s, host ms per step and device wait (--profile-host),
         # and 8 torch-profiled steady steps each (tp-*/kernels.txt: kernels by device time)
         HEAD=/tmp/eagle3-qwen3-random
-        python3 -c "import json, sys; sys.path.insert(0, 'scripts')
-from pathlib import Path
-from profile_spec_host import random_eagle3_head
-from pegboard.core.bench.models import random_weights_model_dir
-cfg = json.loads((random_weights_model_dir('qwen3-0.6b') / 'config.json').read_text())
-random_eagle3_head(Path('$HEAD'), cfg)" || continue
+        qwen3_random_eagle3_head $HEAD || continue
         OFF="--speculative-algorithm EAGLE3 --speculative-draft-model-path $HEAD --speculative-num-steps 4 --speculative-disable-by-batch-size 1"
         n=${SPEC_TOKENS:-1024}
         for v in plain-1 off-1 plain-2 off-2; do

@@ -20,7 +20,7 @@ import argparse
 import json
 from collections import defaultdict
 
-DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+from trace_steps import DEVICE_CATEGORIES  # scripts/trace_steps.py (same folder)
 
 
 def chain(events: list[dict]) -> dict[str, dict[str, float]]:
