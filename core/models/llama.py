@@ -235,25 +235,31 @@ class DecoderLayer(nn.Module):
         layer on its kernels, neither module is wrapped (tensor parallelism's fused all-reduce
         replaces the norm's forward; hooks) and the GEMV takes the rows. Decided in Python by
         the row count, so a CUDA graph captures whichever path its batch size takes."""
-        if self.norm_in_gemv and _plain(norm) and isinstance(proj, Linear) and _plain(proj):
-            if proj.kernel is not None and norm.kernel is not None:
-                from pegboard.core.kernels.dense import norm_linear
+        if (
+            self.norm_in_gemv
+            and _on_kernels(norm)
+            and isinstance(proj, Linear)
+            and _on_kernels(proj)
+        ):
+            from pegboard.core.kernels.dense import norm_linear
 
-                x = hidden.reshape(-1, hidden.shape[-1])
-                fused = norm_linear(
-                    x, residual.reshape(x.shape), norm.weight, norm.eps, proj.weight, proj.bias,
-                    self.norm_in_gemv,
-                )  # fmt: skip
-                if fused is not None:
-                    out, residual = fused
-                    return None, residual.view(hidden.shape), out
+            x = hidden.reshape(-1, hidden.shape[-1])
+            fused = norm_linear(
+                x, residual.reshape(x.shape), norm.weight, norm.eps, proj.weight, proj.bias,
+                self.norm_in_gemv,
+            )  # fmt: skip
+            if fused is not None:
+                out, residual = fused
+                return None, residual.view(hidden.shape), out
         hidden, residual = norm(hidden, residual)
         return hidden, residual, None
 
 
-def _plain(module: nn.Module) -> bool:
-    """Whether `module` runs its own class's forward: no hooks, no replaced `forward`."""
-    return not ("forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks)
+def _on_kernels(module: nn.Module) -> bool:
+    """Whether `module` runs its fused kernel (`kernel` set) through its own class's forward:
+    no hooks, no replaced `forward`."""
+    wrapped = "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks
+    return getattr(module, "kernel", None) is not None and not wrapped
 
 
 def _mlp(cfg: ModelConfig, layer: int, linear: LinearFactory) -> nn.Module:
